@@ -1,0 +1,1 @@
+"""Thin job entry points and the `imgfeat` command line."""

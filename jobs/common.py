@@ -1,0 +1,143 @@
+"""What every job shares: common flags, the run wrapper, exit codes and --json output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.errors import ConfigError, ImgfeatError
+from pipeline.logs import LOG_FORMATS, setup_logging
+from pipeline.runs import RunRecord
+from pipeline.workspace import ENV_WORKSPACE, Workspace
+
+log = logging.getLogger("imgfeat")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ERROR_RATE = 0, 1, 2, 3
+
+
+@dataclass
+class JobContext:
+    """Handed to every job handler: the workspace and this run's record."""
+
+    ws: Workspace
+    record: RunRecord
+
+    @property
+    def run_id(self) -> str:
+        return self.record.run_id
+
+
+Handler = Callable[[argparse.Namespace, JobContext], dict[str, Any]]
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keep hand-wrapped descriptions and examples; show defaults where they exist."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=32, width=100)
+
+
+def common_parent() -> argparse.ArgumentParser:
+    """Flags every subcommand accepts."""
+    parent = argparse.ArgumentParser(add_help=False)
+    g = parent.add_argument_group("common options")
+    g.add_argument(
+        "--workspace",
+        metavar="DIR",
+        default=None,
+        help=f"workspace root (default: ${ENV_WORKSPACE}, else ./data)",
+    )
+    g.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON summary object on the last line of stdout",
+    )
+    g.add_argument("--log-format", choices=LOG_FORMATS, default="text", help="stderr log format")
+    g.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default="info",
+        help="stderr log level",
+    )
+    return parent
+
+
+def add_command(
+    sub: argparse._SubParsersAction,
+    name: str,
+    handler: Handler,
+    help: str,
+    description: str,
+    epilog: str = "",
+    record_run: bool = True,
+) -> argparse.ArgumentParser:
+    """Add a subcommand whose handler returns the summary dict for ``--json``."""
+    p = sub.add_parser(
+        name,
+        help=help,
+        description=description,
+        epilog=epilog,
+        parents=[common_parent()],
+        formatter_class=HelpFormatter,
+    )
+    p.set_defaults(handler=handler, record_run=record_run)
+    return p
+
+
+def run_job(args: argparse.Namespace) -> int:
+    """Call the handler; map the outcome to an exit code; write and print the summary."""
+    setup_logging(args.log_level, args.log_format)
+    ws = Workspace.resolve(args.workspace)
+    record = RunRecord(command=args.command)
+    error = None
+    try:
+        record.summary.update(args.handler(args, JobContext(ws, record)) or {})
+        code = EXIT_OK
+    except ImgfeatError as exc:
+        code, error = exc.exit_code, str(exc)
+        log.error("%s", exc)
+    except KeyboardInterrupt:
+        code, error = 130, "interrupted"
+        log.error("interrupted")
+    except Exception as exc:  # a bug or an unexpected environment: say it, exit 1
+        code, error = EXIT_FAILED, f"{type(exc).__name__}: {exc}"
+        log.exception("failed: %s", error)
+    if args.record_run:
+        obj = record.finish(ws, code, error)
+    else:
+        obj = {**record.summary, "exit_code": code, **({"error": error} if error else {})}
+    if args.json:
+        sys.stdout.flush()
+        print(json.dumps(obj, default=str, ensure_ascii=False), flush=True)
+    return code
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}")
+    return value
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise a usage error (exit 2) unless ``condition`` holds."""
+    if not condition:
+        raise ConfigError(message)

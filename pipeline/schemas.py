@@ -1,0 +1,116 @@
+"""Every table's column names and explicit pyarrow schema, in one place."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+# --- column names (use these constants, never string literals elsewhere) ---
+IMAGE_ID = "image_id"
+PATH = "path"
+LABEL = "label"
+SPLIT = "split"
+BYTES = "bytes"
+MTIME_NS = "mtime_ns"
+WIDTH = "width"
+HEIGHT = "height"
+FORMAT = "format"
+MODE = "mode"
+STATUS = "status"
+ERROR = "error"
+
+FEATURE = "feature"
+
+STAGE = "stage"
+ERROR_CODE = "error_code"
+ERROR_MESSAGE = "error_message"
+RUN_ID = "run_id"
+
+PRED_LABEL = "pred_label"
+PRED_SCORE = "pred_score"
+TOPK_LABELS = "topk_labels"
+TOPK_SCORES = "topk_scores"
+HEAD_ID = "head_id"
+FEATURESET = "featureset"
+
+# --- manifest status codes ---
+STATUS_OK = "ok"
+STATUS_EMPTY = "empty"
+STATUS_NOT_AN_IMAGE = "not_an_image"
+STATUS_TRUNCATED = "truncated"
+STATUS_TOO_LARGE = "too_large"
+STATUS_UNREADABLE = "unreadable"
+STATUS_NOT_SCANNED = "not_scanned"  # e.g. a symlink out of the root, kept only on request
+STATUS_CODES = (
+    STATUS_OK,
+    STATUS_EMPTY,
+    STATUS_NOT_AN_IMAGE,
+    STATUS_TRUNCATED,
+    STATUS_TOO_LARGE,
+    STATUS_UNREADABLE,
+    STATUS_NOT_SCANNED,
+)
+
+# --- split names ---
+SPLIT_TRAIN = "train"
+SPLIT_TEST = "test"
+SPLIT_VAL = "val"
+
+# Key-value metadata keys stored in Parquet footers.
+META_MANIFEST = b"imgfeat.manifest"  # JSON: dataset root + scan options
+META_PROVENANCE = b"imgfeat.provenance"  # JSON: the featureset's provenance
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        pa.field(IMAGE_ID, pa.string()),  # null only when the file could not be read
+        pa.field(PATH, pa.string(), nullable=False),  # POSIX, relative to the dataset root
+        pa.field(LABEL, pa.string()),
+        pa.field(SPLIT, pa.string()),
+        pa.field(BYTES, pa.int64()),
+        pa.field(MTIME_NS, pa.int64()),
+        pa.field(WIDTH, pa.int32()),
+        pa.field(HEIGHT, pa.int32()),
+        pa.field(FORMAT, pa.string()),
+        pa.field(MODE, pa.string()),
+        pa.field(STATUS, pa.string(), nullable=False),
+        pa.field(ERROR, pa.string()),
+    ]
+)
+
+ERRORS_SCHEMA = pa.schema(
+    [
+        pa.field(IMAGE_ID, pa.string()),
+        pa.field(PATH, pa.string()),
+        pa.field(STAGE, pa.string(), nullable=False),
+        pa.field(ERROR_CODE, pa.string(), nullable=False),
+        pa.field(ERROR_MESSAGE, pa.string()),
+        pa.field(RUN_ID, pa.string(), nullable=False),
+    ]
+)
+
+PREDICTIONS_SCHEMA = pa.schema(
+    [
+        pa.field(IMAGE_ID, pa.string(), nullable=False),
+        pa.field(PATH, pa.string()),
+        pa.field(LABEL, pa.string()),
+        pa.field(SPLIT, pa.string()),
+        pa.field(PRED_LABEL, pa.string(), nullable=False),
+        pa.field(PRED_SCORE, pa.float32(), nullable=False),
+        pa.field(TOPK_LABELS, pa.list_(pa.string())),
+        pa.field(TOPK_SCORES, pa.list_(pa.float32())),
+        pa.field(HEAD_ID, pa.string(), nullable=False),
+        pa.field(FEATURESET, pa.string(), nullable=False),
+        pa.field(RUN_ID, pa.string(), nullable=False),
+    ]
+)
+
+STORAGE_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
+
+
+def features_schema(dim: int, dtype: str = "float16") -> pa.Schema:
+    """The features table: ``image_id`` plus a fixed-size vector of ``dim`` floats."""
+    return pa.schema(
+        [
+            pa.field(IMAGE_ID, pa.string(), nullable=False),
+            pa.field(FEATURE, pa.list_(STORAGE_DTYPES[dtype], dim), nullable=False),
+        ]
+    )

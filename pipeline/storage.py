@@ -1,0 +1,169 @@
+"""The commit protocol: atomic file writes, advisory locks, shard names and listing."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import ImgfeatError, LockBusyError
+
+TMP_SUFFIX = ".tmp"
+SHARD_PREFIX = "part-"
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
+def _disk_error(path: Path, exc: OSError) -> ImgfeatError:
+    reason = {
+        errno.ENOSPC: "the disk is full",
+        errno.EDQUOT: "the disk quota is exceeded",
+        errno.EROFS: "the file system is read-only",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "permission denied",
+    }.get(exc.errno, exc.strerror or str(exc))
+    return ImgfeatError(f"cannot write {path}: {reason}")
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """Yield ``<final>.tmp`` to write; on success fsync it and ``os.replace`` it into place.
+
+    On any failure the temporary file is removed, so readers only ever see complete files.
+    """
+    final = Path(final)
+    tmp = final.with_name(final.name + TMP_SUFFIX)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        yield tmp
+        _fsync_file(tmp)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise _disk_error(final, exc) from exc
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def write_bytes_atomic(data: bytes, final: Path) -> Path:
+    with atomic_path(final) as tmp:
+        tmp.write_bytes(data)
+    return Path(final)
+
+
+def write_json_atomic(obj: object, final: Path) -> Path:
+    text = json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
+    return write_bytes_atomic(text.encode("utf-8"), final)
+
+
+def write_table_atomic(table: pa.Table, final: Path, **parquet_options) -> Path:
+    """Write a Parquet file under the commit protocol (zstd unless told otherwise)."""
+    parquet_options.setdefault("compression", "zstd")
+    with atomic_path(final) as tmp:
+        pq.write_table(table, tmp, **parquet_options)
+    return Path(final)
+
+
+def shard_name(run_id: str, seq: int, suffix: str = ".parquet") -> str:
+    """``part-<run>-<seq>.parquet``: the run id keeps concurrent or resumed runs apart."""
+    return f"{SHARD_PREFIX}{run_id}-{seq:05d}{suffix}"
+
+
+def list_shards(folder: Path, suffix: str = ".parquet") -> list[Path]:
+    """Committed shards in a folder, oldest run first; temporary files are never listed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(
+        p for p in folder.iterdir() if p.name.startswith(SHARD_PREFIX) and p.name.endswith(suffix)
+    )
+
+
+def remove_stale_tmp(folder: Path) -> int:
+    """Delete ``*.tmp`` left by a crashed writer; call only while holding the folder's lock."""
+    folder = Path(folder)
+    removed = 0
+    if folder.is_dir():
+        for p in folder.rglob("*" + TMP_SUFFIX):
+            with contextlib.suppress(OSError):
+                p.unlink()
+                removed += 1
+    return removed
+
+
+class FileLock:
+    """An advisory ``fcntl.flock`` lock on a file; released when the process dies.
+
+    ``wait=None`` fails fast; ``wait=seconds`` (``float('inf')`` for ever) polls until free.
+    """
+
+    def __init__(self, path: Path, what: str, wait: float | None = None) -> None:
+        self.path = Path(path)
+        self.what = what
+        self.wait = wait
+        self._fd: int | None = None
+
+    def acquire(self) -> "FileLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = None if self.wait is None else time.monotonic() + self.wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if deadline is None or time.monotonic() >= deadline:
+                    holder = _read_holder(self.path)
+                    os.close(fd)
+                    raise LockBusyError(
+                        f"{self.what} is being written by another process{holder}; "
+                        f"wait for it to finish (or pass --wait), lock file: {self.path}"
+                    ) from None
+                time.sleep(0.2)
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "since": time.time()}).encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "FileLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _read_holder(path: Path) -> str:
+    try:
+        info = json.loads(path.read_text() or "{}")
+        return f" (pid {info['pid']})" if "pid" in info else ""
+    except (OSError, ValueError, KeyError):
+        return ""

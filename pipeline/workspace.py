@@ -1,0 +1,77 @@
+"""Where every table lives: the workspace layout of DESIGN.md, and name checks."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.errors import ConfigError
+
+ENV_WORKSPACE = "IMGFEAT_WORKSPACE"
+DEFAULT_WORKSPACE = "data"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_name(kind: str, name: str) -> str:
+    """Reject names that would escape the workspace or break shard globs."""
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ConfigError(
+            f"invalid {kind} name {name!r}: use letters, digits, '.', '_' and '-' "
+            "(at most 128, starting with a letter or digit)"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """A workspace root and the paths of the tables under it."""
+
+    root: Path
+
+    @classmethod
+    def resolve(cls, value: str | os.PathLike | None = None) -> "Workspace":
+        """``--workspace`` beats ``$IMGFEAT_WORKSPACE`` beats ``./data``."""
+        chosen = value or os.environ.get(ENV_WORKSPACE) or DEFAULT_WORKSPACE
+        return cls(Path(chosen).expanduser().absolute())
+
+    # datasets
+    def dataset_dir(self, dataset: str) -> Path:
+        return self.root / "datasets" / check_name("dataset", dataset)
+
+    def manifest_path(self, dataset: str) -> Path:
+        return self.dataset_dir(dataset) / "manifest.parquet"
+
+    # features
+    def featureset_dir(self, featureset: str) -> Path:
+        return self.root / "features" / check_name("featureset", featureset)
+
+    def featureset_errors_dir(self, featureset: str) -> Path:
+        return self.featureset_dir(featureset) / "errors"
+
+    # heads, predictions, reports
+    def head_dir(self, head_id: str) -> Path:
+        return self.root / "heads" / check_name("head", head_id)
+
+    def predictions_dir(self, head_id: str) -> Path:
+        return self.root / "predictions" / check_name("head", head_id)
+
+    def report_dir(self, head_id: str) -> Path:
+        return self.root / "reports" / check_name("head", head_id)
+
+    # runs and locks
+    @property
+    def runs_dir(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def locks_dir(self) -> Path:
+        return self.root / ".locks"
+
+    def list_names(self, kind: str) -> list[str]:
+        """Names of existing datasets / features / heads (for 'did you mean')."""
+        folder = self.root / kind
+        if not folder.is_dir():
+            return []
+        return sorted(p.name for p in folder.iterdir() if p.is_dir())

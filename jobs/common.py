@@ -35,11 +35,19 @@ class JobContext:
 Handler = Callable[[argparse.Namespace, JobContext], dict[str, Any]]
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keep hand-wrapped descriptions and examples; show defaults where they exist."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keep hand-wrapped descriptions and examples; show defaults only where they say something."""
 
     def __init__(self, prog: str) -> None:
         super().__init__(prog, max_help_position=32, width=100)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        quiet = default in (None, False, [], argparse.SUPPRESS) or "default" in text
+        if quiet or action.option_strings == [] or isinstance(default, bool):
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def common_parent() -> argparse.ArgumentParser:

@@ -1,0 +1,68 @@
+"""`imgfeat run JOB.toml`: every stage of a job file, incrementally."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from jobs.common import JobContext, add_command, fraction
+from jobs.report_lines import print_run_summary
+
+DESCRIPTION = """\
+Run scan -> extract -> train -> predict -> report for the datasets, featuresets and heads
+a TOML job file names. Every stage only does new work: with nothing changed a run does no
+model work and ends in seconds; after 100 new images it extracts 100 images. A crashed run
+resumes where it stopped. Two overlapping runs take turns per stage (see --wait).
+
+Job file sections: [run] (max_error_rate, executor, wait), [datasets.NAME] (root plus scan
+options), [features.NAME] (backbone plus extract options, datasets = [...]) and
+[heads.NAME] (dataset, features, head plus train options, predict = [...], report).
+"""
+
+EPILOG = """\
+examples:
+  imgfeat run jobs/examples/nightly.toml
+  imgfeat run nightly.toml --dry-run
+  imgfeat run nightly.toml --set features.lite0.batch_size=64 --max-error-rate 0.02
+  imgfeat run nightly.toml --json --log-format json --wait 3600     # from cron
+
+exit codes: 0 done, 2 bad job file or flag, 3 finished but over --max-error-rate, 1 other failure
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = add_command(sub, "run", handle, help="run a TOML job file: all stages, only new work",
+                    description=DESCRIPTION, epilog=EPILOG)
+    p.add_argument("job", metavar="JOB.toml", type=Path, help="the job file")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print what would be done (files to scan, images to extract, heads) and exit")
+    p.add_argument("--max-error-rate", type=fraction, metavar="F", default=None,
+                   help="exit 3 when more than this fraction of images ended as error rows "
+                        "(overrides [run] max_error_rate)")
+    p.add_argument("--executor", choices=("local", "ray"), default=None,
+                   help="where extract runs (overrides [run] executor)")
+    p.add_argument("--wait", type=float, metavar="SECONDS", default=None,
+                   help="wait this long for a stage another run holds, instead of exiting at once")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a job-file value, e.g. features.lite0.batch_size=64 (repeatable)")
+
+
+def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
+    from pipeline.jobfile import load_job
+    from pipeline.run import plan_job, run_job_spec
+
+    job = load_job(args.job, tuple(args.overrides), workspace=ctx.ws.root)
+    flags = {"max_error_rate": args.max_error_rate, "executor": args.executor, "wait": args.wait}
+    job = dataclasses.replace(job, **{k: v for k, v in flags.items() if v is not None})
+    if args.dry_run:
+        plan = plan_job(ctx.ws, job)
+        if not args.json:
+            print(json.dumps(plan, indent=2, default=str))
+        return plan
+    summary = ctx.record.summary
+    run_job_spec(ctx.ws, job, ctx.run_id, summary)
+    if not args.json:
+        print_run_summary(ctx.ws, summary)
+    return summary

@@ -1,0 +1,213 @@
+"""`imgfeat run`: scan -> extract -> train -> predict -> report for a job file, each only doing new work."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from pipeline import schemas as S
+from pipeline.errors import ErrorRateExceeded
+from pipeline.jobfile import FeatureJob, HeadJob, JobSpec, build_config
+from pipeline.storage import FileLock
+from pipeline.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+STAGES = ("scan", "extract", "train", "predict", "report")
+
+
+@contextlib.contextmanager
+def stage_lock(ws: Workspace, stage: str, wait: float | None) -> Iterator[None]:
+    """One lock per workspace stage: overlapping cron runs take turns instead of colliding."""
+    with FileLock(ws.locks_dir / f"{stage}.lock", f"the {stage} stage of workspace {ws.root}", wait):
+        yield
+
+
+def scan_config(job: JobSpec, dataset: str):
+    from pipeline.scan import ScanConfig
+
+    return build_config(
+        ScanConfig, job.datasets[dataset], f"[datasets.{dataset}]", dataset=dataset, **_wait(ScanConfig, job)
+    )
+
+
+def extract_config(job: JobSpec, fjob: FeatureJob, dataset: str):
+    from pipeline.extract import ExtractConfig
+
+    return build_config(
+        ExtractConfig, fjob.options, f"[features.{fjob.name}]", dataset=dataset, **_wait(ExtractConfig, job)
+    )
+
+
+def train_config(hjob: HeadJob, featureset: str):
+    from pipeline.heads import TrainConfig
+
+    return build_config(
+        TrainConfig, hjob.options, f"[heads.{hjob.name}]", dataset=hjob.dataset, featureset=featureset
+    )
+
+
+def _wait(cls: type, job: JobSpec) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {"wait": job.wait} if "wait" in names and job.wait is not None else {}
+
+
+def check_job(job: JobSpec) -> None:
+    """Build every stage config up front, so a typo fails before any work is done."""
+    for name in job.datasets:
+        scan_config(job, name)
+    for fjob in job.features:
+        for dataset in fjob.datasets:
+            extract_config(job, fjob, dataset)
+    for hjob in job.heads:
+        train_config(hjob, featureset="placeholder")
+
+
+def plan_job(ws: Workspace, job: JobSpec) -> dict[str, Any]:
+    """What a run would do, without hashing images or building models (``--dry-run``)."""
+    from pipeline.extract import plan_extract
+    from pipeline.scan import plan_scan
+
+    check_job(job)
+    plan: dict[str, Any] = {"dry_run": True, "scan": {}, "extract": {}, "heads": {}}
+    for name in job.datasets:
+        plan["scan"][name] = plan_scan(ws, scan_config(job, name))
+    for fjob in job.features:
+        for dataset in fjob.datasets:
+            key = f"{fjob.name}/{dataset}"
+            if ws.manifest_path(dataset).exists():
+                p = plan_extract(ws, extract_config(job, fjob, dataset))
+            else:
+                p = {"todo": None, "note": "dataset not scanned yet"}
+            pending = plan["scan"][dataset]
+            p["new_or_changed_files"] = int(pending.get("new", 0)) + int(pending.get("changed", 0))
+            plan["extract"][key] = p
+    for hjob in job.heads:
+        plan["heads"][hjob.name] = {
+            "dataset": hjob.dataset,
+            "features": hjob.features,
+            "predict": list(hjob.predict),
+            "report": hjob.report,
+            "note": "trained unless an identical head (same features, labels, params) exists",
+        }
+    return plan
+
+
+def run_job_spec(ws: Workspace, job: JobSpec, run_id: str, summary: dict[str, Any]) -> dict[str, Any]:
+    """Run every stage in order; fills ``summary`` as it goes (so a failure still reports)."""
+    check_job(job)
+    summary.update({"job": job.source, "scan": {}, "extract": {}, "train": {}, "predict": {}, "report": {}})
+    timings: dict[str, float] = {}
+    _timed(timings, "scan", lambda: _scan_all(ws, job, run_id, summary))
+    featuresets = _timed(timings, "extract", lambda: _extract_all(ws, job, run_id, summary))
+    heads = _timed(timings, "train", lambda: _train_all(ws, job, featuresets, run_id, summary))
+    _timed(timings, "predict", lambda: _predict_all(ws, job, heads, run_id, summary))
+    _timed(timings, "report", lambda: _report_all(ws, job, heads, run_id, summary))
+    summary["timings"] = timings
+    summary["model_work"] = any(s.get("extracted", 0) for s in summary["extract"].values()) or any(
+        not s.get("reused", False) for s in summary["train"].values()
+    )
+    _check_error_rate(ws, job, featuresets, summary)
+    return summary
+
+
+def _timed(timings: dict[str, float], stage: str, fn):
+    t0 = time.perf_counter()
+    out = fn()
+    timings[stage] = round(time.perf_counter() - t0, 3)
+    return out
+
+
+def _scan_all(ws: Workspace, job: JobSpec, run_id: str, summary: dict) -> None:
+    from pipeline.scan import run_scan
+
+    with stage_lock(ws, "scan", job.wait):
+        for name in job.datasets:
+            summary["scan"][name] = run_scan(ws, scan_config(job, name), run_id)
+
+
+def _extract_all(ws: Workspace, job: JobSpec, run_id: str, summary: dict) -> dict[tuple[str, str], str]:
+    """Returns {(features name, dataset): featureset}."""
+    featuresets: dict[tuple[str, str], str] = {}
+    with stage_lock(ws, "extract", job.wait):
+        for fjob in job.features:
+            for dataset in fjob.datasets:
+                out = _extract_one(ws, job, extract_config(job, fjob, dataset), run_id)
+                summary["extract"][f"{fjob.name}/{dataset}"] = out
+                featuresets[(fjob.name, dataset)] = out["featureset"]
+    return featuresets
+
+
+def _extract_one(ws: Workspace, job: JobSpec, cfg, run_id: str) -> dict[str, Any]:
+    if job.executor == "ray":
+        from pipeline.ray_executor import RayConfig, run_extract_ray
+
+        return run_extract_ray(ws, cfg, RayConfig(), run_id)
+    from pipeline.extract import run_extract
+
+    return run_extract(ws, cfg, run_id)
+
+
+def _train_all(ws: Workspace, job: JobSpec, featuresets: dict, run_id: str, summary: dict) -> dict[str, str]:
+    from pipeline.heads import run_train
+
+    heads: dict[str, str] = {}
+    with stage_lock(ws, "train", job.wait):
+        for hjob in job.heads:
+            fs = featuresets[(hjob.features, hjob.dataset)]
+            out = run_train(ws, train_config(hjob, fs), run_id)
+            summary["train"][hjob.name] = out
+            heads[hjob.name] = out["head_id"]
+    return heads
+
+
+def _predict_all(ws: Workspace, job: JobSpec, heads: dict[str, str], run_id: str, summary: dict) -> None:
+    from pipeline.heads import PredictConfig, run_predict
+
+    with stage_lock(ws, "predict", job.wait):
+        for hjob in job.heads:
+            for dataset in hjob.predict:
+                cfg = PredictConfig(head_id=heads[hjob.name], dataset=dataset)
+                summary["predict"][f"{hjob.name}/{dataset}"] = run_predict(ws, cfg, run_id)
+
+
+def _report_all(ws: Workspace, job: JobSpec, heads: dict[str, str], run_id: str, summary: dict) -> None:
+    from pipeline.heads import ReportConfig, run_report
+
+    with stage_lock(ws, "report", job.wait):
+        for hjob in job.heads:
+            if hjob.report:
+                summary["report"][hjob.name] = run_report(ws, ReportConfig(head_id=heads[hjob.name]), run_id)
+
+
+def error_rate(ws: Workspace, dataset: str, featureset: str) -> tuple[int, int]:
+    """(images that ended as error rows, images in the manifest) for one dataset x featureset."""
+    from pipeline.featureset import errored_ids
+    from pipeline.manifest import read_manifest
+
+    table = read_manifest(ws, dataset).select([S.IMAGE_ID, S.STATUS]).to_pylist()
+    bad_ids = errored_ids(ws, featureset)
+    bad = sum(1 for r in table if r[S.STATUS] != S.STATUS_OK or r[S.IMAGE_ID] in bad_ids)
+    return bad, len(table)
+
+
+def _check_error_rate(ws: Workspace, job: JobSpec, featuresets: dict, summary: dict) -> None:
+    rates = {}
+    for (fname, dataset), fs in featuresets.items():
+        bad, total = error_rate(ws, dataset, fs)
+        rates[f"{fname}/{dataset}"] = {"errors": bad, "images": total, "rate": bad / total if total else 0.0}
+    summary["error_rates"] = rates
+    if job.max_error_rate is None:
+        return
+    over = {k: v for k, v in rates.items() if v["rate"] > job.max_error_rate}
+    if over:
+        worst = max(over.items(), key=lambda kv: kv[1]["rate"])
+        raise ErrorRateExceeded(
+            f"{worst[1]['errors']} of {worst[1]['images']} images ({worst[1]['rate']:.1%}) in "
+            f"{worst[0]} ended as error rows, over --max-error-rate {job.max_error_rate:g}; "
+            "everything was still written (see the errors tables)"
+        )

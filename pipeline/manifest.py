@@ -1,0 +1,130 @@
+"""The manifest table: reading it, its footer metadata, and writing it under the commit protocol."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import __version__
+from pipeline import schemas as S
+from pipeline.errors import ConfigError, unknown_value
+from pipeline.storage import atomic_path
+from pipeline.workspace import Workspace
+
+# Row groups of this many rows: small enough to stream, big enough to compress well.
+ROW_GROUP_ROWS = 8192
+
+
+def _missing(ws: Workspace, dataset: str) -> ConfigError:
+    names = [n for n in ws.list_names("datasets") if ws.manifest_path(n).is_file()]
+    hint = "" if names else f"none under {ws.root / 'datasets'}; run 'imgfeat scan ROOT --dataset NAME' first"
+    return unknown_value("dataset", dataset, names, hint=hint)
+
+
+def manifest_file(ws: Workspace, dataset: str) -> Path:
+    """The committed manifest path; ConfigError (with did-you-mean) when it does not exist."""
+    path = ws.manifest_path(dataset)
+    if not path.is_file():
+        raise _missing(ws, dataset)
+    return path
+
+
+def read_manifest(ws: Workspace, dataset: str, columns: Sequence[str] | None = None) -> pa.Table:
+    """The whole manifest (or only ``columns``) with MANIFEST_SCHEMA's types."""
+    path = manifest_file(ws, dataset)
+    table = pq.read_table(path, columns=list(columns) if columns is not None else None)
+    schema = S.MANIFEST_SCHEMA if columns is None else pa.schema([S.MANIFEST_SCHEMA.field(c) for c in columns])
+    return table.cast(schema.with_metadata(table.schema.metadata))
+
+
+def manifest_info(ws: Workspace, dataset: str) -> dict[str, Any]:
+    """The footer's JSON metadata: ``root``, ``dataset``, ``options``, ``created_at``, ``run_id``, ..."""
+    return read_info(manifest_file(ws, dataset))
+
+
+def read_info(path: Path) -> dict[str, Any]:
+    """Footer metadata of a manifest file (reads only the footer)."""
+    meta = pq.read_schema(path).metadata or {}
+    raw = meta.get(S.META_MANIFEST)
+    if raw is None:
+        raise ConfigError(f"{path} is not an imgfeat manifest (no {S.META_MANIFEST.decode()} metadata)")
+    return json.loads(raw)
+
+
+def dataset_root(ws: Workspace, dataset: str) -> Path:
+    """The absolute root the manifest's relative paths are under."""
+    return Path(manifest_info(ws, dataset)["root"])
+
+
+def make_info(root: Path, dataset: str, options: Mapping[str, Any], run_id: str | None) -> dict[str, Any]:
+    """The metadata object stored in the footer (root as an absolute POSIX path)."""
+    return {
+        "root": Path(root).absolute().as_posix(),
+        "dataset": dataset,
+        "options": dict(options),
+        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "run_id": run_id,
+        "imgfeat_version": __version__,
+    }
+
+
+def manifest_schema(info: Mapping[str, Any]) -> pa.Schema:
+    return S.MANIFEST_SCHEMA.with_metadata({S.META_MANIFEST: json.dumps(dict(info), sort_keys=True)})
+
+
+def rows_to_table(rows: Sequence[Mapping[str, Any]], schema: pa.Schema = S.MANIFEST_SCHEMA) -> pa.Table:
+    """Rows as dicts keyed by the schema's column names; missing keys become nulls."""
+    return pa.Table.from_pylist(list(rows), schema=schema)
+
+
+@contextlib.contextmanager
+def manifest_writer(path: Path, info: Mapping[str, Any]) -> Iterator[pq.ParquetWriter]:
+    """Stream row groups into ``<path>.tmp``; on a clean exit it replaces ``path`` atomically.
+
+    Call ``writer.write_table(table)`` with tables of MANIFEST_SCHEMA (any metadata). If the
+    block raises, the old manifest stays as it was and no temporary file is left behind.
+    """
+    schema = manifest_schema(info)
+    with atomic_path(Path(path)) as tmp:
+        writer = pq.ParquetWriter(tmp, schema, compression="zstd")
+        try:
+            yield _SchemaWriter(writer, schema)
+        finally:
+            writer.close()
+
+
+class _SchemaWriter:
+    """Casts each table to the manifest schema (with its metadata) before writing it."""
+
+    def __init__(self, writer: pq.ParquetWriter, schema: pa.Schema) -> None:
+        self._writer = writer
+        self._schema = schema
+        self.rows = 0
+
+    def write_table(self, table: pa.Table) -> None:
+        if table.num_rows:
+            self._writer.write_table(table.select(self._schema.names).cast(self._schema), ROW_GROUP_ROWS)
+            self.rows += table.num_rows
+
+
+def write_manifest(
+    ws: Workspace,
+    dataset: str,
+    rows: pa.Table | Iterable[Mapping[str, Any]],
+    root: Path,
+    options: Mapping[str, Any] | None = None,
+    run_id: str | None = None,
+) -> Path:
+    """Write a whole manifest at once (tests and small tools; the scan stage streams instead)."""
+    table = rows if isinstance(rows, pa.Table) else rows_to_table(list(rows))
+    path = ws.manifest_path(dataset)
+    with manifest_writer(path, make_info(root, dataset, options or {}, run_id)) as writer:
+        writer.write_table(table)
+    return path

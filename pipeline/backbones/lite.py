@@ -379,3 +379,31 @@ def EfficientNetLite1(**kwargs: Any) -> "keras.Model":  # noqa: N802
 
 def EfficientNetLite2(**kwargs: Any) -> "keras.Model":  # noqa: N802
     return efficientnet_lite("efficientnet_lite2", **kwargs)
+
+
+# ------------------------------------------------------------------ registry rows
+
+# Size of each package's .pth (MB), for `imgfeat backbones`.
+WEIGHTS_MB = {"efficientnet_lite0": 18.8, "efficientnet_lite1": 21.9, "efficientnet_lite2": 24.7}
+
+
+def lite_specs(spec_cls: type) -> list:
+    """The three Lite rows for the backbone registry, built with its ``BackboneSpec`` class.
+
+    Taking the class as an argument keeps this module free of an import cycle with the registry.
+    """
+    here = __name__
+    return [
+        spec_cls(
+            name=v.name,
+            family=FAMILY,
+            input_size=v.size,
+            dims={"avg": HEAD_WIDTH, "max": HEAD_WIDTH},
+            imagenet_top=True,
+            weights_mb=WEIGHTS_MB[v.name],
+            constructor=f"{here}.EfficientNetLite{v.name[-1]}",
+            preprocess=f"{here}.preprocess_input",
+            imagenet_weights=f"{here}.lite{v.name[-1]}_imagenet_weights",
+        )
+        for v in VARIANTS.values()
+    ]

@@ -1,0 +1,431 @@
+"""The scan stage: an image folder -> ``datasets/<name>/manifest.parquet``, re-reading only changed files."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import posixpath
+import time
+import warnings
+from collections import Counter, deque
+from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from pipeline import schemas as S
+from pipeline.errors import ConfigError
+from pipeline.manifest import ROW_GROUP_ROWS, make_info, manifest_writer, read_info, rows_to_table
+from pipeline.probe import Probe, probe_file
+from pipeline.progress import progress
+from pipeline.storage import FileLock, remove_stale_tmp
+from pipeline.walk import FileEntry, WalkOptions, WalkStats, walk
+from pipeline.workspace import Workspace, check_name
+
+log = logging.getLogger(__name__)
+
+# Split folder names (compared lower-case) and what they mean.
+SPLIT_FOLDERS = {
+    "train": S.SPLIT_TRAIN,
+    "test": S.SPLIT_TEST,
+    "val": S.SPLIT_VAL,
+    "validation": S.SPLIT_VAL,
+}
+BATCH_FILES = 512  # files handed to the thread pool at once; two batches are in flight
+LABEL_CSV_COLUMNS = ("path", "label")
+
+
+@dataclass(frozen=True)
+class ScanConfig:
+    """What to scan and how; see ``imgfeat scan --help`` for each option."""
+
+    root: str | os.PathLike
+    dataset: str
+    labels_csv: str | os.PathLike | None = None
+    test_fraction: float | None = None
+    follow_links: bool = False
+    keep_non_images: bool = False
+    max_pixels: int = Image.MAX_IMAGE_PIXELS
+    workers: int | None = None
+    wait: float | None = None
+
+    def __post_init__(self) -> None:
+        check_name("dataset", self.dataset)
+        if self.test_fraction is not None and not 0.0 <= float(self.test_fraction) <= 1.0:
+            raise ConfigError(f"test_fraction must be from 0 to 1, got {self.test_fraction!r}")
+        if not isinstance(self.max_pixels, int) or self.max_pixels <= 0:
+            raise ConfigError(f"max_pixels must be a positive integer, got {self.max_pixels!r}")
+        if self.workers is not None and (not isinstance(self.workers, int) or self.workers <= 0):
+            raise ConfigError(f"workers must be a positive integer, got {self.workers!r}")
+
+
+@dataclass(frozen=True)
+class Labeller:
+    """Label and split of one file from its path, the labels CSV and its image_id (pure)."""
+
+    csv_labels: Mapping[str, str | None] = field(default_factory=dict)
+    test_fraction: float | None = None
+
+    def assign(self, rel: str, image_id: str | None) -> tuple[str | None, str | None]:
+        label, split = folder_label_split(rel)
+        if rel in self.csv_labels:
+            label = self.csv_labels[rel]
+        if split is None and self.test_fraction is not None and image_id:
+            split = fraction_split(image_id, self.test_fraction)
+        return label, split
+
+
+def folder_label_split(rel: str) -> tuple[str | None, str | None]:
+    """``label/..``, ``split/label/..`` or a flat file; deeper folders keep the top label."""
+    folders = rel.split("/")[:-1]
+    split = SPLIT_FOLDERS.get(folders[0].lower()) if folders else None
+    if split is not None:
+        folders = folders[1:]
+    return (folders[0] if folders else None), split
+
+
+def fraction_split(image_id: str, test_fraction: float) -> str:
+    """Deterministic from the content: a file keeps its split across rescans, duplicates share it."""
+    return S.SPLIT_TEST if int(image_id[:8], 16) / 2**32 < test_fraction else S.SPLIT_TRAIN
+
+
+@dataclass(frozen=True)
+class Previous:
+    """The last manifest of the dataset, indexed by path: what a rescan may carry over."""
+
+    path: Path
+    index: dict[str, tuple[int, int | None, int | None, str, int | None, int | None]]
+
+    def table(self) -> pa.Table:
+        return pq.read_table(self.path)
+
+
+@dataclass
+class Tally:
+    """Counts that end up in the summary."""
+
+    added: int = 0
+    changed: int = 0
+    unchanged: int = 0
+    retried: int = 0
+    status: Counter = field(default_factory=Counter)
+    splits: Counter = field(default_factory=Counter)
+    labels: set = field(default_factory=set)
+    csv_matched: int = 0
+    csv_missing: int = 0
+
+
+# ---------------------------------------------------------------- checks at the edge
+
+
+def resolve_root(root: str | os.PathLike) -> Path:
+    """The absolute root (symlinks in it kept as given); ConfigError when it is not a folder."""
+    path = Path(os.path.abspath(os.path.expanduser(os.fspath(root))))
+    if not path.exists():
+        raise ConfigError(f"scan root {str(root)!r} does not exist")
+    if not path.is_dir():
+        raise ConfigError(f"scan root {str(root)!r} is not a directory")
+    return path
+
+
+def read_labels_csv(path: str | os.PathLike) -> dict[str, str | None]:
+    """``path,label`` rows (paths relative to the root) -> {POSIX path: label}."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.reader(fh))
+    except FileNotFoundError:
+        raise ConfigError(f"labels CSV {str(path)!r} does not exist") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise ConfigError(f"labels CSV {str(path)!r} cannot be read: {exc}") from None
+    header = [h.strip().lower() for h in rows[0]] if rows else []
+    if not set(LABEL_CSV_COLUMNS) <= set(header):
+        raise ConfigError(
+            f"labels CSV {str(path)!r} must have a header with columns 'path,label', got {header}"
+        )
+    ip, il = header.index("path"), header.index("label")
+    out: dict[str, str | None] = {}
+    for lineno, row in enumerate(rows[1:], start=2):
+        if not row:
+            continue
+        if len(row) != len(header) or not row[ip].strip():
+            raise ConfigError(f"labels CSV {str(path)!r} line {lineno}: expected {len(header)} fields, got {row}")
+        rel = posixpath.normpath(row[ip].strip().replace("\\", "/")).lstrip("/")
+        out[rel] = row[il].strip() or None
+    return out
+
+
+def scan_options(cfg: ScanConfig) -> dict[str, Any]:
+    """The options stored in the manifest's metadata (paths absolute)."""
+    opts = {k: v for k, v in asdict(cfg).items() if k not in ("root", "dataset", "workers", "wait")}
+    if cfg.labels_csv is not None:
+        opts["labels_csv"] = os.path.abspath(os.fspath(cfg.labels_csv))
+    return opts
+
+
+def _labeller(cfg: ScanConfig) -> Labeller:
+    labels = read_labels_csv(cfg.labels_csv) if cfg.labels_csv is not None else {}
+    return Labeller(labels, None if cfg.test_fraction is None else float(cfg.test_fraction))
+
+
+def _walk_options(cfg: ScanConfig) -> WalkOptions:
+    return WalkOptions(follow_links=cfg.follow_links, keep_non_images=cfg.keep_non_images)
+
+
+# ---------------------------------------------------------------- the previous manifest
+
+
+def load_previous(path: Path, root: Path) -> Previous | None:
+    """Index the old manifest (only the columns the change check needs), if it is for this root."""
+    if not path.is_file():
+        return None
+    try:
+        if read_info(path).get("root") != root.as_posix():
+            log.info("the dataset's root changed; every file is read again")
+            return None
+        cols = [S.PATH, S.BYTES, S.MTIME_NS, S.STATUS, S.WIDTH, S.HEIGHT]
+        t = pq.read_table(path, columns=cols).to_pydict()
+    except (OSError, ValueError, ConfigError, pa.ArrowException) as exc:
+        log.warning("cannot read the previous manifest %s (%s); every file is read again", path, exc)
+        return None
+    rows = zip(t[S.PATH], t[S.BYTES], t[S.MTIME_NS], t[S.STATUS], t[S.WIDTH], t[S.HEIGHT])
+    return Previous(path, {p: (i, *rest) for i, (p, *rest) in enumerate(rows)})
+
+
+def classify(entry: FileEntry, prev: Previous | None, max_pixels: int) -> str:
+    """``added``, ``changed``, ``unchanged`` or ``retried`` (same on disk, but worth reading again)."""
+    old = prev.index.get(entry.rel) if prev else None
+    if old is None:
+        return "added"
+    _, size, mtime, status, width, height = old
+    if (size, mtime) != (entry.size, entry.mtime_ns):
+        return "changed"
+    if status == S.STATUS_UNREADABLE:
+        return "retried"
+    # A file over the old pixel limit was never checked for truncation: read it if now allowed.
+    if status == S.STATUS_TOO_LARGE and (width is None or width * height <= max_pixels):
+        return "retried"
+    return "unchanged"
+
+
+# ---------------------------------------------------------------- the mapper: files -> rows
+
+
+def probe_entry(entry: FileEntry, max_pixels: int) -> Probe:
+    if entry.stat_error is not None:
+        return Probe(None, S.STATUS_UNREADABLE, entry.stat_error)
+    return probe_file(entry.abs, max_pixels)
+
+
+def probed_row(entry: FileEntry, probe: Probe) -> dict[str, Any]:
+    return {
+        S.IMAGE_ID: probe.image_id,
+        S.PATH: entry.rel,
+        S.BYTES: entry.size,
+        S.MTIME_NS: entry.mtime_ns,
+        S.WIDTH: probe.width,
+        S.HEIGHT: probe.height,
+        S.FORMAT: probe.format,
+        S.MODE: probe.mode,
+        S.STATUS: probe.status,
+        S.ERROR: probe.error,
+    }
+
+
+def carried_row(old: dict[str, Any], max_pixels: int) -> dict[str, Any]:
+    """An unchanged file's old row, its pixel limit re-applied (labels are re-derived later)."""
+    w, h = old[S.WIDTH], old[S.HEIGHT]
+    if old[S.STATUS] == S.STATUS_OK and w is not None and h is not None and w * h > max_pixels:
+        msg = f"{w}x{h} = {w * h} pixels is over the limit of {max_pixels}"
+        return {**old, S.STATUS: S.STATUS_TOO_LARGE, S.ERROR: msg}
+    return old
+
+
+def finish_rows(rows: list[dict[str, Any]], labeller: Labeller, tally: Tally) -> pa.Table:
+    """Label, split and count a batch of rows; return them as a manifest table."""
+    for row in rows:
+        row[S.LABEL], row[S.SPLIT] = labeller.assign(row[S.PATH], row[S.IMAGE_ID])
+        tally.status[row[S.STATUS]] += 1
+        tally.splits[row[S.SPLIT]] += 1
+        if row[S.LABEL] is not None:
+            tally.labels.add(row[S.LABEL])
+        tally.csv_matched += row[S.PATH] in labeller.csv_labels
+    return rows_to_table(rows)
+
+
+# ---------------------------------------------------------------- the reader: walk + probe in threads
+
+
+def _batches(entries: Iterator[FileEntry], size: int) -> Iterator[list[FileEntry]]:
+    batch: list[FileEntry] = []
+    for entry in entries:
+        batch.append(entry)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+class _BatchReader:
+    """Turns walked files into rows: probes changed ones in a pool, carries the rest over."""
+
+    def __init__(self, cfg: ScanConfig, prev: Previous | None, pool: ThreadPoolExecutor, tally: Tally):
+        self.cfg, self.prev, self.pool, self.tally = cfg, prev, pool, tally
+        self._old: pa.Table | None = None
+
+    def submit(self, batch: list[FileEntry]) -> tuple[list[FileEntry], list[Any]]:
+        """Per file: a Future of its Probe, or the index of its old row."""
+        slots: list[Any] = []
+        for entry in batch:
+            kind = classify(entry, self.prev, self.cfg.max_pixels)
+            setattr(self.tally, kind, getattr(self.tally, kind) + 1)
+            if kind == "unchanged":
+                slots.append(self.prev.index[entry.rel][0])
+            else:
+                slots.append(self.pool.submit(probe_entry, entry, self.cfg.max_pixels))
+        return batch, slots
+
+    def rows(self, batch: list[FileEntry], slots: list[Any]) -> list[dict[str, Any]]:
+        carried = self._old_rows([s for s in slots if not isinstance(s, Future)])
+        out = []
+        for entry, slot in zip(batch, slots):
+            if isinstance(slot, Future):
+                out.append(probed_row(entry, slot.result()))
+            else:
+                out.append(carried_row(carried[slot], self.cfg.max_pixels))
+        return out
+
+    def _old_rows(self, indices: list[int]) -> dict[int, dict[str, Any]]:
+        if not indices:
+            return {}
+        if self._old is None:
+            self._old = self.prev.table()  # read once, only when something is carried over
+        return dict(zip(indices, self._old.take(indices).to_pylist()))
+
+
+def _scan_rows(cfg: ScanConfig, root: Path, prev: Previous | None, stats: WalkStats, tally: Tally):
+    """Yield manifest rows in walk order, in lists, with at most two batches in flight."""
+    workers = cfg.workers or min(16, (os.cpu_count() or 1) + 4)
+    with ThreadPoolExecutor(workers, thread_name_prefix="scan") as pool:
+        reader = _BatchReader(cfg, prev, pool, tally)
+        pending: deque = deque()
+        try:
+            for batch in _batches(walk(str(root), _walk_options(cfg), stats), BATCH_FILES):
+                pending.append(reader.submit(batch))
+                if len(pending) > 1:
+                    yield reader.rows(*pending.popleft())
+            while pending:
+                yield reader.rows(*pending.popleft())
+        finally:
+            for _, slots in pending:
+                for s in slots:
+                    if isinstance(s, Future):
+                        s.cancel()
+
+
+# ---------------------------------------------------------------- the writer and the stage
+
+
+def _write_manifest(
+    ws: Workspace, cfg: ScanConfig, root: Path, prev: Previous | None, run_id: str, tally: Tally
+) -> WalkStats:
+    stats = WalkStats()
+    labeller = _labeller(cfg)
+    info = make_info(root, cfg.dataset, scan_options(cfg), run_id)
+    buffer: list[dict[str, Any]] = []
+    with manifest_writer(ws.manifest_path(cfg.dataset), info) as writer, progress(
+        desc=f"scan {cfg.dataset}", unit="file"
+    ) as bar, warnings.catch_warnings():
+        # Pillow warns between its limit and twice it; the scan records too_large itself.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        for rows in _scan_rows(cfg, root, prev, stats, tally):
+            buffer.extend(rows)
+            bar.update(len(rows))
+            if len(buffer) >= ROW_GROUP_ROWS:
+                writer.write_table(finish_rows(buffer, labeller, tally))
+                buffer = []
+        writer.write_table(finish_rows(buffer, labeller, tally))
+        if writer.rows == 0:
+            writer.write_table(rows_to_table([]))  # an empty scan still has a valid, empty manifest
+    tally.csv_missing = len(labeller.csv_labels) - tally.csv_matched
+    if tally.csv_missing:
+        log.warning("%d rows of the labels CSV name files that are not in the scan", tally.csv_missing)
+    return stats
+
+
+def run_scan(ws: Workspace, cfg: ScanConfig, run_id: str) -> dict[str, Any]:
+    """Scan ``cfg.root`` into the dataset's manifest; returns the summary (counts, timings, path)."""
+    t0 = time.perf_counter()
+    root = resolve_root(cfg.root)
+    path = ws.manifest_path(cfg.dataset)
+    lock = FileLock(ws.locks_dir / f"dataset-{cfg.dataset}.lock", f"dataset {cfg.dataset!r}", cfg.wait)
+    tally = Tally()
+    with lock:
+        remove_stale_tmp(path.parent)
+        prev = load_previous(path, root)
+        stats = _write_manifest(ws, cfg, root, prev, run_id, tally)
+    removed = (len(prev.index) if prev else 0) - tally.changed - tally.unchanged - tally.retried
+    summary = _summary(cfg, root, path, tally, stats, removed, time.perf_counter() - t0)
+    log.info(
+        "scanned %s: %d files (%d added, %d changed, %d unchanged, %d removed), %d ok, %d errors, "
+        "%d skipped in %.1fs",
+        cfg.dataset, summary["files"], tally.added, tally.changed, tally.unchanged, removed,
+        summary["ok"], summary["errors"], summary["skipped_total"], summary["seconds"],
+    )
+    return summary
+
+
+def _summary(
+    cfg: ScanConfig, root: Path, path: Path, tally: Tally, stats: WalkStats, removed: int, seconds: float
+) -> dict[str, Any]:
+    files = sum(tally.status.values())
+    skipped = {k: v for k, v in sorted(stats.skipped.items()) if v}
+    return {
+        "dataset": cfg.dataset,
+        "root": root.as_posix(),
+        "manifest": str(path),
+        "files": files,
+        "added": tally.added,
+        "changed": tally.changed,
+        "unchanged": tally.unchanged,
+        "removed": removed,
+        "retried": tally.retried,
+        "hashed": tally.added + tally.changed + tally.retried,
+        "ok": tally.status[S.STATUS_OK],
+        "errors": files - tally.status[S.STATUS_OK],
+        "status": dict(sorted(tally.status.items())),
+        "labels": len(tally.labels),
+        "splits": {(k or "none"): v for k, v in sorted(tally.splits.items(), key=lambda kv: kv[0] or "")},
+        "skipped": skipped,
+        "skipped_total": sum(skipped.values()),
+        "labels_csv_missing": tally.csv_missing,
+        "seconds": round(seconds, 3),
+        "files_per_s": round(files / seconds, 1) if seconds > 0 else None,
+    }
+
+
+def plan_scan(ws: Workspace, cfg: ScanConfig) -> dict[str, Any]:
+    """A stat-only dry run: how many files are new, changed, removed or unchanged (nothing is read)."""
+    root = resolve_root(cfg.root)
+    prev = load_previous(ws.manifest_path(cfg.dataset), root)
+    stats = WalkStats()
+    counts: Counter = Counter()
+    for entry in walk(str(root), _walk_options(cfg), stats):
+        kind = classify(entry, prev, cfg.max_pixels)
+        counts["new" if kind == "added" else "changed" if kind in ("changed", "retried") else kind] += 1
+    seen = counts["changed"] + counts["unchanged"]
+    return {
+        "dataset": cfg.dataset,
+        "root": root.as_posix(),
+        "new": counts["new"],
+        "changed": counts["changed"],
+        "unchanged": counts["unchanged"],
+        "removed": (len(prev.index) if prev else 0) - seen,
+        "skipped": {k: v for k, v in sorted(stats.skipped.items()) if v},
+    }

@@ -61,11 +61,15 @@ class PhotoSetSpec:
     min_side: int = 128
     max_side: int = 320
     seed: int = 0
+    # Crop area as a fraction of the photo, and colour jitter strength (factors in 1 +- jitter).
+    # Smaller crops and stronger jitter make a harder set (e.g. crop_area=(0.05, 0.2), jitter=0.5).
+    crop_area: tuple[float, float] = (0.3, 1.0)
+    jitter: float = 0.25
 
 
 def _augment(photo: Image.Image, rng: np.random.Generator, spec: PhotoSetSpec) -> Image.Image:
     w, h = photo.size
-    area = rng.uniform(0.3, 1.0) * w * h
+    area = rng.uniform(*spec.crop_area) * w * h
     aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
     cw = int(min(w, max(16, round(np.sqrt(area * aspect)))))
     ch = int(min(h, max(16, round(np.sqrt(area / aspect)))))
@@ -78,7 +82,7 @@ def _augment(photo: Image.Image, rng: np.random.Generator, spec: PhotoSetSpec) -
     scale = side / max(im.size)
     im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.BILINEAR)
     for enhancer in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
-        im = enhancer(im).enhance(float(rng.uniform(0.75, 1.25)))
+        im = enhancer(im).enhance(float(rng.uniform(1.0 - spec.jitter, 1.0 + spec.jitter)))
     return im
 
 

@@ -1,0 +1,97 @@
+"""`imgfeat scan ROOT --dataset NAME`: an image folder into a dataset manifest."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from jobs.common import JobContext, add_command, fraction, positive_int
+
+DESCRIPTION = """\
+Walk ROOT and write datasets/NAME/manifest.parquet: one row per image file with its
+content hash (image_id), relative path, label, split, size, header (width, height, format,
+mode) and a status. Bad files are rows with a status (empty, not_an_image, truncated,
+too_large, unreadable), never a failed scan. A rescan reads only files whose size or
+mtime changed; unchanged rows are carried over.
+
+Layouts (labels and splits come from folder names):
+  ROOT/<label>/...                 label from the top folder; deeper folders keep it
+  ROOT/<split>/<label>/...         split folders train, test, val, validation (any case)
+  ROOT/*.jpg                       flat: no labels
+--labels FILE.csv (columns path,label; paths relative to ROOT) overrides folder labels.
+Without split folders, --test-fraction F puts a deterministic fraction of the images in
+the test split, chosen from the image's content, so it never moves between rescans.
+
+Files with an image extension (jpg, png, gif, webp, tif, bmp, ...) are probed; others are
+skipped and counted (or probed too with --keep-non-images). Hidden files and folders are
+skipped; symlinks leaving ROOT are not followed without --follow-links.
+"""
+
+EPILOG = """\
+examples:
+  imgfeat scan ~/photos --dataset photos
+  imgfeat scan /data/flowers --dataset flowers --test-fraction 0.2
+  imgfeat scan /data/shots --dataset shots --labels labels.csv --json
+  imgfeat scan ~/photos --dataset photos --dry-run      # new/changed/removed counts only
+
+exit codes: 0 done (bad images are rows), 2 bad ROOT or flag, 1 other failure
+(e.g. another scan of the same dataset is running: see --wait)
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = add_command(sub, "scan", handle, help="scan an image folder into a dataset manifest",
+                    description=DESCRIPTION, epilog=EPILOG)
+    p.add_argument("root", metavar="ROOT", help="the image folder")
+    p.add_argument("--dataset", required=True, metavar="NAME",
+                   help="dataset name (letters, digits, '.', '_', '-')")
+    p.add_argument("--labels", dest="labels_csv", metavar="FILE.csv", default=None,
+                   help="CSV with columns path,label that overrides folder labels")
+    p.add_argument("--test-fraction", type=fraction, metavar="F", default=None,
+                   help="without split folders: put this fraction (0..1) of images in 'test', "
+                        "the rest in 'train', chosen by content hash")
+    p.add_argument("--follow-links", action="store_true",
+                   help="follow symlinks whose target is outside ROOT (loops are always cut)")
+    p.add_argument("--keep-non-images", action="store_true",
+                   help="probe files without an image extension too; unidentified ones become "
+                        "not_an_image rows instead of being skipped")
+    p.add_argument("--max-pixels", type=positive_int, metavar="N", default=None,
+                   help="width*height above this is status too_large "
+                        "(default: Pillow's decompression-bomb limit, 89478485)")
+    p.add_argument("--workers", type=positive_int, metavar="N", default=None,
+                   help="reader threads (default: CPU count + 4, at most 16)")
+    p.add_argument("--wait", type=float, metavar="SECONDS", default=None,
+                   help="wait this long for another scan of the same dataset instead of failing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="only stat the files and print new/changed/removed/unchanged counts")
+
+
+def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
+    from pipeline.scan import ScanConfig, plan_scan, run_scan
+
+    options = {"max_pixels": args.max_pixels} if args.max_pixels is not None else {}
+    cfg = ScanConfig(
+        root=args.root,
+        dataset=args.dataset,
+        labels_csv=Path(args.labels_csv) if args.labels_csv else None,
+        test_fraction=args.test_fraction,
+        follow_links=args.follow_links,
+        keep_non_images=args.keep_non_images,
+        workers=args.workers,
+        wait=args.wait,
+        **options,
+    )
+    summary = plan_scan(ctx.ws, cfg) if args.dry_run else run_scan(ctx.ws, cfg, ctx.run_id)
+    if not args.json:
+        print(_human(summary, args.dry_run))
+    return summary
+
+
+def _human(s: dict, dry_run: bool) -> str:
+    if dry_run:
+        return (f"{s['dataset']}: {s['new']} new, {s['changed']} changed, {s['removed']} removed, "
+                f"{s['unchanged']} unchanged (dry run: nothing written)")
+    statuses = ", ".join(f"{k} {v}" for k, v in s["status"].items()) or "no files"
+    return (f"{s['dataset']}: {s['files']} files ({statuses}); {s['added']} added, "
+            f"{s['changed']} changed, {s['removed']} removed, {s['unchanged']} unchanged; "
+            f"{s['skipped_total']} skipped; {s['files_per_s']} files/s\nmanifest: {s['manifest']}")

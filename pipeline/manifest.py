@@ -39,9 +39,16 @@ def manifest_file(ws: Workspace, dataset: str) -> Path:
 def read_manifest(ws: Workspace, dataset: str, columns: Sequence[str] | None = None) -> pa.Table:
     """The whole manifest (or only ``columns``) with MANIFEST_SCHEMA's types."""
     path = manifest_file(ws, dataset)
-    table = pq.read_table(path, columns=list(columns) if columns is not None else None)
+    table = read_table(path, columns)
     schema = S.MANIFEST_SCHEMA if columns is None else pa.schema([S.MANIFEST_SCHEMA.field(c) for c in columns])
     return table.cast(schema.with_metadata(table.schema.metadata))
+
+
+def read_table(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
+    """A manifest file's table as stored (no schema cast)."""
+    # ParquetFile.read, not pq.read_table: the latter imports pyarrow.dataset and pandas (~1 s).
+    with pq.ParquetFile(path) as f:
+        return f.read(columns=list(columns) if columns is not None else None)
 
 
 def manifest_info(ws: Workspace, dataset: str) -> dict[str, Any]:
@@ -49,9 +56,15 @@ def manifest_info(ws: Workspace, dataset: str) -> dict[str, Any]:
     return read_info(manifest_file(ws, dataset))
 
 
+def file_schema(path: Path) -> pa.Schema:
+    """A Parquet file's Arrow schema, with its key-value metadata (reads only the footer)."""
+    with pq.ParquetFile(path) as f:
+        return f.schema_arrow
+
+
 def read_info(path: Path) -> dict[str, Any]:
     """Footer metadata of a manifest file (reads only the footer)."""
-    meta = pq.read_schema(path).metadata or {}
+    meta = file_schema(path).metadata or {}
     raw = meta.get(S.META_MANIFEST)
     if raw is None:
         raise ConfigError(f"{path} is not an imgfeat manifest (no {S.META_MANIFEST.decode()} metadata)")

@@ -43,7 +43,8 @@ class Probe:
 
 
 def has_image_extension(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+    stem, dot, ext = name.rpartition(".")
+    return bool(stem) and (dot + ext).lower() in IMAGE_EXTENSIONS
 
 
 def probe_file(path: str, max_pixels: int) -> Probe:

@@ -16,12 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline import schemas as S
 from pipeline.errors import ConfigError
-from pipeline.manifest import ROW_GROUP_ROWS, make_info, manifest_writer, read_info, rows_to_table
+from pipeline.manifest import ROW_GROUP_ROWS, file_schema, make_info, manifest_writer, read_info, read_table, rows_to_table
 from pipeline.probe import Probe, probe_file
 from pipeline.progress import progress
 from pipeline.storage import FileLock, remove_stale_tmp
@@ -73,12 +72,26 @@ class Labeller:
     test_fraction: float | None = None
 
     def assign(self, rel: str, image_id: str | None) -> tuple[str | None, str | None]:
-        label, split = folder_label_split(rel)
-        if rel in self.csv_labels:
-            label = self.csv_labels[rel]
-        if split is None and self.test_fraction is not None and image_id:
-            split = fraction_split(image_id, self.test_fraction)
-        return label, split
+        labels, splits = self.assign_many([rel], [image_id])
+        return labels[0], splits[0]
+
+    def assign_many(self, paths: list[str], ids: list[str | None]) -> tuple[list, list]:
+        """``assign`` over a batch; folder labels are worked out once per folder."""
+        folders: dict[str, tuple[str | None, str | None]] = {}
+        labels, splits = [], []
+        for rel, image_id in zip(paths, ids):
+            folder = rel.rpartition("/")[0]
+            found = folders.get(folder)
+            if found is None:
+                found = folders[folder] = folder_label_split(rel)
+            label, split = found
+            if rel in self.csv_labels:
+                label = self.csv_labels[rel]
+            if split is None and self.test_fraction is not None and image_id:
+                split = fraction_split(image_id, self.test_fraction)
+            labels.append(label)
+            splits.append(split)
+        return labels, splits
 
 
 def folder_label_split(rel: str) -> tuple[str | None, str | None]:
@@ -101,9 +114,10 @@ class Previous:
 
     path: Path
     index: dict[str, tuple[int, int | None, int | None, str, int | None, int | None]]
+    max_pixels: int | None  # the limit its statuses were worked out with
 
     def table(self) -> pa.Table:
-        return pq.read_table(self.path)
+        return read_table(self.path)
 
 
 @dataclass
@@ -185,16 +199,21 @@ def load_previous(path: Path, root: Path) -> Previous | None:
     if not path.is_file():
         return None
     try:
-        if read_info(path).get("root") != root.as_posix():
+        info = read_info(path)
+        if info.get("root") != root.as_posix():
             log.info("the dataset's root changed; every file is read again")
             return None
+        if file_schema(path).remove_metadata() != S.MANIFEST_SCHEMA:
+            log.info("the previous manifest has another schema; every file is read again")
+            return None
         cols = [S.PATH, S.BYTES, S.MTIME_NS, S.STATUS, S.WIDTH, S.HEIGHT]
-        t = pq.read_table(path, columns=cols).to_pydict()
+        t = read_table(path, cols).to_pydict()
     except (OSError, ValueError, ConfigError, pa.ArrowException) as exc:
         log.warning("cannot read the previous manifest %s (%s); every file is read again", path, exc)
         return None
     rows = zip(t[S.PATH], t[S.BYTES], t[S.MTIME_NS], t[S.STATUS], t[S.WIDTH], t[S.HEIGHT])
-    return Previous(path, {p: (i, *rest) for i, (p, *rest) in enumerate(rows)})
+    index = {p: (i, *rest) for i, (p, *rest) in enumerate(rows)}
+    return Previous(path, index, info.get("options", {}).get("max_pixels"))
 
 
 def classify(entry: FileEntry, prev: Previous | None, max_pixels: int) -> str:
@@ -237,25 +256,31 @@ def probed_row(entry: FileEntry, probe: Probe) -> dict[str, Any]:
     }
 
 
-def carried_row(old: dict[str, Any], max_pixels: int) -> dict[str, Any]:
-    """An unchanged file's old row, its pixel limit re-applied (labels are re-derived later)."""
-    w, h = old[S.WIDTH], old[S.HEIGHT]
-    if old[S.STATUS] == S.STATUS_OK and w is not None and h is not None and w * h > max_pixels:
-        msg = f"{w}x{h} = {w * h} pixels is over the limit of {max_pixels}"
-        return {**old, S.STATUS: S.STATUS_TOO_LARGE, S.ERROR: msg}
-    return old
-
-
-def finish_rows(rows: list[dict[str, Any]], labeller: Labeller, tally: Tally) -> pa.Table:
-    """Label, split and count a batch of rows; return them as a manifest table."""
+def repixel(rows: list[dict[str, Any]], max_pixels: int) -> list[dict[str, Any]]:
+    """Re-apply a changed pixel limit to carried-over rows (ok rows over it become too_large)."""
+    out = []
     for row in rows:
-        row[S.LABEL], row[S.SPLIT] = labeller.assign(row[S.PATH], row[S.IMAGE_ID])
-        tally.status[row[S.STATUS]] += 1
-        tally.splits[row[S.SPLIT]] += 1
-        if row[S.LABEL] is not None:
-            tally.labels.add(row[S.LABEL])
-        tally.csv_matched += row[S.PATH] in labeller.csv_labels
-    return rows_to_table(rows)
+        w, h = row[S.WIDTH], row[S.HEIGHT]
+        if row[S.STATUS] == S.STATUS_OK and w is not None and h is not None and w * h > max_pixels:
+            row = {**row, S.STATUS: S.STATUS_TOO_LARGE, S.ERROR: f"{w}x{h} = {w * h} pixels is over the limit of {max_pixels}"}
+        out.append(row)
+    return out
+
+
+def label_table(table: pa.Table, labeller: Labeller, tally: Tally) -> pa.Table:
+    """Fill the label and split columns of a batch (from paths, the CSV and ids) and count it."""
+    paths = table.column(S.PATH).to_pylist()
+    labels, splits = labeller.assign_many(paths, table.column(S.IMAGE_ID).to_pylist())
+    table = table.set_column(table.schema.get_field_index(S.LABEL), S.MANIFEST_SCHEMA.field(S.LABEL),
+                             pa.array(labels, pa.string()))
+    table = table.set_column(table.schema.get_field_index(S.SPLIT), S.MANIFEST_SCHEMA.field(S.SPLIT),
+                             pa.array(splits, pa.string()))
+    tally.status.update(table.column(S.STATUS).to_pylist())
+    tally.splits.update(splits)
+    tally.labels.update(labels)
+    if labeller.csv_labels:
+        tally.csv_matched += sum(p in labeller.csv_labels for p in paths)
+    return table
 
 
 # ---------------------------------------------------------------- the reader: walk + probe in threads
@@ -282,35 +307,55 @@ class _BatchReader:
     def submit(self, batch: list[FileEntry]) -> tuple[list[FileEntry], list[Any]]:
         """Per file: a Future of its Probe, or the index of its old row."""
         slots: list[Any] = []
+        counts = Counter()
         for entry in batch:
             kind = classify(entry, self.prev, self.cfg.max_pixels)
-            setattr(self.tally, kind, getattr(self.tally, kind) + 1)
+            counts[kind] += 1
             if kind == "unchanged":
                 slots.append(self.prev.index[entry.rel][0])
             else:
                 slots.append(self.pool.submit(probe_entry, entry, self.cfg.max_pixels))
+        for kind, n in counts.items():
+            setattr(self.tally, kind, getattr(self.tally, kind) + n)
         return batch, slots
 
-    def rows(self, batch: list[FileEntry], slots: list[Any]) -> list[dict[str, Any]]:
-        carried = self._old_rows([s for s in slots if not isinstance(s, Future)])
-        out = []
+    def table(self, batch: list[FileEntry], slots: list[Any]) -> pa.Table:
+        """The batch in walk order; runs of carried rows are zero-copy slices of the old manifest."""
+        segments: list[pa.Table] = []
+        probed: list[dict[str, Any]] = []
+        run: list[int] = []  # [first old row, count] of the current run of carried rows
         for entry, slot in zip(batch, slots):
             if isinstance(slot, Future):
-                out.append(probed_row(entry, slot.result()))
+                self._flush_run(run, segments)
+                probed.append(probed_row(entry, slot.result()))
             else:
-                out.append(carried_row(carried[slot], self.cfg.max_pixels))
-        return out
+                if probed:
+                    segments.append(rows_to_table(probed))
+                    probed = []
+                if run and slot == run[0] + run[1]:
+                    run[1] += 1
+                else:
+                    self._flush_run(run, segments)
+                    run[:] = [slot, 1]
+        self._flush_run(run, segments)
+        if probed:
+            segments.append(rows_to_table(probed))
+        return pa.concat_tables(segments) if len(segments) != 1 else segments[0]
 
-    def _old_rows(self, indices: list[int]) -> dict[int, dict[str, Any]]:
-        if not indices:
-            return {}
+    def _flush_run(self, run: list[int], segments: list[pa.Table]) -> None:
+        if not run:
+            return
         if self._old is None:
             self._old = self.prev.table()  # read once, only when something is carried over
-        return dict(zip(indices, self._old.take(indices).to_pylist()))
+        part = self._old.slice(run[0], run[1])
+        if self.prev.max_pixels != self.cfg.max_pixels:
+            part = rows_to_table(repixel(part.to_pylist(), self.cfg.max_pixels))
+        segments.append(part)
+        run.clear()
 
 
-def _scan_rows(cfg: ScanConfig, root: Path, prev: Previous | None, stats: WalkStats, tally: Tally):
-    """Yield manifest rows in walk order, in lists, with at most two batches in flight."""
+def _scan_tables(cfg: ScanConfig, root: Path, prev: Previous | None, stats: WalkStats, tally: Tally):
+    """Yield the manifest in walk order, a batch at a time, with at most two batches in flight."""
     workers = cfg.workers or min(16, (os.cpu_count() or 1) + 4)
     with ThreadPoolExecutor(workers, thread_name_prefix="scan") as pool:
         reader = _BatchReader(cfg, prev, pool, tally)
@@ -319,9 +364,9 @@ def _scan_rows(cfg: ScanConfig, root: Path, prev: Previous | None, stats: WalkSt
             for batch in _batches(walk(str(root), _walk_options(cfg), stats), BATCH_FILES):
                 pending.append(reader.submit(batch))
                 if len(pending) > 1:
-                    yield reader.rows(*pending.popleft())
+                    yield reader.table(*pending.popleft())
             while pending:
-                yield reader.rows(*pending.popleft())
+                yield reader.table(*pending.popleft())
         finally:
             for _, slots in pending:
                 for s in slots:
@@ -338,21 +383,20 @@ def _write_manifest(
     stats = WalkStats()
     labeller = _labeller(cfg)
     info = make_info(root, cfg.dataset, scan_options(cfg), run_id)
-    buffer: list[dict[str, Any]] = []
     with manifest_writer(ws.manifest_path(cfg.dataset), info) as writer, progress(
         desc=f"scan {cfg.dataset}", unit="file"
     ) as bar, warnings.catch_warnings():
         # Pillow warns between its limit and twice it; the scan records too_large itself.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        for rows in _scan_rows(cfg, root, prev, stats, tally):
-            buffer.extend(rows)
-            bar.update(len(rows))
-            if len(buffer) >= ROW_GROUP_ROWS:
-                writer.write_table(finish_rows(buffer, labeller, tally))
-                buffer = []
-        writer.write_table(finish_rows(buffer, labeller, tally))
-        if writer.rows == 0:
-            writer.write_table(rows_to_table([]))  # an empty scan still has a valid, empty manifest
+        buffered: list[pa.Table] = []  # batches are small; row groups of ROW_GROUP_ROWS read better
+        for table in _scan_tables(cfg, root, prev, stats, tally):
+            buffered.append(label_table(table, labeller, tally))
+            bar.update(table.num_rows)
+            if sum(t.num_rows for t in buffered) >= ROW_GROUP_ROWS:
+                writer.write_table(pa.concat_tables(buffered))
+                buffered = []
+        if buffered:
+            writer.write_table(pa.concat_tables(buffered))
     tally.csv_missing = len(labeller.csv_labels) - tally.csv_matched
     if tally.csv_missing:
         log.warning("%d rows of the labels CSV name files that are not in the scan", tally.csv_missing)

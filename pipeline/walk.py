@@ -6,6 +6,7 @@ import os
 import stat
 from collections import Counter
 from collections.abc import Iterator
+from typing import NamedTuple
 from dataclasses import dataclass, field
 
 from pipeline.probe import has_image_extension
@@ -25,9 +26,11 @@ class WalkOptions:
     keep_non_images: bool = False  # probe files without an image extension too
 
 
-@dataclass(frozen=True)
-class FileEntry:
-    """A file to put in the manifest: where it is and what ``stat`` said (or why it could not)."""
+class FileEntry(NamedTuple):
+    """A file to put in the manifest: where it is and what ``stat`` said (or why it could not).
+
+    A NamedTuple, not a dataclass: a rescan makes one per file and little else.
+    """
 
     rel: str  # POSIX, relative to the root, names kept as they are
     abs: str
@@ -65,11 +68,11 @@ def _walk_dir(
         stats.skipped[SKIP_UNLISTABLE] += 1
         return
     for entry in entries:
-        if entry.name.startswith("."):
+        if entry.name[0] == ".":
             stats.skipped[SKIP_HIDDEN] += 1
             continue
         rel = prefix + entry.name
-        skip = _link_skip(entry, real_root, opts)
+        skip = _link_skip(entry, real_root, opts) if entry.is_symlink() else None
         if skip:
             stats.skipped[skip] += 1
         elif _is_dir(entry):
@@ -98,7 +101,7 @@ def _is_dir(entry: os.DirEntry) -> bool:
 
 def _link_skip(entry: os.DirEntry, real_root: str, opts: WalkOptions) -> str | None:
     """Why a symlink is not followed, or None. Broken links are not skipped: they become rows."""
-    if opts.follow_links or not entry.is_symlink():
+    if opts.follow_links:
         return None
     target = os.path.realpath(entry.path)
     if not os.path.exists(target):

@@ -1,0 +1,144 @@
+"""Scan benchmark: first scan vs unchanged rescan of many small images, each in a fresh process.
+
+    .venv/bin/python benchmarks/bench_scan.py                 # 100,000 files, cached in /tmp
+    .venv/bin/python benchmarks/bench_scan.py --files 20000 --dir /tmp/bench-small --json
+
+The image tree is made once and cached under --dir (a marker file says it is complete). Each
+phase runs in its own subprocess so its peak RSS (ru_maxrss) is the scan's alone, start-up
+included. The page cache is warm in both phases: this measures the scanner, not the disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import resource
+import shutil
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+DEFAULT_DIR = "/tmp/imgfeat-bench-scan"
+LABELS = 10
+PER_FOLDER = 500  # files per leaf folder, like a photo archive's day folders
+
+
+def _png_with_chunk(base: bytes, text: bytes) -> bytes:
+    """Insert a tEXt chunk before IEND: a valid PNG whose bytes (and hash) are unique."""
+    body = b"tEXt" + b"n\x00" + text
+    chunk = struct.pack(">I", len(body) - 4) + body + struct.pack(">I", zlib.crc32(body))
+    return base[:-12] + chunk + base[-12:]
+
+
+def _jpeg_with_comment(base: bytes, text: bytes) -> bytes:
+    """Insert a COM segment right after SOI: a valid JPEG with unique bytes."""
+    return base[:2] + b"\xff\xfe" + struct.pack(">H", len(text) + 2) + text + base[2:]
+
+
+def _bases() -> tuple[bytes, bytes]:
+    from PIL import Image
+
+    im = Image.new("RGB", (16, 12), (200, 120, 40))
+    png, jpg = io.BytesIO(), io.BytesIO()
+    im.save(png, "PNG")
+    im.save(jpg, "JPEG", quality=50)
+    return png.getvalue(), jpg.getvalue()
+
+
+def make_tree(folder: Path, files: int) -> Path:
+    """Create ``files`` small images under ``folder/images`` once; reuse a complete one."""
+    images, marker = folder / "images", folder / f"complete-{files}"
+    if marker.exists():
+        return images
+    shutil.rmtree(folder, ignore_errors=True)
+    png, jpg = _bases()
+    t0 = time.perf_counter()
+    for i in range(files):
+        leaf = images / f"label{i % LABELS}" / f"d{i // (LABELS * PER_FOLDER):04d}"
+        if i % (LABELS * PER_FOLDER) < LABELS:  # the first file of each leaf folder
+            leaf.mkdir(parents=True, exist_ok=True)
+        tag = f"imgfeat-bench-{i}".encode()
+        data = _png_with_chunk(png, tag) if i % 2 else _jpeg_with_comment(jpg, tag)
+        (leaf / f"img{i:06d}.{'png' if i % 2 else 'jpg'}").write_bytes(data)
+    marker.write_text(str(files))
+    print(f"made {files} files in {time.perf_counter() - t0:.1f}s under {images}", file=sys.stderr)
+    return images
+
+
+def child(root: str, workspace: str, dataset: str, workers: int | None) -> None:
+    """One scan in this process; print its summary plus peak RSS as JSON."""
+    t0 = time.perf_counter()
+    from pipeline.runs import new_run_id
+    from pipeline.scan import ScanConfig, run_scan
+    from pipeline.workspace import Workspace
+
+    summary = run_scan(Workspace(Path(workspace)), ScanConfig(root, dataset, workers=workers), new_run_id())
+    summary["process_seconds"] = round(time.perf_counter() - t0, 3)
+    summary["maxrss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    print(json.dumps(summary))
+
+
+def run_phase(root: Path, workspace: Path, dataset: str, workers: int | None) -> dict:
+    cmd = [sys.executable, __file__, "--child", str(root), str(workspace), dataset, str(workers or 0)]
+    env = {**os.environ, "IMGFEAT_PROGRESS": "0"}
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure(folder: Path, files: int, workers: int | None) -> list[dict]:
+    images = make_tree(folder, files)
+    workspace = folder / "ws"
+    shutil.rmtree(workspace, ignore_errors=True)
+    subset = images / "label0"  # a tenth of the files: shows whether memory grows with them
+    rows = []
+    for phase, root, dataset in (
+        ("first scan (1/10 of files)", subset, "bench-small"),
+        ("first scan", images, "bench"),
+        ("unchanged rescan", images, "bench"),
+    ):
+        s = run_phase(root, workspace, dataset, workers)
+        rows.append({"phase": phase, "files": s["files"], "hashed": s["hashed"], "scan_s": s["seconds"],
+                     "files_per_s": s["files_per_s"], "process_s": s["process_seconds"],
+                     "maxrss_mib": s["maxrss_mib"]})
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    head = f"{'phase':<28}{'files':>8}{'hashed':>8}{'scan s':>9}{'files/s':>10}{'proc s':>8}{'peak MiB':>10}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['phase']:<28}{r['files']:>8}{r['hashed']:>8}{r['scan_s']:>9.2f}{r['files_per_s']:>10.0f}"
+              f"{r['process_s']:>8.2f}{r['maxrss_mib']:>10.1f}")
+    first, again = rows[1], rows[2]
+    print(f"\nrescan speed-up: {again['files_per_s'] / first['files_per_s']:.1f}x files/s "
+          f"({first['process_s'] / again['process_s']:.1f}x whole process)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dir", type=Path, default=Path(DEFAULT_DIR), help="where the image tree is cached")
+    p.add_argument("--files", type=int, default=100_000, help="how many images")
+    p.add_argument("--workers", type=int, default=None, help="scan reader threads (default: the scan's)")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        root, workspace, dataset, workers = args.child
+        child(root, workspace, dataset, int(workers) or None)
+        return 0
+    rows = measure(args.dir, args.files, args.workers)
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        print_table(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

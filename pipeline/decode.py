@@ -1,0 +1,187 @@
+"""Image file -> uint8 RGB array at the model's input size, exactly as keras.utils.load_img makes it.
+
+Fidelity: with ``exif="ignore"`` the array equals ``img_to_array(load_img(path,
+target_size=(h, w), interpolation=...))`` bit for bit: Pillow opens the file, converts
+any mode other than RGB with ``img.convert("RGB")`` (so grayscale, 16-bit, CMYK,
+palette and LA images become RGB the way Keras makes them), then resizes with
+``img.resize((w, h), resample)`` using Keras' interpolation table, skipping the
+resize when the image already has the target size.
+
+EXIF orientation (a decision, not an accident): ``exif="rotate"``, the default,
+applies ``ImageOps.exif_transpose`` before resizing, so a feature describes the photo
+as a person sees it (a portrait shot from a phone stays upright). ``load_img`` does
+not rotate, so on a photo whose EXIF orientation tag is not 1 the two differ; on every
+photo without such a tag they agree bit for bit. Choose ``exif="ignore"`` to reproduce
+``load_img`` on rotated photos too. The mode is part of the featureset fingerprint.
+
+``fast_decode=True`` asks libjpeg to decode a JPEG at 1/2, 1/4 or 1/8 scale
+(``Image.draft``) when the reduced image is still at least the target size, then
+resizes as above. It is several times faster on large photos and close to, not equal
+to, the full decode, so it is opt-in and named in the fingerprint.
+
+Bad files never raise anything but ``DecodeError(code, message)``, whose code is one of
+``ERROR_CODES``; callers turn it into an error row.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from pipeline.errors import ConfigError, ImgfeatError, unknown_value
+
+log = logging.getLogger(__name__)
+
+# keras/src/utils/image_utils.py PIL_INTERPOLATION_METHODS, by name.
+INTERPOLATIONS: dict[str, Image.Resampling] = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "hamming": Image.Resampling.HAMMING,
+    "box": Image.Resampling.BOX,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+EXIF_MODES = ("rotate", "ignore")
+ERROR_CODES = ("empty", "not_an_image", "truncated", "too_large", "unsupported_mode", "unreadable")
+ORIENTATION_TAG = 0x0112
+TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+class DecodeError(ImgfeatError):
+    """One image could not be decoded; ``code`` is one of ERROR_CODES (a row, not a failed run)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """How files become model inputs; every field changes the numbers, so all go in the fingerprint."""
+
+    size: tuple[int, int]  # (height, width), like load_img's target_size
+    interpolation: str = "bilinear"
+    fast_decode: bool = False
+    exif: str = "rotate"
+
+    def __post_init__(self) -> None:
+        if len(self.size) != 2 or any(int(v) != v or v < 1 for v in self.size):
+            raise ConfigError(f"decode size must be (height, width) positive integers, got {self.size!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise unknown_value("interpolation", self.interpolation, INTERPOLATIONS)
+        if self.exif not in EXIF_MODES:
+            raise unknown_value("exif mode", self.exif, EXIF_MODES)
+
+
+def decode_image(path: str | os.PathLike, cfg: DecodeConfig) -> np.ndarray:
+    """Read one image file into a uint8 (h, w, 3) RGB array, or raise DecodeError."""
+    data = _read_bytes(Path(path))
+    return decode_bytes(data, cfg, name=str(path))
+
+
+def decode_bytes(data: bytes, cfg: DecodeConfig, name: str = "<bytes>") -> np.ndarray:
+    """The pure mapper: encoded bytes in, uint8 (h, w, 3) RGB array out, or DecodeError."""
+    if not data:
+        raise DecodeError("empty", f"{name} is an empty file")
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns (rather than raises) between 1x and 2x its pixel limit: treat as too large.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return _decode(data, cfg)
+    except DecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DecodeError("too_large", f"{name}: {exc}") from None
+    except UnidentifiedImageError:
+        raise DecodeError("not_an_image", f"{name}: Pillow does not recognise this file as an image") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as exc:
+        raise DecodeError(_classify(exc), f"{name}: {type(exc).__name__}: {exc}") from None
+    except MemoryError:
+        raise DecodeError("too_large", f"{name}: not enough memory to decode") from None
+
+
+def decode_batch(
+    paths: Sequence[str | os.PathLike], cfg: DecodeConfig
+) -> tuple[np.ndarray, list[DecodeError | None]]:
+    """Decode several files: a (n, h, w, 3) uint8 array (zeros where a file failed) and per-file errors."""
+    h, w = cfg.size
+    out = np.zeros((len(paths), h, w, 3), dtype=np.uint8)
+    errors: list[DecodeError | None] = []
+    for i, path in enumerate(paths):
+        try:
+            out[i] = decode_image(path, cfg)
+            errors.append(None)
+        except DecodeError as exc:
+            errors.append(exc)
+    return out, errors
+
+
+def _read_bytes(path: Path) -> bytes:
+    # load_img reads the whole file into memory too; reading first keeps OS errors apart from format errors.
+    try:
+        return path.read_bytes()
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+        raise DecodeError("unreadable", f"{path}: {exc.strerror or exc}") from None
+    except OSError as exc:
+        raise DecodeError("unreadable", f"{path}: {exc}") from None
+
+
+def _decode(data: bytes, cfg: DecodeConfig) -> np.ndarray:
+    h, w = cfg.size
+    with Image.open(io.BytesIO(data)) as img:
+        if cfg.fast_decode:
+            _draft(img, (w, h), cfg.exif)
+        img.load()  # decode now, so truncation surfaces here and not inside convert()
+        if cfg.exif == "rotate":
+            img = ImageOps.exif_transpose(img)
+        if img.mode != "RGB":
+            img = _to_rgb(img)
+        if img.size != (w, h):
+            img = img.resize((w, h), INTERPOLATIONS[cfg.interpolation])
+        arr = np.asarray(img, dtype=np.uint8)
+    if arr.shape != (h, w, 3):  # never hand back a silently wrong array
+        raise DecodeError("unsupported_mode", f"decoded to shape {arr.shape}, expected {(h, w, 3)}")
+    return arr
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    try:
+        return img.convert("RGB")
+    except ValueError as exc:  # e.g. modes Pillow cannot convert to RGB
+        raise DecodeError("unsupported_mode", f"cannot convert mode {img.mode!r} to RGB: {exc}") from None
+
+
+def _draft(img: Image.Image, target_wh: tuple[int, int], exif: str) -> None:
+    """Let libjpeg decode at 1/2, 1/4 or 1/8 scale where the result still covers the target."""
+    if img.format != "JPEG":
+        return
+    w, h = target_wh
+    if exif == "rotate" and img.getexif().get(ORIENTATION_TAG, 1) in TRANSPOSED_ORIENTATIONS:
+        w, h = h, w  # the stored image is rotated by 90 degrees against what the model will see
+    # draft() picks the largest reduction whose size is still >= the requested size.
+    img.draft("RGB", (w, h))
+
+
+def _classify(exc: BaseException) -> str:
+    text = str(exc).lower()
+    if "truncated" in text or "premature end" in text or isinstance(exc, EOFError):
+        return "truncated"
+    if "mode" in text:
+        return "unsupported_mode"
+    if "cannot identify" in text or "not a " in text:
+        return "not_an_image"
+    return "unreadable"
+
+
+# Pillow's default is to raise on truncated files; make sure nobody flipped it for the whole process.
+if ImageFile.LOAD_TRUNCATED_IMAGES:
+    log.warning("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is on: truncated images will decode as partial arrays")

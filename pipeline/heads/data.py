@@ -1,0 +1,175 @@
+"""Labelled training data: the manifest joined with a featureset, split into train and evaluation rows."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+from sklearn.model_selection import train_test_split
+
+from pipeline import schemas as S
+from pipeline.errors import ConfigError
+from pipeline.featureset import committed_ids
+from pipeline.manifest import read_manifest
+from pipeline.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+# What the evaluation rows are: a split of the manifest, or a seeded stratified hold-out.
+EVAL_HELD_OUT = "held_out"
+MIN_TRAIN_PER_CLASS = 2
+
+
+@dataclass(frozen=True)
+class LabelledRows:
+    """Train and evaluation rows (ids and labels, sorted by id) plus what was left out and why."""
+
+    train_ids: np.ndarray
+    train_labels: np.ndarray
+    test_ids: np.ndarray
+    test_labels: np.ndarray
+    eval_split: str | None
+    left_out: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def classes(self) -> list[str]:
+        return sorted(set(self.train_labels.tolist()))
+
+    def digest(self) -> str:
+        """sha256 of every (role, id, label): the training data's identity for the head id."""
+        h = hashlib.sha256()
+        for role, ids, labels in (("train", self.train_ids, self.train_labels),
+                                  ("test", self.test_ids, self.test_labels)):
+            for i, lab in zip(ids.tolist(), labels.tolist()):
+                h.update(f"{role}\t{i}\t{lab}\n".encode())
+        return h.hexdigest()
+
+
+MANIFEST_COLUMNS = [S.IMAGE_ID, S.PATH, S.LABEL, S.SPLIT, S.STATUS]
+
+
+def read_labelled(ws: Workspace, dataset: str, featureset: str, test_fraction: float,
+                  random_state: int) -> LabelledRows:
+    """Reader + mapper: manifest rows with a label and a feature row, split for training."""
+    manifest = read_manifest(ws, dataset, columns=MANIFEST_COLUMNS)
+    return labelled_rows(manifest, committed_ids(ws, featureset), test_fraction, random_state, dataset)
+
+
+def unique_images(manifest: pa.Table) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Readable images, one row per image_id (the first path wins), and what was dropped."""
+    df = manifest.select(MANIFEST_COLUMNS).to_pandas()
+    ok = df[(df[S.STATUS] == S.STATUS_OK) & df[S.IMAGE_ID].notna()]
+    ok = ok.sort_values(S.PATH, kind="stable")
+    first = ok.drop_duplicates(S.IMAGE_ID, keep="first")
+    conflicts = ok.groupby(S.IMAGE_ID)[S.LABEL].nunique(dropna=True)
+    counts = {
+        "not_readable": int(len(df) - len(ok)),
+        "duplicates": int(len(ok) - len(first)),
+        "conflicting_labels": int((conflicts > 1).sum()),
+    }
+    if counts["conflicting_labels"]:
+        log.warning("%d images appear under several labels; the first path's label is used",
+                    counts["conflicting_labels"])
+    return first.reset_index(drop=True), counts
+
+
+def labelled_rows(manifest: pa.Table, feature_ids: set[str], test_fraction: float,
+                  random_state: int, dataset: str = "dataset") -> LabelledRows:
+    """Pure mapper: dedupe, keep labelled rows that have features, split train/evaluation."""
+    df, left_out = unique_images(manifest)
+    labels = df[S.LABEL].astype("string")
+    has_label = labels.notna() & (labels.str.len() > 0)
+    if not has_label.any():
+        raise ConfigError(
+            f"dataset {dataset!r} has no labels ({len(df)} images): scan a folder laid out as "
+            "ROOT/<label>/... (or ROOT/<split>/<label>/...), or pass --labels-csv to 'imgfeat scan'"
+        )
+    has_feature = df[S.IMAGE_ID].isin(feature_ids)
+    left_out["unlabelled"] = int((~has_label).sum())
+    left_out["missing_features"] = int((has_label & ~has_feature).sum())
+    if left_out["missing_features"]:
+        log.warning("%d labelled images have no features yet (run 'imgfeat extract' first); left out",
+                    left_out["missing_features"])
+    rows = df[has_label & has_feature].sort_values(S.IMAGE_ID, kind="stable")
+    if rows.empty:
+        raise ConfigError(f"no labelled image of dataset {dataset!r} has features in this featureset; "
+                          "run 'imgfeat extract' for it first")
+    _check_classes(rows[S.LABEL], dataset, "")
+    return _split(rows, test_fraction, random_state, dataset, left_out)
+
+
+def _split(rows: pd.DataFrame, test_fraction: float, random_state: int, dataset: str,
+           left_out: dict[str, int]) -> LabelledRows:
+    split = rows[S.SPLIT].fillna("")
+    eval_split = next((s for s in (S.SPLIT_TEST, S.SPLIT_VAL) if (split == s).any()), None)
+    if (split == S.SPLIT_TRAIN).any():
+        train = rows[split == S.SPLIT_TRAIN]
+        left_out["other_split"] = int((~split.isin([S.SPLIT_TRAIN, eval_split or S.SPLIT_TRAIN])).sum())
+        test = rows[split == eval_split] if eval_split else None
+    elif eval_split:
+        raise ConfigError(f"dataset {dataset!r} has {eval_split!r} rows but no 'train' rows to fit on")
+    else:
+        train, test = rows, None
+    if test is None and test_fraction > 0:
+        train, test, eval_split = *_hold_out(train, test_fraction, random_state, dataset), EVAL_HELD_OUT
+    test = test if test is not None else rows.iloc[:0]
+    _check_classes(train[S.LABEL], dataset, " training")
+    unseen = ~test[S.LABEL].isin(set(train[S.LABEL]))
+    left_out["unseen_test_labels"] = int(unseen.sum())
+    test = test[~unseen]
+    arr = lambda s: s.to_numpy(dtype=object)  # noqa: E731 - a local shorthand
+    return LabelledRows(arr(train[S.IMAGE_ID]), arr(train[S.LABEL]), arr(test[S.IMAGE_ID]),
+                        arr(test[S.LABEL]), eval_split if len(test) else None, left_out)
+
+
+def _hold_out(rows: pd.DataFrame, fraction: float, random_state: int, dataset: str):
+    n_classes = rows[S.LABEL].nunique()
+    n_test = max(n_classes, int(round(len(rows) * fraction)))
+    if len(rows) - n_test < MIN_TRAIN_PER_CLASS * n_classes:
+        raise ConfigError(
+            f"dataset {dataset!r} is too small to hold out --test-fraction {fraction:g}: {len(rows)} "
+            f"labelled images in {n_classes} classes; add images, or give it a train/test split"
+        )
+    train, test = train_test_split(rows, test_size=n_test, stratify=rows[S.LABEL], random_state=random_state)
+    return train.sort_values(S.IMAGE_ID), test.sort_values(S.IMAGE_ID)
+
+
+def _check_classes(labels: pd.Series, dataset: str, where: str) -> None:
+    """A classifier needs two classes and a few images of each: say which class falls short."""
+    counts = Counter(labels.tolist())
+    listing = ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+    if len(counts) < 2:
+        (only, n), = counts.items()
+        raise ConfigError(
+            f"dataset {dataset!r} has one{where} class only ({only!r}, {n} images); a classifier "
+            "needs at least 2 classes: add images of another class"
+        )
+    small = sorted(k for k, v in counts.items() if v < MIN_TRAIN_PER_CLASS)
+    if small:
+        raise ConfigError(
+            f"class {small[0]!r} has {counts[small[0]]}{where} image(s) in dataset {dataset!r}; "
+            f"every class needs at least {MIN_TRAIN_PER_CLASS} ({listing}): add images of "
+            f"{', '.join(map(repr, small))} or remove {'it' if len(small) == 1 else 'them'} from the labels"
+        )
+
+
+def describe(rows: LabelledRows) -> dict[str, Any]:
+    """Counts for the summary."""
+    return {
+        "n_train": int(len(rows.train_ids)),
+        "n_test": int(len(rows.test_ids)),
+        "eval_split": rows.eval_split,
+        "classes": rows.classes,
+        "left_out": dict(rows.left_out),
+    }
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)

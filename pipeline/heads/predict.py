@@ -1,0 +1,253 @@
+"""The predict stage: a head applied to a dataset's features (streamed) or to image files, into the predictions table."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline import schemas as S
+from pipeline.errors import ConfigError
+from pipeline.featureset import _matrix, feature_shards, load_features
+from pipeline.heads.artifacts import LoadedHead, load_head
+from pipeline.heads.data import unique_images
+from pipeline.manifest import read_manifest
+from pipeline.progress import progress
+from pipeline.storage import FileLock, list_shards, remove_stale_tmp, shard_name, write_table_atomic
+from pipeline.workspace import Workspace, check_name
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """Which head, and what to predict: a dataset's images or image files (one of the two)."""
+
+    head_id: str
+    dataset: str | None = None
+    paths: tuple[str, ...] = ()
+    top_k: int = 5
+    chunk_rows: int = 8192  # feature rows read and scored at a time: memory stays flat
+    shard_rows: int = 262_144  # rows per output shard
+
+    def __post_init__(self) -> None:
+        check_name("head", self.head_id)
+        if (self.dataset is None) == (not self.paths):
+            raise ConfigError("predict needs either a dataset (--dataset NAME) or image paths, not both")
+        if self.dataset is not None:
+            check_name("dataset", self.dataset)
+        for name in ("top_k", "chunk_rows", "shard_rows"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)!r}")
+
+
+@dataclass(frozen=True)
+class Scored:
+    """Mapper output for a batch of feature rows."""
+
+    pred_label: np.ndarray
+    pred_score: np.ndarray
+    topk_labels: pa.Array
+    topk_scores: pa.Array
+
+
+def score(head: LoadedHead, X: np.ndarray, top_k: int) -> Scored:
+    """Pure mapper: features -> best label, its probability, and the top-k labels and scores."""
+    proba = np.asarray(head.estimator.predict_proba(X), dtype=np.float32)
+    classes = np.asarray(head.estimator.classes_, dtype=object)
+    k = min(top_k, len(classes))
+    # argsort of the negation is stable, so ties keep the classes' order (as argmax does).
+    order = np.argsort(-proba, axis=1, kind="stable")[:, :k]
+    top_scores = np.take_along_axis(proba, order, axis=1)
+    offsets = pa.array(np.arange(0, (len(X) + 1) * k, k, dtype=np.int32))
+    return Scored(
+        pred_label=classes[order[:, 0]] if len(X) else np.array([], dtype=object),
+        pred_score=top_scores[:, 0] if len(X) else np.array([], dtype=np.float32),
+        topk_labels=pa.ListArray.from_arrays(offsets, pa.array(classes[order].ravel().tolist(), pa.string())),
+        topk_scores=pa.ListArray.from_arrays(offsets, pa.array(top_scores.ravel(), pa.float32())),
+    )
+
+
+def predictions_table(ids: Sequence[str], paths: Sequence[str | None], labels: Sequence[str | None],
+                      splits: Sequence[str | None], scored: Scored, head: LoadedHead, run_id: str) -> pa.Table:
+    n = len(ids)
+    return pa.table(
+        {
+            S.IMAGE_ID: pa.array(list(ids), pa.string()),
+            S.PATH: pa.array(list(paths), pa.string()),
+            S.LABEL: pa.array(list(labels), pa.string()),
+            S.SPLIT: pa.array(list(splits), pa.string()),
+            S.PRED_LABEL: pa.array(scored.pred_label.tolist(), pa.string()),
+            S.PRED_SCORE: pa.array(scored.pred_score, pa.float32()),
+            S.TOPK_LABELS: scored.topk_labels.cast(pa.list_(pa.string())),
+            S.TOPK_SCORES: scored.topk_scores.cast(pa.list_(pa.float32())),
+            S.HEAD_ID: pa.array([head.head_id] * n, pa.string()),
+            S.FEATURESET: pa.array([head.featureset] * n, pa.string()),
+            S.RUN_ID: pa.array([run_id] * n, pa.string()),
+        },
+        schema=S.PREDICTIONS_SCHEMA,
+    )
+
+
+def predicted_ids(ws: Workspace, head_id: str) -> set[str]:
+    """image_ids this head already has a prediction row for (reads only that column)."""
+    out: set[str] = set()
+    for p in list_shards(ws.predictions_dir(head_id)):
+        out.update(pq.read_table(p, columns=[S.IMAGE_ID]).column(S.IMAGE_ID).to_pylist())
+    return out
+
+
+def read_predictions(ws: Workspace, head_id: str) -> pa.Table:
+    tables = [pq.read_table(p, schema=S.PREDICTIONS_SCHEMA) for p in list_shards(ws.predictions_dir(head_id))]
+    return pa.concat_tables(tables) if tables else S.PREDICTIONS_SCHEMA.empty_table()
+
+
+class ShardWriter:
+    """Buffers prediction tables and commits ``part-<run>-<seq>.parquet`` shards of bounded size."""
+
+    def __init__(self, folder: Path, run_id: str, shard_rows: int) -> None:
+        self.folder, self.run_id, self.shard_rows = folder, run_id, shard_rows
+        self._buf: list[pa.Table] = []
+        self._rows = 0
+        self.written = 0
+        self.shards: list[Path] = []
+
+    def add(self, table: pa.Table) -> None:
+        self._buf.append(table)
+        self._rows += table.num_rows
+        if self._rows >= self.shard_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._rows:
+            return
+        table = pa.concat_tables(self._buf)
+        seq = len(list_shards(self.folder))
+        while (self.folder / shard_name(self.run_id, seq)).exists():
+            seq += 1
+        self.shards.append(write_table_atomic(table, self.folder / shard_name(self.run_id, seq)))
+        self.written += table.num_rows
+        self._buf, self._rows = [], 0
+
+
+def run_predict(ws: Workspace, cfg: PredictConfig, run_id: str) -> dict[str, Any]:
+    """Predict what is new for this head; returns written, skipped, missing_features, rows_per_s."""
+    t0 = time.perf_counter()
+    head = load_head(ws, cfg.head_id)
+    folder = ws.predictions_dir(cfg.head_id)
+    with FileLock(ws.locks_dir / f"predictions-{cfg.head_id}.lock", f"predictions of head {cfg.head_id}"):
+        remove_stale_tmp(folder)
+        writer = ShardWriter(folder, run_id, cfg.shard_rows)
+        if cfg.dataset is not None:
+            out = _predict_dataset(ws, cfg, head, writer, run_id)
+        else:
+            out = _predict_files(ws, cfg, head, writer, run_id)
+        writer.flush()
+    seconds = time.perf_counter() - t0
+    out.update({"head_id": cfg.head_id, "featureset": head.featureset, "written": writer.written,
+                "shards": [str(p) for p in writer.shards], "predictions_dir": str(folder),
+                "seconds": round(seconds, 3), "rows_per_s": round(writer.written / seconds, 1) if seconds else None})
+    if not writer.written:
+        log.info("nothing new to predict for head %s", cfg.head_id)
+    return out
+
+
+def _predict_dataset(ws: Workspace, cfg: PredictConfig, head: LoadedHead, writer: ShardWriter,
+                     run_id: str) -> dict[str, Any]:
+    images, _ = unique_images(read_manifest(ws, cfg.dataset))
+    done = predicted_ids(ws, cfg.head_id)
+    todo = images[~images[S.IMAGE_ID].isin(done)].set_index(S.IMAGE_ID)
+    remaining = set(todo.index)
+    wanted = pa.array(todo.index.tolist(), pa.string())
+    with progress(total=len(todo), desc=f"predict {cfg.dataset}") as bar:
+        for ids, X in _stream_features(ws, head.featureset, wanted, cfg.chunk_rows):
+            keep = _first_new(ids, remaining)
+            ids = [ids[k] for k in keep]
+            meta = todo.loc[ids]
+            writer.add(predictions_table(ids, meta[S.PATH].tolist(), _nullable(meta[S.LABEL]),
+                                         _nullable(meta[S.SPLIT]), score(head, X[keep], cfg.top_k), head, run_id))
+            remaining.difference_update(ids)
+            bar.update(len(ids))
+    missing = len(remaining)
+    if missing:
+        log.warning("%d images of dataset %s have no features in %s: run 'imgfeat extract --dataset %s' "
+                    "first", missing, cfg.dataset, head.featureset, cfg.dataset)
+    return {"dataset": cfg.dataset, "images": int(len(images)), "skipped": len(done & set(images[S.IMAGE_ID])),
+            "missing_features": missing}
+
+
+def _first_new(ids: list[str], remaining: set[str]) -> list[int]:
+    """Positions of ids still to predict, first occurrence only (concurrent runs may duplicate rows)."""
+    seen: set[str] = set()
+    keep = []
+    for k, i in enumerate(ids):
+        if i in remaining and i not in seen:
+            seen.add(i)
+            keep.append(k)
+    return keep
+
+
+def _nullable(col) -> list[str | None]:
+    return [None if v is None or v != v else str(v) for v in col.tolist()]
+
+
+def _stream_features(ws: Workspace, featureset: str, wanted: pa.Array,
+                     chunk_rows: int) -> Iterator[tuple[list[str], np.ndarray]]:
+    """Feature rows whose id is in ``wanted``, ``chunk_rows`` at a time, shard by shard."""
+    if not len(wanted):
+        return
+    for path in feature_shards(ws, featureset):
+        with pq.ParquetFile(path) as pf:
+            yield from _matching_batches(pf, wanted, chunk_rows)
+
+
+def _matching_batches(pf: pq.ParquetFile, wanted: pa.Array,
+                      chunk_rows: int) -> Iterator[tuple[list[str], np.ndarray]]:
+    for batch in pf.iter_batches(batch_size=chunk_rows, columns=[S.IMAGE_ID, S.FEATURE]):
+        batch = batch.filter(pc.is_in(batch.column(S.IMAGE_ID), value_set=wanted))
+        if batch.num_rows:
+            X = _matrix(pa.chunked_array([batch.column(S.FEATURE)]), np.float32)
+            yield batch.column(S.IMAGE_ID).to_pylist(), X
+
+
+def _predict_files(ws: Workspace, cfg: PredictConfig, head: LoadedHead, writer: ShardWriter,
+                   run_id: str) -> dict[str, Any]:
+    from pipeline.extract import extract_files
+
+    paths = [Path(p).expanduser().absolute() for p in cfg.paths]
+    results = extract_files(ws, head.featureset, paths, run_id)
+    ok = [r for r in results if r.image_id and not r.error_code]
+    ids, X = load_features(ws, head.featureset, [r.image_id for r in ok])
+    scored = score(head, X, cfg.top_k)
+    by_id = {i: k for k, i in enumerate(ids.tolist())}
+    done = predicted_ids(ws, cfg.head_id)
+    lines, new = [], {}
+    for r in results:
+        k = by_id.get(r.image_id) if r.image_id else None
+        if k is None:
+            lines.append({"path": str(r.path), "error_code": r.error_code or "no_features",
+                          "error_message": r.error_message or "no feature row was written"})
+            continue
+        lines.append({"path": str(r.path), "image_id": r.image_id, "pred_label": str(scored.pred_label[k]),
+                      "pred_score": float(scored.pred_score[k]),
+                      "topk": list(zip(scored.topk_labels[k].as_py(), scored.topk_scores[k].as_py()))})
+        if r.image_id not in done:
+            new.setdefault(r.image_id, (k, Path(r.path).as_posix()))
+    if new:
+        rows = [k for k, _ in new.values()]
+        sub = Scored(scored.pred_label[rows], scored.pred_score[rows], scored.topk_labels.take(rows),
+                     scored.topk_scores.take(rows))
+        n = len(rows)
+        writer.add(predictions_table(list(new), [p for _, p in new.values()], [None] * n, [None] * n,
+                                     sub, head, run_id))
+    return {"files": len(results), "errors": sum(1 for x in lines if "error_code" in x),
+            "skipped": sum(1 for x in lines if x.get("image_id") in done), "missing_features": 0,
+            "predictions": lines}

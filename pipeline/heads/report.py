@@ -1,0 +1,298 @@
+"""The report stage: one self-contained HTML page per head (metrics, confusion, mistakes, projection, curves)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image, ImageOps
+
+from pipeline import schemas as S
+from pipeline.errors import ConfigError, unknown_value
+from pipeline.featureset import load_features
+from pipeline.heads import artifacts as A
+from pipeline.heads import plots
+from pipeline.heads.artifacts import LoadedHead, load_head
+from pipeline.storage import list_shards, remove_stale_tmp, write_bytes_atomic
+from pipeline.workspace import Workspace, check_name
+
+log = logging.getLogger(__name__)
+
+PROJECTIONS = ("auto", "pca", "tsne")
+TSNE_MAX_POINTS = 1000  # t-SNE above this is slow on CPU and PCA tells the same story
+CONFUSION_PNG, PROJECTION_PNG = "confusion.png", "projection.png"
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """Which head to report on, and how much to show."""
+
+    head_id: str
+    max_mistakes: int = 24
+    max_points: int = 2000  # projection sample size
+    projection: str = "auto"  # t-SNE up to TSNE_MAX_POINTS points, PCA above
+    thumb_size: int = 128
+
+    def __post_init__(self) -> None:
+        check_name("head", self.head_id)
+        if self.projection not in PROJECTIONS:
+            raise unknown_value("projection", self.projection, PROJECTIONS)
+        for name in ("max_points", "thumb_size"):
+            if int(getattr(self, name)) < 2:
+                raise ConfigError(f"{name} must be at least 2, got {getattr(self, name)!r}")
+        if self.max_mistakes < 0:
+            raise ConfigError(f"max_mistakes must be 0 or more, got {self.max_mistakes!r}")
+
+
+@dataclass(frozen=True)
+class Mistake:
+    image_id: str
+    path: Path | None
+    label: str
+    pred_label: str
+    score: float
+
+
+def run_report(ws: Workspace, cfg: ReportConfig, run_id: str) -> dict[str, Any]:
+    """Write ``reports/<head_id>/index.html`` and its PNGs; returns the report path and counts."""
+    t0 = time.perf_counter()
+    head = load_head(ws, cfg.head_id)
+    folder = ws.report_dir(cfg.head_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(folder)
+    rows = A.read_rows(ws, cfg.head_id).to_pandas()
+    paths = _image_paths(ws, head.meta["dataset"])
+    mistakes, eval_role = _mistakes(ws, head, rows, paths, cfg.max_mistakes)
+    pngs = _write_plots(ws, head, rows, cfg, folder)
+    page = render_page(head, eval_role, mistakes, pngs, _prediction_rows(ws, cfg.head_id), cfg.thumb_size)
+    index = write_bytes_atomic(page.encode("utf-8"), folder / "index.html")  # last: the page marks it done
+    log.info("report for %s: %s", cfg.head_id, index)
+    return {"head_id": cfg.head_id, "report": str(index), "pngs": [str(folder / p) for p in pngs],
+            "mistakes_shown": len(mistakes), "seconds": round(time.perf_counter() - t0, 3), "run_id": run_id}
+
+
+def _image_paths(ws: Workspace, dataset: str) -> dict[str, Path]:
+    """image_id -> absolute file path (first path per id), or {} when the dataset is gone."""
+    from pipeline.manifest import dataset_root, read_manifest
+
+    try:
+        root = dataset_root(ws, dataset)
+        table = read_manifest(ws, dataset, columns=[S.IMAGE_ID, S.PATH])
+    except ConfigError:
+        log.warning("dataset %s is no longer in the workspace: the report has no thumbnails", dataset)
+        return {}
+    out: dict[str, Path] = {}
+    for i, p in zip(table.column(S.IMAGE_ID).to_pylist(), table.column(S.PATH).to_pylist()):
+        if i is not None and i not in out:
+            out[i] = root / p
+    return out
+
+
+def _mistakes(ws: Workspace, head: LoadedHead, rows, paths: dict[str, Path], limit: int):
+    """The evaluation images the head got wrong, most confident first (train images if no test set)."""
+    role = "test" if (rows[A.ROLE] == "test").any() else "train"
+    sub = rows[rows[A.ROLE] == role]
+    ids, X = load_features(ws, head.featureset, sub[S.IMAGE_ID].tolist())
+    if not len(ids):
+        return [], role
+    proba = head.estimator.predict_proba(X)
+    classes = np.asarray(head.estimator.classes_, dtype=object)
+    pred, conf = classes[proba.argmax(axis=1)], proba.max(axis=1)
+    truth = sub.set_index(S.IMAGE_ID).loc[ids.tolist(), S.LABEL].to_numpy(dtype=object)
+    wrong = np.flatnonzero(pred != truth)
+    wrong = wrong[np.argsort(-conf[wrong], kind="stable")][:limit]
+    return [Mistake(ids[k], paths.get(ids[k]), truth[k], pred[k], float(conf[k])) for k in wrong], role
+
+
+def _write_plots(ws: Workspace, head: LoadedHead, rows, cfg: ReportConfig, folder: Path) -> list[str]:
+    written = []
+    confusion = head.meta["metrics"].get("confusion")
+    if confusion:
+        cm = np.asarray(confusion["matrix"])
+        write_bytes_atomic(plots.confusion_png(cm, confusion["labels"]), folder / CONFUSION_PNG)
+        written.append(CONFUSION_PNG)
+    xy, labels, method = project(ws, head, rows, cfg)
+    if len(xy):
+        write_bytes_atomic(plots.projection_png(xy, labels, method), folder / PROJECTION_PNG)
+        written.append(PROJECTION_PNG)
+    if head.meta.get("history"):
+        write_bytes_atomic(plots.training_curves_png(head.meta["history"]), folder / A.CURVES_FILE)
+        written.append(A.CURVES_FILE)
+    return written
+
+
+def project(ws: Workspace, head: LoadedHead, rows, cfg: ReportConfig) -> tuple[np.ndarray, np.ndarray, str]:
+    """A seeded sample of the head's images in 2-D: t-SNE for small samples, else PCA."""
+    rng = np.random.default_rng(0)
+    take = rows if len(rows) <= cfg.max_points else rows.iloc[np.sort(rng.choice(len(rows), cfg.max_points, False))]
+    ids, X = load_features(ws, head.featureset, take[S.IMAGE_ID].tolist())
+    labels = take.set_index(S.IMAGE_ID).loc[ids.tolist(), S.LABEL].to_numpy(dtype=object)
+    if len(ids) < 3:
+        return np.zeros((0, 2)), labels, "none"
+    xy, method = _embed(X, cfg.projection)
+    return xy, labels, method
+
+
+def _embed(X: np.ndarray, how: str) -> tuple[np.ndarray, str]:
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+    from sklearn.preprocessing import StandardScaler
+
+    Xs = StandardScaler().fit_transform(X)
+    method = how if how != "auto" else ("tsne" if len(X) <= TSNE_MAX_POINTS else "pca")
+    if method == "pca":
+        return PCA(n_components=2, random_state=0).fit_transform(Xs), "PCA"
+    # t-SNE on a 50-d PCA is the usual recipe: faster and less noisy than on raw features.
+    reduced = PCA(n_components=min(50, *Xs.shape), random_state=0).fit_transform(Xs)
+    perplexity = float(min(30, max(2, (len(X) - 1) // 3)))
+    return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=0).fit_transform(reduced), "t-SNE"
+
+
+def _prediction_rows(ws: Workspace, head_id: str) -> int:
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in list_shards(ws.predictions_dir(head_id)))
+
+
+# --- the page: plain HTML and CSS, images inlined or beside it, no JavaScript ---
+
+CSS = """
+body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1d2733;
+       max-width: 1100px; margin: 2rem auto; padding: 0 1.2rem; }
+h1 { font-size: 1.5rem; margin-bottom: .2rem; } h2 { font-size: 1.15rem; margin-top: 2.2rem;
+       border-bottom: 1px solid #dde3ea; padding-bottom: .3rem; }
+.sub { color: #5b6b7c; margin-top: 0; }
+.cards { display: flex; flex-wrap: wrap; gap: .8rem; margin: 1rem 0; }
+.card { border: 1px solid #dde3ea; border-radius: 6px; padding: .6rem .9rem; min-width: 120px; }
+.card b { display: block; font-size: 1.35rem; } .card span { color: #5b6b7c; font-size: .85rem; }
+table { border-collapse: collapse; font-variant-numeric: tabular-nums; }
+th, td { padding: .3rem .8rem; border-bottom: 1px solid #e8edf2; text-align: right; }
+th:first-child, td:first-child { text-align: left; } thead th { background: #f4f6f9; }
+dl { display: grid; grid-template-columns: max-content 1fr; gap: .2rem 1rem; font-size: .9rem; }
+dt { color: #5b6b7c; } dd { margin: 0; font-family: ui-monospace, monospace; word-break: break-all; }
+img.plot { max-width: 100%; border: 1px solid #e8edf2; }
+.gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(150px, 1fr)); gap: .8rem; }
+.gallery figure { margin: 0; border: 1px solid #e8edf2; border-radius: 6px; padding: .4rem; }
+.gallery img { width: 100%; height: 130px; object-fit: contain; background: #f4f6f9; }
+.gallery figcaption { font-size: .8rem; } .bad { color: #b42318; } .muted { color: #5b6b7c; }
+.missing { height: 130px; display: flex; align-items: center; justify-content: center; background: #f4f6f9; }
+"""
+
+
+def render_page(head: LoadedHead, eval_role: str, mistakes: list[Mistake], pngs: list[str],
+                n_predictions: int, thumb_size: int) -> str:
+    m = head.meta
+    parts = [
+        "<!doctype html>\n<html lang='en'><head><meta charset='utf-8'>",
+        f"<title>{_e(m['head_id'])} · imgfeat report</title><style>{CSS}</style></head><body>",
+        f"<h1>{_e(m['head_id'])}</h1>",
+        f"<p class='sub'>{_e(m['model_kind'])} head on <b>{_e(m['dataset'])}</b> · "
+        f"featureset {_e(m['featureset'])}</p>",
+        _cards(m, n_predictions), _details(m), _class_table(m),
+        _img_section("Confusion matrix", CONFUSION_PNG, pngs),
+        _gallery(mistakes, eval_role, thumb_size),
+        _img_section("Features in two dimensions", PROJECTION_PNG, pngs),
+        _img_section("Training curves (dense net)", A.CURVES_FILE, pngs),
+        "</body></html>\n",
+    ]
+    return "\n".join(p for p in parts if p)
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _pct(value: Any) -> str:
+    return f"{value:.1%}" if isinstance(value, (int, float)) else "–"
+
+
+def _cards(m: dict[str, Any], n_predictions: int) -> str:
+    metrics = m["metrics"]
+    cv = m.get("cv", {}).get(m["model_kind"], {})
+    items = [
+        (_pct(metrics.get("test_accuracy")), f"test accuracy ({m.get('eval_split') or 'no test set'})"),
+        (_pct(metrics.get("macro_f1")), "macro F1"),
+        (_pct(cv.get("mean")), f"CV accuracy ({len(cv.get('folds', []))} folds)"),
+        (f"{m['n_train']:,}", "training images"), (f"{m['n_test']:,}", "test images"),
+        (str(len(m["classes"])), "classes"), (f"{n_predictions:,}", "prediction rows"),
+    ]
+    cards = "".join(f"<div class='card'><b>{_e(v)}</b><span>{_e(k)}</span></div>" for v, k in items)
+    return f"<div class='cards'>{cards}</div>"
+
+
+def _details(m: dict[str, Any]) -> str:
+    cv = m.get("cv", {})
+    compared = ", ".join(f"{k} {v['mean']:.3f}" for k, v in cv.items()) if len(cv) > 1 else ""
+    items = [
+        ("backbone", m.get("backbone")), ("chosen", m.get("chosen") or "fixed parameters"),
+        ("compared by CV", compared), ("parameters", m.get("params")),
+        ("left out", {k: v for k, v in (m.get("left_out") or {}).items() if v} or "nothing"),
+        ("created", m.get("created_at")), ("model file", f"{m['model_file']} sha256 {m['model_sha256'][:16]}…"),
+        ("versions", ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items() if v)),
+    ]
+    rows = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in items if v)
+    return f"<h2>Head</h2><dl>{rows}</dl>"
+
+
+def _class_table(m: dict[str, Any]) -> str:
+    per = m["metrics"].get("per_class") or {}
+    if not per:
+        return "<h2>Per-class metrics</h2><p class='muted'>No evaluation images.</p>"
+    body = "".join(
+        f"<tr><td>{_e(c)}</td><td>{v['precision']:.3f}</td><td>{v['recall']:.3f}</td>"
+        f"<td>{v['f1']:.3f}</td><td>{v['support']}</td></tr>" for c, v in per.items()
+    )
+    total = sum(v["support"] for v in per.values())
+    macro = m["metrics"].get("macro_f1")
+    foot = f"<tr><th>macro avg</th><td></td><td></td><td>{macro:.3f}</td><td>{total}</td></tr>"
+    head = "<tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>"
+    return f"<h2>Per-class metrics</h2><table><thead>{head}</thead><tbody>{body}{foot}</tbody></table>"
+
+
+def _img_section(title: str, name: str, pngs: list[str]) -> str:
+    if name not in pngs:
+        return ""
+    return f"<h2>{_e(title)}</h2><img class='plot' src='{_e(name)}' alt='{_e(title)}'>"
+
+
+def _gallery(mistakes: list[Mistake], role: str, thumb_size: int) -> str:
+    where = "test" if role == "test" else "training (there is no test set)"
+    title = f"<h2>Most confident mistakes on {where} images</h2>"
+    if not mistakes:
+        return title + "<p class='muted'>No mistakes to show.</p>"
+    figs = []
+    for mk in mistakes:
+        img = _thumb_tag(mk.path, thumb_size)
+        name = mk.path.name if mk.path else mk.image_id[:12]
+        figs.append(
+            f"<figure>{img}<figcaption><span class='bad'>{_e(mk.pred_label)}</span> "
+            f"({mk.score:.1%})<br>true: {_e(mk.label)}<br><span class='muted'>{_e(name)}</span>"
+            "</figcaption></figure>"
+        )
+    return title + f"<div class='gallery'>{''.join(figs)}</div>"
+
+
+def _thumb_tag(path: Path | None, size: int) -> str:
+    data = thumbnail_jpeg(path, size) if path else None
+    if data is None:
+        return "<div class='missing muted'>image not found</div>"
+    return f"<img alt='' src='data:image/jpeg;base64,{base64.b64encode(data).decode()}'>"
+
+
+def thumbnail_jpeg(path: Path, size: int) -> bytes | None:
+    """A small JPEG of the image (EXIF-rotated), or None if it cannot be read any more."""
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im).convert("RGB")
+            im.thumbnail((size, size))
+            buf = io.BytesIO()
+            im.save(buf, "JPEG", quality=82)
+            return buf.getvalue()
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None

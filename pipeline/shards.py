@@ -83,11 +83,16 @@ class ShardWriter:
         del self._ids[:n], self._rows[:n]
         name = shard_name(self.run_id, self._seq)
         self._seq += 1
+        sidecar = self.folder / name.replace(".parquet", ".npy")
         if self.npy:
-            with atomic_path(self.folder / name.replace(".parquet", ".npy")) as tmp:
+            with atomic_path(sidecar) as tmp:
                 with open(tmp, "wb") as fh:
                     np.save(fh, X.astype(np.dtype(self.dtype)))
-        write_table_atomic(features_table(ids, X, self.dtype, self.provenance), self.folder / name)
+        try:
+            write_table_atomic(features_table(ids, X, self.dtype, self.provenance), self.folder / name)
+        except BaseException:
+            sidecar.unlink(missing_ok=True)  # a sidecar without its Parquet would be an orphan
+            raise
         self.written.append(name)
         log.debug("committed %s (%d rows)", name, n)
         # Error rows seen so far go out with each feature shard, so a crash loses little of either.

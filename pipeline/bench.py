@@ -1,0 +1,176 @@
+"""`imgfeat bench`: forward limit vs end-to-end extract vs the tutorial path, as whole processes, in one run."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import ConfigError, ImgfeatError
+from pipeline.probe import has_image_extension
+
+log = logging.getLogger(__name__)
+
+BENCH_DATASET = "bench"
+PATHS = ("forward", "extract", "tutorial")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to measure: one backbone on the images under ``images`` (the first ``limit`` of them)."""
+
+    backbone: str
+    images: Path
+    batch_size: int = 32
+    limit: int | None = None
+    weights: str = "none"  # weights do not change speed; 'none' keeps the bench offline
+    input_size: int | None = None
+    fast_decode: bool = False
+    precision: str = "float32"
+    workers: int | None = None
+    paths: tuple[str, ...] = PATHS
+
+    def __post_init__(self) -> None:
+        from pipeline.backbones import get_backbone
+
+        get_backbone(self.backbone)
+        if not Path(self.images).is_dir():
+            raise ConfigError(f"--images {str(self.images)!r} is not a folder")
+        unknown = [p for p in self.paths if p not in PATHS]
+        if unknown:
+            raise ConfigError(f"unknown bench path {unknown[0]!r} (allowed: {', '.join(PATHS)})")
+
+
+def list_images(folder: Path, limit: int | None) -> list[Path]:
+    """Image files under ``folder`` (recursive, sorted, by extension), the first ``limit``."""
+    found = sorted(p for p in Path(folder).rglob("*") if p.is_file() and has_image_extension(p.name))
+    return found[:limit] if limit else found
+
+
+def stage_images(files: list[Path], dest: Path) -> Path:
+    """Hard-link (or copy) the files into one flat folder, so every path reads the same files."""
+    dest.mkdir(parents=True)
+    for i, src in enumerate(files):
+        target = dest / f"{i:07d}{src.suffix.lower()}"
+        try:
+            os.link(src, target)
+        except OSError:
+            shutil.copyfile(src, target)
+    return dest
+
+
+def run_bench(cfg: BenchConfig, run_id: str) -> dict[str, Any]:
+    """Time each path as a whole process (start-up included) on the same files; return rates and ratios."""
+    files = list_images(cfg.images, cfg.limit)
+    if not files:
+        raise ConfigError(f"no image files under {cfg.images}")
+    with tempfile.TemporaryDirectory(prefix="imgfeat-bench-") as tmp:
+        images = stage_images(files, Path(tmp) / "images")
+        ws_root = Path(tmp) / "ws"
+        _scan(ws_root, images, run_id)
+        timings = {p: _time_process(_command(p, cfg, images, ws_root)) for p in cfg.paths}
+    return _report(cfg, len(files), timings)
+
+
+def _scan(ws_root: Path, images: Path, run_id: str) -> None:
+    """Scanning is its own stage and not part of extract's time: do it before the clock starts."""
+    from pipeline.scan import ScanConfig, run_scan
+    from pipeline.workspace import Workspace
+
+    run_scan(Workspace(ws_root), ScanConfig(root=images, dataset=BENCH_DATASET), run_id)
+
+
+def _command(path: str, cfg: BenchConfig, images: Path, ws_root: Path) -> list[str]:
+    if path == "extract":
+        cmd = [sys.executable, "-m", "jobs", "extract", "--workspace", str(ws_root), "--dataset", BENCH_DATASET,
+               "--backbone", cfg.backbone, "--weights", cfg.weights, "--batch-size", str(cfg.batch_size),
+               "--precision", cfg.precision, "--json"]
+        cmd += ["--input-size", str(cfg.input_size)] if cfg.input_size else []
+        cmd += ["--workers", str(cfg.workers)] if cfg.workers else []
+        return cmd + (["--fast-decode"] if cfg.fast_decode else [])
+    n = len(list_images(images, None))
+    spec = {"backbone": cfg.backbone, "weights": cfg.weights, "input_size": cfg.input_size,
+            "batch_size": cfg.batch_size, "precision": cfg.precision, "n": n, "images": str(images)}
+    code = f"import sys, json; from pipeline.bench import {path}_main; {path}_main(json.loads(sys.argv[1]))"
+    return [sys.executable, "-c", code, json.dumps(spec)]
+
+
+def _time_process(cmd: list[str]) -> dict[str, Any]:
+    env = {**os.environ, "IMGFEAT_PROGRESS": "0", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise ImgfeatError(f"bench step failed (exit {proc.returncode}): {' '.join(cmd[:6])} ...\n"
+                           f"{proc.stderr[-2000:]}")
+    last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "{}"
+    return {"seconds": round(seconds, 3), "inner": json.loads(last)}
+
+
+def _report(cfg: BenchConfig, n: int, timings: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    rate = {p: round(n / t["seconds"], 2) for p, t in timings.items()}
+    out: dict[str, Any] = {
+        "backbone": cfg.backbone, "images": n, "batch_size": cfg.batch_size, "weights": cfg.weights,
+        "fast_decode": cfg.fast_decode, "precision": cfg.precision, "cpu_count": os.cpu_count(),
+        "images_per_s": rate, "process_seconds": {p: t["seconds"] for p, t in timings.items()},
+    }
+    if "extract" in timings:
+        inner = timings["extract"]["inner"]
+        out["extract_inner"] = {k: inner.get(k) for k in ("extracted", "seconds", "model_seconds",
+                                                          "decode_seconds", "images_per_s", "featureset")}
+    if "forward" in rate and "extract" in rate:
+        out["end_to_end_over_forward"] = round(rate["extract"] / rate["forward"], 3)
+    if "tutorial" in rate and "extract" in rate:
+        out["end_to_end_over_tutorial"] = round(rate["extract"] / rate["tutorial"], 3)
+    return out
+
+
+# ---------------------------------------------------------------- the child processes' bodies
+
+
+def _build(spec: dict[str, Any]):
+    from pipeline.backbones import get_backbone
+    from pipeline.extract import ExtractConfig, build_model, provenance_core
+
+    cfg = ExtractConfig(dataset=BENCH_DATASET, backbone=spec["backbone"], weights=spec["weights"],
+                        input_size=spec["input_size"], precision=spec["precision"])
+    core = provenance_core(cfg)
+    backbone = get_backbone(cfg.backbone)
+    return backbone, build_model(backbone, cfg, core), core["input_size"]
+
+
+def forward_main(spec: dict[str, Any]) -> None:
+    """The forward limit: the same model on in-memory preprocessed tensors, same batch size."""
+    import numpy as np
+
+    backbone, model, size = _build(spec)
+    bs = spec["batch_size"]
+    rng = np.random.default_rng(0)
+    x = backbone.preprocess_input(rng.integers(0, 256, (bs, size, size, 3)).astype(np.float32))
+    t0 = time.perf_counter()
+    for _ in range(math.ceil(spec["n"] / bs)):
+        np.asarray(model.predict_on_batch(x))
+    print(json.dumps({"model_seconds": round(time.perf_counter() - t0, 3)}))
+
+
+def tutorial_main(spec: dict[str, Any]) -> None:
+    """The path the Keras docs teach: image_dataset_from_directory + preprocess_input + model.predict."""
+    import keras
+
+    backbone, model, size = _build(spec)
+    ds = keras.utils.image_dataset_from_directory(
+        spec["images"], labels=None, image_size=(size, size), batch_size=spec["batch_size"], shuffle=False)
+    preprocess = backbone.preprocess_fn()
+    ds = ds.map(lambda x: preprocess(x))
+    t0 = time.perf_counter()
+    out = model.predict(ds, verbose=0)
+    print(json.dumps({"rows": int(out.shape[0]), "predict_seconds": round(time.perf_counter() - t0, 3)}))

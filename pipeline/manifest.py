@@ -123,7 +123,9 @@ class _SchemaWriter:
 
     def write_table(self, table: pa.Table) -> None:
         if table.num_rows:
-            self._writer.write_table(table.select(self._schema.names).cast(self._schema), ROW_GROUP_ROWS)
+            if not table.schema.equals(self._schema, check_metadata=False):
+                table = table.select(self._schema.names).cast(self._schema)
+            self._writer.write_table(table.replace_schema_metadata(self._schema.metadata), ROW_GROUP_ROWS)
             self.rows += table.num_rows
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import hashlib
 import logging
 import os
 import posixpath
@@ -24,7 +26,7 @@ from pipeline.manifest import ROW_GROUP_ROWS, file_schema, make_info, manifest_w
 from pipeline.probe import Probe, probe_file
 from pipeline.progress import progress
 from pipeline.storage import FileLock, remove_stale_tmp
-from pipeline.walk import FileEntry, WalkOptions, WalkStats, walk
+from pipeline.walk import FileEntry, WalkOptions, WalkStats, walk, walk_segments
 from pipeline.workspace import Workspace, check_name
 
 log = logging.getLogger(__name__)
@@ -114,7 +116,11 @@ class Previous:
 
     path: Path
     index: dict[str, tuple[int, int | None, int | None, str, int | None, int | None]]
-    max_pixels: int | None  # the limit its statuses were worked out with
+    options: dict[str, Any]  # the scan options its rows were made with
+
+    @property
+    def max_pixels(self) -> int | None:
+        return self.options.get("max_pixels")
 
     def table(self) -> pa.Table:
         return read_table(self.path)
@@ -174,11 +180,18 @@ def read_labels_csv(path: str | os.PathLike) -> dict[str, str | None]:
     return out
 
 
+# Options that decide labels and splits: when one changes, carried-over rows are relabelled.
+LABEL_OPTIONS = ("labels_csv", "labels_csv_sha256", "test_fraction")
+
+
 def scan_options(cfg: ScanConfig) -> dict[str, Any]:
-    """The options stored in the manifest's metadata (paths absolute)."""
+    """The options stored in the manifest's metadata (paths absolute, the CSV's content hash)."""
     opts = {k: v for k, v in asdict(cfg).items() if k not in ("root", "dataset", "workers", "wait")}
+    opts["labels_csv_sha256"] = None
     if cfg.labels_csv is not None:
         opts["labels_csv"] = os.path.abspath(os.fspath(cfg.labels_csv))
+        with contextlib.suppress(OSError):  # a missing CSV is reported when it is read
+            opts["labels_csv_sha256"] = hashlib.sha256(Path(cfg.labels_csv).read_bytes()).hexdigest()
     return opts
 
 
@@ -211,9 +224,13 @@ def load_previous(path: Path, root: Path) -> Previous | None:
     except (OSError, ValueError, ConfigError, pa.ArrowException) as exc:
         log.warning("cannot read the previous manifest %s (%s); every file is read again", path, exc)
         return None
-    rows = zip(t[S.PATH], t[S.BYTES], t[S.MTIME_NS], t[S.STATUS], t[S.WIDTH], t[S.HEIGHT])
-    index = {p: (i, *rest) for i, (p, *rest) in enumerate(rows)}
-    return Previous(path, index, info.get("options", {}).get("max_pixels"))
+    index = dict(zip(t[S.PATH], zip(range(len(t[S.PATH])), t[S.BYTES], t[S.MTIME_NS], t[S.STATUS],
+                                    t[S.WIDTH], t[S.HEIGHT])))
+    return Previous(path, index, info.get("options", {}))
+
+
+# Statuses a file keeps while its size and mtime stay the same (too_large depends on the limit).
+SETTLED = frozenset(S.STATUS_CODES) - {S.STATUS_UNREADABLE, S.STATUS_TOO_LARGE}
 
 
 def classify(entry: FileEntry, prev: Previous | None, max_pixels: int) -> str:
@@ -241,10 +258,13 @@ def probe_entry(entry: FileEntry, max_pixels: int) -> Probe:
     return probe_file(entry.abs, max_pixels)
 
 
-def probed_row(entry: FileEntry, probe: Probe) -> dict[str, Any]:
+def probed_row(entry: FileEntry, probe: Probe, labeller: Labeller) -> dict[str, Any]:
+    label, split = labeller.assign(entry.rel, probe.image_id)
     return {
         S.IMAGE_ID: probe.image_id,
         S.PATH: entry.rel,
+        S.LABEL: label,
+        S.SPLIT: split,
         S.BYTES: entry.size,
         S.MTIME_NS: entry.mtime_ns,
         S.WIDTH: probe.width,
@@ -267,54 +287,66 @@ def repixel(rows: list[dict[str, Any]], max_pixels: int) -> list[dict[str, Any]]
     return out
 
 
-def label_table(table: pa.Table, labeller: Labeller, tally: Tally) -> pa.Table:
-    """Fill the label and split columns of a batch (from paths, the CSV and ids) and count it."""
-    paths = table.column(S.PATH).to_pylist()
-    labels, splits = labeller.assign_many(paths, table.column(S.IMAGE_ID).to_pylist())
-    table = table.set_column(table.schema.get_field_index(S.LABEL), S.MANIFEST_SCHEMA.field(S.LABEL),
-                             pa.array(labels, pa.string()))
-    table = table.set_column(table.schema.get_field_index(S.SPLIT), S.MANIFEST_SCHEMA.field(S.SPLIT),
-                             pa.array(splits, pa.string()))
-    tally.status.update(table.column(S.STATUS).to_pylist())
-    tally.splits.update(splits)
-    tally.labels.update(x for x in labels if x is not None)
-    if labeller.csv_labels:
-        tally.csv_matched += sum(p in labeller.csv_labels for p in paths)
+def relabel(table: pa.Table, labeller: Labeller) -> pa.Table:
+    """Re-derive the label and split columns of carried-over rows (the label options changed)."""
+    labels, splits = labeller.assign_many(table.column(S.PATH).to_pylist(), table.column(S.IMAGE_ID).to_pylist())
+    for name, values in ((S.LABEL, labels), (S.SPLIT, splits)):
+        i = table.schema.get_field_index(name)
+        table = table.set_column(i, S.MANIFEST_SCHEMA.field(name), pa.array(values, pa.string()))
     return table
+
+
+def count_table(table: pa.Table, labeller: Labeller, tally: Tally) -> None:
+    """Add a finished batch to the summary's counts."""
+    tally.status.update(table.column(S.STATUS).to_pylist())
+    tally.splits.update(table.column(S.SPLIT).to_pylist())
+    tally.labels.update(x for x in set(table.column(S.LABEL).to_pylist()) if x is not None)
+    if labeller.csv_labels:
+        tally.csv_matched += sum(p in labeller.csv_labels for p in table.column(S.PATH).to_pylist())
 
 
 # ---------------------------------------------------------------- the reader: walk + probe in threads
 
 
-def _batches(entries: Iterator[FileEntry], size: int) -> Iterator[list[FileEntry]]:
+def _batches(segments: Iterator[list[FileEntry]], size: int) -> Iterator[list[FileEntry]]:
     batch: list[FileEntry] = []
-    for entry in entries:
-        batch.append(entry)
-        if len(batch) >= size:
-            yield batch
-            batch = []
+    for segment in segments:
+        batch.extend(segment)
+        while len(batch) >= size:
+            yield batch[:size]
+            batch = batch[size:]
     if batch:
         yield batch
 
 
 class _BatchReader:
-    """Turns walked files into rows: probes changed ones in a pool, carries the rest over."""
+    """Turns walked files into manifest rows: probes changed ones in a pool, carries the rest over."""
 
-    def __init__(self, cfg: ScanConfig, prev: Previous | None, pool: ThreadPoolExecutor, tally: Tally):
-        self.cfg, self.prev, self.pool, self.tally = cfg, prev, pool, tally
+    def __init__(self, cfg: ScanConfig, prev: Previous | None, labeller: Labeller, options: dict[str, Any],
+                 pool: ThreadPoolExecutor, tally: Tally):
+        self.cfg, self.prev, self.labeller, self.pool, self.tally = cfg, prev, labeller, pool, tally
         self._old: pa.Table | None = None
+        self._relabel = prev is not None and any(prev.options.get(k) != options[k] for k in LABEL_OPTIONS)
+        self._repixel = prev is not None and prev.max_pixels != cfg.max_pixels
 
     def submit(self, batch: list[FileEntry]) -> tuple[list[FileEntry], list[Any]]:
         """Per file: a Future of its Probe, or the index of its old row."""
         slots: list[Any] = []
-        counts = Counter()
+        counts: Counter = Counter()
+        get = self.prev.index.get if self.prev else {}.get
         for entry in batch:
+            old = get(entry.rel)
+            # A rescan's common case, tested inline: same size and mtime, a settled status.
+            if old is not None and old[1] == entry.size and old[2] == entry.mtime_ns and old[3] in SETTLED:
+                slots.append(old[0])
+                continue
             kind = classify(entry, self.prev, self.cfg.max_pixels)
+            if kind == "unchanged":  # e.g. still over the pixel limit: nothing to learn by reading it
+                slots.append(old[0])
+                continue
             counts[kind] += 1
-            if kind == "unchanged":
-                slots.append(self.prev.index[entry.rel][0])
-            else:
-                slots.append(self.pool.submit(probe_entry, entry, self.cfg.max_pixels))
+            slots.append(self.pool.submit(probe_entry, entry, self.cfg.max_pixels))
+        counts["unchanged"] = len(batch) - sum(counts.values())
         for kind, n in counts.items():
             setattr(self.tally, kind, getattr(self.tally, kind) + n)
         return batch, slots
@@ -327,16 +359,16 @@ class _BatchReader:
         for entry, slot in zip(batch, slots):
             if isinstance(slot, Future):
                 self._flush_run(run, segments)
-                probed.append(probed_row(entry, slot.result()))
+                probed.append(probed_row(entry, slot.result(), self.labeller))
+                continue
+            if probed:
+                segments.append(rows_to_table(probed))
+                probed = []
+            if run and slot == run[0] + run[1]:
+                run[1] += 1
             else:
-                if probed:
-                    segments.append(rows_to_table(probed))
-                    probed = []
-                if run and slot == run[0] + run[1]:
-                    run[1] += 1
-                else:
-                    self._flush_run(run, segments)
-                    run[:] = [slot, 1]
+                self._flush_run(run, segments)
+                run[:] = [slot, 1]
         self._flush_run(run, segments)
         if probed:
             segments.append(rows_to_table(probed))
@@ -348,30 +380,30 @@ class _BatchReader:
         if self._old is None:
             self._old = self.prev.table()  # read once, only when something is carried over
         part = self._old.slice(run[0], run[1])
-        if self.prev.max_pixels != self.cfg.max_pixels:
+        if self._repixel:
             part = rows_to_table(repixel(part.to_pylist(), self.cfg.max_pixels))
+        if self._relabel:
+            part = relabel(part, self.labeller)
         segments.append(part)
         run.clear()
 
 
-def _scan_tables(cfg: ScanConfig, root: Path, prev: Previous | None, stats: WalkStats, tally: Tally):
+def _scan_tables(reader: _BatchReader, root: Path, stats: WalkStats) -> Iterator[pa.Table]:
     """Yield the manifest in walk order, a batch at a time, with at most two batches in flight."""
-    workers = cfg.workers or min(16, (os.cpu_count() or 1) + 4)
-    with ThreadPoolExecutor(workers, thread_name_prefix="scan") as pool:
-        reader = _BatchReader(cfg, prev, pool, tally)
-        pending: deque = deque()
-        try:
-            for batch in _batches(walk(str(root), _walk_options(cfg), stats), BATCH_FILES):
-                pending.append(reader.submit(batch))
-                if len(pending) > 1:
-                    yield reader.table(*pending.popleft())
-            while pending:
+    pending: deque = deque()
+    try:
+        segments = walk_segments(str(root), _walk_options(reader.cfg), stats)
+        for batch in _batches(segments, BATCH_FILES):
+            pending.append(reader.submit(batch))
+            if len(pending) > 1:
                 yield reader.table(*pending.popleft())
-        finally:
-            for _, slots in pending:
-                for s in slots:
-                    if isinstance(s, Future):
-                        s.cancel()
+        while pending:
+            yield reader.table(*pending.popleft())
+    finally:
+        for _, slots in pending:
+            for s in slots:
+                if isinstance(s, Future):
+                    s.cancel()
 
 
 # ---------------------------------------------------------------- the writer and the stage
@@ -381,16 +413,19 @@ def _write_manifest(
     ws: Workspace, cfg: ScanConfig, root: Path, prev: Previous | None, run_id: str, tally: Tally
 ) -> WalkStats:
     stats = WalkStats()
-    labeller = _labeller(cfg)
-    info = make_info(root, cfg.dataset, scan_options(cfg), run_id)
-    with manifest_writer(ws.manifest_path(cfg.dataset), info) as writer, progress(
-        desc=f"scan {cfg.dataset}", unit="file"
-    ) as bar, warnings.catch_warnings():
+    labeller, options = _labeller(cfg), scan_options(cfg)
+    info = make_info(root, cfg.dataset, options, run_id)
+    workers = cfg.workers or min(16, (os.cpu_count() or 1) + 4)
+    with manifest_writer(ws.manifest_path(cfg.dataset), info) as writer, ThreadPoolExecutor(
+        workers, thread_name_prefix="scan"
+    ) as pool, progress(desc=f"scan {cfg.dataset}", unit="file") as bar, warnings.catch_warnings():
         # Pillow warns between its limit and twice it; the scan records too_large itself.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        reader = _BatchReader(cfg, prev, labeller, options, pool, tally)
         buffered: list[pa.Table] = []  # batches are small; row groups of ROW_GROUP_ROWS read better
-        for table in _scan_tables(cfg, root, prev, stats, tally):
-            buffered.append(label_table(table, labeller, tally))
+        for table in _scan_tables(reader, root, stats):
+            count_table(table, labeller, tally)
+            buffered.append(table)
             bar.update(table.num_rows)
             if sum(t.num_rows for t in buffered) >= ROW_GROUP_ROWS:
                 writer.write_table(pa.concat_tables(buffered))

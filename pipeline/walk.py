@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+import logging
+import operator
 import os
 import stat
 from collections import Counter
 from collections.abc import Iterator
-from typing import NamedTuple
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
-from pipeline.probe import has_image_extension
+from pipeline.probe import IMAGE_EXTENSIONS
+
+log = logging.getLogger(__name__)
 
 # Reasons a directory entry is not a manifest row (keys of WalkStats.skipped).
 SKIP_HIDDEN = "hidden"
 SKIP_NON_IMAGE = "non_image"
 SKIP_OUTSIDE_ROOT = "link_outside_root"
 SKIP_LOOP = "link_loop"
+SKIP_LINKED_DIR = "link_to_scanned_dir"  # a folder link whose target is inside the root anyway
 SKIP_UNLISTABLE = "unlistable_dir"
 SKIP_SPECIAL = "special_file"  # sockets, FIFOs, devices: reading one could block for ever
+
+_by_name = operator.attrgetter("name")
+GROUP_FILES = 512  # files handed on at once from a big folder
 
 
 @dataclass(frozen=True)
@@ -46,76 +54,137 @@ class WalkStats:
 
 
 def walk(root: str, opts: WalkOptions, stats: WalkStats) -> Iterator[FileEntry]:
-    """Yield files under ``root`` depth-first, each directory's entries sorted by name.
+    """Yield files under ``root`` depth-first, each directory's entries sorted by name."""
+    for segment in walk_segments(root, opts, stats):
+        yield from segment
+
+
+def walk_segments(root: str, opts: WalkOptions, stats: WalkStats) -> Iterator[list[FileEntry]]:
+    """``walk`` in runs of consecutive files of one folder (cheaper than one yield per file).
 
     A directory is entered at most once by real path, so symlink loops end; links whose target
     leaves the root are skipped (counted) unless ``follow_links``.
     """
     real_root = os.path.realpath(root)
-    seen = {real_root}
-    yield from _walk_dir(root, "", real_root, opts, stats, seen)
+    for prefix, entries in _walk_dir(root, "", _Walk(real_root, opts, stats, {real_root})):
+        yield _counted(_stat_group(prefix, entries), stats)
 
 
-def _walk_dir(
-    folder: str, prefix: str, real_root: str, opts: WalkOptions, stats: WalkStats, seen: set[str]
-) -> Iterator[FileEntry]:
-    stats.dirs += 1
+def _counted(result: tuple[list[FileEntry], int], stats: WalkStats) -> list[FileEntry]:
+    files, specials = result
+    if specials:
+        stats.skipped[SKIP_SPECIAL] += specials
+    return files
+
+
+def _stat_group(prefix: str, entries: list[os.DirEntry]) -> tuple[list[FileEntry], int]:
+    """FileEntry for each candidate (one ``stat`` each), and how many were not regular files."""
+    files: list[FileEntry] = []
+    append, is_reg = files.append, stat.S_ISREG  # a rescan's hot loop: one pass per file
+    specials = 0
+    for entry in entries:
+        try:
+            st = entry.stat()
+        except OSError as exc:
+            reason = "a broken symbolic link" if entry.is_symlink() else (exc.strerror or str(exc))
+            append(FileEntry(prefix + entry.name, entry.path, None, None, f"cannot stat the file: {reason}"))
+            continue
+        if is_reg(st.st_mode):
+            append(FileEntry(prefix + entry.name, entry.path, st.st_size, st.st_mtime_ns))
+        else:
+            specials += 1
+    return files, specials
+
+
+@dataclass
+class _Walk:
+    real_root: str
+    opts: WalkOptions
+    stats: WalkStats
+    seen: set[str]
+
+
+def _walk_dir(folder: str, prefix: str, w: _Walk) -> Iterator[tuple[str, list[os.DirEntry]]]:
+    """(prefix, candidate files) groups in walk order, not yet stat'ed."""
+    w.stats.dirs += 1
     try:
         with os.scandir(folder) as it:
-            entries = sorted(it, key=lambda e: e.name)
-    except OSError:
-        # An unlistable folder: its files cannot even be named, so it is logged as one skip.
-        stats.skipped[SKIP_UNLISTABLE] += 1
-        return
-    for entry in entries:
-        if entry.name[0] == ".":
-            stats.skipped[SKIP_HIDDEN] += 1
-            continue
-        rel = prefix + entry.name
-        skip = _link_skip(entry, real_root, opts) if entry.is_symlink() else None
-        if skip:
-            stats.skipped[skip] += 1
-        elif _is_dir(entry):
-            real = os.path.realpath(entry.path)
-            if real in seen:
-                stats.skipped[SKIP_LOOP] += 1
-                continue
-            seen.add(real)
-            yield from _walk_dir(entry.path, rel + "/", real_root, opts, stats, seen)
-        elif not (opts.keep_non_images or has_image_extension(entry.name)):
-            stats.skipped[SKIP_NON_IMAGE] += 1
-        else:
-            item = _file_entry(entry, rel)
-            if item is None:
-                stats.skipped[SKIP_SPECIAL] += 1
-            else:
-                yield item
-
-
-def _is_dir(entry: os.DirEntry) -> bool:
-    try:
-        return entry.is_dir(follow_symlinks=True)
-    except OSError:
-        return False
-
-
-def _link_skip(entry: os.DirEntry, real_root: str, opts: WalkOptions) -> str | None:
-    """Why a symlink is not followed, or None. Broken links are not skipped: they become rows."""
-    if opts.follow_links:
-        return None
-    target = os.path.realpath(entry.path)
-    if not os.path.exists(target):
-        return None
-    inside = target == real_root or target.startswith(real_root.rstrip(os.sep) + os.sep)
-    return None if inside else SKIP_OUTSIDE_ROOT
-
-
-def _file_entry(entry: os.DirEntry, rel: str) -> FileEntry | None:
-    try:
-        st = entry.stat(follow_symlinks=True)
+            entries = sorted(it, key=_by_name)
     except OSError as exc:
-        reason = "a broken symbolic link" if entry.is_symlink() else (exc.strerror or str(exc))
-        return FileEntry(rel, entry.path, None, None, f"cannot stat the file: {reason}")
-    if not stat.S_ISREG(st.st_mode):
-        return None
-    return FileEntry(rel, entry.path, st.st_size, st.st_mtime_ns)
+        # Its files cannot even be named, so there are no rows to write: say so loudly.
+        log.warning("cannot list folder %s: %s", folder, exc.strerror or exc)
+        w.stats.skipped[SKIP_UNLISTABLE] += 1
+        return
+    files: list[os.DirEntry] = []
+    keep_all, skipped = w.opts.keep_non_images, w.stats.skipped
+    for entry in entries:
+        name = entry.name
+        if name[0] != "." and not entry.is_symlink() and not entry.is_dir():
+            # The common case inline (a plain file): a rescan spends most of its time here.
+            dot = name.rfind(".")
+            if keep_all or (dot > 0 and name[dot:].lower() in IMAGE_EXTENSIONS):
+                files.append(entry)
+            else:
+                skipped[SKIP_NON_IMAGE] += 1
+        elif _classify(entry, w, files):
+            if files:
+                yield prefix, files
+                files = []
+            yield from _walk_dir(entry.path, prefix + entry.name + "/", w)
+        elif len(files) >= GROUP_FILES:
+            yield prefix, files
+            files = []
+    if files:
+        yield prefix, files
+
+
+def _classify(entry: os.DirEntry, w: _Walk, files: list[os.DirEntry]) -> bool:
+    """Append a candidate file to ``files`` or count a skip; True for a directory to enter."""
+    if entry.name[0] == ".":
+        w.stats.skipped[SKIP_HIDDEN] += 1
+        return False
+    if entry.is_symlink():
+        return _classify_link(entry, w, files)
+    if entry.is_dir():
+        return True
+    _append_if_image(entry, w, files)
+    return False
+
+
+def _classify_link(entry: os.DirEntry, w: _Walk, files: list[os.DirEntry]) -> bool:
+    target = os.path.realpath(entry.path)
+    inside = target == w.real_root or target.startswith(w.real_root.rstrip(os.sep) + os.sep)
+    if not os.path.isdir(target):
+        # A file link (a broken one becomes an unreadable row): kept when it stays inside.
+        if inside or w.opts.follow_links or not os.path.exists(target):
+            _append_if_image(entry, w, files)
+        else:
+            w.stats.skipped[SKIP_OUTSIDE_ROOT] += 1
+        return False
+    if inside:
+        # Its files are scanned at their real path already; an ancestor would be a cycle.
+        w.stats.skipped[SKIP_LOOP if _is_ancestor(target, entry.path) else SKIP_LINKED_DIR] += 1
+        return False
+    if not w.opts.follow_links:
+        w.stats.skipped[SKIP_OUTSIDE_ROOT] += 1
+        return False
+    if target in w.seen:  # a cycle outside the root, or a second link to the same folder
+        w.stats.skipped[SKIP_LOOP] += 1
+        return False
+    w.seen.add(target)
+    return True
+
+
+def _is_ancestor(target: str, link: str) -> bool:
+    here = os.path.realpath(os.path.dirname(link))
+    return here == target or here.startswith(target.rstrip(os.sep) + os.sep)
+
+
+def _append_if_image(entry: os.DirEntry, w: _Walk, files: list[os.DirEntry]) -> None:
+    if not w.opts.keep_non_images:
+        name = entry.name
+        dot = name.rfind(".")
+        if dot <= 0 or name[dot:].lower() not in IMAGE_EXTENSIONS:
+            w.stats.skipped[SKIP_NON_IMAGE] += 1
+            return
+    files.append(entry)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -85,18 +84,13 @@ def _top_weights_local(spec: Any) -> bool:
     from pipeline.weights import expected_file
 
     if spec.imagenet_weights:  # shipped in a pip package: is that package installed?
-        return _pip_weights_installed(spec)
+        from pipeline.backbones import lite
+
+        return spec.name not in lite.VARIANTS or lite.weights_installed(spec.name)
     try:
         return expected_file(spec, include_top=True)[0].is_file()
     except ConfigError:  # Keras has no with-top file for it
         return False
-
-
-def _pip_weights_installed(spec: Any) -> bool:
-    from pipeline.backbones import lite
-
-    variant = lite.VARIANTS.get(spec.name)
-    return variant is None or importlib.util.find_spec(variant.module) is not None
 
 
 def _unavailable(name: str, why: str) -> ConfigError:

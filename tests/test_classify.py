@@ -99,3 +99,16 @@ def test_class_table_is_the_imagenet_1k_order():
     assert list(classes.wnids) == sorted(classes.wnids)  # Keras, timm and the Lite weights: sorted wnids
     assert classes.wnids[0] == "n01440764" and classes.names[0] == "tench"
     assert all(classes.names)
+
+
+def test_listing_of_usable_backbones_follows_installed_weight_packages(monkeypatch, keras_home):
+    import dataclasses
+
+    from pipeline.backbones import lite
+    from pipeline.classify import classifier_backbones
+
+    absent = dataclasses.replace(lite.VARIANTS["efficientnet_lite1"], module="imgfeat_no_such_weights_pkg")
+    monkeypatch.setitem(lite.VARIANTS, "efficientnet_lite1", absent)
+    usable = classifier_backbones()
+    assert "efficientnet_lite0" in usable and "efficientnet_lite1" not in usable
+    assert "mobilenet_v2" not in usable  # its with-top file is not in this empty Keras cache

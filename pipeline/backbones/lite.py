@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
 import logging
 import math
 import os
@@ -267,6 +268,11 @@ def source_weights_file(variant: LiteVariant) -> Path:
     if not path.is_file():
         raise ConfigError(f"{variant.name}: {path} is missing; reinstall with: {variant.extra}")
     return path
+
+
+def weights_installed(name: str) -> bool:
+    """Whether the pip package with ``name``'s ImageNet weights is installed (no import, no hashing)."""
+    return importlib.util.find_spec(VARIANTS[name].module) is not None
 
 
 @lru_cache(maxsize=8)

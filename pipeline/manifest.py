@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import json
+import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -79,7 +80,7 @@ def dataset_root(ws: Workspace, dataset: str) -> Path:
 def make_info(root: Path, dataset: str, options: Mapping[str, Any], run_id: str | None) -> dict[str, Any]:
     """The metadata object stored in the footer (root as an absolute POSIX path)."""
     return {
-        "root": Path(root).absolute().as_posix(),
+        "root": Path(os.path.abspath(root)).as_posix(),
         "dataset": dataset,
         "options": dict(options),
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

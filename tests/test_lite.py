@@ -47,19 +47,37 @@ def _needs_package(name: str):
 @pytest.mark.parametrize(
     "name", [pytest.param(n, marks=_needs_package(n)) for n in lite.VARIANTS]
 )
-def test_matches_the_pytorch_reference(keras_home, name):
-    ref = np.load(FIXTURES / f"{name}.npz")
-    script = _reference_script()
-    batch = script.synthetic_batch(int(ref["size"]))
-    assert hashlib.sha256(batch.tobytes()).hexdigest() == str(ref["input_sha256"]), "input recipe drifted"
-    x = lite.preprocess_input(batch)
-    logits_model = lite.efficientnet_lite(name, include_top=True, classifier_activation=None)
-    features_model = lite.efficientnet_lite(name, include_top=False, pooling="avg")
-    logits = logits_model.predict(x, verbose=0)
-    pooled = features_model.predict(x, verbose=0)
-    assert pooled.shape == (len(batch), lite.HEAD_WIDTH)
+def test_matches_the_pytorch_reference(name):
+    """The graph and the weight mapping: torch state_dict -> Keras, logits and pooled features."""
+    import keras
+
+    from pipeline.torchfile import read_state_dict
+
+    ref, x = _reference(name)
+    variant = lite.VARIANTS[name]
+    full = lite.build_lite(variant, include_top=True, classifier_activation=None)
+    lite.load_torch_weights(full, variant, read_state_dict(lite.source_weights_file(variant)))
+    both = keras.Model(full.inputs, [full.get_layer("avg_pool").output, full.output])
+    pooled, logits = both.predict(x, verbose=0)
     assert np.abs(logits - ref["logits"]).max() < TOLERANCE
     assert np.abs(pooled - ref["pooled"]).max() < TOLERANCE
+
+
+def test_imagenet_feature_model_through_the_keras_cache_matches_too(keras_home):
+    """What extract builds: include_top=False from the converted .weights.h5, avg pooled."""
+    ref, x = _reference("efficientnet_lite0")
+    model = lite.EfficientNetLite0(include_top=False, weights="imagenet", pooling="avg")
+    pooled = model.predict(x, verbose=0)
+    assert pooled.shape == (len(x), lite.HEAD_WIDTH)
+    assert np.abs(pooled - ref["pooled"]).max() < TOLERANCE
+
+
+def _reference(name: str) -> tuple[np.lib.npyio.NpzFile, np.ndarray]:
+    """The fixture and the preprocessed input it was made from (rebuilt, and checked by hash)."""
+    ref = np.load(FIXTURES / f"{name}.npz")
+    batch = _reference_script().synthetic_batch(int(ref["size"]))
+    assert hashlib.sha256(batch.tobytes()).hexdigest() == str(ref["input_sha256"]), "input recipe drifted"
+    return ref, lite.preprocess_input(batch)
 
 
 def test_weights_convert_once_into_the_keras_cache(keras_home):

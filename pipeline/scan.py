@@ -22,9 +22,10 @@ from PIL import Image
 
 from pipeline import schemas as S
 from pipeline.errors import ConfigError
-from pipeline.manifest import ROW_GROUP_ROWS, file_schema, make_info, manifest_writer, read_info, read_table, rows_to_table
+from pipeline.manifest import ROW_GROUP_ROWS, make_info, manifest_writer, rows_to_table
 from pipeline.probe import Probe, probe_file
 from pipeline.progress import progress
+from pipeline.rescan import SETTLED, OldRows, Previous, classify, load_previous
 from pipeline.storage import FileLock, remove_stale_tmp
 from pipeline.walk import FileEntry, WalkOptions, WalkStats, walk, walk_segments
 from pipeline.workspace import Workspace, check_name
@@ -110,22 +111,6 @@ def fraction_split(image_id: str, test_fraction: float) -> str:
     return S.SPLIT_TEST if int(image_id[:8], 16) / 2**32 < test_fraction else S.SPLIT_TRAIN
 
 
-@dataclass(frozen=True)
-class Previous:
-    """The last manifest of the dataset, indexed by path: what a rescan may carry over."""
-
-    path: Path
-    index: dict[str, tuple[int, int | None, int | None, str, int | None, int | None]]
-    options: dict[str, Any]  # the scan options its rows were made with
-
-    @property
-    def max_pixels(self) -> int | None:
-        return self.options.get("max_pixels")
-
-    def table(self) -> pa.Table:
-        return read_table(self.path)
-
-
 @dataclass
 class Tally:
     """Counts that end up in the summary."""
@@ -204,51 +189,6 @@ def _walk_options(cfg: ScanConfig) -> WalkOptions:
     return WalkOptions(follow_links=cfg.follow_links, keep_non_images=cfg.keep_non_images)
 
 
-# ---------------------------------------------------------------- the previous manifest
-
-
-def load_previous(path: Path, root: Path) -> Previous | None:
-    """Index the old manifest (only the columns the change check needs), if it is for this root."""
-    if not path.is_file():
-        return None
-    try:
-        info = read_info(path)
-        if info.get("root") != root.as_posix():
-            log.info("the dataset's root changed; every file is read again")
-            return None
-        if file_schema(path).remove_metadata() != S.MANIFEST_SCHEMA:
-            log.info("the previous manifest has another schema; every file is read again")
-            return None
-        cols = [S.PATH, S.BYTES, S.MTIME_NS, S.STATUS, S.WIDTH, S.HEIGHT]
-        t = read_table(path, cols).to_pydict()
-    except (OSError, ValueError, ConfigError, pa.ArrowException) as exc:
-        log.warning("cannot read the previous manifest %s (%s); every file is read again", path, exc)
-        return None
-    index = dict(zip(t[S.PATH], zip(range(len(t[S.PATH])), t[S.BYTES], t[S.MTIME_NS], t[S.STATUS],
-                                    t[S.WIDTH], t[S.HEIGHT])))
-    return Previous(path, index, info.get("options", {}))
-
-
-# Statuses a file keeps while its size and mtime stay the same (too_large depends on the limit).
-SETTLED = frozenset(S.STATUS_CODES) - {S.STATUS_UNREADABLE, S.STATUS_TOO_LARGE}
-
-
-def classify(entry: FileEntry, prev: Previous | None, max_pixels: int) -> str:
-    """``added``, ``changed``, ``unchanged`` or ``retried`` (same on disk, but worth reading again)."""
-    old = prev.index.get(entry.rel) if prev else None
-    if old is None:
-        return "added"
-    _, size, mtime, status, width, height = old
-    if (size, mtime) != (entry.size, entry.mtime_ns):
-        return "changed"
-    if status == S.STATUS_UNREADABLE:
-        return "retried"
-    # A file over the old pixel limit was never checked for truncation: read it if now allowed.
-    if status == S.STATUS_TOO_LARGE and (width is None or width * height <= max_pixels):
-        return "retried"
-    return "unchanged"
-
-
 # ---------------------------------------------------------------- the mapper: files -> rows
 
 
@@ -325,22 +265,22 @@ class _BatchReader:
     def __init__(self, cfg: ScanConfig, prev: Previous | None, labeller: Labeller, options: dict[str, Any],
                  pool: ThreadPoolExecutor, tally: Tally):
         self.cfg, self.prev, self.labeller, self.pool, self.tally = cfg, prev, labeller, pool, tally
-        self._old: pa.Table | None = None
+        self.old: OldRows | None = prev.cursor() if prev else None
         self._relabel = prev is not None and any(prev.options.get(k) != options[k] for k in LABEL_OPTIONS)
         self._repixel = prev is not None and prev.max_pixels != cfg.max_pixels
 
     def submit(self, batch: list[FileEntry]) -> tuple[list[FileEntry], list[Any]]:
-        """Per file: a Future of its Probe, or the index of its old row."""
+        """Per file: a Future of its Probe, or the row number of its old row."""
         slots: list[Any] = []
         counts: Counter = Counter()
-        get = self.prev.index.get if self.prev else {}.get
+        find = self.old.find if self.old else lambda rel: None
         for entry in batch:
-            old = get(entry.rel)
+            old = find(entry.rel)
             # A rescan's common case, tested inline: same size and mtime, a settled status.
             if old is not None and old[1] == entry.size and old[2] == entry.mtime_ns and old[3] in SETTLED:
                 slots.append(old[0])
                 continue
-            kind = classify(entry, self.prev, self.cfg.max_pixels)
+            kind = classify(entry, old, self.cfg.max_pixels)
             if kind == "unchanged":  # e.g. still over the pixel limit: nothing to learn by reading it
                 slots.append(old[0])
                 continue
@@ -377,15 +317,20 @@ class _BatchReader:
     def _flush_run(self, run: list[int], segments: list[pa.Table]) -> None:
         if not run:
             return
-        if self._old is None:
-            self._old = self.prev.table()  # read once, only when something is carried over
-        part = self._old.slice(run[0], run[1])
-        if self._repixel:
-            part = rows_to_table(repixel(part.to_pylist(), self.cfg.max_pixels))
-        if self._relabel:
-            part = relabel(part, self.labeller)
-        segments.append(part)
+        for part in self.old.rows(run[0], run[1]):
+            if self._repixel:
+                part = rows_to_table(repixel(part.to_pylist(), self.cfg.max_pixels))
+            if self._relabel:
+                part = relabel(part, self.labeller)
+            segments.append(part)
         run.clear()
+
+    def release(self, pending: deque) -> None:
+        """Let go of old row groups that neither the batches in flight nor later files can use."""
+        if self.old is None:
+            return
+        carried = [s for _, slots in pending for s in slots if not isinstance(s, Future)]
+        self.old.release_before(min(carried, default=self.old.position))
 
 
 def _scan_tables(reader: _BatchReader, root: Path, stats: WalkStats) -> Iterator[pa.Table]:
@@ -397,6 +342,7 @@ def _scan_tables(reader: _BatchReader, root: Path, stats: WalkStats) -> Iterator
             pending.append(reader.submit(batch))
             if len(pending) > 1:
                 yield reader.table(*pending.popleft())
+                reader.release(pending)
         while pending:
             yield reader.table(*pending.popleft())
     finally:
@@ -404,6 +350,8 @@ def _scan_tables(reader: _BatchReader, root: Path, stats: WalkStats) -> Iterator
             for s in slots:
                 if isinstance(s, Future):
                     s.cancel()
+        if reader.old is not None:
+            reader.old.close()
 
 
 # ---------------------------------------------------------------- the writer and the stage
@@ -449,7 +397,7 @@ def run_scan(ws: Workspace, cfg: ScanConfig, run_id: str) -> dict[str, Any]:
         remove_stale_tmp(path.parent)
         prev = load_previous(path, root)
         stats = _write_manifest(ws, cfg, root, prev, run_id, tally)
-    removed = (len(prev.index) if prev else 0) - tally.changed - tally.unchanged - tally.retried
+    removed = (prev.rows if prev else 0) - tally.changed - tally.unchanged - tally.retried
     summary = _summary(cfg, root, path, tally, stats, removed, time.perf_counter() - t0)
     log.info(
         "scanned %s: %d files (%d added, %d changed, %d unchanged, %d removed), %d ok, %d errors, "
@@ -493,18 +441,26 @@ def plan_scan(ws: Workspace, cfg: ScanConfig) -> dict[str, Any]:
     """A stat-only dry run: how many files are new, changed, removed or unchanged (nothing is read)."""
     root = resolve_root(cfg.root)
     prev = load_previous(ws.manifest_path(cfg.dataset), root)
+    old = prev.cursor(keep=False) if prev else None
     stats = WalkStats()
     counts: Counter = Counter()
-    for entry in walk(str(root), _walk_options(cfg), stats):
-        kind = classify(entry, prev, cfg.max_pixels)
-        counts["new" if kind == "added" else "changed" if kind in ("changed", "retried") else kind] += 1
-    seen = counts["changed"] + counts["unchanged"]
+    try:
+        for entry in walk(str(root), _walk_options(cfg), stats):
+            kind = classify(entry, old.find(entry.rel) if old else None, cfg.max_pixels)
+            counts[PLAN_KINDS[kind]] += 1
+    finally:
+        if old is not None:
+            old.close()
     return {
         "dataset": cfg.dataset,
         "root": root.as_posix(),
         "new": counts["new"],
         "changed": counts["changed"],
         "unchanged": counts["unchanged"],
-        "removed": (len(prev.index) if prev else 0) - seen,
+        "removed": (prev.rows if prev else 0) - (old.matched if old else 0),
         "skipped": {k: v for k, v in sorted(stats.skipped.items()) if v},
     }
+
+
+# What a dry run calls each kind of file (a retried file will be read again, like a changed one).
+PLAN_KINDS = {"added": "new", "changed": "changed", "retried": "changed", "unchanged": "unchanged"}

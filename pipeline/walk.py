@@ -83,6 +83,9 @@ def _stat_group(prefix: str, entries: list[os.DirEntry]) -> tuple[list[FileEntry
     append, is_reg = files.append, stat.S_ISREG  # a rescan's hot loop: one pass per file
     specials = 0
     for entry in entries:
+        if not (entry.name.isascii() and prefix.isascii()) and not _utf8(prefix + entry.name):
+            append(_bad_name(prefix + entry.name, entry.path))
+            continue
         try:
             st = entry.stat()
         except OSError as exc:
@@ -94,6 +97,20 @@ def _stat_group(prefix: str, entries: list[os.DirEntry]) -> tuple[list[FileEntry
         else:
             specials += 1
     return files, specials
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _bad_name(rel: str, path: str) -> FileEntry:
+    """A name that is not UTF-8 cannot be a Parquet string: a row with the bytes escaped, unreadable."""
+    shown = rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return FileEntry(shown, path, None, None, "the file name is not valid UTF-8; rename the file to scan it")
 
 
 @dataclass

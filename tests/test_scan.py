@@ -518,3 +518,39 @@ def test_cli_help_explains_layouts_and_gives_examples(capsys):
     text = capsys.readouterr().out
     for words in ("ROOT/<split>/<label>", "--test-fraction", "--labels", "examples:", "imgfeat scan "):
         assert words in text
+
+
+def test_rescan_merges_with_the_old_manifest_across_row_groups(ws, tmp_path, monkeypatch, counted_probes):
+    """Small row groups and batches: carried rows come from many groups, interleaved with new ones."""
+    from pipeline import manifest as manifest_mod
+    from pipeline.rescan import walk_key
+
+    for module in (manifest_mod, scan_mod):
+        monkeypatch.setattr(module, "ROW_GROUP_ROWS", 7)
+    monkeypatch.setattr(scan_mod, "BATCH_FILES", 5)
+    root = tmp_path / "r"
+    names = ["a.jpg", "a/x.jpg", "a b/x.jpg", "a-b.jpg", "a.b/x.jpg", "B.jpg", "b/c/d.jpg", "é.jpg", "z/0.jpg"]
+    for i in range(60):
+        write(root, f"{i % 4}/{names[i % len(names)].replace('.jpg', f'_{i}.jpg')}", jpeg(seed=i, size=(4, 4)))
+    run_scan(ws, ScanConfig(root, "d"), "r1")
+    first = rows_by_path(ws)
+    assert list(first) == sorted(first, key=walk_key)  # the order the merge relies on
+    assert manifest_mod.pq.ParquetFile(ws.manifest_path("d")).num_row_groups > 5
+
+    doomed = sorted(first)[::6]
+    for rel in doomed:
+        (root / rel).unlink()
+    added = ["0/a/new.jpg", "1/a b/new.jpg", "3/zz.jpg", "2/é/new.jpg"]
+    for i, rel in enumerate(added):
+        write(root, rel, jpeg(seed=500 + i, size=(4, 4)))
+    rewritten = sorted(first)[3]
+    write(root, rewritten, jpeg(seed=999, size=(5, 5)))
+    counted_probes.clear()
+    summary = run_scan(ws, ScanConfig(root, "d"), "r2")
+
+    expected_reads = sorted(str(root / rel) for rel in [*added, rewritten])
+    assert sorted(counted_probes) == expected_reads
+    assert (summary["added"], summary["changed"], summary["removed"]) == (4, 1, len(doomed))
+    assert summary["unchanged"] == 60 - len(doomed) - 1
+    run_scan(ws, ScanConfig(root, "fresh"), "r3")  # what a scan from scratch says
+    assert read_manifest(ws, "d").to_pylist() == read_manifest(ws, "fresh").to_pylist()

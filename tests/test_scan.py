@@ -195,6 +195,19 @@ def test_too_large_is_checked_against_max_pixels_with_the_size_recorded(ws, tmp_
     assert rows["small.png"][S.STATUS] == S.STATUS_OK
 
 
+def test_a_file_name_that_is_not_utf8_is_an_unreadable_row(ws, tmp_path):
+    root = tmp_path / "r"
+    write(root, "fine.jpg", jpeg())
+    os.makedirs(os.fsencode(root) + b"/caf\xe9")
+    with open(os.fsencode(root) + b"/caf\xe9/x.jpg", "wb") as fh:
+        fh.write(jpeg(seed=1))
+    summary = run_scan(ws, ScanConfig(root, "d"), "r")
+    rows = rows_by_path(ws)
+    assert rows["caf\\xe9/x.jpg"][S.STATUS] == S.STATUS_UNREADABLE
+    assert "UTF-8" in rows["caf\\xe9/x.jpg"][S.ERROR]
+    assert summary["status"] == {"ok": 1, "unreadable": 1}
+
+
 def test_keep_non_images_records_them_and_pillow_decides(ws, tmp_path):
     root = tmp_path / "r"
     write(root, "notes.txt", b"plain text")
@@ -407,8 +420,12 @@ def test_rescan_with_new_options_relabels_carried_rows_without_hashing(ws, tmp_p
     assert {r[S.STATUS] for r in rows.values()} == {S.STATUS_TOO_LARGE}  # 64 pixels > 10
     assert manifest_info(ws, "d")["options"]["test_fraction"] == 0.5
 
-    summary = run_scan(ws, ScanConfig(root, "d"), "r3")  # back to the default limit: ok again
-    assert {r[S.STATUS] for r in rows_by_path(ws).values()} == {S.STATUS_OK}
+    labels.write_text("path,label\ncat/0.jpg,puma\n")  # same CSV path, new content
+    summary = run_scan(ws, ScanConfig(root, "d", labels_csv=labels, test_fraction=0.5), "r3")
+    assert rows_by_path(ws)["cat/0.jpg"][S.LABEL] == "puma"
+    assert {r[S.STATUS] for r in rows_by_path(ws).values()} == {S.STATUS_OK}  # default limit again
+    # Files that were over the limit were never checked for truncation: now they are read.
+    assert summary["retried"] == 4 and len(counted_probes) == 4
 
 
 def test_a_crash_mid_scan_keeps_the_old_manifest_and_leaves_no_partial_file(ws, tmp_path, monkeypatch):

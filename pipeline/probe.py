@@ -91,12 +91,15 @@ def _probe_header(path: str, digest: str, data: bytes | None, tail: bytes, max_p
         return Probe(digest, S.STATUS_NOT_AN_IMAGE, f"unreadable image header: {exc}")
     probe = Probe(digest, S.STATUS_OK, None, width, height, fmt, mode)
     if width * height > max_pixels:
-        msg = f"{width}x{height} = {width * height} pixels is over the limit of {max_pixels}"
-        return _with(probe, S.STATUS_TOO_LARGE, msg)
+        return _with(probe, S.STATUS_TOO_LARGE, over_limit_message(width, height, max_pixels))
     missing_end = truncation(fmt, tail, data)
     if missing_end:
         return _with(probe, S.STATUS_TRUNCATED, missing_end)
     return probe
+
+
+def over_limit_message(width: int, height: int, max_pixels: int) -> str:
+    return f"{width}x{height} = {width * height} pixels is over the limit of {max_pixels}"
 
 
 def _with(probe: Probe, status: str, error: str) -> Probe:

@@ -23,7 +23,7 @@ from PIL import Image
 from pipeline import schemas as S
 from pipeline.errors import ConfigError
 from pipeline.manifest import ROW_GROUP_ROWS, make_info, manifest_writer, rows_to_table
-from pipeline.probe import Probe, probe_file
+from pipeline.probe import Probe, over_limit_message, probe_file
 from pipeline.progress import progress
 from pipeline.rescan import SETTLED, OldRows, Previous, classify, load_previous
 from pipeline.storage import FileLock, remove_stale_tmp
@@ -222,7 +222,7 @@ def repixel(rows: list[dict[str, Any]], max_pixels: int) -> list[dict[str, Any]]
     for row in rows:
         w, h = row[S.WIDTH], row[S.HEIGHT]
         if row[S.STATUS] == S.STATUS_OK and w is not None and h is not None and w * h > max_pixels:
-            row = {**row, S.STATUS: S.STATUS_TOO_LARGE, S.ERROR: f"{w}x{h} = {w * h} pixels is over the limit of {max_pixels}"}
+            row = {**row, S.STATUS: S.STATUS_TOO_LARGE, S.ERROR: over_limit_message(w, h, max_pixels)}
         out.append(row)
     return out
 

@@ -19,6 +19,7 @@ feature or an error row, no id twice in this run's shards) and fails the run oth
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -59,8 +60,8 @@ log = logging.getLogger(__name__)
 
 NEEDS_RAY = "--executor ray needs Ray: pip install 'imgfeat[ray]'"
 SHARD_TAG = "ray"  # part-<run>-ray-<first todo position>.parquet
-ENV_FAULT = "IMGFEAT_RAY_FAULT"  # test hook: "<before_commit|after_commit>:<marker file>"
-FAULT_POINTS = ("before_commit", "after_commit")
+ENV_FAULT = "IMGFEAT_RAY_FAULT"  # test hook, see Fault
+FAULT_ACTIONS = ("exit_before_commit", "exit_after_commit", "stop_after_one_shard")
 FAULT_EXIT_CODE = 17
 SHARDS_PER_WORKER = 4  # small todo lists are cut finer so decode overlaps the model
 # Environment the workers must share with the driver so they build the same model.
@@ -111,9 +112,15 @@ def _host_port(address: str) -> bool:
 
 @dataclass(frozen=True)
 class Fault:
-    """Test-only: the first actor batch to claim ``marker`` dies with os._exit at ``when``."""
+    """Test-only, from ``$IMGFEAT_RAY_FAULT=<action>:<marker file>``; the marker makes it strike once.
 
-    when: str
+    ``exit_before_commit`` / ``exit_after_commit``: the first batch to claim the marker kills its
+    actor process there (Ray restarts the actor and retries the batch). ``stop_after_one_shard``:
+    the first batch claims the marker and commits, every later batch raises before committing,
+    so the run fails with exactly one shard written (an interrupted run, for resume tests).
+    """
+
+    action: str
     marker: str
 
     @classmethod
@@ -121,20 +128,26 @@ class Fault:
         value = os.environ.get(ENV_FAULT)
         if not value:
             return None
-        when, _, marker = value.partition(":")
-        if when not in FAULT_POINTS or not marker:
-            raise ConfigError(f"{ENV_FAULT}={value!r}: expected '<{'|'.join(FAULT_POINTS)}>:<marker file>'")
-        return cls(when, marker)
+        action, _, marker = value.partition(":")
+        if action not in FAULT_ACTIONS or not marker:
+            raise ConfigError(f"{ENV_FAULT}={value!r}: expected '<{'|'.join(FAULT_ACTIONS)}>:<marker file>'")
+        return cls(action, marker)
 
-    def strike(self, when: str) -> None:
-        if when != self.when:
-            return
+    def strike(self, point: str) -> None:
+        """Called at ``before_commit`` and ``after_commit`` of every batch."""
+        if self.action == "stop_after_one_shard" and point == "before_commit":
+            if not self._claim():
+                raise ImgfeatError("test fault: the run stops after one shard")
+        elif self.action == f"exit_{point}" and self._claim():
+            log.warning("test fault %s: worker %d exits now", self.action, os.getpid())
+            os._exit(FAULT_EXIT_CODE)
+
+    def _claim(self) -> bool:
         try:
             os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            return True
         except FileExistsError:
-            return  # already struck once: the retry must go through
-        log.warning("test fault %s: worker %d exits now", when, os.getpid())
-        os._exit(FAULT_EXIT_CODE)
+            return False
 
 
 # ------------------------------------------------------------------------------- mappers (run on Ray)
@@ -283,8 +296,8 @@ def _run_on_ray(ray, ws: Workspace, cfg: ExtractConfig, ray_cfg: RayConfig, prov
                  plan["rows_per_shard"], plan["workers"], plan["gpus_per_worker"], ray_cfg.cpus_per_worker)
         ds = _dataset(ray, ws, cfg, ray_cfg, prov, todo, run_id, fault, plan)
         stats, shards = LoopStats(), 0
-        with progress(total=len(todo), desc="extract (ray)") as bar:
-            for report in _reports(ds):
+        with progress(total=len(todo), desc="extract (ray)") as bar, contextlib.closing(_reports(ds)) as reports:
+            for report in reports:
                 _add_report(stats, report)
                 shards += 1 if report.extracted else 0
                 bar.update(report.extracted + len(report.failed))
@@ -365,8 +378,16 @@ def _todo_blocks(todo: list[Item], rows: int) -> list[pa.Table]:
 
 
 def _reports(ds) -> Iterator[ShardReport]:
-    for row in ds.iter_rows():
-        yield ShardReport(**json.loads(row[REPORT]))
+    rows = ds.iter_rows()
+    try:
+        for row in rows:
+            yield ShardReport(**json.loads(row[REPORT]))
+    finally:
+        # Stop the streaming executor (and its actors) now, not whenever the generator is collected,
+        # so an interrupted driver leaves no actor writing behind it.
+        close = getattr(rows, "close", None)
+        if close:
+            close()
 
 
 def _add_report(stats: LoopStats, report: ShardReport) -> None:

@@ -1,0 +1,213 @@
+"""The Ray executor writes the featureset the local executor writes, survives a killed actor, and resumes either way."""
+
+from __future__ import annotations
+
+import io
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline import schemas as S
+from pipeline.errors import ConfigError
+from pipeline.extract import ExtractConfig, featureset_name, run_extract
+from pipeline.featureset import feature_shards, load_features, read_errors
+from pipeline.ray_executor import ENV_FAULT, NEEDS_RAY, RayConfig, import_ray, run_extract_ray
+from pipeline.scan import ScanConfig, run_scan
+from pipeline.workspace import Workspace
+
+N_IMAGES = 40
+# Tiny and seeded: random weights, 32x32 inputs, 8-image batches, 16-row shards (3 shards).
+CFG = ExtractConfig(dataset="tiny", backbone="mobilenet_v2", weights="none", input_size=32,
+                    batch_size=8, shard_size=16, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")  # the optional extra; CI installs it
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    """40 noise PNGs of varied sizes, one PNG whose pixel data is corrupt (a decode error, not a
+    scan error) and one file that is not an image (a scan error)."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i in range(N_IMAGES):
+        folder = root / f"class{i % 2}"
+        folder.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (20 + i, 30, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    at = data.find(b"IDAT") + 40
+    data[at:at + 64] = bytes(64)
+    (root / "class0" / "corrupt.png").write_bytes(bytes(data))
+    (root / "class1" / "notes.png").write_bytes(b"not an image at all")
+    return root
+
+
+def _workspace(tmp: Path, images: Path) -> Workspace:
+    ws = Workspace(tmp)
+    run_scan(ws, ScanConfig(root=images, dataset=CFG.dataset), run_id="scan")
+    return ws
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, images):
+    """The local executor's featureset: ids, features and error rows every Ray run must match."""
+    ws = _workspace(tmp_path_factory.mktemp("ref"), images)
+    summary = run_extract(ws, CFG, "local")
+    ids, X = load_features(ws, summary["featureset"])
+    order = np.argsort(ids.astype(str))
+    return {"summary": summary, "ids": ids[order], "X": X[order], "errors": _error_codes(ws, summary["featureset"])}
+
+
+def _error_codes(ws: Workspace, fs: str) -> dict[str | None, tuple[str, str]]:
+    return {(r[S.IMAGE_ID] or r[S.PATH]): (r[S.STAGE], r[S.ERROR_CODE]) for r in read_errors(ws, fs).to_pylist()}
+
+
+def _feature_rows(ws: Workspace, fs: str) -> list[str]:
+    """Every image_id row in every committed feature shard (duplicates included)."""
+    return [v for p in feature_shards(ws, fs) for v in pq.read_table(p, columns=[S.IMAGE_ID]).column(0).to_pylist()]
+
+
+def _assert_matches_reference(ws: Workspace, reference) -> None:
+    fs = reference["summary"]["featureset"]
+    rows = _feature_rows(ws, fs)
+    assert len(rows) == len(set(rows)), "an image has two feature rows"
+    ids, X = load_features(ws, fs)
+    order = np.argsort(ids.astype(str))
+    assert list(ids[order]) == list(reference["ids"])
+    np.testing.assert_allclose(X[order], reference["X"], atol=1e-5, rtol=0)
+    assert _error_codes(ws, fs) == reference["errors"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_featureset_equals_local_and_rerun_does_no_work(ray_cluster, images, reference, tmp_path):
+    ws = _workspace(tmp_path, images)
+    out = run_extract_ray(ws, CFG, RayConfig(), "r1")
+    _assert_matches_reference(ws, reference)
+    local = reference["summary"]
+    assert set(local) <= set(out), "the Ray summary lacks keys of the local one"
+    for key in ("featureset", "manifest_rows", "extracted", "reused", "errors", "error_rows", "error_rate"):
+        assert out[key] == local[key], key
+    assert out["executor"] == "ray" and out["duplicate_rows"] == 0
+    assert out["errors"]["by_code"] == {"not_an_image": 1, "unreadable": 1}
+    # A shard written on Ray describes itself like a local one.
+    assert all(p.name.startswith("part-r1-ray-") for p in feature_shards(ws, out["featureset"]))
+    meta = pq.read_schema(feature_shards(ws, out["featureset"])[0]).metadata[S.META_PROVENANCE]
+    assert out["featureset"].encode() in meta
+
+    again = run_extract_ray(ws, CFG, RayConfig(), "r2")
+    assert (again["extracted"], again["reused"], again["model_built"]) == (0, N_IMAGES, False)
+    assert (again["errors"]["new"], again["errors"]["known"]) == (0, 2)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_actor_killed_after_committing_is_restarted_without_duplicate_rows(ray_cluster, images, reference,
+                                                                           tmp_path, monkeypatch):
+    # After its commit is the worst moment: the retried batch must overwrite its own shard, not add one.
+    ws = _workspace(tmp_path / "ws", images)
+    marker = tmp_path / "fault-struck"
+    monkeypatch.setenv(ENV_FAULT, f"exit_after_commit:{marker}")
+    out = run_extract_ray(ws, CFG, RayConfig(), "crash")
+    assert marker.exists(), "the actor never died: the test hook did not fire"
+    _assert_matches_reference(ws, reference)
+    assert out["extracted"] == reference["summary"]["extracted"] and out["duplicate_rows"] == 0
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_local_run_interrupted_after_a_shard_is_finished_on_ray_despite_a_killed_actor(
+        ray_cluster, images, reference, tmp_path, monkeypatch):
+    from pipeline.shards import ShardWriter
+
+    ws = _workspace(tmp_path / "ws", images)
+    commit = ShardWriter._commit_features
+
+    def commit_once_then_die(self, n):
+        if self._seq > 0:
+            raise Interrupted("killed after the first shard")
+        commit(self, n)
+
+    monkeypatch.setattr(ShardWriter, "_commit_features", commit_once_then_die)
+    with pytest.raises(Interrupted):
+        run_extract(ws, CFG, "local")
+    monkeypatch.undo()
+    first = len(_feature_rows(ws, featureset_name(CFG)))
+    assert 0 < first < N_IMAGES
+
+    # The Ray run resumes it; one actor dies with computed but uncommitted rows: none may go missing.
+    marker = tmp_path / "fault-struck"
+    monkeypatch.setenv(ENV_FAULT, f"exit_before_commit:{marker}")
+    out = run_extract_ray(ws, CFG, RayConfig(), "ray")
+    assert marker.exists()
+    assert (out["reused"], out["extracted"]) == (first, N_IMAGES - first)
+    _assert_matches_reference(ws, reference)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_run_interrupted_after_a_shard_is_finished_locally(ray_cluster, images, reference, tmp_path,
+                                                               monkeypatch):
+    ws = _workspace(tmp_path / "ws", images)
+    monkeypatch.setenv(ENV_FAULT, f"stop_after_one_shard:{tmp_path / 'fault-struck'}")
+    with pytest.raises(Exception, match="the run stops after one shard"):
+        run_extract_ray(ws, CFG, RayConfig(), "ray")
+    monkeypatch.delenv(ENV_FAULT)
+    first = len(_feature_rows(ws, featureset_name(CFG)))
+    assert 0 < first < N_IMAGES
+
+    out = run_extract(ws, CFG, "local")
+    assert (out["reused"], out["extracted"]) == (first, N_IMAGES - first)
+    _assert_matches_reference(ws, reference)
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize(
+    "ray_cfg, message",
+    [
+        (RayConfig(gpus_per_worker=1), "has 0 GPU"),
+        (RayConfig(workers=2), "leave none for decoding"),
+    ],
+)
+def test_a_pool_ray_cannot_schedule_fails_fast(ray_cluster, images, tmp_path, ray_cfg, message):
+    ws = _workspace(tmp_path, images)
+    with pytest.raises(ConfigError, match=message):
+        run_extract_ray(ws, CFG, ray_cfg, "r")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"address": "somewhere"}, "invalid Ray address 'somewhere'"),
+        ({"workers": 0}, "workers must be a positive integer"),
+        ({"gpus_per_worker": -1}, "gpus per worker"),
+        ({"cpus_per_worker": 0}, "cpus per worker"),
+    ],
+)
+def test_bad_ray_config_names_the_value(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        RayConfig(**kwargs)
+    for ok in (None, "auto", "local", "ray://head:10001", "10.0.0.1:6379"):
+        RayConfig(address=ok)
+
+
+def test_without_ray_the_executor_is_a_usage_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` sees when the extra is missing
+    with pytest.raises(ConfigError) as exc:
+        import_ray()
+    assert str(exc.value) == NEEDS_RAY and exc.value.exit_code == 2

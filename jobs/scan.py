@@ -56,8 +56,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="probe files without an image extension too; unidentified ones become "
                         "not_an_image rows instead of being skipped")
     p.add_argument("--max-pixels", type=positive_int, metavar="N", default=None,
-                   help="width*height above this is status too_large "
-                        "(default: Pillow's decompression-bomb limit, 89478485)")
+                   help="width*height above this is status too_large (default: Pillow's "
+                        "decompression-bomb limit, 89478485; Pillow itself refuses twice that)")
     p.add_argument("--workers", type=positive_int, metavar="N", default=None,
                    help="reader threads (default: CPU count + 4, at most 16)")
     p.add_argument("--wait", type=float, metavar="SECONDS", default=None,

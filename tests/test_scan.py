@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import logging
 import os
 import struct
 import zlib
@@ -20,6 +22,7 @@ from pipeline.errors import ConfigError, LockBusyError
 from pipeline.manifest import manifest_info, read_manifest
 from pipeline.scan import ScanConfig, fraction_split, folder_label_split, plan_scan, run_scan
 from pipeline.storage import FileLock
+from pipeline.workspace import Workspace
 
 # ---------------------------------------------------------------- tiny images, made here
 
@@ -121,20 +124,15 @@ def awkward_tree(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture
-def scanned_awkward(ws, awkward_tree, monkeypatch):
-    """Scan the awkward tree with one unreadable file and one broken link added."""
+@pytest.fixture(scope="module")
+def scanned_awkward(awkward_tree, tmp_path_factory):
+    """Scan the awkward tree (once per module) with one unreadable file and one broken link added."""
+    ws = Workspace(tmp_path_factory.mktemp("awkward-ws"))
     unreadable = write(awkward_tree / "things", "locked.jpg", jpeg(seed=9))
-    broken = awkward_tree / "things" / "gone.jpg"
-    broken.unlink(missing_ok=True)
-    broken.symlink_to(awkward_tree / "no-such-file.jpg")
-    _make_unreadable(unreadable, monkeypatch)
-    try:
+    (awkward_tree / "things" / "gone.jpg").symlink_to(awkward_tree / "no-such-file.jpg")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _make_unreadable(unreadable, monkeypatch)
         summary = run_scan(ws, ScanConfig(awkward_tree, "d"), "run1")
-    finally:
-        unreadable.chmod(0o644)
-        unreadable.unlink()
-        broken.unlink()
     return summary, rows_by_path(ws)
 
 
@@ -161,7 +159,7 @@ def test_awkward_file_gets_its_status_and_header(scanned_awkward, rel, make, sta
     assert row[S.LABEL] == "things"
     data = make()
     assert row[S.BYTES] == len(data)
-    assert row[S.IMAGE_ID] == probe_mod.hashlib.blake2b(data, digest_size=16).hexdigest()
+    assert row[S.IMAGE_ID] == hashlib.blake2b(data, digest_size=16).hexdigest()
     assert (row[S.ERROR] is None) == (status == S.STATUS_OK)
 
 
@@ -462,6 +460,16 @@ def test_a_second_scanner_of_the_same_dataset_fails_fast(ws, tmp_path):
         with pytest.raises(LockBusyError, match="dataset 'd'"):
             run_scan(ws, ScanConfig(tmp_path / "r", "d"), "r")
         run_scan(ws, ScanConfig(tmp_path / "r", "other"), "r")  # another dataset is not blocked
+
+
+def test_one_info_line_at_the_end_with_the_counts(ws, tmp_path, caplog):
+    write(tmp_path / "r", "a.jpg", jpeg())
+    write(tmp_path / "r", "b.jpg", b"")
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        run_scan(ws, ScanConfig(tmp_path / "r", "d"), "r")
+    lines = [r.getMessage() for r in caplog.records if r.name == "pipeline.scan" and r.levelno == logging.INFO]
+    assert len(lines) == 1
+    assert "2 files (2 added" in lines[0] and "1 ok, 1 errors" in lines[0]
 
 
 def test_empty_folder_gives_an_empty_readable_manifest(ws, tmp_path):

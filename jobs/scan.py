@@ -24,7 +24,8 @@ the test split, chosen from the image's content, so it never moves between resca
 
 Files with an image extension (jpg, png, gif, webp, tif, bmp, ...) are probed; others are
 skipped and counted (or probed too with --keep-non-images). Hidden files and folders are
-skipped; symlinks leaving ROOT are not followed without --follow-links.
+skipped. Symlinked folders inside ROOT are not entered (their files are scanned where they
+are); symlinks leaving ROOT are followed only with --follow-links; loops never hang.
 """
 
 EPILOG = """\

@@ -62,26 +62,19 @@ def walk(root: str, opts: WalkOptions, stats: WalkStats) -> Iterator[FileEntry]:
 def walk_segments(root: str, opts: WalkOptions, stats: WalkStats) -> Iterator[list[FileEntry]]:
     """``walk`` in runs of consecutive files of one folder (cheaper than one yield per file).
 
-    A directory is entered at most once by real path, so symlink loops end; links whose target
-    leaves the root are skipped (counted) unless ``follow_links``.
+    Links to folders inside the root are not entered (their files are scanned where they
+    are), which also cuts every cycle; links leaving the root are skipped (counted) unless
+    ``follow_links``, and then each target folder is entered once.
     """
     real_root = os.path.realpath(root)
     for prefix, entries in _walk_dir(root, "", _Walk(real_root, opts, stats, {real_root})):
-        yield _counted(_stat_group(prefix, entries), stats)
+        yield _stat_group(prefix, entries, stats)
 
 
-def _counted(result: tuple[list[FileEntry], int], stats: WalkStats) -> list[FileEntry]:
-    files, specials = result
-    if specials:
-        stats.skipped[SKIP_SPECIAL] += specials
-    return files
-
-
-def _stat_group(prefix: str, entries: list[os.DirEntry]) -> tuple[list[FileEntry], int]:
-    """FileEntry for each candidate (one ``stat`` each), and how many were not regular files."""
+def _stat_group(prefix: str, entries: list[os.DirEntry], stats: WalkStats) -> list[FileEntry]:
+    """A FileEntry for each candidate (one ``stat`` each); sockets, FIFOs and devices are skipped."""
     files: list[FileEntry] = []
     append, is_reg = files.append, stat.S_ISREG  # a rescan's hot loop: one pass per file
-    specials = 0
     for entry in entries:
         if not (entry.name.isascii() and prefix.isascii()) and not _utf8(prefix + entry.name):
             append(_bad_name(prefix + entry.name, entry.path))
@@ -95,8 +88,8 @@ def _stat_group(prefix: str, entries: list[os.DirEntry]) -> tuple[list[FileEntry
         if is_reg(st.st_mode):
             append(FileEntry(prefix + entry.name, entry.path, st.st_size, st.st_mtime_ns))
         else:
-            specials += 1
-    return files, specials
+            stats.skipped[SKIP_SPECIAL] += 1
+    return files
 
 
 def _utf8(text: str) -> bool:

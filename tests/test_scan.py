@@ -339,16 +339,21 @@ def test_symlink_loop_ends_and_links_out_of_root_need_follow_links(ws, tmp_path)
     (root / "ext").symlink_to(outside)  # a folder out of the root
     (root / "cat" / "far_link.jpg").symlink_to(outside / "far.jpg")  # a file out of the root
     (root / "cat" / "near_link.jpg").symlink_to(root / "cat" / "a.jpg")  # inside: kept
+    (root / "alias").symlink_to(root / "cat")  # a second way into cat/: not entered
     summary = run_scan(ws, ScanConfig(root, "d"), "r")
     assert set(rows_by_path(ws)) == {"cat/a.jpg", "cat/near_link.jpg"}
-    assert summary["skipped"] == {"link_loop": 1, "link_outside_root": 2}
+    assert summary["skipped"] == {"link_loop": 1, "link_outside_root": 2, "link_to_scanned_dir": 1}
     rows = rows_by_path(ws)
     assert rows["cat/near_link.jpg"][S.IMAGE_ID] == rows["cat/a.jpg"][S.IMAGE_ID]
 
     summary = run_scan(ws, ScanConfig(root, "d", follow_links=True), "r2")
     assert set(rows_by_path(ws)) == {"cat/a.jpg", "cat/near_link.jpg", "cat/far_link.jpg", "ext/far.jpg"}
     assert rows_by_path(ws)["ext/far.jpg"][S.LABEL] == "ext"
-    assert summary["skipped"] == {"link_loop": 1}
+    assert summary["skipped"] == {"link_loop": 1, "link_to_scanned_dir": 1}
+
+    (tmp_path / "outside" / "back").symlink_to(tmp_path / "outside")  # a cycle outside the root
+    summary = run_scan(ws, ScanConfig(root, "d", follow_links=True), "r3")
+    assert "ext/back/far.jpg" not in rows_by_path(ws) and summary["skipped"]["link_loop"] == 2
 
 
 # ---------------------------------------------------------------- incremental rescans

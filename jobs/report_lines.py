@@ -16,6 +16,11 @@ def _rel(path: Path | str) -> str:
         return str(p)
 
 
+def _count(value: Any) -> int:
+    """Error counts come as a number or as {'new': n, 'by_code': {...}, ...}."""
+    return int(value.get("new", 0)) if isinstance(value, dict) else int(value or 0)
+
+
 def print_run_summary(ws: Workspace, summary: dict[str, Any]) -> None:
     for name, s in summary.get("scan", {}).items():
         print(f"scan     {name:<24} {s.get('files', s.get('rows', '?'))} files "
@@ -24,7 +29,7 @@ def print_run_summary(ws: Workspace, summary: dict[str, Any]) -> None:
         rate = s.get("images_per_s")
         speed = f" at {rate:.1f} img/s" if rate and s.get("extracted") else ""
         print(f"extract  {key:<24} {s.get('extracted', 0)} extracted{speed}, {s.get('reused', 0)} reused, "
-              f"{s.get('errors', 0)} errors -> {_rel(ws.featureset_dir(s['featureset']))}")
+              f"{_count(s.get('errors', 0))} new errors -> {_rel(ws.featureset_dir(s['featureset']))}")
     for name, s in summary.get("train", {}).items():
         m = s.get("metrics", {})
         acc = m.get("test_accuracy")

@@ -147,6 +147,8 @@ def _embed(X: np.ndarray, how: str) -> tuple[np.ndarray, str]:
     from sklearn.preprocessing import StandardScaler
 
     Xs = StandardScaler().fit_transform(X)
+    if not np.any(Xs.std(axis=0) > 0):  # constant features (e.g. a random-init backbone): nothing to show
+        return np.zeros((len(X), 2)), "none (the features are constant)"
     method = how if how != "auto" else ("tsne" if len(X) <= TSNE_MAX_POINTS else "pca")
     if method == "pca":
         return PCA(n_components=2, random_state=0).fit_transform(Xs), "PCA"

@@ -42,6 +42,8 @@ def read_manifest(ws: Workspace, dataset: str, columns: Sequence[str] | None = N
     path = manifest_file(ws, dataset)
     table = read_table(path, columns)
     schema = S.MANIFEST_SCHEMA if columns is None else pa.schema([S.MANIFEST_SCHEMA.field(c) for c in columns])
+    if table.schema.equals(schema, check_metadata=False):
+        return table  # the usual case; a cast would import pyarrow.compute for nothing
     return table.cast(schema.with_metadata(table.schema.metadata))
 
 

@@ -1,0 +1,38 @@
+"""The README's two commands, CI's test command and the architecture table stay true."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def two_commands() -> list[str]:
+    # the title, then straight away the block with the two commands
+    block = re.match(r"# imgfeat\s*\n\s*```bash\n(.*?)```", README, re.S)
+    assert block, "the README must start with its two commands"
+    return [line for line in block.group(1).splitlines() if line.strip()]
+
+
+def test_readme_opens_with_exactly_two_commands():
+    demo, tests = two_commands()
+    assert "imgfeat demo" in demo and "pip install" in demo
+    assert "pytest" in tests and "'.[test]'" in tests
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert two_commands()[1] in ci
+
+
+def test_architecture_table_names_every_module_and_only_real_ones():
+    table = README.split("## Architecture", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`((?:pipeline|jobs)/[\w/]+\.py)`", table))
+    named |= {f"pipeline/heads/{m}" for m in re.findall(r", `(\w+\.py)`", table)}
+    for path in named:
+        assert (ROOT / path).is_file(), f"README names {path}, which does not exist"
+    modules = {str(p.relative_to(ROOT)) for p in (ROOT / "pipeline").rglob("*.py")}
+    missing = {m for m in modules if m not in named and not m.endswith("__init__.py")}
+    assert not missing, f"modules missing from the README's architecture table: {sorted(missing)}"

@@ -127,6 +127,11 @@ def test_layer_names_are_usable_for_layer_features_and_pooling_is_checked():
     for name in ("stem_activation", "block6a_expand_activation", "block2b_add", "top_activation"):
         model.get_layer(name)
     assert model.output.shape[1:] == (2, 3, lite.HEAD_WIDTH)  # no pooling: the feature map
+    # random weights (--weights none, used by tests everywhere) must still give usable features:
+    # stored as float16 they are neither all zero nor the same for different images
+    images = np.random.default_rng(0).integers(0, 256, size=(2, 64, 96, 3)).astype(np.float32)
+    pooled = model.predict(lite.preprocess_input(images), verbose=0).mean(axis=(1, 2)).astype(np.float16)
+    assert (pooled > 0).mean() > 0.5 and np.abs(pooled[0] - pooled[1]).mean() > 1e-2
     with pytest.raises(ConfigError, match="pooling 'mean'"):
         lite.efficientnet_lite("efficientnet_lite0", include_top=False, weights=None, pooling="mean")
 

@@ -122,10 +122,19 @@ def preprocess_input(x: np.ndarray, data_format: str | None = None) -> np.ndarra
 # ---------------------------------------------------------------------------- the model
 
 
+def _conv_init():
+    """Keras EfficientNet's conv init. With Glorot, random (--weights none) features shrink ~10x
+    per stage and end near 1e-11, which float16 storage rounds to all zeros."""
+    import keras
+
+    return keras.initializers.VarianceScaling(2.0, "fan_out", "truncated_normal")
+
+
 def _conv_bn(x, filters: int, name: str, act: bool = True):
     from keras import layers
 
-    x = layers.Conv2D(filters, 1, padding="same", use_bias=False, name=name + "conv")(x)
+    x = layers.Conv2D(filters, 1, padding="same", use_bias=False, kernel_initializer=_conv_init(),
+                      name=name + "conv")(x)
     x = layers.BatchNormalization(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=name + "bn")(x)
     return layers.ReLU(6.0, name=name + "activation")(x) if act else x
 
@@ -145,15 +154,18 @@ def _mbconv(x, plan: BlockPlan, hw: tuple[int, int]):
 
     p, inputs = plan.prefix, x
     if plan.expand != 1:
-        x = layers.Conv2D(plan.cin * plan.expand, 1, padding="same", use_bias=False, name=p + "expand_conv")(x)
+        x = layers.Conv2D(plan.cin * plan.expand, 1, padding="same", use_bias=False,
+                          kernel_initializer=_conv_init(), name=p + "expand_conv")(x)
         x = layers.BatchNormalization(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=p + "expand_bn")(x)
         x = layers.ReLU(6.0, name=p + "expand_activation")(x)
     pad = "valid" if plan.stride > 1 else "same"
-    dw = layers.DepthwiseConv2D(plan.kernel, plan.stride, padding=pad, use_bias=False, name=p + "dwconv")
+    dw = layers.DepthwiseConv2D(plan.kernel, plan.stride, padding=pad, use_bias=False,
+                                depthwise_initializer=_conv_init(), name=p + "dwconv")
     x, hw = _strided(x, dw, hw, plan.kernel, plan.stride, p + "dwconv")
     x = layers.BatchNormalization(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=p + "bn")(x)
     x = layers.ReLU(6.0, name=p + "activation")(x)
-    x = layers.Conv2D(plan.cout, 1, padding="same", use_bias=False, name=p + "project_conv")(x)
+    x = layers.Conv2D(plan.cout, 1, padding="same", use_bias=False, kernel_initializer=_conv_init(),
+                      name=p + "project_conv")(x)
     x = layers.BatchNormalization(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=p + "project_bn")(x)
     if plan.stride == 1 and plan.cin == plan.cout:
         x = layers.Add(name=p + "add")([x, inputs])
@@ -161,12 +173,14 @@ def _mbconv(x, plan: BlockPlan, hw: tuple[int, int]):
 
 
 def _top(x, variant: LiteVariant, include_top: bool, pooling: str | None, classes: int, activation):
+    import keras
     from keras import layers
 
     if include_top:
         x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
         x = layers.Dropout(variant.dropout, name="top_dropout")(x)
-        return layers.Dense(classes, activation=activation, name="predictions")(x)
+        init = keras.initializers.VarianceScaling(1.0 / 3.0, "fan_out", "uniform")
+        return layers.Dense(classes, activation=activation, kernel_initializer=init, name="predictions")(x)
     if pooling == "avg":
         return layers.GlobalAveragePooling2D(name="avg_pool")(x)
     if pooling == "max":
@@ -192,7 +206,8 @@ def build_lite(
     if h is None or w is None:
         raise ConfigError(f"{variant.name} needs a fixed input size: its TF 'SAME' padding depends on it")
     inputs = keras.Input((h, w, 3), name="input_layer")
-    stem = layers.Conv2D(STEM_WIDTH, 3, 2, padding="valid", use_bias=False, name="stem_conv")
+    stem = layers.Conv2D(STEM_WIDTH, 3, 2, padding="valid", use_bias=False, kernel_initializer=_conv_init(),
+                         name="stem_conv")
     x, hw = _strided(inputs, stem, (h, w), 3, 2, "stem_conv")
     x = layers.BatchNormalization(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name="stem_bn")(x)
     x = layers.ReLU(6.0, name="stem_activation")(x)

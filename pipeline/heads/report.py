@@ -242,8 +242,15 @@ def _details(m: dict[str, Any]) -> str:
         ("created", m.get("created_at")), ("model file", f"{m['model_file']} sha256 {m['model_sha256'][:16]}…"),
         ("versions", ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items() if v)),
     ]
-    rows = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in items if v)
+    rows = "".join(f"<dt>{_e(k)}</dt><dd>{_e(_plain(v))}</dd>" for k, v in items if v)
     return f"<h2>Head</h2><dl>{rows}</dl>"
+
+
+def _plain(value: Any) -> str:
+    """``{'C': 0.01, 'cv': 5}`` reads as ``C=0.01, cv=5`` on the page."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in value.items())
+    return str(value)
 
 
 def _class_table(m: dict[str, Any]) -> str:

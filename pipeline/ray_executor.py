@@ -65,7 +65,8 @@ FAULT_ACTIONS = ("exit_before_commit", "exit_after_commit", "stop_after_one_shar
 FAULT_EXIT_CODE = 17
 SHARDS_PER_WORKER = 4  # small todo lists are cut finer so decode overlaps the model
 # Environment the workers must share with the driver so they build the same model.
-FORWARDED_ENV = ("KERAS_BACKEND", "TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS", "CUDA_VISIBLE_DEVICES")
+# (Not CUDA_VISIBLE_DEVICES: Ray sets it per actor from the GPUs it assigns.)
+FORWARDED_ENV = ("KERAS_BACKEND", "TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS")
 
 # Columns of the rows flowing through Ray (the shared ones come from schemas).
 ROW = "row"  # position in the todo list: names the shard, keeps retries idempotent
@@ -176,17 +177,28 @@ class ShardReport:
     pid: int = 0
 
 
-class ShardActor:
-    """A backbone actor: built once from the frozen config, then one committed shard per batch."""
+@dataclass(frozen=True)
+class ShardJob:
+    """What every actor needs to build its model and write its shards: builders, not objects."""
 
-    def __init__(self, ws: Workspace, cfg: ExtractConfig, prov: dict[str, Any], run_id: str,
-                 fault: Fault | None = None) -> None:
+    ws: Workspace
+    cfg: ExtractConfig
+    core: dict[str, Any]  # resolved inputs of the numbers (weights path as resolved now)
+    prov: dict[str, Any]  # the featureset's provenance, as on disk: goes into every shard footer
+    run_id: str
+    fault: Fault | None = None
+
+
+class ShardActor:
+    """A backbone actor: built once from the job, then one committed shard per batch."""
+
+    def __init__(self, job: ShardJob) -> None:
         from pipeline.backbones import get_backbone
 
-        spec = get_backbone(prov["backbone"])
-        self.model = build_model(spec, cfg, prov)
+        spec = get_backbone(job.core["backbone"])
+        self.model = build_model(spec, job.cfg, job.core)
         self.preprocess = spec.preprocess_fn()
-        self.ws, self.cfg, self.prov, self.run_id, self.fault = ws, cfg, prov, run_id, fault
+        self.job, self.cfg, self.prov, self.run_id, self.fault = job, job.cfg, job.prov, job.run_id, job.fault
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         first = int(batch[ROW].min())
@@ -220,7 +232,7 @@ class ShardActor:
     def commit(self, first: int, ids: list[str], X: np.ndarray, errors: list[dict[str, Any]]) -> None:
         """Features then errors, each under the same deterministic name (so a retry overwrites)."""
         tag = f"{self.run_id}-{SHARD_TAG}"
-        writer = ShardWriter(self.ws.featureset_dir(self.prov["featureset"]), tag, self.prov,
+        writer = ShardWriter(self.job.ws.featureset_dir(self.prov["featureset"]), tag, self.prov,
                              shard_size=max(1, len(ids) + 1), npy=self.cfg.npy, _seq=first, _err_seq=first)
         writer.add_errors(errors)
         if ids:
@@ -251,8 +263,8 @@ def run_extract_ray(ws: Workspace, cfg: ExtractConfig, ray_cfg: RayConfig, run_i
         tally = Tally()
         try:
             todo = list(walk_manifest(ws, cfg.dataset, done, tally, run_id, on_error=session.add_error))
-            stats, info = _run_on_ray(ray, ws, cfg, ray_cfg, prov, todo, run_id, fault) if todo else (
-                LoopStats(), {"shards": 0})
+            job = ShardJob(ws, cfg, core, prov, run_id, fault)
+            stats, info = _run_on_ray(ray, job, ray_cfg, todo) if todo else (LoopStats(), {"shards": 0})
             session.close()
         except BaseException:
             session.abort()
@@ -288,13 +300,12 @@ def _ensure_provenance(ws: Workspace, fs: str, core: dict[str, Any], cfg: Extrac
     return _write_provenance(ws, fs, core, dim)
 
 
-def _run_on_ray(ray, ws: Workspace, cfg: ExtractConfig, ray_cfg: RayConfig, prov: dict[str, Any],
-                todo: list[Item], run_id: str, fault: Fault | None) -> tuple[LoopStats, dict[str, Any]]:
+def _run_on_ray(ray, job: ShardJob, ray_cfg: RayConfig, todo: list[Item]) -> tuple[LoopStats, dict[str, Any]]:
     with _connected(ray, ray_cfg):
-        plan = plan_pool(ray, ray_cfg, len(todo), cfg)
+        plan = plan_pool(ray, ray_cfg, len(todo), job.cfg)
         log.info("ray: %d image(s) in shards of %d on %d worker(s) (%s GPU, %s CPU each)", len(todo),
                  plan["rows_per_shard"], plan["workers"], plan["gpus_per_worker"], ray_cfg.cpus_per_worker)
-        ds = _dataset(ray, ws, cfg, ray_cfg, prov, todo, run_id, fault, plan)
+        ds = _dataset(ray, job, ray_cfg, todo, plan)
         stats, shards = LoopStats(), 0
         with progress(total=len(todo), desc="extract (ray)") as bar, contextlib.closing(_reports(ds)) as reports:
             for report in reports:
@@ -350,24 +361,30 @@ def _alive_nodes(ray) -> int:
     return max(1, sum(1 for n in ray.nodes() if n.get("Alive")))
 
 
-def _dataset(ray, ws, cfg, ray_cfg, prov, todo, run_id, fault, plan):
+def _dataset(ray, job: ShardJob, ray_cfg: RayConfig, todo: list[Item], plan: dict[str, Any]):
     """The lazy Ray Dataset: todo blocks -> decode tasks -> a fixed pool of backbone actors."""
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # ours is the one progress bar, and only on a TTY
-    size = prov["input_size"]
+    ray.data.DataContext.get_current().enable_progress_bars = False  # ours is the one bar, on a TTY only
+    cfg, size = job.cfg, job.prov["input_size"]
     dcfg = DecodeConfig((size, size), cfg.interpolation, cfg.fast_decode, cfg.exif)
-    env = {"env_vars": {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}}
     ds = ray.data.from_arrow(_todo_blocks(todo, cfg.batch_size))
     # The memory reservation is real (a batch of pixels plus the worker), and also keeps Ray from
     # fusing decode into the actor, which would serialise decoding and the model in one process.
     decode_mem = 256 * 2**20 + 2 * cfg.batch_size * size * size * 3
     ds = ds.map_batches(decode_rows, batch_size=cfg.batch_size, fn_args=(dcfg,), num_cpus=1,
-                        memory=decode_mem, runtime_env=env)
+                        memory=decode_mem, runtime_env=_worker_env(0))
     return ds.map_batches(
-        ShardActor, batch_size=plan["rows_per_shard"], fn_constructor_args=(ws, cfg, prov, run_id, fault),
+        ShardActor, batch_size=plan["rows_per_shard"], fn_constructor_args=(job,),
         compute=ray.data.ActorPoolStrategy(size=plan["workers"]), num_cpus=ray_cfg.cpus_per_worker,
-        num_gpus=plan["gpus_per_worker"], runtime_env=env,
+        num_gpus=plan["gpus_per_worker"], runtime_env=_worker_env(plan["gpus_per_worker"]),
     )
+
+
+def _worker_env(gpus: float) -> dict[str, Any]:
+    """Workers build the model the driver would: same Keras backend; GPU shares grow, not grab."""
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    if 0 < gpus < 1:  # several actors per GPU: neither TensorFlow nor JAX may take all its memory
+        env.update(TF_FORCE_GPU_ALLOW_GROWTH="true", XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    return {"env_vars": env}
 
 
 def _todo_blocks(todo: list[Item], rows: int) -> list[pa.Table]:

@@ -9,6 +9,11 @@ EfficientNet-Lite0 (avg pooled, 1280-d) with ``imagenet`` weights and with ``non
 seeded); a colour-statistics baseline (per-channel mean, std and a 4x4x4 colour histogram)
 shows how far colour alone gets. Each is probed with scikit-learn's standardised logistic
 regression at default C, trained on the train split and scored on the held-out test split.
+
+Measured 2026-11-24 (2-core CPU, 6 classes x 60 images, 270 train / 90 test), test accuracy:
+
+    --crop-area 0.05 0.2  --jitter 0.5   colour 0.856   lite0 imagenet 0.978   lite0 random 0.733
+    --crop-area 0.01 0.04 --jitter 0.6   colour 0.711   lite0 imagenet 0.967   lite0 random 0.578
 """
 
 from __future__ import annotations

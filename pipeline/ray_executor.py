@@ -363,7 +363,7 @@ def _alive_nodes(ray) -> int:
 
 def _dataset(ray, job: ShardJob, ray_cfg: RayConfig, todo: list[Item], plan: dict[str, Any]):
     """The lazy Ray Dataset: todo blocks -> decode tasks -> a fixed pool of backbone actors."""
-    ray.data.DataContext.get_current().enable_progress_bars = False  # ours is the one bar, on a TTY only
+    _quiet_ray_data(ray)
     cfg, size = job.cfg, job.prov["input_size"]
     dcfg = DecodeConfig((size, size), cfg.interpolation, cfg.fast_decode, cfg.exif)
     ds = ray.data.from_arrow(_todo_blocks(todo, cfg.batch_size))
@@ -377,6 +377,16 @@ def _dataset(ray, job: ShardJob, ray_cfg: RayConfig, todo: list[Item], plan: dic
         compute=ray.data.ActorPoolStrategy(size=plan["workers"]), num_cpus=ray_cfg.cpus_per_worker,
         num_gpus=plan["gpus_per_worker"], runtime_env=_worker_env(plan["gpus_per_worker"]),
     )
+
+
+def _quiet_ray_data(ray) -> None:
+    """One progress bar (ours, on a TTY only) and no Ray Data INFO lines among the job's logs."""
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+    from ray.util.debug import log_once
+
+    log_once("ray_data_progress_manager_disabled")  # uses up Ray's "progress bars disabled" notice
 
 
 def _worker_env(gpus: float) -> dict[str, Any]:

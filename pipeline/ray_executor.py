@@ -24,9 +24,11 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -63,6 +65,7 @@ SHARD_TAG = "ray"  # part-<run>-ray-<first todo position>.parquet
 ENV_FAULT = "IMGFEAT_RAY_FAULT"  # test hook, see Fault
 FAULT_ACTIONS = ("exit_before_commit", "exit_after_commit", "stop_after_one_shard")
 FAULT_EXIT_CODE = 17
+MAX_BATCH_ATTEMPTS = 3  # starts of one batch (a worker killed mid-batch restarts it) before the run fails
 SHARDS_PER_WORKER = 4  # small todo lists are cut finer so decode overlaps the model
 # Environment the workers must share with the driver so they build the same model.
 # (Not CUDA_VISIBLE_DEVICES: Ray sets it per actor from the GPUs it assigns.)
@@ -151,6 +154,20 @@ class Fault:
             return False
 
 
+def attempts_dir(ws: Workspace, run_id: str) -> Path:
+    """Per-run attempt counters, on the workspace's (shared) filesystem so every node sees them."""
+    return ws.locks_dir / f"ray-{run_id}"
+
+
+def count_attempt(folder: Path, first: int) -> int:
+    """Record one more start of the batch named ``first``; return how many starts there were."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"batch-{first}"
+    with open(path, "ab") as fh:  # O_APPEND: one byte per start, so the size is the count
+        fh.write(b".")
+    return path.stat().st_size
+
+
 # ------------------------------------------------------------------------------- mappers (run on Ray)
 
 
@@ -202,6 +219,10 @@ class ShardActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         first = int(batch[ROW].min())
+        if count_attempt(attempts_dir(self.job.ws, self.run_id), first) > MAX_BATCH_ATTEMPTS:
+            # Ray retries a dead actor's batch for ever; a batch that keeps killing it must end the run.
+            raise ImgfeatError(f"the batch of todo rows {first}..{int(batch[ROW].max())} killed its worker "
+                               f"{MAX_BATCH_ATTEMPTS} times (first file: {batch[S.PATH][0]})")
         ok = batch[S.ERROR_CODE] == ""
         t0 = time.perf_counter()
         X = self.forward(batch[PIXELS][ok])
@@ -269,6 +290,8 @@ def run_extract_ray(ws: Workspace, cfg: ExtractConfig, ray_cfg: RayConfig, run_i
         except BaseException:
             session.abort()
             raise
+        finally:
+            shutil.rmtree(attempts_dir(ws, run_id), ignore_errors=True)
         info.update(_audit(ws, fs, run_id, todo))
     out = _summary(cfg, fs, tally, stats, session, done)
     out.update(info, model_built=bool(todo), executor="ray")

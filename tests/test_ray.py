@@ -15,7 +15,16 @@ from pipeline import schemas as S
 from pipeline.errors import ConfigError
 from pipeline.extract import ExtractConfig, featureset_name, run_extract
 from pipeline.featureset import feature_shards, load_features, read_errors
-from pipeline.ray_executor import ENV_FAULT, NEEDS_RAY, RayConfig, import_ray, run_extract_ray
+from pipeline.ray_executor import (
+    ENV_FAULT,
+    MAX_BATCH_ATTEMPTS,
+    NEEDS_RAY,
+    RayConfig,
+    attempts_dir,
+    count_attempt,
+    import_ray,
+    run_extract_ray,
+)
 from pipeline.scan import ScanConfig, run_scan
 from pipeline.workspace import Workspace
 
@@ -123,6 +132,7 @@ def test_actor_killed_after_committing_is_restarted_without_duplicate_rows(ray_c
     assert marker.exists(), "the actor never died: the test hook did not fire"
     _assert_matches_reference(ws, reference)
     assert out["extracted"] == reference["summary"]["extracted"] and out["duplicate_rows"] == 0
+    assert not attempts_dir(ws, "crash").exists(), "the run left its attempt counters behind"
 
 
 class Interrupted(Exception):
@@ -204,6 +214,13 @@ def test_bad_ray_config_names_the_value(kwargs, message):
         RayConfig(**kwargs)
     for ok in (None, "auto", "local", "ray://head:10001", "10.0.0.1:6379"):
         RayConfig(address=ok)
+
+
+def test_a_batch_is_counted_once_per_start_so_a_poison_batch_ends_the_run(tmp_path):
+    folder = tmp_path / "attempts"
+    counts = [count_attempt(folder, 32) for _ in range(MAX_BATCH_ATTEMPTS + 1)]
+    assert counts == list(range(1, MAX_BATCH_ATTEMPTS + 2))  # the last start is over the limit
+    assert count_attempt(folder, 0) == 1  # batches are counted apart
 
 
 def test_without_ray_the_executor_is_a_usage_error(monkeypatch):

@@ -53,6 +53,7 @@ from pipeline.extract import (
 )
 from pipeline.extract_runner import STAGE_DECODE, Item, LoopStats
 from pipeline.featureset import PROVENANCE_FILE, featureset_info
+from pipeline.manifest import manifest_file
 from pipeline.progress import progress
 from pipeline.shards import ShardWriter, error_row
 from pipeline.storage import FileLock, list_shards, remove_stale_tmp, shard_name
@@ -272,6 +273,7 @@ def run_extract_ray(ws: Workspace, cfg: ExtractConfig, ray_cfg: RayConfig, run_i
     ray = import_ray()
     fault = Fault.from_env()
     t0 = time.perf_counter()
+    manifest_file(ws, cfg.dataset)  # an unknown dataset fails (did you mean ...?) before any folder appears
     core = provenance_core(cfg)
     fs = _name_of(core)
     fs_dir = ws.featureset_dir(fs)
@@ -369,9 +371,9 @@ def plan_pool(ray, ray_cfg: RayConfig, todo: int, cfg: ExtractConfig) -> dict[st
     if per_gpu > gpus:
         raise ConfigError(f"--gpus-per-worker {per_gpu:g}: the Ray cluster has {gpus:g} GPU(s)")
     workers = ray_cfg.workers or (int(gpus // per_gpu) if per_gpu else _alive_nodes(ray))
-    if not per_gpu and workers * ray_cfg.cpus_per_worker >= cpus:
+    if workers * ray_cfg.cpus_per_worker >= cpus:  # Ray would wait for ever for a CPU to decode on
         raise ConfigError(
-            f"{workers} CPU worker(s) x {ray_cfg.cpus_per_worker:g} CPU would take all {cpus:g} CPU(s) "
+            f"{workers} worker(s) x {ray_cfg.cpus_per_worker:g} CPU would take all {cpus:g} CPU(s) "
             "of the Ray cluster and leave none for decoding; use fewer --workers"
         )
     rows = min(cfg.shard_size, max(cfg.batch_size, math.ceil(todo / (SHARDS_PER_WORKER * workers))))

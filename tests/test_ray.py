@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -198,6 +199,14 @@ def test_a_pool_ray_cannot_schedule_fails_fast(ray_cluster, images, tmp_path, ra
     ws = _workspace(tmp_path, images)
     with pytest.raises(ConfigError, match=message):
         run_extract_ray(ws, CFG, ray_cfg, "r")
+
+
+@pytest.mark.ray
+def test_unknown_dataset_is_a_usage_error_that_creates_nothing(ray_cluster, images, tmp_path):
+    ws = _workspace(tmp_path, images)
+    with pytest.raises(ConfigError, match="did you mean 'tiny'"):
+        run_extract_ray(ws, replace(CFG, dataset="tinny"), RayConfig(), "r")
+    assert not (tmp_path / "features").exists()
 
 
 @pytest.mark.parametrize(

@@ -352,6 +352,11 @@ class _connected:
         try:
             self.ray.init(address=self.cfg.address, include_dashboard=False, logging_level=logging.WARNING)
         except ConnectionError as exc:
+            if "auth" in str(exc.__cause__ or "").lower():
+                raise ConfigError(
+                    f"the Ray cluster at {self.cfg.address!r} refused this client's token: export "
+                    "RAY_AUTH_MODE=token and put the cluster's token in ~/.ray/auth_token (or $RAY_AUTH_TOKEN)"
+                ) from None
             raise ConfigError(
                 f"no Ray cluster at {self.cfg.address!r} ({exc}); start one with 'ray start --head' "
                 "or leave --ray-address out to start a local one"

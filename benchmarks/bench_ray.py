@@ -8,7 +8,9 @@ manifest are made once under --dir. Each executor then extracts into its own col
 workspace in a subprocess, so both sides pay interpreter, TensorFlow and (for Ray) cluster
 start-up, as DESIGN.md's throughput rules ask. Weights are random and seeded: the compute is
 the same as ImageNet weights and nothing is downloaded. The figure that matters is the ratio
-ray / local in one run; absolute img/s on a shared machine are noisy.
+ray / local in one run; absolute img/s on a shared machine are noisy. "model s" is the time
+spent in the backbone calls (summed over actors on Ray): wall minus model is what each executor
+spends starting up and waiting for input.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ def timed_run(executor: str, base: Path, folder: Path, args: argparse.Namespace)
     summary = _last_json(proc.stdout)
     return {"executor": executor, "images": summary["extracted"], "wall_s": round(wall, 2),
             "img_per_s": round(summary["extracted"] / wall, 2), "stage_img_per_s": summary["images_per_s"],
-            "shards": summary["shards"]}
+            "model_s": summary["model_seconds"], "shards": summary["shards"]}
 
 
 def _last_json(stdout: str) -> dict:
@@ -117,9 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
         return 0
     print(f"{args.images} images, {args.backbone} at {args.input_size}, {os.cpu_count()} CPUs (noisy if shared)")
-    print(f"{'executor':<9}{'img/s':>9}{'wall s':>9}{'stage img/s':>13}{'shards':>8}")
+    print(f"{'executor':<9}{'img/s':>9}{'wall s':>9}{'stage img/s':>13}{'model s':>9}{'shards':>8}")
     for r in rows:
-        print(f"{r['executor']:<9}{r['img_per_s']:>9.2f}{r['wall_s']:>9.2f}{r['stage_img_per_s']:>13.2f}{r['shards']:>8}")
+        print(f"{r['executor']:<9}{r['img_per_s']:>9.2f}{r['wall_s']:>9.2f}{r['stage_img_per_s']:>13.2f}"
+              f"{r['model_s']:>9.2f}{r['shards']:>8}")
     print(f"ray / local: {ratio:.3f} (whole process), {stage_ratio:.3f} (inside the stage)")
     return 0
 

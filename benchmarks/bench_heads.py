@@ -92,7 +92,7 @@ def main() -> None:
     p.add_argument("--separation", type=float, default=4.0)
     p.add_argument("--shard-rows", type=int, default=1024, help="rows per feature shard (extract's default)")
     p.add_argument("--cv", type=int, default=5)
-    p.add_argument("--cv-max-rows", type=int, default=20_000)
+    p.add_argument("--cv-max-rows", type=int, default=10_000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workspace", default=None, help="default: a temporary folder, removed afterwards")
     p.add_argument("--phase", choices=tuple(PHASES), default=None, help=argparse.SUPPRESS)

@@ -52,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--random-state", type=int, default=0, metavar="N", help="seed for folds, splits and the net")
     p.add_argument("--test-fraction", type=fraction, default=0.2, metavar="F",
                    help="held-out fraction when the dataset has no test/val split")
-    p.add_argument("--cv-max-rows", type=positive_int, default=20_000, metavar="N",
+    p.add_argument("--cv-max-rows", type=positive_int, default=10_000, metavar="N",
                    help="choose hyper-parameters on a stratified subsample of at most N rows")
     p.add_argument("--epochs", type=positive_int, default=50, metavar="N", help="mlp: most epochs")
     p.add_argument("--hidden", type=positive_int, default=256, metavar="N", help="mlp: hidden units")

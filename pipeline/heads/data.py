@@ -124,9 +124,12 @@ def _split(rows: pd.DataFrame, test_fraction: float, random_state: int, dataset:
     unseen = ~test[S.LABEL].isin(set(train[S.LABEL]))
     left_out["unseen_test_labels"] = int(unseen.sum())
     test = test[~unseen]
-    arr = lambda s: s.to_numpy(dtype=object)  # noqa: E731 - a local shorthand
-    return LabelledRows(arr(train[S.IMAGE_ID]), arr(train[S.LABEL]), arr(test[S.IMAGE_ID]),
-                        arr(test[S.LABEL]), eval_split if len(test) else None, left_out)
+    return LabelledRows(_objects(train[S.IMAGE_ID]), _objects(train[S.LABEL]), _objects(test[S.IMAGE_ID]),
+                        _objects(test[S.LABEL]), eval_split if len(test) else None, left_out)
+
+
+def _objects(column: pd.Series) -> np.ndarray:
+    return column.astype(str).to_numpy(dtype=object)
 
 
 def _hold_out(rows: pd.DataFrame, fraction: float, random_state: int, dataset: str):

@@ -228,30 +228,31 @@ def _predict_files(ws: Workspace, cfg: PredictConfig, head: LoadedHead, writer: 
 
     paths = [Path(p).expanduser().absolute() for p in cfg.paths]
     results = extract_files(ws, head.featureset, paths, run_id)
-    ok = [r for r in results if r.image_id and not r.error_code]
-    ids, X = load_features(ws, head.featureset, [r.image_id for r in ok])
+    ids, X = load_features(ws, head.featureset, [r.image_id for r in results if r.image_id and not r.error_code])
     scored = score(head, X, cfg.top_k)
     by_id = {i: k for k, i in enumerate(ids.tolist())}
     done = predicted_ids(ws, cfg.head_id)
-    lines, new = [], {}
+    lines = [_file_line(r, by_id.get(r.image_id), scored) for r in results]
+    new: dict[str, tuple[int, str]] = {}  # image_id -> (row in scored, path): once per content
     for r in results:
-        k = by_id.get(r.image_id) if r.image_id else None
-        if k is None:
-            lines.append({"path": str(r.path), "error_code": r.error_code or "no_features",
-                          "error_message": r.error_message or "no feature row was written"})
-            continue
-        lines.append({"path": str(r.path), "image_id": r.image_id, "pred_label": str(scored.pred_label[k]),
-                      "pred_score": float(scored.pred_score[k]),
-                      "topk": list(zip(scored.topk_labels[k].as_py(), scored.topk_scores[k].as_py()))})
-        if r.image_id not in done:
-            new.setdefault(r.image_id, (k, Path(r.path).as_posix()))
+        if r.image_id in by_id and r.image_id not in done:
+            new.setdefault(r.image_id, (by_id[r.image_id], Path(r.path).as_posix()))
     if new:
         rows = [k for k, _ in new.values()]
         sub = Scored(scored.pred_label[rows], scored.pred_score[rows], scored.topk_labels.take(rows),
                      scored.topk_scores.take(rows))
-        n = len(rows)
-        writer.add(predictions_table(list(new), [p for _, p in new.values()], [None] * n, [None] * n,
-                                     sub, head, run_id))
+        none = [None] * len(rows)
+        writer.add(predictions_table(list(new), [p for _, p in new.values()], none, none, sub, head, run_id))
     return {"files": len(results), "errors": sum(1 for x in lines if "error_code" in x),
             "skipped": sum(1 for x in lines if x.get("image_id") in done), "missing_features": 0,
             "predictions": lines}
+
+
+def _file_line(result, k: int | None, scored: Scored) -> dict[str, Any]:
+    """What a person reads for one file: its best label and score, or why there is none."""
+    if k is None:
+        return {"path": str(result.path), "error_code": result.error_code or "no_features",
+                "error_message": result.error_message or "no feature row was written"}
+    return {"path": str(result.path), "image_id": result.image_id, "pred_label": str(scored.pred_label[k]),
+            "pred_score": float(scored.pred_score[k]),
+            "topk": list(zip(scored.topk_labels[k].as_py(), scored.topk_scores[k].as_py()))}

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 DPI = 110
 
@@ -29,6 +30,7 @@ def training_curves_png(history: dict[str, list[float]]) -> bytes:
                 ax.plot(np.arange(1, len(values) + 1), values, style, marker="o", markersize=3, label=name)
         ax.set_title(title)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
     return _png(fig)

@@ -181,7 +181,7 @@ table { border-collapse: collapse; font-variant-numeric: tabular-nums; }
 th, td { padding: .3rem .8rem; border-bottom: 1px solid #e8edf2; text-align: right; }
 th:first-child, td:first-child { text-align: left; } thead th { background: #f4f6f9; }
 dl { display: grid; grid-template-columns: max-content 1fr; gap: .2rem 1rem; font-size: .9rem; }
-dt { color: #5b6b7c; } dd { margin: 0; font-family: ui-monospace, monospace; word-break: break-all; }
+dt { color: #5b6b7c; } dd { margin: 0; font-family: ui-monospace, monospace; overflow-wrap: break-word; }
 img.plot { max-width: 100%; border: 1px solid #e8edf2; }
 .gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(150px, 1fr)); gap: .8rem; }
 .gallery figure { margin: 0; border: 1px solid #e8edf2; border-radius: 6px; padding: .4rem; }

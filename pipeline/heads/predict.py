@@ -166,7 +166,7 @@ def run_predict(ws: Workspace, cfg: PredictConfig, run_id: str) -> dict[str, Any
 
 def _predict_dataset(ws: Workspace, cfg: PredictConfig, head: LoadedHead, writer: ShardWriter,
                      run_id: str) -> dict[str, Any]:
-    images, _ = unique_images(read_manifest(ws, cfg.dataset))
+    images, dropped = unique_images(read_manifest(ws, cfg.dataset))
     done = predicted_ids(ws, cfg.head_id)
     todo = images[~images[S.IMAGE_ID].isin(done)].set_index(S.IMAGE_ID)
     remaining = set(todo.index)
@@ -185,7 +185,8 @@ def _predict_dataset(ws: Workspace, cfg: PredictConfig, head: LoadedHead, writer
         log.warning("%d images of dataset %s have no features in %s: run 'imgfeat extract --dataset %s' "
                     "first", missing, cfg.dataset, head.featureset, cfg.dataset)
     return {"dataset": cfg.dataset, "images": int(len(images)), "skipped": len(done & set(images[S.IMAGE_ID])),
-            "missing_features": missing}
+            "missing_features": missing, "not_readable": dropped["not_readable"],
+            "duplicates": dropped["duplicates"]}
 
 
 def _first_new(ids: list[str], remaining: set[str]) -> list[int]:

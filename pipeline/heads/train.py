@@ -28,6 +28,7 @@ from pipeline.workspace import Workspace, check_name
 log = logging.getLogger(__name__)
 
 CLASS_WEIGHTS = ("balanced",)
+RBF_WARN_ROWS = 20_000
 PARALLEL_CV_VALUES = 4_000_000  # feature values in the CV data above which CV fits run in parallel
 # Which TrainConfig fields change each kind of head (so an unrelated flag keeps the head id).
 _COMMON = ("class_weight", "random_state", "test_fraction", "cv", "cv_max_rows")
@@ -167,6 +168,9 @@ def _mlp_params(est: Any) -> dict[str, Any] | None:
 
 def fit_head(cfg: TrainConfig, X: np.ndarray, y: np.ndarray) -> FitResult:
     """Cross-validate the wanted kind(s) on the same folds; refit the best on all rows."""
+    if cfg.head == "svm" and cfg.kernel == "rbf" and len(y) > RBF_WARN_ROWS:
+        log.warning("an rbf SVM grows quadratically with rows; %d rows may take very long "
+                    "(--kernel linear or --head logreg scale)", len(y))
     X_cv, y_cv = _cv_sample(X, y, cfg.cv_max_rows, cfg.random_state)
     folds = StratifiedKFold(_n_folds(cfg.cv, y_cv), shuffle=True, random_state=cfg.random_state)
     kinds = ("logreg", "svm", "mlp") if cfg.head == "auto" else (cfg.head,)

@@ -1,4 +1,4 @@
-"""The extract stage on Ray Data: todo rows -> CPU decode tasks -> backbone actors that commit their own shards.
+"""Extract on Ray Data: todo rows -> CPU decode tasks -> backbone actors that commit their own shards.
 
 The driver does what the local executor does before and after the model: it holds the
 featureset lock for the whole run, writes the provenance, walks the manifest against the

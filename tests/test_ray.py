@@ -1,4 +1,4 @@
-"""The Ray executor writes the featureset the local executor writes, survives a killed actor, and resumes either way."""
+"""Ray executor: the local executor's featureset, a killed actor survived, resume across executors."""
 
 from __future__ import annotations
 

@@ -129,11 +129,15 @@ def test_actor_killed_after_committing_is_restarted_without_duplicate_rows(ray_c
     ws = _workspace(tmp_path / "ws", images)
     marker = tmp_path / "fault-struck"
     monkeypatch.setenv(ENV_FAULT, f"exit_after_commit:{marker}")
-    out = run_extract_ray(ws, CFG, RayConfig(), "crash")
+    out = run_extract_ray(ws, replace(CFG, npy=True), RayConfig(), "crash")
     assert marker.exists(), "the actor never died: the test hook did not fire"
     _assert_matches_reference(ws, reference)
     assert out["extracted"] == reference["summary"]["extracted"] and out["duplicate_rows"] == 0
     assert not attempts_dir(ws, "crash").exists(), "the run left its attempt counters behind"
+    for shard in feature_shards(ws, out["featureset"]):  # each NPY sidecar holds its shard's rows, in order
+        table = pq.read_table(shard)
+        rows = np.asarray(table.column(S.FEATURE).combine_chunks().flatten()).reshape(table.num_rows, -1)
+        np.testing.assert_array_equal(np.load(shard.with_suffix(".npy")), rows)
 
 
 class Interrupted(Exception):

@@ -46,7 +46,7 @@ def error_shards(ws: Workspace, featureset: str) -> list[Path]:
 def _read_column(paths: Iterable[Path], column: str) -> set[str]:
     out: set[str] = set()
     for p in paths:
-        col = pq.read_table(p, columns=[column]).column(column)
+        col = pq.ParquetFile(p).read(columns=[column]).column(column)
         out.update(v for v in col.to_pylist() if v is not None)
     return out
 
@@ -62,7 +62,7 @@ def errored_ids(ws: Workspace, featureset: str) -> set[str]:
 
 
 def read_errors(ws: Workspace, featureset: str) -> pa.Table:
-    tables = [pq.read_table(p, schema=S.ERRORS_SCHEMA) for p in error_shards(ws, featureset)]
+    tables = [pq.ParquetFile(p).read().cast(S.ERRORS_SCHEMA) for p in error_shards(ws, featureset)]
     return pa.concat_tables(tables) if tables else S.ERRORS_SCHEMA.empty_table()
 
 
@@ -93,7 +93,7 @@ def load_features(
     wanted = pa.array(list(dict.fromkeys(ids)), pa.string()) if ids is not None else None
     got_ids, mats = [], []
     for p in shards:
-        t = pq.read_table(p)
+        t = pq.ParquetFile(p).read()
         if wanted is not None:
             t = t.filter(pc.is_in(t.column(S.IMAGE_ID), value_set=wanted))
         if t.num_rows:

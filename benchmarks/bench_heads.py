@@ -51,7 +51,8 @@ def phase_train(ws, args) -> dict:
     out = run_train(ws, cfg, "bench-train")
     return {"seconds": time.perf_counter() - t0, "head_id": out["head_id"], "reused": out["reused"],
             "test_accuracy": out["metrics"]["test_accuracy"], "cv": out["metrics"]["cv"]["logreg"]["mean"],
-            "chosen": out["chosen"], "n_train": out["n_train"], "n_test": out["n_test"]}
+            "chosen": out["chosen"], "n_train": out["n_train"], "n_test": out["n_test"],
+            "timings": out["timings"]}
 
 
 def phase_predict(ws, args) -> dict:

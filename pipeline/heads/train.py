@@ -121,28 +121,40 @@ def run_train(ws: Workspace, cfg: TrainConfig, run_id: str) -> dict[str, Any]:
 
 def _train_and_write(ws: Workspace, cfg: TrainConfig, rows: LabelledRows, head_id: str,
                      info: dict[str, Any], run_id: str) -> None:
+    t0 = time.perf_counter()
     X_train = _features(ws, cfg.featureset, rows.train_ids)
     X_test = _features(ws, cfg.featureset, rows.test_ids)
+    t_load = time.perf_counter()
     log.info("training %s head on %d x %d features (%d classes), evaluating on %d",
              cfg.head, *X_train.shape, len(rows.classes), len(X_test))
     # One BLAS thread: these products are thin (n x dim times dim x classes), and on 2 cores two
     # OpenBLAS threads made a 80,000 x 1,280 logreg fit 2-4x slower (8-23 s against 4-6 s).
     with threadpool_limits(limits=1, user_api="blas"):
         fitted = fit_head(cfg, X_train, rows.train_labels)
+    t_fit = time.perf_counter()
     metrics = evaluate(fitted.estimator, X_test, rows.test_labels, rows.classes)
     metrics["cv"] = fitted.cv
     extra = {}
     if isinstance(fitted.estimator, KerasMLPClassifier):
         extra[A.CURVES_FILE] = training_curves_png(fitted.estimator.history_)
-    meta = {
+    timings = {"load_features": t_load - t0, "cv_and_fit": t_fit - t_load,
+               "evaluate": time.perf_counter() - t_fit}
+    meta = _head_meta(cfg, rows, head_id, info, fitted, metrics, run_id, int(X_train.shape[1]))
+    meta["timings"] = {k: round(v, 3) for k, v in timings.items()}
+    A.write_head(ws, head_id, fitted.estimator, meta, metrics, _rows_table(rows), extra)
+
+
+def _head_meta(cfg: TrainConfig, rows: LabelledRows, head_id: str, info: dict[str, Any], fitted: FitResult,
+               metrics: dict[str, Any], run_id: str, dim: int) -> dict[str, Any]:
+    """head.json, less what write_head adds (model file, sha256, versions, created_at)."""
+    return {
         "head_id": head_id, "dataset": cfg.dataset, "featureset": cfg.featureset, "head": cfg.head,
-        "model_kind": fitted.kind, "backbone": info.get("backbone"), "dim": int(X_train.shape[1]),
+        "model_kind": fitted.kind, "backbone": info.get("backbone"), "dim": dim,
         "classes": rows.classes, "params": cfg.params(), "chosen": fitted.chosen, "cv": fitted.cv,
         "metrics": metrics, "training_hash": rows.digest(), "run_id": run_id, **describe(rows),
         "mlp_params": _mlp_params(fitted.estimator),
         "history": getattr(fitted.estimator, "history_", None),
     }
-    A.write_head(ws, head_id, fitted.estimator, meta, metrics, _rows_table(rows), extra)
 
 
 def _features(ws: Workspace, featureset: str, ids: np.ndarray) -> np.ndarray:
@@ -289,4 +301,5 @@ def _summary(ws: Workspace, meta: dict[str, Any], reused: bool, seconds: float) 
         "chosen": meta.get("chosen"), "n_train": meta["n_train"], "n_test": meta["n_test"],
         "eval_split": meta.get("eval_split"), "left_out": meta.get("left_out"),
         "head_dir": str(ws.head_dir(meta["head_id"])), "seconds": round(seconds, 3),
+        "timings": None if reused else meta.get("timings"),
     }

@@ -45,6 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", default="float32", metavar="float32|bfloat16|float16", help="compute precision")
     p.add_argument("--fast-decode", action="store_true", help="pass --fast-decode to extract")
     p.add_argument("--workers", type=positive_int, default=None, metavar="N", help="extract's decode threads")
+    p.add_argument("--repeat", type=positive_int, default=1, metavar="N",
+                   help="rounds of all paths, interleaved; each path's fastest round counts "
+                        "(use 3+ on a shared machine)")
     p.add_argument("--skip", action="append", default=[], choices=("forward", "extract", "tutorial"),
                    help="leave out a path (repeatable)")
 
@@ -55,7 +58,7 @@ def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
     cfg = BenchConfig(
         backbone=args.backbone, images=Path(args.images).expanduser(), batch_size=args.batch_size,
         limit=args.limit, weights=args.weights, input_size=args.input_size, fast_decode=args.fast_decode,
-        precision=args.precision, workers=args.workers, paths=tuple(p for p in PATHS if p not in args.skip),
+        precision=args.precision, workers=args.workers, repeat=args.repeat, paths=tuple(p for p in PATHS if p not in args.skip),
     )
     summary = run_bench(cfg, ctx.run_id)
     if not args.json:

@@ -232,6 +232,7 @@ def plan_extract(ws: Workspace, cfg: ExtractConfig) -> dict[str, Any]:
 def run_extract(ws: Workspace, cfg: ExtractConfig, run_id: str) -> dict[str, Any]:
     """Extract every manifest image not yet in the featureset; returns the run's summary."""
     t0 = time.perf_counter()
+    manifest_file(ws, cfg.dataset)  # an unknown dataset fails before a featureset folder appears
     core = provenance_core(cfg)
     fs = _name_of(core)
     fs_dir = ws.featureset_dir(fs)

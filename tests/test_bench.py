@@ -1,0 +1,62 @@
+"""`imgfeat bench`: image listing and staging, ratio arithmetic, and one real run of the measured processes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jobs.cli import main
+from pipeline.bench import BenchConfig, _report, list_images, stage_images
+from pipeline.errors import ConfigError
+
+
+def write_images(folder, n, seed=0):
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        sub = folder / ("a" if i % 2 else "b")
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (20, 28, 3), dtype=np.uint8)).save(sub / f"{i}.jpg")
+
+
+def test_list_and_stage_take_the_same_first_files(tmp_path):
+    write_images(tmp_path / "src", 7)
+    (tmp_path / "src" / "notes.txt").write_text("not an image")
+    files = list_images(tmp_path / "src", limit=5)
+    assert len(files) == 5 and files == sorted(files)
+    staged = stage_images(files, tmp_path / "flat")
+    assert sorted(p.read_bytes() for p in staged.iterdir()) == sorted(p.read_bytes() for p in files)
+
+
+def test_report_uses_each_paths_fastest_round(tmp_path):
+    write_images(tmp_path, 1)
+    cfg = BenchConfig(backbone="mobilenet_v2", images=tmp_path, repeat=2)
+    runs = {"forward": [{"seconds": 12.0, "inner": {}}, {"seconds": 10.0, "inner": {}}],
+            "extract": [{"seconds": 11.0, "inner": {"extracted": 100}}, {"seconds": 20.0, "inner": {}}],
+            "tutorial": [{"seconds": 25.0, "inner": {}}, {"seconds": 22.0, "inner": {}}]}
+    out = _report(cfg, 100, runs)
+    assert out["images_per_s"] == {"forward": 10.0, "extract": 9.09, "tutorial": 4.55}
+    assert out["end_to_end_over_forward"] == pytest.approx(0.909, abs=1e-3)
+    assert out["end_to_end_over_tutorial"] == pytest.approx(2.0, abs=1e-2)
+
+
+def test_bad_bench_config_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="not a folder"):
+        BenchConfig(backbone="mobilenet_v2", images=tmp_path / "missing")
+    with pytest.raises(ConfigError, match="did you mean 'resnet50'"):
+        BenchConfig(backbone="resnet05", images=tmp_path)
+
+
+@pytest.mark.slow
+def test_bench_runs_the_measured_processes(tmp_path, capsys):
+    # The tutorial process is left out to keep the suite short: it costs another TensorFlow start-up.
+    write_images(tmp_path / "imgs", 6)
+    code = main(["bench", "--workspace", str(tmp_path / "ws"), "--backbone", "mobilenet_v2",
+                 "--images", str(tmp_path / "imgs"), "--input-size", "32", "--batch-size", "4", "--skip", "tutorial", "--json"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 0
+    assert set(out["images_per_s"]) == {"forward", "extract"}
+    assert out["extract_inner"]["extracted"] == 6 and out["images"] == 6
+    assert out["end_to_end_over_forward"] > 0 and "end_to_end_over_tutorial" not in out

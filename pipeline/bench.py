@@ -138,7 +138,8 @@ def _report(cfg: BenchConfig, n: int, runs: dict[str, list[dict[str, Any]]]) -> 
     if "extract" in timings:
         inner = timings["extract"]["inner"]
         out["extract_inner"] = {k: inner.get(k) for k in ("extracted", "seconds", "model_seconds",
-                                                          "decode_seconds", "images_per_s", "featureset")}
+                                                          "decode_seconds", "input_wait_seconds", "build_seconds",
+                                                          "images_per_s", "featureset")}
     if "forward" in rate and "extract" in rate:
         out["end_to_end_over_forward"] = round(rate["extract"] / rate["forward"], 3)
     if "tutorial" in rate and "extract" in rate:

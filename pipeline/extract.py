@@ -292,6 +292,8 @@ def _summary(cfg: ExtractConfig, fs: str, tally: Tally, stats, session: "_Sessio
         "model_built": session.model_built,
         "model_seconds": round(stats.model_seconds, 3),
         "decode_seconds": round(stats.decode_seconds, 3),
+        "input_wait_seconds": round(stats.input_wait_seconds, 3),
+        "build_seconds": round(session.build_seconds, 3),
         "shards": session.shards_written(),
         "batch_size": cfg.batch_size,
     }
@@ -307,6 +309,7 @@ class _Session:
         self.cfg, self.run_id, self.prov = cfg, run_id, prov
         self.predict, self.preprocess = predict, preprocess
         self.model_built = predict is not None
+        self.build_seconds = 0.0
         folder = ws.featureset_dir(fs)
         self.shard_writer = ShardWriter(folder, run_id, prov, cfg.shard_size, cfg.npy)
         self.writer = WriterThread(self.shard_writer)
@@ -324,12 +327,16 @@ class _Session:
         from pipeline.backbones import get_backbone
 
         spec = get_backbone(core["backbone"])
+        t0 = time.perf_counter()
         model = build_model(spec, cfg, core)
+        build_seconds = time.perf_counter() - t0
         dim = int(model.outputs[0].shape[-1])
         path = ws.featureset_dir(fs) / PROVENANCE_FILE
         prov = featureset_info(ws, fs) if path.is_file() else _write_provenance(ws, fs, core, dim)
         preprocess = spec.preprocess_fn()
-        return cls(ws, fs, prov, cfg, run_id, predict=model.predict_on_batch, preprocess=preprocess)
+        session = cls(ws, fs, prov, cfg, run_id, predict=model.predict_on_batch, preprocess=preprocess)
+        session.build_seconds = build_seconds
+        return session
 
     def add_error(self, row: dict[str, Any]) -> None:
         self.writer.put([], None, [row])

@@ -50,7 +50,8 @@ class LoopStats:
     errors: collections.Counter = field(default_factory=collections.Counter)
     failed: dict[str, tuple[str, str]] = field(default_factory=dict)  # image_id -> (code, message)
     model_seconds: float = 0.0
-    decode_seconds: float = 0.0
+    decode_seconds: float = 0.0  # summed over decode threads
+    input_wait_seconds: float = 0.0  # the model thread waiting for a batch: the pipeline's stall time
     batches: int = 0
 
 
@@ -152,7 +153,9 @@ def run_loop(batches: Iterator[Batch], predict: Callable[[np.ndarray], Any], wri
     """The model thread: one compiled call per fixed-shape batch; decode and writes overlap it."""
     stats = LoopStats()
     with progress(total=total, desc="extract") as bar:
+        waited = time.perf_counter()
         for batch in batches:
+            stats.input_wait_seconds += time.perf_counter() - waited
             stats.decode_seconds += batch.decode_seconds
             n = len(batch.ids)
             X = None
@@ -167,4 +170,5 @@ def run_loop(batches: Iterator[Batch], predict: Callable[[np.ndarray], Any], wri
                 stats.errors[row[S.ERROR_CODE]] += 1
                 stats.failed[row[S.IMAGE_ID]] = (row[S.ERROR_CODE], row[S.ERROR_MESSAGE])
             bar.update(n + len(batch.errors))
+            waited = time.perf_counter()
     return stats

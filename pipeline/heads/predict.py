@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import schemas as S
@@ -169,15 +168,12 @@ def _predict_dataset(ws: Workspace, cfg: PredictConfig, head: LoadedHead, writer
     images, dropped = unique_images(read_manifest(ws, cfg.dataset))
     done = predicted_ids(ws, cfg.head_id)
     todo = images[~images[S.IMAGE_ID].isin(done)].set_index(S.IMAGE_ID)
-    remaining = set(todo.index)
-    wanted = pa.array(todo.index.tolist(), pa.string())
+    remaining = set(todo.index)  # shrinks as rows are predicted, so a duplicate row is skipped
     with progress(total=len(todo), desc=f"predict {cfg.dataset}") as bar:
-        for ids, X in _stream_features(ws, head.featureset, wanted, cfg.chunk_rows):
-            keep = _first_new(ids, remaining)
-            ids = [ids[k] for k in keep]
+        for ids, X in _stream_features(ws, head.featureset, remaining, cfg.chunk_rows):
             meta = todo.loc[ids]
             writer.add(predictions_table(ids, meta[S.PATH].tolist(), _nullable(meta[S.LABEL]),
-                                         _nullable(meta[S.SPLIT]), score(head, X[keep], cfg.top_k), head, run_id))
+                                         _nullable(meta[S.SPLIT]), score(head, X, cfg.top_k), head, run_id))
             remaining.difference_update(ids)
             bar.update(len(ids))
     missing = len(remaining)
@@ -204,23 +200,30 @@ def _nullable(col) -> list[str | None]:
     return [None if v is None or v != v else str(v) for v in col.tolist()]
 
 
-def _stream_features(ws: Workspace, featureset: str, wanted: pa.Array,
+def _stream_features(ws: Workspace, featureset: str, wanted: set[str],
                      chunk_rows: int) -> Iterator[tuple[list[str], np.ndarray]]:
-    """Feature rows whose id is in ``wanted``, ``chunk_rows`` at a time, shard by shard."""
-    if not len(wanted):
-        return
+    """Feature rows whose id is in ``wanted`` (once each), ``chunk_rows`` at a time, shard by shard.
+
+    A shard's ids are read first (cheap): a shard with nothing wanted is never decoded, which
+    keeps an incremental run over a large featureset fast.
+    """
     for path in feature_shards(ws, featureset):
+        if not wanted:
+            return
         with pq.ParquetFile(path) as pf:
-            yield from _matching_batches(pf, wanted, chunk_rows)
+            ids = pf.read(columns=[S.IMAGE_ID]).column(S.IMAGE_ID).to_pylist()
+            if any(i in wanted for i in ids):
+                yield from _matching_batches(pf, wanted, chunk_rows)
 
 
-def _matching_batches(pf: pq.ParquetFile, wanted: pa.Array,
+def _matching_batches(pf: pq.ParquetFile, wanted: set[str],
                       chunk_rows: int) -> Iterator[tuple[list[str], np.ndarray]]:
     for batch in pf.iter_batches(batch_size=chunk_rows, columns=[S.IMAGE_ID, S.FEATURE]):
-        batch = batch.filter(pc.is_in(batch.column(S.IMAGE_ID), value_set=wanted))
-        if batch.num_rows:
-            X = _matrix(pa.chunked_array([batch.column(S.FEATURE)]), np.float32)
-            yield batch.column(S.IMAGE_ID).to_pylist(), X
+        ids = batch.column(S.IMAGE_ID).to_pylist()
+        keep = _first_new(ids, wanted)
+        if keep:
+            features = batch.column(S.FEATURE).take(pa.array(keep, pa.int32()))
+            yield [ids[k] for k in keep], _matrix(pa.chunked_array([features]), np.float32)
 
 
 def _predict_files(ws: Workspace, cfg: PredictConfig, head: LoadedHead, writer: ShardWriter,

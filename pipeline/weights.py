@@ -83,15 +83,12 @@ def is_cached(spec: "BackboneSpec", input_size: int | None = None) -> bool:
 
 
 def _pip_weights_available(spec: "BackboneSpec") -> bool:
-    import importlib.util
+    """Whether a spec whose weights come from its own function can produce them offline."""
+    if not spec.imagenet_available:
+        return True  # the spec gives no cheap check; resolving will say what is missing
+    from pipeline.backbones import resolve
 
-    # Specs whose weights ship in a pip package name that package in their module; the
-    # only cheap, import-free check is whether that function's module can be found.
-    module = spec.imagenet_weights.rpartition(".")[0]
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
+    return bool(resolve(spec.imagenet_available)(spec.name))
 
 
 # ------------------------------------------------------------------------------------ resolve

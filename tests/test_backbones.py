@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gc
+import inspect
 import time
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -82,10 +84,23 @@ def test_every_backbone_builds_with_its_dims_and_sizes(spec, monkeypatch, fresh_
         spec.check_input_size(spec.min_size - 1)
 
 
-# One backbone per family whose Keras file we check against Keras' own get_file call.
-FILE_CHECKS = ["vgg16", "resnet50", "resnet50_v2", "inception_v3", "inception_resnet_v2", "xception",
-               "mobilenet", "mobilenet_v2", "mobilenet_v3_small", "densenet121", "nasnet_mobile",
-               "efficientnet_b0", "efficientnet_v2_b0", "convnext_tiny"]
+def test_weights_hashes_are_the_ones_keras_pins():
+    folder = Path(inspect.getsourcefile(imagenet_utils)).parent
+    sources = {p.stem: p.read_text() for p in folder.glob("*.py") if not p.stem.endswith("_test")}
+    everything = "\n".join(sources.values())
+    for spec in KERAS_SPECS:
+        for entry in (spec.keras_weights, spec.keras_top_weights):
+            assert entry.file_hash is None or f'"{entry.file_hash}"' in everything, spec.name
+            assert entry.origin.startswith("https://storage.googleapis.com/")
+        if spec.keras_weights.file_hash is None:  # Keras pins none for MobileNet V1/V2 only
+            module = spec.constructor_fn().__module__.rpartition(".")[2]
+            assert spec.family in ("mobilenet", "mobilenet_v2") and "file_hash" not in sources[module]
+
+
+# Families whose file names Keras computes (the others are literals, covered above): the cheapest
+# member of each, checked against the get_file call the Keras constructor itself makes.
+COMPUTED_NAMES = ["resnet50", "resnet50_v2", "mobilenet", "mobilenet_v2", "mobilenet_v3_small",
+                  "efficientnet_b0", "efficientnet_v2_b0", "convnext_tiny"]
 
 
 class _Asked(Exception):
@@ -93,7 +108,7 @@ class _Asked(Exception):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", FILE_CHECKS)
+@pytest.mark.parametrize("name", COMPUTED_NAMES)
 def test_weights_table_matches_the_file_keras_downloads(name, monkeypatch, fresh_keras):
     spec = get_backbone(name)
     asked = {}
@@ -103,7 +118,7 @@ def test_weights_table_matches_the_file_keras_downloads(name, monkeypatch, fresh
         raise _Asked
 
     monkeypatch.setattr(file_utils, "get_file", fake_get_file)
-    size = max(spec.min_size, 96) if spec.family != "nasnet" else spec.input_size
+    size = 160 if spec.family == "mobilenet" else 96  # MobileNet V1 has a file per size: use one
     with pytest.raises(_Asked):
         spec.constructor_fn()(include_top=False, weights="imagenet", input_shape=(size, size, 3))
     fname, url = spec.keras_weights.for_size(size)
@@ -227,3 +242,12 @@ def test_preprocess_input_leaves_its_input_alone_and_matches_keras():
         family = getattr(keras.applications, spec.family)
         np.testing.assert_array_equal(out, family.preprocess_input(x.copy()))
         assert out.dtype == np.float32
+
+
+def test_include_top_gives_the_imagenet_classifier(fresh_keras):
+    spec = get_backbone("mobilenet_v3_small")
+    model = spec.build(weights="none", include_top=True)
+    assert tuple(model.input.shape) == (None, spec.input_size, spec.input_size, 3)
+    assert tuple(model.output.shape) == (None, 1000)
+    probs = _forward(model, spec.input_size)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-4)

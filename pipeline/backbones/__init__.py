@@ -50,6 +50,7 @@ class BackboneSpec:
     constructor: str  # dotted path of a keras.applications-style constructor
     preprocess: str  # dotted path of the family's preprocess_input
     imagenet_weights: str | None = None  # dotted path of a () -> Path giving a local weights file
+    imagenet_available: str | None = None  # dotted path of a (name) -> bool: can imagenet_weights work offline?
     keras_weights: KerasWeightsFile | None = None  # when Keras itself downloads the ImageNet file
     keras_top_weights: KerasWeightsFile | None = None  # the same, with the ImageNet classifier
     min_size: int = 32  # smallest input side the architecture accepts

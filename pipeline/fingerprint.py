@@ -5,7 +5,10 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import os
 import re
+import sys
+from pathlib import Path
 from typing import Any
 
 # Only these provenance keys change the numbers; everything else (versions, dates) is informative.
@@ -40,8 +43,25 @@ def featureset_name(provenance: dict[str, Any]) -> str:
 
 
 def weights_identity(kind: str, sha256: str | None, seed: int) -> str:
-    """What the fingerprint records for the weights: the file's sha256, or ``none:<seed>``."""
-    return f"sha256:{sha256}" if sha256 else f"none:seed={seed}"
+    """What the fingerprint records for the weights: the file's sha256, or ``none`` + seed + backend.
+
+    A seeded random init draws different numbers on each Keras backend, so for ``none`` the backend
+    is part of the identity; a weights file gives the same numbers on every backend.
+    """
+    return f"sha256:{sha256}" if sha256 else f"none:seed={seed}:backend={keras_backend()}"
+
+
+def keras_backend() -> str:
+    """The Keras backend in use, without importing Keras (which would import TensorFlow) when possible."""
+    if "keras" in sys.modules:
+        return sys.modules["keras"].backend.backend()
+    if os.environ.get("KERAS_BACKEND"):
+        return os.environ["KERAS_BACKEND"]
+    config = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "keras.json"
+    try:
+        return json.loads(config.read_text()).get("backend", "tensorflow")
+    except (OSError, ValueError):
+        return "tensorflow"
 
 
 def make_provenance(core: dict[str, Any], dim: int) -> dict[str, Any]:

@@ -99,7 +99,7 @@ def test_shards_have_the_schema_and_provenance(mod_ws, first):
     fs = summary["featureset"]
     info = featureset_info(mod_ws, fs)
     dim = get_backbone(BACKBONE).dims["avg"]
-    assert (info["featureset"], info["dim"], info["backbone"], info["weights"]) == (fs, dim, BACKBONE, "none:seed=0")
+    assert (info["featureset"], info["dim"], info["backbone"], info["weights"]) == (fs, dim, BACKBONE, "none:seed=0:backend=tensorflow")
     shards = list_shards(mod_ws.featureset_dir(fs))
     assert len(shards) == summary["shards"] == 3  # 12 rows in 5-row shards
     for shard in shards:

@@ -208,6 +208,10 @@ def _cross_validate(cfg: TrainConfig, kind: str, X: np.ndarray, y: np.ndarray, f
     res, i = search.cv_results_, search.best_index_
     scores = np.array([res[f"split{k}_test_score"][i] for k in range(folds.n_splits)])
     grid_means = {str(p): round(float(m), 4) for p, m in zip(res["params"], res["mean_test_score"])}
+    (name, values), = grid.items()
+    if len(values) > 1 and search.best_params_[name] in (min(values), max(values)):
+        log.warning("%s: the best C (%g) is at the edge of the searched grid %s; a value beyond it "
+                    "might score better", kind, search.best_params_[name], values)
     return _scores(scores, {"grid": grid_means}, len(y)), search.best_params_
 
 

@@ -19,8 +19,16 @@ photo without such a tag they agree bit for bit. Choose ``exif="ignore"`` to rep
 resizes as above. It is several times faster on large photos and close to, not equal
 to, the full decode, so it is opt-in and named in the fingerprint.
 
+Modes follow load_img too: a 16-bit PNG (mode I;16) goes through Pillow's ``convert("RGB")``,
+which clips values above 255 rather than rescaling them, exactly as load_img does; an
+animated GIF gives its first frame; palette transparency and alpha are dropped, not
+composited on a background.
+
 Bad files never raise anything but ``DecodeError(code, message)``, whose code is one of
-``ERROR_CODES``; callers turn it into an error row.
+``ERROR_CODES``; callers turn it into an error row. Pixel counts over Pillow's
+``Image.MAX_IMAGE_PIXELS`` are ``too_large`` (Pillow itself only warns below 2x the limit).
+One case Pillow cannot see: a well-formed PNG whose compressed data ends early decodes with
+the missing rows black (load_img does the same); a file cut short is ``truncated``.
 """
 
 from __future__ import annotations
@@ -28,7 +36,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,20 +100,17 @@ def decode_bytes(data: bytes, cfg: DecodeConfig, name: str = "<bytes>") -> np.nd
     if not data:
         raise DecodeError("empty", f"{name} is an empty file")
     try:
-        with warnings.catch_warnings():
-            # Pillow warns (rather than raises) between 1x and 2x its pixel limit: treat as too large.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return _decode(data, cfg)
-    except DecodeError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        return _decode(data, cfg)
+    except DecodeError as exc:
+        raise DecodeError(exc.code, f"{name}: {exc.message}") from None
+    except Image.DecompressionBombError as exc:
         raise DecodeError("too_large", f"{name}: {exc}") from None
     except UnidentifiedImageError:
         raise DecodeError("not_an_image", f"{name}: Pillow does not recognise this file as an image") from None
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as exc:
-        raise DecodeError(_classify(exc), f"{name}: {type(exc).__name__}: {exc}") from None
     except MemoryError:
         raise DecodeError("too_large", f"{name}: not enough memory to decode") from None
+    except Exception as exc:  # Pillow's plugins raise OSError, SyntaxError, struct.error, ...: all are rows
+        raise DecodeError(_classify(exc), f"{name}: {type(exc).__name__}: {exc}") from None
 
 
 def decode_batch(
@@ -138,6 +142,7 @@ def _read_bytes(path: Path) -> bytes:
 def _decode(data: bytes, cfg: DecodeConfig) -> np.ndarray:
     h, w = cfg.size
     with Image.open(io.BytesIO(data)) as img:
+        _check_pixels(img)
         if cfg.fast_decode:
             _draft(img, (w, h), cfg.exif)
         img.load()  # decode now, so truncation surfaces here and not inside convert()
@@ -151,6 +156,14 @@ def _decode(data: bytes, cfg: DecodeConfig) -> np.ndarray:
     if arr.shape != (h, w, 3):  # never hand back a silently wrong array
         raise DecodeError("unsupported_mode", f"decoded to shape {arr.shape}, expected {(h, w, 3)}")
     return arr
+
+
+def _check_pixels(img: Image.Image) -> None:
+    # Pillow only warns between 1x and 2x its limit (it raises above 2x); a warning is no row, so check
+    # here, without touching the process-wide warning filters that decode threads share.
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and img.width * img.height > limit:
+        raise DecodeError("too_large", f"{img.width}x{img.height} pixels is over Pillow's limit of {limit}")
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

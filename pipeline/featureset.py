@@ -66,7 +66,7 @@ def read_errors(ws: Workspace, featureset: str) -> pa.Table:
     return pa.concat_tables(tables) if tables else S.ERRORS_SCHEMA.empty_table()
 
 
-def _matrix(column: pa.ChunkedArray, dtype: np.dtype) -> np.ndarray:
+def feature_matrix(column: pa.ChunkedArray, dtype: np.dtype) -> np.ndarray:
     """fixed_size_list<float>[dim] -> a dense (n, dim) array without a Python loop."""
     arr = column.combine_chunks()
     dim = arr.type.list_size
@@ -98,7 +98,7 @@ def load_features(
             t = t.filter(pc.is_in(t.column(S.IMAGE_ID), value_set=wanted))
         if t.num_rows:
             got_ids.append(np.asarray(t.column(S.IMAGE_ID).to_pylist(), dtype=object))
-            mats.append(_matrix(t.column(S.FEATURE), np.dtype(dtype)))
+            mats.append(feature_matrix(t.column(S.FEATURE), np.dtype(dtype)))
     if not mats:
         info = featureset_info(ws, featureset)
         return np.array([], dtype=object), np.zeros((0, int(info.get("dim", 0))), dtype=dtype)

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from pipeline import schemas as S
 from pipeline.errors import ConfigError
-from pipeline.featureset import _matrix, feature_shards, load_features
+from pipeline.featureset import feature_matrix, feature_shards, load_features
 from pipeline.heads.artifacts import LoadedHead, load_head
 from pipeline.heads.data import unique_images
 from pipeline.manifest import read_manifest
@@ -223,7 +223,7 @@ def _matching_batches(pf: pq.ParquetFile, wanted: set[str],
         keep = _first_new(ids, wanted)
         if keep:
             features = batch.column(S.FEATURE).take(pa.array(keep, pa.int32()))
-            yield [ids[k] for k in keep], _matrix(pa.chunked_array([features]), np.float32)
+            yield [ids[k] for k in keep], feature_matrix(pa.chunked_array([features]), np.float32)
 
 
 def _predict_files(ws: Workspace, cfg: PredictConfig, head: LoadedHead, writer: ShardWriter,

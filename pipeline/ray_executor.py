@@ -192,6 +192,8 @@ class ShardReport:
     failed: dict[str, tuple[str, str]] = field(default_factory=dict)  # image_id -> (code, message)
     model_seconds: float = 0.0
     decode_seconds: float = 0.0
+    input_wait_seconds: float = 0.0  # the actor idle before this batch: the pipeline's stall time
+    build_seconds: float = 0.0  # the actor's model build, reported with its first batch only
     pid: int = 0
 
 
@@ -213,10 +215,13 @@ class ShardActor:
     def __init__(self, job: ShardJob) -> None:
         from pipeline.backbones import get_backbone
 
+        t0 = time.perf_counter()
         spec = get_backbone(job.core["backbone"])
         self.model = build_model(spec, job.cfg, job.core)
         self.preprocess = spec.preprocess_fn()
         self.job, self.cfg, self.prov, self.run_id, self.fault = job, job.cfg, job.prov, job.run_id, job.fault
+        self.idle_since = time.perf_counter()
+        self.build_seconds = self.idle_since - t0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         first = int(batch[ROW].min())
@@ -228,7 +233,9 @@ class ShardActor:
         t0 = time.perf_counter()
         X = self.forward(batch[PIXELS][ok])
         report = ShardReport(self._name(first), int(ok.sum()), model_seconds=time.perf_counter() - t0,
-                             decode_seconds=float(batch[DECODE_SECONDS].sum()), pid=os.getpid())
+                             decode_seconds=float(batch[DECODE_SECONDS].sum()), pid=os.getpid(),
+                             input_wait_seconds=t0 - self.idle_since, build_seconds=self.build_seconds)
+        self.build_seconds = 0.0
         errors = [error_row(i, p, STAGE_DECODE, c, m, self.run_id) for i, p, c, m in zip(
             batch[S.IMAGE_ID][~ok], batch[S.PATH][~ok], batch[S.ERROR_CODE][~ok], batch[S.ERROR_MESSAGE][~ok])]
         report.failed = {r[S.IMAGE_ID]: (r[S.ERROR_CODE], r[S.ERROR_MESSAGE]) for r in errors}
@@ -237,6 +244,7 @@ class ShardActor:
         self.commit(first, list(batch[S.IMAGE_ID][ok]), X, errors)
         if self.fault:
             self.fault.strike("after_commit")
+        self.idle_since = time.perf_counter()
         return {REPORT: [json.dumps(report.__dict__)]}
 
     def forward(self, pixels: np.ndarray) -> np.ndarray:
@@ -331,13 +339,16 @@ def _run_on_ray(ray, job: ShardJob, ray_cfg: RayConfig, todo: list[Item]) -> tup
         log.info("ray: %d image(s) in shards of %d on %d worker(s) (%s GPU, %s CPU each)", len(todo),
                  plan["rows_per_shard"], plan["workers"], plan["gpus_per_worker"], ray_cfg.cpus_per_worker)
         ds = _dataset(ray, job, ray_cfg, todo, plan)
-        stats, shards = LoopStats(), 0
+        stats, shards, build = LoopStats(), 0, 0.0
         with progress(total=len(todo), desc="extract (ray)") as bar, contextlib.closing(_reports(ds)) as reports:
             for report in reports:
                 _add_report(stats, report)
                 shards += 1 if report.extracted else 0
+                build += report.build_seconds
                 bar.update(report.extracted + len(report.failed))
-    return stats, {"shards": shards, "ray_address": ray_cfg.address or "default", **plan}
+    # Timings are summed over actors (a restarted actor's build counts again: it was paid again).
+    return stats, {"shards": shards, "build_seconds": round(build, 3), "ray_address": ray_cfg.address or "default",
+                   **plan}
 
 
 class _connected:
@@ -451,6 +462,7 @@ def _add_report(stats: LoopStats, report: ShardReport) -> None:
     stats.extracted += report.extracted
     stats.model_seconds += report.model_seconds
     stats.decode_seconds += report.decode_seconds
+    stats.input_wait_seconds += report.input_wait_seconds
     stats.batches += 1
     for image_id, (code, message) in report.failed.items():
         stats.errors[code] += 1

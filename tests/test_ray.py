@@ -110,6 +110,7 @@ def test_ray_featureset_equals_local_and_rerun_does_no_work(ray_cluster, images,
     for key in ("featureset", "manifest_rows", "extracted", "reused", "errors", "error_rows", "error_rate"):
         assert out[key] == local[key], key
     assert out["executor"] == "ray" and out["duplicate_rows"] == 0
+    assert out["build_seconds"] > 0 and out["model_seconds"] > 0  # the actors' timings reach the summary
     assert out["errors"]["by_code"] == {"not_an_image": 1, "unreadable": 1}
     # A shard written on Ray describes itself like a local one.
     assert all(p.name.startswith("part-r1-ray-") for p in feature_shards(ws, out["featureset"]))

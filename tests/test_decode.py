@@ -191,6 +191,7 @@ def test_bad_decode_config_is_a_config_error_naming_the_choices(kwargs, word):
         DecodeConfig(**kwargs)
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow warns about each corrupt TIFF tag
 def test_damaged_files_only_ever_raise_decode_error():
     """Bytes flipped and cut at random in every format: each gives an array or a DecodeError, never a crash."""
     rng = np.random.default_rng(0)

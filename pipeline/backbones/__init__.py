@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import re
@@ -122,28 +123,34 @@ def build_model(
 
     if pooling not in POOLINGS:
         raise unknown_value("pooling", str(pooling), POOLINGS)
-    size = spec.input_size if include_top else spec.check_input_size(input_size)
+    size = spec.check_input_size(input_size)
+    if include_top and size != spec.input_size:
+        raise ConfigError(f"the ImageNet classifier of {spec.name} needs its default input size "
+                          f"{spec.input_size}, not {size}")
     ref = resolve_weights(spec, weights, size, include_top=include_top)
+    tap = layer is not None and not include_top
+    kwargs = _constructor_kwargs(spec, ref, size, None if tap else pooling, include_top)
     # Seed even with pretrained weights: a few constructors draw random numbers for unused layers.
     keras.utils.set_random_seed(seed)
-    tap = layer is not None and not include_top
-    kwargs: dict[str, Any] = {"include_top": include_top, "input_shape": (size, size, 3)}
-    if not include_top:
-        kwargs["pooling"] = None if tap else pooling
-    if ref.kind == "imagenet":
-        # A pip-shipped file goes in as a path; Keras' own file is found in its cache by get_file.
-        kwargs["weights"] = str(ref.path) if spec.imagenet_weights else "imagenet"
-    else:
-        kwargs["weights"] = None
-    constructor = spec.constructor_fn()
-    if ref.kind == "imagenet" and not spec.imagenet_weights:
-        with keras_offline(ref.path):
-            model = constructor(**kwargs)
-    else:
-        model = constructor(**kwargs)
+    keras_file = ref.kind == "imagenet" and not spec.imagenet_weights
+    with keras_offline(ref.path) if keras_file else contextlib.nullcontext():
+        model = spec.constructor_fn()(**kwargs)
     if ref.kind == "file":
         load_weights_file(model, ref.path, spec)
     return tap_layer(model, layer, pooling, spec) if tap else model
+
+
+def _constructor_kwargs(spec: BackboneSpec, ref, size: int, pooling: str | None, include_top: bool) -> dict:
+    kwargs: dict[str, Any] = {"include_top": include_top, "input_shape": (size, size, 3)}
+    if not include_top:
+        kwargs["pooling"] = pooling
+    if ref.kind == "imagenet":
+        # A file from the spec's own function goes in as a path; Keras' own file must be asked for
+        # as "imagenet" (EfficientNet adds a layer for it), and keras_offline hands over our copy.
+        kwargs["weights"] = str(ref.path) if spec.imagenet_weights else "imagenet"
+    else:
+        kwargs["weights"] = None  # a weights file is loaded afterwards, with a clear error on mismatch
+    return kwargs
 
 
 def load_weights_file(model: "keras.Model", path, spec: BackboneSpec) -> None:

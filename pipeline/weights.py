@@ -23,8 +23,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-WEIGHT_KINDS = ("imagenet", "none", "file")
-DIGEST_CACHE = "imgfeat-digests.json"  # beside the weights, keyed by path + size + mtime
+WEIGHT_KINDS = ("imagenet", "none", "file")  # WeightsRef.kind
+DIGEST_CACHE = "imgfeat-digests.json"  # in the Keras cache folder, keyed by path + size + mtime
 FETCH_TIMEOUT_S = 15.0  # a socket that says nothing for this long is an offline machine, not a slow one
 _GET_FILE_LOCK = threading.Lock()
 
@@ -147,20 +147,22 @@ def missing_message(spec: "BackboneSpec", path: Path, url: str) -> str:
 def file_digests(path: Path) -> dict[str, str]:
     """md5 (Keras' pin for most files) and sha256 (our identity) of a file, cached on disk.
 
-    The cache is keyed by absolute path, size and mtime, so a replaced file is hashed again and
-    a 500 MB file is not re-read on every run.
+    The cache lives in the Keras cache folder (never beside a user's own file) and is keyed by
+    absolute path, size and mtime, so a replaced file is hashed again and a 500 MB file is not
+    re-read on every run.
     """
     path = Path(path).resolve()
     st = path.stat()
     key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
-    cache_file = path.parent / DIGEST_CACHE
+    cache_file = keras_cache_dir() / DIGEST_CACHE
     cache = _read_digest_cache(cache_file)
     if key in cache:
         return cache[key]
     digests = _hash_file(path)
     cache = {k: v for k, v in cache.items() if not k.startswith(f"{path}|")}
     cache[key] = digests
-    with contextlib.suppress(OSError):  # a read-only folder only costs a re-hash next time
+    with contextlib.suppress(OSError):  # a read-only cache only costs a re-hash next time
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(cache, cache_file)
     return digests
 

@@ -171,7 +171,8 @@ def test_seeded_random_weights_are_deterministic():
     assert not np.allclose(first, other, rtol=1e-3, atol=0)  # random-init outputs are tiny: compare relatively
 
 
-def test_weights_file_round_trip_and_mismatch(tmp_path):
+def test_weights_file_round_trip_and_mismatch(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))  # where the digest cache goes
     spec = get_backbone("mobilenet_v2")
     saved = spec.build(weights="none", input_size=48, seed=3)
     path = tmp_path / "mine.weights.h5"

@@ -18,8 +18,9 @@ from pipeline.errors import ConfigError, ImgfeatError
 from pipeline.weights import file_digests, import_weights, is_cached, keras_cache_dir, resolve_weights
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def keras_home(tmp_path, monkeypatch):
+    """Every test gets its own empty Keras cache: nothing here reads or writes ~/.keras."""
     home = tmp_path / "keras_home"
     monkeypatch.setenv("KERAS_HOME", str(home))
     return home
@@ -39,7 +40,7 @@ def test_none_and_file_weights_resolve_to_their_identity(tmp_path):
     assert ref.kind == "file" and ref.identity == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
 
 
-def test_digests_are_cached_by_path_size_and_mtime(tmp_path, monkeypatch):
+def test_digests_are_cached_by_path_size_and_mtime(tmp_path, monkeypatch, keras_home):
     f = tmp_path / "w.h5"
     f.write_bytes(b"one")
     calls = []
@@ -47,7 +48,8 @@ def test_digests_are_cached_by_path_size_and_mtime(tmp_path, monkeypatch):
     monkeypatch.setattr(weights_mod, "_hash_file", lambda p: calls.append(p) or real(p))
     first = file_digests(f)
     assert file_digests(f) == first and len(calls) == 1  # second call (or next run) reads the cache file
-    assert (tmp_path / weights_mod.DIGEST_CACHE).is_file()
+    assert (keras_home / "models" / weights_mod.DIGEST_CACHE).is_file()
+    assert not (tmp_path / weights_mod.DIGEST_CACHE).exists()  # nothing written beside the user's file
     f.write_bytes(b"two, longer")
     assert file_digests(f)["sha256"] != first["sha256"] and len(calls) == 2
 

@@ -32,6 +32,7 @@ examples:
   imgfeat extract --dataset shots --backbone efficientnet_lite0 --fast-decode --npy --json
   imgfeat extract --dataset photos --backbone mobilenet_v2 --layer block_13_expand_relu
   imgfeat extract --dataset tiny --backbone mobilenet_v2 --weights none --input-size 32
+  imgfeat extract --dataset photos --backbone resnet50 --executor ray --ray-address auto --workers 4
 
 query the shards with anything that reads Parquet, e.g.
   duckdb -c "select count(*) from 'data/features/FEATURESET/part-*.parquet'"
@@ -72,11 +73,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--exif", default="rotate", metavar="rotate|ignore",
                    help="apply the EXIF orientation tag (rotate) or not, like keras.utils.load_img (ignore)")
     p.add_argument("--workers", type=positive_int, default=None, metavar="N",
-                   help="decode threads (default: the CPU count)")
+                   help="decode threads (default: the CPU count); with --executor ray: backbone "
+                        "actors (default: one per GPU, or one per node without GPUs)")
     p.add_argument("--wait", type=float, default=None, metavar="SECONDS",
                    help="wait this long for another writer of the same featureset instead of failing")
     p.add_argument("--max-error-rate", type=fraction, default=None, metavar="F",
                    help="exit 3 when more than this fraction of the dataset's images are error rows")
+    r = p.add_argument_group("scaling out (pip install 'imgfeat[ray]')")
+    r.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="run here, or on Ray Data: decode as CPU tasks, the backbone in an actor pool")
+    r.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="'auto' (an existing cluster), 'local', 'ray://HOST:PORT' or HOST:PORT "
+                        "(default: $RAY_ADDRESS, a cluster on this machine, else a private one)")
+    r.add_argument("--gpus-per-worker", type=float, default=None, metavar="G",
+                   help="GPUs per backbone actor (default: 1 when the cluster has GPUs, else 0)")
 
 
 def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
@@ -90,7 +100,14 @@ def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
         interpolation=args.interpolation, fast_decode=args.fast_decode, exif=args.exif,
         seed=args.seed, workers=args.workers, wait=args.wait,
     )
-    summary = run_extract(ctx.ws, cfg, ctx.run_id)
+    if args.executor == "ray":
+        from pipeline.ray_executor import RayConfig, run_extract_ray
+
+        ray_cfg = RayConfig(address=args.ray_address, workers=args.workers,
+                            gpus_per_worker=args.gpus_per_worker)
+        summary = run_extract_ray(ctx.ws, cfg, ray_cfg, ctx.run_id)
+    else:
+        summary = run_extract(ctx.ws, cfg, ctx.run_id)
     ctx.record.summary.update(summary)
     if not args.json:
         print(_human(summary))

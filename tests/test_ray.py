@@ -245,3 +245,13 @@ def test_without_ray_the_executor_is_a_usage_error(monkeypatch):
     with pytest.raises(ConfigError) as exc:
         import_ray()
     assert str(exc.value) == NEEDS_RAY and exc.value.exit_code == 2
+
+
+def test_cli_routes_executor_ray_to_the_ray_config(ws, capsys):
+    """`imgfeat extract --executor ray` reaches RayConfig: a bad address is a usage error."""
+    from jobs.cli import main
+
+    code = main(["extract", "--dataset", "d", "--backbone", "efficientnet_lite0", "--weights", "none",
+                 "--executor", "ray", "--ray-address", "not an address"])
+    assert code == 2
+    assert "invalid Ray address 'not an address'" in capsys.readouterr().err

@@ -86,8 +86,8 @@ def print_demo(ctx: JobContext, summary: dict, n_images: int) -> None:
     print_run_summary(ws, summary)
     (fs_key, ex), = list(summary["extract"].items())[:1]
     (head_name, tr), = list(summary["train"].items())[:1]
-    fs_glob = _rel(ws.featureset_dir(ex["featureset"]) / "*.parquet")
-    pred_glob = _rel(ws.predictions_dir(tr["head_id"]) / "*.parquet")
+    fs_glob = _rel(ws.featureset_dir(ex["featureset"]) / "part-*.parquet")
+    pred_glob = _rel(ws.predictions_dir(tr["head_id"]) / "part-*.parquet")
     print("\nQuery the tables (DuckDB, pandas, Polars all read them):")
     print(f"  python -c \"import duckdb; print(duckdb.sql(\\\"select count(*), any_value(len(feature)) as dim "
           f"from '{fs_glob}'\\\"))\"")

@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import schemas as S
-from pipeline.errors import ConfigError, unknown_value
+from pipeline.errors import unknown_value
 from pipeline.storage import list_shards
 from pipeline.workspace import Workspace
 

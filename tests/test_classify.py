@@ -21,14 +21,6 @@ ROOT = Path(__file__).resolve().parent.parent
 CAT_CLASSES = {"tabby", "tiger cat", "Egyptian cat", "Persian cat", "Siamese cat", "lynx"}
 
 
-@pytest.fixture(scope="module")
-def keras_home(tmp_path_factory):
-    """A private Keras cache: nothing read from or written to the user's ~/.keras."""
-    with pytest.MonkeyPatch.context() as mp:
-        home = tmp_path_factory.mktemp("keras_home")
-        mp.setenv("KERAS_HOME", str(home))
-        yield home
-
 
 def _last_json(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])

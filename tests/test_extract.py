@@ -17,8 +17,7 @@ from PIL import Image
 from jobs.cli import main
 from pipeline import schemas as S
 from pipeline.backbones import BackboneSpec, get_backbone
-from pipeline.decode import DecodeConfig, decode_image
-from pipeline.errors import ImgfeatError, LockBusyError
+from pipeline.errors import LockBusyError
 from pipeline.extract import ExtractConfig, extract_files, featureset_name, plan_extract, run_extract
 from pipeline.featureset import featureset_info, load_features, read_errors
 from pipeline.manifest import read_manifest

@@ -25,14 +25,6 @@ def _reference_script():
     return module
 
 
-@pytest.fixture(scope="module")
-def keras_home(tmp_path_factory):
-    """A private Keras cache, so the tests neither read nor fill the user's ~/.keras."""
-    with pytest.MonkeyPatch.context() as mp:
-        home = tmp_path_factory.mktemp("keras_home")
-        mp.setenv("KERAS_HOME", str(home))
-        yield home
-
 
 def _needs_package(name: str):
     variant = lite.VARIANTS[name]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 
 import numpy as np
@@ -22,14 +21,6 @@ from pipeline.workspace import Workspace
 SPEC = BlobSpec(classes=("cat", "dog", "fox", "owl"), per_class=25, dim=32, separation=5.0, shard_rows=30)
 N = 100
 
-
-@pytest.fixture(autouse=True)
-def _keep_logging():
-    """The CLI points the root logger at the captured stderr; give it back after each test."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:], root.level = handlers, level
 
 
 @pytest.fixture(scope="module")

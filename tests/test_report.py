@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import re
 
 import numpy as np
@@ -18,13 +17,6 @@ CLASSES = ("cat", "dog", "fox", "owl", "emu")
 # Overlapping classes, so the head makes mistakes for the gallery to show.
 SPEC = BlobSpec(classes=CLASSES, per_class=24, dim=24, separation=2.5)
 
-
-@pytest.fixture(autouse=True)
-def _keep_logging():
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:], root.level = handlers, level
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 
 import numpy as np
 import pytest
@@ -130,14 +129,6 @@ def test_cv_folds_shrink_with_a_warning_for_small_classes(ws, caplog):
     assert len(out["metrics"]["cv"]["logreg"]["folds"]) == 3
     assert "using 3-fold CV instead of 5" in caplog.text
 
-
-@pytest.fixture(autouse=True)
-def _keep_logging():
-    """The CLI points the root logger at the captured stderr; give it back after each test."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:], root.level = handlers, level
 
 
 def _cli(ws: Workspace, *args: str) -> int:

@@ -8,7 +8,9 @@ os.environ.setdefault("IMGFEAT_PROGRESS", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+import ipaddress  # noqa: E402
 import logging  # noqa: E402
+import socket  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -40,3 +42,41 @@ def keras_home(tmp_path_factory):
         home = tmp_path_factory.mktemp("keras_home")
         mp.setenv("KERAS_HOME", str(home))
         yield home
+
+
+def _local(host: object) -> bool:
+    if host in ("localhost", "", None):
+        return True
+    try:
+        ip = ipaddress.ip_address(str(host).split("%")[0])
+    except ValueError:
+        return False  # a host name other than localhost: resolving it is already the network
+    return ip.is_loopback or ip.is_private or ip.is_link_local or ip.is_unspecified
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_network():
+    """Tests never touch the network: a Python-level connect to a public address fails loudly.
+
+    Loopback and this host's private addresses stay open (a local Ray cluster lives there), so
+    this catches what matters here: a download such as Keras' ``get_file`` for imagenet weights.
+    """
+    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+    def refuse(address: object) -> None:
+        host = address[0] if isinstance(address, tuple) else None
+        if not isinstance(address, (str, bytes)) and not _local(host):
+            raise OSError(f"a test tried to reach {address!r}: tests never use the network")
+
+    def connect(self, address):
+        refuse(address)
+        return real_connect(self, address)
+
+    def connect_ex(self, address):
+        refuse(address)
+        return real_connect_ex(self, address)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(socket.socket, "connect", connect)
+        mp.setattr(socket.socket, "connect_ex", connect_ex)
+        yield

@@ -22,7 +22,7 @@ def test_example_job_files_are_valid(path, tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_runs_every_stage_then_does_nothing_on_a_rerun(ws, capsys):
+def test_demo_runs_every_stage_then_does_nothing_on_a_rerun(ws, keras_home, capsys):
     assert main(["demo", "--per-class", "8", "--json"]) == 0
     first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     (ex,) = first["extract"].values()

@@ -41,7 +41,7 @@ cv = 2
 
 
 @pytest.fixture
-def job(tmp_path) -> Path:
+def job(tmp_path, keras_home) -> Path:  # keras_home: Lite weights convert into a private cache
     make_photo_set(tmp_path / "images", PhotoSetSpec(classes=CLASSES, per_class=12, min_side=64, max_side=96))
     path = tmp_path / "job.toml"
     path.write_text(JOB)

@@ -95,4 +95,4 @@ def print_demo(ctx: JobContext, summary: dict, n_images: int) -> None:
           f"from '{pred_glob}' group by all order by all\\\"))\"")
     report = summary.get("report", {}).get(head_name, {})
     if report:
-        print(f"\nOpen the report: {_rel(report.get('report', report.get('path', '')))}")
+        print(f"\nOpen the report: {_rel(report['report'])}")

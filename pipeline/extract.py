@@ -10,18 +10,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import schemas as S
 from pipeline.decode import EXIF_MODES, INTERPOLATIONS, DecodeConfig
 from pipeline.errors import ConfigError, unknown_value
-from pipeline.featureset import PROVENANCE_FILE, committed_ids, error_shards, errored_ids, featureset_info
+from pipeline.featureset import PROVENANCE_FILE, committed_ids, error_shards, featureset_info
 from pipeline.fingerprint import featureset_name as _name_of
 from pipeline.fingerprint import make_provenance, weights_identity
 from pipeline.manifest import dataset_root, manifest_file
 from pipeline.shards import ShardWriter, error_row
-from pipeline.storage import FileLock, remove_stale_tmp, write_json_atomic
+from pipeline.storage import FileLock, read_shards, remove_stale_tmp, write_json_atomic
 from pipeline.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -143,18 +142,11 @@ def config_from_provenance(prov: dict[str, Any], dataset: str = "files") -> Extr
 # ------------------------------------------------------------------------------- the reader
 
 
-def _null_id_error_paths(ws: Workspace, fs: str) -> set[str]:
-    """Paths of error rows without an image_id (unreadable files): their resume key."""
-    out: set[str] = set()
-    for p in error_shards(ws, fs):
-        t = pq.read_table(p, columns=[S.IMAGE_ID, S.PATH])
-        t = t.filter(pc.is_null(t.column(S.IMAGE_ID)))
-        out.update(v for v in t.column(S.PATH).to_pylist() if v is not None)
-    return out
-
-
 @dataclass
 class DoneSets:
+    """What a featureset already holds: ids with a feature row, ids with an error row, and the
+    paths of error rows without an id (unreadable files: their resume key)."""
+
     features: set[str]
     errors: set[str]
     error_paths: set[str]
@@ -163,7 +155,13 @@ class DoneSets:
     def read(cls, ws: Workspace, fs: str) -> "DoneSets":
         if not ws.featureset_dir(fs).is_dir():
             return cls(set(), set(), set())
-        return cls(committed_ids(ws, fs), errored_ids(ws, fs), _null_id_error_paths(ws, fs))
+        errors = read_shards(error_shards(ws, fs), [S.IMAGE_ID, S.PATH])  # one pass for both sets
+        rows = [] if errors is None else errors.to_pylist()
+        return cls(
+            committed_ids(ws, fs),
+            {r[S.IMAGE_ID] for r in rows if r[S.IMAGE_ID] is not None},
+            {r[S.PATH] for r in rows if r[S.IMAGE_ID] is None and r[S.PATH] is not None},
+        )
 
 
 def walk_manifest(ws: Workspace, dataset: str, done: DoneSets, tally: Tally, run_id: str,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 
 from pipeline import schemas as S
 from pipeline.errors import unknown_value
-from pipeline.storage import list_shards
+from pipeline.storage import column_values, list_shards, read_shards
 from pipeline.workspace import Workspace
 
 PROVENANCE_FILE = "_featureset.json"
@@ -43,27 +43,19 @@ def error_shards(ws: Workspace, featureset: str) -> list[Path]:
     return list_shards(ws.featureset_errors_dir(featureset))
 
 
-def _read_column(paths: Iterable[Path], column: str) -> set[str]:
-    out: set[str] = set()
-    for p in paths:
-        col = pq.ParquetFile(p).read(columns=[column]).column(column)
-        out.update(v for v in col.to_pylist() if v is not None)
-    return out
-
-
 def committed_ids(ws: Workspace, featureset: str) -> set[str]:
     """image_ids that already have a feature row (reads only the ``image_id`` column)."""
-    return _read_column(feature_shards(ws, featureset), S.IMAGE_ID)
+    return set(column_values(feature_shards(ws, featureset), S.IMAGE_ID))
 
 
 def errored_ids(ws: Workspace, featureset: str) -> set[str]:
     """image_ids that already ended as an error row in this featureset."""
-    return _read_column(error_shards(ws, featureset), S.IMAGE_ID)
+    return set(column_values(error_shards(ws, featureset), S.IMAGE_ID))
 
 
 def read_errors(ws: Workspace, featureset: str) -> pa.Table:
-    tables = [pq.ParquetFile(p).read().cast(S.ERRORS_SCHEMA) for p in error_shards(ws, featureset)]
-    return pa.concat_tables(tables) if tables else S.ERRORS_SCHEMA.empty_table()
+    table = read_shards(error_shards(ws, featureset), schema=S.ERRORS_SCHEMA)
+    return S.ERRORS_SCHEMA.empty_table() if table is None else table
 
 
 def feature_matrix(column: pa.ChunkedArray, dtype: np.dtype) -> np.ndarray:

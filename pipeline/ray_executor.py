@@ -33,7 +33,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline import schemas as S
 from pipeline.decode import DecodeConfig, decode_batch
@@ -56,7 +55,7 @@ from pipeline.featureset import PROVENANCE_FILE, featureset_info
 from pipeline.manifest import manifest_file
 from pipeline.progress import progress
 from pipeline.shards import ShardWriter, error_row
-from pipeline.storage import FileLock, list_shards, remove_stale_tmp, shard_name
+from pipeline.storage import FileLock, column_values, list_shards, remove_stale_tmp, shard_name
 from pipeline.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -473,7 +472,7 @@ def _audit(ws: Workspace, fs: str, run_id: str, todo: list[Item]) -> dict[str, A
     """Every todo id ended as exactly one feature or error row; raise if one is missing."""
     prefix = f"part-{run_id}-{SHARD_TAG}-"
     mine = [p for p in list_shards(ws.featureset_dir(fs)) if p.name.startswith(prefix)]
-    ids = [v for p in mine for v in pq.read_table(p, columns=[S.IMAGE_ID]).column(0).to_pylist()]
+    ids = column_values(mine, S.IMAGE_ID)
     done = DoneSets.read(ws, fs)
     missing = [i.image_id for i in todo if i.image_id not in done.features and i.image_id not in done.errors]
     if missing:

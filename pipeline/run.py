@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import time
 from collections.abc import Iterator
 from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline import schemas as S
 from pipeline.errors import ErrorRateExceeded
@@ -30,17 +32,15 @@ def stage_lock(ws: Workspace, stage: str, wait: float | None) -> Iterator[None]:
 def scan_config(job: JobSpec, dataset: str):
     from pipeline.scan import ScanConfig
 
-    return build_config(
-        ScanConfig, job.datasets[dataset], f"[datasets.{dataset}]", dataset=dataset, **_wait(ScanConfig, job)
-    )
+    where = f"[datasets.{dataset}]"
+    return build_config(ScanConfig, job.datasets[dataset], where, dataset=dataset, wait=job.wait)
 
 
 def extract_config(job: JobSpec, fjob: FeatureJob, dataset: str):
     from pipeline.extract import ExtractConfig
 
-    return build_config(
-        ExtractConfig, fjob.options, f"[features.{fjob.name}]", dataset=dataset, **_wait(ExtractConfig, job)
-    )
+    where = f"[features.{fjob.name}]"
+    return build_config(ExtractConfig, fjob.options, where, dataset=dataset, wait=job.wait)
 
 
 def train_config(hjob: HeadJob, featureset: str):
@@ -49,11 +49,6 @@ def train_config(hjob: HeadJob, featureset: str):
     return build_config(
         TrainConfig, hjob.options, f"[heads.{hjob.name}]", dataset=hjob.dataset, featureset=featureset
     )
-
-
-def _wait(cls: type, job: JobSpec) -> dict[str, Any]:
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {"wait": job.wait} if "wait" in names and job.wait is not None else {}
 
 
 def check_job(job: JobSpec) -> None:
@@ -189,10 +184,10 @@ def error_rate(ws: Workspace, dataset: str, featureset: str) -> tuple[int, int]:
     from pipeline.featureset import errored_ids
     from pipeline.manifest import read_manifest
 
-    table = read_manifest(ws, dataset).select([S.IMAGE_ID, S.STATUS]).to_pylist()
-    bad_ids = errored_ids(ws, featureset)
-    bad = sum(1 for r in table if r[S.STATUS] != S.STATUS_OK or r[S.IMAGE_ID] in bad_ids)
-    return bad, len(table)
+    table = read_manifest(ws, dataset, columns=[S.IMAGE_ID, S.STATUS])
+    errored = pa.array(sorted(errored_ids(ws, featureset)), pa.string())
+    bad = pc.or_(pc.not_equal(table[S.STATUS], S.STATUS_OK), pc.is_in(table[S.IMAGE_ID], value_set=errored))
+    return int(pc.sum(pc.fill_null(bad, False)).as_py() or 0), table.num_rows
 
 
 def _check_error_rate(ws: Workspace, job: JobSpec, featuresets: dict, summary: dict) -> None:

@@ -8,7 +8,7 @@ import fcntl
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -100,6 +100,25 @@ def list_shards(folder: Path, suffix: str = ".parquet") -> list[Path]:
     return sorted(
         p for p in folder.iterdir() if p.name.startswith(SHARD_PREFIX) and p.name.endswith(suffix)
     )
+
+
+def read_shards(paths: Iterable[Path], columns: list[str] | None = None,
+                schema: pa.Schema | None = None) -> pa.Table | None:
+    """Concatenate committed shards (only ``columns`` when given); None when there are none.
+
+    ``ParquetFile.read`` rather than ``pq.read_table``: the latter imports pyarrow.dataset and
+    pandas (~0.8 s), a cost every no-op rerun would pay just to list what is done.
+    """
+    tables = [pq.ParquetFile(p).read(columns=columns) for p in paths]
+    if schema is not None:
+        tables = [t.cast(schema) for t in tables]
+    return pa.concat_tables(tables) if tables else None
+
+
+def column_values(paths: Iterable[Path], column: str) -> list:
+    """One column of every shard, nulls left out (e.g. the ids a folder already holds)."""
+    table = read_shards(paths, [column])
+    return [] if table is None else [v for v in table.column(column).to_pylist() if v is not None]
 
 
 def remove_stale_tmp(folder: Path) -> int:

@@ -20,7 +20,15 @@ from pipeline.heads.artifacts import LoadedHead, load_head
 from pipeline.heads.data import unique_images
 from pipeline.manifest import read_manifest
 from pipeline.progress import progress
-from pipeline.storage import FileLock, list_shards, remove_stale_tmp, shard_name, write_table_atomic
+from pipeline.storage import (
+    FileLock,
+    column_values,
+    list_shards,
+    read_shards,
+    remove_stale_tmp,
+    shard_name,
+    write_table_atomic,
+)
 from pipeline.workspace import Workspace, check_name
 
 log = logging.getLogger(__name__)
@@ -98,15 +106,12 @@ def predictions_table(ids: Sequence[str], paths: Sequence[str | None], labels: S
 
 def predicted_ids(ws: Workspace, head_id: str) -> set[str]:
     """image_ids this head already has a prediction row for (reads only that column)."""
-    out: set[str] = set()
-    for p in list_shards(ws.predictions_dir(head_id)):
-        out.update(pq.read_table(p, columns=[S.IMAGE_ID]).column(S.IMAGE_ID).to_pylist())
-    return out
+    return set(column_values(list_shards(ws.predictions_dir(head_id)), S.IMAGE_ID))
 
 
 def read_predictions(ws: Workspace, head_id: str) -> pa.Table:
-    tables = [pq.read_table(p, schema=S.PREDICTIONS_SCHEMA) for p in list_shards(ws.predictions_dir(head_id))]
-    return pa.concat_tables(tables) if tables else S.PREDICTIONS_SCHEMA.empty_table()
+    table = read_shards(list_shards(ws.predictions_dir(head_id)), schema=S.PREDICTIONS_SCHEMA)
+    return S.PREDICTIONS_SCHEMA.empty_table() if table is None else table
 
 
 class ShardWriter:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -164,6 +165,18 @@ class DoneSets:
         )
 
 
+@contextlib.contextmanager
+def open_featureset(ws: Workspace, fs: str, wait: float | None) -> Iterator[DoneSets]:
+    """Hold the featureset's writer lock, clear a crashed writer's ``.tmp`` files, and yield what
+    is already done. Every writer (local, Ray, extract_files) enters through here."""
+    fs_dir = ws.featureset_dir(fs)
+    with FileLock(fs_dir / ".lock", what=f"featureset {fs}", wait=wait):
+        stale = remove_stale_tmp(fs_dir)
+        if stale:
+            log.info("removed %d temporary file(s) left by an interrupted run", stale)
+        yield DoneSets.read(ws, fs)
+
+
 def walk_manifest(ws: Workspace, dataset: str, done: DoneSets, tally: Tally, run_id: str,
                   on_error=None) -> Iterator[Any]:
     """Stream the manifest; yield an Item per image to extract, hand new scan-error rows to ``on_error``.
@@ -233,12 +246,7 @@ def run_extract(ws: Workspace, cfg: ExtractConfig, run_id: str) -> dict[str, Any
     manifest_file(ws, cfg.dataset)  # an unknown dataset fails before a featureset folder appears
     core = provenance_core(cfg)
     fs = _name_of(core)
-    fs_dir = ws.featureset_dir(fs)
-    with FileLock(fs_dir / ".lock", what=f"featureset {fs}", wait=cfg.wait):
-        stale = remove_stale_tmp(fs_dir)
-        if stale:
-            log.info("removed %d temporary file(s) left by an interrupted run", stale)
-        done = DoneSets.read(ws, fs)
+    with open_featureset(ws, fs, cfg.wait) as done:
         plan = Tally()
         for _ in walk_manifest(ws, cfg.dataset, done, plan, run_id):
             pass
@@ -404,9 +412,7 @@ def extract_files(ws: Workspace, featureset: str, paths: Sequence[str | Path], r
             f"to the same fingerprint (now {_name_of(core)}); was its weights file replaced?"
         )
     probes = [(str(p), _probe(p)) for p in paths]
-    with FileLock(ws.featureset_dir(featureset) / ".lock", what=f"featureset {featureset}", wait=cfg.wait):
-        remove_stale_tmp(ws.featureset_dir(featureset))
-        done = DoneSets.read(ws, featureset)
+    with open_featureset(ws, featureset, cfg.wait) as done:
         items, new_errors = _file_todo(probes, done, run_id)
         session = _Session.open(ws, featureset, core, cfg, run_id) if items else None
         if session is None and new_errors:

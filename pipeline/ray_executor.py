@@ -41,21 +41,22 @@ from pipeline.extract import (
     DoneSets,
     ExtractConfig,
     Tally,
-    _name_of,
     _Session,
     _spec_dim,
     _summary,
     _write_provenance,
     build_model,
+    open_featureset,
     provenance_core,
     walk_manifest,
 )
 from pipeline.extract_runner import STAGE_DECODE, Item, LoopStats
+from pipeline.fingerprint import featureset_name as featureset_name_of
 from pipeline.featureset import PROVENANCE_FILE, featureset_info
 from pipeline.manifest import manifest_file
 from pipeline.progress import progress
 from pipeline.shards import ShardWriter, error_row
-from pipeline.storage import FileLock, column_values, list_shards, remove_stale_tmp, shard_name
+from pipeline.storage import column_values, list_shards, shard_name
 from pipeline.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -282,12 +283,8 @@ def run_extract_ray(ws: Workspace, cfg: ExtractConfig, ray_cfg: RayConfig, run_i
     t0 = time.perf_counter()
     manifest_file(ws, cfg.dataset)  # an unknown dataset fails (did you mean ...?) before any folder appears
     core = provenance_core(cfg)
-    fs = _name_of(core)
-    fs_dir = ws.featureset_dir(fs)
-    with FileLock(fs_dir / ".lock", what=f"featureset {fs}", wait=cfg.wait):
-        if remove_stale_tmp(fs_dir):
-            log.info("removed temporary files left by an interrupted run")
-        done = DoneSets.read(ws, fs)
+    fs = featureset_name_of(core)
+    with open_featureset(ws, fs, cfg.wait) as done:
         prov = _ensure_provenance(ws, fs, core, cfg)
         session = _Session(ws, fs, prov, cfg, run_id)  # the driver's writer: scan-error rows only
         tally = Tally()

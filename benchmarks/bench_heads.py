@@ -31,7 +31,7 @@ def _peak_mib() -> float:
 
 
 def phase_write(ws, args) -> dict:
-    from pipeline.heads.synthetic import BlobSpec, write_blob_dataset
+    from imgfeat.heads.synthetic import BlobSpec, write_blob_dataset
 
     per_class = args.rows // args.classes
     spec = BlobSpec(classes=tuple(f"class{k:02d}" for k in range(args.classes)), per_class=per_class,
@@ -43,7 +43,7 @@ def phase_write(ws, args) -> dict:
 
 
 def phase_train(ws, args) -> dict:
-    from pipeline.heads import TrainConfig, run_train
+    from imgfeat.heads import TrainConfig, run_train
 
     cfg = TrainConfig(DATASET, FEATURESET, head="logreg", cv=args.cv, cv_max_rows=args.cv_max_rows,
                       random_state=args.seed)
@@ -56,7 +56,7 @@ def phase_train(ws, args) -> dict:
 
 
 def phase_predict(ws, args) -> dict:
-    from pipeline.heads import PredictConfig, run_predict
+    from imgfeat.heads import PredictConfig, run_predict
 
     t0 = time.perf_counter()
     out = run_predict(ws, PredictConfig(args.head_id, dataset=DATASET), "bench-predict")
@@ -78,7 +78,7 @@ PHASES = {"write": phase_write, "train": phase_train, "predict": phase_predict, 
 
 
 def run_phase(args) -> None:
-    from pipeline.workspace import Workspace
+    from imgfeat.core.workspace import Workspace
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
     out = PHASES[args.phase](Workspace(Path(args.workspace)), args)

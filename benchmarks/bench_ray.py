@@ -31,9 +31,9 @@ EXECUTORS = ("local", "ray")
 
 def make_dataset(folder: Path, images: int) -> Path:
     """Write ``images`` labelled JPEGs and scan them into a manifest, once; return the workspace."""
-    from pipeline.samples import DEMO_CLASSES, PhotoSetSpec, make_photo_set
-    from pipeline.scan import ScanConfig, run_scan
-    from pipeline.workspace import Workspace
+    from imgfeat.tools.samples import DEMO_CLASSES, PhotoSetSpec, make_photo_set
+    from imgfeat.scan.scan import ScanConfig, run_scan
+    from imgfeat.core.workspace import Workspace
 
     base, marker = folder / "base", folder / f"complete-{images}"
     if marker.exists():
@@ -51,15 +51,15 @@ def make_dataset(folder: Path, images: int) -> Path:
 
 def run_one(args: argparse.Namespace) -> dict:
     """In a fresh process: extract the dataset with one executor into a copy of the base workspace."""
-    from pipeline.extract import ExtractConfig, run_extract
-    from pipeline.workspace import Workspace
+    from imgfeat.extract.extract import ExtractConfig, run_extract
+    from imgfeat.core.workspace import Workspace
 
     ws = Workspace(Path(args.workspace))
     cfg = ExtractConfig(dataset=DATASET, backbone=args.backbone, weights="none", input_size=args.input_size,
                         batch_size=args.batch_size)
     if args.one == "local":
         return run_extract(ws, cfg, f"bench-{args.one}")
-    from pipeline.ray_executor import RayConfig, run_extract_ray
+    from imgfeat.extract.ray_executor import RayConfig, run_extract_ray
 
     return run_extract_ray(ws, cfg, RayConfig(address="local", workers=args.ray_workers), f"bench-{args.one}")
 

@@ -78,9 +78,9 @@ def make_tree(folder: Path, files: int) -> Path:
 def child(root: str, workspace: str, dataset: str, workers: int | None) -> None:
     """One scan in this process; print its summary plus peak RSS as JSON."""
     t0 = time.perf_counter()
-    from pipeline.runs import new_run_id
-    from pipeline.scan import ScanConfig, run_scan
-    from pipeline.workspace import Workspace
+    from imgfeat.core.runs import new_run_id
+    from imgfeat.scan.scan import ScanConfig, run_scan
+    from imgfeat.core.workspace import Workspace
 
     before = _cpu(resource.getrusage(resource.RUSAGE_SELF))
     summary = run_scan(Workspace(Path(workspace)), ScanConfig(root, dataset, workers=workers), new_run_id())

@@ -14,9 +14,9 @@ import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
-from pipeline.bench import list_images
-from pipeline.decode import DecodeConfig
-from pipeline.extract_runner import Item, chunked, make_batch
+from imgfeat.tools.bench import list_images
+from imgfeat.extract.decode import DecodeConfig
+from imgfeat.extract.runner import Item, chunked, make_batch
 
 
 def _identity(x):

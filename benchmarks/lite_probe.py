@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/lite_probe.py [--per-class 60] [--out DIR]
 
-Builds a labelled set with ``pipeline.samples.make_photo_set`` from the six demo photos, made
+Builds a labelled set with ``imgfeat.tools.samples.make_photo_set`` from the six demo photos, made
 hard on purpose: each image is a small crop (5-20% of the photo's area) with strong colour
 jitter (brightness, contrast, saturation factors 0.5-1.5). Features come from
 EfficientNet-Lite0 (avg pooled, 1280-d) with ``imagenet`` weights and with ``none`` (random,
@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.decode import DecodeConfig, decode_image
-from pipeline.samples import PhotoSetSpec, make_photo_set
+from imgfeat.extract.decode import DecodeConfig, decode_image
+from imgfeat.tools.samples import PhotoSetSpec, make_photo_set
 
 log = logging.getLogger("lite_probe")
 
@@ -53,7 +53,7 @@ def colour_features(images: np.ndarray) -> np.ndarray:
 def lite0_features(images: np.ndarray, weights: str | None) -> np.ndarray:
     import keras
 
-    from pipeline.backbones import lite
+    from imgfeat.backbones import lite
 
     keras.utils.set_random_seed(0)
     model = lite.efficientnet_lite("efficientnet_lite0", include_top=False, weights=weights, pooling="avg")

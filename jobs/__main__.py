@@ -1,7 +1,7 @@
-"""``python -m jobs`` is the same as ``imgfeat``."""
+"""``python -m imgfeat.cli`` is the same as ``imgfeat``."""
 
 import sys
 
-from jobs.cli import main
+from imgfeat.cli.main import main
 
 sys.exit(main())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from jobs.common import JobContext, add_command
+from imgfeat.cli.common import JobContext, add_command
 
 DESCRIPTION = """\
 List every registered backbone: its family, default input size, pooled feature dim,
@@ -38,9 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def backbone_rows(family: str | None = None) -> list[dict[str, Any]]:
     """One plain dict per backbone, as --json shows it."""
-    from pipeline.backbones import list_backbones
-    from pipeline.errors import unknown_value
-    from pipeline.weights import is_cached
+    from imgfeat.backbones import list_backbones
+    from imgfeat.core.errors import unknown_value
+    from imgfeat.backbones.weights import is_cached
 
     specs = list_backbones()
     if family is not None and family not in {s.family for s in specs}:
@@ -55,7 +55,7 @@ def backbone_rows(family: str | None = None) -> list[dict[str, Any]]:
 
 def layer_rows(name: str) -> list[dict[str, Any]]:
     """Layer name, type and output shape of a backbone built with random weights at its default size."""
-    from pipeline.backbones import get_backbone
+    from imgfeat.backbones import get_backbone
 
     spec = get_backbone(name)
     model = spec.constructor_fn()(include_top=False, weights=None,

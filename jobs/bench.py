@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from jobs.common import JobContext, add_command, positive_int
+from imgfeat.cli.common import JobContext, add_command, positive_int
 
 DESCRIPTION = """\
 Measure, in one run and on this machine, three whole processes (start-up included) over
@@ -53,7 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
-    from pipeline.bench import PATHS, BenchConfig, run_bench
+    from imgfeat.tools.bench import PATHS, BenchConfig, run_bench
 
     cfg = BenchConfig(
         backbone=args.backbone, images=Path(args.images).expanduser(), batch_size=args.batch_size,

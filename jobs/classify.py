@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from jobs.common import JobContext, add_command, positive_int
+from imgfeat.cli.common import JobContext, add_command, positive_int
 
 DESCRIPTION = """\
 Print the most likely ImageNet classes of each image, with probabilities.
@@ -26,7 +26,7 @@ examples:
 
 
 def handle(args: argparse.Namespace, ctx: JobContext) -> dict[str, Any]:
-    from pipeline.classify import ClassifyConfig, format_result, run_classify
+    from imgfeat.tools.classify import ClassifyConfig, format_result, run_classify
 
     cfg = ClassifyConfig(
         paths=tuple(args.images),
@@ -42,7 +42,7 @@ def handle(args: argparse.Namespace, ctx: JobContext) -> dict[str, Any]:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from pipeline.classify import DEFAULT_BACKBONE
+    from imgfeat.tools.classify import DEFAULT_BACKBONE
 
     p = add_command(
         sub,

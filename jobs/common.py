@@ -10,10 +10,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.errors import ConfigError, ImgfeatError
-from pipeline.logs import LOG_FORMATS, setup_logging
-from pipeline.runs import RunRecord
-from pipeline.workspace import ENV_WORKSPACE, Workspace
+from imgfeat.core.errors import ConfigError, ImgfeatError
+from imgfeat.core.logs import LOG_FORMATS, setup_logging
+from imgfeat.core.runs import RunRecord
+from imgfeat.core.workspace import ENV_WORKSPACE, Workspace
 
 log = logging.getLogger("imgfeat")
 

@@ -10,8 +10,8 @@ import shutil
 import time
 from pathlib import Path
 
-from jobs.common import JobContext, add_command, positive_int
-from jobs.report_lines import _rel, print_run_summary
+from imgfeat.cli.common import JobContext, add_command, positive_int
+from imgfeat.cli.report_lines import _rel, print_run_summary
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def demo_images(root: Path, per_class: int) -> tuple[Path, int]:
     """Generate the photo set once (atomically: a half-made set is never scanned)."""
-    from pipeline.samples import PhotoSetSpec, make_photo_set
+    from imgfeat.tools.samples import PhotoSetSpec, make_photo_set
 
     # Small crops with strong jitter: colour statistics alone score ~86% here, ImageNet
     # features ~98%, random features ~73% (benchmarks/lite_probe.py), so the head has work to do.
@@ -60,15 +60,15 @@ def demo_images(root: Path, per_class: int) -> tuple[Path, int]:
 
 
 def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
-    from pipeline.jobfile import load_job
-    from pipeline.run import run_job_spec
+    from imgfeat.run.jobfile import load_job
+    from imgfeat.run.run import run_job_spec
 
     t0 = time.perf_counter()
     images, n = demo_images(ctx.ws.root / "demo_images", args.per_class)
     log.info("demo photo set: %d images in %s", n, images)
     overrides = [f"features.lite0.{k}={json.dumps(v)}"
                  for k, v in (("backbone", args.backbone), ("weights", args.weights)) if v]
-    job_file = importlib.resources.files("jobs") / "examples" / "demo.toml"
+    job_file = importlib.resources.files("imgfeat.cli") / "examples" / "demo.toml"
     with importlib.resources.as_file(job_file) as path:
         job = load_job(path, tuple(overrides), workspace=ctx.ws.root)
     summary = ctx.record.summary

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.common import JobContext, add_command, fraction, positive_int
+from imgfeat.cli.common import JobContext, add_command, fraction, positive_int
 
 DESCRIPTION = """\
 Run a Keras backbone (include_top=False, pooled) over every image of a scanned dataset
@@ -90,8 +90,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
-    from pipeline.errors import ErrorRateExceeded
-    from pipeline.extract import ExtractConfig, run_extract
+    from imgfeat.core.errors import ErrorRateExceeded
+    from imgfeat.extract.extract import ExtractConfig, run_extract
 
     cfg = ExtractConfig(
         dataset=args.dataset, backbone=args.backbone, weights=args.weights, pooling=args.pooling,
@@ -101,7 +101,7 @@ def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
         seed=args.seed, workers=args.workers, wait=args.wait,
     )
     if args.executor == "ray":
-        from pipeline.ray_executor import RayConfig, run_extract_ray
+        from imgfeat.extract.ray_executor import RayConfig, run_extract_ray
 
         ray_cfg = RayConfig(address=args.ray_address, workers=args.workers,
                             gpus_per_worker=args.gpus_per_worker)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.common import JobContext, add_command, positive_int, require
+from imgfeat.cli.common import JobContext, add_command, positive_int, require
 
 DESCRIPTION = """\
 Apply a trained head to a dataset's features, or to image files, and append the rows to
@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
-    from pipeline.heads import PredictConfig, run_predict
+    from imgfeat.heads import PredictConfig, run_predict
 
     require(bool(args.dataset) != bool(args.images), "give either --dataset NAME or image files, not both")
     cfg = PredictConfig(head_id=args.head, dataset=args.dataset, paths=tuple(args.images), top_k=args.top_k)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.common import JobContext, add_command, positive_int
+from imgfeat.cli.common import JobContext, add_command, positive_int
 
 DESCRIPTION = """\
 Write reports/<head_id>/index.html (with PNGs beside it) for a trained head: its metrics,
@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
-    from pipeline.heads import ReportConfig, run_report
+    from imgfeat.heads import ReportConfig, run_report
 
     cfg = ReportConfig(head_id=args.head, max_mistakes=args.mistakes, projection=args.projection,
                        max_points=args.max_points)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.workspace import Workspace
+from imgfeat.core.workspace import Workspace
 
 
 def _rel(path: Path | str) -> str:

@@ -7,8 +7,8 @@ import dataclasses
 import json
 from pathlib import Path
 
-from jobs.common import JobContext, add_command, fraction
-from jobs.report_lines import print_run_summary
+from imgfeat.cli.common import JobContext, add_command, fraction
+from imgfeat.cli.report_lines import print_run_summary
 
 DESCRIPTION = """\
 Run scan -> extract -> train -> predict -> report for the datasets, featuresets and heads
@@ -50,8 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
-    from pipeline.jobfile import load_job
-    from pipeline.run import plan_job, run_job_spec
+    from imgfeat.run.jobfile import load_job
+    from imgfeat.run.run import plan_job, run_job_spec
 
     job = load_job(args.job, tuple(args.overrides), workspace=ctx.ws.root)
     flags = {"max_error_rate": args.max_error_rate, "executor": args.executor, "wait": args.wait}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from jobs.common import JobContext, add_command, fraction, positive_int
+from imgfeat.cli.common import JobContext, add_command, fraction, positive_int
 
 DESCRIPTION = """\
 Walk ROOT and write datasets/NAME/manifest.parquet: one row per image file with its
@@ -68,7 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
-    from pipeline.scan import ScanConfig, plan_scan, run_scan
+    from imgfeat.scan.scan import ScanConfig, plan_scan, run_scan
 
     options = {"max_pixels": args.max_pixels} if args.max_pixels is not None else {}
     cfg = ScanConfig(

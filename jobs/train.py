@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.common import JobContext, add_command, fraction, positive_int
+from imgfeat.cli.common import JobContext, add_command, fraction, positive_int
 
 DESCRIPTION = """\
 Train a light classifier ("head") on bottleneck features: the dataset's manifest gives
@@ -59,7 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
-    from pipeline.heads import TrainConfig, run_train
+    from imgfeat.heads import TrainConfig, run_train
 
     cfg = TrainConfig(dataset=args.dataset, featureset=args.featureset, head=args.head, kernel=args.kernel,
                       cv=args.cv, class_weight=args.class_weight, random_state=args.random_state,

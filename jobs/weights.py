@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from jobs.backbones import format_table
-from jobs.common import JobContext, add_command, require
+from imgfeat.cli.backbones import format_table
+from imgfeat.cli.common import JobContext, add_command, require
 
 ACTIONS = ("list", "fetch", "import")
 
@@ -43,8 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
-    from pipeline.backbones import get_backbone
-    from pipeline.weights import fetch_weights, import_weights, keras_cache_dir, weights_table
+    from imgfeat.backbones import get_backbone
+    from imgfeat.backbones.weights import fetch_weights, import_weights, keras_cache_dir, weights_table
 
     if args.action == "list":
         rows = weights_table()

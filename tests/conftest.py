@@ -14,7 +14,7 @@ import socket  # noqa: E402
 
 import pytest  # noqa: E402
 
-from pipeline.workspace import Workspace  # noqa: E402
+from imgfeat.core.workspace import Workspace  # noqa: E402
 
 
 @pytest.fixture

@@ -13,10 +13,10 @@ import pytest
 from keras.src.applications import imagenet_utils
 from keras.src.utils import file_utils
 
-from pipeline.backbones import NAME_RE, get_backbone, list_backbones
-from pipeline.backbones.lite import VARIANTS
-from pipeline.errors import ConfigError
-from pipeline.weights import resolve_weights
+from imgfeat.backbones import NAME_RE, get_backbone, list_backbones
+from imgfeat.backbones.lite import VARIANTS
+from imgfeat.core.errors import ConfigError
+from imgfeat.backbones.weights import resolve_weights
 
 SPECS = list_backbones()
 KERAS_SPECS = [s for s in SPECS if s.keras_weights is not None]

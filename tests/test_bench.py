@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jobs.cli import main
-from pipeline.bench import BenchConfig, _report, list_images, stage_images
-from pipeline.errors import ConfigError
+from imgfeat.cli.main import main
+from imgfeat.tools.bench import BenchConfig, _report, list_images, stage_images
+from imgfeat.core.errors import ConfigError
 
 
 def write_images(folder, n, seed=0):

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jobs.cli import main
-from pipeline.classify import ClassifyConfig, format_result
-from pipeline.errors import ConfigError
-from pipeline.imagenet import decode_predictions, format_topk, imagenet_classes
-from pipeline.samples import photo_path
+from imgfeat.cli.main import main
+from imgfeat.tools.classify import ClassifyConfig, format_result
+from imgfeat.core.errors import ConfigError
+from imgfeat.tools.imagenet import decode_predictions, format_topk, imagenet_classes
+from imgfeat.tools.samples import photo_path
 
 ROOT = Path(__file__).resolve().parent.parent
 CAT_CLASSES = {"tabby", "tiger cat", "Egyptian cat", "Persian cat", "Siamese cat", "lynx"}
@@ -31,7 +31,7 @@ def test_cli_subprocess_cat_and_espresso_and_a_bad_file(keras_home, tmp_path):
     bad = tmp_path / "notes.jpg"
     bad.write_text("this is not a picture")
     env = {**os.environ, "KERAS_HOME": str(keras_home), "IMGFEAT_WORKSPACE": str(tmp_path / "ws")}
-    cmd = [sys.executable, "-m", "jobs", "classify", str(photo_path("chelsea")), str(photo_path("coffee")),
+    cmd = [sys.executable, "-m", "imgfeat", "classify", str(photo_path("chelsea")), str(photo_path("coffee")),
            str(bad), "--top", "3", "--json"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]  # a bad image is a row, not a failed run
@@ -66,7 +66,7 @@ def test_backbone_without_an_available_top_names_those_that_work(keras_home, cap
 
 
 def test_unknown_backbone_and_bad_top_are_usage_errors(keras_home):
-    from jobs.common import EXIT_USAGE
+    from imgfeat.cli.common import EXIT_USAGE
 
     assert main(["classify", str(photo_path("chelsea")), "--backbone", "efficientnet_lite9"]) == EXIT_USAGE
     with pytest.raises(ConfigError, match="--top"):
@@ -96,8 +96,8 @@ def test_class_table_is_the_imagenet_1k_order():
 def test_listing_of_usable_backbones_follows_installed_weight_packages(monkeypatch, keras_home):
     import dataclasses
 
-    from pipeline.backbones import lite
-    from pipeline.classify import classifier_backbones
+    from imgfeat.backbones import lite
+    from imgfeat.tools.classify import classifier_backbones
 
     absent = dataclasses.replace(lite.VARIANTS["efficientnet_lite1"], module="imgfeat_no_such_weights_pkg")
     monkeypatch.setitem(lite.VARIANTS, "efficientnet_lite1", absent)

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from jobs.cli import JOB_MODULES, main
+from imgfeat.cli.main import JOB_MODULES, main
 
-PRESENT = [m for m in JOB_MODULES if importlib.util.find_spec(f"jobs.{m}") is not None]
+PRESENT = [m for m in JOB_MODULES if importlib.util.find_spec(f"imgfeat.cli.{m}") is not None]
 
 
 @pytest.mark.parametrize("command", PRESENT)
@@ -60,7 +60,7 @@ def test_help_does_not_import_tensorflow_or_keras():
     import subprocess
     import sys
 
-    code = ("import sys; from jobs.cli import build_parser; build_parser(); "
+    code = ("import sys; from imgfeat.cli.main import build_parser; build_parser(); "
             "print(sorted(m for m in ('tensorflow', 'keras', 'jax', 'torch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.decode import ERROR_CODES, DecodeConfig, DecodeError, decode_batch, decode_bytes, decode_image
-from pipeline.errors import ConfigError
-from pipeline.samples import photo_path
+from imgfeat.extract.decode import ERROR_CODES, DecodeConfig, DecodeError, decode_batch, decode_bytes, decode_image
+from imgfeat.core.errors import ConfigError
+from imgfeat.tools.samples import photo_path
 
 SIZE = (24, 32)  # (h, w): not square, so a swapped axis shows
 CFG = DecodeConfig(SIZE)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from jobs.cli import main
-from pipeline.jobfile import load_job
-from pipeline.run import check_job
+from imgfeat.cli.main import main
+from imgfeat.run.jobfile import load_job
+from imgfeat.run.run import check_job
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "jobs" / "examples").glob("*.toml"))
 

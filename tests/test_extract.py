@@ -14,16 +14,16 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from jobs.cli import main
-from pipeline import schemas as S
-from pipeline.backbones import BackboneSpec, get_backbone
-from pipeline.errors import LockBusyError
-from pipeline.extract import ExtractConfig, extract_files, featureset_name, plan_extract, run_extract
-from pipeline.featureset import featureset_info, load_features, read_errors
-from pipeline.manifest import read_manifest
-from pipeline.scan import ScanConfig, run_scan
-from pipeline.storage import FileLock, list_shards
-from pipeline.workspace import Workspace
+from imgfeat.cli.main import main
+from imgfeat.core import schemas as S
+from imgfeat.backbones import BackboneSpec, get_backbone
+from imgfeat.core.errors import LockBusyError
+from imgfeat.extract.extract import ExtractConfig, extract_files, featureset_name, plan_extract, run_extract
+from imgfeat.extract.featureset import featureset_info, load_features, read_errors
+from imgfeat.scan.manifest import read_manifest
+from imgfeat.scan.scan import ScanConfig, run_scan
+from imgfeat.core.storage import FileLock, list_shards
+from imgfeat.core.workspace import Workspace
 
 # Lite0 with seeded random weights: its features at 32 px are O(0.1-1) and differ per image.
 # (A random-init MobileNetV2 gives ~1e-12, which float16 stores as zeros: every equality check

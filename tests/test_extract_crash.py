@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import schemas as S
-from pipeline.featureset import load_features
-from pipeline.scan import ScanConfig, run_scan
-from pipeline.storage import list_shards
-from pipeline.workspace import Workspace
+from imgfeat.core import schemas as S
+from imgfeat.extract.featureset import load_features
+from imgfeat.scan.scan import ScanConfig, run_scan
+from imgfeat.core.storage import list_shards
+from imgfeat.core.workspace import Workspace
 
 N_IMAGES = 200
 # Lite0 random weights give O(1) features that differ per image (random-init MobileNetV2 gives
@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def extract_cmd(ws: Workspace) -> list[str]:
-    return [sys.executable, "-m", "jobs", "extract", "--workspace", str(ws.root), *ARGS]
+    return [sys.executable, "-m", "imgfeat", "extract", "--workspace", str(ws.root), *ARGS]
 
 
 def scanned_workspace(root: Path, images: Path) -> Workspace:

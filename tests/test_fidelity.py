@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.backbones import get_backbone
-from pipeline.decode import INTERPOLATIONS, DecodeConfig, decode_image
-from pipeline.samples import load_photo, photo_path
+from imgfeat.backbones import get_backbone
+from imgfeat.extract.decode import INTERPOLATIONS, DecodeConfig, decode_image
+from imgfeat.tools.samples import load_photo, photo_path
 
 TOLERANCE = 1e-4  # DESIGN.md: float32 on CPU, max abs
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import ConfigError
-from pipeline.jobfile import apply_override, load_job
+from imgfeat.core.errors import ConfigError
+from imgfeat.run.jobfile import apply_override, load_job
 
 GOOD = """
 [run]

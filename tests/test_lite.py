@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.backbones import lite
-from pipeline.errors import ConfigError
+from imgfeat.backbones import lite
+from imgfeat.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures" / "lite_reference"
@@ -43,7 +43,7 @@ def test_matches_the_pytorch_reference(name):
     """The graph and the weight mapping: torch state_dict -> Keras, logits and pooled features."""
     import keras
 
-    from pipeline.torchfile import read_state_dict
+    from imgfeat.backbones.torchfile import read_state_dict
 
     ref, x = _reference(name)
     variant = lite.VARIANTS[name]

@@ -6,9 +6,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import schemas as S
-from pipeline.errors import ConfigError
-from pipeline.manifest import (
+from imgfeat.core import schemas as S
+from imgfeat.core.errors import ConfigError
+from imgfeat.scan.manifest import (
     dataset_root,
     make_info,
     manifest_info,

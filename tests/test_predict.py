@@ -9,14 +9,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.cli import main
-from pipeline import schemas as S
-from pipeline.featureset import load_features
-from pipeline.heads import PredictConfig, TrainConfig, load_head, run_predict, run_train
-from pipeline.heads.predict import read_predictions
-from pipeline.heads.synthetic import BlobSpec, blob_features, fake_image_id, write_blob_dataset, write_featureset
-from pipeline.storage import list_shards
-from pipeline.workspace import Workspace
+from imgfeat.cli.main import main
+from imgfeat.core import schemas as S
+from imgfeat.extract.featureset import load_features
+from imgfeat.heads import PredictConfig, TrainConfig, load_head, run_predict, run_train
+from imgfeat.heads.predict import read_predictions
+from imgfeat.heads.synthetic import BlobSpec, blob_features, fake_image_id, write_blob_dataset, write_featureset
+from imgfeat.core.storage import list_shards
+from imgfeat.core.workspace import Workspace
 
 SPEC = BlobSpec(classes=("cat", "dog", "fox", "owl"), per_class=25, dim=32, separation=5.0, shard_rows=30)
 N = 100
@@ -109,9 +109,9 @@ def test_cli_unknown_head_exits_2_with_did_you_mean(ws, headed, capsys):
 @pytest.mark.slow
 def test_end_to_end_on_real_photos_and_image_files(tmp_path, capsys):
     """scan -> extract (a small random-weights backbone) -> train -> predict a dataset and loose files."""
-    from pipeline.extract import ExtractConfig, run_extract
-    from pipeline.samples import PhotoSetSpec, make_photo_set
-    from pipeline.scan import ScanConfig, run_scan
+    from imgfeat.extract.extract import ExtractConfig, run_extract
+    from imgfeat.tools.samples import PhotoSetSpec, make_photo_set
+    from imgfeat.scan.scan import ScanConfig, run_scan
 
     ws = Workspace(tmp_path / "ws")
     spec = PhotoSetSpec(classes=(("cat", "chelsea"), ("coffee", "coffee"), ("rocket", "rocket")),

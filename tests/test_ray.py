@@ -12,11 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline import schemas as S
-from pipeline.errors import ConfigError
-from pipeline.extract import ExtractConfig, featureset_name, run_extract
-from pipeline.featureset import feature_shards, load_features, read_errors
-from pipeline.ray_executor import (
+from imgfeat.core import schemas as S
+from imgfeat.core.errors import ConfigError
+from imgfeat.extract.extract import ExtractConfig, featureset_name, run_extract
+from imgfeat.extract.featureset import feature_shards, load_features, read_errors
+from imgfeat.extract.ray_executor import (
     ENV_FAULT,
     MAX_BATCH_ATTEMPTS,
     NEEDS_RAY,
@@ -26,8 +26,8 @@ from pipeline.ray_executor import (
     import_ray,
     run_extract_ray,
 )
-from pipeline.scan import ScanConfig, run_scan
-from pipeline.workspace import Workspace
+from imgfeat.scan.scan import ScanConfig, run_scan
+from imgfeat.core.workspace import Workspace
 
 N_IMAGES = 40
 # Tiny and seeded: random weights, 32x32 inputs, 8-image batches, 16-row shards (3 shards).
@@ -152,7 +152,7 @@ class Interrupted(Exception):
 @pytest.mark.slow
 def test_local_run_interrupted_after_a_shard_is_finished_on_ray_despite_a_killed_actor(
         ray_cluster, images, reference, tmp_path, monkeypatch):
-    from pipeline.shards import ShardWriter
+    from imgfeat.extract.shards import ShardWriter
 
     ws = _workspace(tmp_path / "ws", images)
     commit = ShardWriter._commit_features
@@ -249,7 +249,7 @@ def test_without_ray_the_executor_is_a_usage_error(monkeypatch):
 
 def test_cli_routes_executor_ray_to_the_ray_config(ws, capsys):
     """`imgfeat extract --executor ray` reaches RayConfig: a bad address is a usage error."""
-    from jobs.cli import main
+    from imgfeat.cli.main import main
 
     code = main(["extract", "--dataset", "d", "--backbone", "efficientnet_lite0", "--weights", "none",
                  "--executor", "ray", "--ray-address", "not an address"])

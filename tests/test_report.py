@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jobs.cli import main
-from pipeline.heads import PredictConfig, ReportConfig, TrainConfig, run_predict, run_report, run_train
-from pipeline.heads.synthetic import BlobSpec, write_blob_dataset
-from pipeline.workspace import Workspace
+from imgfeat.cli.main import main
+from imgfeat.heads import PredictConfig, ReportConfig, TrainConfig, run_predict, run_report, run_train
+from imgfeat.heads.synthetic import BlobSpec, write_blob_dataset
+from imgfeat.core.workspace import Workspace
 
 CLASSES = ("cat", "dog", "fox", "owl", "emu")
 # Overlapping classes, so the head makes mistakes for the gallery to show.

@@ -12,10 +12,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.cli import main
-from pipeline import schemas as S
-from pipeline.samples import PhotoSetSpec, make_photo_set
-from pipeline.storage import FileLock
+from imgfeat.cli.main import main
+from imgfeat.core import schemas as S
+from imgfeat.tools.samples import PhotoSetSpec, make_photo_set
+from imgfeat.core.storage import FileLock
 
 pytestmark = pytest.mark.slow
 
@@ -139,7 +139,7 @@ def test_a_held_stage_fails_fast_or_waits(ws, job, capsys):
 
 def test_two_concurrent_runs_with_wait_both_finish_cleanly(ws, job):
     env = {**os.environ, "IMGFEAT_WORKSPACE": str(ws.root)}
-    cmd = [sys.executable, "-m", "jobs", "run", str(job), "--json", "--wait", "300"]
+    cmd = [sys.executable, "-m", "imgfeat", "run", str(job), "--json", "--wait", "300"]
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]

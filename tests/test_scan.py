@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import probe as probe_mod
-from pipeline import scan as scan_mod
-from pipeline import schemas as S
-from pipeline.errors import ConfigError, LockBusyError
-from pipeline.manifest import manifest_info, read_manifest
-from pipeline.scan import ScanConfig, fraction_split, folder_label_split, plan_scan, run_scan
-from pipeline.storage import FileLock
-from pipeline.workspace import Workspace
+from imgfeat.scan import probe as probe_mod
+from imgfeat.scan import scan as scan_mod
+from imgfeat.core import schemas as S
+from imgfeat.core.errors import ConfigError, LockBusyError
+from imgfeat.scan.manifest import manifest_info, read_manifest
+from imgfeat.scan.scan import ScanConfig, fraction_split, folder_label_split, plan_scan, run_scan
+from imgfeat.core.storage import FileLock
+from imgfeat.core.workspace import Workspace
 
 # ---------------------------------------------------------------- tiny images, made here
 
@@ -470,9 +470,9 @@ def test_a_second_scanner_of_the_same_dataset_fails_fast(ws, tmp_path):
 def test_one_info_line_at_the_end_with_the_counts(ws, tmp_path, caplog):
     write(tmp_path / "r", "a.jpg", jpeg())
     write(tmp_path / "r", "b.jpg", b"")
-    with caplog.at_level(logging.INFO, logger="pipeline"):
+    with caplog.at_level(logging.INFO, logger="imgfeat"):
         run_scan(ws, ScanConfig(tmp_path / "r", "d"), "r")
-    lines = [r.getMessage() for r in caplog.records if r.name == "pipeline.scan" and r.levelno == logging.INFO]
+    lines = [r.getMessage() for r in caplog.records if r.name == "imgfeat.scan.scan" and r.levelno == logging.INFO]
     assert len(lines) == 1
     assert "2 files (2 added" in lines[0] and "1 ok, 1 errors" in lines[0]
 
@@ -515,7 +515,7 @@ def test_root_must_be_an_existing_folder(ws, tmp_path):
 
 
 def cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    from jobs.cli import main
+    from imgfeat.cli.main import main
 
     code = main(argv)
     out = capsys.readouterr()
@@ -552,8 +552,8 @@ def test_cli_help_explains_layouts_and_gives_examples(capsys):
 
 def test_rescan_merges_with_the_old_manifest_across_row_groups(ws, tmp_path, monkeypatch, counted_probes):
     """Small row groups and batches: carried rows come from many groups, interleaved with new ones."""
-    from pipeline import manifest as manifest_mod
-    from pipeline.rescan import walk_key
+    from imgfeat.scan import manifest as manifest_mod
+    from imgfeat.scan.rescan import walk_key
 
     for module in (manifest_mod, scan_mod):
         monkeypatch.setattr(module, "ROW_GROUP_ROWS", 7)

@@ -13,8 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.errors import ImgfeatError, LockBusyError
-from pipeline.storage import (
+from imgfeat.core.errors import ImgfeatError, LockBusyError
+from imgfeat.core.storage import (
     FileLock,
     atomic_path,
     list_shards,
@@ -67,7 +67,7 @@ def test_shards_are_named_by_run_and_tmp_files_are_never_listed(tmp_path):
 HOLDER = textwrap.dedent(
     """
     import sys, time
-    from pipeline.storage import FileLock
+    from imgfeat.core.storage import FileLock
     with FileLock(sys.argv[1], "the test featureset"):
         print("locked", flush=True)
         time.sleep(float(sys.argv[2]))

@@ -12,8 +12,8 @@ import zipfile
 import numpy as np
 import pytest
 
-from pipeline.backbones.lite import VARIANTS, block_plan, source_weights_file
-from pipeline.torchfile import LEGACY_MAGIC, LEGACY_PROTOCOL, TorchFileError, read_state_dict
+from imgfeat.backbones.lite import VARIANTS, block_plan, source_weights_file
+from imgfeat.backbones.torchfile import LEGACY_MAGIC, LEGACY_PROTOCOL, TorchFileError, read_state_dict
 
 _TORCH_NAMES = {np.dtype("float32"): "FloatStorage", np.dtype("float16"): "HalfStorage",
                 np.dtype("int64"): "LongStorage", np.dtype("uint8"): "ByteStorage"}

@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pytest
 
-from jobs.cli import main
-from pipeline.errors import ConfigError
-from pipeline.heads import TrainConfig, run_train
-from pipeline.heads.artifacts import CURVES_FILE, HEAD_FILE, METRICS_FILE, ROWS_FILE
-from pipeline.heads.synthetic import BlobSpec, write_blob_dataset, write_featureset
-from pipeline.workspace import Workspace
+from imgfeat.cli.main import main
+from imgfeat.core.errors import ConfigError
+from imgfeat.heads import TrainConfig, run_train
+from imgfeat.heads.artifacts import CURVES_FILE, HEAD_FILE, METRICS_FILE, ROWS_FILE
+from imgfeat.heads.synthetic import BlobSpec, write_blob_dataset, write_featureset
+from imgfeat.core.workspace import Workspace
 
 CLASSES = ("cat", "dog", "fox", "owl")
 SPEC = BlobSpec(classes=CLASSES, per_class=40, dim=64, separation=5.0)
@@ -102,7 +102,7 @@ def test_rows_without_label_or_features_are_counted_and_left_out(ws):
         labels[k] = None
     ids = write_blob_dataset(ws, "toy", "fs", SPEC, labels=labels)
     # A second featureset that lacks the first 10 images' features.
-    from pipeline.heads.synthetic import blob_features
+    from imgfeat.heads.synthetic import blob_features
 
     _, X, _ = blob_features(SPEC)
     write_featureset(ws, "partial", ids[10:], X[10:])

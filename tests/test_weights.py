@@ -11,11 +11,11 @@ import time
 
 import pytest
 
-from jobs.cli import main
-from pipeline import weights as weights_mod
-from pipeline.backbones import get_backbone, list_backbones
-from pipeline.errors import ConfigError, ImgfeatError
-from pipeline.weights import file_digests, import_weights, is_cached, keras_cache_dir, resolve_weights
+from imgfeat.cli.main import main
+from imgfeat.backbones import weights as weights_mod
+from imgfeat.backbones import get_backbone, list_backbones
+from imgfeat.core.errors import ConfigError, ImgfeatError
+from imgfeat.backbones.weights import file_digests, import_weights, is_cached, keras_cache_dir, resolve_weights
 
 
 @pytest.fixture(autouse=True)
@@ -57,8 +57,8 @@ def test_digests_are_cached_by_path_size_and_mtime(tmp_path, monkeypatch, keras_
 def test_imagenet_for_a_pip_shipped_backbone_uses_its_function(monkeypatch, tmp_path):
     f = tmp_path / "lite.weights.h5"
     f.write_bytes(b"lite")
-    monkeypatch.setattr("pipeline.backbones.lite.lite0_imagenet_weights", lambda: f)
-    from pipeline.backbones import resolve
+    monkeypatch.setattr("imgfeat.backbones.lite.lite0_imagenet_weights", lambda: f)
+    from imgfeat.backbones import resolve
 
     resolve.cache_clear()
     try:
@@ -127,7 +127,7 @@ def test_weights_list_and_import_commands(tmp_path, keras_home, capsys):
 
 def test_backbones_command_lists_everything_without_importing_tensorflow(tmp_path, keras_home):
     # A process of its own: the test process has TensorFlow loaded already.
-    code = ("import sys, json; from jobs.cli import main; rc = main(['backbones', '--json']);"
+    code = ("import sys, json; from imgfeat.cli.main import main; rc = main(['backbones', '--json']);"
             "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules, 'imported TF';"
             "sys.exit(rc)")
     env = {**os.environ, "IMGFEAT_WORKSPACE": str(tmp_path / "ws")}

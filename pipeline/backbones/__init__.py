@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from pipeline.errors import ConfigError, unknown_value
+from imgfeat.core.errors import ConfigError, unknown_value
 
 if TYPE_CHECKING:
     import keras
@@ -119,7 +119,7 @@ def build_model(
     """BackboneSpec.build: check every option first, then construct, load weights, cut and pool."""
     import keras
 
-    from pipeline.weights import keras_offline, resolve_weights
+    from imgfeat.backbones.weights import keras_offline, resolve_weights
 
     if pooling not in POOLINGS:
         raise unknown_value("pooling", str(pooling), POOLINGS)
@@ -190,14 +190,14 @@ def tap_layer(model: "keras.Model", layer: str, pooling: str, spec: BackboneSpec
 
 def list_backbones() -> list[BackboneSpec]:
     """Every registered backbone, in table order."""
-    from pipeline.backbones.registry import BACKBONES
+    from imgfeat.backbones.registry import BACKBONES
 
     return list(BACKBONES)
 
 
 def get_backbone(name: str) -> BackboneSpec:
     """The spec for ``name`` (or an alias); ConfigError with a did-you-mean otherwise."""
-    from pipeline.backbones.registry import by_name
+    from imgfeat.backbones.registry import by_name
 
     table = by_name()
     key = name.strip().lower() if isinstance(name, str) else name

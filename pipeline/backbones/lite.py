@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.errors import ConfigError, ImgfeatError
-from pipeline.storage import FileLock, atomic_path
-from pipeline.weights import keras_cache_dir
+from imgfeat.core.errors import ConfigError, ImgfeatError
+from imgfeat.core.storage import FileLock, atomic_path
+from imgfeat.backbones.weights import keras_cache_dir
 
 if TYPE_CHECKING:
     import keras
@@ -318,7 +318,7 @@ def converted_weights(variant: LiteVariant) -> Path:
 
 
 def _convert(variant: LiteVariant, source: Path, target: Path) -> None:
-    from pipeline.torchfile import read_state_dict
+    from imgfeat.backbones.torchfile import read_state_dict
 
     log.info("converting %s ImageNet weights from %s (once) into %s", variant.name, source, target)
     model = build_lite(variant, include_top=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from pipeline.backbones import BackboneSpec, KerasWeightsFile
+from imgfeat.backbones import BackboneSpec, KerasWeightsFile
 
 # One row per keras.applications constructor (Keras 3.15 has 40). "dim" is the pooled feature dim
 # with include_top=False (avg and max agree); "top" says the ImageNet classifier is a function of
@@ -211,10 +211,10 @@ def _lite_spec(row: tuple[str, str, int, float]) -> BackboneSpec:
         dims={"avg": 1280, "max": 1280},
         imagenet_top=True,
         weights_mb=mb,
-        constructor=f"pipeline.backbones.lite.{constructor}",
-        preprocess="pipeline.backbones.lite.preprocess_input",
-        imagenet_weights=f"pipeline.backbones.lite.{name[-5:]}_imagenet_weights",
-        imagenet_available="pipeline.backbones.lite.weights_installed",
+        constructor=f"imgfeat.backbones.lite.{constructor}",
+        preprocess="imgfeat.backbones.lite.preprocess_input",
+        imagenet_weights=f"imgfeat.backbones.lite.{name[-5:]}_imagenet_weights",
+        imagenet_available="imgfeat.backbones.lite.weights_installed",
     )
 
 

@@ -1,10 +1,10 @@
 """Light heads on bottleneck features: train, predict and report stages (see each module)."""
 
-from pipeline.heads.artifacts import LoadedHead, load_head
-from pipeline.heads.estimators import HEAD_KINDS, KerasMLPClassifier
-from pipeline.heads.predict import PredictConfig, run_predict
-from pipeline.heads.report import ReportConfig, run_report
-from pipeline.heads.train import TrainConfig, run_train
+from imgfeat.heads.artifacts import LoadedHead, load_head
+from imgfeat.heads.estimators import HEAD_KINDS, KerasMLPClassifier
+from imgfeat.heads.predict import PredictConfig, run_predict
+from imgfeat.heads.report import ReportConfig, run_report
+from imgfeat.heads.train import TrainConfig, run_train
 
 __all__ = [
     "HEAD_KINDS",

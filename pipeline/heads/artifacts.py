@@ -18,11 +18,11 @@ import joblib
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import __version__
-from pipeline.errors import ImgfeatError, unknown_value
-from pipeline.heads.estimators import KerasMLPClassifier
-from pipeline.storage import remove_stale_tmp, write_bytes_atomic, write_json_atomic, write_table_atomic
-from pipeline.workspace import Workspace
+from imgfeat import __version__
+from imgfeat.core.errors import ImgfeatError, unknown_value
+from imgfeat.heads.estimators import KerasMLPClassifier
+from imgfeat.core.storage import remove_stale_tmp, write_bytes_atomic, write_json_atomic, write_table_atomic
+from imgfeat.core.workspace import Workspace
 
 HEAD_FILE = "head.json"
 METRICS_FILE = "metrics.json"

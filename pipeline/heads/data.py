@@ -14,11 +14,11 @@ import pandas as pd
 import pyarrow as pa
 from sklearn.model_selection import train_test_split
 
-from pipeline import schemas as S
-from pipeline.errors import ConfigError
-from pipeline.featureset import committed_ids
-from pipeline.manifest import read_manifest
-from pipeline.workspace import Workspace
+from imgfeat.core import schemas as S
+from imgfeat.core.errors import ConfigError
+from imgfeat.extract.featureset import committed_ids
+from imgfeat.scan.manifest import read_manifest
+from imgfeat.core.workspace import Workspace
 
 log = logging.getLogger(__name__)
 

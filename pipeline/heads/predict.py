@@ -13,14 +13,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import schemas as S
-from pipeline.errors import ConfigError
-from pipeline.featureset import feature_matrix, feature_shards, load_features
-from pipeline.heads.artifacts import LoadedHead, load_head
-from pipeline.heads.data import unique_images
-from pipeline.manifest import read_manifest
-from pipeline.progress import progress
-from pipeline.storage import (
+from imgfeat.core import schemas as S
+from imgfeat.core.errors import ConfigError
+from imgfeat.extract.featureset import feature_matrix, feature_shards, load_features
+from imgfeat.heads.artifacts import LoadedHead, load_head
+from imgfeat.heads.data import unique_images
+from imgfeat.scan.manifest import read_manifest
+from imgfeat.core.progress import progress
+from imgfeat.core.storage import (
     FileLock,
     column_values,
     list_shards,
@@ -29,7 +29,7 @@ from pipeline.storage import (
     shard_name,
     write_table_atomic,
 )
-from pipeline.workspace import Workspace, check_name
+from imgfeat.core.workspace import Workspace, check_name
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +233,7 @@ def _matching_batches(pf: pq.ParquetFile, wanted: set[str],
 
 def _predict_files(ws: Workspace, cfg: PredictConfig, head: LoadedHead, writer: ShardWriter,
                    run_id: str) -> dict[str, Any]:
-    from pipeline.extract import extract_files
+    from imgfeat.extract.extract import extract_files
 
     paths = [Path(p).expanduser().absolute() for p in cfg.paths]
     results = extract_files(ws, head.featureset, paths, run_id)

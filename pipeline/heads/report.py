@@ -15,14 +15,14 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
-from pipeline import schemas as S
-from pipeline.errors import ConfigError, unknown_value
-from pipeline.featureset import load_features
-from pipeline.heads import artifacts as A
-from pipeline.heads import plots
-from pipeline.heads.artifacts import LoadedHead, load_head
-from pipeline.storage import list_shards, remove_stale_tmp, write_bytes_atomic
-from pipeline.workspace import Workspace, check_name
+from imgfeat.core import schemas as S
+from imgfeat.core.errors import ConfigError, unknown_value
+from imgfeat.extract.featureset import load_features
+from imgfeat.heads import artifacts as A
+from imgfeat.heads import plots
+from imgfeat.heads.artifacts import LoadedHead, load_head
+from imgfeat.core.storage import list_shards, remove_stale_tmp, write_bytes_atomic
+from imgfeat.core.workspace import Workspace, check_name
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def run_report(ws: Workspace, cfg: ReportConfig, run_id: str) -> dict[str, Any]:
 
 def _image_paths(ws: Workspace, dataset: str) -> dict[str, Path]:
     """image_id -> absolute file path (first path per id), or {} when the dataset is gone."""
-    from pipeline.manifest import dataset_root, read_manifest
+    from imgfeat.scan.manifest import dataset_root, read_manifest
 
     try:
         root = dataset_root(ws, dataset)

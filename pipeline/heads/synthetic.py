@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from pipeline import schemas as S
-from pipeline.featureset import PROVENANCE_FILE
-from pipeline.manifest import write_manifest
-from pipeline.storage import shard_name, write_json_atomic, write_table_atomic
-from pipeline.workspace import Workspace
+from imgfeat.core import schemas as S
+from imgfeat.extract.featureset import PROVENANCE_FILE
+from imgfeat.scan.manifest import write_manifest
+from imgfeat.core.storage import shard_name, write_json_atomic, write_table_atomic
+from imgfeat.core.workspace import Workspace
 
 
 @dataclass(frozen=True)

@@ -16,14 +16,14 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precisio
 from sklearn.model_selection import GridSearchCV, StratifiedKFold, cross_val_score, train_test_split
 from threadpoolctl import threadpool_limits
 
-from pipeline.errors import ConfigError, ImgfeatError, unknown_value
-from pipeline.featureset import featureset_info, load_features
-from pipeline.heads import artifacts as A
-from pipeline.heads.data import LabelledRows, canonical_json, describe, read_labelled
-from pipeline.heads.estimators import HEAD_KINDS, SVM_KERNELS, KerasMLPClassifier, sklearn_head
-from pipeline.heads.plots import training_curves_png
-from pipeline.storage import FileLock
-from pipeline.workspace import Workspace, check_name
+from imgfeat.core.errors import ConfigError, ImgfeatError, unknown_value
+from imgfeat.extract.featureset import featureset_info, load_features
+from imgfeat.heads import artifacts as A
+from imgfeat.heads.data import LabelledRows, canonical_json, describe, read_labelled
+from imgfeat.heads.estimators import HEAD_KINDS, SVM_KERNELS, KerasMLPClassifier, sklearn_head
+from imgfeat.heads.plots import training_curves_png
+from imgfeat.core.storage import FileLock
+from imgfeat.core.workspace import Workspace, check_name
 
 log = logging.getLogger(__name__)
 

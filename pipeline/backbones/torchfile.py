@@ -11,7 +11,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from pipeline.errors import ImgfeatError
+from imgfeat.core.errors import ImgfeatError
 
 # torch/serialization.py: the first pickle in a legacy file is this number.
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C

@@ -20,15 +20,15 @@ from typing import Any
 import pyarrow as pa
 from PIL import Image
 
-from pipeline import schemas as S
-from pipeline.errors import ConfigError
-from pipeline.manifest import ROW_GROUP_ROWS, make_info, manifest_writer, rows_to_table
-from pipeline.probe import Probe, over_limit_message, probe_file
-from pipeline.progress import progress
-from pipeline.rescan import SETTLED, OldRows, Previous, classify, load_previous
-from pipeline.storage import FileLock, remove_stale_tmp
-from pipeline.walk import FileEntry, WalkOptions, WalkStats, walk, walk_segments
-from pipeline.workspace import Workspace, check_name
+from imgfeat.core import schemas as S
+from imgfeat.core.errors import ConfigError
+from imgfeat.scan.manifest import ROW_GROUP_ROWS, make_info, manifest_writer, rows_to_table
+from imgfeat.scan.probe import Probe, over_limit_message, probe_file
+from imgfeat.core.progress import progress
+from imgfeat.scan.rescan import SETTLED, OldRows, Previous, classify, load_previous
+from imgfeat.core.storage import FileLock, remove_stale_tmp
+from imgfeat.scan.walk import FileEntry, WalkOptions, WalkStats, walk, walk_segments
+from imgfeat.core.workspace import Workspace, check_name
 
 log = logging.getLogger(__name__)
 

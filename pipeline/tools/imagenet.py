@@ -8,7 +8,7 @@ from importlib import resources
 
 import numpy as np
 
-from pipeline.errors import ImgfeatError
+from imgfeat.core.errors import ImgfeatError
 
 CLASSES_FILE = "imagenet_classes.tsv"
 NUM_CLASSES = 1000
@@ -35,7 +35,7 @@ class TopK:
 @lru_cache(maxsize=1)
 def imagenet_classes() -> ImageNetClasses:
     """Read ``pipeline/resources/imagenet_classes.tsv`` (ships in the wheel; nothing downloaded)."""
-    text = resources.files("pipeline").joinpath("resources", CLASSES_FILE).read_text("utf-8")
+    text = resources.files("imgfeat").joinpath("resources", CLASSES_FILE).read_text("utf-8")
     rows = [line.split("\t") for line in text.splitlines() if line and not line.startswith("#")]
     if len(rows) != NUM_CLASSES or any(len(r) != 3 for r in rows):
         raise ImgfeatError(f"{CLASSES_FILE} is damaged: expected {NUM_CLASSES} rows of wnid, name, lemmas")

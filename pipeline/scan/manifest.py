@@ -13,11 +13,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import __version__
-from pipeline import schemas as S
-from pipeline.errors import ConfigError, unknown_value
-from pipeline.storage import atomic_path
-from pipeline.workspace import Workspace
+from imgfeat import __version__
+from imgfeat.core import schemas as S
+from imgfeat.core.errors import ConfigError, unknown_value
+from imgfeat.core.storage import atomic_path
+from imgfeat.core.workspace import Workspace
 
 # Row groups of this many rows: small enough to stream, big enough to compress well.
 ROW_GROUP_ROWS = 8192

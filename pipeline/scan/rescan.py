@@ -11,10 +11,10 @@ from typing import Any, NamedTuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import schemas as S
-from pipeline.errors import ConfigError
-from pipeline.manifest import file_schema, read_info
-from pipeline.walk import FileEntry
+from imgfeat.core import schemas as S
+from imgfeat.core.errors import ConfigError
+from imgfeat.scan.manifest import file_schema, read_info
+from imgfeat.scan.walk import FileEntry
 
 log = logging.getLogger(__name__)
 

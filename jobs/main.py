@@ -8,9 +8,9 @@ import importlib.util
 import os
 import sys
 
-from pipeline import __version__
+from imgfeat import __version__
 
-from jobs.common import HelpFormatter, run_job
+from imgfeat.cli.common import HelpFormatter, run_job
 
 # Order here is the order in `imgfeat --help`: the stages first, then the tools.
 JOB_MODULES = (
@@ -53,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"imgfeat {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in JOB_MODULES:
-        if importlib.util.find_spec(f"jobs.{name}") is not None:
-            importlib.import_module(f"jobs.{name}").register(sub)
+        if importlib.util.find_spec(f"imgfeat.cli.{name}") is not None:
+            importlib.import_module(f"imgfeat.cli.{name}").register(sub)
     return parser
 
 

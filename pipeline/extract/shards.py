@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline import schemas as S
-from pipeline.storage import atomic_path, shard_name, write_table_atomic
+from imgfeat.core import schemas as S
+from imgfeat.core.storage import atomic_path, shard_name, write_table_atomic
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import schemas as S
-from pipeline.decode import DecodeConfig, DecodeError, decode_image
-from pipeline.progress import progress
-from pipeline.shards import ShardWriter, error_row
+from imgfeat.core import schemas as S
+from imgfeat.extract.decode import DecodeConfig, DecodeError, decode_image
+from imgfeat.core.progress import progress
+from imgfeat.extract.shards import ShardWriter, error_row
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import ConfigError, ImgfeatError
-from pipeline.probe import has_image_extension
+from imgfeat.core.errors import ConfigError, ImgfeatError
+from imgfeat.scan.probe import has_image_extension
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class BenchConfig:
     repeat: int = 1  # rounds of all paths, interleaved; each path's fastest round counts
 
     def __post_init__(self) -> None:
-        from pipeline.backbones import get_backbone
+        from imgfeat.backbones import get_backbone
 
         get_backbone(self.backbone)
         if not Path(self.images).is_dir():
@@ -90,15 +90,15 @@ def run_bench(cfg: BenchConfig, run_id: str) -> dict[str, Any]:
 
 def _scan(ws_root: Path, images: Path, run_id: str) -> None:
     """Scanning is its own stage and not part of extract's time: do it before the clock starts."""
-    from pipeline.scan import ScanConfig, run_scan
-    from pipeline.workspace import Workspace
+    from imgfeat.scan.scan import ScanConfig, run_scan
+    from imgfeat.core.workspace import Workspace
 
     run_scan(Workspace(ws_root), ScanConfig(root=images, dataset=BENCH_DATASET), run_id)
 
 
 def _command(path: str, cfg: BenchConfig, images: Path, ws_root: Path) -> list[str]:
     if path == "extract":
-        cmd = [sys.executable, "-m", "jobs", "extract", "--workspace", str(ws_root), "--dataset", BENCH_DATASET,
+        cmd = [sys.executable, "-m", "imgfeat", "extract", "--workspace", str(ws_root), "--dataset", BENCH_DATASET,
                "--backbone", cfg.backbone, "--weights", cfg.weights, "--batch-size", str(cfg.batch_size),
                "--precision", cfg.precision, "--json"]
         cmd += ["--input-size", str(cfg.input_size)] if cfg.input_size else []
@@ -107,7 +107,7 @@ def _command(path: str, cfg: BenchConfig, images: Path, ws_root: Path) -> list[s
     n = len(list_images(images, None))
     spec = {"backbone": cfg.backbone, "weights": cfg.weights, "input_size": cfg.input_size,
             "batch_size": cfg.batch_size, "precision": cfg.precision, "n": n, "images": str(images)}
-    code = f"import sys, json; from pipeline.bench import {path}_main; {path}_main(json.loads(sys.argv[1]))"
+    code = f"import sys, json; from imgfeat.tools.bench import {path}_main; {path}_main(json.loads(sys.argv[1]))"
     return [sys.executable, "-c", code, json.dumps(spec)]
 
 
@@ -151,8 +151,8 @@ def _report(cfg: BenchConfig, n: int, runs: dict[str, list[dict[str, Any]]]) -> 
 
 
 def _build(spec: dict[str, Any]):
-    from pipeline.backbones import get_backbone
-    from pipeline.extract import ExtractConfig, build_model, provenance_core
+    from imgfeat.backbones import get_backbone
+    from imgfeat.extract.extract import ExtractConfig, build_model, provenance_core
 
     cfg = ExtractConfig(dataset=BENCH_DATASET, backbone=spec["backbone"], weights=spec["weights"],
                         input_size=spec["input_size"], precision=spec["precision"])

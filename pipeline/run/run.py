@@ -11,11 +11,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import schemas as S
-from pipeline.errors import ErrorRateExceeded
-from pipeline.jobfile import FeatureJob, HeadJob, JobSpec, build_config
-from pipeline.storage import FileLock
-from pipeline.workspace import Workspace
+from imgfeat.core import schemas as S
+from imgfeat.core.errors import ErrorRateExceeded
+from imgfeat.run.jobfile import FeatureJob, HeadJob, JobSpec, build_config
+from imgfeat.core.storage import FileLock
+from imgfeat.core.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -30,21 +30,21 @@ def stage_lock(ws: Workspace, stage: str, wait: float | None) -> Iterator[None]:
 
 
 def scan_config(job: JobSpec, dataset: str):
-    from pipeline.scan import ScanConfig
+    from imgfeat.scan.scan import ScanConfig
 
     where = f"[datasets.{dataset}]"
     return build_config(ScanConfig, job.datasets[dataset], where, dataset=dataset, wait=job.wait)
 
 
 def extract_config(job: JobSpec, fjob: FeatureJob, dataset: str):
-    from pipeline.extract import ExtractConfig
+    from imgfeat.extract.extract import ExtractConfig
 
     where = f"[features.{fjob.name}]"
     return build_config(ExtractConfig, fjob.options, where, dataset=dataset, wait=job.wait)
 
 
 def train_config(hjob: HeadJob, featureset: str):
-    from pipeline.heads import TrainConfig
+    from imgfeat.heads import TrainConfig
 
     return build_config(
         TrainConfig, hjob.options, f"[heads.{hjob.name}]", dataset=hjob.dataset, featureset=featureset
@@ -64,8 +64,8 @@ def check_job(job: JobSpec) -> None:
 
 def plan_job(ws: Workspace, job: JobSpec) -> dict[str, Any]:
     """What a run would do, without hashing images or building models (``--dry-run``)."""
-    from pipeline.extract import plan_extract
-    from pipeline.scan import plan_scan
+    from imgfeat.extract.extract import plan_extract
+    from imgfeat.scan.scan import plan_scan
 
     check_job(job)
     plan: dict[str, Any] = {"dry_run": True, "scan": {}, "extract": {}, "heads": {}}
@@ -118,7 +118,7 @@ def _timed(timings: dict[str, float], stage: str, fn):
 
 
 def _scan_all(ws: Workspace, job: JobSpec, run_id: str, summary: dict) -> None:
-    from pipeline.scan import run_scan
+    from imgfeat.scan.scan import run_scan
 
     with stage_lock(ws, "scan", job.wait):
         for name in job.datasets:
@@ -139,16 +139,16 @@ def _extract_all(ws: Workspace, job: JobSpec, run_id: str, summary: dict) -> dic
 
 def _extract_one(ws: Workspace, job: JobSpec, cfg, run_id: str) -> dict[str, Any]:
     if job.executor == "ray":
-        from pipeline.ray_executor import RayConfig, run_extract_ray
+        from imgfeat.extract.ray_executor import RayConfig, run_extract_ray
 
         return run_extract_ray(ws, cfg, RayConfig(), run_id)
-    from pipeline.extract import run_extract
+    from imgfeat.extract.extract import run_extract
 
     return run_extract(ws, cfg, run_id)
 
 
 def _train_all(ws: Workspace, job: JobSpec, featuresets: dict, run_id: str, summary: dict) -> dict[str, str]:
-    from pipeline.heads import run_train
+    from imgfeat.heads import run_train
 
     heads: dict[str, str] = {}
     with stage_lock(ws, "train", job.wait):
@@ -161,7 +161,7 @@ def _train_all(ws: Workspace, job: JobSpec, featuresets: dict, run_id: str, summ
 
 
 def _predict_all(ws: Workspace, job: JobSpec, heads: dict[str, str], run_id: str, summary: dict) -> None:
-    from pipeline.heads import PredictConfig, run_predict
+    from imgfeat.heads import PredictConfig, run_predict
 
     with stage_lock(ws, "predict", job.wait):
         for hjob in job.heads:
@@ -171,7 +171,7 @@ def _predict_all(ws: Workspace, job: JobSpec, heads: dict[str, str], run_id: str
 
 
 def _report_all(ws: Workspace, job: JobSpec, heads: dict[str, str], run_id: str, summary: dict) -> None:
-    from pipeline.heads import ReportConfig, run_report
+    from imgfeat.heads import ReportConfig, run_report
 
     with stage_lock(ws, "report", job.wait):
         for hjob in job.heads:
@@ -181,8 +181,8 @@ def _report_all(ws: Workspace, job: JobSpec, heads: dict[str, str], run_id: str,
 
 def error_rate(ws: Workspace, dataset: str, featureset: str) -> tuple[int, int]:
     """(images that ended as error rows, images in the manifest) for one dataset x featureset."""
-    from pipeline.featureset import errored_ids
-    from pipeline.manifest import read_manifest
+    from imgfeat.extract.featureset import errored_ids
+    from imgfeat.scan.manifest import read_manifest
 
     table = read_manifest(ws, dataset, columns=[S.IMAGE_ID, S.STATUS])
     errored = pa.array(sorted(errored_ids(ws, featureset)), pa.string())

@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.decode import DecodeConfig, DecodeError, decode_batch
-from pipeline.errors import ConfigError
-from pipeline.imagenet import NUM_CLASSES, decode_predictions
+from imgfeat.extract.decode import DecodeConfig, DecodeError, decode_batch
+from imgfeat.core.errors import ConfigError
+from imgfeat.tools.imagenet import NUM_CLASSES, decode_predictions
 
 if TYPE_CHECKING:
     import keras
@@ -74,17 +74,17 @@ def format_result(result: dict[str, Any]) -> str:
 
 def classifier_backbones() -> list[str]:
     """Backbones whose ImageNet top can be built here, now: offline, its weights must be local."""
-    from pipeline.backbones import list_backbones
+    from imgfeat.backbones import list_backbones
 
     return [spec.name for spec in list_backbones() if spec.imagenet_top and _top_weights_local(spec)]
 
 
 def _top_weights_local(spec: Any) -> bool:
     """A cheap check (no conversion, no hashing) that the with-top ImageNet weights are on disk."""
-    from pipeline.weights import expected_file
+    from imgfeat.backbones.weights import expected_file
 
     if spec.imagenet_weights:  # shipped in a pip package: is that package installed?
-        from pipeline.backbones import lite
+        from imgfeat.backbones import lite
 
         return spec.name not in lite.VARIANTS or lite.weights_installed(spec.name)
     try:
@@ -101,7 +101,7 @@ def _unavailable(name: str, why: str) -> ConfigError:
 
 def build_classifier(backbone: str, weights: str) -> tuple[Any, "keras.Model"]:
     """The backbone's spec and its model with the 1000-class softmax top."""
-    from pipeline.backbones import get_backbone
+    from imgfeat.backbones import get_backbone
 
     spec = get_backbone(backbone)
     if not spec.imagenet_top:

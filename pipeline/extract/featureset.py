@@ -12,10 +12,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import schemas as S
-from pipeline.errors import unknown_value
-from pipeline.storage import column_values, list_shards, read_shards
-from pipeline.workspace import Workspace
+from imgfeat.core import schemas as S
+from imgfeat.core.errors import unknown_value
+from imgfeat.core.storage import column_values, list_shards, read_shards
+from imgfeat.core.workspace import Workspace
 
 PROVENANCE_FILE = "_featureset.json"
 

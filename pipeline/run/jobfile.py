@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import ConfigError
-from pipeline.workspace import check_name
+from imgfeat.core.errors import ConfigError
+from imgfeat.core.workspace import check_name
 
 EXECUTORS = ("local", "ray")
 SECTIONS = ("run", "datasets", "features", "heads")

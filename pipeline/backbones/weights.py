@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.errors import ConfigError, ImgfeatError
-from pipeline.storage import atomic_path, write_json_atomic
+from imgfeat.core.errors import ConfigError, ImgfeatError
+from imgfeat.core.storage import atomic_path, write_json_atomic
 
 if TYPE_CHECKING:
-    from pipeline.backbones import BackboneSpec, KerasWeightsFile
+    from imgfeat.backbones import BackboneSpec, KerasWeightsFile
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def _pip_weights_available(spec: "BackboneSpec") -> bool:
     """Whether a spec whose weights come from its own function can produce them offline."""
     if not spec.imagenet_available:
         return True  # the spec gives no cheap check; resolving will say what is missing
-    from pipeline.backbones import resolve
+    from imgfeat.backbones import resolve
 
     return bool(resolve(spec.imagenet_available)(spec.name))
 
@@ -113,7 +113,7 @@ def resolve_weights(
 
 
 def _resolve_imagenet(spec: "BackboneSpec", input_size: int | None, include_top: bool) -> WeightsRef:
-    from pipeline.backbones import resolve
+    from imgfeat.backbones import resolve
 
     if spec.imagenet_weights:
         path = Path(resolve(spec.imagenet_weights)())
@@ -215,7 +215,7 @@ def keras_offline(path: Path) -> Iterator[None]:
 
 def weights_table() -> list[dict[str, Any]]:
     """One row per backbone: the ImageNet file it needs, whether it is cached, and where."""
-    from pipeline.backbones import list_backbones
+    from imgfeat.backbones import list_backbones
 
     rows = []
     for spec in list_backbones():
@@ -281,7 +281,7 @@ def import_weights(source: Path, spec: "BackboneSpec | None" = None) -> tuple["B
 
 def _identify(source: Path, digests: dict[str, str]) -> "BackboneSpec":
     """Which backbone a file belongs to: by its Keras hash, else by its Keras file name."""
-    from pipeline.backbones import list_backbones
+    from imgfeat.backbones import list_backbones
 
     keras_specs = [s for s in list_backbones() if s.keras_weights is not None]
     for spec in keras_specs:

@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from pipeline.errors import ConfigError, ImgfeatError, unknown_value
+from imgfeat.core.errors import ConfigError, ImgfeatError, unknown_value
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
-from pipeline import schemas as S
+from imgfeat.core import schemas as S
 
 # Extensions probed by default (compared lower-case). Other files are skipped unless the
 # scan keeps non-images; either way Pillow, not the extension, decides what is an image.

@@ -10,9 +10,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline import __version__
-from pipeline.storage import write_json_atomic
-from pipeline.workspace import Workspace
+from imgfeat import __version__
+from imgfeat.core.storage import write_json_atomic
+from imgfeat.core.workspace import Workspace
 
 
 def new_run_id() -> str:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from pipeline.probe import IMAGE_EXTENSIONS
+from imgfeat.scan.probe import IMAGE_EXTENSIONS
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import ConfigError
+from imgfeat.core.errors import ConfigError
 
 ENV_WORKSPACE = "IMGFEAT_WORKSPACE"
 DEFAULT_WORKSPACE = "data"

@@ -34,10 +34,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline import schemas as S
-from pipeline.decode import DecodeConfig, decode_batch
-from pipeline.errors import ConfigError, ImgfeatError
-from pipeline.extract import (
+from imgfeat.core import schemas as S
+from imgfeat.extract.decode import DecodeConfig, decode_batch
+from imgfeat.core.errors import ConfigError, ImgfeatError
+from imgfeat.extract.extract import (
     DoneSets,
     ExtractConfig,
     Tally,
@@ -50,14 +50,14 @@ from pipeline.extract import (
     provenance_core,
     walk_manifest,
 )
-from pipeline.extract_runner import STAGE_DECODE, Item, LoopStats
-from pipeline.fingerprint import featureset_name as featureset_name_of
-from pipeline.featureset import PROVENANCE_FILE, featureset_info
-from pipeline.manifest import manifest_file
-from pipeline.progress import progress
-from pipeline.shards import ShardWriter, error_row
-from pipeline.storage import column_values, list_shards, shard_name
-from pipeline.workspace import Workspace
+from imgfeat.extract.runner import STAGE_DECODE, Item, LoopStats
+from imgfeat.extract.fingerprint import featureset_name as featureset_name_of
+from imgfeat.extract.featureset import PROVENANCE_FILE, featureset_info
+from imgfeat.scan.manifest import manifest_file
+from imgfeat.core.progress import progress
+from imgfeat.extract.shards import ShardWriter, error_row
+from imgfeat.core.storage import column_values, list_shards, shard_name
+from imgfeat.core.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ class ShardActor:
     """A backbone actor: built once from the job, then one committed shard per batch."""
 
     def __init__(self, job: ShardJob) -> None:
-        from pipeline.backbones import get_backbone
+        from imgfeat.backbones import get_backbone
 
         t0 = time.perf_counter()
         spec = get_backbone(job.core["backbone"])
@@ -322,7 +322,7 @@ def _ensure_provenance(ws: Workspace, fs: str, core: dict[str, Any], cfg: Extrac
         return featureset_info(ws, fs)
     dim = _spec_dim(core)
     if not dim:  # a layer tap: its width is only known from the built graph (random weights are enough)
-        from pipeline.backbones import get_backbone
+        from imgfeat.backbones import get_backbone
 
         model = get_backbone(core["backbone"]).build("none", core["input_size"], cfg.pooling, cfg.layer)
         dim = int(model.outputs[0].shape[-1])

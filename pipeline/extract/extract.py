@@ -13,16 +13,16 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from pipeline import schemas as S
-from pipeline.decode import EXIF_MODES, INTERPOLATIONS, DecodeConfig
-from pipeline.errors import ConfigError, unknown_value
-from pipeline.featureset import PROVENANCE_FILE, committed_ids, error_shards, featureset_info
-from pipeline.fingerprint import featureset_name as _name_of
-from pipeline.fingerprint import make_provenance, weights_identity
-from pipeline.manifest import dataset_root, manifest_file
-from pipeline.shards import ShardWriter, error_row
-from pipeline.storage import FileLock, read_shards, remove_stale_tmp, write_json_atomic
-from pipeline.workspace import Workspace
+from imgfeat.core import schemas as S
+from imgfeat.extract.decode import EXIF_MODES, INTERPOLATIONS, DecodeConfig
+from imgfeat.core.errors import ConfigError, unknown_value
+from imgfeat.extract.featureset import PROVENANCE_FILE, committed_ids, error_shards, featureset_info
+from imgfeat.extract.fingerprint import featureset_name as _name_of
+from imgfeat.extract.fingerprint import make_provenance, weights_identity
+from imgfeat.scan.manifest import dataset_root, manifest_file
+from imgfeat.extract.shards import ShardWriter, error_row
+from imgfeat.core.storage import FileLock, read_shards, remove_stale_tmp, write_json_atomic
+from imgfeat.core.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class ExtractConfig:
     wait: float | None = None
 
     def __post_init__(self) -> None:
-        from pipeline.backbones import POOLINGS, get_backbone
+        from imgfeat.backbones import POOLINGS, get_backbone
 
         get_backbone(self.backbone)
         for kind, value, allowed in (
@@ -101,8 +101,8 @@ class Tally:
 
 def provenance_core(cfg: ExtractConfig) -> dict[str, Any]:
     """The inputs of the numbers, resolved (canonical backbone name, weights sha256, input size)."""
-    from pipeline.backbones import get_backbone
-    from pipeline.weights import resolve_weights
+    from imgfeat.backbones import get_backbone
+    from imgfeat.backbones.weights import resolve_weights
 
     spec = get_backbone(cfg.backbone)
     size = spec.check_input_size(cfg.input_size)
@@ -183,7 +183,7 @@ def walk_manifest(ws: Workspace, dataset: str, done: DoneSets, tally: Tally, run
 
     Every row is counted exactly once: todo, reused, duplicate, known error or new scan error.
     """
-    from pipeline.extract_runner import Item
+    from imgfeat.extract.runner import Item
 
     root = dataset_root(ws, dataset)
     seen: set[str] = set()
@@ -258,7 +258,7 @@ def run_extract(ws: Workspace, cfg: ExtractConfig, run_id: str) -> dict[str, Any
 
 def _extract_manifest(ws: Workspace, cfg: ExtractConfig, core: dict[str, Any], fs: str, done: DoneSets,
                       todo: int, run_id: str) -> dict[str, Any]:
-    from pipeline.extract_runner import LoopStats
+    from imgfeat.extract.runner import LoopStats
 
     tally = Tally()
     if todo == 0:
@@ -310,7 +310,7 @@ class _Session:
 
     def __init__(self, ws: Workspace, fs: str, prov: dict[str, Any], cfg: ExtractConfig, run_id: str,
                  predict=None, preprocess=None) -> None:
-        from pipeline.extract_runner import WriterThread
+        from imgfeat.extract.runner import WriterThread
 
         self.cfg, self.run_id, self.prov = cfg, run_id, prov
         self.predict, self.preprocess = predict, preprocess
@@ -330,7 +330,7 @@ class _Session:
 
     @classmethod
     def open(cls, ws: Workspace, fs: str, core: dict, cfg: ExtractConfig, run_id: str) -> "_Session":
-        from pipeline.backbones import get_backbone
+        from imgfeat.backbones import get_backbone
 
         spec = get_backbone(core["backbone"])
         t0 = time.perf_counter()
@@ -348,7 +348,7 @@ class _Session:
         self.writer.put([], None, [row])
 
     def run(self, items, todo: int):
-        from pipeline.extract_runner import default_workers, prefetch_batches, run_loop
+        from imgfeat.extract.runner import default_workers, prefetch_batches, run_loop
 
         size = self.prov["input_size"]
         dcfg = DecodeConfig((size, size), self.cfg.interpolation, self.cfg.fast_decode, self.cfg.exif)
@@ -370,7 +370,7 @@ class _Session:
 
 
 def _spec_dim(core: dict[str, Any]) -> int:
-    from pipeline.backbones import get_backbone
+    from imgfeat.backbones import get_backbone
 
     dims = get_backbone(core["backbone"]).dims
     return int(dims.get(core["pooling"], 0)) if core["layer"] is None else 0
@@ -434,13 +434,13 @@ def extract_files(ws: Workspace, featureset: str, paths: Sequence[str | Path], r
 def _probe(path: str | Path):
     from PIL import Image
 
-    from pipeline.probe import probe_file
+    from imgfeat.scan.probe import probe_file
 
     return probe_file(str(path), int(Image.MAX_IMAGE_PIXELS or 2**62))
 
 
 def _file_todo(probes, done: DoneSets, run_id: str):
-    from pipeline.extract_runner import Item
+    from imgfeat.extract.runner import Item
 
     items, errors, seen = [], [], set()
     for path, pr in probes:
@@ -457,7 +457,7 @@ def _file_todo(probes, done: DoneSets, run_id: str):
 
 
 def _file_results(ws: Workspace, fs: str, probes, failed: dict[str, tuple[str, str]]) -> list[FileResult]:
-    from pipeline.featureset import read_errors
+    from imgfeat.extract.featureset import read_errors
 
     have = committed_ids(ws, fs)
     known = {r[S.IMAGE_ID]: (r[S.ERROR_CODE], r[S.ERROR_MESSAGE]) for r in read_errors(ws, fs).to_pylist()

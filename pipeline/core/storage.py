@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.errors import ImgfeatError, LockBusyError
+from imgfeat.core.errors import ImgfeatError, LockBusyError
 
 TMP_SUFFIX = ".tmp"
 SHARD_PREFIX = "part-"

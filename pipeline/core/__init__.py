@@ -1,0 +1,1 @@
+"""The shared core: table schemas, the workspace layout, the commit protocol, runs, errors, logs."""

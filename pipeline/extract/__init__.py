@@ -1,0 +1,1 @@
+"""The extract stage: decode, the backbone, feature and error shards, featureset readers."""

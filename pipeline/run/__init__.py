@@ -1,0 +1,1 @@
+"""Job files and ``imgfeat run``: every stage in order, only new work."""

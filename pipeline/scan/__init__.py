@@ -1,0 +1,1 @@
+"""The scan stage: an image folder walked, probed and written as a dataset manifest."""

@@ -1,4 +1,7 @@
-"""Shared fixtures: an empty workspace per test, quiet progress bars, deterministic Keras."""
+"""Shared fixtures: an empty workspace per test, quiet progress bars, deterministic Keras, no network.
+
+Tiny generated images for tests live in ``tiny_images.py`` beside this file.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +18,23 @@ import socket  # noqa: E402
 import pytest  # noqa: E402
 
 from imgfeat.core.workspace import Workspace  # noqa: E402
+
+QUICK = "quick"
+
+
+def pytest_ignore_collect(collection_path, config):
+    """Under exactly ``-m quick``, skip importing test files that mark nothing quick.
+
+    Such a file cannot contribute a test to the quick tier, and importing it may cost seconds
+    (Keras, scikit-learn): the quick tier's one-minute budget includes collection.
+    """
+    if config.getoption("markexpr", "") != QUICK or collection_path.suffix != ".py":
+        return None
+    if not collection_path.name.startswith("test_"):
+        return None
+    if f"mark.{QUICK}" in collection_path.read_text(encoding="utf-8", errors="replace"):
+        return None
+    return True
 
 
 @pytest.fixture

@@ -7,11 +7,8 @@ import inspect
 import time
 from pathlib import Path
 
-import keras
 import numpy as np
 import pytest
-from keras.src.applications import imagenet_utils
-from keras.src.utils import file_utils
 
 from imgfeat.backbones import NAME_RE, get_backbone, list_backbones
 from imgfeat.backbones.lite import VARIANTS
@@ -31,6 +28,8 @@ def _smallest(spec) -> int:
 def fresh_keras():
     """Free the models a test built: 40+ backbones in one process would otherwise pile up."""
     yield
+    import keras
+
     keras.backend.clear_session(free_memory=True)
     gc.collect()
 
@@ -44,6 +43,8 @@ def _forward(model, size: int, seed: int = 0) -> np.ndarray:
 
 
 def test_names_are_unique_lower_snake_and_cover_keras_applications():
+    import keras
+
     names = [s.name for s in SPECS]
     assert len(names) == len(set(names))
     assert all(NAME_RE.match(n) for n in names), [n for n in names if not NAME_RE.match(n)]
@@ -57,6 +58,8 @@ def test_names_are_unique_lower_snake_and_cover_keras_applications():
 @pytest.mark.slow
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
 def test_every_backbone_builds_with_its_dims_and_sizes(spec, monkeypatch, fresh_keras):
+    from keras.src.applications import imagenet_utils
+
     # Record what the Keras constructor itself declares as its default and smallest input size.
     seen: dict[str, int] = {}
     original = imagenet_utils.obtain_input_shape
@@ -85,6 +88,8 @@ def test_every_backbone_builds_with_its_dims_and_sizes(spec, monkeypatch, fresh_
 
 
 def test_weights_hashes_are_the_ones_keras_pins():
+    from keras.src.applications import imagenet_utils
+
     folder = Path(inspect.getsourcefile(imagenet_utils)).parent
     sources = {p.stem: p.read_text() for p in folder.glob("*.py") if not p.stem.endswith("_test")}
     everything = "\n".join(sources.values())
@@ -110,6 +115,8 @@ class _Asked(Exception):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", COMPUTED_NAMES)
 def test_weights_table_matches_the_file_keras_downloads(name, monkeypatch, fresh_keras):
+    from keras.src.utils import file_utils
+
     spec = get_backbone(name)
     asked = {}
 
@@ -234,6 +241,8 @@ def test_cached_file_with_the_wrong_hash_is_refused(tmp_path, monkeypatch):
 
 
 def test_preprocess_input_leaves_its_input_alone_and_matches_keras():
+    import keras
+
     x = np.random.default_rng(0).uniform(0, 255, (2, 8, 8, 3)).astype("float32")
     before = x.copy()
     for name in ("resnet50", "inception_v3", "densenet121", "efficientnet_b0"):

@@ -4,25 +4,16 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from imgfeat.cli.main import main
 from imgfeat.tools.bench import BenchConfig, _report, list_images, stage_images
 from imgfeat.core.errors import ConfigError
-
-
-def write_images(folder, n, seed=0):
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        sub = folder / ("a" if i % 2 else "b")
-        sub.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 255, (20, 28, 3), dtype=np.uint8)).save(sub / f"{i}.jpg")
+from tiny_images import write_noise_images
 
 
 def test_list_and_stage_take_the_same_first_files(tmp_path):
-    write_images(tmp_path / "src", 7)
+    write_noise_images(tmp_path / "src", 7, size=(28, 20), classes=("b", "a"))
     (tmp_path / "src" / "notes.txt").write_text("not an image")
     files = list_images(tmp_path / "src", limit=5)
     assert len(files) == 5 and files == sorted(files)
@@ -31,7 +22,7 @@ def test_list_and_stage_take_the_same_first_files(tmp_path):
 
 
 def test_report_uses_each_paths_fastest_round(tmp_path):
-    write_images(tmp_path, 1)
+    write_noise_images(tmp_path, 1, size=(28, 20), classes=("b",))
     cfg = BenchConfig(backbone="mobilenet_v2", images=tmp_path, repeat=2)
     runs = {"forward": [{"seconds": 12.0, "inner": {}}, {"seconds": 10.0, "inner": {}}],
             "extract": [{"seconds": 11.0, "inner": {"extracted": 100}}, {"seconds": 20.0, "inner": {}}],
@@ -52,7 +43,7 @@ def test_bad_bench_config_is_a_config_error(tmp_path):
 @pytest.mark.slow
 def test_bench_runs_the_measured_processes(tmp_path, capsys):
     # The tutorial process is left out to keep the suite short: it costs another TensorFlow start-up.
-    write_images(tmp_path / "imgs", 6)
+    write_noise_images(tmp_path / "imgs", 6, size=(28, 20), classes=("b", "a"))
     code = main(["bench", "--workspace", str(tmp_path / "ws"), "--backbone", "mobilenet_v2",
                  "--images", str(tmp_path / "imgs"), "--input-size", "32", "--batch-size", "4", "--skip", "tutorial", "--json"])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

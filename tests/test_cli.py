@@ -12,6 +12,7 @@ from imgfeat.cli.main import JOB_MODULES, main
 PRESENT = [m for m in JOB_MODULES if importlib.util.find_spec(f"imgfeat.cli.{m}") is not None]
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("command", PRESENT)
 def test_every_command_has_help_with_examples(command, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -23,6 +24,7 @@ def test_every_command_has_help_with_examples(command, capsys):
     assert "examples:" in out
 
 
+@pytest.mark.quick
 def test_top_level_help_lists_commands(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
@@ -31,6 +33,7 @@ def test_top_level_help_lists_commands(capsys):
         assert command in out
 
 
+@pytest.mark.quick
 def test_unknown_command_and_bad_choice_exit_2(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["frobnicate"])
@@ -42,6 +45,7 @@ def test_unknown_command_and_bad_choice_exit_2(capsys):
     assert "'xml'" in capsys.readouterr().err
 
 
+@pytest.mark.quick
 def test_config_error_exits_2_and_json_is_the_last_line(ws, tmp_path, capsys):
     missing = tmp_path / "nope.toml"
     code = main(["run", str(missing), "--json"])

@@ -14,13 +14,12 @@ from PIL import Image
 from imgfeat.extract.decode import ERROR_CODES, DecodeConfig, DecodeError, decode_batch, decode_bytes, decode_image
 from imgfeat.core.errors import ConfigError
 from imgfeat.tools.samples import photo_path
+from tiny_images import noise_pixels
+
+pytestmark = pytest.mark.quick
 
 SIZE = (24, 32)  # (h, w): not square, so a swapped axis shows
 CFG = DecodeConfig(SIZE)
-
-
-def _rgb(w: int = 40, h: int = 30, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
 
 
 def _save(img: Image.Image, path: Path, **kw) -> Path:
@@ -47,26 +46,26 @@ def _animated_gif(path: Path) -> Path:
 
 # Files that decode: name -> writer. Each must give the load_img conversion: open, convert("RGB"), resize.
 GOOD = {
-    "rgb.png": lambda p: _save(Image.fromarray(_rgb()), p),
-    "gray.png": lambda p: _save(Image.fromarray(_rgb()[..., 0]), p),
+    "rgb.png": lambda p: _save(Image.fromarray(noise_pixels(40, 30)), p),
+    "gray.png": lambda p: _save(Image.fromarray(noise_pixels(40, 30)[..., 0]), p),
     "png16.png": lambda p: _save(Image.fromarray((np.arange(1200).reshape(30, 40) * 50).astype(np.uint16)), p),
-    "cmyk.jpg": lambda p: _save(Image.fromarray(_rgb()).convert("CMYK"), p, quality=95),
-    "palette_transparent.png": lambda p: _save(Image.fromarray(_rgb()).convert("P"), p, transparency=3),
-    "rgba.png": lambda p: _save(Image.fromarray(np.dstack([_rgb(), _rgb(seed=1)[..., :1]])), p),
-    "la.png": lambda p: _save(Image.fromarray(_rgb()[..., 0]).convert("LA"), p),
+    "cmyk.jpg": lambda p: _save(Image.fromarray(noise_pixels(40, 30)).convert("CMYK"), p, quality=95),
+    "palette_transparent.png": lambda p: _save(Image.fromarray(noise_pixels(40, 30)).convert("P"), p, transparency=3),
+    "rgba.png": lambda p: _save(Image.fromarray(np.dstack([noise_pixels(40, 30), noise_pixels(40, 30, seed=1)[..., :1]])), p),
+    "la.png": lambda p: _save(Image.fromarray(noise_pixels(40, 30)[..., 0]).convert("LA"), p),
     "animated.gif": _animated_gif,
     "one_pixel.png": lambda p: _save(Image.new("RGB", (1, 1), (250, 10, 128)), p),
-    "bilevel.png": lambda p: _save(Image.fromarray(_rgb()[..., 0] > 128), p),
-    "photo.webp": lambda p: _save(Image.fromarray(_rgb()), p, quality=90),
-    "photo.tiff": lambda p: _save(Image.fromarray(_rgb()), p),
-    "photo.bmp": lambda p: _save(Image.fromarray(_rgb()), p),
-    "exact_size.png": lambda p: _save(Image.fromarray(_rgb(SIZE[1], SIZE[0])), p),
+    "bilevel.png": lambda p: _save(Image.fromarray(noise_pixels(40, 30)[..., 0] > 128), p),
+    "photo.webp": lambda p: _save(Image.fromarray(noise_pixels(40, 30)), p, quality=90),
+    "photo.tiff": lambda p: _save(Image.fromarray(noise_pixels(40, 30)), p),
+    "photo.bmp": lambda p: _save(Image.fromarray(noise_pixels(40, 30)), p),
+    "exact_size.png": lambda p: _save(Image.fromarray(noise_pixels(SIZE[1], SIZE[0])), p),
 }
 
 
 def _half_a_jpeg() -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(_rgb(200, 150)).save(buf, "JPEG", quality=90)
+    Image.fromarray(noise_pixels(200, 150)).save(buf, "JPEG", quality=90)
     return buf.getvalue()[: len(buf.getvalue()) // 2]
 
 
@@ -123,7 +122,7 @@ def test_missing_file_and_directory_are_unreadable(tmp_path):
 def test_pixel_limit_between_one_and_two_times_is_too_large(monkeypatch):
     # Pillow only warns up to 2x its limit; a warning must not slip through as a decoded image.
     buf = io.BytesIO()
-    Image.fromarray(_rgb(40, 30)).save(buf, "PNG")
+    Image.fromarray(noise_pixels(40, 30)).save(buf, "PNG")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 1200 pixels: over, but under 2x
     with pytest.raises(DecodeError) as info:
         decode_bytes(buf.getvalue(), CFG)
@@ -142,7 +141,7 @@ def test_decode_batch_keeps_order_and_reports_each_failure(tmp_path):
 
 def test_exif_rotate_turns_the_photo_upright_and_ignore_does_not(tmp_path):
     # Orientation 6: the stored pixels must be rotated 90 degrees clockwise to be seen upright.
-    stored = Image.fromarray(_rgb(40, 20))
+    stored = Image.fromarray(noise_pixels(40, 20))
     exif = Image.Exif()
     exif[0x0112] = 6
     path = _save(stored, tmp_path / "rotated.jpg", exif=exif, quality=95)
@@ -172,7 +171,7 @@ def test_fast_decode_is_close_to_the_full_decode_on_a_large_jpeg():
 
 def test_fast_decode_never_goes_below_the_target_size(tmp_path):
     # 300x200 JPEG to 140x90: 2x would be 150x100 >= target, 4x would be too small.
-    path = _save(Image.fromarray(_rgb(300, 200)), tmp_path / "p.jpg", quality=95)
+    path = _save(Image.fromarray(noise_pixels(300, 200)), tmp_path / "p.jpg", quality=95)
     with Image.open(path) as img:
         img.draft("RGB", (140, 90))
         assert img.size == (150, 100)  # what Pillow's draft does, which decode relies on
@@ -198,7 +197,7 @@ def test_damaged_files_only_ever_raise_decode_error():
     seeds = []
     for fmt in ("JPEG", "PNG", "GIF", "WEBP", "TIFF", "BMP"):
         buf = io.BytesIO()
-        Image.fromarray(_rgb(50, 40)).save(buf, fmt)
+        Image.fromarray(noise_pixels(50, 40)).save(buf, fmt)
         seeds.append(buf.getvalue())
     outcomes = set()
     for i in range(600):

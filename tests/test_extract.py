@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import io
 import json
 import shutil
 from pathlib import Path
@@ -12,7 +11,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
 from imgfeat.cli.main import main
 from imgfeat.core import schemas as S
@@ -24,6 +22,7 @@ from imgfeat.scan.manifest import read_manifest
 from imgfeat.scan.scan import ScanConfig, run_scan
 from imgfeat.core.storage import FileLock, list_shards
 from imgfeat.core.workspace import Workspace
+from tiny_images import corrupt_png, noise_image
 
 # Lite0 with seeded random weights: its features at 32 px are O(0.1-1) and differ per image.
 # (A random-init MobileNetV2 gives ~1e-12, which float16 stores as zeros: every equality check
@@ -32,27 +31,12 @@ BACKBONE, SIZE = "efficientnet_lite0", 32
 N_GOOD = 11
 
 
-def noise_image(seed: int, size=(40, 30)) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
-
-
-def broken_png(seed: int) -> bytes:
-    """A PNG whose header and IEND are fine (scan says ok) but whose pixel data is garbage."""
-    buf = io.BytesIO()
-    noise_image(seed).save(buf, "PNG")
-    data = bytearray(buf.getvalue())
-    start = data.index(b"IDAT") + 4
-    data[start + 2:start + 40] = b"\x00" * 38
-    return bytes(data)
-
-
 def make_tree(root: Path) -> None:
     """11 distinct JPEGs (one also copied to a second path), a decode failure, an empty and a non-image file."""
     for i in range(N_GOOD):
-        noise_image(i).save(root / f"img{i:02d}.jpg", quality=90)
+        noise_image(i, (40, 30)).save(root / f"img{i:02d}.jpg", quality=90)
     shutil.copyfile(root / "img00.jpg", root / "copy_of_img00.jpg")
-    (root / "broken.png").write_bytes(broken_png(99))
+    (root / "broken.png").write_bytes(corrupt_png(99, (40, 30)))
     (root / "empty.jpg").write_bytes(b"")
     (root / "text.jpg").write_bytes(b"this is not an image at all")
 
@@ -154,7 +138,7 @@ def test_new_images_in_another_dataset_extract_only_those(mod_ws, first, tmp_pat
     root.mkdir()
     shutil.copyfile(Path(mod_ws.root).parent / "imgs" / "img03.jpg", root / "old.jpg")
     for i in range(3):
-        noise_image(100 + i).save(root / f"new{i}.jpg")
+        noise_image(100 + i, (40, 30)).save(root / f"new{i}.jpg")
     run_scan(mod_ws, ScanConfig(root=root, dataset="more"), "scan2")
     out = run_extract(mod_ws, cfg("more", npy=True), "run2")
     assert out["featureset"] == summary["featureset"]
@@ -258,7 +242,7 @@ def test_extract_files_caches_new_files_into_the_featureset(mod_ws, first, tmp_p
     fs = first[1]["featureset"]
     old = Path(mod_ws.root).parent / "imgs" / "img05.jpg"
     new = tmp_path / "new.jpg"
-    noise_image(500).save(new)
+    noise_image(500, (40, 30)).save(new)
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"nope")
     results = extract_files(mod_ws, fs, [old, new, bad], "files1")

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from imgfeat.core import schemas as S
 from imgfeat.extract.featureset import load_features
 from imgfeat.scan.scan import ScanConfig, run_scan
 from imgfeat.core.storage import list_shards
 from imgfeat.core.workspace import Workspace
+from tiny_images import write_noise_images
 
 N_IMAGES = 200
 # Lite0 random weights give O(1) features that differ per image (random-init MobileNetV2 gives
@@ -40,9 +40,7 @@ def scanned_workspace(root: Path, images: Path) -> Workspace:
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("crash-imgs")
-    rng = np.random.default_rng(0)
-    for i in range(N_IMAGES):
-        Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(folder / f"{i:03d}.jpg")
+    write_noise_images(folder, N_IMAGES, size=(32, 24))
     return folder
 
 

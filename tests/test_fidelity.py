@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 
-import keras
 import numpy as np
 import pytest
 from PIL import Image
@@ -15,24 +14,25 @@ from imgfeat.tools.samples import load_photo, photo_path
 
 TOLERANCE = 1e-4  # DESIGN.md: float32 on CPU, max abs
 
-# One backbone per family: (name, the Keras constructor, the Keras preprocess module, input size).
+# One backbone per family: (name, the Keras constructor, the Keras preprocess module, input size),
+# by name in keras.applications, so that collecting this file does not import Keras.
 # Sizes are the family defaults except where the model is heavy on 2 cores: there a smaller
 # size that the family accepts (the code path does not depend on the size).
 FAMILIES = [
-    ("vgg16", keras.applications.VGG16, keras.applications.vgg16, 112),
-    ("resnet50", keras.applications.ResNet50, keras.applications.resnet, 160),
-    ("resnet50_v2", keras.applications.ResNet50V2, keras.applications.resnet_v2, 160),
-    ("inception_v3", keras.applications.InceptionV3, keras.applications.inception_v3, 150),
-    ("inception_resnet_v2", keras.applications.InceptionResNetV2, keras.applications.inception_resnet_v2, 150),
-    ("xception", keras.applications.Xception, keras.applications.xception, 150),
-    ("mobilenet", keras.applications.MobileNet, keras.applications.mobilenet, 224),
-    ("mobilenet_v2", keras.applications.MobileNetV2, keras.applications.mobilenet_v2, 224),
-    ("mobilenet_v3_small", keras.applications.MobileNetV3Small, keras.applications.mobilenet_v3, 224),
-    ("densenet121", keras.applications.DenseNet121, keras.applications.densenet, 160),
-    ("nasnet_mobile", keras.applications.NASNetMobile, keras.applications.nasnet, 224),
-    ("efficientnet_b0", keras.applications.EfficientNetB0, keras.applications.efficientnet, 224),
-    ("efficientnet_v2_b0", keras.applications.EfficientNetV2B0, keras.applications.efficientnet_v2, 224),
-    ("convnext_tiny", keras.applications.ConvNeXtTiny, keras.applications.convnext, 128),
+    ("vgg16", "VGG16", "vgg16", 112),
+    ("resnet50", "ResNet50", "resnet", 160),
+    ("resnet50_v2", "ResNet50V2", "resnet_v2", 160),
+    ("inception_v3", "InceptionV3", "inception_v3", 150),
+    ("inception_resnet_v2", "InceptionResNetV2", "inception_resnet_v2", 150),
+    ("xception", "Xception", "xception", 150),
+    ("mobilenet", "MobileNet", "mobilenet", 224),
+    ("mobilenet_v2", "MobileNetV2", "mobilenet_v2", 224),
+    ("mobilenet_v3_small", "MobileNetV3Small", "mobilenet_v3", 224),
+    ("densenet121", "DenseNet121", "densenet", 160),
+    ("nasnet_mobile", "NASNetMobile", "nasnet", 224),
+    ("efficientnet_b0", "EfficientNetB0", "efficientnet", 224),
+    ("efficientnet_v2_b0", "EfficientNetV2B0", "efficientnet_v2", 224),
+    ("convnext_tiny", "ConvNeXtTiny", "convnext", 128),
 ]
 
 PHOTOS = ["chelsea", "coffee", "china", "flower", "rocket", "camera"]  # camera.png is grayscale
@@ -51,6 +51,8 @@ def images(tmp_path_factory) -> list:
 
 def tutorial_inputs(paths, size: int, module, interpolation: str = "bilinear") -> np.ndarray:
     """What the Keras docs teach: load_img -> img_to_array -> the family's preprocess_input."""
+    import keras
+
     arrays = [keras.utils.img_to_array(keras.utils.load_img(p, target_size=(size, size), interpolation=interpolation))
               for p in paths]
     return module.preprocess_input(np.stack(arrays))
@@ -78,6 +80,9 @@ def assert_same_features(got: np.ndarray, want: np.ndarray) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("name, constructor, module, size", FAMILIES, ids=[f[0] for f in FAMILIES])
 def test_pipeline_features_match_the_keras_tutorial_path(images, name, constructor, module, size):
+    import keras
+
+    module = getattr(keras.applications, module)
     spec = get_backbone(name)
     model = spec.build(weights="none", input_size=size, pooling="avg", seed=0)
     tutorial = tutorial_inputs(images, size, module)
@@ -96,6 +101,8 @@ def test_pipeline_features_match_the_keras_tutorial_path(images, name, construct
 @pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet_b0"])
 def test_seeded_build_is_the_keras_constructor_with_that_seed(name):
     """spec.build(weights='none', seed=s) is keras.applications.X(weights=None) after set_random_seed(s)."""
+    import keras
+
     spec = get_backbone(name)
     ours = spec.build(weights="none", input_size=64, seed=3)
     keras.utils.set_random_seed(3)
@@ -106,6 +113,8 @@ def test_seeded_build_is_the_keras_constructor_with_that_seed(name):
 
 @pytest.mark.parametrize("interpolation", sorted(INTERPOLATIONS))
 def test_every_interpolation_decodes_exactly_like_load_img(images, interpolation):
+    import keras
+
     for size in ((96, 96), (75, 130)):
         for path in images:
             want = keras.utils.img_to_array(keras.utils.load_img(path, target_size=size, interpolation=interpolation))
@@ -121,6 +130,8 @@ def small_model():
 
 @pytest.mark.parametrize("interpolation", ["nearest", "bicubic"])
 def test_interpolation_variants_give_the_tutorial_features(images, small_model, interpolation):
+    import keras
+
     spec, model = small_model
     tutorial = tutorial_inputs(images, 96, keras.applications.mobilenet_v2, interpolation)
     ours = pipeline_inputs(images, 96, spec, interpolation)
@@ -132,6 +143,8 @@ def test_interpolation_variants_give_the_tutorial_features(images, small_model, 
 
 
 def test_exif_rotated_photo_rotate_versus_ignore(tmp_path, small_model):
+    import keras
+
     spec, model = small_model
     upright = load_photo("chelsea")
     exif = Image.Exif()

@@ -9,6 +9,8 @@ import pytest
 from imgfeat.core.errors import ConfigError
 from imgfeat.run.jobfile import apply_override, load_job
 
+pytestmark = pytest.mark.quick
+
 GOOD = """
 [run]
 max_error_rate = 0.1

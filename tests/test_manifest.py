@@ -18,6 +18,8 @@ from imgfeat.scan.manifest import (
     write_manifest,
 )
 
+pytestmark = pytest.mark.quick
+
 ROWS = [
     {S.IMAGE_ID: "ab" * 16, S.PATH: "cat/a.jpg", S.LABEL: "cat", S.STATUS: S.STATUS_OK, S.WIDTH: 4, S.HEIGHT: 3},
     {S.IMAGE_ID: None, S.PATH: "dog/ünï code.jpg", S.LABEL: "dog", S.STATUS: S.STATUS_UNREADABLE,

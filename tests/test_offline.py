@@ -6,6 +6,8 @@ import socket
 
 import pytest
 
+pytestmark = pytest.mark.quick
+
 
 def test_a_public_address_is_refused_before_any_packet():
     with pytest.raises(OSError, match="tests never use the network"):

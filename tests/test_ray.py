@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -10,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError
@@ -28,6 +26,7 @@ from imgfeat.extract.ray_executor import (
 )
 from imgfeat.scan.scan import ScanConfig, run_scan
 from imgfeat.core.workspace import Workspace
+from tiny_images import corrupt_png, noise_image
 
 N_IMAGES = 40
 # Tiny and seeded: random weights, 32x32 inputs, 8-image batches, 16-row shards (3 shards).
@@ -50,17 +49,11 @@ def images(tmp_path_factory) -> Path:
     """40 noise PNGs of varied sizes, one PNG whose pixel data is corrupt (a decode error, not a
     scan error) and one file that is not an image (a scan error)."""
     root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
     for i in range(N_IMAGES):
         folder = root / f"class{i % 2}"
         folder.mkdir(exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (20 + i, 30, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "PNG")
-    data = bytearray(buf.getvalue())
-    at = data.find(b"IDAT") + 40
-    data[at:at + 64] = bytes(64)
-    (root / "class0" / "corrupt.png").write_bytes(bytes(data))
+        noise_image(i, (30, 20 + i)).save(folder / f"{i:02d}.png")
+    (root / "class0" / "corrupt.png").write_bytes(corrupt_png(N_IMAGES, (64, 64), at=36, length=64))
     (root / "class1" / "notes.png").write_bytes(b"not an image at all")
     return root
 

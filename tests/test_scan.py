@@ -23,29 +23,11 @@ from imgfeat.scan.manifest import manifest_info, read_manifest
 from imgfeat.scan.scan import ScanConfig, fraction_split, folder_label_split, plan_scan, run_scan
 from imgfeat.core.storage import FileLock
 from imgfeat.core.workspace import Workspace
+from tiny_images import encode, jpeg_bytes as jpeg, noise_image, png_chunk
 
-# ---------------------------------------------------------------- tiny images, made here
+pytestmark = pytest.mark.quick
 
-
-def encode(im: Image.Image, fmt: str, **save) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, fmt, **save)
-    return buf.getvalue()
-
-
-def noise(size=(32, 24), mode="RGB", seed=0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    channels = {"RGB": 3, "RGBA": 4}.get(mode)
-    shape = (size[1], size[0], channels) if channels else (size[1], size[0])
-    return Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode)
-
-
-def jpeg(seed=0, size=(32, 24)) -> bytes:
-    return encode(noise(size, seed=seed), "JPEG", quality=90)
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+# ---------------------------------------------------------------- tiny images, made here (see tiny_images.py)
 
 
 def png_bomb(width=100_000, height=100_000) -> bytes:
@@ -58,11 +40,11 @@ def png_bomb(width=100_000, height=100_000) -> bytes:
 def exif_rotated_jpeg() -> bytes:
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: rotate 90 degrees on display
-    return encode(noise((40, 20), seed=3), "JPEG", exif=exif.tobytes())
+    return encode(noise_image(3, (40, 20)), "JPEG", exif=exif.tobytes())
 
 
 def animated_gif() -> bytes:
-    frames = [noise((12, 10), seed=i).convert("P") for i in range(3)]
+    frames = [noise_image(i, (12, 10)).convert("P") for i in range(3)]
     buf = io.BytesIO()
     frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
     return buf.getvalue()
@@ -89,25 +71,25 @@ def rows_by_path(ws, dataset="d") -> dict[str, dict]:
 AWKWARD = [
     ("zero.jpg", lambda: b"", S.STATUS_EMPTY, None, None, None),
     ("cut.jpg", lambda: jpeg(seed=1, size=(64, 48))[:-400], S.STATUS_TRUNCATED, (64, 48), "JPEG", "RGB"),
-    ("cut.png", lambda: encode(noise(), "PNG")[:-20], S.STATUS_TRUNCATED, (32, 24), "PNG", "RGB"),
+    ("cut.png", lambda: encode(noise_image(), "PNG")[:-20], S.STATUS_TRUNCATED, (32, 24), "PNG", "RGB"),
     ("text.jpg", lambda: b"this is not an image\n", S.STATUS_NOT_AN_IMAGE, None, None, None),
-    ("png_named.jpg", lambda: encode(noise(seed=2), "PNG"), S.STATUS_OK, (32, 24), "PNG", "RGB"),
-    ("alpha.png", lambda: encode(noise(mode="RGBA"), "PNG"), S.STATUS_OK, (32, 24), "PNG", "RGBA"),
+    ("png_named.jpg", lambda: encode(noise_image(2), "PNG"), S.STATUS_OK, (32, 24), "PNG", "RGB"),
+    ("alpha.png", lambda: encode(noise_image(mode="RGBA"), "PNG"), S.STATUS_OK, (32, 24), "PNG", "RGBA"),
     ("deep.png", png16, S.STATUS_OK, (8, 6), "PNG", "I;16"),
-    ("gray.jpg", lambda: encode(noise(mode="L"), "JPEG"), S.STATUS_OK, (32, 24), "JPEG", "L"),
+    ("gray.jpg", lambda: encode(noise_image(mode="L"), "JPEG"), S.STATUS_OK, (32, 24), "JPEG", "L"),
     ("cmyk.jpg", lambda: encode(Image.new("CMYK", (9, 7), (0, 50, 100, 0)), "JPEG"), S.STATUS_OK, (9, 7), "JPEG", "CMYK"),
-    ("palette.gif", lambda: encode(noise().convert("P"), "GIF"), S.STATUS_OK, (32, 24), "GIF", "P"),
+    ("palette.gif", lambda: encode(noise_image().convert("P"), "GIF"), S.STATUS_OK, (32, 24), "GIF", "P"),
     ("animated.gif", animated_gif, S.STATUS_OK, (12, 10), "GIF", "P"),
-    ("photo.webp", lambda: encode(noise(), "WEBP"), S.STATUS_OK, (32, 24), "WEBP", "RGB"),
-    ("scan.tiff", lambda: encode(noise(), "TIFF"), S.STATUS_OK, (32, 24), "TIFF", "RGB"),
-    ("old.bmp", lambda: encode(noise(), "BMP"), S.STATUS_OK, (32, 24), "BMP", "RGB"),
+    ("photo.webp", lambda: encode(noise_image(), "WEBP"), S.STATUS_OK, (32, 24), "WEBP", "RGB"),
+    ("scan.tiff", lambda: encode(noise_image(), "TIFF"), S.STATUS_OK, (32, 24), "TIFF", "RGB"),
+    ("old.bmp", lambda: encode(noise_image(), "BMP"), S.STATUS_OK, (32, 24), "BMP", "RGB"),
     ("rotated.jpg", exif_rotated_jpeg, S.STATUS_OK, (40, 20), "JPEG", "RGB"),  # as stored, not as shown
     ("dot.png", lambda: encode(Image.new("RGB", (1, 1)), "PNG"), S.STATUS_OK, (1, 1), "PNG", "RGB"),
     ("bomb.png", png_bomb, S.STATUS_TOO_LARGE, None, None, None),
     ("with space.jpg", lambda: jpeg(seed=4), S.STATUS_OK, (32, 24), "JPEG", "RGB"),
     ("ñandú 猫.jpg", lambda: jpeg(seed=5), S.STATUS_OK, (32, 24), "JPEG", "RGB"),
     ("LOUD.JPG", lambda: jpeg(seed=6), S.STATUS_OK, (32, 24), "JPEG", "RGB"),
-    ("nested/deeper/inner.Png", lambda: encode(noise(seed=7), "PNG"), S.STATUS_OK, (32, 24), "PNG", "RGB"),
+    ("nested/deeper/inner.Png", lambda: encode(noise_image(7), "PNG"), S.STATUS_OK, (32, 24), "PNG", "RGB"),
 ]
 # Entries that must not become rows.
 NOT_ROWS = {".DS_Store": b"\0\0\0\1Bud1", "._photo.jpg": b"\0\5\26\7", ".cache/thumb.jpg": None,
@@ -183,8 +165,8 @@ def test_unreadable_files_and_broken_links_are_rows_without_an_id(scanned_awkwar
 
 
 def test_too_large_is_checked_against_max_pixels_with_the_size_recorded(ws, tmp_path):
-    write(tmp_path / "r", "big.png", encode(noise((40, 30)), "PNG"))
-    write(tmp_path / "r", "small.png", encode(noise((10, 10)), "PNG"))
+    write(tmp_path / "r", "big.png", encode(noise_image(size=(40, 30)), "PNG"))
+    write(tmp_path / "r", "small.png", encode(noise_image(size=(10, 10)), "PNG"))
     run_scan(ws, ScanConfig(tmp_path / "r", "d", max_pixels=1000), "r")
     rows = rows_by_path(ws)
     assert rows["big.png"][S.STATUS] == S.STATUS_TOO_LARGE
@@ -209,7 +191,7 @@ def test_a_file_name_that_is_not_utf8_is_an_unreadable_row(ws, tmp_path):
 def test_keep_non_images_records_them_and_pillow_decides(ws, tmp_path):
     root = tmp_path / "r"
     write(root, "notes.txt", b"plain text")
-    write(root, "picture.dat", encode(noise(), "PNG"))
+    write(root, "picture.dat", encode(noise_image(), "PNG"))
     run_scan(ws, ScanConfig(root, "d", keep_non_images=True), "r")
     rows = rows_by_path(ws)
     assert rows["notes.txt"][S.STATUS] == S.STATUS_NOT_AN_IMAGE

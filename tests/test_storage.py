@@ -25,6 +25,7 @@ from imgfeat.core.storage import (
 )
 
 
+@pytest.mark.quick
 def test_atomic_write_replaces_whole_file(tmp_path):
     target = tmp_path / "sub" / "t.parquet"
     write_table_atomic(pa.table({"a": [1, 2]}), target)
@@ -33,6 +34,7 @@ def test_atomic_write_replaces_whole_file(tmp_path):
     assert sorted(p.name for p in target.parent.iterdir()) == ["t.parquet"]
 
 
+@pytest.mark.quick
 def test_failed_write_leaves_old_file_and_no_tmp(tmp_path):
     target = tmp_path / "m.json"
     write_json_atomic({"v": 1}, target)
@@ -44,6 +46,7 @@ def test_failed_write_leaves_old_file_and_no_tmp(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
 
 
+@pytest.mark.quick
 def test_disk_full_is_a_clear_error(tmp_path, monkeypatch):
     def full(*_a, **_k):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -54,6 +57,7 @@ def test_disk_full_is_a_clear_error(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.quick
 def test_shards_are_named_by_run_and_tmp_files_are_never_listed(tmp_path):
     names = [shard_name("20260101T000000Z-aaaaaa", i) for i in range(3)]
     for n in names:

@@ -15,6 +15,8 @@ import pytest
 from imgfeat.backbones.lite import VARIANTS, block_plan, source_weights_file
 from imgfeat.backbones.torchfile import LEGACY_MAGIC, LEGACY_PROTOCOL, TorchFileError, read_state_dict
 
+pytestmark = pytest.mark.quick
+
 _TORCH_NAMES = {np.dtype("float32"): "FloatStorage", np.dtype("float16"): "HalfStorage",
                 np.dtype("int64"): "LongStorage", np.dtype("uint8"): "ByteStorage"}
 

@@ -16,6 +16,14 @@ def _rel(path: Path | str) -> str:
         return str(p)
 
 
+def _accuracy(train: dict[str, Any]) -> str:
+    accuracy = train["metrics"].get("test_accuracy")
+    if accuracy is not None:
+        return f"test accuracy {accuracy:.1%}"
+    reason = train.get("no_accuracy")
+    return f"no test accuracy: {reason}" if reason else "no test accuracy"
+
+
 def print_run_summary(ws: Workspace, summary: dict[str, Any]) -> None:
     for name, s in summary.get("scan", {}).items():
         print(f"scan     {name:<24} {s['files']} files "
@@ -25,7 +33,7 @@ def print_run_summary(ws: Workspace, summary: dict[str, Any]) -> None:
         print(f"extract  {key:<24} {s['extracted']} extracted{speed}, {s['reused']} reused, "
               f"{s['errors']['new']} new errors -> {_rel(ws.featureset_dir(s['featureset']))}")
     for name, s in summary.get("train", {}).items():
-        print(f"train    {name:<24} test accuracy {s['metrics']['test_accuracy']:.1%}"
+        print(f"train    {name:<24} {_accuracy(s)}"
               f"{' (reused)' if s['reused'] else ''} -> {_rel(ws.head_dir(s['head_id']))}")
     for key, s in summary.get("predict", {}).items():
         print(f"predict  {key:<24} {s['written']} new rows")

@@ -155,9 +155,21 @@ def _train_all(ws: Workspace, job: JobSpec, featuresets: dict, run_id: str, summ
         for hjob in job.heads:
             fs = featuresets[(hjob.features, hjob.dataset)]
             out = run_train(ws, train_config(hjob, fs), run_id)
-            summary["train"][hjob.name] = out
+            reason = no_accuracy_reason(out)
+            summary["train"][hjob.name] = out if reason is None else {**out, "no_accuracy": reason}
             heads[hjob.name] = out["head_id"]
     return heads
+
+
+def no_accuracy_reason(train: dict[str, Any]) -> str | None:
+    """Why a trained head has no test accuracy; None when it has one."""
+    if train["metrics"].get("test_accuracy") is not None:
+        return None
+    unseen = (train.get("left_out") or {}).get("unseen_test_labels", 0)
+    if unseen:
+        return (f"no evaluation rows: the {unseen} test rows all have labels the training rows do not "
+                "have, so none can be scored")
+    return "no evaluation rows: the dataset has no test or val split and test_fraction is 0"
 
 
 def _predict_all(ws: Workspace, job: JobSpec, heads: dict[str, str], run_id: str, summary: dict) -> None:

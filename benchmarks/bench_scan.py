@@ -83,7 +83,7 @@ def child(root: str, workspace: str, dataset: str, workers: int | None) -> None:
     from imgfeat.core.workspace import Workspace
 
     before = _cpu(resource.getrusage(resource.RUSAGE_SELF))
-    summary = run_scan(Workspace(Path(workspace)), ScanConfig(root, dataset, workers=workers), new_run_id())
+    summary = run_scan(Workspace(Path(workspace)), ScanConfig(root, dataset, workers=workers), new_run_id()).to_json()
     usage = resource.getrusage(resource.RUSAGE_SELF)
     summary["process_seconds"] = round(time.perf_counter() - t0, 3)
     summary["cpu_seconds"] = round(_cpu(usage) - before, 3)  # the scan's own CPU, all threads

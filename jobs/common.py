@@ -32,7 +32,8 @@ class JobContext:
         return self.record.run_id
 
 
-Handler = Callable[[argparse.Namespace, JobContext], dict[str, Any]]
+# A handler returns its summary: a dict, or a typed summary with to_json() (what --json prints).
+Handler = Callable[[argparse.Namespace, JobContext], Any]
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -104,7 +105,8 @@ def run_job(args: argparse.Namespace) -> int:
     record = RunRecord(command=args.command)
     error = None
     try:
-        record.summary.update(args.handler(args, JobContext(ws, record)) or {})
+        result = args.handler(args, JobContext(ws, record))
+        record.summary.update(result.to_json() if hasattr(result, "to_json") else result or {})
         code = EXIT_OK
     except ImgfeatError as exc:
         code, error = exc.exit_code, str(exc)

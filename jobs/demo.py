@@ -9,9 +9,13 @@ import logging
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from imgfeat.cli.common import JobContext, add_command, positive_int
 from imgfeat.cli.report_lines import _rel, print_run_summary
+
+if TYPE_CHECKING:
+    from imgfeat.run.summary import RunSummary
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +66,7 @@ def demo_images(root: Path, per_class: int) -> tuple[Path, int]:
 def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
     from imgfeat.run.jobfile import load_job
     from imgfeat.run.run import run_job_spec
+    from imgfeat.run.summary import RunSummary
 
     t0 = time.perf_counter()
     images, n = demo_images(ctx.ws.root / "demo_images", args.per_class)
@@ -73,17 +78,21 @@ def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
         job = load_job(path, tuple(overrides), workspace=ctx.ws.root)
     summary = ctx.record.summary
     summary["demo_images"] = str(images)
-    run_job_spec(ctx.ws, job, ctx.run_id, summary)
+    run = RunSummary(job.source)
+    try:
+        run_job_spec(ctx.ws, job, ctx.run_id, run)
+    finally:  # a failed run still reports the stages it finished
+        summary.update(run.to_json())
     summary["seconds_total"] = round(time.perf_counter() - t0, 2)
     if not args.json:
-        print_demo(ctx, summary, n)
+        print_demo(ctx, summary, n, run)
     return summary
 
 
-def print_demo(ctx: JobContext, summary: dict, n_images: int) -> None:
+def print_demo(ctx: JobContext, summary: dict, n_images: int, run: RunSummary) -> None:
     ws = ctx.ws
     print(f"\nimgfeat demo: {n_images} generated photos, 6 classes, in {summary['seconds_total']:.0f} s\n")
-    print_run_summary(ws, summary)
+    print_run_summary(ws, run)
     (fs_key, ex), = list(summary["extract"].items())[:1]
     (head_name, tr), = list(summary["train"].items())[:1]
     fs_glob = _rel(ws.featureset_dir(ex["featureset"]) / "part-*.parquet")

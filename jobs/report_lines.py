@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from imgfeat.core.workspace import Workspace
+from imgfeat.run.summary import RunSummary, stage_value
 
 
 def _rel(path: Path | str) -> str:
@@ -16,29 +16,30 @@ def _rel(path: Path | str) -> str:
         return str(p)
 
 
-def _accuracy(train: dict[str, Any]) -> str:
-    accuracy = train["metrics"].get("test_accuracy")
+def _accuracy(summary: RunSummary, head: str) -> str:
+    accuracy = stage_value(stage_value(summary.train[head], "metrics"), "test_accuracy")
     if accuracy is not None:
         return f"test accuracy {accuracy:.1%}"
-    reason = train.get("no_accuracy")
+    reason = summary.no_accuracy.get(head)
     return f"no test accuracy: {reason}" if reason else "no test accuracy"
 
 
-def print_run_summary(ws: Workspace, summary: dict[str, Any]) -> None:
-    for name, s in summary.get("scan", {}).items():
-        print(f"scan     {name:<24} {s['files']} files "
-              f"({s['added']} added, {s['changed']} changed, {s['removed']} removed)")
-    for key, s in summary.get("extract", {}).items():
-        speed = f" at {s['images_per_s']:.1f} img/s" if s["extracted"] else ""
-        print(f"extract  {key:<24} {s['extracted']} extracted{speed}, {s['reused']} reused, "
-              f"{s['errors']['new']} new errors -> {_rel(ws.featureset_dir(s['featureset']))}")
-    for name, s in summary.get("train", {}).items():
-        print(f"train    {name:<24} {_accuracy(s)}"
-              f"{' (reused)' if s['reused'] else ''} -> {_rel(ws.head_dir(s['head_id']))}")
-    for key, s in summary.get("predict", {}).items():
-        print(f"predict  {key:<24} {s['written']} new rows")
-    for name, s in summary.get("report", {}).items():
-        print(f"report   {name:<24} {_rel(s['report'])}")
-    for key, r in summary.get("error_rates", {}).items():
-        if r["errors"]:
-            print(f"errors   {key:<24} {r['errors']} of {r['images']} images ({r['rate']:.1%})")
+def print_run_summary(ws: Workspace, summary: RunSummary) -> None:
+    for name, s in summary.scan.items():
+        print(f"scan     {name:<24} {s.files} files ({s.added} added, {s.changed} changed, {s.removed} removed)")
+    for key, s in summary.extract.items():
+        extracted = stage_value(s, "extracted")
+        speed = f" at {stage_value(s, 'images_per_s'):.1f} img/s" if extracted else ""
+        print(f"extract  {key:<24} {extracted} extracted{speed}, {stage_value(s, 'reused')} reused, "
+              f"{stage_value(stage_value(s, 'errors'), 'new')} new errors "
+              f"-> {_rel(ws.featureset_dir(stage_value(s, 'featureset')))}")
+    for name, s in summary.train.items():
+        print(f"train    {name:<24} {_accuracy(summary, name)}"
+              f"{' (reused)' if stage_value(s, 'reused') else ''} -> {_rel(ws.head_dir(stage_value(s, 'head_id')))}")
+    for key, s in summary.predict.items():
+        print(f"predict  {key:<24} {stage_value(s, 'written')} new rows")
+    for name, s in summary.report.items():
+        print(f"report   {name:<24} {_rel(stage_value(s, 'report'))}")
+    for key, r in summary.error_rates.items():
+        if r.errors:
+            print(f"errors   {key:<24} {r.errors} of {r.images} images ({r.rate:.1%})")

@@ -52,6 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
     from imgfeat.run.jobfile import load_job
     from imgfeat.run.run import plan_job, run_job_spec
+    from imgfeat.run.summary import RunSummary
 
     job = load_job(args.job, tuple(args.overrides), workspace=ctx.ws.root)
     flags = {"max_error_rate": args.max_error_rate, "executor": args.executor, "wait": args.wait}
@@ -61,8 +62,11 @@ def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
         if not args.json:
             print(json.dumps(plan, indent=2, default=str))
         return plan
-    summary = ctx.record.summary
-    run_job_spec(ctx.ws, job, ctx.run_id, summary)
+    summary = RunSummary(job.source)
+    try:
+        run_job_spec(ctx.ws, job, ctx.run_id, summary)
+    finally:  # a failed run still reports the stages it finished
+        ctx.record.summary.update(summary.to_json())
     if not args.json:
         print_run_summary(ctx.ws, summary)
-    return summary
+    return summary.to_json()

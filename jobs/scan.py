@@ -82,7 +82,7 @@ def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
         wait=args.wait,
         **options,
     )
-    summary = plan_scan(ctx.ws, cfg) if args.dry_run else run_scan(ctx.ws, cfg, ctx.run_id)
+    summary = (plan_scan(ctx.ws, cfg) if args.dry_run else run_scan(ctx.ws, cfg, ctx.run_id)).to_json()
     if not args.json:
         print(_human(summary, args.dry_run))
     return summary

@@ -163,3 +163,13 @@ def test_an_unknown_dataset_is_a_config_error_with_a_hint(tmp_path):
     write_manifest(ws, "photos", ROWS, root=tmp_path)
     with pytest.raises(ConfigError, match="photos"):
         read_manifest(ws, "photo")
+
+
+def test_one_vocabulary_other_modules_alias_it():
+    from imgfeat.extract import decode
+    from imgfeat.heads import artifacts
+
+    assert decode.ERROR_CODES is S.DECODE_ERROR_CODES
+    assert set(S.DECODE_ERROR_CODES) - set(S.STATUS_CODES) == {S.ERROR_UNSUPPORTED_MODE}
+    assert artifacts.ROWS_SCHEMA is S.HEAD_ROWS_SCHEMA and artifacts.ROLE == S.ROLE
+    assert set(S.HEAD_ROWS_SCHEMA.names) == {S.IMAGE_ID, S.LABEL, S.ROLE}

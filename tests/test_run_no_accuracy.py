@@ -10,6 +10,7 @@ import pytest
 from imgfeat.cli.main import main
 from imgfeat.cli.report_lines import print_run_summary
 from imgfeat.core.workspace import Workspace
+from imgfeat.run.summary import RunSummary
 from tiny_images import write_noise_images
 
 # 'flat' has no split folders and its head holds out nothing (test_fraction 0); 'split' has a
@@ -77,16 +78,25 @@ def test_heads_without_evaluation_rows_exit_0_and_say_why(ws, job, capsys):
     assert "flat-logreg" in text and "no test accuracy: no evaluation rows" in text
 
 
-def train_summary(accuracy, **extra) -> dict:
-    return {"head_id": "d-logreg-00000000", "reused": False, "metrics": {"test_accuracy": accuracy}, **extra}
+def train_summary(accuracy, unseen: int = 0) -> dict:
+    return {"head_id": "d-logreg-00000000", "reused": False, "metrics": {"test_accuracy": accuracy},
+            "left_out": {"unseen_test_labels": unseen}}
 
 
 @pytest.mark.quick
 @pytest.mark.parametrize("entry, words", [
-    (train_summary(0.5), "test accuracy 50.0%"),
-    (train_summary(None, no_accuracy="no evaluation rows: X"), "no test accuracy: no evaluation rows: X"),
-    (train_summary(None), "no test accuracy"),
+    (train_summary(0.5), "test accuracy 50.0% -> "),
+    (train_summary(None), "no test accuracy: no evaluation rows: the dataset has no test or val split and "
+                          "test_fraction is 0"),
+    (train_summary(None, unseen=3), "no test accuracy: no evaluation rows: the 3 test rows all have labels"),
 ])
-def test_the_text_summary_prints_an_accuracy_or_why_there_is_none(entry, words, capsys, tmp_path):
-    print_run_summary(Workspace(tmp_path), {"train": {"h": entry}})
+def test_the_text_and_json_summaries_give_an_accuracy_or_why_there_is_none(entry, words, capsys, tmp_path):
+    from imgfeat.run.run import no_accuracy_reason
+
+    summary = RunSummary("job.toml", train={"h": entry})
+    reason = no_accuracy_reason(entry)
+    if reason:
+        summary.no_accuracy["h"] = reason
+    print_run_summary(Workspace(tmp_path), summary)
     assert words in capsys.readouterr().out
+    assert summary.to_json()["train"]["h"].get("no_accuracy") == reason

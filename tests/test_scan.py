@@ -149,10 +149,10 @@ def test_nothing_vanishes_and_hidden_or_non_images_are_skipped(scanned_awkward):
     summary, rows = scanned_awkward
     expected = {"things/" + a[0] for a in AWKWARD} | {"things/locked.jpg", "things/gone.jpg"}
     assert set(rows) == expected
-    assert summary["files"] == len(expected)
-    assert summary["skipped"] == {"hidden": 3, "non_image": 2}
-    assert summary["ok"] + summary["errors"] == len(expected)
-    assert sum(summary["status"].values()) == len(expected)
+    assert summary.files == len(expected)
+    assert summary.skipped == {"hidden": 3, "non_image": 2}
+    assert summary.ok + summary.errors == len(expected)
+    assert sum(summary.status.values()) == len(expected)
 
 
 def test_unreadable_files_and_broken_links_are_rows_without_an_id(scanned_awkward):
@@ -185,7 +185,7 @@ def test_a_file_name_that_is_not_utf8_is_an_unreadable_row(ws, tmp_path):
     rows = rows_by_path(ws)
     assert rows["caf\\xe9/x.jpg"][S.STATUS] == S.STATUS_UNREADABLE
     assert "UTF-8" in rows["caf\\xe9/x.jpg"][S.ERROR]
-    assert summary["status"] == {"ok": 1, "unreadable": 1}
+    assert summary.status == {"ok": 1, "unreadable": 1}
 
 
 def test_keep_non_images_records_them_and_pillow_decides(ws, tmp_path):
@@ -247,7 +247,7 @@ def test_split_label_layout_end_to_end(ws, tmp_path):
         "VALIDATION/cat/c.jpg": ("cat", "val"),  # folders win over --test-fraction
         "test/dog/d.jpg": ("dog", "test"),
     }
-    assert summary["labels"] == 2 and summary["splits"] == {"test": 1, "train": 2, "val": 1}
+    assert summary.labels == 2 and summary.splits == {"test": 1, "train": 2, "val": 1}
 
 
 def test_flat_layout_has_no_labels(ws, tmp_path):
@@ -255,7 +255,7 @@ def test_flat_layout_has_no_labels(ws, tmp_path):
         write(tmp_path / "r", f"{i}.jpg", jpeg(seed=i))
     summary = run_scan(ws, ScanConfig(tmp_path / "r", "d"), "r")
     assert {(r[S.LABEL], r[S.SPLIT]) for r in rows_by_path(ws).values()} == {(None, None)}
-    assert summary["files"] == 3 and summary["labels"] == 0
+    assert summary.files == 3 and summary.labels == 0
 
 
 def test_labels_csv_overrides_folders_and_counts_missing_files(ws, tmp_path):
@@ -267,7 +267,7 @@ def test_labels_csv_overrides_folders_and_counts_missing_files(ws, tmp_path):
     summary = run_scan(ws, ScanConfig(root, "d", labels_csv=csv_file), "r")
     rows = rows_by_path(ws)
     assert (rows["cat/a.jpg"][S.LABEL], rows["cat/b.jpg"][S.LABEL]) == ("tiger", "lynx")
-    assert summary["labels_csv_missing"] == 1
+    assert summary.labels_csv_missing == 1
     assert manifest_info(ws, "d")["options"]["labels_csv"] == str(csv_file)
 
 
@@ -324,18 +324,18 @@ def test_symlink_loop_ends_and_links_out_of_root_need_follow_links(ws, tmp_path)
     (root / "alias").symlink_to(root / "cat")  # a second way into cat/: not entered
     summary = run_scan(ws, ScanConfig(root, "d"), "r")
     assert set(rows_by_path(ws)) == {"cat/a.jpg", "cat/near_link.jpg"}
-    assert summary["skipped"] == {"link_loop": 1, "link_outside_root": 2, "link_to_scanned_dir": 1}
+    assert summary.skipped == {"link_loop": 1, "link_outside_root": 2, "link_to_scanned_dir": 1}
     rows = rows_by_path(ws)
     assert rows["cat/near_link.jpg"][S.IMAGE_ID] == rows["cat/a.jpg"][S.IMAGE_ID]
 
     summary = run_scan(ws, ScanConfig(root, "d", follow_links=True), "r2")
     assert set(rows_by_path(ws)) == {"cat/a.jpg", "cat/near_link.jpg", "cat/far_link.jpg", "ext/far.jpg"}
     assert rows_by_path(ws)["ext/far.jpg"][S.LABEL] == "ext"
-    assert summary["skipped"] == {"link_loop": 1, "link_to_scanned_dir": 1}
+    assert summary.skipped == {"link_loop": 1, "link_to_scanned_dir": 1}
 
     (tmp_path / "outside" / "back").symlink_to(tmp_path / "outside")  # a cycle outside the root
     summary = run_scan(ws, ScanConfig(root, "d", follow_links=True), "r3")
-    assert "ext/back/far.jpg" not in rows_by_path(ws) and summary["skipped"]["link_loop"] == 2
+    assert "ext/back/far.jpg" not in rows_by_path(ws) and summary.skipped["link_loop"] == 2
 
 
 # ---------------------------------------------------------------- incremental rescans
@@ -366,7 +366,7 @@ def test_rescan_reads_only_what_changed(ws, tmp_path, counted_probes):
     counted_probes.clear()
     summary = run_scan(ws, ScanConfig(root, "d"), "r2")
     assert counted_probes == []
-    assert (summary["unchanged"], summary["hashed"]) == (6, 0)
+    assert (summary.unchanged, summary.hashed) == (6, 0)
     assert rows_by_path(ws) == before
 
     st = (root / "cat/0.jpg").stat()
@@ -377,11 +377,11 @@ def test_rescan_reads_only_what_changed(ws, tmp_path, counted_probes):
     cfg = ScanConfig(root, "d")
     plan = plan_scan(ws, cfg)
     assert counted_probes == []  # the dry run hashes nothing
-    assert (plan["new"], plan["changed"], plan["removed"], plan["unchanged"]) == (1, 2, 1, 3)
+    assert (plan.new, plan.changed, plan.removed, plan.unchanged) == (1, 2, 1, 3)
 
     summary = run_scan(ws, cfg, "r3")
     assert sorted(Path(p).name for p in counted_probes) == ["0.jpg", "1.jpg", "new.jpg"]
-    assert (summary["added"], summary["changed"], summary["removed"], summary["unchanged"]) == (1, 2, 1, 3)
+    assert (summary.added, summary.changed, summary.removed, summary.unchanged) == (1, 2, 1, 3)
     after = rows_by_path(ws)
     assert "cat/2.jpg" not in after and after["dog/new.jpg"][S.LABEL] == "dog"
     assert after["cat/0.jpg"][S.IMAGE_ID] == before["cat/0.jpg"][S.IMAGE_ID]
@@ -398,7 +398,7 @@ def test_rescan_with_new_options_relabels_carried_rows_without_hashing(ws, tmp_p
     labels = tmp_path / "labels.csv"
     labels.write_text("path,label\ncat/0.jpg,lion\n")
     summary = run_scan(ws, ScanConfig(root, "d", labels_csv=labels, test_fraction=0.5, max_pixels=10), "r2")
-    assert counted_probes == [] and summary["unchanged"] == 4
+    assert counted_probes == [] and summary.unchanged == 4
     rows = rows_by_path(ws)
     assert rows["cat/0.jpg"][S.LABEL] == "lion"
     assert {r[S.SPLIT] for r in rows.values()} <= {"train", "test"} and None not in {r[S.SPLIT] for r in rows.values()}
@@ -410,7 +410,7 @@ def test_rescan_with_new_options_relabels_carried_rows_without_hashing(ws, tmp_p
     assert rows_by_path(ws)["cat/0.jpg"][S.LABEL] == "puma"
     assert {r[S.STATUS] for r in rows_by_path(ws).values()} == {S.STATUS_OK}  # default limit again
     # Files that were over the limit were never checked for truncation: now they are read.
-    assert summary["retried"] == 4 and len(counted_probes) == 4
+    assert summary.retried == 4 and len(counted_probes) == 4
 
 
 def test_a_crash_mid_scan_keeps_the_old_manifest_and_leaves_no_partial_file(ws, tmp_path, monkeypatch):
@@ -463,7 +463,7 @@ def test_empty_folder_gives_an_empty_readable_manifest(ws, tmp_path):
     (tmp_path / "r").mkdir()
     summary = run_scan(ws, ScanConfig(tmp_path / "r", "d"), "r")
     table = read_manifest(ws, "d")
-    assert summary["files"] == 0 and table.num_rows == 0
+    assert summary.files == 0 and table.num_rows == 0
     assert table.schema.remove_metadata() == S.MANIFEST_SCHEMA
 
 
@@ -562,7 +562,7 @@ def test_rescan_merges_with_the_old_manifest_across_row_groups(ws, tmp_path, mon
 
     expected_reads = sorted(str(root / rel) for rel in [*added, rewritten])
     assert sorted(counted_probes) == expected_reads
-    assert (summary["added"], summary["changed"], summary["removed"]) == (4, 1, len(doomed))
-    assert summary["unchanged"] == 60 - len(doomed) - 1
+    assert (summary.added, summary.changed, summary.removed) == (4, 1, len(doomed))
+    assert summary.unchanged == 60 - len(doomed) - 1
     run_scan(ws, ScanConfig(root, "fresh"), "r3")  # what a scan from scratch says
     assert read_manifest(ws, "d").to_pylist() == read_manifest(ws, "fresh").to_pylist()

@@ -20,6 +20,8 @@ ERROR = "error"
 
 FEATURE = "feature"
 
+ROLE = "role"  # a head's rows table: which rows it trained on and which it was scored on
+
 STAGE = "stage"
 ERROR_CODE = "error_code"
 ERROR_MESSAGE = "error_message"
@@ -49,6 +51,21 @@ STATUS_CODES = (
     STATUS_UNREADABLE,
     STATUS_NOT_SCANNED,
 )
+
+# --- per-image error codes of the decode stage (extract): the manifest's, plus modes it cannot read ---
+ERROR_UNSUPPORTED_MODE = "unsupported_mode"
+DECODE_ERROR_CODES = (
+    STATUS_EMPTY,
+    STATUS_NOT_AN_IMAGE,
+    STATUS_TRUNCATED,
+    STATUS_TOO_LARGE,
+    ERROR_UNSUPPORTED_MODE,
+    STATUS_UNREADABLE,
+)
+
+# --- the errors table's stage column: where an image failed ---
+STAGE_SCAN = "scan"
+STAGE_DECODE = "decode"
 
 # --- split names ---
 SPLIT_TRAIN = "train"
@@ -100,6 +117,17 @@ PREDICTIONS_SCHEMA = pa.schema(
         pa.field(HEAD_ID, pa.string(), nullable=False),
         pa.field(FEATURESET, pa.string(), nullable=False),
         pa.field(RUN_ID, pa.string(), nullable=False),
+    ]
+)
+
+# A head's rows table (heads/<head_id>/rows.parquet): the exact ids and labels it saw, by role.
+ROLE_TRAIN = SPLIT_TRAIN
+ROLE_TEST = SPLIT_TEST
+HEAD_ROWS_SCHEMA = pa.schema(
+    [
+        pa.field(IMAGE_ID, pa.string(), nullable=False),
+        pa.field(LABEL, pa.string(), nullable=False),
+        pa.field(ROLE, pa.string(), nullable=False),  # ROLE_TRAIN or ROLE_TEST
     ]
 )
 

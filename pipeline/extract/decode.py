@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError, ImgfeatError, unknown_value
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ INTERPOLATIONS: dict[str, Image.Resampling] = {
     "lanczos": Image.Resampling.LANCZOS,
 }
 EXIF_MODES = ("rotate", "ignore")
-ERROR_CODES = ("empty", "not_an_image", "truncated", "too_large", "unsupported_mode", "unreadable")
+ERROR_CODES = S.DECODE_ERROR_CODES  # the vocabulary lives in core/schemas.py; old name kept
 ORIENTATION_TAG = 0x0112
 TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from imgfeat import __version__
+from imgfeat.core import schemas as S
 from imgfeat.core.errors import ImgfeatError, unknown_value
 from imgfeat.heads.estimators import KerasMLPClassifier
 from imgfeat.core.storage import remove_stale_tmp, write_bytes_atomic, write_json_atomic, write_table_atomic
@@ -30,12 +31,7 @@ ROWS_FILE = "rows.parquet"  # the exact train/test ids and labels the head saw
 CURVES_FILE = "training_curves.png"
 MODEL_FILES = {"joblib": "model.joblib", "keras": "model.keras"}
 
-ROLE = "role"
-ROWS_SCHEMA = pa.schema([
-    pa.field("image_id", pa.string(), nullable=False),
-    pa.field("label", pa.string(), nullable=False),
-    pa.field(ROLE, pa.string(), nullable=False),  # "train" or "test"
-])
+ROLE, ROWS_SCHEMA = S.ROLE, S.HEAD_ROWS_SCHEMA  # the schema lives in core/schemas.py; old names kept
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import pyarrow.compute as pc
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ErrorRateExceeded
 from imgfeat.run.jobfile import FeatureJob, HeadJob, JobSpec, build_config
+from imgfeat.run.summary import ErrorRate, RunSummary, stage_json, stage_value
 from imgfeat.core.storage import FileLock
 from imgfeat.core.workspace import Workspace
 
@@ -69,17 +70,16 @@ def plan_job(ws: Workspace, job: JobSpec) -> dict[str, Any]:
 
     check_job(job)
     plan: dict[str, Any] = {"dry_run": True, "scan": {}, "extract": {}, "heads": {}}
-    for name in job.datasets:
-        plan["scan"][name] = plan_scan(ws, scan_config(job, name))
+    scans = {name: plan_scan(ws, scan_config(job, name)) for name in job.datasets}
+    plan["scan"] = {name: p.to_json() for name, p in scans.items()}
     for fjob in job.features:
         for dataset in fjob.datasets:
             key = f"{fjob.name}/{dataset}"
             if ws.manifest_path(dataset).exists():
-                p = plan_extract(ws, extract_config(job, fjob, dataset))
+                p = stage_json(plan_extract(ws, extract_config(job, fjob, dataset)))
             else:
                 p = {"todo": None, "note": "dataset not scanned yet"}
-            pending = plan["scan"][dataset]
-            p["new_or_changed_files"] = int(pending.get("new", 0)) + int(pending.get("changed", 0))
+            p["new_or_changed_files"] = scans[dataset].new + scans[dataset].changed
             plan["extract"][key] = p
     for hjob in job.heads:
         plan["heads"][hjob.name] = {
@@ -92,20 +92,16 @@ def plan_job(ws: Workspace, job: JobSpec) -> dict[str, Any]:
     return plan
 
 
-def run_job_spec(ws: Workspace, job: JobSpec, run_id: str, summary: dict[str, Any]) -> dict[str, Any]:
+def run_job_spec(ws: Workspace, job: JobSpec, run_id: str, summary: RunSummary | None = None) -> RunSummary:
     """Run every stage in order; fills ``summary`` as it goes (so a failure still reports)."""
+    summary = summary if summary is not None else RunSummary(job.source)
     check_job(job)
-    summary.update({"job": job.source, "scan": {}, "extract": {}, "train": {}, "predict": {}, "report": {}})
-    timings: dict[str, float] = {}
+    timings = summary.timings
     _timed(timings, "scan", lambda: _scan_all(ws, job, run_id, summary))
     featuresets = _timed(timings, "extract", lambda: _extract_all(ws, job, run_id, summary))
     heads = _timed(timings, "train", lambda: _train_all(ws, job, featuresets, run_id, summary))
     _timed(timings, "predict", lambda: _predict_all(ws, job, heads, run_id, summary))
     _timed(timings, "report", lambda: _report_all(ws, job, heads, run_id, summary))
-    summary["timings"] = timings
-    summary["model_work"] = any(s.get("extracted", 0) for s in summary["extract"].values()) or any(
-        not s.get("reused", False) for s in summary["train"].values()
-    )
     _check_error_rate(ws, job, featuresets, summary)
     return summary
 
@@ -117,27 +113,27 @@ def _timed(timings: dict[str, float], stage: str, fn):
     return out
 
 
-def _scan_all(ws: Workspace, job: JobSpec, run_id: str, summary: dict) -> None:
+def _scan_all(ws: Workspace, job: JobSpec, run_id: str, summary: RunSummary) -> None:
     from imgfeat.scan.scan import run_scan
 
     with stage_lock(ws, "scan", job.wait):
         for name in job.datasets:
-            summary["scan"][name] = run_scan(ws, scan_config(job, name), run_id)
+            summary.scan[name] = run_scan(ws, scan_config(job, name), run_id)
 
 
-def _extract_all(ws: Workspace, job: JobSpec, run_id: str, summary: dict) -> dict[tuple[str, str], str]:
+def _extract_all(ws: Workspace, job: JobSpec, run_id: str, summary: RunSummary) -> dict[tuple[str, str], str]:
     """Returns {(features name, dataset): featureset}."""
     featuresets: dict[tuple[str, str], str] = {}
     with stage_lock(ws, "extract", job.wait):
         for fjob in job.features:
             for dataset in fjob.datasets:
                 out = _extract_one(ws, job, extract_config(job, fjob, dataset), run_id)
-                summary["extract"][f"{fjob.name}/{dataset}"] = out
-                featuresets[(fjob.name, dataset)] = out["featureset"]
+                summary.extract[f"{fjob.name}/{dataset}"] = out
+                featuresets[(fjob.name, dataset)] = stage_value(out, "featureset")
     return featuresets
 
 
-def _extract_one(ws: Workspace, job: JobSpec, cfg, run_id: str) -> dict[str, Any]:
+def _extract_one(ws: Workspace, job: JobSpec, cfg, run_id: str) -> Any:
     if job.executor == "ray":
         from imgfeat.extract.ray_executor import RayConfig, run_extract_ray
 
@@ -147,7 +143,7 @@ def _extract_one(ws: Workspace, job: JobSpec, cfg, run_id: str) -> dict[str, Any
     return run_extract(ws, cfg, run_id)
 
 
-def _train_all(ws: Workspace, job: JobSpec, featuresets: dict, run_id: str, summary: dict) -> dict[str, str]:
+def _train_all(ws: Workspace, job: JobSpec, featuresets: dict, run_id: str, summary: RunSummary) -> dict[str, str]:
     from imgfeat.heads import run_train
 
     heads: dict[str, str] = {}
@@ -155,40 +151,42 @@ def _train_all(ws: Workspace, job: JobSpec, featuresets: dict, run_id: str, summ
         for hjob in job.heads:
             fs = featuresets[(hjob.features, hjob.dataset)]
             out = run_train(ws, train_config(hjob, fs), run_id)
+            summary.train[hjob.name] = out
             reason = no_accuracy_reason(out)
-            summary["train"][hjob.name] = out if reason is None else {**out, "no_accuracy": reason}
-            heads[hjob.name] = out["head_id"]
+            if reason is not None:
+                summary.no_accuracy[hjob.name] = reason
+            heads[hjob.name] = stage_value(out, "head_id")
     return heads
 
 
-def no_accuracy_reason(train: dict[str, Any]) -> str | None:
+def no_accuracy_reason(train: Any) -> str | None:
     """Why a trained head has no test accuracy; None when it has one."""
-    if train["metrics"].get("test_accuracy") is not None:
+    if stage_value(stage_value(train, "metrics"), "test_accuracy") is not None:
         return None
-    unseen = (train.get("left_out") or {}).get("unseen_test_labels", 0)
+    unseen = (stage_value(train, "left_out") or {}).get("unseen_test_labels", 0)
     if unseen:
         return (f"no evaluation rows: the {unseen} test rows all have labels the training rows do not "
                 "have, so none can be scored")
     return "no evaluation rows: the dataset has no test or val split and test_fraction is 0"
 
 
-def _predict_all(ws: Workspace, job: JobSpec, heads: dict[str, str], run_id: str, summary: dict) -> None:
+def _predict_all(ws: Workspace, job: JobSpec, heads: dict[str, str], run_id: str, summary: RunSummary) -> None:
     from imgfeat.heads import PredictConfig, run_predict
 
     with stage_lock(ws, "predict", job.wait):
         for hjob in job.heads:
             for dataset in hjob.predict:
                 cfg = PredictConfig(head_id=heads[hjob.name], dataset=dataset)
-                summary["predict"][f"{hjob.name}/{dataset}"] = run_predict(ws, cfg, run_id)
+                summary.predict[f"{hjob.name}/{dataset}"] = run_predict(ws, cfg, run_id)
 
 
-def _report_all(ws: Workspace, job: JobSpec, heads: dict[str, str], run_id: str, summary: dict) -> None:
+def _report_all(ws: Workspace, job: JobSpec, heads: dict[str, str], run_id: str, summary: RunSummary) -> None:
     from imgfeat.heads import ReportConfig, run_report
 
     with stage_lock(ws, "report", job.wait):
         for hjob in job.heads:
             if hjob.report:
-                summary["report"][hjob.name] = run_report(ws, ReportConfig(head_id=heads[hjob.name]), run_id)
+                summary.report[hjob.name] = run_report(ws, ReportConfig(head_id=heads[hjob.name]), run_id)
 
 
 def error_rate(ws: Workspace, dataset: str, featureset: str) -> tuple[int, int]:
@@ -202,19 +200,17 @@ def error_rate(ws: Workspace, dataset: str, featureset: str) -> tuple[int, int]:
     return int(pc.sum(pc.fill_null(bad, False)).as_py() or 0), table.num_rows
 
 
-def _check_error_rate(ws: Workspace, job: JobSpec, featuresets: dict, summary: dict) -> None:
-    rates = {}
+def _check_error_rate(ws: Workspace, job: JobSpec, featuresets: dict, summary: RunSummary) -> None:
+    rates = summary.error_rates
     for (fname, dataset), fs in featuresets.items():
-        bad, total = error_rate(ws, dataset, fs)
-        rates[f"{fname}/{dataset}"] = {"errors": bad, "images": total, "rate": bad / total if total else 0.0}
-    summary["error_rates"] = rates
+        rates[f"{fname}/{dataset}"] = ErrorRate(*error_rate(ws, dataset, fs))
     if job.max_error_rate is None:
         return
-    over = {k: v for k, v in rates.items() if v["rate"] > job.max_error_rate}
+    over = {k: v for k, v in rates.items() if v.rate > job.max_error_rate}
     if over:
-        worst = max(over.items(), key=lambda kv: kv[1]["rate"])
+        key, worst = max(over.items(), key=lambda kv: kv[1].rate)
         raise ErrorRateExceeded(
-            f"{worst[1]['errors']} of {worst[1]['images']} images ({worst[1]['rate']:.1%}) in "
-            f"{worst[0]} ended as error rows, over --max-error-rate {job.max_error_rate:g}; "
+            f"{worst.errors} of {worst.images} images ({worst.rate:.1%}) in "
+            f"{key} ended as error rows, over --max-error-rate {job.max_error_rate:g}; "
             "everything was still written (see the errors tables)"
         )

@@ -112,8 +112,8 @@ def fraction_split(image_id: str, test_fraction: float) -> str:
 
 
 @dataclass
-class Tally:
-    """Counts that end up in the summary."""
+class ScanTally:
+    """Counts gathered while scanning; they end up in the ScanSummary."""
 
     added: int = 0
     changed: int = 0
@@ -124,6 +124,51 @@ class Tally:
     labels: set = field(default_factory=set)
     csv_matched: int = 0
     csv_missing: int = 0
+
+
+@dataclass(frozen=True)
+class ScanSummary:
+    """What a scan did: counts by kind of change and by status, skips, timing, the manifest path."""
+
+    dataset: str
+    root: str
+    manifest: str
+    files: int
+    added: int
+    changed: int
+    unchanged: int
+    removed: int
+    retried: int
+    hashed: int
+    ok: int
+    errors: int
+    status: dict[str, int]
+    labels: int
+    splits: dict[str, int]
+    skipped: dict[str, int]
+    skipped_total: int
+    labels_csv_missing: int
+    seconds: float
+    files_per_s: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ScanPlan:
+    """What a scan would do (``--dry-run``): files new, changed, unchanged, removed; skips."""
+
+    dataset: str
+    root: str
+    new: int
+    changed: int
+    unchanged: int
+    removed: int
+    skipped: dict[str, int]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 # ---------------------------------------------------------------- checks at the edge
@@ -236,7 +281,7 @@ def relabel(table: pa.Table, labeller: Labeller) -> pa.Table:
     return table
 
 
-def count_table(table: pa.Table, labeller: Labeller, tally: Tally) -> None:
+def count_table(table: pa.Table, labeller: Labeller, tally: ScanTally) -> None:
     """Add a finished batch to the summary's counts."""
     tally.status.update(table.column(S.STATUS).to_pylist())
     tally.splits.update(table.column(S.SPLIT).to_pylist())
@@ -263,7 +308,7 @@ class _BatchReader:
     """Turns walked files into manifest rows: probes changed ones in a pool, carries the rest over."""
 
     def __init__(self, cfg: ScanConfig, prev: Previous | None, labeller: Labeller, options: dict[str, Any],
-                 pool: ThreadPoolExecutor, tally: Tally):
+                 pool: ThreadPoolExecutor, tally: ScanTally):
         self.cfg, self.prev, self.labeller, self.pool, self.tally = cfg, prev, labeller, pool, tally
         self.old: OldRows | None = prev.cursor() if prev else None
         self._relabel = prev is not None and any(prev.options.get(k) != options[k] for k in LABEL_OPTIONS)
@@ -358,7 +403,7 @@ def _scan_tables(reader: _BatchReader, root: Path, stats: WalkStats) -> Iterator
 
 
 def _write_manifest(
-    ws: Workspace, cfg: ScanConfig, root: Path, prev: Previous | None, run_id: str, tally: Tally
+    ws: Workspace, cfg: ScanConfig, root: Path, prev: Previous | None, run_id: str, tally: ScanTally
 ) -> WalkStats:
     stats = WalkStats()
     labeller, options = _labeller(cfg), scan_options(cfg)
@@ -386,13 +431,13 @@ def _write_manifest(
     return stats
 
 
-def run_scan(ws: Workspace, cfg: ScanConfig, run_id: str) -> dict[str, Any]:
+def run_scan(ws: Workspace, cfg: ScanConfig, run_id: str) -> ScanSummary:
     """Scan ``cfg.root`` into the dataset's manifest; returns the summary (counts, timings, path)."""
     t0 = time.perf_counter()
     root = resolve_root(cfg.root)
     path = ws.manifest_path(cfg.dataset)
     lock = FileLock(ws.locks_dir / f"dataset-{cfg.dataset}.lock", f"dataset {cfg.dataset!r}", cfg.wait)
-    tally = Tally()
+    tally = ScanTally()
     with lock:
         remove_stale_tmp(path.parent)
         prev = load_previous(path, root)
@@ -402,42 +447,42 @@ def run_scan(ws: Workspace, cfg: ScanConfig, run_id: str) -> dict[str, Any]:
     log.info(
         "scanned %s: %d files (%d added, %d changed, %d unchanged, %d removed), %d ok, %d errors, "
         "%d skipped in %.1fs",
-        cfg.dataset, summary["files"], tally.added, tally.changed, tally.unchanged, removed,
-        summary["ok"], summary["errors"], summary["skipped_total"], summary["seconds"],
+        cfg.dataset, summary.files, tally.added, tally.changed, tally.unchanged, removed,
+        summary.ok, summary.errors, summary.skipped_total, summary.seconds,
     )
     return summary
 
 
 def _summary(
-    cfg: ScanConfig, root: Path, path: Path, tally: Tally, stats: WalkStats, removed: int, seconds: float
-) -> dict[str, Any]:
+    cfg: ScanConfig, root: Path, path: Path, tally: ScanTally, stats: WalkStats, removed: int, seconds: float
+) -> ScanSummary:
     files = sum(tally.status.values())
     skipped = {k: v for k, v in sorted(stats.skipped.items()) if v}
-    return {
-        "dataset": cfg.dataset,
-        "root": root.as_posix(),
-        "manifest": str(path),
-        "files": files,
-        "added": tally.added,
-        "changed": tally.changed,
-        "unchanged": tally.unchanged,
-        "removed": removed,
-        "retried": tally.retried,
-        "hashed": tally.added + tally.changed + tally.retried,
-        "ok": tally.status[S.STATUS_OK],
-        "errors": files - tally.status[S.STATUS_OK],
-        "status": dict(sorted(tally.status.items())),
-        "labels": len(tally.labels),
-        "splits": {(k or "none"): v for k, v in sorted(tally.splits.items(), key=lambda kv: kv[0] or "")},
-        "skipped": skipped,
-        "skipped_total": sum(skipped.values()),
-        "labels_csv_missing": tally.csv_missing,
-        "seconds": round(seconds, 3),
-        "files_per_s": round(files / seconds, 1) if seconds > 0 else None,
-    }
+    return ScanSummary(
+        dataset=cfg.dataset,
+        root=root.as_posix(),
+        manifest=str(path),
+        files=files,
+        added=tally.added,
+        changed=tally.changed,
+        unchanged=tally.unchanged,
+        removed=removed,
+        retried=tally.retried,
+        hashed=tally.added + tally.changed + tally.retried,
+        ok=tally.status[S.STATUS_OK],
+        errors=files - tally.status[S.STATUS_OK],
+        status=dict(sorted(tally.status.items())),
+        labels=len(tally.labels),
+        splits={(k or "none"): v for k, v in sorted(tally.splits.items(), key=lambda kv: kv[0] or "")},
+        skipped=skipped,
+        skipped_total=sum(skipped.values()),
+        labels_csv_missing=tally.csv_missing,
+        seconds=round(seconds, 3),
+        files_per_s=round(files / seconds, 1) if seconds > 0 else None,
+    )
 
 
-def plan_scan(ws: Workspace, cfg: ScanConfig) -> dict[str, Any]:
+def plan_scan(ws: Workspace, cfg: ScanConfig) -> ScanPlan:
     """A stat-only dry run: how many files are new, changed, removed or unchanged (nothing is read)."""
     root = resolve_root(cfg.root)
     prev = load_previous(ws.manifest_path(cfg.dataset), root)
@@ -451,15 +496,15 @@ def plan_scan(ws: Workspace, cfg: ScanConfig) -> dict[str, Any]:
     finally:
         if old is not None:
             old.close()
-    return {
-        "dataset": cfg.dataset,
-        "root": root.as_posix(),
-        "new": counts["new"],
-        "changed": counts["changed"],
-        "unchanged": counts["unchanged"],
-        "removed": (prev.rows if prev else 0) - (old.matched if old else 0),
-        "skipped": {k: v for k, v in sorted(stats.skipped.items()) if v},
-    }
+    return ScanPlan(
+        dataset=cfg.dataset,
+        root=root.as_posix(),
+        new=counts["new"],
+        changed=counts["changed"],
+        unchanged=counts["unchanged"],
+        removed=(prev.rows if prev else 0) - (old.matched if old else 0),
+        skipped={k: v for k, v in sorted(stats.skipped.items()) if v},
+    )
 
 
 # What a dry run calls each kind of file (a retried file will be read again, like a changed one).

@@ -1,0 +1,77 @@
+"""The typed summary of `imgfeat run`, and the one adapter that reads other stages' results."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # only a type here: importing the scan stage would slow `imgfeat --help`
+    from imgfeat.scan.scan import ScanSummary
+
+
+def stage_json(result: Any) -> dict[str, Any]:
+    """A stage's result as its JSON object: ``to_json()`` of a typed summary, else the dict itself."""
+    return result.to_json() if hasattr(result, "to_json") else dict(result)
+
+
+def stage_value(result: Any, name: str) -> Any:
+    """One field of a stage's result, typed (an attribute) or not yet typed (a dict key)."""
+    return result[name] if isinstance(result, Mapping) else getattr(result, name)
+
+
+@dataclass(frozen=True)
+class ErrorRate:
+    """Images of one dataset x featureset that ended as error rows, against all of its images."""
+
+    errors: int
+    images: int
+
+    @property
+    def rate(self) -> float:
+        return self.errors / self.images if self.images else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"errors": self.errors, "images": self.images, "rate": self.rate}
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What one `imgfeat run` did, stage by stage; filled as the stages finish, so a failed run
+    still reports the stages it completed.
+
+    ``extract``, ``train``, ``predict`` and ``report`` hold each stage's own result (typed or a
+    dict; read them through ``stage_value``), keyed as in the job file.
+    """
+
+    job: str
+    scan: dict[str, ScanSummary] = field(default_factory=dict)
+    extract: dict[str, Any] = field(default_factory=dict)  # "<features>/<dataset>"
+    train: dict[str, Any] = field(default_factory=dict)  # head name
+    predict: dict[str, Any] = field(default_factory=dict)  # "<head>/<dataset>"
+    report: dict[str, Any] = field(default_factory=dict)  # head name
+    no_accuracy: dict[str, str] = field(default_factory=dict)  # head name -> why it has no accuracy
+    timings: dict[str, float] = field(default_factory=dict)
+    error_rates: dict[str, ErrorRate] = field(default_factory=dict)  # "<features>/<dataset>"
+
+    @property
+    def model_work(self) -> bool:
+        """Whether any backbone ran or any head was trained (False for a run with nothing new)."""
+        return any(stage_value(s, "extracted") for s in self.extract.values()) or any(
+            not stage_value(s, "reused") for s in self.train.values()
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        train = {name: {**stage_json(s), **({"no_accuracy": self.no_accuracy[name]} if name in self.no_accuracy
+                                            else {})} for name, s in self.train.items()}
+        return {
+            "job": self.job,
+            "scan": {k: v.to_json() for k, v in self.scan.items()},
+            "extract": {k: stage_json(v) for k, v in self.extract.items()},
+            "train": train,
+            "predict": {k: stage_json(v) for k, v in self.predict.items()},
+            "report": {k: stage_json(v) for k, v in self.report.items()},
+            "timings": dict(self.timings),
+            "model_work": self.model_work,
+            "error_rates": {k: v.to_json() for k, v in self.error_rates.items()},
+        }

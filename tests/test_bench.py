@@ -12,6 +12,7 @@ from imgfeat.core.errors import ConfigError
 from tiny_images import write_noise_images
 
 
+@pytest.mark.quick
 def test_list_and_stage_take_the_same_first_files(tmp_path):
     write_noise_images(tmp_path / "src", 7, size=(28, 20), classes=("b", "a"))
     (tmp_path / "src" / "notes.txt").write_text("not an image")
@@ -21,6 +22,7 @@ def test_list_and_stage_take_the_same_first_files(tmp_path):
     assert sorted(p.read_bytes() for p in staged.iterdir()) == sorted(p.read_bytes() for p in files)
 
 
+@pytest.mark.quick
 def test_report_uses_each_paths_fastest_round(tmp_path):
     write_noise_images(tmp_path, 1, size=(28, 20), classes=("b",))
     cfg = BenchConfig(backbone="mobilenet_v2", images=tmp_path, repeat=2)
@@ -33,6 +35,7 @@ def test_report_uses_each_paths_fastest_round(tmp_path):
     assert out["end_to_end_over_tutorial"] == pytest.approx(2.0, abs=1e-2)
 
 
+@pytest.mark.quick
 def test_bad_bench_config_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="not a folder"):
         BenchConfig(backbone="mobilenet_v2", images=tmp_path / "missing")

@@ -73,6 +73,7 @@ def test_unknown_backbone_and_bad_top_are_usage_errors(keras_home):
         ClassifyConfig(paths=("a.jpg",), top=0)
 
 
+@pytest.mark.quick
 def test_decoding_and_the_line_a_person_reads():
     classes = imagenet_classes()
     tabby, tiger = classes.names.index("tabby"), classes.names.index("tiger cat")
@@ -85,6 +86,7 @@ def test_decoding_and_the_line_a_person_reads():
     assert format_result(row) == "chelsea.png: tabby (61.2%), tiger cat (20.1%)"
 
 
+@pytest.mark.quick
 def test_class_table_is_the_imagenet_1k_order():
     classes = imagenet_classes()
     assert len(classes.wnids) == len(set(classes.wnids)) == 1000

@@ -89,6 +89,7 @@ def test_missing_weights_package_names_the_extra(monkeypatch):
         lite.efficientnet_lite("efficientnet_lite1", weights="imagenet")
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize(
     "name, blocks, widths",
     [
@@ -106,6 +107,7 @@ def test_block_table_scales_like_the_lite_rule(name, blocks, widths):
     assert sum(p.prefix.startswith("block7") for p in plan) == 1
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize(
     "size, kernel, stride, pads",
     [(224, 3, 2, (0, 1)), (224, 5, 2, (1, 2)), (15, 5, 2, (2, 2)), (7, 3, 1, (1, 1)), (8, 1, 1, (0, 0))],
@@ -128,6 +130,7 @@ def test_layer_names_are_usable_for_layer_features_and_pooling_is_checked():
         lite.efficientnet_lite("efficientnet_lite0", include_top=False, weights=None, pooling="mean")
 
 
+@pytest.mark.quick
 def test_preprocess_maps_0_255_to_the_lite_range():
     out = lite.preprocess_input(np.array([[0, 127, 255]], dtype=np.uint8))
     assert out.dtype == np.float32

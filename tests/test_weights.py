@@ -30,6 +30,7 @@ def _last_json(capsys) -> dict:
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
+@pytest.mark.quick
 def test_none_and_file_weights_resolve_to_their_identity(tmp_path):
     spec = get_backbone("resnet50")
     for value in (None, "none", "None", ""):
@@ -40,6 +41,7 @@ def test_none_and_file_weights_resolve_to_their_identity(tmp_path):
     assert ref.kind == "file" and ref.identity == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
 
 
+@pytest.mark.quick
 def test_digests_are_cached_by_path_size_and_mtime(tmp_path, monkeypatch, keras_home):
     f = tmp_path / "w.h5"
     f.write_bytes(b"one")
@@ -54,6 +56,7 @@ def test_digests_are_cached_by_path_size_and_mtime(tmp_path, monkeypatch, keras_
     assert file_digests(f)["sha256"] != first["sha256"] and len(calls) == 2
 
 
+@pytest.mark.quick
 def test_imagenet_for_a_pip_shipped_backbone_uses_its_function(monkeypatch, tmp_path):
     f = tmp_path / "lite.weights.h5"
     f.write_bytes(b"lite")
@@ -68,6 +71,7 @@ def test_imagenet_for_a_pip_shipped_backbone_uses_its_function(monkeypatch, tmp_
     assert ref.kind == "imagenet" and ref.path == f and ref.sha256 == file_digests(f)["sha256"]
 
 
+@pytest.mark.quick
 def test_import_puts_a_file_under_its_keras_name_after_checking_the_hash(tmp_path, keras_home):
     spec = get_backbone("mobilenet")  # Keras pins no hash for MobileNet V1: any file is accepted
     brought = tmp_path / "downloaded.h5"
@@ -82,6 +86,7 @@ def test_import_puts_a_file_under_its_keras_name_after_checking_the_hash(tmp_pat
     assert not (keras_home / "models" / get_backbone("resnet50").keras_weights.file_name).exists()
 
 
+@pytest.mark.quick
 def test_import_recognises_the_backbone_by_file_name_or_says_to_name_it(tmp_path, keras_home):
     named = tmp_path / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
     named.write_bytes(b"x")
@@ -108,6 +113,7 @@ def test_fetch_offline_fails_fast_with_a_clear_message(keras_home, monkeypatch):
     assert not any((keras_home / "models").glob("weights_mobilenet_v3_small*"))
 
 
+@pytest.mark.quick
 def test_weights_list_and_import_commands(tmp_path, keras_home, capsys):
     assert main(["weights", "list", "--json"]) == 0
     listed = _last_json(capsys)
@@ -151,5 +157,6 @@ def test_backbones_command_prints_a_table_and_layer_names(capsys):
     assert "expanded_conv_project" in layers
 
 
+@pytest.mark.quick
 def test_keras_cache_dir_follows_keras_home(keras_home):
     assert keras_cache_dir() == keras_home / "models"

@@ -11,6 +11,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from imgfeat.core import names
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ErrorRateExceeded
 from imgfeat.run.jobfile import FeatureJob, HeadJob, JobSpec, build_config
@@ -47,7 +48,8 @@ def train_config(hjob: HeadJob, featureset: str):
     from imgfeat.heads import TrainConfig
 
     return build_config(
-        TrainConfig, hjob.options, f"[heads.{hjob.name}]", dataset=hjob.dataset, featureset=featureset
+        TrainConfig, hjob.options, f"[heads.{hjob.name}]", dataset=hjob.dataset, featureset=featureset,
+        name=hjob.name,
     )
 
 
@@ -134,6 +136,7 @@ def _extract_all(ws: Workspace, job: JobSpec, run_id: str, summary: dict) -> dic
                 out = _extract_one(ws, job, extract_config(job, fjob, dataset), run_id)
                 summary["extract"][f"{fjob.name}/{dataset}"] = out
                 featuresets[(fjob.name, dataset)] = out["featureset"]
+                names.record(ws, names.FEATURESETS, fjob.name, out["featureset"])  # the recipe's latest
     return featuresets
 
 
@@ -154,7 +157,7 @@ def _train_all(ws: Workspace, job: JobSpec, featuresets: dict, run_id: str, summ
     with stage_lock(ws, "train", job.wait):
         for hjob in job.heads:
             fs = featuresets[(hjob.features, hjob.dataset)]
-            out = run_train(ws, train_config(hjob, fs), run_id)
+            out = run_train(ws, train_config(hjob, fs), run_id).to_json()
             summary["train"][hjob.name] = out
             heads[hjob.name] = out["head_id"]
     return heads
@@ -167,7 +170,7 @@ def _predict_all(ws: Workspace, job: JobSpec, heads: dict[str, str], run_id: str
         for hjob in job.heads:
             for dataset in hjob.predict:
                 cfg = PredictConfig(head_id=heads[hjob.name], dataset=dataset)
-                summary["predict"][f"{hjob.name}/{dataset}"] = run_predict(ws, cfg, run_id)
+                summary["predict"][f"{hjob.name}/{dataset}"] = run_predict(ws, cfg, run_id).to_json()
 
 
 def _report_all(ws: Workspace, job: JobSpec, heads: dict[str, str], run_id: str, summary: dict) -> None:

@@ -21,6 +21,8 @@ JOB_MODULES = (
     "train",
     "predict",
     "report",
+    "ls",
+    "prune",
     "classify",
     "backbones",
     "weights",

@@ -102,9 +102,14 @@ def print_left_out(counts: dict, files: list[dict]) -> None:
     said = {k: v for k, v in counts.items() if v}
     if said:
         print("left out: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in said.items()))
-    conflicts = [f for f in files if f["reason"] == "conflicting_labels"]
-    for f in conflicts[:10]:
-        print(f"  several labels: {f['path']} ({f['label']}), same image as {f['kept_path']}")
+    conflicts: dict[str, list[dict]] = {}  # one line per image: its paths, the used label first
+    for f in files:
+        if f["reason"] == "conflicting_labels":
+            conflicts.setdefault(f["kept_path"], []).append(f)
+    for kept, group in list(conflicts.items())[:10]:
+        group.sort(key=lambda f: f["path"] != kept)
+        paths = ", ".join(f"{f['path']} ({f['label']}{', used' if f['path'] == kept else ''})" for f in group)
+        print(f"  one image, several labels: {paths}")
     dups = [f for f in files if f["reason"] == "duplicate"]
     for f in dups[:5]:
         print(f"  duplicate: {f['path']} = {f['kept_path']}")

@@ -90,3 +90,20 @@ def test_report_cli_prints_the_page_path(reported, capsys):
     ws, head_id, _ = reported
     assert main(["report", "--workspace", str(ws.root), "--head", head_id, "--projection", "pca"]) == 0
     assert capsys.readouterr().out.strip().endswith(f"{head_id}/index.html")
+
+
+@pytest.mark.quick
+def test_an_auto_head_shows_every_kinds_score_and_only_the_winners_parameters():
+    from imgfeat.heads.report import kinds_compared
+    from imgfeat.heads.train import params_for
+
+    cv = {"logreg": {"mean": 0.81, "std": 0.02, "folds": [0.8, 0.82]},
+          "svm": {"mean": 0.86, "std": 0.01, "folds": [0.85, 0.87]},
+          "mlp": {"mean": 0.40, "std": 0.05, "folds": [0.35, 0.45]}}
+    html = kinds_compared({"head": "auto", "model_kind": "svm", "cv": cv})
+    assert "svm won" in html and "<b>winner</b>" in html
+    kinds = re.findall(r"<tr[^>]*><td>(\w+)", html)
+    assert kinds == ["svm", "logreg", "mlp"]  # best first
+    assert kinds_compared({"head": "svm", "model_kind": "svm", "cv": {"svm": cv["svm"]}}) == ""
+    params = {"cv": 5, "kernel": "linear", "max_iter": 1000, "epochs": 50, "hidden": 256}
+    assert params_for("svm", params) == {"cv": 5, "kernel": "linear", "max_iter": 1000}

@@ -190,3 +190,45 @@ def test_cli_prints_a_json_summary_with_metrics(blob_ws, trained, capsys):
     assert {"test_accuracy", "macro_f1", "per_class", "cv"} <= set(out["metrics"])
     assert out["n_train"] == 120 and out["n_test"] == 40
     assert (blob_ws.runs_dir / f"{out['run_id']}.json").is_file()
+
+
+@pytest.mark.quick
+def test_duplicates_and_label_conflicts_are_named_by_path():
+    import pyarrow as pa
+
+    from imgfeat.core import schemas as S
+    from imgfeat.heads.data import unique_images
+
+    rows = [("a", "cat/1.jpg", "cat"), ("a", "dog/1.jpg", "dog"),  # one image under two labels
+            ("b", "cat/2.jpg", "cat"), ("b", "cat/2 copy.jpg", "cat"),  # a plain duplicate
+            ("c", "cat/3.jpg", "cat")]
+    manifest = pa.table({S.IMAGE_ID: [r[0] for r in rows], S.PATH: [r[1] for r in rows],
+                         S.LABEL: [r[2] for r in rows], S.SPLIT: [None] * 5, S.STATUS: ["ok"] * 5})
+    images, counts, files = unique_images(manifest)
+    assert len(images) == 3 and counts["duplicates"] == 2 and counts["conflicting_labels"] == 1
+    got = sorted(zip(files[S.PATH], files[S.REASON], files[S.KEPT_PATH]))
+    assert got == [("cat/1.jpg", "conflicting_labels", "cat/1.jpg"), ("cat/2.jpg", "duplicate", "cat/2 copy.jpg"),
+                   ("dog/1.jpg", "conflicting_labels", "cat/1.jpg")]
+
+
+def test_train_names_conflicting_files_in_text_json_and_a_table(ws, capsys):
+    import pyarrow.parquet as pq
+
+    from imgfeat.core import schemas as S
+    from imgfeat.scan.manifest import read_manifest, write_manifest
+
+    write_blob_dataset(ws, "toy", "fs", BlobSpec(classes=("cat", "dog"), per_class=10, dim=8, separation=6.0))
+    rows = read_manifest(ws, "toy").to_pylist()
+    first = rows[0]  # the same bytes again, filed under the other label
+    rows.append({**first, S.PATH: "dog/copy-of-first.jpg", S.LABEL: "dog"})
+    write_manifest(ws, "toy", rows, ws.root / "images" / "toy")
+    assert main(["train", "--workspace", str(ws.root), "--dataset", "toy", "--featureset", "fs", "--cv", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "left out: 1 conflicting labels, 1 duplicates" in text
+    assert f"one image, several labels: {first[S.PATH]} (cat, used), dog/copy-of-first.jpg (dog)" in text
+    assert main(["train", "--workspace", str(ws.root), "--dataset", "toy", "--featureset", "fs", "--cv", "2",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert {f["path"] for f in out["left_out_files"]} == {first[S.PATH], "dog/copy-of-first.jpg"}
+    table = pq.read_table(ws.head_dir(out["head_id"]) / "left_out.parquet")
+    assert sorted(table.column(S.PATH).to_pylist()) == sorted([first[S.PATH], "dog/copy-of-first.jpg"])

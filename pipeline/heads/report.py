@@ -209,9 +209,9 @@ def render_page(head: LoadedHead, name: str, eval_role: str, mistakes: list[Mist
         "<!doctype html>\n<html lang='en'><head><meta charset='utf-8'>",
         f"<title>{_e(name)} · imgfeat report</title><style>{CSS}</style></head><body>",
         f"<h1>{_e(name)}</h1>",
-        f"<p class='sub'>{_e(m['model_kind'])} head on <b>{_e(m['dataset'])}</b> · version "
+        f"<p class='sub'>{_e(_kind(m))} head on <b>{_e(m['dataset'])}</b> · version "
         f"{_e(m['head_id'])} · featureset {_e(m['featureset'])}</p>",
-        _cards(m, n_predictions), _compared(m), _details(m), _class_table(m),
+        _cards(m, n_predictions), kinds_compared(m), _details(m), _class_table(m),
         _img_section("Confusion matrix", CONFUSION_PNG, pngs),
         _gallery(mistakes, eval_role, thumb_size),
         _img_section("Features in two dimensions", PROJECTION_PNG, pngs),
@@ -221,7 +221,12 @@ def render_page(head: LoadedHead, name: str, eval_role: str, mistakes: list[Mist
     return "\n".join(p for p in parts if p)
 
 
-def _compared(m: dict[str, Any]) -> str:
+def _kind(m: dict[str, Any]) -> str:
+    """``svm``, or ``auto: svm`` for an auto head that chose it."""
+    return m["model_kind"] if m["head"] == m["model_kind"] else f"{m['head']}: {m['model_kind']}"
+
+
+def kinds_compared(m: dict[str, Any]) -> str:
     """For an ``auto`` head: every kind's cross-validated score, the winner marked."""
     cv = m.get("cv") or {}
     if len(cv) < 2:

@@ -85,3 +85,24 @@ def _ids(paths: list[str]) -> list[str]:
     import hashlib
 
     return [hashlib.blake2b(Path(p).read_bytes(), digest_size=16).hexdigest() for p in paths]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_transformer_is_a_ray_data_map_batches_function(example):
+    ray = pytest.importorskip("ray")  # the optional extra; CI installs it
+    base, ns = example
+    import imgfeat
+
+    paths = [str(base / p) for p in ns["paths"][:6]]
+    t = imgfeat.FeatureTransformer("lite0", workspace=str(base / "data"))
+    ray.init(num_cpus=1, include_dashboard=False)
+    try:
+        rows = ray.data.from_items([{"path": p} for p in paths]).map_batches(t, batch_size=4).take_all()
+    finally:
+        ray.shutdown()
+    got = {r["path"]: np.asarray(r["feature"]) for r in rows}
+    want = t.transform(paths)
+    assert sorted(got) == sorted(paths)
+    for k, p in enumerate(paths):
+        np.testing.assert_array_equal(got[p], want[k])

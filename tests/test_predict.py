@@ -160,3 +160,18 @@ def test_end_to_end_on_real_photos_and_image_files(tmp_path, capsys):
     assert f"{bad}: error " in captured.out and "no_match" in captured.out
     assert "2 files: 0 predicted, 2 errors" in captured.out
     assert "Traceback" not in captured.err and "could be predicted" in captured.err
+
+
+def test_tables_written_before_the_dataset_column_still_read(ws, headed):
+    from imgfeat.core.storage import write_table_atomic
+
+    run_predict(ws, PredictConfig(headed, dataset="toy"), "p1")
+    folder = ws.predictions_dir(headed)
+    (shard,) = list_shards(folder)
+    old = pq.read_table(shard).drop_columns([S.DATASET])  # as an older imgfeat wrote it
+    shard.unlink()
+    write_table_atomic(old, folder / shard.name)
+    t = read_predictions(ws, headed)
+    assert t.schema.equals(S.PREDICTIONS_SCHEMA) and t.num_rows == N and t.column(S.DATASET).null_count == N
+    again = run_predict(ws, PredictConfig(headed, dataset="toy"), "p2")
+    assert again.written == 0 and again.skipped == N  # old rows still count as predicted

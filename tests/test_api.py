@@ -18,7 +18,6 @@ def readme_api_example() -> str:
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
-@pytest.mark.quick
 def test_import_imgfeat_is_fast_and_loads_no_heavy_library():
     code = "import sys, imgfeat; print(sorted(m for m in ('sklearn', 'tensorflow', 'keras', 'pandas') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

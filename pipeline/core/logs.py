@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -79,6 +81,11 @@ def capture_native_stderr() -> None:
     """
     real = os.dup(2)
     read_fd, write_fd = os.pipe()
+    # Native code may write while holding the GIL that the reader thread needs: a full pipe must
+    # never block it (a lost debug line is better than a hung job), so a big, non-blocking pipe.
+    with contextlib.suppress(AttributeError, OSError):
+        fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, 1 << 20)
+    os.set_blocking(write_fd, False)
     os.dup2(write_fd, 2)
     os.close(write_fd)
     sys.stderr = os.fdopen(real, "w", buffering=1, encoding="utf-8", errors="backslashreplace")

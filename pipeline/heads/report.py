@@ -78,6 +78,8 @@ def run_report(ws: Workspace, cfg: ReportConfig, run_id: str) -> dict[str, Any]:
     name = head_name(head, cfg.head_id)
     page = render_page(head, name, eval_role, mistakes, plots_png, _prediction_rows(ws, head_id), cfg.thumb_size)
     index = write_bytes_atomic(page.encode("utf-8"), folder / "index.html")
+    for stale in (CONFUSION_PNG, PROJECTION_PNG, A.CURVES_FILE):  # beside pages of older versions
+        (folder / stale).unlink(missing_ok=True)
     log.info("report for %s (%s): %s", name, head_id, index)
     return {"head_id": head_id, "name": name, "report": str(index), "plots": sorted(plots_png),
             "mistakes_shown": len(mistakes), "seconds": round(time.perf_counter() - t0, 3), "run_id": run_id}

@@ -8,7 +8,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +27,7 @@ from imgfeat.scan.manifest import read_manifest
 from imgfeat.core.progress import progress
 from imgfeat.core.storage import (
     FileLock,
-    column_values,
     list_shards,
-    read_shards,
     remove_stale_tmp,
     shard_name,
     write_table_atomic,

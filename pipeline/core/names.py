@@ -95,5 +95,8 @@ def resolve(index: Versions, kind: str, ref: str, existing: Collection[str]) -> 
         return ref
     if index.get(ref):
         return index[ref][-1][ID]
-    hint = "" if existing else f"there are no {kind} yet"
-    raise unknown_value(what, ref, sorted({*index, *existing}), hint=hint)
+    allowed = sorted({*index, *existing})
+    if not allowed:
+        raise unknown_value(what, ref, allowed, hint=f"there are no {kind} yet")
+    listing = f"allowed: {', '.join(allowed)}; " if len(allowed) <= 12 else ""
+    raise unknown_value(what, ref, allowed, hint=f"{listing}'imgfeat ls' shows them with names and dates")

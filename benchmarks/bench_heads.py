@@ -49,10 +49,10 @@ def phase_train(ws, args) -> dict:
                       random_state=args.seed)
     t0 = time.perf_counter()
     out = run_train(ws, cfg, "bench-train")
-    return {"seconds": time.perf_counter() - t0, "head_id": out["head_id"], "reused": out["reused"],
-            "test_accuracy": out["metrics"]["test_accuracy"], "cv": out["metrics"]["cv"]["logreg"]["mean"],
-            "chosen": out["chosen"], "n_train": out["n_train"], "n_test": out["n_test"],
-            "timings": out["timings"]}
+    return {"seconds": time.perf_counter() - t0, "head_id": out.head_id, "reused": out.reused,
+            "test_accuracy": out.metrics["test_accuracy"], "cv": out.metrics["cv"]["logreg"]["mean"],
+            "chosen": out.chosen, "n_train": out.n_train, "n_test": out.n_test,
+            "timings": out.timings}
 
 
 def phase_predict(ws, args) -> dict:
@@ -61,7 +61,7 @@ def phase_predict(ws, args) -> dict:
     t0 = time.perf_counter()
     out = run_predict(ws, PredictConfig(args.head_id, dataset=DATASET), "bench-predict")
     seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "written": out["written"], "rows_per_s": out["written"] / seconds}
+    return {"seconds": seconds, "written": out.written, "rows_per_s": out.written / seconds}
 
 
 def phase_rerun(ws, args) -> dict:

@@ -6,7 +6,9 @@ import argparse
 import importlib.resources
 import json
 import logging
+import shlex
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -93,15 +95,30 @@ def print_demo(ctx: JobContext, summary: dict, n_images: int, run: RunSummary) -
     ws = ctx.ws
     print(f"\nimgfeat demo: {n_images} generated photos, 6 classes, in {summary['seconds_total']:.0f} s\n")
     print_run_summary(ws, run)
-    (fs_key, ex), = list(summary["extract"].items())[:1]
-    (head_name, tr), = list(summary["train"].items())[:1]
-    fs_glob = _rel(ws.featureset_dir(ex["featureset"]) / "part-*.parquet")
-    pred_glob = _rel(ws.predictions_dir(tr["head_id"]) / "part-*.parquet")
-    print("\nQuery the tables (DuckDB, pandas, Polars all read them):")
-    print(f"  python -c \"import duckdb; print(duckdb.sql(\\\"select count(*), any_value(len(feature)) as dim "
-          f"from '{fs_glob}'\\\"))\"")
-    print(f"  python -c \"import duckdb; print(duckdb.sql(\\\"select label, pred_label, count(*) "
-          f"from '{pred_glob}' group by all order by all\\\"))\"")
+    print("\nQuery the tables (the lines run as they are; pandas, pyarrow, Polars and DuckDB read them):")
+    for line in query_lines(ws, summary):
+        print(f"  {line}")
+    (head_name, _), = list(summary["train"].items())[:1]
     report = summary.get("report", {}).get(head_name, {})
     if report:
         print(f"\nOpen the report: {_rel(report['report'])}")
+
+
+def query_lines(ws, summary: dict) -> list[str]:
+    """Shell lines that read the demo's featureset and predictions with what the install has.
+
+    The venv's own Python by absolute path (a bare ``python`` may be another one without
+    imgfeat), the featureset by its recipe name, the predictions folder as it is.
+    """
+    python = shlex.quote(sys.executable)
+    workspace = _rel(ws.root)
+    (fs_key, _), = list(summary["extract"].items())[:1]
+    (_, tr), = list(summary["train"].items())[:1]
+    recipe = fs_key.split("/", 1)[0]
+    predictions = _rel(ws.predictions_dir(tr["head_id"]))
+    return [
+        f"{python} -c \"import imgfeat; ids, X = imgfeat.Featureset('{recipe}', workspace='{workspace}')"
+        f".to_numpy(); print(len(ids), 'features of dim', X.shape[1])\"",
+        f"{python} -c \"import pandas as pd; p = pd.read_parquet('{predictions}'); "
+        f"print(pd.crosstab(p.label, p.pred_label))\"",
+    ]

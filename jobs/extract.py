@@ -47,6 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = add_command(sub, "extract", handle, help="extract backbone features of a dataset into a featureset",
                     description=DESCRIPTION, epilog=EPILOG)
     p.add_argument("--dataset", required=True, metavar="NAME", help="a dataset made by 'imgfeat scan'")
+    p.add_argument("--name", default=None, metavar="RECIPE",
+                   help="a recipe name for this featureset (as a job file's [features.NAME]); "
+                        "'train --featureset RECIPE' then means its latest featureset")
     p.add_argument("--backbone", required=True, metavar="NAME", help="e.g. mobilenet_v2, resnet50 "
                    "('imgfeat backbones' lists them)")
     p.add_argument("--weights", default="imagenet", metavar="imagenet|none|PATH",
@@ -91,8 +94,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
     from imgfeat.core.errors import ErrorRateExceeded
+    from imgfeat.core.workspace import check_name
     from imgfeat.extract.extract import ExtractConfig, run_extract
 
+    if args.name:
+        check_name("featureset recipe", args.name)  # before any work, not after it
     cfg = ExtractConfig(
         dataset=args.dataset, backbone=args.backbone, weights=args.weights, pooling=args.pooling,
         layer=args.layer, input_size=args.input_size, batch_size=args.batch_size,
@@ -109,6 +115,10 @@ def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
     else:
         summary = run_extract(ctx.ws, cfg, ctx.run_id)
     ctx.record.summary.update(summary)
+    if args.name:
+        from imgfeat.core import names
+
+        names.record(ctx.ws, names.FEATURESETS, args.name, summary["featureset"])
     if not args.json:
         print(_human(summary))
     limit = args.max_error_rate

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import os
 import sys
 
 from imgfeat import __version__
 
 from imgfeat.cli.common import HelpFormatter, run_job
+from imgfeat.core.logs import capture_native_stderr, quiet_native_logs
 
 # Order here is the order in `imgfeat --help`: the stages first, then the tools.
 JOB_MODULES = (
@@ -21,6 +21,8 @@ JOB_MODULES = (
     "train",
     "predict",
     "report",
+    "ls",
+    "prune",
     "classify",
     "backbones",
     "weights",
@@ -59,10 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # TensorFlow's C++ start-up chatter (oneDNN notes, "no CUDA driver") is not for people
-    # running a batch job; Python-level warnings and errors still reach the log.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    """The ``imgfeat`` command; ``argv=None`` is a real process (tests pass a list)."""
     args = build_parser().parse_args(argv)
+    # TensorFlow's C++ start-up chatter ("no CUDA driver", "failed call to cuInit") is not for
+    # people running a batch job, and breaks --log-format json: quiet it before TensorFlow is
+    # imported (handlers import it lazily), and log what still reaches fd 2 at debug level.
+    quiet_native_logs(args.log_level)
+    if argv is None:
+        capture_native_stderr()
     return run_job(args)
 
 

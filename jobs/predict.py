@@ -7,32 +7,41 @@ import argparse
 from imgfeat.cli.common import JobContext, add_command, positive_int, require
 
 DESCRIPTION = """\
-Apply a trained head to a dataset's features, or to image files, and append the rows to
-predictions/<head_id>/part-<run>-<seq>.parquet:
+Apply a trained head to a dataset's features, or to image files, folders and glob patterns.
+
+--head takes a head name (its latest version, e.g. photos-logreg), NAME@ID for one
+pinned version, or a head id. Dataset rows go to predictions/<head_id>/, rows for image
+files to file_predictions/<head_id>/ (apart, so a dataset's table holds only its images):
 
   image_id, path, label, split, pred_label, pred_score, topk_labels, topk_scores,
-  head_id, featureset, run_id
+  head_id, featureset, run_id, dataset (the dataset's name, or 'files')
 
 Incremental: images this head already predicted are skipped, so a rerun with nothing new
 writes nothing. For a dataset, images without features are counted (run 'imgfeat extract'
-first). Image files get their features extracted on the fly into the head's featureset
-(cached by content) and one line each is printed: 'photo.jpg: cat (97.3%)'.
+first). Folders are walked like 'imgfeat scan' (hidden files skipped); quote a glob to let
+imgfeat expand it ('photos/**/*.jpg'). Image files get their features extracted on the fly
+into the head's featureset (cached by content) and one line each is printed:
+'photo.jpg: cat (97.3%)'; a file that cannot be read is a line with its error, not a crash.
 """
 
 EPILOG = """\
 examples:
-  imgfeat predict --head photos-logreg-1a2b3c4d --dataset photos
-  imgfeat predict --head photos-logreg-1a2b3c4d new/*.jpg --top-k 3
-  duckdb -c "select pred_label, count(*) from 'data/predictions/HEAD/*.parquet' group by 1"
+  imgfeat predict --head photos-logreg --dataset photos
+  imgfeat predict --head photos-logreg new/*.jpg --top-k 3
+  imgfeat predict --head photos-logreg incoming/ 'archive/**/*.png'
+  imgfeat predict --head photos-logreg@1a2b3c4d --dataset photos      # one pinned version
+
+exit codes: 0 done (unreadable files are lines, not failures), 2 unknown head or dataset, 1 other
 """
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = add_command(sub, "predict", handle, help="predict with a trained head (dataset or image files)",
+    p = add_command(sub, "predict", handle, help="predict with a trained head (dataset, files, folders)",
                     description=DESCRIPTION, epilog=EPILOG)
-    p.add_argument("--head", required=True, metavar="HEAD", help="a head id from 'imgfeat train'")
+    p.add_argument("--head", required=True, metavar="HEAD", help="a head name (its latest version), NAME@ID, or id")
     p.add_argument("--dataset", default=None, metavar="NAME", help="predict every image of this dataset")
-    p.add_argument("images", nargs="*", metavar="IMAGE", help="image files to predict (instead of --dataset)")
+    p.add_argument("images", nargs="*", metavar="IMAGE",
+                   help="image files, folders or glob patterns to predict (instead of --dataset)")
     p.add_argument("--top-k", type=positive_int, default=5, metavar="K", help="labels kept per image")
 
 
@@ -41,7 +50,7 @@ def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
 
     require(bool(args.dataset) != bool(args.images), "give either --dataset NAME or image files, not both")
     cfg = PredictConfig(head_id=args.head, dataset=args.dataset, paths=tuple(args.images), top_k=args.top_k)
-    out = run_predict(ctx.ws, cfg, ctx.run_id)
+    out = run_predict(ctx.ws, cfg, ctx.run_id).to_json()
     if not args.json:
         print_predict(out)
     return out
@@ -53,10 +62,17 @@ def print_predict(out: dict) -> None:
             print(f"{line['path']}: error {line['error_code']}: {line['error_message']}")
         else:
             print(f"{line['path']}: {line['pred_label']} ({line['pred_score']:.1%})")
+    rate = f" at {out['rows_per_s']:.0f} rows/s" if out["written"] and out.get("rows_per_s") else ""
     if "dataset" in out:
-        rate = f" at {out['rows_per_s']:.0f} rows/s" if out["written"] and out.get("rows_per_s") else ""
         print(f"{out['written']} rows written{rate}, {out['skipped']} already predicted, "
               f"{out['missing_features']} without features"
               + (" (run 'imgfeat extract' first)" if out["missing_features"] else ""))
-        if not out["written"]:
-            print("nothing new to predict")
+        if out.get("duplicates"):
+            print(f"{out['duplicates']} duplicate files predicted once, under their first path")
+    else:
+        codes = ", ".join(f"{c} {n}" for c, n in sorted((out.get("errors_by_code") or {}).items()))
+        ok = out["files"] - out["errors"]
+        print(f"{out['files']} files: {ok} predicted, {out['errors']} errors" + (f" ({codes})" if codes else "")
+              + f"; {out['written']} new rows{rate} -> {out['predictions_dir']}")
+    if not out["written"] and "dataset" in out:
+        print("nothing new to predict")

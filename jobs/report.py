@@ -7,16 +7,18 @@ import argparse
 from imgfeat.cli.common import JobContext, add_command, positive_int
 
 DESCRIPTION = """\
-Write reports/<head_id>/index.html (with PNGs beside it) for a trained head: its metrics,
+Write reports/<head_id>/index.html for a trained head, titled by the head's name: its metrics,
 a per-class precision/recall/F1/support table, the confusion matrix, the most confident
 mistakes as thumbnails, a 2-D projection of the features coloured by class (t-SNE for up
-to 1000 points, else PCA), and the training curves of a dense-net head. The page has no
-JavaScript and needs no network: open it straight from disk.
+to 300 points, else PCA), the training curves of a dense-net head, and for an 'auto'
+head every kind's cross-validated score with the winner marked. One self-contained file:
+every image is inline (data URIs), no JavaScript, no network; copy it anywhere.
 """
 
 EPILOG = """\
 examples:
-  imgfeat report --head photos-logreg-1a2b3c4d
+  imgfeat report --head photos-logreg                  # the latest version of that name
+  imgfeat report --head photos-logreg@1a2b3c4d         # one pinned version
   imgfeat report --head photos-mlp-0f9e8d7c --mistakes 48 --projection pca
 """
 
@@ -24,7 +26,7 @@ examples:
 def register(sub: argparse._SubParsersAction) -> None:
     p = add_command(sub, "report", handle, help="write an HTML report for a trained head",
                     description=DESCRIPTION, epilog=EPILOG)
-    p.add_argument("--head", required=True, metavar="HEAD", help="a head id from 'imgfeat train'")
+    p.add_argument("--head", required=True, metavar="HEAD", help="a head name (its latest version), NAME@ID, or a head id")
     p.add_argument("--mistakes", type=int, default=24, metavar="N", help="most confident mistakes to show")
     p.add_argument("--projection", default="auto", choices=("auto", "pca", "tsne"), help="2-D projection")
     p.add_argument("--max-points", type=positive_int, default=2000, metavar="N", help="points in the projection")

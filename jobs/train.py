@@ -22,9 +22,16 @@ k-fold cross-validation on the training rows.
           validation split; training curves saved as PNG
   auto    cross-validates all three on the same folds and keeps the best
 
-The head goes to heads/<head_id>/ (model file, head.json, metrics.json, rows.parquet).
+The head goes to heads/<head_id>/ (model file, head.json, metrics.json, rows.parquet,
+left_out.parquet: duplicate files and images under several labels, by path).
 head_id = <dataset>-<head>-<hash8> of the featureset, head kind, parameters and the
 training ids and labels: training the same thing again reuses it (reused: true).
+
+Every head also has a stable name (--name, default <dataset>-<head>): the name always
+means its latest version, so 'imgfeat predict --head photos-logreg' and 'imgfeat report
+--head photos-logreg' follow retraining; NAME@ID pins one version. 'imgfeat ls' lists them.
+--featureset takes a featureset's full name or its recipe name (a job file's
+[features.NAME], or 'imgfeat extract --name'), which means the recipe's latest featureset.
 """
 
 EPILOG = """\
@@ -32,6 +39,7 @@ examples:
   imgfeat train --dataset photos --featureset FS --head logreg
   imgfeat train --dataset photos --featureset FS --head svm --kernel rbf --class-weight balanced
   imgfeat train --dataset photos --featureset FS --head auto --cv 3 --json
+  imgfeat train --dataset photos --featureset lite0 --name photos-nightly   # names, not hashes
 
 exit codes: 0 trained or reused, 2 bad flag, unknown dataset/featureset, or labels a
 classifier cannot learn from (one class, a class with a single image, no labels), 1 other
@@ -42,7 +50,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = add_command(sub, "train", handle, help="train a classifier head on a featureset",
                     description=DESCRIPTION, epilog=EPILOG)
     p.add_argument("--dataset", required=True, metavar="NAME", help="dataset whose labels to learn")
-    p.add_argument("--featureset", required=True, metavar="FS", help="featureset made by 'imgfeat extract'")
+    p.add_argument("--featureset", required=True, metavar="FS",
+                   help="featureset made by 'imgfeat extract': its full name, or a recipe name (its latest)")
+    p.add_argument("--name", default=None, metavar="NAME",
+                   help="the head's stable name (default: <dataset>-<head>); it resolves to the latest version")
     p.add_argument("--head", default="logreg", choices=("logreg", "svm", "mlp", "auto"), help="kind of head")
     p.add_argument("--kernel", default="linear", choices=("linear", "rbf"), help="svm kernel (rbf: small sets)")
     p.add_argument("--cv", type=positive_int, default=5, metavar="K",
@@ -61,11 +72,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
     from imgfeat.heads import TrainConfig, run_train
 
-    cfg = TrainConfig(dataset=args.dataset, featureset=args.featureset, head=args.head, kernel=args.kernel,
+    cfg = TrainConfig(dataset=args.dataset, featureset=args.featureset, head=args.head, name=args.name,
+                      kernel=args.kernel,
                       cv=args.cv, class_weight=args.class_weight, random_state=args.random_state,
                       test_fraction=args.test_fraction, cv_max_rows=args.cv_max_rows, epochs=args.epochs,
                       hidden=args.hidden)
-    out = run_train(ctx.ws, cfg, ctx.run_id)
+    out = run_train(ctx.ws, cfg, ctx.run_id).to_json()
     if not args.json:
         print_train(out)
     return out
@@ -75,9 +87,31 @@ def print_train(out: dict) -> None:
     m = out["metrics"]
     acc = m.get("test_accuracy")
     state = "reused" if out["reused"] else "trained"
-    print(f"{state} {out['head_id']} ({out['model_kind']}, {out['n_train']} train / {out['n_test']} test images)")
+    print(f"{state} {out['name']} = {out['head_id']} ({out['model_kind']}, "
+          f"{out['n_train']} train / {out['n_test']} test images)")
     if acc is not None:
         print(f"test accuracy {acc:.1%}, macro F1 {m['macro_f1']:.3f}")
     for kind, cv in (m.get("cv") or {}).items():
         print(f"cv {kind:<7} {cv['mean']:.3f} +- {cv['std']:.3f}")
+    print_left_out(out.get("left_out") or {}, out.get("left_out_files") or [])
     print(f"-> {out['head_dir']}")
+
+
+def print_left_out(counts: dict, files: list[dict]) -> None:
+    """Duplicates and label conflicts, counted and named (all of them are in left_out.parquet)."""
+    said = {k: v for k, v in counts.items() if v}
+    if said:
+        print("left out: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in said.items()))
+    conflicts: dict[str, list[dict]] = {}  # one line per image: its paths, the used label first
+    for f in files:
+        if f["reason"] == "conflicting_labels":
+            conflicts.setdefault(f["kept_path"], []).append(f)
+    for kept, group in list(conflicts.items())[:10]:
+        group.sort(key=lambda f: f["path"] != kept)
+        paths = ", ".join(f"{f['path']} ({f['label']}{', used' if f['path'] == kept else ''})" for f in group)
+        print(f"  one image, several labels: {paths}")
+    dups = [f for f in files if f["reason"] == "duplicate"]
+    for f in dups[:5]:
+        print(f"  duplicate: {f['path']} = {f['kept_path']}")
+    if len(conflicts) > 10 or len(dups) > 5:
+        print(f"  ... {len(files)} files in all (--json lists them)")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,4 +37,11 @@ def test_demo_runs_every_stage_then_does_nothing_on_a_rerun(ws, keras_home, caps
     assert main(["demo", "--per-class", "8"]) == 0
     out = capsys.readouterr().out
     assert "0 extracted, 48 reused" in out and "(reused)" in out and "0 new rows" in out
-    assert "select count(*)" in out and "Open the report" in out
+    assert "Open the report" in out
+    # The query lines run as printed, right after the demo, with what the install has.
+    lines = [line.strip() for line in out.splitlines() if line.strip().startswith(sys.executable)]
+    assert len(lines) == 2
+    results = [subprocess.run(line, shell=True, capture_output=True, text=True, timeout=120) for line in lines]
+    assert all(r.returncode == 0 for r in results), [r.stderr[-800:] for r in results]
+    assert "48 features of dim 1280" in results[0].stdout
+    assert "pred_label" in results[1].stdout and "cat" in results[1].stdout

@@ -83,7 +83,7 @@ def test_mlp_pickles_and_saves_through_its_own_path(mlp, blobs, tmp_path):
 @pytest.fixture
 def small_head(ws: Workspace) -> str:
     write_blob_dataset(ws, "toy", "fs", SPEC)
-    return run_train(ws, TrainConfig("toy", "fs", head="logreg", cv=3), "run1")["head_id"]
+    return run_train(ws, TrainConfig("toy", "fs", head="logreg", cv=3), "run1").head_id
 
 
 def test_artifact_round_trip_gives_the_same_predictions(ws, small_head):

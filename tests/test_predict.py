@@ -27,7 +27,7 @@ N = 100
 def trained_ws(tmp_path_factory) -> tuple[Workspace, str]:
     ws = Workspace(tmp_path_factory.mktemp("predict") / "ws")
     write_blob_dataset(ws, "toy", "fs", SPEC)
-    return ws, run_train(ws, TrainConfig("toy", "fs", cv=2), "train1")["head_id"]
+    return ws, run_train(ws, TrainConfig("toy", "fs", cv=2), "train1").head_id
 
 
 @pytest.fixture
@@ -40,8 +40,8 @@ def headed(ws: Workspace, trained_ws) -> str:
 
 def test_predict_writes_the_schema_and_agrees_with_the_head(ws, headed):
     out = run_predict(ws, PredictConfig(headed, dataset="toy", top_k=3), "p1")
-    assert out["written"] == N and out["skipped"] == 0 and out["missing_features"] == 0
-    assert out["rows_per_s"] > 0
+    assert out.written == N and out.skipped == 0 and out.missing_features == 0
+    assert out.rows_per_s > 0
     shards = list_shards(ws.predictions_dir(headed))
     assert shards and all(p.name.startswith("part-p1-") for p in shards)
     assert pq.read_schema(shards[0]).remove_metadata().equals(S.PREDICTIONS_SCHEMA)
@@ -63,7 +63,7 @@ def test_predict_writes_the_schema_and_agrees_with_the_head(ws, headed):
 def test_a_rerun_skips_what_is_predicted_and_new_images_only_add_rows(ws, headed):
     run_predict(ws, PredictConfig(headed, dataset="toy"), "p1")
     again = run_predict(ws, PredictConfig(headed, dataset="toy"), "p2")
-    assert again["written"] == 0 and again["skipped"] == N and again["shards"] == []
+    assert again.written == 0 and again.skipped == N and again.shards == []
     # 5 new images arrive: in the manifest and in the featureset.
     bigger = BlobSpec(**{**SPEC.__dict__, "per_class": 30})
     write_blob_dataset(ws, "toy", "fs-unused", bigger)  # rewrites the manifest with 120 rows
@@ -73,7 +73,7 @@ def test_a_rerun_skips_what_is_predicted_and_new_images_only_add_rows(ws, headed
     fresh = [k for k, i in enumerate(new_ids) if i not in have]
     write_featureset(ws, "fs", [new_ids[k] for k in fresh], X[fresh], run_id="more")
     third = run_predict(ws, PredictConfig(headed, dataset="toy"), "p3")
-    assert third["written"] == len(fresh) == 20 and third["skipped"] == N
+    assert third.written == len(fresh) == 20 and third.skipped == N
     assert read_predictions(ws, headed).num_rows == 120
 
 
@@ -81,13 +81,13 @@ def test_images_without_features_are_counted_not_predicted(ws, headed):
     bigger = BlobSpec(**{**SPEC.__dict__, "per_class": 27})
     write_blob_dataset(ws, "toy", "other-fs", bigger)  # 8 manifest rows the head's featureset lacks
     out = run_predict(ws, PredictConfig(headed, dataset="toy"), "p1")
-    assert out["written"] == N and out["missing_features"] == 8
+    assert out.written == N and out.missing_features == 8
 
 
 def test_shards_stay_bounded_and_features_stream_in_chunks(ws, headed):
     out = run_predict(ws, PredictConfig(headed, dataset="toy", chunk_rows=7, shard_rows=40), "p1")
     sizes = [pq.ParquetFile(p).metadata.num_rows for p in list_shards(ws.predictions_dir(headed))]
-    assert sum(sizes) == out["written"] == N and max(sizes) <= 40 + 7 and len(sizes) >= 2
+    assert sum(sizes) == out.written == N and max(sizes) <= 40 + 7 and len(sizes) >= 2
 
 
 def test_cli_dataset_run_says_when_nothing_is_new(ws, headed, capsys):
@@ -120,8 +120,8 @@ def test_end_to_end_on_real_photos_and_image_files(tmp_path, capsys):
     run_scan(ws, ScanConfig(root=tmp_path / "photos", dataset="photos"), "s1")
     ecfg = ExtractConfig(dataset="photos", backbone="mobilenet_v2", weights="none", input_size=32, batch_size=8)
     fs = run_extract(ws, ecfg, "e1")["featureset"]
-    head_id = run_train(ws, TrainConfig("photos", fs, cv=2), "t1")["head_id"]
-    assert run_predict(ws, PredictConfig(head_id, dataset="photos"), "p1")["written"] == 24
+    head_id = run_train(ws, TrainConfig("photos", fs, cv=2), "t1").head_id
+    assert run_predict(ws, PredictConfig(head_id, dataset="photos"), "p1").written == 24
 
     loose = tmp_path / "loose"
     make_photo_set(loose, PhotoSetSpec(classes=(("cat", "chelsea"),), per_class=1, min_side=50, max_side=60,
@@ -136,10 +136,42 @@ def test_end_to_end_on_real_photos_and_image_files(tmp_path, capsys):
     head = load_head(ws, head_id)
     assert any(line.startswith(f"{new_photo}: ") and line.endswith("%)") for line in out)
     assert any(line.startswith(f"{bad}: error ") for line in out)
-    # The new photo's features went into the featureset cache, and its row into the table.
-    t = read_predictions(ws, head_id).to_pandas()
+    # The new photo's features went into the featureset cache, and its row into the files table,
+    # apart from the dataset's: each row says where it belongs.
+    t = read_predictions(ws, head_id, files=True).to_pandas()
     row = t[t[S.PATH] == new_photo.as_posix()]
     assert len(row) == 1 and row[S.LABEL].isna().all()
     ids, X = load_features(ws, fs, row[S.IMAGE_ID].tolist())
     assert row[S.PRED_LABEL].iloc[0] == head.estimator.predict(X)[0]
-    assert len(t) == 25  # the known photo was already predicted, the broken one has no row
+    assert len(t) == 2 and set(t[S.DATASET]) == {S.FILES_DATASET}  # the broken file has no row
+    dataset_rows = read_predictions(ws, head_id).to_pandas()
+    assert len(dataset_rows) == 24 and set(dataset_rows[S.DATASET]) == {"photos"}
+
+    # A folder (walked like scan) and a glob, by the head's name: every image gets a line.
+    args = ["predict", "--workspace", str(ws.root), "--head", "photos-logreg", "--json"]
+    assert main([*args, str(loose), str(tmp_path / "photos" / "**" / "*.jpg")]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["head_id"] == head_id and summary["files"] == 25 and summary["errors"] == 0
+    assert summary["written"] == 23 and summary["skipped"] == 2  # new_photo and known were done
+
+    # Only bad files and a pattern matching nothing: lines and a summary, exit 0, no traceback.
+    assert main([*args[:-1], str(bad), str(tmp_path / "nothing" / "*.png")]) == 0
+    captured = capsys.readouterr()
+    assert f"{bad}: error " in captured.out and "no_match" in captured.out
+    assert "2 files: 0 predicted, 2 errors" in captured.out
+    assert "Traceback" not in captured.err and "could be predicted" in captured.err
+
+
+def test_tables_written_before_the_dataset_column_still_read(ws, headed):
+    from imgfeat.core.storage import write_table_atomic
+
+    run_predict(ws, PredictConfig(headed, dataset="toy"), "p1")
+    folder = ws.predictions_dir(headed)
+    (shard,) = list_shards(folder)
+    old = pq.read_table(shard).drop_columns([S.DATASET])  # as an older imgfeat wrote it
+    shard.unlink()
+    write_table_atomic(old, folder / shard.name)
+    t = read_predictions(ws, headed)
+    assert t.schema.equals(S.PREDICTIONS_SCHEMA) and t.num_rows == N and t.column(S.DATASET).null_count == N
+    again = run_predict(ws, PredictConfig(headed, dataset="toy"), "p2")
+    assert again.written == 0 and again.skipped == N  # old rows still count as predicted

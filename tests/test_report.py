@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import re
 
 import numpy as np
@@ -30,24 +31,32 @@ def reported(tmp_path_factory):
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (40, 30), (k * 9 % 255, 80, 160)).save(path)
     cfg = TrainConfig("toy", "fs", head="mlp", cv=2, epochs=8, hidden=32, learning_rate=0.01, batch_size=16)
-    head_id = run_train(ws, cfg, "t1")["head_id"]
+    head_id = run_train(ws, cfg, "t1").head_id
     run_predict(ws, PredictConfig(head_id, dataset="toy"), "p1")
     out = run_report(ws, ReportConfig(head_id), "r1")
     return ws, head_id, out
 
 
-def test_report_page_exists_and_every_image_it_references_is_there(reported):
+def test_report_page_is_one_file_with_every_plot_inline(reported):
     ws, head_id, out = reported
     index = ws.report_dir(head_id) / "index.html"
     assert out["report"] == str(index) and index.is_file()
+    assert sorted(p.name for p in index.parent.iterdir()) == ["index.html"]  # nothing beside it
     page = index.read_text()
     srcs = re.findall(r"<img[^>]* src='([^']+)'", page)
-    files = [s for s in srcs if not s.startswith("data:")]
-    assert set(files) == {"confusion.png", "projection.png", "training_curves.png"}
-    for name in files:
-        data = (index.parent / name).read_bytes()
-        assert data.startswith(b"\x89PNG") and len(data) > 5000
-    assert sorted(out["pngs"]) == sorted(str(index.parent / n) for n in files)
+    assert all(s.startswith("data:image/") for s in srcs)
+    pngs = [base64.b64decode(s.split(",", 1)[1]) for s in srcs if s.startswith("data:image/png;base64,")]
+    assert len(pngs) == 3 and all(p.startswith(b"\x89PNG") and len(p) > 5000 for p in pngs)
+    assert out["plots"] == ["confusion.png", "projection.png", "training_curves.png"]
+
+
+def test_report_is_titled_by_the_head_name_and_found_by_it(reported, capsys):
+    ws, head_id, out = reported
+    page = (ws.report_dir(head_id) / "index.html").read_text()
+    assert out["name"] == "toy-mlp" and head_id.startswith("toy-mlp-")
+    assert "<title>toy-mlp · imgfeat report</title>" in page and "<h1>toy-mlp</h1>" in page
+    assert main(["report", "--workspace", str(ws.root), "--head", "toy-mlp", "--projection", "pca"]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"{head_id}/index.html")
 
 
 def test_report_lists_every_class_and_the_metrics(reported):
@@ -81,3 +90,20 @@ def test_report_cli_prints_the_page_path(reported, capsys):
     ws, head_id, _ = reported
     assert main(["report", "--workspace", str(ws.root), "--head", head_id, "--projection", "pca"]) == 0
     assert capsys.readouterr().out.strip().endswith(f"{head_id}/index.html")
+
+
+@pytest.mark.quick
+def test_an_auto_head_shows_every_kinds_score_and_only_the_winners_parameters():
+    from imgfeat.heads.report import kinds_compared
+    from imgfeat.heads.train import params_for
+
+    cv = {"logreg": {"mean": 0.81, "std": 0.02, "folds": [0.8, 0.82]},
+          "svm": {"mean": 0.86, "std": 0.01, "folds": [0.85, 0.87]},
+          "mlp": {"mean": 0.40, "std": 0.05, "folds": [0.35, 0.45]}}
+    html = kinds_compared({"head": "auto", "model_kind": "svm", "cv": cv})
+    assert "svm won" in html and "<b>winner</b>" in html
+    kinds = re.findall(r"<tr[^>]*><td>(\w+)", html)
+    assert kinds == ["svm", "logreg", "mlp"]  # best first
+    assert kinds_compared({"head": "svm", "model_kind": "svm", "cv": {"svm": cv["svm"]}}) == ""
+    params = {"cv": 5, "kernel": "linear", "max_iter": 1000, "epochs": 50, "hidden": 256}
+    assert params_for("svm", params) == {"cv": 5, "kernel": "linear", "max_iter": 1000}

@@ -101,6 +101,12 @@ def test_first_run_rerun_and_growth(ws, job, capsys):
     assert len(ids) == len(set(ids)) == 41  # the cache keeps removed images' features; no duplicates
     (tr3,) = grown["train"].values()
     assert tr3["head_id"] != tr["head_id"] and not tr3["reused"]  # new training data, new head
+    # The job file's names find the latest versions; NAME@ID still finds the first head.
+    from imgfeat.heads.versions import resolve_featureset, resolve_head
+
+    assert tr3["name"] == "photos-logreg" and resolve_head(ws, "photos-logreg") == tr3["head_id"]
+    assert resolve_head(ws, f"photos-logreg@{tr['head_id']}") == tr["head_id"]
+    assert resolve_featureset(ws, "tiny") == ex3["featureset"]
 
 
 def test_dry_run_does_nothing(ws, job, capsys):

@@ -1,13 +1,22 @@
-"""Logging to stderr as text for people or JSON lines for log collectors."""
+"""Logging to stderr as text for people or JSON lines for log collectors; native library noise kept out."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
+import os
 import sys
+import threading
 import time
 
 LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+NATIVE_LOGGER = "imgfeat.native"  # lines C/C++ libraries (TensorFlow, absl, CUDA) write to fd 2
+# Python loggers of libraries that are chatty at INFO: kept to warnings unless --log-level debug.
+NOISY = ("tensorflow", "absl", "h5py", "PIL", "matplotlib", "jax", "ray", "numba")
+TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(message)s"
 
 
 class JsonFormatter(logging.Formatter):
@@ -27,15 +36,71 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(obj, ensure_ascii=False)
 
 
-def setup_logging(level: str = "info", fmt: str = "text") -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S"))
+def quiet_native_logs(level: str = "info") -> None:
+    """Set the environment TensorFlow reads at import: only its fatal errors, unless debugging.
+
+    Must run before TensorFlow is imported; an explicit value in the environment wins.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if level == "debug" else "3")
+    os.environ.setdefault("GRPC_VERBOSITY", "DEBUG" if level == "debug" else "ERROR")
+
+
+def setup_logging(level: str = "info", fmt: str = "text", stream=None) -> None:
+    """One handler on the root logger, as text or JSON lines, at ``level``."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT, "%H:%M:%S"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # TensorFlow and absl are chatty at INFO; keep them to warnings.
-    for noisy in ("tensorflow", "absl", "h5py", "PIL", "matplotlib"):
+    logging.captureWarnings(True)  # Python warnings become log records (JSON lines with --log-format json)
+    for noisy in NOISY:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+def ensure_notebook_logging(level: str = "info") -> None:
+    """For the Python API: if nobody configured logging, show our info lines (e.g. in a notebook)."""
+    root = logging.getLogger()
+    ours = logging.getLogger("imgfeat")
+    if root.handlers or ours.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(TEXT_FORMAT, "%H:%M:%S"))
+    ours.addHandler(handler)
+    ours.setLevel(level.upper())
+    ours.propagate = False
+
+
+def capture_native_stderr() -> None:
+    """Route what native code writes to file descriptor 2 through logging, one record per line.
+
+    TensorFlow, absl and CUDA write straight to fd 2 (``I0000 ... cudart_stub.cc``, ``E0000 ...
+    failed call to cuInit``), before and regardless of TF_CPP_MIN_LOG_LEVEL. Here fd 2 becomes a
+    pipe read by a thread that logs each line at debug (fatal ``F`` lines at error), while
+    Python's ``sys.stderr`` (our handler, progress bars, tracebacks) keeps the real terminal.
+    Call once, in a command-line process, before the log handler is made.
+    """
+    real = os.dup(2)
+    read_fd, write_fd = os.pipe()
+    # Native code may write while holding the GIL that the reader thread needs: a full pipe must
+    # never block it (a lost debug line is better than a hung job), so a big, non-blocking pipe.
+    with contextlib.suppress(AttributeError, OSError):
+        fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, 1 << 20)
+    os.set_blocking(write_fd, False)
+    os.dup2(write_fd, 2)
+    os.close(write_fd)
+    sys.stderr = os.fdopen(real, "w", buffering=1, encoding="utf-8", errors="backslashreplace")
+    threading.Thread(target=_pump, args=(read_fd,), name="native-stderr", daemon=True).start()
+
+
+def _pump(read_fd: int) -> None:
+    log = logging.getLogger(NATIVE_LOGGER)
+    with os.fdopen(read_fd, "r", encoding="utf-8", errors="replace") as pipe:
+        for line in pipe:
+            line = line.rstrip()
+            if line:
+                log.log(logging.ERROR if _fatal(line) else logging.DEBUG, "%s", line)
+
+
+def _fatal(line: str) -> bool:
+    """absl's ``F0000 ...`` lines and Python's own fatal errors still reach the user."""
+    return (line[:1] == "F" and line[1:5].isdigit()) or line.startswith("Fatal Python error")

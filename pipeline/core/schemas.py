@@ -33,6 +33,13 @@ TOPK_LABELS = "topk_labels"
 TOPK_SCORES = "topk_scores"
 HEAD_ID = "head_id"
 FEATURESET = "featureset"
+DATASET = "dataset"  # predictions: the dataset a row belongs to, or FILES_DATASET for ad-hoc files
+FILES_DATASET = "files"
+
+REASON = "reason"
+KEPT_PATH = "kept_path"
+REASON_DUPLICATE = "duplicate"  # same bytes as kept_path, which is used instead
+REASON_CONFLICT = "conflicting_labels"  # copies of one image under different labels
 
 # --- manifest status codes ---
 STATUS_OK = "ok"
@@ -117,6 +124,18 @@ PREDICTIONS_SCHEMA = pa.schema(
         pa.field(HEAD_ID, pa.string(), nullable=False),
         pa.field(FEATURESET, pa.string(), nullable=False),
         pa.field(RUN_ID, pa.string(), nullable=False),
+        pa.field(DATASET, pa.string()),  # absent in tables written before it existed: read as null
+    ]
+)
+
+# Files a dataset's duplicates or label conflicts left out of training / prediction.
+LEFT_OUT_SCHEMA = pa.schema(
+    [
+        pa.field(IMAGE_ID, pa.string(), nullable=False),
+        pa.field(PATH, pa.string(), nullable=False),
+        pa.field(LABEL, pa.string()),
+        pa.field(REASON, pa.string(), nullable=False),
+        pa.field(KEPT_PATH, pa.string(), nullable=False),
     ]
 )
 

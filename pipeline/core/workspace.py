@@ -57,6 +57,10 @@ class Workspace:
     def predictions_dir(self, head_id: str) -> Path:
         return self.root / "predictions" / check_name("head", head_id)
 
+    def file_predictions_dir(self, head_id: str) -> Path:
+        """Predictions of ad-hoc image files (``imgfeat predict FILE...``), apart from datasets'."""
+        return self.root / "file_predictions" / check_name("head", head_id)
+
     def report_dir(self, head_id: str) -> Path:
         return self.root / "reports" / check_name("head", head_id)
 

@@ -330,6 +330,9 @@ class _Session:
 
     @classmethod
     def open(cls, ws: Workspace, fs: str, core: dict, cfg: ExtractConfig, run_id: str) -> "_Session":
+        # Said before Keras loads (seconds of silence otherwise): the first line a user sees is ours.
+        log.info("building %s at %s px (%s weights) ...", core["backbone"], core.get("input_size"),
+                 core.get("weights_kind", core.get("weights")))
         from imgfeat.backbones import get_backbone
 
         spec = get_backbone(core["backbone"])

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 # What the evaluation rows are: a split of the manifest, or a seeded stratified hold-out.
 EVAL_HELD_OUT = "held_out"
 MIN_TRAIN_PER_CLASS = 2
+LEFT_OUT_JSON_MAX = 1000  # left-out files listed in a JSON summary (their table holds all)
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class LabelledRows:
     test_labels: np.ndarray
     eval_split: str | None
     left_out: dict[str, int] = field(default_factory=dict)
+    left_out_files: pd.DataFrame | None = None  # duplicates and label conflicts, by path (LEFT_OUT_SCHEMA)
 
     @property
     def classes(self) -> list[str]:
@@ -62,28 +64,60 @@ def read_labelled(ws: Workspace, dataset: str, featureset: str, test_fraction: f
     return labelled_rows(manifest, committed_ids(ws, featureset), test_fraction, random_state, dataset)
 
 
-def unique_images(manifest: pa.Table) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Readable images, one row per image_id (the first path wins), and what was dropped."""
+def unique_images(manifest: pa.Table) -> tuple[pd.DataFrame, dict[str, int], pd.DataFrame]:
+    """Readable images, one row per image_id (the first path wins), what was dropped, and the files.
+
+    The third table names every file involved (``LEFT_OUT_SCHEMA``): each duplicate path left out
+    and, for an image whose copies carry different labels, all of its paths.
+    """
     df = manifest.select(MANIFEST_COLUMNS).to_pandas()
     ok = df[(df[S.STATUS] == S.STATUS_OK) & df[S.IMAGE_ID].notna()]
     ok = ok.sort_values(S.PATH, kind="stable")
     first = ok.drop_duplicates(S.IMAGE_ID, keep="first")
     conflicts = ok.groupby(S.IMAGE_ID)[S.LABEL].nunique(dropna=True)
+    conflicting = set(conflicts[conflicts > 1].index)
     counts = {
         "not_readable": int(len(df) - len(ok)),
         "duplicates": int(len(ok) - len(first)),
-        "conflicting_labels": int((conflicts > 1).sum()),
+        "conflicting_labels": len(conflicting),
     }
-    if counts["conflicting_labels"]:
-        log.warning("%d images appear under several labels; the first path's label is used",
-                    counts["conflicting_labels"])
-    return first.reset_index(drop=True), counts
+    files = left_out_files(ok, first, conflicting)
+    if conflicting:
+        shown = files[files[S.REASON] == S.REASON_CONFLICT]
+        log.warning("%d images appear under several labels; the first path's label is used: %s",
+                    len(conflicting), _listing(shown))
+    return first.reset_index(drop=True), counts, files
+
+
+def left_out_files(ok: pd.DataFrame, first: pd.DataFrame, conflicting: set[str]) -> pd.DataFrame:
+    """Pure mapper: the duplicate paths left out, and every path of an image with several labels."""
+    kept = first.set_index(S.IMAGE_ID)[S.PATH]
+    dup = ok[ok[S.IMAGE_ID].duplicated(keep=False)]
+    out = pd.DataFrame({
+        S.IMAGE_ID: dup[S.IMAGE_ID].astype(str),
+        S.PATH: dup[S.PATH].astype(str),
+        S.LABEL: dup[S.LABEL].astype(object).where(dup[S.LABEL].notna(), None),
+        S.REASON: [S.REASON_CONFLICT if i in conflicting else S.REASON_DUPLICATE for i in dup[S.IMAGE_ID]],
+        S.KEPT_PATH: kept.loc[dup[S.IMAGE_ID]].astype(str).to_numpy(),
+    })
+    # A plain duplicate's kept copy is not "left out"; an image with conflicting labels shows all paths.
+    out = out[(out[S.REASON] == S.REASON_CONFLICT) | (out[S.PATH] != out[S.KEPT_PATH])]
+    return out.reset_index(drop=True)
+
+
+def _listing(files: pd.DataFrame, limit: int = 6) -> str:
+    items = [f"{p} ({lab})" for p, lab in zip(files[S.PATH], files[S.LABEL])]
+    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def left_out_table(files: pd.DataFrame) -> pa.Table:
+    return pa.Table.from_pandas(files, schema=S.LEFT_OUT_SCHEMA, preserve_index=False)
 
 
 def labelled_rows(manifest: pa.Table, feature_ids: set[str], test_fraction: float,
                   random_state: int, dataset: str = "dataset") -> LabelledRows:
     """Pure mapper: dedupe, keep labelled rows that have features, split train/evaluation."""
-    df, left_out = unique_images(manifest)
+    df, left_out, files = unique_images(manifest)
     labels = df[S.LABEL].astype("string")
     has_label = labels.notna() & (labels.str.len() > 0)
     if not has_label.any():
@@ -102,11 +136,11 @@ def labelled_rows(manifest: pa.Table, feature_ids: set[str], test_fraction: floa
         raise ConfigError(f"no labelled image of dataset {dataset!r} has features in this featureset; "
                           "run 'imgfeat extract' for it first")
     _check_classes(rows[S.LABEL], dataset, "")
-    return _split(rows, test_fraction, random_state, dataset, left_out)
+    return _split(rows, test_fraction, random_state, dataset, left_out, files)
 
 
 def _split(rows: pd.DataFrame, test_fraction: float, random_state: int, dataset: str,
-           left_out: dict[str, int]) -> LabelledRows:
+           left_out: dict[str, int], files: pd.DataFrame) -> LabelledRows:
     split = rows[S.SPLIT].fillna("")
     eval_split = next((s for s in (S.SPLIT_TEST, S.SPLIT_VAL) if (split == s).any()), None)
     if (split == S.SPLIT_TRAIN).any():
@@ -125,7 +159,7 @@ def _split(rows: pd.DataFrame, test_fraction: float, random_state: int, dataset:
     left_out["unseen_test_labels"] = int(unseen.sum())
     test = test[~unseen]
     return LabelledRows(_objects(train[S.IMAGE_ID]), _objects(train[S.LABEL]), _objects(test[S.IMAGE_ID]),
-                        _objects(test[S.LABEL]), eval_split if len(test) else None, left_out)
+                        _objects(test[S.LABEL]), eval_split if len(test) else None, left_out, files)
 
 
 def _objects(column: pd.Series) -> np.ndarray:

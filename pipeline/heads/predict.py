@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import glob
 import logging
+import os
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,18 +16,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from imgfeat.core import names as N
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError
 from imgfeat.extract.featureset import feature_matrix, feature_shards, load_features
 from imgfeat.heads.artifacts import LoadedHead, load_head
-from imgfeat.heads.data import unique_images
+from imgfeat.heads.data import LEFT_OUT_JSON_MAX, unique_images
+from imgfeat.heads.versions import resolve_head
 from imgfeat.scan.manifest import read_manifest
 from imgfeat.core.progress import progress
 from imgfeat.core.storage import (
     FileLock,
-    column_values,
     list_shards,
-    read_shards,
     remove_stale_tmp,
     shard_name,
     write_table_atomic,
@@ -36,7 +39,10 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PredictConfig:
-    """Which head, and what to predict: a dataset's images or image files (one of the two)."""
+    """Which head (id, name or name@id), and what to predict: a dataset's images or image files.
+
+    ``paths`` may hold files, folders (walked like ``imgfeat scan``) and glob patterns.
+    """
 
     head_id: str
     dataset: str | None = None
@@ -46,7 +52,7 @@ class PredictConfig:
     shard_rows: int = 262_144  # rows per output shard
 
     def __post_init__(self) -> None:
-        check_name("head", self.head_id)
+        N.check_ref(N.HEADS, self.head_id)
         if (self.dataset is None) == (not self.paths):
             raise ConfigError("predict needs either a dataset (--dataset NAME) or image paths, not both")
         if self.dataset is not None:
@@ -84,7 +90,9 @@ def score(head: LoadedHead, X: np.ndarray, top_k: int) -> Scored:
 
 
 def predictions_table(ids: Sequence[str], paths: Sequence[str | None], labels: Sequence[str | None],
-                      splits: Sequence[str | None], scored: Scored, head: LoadedHead, run_id: str) -> pa.Table:
+                      splits: Sequence[str | None], scored: Scored, head: LoadedHead, run_id: str,
+                      dataset: str) -> pa.Table:
+    """Pure mapper: scored rows -> the predictions table; ``dataset`` is a dataset or ``files``."""
     n = len(ids)
     return pa.table(
         {
@@ -99,19 +107,44 @@ def predictions_table(ids: Sequence[str], paths: Sequence[str | None], labels: S
             S.HEAD_ID: pa.array([head.head_id] * n, pa.string()),
             S.FEATURESET: pa.array([head.featureset] * n, pa.string()),
             S.RUN_ID: pa.array([run_id] * n, pa.string()),
+            S.DATASET: pa.array([dataset] * n, pa.string()),
         },
         schema=S.PREDICTIONS_SCHEMA,
     )
 
 
-def predicted_ids(ws: Workspace, head_id: str) -> set[str]:
-    """image_ids this head already has a prediction row for (reads only that column)."""
-    return set(column_values(list_shards(ws.predictions_dir(head_id)), S.IMAGE_ID))
+def predicted_ids(ws: Workspace, head_id: str, dataset: str | None = None) -> set[str]:
+    """image_ids this head already predicted (for ``dataset``, or for image files when None).
+
+    Rows of tables written before the ``dataset`` column existed count for every dataset.
+    """
+    folder = ws.predictions_dir(head_id) if dataset else ws.file_predictions_dir(head_id)
+    table = _read(list_shards(folder), [S.IMAGE_ID, S.DATASET])
+    if dataset:
+        keep = [d is None or d == dataset for d in table.column(S.DATASET).to_pylist()]
+        table = table.filter(pa.array(keep, pa.bool_()))
+    return {i for i in table.column(S.IMAGE_ID).to_pylist() if i is not None}
 
 
-def read_predictions(ws: Workspace, head_id: str) -> pa.Table:
-    table = read_shards(list_shards(ws.predictions_dir(head_id)), schema=S.PREDICTIONS_SCHEMA)
-    return S.PREDICTIONS_SCHEMA.empty_table() if table is None else table
+def read_predictions(ws: Workspace, head_id: str, files: bool = False) -> pa.Table:
+    """A head's dataset predictions (or, ``files=True``, its image-file predictions), old tables included."""
+    folder = ws.file_predictions_dir(head_id) if files else ws.predictions_dir(head_id)
+    return _read(list_shards(folder))
+
+
+def _read(paths: list[Path], columns: list[str] | None = None) -> pa.Table:
+    """Shards as PREDICTIONS_SCHEMA (or its ``columns``), a missing ``dataset`` column read as null."""
+    schema = S.PREDICTIONS_SCHEMA if columns is None else pa.schema([S.PREDICTIONS_SCHEMA.field(c) for c in columns])
+    tables = []
+    for p in paths:
+        with pq.ParquetFile(p) as pf:
+            have = [c for c in schema.names if c in pf.schema_arrow.names]
+            t = pf.read(columns=have)
+        for c in schema.names:
+            if c not in have:
+                t = t.append_column(schema.field(c), pa.nulls(t.num_rows, schema.field(c).type))
+        tables.append(t.select(schema.names).cast(schema))
+    return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
 class ShardWriter:
@@ -142,13 +175,44 @@ class ShardWriter:
         self._buf, self._rows = [], 0
 
 
-def run_predict(ws: Workspace, cfg: PredictConfig, run_id: str) -> dict[str, Any]:
-    """Predict what is new for this head; returns written, skipped, missing_features, rows_per_s."""
+@dataclass(frozen=True)
+class PredictSummary:
+    """What predict did: rows written and skipped, and why any image got no prediction."""
+
+    head_id: str
+    featureset: str
+    written: int
+    shards: list[str]
+    predictions_dir: str
+    seconds: float
+    load_seconds: float
+    rows_per_s: float | None
+    skipped: int = 0
+    missing_features: int = 0
+    dataset: str | None = None  # a dataset run ...
+    images: int | None = None
+    not_readable: int | None = None
+    duplicates: int | None = None
+    left_out_files: list[dict[str, Any]] | None = None
+    files: int | None = None  # ... or an image-file run
+    errors: int | None = None
+    errors_by_code: dict[str, int] | None = None
+    predictions: list[dict[str, Any]] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """Only the keys of this kind of run (a dataset run has no ``files``), as before."""
+        return {k: getattr(self, k) for k in self.__dataclass_fields__ if getattr(self, k) is not None
+                or k in ("rows_per_s",)}
+
+
+def run_predict(ws: Workspace, cfg: PredictConfig, run_id: str) -> PredictSummary:
+    """Predict what is new for this head: dataset rows to ``predictions/<head_id>/``, files to ``file_predictions/``."""
     t0 = time.perf_counter()
-    head = load_head(ws, cfg.head_id)
+    head_id = resolve_head(ws, cfg.head_id)
+    head = load_head(ws, head_id)
     t_load = time.perf_counter()
-    folder = ws.predictions_dir(cfg.head_id)
-    with FileLock(ws.locks_dir / f"predictions-{cfg.head_id}.lock", f"predictions of head {cfg.head_id}"):
+    folder = ws.predictions_dir(head_id) if cfg.dataset is not None else ws.file_predictions_dir(head_id)
+    with FileLock(ws.locks_dir / f"predictions-{head_id}.lock", f"predictions of head {head_id}"):
         remove_stale_tmp(folder)
         writer = ShardWriter(folder, run_id, cfg.shard_rows)
         if cfg.dataset is not None:
@@ -159,26 +223,27 @@ def run_predict(ws: Workspace, cfg: PredictConfig, run_id: str) -> dict[str, Any
     now = time.perf_counter()
     # rows/s of the predict loop (read, score, write); loading the head (Keras start-up) is apart.
     loop = now - t_load
-    out.update({"head_id": cfg.head_id, "featureset": head.featureset, "written": writer.written,
-                "shards": [str(p) for p in writer.shards], "predictions_dir": str(folder),
-                "seconds": round(now - t0, 3), "load_seconds": round(t_load - t0, 3),
-                "rows_per_s": round(writer.written / loop, 1) if loop > 0 else None})
     if not writer.written:
-        log.info("nothing new to predict for head %s", cfg.head_id)
-    return out
+        log.info("nothing new to predict for head %s", head_id)
+    return PredictSummary(head_id=head_id, featureset=head.featureset, written=writer.written,
+                          shards=[str(p) for p in writer.shards], predictions_dir=str(folder),
+                          seconds=round(now - t0, 3), load_seconds=round(t_load - t0, 3),
+                          rows_per_s=round(writer.written / loop, 1) if loop > 0 and writer.written else None,
+                          **out)
 
 
 def _predict_dataset(ws: Workspace, cfg: PredictConfig, head: LoadedHead, writer: ShardWriter,
                      run_id: str) -> dict[str, Any]:
-    images, dropped = unique_images(read_manifest(ws, cfg.dataset))
-    done = predicted_ids(ws, cfg.head_id)
+    images, dropped, files = unique_images(read_manifest(ws, cfg.dataset))
+    done = predicted_ids(ws, head.head_id, cfg.dataset)
     todo = images[~images[S.IMAGE_ID].isin(done)].set_index(S.IMAGE_ID)
     remaining = set(todo.index)  # shrinks as rows are predicted, so a duplicate row is skipped
     with progress(total=len(todo), desc=f"predict {cfg.dataset}") as bar:
         for ids, X in _stream_features(ws, head.featureset, remaining, cfg.chunk_rows):
             meta = todo.loc[ids]
             writer.add(predictions_table(ids, meta[S.PATH].tolist(), _nullable(meta[S.LABEL]),
-                                         _nullable(meta[S.SPLIT]), score(head, X, cfg.top_k), head, run_id))
+                                         _nullable(meta[S.SPLIT]), score(head, X, cfg.top_k), head, run_id,
+                                         cfg.dataset))
             remaining.difference_update(ids)
             bar.update(len(ids))
     missing = len(remaining)
@@ -187,7 +252,7 @@ def _predict_dataset(ws: Workspace, cfg: PredictConfig, head: LoadedHead, writer
                     "first", missing, cfg.dataset, head.featureset, cfg.dataset)
     return {"dataset": cfg.dataset, "images": int(len(images)), "skipped": len(done & set(images[S.IMAGE_ID])),
             "missing_features": missing, "not_readable": dropped["not_readable"],
-            "duplicates": dropped["duplicates"]}
+            "duplicates": dropped["duplicates"], "left_out_files": files.head(LEFT_OUT_JSON_MAX).to_dict("records")}
 
 
 def _first_new(ids: list[str], remaining: set[str]) -> list[int]:
@@ -231,17 +296,43 @@ def _matching_batches(pf: pq.ParquetFile, wanted: set[str],
             yield [ids[k] for k in keep], feature_matrix(pa.chunked_array([features]), np.float32)
 
 
+def expand_paths(items: Sequence[str]) -> tuple[list[Path], list[str]]:
+    """Files as given, folders walked like ``imgfeat scan`` (sorted, hidden skipped), globs expanded.
+
+    Returns the image files and the items that matched nothing.
+    """
+    from imgfeat.scan.walk import WalkOptions, WalkStats, walk
+
+    found: list[Path] = []
+    unmatched: list[str] = []
+    for item in items:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            found += [Path(e.abs) for e in walk(str(path), WalkOptions(), WalkStats())]
+        elif path.exists() or path.is_symlink() or not glob.has_magic(item):
+            found.append(path)  # a missing plain path becomes an error row, not a crash
+        else:
+            matches = sorted(glob.glob(os.path.expanduser(item), recursive=True))
+            files = [Path(m) for m in matches if not Path(m).is_dir()]
+            found += files
+            if not files:
+                unmatched.append(item)
+    return [p.absolute() for p in found], unmatched
+
+
 def _predict_files(ws: Workspace, cfg: PredictConfig, head: LoadedHead, writer: ShardWriter,
                    run_id: str) -> dict[str, Any]:
     from imgfeat.extract.extract import extract_files
 
-    paths = [Path(p).expanduser().absolute() for p in cfg.paths]
-    results = extract_files(ws, head.featureset, paths, run_id)
+    paths, unmatched = expand_paths(cfg.paths)
+    results = extract_files(ws, head.featureset, paths, run_id) if paths else []
     ids, X = load_features(ws, head.featureset, [r.image_id for r in results if r.image_id and not r.error_code])
-    scored = score(head, X, cfg.top_k)
+    scored = score(head, X, cfg.top_k) if len(ids) else None
     by_id = {i: k for k, i in enumerate(ids.tolist())}
-    done = predicted_ids(ws, cfg.head_id)
+    done = predicted_ids(ws, head.head_id)
     lines = [_file_line(r, by_id.get(r.image_id), scored) for r in results]
+    lines += [{"path": item, "error_code": "no_match", "error_message": "no file matches this pattern"}
+              for item in unmatched]
     new: dict[str, tuple[int, str]] = {}  # image_id -> (row in scored, path): once per content
     for r in results:
         if r.image_id in by_id and r.image_id not in done:
@@ -251,15 +342,20 @@ def _predict_files(ws: Workspace, cfg: PredictConfig, head: LoadedHead, writer: 
         sub = Scored(scored.pred_label[rows], scored.pred_score[rows], scored.topk_labels.take(rows),
                      scored.topk_scores.take(rows))
         none = [None] * len(rows)
-        writer.add(predictions_table(list(new), [p for _, p in new.values()], none, none, sub, head, run_id))
-    return {"files": len(results), "errors": sum(1 for x in lines if "error_code" in x),
+        writer.add(predictions_table(list(new), [p for _, p in new.values()], none, none, sub, head, run_id,
+                                     S.FILES_DATASET))
+    codes = Counter(x["error_code"] for x in lines if "error_code" in x)
+    if not by_id:
+        log.warning("none of the %d file(s) given could be predicted (%s)", len(lines),
+                    ", ".join(f"{c} {n}" for c, n in codes.most_common()) or "no files")
+    return {"files": len(lines), "errors": sum(codes.values()), "errors_by_code": dict(codes),
             "skipped": sum(1 for x in lines if x.get("image_id") in done), "missing_features": 0,
             "predictions": lines}
 
 
-def _file_line(result, k: int | None, scored: Scored) -> dict[str, Any]:
+def _file_line(result, k: int | None, scored: Scored | None) -> dict[str, Any]:
     """What a person reads for one file: its best label and score, or why there is none."""
-    if k is None:
+    if k is None or scored is None:
         return {"path": str(result.path), "error_code": result.error_code or "no_features",
                 "error_message": result.error_message or "no feature row was written"}
     return {"path": str(result.path), "image_id": result.image_id, "pred_label": str(scored.pred_label[k]),

@@ -21,8 +21,10 @@ from imgfeat.extract.featureset import load_features
 from imgfeat.heads import artifacts as A
 from imgfeat.heads import plots
 from imgfeat.heads.artifacts import LoadedHead, load_head
+from imgfeat.heads.versions import default_head_name, resolve_head
+from imgfeat.core import names as N
 from imgfeat.core.storage import list_shards, remove_stale_tmp, write_bytes_atomic
-from imgfeat.core.workspace import Workspace, check_name
+from imgfeat.core.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +35,7 @@ CONFUSION_PNG, PROJECTION_PNG = "confusion.png", "projection.png"
 
 @dataclass(frozen=True)
 class ReportConfig:
-    """Which head to report on, and how much to show."""
+    """Which head to report on (id, name or name@id), and how much to show."""
 
     head_id: str
     max_mistakes: int = 24
@@ -42,7 +44,7 @@ class ReportConfig:
     thumb_size: int = 128
 
     def __post_init__(self) -> None:
-        check_name("head", self.head_id)
+        N.check_ref(N.HEADS, self.head_id)
         if self.projection not in PROJECTIONS:
             raise unknown_value("projection", self.projection, PROJECTIONS)
         for name in ("max_points", "thumb_size"):
@@ -62,21 +64,33 @@ class Mistake:
 
 
 def run_report(ws: Workspace, cfg: ReportConfig, run_id: str) -> dict[str, Any]:
-    """Write ``reports/<head_id>/index.html`` and its PNGs; returns the report path and counts."""
+    """Write ``reports/<head_id>/index.html``, every image inline; returns the page path and counts."""
     t0 = time.perf_counter()
-    head = load_head(ws, cfg.head_id)
-    folder = ws.report_dir(cfg.head_id)
+    head_id = resolve_head(ws, cfg.head_id)
+    head = load_head(ws, head_id)
+    folder = ws.report_dir(head_id)
     folder.mkdir(parents=True, exist_ok=True)
     remove_stale_tmp(folder)
-    rows = A.read_rows(ws, cfg.head_id).to_pandas()
+    rows = A.read_rows(ws, head_id).to_pandas()
     paths = _image_paths(ws, head.meta["dataset"])
     mistakes, eval_role = _mistakes(ws, head, rows, paths, cfg.max_mistakes)
-    pngs = _write_plots(ws, head, rows, cfg, folder)
-    page = render_page(head, eval_role, mistakes, pngs, _prediction_rows(ws, cfg.head_id), cfg.thumb_size)
-    index = write_bytes_atomic(page.encode("utf-8"), folder / "index.html")  # last: the page marks it done
-    log.info("report for %s: %s", cfg.head_id, index)
-    return {"head_id": cfg.head_id, "report": str(index), "pngs": [str(folder / p) for p in pngs],
+    plots_png = _plots(ws, head, rows, cfg)
+    name = head_name(head, cfg.head_id)
+    page = render_page(head, name, eval_role, mistakes, plots_png, _prediction_rows(ws, head_id), cfg.thumb_size)
+    index = write_bytes_atomic(page.encode("utf-8"), folder / "index.html")
+    for stale in (CONFUSION_PNG, PROJECTION_PNG, A.CURVES_FILE):  # beside pages of older versions
+        (folder / stale).unlink(missing_ok=True)
+    log.info("report for %s (%s): %s", name, head_id, index)
+    return {"head_id": head_id, "name": name, "report": str(index), "plots": sorted(plots_png),
             "mistakes_shown": len(mistakes), "seconds": round(time.perf_counter() - t0, 3), "run_id": run_id}
+
+
+def head_name(head: LoadedHead, ref: str) -> str:
+    """The name the page is titled by: the one asked for, else the head's recorded or default name."""
+    asked = ref.partition(N.PIN)[0]
+    if asked != head.head_id:
+        return asked
+    return head.meta.get("name") or default_head_name(head.meta["dataset"], head.meta["head"])
 
 
 def _image_paths(ws: Workspace, dataset: str) -> dict[str, Path]:
@@ -112,21 +126,18 @@ def _mistakes(ws: Workspace, head: LoadedHead, rows, paths: dict[str, Path], lim
     return [Mistake(ids[k], paths.get(ids[k]), truth[k], pred[k], float(conf[k])) for k in wrong], role
 
 
-def _write_plots(ws: Workspace, head: LoadedHead, rows, cfg: ReportConfig, folder: Path) -> list[str]:
-    written = []
+def _plots(ws: Workspace, head: LoadedHead, rows, cfg: ReportConfig) -> dict[str, bytes]:
+    """The page's PNGs by name: confusion matrix, 2-D projection, training curves (what applies)."""
+    out: dict[str, bytes] = {}
     confusion = head.meta["metrics"].get("confusion")
     if confusion:
-        cm = np.asarray(confusion["matrix"])
-        write_bytes_atomic(plots.confusion_png(cm, confusion["labels"]), folder / CONFUSION_PNG)
-        written.append(CONFUSION_PNG)
+        out[CONFUSION_PNG] = plots.confusion_png(np.asarray(confusion["matrix"]), confusion["labels"])
     xy, labels, method = project(ws, head, rows, cfg)
     if len(xy):
-        write_bytes_atomic(plots.projection_png(xy, labels, method), folder / PROJECTION_PNG)
-        written.append(PROJECTION_PNG)
+        out[PROJECTION_PNG] = plots.projection_png(xy, labels, method)
     if head.meta.get("history"):
-        write_bytes_atomic(plots.training_curves_png(head.meta["history"]), folder / A.CURVES_FILE)
-        written.append(A.CURVES_FILE)
-    return written
+        out[A.CURVES_FILE] = plots.training_curves_png(head.meta["history"])
+    return out
 
 
 def project(ws: Workspace, head: LoadedHead, rows, cfg: ReportConfig) -> tuple[np.ndarray, np.ndarray, str]:
@@ -166,7 +177,7 @@ def _prediction_rows(ws: Workspace, head_id: str) -> int:
     return sum(pq.ParquetFile(p).metadata.num_rows for p in list_shards(ws.predictions_dir(head_id)))
 
 
-# --- the page: plain HTML and CSS, images inlined or beside it, no JavaScript ---
+# --- the page: plain HTML and CSS, every image inlined, no JavaScript ---
 
 CSS = """
 body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1d2733;
@@ -187,20 +198,22 @@ img.plot { max-width: 100%; border: 1px solid #e8edf2; }
 .gallery figure { margin: 0; border: 1px solid #e8edf2; border-radius: 6px; padding: .4rem; }
 .gallery img { width: 100%; height: 130px; object-fit: contain; background: #f4f6f9; }
 .gallery figcaption { font-size: .8rem; } .bad { color: #b42318; } .muted { color: #5b6b7c; }
+tr.win td { background: #eef7ee; }
 .missing { height: 130px; display: flex; align-items: center; justify-content: center; background: #f4f6f9; }
 """
 
 
-def render_page(head: LoadedHead, eval_role: str, mistakes: list[Mistake], pngs: list[str],
+def render_page(head: LoadedHead, name: str, eval_role: str, mistakes: list[Mistake], pngs: dict[str, bytes],
                 n_predictions: int, thumb_size: int) -> str:
+    """The whole page as one string: every image a data URI, so the file alone is the report."""
     m = head.meta
     parts = [
         "<!doctype html>\n<html lang='en'><head><meta charset='utf-8'>",
-        f"<title>{_e(m['head_id'])} · imgfeat report</title><style>{CSS}</style></head><body>",
-        f"<h1>{_e(m['head_id'])}</h1>",
-        f"<p class='sub'>{_e(m['model_kind'])} head on <b>{_e(m['dataset'])}</b> · "
-        f"featureset {_e(m['featureset'])}</p>",
-        _cards(m, n_predictions), _details(m), _class_table(m),
+        f"<title>{_e(name)} · imgfeat report</title><style>{CSS}</style></head><body>",
+        f"<h1>{_e(name)}</h1>",
+        f"<p class='sub'>{_e(_kind(m))} head on <b>{_e(m['dataset'])}</b> · version "
+        f"{_e(m['head_id'])} · featureset {_e(m['featureset'])}</p>",
+        _cards(m, n_predictions), kinds_compared(m), _details(m), _class_table(m),
         _img_section("Confusion matrix", CONFUSION_PNG, pngs),
         _gallery(mistakes, eval_role, thumb_size),
         _img_section("Features in two dimensions", PROJECTION_PNG, pngs),
@@ -208,6 +221,27 @@ def render_page(head: LoadedHead, eval_role: str, mistakes: list[Mistake], pngs:
         "</body></html>\n",
     ]
     return "\n".join(p for p in parts if p)
+
+
+def _kind(m: dict[str, Any]) -> str:
+    """``svm``, or ``auto: svm`` for an auto head that chose it."""
+    return m["model_kind"] if m["head"] == m["model_kind"] else f"{m['head']}: {m['model_kind']}"
+
+
+def kinds_compared(m: dict[str, Any]) -> str:
+    """For an ``auto`` head: every kind's cross-validated score, the winner marked."""
+    cv = m.get("cv") or {}
+    if len(cv) < 2:
+        return ""
+    rows = "".join(
+        f"<tr{' class=win' if k == m['model_kind'] else ''}><td>{_e(k)}"
+        f"{' <b>winner</b>' if k == m['model_kind'] else ''}</td><td>{v['mean']:.3f}</td>"
+        f"<td>{v['std']:.3f}</td><td>{_e(', '.join(f'{x:.3f}' for x in v.get('folds', [])))}</td></tr>"
+        for k, v in sorted(cv.items(), key=lambda kv: -kv[1]["mean"])
+    )
+    head = "<tr><th>kind</th><th>CV accuracy</th><th>std</th><th>folds</th></tr>"
+    return (f"<h2>Kinds compared ({_e(m['head'])}): {_e(m['model_kind'])} won</h2>"
+            f"<table class='kinds'><thead>{head}</thead><tbody>{rows}</tbody></table>")
 
 
 def _e(value: Any) -> str:
@@ -233,11 +267,11 @@ def _cards(m: dict[str, Any], n_predictions: int) -> str:
 
 
 def _details(m: dict[str, Any]) -> str:
-    cv = m.get("cv", {})
-    compared = ", ".join(f"{k} {v['mean']:.3f}" for k, v in cv.items()) if len(cv) > 1 else ""
+    from imgfeat.heads.train import params_for
+
     items = [
         ("backbone", m.get("backbone")), ("chosen", m.get("chosen") or "fixed parameters"),
-        ("compared by CV", compared), ("parameters", m.get("params")),
+        ("parameters", params_for(m["model_kind"], m.get("params") or {})),
         ("left out", {k: v for k, v in (m.get("left_out") or {}).items() if v} or "nothing"),
         ("created", m.get("created_at")), ("model file", f"{m['model_file']} sha256 {m['model_sha256'][:16]}…"),
         ("versions", ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items() if v)),
@@ -268,10 +302,11 @@ def _class_table(m: dict[str, Any]) -> str:
     return f"<h2>Per-class metrics</h2><table><thead>{head}</thead><tbody>{body}{foot}</tbody></table>"
 
 
-def _img_section(title: str, name: str, pngs: list[str]) -> str:
+def _img_section(title: str, name: str, pngs: dict[str, bytes]) -> str:
     if name not in pngs:
         return ""
-    return f"<h2>{_e(title)}</h2><img class='plot' src='{_e(name)}' alt='{_e(title)}'>"
+    uri = f"data:image/png;base64,{base64.b64encode(pngs[name]).decode()}"
+    return f"<h2>{_e(title)}</h2><img class='plot' src='{uri}' alt='{_e(title)}'>"
 
 
 def _gallery(mistakes: list[Mistake], role: str, thumb_size: int) -> str:

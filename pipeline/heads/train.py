@@ -7,11 +7,12 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 from sklearn.model_selection import GridSearchCV, StratifiedKFold, cross_val_score, train_test_split
 from threadpoolctl import threadpool_limits
@@ -19,11 +20,15 @@ from threadpoolctl import threadpool_limits
 from imgfeat.core.errors import ConfigError, ImgfeatError, unknown_value
 from imgfeat.extract.featureset import featureset_info, load_features
 from imgfeat.heads import artifacts as A
-from imgfeat.heads.data import LabelledRows, canonical_json, describe, read_labelled
+from imgfeat.core import names as N
+from imgfeat.heads.data import LEFT_OUT_JSON_MAX, LabelledRows, canonical_json, describe, left_out_table, read_labelled
 from imgfeat.heads.estimators import HEAD_KINDS, SVM_KERNELS, KerasMLPClassifier, sklearn_head
 from imgfeat.heads.plots import training_curves_png
+from imgfeat.heads.versions import default_head_name, resolve_featureset
 from imgfeat.core.storage import FileLock
 from imgfeat.core.workspace import Workspace, check_name
+
+LEFT_OUT_FILE = "left_out.parquet"  # in the head's folder: duplicates and label conflicts, by path
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +47,12 @@ _KIND_PARAMS["auto"] = tuple(dict.fromkeys(p for ps in _KIND_PARAMS.values() for
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """What to train: a head kind on one dataset's labels and one featureset."""
+    """What to train: a head kind on one dataset's labels and one featureset (a name or a full name)."""
 
     dataset: str
     featureset: str
     head: str = "logreg"
+    name: str | None = None  # the head's stable name; default <dataset>-<head>
     kernel: str = "linear"  # svm only; "rbf" suits small sets
     cv: int = 5
     class_weight: str | None = None
@@ -64,7 +70,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_name("dataset", self.dataset)
-        check_name("featureset", self.featureset)
+        N.check_ref(N.FEATURESETS, self.featureset)
+        if self.name is not None:
+            check_name("head", self.name)
         if self.head not in HEAD_KINDS:
             raise unknown_value("head", self.head, HEAD_KINDS)
         if self.kernel not in SVM_KERNELS:
@@ -81,10 +89,19 @@ class TrainConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be from 0 to below 1, got {self.dropout!r}")
 
+    @property
+    def head_name(self) -> str:
+        return self.name or default_head_name(self.dataset, self.head)
+
     def params(self) -> dict[str, Any]:
         """The parameters that shape this kind of head (recorded and hashed into the head id)."""
         values = asdict(self)
         return {k: values[k] for k in (*_COMMON, *_KIND_PARAMS[self.head])}
+
+
+def params_for(kind: str, params: dict[str, Any]) -> dict[str, Any]:
+    """The recorded parameters that shape one kind of head (an auto head records every kind's)."""
+    return {k: v for k, v in params.items() if k in (*_COMMON, *_KIND_PARAMS.get(kind, ()))}
 
 
 @dataclass
@@ -104,19 +121,22 @@ def make_head_id(cfg: TrainConfig, rows: LabelledRows) -> str:
     return f"{cfg.dataset}-{cfg.head}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
 
 
-def run_train(ws: Workspace, cfg: TrainConfig, run_id: str) -> dict[str, Any]:
-    """Train (or reuse) the head; returns the summary: head_id, reused, metrics, counts."""
+def run_train(ws: Workspace, cfg: TrainConfig, run_id: str) -> "TrainSummary":
+    """Train (or reuse) the head and make it the latest of its name."""
     t0 = time.perf_counter()
+    cfg = replace(cfg, featureset=resolve_featureset(ws, cfg.featureset))
     info = featureset_info(ws, cfg.featureset)
     rows = read_labelled(ws, cfg.dataset, cfg.featureset, cfg.test_fraction, cfg.random_state)
     head_id = make_head_id(cfg, rows)
-    if A.head_exists(ws, head_id):
+    reused = A.head_exists(ws, head_id)
+    if reused:
         log.info("head %s already trained on these features and labels; reusing it", head_id)
-        return _summary(ws, A.read_head_meta(ws, head_id), reused=True, seconds=time.perf_counter() - t0)
-    with FileLock(ws.locks_dir / f"head-{head_id}.lock", f"head {head_id}"):
-        if not A.head_exists(ws, head_id):  # another process may have finished it while we waited
-            _train_and_write(ws, cfg, rows, head_id, info, run_id)
-    return _summary(ws, A.read_head_meta(ws, head_id), reused=False, seconds=time.perf_counter() - t0)
+    else:
+        with FileLock(ws.locks_dir / f"head-{head_id}.lock", f"head {head_id}"):
+            if not A.head_exists(ws, head_id):  # another process may have finished it while we waited
+                _train_and_write(ws, cfg, rows, head_id, info, run_id)
+    N.record(ws, N.HEADS, cfg.head_name, head_id)
+    return _summary(ws, A.read_head_meta(ws, head_id), cfg.head_name, rows, reused, time.perf_counter() - t0)
 
 
 def _train_and_write(ws: Workspace, cfg: TrainConfig, rows: LabelledRows, head_id: str,
@@ -138,6 +158,7 @@ def _train_and_write(ws: Workspace, cfg: TrainConfig, rows: LabelledRows, head_i
     extra = {}
     if isinstance(fitted.estimator, KerasMLPClassifier):
         extra[A.CURVES_FILE] = training_curves_png(fitted.estimator.history_)
+    extra[LEFT_OUT_FILE] = _parquet_bytes(left_out_table(rows.left_out_files))
     timings = {"load_features": t_load - t0, "cv_and_fit": t_fit - t_load,
                "evaluate": time.perf_counter() - t_fit}
     meta = _head_meta(cfg, rows, head_id, info, fitted, metrics, run_id, int(X_train.shape[1]))
@@ -149,7 +170,7 @@ def _head_meta(cfg: TrainConfig, rows: LabelledRows, head_id: str, info: dict[st
                metrics: dict[str, Any], run_id: str, dim: int) -> dict[str, Any]:
     """head.json, less what write_head adds (model file, sha256, versions, created_at)."""
     return {
-        "head_id": head_id, "dataset": cfg.dataset, "featureset": cfg.featureset, "head": cfg.head,
+        "head_id": head_id, "name": cfg.head_name, "dataset": cfg.dataset, "featureset": cfg.featureset, "head": cfg.head,
         "model_kind": fitted.kind, "backbone": info.get("backbone"), "dim": dim,
         "classes": rows.classes, "params": cfg.params(), "chosen": fitted.chosen, "cv": fitted.cv,
         "metrics": metrics, "training_hash": rows.digest(), "run_id": run_id, **describe(rows),
@@ -170,6 +191,12 @@ def _rows_table(rows: LabelledRows) -> pa.Table:
     labels = np.concatenate([rows.train_labels, rows.test_labels]).tolist()
     roles = ["train"] * len(rows.train_ids) + ["test"] * len(rows.test_ids)
     return pa.table({"image_id": ids, "label": labels, A.ROLE: roles}, schema=A.ROWS_SCHEMA)
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
 
 
 def _mlp_params(est: Any) -> dict[str, Any] | None:
@@ -297,14 +324,44 @@ def evaluate(estimator: Any, X: np.ndarray, y: np.ndarray, classes: list[str]) -
     }
 
 
-def _summary(ws: Workspace, meta: dict[str, Any], reused: bool, seconds: float) -> dict[str, Any]:
+@dataclass(frozen=True)
+class TrainSummary:
+    """What train did: the head (id, name, kind), its metrics, the rows it saw and left out."""
+
+    head_id: str
+    name: str
+    reused: bool
+    head: str
+    model_kind: str
+    dataset: str
+    featureset: str
+    classes: list[str]
+    metrics: dict[str, Any]
+    chosen: dict[str, Any] | None
+    n_train: int
+    n_test: int
+    eval_split: str | None
+    left_out: dict[str, int] | None
+    left_out_files: list[dict[str, Any]] = field(default_factory=list)
+    head_dir: str = ""
+    seconds: float = 0.0
+    timings: dict[str, float] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def _summary(ws: Workspace, meta: dict[str, Any], name: str, rows: LabelledRows, reused: bool,
+             seconds: float) -> TrainSummary:
     m = meta["metrics"]
-    return {
-        "head_id": meta["head_id"], "reused": reused, "head": meta["head"], "model_kind": meta["model_kind"],
-        "dataset": meta["dataset"], "featureset": meta["featureset"], "classes": meta["classes"],
-        "metrics": {k: m.get(k) for k in ("test_accuracy", "macro_f1", "per_class", "cv")},
-        "chosen": meta.get("chosen"), "n_train": meta["n_train"], "n_test": meta["n_test"],
-        "eval_split": meta.get("eval_split"), "left_out": meta.get("left_out"),
-        "head_dir": str(ws.head_dir(meta["head_id"])), "seconds": round(seconds, 3),
-        "timings": None if reused else meta.get("timings"),
-    }
+    files = rows.left_out_files
+    return TrainSummary(
+        head_id=meta["head_id"], name=name, reused=reused, head=meta["head"], model_kind=meta["model_kind"],
+        dataset=meta["dataset"], featureset=meta["featureset"], classes=meta["classes"],
+        metrics={k: m.get(k) for k in ("test_accuracy", "macro_f1", "per_class", "cv")},
+        chosen=meta.get("chosen"), n_train=meta["n_train"], n_test=meta["n_test"],
+        eval_split=meta.get("eval_split"), left_out=meta.get("left_out"),
+        left_out_files=[] if files is None else files.head(LEFT_OUT_JSON_MAX).to_dict("records"),
+        head_dir=str(ws.head_dir(meta["head_id"])), seconds=round(seconds, 3),
+        timings=None if reused else meta.get("timings"),
+    )

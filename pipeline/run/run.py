@@ -11,6 +11,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from imgfeat.core import names
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ErrorRateExceeded
 from imgfeat.run.jobfile import FeatureJob, HeadJob, JobSpec, build_config
@@ -48,7 +49,8 @@ def train_config(hjob: HeadJob, featureset: str):
     from imgfeat.heads import TrainConfig
 
     return build_config(
-        TrainConfig, hjob.options, f"[heads.{hjob.name}]", dataset=hjob.dataset, featureset=featureset
+        TrainConfig, hjob.options, f"[heads.{hjob.name}]", dataset=hjob.dataset, featureset=featureset,
+        name=hjob.name,
     )
 
 
@@ -130,6 +132,7 @@ def _extract_all(ws: Workspace, job: JobSpec, run_id: str, summary: RunSummary) 
                 out = _extract_one(ws, job, extract_config(job, fjob, dataset), run_id)
                 summary.extract[f"{fjob.name}/{dataset}"] = out
                 featuresets[(fjob.name, dataset)] = stage_value(out, "featureset")
+                names.record(ws, names.FEATURESETS, fjob.name, stage_value(out, "featureset"))  # the recipe's latest
     return featuresets
 
 

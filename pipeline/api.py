@@ -1,0 +1,214 @@
+"""The Python API: the stages as functions with typed results, ``Featureset`` readers, a scikit-learn transformer."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from sklearn.base import BaseEstimator, TransformerMixin
+
+from imgfeat.core import names as N
+from imgfeat.core import schemas as S
+from imgfeat.core.logs import ensure_notebook_logging
+from imgfeat.core.runs import new_run_id
+from imgfeat.core.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+WorkspaceLike = Workspace | str | os.PathLike | None
+
+
+def _ws(workspace: WorkspaceLike) -> Workspace:
+    ensure_notebook_logging()
+    return workspace if isinstance(workspace, Workspace) else Workspace.resolve(workspace)
+
+
+def _as_dict(out: Any) -> dict[str, Any]:
+    return out.to_json() if hasattr(out, "to_json") else dict(out)
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """A scanned dataset: its name, manifest path and the scan's summary."""
+
+    dataset: str
+    manifest: str
+    summary: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return self.summary
+
+
+@dataclass(frozen=True)
+class ExtractResult:
+    """A featureset after extract: its full name and the run's summary; ``open()`` reads it."""
+
+    featureset: str
+    summary: dict[str, Any]
+    workspace: Workspace
+
+    def to_json(self) -> dict[str, Any]:
+        return self.summary
+
+    def open(self) -> "Featureset":
+        return Featureset(self.featureset, self.workspace)
+
+
+def scan(root: str | os.PathLike, dataset: str, *, workspace: WorkspaceLike = None, **options: Any) -> ScanResult:
+    """``imgfeat scan``: a folder into the dataset's manifest; ``options`` are ScanConfig fields."""
+    from imgfeat.scan.scan import ScanConfig, run_scan
+
+    ws = _ws(workspace)
+    out = _as_dict(run_scan(ws, ScanConfig(root=root, dataset=dataset, **options), new_run_id()))
+    return ScanResult(dataset, str(ws.manifest_path(dataset)), out)
+
+
+def extract(dataset: str, backbone: str = "efficientnet_lite0", *, name: str | None = None,
+            workspace: WorkspaceLike = None, **options: Any) -> ExtractResult:
+    """``imgfeat extract``: features of a dataset's new images; ``name`` records a recipe name for it."""
+    from imgfeat.extract.extract import ExtractConfig, run_extract
+
+    ws = _ws(workspace)
+    out = _as_dict(run_extract(ws, ExtractConfig(dataset=dataset, backbone=backbone, **options), new_run_id()))
+    if name:
+        N.record(ws, N.FEATURESETS, name, out["featureset"])
+    return ExtractResult(out["featureset"], out, ws)
+
+
+def train(dataset: str, featureset: str, head: str = "logreg", *, name: str | None = None,
+          workspace: WorkspaceLike = None, **options: Any):
+    """``imgfeat train``: a head on a featureset (full or recipe name); returns a ``TrainSummary``."""
+    from imgfeat.heads.train import TrainConfig, run_train
+
+    cfg = TrainConfig(dataset=dataset, featureset=featureset, head=head, name=name, **options)
+    return run_train(_ws(workspace), cfg, new_run_id())
+
+
+def predict(head: str, dataset: str | None = None, paths: tuple[str, ...] | list[str] = (), *,
+            workspace: WorkspaceLike = None, **options: Any):
+    """``imgfeat predict``: a head (name, NAME@ID or id) on a dataset or on files/folders/globs."""
+    from imgfeat.heads.predict import PredictConfig, run_predict
+
+    cfg = PredictConfig(head_id=head, dataset=dataset, paths=tuple(str(p) for p in paths), **options)
+    return run_predict(_ws(workspace), cfg, new_run_id())
+
+
+def report(head: str, *, workspace: WorkspaceLike = None, **options: Any) -> dict[str, Any]:
+    """``imgfeat report``: the head's self-contained HTML page; returns its path and counts."""
+    from imgfeat.heads.report import ReportConfig, run_report
+
+    return run_report(_ws(workspace), ReportConfig(head_id=head, **options), new_run_id())
+
+
+def ls(*, workspace: WorkspaceLike = None):
+    """``imgfeat ls``: datasets, featuresets, heads (a ``Catalog``)."""
+    from imgfeat.tools.catalog import list_workspace
+
+    return list_workspace(_ws(workspace))
+
+
+class Featureset:
+    """One featureset, by full name or recipe name (its latest): ids and feature matrices."""
+
+    def __init__(self, name: str, workspace: WorkspaceLike = None) -> None:
+        from imgfeat.heads.versions import resolve_featureset
+
+        self.workspace = _ws(workspace)
+        self.name = resolve_featureset(self.workspace, name)
+
+    def __repr__(self) -> str:
+        return f"Featureset({self.name!r}, workspace={str(self.workspace.root)!r})"
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """Its provenance: backbone, weights, input size, pooling, dim, dtype, ..."""
+        from imgfeat.extract.featureset import featureset_info
+
+        return featureset_info(self.workspace, self.name)
+
+    def to_numpy(self, ids: list[str] | None = None, dtype: Any = np.float32) -> tuple[np.ndarray, np.ndarray]:
+        """``(image_ids, X)``: every feature row (or the ``ids`` that have one), X as ``dtype``."""
+        from imgfeat.extract.featureset import load_features
+
+        return load_features(self.workspace, self.name, ids, dtype)
+
+    def to_arrow(self) -> pa.Table:
+        """``image_id``, ``feature`` (fixed-size list) as stored, every committed shard."""
+        from imgfeat.core.storage import read_shards
+        from imgfeat.extract.featureset import feature_shards
+
+        table = read_shards(feature_shards(self.workspace, self.name), [S.IMAGE_ID, S.FEATURE])
+        if table is None:
+            dim = int(self.info.get("dim", 0))
+            return S.features_schema(dim, self.info.get("dtype", "float16")).empty_table()
+        return table
+
+    def to_pandas(self):
+        """A DataFrame indexed by ``image_id`` with one float column per feature dimension."""
+        import pandas as pd
+
+        ids, X = self.to_numpy()
+        return pd.DataFrame(X, index=pd.Index(ids, name=S.IMAGE_ID), columns=[f"f{k}" for k in range(X.shape[1])])
+
+
+class FeatureTransformer(TransformerMixin, BaseEstimator):
+    """A scikit-learn transformer: image paths -> features, through a featureset's cache.
+
+    Each image is keyed by its content: one already in the featureset costs a hash, a new one is
+    extracted with the featureset's own recipe and stored for next time. An image that cannot be
+    read gives a row of NaN (and a warning). Called on a Ray Data batch (``map_batches``) it adds
+    a ``feature`` column next to the batch's ``path`` column.
+    """
+
+    def __init__(self, featureset: str, workspace: str | None = None, path_column: str = "path") -> None:
+        self.featureset = featureset
+        self.workspace = workspace
+        self.path_column = path_column
+
+    def fit(self, X: Any = None, y: Any = None) -> "FeatureTransformer":
+        """Nothing to learn: resolve the featureset once (a recipe name's latest) and return self."""
+        self.featureset_ = Featureset(self.featureset, self.workspace).name
+        return self
+
+    def transform(self, X: Any) -> np.ndarray:
+        """Paths (a list, array, Series, or a DataFrame with ``path_column``) -> float32 matrix."""
+        from imgfeat.extract.extract import extract_files
+        from imgfeat.extract.featureset import load_features
+
+        ws = _ws(self.workspace)
+        fs = getattr(self, "featureset_", None) or Featureset(self.featureset, ws).name
+        paths = [str(Path(p).expanduser().absolute()) for p in self._paths(X)]
+        results = extract_files(ws, fs, paths, new_run_id())
+        ids, feats = load_features(ws, fs, [r.image_id for r in results if r.image_id and not r.error_code])
+        row = {i: k for k, i in enumerate(ids.tolist())}
+        out = np.full((len(paths), feats.shape[1]), np.nan, dtype=np.float32)
+        for k, r in enumerate(results):
+            if r.image_id in row:
+                out[k] = feats[row[r.image_id]]
+        bad = [r.path for r in results if r.image_id not in row]
+        if bad:
+            log.warning("%d of %d images have no features (NaN rows): %s", len(bad), len(paths), ", ".join(bad[:5]))
+        return out
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Ray Data ``map_batches``: a batch with a path column gains a ``feature`` column."""
+        out = dict(batch)
+        out[S.FEATURE] = self.transform(batch[self.path_column])
+        return out
+
+    def _paths(self, X: Any) -> list[str]:
+        if hasattr(X, "columns"):  # a DataFrame
+            X = X[self.path_column]
+        return [str(p) for p in (X.tolist() if hasattr(X, "tolist") else list(X))]
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.string = True
+        tags.input_tags.two_d_array = False
+        tags.requires_fit = False
+        return tags

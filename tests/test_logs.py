@@ -1,0 +1,68 @@
+"""Logs: JSON lines only with --log-format json, no TensorFlow/absl/CUDA noise, our line first."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+
+from imgfeat.core.logs import JsonFormatter, _fatal, ensure_notebook_logging
+
+
+@pytest.mark.quick
+def test_json_formatter_makes_one_parseable_line():
+    record = logging.LogRecord("imgfeat.x", logging.WARNING, __file__, 1, "a %s\nline", ("two",), None)
+    obj = json.loads(JsonFormatter().format(record))
+    assert obj["level"] == "warning" and obj["msg"] == "a two\nline" and obj["logger"] == "imgfeat.x"
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("line,fatal", [
+    ("E0000 00:00:1796012390.911461 8645 cuda_platform.cc:52] failed call to cuInit", False),
+    ("I0000 00:00:1796012383.157810 8645 cudart_stub.cc:31] Could not find cuda drivers", False),
+    ("F0000 00:00:1.0 1 x.cc:1] Check failed", True),
+    ("Fatal Python error: Segmentation fault", True),
+])
+def test_only_fatal_native_lines_reach_the_user(line, fatal):
+    assert _fatal(line) is fatal
+
+
+@pytest.mark.quick
+def test_a_notebook_without_logging_config_sees_our_lines(monkeypatch, capsys):
+    root, ours = logging.getLogger(), logging.getLogger("imgfeat")
+    monkeypatch.setattr(root, "handlers", [])
+    monkeypatch.setattr(ours, "handlers", [])
+    monkeypatch.setattr(ours, "propagate", True)
+    monkeypatch.setattr(ours, "level", ours.level)
+    ensure_notebook_logging()
+    logging.getLogger("imgfeat.heads.train").info("training logreg head")
+    assert "training logreg head" in capsys.readouterr().err
+    ours.handlers.clear()
+
+
+def test_a_run_that_builds_a_model_writes_only_json_to_stderr(tmp_path):
+    """A real process: TensorFlow's C++ lines (cuInit, cudart_stub, absl) must not get through."""
+    from PIL import Image
+
+    from imgfeat.core.workspace import Workspace
+    from imgfeat.scan.scan import ScanConfig, run_scan
+
+    for k in range(3):
+        (tmp_path / "img" / "a").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (40, 36), (k * 60, 90, 30)).save(tmp_path / "img" / "a" / f"{k}.jpg")
+    ws = Workspace(tmp_path / "ws")
+    run_scan(ws, ScanConfig(root=tmp_path / "img", dataset="toy"), "s1")
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}  # the command's own default
+    cmd = [sys.executable, "-m", "imgfeat", "extract", "--workspace", str(ws.root), "--dataset", "toy",
+           "--backbone", "efficientnet_lite0", "--weights", "none", "--input-size", "32", "--log-format", "json"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stderr.splitlines()
+    records = [json.loads(line) for line in lines]  # every line parses, or this raises
+    assert records and records[0]["msg"].startswith("building efficientnet_lite0")
+    assert not any(r["logger"] == "imgfeat.native" for r in records)  # native lines are debug-only
+    assert "3 extracted" in proc.stdout

@@ -32,6 +32,13 @@ TOPK_SCORES = "topk_scores"
 HEAD_ID = "head_id"
 FEATURESET = "featureset"
 
+DATASET = "dataset"
+GROUP_ID = "group_id"
+NEAREST_ID = "nearest_id"
+NEAREST_PATH = "nearest_path"
+NEAREST_SPLIT = "nearest_split"
+SIMILARITY = "similarity"
+
 # --- manifest status codes ---
 STATUS_OK = "ok"
 STATUS_EMPTY = "empty"
@@ -100,6 +107,39 @@ PREDICTIONS_SCHEMA = pa.schema(
         pa.field(HEAD_ID, pa.string(), nullable=False),
         pa.field(FEATURESET, pa.string(), nullable=False),
         pa.field(RUN_ID, pa.string(), nullable=False),
+    ]
+)
+
+# An index's row order: row k of the FAISS index is image_id k (path: one manifest path of it).
+INDEX_IDS_SCHEMA = pa.schema(
+    [
+        pa.field(IMAGE_ID, pa.string(), nullable=False),
+        pa.field(DATASET, pa.string()),
+        pa.field(PATH, pa.string()),
+    ]
+)
+
+# Near-duplicate groups: one row per manifest path in a group of two or more paths.
+DEDUP_GROUPS_SCHEMA = pa.schema(
+    [
+        pa.field(IMAGE_ID, pa.string(), nullable=False),
+        pa.field(GROUP_ID, pa.string(), nullable=False),
+        pa.field(NEAREST_ID, pa.string(), nullable=False),
+        pa.field(SIMILARITY, pa.float32(), nullable=False),
+        pa.field(PATH, pa.string(), nullable=False),
+    ]
+)
+
+# Split leaks: a held-out image whose nearest training image is above the threshold.
+DEDUP_LEAKS_SCHEMA = pa.schema(
+    [
+        pa.field(IMAGE_ID, pa.string(), nullable=False),
+        pa.field(PATH, pa.string(), nullable=False),
+        pa.field(SPLIT, pa.string(), nullable=False),
+        pa.field(NEAREST_ID, pa.string(), nullable=False),
+        pa.field(NEAREST_PATH, pa.string(), nullable=False),
+        pa.field(NEAREST_SPLIT, pa.string(), nullable=False),
+        pa.field(SIMILARITY, pa.float32(), nullable=False),
     ]
 )
 

@@ -1,0 +1,248 @@
+"""Near-duplicate groups and train/test leaks of a dataset over a featureset: tables, summary, HTML page."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from imgfeat.core import schemas as S
+from imgfeat.core.errors import ConfigError
+from imgfeat.core.storage import FileLock, remove_stale_tmp, write_bytes_atomic, write_json_atomic, write_table_atomic
+from imgfeat.core.workspace import Workspace, check_name
+from imgfeat.extract.featureset import featureset_info
+from imgfeat.index.kinds import build_in_memory, knn, resolve_params
+from imgfeat.index.vectors import manifest_rows, read_vectors
+from imgfeat.scan.manifest import dataset_root
+
+log = logging.getLogger(__name__)
+
+DEFAULT_THRESHOLD = 0.9  # lite0 features: copies >= 0.91, distinct photos <= 0.53 (tests/test_dedup.py)
+GROUPS_FILE, LEAKS_FILE, PAGE_FILE, SUMMARY_FILE = "groups.parquet", "leaks.parquet", "index.html", "_dedup.json"
+EXACT_MAX = 20_000  # above this many images the neighbour search is approximate (IVF)
+DEDUP_NPROBE = 8  # near-copies sit in the same or a neighbouring list: a few lists find them
+
+
+@dataclass(frozen=True)
+class DedupConfig:
+    """Which dataset and featureset, the cosine threshold, and where the results go (dedup/<name>/)."""
+
+    featureset: str
+    dataset: str
+    threshold: float = DEFAULT_THRESHOLD
+    neighbours: int = 10  # candidates per image; groups still chain through neighbours of neighbours
+    name: str | None = None
+    page_groups: int = 200  # groups drawn on the HTML page (all of them are in the table)
+    exact_max: int = EXACT_MAX
+    wait: float | None = None
+
+    def __post_init__(self) -> None:
+        check_name("featureset", self.featureset)
+        check_name("dataset", self.dataset)
+        check_name("dedup", self.out_name)
+        if not isinstance(self.threshold, (int, float)) or not 0 < self.threshold <= 1:
+            raise ConfigError(f"dedup threshold must be a cosine similarity in (0, 1], got {self.threshold!r}")
+        for key in ("neighbours", "page_groups", "exact_max"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise ConfigError(f"dedup {key} must be a positive integer, got {getattr(self, key)!r}")
+
+    @property
+    def out_name(self) -> str:
+        return self.name or self.dataset
+
+
+@dataclass(frozen=True)
+class DedupSummary:
+    """What `imgfeat dedup` found; ``to_json`` is its --json object."""
+
+    dataset: str
+    featureset: str
+    threshold: float
+    images: int
+    paths: int
+    missing_features: int
+    search: str
+    groups: int
+    grouped_paths: int
+    exact_duplicate_paths: int
+    groups_table: str
+    leaks: int
+    leaks_table: str
+    page: str
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Graph:
+    """Above-threshold pairs between unique images: ``a[k]`` ~ ``b[k]`` with similarity ``sim[k]``."""
+
+    a: np.ndarray
+    b: np.ndarray
+    sim: np.ndarray
+
+
+def similar_pairs(X: np.ndarray, threshold: float, k: int, exact_max: int = EXACT_MAX) -> tuple[Graph, str]:
+    """Pairs of rows of unit vectors ``X`` at or above ``threshold`` among each row's ``k`` nearest."""
+    n = len(X)
+    if n < 2:
+        return Graph(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)), "flat"
+    params = resolve_params("flat" if n <= exact_max else "ivf", n, nprobe=DEDUP_NPROBE)
+    index, params = build_in_memory(X, params)
+    sims, rows = knn(index, X, min(k + 1, n))
+    a = np.repeat(np.arange(n), rows.shape[1])
+    b, s = rows.ravel(), sims.ravel()
+    keep = (b >= 0) & (b != a) & (s >= threshold)
+    a, b, s = a[keep], b[keep], s[keep]
+    lo, hi = np.minimum(a, b), np.maximum(a, b)
+    _, first = np.unique(lo * n + hi, return_index=True)  # each pair once
+    return Graph(lo[first], hi[first], s[first]), params.kind
+
+
+def components(n: int, graph: Graph) -> np.ndarray:
+    """Connected-component label of each of ``n`` nodes (union-find over the pairs)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    m = coo_matrix((np.ones(len(graph.a)), (graph.a, graph.b)), shape=(n, n))
+    return connected_components(m, directed=False)[1]
+
+
+def best_partner(n: int, graph: Graph) -> tuple[np.ndarray, np.ndarray]:
+    """For each node, its most similar partner in the graph (-1 and 0 where it has none)."""
+    order = np.argsort(np.concatenate([graph.sim, graph.sim]), kind="stable")
+    src = np.concatenate([graph.a, graph.b])[order]
+    dst = np.concatenate([graph.b, graph.a])[order]
+    sim = np.concatenate([graph.sim, graph.sim])[order]
+    partner, best = np.full(n, -1, np.int64), np.zeros(n, np.float32)
+    partner[src], best[src] = dst, sim  # ascending order: the last (best) write wins
+    return partner, best
+
+
+@dataclass(frozen=True)
+class Images:
+    """A dataset's readable manifest rows joined to the unique images that have features."""
+
+    ids: list[str]  # unique images with a feature row (node k = ids[k])
+    X: np.ndarray  # their unit vectors
+    row_ids: list[str]  # per manifest row
+    row_paths: list[str]
+    row_splits: list[str | None]
+    missing: int  # unique images without a feature row
+
+
+def load_images(ws: Workspace, cfg: DedupConfig) -> Images:
+    table = manifest_rows(ws, cfg.dataset)
+    row_ids = table[S.IMAGE_ID].to_pylist()
+    ids, X = read_vectors(ws, cfg.featureset, row_ids)
+    missing = len(set(row_ids)) - len(ids)
+    if not ids:
+        raise ConfigError(f"featureset {cfg.featureset} has no features for dataset {cfg.dataset}; "
+                          f"run 'imgfeat extract --dataset {cfg.dataset}' first")
+    if missing:
+        log.warning("%d images of %s have no features in %s: they are left out", missing, cfg.dataset, cfg.featureset)
+    return Images(ids, X, row_ids, table[S.PATH].to_pylist(), table[S.SPLIT].to_pylist(), missing)
+
+
+def groups_table(im: Images, graph: Graph) -> pa.Table:
+    """One row per manifest path in a group of two or more paths (exact copies: nearest is itself)."""
+    n = len(im.ids)
+    node = {i: k for k, i in enumerate(im.ids)}
+    rows = [(node[i], p) for i, p in zip(im.row_ids, im.row_paths) if i in node]
+    paths_per_node = np.bincount([u for u, _ in rows], minlength=n)
+    comp = components(n, graph)
+    paths_per_comp = np.bincount(comp, weights=paths_per_node)
+    partner, best = best_partner(n, graph)
+    group_id: dict[int, str] = {}
+    for k in np.argsort(np.asarray(im.ids, dtype=object), kind="stable"):
+        group_id.setdefault(int(comp[k]), im.ids[k])  # the smallest image id names the group
+    out = []
+    for u, p in rows:
+        if paths_per_comp[comp[u]] < 2:
+            continue
+        exact = paths_per_node[u] > 1
+        nearest = im.ids[u] if exact else im.ids[partner[u]]
+        out.append((im.ids[u], group_id[int(comp[u])], nearest, 1.0 if exact else float(best[u]), p))
+    out.sort(key=lambda r: (r[1], -r[3], r[4]))
+    cols = list(zip(*out)) if out else [[]] * 5
+    return pa.table(dict(zip(S.DEDUP_GROUPS_SCHEMA.names, cols)), schema=S.DEDUP_GROUPS_SCHEMA)
+
+
+def leaks_table(im: Images, threshold: float, exact_max: int = EXACT_MAX) -> pa.Table:
+    """Held-out rows (split neither train nor empty) whose nearest training image is at or above threshold."""
+    node = {i: k for k, i in enumerate(im.ids)}
+    train_path: dict[str, str] = {}
+    held = []
+    for i, p, s in zip(im.row_ids, im.row_paths, im.row_splits):
+        if i not in node or s is None:
+            continue
+        if s == S.SPLIT_TRAIN:
+            train_path.setdefault(i, p)
+        else:
+            held.append((i, p, s))
+    if not train_path or not held:
+        return S.DEDUP_LEAKS_SCHEMA.empty_table()
+    train_ids = list(train_path)
+    sims, rows = _nearest_train(im, [node[i] for i in train_ids], [node[i] for i, _, _ in held], exact_max)
+    out = []
+    for (i, p, s), sim, r in zip(held, sims, rows):
+        if i in train_path:
+            nearest, sim = i, 1.0  # the very same content is in the training split
+        elif r >= 0:
+            nearest, sim = train_ids[r], float(sim)
+        else:
+            continue
+        if sim >= threshold:
+            out.append((i, p, s, nearest, train_path[nearest], S.SPLIT_TRAIN, sim))
+    out.sort(key=lambda r: (-r[6], r[1]))
+    cols = list(zip(*out)) if out else [[]] * 7
+    return pa.table(dict(zip(S.DEDUP_LEAKS_SCHEMA.names, cols)), schema=S.DEDUP_LEAKS_SCHEMA)
+
+
+def _nearest_train(im: Images, train_nodes: list[int], held_nodes: list[int], exact_max: int):
+    """Similarity and train row of each held-out image's nearest training image."""
+    T = im.X[train_nodes]
+    kind = "flat" if len(T) <= exact_max else "ivf"
+    index, _ = build_in_memory(T, resolve_params(kind, len(T), nprobe=DEDUP_NPROBE))
+    sims, rows = knn(index, im.X[held_nodes], 1)
+    return sims[:, 0], rows[:, 0]
+
+
+def run_dedup(ws: Workspace, cfg: DedupConfig, run_id: str) -> DedupSummary:
+    """Find groups and leaks; write groups.parquet, leaks.parquet, index.html under dedup/<name>/."""
+    from imgfeat.index.page import render_page
+
+    t0 = time.perf_counter()
+    featureset_info(ws, cfg.featureset)  # exit 2 for an unknown featureset
+    im = load_images(ws, cfg)
+    graph, kind = similar_pairs(im.X, cfg.threshold, cfg.neighbours, cfg.exact_max)
+    groups = groups_table(im, graph)
+    leaks = leaks_table(im, cfg.threshold, cfg.exact_max)
+    folder = ws.dedup_dir(cfg.out_name)
+    page = render_page(groups, leaks, dataset_root(ws, cfg.dataset), cfg, run_id)
+    with FileLock(ws.locks_dir / f"dedup-{cfg.out_name}.lock", f"dedup results {cfg.out_name}", cfg.wait):
+        remove_stale_tmp(folder)
+        write_table_atomic(groups, folder / GROUPS_FILE)
+        write_table_atomic(leaks, folder / LEAKS_FILE)
+        write_bytes_atomic(page.encode("utf-8"), folder / PAGE_FILE)
+        summary = _summary(cfg, im, kind, groups, leaks, folder, t0)
+        write_json_atomic({**summary.to_json(), "run_id": run_id}, folder / SUMMARY_FILE)
+    return summary
+
+
+def _summary(cfg: DedupConfig, im: Images, kind: str, groups: pa.Table, leaks: pa.Table, folder, t0: float):
+    group_ids = groups[S.GROUP_ID].to_pylist()
+    exact = sum(1 for i, n in zip(groups[S.IMAGE_ID].to_pylist(), groups[S.NEAREST_ID].to_pylist()) if i == n)
+    return DedupSummary(dataset=cfg.dataset, featureset=cfg.featureset, threshold=float(cfg.threshold),
+                        images=len(im.ids), paths=len(im.row_ids), missing_features=im.missing,
+                        search="exact" if kind == "flat" else f"approximate ({kind})", groups=len(set(group_ids)),
+                        grouped_paths=len(group_ids), exact_duplicate_paths=exact,
+                        groups_table=str(folder / GROUPS_FILE), leaks=leaks.num_rows,
+                        leaks_table=str(folder / LEAKS_FILE), page=str(folder / PAGE_FILE),
+                        seconds=round(time.perf_counter() - t0, 3))

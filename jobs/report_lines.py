@@ -31,6 +31,8 @@ def print_run_summary(ws: Workspace, summary: dict[str, Any]) -> None:
         print(f"predict  {key:<24} {s['written']} new rows")
     for name, s in summary.get("report", {}).items():
         print(f"report   {name:<24} {_rel(s['report'])}")
+    for name, s in summary.get("index", {}).items():
+        print(f"index    {name:<24} {s['rows']} images ({s['added']} added, kind {s['kind']})")
     for key, r in summary.get("error_rates", {}).items():
         if r["errors"]:
             print(f"errors   {key:<24} {r['errors']} of {r['images']} images ({r['rate']:.1%})")

@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="flat: exact; ivf, hnsw: approximate; auto: flat up to 50,000 rows, else ivf")
     p.add_argument("--nlist", type=positive_int, default=None, metavar="N", help="IVF lists (default ~4 sqrt(rows))")
     p.add_argument("--nprobe", type=positive_int, default=None, metavar="N",
-                   help="IVF lists searched per query (default max(8, nlist/10))")
+                   help="IVF lists searched per query (default max(8, nlist/16))")
     p.add_argument("--wait", type=float, default=None, metavar="SECONDS",
                    help="wait this long for another writer of the same index instead of failing")
 

@@ -44,14 +44,14 @@ def group_sets(table) -> list[set[str]]:
 @pytest.mark.quick
 @pytest.mark.parametrize("exact_max", [10_000, 10])  # exact search, and IVF forced by a tiny exact_max
 def test_groups_are_the_planted_copies_and_exact_duplicates(exact_max):
-    from imgfeat.index.dedup import groups_table, similar_pairs
+    from imgfeat.index.dedup import groups_table, nearest_neighbours, similar_pairs
 
     X, copies = planted(n=600 if exact_max == 10 else 60)
     n = len(X) - len(copies)
     im = images(X, extra_paths=[(5, "elsewhere/005.png", None)])
-    graph, kind = similar_pairs(im.X, 0.9, 10, exact_max=exact_max)
-    assert kind == ("flat" if exact_max > len(X) else "ivf")
-    table = groups_table(im, graph)
+    nb = nearest_neighbours(im.X, 10, exact_max=exact_max)
+    assert nb.kind == ("flat" if exact_max > len(X) else "ivf")
+    table = groups_table(im, similar_pairs(nb, 0.9))
     assert table.schema.equals(S.DEDUP_GROUPS_SCHEMA)
     p = lambda k: f"img/{k:03d}.png"  # noqa: E731
     assert group_sets(table) == sorted([{p(0), p(n)}, {p(1), p(n + 1), p(n + 2)}, {p(2), p(n + 3)},
@@ -64,23 +64,24 @@ def test_groups_are_the_planted_copies_and_exact_duplicates(exact_max):
 
 @pytest.mark.quick
 def test_no_groups_among_distinct_vectors():
-    from imgfeat.index.dedup import groups_table, similar_pairs
+    from imgfeat.index.dedup import groups_table, nearest_neighbours, similar_pairs
 
     X, copies = planted()
     im = images(X[: -len(copies)])
-    assert groups_table(im, similar_pairs(im.X, 0.9, 10)[0]).num_rows == 0
+    assert groups_table(im, similar_pairs(nearest_neighbours(im.X, 10), 0.9)).num_rows == 0
 
 
 @pytest.mark.quick
-def test_leaks_are_test_images_close_to_a_training_image():
-    from imgfeat.index.dedup import leaks_table
+@pytest.mark.parametrize("k", [10, 1])
+def test_leaks_are_test_images_close_to_a_training_image(k):
+    from imgfeat.index.dedup import leaks_table, nearest_neighbours
 
     X, copies = planted()
     n = len(X) - len(copies)
     splits = ["train"] * n + ["test", "train", "val", "test"]  # copies of 0 and 2 held out, 1 twice
     splits[7] = "test"  # a distinct held-out image: no leak
     im = images(X, splits, extra_paths=[(9, "test/009.png", "test")])  # same content in train and test
-    table = leaks_table(im, 0.9)
+    table = leaks_table(im, nearest_neighbours(im.X, k), 0.9)
     assert table.schema.equals(S.DEDUP_LEAKS_SCHEMA)
     got = {r[S.PATH]: (r[S.NEAREST_PATH], r[S.SPLIT], r[S.NEAREST_SPLIT]) for r in table.to_pylist()}
     assert got.pop(f"img/{n + 2:03d}.png") in {(p, "val", "train") for p in ("img/001.png", f"img/{n + 1:03d}.png")}
@@ -88,6 +89,23 @@ def test_leaks_are_test_images_close_to_a_training_image():
                    f"img/{n + 3:03d}.png": ("img/002.png", "test", "train"),
                    "test/009.png": ("img/009.png", "test", "train")}
     assert table[S.SIMILARITY].to_pylist()[0] == 1.0  # the exact copy first
+
+
+@pytest.mark.quick
+def test_a_leak_hidden_behind_held_out_copies_is_still_found():
+    """Two held-out copies nearer each other than the training original fill a 1-neighbour list."""
+    from imgfeat.index.dedup import leaks_table, nearest_neighbours
+
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((30, 64)).astype(np.float32)
+    twin = X[0] + 0.2 * rng.standard_normal(64).astype(np.float32)
+    X = np.concatenate([X, [twin, twin + 0.01 * rng.standard_normal(64).astype(np.float32)]])
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    im = images(X, ["train"] * 30 + ["test", "test"])
+    nb = nearest_neighbours(im.X, 1)
+    assert set(nb.rows[30].tolist()) - {-1} == {31}  # the list holds only the other copy
+    got = {r[S.PATH]: r[S.NEAREST_PATH] for r in leaks_table(im, nb, 0.9).to_pylist()}
+    assert got == {"img/030.png": "img/000.png", "img/031.png": "img/000.png"}
 
 
 @pytest.mark.quick

@@ -18,7 +18,7 @@ from imgfeat.core.errors import ConfigError, ImgfeatError, unknown_value
 from imgfeat.core.storage import FileLock, atomic_path, remove_stale_tmp, write_json_atomic, write_table_atomic
 from imgfeat.core.workspace import Workspace, check_name
 from imgfeat.extract.featureset import committed_ids, featureset_info
-from imgfeat.index.kinds import TRAIN_SAMPLE, IndexParams, add_in_chunks, check_kind, make_index, resolve_params, train
+from imgfeat.index.kinds import IndexParams, add_in_chunks, check_kind, make_index, resolve_params, train
 from imgfeat.index.vectors import first_paths, manifest_rows, read_vectors, scanned_datasets
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 IDS_FILE = "ids.parquet"  # the only table in the folder: pd.read_parquet(indexes/<name>) reads it
 PROVENANCE_FILE = "_index.json"  # the commit point: it names the index file and the rows it covers
 INDEX_PREFIX, INDEX_SUFFIX = "_index-", ".faiss"
-RETRAIN_GROWTH = 4  # an IVF index is retrained once it holds this many times the rows it was trained for
+RETRAIN_GROWTH = 4  # an IVF index is retrained once it holds this many times the rows it was trained on
 
 
 @dataclass(frozen=True)
@@ -232,7 +232,7 @@ def _needs_rebuild(prev: IndexParams, wanted: IndexParams, cfg: IndexConfig, tot
     if wanted.kind != prev.kind:
         return True
     if prev.kind == "ivf":
-        outgrown = prev.trained_on < total / RETRAIN_GROWTH and prev.trained_on < TRAIN_SAMPLE
+        outgrown = total > RETRAIN_GROWTH * prev.rows_at_training
         return outgrown or cfg.nlist not in (None, prev.nlist) or cfg.nprobe not in (None, prev.nprobe)
     if prev.kind == "hnsw":
         return (prev.hnsw_m, prev.ef_search) != (wanted.hnsw_m, wanted.ef_search)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -15,7 +16,7 @@ from imgfeat.core.errors import ConfigError
 from imgfeat.core.storage import FileLock, remove_stale_tmp, write_bytes_atomic, write_json_atomic, write_table_atomic
 from imgfeat.core.workspace import Workspace, check_name
 from imgfeat.extract.featureset import featureset_info
-from imgfeat.index.kinds import build_in_memory, knn, resolve_params
+from imgfeat.index.kinds import MIN_POINTS_PER_LIST, IndexParams, build_in_memory, knn, resolve_params
 from imgfeat.index.vectors import manifest_rows, read_vectors
 from imgfeat.scan.manifest import dataset_root
 
@@ -74,9 +75,19 @@ class DedupSummary:
     leaks_table: str
     page: str
     seconds: float
+    timings: dict[str, float] = field(default_factory=dict)  # read, neighbours, tables, page, write
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Neighbours:
+    """Each unique image's nearest other images: ``rows[u]`` (-1: none) and ``sims[u]``, best first."""
+
+    sims: np.ndarray
+    rows: np.ndarray
+    kind: str
 
 
 @dataclass(frozen=True)
@@ -88,21 +99,35 @@ class Graph:
     sim: np.ndarray
 
 
-def similar_pairs(X: np.ndarray, threshold: float, k: int, exact_max: int = EXACT_MAX) -> tuple[Graph, str]:
-    """Pairs of rows of unit vectors ``X`` at or above ``threshold`` among each row's ``k`` nearest."""
+def dedup_params(n: int, exact_max: int) -> IndexParams:
+    """Exact up to ``exact_max``; beyond, a coarse IVF (2 sqrt(n) lists, 8 probed): near-copies share a list."""
+    if n <= exact_max:
+        return resolve_params("flat", n)
+    nlist = max(1, min(int(2 * math.sqrt(n)), n // MIN_POINTS_PER_LIST))
+    return resolve_params("ivf", n, nlist=nlist, nprobe=DEDUP_NPROBE)
+
+
+def nearest_neighbours(X: np.ndarray, k: int, exact_max: int = EXACT_MAX) -> Neighbours:
+    """The ``k`` nearest other rows of every row of unit vectors ``X`` (one index over all of them)."""
     n = len(X)
     if n < 2:
-        return Graph(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)), "flat"
-    params = resolve_params("flat" if n <= exact_max else "ivf", n, nprobe=DEDUP_NPROBE)
-    index, params = build_in_memory(X, params)
+        return Neighbours(np.zeros((n, 0), np.float32), np.zeros((n, 0), np.int64), "flat")
+    index, params = build_in_memory(X, dedup_params(n, exact_max))
     sims, rows = knn(index, X, min(k + 1, n))
-    a = np.repeat(np.arange(n), rows.shape[1])
-    b, s = rows.ravel(), sims.ravel()
-    keep = (b >= 0) & (b != a) & (s >= threshold)
+    rows[rows == np.arange(n)[:, None]] = -1  # an image is not its own neighbour
+    return Neighbours(sims, rows, params.kind)
+
+
+def similar_pairs(nb: Neighbours, threshold: float) -> Graph:
+    """Each pair of images at or above ``threshold`` (found among the neighbour lists) once."""
+    n = len(nb.rows)
+    a = np.repeat(np.arange(n), nb.rows.shape[1])
+    b, s = nb.rows.ravel(), nb.sims.ravel()
+    keep = (b >= 0) & (s >= threshold)
     a, b, s = a[keep], b[keep], s[keep]
     lo, hi = np.minimum(a, b), np.maximum(a, b)
-    _, first = np.unique(lo * n + hi, return_index=True)  # each pair once
-    return Graph(lo[first], hi[first], s[first]), params.kind
+    _, first = np.unique(lo * n + hi, return_index=True)
+    return Graph(lo[first], hi[first], s[first])
 
 
 def components(n: int, graph: Graph) -> np.ndarray:
@@ -174,69 +199,94 @@ def groups_table(im: Images, graph: Graph) -> pa.Table:
     return pa.table(dict(zip(S.DEDUP_GROUPS_SCHEMA.names, cols)), schema=S.DEDUP_GROUPS_SCHEMA)
 
 
-def leaks_table(im: Images, threshold: float, exact_max: int = EXACT_MAX) -> pa.Table:
+def leaks_table(im: Images, nb: Neighbours, threshold: float) -> pa.Table:
     """Held-out rows (split neither train nor empty) whose nearest training image is at or above threshold."""
     node = {i: k for k, i in enumerate(im.ids)}
     train_path: dict[str, str] = {}
     held = []
     for i, p, s in zip(im.row_ids, im.row_paths, im.row_splits):
-        if i not in node or s is None:
-            continue
-        if s == S.SPLIT_TRAIN:
-            train_path.setdefault(i, p)
-        else:
-            held.append((i, p, s))
+        if i in node and s is not None:
+            if s == S.SPLIT_TRAIN:
+                train_path.setdefault(i, p)
+            else:
+                held.append((i, p, s))
     if not train_path or not held:
         return S.DEDUP_LEAKS_SCHEMA.empty_table()
-    train_ids = list(train_path)
-    sims, rows = _nearest_train(im, [node[i] for i in train_ids], [node[i] for i, _, _ in held], exact_max)
+    is_train = np.zeros(len(im.ids), bool)
+    is_train[[node[i] for i in train_path]] = True
+    sims, rows = nearest_train(im.X, nb, is_train, np.array([node[i] for i, _, _ in held]), threshold)
     out = []
-    for (i, p, s), sim, r in zip(held, sims, rows):
+    for (i, p, s), sim, r in zip(held, sims.tolist(), rows.tolist()):
         if i in train_path:
-            nearest, sim = i, 1.0  # the very same content is in the training split
-        elif r >= 0:
-            nearest, sim = train_ids[r], float(sim)
-        else:
-            continue
-        if sim >= threshold:
-            out.append((i, p, s, nearest, train_path[nearest], S.SPLIT_TRAIN, sim))
+            out.append((i, p, s, i, train_path[i], S.SPLIT_TRAIN, 1.0))  # the very same content is in train
+        elif r >= 0 and sim >= threshold:
+            out.append((i, p, s, im.ids[r], train_path[im.ids[r]], S.SPLIT_TRAIN, sim))
     out.sort(key=lambda r: (-r[6], r[1]))
     cols = list(zip(*out)) if out else [[]] * 7
     return pa.table(dict(zip(S.DEDUP_LEAKS_SCHEMA.names, cols)), schema=S.DEDUP_LEAKS_SCHEMA)
 
 
-def _nearest_train(im: Images, train_nodes: list[int], held_nodes: list[int], exact_max: int):
-    """Similarity and train row of each held-out image's nearest training image."""
-    T = im.X[train_nodes]
-    kind = "flat" if len(T) <= exact_max else "ivf"
-    index, _ = build_in_memory(T, resolve_params(kind, len(T), nprobe=DEDUP_NPROBE))
-    sims, rows = knn(index, im.X[held_nodes], 1)
-    return sims[:, 0], rows[:, 0]
+def nearest_train(X: np.ndarray, nb: Neighbours, is_train: np.ndarray, nodes: np.ndarray,
+                  threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Similarity and node of the nearest training image of each of ``nodes`` (-1 where none is close).
+
+    The first training image in a node's neighbour list is its nearest. A list holding no training
+    image while its last entry is still above the threshold may have cut one off: those few
+    nodes are compared with every training image exactly.
+    """
+    rows, sims = nb.rows[nodes], nb.sims[nodes]
+    mask = (rows >= 0) & is_train[np.maximum(rows, 0)]
+    first = mask.argmax(axis=1)
+    found = mask.any(axis=1)
+    best_rows = np.where(found, rows[np.arange(len(nodes)), first], -1)
+    best_sims = np.where(found, sims[np.arange(len(nodes)), first], -np.inf).astype(np.float32)
+    cut = ~found & (rows.shape[1] > 0) & (sims[:, -1:].min(axis=1, initial=np.inf) >= threshold)
+    for k in np.flatnonzero(cut):
+        s = X @ X[nodes[k]]
+        s[~is_train] = -np.inf
+        best_rows[k], best_sims[k] = int(s.argmax()), float(s.max())
+    return best_sims, best_rows
 
 
 def run_dedup(ws: Workspace, cfg: DedupConfig, run_id: str) -> DedupSummary:
     """Find groups and leaks; write groups.parquet, leaks.parquet, index.html under dedup/<name>/."""
     from imgfeat.index.page import render_page
 
-    t0 = time.perf_counter()
+    clock = _Clock()
     featureset_info(ws, cfg.featureset)  # exit 2 for an unknown featureset
-    im = load_images(ws, cfg)
-    graph, kind = similar_pairs(im.X, cfg.threshold, cfg.neighbours, cfg.exact_max)
-    groups = groups_table(im, graph)
-    leaks = leaks_table(im, cfg.threshold, cfg.exact_max)
+    im = clock.lap("read", load_images(ws, cfg))
+    nb = clock.lap("neighbours", nearest_neighbours(im.X, cfg.neighbours, cfg.exact_max))
+    groups = groups_table(im, similar_pairs(nb, cfg.threshold))
+    leaks = clock.lap("tables", leaks_table(im, nb, cfg.threshold))
     folder = ws.dedup_dir(cfg.out_name)
-    page = render_page(groups, leaks, dataset_root(ws, cfg.dataset), cfg, run_id)
+    page = clock.lap("page", render_page(groups, leaks, dataset_root(ws, cfg.dataset), cfg, run_id))
     with FileLock(ws.locks_dir / f"dedup-{cfg.out_name}.lock", f"dedup results {cfg.out_name}", cfg.wait):
         remove_stale_tmp(folder)
         write_table_atomic(groups, folder / GROUPS_FILE)
         write_table_atomic(leaks, folder / LEAKS_FILE)
         write_bytes_atomic(page.encode("utf-8"), folder / PAGE_FILE)
-        summary = _summary(cfg, im, kind, groups, leaks, folder, t0)
+        clock.lap("write", None)
+        summary = _summary(cfg, im, nb.kind, groups, leaks, folder, clock)
         write_json_atomic({**summary.to_json(), "run_id": run_id}, folder / SUMMARY_FILE)
     return summary
 
 
-def _summary(cfg: DedupConfig, im: Images, kind: str, groups: pa.Table, leaks: pa.Table, folder, t0: float):
+class _Clock:
+    """Seconds per step of a run, for the summary's ``timings``."""
+
+    def __init__(self) -> None:
+        self.t0 = self.last = time.perf_counter()
+        self.timings: dict[str, float] = {}
+
+    def lap(self, name: str, value):
+        now = time.perf_counter()
+        self.timings[name] = round(now - self.last, 3)
+        self.last = now
+        return value
+
+
+def _summary(cfg: DedupConfig, im: Images, kind: str, groups: pa.Table, leaks: pa.Table, folder,
+             clock: _Clock) -> DedupSummary:
     group_ids = groups[S.GROUP_ID].to_pylist()
     exact = sum(1 for i, n in zip(groups[S.IMAGE_ID].to_pylist(), groups[S.NEAREST_ID].to_pylist()) if i == n)
     return DedupSummary(dataset=cfg.dataset, featureset=cfg.featureset, threshold=float(cfg.threshold),
@@ -245,4 +295,4 @@ def _summary(cfg: DedupConfig, im: Images, kind: str, groups: pa.Table, leaks: p
                         grouped_paths=len(group_ids), exact_duplicate_paths=exact,
                         groups_table=str(folder / GROUPS_FILE), leaks=leaks.num_rows,
                         leaks_table=str(folder / LEAKS_FILE), page=str(folder / PAGE_FILE),
-                        seconds=round(time.perf_counter() - t0, 3))
+                        seconds=round(time.perf_counter() - clock.t0, 3), timings=clock.timings)

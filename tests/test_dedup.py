@@ -42,15 +42,17 @@ def group_sets(table) -> list[set[str]]:
 
 
 @pytest.mark.quick
-@pytest.mark.parametrize("exact_max", [10_000, 10])  # exact search, and IVF forced by a tiny exact_max
-def test_groups_are_the_planted_copies_and_exact_duplicates(exact_max):
+# exact search; IVF forced by a tiny exact_max; IVF over principal components (dim > CANDIDATE_DIMS)
+@pytest.mark.parametrize("exact_max, dim", [(10_000, 64), (10, 64), (10, 320)])
+def test_groups_are_the_planted_copies_and_exact_duplicates(exact_max, dim):
     from imgfeat.index.dedup import groups_table, nearest_neighbours, similar_pairs
 
-    X, copies = planted(n=600 if exact_max == 10 else 60)
+    X, copies = planted(n=600 if exact_max == 10 else 60, dim=dim)
     n = len(X) - len(copies)
     im = images(X, extra_paths=[(5, "elsewhere/005.png", None)])
     nb = nearest_neighbours(im.X, 10, exact_max=exact_max)
     assert nb.kind == ("flat" if exact_max > len(X) else "ivf")
+    np.testing.assert_allclose(nb.sims[:, 1], np.einsum("nd,nd->n", X, X[nb.rows[:, 1]]), atol=1e-5)  # exact
     table = groups_table(im, similar_pairs(nb, 0.9))
     assert table.schema.equals(S.DEDUP_GROUPS_SCHEMA)
     p = lambda k: f"img/{k:03d}.png"  # noqa: E731

@@ -16,7 +16,8 @@ from imgfeat.core.errors import ConfigError
 from imgfeat.core.storage import FileLock, remove_stale_tmp, write_bytes_atomic, write_json_atomic, write_table_atomic
 from imgfeat.core.workspace import Workspace, check_name
 from imgfeat.extract.featureset import featureset_info
-from imgfeat.index.kinds import MIN_POINTS_PER_LIST, IndexParams, build_in_memory, knn, resolve_params
+from imgfeat.index.kinds import (MIN_POINTS_PER_LIST, IndexParams, build_in_memory, knn, reduce_dims, rescore,
+                                  resolve_params)
 from imgfeat.index.vectors import manifest_rows, read_vectors
 from imgfeat.scan.manifest import dataset_root
 
@@ -26,6 +27,7 @@ DEFAULT_THRESHOLD = 0.9  # lite0 features: copies >= 0.91, distinct photos <= 0.
 GROUPS_FILE, LEAKS_FILE, PAGE_FILE, SUMMARY_FILE = "groups.parquet", "leaks.parquet", "index.html", "_dedup.json"
 EXACT_MAX = 20_000  # above this many images the neighbour search is approximate (IVF)
 DEDUP_NPROBE = 8  # near-copies sit in the same or a neighbouring list: a few lists find them
+CANDIDATE_DIMS = 256  # approximate search finds candidates on this many principal components
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,7 @@ class DedupSummary:
     images: int
     paths: int
     missing_features: int
-    search: str
+    search: str  # "exact", or "approximate (ivf)": candidates on CANDIDATE_DIMS components, rescored exactly
     groups: int
     grouped_paths: int
     exact_duplicate_paths: int
@@ -108,12 +110,21 @@ def dedup_params(n: int, exact_max: int) -> IndexParams:
 
 
 def nearest_neighbours(X: np.ndarray, k: int, exact_max: int = EXACT_MAX) -> Neighbours:
-    """The ``k`` nearest other rows of every row of unit vectors ``X`` (one index over all of them)."""
+    """The ``k`` nearest other rows of every row of unit vectors ``X``, with exact similarities.
+
+    Up to ``exact_max`` rows the search is exact. Beyond, candidates come from an IVF index over
+    the vectors' first CANDIDATE_DIMS principal components and are rescored on the full vectors.
+    """
     n = len(X)
     if n < 2:
         return Neighbours(np.zeros((n, 0), np.float32), np.zeros((n, 0), np.int64), "flat")
-    index, params = build_in_memory(X, dedup_params(n, exact_max))
-    sims, rows = knn(index, X, min(k + 1, n))
+    params = dedup_params(n, exact_max)
+    Y = reduce_dims(X, CANDIDATE_DIMS) if params.kind != "flat" and X.shape[1] > CANDIDATE_DIMS else X
+    index, params = build_in_memory(Y, params)
+    sims, rows = knn(index, Y, min(k + 1, n))
+    del index
+    if Y is not X:
+        sims, rows = rescore(X, rows)
     rows[rows == np.arange(n)[:, None]] = -1  # an image is not its own neighbour
     return Neighbours(sims, rows, params.kind)
 

@@ -127,6 +127,39 @@ def knn(index, Q: np.ndarray, k: int, chunk_rows: int = 8192) -> tuple[np.ndarra
     return sims, rows
 
 
+def reduce_dims(X: np.ndarray, dim: int, seed: int = 0, sample: int = TRAIN_SAMPLE,
+                chunk_rows: int = 65_536) -> np.ndarray:
+    """Unit vectors projected on their ``dim`` principal components (PCA fitted on a seeded sample), renormalised.
+
+    Cosines there rank candidates nearly as the full vectors do, at a fraction of the cost.
+    """
+    import faiss
+
+    pca = faiss.PCAMatrix(X.shape[1], dim)
+    rows = np.sort(np.random.default_rng(seed).permutation(len(X))[:sample])
+    pca.train(np.ascontiguousarray(X[rows]))
+    Y = np.empty((len(X), dim), dtype=np.float32)
+    for start in range(0, len(X), chunk_rows):
+        Y[start : start + chunk_rows] = pca.apply(np.ascontiguousarray(X[start : start + chunk_rows]))
+    norms = np.linalg.norm(Y, axis=1, keepdims=True)
+    np.divide(Y, norms, out=Y, where=norms > 0)
+    return Y
+
+
+def rescore(X: np.ndarray, rows: np.ndarray, chunk_rows: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """Exact cosines of candidate ``rows`` (-1: none) of every row of ``X``, re-sorted best first."""
+    sims = np.full(rows.shape, -np.inf, dtype=np.float32)
+    out_rows = rows.copy()
+    for start in range(0, len(X), chunk_rows):
+        r = rows[start : start + chunk_rows]
+        s = np.einsum("cd,ckd->ck", X[start : start + chunk_rows], X[np.maximum(r, 0)])
+        s[r < 0] = -np.inf
+        order = np.argsort(-s, axis=1, kind="stable")
+        sims[start : start + chunk_rows] = np.take_along_axis(s, order, axis=1)
+        out_rows[start : start + chunk_rows] = np.take_along_axis(r, order, axis=1)
+    return sims, out_rows
+
+
 def build_in_memory(X: np.ndarray, params: IndexParams):
     """Make, train and fill an index from unit vectors; returns ``(index, params)``."""
     index = make_index(params, X.shape[1])

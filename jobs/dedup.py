@@ -41,7 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="cosine similarity at or above which two images are near-duplicates")
     p.add_argument("--neighbours", type=positive_int, default=10, metavar="K",
                    help="candidate neighbours looked at per image")
-    p.add_argument("--name", default=None, metavar="NAME", help="output folder name under dedup/ (default: the dataset)")
+    p.add_argument("--name", default=None, metavar="NAME",
+                   help="output folder name under dedup/ (default: the dataset)")
 
 
 def handle(args: argparse.Namespace, ctx: JobContext) -> dict:

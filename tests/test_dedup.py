@@ -43,11 +43,11 @@ def group_sets(table) -> list[set[str]]:
 
 @pytest.mark.quick
 # exact search; IVF forced by a tiny exact_max; IVF over principal components (dim > CANDIDATE_DIMS)
-@pytest.mark.parametrize("exact_max, dim", [(10_000, 64), (10, 64), (10, 320)])
+@pytest.mark.parametrize("exact_max, dim", [(10_000, 64), (10, 64), (10, 272)])
 def test_groups_are_the_planted_copies_and_exact_duplicates(exact_max, dim):
     from imgfeat.index.dedup import groups_table, nearest_neighbours, similar_pairs
 
-    X, copies = planted(n=600 if exact_max == 10 else 60, dim=dim)
+    X, copies = planted(n=400 if exact_max == 10 else 60, dim=dim)
     n = len(X) - len(copies)
     im = images(X, extra_paths=[(5, "elsewhere/005.png", None)])
     nb = nearest_neighbours(im.X, 10, exact_max=exact_max)

@@ -94,7 +94,8 @@ def render_page(groups: pa.Table, leaks: pa.Table, root: Path, cfg, run_id: str)
             f"{n_groups} groups ({groups.num_rows} files) · {leaks.num_rows} split leaks · run {html.escape(run_id)}")
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1><div class=\"meta\">{meta}</div>"
-            f"<h2>Split leaks: held-out images close to a training image</h2>{_leaks_html(leaks, root, cfg.page_groups)}"
+            "<h2>Split leaks: held-out images close to a training image</h2>"
+            f"{_leaks_html(leaks, root, cfg.page_groups)}"
             f"<h2>Groups</h2><p class=\"meta\">Each group is a set of files whose features are this similar "
             f"(exact copies show 1.000); the number under a file is its similarity to its nearest in the group.</p>"
             f"{_groups_html(groups, root, cfg.page_groups)}</body></html>")

@@ -108,7 +108,8 @@ class Index:
         labels = list(labels) if labels is not None else [str(r) for r in range(len(X))]
         query_ids = list(query_ids) if query_ids is not None else [None] * len(X)
         sims, rows = knn(self.faiss, normalise(X.copy()), min(k + 1, len(self)))
-        return [QueryResult(q, qid, self._neighbours(s, r, qid, k)) for q, qid, s, r in zip(labels, query_ids, sims, rows)]
+        return [QueryResult(q, qid, self._neighbours(s, r, qid, k))
+                for q, qid, s, r in zip(labels, query_ids, sims, rows)]
 
     def search_ids(self, image_ids: Sequence[str], k: int = 10) -> list[QueryResult]:
         """Neighbours of images already in the featureset, by image id."""

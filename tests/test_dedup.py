@@ -200,3 +200,19 @@ def test_real_photos_dedup_similar_and_page(ws, tmp_path, keras_home, capsys):
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["results"][0]
     assert [shows[Path(n["path"]).relative_to(root).as_posix()] for n in res["neighbours"]] == ["chelsea"] * 3
     assert res["neighbours"][0]["similarity"] > 0.9
+
+
+@pytest.mark.quick
+def test_dedup_bad_input_is_a_clear_error(ws):
+    from imgfeat.core.errors import ConfigError
+    from imgfeat.index.dedup import DedupConfig, run_dedup
+
+    X, _ = planted(n=10)
+    write_featureset(ws, "fs", [fake_image_id("d", k) for k in range(len(X))], X, dtype="float32")
+    write_manifest(ws, "other", [{"image_id": fake_image_id("o", 0), "path": "a.png", "status": "ok"}], ws.root)
+    with pytest.raises(ConfigError, match="unknown featureset 'nope'"):
+        run_dedup(ws, DedupConfig(featureset="nope", dataset="other"), "run1")
+    with pytest.raises(ConfigError, match="featureset fs has no features for dataset other"):
+        run_dedup(ws, DedupConfig(featureset="fs", dataset="other"), "run1")
+    with pytest.raises(ConfigError, match="threshold must be a cosine similarity in \\(0, 1\\], got 1.5"):
+        DedupConfig(featureset="fs", dataset="other", threshold=1.5)

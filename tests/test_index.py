@@ -204,3 +204,15 @@ def test_list_indexes_is_typed(ws):
     infos = list_indexes(ws)
     assert [(i.name, i.kind, i.rows, i.featureset) for i in infos] == [("a", "hnsw", 40, "fs"), ("b", "flat", 40, "fs")]
     assert json.loads(json.dumps(infos[0].to_json()))["params"]["hnsw_m"] == 32
+
+
+@pytest.mark.quick
+def test_a_second_writer_of_the_same_index_fails_fast(ws):
+    from imgfeat.core.errors import LockBusyError
+    from imgfeat.core.storage import FileLock
+
+    make_fs(ws, "fs", clustered(20))
+    with FileLock(ws.locks_dir / "index-ix.lock", "index ix"):
+        with pytest.raises(LockBusyError, match="index ix is being written by another process"):
+            build(ws, "fs", name="ix")
+    assert build(ws, "fs", name="ix").rows == 20

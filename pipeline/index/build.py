@@ -18,7 +18,7 @@ from imgfeat.core.errors import ConfigError, ImgfeatError, unknown_value
 from imgfeat.core.storage import FileLock, atomic_path, remove_stale_tmp, write_json_atomic, write_table_atomic
 from imgfeat.core.workspace import Workspace, check_name
 from imgfeat.extract.featureset import committed_ids, featureset_info
-from imgfeat.index.kinds import IndexParams, add_in_chunks, check_kind, make_index, resolve_params, train
+from imgfeat.index.kinds import IndexParams, add_in_chunks, check_kind, import_faiss, make_index, resolve_params, train
 from imgfeat.index.vectors import first_paths, manifest_rows, read_vectors, scanned_datasets
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ def read_ids(ws: Workspace, info: IndexInfo) -> pa.Table:
 
 def read_faiss(ws: Workspace, info: IndexInfo):
     """The committed FAISS index (FAISS' own format: reading it runs no code of ours or pickles)."""
-    import faiss
+    faiss = import_faiss()
 
     index = faiss.read_index(str(ws.index_dir(info.name) / info.index_file))
     if index.ntotal != info.rows:
@@ -273,7 +273,7 @@ def _id_rows(ws: Workspace, cfg: IndexConfig, ids: list[str]) -> pa.Table:
 def _commit(ws: Workspace, cfg: IndexConfig, fs_info: dict, prev: IndexInfo | None, index,
             params: IndexParams, table: pa.Table, run_id: str) -> IndexInfo:
     """Index file (new name), ids.parquet (old rows stay its prefix), then the provenance: the commit."""
-    import faiss
+    faiss = import_faiss()
 
     folder = ws.index_dir(cfg.index_name)
     index_file = f"{INDEX_PREFIX}{run_id}{INDEX_SUFFIX}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -17,6 +18,14 @@ AUTO_FLAT_MAX = 50_000
 TRAIN_SAMPLE = 40_000  # rows an IVF quantizer is trained on (k-means cost grows with it)
 MIN_POINTS_PER_LIST = 39  # FAISS wants at least this many training points per IVF list
 TRAIN_ITERATIONS = 10  # k-means rounds (FAISS' default, 25, costs 2.5x for little recall)
+
+
+def import_faiss():
+    """FAISS, imported on first use; its loader's INFO lines about CPU builds are not for people."""
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    import faiss
+
+    return faiss
 
 
 @dataclass(frozen=True)
@@ -76,7 +85,7 @@ def default_nprobe(nlist: int) -> int:
 
 def make_index(params: IndexParams, dim: int):
     """An empty FAISS index of the kind (inner-product metric)."""
-    import faiss
+    faiss = import_faiss()
 
     if params.kind == "flat":
         return faiss.IndexFlatIP(dim)
@@ -133,7 +142,7 @@ def reduce_dims(X: np.ndarray, dim: int, seed: int = 0, sample: int = TRAIN_SAMP
 
     Cosines there rank candidates nearly as the full vectors do, at a fraction of the cost.
     """
-    import faiss
+    faiss = import_faiss()
 
     pca = faiss.PCAMatrix(X.shape[1], dim)
     rows = np.sort(np.random.default_rng(seed).permutation(len(X))[:sample])

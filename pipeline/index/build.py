@@ -244,6 +244,10 @@ def _fresh(ws: Workspace, cfg: IndexConfig, params: IndexParams, old: pa.Table, 
     old_ids = old[S.IMAGE_ID].to_pylist()
     ids, X = read_vectors(ws, cfg.featureset, new.union(old_ids))
     pos = {i: k for k, i in enumerate(ids)}
+    gone = [i for i in old_ids if i not in pos]
+    if gone:
+        raise ImgfeatError(f"index {cfg.index_name}: {len(gone)} of its images (e.g. {gone[0]}) no longer have a "
+                           f"feature row in {cfg.featureset}; build a new index under another --name")
     order = [pos[i] for i in old_ids] + [k for k, i in enumerate(ids) if i in new]
     if order != list(range(len(ids))):
         X = X[order]

@@ -40,6 +40,8 @@ def print_run_summary(ws: Workspace, summary: RunSummary) -> None:
         print(f"predict  {key:<24} {stage_value(s, 'written')} new rows")
     for name, s in summary.report.items():
         print(f"report   {name:<24} {_rel(stage_value(s, 'report'))}")
+    for name, s in summary.index.items():
+        print(f"index    {name:<24} {s.rows} images ({s.added} added, kind {s.kind})")
     for key, r in summary.error_rates.items():
         if r.errors:
             print(f"errors   {key:<24} {r.errors} of {r.images} images ({r.rate:.1%})")

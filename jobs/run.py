@@ -17,8 +17,9 @@ model work and ends in seconds; after 100 new images it extracts 100 images. A c
 resumes where it stopped. Two overlapping runs take turns per stage (see --wait).
 
 Job file sections: [run] (max_error_rate, executor, wait), [datasets.NAME] (root plus scan
-options), [features.NAME] (backbone plus extract options, datasets = [...]) and
-[heads.NAME] (dataset, features, head plus train options, predict = [...], report).
+options), [features.NAME] (backbone plus extract options, datasets = [...]),
+[heads.NAME] (dataset, features, head plus train options, predict = [...], report) and
+[indexes.NAME] (features, datasets = [...], kind plus index options: kept current after extract).
 """
 
 EPILOG = """\

@@ -41,6 +41,13 @@ KEPT_PATH = "kept_path"
 REASON_DUPLICATE = "duplicate"  # same bytes as kept_path, which is used instead
 REASON_CONFLICT = "conflicting_labels"  # copies of one image under different labels
 
+DATASET = "dataset"
+GROUP_ID = "group_id"
+NEAREST_ID = "nearest_id"
+NEAREST_PATH = "nearest_path"
+NEAREST_SPLIT = "nearest_split"
+SIMILARITY = "similarity"
+
 # --- manifest status codes ---
 STATUS_OK = "ok"
 STATUS_EMPTY = "empty"
@@ -147,6 +154,39 @@ HEAD_ROWS_SCHEMA = pa.schema(
         pa.field(IMAGE_ID, pa.string(), nullable=False),
         pa.field(LABEL, pa.string(), nullable=False),
         pa.field(ROLE, pa.string(), nullable=False),  # ROLE_TRAIN or ROLE_TEST
+    ]
+)
+
+# An index's row order: row k of the FAISS index is image_id k (path: one manifest path of it).
+INDEX_IDS_SCHEMA = pa.schema(
+    [
+        pa.field(IMAGE_ID, pa.string(), nullable=False),
+        pa.field(DATASET, pa.string()),
+        pa.field(PATH, pa.string()),
+    ]
+)
+
+# Near-duplicate groups: one row per manifest path in a group of two or more paths.
+DEDUP_GROUPS_SCHEMA = pa.schema(
+    [
+        pa.field(IMAGE_ID, pa.string(), nullable=False),
+        pa.field(GROUP_ID, pa.string(), nullable=False),
+        pa.field(NEAREST_ID, pa.string(), nullable=False),
+        pa.field(SIMILARITY, pa.float32(), nullable=False),
+        pa.field(PATH, pa.string(), nullable=False),
+    ]
+)
+
+# Split leaks: a held-out image whose nearest training image is above the threshold.
+DEDUP_LEAKS_SCHEMA = pa.schema(
+    [
+        pa.field(IMAGE_ID, pa.string(), nullable=False),
+        pa.field(PATH, pa.string(), nullable=False),
+        pa.field(SPLIT, pa.string(), nullable=False),
+        pa.field(NEAREST_ID, pa.string(), nullable=False),
+        pa.field(NEAREST_PATH, pa.string(), nullable=False),
+        pa.field(NEAREST_SPLIT, pa.string(), nullable=False),
+        pa.field(SIMILARITY, pa.float32(), nullable=False),
     ]
 )
 

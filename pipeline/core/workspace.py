@@ -64,6 +64,13 @@ class Workspace:
     def report_dir(self, head_id: str) -> Path:
         return self.root / "reports" / check_name("head", head_id)
 
+    # nearest-neighbour indexes and near-duplicate reports
+    def index_dir(self, index: str) -> Path:
+        return self.root / "indexes" / check_name("index", index)
+
+    def dedup_dir(self, name: str) -> Path:
+        return self.root / "dedup" / check_name("dedup", name)
+
     # runs and locks
     @property
     def runs_dir(self) -> Path:

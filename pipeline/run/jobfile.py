@@ -12,12 +12,14 @@ from imgfeat.core.errors import ConfigError
 from imgfeat.core.workspace import check_name
 
 EXECUTORS = ("local", "ray")
-SECTIONS = ("run", "datasets", "features", "heads")
+SECTIONS = ("run", "datasets", "features", "heads", "indexes")
 RUN_KEYS = ("max_error_rate", "executor", "wait", "workspace")
 # Keys of a [features.NAME] table that are not ExtractConfig fields.
 FEATURE_KEYS = ("datasets",)
 # Keys of a [heads.NAME] table that are not TrainConfig fields.
 HEAD_KEYS = ("features", "predict", "report")
+# Keys of an [indexes.NAME] table that are not IndexConfig fields.
+INDEX_KEYS = ("features", "datasets")
 # Config fields holding paths: relative values are resolved against the job file's folder.
 PATH_KEYS = ("root", "labels_csv")
 
@@ -44,6 +46,16 @@ class HeadJob:
 
 
 @dataclass(frozen=True)
+class IndexJob:
+    """A nearest-neighbour index over one featureset recipe's rows of some datasets, kept current."""
+
+    name: str
+    features: str
+    datasets: tuple[str, ...]
+    options: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class JobSpec:
     """A whole job file, checked: every name it refers to exists."""
 
@@ -56,6 +68,7 @@ class JobSpec:
     wait: float | None = None
     workspace: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    indexes: tuple[IndexJob, ...] = ()
 
 
 def load_job(path: Path, overrides: tuple[str, ...] = (), workspace: Path | None = None) -> JobSpec:
@@ -107,7 +120,8 @@ def parse_job(doc: dict[str, Any], base: Path, source: str, workspace: Path | No
     rate = run.get("max_error_rate")
     if rate is not None and not (isinstance(rate, (int, float)) and 0 <= rate <= 1):
         raise ConfigError(f"[run] max_error_rate must be a number from 0 to 1, got {rate!r}")
-    return JobSpec(source, datasets, features, heads, rate, executor, run.get("wait"), ws_text)
+    indexes = tuple(_index_job(n, o, features) for n, o in _tables(doc, "indexes").items())
+    return JobSpec(source, datasets, features, heads, rate, executor, run.get("wait"), ws_text, indexes=indexes)
 
 
 def _tables(doc: dict[str, Any], section: str) -> dict[str, dict[str, Any]]:
@@ -172,6 +186,22 @@ def _head_job(name: str, opts: dict[str, Any], datasets: dict, features: tuple) 
     _must_exist(predict, list(fjob.datasets), "dataset", f"{where} predict (features {feats!r})")
     report = opts.pop("report", True)
     return HeadJob(check_name("head", name), dataset, feats, opts, predict, bool(report))
+
+
+def _index_job(name: str, opts: dict[str, Any], features: tuple) -> IndexJob:
+    opts = dict(opts)
+    where = f"[indexes.{name}]"
+    if "features" not in opts:
+        raise ConfigError(f"{where} needs 'features = ...' (a [features.NAME] of this job file)")
+    feats = opts.pop("features")
+    _must_exist((feats,), [f.name for f in features], "features", where)
+    fjob = next(f for f in features if f.name == feats)
+    chosen = _names(opts.pop("datasets", list(fjob.datasets)), f"{where} datasets")
+    _must_exist(chosen, list(fjob.datasets), "dataset", f"{where} datasets (features {feats!r})")
+    for key in ("name", "featureset"):
+        if key in opts:
+            raise ConfigError(f"{where}: {key!r} is set by the job file (the table name and 'features')")
+    return IndexJob(check_name("index", name), feats, chosen, opts)
 
 
 def build_config(cls: type, values: dict[str, Any], where: str, **fixed: Any) -> Any:

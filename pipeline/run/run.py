@@ -14,14 +14,14 @@ import pyarrow.compute as pc
 from imgfeat.core import names
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ErrorRateExceeded
-from imgfeat.run.jobfile import FeatureJob, HeadJob, JobSpec, build_config
+from imgfeat.run.jobfile import FeatureJob, HeadJob, IndexJob, JobSpec, build_config
 from imgfeat.run.summary import ErrorRate, RunSummary, stage_json, stage_value
 from imgfeat.core.storage import FileLock
 from imgfeat.core.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
-STAGES = ("scan", "extract", "train", "predict", "report")
+STAGES = ("scan", "extract", "train", "predict", "report", "index")
 
 
 @contextlib.contextmanager
@@ -54,6 +54,13 @@ def train_config(hjob: HeadJob, featureset: str):
     )
 
 
+def index_config(ijob: IndexJob, featureset: str):
+    from imgfeat.index import IndexConfig
+
+    return build_config(IndexConfig, ijob.options, f"[indexes.{ijob.name}]", featureset=featureset,
+                        datasets=ijob.datasets, name=ijob.name)
+
+
 def check_job(job: JobSpec) -> None:
     """Build every stage config up front, so a typo fails before any work is done."""
     for name in job.datasets:
@@ -63,6 +70,8 @@ def check_job(job: JobSpec) -> None:
             extract_config(job, fjob, dataset)
     for hjob in job.heads:
         train_config(hjob, featureset="placeholder")
+    for ijob in job.indexes:
+        index_config(ijob, featureset="placeholder")
 
 
 def plan_job(ws: Workspace, job: JobSpec) -> dict[str, Any]:
@@ -91,6 +100,9 @@ def plan_job(ws: Workspace, job: JobSpec) -> dict[str, Any]:
             "report": hjob.report,
             "note": "trained unless an identical head (same features, labels, params) exists",
         }
+    plan["indexes"] = {i.name: {"features": i.features, "datasets": list(i.datasets),
+                                "note": "extended with the rows extract adds; nothing new writes nothing"}
+                       for i in job.indexes}
     return plan
 
 
@@ -104,6 +116,8 @@ def run_job_spec(ws: Workspace, job: JobSpec, run_id: str, summary: RunSummary |
     heads = _timed(timings, "train", lambda: _train_all(ws, job, featuresets, run_id, summary))
     _timed(timings, "predict", lambda: _predict_all(ws, job, heads, run_id, summary))
     _timed(timings, "report", lambda: _report_all(ws, job, heads, run_id, summary))
+    if job.indexes:
+        _timed(timings, "index", lambda: _index_all(ws, job, featuresets, run_id, summary))
     _check_error_rate(ws, job, featuresets, summary)
     return summary
 
@@ -190,6 +204,14 @@ def _report_all(ws: Workspace, job: JobSpec, heads: dict[str, str], run_id: str,
         for hjob in job.heads:
             if hjob.report:
                 summary.report[hjob.name] = run_report(ws, ReportConfig(head_id=heads[hjob.name]), run_id)
+
+
+def _index_all(ws: Workspace, job: JobSpec, featuresets: dict, run_id: str, summary: RunSummary) -> None:
+    from imgfeat.index import build_index
+
+    for ijob in job.indexes:
+        fs = featuresets[(ijob.features, ijob.datasets[0])]  # one recipe: the same featureset for every dataset
+        summary.index[ijob.name] = build_index(ws, index_config(ijob, fs), run_id)
 
 
 def error_rate(ws: Workspace, dataset: str, featureset: str) -> tuple[int, int]:

@@ -76,12 +76,10 @@ def list_workspace(ws: Workspace) -> Catalog:
 
 
 def list_indexes(ws: Workspace) -> list[dict[str, Any]]:
-    """Nearest-neighbour indexes: the ``imgfeat index`` stage plugs its own ``list_indexes(ws)`` in here."""
-    try:
-        from imgfeat.index import list_indexes as lister  # type: ignore[attr-defined]
-    except ImportError:
-        return []
-    return [e if isinstance(e, dict) else e.to_json() for e in lister(ws)]
+    """Nearest-neighbour indexes (``imgfeat index``), as their provenance says."""
+    from imgfeat.index import list_indexes as lister
+
+    return [e.to_json() for e in lister(ws)]
 
 
 def _manifest_ids(ws: Workspace) -> dict[str, set[str]]:
@@ -156,11 +154,12 @@ class PrunePlan:
 
 def plan_prune(ws: Workspace) -> PrunePlan:
     """Heads that are not the latest of any name (their predictions and reports with them), and
-    featuresets that no kept head uses and that are not the latest of any recipe name."""
+    featuresets that no kept head or index uses and that are not the latest of any recipe name."""
     heads = committed_heads(ws)
     keep_heads = set(N.latest(head_index(ws, heads)).values())
     drop_heads = sorted(set(heads) - keep_heads)
     used = {heads[h]["featureset"] for h in keep_heads} | set(N.latest(featureset_index(ws)).values())
+    used |= {i["featureset"] for i in list_indexes(ws)}
     all_fs = ws.list_names("features")
     drop_fs = sorted(set(all_fs) - used)
     folders = [p for h in drop_heads for p in _head_folders(ws, h)]

@@ -1,0 +1,58 @@
+"""`imgfeat index --featureset FS`: build or extend a nearest-neighbour index over a featureset."""
+
+from __future__ import annotations
+
+import argparse
+
+from imgfeat.cli.common import JobContext, add_command, positive_int
+
+DESCRIPTION = """\
+Build a FAISS nearest-neighbour index over a featureset's L2-normalised features (cosine
+similarity), under indexes/<name>/: the index file (_index-<run>.faiss), the image_id order
+(ids.parquet: image_id, dataset, path) and its provenance (_index.json: featureset and its
+fingerprint, datasets, rows, kind and parameters).
+
+--kind auto is exact (flat) up to 50,000 rows and an IVF index beyond, trained on a sample.
+Incremental: a rerun adds only images that are new in the featureset (or datasets); with
+nothing new it writes nothing. 'imgfeat similar' and the Python API (imgfeat.index.Index)
+search it.
+"""
+
+EPILOG = """\
+examples:
+  imgfeat index --featureset efficientnet_lite0-224-avg-float16-1a2b3c4d --dataset photos
+  imgfeat index --featureset FS --name photos --kind hnsw
+  imgfeat similar --index photos query.jpg --top 5
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = add_command(sub, "index", handle, help="build or extend a similarity index over a featureset",
+                    description=DESCRIPTION, epilog=EPILOG)
+    p.add_argument("--featureset", required=True, metavar="FS", help="the featureset to index")
+    p.add_argument("--dataset", dest="datasets", action="append", default=[], metavar="NAME",
+                   help="index only this dataset's images (repeatable; default: the whole featureset)")
+    p.add_argument("--name", default=None, metavar="NAME",
+                   help="index name (default: the datasets and the featureset, joined by '-')")
+    p.add_argument("--kind", choices=("auto", "flat", "ivf", "hnsw"), default="auto",
+                   help="flat: exact; ivf, hnsw: approximate; auto: flat up to 50,000 rows, else ivf")
+    p.add_argument("--nlist", type=positive_int, default=None, metavar="N", help="IVF lists (default ~4 sqrt(rows))")
+    p.add_argument("--nprobe", type=positive_int, default=None, metavar="N",
+                   help="IVF lists searched per query (default max(8, nlist/16))")
+    p.add_argument("--wait", type=float, default=None, metavar="SECONDS",
+                   help="wait this long for another writer of the same index instead of failing")
+
+
+def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
+    from imgfeat.index import IndexConfig, build_index
+
+    cfg = IndexConfig(featureset=args.featureset, datasets=tuple(args.datasets), name=args.name, kind=args.kind,
+                      nlist=args.nlist, nprobe=args.nprobe, wait=args.wait)
+    out = build_index(ctx.ws, cfg, ctx.run_id)
+    if not args.json:
+        if out.written:
+            how = "rebuilt" if out.rebuilt else f"{out.added} added"
+            print(f"index {out.index}: {out.rows} images ({how}), kind {out.kind}, in {out.index_dir}")
+        else:
+            print(f"index {out.index}: {out.rows} images, nothing new")
+    return out.to_json()

@@ -1,0 +1,58 @@
+"""`imgfeat similar (IMAGE... | --image-id ID...) --index N`: the nearest images in an index."""
+
+from __future__ import annotations
+
+import argparse
+
+from imgfeat.cli.common import JobContext, add_command, positive_int, require
+
+DESCRIPTION = """\
+Print the most similar images in an index ('imgfeat index') for each query: image files
+(their features are extracted into the index's featureset, cached by content, as
+'imgfeat predict FILE' does) or images already in the featureset (--image-id). A query
+never lists itself. One line per query: 'query.jpg: 0.982 a.jpg, 0.951 b.jpg, ...'.
+
+With --json the summary holds 'results': [{query, image_id, neighbours: [{image_id, path,
+similarity}]}], similarity being the cosine of the two feature vectors.
+"""
+
+EPILOG = """\
+examples:
+  imgfeat similar --index photos query.jpg other.png --top 5
+  imgfeat similar --index photos --image-id 3fa9c2... --json
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = add_command(sub, "similar", handle, help="find the most similar images in an index",
+                    description=DESCRIPTION, epilog=EPILOG)
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="query image files")
+    p.add_argument("--image-id", dest="image_ids", action="append", default=[], metavar="ID",
+                   help="query an image already in the featureset by its image_id (repeatable)")
+    p.add_argument("--index", required=True, metavar="NAME", help="an index from 'imgfeat index'")
+    p.add_argument("--top", type=positive_int, default=10, metavar="K", help="neighbours per query")
+    p.add_argument("--featureset", default=None, metavar="FS",
+                   help="fail unless the index was built on this featureset")
+
+
+def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
+    from imgfeat.index import Index
+
+    require(bool(args.images) != bool(args.image_ids), "give image files or --image-id IDs (one of the two)")
+    index = Index.open(ctx.ws, args.index)
+    if args.featureset:
+        index.check_featureset(args.featureset)
+    results = (index.search_ids(args.image_ids, args.top) if args.image_ids
+               else index.search_files(args.images, args.top, run_id=ctx.run_id))
+    if not args.json:
+        for r in results:
+            print(format_result(r))
+    return {"index": index.name, "featureset": index.featureset, "top": args.top,
+            "results": [r.to_json() for r in results]}
+
+
+def format_result(result) -> str:
+    if result.error:
+        return f"{result.query}: error {result.error}"
+    near = ", ".join(f"{n.similarity:.3f} {n.path or n.image_id}" for n in result.neighbours)
+    return f"{result.query}: {near or 'no neighbours'}"

@@ -1,0 +1,306 @@
+"""The index stage: a featureset's rows in a FAISS index under indexes/<name>/, its id order and provenance."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from imgfeat.core import schemas as S
+from imgfeat.core.errors import ConfigError, ImgfeatError, unknown_value
+from imgfeat.core.storage import FileLock, atomic_path, remove_stale_tmp, write_json_atomic, write_table_atomic
+from imgfeat.core.workspace import Workspace, check_name
+from imgfeat.extract.featureset import committed_ids, featureset_info
+from imgfeat.index.kinds import IndexParams, add_in_chunks, check_kind, import_faiss, make_index, resolve_params, train
+from imgfeat.index.vectors import first_paths, manifest_rows, read_vectors, scanned_datasets
+
+log = logging.getLogger(__name__)
+
+IDS_FILE = "ids.parquet"  # the only table in the folder: pd.read_parquet(indexes/<name>) reads it
+PROVENANCE_FILE = "_index.json"  # the commit point: it names the index file and the rows it covers
+INDEX_PREFIX, INDEX_SUFFIX = "_index-", ".faiss"
+RETRAIN_GROWTH = 4  # an IVF index is retrained once it holds this many times the rows it was trained on
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """What `imgfeat index` builds: the featureset rows of some datasets (all rows when none), named."""
+
+    featureset: str
+    datasets: tuple[str, ...] = ()
+    name: str | None = None
+    kind: str = "auto"
+    nlist: int | None = None
+    nprobe: int | None = None
+    hnsw_m: int = 32
+    ef_search: int = 128
+    seed: int = 0
+    wait: float | None = None
+
+    def __post_init__(self) -> None:
+        check_name("featureset", self.featureset)
+        for d in self.datasets:
+            check_name("dataset", d)
+        check_name("index", self.index_name)
+        check_kind(self.kind)
+        for key in ("nlist", "nprobe", "hnsw_m", "ef_search"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ConfigError(f"index {key} must be a positive integer, got {value!r}")
+
+    @property
+    def index_name(self) -> str:
+        """``--name``, else the featureset name (prefixed by the datasets when some are chosen)."""
+        return self.name or "-".join((*self.datasets, self.featureset))
+
+
+@dataclass(frozen=True)
+class IndexInfo:
+    """An index's provenance (``_index.json``): what it was built from and how; what `imgfeat ls` shows."""
+
+    name: str
+    featureset: str
+    featureset_fingerprint: str | None
+    dim: int
+    datasets: tuple[str, ...]
+    params: IndexParams
+    rows: int
+    ids_digest: str
+    index_file: str
+    metric: str = "cosine"
+    created_at: str = ""
+    updated_at: str = ""
+    run_id: str = ""
+    path: str = ""
+
+    @property
+    def kind(self) -> str:
+        return self.params.kind
+
+    def to_json(self) -> dict[str, Any]:
+        obj = asdict(self)
+        obj.update(datasets=list(self.datasets), params=self.params.to_json(), kind=self.kind)
+        return obj
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any], path: str = "") -> "IndexInfo":
+        obj = {k: v for k, v in obj.items() if k in cls.__dataclass_fields__}
+        obj.update(datasets=tuple(obj["datasets"]), params=IndexParams.from_json(obj["params"]), path=path)
+        return cls(**obj)
+
+
+@dataclass(frozen=True)
+class IndexSummary:
+    """What one `imgfeat index` did (``added`` 0 and ``written`` False: nothing was new)."""
+
+    index: str
+    featureset: str
+    kind: str
+    rows: int
+    added: int
+    rebuilt: bool
+    written: bool
+    missing_features: int
+    index_dir: str
+    seconds: float
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def ids_digest(ids: list[str]) -> str:
+    """Fingerprint of the id order: the provenance's check that ids.parquet matches the index file."""
+    return hashlib.blake2b("\n".join(ids).encode(), digest_size=16).hexdigest()
+
+
+def read_info(ws: Workspace, name: str) -> IndexInfo:
+    """An index's provenance; exit 2 naming the existing indexes when there is none."""
+    folder = ws.index_dir(name)
+    path = folder / PROVENANCE_FILE
+    if not path.is_file():
+        names = [i.name for i in list_indexes(ws)]
+        hint = "" if names else f"none under {ws.root / 'indexes'}; run 'imgfeat index --featureset FS' first"
+        raise unknown_value("index", name, names, hint=hint)
+    return IndexInfo.from_json(json.loads(path.read_text()), str(folder))
+
+
+def list_indexes(ws: Workspace) -> list[IndexInfo]:
+    """Every committed index of the workspace, by name (what `imgfeat ls` lists)."""
+    root = ws.root / "indexes"
+    names = sorted(p.name for p in root.iterdir() if (p / PROVENANCE_FILE).is_file()) if root.is_dir() else []
+    return [read_info(ws, n) for n in names]
+
+
+def read_ids(ws: Workspace, info: IndexInfo) -> pa.Table:
+    """The committed id order (``image_id, dataset, path``): the first ``info.rows`` rows of ids.parquet.
+
+    A crash after ids.parquet grew but before the provenance was replaced leaves extra rows at
+    the end; the provenance's row count and digest say which prefix belongs to the index.
+    """
+    with pq.ParquetFile(ws.index_dir(info.name) / IDS_FILE) as pf:
+        table = pf.read().slice(0, info.rows)
+    if table.num_rows != info.rows or ids_digest(table[S.IMAGE_ID].to_pylist()) != info.ids_digest:
+        raise ImgfeatError(f"index {info.name}: {IDS_FILE} does not match {PROVENANCE_FILE}; "
+                           f"rebuild it with 'imgfeat index --featureset {info.featureset} --name {info.name}'")
+    return table.cast(S.INDEX_IDS_SCHEMA)
+
+
+def read_faiss(ws: Workspace, info: IndexInfo):
+    """The committed FAISS index (FAISS' own format: reading it runs no code of ours or pickles)."""
+    faiss = import_faiss()
+
+    index = faiss.read_index(str(ws.index_dir(info.name) / info.index_file))
+    if index.ntotal != info.rows:
+        raise ImgfeatError(f"index {info.name}: {info.index_file} holds {index.ntotal} rows, "
+                           f"the provenance says {info.rows}")
+    return index
+
+
+def build_index(ws: Workspace, cfg: IndexConfig, run_id: str) -> IndexSummary:
+    """Create or extend ``indexes/<name>/``: only rows not in it yet are added; nothing new writes nothing."""
+    t0 = time.perf_counter()
+    fs_info = featureset_info(ws, cfg.featureset)  # exit 2 for an unknown featureset
+    name = cfg.index_name
+    with FileLock(ws.locks_dir / f"index-{name}.lock", f"index {name}", cfg.wait):
+        remove_stale_tmp(ws.index_dir(name))
+        prev = _previous(ws, cfg)
+        old = read_ids(ws, prev) if prev else S.INDEX_IDS_SCHEMA.empty_table()
+        covered, missing = _covered_ids(ws, cfg)
+        old_ids = old[S.IMAGE_ID].to_pylist()
+        new = covered.difference(old_ids)
+        total = len(old_ids) + len(new)
+        if total == 0:
+            raise ConfigError(f"featureset {cfg.featureset} has no feature rows"
+                              + (f" for dataset(s) {', '.join(cfg.datasets)}" if cfg.datasets else "")
+                              + "; run 'imgfeat extract' first")
+        wanted = _wanted_params(cfg, prev, total)
+        rebuild = prev is not None and _needs_rebuild(prev.params, wanted, cfg, total)
+        if prev is not None and not new and not rebuild:
+            log.info("index %s is current: %d rows, nothing new", name, total)
+            return _summary(cfg, prev, 0, False, False, missing, t0)
+        if prev is None or rebuild:
+            index, params, table = _fresh(ws, cfg, wanted, old, new)
+        else:
+            index, params, table = _extended(ws, cfg, prev, old, new)
+        info = _commit(ws, cfg, fs_info, prev, index, params, table, run_id)
+    log.info("index %s: %d rows (%d added%s), kind %s", name, info.rows, len(new),
+             ", rebuilt" if rebuild else "", info.kind)
+    return _summary(cfg, info, len(new), rebuild, True, missing, t0)
+
+
+def _previous(ws: Workspace, cfg: IndexConfig) -> IndexInfo | None:
+    if not (ws.index_dir(cfg.index_name) / PROVENANCE_FILE).is_file():
+        return None
+    prev = read_info(ws, cfg.index_name)
+    if prev.featureset != cfg.featureset:
+        raise ConfigError(f"index {prev.name} was built on featureset {prev.featureset}, not {cfg.featureset}; "
+                          "give this one another --name")
+    return prev
+
+
+def _covered_ids(ws: Workspace, cfg: IndexConfig) -> tuple[set[str], int]:
+    """(ids the index should hold, ids of the datasets that have no feature row yet)."""
+    have = committed_ids(ws, cfg.featureset)
+    if not cfg.datasets:
+        return have, 0
+    ids: set[str] = set()
+    for d in cfg.datasets:
+        ids.update(manifest_rows(ws, d)[S.IMAGE_ID].to_pylist())
+    missing = len(ids - have)
+    if missing:
+        log.warning("%d images of %s have no features in %s yet: run 'imgfeat extract' first",
+                    missing, ", ".join(cfg.datasets), cfg.featureset)
+    return ids & have, missing
+
+
+def _wanted_params(cfg: IndexConfig, prev: IndexInfo | None, total: int) -> IndexParams:
+    """``auto`` keeps an existing approximate index's kind; a flat one turns approximate when it outgrows flat."""
+    kind = prev.kind if cfg.kind == "auto" and prev is not None and prev.kind != "flat" else cfg.kind
+    return resolve_params(kind, total, cfg.nlist, cfg.nprobe, cfg.hnsw_m, cfg.ef_search, cfg.seed)
+
+
+def _needs_rebuild(prev: IndexParams, wanted: IndexParams, cfg: IndexConfig, total: int) -> bool:
+    """A kind or parameter change, or an IVF index that outgrew the sample it was trained on."""
+    if wanted.kind != prev.kind:
+        return True
+    if prev.kind == "ivf":
+        outgrown = total > RETRAIN_GROWTH * prev.rows_at_training
+        return outgrown or cfg.nlist not in (None, prev.nlist) or cfg.nprobe not in (None, prev.nprobe)
+    if prev.kind == "hnsw":
+        return (prev.hnsw_m, prev.ef_search) != (wanted.hnsw_m, wanted.ef_search)
+    return False
+
+
+def _fresh(ws: Workspace, cfg: IndexConfig, params: IndexParams, old: pa.Table, new: set[str]):
+    """Every row, old ones first in their committed order (so the old ids file stays a prefix)."""
+    old_ids = old[S.IMAGE_ID].to_pylist()
+    ids, X = read_vectors(ws, cfg.featureset, new.union(old_ids))
+    pos = {i: k for k, i in enumerate(ids)}
+    gone = [i for i in old_ids if i not in pos]
+    if gone:
+        raise ImgfeatError(f"index {cfg.index_name}: {len(gone)} of its images (e.g. {gone[0]}) no longer have a "
+                           f"feature row in {cfg.featureset}; build a new index under another --name")
+    order = [pos[i] for i in old_ids] + [k for k, i in enumerate(ids) if i in new]
+    if order != list(range(len(ids))):
+        X = X[order]
+    ids = [ids[k] for k in order]
+    index = make_index(params, X.shape[1])
+    params = train(index, params, X)
+    add_in_chunks(index, X)
+    return index, params, pa.concat_tables([old, _id_rows(ws, cfg, ids[len(old_ids):])])
+
+
+def _extended(ws: Workspace, cfg: IndexConfig, prev: IndexInfo, old: pa.Table, new: set[str]):
+    ids, X = read_vectors(ws, cfg.featureset, new)
+    index = read_faiss(ws, prev)
+    add_in_chunks(index, X)
+    return index, prev.params, pa.concat_tables([old, _id_rows(ws, cfg, ids)])
+
+
+def _id_rows(ws: Workspace, cfg: IndexConfig, ids: list[str]) -> pa.Table:
+    """``image_id, dataset, path`` for new rows: the first manifest row of each id (null if none)."""
+    where = first_paths(ws, cfg.datasets or scanned_datasets(ws)) if ids else {}
+    found = [where.get(i, (None, None)) for i in ids]
+    return pa.table({S.IMAGE_ID: pa.array(ids, pa.string()),
+                     S.DATASET: pa.array([d for d, _ in found], pa.string()),
+                     S.PATH: pa.array([p for _, p in found], pa.string())}, schema=S.INDEX_IDS_SCHEMA)
+
+
+def _commit(ws: Workspace, cfg: IndexConfig, fs_info: dict, prev: IndexInfo | None, index,
+            params: IndexParams, table: pa.Table, run_id: str) -> IndexInfo:
+    """Index file (new name), ids.parquet (old rows stay its prefix), then the provenance: the commit."""
+    faiss = import_faiss()
+
+    folder = ws.index_dir(cfg.index_name)
+    index_file = f"{INDEX_PREFIX}{run_id}{INDEX_SUFFIX}"
+    with atomic_path(folder / index_file) as tmp:
+        faiss.write_index(index, str(tmp))
+    write_table_atomic(table, folder / IDS_FILE)
+    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    info = IndexInfo(name=cfg.index_name, featureset=cfg.featureset,
+                     featureset_fingerprint=fs_info.get("fingerprint"), dim=int(index.d),
+                     datasets=tuple(cfg.datasets), params=params, rows=int(index.ntotal),
+                     ids_digest=ids_digest(table[S.IMAGE_ID].to_pylist()), index_file=index_file,
+                     created_at=prev.created_at if prev else now, updated_at=now, run_id=run_id, path=str(folder))
+    obj = info.to_json()
+    obj.pop("path")
+    write_json_atomic(obj, folder / PROVENANCE_FILE)
+    for stale in folder.glob(f"{INDEX_PREFIX}*{INDEX_SUFFIX}"):
+        if stale.name != index_file:
+            stale.unlink(missing_ok=True)
+    return info
+
+
+def _summary(cfg: IndexConfig, info: IndexInfo, added: int, rebuilt: bool, written: bool, missing: int,
+             t0: float) -> IndexSummary:
+    return IndexSummary(index=info.name, featureset=info.featureset, kind=info.kind, rows=info.rows, added=added,
+                        rebuilt=rebuilt, written=written, missing_features=missing, index_dir=info.path,
+                        seconds=round(time.perf_counter() - t0, 3), params=info.params.to_json())

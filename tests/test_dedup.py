@@ -1,0 +1,218 @@
+"""Near-duplicate groups, split leaks and the dedup page: generated vectors (quick) and real photos (slow)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from imgfeat.core import schemas as S
+from imgfeat.heads.synthetic import fake_image_id, write_featureset
+from imgfeat.scan.manifest import write_manifest
+
+
+def planted(n: int = 60, dim: int = 64, seed: int = 0):
+    """``n`` distinct unit vectors (cosine ~0 between them) and near-copies of rows 0, 1 (twice) and 2."""
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, dim)).astype(np.float32)
+    copies = [0, 1, 1, 2]
+    X = np.concatenate([X, X[copies] + 0.1 * rng.standard_normal((len(copies), dim)).astype(np.float32)])
+    return X / np.linalg.norm(X, axis=1, keepdims=True), copies
+
+
+def images(X: np.ndarray, splits=None, extra_paths=()):
+    """An Images record: one path per vector, plus ``extra_paths`` (node, path, split) for exact copies."""
+    from imgfeat.index.dedup import Images
+
+    ids = [fake_image_id("d", k) for k in range(len(X))]
+    splits = list(splits) if splits is not None else [None] * len(X)
+    rows = [(ids[k], f"img/{k:03d}.png", splits[k]) for k in range(len(X))]
+    rows += [(ids[k], p, s) for k, p, s in extra_paths]
+    return Images(ids, X, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], 0)
+
+
+def group_sets(table) -> list[set[str]]:
+    groups: dict[str, set[str]] = {}
+    for gid, path in zip(table[S.GROUP_ID].to_pylist(), table[S.PATH].to_pylist()):
+        groups.setdefault(gid, set()).add(path)
+    return sorted(groups.values(), key=sorted)
+
+
+@pytest.mark.quick
+# exact search; IVF forced by a tiny exact_max; IVF over principal components (dim > CANDIDATE_DIMS)
+@pytest.mark.parametrize("exact_max, dim", [(10_000, 64), (10, 64), (10, 272)])
+def test_groups_are_the_planted_copies_and_exact_duplicates(exact_max, dim):
+    from imgfeat.index.dedup import groups_table, nearest_neighbours, similar_pairs
+
+    X, copies = planted(n=400 if exact_max == 10 else 60, dim=dim)
+    n = len(X) - len(copies)
+    im = images(X, extra_paths=[(5, "elsewhere/005.png", None)])
+    nb = nearest_neighbours(im.X, 10, exact_max=exact_max)
+    assert nb.kind == ("flat" if exact_max > len(X) else "ivf")
+    np.testing.assert_allclose(nb.sims[:, 1], np.einsum("nd,nd->n", X, X[nb.rows[:, 1]]), atol=1e-5)  # exact
+    table = groups_table(im, similar_pairs(nb, 0.9))
+    assert table.schema.equals(S.DEDUP_GROUPS_SCHEMA)
+    p = lambda k: f"img/{k:03d}.png"  # noqa: E731
+    assert group_sets(table) == sorted([{p(0), p(n)}, {p(1), p(n + 1), p(n + 2)}, {p(2), p(n + 3)},
+                                        {p(5), "elsewhere/005.png"}], key=sorted)
+    rows = {r[S.PATH]: r for r in table.to_pylist()}
+    assert rows["elsewhere/005.png"][S.NEAREST_ID] == im.ids[5] and rows["elsewhere/005.png"][S.SIMILARITY] == 1.0
+    assert rows[p(0)][S.NEAREST_ID] == im.ids[n] and 0.9 <= rows[p(0)][S.SIMILARITY] < 1.0
+    assert rows[p(n + 1)][S.GROUP_ID] == min(im.ids[1], im.ids[n + 1], im.ids[n + 2])
+
+
+@pytest.mark.quick
+def test_no_groups_among_distinct_vectors():
+    from imgfeat.index.dedup import groups_table, nearest_neighbours, similar_pairs
+
+    X, copies = planted()
+    im = images(X[: -len(copies)])
+    assert groups_table(im, similar_pairs(nearest_neighbours(im.X, 10), 0.9)).num_rows == 0
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("k", [10, 1])
+def test_leaks_are_test_images_close_to_a_training_image(k):
+    from imgfeat.index.dedup import leaks_table, nearest_neighbours
+
+    X, copies = planted()
+    n = len(X) - len(copies)
+    splits = ["train"] * n + ["test", "train", "val", "test"]  # copies of 0 and 2 held out, 1 twice
+    splits[7] = "test"  # a distinct held-out image: no leak
+    im = images(X, splits, extra_paths=[(9, "test/009.png", "test")])  # same content in train and test
+    table = leaks_table(im, nearest_neighbours(im.X, k), 0.9)
+    assert table.schema.equals(S.DEDUP_LEAKS_SCHEMA)
+    got = {r[S.PATH]: (r[S.NEAREST_PATH], r[S.SPLIT], r[S.NEAREST_SPLIT]) for r in table.to_pylist()}
+    assert got.pop(f"img/{n + 2:03d}.png") in {(p, "val", "train") for p in ("img/001.png", f"img/{n + 1:03d}.png")}
+    assert got == {f"img/{n:03d}.png": ("img/000.png", "test", "train"),
+                   f"img/{n + 3:03d}.png": ("img/002.png", "test", "train"),
+                   "test/009.png": ("img/009.png", "test", "train")}
+    assert table[S.SIMILARITY].to_pylist()[0] == 1.0  # the exact copy first
+
+
+@pytest.mark.quick
+def test_a_leak_hidden_behind_held_out_copies_is_still_found():
+    """Two held-out copies nearer each other than the training original fill a 1-neighbour list."""
+    from imgfeat.index.dedup import leaks_table, nearest_neighbours
+
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((30, 64)).astype(np.float32)
+    twin = X[0] + 0.2 * rng.standard_normal(64).astype(np.float32)
+    X = np.concatenate([X, [twin, twin + 0.01 * rng.standard_normal(64).astype(np.float32)]])
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    im = images(X, ["train"] * 30 + ["test", "test"])
+    nb = nearest_neighbours(im.X, 1)
+    assert set(nb.rows[30].tolist()) - {-1} == {31}  # the list holds only the other copy
+    got = {r[S.PATH]: r[S.NEAREST_PATH] for r in leaks_table(im, nb, 0.9).to_pylist()}
+    assert got == {"img/030.png": "img/000.png", "img/031.png": "img/000.png"}
+
+
+@pytest.mark.quick
+def test_dedup_stage_writes_tables_page_and_summary(ws):
+    from imgfeat.index.dedup import DedupConfig, run_dedup
+
+    X, copies = planted()
+    ids = [fake_image_id("d", k) for k in range(len(X))]
+    write_featureset(ws, "fs", ids, X, dtype="float32")
+    n = len(X) - len(copies)
+    rows = [{"image_id": i, "path": f"{'test' if k == n else 'train'}/{k:03d}.png",
+             "split": "test" if k == n else "train", "status": "ok"} for k, i in enumerate(ids)]
+    rows.append({"image_id": ids[3], "path": "train/copy-of-003.png", "split": "train", "status": "ok"})
+    write_manifest(ws, "d", rows, ws.root / "images")
+    out = run_dedup(ws, DedupConfig(featureset="fs", dataset="d"), "run1").to_json()
+    assert (out["groups"], out["grouped_paths"], out["exact_duplicate_paths"], out["leaks"]) == (4, 9, 2, 1)
+    assert pq.read_table(out["groups_table"]).num_rows == 9 and pq.read_table(out["leaks_table"]).num_rows == 1
+    page = Path(out["page"]).read_text()
+    assert "Near-duplicates in d" in page and "http" not in page.replace("http-equiv", "")
+    assert json.loads((Path(out["page"]).parent / "_dedup.json").read_text())["groups"] == 4
+
+
+def _photo_set(root: Path) -> dict[str, str]:
+    """Shipped photos in train/, near-copies of some, an exact copy, and two held-out leaks.
+
+    Returns {relative path: the photo it shows}.
+    """
+    from PIL import ImageOps
+
+    from imgfeat.tools.samples import SHIPPED_PHOTOS, load_photo
+
+    shows: dict[str, str] = {}
+
+    def save(im, rel, name, **kw):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        im.save(root / rel, **kw)
+        shows[rel] = name
+
+    for name in SHIPPED_PHOTOS:
+        im = load_photo(name)
+        im.thumbnail((320, 320))
+        save(im, f"train/{name}/orig.png", name)
+        w, h = im.size
+        if name in ("chelsea", "astronaut", "flower"):
+            save(im.resize((w * 3 // 5, h * 3 // 5)), f"train/{name}/small.jpg", name, quality=90)
+            save(im, f"train/{name}/q50.jpg", name, quality=50)
+            save(im.crop((5, 5, w - 5, h - 5)), f"train/{name}/crop.png", name)
+            save(ImageOps.mirror(im), f"train/{name}/flip.png", name)
+        if name == "coffee":
+            save(im, "train/coffee/again.png", name)  # the very same bytes: an exact duplicate
+            save(im, "test/coffee/orig.png", name)  # ... and in the test split: a leak
+        if name == "rocket":
+            save(im.resize((w * 3 // 4, h * 3 // 4)), "test/rocket/small.jpg", name, quality=85)
+    return shows
+
+
+@pytest.mark.slow
+def test_real_photos_dedup_similar_and_page(ws, tmp_path, keras_home, capsys):
+    """Planted near-copies of real photos through ImageNet Lite0 (input 96): found, and nothing else."""
+    from PIL import Image
+
+    from imgfeat.cli.main import main
+    from imgfeat.extract.extract import ExtractConfig, run_extract
+    from imgfeat.scan.scan import ScanConfig, run_scan
+
+    root = tmp_path / "photos"
+    shows = _photo_set(root)
+    run_scan(ws, ScanConfig(root=root, dataset="photos"), "scan1")
+    cfg = ExtractConfig(dataset="photos", backbone="efficientnet_lite0", weights="imagenet", input_size=96)
+    fs = run_extract(ws, cfg, "ext1")["featureset"]
+
+    assert main(["dedup", "--featureset", fs, "--dataset", "photos", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    groups = group_sets(pq.read_table(out["groups_table"]))
+    found = sorted((sorted({shows[p] for p in g}), len(g)) for g in groups)
+    # every planted copy, and no distinct photo: one photo per group
+    assert found == [(["astronaut"], 5), (["chelsea"], 5), (["coffee"], 3), (["flower"], 5), (["rocket"], 2)]
+    leaks = pq.read_table(out["leaks_table"]).to_pylist()
+    assert sorted((r[S.PATH], r[S.NEAREST_PATH]) for r in leaks) == [
+        ("test/coffee/orig.png", "train/coffee/again.png"), ("test/rocket/small.jpg", "train/rocket/orig.png")]
+    page = Path(out["page"]).read_text()
+    assert page.count("data:image/jpeg;base64,") == 20 + 4 and "src=\"http" not in page
+
+    assert main(["index", "--featureset", fs, "--dataset", "photos", "--name", "photos", "--json"]) == 0
+    capsys.readouterr()
+    query = tmp_path / "query.jpg"
+    with Image.open(root / "train/chelsea/orig.png") as im:
+        im.resize((200, 150)).save(query, quality=70)  # a copy the dataset never saw
+    assert main(["similar", "--index", "photos", str(query), "--top", "3", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["results"][0]
+    assert [shows[Path(n["path"]).relative_to(root).as_posix()] for n in res["neighbours"]] == ["chelsea"] * 3
+    assert res["neighbours"][0]["similarity"] > 0.9
+
+
+@pytest.mark.quick
+def test_dedup_bad_input_is_a_clear_error(ws):
+    from imgfeat.core.errors import ConfigError
+    from imgfeat.index.dedup import DedupConfig, run_dedup
+
+    X, _ = planted(n=10)
+    write_featureset(ws, "fs", [fake_image_id("d", k) for k in range(len(X))], X, dtype="float32")
+    write_manifest(ws, "other", [{"image_id": fake_image_id("o", 0), "path": "a.png", "status": "ok"}], ws.root)
+    with pytest.raises(ConfigError, match="unknown featureset 'nope'"):
+        run_dedup(ws, DedupConfig(featureset="nope", dataset="other"), "run1")
+    with pytest.raises(ConfigError, match="featureset fs has no features for dataset other"):
+        run_dedup(ws, DedupConfig(featureset="fs", dataset="other"), "run1")
+    with pytest.raises(ConfigError, match="threshold must be a cosine similarity in \\(0, 1\\], got 1.5"):
+        DedupConfig(featureset="fs", dataset="other", threshold=1.5)

@@ -1,0 +1,218 @@
+"""The index stage and Index.search on generated vectors: exact = brute force, recall, incremental, crash safety."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from imgfeat.core.errors import ConfigError
+from imgfeat.heads.synthetic import fake_image_id, write_featureset
+from imgfeat.scan.manifest import write_manifest
+
+def clustered(n: int, dim: int = 32, clusters: int = 20, seed: int = 0) -> np.ndarray:
+    """Vectors around random centres, like image features: neighbours mean something."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, dim)).astype(np.float32)
+    return centres[rng.integers(0, clusters, n)] + 0.35 * rng.standard_normal((n, dim), dtype=np.float32)
+
+
+def unit(X: np.ndarray) -> np.ndarray:
+    return X / np.linalg.norm(X, axis=1, keepdims=True)
+
+
+def make_fs(ws, name: str, X: np.ndarray, start: int = 0, dataset: str | None = None) -> list[str]:
+    """Write rows ``start..`` of X into featureset ``name`` (float32) and, optionally, a manifest."""
+    ids = [fake_image_id(name, k) for k in range(start, start + len(X))]
+    write_featureset(ws, name, ids, X, dtype="float32", shard_rows=256, run_id=f"r{start:06d}")
+    if dataset:
+        rows = [{"image_id": i, "path": f"img/{k:05d}.jpg", "status": "ok"} for k, i in enumerate(ids)]
+        write_manifest(ws, dataset, rows, ws.root / "images")
+    return ids
+
+
+def build(ws, fs: str, run_id: str = "run1", **kw):
+    from imgfeat.index import IndexConfig, build_index
+
+    return build_index(ws, IndexConfig(featureset=fs, **kw), run_id)
+
+
+@pytest.mark.quick
+def test_exact_search_equals_brute_force(ws):
+    from imgfeat.index import Index
+
+    X = clustered(600)
+    ids = make_fs(ws, "fs", X, dataset="d")
+    out = build(ws, "fs", datasets=("d",), name="ix")
+    assert (out.kind, out.rows, out.added, out.written) == ("flat", 600, 600, True)
+    Q = clustered(5, seed=7)
+    results = Index.open(ws, "ix").search(Q, k=8)
+    sims = unit(Q) @ unit(X).T
+    for res, row in zip(results, sims):
+        expect = np.argsort(-row, kind="stable")[:8]
+        assert [n.image_id for n in res.neighbours] == [ids[j] for j in expect]
+        np.testing.assert_allclose([n.similarity for n in res.neighbours], row[expect], atol=1e-5)
+
+
+@pytest.mark.quick
+def test_neighbours_carry_paths_and_never_the_query_itself(ws):
+    from imgfeat.index import Index
+
+    ids = make_fs(ws, "fs", clustered(50), dataset="d")
+    build(ws, "fs", datasets=("d",), name="ix")
+    res = Index.open(ws, "ix").search_ids([ids[3]], k=5)[0]
+    assert res.query == ids[3] and len(res.neighbours) == 5
+    assert ids[3] not in [n.image_id for n in res.neighbours]
+    k = ids.index(res.neighbours[0].image_id)
+    assert res.neighbours[0].path == (ws.root / "images" / f"img/{k:05d}.jpg").as_posix()
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_approximate_recall_at_10(ws, kind):
+    from imgfeat.index import Index
+
+    X = clustered(2000, dim=32, clusters=40)
+    make_fs(ws, "fs", X)
+    out = build(ws, "fs", name="ix", kind=kind)
+    assert out.kind == kind and out.rows == 2000
+    Q = clustered(100, dim=32, clusters=40, seed=1)
+    approx = Index.open(ws, "ix").search(Q, k=10)
+    exact = np.argsort(-(unit(Q) @ unit(X).T), axis=1)[:, :10]
+    ids = [fake_image_id("fs", k) for k in range(2000)]
+    hits = [len({n.image_id for n in r.neighbours} & {ids[j] for j in row}) for r, row in zip(approx, exact)]
+    assert np.mean(hits) / 10 >= 0.95
+
+
+@pytest.mark.quick
+def test_auto_is_flat_when_small_and_ivf_when_large():
+    from imgfeat.index.kinds import AUTO_FLAT_MAX, resolve_params
+
+    assert resolve_params("auto", 1000).kind == "flat"
+    p = resolve_params("auto", AUTO_FLAT_MAX + 1)
+    assert p.kind == "ivf" and p.nlist > 100 and 8 <= p.nprobe < p.nlist
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_incremental_add_equals_rebuild(ws, tmp_path, kind):
+    from imgfeat.core.workspace import Workspace
+    from imgfeat.index import Index
+
+    X = clustered(700)
+    make_fs(ws, "fs", X[:500])
+    build(ws, "fs", name="ix", kind=kind)
+    make_fs(ws, "fs", X[500:], start=500)
+    out = build(ws, "fs", "run2", name="ix", kind=kind)
+    assert (out.added, out.rows, out.rebuilt) == (200, 700, False)
+    other = Workspace(tmp_path / "other")
+    make_fs(other, "fs", X)
+    build(other, "fs", name="ix", kind=kind)
+    a, b = Index.open(ws, "ix"), Index.open(other, "ix")
+    assert a.ids == b.ids
+    Q = clustered(20, seed=3)
+    ra, rb = a.search(Q, k=10), b.search(Q, k=10)
+    assert [[n.image_id for n in r.neighbours] for r in ra] == [[n.image_id for n in r.neighbours] for r in rb]
+
+
+@pytest.mark.quick
+def test_rerun_with_nothing_new_writes_nothing(ws):
+    make_fs(ws, "fs", clustered(100))
+    build(ws, "fs", name="ix")
+    folder = ws.index_dir("ix")
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    out = build(ws, "fs", "run2", name="ix")
+    assert (out.added, out.written, out.rows) == (0, False, 100)
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
+
+
+@pytest.mark.quick
+def test_index_folder_reads_as_its_id_order_and_provenance_names_the_featureset(ws):
+    import pandas as pd
+
+    ids = make_fs(ws, "fs", clustered(30), dataset="d")
+    build(ws, "fs", datasets=("d",))
+    folder = ws.index_dir("d-fs")
+    assert pd.read_parquet(folder)["image_id"].tolist() == ids
+    prov = json.loads((folder / "_index.json").read_text())
+    assert prov["featureset"] == "fs" and prov["datasets"] == ["d"] and prov["rows"] == 30
+    assert prov["kind"] == "flat" and (folder / prov["index_file"]).is_file()
+
+
+@pytest.mark.quick
+def test_crash_mid_write_leaves_the_previous_index_readable(ws, monkeypatch):
+    from imgfeat.index import Index, build as build_mod
+
+    X = clustered(300)
+    make_fs(ws, "fs", X[:200])
+    build(ws, "fs", name="ix")
+    Q = clustered(4, seed=5)
+    before = [r.to_json() for r in Index.open(ws, "ix").search(Q, k=5)]
+    make_fs(ws, "fs", X[200:], start=200)
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed between ids.parquet and the provenance")
+
+    monkeypatch.setattr(build_mod, "write_json_atomic", crash)
+    with pytest.raises(KeyboardInterrupt):
+        build(ws, "fs", "run2", name="ix")
+    assert pq.read_metadata(ws.index_dir("ix") / "ids.parquet").num_rows == 300  # the new ids did land
+    index = Index.open(ws, "ix")
+    assert len(index) == 200 and [r.to_json() for r in index.search(Q, k=5)] == before
+    monkeypatch.undo()
+    out = build(ws, "fs", "run3", name="ix")
+    assert (out.added, out.rows) == (100, 300)
+    assert sorted(p.name for p in ws.index_dir("ix").iterdir()) == ["_index-run3.faiss", "_index.json", "ids.parquet"]
+
+
+@pytest.mark.quick
+def test_bad_input_is_a_clear_error(ws):
+    from imgfeat.index import Index
+
+    make_fs(ws, "fs", clustered(20))
+    with pytest.raises(ConfigError, match="unknown featureset 'fz'"):
+        build(ws, "fz")
+    write_featureset(ws, "empty", [], np.zeros((0, 32), np.float32), dtype="float32")
+    with pytest.raises(ConfigError, match="featureset empty has no feature rows"):
+        build(ws, "empty")
+    build(ws, "fs", name="ix")
+    make_fs(ws, "fs2", clustered(20, seed=2))
+    with pytest.raises(ConfigError, match="index ix was built on featureset fs, not fs2"):
+        build(ws, "fs2", name="ix")
+    index = Index.open(ws, "ix")
+    with pytest.raises(ConfigError, match="top 21 is more than the 20 images in index ix"):
+        index.search(clustered(1), k=21)
+    with pytest.raises(ConfigError, match="built on featureset fs; queries from featureset fs2"):
+        index.search(clustered(1), k=3, featureset="fs2")
+    with pytest.raises(ConfigError, match="query vectors have 8 dimensions"):
+        index.search(np.ones((1, 8), np.float32), k=3)
+    with pytest.raises(ConfigError, match="unknown index 'iz'"):
+        Index.open(ws, "iz")
+    with pytest.raises(ConfigError, match="unknown index kind 'annoy'"):
+        build(ws, "fs", kind="annoy")
+
+
+@pytest.mark.quick
+def test_list_indexes_is_typed(ws):
+    from imgfeat.index import list_indexes
+
+    assert list_indexes(ws) == []
+    make_fs(ws, "fs", clustered(40))
+    build(ws, "fs", name="b")
+    build(ws, "fs", name="a", kind="hnsw")
+    infos = list_indexes(ws)
+    assert [(i.name, i.kind, i.rows, i.featureset) for i in infos] == [("a", "hnsw", 40, "fs"), ("b", "flat", 40, "fs")]
+    assert json.loads(json.dumps(infos[0].to_json()))["params"]["hnsw_m"] == 32
+
+
+@pytest.mark.quick
+def test_a_second_writer_of_the_same_index_fails_fast(ws):
+    from imgfeat.core.errors import LockBusyError
+    from imgfeat.core.storage import FileLock
+
+    make_fs(ws, "fs", clustered(20))
+    with FileLock(ws.locks_dir / "index-ix.lock", "index ix"):
+        with pytest.raises(LockBusyError, match="index ix is being written by another process"):
+            build(ws, "fs", name="ix")
+    assert build(ws, "fs", name="ix").rows == 20

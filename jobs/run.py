@@ -7,7 +7,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from imgfeat.cli.common import JobContext, add_command, fraction
+from imgfeat.cli.common import JobContext, add_command, fraction, seconds
 from imgfeat.cli.report_lines import print_run_summary
 
 DESCRIPTION = """\
@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(overrides [run] max_error_rate)")
     p.add_argument("--executor", choices=("local", "ray"), default=None,
                    help="where extract runs (overrides [run] executor)")
-    p.add_argument("--wait", type=float, metavar="SECONDS", default=None,
+    p.add_argument("--wait", type=seconds, metavar="SECONDS", default=None,
                    help="wait this long for a stage another run holds, instead of exiting at once")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a job-file value, e.g. features.lite0.batch_size=64 (repeatable)")

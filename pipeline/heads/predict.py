@@ -21,6 +21,7 @@ from imgfeat.heads.data import unique_images
 from imgfeat.scan.manifest import read_manifest
 from imgfeat.core.progress import progress
 from imgfeat.core.storage import (
+    WAIT_HINT,
     FileLock,
     column_values,
     list_shards,
@@ -44,6 +45,8 @@ class PredictConfig:
     top_k: int = 5
     chunk_rows: int = 8192  # feature rows read and scored at a time: memory stays flat
     shard_rows: int = 262_144  # rows per output shard
+    wait: float | None = None  # seconds to wait for another writer of this head's predictions
+    trust_pickle: bool = False  # load an old joblib (pickle) head; only for files you trust
 
     def __post_init__(self) -> None:
         check_name("head", self.head_id)
@@ -145,10 +148,11 @@ class ShardWriter:
 def run_predict(ws: Workspace, cfg: PredictConfig, run_id: str) -> dict[str, Any]:
     """Predict what is new for this head; returns written, skipped, missing_features, rows_per_s."""
     t0 = time.perf_counter()
-    head = load_head(ws, cfg.head_id)
+    head = load_head(ws, cfg.head_id, trust_pickle=cfg.trust_pickle)
     t_load = time.perf_counter()
     folder = ws.predictions_dir(cfg.head_id)
-    with FileLock(ws.locks_dir / f"predictions-{cfg.head_id}.lock", f"predictions of head {cfg.head_id}"):
+    with FileLock(ws.locks_dir / f"predictions-{cfg.head_id}.lock", f"predictions of head {cfg.head_id}",
+                  cfg.wait, hint=WAIT_HINT):
         remove_stale_tmp(folder)
         writer = ShardWriter(folder, run_id, cfg.shard_rows)
         if cfg.dataset is not None:

@@ -21,7 +21,7 @@ from imgfeat.extract.featureset import load_features
 from imgfeat.heads import artifacts as A
 from imgfeat.heads import plots
 from imgfeat.heads.artifacts import LoadedHead, load_head
-from imgfeat.core.storage import list_shards, remove_stale_tmp, write_bytes_atomic
+from imgfeat.core.storage import WAIT_HINT, FileLock, list_shards, remove_stale_tmp, write_bytes_atomic
 from imgfeat.core.workspace import Workspace, check_name
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,8 @@ class ReportConfig:
     max_points: int = 2000  # projection sample size
     projection: str = "auto"  # t-SNE up to TSNE_MAX_POINTS points, PCA above
     thumb_size: int = 128
+    wait: float | None = None  # seconds to wait for another writer of this head's report
+    trust_pickle: bool = False  # load an old joblib (pickle) head; only for files you trust
 
     def __post_init__(self) -> None:
         check_name("head", self.head_id)
@@ -64,7 +66,13 @@ class Mistake:
 def run_report(ws: Workspace, cfg: ReportConfig, run_id: str) -> dict[str, Any]:
     """Write ``reports/<head_id>/index.html`` and its PNGs; returns the report path and counts."""
     t0 = time.perf_counter()
-    head = load_head(ws, cfg.head_id)
+    head = load_head(ws, cfg.head_id, trust_pickle=cfg.trust_pickle)
+    with FileLock(ws.locks_dir / f"report-{cfg.head_id}.lock", f"the report of head {cfg.head_id}",
+                  cfg.wait, hint=WAIT_HINT):
+        return _write_report(ws, cfg, head, run_id, t0)
+
+
+def _write_report(ws: Workspace, cfg: ReportConfig, head: LoadedHead, run_id: str, t0: float) -> dict[str, Any]:
     folder = ws.report_dir(cfg.head_id)
     folder.mkdir(parents=True, exist_ok=True)
     remove_stale_tmp(folder)

@@ -22,7 +22,7 @@ from imgfeat.heads import artifacts as A
 from imgfeat.heads.data import LabelledRows, canonical_json, describe, read_labelled
 from imgfeat.heads.estimators import HEAD_KINDS, SVM_KERNELS, KerasMLPClassifier, sklearn_head
 from imgfeat.heads.plots import training_curves_png
-from imgfeat.core.storage import FileLock
+from imgfeat.core.storage import WAIT_HINT, FileLock
 from imgfeat.core.workspace import Workspace, check_name
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,7 @@ class TrainConfig:
     learning_rate: float = 1e-3
     patience: int = 5
     n_jobs: int | None = None  # parallel CV fits for logreg/svm; None: by data size and cores
+    wait: float | None = None  # seconds to wait for another trainer of the same head (not a param)
 
     def __post_init__(self) -> None:
         check_name("dataset", self.dataset)
@@ -113,7 +114,7 @@ def run_train(ws: Workspace, cfg: TrainConfig, run_id: str) -> dict[str, Any]:
     if A.head_exists(ws, head_id):
         log.info("head %s already trained on these features and labels; reusing it", head_id)
         return _summary(ws, A.read_head_meta(ws, head_id), reused=True, seconds=time.perf_counter() - t0)
-    with FileLock(ws.locks_dir / f"head-{head_id}.lock", f"head {head_id}"):
+    with FileLock(ws.locks_dir / f"head-{head_id}.lock", f"head {head_id}", cfg.wait, hint=WAIT_HINT):
         if not A.head_exists(ws, head_id):  # another process may have finished it while we waited
             _train_and_write(ws, cfg, rows, head_id, info, run_id)
     return _summary(ws, A.read_head_meta(ws, head_id), reused=False, seconds=time.perf_counter() - t0)

@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ErrorRateExceeded
 from imgfeat.run.jobfile import FeatureJob, HeadJob, JobSpec, build_config
-from imgfeat.core.storage import FileLock
+from imgfeat.core.storage import WAIT_HINT, FileLock
 from imgfeat.core.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -25,30 +25,30 @@ STAGES = ("scan", "extract", "train", "predict", "report")
 @contextlib.contextmanager
 def stage_lock(ws: Workspace, stage: str, wait: float | None) -> Iterator[None]:
     """One lock per workspace stage: overlapping cron runs take turns instead of colliding."""
-    with FileLock(ws.locks_dir / f"{stage}.lock", f"the {stage} stage of workspace {ws.root}", wait):
+    with FileLock(ws.locks_dir / f"{stage}.lock", f"the {stage} stage of workspace {ws.root}", wait,
+                  hint=WAIT_HINT):
         yield
 
 
 def scan_config(job: JobSpec, dataset: str):
     from imgfeat.scan.scan import ScanConfig
 
-    where = f"[datasets.{dataset}]"
+    where = f"datasets.{dataset}"
     return build_config(ScanConfig, job.datasets[dataset], where, dataset=dataset, wait=job.wait)
 
 
 def extract_config(job: JobSpec, fjob: FeatureJob, dataset: str):
     from imgfeat.extract.extract import ExtractConfig
 
-    where = f"[features.{fjob.name}]"
+    where = f"features.{fjob.name}"
     return build_config(ExtractConfig, fjob.options, where, dataset=dataset, wait=job.wait)
 
 
-def train_config(hjob: HeadJob, featureset: str):
+def train_config(job: JobSpec, hjob: HeadJob, featureset: str):
     from imgfeat.heads import TrainConfig
 
-    return build_config(
-        TrainConfig, hjob.options, f"[heads.{hjob.name}]", dataset=hjob.dataset, featureset=featureset
-    )
+    return build_config(TrainConfig, hjob.options, f"heads.{hjob.name}", dataset=hjob.dataset,
+                        featureset=featureset, wait=job.wait)
 
 
 def check_job(job: JobSpec) -> None:
@@ -59,7 +59,7 @@ def check_job(job: JobSpec) -> None:
         for dataset in fjob.datasets:
             extract_config(job, fjob, dataset)
     for hjob in job.heads:
-        train_config(hjob, featureset="placeholder")
+        train_config(job, hjob, featureset="placeholder")
 
 
 def plan_job(ws: Workspace, job: JobSpec) -> dict[str, Any]:
@@ -154,7 +154,7 @@ def _train_all(ws: Workspace, job: JobSpec, featuresets: dict, run_id: str, summ
     with stage_lock(ws, "train", job.wait):
         for hjob in job.heads:
             fs = featuresets[(hjob.features, hjob.dataset)]
-            out = run_train(ws, train_config(hjob, fs), run_id)
+            out = run_train(ws, train_config(job, hjob, fs), run_id)
             summary["train"][hjob.name] = out
             heads[hjob.name] = out["head_id"]
     return heads
@@ -166,7 +166,7 @@ def _predict_all(ws: Workspace, job: JobSpec, heads: dict[str, str], run_id: str
     with stage_lock(ws, "predict", job.wait):
         for hjob in job.heads:
             for dataset in hjob.predict:
-                cfg = PredictConfig(head_id=heads[hjob.name], dataset=dataset)
+                cfg = PredictConfig(head_id=heads[hjob.name], dataset=dataset, wait=job.wait)
                 summary["predict"][f"{hjob.name}/{dataset}"] = run_predict(ws, cfg, run_id)
 
 
@@ -176,7 +176,8 @@ def _report_all(ws: Workspace, job: JobSpec, heads: dict[str, str], run_id: str,
     with stage_lock(ws, "report", job.wait):
         for hjob in job.heads:
             if hjob.report:
-                summary["report"][hjob.name] = run_report(ws, ReportConfig(head_id=heads[hjob.name]), run_id)
+                cfg = ReportConfig(head_id=heads[hjob.name], wait=job.wait)
+                summary["report"][hjob.name] = run_report(ws, cfg, run_id)
 
 
 def error_rate(ws: Workspace, dataset: str, featureset: str) -> tuple[int, int]:

@@ -19,6 +19,9 @@ resumes where it stopped. Two overlapping runs take turns per stage (see --wait)
 Job file sections: [run] (max_error_rate, executor, wait), [datasets.NAME] (root plus scan
 options), [features.NAME] (backbone plus extract options, datasets = [...]) and
 [heads.NAME] (dataset, features, head plus train options, predict = [...], report).
+Each value must have the type of the option it sets (true/false, an integer, a number, a
+string): a wrong type exits 2 naming the key before any stage runs. --set values are read
+as TOML values (a bare word is a string) and checked the same way.
 """
 
 EPILOG = """\
@@ -44,7 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--executor", choices=("local", "ray"), default=None,
                    help="where extract runs (overrides [run] executor)")
     p.add_argument("--wait", type=seconds, metavar="SECONDS", default=None,
-                   help="wait this long for a stage another run holds, instead of exiting at once")
+                   help="wait up to this long for a stage, head, predictions or report another process "
+                        "is writing, instead of exiting at once")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a job-file value, e.g. features.lite0.batch_size=64 (repeatable)")
 

@@ -43,10 +43,10 @@ class Workspace:
         while not path.exists() and path != path.parent:
             path = path.parent
         if not path.is_dir():
-            what = "the workspace" if path == self.root else f"{path}, a folder above the workspace,"
+            what = "it" if path == self.root else f"{path} above it"
             raise ConfigError(
-                f"--workspace {self.root}: {what} is {_kind(path)}, not a folder; give a folder "
-                f"(it is created when missing) or set ${ENV_WORKSPACE}"
+                f"workspace {self.root} (from --workspace or ${ENV_WORKSPACE}): {what} is {_kind(path)}, "
+                "not a folder; give a folder path (a missing folder is created)"
             )
 
     # datasets

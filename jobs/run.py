@@ -7,7 +7,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from imgfeat.cli.common import JobContext, add_command, fraction, seconds
+from imgfeat.cli.common import JobContext, add_command, add_trust_pickle, fraction, seconds
 from imgfeat.cli.report_lines import print_run_summary
 
 DESCRIPTION = """\
@@ -49,6 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--wait", type=seconds, metavar="SECONDS", default=None,
                    help="wait up to this long for a stage, head, predictions or report another process "
                         "is writing, instead of exiting at once")
+    add_trust_pickle(p)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a job-file value, e.g. features.lite0.batch_size=64 (repeatable)")
 
@@ -58,7 +59,8 @@ def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
     from imgfeat.run.run import plan_job, run_job_spec
 
     job = load_job(args.job, tuple(args.overrides), workspace=ctx.ws.root)
-    flags = {"max_error_rate": args.max_error_rate, "executor": args.executor, "wait": args.wait}
+    flags = {"max_error_rate": args.max_error_rate, "executor": args.executor, "wait": args.wait,
+             "trust_pickle": args.trust_pickle or None}
     job = dataclasses.replace(job, **{k: v for k, v in flags.items() if v is not None})
     if args.dry_run:
         plan = plan_job(ctx.ws, job)

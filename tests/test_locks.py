@@ -123,18 +123,21 @@ def run_train_once(ws) -> str:
 
 
 def test_imgfeat_run_passes_wait_to_the_head_lock(blob_ws, monkeypatch):
-    """`imgfeat run --wait` reaches train, predict and report (it used to stop at the stage locks)."""
+    """`imgfeat run --wait` reaches train, predict and report (it used to stop at the stage locks);
+    so does --trust-pickle, which the message for an old head suggests."""
     from imgfeat.run import run as run_mod
     from imgfeat.run.jobfile import FeatureJob, HeadJob, JobSpec
 
     job = JobSpec("job.toml", {"toy": {}}, (FeatureJob("f", {"backbone": "efficientnet_lite0"}, ("toy",)),),
-                  (HeadJob("h", "toy", "f", {"head": "logreg"}, ("toy",)),), wait=42.0)
+                  (HeadJob("h", "toy", "f", {"head": "logreg"}, ("toy",)),), wait=42.0, trust_pickle=True)
     hjob = job.heads[0]
     assert run_mod.train_config(job, hjob, "fs").wait == 42.0
     seen = {}
-    monkeypatch.setattr("imgfeat.heads.run_predict", lambda ws, cfg, rid: seen.setdefault("predict", cfg.wait) or {})
-    monkeypatch.setattr("imgfeat.heads.run_report", lambda ws, cfg, rid: seen.setdefault("report", cfg.wait) or {})
+    monkeypatch.setattr("imgfeat.heads.run_predict",
+                        lambda ws, cfg, rid: seen.setdefault("predict", (cfg.wait, cfg.trust_pickle)) and {})
+    monkeypatch.setattr("imgfeat.heads.run_report",
+                        lambda ws, cfg, rid: seen.setdefault("report", (cfg.wait, cfg.trust_pickle)) and {})
     summary = {"predict": {}, "report": {}}
     run_mod._predict_all(blob_ws, job, {"h": "toy-logreg-x"}, "r", summary)
     run_mod._report_all(blob_ws, job, {"h": "toy-logreg-x"}, "r", summary)
-    assert seen == {"predict": 42.0, "report": 42.0}
+    assert seen == {"predict": (42.0, True), "report": (42.0, True)}

@@ -131,10 +131,12 @@ def load_head(ws: Workspace, head_id: str, trust_pickle: bool = False) -> Loaded
     """
     meta = read_head_meta(ws, head_id)
     if meta["model_format"] == "joblib" and not trust_pickle:
+        folder = ws.head_dir(head_id)
         raise ConfigError(
-            f"head {head_id} was saved by an older imgfeat as a pickle ({ws.head_dir(head_id) / meta['model_file']}), "
+            f"head {head_id} was saved by an older imgfeat as a pickle ({folder / meta['model_file']}), "
             "and loading a pickle can run any code. Retrain it to save it without pickles (delete "
-            f"{ws.head_dir(head_id)} and run 'imgfeat train' again), or pass --trust-pickle if you trust the file"
+            f"{folder} and run 'imgfeat train' again), or pass --trust-pickle (trust_pickle=True in "
+            "Python) if you trust the file"
         )
     path = ws.head_dir(head_id) / meta["model_file"]
     try:

@@ -88,6 +88,7 @@ class JobSpec:
     wait: float | None = None
     workspace: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    trust_pickle: bool = False  # --trust-pickle: old joblib heads may be loaded (never from the file)
 
 
 def load_job(path: Path, overrides: tuple[str, ...] = (), workspace: Path | None = None) -> JobSpec:

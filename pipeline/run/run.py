@@ -166,7 +166,8 @@ def _predict_all(ws: Workspace, job: JobSpec, heads: dict[str, str], run_id: str
     with stage_lock(ws, "predict", job.wait):
         for hjob in job.heads:
             for dataset in hjob.predict:
-                cfg = PredictConfig(head_id=heads[hjob.name], dataset=dataset, wait=job.wait)
+                cfg = PredictConfig(head_id=heads[hjob.name], dataset=dataset, wait=job.wait,
+                                    trust_pickle=job.trust_pickle)
                 summary["predict"][f"{hjob.name}/{dataset}"] = run_predict(ws, cfg, run_id)
 
 
@@ -176,7 +177,7 @@ def _report_all(ws: Workspace, job: JobSpec, heads: dict[str, str], run_id: str,
     with stage_lock(ws, "report", job.wait):
         for hjob in job.heads:
             if hjob.report:
-                cfg = ReportConfig(head_id=heads[hjob.name], wait=job.wait)
+                cfg = ReportConfig(head_id=heads[hjob.name], wait=job.wait, trust_pickle=job.trust_pickle)
                 summary["report"][hjob.name] = run_report(ws, cfg, run_id)
 
 

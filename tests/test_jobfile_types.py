@@ -141,3 +141,11 @@ def test_imgfeat_run_rejects_a_bad_type_with_exit_2_before_any_stage(ws, tmp_pat
     assert key in out["error"] and "Traceback" not in captured.err
     written = {p.name for p in ws.root.iterdir()} - {"runs"}
     assert written == set(), f"a rejected job wrote {written}"
+
+
+@pytest.mark.parametrize("value", ["-5", "4294967296"])
+def test_a_seed_numpy_cannot_take_fails_before_any_stage(tmp_path, value):
+    path = tmp_path / "job.toml"
+    path.write_text(GOOD)
+    with pytest.raises(ConfigError, match="random_state must be from 0 to 2\\*\\*32 - 1"):
+        _check(load_job(path, (f"heads.photos-logreg.random_state={value}",)))

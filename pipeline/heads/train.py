@@ -81,6 +81,8 @@ class TrainConfig:
             raise ConfigError(f"n_jobs must be at least 1, got {self.n_jobs!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be from 0 to below 1, got {self.dropout!r}")
+        if not 0 <= int(self.random_state) < 2**32:  # numpy's seed range; sklearn fails late otherwise
+            raise ConfigError(f"random_state must be from 0 to 2**32 - 1, got {self.random_state!r}")
 
     def params(self) -> dict[str, Any]:
         """The parameters that shape this kind of head (recorded and hashed into the head id)."""

@@ -134,3 +134,15 @@ def test_a_corrupt_head_json_names_the_file_and_the_way_out(ws, text):
     with pytest.raises(ImgfeatError) as err:
         load_head(ws, HEAD)
     assert str(folder / "head.json") in str(err.value) and "imgfeat train" in str(err.value)
+
+
+def test_a_corrupt_rows_table_names_the_file_and_the_way_out(ws):
+    from imgfeat.heads.artifacts import ROWS_FILE, read_rows
+
+    est, _ = _fitted("logreg")
+    _write_new(ws, est)
+    path = ws.head_dir(HEAD) / ROWS_FILE
+    path.write_bytes(b"garbage")
+    with pytest.raises(ImgfeatError) as err:
+        read_rows(ws, HEAD)
+    assert str(path) in str(err.value) and "imgfeat train" in str(err.value)

@@ -189,7 +189,11 @@ def _load_skops(meta: dict[str, Any], blob: bytes) -> Any:
 
 
 def read_rows(ws: Workspace, head_id: str) -> pa.Table:
-    return pq.read_table(ws.head_dir(head_id) / ROWS_FILE)
+    path = ws.head_dir(head_id) / ROWS_FILE
+    try:
+        return pq.read_table(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise _corrupt_head(ws, head_id, path, str(exc).rstrip(".")) from None
 
 
 def library_versions() -> dict[str, str]:

@@ -26,6 +26,21 @@ SKIP_UNLISTABLE = "unlistable_dir"
 SKIP_SPECIAL = "special_file"  # sockets, FIFOs, devices: reading one could block for ever
 
 _by_name = operator.attrgetter("name")
+
+
+def _pseudo_devices() -> frozenset[int]:
+    """Device ids of /proc and /sys: their 'regular' files (/proc/self/pagemap) are endless or
+    change on every read, so a followed link to one is skipped like a FIFO, never opened."""
+    out = set()
+    for path in ("/proc", "/sys"):
+        try:
+            out.add(os.stat(path).st_dev)
+        except OSError:
+            pass
+    return frozenset(out)
+
+
+PSEUDO_DEVICES = _pseudo_devices()
 GROUP_FILES = 512  # files handed on at once from a big folder
 
 
@@ -76,6 +91,7 @@ def _stat_group(prefix: str, entries: list[os.DirEntry], stats: WalkStats) -> li
     """A FileEntry for each candidate (one ``stat`` each); sockets, FIFOs and devices are skipped."""
     files: list[FileEntry] = []
     append, is_reg = files.append, stat.S_ISREG  # a rescan's hot loop: one pass per file
+    pseudo = PSEUDO_DEVICES
     for entry in entries:
         if not (entry.name.isascii() and prefix.isascii()) and not _utf8(prefix + entry.name):
             append(_bad_name(prefix + entry.name, entry.path))
@@ -86,7 +102,7 @@ def _stat_group(prefix: str, entries: list[os.DirEntry], stats: WalkStats) -> li
             reason = _stat_failure(entry, exc)
             append(FileEntry(prefix + entry.name, entry.path, None, None, f"cannot stat the file: {reason}"))
             continue
-        if is_reg(st.st_mode):
+        if is_reg(st.st_mode) and st.st_dev not in pseudo:
             append(FileEntry(prefix + entry.name, entry.path, st.st_size, st.st_mtime_ns))
         else:
             stats.skipped[SKIP_SPECIAL] += 1

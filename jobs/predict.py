@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", default=None, metavar="NAME", help="predict every image of this dataset")
     p.add_argument("images", nargs="*", metavar="IMAGE", help="image files to predict (instead of --dataset)")
     p.add_argument("--top-k", type=positive_int, default=5, metavar="K", help="labels kept per image")
-    add_wait(p, "this head's predictions")
+    add_wait(p, "this head's predictions (or its featureset, for image files)")
     add_trust_pickle(p)
 
 

@@ -141,3 +141,31 @@ def test_imgfeat_run_passes_wait_to_the_head_lock(blob_ws, monkeypatch):
     run_mod._predict_all(blob_ws, job, {"h": "toy-logreg-x"}, "r", summary)
     run_mod._report_all(blob_ws, job, {"h": "toy-logreg-x"}, "r", summary)
     assert seen == {"predict": (42.0, True), "report": (42.0, True)}
+
+
+def test_predicting_image_files_waits_for_the_featureset_lock(ws, tmp_path, keras_home):
+    """`imgfeat predict --wait HEAD IMAGE` extracts into the head's featureset: --wait covers that lock too."""
+    import numpy as np
+    from PIL import Image
+
+    from imgfeat.extract.extract import ExtractConfig, extract_files, run_extract
+    from imgfeat.scan.scan import ScanConfig, run_scan
+
+    root = tmp_path / "images"
+    (root / "cat").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / "cat" / f"{i}.png")
+    run_scan(ws, ScanConfig(root, "d"), "r1")
+    fs = run_extract(ws, ExtractConfig("d", "efficientnet_lite0", weights="none", input_size=32), "r1")["featureset"]
+    new = tmp_path / "new.png"
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(new)
+    holder = FileLock(ws.featureset_dir(fs) / ".lock", "test holder").acquire()
+    try:
+        with pytest.raises(LockBusyError, match="--wait"):
+            extract_files(ws, fs, [new], "r2")
+        _release_later(holder, 0.5)
+        (result,) = extract_files(ws, fs, [new], "r2", wait=60)
+        assert result.image_id and not result.error_code
+    finally:
+        holder.release()

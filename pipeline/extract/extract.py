@@ -399,7 +399,8 @@ def build_model(spec, cfg: ExtractConfig, core: dict[str, Any]):
 # ------------------------------------------------------------------------------- single files
 
 
-def extract_files(ws: Workspace, featureset: str, paths: Sequence[str | Path], run_id: str) -> list[FileResult]:
+def extract_files(ws: Workspace, featureset: str, paths: Sequence[str | Path], run_id: str,
+                  wait: float | None = None) -> list[FileResult]:
     """Features for arbitrary image files, cached into an existing featureset (``imgfeat predict IMAGE``).
 
     Files are keyed by content: one already in the featureset costs a hash, not a model call.
@@ -412,7 +413,7 @@ def extract_files(ws: Workspace, featureset: str, paths: Sequence[str | Path], r
             f"to the same fingerprint (now {_name_of(core)}); was its weights file replaced?"
         )
     probes = [(str(p), _probe(p)) for p in paths]
-    with open_featureset(ws, featureset, cfg.wait) as done:
+    with open_featureset(ws, featureset, wait) as done:
         items, new_errors = _file_todo(probes, done, run_id)
         session = _Session.open(ws, featureset, core, cfg, run_id) if items else None
         if session is None and new_errors:

@@ -240,7 +240,7 @@ def _predict_files(ws: Workspace, cfg: PredictConfig, head: LoadedHead, writer: 
     from imgfeat.extract.extract import extract_files
 
     paths = [Path(p).expanduser().absolute() for p in cfg.paths]
-    results = extract_files(ws, head.featureset, paths, run_id)
+    results = extract_files(ws, head.featureset, paths, run_id, wait=cfg.wait)
     ids, X = load_features(ws, head.featureset, [r.image_id for r in results if r.image_id and not r.error_code])
     scored = score(head, X, cfg.top_k)
     by_id = {i: k for k, i in enumerate(ids.tolist())}

@@ -38,6 +38,15 @@ def test_a_workspace_that_is_a_file_or_a_device_exits_2(tmp_path, capsys, kind):
     assert a_file.read_text() == "not a workspace"
 
 
+@pytest.mark.quick
+def test_a_workspace_behind_a_broken_link_exits_2(tmp_path, capsys):
+    link = tmp_path / "ws"
+    link.symlink_to(tmp_path / "gone" / "away")
+    code = main(["scan", str(_image_root(tmp_path)), "--dataset", "d", "--workspace", str(link), "--json"])
+    out, err = _last_json(capsys)
+    assert code == 2 and "broken symbolic link" in out["error"] and "Traceback" not in err
+
+
 def test_a_rejected_command_does_not_create_a_mistyped_workspace(tmp_path, capsys):
     typo = tmp_path / "dtaa"
     assert main(["predict", "--head", "nope", "--dataset", "d", "--workspace", str(typo), "--json"]) == 2

@@ -146,3 +146,26 @@ def test_a_corrupt_rows_table_names_the_file_and_the_way_out(ws):
     with pytest.raises(ImgfeatError) as err:
         read_rows(ws, HEAD)
     assert str(path) in str(err.value) and "imgfeat train" in str(err.value)
+
+
+def test_a_keras_head_with_a_lambda_layer_is_refused_without_running_it(ws, tmp_path):
+    import keras
+
+    from imgfeat.heads.artifacts import load_head
+
+    marker = tmp_path / "pwned"
+    code = f"open({str(marker)!r}, 'w').close() or x"
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Lambda(lambda x: eval(code)),  # noqa: S307
+                              keras.layers.Dense(2, activation="softmax")])
+    model.save(tmp_path / "evil.keras")
+    blob = (tmp_path / "evil.keras").read_bytes()
+    marker.unlink(missing_ok=True)  # building the model ran the lambda once, here, on purpose
+    folder = ws.head_dir(HEAD)
+    folder.mkdir(parents=True)
+    (folder / "model.keras").write_bytes(blob)
+    write_json_atomic({"head_id": HEAD, "featureset": "fs", "classes": ["a", "b"], "model_file": "model.keras",
+                       "model_format": "keras", "model_sha256": hashlib.sha256(blob).hexdigest()},
+                      folder / "head.json")
+    with pytest.raises(ImgfeatError, match="safe mode"):
+        load_head(ws, HEAD)
+    assert not marker.exists(), "loading a .keras head ran its Lambda"

@@ -164,10 +164,20 @@ def _deserialise(meta: dict[str, Any], blob: bytes) -> Any:
         return joblib.load(io.BytesIO(blob))
     if fmt != "keras":
         raise ImgfeatError(f"head {meta['head_id']}: unknown model format {fmt!r} in head.json")
+    return _load_keras(meta, blob)
+
+
+def _load_keras(meta: dict[str, Any], blob: bytes) -> Any:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / MODEL_FILES["keras"]
         path.write_bytes(blob)
-        return KerasMLPClassifier.load(path, meta["classes"], meta.get("mlp_params"))
+        try:
+            return KerasMLPClassifier.load(path, meta["classes"], meta.get("mlp_params"))
+        except Exception as exc:  # safe_mode refusing a Lambda layer, a damaged archive, ...
+            raise ImgfeatError(
+                f"refusing to load head {meta['head_id']}: its model.keras cannot be loaded in safe mode "
+                f"({type(exc).__name__}: {str(exc)[:200]}); delete the head and run 'imgfeat train' again"
+            ) from exc
 
 
 def _load_skops(meta: dict[str, Any], blob: bytes) -> Any:

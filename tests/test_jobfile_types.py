@@ -149,3 +149,17 @@ def test_a_seed_numpy_cannot_take_fails_before_any_stage(tmp_path, value):
     path.write_text(GOOD)
     with pytest.raises(ConfigError, match="random_state must be from 0 to 2\\*\\*32 - 1"):
         _check(load_job(path, (f"heads.photos-logreg.random_state={value}",)))
+
+
+@pytest.mark.parametrize("key,value,words", [("datasets.photos.root", '"missing"', "does not exist"),
+                                             ("datasets.photos.labels_csv", '"nope.csv"', "is not a file")])
+def test_a_missing_root_or_labels_file_fails_before_any_stage_takes_a_lock(ws, tmp_path, capsys, key, value, words):
+    from imgfeat.cli.main import main
+
+    _images(tmp_path / "images")
+    job = tmp_path / "job.toml"
+    job.write_text(_with_value(key, value))
+    assert main(["run", str(job), "--json"]) == 2
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert words in out["error"]
+    assert {p.name for p in ws.root.iterdir()} - {"runs"} == set(), "a rejected job took a lock or wrote data"

@@ -6,13 +6,14 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from imgfeat.core import schemas as S
-from imgfeat.core.errors import ErrorRateExceeded
+from imgfeat.core.errors import ConfigError, ErrorRateExceeded
 from imgfeat.run.jobfile import FeatureJob, HeadJob, JobSpec, build_config
 from imgfeat.core.storage import WAIT_HINT, FileLock
 from imgfeat.core.workspace import Workspace
@@ -62,6 +63,17 @@ def check_job(job: JobSpec) -> None:
         train_config(job, hjob, featureset="placeholder")
 
 
+def check_inputs(job: JobSpec) -> None:
+    """Every dataset folder and labels CSV exists: a run must not fail there after taking locks."""
+    from imgfeat.scan.scan import resolve_root
+
+    for name in job.datasets:
+        cfg = scan_config(job, name)
+        resolve_root(cfg.root)
+        if cfg.labels_csv is not None and not Path(cfg.labels_csv).is_file():
+            raise ConfigError(f"datasets.{name}.labels_csv: {cfg.labels_csv} is not a file")
+
+
 def plan_job(ws: Workspace, job: JobSpec) -> dict[str, Any]:
     """What a run would do, without hashing images or building models (``--dry-run``)."""
     from imgfeat.extract.extract import plan_extract
@@ -95,6 +107,7 @@ def plan_job(ws: Workspace, job: JobSpec) -> dict[str, Any]:
 def run_job_spec(ws: Workspace, job: JobSpec, run_id: str, summary: dict[str, Any]) -> dict[str, Any]:
     """Run every stage in order; fills ``summary`` as it goes (so a failure still reports)."""
     check_job(job)
+    check_inputs(job)
     summary.update({"job": job.source, "scan": {}, "extract": {}, "train": {}, "predict": {}, "report": {}})
     timings: dict[str, float] = {}
     _timed(timings, "scan", lambda: _scan_all(ws, job, run_id, summary))

@@ -120,8 +120,8 @@ def _read_shard(path: Path, columns: list[str] | None) -> pa.Table:
         return pq.ParquetFile(path).read(columns=columns)
     except (OSError, pa.ArrowException) as exc:
         raise ImgfeatError(
-            f"cannot read {path}: {str(exc).rstrip('.')}; the file is damaged: delete it and run the command that wrote "
-            "it again (extract and predict write only what is missing)"
+            f"cannot read {path}: {str(exc).rstrip('.')}; the file is damaged: delete it and run the "
+            "command that wrote it again (extract and predict write only what is missing)"
         ) from None
 
 

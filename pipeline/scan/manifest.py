@@ -68,8 +68,8 @@ def manifest_info(ws: Workspace, dataset: str) -> dict[str, Any]:
 
 def corrupt_manifest(path: Path, dataset: str, exc: object) -> ImgfeatError:
     """The error for an unreadable manifest: a rescan rebuilds it (nothing else is lost)."""
-    return ImgfeatError(f"cannot read the manifest {path}: {str(exc).rstrip('.')}; scanning the folder again rebuilds it: "
-                        f"imgfeat scan ROOT --dataset {dataset}")
+    return ImgfeatError(f"cannot read the manifest {path}: {str(exc).rstrip('.')}; scanning the folder "
+                        f"again rebuilds it: imgfeat scan ROOT --dataset {dataset}")
 
 
 def file_schema(path: Path) -> pa.Schema:

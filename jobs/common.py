@@ -104,7 +104,8 @@ def run_job(args: argparse.Namespace) -> int:
     record = RunRecord(command=args.command)
     error = None
     try:
-        ws.check_usable()
+        if args.record_run:  # the commands that read or write the workspace
+            ws.check_usable()
         record.summary.update(args.handler(args, JobContext(ws, record)) or {})
         code = EXIT_OK
     except ImgfeatError as exc:

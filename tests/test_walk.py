@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -31,24 +33,27 @@ def rows(ws) -> dict[str, dict]:
     return {r[S.PATH]: r for r in read_manifest(ws, "d").to_pylist()}
 
 
-def test_a_tree_nested_1500_deep_scans_without_recursion_error(ws, tmp_path):
-    root = tmp_path / "r"
+def test_a_tree_nested_1500_deep_scans_without_recursion_error(ws):
+    # Not under tmp_path: pytest removes old tmp folders with shutil.rmtree, which recurses on
+    # Python 3.11 and would fail on this tree in a later session if this test were interrupted.
+    root = Path(tempfile.mkdtemp(prefix="imgfeat-deep-"))
     deep = str(root)
-    root.mkdir()
-    for _ in range(1500):  # os.makedirs itself recurses
-        deep += "/d"
-        os.mkdir(deep)
-    Path(deep, "bottom.jpg").write_bytes(jpeg())
-    (root / "top.jpg").write_bytes(jpeg(1))
     try:
+        for _ in range(1500):  # os.makedirs itself recurses
+            os.mkdir(deep + "/d")
+            deep += "/d"
+        Path(deep, "bottom.jpg").write_bytes(jpeg())
+        (root / "top.jpg").write_bytes(jpeg(1))
         summary = run_scan(ws, ScanConfig(root, "d"), "r1")
         assert summary["ok"] == 2
         assert "/".join(["d"] * 1500) + "/bottom.jpg" in rows(ws)
-    finally:  # shutil.rmtree (pytest's clean-up) recurses too: take the tree down bottom-up
-        os.unlink(os.path.join(deep, "bottom.jpg"))
+    finally:  # take the tree down bottom-up
+        if os.path.exists(os.path.join(deep, "bottom.jpg")):
+            os.unlink(os.path.join(deep, "bottom.jpg"))
         while deep != str(root):
             os.rmdir(deep)
             deep = os.path.dirname(deep)
+        shutil.rmtree(root)
 
 
 @pytest.mark.quick

@@ -105,6 +105,8 @@ def run_job(args: argparse.Namespace) -> int:
     record = RunRecord(command=args.command)
     error = None
     try:
+        if args.record_run:  # the commands that read or write the workspace
+            ws.check_usable()
         result = args.handler(args, JobContext(ws, record))
         record.summary.update(result.to_json() if hasattr(result, "to_json") else result or {})
         code = EXIT_OK
@@ -117,7 +119,7 @@ def run_job(args: argparse.Namespace) -> int:
     except Exception as exc:  # a bug or an unexpected environment: say it, exit 1
         code, error = EXIT_FAILED, f"{type(exc).__name__}: {exc}"
         log.exception("failed: %s", error)
-    if args.record_run:
+    if args.record_run:  # kept in runs/ only when the workspace exists: never creates one
         obj = record.finish(ws, code, error)
     else:
         obj = {**record.summary, "exit_code": code, **({"error": error} if error else {})}
@@ -144,6 +146,29 @@ def fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}") from None
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}")
+    return value
+
+
+def add_wait(p: argparse.ArgumentParser, what: str) -> None:
+    """``--wait SECONDS``: wait for a lock another process holds on ``what`` instead of exiting 1."""
+    p.add_argument("--wait", type=seconds, metavar="SECONDS", default=None,
+                   help=f"wait up to this long for another process writing {what}, instead of exiting at once")
+
+
+def add_trust_pickle(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="load a head saved by an older imgfeat as a joblib pickle (loading a pickle can "
+                        "run code: only for head files you trust; retraining saves it without pickles)")
+
+
+def seconds(text: str) -> float:
+    """A ``--wait`` value: a number of seconds, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, 0 or more, got {text!r}")
     return value
 
 

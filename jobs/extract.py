@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from imgfeat.cli.common import JobContext, add_command, fraction, positive_int
+from imgfeat.cli.common import JobContext, add_command, fraction, positive_int, seconds
 
 DESCRIPTION = """\
 Run a Keras backbone (include_top=False, pooled) over every image of a scanned dataset
@@ -78,7 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=positive_int, default=None, metavar="N",
                    help="decode threads (default: the CPU count); with --executor ray: backbone "
                         "actors (default: one per GPU, or one per node without GPUs)")
-    p.add_argument("--wait", type=float, default=None, metavar="SECONDS",
+    p.add_argument("--wait", type=seconds, default=None, metavar="SECONDS",
                    help="wait this long for another writer of the same featureset instead of failing")
     p.add_argument("--max-error-rate", type=fraction, default=None, metavar="F",
                    help="exit 3 when more than this fraction of the dataset's images are error rows")

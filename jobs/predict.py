@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from imgfeat.cli.common import JobContext, add_command, positive_int, require
+from imgfeat.cli.common import JobContext, add_command, add_trust_pickle, add_wait, positive_int, require
 
 DESCRIPTION = """\
 Apply a trained head to a dataset's features, or to image files, folders and glob patterns.
@@ -43,13 +43,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("images", nargs="*", metavar="IMAGE",
                    help="image files, folders or glob patterns to predict (instead of --dataset)")
     p.add_argument("--top-k", type=positive_int, default=5, metavar="K", help="labels kept per image")
+    add_wait(p, "this head's predictions (or its featureset, for image files)")
+    add_trust_pickle(p)
 
 
 def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
     from imgfeat.heads import PredictConfig, run_predict
 
     require(bool(args.dataset) != bool(args.images), "give either --dataset NAME or image files, not both")
-    cfg = PredictConfig(head_id=args.head, dataset=args.dataset, paths=tuple(args.images), top_k=args.top_k)
+    cfg = PredictConfig(head_id=args.head, dataset=args.dataset, paths=tuple(args.images), top_k=args.top_k,
+                        wait=args.wait, trust_pickle=args.trust_pickle)
     out = run_predict(ctx.ws, cfg, ctx.run_id).to_json()
     if not args.json:
         print_predict(out)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from imgfeat.cli.common import JobContext, add_command, positive_int
+from imgfeat.cli.common import JobContext, add_command, add_trust_pickle, add_wait, positive_int
 
 DESCRIPTION = """\
 Write reports/<head_id>/index.html for a trained head, titled by the head's name: its metrics,
@@ -30,13 +30,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mistakes", type=int, default=24, metavar="N", help="most confident mistakes to show")
     p.add_argument("--projection", default="auto", choices=("auto", "pca", "tsne"), help="2-D projection")
     p.add_argument("--max-points", type=positive_int, default=2000, metavar="N", help="points in the projection")
+    add_wait(p, "this head's report")
+    add_trust_pickle(p)
 
 
 def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
     from imgfeat.heads import ReportConfig, run_report
 
     cfg = ReportConfig(head_id=args.head, max_mistakes=args.mistakes, projection=args.projection,
-                       max_points=args.max_points)
+                       max_points=args.max_points, wait=args.wait, trust_pickle=args.trust_pickle)
     out = run_report(ctx.ws, cfg, ctx.run_id)
     if not args.json:
         print(out["report"])

@@ -7,7 +7,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from imgfeat.cli.common import JobContext, add_command, fraction
+from imgfeat.cli.common import JobContext, add_command, add_trust_pickle, fraction, seconds
 from imgfeat.cli.report_lines import print_run_summary
 
 DESCRIPTION = """\
@@ -20,6 +20,9 @@ Job file sections: [run] (max_error_rate, executor, wait), [datasets.NAME] (root
 options), [features.NAME] (backbone plus extract options, datasets = [...]),
 [heads.NAME] (dataset, features, head plus train options, predict = [...], report) and
 [indexes.NAME] (features, datasets = [...], kind plus index options: kept current after extract).
+Each value must have the type of the option it sets (true/false, an integer, a number, a
+string): a wrong type exits 2 naming the key before any stage runs. --set values are read
+as TOML values (a bare word is a string) and checked the same way.
 """
 
 EPILOG = """\
@@ -44,8 +47,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(overrides [run] max_error_rate)")
     p.add_argument("--executor", choices=("local", "ray"), default=None,
                    help="where extract runs (overrides [run] executor)")
-    p.add_argument("--wait", type=float, metavar="SECONDS", default=None,
-                   help="wait this long for a stage another run holds, instead of exiting at once")
+    p.add_argument("--wait", type=seconds, metavar="SECONDS", default=None,
+                   help="wait up to this long for a stage, head, predictions or report another process "
+                        "is writing, instead of exiting at once")
+    add_trust_pickle(p)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a job-file value, e.g. features.lite0.batch_size=64 (repeatable)")
 
@@ -56,7 +61,8 @@ def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
     from imgfeat.run.summary import RunSummary
 
     job = load_job(args.job, tuple(args.overrides), workspace=ctx.ws.root)
-    flags = {"max_error_rate": args.max_error_rate, "executor": args.executor, "wait": args.wait}
+    flags = {"max_error_rate": args.max_error_rate, "executor": args.executor, "wait": args.wait,
+             "trust_pickle": args.trust_pickle or None}
     job = dataclasses.replace(job, **{k: v for k, v in flags.items() if v is not None})
     if args.dry_run:
         plan = plan_job(ctx.ws, job)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from imgfeat.cli.common import JobContext, add_command, fraction, positive_int
+from imgfeat.cli.common import JobContext, add_command, fraction, positive_int, seconds
 
 DESCRIPTION = """\
 Walk ROOT and write datasets/NAME/manifest.parquet: one row per image file with its
@@ -61,7 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "decompression-bomb limit, 89478485; Pillow itself refuses twice that)")
     p.add_argument("--workers", type=positive_int, metavar="N", default=None,
                    help="reader threads (default: CPU count + 4, at most 16)")
-    p.add_argument("--wait", type=float, metavar="SECONDS", default=None,
+    p.add_argument("--wait", type=seconds, metavar="SECONDS", default=None,
                    help="wait this long for another scan of the same dataset instead of failing")
     p.add_argument("--dry-run", action="store_true",
                    help="only stat the files and print new/changed/removed/unchanged counts")

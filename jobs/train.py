@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from imgfeat.cli.common import JobContext, add_command, fraction, positive_int
+from imgfeat.cli.common import JobContext, add_command, add_wait, fraction, positive_int
 
 DESCRIPTION = """\
 Train a light classifier ("head") on bottleneck features: the dataset's manifest gives
@@ -67,6 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="choose hyper-parameters on a stratified subsample of at most N rows")
     p.add_argument("--epochs", type=positive_int, default=50, metavar="N", help="mlp: most epochs")
     p.add_argument("--hidden", type=positive_int, default=256, metavar="N", help="mlp: hidden units")
+    add_wait(p, "the same head")
 
 
 def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
@@ -76,7 +77,7 @@ def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
                       kernel=args.kernel,
                       cv=args.cv, class_weight=args.class_weight, random_state=args.random_state,
                       test_fraction=args.test_fraction, cv_max_rows=args.cv_max_rows, epochs=args.epochs,
-                      hidden=args.hidden)
+                      hidden=args.hidden, wait=args.wait)
     out = run_train(ctx.ws, cfg, ctx.run_id).to_json()
     if not args.json:
         print_train(out)

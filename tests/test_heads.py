@@ -103,7 +103,7 @@ def test_artifact_round_trip_gives_the_same_predictions(ws, small_head):
 
 def test_a_tampered_model_file_is_refused(ws, small_head):
     folder = ws.head_dir(small_head)
-    model = folder / "model.joblib"
+    model = folder / "model.skops"
     data = bytearray(model.read_bytes())
     data[len(data) // 2] ^= 0x01  # one bit of one byte
     model.write_bytes(bytes(data))

@@ -154,3 +154,82 @@ def test_reads_the_shipped_lite0_weights():
     # offset slip would scatter signs and magnitudes
     variances = [v for k, v in sd.items() if k.endswith("running_var")]
     assert all((v >= 0).all() and v.mean() > 1e-3 for v in variances)
+
+
+def _global_build(target: bytes, attr: str) -> bytes:
+    """A pickle that names an allowed global, then a BUILD setting ``attr`` on it (slot state)."""
+    name = attr.encode()
+    return (b"\x80\x02c" + target + b"N}X" + len(name).to_bytes(4, "little") + name
+            + b"K\x07\x85s\x86b.")
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("target", [b"torch._utils\n_rebuild_tensor_v2\n", b"collections\nOrderedDict\n",
+                                    b"torch\nFloatStorage\n"])
+def test_a_build_opcode_aimed_at_an_allowed_global_mutates_nothing(tmp_path, target):
+    import collections
+
+    from imgfeat.backbones import torchfile
+
+    before = (torchfile._rebuild_tensor_v2.__defaults__, getattr(collections.OrderedDict, "__defaults__", None))
+    out = io.BytesIO()
+    for obj in (LEGACY_MAGIC, LEGACY_PROTOCOL, {"little_endian": True}):
+        pickle.dump(obj, out, protocol=2)
+    out.write(_global_build(target, "__defaults__"))
+    path = tmp_path / "build.pth"
+    path.write_bytes(out.getvalue())
+    with pytest.raises(TorchFileError):
+        read_state_dict(path)
+    after = (torchfile._rebuild_tensor_v2.__defaults__, getattr(collections.OrderedDict, "__defaults__", None))
+    assert after == before == ((False, None), None)
+
+
+def _one_tensor_file(monkeypatch, storages=None, keys=None) -> bytes:
+    fake = _fake_torch(monkeypatch)
+    return legacy_save(fake, {"w": ("0", 0, (8,), (1,))}, storages or {"0": np.ones(8, np.float32)})
+
+
+@pytest.mark.quick
+def test_a_storage_claiming_2_to_the_61_elements_is_one_clear_error(monkeypatch, tmp_path):
+    data = _one_tensor_file(monkeypatch)
+    count = np.int64(8).tobytes()
+    at = data.rindex(count)  # the storage's element count sits right before its 32 bytes
+    path = tmp_path / "huge.pth"
+    path.write_bytes(data[:at] + np.int64(2**61).tobytes() + data[at + 8:])
+    with pytest.raises(TorchFileError, match="claims 2305843009213693952 elements"):
+        read_state_dict(path)
+
+
+@pytest.mark.quick
+def test_a_tensor_whose_storage_key_is_missing_is_one_clear_error(monkeypatch, tmp_path):
+    fake = _fake_torch(monkeypatch)
+    data = legacy_save(fake, {"w": ("0", 0, (8,), (1,))}, {"0": np.ones(8, np.float32)})
+    # rewrite the storage key list ['0'] as ['9'], so the tensor's storage is never stored
+    keys = pickle.dumps(["0"], protocol=2)
+    at = data.rindex(keys)
+    path = tmp_path / "nokey.pth"
+    path.write_bytes(data[:at] + pickle.dumps(["9"], protocol=2) + data[at + len(keys):])
+    with pytest.raises(TorchFileError, match="storage '0'.*does not hold"):
+        read_state_dict(path)
+
+
+def test_every_truncation_and_random_corruption_is_one_error_type(monkeypatch, tmp_path):
+    fake = _fake_torch(monkeypatch)
+    data = legacy_save(fake, {"a": ("0", 0, (2, 4), (4, 1)), "b": ("1", 1, (2,), (1,))},
+                       {"0": np.arange(8, dtype=np.float32), "1": np.arange(3, dtype=np.int64)})
+    rng = np.random.default_rng(0)
+    cases = [data[:n] for n in range(len(data))]
+    for _ in range(300):
+        flipped = bytearray(data)
+        for pos in rng.integers(0, len(data), size=int(rng.integers(1, 4))):
+            flipped[pos] = int(rng.integers(0, 256))
+        cases.append(bytes(flipped))
+    cases += [rng.bytes(int(n)) for n in rng.integers(1, 400, size=50)]
+    ok = 0
+    for blob in cases:
+        try:
+            read_state_dict(io.BytesIO(blob))
+            ok += 1
+        except TorchFileError:
+            pass
+    assert ok < len(cases) // 2  # most corruptions are caught, and none escaped as another type

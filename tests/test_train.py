@@ -55,7 +55,7 @@ def test_each_head_learns_and_reports_its_metrics(blob_ws, trained, head, kernel
     cv = m["cv"][head]
     assert len(cv["folds"]) == extra.get("cv", 3) and 0.5 <= cv["mean"] <= 1.0
     folder = blob_ws.head_dir(out.head_id)
-    expected = {HEAD_FILE, METRICS_FILE, ROWS_FILE, "model.keras" if head == "mlp" else "model.joblib"}
+    expected = {HEAD_FILE, METRICS_FILE, ROWS_FILE, "model.keras" if head == "mlp" else "model.skops"}
     assert expected <= {p.name for p in folder.iterdir()}
     assert (folder / CURVES_FILE).is_file() == (head == "mlp")
     meta = json.loads((folder / HEAD_FILE).read_text())

@@ -44,6 +44,9 @@ class TorchFileError(ImgfeatError):
 class _StorageType:
     name: str
 
+    def __setstate__(self, state: Any) -> None:
+        raise TorchFileError("malformed weights file: it tries to set attributes of a storage type")
+
     @property
     def dtype(self) -> np.dtype:
         return np.dtype(STORAGE_DTYPES[self.name])
@@ -72,16 +75,33 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
     return _TensorRef(storage, int(storage_offset), tuple(map(int, size)), tuple(map(int, stride)))
 
 
+class _Allowed:
+    """A fresh, callable stand-in for an allowed global: a BUILD opcode aimed at it is refused.
+
+    ``find_class`` never hands out the real function or class, so no opcode can reach (and
+    change) an object that outlives the load, such as a function's ``__defaults__``.
+    """
+
+    def __init__(self, fn: Any) -> None:
+        self._fn = fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._fn(*args, **kwargs)
+
+    def __setstate__(self, state: Any) -> None:
+        raise TorchFileError("malformed weights file: it tries to set attributes of an allowed global")
+
+
 class _SafeUnpickler(pickle.Unpickler):
     """Allows only tensor rebuilds, storage types and OrderedDict; refuses every other global."""
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) == _REBUILD:
-            return _rebuild_tensor_v2
+            return _Allowed(_rebuild_tensor_v2)
         if (module, name) == _ORDERED_DICT:
             import collections
 
-            return collections.OrderedDict
+            return _Allowed(collections.OrderedDict)
         if module in ("torch", "torch.storage", "torch.cuda") and name in STORAGE_DTYPES:
             return _StorageType(name)
         raise TorchFileError(
@@ -133,11 +153,21 @@ def _read_storages(fh: IO[bytes], keys: list[str], dtypes: dict[str, np.dtype], 
             raise TorchFileError(f"{path} is truncated (storage {key} is missing)")
         (numel,) = struct.unpack("<q", count_bytes)
         dtype = dtypes.get(key, np.dtype("u1"))
+        if numel < 0 or numel * dtype.itemsize > _bytes_left(fh):
+            raise TorchFileError(f"{path} is truncated (storage {key} claims {numel} elements, "
+                                 "more than the file holds)")
         data = fh.read(numel * dtype.itemsize)
-        if numel < 0 or len(data) != numel * dtype.itemsize:
+        if len(data) != numel * dtype.itemsize:
             raise TorchFileError(f"{path} is truncated (storage {key} is short)")
         out[key] = np.frombuffer(data, dtype=dtype)
     return out
+
+
+def _bytes_left(fh: IO[bytes]) -> int:
+    here = fh.tell()
+    end = fh.seek(0, io.SEEK_END)
+    fh.seek(here)
+    return end - here
 
 
 def _collect_refs(obj: Any) -> dict[str, _TensorRef]:
@@ -151,10 +181,15 @@ def _collect_refs(obj: Any) -> dict[str, _TensorRef]:
 
 def _materialise(ref: _TensorRef, storages: dict[str, np.ndarray]) -> np.ndarray:
     s = ref.storage
-    flat = storages[s.view[0] if s.view else s.key]
+    root = s.view[0] if s.view else s.key
+    if root not in storages:
+        raise TorchFileError(f"a tensor refers to storage {root!r}, which the file does not hold")
+    flat = storages[root]
     if s.view:
         flat = flat[s.view[1] : s.view[1] + s.view[2]]
     needed = ref.offset + sum((n - 1) * st for n, st in zip(ref.size, ref.stride)) + 1
+    if any(n < 0 for n in ref.size) or len(ref.size) != len(ref.stride):
+        raise TorchFileError(f"malformed tensor record: size {ref.size}, stride {ref.stride}")
     if any(n == 0 for n in ref.size):
         return np.zeros(ref.size, dtype=flat.dtype)
     if ref.offset < 0 or needed > flat.size or min(ref.stride, default=0) < 0:
@@ -168,19 +203,28 @@ def read_state_dict(source: str | Path | IO[bytes]) -> dict[str, np.ndarray]:
     """Read a legacy ``torch.save(state_dict)`` file into ``{name: ndarray}`` without torch.
 
     Raises ``TorchFileError`` for anything but plain tensors: a file naming any other class
-    or function (e.g. ``os.system``) is refused before anything in it is called.
+    or function (e.g. ``os.system``) is refused before anything in it is called, and every
+    malformed file (truncated, random bytes, impossible sizes) is this one error type.
     """
     path = Path(getattr(source, "name", source)) if not isinstance(source, io.BytesIO) else Path("<bytes>")
     fh = open(source, "rb") if isinstance(source, (str, Path)) else source
     try:
-        _check_header(fh, path)
-        refs = _collect_refs(_load_pickle(fh))
-        keys = _load_pickle(fh)
-        if not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
-            raise TorchFileError(f"{path}: malformed storage key list")
-        dtypes = {r.storage.view[0] if r.storage.view else r.storage.key: r.storage.dtype for r in refs.values()}
-        storages = _read_storages(fh, keys, dtypes, path)
-        return {name: _materialise(ref, storages) for name, ref in refs.items()}
+        return _read(fh, path)
+    except TorchFileError:
+        raise
+    except (ValueError, TypeError, OverflowError, KeyError, IndexError, MemoryError, struct.error) as exc:
+        raise TorchFileError(f"{path}: corrupt weights file: {type(exc).__name__}: {exc}") from exc
     finally:
         if fh is not source:
             fh.close()
+
+
+def _read(fh: IO[bytes], path: Path) -> dict[str, np.ndarray]:
+    _check_header(fh, path)
+    refs = _collect_refs(_load_pickle(fh))
+    keys = _load_pickle(fh)
+    if not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
+        raise TorchFileError(f"{path}: malformed storage key list")
+    dtypes = {r.storage.view[0] if r.storage.view else r.storage.key: r.storage.dtype for r in refs.values()}
+    storages = _read_storages(fh, keys, dtypes, path)
+    return {name: _materialise(ref, storages) for name, ref in refs.items()}

@@ -49,6 +49,8 @@ class RunRecord:
         }
         if error:
             obj["error"] = error
+        if not ws.root.is_dir():  # never create a (perhaps mistyped) workspace just for the record
+            return obj
         try:
             write_json_atomic(obj, ws.runs_dir / f"{self.run_id}.json")
         except Exception:  # a read-only workspace must not hide the real outcome

@@ -109,10 +109,20 @@ def read_shards(paths: Iterable[Path], columns: list[str] | None = None,
     ``ParquetFile.read`` rather than ``pq.read_table``: the latter imports pyarrow.dataset and
     pandas (~0.8 s), a cost every no-op rerun would pay just to list what is done.
     """
-    tables = [pq.ParquetFile(p).read(columns=columns) for p in paths]
+    tables = [_read_shard(p, columns) for p in paths]
     if schema is not None:
         tables = [t.cast(schema) for t in tables]
     return pa.concat_tables(tables) if tables else None
+
+
+def _read_shard(path: Path, columns: list[str] | None) -> pa.Table:
+    try:
+        return pq.ParquetFile(path).read(columns=columns)
+    except (OSError, pa.ArrowException) as exc:
+        raise ImgfeatError(
+            f"cannot read {path}: {str(exc).rstrip('.')}; the file is damaged: delete it and run the "
+            "command that wrote it again (extract and predict write only what is missing)"
+        ) from None
 
 
 def column_values(paths: Iterable[Path], column: str) -> list:
@@ -133,39 +143,59 @@ def remove_stale_tmp(folder: Path) -> int:
     return removed
 
 
+# What a stage's lock message suggests to commands that have a --wait flag.
+WAIT_HINT = "or pass --wait SECONDS to wait for it"
+
+
 class FileLock:
     """An advisory ``fcntl.flock`` lock on a file; released when the process dies.
 
     ``wait=None`` fails fast; ``wait=seconds`` (``float('inf')`` for ever) polls until free.
+    ``hint`` ends the busy message (e.g. WAIT_HINT, for commands that have ``--wait``).
+    Disk-full, read-only and permission errors are ImgfeatErrors naming the lock file.
     """
 
-    def __init__(self, path: Path, what: str, wait: float | None = None) -> None:
+    def __init__(self, path: Path, what: str, wait: float | None = None, hint: str = "") -> None:
         self.path = Path(path)
         self.what = what
         self.wait = wait
+        self.hint = hint
         self._fd: int | None = None
 
     def acquire(self) -> "FileLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise _lock_error(self.path, exc) from exc
+        try:
+            self._wait_for(fd)
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps({"pid": os.getpid(), "since": time.time()}).encode())
+        except BaseException as exc:
+            os.close(fd)
+            if isinstance(exc, OSError):
+                raise _lock_error(self.path, exc) from exc
+            raise
+        self._fd = fd
+        return self
+
+    def _wait_for(self, fd: int) -> None:
         deadline = None if self.wait is None else time.monotonic() + self.wait
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
+                return
             except BlockingIOError:
                 if deadline is None or time.monotonic() >= deadline:
-                    holder = _read_holder(self.path)
-                    os.close(fd)
-                    raise LockBusyError(
-                        f"{self.what} is being written by another process{holder}; "
-                        f"wait for it to finish (or pass --wait), lock file: {self.path}"
-                    ) from None
+                    raise LockBusyError(self._busy_message()) from None
                 time.sleep(0.2)
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "since": time.time()}).encode())
-        self._fd = fd
-        return self
+
+    def _busy_message(self) -> str:
+        waited = f" (waited {self.wait:g} s)" if self.wait else ""
+        then = f", {self.hint}" if self.hint and not self.wait else ""
+        return (f"{self.what} is being written by another process{_read_holder(self.path)}{waited}; "
+                f"try again when it has finished{then}. Lock file: {self.path}")
 
     def release(self) -> None:
         if self._fd is not None:
@@ -178,6 +208,13 @@ class FileLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _lock_error(path: Path, exc: OSError) -> ImgfeatError:
+    err = _disk_error(path, exc)
+    return ImgfeatError(f"cannot take the lock: {err}" + (
+        "; free some space and run again" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else
+        "; the workspace must be writable" if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM) else ""))
 
 
 def _read_holder(path: Path) -> str:

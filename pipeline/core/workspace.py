@@ -11,12 +11,13 @@ from imgfeat.core.errors import ConfigError
 
 ENV_WORKSPACE = "IMGFEAT_WORKSPACE"
 DEFAULT_WORKSPACE = "data"
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# fullmatch, not match with '$': '$' also matches before a trailing newline.
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def check_name(kind: str, name: str) -> str:
     """Reject names that would escape the workspace or break shard globs."""
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise ConfigError(
             f"invalid {kind} name {name!r}: use letters, digits, '.', '_' and '-' "
             "(at most 128, starting with a letter or digit)"
@@ -35,6 +36,21 @@ class Workspace:
         """``--workspace`` beats ``$IMGFEAT_WORKSPACE`` beats ``./data``."""
         chosen = value or os.environ.get(ENV_WORKSPACE) or DEFAULT_WORKSPACE
         return cls(Path(chosen).expanduser().absolute())
+
+    def check_usable(self) -> None:
+        """Raise a ConfigError when the root (or the nearest existing folder above it) is not a folder."""
+        path = self.root
+        while not path.exists() and path != path.parent:
+            if path.is_symlink():
+                raise ConfigError(f"workspace {self.root}: {path} is a broken symbolic link "
+                                  f"(to {os.readlink(path)}); give a folder path (a missing folder is created)")
+            path = path.parent
+        if not path.is_dir():
+            what = "it" if path == self.root else f"{path} above it"
+            raise ConfigError(
+                f"workspace {self.root} (from --workspace or ${ENV_WORKSPACE}): {what} is {_kind(path)}, "
+                "not a folder; give a folder path (a missing folder is created)"
+            )
 
     # datasets
     def dataset_dir(self, dataset: str) -> Path:
@@ -86,3 +102,11 @@ class Workspace:
         if not folder.is_dir():
             return []
         return sorted(p.name for p in folder.iterdir() if p.is_dir())
+
+
+def _kind(path: Path) -> str:
+    if path.is_file():
+        return "a file"
+    if path.is_char_device() or path.is_block_device():
+        return "a device"
+    return "not a folder"

@@ -21,7 +21,7 @@ from imgfeat.extract.fingerprint import featureset_name as _name_of
 from imgfeat.extract.fingerprint import make_provenance, weights_identity
 from imgfeat.scan.manifest import dataset_root, manifest_file
 from imgfeat.extract.shards import ShardWriter, error_row
-from imgfeat.core.storage import FileLock, read_shards, remove_stale_tmp, write_json_atomic
+from imgfeat.core.storage import WAIT_HINT, FileLock, read_shards, remove_stale_tmp, write_json_atomic
 from imgfeat.core.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -170,7 +170,7 @@ def open_featureset(ws: Workspace, fs: str, wait: float | None) -> Iterator[Done
     """Hold the featureset's writer lock, clear a crashed writer's ``.tmp`` files, and yield what
     is already done. Every writer (local, Ray, extract_files) enters through here."""
     fs_dir = ws.featureset_dir(fs)
-    with FileLock(fs_dir / ".lock", what=f"featureset {fs}", wait=wait):
+    with FileLock(fs_dir / ".lock", what=f"featureset {fs}", wait=wait, hint=WAIT_HINT):
         stale = remove_stale_tmp(fs_dir)
         if stale:
             log.info("removed %d temporary file(s) left by an interrupted run", stale)
@@ -402,7 +402,8 @@ def build_model(spec, cfg: ExtractConfig, core: dict[str, Any]):
 # ------------------------------------------------------------------------------- single files
 
 
-def extract_files(ws: Workspace, featureset: str, paths: Sequence[str | Path], run_id: str) -> list[FileResult]:
+def extract_files(ws: Workspace, featureset: str, paths: Sequence[str | Path], run_id: str,
+                  wait: float | None = None) -> list[FileResult]:
     """Features for arbitrary image files, cached into an existing featureset (``imgfeat predict IMAGE``).
 
     Files are keyed by content: one already in the featureset costs a hash, not a model call.
@@ -415,7 +416,7 @@ def extract_files(ws: Workspace, featureset: str, paths: Sequence[str | Path], r
             f"to the same fingerprint (now {_name_of(core)}); was its weights file replaced?"
         )
     probes = [(str(p), _probe(p)) for p in paths]
-    with open_featureset(ws, featureset, cfg.wait) as done:
+    with open_featureset(ws, featureset, wait) as done:
         items, new_errors = _file_todo(probes, done, run_id)
         session = _Session.open(ws, featureset, core, cfg, run_id) if items else None
         if session is None and new_errors:

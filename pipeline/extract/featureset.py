@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from imgfeat.core import schemas as S
-from imgfeat.core.errors import unknown_value
+from imgfeat.core.errors import ImgfeatError, unknown_value
 from imgfeat.core.storage import column_values, list_shards, read_shards
 from imgfeat.core.workspace import Workspace
 
@@ -32,7 +32,16 @@ def featureset_info(ws: Workspace, featureset: str) -> dict[str, Any]:
             if not ws.list_names("features")
             else "",
         )
-    return json.loads(path.read_text())
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        info, why = None, exc
+    else:
+        why = "not a JSON object"
+    if not isinstance(info, dict):
+        raise ImgfeatError(f"cannot read {path}: {why}; the featureset's provenance is damaged: delete "
+                           f"{path.parent} and run 'imgfeat extract' again")
+    return info
 
 
 def feature_shards(ws: Workspace, featureset: str) -> list[Path]:

@@ -1,4 +1,4 @@
-"""Head artifacts on disk: ``heads/<head_id>/`` written model-first, head.json last, loaded only after a sha256 check."""
+"""Head artifacts on disk: ``heads/<head_id>/`` written model-first, head.json last, loaded without pickles."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import hashlib
 import io
 from importlib import metadata
 import json
+import logging
 import os
 import platform
 import tempfile
@@ -20,16 +21,28 @@ import pyarrow.parquet as pq
 
 from imgfeat import __version__
 from imgfeat.core import schemas as S
-from imgfeat.core.errors import ImgfeatError, unknown_value
+from imgfeat.core.errors import ConfigError, ImgfeatError, unknown_value
 from imgfeat.heads.estimators import KerasMLPClassifier
 from imgfeat.core.storage import remove_stale_tmp, write_bytes_atomic, write_json_atomic, write_table_atomic
 from imgfeat.core.workspace import Workspace
+
+log = logging.getLogger(__name__)
 
 HEAD_FILE = "head.json"
 METRICS_FILE = "metrics.json"
 ROWS_FILE = "rows.parquet"  # the exact train/test ids and labels the head saw
 CURVES_FILE = "training_curves.png"
-MODEL_FILES = {"joblib": "model.joblib", "keras": "model.keras"}
+# skops for scikit-learn heads, .keras (safe_mode) for the dense net; joblib only in old heads.
+MODEL_FILES = {"skops": "model.skops", "keras": "model.keras", "joblib": "model.joblib"}
+# The types a skops head may hold beyond skops' own default-trusted ones (numpy, scikit-learn's
+# public estimators): the calibrated SVM's private pieces. Anything else in a file is refused.
+SKOPS_TRUSTED = (
+    "sklearn.calibration._CalibratedClassifier",
+    "sklearn.calibration._SigmoidCalibration",
+)
+
+# head.json keys every reader relies on.
+HEAD_KEYS = ("head_id", "featureset", "model_file", "model_format", "model_sha256")
 
 ROLE, ROWS_SCHEMA = S.ROLE, S.HEAD_ROWS_SCHEMA  # the schema lives in core/schemas.py; old names kept
 
@@ -60,19 +73,32 @@ def read_head_meta(ws: Workspace, head_id: str) -> dict[str, Any]:
         done = [h for h in ws.list_names("heads") if head_exists(ws, h)]
         hint = "" if done else f"none under {ws.root / 'heads'}; run 'imgfeat train' first"
         raise unknown_value("head", head_id, done, hint=hint)
-    return json.loads((ws.head_dir(head_id) / HEAD_FILE).read_text())
+    path = ws.head_dir(head_id) / HEAD_FILE
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise _corrupt_head(ws, head_id, path, exc) from None
+    missing = [k for k in HEAD_KEYS if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise _corrupt_head(ws, head_id, path, f"missing {', '.join(missing)}")
+    return meta
+
+
+def _corrupt_head(ws: Workspace, head_id: str, path: Path, why: object) -> ImgfeatError:
+    return ImgfeatError(f"cannot read {path}: {why}; the head is damaged: delete {ws.head_dir(head_id)} "
+                        "and run 'imgfeat train' again")
 
 
 def model_bytes(estimator: Any) -> tuple[str, bytes]:
-    """Serialise a fitted head: ``.keras`` for the dense net, joblib for scikit-learn."""
+    """Serialise a fitted head without pickles: ``.keras`` for the dense net, skops for scikit-learn."""
+    import skops.io
+
     if isinstance(estimator, KerasMLPClassifier):
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / MODEL_FILES["keras"]
             estimator.save(path)  # Keras insists on the .keras suffix, so not straight to a .tmp
             return "keras", path.read_bytes()
-    buf = io.BytesIO()
-    joblib.dump(estimator, buf)
-    return "joblib", buf.getvalue()
+    return "skops", skops.io.dumps(estimator)
 
 
 def write_head(ws: Workspace, head_id: str, estimator: Any, meta: dict[str, Any], metrics: dict[str, Any],
@@ -94,9 +120,20 @@ def write_head(ws: Workspace, head_id: str, estimator: Any, meta: dict[str, Any]
     return folder
 
 
-def load_head(ws: Workspace, head_id: str) -> LoadedHead:
-    """Read head.json, check the model file's sha256 against it, then (only then) deserialise."""
+def load_head(ws: Workspace, head_id: str, trust_pickle: bool = False) -> LoadedHead:
+    """Read head.json, check the model file's sha256 against it, then (only then) deserialise.
+
+    Old heads saved as joblib pickles load only with ``trust_pickle`` (a pickle can run code).
+    """
     meta = read_head_meta(ws, head_id)
+    if meta["model_format"] == "joblib" and not trust_pickle:
+        folder = ws.head_dir(head_id)
+        raise ConfigError(
+            f"head {head_id} was saved by an older imgfeat as a pickle ({folder / meta['model_file']}), "
+            "and loading a pickle can run any code. Retrain it to save it without pickles (delete "
+            f"{folder} and run 'imgfeat train' again), or pass --trust-pickle (trust_pickle=True in "
+            "Python) if you trust the file"
+        )
     path = ws.head_dir(head_id) / meta["model_file"]
     try:
         blob = path.read_bytes()
@@ -114,16 +151,55 @@ def load_head(ws: Workspace, head_id: str) -> LoadedHead:
 
 def _deserialise(meta: dict[str, Any], blob: bytes) -> Any:
     # Deserialise the bytes that were verified, never re-read the file (it could change between).
-    if meta["model_format"] == "joblib":
+    fmt = meta["model_format"]
+    if fmt == "skops":
+        return _load_skops(meta, blob)
+    if fmt == "joblib":  # load_head let it through only with trust_pickle
+        log.warning("loading head %s from a joblib pickle (--trust-pickle): loading a pickle can run code",
+                    meta["head_id"])
         return joblib.load(io.BytesIO(blob))
+    if fmt != "keras":
+        raise ImgfeatError(f"head {meta['head_id']}: unknown model format {fmt!r} in head.json")
+    return _load_keras(meta, blob)
+
+
+def _load_keras(meta: dict[str, Any], blob: bytes) -> Any:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / MODEL_FILES["keras"]
         path.write_bytes(blob)
-        return KerasMLPClassifier.load(path, meta["classes"], meta.get("mlp_params"))
+        try:
+            return KerasMLPClassifier.load(path, meta["classes"], meta.get("mlp_params"))
+        except Exception as exc:  # safe_mode refusing a Lambda layer, a damaged archive, ...
+            raise ImgfeatError(
+                f"refusing to load head {meta['head_id']}: its model.keras cannot be loaded in safe mode "
+                f"({type(exc).__name__}: {str(exc)[:200]}); delete the head and run 'imgfeat train' again"
+            ) from exc
+
+
+def _load_skops(meta: dict[str, Any], blob: bytes) -> Any:
+    import skops.io
+
+    try:
+        untrusted = set(skops.io.get_untrusted_types(data=blob)) - set(SKOPS_TRUSTED)
+        if untrusted:
+            raise ImgfeatError(
+                f"refusing to load head {meta['head_id']}: its model file holds types a head never "
+                f"has ({', '.join(sorted(untrusted))}); delete the head and run 'imgfeat train' again"
+            )
+        return skops.io.loads(blob, trusted=list(SKOPS_TRUSTED))
+    except ImgfeatError:
+        raise
+    except Exception as exc:  # a corrupt archive raises zipfile, JSON and skops errors alike
+        raise ImgfeatError(f"head {meta['head_id']}: cannot read its model file: {type(exc).__name__}: {exc}; "
+                           "delete the head and run 'imgfeat train' again") from exc
 
 
 def read_rows(ws: Workspace, head_id: str) -> pa.Table:
-    return pq.read_table(ws.head_dir(head_id) / ROWS_FILE)
+    path = ws.head_dir(head_id) / ROWS_FILE
+    try:
+        return pq.read_table(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise _corrupt_head(ws, head_id, path, str(exc).rstrip(".")) from None
 
 
 def library_versions() -> dict[str, str]:

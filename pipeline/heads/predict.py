@@ -26,6 +26,7 @@ from imgfeat.heads.versions import resolve_head
 from imgfeat.scan.manifest import read_manifest
 from imgfeat.core.progress import progress
 from imgfeat.core.storage import (
+    WAIT_HINT,
     FileLock,
     list_shards,
     remove_stale_tmp,
@@ -50,6 +51,8 @@ class PredictConfig:
     top_k: int = 5
     chunk_rows: int = 8192  # feature rows read and scored at a time: memory stays flat
     shard_rows: int = 262_144  # rows per output shard
+    wait: float | None = None  # seconds to wait for another writer of this head's predictions
+    trust_pickle: bool = False  # load an old joblib (pickle) head; only for files you trust
 
     def __post_init__(self) -> None:
         N.check_ref(N.HEADS, self.head_id)
@@ -209,10 +212,11 @@ def run_predict(ws: Workspace, cfg: PredictConfig, run_id: str) -> PredictSummar
     """Predict what is new for this head: dataset rows to ``predictions/<head_id>/``, files to ``file_predictions/``."""
     t0 = time.perf_counter()
     head_id = resolve_head(ws, cfg.head_id)
-    head = load_head(ws, head_id)
+    head = load_head(ws, head_id, trust_pickle=cfg.trust_pickle)
     t_load = time.perf_counter()
     folder = ws.predictions_dir(head_id) if cfg.dataset is not None else ws.file_predictions_dir(head_id)
-    with FileLock(ws.locks_dir / f"predictions-{head_id}.lock", f"predictions of head {head_id}"):
+    with FileLock(ws.locks_dir / f"predictions-{head_id}.lock", f"predictions of head {head_id}",
+                  cfg.wait, hint=WAIT_HINT):
         remove_stale_tmp(folder)
         writer = ShardWriter(folder, run_id, cfg.shard_rows)
         if cfg.dataset is not None:
@@ -325,7 +329,7 @@ def _predict_files(ws: Workspace, cfg: PredictConfig, head: LoadedHead, writer: 
     from imgfeat.extract.extract import extract_files
 
     paths, unmatched = expand_paths(cfg.paths)
-    results = extract_files(ws, head.featureset, paths, run_id) if paths else []
+    results = extract_files(ws, head.featureset, paths, run_id, wait=cfg.wait) if paths else []
     ids, X = load_features(ws, head.featureset, [r.image_id for r in results if r.image_id and not r.error_code])
     scored = score(head, X, cfg.top_k) if len(ids) else None
     by_id = {i: k for k, i in enumerate(ids.tolist())}

@@ -23,7 +23,7 @@ from imgfeat.heads import plots
 from imgfeat.heads.artifacts import LoadedHead, load_head
 from imgfeat.heads.versions import default_head_name, resolve_head
 from imgfeat.core import names as N
-from imgfeat.core.storage import list_shards, remove_stale_tmp, write_bytes_atomic
+from imgfeat.core.storage import WAIT_HINT, FileLock, list_shards, remove_stale_tmp, write_bytes_atomic
 from imgfeat.core.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,8 @@ class ReportConfig:
     max_points: int = 2000  # projection sample size
     projection: str = "auto"  # t-SNE up to TSNE_MAX_POINTS points, PCA above
     thumb_size: int = 128
+    wait: float | None = None  # seconds to wait for another writer of this head's report
+    trust_pickle: bool = False  # load an old joblib (pickle) head; only for files you trust
 
     def __post_init__(self) -> None:
         N.check_ref(N.HEADS, self.head_id)
@@ -67,7 +69,14 @@ def run_report(ws: Workspace, cfg: ReportConfig, run_id: str) -> dict[str, Any]:
     """Write ``reports/<head_id>/index.html``, every image inline; returns the page path and counts."""
     t0 = time.perf_counter()
     head_id = resolve_head(ws, cfg.head_id)
-    head = load_head(ws, head_id)
+    head = load_head(ws, head_id, trust_pickle=cfg.trust_pickle)
+    with FileLock(ws.locks_dir / f"report-{head_id}.lock", f"the report of head {head_id}",
+                  cfg.wait, hint=WAIT_HINT):
+        return _write_report(ws, cfg, head, head_id, run_id, t0)
+
+
+def _write_report(ws: Workspace, cfg: ReportConfig, head: LoadedHead, head_id: str, run_id: str,
+                  t0: float) -> dict[str, Any]:
     folder = ws.report_dir(head_id)
     folder.mkdir(parents=True, exist_ok=True)
     remove_stale_tmp(folder)

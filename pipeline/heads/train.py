@@ -25,7 +25,7 @@ from imgfeat.heads.data import LEFT_OUT_JSON_MAX, LabelledRows, canonical_json, 
 from imgfeat.heads.estimators import HEAD_KINDS, SVM_KERNELS, KerasMLPClassifier, sklearn_head
 from imgfeat.heads.plots import training_curves_png
 from imgfeat.heads.versions import default_head_name, resolve_featureset
-from imgfeat.core.storage import FileLock
+from imgfeat.core.storage import WAIT_HINT, FileLock
 from imgfeat.core.workspace import Workspace, check_name
 
 LEFT_OUT_FILE = "left_out.parquet"  # in the head's folder: duplicates and label conflicts, by path
@@ -67,6 +67,7 @@ class TrainConfig:
     learning_rate: float = 1e-3
     patience: int = 5
     n_jobs: int | None = None  # parallel CV fits for logreg/svm; None: by data size and cores
+    wait: float | None = None  # seconds to wait for another trainer of the same head (not a param)
 
     def __post_init__(self) -> None:
         check_name("dataset", self.dataset)
@@ -88,6 +89,8 @@ class TrainConfig:
             raise ConfigError(f"n_jobs must be at least 1, got {self.n_jobs!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be from 0 to below 1, got {self.dropout!r}")
+        if not 0 <= int(self.random_state) < 2**32:  # numpy's seed range; sklearn fails late otherwise
+            raise ConfigError(f"random_state must be from 0 to 2**32 - 1, got {self.random_state!r}")
 
     @property
     def head_name(self) -> str:
@@ -132,7 +135,7 @@ def run_train(ws: Workspace, cfg: TrainConfig, run_id: str) -> "TrainSummary":
     if reused:
         log.info("head %s already trained on these features and labels; reusing it", head_id)
     else:
-        with FileLock(ws.locks_dir / f"head-{head_id}.lock", f"head {head_id}"):
+        with FileLock(ws.locks_dir / f"head-{head_id}.lock", f"head {head_id}", cfg.wait, hint=WAIT_HINT):
             if not A.head_exists(ws, head_id):  # another process may have finished it while we waited
                 _train_and_write(ws, cfg, rows, head_id, info, run_id)
     N.record(ws, N.HEADS, cfg.head_name, head_id)

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import tomllib
+import types
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,15 +18,41 @@ from imgfeat.core.workspace import check_name
 
 EXECUTORS = ("local", "ray")
 SECTIONS = ("run", "datasets", "features", "heads", "indexes")
-RUN_KEYS = ("max_error_rate", "executor", "wait", "workspace")
-# Keys of a [features.NAME] table that are not ExtractConfig fields.
-FEATURE_KEYS = ("datasets",)
-# Keys of a [heads.NAME] table that are not TrainConfig fields.
-HEAD_KEYS = ("features", "predict", "report")
-# Keys of an [indexes.NAME] table that are not IndexConfig fields.
-INDEX_KEYS = ("features", "datasets")
 # Config fields holding paths: relative values are resolved against the job file's folder.
 PATH_KEYS = ("root", "labels_csv")
+
+
+@dataclass(frozen=True)
+class KeyType:
+    """What a job-file key accepts: a name for messages and the check a TOML value must pass."""
+
+    name: str
+    accepts: Callable[[Any], bool]
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+BOOL = KeyType("a boolean (true or false)", lambda v: isinstance(v, bool))
+INT = KeyType("an integer", _is_int)
+NUMBER = KeyType("a number", lambda v: _is_int(v) or isinstance(v, float))
+SECONDS = KeyType("a number of seconds, 0 or more", lambda v: NUMBER.accepts(v) and v >= 0)
+TEXT = KeyType("a string", lambda v: isinstance(v, str))
+PATH = KeyType("a path (a string)", lambda v: isinstance(v, (str, os.PathLike)))
+NAMES = KeyType("a name or a list of names",
+                lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v)))
+
+# Config field annotations -> the KeyType a job-file value for that field must pass.
+FIELD_TYPES: dict[Any, KeyType] = {bool: BOOL, int: INT, float: NUMBER, str: TEXT, os.PathLike: PATH}
+
+# Keys that are not fields of a stage config, per section (extend here for new sections/keys).
+JOB_KEY_TYPES: dict[str, dict[str, KeyType]] = {
+    "run": {"max_error_rate": NUMBER, "executor": TEXT, "wait": SECONDS, "workspace": PATH},
+    "features": {"datasets": NAMES},
+    "heads": {"dataset": TEXT, "features": TEXT, "predict": NAMES, "report": BOOL},
+    "indexes": {"features": TEXT, "datasets": NAMES},
+}
 
 
 @dataclass(frozen=True)
@@ -69,20 +100,32 @@ class JobSpec:
     workspace: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     indexes: tuple[IndexJob, ...] = ()
+    trust_pickle: bool = False  # --trust-pickle: old joblib heads may be loaded (never from the file)
 
 
 def load_job(path: Path, overrides: tuple[str, ...] = (), workspace: Path | None = None) -> JobSpec:
     """Read a job file, apply ``--set section.name.key=value`` overrides, check it."""
     path = Path(path)
-    try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"job file not found: {path}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    doc = _read_toml(path)
     for item in overrides:
         apply_override(doc, item)
     return parse_job(doc, base=path.parent.absolute(), source=str(path), workspace=workspace)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"job file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"job file {path} is a folder; give the path of a .toml file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"job file {path} is not UTF-8 text (byte {exc.start}); "
+                          "a job file is a TOML document") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read job file {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 
 
 def apply_override(doc: dict[str, Any], item: str) -> None:
@@ -106,7 +149,10 @@ def apply_override(doc: dict[str, Any], item: str) -> None:
 def parse_job(doc: dict[str, Any], base: Path, source: str, workspace: Path | None) -> JobSpec:
     _check_keys(doc, SECTIONS, "the job file")
     run = doc.get("run", {})
-    _check_keys(run, RUN_KEYS, "[run]")
+    if not isinstance(run, dict):
+        raise ConfigError(f"run = {toml_text(run)}: [run] must be a table (e.g. [run] then wait = 60)")
+    _check_keys(run, tuple(JOB_KEY_TYPES["run"]), "[run]")
+    check_types(run, JOB_KEY_TYPES["run"], "run")
     ws_text = str(workspace) if workspace else run.get("workspace")
     datasets = {
         check_name("dataset", name): _resolve_paths(dict(opts), base, ws_text)
@@ -163,6 +209,7 @@ def _must_exist(names: tuple[str, ...], known: list[str], what: str, where: str)
 def _feature_job(name: str, opts: dict[str, Any], datasets: dict) -> FeatureJob:
     opts = dict(opts)
     where = f"[features.{name}]"
+    check_types(opts, JOB_KEY_TYPES["features"], f"features.{name}")
     chosen = _names(opts.pop("datasets", list(datasets)), f"{where} datasets")
     _must_exist(chosen, list(datasets), "dataset", where)
     if "dataset" in opts:
@@ -173,6 +220,7 @@ def _feature_job(name: str, opts: dict[str, Any], datasets: dict) -> FeatureJob:
 def _head_job(name: str, opts: dict[str, Any], datasets: dict, features: tuple) -> HeadJob:
     opts = dict(opts)
     where = f"[heads.{name}]"
+    check_types(opts, JOB_KEY_TYPES["heads"], f"heads.{name}")
     for key in ("dataset", "features"):
         if key not in opts:
             raise ConfigError(f"{where} needs '{key} = ...'")
@@ -185,12 +233,13 @@ def _head_job(name: str, opts: dict[str, Any], datasets: dict, features: tuple) 
     predict = _names(opts.pop("predict", [dataset]), f"{where} predict")
     _must_exist(predict, list(fjob.datasets), "dataset", f"{where} predict (features {feats!r})")
     report = opts.pop("report", True)
-    return HeadJob(check_name("head", name), dataset, feats, opts, predict, bool(report))
+    return HeadJob(check_name("head", name), dataset, feats, opts, predict, report)
 
 
 def _index_job(name: str, opts: dict[str, Any], features: tuple) -> IndexJob:
     opts = dict(opts)
     where = f"[indexes.{name}]"
+    check_types(opts, JOB_KEY_TYPES["indexes"], f"indexes.{name}")
     if "features" not in opts:
         raise ConfigError(f"{where} needs 'features = ...' (a [features.NAME] of this job file)")
     feats = opts.pop("features")
@@ -205,14 +254,63 @@ def _index_job(name: str, opts: dict[str, Any], features: tuple) -> IndexJob:
 
 
 def build_config(cls: type, values: dict[str, Any], where: str, **fixed: Any) -> Any:
-    """Make a stage's frozen config from job-file values, naming any key it does not have."""
+    """Make a stage's frozen config from job-file values, naming any key it does not have.
+
+    ``where`` is the dotted table (``features.lite0``); every value is checked against the
+    type of the config field it sets before the config is built.
+    """
     allowed = {f.name for f in dataclasses.fields(cls)}
     for key in values:
         if key not in allowed or key in fixed:
             raise ConfigError(
-                f"{where}: unknown key {key!r} (allowed: {', '.join(sorted(allowed - set(fixed)))})"
+                f"[{where}]: unknown key {key!r} (allowed: {', '.join(sorted(allowed - set(fixed)))})"
             )
+    check_types(values, field_types(cls), where)
     try:
         return cls(**{**values, **fixed})
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: {exc}") from None
+        raise ConfigError(f"[{where}]: {exc}") from None
+
+
+def field_types(cls: type) -> dict[str, KeyType]:
+    """The KeyType of each field of a config dataclass whose annotation FIELD_TYPES knows."""
+    out = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        kind = _key_type(hint)
+        if kind is not None:
+            out[name] = kind
+    return out
+
+
+def _key_type(hint: Any) -> KeyType | None:
+    parts = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    kinds = {FIELD_TYPES.get(typing.get_origin(p) or p) for p in parts if p is not type(None)}
+    if len(kinds) == 2 and kinds == {TEXT, PATH}:  # ``str | os.PathLike``
+        return PATH
+    return kinds.pop() if len(kinds) == 1 else None
+
+
+def check_types(values: dict[str, Any], expected: dict[str, KeyType], where: str) -> None:
+    """Raise a ConfigError naming ``where.key``, the value and the type it should have."""
+    for key, value in values.items():
+        kind = expected.get(key)
+        if kind is not None and not kind.accepts(value):
+            raise ConfigError(f"{where}.{key} = {toml_text(value)}: expected {kind.name}, "
+                              f"got {_toml_type(value)}")
+
+
+def toml_text(value: Any) -> str:
+    """A value as it would be written in TOML (strings quoted, booleans lower-case)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (str, int, float, list, dict)):
+        return json.dumps(value, default=str)
+    return str(value)
+
+
+def _toml_type(value: Any) -> str:
+    for kind, name in ((bool, "a boolean"), (int, "an integer"), (float, "a float"), (str, "a string"),
+                       (list, "an array"), (dict, "a table")):
+        if isinstance(value, kind):
+            return name
+    return f"a {type(value).__name__}"

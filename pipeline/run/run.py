@@ -6,6 +6,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -13,10 +14,10 @@ import pyarrow.compute as pc
 
 from imgfeat.core import names
 from imgfeat.core import schemas as S
-from imgfeat.core.errors import ErrorRateExceeded
+from imgfeat.core.errors import ConfigError, ErrorRateExceeded
 from imgfeat.run.jobfile import FeatureJob, HeadJob, IndexJob, JobSpec, build_config
 from imgfeat.run.summary import ErrorRate, RunSummary, stage_json, stage_value
-from imgfeat.core.storage import FileLock
+from imgfeat.core.storage import WAIT_HINT, FileLock
 from imgfeat.core.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -27,37 +28,36 @@ STAGES = ("scan", "extract", "train", "predict", "report", "index")
 @contextlib.contextmanager
 def stage_lock(ws: Workspace, stage: str, wait: float | None) -> Iterator[None]:
     """One lock per workspace stage: overlapping cron runs take turns instead of colliding."""
-    with FileLock(ws.locks_dir / f"{stage}.lock", f"the {stage} stage of workspace {ws.root}", wait):
+    with FileLock(ws.locks_dir / f"{stage}.lock", f"the {stage} stage of workspace {ws.root}", wait,
+                  hint=WAIT_HINT):
         yield
 
 
 def scan_config(job: JobSpec, dataset: str):
     from imgfeat.scan.scan import ScanConfig
 
-    where = f"[datasets.{dataset}]"
+    where = f"datasets.{dataset}"
     return build_config(ScanConfig, job.datasets[dataset], where, dataset=dataset, wait=job.wait)
 
 
 def extract_config(job: JobSpec, fjob: FeatureJob, dataset: str):
     from imgfeat.extract.extract import ExtractConfig
 
-    where = f"[features.{fjob.name}]"
+    where = f"features.{fjob.name}"
     return build_config(ExtractConfig, fjob.options, where, dataset=dataset, wait=job.wait)
 
 
-def train_config(hjob: HeadJob, featureset: str):
+def train_config(job: JobSpec, hjob: HeadJob, featureset: str):
     from imgfeat.heads import TrainConfig
 
-    return build_config(
-        TrainConfig, hjob.options, f"[heads.{hjob.name}]", dataset=hjob.dataset, featureset=featureset,
-        name=hjob.name,
-    )
+    return build_config(TrainConfig, hjob.options, f"heads.{hjob.name}", dataset=hjob.dataset,
+                        featureset=featureset, name=hjob.name, wait=job.wait)
 
 
 def index_config(ijob: IndexJob, featureset: str):
     from imgfeat.index import IndexConfig
 
-    return build_config(IndexConfig, ijob.options, f"[indexes.{ijob.name}]", featureset=featureset,
+    return build_config(IndexConfig, ijob.options, f"indexes.{ijob.name}", featureset=featureset,
                         datasets=ijob.datasets, name=ijob.name)
 
 
@@ -69,9 +69,20 @@ def check_job(job: JobSpec) -> None:
         for dataset in fjob.datasets:
             extract_config(job, fjob, dataset)
     for hjob in job.heads:
-        train_config(hjob, featureset="placeholder")
+        train_config(job, hjob, featureset="placeholder")
     for ijob in job.indexes:
         index_config(ijob, featureset="placeholder")
+
+
+def check_inputs(job: JobSpec) -> None:
+    """Every dataset folder and labels CSV exists: a run must not fail there after taking locks."""
+    from imgfeat.scan.scan import resolve_root
+
+    for name in job.datasets:
+        cfg = scan_config(job, name)
+        resolve_root(cfg.root)
+        if cfg.labels_csv is not None and not Path(cfg.labels_csv).is_file():
+            raise ConfigError(f"datasets.{name}.labels_csv: {cfg.labels_csv} is not a file")
 
 
 def plan_job(ws: Workspace, job: JobSpec) -> dict[str, Any]:
@@ -110,6 +121,7 @@ def run_job_spec(ws: Workspace, job: JobSpec, run_id: str, summary: RunSummary |
     """Run every stage in order; fills ``summary`` as it goes (so a failure still reports)."""
     summary = summary if summary is not None else RunSummary(job.source)
     check_job(job)
+    check_inputs(job)
     timings = summary.timings
     _timed(timings, "scan", lambda: _scan_all(ws, job, run_id, summary))
     featuresets = _timed(timings, "extract", lambda: _extract_all(ws, job, run_id, summary))
@@ -167,7 +179,7 @@ def _train_all(ws: Workspace, job: JobSpec, featuresets: dict, run_id: str, summ
     with stage_lock(ws, "train", job.wait):
         for hjob in job.heads:
             fs = featuresets[(hjob.features, hjob.dataset)]
-            out = run_train(ws, train_config(hjob, fs), run_id)
+            out = run_train(ws, train_config(job, hjob, fs), run_id)
             summary.train[hjob.name] = out
             reason = no_accuracy_reason(out)
             if reason is not None:
@@ -193,7 +205,8 @@ def _predict_all(ws: Workspace, job: JobSpec, heads: dict[str, str], run_id: str
     with stage_lock(ws, "predict", job.wait):
         for hjob in job.heads:
             for dataset in hjob.predict:
-                cfg = PredictConfig(head_id=heads[hjob.name], dataset=dataset)
+                cfg = PredictConfig(head_id=heads[hjob.name], dataset=dataset, wait=job.wait,
+                                    trust_pickle=job.trust_pickle)
                 summary.predict[f"{hjob.name}/{dataset}"] = run_predict(ws, cfg, run_id)
 
 
@@ -203,7 +216,8 @@ def _report_all(ws: Workspace, job: JobSpec, heads: dict[str, str], run_id: str,
     with stage_lock(ws, "report", job.wait):
         for hjob in job.heads:
             if hjob.report:
-                summary.report[hjob.name] = run_report(ws, ReportConfig(head_id=heads[hjob.name]), run_id)
+                cfg = ReportConfig(head_id=heads[hjob.name], wait=job.wait, trust_pickle=job.trust_pickle)
+                summary.report[hjob.name] = run_report(ws, cfg, run_id)
 
 
 def _index_all(ws: Workspace, job: JobSpec, featuresets: dict, run_id: str, summary: RunSummary) -> None:

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from imgfeat import __version__
 from imgfeat.core import schemas as S
-from imgfeat.core.errors import ConfigError, unknown_value
+from imgfeat.core.errors import ConfigError, ImgfeatError, unknown_value
 from imgfeat.core.storage import atomic_path
 from imgfeat.core.workspace import Workspace
 
@@ -40,7 +40,10 @@ def manifest_file(ws: Workspace, dataset: str) -> Path:
 def read_manifest(ws: Workspace, dataset: str, columns: Sequence[str] | None = None) -> pa.Table:
     """The whole manifest (or only ``columns``) with MANIFEST_SCHEMA's types."""
     path = manifest_file(ws, dataset)
-    table = read_table(path, columns)
+    try:
+        table = read_table(path, columns)
+    except (OSError, pa.ArrowException) as exc:
+        raise corrupt_manifest(path, dataset, exc) from None
     schema = S.MANIFEST_SCHEMA if columns is None else pa.schema([S.MANIFEST_SCHEMA.field(c) for c in columns])
     if table.schema.equals(schema, check_metadata=False):
         return table  # the usual case; a cast would import pyarrow.compute for nothing
@@ -56,7 +59,17 @@ def read_table(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
 
 def manifest_info(ws: Workspace, dataset: str) -> dict[str, Any]:
     """The footer's JSON metadata: ``root``, ``dataset``, ``options``, ``created_at``, ``run_id``, ..."""
-    return read_info(manifest_file(ws, dataset))
+    path = manifest_file(ws, dataset)
+    try:
+        return read_info(path)
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        raise corrupt_manifest(path, dataset, exc) from None
+
+
+def corrupt_manifest(path: Path, dataset: str, exc: object) -> ImgfeatError:
+    """The error for an unreadable manifest: a rescan rebuilds it (nothing else is lost)."""
+    return ImgfeatError(f"cannot read the manifest {path}: {str(exc).rstrip('.')}; scanning the folder "
+                        f"again rebuilds it: imgfeat scan ROOT --dataset {dataset}")
 
 
 def file_schema(path: Path) -> pa.Schema:
@@ -71,7 +84,10 @@ def read_info(path: Path) -> dict[str, Any]:
     raw = meta.get(S.META_MANIFEST)
     if raw is None:
         raise ConfigError(f"{path} is not an imgfeat manifest (no {S.META_MANIFEST.decode()} metadata)")
-    return json.loads(raw)
+    info = json.loads(raw)
+    if not isinstance(info, dict):
+        raise ValueError(f"its {S.META_MANIFEST.decode()} metadata is not a JSON object")
+    return info
 
 
 def dataset_root(ws: Workspace, dataset: str) -> Path:

@@ -6,6 +6,7 @@ import errno
 import hashlib
 import io
 import os
+import stat
 from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
@@ -24,6 +25,8 @@ IMAGE_EXTENSIONS = frozenset(
 WHOLE_READ_BYTES = 64 << 20
 CHUNK_BYTES = 4 << 20
 TAIL_BYTES = 64 << 10
+
+NOT_REGULAR = "not a regular file"
 
 # Formats Pillow reads only through an optional plugin: say so instead of 'not an image'.
 PLUGIN_HINTS = {".heic": "pillow-heif", ".heif": "pillow-heif"}
@@ -61,7 +64,8 @@ def probe_file(path: str, max_pixels: int) -> Probe:
 def _read_and_hash(path: str) -> tuple[str, int, bytes | None, bytes]:
     """(BLAKE2b-128 hex, size, the bytes when small else None, the last TAIL_BYTES)."""
     h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as fh:
+    with open(path, "rb", opener=_open_nonblocking) as fh:
+        _check_regular(fh)
         data = fh.read(WHOLE_READ_BYTES + 1)
         if len(data) <= WHOLE_READ_BYTES:
             h.update(data)
@@ -74,6 +78,26 @@ def _read_and_hash(path: str) -> tuple[str, int, bytes | None, bytes]:
             nbytes += len(chunk)
             tail = (tail + chunk)[-TAIL_BYTES:]
     return h.hexdigest(), nbytes, None, tail
+
+
+def _open_nonblocking(path: str, flags: int) -> int:
+    # O_NONBLOCK: opening a FIFO swapped in after the walk must not wait for a writer.
+    return os.open(path, flags | os.O_NONBLOCK)
+
+
+def _check_regular(fh) -> None:
+    """Refuse FIFOs, devices and sockets (checked on the open file, so no race), and
+    zero-size files that still have content, like /proc/self/pagemap (reading never ends)."""
+    st = os.fstat(fh.fileno())
+    if not stat.S_ISREG(st.st_mode):
+        raise OSError(errno.EINVAL, NOT_REGULAR)
+    if st.st_size == 0:
+        try:
+            extra = os.pread(fh.fileno(), 8, 0)
+        except OSError:
+            extra = b"?"
+        if extra:
+            raise OSError(errno.EINVAL, NOT_REGULAR + " (it reports 0 bytes but has content, like /proc files)")
 
 
 def _probe_header(path: str, digest: str, data: bytes | None, tail: bytes, max_pixels: int) -> Probe:

@@ -68,7 +68,8 @@ def load_previous(path: Path, root: Path) -> Previous | None:
         schema = file_schema(path)
         rows = pq.ParquetFile(path).metadata.num_rows
     except (OSError, ValueError, ConfigError, pa.ArrowException) as exc:
-        log.warning("cannot read the previous manifest %s (%s); every file is read again", path, exc)
+        log.warning("the previous manifest %s is unreadable (%s): rebuilding it, every file is read again",
+                    path, exc)
         return None
     if info.get("root") != root.as_posix():
         log.info("the dataset's root changed; every file is read again")

@@ -26,7 +26,7 @@ from imgfeat.scan.manifest import ROW_GROUP_ROWS, make_info, manifest_writer, ro
 from imgfeat.scan.probe import Probe, over_limit_message, probe_file
 from imgfeat.core.progress import progress
 from imgfeat.scan.rescan import SETTLED, OldRows, Previous, classify, load_previous
-from imgfeat.core.storage import FileLock, remove_stale_tmp
+from imgfeat.core.storage import WAIT_HINT, FileLock, remove_stale_tmp
 from imgfeat.scan.walk import FileEntry, WalkOptions, WalkStats, walk, walk_segments
 from imgfeat.core.workspace import Workspace, check_name
 
@@ -403,10 +403,11 @@ def _scan_tables(reader: _BatchReader, root: Path, stats: WalkStats) -> Iterator
 
 
 def _write_manifest(
-    ws: Workspace, cfg: ScanConfig, root: Path, prev: Previous | None, run_id: str, tally: ScanTally
+    ws: Workspace, cfg: ScanConfig, root: Path, prev: Previous | None, run_id: str, tally: ScanTally,
+    labeller: Labeller,
 ) -> WalkStats:
     stats = WalkStats()
-    labeller, options = _labeller(cfg), scan_options(cfg)
+    options = scan_options(cfg)
     info = make_info(root, cfg.dataset, options, run_id)
     workers = cfg.workers or min(16, (os.cpu_count() or 1) + 4)
     with manifest_writer(ws.manifest_path(cfg.dataset), info) as writer, ThreadPoolExecutor(
@@ -435,13 +436,15 @@ def run_scan(ws: Workspace, cfg: ScanConfig, run_id: str) -> ScanSummary:
     """Scan ``cfg.root`` into the dataset's manifest; returns the summary (counts, timings, path)."""
     t0 = time.perf_counter()
     root = resolve_root(cfg.root)
+    labeller = _labeller(cfg)  # a bad labels CSV fails here, before the lock file exists
     path = ws.manifest_path(cfg.dataset)
-    lock = FileLock(ws.locks_dir / f"dataset-{cfg.dataset}.lock", f"dataset {cfg.dataset!r}", cfg.wait)
+    lock = FileLock(ws.locks_dir / f"dataset-{cfg.dataset}.lock", f"dataset {cfg.dataset!r}", cfg.wait,
+                    hint=WAIT_HINT)
     tally = ScanTally()
     with lock:
         remove_stale_tmp(path.parent)
         prev = load_previous(path, root)
-        stats = _write_manifest(ws, cfg, root, prev, run_id, tally)
+        stats = _write_manifest(ws, cfg, root, prev, run_id, tally, labeller)
     removed = (prev.rows if prev else 0) - tally.changed - tally.unchanged - tally.retried
     summary = _summary(cfg, root, path, tally, stats, removed, time.perf_counter() - t0)
     log.info(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import operator
 import os
@@ -25,6 +26,21 @@ SKIP_UNLISTABLE = "unlistable_dir"
 SKIP_SPECIAL = "special_file"  # sockets, FIFOs, devices: reading one could block for ever
 
 _by_name = operator.attrgetter("name")
+
+
+def _pseudo_devices() -> frozenset[int]:
+    """Device ids of /proc and /sys: their 'regular' files (/proc/self/pagemap) are endless or
+    change on every read, so a followed link to one is skipped like a FIFO, never opened."""
+    out = set()
+    for path in ("/proc", "/sys"):
+        try:
+            out.add(os.stat(path).st_dev)
+        except OSError:
+            pass
+    return frozenset(out)
+
+
+PSEUDO_DEVICES = _pseudo_devices()
 GROUP_FILES = 512  # files handed on at once from a big folder
 
 
@@ -68,13 +84,14 @@ def walk_segments(root: str, opts: WalkOptions, stats: WalkStats) -> Iterator[li
     """
     real_root = os.path.realpath(root)
     for prefix, entries in _walk_dir(root, "", _Walk(real_root, opts, stats, {real_root})):
-        yield _stat_group(prefix, entries, stats)
+        yield entries if prefix is None else _stat_group(prefix, entries, stats)
 
 
 def _stat_group(prefix: str, entries: list[os.DirEntry], stats: WalkStats) -> list[FileEntry]:
     """A FileEntry for each candidate (one ``stat`` each); sockets, FIFOs and devices are skipped."""
     files: list[FileEntry] = []
     append, is_reg = files.append, stat.S_ISREG  # a rescan's hot loop: one pass per file
+    pseudo = PSEUDO_DEVICES
     for entry in entries:
         if not (entry.name.isascii() and prefix.isascii()) and not _utf8(prefix + entry.name):
             append(_bad_name(prefix + entry.name, entry.path))
@@ -82,14 +99,20 @@ def _stat_group(prefix: str, entries: list[os.DirEntry], stats: WalkStats) -> li
         try:
             st = entry.stat()
         except OSError as exc:
-            reason = "a broken symbolic link" if entry.is_symlink() else (exc.strerror or str(exc))
+            reason = _stat_failure(entry, exc)
             append(FileEntry(prefix + entry.name, entry.path, None, None, f"cannot stat the file: {reason}"))
             continue
-        if is_reg(st.st_mode):
+        if is_reg(st.st_mode) and st.st_dev not in pseudo:
             append(FileEntry(prefix + entry.name, entry.path, st.st_size, st.st_mtime_ns))
         else:
             stats.skipped[SKIP_SPECIAL] += 1
     return files
+
+
+def _stat_failure(entry: os.DirEntry, exc: OSError) -> str:
+    if exc.errno == errno.ELOOP:
+        return "a symbolic link loop (the link leads back to itself)"
+    return "a broken symbolic link" if entry.is_symlink() else (exc.strerror or str(exc))
 
 
 def _utf8(text: str) -> bool:
@@ -114,38 +137,61 @@ class _Walk:
     seen: set[str]
 
 
-def _walk_dir(folder: str, prefix: str, w: _Walk) -> Iterator[tuple[str, list[os.DirEntry]]]:
-    """(prefix, candidate files) groups in walk order, not yet stat'ed."""
+def _walk_dir(folder: str, prefix: str, w: _Walk) -> Iterator[tuple[str | None, list]]:
+    """(prefix, candidate files) groups in walk order, not yet stat'ed; (None, [row]) for a
+    folder that cannot be listed.
+
+    Iterative (a stack of open folders), so a tree nested thousands deep cannot reach
+    Python's recursion limit.
+    """
+    stack = [_open_dir(folder, prefix, w)]
+    while stack:
+        top = stack[-1]
+        if isinstance(top, FileEntry):  # an unlistable folder: one row saying so
+            stack.pop()
+            yield None, [top]
+            continue
+        prefix, entries = top
+        files: list[os.DirEntry] = []
+        keep_all, skipped = w.opts.keep_non_images, w.stats.skipped
+        for entry in entries:
+            name = entry.name
+            if name[0] != "." and not entry.is_symlink() and not entry.is_dir():
+                # The common case inline (a plain file): a rescan spends most of its time here.
+                dot = name.rfind(".")
+                if keep_all or (dot > 0 and name[dot:].lower() in IMAGE_EXTENSIONS):
+                    files.append(entry)
+                else:
+                    skipped[SKIP_NON_IMAGE] += 1
+            elif _classify(entry, w, files):
+                if files:
+                    yield prefix, files
+                    files = []
+                stack.append(_open_dir(entry.path, prefix + entry.name + "/", w))
+                break
+            elif len(files) >= GROUP_FILES:
+                yield prefix, files
+                files = []
+        else:
+            stack.pop()
+        if files:
+            yield prefix, files
+
+
+def _open_dir(folder: str, prefix: str, w: _Walk) -> tuple[str, Iterator[os.DirEntry]] | FileEntry:
+    """A folder's entries sorted by name, or the row that says it cannot be listed."""
     w.stats.dirs += 1
     try:
         with os.scandir(folder) as it:
             entries = sorted(it, key=_by_name)
     except OSError as exc:
-        # Its files cannot even be named, so there are no rows to write: say so loudly.
-        log.warning("cannot list folder %s: %s", folder, exc.strerror or exc)
+        # Its files cannot even be named: the folder itself becomes an unreadable row.
+        reason = exc.strerror or str(exc)
+        log.warning("cannot list folder %s: %s", folder, reason)
         w.stats.skipped[SKIP_UNLISTABLE] += 1
-        return
-    files: list[os.DirEntry] = []
-    keep_all, skipped = w.opts.keep_non_images, w.stats.skipped
-    for entry in entries:
-        name = entry.name
-        if name[0] != "." and not entry.is_symlink() and not entry.is_dir():
-            # The common case inline (a plain file): a rescan spends most of its time here.
-            dot = name.rfind(".")
-            if keep_all or (dot > 0 and name[dot:].lower() in IMAGE_EXTENSIONS):
-                files.append(entry)
-            else:
-                skipped[SKIP_NON_IMAGE] += 1
-        elif _classify(entry, w, files):
-            if files:
-                yield prefix, files
-                files = []
-            yield from _walk_dir(entry.path, prefix + entry.name + "/", w)
-        elif len(files) >= GROUP_FILES:
-            yield prefix, files
-            files = []
-    if files:
-        yield prefix, files
+        rel = prefix.rstrip("/") or "."
+        return FileEntry(rel, folder, None, None, f"cannot list the folder: {reason}; its files are not scanned")
+    return prefix, iter(entries)
 
 
 def _classify(entry: os.DirEntry, w: _Walk, files: list[os.DirEntry]) -> bool:

@@ -1,0 +1,171 @@
+"""Locks under contention and on bad disks: --wait honoured for heads and predictions, clear errors."""
+
+from __future__ import annotations
+
+import errno
+import threading
+import time
+
+import pytest
+
+from imgfeat.core.errors import ImgfeatError, LockBusyError
+from imgfeat.core.storage import WAIT_HINT, FileLock
+
+
+def _release_later(lock: FileLock, seconds: float) -> threading.Thread:
+    t = threading.Timer(seconds, lock.release)
+    t.start()
+    return t
+
+
+@pytest.mark.quick
+def test_the_busy_message_suggests_wait_only_when_asked_to(tmp_path):
+    path = tmp_path / "x.lock"
+    with FileLock(path, "thing"):
+        with pytest.raises(LockBusyError) as plain:
+            FileLock(path, "thing").acquire()
+        with pytest.raises(LockBusyError) as hinted:
+            FileLock(path, "thing", hint=WAIT_HINT).acquire()
+        with pytest.raises(LockBusyError) as waited:
+            FileLock(path, "thing", wait=0.1, hint=WAIT_HINT).acquire()
+    assert "--wait" not in str(plain.value) and "--wait" in str(hinted.value)
+    assert "waited 0.1 s" in str(waited.value) and "--wait" not in str(waited.value)
+    assert str(path) in str(plain.value) and "pid" in str(plain.value)
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("code,words", [(errno.ENOSPC, "the disk is full"), (errno.EROFS, "read-only"),
+                                        (errno.EACCES, "permission denied")])
+def test_disk_errors_from_the_lock_code_name_the_path(tmp_path, monkeypatch, code, words):
+    import os as real_os
+
+    from imgfeat.core import storage
+
+    def failing_open(path, *args, **kwargs):
+        raise OSError(code, real_os.strerror(code), str(path))
+
+    monkeypatch.setattr(storage.os, "open", failing_open)
+    path = tmp_path / ".locks" / "scan.lock"
+    with pytest.raises(ImgfeatError) as err:
+        FileLock(path, "the scan stage").acquire()
+    assert not isinstance(err.value, LockBusyError)
+    assert str(path) in str(err.value) and words in str(err.value)
+
+
+@pytest.mark.quick
+def test_a_full_disk_while_writing_the_holder_releases_and_names_the_path(tmp_path, monkeypatch):
+    from imgfeat.core import storage
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(storage.os, "write", full)
+    path = tmp_path / "x.lock"
+    with pytest.raises(ImgfeatError, match="disk is full"):
+        FileLock(path, "thing").acquire()
+    monkeypatch.undo()
+    with FileLock(path, "thing"):  # the failed attempt did not keep the lock
+        pass
+
+
+@pytest.fixture(scope="module")
+def blob_ws(tmp_path_factory):
+    from imgfeat.core.workspace import Workspace
+    from imgfeat.heads.synthetic import BlobSpec, write_blob_dataset
+
+    ws = Workspace(tmp_path_factory.mktemp("locks") / "ws")
+    write_blob_dataset(ws, "toy", "fs", BlobSpec(classes=("a", "b"), per_class=12, dim=8, separation=6.0))
+    return ws
+
+
+def test_a_second_train_of_one_head_waits_with_wait_and_fails_fast_without(blob_ws):
+    from imgfeat.heads import TrainConfig, run_train
+    from imgfeat.heads.artifacts import HEAD_FILE
+
+    cfg = TrainConfig("toy", "fs", cv=2)
+    head_id = run_train(blob_ws, cfg, "r1")["head_id"]
+    (blob_ws.head_dir(head_id) / HEAD_FILE).unlink()  # not done: the next train must write it
+    holder = FileLock(blob_ws.locks_dir / f"head-{head_id}.lock", "test holder").acquire()
+    try:
+        with pytest.raises(LockBusyError) as err:
+            run_train(blob_ws, cfg, "r2")
+        assert "--wait" in str(err.value) and f"head {head_id}" in str(err.value)
+        _release_later(holder, 0.5)
+        t0 = time.monotonic()
+        out = run_train(blob_ws, TrainConfig("toy", "fs", cv=2, wait=30), "r3")
+        assert out["head_id"] == head_id and time.monotonic() - t0 >= 0.4
+    finally:
+        holder.release()
+
+
+def test_predict_and_report_wait_for_their_locks(blob_ws):
+    from imgfeat.heads import PredictConfig, ReportConfig, run_predict, run_report
+
+    head_id = run_train_once(blob_ws)
+    for lock_name, run in ((f"predictions-{head_id}.lock",
+                            lambda wait: run_predict(blob_ws, PredictConfig(head_id, "toy", wait=wait), "p")),
+                           (f"report-{head_id}.lock",
+                            lambda wait: run_report(blob_ws, ReportConfig(head_id, projection="pca", wait=wait), "p"))):
+        holder = FileLock(blob_ws.locks_dir / lock_name, "test holder").acquire()
+        try:
+            with pytest.raises(LockBusyError, match="--wait"):
+                run(None)
+            _release_later(holder, 0.5)
+            run(30)
+        finally:
+            holder.release()
+
+
+def run_train_once(ws) -> str:
+    from imgfeat.heads import TrainConfig, run_train
+
+    return run_train(ws, TrainConfig("toy", "fs", cv=2), "r1")["head_id"]
+
+
+def test_imgfeat_run_passes_wait_to_the_head_lock(blob_ws, monkeypatch):
+    """`imgfeat run --wait` reaches train, predict and report (it used to stop at the stage locks);
+    so does --trust-pickle, which the message for an old head suggests."""
+    from imgfeat.run import run as run_mod
+    from imgfeat.run.jobfile import FeatureJob, HeadJob, JobSpec
+
+    job = JobSpec("job.toml", {"toy": {}}, (FeatureJob("f", {"backbone": "efficientnet_lite0"}, ("toy",)),),
+                  (HeadJob("h", "toy", "f", {"head": "logreg"}, ("toy",)),), wait=42.0, trust_pickle=True)
+    hjob = job.heads[0]
+    assert run_mod.train_config(job, hjob, "fs").wait == 42.0
+    seen = {}
+    monkeypatch.setattr("imgfeat.heads.run_predict",
+                        lambda ws, cfg, rid: seen.setdefault("predict", (cfg.wait, cfg.trust_pickle)) and {})
+    monkeypatch.setattr("imgfeat.heads.run_report",
+                        lambda ws, cfg, rid: seen.setdefault("report", (cfg.wait, cfg.trust_pickle)) and {})
+    summary = {"predict": {}, "report": {}}
+    run_mod._predict_all(blob_ws, job, {"h": "toy-logreg-x"}, "r", summary)
+    run_mod._report_all(blob_ws, job, {"h": "toy-logreg-x"}, "r", summary)
+    assert seen == {"predict": (42.0, True), "report": (42.0, True)}
+
+
+def test_predicting_image_files_waits_for_the_featureset_lock(ws, tmp_path, keras_home):
+    """`imgfeat predict --wait HEAD IMAGE` extracts into the head's featureset: --wait covers that lock too."""
+    import numpy as np
+    from PIL import Image
+
+    from imgfeat.extract.extract import ExtractConfig, extract_files, run_extract
+    from imgfeat.scan.scan import ScanConfig, run_scan
+
+    root = tmp_path / "images"
+    (root / "cat").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / "cat" / f"{i}.png")
+    run_scan(ws, ScanConfig(root, "d"), "r1")
+    fs = run_extract(ws, ExtractConfig("d", "efficientnet_lite0", weights="none", input_size=32), "r1")["featureset"]
+    new = tmp_path / "new.png"
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(new)
+    holder = FileLock(ws.featureset_dir(fs) / ".lock", "test holder").acquire()
+    try:
+        with pytest.raises(LockBusyError, match="--wait"):
+            extract_files(ws, fs, [new], "r2")
+        _release_later(holder, 0.5)
+        (result,) = extract_files(ws, fs, [new], "r2", wait=60)
+        assert result.image_id and not result.error_code
+    finally:
+        holder.release()

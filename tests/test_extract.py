@@ -19,7 +19,7 @@ from imgfeat.core import schemas as S
 from imgfeat.backbones import BackboneSpec, get_backbone
 from imgfeat.core.errors import LockBusyError
 from imgfeat.extract.extract import ExtractConfig, extract_files, featureset_name, plan_extract, run_extract
-from imgfeat.extract.featureset import featureset_info, load_features, read_errors
+from imgfeat.extract.featureset import sidecar_of, featureset_info, load_features, read_errors
 from imgfeat.scan.manifest import read_manifest
 from imgfeat.scan.scan import ScanConfig, run_scan
 from imgfeat.core.storage import FileLock, list_shards
@@ -58,7 +58,8 @@ def make_tree(root: Path) -> None:
 
 
 def cfg(dataset: str = "d", **kw) -> ExtractConfig:
-    base = dict(backbone=BACKBONE, weights="none", input_size=SIZE, batch_size=4, shard_size=5, workers=2)
+    base = dict(backbone=BACKBONE, weights="none", input_size=SIZE, batch_size=4, shard_size=5, workers=2,
+                dtype="float16")
     return ExtractConfig(dataset=dataset, **{**base, **kw})
 
 
@@ -140,7 +141,7 @@ def test_rerun_does_no_model_work(mod_ws, first, monkeypatch, capsys):
     monkeypatch.setattr(BackboneSpec, "build", _no_build)
     before = sorted(p.name for p in mod_ws.featureset_dir(summary["featureset"]).rglob("*"))
     code = main(["extract", "--workspace", str(mod_ws.root), "--dataset", "d", "--backbone", BACKBONE,
-                 "--weights", "none", "--input-size", str(SIZE), "--npy", "--json"])
+                 "--weights", "none", "--input-size", str(SIZE), "--dtype", "float16", "--npy", "--json"])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert code == 0
     assert (out["extracted"], out["reused"], out["model_built"], out["shards"]) == (0, N_GOOD, False, 0)
@@ -168,7 +169,7 @@ def test_npy_sidecar_equals_the_parquet_rows(mod_ws, first):
     for shard in list_shards(mod_ws.featureset_dir(summary["featureset"])):
         t = pq.read_table(shard)
         X = t.column(S.FEATURE).combine_chunks().flatten().to_numpy().reshape(t.num_rows, -1)
-        sidecar = np.load(shard.with_suffix(".npy"))
+        sidecar = np.load(sidecar_of(shard))
         assert sidecar.dtype == np.float16 and np.array_equal(sidecar, X)
         assert np.count_nonzero(X) > X.size // 10 and len(np.unique(X, axis=0)) == len(X)
 
@@ -195,7 +196,7 @@ def test_float32_storage_equals_the_model_on_the_same_input(mod_ws):
 def test_a_second_writer_fails_fast(mod_ws):
     c = cfg(seed=3)
     fs = featureset_name(c)
-    with FileLock(mod_ws.featureset_dir(fs) / ".lock", "test holder"):
+    with FileLock(mod_ws.featureset_lock(fs), "test holder"):
         with pytest.raises(LockBusyError, match="being written by another process"):
             run_extract(mod_ws, c, "run4")
     assert list_shards(mod_ws.featureset_dir(fs)) == []
@@ -207,12 +208,13 @@ def test_full_disk_is_a_clear_error_and_leaves_no_partial_shard(mod_ws, monkeypa
 
     monkeypatch.setattr(pq, "write_table", full)  # what a full disk does to the shard writer
     code = main(["extract", "--workspace", str(mod_ws.root), "--dataset", "d", "--backbone", BACKBONE,
-                 "--weights", "none", "--seed", "4", "--input-size", str(SIZE), "--npy", "--shard-size", "4"])
+                 "--weights", "none", "--seed", "4", "--input-size", str(SIZE), "--dtype", "float16", "--npy",
+                 "--shard-size", "4"])
     assert code == 1
     assert "the disk is full" in capsys.readouterr().err
     folder = mod_ws.featureset_dir(featureset_name(cfg(seed=4)))
     left = sorted(p.name for p in folder.rglob("*") if p.is_file())
-    assert left == [".lock", "_featureset.json"]  # no shard, no sidecar, no .tmp
+    assert left == ["_featureset.json"]  # no shard, no sidecar, no .tmp (and the lock is elsewhere)
 
 
 def test_shards_read_with_pandas_arrow_polars_duckdb(mod_ws, first):

@@ -14,18 +14,17 @@ from PIL import Image
 
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError
-from imgfeat.extract.extract import ExtractConfig, featureset_name, run_extract
-from imgfeat.extract.featureset import feature_shards, load_features, read_errors
-from imgfeat.extract.ray_executor import (
+from imgfeat.extract.executors import ExecutorConfig
+from imgfeat.extract.executors.ray import (
     ENV_FAULT,
     MAX_BATCH_ATTEMPTS,
     NEEDS_RAY,
-    RayConfig,
     attempts_dir,
     count_attempt,
     import_ray,
-    run_extract_ray,
 )
+from imgfeat.extract.extract import ExtractConfig, featureset_name, run_extract
+from imgfeat.extract.featureset import feature_shards, load_features, read_errors, sidecar_of
 from imgfeat.scan.scan import ScanConfig, run_scan
 from imgfeat.core.workspace import Workspace
 
@@ -35,6 +34,15 @@ N_IMAGES = 40
 # ~1e-12, against which a 1e-5 tolerance would accept any bug.
 CFG = ExtractConfig(dataset="tiny", backbone="efficientnet_lite0", weights="none", input_size=32,
                     batch_size=8, shard_size=16, dtype="float32")
+
+
+def RayConfig(**kwargs) -> ExecutorConfig:
+    return ExecutorConfig(name="ray", **kwargs)
+
+
+def run_extract_ray(ws: Workspace, cfg: ExtractConfig, executor: ExecutorConfig, run_id: str) -> dict:
+    """The one extract driver, over the Ray executor."""
+    return run_extract(ws, cfg, run_id, executor)
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +149,7 @@ def test_actor_killed_after_committing_is_restarted_without_duplicate_rows(ray_c
     for shard in feature_shards(ws, out["featureset"]):  # each NPY sidecar holds its shard's rows, in order
         table = pq.read_table(shard)
         rows = np.asarray(table.column(S.FEATURE).combine_chunks().flatten()).reshape(table.num_rows, -1)
-        np.testing.assert_array_equal(np.load(shard.with_suffix(".npy")), rows)
+        np.testing.assert_array_equal(np.load(sidecar_of(shard)), rows)
 
 
 class Interrupted(Exception):
@@ -200,7 +208,7 @@ def test_ray_run_interrupted_after_a_shard_is_finished_locally(ray_cluster, imag
     "ray_cfg, message",
     [
         (RayConfig(gpus_per_worker=1), "has 0 GPU"),
-        (RayConfig(workers=2), "leave none for decoding"),
+        (RayConfig(actors=2), "leave none for decoding"),
     ],
 )
 def test_a_pool_ray_cannot_schedule_fails_fast(ray_cluster, images, tmp_path, ray_cfg, message):
@@ -248,7 +256,7 @@ def test_without_ray_the_executor_is_a_usage_error(monkeypatch):
 
 
 def test_cli_routes_executor_ray_to_the_ray_config(ws, capsys):
-    """`imgfeat extract --executor ray` reaches RayConfig: a bad address is a usage error."""
+    """`imgfeat extract --executor ray` reaches the executor config: a bad address is a usage error."""
     from imgfeat.cli.main import main
 
     code = main(["extract", "--dataset", "d", "--backbone", "efficientnet_lite0", "--weights", "none",

@@ -48,7 +48,15 @@ class Workspace:
         return self.root / "features" / check_name("featureset", featureset)
 
     def featureset_errors_dir(self, featureset: str) -> Path:
-        return self.featureset_dir(featureset) / "errors"
+        # Underscore folders are skipped by Parquet readers, so the folder opens as its feature rows.
+        return self.featureset_dir(featureset) / "_errors"
+
+    def featureset_npy_dir(self, featureset: str) -> Path:
+        return self.featureset_dir(featureset) / "_npy"
+
+    def featureset_lock(self, featureset: str) -> Path:
+        """Outside the featureset folder: a lock file there would be one more file for readers to trip on."""
+        return self.locks_dir / f"features-{check_name('featureset', featureset)}.lock"
 
     # heads, predictions, reports
     def head_dir(self, head_id: str) -> Path:

@@ -13,7 +13,10 @@ from imgfeat.core.workspace import check_name
 
 EXECUTORS = ("local", "ray")
 SECTIONS = ("run", "datasets", "features", "heads")
-RUN_KEYS = ("max_error_rate", "executor", "wait", "workspace")
+# [run] keys that configure the extract executor (ExecutorConfig fields, after EXECUTOR_FIELDS).
+EXECUTOR_KEYS = ("workers", "ray_actors", "ray_address", "gpus_per_worker")
+EXECUTOR_FIELDS = {"ray_actors": "actors", "ray_address": "address"}
+RUN_KEYS = ("max_error_rate", "executor", "wait", "workspace", *EXECUTOR_KEYS)
 # Keys of a [features.NAME] table that are not ExtractConfig fields.
 FEATURE_KEYS = ("datasets",)
 # Keys of a [heads.NAME] table that are not TrainConfig fields.
@@ -56,6 +59,7 @@ class JobSpec:
     wait: float | None = None
     workspace: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    executor_options: dict[str, Any] = field(default_factory=dict)  # ExecutorConfig fields from [run]
 
 
 def load_job(path: Path, overrides: tuple[str, ...] = (), workspace: Path | None = None) -> JobSpec:
@@ -107,7 +111,9 @@ def parse_job(doc: dict[str, Any], base: Path, source: str, workspace: Path | No
     rate = run.get("max_error_rate")
     if rate is not None and not (isinstance(rate, (int, float)) and 0 <= rate <= 1):
         raise ConfigError(f"[run] max_error_rate must be a number from 0 to 1, got {rate!r}")
-    return JobSpec(source, datasets, features, heads, rate, executor, run.get("wait"), ws_text)
+    options = {EXECUTOR_FIELDS.get(k, k): run[k] for k in EXECUTOR_KEYS if k in run}
+    return JobSpec(source, datasets, features, heads, rate, executor, run.get("wait"), ws_text,
+                   executor_options=options)
 
 
 def _tables(doc: dict[str, Any], section: str) -> dict[str, dict[str, Any]]:

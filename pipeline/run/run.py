@@ -12,7 +12,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from imgfeat.core import schemas as S
-from imgfeat.core.errors import ErrorRateExceeded
 from imgfeat.run.jobfile import FeatureJob, HeadJob, JobSpec, build_config
 from imgfeat.core.storage import FileLock
 from imgfeat.core.workspace import Workspace
@@ -43,6 +42,13 @@ def extract_config(job: JobSpec, fjob: FeatureJob, dataset: str):
     return build_config(ExtractConfig, fjob.options, where, dataset=dataset, wait=job.wait)
 
 
+def executor_config(job: JobSpec):
+    """[run] executor and its options (workers, ray_actors, ray_address, gpus_per_worker)."""
+    from imgfeat.extract.executors import ExecutorConfig
+
+    return ExecutorConfig(name=job.executor, **job.executor_options)
+
+
 def train_config(hjob: HeadJob, featureset: str):
     from imgfeat.heads import TrainConfig
 
@@ -55,6 +61,7 @@ def check_job(job: JobSpec) -> None:
     """Build every stage config up front, so a typo fails before any work is done."""
     for name in job.datasets:
         scan_config(job, name)
+    executor_config(job)
     for fjob in job.features:
         for dataset in fjob.datasets:
             extract_config(job, fjob, dataset)
@@ -138,13 +145,9 @@ def _extract_all(ws: Workspace, job: JobSpec, run_id: str, summary: dict) -> dic
 
 
 def _extract_one(ws: Workspace, job: JobSpec, cfg, run_id: str) -> dict[str, Any]:
-    if job.executor == "ray":
-        from imgfeat.extract.ray_executor import RayConfig, run_extract_ray
-
-        return run_extract_ray(ws, cfg, RayConfig(), run_id)
     from imgfeat.extract.extract import run_extract
 
-    return run_extract(ws, cfg, run_id)
+    return run_extract(ws, cfg, run_id, executor_config(job))
 
 
 def _train_all(ws: Workspace, job: JobSpec, featuresets: dict, run_id: str, summary: dict) -> dict[str, str]:
@@ -196,13 +199,6 @@ def _check_error_rate(ws: Workspace, job: JobSpec, featuresets: dict, summary: d
         bad, total = error_rate(ws, dataset, fs)
         rates[f"{fname}/{dataset}"] = {"errors": bad, "images": total, "rate": bad / total if total else 0.0}
     summary["error_rates"] = rates
-    if job.max_error_rate is None:
-        return
-    over = {k: v for k, v in rates.items() if v["rate"] > job.max_error_rate}
-    if over:
-        worst = max(over.items(), key=lambda kv: kv[1]["rate"])
-        raise ErrorRateExceeded(
-            f"{worst[1]['errors']} of {worst[1]['images']} images ({worst[1]['rate']:.1%}) in "
-            f"{worst[0]} ended as error rows, over --max-error-rate {job.max_error_rate:g}; "
-            "everything was still written (see the errors tables)"
-        )
+    from imgfeat.extract.extract import check_error_rate
+
+    check_error_rate({k: (v["errors"], v["images"]) for k, v in rates.items()}, job.max_error_rate)

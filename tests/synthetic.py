@@ -14,7 +14,7 @@ from imgfeat.core.storage import write_json_atomic
 from imgfeat.core.workspace import Workspace
 from imgfeat.extract.featureset import PROVENANCE_FILE, feature_shards
 from imgfeat.extract.recipe import Provenance, Recipe, WeightsId, WeightsSource
-from imgfeat.extract.shards import ShardWriter
+from imgfeat.extract.shards import FeaturesetDirs, ShardWriter
 from imgfeat.scan.manifest import write_manifest
 
 SYNTHETIC = "synthetic"  # the backbone name of a synthetic featureset
@@ -81,6 +81,7 @@ def write_featureset(ws: Workspace, featureset: str, ids: Sequence[str], X: np.n
     folder = ws.featureset_dir(featureset)
     prov = synthetic_provenance(featureset, int(X.shape[1]), dtype)
     write_json_atomic(prov.to_json(), folder / PROVENANCE_FILE)
-    writer = ShardWriter(folder, run_id, prov, shard_rows, start_seq=len(feature_shards(ws, featureset)))
+    writer = ShardWriter(FeaturesetDirs.of(ws, featureset), run_id, prov, shard_rows,
+                         start_seq=len(feature_shards(ws, featureset)))
     writer.add_features(list(ids), X)
     writer.flush()

@@ -169,7 +169,7 @@ def test_npy_sidecar_equals_the_parquet_rows(mod_ws, first):
     for shard in list_shards(mod_ws.featureset_dir(summary["featureset"])):
         t = pq.read_table(shard)
         X = t.column(S.FEATURE).combine_chunks().flatten().to_numpy().reshape(t.num_rows, -1)
-        sidecar = np.load(sidecar_of(shard))
+        sidecar = np.load(sidecar_of(mod_ws, summary["featureset"], shard))
         assert sidecar.dtype == np.float16 and np.array_equal(sidecar, X)
         assert np.count_nonzero(X) > X.size // 10 and len(np.unique(X, axis=0)) == len(X)
 
@@ -217,26 +217,39 @@ def test_full_disk_is_a_clear_error_and_leaves_no_partial_shard(mod_ws, monkeypa
     assert left == ["_featureset.json"]  # no shard, no sidecar, no .tmp (and the lock is elsewhere)
 
 
-def test_shards_read_with_pandas_arrow_polars_duckdb(mod_ws, first):
+def test_the_folder_opens_as_exactly_its_feature_rows_with_every_reader(mod_ws, first):
+    """Issue 13 items 1-2: with error rows and sidecars present, each reader given the folder
+    (no glob) gets the feature rows and nothing else."""
     import duckdb
     import pandas as pd
     import polars as pl
     import pyarrow.dataset as ds
 
-    folder = mod_ws.featureset_dir(first[1]["featureset"])
+    fs = first[1]["featureset"]
+    folder = str(mod_ws.featureset_dir(fs))
+    ids, _ = load_features(mod_ws, fs)
+    assert len(read_errors(mod_ws, fs)) == 3 and any(mod_ws.featureset_npy_dir(fs).iterdir())
+    want = sorted(ids)
     dim = get_backbone(BACKBONE).dims["avg"]
-    pattern = str(folder / "part-*.parquet")
-    # A folder also holds .npy sidecars and errors/, so readers take the part-*.parquet glob.
-    df = pd.concat(pd.read_parquet(p) for p in list_shards(folder))
-    assert len(df) >= N_GOOD and len(df[S.FEATURE].iloc[0]) == dim
-    table = ds.dataset(list_shards(folder), format="parquet").to_table()
-    assert table.schema.field(S.FEATURE).type == pa.list_(pa.float16(), dim)
-    assert pl.read_parquet(pattern).height == len(df)
-    [(count, length)] = duckdb.sql(f"select count(*), max(len(feature)) from '{pattern}'").fetchall()
-    assert (count, length) == (len(df), dim)
-    [(value,)] = duckdb.sql(f"select feature[1] from '{pattern}' order by image_id limit 1").fetchall()
-    expected = df.sort_values(S.IMAGE_ID)[S.FEATURE].iloc[0][0]
-    assert value == pytest.approx(float(expected))
+    tables = {
+        "pandas": pd.read_parquet(folder),
+        "pyarrow.read_table": pq.read_table(folder).to_pandas(),
+        "pyarrow.dataset": ds.dataset(folder, format="parquet").to_table().to_pandas(),
+        # Polars reads every file under a folder and stops at _featureset.json unless told to skip
+        # '_' files; pl.read_parquet (2.1) has no such option, so its folder read is scan + collect.
+        "polars.scan": pl.scan_parquet(folder, hidden_file_prefix="_").collect().to_pandas(),
+        "duckdb": duckdb.sql(f"select * from read_parquet('{folder}')").df(),
+    }
+    for reader, df in tables.items():
+        assert list(df.columns) == [S.IMAGE_ID, S.FEATURE], reader
+        assert sorted(df[S.IMAGE_ID]) == want, reader
+        assert len(df[S.FEATURE].iloc[0]) == dim, reader
+
+
+@pytest.mark.quick
+def test_default_storage_is_float32_which_spark_reads():
+    c = ExtractConfig(dataset="d", backbone=BACKBONE, weights="none")
+    assert c.dtype == "float32"
 
 
 @pytest.mark.parametrize("flag, value, expect", [

@@ -182,7 +182,9 @@ KILL_BEFORE_SHARD = textwrap.dedent("""
         os._exit(9)  # SIGKILL-like: no except, no finally
     shards.write_table_atomic = killed
     prov = synthetic_provenance("fs", 4, "float32")
-    w = shards.ShardWriter(__import__("pathlib").Path({folder!r}), "run", prov, 2, npy=True)
+    base = __import__("pathlib").Path({folder!r})
+    dirs = shards.FeaturesetDirs(base / "features", base / "errors", base / "npy")
+    w = shards.ShardWriter(dirs, "run", prov, 2, npy=True)
     w.add_features(["a", "b"], np.ones((2, 4), np.float32))
 """)
 
@@ -194,7 +196,7 @@ def test_no_npy_sidecar_survives_without_its_shard(tmp_path, after):
     code = KILL_BEFORE_SHARD.format(tests=str(REPO / "tests"), folder=str(folder), after=after)
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, timeout=120)
     assert proc.returncode == 9, proc.stderr.decode()[-2000:]
-    shards = {p.stem for p in folder.glob("part-*.parquet")}
+    shards = {p.stem for p in folder.rglob("part-*.parquet")}
     sidecars = {p.stem for p in folder.rglob("part-*.npy")}
     assert sidecars <= shards, f"orphan sidecars: {sidecars - shards}"
     assert bool(shards) == after
@@ -218,25 +220,26 @@ def test_bad_values_exit_2_before_anything_is_written(ws, tmp_path, capsys, argv
 
 
 def test_an_old_layout_is_migrated_on_open(ws, tmp_path):
-    """Error shards from errors/ to _errors/, sidecars to _npy/, the old .lock out, orphans dropped."""
+    """Error shards from <fs>/errors/ and sidecars from <fs>/ move beside the folder, the old .lock
+    goes, orphan sidecars are dropped: the folder keeps only its feature shards and provenance."""
     from imgfeat.extract.extract import run_extract
 
     scanned(ws, tmp_path / "imgs", 5, "d")
     (tmp_path / "imgs" / "bad.jpg").write_bytes(b"not an image")
     run_scan(ws, ScanConfig(root=tmp_path / "imgs", dataset="d"), "scan2")
     out = run_extract(ws, cfg("d", npy=True), "r1")
-    folder = ws.featureset_dir(out["featureset"])
+    fs = out["featureset"]
+    folder, errors, npy = ws.featureset_dir(fs), ws.featureset_errors_dir(fs), ws.featureset_npy_dir(fs)
     # put it back the way the first layout kept it
-    shutil.move(folder / "_errors", folder / "errors")
-    for p in (folder / "_npy").iterdir():
+    shutil.move(errors, folder / "errors")
+    for p in npy.iterdir():
         p.rename(folder / p.name)
-    (folder / "_npy").rmdir()
     (folder / ".lock").write_text("{}")
     (folder / "part-gone-00000.npy").write_bytes(b"orphan")
-    assert len(read_errors(ws, out["featureset"])) == 1  # readable before migration too
+    assert len(read_errors(ws, fs)) == 1  # readable before the migration too
     again = run_extract(ws, cfg("d", npy=True), "r2")
     assert (again["reused"], again["errors"]["known"], again["model_built"]) == (5, 1, False)
-    names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-    shards = [p.stem for p in list_shards(folder)]
-    assert names == sorted(["_featureset.json", *(f"{s}.parquet" for s in shards), *(f"_npy/{s}.npy" for s in shards),
-                            *(f"_errors/{p.name}" for p in list_shards(folder / "_errors"))])
+    shards = sorted(p.name for p in list_shards(folder))
+    assert sorted(p.name for p in folder.iterdir()) == sorted([PROVENANCE_FILE, *shards])
+    assert sorted(p.name for p in npy.iterdir()) == sorted(s.replace(".parquet", ".npy") for s in shards)
+    assert len(list_shards(errors)) == 1

@@ -86,7 +86,8 @@ def reference(tmp_path_factory, images):
     summary = run_extract(ws, CFG, "local")
     ids, X = load_features(ws, summary["featureset"])
     order = np.argsort(ids.astype(str))
-    return {"summary": summary, "ids": ids[order], "X": X[order], "errors": _error_codes(ws, summary["featureset"])}
+    return {"summary": summary, "ids": ids[order], "X": X[order], "errors": _error_codes(ws, summary["featureset"]),
+            "ws": ws}
 
 
 def _error_codes(ws: Workspace, fs: str) -> dict[str | None, tuple[str, str]]:
@@ -134,6 +135,17 @@ def test_ray_featureset_equals_local_and_rerun_does_no_work(ray_cluster, images,
 
 
 @pytest.mark.ray
+def test_ray_data_reads_the_folder_as_exactly_its_feature_rows(ray_cluster, reference):
+    """Issue 13 item 1: before, read_parquet(folder) gave rows of the errors table with null features."""
+    ws, fs = reference["ws"], reference["summary"]["featureset"]
+    assert reference["errors"], "the featureset must hold error rows for this test to mean anything"
+    rows = ray_cluster.data.read_parquet(str(ws.featureset_dir(fs))).to_pandas()
+    assert list(rows.columns) == [S.IMAGE_ID, S.FEATURE]
+    assert sorted(rows[S.IMAGE_ID]) == list(reference["ids"])
+    assert rows[S.FEATURE].notna().all()
+
+
+@pytest.mark.ray
 @pytest.mark.slow
 def test_actor_killed_after_committing_is_restarted_without_duplicate_rows(ray_cluster, images, reference,
                                                                            tmp_path, monkeypatch):
@@ -149,7 +161,7 @@ def test_actor_killed_after_committing_is_restarted_without_duplicate_rows(ray_c
     for shard in feature_shards(ws, out["featureset"]):  # each NPY sidecar holds its shard's rows, in order
         table = pq.read_table(shard)
         rows = np.asarray(table.column(S.FEATURE).combine_chunks().flatten()).reshape(table.num_rows, -1)
-        np.testing.assert_array_equal(np.load(sidecar_of(shard)), rows)
+        np.testing.assert_array_equal(np.load(sidecar_of(ws, out["featureset"], shard)), rows)
 
 
 class Interrupted(Exception):

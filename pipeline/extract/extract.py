@@ -39,7 +39,7 @@ from imgfeat.extract.featureset import (
     read_provenance,
 )
 from imgfeat.extract.recipe import Provenance, Resolved, resolve_recipe
-from imgfeat.extract.shards import ShardSink, ShardWriter, error_row
+from imgfeat.extract.shards import FeaturesetDirs, ShardSink, ShardWriter, error_row
 from imgfeat.scan.manifest import dataset_root, manifest_file
 
 log = logging.getLogger(__name__)
@@ -272,10 +272,9 @@ class DoneSets:
 def open_featureset(ws: Workspace, fs: str, wait: float | None) -> Iterator[DoneSets]:
     """Hold the featureset's writer lock (under the workspace's ``.locks/``), bring an old layout
     up to date, clear a crashed writer's ``.tmp`` files, and yield what is already done."""
-    fs_dir = ws.featureset_dir(fs)
     with FileLock(ws.featureset_lock(fs), what=f"featureset {fs}", wait=wait):
         migrate_layout(ws, fs)
-        stale = remove_stale_tmp(fs_dir)
+        stale = sum(remove_stale_tmp(d) for d in FeaturesetDirs.of(ws, fs).all())
         if stale:
             log.info("removed %d temporary file(s) left by an interrupted run", stale)
         yield DoneSets.read(ws, fs)
@@ -414,8 +413,8 @@ def extract_dataset(ws: Workspace, cfg: ExtractConfig, run_id: str,
 
 
 def _sink(job: ExtractJob) -> ShardSink:
-    folder = job.ws.featureset_dir(job.featureset)
-    return ShardSink(ShardWriter(folder, job.run_id, job.provenance, job.shard_size, job.npy))
+    dirs = FeaturesetDirs.of(job.ws, job.featureset)
+    return ShardSink(ShardWriter(dirs, job.run_id, job.provenance, job.shard_size, job.npy))
 
 
 @contextlib.contextmanager

@@ -19,12 +19,12 @@ from imgfeat.core.errors import ImgfeatError, unknown_value
 from imgfeat.core.storage import column_values, list_shards, read_shards
 from imgfeat.core.workspace import Workspace
 from imgfeat.extract.recipe import Provenance
-from imgfeat.extract.shards import NPY_DIR, sidecar_name
+from imgfeat.extract.shards import FeaturesetDirs, sidecar_name
 
 log = logging.getLogger(__name__)
 
 PROVENANCE_FILE = "_featureset.json"
-OLD_ERRORS_DIR = "errors"  # the first layout kept side files beside the shards
+OLD_ERRORS_DIR = "errors"  # the first layout kept side files inside the featureset folder
 OLD_LOCK = ".lock"
 
 
@@ -72,9 +72,9 @@ def _shard_identity(path: Path) -> tuple[str | None, str | None]:
     return (prov.get("featureset"), prov.get("fingerprint")) if isinstance(prov, dict) else (None, None)
 
 
-def sidecar_of(shard: Path) -> Path:
+def sidecar_of(ws: Workspace, featureset: str, shard: Path) -> Path:
     """The ``--npy`` sidecar of a feature shard (same rows, same order)."""
-    return shard.parent / NPY_DIR / sidecar_name(shard.name)
+    return ws.featureset_npy_dir(featureset) / sidecar_name(Path(shard).name)
 
 
 def error_shards(ws: Workspace, featureset: str) -> list[Path]:
@@ -95,31 +95,33 @@ def errored_ids(ws: Workspace, featureset: str) -> set[str]:
 
 
 def migrate_layout(ws: Workspace, featureset: str) -> None:
-    """Bring a featureset folder of the first layout up to date (call with its lock held): error shards
-    from ``errors/`` to ``_errors/``, sidecars to ``_npy/``, the old lock file out; and drop sidecars
-    whose shard is gone (a sidecar never survives without its shard)."""
-    folder = ws.featureset_dir(featureset)
-    if not folder.is_dir():
+    """Bring a featureset of the first layout up to date (call with its lock held): error shards from
+    ``<fs>/errors/`` and sidecars from ``<fs>/`` to their folders beside it, the old lock file out;
+    and drop sidecars whose shard is gone (a sidecar never survives without its shard)."""
+    dirs = FeaturesetDirs.of(ws, featureset)
+    if not dirs.features.is_dir():
         return
-    old = folder / OLD_ERRORS_DIR
+    old = dirs.features / OLD_ERRORS_DIR
+    moved = _move_all(list(old.iterdir()) if old.is_dir() else [], dirs.errors)
+    moved += _move_all(list(dirs.features.glob("part-*.npy")), dirs.npy)
     if old.is_dir():
-        new = ws.featureset_errors_dir(featureset)
-        new.mkdir(exist_ok=True)
-        for p in old.iterdir():
-            p.replace(new / p.name)
         shutil.rmtree(old, ignore_errors=True)
-        log.info("moved %s's error shards to %s", featureset, new.name)
-    npy = ws.featureset_npy_dir(featureset)
-    for p in folder.glob("part-*.npy"):
-        npy.mkdir(exist_ok=True)
-        p.replace(npy / p.name)
-    (folder / OLD_LOCK).unlink(missing_ok=True)
-    if npy.is_dir():
-        shards = {sidecar_name(p.name) for p in list_shards(folder)}
-        for p in npy.glob("part-*.npy"):
+    (dirs.features / OLD_LOCK).unlink(missing_ok=True)
+    if moved:
+        log.info("moved %d side file(s) of featureset %s out of its folder", moved, featureset)
+    if dirs.npy.is_dir():
+        shards = {sidecar_name(p.name) for p in list_shards(dirs.features)}
+        for p in dirs.npy.glob("part-*.npy"):
             if p.name not in shards:
                 log.warning("removing %s: its shard was never committed", p)
                 p.unlink()
+
+
+def _move_all(paths: list[Path], folder: Path) -> int:
+    for p in paths:
+        folder.mkdir(parents=True, exist_ok=True)
+        p.replace(folder / p.name)
+    return len(paths)
 
 
 def read_errors(ws: Workspace, featureset: str) -> pa.Table:

@@ -6,6 +6,7 @@ import logging
 import queue
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import pyarrow as pa
 
 from imgfeat.core import schemas as S
 from imgfeat.core.storage import atomic_path, shard_name, write_table_atomic
+from imgfeat.core.workspace import Workspace
 from imgfeat.extract.recipe import Provenance
 
 log = logging.getLogger(__name__)
@@ -40,21 +42,37 @@ def error_row(image_id: str | None, path: str | None, stage: str, code: str, mes
             S.ERROR_MESSAGE: message, S.RUN_ID: run_id}
 
 
-ERRORS_DIR = "_errors"  # underscore folders: Parquet readers skip them
-NPY_DIR = "_npy"
+ERRORS_TAG = "errors"  # how ShardWriter.written names an error shard
+
+
+@dataclass(frozen=True)
+class FeaturesetDirs:
+    """Where a featureset's tables live: features (only), error rows, NPY sidecars."""
+
+    features: Path
+    errors: Path
+    npy: Path
+
+    @classmethod
+    def of(cls, ws: Workspace, featureset: str) -> "FeaturesetDirs":
+        return cls(ws.featureset_dir(featureset), ws.featureset_errors_dir(featureset),
+                   ws.featureset_npy_dir(featureset))
+
+    def all(self) -> tuple[Path, Path, Path]:
+        return (self.features, self.errors, self.npy)
 
 
 class ShardWriter:
     """Buffers rows and commits ``part-<tag>-<seq>`` shards of ``shard_size`` rows.
 
-    A feature shard is committed Parquet first, then its NPY sidecar (``_npy/``), so a sidecar
-    never exists without its shard; error rows go to ``_errors/``. ``start_seq`` numbers the
-    first shard (an executor that names shards by position uses it to make retries idempotent).
+    A feature shard is committed Parquet first, then its NPY sidecar, so a sidecar never exists
+    without its shard. ``start_seq`` numbers the first shard (an executor that names shards by
+    position uses it to make retries idempotent).
     """
 
-    def __init__(self, folder: Path, tag: str, provenance: Provenance, shard_size: int, npy: bool = False,
-                 start_seq: int = 0) -> None:
-        self.folder, self.tag, self.provenance = Path(folder), tag, provenance
+    def __init__(self, dirs: FeaturesetDirs, tag: str, provenance: Provenance, shard_size: int,
+                 npy: bool = False, start_seq: int = 0) -> None:
+        self.dirs, self.folder, self.tag, self.provenance = dirs, dirs.features, tag, provenance
         self.shard_size, self.npy = shard_size, npy
         self._footer = provenance.footer()
         self._ids: list[str] = []
@@ -69,7 +87,7 @@ class ShardWriter:
 
     @property
     def feature_shards(self) -> list[str]:
-        return [n for n in self.written if not n.startswith(ERRORS_DIR + "/")]
+        return [n for n in self.written if not n.startswith(ERRORS_TAG + "/")]
 
     def add_features(self, ids: Sequence[str], X: np.ndarray) -> None:
         self._ids.extend(ids)
@@ -95,7 +113,7 @@ class ShardWriter:
         self._seq += 1
         write_table_atomic(features_table(ids, X, self.dtype, self._footer), self.folder / name)
         if self.npy:  # after its shard: a crash in between leaves a shard without sidecar, never the reverse
-            with atomic_path(self.folder / NPY_DIR / sidecar_name(name)) as tmp:
+            with atomic_path(self.dirs.npy / sidecar_name(name)) as tmp:
                 with open(tmp, "wb") as fh:
                     np.save(fh, X.astype(np.dtype(self.dtype)))
         self.written.append(name)
@@ -108,9 +126,9 @@ class ShardWriter:
             return
         name = shard_name(self.tag, self._err_seq)
         self._err_seq += 1
-        write_table_atomic(errors_table(self._errors), self.folder / ERRORS_DIR / name)
+        write_table_atomic(errors_table(self._errors), self.dirs.errors / name)
         self._errors = []
-        self.written.append(f"{ERRORS_DIR}/{name}")
+        self.written.append(f"{ERRORS_TAG}/{name}")
 
 
 def sidecar_name(shard: str) -> str:

@@ -42,7 +42,7 @@ from imgfeat.extract.batches import InputSpec, Item, decode_error_row, decode_it
 from imgfeat.extract.decode import DecodeError
 from imgfeat.extract.executors import BatchReport, ExecutorConfig, ExtractJob, timed_build
 from imgfeat.extract.featureset import committed_ids, errored_ids
-from imgfeat.extract.shards import ShardWriter
+from imgfeat.extract.shards import FeaturesetDirs, ShardWriter
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ class ShardActor:
     def commit(self, first: int, ids: list[str], X: np.ndarray, errors: list[dict[str, Any]]) -> None:
         """Features then errors, each under the same deterministic name (so a retry overwrites)."""
         job = self.job
-        writer = ShardWriter(job.ws.featureset_dir(job.featureset), f"{job.run_id}-{SHARD_TAG}", job.provenance,
+        writer = ShardWriter(FeaturesetDirs.of(job.ws, job.featureset), f"{job.run_id}-{SHARD_TAG}", job.provenance,
                              shard_size=max(1, len(ids) + 1), npy=job.npy, start_seq=first)
         writer.add_errors(errors)
         if ids:

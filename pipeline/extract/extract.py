@@ -34,7 +34,6 @@ from imgfeat.extract.featureset import (
     PROVENANCE_FILE,
     committed_ids,
     error_shards,
-    featureset_info,
     migrate_layout,
     read_provenance,
 )

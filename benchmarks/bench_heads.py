@@ -31,7 +31,8 @@ def _peak_mib() -> float:
 
 
 def phase_write(ws, args) -> dict:
-    from imgfeat.heads.synthetic import BlobSpec, write_blob_dataset
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # test-only code lives there
+    from synthetic import BlobSpec, write_blob_dataset
 
     per_class = args.rows // args.classes
     spec = BlobSpec(classes=tuple(f"class{k:02d}" for k in range(args.classes)), per_class=per_class,

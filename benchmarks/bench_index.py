@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # test-only helpers live there
+
 DATASET, FEATURESET = "bench", "bench-features"
 
 
@@ -48,7 +50,7 @@ def vectors(args, n: int, seed: int) -> np.ndarray:
 
 
 def phase_write(ws, args) -> dict:
-    from imgfeat.heads.synthetic import fake_image_id, write_featureset
+    from synthetic import fake_image_id, write_featureset  # test-only code, in tests/
     from imgfeat.scan.manifest import write_manifest
 
     t0 = time.perf_counter()
@@ -102,7 +104,7 @@ def phase_query(ws, args) -> dict:
 
 
 def phase_add(ws, args) -> dict:
-    from imgfeat.heads.synthetic import fake_image_id, write_featureset
+    from synthetic import fake_image_id, write_featureset  # test-only code, in tests/
     from imgfeat.index import IndexConfig, build_index
 
     X = vectors(args, args.add_rows, args.seed + 4)

@@ -59,9 +59,10 @@ def run_one(args: argparse.Namespace) -> dict:
                         batch_size=args.batch_size)
     if args.one == "local":
         return run_extract(ws, cfg, f"bench-{args.one}")
-    from imgfeat.extract.ray_executor import RayConfig, run_extract_ray
+    from imgfeat.extract.executors import ExecutorConfig
 
-    return run_extract_ray(ws, cfg, RayConfig(address="local", workers=args.ray_workers), f"bench-{args.one}")
+    return run_extract(ws, cfg, f"bench-{args.one}",
+                       ExecutorConfig(name="ray", address="local", actors=args.ray_workers))
 
 
 def timed_run(executor: str, base: Path, folder: Path, args: argparse.Namespace) -> dict:

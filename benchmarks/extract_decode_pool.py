@@ -16,18 +16,14 @@ from pathlib import Path
 
 from imgfeat.tools.bench import list_images
 from imgfeat.extract.decode import DecodeConfig
-from imgfeat.extract.runner import Item, chunked, make_batch
-
-
-def _identity(x):
-    return x
+from imgfeat.extract.batches import InputSpec, Item, chunked, make_batch
 
 
 def measure(pool_cls, items: list[Item], dcfg: DecodeConfig, workers: int, batch_size: int) -> float:
     """Images per second decoding every batch through the pool (pool start-up included)."""
     t0 = time.perf_counter()
     with pool_cls(workers) as pool:
-        futures = [pool.submit(make_batch, chunk, batch_size, dcfg, _identity, "bench")
+        futures = [pool.submit(make_batch, chunk, InputSpec(dcfg, batch_size), "bench")
                    for chunk in chunked(items, batch_size)]
         for fut in futures:
             fut.result()

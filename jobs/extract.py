@@ -6,23 +6,32 @@ import argparse
 
 from imgfeat.cli.common import JobContext, add_command, fraction, positive_int, seconds
 
+MAX_FILE_MIB = 1024  # the default of --max-file-bytes, in MiB (kept here so --help imports no Pillow)
+
 DESCRIPTION = """\
 Run a Keras backbone (include_top=False, pooled) over every image of a scanned dataset
 and write the features as Parquet shards under features/FEATURESET/:
 
-  part-<run>-<seq>.parquet        image_id, feature (fixed_size_list<float16|float32>[dim])
-  part-<run>-<seq>.npy            with --npy: the same rows as a NumPy array
-  errors/part-<run>-<seq>.parquet images that could not be decoded, and bad scan rows
-  _featureset.json                provenance (also in every shard's Parquet metadata)
+  part-<run>-<seq>.parquet         image_id, feature (fixed_size_list<float32|float16>[dim])
+  _npy/part-<run>-<seq>.npy        with --npy: the same rows as a NumPy array
+  _errors/part-<run>-<seq>.parquet images that could not be read or decoded, and bad scan rows
+  _featureset.json                 provenance (also in every shard's Parquet metadata)
+
+The folder opens as exactly its feature rows with any Parquet reader (pandas, pyarrow,
+Polars, DuckDB, Spark, Ray Data): side files live in folders whose names start with '_',
+and the writer's lock lives under the workspace's .locks/.
 
 FEATURESET is <backbone>-<size>-<pooling or layer>-<dtype>-<fingerprint8>; the fingerprint
 covers everything that changes the numbers (backbone, weights file hash or 'none' + seed,
-input size, pooling or layer, interpolation, decode mode, precision, storage dtype).
+input size, pooling or layer, interpolation, decode mode, EXIF mode, precision, storage dtype).
 
 Features are keyed by image content, so a featureset is a cache shared by all datasets:
 an image already extracted (under any path, for any dataset) is never extracted again, a
 rerun with nothing new builds no model, and an interrupted run resumes where its last
-committed shard ended. Bad images become error rows, never a failed run.
+committed shard ended. Bad images become error rows, never a failed run. A file whose bytes
+changed since the scan is an error row (changed_since_scan), never a feature under the old
+id; files that could not be read (gone, no permission, not a regular file) are tried again
+by the next run, while images that failed to decode stay error rows.
 """
 
 EPILOG = """\
@@ -32,10 +41,10 @@ examples:
   imgfeat extract --dataset shots --backbone efficientnet_lite0 --fast-decode --npy --json
   imgfeat extract --dataset photos --backbone mobilenet_v2 --layer block_13_expand_relu
   imgfeat extract --dataset tiny --backbone mobilenet_v2 --weights none --input-size 32
-  imgfeat extract --dataset photos --backbone resnet50 --executor ray --ray-address auto --workers 4
+  imgfeat extract --dataset photos --backbone resnet50 --executor ray --ray-address auto --ray-actors 4
 
-query the shards with anything that reads Parquet, e.g.
-  duckdb -c "select count(*) from 'data/features/FEATURESET/part-*.parquet'"
+query the folder with anything that reads Parquet, e.g.
+  python -c "import pandas as pd; print(pd.read_parquet('data/features/FEATURESET').shape)"
 
 exit codes: 0 done (bad images are error rows), 2 bad flag or unknown dataset/backbone,
 3 finished but more than --max-error-rate of the images are error rows, 1 other failure
@@ -65,7 +74,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", default="float32", metavar="float32|bfloat16|float16",
                    help="compute precision (mixed policy); bfloat16 can help on recent CPUs, "
                         "float16 is for GPUs")
-    p.add_argument("--dtype", default="float16", metavar="float32|float16", help="storage dtype of the features")
+    p.add_argument("--dtype", default="float32", metavar="float32|float16",
+                   help="storage dtype of the features (default float32; float16 halves the disk but "
+                        "Spark cannot read it: 'Illegal Parquet type: FIXED_LEN_BYTE_ARRAY (FLOAT16)')")
     p.add_argument("--shard-size", type=positive_int, default=1024, metavar="N", help="rows per shard")
     p.add_argument("--npy", action="store_true", help="also write part-*.npy sidecars (same row order)")
     p.add_argument("--interpolation", default="bilinear", metavar="NAME",
@@ -76,8 +87,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--exif", default="rotate", metavar="rotate|ignore",
                    help="apply the EXIF orientation tag (rotate) or not, like keras.utils.load_img (ignore)")
     p.add_argument("--workers", type=positive_int, default=None, metavar="N",
-                   help="decode threads (default: the CPU count); with --executor ray: backbone "
-                        "actors (default: one per GPU, or one per node without GPUs)")
+                   help="decoders: threads here (default: the CPU count), concurrent decode tasks "
+                        "with --executor ray (default: as many as the cluster fits)")
+    p.add_argument("--max-file-bytes", type=positive_int, default=MAX_FILE_MIB << 20, metavar="N",
+                   help="a file larger than this is an error row (file_too_large), never read whole "
+                        f"(default {MAX_FILE_MIB} MiB; changes no numbers)")
     p.add_argument("--wait", type=seconds, default=None, metavar="SECONDS",
                    help="wait this long for another writer of the same featureset instead of failing")
     p.add_argument("--max-error-rate", type=fraction, default=None, metavar="F",
@@ -88,14 +102,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--ray-address", default=None, metavar="ADDR",
                    help="'auto' (an existing cluster), 'local', 'ray://HOST:PORT' or HOST:PORT "
                         "(default: $RAY_ADDRESS, a cluster on this machine, else a private one)")
+    r.add_argument("--ray-actors", type=positive_int, default=None, metavar="N",
+                   help="backbone actors (default: one per GPU, or one per node without GPUs)")
     r.add_argument("--gpus-per-worker", type=float, default=None, metavar="G",
                    help="GPUs per backbone actor (default: 1 when the cluster has GPUs, else 0)")
 
 
 def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
-    from imgfeat.core.errors import ErrorRateExceeded
     from imgfeat.core.workspace import check_name
-    from imgfeat.extract.extract import ExtractConfig, run_extract
+    from imgfeat.extract.executors import ExecutorConfig
+    from imgfeat.extract.extract import ExtractConfig, check_error_rate, run_extract
 
     if args.name:
         check_name("featureset recipe", args.name)  # before any work, not after it
@@ -104,16 +120,11 @@ def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
         layer=args.layer, input_size=args.input_size, batch_size=args.batch_size,
         precision=args.precision, dtype=args.dtype, shard_size=args.shard_size, npy=args.npy,
         interpolation=args.interpolation, fast_decode=args.fast_decode, exif=args.exif,
-        seed=args.seed, workers=args.workers, wait=args.wait,
+        seed=args.seed, workers=args.workers, wait=args.wait, max_file_bytes=args.max_file_bytes,
     )
-    if args.executor == "ray":
-        from imgfeat.extract.ray_executor import RayConfig, run_extract_ray
-
-        ray_cfg = RayConfig(address=args.ray_address, workers=args.workers,
-                            gpus_per_worker=args.gpus_per_worker)
-        summary = run_extract_ray(ctx.ws, cfg, ray_cfg, ctx.run_id)
-    else:
-        summary = run_extract(ctx.ws, cfg, ctx.run_id)
+    executor = ExecutorConfig(name=args.executor, workers=args.workers, actors=args.ray_actors,
+                              address=args.ray_address, gpus_per_worker=args.gpus_per_worker)
+    summary = run_extract(ctx.ws, cfg, ctx.run_id, executor)
     ctx.record.summary.update(summary)
     if args.name:
         from imgfeat.core import names
@@ -121,19 +132,18 @@ def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
         names.record(ctx.ws, names.FEATURESETS, args.name, summary["featureset"])
     if not args.json:
         print(_human(summary))
-    limit = args.max_error_rate
-    if limit is not None and summary["error_rate"] > limit:
-        raise ErrorRateExceeded(
-            f"{summary['error_rows']} of {summary['manifest_rows']} images are error rows "
-            f"({summary['error_rate']:.1%}), over --max-error-rate {limit:g}; everything was committed"
-        )
+    check_error_rate({f"{summary['dataset']} -> {summary['featureset']}": (summary["error_rows"],
+                                                                           summary["manifest_rows"])},
+                     args.max_error_rate)
     return summary
 
 
 def _human(s: dict) -> str:
     codes = ", ".join(f"{k} {v}" for k, v in s["errors"]["by_code"].items())
-    work = (f"{s['extracted']} extracted at {s['images_per_s']} img/s (model {s['model_seconds']} s, "
-            f"decode {s['decode_seconds']} s)" if s["model_built"] else "nothing new: no model work")
+    work = (f"{s['extracted']} extracted, {s['images_per_s_loop']} img/s over the model loop and "
+            f"{s['images_per_s']} img/s over the whole run (model build {s['build_seconds']} s, model "
+            f"{s['model_seconds']} s, decode {s['decode_seconds']} s)" if s["model_built"]
+            else "nothing new: no model work")
     return (f"{s['dataset']} -> {s['featureset']}: {work}; {s['reused']} reused, "
             f"{s['duplicates']} duplicates, {s['errors']['new']} new error rows"
             + (f" ({codes})" if codes else "") + f", {s['shards']} shards written")

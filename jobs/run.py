@@ -16,7 +16,8 @@ a TOML job file names. Every stage only does new work: with nothing changed a ru
 model work and ends in seconds; after 100 new images it extracts 100 images. A crashed run
 resumes where it stopped. Two overlapping runs take turns per stage (see --wait).
 
-Job file sections: [run] (max_error_rate, executor, wait), [datasets.NAME] (root plus scan
+Job file sections: [run] (max_error_rate, executor, wait; workers, ray_actors, ray_address,
+gpus_per_worker as for 'imgfeat extract'), [datasets.NAME] (root plus scan
 options), [features.NAME] (backbone plus extract options, datasets = [...]),
 [heads.NAME] (dataset, features, head plus train options, predict = [...], report) and
 [indexes.NAME] (features, datasets = [...], kind plus index options: kept current after extract).

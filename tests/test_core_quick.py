@@ -13,6 +13,7 @@ from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError, LockBusyError
 from imgfeat.core.runs import RunRecord, new_run_id
 from imgfeat.core.storage import (
+    WAIT_HINT,
     FileLock,
     column_values,
     list_shards,
@@ -102,7 +103,7 @@ def test_a_second_lock_in_this_process_fails_fast_and_names_the_holder(tmp_path)
     path = tmp_path / "locks" / "x.lock"
     with FileLock(path, "featureset x"):
         with pytest.raises(LockBusyError, match=rf"featureset x .*pid {os.getpid()}.*--wait"):
-            FileLock(path, "featureset x").acquire()
+            FileLock(path, "featureset x", hint=WAIT_HINT).acquire()
     with FileLock(path, "featureset x"):  # released on exit: free again
         pass
 

@@ -36,7 +36,7 @@ def test_a_corrupt_manifest_names_the_file_and_a_rescan_rebuilds_it(ws, tmp_path
         read_manifest(ws, "d")
     assert str(path) in str(err.value) and "imgfeat scan ROOT --dataset d" in str(err.value)
     summary = run_scan(ws, ScanConfig(root, "d"), "r2")  # the dataset is not blocked
-    assert summary["ok"] == 3 and read_manifest(ws, "d").num_rows == 3
+    assert summary.ok == 3 and read_manifest(ws, "d").num_rows == 3
     assert "rebuilding it" in caplog.text
 
 
@@ -52,7 +52,7 @@ def test_a_corrupt_manifest_exits_1_naming_it_from_the_cli(ws, tmp_path, capsys)
 
 def test_a_corrupt_shard_or_provenance_names_the_file(ws):
     from imgfeat.extract.featureset import PROVENANCE_FILE, committed_ids, featureset_info
-    from imgfeat.heads.synthetic import BlobSpec, write_blob_dataset
+    from synthetic import BlobSpec, write_blob_dataset
 
     write_blob_dataset(ws, "toy", "fs", BlobSpec(classes=("a", "b"), per_class=4, dim=4))
     folder = ws.featureset_dir("fs")

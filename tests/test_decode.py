@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+import signal
 import struct
 import zlib
 from pathlib import Path
@@ -11,7 +14,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgfeat.extract.decode import ERROR_CODES, DecodeConfig, DecodeError, decode_batch, decode_bytes, decode_image
+from imgfeat.extract.decode import (
+    ERROR_CODES,
+    READ_ERROR_CODES,
+    DecodeConfig,
+    DecodeError,
+    ReadError,
+    decode_batch,
+    decode_bytes,
+    decode_image,
+    read_file_bytes,
+)
 from imgfeat.core.errors import ConfigError
 from imgfeat.tools.samples import photo_path
 from tiny_images import noise_pixels
@@ -112,11 +125,48 @@ def test_bad_files_raise_decode_error_with_code(tmp_path, name):
     assert code in ERROR_CODES and name in info.value.message
 
 
-def test_missing_file_and_directory_are_unreadable(tmp_path):
-    for path in (tmp_path / "nope.jpg", tmp_path):
-        with pytest.raises(DecodeError) as info:
+@pytest.mark.quick
+def test_missing_file_and_directory_are_transient_read_errors(tmp_path):
+    for path, code in ((tmp_path / "nope.jpg", "vanished"), (tmp_path, "not_a_file")):
+        with pytest.raises(ReadError) as info:
             decode_image(path, CFG)
-        assert info.value.code == "unreadable"
+        assert info.value.code == code and info.value.transient and code in READ_ERROR_CODES
+
+
+@contextlib.contextmanager
+def hang_guard(seconds: int):
+    """Fail the test instead of hanging it (no pytest-timeout here): SIGALRM interrupts a blocked open."""
+    def timeout(*_):
+        raise TimeoutError(f"hung for {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, timeout)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.quick
+def test_a_fifo_where_an_image_was_is_an_error_row_not_a_hang(tmp_path):
+    fifo = tmp_path / "img.jpg"
+    os.mkfifo(fifo)
+    with hang_guard(5), pytest.raises(ReadError) as info:
+        read_file_bytes(fifo)
+    assert info.value.code == "not_a_file"
+
+
+@pytest.mark.quick
+def test_bytes_read_per_file_are_bounded(tmp_path):
+    big = GOOD["rgb.png"](tmp_path / "a.png")
+    size = big.stat().st_size
+    with open(big, "ab") as fh:  # a valid image at the head of a file far larger than the limit
+        fh.truncate(size + (4 << 20))
+    with pytest.raises(ReadError) as info:
+        decode_image(big, CFG, max_bytes=size + 1024)
+    assert info.value.code == "file_too_large" and "--max-file-bytes" in info.value.message
+    assert len(read_file_bytes(big, max_bytes=size + (4 << 20))) == size + (4 << 20)
 
 
 def test_pixel_limit_between_one_and_two_times_is_too_large(monkeypatch):

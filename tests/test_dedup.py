@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from imgfeat.core import schemas as S
-from imgfeat.heads.synthetic import fake_image_id, write_featureset
+from synthetic import fake_image_id, write_featureset
 from imgfeat.scan.manifest import write_manifest
 
 

@@ -28,7 +28,7 @@ def test_demo_runs_every_stage_then_does_nothing_on_a_rerun(ws, keras_home, caps
     assert main(["demo", "--per-class", "8", "--json"]) == 0
     first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     (ex,) = first["extract"].values()
-    assert ex["extracted"] == 48 and ex["featureset"].startswith("efficientnet_lite0-224-avg-float16-")
+    assert ex["extracted"] == 48 and ex["featureset"] == "efficientnet_lite0-224-avg-float32-f4c77963"
     (tr,) = first["train"].values()
     assert tr["metrics"]["test_accuracy"] >= 0.9  # random-init features score ~0.7 on this set
     (rep,) = first["report"].values()

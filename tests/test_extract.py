@@ -17,7 +17,7 @@ from imgfeat.core import schemas as S
 from imgfeat.backbones import BackboneSpec, get_backbone
 from imgfeat.core.errors import LockBusyError
 from imgfeat.extract.extract import ExtractConfig, extract_files, featureset_name, plan_extract, run_extract
-from imgfeat.extract.featureset import featureset_info, load_features, read_errors
+from imgfeat.extract.featureset import sidecar_of, featureset_info, load_features, read_errors
 from imgfeat.scan.manifest import read_manifest
 from imgfeat.scan.scan import ScanConfig, run_scan
 from imgfeat.core.storage import FileLock, list_shards
@@ -42,7 +42,8 @@ def make_tree(root: Path) -> None:
 
 
 def cfg(dataset: str = "d", **kw) -> ExtractConfig:
-    base = dict(backbone=BACKBONE, weights="none", input_size=SIZE, batch_size=4, shard_size=5, workers=2)
+    base = dict(backbone=BACKBONE, weights="none", input_size=SIZE, batch_size=4, shard_size=5, workers=2,
+                dtype="float16")
     return ExtractConfig(dataset=dataset, **{**base, **kw})
 
 
@@ -124,7 +125,7 @@ def test_rerun_does_no_model_work(mod_ws, first, monkeypatch, capsys):
     monkeypatch.setattr(BackboneSpec, "build", _no_build)
     before = sorted(p.name for p in mod_ws.featureset_dir(summary["featureset"]).rglob("*"))
     code = main(["extract", "--workspace", str(mod_ws.root), "--dataset", "d", "--backbone", BACKBONE,
-                 "--weights", "none", "--input-size", str(SIZE), "--npy", "--json"])
+                 "--weights", "none", "--input-size", str(SIZE), "--dtype", "float16", "--npy", "--json"])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert code == 0
     assert (out["extracted"], out["reused"], out["model_built"], out["shards"]) == (0, N_GOOD, False, 0)
@@ -152,7 +153,7 @@ def test_npy_sidecar_equals_the_parquet_rows(mod_ws, first):
     for shard in list_shards(mod_ws.featureset_dir(summary["featureset"])):
         t = pq.read_table(shard)
         X = t.column(S.FEATURE).combine_chunks().flatten().to_numpy().reshape(t.num_rows, -1)
-        sidecar = np.load(shard.with_suffix(".npy"))
+        sidecar = np.load(sidecar_of(mod_ws, summary["featureset"], shard))
         assert sidecar.dtype == np.float16 and np.array_equal(sidecar, X)
         assert np.count_nonzero(X) > X.size // 10 and len(np.unique(X, axis=0)) == len(X)
 
@@ -179,7 +180,7 @@ def test_float32_storage_equals_the_model_on_the_same_input(mod_ws):
 def test_a_second_writer_fails_fast(mod_ws):
     c = cfg(seed=3)
     fs = featureset_name(c)
-    with FileLock(mod_ws.featureset_dir(fs) / ".lock", "test holder"):
+    with FileLock(mod_ws.featureset_lock(fs), "test holder"):
         with pytest.raises(LockBusyError, match="being written by another process"):
             run_extract(mod_ws, c, "run4")
     assert list_shards(mod_ws.featureset_dir(fs)) == []
@@ -191,34 +192,48 @@ def test_full_disk_is_a_clear_error_and_leaves_no_partial_shard(mod_ws, monkeypa
 
     monkeypatch.setattr(pq, "write_table", full)  # what a full disk does to the shard writer
     code = main(["extract", "--workspace", str(mod_ws.root), "--dataset", "d", "--backbone", BACKBONE,
-                 "--weights", "none", "--seed", "4", "--input-size", str(SIZE), "--npy", "--shard-size", "4"])
+                 "--weights", "none", "--seed", "4", "--input-size", str(SIZE), "--dtype", "float16", "--npy",
+                 "--shard-size", "4"])
     assert code == 1
     assert "the disk is full" in capsys.readouterr().err
     folder = mod_ws.featureset_dir(featureset_name(cfg(seed=4)))
     left = sorted(p.name for p in folder.rglob("*") if p.is_file())
-    assert left == [".lock", "_featureset.json"]  # no shard, no sidecar, no .tmp
+    assert left == ["_featureset.json"]  # no shard, no sidecar, no .tmp (and the lock is elsewhere)
 
 
-def test_shards_read_with_pandas_arrow_polars_duckdb(mod_ws, first):
+def test_the_folder_opens_as_exactly_its_feature_rows_with_every_reader(mod_ws, first):
+    """Issue 13 items 1-2: with error rows and sidecars present, each reader given the folder
+    (no glob) gets the feature rows and nothing else."""
     import duckdb
     import pandas as pd
     import polars as pl
     import pyarrow.dataset as ds
 
-    folder = mod_ws.featureset_dir(first[1]["featureset"])
+    fs = first[1]["featureset"]
+    folder = str(mod_ws.featureset_dir(fs))
+    ids, _ = load_features(mod_ws, fs)
+    assert len(read_errors(mod_ws, fs)) == 3 and any(mod_ws.featureset_npy_dir(fs).iterdir())
+    want = sorted(ids)
     dim = get_backbone(BACKBONE).dims["avg"]
-    pattern = str(folder / "part-*.parquet")
-    # A folder also holds .npy sidecars and errors/, so readers take the part-*.parquet glob.
-    df = pd.concat(pd.read_parquet(p) for p in list_shards(folder))
-    assert len(df) >= N_GOOD and len(df[S.FEATURE].iloc[0]) == dim
-    table = ds.dataset(list_shards(folder), format="parquet").to_table()
-    assert table.schema.field(S.FEATURE).type == pa.list_(pa.float16(), dim)
-    assert pl.read_parquet(pattern).height == len(df)
-    [(count, length)] = duckdb.sql(f"select count(*), max(len(feature)) from '{pattern}'").fetchall()
-    assert (count, length) == (len(df), dim)
-    [(value,)] = duckdb.sql(f"select feature[1] from '{pattern}' order by image_id limit 1").fetchall()
-    expected = df.sort_values(S.IMAGE_ID)[S.FEATURE].iloc[0][0]
-    assert value == pytest.approx(float(expected))
+    tables = {
+        "pandas": pd.read_parquet(folder),
+        "pyarrow.read_table": pq.read_table(folder).to_pandas(),
+        "pyarrow.dataset": ds.dataset(folder, format="parquet").to_table().to_pandas(),
+        # Polars reads every file under a folder and stops at _featureset.json unless told to skip
+        # '_' files; pl.read_parquet (2.1) has no such option, so its folder read is scan + collect.
+        "polars.scan": pl.scan_parquet(folder, hidden_file_prefix="_").collect().to_pandas(),
+        "duckdb": duckdb.sql(f"select * from read_parquet('{folder}')").df(),
+    }
+    for reader, df in tables.items():
+        assert list(df.columns) == [S.IMAGE_ID, S.FEATURE], reader
+        assert sorted(df[S.IMAGE_ID]) == want, reader
+        assert len(df[S.FEATURE].iloc[0]) == dim, reader
+
+
+@pytest.mark.quick
+def test_default_storage_is_float32_which_spark_reads():
+    c = ExtractConfig(dataset="d", backbone=BACKBONE, weights="none")
+    assert c.dtype == "float32"
 
 
 @pytest.mark.parametrize("flag, value, expect", [

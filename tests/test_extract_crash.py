@@ -74,9 +74,12 @@ def test_killed_run_resumes_to_the_same_features(images, tmp_path):
     for proc in procs:
         assert proc.wait() == 0, proc.stderr.read()[-2000:]
 
-    [fs_dir] = list((crashed.root / "features").iterdir())
-    assert not list(fs_dir.rglob("*.tmp"))
+    [name] = crashed.list_names("features")
+    fs_dir = crashed.featureset_dir(name)
+    assert not list((crashed.root / "features").rglob("*.tmp"))
     shards = list_shards(fs_dir)
+    sidecars = {p.stem for p in crashed.featureset_npy_dir(name).iterdir()}
+    assert sidecars <= {p.stem for p in shards}, "a sidecar survived without its shard"
     assert len({p.name.split("-")[1] for p in shards}) == 2  # the killed run's shards plus the resumed run's
     ids_a, X_a = load_features(crashed, fs_dir.name)
     ids_b, X_b = load_features(clean, fs_dir.name)

@@ -14,7 +14,7 @@ from imgfeat.extract.featureset import load_features
 from imgfeat.heads import TrainConfig, load_head, run_train
 from imgfeat.heads.artifacts import HEAD_FILE, read_rows
 from imgfeat.heads.estimators import KerasMLPClassifier
-from imgfeat.heads.synthetic import BlobSpec, blob_features, write_blob_dataset
+from synthetic import BlobSpec, blob_features, write_blob_dataset
 from imgfeat.core.workspace import Workspace
 
 SPEC = BlobSpec(classes=("cat", "dog", "fox"), per_class=30, dim=32, separation=5.0)

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from imgfeat.core.errors import ConfigError
-from imgfeat.heads.synthetic import fake_image_id, write_featureset
+from synthetic import fake_image_id, write_featureset
 from imgfeat.scan.manifest import write_manifest
 
 def clustered(n: int, dim: int = 32, clusters: int = 20, seed: int = 0) -> np.ndarray:

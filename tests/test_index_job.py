@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from imgfeat.core.errors import ConfigError
-from imgfeat.heads.synthetic import fake_image_id, write_featureset
+from synthetic import fake_image_id, write_featureset
 
 BASE = """
 [datasets.photos]

@@ -71,7 +71,7 @@ def test_a_full_disk_while_writing_the_holder_releases_and_names_the_path(tmp_pa
 @pytest.fixture(scope="module")
 def blob_ws(tmp_path_factory):
     from imgfeat.core.workspace import Workspace
-    from imgfeat.heads.synthetic import BlobSpec, write_blob_dataset
+    from synthetic import BlobSpec, write_blob_dataset
 
     ws = Workspace(tmp_path_factory.mktemp("locks") / "ws")
     write_blob_dataset(ws, "toy", "fs", BlobSpec(classes=("a", "b"), per_class=12, dim=8, separation=6.0))
@@ -83,7 +83,7 @@ def test_a_second_train_of_one_head_waits_with_wait_and_fails_fast_without(blob_
     from imgfeat.heads.artifacts import HEAD_FILE
 
     cfg = TrainConfig("toy", "fs", cv=2)
-    head_id = run_train(blob_ws, cfg, "r1")["head_id"]
+    head_id = run_train(blob_ws, cfg, "r1").head_id
     (blob_ws.head_dir(head_id) / HEAD_FILE).unlink()  # not done: the next train must write it
     holder = FileLock(blob_ws.locks_dir / f"head-{head_id}.lock", "test holder").acquire()
     try:
@@ -93,7 +93,7 @@ def test_a_second_train_of_one_head_waits_with_wait_and_fails_fast_without(blob_
         _release_later(holder, 0.5)
         t0 = time.monotonic()
         out = run_train(blob_ws, TrainConfig("toy", "fs", cv=2, wait=30), "r3")
-        assert out["head_id"] == head_id and time.monotonic() - t0 >= 0.4
+        assert out.head_id == head_id and time.monotonic() - t0 >= 0.4
     finally:
         holder.release()
 
@@ -119,7 +119,7 @@ def test_predict_and_report_wait_for_their_locks(blob_ws):
 def run_train_once(ws) -> str:
     from imgfeat.heads import TrainConfig, run_train
 
-    return run_train(ws, TrainConfig("toy", "fs", cv=2), "r1")["head_id"]
+    return run_train(ws, TrainConfig("toy", "fs", cv=2), "r1").head_id
 
 
 def test_imgfeat_run_passes_wait_to_the_head_lock(blob_ws, monkeypatch):
@@ -127,6 +127,7 @@ def test_imgfeat_run_passes_wait_to_the_head_lock(blob_ws, monkeypatch):
     so does --trust-pickle, which the message for an old head suggests."""
     from imgfeat.run import run as run_mod
     from imgfeat.run.jobfile import FeatureJob, HeadJob, JobSpec
+    from imgfeat.run.summary import RunSummary
 
     job = JobSpec("job.toml", {"toy": {}}, (FeatureJob("f", {"backbone": "efficientnet_lite0"}, ("toy",)),),
                   (HeadJob("h", "toy", "f", {"head": "logreg"}, ("toy",)),), wait=42.0, trust_pickle=True)
@@ -137,7 +138,7 @@ def test_imgfeat_run_passes_wait_to_the_head_lock(blob_ws, monkeypatch):
                         lambda ws, cfg, rid: seen.setdefault("predict", (cfg.wait, cfg.trust_pickle)) and {})
     monkeypatch.setattr("imgfeat.heads.run_report",
                         lambda ws, cfg, rid: seen.setdefault("report", (cfg.wait, cfg.trust_pickle)) and {})
-    summary = {"predict": {}, "report": {}}
+    summary = RunSummary("job.toml")
     run_mod._predict_all(blob_ws, job, {"h": "toy-logreg-x"}, "r", summary)
     run_mod._report_all(blob_ws, job, {"h": "toy-logreg-x"}, "r", summary)
     assert seen == {"predict": (42.0, True), "report": (42.0, True)}

@@ -11,7 +11,7 @@ from imgfeat.core import names as N
 from imgfeat.core.errors import ConfigError
 from imgfeat.core.storage import FileLock
 from imgfeat.heads import PredictConfig, ReportConfig, TrainConfig, run_predict, run_report, run_train
-from imgfeat.heads.synthetic import BlobSpec, write_blob_dataset, write_featureset, blob_features, fake_image_id
+from synthetic import BlobSpec, write_blob_dataset, write_featureset, blob_features, fake_image_id
 from imgfeat.heads.versions import resolve_featureset, resolve_head
 
 SPEC = BlobSpec(classes=("cat", "dog"), per_class=12, dim=8, separation=6.0)

@@ -14,7 +14,7 @@ from imgfeat.core import schemas as S
 from imgfeat.extract.featureset import load_features
 from imgfeat.heads import PredictConfig, TrainConfig, load_head, run_predict, run_train
 from imgfeat.heads.predict import read_predictions
-from imgfeat.heads.synthetic import BlobSpec, blob_features, fake_image_id, write_blob_dataset, write_featureset
+from synthetic import BlobSpec, blob_features, fake_image_id, write_blob_dataset, write_featureset
 from imgfeat.core.storage import list_shards
 from imgfeat.core.workspace import Workspace
 

@@ -12,18 +12,17 @@ import pytest
 
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError
-from imgfeat.extract.extract import ExtractConfig, featureset_name, run_extract
-from imgfeat.extract.featureset import feature_shards, load_features, read_errors
-from imgfeat.extract.ray_executor import (
+from imgfeat.extract.executors import ExecutorConfig
+from imgfeat.extract.executors.ray import (
     ENV_FAULT,
     MAX_BATCH_ATTEMPTS,
     NEEDS_RAY,
-    RayConfig,
     attempts_dir,
     count_attempt,
     import_ray,
-    run_extract_ray,
 )
+from imgfeat.extract.extract import ExtractConfig, featureset_name, run_extract
+from imgfeat.extract.featureset import feature_shards, load_features, read_errors, sidecar_of
 from imgfeat.scan.scan import ScanConfig, run_scan
 from imgfeat.core.workspace import Workspace
 from tiny_images import corrupt_png, noise_image
@@ -34,6 +33,15 @@ N_IMAGES = 40
 # ~1e-12, against which a 1e-5 tolerance would accept any bug.
 CFG = ExtractConfig(dataset="tiny", backbone="efficientnet_lite0", weights="none", input_size=32,
                     batch_size=8, shard_size=16, dtype="float32")
+
+
+def RayConfig(**kwargs) -> ExecutorConfig:
+    return ExecutorConfig(name="ray", **kwargs)
+
+
+def run_extract_ray(ws: Workspace, cfg: ExtractConfig, executor: ExecutorConfig, run_id: str) -> dict:
+    """The one extract driver, over the Ray executor."""
+    return run_extract(ws, cfg, run_id, executor)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +79,8 @@ def reference(tmp_path_factory, images):
     summary = run_extract(ws, CFG, "local")
     ids, X = load_features(ws, summary["featureset"])
     order = np.argsort(ids.astype(str))
-    return {"summary": summary, "ids": ids[order], "X": X[order], "errors": _error_codes(ws, summary["featureset"])}
+    return {"summary": summary, "ids": ids[order], "X": X[order], "errors": _error_codes(ws, summary["featureset"]),
+            "ws": ws}
 
 
 def _error_codes(ws: Workspace, fs: str) -> dict[str | None, tuple[str, str]]:
@@ -119,6 +128,17 @@ def test_ray_featureset_equals_local_and_rerun_does_no_work(ray_cluster, images,
 
 
 @pytest.mark.ray
+def test_ray_data_reads_the_folder_as_exactly_its_feature_rows(ray_cluster, reference):
+    """Issue 13 item 1: before, read_parquet(folder) gave rows of the errors table with null features."""
+    ws, fs = reference["ws"], reference["summary"]["featureset"]
+    assert reference["errors"], "the featureset must hold error rows for this test to mean anything"
+    rows = ray_cluster.data.read_parquet(str(ws.featureset_dir(fs))).to_pandas()
+    assert list(rows.columns) == [S.IMAGE_ID, S.FEATURE]
+    assert sorted(rows[S.IMAGE_ID]) == list(reference["ids"])
+    assert rows[S.FEATURE].notna().all()
+
+
+@pytest.mark.ray
 @pytest.mark.slow
 def test_actor_killed_after_committing_is_restarted_without_duplicate_rows(ray_cluster, images, reference,
                                                                            tmp_path, monkeypatch):
@@ -134,7 +154,7 @@ def test_actor_killed_after_committing_is_restarted_without_duplicate_rows(ray_c
     for shard in feature_shards(ws, out["featureset"]):  # each NPY sidecar holds its shard's rows, in order
         table = pq.read_table(shard)
         rows = np.asarray(table.column(S.FEATURE).combine_chunks().flatten()).reshape(table.num_rows, -1)
-        np.testing.assert_array_equal(np.load(shard.with_suffix(".npy")), rows)
+        np.testing.assert_array_equal(np.load(sidecar_of(ws, out["featureset"], shard)), rows)
 
 
 class Interrupted(Exception):
@@ -193,7 +213,7 @@ def test_ray_run_interrupted_after_a_shard_is_finished_locally(ray_cluster, imag
     "ray_cfg, message",
     [
         (RayConfig(gpus_per_worker=1), "has 0 GPU"),
-        (RayConfig(workers=2), "leave none for decoding"),
+        (RayConfig(actors=2), "leave none for decoding"),
     ],
 )
 def test_a_pool_ray_cannot_schedule_fails_fast(ray_cluster, images, tmp_path, ray_cfg, message):
@@ -241,7 +261,7 @@ def test_without_ray_the_executor_is_a_usage_error(monkeypatch):
 
 
 def test_cli_routes_executor_ray_to_the_ray_config(ws, capsys):
-    """`imgfeat extract --executor ray` reaches RayConfig: a bad address is a usage error."""
+    """`imgfeat extract --executor ray` reaches the executor config: a bad address is a usage error."""
     from imgfeat.cli.main import main
 
     code = main(["extract", "--dataset", "d", "--backbone", "efficientnet_lite0", "--weights", "none",

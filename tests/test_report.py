@@ -11,7 +11,7 @@ from PIL import Image
 
 from imgfeat.cli.main import main
 from imgfeat.heads import PredictConfig, ReportConfig, TrainConfig, run_predict, run_report, run_train
-from imgfeat.heads.synthetic import BlobSpec, write_blob_dataset
+from synthetic import BlobSpec, write_blob_dataset
 from imgfeat.core.workspace import Workspace
 
 CLASSES = ("cat", "dog", "fox", "owl", "emu")

@@ -11,7 +11,7 @@ from imgfeat.cli.main import main
 from imgfeat.core.errors import ConfigError
 from imgfeat.heads import TrainConfig, run_train
 from imgfeat.heads.artifacts import CURVES_FILE, HEAD_FILE, METRICS_FILE, ROWS_FILE
-from imgfeat.heads.synthetic import BlobSpec, write_blob_dataset, write_featureset
+from synthetic import BlobSpec, write_blob_dataset, write_featureset
 from imgfeat.core.workspace import Workspace
 
 CLASSES = ("cat", "dog", "fox", "owl")
@@ -102,7 +102,7 @@ def test_rows_without_label_or_features_are_counted_and_left_out(ws):
         labels[k] = None
     ids = write_blob_dataset(ws, "toy", "fs", SPEC, labels=labels)
     # A second featureset that lacks the first 10 images' features.
-    from imgfeat.heads.synthetic import blob_features
+    from synthetic import blob_features
 
     _, X, _ = blob_features(SPEC)
     write_featureset(ws, "partial", ids[10:], X[10:])

@@ -45,7 +45,7 @@ def test_a_tree_nested_1500_deep_scans_without_recursion_error(ws):
         Path(deep, "bottom.jpg").write_bytes(jpeg())
         (root / "top.jpg").write_bytes(jpeg(1))
         summary = run_scan(ws, ScanConfig(root, "d"), "r1")
-        assert summary["ok"] == 2
+        assert summary.ok == 2
         assert "/".join(["d"] * 1500) + "/bottom.jpg" in rows(ws)
     finally:  # take the tree down bottom-up
         if os.path.exists(os.path.join(deep, "bottom.jpg")):
@@ -104,7 +104,7 @@ def test_an_unlistable_folder_becomes_a_row_and_a_count(ws, tmp_path, monkeypatc
     row = got["cat/private"]
     assert row[S.STATUS] == S.STATUS_UNREADABLE and row[S.IMAGE_ID] is None
     assert "cannot list the folder" in row[S.ERROR] and "Permission denied" in row[S.ERROR]
-    assert summary["skipped"].get("unlistable_dir") == 1
+    assert summary.skipped.get("unlistable_dir") == 1
 
 
 def _in_thread(fn, timeout: float, release) -> tuple[bool, object]:
@@ -146,7 +146,7 @@ def test_follow_links_to_a_fifo_and_to_proc_pagemap_never_hang(ws, tmp_path):
     code = ("import sys, json; from imgfeat.core.workspace import Workspace;"
             "from imgfeat.scan.scan import ScanConfig, run_scan;"
             "s = run_scan(Workspace.resolve(sys.argv[1]), ScanConfig(sys.argv[2], 'd', follow_links=True), 'r1');"
-            "print(json.dumps(s['skipped']))")
+            "print(json.dumps(s.skipped))")
     try:
         done = subprocess.run([sys.executable, "-c", code, str(ws.root), str(root)], capture_output=True,
                               text=True, timeout=60)

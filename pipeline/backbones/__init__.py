@@ -17,6 +17,8 @@ from imgfeat.core.errors import ConfigError, unknown_value
 if TYPE_CHECKING:
     import keras
 
+    from imgfeat.backbones.weights import WeightsRef
+
 log = logging.getLogger(__name__)
 
 POOLINGS = ("avg", "max")
@@ -75,14 +77,16 @@ class BackboneSpec:
         layer: str | None = None,
         seed: int = 0,
         include_top: bool = False,
+        resolved_weights: "WeightsRef | None" = None,
     ) -> "keras.Model":
         """A Keras model mapping (batch, s, s, 3) preprocessed images to (batch, dim) features.
 
         ``weights``: "imagenet", "none"/None (random, seeded by ``seed``) or a ``.weights.h5``
         path saved from the same constructor. ``layer`` taps an inner layer and pools it.
         ``include_top=True`` returns the ImageNet classifier (batch, 1000) instead.
+        ``resolved_weights``: ``weights`` already resolved (and hashed) by the caller.
         """
-        return build_model(self, weights, input_size, pooling, layer, seed, include_top)
+        return build_model(self, weights, input_size, pooling, layer, seed, include_top, resolved_weights)
 
     def preprocess_input(self, x: np.ndarray) -> np.ndarray:
         """float32 NHWC RGB 0..255 in, the family's preprocess_input applied, float32 out; x untouched."""
@@ -115,6 +119,7 @@ def build_model(
     layer: str | None,
     seed: int,
     include_top: bool,
+    resolved_weights: "WeightsRef | None" = None,
 ) -> "keras.Model":
     """BackboneSpec.build: check every option first, then construct, load weights, cut and pool."""
     import keras
@@ -127,7 +132,7 @@ def build_model(
     if include_top and size != spec.input_size:
         raise ConfigError(f"the ImageNet classifier of {spec.name} needs its default input size "
                           f"{spec.input_size}, not {size}")
-    ref = resolve_weights(spec, weights, size, include_top=include_top)
+    ref = resolved_weights or resolve_weights(spec, weights, size, include_top=include_top)
     tap = layer is not None and not include_top
     kwargs = _constructor_kwargs(spec, ref, size, None if tap else pooling, include_top)
     # Seed even with pretrained weights: a few constructors draw random numbers for unused layers.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.util
 import logging
@@ -15,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from imgfeat.core import hashing
 from imgfeat.core.errors import ConfigError, ImgfeatError
 from imgfeat.core.storage import FileLock, atomic_path
 from imgfeat.backbones.weights import keras_cache_dir
@@ -292,11 +292,7 @@ def weights_installed(name: str) -> bool:
 
 @lru_cache(maxsize=8)
 def _sha256(path: Path, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return hashing.file_sha256(path)  # cached per (path, size, mtime): a replaced file is hashed again
 
 
 def file_sha256(path: Path) -> str:

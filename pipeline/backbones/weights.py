@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -15,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from imgfeat.core import hashing
 from imgfeat.core.errors import ConfigError, ImgfeatError
 from imgfeat.core.storage import atomic_path, write_json_atomic
 
@@ -176,12 +176,7 @@ def _read_digest_cache(cache_file: Path) -> dict[str, dict[str, str]]:
 
 
 def _hash_file(path: Path) -> dict[str, str]:
-    md5, sha = hashlib.md5(usedforsecurity=False), hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            md5.update(chunk)
-            sha.update(chunk)
-    return {"md5": md5.hexdigest(), "sha256": sha.hexdigest()}
+    return hashing.file_digests(path, ("md5", "sha256"))
 
 
 # ----------------------------------------------------------------------- hand Keras the file

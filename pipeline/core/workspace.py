@@ -63,8 +63,18 @@ class Workspace:
     def featureset_dir(self, featureset: str) -> Path:
         return self.root / "features" / check_name("featureset", featureset)
 
+    # A featureset folder holds only its feature shards (and _featureset.json), so every Parquet
+    # reader opens it as exactly its rows; its error rows and NPY sidecars live beside it, under
+    # features/_errors/ and features/_npy/ ('_' names are never featureset names).
     def featureset_errors_dir(self, featureset: str) -> Path:
-        return self.featureset_dir(featureset) / "errors"
+        return self.root / "features" / "_errors" / check_name("featureset", featureset)
+
+    def featureset_npy_dir(self, featureset: str) -> Path:
+        return self.root / "features" / "_npy" / check_name("featureset", featureset)
+
+    def featureset_lock(self, featureset: str) -> Path:
+        """Outside the featureset folder: a lock file there would be one more file for readers to trip on."""
+        return self.locks_dir / f"features-{check_name('featureset', featureset)}.lock"
 
     # heads, predictions, reports
     def head_dir(self, head_id: str) -> Path:
@@ -101,7 +111,7 @@ class Workspace:
         folder = self.root / kind
         if not folder.is_dir():
             return []
-        return sorted(p.name for p in folder.iterdir() if p.is_dir())
+        return sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name[0] not in "_.")
 
 
 def _kind(path: Path) -> str:

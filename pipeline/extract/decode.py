@@ -36,6 +36,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,9 @@ INTERPOLATIONS: dict[str, Image.Resampling] = {
 }
 EXIF_MODES = ("rotate", "ignore")
 ERROR_CODES = S.DECODE_ERROR_CODES  # the vocabulary lives in core/schemas.py; old name kept
+# Failures to read a file (not its content): transient, so the next run tries the file again.
+READ_ERROR_CODES = ("unreadable", "vanished", "not_a_file", "file_too_large")
+DEFAULT_MAX_FILE_BYTES = 1 << 30  # 1 GiB: larger files are error rows, never a 3 GB read into memory
 ORIENTATION_TAG = 0x0112
 TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
@@ -66,10 +70,18 @@ TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and 
 class DecodeError(ImgfeatError):
     """One image could not be decoded; ``code`` is one of ERROR_CODES (a row, not a failed run)."""
 
+    transient = False  # a decode failure of the same bytes is final
+
     def __init__(self, code: str, message: str) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+
+
+class ReadError(DecodeError):
+    """The file could not be read (gone, no permission, not a regular file, too big): retried next run."""
+
+    transient = True
 
 
 @dataclass(frozen=True)
@@ -90,9 +102,10 @@ class DecodeConfig:
             raise unknown_value("exif mode", self.exif, EXIF_MODES)
 
 
-def decode_image(path: str | os.PathLike, cfg: DecodeConfig) -> np.ndarray:
+def decode_image(path: str | os.PathLike, cfg: DecodeConfig,
+                 max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> np.ndarray:
     """Read one image file into a uint8 (h, w, 3) RGB array, or raise DecodeError."""
-    data = _read_bytes(Path(path))
+    data = read_file_bytes(Path(path), max_bytes)
     return decode_bytes(data, cfg, name=str(path))
 
 
@@ -130,14 +143,45 @@ def decode_batch(
     return out, errors
 
 
-def _read_bytes(path: Path) -> bytes:
+def read_file_bytes(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> bytes:
+    """A regular file's bytes, at most ``max_bytes`` of them, or ReadError."""
     # load_img reads the whole file into memory too; reading first keeps OS errors apart from format errors.
+    with open_regular_file(path) as fh:
+        try:
+            data = _read_at_most(fh, max_bytes + 1)
+        except OSError as exc:
+            raise ReadError("unreadable", f"{path}: {exc.strerror or exc}") from None
+    if len(data) > max_bytes:
+        raise ReadError("file_too_large", f"{path}: larger than the {max_bytes}-byte limit (--max-file-bytes)")
+    return data
+
+
+def open_regular_file(path: str | os.PathLike) -> io.FileIO:
+    """Open for reading, or ReadError. Opened non-blocking and checked after open (not before: the
+    file may be swapped in between), so a FIFO, device or folder where an image was never hangs."""
     try:
-        return path.read_bytes()
-    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
-        raise DecodeError("unreadable", f"{path}: {exc.strerror or exc}") from None
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise ReadError("vanished", f"{path}: the file no longer exists") from None
     except OSError as exc:
-        raise DecodeError("unreadable", f"{path}: {exc}") from None
+        raise ReadError("unreadable", f"{path}: {exc.strerror or exc}") from None
+    try:
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+    except OSError as exc:
+        os.close(fd)
+        raise ReadError("unreadable", f"{path}: {exc.strerror or exc}") from None
+    if not regular:
+        os.close(fd)
+        raise ReadError("not_a_file", f"{path}: not a regular file")
+    return io.FileIO(fd, "rb", closefd=True)
+
+
+def _read_at_most(fh, limit: int) -> bytes:
+    chunks, left = [], limit
+    while left > 0 and (chunk := fh.read(min(left, 16 << 20))):
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
 
 
 def _decode(data: bytes, cfg: DecodeConfig) -> np.ndarray:

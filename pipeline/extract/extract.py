@@ -1,12 +1,13 @@
-"""The extract stage: a manifest + a backbone spec -> a featureset (feature shards, error rows, provenance)."""
+"""The extract driver: lock, provenance, resume plan, error rows, summary and timing, over an executor."""
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,27 +15,49 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from imgfeat.core import schemas as S
-from imgfeat.extract.decode import EXIF_MODES, INTERPOLATIONS, DecodeConfig
-from imgfeat.core.errors import ConfigError, unknown_value
-from imgfeat.extract.featureset import PROVENANCE_FILE, committed_ids, error_shards, featureset_info
-from imgfeat.extract.fingerprint import featureset_name as _name_of
-from imgfeat.extract.fingerprint import make_provenance, weights_identity
-from imgfeat.scan.manifest import dataset_root, manifest_file
-from imgfeat.extract.shards import ShardWriter, error_row
+from imgfeat.core.errors import ConfigError, ErrorRateExceeded, unknown_value
+from imgfeat.core.progress import progress
 from imgfeat.core.storage import WAIT_HINT, FileLock, read_shards, remove_stale_tmp, write_json_atomic
 from imgfeat.core.workspace import Workspace
+from imgfeat.extract.batches import STAGE_READ, InputSpec, Item
+from imgfeat.extract.decode import DEFAULT_MAX_FILE_BYTES, EXIF_MODES, INTERPOLATIONS
+from imgfeat.extract.executors import (
+    PRECISIONS,
+    BatchReport,
+    Executor,
+    ExecutorConfig,
+    ExtractJob,
+    build_model,
+    make_executor,
+)
+from imgfeat.extract.featureset import (
+    PROVENANCE_FILE,
+    committed_ids,
+    error_shards,
+    migrate_layout,
+    read_provenance,
+)
+from imgfeat.extract.recipe import Provenance, Resolved, resolve_recipe
+from imgfeat.extract.shards import FeaturesetDirs, ShardSink, ShardWriter, error_row
+from imgfeat.scan.manifest import dataset_root, manifest_file
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+__all__ = ["ExtractConfig", "ExtractSummary", "FileResult", "run_extract", "extract_files", "plan_extract",
+           "featureset_name", "check_error_rate", "open_featureset", "walk_manifest", "build_model", "PRECISIONS"]
+
 STAGE_SCAN = "scan"
 MANIFEST_BATCH_ROWS = 8192  # the manifest is streamed in record batches of this many rows
+MAX_BATCH_SIZE = 8192
+MAX_BATCH_BYTES = 8 << 30  # one float32 input batch above 8 GiB is a typo, not a plan
 _MANIFEST_COLUMNS = [S.IMAGE_ID, S.PATH, S.STATUS, S.ERROR]
 
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    """Everything `imgfeat extract` needs; every field but dataset/batch/shard/workers/wait is in the fingerprint."""
+    """What `imgfeat extract` is asked: the recipe's inputs (resolved into a Recipe once, by
+    ``resolve_recipe``) and run options (dataset, batch_size, shard_size, npy, workers, wait,
+    max_file_bytes) that never change the numbers."""
 
     dataset: str
     backbone: str
@@ -44,7 +67,7 @@ class ExtractConfig:
     input_size: int | None = None
     batch_size: int = 32
     precision: str = "float32"
-    dtype: str = "float16"
+    dtype: str = "float32"
     shard_size: int = 1024
     npy: bool = False
     interpolation: str = "bilinear"
@@ -53,6 +76,7 @@ class ExtractConfig:
     seed: int = 0
     workers: int | None = None
     wait: float | None = None
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
 
     def __post_init__(self) -> None:
         from imgfeat.backbones import POOLINGS, get_backbone
@@ -68,9 +92,29 @@ class ExtractConfig:
             if value not in allowed:
                 raise unknown_value(kind, str(value), allowed)
         for kind, value in (("batch size", self.batch_size), ("shard size", self.shard_size),
-                            ("workers", self.workers if self.workers is not None else 1)):
+                            ("workers", self.workers if self.workers is not None else 1),
+                            ("max file bytes", self.max_file_bytes)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{kind} must be a positive integer, got {value!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed must be an integer from 0 to {2**32 - 1}, got {self.seed!r}")
+        if self.batch_size > MAX_BATCH_SIZE:
+            raise ConfigError(f"batch size {self.batch_size} is over the limit of {MAX_BATCH_SIZE}")
+
+    def input_spec(self, resolved: Resolved) -> InputSpec:
+        size = resolved.recipe.input_size
+        if self.batch_size * size * size * 3 * 4 > MAX_BATCH_BYTES:
+            raise ConfigError(f"batch size {self.batch_size} at input size {size} needs more than "
+                              f"{MAX_BATCH_BYTES >> 30} GiB per batch; use a smaller --batch-size")
+        return InputSpec(resolved.recipe.decode_config(), self.batch_size, self.max_file_bytes)
+
+    @classmethod
+    def from_provenance(cls, prov: Provenance, dataset: str = "files") -> "ExtractConfig":
+        """The config that made a featureset, rebuilt from its provenance (``imgfeat predict IMAGE``)."""
+        r, src = prov.recipe, prov.source
+        return cls(dataset=dataset, backbone=r.backbone, weights=src.build_arg(), pooling=r.pooling,
+                   layer=r.layer, input_size=r.input_size, precision=r.precision, dtype=r.dtype,
+                   interpolation=r.interpolation, fast_decode=r.fast_decode, exif=r.exif, seed=src.seed)
 
 
 @dataclass(frozen=True)
@@ -96,57 +140,115 @@ class Tally:
     todo_rows: collections.Counter = field(default_factory=collections.Counter)  # id -> manifest rows
 
 
-# ------------------------------------------------------------------------------- identity
+@dataclass
+class LoopStats:
+    """The executor's reports, added up by the driver."""
+
+    extracted: int = 0
+    errors: collections.Counter = field(default_factory=collections.Counter)
+    failed: dict[str, tuple[str, str]] = field(default_factory=dict)  # image_id -> (code, message)
+    model_seconds: float = 0.0
+    decode_seconds: float = 0.0  # summed over decode workers
+    input_wait_seconds: float = 0.0  # the model waiting for a batch: the pipeline's stall time
+    build_seconds: float = 0.0
+    loop_seconds: float = 0.0  # wall time of the model loop, model builds excluded
+    batches: int = 0
+    shards: set[str] = field(default_factory=set)  # shards the executor committed itself
+
+    def add(self, report: BatchReport) -> None:
+        self.extracted += report.extracted
+        self.model_seconds += report.model_seconds
+        self.decode_seconds += report.decode_seconds
+        self.input_wait_seconds += report.input_wait_seconds
+        self.build_seconds += report.build_seconds
+        self.batches += 1
+        if report.shard and report.extracted:
+            self.shards.add(report.shard)
+        for row in report.errors:
+            self.errors[row[S.ERROR_CODE]] += 1
+            self.failed[row[S.IMAGE_ID]] = (row[S.ERROR_CODE], row[S.ERROR_MESSAGE])
 
 
-def provenance_core(cfg: ExtractConfig) -> dict[str, Any]:
-    """The inputs of the numbers, resolved (canonical backbone name, weights sha256, input size)."""
-    from imgfeat.backbones import get_backbone
-    from imgfeat.backbones.weights import resolve_weights
+@dataclass(frozen=True)
+class ExtractSummary:
+    """One extract run's outcome; ``to_json()`` is the ``--json`` object and ``runs/<id>.json``."""
 
-    spec = get_backbone(cfg.backbone)
-    size = spec.check_input_size(cfg.input_size)
-    ref = resolve_weights(spec, cfg.weights, size)
-    return {
-        "backbone": spec.name,
-        "weights": weights_identity(ref.kind, ref.sha256, cfg.seed),
-        "weights_kind": ref.kind,
-        "weights_source": str(ref.path) if ref.kind == "file" else ref.kind,
-        "seed": cfg.seed,
-        "input_size": size,
-        "pooling": cfg.pooling,
-        "layer": cfg.layer,
-        "interpolation": cfg.interpolation,
-        "fast_decode": bool(cfg.fast_decode),
-        "exif": cfg.exif,
-        "precision": cfg.precision,
-        "dtype": cfg.dtype,
-    }
+    featureset: str
+    dataset: str
+    manifest_rows: int
+    extracted: int
+    reused: int
+    duplicates: int
+    errors_new: int
+    errors_by_code: dict[str, int]
+    errors_known: int
+    error_rows: int
+    model_built: bool
+    stats: LoopStats
+    shards: int
+    batch_size: int
+    seconds: float
+    executor: str = "local"
+    executor_info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def error_rate(self) -> float:
+        return round(self.error_rows / self.manifest_rows, 6) if self.manifest_rows else 0.0
+
+    @property
+    def images_per_s(self) -> float:
+        """Over the whole run: manifest walk, model build, decode, model and writes."""
+        return round(self.extracted / self.seconds, 2) if self.seconds else 0.0
+
+    @property
+    def images_per_s_loop(self) -> float:
+        """Over the model loop only (the model build and the manifest walk left out)."""
+        loop = self.stats.loop_seconds
+        return round(self.extracted / loop, 2) if loop else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        s = self.stats
+        out = {
+            "featureset": self.featureset, "dataset": self.dataset, "manifest_rows": self.manifest_rows,
+            "extracted": self.extracted, "reused": self.reused, "duplicates": self.duplicates,
+            "errors": {"new": self.errors_new, "by_code": dict(self.errors_by_code), "known": self.errors_known},
+            "error_rows": self.error_rows, "error_rate": self.error_rate, "model_built": self.model_built,
+            "model_seconds": round(s.model_seconds, 3), "decode_seconds": round(s.decode_seconds, 3),
+            "input_wait_seconds": round(s.input_wait_seconds, 3), "build_seconds": round(s.build_seconds, 3),
+            "loop_seconds": round(s.loop_seconds, 3), "shards": self.shards, "batch_size": self.batch_size,
+            "seconds": self.seconds, "images_per_s": self.images_per_s,
+            "images_per_s_loop": self.images_per_s_loop,
+        }
+        if self.executor != "local":
+            out.update(self.executor_info, executor=self.executor)
+        return out
 
 
-def featureset_name(cfg: ExtractConfig) -> str:
-    """``<backbone>-<size>-<pooling or layer>-<dtype>-<fingerprint8>`` (no model work)."""
-    return _name_of(provenance_core(cfg))
+# ------------------------------------------------------------------------------- the error-rate policy
 
 
-def config_from_provenance(prov: dict[str, Any], dataset: str = "files") -> ExtractConfig:
-    """The ExtractConfig that made a featureset, rebuilt from its ``_featureset.json``."""
-    weights = prov.get("weights_source") or "none"
-    return ExtractConfig(
-        dataset=dataset, backbone=prov["backbone"], weights=weights, pooling=prov["pooling"],
-        layer=prov["layer"], input_size=prov["input_size"], precision=prov["precision"],
-        dtype=prov["dtype"], interpolation=prov["interpolation"], fast_decode=prov["fast_decode"],
-        exif=prov["exif"], seed=int(prov.get("seed", 0)),
-    )
+def check_error_rate(rates: dict[str, tuple[int, int]], limit: float | None) -> None:
+    """The one error-rate policy: exit 3 when the error rows of any ``what -> (errors, images)`` are
+    over ``limit`` (a fraction); everything was committed before this is asked."""
+    if limit is None:
+        return
+    over = {what: (bad, total) for what, (bad, total) in rates.items() if total and bad / total > limit}
+    if over:
+        what, (bad, total) = max(over.items(), key=lambda kv: kv[1][0] / kv[1][1])
+        raise ErrorRateExceeded(
+            f"{bad} of {total} images ({bad / total:.1%}) in {what} ended as error rows, over "
+            f"--max-error-rate {limit:g}; everything was committed (see the errors table)"
+        )
 
 
-# ------------------------------------------------------------------------------- the reader
+# ------------------------------------------------------------------------------- the reader side
 
 
 @dataclass
 class DoneSets:
-    """What a featureset already holds: ids with a feature row, ids with an error row, and the
-    paths of error rows without an id (unreadable files: their resume key)."""
+    """What a featureset already holds: ids with a feature row, ids with a final error row, and the
+    paths of error rows without an id (unreadable files: their resume key). Read failures (stage
+    ``read``) are not final: their images are tried again, and the old rows stay as history."""
 
     features: set[str]
     errors: set[str]
@@ -156,8 +258,8 @@ class DoneSets:
     def read(cls, ws: Workspace, fs: str) -> "DoneSets":
         if not ws.featureset_dir(fs).is_dir():
             return cls(set(), set(), set())
-        errors = read_shards(error_shards(ws, fs), [S.IMAGE_ID, S.PATH])  # one pass for both sets
-        rows = [] if errors is None else errors.to_pylist()
+        errors = read_shards(error_shards(ws, fs), [S.IMAGE_ID, S.PATH, S.STAGE])  # one pass for all sets
+        rows = [] if errors is None else [r for r in errors.to_pylist() if r[S.STAGE] != STAGE_READ]
         return cls(
             committed_ids(ws, fs),
             {r[S.IMAGE_ID] for r in rows if r[S.IMAGE_ID] is not None},
@@ -167,24 +269,22 @@ class DoneSets:
 
 @contextlib.contextmanager
 def open_featureset(ws: Workspace, fs: str, wait: float | None) -> Iterator[DoneSets]:
-    """Hold the featureset's writer lock, clear a crashed writer's ``.tmp`` files, and yield what
-    is already done. Every writer (local, Ray, extract_files) enters through here."""
-    fs_dir = ws.featureset_dir(fs)
-    with FileLock(fs_dir / ".lock", what=f"featureset {fs}", wait=wait, hint=WAIT_HINT):
-        stale = remove_stale_tmp(fs_dir)
+    """Hold the featureset's writer lock (under the workspace's ``.locks/``), bring an old layout
+    up to date, clear a crashed writer's ``.tmp`` files, and yield what is already done."""
+    with FileLock(ws.featureset_lock(fs), what=f"featureset {fs}", wait=wait, hint=WAIT_HINT):
+        migrate_layout(ws, fs)
+        stale = sum(remove_stale_tmp(d) for d in FeaturesetDirs.of(ws, fs).all())
         if stale:
             log.info("removed %d temporary file(s) left by an interrupted run", stale)
         yield DoneSets.read(ws, fs)
 
 
 def walk_manifest(ws: Workspace, dataset: str, done: DoneSets, tally: Tally, run_id: str,
-                  on_error=None) -> Iterator[Any]:
+                  on_error=None) -> Iterator[Item]:
     """Stream the manifest; yield an Item per image to extract, hand new scan-error rows to ``on_error``.
 
     Every row is counted exactly once: todo, reused, duplicate, known error or new scan error.
     """
-    from imgfeat.extract.runner import Item
-
     root = dataset_root(ws, dataset)
     seen: set[str] = set()
     pf = pq.ParquetFile(manifest_file(ws, dataset))
@@ -220,6 +320,11 @@ def walk_manifest(ws: Workspace, dataset: str, done: DoneSets, tally: Tally, run
                 yield Item(image_id, path)
 
 
+def featureset_name(cfg: ExtractConfig) -> str:
+    """``<backbone>-<size>-<pooling or layer>-<dtype>-<fingerprint8>`` (no model work)."""
+    return resolve_recipe(cfg).recipe.name()
+
+
 def plan_extract(ws: Workspace, cfg: ExtractConfig) -> dict[str, Any]:
     """What a run would do: featureset name, images to extract, rows already done (no model work)."""
     fs = featureset_name(cfg)
@@ -237,166 +342,114 @@ def plan_extract(ws: Workspace, cfg: ExtractConfig) -> dict[str, Any]:
     }
 
 
-# ------------------------------------------------------------------------------- the stage
+# ------------------------------------------------------------------------------- provenance
 
 
-def run_extract(ws: Workspace, cfg: ExtractConfig, run_id: str) -> dict[str, Any]:
-    """Extract every manifest image not yet in the featureset; returns the run's summary."""
+def ensure_provenance(ws: Workspace, resolved: Resolved) -> Provenance:
+    """The featureset's provenance: checked against its folder's name when it exists, written first
+    when new. A layer tap's width is only known from the built graph (random weights are enough);
+    building it also rejects an unknown layer before anything is written."""
+    fs = resolved.recipe.name()
+    if (ws.featureset_dir(fs) / PROVENANCE_FILE).is_file():
+        prov = read_provenance(ws, fs)
+        if prov.recipe != resolved.recipe or not prov.matches_name():
+            raise ConfigError(
+                f"{ws.featureset_dir(fs) / PROVENANCE_FILE} does not describe featureset {fs} (it was edited "
+                "or copied from another featureset); refusing to add rows to it. Restore the file, or move "
+                "the folder away and extract again"
+            )
+        return prov
+    dim = resolved.spec_dim()
+    if not dim:
+        dim = int(_layer_model(resolved).outputs[0].shape[-1])
+    prov = Provenance.create(resolved, dim)
+    write_json_atomic(prov.to_json(), ws.featureset_dir(fs) / PROVENANCE_FILE)
+    return prov
+
+
+def _layer_model(resolved: Resolved):
+    r = resolved.recipe
+    return resolved.spec.build("none", r.input_size, r.pooling, r.layer)
+
+
+# ------------------------------------------------------------------------------- the driver
+
+
+def run_extract(ws: Workspace, cfg: ExtractConfig, run_id: str,
+                executor: ExecutorConfig | None = None) -> dict[str, Any]:
+    """Extract every manifest image not yet in the featureset; returns the run's summary (JSON)."""
+    return extract_dataset(ws, cfg, run_id, executor).to_json()
+
+
+def extract_dataset(ws: Workspace, cfg: ExtractConfig, run_id: str,
+                    executor: ExecutorConfig | None = None) -> ExtractSummary:
+    """The driver: resolve once, lock, provenance, plan, executor, error rows, typed summary."""
     t0 = time.perf_counter()
     manifest_file(ws, cfg.dataset)  # an unknown dataset fails before a featureset folder appears
-    core = provenance_core(cfg)
-    fs = _name_of(core)
+    resolved = resolve_recipe(cfg)
+    inputs = cfg.input_spec(resolved)
+    ex_cfg = executor or ExecutorConfig()
+    if ex_cfg.workers is None and cfg.workers is not None:  # workers given in the extract options
+        ex_cfg = dataclasses.replace(ex_cfg, workers=cfg.workers)
+    ex = make_executor(ex_cfg)
+    fs = resolved.recipe.name()
     with open_featureset(ws, fs, cfg.wait) as done:
         plan = Tally()
         for _ in walk_manifest(ws, cfg.dataset, done, plan, run_id):
             pass
-        out = _extract_manifest(ws, cfg, core, fs, done, plan.todo, run_id)
-    out["seconds"] = round(time.perf_counter() - t0, 3)
-    out["images_per_s"] = round(out["extracted"] / out["seconds"], 2) if out["seconds"] else 0.0
-    return out
+        prov = ensure_provenance(ws, resolved)
+        job = ExtractJob(ws, resolved, prov, inputs, cfg.shard_size, cfg.npy, run_id)
+        tally, stats, sink = Tally(), LoopStats(), _sink(job)
+        with _committing(sink):
+            items = walk_manifest(ws, cfg.dataset, done, tally, run_id, on_error=sink.add_error)
+            if plan.todo:
+                _run_executor(ex, job, items, plan.todo, sink, stats)
+            else:
+                log.info("featureset %s already holds every image of %s: no model work", fs, cfg.dataset)
+                for _ in items:  # write the scan-error rows, if any are new
+                    pass
+    return _summary(cfg, fs, tally, stats, sink, ex, bool(plan.todo), time.perf_counter() - t0)
 
 
-def _extract_manifest(ws: Workspace, cfg: ExtractConfig, core: dict[str, Any], fs: str, done: DoneSets,
-                      todo: int, run_id: str) -> dict[str, Any]:
-    from imgfeat.extract.runner import LoopStats
+def _sink(job: ExtractJob) -> ShardSink:
+    dirs = FeaturesetDirs.of(job.ws, job.featureset)
+    return ShardSink(ShardWriter(dirs, job.run_id, job.provenance, job.shard_size, job.npy))
 
-    tally = Tally()
-    if todo == 0:
-        log.info("featureset %s already holds every image of %s: no model work", fs, cfg.dataset)
-        session = _Session.without_model(ws, fs, core, cfg, run_id)
-    else:
-        session = _Session.open(ws, fs, core, cfg, run_id)
+
+@contextlib.contextmanager
+def _committing(sink: ShardSink) -> Iterator[None]:
+    """Flush the sink's last shard on success; on failure keep only what was committed."""
     try:
-        items = walk_manifest(ws, cfg.dataset, done, tally, run_id, on_error=session.add_error)
-        stats = session.run(items, todo) if todo else LoopStats()
-        if not todo:
-            for _ in items:  # write the scan-error rows, if any are new
-                pass
-        session.close()
+        yield
     except BaseException:
-        session.abort()
+        sink.abort()
         raise
-    return _summary(cfg, fs, tally, stats, session, done)
+    sink.close(commit=True)
 
 
-def _summary(cfg: ExtractConfig, fs: str, tally: Tally, stats, session: "_Session", done: DoneSets) -> dict:
+def _run_executor(ex: Executor, job: ExtractJob, items: Iterable[Item], total: int, sink: ShardSink,
+                  stats: LoopStats) -> None:
+    t0 = time.perf_counter()
+    with progress(total=total, desc=f"extract ({ex.name})" if ex.name != "local" else "extract") as bar:
+        for report in ex.run(job, items, sink):
+            stats.add(report)
+            bar.update(report.extracted + len(report.errors))
+    stats.loop_seconds = max(0.0, time.perf_counter() - t0 - stats.build_seconds)
+
+
+def _summary(cfg: ExtractConfig, fs: str, tally: Tally, stats: LoopStats, sink: ShardSink, ex: Executor,
+             model_built: bool, seconds: float) -> ExtractSummary:
     codes = collections.Counter(tally.scan_errors)
     codes.update(stats.errors)
     failed_rows = sum(tally.todo_rows[i] for i in stats.failed)
-    error_rows = sum(tally.scan_errors.values()) + tally.known_error_rows + failed_rows
-    return {
-        "featureset": fs,
-        "dataset": cfg.dataset,
-        "manifest_rows": tally.rows,
-        "extracted": stats.extracted,
-        "reused": tally.reused,
-        "duplicates": tally.duplicates,
-        "errors": {"new": sum(codes.values()), "by_code": dict(sorted(codes.items())),
-                   "known": tally.known_error_rows},
-        "error_rows": error_rows,
-        "error_rate": round(error_rows / tally.rows, 6) if tally.rows else 0.0,
-        "model_built": session.model_built,
-        "model_seconds": round(stats.model_seconds, 3),
-        "decode_seconds": round(stats.decode_seconds, 3),
-        "input_wait_seconds": round(stats.input_wait_seconds, 3),
-        "build_seconds": round(session.build_seconds, 3),
-        "shards": session.shards_written(),
-        "batch_size": cfg.batch_size,
-    }
-
-
-class _Session:
-    """One featureset write session: provenance on disk, the model (if needed) and the writer thread."""
-
-    def __init__(self, ws: Workspace, fs: str, prov: dict[str, Any], cfg: ExtractConfig, run_id: str,
-                 predict=None, preprocess=None) -> None:
-        from imgfeat.extract.runner import WriterThread
-
-        self.cfg, self.run_id, self.prov = cfg, run_id, prov
-        self.predict, self.preprocess = predict, preprocess
-        self.model_built = predict is not None
-        self.build_seconds = 0.0
-        folder = ws.featureset_dir(fs)
-        self.shard_writer = ShardWriter(folder, run_id, prov, cfg.shard_size, cfg.npy)
-        self.writer = WriterThread(self.shard_writer)
-
-    @classmethod
-    def without_model(cls, ws: Workspace, fs: str, core: dict, cfg: ExtractConfig, run_id: str) -> "_Session":
-        path = ws.featureset_dir(fs) / PROVENANCE_FILE
-        prov = featureset_info(ws, fs) if path.is_file() else None
-        if prov is None:  # a manifest with only error rows still creates a described featureset
-            prov = _write_provenance(ws, fs, core, _spec_dim(core))
-        return cls(ws, fs, prov, cfg, run_id)
-
-    @classmethod
-    def open(cls, ws: Workspace, fs: str, core: dict, cfg: ExtractConfig, run_id: str) -> "_Session":
-        # Said before Keras loads (seconds of silence otherwise): the first line a user sees is ours.
-        log.info("building %s at %s px (%s weights) ...", core["backbone"], core.get("input_size"),
-                 core.get("weights_kind", core.get("weights")))
-        from imgfeat.backbones import get_backbone
-
-        spec = get_backbone(core["backbone"])
-        t0 = time.perf_counter()
-        model = build_model(spec, cfg, core)
-        build_seconds = time.perf_counter() - t0
-        dim = int(model.outputs[0].shape[-1])
-        path = ws.featureset_dir(fs) / PROVENANCE_FILE
-        prov = featureset_info(ws, fs) if path.is_file() else _write_provenance(ws, fs, core, dim)
-        preprocess = spec.preprocess_fn()
-        session = cls(ws, fs, prov, cfg, run_id, predict=model.predict_on_batch, preprocess=preprocess)
-        session.build_seconds = build_seconds
-        return session
-
-    def add_error(self, row: dict[str, Any]) -> None:
-        self.writer.put([], None, [row])
-
-    def run(self, items, todo: int):
-        from imgfeat.extract.runner import default_workers, prefetch_batches, run_loop
-
-        size = self.prov["input_size"]
-        dcfg = DecodeConfig((size, size), self.cfg.interpolation, self.cfg.fast_decode, self.cfg.exif)
-        workers = self.cfg.workers or default_workers()
-        batches = prefetch_batches(items, self.cfg.batch_size, dcfg, self.preprocess, self.run_id, workers)
-        return run_loop(batches, self.predict, self.writer, todo)
-
-    def close(self) -> None:
-        self.writer.close(commit=True)
-
-    def abort(self) -> None:
-        try:
-            self.writer.close(commit=False)
-        except BaseException:  # the original error is the one to report
-            pass
-
-    def shards_written(self) -> int:
-        return sum(1 for n in self.shard_writer.written if not n.startswith("errors/"))
-
-
-def _spec_dim(core: dict[str, Any]) -> int:
-    from imgfeat.backbones import get_backbone
-
-    dims = get_backbone(core["backbone"]).dims
-    return int(dims.get(core["pooling"], 0)) if core["layer"] is None else 0
-
-
-def _write_provenance(ws: Workspace, fs: str, core: dict[str, Any], dim: int) -> dict[str, Any]:
-    prov = make_provenance(core, dim)
-    assert prov["featureset"] == fs, (prov["featureset"], fs)
-    write_json_atomic(prov, ws.featureset_dir(fs) / PROVENANCE_FILE)
-    return prov
-
-
-def build_model(spec, cfg: ExtractConfig, core: dict[str, Any]):
-    """Build the backbone once, under the requested precision policy (restored afterwards)."""
-    import keras
-
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(PRECISIONS[cfg.precision])
-    try:
-        weights = core["weights_source"] if core["weights_kind"] == "file" else core["weights_kind"]
-        return spec.build(weights, core["input_size"], cfg.pooling, cfg.layer, cfg.seed)
-    finally:
-        keras.config.set_dtype_policy(previous)
+    return ExtractSummary(
+        featureset=fs, dataset=cfg.dataset, manifest_rows=tally.rows, extracted=stats.extracted,
+        reused=tally.reused, duplicates=tally.duplicates, errors_new=sum(codes.values()),
+        errors_by_code=dict(sorted(codes.items())), errors_known=tally.known_error_rows,
+        error_rows=sum(tally.scan_errors.values()) + tally.known_error_rows + failed_rows,
+        model_built=model_built, stats=stats, shards=len(sink.writer.feature_shards) + len(stats.shards),
+        batch_size=cfg.batch_size, seconds=round(seconds, 3), executor=ex.name, executor_info=ex.info(),
+    )
 
 
 # ------------------------------------------------------------------------------- single files
@@ -406,46 +459,46 @@ def extract_files(ws: Workspace, featureset: str, paths: Sequence[str | Path], r
                   wait: float | None = None) -> list[FileResult]:
     """Features for arbitrary image files, cached into an existing featureset (``imgfeat predict IMAGE``).
 
-    Files are keyed by content: one already in the featureset costs a hash, not a model call.
+    The same driver over a file todo list. Files are keyed by content: one already in the
+    featureset costs a hash, not a model call.
     """
-    cfg = config_from_provenance(featureset_info(ws, featureset))
-    core = provenance_core(cfg)
-    if _name_of(core) != featureset:
+    cfg = ExtractConfig.from_provenance(read_provenance(ws, featureset))
+    resolved = resolve_recipe(cfg)
+    if resolved.recipe.name() != featureset:
         raise ConfigError(
             f"featureset {featureset} cannot be extended here: its weights or options no longer resolve "
-            f"to the same fingerprint (now {_name_of(core)}); was its weights file replaced?"
+            f"to the same fingerprint (now {resolved.recipe.name()}); was its weights file replaced?"
         )
     probes = [(str(p), _probe(p)) for p in paths]
+    stats = LoopStats()
     with open_featureset(ws, featureset, wait) as done:
         items, new_errors = _file_todo(probes, done, run_id)
-        session = _Session.open(ws, featureset, core, cfg, run_id) if items else None
-        if session is None and new_errors:
-            session = _Session.without_model(ws, featureset, core, cfg, run_id)
-        failed: dict[str, tuple[str, str]] = {}
-        if session is not None:
-            try:
+        if items or new_errors:
+            job = ExtractJob(ws, resolved, ensure_provenance(ws, resolved), cfg.input_spec(resolved),
+                             cfg.shard_size, cfg.npy, run_id)
+            sink = _sink(job)
+            with _committing(sink):
                 for row in new_errors:
-                    session.add_error(row)
+                    sink.add_error(row)
                 if items:
-                    failed = session.run(items, len(items)).failed
-                session.close()
-            except BaseException:
-                session.abort()
-                raise
-    return _file_results(ws, featureset, probes, failed)
+                    _run_executor(make_executor(ExecutorConfig()), job, items, len(items), sink, stats)
+    return _file_results(ws, featureset, probes, stats.failed)
 
 
 def _probe(path: str | Path):
     from PIL import Image
 
-    from imgfeat.scan.probe import probe_file
+    from imgfeat.extract.decode import ReadError, open_regular_file
+    from imgfeat.scan.probe import Probe, probe_file
 
+    try:  # a FIFO or device given as a file must not hang the probe's plain open()
+        open_regular_file(path).close()
+    except ReadError as exc:
+        return Probe(None, S.STATUS_UNREADABLE, exc.message)
     return probe_file(str(path), int(Image.MAX_IMAGE_PIXELS or 2**62))
 
 
 def _file_todo(probes, done: DoneSets, run_id: str):
-    from imgfeat.extract.runner import Item
-
     items, errors, seen = [], [], set()
     for path, pr in probes:
         key = pr.image_id or Path(path).absolute().as_posix()

@@ -1,8 +1,10 @@
-"""Reading featuresets: provenance, committed ids, and feature matrices for the heads."""
+"""Reading featuresets: provenance, shards that carry it, committed ids, feature matrices; the layout migration."""
 
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,8 +18,14 @@ from imgfeat.core import schemas as S
 from imgfeat.core.errors import ImgfeatError, unknown_value
 from imgfeat.core.storage import column_values, list_shards, read_shards
 from imgfeat.core.workspace import Workspace
+from imgfeat.extract.recipe import Provenance
+from imgfeat.extract.shards import FeaturesetDirs, sidecar_name
+
+log = logging.getLogger(__name__)
 
 PROVENANCE_FILE = "_featureset.json"
+OLD_ERRORS_DIR = "errors"  # the first layout kept side files inside the featureset folder
+OLD_LOCK = ".lock"
 
 
 def featureset_info(ws: Workspace, featureset: str) -> dict[str, Any]:
@@ -44,12 +52,44 @@ def featureset_info(ws: Workspace, featureset: str) -> dict[str, Any]:
     return info
 
 
+def read_provenance(ws: Workspace, featureset: str) -> Provenance:
+    """The typed provenance of a featureset; exit 2 if it does not exist."""
+    return Provenance.from_json(featureset_info(ws, featureset))
+
+
 def feature_shards(ws: Workspace, featureset: str) -> list[Path]:
-    return list_shards(ws.featureset_dir(featureset))
+    """Committed shards that carry this featureset's provenance; any other is left out, with a warning."""
+    shards = list_shards(ws.featureset_dir(featureset))
+    if not shards:
+        return []
+    info = featureset_info(ws, featureset)
+    want = (info.get("featureset"), info.get("fingerprint"))
+    ok = [p for p in shards if _shard_identity(p) == want]
+    if len(ok) < len(shards):
+        foreign = sorted(set(shards) - set(ok))
+        log.warning("ignoring %d shard(s) in %s that do not carry its provenance (first: %s)",
+                    len(foreign), ws.featureset_dir(featureset), foreign[0].name)
+    return ok
+
+
+def _shard_identity(path: Path) -> tuple[str | None, str | None]:
+    try:
+        meta = pq.read_metadata(path).metadata or {}
+        prov = json.loads(meta.get(S.META_PROVENANCE, b"{}"))
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        raise ImgfeatError(f"cannot read the footer of {path} ({exc}); move the file away and rerun") from None
+    return (prov.get("featureset"), prov.get("fingerprint")) if isinstance(prov, dict) else (None, None)
+
+
+def sidecar_of(ws: Workspace, featureset: str, shard: Path) -> Path:
+    """The ``--npy`` sidecar of a feature shard (same rows, same order)."""
+    return ws.featureset_npy_dir(featureset) / sidecar_name(Path(shard).name)
 
 
 def error_shards(ws: Workspace, featureset: str) -> list[Path]:
-    return list_shards(ws.featureset_errors_dir(featureset))
+    """Error shards; a folder of the first layout (not yet migrated by a writer) is read where it is."""
+    old = ws.featureset_dir(featureset) / OLD_ERRORS_DIR
+    return list_shards(ws.featureset_errors_dir(featureset)) + list_shards(old)
 
 
 def committed_ids(ws: Workspace, featureset: str) -> set[str]:
@@ -58,8 +98,39 @@ def committed_ids(ws: Workspace, featureset: str) -> set[str]:
 
 
 def errored_ids(ws: Workspace, featureset: str) -> set[str]:
-    """image_ids that already ended as an error row in this featureset."""
-    return set(column_values(error_shards(ws, featureset), S.IMAGE_ID))
+    """image_ids that ended as an error row in this featureset and have no feature row (a read
+    failure that a later run retried successfully is history, not an error)."""
+    return set(column_values(error_shards(ws, featureset), S.IMAGE_ID)) - committed_ids(ws, featureset)
+
+
+def migrate_layout(ws: Workspace, featureset: str) -> None:
+    """Bring a featureset of the first layout up to date (call with its lock held): error shards from
+    ``<fs>/errors/`` and sidecars from ``<fs>/`` to their folders beside it, the old lock file out;
+    and drop sidecars whose shard is gone (a sidecar never survives without its shard)."""
+    dirs = FeaturesetDirs.of(ws, featureset)
+    if not dirs.features.is_dir():
+        return
+    old = dirs.features / OLD_ERRORS_DIR
+    moved = _move_all(list(old.iterdir()) if old.is_dir() else [], dirs.errors)
+    moved += _move_all(list(dirs.features.glob("part-*.npy")), dirs.npy)
+    if old.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+    (dirs.features / OLD_LOCK).unlink(missing_ok=True)
+    if moved:
+        log.info("moved %d side file(s) of featureset %s out of its folder", moved, featureset)
+    if dirs.npy.is_dir():
+        shards = {sidecar_name(p.name) for p in list_shards(dirs.features)}
+        for p in dirs.npy.glob("part-*.npy"):
+            if p.name not in shards:
+                log.warning("removing %s: its shard was never committed", p)
+                p.unlink()
+
+
+def _move_all(paths: list[Path], folder: Path) -> int:
+    for p in paths:
+        folder.mkdir(parents=True, exist_ok=True)
+        p.replace(folder / p.name)
+    return len(paths)
 
 
 def read_errors(ws: Workspace, featureset: str) -> pa.Table:

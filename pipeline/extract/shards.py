@@ -1,11 +1,12 @@
-"""Feature and error shards of a featureset: table building (pure) and committed writes."""
+"""Feature and error shards of a featureset: table building (pure), committed writes, the writer thread."""
 
 from __future__ import annotations
 
-import json
 import logging
+import queue
+import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,16 +15,20 @@ import pyarrow as pa
 
 from imgfeat.core import schemas as S
 from imgfeat.core.storage import atomic_path, shard_name, write_table_atomic
+from imgfeat.core.workspace import Workspace
+from imgfeat.extract.recipe import Provenance
 
 log = logging.getLogger(__name__)
 
+WRITE_QUEUE_BATCHES = 4  # bounded: a slow disk slows the model down instead of filling memory
 
-def features_table(ids: Sequence[str], X: np.ndarray, dtype: str, provenance: dict[str, Any]) -> pa.Table:
-    """(n,) ids and an (n, dim) matrix -> the features table, provenance in its footer."""
+
+def features_table(ids: Sequence[str], X: np.ndarray, dtype: str, footer: str) -> pa.Table:
+    """(n,) ids and an (n, dim) matrix -> the features table, the provenance JSON in its footer."""
     dim = int(X.shape[1])
     values = pa.array(np.ascontiguousarray(X, dtype=np.dtype(dtype)).reshape(-1))
     feature = pa.FixedSizeListArray.from_arrays(values, dim)
-    schema = S.features_schema(dim, dtype).with_metadata({S.META_PROVENANCE: json.dumps(provenance, sort_keys=True)})
+    schema = S.features_schema(dim, dtype).with_metadata({S.META_PROVENANCE: footer})
     return pa.Table.from_arrays([pa.array(list(ids), pa.string()), feature], schema=schema)
 
 
@@ -37,29 +42,52 @@ def error_row(image_id: str | None, path: str | None, stage: str, code: str, mes
             S.ERROR_MESSAGE: message, S.RUN_ID: run_id}
 
 
-@dataclass
-class ShardWriter:
-    """Buffers rows and commits ``part-<run>-<seq>`` shards of ``shard_size`` rows.
+ERRORS_TAG = "errors"  # how ShardWriter.written names an error shard
 
-    A feature shard is committed NPY sidecar first, then Parquet, so a committed Parquet
-    always has its sidecar; readers list only ``part-*.parquet``, never a ``.tmp``.
+
+@dataclass(frozen=True)
+class FeaturesetDirs:
+    """Where a featureset's tables live: features (only), error rows, NPY sidecars."""
+
+    features: Path
+    errors: Path
+    npy: Path
+
+    @classmethod
+    def of(cls, ws: Workspace, featureset: str) -> "FeaturesetDirs":
+        return cls(ws.featureset_dir(featureset), ws.featureset_errors_dir(featureset),
+                   ws.featureset_npy_dir(featureset))
+
+    def all(self) -> tuple[Path, Path, Path]:
+        return (self.features, self.errors, self.npy)
+
+
+class ShardWriter:
+    """Buffers rows and commits ``part-<tag>-<seq>`` shards of ``shard_size`` rows.
+
+    A feature shard is committed Parquet first, then its NPY sidecar, so a sidecar never exists
+    without its shard. ``start_seq`` numbers the first shard (an executor that names shards by
+    position uses it to make retries idempotent).
     """
 
-    folder: Path
-    run_id: str
-    provenance: dict[str, Any]
-    shard_size: int
-    npy: bool = False
-    _ids: list[str] = field(default_factory=list)
-    _rows: list[np.ndarray] = field(default_factory=list)
-    _errors: list[dict[str, Any]] = field(default_factory=list)
-    _seq: int = 0
-    _err_seq: int = 0
-    written: list[str] = field(default_factory=list)
+    def __init__(self, dirs: FeaturesetDirs, tag: str, provenance: Provenance, shard_size: int,
+                 npy: bool = False, start_seq: int = 0) -> None:
+        self.dirs, self.folder, self.tag, self.provenance = dirs, dirs.features, tag, provenance
+        self.shard_size, self.npy = shard_size, npy
+        self._footer = provenance.footer()
+        self._ids: list[str] = []
+        self._rows: list[np.ndarray] = []
+        self._errors: list[dict[str, Any]] = []
+        self._seq = self._err_seq = start_seq
+        self.written: list[str] = []
 
     @property
     def dtype(self) -> str:
-        return self.provenance["dtype"]
+        return self.provenance.recipe.dtype
+
+    @property
+    def feature_shards(self) -> list[str]:
+        return [n for n in self.written if not n.startswith(ERRORS_TAG + "/")]
 
     def add_features(self, ids: Sequence[str], X: np.ndarray) -> None:
         self._ids.extend(ids)
@@ -81,18 +109,13 @@ class ShardWriter:
     def _commit_features(self, n: int) -> None:
         ids, X = self._ids[:n], np.stack(self._rows[:n])
         del self._ids[:n], self._rows[:n]
-        name = shard_name(self.run_id, self._seq)
+        name = shard_name(self.tag, self._seq)
         self._seq += 1
-        sidecar = self.folder / name.replace(".parquet", ".npy")
-        if self.npy:
-            with atomic_path(sidecar) as tmp:
+        write_table_atomic(features_table(ids, X, self.dtype, self._footer), self.folder / name)
+        if self.npy:  # after its shard: a crash in between leaves a shard without sidecar, never the reverse
+            with atomic_path(self.dirs.npy / sidecar_name(name)) as tmp:
                 with open(tmp, "wb") as fh:
                     np.save(fh, X.astype(np.dtype(self.dtype)))
-        try:
-            write_table_atomic(features_table(ids, X, self.dtype, self.provenance), self.folder / name)
-        except BaseException:
-            sidecar.unlink(missing_ok=True)  # a sidecar without its Parquet would be an orphan
-            raise
         self.written.append(name)
         log.debug("committed %s (%d rows)", name, n)
         # Error rows seen so far go out with each feature shard, so a crash loses little of either.
@@ -101,8 +124,61 @@ class ShardWriter:
     def _commit_errors(self) -> None:
         if not self._errors:
             return
-        name = shard_name(self.run_id, self._err_seq)
+        name = shard_name(self.tag, self._err_seq)
         self._err_seq += 1
-        write_table_atomic(errors_table(self._errors), self.folder / "errors" / name)
+        write_table_atomic(errors_table(self._errors), self.dirs.errors / name)
         self._errors = []
-        self.written.append("errors/" + name)
+        self.written.append(f"{ERRORS_TAG}/{name}")
+
+
+def sidecar_name(shard: str) -> str:
+    return shard[: -len(".parquet")] + ".npy"
+
+
+class ShardSink:
+    """Runs a ShardWriter off the model's thread; errors surface in the caller on put/close."""
+
+    def __init__(self, writer: ShardWriter) -> None:
+        self.writer = writer
+        self._q: queue.Queue = queue.Queue(maxsize=WRITE_QUEUE_BATCHES)
+        self._exc: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="imgfeat-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (job := self._q.get()) is not None:
+            if self._exc is not None:
+                continue  # drain after a failure so the producer never blocks for ever
+            try:
+                ids, X, errors = job
+                if errors:
+                    self.writer.add_errors(errors)
+                if ids:
+                    self.writer.add_features(ids, X)
+            except BaseException as exc:  # re-raised on the model thread
+                self._exc = exc
+
+    def put(self, ids: list[str], X: np.ndarray | None, errors: list[dict[str, Any]]) -> None:
+        self._raise()
+        self._q.put((ids, X, errors))
+
+    def add_error(self, row: dict[str, Any]) -> None:
+        self.put([], None, [row])
+
+    def close(self, commit: bool = True) -> None:
+        """Stop the thread; with ``commit`` flush the last partial shard (not after a failure)."""
+        self._q.put(None)
+        self._thread.join()
+        self._raise()
+        if commit:
+            self.writer.flush()
+
+    def abort(self) -> None:
+        try:
+            self.close(commit=False)
+        except BaseException:  # the original error is the one to report
+            pass
+
+    def _raise(self) -> None:
+        if self._exc is not None:
+            raise self._exc

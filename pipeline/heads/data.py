@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ import pyarrow as pa
 from sklearn.model_selection import train_test_split
 
 from imgfeat.core import schemas as S
+from imgfeat.core.hashing import canonical_json  # noqa: F401  (heads.train imports it from here)
 from imgfeat.core.errors import ConfigError
 from imgfeat.extract.featureset import committed_ids
 from imgfeat.scan.manifest import read_manifest
@@ -206,7 +206,3 @@ def describe(rows: LabelledRows) -> dict[str, Any]:
         "classes": rows.classes,
         "left_out": dict(rows.left_out),
     }
-
-
-def canonical_json(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)

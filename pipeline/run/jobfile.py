@@ -18,6 +18,9 @@ from imgfeat.core.workspace import check_name
 
 EXECUTORS = ("local", "ray")
 SECTIONS = ("run", "datasets", "features", "heads", "indexes")
+# [run] keys that configure the extract executor (ExecutorConfig fields, after EXECUTOR_FIELDS).
+EXECUTOR_KEYS = ("workers", "ray_actors", "ray_address", "gpus_per_worker")
+EXECUTOR_FIELDS = {"ray_actors": "actors", "ray_address": "address"}
 # Config fields holding paths: relative values are resolved against the job file's folder.
 PATH_KEYS = ("root", "labels_csv")
 
@@ -48,7 +51,8 @@ FIELD_TYPES: dict[Any, KeyType] = {bool: BOOL, int: INT, float: NUMBER, str: TEX
 
 # Keys that are not fields of a stage config, per section (extend here for new sections/keys).
 JOB_KEY_TYPES: dict[str, dict[str, KeyType]] = {
-    "run": {"max_error_rate": NUMBER, "executor": TEXT, "wait": SECONDS, "workspace": PATH},
+    "run": {"max_error_rate": NUMBER, "executor": TEXT, "wait": SECONDS, "workspace": PATH,
+            "workers": INT, "ray_actors": INT, "ray_address": TEXT, "gpus_per_worker": NUMBER},
     "features": {"datasets": NAMES},
     "heads": {"dataset": TEXT, "features": TEXT, "predict": NAMES, "report": BOOL},
     "indexes": {"features": TEXT, "datasets": NAMES},
@@ -101,6 +105,7 @@ class JobSpec:
     extra: dict[str, Any] = field(default_factory=dict)
     indexes: tuple[IndexJob, ...] = ()
     trust_pickle: bool = False  # --trust-pickle: old joblib heads may be loaded (never from the file)
+    executor_options: dict[str, Any] = field(default_factory=dict)  # ExecutorConfig fields from [run]
 
 
 def load_job(path: Path, overrides: tuple[str, ...] = (), workspace: Path | None = None) -> JobSpec:
@@ -167,7 +172,9 @@ def parse_job(doc: dict[str, Any], base: Path, source: str, workspace: Path | No
     if rate is not None and not (isinstance(rate, (int, float)) and 0 <= rate <= 1):
         raise ConfigError(f"[run] max_error_rate must be a number from 0 to 1, got {rate!r}")
     indexes = tuple(_index_job(n, o, features) for n, o in _tables(doc, "indexes").items())
-    return JobSpec(source, datasets, features, heads, rate, executor, run.get("wait"), ws_text, indexes=indexes)
+    options = {EXECUTOR_FIELDS.get(k, k): run[k] for k in EXECUTOR_KEYS if k in run}
+    return JobSpec(source, datasets, features, heads, rate, executor, run.get("wait"), ws_text, indexes=indexes,
+                   executor_options=options)
 
 
 def _tables(doc: dict[str, Any], section: str) -> dict[str, dict[str, Any]]:

@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 
 from imgfeat.core import names
 from imgfeat.core import schemas as S
-from imgfeat.core.errors import ConfigError, ErrorRateExceeded
+from imgfeat.core.errors import ConfigError
 from imgfeat.run.jobfile import FeatureJob, HeadJob, IndexJob, JobSpec, build_config
 from imgfeat.run.summary import ErrorRate, RunSummary, stage_json, stage_value
 from imgfeat.core.storage import WAIT_HINT, FileLock
@@ -47,6 +47,13 @@ def extract_config(job: JobSpec, fjob: FeatureJob, dataset: str):
     return build_config(ExtractConfig, fjob.options, where, dataset=dataset, wait=job.wait)
 
 
+def executor_config(job: JobSpec):
+    """[run] executor and its options (workers, ray_actors, ray_address, gpus_per_worker)."""
+    from imgfeat.extract.executors import ExecutorConfig
+
+    return ExecutorConfig(name=job.executor, **job.executor_options)
+
+
 def train_config(job: JobSpec, hjob: HeadJob, featureset: str):
     from imgfeat.heads import TrainConfig
 
@@ -65,6 +72,7 @@ def check_job(job: JobSpec) -> None:
     """Build every stage config up front, so a typo fails before any work is done."""
     for name in job.datasets:
         scan_config(job, name)
+    executor_config(job)
     for fjob in job.features:
         for dataset in fjob.datasets:
             extract_config(job, fjob, dataset)
@@ -163,13 +171,9 @@ def _extract_all(ws: Workspace, job: JobSpec, run_id: str, summary: RunSummary) 
 
 
 def _extract_one(ws: Workspace, job: JobSpec, cfg, run_id: str) -> Any:
-    if job.executor == "ray":
-        from imgfeat.extract.ray_executor import RayConfig, run_extract_ray
-
-        return run_extract_ray(ws, cfg, RayConfig(), run_id)
     from imgfeat.extract.extract import run_extract
 
-    return run_extract(ws, cfg, run_id)
+    return run_extract(ws, cfg, run_id, executor_config(job))
 
 
 def _train_all(ws: Workspace, job: JobSpec, featuresets: dict, run_id: str, summary: RunSummary) -> dict[str, str]:
@@ -243,13 +247,6 @@ def _check_error_rate(ws: Workspace, job: JobSpec, featuresets: dict, summary: R
     rates = summary.error_rates
     for (fname, dataset), fs in featuresets.items():
         rates[f"{fname}/{dataset}"] = ErrorRate(*error_rate(ws, dataset, fs))
-    if job.max_error_rate is None:
-        return
-    over = {k: v for k, v in rates.items() if v.rate > job.max_error_rate}
-    if over:
-        key, worst = max(over.items(), key=lambda kv: kv[1].rate)
-        raise ErrorRateExceeded(
-            f"{worst.errors} of {worst.images} images ({worst.rate:.1%}) in "
-            f"{key} ended as error rows, over --max-error-rate {job.max_error_rate:g}; "
-            "everything was still written (see the errors tables)"
-        )
+    from imgfeat.extract.extract import check_error_rate
+
+    check_error_rate({k: (v.errors, v.images) for k, v in rates.items()}, job.max_error_rate)

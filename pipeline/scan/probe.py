@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import hashlib
 import io
 import os
 import stat
@@ -12,6 +11,7 @@ from dataclasses import dataclass
 from PIL import Image, UnidentifiedImageError
 
 from imgfeat.core import schemas as S
+from imgfeat.core.hashing import content_hasher
 
 # Extensions probed by default (compared lower-case). Other files are skipped unless the
 # scan keeps non-images; either way Pillow, not the extension, decides what is an image.
@@ -63,7 +63,7 @@ def probe_file(path: str, max_pixels: int) -> Probe:
 
 def _read_and_hash(path: str) -> tuple[str, int, bytes | None, bytes]:
     """(BLAKE2b-128 hex, size, the bytes when small else None, the last TAIL_BYTES)."""
-    h = hashlib.blake2b(digest_size=16)
+    h = content_hasher()
     with open(path, "rb", opener=_open_nonblocking) as fh:
         _check_regular(fh)
         data = fh.read(WHOLE_READ_BYTES + 1)

@@ -151,14 +151,13 @@ def _report(cfg: BenchConfig, n: int, runs: dict[str, list[dict[str, Any]]]) -> 
 
 
 def _build(spec: dict[str, Any]):
-    from imgfeat.backbones import get_backbone
-    from imgfeat.extract.extract import ExtractConfig, build_model, provenance_core
+    from imgfeat.extract.extract import ExtractConfig, build_model
+    from imgfeat.extract.recipe import resolve_recipe
 
     cfg = ExtractConfig(dataset=BENCH_DATASET, backbone=spec["backbone"], weights=spec["weights"],
                         input_size=spec["input_size"], precision=spec["precision"])
-    core = provenance_core(cfg)
-    backbone = get_backbone(cfg.backbone)
-    return backbone, build_model(backbone, cfg, core), core["input_size"]
+    resolved = resolve_recipe(cfg)
+    return resolved.spec, build_model(resolved, cfg.precision), resolved.recipe.input_size
 
 
 def forward_main(spec: dict[str, Any]) -> None:

@@ -1,21 +1,23 @@
-"""Synthetic labelled featuresets (class-dependent Gaussian blobs) written exactly as extract writes them: for tests and benchmarks."""
+"""Synthetic labelled featuresets (class-dependent Gaussian blobs) written exactly as extract writes them: test-only code."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 
 from imgfeat.core import schemas as S
-from imgfeat.extract.featureset import PROVENANCE_FILE
-from imgfeat.scan.manifest import write_manifest
-from imgfeat.core.storage import shard_name, write_json_atomic, write_table_atomic
+from imgfeat.core.hashing import content_id
+from imgfeat.core.storage import write_json_atomic
 from imgfeat.core.workspace import Workspace
+from imgfeat.extract.featureset import PROVENANCE_FILE, feature_shards
+from imgfeat.extract.recipe import Provenance, Recipe, WeightsId, WeightsSource
+from imgfeat.extract.shards import FeaturesetDirs, ShardWriter
+from imgfeat.scan.manifest import write_manifest
+
+SYNTHETIC = "synthetic"  # the backbone name of a synthetic featureset
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,7 @@ def blob_features(spec: BlobSpec) -> tuple[list[str], np.ndarray, np.ndarray]:
 
 
 def fake_image_id(dataset: str, k: int) -> str:
-    return hashlib.blake2b(f"{dataset}/{k}".encode(), digest_size=16).hexdigest()
+    return content_id(f"{dataset}/{k}".encode())
 
 
 def write_blob_dataset(ws: Workspace, dataset: str, featureset: str, spec: BlobSpec = BlobSpec(),
@@ -66,19 +68,20 @@ def write_blob_dataset(ws: Workspace, dataset: str, featureset: str, spec: BlobS
     return ids
 
 
+def synthetic_provenance(featureset: str, dim: int, dtype: str = "float16") -> Provenance:
+    """The typed provenance extract would write, for a featureset of made-up vectors."""
+    recipe = Recipe(SYNTHETIC, WeightsId(None, 0, "none"), 0, "avg", None, "bilinear", False, "rotate",
+                    "float32", dtype)
+    return Provenance(recipe, WeightsSource("none", None, 0), dim, None, None, None, featureset)
+
+
 def write_featureset(ws: Workspace, featureset: str, ids: Sequence[str], X: np.ndarray,
                      dtype: str = "float16", shard_rows: int = 1024, run_id: str = "synthetic") -> None:
-    """Provenance first, then ``part-<run>-<seq>.parquet`` shards of features_schema(dim)."""
+    """Provenance first, then ``part-<run>-<seq>.parquet`` shards, through extract's own ShardWriter."""
     folder = ws.featureset_dir(featureset)
-    dim = int(X.shape[1])
-    info = {"name": featureset, "backbone": "synthetic", "dim": dim, "dtype": dtype, "pooling": "avg",
-            "weights": "none", "input_size": None}
-    write_json_atomic(info, folder / PROVENANCE_FILE)
-    schema = S.features_schema(dim, dtype).with_metadata({S.META_PROVENANCE: json.dumps(info)})
-    existing = len(list(folder.glob("part-*.parquet")))
-    for seq, start in enumerate(range(0, len(ids), shard_rows), start=existing):
-        chunk = X[start : start + shard_rows].astype(dtype)
-        values = pa.array(chunk.ravel(), S.STORAGE_DTYPES[dtype])
-        table = pa.table({S.IMAGE_ID: pa.array(ids[start : start + shard_rows], pa.string()),
-                          S.FEATURE: pa.FixedSizeListArray.from_arrays(values, dim)}, schema=schema)
-        write_table_atomic(table, folder / shard_name(run_id, seq))
+    prov = synthetic_provenance(featureset, int(X.shape[1]), dtype)
+    write_json_atomic(prov.to_json(), folder / PROVENANCE_FILE)
+    writer = ShardWriter(FeaturesetDirs.of(ws, featureset), run_id, prov, shard_rows,
+                         start_seq=len(feature_shards(ws, featureset)))
+    writer.add_features(list(ids), X)
+    writer.flush()

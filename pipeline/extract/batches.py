@@ -1,0 +1,107 @@
+"""The input mapper every executor shares: todo items -> verified decode -> one fixed-shape padded batch."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from imgfeat.core import schemas as S
+from imgfeat.core.hashing import content_id
+from imgfeat.extract.decode import DEFAULT_MAX_FILE_BYTES, DecodeConfig, DecodeError, decode_bytes, read_file_bytes
+from imgfeat.extract.shards import error_row
+
+STAGE_DECODE = "decode"
+STAGE_READ = "read"  # the file could not be read: retried by the next run (decode failures are final)
+CHANGED_SINCE_SCAN = "changed_since_scan"
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image to extract: its content id and the absolute path to read it from."""
+
+    image_id: str
+    path: str
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How an executor turns items into model inputs (picklable: it travels to Ray workers)."""
+
+    dcfg: DecodeConfig
+    batch_size: int
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+
+
+@dataclass
+class Batch:
+    """A fixed-shape uint8 model input: the first ``len(ids)`` rows are real, the rest are padding."""
+
+    ids: list[str]
+    raw: np.ndarray
+    errors: list[dict[str, Any]]
+    decode_seconds: float
+    x: np.ndarray | None = None  # the preprocessed float32 input, when made off the model's thread
+
+
+def decode_item(item: Item, spec: InputSpec) -> np.ndarray:
+    """Read, verify and decode one file: the bytes must still hash to the manifest's image_id."""
+    data = read_file_bytes(item.path, spec.max_file_bytes)
+    if content_id(data) != item.image_id:
+        raise DecodeError(CHANGED_SINCE_SCAN, f"{item.path}: the file's bytes changed since the scan "
+                          "(rescan the dataset to extract its new content)")
+    return decode_bytes(data, spec.dcfg, name=item.path)
+
+
+def decode_error_row(item: Item, exc: DecodeError, run_id: str) -> dict[str, Any]:
+    stage = STAGE_READ if exc.transient else STAGE_DECODE
+    return error_row(item.image_id, item.path, stage, exc.code, exc.message, run_id)
+
+
+def make_batch(items: list[Item], spec: InputSpec, run_id: str) -> Batch:
+    """The pure mapper of the input side: files -> one zero-padded uint8 batch plus error rows."""
+    t0 = time.perf_counter()
+    h, w = spec.dcfg.size
+    raw = np.zeros((spec.batch_size, h, w, 3), dtype=np.uint8)
+    ids: list[str] = []
+    errors: list[dict[str, Any]] = []
+    for item in items:
+        try:
+            raw[len(ids)] = decode_item(item, spec)
+            ids.append(item.image_id)
+        except DecodeError as exc:
+            errors.append(decode_error_row(item, exc, run_id))
+    return Batch(ids, raw, errors, time.perf_counter() - t0)
+
+
+def model_input(raw: np.ndarray, preprocess: Callable[[np.ndarray], Any]) -> np.ndarray:
+    """uint8 (B, H, W, 3) -> the family's preprocess_input on a float32 copy (it may work in place)."""
+    return np.asarray(preprocess(raw.astype(np.float32)), dtype=np.float32)
+
+
+def pad_rows(pixels: np.ndarray, batch_size: int) -> np.ndarray:
+    """Zero-pad (n, H, W, 3) to (batch_size, H, W, 3): one traced shape for every model call."""
+    if len(pixels) == batch_size:
+        return pixels
+    out = np.zeros((batch_size, *pixels.shape[1:]), dtype=pixels.dtype)
+    out[:len(pixels)] = pixels
+    return out
+
+
+def chunked(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
+    chunk: list[Item] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def failed_of(errors: Iterable[dict[str, Any]]) -> dict[str, tuple[str, str]]:
+    """image_id -> (code, message) of error rows."""
+    return {r[S.IMAGE_ID]: (r[S.ERROR_CODE], r[S.ERROR_MESSAGE]) for r in errors}

@@ -1,0 +1,140 @@
+"""The executor interface: an ExtractJob and todo items in, reports of committed work out (local threads or Ray)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+from imgfeat.core.errors import ConfigError, unknown_value
+from imgfeat.core.workspace import Workspace
+from imgfeat.extract.batches import InputSpec, Item
+from imgfeat.extract.recipe import Provenance, Resolved
+
+EXECUTORS = ("local", "ray")
+PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExecutorConfig:
+    """Where the model runs and how wide. ``workers``: decoders, on every executor (threads here,
+    default the CPU count; concurrent decode tasks on Ray, default as many as fit). Ray only:
+    ``actors`` backbone actors (default one per GPU, or one per node without GPUs), ``address``,
+    ``gpus_per_worker`` and ``cpus_per_worker`` (per backbone actor)."""
+
+    name: str = "local"
+    workers: int | None = None
+    actors: int | None = None
+    address: str | None = None
+    gpus_per_worker: float | None = None
+    cpus_per_worker: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.name not in EXECUTORS:
+            raise unknown_value("executor", str(self.name), EXECUTORS)
+        for key in ("workers", "actors"):
+            w = getattr(self, key)
+            if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1):
+                raise ConfigError(f"{key} must be a positive integer, got {w!r}")
+        a = self.address
+        if a is not None and not (isinstance(a, str) and (a in ("auto", "local") or a.startswith("ray://")
+                                                          or _host_port(a))):
+            raise ConfigError(f"invalid Ray address {a!r}: use 'auto', 'local', 'ray://HOST:PORT' or HOST:PORT")
+        g, c = self.gpus_per_worker, self.cpus_per_worker
+        if g is not None and not (_is_number(g) and g >= 0):
+            raise ConfigError(f"gpus per worker must be a number, 0 or more, got {g!r}")
+        if not (_is_number(c) and c > 0):
+            raise ConfigError(f"cpus per worker must be a number more than 0, got {c!r}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _host_port(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    return bool(host) and port.isdigit()
+
+
+@dataclass(frozen=True)
+class ExtractJob:
+    """What an executor needs to build its model and write shards: builders, not built objects."""
+
+    ws: Workspace
+    resolved: Resolved
+    provenance: Provenance
+    inputs: InputSpec
+    shard_size: int
+    npy: bool
+    run_id: str
+
+    @property
+    def featureset(self) -> str:
+        return self.provenance.featureset
+
+
+@dataclass
+class BatchReport:
+    """What one unit of executor work committed or handed to the writer."""
+
+    extracted: int
+    errors: list[dict[str, Any]] = field(default_factory=list)  # decode / read error rows
+    model_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    input_wait_seconds: float = 0.0  # the model idle before this batch: the pipeline's stall time
+    build_seconds: float = 0.0  # a model build paid before this batch
+    shard: str | None = None  # a shard the executor committed itself (Ray)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Executor(Protocol):
+    """Runs the backbone over todo items; the driver holds the lock and writes provenance and scan errors."""
+
+    name: str
+
+    def run(self, job: ExtractJob, items: Iterable[Item], sink: Any) -> Iterator[BatchReport]:
+        """Yield one report per batch; ``sink.put(ids, X, errors)`` commits rows in order (local)."""
+        ...
+
+    def info(self) -> dict[str, Any]:
+        """Executor-specific figures for the summary (e.g. the Ray pool plan)."""
+        ...
+
+
+def make_executor(cfg: ExecutorConfig) -> Executor:
+    if cfg.name == "ray":
+        from imgfeat.extract.executors.ray import RayExecutor
+
+        return RayExecutor(cfg)
+    from imgfeat.extract.executors.local import LocalExecutor
+
+    return LocalExecutor(cfg)
+
+
+def build_model(resolved: Resolved, precision: str):
+    """Build the backbone once, under the requested precision policy (restored afterwards)."""
+    import keras
+
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(PRECISIONS[precision])
+    try:
+        r = resolved.recipe
+        return resolved.spec.build(resolved.source.build_arg(), r.input_size, r.pooling, r.layer,
+                                   resolved.source.seed, resolved_weights=resolved.ref)
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def timed_build(resolved: Resolved, precision: str):
+    # Said before Keras loads (seconds of silence otherwise): the first line a user sees is ours.
+    r = resolved.recipe
+    log.info("building %s at %d px (%s weights) ...", r.backbone, r.input_size, resolved.source.kind)
+    t0 = time.perf_counter()
+    model = build_model(resolved, precision)
+    return model, time.perf_counter() - t0

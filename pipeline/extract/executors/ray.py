@@ -1,0 +1,360 @@
+"""The Ray executor: todo rows -> CPU decode tasks -> backbone actors that commit their own shards.
+
+The extract driver does what it does for every executor before and after the model: it holds
+the featureset lock for the whole run, writes the provenance, walks the manifest against the
+committed ids (resume) and writes the scan-error rows. Only the todo list goes to Ray:
+
+    todo rows --map_batches(decode_rows, CPU tasks)--> uint8 pixels + decode errors
+              --map_batches(ShardActor, actor pool, one per GPU)--> one committed shard per batch
+
+Why retries cannot duplicate or lose rows: every todo row carries its position in the
+todo list, and an actor names the shard it writes after the first position of its batch
+(``part-<run>-ray-<first>.parquet``). Batches partition the rows, so names never collide;
+a batch retried after an actor dies is the same batch (Ray re-runs the task on the same
+input blocks), so it rewrites the same name with the same rows through ``os.replace``.
+A shard is committed only after all its rows are computed, so a crash leaves either the
+whole shard or nothing. The driver still audits the outcome (every todo id ends as a
+feature or an error row, no id twice in this run's shards) and fails the run otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from imgfeat.core import schemas as S
+from imgfeat.core.errors import ConfigError, ImgfeatError
+from imgfeat.core.storage import column_values, list_shards, shard_name
+from imgfeat.core.workspace import Workspace
+from imgfeat.extract.batches import InputSpec, Item, decode_error_row, decode_item, model_input, pad_rows
+from imgfeat.extract.decode import DecodeError
+from imgfeat.extract.executors import BatchReport, ExecutorConfig, ExtractJob, timed_build
+from imgfeat.extract.featureset import committed_ids, errored_ids
+from imgfeat.extract.shards import FeaturesetDirs, ShardWriter
+
+log = logging.getLogger(__name__)
+
+NEEDS_RAY = "--executor ray needs Ray: pip install 'imgfeat[ray]'"
+SHARD_TAG = "ray"  # part-<run>-ray-<first todo position>.parquet
+ENV_FAULT = "IMGFEAT_RAY_FAULT"  # test hook, see Fault
+FAULT_ACTIONS = ("exit_before_commit", "exit_after_commit", "stop_after_one_shard")
+FAULT_EXIT_CODE = 17
+MAX_BATCH_ATTEMPTS = 3  # starts of one batch (a worker killed mid-batch restarts it) before the run fails
+SHARDS_PER_WORKER = 4  # small todo lists are cut finer so decode overlaps the model
+# Environment the workers must share with the driver so they build the same model.
+# (Not CUDA_VISIBLE_DEVICES: Ray sets it per actor from the GPUs it assigns.)
+FORWARDED_ENV = ("KERAS_BACKEND", "TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS")
+
+# Columns of the rows flowing through Ray (the shared ones come from schemas).
+ROW = "row"  # position in the todo list: names the shard, keeps retries idempotent
+PIXELS = "pixels"
+ERROR_ROW = "error_row"  # the row's error row as JSON, "" when it decoded
+DECODE_SECONDS = "decode_seconds"
+REPORT = "report"
+
+
+@dataclass(frozen=True)
+class Fault:
+    """Test-only, from ``$IMGFEAT_RAY_FAULT=<action>:<marker file>``; the marker makes it strike once.
+
+    ``exit_before_commit`` / ``exit_after_commit``: the first batch to claim the marker kills its
+    actor process there (Ray restarts the actor and retries the batch). ``stop_after_one_shard``:
+    the first batch claims the marker and commits, every later batch raises before committing,
+    so the run fails with exactly one shard written (an interrupted run, for resume tests).
+    """
+
+    action: str
+    marker: str
+
+    @classmethod
+    def from_env(cls) -> "Fault | None":
+        value = os.environ.get(ENV_FAULT)
+        if not value:
+            return None
+        action, _, marker = value.partition(":")
+        if action not in FAULT_ACTIONS or not marker:
+            raise ConfigError(f"{ENV_FAULT}={value!r}: expected '<{'|'.join(FAULT_ACTIONS)}>:<marker file>'")
+        return cls(action, marker)
+
+    def strike(self, point: str) -> None:
+        """Called at ``before_commit`` and ``after_commit`` of every batch."""
+        if self.action == "stop_after_one_shard" and point == "before_commit":
+            if not self._claim():
+                raise ImgfeatError("test fault: the run stops after one shard")
+        elif self.action == f"exit_{point}" and self._claim():
+            log.warning("test fault %s: worker %d exits now", self.action, os.getpid())
+            os._exit(FAULT_EXIT_CODE)
+
+    def _claim(self) -> bool:
+        try:
+            os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            return True
+        except FileExistsError:
+            return False
+
+
+def attempts_dir(ws: Workspace, run_id: str) -> Path:
+    """Per-run attempt counters, on the workspace's (shared) filesystem so every node sees them."""
+    return ws.locks_dir / f"ray-{run_id}"
+
+
+def count_attempt(folder: Path, first: int) -> int:
+    """Record one more start of the batch named ``first``; return how many starts there were."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"batch-{first}"
+    with open(path, "ab") as fh:  # O_APPEND: one byte per start, so the size is the count
+        fh.write(b".")
+    return path.stat().st_size
+
+
+# ------------------------------------------------------------------------------- mappers (run on Ray)
+
+
+def decode_rows(batch: dict[str, np.ndarray], inputs: InputSpec, run_id: str) -> dict[str, np.ndarray]:
+    """CPU task: todo rows -> uint8 pixels at the model's size (verified against the image_id),
+    plus the error row (JSON, empty when decoded) per row."""
+    t0 = time.perf_counter()
+    h, w = inputs.dcfg.size
+    pixels = np.zeros((len(batch[ROW]), h, w, 3), dtype=np.uint8)
+    errors = []
+    for k, (image_id, path) in enumerate(zip(batch[S.IMAGE_ID], batch[S.PATH])):
+        item = Item(str(image_id), str(path))
+        try:
+            pixels[k] = decode_item(item, inputs)
+            errors.append("")
+        except DecodeError as exc:
+            errors.append(json.dumps(decode_error_row(item, exc, run_id)))
+    seconds = (time.perf_counter() - t0) / max(1, len(errors))
+    return {ROW: batch[ROW], S.IMAGE_ID: batch[S.IMAGE_ID], PIXELS: pixels,
+            ERROR_ROW: np.array(errors, dtype=object), DECODE_SECONDS: np.full(len(errors), seconds)}
+
+
+class ShardActor:
+    """A backbone actor: built once from the job, then one committed shard per batch."""
+
+    def __init__(self, job: ExtractJob, fault: "Fault | None") -> None:
+        self.model, self.build_seconds = timed_build(job.resolved, job.resolved.recipe.precision)
+        self.preprocess = job.resolved.spec.preprocess_fn()
+        self.job, self.fault = job, fault
+        self.idle_since = time.perf_counter()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        first = int(batch[ROW].min())
+        if count_attempt(attempts_dir(self.job.ws, self.job.run_id), first) > MAX_BATCH_ATTEMPTS:
+            # Ray retries a dead actor's batch for ever; a batch that keeps killing it must end the run.
+            raise ImgfeatError(f"the batch of todo rows {first}..{int(batch[ROW].max())} killed its worker "
+                               f"{MAX_BATCH_ATTEMPTS} times (first image: {batch[S.IMAGE_ID][0]})")
+        ok = batch[ERROR_ROW] == ""
+        t0 = time.perf_counter()
+        X = self.forward(batch[PIXELS][ok])
+        errors = [json.loads(e) for e in batch[ERROR_ROW][~ok]]
+        report = BatchReport(int(ok.sum()), errors, model_seconds=time.perf_counter() - t0,
+                             decode_seconds=float(batch[DECODE_SECONDS].sum()),
+                             input_wait_seconds=t0 - self.idle_since, build_seconds=self.build_seconds,
+                             shard=shard_name(f"{self.job.run_id}-{SHARD_TAG}", first))
+        self.build_seconds = 0.0
+        if self.fault:
+            self.fault.strike("before_commit")
+        self.commit(first, list(batch[S.IMAGE_ID][ok]), X, errors)
+        if self.fault:
+            self.fault.strike("after_commit")
+        self.idle_since = time.perf_counter()
+        return {REPORT: [json.dumps(report.to_json())]}
+
+    def forward(self, pixels: np.ndarray) -> np.ndarray:
+        """Run the model in fixed-shape batches of ``batch_size`` (padded), as the local executor does."""
+        n, bs = len(pixels), self.job.inputs.batch_size
+        out = np.zeros((n, self.job.provenance.dim), dtype=np.float32)
+        for start in range(0, n, bs):
+            chunk = pixels[start:start + bs]
+            x = model_input(pad_rows(chunk, bs), self.preprocess)
+            out[start:start + len(chunk)] = np.asarray(self.model.predict_on_batch(x), np.float32)[:len(chunk)]
+        return out
+
+    def commit(self, first: int, ids: list[str], X: np.ndarray, errors: list[dict[str, Any]]) -> None:
+        """Features then errors, each under the same deterministic name (so a retry overwrites)."""
+        job = self.job
+        writer = ShardWriter(FeaturesetDirs.of(job.ws, job.featureset), f"{job.run_id}-{SHARD_TAG}", job.provenance,
+                             shard_size=max(1, len(ids) + 1), npy=job.npy, start_seq=first)
+        writer.add_errors(errors)
+        if ids:
+            writer.add_features(ids, X)
+        writer.flush()
+
+
+# ------------------------------------------------------------------------------- the executor
+
+
+class RayExecutor:
+    """``--executor ray``: the whole todo list goes to a Ray Dataset; actors commit their own shards."""
+
+    name = "ray"
+
+    def __init__(self, cfg: ExecutorConfig) -> None:
+        self.cfg = cfg
+        self.ray = import_ray()
+        self.plan: dict[str, Any] = {}
+
+    def run(self, job: ExtractJob, items: Iterable[Item], sink: Any) -> Iterator[BatchReport]:
+        todo = list(items)  # the walk also hands the scan-error rows to the driver's sink
+        try:
+            with _connected(self.ray, self.cfg):
+                self.plan = plan_pool(self.ray, self.cfg, len(todo), job.inputs.batch_size, job.shard_size)
+                log.info("ray: %d image(s) in shards of %d on %d worker(s) (%s GPU, %s CPU each)", len(todo),
+                         self.plan["rows_per_shard"], self.plan["workers"], self.plan["gpus_per_worker"],
+                         self.cfg.cpus_per_worker)
+                ds = _dataset(self.ray, job, self.cfg, todo, self.plan)
+                with contextlib.closing(_reports(ds)) as reports:
+                    yield from reports
+        finally:
+            shutil.rmtree(attempts_dir(job.ws, job.run_id), ignore_errors=True)
+        self.plan["duplicate_rows"] = _audit(job, todo)
+
+    def info(self) -> dict[str, Any]:
+        # Timings are summed over actors (a restarted actor's build counts again: it was paid again).
+        return {**self.plan, "ray_address": self.cfg.address or "default"}
+
+
+def import_ray():
+    """Ray is an optional extra: without it, a usage error (exit 2) that says how to install it."""
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise ConfigError(NEEDS_RAY) from None
+    return ray
+
+
+class _connected:
+    """ray.init unless the caller already did; shut down only what we started."""
+
+    def __init__(self, ray, ray_cfg: ExecutorConfig) -> None:
+        self.ray, self.cfg, self.started = ray, ray_cfg, False
+
+    def __enter__(self) -> None:
+        if self.ray.is_initialized():
+            return
+        try:
+            self.ray.init(address=self.cfg.address, include_dashboard=False, logging_level=logging.WARNING)
+        except ConnectionError as exc:
+            if "auth" in str(exc.__cause__ or "").lower():
+                raise ConfigError(
+                    f"the Ray cluster at {self.cfg.address!r} refused this client's token: export "
+                    "RAY_AUTH_MODE=token and put the cluster's token in ~/.ray/auth_token (or $RAY_AUTH_TOKEN)"
+                ) from None
+            raise ConfigError(
+                f"no Ray cluster at {self.cfg.address!r} ({exc}); start one with 'ray start --head' "
+                "or leave --ray-address out to start a local one"
+            ) from None
+        self.started = True
+
+    def __exit__(self, *exc) -> None:
+        if self.started:
+            self.ray.shutdown()
+
+
+def plan_pool(ray, ray_cfg: ExecutorConfig, todo: int, batch_size: int, shard_size: int) -> dict[str, Any]:
+    """Actor count, GPUs per actor and rows per shard for this cluster; fail fast where Ray would hang."""
+    res = ray.cluster_resources()
+    gpus, cpus = float(res.get("GPU", 0)), float(res.get("CPU", 0))
+    per_gpu = ray_cfg.gpus_per_worker if ray_cfg.gpus_per_worker is not None else (1.0 if gpus else 0.0)
+    if per_gpu > gpus:
+        raise ConfigError(f"--gpus-per-worker {per_gpu:g}: the Ray cluster has {gpus:g} GPU(s)")
+    workers = ray_cfg.actors or (int(gpus // per_gpu) if per_gpu else _alive_nodes(ray))
+    if workers * ray_cfg.cpus_per_worker >= cpus:  # Ray would wait for ever for a CPU to decode on
+        raise ConfigError(
+            f"{workers} worker(s) x {ray_cfg.cpus_per_worker:g} CPU would take all {cpus:g} CPU(s) "
+            "of the Ray cluster and leave none for decoding; use fewer --ray-actors"
+        )
+    rows = min(shard_size, max(batch_size, math.ceil(todo / (SHARDS_PER_WORKER * workers))))
+    rows = min(shard_size, math.ceil(rows / batch_size) * batch_size)
+    workers = max(1, min(workers, math.ceil(todo / rows)))  # an actor with no shard is a wasted build
+    return {"workers": workers, "gpus_per_worker": per_gpu, "rows_per_shard": rows}
+
+
+def _alive_nodes(ray) -> int:
+    return max(1, sum(1 for n in ray.nodes() if n.get("Alive")))
+
+
+def _dataset(ray, job: ExtractJob, ray_cfg: ExecutorConfig, todo: list[Item], plan: dict[str, Any]):
+    """The lazy Ray Dataset: todo blocks -> decode tasks -> a fixed pool of backbone actors."""
+    _quiet_ray_data(ray)
+    bs, size = job.inputs.batch_size, job.provenance.recipe.input_size
+    ds = ray.data.from_arrow(_todo_blocks(todo, bs))
+    # The memory reservation is real (a batch of pixels plus the worker), and also keeps Ray from
+    # fusing decode into the actor, which would serialise decoding and the model in one process.
+    decode_mem = 256 * 2**20 + 2 * bs * size * size * 3
+    ds = ds.map_batches(decode_rows, batch_size=bs, fn_args=(job.inputs, job.run_id), num_cpus=1,
+                        memory=decode_mem, runtime_env=_worker_env(0), concurrency=ray_cfg.workers)
+    return ds.map_batches(
+        ShardActor, batch_size=plan["rows_per_shard"], fn_constructor_args=(job, Fault.from_env()),
+        compute=ray.data.ActorPoolStrategy(size=plan["workers"]), num_cpus=ray_cfg.cpus_per_worker,
+        num_gpus=plan["gpus_per_worker"], runtime_env=_worker_env(plan["gpus_per_worker"]),
+    )
+
+
+def _quiet_ray_data(ray) -> None:
+    """One progress bar (ours, on a TTY only) and no Ray Data INFO lines among the job's logs."""
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+    from ray.util.debug import log_once
+
+    log_once("ray_data_progress_manager_disabled")  # uses up Ray's "progress bars disabled" notice
+
+
+def _worker_env(gpus: float) -> dict[str, Any]:
+    """Workers build the model the driver would: same Keras backend; GPU shares grow, not grab."""
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    if 0 < gpus < 1:  # several actors per GPU: neither TensorFlow nor JAX may take all its memory
+        env.update(TF_FORCE_GPU_ALLOW_GROWTH="true", XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    return {"env_vars": env}
+
+
+def _todo_blocks(todo: list[Item], rows: int) -> list[pa.Table]:
+    table = pa.table({ROW: pa.array(range(len(todo)), pa.int64()),
+                      S.IMAGE_ID: pa.array([i.image_id for i in todo], pa.string()),
+                      S.PATH: pa.array([i.path for i in todo], pa.string())})
+    return [table.slice(start, rows) for start in range(0, len(todo), rows)]
+
+
+def _reports(ds) -> Iterator[BatchReport]:
+    rows = ds.iter_rows()
+    try:
+        for row in rows:
+            yield BatchReport(**json.loads(row[REPORT]))
+    finally:
+        # Stop the streaming executor (and its actors) now, not whenever the generator is collected,
+        # so an interrupted driver leaves no actor writing behind it.
+        close = getattr(rows, "close", None)
+        if close:
+            close()
+
+
+def _audit(job: ExtractJob, todo: list[Item]) -> int:
+    """Every todo id ended as a feature or error row (raise if one is missing); return how many ids
+    this run's shards hold twice."""
+    ws, fs = job.ws, job.featureset
+    prefix = f"part-{job.run_id}-{SHARD_TAG}-"
+    mine = [p for p in list_shards(ws.featureset_dir(fs)) if p.name.startswith(prefix)]
+    ids = column_values(mine, S.IMAGE_ID)
+    ended = committed_ids(ws, fs) | errored_ids(ws, fs)
+    missing = [i.image_id for i in todo if i.image_id not in ended]
+    if missing:
+        raise ImgfeatError(
+            f"the Ray run ended with {len(missing)} image(s) neither extracted nor errored "
+            f"(first: {missing[0]}); rerun to extract them"
+        )
+    return len(ids) - len(set(ids))

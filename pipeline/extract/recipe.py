@@ -1,0 +1,204 @@
+"""A featureset's identity: the typed recipe of its numbers, its fingerprint and name, and its provenance."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from imgfeat.core.errors import ConfigError
+from imgfeat.core.hashing import DEFAULT_SEPARATORS, canonical_json, sha256_text
+from imgfeat.extract.decode import DecodeConfig
+
+if TYPE_CHECKING:
+    from imgfeat.backbones import BackboneSpec
+    from imgfeat.backbones.weights import WeightsRef
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._]+")
+SHA_PREFIX = "sha256:"
+NONE_PREFIX = "none:"
+
+
+@dataclass(frozen=True)
+class WeightsId:
+    """The weights' part of the recipe: a file's sha256, or (random init) the seed and the backend.
+
+    A seeded random init draws different numbers on each Keras backend, so for random weights the
+    backend is part of the identity; a weights file gives the same numbers everywhere, so with a
+    file the seed and backend are None (they do not change its numbers).
+    """
+
+    sha256: str | None
+    seed: int | None = None
+    backend: str | None = None
+
+    def identity(self) -> str:
+        if self.sha256:
+            return SHA_PREFIX + self.sha256
+        return f"{NONE_PREFIX}seed={self.seed}:backend={self.backend}"
+
+    @classmethod
+    def parse(cls, identity: str) -> "WeightsId":
+        if identity.startswith(SHA_PREFIX):
+            return cls(identity[len(SHA_PREFIX):])
+        fields = dict(part.split("=", 1) for part in identity[len(NONE_PREFIX):].split(":") if "=" in part)
+        if not identity.startswith(NONE_PREFIX) or set(fields) != {"seed", "backend"}:
+            raise ConfigError(f"unreadable weights identity {identity!r} in a featureset's provenance")
+        return cls(None, int(fields["seed"]), fields["backend"])
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that changes a featureset's numbers, resolved (canonical names, weights hash).
+
+    The fingerprint hashes every field (``canonical()``), so a new field cannot be left out of it.
+    """
+
+    backbone: str
+    weights: WeightsId
+    input_size: int
+    pooling: str
+    layer: str | None
+    interpolation: str
+    fast_decode: bool  # the decode mode: full Pillow decode, or libjpeg's reduced-size draft
+    exif: str
+    precision: str
+    dtype: str  # storage dtype
+
+    def canonical(self) -> dict[str, Any]:
+        """The hashed form: every field, the weights as their identity string (today's layout)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["weights"] = self.weights.identity()
+        return out
+
+    def fingerprint(self) -> str:
+        return sha256_text(canonical_json(self.canonical(), DEFAULT_SEPARATORS))
+
+    def name(self) -> str:
+        """``<backbone>-<size>-<pooling or layer>-<dtype>-<fingerprint8>``."""
+        what = self.pooling if not self.layer else f"{_UNSAFE.sub('_', self.layer)}.{self.pooling}"
+        return "-".join((self.backbone, str(self.input_size), what, self.dtype, self.fingerprint()[:8]))
+
+    def decode_config(self) -> DecodeConfig:
+        size = self.input_size
+        return DecodeConfig((size, size), self.interpolation, self.fast_decode, self.exif)
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "Recipe":
+        kw = {f.name: obj[f.name] for f in dataclasses.fields(cls)}
+        kw["weights"] = WeightsId.parse(str(obj["weights"]))
+        return cls(**kw)
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    """How to build the weights (not their identity): imagenet, none (seeded) or a file path."""
+
+    kind: str  # "imagenet" | "none" | "file"
+    path: str | None
+    seed: int
+
+    def build_arg(self) -> str:
+        """The ``weights`` argument of BackboneSpec.build."""
+        return self.path if self.kind == "file" and self.path else self.kind
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A recipe resolved once at the edge, with what building its model needs."""
+
+    recipe: Recipe
+    source: WeightsSource
+    spec: "BackboneSpec"
+    ref: "WeightsRef"
+
+    def spec_dim(self) -> int:
+        """The feature width the registry knows (0 for a layer tap: only the built graph knows)."""
+        return 0 if self.recipe.layer is not None else int(self.spec.dims.get(self.recipe.pooling, 0))
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """``_featureset.json`` and every shard's footer: the recipe plus how and when it was made."""
+
+    recipe: Recipe
+    source: WeightsSource
+    dim: int
+    keras_version: str | None
+    backend: str | None
+    created_at: str | None
+    featureset: str
+
+    @classmethod
+    def create(cls, resolved: Resolved, dim: int) -> "Provenance":
+        import keras
+
+        return cls(resolved.recipe, resolved.source, int(dim), keras.__version__, keras.backend.backend(),
+                   _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), resolved.recipe.name())
+
+    @property
+    def fingerprint(self) -> str:
+        return self.recipe.fingerprint()
+
+    def matches_name(self) -> bool:
+        """Whether the recipe hashes to the featureset's name (an edited file does not)."""
+        return self.recipe.name() == self.featureset
+
+    def to_json(self) -> dict[str, Any]:
+        out = self.recipe.canonical()
+        out.update(weights_kind=self.source.kind, weights_source=self.source.path or self.source.kind,
+                   seed=self.source.seed, dim=self.dim, keras_version=self.keras_version,
+                   backend=self.backend, created_at=self.created_at, fingerprint=self.fingerprint,
+                   featureset=self.featureset)
+        return out
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "Provenance":
+        try:
+            recipe = Recipe.from_json(obj)
+            kind = obj.get("weights_kind") or ("none" if recipe.weights.sha256 is None else "file")
+            path = obj.get("weights_source") if kind == "file" else None
+            source = WeightsSource(kind, path, int(obj.get("seed", 0)))
+            return cls(recipe, source, int(obj["dim"]), obj.get("keras_version"), obj.get("backend"),
+                       obj.get("created_at"), str(obj["featureset"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"a featureset provenance is incomplete or malformed ({type(exc).__name__}: "
+                              f"{exc})") from None
+
+    def footer(self) -> str:
+        """The JSON stored in every shard's Parquet metadata."""
+        return json.dumps(self.to_json(), sort_keys=True)
+
+
+def resolve_recipe(cfg: Any) -> Resolved:
+    """ExtractConfig -> Resolved: the backbone and the weights are looked up and hashed once, here."""
+    from imgfeat.backbones import get_backbone
+    from imgfeat.backbones.weights import resolve_weights
+
+    spec = get_backbone(cfg.backbone)
+    size = spec.check_input_size(cfg.input_size)
+    ref = resolve_weights(spec, cfg.weights, size)
+    weights = WeightsId(ref.sha256) if ref.sha256 else WeightsId(None, cfg.seed, keras_backend())
+    recipe = Recipe(spec.name, weights, size, cfg.pooling, cfg.layer, cfg.interpolation,
+                    bool(cfg.fast_decode), cfg.exif, cfg.precision, cfg.dtype)
+    source = WeightsSource(ref.kind, str(ref.path) if ref.kind == "file" else None, cfg.seed)
+    return Resolved(recipe, source, spec, ref)
+
+
+def keras_backend() -> str:
+    """The Keras backend in use, without importing Keras (which would import TensorFlow) when possible."""
+    if "keras" in sys.modules:
+        return sys.modules["keras"].backend.backend()
+    if os.environ.get("KERAS_BACKEND"):
+        return os.environ["KERAS_BACKEND"]
+    config = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "keras.json"
+    try:
+        return json.loads(config.read_text()).get("backend", "tensorflow")
+    except (OSError, ValueError):
+        return "tensorflow"

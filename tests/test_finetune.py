@@ -172,3 +172,43 @@ def test_one_class_dataset_is_a_clear_error(ws, tmp_path, capsys):
                  "--input-size", str(SIZE)])
     assert code == 2 and "one class only" in capsys.readouterr().err
     assert not (ws.root / "finetune").exists()
+
+
+@pytest.mark.slow
+def test_killed_finetune_resumes_from_its_last_checkpoint(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from imgfeat.finetune import run_finetune
+
+    make_set(tmp_path / "imgs", {"train": 12, "test": 2})
+    ws = Workspace(tmp_path / "ws")
+    run_scan(ws, ScanConfig(root=tmp_path / "imgs", dataset="d"), "scan1")
+    cfg = ft_config(epochs=2, patience=10)
+    argv = [sys.executable, "-m", "imgfeat", "finetune", "--workspace", str(ws.root), "--dataset", "d",
+            "--backbone", BACKBONE, "--weights", "none", "--input-size", str(SIZE), "--epochs", "2",
+            "--batch-size", "4", "--patience", "10"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    deadline = time.monotonic() + 300
+    try:
+        while not list((ws.root / "finetune").glob("*/checkpoint/checkpoint.json")):
+            assert proc.poll() is None, "the fine-tune ended before its first checkpoint"
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    (state_file,) = (ws.root / "finetune").glob("*/checkpoint/checkpoint.json")
+    state = json.loads(state_file.read_text())
+    done = state["epoch"]
+    assert 1 <= done < cfg.total_epochs and not (state_file.parent.parent / "finetune.json").exists()
+    s = run_finetune(ws, cfg, "resume")
+    assert s.resumed_from_epoch == done and s.epochs_run == cfg.total_epochs
+    from imgfeat.finetune.train import read_meta
+
+    history = read_meta(ws, s.finetune_id)["history"]["loss"]
+    assert history[:done] == state["history"]["loss"]  # the killed run's epochs are kept, not redone

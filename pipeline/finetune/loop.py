@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,8 @@ class Session:
     def __init__(self, cfg: T.FinetuneConfig, spec: BackboneSpec, size: int, rows: FinetuneRows, out: Path):
         self.cfg, self.spec, self.rows, self.out = cfg, spec, rows, out
         self.ckpt = out / "checkpoint"
+        for scratch in [*out.glob(".scratch-*"), *self.ckpt.glob(".scratch-*")]:
+            shutil.rmtree(scratch, ignore_errors=True)  # left by a run killed while saving
         _set_precision(cfg.precision)
         self.backbone = spec.build(weights=cfg.weights, input_size=size, pooling="avg", seed=cfg.random_state)
         self.start = unfreeze_start(self.backbone, spec, cfg.unfreeze_blocks, cfg.unfreeze_from)

@@ -84,3 +84,21 @@ def test_unfreeze_from_a_layer_and_a_wrong_layer_name():
     assert apply_unfreeze(model, start) == ["top_conv"]  # top_bn stays frozen
     with pytest.raises(ConfigError, match="did you mean 'top_conv'"):
         unfreeze_start(model, spec, None, "top_con")
+
+
+def test_backbones_blocks_lists_the_top_last(capsys):
+    from imgfeat.cli.main import main
+
+    assert main(["backbones", "--blocks", "efficientnet_lite0", "--json"]) == 0
+    rows = __import__("json").loads(capsys.readouterr().out.strip().splitlines()[-1])["blocks"]
+    assert (rows[-1]["block"], rows[-1]["first_layer"], rows[-1]["unfreeze_blocks"]) == \
+        ("block7a", "block7a_expand_conv", 1)
+    assert [r["unfreeze_blocks"] for r in rows] == list(range(16, 0, -1))
+
+
+@pytest.mark.quick
+def test_backbones_blocks_of_a_family_without_named_blocks_exits_2(capsys):
+    from imgfeat.cli.main import main
+
+    assert main(["backbones", "--blocks", "inception_v3"]) == 2
+    assert "--unfreeze-from LAYER" in capsys.readouterr().err

@@ -58,6 +58,9 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         check_name("dataset", self.dataset)
+        if isinstance(self.augment, str) or not all(isinstance(a, str) for a in self.augment):
+            raise ConfigError(f"augment must be a list of names, got {self.augment!r}")
+        object.__setattr__(self, "augment", tuple(self.augment))  # a job file gives a list
         if self.name is not None:
             check_name("finetune", self.name)
         from imgfeat.finetune.model import check_augment

@@ -17,7 +17,7 @@ from imgfeat.core.errors import ConfigError
 from imgfeat.core.workspace import check_name
 
 EXECUTORS = ("local", "ray")
-SECTIONS = ("run", "datasets", "features", "heads")
+SECTIONS = ("run", "datasets", "finetune", "features", "heads")
 # Config fields holding paths: relative values are resolved against the job file's folder.
 PATH_KEYS = ("root", "labels_csv")
 
@@ -49,7 +49,8 @@ FIELD_TYPES: dict[Any, KeyType] = {bool: BOOL, int: INT, float: NUMBER, str: TEX
 # Keys that are not fields of a stage config, per section (extend here for new sections/keys).
 JOB_KEY_TYPES: dict[str, dict[str, KeyType]] = {
     "run": {"max_error_rate": NUMBER, "executor": TEXT, "wait": SECONDS, "workspace": PATH},
-    "features": {"datasets": NAMES},
+    "features": {"datasets": NAMES, "finetune": TEXT},
+    "finetune": {"dataset": TEXT},
     "heads": {"dataset": TEXT, "features": TEXT, "predict": NAMES, "report": BOOL},
 }
 
@@ -61,6 +62,16 @@ class FeatureJob:
     name: str
     options: dict[str, Any]
     datasets: tuple[str, ...]
+    finetune: str | None = None  # a [finetune.NAME]: extract with its tuned weights
+
+
+@dataclass(frozen=True)
+class FinetuneJob:
+    """A fine-tune (FinetuneConfig options) of a backbone on one dataset; features may use its weights."""
+
+    name: str
+    dataset: str
+    options: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -89,6 +100,7 @@ class JobSpec:
     workspace: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     trust_pickle: bool = False  # --trust-pickle: old joblib heads may be loaded (never from the file)
+    finetunes: tuple[FinetuneJob, ...] = ()
 
 
 def load_job(path: Path, overrides: tuple[str, ...] = (), workspace: Path | None = None) -> JobSpec:
@@ -146,7 +158,11 @@ def parse_job(doc: dict[str, Any], base: Path, source: str, workspace: Path | No
         check_name("dataset", name): _resolve_paths(dict(opts), base, ws_text)
         for name, opts in _tables(doc, "datasets").items()
     }
+    finetunes = tuple(_finetune_job(n, o, datasets) for n, o in _tables(doc, "finetune").items())
     features = tuple(_feature_job(n, o, datasets) for n, o in _tables(doc, "features").items())
+    for fjob in features:
+        if fjob.finetune is not None:
+            _must_exist((fjob.finetune,), [f.name for f in finetunes], "finetune", f"[features.{fjob.name}]")
     heads = tuple(_head_job(n, o, datasets, features) for n, o in _tables(doc, "heads").items())
     executor = run.get("executor", "local")
     if executor not in EXECUTORS:
@@ -154,7 +170,8 @@ def parse_job(doc: dict[str, Any], base: Path, source: str, workspace: Path | No
     rate = run.get("max_error_rate")
     if rate is not None and not (isinstance(rate, (int, float)) and 0 <= rate <= 1):
         raise ConfigError(f"[run] max_error_rate must be a number from 0 to 1, got {rate!r}")
-    return JobSpec(source, datasets, features, heads, rate, executor, run.get("wait"), ws_text)
+    return JobSpec(source, datasets, features, heads, rate, executor, run.get("wait"), ws_text,
+                   finetunes=finetunes)
 
 
 def _tables(doc: dict[str, Any], section: str) -> dict[str, dict[str, Any]]:
@@ -201,7 +218,19 @@ def _feature_job(name: str, opts: dict[str, Any], datasets: dict) -> FeatureJob:
     _must_exist(chosen, list(datasets), "dataset", where)
     if "dataset" in opts:
         raise ConfigError(f"{where}: use 'datasets = [...]', not 'dataset'")
-    return FeatureJob(check_name("features", name), opts, chosen)
+    finetune = opts.pop("finetune", None)
+    return FeatureJob(check_name("features", name), opts, chosen, finetune)
+
+
+def _finetune_job(name: str, opts: dict[str, Any], datasets: dict) -> FinetuneJob:
+    opts = dict(opts)
+    where = f"[finetune.{name}]"
+    check_types(opts, JOB_KEY_TYPES["finetune"], f"finetune.{name}")
+    if "dataset" not in opts:
+        raise ConfigError(f"{where} needs 'dataset = ...'")
+    dataset = opts.pop("dataset")
+    _must_exist((dataset,), list(datasets), "dataset", where)
+    return FinetuneJob(check_name("finetune", name), dataset, opts)
 
 
 def _head_job(name: str, opts: dict[str, Any], datasets: dict, features: tuple) -> HeadJob:

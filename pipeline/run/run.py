@@ -1,4 +1,4 @@
-"""`imgfeat run`: scan -> extract -> train -> predict -> report for a job file, each only doing new work."""
+"""`imgfeat run`: scan -> finetune -> extract -> train -> predict -> report for a job file, each only doing new work."""
 
 from __future__ import annotations
 
@@ -13,13 +13,14 @@ import pyarrow.compute as pc
 
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ErrorRateExceeded
-from imgfeat.run.jobfile import FeatureJob, HeadJob, JobSpec, build_config
+from imgfeat.run.jobfile import FeatureJob, FinetuneJob, HeadJob, JobSpec, build_config
 from imgfeat.core.storage import WAIT_HINT, FileLock
 from imgfeat.core.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
-STAGES = ("scan", "extract", "train", "predict", "report")
+STAGES = ("scan", "finetune", "extract", "train", "predict", "report")
+TUNED_PLACEHOLDER = "<tuned weights of finetune.{}>"
 
 
 @contextlib.contextmanager
@@ -37,11 +38,24 @@ def scan_config(job: JobSpec, dataset: str):
     return build_config(ScanConfig, job.datasets[dataset], where, dataset=dataset, wait=job.wait)
 
 
-def extract_config(job: JobSpec, fjob: FeatureJob, dataset: str):
+def extract_config(job: JobSpec, fjob: FeatureJob, dataset: str, tuned: dict[str, str] | None = None):
     from imgfeat.extract.extract import ExtractConfig
 
     where = f"features.{fjob.name}"
-    return build_config(ExtractConfig, fjob.options, where, dataset=dataset, wait=job.wait)
+    if fjob.finetune is None:
+        return build_config(ExtractConfig, fjob.options, where, dataset=dataset, wait=job.wait)
+    # Features of a fine-tune: its backbone and input size unless the section says otherwise, its weights.
+    ft = finetune_config(job, next(f for f in job.finetunes if f.name == fjob.finetune))
+    values = {"backbone": ft.backbone, "input_size": ft.input_size, **fjob.options}
+    weights = (tuned or {}).get(fjob.finetune, TUNED_PLACEHOLDER.format(fjob.finetune))
+    return build_config(ExtractConfig, values, where, dataset=dataset, wait=job.wait, weights=weights)
+
+
+def finetune_config(job: JobSpec, ftjob: FinetuneJob):
+    from imgfeat.finetune import FinetuneConfig
+
+    return build_config(FinetuneConfig, ftjob.options, f"finetune.{ftjob.name}", dataset=ftjob.dataset,
+                        name=ftjob.name, wait=job.wait)
 
 
 def train_config(job: JobSpec, hjob: HeadJob, featureset: str):
@@ -55,6 +69,8 @@ def check_job(job: JobSpec) -> None:
     """Build every stage config up front, so a typo fails before any work is done."""
     for name in job.datasets:
         scan_config(job, name)
+    for ftjob in job.finetunes:
+        finetune_config(job, ftjob)
     for fjob in job.features:
         for dataset in fjob.datasets:
             extract_config(job, fjob, dataset)
@@ -68,13 +84,18 @@ def plan_job(ws: Workspace, job: JobSpec) -> dict[str, Any]:
     from imgfeat.scan.scan import plan_scan
 
     check_job(job)
-    plan: dict[str, Any] = {"dry_run": True, "scan": {}, "extract": {}, "heads": {}}
+    plan: dict[str, Any] = {"dry_run": True, "scan": {}, "finetune": {}, "extract": {}, "heads": {}}
+    for ftjob in job.finetunes:
+        plan["finetune"][ftjob.name] = {"dataset": ftjob.dataset, "note": "fine-tuned unless the same "
+                                        "configuration on the same data exists (or resumed from its checkpoint)"}
     for name in job.datasets:
         plan["scan"][name] = plan_scan(ws, scan_config(job, name))
     for fjob in job.features:
         for dataset in fjob.datasets:
             key = f"{fjob.name}/{dataset}"
-            if ws.manifest_path(dataset).exists():
+            if fjob.finetune is not None:
+                p = {"todo": None, "note": f"extracted with the tuned weights of finetune.{fjob.name}"}
+            elif ws.manifest_path(dataset).exists():
                 p = plan_extract(ws, extract_config(job, fjob, dataset))
             else:
                 p = {"todo": None, "note": "dataset not scanned yet"}
@@ -98,13 +119,14 @@ def run_job_spec(ws: Workspace, job: JobSpec, run_id: str, summary: dict[str, An
     summary.update({"job": job.source, "scan": {}, "extract": {}, "train": {}, "predict": {}, "report": {}})
     timings: dict[str, float] = {}
     _timed(timings, "scan", lambda: _scan_all(ws, job, run_id, summary))
-    featuresets = _timed(timings, "extract", lambda: _extract_all(ws, job, run_id, summary))
+    tuned = _timed(timings, "finetune", lambda: _finetune_all(ws, job, run_id, summary)) if job.finetunes else {}
+    featuresets = _timed(timings, "extract", lambda: _extract_all(ws, job, run_id, summary, tuned))
     heads = _timed(timings, "train", lambda: _train_all(ws, job, featuresets, run_id, summary))
     _timed(timings, "predict", lambda: _predict_all(ws, job, heads, run_id, summary))
     _timed(timings, "report", lambda: _report_all(ws, job, heads, run_id, summary))
     summary["timings"] = timings
     summary["model_work"] = any(s.get("extracted", 0) for s in summary["extract"].values()) or any(
-        not s.get("reused", False) for s in summary["train"].values()
+        not s.get("reused", False) for s in [*summary["train"].values(), *summary.get("finetune", {}).values()]
     )
     _check_error_rate(ws, job, featuresets, summary)
     return summary
@@ -125,13 +147,27 @@ def _scan_all(ws: Workspace, job: JobSpec, run_id: str, summary: dict) -> None:
             summary["scan"][name] = run_scan(ws, scan_config(job, name), run_id)
 
 
-def _extract_all(ws: Workspace, job: JobSpec, run_id: str, summary: dict) -> dict[tuple[str, str], str]:
+def _finetune_all(ws: Workspace, job: JobSpec, run_id: str, summary: dict) -> dict[str, str]:
+    """Returns {finetune name: path of its tuned backbone weights}."""
+    from imgfeat.finetune import run_finetune
+
+    summary["finetune"], tuned = {}, {}
+    with stage_lock(ws, "finetune", job.wait):
+        for ftjob in job.finetunes:
+            out = run_finetune(ws, finetune_config(job, ftjob), run_id).to_json()
+            summary["finetune"][ftjob.name] = out
+            tuned[ftjob.name] = out["weights"]
+    return tuned
+
+
+def _extract_all(ws: Workspace, job: JobSpec, run_id: str, summary: dict,
+                 tuned: dict[str, str] | None = None) -> dict[tuple[str, str], str]:
     """Returns {(features name, dataset): featureset}."""
     featuresets: dict[tuple[str, str], str] = {}
     with stage_lock(ws, "extract", job.wait):
         for fjob in job.features:
             for dataset in fjob.datasets:
-                out = _extract_one(ws, job, extract_config(job, fjob, dataset), run_id)
+                out = _extract_one(ws, job, extract_config(job, fjob, dataset, tuned), run_id)
                 summary["extract"][f"{fjob.name}/{dataset}"] = out
                 featuresets[(fjob.name, dataset)] = out["featureset"]
     return featuresets

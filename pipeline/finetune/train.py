@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import tempfile
 import time
@@ -12,7 +13,7 @@ from typing import Any
 
 from imgfeat.backbones import get_backbone
 from imgfeat.backbones.weights import resolve_weights
-from imgfeat.core.errors import ConfigError
+from imgfeat.core.errors import ConfigError, unknown_value
 from imgfeat.core.storage import WAIT_HINT, FileLock, write_bytes_atomic
 from imgfeat.core.workspace import Workspace, check_name
 from imgfeat.extract.decode import DecodeConfig
@@ -80,8 +81,6 @@ class FinetuneConfig:
             raise ConfigError(f"val_fraction must be in (0, 1) and test_fraction in [0, 1), got "
                               f"{self.val_fraction!r} and {self.test_fraction!r}")
         if self.precision not in PRECISIONS:
-            from imgfeat.core.errors import unknown_value
-
             raise unknown_value("precision", self.precision, PRECISIONS)
 
     def params(self) -> dict[str, Any]:
@@ -163,8 +162,6 @@ def run_finetune(ws: Workspace, cfg: FinetuneConfig, run_id: str) -> FinetuneSum
 
 
 def read_meta(ws: Workspace, finetune_id: str) -> dict[str, Any]:
-    import json
-
     return json.loads((finetune_dir(ws, finetune_id) / META_FILE).read_text())
 
 

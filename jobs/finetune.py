@@ -38,12 +38,12 @@ a block count the backbone does not have, a backbone without named blocks; 1 oth
 
 
 def augment_list(text: str) -> tuple[str, ...]:
-    from imgfeat.finetune.model import AUGMENTATIONS
+    from imgfeat.finetune.train import AUGMENT_NAMES
 
     names = tuple(n.strip() for n in text.split(",") if n.strip()) if text.strip().lower() != "none" else ()
-    bad = [n for n in names if n not in AUGMENTATIONS]
+    bad = [n for n in names if n not in AUGMENT_NAMES]
     if bad:
-        raise argparse.ArgumentTypeError(f"unknown augmentation {bad[0]!r} (allowed: {', '.join(AUGMENTATIONS)}, or none)")
+        raise argparse.ArgumentTypeError(f"unknown augmentation {bad[0]!r} (allowed: {', '.join(AUGMENT_NAMES)}, or none)")
     return names
 
 
@@ -87,7 +87,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", default="auto", choices=("auto", "float32", "mixed_float16", "mixed_bfloat16"),
                    help="auto: mixed_float16 on a GPU, else float32")
     p.add_argument("--name", default=None, metavar="NAME", help="name of the result (default: the dataset)")
-    p.add_argument("--tensorboard", default=None, metavar="DIR", help="also write TensorBoard logs to DIR")
+    p.add_argument("--tensorboard", default=None, metavar="DIR",
+                   help="also write TensorBoard logs to DIR (needs the tensorboard package)")
+    p.add_argument("--workers", type=positive_int, default=2, metavar="N",
+                   help="threads decoding training batches ahead of the model")
     add_wait(p, "the same fine-tune")
 
 
@@ -101,7 +104,7 @@ def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
         warmup_learning_rate=args.warmup_learning_rate, batch_size=args.batch_size, augment=args.augment,
         patience=args.patience, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
         random_state=args.random_state, precision=args.precision, name=args.name,
-        tensorboard=args.tensorboard, wait=args.wait)
+        tensorboard=args.tensorboard, workers=args.workers, wait=args.wait)
     out = run_finetune(ctx.ws, cfg, ctx.run_id).to_json()
     if not args.json:
         print_finetune(out)

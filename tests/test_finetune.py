@@ -131,8 +131,8 @@ def test_same_configuration_on_same_data_is_reused(tuned):
     assert again.reused and again.finetune_id == s.finetune_id and again.weights_sha256 == s.weights_sha256
     from imgfeat.finetune.train import make_finetune_id
 
-    # A changed parameter is a new fine-tune; a name, a log folder or a wait is not a parameter.
-    assert make_finetune_id(ft_config(tensorboard="tb", wait=5), "b", "d") == make_finetune_id(ft_config(), "b", "d")
+    # A changed parameter is a new fine-tune; decode threads or a wait are not parameters.
+    assert make_finetune_id(ft_config(workers=1, wait=5), "b", "d") == make_finetune_id(ft_config(), "b", "d")
     assert make_finetune_id(ft_config(learning_rate=1e-3), "b", "d") != make_finetune_id(ft_config(), "b", "d")
 
 

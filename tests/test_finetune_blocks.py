@@ -102,3 +102,11 @@ def test_backbones_blocks_of_a_family_without_named_blocks_exits_2(capsys):
 
     assert main(["backbones", "--blocks", "inception_v3"]) == 2
     assert "--unfreeze-from LAYER" in capsys.readouterr().err
+
+
+def test_every_augment_name_has_a_layer():
+    from imgfeat.finetune.model import AUGMENTATIONS
+    from imgfeat.finetune.train import AUGMENT_NAMES
+
+    assert tuple(AUGMENTATIONS) == AUGMENT_NAMES
+    assert all(AUGMENTATIONS[n](0).name == f"aug_{n}" for n in AUGMENT_NAMES)

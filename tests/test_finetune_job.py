@@ -100,3 +100,28 @@ def test_run_chains_finetune_extract_train_predict(ws, tmp_path, capsys):
     assert "h/d" in first["predict"]
     second = run()
     assert second["finetune"]["ft"]["reused"] and not second["model_work"]
+
+
+@pytest.mark.quick
+def test_tensorboard_without_the_package_is_a_config_error(monkeypatch):
+    import importlib.util
+
+    from imgfeat.finetune import FinetuneConfig
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    with pytest.raises(ConfigError, match="pip install tensorboard"):
+        FinetuneConfig(dataset="d", backbone="efficientnet_lite0", tensorboard="tb")
+    assert FinetuneConfig(dataset="d", backbone="efficientnet_lite0").tensorboard is None
+
+
+def test_dry_run_lists_the_finetune_and_builds_nothing(ws, tmp_path, capsys):
+    from imgfeat.cli.main import main
+
+    (tmp_path / "imgs" / "train" / "a").mkdir(parents=True)
+    job = tmp_path / "job.toml"
+    job.write_text(JOB)
+    assert main(["run", str(job), "--dry-run", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert plan["finetune"]["ft"]["dataset"] == "d" and "tuned weights" in plan["extract"]["tuned/d"]["note"]
+    assert not (ws.root / "finetune").exists()

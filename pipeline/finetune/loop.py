@@ -42,7 +42,8 @@ class Session:
                                           cfg.random_state)
         dcfg = T.decode_config(cfg, size)
         self.skipped = SkipLog()
-        self.train = ImageBatches(rows.train, dcfg, cfg.batch_size, True, cfg.random_state, self.skipped)
+        self.train = ImageBatches(rows.train, dcfg, cfg.batch_size, True, cfg.random_state, self.skipped,
+                                  workers=cfg.workers)
         self.val = ImageBatches(rows.val, dcfg, cfg.batch_size, False, 0, self.skipped, fill=False)
         self.test = ImageBatches(rows.test, dcfg, cfg.batch_size, False, 0, self.skipped, fill=False)
         self.state: dict[str, Any] = {"epoch": 0, "history": {}, "best_val_loss": None, "bad_epochs": 0,

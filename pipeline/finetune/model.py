@@ -7,7 +7,6 @@ from typing import Any
 import keras
 
 from imgfeat.backbones import BackboneSpec, get_backbone
-from imgfeat.core.errors import unknown_value
 
 # --augment names -> a Keras preprocessing layer (active only while training).
 AUGMENTATIONS: dict[str, Any] = {
@@ -16,13 +15,6 @@ AUGMENTATIONS: dict[str, Any] = {
     "zoom": lambda seed: keras.layers.RandomZoom(0.15, seed=seed, name="aug_zoom"),
     "contrast": lambda seed: keras.layers.RandomContrast(0.2, seed=seed, name="aug_contrast"),
 }
-
-
-def check_augment(names: tuple[str, ...]) -> tuple[str, ...]:
-    for name in names:
-        if name not in AUGMENTATIONS:
-            raise unknown_value("augmentation", name, AUGMENTATIONS)
-    return tuple(names)
 
 
 @keras.saving.register_keras_serializable(package="imgfeat")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import tempfile
@@ -25,8 +26,9 @@ log = logging.getLogger(__name__)
 META_FILE, MODEL_FILE, WEIGHTS_FILE, CURVES_FILE = "finetune.json", "model.keras", "backbone.weights.h5", "curves.png"
 CKPT_WEIGHTS, CKPT_BEST, CKPT_STATE = "checkpoint.weights.h5", "best.weights.h5", "checkpoint.json"
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+AUGMENT_NAMES = ("flip", "rotate", "zoom", "contrast")  # the layers are in model.AUGMENTATIONS
 # Fields that do not change the result (so they stay out of the finetune id).
-_NOT_PARAMS = ("name", "tensorboard", "wait", "precision")
+_NOT_PARAMS = ("name", "tensorboard", "wait", "precision", "workers")
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ class FinetuneConfig:
     precision: str = "auto"  # auto: mixed_float16 on a GPU, float32 elsewhere
     name: str | None = None
     tensorboard: str | None = None
+    workers: int = 2  # threads decoding training batches ahead of the model
     wait: float | None = None
 
     def __post_init__(self) -> None:
@@ -64,10 +67,10 @@ class FinetuneConfig:
         object.__setattr__(self, "augment", tuple(self.augment))  # a job file gives a list
         if self.name is not None:
             check_name("finetune", self.name)
-        from imgfeat.finetune.model import check_augment
-
-        check_augment(self.augment)
-        for key in ("epochs", "batch_size", "patience"):
+        for name in self.augment:
+            if name not in AUGMENT_NAMES:
+                raise unknown_value("augmentation", name, AUGMENT_NAMES)
+        for key in ("epochs", "batch_size", "patience", "workers"):
             if int(getattr(self, key)) < 1:
                 raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)!r}")
         if self.warmup_epochs < 0:
@@ -80,6 +83,9 @@ class FinetuneConfig:
         if not 0.0 < self.val_fraction < 1.0 or not 0.0 <= self.test_fraction < 1.0:
             raise ConfigError(f"val_fraction must be in (0, 1) and test_fraction in [0, 1), got "
                               f"{self.val_fraction!r} and {self.test_fraction!r}")
+        if self.tensorboard is not None and importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError(f"tensorboard = {self.tensorboard!r}: TensorBoard logs need the tensorboard "
+                              "package (pip install tensorboard), which is not installed")
         if self.precision not in PRECISIONS:
             raise unknown_value("precision", self.precision, PRECISIONS)
 

@@ -70,6 +70,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--unfreeze-from", default=None, metavar="LAYER", help="train every layer from LAYER on")
     p.add_argument("--epochs", type=positive_int, default=3, metavar="N", help="fine-tune epochs (most)")
     p.add_argument("--warmup-epochs", type=int, default=1, metavar="N", help="head-only epochs first")
+    p.add_argument("--warm-start", default=None, metavar="HEAD",
+                   help="start the head from this logreg head (trained on features of the same backbone, "
+                        "weights and input size); then --warmup-epochs 0 skips the head-only epochs")
     p.add_argument("--augment", type=augment_list, default=("flip", "rotate", "zoom", "contrast"),
                    metavar="LIST", help="comma-separated: flip,rotate,zoom,contrast, or none "
                                         "(default: all four)")
@@ -100,7 +103,8 @@ def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
     cfg = FinetuneConfig(
         dataset=args.dataset, backbone=args.backbone, weights=args.weights, input_size=args.input_size,
         unfreeze_blocks=None if args.unfreeze_from else args.unfreeze_blocks, unfreeze_from=args.unfreeze_from,
-        epochs=args.epochs, warmup_epochs=args.warmup_epochs, learning_rate=args.learning_rate,
+        epochs=args.epochs, warmup_epochs=args.warmup_epochs, warm_start_head=args.warm_start,
+        learning_rate=args.learning_rate,
         warmup_learning_rate=args.warmup_learning_rate, batch_size=args.batch_size, augment=args.augment,
         patience=args.patience, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
         random_state=args.random_state, precision=args.precision, name=args.name,

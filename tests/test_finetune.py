@@ -213,3 +213,26 @@ def test_killed_finetune_resumes_from_its_last_checkpoint(tmp_path):
 
     history = read_meta(ws, s.finetune_id)["history"]["loss"]
     assert history[:done] == state["history"]["loss"]  # the killed run's epochs are kept, not redone
+
+
+def test_warm_start_from_a_logreg_head_on_the_same_recipe(tuned):
+    from imgfeat.core.errors import ConfigError
+    from imgfeat.extract.extract import ExtractConfig, run_extract
+    from imgfeat.finetune import run_finetune
+    from imgfeat.heads import TrainConfig, run_train
+
+    ws, s = tuned
+
+    def logreg_on(weights: str, run_id: str) -> dict:
+        fs = run_extract(ws, ExtractConfig(dataset="d", backbone=BACKBONE, weights=weights, input_size=SIZE,
+                                           batch_size=8, workers=1), run_id)["featureset"]
+        return run_train(ws, TrainConfig(dataset="d", featureset=fs, head="logreg", cv=2), run_id)
+
+    head = logreg_on("none", "w1")
+    warm = run_finetune(ws, ft_config(warm_start_head=head["head_id"], warmup_epochs=0), "ft-warm")
+    # Before any training the model is the logreg head on the frozen backbone: the same test accuracy.
+    assert warm.metrics["warm_start_test_accuracy"] == head["metrics"]["test_accuracy"]
+    assert warm.finetune_id != s.finetune_id
+    other = logreg_on(s.weights, "w2")  # a head on the tuned features: another recipe
+    with pytest.raises(ConfigError, match="recipe differs: weights"):
+        run_finetune(ws, ft_config(warm_start_head=other["head_id"], warmup_epochs=0), "ft-bad")

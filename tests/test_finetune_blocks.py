@@ -110,3 +110,25 @@ def test_every_augment_name_has_a_layer():
 
     assert tuple(AUGMENTATIONS) == AUGMENT_NAMES
     assert all(AUGMENTATIONS[n](0).name == f"aug_{n}" for n in AUGMENT_NAMES)
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_a_logreg_head_folds_into_one_dense_softmax(n_classes):
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from imgfeat.finetune.warm import fold_logreg
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(3.0, 2.0, (60, 5))
+    y = rng.integers(0, n_classes, 60)
+    pipe = Pipeline([("scale", StandardScaler()), ("clf", LogisticRegression())]).fit(X + y[:, None], y)
+    kernel, bias = fold_logreg(pipe.named_steps["scale"], pipe.named_steps["clf"])
+    z = X @ kernel.astype(np.float64) + bias
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    assert kernel.shape == (5, n_classes)
+    np.testing.assert_allclose(p, pipe.predict_proba(X), atol=1e-5)

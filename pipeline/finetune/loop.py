@@ -19,6 +19,7 @@ from imgfeat.finetune import train as T
 from imgfeat.finetune.blocks import apply_unfreeze, unfreeze_start
 from imgfeat.finetune.data import FinetuneRows, ImageBatches, SkipLog
 from imgfeat.finetune.model import build_finetune_model
+from imgfeat.finetune.warm import head_init, warm_recipe
 from imgfeat.heads.artifacts import library_versions
 from imgfeat.heads.data import describe
 from imgfeat.heads.plots import training_curves_png
@@ -30,7 +31,8 @@ log = logging.getLogger(__name__)
 class Session:
     """One fine-tune in progress: the model, its data, and the checkpoint state it resumes from."""
 
-    def __init__(self, cfg: T.FinetuneConfig, spec: BackboneSpec, size: int, rows: FinetuneRows, out: Path):
+    def __init__(self, ws: Workspace, cfg: T.FinetuneConfig, spec: BackboneSpec, size: int, rows: FinetuneRows,
+                 out: Path):
         self.cfg, self.spec, self.rows, self.out = cfg, spec, rows, out
         self.ckpt = out / "checkpoint"
         for scratch in [*out.glob(".scratch-*"), *self.ckpt.glob(".scratch-*")]:
@@ -40,6 +42,8 @@ class Session:
         self.start = unfreeze_start(self.backbone, spec, cfg.unfreeze_blocks, cfg.unfreeze_from)
         self.model = build_finetune_model(spec, self.backbone, len(rows.classes), cfg.augment, cfg.dropout,
                                           cfg.random_state)
+        if cfg.warm_start_head:
+            self.model.get_layer("head").set_weights(self.warm_head(ws, size))
         dcfg = T.decode_config(cfg, size)
         self.skipped = SkipLog()
         self.train = ImageBatches(rows.train, dcfg, cfg.batch_size, True, cfg.random_state, self.skipped,
@@ -50,6 +54,15 @@ class Session:
                                       "seconds_per_epoch": [], "warm_metrics": None, "skipped": []}
         self.phase: str | None = None
         self.trained_layers: list[str] = []
+
+    def warm_head(self, ws: Workspace, size: int) -> list[np.ndarray]:
+        from imgfeat.backbones.weights import resolve_weights
+        from imgfeat.extract.fingerprint import weights_identity
+
+        ref = resolve_weights(self.spec, self.cfg.weights, size)
+        recipe = warm_recipe(self.spec.name, weights_identity(ref.kind, ref.sha256, self.cfg.random_state), size,
+                             self.cfg.interpolation, self.cfg.exif)
+        return head_init(ws, self.cfg.warm_start_head, recipe, self.rows.classes)
 
     # --- phases ---
     def enter_phase(self, epoch: int) -> None:
@@ -153,7 +166,7 @@ def train_and_write(ws: Workspace, cfg: T.FinetuneConfig, spec: BackboneSpec, si
     """Train epoch by epoch from the last checkpoint, then commit the artifacts, finetune.json last."""
     policy = keras.config.dtype_policy()
     try:
-        s = Session(cfg, spec, size, rows, out)
+        s = Session(ws, cfg, spec, size, rows, out)
         first = s.resume()
         train_epochs(s, first)
         s.enter_phase(cfg.total_epochs - 1)  # a fully resumed run still needs the unfrozen layer list
@@ -167,6 +180,8 @@ def train_and_write(ws: Workspace, cfg: T.FinetuneConfig, spec: BackboneSpec, si
 def train_epochs(s: Session, first: int) -> None:
     cfg = s.cfg
     callbacks = [keras.callbacks.TensorBoard(cfg.tensorboard)] if cfg.tensorboard else []
+    if cfg.warmup_epochs == 0 and first == 0:
+        s.state["warm_metrics"] = s.test_metrics()  # the starting head (e.g. --warm-start), before any training
     for epoch in range(first, cfg.total_epochs):
         if s.state.get("stopped"):
             break

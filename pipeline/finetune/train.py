@@ -43,6 +43,7 @@ class FinetuneConfig:
     unfreeze_from: str | None = None  # a layer name; wins over unfreeze_blocks
     epochs: int = 3  # fine-tune epochs, after the warm-start epochs
     warmup_epochs: int = 1  # head only, backbone frozen: the warm start
+    warm_start_head: str | None = None  # a logreg head id on this recipe's frozen features: the head's start
     learning_rate: float = 1e-4
     warmup_learning_rate: float = 1e-3
     batch_size: int = 16
@@ -62,6 +63,8 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         check_name("dataset", self.dataset)
+        if self.warm_start_head is not None:
+            check_name("head", self.warm_start_head)
         if isinstance(self.augment, str) or not all(isinstance(a, str) for a in self.augment):
             raise ConfigError(f"augment must be a list of names, got {self.augment!r}")
         object.__setattr__(self, "augment", tuple(self.augment))  # a job file gives a list

@@ -76,17 +76,24 @@ def test_summary_and_artifacts(tuned):
 
 
 def test_model_loads_in_safe_mode_and_scores_as_reported(tuned):
-    import keras
+    import subprocess
+    import sys
 
     from imgfeat.extract.decode import DecodeConfig
     from imgfeat.finetune.data import ImageBatches, read_rows
+    from imgfeat.finetune.model import load_finetuned_model
 
     ws, s = tuned
-    model = keras.saving.load_model(s.model, safe_mode=True)
+    model = load_finetuned_model(s.model)
     rows = read_rows(ws, "d", 0.2, 0.15, 0)
     data = ImageBatches(rows.test, DecodeConfig(size=(SIZE, SIZE)), 4, False, 0, fill=False)
     pred = np.concatenate([np.argmax(model.predict_on_batch(data[i][0]), 1) for i in range(len(data))])
     assert np.mean(pred == rows.test.y) == pytest.approx(s.metrics["test_accuracy"])
+    # In a fresh process too, where nothing of ours was imported before the load.
+    code = ("from imgfeat.finetune.model import load_finetuned_model as load; import sys; "
+            "print(load(sys.argv[1]).output_shape)")
+    out = subprocess.run([sys.executable, "-c", code, s.model], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("(None, 2)"), out.stderr[-2000:]
 
 
 def test_batchnorm_and_lower_layers_keep_the_base_weights(tuned):

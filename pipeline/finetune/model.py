@@ -48,3 +48,8 @@ def build_finetune_model(spec: BackboneSpec, backbone: keras.Model, n_classes: i
     x = keras.layers.Dropout(dropout, seed=seed, name="head_dropout")(x)
     outputs = keras.layers.Dense(n_classes, activation="softmax", dtype="float32", name="head")(x)
     return keras.Model(inputs, outputs, name=f"{spec.name}_finetune")
+
+
+def load_finetuned_model(path: str) -> keras.Model:
+    """Load a fine-tune's model.keras in safe mode (importing this module registers FamilyPreprocess)."""
+    return keras.saving.load_model(str(path), safe_mode=True)

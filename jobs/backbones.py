@@ -15,6 +15,9 @@ $KERAS_HOME/models, or shipped by a pip package). Listing imports no TensorFlow.
 
 --layers NAME prints the layer names of one backbone, to pick an --layer for extract
 (builds the model with random weights; takes a few seconds).
+
+--blocks NAME prints the blocks of one backbone, top last, with the layer each starts at:
+'imgfeat finetune --unfreeze-blocks N' trains the last N of them (and the layers after them).
 """
 
 EPILOG = """\
@@ -23,6 +26,7 @@ examples:
   imgfeat backbones --family efficientnet
   imgfeat backbones --json | tail -1 | jq '.backbones[] | select(.cached) | .name'
   imgfeat backbones --layers resnet50
+  imgfeat backbones --blocks efficientnet_lite0
 """
 
 COLUMNS = (("name", "name"), ("family", "family"), ("size", "input_size"), ("dim", "dim"),
@@ -34,6 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     description=DESCRIPTION, epilog=EPILOG, record_run=False)
     p.add_argument("--family", default=None, metavar="F", help="only this family (e.g. resnet, efficientnet)")
     p.add_argument("--layers", default=None, metavar="NAME", help="print the layer names of backbone NAME")
+    p.add_argument("--blocks", default=None, metavar="NAME",
+                   help="print the blocks of backbone NAME (for finetune --unfreeze-blocks)")
 
 
 def backbone_rows(family: str | None = None) -> list[dict[str, Any]]:
@@ -64,6 +70,19 @@ def layer_rows(name: str) -> list[dict[str, Any]]:
             for lyr in model.layers]
 
 
+def block_rows(name: str) -> list[dict[str, Any]]:
+    """The backbone's blocks, top last: name, first layer, layer count, and N to unfreeze from it."""
+    from imgfeat.backbones import get_backbone
+    from imgfeat.finetune.blocks import backbone_blocks, family_pattern
+
+    spec = get_backbone(name)
+    family_pattern(spec)  # a family without named blocks says so before building anything
+    model = spec.build(weights="none", input_size=spec.min_size)
+    blocks = backbone_blocks(model, spec)
+    return [{**b.to_json(), "first_layer": model.layers[b.start].name, "unfreeze_blocks": len(blocks) - i}
+            for i, b in enumerate(blocks)]
+
+
 def format_table(rows: list[dict[str, Any]], columns: tuple[tuple[str, str], ...]) -> str:
     def cell(v: Any) -> str:
         return "yes" if v is True else "no" if v is False else str(v)
@@ -74,6 +93,12 @@ def format_table(rows: list[dict[str, Any]], columns: tuple[tuple[str, str], ...
 
 
 def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
+    if args.blocks:
+        rows = block_rows(args.blocks)
+        if not args.json:
+            print(format_table(rows, (("block", "block"), ("first layer", "first_layer"),
+                                      ("layers", "layers"), ("--unfreeze-blocks", "unfreeze_blocks"))))
+        return {"backbone": args.blocks, "blocks": rows}
     if args.layers:
         rows = layer_rows(args.layers)
         if not args.json:

@@ -19,6 +19,7 @@ JOB_MODULES = (
     "scan",
     "extract",
     "train",
+    "finetune",
     "predict",
     "report",
     "ls",

@@ -17,7 +17,7 @@ from imgfeat.core.errors import ConfigError
 from imgfeat.core.workspace import check_name
 
 EXECUTORS = ("local", "ray")
-SECTIONS = ("run", "datasets", "features", "heads", "indexes")
+SECTIONS = ("run", "datasets", "finetune", "features", "heads", "indexes")
 # [run] keys that configure the extract executor (ExecutorConfig fields, after EXECUTOR_FIELDS).
 EXECUTOR_KEYS = ("workers", "ray_actors", "ray_address", "gpus_per_worker")
 EXECUTOR_FIELDS = {"ray_actors": "actors", "ray_address": "address"}
@@ -53,7 +53,8 @@ FIELD_TYPES: dict[Any, KeyType] = {bool: BOOL, int: INT, float: NUMBER, str: TEX
 JOB_KEY_TYPES: dict[str, dict[str, KeyType]] = {
     "run": {"max_error_rate": NUMBER, "executor": TEXT, "wait": SECONDS, "workspace": PATH,
             "workers": INT, "ray_actors": INT, "ray_address": TEXT, "gpus_per_worker": NUMBER},
-    "features": {"datasets": NAMES},
+    "features": {"datasets": NAMES, "finetune": TEXT},
+    "finetune": {"dataset": TEXT},
     "heads": {"dataset": TEXT, "features": TEXT, "predict": NAMES, "report": BOOL},
     "indexes": {"features": TEXT, "datasets": NAMES},
 }
@@ -66,6 +67,16 @@ class FeatureJob:
     name: str
     options: dict[str, Any]
     datasets: tuple[str, ...]
+    finetune: str | None = None  # a [finetune.NAME]: extract with its tuned weights
+
+
+@dataclass(frozen=True)
+class FinetuneJob:
+    """A fine-tune (FinetuneConfig options) of a backbone on one dataset; features may use its weights."""
+
+    name: str
+    dataset: str
+    options: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -106,6 +117,7 @@ class JobSpec:
     indexes: tuple[IndexJob, ...] = ()
     trust_pickle: bool = False  # --trust-pickle: old joblib heads may be loaded (never from the file)
     executor_options: dict[str, Any] = field(default_factory=dict)  # ExecutorConfig fields from [run]
+    finetunes: tuple[FinetuneJob, ...] = ()
 
 
 def load_job(path: Path, overrides: tuple[str, ...] = (), workspace: Path | None = None) -> JobSpec:
@@ -163,7 +175,11 @@ def parse_job(doc: dict[str, Any], base: Path, source: str, workspace: Path | No
         check_name("dataset", name): _resolve_paths(dict(opts), base, ws_text)
         for name, opts in _tables(doc, "datasets").items()
     }
+    finetunes = tuple(_finetune_job(n, o, datasets) for n, o in _tables(doc, "finetune").items())
     features = tuple(_feature_job(n, o, datasets) for n, o in _tables(doc, "features").items())
+    for fjob in features:
+        if fjob.finetune is not None:
+            _must_exist((fjob.finetune,), [f.name for f in finetunes], "finetune", f"[features.{fjob.name}]")
     heads = tuple(_head_job(n, o, datasets, features) for n, o in _tables(doc, "heads").items())
     executor = run.get("executor", "local")
     if executor not in EXECUTORS:
@@ -174,7 +190,7 @@ def parse_job(doc: dict[str, Any], base: Path, source: str, workspace: Path | No
     indexes = tuple(_index_job(n, o, features) for n, o in _tables(doc, "indexes").items())
     options = {EXECUTOR_FIELDS.get(k, k): run[k] for k in EXECUTOR_KEYS if k in run}
     return JobSpec(source, datasets, features, heads, rate, executor, run.get("wait"), ws_text, indexes=indexes,
-                   executor_options=options)
+                   executor_options=options, finetunes=finetunes)
 
 
 def _tables(doc: dict[str, Any], section: str) -> dict[str, dict[str, Any]]:
@@ -221,7 +237,19 @@ def _feature_job(name: str, opts: dict[str, Any], datasets: dict) -> FeatureJob:
     _must_exist(chosen, list(datasets), "dataset", where)
     if "dataset" in opts:
         raise ConfigError(f"{where}: use 'datasets = [...]', not 'dataset'")
-    return FeatureJob(check_name("features", name), opts, chosen)
+    finetune = opts.pop("finetune", None)
+    return FeatureJob(check_name("features", name), opts, chosen, finetune)
+
+
+def _finetune_job(name: str, opts: dict[str, Any], datasets: dict) -> FinetuneJob:
+    opts = dict(opts)
+    where = f"[finetune.{name}]"
+    check_types(opts, JOB_KEY_TYPES["finetune"], f"finetune.{name}")
+    if "dataset" not in opts:
+        raise ConfigError(f"{where} needs 'dataset = ...'")
+    dataset = opts.pop("dataset")
+    _must_exist((dataset,), list(datasets), "dataset", where)
+    return FinetuneJob(check_name("finetune", name), dataset, opts)
 
 
 def _head_job(name: str, opts: dict[str, Any], datasets: dict, features: tuple) -> HeadJob:

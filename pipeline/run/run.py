@@ -1,4 +1,4 @@
-"""`imgfeat run`: scan -> extract -> train -> predict -> report for a job file, each only doing new work."""
+"""`imgfeat run`: scan -> finetune -> extract -> train -> predict -> report for a job file, each only doing new work."""
 
 from __future__ import annotations
 
@@ -15,14 +15,15 @@ import pyarrow.compute as pc
 from imgfeat.core import names
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError
-from imgfeat.run.jobfile import FeatureJob, HeadJob, IndexJob, JobSpec, build_config
+from imgfeat.run.jobfile import FeatureJob, FinetuneJob, HeadJob, IndexJob, JobSpec, build_config
 from imgfeat.run.summary import ErrorRate, RunSummary, stage_json, stage_value
 from imgfeat.core.storage import WAIT_HINT, FileLock
 from imgfeat.core.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
-STAGES = ("scan", "extract", "train", "predict", "report", "index")
+STAGES = ("scan", "finetune", "extract", "train", "predict", "report", "index")
+TUNED_PLACEHOLDER = "<tuned weights of finetune.{}>"
 
 
 @contextlib.contextmanager
@@ -40,11 +41,24 @@ def scan_config(job: JobSpec, dataset: str):
     return build_config(ScanConfig, job.datasets[dataset], where, dataset=dataset, wait=job.wait)
 
 
-def extract_config(job: JobSpec, fjob: FeatureJob, dataset: str):
+def extract_config(job: JobSpec, fjob: FeatureJob, dataset: str, tuned: dict[str, str] | None = None):
     from imgfeat.extract.extract import ExtractConfig
 
     where = f"features.{fjob.name}"
-    return build_config(ExtractConfig, fjob.options, where, dataset=dataset, wait=job.wait)
+    if fjob.finetune is None:
+        return build_config(ExtractConfig, fjob.options, where, dataset=dataset, wait=job.wait)
+    # Features of a fine-tune: its backbone and input size unless the section says otherwise, its weights.
+    ft = finetune_config(job, next(f for f in job.finetunes if f.name == fjob.finetune))
+    values = {"backbone": ft.backbone, "input_size": ft.input_size, **fjob.options}
+    weights = (tuned or {}).get(fjob.finetune, TUNED_PLACEHOLDER.format(fjob.finetune))
+    return build_config(ExtractConfig, values, where, dataset=dataset, wait=job.wait, weights=weights)
+
+
+def finetune_config(job: JobSpec, ftjob: FinetuneJob):
+    from imgfeat.finetune import FinetuneConfig
+
+    return build_config(FinetuneConfig, ftjob.options, f"finetune.{ftjob.name}", dataset=ftjob.dataset,
+                        name=ftjob.name, wait=job.wait)
 
 
 def executor_config(job: JobSpec):
@@ -73,6 +87,8 @@ def check_job(job: JobSpec) -> None:
     for name in job.datasets:
         scan_config(job, name)
     executor_config(job)
+    for ftjob in job.finetunes:
+        finetune_config(job, ftjob)
     for fjob in job.features:
         for dataset in fjob.datasets:
             extract_config(job, fjob, dataset)
@@ -99,13 +115,18 @@ def plan_job(ws: Workspace, job: JobSpec) -> dict[str, Any]:
     from imgfeat.scan.scan import plan_scan
 
     check_job(job)
-    plan: dict[str, Any] = {"dry_run": True, "scan": {}, "extract": {}, "heads": {}}
+    plan: dict[str, Any] = {"dry_run": True, "scan": {}, "finetune": {}, "extract": {}, "heads": {}}
+    for ftjob in job.finetunes:
+        plan["finetune"][ftjob.name] = {"dataset": ftjob.dataset, "note": "fine-tuned unless the same "
+                                        "configuration on the same data exists (or resumed from its checkpoint)"}
     scans = {name: plan_scan(ws, scan_config(job, name)) for name in job.datasets}
     plan["scan"] = {name: p.to_json() for name, p in scans.items()}
     for fjob in job.features:
         for dataset in fjob.datasets:
             key = f"{fjob.name}/{dataset}"
-            if ws.manifest_path(dataset).exists():
+            if fjob.finetune is not None:
+                p = {"todo": None, "note": f"extracted with the tuned weights of finetune.{fjob.finetune}"}
+            elif ws.manifest_path(dataset).exists():
                 p = stage_json(plan_extract(ws, extract_config(job, fjob, dataset)))
             else:
                 p = {"todo": None, "note": "dataset not scanned yet"}
@@ -132,7 +153,8 @@ def run_job_spec(ws: Workspace, job: JobSpec, run_id: str, summary: RunSummary |
     check_inputs(job)
     timings = summary.timings
     _timed(timings, "scan", lambda: _scan_all(ws, job, run_id, summary))
-    featuresets = _timed(timings, "extract", lambda: _extract_all(ws, job, run_id, summary))
+    tuned = _timed(timings, "finetune", lambda: _finetune_all(ws, job, run_id, summary)) if job.finetunes else {}
+    featuresets = _timed(timings, "extract", lambda: _extract_all(ws, job, run_id, summary, tuned))
     heads = _timed(timings, "train", lambda: _train_all(ws, job, featuresets, run_id, summary))
     _timed(timings, "predict", lambda: _predict_all(ws, job, heads, run_id, summary))
     _timed(timings, "report", lambda: _report_all(ws, job, heads, run_id, summary))
@@ -157,13 +179,27 @@ def _scan_all(ws: Workspace, job: JobSpec, run_id: str, summary: RunSummary) -> 
             summary.scan[name] = run_scan(ws, scan_config(job, name), run_id)
 
 
-def _extract_all(ws: Workspace, job: JobSpec, run_id: str, summary: RunSummary) -> dict[tuple[str, str], str]:
+def _finetune_all(ws: Workspace, job: JobSpec, run_id: str, summary: RunSummary) -> dict[str, str]:
+    """Returns {finetune name: path of its tuned backbone weights}."""
+    from imgfeat.finetune import run_finetune
+
+    tuned = {}
+    with stage_lock(ws, "finetune", job.wait):
+        for ftjob in job.finetunes:
+            out = run_finetune(ws, finetune_config(job, ftjob), run_id)
+            summary.finetune[ftjob.name] = out
+            tuned[ftjob.name] = stage_value(out, "weights")
+    return tuned
+
+
+def _extract_all(ws: Workspace, job: JobSpec, run_id: str, summary: RunSummary,
+                 tuned: dict[str, str] | None = None) -> dict[tuple[str, str], str]:
     """Returns {(features name, dataset): featureset}."""
     featuresets: dict[tuple[str, str], str] = {}
     with stage_lock(ws, "extract", job.wait):
         for fjob in job.features:
             for dataset in fjob.datasets:
-                out = _extract_one(ws, job, extract_config(job, fjob, dataset), run_id)
+                out = _extract_one(ws, job, extract_config(job, fjob, dataset, tuned), run_id)
                 summary.extract[f"{fjob.name}/{dataset}"] = out
                 featuresets[(fjob.name, dataset)] = stage_value(out, "featureset")
                 names.record(ws, names.FEATURESETS, fjob.name, stage_value(out, "featureset"))  # the recipe's latest

@@ -46,6 +46,7 @@ class RunSummary:
 
     job: str
     scan: dict[str, ScanSummary] = field(default_factory=dict)
+    finetune: dict[str, Any] = field(default_factory=dict)  # finetune name (only when the job has some)
     extract: dict[str, Any] = field(default_factory=dict)  # "<features>/<dataset>"
     train: dict[str, Any] = field(default_factory=dict)  # head name
     predict: dict[str, Any] = field(default_factory=dict)  # "<head>/<dataset>"
@@ -59,7 +60,7 @@ class RunSummary:
     def model_work(self) -> bool:
         """Whether any backbone ran or any head was trained (False for a run with nothing new)."""
         return any(stage_value(s, "extracted") for s in self.extract.values()) or any(
-            not stage_value(s, "reused") for s in self.train.values()
+            not stage_value(s, "reused") for s in [*self.train.values(), *self.finetune.values()]
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -68,6 +69,7 @@ class RunSummary:
         return {
             "job": self.job,
             "scan": {k: v.to_json() for k, v in self.scan.items()},
+            **({"finetune": {k: stage_json(v) for k, v in self.finetune.items()}} if self.finetune else {}),
             "extract": {k: stage_json(v) for k, v in self.extract.items()},
             "train": train,
             "predict": {k: stage_json(v) for k, v in self.predict.items()},

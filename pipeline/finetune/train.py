@@ -1,0 +1,204 @@
+"""The finetune stage: warm-start a head, unfreeze the backbone's top, train with checkpoints, write artifacts."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from imgfeat.backbones import get_backbone
+from imgfeat.backbones.weights import resolve_weights
+from imgfeat.core.errors import ConfigError, unknown_value
+from imgfeat.core.storage import WAIT_HINT, FileLock, write_bytes_atomic
+from imgfeat.core.workspace import Workspace, check_name
+from imgfeat.extract.decode import DecodeConfig
+from imgfeat.finetune.blocks import family_pattern
+from imgfeat.heads.data import canonical_json
+
+log = logging.getLogger(__name__)
+
+META_FILE, MODEL_FILE, WEIGHTS_FILE, CURVES_FILE = "finetune.json", "model.keras", "backbone.weights.h5", "curves.png"
+CKPT_WEIGHTS, CKPT_BEST, CKPT_STATE = "checkpoint.weights.h5", "best.weights.h5", "checkpoint.json"
+PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+AUGMENT_NAMES = ("flip", "rotate", "zoom", "contrast")  # the layers are in model.AUGMENTATIONS
+# Fields that do not change the result (so they stay out of the finetune id).
+_NOT_PARAMS = ("name", "tensorboard", "wait", "precision", "workers")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """What to fine-tune: a backbone's top blocks plus a new head, on one dataset's labelled images."""
+
+    dataset: str
+    backbone: str
+    weights: str = "imagenet"  # the starting point: imagenet, none, or a .weights.h5 path
+    input_size: int | None = None
+    unfreeze_blocks: int | None = 2
+    unfreeze_from: str | None = None  # a layer name; wins over unfreeze_blocks
+    epochs: int = 3  # fine-tune epochs, after the warm-start epochs
+    warmup_epochs: int = 1  # head only, backbone frozen: the warm start
+    warm_start_head: str | None = None  # a logreg head id on this recipe's frozen features: the head's start
+    learning_rate: float = 1e-4
+    warmup_learning_rate: float = 1e-3
+    batch_size: int = 16
+    augment: tuple[str, ...] = ("flip", "rotate", "zoom", "contrast")
+    dropout: float = 0.2
+    patience: int = 2  # early stopping on validation loss, in fine-tune epochs
+    val_fraction: float = 0.15
+    test_fraction: float = 0.2
+    random_state: int = 0
+    interpolation: str = "bilinear"
+    exif: str = "rotate"
+    precision: str = "auto"  # auto: mixed_float16 on a GPU, float32 elsewhere
+    name: str | None = None
+    tensorboard: str | None = None
+    workers: int = 2  # threads decoding training batches ahead of the model
+    wait: float | None = None
+
+    def __post_init__(self) -> None:
+        check_name("dataset", self.dataset)
+        if self.warm_start_head is not None:
+            check_name("head", self.warm_start_head)
+        if isinstance(self.augment, str) or not all(isinstance(a, str) for a in self.augment):
+            raise ConfigError(f"augment must be a list of names, got {self.augment!r}")
+        object.__setattr__(self, "augment", tuple(self.augment))  # a job file gives a list
+        if self.name is not None:
+            check_name("finetune", self.name)
+        for name in self.augment:
+            if name not in AUGMENT_NAMES:
+                raise unknown_value("augmentation", name, AUGMENT_NAMES)
+        for key in ("epochs", "batch_size", "patience", "workers"):
+            if int(getattr(self, key)) < 1:
+                raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)!r}")
+        if self.warmup_epochs < 0:
+            raise ConfigError(f"warmup_epochs must be 0 or more, got {self.warmup_epochs!r}")
+        if self.unfreeze_from is None and (self.unfreeze_blocks is None or self.unfreeze_blocks < 1):
+            raise ConfigError(f"unfreeze_blocks must be at least 1, got {self.unfreeze_blocks!r}")
+        for key in ("learning_rate", "warmup_learning_rate"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"{key} must be above 0, got {getattr(self, key)!r}")
+        if not 0.0 < self.val_fraction < 1.0 or not 0.0 <= self.test_fraction < 1.0:
+            raise ConfigError(f"val_fraction must be in (0, 1) and test_fraction in [0, 1), got "
+                              f"{self.val_fraction!r} and {self.test_fraction!r}")
+        if self.tensorboard is not None and importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError(f"tensorboard = {self.tensorboard!r}: TensorBoard logs need the tensorboard "
+                              "package (pip install tensorboard), which is not installed")
+        if self.precision not in PRECISIONS:
+            raise unknown_value("precision", self.precision, PRECISIONS)
+
+    def params(self) -> dict[str, Any]:
+        values = asdict(self)
+        return {k: v for k, v in values.items() if k not in _NOT_PARAMS}
+
+    @property
+    def total_epochs(self) -> int:
+        return self.warmup_epochs + self.epochs
+
+
+@dataclass(frozen=True)
+class FinetuneSummary:
+    """What `imgfeat finetune --json` prints: name, metrics (test_accuracy), weights, and counts."""
+
+    name: str
+    finetune_id: str
+    reused: bool
+    backbone: str
+    metrics: dict[str, Any]
+    weights: str
+    weights_sha256: str
+    model: str
+    dir: str
+    epochs_run: int
+    resumed_from_epoch: int
+    skipped_images: int
+    n_train: int
+    n_val: int
+    n_test: int
+    seconds: float
+    seconds_per_epoch: list[float] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def finetune_dir(ws: Workspace, finetune_id: str) -> Path:
+    """finetune/<id>/ in the workspace (next to heads/; kept here so this stage stays self-contained)."""
+    return ws.root / "finetune" / check_name("finetune", finetune_id)
+
+
+def make_finetune_id(cfg: FinetuneConfig, base_identity: str, data_hash: str) -> str:
+    key = canonical_json({"params": cfg.params(), "base": base_identity, "data": data_hash})
+    return f"{cfg.name or cfg.dataset}-{cfg.backbone}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+
+
+def data_hash(rows) -> str:
+    """sha256 of every (role, id, label) of train, val and test: the data's identity."""
+    h = hashlib.sha256()
+    for role, split in (("train", rows.train), ("val", rows.val), ("test", rows.test)):
+        for i, y in zip(split.ids.tolist(), split.y.tolist()):
+            h.update(f"{role}\t{i}\t{rows.classes[y]}\n".encode())
+    return h.hexdigest()
+
+
+def run_finetune(ws: Workspace, cfg: FinetuneConfig, run_id: str) -> FinetuneSummary:
+    """Fine-tune (or reuse, or resume) and return the summary."""
+    from imgfeat.finetune.data import read_rows
+
+    t0 = time.perf_counter()
+    spec = get_backbone(cfg.backbone)
+    if cfg.unfreeze_from is None:
+        family_pattern(spec)  # a family without named blocks fails here, before any work
+    size = spec.check_input_size(cfg.input_size)
+    base = resolve_weights(spec, cfg.weights, size).identity
+    rows = read_rows(ws, cfg.dataset, cfg.test_fraction, cfg.val_fraction, cfg.random_state)
+    fid = make_finetune_id(cfg, base, data_hash(rows))
+    out = finetune_dir(ws, fid)
+    if (out / META_FILE).is_file():
+        log.info("fine-tune %s already done with this configuration on this data; reusing it", fid)
+        return summary(ws, fid, reused=True, seconds=time.perf_counter() - t0)
+    with FileLock(ws.locks_dir / f"finetune-{fid}.lock", f"fine-tune {fid}", cfg.wait, hint=WAIT_HINT):
+        if not (out / META_FILE).is_file():
+            from imgfeat.finetune.loop import train_and_write
+
+            train_and_write(ws, cfg, spec, size, base, rows, fid, out, run_id)
+    return summary(ws, fid, reused=False, seconds=time.perf_counter() - t0)
+
+
+def read_meta(ws: Workspace, finetune_id: str) -> dict[str, Any]:
+    return json.loads((finetune_dir(ws, finetune_id) / META_FILE).read_text())
+
+
+def summary(ws: Workspace, fid: str, reused: bool, seconds: float) -> FinetuneSummary:
+    meta = read_meta(ws, fid)
+    out = finetune_dir(ws, fid)
+    return FinetuneSummary(
+        name=meta["name"], finetune_id=fid, reused=reused, backbone=meta["backbone"], metrics=meta["metrics"],
+        weights=str(out / WEIGHTS_FILE), weights_sha256=meta["weights_sha256"], model=str(out / MODEL_FILE),
+        dir=str(out), epochs_run=meta["epochs_run"], resumed_from_epoch=meta["resumed_from_epoch"],
+        skipped_images=len(meta["skipped"]), n_train=meta["n_train"], n_val=meta["n_val"],
+        n_test=meta["n_test"], seconds=round(seconds, 3),
+        seconds_per_epoch=[] if reused else meta["seconds_per_epoch"],
+    )
+
+
+def save_keras_atomic(save, final: Path) -> str:
+    """Keras writes only to names ending in .keras/.weights.h5: write to a scratch file, then commit
+    its bytes with the commit protocol. Returns the file's sha256."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=final.parent, prefix=".scratch-") as scratch:
+        tmp = Path(scratch) / final.name
+        save(str(tmp))
+        data = tmp.read_bytes()
+    write_bytes_atomic(data, final)
+    return hashlib.sha256(data).hexdigest()
+
+
+def decode_config(cfg: FinetuneConfig, size: int) -> DecodeConfig:
+    return DecodeConfig(size=(size, size), interpolation=cfg.interpolation, exif=cfg.exif)
+

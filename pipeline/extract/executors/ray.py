@@ -9,12 +9,13 @@ committed ids (resume) and writes the scan-error rows. Only the todo list goes t
 
 Why retries cannot duplicate or lose rows: every todo row carries its position in the
 todo list, and an actor names the shard it writes after the first position of its batch
-(``part-<run>-ray-<first>.parquet``). Batches partition the rows, so names never collide;
+(``part-<run>-c<call>-ray-<first>.parquet``; ``c<call>`` keeps another extract call of the same
+run into this featureset apart). Batches partition the rows, so names never collide;
 a batch retried after an actor dies is the same batch (Ray re-runs the task on the same
 input blocks), so it rewrites the same name with the same rows through ``os.replace``.
 A shard is committed only after all its rows are computed, so a crash leaves either the
 whole shard or nothing. The driver still audits the outcome (every todo id ends as a
-feature or an error row, no id twice in this run's shards) and fails the run otherwise.
+feature or an error row, no id twice in this call's shards) and fails the run otherwise.
 """
 
 from __future__ import annotations

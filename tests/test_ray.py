@@ -118,13 +118,27 @@ def test_ray_featureset_equals_local_and_rerun_does_no_work(ray_cluster, images,
     assert out["build_seconds"] > 0 and out["model_seconds"] > 0  # the actors' timings reach the summary
     assert out["errors"]["by_code"] == {"not_an_image": 1, "unreadable": 1}
     # A shard written on Ray describes itself like a local one.
-    assert all(p.name.startswith("part-r1-ray-") for p in feature_shards(ws, out["featureset"]))
+    assert all(p.name.startswith("part-r1-c000-ray-") for p in feature_shards(ws, out["featureset"]))
     meta = pq.read_schema(feature_shards(ws, out["featureset"])[0]).metadata[S.META_PROVENANCE]
     assert out["featureset"].encode() in meta
 
     again = run_extract_ray(ws, CFG, RayConfig(), "r2")
     assert (again["extracted"], again["reused"], again["model_built"]) == (0, N_IMAGES, False)
     assert (again["errors"]["new"], again["errors"]["known"]) == (0, 2)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_two_ray_calls_of_one_run_keep_both_calls_shards(ray_cluster, images, reference, tmp_path):
+    """One featureset extracted for two datasets under one run id (as ``imgfeat run`` does): the
+    second call's per-batch shard names start at todo position 0 again, and replaced the first's."""
+    ws = Workspace(tmp_path)
+    for name in ("class0", "class1"):  # the corrupt PNG (a decode error) is in one, the non-image in the other
+        run_scan(ws, ScanConfig(root=images / name, dataset=name), run_id="scan")
+    for name in ("class0", "class1"):
+        out = run_extract_ray(ws, replace(CFG, dataset=name), RayConfig(), "same")
+        assert out["extracted"] == N_IMAGES // 2 and out["duplicate_rows"] == 0
+    _assert_matches_reference(ws, reference)  # every feature row and error row of both calls
 
 
 @pytest.mark.ray

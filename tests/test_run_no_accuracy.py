@@ -14,9 +14,8 @@ from imgfeat.run.summary import RunSummary
 from tiny_images import write_noise_images
 
 # 'flat' has no split folders and its head holds out nothing (test_fraction 0); 'split' has a
-# test folder whose only class never appears in train, so no row can be scored. (Two recipes:
-# one featureset extracted for two datasets in one run overwrites its first shard, a bug of
-# the shard writer's sequence numbers reported separately.)
+# test folder whose only class never appears in train, so no row can be scored. (Two recipes,
+# one per dataset; one recipe over two datasets in one run is tests/test_shard_tags.py's case.)
 JOB = """
 [datasets.flat]
 root = "flat"

@@ -87,9 +87,10 @@ def write_table_atomic(table: pa.Table, final: Path, **parquet_options) -> Path:
     return Path(final)
 
 
-def shard_name(run_id: str, seq: int, suffix: str = ".parquet") -> str:
-    """``part-<run>-<seq>.parquet``: the run id keeps concurrent or resumed runs apart."""
-    return f"{SHARD_PREFIX}{run_id}-{seq:05d}{suffix}"
+def shard_name(tag: str, seq: int, suffix: str = ".parquet") -> str:
+    """``part-<tag>-<seq>.parquet``: the tag (the run id; a featureset's adds the extract call,
+    see ``next_shard_tag``) keeps concurrent or resumed runs, and one run's calls, apart."""
+    return f"{SHARD_PREFIX}{tag}-{seq:05d}{suffix}"
 
 
 def list_shards(folder: Path, suffix: str = ".parquet") -> list[Path]:

@@ -38,7 +38,7 @@ from imgfeat.extract.featureset import (
     read_provenance,
 )
 from imgfeat.extract.recipe import Provenance, Resolved, resolve_recipe
-from imgfeat.extract.shards import FeaturesetDirs, ShardSink, ShardWriter, error_row
+from imgfeat.extract.shards import FeaturesetDirs, ShardSink, ShardWriter, error_row, next_shard_tag
 from imgfeat.scan.manifest import dataset_root, manifest_file
 
 log = logging.getLogger(__name__)
@@ -398,7 +398,8 @@ def extract_dataset(ws: Workspace, cfg: ExtractConfig, run_id: str,
         for _ in walk_manifest(ws, cfg.dataset, done, plan, run_id):
             pass
         prov = ensure_provenance(ws, resolved)
-        job = ExtractJob(ws, resolved, prov, inputs, cfg.shard_size, cfg.npy, run_id)
+        job = ExtractJob(ws, resolved, prov, inputs, cfg.shard_size, cfg.npy, run_id,
+                         next_shard_tag(FeaturesetDirs.of(ws, fs), run_id))
         tally, stats, sink = Tally(), LoopStats(), _sink(job)
         with _committing(sink):
             items = walk_manifest(ws, cfg.dataset, done, tally, run_id, on_error=sink.add_error)
@@ -413,7 +414,7 @@ def extract_dataset(ws: Workspace, cfg: ExtractConfig, run_id: str,
 
 def _sink(job: ExtractJob) -> ShardSink:
     dirs = FeaturesetDirs.of(job.ws, job.featureset)
-    return ShardSink(ShardWriter(dirs, job.run_id, job.provenance, job.shard_size, job.npy))
+    return ShardSink(ShardWriter(dirs, job.shard_tag, job.provenance, job.shard_size, job.npy))
 
 
 @contextlib.contextmanager
@@ -474,8 +475,9 @@ def extract_files(ws: Workspace, featureset: str, paths: Sequence[str | Path], r
     with open_featureset(ws, featureset, wait) as done:
         items, new_errors = _file_todo(probes, done, run_id)
         if items or new_errors:
+            tag = next_shard_tag(FeaturesetDirs.of(ws, featureset), run_id)
             job = ExtractJob(ws, resolved, ensure_provenance(ws, resolved), cfg.input_spec(resolved),
-                             cfg.shard_size, cfg.npy, run_id)
+                             cfg.shard_size, cfg.npy, run_id, tag)
             sink = _sink(job)
             with _committing(sink):
                 for row in new_errors:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from imgfeat.core import schemas as S
-from imgfeat.core.storage import atomic_path, shard_name, write_table_atomic
+from imgfeat.core.storage import SHARD_PREFIX, atomic_path, shard_name, write_table_atomic
 from imgfeat.core.workspace import Workspace
 from imgfeat.extract.recipe import Provenance
 
@@ -43,6 +44,7 @@ def error_row(image_id: str | None, path: str | None, stage: str, code: str, mes
 
 
 ERRORS_TAG = "errors"  # how ShardWriter.written names an error shard
+CALL_MARK = "c"  # part-<run>-c<call>-...: the extract call's number within the run, per featureset
 
 
 @dataclass(frozen=True)
@@ -62,8 +64,24 @@ class FeaturesetDirs:
         return (self.features, self.errors, self.npy)
 
 
+def next_shard_tag(dirs: FeaturesetDirs, run_id: str) -> str:
+    """``<run>-c<k>`` with ``k`` one past every call of ``run_id`` already on disk in the featureset.
+
+    One run may extract into a featureset more than once (``imgfeat run`` over two datasets, or
+    ``imgfeat predict FILE`` twice); numbering shards from 0 again would replace the earlier
+    call's committed shards. Call it while holding the featureset's lock.
+    """
+    pattern = re.compile(re.escape(f"{SHARD_PREFIX}{run_id}-{CALL_MARK}") + r"(\d+)-")
+    calls = [int(m.group(1)) for d in dirs.all() if d.is_dir()
+             for p in d.rglob(SHARD_PREFIX + "*") if (m := pattern.match(p.name))]
+    return f"{run_id}-{CALL_MARK}{max(calls, default=-1) + 1:03d}"
+
+
 class ShardWriter:
     """Buffers rows and commits ``part-<tag>-<seq>`` shards of ``shard_size`` rows.
+
+    ``tag`` must be unique to this writer's extract call within the featureset
+    (``next_shard_tag``): a writer numbers from ``start_seq`` and replaces any shard of the same name.
 
     A feature shard is committed Parquet first, then its NPY sidecar, so a sidecar never exists
     without its shard. ``start_seq`` numbers the first shard (an executor that names shards by

@@ -70,7 +70,8 @@ class ExtractJob:
     inputs: InputSpec
     shard_size: int
     npy: bool
-    run_id: str
+    run_id: str  # what the rows say
+    shard_tag: str  # what the shards are named by: unique per extract call in the featureset (next_shard_tag)
 
     @property
     def featureset(self) -> str:

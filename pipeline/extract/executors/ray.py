@@ -9,12 +9,13 @@ committed ids (resume) and writes the scan-error rows. Only the todo list goes t
 
 Why retries cannot duplicate or lose rows: every todo row carries its position in the
 todo list, and an actor names the shard it writes after the first position of its batch
-(``part-<run>-ray-<first>.parquet``). Batches partition the rows, so names never collide;
+(``part-<run>-c<call>-ray-<first>.parquet``; ``c<call>`` keeps another extract call of the same
+run into this featureset apart). Batches partition the rows, so names never collide;
 a batch retried after an actor dies is the same batch (Ray re-runs the task on the same
 input blocks), so it rewrites the same name with the same rows through ``os.replace``.
 A shard is committed only after all its rows are computed, so a crash leaves either the
 whole shard or nothing. The driver still audits the outcome (every todo id ends as a
-feature or an error row, no id twice in this run's shards) and fails the run otherwise.
+feature or an error row, no id twice in this call's shards) and fails the run otherwise.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import pyarrow as pa
 
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError, ImgfeatError
-from imgfeat.core.storage import column_values, list_shards, shard_name
+from imgfeat.core.storage import SHARD_PREFIX, column_values, list_shards, shard_name
 from imgfeat.core.workspace import Workspace
 from imgfeat.extract.batches import InputSpec, Item, decode_error_row, decode_item, model_input, pad_rows
 from imgfeat.extract.decode import DecodeError
@@ -47,7 +48,7 @@ from imgfeat.extract.shards import FeaturesetDirs, ShardWriter
 log = logging.getLogger(__name__)
 
 NEEDS_RAY = "--executor ray needs Ray: pip install 'imgfeat[ray]'"
-SHARD_TAG = "ray"  # part-<run>-ray-<first todo position>.parquet
+SHARD_TAG = "ray"  # part-<run>-c<call>-ray-<first todo position>.parquet
 ENV_FAULT = "IMGFEAT_RAY_FAULT"  # test hook, see Fault
 FAULT_ACTIONS = ("exit_before_commit", "exit_after_commit", "stop_after_one_shard")
 FAULT_EXIT_CODE = 17
@@ -103,6 +104,12 @@ class Fault:
             return True
         except FileExistsError:
             return False
+
+
+def ray_tag(job: ExtractJob) -> str:
+    """The call's shard tag plus ``ray``: a batch's shard is named by its first todo position, so a
+    retried batch replaces only its own shard, never another call's."""
+    return f"{job.shard_tag}-{SHARD_TAG}"
 
 
 def attempts_dir(ws: Workspace, run_id: str) -> Path:
@@ -163,7 +170,7 @@ class ShardActor:
         report = BatchReport(int(ok.sum()), errors, model_seconds=time.perf_counter() - t0,
                              decode_seconds=float(batch[DECODE_SECONDS].sum()),
                              input_wait_seconds=t0 - self.idle_since, build_seconds=self.build_seconds,
-                             shard=shard_name(f"{self.job.run_id}-{SHARD_TAG}", first))
+                             shard=shard_name(ray_tag(self.job), first))
         self.build_seconds = 0.0
         if self.fault:
             self.fault.strike("before_commit")
@@ -186,7 +193,7 @@ class ShardActor:
     def commit(self, first: int, ids: list[str], X: np.ndarray, errors: list[dict[str, Any]]) -> None:
         """Features then errors, each under the same deterministic name (so a retry overwrites)."""
         job = self.job
-        writer = ShardWriter(FeaturesetDirs.of(job.ws, job.featureset), f"{job.run_id}-{SHARD_TAG}", job.provenance,
+        writer = ShardWriter(FeaturesetDirs.of(job.ws, job.featureset), ray_tag(job), job.provenance,
                              shard_size=max(1, len(ids) + 1), npy=job.npy, start_seq=first)
         writer.add_errors(errors)
         if ids:
@@ -345,9 +352,9 @@ def _reports(ds) -> Iterator[BatchReport]:
 
 def _audit(job: ExtractJob, todo: list[Item]) -> int:
     """Every todo id ended as a feature or error row (raise if one is missing); return how many ids
-    this run's shards hold twice."""
+    this call's shards hold twice."""
     ws, fs = job.ws, job.featureset
-    prefix = f"part-{job.run_id}-{SHARD_TAG}-"
+    prefix = f"{SHARD_PREFIX}{ray_tag(job)}-"
     mine = [p for p in list_shards(ws.featureset_dir(fs)) if p.name.startswith(prefix)]
     ids = column_values(mine, S.IMAGE_ID)
     ended = committed_ids(ws, fs) | errored_ids(ws, fs)

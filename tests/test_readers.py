@@ -152,6 +152,30 @@ def test_an_old_layout_featureset_is_migrated_to_a_folder_polars_reads(ws):
     assert got[S.IMAGE_ID].to_list() == ["a", "b", "c"] and got[S.FEATURE].to_list() == X.tolist()
 
 
+@pytest.mark.quick
+def test_a_shard_being_written_is_not_in_the_folder(ws):
+    """Polars and DuckDB read hidden files and subfolders too, pyarrow and Spark any file not
+    starting with '.' or '_': a half-written shard is staged outside the folder until its rename."""
+    from imgfeat.core.storage import atomic_path, remove_stale_tmp, temp_path
+
+    X = np.ones((2, 4), np.float32)
+    write_featureset(ws, "fs", ["a", "b"], X, dtype="float32")
+    folder = ws.featureset_dir("fs")
+    want = Expected(str(folder), pd.DataFrame({S.IMAGE_ID: ["a", "b"], S.FEATURE: list(X)}), S.IMAGE_ID, S.FEATURE)
+    final = folder / "part-next-00000.parquet"
+    with pytest.raises(RuntimeError, match="writer died"):
+        with atomic_path(final) as tmp:
+            tmp.write_bytes(b"PAR1 half a shard")
+            assert tmp == temp_path(final) and not tmp.is_relative_to(folder)
+            for reader in ("pandas.read_parquet", "polars.read_parquet", "polars.scan_parquet",
+                           "duckdb.read_parquet"):
+                assert_exact_rows(READERS[reader](str(folder)), want, reader)
+            raise RuntimeError("writer died mid-shard")
+    assert not tmp.exists() and not final.exists()
+    tmp.write_bytes(b"left by a killed process")
+    assert remove_stale_tmp(folder) == 1 and not tmp.exists()  # the next writer cleans it
+
+
 @pytest.mark.parametrize("reader", list(READERS))
 @pytest.mark.parametrize("kind", ["featureset", "predictions", "dataset"])
 def test_the_folder_opens_as_exactly_its_rows(tables, reader, kind):

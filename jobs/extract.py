@@ -12,10 +12,10 @@ DESCRIPTION = """\
 Run a Keras backbone (include_top=False, pooled) over every image of a scanned dataset
 and write the features as Parquet shards under the workspace's features/:
 
-  FEATURESET/part-<run>-<seq>.parquet          image_id, feature (fixed_size_list<float32|float16>[dim])
-  _provenance/FEATURESET.json                  provenance, written first (also in every shard's metadata)
-  _errors/FEATURESET/part-<run>-<seq>.parquet  images that could not be read or decoded, bad scan rows
-  _npy/FEATURESET/part-<run>-<seq>.npy         with --npy: the same rows as a NumPy array
+  FEATURESET/part-*.parquet          image_id, feature (fixed_size_list<float32|float16>[dim])
+  _provenance/FEATURESET.json        provenance, written first (also in every shard's metadata)
+  _errors/FEATURESET/part-*.parquet  images that could not be read or decoded, bad scan rows
+  _npy/FEATURESET/part-*.npy         with --npy: the same rows as a NumPy array
 
 features/FEATURESET/ holds nothing but its feature shards, so it opens as exactly its rows
 with any reader given the folder, no glob: pandas, pyarrow, Polars (read and scan), DuckDB,

@@ -10,16 +10,17 @@ MAX_FILE_MIB = 1024  # the default of --max-file-bytes, in MiB (kept here so --h
 
 DESCRIPTION = """\
 Run a Keras backbone (include_top=False, pooled) over every image of a scanned dataset
-and write the features as Parquet shards under features/FEATURESET/:
+and write the features as Parquet shards under the workspace's features/:
 
-  part-<run>-<seq>.parquet         image_id, feature (fixed_size_list<float32|float16>[dim])
-  _npy/part-<run>-<seq>.npy        with --npy: the same rows as a NumPy array
-  _errors/part-<run>-<seq>.parquet images that could not be read or decoded, and bad scan rows
-  _featureset.json                 provenance (also in every shard's Parquet metadata)
+  FEATURESET/part-*.parquet          image_id, feature (fixed_size_list<float32|float16>[dim])
+  _provenance/FEATURESET.json        provenance, written first (also in every shard's metadata)
+  _errors/FEATURESET/part-*.parquet  images that could not be read or decoded, bad scan rows
+  _npy/FEATURESET/part-*.npy         with --npy: the same rows as a NumPy array
 
-The folder opens as exactly its feature rows with any Parquet reader (pandas, pyarrow,
-Polars, DuckDB, Spark, Ray Data): side files live in folders whose names start with '_',
-and the writer's lock lives under the workspace's .locks/.
+features/FEATURESET/ holds nothing but its feature shards, so it opens as exactly its rows
+with any reader given the folder, no glob: pandas, pyarrow, Polars (read and scan), DuckDB,
+Spark (float32 only), Hugging Face datasets, Ray Data. The writer's lock lives under the
+workspace's .locks/; a featureset of an older layout is moved to this one when opened.
 
 FEATURESET is <backbone>-<size>-<pooling or layer>-<dtype>-<fingerprint8>; the fingerprint
 covers everything that changes the numbers (backbone, weights file hash or 'none' + seed,

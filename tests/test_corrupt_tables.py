@@ -51,7 +51,7 @@ def test_a_corrupt_manifest_exits_1_naming_it_from_the_cli(ws, tmp_path, capsys)
 
 
 def test_a_corrupt_shard_or_provenance_names_the_file(ws):
-    from imgfeat.extract.featureset import PROVENANCE_FILE, committed_ids, featureset_info
+    from imgfeat.extract.featureset import committed_ids, featureset_info
     from synthetic import BlobSpec, write_blob_dataset
 
     write_blob_dataset(ws, "toy", "fs", BlobSpec(classes=("a", "b"), per_class=4, dim=4))
@@ -62,7 +62,7 @@ def test_a_corrupt_shard_or_provenance_names_the_file(ws):
         committed_ids(ws, "fs")
     assert str(shard) in str(err.value) and "delete it" in str(err.value)
     for text in (b"{garbage", b"[1, 2]", b"\xff\xfe"):
-        (folder / PROVENANCE_FILE).write_bytes(text)
+        ws.featureset_provenance("fs").write_bytes(text)
         with pytest.raises(ImgfeatError) as err:
             featureset_info(ws, "fs")
-        assert str(folder / PROVENANCE_FILE) in str(err.value) and "imgfeat extract" in str(err.value)
+        assert str(ws.featureset_provenance("fs")) in str(err.value) and "imgfeat extract" in str(err.value)

@@ -20,8 +20,9 @@ from imgfeat.core.errors import ConfigError
 from imgfeat.core.storage import list_shards
 from imgfeat.core.workspace import Workspace
 from imgfeat.extract.featureset import (
-    PROVENANCE_FILE,
+    OLD_PROVENANCE_FILE,
     feature_shards,
+    featureset_info,
     load_features,
     read_errors,
 )
@@ -154,12 +155,12 @@ def test_a_foreign_shard_never_overrides_features(ws, tmp_path):
 
 
 def test_extract_refuses_an_edited_provenance(ws, tmp_path):
-    """Item 5: before, editing _featureset.json made extract write float32 shards into a float16 name."""
+    """Item 5: before, editing the provenance made extract write float32 shards into a float16 name."""
     from imgfeat.extract.extract import run_extract
 
     scanned(ws, tmp_path / "imgs", 2, "d")
     out = run_extract(ws, cfg("d", dtype="float16"), "r1")
-    path = ws.featureset_dir(out["featureset"]) / PROVENANCE_FILE
+    path = ws.featureset_provenance(out["featureset"])
     prov = json.loads(path.read_text())
     path.write_text(json.dumps({**prov, "dtype": "float32"}))
     noise(tmp_path / "imgs" / "new.jpg", 77)
@@ -220,8 +221,9 @@ def test_bad_values_exit_2_before_anything_is_written(ws, tmp_path, capsys, argv
 
 
 def test_an_old_layout_is_migrated_on_open(ws, tmp_path):
-    """Error shards from <fs>/errors/ and sidecars from <fs>/ move beside the folder, the old .lock
-    goes, orphan sidecars are dropped: the folder keeps only its feature shards and provenance."""
+    """The provenance from <fs>/_featureset.json, error shards from <fs>/errors/ and sidecars from
+    <fs>/ move beside the folder, the old .lock goes, orphan sidecars are dropped: the folder keeps
+    only its feature shards."""
     from imgfeat.extract.extract import run_extract
 
     scanned(ws, tmp_path / "imgs", 5, "d")
@@ -234,12 +236,15 @@ def test_an_old_layout_is_migrated_on_open(ws, tmp_path):
     shutil.move(errors, folder / "errors")
     for p in npy.iterdir():
         p.rename(folder / p.name)
+    ws.featureset_provenance(fs).rename(folder / OLD_PROVENANCE_FILE)
     (folder / ".lock").write_text("{}")
     (folder / "part-gone-00000.npy").write_bytes(b"orphan")
     assert len(read_errors(ws, fs)) == 1  # readable before the migration too
+    assert featureset_info(ws, fs)["featureset"] == fs and len(load_features(ws, fs)[0]) == 5
     again = run_extract(ws, cfg("d", npy=True), "r2")
     assert (again["reused"], again["errors"]["known"], again["model_built"]) == (5, 1, False)
     shards = sorted(p.name for p in list_shards(folder))
-    assert sorted(p.name for p in folder.iterdir()) == sorted([PROVENANCE_FILE, *shards])
+    assert sorted(p.name for p in folder.iterdir()) == shards
+    assert json.loads(ws.featureset_provenance(fs).read_text())["featureset"] == fs
     assert sorted(p.name for p in npy.iterdir()) == sorted(s.replace(".parquet", ".npy") for s in shards)
     assert len(list_shards(errors)) == 1

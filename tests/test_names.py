@@ -131,6 +131,7 @@ def test_prune_is_a_dry_run_then_removes_only_what_nothing_uses(ws, two_versions
     assert not ws.head_dir(old).exists() and not ws.predictions_dir(old).exists()
     assert ws.head_dir(new).is_dir() and ws.predictions_dir(new).is_dir() and ws.featureset_dir("fs2").is_dir()
     assert not ws.featureset_dir("fs-unused").exists() and not ws.featureset_dir("fs1").exists()
+    assert not ws.featureset_provenance("fs1").exists() and ws.featureset_provenance("fs2").is_file()
     assert resolve_head(ws, "nightly") == new
     assert [e[N.ID] for e in N.read_index(ws, N.HEADS)["nightly"]] == [new]
     assert main(["prune", "--workspace", str(ws.root)]) == 0

@@ -17,6 +17,10 @@ import pyarrow.parquet as pq
 from imgfeat.core.errors import ImgfeatError, LockBusyError
 
 TMP_SUFFIX = ".tmp"
+# Polars, DuckDB, pyarrow and Spark read every file of a folder they are given (Polars and DuckDB
+# hidden files and subfolders too), so a Parquet file is written outside its table folder, in
+# <folder's parent>/.staging/<folder>/, and renamed into it: a reader never meets a half-written file.
+STAGING_DIR = ".staging"
 SHARD_PREFIX = "part-"
 
 
@@ -44,16 +48,30 @@ def _disk_error(path: Path, exc: OSError) -> ImgfeatError:
     return ImgfeatError(f"cannot write {path}: {reason}")
 
 
+def temp_path(final: Path) -> Path:
+    """Where ``final`` is written before its commit: ``<final>.tmp`` beside it, or for a Parquet
+    file (one part of a table folder) the same name under the staging folder beside it."""
+    final = Path(final)
+    if final.suffix != ".parquet":
+        return final.with_name(final.name + TMP_SUFFIX)
+    return staging_dir(final.parent) / (final.name + TMP_SUFFIX)
+
+
+def staging_dir(folder: Path) -> Path:
+    return Path(folder).parent / STAGING_DIR / Path(folder).name
+
+
 @contextlib.contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
-    """Yield ``<final>.tmp`` to write; on success fsync it and ``os.replace`` it into place.
+    """Yield a temporary path (``temp_path``) to write; on success fsync it and ``os.replace`` it into place.
 
     On any failure the temporary file is removed, so readers only ever see complete files.
     """
     final = Path(final)
-    tmp = final.with_name(final.name + TMP_SUFFIX)
+    tmp = temp_path(final)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         _fsync_file(tmp)
         os.replace(tmp, final)
@@ -133,14 +151,15 @@ def column_values(paths: Iterable[Path], column: str) -> list:
 
 
 def remove_stale_tmp(folder: Path) -> int:
-    """Delete ``*.tmp`` left by a crashed writer; call only while holding the folder's lock."""
-    folder = Path(folder)
+    """Delete ``*.tmp`` left by a crashed writer, in the folder and its staging folder; call only
+    while holding the folder's lock."""
     removed = 0
-    if folder.is_dir():
-        for p in folder.rglob("*" + TMP_SUFFIX):
-            with contextlib.suppress(OSError):
-                p.unlink()
-                removed += 1
+    for where in (Path(folder), staging_dir(folder)):
+        if where.is_dir():
+            for p in where.rglob("*" + TMP_SUFFIX):
+                with contextlib.suppress(OSError):
+                    p.unlink()
+                    removed += 1
     return removed
 
 

@@ -63,9 +63,13 @@ class Workspace:
     def featureset_dir(self, featureset: str) -> Path:
         return self.root / "features" / check_name("featureset", featureset)
 
-    # A featureset folder holds only its feature shards (and _featureset.json), so every Parquet
-    # reader opens it as exactly its rows; its error rows and NPY sidecars live beside it, under
+    # A featureset folder holds only its feature shards, so every Parquet reader opens it as exactly
+    # its rows; its provenance, error rows and NPY sidecars live beside it, under features/_provenance/,
     # features/_errors/ and features/_npy/ ('_' names are never featureset names).
+    def featureset_provenance(self, featureset: str) -> Path:
+        """The featureset's provenance JSON (written first: it is what makes a featureset exist)."""
+        return self.root / "features" / "_provenance" / f"{check_name('featureset', featureset)}.json"
+
     def featureset_errors_dir(self, featureset: str) -> Path:
         return self.root / "features" / "_errors" / check_name("featureset", featureset)
 

@@ -31,10 +31,10 @@ from imgfeat.extract.executors import (
     make_executor,
 )
 from imgfeat.extract.featureset import (
-    PROVENANCE_FILE,
     committed_ids,
     error_shards,
     migrate_layout,
+    provenance_path,
     read_provenance,
 )
 from imgfeat.extract.recipe import Provenance, Resolved, resolve_recipe
@@ -347,23 +347,26 @@ def plan_extract(ws: Workspace, cfg: ExtractConfig) -> dict[str, Any]:
 
 def ensure_provenance(ws: Workspace, resolved: Resolved) -> Provenance:
     """The featureset's provenance: checked against its folder's name when it exists, written first
-    when new. A layer tap's width is only known from the built graph (random weights are enough);
-    building it also rejects an unknown layer before anything is written."""
+    when new, with the (empty) featureset folder, so a featureset of only error rows still lists.
+    A layer tap's width is only known from the built graph (random weights are enough); building
+    it also rejects an unknown layer before anything is written."""
     fs = resolved.recipe.name()
-    if (ws.featureset_dir(fs) / PROVENANCE_FILE).is_file():
+    path = provenance_path(ws, fs)
+    if path.is_file():
         prov = read_provenance(ws, fs)
         if prov.recipe != resolved.recipe or not prov.matches_name():
             raise ConfigError(
-                f"{ws.featureset_dir(fs) / PROVENANCE_FILE} does not describe featureset {fs} (it was edited "
-                "or copied from another featureset); refusing to add rows to it. Restore the file, or move "
-                "the folder away and extract again"
+                f"{path} does not describe featureset {fs} (it was edited or copied from another "
+                f"featureset); refusing to add rows to it. Restore the file, or move it and "
+                f"{ws.featureset_dir(fs)} away and extract again"
             )
         return prov
     dim = resolved.spec_dim()
     if not dim:
         dim = int(_layer_model(resolved).outputs[0].shape[-1])
     prov = Provenance.create(resolved, dim)
-    write_json_atomic(prov.to_json(), ws.featureset_dir(fs) / PROVENANCE_FILE)
+    write_json_atomic(prov.to_json(), ws.featureset_provenance(fs))
+    ws.featureset_dir(fs).mkdir(parents=True, exist_ok=True)
     return prov
 
 

@@ -23,14 +23,22 @@ from imgfeat.extract.shards import FeaturesetDirs, sidecar_name
 
 log = logging.getLogger(__name__)
 
-PROVENANCE_FILE = "_featureset.json"
-OLD_ERRORS_DIR = "errors"  # the first layout kept side files inside the featureset folder
+OLD_ERRORS_DIR = "errors"  # the first layouts kept side files inside the featureset folder
 OLD_LOCK = ".lock"
+OLD_PROVENANCE_FILE = "_featureset.json"  # Polars and Hugging Face datasets stop at it
+
+
+def provenance_path(ws: Workspace, featureset: str) -> Path:
+    """``features/_provenance/<fs>.json``; a folder of an older layout (not yet migrated by a
+    writer) keeps its ``_featureset.json``, which is read where it is."""
+    path = ws.featureset_provenance(featureset)
+    old = ws.featureset_dir(featureset) / OLD_PROVENANCE_FILE
+    return old if not path.is_file() and old.is_file() else path
 
 
 def featureset_info(ws: Workspace, featureset: str) -> dict[str, Any]:
     """The provenance written when the featureset was created; exit 2 if it does not exist."""
-    path = ws.featureset_dir(featureset) / PROVENANCE_FILE
+    path = provenance_path(ws, featureset)
     if not path.is_file():
         raise unknown_value(
             "featureset",
@@ -47,8 +55,8 @@ def featureset_info(ws: Workspace, featureset: str) -> dict[str, Any]:
     else:
         why = "not a JSON object"
     if not isinstance(info, dict):
-        raise ImgfeatError(f"cannot read {path}: {why}; the featureset's provenance is damaged: delete "
-                           f"{path.parent} and run 'imgfeat extract' again")
+        raise ImgfeatError(f"cannot read {path}: {why}; the featureset's provenance is damaged: delete it and "
+                           f"{ws.featureset_dir(featureset)}, and run 'imgfeat extract' again")
     return info
 
 
@@ -104,14 +112,16 @@ def errored_ids(ws: Workspace, featureset: str) -> set[str]:
 
 
 def migrate_layout(ws: Workspace, featureset: str) -> None:
-    """Bring a featureset of the first layout up to date (call with its lock held): error shards from
-    ``<fs>/errors/`` and sidecars from ``<fs>/`` to their folders beside it, the old lock file out;
-    and drop sidecars whose shard is gone (a sidecar never survives without its shard)."""
+    """Bring a featureset of an older layout up to date (call with its lock held): provenance from
+    ``<fs>/_featureset.json``, error shards from ``<fs>/errors/`` and sidecars from ``<fs>/`` to their
+    places beside the folder, the old lock file out; and drop sidecars whose shard is gone (a
+    sidecar never survives without its shard)."""
     dirs = FeaturesetDirs.of(ws, featureset)
     if not dirs.features.is_dir():
         return
+    moved = _move_provenance(ws, featureset)
     old = dirs.features / OLD_ERRORS_DIR
-    moved = _move_all(list(old.iterdir()) if old.is_dir() else [], dirs.errors)
+    moved += _move_all(list(old.iterdir()) if old.is_dir() else [], dirs.errors)
     moved += _move_all(list(dirs.features.glob("part-*.npy")), dirs.npy)
     if old.is_dir():
         shutil.rmtree(old, ignore_errors=True)
@@ -124,6 +134,19 @@ def migrate_layout(ws: Workspace, featureset: str) -> None:
             if p.name not in shards:
                 log.warning("removing %s: its shard was never committed", p)
                 p.unlink()
+
+
+def _move_provenance(ws: Workspace, featureset: str) -> int:
+    old = ws.featureset_dir(featureset) / OLD_PROVENANCE_FILE
+    if not old.is_file():
+        return 0
+    new = ws.featureset_provenance(featureset)
+    if new.is_file():  # both there (an old copy put back): the one under _provenance/ is in force
+        old.unlink()
+        return 0
+    new.parent.mkdir(parents=True, exist_ok=True)
+    old.replace(new)
+    return 1
 
 
 def _move_all(paths: list[Path], folder: Path) -> int:

@@ -125,7 +125,7 @@ class Resolved:
 
 @dataclass(frozen=True)
 class Provenance:
-    """``_featureset.json`` and every shard's footer: the recipe plus how and when it was made."""
+    """``features/_provenance/<fs>.json`` and every shard's footer: the recipe plus how and when it was made."""
 
     recipe: Recipe
     source: WeightsSource

@@ -163,7 +163,7 @@ def plan_prune(ws: Workspace) -> PrunePlan:
     all_fs = ws.list_names("features")
     drop_fs = sorted(set(all_fs) - used)
     folders = [p for h in drop_heads for p in _head_folders(ws, h)]
-    folders += [ws.featureset_dir(f) for f in drop_fs]
+    folders += [p for f in drop_fs for p in _featureset_folders(ws, f)]
     # Predictions and reports of heads that are gone already.
     for kind in ("predictions", "file_predictions", "reports"):
         folders += [ws.root / kind / h for h in ws.list_names(kind) if h not in heads]
@@ -182,6 +182,8 @@ def run_prune(ws: Workspace, yes: bool = False) -> PrunePlan:
         for h in plan.heads:
             with contextlib.suppress(FileNotFoundError):
                 (ws.head_dir(h) / HEAD_FILE).unlink()  # first: a head without head.json does not exist
+        for f in plan.featuresets:  # likewise a featureset without its provenance
+            ws.featureset_provenance(f).unlink(missing_ok=True)
         for folder in plan.folders:
             log.info("removing %s", folder)
             shutil.rmtree(folder, ignore_errors=True)
@@ -193,6 +195,10 @@ def run_prune(ws: Workspace, yes: bool = False) -> PrunePlan:
 def _head_folders(ws: Workspace, head_id: str) -> list[Path]:
     return [ws.head_dir(head_id), ws.predictions_dir(head_id), ws.file_predictions_dir(head_id),
             ws.report_dir(head_id)]
+
+
+def _featureset_folders(ws: Workspace, featureset: str) -> list[Path]:
+    return [ws.featureset_dir(featureset), ws.featureset_errors_dir(featureset), ws.featureset_npy_dir(featureset)]
 
 
 def _size(path: Path) -> int:

@@ -85,7 +85,8 @@ def _shard_identity(path: Path) -> tuple[str | None, str | None]:
         meta = pq.read_metadata(path).metadata or {}
         prov = json.loads(meta.get(S.META_PROVENANCE, b"{}"))
     except (OSError, ValueError, pa.ArrowException) as exc:
-        raise ImgfeatError(f"cannot read the footer of {path} ({exc}); move the file away and rerun") from None
+        raise ImgfeatError(f"cannot read the footer of {path} ({exc}): the shard is damaged; delete it (or move "
+                           "it away) and rerun imgfeat extract, which writes its rows again") from None
     return (prov.get("featureset"), prov.get("fingerprint")) if isinstance(prov, dict) else (None, None)
 
 

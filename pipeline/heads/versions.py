@@ -16,9 +16,17 @@ def default_head_name(dataset: str, kind: str) -> str:
 
 
 def committed_heads(ws: Workspace) -> dict[str, dict[str, Any]]:
-    """head_id -> head.json of every committed head."""
-    return {h: json.loads((ws.head_dir(h) / A.HEAD_FILE).read_text())
-            for h in ws.list_names("heads") if A.head_exists(ws, h)}
+    """head_id -> head.json of every committed head (a damaged head.json counts as a head with no
+    facts: using that head then fails with a message naming the file)."""
+    out = {}
+    for h in ws.list_names("heads"):
+        if A.head_exists(ws, h):
+            try:
+                meta = json.loads((ws.head_dir(h) / A.HEAD_FILE).read_text())
+            except (OSError, ValueError):
+                meta = {}
+            out[h] = meta if isinstance(meta, dict) else {}
+    return out
 
 
 def head_index(ws: Workspace, heads: dict[str, dict[str, Any]] | None = None) -> N.Versions:
@@ -32,7 +40,8 @@ def head_index(ws: Workspace, heads: dict[str, dict[str, Any]] | None = None) ->
     legacy = sorted((m.get("created_at", ""), h) for h, m in heads.items() if h not in named)
     for created, h in reversed(legacy):
         m = heads[h]
-        name = m.get("name") or default_head_name(m["dataset"], m["head"])
+        known = "dataset" in m and "head" in m
+        name = m.get("name") or (default_head_name(m["dataset"], m["head"]) if known else h)
         index.setdefault(name, [])[:0] = [{N.ID: h, N.RECORDED_AT: created}]
     return {n: es for n, es in index.items() if es}
 

@@ -121,6 +121,36 @@ def list_shards(folder: Path, suffix: str = ".parquet") -> list[Path]:
     )
 
 
+class TableShardWriter:
+    """Buffers tables of one schema and commits ``part-<run>-<seq>.parquet`` shards of bounded size,
+    never replacing a committed shard (prediction tables; feature shards have their own writer in
+    ``extract/shards.py``, which adds sidecars, error rows and the provenance footer)."""
+
+    def __init__(self, folder: Path, run_id: str, shard_rows: int) -> None:
+        self.folder, self.run_id, self.shard_rows = Path(folder), run_id, shard_rows
+        self._buf: list[pa.Table] = []
+        self._rows = 0
+        self.written = 0
+        self.shards: list[Path] = []
+
+    def add(self, table: pa.Table) -> None:
+        self._buf.append(table)
+        self._rows += table.num_rows
+        if self._rows >= self.shard_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._rows:
+            return
+        table = pa.concat_tables(self._buf)
+        seq = len(list_shards(self.folder))
+        while (self.folder / shard_name(self.run_id, seq)).exists():
+            seq += 1
+        self.shards.append(write_table_atomic(table, self.folder / shard_name(self.run_id, seq)))
+        self.written += table.num_rows
+        self._buf, self._rows = [], 0
+
+
 def read_shards(paths: Iterable[Path], columns: list[str] | None = None,
                 schema: pa.Schema | None = None) -> pa.Table | None:
     """Concatenate committed shards (only ``columns`` when given); None when there are none.

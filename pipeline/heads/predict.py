@@ -28,10 +28,9 @@ from imgfeat.core.progress import progress
 from imgfeat.core.storage import (
     WAIT_HINT,
     FileLock,
+    TableShardWriter,
     list_shards,
     remove_stale_tmp,
-    shard_name,
-    write_table_atomic,
 )
 from imgfeat.core.workspace import Workspace, check_name
 
@@ -150,34 +149,6 @@ def _read(paths: list[Path], columns: list[str] | None = None) -> pa.Table:
     return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
-class ShardWriter:
-    """Buffers prediction tables and commits ``part-<run>-<seq>.parquet`` shards of bounded size."""
-
-    def __init__(self, folder: Path, run_id: str, shard_rows: int) -> None:
-        self.folder, self.run_id, self.shard_rows = folder, run_id, shard_rows
-        self._buf: list[pa.Table] = []
-        self._rows = 0
-        self.written = 0
-        self.shards: list[Path] = []
-
-    def add(self, table: pa.Table) -> None:
-        self._buf.append(table)
-        self._rows += table.num_rows
-        if self._rows >= self.shard_rows:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self._rows:
-            return
-        table = pa.concat_tables(self._buf)
-        seq = len(list_shards(self.folder))
-        while (self.folder / shard_name(self.run_id, seq)).exists():
-            seq += 1
-        self.shards.append(write_table_atomic(table, self.folder / shard_name(self.run_id, seq)))
-        self.written += table.num_rows
-        self._buf, self._rows = [], 0
-
-
 @dataclass(frozen=True)
 class PredictSummary:
     """What predict did: rows written and skipped, and why any image got no prediction."""
@@ -218,7 +189,7 @@ def run_predict(ws: Workspace, cfg: PredictConfig, run_id: str) -> PredictSummar
     with FileLock(ws.locks_dir / f"predictions-{head_id}.lock", f"predictions of head {head_id}",
                   cfg.wait, hint=WAIT_HINT):
         remove_stale_tmp(folder)
-        writer = ShardWriter(folder, run_id, cfg.shard_rows)
+        writer = TableShardWriter(folder, run_id, cfg.shard_rows)
         if cfg.dataset is not None:
             out = _predict_dataset(ws, cfg, head, writer, run_id)
         else:
@@ -236,7 +207,7 @@ def run_predict(ws: Workspace, cfg: PredictConfig, run_id: str) -> PredictSummar
                           **out)
 
 
-def _predict_dataset(ws: Workspace, cfg: PredictConfig, head: LoadedHead, writer: ShardWriter,
+def _predict_dataset(ws: Workspace, cfg: PredictConfig, head: LoadedHead, writer: TableShardWriter,
                      run_id: str) -> dict[str, Any]:
     images, dropped, files = unique_images(read_manifest(ws, cfg.dataset))
     done = predicted_ids(ws, head.head_id, cfg.dataset)
@@ -324,7 +295,7 @@ def expand_paths(items: Sequence[str]) -> tuple[list[Path], list[str]]:
     return [p.absolute() for p in found], unmatched
 
 
-def _predict_files(ws: Workspace, cfg: PredictConfig, head: LoadedHead, writer: ShardWriter,
+def _predict_files(ws: Workspace, cfg: PredictConfig, head: LoadedHead, writer: TableShardWriter,
                    run_id: str) -> dict[str, Any]:
     from imgfeat.extract.extract import extract_files
 

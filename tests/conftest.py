@@ -37,6 +37,15 @@ def pytest_ignore_collect(collection_path, config):
     return True
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (``-n 2 --dist loadgroup``, the default in pyproject.toml), a test file
+    runs on one worker (its module fixtures are built once), and every test that starts a Ray
+    cluster runs on the same worker, one at a time (two local clusters would find each other)."""
+    for item in items:
+        uses_ray = item.get_closest_marker("ray") is not None or item.module.__name__ == "test_ray"
+        item.add_marker(pytest.mark.xdist_group("ray" if uses_ray else item.module.__name__))
+
+
 @pytest.fixture
 def ws(tmp_path, monkeypatch) -> Workspace:
     """An empty workspace under tmp_path, also exported as IMGFEAT_WORKSPACE."""

@@ -59,7 +59,7 @@ def split_rows(manifest: pa.Table, root: str, test_fraction: float, val_fraction
     ok_ids = {i for i, s in zip(manifest.column(S.IMAGE_ID).to_pylist(), manifest.column(S.STATUS).to_pylist())
               if i is not None and s == S.STATUS_OK}
     rows = labelled_rows(manifest, ok_ids, test_fraction, random_state, dataset)
-    df, _ = unique_images(manifest)
+    df, _, _ = unique_images(manifest)
     path_of = dict(zip(df[S.IMAGE_ID], df[S.PATH]))
     classes = rows.classes
     index = {c: i for i, c in enumerate(classes)}

@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = add_command(sub, "dedup", handle, help="near-duplicate groups and train/test leaks of a dataset",
                     description=DESCRIPTION, epilog=EPILOG)
-    p.add_argument("--featureset", required=True, metavar="FS", help="the featureset to compare images by")
+    p.add_argument("--featureset", required=True, metavar="FS", help="the featureset to compare images by: its name, a recipe name or RECIPE@ID")
     p.add_argument("--dataset", required=True, metavar="NAME", help="the dataset to look into")
     p.add_argument("--threshold", type=fraction, default=DEFAULT_THRESHOLD, metavar="T",
                    help="cosine similarity at or above which two images are near-duplicates")
@@ -46,9 +46,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
+    from imgfeat.heads.versions import resolve_featureset
     from imgfeat.index.dedup import DedupConfig, run_dedup
 
-    cfg = DedupConfig(featureset=args.featureset, dataset=args.dataset, threshold=args.threshold,
+    cfg = DedupConfig(featureset=resolve_featureset(ctx.ws, args.featureset), dataset=args.dataset, threshold=args.threshold,
                       neighbours=args.neighbours, name=args.name)
     out = run_dedup(ctx.ws, cfg, ctx.run_id)
     if not args.json:

@@ -29,7 +29,7 @@ examples:
 def register(sub: argparse._SubParsersAction) -> None:
     p = add_command(sub, "index", handle, help="build or extend a similarity index over a featureset",
                     description=DESCRIPTION, epilog=EPILOG)
-    p.add_argument("--featureset", required=True, metavar="FS", help="the featureset to index")
+    p.add_argument("--featureset", required=True, metavar="FS", help="the featureset to index: its name, a recipe name (its latest) or RECIPE@ID")
     p.add_argument("--dataset", dest="datasets", action="append", default=[], metavar="NAME",
                    help="index only this dataset's images (repeatable; default: the whole featureset)")
     p.add_argument("--name", default=None, metavar="NAME",
@@ -44,9 +44,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
+    from imgfeat.heads.versions import resolve_featureset
     from imgfeat.index import IndexConfig, build_index
 
-    cfg = IndexConfig(featureset=args.featureset, datasets=tuple(args.datasets), name=args.name, kind=args.kind,
+    cfg = IndexConfig(featureset=resolve_featureset(ctx.ws, args.featureset), datasets=tuple(args.datasets), name=args.name, kind=args.kind,
                       nlist=args.nlist, nprobe=args.nprobe, wait=args.wait)
     out = build_index(ctx.ws, cfg, ctx.run_id)
     if not args.json:

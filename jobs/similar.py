@@ -36,13 +36,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
-    from imgfeat.heads.versions import resolve_featureset
     from imgfeat.index import Index
 
     require(bool(args.images) != bool(args.image_ids), "give image files or --image-id IDs (one of the two)")
     index = Index.open(ctx.ws, args.index)
     if args.featureset:
-        index.check_featureset(resolve_featureset(ctx.ws, args.featureset))
+        index.check_featureset(args.featureset)
     results = (index.search_ids(args.image_ids, args.top) if args.image_ids
                else index.search_files(args.images, args.top, run_id=ctx.run_id))
     if not args.json:

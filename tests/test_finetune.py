@@ -236,10 +236,10 @@ def test_warm_start_from_a_logreg_head_on_the_same_recipe(tuned):
         return run_train(ws, TrainConfig(dataset="d", featureset=fs, head="logreg", cv=2), run_id)
 
     head = logreg_on("none", "w1")
-    warm = run_finetune(ws, ft_config(warm_start_head=head["head_id"], warmup_epochs=0), "ft-warm")
+    warm = run_finetune(ws, ft_config(warm_start_head=head.head_id, warmup_epochs=0), "ft-warm")
     # Before any training the model is the logreg head on the frozen backbone: the same test accuracy.
-    assert warm.metrics["warm_start_test_accuracy"] == head["metrics"]["test_accuracy"]
+    assert warm.metrics["warm_start_test_accuracy"] == head.metrics["test_accuracy"]
     assert warm.finetune_id != s.finetune_id
     other = logreg_on(s.weights, "w2")  # a head on the tuned features: another recipe
     with pytest.raises(ConfigError, match="recipe differs: weights"):
-        run_finetune(ws, ft_config(warm_start_head=other["head_id"], warmup_epochs=0), "ft-bad")
+        run_finetune(ws, ft_config(warm_start_head=other.head_id, warmup_epochs=0), "ft-bad")

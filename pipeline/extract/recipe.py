@@ -44,6 +44,11 @@ class WeightsId:
         return f"{NONE_PREFIX}seed={self.seed}:backend={self.backend}"
 
     @classmethod
+    def of(cls, ref: "WeightsRef", seed: int) -> "WeightsId":
+        """The identity of resolved weights: the file's sha256, else the seed and this backend."""
+        return cls(ref.sha256) if ref.sha256 else cls(None, seed, keras_backend())
+
+    @classmethod
     def parse(cls, identity: str) -> "WeightsId":
         if identity.startswith(SHA_PREFIX):
             return cls(identity[len(SHA_PREFIX):])
@@ -184,7 +189,7 @@ def resolve_recipe(cfg: Any) -> Resolved:
     spec = get_backbone(cfg.backbone)
     size = spec.check_input_size(cfg.input_size)
     ref = resolve_weights(spec, cfg.weights, size)
-    weights = WeightsId(ref.sha256) if ref.sha256 else WeightsId(None, cfg.seed, keras_backend())
+    weights = WeightsId.of(ref, cfg.seed)
     recipe = Recipe(spec.name, weights, size, cfg.pooling, cfg.layer, cfg.interpolation,
                     bool(cfg.fast_decode), cfg.exif, cfg.precision, cfg.dtype)
     source = WeightsSource(ref.kind, str(ref.path) if ref.kind == "file" else None, cfg.seed)

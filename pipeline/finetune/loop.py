@@ -57,10 +57,10 @@ class Session:
 
     def warm_head(self, ws: Workspace, size: int) -> list[np.ndarray]:
         from imgfeat.backbones.weights import resolve_weights
-        from imgfeat.extract.fingerprint import weights_identity
+        from imgfeat.extract.recipe import WeightsId
 
         ref = resolve_weights(self.spec, self.cfg.weights, size)
-        recipe = warm_recipe(self.spec.name, weights_identity(ref.kind, ref.sha256, self.cfg.random_state), size,
+        recipe = warm_recipe(self.spec.name, WeightsId.of(ref, self.cfg.random_state).identity(), size,
                              self.cfg.interpolation, self.cfg.exif)
         return head_init(ws, self.cfg.warm_start_head, recipe, self.rows.classes)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from imgfeat.cli.common import JobContext, add_command, add_wait, fraction, positive_int
+from imgfeat.cli.common import JobContext, add_command, add_wait, fraction, positive_float, positive_int
 
 DESCRIPTION = """\
 Fine-tune a backbone on a labelled dataset, for when a head on frozen features is not enough:
@@ -45,16 +45,6 @@ def augment_list(text: str) -> tuple[str, ...]:
     if bad:
         raise argparse.ArgumentTypeError(f"unknown augmentation {bad[0]!r} (allowed: {', '.join(AUGMENT_NAMES)}, or none)")
     return names
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
 
 
 def register(sub: argparse._SubParsersAction) -> None:

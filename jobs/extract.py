@@ -6,6 +6,7 @@ import argparse
 
 from imgfeat.cli.common import JobContext, add_command, fraction, positive_int, seconds
 
+PROCESS_DECODE_MIN_WORKERS = 8  # imgfeat.extract.batches' auto rule, here so --help imports nothing heavy
 MAX_FILE_MIB = 1024  # the default of --max-file-bytes, in MiB (kept here so --help imports no Pillow)
 
 DESCRIPTION = """\
@@ -24,7 +25,12 @@ workspace's .locks/; a featureset of an older layout is moved to this one when o
 
 FEATURESET is <backbone>-<size>-<pooling or layer>-<dtype>-<fingerprint8>; the fingerprint
 covers everything that changes the numbers (backbone, weights file hash or 'none' + seed,
-input size, pooling or layer, interpolation, decode mode, EXIF mode, precision, storage dtype).
+input size, pooling or layer, interpolation, --fast-decode, EXIF mode, precision, storage
+dtype, and the decoder when it is the GPU's).
+
+Decoded uint8 batches go to the model as they are: the backbone family's preprocess_input runs
+inside the compiled model call, and --in-flight batches are kept submitted to the device while
+the host fetches results and writes shards.
 
 Features are keyed by image content, so a featureset is a cache shared by all datasets:
 an image already extracted (under any path, for any dataset) is never extracted again, a
@@ -88,8 +94,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--exif", default="rotate", metavar="rotate|ignore",
                    help="apply the EXIF orientation tag (rotate) or not, like keras.utils.load_img (ignore)")
     p.add_argument("--workers", type=positive_int, default=None, metavar="N",
-                   help="decoders: threads here (default: the CPU count), concurrent decode tasks "
-                        "with --executor ray (default: as many as the cluster fits)")
+                   help="decoders: threads or processes here (default: the CPU count), concurrent "
+                        "decode tasks with --executor ray (default: as many as the cluster fits)")
+    p.add_argument("--decode", default="auto", metavar="auto|threads|processes|gpu",
+                   help="where images are decoded: Pillow in threads, or in worker processes writing "
+                        "into shared batch buffers (auto: processes from %d workers up, where threads "
+                        "stop scaling); gpu: JPEGs decoded and resized in batches on the GPU, other "
+                        "files on the CPU (pip install 'imgfeat[gpu]', KERAS_BACKEND=jax; its numbers "
+                        "differ slightly from Pillow's, so it is part of the fingerprint)"
+                   % PROCESS_DECODE_MIN_WORKERS)
+    p.add_argument("--in-flight", type=positive_int, default=2, metavar="N",
+                   help="batches submitted to the model before the oldest result is fetched "
+                        "(default 2; changes no numbers)")
     p.add_argument("--max-file-bytes", type=positive_int, default=MAX_FILE_MIB << 20, metavar="N",
                    help="a file larger than this is an error row (file_too_large), never read whole "
                         f"(default {MAX_FILE_MIB} MiB; changes no numbers)")
@@ -122,9 +138,11 @@ def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
         precision=args.precision, dtype=args.dtype, shard_size=args.shard_size, npy=args.npy,
         interpolation=args.interpolation, fast_decode=args.fast_decode, exif=args.exif,
         seed=args.seed, workers=args.workers, wait=args.wait, max_file_bytes=args.max_file_bytes,
+        decode=args.decode,
     )
     executor = ExecutorConfig(name=args.executor, workers=args.workers, actors=args.ray_actors,
-                              address=args.ray_address, gpus_per_worker=args.gpus_per_worker)
+                              address=args.ray_address, gpus_per_worker=args.gpus_per_worker,
+                              in_flight=args.in_flight)
     summary = run_extract(ctx.ws, cfg, ctx.run_id, executor)
     ctx.record.summary.update(summary)
     if args.name:

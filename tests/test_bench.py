@@ -26,12 +26,18 @@ def test_list_and_stage_take_the_same_first_files(tmp_path):
 def test_report_uses_each_paths_fastest_round(tmp_path):
     write_noise_images(tmp_path, 1, size=(28, 20), classes=("b",))
     cfg = BenchConfig(backbone="mobilenet_v2", images=tmp_path, repeat=2)
-    runs = {"forward": [{"seconds": 12.0, "inner": {}}, {"seconds": 10.0, "inner": {}}],
+    runs = {"input": [{"seconds": 4.0, "inner": {}}, {"seconds": 5.0, "inner": {}}],
+            "forward": [{"seconds": 12.0, "inner": {}}, {"seconds": 10.0, "inner": {}}],
             "extract": [{"seconds": 11.0, "inner": {"extracted": 100}}, {"seconds": 20.0, "inner": {}}],
             "tutorial": [{"seconds": 25.0, "inner": {}}, {"seconds": 22.0, "inner": {}}]}
     out = _report(cfg, 100, runs)
-    assert out["images_per_s"] == {"forward": 10.0, "extract": 9.09, "tutorial": 4.55}
+    assert out["images_per_s"] == {"input": 25.0, "forward": 10.0, "extract": 9.09, "tutorial": 4.55}
     assert out["end_to_end_over_forward"] == pytest.approx(0.909, abs=1e-3)
+    # the limit is the slower of the two: here the model
+    assert out["end_to_end_over_limit"] == pytest.approx(0.909, abs=1e-3) and out["limited_by"] == "forward"
+    assert out["end_to_end_over_input"] == pytest.approx(0.364, abs=1e-3)
+    slow_input = _report(cfg, 100, {**runs, "input": [{"seconds": 20.0, "inner": {}}]})
+    assert slow_input["limited_by"] == "input" and slow_input["end_to_end_over_limit"] == pytest.approx(1.818, abs=1e-3)
     assert out["end_to_end_over_tutorial"] == pytest.approx(2.0, abs=1e-2)
 
 
@@ -41,6 +47,8 @@ def test_bad_bench_config_is_a_config_error(tmp_path):
         BenchConfig(backbone="mobilenet_v2", images=tmp_path / "missing")
     with pytest.raises(ConfigError, match="did you mean 'resnet50'"):
         BenchConfig(backbone="resnet05", images=tmp_path)
+    with pytest.raises(ConfigError, match="--decode 'cuda': allowed are auto, threads, processes, gpu"):
+        BenchConfig(backbone="mobilenet_v2", images=tmp_path, decode="cuda")
 
 
 @pytest.mark.slow
@@ -51,6 +59,7 @@ def test_bench_runs_the_measured_processes(tmp_path, capsys):
                  "--images", str(tmp_path / "imgs"), "--input-size", "32", "--batch-size", "4", "--skip", "tutorial", "--json"])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert code == 0
-    assert set(out["images_per_s"]) == {"forward", "extract"}
+    assert set(out["images_per_s"]) == {"input", "forward", "extract"}
     assert out["extract_inner"]["extracted"] == 6 and out["images"] == 6
     assert out["end_to_end_over_forward"] > 0 and "end_to_end_over_tutorial" not in out
+    assert out["end_to_end_over_limit"] > 0 and out["limited_by"] in ("input", "forward")

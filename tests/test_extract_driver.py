@@ -83,3 +83,21 @@ def test_a_job_file_reaches_the_executor_options(tmp_path):
                         'gpus_per_worker = 0.5\n[datasets.d]\nroot = "x"\n')
     cfg = executor_config(load_job(job_file, workspace=tmp_path))
     assert cfg == ExecutorConfig(name="ray", workers=3, actors=2, address="auto", gpus_per_worker=0.5)
+
+
+@pytest.mark.quick
+def test_decode_modes_auto_rule_and_bad_values():
+    from imgfeat.cli.extract import PROCESS_DECODE_MIN_WORKERS as HELP_FIGURE
+    from imgfeat.extract.batches import PROCESS_DECODE_MIN_WORKERS, decoder_of, resolve_decode
+    from imgfeat.extract.extract import ExtractConfig
+
+    assert HELP_FIGURE == PROCESS_DECODE_MIN_WORKERS, "--help states the auto rule's figure"
+    assert resolve_decode("auto", 2) == "threads"
+    assert resolve_decode("auto", PROCESS_DECODE_MIN_WORKERS) == "processes"
+    assert resolve_decode("threads", 64) == "threads" and resolve_decode("processes", 1) == "processes"
+    assert decoder_of("gpu") == "nvimgcodec" and decoder_of("processes") == decoder_of("auto") == "pillow"
+    with pytest.raises(ConfigError, match="unknown decode .cuda.*allowed: auto, gpu, processes, threads"):
+        ExtractConfig(dataset="d", backbone="mobilenet_v2", decode="cuda")
+    with pytest.raises(ConfigError, match="in flight must be a positive integer, got 0"):
+        ExecutorConfig(in_flight=0)
+    assert InputSpec(DecodeConfig((5, 7)), 3).batch_shape == (3, 5, 7, 3)

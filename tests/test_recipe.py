@@ -19,7 +19,7 @@ TAP = Recipe("mobilenet_v2", WeightsId(None, 3, "tensorflow"), 96, "max", "block
 CHANGES = {
     "backbone": "resnet50", "weights": WeightsId("cd" * 32), "input_size": 225, "pooling": "max",
     "layer": "block_1_expand", "interpolation": "nearest", "fast_decode": True, "exif": "ignore",
-    "precision": "bfloat16", "dtype": "float32",
+    "precision": "bfloat16", "dtype": "float32", "decoder": "nvimgcodec",
 }
 WEIGHT_CHANGES = {"sha256": "ef" * 32, "seed": 4, "backend": "jax"}
 
@@ -40,6 +40,24 @@ def test_every_recipe_field_changes_the_fingerprint():
     for name, value in WEIGHT_CHANGES.items():
         changed = dataclasses.replace(TAP, weights=dataclasses.replace(TAP.weights, **{name: value}))
         assert changed.fingerprint() != TAP.fingerprint(), name
+
+
+@pytest.mark.quick
+def test_the_gpu_decoder_is_named_in_the_fingerprint_and_round_trips():
+    """GPU-decoded numbers differ from Pillow's: another featureset, recorded in the provenance."""
+    from imgfeat.extract.extract import ExtractConfig, decode_mode_of
+
+    gpu = dataclasses.replace(TAP, decoder="nvimgcodec")
+    assert gpu.name() != TAP.name() and "decoder" not in TAP.canonical()
+    prov = Provenance(gpu, WeightsSource("none", None, 3), 576, "3.15", "jax", None, gpu.name())
+    back = Provenance.from_json(json.loads(json.dumps(prov.to_json())))
+    assert back.recipe.decoder == "nvimgcodec" and back.matches_name()
+    assert decode_mode_of("nvimgcodec") == "gpu" and decode_mode_of("pillow") == "auto"
+    # a provenance written before the field existed reads as Pillow's
+    old = {k: v for k, v in Provenance(TAP, WeightsSource("none", None, 3), 576, None, None, None,
+                                       TAP.name()).to_json().items() if k != "decoder"}
+    assert Provenance.from_json(old).recipe.decoder == "pillow"
+    assert ExtractConfig(dataset="d", backbone="mobilenet_v2", decode="processes").decode == "processes"
 
 
 @pytest.mark.quick

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from imgfeat.core import schemas as S
+from imgfeat.core.errors import unknown_value
 from imgfeat.core.hashing import content_id
 from imgfeat.extract.decode import DEFAULT_MAX_FILE_BYTES, DecodeConfig, DecodeError, decode_bytes, read_file_bytes
 from imgfeat.extract.shards import error_row
@@ -27,6 +28,30 @@ class Item:
     path: str
 
 
+# Where files are decoded. threads: Pillow in a thread pool (Pillow releases the GIL, but threads
+# stop scaling near 8 on a 16-core host); processes: Pillow in worker processes writing straight
+# into shared batch buffers; gpu: JPEGs batch-decoded and resized on the GPU (nvImageCodec), other
+# files on the CPU; auto: threads or processes by the number of decode workers (measured:
+# PROCESS_DECODE_MIN_WORKERS). Only gpu changes the numbers (it is named in the fingerprint).
+DECODE_MODES = ("auto", "threads", "processes", "gpu")
+PROCESS_DECODE_MIN_WORKERS = 8
+DECODERS = {"gpu": "nvimgcodec"}  # decode mode -> the decoder the recipe names (default "pillow")
+
+
+def resolve_decode(mode: str, workers: int) -> str:
+    """auto -> threads or processes, by the number of decoders; any other mode as given."""
+    if mode not in DECODE_MODES:
+        raise unknown_value("decode", str(mode), DECODE_MODES)
+    if mode != "auto":
+        return mode
+    return "processes" if workers >= PROCESS_DECODE_MIN_WORKERS else "threads"
+
+
+def decoder_of(mode: str) -> str:
+    """The decoder a decode mode makes the numbers with: 'pillow', or 'nvimgcodec' for the GPU."""
+    return DECODERS.get(mode, "pillow")
+
+
 @dataclass(frozen=True)
 class InputSpec:
     """How an executor turns items into model inputs (picklable: it travels to Ray workers)."""
@@ -34,6 +59,13 @@ class InputSpec:
     dcfg: DecodeConfig
     batch_size: int
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+    decode: str = "auto"  # one of DECODE_MODES
+
+    @property
+    def batch_shape(self) -> tuple[int, int, int, int]:
+        """The one shape every model call takes: (batch_size, height, width, 3) uint8."""
+        h, w = self.dcfg.size
+        return (self.batch_size, h, w, 3)
 
 
 @dataclass
@@ -44,7 +76,7 @@ class Batch:
     raw: np.ndarray
     errors: list[dict[str, Any]]
     decode_seconds: float
-    x: np.ndarray | None = None  # the preprocessed float32 input, when made off the model's thread
+    release: Callable[[], None] | None = None  # hands a pooled buffer back, once the model is done with raw
 
 
 def decode_item(item: Item, spec: InputSpec) -> np.ndarray:
@@ -75,11 +107,6 @@ def make_batch(items: list[Item], spec: InputSpec, run_id: str) -> Batch:
         except DecodeError as exc:
             errors.append(decode_error_row(item, exc, run_id))
     return Batch(ids, raw, errors, time.perf_counter() - t0)
-
-
-def model_input(raw: np.ndarray, preprocess: Callable[[np.ndarray], Any]) -> np.ndarray:
-    """uint8 (B, H, W, 3) -> the family's preprocess_input on a float32 copy (it may work in place)."""
-    return np.asarray(preprocess(raw.astype(np.float32)), dtype=np.float32)
 
 
 def pad_rows(pixels: np.ndarray, batch_size: int) -> np.ndarray:

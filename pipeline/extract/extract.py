@@ -19,8 +19,8 @@ from imgfeat.core.errors import ConfigError, ErrorRateExceeded, unknown_value
 from imgfeat.core.progress import progress
 from imgfeat.core.storage import WAIT_HINT, FileLock, read_shards, remove_stale_tmp, write_json_atomic
 from imgfeat.core.workspace import Workspace
-from imgfeat.extract.batches import STAGE_READ, InputSpec, Item
-from imgfeat.extract.decode import DEFAULT_MAX_FILE_BYTES, EXIF_MODES, INTERPOLATIONS
+from imgfeat.extract.batches import DECODE_MODES, DECODERS, STAGE_READ, InputSpec, Item
+from imgfeat.extract.decode import DEFAULT_MAX_FILE_BYTES, EXIF_MODES, INTERPOLATIONS, DecodeConfig
 from imgfeat.extract.executors import (
     PRECISIONS,
     BatchReport,
@@ -77,6 +77,7 @@ class ExtractConfig:
     workers: int | None = None
     wait: float | None = None
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+    decode: str = "auto"  # where files are decoded (DECODE_MODES); "gpu" also changes the numbers
 
     def __post_init__(self) -> None:
         from imgfeat.backbones import POOLINGS, get_backbone
@@ -88,6 +89,7 @@ class ExtractConfig:
             ("storage dtype", self.dtype, S.STORAGE_DTYPES),
             ("interpolation", self.interpolation, INTERPOLATIONS),
             ("exif mode", self.exif, EXIF_MODES),
+            ("decode", self.decode, DECODE_MODES),
         ):
             if value not in allowed:
                 raise unknown_value(kind, str(value), allowed)
@@ -100,13 +102,17 @@ class ExtractConfig:
             raise ConfigError(f"seed must be an integer from 0 to {2**32 - 1}, got {self.seed!r}")
         if self.batch_size > MAX_BATCH_SIZE:
             raise ConfigError(f"batch size {self.batch_size} is over the limit of {MAX_BATCH_SIZE}")
+        if self.decode == "gpu":  # before anything is written: the extra, the backend, a GPU
+            from imgfeat.extract.gpudecode import check_gpu_decode
+
+            check_gpu_decode(DecodeConfig((32, 32), self.interpolation, self.fast_decode, self.exif))
 
     def input_spec(self, resolved: Resolved) -> InputSpec:
         size = resolved.recipe.input_size
         if self.batch_size * size * size * 3 * 4 > MAX_BATCH_BYTES:
             raise ConfigError(f"batch size {self.batch_size} at input size {size} needs more than "
                               f"{MAX_BATCH_BYTES >> 30} GiB per batch; use a smaller --batch-size")
-        return InputSpec(resolved.recipe.decode_config(), self.batch_size, self.max_file_bytes)
+        return InputSpec(resolved.recipe.decode_config(), self.batch_size, self.max_file_bytes, self.decode)
 
     @classmethod
     def from_provenance(cls, prov: Provenance, dataset: str = "files") -> "ExtractConfig":
@@ -114,7 +120,13 @@ class ExtractConfig:
         r, src = prov.recipe, prov.source
         return cls(dataset=dataset, backbone=r.backbone, weights=src.build_arg(), pooling=r.pooling,
                    layer=r.layer, input_size=r.input_size, precision=r.precision, dtype=r.dtype,
-                   interpolation=r.interpolation, fast_decode=r.fast_decode, exif=r.exif, seed=src.seed)
+                   interpolation=r.interpolation, fast_decode=r.fast_decode, exif=r.exif, seed=src.seed,
+                   decode=decode_mode_of(r.decoder))
+
+
+def decode_mode_of(decoder: str) -> str:
+    """The decode mode that makes a recipe's decoder's numbers: gpu for nvimgcodec, else auto."""
+    return next((mode for mode, name in DECODERS.items() if name == decoder), "auto")
 
 
 @dataclass(frozen=True)
@@ -394,6 +406,9 @@ def extract_dataset(ws: Workspace, cfg: ExtractConfig, run_id: str,
     ex_cfg = executor or ExecutorConfig()
     if ex_cfg.workers is None and cfg.workers is not None:  # workers given in the extract options
         ex_cfg = dataclasses.replace(ex_cfg, workers=cfg.workers)
+    if ex_cfg.name == "ray" and cfg.decode not in ("auto", "processes"):
+        raise ConfigError(f"decode = {cfg.decode!r} is for the local executor; on Ray, decode tasks are "
+                          "worker processes already (allowed there: auto, processes)")
     ex = make_executor(ex_cfg)
     fs = resolved.recipe.name()
     with open_featureset(ws, fs, cfg.wait) as done:

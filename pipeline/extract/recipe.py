@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from imgfeat.backbones import BackboneSpec
     from imgfeat.backbones.weights import WeightsRef
 
+DEFAULT_DECODER = "pillow"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._]+")
 SHA_PREFIX = "sha256:"
 NONE_PREFIX = "none:"
@@ -75,11 +76,15 @@ class Recipe:
     exif: str
     precision: str
     dtype: str  # storage dtype
+    decoder: str = DEFAULT_DECODER  # what decodes and resizes: Pillow, or nvImageCodec + a device resize
 
     def canonical(self) -> dict[str, Any]:
-        """The hashed form: every field, the weights as their identity string (today's layout)."""
+        """The hashed form: every field, the weights as their identity string. The default decoder
+        is left out, so every featureset made before the field existed keeps its name."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["weights"] = self.weights.identity()
+        if out["decoder"] == DEFAULT_DECODER:
+            del out["decoder"]
         return out
 
     def fingerprint(self) -> str:
@@ -96,7 +101,8 @@ class Recipe:
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> "Recipe":
-        kw = {f.name: obj[f.name] for f in dataclasses.fields(cls)}
+        kw = {f.name: obj[f.name] for f in dataclasses.fields(cls) if f.name != "decoder"}
+        kw["decoder"] = obj.get("decoder", DEFAULT_DECODER)
         kw["weights"] = WeightsId.parse(str(obj["weights"]))
         return cls(**kw)
 
@@ -185,13 +191,14 @@ def resolve_recipe(cfg: Any) -> Resolved:
     """ExtractConfig -> Resolved: the backbone and the weights are looked up and hashed once, here."""
     from imgfeat.backbones import get_backbone
     from imgfeat.backbones.weights import resolve_weights
+    from imgfeat.extract.batches import decoder_of
 
     spec = get_backbone(cfg.backbone)
     size = spec.check_input_size(cfg.input_size)
     ref = resolve_weights(spec, cfg.weights, size)
     weights = WeightsId.of(ref, cfg.seed)
     recipe = Recipe(spec.name, weights, size, cfg.pooling, cfg.layer, cfg.interpolation,
-                    bool(cfg.fast_decode), cfg.exif, cfg.precision, cfg.dtype)
+                    bool(cfg.fast_decode), cfg.exif, cfg.precision, cfg.dtype, decoder_of(getattr(cfg, "decode", "auto")))
     source = WeightsSource(ref.kind, str(ref.path) if ref.kind == "file" else None, cfg.seed)
     return Resolved(recipe, source, spec, ref)
 

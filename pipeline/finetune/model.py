@@ -7,6 +7,7 @@ from typing import Any
 import keras
 
 from imgfeat.backbones import BackboneSpec, get_backbone
+from imgfeat.backbones.preprocess import ops_preprocess
 
 # --augment names -> a Keras preprocessing layer (active only while training).
 AUGMENTATIONS: dict[str, Any] = {
@@ -27,9 +28,7 @@ class FamilyPreprocess(keras.layers.Layer):
         self.spec = get_backbone(backbone)
 
     def call(self, x):
-        if self.spec.family == "efficientnet_lite":  # its preprocess_input is NumPy-only
-            return (x - 127.0) / 128.0
-        return self.spec.preprocess_fn()(x)
+        return ops_preprocess(self.spec.family)(x)  # the same ops extract's model function runs
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "backbone": self.backbone}

@@ -19,7 +19,7 @@ from imgfeat.core.workspace import check_name
 EXECUTORS = ("local", "ray")
 SECTIONS = ("run", "datasets", "finetune", "features", "heads", "indexes")
 # [run] keys that configure the extract executor (ExecutorConfig fields, after EXECUTOR_FIELDS).
-EXECUTOR_KEYS = ("workers", "ray_actors", "ray_address", "gpus_per_worker")
+EXECUTOR_KEYS = ("workers", "ray_actors", "ray_address", "gpus_per_worker", "in_flight")
 EXECUTOR_FIELDS = {"ray_actors": "actors", "ray_address": "address"}
 # Config fields holding paths: relative values are resolved against the job file's folder.
 PATH_KEYS = ("root", "labels_csv")
@@ -52,7 +52,8 @@ FIELD_TYPES: dict[Any, KeyType] = {bool: BOOL, int: INT, float: NUMBER, str: TEX
 # Keys that are not fields of a stage config, per section (extend here for new sections/keys).
 JOB_KEY_TYPES: dict[str, dict[str, KeyType]] = {
     "run": {"max_error_rate": NUMBER, "executor": TEXT, "wait": SECONDS, "workspace": PATH,
-            "workers": INT, "ray_actors": INT, "ray_address": TEXT, "gpus_per_worker": NUMBER},
+            "workers": INT, "ray_actors": INT, "ray_address": TEXT, "gpus_per_worker": NUMBER,
+            "in_flight": INT},
     "features": {"datasets": NAMES, "finetune": TEXT},
     "finetune": {"dataset": TEXT},
     "heads": {"dataset": TEXT, "features": TEXT, "predict": NAMES, "report": BOOL},

@@ -1,4 +1,4 @@
-"""`imgfeat bench`: forward limit vs end-to-end extract vs the tutorial path, as whole processes, in one run."""
+"""`imgfeat bench`: the input and forward limits vs end-to-end extract vs the tutorial path, as whole processes."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from imgfeat.scan.probe import has_image_extension
 log = logging.getLogger(__name__)
 
 BENCH_DATASET = "bench"
-PATHS = ("forward", "extract", "tutorial")
+PATHS = ("input", "forward", "extract", "tutorial")
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class BenchConfig:
     fast_decode: bool = False
     precision: str = "float32"
     workers: int | None = None
+    decode: str = "auto"  # extract's --decode; the input path decodes the same way
     paths: tuple[str, ...] = PATHS
     repeat: int = 1  # rounds of all paths, interleaved; each path's fastest round counts
 
@@ -46,6 +47,10 @@ class BenchConfig:
         get_backbone(self.backbone)
         if not Path(self.images).is_dir():
             raise ConfigError(f"--images {str(self.images)!r} is not a folder")
+        from imgfeat.extract.batches import DECODE_MODES
+
+        if self.decode not in DECODE_MODES:
+            raise ConfigError(f"--decode {self.decode!r}: allowed are {', '.join(DECODE_MODES)}")
         if not isinstance(self.repeat, int) or self.repeat < 1:
             raise ConfigError(f"--repeat must be a positive integer, got {self.repeat!r}")
         unknown = [p for p in self.paths if p not in PATHS]
@@ -103,10 +108,13 @@ def _command(path: str, cfg: BenchConfig, images: Path, ws_root: Path) -> list[s
                "--precision", cfg.precision, "--json"]
         cmd += ["--input-size", str(cfg.input_size)] if cfg.input_size else []
         cmd += ["--workers", str(cfg.workers)] if cfg.workers else []
+        cmd += ["--decode", cfg.decode]
         return cmd + (["--fast-decode"] if cfg.fast_decode else [])
     n = len(list_images(images, None))
     spec = {"backbone": cfg.backbone, "weights": cfg.weights, "input_size": cfg.input_size,
-            "batch_size": cfg.batch_size, "precision": cfg.precision, "n": n, "images": str(images)}
+            "batch_size": cfg.batch_size, "precision": cfg.precision, "n": n, "images": str(images),
+            "workspace": str(ws_root), "fast_decode": cfg.fast_decode, "decode": cfg.decode,
+            "workers": cfg.workers}
     code = f"import sys, json; from imgfeat.tools.bench import {path}_main; {path}_main(json.loads(sys.argv[1]))"
     return [sys.executable, "-c", code, json.dumps(spec)]
 
@@ -142,6 +150,12 @@ def _report(cfg: BenchConfig, n: int, runs: dict[str, list[dict[str, Any]]]) -> 
                                                           "images_per_s", "featureset")}
     if "forward" in rate and "extract" in rate:
         out["end_to_end_over_forward"] = round(rate["extract"] / rate["forward"], 3)
+    if "input" in rate and "extract" in rate:
+        out["end_to_end_over_input"] = round(rate["extract"] / rate["input"], 3)
+    limits = [rate[p] for p in ("forward", "input") if p in rate]
+    if limits and "extract" in rate:  # how close the pipeline gets to what this machine allows
+        out["end_to_end_over_limit"] = round(rate["extract"] / min(limits), 3)
+        out["limited_by"] = min(("forward", "input"), key=lambda p: rate.get(p, math.inf))
     if "tutorial" in rate and "extract" in rate:
         out["end_to_end_over_tutorial"] = round(rate["extract"] / rate["tutorial"], 3)
     return out
@@ -161,17 +175,45 @@ def _build(spec: dict[str, Any]):
 
 
 def forward_main(spec: dict[str, Any]) -> None:
-    """The forward limit: the same model on in-memory preprocessed tensors, same batch size."""
+    """The forward limit: extract's model function (uint8 in, preprocessing on the device, batches in
+    flight) on one in-memory batch, as many calls as extract makes."""
     import numpy as np
+
+    from imgfeat.extract.batches import Batch
+    from imgfeat.extract.forward import Forward, in_flight
 
     backbone, model, size = _build(spec)
     bs = spec["batch_size"]
-    rng = np.random.default_rng(0)
-    x = backbone.preprocess_input(rng.integers(0, 256, (bs, size, size, 3)).astype(np.float32))
+    raw = np.random.default_rng(0).integers(0, 256, (bs, size, size, 3), dtype=np.uint8)
+    fwd = Forward(model, backbone.family, raw.shape)
+    batches = (Batch(["x"] * bs, raw, [], 0.0) for _ in range(math.ceil(spec["n"] / bs)))
     t0 = time.perf_counter()
-    for _ in range(math.ceil(spec["n"] / bs)):
-        np.asarray(model.predict_on_batch(x))
+    for _ in in_flight(fwd, batches):
+        pass
     print(json.dumps({"model_seconds": round(time.perf_counter() - t0, 3)}))
+
+
+def input_main(spec: dict[str, Any]) -> None:
+    """The input limit: extract's decode (read, content check, decode, resize into uint8 batches) on
+    every core, the same decode mode, no model."""
+    from imgfeat.backbones import get_backbone
+    from imgfeat.core.workspace import Workspace
+    from imgfeat.extract.batches import InputSpec
+    from imgfeat.extract.decode import DecodeConfig
+    from imgfeat.extract.executors.local import decoded_batches, default_workers
+    from imgfeat.extract.extract import DoneSets, Tally, walk_manifest
+
+    size = spec["input_size"] or get_backbone(spec["backbone"]).input_size
+    inputs = InputSpec(DecodeConfig((size, size), fast_decode=spec["fast_decode"]), spec["batch_size"],
+                       decode=spec["decode"])
+    items = walk_manifest(Workspace(Path(spec["workspace"])), BENCH_DATASET, DoneSets(set(), set(), set()),
+                          Tally(), "bench")
+    t0, rows = time.perf_counter(), 0
+    for batch in decoded_batches(items, inputs, "bench", spec["workers"] or default_workers()):
+        rows += len(batch.ids)
+        if batch.release is not None:
+            batch.release()
+    print(json.dumps({"decoded": rows, "decode_seconds": round(time.perf_counter() - t0, 3)}))
 
 
 def tutorial_main(spec: dict[str, Any]) -> None:

@@ -21,8 +21,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ExecutorConfig:
-    """Where the model runs and how wide. ``workers``: decoders, on every executor (threads here,
-    default the CPU count; concurrent decode tasks on Ray, default as many as fit). Ray only:
+    """Where the model runs and how wide. ``workers``: decoders, on every executor (threads or
+    processes here, default the CPU count; concurrent decode tasks on Ray, default as many as fit).
+    ``in_flight``: batches submitted to the model before the oldest is fetched (both). Ray only:
     ``actors`` backbone actors (default one per GPU, or one per node without GPUs), ``address``,
     ``gpus_per_worker`` and ``cpus_per_worker`` (per backbone actor)."""
 
@@ -32,14 +33,15 @@ class ExecutorConfig:
     address: str | None = None
     gpus_per_worker: float | None = None
     cpus_per_worker: float = 1.0
+    in_flight: int = 2  # batches submitted to the model and not yet fetched (imgfeat.extract.forward)
 
     def __post_init__(self) -> None:
         if self.name not in EXECUTORS:
             raise unknown_value("executor", str(self.name), EXECUTORS)
-        for key in ("workers", "actors"):
+        for key in ("workers", "actors", "in_flight"):
             w = getattr(self, key)
             if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1):
-                raise ConfigError(f"{key} must be a positive integer, got {w!r}")
+                raise ConfigError(f"{key.replace('_', ' ')} must be a positive integer, got {w!r}")
         a = self.address
         if a is not None and not (isinstance(a, str) and (a in ("auto", "local") or a.startswith("ray://")
                                                           or _host_port(a))):

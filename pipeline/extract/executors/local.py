@@ -1,4 +1,4 @@
-"""The local executor: decode threads feed fixed-shape uint8 batches to one model on this machine."""
+"""The local executor: decoders (threads, processes or the GPU) feed fixed-shape uint8 batches to one model here."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from imgfeat.extract.batches import Batch, InputSpec, Item, chunked, make_batch, model_input
+from imgfeat.extract.batches import Batch, InputSpec, Item, chunked, make_batch, resolve_decode
 from imgfeat.extract.executors import BatchReport, ExecutorConfig, ExtractJob, timed_build
+from imgfeat.extract.forward import DEFAULT_DEPTH, Forward, in_flight
 
 log = logging.getLogger(__name__)
 
@@ -36,15 +37,7 @@ def default_workers() -> int:
     return max(1, os.cpu_count() or 1)
 
 
-def prepared_batch(items: list[Item], spec: InputSpec, preprocess: Callable, run_id: str) -> Batch:
-    """make_batch plus the family's preprocessing, in a decode thread (off the model's)."""
-    batch = make_batch(items, spec, run_id)
-    batch.x = model_input(batch.raw, preprocess)
-    return batch
-
-
-def prefetch_batches(items: Iterable[Item], spec: InputSpec, preprocess: Callable, run_id: str,
-                     workers: int) -> Iterator[Batch]:
+def thread_batches(items: Iterable[Item], spec: InputSpec, run_id: str, workers: int) -> Iterator[Batch]:
     """Batches in todo order, each decoded by a pool thread, at most ``workers + 1`` ahead."""
     ahead = workers + 1
     initializer = _lower_priority if DECODE_NICE else None
@@ -52,7 +45,7 @@ def prefetch_batches(items: Iterable[Item], spec: InputSpec, preprocess: Callabl
         pending: collections.deque[Future] = collections.deque()
         try:
             for chunk in chunked(items, spec.batch_size):
-                pending.append(pool.submit(prepared_batch, chunk, spec, preprocess, run_id))
+                pending.append(pool.submit(make_batch, chunk, spec, run_id))
                 if len(pending) >= ahead:
                     yield pending.popleft().result()
             while pending:
@@ -60,6 +53,22 @@ def prefetch_batches(items: Iterable[Item], spec: InputSpec, preprocess: Callabl
         finally:
             for fut in pending:
                 fut.cancel()
+
+
+def decoded_batches(items: Iterable[Item], spec: InputSpec, run_id: str, workers: int,
+                    depth: int = DEFAULT_DEPTH) -> Iterator[Batch]:
+    """The decode mode's batch stream: threads, worker processes or the GPU (same contract)."""
+    mode = resolve_decode(spec.decode, workers)
+    log.debug("decoding with %s (%d workers)", mode, workers)
+    if mode == "threads":
+        return thread_batches(items, spec, run_id, workers)
+    if mode == "processes":
+        from imgfeat.extract.decodepool import process_batches
+
+        return process_batches(items, spec, run_id, workers, ahead=workers + 1, held=depth + 1)
+    from imgfeat.extract.gpudecode import gpu_batches
+
+    return gpu_batches(items, spec, run_id, workers, ahead=depth + 1)
 
 
 class LocalExecutor:
@@ -70,22 +79,19 @@ class LocalExecutor:
     def __init__(self, cfg: ExecutorConfig = ExecutorConfig()) -> None:
         self.cfg = cfg
         self.workers = cfg.workers or default_workers()
+        self.depth = cfg.in_flight
 
     def run(self, job: ExtractJob, items: Iterable[Item], sink: Any) -> Iterator[BatchReport]:
         model, build = timed_build(job.resolved, job.resolved.recipe.precision)
-        preprocess = job.resolved.spec.preprocess_fn()
-        waited = time.perf_counter()
-        for batch in prefetch_batches(items, job.inputs, preprocess, job.run_id, self.workers):
-            report = BatchReport(len(batch.ids), batch.errors, decode_seconds=batch.decode_seconds,
-                                 input_wait_seconds=time.perf_counter() - waited, build_seconds=build)
-            build, X = 0.0, None
-            if batch.ids:
-                t0 = time.perf_counter()
-                X = np.asarray(model.predict_on_batch(batch.x), dtype=np.float32)[:len(batch.ids)]
-                report.model_seconds = time.perf_counter() - t0
-            sink.put(batch.ids, X, batch.errors)
-            yield report
-            waited = time.perf_counter()
+        forward = Forward(model, job.resolved.spec.family, job.inputs.batch_shape)
+        batches = decoded_batches(items, job.inputs, job.run_id, self.workers, self.depth)
+        for landed in in_flight(forward, batches, self.depth):
+            batch = landed.batch
+            sink.put(batch.ids, landed.features, batch.errors)
+            yield BatchReport(len(batch.ids), batch.errors, model_seconds=landed.model_seconds,
+                              decode_seconds=batch.decode_seconds,
+                              input_wait_seconds=landed.input_wait_seconds, build_seconds=build)
+            build = 0.0
 
     def info(self) -> dict[str, Any]:
         return {}

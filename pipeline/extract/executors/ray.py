@@ -39,11 +39,12 @@ from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError, ImgfeatError
 from imgfeat.core.storage import SHARD_PREFIX, column_values, list_shards, shard_name
 from imgfeat.core.workspace import Workspace
-from imgfeat.extract.batches import InputSpec, Item, decode_error_row, decode_item, model_input, pad_rows
+from imgfeat.extract.batches import Batch, InputSpec, Item, decode_error_row, decode_item, pad_rows
 from imgfeat.extract.decode import DecodeError
 from imgfeat.extract.executors import BatchReport, ExecutorConfig, ExtractJob, timed_build
 from imgfeat.extract.featureset import committed_ids, errored_ids
 from imgfeat.extract.shards import FeaturesetDirs, ShardWriter
+from imgfeat.extract.forward import DEFAULT_DEPTH, Forward, in_flight
 
 log = logging.getLogger(__name__)
 
@@ -151,10 +152,10 @@ def decode_rows(batch: dict[str, np.ndarray], inputs: InputSpec, run_id: str) ->
 class ShardActor:
     """A backbone actor: built once from the job, then one committed shard per batch."""
 
-    def __init__(self, job: ExtractJob, fault: "Fault | None") -> None:
-        self.model, self.build_seconds = timed_build(job.resolved, job.resolved.recipe.precision)
-        self.preprocess = job.resolved.spec.preprocess_fn()
-        self.job, self.fault = job, fault
+    def __init__(self, job: ExtractJob, fault: "Fault | None", depth: int = DEFAULT_DEPTH) -> None:
+        model, self.build_seconds = timed_build(job.resolved, job.resolved.recipe.precision)
+        self.model = Forward(model, job.resolved.spec.family, job.inputs.batch_shape)
+        self.job, self.fault, self.depth = job, fault, depth
         self.idle_since = time.perf_counter()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
@@ -181,13 +182,17 @@ class ShardActor:
         return {REPORT: [json.dumps(report.to_json())]}
 
     def forward(self, pixels: np.ndarray) -> np.ndarray:
-        """Run the model in fixed-shape batches of ``batch_size`` (padded), as the local executor does."""
+        """The local executor's model function (uint8 in, preprocessing on the device) over fixed-shape
+        padded batches of ``batch_size``, ``depth`` of them in flight."""
         n, bs = len(pixels), self.job.inputs.batch_size
         out = np.zeros((n, self.job.provenance.dim), dtype=np.float32)
-        for start in range(0, n, bs):
-            chunk = pixels[start:start + bs]
-            x = model_input(pad_rows(chunk, bs), self.preprocess)
-            out[start:start + len(chunk)] = np.asarray(self.model.predict_on_batch(x), np.float32)[:len(chunk)]
+        chunks = (Batch([""] * len(pixels[s:s + bs]), pad_rows(pixels[s:s + bs], bs), [], 0.0)
+                  for s in range(0, n, bs))
+        start = 0
+        for landed in in_flight(self.model, chunks, self.depth):
+            rows = len(landed.batch.ids)
+            out[start:start + rows] = landed.features
+            start += rows
         return out
 
     def commit(self, first: int, ids: list[str], X: np.ndarray, errors: list[dict[str, Any]]) -> None:
@@ -306,7 +311,8 @@ def _dataset(ray, job: ExtractJob, ray_cfg: ExecutorConfig, todo: list[Item], pl
     ds = ds.map_batches(decode_rows, batch_size=bs, fn_args=(job.inputs, job.run_id), num_cpus=1,
                         memory=decode_mem, runtime_env=_worker_env(0), concurrency=ray_cfg.workers)
     return ds.map_batches(
-        ShardActor, batch_size=plan["rows_per_shard"], fn_constructor_args=(job, Fault.from_env()),
+        ShardActor, batch_size=plan["rows_per_shard"],
+        fn_constructor_args=(job, Fault.from_env(), ray_cfg.in_flight),
         compute=ray.data.ActorPoolStrategy(size=plan["workers"]), num_cpus=ray_cfg.cpus_per_worker,
         num_gpus=plan["gpus_per_worker"], runtime_env=_worker_env(plan["gpus_per_worker"]),
     )

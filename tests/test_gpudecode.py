@@ -9,6 +9,7 @@ rounding leaves at most 1) and cosine >= 0.999.
 from __future__ import annotations
 
 import io
+import json
 import sys
 import types
 from pathlib import Path
@@ -316,6 +317,7 @@ def test_gpu_shape_routes_only_plain_complete_jpegs():
 
 
 @pytest.mark.quick
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_gpu_shape_leaves_huge_images_to_the_cpu(monkeypatch):
     data = jpeg(noise_image(1, (40, 30)))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
@@ -399,3 +401,36 @@ def test_check_gpu_decode_names_every_missing_piece_at_once(monkeypatch):
     text = str(info.value)
     assert all(s in text for s in ("imgfeat[gpu]", "nvidia-nvimgcodec-cu12", "KERAS_BACKEND=jax",
                                    "--fast-decode", "JAX sees no GPU"))
+
+
+# --- the GPU host's benchmark script ------------------------------------------------------------
+
+def bench_module():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu_decode.py"
+    spec = importlib.util.spec_from_file_location("bench_gpu_decode", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_exits_2_saying_what_is_missing(tmp_path, capsys):
+    assert bench_module().main([str(tmp_path)]) == 2
+    assert "decode 'gpu' cannot run here" in capsys.readouterr().err
+
+
+def test_bench_runs_its_passes_with_a_codec(tmp_path, monkeypatch, capsys):
+    files = {n: b for n, b in photo_files().items() if "exif" in n or "square" in n}
+    write_items(tmp_path / "imgs", files)
+    monkeypatch.setattr(G, "check_gpu_decode", lambda dcfg: None)
+    real = G.NvImageCodec
+    monkeypatch.setattr(G, "NvImageCodec", lambda dcfg: real(dcfg, module=fake_module()))
+    out = tmp_path / "out.json"
+    args = [str(tmp_path / "imgs"), "--size", "36", "--batch-size", "4", "--workers", "2", "--out", str(out)]
+    assert bench_module().main(args) == 0
+    result = json.loads(out.read_text())
+    assert result == json.loads(capsys.readouterr().out)
+    assert [p["rows"] for p in result["passes"]] == [len(files)] * 2
+    assert result["fidelity"]["compared"] == len(files) and result["fidelity"]["min_cosine"] >= MIN_COSINE
+    assert result["fidelity"]["max_abs_diff"] <= MAX_ABS_DIFF and result["decode_only_images_per_s"] > 0

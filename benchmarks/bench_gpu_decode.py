@@ -5,25 +5,30 @@
 Runs ``gpu_batches`` (read + content check on CPU threads, one batched nvJPEG call per batch,
 one compiled resize per size bucket) over the first N files of a folder, blocking on each batch's
 device array, and prints one JSON object: img/s per pass (the first pass includes compiles), the
-codec's decode alone on bytes in memory, and per-image cosine / max abs difference of the first
-batches against the CPU path (``make_batch``). Needs only numpy, Pillow, pyarrow, jax with its
-CUDA plugin and nvidia-nvimgcodec (no Keras, no install of this checkout: it is put on the path).
+codec's decode alone on bytes in memory, and per-image cosine / max abs difference against the
+CPU path (``make_batch``) for the first ``--compare`` files and for JPEGs tagged with each EXIF
+orientation under both exif modes (stderr says so when any is below 0.999, or fell back to the
+CPU). Needs only numpy, Pillow, pyarrow, jax with its CUDA plugin and nvidia-nvimgcodec (no Keras,
+no install of this checkout: it is put on the path).
 Where something is missing (no GPU, no extra) it exits 2 saying what.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import importlib.util
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+MIN_COSINE = 0.999  # issue 12: per image, GPU decode against the CPU path
 
 
 def import_imgfeat() -> None:
@@ -67,14 +72,14 @@ def timed_pass(items, spec, args, codec) -> dict:
 
     from imgfeat.extract.gpudecode import gpu_batches
 
-    rows = errors = 0
+    rows, counts = 0, collections.Counter()
     t0 = time.perf_counter()
-    for batch in gpu_batches(items, spec, "bench", args.workers, args.ahead, codec=codec):
+    for batch in gpu_batches(items, spec, "bench", args.workers, args.ahead, codec=codec, counts=counts):
         jax.block_until_ready(batch.raw)
-        rows, errors = rows + len(batch.ids), errors + len(batch.errors)
+        rows += len(batch.ids)
     seconds = time.perf_counter() - t0
-    return {"seconds": round(seconds, 3), "images_per_s": round(len(items) / seconds, 1),
-            "rows": rows, "errors": errors}
+    return {"seconds": round(seconds, 3), "images_per_s": round(len(items) / seconds, 1), "rows": rows,
+            "decoded_on_gpu": counts["gpu"], "decoded_on_cpu": counts["cpu"], "errors": counts["error"]}
 
 
 def decode_only(items, args, codec) -> float:
@@ -88,23 +93,52 @@ def decode_only(items, args, codec) -> float:
     return round(len(datas) / (time.perf_counter() - t0), 1)
 
 
-def fidelity(items, spec, args, codec) -> dict:
+def compare(items, spec, args, codec) -> dict:
+    """Per image, the GPU batch's row against the CPU path's (make_batch): worst cosine and difference."""
     from imgfeat.extract.batches import make_batch
     from imgfeat.extract.gpudecode import gpu_batches
 
-    worst = {"compared": 0, "min_cosine": 1.0, "max_abs_diff": 0}
-    items = items[:args.compare]
-    for start, got in zip(range(0, len(items), spec.batch_size),
-                          gpu_batches(items, spec, "bench", args.workers, args.ahead, codec=codec)):
+    cosines, max_abs, counts = [], 0, collections.Counter()
+    batches = gpu_batches(items, spec, "bench", args.workers, args.ahead, codec=codec, counts=counts)
+    for start, got in zip(range(0, len(items), spec.batch_size), batches):
         want = make_batch(items[start:start + spec.batch_size], spec, "bench")
         raw = np.asarray(got.raw)
         for row in range(len(want.ids)):
             a, b = raw[row].astype(np.float64).ravel(), want.raw[row].astype(np.float64).ravel()
-            cosine = float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
-            worst["min_cosine"] = round(min(worst["min_cosine"], cosine), 6)
-            worst["max_abs_diff"] = max(worst["max_abs_diff"], int(np.abs(a - b).max()))
-            worst["compared"] += 1
-    return worst
+            cosines.append(round(float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12)), 6))
+            max_abs = max(max_abs, int(np.abs(a - b).max()))
+    worst = min(cosines, default=1.0)
+    # "ok" needs the GPU to have decoded every JPEG: a fallback to the CPU would match trivially
+    return {"compared": len(cosines), "decoded_on_gpu": counts["gpu"], "min_cosine": worst,
+            "max_abs_diff": max_abs, "ok": worst >= MIN_COSINE and counts["gpu"] == len(cosines),
+            "cosines": cosines}
+
+
+def exif_check(args) -> dict:
+    """JPEGs tagged with EXIF orientations 1-8, under both exif modes: nvJPEG must orient as Pillow."""
+    from PIL import Image
+
+    from imgfeat.core.hashing import content_id
+    from imgfeat.extract.batches import InputSpec, Item
+    from imgfeat.extract.decode import ORIENTATION_TAG, DecodeConfig
+    from imgfeat.extract.gpudecode import NvImageCodec
+
+    y, x = np.mgrid[0:300, 0:400]
+    pixels = np.stack([x * 255 // 400, y * 255 // 300, (x // 50 + y // 50) % 2 * 255], -1).astype(np.uint8)
+    pixels[:60, :80] = (255, 0, 0)  # a corner mark: every orientation looks different
+    result = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        items = []
+        for orientation in range(1, 9):
+            exif = Image.Exif()
+            exif[ORIENTATION_TAG] = orientation
+            path = Path(tmp) / f"orientation{orientation}.jpg"
+            Image.fromarray(pixels).save(path, quality=95, exif=exif)
+            items.append(Item(content_id(path.read_bytes()), str(path)))
+        for mode in ("rotate", "ignore"):
+            dcfg = DecodeConfig((args.size, args.size), interpolation=args.interpolation, exif=mode)
+            result[mode] = compare(items, InputSpec(dcfg, 8), args, NvImageCodec(dcfg))
+    return result
 
 
 def main(argv=None) -> int:
@@ -136,11 +170,16 @@ def main(argv=None) -> int:
         "device": str(jax.devices()[0]), "jax": jax.__version__,
         "passes": [timed_pass(items, spec, args, codec) for _ in range(args.passes)],
         "decode_only_images_per_s": decode_only(items, args, codec),
-        "fidelity": fidelity(items, spec, args, codec),
+        "fidelity": compare(items[:args.compare], spec, args, codec),
+        "exif_orientations": exif_check(args),
         "compiles": len(device_kernels(dcfg.interpolation, dcfg.size).compiles),
     }
+    result["fidelity"].pop("cosines")
     text = json.dumps(result, indent=1)
     print(text)
+    checks = [result["fidelity"], *result["exif_orientations"].values()]
+    if not all(c["ok"] for c in checks):
+        print(f"bench_gpu_decode: some images are below cosine {MIN_COSINE} against the CPU path", file=sys.stderr)
     if args.out:
         from imgfeat.core.storage import write_bytes_atomic
 

@@ -8,6 +8,7 @@ rounding leaves at most 1) and cosine >= 0.999.
 
 from __future__ import annotations
 
+import collections
 import io
 import json
 import sys
@@ -111,9 +112,9 @@ def spec_of(batch_size: int = 8, size=SIZE, **dcfg) -> InputSpec:
     return InputSpec(DecodeConfig(size, **dcfg), batch_size)
 
 
-def run_gpu(items, spec, codec=None, workers=2, ahead=1):
+def run_gpu(items, spec, codec=None, workers=2, ahead=1, counts=None):
     codec = codec if codec is not None else G.NvImageCodec(spec.dcfg, module=fake_module())
-    return list(G.gpu_batches(items, spec, RUN, workers, ahead, codec=codec))
+    return list(G.gpu_batches(items, spec, RUN, workers, ahead, codec=codec, counts=counts))
 
 
 @pytest.fixture(autouse=True)
@@ -173,16 +174,12 @@ def test_device_resize_matches_the_cpu_path_on_photos(tmp_path, exif):
     spec = spec_of(batch_size=8, exif=exif)
     module = fake_module()
     codec = G.NvImageCodec(spec.dcfg, module=module)
-    worst = assert_same_as_cpu(items, spec, run_gpu(items, spec, codec))
+    counts = collections.Counter()
+    worst = assert_same_as_cpu(items, spec, run_gpu(items, spec, codec, counts=counts))
+    assert counts == {"gpu": len(items)}
     assert codec._decoder.calls == [8, 4], "one batched decode call per batch"
     assert codec._decoder.options == G.CODEC_OPTIONS
     assert worst["max_abs"] == MAX_ABS_DIFF, "the comparison saw device-resized pixels"
-
-
-def test_host_images_take_the_same_resize(tmp_path):
-    items = write_items(tmp_path, photo_files())
-    spec = spec_of(batch_size=8)
-    assert_same_as_cpu(items, spec, run_gpu(items, spec, HostCodec(spec.dcfg)))
 
 
 @pytest.mark.parametrize("interpolation", sorted(set(G.KERNELS) - {"bilinear"}))  # bilinear: above
@@ -223,7 +220,8 @@ def test_fallbacks_give_the_cpu_paths_rows_and_error_rows(tmp_path):
     spec = spec_of(batch_size=16)
     module = fake_module(refuse=[files["refused.jpg"]])
     codec = G.NvImageCodec(spec.dcfg, module=module)
-    [batch] = run_gpu(items, spec, codec)
+    counts = collections.Counter()
+    [batch] = run_gpu(items, spec, codec, counts=counts)
     assert_same_as_cpu(items, spec, [batch])
     want = make_batch(items, spec, RUN)
     codes = {r["path"].rsplit("/", 1)[1]: r["error_code"] for r in batch.errors}
@@ -237,6 +235,8 @@ def test_fallbacks_give_the_cpu_paths_rows_and_error_rows(tmp_path):
         assert np.array_equal(raw[row], want.raw[row]), name
     # ok.jpg, refused.jpg and cut_then_eoi.jpg reach the codec; the rest never do
     assert codec._decoder.calls == [3]
+    assert counts["gpu"] + counts["cpu"] == len(want.ids) and counts["error"] == len(want.errors)
+    assert counts["gpu"] in (1, 2)  # ok.jpg, and cut_then_eoi.jpg if Pillow decodes what is left
 
 
 @pytest.mark.parametrize("broken", ["raises", "wrong_shape", "short_list"])
@@ -252,8 +252,10 @@ def test_a_failing_codec_sends_files_to_the_cpu(tmp_path, broken):
                 return [np.zeros((30, 40, 3), np.uint8)]
             return [np.zeros((5, 5, 3), np.uint8) for _ in datas]
 
-    [batch] = run_gpu(items, spec, Broken())
+    counts = collections.Counter()
+    [batch] = run_gpu(items, spec, Broken(), counts=counts)
     want = make_batch(items, spec, RUN)
+    assert counts == {"cpu": 3}
     assert batch.ids == want.ids and np.array_equal(np.asarray(batch.raw), want.raw)
 
 
@@ -434,3 +436,15 @@ def test_bench_runs_its_passes_with_a_codec(tmp_path, monkeypatch, capsys):
     assert [p["rows"] for p in result["passes"]] == [len(files)] * 2
     assert result["fidelity"]["compared"] == len(files) and result["fidelity"]["min_cosine"] >= MIN_COSINE
     assert result["fidelity"]["max_abs_diff"] <= MAX_ABS_DIFF and result["decode_only_images_per_s"] > 0
+    for mode in ("rotate", "ignore"):
+        check = result["exif_orientations"][mode]
+        assert check["compared"] == 8 and check["ok"] and check["max_abs_diff"] <= MAX_ABS_DIFF
+
+
+def test_stopping_early_drops_the_queued_work(tmp_path):
+    items = write_items(tmp_path, {f"{i}.jpg": jpeg(noise_image(i, (40, 30))) for i in range(12)})
+    spec = spec_of(batch_size=2)
+    batches = G.gpu_batches(items, spec, RUN, 2, 3, codec=HostCodec(spec.dcfg))
+    first = next(batches)
+    batches.close()  # the executor stops the iteration: the pools shut down, nothing hangs
+    assert first.ids == [it.image_id for it in items[:2]]

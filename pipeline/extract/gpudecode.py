@@ -1,4 +1,4 @@
-"""Opt-in GPU decode (JAX only): JPEGs batch-decoded by nvImageCodec and resized on the device, one compiled call per size bucket; other files take the CPU path per file.
+"""Opt-in GPU decode (JAX): JPEGs batch-decoded by nvImageCodec, resized on the device per size bucket; CPU fallback."""
 
 The contract is the thread path's (``make_batch``): batches in todo order, the first ``len(ids)``
 rows real and in item order, the rest zero, error rows with the CPU path's codes; here ``raw``
@@ -341,9 +341,11 @@ class GpuBatcher:
     """Turns one chunk of items (read by CPU threads) into one Batch: a GPU decode call for the JPEGs,
     the CPU path for the rest, one device resize per size bucket."""
 
-    def __init__(self, spec: InputSpec, codec: Any, pool: ThreadPoolExecutor) -> None:
+    def __init__(self, spec: InputSpec, codec: Any, pool: ThreadPoolExecutor,
+                 counts: collections.Counter | None = None) -> None:
         self.spec, self.codec, self.pool = spec, codec, pool
         self.resizer = DeviceResizer(spec.dcfg)
+        self.counts = counts if counts is not None else collections.Counter()  # files by where they went
 
     def batch(self, items: list[Item], reads: list[_Read], run_id: str) -> Batch:
         t0 = time.perf_counter()
@@ -353,6 +355,7 @@ class GpuBatcher:
         device_rows: list[tuple[int, Any]] = []
         host_rows: dict[int, np.ndarray] = {}
         for item, (kind, value) in zip(items, outcomes):
+            self.counts[kind] += 1
             if kind == "error":
                 errors.append(decode_error_row(item, value, run_id))
                 continue
@@ -397,28 +400,35 @@ class GpuBatcher:
 
 
 def gpu_batches(items: Iterable[Item], spec: InputSpec, run_id: str, workers: int, ahead: int,
-                codec: Any = None) -> Iterator[Batch]:
+                codec: Any = None, counts: collections.Counter | None = None) -> Iterator[Batch]:
     """Batches in todo order (the thread path's contract), ``raw`` a uint8 JAX array on the device.
 
-    ``workers`` CPU threads read, verify and probe files (and decode the CPU fallbacks) up to
-    ``ahead`` batches ahead. ``codec`` has ``decode(list of bytes) -> list of (h, w, 3) uint8
-    arrays or None``; None makes the real one (``NvImageCodec``).
+    ``workers`` CPU threads read, verify and probe files and decode the CPU fallbacks; one more
+    thread makes the batches (the codec call, the resize dispatch), up to ``ahead`` batches ahead
+    of the caller, so the model's thread never waits on a decode it could overlap. ``codec`` has
+    ``decode(list of bytes) -> list of (h, w, 3) uint8 arrays or None``; None makes the real one
+    (``NvImageCodec``). ``counts``, when given, counts files by where they went: "gpu", "cpu"
+    (the CPU path decoded them) or "error". A batch's ``decode_seconds`` is its files' read and probe seconds plus the
+    seconds its batch took to make (device work still running is not counted).
     """
     codec = codec if codec is not None else NvImageCodec(spec.dcfg)
-    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="imgfeat-gpu-read") as pool:
-        batcher = GpuBatcher(spec, codec, pool)
-        pending: collections.deque[tuple[list[Item], list[Future]]] = collections.deque()
+    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="imgfeat-gpu-read") as pool, \
+            ThreadPoolExecutor(1, thread_name_prefix="imgfeat-gpu-decode") as maker:
+        batcher = GpuBatcher(spec, codec, pool, counts)
+        pending: collections.deque[Future] = collections.deque()
         try:
             for chunk in chunked(items, spec.batch_size):
-                pending.append((chunk, [pool.submit(read_probe, item, spec) for item in chunk]))
+                reads = [pool.submit(read_probe, item, spec) for item in chunk]
+                pending.append(maker.submit(_finish, batcher, chunk, reads, run_id))
                 if len(pending) > ahead:
-                    yield _finish(batcher, *pending.popleft(), run_id)
+                    yield pending.popleft().result()
             while pending:
-                yield _finish(batcher, *pending.popleft(), run_id)
-        finally:
-            for _, futures in pending:
-                for fut in futures:
-                    fut.cancel()
+                yield pending.popleft().result()
+            log.info("GPU decode: %d files decoded on the GPU, %d by the CPU path, %d error rows",
+                     batcher.counts["gpu"], batcher.counts["cpu"], batcher.counts["error"])
+        finally:  # stopped early (or failed): drop the work queued for batches nobody will take
+            maker.shutdown(cancel_futures=True)
+            pool.shutdown(cancel_futures=True)
 
 
 def _finish(batcher: GpuBatcher, chunk: list[Item], futures: list[Future], run_id: str) -> Batch:

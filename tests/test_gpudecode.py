@@ -23,7 +23,7 @@ from imgfeat.core.errors import ConfigError
 from imgfeat.core.hashing import content_id
 from imgfeat.extract import gpudecode as G
 from imgfeat.extract.batches import InputSpec, Item, make_batch
-from imgfeat.extract.decode import DecodeConfig
+from imgfeat.extract.decode import ORIENTATION_TAG, DecodeConfig
 from imgfeat.tools.samples import load_photo
 from tiny_images import encode, noise_image
 
@@ -31,6 +31,7 @@ SIZE = (36, 48)  # (h, w) of the model input: not square, so a swapped axis show
 MAX_ABS_DIFF = 1  # measured on the photos below: 0 on most pixels, 1 on at most a few percent
 MIN_COSINE = 0.999
 RUN = "run-gpu"
+JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 # --- a codec with nvImageCodec's Python interface, decoding with Pillow ---------------------------
@@ -90,7 +91,7 @@ class HostCodec:
 def jpeg(im: Image.Image, orientation: int | None = None, **save) -> bytes:
     if orientation is not None:
         exif = Image.Exif()
-        exif[G.ORIENTATION_TAG] = orientation
+        exif[ORIENTATION_TAG] = orientation
         save["exif"] = exif
     return encode(im, "JPEG", quality=save.pop("quality", 90), **save)
 
@@ -203,7 +204,7 @@ def fallback_files() -> dict[str, bytes]:
         "refused.jpg": jpeg(photo("coffee", 50, 50), quality=80),
         "truncated.jpg": good[: len(good) // 2],
         "cut_then_eoi.jpg": good[: len(good) // 2] + G.JPEG_EOI,
-        "garbage_jpeg.jpg": G.JPEG_MAGIC + bytes(300) + G.JPEG_EOI,
+        "garbage_jpeg.jpg": JPEG_MAGIC + bytes(300) + G.JPEG_EOI,
         "text.jpg": b"not an image\n" * 10,
         "empty.jpg": b"",
         "changed.jpg": jpeg(noise_image(3, (30, 20))),
@@ -275,7 +276,7 @@ def test_batches_keep_order_boundaries_and_zero_padding(tmp_path, ahead):
 
 
 def test_a_batch_of_only_failures_is_all_zero(tmp_path):
-    items = write_items(tmp_path, {"a.jpg": b"", "b.jpg": b"junk", "c.png": G.JPEG_MAGIC})
+    items = write_items(tmp_path, {"a.jpg": b"", "b.jpg": b"junk", "c.png": JPEG_MAGIC})
     items.append(Item("0" * 32, str(tmp_path / "gone.jpg")))
     spec = spec_of(batch_size=4)
     [batch] = run_gpu(items, spec)
@@ -314,8 +315,29 @@ def test_gpu_shape_routes_only_plain_complete_jpegs():
     assert G.gpu_shape(jpeg(im, orientation=6), DecodeConfig(SIZE, exif="ignore")) == (30, 40)
     assert G.gpu_shape(jpeg(im, orientation=3), dcfg) == (30, 40)
     for data in (encode(im, "PNG"), jpeg(im.convert("CMYK")), jpeg(im)[:-10], jpeg(im) + b"trailer",
-                 G.JPEG_MAGIC + G.JPEG_EOI, b""):
+                 JPEG_MAGIC + G.JPEG_EOI, b"", with_segment(jpeg(im), ADOBE_RGB), rgb_named(jpeg(im)),
+                 jpeg(im, orientation=9), with_segment(jpeg(im), XMP_ORIENTATION)):
         assert G.gpu_shape(data, dcfg) is None
+    # without EXIF rotation, orientation tags do not matter
+    assert G.gpu_shape(with_segment(jpeg(im), XMP_ORIENTATION), DecodeConfig(SIZE, exif="ignore")) == (30, 40)
+
+
+ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"  # APP14, colour transform 0: RGB
+# Pillow rotates by an XMP tiff:Orientation when EXIF has none; nvJPEG reads EXIF only
+XMP_BODY = b"http://ns.adobe.com/xap/1.0/\x00<rdf:Description tiff:Orientation=\"6\"/>"
+XMP_ORIENTATION = b"\xff\xe1" + (len(XMP_BODY) + 2).to_bytes(2, "big") + XMP_BODY
+
+
+def with_segment(data: bytes, segment: bytes) -> bytes:
+    return data[:2] + segment + data[2:]
+
+
+def rgb_named(data: bytes) -> bytes:
+    """The same JPEG with its components named "R", "G", "B" (libjpeg then reads it as RGB)."""
+    sof = data.index(b"\xff\xc0") + 4
+    out = bytearray(data)
+    out[sof + 6:sof + 15:3] = b"RGB"
+    return bytes(out)
 
 
 @pytest.mark.quick

@@ -1,11 +1,11 @@
-"""Opt-in GPU decode (JAX): JPEGs batch-decoded by nvImageCodec, resized on the device per size bucket; CPU fallback."""
+"""Opt-in GPU decode (JAX): JPEGs batch-decoded by nvImageCodec, resized on the device per size bucket; CPU fallback.
 
 The contract is the thread path's (``make_batch``): batches in todo order, the first ``len(ids)``
 rows real and in item order, the rest zero, error rows with the CPU path's codes; here ``raw``
 is a uint8 JAX array on the device. Reading and the content check run on CPU threads. A file
-goes to the GPU only when it is a JPEG (magic bytes) whose header Pillow reads as RGB or
-grayscale, within Pillow's pixel limit, ending with its EOI marker; the codec's output must
-have the size the header promises. Everything else (PNG, CMYK, cut-short or corrupt files,
+goes to the GPU only when it is a plain JPEG (8-bit, Huffman-coded, gray or YCbCr: its markers
+say so, ``jpeg_header.py``) within Pillow's pixel limit, ending with its EOI marker; the codec's
+output must have the size the header promises. Everything else (PNG, CMYK, cut-short or corrupt files,
 images the codec refuses or returns None for) is decoded by ``decode_bytes``, exactly as today.
 
 The resize reproduces Pillow's ``resize((w, h), filter)`` (a full squash, no crop): the same
@@ -20,7 +20,6 @@ from __future__ import annotations
 import collections
 import functools
 import importlib
-import io
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -34,12 +33,12 @@ from PIL import Image
 from imgfeat.core.errors import ConfigError
 from imgfeat.extract.batches import Batch, InputSpec, Item, chunked, decode_error_row, read_verified
 from imgfeat.extract.decode import (
-    ORIENTATION_TAG,
     TRANSPOSED_ORIENTATIONS,
     DecodeConfig,
     DecodeError,
     decode_bytes,
 )
+from imgfeat.extract.jpeg_header import HUFFMAN_SOF, JpegHeader, read_jpeg_header
 from imgfeat.extract.recipe import keras_backend
 
 log = logging.getLogger(__name__)
@@ -48,9 +47,8 @@ CODEC_MODULE = "nvidia.nvimgcodec"
 GPU_EXTRA = "pip install 'imgfeat[gpu]' (CUDA 12 hosts: pip install nvidia-nvimgcodec-cu12)"
 # libjpeg (Pillow) upsamples chroma "fancily"; nvImageCodec's default does not: ask for libjpeg's way.
 CODEC_OPTIONS = ":fancy_upsampling=1"
-JPEG_MAGIC = b"\xff\xd8\xff"
 JPEG_EOI = b"\xff\xd9"
-GPU_MODES = ("RGB", "L")  # JPEG modes the GPU decodes as Pillow's convert("RGB") does; CMYK/YCCK: CPU
+RGB_COMPONENT_IDS = (82, 71, 66)  # "R", "G", "B": libjpeg reads such a JPEG as RGB, not YCbCr
 # Bucket sides: 32 and 48 times powers of two (padding wastes at most a third of a side).
 BUCKET_SIDES = tuple(sorted(b << k for b in (32, 48) for k in range(10) if b << k <= 16384))
 BUCKET_BYTES = 256 << 20  # at most this much padded uint8 input per compiled resize call
@@ -121,23 +119,34 @@ def padded_rows(n: int) -> int:
 
 def gpu_shape(data: bytes, dcfg: DecodeConfig) -> tuple[int, int] | None:
     """(h, w) the GPU decode of these bytes must have, or None when the CPU path must decode them."""
-    if not data.startswith(JPEG_MAGIC) or not data.endswith(JPEG_EOI):
-        return None  # not a JPEG, or cut short (or trailing bytes): the CPU path decides
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            if img.format != "JPEG" or img.mode not in GPU_MODES:
-                return None
-            w, h = img.size
-            limit = Image.MAX_IMAGE_PIXELS
-            if limit and w * h > limit:
-                return None  # the CPU path names it too_large
-            if dcfg.exif == "rotate" and img.getexif().get(ORIENTATION_TAG, 1) in TRANSPOSED_ORIENTATIONS:
-                w, h = h, w
-    except Exception:  # any header Pillow cannot read: the CPU path gives the error row
+    if not data.endswith(JPEG_EOI):
+        return None  # cut short (or trailing bytes): the CPU path decides
+    head = read_jpeg_header(data)
+    if head is None or not _plain_jpeg(head):
         return None
+    h, w = head.height, head.width
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and h * w > limit:
+        return None  # the CPU path names it too_large
+    if dcfg.exif == "rotate":
+        if head.orientation not in (None, *range(1, 9)) or (head.orientation is None and head.xmp_orientation):
+            return None  # an orientation nvJPEG may read otherwise than Pillow: Pillow decides
+        if head.orientation in TRANSPOSED_ORIENTATIONS:
+            h, w = w, h
     if bucket_side(h) is None or bucket_side(w) is None:
         return None
     return h, w
+
+
+def _plain_jpeg(head: JpegHeader) -> bool:
+    """8-bit Huffman-coded gray or YCbCr: what nvJPEG and libjpeg decode alike. CMYK/YCCK, 12-bit,
+    lossless, arithmetic-coded and RGB-coded JPEGs (Adobe transform 0, or components named R, G, B)
+    take the CPU path."""
+    if head.sof not in HUFFMAN_SOF or head.precision != 8 or not head.height or not head.width:
+        return False
+    if head.components == 1:
+        return True
+    return head.components == 3 and head.adobe_transform != 0 and head.component_ids != RGB_COMPONENT_IDS
 
 
 def check_gpu_decode(dcfg: DecodeConfig) -> None:

@@ -45,7 +45,8 @@ log = logging.getLogger(__name__)
 
 CODEC_MODULE = "nvidia.nvimgcodec"
 GPU_EXTRA = "pip install 'imgfeat[gpu]' (CUDA 12 hosts: pip install nvidia-nvimgcodec-cu12)"
-# libjpeg (Pillow) upsamples chroma "fancily"; nvImageCodec's default does not: ask for libjpeg's way.
+# libjpeg (Pillow) upsamples chroma "fancily"; nvImageCodec's default does not: ask for libjpeg's way
+# (a documented option for every JPEG decoder plugin: nvimagecodec/codec_options.html).
 CODEC_OPTIONS = ":fancy_upsampling=1"
 JPEG_EOI = b"\xff\xd9"
 RGB_COMPONENT_IDS = (82, 71, 66)  # "R", "G", "B": libjpeg reads such a JPEG as RGB, not YCbCr
@@ -327,7 +328,7 @@ def _resize_rows(padded, hw, kernel: Callable, out_hw: tuple[int, int]):
 
 
 @dataclass
-class _Read:
+class FileRead:
     """One file after the CPU threads: verified bytes and the (h, w) a GPU decode must give, or the error."""
 
     data: bytes = b""
@@ -336,14 +337,14 @@ class _Read:
     seconds: float = 0.0
 
 
-def read_probe(item: Item, spec: InputSpec) -> _Read:
+def read_probe(item: Item, spec: InputSpec) -> FileRead:
     """Read and verify one file, and decide whether the GPU may decode it (in a CPU thread)."""
     t0 = time.perf_counter()
     try:
         data = read_verified(item, spec)
     except DecodeError as exc:
-        return _Read(error=exc, seconds=time.perf_counter() - t0)
-    return _Read(data, gpu_shape(data, spec.dcfg), seconds=time.perf_counter() - t0)
+        return FileRead(error=exc, seconds=time.perf_counter() - t0)
+    return FileRead(data, gpu_shape(data, spec.dcfg), seconds=time.perf_counter() - t0)
 
 
 class GpuBatcher:
@@ -356,7 +357,7 @@ class GpuBatcher:
         self.resizer = DeviceResizer(spec.dcfg)
         self.counts = counts if counts is not None else collections.Counter()  # files by where they went
 
-    def batch(self, items: list[Item], reads: list[_Read], run_id: str) -> Batch:
+    def batch(self, items: list[Item], reads: list[FileRead], run_id: str) -> Batch:
         t0 = time.perf_counter()
         outcomes = self._decoded(items, reads)
         ids: list[str] = []
@@ -377,7 +378,7 @@ class GpuBatcher:
         seconds = time.perf_counter() - t0 + sum(r.seconds for r in reads)
         return Batch(ids, raw, errors, seconds)
 
-    def _decoded(self, items: list[Item], reads: list[_Read]) -> list[tuple[str, Any]]:
+    def _decoded(self, items: list[Item], reads: list[FileRead]) -> list[tuple[str, Any]]:
         """Per item ("gpu", image of any size) | ("cpu", (H, W, 3) array) | ("error", DecodeError)."""
         outcomes: list[tuple[str, Any] | None] = [None if r.error is None else ("error", r.error) for r in reads]
         jpegs = [i for i, r in enumerate(reads) if r.gpu_hw is not None and r.error is None]

@@ -79,13 +79,18 @@ class Batch:
     release: Callable[[], None] | None = None  # hands a pooled buffer back, once the model is done with raw
 
 
-def decode_item(item: Item, spec: InputSpec) -> np.ndarray:
-    """Read, verify and decode one file: the bytes must still hash to the manifest's image_id."""
+def read_verified(item: Item, spec: InputSpec) -> bytes:
+    """Read one file, or DecodeError: its bytes must still hash to the manifest's image_id."""
     data = read_file_bytes(item.path, spec.max_file_bytes)
     if content_id(data) != item.image_id:
         raise DecodeError(CHANGED_SINCE_SCAN, f"{item.path}: the file's bytes changed since the scan "
                           "(rescan the dataset to extract its new content)")
-    return decode_bytes(data, spec.dcfg, name=item.path)
+    return data
+
+
+def decode_item(item: Item, spec: InputSpec) -> np.ndarray:
+    """Read, verify and decode one file (see read_verified)."""
+    return decode_bytes(read_verified(item, spec), spec.dcfg, name=item.path)
 
 
 def decode_error_row(item: Item, exc: DecodeError, run_id: str) -> dict[str, Any]:

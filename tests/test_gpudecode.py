@@ -1,0 +1,472 @@
+"""GPU decode's logic on CPU: JAX CPU plus a Pillow codec with nvImageCodec's interface, against the CPU path.
+
+Every batch is compared with ``make_batch`` (the thread path) on the same items: the same ids, the
+same error rows, fallback rows bit for bit, device-resized rows within 1 per channel (measured:
+the resize reproduces Pillow's filter weights and per-pass rounding; fixed point against float
+rounding leaves at most 1) and cosine >= 0.999.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import json
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from imgfeat.core.errors import ConfigError
+from imgfeat.core.hashing import content_id
+from imgfeat.extract import gpudecode as G
+from imgfeat.extract.batches import InputSpec, Item, make_batch
+from imgfeat.extract.decode import ORIENTATION_TAG, DecodeConfig
+from imgfeat.tools.samples import load_photo
+from tiny_images import encode, noise_image
+
+SIZE = (36, 48)  # (h, w) of the model input: not square, so a swapped axis shows
+MAX_ABS_DIFF = 1  # measured on the photos below: 0 on most pixels, 1 on at most a few percent
+MIN_COSINE = 0.999
+RUN = "run-gpu"
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+# --- a codec with nvImageCodec's Python interface, decoding with Pillow ---------------------------
+
+class FakeParams:
+    def __init__(self, apply_exif_orientation: bool = True, color_spec: str = "RGB", allow_any_depth: bool = False):
+        self.apply_exif_orientation = apply_exif_orientation
+        self.color_spec = color_spec
+
+
+class PillowDecoder:
+    """nvimgcodec.Decoder's shape: decode(list of bytes, params) -> arrays, None where it cannot decode."""
+
+    refuse: set[bytes] = set()  # files this "GPU" declines, like a progressive JPEG nvJPEG refuses
+
+    def __init__(self, options: str = "") -> None:
+        self.options = options
+        self.calls: list[int] = []
+
+    def decode(self, srcs, params=None):
+        self.calls.append(len(srcs))
+        return [self._one(bytes(s), params or FakeParams()) for s in srcs]
+
+    def _one(self, data: bytes, params: FakeParams):
+        if data in self.refuse:
+            return None
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                if im.format != "JPEG" or im.mode not in ("RGB", "L"):
+                    return None
+                im.load()
+                if params.apply_exif_orientation:
+                    im = ImageOps.exif_transpose(im)
+                return np.array(im.convert("RGB"))  # writable, as DLPack export wants
+        except Exception:
+            return None
+
+
+def fake_module(refuse=()) -> types.SimpleNamespace:
+    decoder = type("Decoder", (PillowDecoder,), {"refuse": set(refuse)})
+    return types.SimpleNamespace(Decoder=decoder, DecodeParams=FakeParams, ColorSpec=types.SimpleNamespace(RGB="RGB"))
+
+
+class HostCodec:
+    """The same Pillow decoder handing back numpy arrays (the host-padding branch)."""
+
+    def __init__(self, dcfg: DecodeConfig, refuse=()) -> None:
+        self.decoder = fake_module(refuse).Decoder()
+        self.params = FakeParams(apply_exif_orientation=dcfg.exif == "rotate")
+
+    def decode(self, datas):
+        return self.decoder.decode(datas, self.params)
+
+
+# --- files --------------------------------------------------------------------------------------
+
+def jpeg(im: Image.Image, orientation: int | None = None, **save) -> bytes:
+    if orientation is not None:
+        exif = Image.Exif()
+        exif[ORIENTATION_TAG] = orientation
+        save["exif"] = exif
+    return encode(im, "JPEG", quality=save.pop("quality", 90), **save)
+
+
+def photo(name: str, w: int, h: int) -> Image.Image:
+    return load_photo(name).resize((w, h), Image.Resampling.BICUBIC)
+
+
+def write_items(folder: Path, files: dict[str, bytes]) -> list[Item]:
+    folder.mkdir(parents=True, exist_ok=True)
+    items = []
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+        items.append(Item(content_id(data), str(folder / name)))
+    return items
+
+
+def spec_of(batch_size: int = 8, size=SIZE, **dcfg) -> InputSpec:
+    return InputSpec(DecodeConfig(size, **dcfg), batch_size)
+
+
+def run_gpu(items, spec, codec=None, workers=2, ahead=1, counts=None):
+    codec = codec if codec is not None else G.NvImageCodec(spec.dcfg, module=fake_module())
+    return list(G.gpu_batches(items, spec, RUN, workers, ahead, codec=codec, counts=counts))
+
+
+@pytest.fixture(autouse=True)
+def _no_failed_gpu_calls(caplog, request):
+    """A codec call that fails sends its files to the CPU path quietly but for a warning: none expected."""
+    yield
+    if "broken" not in request.fixturenames:
+        assert not [r for r in caplog.records if "GPU decode of" in r.getMessage()]
+
+
+def assert_same_as_cpu(items: list[Item], spec: InputSpec, batches) -> dict[str, float]:
+    """Each GPU batch against make_batch on the same chunk; returns worst cosine / diff seen."""
+    worst = {"cosine": 1.0, "max_abs": 0}
+    chunks = [items[i:i + spec.batch_size] for i in range(0, len(items), spec.batch_size)]
+    assert len(batches) == len(chunks)
+    for chunk, got in zip(chunks, batches):
+        want = make_batch(chunk, spec, RUN)
+        assert got.ids == want.ids and got.errors == want.errors
+        raw = np.asarray(got.raw)
+        assert raw.shape == want.raw.shape and raw.dtype == np.uint8
+        assert not raw[len(want.ids):].any(), "padding rows must be zero"
+        for row in range(len(want.ids)):
+            a, b = raw[row].astype(np.float64).ravel(), want.raw[row].astype(np.float64).ravel()
+            cosine = a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
+            worst["cosine"] = min(worst["cosine"], cosine)
+            worst["max_abs"] = max(worst["max_abs"], int(np.abs(a - b).max()))
+    assert worst["cosine"] >= MIN_COSINE and worst["max_abs"] <= MAX_ABS_DIFF, worst
+    return worst
+
+
+# --- fidelity -----------------------------------------------------------------------------------
+
+PHOTOS = {  # name -> (photo, width, height): square, wide, tall, large, tiny upscales, exact size, a strip
+    "astronaut_square.jpg": ("astronaut", 180, 180),
+    "coffee_wide.jpg": ("coffee", 190, 140),
+    "chelsea_tall.jpg": ("chelsea", 135, 185),
+    "rocket_large.jpg": ("rocket", 640, 427),
+    "astronaut_up.jpg": ("astronaut", 20, 14),
+    "coffee_up_tall.jpg": ("coffee", 9, 31),
+    "chelsea_exact.jpg": ("chelsea", SIZE[1], SIZE[0]),
+    "rocket_strip.jpg": ("rocket", 190, 12),
+}
+
+
+def photo_files() -> dict[str, bytes]:
+    """Most share the (192, 192) bucket, so the test compiles few shapes."""
+    files = {name: jpeg(photo(p, w, h)) for name, (p, w, h) in PHOTOS.items()}
+    files["chelsea_gray.jpg"] = jpeg(photo("chelsea", 150, 140).convert("L"))
+    for orientation in (3, 6, 8):  # 180 degrees, and the two that swap width and height
+        files[f"coffee_exif{orientation}.jpg"] = jpeg(photo("coffee", 176, 132), orientation)
+    return files
+
+
+@pytest.mark.parametrize("exif", ["rotate", "ignore"])
+def test_device_resize_matches_the_cpu_path_on_photos(tmp_path, exif):
+    items = write_items(tmp_path, photo_files())
+    spec = spec_of(batch_size=8, exif=exif)
+    module = fake_module()
+    codec = G.NvImageCodec(spec.dcfg, module=module)
+    counts = collections.Counter()
+    worst = assert_same_as_cpu(items, spec, run_gpu(items, spec, codec, counts=counts))
+    assert counts == {"gpu": len(items)}
+    assert codec._decoder.calls == [8, 4], "one batched decode call per batch"
+    assert codec._decoder.options == G.CODEC_OPTIONS
+    assert worst["max_abs"] == MAX_ABS_DIFF, "the comparison saw device-resized pixels"
+
+
+@pytest.mark.parametrize("interpolation", sorted(set(G.KERNELS) - {"bilinear"}))  # bilinear: above
+def test_every_pillow_filter_is_reproduced(interpolation):
+    dcfg = DecodeConfig(SIZE, interpolation=interpolation)
+    images = [np.asarray(photo(p, w, h)) for p, w, h in [("coffee", 190, 150), ("chelsea", 140, 23)]]
+    out = np.asarray(G.DeviceResizer(dcfg).assemble(2, list(enumerate(images)), {}))
+    for row, pixels in enumerate(images):
+        want = np.asarray(Image.fromarray(pixels).resize(SIZE[::-1], Image.Resampling[interpolation.upper()]))
+        assert np.abs(out[row].astype(int) - want).max() <= MAX_ABS_DIFF
+
+
+# --- fallbacks ----------------------------------------------------------------------------------
+
+def fallback_files() -> dict[str, bytes]:
+    good = jpeg(photo("astronaut", 64, 48))
+    return {
+        "ok.jpg": good,
+        "plain.png": encode(photo("rocket", 70, 40), "PNG"),
+        "cmyk.jpg": jpeg(photo("chelsea", 60, 40).convert("CMYK")),
+        "refused.jpg": jpeg(photo("coffee", 50, 50), quality=80),
+        "truncated.jpg": good[: len(good) // 2],
+        "cut_then_eoi.jpg": good[: len(good) // 2] + G.JPEG_EOI,
+        "garbage_jpeg.jpg": JPEG_MAGIC + bytes(300) + G.JPEG_EOI,
+        "text.jpg": b"not an image\n" * 10,
+        "empty.jpg": b"",
+        "changed.jpg": jpeg(noise_image(3, (30, 20))),
+        "vanished.jpg": jpeg(noise_image(4, (30, 20))),
+        "gif.gif": encode(noise_image(5, (20, 30)).convert("P"), "GIF"),
+    }
+
+
+def test_fallbacks_give_the_cpu_paths_rows_and_error_rows(tmp_path):
+    files = fallback_files()
+    items = write_items(tmp_path, files)
+    (tmp_path / "changed.jpg").write_bytes(jpeg(noise_image(9, (30, 20))))
+    (tmp_path / "vanished.jpg").unlink()
+    spec = spec_of(batch_size=16)
+    module = fake_module(refuse=[files["refused.jpg"]])
+    codec = G.NvImageCodec(spec.dcfg, module=module)
+    counts = collections.Counter()
+    [batch] = run_gpu(items, spec, codec, counts=counts)
+    assert_same_as_cpu(items, spec, [batch])
+    want = make_batch(items, spec, RUN)
+    codes = {r["path"].rsplit("/", 1)[1]: r["error_code"] for r in batch.errors}
+    assert codes["changed.jpg"] == "changed_since_scan" and codes["vanished.jpg"] == "vanished"
+    assert codes["empty.jpg"] == "empty" and codes["text.jpg"] == "not_an_image"
+    assert codes["truncated.jpg"] == "truncated"
+    # Rows the CPU decoded are bit-identical to the thread path's.
+    raw = np.asarray(batch.raw)
+    for name in ("plain.png", "cmyk.jpg", "refused.jpg", "gif.gif"):
+        row = want.ids.index(content_id(files[name]))
+        assert np.array_equal(raw[row], want.raw[row]), name
+    # ok.jpg, refused.jpg and cut_then_eoi.jpg reach the codec; the rest never do
+    assert codec._decoder.calls == [3]
+    assert counts["gpu"] + counts["cpu"] == len(want.ids) and counts["error"] == len(want.errors)
+    assert counts["gpu"] in (1, 2)  # ok.jpg, and cut_then_eoi.jpg if Pillow decodes what is left
+
+
+@pytest.mark.parametrize("broken", ["raises", "wrong_shape", "short_list"])
+def test_a_failing_codec_sends_files_to_the_cpu(tmp_path, broken):
+    items = write_items(tmp_path, {f"{i}.jpg": jpeg(photo("coffee", 40 + i, 30)) for i in range(3)})
+    spec = spec_of(batch_size=4)
+
+    class Broken:
+        def decode(self, datas):
+            if broken == "raises":
+                raise RuntimeError("nvjpeg exploded")
+            if broken == "short_list":
+                return [np.zeros((30, 40, 3), np.uint8)]
+            return [np.zeros((5, 5, 3), np.uint8) for _ in datas]
+
+    counts = collections.Counter()
+    [batch] = run_gpu(items, spec, Broken(), counts=counts)
+    want = make_batch(items, spec, RUN)
+    assert counts == {"cpu": 3}
+    assert batch.ids == want.ids and np.array_equal(np.asarray(batch.raw), want.raw)
+
+
+# --- the batch contract -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ahead", [0, 2])
+def test_batches_keep_order_boundaries_and_zero_padding(tmp_path, ahead):
+    files = {f"{i:02d}.jpg": jpeg(photo(("coffee", "rocket")[i % 2], 140 + 5 * i, 190 - i)) for i in range(9)}
+    files["02.jpg"] = b"broken"
+    items = write_items(tmp_path, files)
+    spec = spec_of(batch_size=4)
+    batches = run_gpu(items, spec, ahead=ahead, workers=3)
+    assert [len(b.ids) + len(b.errors) for b in batches] == [4, 4, 1]
+    assert [i for b in batches for i in b.ids] == [it.image_id for it in items if not it.path.endswith("02.jpg")]
+    assert all(b.decode_seconds > 0 for b in batches)
+    assert_same_as_cpu(items, spec, batches)
+
+
+def test_a_batch_of_only_failures_is_all_zero(tmp_path):
+    items = write_items(tmp_path, {"a.jpg": b"", "b.jpg": b"junk", "c.png": JPEG_MAGIC})
+    items.append(Item("0" * 32, str(tmp_path / "gone.jpg")))
+    spec = spec_of(batch_size=4)
+    [batch] = run_gpu(items, spec)
+    assert batch.ids == [] and len(batch.errors) == 4
+    assert np.asarray(batch.raw).shape == (4, *SIZE, 3) and not np.asarray(batch.raw).any()
+    assert batch.errors == make_batch(items, spec, RUN).errors
+
+
+def test_compiled_shapes_stay_bounded_over_many_source_sizes(tmp_path, monkeypatch):
+    monkeypatch.setattr(G, "MAX_PAD_SHAPES", 4)
+    size = (20, 28)  # kernels of their own, so this test counts only its own compiles
+    rng = np.random.default_rng(0)
+    dims = {(int(h), int(w)) for h, w in zip(rng.integers(33, 64, 40), rng.integers(65, 96, 40))}
+    files = {f"{h}x{w}.jpg": jpeg(noise_image(h * w, (w, h))) for h, w in sorted(dims)}
+    items = write_items(tmp_path, files)
+    spec = spec_of(batch_size=8, size=size)
+    batches = run_gpu(items, spec)
+    assert_same_as_cpu(items, spec, batches)
+    compiles = G.device_kernels("bilinear", size).compiles
+    kinds = {name: sum(1 for c in compiles if c[0] == name) for name in ("resize", "pad", "stack", "place")}
+    # one bucket (64, 96); row counts 1, 2, 4, 8: at most 4 resizes, stacks, places; pads capped at 4
+    assert len(dims) > 30 and kinds["resize"] <= 4 and kinds["stack"] <= 4 and kinds["place"] <= 4
+    assert kinds["pad"] == 4, kinds
+    assert len(compiles) <= 18
+
+
+# --- routing and checks (no compiles) -----------------------------------------------------------
+
+@pytest.mark.quick
+def test_gpu_shape_routes_only_plain_complete_jpegs():
+    dcfg = DecodeConfig(SIZE)
+    im = noise_image(1, (40, 30))
+    assert G.gpu_shape(jpeg(im), dcfg) == (30, 40)
+    assert G.gpu_shape(jpeg(im.convert("L")), dcfg) == (30, 40)
+    assert G.gpu_shape(jpeg(im, orientation=6), dcfg) == (40, 30)
+    assert G.gpu_shape(jpeg(im, orientation=6), DecodeConfig(SIZE, exif="ignore")) == (30, 40)
+    assert G.gpu_shape(jpeg(im, orientation=3), dcfg) == (30, 40)
+    for data in (encode(im, "PNG"), jpeg(im.convert("CMYK")), jpeg(im)[:-10], jpeg(im) + b"trailer",
+                 JPEG_MAGIC + G.JPEG_EOI, b"", with_segment(jpeg(im), ADOBE_RGB), rgb_named(jpeg(im)),
+                 jpeg(im, orientation=9), with_segment(jpeg(im), XMP_ORIENTATION)):
+        assert G.gpu_shape(data, dcfg) is None
+    # without EXIF rotation, orientation tags do not matter
+    assert G.gpu_shape(with_segment(jpeg(im), XMP_ORIENTATION), DecodeConfig(SIZE, exif="ignore")) == (30, 40)
+
+
+ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"  # APP14, colour transform 0: RGB
+# Pillow rotates by an XMP tiff:Orientation when EXIF has none; nvJPEG reads EXIF only
+XMP_BODY = b"http://ns.adobe.com/xap/1.0/\x00<rdf:Description tiff:Orientation=\"6\"/>"
+XMP_ORIENTATION = b"\xff\xe1" + (len(XMP_BODY) + 2).to_bytes(2, "big") + XMP_BODY
+
+
+def with_segment(data: bytes, segment: bytes) -> bytes:
+    return data[:2] + segment + data[2:]
+
+
+def rgb_named(data: bytes) -> bytes:
+    """The same JPEG with its components named "R", "G", "B" (libjpeg then reads it as RGB)."""
+    sof = data.index(b"\xff\xc0") + 4
+    out = bytearray(data)
+    out[sof + 6:sof + 15:3] = b"RGB"
+    return bytes(out)
+
+
+@pytest.mark.quick
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_gpu_shape_leaves_huge_images_to_the_cpu(monkeypatch):
+    data = jpeg(noise_image(1, (40, 30)))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    assert G.gpu_shape(data, DecodeConfig(SIZE)) is None
+    monkeypatch.setattr(G, "bucket_side", lambda n: None if n > 35 else 48)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    assert G.gpu_shape(data, DecodeConfig(SIZE)) is None
+
+
+@pytest.mark.quick
+def test_buckets_and_row_counts():
+    assert G.bucket_side(1) == 32 and G.bucket_side(375) == 384 and G.bucket_side(500) == 512
+    assert G.bucket_side(16384) == 16384 and G.bucket_side(16385) is None
+    assert [G.padded_rows(n) for n in (1, 2, 3, 5, 200, 256)] == [1, 2, 4, 8, 256, 256]
+    assert G.bucket_rows((384, 512)) == 256 and G.bucket_rows((16384, 16384)) == 1
+
+
+@pytest.mark.quick
+def test_filter_weights_are_pillows_and_ignore_padding():
+    w = G.filter_weights(G.KERNELS["bilinear"], 4, 8, 2)
+    assert np.allclose(w.sum(axis=1), 1) and not w[:, 4:].any()
+    assert np.allclose(w[0, :4], [3 / 7, 3 / 7, 1 / 7, 0])  # downscale by 2: a triangle 2 pixels wide
+    assert np.allclose(G.filter_weights(G.KERNELS["bicubic"], 5, 5, 5), np.eye(5))
+
+
+class FakeDevice:
+    def __init__(self, platform: str) -> None:
+        self.platform = platform
+
+
+@pytest.fixture
+def gpu_host(monkeypatch):
+    """Everything GPU decode needs, faked: the extra importable, Keras on JAX, a GPU device."""
+    import jax
+
+    monkeypatch.setitem(sys.modules, G.CODEC_MODULE, fake_module())
+    monkeypatch.setattr(G, "keras_backend", lambda: "jax")
+    monkeypatch.setattr(jax, "devices", lambda *a: [FakeDevice("gpu")])
+    return monkeypatch
+
+
+@pytest.mark.quick
+def test_check_gpu_decode_passes_when_everything_is_there(gpu_host):
+    G.check_gpu_decode(DecodeConfig(SIZE))
+
+
+MISSING = {
+    "extra": "pip install 'imgfeat[gpu]'",
+    "backend": "KERAS_BACKEND=jax",
+    "gpu": "JAX sees no GPU (its devices: cpu)",
+    "fast_decode": "drop --fast-decode",
+    "interpolation": "interpolation 'nearest' has no GPU kernel",
+}
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("missing, named", sorted(MISSING.items()))
+def test_check_gpu_decode_names_what_is_missing(gpu_host, missing, named):
+    import jax
+
+    dcfg = DecodeConfig(SIZE, fast_decode=missing == "fast_decode",
+                        interpolation="nearest" if missing == "interpolation" else "bilinear")
+    if missing == "extra":
+        gpu_host.setitem(sys.modules, G.CODEC_MODULE, None)  # import raises ImportError
+    if missing == "backend":
+        gpu_host.setattr(G, "keras_backend", lambda: "tensorflow")
+    if missing == "gpu":
+        gpu_host.setattr(jax, "devices", lambda *a: [FakeDevice("cpu")])
+    with pytest.raises(ConfigError, match="decode 'gpu' cannot run here") as info:
+        G.check_gpu_decode(dcfg)
+    assert named in str(info.value) and info.value.exit_code == 2
+    assert not [other for other in MISSING.values() if other != named and other in str(info.value)]
+
+
+@pytest.mark.quick
+def test_check_gpu_decode_names_every_missing_piece_at_once(monkeypatch):
+    monkeypatch.setitem(sys.modules, G.CODEC_MODULE, None)
+    monkeypatch.setattr(G, "keras_backend", lambda: "tensorflow")
+    with pytest.raises(ConfigError) as info:
+        G.check_gpu_decode(DecodeConfig(SIZE, fast_decode=True))
+    text = str(info.value)
+    assert all(s in text for s in ("imgfeat[gpu]", "nvidia-nvimgcodec-cu12", "KERAS_BACKEND=jax",
+                                   "--fast-decode", "JAX sees no GPU"))
+
+
+# --- the GPU host's benchmark script ------------------------------------------------------------
+
+def bench_module():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu_decode.py"
+    spec = importlib.util.spec_from_file_location("bench_gpu_decode", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_exits_2_saying_what_is_missing(tmp_path, capsys):
+    assert bench_module().main([str(tmp_path)]) == 2
+    assert "decode 'gpu' cannot run here" in capsys.readouterr().err
+
+
+def test_bench_runs_its_passes_with_a_codec(tmp_path, monkeypatch, capsys):
+    files = {n: b for n, b in photo_files().items() if "exif" in n or "square" in n}
+    write_items(tmp_path / "imgs", files)
+    monkeypatch.setattr(G, "check_gpu_decode", lambda dcfg: None)
+    real = G.NvImageCodec
+    monkeypatch.setattr(G, "NvImageCodec", lambda dcfg: real(dcfg, module=fake_module()))
+    out = tmp_path / "out.json"
+    args = [str(tmp_path / "imgs"), "--size", "36", "--batch-size", "4", "--workers", "2", "--out", str(out)]
+    assert bench_module().main(args) == 0
+    result = json.loads(out.read_text())
+    assert result == json.loads(capsys.readouterr().out)
+    assert [p["rows"] for p in result["passes"]] == [len(files)] * 2
+    assert result["fidelity"]["compared"] == len(files) and result["fidelity"]["min_cosine"] >= MIN_COSINE
+    assert result["fidelity"]["max_abs_diff"] <= MAX_ABS_DIFF and result["decode_only_images_per_s"] > 0
+    for mode in ("rotate", "ignore"):
+        check = result["exif_orientations"][mode]
+        assert check["compared"] == 8 and check["ok"] and check["max_abs_diff"] <= MAX_ABS_DIFF
+
+
+def test_stopping_early_drops_the_queued_work(tmp_path):
+    items = write_items(tmp_path, {f"{i}.jpg": jpeg(noise_image(i, (40, 30))) for i in range(12)})
+    spec = spec_of(batch_size=2)
+    batches = G.gpu_batches(items, spec, RUN, 2, 3, codec=HostCodec(spec.dcfg))
+    first = next(batches)
+    batches.close()  # the executor stops the iteration: the pools shut down, nothing hangs
+    assert first.ids == [it.image_id for it in items[:2]]

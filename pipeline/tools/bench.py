@@ -211,6 +211,8 @@ def input_main(spec: dict[str, Any]) -> None:
     t0, rows = time.perf_counter(), 0
     for batch in decoded_batches(items, inputs, "bench", spec["workers"] or default_workers()):
         rows += len(batch.ids)
+        if hasattr(batch.raw, "block_until_ready"):  # a device batch (--decode gpu): count it when done
+            batch.raw.block_until_ready()
         if batch.release is not None:
             batch.release()
     print(json.dumps({"decoded": rows, "decode_seconds": round(time.perf_counter() - t0, 3)}))

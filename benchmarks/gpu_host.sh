@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Issue 12's GPU-host checks in one prepared run: extract at accelerator speed, CPU decode and GPU decode.
+#
+# For a GPU host with JAX (CUDA) and no TensorFlow and no network (see the kit's README in the
+# workplace's shared/gpu/). Before the run, on a machine with the registry, download into an ignored
+# folder of the checkout (.whl/, listed in .git/info/exclude) the wheels that host lacks for Python
+# 3.12: keras, namex, optree, nvidia-nvimgcodec-cu13, nvidia-nvjpeg; and copy the kit's
+# gen_images.py into the checkout (only the checkout travels). Then, on the host:
+#
+#   OUT=/tmp/out bash benchmarks/gpu_host.sh          # N=40000 images of 500x375 by default
+#
+# Writes under $OUT: bench_cpu_decode.json, bench_gpu_decode.json (imgfeat bench --json: input,
+# forward and extract img/s and end_to_end_over_limit) and gpu_decode.json (decode + resize alone,
+# fidelity to the CPU path per image). Targets (issue 12): resnet50 bf16 batch 256 on 40,000
+# 500x375 JPEGs, extract >= 3,300 img/s with CPU decode and >= 10,000 img/s with --decode gpu,
+# end_to_end_over_limit >= 0.85 for both, GPU decode cosine >= 0.999 per image.
+set -euo pipefail
+OUT=${OUT:-/tmp/out}
+N=${N:-40000}
+IMAGES=${IMAGES:-/tmp/imgs}
+SITE=${SITE:-/tmp/site}
+mkdir -p "$OUT" "$SITE"
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --target "$SITE" .whl/*.whl
+fi
+# The checkout as the installed package would lay it out: pipeline/ is imgfeat, jobs/ is imgfeat.cli.
+rm -rf "$SITE/imgfeat" && cp -r pipeline "$SITE/imgfeat" && cp -r jobs "$SITE/imgfeat/cli"
+export PYTHONPATH="$SITE" KERAS_BACKEND=jax IMGFEAT_PROGRESS=0
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/gpu.txt" 2>&1 || true
+
+if [ ! -d "$IMAGES" ]; then
+  python3 gen_images.py "$IMAGES" "$N" 500 375
+fi
+
+common=(bench --backbone resnet50 --images "$IMAGES" --limit "$N" --precision bfloat16 --batch-size 256
+        --skip tutorial --workspace /tmp/bench-ws --json)
+python3 -m imgfeat "${common[@]}" --decode processes > "$OUT/bench_cpu_decode.json" 2> "$OUT/bench_cpu_decode.err" || true
+python3 -m imgfeat "${common[@]}" --decode gpu > "$OUT/bench_gpu_decode.json" 2> "$OUT/bench_gpu_decode.err" || true
+python3 benchmarks/bench_gpu_decode.py "$IMAGES" --limit "$N" --out "$OUT/gpu_decode.json" \
+  > "$OUT/gpu_decode.log" 2>&1 || true
+tail -n 3 "$OUT"/*.json "$OUT"/*.log

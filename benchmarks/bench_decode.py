@@ -9,7 +9,7 @@ that picks between them. Images: random crops of the photos scikit-image ships, 
 --shape and saved as JPEG quality 90 (like ImageNet files), made once and cached under --dir.
 Each figure is the best of --repeat interleaved rounds (a shared machine only slows things down),
 pool start-up included: threads as the local executor runs them (``workers + 1`` batches ahead),
-processes through ``process_batches`` (``--ahead`` batches decoding). ``startup_s``: a one-batch
+processes through ``process_batches`` (``--ahead`` batches decoding); neither niced, no model running. ``startup_s``: a one-batch
 job of 8 small files, first batch out, for threads, for processes with the fork server already
 up (``warm``), and for processes in a fresh interpreter (``cold``, the server's start included).
 Prints one JSON object.
@@ -75,7 +75,7 @@ def thread_rate(items: list[Item], spec: InputSpec, workers: int) -> float:
 def process_rate(items: list[Item], spec: InputSpec, workers: int, ahead: int) -> float:
     """img/s of process_batches (pool start and shutdown included); each batch released at once."""
     t0 = time.perf_counter()
-    for batch in process_batches(items, spec, "bench", workers=workers, ahead=ahead):
+    for batch in process_batches(items, spec, "bench", workers=workers, ahead=ahead, nice=0):
         batch.release()
     return len(items) / (time.perf_counter() - t0)
 
@@ -86,7 +86,7 @@ def first_batch_seconds(items: list[Item], spec: InputSpec, mode: str) -> float:
         with ThreadPoolExecutor(2) as pool:
             pool.submit(make_batch, items, spec, "bench").result()
     else:
-        for batch in process_batches(items, spec, "bench", workers=2, ahead=1):
+        for batch in process_batches(items, spec, "bench", workers=2, ahead=1, nice=0):
             batch.release()
     return time.perf_counter() - t0
 

@@ -133,6 +133,14 @@ def test_bad_pool_arguments_are_config_errors_and_an_empty_todo_starts_nothing()
     assert pool_size(4, one) == 1 and pool_size(4, one * 2) == 4
 
 
+@pytest.mark.quick
+def test_a_ring_larger_than_free_shared_memory_is_refused_before_any_worker_starts():
+    huge = InputSpec(DecodeConfig((100_000, 100_000)), batch_size=4096)
+    with pytest.raises(ImgfeatError, match=r"decode processes need \d+ MiB of shared memory .* /dev/shm has"):
+        DecodePool(huge, "r", workers=2, slots=3)
+    assert not _decode_workers()
+
+
 # ---------------------------------------------------------------- worker processes
 
 @pytest.mark.parametrize("workers, ahead", [(3, 2), (1, 1)])
@@ -231,3 +239,46 @@ def test_a_killed_worker_raises_a_clear_error_not_a_hang(tmp_path):
             pass
     assert time.perf_counter() - t0 < 10
     assert seen and not any(os.path.exists(p) for p in seen) and not _decode_workers()
+
+
+def test_a_worker_bug_stops_the_stream_with_its_traceback(tmp_path):
+    items = _mixed_items(tmp_path, 10)
+    items[7] = Item("0" * 32, None)  # not a path: a TypeError in the worker, not an image's error row
+    with pytest.raises(ImgfeatError, match=r"(?s)decode worker imgfeat-decode-\d \(pid \d+\) failed: .*TypeError"):
+        list(process_batches(items, SPEC, "run1", workers=2, ahead=2, held=2))
+    assert not _decode_workers()
+
+
+CTRL_C_CONSUMER = """
+import json, multiprocessing, sys, time
+from imgfeat.extract.batches import InputSpec, Item
+from imgfeat.extract.decode import DecodeConfig
+from imgfeat.extract.decodepool import process_batches
+items = [Item(*pair) for pair in json.loads(sys.argv[1])] * 50
+for batch in process_batches(items, InputSpec(DecodeConfig((12, 16)), 5), "r", workers=2, ahead=2):
+    maps = [line.split()[5] for line in open("/proc/self/maps") if "/dev/shm/" in line]
+    pids = [p.pid for p in multiprocessing.active_children() if p.name.startswith("imgfeat-decode-")]
+    print(json.dumps([sorted(set(maps)), pids]), flush=True)
+    time.sleep(0.05)
+    batch.release()
+"""
+
+
+def test_ctrl_c_stops_the_workers_and_unlinks_the_segment(tmp_path):
+    import json
+    import subprocess
+
+    pairs = [(it.image_id, it.path) for it in _mixed_items(tmp_path, 20)]
+    proc = subprocess.Popen([sys.executable, "-c", CTRL_C_CONSUMER, json.dumps(pairs)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    segments, pids = json.loads(proc.stdout.readline())
+    assert len(segments) == 1 and len(pids) == 2 and os.path.exists(segments[0])
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode != 0 and "KeyboardInterrupt" in err and "leaked" not in err
+    assert not os.path.exists(segments[0])
+    deadline = time.monotonic() + 5
+    while any(os.path.exists(f"/proc/{pid}") for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in pids)

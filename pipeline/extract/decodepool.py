@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 START_METHOD = "forkserver"  # a clean interpreter per worker, forked cheaply from one pre-imported server
 DEFAULT_HELD = 2  # buffers the consumer may hold (e.g. batches in flight on a device) besides those decoding
 MIN_PART = 8  # files per sub-chunk at least: smaller ones cost more in messages than they gain in balance
-WORKER_NICE = 10  # as the decode threads: on a CPU-only host decoding fills the model's idle gaps
+DEFAULT_NICE = 10  # as the decode threads: on a CPU-only host decoding fills the model's idle gaps
 HEAVY_MODULES = frozenset({"keras", "tensorflow", "jax", "torch"})  # a worker must not carry these
 JOIN_SECONDS = 5.0
 RELEASE_WARN_SECONDS = 30.0
@@ -147,14 +147,15 @@ def shared_array(shm: SharedMemory, shape: tuple[int, ...]) -> np.ndarray:
 
 # ---------------------------------------------------------------- the worker process
 
-def _worker_main(shm_name: str, shape: tuple[int, ...], spec: InputSpec, run_id: str,
+def _worker_main(shm_name: str, shape: tuple[int, ...], spec: InputSpec, run_id: str, nice: int,
                  tasks: connection.Connection, results: connection.Connection) -> None:
     """Decode sub-chunks into the shared ring until the parent closes the task pipe."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops us
-    try:
-        os.nice(WORKER_NICE)
-    except OSError:
-        pass
+    if nice:
+        try:
+            os.nice(nice)
+        except OSError:  # not allowed: decode at normal priority
+            pass
     shm = SharedMemory(shm_name)
     ring = shared_array(shm, shape)
     outbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -217,6 +218,10 @@ class _Worker:
     results: connection.Connection
     sent: collections.deque = field(default_factory=collections.deque)  # (seq, paths) not yet answered
 
+    @property
+    def load(self) -> int:
+        return sum(len(paths) for _, paths in self.sent)
+
 
 @dataclass
 class _Pending:
@@ -234,9 +239,10 @@ class _Pending:
 
 
 class DecodePool:
-    """``workers`` decode processes over a ring of ``slots`` shared batch buffers (a context manager)."""
+    """``workers`` decode processes over a ring of ``slots`` shared batch buffers (a context manager).
+    Made before the model is built, its start-up overlaps the build; ``batches`` then streams."""
 
-    def __init__(self, spec: InputSpec, run_id: str, workers: int, slots: int) -> None:
+    def __init__(self, spec: InputSpec, run_id: str, workers: int, slots: int, nice: int = DEFAULT_NICE) -> None:
         _check_positive(workers=workers, slots=slots)
         _retry_unclosed()
         self.spec, self.run_id = spec, run_id
@@ -251,7 +257,7 @@ class DecodePool:
         self._seq = itertools.count()
         self._closed = False
         try:
-            self._start(workers)
+            self._start(workers, nice)
         except BaseException:
             self.close()
             raise
@@ -262,7 +268,7 @@ class DecodePool:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _start(self, workers: int) -> None:
+    def _start(self, workers: int, nice: int) -> None:
         ctx = multiprocessing.get_context(START_METHOD)
         # The server imports the decode side once; each worker is then a cheap fork of it.
         ctx.set_forkserver_preload(["__main__", __name__])
@@ -270,7 +276,7 @@ class DecodePool:
             task_r, task_w = ctx.Pipe(duplex=False)
             res_r, res_w = ctx.Pipe(duplex=False)
             proc = ctx.Process(target=_worker_main, name=f"imgfeat-decode-{i}", daemon=True,
-                               args=(self._shm.name, self.shape, self.spec, self.run_id, task_r, res_w))
+                               args=(self._shm.name, self.shape, self.spec, self.run_id, nice, task_r, res_w))
             proc.start()
             task_r.close()  # the worker's ends: closed here, so a dead worker reads as EOF / EPIPE
             res_w.close()
@@ -303,7 +309,7 @@ class DecodePool:
         parts = split_rows(len(chunk), len(self._workers))
         pending = self._pending[seq] = _Pending(seq, slot, chunk, len(parts))
         for part, (start, stop) in enumerate(parts):
-            worker = self._workers[(seq + part) % len(self._workers)]  # rotate: the last part is often short
+            worker = min(self._workers, key=lambda w: w.load)  # the least busy: parts of a batch spread out
             pairs = [(it.image_id, it.path) for it in chunk[start:stop]]
             worker.sent.append((seq, [p for _, p in pairs]))
             try:
@@ -341,7 +347,8 @@ class DecodePool:
         elif kind == "ready":
             _, pid, modules = msg
             self.worker_modules[pid] = frozenset(modules)
-            if heavy := sorted(HEAVY_MODULES.intersection(modules)):
+            heavy = sorted(HEAVY_MODULES.intersection(modules))
+            if heavy and len(self.worker_modules) == 1:  # once per pool: they all come from one server
                 log.warning("decode worker %s loaded %s (imported by the parent's __main__ module?)",
                             pid, ", ".join(heavy))
         elif kind == "failed":
@@ -445,9 +452,11 @@ def pool_size(workers: int, chunks: list[list[Item]]) -> int:
 
 
 def process_batches(items: Iterable[Item], spec: InputSpec, run_id: str, workers: int, ahead: int,
-                    held: int = DEFAULT_HELD) -> Iterator[Batch]:
+                    held: int = DEFAULT_HELD, nice: int = DEFAULT_NICE) -> Iterator[Batch]:
     """The thread path's contract (``make_batch`` per chunk, in todo order) decoded by ``workers``
-    processes into ``ahead + held`` shared buffers. Call ``batch.release()`` when done with ``raw``."""
+    processes into ``ahead + held`` shared buffers. Call ``batch.release()`` when done with ``raw``
+    (a consumer that holds every buffer and asks for one more waits for a release from another
+    thread); ``nice``: the workers' priority (0 keeps the caller's)."""
     _check_positive(workers=workers, ahead=ahead)
     if isinstance(held, bool) or not isinstance(held, int) or held < 0:
         raise ConfigError(f"decode pool held must be an integer, 0 or more, got {held!r}")
@@ -455,5 +464,5 @@ def process_batches(items: Iterable[Item], spec: InputSpec, run_id: str, workers
     first = list(itertools.islice(chunks, 2))  # peek: is this a one-batch job?
     if not first:
         return
-    with DecodePool(spec, run_id, pool_size(workers, first), ahead + held) as pool:
+    with DecodePool(spec, run_id, pool_size(workers, first), ahead + held, nice) as pool:
         yield from pool.batches(itertools.chain(first, chunks), ahead)

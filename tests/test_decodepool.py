@@ -224,17 +224,19 @@ def test_a_consumer_exception_stops_workers_and_unlinks_the_segment(tmp_path):
     assert seen and not any(os.path.exists(p) for p in seen) and not _decode_workers()
 
 
-def test_a_killed_worker_raises_a_clear_error_not_a_hang(tmp_path):
+@pytest.mark.parametrize("sig, why", [(signal.SIGKILL, "the kernel's out-of-memory killer"),
+                                      (signal.SIGSEGV, "a crash in a native image decoder")])
+def test_a_killed_worker_raises_a_clear_error_not_a_hang(tmp_path, sig, why):
     items = _mixed_items(tmp_path, 60)
     before, seen = _our_segments(), set()
     gen = process_batches(items, SPEC, "run1", workers=2, ahead=2)
     next(gen)
     seen.update(_our_segments() - before)
     victim = _decode_workers()[0]
-    os.kill(victim.pid, signal.SIGKILL)
+    os.kill(victim.pid, sig)
     t0 = time.perf_counter()
     with pytest.raises(ImgfeatError, match=rf"decode worker imgfeat-decode-\d \(pid {victim.pid}\) was killed by "
-                                           r"SIGKILL \(the kernel's out-of-memory killer"):
+                                           rf"{sig.name} \({why}"):
         for _ in gen:
             pass
     assert time.perf_counter() - t0 < 10

@@ -44,10 +44,7 @@ class Batch:
     raw: np.ndarray
     errors: list[dict[str, Any]]
     decode_seconds: float
-    x: np.ndarray | None = None  # the preprocessed float32 input, when made off the model's thread
-    # Set when ``raw`` is a view on a reused shared buffer (decode processes): call it once the model no
-    # longer needs ``raw``; until then the buffer is never written again. None: ``raw`` is the batch's own.
-    release: Callable[[], None] | None = None
+    release: Callable[[], None] | None = None  # hands a pooled buffer back, once the model is done with raw
 
 
 def decode_item(item: Item, spec: InputSpec) -> np.ndarray:

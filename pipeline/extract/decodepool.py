@@ -57,7 +57,20 @@ SIGNAL_HINTS = {
     signal.SIGABRT: "a crash in a native image decoder",
     signal.SIGBUS: f"shared memory ran out ({SHM_DIR} full?)",
 }
-_UNCLOSED: list[SharedMemory] = []  # unlinked segments whose views a consumer still held at shutdown
+
+
+class Segment(SharedMemory):
+    """The parent's shared segment. Its finaliser tolerates batch views still alive when the
+    interpreter exits (the stock one reports a BufferError there); the OS unmaps it then."""
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except (BufferError, OSError):
+            pass
+
+
+_UNCLOSED: list[Segment] = []  # unlinked segments whose views a consumer still held at shutdown
 
 
 # ---------------------------------------------------------------- pure parts (no processes)
@@ -408,7 +421,7 @@ def _check_positive(**values: int) -> None:
             raise ConfigError(f"decode pool {key} must be a positive integer, got {value!r}")
 
 
-def _create_segment(nbytes: int, shape: tuple[int, ...]) -> SharedMemory:
+def _create_segment(nbytes: int, shape: tuple[int, ...]) -> Segment:
     """The ring's shared segment, after checking it fits: a full tmpfs would kill a worker with SIGBUS."""
     try:
         st = os.statvfs(SHM_DIR)
@@ -420,7 +433,7 @@ def _create_segment(nbytes: int, shape: tuple[int, ...]) -> SharedMemory:
             f"decode processes need {nbytes / 2**20:.0f} MiB of shared memory for {shape[0]} buffers of "
             f"{shape[1]} images at {shape[2]}x{shape[3]}, but {SHM_DIR} has {free / 2**20:.0f} MiB free "
             "(in Docker raise --shm-size; or use a smaller batch, fewer buffers, or decode threads)")
-    return SharedMemory(create=True, size=max(1, nbytes))
+    return Segment(create=True, size=max(1, nbytes))
 
 
 def _unlink_and_close(shm: SharedMemory) -> None:

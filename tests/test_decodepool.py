@@ -107,6 +107,7 @@ def test_death_message_says_how_and_which_files():
     assert "pid 42" in msg and "SIGKILL" in msg and "out-of-memory" in msg and "a.jpg, b.jpg, c.jpg and 1 more" in msg
     assert "SIGSEGV (a crash in a native image decoder)" in death_message("w", 1, -signal.SIGSEGV, [])
     assert "exited with code 1" in death_message("w", 1, 1, ["x"])
+    assert "was killed by signal 40 while" in death_message("w", 1, -40, ["x"])
 
 
 @pytest.mark.quick

@@ -98,8 +98,12 @@ def compact_rows(raw: np.ndarray, ok_rows: list[int]) -> None:
 def death_message(name: str, pid: int | None, exitcode: int | None, files: list[str]) -> str:
     """Why a decode worker is gone, in words, with the files it was decoding."""
     if exitcode is not None and exitcode < 0:
-        sig = signal.Signals(-exitcode)
-        how = f"was killed by {sig.name}" + (f" ({SIGNAL_HINTS[sig]})" if sig in SIGNAL_HINTS else "")
+        try:
+            sig = signal.Signals(-exitcode)
+        except ValueError:  # a signal without a name (real-time signals)
+            sig = None
+        how = f"was killed by {sig.name if sig else f'signal {-exitcode}'}"
+        how += f" ({SIGNAL_HINTS[sig]})" if sig in SIGNAL_HINTS else ""
     elif exitcode is None:
         how = "stopped answering"
     else:

@@ -27,6 +27,7 @@ from imgfeat.extract.decodepool import (
     compact_rows,
     death_message,
     pool_size,
+    prestart,
     process_batches,
     split_rows,
 )
@@ -146,6 +147,8 @@ def test_a_ring_larger_than_free_shared_memory_is_refused_before_any_worker_star
 
 @pytest.mark.parametrize("workers, ahead", [(3, 2), (1, 1)])
 def test_batches_equal_the_thread_path(tmp_path, workers, ahead):
+    prestart()  # idempotent: the pool uses the server already up
+    prestart()
     items = _mixed_items(tmp_path)
     refs = _thread_path(items)
     got = []

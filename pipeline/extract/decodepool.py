@@ -31,7 +31,7 @@ import time
 import traceback
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from multiprocessing import connection
+from multiprocessing import connection, forkserver
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any
 
@@ -286,9 +286,7 @@ class DecodePool:
         self.close()
 
     def _start(self, workers: int, nice: int) -> None:
-        ctx = multiprocessing.get_context(START_METHOD)
-        # The server imports the decode side once; each worker is then a cheap fork of it.
-        ctx.set_forkserver_preload(["__main__", __name__])
+        ctx = _context()
         for i in range(workers):
             task_r, task_w = ctx.Pipe(duplex=False)
             res_r, res_w = ctx.Pipe(duplex=False)
@@ -459,6 +457,20 @@ def _retry_unclosed() -> None:
         except BufferError:
             continue
         _UNCLOSED.remove(shm)
+
+
+def _context() -> Any:
+    ctx = multiprocessing.get_context(START_METHOD)
+    # The server imports the decode side once; each worker is then a cheap fork of it.
+    ctx.set_forkserver_preload(["__main__", __name__])
+    return ctx
+
+
+def prestart() -> None:
+    """Start the fork server now, e.g. while the model builds: a fresh process's first pool then
+    skips its ~1 s of imports. Idempotent; a no-op cost once the server runs."""
+    _context()
+    forkserver.ensure_running()
 
 
 def pool_size(workers: int, chunks: list[list[Item]]) -> int:

@@ -8,10 +8,11 @@ processes writing into shared buffers do not; this says where one beats the othe
 that picks between them. Images: random crops of the photos scikit-image ships, resized to each
 --shape and saved as JPEG quality 90 (like ImageNet files), made once and cached under --dir.
 Each figure is the best of --repeat interleaved rounds (a shared machine only slows things down),
-pool start-up included: threads as the local executor runs them (``workers + 1`` batches ahead),
-processes through ``process_batches`` (``--ahead`` batches decoding); neither niced, no model running. ``startup_s``: a one-batch
-job of 8 small files, first batch out, for threads, for processes with the fork server already
-up (``warm``), and for processes in a fresh interpreter (``cold``, the server's start included).
+pool start-up included, neither path niced, no model running: threads as the local executor runs
+them (``workers + 1`` batches ahead), processes through ``process_batches`` (``--ahead`` batches
+decoding). ``startup_s``: a one-batch job of 8 small files, first batch out, for threads, for
+processes with the fork server already up (``warm``), and for processes in a fresh interpreter
+(``cold``, the server's start included).
 Prints one JSON object.
 """
 

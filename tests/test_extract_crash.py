@@ -27,8 +27,8 @@ ARGS = ["--dataset", "d", "--backbone", "efficientnet_lite0", "--weights", "none
 REPO = Path(__file__).resolve().parents[1]
 
 
-def extract_cmd(ws: Workspace) -> list[str]:
-    return [sys.executable, "-m", "imgfeat", "extract", "--workspace", str(ws.root), *ARGS]
+def extract_cmd(ws: Workspace, decode: str = "threads") -> list[str]:
+    return [sys.executable, "-m", "imgfeat", "extract", "--workspace", str(ws.root), *ARGS, "--decode", decode]
 
 
 def scanned_workspace(root: Path, images: Path) -> Workspace:
@@ -44,9 +44,9 @@ def images(tmp_path_factory) -> Path:
     return folder
 
 
-def kill_after_first_shard(ws: Workspace, fs_parent: Path) -> int:
+def kill_after_first_shard(ws: Workspace, fs_parent: Path, decode: str = "threads") -> int:
     """Start extract, SIGKILL it once a shard is committed; return how many were committed by then."""
-    proc = subprocess.Popen(extract_cmd(ws), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(extract_cmd(ws, decode), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     try:
         while time.monotonic() < deadline and proc.poll() is None:
@@ -62,15 +62,17 @@ def kill_after_first_shard(ws: Workspace, fs_parent: Path) -> int:
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_same_features(images, tmp_path):
+@pytest.mark.parametrize("decode", ["threads", "processes"])
+def test_killed_run_resumes_to_the_same_features(images, tmp_path, decode):
+    """Decoded in threads or in worker processes (shared buffers): the same rows, the same bits."""
     crashed = scanned_workspace(tmp_path / "crashed", images)
-    committed = kill_after_first_shard(crashed, crashed.root / "features")
+    committed = kill_after_first_shard(crashed, crashed.root / "features", decode)
     assert 1 <= committed < N_IMAGES // 8
 
     clean = scanned_workspace(tmp_path / "clean", images)
     # The resumed run and the uninterrupted one write different workspaces: run them side by side.
-    procs = [subprocess.Popen(extract_cmd(w), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-             for w in (crashed, clean)]
+    procs = [subprocess.Popen(extract_cmd(w, d), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             for w, d in ((crashed, decode), (clean, "threads"))]
     for proc in procs:
         assert proc.wait() == 0, proc.stderr.read()[-2000:]
 

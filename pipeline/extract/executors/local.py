@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 # the cores, and a decode thread preempting one of TensorFlow's intra-op threads stalls the whole op
 # at its barrier; niced, decoding fills the model's idle gaps instead (prefetch keeps batches ready).
 DECODE_NICE = 10
+PROCESS_AHEAD = 3  # batches decoding in worker processes ahead of the model
 
 
 def _lower_priority() -> None:
@@ -65,7 +66,8 @@ def decoded_batches(items: Iterable[Item], spec: InputSpec, run_id: str, workers
     if mode == "processes":
         from imgfeat.extract.decodepool import process_batches
 
-        return process_batches(items, spec, run_id, workers, ahead=workers + 1, held=depth + 1)
+        # Every worker decodes a part of each batch, so a few batches ahead keep them all busy.
+        return process_batches(items, spec, run_id, workers, ahead=PROCESS_AHEAD, held=depth + 1)
     from imgfeat.extract.gpudecode import gpu_batches
 
     return gpu_batches(items, spec, run_id, workers, ahead=depth + 1)
@@ -82,6 +84,10 @@ class LocalExecutor:
         self.depth = cfg.in_flight
 
     def run(self, job: ExtractJob, items: Iterable[Item], sink: Any) -> Iterator[BatchReport]:
+        if resolve_decode(job.inputs.decode, self.workers) == "processes":
+            from imgfeat.extract.decodepool import prestart
+
+            prestart()  # the decode processes' server starts while the model builds
         model, build = timed_build(job.resolved, job.resolved.recipe.precision)
         forward = Forward(model, job.resolved.spec.family, job.inputs.batch_shape)
         batches = decoded_batches(items, job.inputs, job.run_id, self.workers, self.depth)

@@ -80,9 +80,9 @@ def test_a_job_file_reaches_the_executor_options(tmp_path):
 
     job_file = tmp_path / "job.toml"
     job_file.write_text('[run]\nexecutor = "ray"\nworkers = 3\nray_actors = 2\nray_address = "auto"\n'
-                        'gpus_per_worker = 0.5\n[datasets.d]\nroot = "x"\n')
+                        'gpus_per_worker = 0.5\nin_flight = 3\n[datasets.d]\nroot = "x"\n')
     cfg = executor_config(load_job(job_file, workspace=tmp_path))
-    assert cfg == ExecutorConfig(name="ray", workers=3, actors=2, address="auto", gpus_per_worker=0.5)
+    assert cfg == ExecutorConfig(name="ray", workers=3, actors=2, address="auto", gpus_per_worker=0.5, in_flight=3)
 
 
 @pytest.mark.quick

@@ -37,13 +37,56 @@ def pytest_ignore_collect(collection_path, config):
     return True
 
 
+# The xdist groups that take longest (minutes of model builds, training, Ray, processes), longest
+# first, measured with --durations. A worker takes these first and the many short files fill in
+# after, so neither worker is left alone with a long file at the end. A new file that takes more
+# than ~20 s belongs here by its cost; a name that no longer exists is harmless.
+LONGEST_GROUPS = (
+    "ray", "test_finetune", "test_run", "test_backbones", "test_finetune_job", "test_fidelity",
+    "test_finetune_blocks", "test_readers", "test_extract_trust", "test_extract", "test_train",
+    "test_shard_tags", "test_lite", "test_bench", "test_examples", "test_classify", "test_index_job",
+    "test_extract_crash", "test_report", "test_heads", "test_run_no_accuracy", "test_api", "test_dedup",
+)
+
+
+def _group_of(item) -> str:
+    uses_ray = item.get_closest_marker("ray") is not None or item.module.__name__ == "test_ray"
+    return "ray" if uses_ray else item.module.__name__
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the test ids
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (``-n 2 --dist loadgroup``, the default in pyproject.toml), a test file
-    runs on one worker (its module fixtures are built once), and every test that starts a Ray
-    cluster runs on the same worker, one at a time (two local clusters would find each other)."""
+    """Under pytest-xdist (``-n 2 --dist loadgroup --no-loadscope-reorder``, the default in
+    pyproject.toml), a test file runs on one worker (its module fixtures are built once), and every
+    test that starts a Ray cluster runs on the same worker, one at a time (two local clusters would
+    find each other). Workers hand out the groups in collection order: the longest first.
+    Without xdist (``-n 0``) the order stays the files' own."""
+    rank = {name: i for i, name in enumerate(LONGEST_GROUPS)}
     for item in items:
-        uses_ray = item.get_closest_marker("ray") is not None or item.module.__name__ == "test_ray"
-        item.add_marker(pytest.mark.xdist_group("ray" if uses_ray else item.module.__name__))
+        item.add_marker(pytest.mark.xdist_group(_group_of(item)))
+    if hasattr(config, "workerinput"):  # an xdist worker: what it collects is what gets scheduled
+        items.sort(key=lambda item: rank.get(_group_of(item), len(rank)))  # stable: file order within
+        if config.getvalue("loadgroup"):
+            for item in items:
+                _tag_with_group(item, _group_of(item))
+
+
+def _tag_with_group(item, group: str) -> None:
+    """What xdist's loadgroup does with the xdist_group mark: append ``@group`` to the test's id.
+
+    xdist 3.8 writes ``item._nodeid``, which pytest 9.2 no longer reads (a test's id comes from
+    ``item._id``), so its groups were silently dropped: a file's tests went to both workers, each
+    building its module fixtures, and Ray tests ran on both at once. Done here for both versions;
+    xdist appending the same suffix again on an older pytest changes nothing (the scheduler takes
+    what follows the last ``@``).
+    """
+    tagged = f"{item.nodeid}@{group}"
+    if hasattr(item, "_id"):
+        from _pytest.nodeid import coerce_node_id
+
+        item._id = coerce_node_id(tagged)
+    else:
+        item._nodeid = tagged
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import inspect
 import time
 from pathlib import Path
@@ -26,17 +25,34 @@ def _smallest(spec) -> int:
 
 @pytest.fixture
 def fresh_keras():
-    """Free the models a test built: 40+ backbones in one process would otherwise pile up."""
+    """Drop Keras' global state after a test: 40+ backbones in one process would otherwise pile up.
+
+    No forced garbage collection (seconds per test once many models were built): the builds here
+    leave their variables uninitialised, so what waits for Python's own collector is small.
+    """
     yield
     import keras
 
-    keras.backend.clear_session(free_memory=True)
-    gc.collect()
+    keras.backend.clear_session(free_memory=False)
 
 
 def _forward(model, size: int, seed: int = 0) -> np.ndarray:
+    # An eager call, not predict_on_batch: the same numbers on CPU without tracing a graph per model.
     x = np.random.default_rng(seed).uniform(-1, 1, (2, size, size, 3)).astype("float32")
-    return model.predict_on_batch(x)
+    return np.asarray(model(x, training=False))
+
+
+def _build_uninitialised(spec, **kwargs):
+    """spec.build with the variables' random fill deferred and skipped (keras.StatelessScope).
+
+    The constructor runs whole (every layer built, every shape computed); only drawing the random
+    initial values, most of the cost for the large models and irrelevant to shapes, is left out.
+    fresh_keras's clear_session drops the never-initialised variables.
+    """
+    import keras
+
+    with keras.StatelessScope(initialize_variables=False):
+        return spec.build(**kwargs)
 
 
 # ----------------------------------------------------------------------------- the table
@@ -70,10 +86,10 @@ def test_every_backbone_builds_with_its_dims_and_sizes(spec, monkeypatch, fresh_
 
     monkeypatch.setattr(imagenet_utils, "obtain_input_shape", recording)
     size = _smallest(spec)
-    avg = spec.build(weights="none", input_size=size, pooling="avg")
+    avg = _build_uninitialised(spec, weights="none", input_size=size, pooling="avg")
     assert tuple(avg.output.shape) == (None, spec.dims["avg"])  # no forward pass: tracing costs more than building
     if spec.name in FAMILY_FIRSTS:  # pooling is applied by family code: one build per family says it
-        mx = spec.build(weights="none", input_size=size, pooling="max")
+        mx = _build_uninitialised(spec, weights="none", input_size=size, pooling="max")
         assert tuple(mx.output.shape) == (None, spec.dims["max"])
     if spec.family in ("mobilenet", "mobilenet_v2"):
         seen.pop("default")  # these pick their default from the requested size; the file name says 224
@@ -115,6 +131,7 @@ class _Asked(Exception):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", COMPUTED_NAMES)
 def test_weights_table_matches_the_file_keras_downloads(name, monkeypatch, fresh_keras):
+    import keras
     from keras.src.utils import file_utils
 
     spec = get_backbone(name)
@@ -126,7 +143,7 @@ def test_weights_table_matches_the_file_keras_downloads(name, monkeypatch, fresh
 
     monkeypatch.setattr(file_utils, "get_file", fake_get_file)
     size = 160 if spec.family == "mobilenet" else 96  # MobileNet V1 has a file per size: use one
-    with pytest.raises(_Asked):
+    with pytest.raises(_Asked), keras.StatelessScope(initialize_variables=False):  # no random fill: see above
         spec.constructor_fn()(include_top=False, weights="imagenet", input_shape=(size, size, 3))
     fname, url = spec.keras_weights.for_size(size)
     assert (fname, url, spec.keras_weights.file_hash) == (asked["fname"], asked["origin"], asked["file_hash"])

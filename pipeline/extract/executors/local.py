@@ -6,12 +6,9 @@ import collections
 import logging
 import os
 import threading
-import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
-
-import numpy as np
 
 from imgfeat.extract.batches import Batch, InputSpec, Item, chunked, make_batch, resolve_decode
 from imgfeat.extract.executors import BatchReport, ExecutorConfig, ExtractJob, timed_build
@@ -74,7 +71,7 @@ def decoded_batches(items: Iterable[Item], spec: InputSpec, run_id: str, workers
 
 
 class LocalExecutor:
-    """One model built here; batches decoded by a thread pool; rows handed to the driver's sink."""
+    """One model built here; batches from the decode mode's decoders; rows handed to the driver's sink."""
 
     name = "local"
 

@@ -57,7 +57,7 @@ _MANIFEST_COLUMNS = [S.IMAGE_ID, S.PATH, S.STATUS, S.ERROR]
 class ExtractConfig:
     """What `imgfeat extract` is asked: the recipe's inputs (resolved into a Recipe once, by
     ``resolve_recipe``) and run options (dataset, batch_size, shard_size, npy, workers, wait,
-    max_file_bytes) that never change the numbers."""
+    max_file_bytes, and decode unless it is "gpu") that never change the numbers."""
 
     dataset: str
     backbone: str

@@ -230,6 +230,19 @@ def _must_exist(names: tuple[str, ...], known: list[str], what: str, where: str)
                               f"(defined: {', '.join(known) or 'none'})")
 
 
+def _pop_required(opts: dict[str, Any], key: str, where: str, hint: str = "") -> Any:
+    """Take a key a section must have out of its options, or say which section lacks it."""
+    if key not in opts:
+        raise ConfigError(f"{where} needs '{key} = ...'" + (f" ({hint})" if hint else ""))
+    return opts.pop(key)
+
+
+def _features_named(feats: str, features: tuple, where: str) -> FeatureJob:
+    """The job file's [features.NAME] a section refers to, or an error listing the defined ones."""
+    _must_exist((feats,), [f.name for f in features], "features", where)
+    return next(f for f in features if f.name == feats)
+
+
 def _feature_job(name: str, opts: dict[str, Any], datasets: dict) -> FeatureJob:
     opts = dict(opts)
     where = f"[features.{name}]"
@@ -246,9 +259,7 @@ def _finetune_job(name: str, opts: dict[str, Any], datasets: dict) -> FinetuneJo
     opts = dict(opts)
     where = f"[finetune.{name}]"
     check_types(opts, JOB_KEY_TYPES["finetune"], f"finetune.{name}")
-    if "dataset" not in opts:
-        raise ConfigError(f"{where} needs 'dataset = ...'")
-    dataset = opts.pop("dataset")
+    dataset = _pop_required(opts, "dataset", where)
     _must_exist((dataset,), list(datasets), "dataset", where)
     return FinetuneJob(check_name("finetune", name), dataset, opts)
 
@@ -257,13 +268,9 @@ def _head_job(name: str, opts: dict[str, Any], datasets: dict, features: tuple) 
     opts = dict(opts)
     where = f"[heads.{name}]"
     check_types(opts, JOB_KEY_TYPES["heads"], f"heads.{name}")
-    for key in ("dataset", "features"):
-        if key not in opts:
-            raise ConfigError(f"{where} needs '{key} = ...'")
-    dataset, feats = opts.pop("dataset"), opts.pop("features")
+    dataset, feats = _pop_required(opts, "dataset", where), _pop_required(opts, "features", where)
     _must_exist((dataset,), list(datasets), "dataset", where)
-    _must_exist((feats,), [f.name for f in features], "features", where)
-    fjob = next(f for f in features if f.name == feats)
+    fjob = _features_named(feats, features, where)
     if dataset not in fjob.datasets:
         raise ConfigError(f"{where}: features {feats!r} are not extracted for dataset {dataset!r}")
     predict = _names(opts.pop("predict", [dataset]), f"{where} predict")
@@ -276,11 +283,8 @@ def _index_job(name: str, opts: dict[str, Any], features: tuple) -> IndexJob:
     opts = dict(opts)
     where = f"[indexes.{name}]"
     check_types(opts, JOB_KEY_TYPES["indexes"], f"indexes.{name}")
-    if "features" not in opts:
-        raise ConfigError(f"{where} needs 'features = ...' (a [features.NAME] of this job file)")
-    feats = opts.pop("features")
-    _must_exist((feats,), [f.name for f in features], "features", where)
-    fjob = next(f for f in features if f.name == feats)
+    feats = _pop_required(opts, "features", where, "a [features.NAME] of this job file")
+    fjob = _features_named(feats, features, where)
     chosen = _names(opts.pop("datasets", list(fjob.datasets)), f"{where} datasets")
     _must_exist(chosen, list(fjob.datasets), "dataset", f"{where} datasets (features {feats!r})")
     for key in ("name", "featureset"):

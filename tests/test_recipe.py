@@ -45,7 +45,8 @@ def test_every_recipe_field_changes_the_fingerprint():
 @pytest.mark.quick
 def test_the_gpu_decoder_is_named_in_the_fingerprint_and_round_trips():
     """GPU-decoded numbers differ from Pillow's: another featureset, recorded in the provenance."""
-    from imgfeat.extract.extract import ExtractConfig, decode_mode_of
+    from imgfeat.extract.batches import decode_mode_of
+    from imgfeat.extract.extract import ExtractConfig
 
     gpu = dataclasses.replace(TAP, decoder="nvimgcodec")
     assert gpu.name() != TAP.name() and "decoder" not in TAP.canonical()

@@ -52,6 +52,11 @@ def decoder_of(mode: str) -> str:
     return DECODERS.get(mode, "pillow")
 
 
+def decode_mode_of(decoder: str) -> str:
+    """decoder_of's inverse: the mode that makes a recipe's decoder's numbers (gpu, else auto)."""
+    return next((mode for mode, name in DECODERS.items() if name == decoder), "auto")
+
+
 @dataclass(frozen=True)
 class InputSpec:
     """How an executor turns items into model inputs (picklable: it travels to Ray workers)."""

@@ -19,7 +19,7 @@ from imgfeat.core.errors import ConfigError, ErrorRateExceeded, unknown_value
 from imgfeat.core.progress import progress
 from imgfeat.core.storage import WAIT_HINT, FileLock, read_shards, remove_stale_tmp, write_json_atomic
 from imgfeat.core.workspace import Workspace
-from imgfeat.extract.batches import DECODE_MODES, DECODERS, STAGE_READ, InputSpec, Item
+from imgfeat.extract.batches import DECODE_MODES, STAGE_READ, InputSpec, Item, decode_mode_of
 from imgfeat.extract.decode import DEFAULT_MAX_FILE_BYTES, EXIF_MODES, INTERPOLATIONS, DecodeConfig
 from imgfeat.extract.executors import (
     PRECISIONS,
@@ -122,11 +122,6 @@ class ExtractConfig:
                    layer=r.layer, input_size=r.input_size, precision=r.precision, dtype=r.dtype,
                    interpolation=r.interpolation, fast_decode=r.fast_decode, exif=r.exif, seed=src.seed,
                    decode=decode_mode_of(r.decoder))
-
-
-def decode_mode_of(decoder: str) -> str:
-    """The decode mode that makes a recipe's decoder's numbers: gpu for nvimgcodec, else auto."""
-    return next((mode for mode, name in DECODERS.items() if name == decoder), "auto")
 
 
 @dataclass(frozen=True)

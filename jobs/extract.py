@@ -37,8 +37,9 @@ an image already extracted (under any path, for any dataset) is never extracted 
 rerun with nothing new builds no model, and an interrupted run resumes where its last
 committed shard ended. Bad images become error rows, never a failed run. A file whose bytes
 changed since the scan is an error row (changed_since_scan), never a feature under the old
-id; files that could not be read (gone, no permission, not a regular file) are tried again
-by the next run, while images that failed to decode stay error rows.
+id; it and files that could not be read (gone, no permission, not a regular file) are tried
+again from another copy of the same bytes, and by the next run, while images whose bytes
+failed to decode stay error rows.
 """
 
 EPILOG = """\

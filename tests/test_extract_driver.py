@@ -37,7 +37,7 @@ def test_make_batch_pads_verifies_content_and_sorts_failures_by_stage(tmp_path):
     batch = make_batch([good, changed, gone], InputSpec(DecodeConfig((8, 8)), batch_size=4), "r")
     assert batch.raw.shape == (4, 8, 8, 3) and batch.raw.dtype == np.uint8
     assert batch.ids == [good.image_id] and batch.raw[0].any() and not batch.raw[1:].any()
-    assert [(e[S.STAGE], e[S.ERROR_CODE]) for e in batch.errors] == [("decode", "changed_since_scan"),
+    assert [(e[S.STAGE], e[S.ERROR_CODE]) for e in batch.errors] == [("read", "changed_since_scan"),
                                                                      ("read", "vanished")]
 
 

@@ -70,7 +70,7 @@ def test_a_file_changed_since_the_scan_is_an_error_row_not_a_mislabelled_feature
     noise(tmp_path / "imgs" / "img0.jpg", 1000)  # overwritten after the scan
     out = run_extract(ws, cfg("d"), "r1")
     assert out["extracted"] == 2 and out["errors"]["by_code"] == {"changed_since_scan": 1}
-    assert errors_by_path(ws, out["featureset"])["img0.jpg"] == [("decode", "changed_since_scan")]
+    assert errors_by_path(ws, out["featureset"])["img0.jpg"] == [("read", "changed_since_scan")]
     ids, _ = load_features(ws, out["featureset"])
     assert len(ids) == 2
 
@@ -248,3 +248,43 @@ def test_an_old_layout_is_migrated_on_open(ws, tmp_path):
     assert json.loads(ws.featureset_provenance(fs).read_text())["featureset"] == fs
     assert sorted(p.name for p in npy.iterdir()) == sorted(s.replace(".parquet", ".npy") for s in shards)
     assert len(list_shards(errors)) == 1
+
+
+def test_a_file_changed_then_restored_is_extracted_after_a_rescan(ws, tmp_path):
+    """Issue 23 F1a: changed_since_scan was final for the content id: restoring the bytes and
+    rescanning left the image featureless for ever ('known: 1')."""
+    from imgfeat.extract.extract import run_extract
+
+    scanned(ws, tmp_path / "imgs", 3, "d")
+    path = tmp_path / "imgs" / "img0.jpg"
+    original = path.read_bytes()
+    noise(path, 1000)
+    first = run_extract(ws, cfg("d"), "r1")
+    assert first["errors"]["by_code"] == {"changed_since_scan": 1}
+    path.write_bytes(original)
+    run_scan(ws, ScanConfig(root=tmp_path / "imgs", dataset="d"), "scan2")
+    again = run_extract(ws, cfg("d"), "r2")
+    assert (again["extracted"], again["errors"]["known"], again["error_rows"]) == (1, 0, 0)
+    assert len(load_features(ws, again["featureset"])[0]) == 3
+
+
+def test_an_unchanged_copy_gets_the_feature_its_changed_twin_could_not_give(ws, tmp_path):
+    """Issue 23 F1b: B, byte-identical to A at scan, got no feature because A changed after the
+    scan and A's outcome was recorded against their shared content id as final."""
+    from imgfeat.core.hashing import content_id
+    from imgfeat.extract.extract import run_extract
+
+    root = tmp_path / "imgs"
+    scanned(ws, root, 2, "d")
+    shutil.copyfile(root / "img0.jpg", root / "img0_copy.jpg")  # sorts after img0.jpg: tried second
+    run_scan(ws, ScanConfig(root=root, dataset="d"), "scan2")
+    shared = content_id((root / "img0.jpg").read_bytes())
+    noise(root / "img0.jpg", 1000)
+    out = run_extract(ws, cfg("d"), "r1")
+    assert (out["extracted"], out["duplicates"], out["error_rows"]) == (2, 1, 0)
+    ids, X = load_features(ws, out["featureset"])
+    assert shared in set(ids) and len(ids) == 2
+    assert np.abs(X).sum() > 0  # the features carry signal
+    assert errors_by_path(ws, out["featureset"]) == {"img0.jpg": [("read", "changed_since_scan")]}
+    again = run_extract(ws, cfg("d"), "r2")  # done: nothing to retry, nothing known as an error
+    assert (again["extracted"], again["reused"], again["errors"]["known"], again["model_built"]) == (0, 2, 0, False)

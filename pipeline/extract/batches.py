@@ -12,11 +12,21 @@ import numpy as np
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import unknown_value
 from imgfeat.core.hashing import content_id
-from imgfeat.extract.decode import DEFAULT_MAX_FILE_BYTES, DecodeConfig, DecodeError, decode_bytes, read_file_bytes
+from imgfeat.extract.decode import (
+    DEFAULT_MAX_FILE_BYTES,
+    DecodeConfig,
+    DecodeError,
+    ReadError,
+    decode_bytes,
+    read_file_bytes,
+)
 from imgfeat.extract.shards import error_row
 
 STAGE_DECODE = "decode"
-STAGE_READ = "read"  # the file could not be read: retried by the next run (decode failures are final)
+# The file could not be read, or its bytes were not the scanned ones: an outcome about a path at a
+# moment, never final for the content id (retried from another path now, by the next run later).
+# Only a decode failure of the very bytes that hash to the id is final.
+STAGE_READ = "read"
 CHANGED_SINCE_SCAN = "changed_since_scan"
 
 
@@ -85,10 +95,11 @@ class Batch:
 
 
 def read_verified(item: Item, spec: InputSpec) -> bytes:
-    """Read one file, or DecodeError: its bytes must still hash to the manifest's image_id."""
+    """Read one file, or ReadError: its bytes must still hash to the manifest's image_id (if they
+    do not, nothing is known about the id's bytes: the error is about this path now)."""
     data = read_file_bytes(item.path, spec.max_file_bytes)
     if content_id(data) != item.image_id:
-        raise DecodeError(CHANGED_SINCE_SCAN, f"{item.path}: the file's bytes changed since the scan "
+        raise ReadError(CHANGED_SINCE_SCAN, f"{item.path}: the file's bytes changed since the scan "
                           "(rescan the dataset to extract its new content)")
     return data
 
@@ -96,6 +107,12 @@ def read_verified(item: Item, spec: InputSpec) -> bytes:
 def decode_item(item: Item, spec: InputSpec) -> np.ndarray:
     """Read, verify and decode one file (see read_verified)."""
     return decode_bytes(read_verified(item, spec), spec.dcfg, name=item.path)
+
+
+def is_final(stage: str, code: str) -> bool:
+    """Whether an error row closes its content id: a decode failure of the verified bytes. Rows of
+    older versions said stage "decode" for changed_since_scan, hence the code test."""
+    return stage != STAGE_READ and code != CHANGED_SINCE_SCAN
 
 
 def decode_error_row(item: Item, exc: DecodeError, run_id: str) -> dict[str, Any]:

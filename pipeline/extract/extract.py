@@ -19,7 +19,7 @@ from imgfeat.core.errors import ConfigError, ErrorRateExceeded, unknown_value
 from imgfeat.core.progress import progress
 from imgfeat.core.storage import WAIT_HINT, FileLock, read_shards, remove_stale_tmp, write_json_atomic
 from imgfeat.core.workspace import Workspace
-from imgfeat.extract.batches import DECODE_MODES, STAGE_READ, InputSpec, Item, decode_mode_of
+from imgfeat.extract.batches import DECODE_MODES, InputSpec, Item, decode_mode_of, is_final
 from imgfeat.extract.decode import DEFAULT_MAX_FILE_BYTES, EXIF_MODES, INTERPOLATIONS, DecodeConfig
 from imgfeat.extract.executors import (
     PRECISIONS,
@@ -145,6 +145,7 @@ class Tally:
     scan_errors: collections.Counter = field(default_factory=collections.Counter)
     known_error_rows: int = 0  # rows whose image already has an error row in the featureset
     todo_rows: collections.Counter = field(default_factory=collections.Counter)  # id -> manifest rows
+    other_paths: dict[str, list[str]] = field(default_factory=dict)  # todo id -> its later ok paths
 
 
 @dataclass
@@ -153,7 +154,7 @@ class LoopStats:
 
     extracted: int = 0
     errors: collections.Counter = field(default_factory=collections.Counter)
-    failed: dict[str, tuple[str, str]] = field(default_factory=dict)  # image_id -> (code, message)
+    failed: dict[str, tuple[str, str, bool]] = field(default_factory=dict)  # image_id -> (code, message, final)
     model_seconds: float = 0.0
     decode_seconds: float = 0.0  # summed over decode workers
     input_wait_seconds: float = 0.0  # the model waiting for a batch: the pipeline's stall time
@@ -173,7 +174,8 @@ class LoopStats:
             self.shards.add(report.shard)
         for row in report.errors:
             self.errors[row[S.ERROR_CODE]] += 1
-            self.failed[row[S.IMAGE_ID]] = (row[S.ERROR_CODE], row[S.ERROR_MESSAGE])
+            self.failed[row[S.IMAGE_ID]] = (row[S.ERROR_CODE], row[S.ERROR_MESSAGE],
+                                            is_final(row[S.STAGE], row[S.ERROR_CODE]))
 
 
 @dataclass(frozen=True)
@@ -254,8 +256,9 @@ def check_error_rate(rates: dict[str, tuple[int, int]], limit: float | None) -> 
 @dataclass
 class DoneSets:
     """What a featureset already holds: ids with a feature row, ids with a final error row, and the
-    paths of error rows without an id (unreadable files: their resume key). Read failures (stage
-    ``read``) are not final: their images are tried again, and the old rows stay as history."""
+    paths of error rows without an id (unreadable files: their resume key). Only a decode failure
+    of the id's own bytes is final (``is_final``): read failures and files changed since the scan
+    are tried again, and their old rows stay as history."""
 
     features: set[str]
     errors: set[str]
@@ -265,8 +268,8 @@ class DoneSets:
     def read(cls, ws: Workspace, fs: str) -> "DoneSets":
         if not ws.featureset_dir(fs).is_dir():
             return cls(set(), set(), set())
-        errors = read_shards(error_shards(ws, fs), [S.IMAGE_ID, S.PATH, S.STAGE])  # one pass for all sets
-        rows = [] if errors is None else [r for r in errors.to_pylist() if r[S.STAGE] != STAGE_READ]
+        errors = read_shards(error_shards(ws, fs), [S.IMAGE_ID, S.PATH, S.STAGE, S.ERROR_CODE])  # one pass
+        rows = [] if errors is None else [r for r in errors.to_pylist() if is_final(r[S.STAGE], r[S.ERROR_CODE])]
         return cls(
             committed_ids(ws, fs),
             {r[S.IMAGE_ID] for r in rows if r[S.IMAGE_ID] is not None},
@@ -304,6 +307,8 @@ def walk_manifest(ws: Workspace, dataset: str, done: DoneSets, tally: Tally, run
                 tally.duplicates += 1
                 if image_id in tally.todo_rows:
                     tally.todo_rows[image_id] += 1
+                    if status == S.STATUS_OK:  # a second way to the same bytes, if the first fails
+                        tally.other_paths.setdefault(image_id, []).append(path)
                 elif status != S.STATUS_OK or image_id in done.errors:
                     tally.known_error_rows += 1
                 continue
@@ -418,6 +423,7 @@ def extract_dataset(ws: Workspace, cfg: ExtractConfig, run_id: str,
             items = walk_manifest(ws, cfg.dataset, done, tally, run_id, on_error=sink.add_error)
             if plan.todo:
                 _run_executor(ex, job, items, plan.todo, sink, stats)
+                _retry_other_paths(ex, job, tally, sink, stats)
             else:
                 log.info("featureset %s already holds every image of %s: no model work", fs, cfg.dataset)
                 for _ in items:  # write the scan-error rows, if any are new
@@ -449,6 +455,20 @@ def _run_executor(ex: Executor, job: ExtractJob, items: Iterable[Item], total: i
             stats.add(report)
             bar.update(report.extracted + len(report.errors))
     stats.loop_seconds = max(0.0, time.perf_counter() - t0 - stats.build_seconds)
+
+
+def _retry_other_paths(ex: Executor, job: ExtractJob, tally: Tally, sink: ShardSink, stats: LoopStats) -> None:
+    """An id whose path failed to read (or no longer holds its bytes) gets its feature from another
+    manifest path of the same bytes: one more round per copy left, until each id has a feature,
+    a final error, or no path left."""
+    while retry := [Item(i, tally.other_paths[i].pop(0)) for i, (_, _, final) in stats.failed.items()
+                    if not final and tally.other_paths.get(i)]:
+        log.info("%d image(s) failed at one path: trying another copy of the same bytes", len(retry))
+        for item in retry:
+            del stats.failed[item.image_id]
+        job = dataclasses.replace(job, shard_tag=next_shard_tag(FeaturesetDirs.of(job.ws, job.featureset),
+                                                                job.run_id))
+        _run_executor(ex, job, retry, len(retry), sink, stats)
 
 
 def _summary(cfg: ExtractConfig, fs: str, tally: Tally, stats: LoopStats, sink: ShardSink, ex: Executor,
@@ -528,7 +548,7 @@ def _file_todo(probes, done: DoneSets, run_id: str):
     return items, errors
 
 
-def _file_results(ws: Workspace, fs: str, probes, failed: dict[str, tuple[str, str]]) -> list[FileResult]:
+def _file_results(ws: Workspace, fs: str, probes, failed: dict[str, tuple[str, str, bool]]) -> list[FileResult]:
     from imgfeat.extract.featureset import read_errors
 
     have = committed_ids(ws, fs)
@@ -541,6 +561,6 @@ def _file_results(ws: Workspace, fs: str, probes, failed: dict[str, tuple[str, s
         elif pr.image_id in have:
             results.append(FileResult(path, pr.image_id))
         else:
-            code, message = failed.get(pr.image_id) or known.get(pr.image_id) or ("missing", "no feature row")
+            code, message = (failed.get(pr.image_id) or known.get(pr.image_id) or ("missing", "no feature row"))[:2]
             results.append(FileResult(path, pr.image_id, code, message))
     return results

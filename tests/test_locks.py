@@ -170,3 +170,23 @@ def test_predicting_image_files_waits_for_the_featureset_lock(ws, tmp_path, kera
         assert result.image_id and not result.error_code
     finally:
         holder.release()
+
+
+def test_a_lock_file_replaced_by_a_link_is_an_error_and_nothing_is_written_through_it(ws, tmp_path, capsys):
+    """Issue 23 F2a: .locks/dataset-d.lock linked to a file outside: scan wrote its lock record
+    into that file. Lock files are opened without following links."""
+    from imgfeat.cli.main import main
+
+    from tiny_images import write_noise_images
+
+    write_noise_images(tmp_path / "imgs", 2)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me\n")
+    ws.locks_dir.mkdir(parents=True, exist_ok=True)
+    (ws.locks_dir / "dataset-d.lock").symlink_to(victim)
+    assert main(["scan", str(tmp_path / "imgs"), "--dataset", "d", "--workspace", str(ws.root)]) == 1
+    err = capsys.readouterr().err
+    assert "dataset-d.lock" in err and "symbolic link" in err and "Traceback" not in err
+    assert victim.read_text() == "keep me\n"
+    with pytest.raises(ImgfeatError, match="symbolic link"):
+        FileLock(ws.locks_dir / "dataset-d.lock", "thing").acquire()

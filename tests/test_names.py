@@ -138,6 +138,26 @@ def test_prune_is_a_dry_run_then_removes_only_what_nothing_uses(ws, two_versions
     assert "nothing to prune" in capsys.readouterr().out
 
 
+def test_prune_removes_a_linked_folder_itself_never_what_it_points_to(ws, two_versions, tmp_path, capsys):
+    """Issue 23 F2b: a head folder replaced by a link to a folder outside the workspace: prune
+    --yes deleted head.json (and would delete the rest) in the outside folder."""
+    import shutil
+
+    old, _ = two_versions
+    outside = tmp_path / "outside"
+    shutil.move(ws.head_dir(old), outside)
+    ws.head_dir(old).symlink_to(outside, target_is_directory=True)
+    provenance_outside = tmp_path / "prov-outside"
+    shutil.move(ws.featureset_dir("fs-unused"), provenance_outside)
+    ws.featureset_dir("fs-unused").symlink_to(provenance_outside, target_is_directory=True)
+    before = sorted(p.name for p in outside.rglob("*")), sorted(p.name for p in provenance_outside.rglob("*"))
+    assert "head.json" in before[0] and before[1]
+    assert main(["prune", "--workspace", str(ws.root), "--yes"]) == 0
+    assert (sorted(p.name for p in outside.rglob("*")), sorted(p.name for p in provenance_outside.rglob("*"))) == before
+    assert not ws.head_dir(old).is_symlink() and not ws.head_dir(old).exists()  # the links went
+    assert not ws.featureset_dir("fs-unused").is_symlink()
+
+
 def test_prune_never_deletes_while_a_writer_holds_a_lock(ws, two_versions, capsys):
     old, _ = two_versions
     with FileLock(ws.locks_dir / "extract.lock", "the extract stage"):

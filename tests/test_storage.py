@@ -15,6 +15,8 @@ import pytest
 
 from imgfeat.core.errors import ImgfeatError, LockBusyError
 from imgfeat.core.storage import (
+    remove_file,
+    remove_tree,
     FileLock,
     atomic_path,
     list_shards,
@@ -111,3 +113,25 @@ def test_waiting_writer_gets_the_lock_when_it_is_released(tmp_path):
         assert waited > 0.3  # it really waited for the holder's ~1 s, rather than failing
     finally:
         proc.wait()
+
+
+@pytest.mark.quick
+def test_deletion_never_follows_a_link_out_of_the_root(tmp_path):
+    """Issue 23 F2b: a link planted in the workspace is removed itself; nothing it points to is deleted."""
+    root, outside = tmp_path / "ws", tmp_path / "outside"
+    (outside / "sub").mkdir(parents=True)
+    for name in ("head.json", "x.tmp", "sub/y.tmp"):
+        (outside / name).write_text("keep")
+    (root / "heads").mkdir(parents=True)
+    (root / "heads" / "h").symlink_to(outside, target_is_directory=True)
+    (root / "real").mkdir()
+    (root / "real" / "link").symlink_to(outside, target_is_directory=True)
+    assert not remove_file(root / "heads" / "h" / "head.json", root)
+    assert remove_stale_tmp(root / "heads" / "h") == 0
+    remove_tree(root / "real", root)  # a real folder holding a link: the link goes, not its target
+    remove_tree(root / "heads" / "h" / "sub", root)  # on the way through a link: the link goes
+    assert sorted(p.relative_to(outside).as_posix() for p in outside.rglob("*")) == [
+        "head.json", "sub", "sub/y.tmp", "x.tmp"]
+    assert not (root / "real").exists() and not (root / "heads" / "h").is_symlink()
+    (root / "f").write_text("mine")
+    assert remove_file(root / "f", root) and not (root / "f").exists()

@@ -1,4 +1,5 @@
-"""The commit protocol: atomic file writes, advisory locks, shard names and listing."""
+"""The commit protocol: atomic file writes, advisory locks, shard names and listing, and deletion
+that never follows a symbolic link."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
+import shutil
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -15,6 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from imgfeat.core.errors import ImgfeatError, LockBusyError
+
+log = logging.getLogger(__name__)
 
 TMP_SUFFIX = ".tmp"
 # Polars, DuckDB, pyarrow and Spark read every file of a folder they are given (Polars and DuckDB
@@ -180,12 +185,56 @@ def column_values(paths: Iterable[Path], column: str) -> list:
     return [] if table is None else [v for v in table.column(column).to_pylist() if v is not None]
 
 
+def linked_folder(path: Path, root: Path) -> Path | None:
+    """The first folder on the way from ``root`` (not itself checked) down to ``path``'s parent that
+    is a symbolic link, or None: a file under such a folder lies outside ``root``'s tree."""
+    path, root = Path(path), Path(root)
+    try:
+        parts = path.parent.relative_to(root).parts
+    except ValueError:
+        return path.parent
+    here = root
+    for part in parts:
+        here = here / part
+        if here.is_symlink():
+            return here
+    return None
+
+
+def remove_file(path: Path, root: Path) -> bool:
+    """Delete one file under ``root`` (a link: the link itself), unless a folder on its way is a
+    link, which is never followed: True when something was deleted."""
+    if linked_folder(path, root) is not None:
+        log.warning("not deleting %s: a folder on its way is a symbolic link", path)
+        return False
+    try:
+        Path(path).unlink()
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def remove_tree(path: Path, root: Path) -> None:
+    """Delete a folder under ``root`` and everything in it; a symbolic link (to a folder or not)
+    is removed itself, never what it points to, and so is one on the way from ``root``."""
+    path = Path(path)
+    linked = linked_folder(path, root)
+    if linked is not None:
+        log.warning("removing the symbolic link %s (on the way to %s), not what it points to", linked, path)
+        path = linked
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)  # rmtree unlinks links inside, never follows them
+
+
 def remove_stale_tmp(folder: Path) -> int:
     """Delete ``*.tmp`` left by a crashed writer, in the folder and its staging folder; call only
-    while holding the folder's lock."""
+    while holding the folder's lock. A folder that is a link is left alone (rglob follows no link
+    below it)."""
     removed = 0
     for where in (Path(folder), staging_dir(folder)):
-        if where.is_dir():
+        if where.is_dir() and not where.is_symlink():
             for p in where.rglob("*" + TMP_SUFFIX):
                 with contextlib.suppress(OSError):
                     p.unlink()
@@ -215,8 +264,12 @@ class FileLock:
     def acquire(self) -> "FileLock":
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            # O_NOFOLLOW: a link planted where a lock file goes must not have us write through it.
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise ImgfeatError(f"cannot take the lock: {self.path} is a symbolic link; lock files are "
+                                   "never followed: remove the link and run again") from None
             raise _lock_error(self.path, exc) from exc
         try:
             self._wait_for(fd)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ import pyarrow.parquet as pq
 
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ImgfeatError, unknown_value
-from imgfeat.core.storage import column_values, list_shards, read_shards
+from imgfeat.core.storage import column_values, list_shards, read_shards, remove_file, remove_tree
 from imgfeat.core.workspace import Workspace
 from imgfeat.extract.recipe import Provenance
 from imgfeat.extract.shards import FeaturesetDirs, sidecar_name
@@ -125,8 +124,8 @@ def migrate_layout(ws: Workspace, featureset: str) -> None:
     moved += _move_all(list(old.iterdir()) if old.is_dir() else [], dirs.errors)
     moved += _move_all(list(dirs.features.glob("part-*.npy")), dirs.npy)
     if old.is_dir():
-        shutil.rmtree(old, ignore_errors=True)
-    (dirs.features / OLD_LOCK).unlink(missing_ok=True)
+        remove_tree(old, ws.root)
+    remove_file(dirs.features / OLD_LOCK, ws.root)
     if moved:
         log.info("moved %d side file(s) of featureset %s out of its folder", moved, featureset)
     if dirs.npy.is_dir():
@@ -134,7 +133,7 @@ def migrate_layout(ws: Workspace, featureset: str) -> None:
         for p in dirs.npy.glob("part-*.npy"):
             if p.name not in shards:
                 log.warning("removing %s: its shard was never committed", p)
-                p.unlink()
+                remove_file(p, ws.root)
 
 
 def _move_provenance(ws: Workspace, featureset: str) -> int:
@@ -143,7 +142,7 @@ def _move_provenance(ws: Workspace, featureset: str) -> int:
         return 0
     new = ws.featureset_provenance(featureset)
     if new.is_file():  # both there (an old copy put back): the one under _provenance/ is in force
-        old.unlink()
+        remove_file(old, ws.root)
         return 0
     new.parent.mkdir(parents=True, exist_ok=True)
     old.replace(new)

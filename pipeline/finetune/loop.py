@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ import keras
 import numpy as np
 
 from imgfeat.backbones import BackboneSpec
-from imgfeat.core.storage import write_bytes_atomic, write_json_atomic
+from imgfeat.core.storage import remove_tree, write_bytes_atomic, write_json_atomic
 from imgfeat.core.workspace import Workspace
 from imgfeat.finetune import train as T
 from imgfeat.finetune.blocks import apply_unfreeze, unfreeze_start
@@ -36,7 +35,7 @@ class Session:
         self.cfg, self.spec, self.rows, self.out = cfg, spec, rows, out
         self.ckpt = out / "checkpoint"
         for scratch in [*out.glob(".scratch-*"), *self.ckpt.glob(".scratch-*")]:
-            shutil.rmtree(scratch, ignore_errors=True)  # left by a run killed while saving
+            remove_tree(scratch, ws.root)  # left by a run killed while saving
         _set_precision(cfg.precision)
         self.backbone = spec.build(weights=cfg.weights, input_size=size, pooling="avg", seed=cfg.random_state)
         self.start = unfreeze_start(self.backbone, spec, cfg.unfreeze_blocks, cfg.unfreeze_from)

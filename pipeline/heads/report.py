@@ -23,7 +23,7 @@ from imgfeat.heads import plots
 from imgfeat.heads.artifacts import LoadedHead, load_head
 from imgfeat.heads.versions import default_head_name, resolve_head
 from imgfeat.core import names as N
-from imgfeat.core.storage import WAIT_HINT, FileLock, list_shards, remove_stale_tmp, write_bytes_atomic
+from imgfeat.core.storage import WAIT_HINT, FileLock, list_shards, remove_file, remove_stale_tmp, write_bytes_atomic
 from imgfeat.core.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def _write_report(ws: Workspace, cfg: ReportConfig, head: LoadedHead, head_id: s
     page = render_page(head, name, eval_role, mistakes, plots_png, _prediction_rows(ws, head_id), cfg.thumb_size)
     index = write_bytes_atomic(page.encode("utf-8"), folder / "index.html")
     for stale in (CONFUSION_PNG, PROJECTION_PNG, A.CURVES_FILE):  # beside pages of older versions
-        (folder / stale).unlink(missing_ok=True)
+        remove_file(folder / stale, ws.root)
     log.info("report for %s (%s): %s", name, head_id, index)
     return {"head_id": head_id, "name": name, "report": str(index), "plots": sorted(plots_png),
             "mistakes_shown": len(mistakes), "seconds": round(time.perf_counter() - t0, 3), "run_id": run_id}

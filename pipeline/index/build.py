@@ -15,7 +15,14 @@ import pyarrow.parquet as pq
 
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError, ImgfeatError, unknown_value
-from imgfeat.core.storage import FileLock, atomic_path, remove_stale_tmp, write_json_atomic, write_table_atomic
+from imgfeat.core.storage import (
+    FileLock,
+    atomic_path,
+    remove_file,
+    remove_stale_tmp,
+    write_json_atomic,
+    write_table_atomic,
+)
 from imgfeat.core.workspace import Workspace, check_name
 from imgfeat.extract.featureset import committed_ids, featureset_info
 from imgfeat.index.kinds import IndexParams, add_in_chunks, check_kind, import_faiss, make_index, resolve_params, train
@@ -295,7 +302,7 @@ def _commit(ws: Workspace, cfg: IndexConfig, fs_info: dict, prev: IndexInfo | No
     write_json_atomic(obj, folder / PROVENANCE_FILE)
     for stale in folder.glob(f"{INDEX_PREFIX}*{INDEX_SUFFIX}"):
         if stale.name != index_file:
-            stale.unlink(missing_ok=True)
+            remove_file(stale, ws.root)
     return info
 
 

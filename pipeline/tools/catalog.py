@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Any
 from imgfeat.core import names as N
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError
-from imgfeat.core.storage import FileLock, column_values
+from imgfeat.core.storage import FileLock, column_values, remove_file, remove_tree
 from imgfeat.core.workspace import Workspace
 from imgfeat.heads.artifacts import HEAD_FILE
 from imgfeat.heads.versions import committed_heads, featureset_index, head_index, names_of
@@ -167,7 +166,7 @@ def plan_prune(ws: Workspace) -> PrunePlan:
     # Predictions and reports of heads that are gone already.
     for kind in ("predictions", "file_predictions", "reports"):
         folders += [ws.root / kind / h for h in ws.list_names(kind) if h not in heads]
-    folders = [p for p in dict.fromkeys(folders) if p.exists()]
+    folders = [p for p in dict.fromkeys(folders) if p.exists() or p.is_symlink()]
     return PrunePlan(drop_heads, drop_fs, [str(p) for p in folders], sum(_size(p) for p in folders),
                      sorted(keep_heads), sorted(set(all_fs) & used))
 
@@ -179,14 +178,14 @@ def run_prune(ws: Workspace, yes: bool = False) -> PrunePlan:
         return plan
     with _all_locks(ws):
         plan = plan_prune(ws)  # again, under the locks: nothing changes while we delete
+        # Deletion never follows a link out of the workspace: a linked folder goes itself.
         for h in plan.heads:
-            with contextlib.suppress(FileNotFoundError):
-                (ws.head_dir(h) / HEAD_FILE).unlink()  # first: a head without head.json does not exist
+            remove_file(ws.head_dir(h) / HEAD_FILE, ws.root)  # first: a head without head.json does not exist
         for f in plan.featuresets:  # likewise a featureset without its provenance
-            ws.featureset_provenance(f).unlink(missing_ok=True)
+            remove_file(ws.featureset_provenance(f), ws.root)
         for folder in plan.folders:
             log.info("removing %s", folder)
-            shutil.rmtree(folder, ignore_errors=True)
+            remove_tree(Path(folder), ws.root)
         N.forget(ws, N.HEADS, plan.heads)
         N.forget(ws, N.FEATURESETS, plan.featuresets)
     return PrunePlan(**{**asdict(plan), "deleted": True})
@@ -202,6 +201,8 @@ def _featureset_folders(ws: Workspace, featureset: str) -> list[Path]:
 
 
 def _size(path: Path) -> int:
+    if path.is_symlink():  # what a link points to is not the workspace's, and is not deleted
+        return 0
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 

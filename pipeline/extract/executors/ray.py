@@ -25,7 +25,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ import pyarrow as pa
 
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError, ImgfeatError
-from imgfeat.core.storage import SHARD_PREFIX, column_values, list_shards, shard_name
+from imgfeat.core.storage import SHARD_PREFIX, column_values, list_shards, remove_tree, shard_name
 from imgfeat.core.workspace import Workspace
 from imgfeat.extract.batches import Batch, InputSpec, Item, decode_error_row, decode_item, pad_rows
 from imgfeat.extract.decode import DecodeError
@@ -231,7 +230,7 @@ class RayExecutor:
                 with contextlib.closing(_reports(ds)) as reports:
                     yield from reports
         finally:
-            shutil.rmtree(attempts_dir(job.ws, job.run_id), ignore_errors=True)
+            remove_tree(attempts_dir(job.ws, job.run_id), job.ws.root)
         self.plan["duplicate_rows"] = _audit(job, todo)
 
     def info(self) -> dict[str, Any]:

@@ -208,16 +208,30 @@ def test_no_npy_sidecar_survives_without_its_shard(tmp_path, after):
     (["--batch-size", "100000"], "batch size 100000 is over the limit"),
     (["--batch-size", "4000", "--input-size", "512"], "GiB per batch"),
     (["--layer", "no_such_layer"], "no_such_layer"),
+    (["--weights", "/etc/passwd"], "does not fit"),  # issue 23 F27
+    (["--weights", "{junk}"], "does not fit"),  # a .pth for a Lite backbone: issue 23 F27
+    (["--weights", "{junk}", "--layer", "no_such_layer"], "does not fit"),
 ])
 def test_bad_values_exit_2_before_anything_is_written(ws, tmp_path, capsys, argv, expect):
-    """Items 10/13: before, these exited 1 with a traceback and left a featureset folder behind."""
+    """Items 10/13: before, these exited 1 with a traceback and left a featureset folder behind.
+    Issue 23 F27: a weights file that does not fit left a lock, a provenance and an empty folder;
+    now the workspace is as it was (run records aside)."""
     from imgfeat.cli.main import main
 
     scanned(ws, tmp_path / "imgs", 1, "d")
+    junk = tmp_path / "x.pth"
+    junk.write_bytes(b"not a weights file")
+    before = _tree(ws)
     code = main(["extract", "--dataset", "d", "--backbone", BACKBONE, "--weights", "none",
-                 "--input-size", str(SIZE), *argv])
+                 "--input-size", str(SIZE), *[a.format(junk=junk) for a in argv]])
     assert code == 2 and expect in capsys.readouterr().err
-    assert not (ws.root / "features").exists() or not any((ws.root / "features").iterdir())
+    assert _tree(ws) == before
+
+
+def _tree(ws: Workspace) -> list[str]:
+    """Every path of the workspace but the run records."""
+    return sorted(p.relative_to(ws.root).as_posix() for p in ws.root.rglob("*")
+                  if p.relative_to(ws.root).parts[0] != "runs")
 
 
 def test_an_old_layout_is_migrated_on_open(ws, tmp_path):

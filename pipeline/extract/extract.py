@@ -357,11 +357,28 @@ def plan_extract(ws: Workspace, cfg: ExtractConfig) -> dict[str, Any]:
 # ------------------------------------------------------------------------------- provenance
 
 
-def ensure_provenance(ws: Workspace, resolved: Resolved) -> Provenance:
+def check_new_featureset(ws: Workspace, resolved: Resolved) -> int | None:
+    """For a featureset that does not exist yet, what only a built model can tell, asked before
+    any lock, folder or provenance is written (a run refused here leaves the workspace as it was):
+    a weights file must fit the backbone, a layer tap must exist (and its width is only known from
+    the built graph). The feature width, or None when the featureset exists already."""
+    if provenance_path(ws, resolved.recipe.name()).is_file():
+        return None
+    r = resolved.recipe
+    if resolved.source.kind != "file" and r.layer is None:
+        return resolved.spec_dim()
+    if resolved.source.kind != "file":
+        return int(_layer_model(resolved).outputs[0].shape[-1])
+    model = resolved.spec.build(resolved.source.build_arg(), r.input_size, r.pooling, r.layer,
+                                resolved_weights=resolved.ref)
+    return int(model.outputs[0].shape[-1])
+
+
+def ensure_provenance(ws: Workspace, resolved: Resolved, dim: int | None = None) -> Provenance:
     """The featureset's provenance: checked against its folder's name when it exists, written first
     when new, with the (empty) featureset folder, so a featureset of only error rows still lists.
-    A layer tap's width is only known from the built graph (random weights are enough); building
-    it also rejects an unknown layer before anything is written."""
+    ``dim``: the width check_new_featureset found (without it, a layer tap's width is found by
+    building the graph with random weights, which also rejects an unknown layer)."""
     fs = resolved.recipe.name()
     path = provenance_path(ws, fs)
     if path.is_file():
@@ -373,7 +390,7 @@ def ensure_provenance(ws: Workspace, resolved: Resolved) -> Provenance:
                 f"{ws.featureset_dir(fs)} away and extract again"
             )
         return prov
-    dim = resolved.spec_dim()
+    dim = dim or resolved.spec_dim()
     if not dim:
         dim = int(_layer_model(resolved).outputs[0].shape[-1])
     prov = Provenance.create(resolved, dim)
@@ -411,11 +428,12 @@ def extract_dataset(ws: Workspace, cfg: ExtractConfig, run_id: str,
                           "worker processes already (allowed there: auto, processes)")
     ex = make_executor(ex_cfg)
     fs = resolved.recipe.name()
+    dim = check_new_featureset(ws, resolved)  # nothing is written before this has passed
     with open_featureset(ws, fs, cfg.wait) as done:
         plan = Tally()
         for _ in walk_manifest(ws, cfg.dataset, done, plan, run_id):
             pass
-        prov = ensure_provenance(ws, resolved)
+        prov = ensure_provenance(ws, resolved, dim)
         job = ExtractJob(ws, resolved, prov, inputs, cfg.shard_size, cfg.npy, run_id,
                          next_shard_tag(FeaturesetDirs.of(ws, fs), run_id))
         tally, stats, sink = Tally(), LoopStats(), _sink(job)

@@ -190,3 +190,51 @@ def test_a_lock_file_replaced_by_a_link_is_an_error_and_nothing_is_written_throu
     assert victim.read_text() == "keep me\n"
     with pytest.raises(ImgfeatError, match="symbolic link"):
         FileLock(ws.locks_dir / "dataset-d.lock", "thing").acquire()
+
+
+@pytest.mark.quick
+def test_a_lock_created_by_a_refused_run_is_removed_and_a_waiter_locks_the_file_in_place(tmp_path):
+    """Issue 23 F27: a run refused under a lock it created leaves no lock file. A process waiting
+    on that file meanwhile must not hold a lock on the unlinked file while a third one locks the
+    new file at the path: it checks, after locking, that its file is still the one there."""
+    from imgfeat.core.errors import ConfigError
+
+    path = tmp_path / ".locks" / "x.lock"
+    with pytest.raises(ConfigError):
+        with FileLock(path, "x"):
+            raise ConfigError("bad value")
+    assert not path.exists()
+    with pytest.raises(ImgfeatError):  # any other failure keeps it (the usual case: a lock stays)
+        with FileLock(path, "x"):
+            raise ImgfeatError("crash")
+    assert path.exists()
+    path.unlink()
+    first = FileLock(path, "x").acquire()
+    assert first.created
+    got: list[FileLock] = []
+    waiter = threading.Thread(target=lambda: got.append(FileLock(path, "x", wait=10).acquire()))
+    waiter.start()
+    time.sleep(0.3)  # the waiter has opened the file and polls its flock
+    first.release(remove=True)
+    waiter.join(10)
+    assert got and path.exists()
+    with pytest.raises(LockBusyError):  # the waiter's lock is on the file at the path
+        FileLock(path, "x").acquire()
+    got[0].release()
+
+
+def test_finetune_refused_under_its_lock_leaves_no_lock_file(ws, tmp_path, capsys):
+    """Issue 23 F27: finetune --unfreeze-blocks 999 exited 2 and left .locks/finetune-*.lock."""
+    from imgfeat.cli.main import main
+    from imgfeat.scan.scan import ScanConfig, run_scan
+
+    from tiny_images import write_noise_images
+
+    write_noise_images(tmp_path / "imgs", 18, fmt="PNG", size=(32, 32), classes=("a", "b"))
+    run_scan(ws, ScanConfig(root=tmp_path / "imgs", dataset="d"), "scan")
+    before = sorted(p.name for p in ws.locks_dir.iterdir())
+    assert main(["finetune", "--dataset", "d", "--backbone", "mobilenet_v2", "--weights", "none",
+                 "--input-size", "32", "--unfreeze-blocks", "999"]) == 2
+    assert "999" in capsys.readouterr().err
+    assert sorted(p.name for p in ws.locks_dir.iterdir()) == before
+    assert not (ws.root / "finetune").exists() or not any((ws.root / "finetune").iterdir())

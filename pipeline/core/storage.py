@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from imgfeat.core.errors import ImgfeatError, LockBusyError
+from imgfeat.core.errors import ConfigError, ImgfeatError, LockBusyError
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +250,8 @@ class FileLock:
     """An advisory ``fcntl.flock`` lock on a file; released when the process dies.
 
     ``wait=None`` fails fast; ``wait=seconds`` (``float('inf')`` for ever) polls until free.
+    The lock file is opened without following a link (a link there is an error); one this lock
+    created is removed again when the work under it is refused (a ConfigError).
     ``hint`` ends the busy message (e.g. WAIT_HINT, for commands that have ``--wait``).
     Disk-full, read-only and permission errors are ImgfeatErrors naming the lock file.
     """
@@ -260,28 +262,49 @@ class FileLock:
         self.wait = wait
         self.hint = hint
         self._fd: int | None = None
+        self.created = False
 
     def acquire(self) -> "FileLock":
+        while True:
+            fd, created = self._open()
+            try:
+                self._wait_for(fd)
+                if self._still_the_file(fd):  # not unlinked by a refused run while we waited
+                    os.ftruncate(fd, 0)
+                    os.write(fd, json.dumps({"pid": os.getpid(), "since": time.time()}).encode())
+                    break
+            except BaseException as exc:
+                os.close(fd)
+                if isinstance(exc, OSError):
+                    raise _lock_error(self.path, exc) from exc
+                raise
+            os.close(fd)
+        self._fd, self.created = fd, created
+        return self
+
+    def _open(self) -> tuple[int, bool]:
+        """The lock file's descriptor, and whether this call created it."""
+        # O_NOFOLLOW: a link planted where a lock file goes must not have us write through it.
+        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            # O_NOFOLLOW: a link planted where a lock file goes must not have us write through it.
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            try:
+                return os.open(self.path, flags | os.O_CREAT | os.O_EXCL, 0o644), True
+            except FileExistsError:
+                return os.open(self.path, flags), False
+        except FileNotFoundError:
+            return self._open()  # removed between the two opens: create it again
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise ImgfeatError(f"cannot take the lock: {self.path} is a symbolic link; lock files are "
                                    "never followed: remove the link and run again") from None
             raise _lock_error(self.path, exc) from exc
+
+    def _still_the_file(self, fd: int) -> bool:
         try:
-            self._wait_for(fd)
-            os.ftruncate(fd, 0)
-            os.write(fd, json.dumps({"pid": os.getpid(), "since": time.time()}).encode())
-        except BaseException as exc:
-            os.close(fd)
-            if isinstance(exc, OSError):
-                raise _lock_error(self.path, exc) from exc
-            raise
-        self._fd = fd
-        return self
+            return os.stat(self.path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            return False
 
     def _wait_for(self, fd: int) -> None:
         deadline = None if self.wait is None else time.monotonic() + self.wait
@@ -300,8 +323,13 @@ class FileLock:
         return (f"{self.what} is being written by another process{_read_holder(self.path)}{waited}; "
                 f"try again when it has finished{then}. Lock file: {self.path}")
 
-    def release(self) -> None:
+    def release(self, remove: bool = False) -> None:
+        """Unlock; ``remove``: delete the lock file first (safe: a waiter checks that the file it
+        locked is still the one at the path, see ``acquire``)."""
         if self._fd is not None:
+            if remove:
+                with contextlib.suppress(OSError):
+                    self.path.unlink()
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
@@ -309,8 +337,9 @@ class FileLock:
     def __enter__(self) -> "FileLock":
         return self.acquire()
 
-    def __exit__(self, *exc) -> None:
-        self.release()
+    def __exit__(self, exc_type, *exc) -> None:
+        # A run refused under a lock it created leaves no lock file behind: the workspace as it was.
+        self.release(remove=self.created and exc_type is not None and issubclass(exc_type, ConfigError))
 
 
 def _lock_error(path: Path, exc: OSError) -> ImgfeatError:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from imgfeat.cli.common import JobContext, add_command, positive_int
+from imgfeat.cli.common import JobContext, add_command, ranged
 
 DESCRIPTION = """\
 Measure, in one run and on this machine, four whole processes (start-up included) over
@@ -41,18 +41,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                     description=DESCRIPTION, epilog=EPILOG)
     p.add_argument("--backbone", required=True, metavar="NAME", help="e.g. mobilenet_v2, resnet50")
     p.add_argument("--images", required=True, metavar="DIR", help="a folder of image files (searched recursively)")
-    p.add_argument("--batch-size", type=positive_int, default=32, metavar="N", help="images per model call")
-    p.add_argument("--limit", type=positive_int, default=None, metavar="N",
+    p.add_argument("--batch-size", type=ranged("batch_size"), default=32, metavar="N", help="images per model call")
+    p.add_argument("--limit", type=ranged("limit"), default=None, metavar="N",
                    help="use the first N images (sorted by path)")
     p.add_argument("--weights", default="none", metavar="imagenet|none|PATH", help="weights to build with")
-    p.add_argument("--input-size", type=positive_int, default=None, metavar="N", help="square input side")
+    p.add_argument("--input-size", type=ranged("input_size"), default=None, metavar="N", help="square input side")
     p.add_argument("--precision", default="float32", metavar="float32|bfloat16|float16", help="compute precision")
     p.add_argument("--fast-decode", action="store_true", help="pass --fast-decode to extract")
-    p.add_argument("--workers", type=positive_int, default=None, metavar="N",
+    p.add_argument("--workers", type=ranged("workers"), default=None, metavar="N",
                    help="decoders of extract and of the input path (default: the CPU count)")
     p.add_argument("--decode", default="auto", metavar="auto|threads|processes|gpu",
                    help="extract's --decode, also used by the input path")
-    p.add_argument("--repeat", type=positive_int, default=1, metavar="N",
+    p.add_argument("--repeat", type=ranged("repeat"), default=1, metavar="N",
                    help="rounds of all paths, interleaved; each path's fastest round counts "
                         "(use 3+ on a shared machine)")
     p.add_argument("--skip", action="append", default=[], choices=("input", "forward", "extract", "tutorial"),

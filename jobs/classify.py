@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from imgfeat.cli.common import JobContext, add_command, positive_int
+from imgfeat.cli.common import JobContext, add_command, ranged
 
 DESCRIPTION = """\
 Print the most likely ImageNet classes of each image, with probabilities.
@@ -60,5 +60,5 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="imagenet",
         help="'imagenet', a .weights.h5 file with the classification top, or 'none' (random)",
     )
-    p.add_argument("--top", type=positive_int, default=5, help="classes to show per image")
-    p.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass")
+    p.add_argument("--top", type=ranged("top"), default=5, help="classes to show per image")
+    p.add_argument("--batch-size", type=ranged("batch_size"), default=16, help="images per forward pass")

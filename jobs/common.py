@@ -12,6 +12,7 @@ from typing import Any
 
 from imgfeat.core.errors import ConfigError, ImgfeatError
 from imgfeat.core.logs import LOG_FORMATS, setup_logging
+from imgfeat.core.ranges import range_of
 from imgfeat.core.runs import RunRecord
 from imgfeat.core.workspace import ENV_WORKSPACE, Workspace
 
@@ -171,15 +172,29 @@ def add_trust_pickle(p: argparse.ArgumentParser) -> None:
                         "run code: only for head files you trust; retraining saves it without pickles)")
 
 
-def seconds(text: str) -> float:
-    """A ``--wait`` value: a number of seconds, 0 or more."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not value >= 0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, 0 or more, got {text!r}")
-    return value
+def ranged(key: str) -> Callable[[str], int | float]:
+    """The argparse type of a numeric flag: parsed and checked against ``key``'s range in
+    core/ranges.py, the same range its job-file key and config have (exit 2 naming the flag,
+    the value and the range)."""
+    rng = range_of(key)
+
+    def parse(text: str) -> int | float:
+        try:
+            value = int(text) if rng.integer else float(text)
+        except ValueError:
+            value = None
+        if value is None or not rng.allows(value):
+            raise argparse.ArgumentTypeError(f"expected {rng.text()}, got {text!r}")
+        return value
+
+    parse.__name__ = key  # argparse names the type in some messages
+    parse.range_key = key  # type: ignore[attr-defined]  # what the tests enumerate
+    return parse
+
+
+# A ``--wait`` value: a number of seconds, 0 to a week (never nan, inf or negative); every
+# command's --wait has this one type.
+seconds = ranged("wait")
 
 
 def require(condition: bool, message: str) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from imgfeat.cli.common import JobContext, add_command, fraction, positive_int
+from imgfeat.cli.common import JobContext, add_command, ranged
 
 DESCRIPTION = """\
 Find near-duplicates in a dataset by the cosine similarity of its features, and held-out
@@ -37,9 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                     description=DESCRIPTION, epilog=EPILOG)
     p.add_argument("--featureset", required=True, metavar="FS", help="the featureset to compare images by: its name, a recipe name or RECIPE@ID")
     p.add_argument("--dataset", required=True, metavar="NAME", help="the dataset to look into")
-    p.add_argument("--threshold", type=fraction, default=DEFAULT_THRESHOLD, metavar="T",
+    p.add_argument("--threshold", type=ranged("threshold"), default=DEFAULT_THRESHOLD, metavar="T",
                    help="cosine similarity at or above which two images are near-duplicates")
-    p.add_argument("--neighbours", type=positive_int, default=10, metavar="K",
+    p.add_argument("--neighbours", type=ranged("neighbours"), default=10, metavar="K",
                    help="candidate neighbours looked at per image")
     p.add_argument("--name", default=None, metavar="NAME",
                    help="output folder name under dedup/ (default: the dataset)")

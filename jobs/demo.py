@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from imgfeat.cli.common import JobContext, add_command, positive_int
+from imgfeat.cli.common import JobContext, add_command, ranged
 from imgfeat.cli.report_lines import _rel, print_run_summary
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ examples:
 def register(sub: argparse._SubParsersAction) -> None:
     p = add_command(sub, "demo", handle, help="run the whole pipeline on a generated photo set (offline)",
                     description=DESCRIPTION, epilog=EPILOG)
-    p.add_argument("--per-class", type=positive_int, default=60, metavar="N",
+    p.add_argument("--per-class", type=ranged("per_class"), default=60, metavar="N",
                    help="images per class (6 classes, a quarter held out for test)")
     p.add_argument("--backbone", default=None, metavar="NAME", help="backbone (default: efficientnet_lite0)")
     p.add_argument("--weights", default=None, metavar="W", help="imagenet, none, or a weights file")

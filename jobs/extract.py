@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from imgfeat.cli.common import JobContext, add_command, fraction, positive_int, seconds
+from imgfeat.cli.common import JobContext, add_command, ranged, seconds
 
 PROCESS_DECODE_MIN_WORKERS = 8  # imgfeat.extract.batches' auto rule, here so --help imports nothing heavy
 MAX_FILE_MIB = 1024  # the default of --max-file-bytes, in MiB (kept here so --help imports no Pillow)
@@ -72,20 +72,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", default="imagenet", metavar="imagenet|none|PATH",
                    help="ImageNet weights from the Keras cache, 'none' (seeded random, for tests), "
                         "or a .weights.h5 file")
-    p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the random init with --weights none")
+    p.add_argument("--seed", type=ranged("seed"), default=0, metavar="N", help="seed of the random init with --weights none")
     p.add_argument("--pooling", default="avg", metavar="avg|max", help="global pooling of the last feature map")
     p.add_argument("--layer", default=None, metavar="NAME",
                    help="tap this inner layer (pooled with --pooling) instead of the last one")
-    p.add_argument("--input-size", type=positive_int, default=None, metavar="N",
+    p.add_argument("--input-size", type=ranged("input_size"), default=None, metavar="N",
                    help="square input side (default: the backbone's, e.g. 224)")
-    p.add_argument("--batch-size", type=positive_int, default=32, metavar="N", help="images per model call")
+    p.add_argument("--batch-size", type=ranged("batch_size"), default=32, metavar="N", help="images per model call")
     p.add_argument("--precision", default="float32", metavar="float32|bfloat16|float16",
                    help="compute precision (mixed policy); bfloat16 can help on recent CPUs, "
                         "float16 is for GPUs")
     p.add_argument("--dtype", default="float32", metavar="float32|float16",
                    help="storage dtype of the features (default float32; float16 halves the disk but "
                         "Spark cannot read it: 'Illegal Parquet type: FIXED_LEN_BYTE_ARRAY (FLOAT16)')")
-    p.add_argument("--shard-size", type=positive_int, default=1024, metavar="N", help="rows per shard")
+    p.add_argument("--shard-size", type=ranged("shard_size"), default=1024, metavar="N", help="rows per shard")
     p.add_argument("--npy", action="store_true", help="also write part-*.npy sidecars (same row order)")
     p.add_argument("--interpolation", default="bilinear", metavar="NAME",
                    help="resize filter: bilinear, nearest, bicubic, lanczos, box, hamming")
@@ -94,7 +94,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "close to but not equal to a full decode; part of the fingerprint)")
     p.add_argument("--exif", default="rotate", metavar="rotate|ignore",
                    help="apply the EXIF orientation tag (rotate) or not, like keras.utils.load_img (ignore)")
-    p.add_argument("--workers", type=positive_int, default=None, metavar="N",
+    p.add_argument("--workers", type=ranged("workers"), default=None, metavar="N",
                    help="decoders: threads or processes here (default: the CPU count), concurrent "
                         "decode tasks with --executor ray (default: as many as the cluster fits)")
     p.add_argument("--decode", default="auto", metavar="auto|threads|processes|gpu",
@@ -104,15 +104,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "files on the CPU (pip install 'imgfeat[gpu]', KERAS_BACKEND=jax; its numbers "
                         "differ slightly from Pillow's, so it is part of the fingerprint)"
                    % PROCESS_DECODE_MIN_WORKERS)
-    p.add_argument("--in-flight", type=positive_int, default=2, metavar="N",
+    p.add_argument("--in-flight", type=ranged("in_flight"), default=2, metavar="N",
                    help="batches submitted to the model before the oldest result is fetched "
                         "(default 2; changes no numbers)")
-    p.add_argument("--max-file-bytes", type=positive_int, default=MAX_FILE_MIB << 20, metavar="N",
+    p.add_argument("--max-file-bytes", type=ranged("max_file_bytes"), default=MAX_FILE_MIB << 20, metavar="N",
                    help="a file larger than this is an error row (file_too_large), never read whole "
                         f"(default {MAX_FILE_MIB} MiB; changes no numbers)")
     p.add_argument("--wait", type=seconds, default=None, metavar="SECONDS",
                    help="wait this long for another writer of the same featureset instead of failing")
-    p.add_argument("--max-error-rate", type=fraction, default=None, metavar="F",
+    p.add_argument("--max-error-rate", type=ranged("max_error_rate"), default=None, metavar="F",
                    help="exit 3 when more than this fraction of the dataset's images are error rows")
     r = p.add_argument_group("scaling out (pip install 'imgfeat[ray]')")
     r.add_argument("--executor", choices=("local", "ray"), default="local",
@@ -120,9 +120,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--ray-address", default=None, metavar="ADDR",
                    help="'auto' (an existing cluster), 'local', 'ray://HOST:PORT' or HOST:PORT "
                         "(default: $RAY_ADDRESS, a cluster on this machine, else a private one)")
-    r.add_argument("--ray-actors", type=positive_int, default=None, metavar="N",
+    r.add_argument("--ray-actors", type=ranged("ray_actors"), default=None, metavar="N",
                    help="backbone actors (default: one per GPU, or one per node without GPUs)")
-    r.add_argument("--gpus-per-worker", type=float, default=None, metavar="G",
+    r.add_argument("--gpus-per-worker", type=ranged("gpus_per_worker"), default=None, metavar="G",
                    help="GPUs per backbone actor (default: 1 when the cluster has GPUs, else 0)")
 
 

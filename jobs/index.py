@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from imgfeat.cli.common import JobContext, add_command, positive_int
+from imgfeat.cli.common import JobContext, add_command, ranged, seconds
 
 DESCRIPTION = """\
 Build a FAISS nearest-neighbour index over a featureset's L2-normalised features (cosine
@@ -36,10 +36,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="index name (default: the datasets and the featureset, joined by '-')")
     p.add_argument("--kind", choices=("auto", "flat", "ivf", "hnsw"), default="auto",
                    help="flat: exact; ivf, hnsw: approximate; auto: flat up to 50,000 rows, else ivf")
-    p.add_argument("--nlist", type=positive_int, default=None, metavar="N", help="IVF lists (default ~4 sqrt(rows))")
-    p.add_argument("--nprobe", type=positive_int, default=None, metavar="N",
+    p.add_argument("--nlist", type=ranged("nlist"), default=None, metavar="N", help="IVF lists (default ~4 sqrt(rows))")
+    p.add_argument("--nprobe", type=ranged("nprobe"), default=None, metavar="N",
                    help="IVF lists searched per query (default max(8, nlist/16))")
-    p.add_argument("--wait", type=float, default=None, metavar="SECONDS",
+    p.add_argument("--wait", type=seconds, default=None, metavar="SECONDS",
                    help="wait this long for another writer of the same index instead of failing")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from imgfeat.cli.common import JobContext, add_command, add_trust_pickle, add_wait, positive_int, require
+from imgfeat.cli.common import JobContext, add_command, add_trust_pickle, add_wait, ranged, require
 
 DESCRIPTION = """\
 Apply a trained head to a dataset's features, or to image files, folders and glob patterns.
@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", default=None, metavar="NAME", help="predict every image of this dataset")
     p.add_argument("images", nargs="*", metavar="IMAGE",
                    help="image files, folders or glob patterns to predict (instead of --dataset)")
-    p.add_argument("--top-k", type=positive_int, default=5, metavar="K", help="labels kept per image")
+    p.add_argument("--top-k", type=ranged("top_k"), default=5, metavar="K", help="labels kept per image")
     add_wait(p, "this head's predictions (or its featureset, for image files)")
     add_trust_pickle(p)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from imgfeat.cli.common import JobContext, add_command, add_trust_pickle, add_wait, positive_int
+from imgfeat.cli.common import JobContext, add_command, add_trust_pickle, add_wait, ranged
 
 DESCRIPTION = """\
 Write reports/<head_id>/index.html for a trained head, titled by the head's name: its metrics,
@@ -27,9 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = add_command(sub, "report", handle, help="write an HTML report for a trained head",
                     description=DESCRIPTION, epilog=EPILOG)
     p.add_argument("--head", required=True, metavar="HEAD", help="a head name (its latest version), NAME@ID, or a head id")
-    p.add_argument("--mistakes", type=int, default=24, metavar="N", help="most confident mistakes to show")
+    p.add_argument("--mistakes", type=ranged("max_mistakes"), default=24, metavar="N", help="most confident mistakes to show")
     p.add_argument("--projection", default="auto", choices=("auto", "pca", "tsne"), help="2-D projection")
-    p.add_argument("--max-points", type=positive_int, default=2000, metavar="N", help="points in the projection")
+    p.add_argument("--max-points", type=ranged("max_points"), default=2000, metavar="N", help="points in the projection")
     add_wait(p, "this head's report")
     add_trust_pickle(p)
 

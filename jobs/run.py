@@ -7,7 +7,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from imgfeat.cli.common import JobContext, add_command, add_trust_pickle, fraction, seconds
+from imgfeat.cli.common import JobContext, add_command, add_trust_pickle, ranged, seconds
 from imgfeat.cli.report_lines import print_run_summary
 
 DESCRIPTION = """\
@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("job", metavar="JOB.toml", type=Path, help="the job file")
     p.add_argument("--dry-run", action="store_true",
                    help="print what would be done (files to scan, images to extract, heads) and exit")
-    p.add_argument("--max-error-rate", type=fraction, metavar="F", default=None,
+    p.add_argument("--max-error-rate", type=ranged("max_error_rate"), metavar="F", default=None,
                    help="exit 3 when more than this fraction of images ended as error rows "
                         "(overrides [run] max_error_rate)")
     p.add_argument("--executor", choices=("local", "ray"), default=None,

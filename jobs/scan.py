@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from imgfeat.cli.common import JobContext, add_command, fraction, positive_int, seconds
+from imgfeat.cli.common import JobContext, add_command, ranged, seconds
 
 DESCRIPTION = """\
 Walk ROOT and write datasets/NAME/manifest.parquet: one row per image file with its
@@ -48,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="dataset name (letters, digits, '.', '_', '-')")
     p.add_argument("--labels", dest="labels_csv", metavar="FILE.csv", default=None,
                    help="CSV with columns path,label that overrides folder labels")
-    p.add_argument("--test-fraction", type=fraction, metavar="F", default=None,
+    p.add_argument("--test-fraction", type=ranged("test_fraction"), metavar="F", default=None,
                    help="without split folders: put this fraction (0..1) of images in 'test', "
                         "the rest in 'train', chosen by content hash")
     p.add_argument("--follow-links", action="store_true",
@@ -56,10 +56,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-non-images", action="store_true",
                    help="probe files without an image extension too; unidentified ones become "
                         "not_an_image rows instead of being skipped")
-    p.add_argument("--max-pixels", type=positive_int, metavar="N", default=None,
+    p.add_argument("--max-pixels", type=ranged("max_pixels"), metavar="N", default=None,
                    help="width*height above this is status too_large (default: Pillow's "
                         "decompression-bomb limit, 89478485; Pillow itself refuses twice that)")
-    p.add_argument("--workers", type=positive_int, metavar="N", default=None,
+    p.add_argument("--workers", type=ranged("workers"), metavar="N", default=None,
                    help="reader threads (default: CPU count + 4, at most 16)")
     p.add_argument("--wait", type=seconds, metavar="SECONDS", default=None,
                    help="wait this long for another scan of the same dataset instead of failing")

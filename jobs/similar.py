@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from imgfeat.cli.common import JobContext, add_command, positive_int, require
+from imgfeat.cli.common import JobContext, add_command, ranged, require
 
 DESCRIPTION = """\
 Print the most similar images in an index ('imgfeat index') for each query: image files
@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-id", dest="image_ids", action="append", default=[], metavar="ID",
                    help="query an image already in the featureset by its image_id (repeatable)")
     p.add_argument("--index", required=True, metavar="NAME", help="an index from 'imgfeat index'")
-    p.add_argument("--top", type=positive_int, default=10, metavar="K", help="neighbours per query")
+    p.add_argument("--top", type=ranged("top"), default=10, metavar="K", help="neighbours per query")
     p.add_argument("--featureset", default=None, metavar="FS",
                    help="fail unless the index was built on this featureset")
 

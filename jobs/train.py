@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from imgfeat.cli.common import JobContext, add_command, add_wait, fraction, positive_int
+from imgfeat.cli.common import JobContext, add_command, add_wait, ranged
 
 DESCRIPTION = """\
 Train a light classifier ("head") on bottleneck features: the dataset's manifest gives
@@ -56,17 +56,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the head's stable name (default: <dataset>-<head>); it resolves to the latest version")
     p.add_argument("--head", default="logreg", choices=("logreg", "svm", "mlp", "auto"), help="kind of head")
     p.add_argument("--kernel", default="linear", choices=("linear", "rbf"), help="svm kernel (rbf: small sets)")
-    p.add_argument("--cv", type=positive_int, default=5, metavar="K",
+    p.add_argument("--cv", type=ranged("cv"), default=5, metavar="K",
                    help="cross-validation folds (fewer when the smallest class is smaller)")
     p.add_argument("--class-weight", default=None, choices=("balanced",),
                    help="weight classes inversely to their frequency (default: unweighted)")
-    p.add_argument("--random-state", type=int, default=0, metavar="N", help="seed for folds, splits and the net")
-    p.add_argument("--test-fraction", type=fraction, default=0.2, metavar="F",
+    p.add_argument("--random-state", type=ranged("random_state"), default=0, metavar="N", help="seed for folds, splits and the net")
+    p.add_argument("--test-fraction", type=ranged("test_fraction"), default=0.2, metavar="F",
                    help="held-out fraction when the dataset has no test/val split")
-    p.add_argument("--cv-max-rows", type=positive_int, default=10_000, metavar="N",
+    p.add_argument("--cv-max-rows", type=ranged("cv_max_rows"), default=10_000, metavar="N",
                    help="choose hyper-parameters on a stratified subsample of at most N rows")
-    p.add_argument("--epochs", type=positive_int, default=50, metavar="N", help="mlp: most epochs")
-    p.add_argument("--hidden", type=positive_int, default=256, metavar="N", help="mlp: hidden units")
+    p.add_argument("--epochs", type=ranged("epochs"), default=50, metavar="N", help="mlp: most epochs")
+    p.add_argument("--hidden", type=ranged("hidden"), default=256, metavar="N", help="mlp: hidden units")
     add_wait(p, "the same head")
 
 

@@ -50,7 +50,7 @@ def test_indexes_section_names_a_recipe_and_its_datasets():
     ('features = "big"', "names features 'big', which the job file does not define"),
     ('features = "tiny"\ndatasets = ["other"]', "names dataset 'other'"),
     ('features = "tiny"\nkind = "annoy"', "unknown index kind 'annoy'"),
-    ('features = "tiny"\nnprobe = 0', "nprobe must be a positive integer, got 0"),
+    ('features = "tiny"\nnprobe = 0', "nprobe = 0: expected an integer from 1 to 1048576"),
     ('features = "tiny"\nmetric = "l2"', r"\[indexes.near\]: unknown key 'metric'"),
     ('features = "tiny"\nname = "x"', "'name' is set by the job file"),
 ])

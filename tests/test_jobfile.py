@@ -66,7 +66,7 @@ def test_overrides_parse_toml_values(tmp_path):
     [
         ("[bogus]\nx = 1\n", "unknown key 'bogus'"),
         ("[run]\nexecutor = 'spark'\n", "executor 'spark' is not one of local, ray"),
-        ("[run]\nmax_error_rate = 2\n", "max_error_rate must be a number from 0 to 1"),
+        ("[run]\nmax_error_rate = 2\n", "max_error_rate = 2: expected a number from 0 to 1"),
         ("[heads.h]\ndataset = 'nope'\nfeatures = 'lite0'\n", "dataset 'nope'"),
         ("[heads.h]\ndataset = 'photos'\nfeatures = 'vit'\n", "features 'vit'"),
         ("[heads.h]\nfeatures = 'lite0'\n", "needs 'dataset = ...'"),

@@ -62,7 +62,7 @@ def test_a_rejected_command_does_not_create_a_mistyped_workspace(tmp_path, capsy
 def test_wait_must_be_zero_or_more_seconds(tmp_path, capsys, command):
     with pytest.raises(SystemExit) as exc:
         main([*command, "--wait", "-5", "--workspace", str(tmp_path / "ws")])
-    assert exc.value.code == 2 and "0 or more" in capsys.readouterr().err
+    assert exc.value.code == 2 and "a number from 0 to" in capsys.readouterr().err
     assert not (tmp_path / "ws").exists()
 
 

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError, ErrorRateExceeded, unknown_value
 from imgfeat.core.progress import progress
+from imgfeat.core.ranges import check_fields
 from imgfeat.core.storage import WAIT_HINT, FileLock, read_shards, remove_stale_tmp, write_json_atomic
 from imgfeat.core.workspace import Workspace
 from imgfeat.extract.batches import DECODE_MODES, InputSpec, Item, decode_mode_of, is_final
@@ -83,6 +84,7 @@ class ExtractConfig:
         from imgfeat.backbones import POOLINGS, get_backbone
 
         get_backbone(self.backbone)
+        check_fields(self)  # the ranges its flags and job-file keys have
         for kind, value, allowed in (
             ("pooling", self.pooling, POOLINGS),
             ("precision", self.precision, PRECISIONS),

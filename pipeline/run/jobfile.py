@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from imgfeat.core.errors import ConfigError
+from imgfeat.core.ranges import RANGES
 from imgfeat.core.workspace import check_name
 
 EXECUTORS = ("local", "ray")
@@ -40,7 +41,7 @@ def _is_int(v: Any) -> bool:
 BOOL = KeyType("a boolean (true or false)", lambda v: isinstance(v, bool))
 INT = KeyType("an integer", _is_int)
 NUMBER = KeyType("a number", lambda v: _is_int(v) or isinstance(v, float))
-SECONDS = KeyType("a number of seconds, 0 or more", lambda v: NUMBER.accepts(v) and v >= 0)
+SECONDS = KeyType("a number of seconds", NUMBER.accepts)  # its range: core/ranges.py "wait"
 TEXT = KeyType("a string", lambda v: isinstance(v, str))
 PATH = KeyType("a path (a string)", lambda v: isinstance(v, (str, os.PathLike)))
 NAMES = KeyType("a name or a list of names",
@@ -331,12 +332,16 @@ def _key_type(hint: Any) -> KeyType | None:
 
 
 def check_types(values: dict[str, Any], expected: dict[str, KeyType], where: str) -> None:
-    """Raise a ConfigError naming ``where.key``, the value and the type it should have."""
+    """Raise a ConfigError naming ``where.key``, the value and the type it should have, or the
+    range (core/ranges.py, shared with the flags) a number must be in."""
     for key, value in values.items():
         kind = expected.get(key)
         if kind is not None and not kind.accepts(value):
             raise ConfigError(f"{where}.{key} = {toml_text(value)}: expected {kind.name}, "
                               f"got {_toml_type(value)}")
+        rng = RANGES.get(key)
+        if kind is not None and rng is not None and not rng.allows(value):
+            raise ConfigError(f"{where}.{key} = {toml_text(value)}: expected {rng.text()}")
 
 
 def toml_text(value: Any) -> str:

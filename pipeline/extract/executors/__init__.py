@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from imgfeat.core.errors import ConfigError, unknown_value
+from imgfeat.core.ranges import check_fields
 from imgfeat.core.workspace import Workspace
 from imgfeat.extract.batches import InputSpec, Item
 from imgfeat.extract.recipe import Provenance, Resolved
@@ -51,6 +52,7 @@ class ExecutorConfig:
             raise ConfigError(f"gpus per worker must be a number, 0 or more, got {g!r}")
         if not (_is_number(c) and c > 0):
             raise ConfigError(f"cpus per worker must be a number more than 0, got {c!r}")
+        check_fields(self)  # and below the ranges of core/ranges.py: never an allocation by a typo
 
 
 def _is_number(value: Any) -> bool:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 
 import pytest
@@ -121,13 +120,26 @@ def test_the_reported_in_flight_is_refused_by_flag_and_job_file_before_any_work(
     assert not (ws.root / "features").exists()
 
 
-@pytest.mark.quick
-def test_the_api_configs_refuse_out_of_range_values_too():
+def _api_cases():
     from imgfeat.extract.executors import ExecutorConfig
     from imgfeat.extract.extract import ExtractConfig
+    from imgfeat.heads import PredictConfig, ReportConfig, TrainConfig
+    from imgfeat.scan.scan import ScanConfig
 
-    with pytest.raises(ConfigError, match="in_flight"):
-        ExecutorConfig(in_flight=HUGE)
-    with pytest.raises(ConfigError, match="shard_size"):
-        ExtractConfig(dataset="d", backbone="mobilenet_v2", weights="none", shard_size=HUGE)
-    assert json.loads(json.dumps(RANGES["wait"].hi)) > 0
+    return [
+        (ExecutorConfig, {}, "in_flight"),
+        (ExtractConfig, dict(dataset="d", backbone="mobilenet_v2", weights="none"), "shard_size"),
+        (ScanConfig, dict(root="r", dataset="d"), "max_pixels"),
+        (TrainConfig, dict(dataset="d", featureset="f"), "epochs"),
+        (PredictConfig, dict(head_id="h", dataset="d"), "top_k"),
+        (ReportConfig, dict(head_id="h"), "thumb_size"),
+    ]
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("case", range(6))
+def test_the_api_configs_refuse_out_of_range_values_too(case):
+    cls, base, key = _api_cases()[case]
+    cls(**base, **{key: int(RANGES[key].hi)})
+    with pytest.raises(ConfigError, match=f"{key} = {HUGE}: expected an integer from"):
+        cls(**base, **{key: HUGE})

@@ -85,7 +85,7 @@ RANGES: dict[str, Range] = {
     "chunk_rows": _ints(1, 1 << 24),
     "shard_rows": _ints(1, 1 << 24),
     "max_mistakes": _ints(0, 10_000),
-    "max_points": _ints(1, 1_000_000),
+    "max_points": _ints(2, 1_000_000),
     "thumb_size": _ints(8, 1024),
     # finetune
     "unfreeze_blocks": _ints(1, 1000),

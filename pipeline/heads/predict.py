@@ -25,6 +25,7 @@ from imgfeat.heads.data import LEFT_OUT_JSON_MAX, unique_images
 from imgfeat.heads.versions import resolve_head
 from imgfeat.scan.manifest import read_manifest
 from imgfeat.core.progress import progress
+from imgfeat.core.ranges import check_fields
 from imgfeat.core.storage import (
     WAIT_HINT,
     FileLock,
@@ -62,6 +63,7 @@ class PredictConfig:
         for name in ("top_k", "chunk_rows", "shard_rows"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)!r}")
+        check_fields(self)  # the ranges its flags and job-file keys have (core/ranges.py)
 
 
 @dataclass(frozen=True)

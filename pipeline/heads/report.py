@@ -23,6 +23,7 @@ from imgfeat.heads import plots
 from imgfeat.heads.artifacts import LoadedHead, load_head
 from imgfeat.heads.versions import default_head_name, resolve_head
 from imgfeat.core import names as N
+from imgfeat.core.ranges import check_fields
 from imgfeat.core.storage import WAIT_HINT, FileLock, list_shards, remove_file, remove_stale_tmp, write_bytes_atomic
 from imgfeat.core.workspace import Workspace
 
@@ -54,6 +55,7 @@ class ReportConfig:
                 raise ConfigError(f"{name} must be at least 2, got {getattr(self, name)!r}")
         if self.max_mistakes < 0:
             raise ConfigError(f"max_mistakes must be 0 or more, got {self.max_mistakes!r}")
+        check_fields(self)  # the ranges its flags and job-file keys have (core/ranges.py)
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from imgfeat.heads.data import LEFT_OUT_JSON_MAX, LabelledRows, canonical_json, 
 from imgfeat.heads.estimators import HEAD_KINDS, SVM_KERNELS, KerasMLPClassifier, sklearn_head
 from imgfeat.heads.plots import training_curves_png
 from imgfeat.heads.versions import default_head_name, resolve_featureset
+from imgfeat.core.ranges import check_fields
 from imgfeat.core.storage import WAIT_HINT, FileLock
 from imgfeat.core.workspace import Workspace, check_name
 
@@ -91,6 +92,7 @@ class TrainConfig:
             raise ConfigError(f"dropout must be from 0 to below 1, got {self.dropout!r}")
         if not 0 <= int(self.random_state) < 2**32:  # numpy's seed range; sklearn fails late otherwise
             raise ConfigError(f"random_state must be from 0 to 2**32 - 1, got {self.random_state!r}")
+        check_fields(self)  # the ranges its flags and job-file keys have (core/ranges.py)
 
     @property
     def head_name(self) -> str:

@@ -26,6 +26,7 @@ from imgfeat.scan.manifest import ROW_GROUP_ROWS, make_info, manifest_writer, ro
 from imgfeat.scan.probe import Probe, over_limit_message, probe_file
 from imgfeat.core.progress import progress
 from imgfeat.scan.rescan import SETTLED, OldRows, Previous, classify, load_previous
+from imgfeat.core.ranges import check_fields
 from imgfeat.core.storage import WAIT_HINT, FileLock, remove_stale_tmp
 from imgfeat.scan.walk import FileEntry, WalkOptions, WalkStats, walk, walk_segments
 from imgfeat.core.workspace import Workspace, check_name
@@ -65,6 +66,7 @@ class ScanConfig:
             raise ConfigError(f"max_pixels must be a positive integer, got {self.max_pixels!r}")
         if self.workers is not None and (not isinstance(self.workers, int) or self.workers <= 0):
             raise ConfigError(f"workers must be a positive integer, got {self.workers!r}")
+        check_fields(self)  # the ranges its flags and job-file keys have (core/ranges.py)
 
 
 @dataclass(frozen=True)

@@ -101,3 +101,14 @@ def test_decode_modes_auto_rule_and_bad_values():
     with pytest.raises(ConfigError, match="in flight must be a positive integer, got 0"):
         ExecutorConfig(in_flight=0)
     assert InputSpec(DecodeConfig((5, 7)), 3).batch_shape == (3, 5, 7, 3)
+
+
+@pytest.mark.quick
+def test_only_a_decode_failure_of_the_ids_own_bytes_is_final():
+    """Issue 23 F1: outcomes about a path at a moment never close the content id, including the
+    changed_since_scan rows older versions wrote with stage "decode"."""
+    from imgfeat.extract.batches import is_final
+
+    assert is_final("decode", "truncated") and is_final("decode", "not_an_image")
+    assert not is_final("read", "vanished") and not is_final("read", "changed_since_scan")
+    assert not is_final("decode", "changed_since_scan")

@@ -150,12 +150,14 @@ def test_prune_removes_a_linked_folder_itself_never_what_it_points_to(ws, two_ve
     provenance_outside = tmp_path / "prov-outside"
     shutil.move(ws.featureset_dir("fs-unused"), provenance_outside)
     ws.featureset_dir("fs-unused").symlink_to(provenance_outside, target_is_directory=True)
+    (provenance_outside / ".lock").write_text("keep")  # an old layout's lock: prune takes those
     before = sorted(p.name for p in outside.rglob("*")), sorted(p.name for p in provenance_outside.rglob("*"))
     assert "head.json" in before[0] and before[1]
     assert main(["prune", "--workspace", str(ws.root), "--yes"]) == 0
     assert (sorted(p.name for p in outside.rglob("*")), sorted(p.name for p in provenance_outside.rglob("*"))) == before
     assert not ws.head_dir(old).is_symlink() and not ws.head_dir(old).exists()  # the links went
     assert not ws.featureset_dir("fs-unused").is_symlink()
+    assert (provenance_outside / ".lock").read_text() == "keep"  # no lock record written through the link
 
 
 def test_prune_never_deletes_while_a_writer_holds_a_lock(ws, two_versions, capsys):

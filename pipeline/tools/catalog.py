@@ -12,7 +12,7 @@ from typing import Any
 from imgfeat.core import names as N
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError
-from imgfeat.core.storage import FileLock, column_values, remove_file, remove_tree
+from imgfeat.core.storage import FileLock, column_values, linked_folder, remove_file, remove_tree
 from imgfeat.core.workspace import Workspace
 from imgfeat.heads.artifacts import HEAD_FILE
 from imgfeat.heads.versions import committed_heads, featureset_index, head_index, names_of
@@ -210,8 +210,8 @@ def _lock_files(ws: Workspace) -> list[Path]:
     """Every lock a writer may hold: workspace stages, datasets, heads, names, each featureset's."""
     found = list(ws.locks_dir.glob("*.lock")) if ws.locks_dir.is_dir() else []
     features = ws.root / "features"
-    if features.is_dir():
-        found += [p for p in features.glob("*/.lock")]
+    if features.is_dir():  # an old layout's lock; never one inside a linked folder (we write to locks)
+        found += [p for p in features.glob("*/.lock") if linked_folder(p, ws.root) is None]
     return sorted(p for p in found if not p.name.startswith("names-"))  # forget() takes those itself
 
 

@@ -128,10 +128,12 @@ def test_deletion_never_follows_a_link_out_of_the_root(tmp_path):
     (root / "real" / "link").symlink_to(outside, target_is_directory=True)
     assert not remove_file(root / "heads" / "h" / "head.json", root)
     assert remove_stale_tmp(root / "heads" / "h") == 0
-    remove_tree(root / "real", root)  # a real folder holding a link: the link goes, not its target
-    remove_tree(root / "heads" / "h" / "sub", root)  # on the way through a link: the link goes
+    assert remove_tree(root / "real", root)  # a real folder holding a link: the link goes, not its target
+    assert not remove_tree(root / "heads" / "h" / "sub", root)  # through a link: nothing is deleted
     assert sorted(p.relative_to(outside).as_posix() for p in outside.rglob("*")) == [
         "head.json", "sub", "sub/y.tmp", "x.tmp"]
-    assert not (root / "real").exists() and not (root / "heads" / "h").is_symlink()
+    assert not (root / "real").exists() and (root / "heads" / "h").is_symlink()
+    assert remove_tree(root / "heads" / "h", root)  # the link itself goes, its target stays
+    assert not (root / "heads" / "h").is_symlink() and (outside / "head.json").is_file()
     (root / "f").write_text("mine")
     assert remove_file(root / "f", root) and not (root / "f").exists()

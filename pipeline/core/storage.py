@@ -205,7 +205,7 @@ def remove_file(path: Path, root: Path) -> bool:
     """Delete one file under ``root`` (a link: the link itself), unless a folder on its way is a
     link, which is never followed: True when something was deleted."""
     if linked_folder(path, root) is not None:
-        log.warning("not deleting %s: a folder on its way is a symbolic link", path)
+        log.warning("not deleting %s: a folder on its way is a symbolic link", path)  # see remove_tree
         return False
     try:
         Path(path).unlink()
@@ -214,18 +214,22 @@ def remove_file(path: Path, root: Path) -> bool:
         return False
 
 
-def remove_tree(path: Path, root: Path) -> None:
+def remove_tree(path: Path, root: Path) -> bool:
     """Delete a folder under ``root`` and everything in it; a symbolic link (to a folder or not)
-    is removed itself, never what it points to, and so is one on the way from ``root``."""
+    is removed itself, never what it points to. Nothing is deleted when a folder on the way from
+    ``root`` is a link (what lies beyond it is not the workspace's to delete)."""
     path = Path(path)
     linked = linked_folder(path, root)
     if linked is not None:
-        log.warning("removing the symbolic link %s (on the way to %s), not what it points to", linked, path)
-        path = linked
+        log.warning("not deleting %s: %s on its way is a symbolic link", path, linked)
+        return False
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         path.unlink()
     elif path.is_dir():
         shutil.rmtree(path, ignore_errors=True)  # rmtree unlinks links inside, never follows them
+    else:
+        return False
+    return True
 
 
 def remove_stale_tmp(folder: Path) -> int:

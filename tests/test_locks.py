@@ -238,3 +238,14 @@ def test_finetune_refused_under_its_lock_leaves_no_lock_file(ws, tmp_path, capsy
     assert "999" in capsys.readouterr().err
     assert sorted(p.name for p in ws.locks_dir.iterdir()) == before
     assert not (ws.root / "finetune").exists() or not any((ws.root / "finetune").iterdir())
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("wait", [float("nan"), -5, "10"])
+def test_a_lock_refuses_a_wait_that_is_not_zero_or_more_seconds(tmp_path, wait):
+    """Issue 23 F4/F6 from the API side: a nan wait polled for ever on a held lock."""
+    from imgfeat.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="wait"):
+        FileLock(tmp_path / "x.lock", "x", wait=wait)
+    assert not (tmp_path / "x.lock").exists()

@@ -261,6 +261,8 @@ class FileLock:
     """
 
     def __init__(self, path: Path, what: str, wait: float | None = None, hint: str = "") -> None:
+        if wait is not None and not (isinstance(wait, (int, float)) and wait >= 0):  # nan would poll for ever
+            raise ConfigError(f"wait = {wait!r}: expected a number of seconds, 0 or more")
         self.path = Path(path)
         self.what = what
         self.wait = wait

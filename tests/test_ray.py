@@ -142,6 +142,30 @@ def test_two_ray_calls_of_one_run_keep_both_calls_shards(ray_cluster, images, re
 
 
 @pytest.mark.ray
+@pytest.mark.slow
+def test_on_ray_an_unchanged_copy_gives_the_feature_its_changed_twin_could_not(ray_cluster, tmp_path):
+    """Issue 23 F1b on Ray: the retry from the other path is a second Ray call with its own shard
+    tag, so it replaces none of the first call's shards."""
+    from imgfeat.core.hashing import content_id
+
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for i in range(6):
+        noise_image(i, (30, 24)).save(root / f"{i:02d}.png")
+    (root / "00_copy.png").write_bytes((root / "00.png").read_bytes())
+    ws = Workspace(tmp_path / "ws")
+    run_scan(ws, ScanConfig(root=root, dataset="tiny"), run_id="scan")
+    shared = content_id((root / "00.png").read_bytes())
+    noise_image(99, (30, 24)).save(root / "00.png")  # changed after the scan; its copy is not
+    out = run_extract_ray(ws, CFG, RayConfig(), "r1")
+    assert (out["extracted"], out["error_rows"]) == (6, 0)
+    ids, X = load_features(ws, out["featureset"])
+    assert shared in set(ids.tolist()) and len(ids) == 6 and np.abs(X).sum() > 0
+    tags = {p.name.split("-ray-")[0] for p in feature_shards(ws, out["featureset"])}
+    assert tags == {"part-r1-c000", "part-r1-c001"}
+
+
+@pytest.mark.ray
 def test_ray_data_reads_the_folder_as_exactly_its_feature_rows(ray_cluster, reference):
     """Issue 13 item 1: before, read_parquet(folder) gave rows of the errors table with null features."""
     ws, fs = reference["ws"], reference["summary"]["featureset"]

@@ -268,6 +268,19 @@ def test_unknown_dataset_is_a_usage_error_that_creates_nothing(ray_cluster, imag
     assert not (tmp_path / "features").exists()
 
 
+def test_an_attempt_counter_never_writes_through_a_planted_link(tmp_path):
+    """Issue 23 F2: the attempt counters live under .locks/; a link there is an error, not a write."""
+    outside = tmp_path / "outside"
+    outside.write_text("keep")
+    folder = tmp_path / ".locks" / "ray-r"
+    folder.mkdir(parents=True)
+    (folder / "batch-0").symlink_to(outside)
+    with pytest.raises(OSError):
+        count_attempt(folder, 0)
+    assert outside.read_text() == "keep"
+    assert count_attempt(folder, 1) == 1 and count_attempt(folder, 1) == 2
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

@@ -137,3 +137,23 @@ def test_deletion_never_follows_a_link_out_of_the_root(tmp_path):
     assert not (root / "heads" / "h").is_symlink() and (outside / "head.json").is_file()
     (root / "f").write_text("mine")
     assert remove_file(root / "f", root) and not (root / "f").exists()
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("name", ["x.json", "x.parquet"])
+def test_a_link_planted_at_a_temporary_name_is_never_written_through(tmp_path, name):
+    """Issue 23 F2: a link where the commit protocol writes its temporary file would have the
+    write land outside, and the rename commit the link."""
+    from imgfeat.core.storage import temp_path
+
+    outside = tmp_path / "outside.txt"
+    outside.write_text("keep")
+    final = tmp_path / "ws" / "t" / name
+    tmp = temp_path(final)
+    tmp.parent.mkdir(parents=True)
+    tmp.symlink_to(outside)
+    if name.endswith(".json"):
+        write_json_atomic({"a": 1}, final)
+    else:
+        write_table_atomic(pa.table({"a": [1]}), final)
+    assert outside.read_text() == "keep" and not final.is_symlink() and final.is_file()

@@ -77,6 +77,8 @@ def atomic_path(final: Path) -> Iterator[Path]:
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.is_symlink():  # planted: writing through it would write outside, renaming it would commit it
+            tmp.unlink()
         yield tmp
         _fsync_file(tmp)
         os.replace(tmp, final)

@@ -121,9 +121,13 @@ def count_attempt(folder: Path, first: int) -> int:
     """Record one more start of the batch named ``first``; return how many starts there were."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"batch-{first}"
-    with open(path, "ab") as fh:  # O_APPEND: one byte per start, so the size is the count
-        fh.write(b".")
-    return path.stat().st_size
+    # O_APPEND: one byte per start, so the size is the count; O_NOFOLLOW: never through a planted link.
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, b".")
+        return os.fstat(fd).st_size
+    finally:
+        os.close(fd)
 
 
 # ------------------------------------------------------------------------------- mappers (run on Ray)

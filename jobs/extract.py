@@ -72,7 +72,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", default="imagenet", metavar="imagenet|none|PATH",
                    help="ImageNet weights from the Keras cache, 'none' (seeded random, for tests), "
                         "or a .weights.h5 file")
-    p.add_argument("--seed", type=ranged("seed"), default=0, metavar="N", help="seed of the random init with --weights none")
+    p.add_argument("--seed", type=ranged("seed"), default=0, metavar="N",
+                   help="seed of the random init with --weights none")
     p.add_argument("--pooling", default="avg", metavar="avg|max", help="global pooling of the last feature map")
     p.add_argument("--layer", default=None, metavar="NAME",
                    help="tap this inner layer (pooled with --pooling) instead of the last one")

@@ -56,17 +56,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input-size", type=ranged("input_size"), default=None, metavar="N",
                    help="input side (default: the backbone's); extract the tuned features at the same size")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--unfreeze-blocks", type=ranged("unfreeze_blocks"), default=2, metavar="N", help="top blocks to train")
+    g.add_argument("--unfreeze-blocks", type=ranged("unfreeze_blocks"), default=2, metavar="N",
+                   help="top blocks to train")
     g.add_argument("--unfreeze-from", default=None, metavar="LAYER", help="train every layer from LAYER on")
     p.add_argument("--epochs", type=ranged("epochs"), default=3, metavar="N", help="fine-tune epochs (most)")
-    p.add_argument("--warmup-epochs", type=ranged("warmup_epochs"), default=1, metavar="N", help="head-only epochs first")
+    p.add_argument("--warmup-epochs", type=ranged("warmup_epochs"), default=1, metavar="N",
+                   help="head-only epochs first")
     p.add_argument("--warm-start", default=None, metavar="HEAD",
                    help="start the head from this logreg head (trained on features of the same backbone, "
                         "weights and input size); then --warmup-epochs 0 skips the head-only epochs")
     p.add_argument("--augment", type=augment_list, default=("flip", "rotate", "zoom", "contrast"),
                    metavar="LIST", help="comma-separated: flip,rotate,zoom,contrast, or none "
                                         "(default: all four)")
-    p.add_argument("--learning-rate", type=ranged("learning_rate"), default=1e-4, metavar="LR", help="fine-tune learning rate")
+    p.add_argument("--learning-rate", type=ranged("learning_rate"), default=1e-4, metavar="LR",
+                   help="fine-tune learning rate")
     p.add_argument("--warmup-learning-rate", type=ranged("warmup_learning_rate"), default=1e-3, metavar="LR",
                    help="warm-start learning rate")
     p.add_argument("--batch-size", type=ranged("batch_size"), default=16, metavar="N", help="images per step")
@@ -76,7 +79,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="share of the training images held out for early stopping")
     p.add_argument("--test-fraction", type=ranged("test_fraction"), default=0.2, metavar="F",
                    help="held-out fraction when the dataset has no test/val split")
-    p.add_argument("--random-state", type=ranged("random_state"), default=0, metavar="N", help="seed for splits, order and init")
+    p.add_argument("--random-state", type=ranged("random_state"), default=0, metavar="N",
+                   help="seed for splits, order and init")
     p.add_argument("--precision", default="auto", choices=("auto", "float32", "mixed_float16", "mixed_bfloat16"),
                    help="auto: mixed_float16 on a GPU, else float32")
     p.add_argument("--name", default=None, metavar="NAME", help="name of the result (default: the dataset)")

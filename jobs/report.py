@@ -27,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = add_command(sub, "report", handle, help="write an HTML report for a trained head",
                     description=DESCRIPTION, epilog=EPILOG)
     p.add_argument("--head", required=True, metavar="HEAD", help="a head name (its latest version), NAME@ID, or a head id")
-    p.add_argument("--mistakes", type=ranged("max_mistakes"), default=24, metavar="N", help="most confident mistakes to show")
+    p.add_argument("--mistakes", type=ranged("max_mistakes"), default=24, metavar="N",
+                   help="most confident mistakes to show")
     p.add_argument("--projection", default="auto", choices=("auto", "pca", "tsne"), help="2-D projection")
     p.add_argument("--max-points", type=ranged("max_points"), default=2000, metavar="N", help="points in the projection")
     add_wait(p, "this head's report")

@@ -60,7 +60,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="cross-validation folds (fewer when the smallest class is smaller)")
     p.add_argument("--class-weight", default=None, choices=("balanced",),
                    help="weight classes inversely to their frequency (default: unweighted)")
-    p.add_argument("--random-state", type=ranged("random_state"), default=0, metavar="N", help="seed for folds, splits and the net")
+    p.add_argument("--random-state", type=ranged("random_state"), default=0, metavar="N",
+                   help="seed for folds, splits and the net")
     p.add_argument("--test-fraction", type=ranged("test_fraction"), default=0.2, metavar="F",
                    help="held-out fraction when the dataset has no test/val split")
     p.add_argument("--cv-max-rows", type=ranged("cv_max_rows"), default=10_000, metavar="N",

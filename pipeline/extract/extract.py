@@ -49,7 +49,6 @@ __all__ = ["ExtractConfig", "ExtractSummary", "FileResult", "run_extract", "extr
 
 STAGE_SCAN = "scan"
 MANIFEST_BATCH_ROWS = 8192  # the manifest is streamed in record batches of this many rows
-MAX_BATCH_SIZE = 8192
 MAX_BATCH_BYTES = 8 << 30  # one float32 input batch above 8 GiB is a typo, not a plan
 _MANIFEST_COLUMNS = [S.IMAGE_ID, S.PATH, S.STATUS, S.ERROR]
 
@@ -84,7 +83,7 @@ class ExtractConfig:
         from imgfeat.backbones import POOLINGS, get_backbone
 
         get_backbone(self.backbone)
-        check_fields(self)  # the ranges its flags and job-file keys have
+        check_fields(self)  # batch, shard and file sizes, workers, seed: the ranges of their flags and keys
         for kind, value, allowed in (
             ("pooling", self.pooling, POOLINGS),
             ("precision", self.precision, PRECISIONS),
@@ -95,15 +94,6 @@ class ExtractConfig:
         ):
             if value not in allowed:
                 raise unknown_value(kind, str(value), allowed)
-        for kind, value in (("batch size", self.batch_size), ("shard size", self.shard_size),
-                            ("workers", self.workers if self.workers is not None else 1),
-                            ("max file bytes", self.max_file_bytes)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{kind} must be a positive integer, got {value!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**32:
-            raise ConfigError(f"seed must be an integer from 0 to {2**32 - 1}, got {self.seed!r}")
-        if self.batch_size > MAX_BATCH_SIZE:
-            raise ConfigError(f"batch size {self.batch_size} is over the limit of {MAX_BATCH_SIZE}")
         if self.decode == "gpu":  # before anything is written: the extra, the backend, a GPU
             from imgfeat.extract.gpudecode import check_gpu_decode
 

@@ -13,6 +13,7 @@ from typing import Any
 from imgfeat.core.errors import ConfigError, ImgfeatError
 from imgfeat.core.logs import LOG_FORMATS, setup_logging
 from imgfeat.core.runs import RunRecord
+from imgfeat.core.storage import check_wait
 from imgfeat.core.workspace import ENV_WORKSPACE, Workspace
 
 log = logging.getLogger("imgfeat")
@@ -172,14 +173,11 @@ def add_trust_pickle(p: argparse.ArgumentParser) -> None:
 
 
 def seconds(text: str) -> float:
-    """A ``--wait`` value: a number of seconds, 0 or more."""
+    """A ``--wait`` value: a finite number of seconds, 0 or more (``check_wait``: nan would wait for ever)."""
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not value >= 0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, 0 or more, got {text!r}")
-    return value
+        return check_wait(float(text))
+    except (ValueError, ConfigError):
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds, 0 or more, got {text!r}") from None
 
 
 def require(condition: bool, message: str) -> None:

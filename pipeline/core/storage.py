@@ -6,6 +6,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import math
 import os
 import time
 from collections.abc import Iterable, Iterator
@@ -14,7 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from imgfeat.core.errors import ImgfeatError, LockBusyError
+from imgfeat.core.errors import ConfigError, ImgfeatError, LockBusyError
 
 TMP_SUFFIX = ".tmp"
 # Polars, DuckDB, pyarrow and Spark read every file of a folder they are given (Polars and DuckDB
@@ -193,6 +194,19 @@ def remove_stale_tmp(folder: Path) -> int:
     return removed
 
 
+def check_wait(wait: float | None, what: str = "wait") -> float | None:
+    """A lock wait in seconds (None: fail fast): finite and 0 or more, else a ConfigError naming it.
+
+    NaN would never reach the deadline (every comparison with it is false): a silent hang.
+    """
+    if wait is None:
+        return None
+    ok = isinstance(wait, (int, float)) and not isinstance(wait, bool) and math.isfinite(wait) and wait >= 0
+    if not ok:
+        raise ConfigError(f"{what} must be a finite number of seconds, 0 or more, got {wait!r}")
+    return float(wait)
+
+
 # What a stage's lock message suggests to commands that have a --wait flag.
 WAIT_HINT = "or pass --wait SECONDS to wait for it"
 
@@ -200,7 +214,7 @@ WAIT_HINT = "or pass --wait SECONDS to wait for it"
 class FileLock:
     """An advisory ``fcntl.flock`` lock on a file; released when the process dies.
 
-    ``wait=None`` fails fast; ``wait=seconds`` (``float('inf')`` for ever) polls until free.
+    ``wait=None`` fails fast; ``wait=seconds`` (finite, 0 or more: ``check_wait``) polls until free.
     ``hint`` ends the busy message (e.g. WAIT_HINT, for commands that have ``--wait``).
     Disk-full, read-only and permission errors are ImgfeatErrors naming the lock file.
     """
@@ -208,7 +222,7 @@ class FileLock:
     def __init__(self, path: Path, what: str, wait: float | None = None, hint: str = "") -> None:
         self.path = Path(path)
         self.what = what
-        self.wait = wait
+        self.wait = check_wait(wait)
         self.hint = hint
         self._fd: int | None = None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tomllib
 import types
@@ -40,7 +41,7 @@ def _is_int(v: Any) -> bool:
 BOOL = KeyType("a boolean (true or false)", lambda v: isinstance(v, bool))
 INT = KeyType("an integer", _is_int)
 NUMBER = KeyType("a number", lambda v: _is_int(v) or isinstance(v, float))
-SECONDS = KeyType("a number of seconds, 0 or more", lambda v: NUMBER.accepts(v) and v >= 0)
+SECONDS = KeyType("a number of seconds, 0 or more", lambda v: NUMBER.accepts(v) and math.isfinite(v) and v >= 0)
 TEXT = KeyType("a string", lambda v: isinstance(v, str))
 PATH = KeyType("a path (a string)", lambda v: isinstance(v, (str, os.PathLike)))
 NAMES = KeyType("a name or a list of names",

@@ -8,6 +8,7 @@ import fcntl
 import json
 import math
 import os
+import stat
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -120,6 +121,28 @@ def list_shards(folder: Path, suffix: str = ".parquet") -> list[Path]:
     return sorted(
         p for p in folder.iterdir() if p.name.startswith(SHARD_PREFIX) and p.name.endswith(suffix)
     )
+
+
+def recorded_file(folder: Path, name: object, record: Path) -> Path:
+    """``folder/name`` for a file name that ``record`` (a JSON file we wrote) names: a plain name
+    inside the folder (no separator, no '..'), a regular file and not a symbolic link; else an
+    ImgfeatError naming the record. Never follows the record out of its folder, or into a FIFO."""
+    plain = isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+    if not plain:
+        raise ImgfeatError(f"{record} names the file {name!r}, which is not a plain file name in {folder}")
+    if Path(folder).is_symlink():
+        raise ImgfeatError(f"{folder} (where {record} names its files) is a symbolic link, not a folder")
+    path = Path(folder) / name
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        raise ImgfeatError(f"{record} names {path}, which does not exist") from None
+    except OSError as exc:
+        raise ImgfeatError(f"cannot read {path} (named in {record}): {exc.strerror or exc}") from None
+    if not stat.S_ISREG(mode):
+        what = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file"
+        raise ImgfeatError(f"{record} names {path}, which is {what}")
+    return path
 
 
 class TableShardWriter:

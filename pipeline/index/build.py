@@ -152,7 +152,8 @@ def _check_keys(obj: Any, keys: dict[str, tuple[tuple[type, ...], bool]], prefix
                 raise ValueError(f"key {prefix}{key!r} is missing")
             continue
         value = obj[key]
-        if not isinstance(value, types) or isinstance(value, bool) or (isinstance(value, int) and value < 0):
+        negative = isinstance(value, int) and value < 0 and key != "seed"
+        if not isinstance(value, types) or isinstance(value, bool) or negative:
             allowed = " or ".join(_JSON_TYPE_NAMES[t] for t in types)
             raise ValueError(f"{prefix}{key} is {value!r}, not {allowed}" + (" (0 or more)" if int in types else ""))
     if "datasets" in keys and not all(isinstance(d, str) for d in obj["datasets"]):

@@ -286,3 +286,18 @@ def test_a_truncated_index_file_without_a_recorded_size_is_faiss_own_error_in_on
     message = str(info.value)
     assert "\n" not in message and str(path) in message and "Error in" not in message
     assert message.endswith("'imgfeat index --rebuild --featureset fs --name ix'")
+
+
+@pytest.mark.parametrize("which", ["folder", "files"])
+def test_a_writer_never_writes_through_a_linked_index_folder(ws, tmp_path, which):
+    from imgfeat.index import IndexConfig, build_index
+
+    featureset(ws)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    link = ws.index_dir("ix") if which == "folder" else ws.index_files_dir("ix")
+    link.parent.mkdir(parents=True)
+    link.symlink_to(outside)
+    with pytest.raises(ImgfeatError, match=f"{link} is a symbolic link"):
+        build_index(ws, IndexConfig("fs", name="ix"), "r1")
+    assert not any(outside.iterdir())

@@ -339,8 +339,9 @@ def migrate_layout(ws: Workspace, name: str) -> int:
 
     Index files go first: a reader holding the old provenance finds them in either folder.
     """
+    _refuse_links(ws, name)
     folder, files = ws.index_dir(name), ws.index_files_dir(name)
-    if not folder.is_dir() or folder.is_symlink():
+    if not folder.is_dir():
         return 0
     moved = 0
     for p in sorted(folder.glob(f"{INDEX_PREFIX}*{INDEX_SUFFIX}")):
@@ -379,6 +380,7 @@ def build_index(ws: Workspace, cfg: IndexConfig, run_id: str) -> IndexSummary:
     fs_info = featureset_info(ws, cfg.featureset)  # exit 2 for an unknown featureset
     name = cfg.index_name
     with FileLock(ws.locks_dir / f"index-{name}.lock", f"index {name}", cfg.wait, hint=WAIT_HINT):
+        _refuse_links(ws, name)
         for folder in (ws.index_dir(name), ws.index_files_dir(name)):
             remove_stale_tmp(folder)
         migrate_layout(ws, name)
@@ -407,6 +409,15 @@ def build_index(ws: Workspace, cfg: IndexConfig, run_id: str) -> IndexSummary:
     log.info("index %s: %d rows (%d added%s), kind %s", name, info.rows, len(new),
              ", rebuilt" if rebuild else "", info.kind)
     return _summary(cfg, info, len(new), rebuild, True, missing, t0)
+
+
+def _refuse_links(ws: Workspace, name: str) -> None:
+    """A writer never follows a link out of the workspace: the index's folders must be folders."""
+    files = ws.index_files_dir(name)
+    for path in (ws.root / "indexes", ws.index_dir(name), files.parent, files):
+        if path.is_symlink():
+            raise ImgfeatError(f"index {name}: {path} is a symbolic link (to {path.readlink()}); an index is "
+                               "written only into folders of the workspace: remove the link and run again")
 
 
 def _previous(ws: Workspace, cfg: IndexConfig) -> IndexInfo | None:

@@ -78,7 +78,7 @@ def list_workspace(ws: Workspace) -> Catalog:
 def list_indexes(ws: Workspace) -> list[dict[str, Any]]:
     """Nearest-neighbour indexes (``imgfeat index``), as their provenance says; a damaged one is
     ``{name, error}`` (and a warning), so the rest are still listed."""
-    from imgfeat.index.build import read_indexes
+    from imgfeat.index.files import read_indexes
 
     infos, broken = read_indexes(ws)
     for message in broken.values():

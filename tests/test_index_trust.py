@@ -9,6 +9,8 @@ import tomllib
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from imgfeat.core.errors import ConfigError, ImgfeatError
@@ -179,6 +181,9 @@ DAMAGE = {
         {**json.loads(p.read_text()), "params": {"kind": "flat", "shards": 3}}))),  # F11
     "ids truncated": ("ids.parquet", truncate),  # F13
     "ids not parquet": ("ids.parquet", lambda p: p.write_text("image_id\n")),  # F13
+    "ids without their columns": ("ids.parquet", lambda p: pq.write_table(pa.table({"x": [1]}), p)),
+    "ids as integers": ("ids.parquet", lambda p: pq.write_table(pa.table(
+        {"image_id": list(range(40)), "dataset": [None] * 40, "path": [None] * 40}), p)),
 }
 
 

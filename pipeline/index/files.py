@@ -219,8 +219,8 @@ def read_ids(ws: Workspace, info: IndexInfo) -> pa.Table:
         path = recorded_file(ws.index_dir(info.name), IDS_FILE, record)
         with pq.ParquetFile(path) as pf:
             table = pf.read().slice(0, info.rows)
+        table = table.select(S.INDEX_IDS_SCHEMA.names).cast(S.INDEX_IDS_SCHEMA)  # ids as text, or an error
         ids = table[S.IMAGE_ID].to_pylist()
-        table = table.select(S.INDEX_IDS_SCHEMA.names).cast(S.INDEX_IDS_SCHEMA)
     except ImgfeatError as exc:
         raise ImgfeatError(f"index {info.name}: {exc}; {rebuild_hint(info.name, info.featureset)}") from None
     except (OSError, KeyError, ValueError, pa.ArrowException) as exc:  # truncated, not Parquet, columns missing

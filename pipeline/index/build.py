@@ -20,8 +20,8 @@ from imgfeat.core.storage import (WAIT_HINT, FileLock, atomic_path, check_wait, 
 from imgfeat.core.workspace import Workspace, check_name
 from imgfeat.extract.featureset import committed_ids, featureset_info
 from imgfeat.index.files import (IDS_FILE, INDEX_PREFIX, INDEX_SUFFIX, PROVENANCE_FILE, IndexInfo, checked_index_file,
-                                 ids_digest, migrate_layout, provenance_path, read_faiss, read_ids, read_info,
-                                 refuse_links)
+                                 ids_digest, index_lock, migrate_layout, provenance_path, read_faiss, read_ids,
+                                 read_info, refuse_links)
 from imgfeat.index.kinds import IndexParams, add_in_chunks, check_kind, import_faiss, make_index, resolve_params, train
 from imgfeat.index.vectors import first_paths, manifest_rows, read_vectors, scanned_datasets
 
@@ -87,7 +87,7 @@ def build_index(ws: Workspace, cfg: IndexConfig, run_id: str) -> IndexSummary:
     t0 = time.perf_counter()
     fs_info = featureset_info(ws, cfg.featureset)  # exit 2 for an unknown featureset
     name = cfg.index_name
-    with FileLock(ws.locks_dir / f"index-{name}.lock", f"index {name}", cfg.wait, hint=WAIT_HINT):
+    with FileLock(index_lock(ws, name), f"index {name}", cfg.wait, hint=WAIT_HINT):
         refuse_links(ws, name)
         for folder in (ws.index_dir(name), ws.index_files_dir(name)):
             remove_stale_tmp(folder)

@@ -121,9 +121,15 @@ def _check_keys(obj: Any, keys: dict[str, tuple[tuple[type, ...], bool]], prefix
     if unknown:
         raise ValueError(f"unknown key {prefix}{unknown[0]!r}")
 
+
 def ids_digest(ids: list[str]) -> str:
     """Fingerprint of the id order: the provenance's check that ids.parquet matches the index file."""
     return hashlib.blake2b("\n".join(ids).encode(), digest_size=16).hexdigest()
+
+
+def index_lock(ws: Workspace, name: str) -> Path:
+    """One writer per index (outside its folders: a lock file there would be one more file to read)."""
+    return ws.locks_dir / f"index-{check_name('index', name)}.lock"
 
 
 def provenance_path(ws: Workspace, name: str) -> Path:
@@ -302,11 +308,11 @@ def migrate_layout(ws: Workspace, name: str) -> int:
 def migrate_if_free(ws: Workspace, name: str) -> None:
     """On open: move a first-layout index's side files when no writer holds it (a reader never waits,
     and a read-only workspace is read where it is)."""
-    folder, lock = ws.index_dir(name), ws.locks_dir / f"index-{name}.lock"
+    folder = ws.index_dir(name)
     if not (folder / PROVENANCE_FILE).exists() and not any(folder.glob(f"{INDEX_PREFIX}*{INDEX_SUFFIX}")):
         return
     try:
-        with FileLock(lock, f"index {name}"):
+        with FileLock(index_lock(ws, name), f"index {name}"):
             migrate_layout(ws, name)
     except (ImgfeatError, OSError) as exc:
         log.debug("index %s: layout not migrated now (%s)", name, exc)

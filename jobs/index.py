@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import argparse
 
-from imgfeat.cli.common import JobContext, add_command, ranged, seconds
+from imgfeat.cli.common import JobContext, add_command, add_wait, ranged
 
 DESCRIPTION = """\
 Build a FAISS nearest-neighbour index over a featureset's L2-normalised features (cosine
-similarity), under indexes/<name>/: the index file (_index-<run>.faiss), the image_id order
-(ids.parquet: image_id, dataset, path) and its provenance (_index.json: featureset and its
-fingerprint, datasets, rows, kind and parameters).
+similarity): its image_id order in indexes/<name>/ids.parquet (image_id, dataset, path; the
+only file there, so Parquet readers open the folder as its rows), the index file and its
+provenance beside it in indexes/_files/<name>/ (_index-<run>.faiss, and _index.json: featureset
+and its fingerprint, datasets, rows, kind and parameters).
 
 --kind auto is exact (flat) up to 50,000 rows and an IVF index beyond, trained on a sample.
 Incremental: a rerun adds only images that are new in the featureset (or datasets); with
 nothing new it writes nothing. 'imgfeat similar' and the Python API (imgfeat.index.Index)
-search it.
+search it. --rebuild builds it again from the featureset: the way back from damaged files.
 """
 
 EPILOG = """\
@@ -39,8 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nlist", type=ranged("nlist"), default=None, metavar="N", help="IVF lists (default ~4 sqrt(rows))")
     p.add_argument("--nprobe", type=ranged("nprobe"), default=None, metavar="N",
                    help="IVF lists searched per query (default max(8, nlist/16))")
-    p.add_argument("--wait", type=seconds, default=None, metavar="SECONDS",
-                   help="wait this long for another writer of the same index instead of failing")
+    p.add_argument("--rebuild", action="store_true",
+                   help="build the index again from its featureset, replacing its files (damaged or not)")
+    add_wait(p, "the same index")
 
 
 def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
@@ -48,7 +50,7 @@ def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
     from imgfeat.index import IndexConfig, build_index
 
     cfg = IndexConfig(featureset=resolve_featureset(ctx.ws, args.featureset), datasets=tuple(args.datasets), name=args.name, kind=args.kind,
-                      nlist=args.nlist, nprobe=args.nprobe, wait=args.wait)
+                      nlist=args.nlist, nprobe=args.nprobe, wait=args.wait, rebuild=args.rebuild)
     out = build_index(ctx.ws, cfg, ctx.run_id)
     if not args.json:
         if out.written:

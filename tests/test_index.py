@@ -120,11 +120,13 @@ def test_incremental_add_equals_rebuild(ws, tmp_path, kind):
 def test_rerun_with_nothing_new_writes_nothing(ws):
     make_fs(ws, "fs", clustered(100))
     build(ws, "fs", name="ix")
-    folder = ws.index_dir("ix")
-    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    def stamps() -> dict:
+        return {p: p.stat().st_mtime_ns for p in [*ws.index_dir("ix").iterdir(), *ws.index_files_dir("ix").iterdir()]}
+
+    before = stamps()
     out = build(ws, "fs", "run2", name="ix")
     assert (out.added, out.written, out.rows) == (0, False, 100)
-    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
+    assert stamps() == before and len(before) == 3
 
 
 @pytest.mark.quick
@@ -133,11 +135,12 @@ def test_index_folder_reads_as_its_id_order_and_provenance_names_the_featureset(
 
     ids = make_fs(ws, "fs", clustered(30), dataset="d")
     build(ws, "fs", datasets=("d",))
-    folder = ws.index_dir("d-fs")
+    folder, files = ws.index_dir("d-fs"), ws.index_files_dir("d-fs")
     assert pd.read_parquet(folder)["image_id"].tolist() == ids
-    prov = json.loads((folder / "_index.json").read_text())
+    assert [p.name for p in folder.iterdir()] == ["ids.parquet"]  # the side files live in indexes/_files/d-fs
+    prov = json.loads((files / "_index.json").read_text())
     assert prov["featureset"] == "fs" and prov["datasets"] == ["d"] and prov["rows"] == 30
-    assert prov["kind"] == "flat" and (folder / prov["index_file"]).is_file()
+    assert prov["kind"] == "flat" and (files / prov["index_file"]).is_file()
 
 
 @pytest.mark.quick
@@ -163,7 +166,8 @@ def test_crash_mid_write_leaves_the_previous_index_readable(ws, monkeypatch):
     monkeypatch.undo()
     out = build(ws, "fs", "run3", name="ix")
     assert (out.added, out.rows) == (100, 300)
-    assert sorted(p.name for p in ws.index_dir("ix").iterdir()) == ["_index-run3.faiss", "_index.json", "ids.parquet"]
+    assert sorted(p.name for p in ws.index_dir("ix").iterdir()) == ["ids.parquet"]
+    assert sorted(p.name for p in ws.index_files_dir("ix").iterdir()) == ["_index-run3.faiss", "_index.json"]
 
 
 @pytest.mark.quick

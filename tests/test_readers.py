@@ -1,4 +1,4 @@
-"""Every common reader opens a featureset, predictions or dataset folder as exactly its rows, no glob."""
+"""Every common reader opens a featureset, predictions, dataset or index folder as exactly its rows, no glob."""
 
 from __future__ import annotations
 
@@ -56,9 +56,10 @@ def _extracted(ws: Workspace, images: Path) -> str:
 
 @pytest.fixture(scope="module")
 def tables(tmp_path_factory, keras_home) -> dict[str, Expected]:
-    """A featureset with error rows and NPY sidecars, a head's predictions, and a dataset folder."""
+    """A featureset with error rows and NPY sidecars, a head's predictions, a dataset folder, an index."""
     from imgfeat.extract.featureset import load_features, read_errors
     from imgfeat.heads import PredictConfig, TrainConfig, run_predict, run_train
+    from imgfeat.index import IndexConfig, build_index
 
     base = tmp_path_factory.mktemp("readers")
     ws = Workspace(base / "ws")
@@ -75,10 +76,14 @@ def tables(tmp_path_factory, keras_home) -> dict[str, Expected]:
     preds = _rows_of(list_shards(ws.predictions_dir(head)))
     assert len(preds) == len(TOY.classes) * TOY.per_class
     manifest = _rows_of([ws.manifest_path("photos")])
+    index = build_index(ws, IndexConfig(fs, datasets=("photos",), name="photos"), "i1")
+    index_rows = _rows_of([Path(index.index_dir) / "ids.parquet"])
+    assert index.rows == N_GOOD and sorted(index_rows[S.IMAGE_ID]) == sorted(ids)
     return {
         "featureset": Expected(str(ws.featureset_dir(fs)), features, S.IMAGE_ID, S.FEATURE),
         "predictions": Expected(str(ws.predictions_dir(head)), preds, S.IMAGE_ID, S.PRED_LABEL),
         "dataset": Expected(str(ws.dataset_dir("photos")), manifest, S.PATH, S.STATUS),
+        "index": Expected(index.index_dir, index_rows, S.IMAGE_ID, S.PATH),
     }
 
 
@@ -99,6 +104,12 @@ def _polars_read(folder: str) -> pd.DataFrame:
     import polars as pl
 
     return pl.read_parquet(folder).to_pandas()
+
+
+def _polars_glob(folder: str) -> pd.DataFrame:
+    import polars as pl
+
+    return pl.read_parquet(f"{folder}/**/*.parquet").to_pandas()
 
 
 def _polars_scan(folder: str) -> pd.DataFrame:
@@ -125,6 +136,7 @@ READERS: dict[str, Callable[[str], pd.DataFrame]] = {
     "pyarrow.parquet.read_table": lambda folder: pq.read_table(folder).to_pandas(),
     "pyarrow.dataset": _pyarrow_dataset,
     "polars.read_parquet": _polars_read,
+    "polars.read_parquet glob": _polars_glob,
     "polars.scan_parquet": _polars_scan,
     "duckdb.read_parquet": _duckdb,
 }
@@ -153,6 +165,43 @@ def test_an_old_layout_featureset_is_migrated_to_a_folder_polars_reads(ws):
 
 
 @pytest.mark.quick
+def test_an_old_layout_index_is_migrated_to_a_folder_polars_reads(ws):
+    """Its _index.json and _index-<run>.faiss move from indexes/<name>/ to indexes/_files/<name>/:
+    read where they are until then, moved by the next writer or by an open that finds no writer."""
+    import polars as pl
+
+    from imgfeat.core.storage import FileLock
+    from imgfeat.index import Index, IndexConfig, build_index
+
+    X = np.random.default_rng(0).standard_normal((30, 8)).astype(np.float32)
+    ids = [f"{k:032x}" for k in range(30)]
+    write_featureset(ws, "fs", ids, X, dtype="float32")
+    build_index(ws, IndexConfig("fs", name="ix"), "r1")
+    folder, files = ws.index_dir("ix"), ws.index_files_dir("ix")
+    want = Index.open(ws, "ix").search(X[:3], k=5)
+
+    def old_layout() -> None:  # the layout before
+        for p in files.iterdir():
+            p.rename(folder / p.name)
+        files.rmdir()
+        with pytest.raises(Exception, match="different file extensions|parquet"):
+            pl.read_parquet(folder)
+
+    old_layout()
+    with FileLock(ws.locks_dir / "index-ix.lock", "index ix"):  # a writer holds it: read in place, not moved
+        assert Index.open(ws, "ix").search(X[:3], k=5) == want
+        assert sorted(p.suffix for p in folder.iterdir()) == [".faiss", ".json", ".parquet"]
+    assert Index.open(ws, "ix").search(X[:3], k=5) == want  # no writer: the open moves them
+    assert [p.name for p in folder.iterdir()] == ["ids.parquet"] and len(list(files.iterdir())) == 2
+    assert sorted(pl.read_parquet(folder)[S.IMAGE_ID].to_list()) == ids
+
+    old_layout()
+    out = build_index(ws, IndexConfig("fs", name="ix"), "r2")  # a writer moves them too
+    assert (out.rows, out.written) == (30, False) and [p.name for p in folder.iterdir()] == ["ids.parquet"]
+    assert Index.open(ws, "ix").search(X[:3], k=5) == want
+
+
+@pytest.mark.quick
 def test_a_shard_being_written_is_not_in_the_folder(ws):
     """Polars and DuckDB read hidden files and subfolders too, pyarrow and Spark any file not
     starting with '.' or '_': a half-written shard is staged outside the folder until its rename."""
@@ -177,9 +226,10 @@ def test_a_shard_being_written_is_not_in_the_folder(ws):
 
 
 @pytest.mark.parametrize("reader", list(READERS))
-@pytest.mark.parametrize("kind", ["featureset", "predictions", "dataset"])
+@pytest.mark.parametrize("kind", ["featureset", "predictions", "dataset", "index"])
 def test_the_folder_opens_as_exactly_its_rows(tables, reader, kind):
-    """Issue 13 item 1: before, pandas and pyarrow returned the error rows, Polars stopped at side files."""
+    """Issue 13 item 1: before, pandas and pyarrow returned the error rows, Polars stopped at side files
+    (issue 24 item 3: an index folder's .faiss file and _index.json, before they moved to indexes/_files)."""
     assert_exact_rows(READERS[reader](tables[kind].folder), tables[kind], reader)
 
 

@@ -8,8 +8,10 @@ import errno
 import fcntl
 import json
 import logging
+import math
 import os
 import shutil
+import stat
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -126,6 +128,28 @@ def list_shards(folder: Path, suffix: str = ".parquet") -> list[Path]:
     return sorted(
         p for p in folder.iterdir() if p.name.startswith(SHARD_PREFIX) and p.name.endswith(suffix)
     )
+
+
+def recorded_file(folder: Path, name: object, record: Path) -> Path:
+    """``folder/name`` for a file name that ``record`` (a JSON file we wrote) names: a plain name
+    inside the folder (no separator, no '..'), a regular file and not a symbolic link; else an
+    ImgfeatError naming the record. Never follows the record out of its folder, or into a FIFO."""
+    plain = isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+    if not plain:
+        raise ImgfeatError(f"{record} names the file {name!r}, which is not a plain file name in {folder}")
+    if Path(folder).is_symlink():
+        raise ImgfeatError(f"{folder} (where {record} names its files) is a symbolic link, not a folder")
+    path = Path(folder) / name
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        raise ImgfeatError(f"{record} names {path}, which does not exist") from None
+    except OSError as exc:
+        raise ImgfeatError(f"cannot read {path} (named in {record}): {exc.strerror or exc}") from None
+    if not stat.S_ISREG(mode):
+        what = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file"
+        raise ImgfeatError(f"{record} names {path}, which is {what}")
+    return path
 
 
 class TableShardWriter:
@@ -248,6 +272,19 @@ def remove_stale_tmp(folder: Path) -> int:
     return removed
 
 
+def check_wait(wait: float | None, what: str = "wait") -> float | None:
+    """A lock wait in seconds (None: fail fast): finite and 0 or more, else a ConfigError naming it.
+
+    NaN would never reach the deadline (every comparison with it is false): a silent hang.
+    """
+    if wait is None:
+        return None
+    ok = isinstance(wait, (int, float)) and not isinstance(wait, bool) and math.isfinite(wait) and wait >= 0
+    if not ok:
+        raise ConfigError(f"{what} must be a finite number of seconds, 0 or more, got {wait!r}")
+    return float(wait)
+
+
 # What a stage's lock message suggests to commands that have a --wait flag.
 WAIT_HINT = "or pass --wait SECONDS to wait for it"
 
@@ -255,7 +292,7 @@ WAIT_HINT = "or pass --wait SECONDS to wait for it"
 class FileLock:
     """An advisory ``fcntl.flock`` lock on a file; released when the process dies.
 
-    ``wait=None`` fails fast; ``wait=seconds`` (``float('inf')`` for ever) polls until free.
+    ``wait=None`` fails fast; ``wait=seconds`` (finite, 0 or more: ``check_wait``) polls until free.
     The lock file is opened without following a link (a link there is an error); one this lock
     created is removed again when the work under it is refused (a ConfigError).
     ``hint`` ends the busy message (e.g. WAIT_HINT, for commands that have ``--wait``).
@@ -263,11 +300,9 @@ class FileLock:
     """
 
     def __init__(self, path: Path, what: str, wait: float | None = None, hint: str = "") -> None:
-        if wait is not None and not (isinstance(wait, (int, float)) and wait >= 0):  # nan would poll for ever
-            raise ConfigError(f"wait = {wait!r}: expected a number of seconds, 0 or more")
         self.path = Path(path)
         self.what = what
-        self.wait = wait
+        self.wait = check_wait(wait)
         self.hint = hint
         self._fd: int | None = None
         self.created = False

@@ -96,7 +96,12 @@ class Workspace:
 
     # nearest-neighbour indexes and near-duplicate reports
     def index_dir(self, index: str) -> Path:
+        """Only the index's ids table (``ids.parquet``), so every Parquet reader opens it as its rows."""
         return self.root / "indexes" / check_name("index", index)
+
+    def index_files_dir(self, index: str) -> Path:
+        """The index's FAISS file and provenance, beside its folder (``_files`` is never an index name)."""
+        return self.root / "indexes" / "_files" / check_name("index", index)
 
     def dedup_dir(self, name: str) -> Path:
         return self.root / "dedup" / check_name("dedup", name)

@@ -1,23 +1,25 @@
-"""The index stage: a featureset's rows in a FAISS index under indexes/<name>/, its id order and provenance."""
+"""The index stage: a featureset's rows in a FAISS index, created, extended or rebuilt under the commit protocol.
+
+Where the files live and how they are read back (checked) is ``imgfeat.index.files``.
+"""
 
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError, ImgfeatError, unknown_value
 from imgfeat.core.storage import (
+    WAIT_HINT,
     FileLock,
     atomic_path,
+    check_wait,
     remove_file,
     remove_stale_tmp,
     write_json_atomic,
@@ -25,14 +27,14 @@ from imgfeat.core.storage import (
 )
 from imgfeat.core.workspace import Workspace, check_name
 from imgfeat.extract.featureset import committed_ids, featureset_info
+from imgfeat.index.files import (IDS_FILE, INDEX_PREFIX, INDEX_SUFFIX, PROVENANCE_FILE, IndexInfo, checked_index_file,
+                                 ids_digest, index_lock, migrate_layout, provenance_path, read_faiss, read_ids,
+                                 read_info, refuse_links)
 from imgfeat.index.kinds import IndexParams, add_in_chunks, check_kind, import_faiss, make_index, resolve_params, train
 from imgfeat.index.vectors import first_paths, manifest_rows, read_vectors, scanned_datasets
 
 log = logging.getLogger(__name__)
 
-IDS_FILE = "ids.parquet"  # the only table in the folder: pd.read_parquet(indexes/<name>) reads it
-PROVENANCE_FILE = "_index.json"  # the commit point: it names the index file and the rows it covers
-INDEX_PREFIX, INDEX_SUFFIX = "_index-", ".faiss"
 RETRAIN_GROWTH = 4  # an IVF index is retrained once it holds this many times the rows it was trained on
 
 
@@ -50,8 +52,10 @@ class IndexConfig:
     ef_search: int = 128
     seed: int = 0
     wait: float | None = None
+    rebuild: bool = False  # build again from the featureset, whatever the old files hold (a damaged index)
 
     def __post_init__(self) -> None:
+        check_wait(self.wait, "index wait")
         check_name("featureset", self.featureset)
         for d in self.datasets:
             check_name("dataset", d)
@@ -66,42 +70,6 @@ class IndexConfig:
     def index_name(self) -> str:
         """``--name``, else the featureset name (prefixed by the datasets when some are chosen)."""
         return self.name or "-".join((*self.datasets, self.featureset))
-
-
-@dataclass(frozen=True)
-class IndexInfo:
-    """An index's provenance (``_index.json``): what it was built from and how; what `imgfeat ls` shows."""
-
-    name: str
-    featureset: str
-    featureset_fingerprint: str | None
-    dim: int
-    datasets: tuple[str, ...]
-    params: IndexParams
-    rows: int
-    ids_digest: str
-    index_file: str
-    metric: str = "cosine"
-    created_at: str = ""
-    updated_at: str = ""
-    run_id: str = ""
-    path: str = ""
-
-    @property
-    def kind(self) -> str:
-        return self.params.kind
-
-    def to_json(self) -> dict[str, Any]:
-        obj = asdict(self)
-        obj.update(datasets=list(self.datasets), params=self.params.to_json(), kind=self.kind)
-        return obj
-
-    @classmethod
-    def from_json(cls, obj: dict[str, Any], path: str = "") -> "IndexInfo":
-        obj = {k: v for k, v in obj.items() if k in cls.__dataclass_fields__}
-        obj.update(datasets=tuple(obj["datasets"]), params=IndexParams.from_json(obj["params"]), path=path)
-        return cls(**obj)
-
 
 @dataclass(frozen=True)
 class IndexSummary:
@@ -122,63 +90,18 @@ class IndexSummary:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
-
-def ids_digest(ids: list[str]) -> str:
-    """Fingerprint of the id order: the provenance's check that ids.parquet matches the index file."""
-    return hashlib.blake2b("\n".join(ids).encode(), digest_size=16).hexdigest()
-
-
-def read_info(ws: Workspace, name: str) -> IndexInfo:
-    """An index's provenance; exit 2 naming the existing indexes when there is none."""
-    folder = ws.index_dir(name)
-    path = folder / PROVENANCE_FILE
-    if not path.is_file():
-        names = [i.name for i in list_indexes(ws)]
-        hint = "" if names else f"none under {ws.root / 'indexes'}; run 'imgfeat index --featureset FS' first"
-        raise unknown_value("index", name, names, hint=hint)
-    return IndexInfo.from_json(json.loads(path.read_text()), str(folder))
-
-
-def list_indexes(ws: Workspace) -> list[IndexInfo]:
-    """Every committed index of the workspace, by name (what `imgfeat ls` lists)."""
-    root = ws.root / "indexes"
-    names = sorted(p.name for p in root.iterdir() if (p / PROVENANCE_FILE).is_file()) if root.is_dir() else []
-    return [read_info(ws, n) for n in names]
-
-
-def read_ids(ws: Workspace, info: IndexInfo) -> pa.Table:
-    """The committed id order (``image_id, dataset, path``): the first ``info.rows`` rows of ids.parquet.
-
-    A crash after ids.parquet grew but before the provenance was replaced leaves extra rows at
-    the end; the provenance's row count and digest say which prefix belongs to the index.
-    """
-    with pq.ParquetFile(ws.index_dir(info.name) / IDS_FILE) as pf:
-        table = pf.read().slice(0, info.rows)
-    if table.num_rows != info.rows or ids_digest(table[S.IMAGE_ID].to_pylist()) != info.ids_digest:
-        raise ImgfeatError(f"index {info.name}: {IDS_FILE} does not match {PROVENANCE_FILE}; "
-                           f"rebuild it with 'imgfeat index --featureset {info.featureset} --name {info.name}'")
-    return table.cast(S.INDEX_IDS_SCHEMA)
-
-
-def read_faiss(ws: Workspace, info: IndexInfo):
-    """The committed FAISS index (FAISS' own format: reading it runs no code of ours or pickles)."""
-    faiss = import_faiss()
-
-    index = faiss.read_index(str(ws.index_dir(info.name) / info.index_file))
-    if index.ntotal != info.rows:
-        raise ImgfeatError(f"index {info.name}: {info.index_file} holds {index.ntotal} rows, "
-                           f"the provenance says {info.rows}")
-    return index
-
-
 def build_index(ws: Workspace, cfg: IndexConfig, run_id: str) -> IndexSummary:
     """Create or extend ``indexes/<name>/``: only rows not in it yet are added; nothing new writes nothing."""
     t0 = time.perf_counter()
     fs_info = featureset_info(ws, cfg.featureset)  # exit 2 for an unknown featureset
     name = cfg.index_name
-    with FileLock(ws.locks_dir / f"index-{name}.lock", f"index {name}", cfg.wait):
-        remove_stale_tmp(ws.index_dir(name))
-        prev = _previous(ws, cfg)
+    with FileLock(index_lock(ws, name), f"index {name}", cfg.wait, hint=WAIT_HINT):
+        refuse_links(ws, name)
+        for folder in (ws.index_dir(name), ws.index_files_dir(name)):
+            remove_stale_tmp(folder)
+        migrate_layout(ws, name)
+        before = _previous(ws, cfg)
+        prev = None if cfg.rebuild else before  # a rebuild reads nothing of the old files but its kind
         old = read_ids(ws, prev) if prev else S.INDEX_IDS_SCHEMA.empty_table()
         covered, missing = _covered_ids(ws, cfg)
         old_ids = old[S.IMAGE_ID].to_pylist()
@@ -188,25 +111,34 @@ def build_index(ws: Workspace, cfg: IndexConfig, run_id: str) -> IndexSummary:
             raise ConfigError(f"featureset {cfg.featureset} has no feature rows"
                               + (f" for dataset(s) {', '.join(cfg.datasets)}" if cfg.datasets else "")
                               + "; run 'imgfeat extract' first")
-        wanted = _wanted_params(cfg, prev, total)
-        rebuild = prev is not None and _needs_rebuild(prev.params, wanted, cfg, total)
+        wanted = _wanted_params(cfg, before, total)
+        rebuild = cfg.rebuild or (prev is not None and _needs_rebuild(prev.params, wanted, cfg, total))
         if prev is not None and not new and not rebuild:
+            checked_index_file(ws, prev)
             log.info("index %s is current: %d rows, nothing new", name, total)
             return _summary(cfg, prev, 0, False, False, missing, t0)
         if prev is None or rebuild:
             index, params, table = _fresh(ws, cfg, wanted, old, new)
         else:
             index, params, table = _extended(ws, cfg, prev, old, new)
-        info = _commit(ws, cfg, fs_info, prev, index, params, table, run_id)
+        info = _commit(ws, cfg, fs_info, before, index, params, table, run_id)
     log.info("index %s: %d rows (%d added%s), kind %s", name, info.rows, len(new),
              ", rebuilt" if rebuild else "", info.kind)
     return _summary(cfg, info, len(new), rebuild, True, missing, t0)
 
-
 def _previous(ws: Workspace, cfg: IndexConfig) -> IndexInfo | None:
-    if not (ws.index_dir(cfg.index_name) / PROVENANCE_FILE).is_file():
+    """The committed provenance, if any; with ``--rebuild`` a damaged one is no error (it is replaced)."""
+    if not provenance_path(ws, cfg.index_name).is_file():
         return None
-    prev = read_info(ws, cfg.index_name)
+    try:
+        prev = read_info(ws, cfg.index_name)
+    except ImgfeatError as exc:
+        if not cfg.rebuild:
+            raise
+        log.warning("index %s: its provenance is damaged; rebuilding it from featureset %s", cfg.index_name,
+                    cfg.featureset)
+        log.debug("%s", exc)
+        return None
     if prev.featureset != cfg.featureset:
         raise ConfigError(f"index {prev.name} was built on featureset {prev.featureset}, not {cfg.featureset}; "
                           "give this one another --name")
@@ -283,12 +215,15 @@ def _id_rows(ws: Workspace, cfg: IndexConfig, ids: list[str]) -> pa.Table:
 
 def _commit(ws: Workspace, cfg: IndexConfig, fs_info: dict, prev: IndexInfo | None, index,
             params: IndexParams, table: pa.Table, run_id: str) -> IndexInfo:
-    """Index file (new name), ids.parquet (old rows stay its prefix), then the provenance: the commit."""
+    """Index file (new name), ids.parquet (old rows stay its prefix), then the provenance: the commit.
+
+    ``prev`` is the provenance before (its creation time is kept).
+    """
     faiss = import_faiss()
 
-    folder = ws.index_dir(cfg.index_name)
+    folder, files = ws.index_dir(cfg.index_name), ws.index_files_dir(cfg.index_name)
     index_file = f"{INDEX_PREFIX}{run_id}{INDEX_SUFFIX}"
-    with atomic_path(folder / index_file) as tmp:
+    with atomic_path(files / index_file) as tmp:
         faiss.write_index(index, str(tmp))
     write_table_atomic(table, folder / IDS_FILE)
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -296,11 +231,12 @@ def _commit(ws: Workspace, cfg: IndexConfig, fs_info: dict, prev: IndexInfo | No
                      featureset_fingerprint=fs_info.get("fingerprint"), dim=int(index.d),
                      datasets=tuple(cfg.datasets), params=params, rows=int(index.ntotal),
                      ids_digest=ids_digest(table[S.IMAGE_ID].to_pylist()), index_file=index_file,
-                     created_at=prev.created_at if prev else now, updated_at=now, run_id=run_id, path=str(folder))
+                     created_at=prev.created_at if prev else now, updated_at=now, run_id=run_id,
+                     index_bytes=(files / index_file).stat().st_size, path=str(folder))
     obj = info.to_json()
     obj.pop("path")
-    write_json_atomic(obj, folder / PROVENANCE_FILE)
-    for stale in folder.glob(f"{INDEX_PREFIX}*{INDEX_SUFFIX}"):
+    write_json_atomic(obj, files / PROVENANCE_FILE)
+    for stale in files.glob(f"{INDEX_PREFIX}*{INDEX_SUFFIX}"):
         if stale.name != index_file:
             remove_file(stale, ws.root)
     return info

@@ -13,7 +13,7 @@ from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError, ImgfeatError
 from imgfeat.core.runs import new_run_id
 from imgfeat.core.workspace import Workspace
-from imgfeat.index.build import IndexInfo, read_faiss, read_ids, read_info
+from imgfeat.index.files import IndexInfo, migrate_if_free, read_faiss, read_ids, read_info
 from imgfeat.index.kinds import knn, set_search_params
 from imgfeat.index.vectors import normalise, read_vectors
 from imgfeat.scan.manifest import dataset_root
@@ -66,6 +66,8 @@ class Index:
 
     @classmethod
     def open(cls, ws: Workspace, name: str) -> "Index":
+        """A committed index; an older layout's side files are moved first when no writer holds it."""
+        migrate_if_free(ws, name)
         return cls(ws, read_info(ws, name))
 
     @property

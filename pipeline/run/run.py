@@ -75,11 +75,11 @@ def train_config(job: JobSpec, hjob: HeadJob, featureset: str):
                         featureset=featureset, name=hjob.name, wait=job.wait)
 
 
-def index_config(ijob: IndexJob, featureset: str):
+def index_config(job: JobSpec, ijob: IndexJob, featureset: str):
     from imgfeat.index import IndexConfig
 
     return build_config(IndexConfig, ijob.options, f"indexes.{ijob.name}", featureset=featureset,
-                        datasets=ijob.datasets, name=ijob.name)
+                        datasets=ijob.datasets, name=ijob.name, wait=job.wait, rebuild=False)
 
 
 def check_job(job: JobSpec) -> None:
@@ -95,7 +95,7 @@ def check_job(job: JobSpec) -> None:
     for hjob in job.heads:
         train_config(job, hjob, featureset="placeholder")
     for ijob in job.indexes:
-        index_config(ijob, featureset="placeholder")
+        index_config(job, ijob, featureset="placeholder")
 
 
 def check_inputs(job: JobSpec) -> None:
@@ -265,7 +265,7 @@ def _index_all(ws: Workspace, job: JobSpec, featuresets: dict, run_id: str, summ
 
     for ijob in job.indexes:
         fs = featuresets[(ijob.features, ijob.datasets[0])]  # one recipe: the same featureset for every dataset
-        summary.index[ijob.name] = build_index(ws, index_config(ijob, fs), run_id)
+        summary.index[ijob.name] = build_index(ws, index_config(job, ijob, fs), run_id)
 
 
 def error_rate(ws: Workspace, dataset: str, featureset: str) -> tuple[int, int]:

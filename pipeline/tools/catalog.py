@@ -75,10 +75,21 @@ def list_workspace(ws: Workspace) -> Catalog:
 
 
 def list_indexes(ws: Workspace) -> list[dict[str, Any]]:
-    """Nearest-neighbour indexes (``imgfeat index``), as their provenance says."""
+    """Nearest-neighbour indexes (``imgfeat index``), as their provenance says; a damaged one is
+    ``{name, error}`` (and a warning), so the rest are still listed."""
+    from imgfeat.index.files import read_indexes
+
+    infos, broken = read_indexes(ws)
+    for message in broken.values():
+        log.warning("%s", message)
+    entries = [e.to_json() for e in infos] + [{"name": n, "error": m} for n, m in broken.items()]
+    return sorted(entries, key=lambda e: e["name"])
+
+
+def _strict_indexes(ws: Workspace) -> list:
     from imgfeat.index import list_indexes as lister
 
-    return [e.to_json() for e in lister(ws)]
+    return lister(ws)
 
 
 def _manifest_ids(ws: Workspace) -> dict[str, set[str]]:
@@ -158,7 +169,7 @@ def plan_prune(ws: Workspace) -> PrunePlan:
     keep_heads = set(N.latest(head_index(ws, heads)).values())
     drop_heads = sorted(set(heads) - keep_heads)
     used = {heads[h]["featureset"] for h in keep_heads} | set(N.latest(featureset_index(ws)).values())
-    used |= {i["featureset"] for i in list_indexes(ws)}
+    used |= {i.featureset for i in _strict_indexes(ws)}  # a damaged one stops prune: its featureset is unknown
     all_fs = ws.list_names("features")
     drop_fs = sorted(set(all_fs) - used)
     folders = [p for h in drop_heads for p in _head_folders(ws, h)]

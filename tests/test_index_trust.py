@@ -66,7 +66,7 @@ def test_every_wait_flag_refuses_non_finite_and_negative_seconds(capsys, command
         main([command, f"--wait={value}"])
     assert info.value.code == 2
     err = capsys.readouterr().err
-    assert f"--wait: expected a finite number of seconds, 0 or more, got '{value}'" in err
+    assert f"--wait: expected a number from 0 to 604800, got '{value}'" in err
 
 
 def test_index_wait_nan_exits_2_with_the_lock_held(ws, capsys):

@@ -8,18 +8,20 @@ import json
 import logging
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from imgfeat.backbones import get_backbone
 from imgfeat.backbones.weights import resolve_weights
 from imgfeat.core.errors import ConfigError, unknown_value
+from imgfeat.core.names import HEADS, check_ref
 from imgfeat.core.storage import WAIT_HINT, FileLock, write_bytes_atomic
 from imgfeat.core.workspace import Workspace, check_name
 from imgfeat.extract.decode import DecodeConfig
 from imgfeat.finetune.blocks import family_pattern
 from imgfeat.heads.data import canonical_json
+from imgfeat.heads.versions import resolve_head
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +45,7 @@ class FinetuneConfig:
     unfreeze_from: str | None = None  # a layer name; wins over unfreeze_blocks
     epochs: int = 3  # fine-tune epochs, after the warm-start epochs
     warmup_epochs: int = 1  # head only, backbone frozen: the warm start
-    warm_start_head: str | None = None  # a logreg head id on this recipe's frozen features: the head's start
+    warm_start_head: str | None = None  # a logreg head (ID, NAME or NAME@ID) on this recipe's frozen features
     learning_rate: float = 1e-4
     warmup_learning_rate: float = 1e-3
     batch_size: int = 16
@@ -64,7 +66,7 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         check_name("dataset", self.dataset)
         if self.warm_start_head is not None:
-            check_name("head", self.warm_start_head)
+            check_ref(HEADS, self.warm_start_head)
         if isinstance(self.augment, str) or not all(isinstance(a, str) for a in self.augment):
             raise ConfigError(f"augment must be a list of names, got {self.augment!r}")
         object.__setattr__(self, "augment", tuple(self.augment))  # a job file gives a list
@@ -151,6 +153,8 @@ def run_finetune(ws: Workspace, cfg: FinetuneConfig, run_id: str) -> FinetuneSum
     from imgfeat.finetune.data import read_rows
 
     t0 = time.perf_counter()
+    if cfg.warm_start_head is not None:  # the version, not the name, is part of the fine-tune's identity
+        cfg = replace(cfg, warm_start_head=resolve_head(ws, cfg.warm_start_head))
     spec = get_backbone(cfg.backbone)
     if cfg.unfreeze_from is None:
         family_pattern(spec)  # a family without named blocks fails here, before any work

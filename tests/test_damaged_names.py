@@ -155,6 +155,22 @@ def test_the_latest_heads_damaged_head_json(copy, capsys, damage):
     assert code == 0, err  # other heads work
 
 
+@pytest.mark.parametrize("damage", ["not JSON", "a folder"])
+def test_a_superseded_heads_damaged_head_json_is_listed_as_damaged_and_pruned(copy, capsys, damage):
+    ws, heads = copy
+    path = ws.head_dir(heads["old"]) / "head.json"
+    _damage(path, HEAD_DAMAGE[damage])
+    code, out, _ = _cli(capsys, "ls", "--json")
+    listing = json.loads(out.splitlines()[-1])
+    assert code == 0 and {h["head_id"] for h in listing["heads"]} == {heads["new"], heads["other"]}
+    assert len(listing["damaged"]) == 1 and str(path) in listing["damaged"][0]
+    code, out, err = _cli(capsys, "prune", "--yes")
+    assert code == 0 and "Traceback" not in err and f"removed head {heads['old']}" in out
+    assert not ws.head_dir(heads["old"]).exists() and not ws.predictions_dir(heads["old"]).exists()
+    code, out, _ = _cli(capsys, "ls", "--json")
+    assert json.loads(out.splitlines()[-1])["damaged"] == []
+
+
 @pytest.mark.quick
 @pytest.mark.parametrize("index,message", [
     ([], "expected a JSON object"),

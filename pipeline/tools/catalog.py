@@ -226,7 +226,7 @@ def run_prune(ws: Workspace, yes: bool = False) -> PrunePlan:
     with _all_locks(ws):
         plan = plan_prune(ws)  # again, under the locks: nothing changes while we delete
         for h in plan.heads:
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):  # a damaged one goes with its folder
                 (ws.head_dir(h) / HEAD_FILE).unlink()  # first: a head without head.json does not exist
         for f in plan.featuresets:  # likewise a featureset without its provenance
             ws.featureset_provenance(f).unlink(missing_ok=True)

@@ -171,6 +171,21 @@ def test_a_superseded_heads_damaged_head_json_is_listed_as_damaged_and_pruned(co
     assert json.loads(out.splitlines()[-1])["damaged"] == []
 
 
+def test_ls_lists_around_a_damaged_manifest_provenance_and_shard(copy, capsys):
+    ws, heads = copy
+    shard = sorted(ws.featureset_dir("fs1").glob("part-*.parquet"))[0]
+    damaged = [ws.manifest_path("toy"), ws.featureset_provenance("fs2"), shard]
+    for path in damaged:
+        path.write_bytes(b"garbage")
+    code, out, err = _cli(capsys, "ls", "--json")
+    assert code == 0 and "Traceback" not in err
+    listing = json.loads(out.splitlines()[-1])
+    assert listing["datasets"] == [] and listing["featuresets"] == []
+    assert {h["head_id"] for h in listing["heads"]} == set(heads.values())
+    assert len(listing["damaged"]) == 3
+    assert all(sum(str(p) in line for line in listing["damaged"]) == 1 for p in damaged)
+
+
 @pytest.mark.quick
 @pytest.mark.parametrize("index,message", [
     ([], "expected a JSON object"),

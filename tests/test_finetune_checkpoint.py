@@ -9,7 +9,6 @@ import shutil
 import pytest
 
 from imgfeat.core.workspace import Workspace
-from imgfeat.finetune.loop import checkpoint_problem
 from imgfeat.scan.scan import ScanConfig, run_scan
 from tiny_images import write_noise_images
 
@@ -137,6 +136,9 @@ def test_a_checkpoint_claiming_epoch_999_of_2_starts_the_run_fresh(unfinished, c
     warnings = _warnings(caplog)
     assert len(warnings) == 1 and "epoch 999 is not one of this run's epochs 1-2" in warnings[0]
     assert "resuming" not in caplog.text and _state(ckpt)["epoch"] == 2  # a sound checkpoint again
+    from imgfeat.finetune.train import checkpoint_problem
+
+    assert checkpoint_problem(_state(ckpt), {}, 2) is None
 
 
 def test_an_intact_checkpoint_still_resumes(unfinished, caplog):
@@ -187,6 +189,8 @@ GOOD = {"finetune_id": "f", "params": {"epochs": 1}, "epoch": 2, "history": {"lo
     ({"stopped": "no"}, "stop flag"),
 ])
 def test_checkpoint_problem_names_what_does_not_fit_the_run(change, message):
+    from imgfeat.finetune.train import checkpoint_problem
+
     identity = {"finetune_id": "f", "params": {"epochs": 1}}
     assert checkpoint_problem(GOOD, identity, 2) is None
     assert message in checkpoint_problem({**GOOD, **change}, identity, 2)

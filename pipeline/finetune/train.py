@@ -191,6 +191,43 @@ def summary(ws: Workspace, fid: str, reused: bool, seconds: float) -> FinetuneSu
     )
 
 
+def checkpoint_problem(state: object, identity: dict[str, Any], total_epochs: int) -> str | None:
+    """Pure: why a parsed checkpoint state cannot continue the run ``identity`` names (None: it can)."""
+    if not isinstance(state, dict):
+        return f"expected a JSON object, got {type(state).__name__}"
+    for key, want in identity.items():
+        if state.get(key) != want:
+            return f"it continues another run ({key} {state.get(key)!r:.80}, this run's {want!r:.80})"
+    epoch = state.get("epoch")
+    if not (_is_int(epoch) and 1 <= epoch <= total_epochs):
+        return f"epoch {epoch!r:.40} is not one of this run's epochs 1-{total_epochs}"
+    history, seconds = state.get("history"), state.get("seconds_per_epoch")
+    if not (isinstance(history, dict) and all(_numbers(v, epoch) for v in history.values())
+            and _numbers(seconds, epoch)):
+        return f"its history does not hold {epoch} epochs of numbers"
+    best, bad, best_epoch = state.get("best_val_loss"), state.get("bad_epochs"), state.get("best_epoch")
+    if not ((best is None or _is_number(best)) and _is_int(bad) and 0 <= bad <= epoch
+            and (best_epoch is None or (_is_int(best_epoch) and 1 <= best_epoch <= epoch))):
+        return "its best-epoch tracking is malformed"
+    skipped, warm = state.get("skipped"), state.get("warm_metrics")
+    if not (isinstance(skipped, list) and all(isinstance(p, str) for p in skipped)
+            and (warm is None or isinstance(warm, dict)) and isinstance(state.get("stopped", False), bool)):
+        return "its skipped images, warm-start metrics or stop flag are malformed"
+    return None
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _numbers(values: object, n: int) -> bool:
+    return isinstance(values, list) and len(values) == n and all(map(_is_number, values))
+
+
 def save_keras_atomic(save, final: Path) -> str:
     """Keras writes only to names ending in .keras/.weights.h5: write to a scratch file, then commit
     its bytes with the commit protocol. Returns the file's sha256."""

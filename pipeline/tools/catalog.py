@@ -79,12 +79,7 @@ def list_workspace(ws: Workspace) -> Catalog:
     damaged: list[str] = []
     manifests = _manifest_ids(ws)
     datasets, featuresets = _datasets(ws, damaged), _featuresets(ws, manifests, damaged)
-    heads = _heads(ws, damaged)
-    try:
-        indexes = list_indexes(ws)
-    except ImgfeatError as exc:
-        indexes = []
-        damaged.append(str(exc))
+    heads, indexes = _heads(ws, damaged), _or_none(list_indexes, ws, damaged) or []
     return Catalog(str(ws.root), datasets, featuresets, heads, indexes, list(dict.fromkeys(damaged)))
 
 

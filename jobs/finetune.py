@@ -63,8 +63,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup-epochs", type=ranged("warmup_epochs"), default=1, metavar="N",
                    help="head-only epochs first")
     p.add_argument("--warm-start", default=None, metavar="HEAD",
-                   help="start the head from this logreg head (trained on features of the same backbone, "
-                        "weights and input size); then --warmup-epochs 0 skips the head-only epochs")
+                   help="start the head from this logreg head (a name, its latest; NAME@ID or an id), "
+                        "trained on features of the same backbone, weights and input size; then "
+                        "--warmup-epochs 0 skips the head-only epochs")
     p.add_argument("--augment", type=augment_list, default=("flip", "rotate", "zoom", "contrast"),
                    metavar="LIST", help="comma-separated: flip,rotate,zoom,contrast, or none "
                                         "(default: all four)")

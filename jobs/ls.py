@@ -13,6 +13,8 @@ List what the workspace holds, newest first:
   featuresets  recipe name(s), backbone, feature rows, error rows, datasets covered, created
   heads        name, kind, test accuracy, created, and which version is the latest of its name
   indexes      nearest-neighbour indexes ('imgfeat index'), when there are any
+  damaged      a line for each unreadable file (a name index, a head.json, a manifest, ...),
+               naming it; everything else is still listed
 
 A head's name (a job file's [heads.NAME], 'imgfeat train --name', default <dataset>-<kind>)
 always means its latest version; NAME@ID pins one. 'imgfeat prune' removes the rest.
@@ -65,6 +67,10 @@ def print_catalog(out: dict) -> None:
         kind = h["model_kind"] if h["kind"] == h["model_kind"] else f"{h['kind']}->{h['model_kind']}"
         print(f"  {h['name']:<24} {mark} {h['head_id']:<36} {kind:<12} {_pct(h['accuracy']):>6}  "
               f"{_day(h['created'])}")
+    if out.get("damaged"):
+        print("\ndamaged files (what each describes is left out above, or listed by id)")
+        for line in out["damaged"]:
+            print(f"  {line}")
     if out["indexes"]:
         print("\nindexes")
         for i in out["indexes"]:

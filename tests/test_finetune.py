@@ -240,6 +240,33 @@ def test_warm_start_from_a_logreg_head_on_the_same_recipe(tuned):
     # Before any training the model is the logreg head on the frozen backbone: the same test accuracy.
     assert warm.metrics["warm_start_test_accuracy"] == head.metrics["test_accuracy"]
     assert warm.finetune_id != s.finetune_id
-    other = logreg_on(s.weights, "w2")  # a head on the tuned features: another recipe
-    with pytest.raises(ConfigError, match="recipe differs: weights"):
-        run_finetune(ws, ft_config(warm_start_head=other.head_id, warmup_epochs=0), "ft-bad")
+    # A head's name (its latest version) and NAME@ID work like everywhere else: the same fine-tune.
+    pinned = f"{head.name}@{head.head_id.rsplit('-', 1)[1]}"
+    for ref in (head.name, pinned):
+        again = run_finetune(ws, ft_config(warm_start_head=ref, warmup_epochs=0), f"ft-{ref}")
+        assert again.reused and again.finetune_id == warm.finetune_id
+    other = logreg_on(s.weights, "w2")  # a head on the tuned features: another recipe, now the name's latest
+    assert other.name == head.name
+    for ref in (other.head_id, head.name):
+        with pytest.raises(ConfigError, match="recipe differs: weights"):
+            run_finetune(ws, ft_config(warm_start_head=ref, warmup_epochs=0), "ft-bad")
+    assert run_finetune(ws, ft_config(warm_start_head=pinned, warmup_epochs=0), "ft-pin").reused
+    with pytest.raises(ConfigError, match=f"did you mean '{head.name}'"):
+        run_finetune(ws, ft_config(warm_start_head=head.name + "x", warmup_epochs=0), "ft-typo")
+
+
+def test_warm_start_by_name_from_the_cli(tuned, capsys):
+    from imgfeat.extract.extract import ExtractConfig, run_extract
+    from imgfeat.finetune.train import read_meta
+    from imgfeat.heads import TrainConfig, run_train
+
+    ws, _ = tuned
+    fs = run_extract(ws, ExtractConfig(dataset="d", backbone=BACKBONE, weights="none", input_size=SIZE,
+                                       batch_size=8, workers=1), "cli-x")["featureset"]
+    head = run_train(ws, TrainConfig(dataset="d", featureset=fs, head="logreg", cv=2, name="warm"), "cli-t")
+    argv = ["finetune", "--workspace", str(ws.root), "--dataset", "d", "--backbone", BACKBONE, "--weights", "none",
+            "--input-size", str(SIZE), "--epochs", "1", "--batch-size", "4", "--warmup-epochs", "0",
+            "--warm-start", "warm", "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert read_meta(ws, out["finetune_id"])["params"]["warm_start_head"] == head.head_id

@@ -233,3 +233,101 @@ def test_every_truncation_and_random_corruption_is_one_error_type(monkeypatch, t
         except TorchFileError:
             pass
     assert ok < len(cases) // 2  # most corruptions are caught, and none escaped as another type
+
+
+class _Built(_Tensor):
+    """A tensor record followed by a BUILD opcode with ``state`` (a crafted file; torch never writes one)."""
+
+    def __init__(self, fake, state, *spec):
+        super().__init__(fake, *spec)
+        self.state = state
+
+    def __reduce__(self):
+        return (*super().__reduce__(), self.state)
+
+
+def _crafted(monkeypatch, tensors, storages=None, built=None) -> bytes:
+    fake = _fake_torch(monkeypatch)
+    storages = {"0": np.arange(8, dtype=np.float32)} if storages is None else storages
+    data = legacy_save(fake, tensors, storages)
+    if built is not None:  # the same file with the first tensor's record followed by a BUILD
+        out = io.BytesIO()
+        for obj in (LEGACY_MAGIC, LEGACY_PROTOCOL, {"protocol_version": 1001, "little_endian": True}):
+            pickle.dump(obj, out, protocol=2)
+        (name, spec), = tensors.items()
+
+        class P(pickle.Pickler):
+            def persistent_id(self, obj):
+                if isinstance(obj, tuple) and len(obj) == 2 and obj[0] == "storage":
+                    return ("storage", fake.torch.FloatStorage, obj[1], "cpu", 8, None)
+                return None
+
+        P(out, protocol=2).dump({name: _Built(fake, built, *spec)})
+        data = out.getvalue() + data[data.index(pickle.dumps(sorted(storages), protocol=2)):]
+    return data
+
+
+# (tensors as (storage key, offset, size, stride), storages or None for one of 8 floats, BUILD state), what is said
+CRAFTED = {
+    "BUILD sets the storage to 5": ({"w": ("0", 0, (8,), (1,))}, None, {"storage": 5}, "set attributes"),
+    "BUILD sets the size": ({"w": ("0", 0, (8,), (1,))}, None, {"size": (1 << 40,)}, "set attributes"),
+    "1 GiB of zero strides over one element": (
+        {"w": ("0", 0, (16384, 16384), (0, 0))}, {"0": np.ones(1, np.float32)}, None, "holds 268435456 elements"),
+    "overlapping strides": ({"w": ("0", 0, (4, 4), (1, 1))}, {"0": np.ones(7, np.float32)}, None, "holds 16"),
+    "past the end": ({"w": ("0", 7, (2,), (1,))}, None, None, "reaches element 8"),
+    "a negative size": ({"w": ("0", 0, (-2, 4), (4, 1))}, None, None, "negative"),
+    "a negative stride": ({"w": ("0", 7, (4,), (-1,))}, None, None, "negative"),
+    "a negative offset": ({"w": ("0", -1, (2,), (1,))}, None, None, "negative"),
+    "sizes and strides of other lengths": ({"w": ("0", 0, (2, 4), (1,))}, None, None, "2 sizes but 1 strides"),
+    "a size that is a string": ({"w": ("0", 0, "12", (1, 1))}, None, None, "expected integers"),
+    "an offset that is a float": ({"w": ("0", 1.5, (2,), (1,))}, None, None, "expected integers"),
+    "an offset that is a bool": ({"w": ("0", True, (2,), (1,))}, None, None, "expected integers"),
+    "a size of 2**70": ({"w": ("0", 0, (2**70,), (0,))}, None, None, "holds"),
+    "a thousand copies of one storage": (
+        {f"w{i}": ("0", 0, (1024,), (1,)) for i in range(1000)}, {"0": np.ones(1024, np.float32)}, None,
+        "would hold"),
+}
+
+
+@pytest.mark.parametrize("case", CRAFTED)
+def test_crafted_tensor_records_are_one_clear_error(monkeypatch, tmp_path, case):
+    tensors, storages, built, message = CRAFTED[case]
+    path = tmp_path / "crafted.pth"
+    path.write_bytes(_crafted(monkeypatch, tensors, storages, built))
+    with pytest.raises(TorchFileError, match=message):
+        read_state_dict(path)
+
+
+def test_the_1_gib_zero_stride_file_is_a_few_hundred_bytes(monkeypatch, tmp_path):
+    tensors, storages, _, _ = CRAFTED["1 GiB of zero strides over one element"]
+    assert len(_crafted(monkeypatch, tensors, storages)) < 400  # so refusing it is what stops the allocation
+
+
+def test_tied_weights_and_empty_tensors_still_load(monkeypatch, tmp_path):
+    path = tmp_path / "ok.pth"
+    path.write_bytes(_crafted(monkeypatch, {"a": ("0", 0, (8,), (1,)), "b": ("0", 0, (2, 4), (4, 1)),
+                                            "empty": ("0", 9, (0, 3), (0, 0))}))
+    sd = read_state_dict(path)
+    assert sd["a"].tolist() == list(range(8)) and sd["b"].shape == (2, 4) and sd["empty"].shape == (0, 3)
+
+
+def test_a_folder_or_a_missing_file_is_the_same_error(tmp_path):
+    for path in (tmp_path, tmp_path / "missing.pth"):
+        with pytest.raises(TorchFileError, match="cannot read"):
+            read_state_dict(path)
+
+
+def test_random_opcode_insertions_are_the_clear_error_or_success(monkeypatch):
+    """A bounded, seeded fuzz of the pickles: opcode bytes (BUILD, SETITEM, REDUCE, ...) spliced in."""
+    data = _crafted(monkeypatch, {"a": ("0", 0, (2, 4), (4, 1)), "b": ("0", 1, (3,), (2,))})
+    opcodes = b"bs(tR.NK]aeu}q0h\x85\x86\x87Q"
+    rng = np.random.default_rng(23)
+    for _ in range(600):
+        blob = bytearray(data)
+        for _ in range(int(rng.integers(1, 4))):
+            at = int(rng.integers(0, len(blob)))
+            blob[at:at] = bytes([opcodes[int(rng.integers(0, len(opcodes)))]])
+        try:
+            read_state_dict(io.BytesIO(bytes(blob)))
+        except TorchFileError:
+            pass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import pickle
 import struct
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ STORAGE_DTYPES: dict[str, str] = {
 # torch.nn modules, ...) is refused before it is called, so loading never runs code.
 _REBUILD = ("torch._utils", "_rebuild_tensor_v2")
 _ORDERED_DICT = ("collections", "OrderedDict")
+_MAX_EXPANSION = 4  # tensors may hold at most this many times the bytes stored (tied weights share a storage)
 
 
 class TorchFileError(ImgfeatError):
@@ -52,8 +54,16 @@ class _StorageType:
         return np.dtype(STORAGE_DTYPES[self.name])
 
 
+class _Sealed:
+    """Our records: a BUILD opcode aimed at one would rewrite its fields behind the checks made when
+    it was built (``{'storage': 5}``), so it is refused."""
+
+    def __setstate__(self, state: Any) -> None:
+        raise TorchFileError(f"malformed weights file: it tries to set attributes of a {type(self).__name__}")
+
+
 @dataclass(frozen=True)
-class _StorageRef:
+class _StorageRef(_Sealed):
     key: str
     dtype: np.dtype
     numel: int
@@ -61,7 +71,7 @@ class _StorageRef:
 
 
 @dataclass(frozen=True)
-class _TensorRef:
+class _TensorRef(_Sealed):
     storage: _StorageRef
     offset: int
     size: tuple[int, ...]
@@ -72,7 +82,18 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
     """Stand-in for ``torch._utils._rebuild_tensor_v2``: remembers where the data will be."""
     if not isinstance(storage, _StorageRef):
         raise TorchFileError("malformed tensor record: its storage is not a persistent id")
-    return _TensorRef(storage, int(storage_offset), tuple(map(int, size)), tuple(map(int, stride)))
+    if not (_is_int(storage_offset) and _is_ints(size) and _is_ints(stride)):
+        raise TorchFileError(f"malformed tensor record: offset {storage_offset!r:.40}, size {size!r:.80}, "
+                             f"stride {stride!r:.80} (expected integers)")
+    return _TensorRef(storage, storage_offset, tuple(size), tuple(stride))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_ints(values: Any) -> bool:
+    return isinstance(values, (tuple, list)) and all(map(_is_int, values))
 
 
 class _Allowed:
@@ -117,8 +138,13 @@ class _SafeUnpickler(pickle.Unpickler):
         if not isinstance(stype, _StorageType):
             raise TorchFileError(f"unsupported storage type {stype!r:.80}")
         if view is not None:
-            view = (str(view[0]), int(view[1]), int(view[2]))
-        return _StorageRef(str(key), stype.dtype, int(numel), view)
+            if not (isinstance(view, tuple) and len(view) == 3 and _is_int(view[1]) and _is_int(view[2])
+                    and view[1] >= 0 and view[2] >= 0):
+                raise TorchFileError(f"malformed storage view in weights file: {view!r:.80}")
+            view = (str(view[0]), view[1], view[2])
+        if not _is_int(numel) or numel < 0:
+            raise TorchFileError(f"malformed storage size in weights file: {numel!r:.40}")
+        return _StorageRef(str(key), stype.dtype, numel, view)
 
 
 def _load_pickle(fh: IO[bytes]) -> Any:
@@ -179,24 +205,52 @@ def _collect_refs(obj: Any) -> dict[str, _TensorRef]:
     return {str(k): v for k, v in obj.items()}
 
 
-def _materialise(ref: _TensorRef, storages: dict[str, np.ndarray]) -> np.ndarray:
+def _fitting(ref: _TensorRef, storages: dict[str, np.ndarray]) -> np.ndarray:
+    """The flat storage (or storage view) a tensor reads, once the tensor is known to fit in it."""
     s = ref.storage
     root = s.view[0] if s.view else s.key
     if root not in storages:
         raise TorchFileError(f"a tensor refers to storage {root!r}, which the file does not hold")
     flat = storages[root]
     if s.view:
+        if s.view[1] + s.view[2] > flat.size:
+            raise TorchFileError(f"storage view {s.key!r} reaches past the end of storage {root!r}")
         flat = flat[s.view[1] : s.view[1] + s.view[2]]
-    needed = ref.offset + sum((n - 1) * st for n, st in zip(ref.size, ref.stride)) + 1
-    if any(n < 0 for n in ref.size) or len(ref.size) != len(ref.stride):
-        raise TorchFileError(f"malformed tensor record: size {ref.size}, stride {ref.stride}")
+    why = tensor_problem(ref.offset, ref.size, ref.stride, flat.size)
+    if why:
+        raise TorchFileError(f"tensor of size {ref.size}, stride {ref.stride} at offset {ref.offset} does not "
+                             f"fit its storage {s.key!r} of {flat.size} elements: {why}")
+    return flat
+
+
+def _materialise(ref: _TensorRef, flat: np.ndarray) -> np.ndarray:
     if any(n == 0 for n in ref.size):
         return np.zeros(ref.size, dtype=flat.dtype)
-    if ref.offset < 0 or needed > flat.size or min(ref.stride, default=0) < 0:
-        raise TorchFileError(f"tensor of size {ref.size} does not fit its storage {s.key}")
     strides = tuple(st * flat.itemsize for st in ref.stride)
     view = np.lib.stride_tricks.as_strided(flat[ref.offset :], shape=ref.size, strides=strides)
     return np.array(view, copy=True)  # own the memory; native byte order and contiguous
+
+
+def tensor_problem(offset: int, size: tuple[int, ...], stride: tuple[int, ...], storage: int) -> str | None:
+    """Pure: why a tensor view cannot be materialised from a storage of ``storage`` elements (None: it can).
+
+    Its extent (the last element reached through sizes and strides) must lie in the storage, and it
+    may hold no more elements than the storage: zero or overlapping strides would otherwise let a few
+    bytes of file expand into gigabytes (size (16384, 16384), stride (0, 0) over one element).
+    """
+    if len(size) != len(stride):
+        return f"{len(size)} sizes but {len(stride)} strides"
+    if offset < 0 or any(n < 0 for n in size) or any(st < 0 for st in stride):
+        return "a negative offset, size or stride"
+    numel = math.prod(size)
+    if numel == 0:
+        return None
+    extent = offset + sum((n - 1) * st for n, st in zip(size, stride)) + 1
+    if extent > storage:
+        return f"it reaches element {extent - 1}"
+    if numel > storage:
+        return f"it holds {numel} elements"
+    return None
 
 
 def read_state_dict(source: str | Path | IO[bytes]) -> dict[str, np.ndarray]:
@@ -207,12 +261,15 @@ def read_state_dict(source: str | Path | IO[bytes]) -> dict[str, np.ndarray]:
     malformed file (truncated, random bytes, impossible sizes) is this one error type.
     """
     path = Path(getattr(source, "name", source)) if not isinstance(source, io.BytesIO) else Path("<bytes>")
-    fh = open(source, "rb") if isinstance(source, (str, Path)) else source
+    try:
+        fh = open(source, "rb") if isinstance(source, (str, Path)) else source
+    except OSError as exc:
+        raise TorchFileError(f"cannot read {path}: {exc.strerror or exc}") from exc
     try:
         return _read(fh, path)
     except TorchFileError:
         raise
-    except (ValueError, TypeError, OverflowError, KeyError, IndexError, MemoryError, struct.error) as exc:
+    except Exception as exc:  # whatever a crafted file provokes (AttributeError, RecursionError, ...) is this error
         raise TorchFileError(f"{path}: corrupt weights file: {type(exc).__name__}: {exc}") from exc
     finally:
         if fh is not source:
@@ -227,4 +284,16 @@ def _read(fh: IO[bytes], path: Path) -> dict[str, np.ndarray]:
         raise TorchFileError(f"{path}: malformed storage key list")
     dtypes = {r.storage.view[0] if r.storage.view else r.storage.key: r.storage.dtype for r in refs.values()}
     storages = _read_storages(fh, keys, dtypes, path)
-    return {name: _materialise(ref, storages) for name, ref in refs.items()}
+    flats = {name: _fitting(ref, storages) for name, ref in refs.items()}  # every tensor checked first
+    _check_total(refs, storages, path)
+    return {name: _materialise(ref, flats[name]) for name, ref in refs.items()}
+
+
+def _check_total(refs: dict[str, _TensorRef], storages: dict[str, np.ndarray], path: Path) -> None:
+    """Many tensors over one storage (tied weights) are legitimate, thousands are an expansion attack:
+    the tensors together may hold at most ``_MAX_EXPANSION`` times the bytes the file stores."""
+    stored = sum(a.nbytes for a in storages.values())
+    wanted = sum(math.prod(r.size) * r.storage.dtype.itemsize for r in refs.values())
+    if wanted > _MAX_EXPANSION * stored + 2**20:
+        raise TorchFileError(f"{path}: its tensors would hold {wanted:,} bytes from {stored:,} stored: "
+                             "a legitimate state_dict stores each tensor's data")

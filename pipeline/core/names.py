@@ -7,7 +7,7 @@ import json
 from collections.abc import Collection, Iterable
 from pathlib import Path
 
-from imgfeat.core.errors import ConfigError, unknown_value
+from imgfeat.core.errors import ConfigError, ImgfeatError, unknown_value
 from imgfeat.core.storage import FileLock, write_json_atomic
 from imgfeat.core.workspace import Workspace, check_name
 
@@ -41,11 +41,47 @@ def check_ref(kind: str, ref: str) -> str:
 
 
 def read_index(ws: Workspace, kind: str) -> Versions:
-    """The committed index ({} when nothing was named yet)."""
+    """The committed index ({} when nothing was named yet); a damaged one is an error naming the file."""
     path = index_path(ws, kind)
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         return {}
-    return {k: list(v) for k, v in json.loads(path.read_text(encoding="utf-8")).items()}
+    if not path.is_file():  # a folder (or a FIFO, which would block the read) where the file belongs
+        raise damaged_index(path, kind, "not a regular file")
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise damaged_index(path, kind, exc) from None
+    why = index_problem(index, kind)
+    if why:
+        raise damaged_index(path, kind, why)
+    return {k: list(v) for k, v in index.items()}
+
+
+def index_problem(index: object, kind: str) -> str | None:
+    """Pure: what is wrong with a parsed index (None when it is ``{name: [{"id", "recorded_at"}, ...]}``)."""
+    if not isinstance(index, dict):
+        return f"expected a JSON object of names, got {type(index).__name__}"
+    for name, entries in index.items():
+        if not isinstance(entries, list):
+            return f"name {name!r}: expected a list of versions, got {type(entries).__name__}"
+        for e in entries:
+            if not (isinstance(e, dict) and isinstance(e.get(ID), str)
+                    and isinstance(e.get(RECORDED_AT, ""), str)):
+                return f"name {name!r}: expected versions like {{'id': ..., 'recorded_at': ...}}, got {e!r:.80}"
+        try:  # ids become folder names: one that is not a valid name is damage, never a path
+            for part in (name, *(e[ID] for e in entries)):
+                check_name(_singular(kind), part)
+        except ConfigError as exc:
+            return f"name {name!r}: {exc}"
+    return None
+
+
+def damaged_index(path: Path, kind: str, why: object) -> ImgfeatError:
+    """The error for an unreadable name index (exit 1, like every damaged file): what to do about it."""
+    way_out = {HEADS: "each head then goes by the name in its head.json",
+               FEATURESETS: "featuresets then go by their ids until a run names them again"}[kind]
+    return ImgfeatError(f"cannot read {path}: {str(why).rstrip('.')}; the {_singular(kind)} name index is "
+                        f"damaged: delete it ({way_out}; 'imgfeat ls' lists them)")
 
 
 def record(ws: Workspace, kind: str, name: str, version: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import keras
 import numpy as np
 
 from imgfeat.backbones import BackboneSpec
+from imgfeat.core.hashing import canonical_json, file_sha256
 from imgfeat.core.storage import remove_tree, write_bytes_atomic, write_json_atomic
 from imgfeat.core.workspace import Workspace
 from imgfeat.finetune import train as T
@@ -31,8 +33,9 @@ class Session:
     """One fine-tune in progress: the model, its data, and the checkpoint state it resumes from."""
 
     def __init__(self, ws: Workspace, cfg: T.FinetuneConfig, spec: BackboneSpec, size: int, rows: FinetuneRows,
-                 out: Path):
-        self.cfg, self.spec, self.rows, self.out = cfg, spec, rows, out
+                 out: Path, fid: str):
+        self.cfg, self.spec, self.rows, self.out, self.fid = cfg, spec, rows, out, fid
+        self.root = ws.root
         self.ckpt = out / "checkpoint"
         for scratch in [*out.glob(".scratch-*"), *self.ckpt.glob(".scratch-*")]:
             remove_tree(scratch, ws.root)  # left by a run killed while saving
@@ -49,8 +52,9 @@ class Session:
                                   workers=cfg.workers)
         self.val = ImageBatches(rows.val, dcfg, cfg.batch_size, False, 0, self.skipped, fill=False)
         self.test = ImageBatches(rows.test, dcfg, cfg.batch_size, False, 0, self.skipped, fill=False)
-        self.state: dict[str, Any] = {"epoch": 0, "history": {}, "best_val_loss": None, "bad_epochs": 0,
-                                      "seconds_per_epoch": [], "warm_metrics": None, "skipped": []}
+        self.state: dict[str, Any] = {**self.identity(), "epoch": 0, "history": {}, "best_val_loss": None,
+                                      "bad_epochs": 0, "seconds_per_epoch": [], "warm_metrics": None,
+                                      "skipped": []}
         self.phase: str | None = None
         self.trained_layers: list[str] = []
 
@@ -81,15 +85,58 @@ class Session:
         self.phase = phase
 
     # --- checkpoints ---
+    def identity(self) -> dict[str, Any]:
+        """What a checkpoint must name to continue this run: its fine-tune id and parameters (as JSON)."""
+        return {"finetune_id": self.fid, "params": json.loads(canonical_json(self.cfg.params()))}
+
     def resume(self) -> int:
-        state_file = self.ckpt / T.CKPT_STATE
-        if not state_file.is_file():
+        """The epoch to start from: the checkpoint's if it belongs to this run and loads, else 0.
+
+        A damaged or foreign checkpoint is lost progress, not an error: one warning, a fresh start.
+        """
+        if not (self.ckpt.exists() or self.ckpt.is_symlink()):
             return 0
-        self.state = json.loads(state_file.read_text())
-        self.model.load_weights(str(self.ckpt / T.CKPT_WEIGHTS))
+        state_file = self.ckpt / T.CKPT_STATE
+        if not (state_file.exists() or state_file.is_symlink()):
+            return self.discard_checkpoint(None)  # killed before its first state: nothing to resume
+        try:
+            state = json.loads(state_file.read_text(encoding="utf-8")) if state_file.is_file() else None
+        except (OSError, ValueError) as exc:
+            return self.discard_checkpoint(f"cannot read {state_file}: {exc}")
+        why = T.checkpoint_problem(state, self.identity(), self.cfg.total_epochs)
+        if why:
+            return self.discard_checkpoint(f"{state_file}: {why}")
+        before = self.model.get_weights()
+        try:
+            _load_exactly(self.model, self.ckpt / T.CKPT_WEIGHTS)
+        except Exception as exc:  # truncated, not HDF5, another model's layers: h5py and Keras raise many types
+            self.model.set_weights(before)  # a load that failed half way leaves no mixed weights
+            return self.discard_checkpoint(f"cannot load {self.ckpt / T.CKPT_WEIGHTS} into this model: "
+                                           f"{type(exc).__name__}: {str(exc)[:200]}")
+        self.state = state
+        self.check_best()
         self.skipped.paths.update(self.state["skipped"])
         log.info("resuming from the checkpoint after epoch %d of %d", self.state["epoch"], self.cfg.total_epochs)
         return int(self.state["epoch"])
+
+    def discard_checkpoint(self, why: str | None) -> int:
+        """Remove the checkpoint folder (never following a link) and start from epoch 0."""
+        if why:
+            log.warning("ignoring the fine-tune checkpoint (%s): starting from epoch 0", why)
+        remove_tree(self.ckpt, self.root)
+        return 0
+
+    def check_best(self) -> None:
+        """The best weights so far must be the ones the state recorded; otherwise tracking starts over."""
+        best, sha = self.ckpt / T.CKPT_BEST, self.state.get("best_sha256")
+        if self.state["best_val_loss"] is None and not best.exists():
+            return
+        if best.is_file() and sha == file_sha256(best):
+            return
+        log.warning("ignoring %s (missing, damaged or not the checkpoint's): the best epoch is tracked again "
+                    "from here", best)
+        remove_tree(best, self.root)
+        self.state.update(best_val_loss=None, bad_epochs=0, best_epoch=None, best_sha256=None, stopped=False)
 
     def checkpoint(self, epoch: int) -> None:
         """Weights first, then the state that points at them: a crash between the two repeats one epoch."""
@@ -119,8 +166,8 @@ class Session:
             return False
         best = self.state["best_val_loss"]
         if best is None or logs["val_loss"] < best:
-            self.state.update(best_val_loss=logs["val_loss"], bad_epochs=0, best_epoch=epoch + 1)
-            T.save_keras_atomic(self.model.save_weights, self.ckpt / T.CKPT_BEST)
+            sha = T.save_keras_atomic(self.model.save_weights, self.ckpt / T.CKPT_BEST)
+            self.state.update(best_val_loss=logs["val_loss"], bad_epochs=0, best_epoch=epoch + 1, best_sha256=sha)
             return False
         self.state["bad_epochs"] += 1
         return self.state["bad_epochs"] >= self.cfg.patience
@@ -153,6 +200,18 @@ class _Predicted:
         return self.labels
 
 
+def _load_exactly(model: keras.Model, path: Path) -> None:
+    """Load weights that must fit every layer: Keras only warns (once per layer, on stderr) about layers
+    the file lacks and leaves them as initialised, so such a warning is a mismatch here. The optimizer's
+    variables are not in a fresh model yet, so Keras skipping those is expected."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.load_weights(str(path))
+    other = [str(w.message) for w in caught if "for optimizer" not in str(w.message)]
+    if other:
+        raise ValueError(f"{len(other)} layers do not match (first: {other[0][:120]})")
+
+
 def _set_precision(precision: str) -> None:
     if precision == "auto":
         gpu = any("gpu" in d.lower() for d in keras.distribution.list_devices())
@@ -165,12 +224,12 @@ def train_and_write(ws: Workspace, cfg: T.FinetuneConfig, spec: BackboneSpec, si
     """Train epoch by epoch from the last checkpoint, then commit the artifacts, finetune.json last."""
     policy = keras.config.dtype_policy()
     try:
-        s = Session(ws, cfg, spec, size, rows, out)
+        s = Session(ws, cfg, spec, size, rows, out, fid)
         first = s.resume()
         train_epochs(s, first)
         s.enter_phase(cfg.total_epochs - 1)  # a fully resumed run still needs the unfrozen layer list
         if (s.ckpt / T.CKPT_BEST).is_file():
-            s.model.load_weights(str(s.ckpt / T.CKPT_BEST))
+            _load_exactly(s.model, s.ckpt / T.CKPT_BEST)  # its sha256 was checked on resume
         write_artifacts(s, cfg, base, fid, out, run_id, first)
     finally:
         keras.config.set_dtype_policy(policy)

@@ -8,18 +8,20 @@ import json
 import logging
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from imgfeat.backbones import get_backbone
 from imgfeat.backbones.weights import resolve_weights
 from imgfeat.core.errors import ConfigError, unknown_value
+from imgfeat.core.names import HEADS, check_ref
 from imgfeat.core.storage import WAIT_HINT, FileLock, write_bytes_atomic
 from imgfeat.core.workspace import Workspace, check_name
 from imgfeat.extract.decode import DecodeConfig
 from imgfeat.finetune.blocks import family_pattern
 from imgfeat.heads.data import canonical_json
+from imgfeat.heads.versions import resolve_head
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +45,7 @@ class FinetuneConfig:
     unfreeze_from: str | None = None  # a layer name; wins over unfreeze_blocks
     epochs: int = 3  # fine-tune epochs, after the warm-start epochs
     warmup_epochs: int = 1  # head only, backbone frozen: the warm start
-    warm_start_head: str | None = None  # a logreg head id on this recipe's frozen features: the head's start
+    warm_start_head: str | None = None  # a logreg head (ID, NAME or NAME@ID) on this recipe's frozen features
     learning_rate: float = 1e-4
     warmup_learning_rate: float = 1e-3
     batch_size: int = 16
@@ -64,7 +66,7 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         check_name("dataset", self.dataset)
         if self.warm_start_head is not None:
-            check_name("head", self.warm_start_head)
+            check_ref(HEADS, self.warm_start_head)
         if isinstance(self.augment, str) or not all(isinstance(a, str) for a in self.augment):
             raise ConfigError(f"augment must be a list of names, got {self.augment!r}")
         object.__setattr__(self, "augment", tuple(self.augment))  # a job file gives a list
@@ -151,6 +153,8 @@ def run_finetune(ws: Workspace, cfg: FinetuneConfig, run_id: str) -> FinetuneSum
     from imgfeat.finetune.data import read_rows
 
     t0 = time.perf_counter()
+    if cfg.warm_start_head is not None:  # the version, not the name, is part of the fine-tune's identity
+        cfg = replace(cfg, warm_start_head=resolve_head(ws, cfg.warm_start_head))
     spec = get_backbone(cfg.backbone)
     if cfg.unfreeze_from is None:
         family_pattern(spec)  # a family without named blocks fails here, before any work
@@ -185,6 +189,43 @@ def summary(ws: Workspace, fid: str, reused: bool, seconds: float) -> FinetuneSu
         n_test=meta["n_test"], seconds=round(seconds, 3),
         seconds_per_epoch=[] if reused else meta["seconds_per_epoch"],
     )
+
+
+def checkpoint_problem(state: object, identity: dict[str, Any], total_epochs: int) -> str | None:
+    """Pure: why a parsed checkpoint state cannot continue the run ``identity`` names (None: it can)."""
+    if not isinstance(state, dict):
+        return f"expected a JSON object, got {type(state).__name__}"
+    for key, want in identity.items():
+        if state.get(key) != want:
+            return f"it continues another run ({key} {state.get(key)!r:.80}, this run's {want!r:.80})"
+    epoch = state.get("epoch")
+    if not (_is_int(epoch) and 1 <= epoch <= total_epochs):
+        return f"epoch {epoch!r:.40} is not one of this run's epochs 1-{total_epochs}"
+    history, seconds = state.get("history"), state.get("seconds_per_epoch")
+    if not (isinstance(history, dict) and all(_numbers(v, epoch) for v in history.values())
+            and _numbers(seconds, epoch)):
+        return f"its history does not hold {epoch} epochs of numbers"
+    best, bad, best_epoch = state.get("best_val_loss"), state.get("bad_epochs"), state.get("best_epoch")
+    if not ((best is None or _is_number(best)) and _is_int(bad) and 0 <= bad <= epoch
+            and (best_epoch is None or (_is_int(best_epoch) and 1 <= best_epoch <= epoch))):
+        return "its best-epoch tracking is malformed"
+    skipped, warm = state.get("skipped"), state.get("warm_metrics")
+    if not (isinstance(skipped, list) and all(isinstance(p, str) for p in skipped)
+            and (warm is None or isinstance(warm, dict)) and isinstance(state.get("stopped", False), bool)):
+        return "its skipped images, warm-start metrics or stop flag are malformed"
+    return None
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _numbers(values: object, n: int) -> bool:
+    return isinstance(values, list) and len(values) == n and all(map(_is_number, values))
 
 
 def save_keras_atomic(save, final: Path) -> str:

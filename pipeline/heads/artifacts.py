@@ -41,8 +41,10 @@ SKOPS_TRUSTED = (
     "sklearn.calibration._SigmoidCalibration",
 )
 
-# head.json keys every reader relies on.
+# head.json keys every reader relies on (strings), and the types of those that older heads lack.
 HEAD_KEYS = ("head_id", "featureset", "model_file", "model_format", "model_sha256")
+HEAD_OPTIONAL = {"name": str, "dataset": str, "head": str, "model_kind": str, "created_at": str, "classes": list,
+                 "metrics": dict}
 
 ROLE, ROWS_SCHEMA = S.ROLE, S.HEAD_ROWS_SCHEMA  # the schema lives in core/schemas.py; old names kept
 
@@ -64,8 +66,10 @@ class LoadedHead:
 
 
 def head_exists(ws: Workspace, head_id: str) -> bool:
-    """A head counts as done only once its head.json is committed."""
-    return (ws.head_dir(head_id) / HEAD_FILE).is_file()
+    """A head counts as done only once its head.json is committed (something else in its place is
+    a damaged head, which ``read_head_meta`` names)."""
+    path = ws.head_dir(head_id) / HEAD_FILE
+    return path.exists() or path.is_symlink()
 
 
 def read_head_meta(ws: Workspace, head_id: str) -> dict[str, Any]:
@@ -73,15 +77,39 @@ def read_head_meta(ws: Workspace, head_id: str) -> dict[str, Any]:
         done = [h for h in ws.list_names("heads") if head_exists(ws, h)]
         hint = "" if done else f"none under {ws.root / 'heads'}; run 'imgfeat train' first"
         raise unknown_value("head", head_id, done, hint=hint)
+    meta, damage = load_head_meta(ws, head_id)
+    if damage is not None:
+        raise damage
+    return meta
+
+
+def load_head_meta(ws: Workspace, head_id: str) -> tuple[dict[str, Any], ImgfeatError | None]:
+    """A committed head's head.json, or ({}, the error naming the file) when it is damaged."""
     path = ws.head_dir(head_id) / HEAD_FILE
+    if not path.is_file():  # a folder (or a FIFO, which would block the read) where the file belongs
+        return {}, _corrupt_head(ws, head_id, path, "not a regular file")
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise _corrupt_head(ws, head_id, path, exc) from None
-    missing = [k for k in HEAD_KEYS if not isinstance(meta, dict) or k not in meta]
+        return {}, _corrupt_head(ws, head_id, path, exc)
+    why = head_meta_problem(meta, head_id)
+    return (meta, None) if why is None else ({}, _corrupt_head(ws, head_id, path, why))
+
+
+def head_meta_problem(meta: object, head_id: str) -> str | None:
+    """Pure: what is wrong with a parsed head.json (None when every reader can rely on it)."""
+    if not isinstance(meta, dict):
+        return f"expected a JSON object, got {type(meta).__name__}"
+    missing = [k for k in HEAD_KEYS if k not in meta]
     if missing:
-        raise _corrupt_head(ws, head_id, path, f"missing {', '.join(missing)}")
-    return meta
+        return f"missing {', '.join(missing)}"
+    wrong = [k for k in HEAD_KEYS if not isinstance(meta[k], str)]
+    wrong += [k for k, kind in HEAD_OPTIONAL.items() if meta.get(k) is not None and not isinstance(meta[k], kind)]
+    if wrong:
+        return "wrong types: " + ", ".join(f"{k} {meta[k]!r:.40}" for k in wrong)
+    if meta["head_id"] != head_id:
+        return f"it describes head {meta['head_id']!r:.80}, not {head_id!r}"
+    return None
 
 
 def _corrupt_head(ws: Workspace, head_id: str, path: Path, why: object) -> ImgfeatError:

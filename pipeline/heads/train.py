@@ -130,6 +130,7 @@ def run_train(ws: Workspace, cfg: TrainConfig, run_id: str) -> "TrainSummary":
     """Train (or reuse) the head and make it the latest of its name."""
     t0 = time.perf_counter()
     cfg = replace(cfg, featureset=resolve_featureset(ws, cfg.featureset))
+    N.read_index(ws, N.HEADS)  # a damaged name index stops the run here, not after the training
     info = featureset_info(ws, cfg.featureset)
     rows = read_labelled(ws, cfg.dataset, cfg.featureset, cfg.test_fraction, cfg.random_state)
     head_id = make_head_id(cfg, rows)

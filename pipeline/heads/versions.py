@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from imgfeat.core import names as N
@@ -16,31 +15,27 @@ def default_head_name(dataset: str, kind: str) -> str:
 
 
 def committed_heads(ws: Workspace) -> dict[str, dict[str, Any]]:
-    """head_id -> head.json of every committed head (a damaged head.json counts as a head with no
-    facts: using that head then fails with a message naming the file)."""
-    out = {}
-    for h in ws.list_names("heads"):
-        if A.head_exists(ws, h):
-            try:
-                meta = json.loads((ws.head_dir(h) / A.HEAD_FILE).read_text())
-            except (OSError, ValueError):
-                meta = {}
-            out[h] = meta if isinstance(meta, dict) else {}
-    return out
+    """head_id -> head.json of every committed head; a damaged head.json counts as a head with no
+    facts ({}): a name still resolves to it, and using it fails with ``A.read_head_meta``'s message
+    naming the file (never silently the version before)."""
+    return {h: A.load_head_meta(ws, h)[0] for h in ws.list_names("heads") if A.head_exists(ws, h)}
 
 
-def head_index(ws: Workspace, heads: dict[str, dict[str, Any]] | None = None) -> N.Versions:
-    """The names index, plus heads trained before names existed under their default name.
+def head_index(ws: Workspace, heads: dict[str, dict[str, Any]] | None = None,
+               named: N.Versions | None = None) -> N.Versions:
+    """The names index (``named``, default ``names/heads.json``), plus heads trained before names
+    existed under their default name.
 
     Those come first (oldest first by created_at), so a head recorded in the index stays latest.
     """
     heads = committed_heads(ws) if heads is None else heads
-    index = {n: [e for e in es if e[N.ID] in heads] for n, es in N.read_index(ws, N.HEADS).items()}
-    named = {e[N.ID] for es in index.values() for e in es}
-    legacy = sorted((m.get("created_at", ""), h) for h, m in heads.items() if h not in named)
+    named = N.read_index(ws, N.HEADS) if named is None else named
+    index = {n: [e for e in es if e[N.ID] in heads] for n, es in named.items()}
+    named_ids = {e[N.ID] for es in index.values() for e in es}
+    legacy = sorted((m.get("created_at") or "", h) for h, m in heads.items() if h not in named_ids)
     for created, h in reversed(legacy):
         m = heads[h]
-        known = "dataset" in m and "head" in m
+        known = m.get("dataset") and m.get("head")
         name = m.get("name") or (default_head_name(m["dataset"], m["head"]) if known else h)
         index.setdefault(name, [])[:0] = [{N.ID: h, N.RECORDED_AT: created}]
     return {n: es for n, es in index.items() if es}

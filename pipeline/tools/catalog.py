@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from imgfeat.core import names as N
 from imgfeat.core import schemas as S
-from imgfeat.core.errors import ConfigError
+from imgfeat.core.errors import ConfigError, ImgfeatError
 from imgfeat.core.storage import FileLock, column_values, linked_folder, remove_file, remove_tree
 from imgfeat.core.workspace import Workspace
-from imgfeat.heads.artifacts import HEAD_FILE
+from imgfeat.heads.artifacts import HEAD_FILE, read_head_meta
 from imgfeat.heads.versions import committed_heads, featureset_index, head_index, names_of
 
 log = logging.getLogger(__name__)
@@ -63,15 +63,23 @@ class Catalog:
     featuresets: list[FeaturesetEntry]
     heads: list[HeadEntry]
     indexes: list[dict[str, Any]] = field(default_factory=list)
+    damaged: list[str] = field(default_factory=list)  # one line per unreadable file, naming it; listed without it
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def list_workspace(ws: Workspace) -> Catalog:
-    """Datasets, featuresets and heads (and nearest-neighbour indexes, once they exist)."""
+    """Datasets, featuresets and heads (and nearest-neighbour indexes, once they exist).
+
+    A damaged file leaves out only what it describes (a manifest its dataset, a head.json its head,
+    a name index the names) and adds a line naming it to ``damaged``: the rest is still listed.
+    """
+    damaged: list[str] = []
     manifests = _manifest_ids(ws)
-    return Catalog(str(ws.root), _datasets(ws), _featuresets(ws, manifests), _heads(ws), list_indexes(ws))
+    datasets, featuresets = _datasets(ws, damaged), _featuresets(ws, manifests, damaged)
+    heads, indexes = _heads(ws, damaged), _or_none(list_indexes, ws, damaged) or []
+    return Catalog(str(ws.root), datasets, featuresets, heads, indexes, list(dict.fromkeys(damaged)))
 
 
 def list_indexes(ws: Workspace) -> list[dict[str, Any]]:
@@ -93,54 +101,84 @@ def _strict_indexes(ws: Workspace) -> list:
 
 
 def _manifest_ids(ws: Workspace) -> dict[str, set[str]]:
-    return {d: set(column_values([ws.manifest_path(d)], S.IMAGE_ID)) for d in ws.list_names("datasets")
-            if ws.manifest_path(d).is_file()}
+    out = {}
+    for d in ws.list_names("datasets"):
+        if ws.manifest_path(d).is_file():
+            with contextlib.suppress(ImgfeatError):  # _datasets names a damaged manifest
+                out[d] = set(column_values([ws.manifest_path(d)], S.IMAGE_ID))
+    return out
 
 
-def _datasets(ws: Workspace) -> list[DatasetEntry]:
+def _datasets(ws: Workspace, damaged: list[str]) -> list[DatasetEntry]:
     from imgfeat.scan.manifest import manifest_info, read_manifest
 
     out = []
     for d in ws.list_names("datasets"):
         if not ws.manifest_path(d).is_file():
             continue
-        t = read_manifest(ws, d, columns=[S.LABEL, S.STATUS]).to_pandas()
+        try:
+            t = read_manifest(ws, d, columns=[S.LABEL, S.STATUS]).to_pandas()
+            created = manifest_info(ws, d).get("created_at")
+        except ImgfeatError as exc:
+            damaged.append(str(exc))
+            continue
         out.append(DatasetEntry(d, len(t), int((t[S.STATUS] == S.STATUS_OK).sum()),
-                                int(t[S.LABEL].dropna().nunique()), manifest_info(ws, d).get("created_at")))
+                                int(t[S.LABEL].dropna().nunique()), created if isinstance(created, str) else None))
     return sorted(out, key=lambda e: e.created or "", reverse=True)
 
 
-def _featuresets(ws: Workspace, manifests: dict[str, set[str]]) -> list[FeaturesetEntry]:
+def _featuresets(ws: Workspace, manifests: dict[str, set[str]], damaged: list[str]) -> list[FeaturesetEntry]:
+    index = _or_none(featureset_index, ws, damaged) or {}
+    out = [e for fs in ws.list_names("features") if (e := _featureset(ws, fs, index, manifests, damaged))]
+    return sorted(out, key=lambda e: e.created or "", reverse=True)
+
+
+def _featureset(ws: Workspace, fs: str, index: N.Versions, manifests: dict[str, set[str]],
+                damaged: list[str]) -> FeaturesetEntry | None:
     from imgfeat.extract.featureset import committed_ids, errored_ids, featureset_info
 
-    index = featureset_index(ws)
-    latest = N.latest(index)
-    out = []
-    for fs in ws.list_names("features"):
-        try:
-            info = featureset_info(ws, fs)
-        except ConfigError:
-            continue  # a folder without provenance is not a featureset (yet)
-        ids = committed_ids(ws, fs)
-        covered = {d: len(ids & m) for d, m in manifests.items() if ids & m}
-        out.append(FeaturesetEntry(fs, names_of(index, fs), sorted(n for n, v in latest.items() if v == fs),
-                                   info.get("backbone"), len(ids), len(errored_ids(ws, fs)), covered,
-                                   info.get("created_at")))
-    return sorted(out, key=lambda e: e.created or "", reverse=True)
+    try:
+        info = featureset_info(ws, fs)
+        ids, errors = committed_ids(ws, fs), len(errored_ids(ws, fs))
+    except ConfigError:
+        return None  # a folder without provenance is not a featureset (yet)
+    except ImgfeatError as exc:
+        damaged.append(str(exc))
+        return None
+    covered = {d: len(ids & m) for d, m in manifests.items() if ids & m}
+    latest = sorted(n for n, v in N.latest(index).items() if v == fs)
+    backbone, created = info.get("backbone"), info.get("created_at")
+    return FeaturesetEntry(fs, names_of(index, fs), latest, backbone if isinstance(backbone, str) else None,
+                           len(ids), errors, covered, created if isinstance(created, str) else None)
 
 
-def _heads(ws: Workspace) -> list[HeadEntry]:
+def _heads(ws: Workspace, damaged: list[str]) -> list[HeadEntry]:
     heads = committed_heads(ws)
-    index = head_index(ws, heads)
+    named = _or_none(N.read_index, ws, damaged, N.HEADS)
+    index = head_index(ws, heads, named=named if named is not None else {})  # heads.json damaged: head.json names
     latest = set(N.latest(index).values())
     out = []
     for name, entries in index.items():
         for e in entries:
             m = heads[e[N.ID]]
-            out.append(HeadEntry(e[N.ID], name, m["head"], m["model_kind"], m["dataset"], m["featureset"],
-                                 (m.get("metrics") or {}).get("test_accuracy"), m.get("created_at"),
+            if not m:
+                _or_none(read_head_meta, ws, damaged, e[N.ID])  # says what is wrong with it
+                continue
+            accuracy = (m.get("metrics") or {}).get("test_accuracy")
+            out.append(HeadEntry(e[N.ID], name, m.get("head") or "-", m.get("model_kind") or "-",
+                                 m.get("dataset") or "-", m["featureset"],
+                                 accuracy if isinstance(accuracy, (int, float)) else None, m.get("created_at"),
                                  e[N.ID] in latest))
     return sorted(out, key=lambda e: (e.name, e.created or ""), reverse=False)
+
+
+def _or_none(read: Callable[..., Any], ws: Workspace, damaged: list[str], *args: Any) -> Any:
+    """``read(ws, *args)``, or None with its error's line added to ``damaged``."""
+    try:
+        return read(ws, *args)
+    except ImgfeatError as exc:
+        damaged.append(str(exc))
+        return None
 
 
 # --- prune ---
@@ -168,6 +206,9 @@ def plan_prune(ws: Workspace) -> PrunePlan:
     heads = committed_heads(ws)
     keep_heads = set(N.latest(head_index(ws, heads)).values())
     drop_heads = sorted(set(heads) - keep_heads)
+    for h in sorted(keep_heads):
+        if not heads[h]:  # damaged: which featureset it needs is unknown, so nothing is pruned
+            read_head_meta(ws, h)
     used = {heads[h]["featureset"] for h in keep_heads} | set(N.latest(featureset_index(ws)).values())
     used |= {i.featureset for i in _strict_indexes(ws)}  # a damaged one stops prune: its featureset is unknown
     all_fs = ws.list_names("features")
@@ -191,7 +232,8 @@ def run_prune(ws: Workspace, yes: bool = False) -> PrunePlan:
         plan = plan_prune(ws)  # again, under the locks: nothing changes while we delete
         # Deletion never follows a link out of the workspace: a linked folder goes itself.
         for h in plan.heads:
-            remove_file(ws.head_dir(h) / HEAD_FILE, ws.root)  # first: a head without head.json does not exist
+            remove_tree(ws.head_dir(h) / HEAD_FILE, ws.root)  # first: a head without head.json does not exist (a damaged
+            # one, even a folder, goes too)
         for f in plan.featuresets:  # likewise a featureset without its provenance
             remove_file(ws.featureset_provenance(f), ws.root)
         for folder in plan.folders:

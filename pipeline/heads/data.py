@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-from sklearn.model_selection import train_test_split
 
 from imgfeat.core import schemas as S
 from imgfeat.core.hashing import canonical_json  # noqa: F401  (heads.train imports it from here)
@@ -174,6 +173,8 @@ def _hold_out(rows: pd.DataFrame, fraction: float, random_state: int, dataset: s
             f"dataset {dataset!r} is too small to hold out --test-fraction {fraction:g}: {len(rows)} "
             f"labelled images in {n_classes} classes; add images, or give it a train/test split"
         )
+    from sklearn.model_selection import train_test_split  # only datasets without a split pay for it
+
     train, test = train_test_split(rows, test_size=n_test, stratify=rows[S.LABEL], random_state=random_state)
     return train.sort_values(S.IMAGE_ID), test.sort_values(S.IMAGE_ID)
 

@@ -108,7 +108,8 @@ def test_unusable_label_sets_are_config_errors_that_say_why(rows, words):
 
 
 def test_fit_head_cross_validates_and_refits_on_every_row():
-    from imgfeat.heads.train import TrainConfig, fit_head
+    from imgfeat.heads.fit import fit_head
+    from imgfeat.heads.train import TrainConfig
 
     X, y = blobs()
     fitted = fit_head(TrainConfig(dataset="d", featureset="f", cv=3, n_jobs=1), X, y)
@@ -117,8 +118,70 @@ def test_fit_head_cross_validates_and_refits_on_every_row():
     assert list(fitted.estimator.predict(X)) == list(y)
 
 
+def _blob_split(separation: float, per_class: int = 60):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from synthetic import BlobSpec, blob_features
+
+    y, X, split = blob_features(BlobSpec(per_class=per_class, dim=64, separation=separation, dtype="float32", seed=1))
+    y, train = np.asarray(y, dtype=object), split == "train"
+    return X[train], y[train], X[~train], y[~train]
+
+
+def _confidence_when_right(estimator, X, y) -> float:
+    proba = estimator.predict_proba(X)
+    right = estimator.classes_[proba.argmax(axis=1)] == y
+    return float(proba.max(axis=1)[right].mean())
+
+
+def test_logreg_chooses_c_by_log_loss_so_right_answers_are_confident():
+    """Accuracy is flat over C on separable classes; the old tie-break took C = 1e-4 and squeezed
+    every probability towards uniform (0.34 for 3 classes here). Log-loss does not tie."""
+    from imgfeat.heads.fit import fit_head
+    from imgfeat.heads.train import TrainConfig
+
+    X, y, X_test, y_test = _blob_split(separation=4.0)
+    fitted = fit_head(TrainConfig(dataset="d", featureset="f", cv=3, n_jobs=1), X, y)
+    grid = fitted.cv["logreg"]["grid"]
+    assert fitted.chosen["C"] > min(float(c) for c in grid) and fitted.cv["logreg"]["chosen_by"] == "log_loss"
+    assert all({"accuracy", "log_loss"} <= set(v) for v in grid.values())
+    smallest = fit_head(TrainConfig(dataset="d", featureset="f", cv=3, n_jobs=1, c_grid=(1e-4,)), X, y)
+    old, new = (_confidence_when_right(f.estimator, X_test, y_test) for f in (smallest, fitted))
+    assert old < 0.45 and new > 0.75, (old, new)
+    assert (fitted.estimator.predict(X_test) == y_test).mean() >= 0.8
+
+
+def test_the_c_grid_grows_past_the_edge_its_best_value_sits_on_a_bounded_number_of_times():
+    from imgfeat.heads import fit
+    from imgfeat.heads.estimators import LOGREG_C_GRID
+    from imgfeat.heads.train import TrainConfig
+
+    assert fit.extend_grid([1.0, 10.0], 10.0) == [1.0, 10.0, 100.0]
+    assert fit.extend_grid([1.0, 10.0], 1.0) == [0.1, 1.0, 10.0]
+    assert fit.extend_grid([1.0, 10.0, 100.0], 10.0) is None and fit.extend_grid([1.0], 1.0) is None
+    # Far apart classes: log-loss keeps falling past C = 10, the top of the default grid.
+    X, y, _, _ = _blob_split(separation=8.0, per_class=40)
+    fitted = fit.fit_head(TrainConfig(dataset="d", featureset="f", cv=3, n_jobs=1), X, y)
+    searched = sorted(float(c) for c in fitted.cv["logreg"]["grid"])
+    assert max(searched) > max(LOGREG_C_GRID)
+    assert len(searched) <= len(LOGREG_C_GRID) + fit.MAX_GRID_EXTENSIONS
+    # A grid the user gave is searched as given.
+    mine = fit.fit_head(TrainConfig(dataset="d", featureset="f", cv=3, n_jobs=1, c_grid=(0.01, 0.1)), X, y)
+    assert sorted(mine.cv["logreg"]["grid"]) == ["0.01", "0.1"]
+
+
+def test_choose_c_takes_the_most_regularised_c_within_one_standard_error():
+    from imgfeat.heads.fit import choose_c
+
+    tried = {0.1: {"log_loss": 0.30, "log_loss_se": 0.01}, 1.0: {"log_loss": 0.205, "log_loss_se": 0.01},
+             10.0: {"log_loss": 0.20, "log_loss_se": 0.01}, 100.0: {"log_loss": 0.21, "log_loss_se": 0.01}}
+    assert choose_c(tried) == 1.0
+
+
 def test_evaluate_reports_accuracy_per_class_and_confusion():
-    from imgfeat.heads.train import evaluate
+    from imgfeat.heads.fit import evaluate
 
     class Fixed:
         def predict(self, X):
@@ -132,7 +195,7 @@ def test_evaluate_reports_accuracy_per_class_and_confusion():
 
 
 def test_evaluate_without_rows_says_why_there_is_no_accuracy():
-    from imgfeat.heads.train import evaluate
+    from imgfeat.heads.fit import evaluate
 
     m = evaluate(None, np.zeros((0, 2)), np.array([], dtype=object), ["a", "b"])
     assert m["test_accuracy"] is None and m["n_test"] == 0 and "no evaluation rows" in m["note"]

@@ -76,6 +76,7 @@ def two_versions(ws):
 
 def test_a_name_resolves_to_its_latest_version_everywhere(ws, two_versions):
     old, new = two_versions
+    assert old.startswith("nightly-") and new.startswith("nightly-")  # the name leads its versions' ids
     assert resolve_head(ws, "nightly") == new
     assert resolve_head(ws, f"nightly@{old.rsplit('-', 1)[1]}") == old
     assert resolve_featureset(ws, "lite0") == "fs2" and resolve_featureset(ws, "lite0@fs1") == "fs1"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -14,11 +15,31 @@ from sklearn.base import BaseEstimator, TransformerMixin
 
 from imgfeat.core import names as N
 from imgfeat.core import schemas as S
-from imgfeat.core.logs import ensure_notebook_logging
+from imgfeat.core.logs import ensure_notebook_logging, quiet_framework_start, quiet_native_logs
 from imgfeat.core.runs import new_run_id
 from imgfeat.core.workspace import Workspace
 
 log = logging.getLogger(__name__)
+
+# As the command does: TensorFlow's C++ lines (absl, oneDNN, cudart, cpu_feature_guard, "failed
+# call to cuInit") are not for people calling a function. The variables TensorFlow reads when it is
+# imported (a value the user set wins), and each call that may import it goes through _quiet,
+# unless the user set TF_CPP_MIN_LOG_LEVEL: then TensorFlow's lines are theirs to see.
+_USER_TF_LEVEL = os.environ.get("TF_CPP_MIN_LOG_LEVEL")
+quiet_native_logs()
+
+
+def _quiet(fn):
+    """An API call during which a first Keras/TensorFlow import logs its native lines at debug."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if _USER_TF_LEVEL is not None:
+            return fn(*args, **kwargs)
+        with quiet_framework_start():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 WorkspaceLike = Workspace | str | os.PathLike | None
 
@@ -68,6 +89,7 @@ def scan(root: str | os.PathLike, dataset: str, *, workspace: WorkspaceLike = No
     return ScanResult(dataset, str(ws.manifest_path(dataset)), out)
 
 
+@_quiet
 def extract(dataset: str, backbone: str = "efficientnet_lite0", *, name: str | None = None,
             workspace: WorkspaceLike = None, **options: Any) -> ExtractResult:
     """``imgfeat extract``: features of a dataset's new images; ``name`` records a recipe name for it."""
@@ -80,6 +102,7 @@ def extract(dataset: str, backbone: str = "efficientnet_lite0", *, name: str | N
     return ExtractResult(out["featureset"], out, ws)
 
 
+@_quiet
 def train(dataset: str, featureset: str, head: str = "logreg", *, name: str | None = None,
           workspace: WorkspaceLike = None, **options: Any):
     """``imgfeat train``: a head on a featureset (full or recipe name); returns a ``TrainSummary``."""
@@ -89,6 +112,7 @@ def train(dataset: str, featureset: str, head: str = "logreg", *, name: str | No
     return run_train(_ws(workspace), cfg, new_run_id())
 
 
+@_quiet
 def predict(head: str, dataset: str | None = None, paths: tuple[str, ...] | list[str] = (), *,
             workspace: WorkspaceLike = None, **options: Any):
     """``imgfeat predict``: a head (name, NAME@ID or id) on a dataset or on files/folders/globs."""
@@ -98,6 +122,7 @@ def predict(head: str, dataset: str | None = None, paths: tuple[str, ...] | list
     return run_predict(_ws(workspace), cfg, new_run_id())
 
 
+@_quiet
 def report(head: str, *, workspace: WorkspaceLike = None, **options: Any) -> dict[str, Any]:
     """``imgfeat report``: the head's self-contained HTML page; returns its path and counts."""
     from imgfeat.heads.report import ReportConfig, run_report
@@ -175,6 +200,7 @@ class FeatureTransformer(TransformerMixin, BaseEstimator):
         self.featureset_ = Featureset(self.featureset, self.workspace).name
         return self
 
+    @_quiet
     def transform(self, X: Any) -> np.ndarray:
         """Paths (a list, array, Series, or a DataFrame with ``path_column``) -> float32 matrix."""
         from imgfeat.extract.extract import extract_files

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +62,27 @@ def test_readme_example_runs_and_its_results_agree(example, monkeypatch):
     assert ns["head"].name == "photos-logreg" and ns["head"].featureset == ns["fs"].featureset
     assert ns["preds"].files == 12 and ns["preds"].errors == 0
     assert ns["model"].score(ns["paths"], ns["labels"]) >= 0.75
+
+
+FOREIGN = re.compile(r"^[IWEF]\d{4} |absl::InitializeLog|oneDNN|cudart|cpu_feature_guard|cuInit|"
+                     r"To enable the following instructions")
+OUR_LINE = re.compile(r"^\d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR) ")
+
+
+def test_the_api_writes_only_its_own_lines_to_stderr(example, tmp_path):
+    """The README example in a fresh process: TensorFlow's nine start-up lines (absl, oneDNN,
+    cudart, cpu_feature_guard, cuInit) stay out of stderr, as they do for the command; a user who
+    sets TF_CPP_MIN_LOG_LEVEL gets what that asks for."""
+    base, _ = example
+    shutil.copytree(base / "photos", tmp_path / "photos")
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "IMGFEAT_PROGRESS")}
+    proc = subprocess.run([sys.executable, "-c", readme_api_example()], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert [ln for ln in lines if FOREIGN.search(ln)] == []
+    assert [ln for ln in lines if not OUR_LINE.match(ln)] == [], lines
+    assert any("building efficientnet_lite0" in ln for ln in lines)  # our own lines still show
 
 
 def test_transformer_rows_match_the_featureset_and_bad_files_are_nan(example, tmp_path):

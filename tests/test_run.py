@@ -155,6 +155,12 @@ def test_dry_run_does_nothing(ws, job, capsys):
     assert plan["scan"]["photos"]["new"] == 36
     assert not ws.manifest_path("photos").exists()
     assert not (ws.root / "features").exists()
+    # Without --json: a line per stage for people (it was a 56-line JSON document).
+    assert main(["run", str(job), "--dry-run"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert not any(ln.lstrip().startswith(("{", "}", '"')) for ln in lines) and len(lines) <= 6
+    assert [ln.split()[0] for ln in lines[1:]] == ["scan", "extract", "train"]
+    assert "36 new" in lines[1] and "photos-logreg" in lines[3]
 
 
 def test_too_many_bad_images_exit_3_after_writing_everything(ws, job, capsys):

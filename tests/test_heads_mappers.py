@@ -77,6 +77,19 @@ def test_rows_without_features_are_left_out():
     assert rows.left_out["missing_features"] == 1 and base[0][0] not in set(rows.train_ids) | set(rows.test_ids)
 
 
+def test_missing_features_are_the_cause_named_first_not_the_dataset():
+    """A half-extracted dataset used to fail with "class 'dog' has 1 image(s) ...: add images"."""
+    base = split_rows()
+    dogs_but_one = [r[0] for r in base if r[2] == "cat"] + [base[-1][0]]
+    with pytest.raises(ConfigError) as err:
+        labelled(base, features=dogs_but_one)
+    text = str(err.value)
+    assert text.startswith("3 of the 8 labelled images of dataset 'd' have no features")
+    assert "imgfeat extract --dataset d" in text and "class 'dog'" in text  # the consequence comes after
+    with pytest.raises(ConfigError, match=r"^8 of the 8 labelled images of dataset 'd' have no features"):
+        labelled(base, features=[])
+
+
 def test_without_splits_a_fraction_is_held_out_stratified_and_seeded():
     rows = [(f"{c}{i:031d}", f"{lab}/{i}.jpg", lab, None, S.STATUS_OK)
             for c, lab in enumerate(("cat", "dog")) for i in range(10)]

@@ -93,7 +93,7 @@ def test_transformer_rows_match_the_featureset_and_bad_files_are_nan(example, tm
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not an image")
     paths = [str(base / p) for p in ns["paths"][:3]] + [str(bad)]
-    t = imgfeat.FeatureTransformer("lite0", workspace=str(base / "data"))
+    t = imgfeat.FeatureTransformer("lite0", workspace=str(base / "data"), on_error="nan")
     got = t.fit_transform(paths)
     assert got.shape == (4, 1280) and np.isnan(got[3]).all() and not np.isnan(got[:3]).any()
     _, want = fs.to_numpy([r for r in _ids(paths[:3])])
@@ -101,6 +101,26 @@ def test_transformer_rows_match_the_featureset_and_bad_files_are_nan(example, tm
     batch = t({"path": np.array(paths[:2])})  # what Ray Data's map_batches hands a function
     np.testing.assert_array_equal(batch["feature"], got[:2])
     assert list(batch["path"]) == paths[:2]
+
+
+def test_transformer_raises_or_drops_instead_of_handing_nan_to_scikit_learn(example, tmp_path):
+    base, ns = example
+    import imgfeat
+    from imgfeat.core.errors import ConfigError, ImgfeatError
+
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    paths = [str(base / p) for p in ns["paths"][:3]] + [str(bad)]
+    ws = str(base / "data")
+    with pytest.raises(ImgfeatError, match=r"1 of 4 images have no features: .*bad\.jpg \(not_an_image\)"):
+        imgfeat.FeatureTransformer("lite0", workspace=ws).fit_transform(paths)  # the default: raise
+    drop = imgfeat.FeatureTransformer("lite0", workspace=ws, on_error="drop")
+    kept = drop.fit_transform(paths)
+    assert kept.shape == (3, 1280) and not np.isnan(kept).any()
+    batch = drop({"path": np.array(paths), "label": np.array(["a", "b", "c", "d"])})
+    assert list(batch["label"]) == ["a", "b", "c"] and batch["feature"].shape == (3, 1280)
+    with pytest.raises(ConfigError, match="on_error"):
+        imgfeat.FeatureTransformer("lite0", workspace=ws, on_error="skip").fit(paths)
 
 
 def _ids(paths: list[str]) -> list[str]:

@@ -90,6 +90,34 @@ def test_missing_features_are_the_cause_named_first_not_the_dataset():
         labelled(base, features=[])
 
 
+def test_a_lasting_warning_is_said_once_per_run_not_at_every_read(ws, caplog):
+    """Each stage of a run reads the featureset's shards and the manifest's images again: a stray
+    shard or a label conflict was warned about six times in one run."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from synthetic import fake_image_id, write_featureset
+
+    from imgfeat.extract.featureset import feature_shards
+    from imgfeat.heads.data import unique_images
+
+    X = np.ones((2, 4), dtype=np.float32)
+    write_featureset(ws, "fa", [fake_image_id("a", k) for k in range(2)], X)
+    write_featureset(ws, "fb", [fake_image_id("b", k) for k in range(2)], X)
+    stray = next(ws.featureset_dir("fb").glob("part-*.parquet"))
+    shutil.copy(stray, ws.featureset_dir("fa") / stray.name.replace("part-", "part-zz"))
+    conflict = manifest([("a" * 32, "x/1.jpg", "cat", None, S.STATUS_OK), ("a" * 32, "y/1.jpg", "dog", None, S.STATUS_OK)])
+    with caplog.at_level("WARNING"):
+        for _ in range(6):
+            assert len(feature_shards(ws, "fa")) == 1
+            unique_images(conflict)
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("do not carry its provenance" in m for m in said) == 1
+    assert sum("appear under several labels" in m for m in said) == 1
+
+
 def test_without_splits_a_fraction_is_held_out_stratified_and_seeded():
     rows = [(f"{c}{i:031d}", f"{lab}/{i}.jpg", lab, None, S.STATUS_OK)
             for c, lab in enumerate(("cat", "dog")) for i in range(10)]

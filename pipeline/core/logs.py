@@ -186,3 +186,18 @@ def native_stderr_to_debug() -> Iterator[None]:
             for line in tmp.read().decode("utf-8", "replace").splitlines():
                 if line.strip():
                     log.log(logging.ERROR if _fatal(line) else logging.DEBUG, "%s", line.rstrip())
+
+
+_SAID: set[tuple[str, str]] = set()  # (logger, message) already warned in this process
+
+
+def warn_once(log: logging.Logger, msg: str, *args: Any) -> None:
+    """A warning about a lasting state (a stray file, a flag), said once per process, not at every read.
+
+    Readers run many times in one run (plan, extract, train, predict, report, error rate each
+    list a featureset's shards): the same warning six times buries the rest of the log.
+    """
+    key = (log.name, msg % args if args else msg)
+    if key not in _SAID:
+        _SAID.add(key)
+        log.warning(msg, *args)

@@ -15,6 +15,7 @@ import pyarrow as pa
 from imgfeat.core import schemas as S
 from imgfeat.core.hashing import canonical_json  # noqa: F401  (heads.train imports it from here)
 from imgfeat.core.errors import ConfigError
+from imgfeat.core.logs import warn_once
 from imgfeat.extract.featureset import committed_ids
 from imgfeat.scan.manifest import read_manifest
 from imgfeat.core.workspace import Workspace
@@ -83,8 +84,8 @@ def unique_images(manifest: pa.Table) -> tuple[pd.DataFrame, dict[str, int], pd.
     files = left_out_files(ok, first, conflicting)
     if conflicting:
         shown = files[files[S.REASON] == S.REASON_CONFLICT]
-        log.warning("%d images appear under several labels; the first path's label is used: %s",
-                    len(conflicting), _listing(shown))
+        warn_once(log, "%d images appear under several labels; the first path's label is used: %s",
+                  len(conflicting), _listing(shown))
     return first.reset_index(drop=True), counts, files
 
 

@@ -447,10 +447,16 @@ def _committing(sink: ShardSink) -> Iterator[None]:
 def _run_executor(ex: Executor, job: ExtractJob, items: Iterable[Item], total: int, sink: ShardSink,
                   stats: LoopStats) -> None:
     t0 = time.perf_counter()
-    with progress(total=total, desc=f"extract ({ex.name})" if ex.name != "local" else "extract") as bar:
+    bar = None  # made at the first batch: the model's build log comes first, not a bar stuck at 0%
+    try:
         for report in ex.run(job, items, sink):
+            if bar is None:
+                bar = progress(total=total, desc=f"extract ({ex.name})" if ex.name != "local" else "extract")
             stats.add(report)
             bar.update(report.extracted + len(report.errors))
+    finally:
+        if bar is not None:
+            bar.close()
     stats.loop_seconds = max(0.0, time.perf_counter() - t0 - stats.build_seconds)
 
 

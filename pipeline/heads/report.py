@@ -144,7 +144,8 @@ def _write_report(ws: Workspace, cfg: ReportConfig, head: LoadedHead, head_id: s
         (folder / stale).unlink(missing_ok=True)
     log.info("report for %s (%s): %s", name, head_id, index)
     return {"head_id": head_id, "name": name, "report": str(index), "plots": sorted(plots_png),
-            "mistakes_shown": len(mistakes), "seconds": round(time.perf_counter() - t0, 3), "run_id": run_id}
+            "mistakes_shown": len(mistakes), "reused": False, "seconds": round(time.perf_counter() - t0, 3),
+            "run_id": run_id}
 
 
 def head_name(head: LoadedHead, ref: str) -> str:

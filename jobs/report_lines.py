@@ -63,8 +63,10 @@ def print_plan(plan: dict) -> None:
             print(f"extract  {key:<24} {s['todo']} to extract, {s['done']} done "
                   f"(+{s.get('new_or_changed_files', 0)} new or changed files) -> {s['featureset']}")
     for name, s in plan["heads"].items():
-        then = ", ".join([f"predict {', '.join(s['predict'])}" if s["predict"] else "", "report" if s["report"] else ""])
-        print(f"train    {name:<24} {s['features']} on {s['dataset']}, then {then.strip(', ') or 'nothing'}; "
+        then = [f"predict {', '.join(s['predict'])}"] if s["predict"] else []
+        then += ["report"] if s["report"] else []
+        then = ", ".join(then)
+        print(f"train    {name:<24} {s['features']} on {s['dataset']}, then {then or 'nothing'}; "
               "reused when the features, labels and parameters are the same")
     for name, s in plan.get("indexes", {}).items():
         print(f"index    {name:<24} {s['features']} over {', '.join(s['datasets'])}: new rows only")

@@ -138,7 +138,8 @@ def labelled_rows(manifest: pa.Table, feature_ids: set[str], test_fraction: floa
         if not missing:
             raise
         # The dataset may be fine: what is wrong is that its features are not extracted (yet).
-        raise ConfigError(_missing_features(dataset, featureset, missing, int(has_label.sum()), len(rows), exc)) from None
+        why = _missing_features(dataset, featureset, missing, int(has_label.sum()), len(rows), exc)
+        raise ConfigError(why) from None
     if missing:
         log.warning("%d of %d labelled images of dataset %s have no features yet (run 'imgfeat extract "
                     "--dataset %s' first); left out", missing, int(has_label.sum()), dataset, dataset)

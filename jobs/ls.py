@@ -74,4 +74,13 @@ def print_catalog(out: dict) -> None:
     if out["indexes"]:
         print("\nindexes")
         for i in out["indexes"]:
-            print("  " + "  ".join(f"{k}={v}" for k, v in i.items()))
+            print(f"  {i.get('name', '-'):<24} {i.get('rows', 0):>8,} rows  {_index_kind(i):<28} "
+                  f"featureset {i.get('featureset', '-')}  ({', '.join(i.get('datasets') or []) or 'no dataset'})")
+
+
+def _index_kind(info: dict) -> str:
+    """``ivf (nlist 1025, nprobe 64)``: the kind and the parameters it has, not a raw dict."""
+    params = info.get("params") or {}
+    kind = info.get("kind") or params.get("kind") or "-"
+    said = [f"{k} {v}" for k, v in params.items() if k != "kind" and v not in (None, "", [], {})]
+    return f"{kind} ({', '.join(said)})" if said else kind

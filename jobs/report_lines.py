@@ -45,3 +45,28 @@ def print_run_summary(ws: Workspace, summary: RunSummary) -> None:
     for key, r in summary.error_rates.items():
         if r.errors:
             print(f"errors   {key:<24} {r.errors} of {r.images} images ({r.rate:.1%})")
+
+
+def print_plan(plan: dict) -> None:
+    """``run --dry-run`` for a person: one aligned line per stage and name (``--json`` has it all)."""
+    print("dry run: nothing was read beyond file stats, nothing written")
+    for name, s in plan["scan"].items():
+        skipped = sum((s.get("skipped") or {}).values())
+        print(f"scan     {name:<24} {s['new']} new, {s['changed']} changed, {s['unchanged']} unchanged, "
+              f"{s['removed']} removed files{f' ({skipped} skipped)' if skipped else ''} in {_rel(s['root'])}")
+    for name, s in plan["finetune"].items():
+        print(f"finetune {name:<24} on {s['dataset']}: {s['note']}")
+    for key, s in plan["extract"].items():
+        if s.get("todo") is None:
+            print(f"extract  {key:<24} {s.get('new_or_changed_files', 0)} new or changed files; {s['note']}")
+        else:
+            print(f"extract  {key:<24} {s['todo']} to extract, {s['done']} done "
+                  f"(+{s.get('new_or_changed_files', 0)} new or changed files) -> {s['featureset']}")
+    for name, s in plan["heads"].items():
+        then = [f"predict {', '.join(s['predict'])}"] if s["predict"] else []
+        then += ["report"] if s["report"] else []
+        then = ", ".join(then)
+        print(f"train    {name:<24} {s['features']} on {s['dataset']}, then {then or 'nothing'}; "
+              "reused when the features, labels and parameters are the same")
+    for name, s in plan.get("indexes", {}).items():
+        print(f"index    {name:<24} {s['features']} over {', '.join(s['datasets'])}: new rows only")

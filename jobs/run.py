@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 
 from imgfeat.cli.common import JobContext, add_command, add_trust_pickle, ranged, seconds
-from imgfeat.cli.report_lines import print_run_summary
+from imgfeat.cli.report_lines import print_plan, print_run_summary
 
 DESCRIPTION = """\
 Run scan -> extract -> train -> predict -> report for the datasets, featuresets and heads
@@ -68,7 +67,7 @@ def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
     if args.dry_run:
         plan = plan_job(ctx.ws, job)
         if not args.json:
-            print(json.dumps(plan, indent=2, default=str))
+            print_plan(plan)
         return plan
     summary = RunSummary(job.source)
     try:

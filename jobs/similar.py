@@ -28,7 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     description=DESCRIPTION, epilog=EPILOG)
     p.add_argument("images", nargs="*", metavar="IMAGE", help="query image files")
     p.add_argument("--image-id", dest="image_ids", action="append", default=[], metavar="ID",
-                   help="query an image already in the featureset by its image_id (repeatable)")
+                   help="query an image already in the featureset by its image_id, or a unique prefix of "
+                        "8+ hex digits (repeatable)")
     p.add_argument("--index", required=True, metavar="NAME", help="an index from 'imgfeat index'")
     p.add_argument("--top", type=ranged("top"), default=10, metavar="K", help="neighbours per query")
     p.add_argument("--featureset", default=None, metavar="FS",

@@ -66,6 +66,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="held-out fraction when the dataset has no test/val split")
     p.add_argument("--cv-max-rows", type=ranged("cv_max_rows"), default=10_000, metavar="N",
                    help="choose hyper-parameters on a stratified subsample of at most N rows")
+    p.add_argument("--c-grid", type=c_grid, default=None, metavar="C,C,...",
+                   help="logreg/svm: the C values cross-validation chooses from, by log-loss "
+                        "(default: 1e-4 to 10 in decades, extended past an edge the best value sits on)")
     p.add_argument("--epochs", type=ranged("epochs"), default=50, metavar="N", help="mlp: most epochs")
     p.add_argument("--hidden", type=ranged("hidden"), default=256, metavar="N", help="mlp: hidden units")
     add_wait(p, "the same head")
@@ -78,11 +81,22 @@ def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
                       kernel=args.kernel,
                       cv=args.cv, class_weight=args.class_weight, random_state=args.random_state,
                       test_fraction=args.test_fraction, cv_max_rows=args.cv_max_rows, epochs=args.epochs,
-                      hidden=args.hidden, wait=args.wait)
+                      hidden=args.hidden, c_grid=args.c_grid, wait=args.wait)
     out = run_train(ctx.ws, cfg, ctx.run_id).to_json()
     if not args.json:
         print_train(out)
     return out
+
+
+def c_grid(text: str) -> tuple[float, ...]:
+    """``0.01,0.1,1`` -> (0.01, 0.1, 1.0); argparse turns a ValueError into a usage error (exit 2)."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive numbers, got {text!r}") from None
+    if not values or any(not 0 < v < float("inf") for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive numbers, got {text!r}")
+    return tuple(values)
 
 
 def print_train(out: dict) -> None:

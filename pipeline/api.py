@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -14,11 +15,31 @@ from sklearn.base import BaseEstimator, TransformerMixin
 
 from imgfeat.core import names as N
 from imgfeat.core import schemas as S
-from imgfeat.core.logs import ensure_notebook_logging
+from imgfeat.core.logs import ensure_notebook_logging, quiet_framework_start, quiet_native_logs
 from imgfeat.core.runs import new_run_id
 from imgfeat.core.workspace import Workspace
 
 log = logging.getLogger(__name__)
+
+# As the command does: TensorFlow's C++ lines (absl, oneDNN, cudart, cpu_feature_guard, "failed
+# call to cuInit") are not for people calling a function. The variables TensorFlow reads when it is
+# imported (a value the user set wins), and each call that may import it goes through _quiet,
+# unless the user set TF_CPP_MIN_LOG_LEVEL: then TensorFlow's lines are theirs to see.
+_USER_TF_LEVEL = os.environ.get("TF_CPP_MIN_LOG_LEVEL")
+quiet_native_logs()
+
+
+def _quiet(fn):
+    """An API call during which a first Keras/TensorFlow import logs its native lines at debug."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if _USER_TF_LEVEL is not None:
+            return fn(*args, **kwargs)
+        with quiet_framework_start():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 WorkspaceLike = Workspace | str | os.PathLike | None
 
@@ -68,6 +89,7 @@ def scan(root: str | os.PathLike, dataset: str, *, workspace: WorkspaceLike = No
     return ScanResult(dataset, str(ws.manifest_path(dataset)), out)
 
 
+@_quiet
 def extract(dataset: str, backbone: str = "efficientnet_lite0", *, name: str | None = None,
             workspace: WorkspaceLike = None, **options: Any) -> ExtractResult:
     """``imgfeat extract``: features of a dataset's new images; ``name`` records a recipe name for it."""
@@ -80,6 +102,7 @@ def extract(dataset: str, backbone: str = "efficientnet_lite0", *, name: str | N
     return ExtractResult(out["featureset"], out, ws)
 
 
+@_quiet
 def train(dataset: str, featureset: str, head: str = "logreg", *, name: str | None = None,
           workspace: WorkspaceLike = None, **options: Any):
     """``imgfeat train``: a head on a featureset (full or recipe name); returns a ``TrainSummary``."""
@@ -89,6 +112,7 @@ def train(dataset: str, featureset: str, head: str = "logreg", *, name: str | No
     return run_train(_ws(workspace), cfg, new_run_id())
 
 
+@_quiet
 def predict(head: str, dataset: str | None = None, paths: tuple[str, ...] | list[str] = (), *,
             workspace: WorkspaceLike = None, **options: Any):
     """``imgfeat predict``: a head (name, NAME@ID or id) on a dataset or on files/folders/globs."""
@@ -98,6 +122,7 @@ def predict(head: str, dataset: str | None = None, paths: tuple[str, ...] | list
     return run_predict(_ws(workspace), cfg, new_run_id())
 
 
+@_quiet
 def report(head: str, *, workspace: WorkspaceLike = None, **options: Any) -> dict[str, Any]:
     """``imgfeat report``: the head's self-contained HTML page; returns its path and counts."""
     from imgfeat.heads.report import ReportConfig, run_report
@@ -156,33 +181,50 @@ class Featureset:
         return pd.DataFrame(X, index=pd.Index(ids, name=S.IMAGE_ID), columns=[f"f{k}" for k in range(X.shape[1])])
 
 
+ON_ERROR = ("raise", "drop", "nan")
+
+
 class FeatureTransformer(TransformerMixin, BaseEstimator):
     """A scikit-learn transformer: image paths -> features, through a featureset's cache.
 
     Each image is keyed by its content: one already in the featureset costs a hash, a new one is
     extracted with the featureset's own recipe and stored for next time. An image that cannot be
-    read gives a row of NaN (and a warning). Called on a Ray Data batch (``map_batches``) it adds
-    a ``feature`` column next to the batch's ``path`` column.
+    read is, by ``on_error``: ``"raise"`` (default) an ImgfeatError naming the files, so no NaN
+    ever reaches an estimator; ``"drop"`` left out (its row is gone: for Ray batches and
+    standalone use, not inside a Pipeline with labels); ``"nan"`` a row of NaN and a warning.
+    Called on a Ray Data batch (``map_batches``) it adds a ``feature`` column next to the batch's
+    ``path`` column (with ``"drop"``, the batch loses the bad rows in every column).
     """
 
-    def __init__(self, featureset: str, workspace: str | None = None, path_column: str = "path") -> None:
+    def __init__(self, featureset: str, workspace: str | None = None, path_column: str = "path",
+                 on_error: str = "raise") -> None:
         self.featureset = featureset
         self.workspace = workspace
         self.path_column = path_column
+        self.on_error = on_error
 
     def fit(self, X: Any = None, y: Any = None) -> "FeatureTransformer":
         """Nothing to learn: resolve the featureset once (a recipe name's latest) and return self."""
+        self._check_on_error()
         self.featureset_ = Featureset(self.featureset, self.workspace).name
         return self
 
     def transform(self, X: Any) -> np.ndarray:
         """Paths (a list, array, Series, or a DataFrame with ``path_column``) -> float32 matrix."""
+        out, good = self._features(self._paths(X))
+        return out if self.on_error != "drop" else out[good]
+
+    @_quiet
+    def _features(self, given: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(a row per path, NaN where there is no feature; which rows have one), after on_error's check."""
+        from imgfeat.core.errors import ImgfeatError
         from imgfeat.extract.extract import extract_files
         from imgfeat.extract.featureset import load_features
 
+        self._check_on_error()
         ws = _ws(self.workspace)
         fs = getattr(self, "featureset_", None) or Featureset(self.featureset, ws).name
-        paths = [str(Path(p).expanduser().absolute()) for p in self._paths(X)]
+        paths = [str(Path(p).expanduser().absolute()) for p in given]
         results = extract_files(ws, fs, paths, new_run_id())
         ids, feats = load_features(ws, fs, [r.image_id for r in results if r.image_id and not r.error_code])
         row = {i: k for k, i in enumerate(ids.tolist())}
@@ -190,16 +232,31 @@ class FeatureTransformer(TransformerMixin, BaseEstimator):
         for k, r in enumerate(results):
             if r.image_id in row:
                 out[k] = feats[row[r.image_id]]
-        bad = [r.path for r in results if r.image_id not in row]
+        bad = [r for r in results if r.image_id not in row]
         if bad:
-            log.warning("%d of %d images have no features (NaN rows): %s", len(bad), len(paths), ", ".join(bad[:5]))
-        return out
+            listing = ", ".join(f"{r.path} ({r.error_code or 'no feature'})" for r in bad[:5])
+            more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+            if self.on_error == "raise":
+                raise ImgfeatError(f"{len(bad)} of {len(paths)} images have no features: {listing}{more} "
+                                   "(FeatureTransformer(on_error='drop' or 'nan') to go on without them)")
+            log.warning("%d of %d images have no features (%s): %s%s", len(bad), len(paths),
+                        "left out" if self.on_error == "drop" else "NaN rows", listing, more)
+        return out, np.array([r.image_id in row for r in results], dtype=bool)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Ray Data ``map_batches``: a batch with a path column gains a ``feature`` column."""
+        feats, good = self._features(self._paths(batch[self.path_column]))
         out = dict(batch)
-        out[S.FEATURE] = self.transform(batch[self.path_column])
+        out[S.FEATURE] = feats
+        if self.on_error == "drop":
+            out = {k: np.asarray(v)[good] for k, v in out.items()}
         return out
+
+    def _check_on_error(self) -> None:
+        if self.on_error not in ON_ERROR:
+            from imgfeat.core.errors import unknown_value
+
+            raise unknown_value("on_error", str(self.on_error), ON_ERROR)
 
     def _paths(self, X: Any) -> list[str]:
         if hasattr(X, "columns"):  # a DataFrame

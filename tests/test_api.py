@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -62,6 +64,27 @@ def test_readme_example_runs_and_its_results_agree(example, monkeypatch):
     assert ns["model"].score(ns["paths"], ns["labels"]) >= 0.75
 
 
+FOREIGN = re.compile(r"^[IWEF]\d{4} |absl::InitializeLog|oneDNN|cudart|cpu_feature_guard|cuInit|"
+                     r"To enable the following instructions")
+OUR_LINE = re.compile(r"^\d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR) ")
+
+
+def test_the_api_writes_only_its_own_lines_to_stderr(example, tmp_path):
+    """The README example in a fresh process: TensorFlow's nine start-up lines (absl, oneDNN,
+    cudart, cpu_feature_guard, cuInit) stay out of stderr, as they do for the command; a user who
+    sets TF_CPP_MIN_LOG_LEVEL gets what that asks for."""
+    base, _ = example
+    shutil.copytree(base / "photos", tmp_path / "photos")
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "IMGFEAT_PROGRESS")}
+    proc = subprocess.run([sys.executable, "-c", readme_api_example()], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert [ln for ln in lines if FOREIGN.search(ln)] == []
+    assert [ln for ln in lines if not OUR_LINE.match(ln)] == [], lines
+    assert any("building efficientnet_lite0" in ln for ln in lines)  # our own lines still show
+
+
 def test_transformer_rows_match_the_featureset_and_bad_files_are_nan(example, tmp_path):
     base, ns = example
     import imgfeat
@@ -70,7 +93,7 @@ def test_transformer_rows_match_the_featureset_and_bad_files_are_nan(example, tm
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not an image")
     paths = [str(base / p) for p in ns["paths"][:3]] + [str(bad)]
-    t = imgfeat.FeatureTransformer("lite0", workspace=str(base / "data"))
+    t = imgfeat.FeatureTransformer("lite0", workspace=str(base / "data"), on_error="nan")
     got = t.fit_transform(paths)
     assert got.shape == (4, 1280) and np.isnan(got[3]).all() and not np.isnan(got[:3]).any()
     _, want = fs.to_numpy([r for r in _ids(paths[:3])])
@@ -78,6 +101,26 @@ def test_transformer_rows_match_the_featureset_and_bad_files_are_nan(example, tm
     batch = t({"path": np.array(paths[:2])})  # what Ray Data's map_batches hands a function
     np.testing.assert_array_equal(batch["feature"], got[:2])
     assert list(batch["path"]) == paths[:2]
+
+
+def test_transformer_raises_or_drops_instead_of_handing_nan_to_scikit_learn(example, tmp_path):
+    base, ns = example
+    import imgfeat
+    from imgfeat.core.errors import ConfigError, ImgfeatError
+
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    paths = [str(base / p) for p in ns["paths"][:3]] + [str(bad)]
+    ws = str(base / "data")
+    with pytest.raises(ImgfeatError, match=r"1 of 4 images have no features: .*bad\.jpg \(not_an_image\)"):
+        imgfeat.FeatureTransformer("lite0", workspace=ws).fit_transform(paths)  # the default: raise
+    drop = imgfeat.FeatureTransformer("lite0", workspace=ws, on_error="drop")
+    kept = drop.fit_transform(paths)
+    assert kept.shape == (3, 1280) and not np.isnan(kept).any()
+    batch = drop({"path": np.array(paths), "label": np.array(["a", "b", "c", "d"])})
+    assert list(batch["label"]) == ["a", "b", "c"] and batch["feature"].shape == (3, 1280)
+    with pytest.raises(ConfigError, match="on_error"):
+        imgfeat.FeatureTransformer("lite0", workspace=ws, on_error="skip").fit(paths)
 
 
 def _ids(paths: list[str]) -> list[str]:

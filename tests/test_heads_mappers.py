@@ -77,6 +77,47 @@ def test_rows_without_features_are_left_out():
     assert rows.left_out["missing_features"] == 1 and base[0][0] not in set(rows.train_ids) | set(rows.test_ids)
 
 
+def test_missing_features_are_the_cause_named_first_not_the_dataset():
+    """A half-extracted dataset used to fail with "class 'dog' has 1 image(s) ...: add images"."""
+    base = split_rows()
+    dogs_but_one = [r[0] for r in base if r[2] == "cat"] + [base[-1][0]]
+    with pytest.raises(ConfigError) as err:
+        labelled(base, features=dogs_but_one)
+    text = str(err.value)
+    assert text.startswith("3 of the 8 labelled images of dataset 'd' have no features")
+    assert "imgfeat extract --dataset d" in text and "class 'dog'" in text  # the consequence comes after
+    with pytest.raises(ConfigError, match=r"^8 of the 8 labelled images of dataset 'd' have no features"):
+        labelled(base, features=[])
+
+
+def test_a_lasting_warning_is_said_once_per_run_not_at_every_read(ws, caplog):
+    """Each stage of a run reads the featureset's shards and the manifest's images again: a stray
+    shard or a label conflict was warned about six times in one run."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from synthetic import fake_image_id, write_featureset
+
+    from imgfeat.extract.featureset import feature_shards
+    from imgfeat.heads.data import unique_images
+
+    X = np.ones((2, 4), dtype=np.float32)
+    write_featureset(ws, "fa", [fake_image_id("a", k) for k in range(2)], X)
+    write_featureset(ws, "fb", [fake_image_id("b", k) for k in range(2)], X)
+    stray = next(ws.featureset_dir("fb").glob("part-*.parquet"))
+    shutil.copy(stray, ws.featureset_dir("fa") / stray.name.replace("part-", "part-zz"))
+    conflict = manifest([("a" * 32, "x/1.jpg", "cat", None, S.STATUS_OK), ("a" * 32, "y/1.jpg", "dog", None, S.STATUS_OK)])
+    with caplog.at_level("WARNING"):
+        for _ in range(6):
+            assert len(feature_shards(ws, "fa")) == 1
+            unique_images(conflict)
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("do not carry its provenance" in m for m in said) == 1
+    assert sum("appear under several labels" in m for m in said) == 1
+
+
 def test_without_splits_a_fraction_is_held_out_stratified_and_seeded():
     rows = [(f"{c}{i:031d}", f"{lab}/{i}.jpg", lab, None, S.STATUS_OK)
             for c, lab in enumerate(("cat", "dog")) for i in range(10)]
@@ -108,7 +149,8 @@ def test_unusable_label_sets_are_config_errors_that_say_why(rows, words):
 
 
 def test_fit_head_cross_validates_and_refits_on_every_row():
-    from imgfeat.heads.train import TrainConfig, fit_head
+    from imgfeat.heads.fit import fit_head
+    from imgfeat.heads.train import TrainConfig
 
     X, y = blobs()
     fitted = fit_head(TrainConfig(dataset="d", featureset="f", cv=3, n_jobs=1), X, y)
@@ -117,8 +159,72 @@ def test_fit_head_cross_validates_and_refits_on_every_row():
     assert list(fitted.estimator.predict(X)) == list(y)
 
 
+def _blob_split(separation: float, per_class: int = 60):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from synthetic import BlobSpec, blob_features
+
+    y, X, split = blob_features(BlobSpec(per_class=per_class, dim=64, separation=separation, dtype="float32", seed=1))
+    y, train = np.asarray(y, dtype=object), split == "train"
+    return X[train], y[train], X[~train], y[~train]
+
+
+def _confidence_when_right(estimator, X, y) -> float:
+    proba = estimator.predict_proba(X)
+    right = estimator.classes_[proba.argmax(axis=1)] == y
+    return float(proba.max(axis=1)[right].mean())
+
+
+def test_logreg_chooses_c_by_log_loss_so_right_answers_are_confident():
+    """Accuracy is flat over C on separable classes; the old tie-break took C = 1e-4 and squeezed
+    every probability towards uniform (0.34 for 3 classes here). Log-loss does not tie."""
+    from imgfeat.heads.fit import fit_head
+    from imgfeat.heads.train import TrainConfig
+
+    X, y, X_test, y_test = _blob_split(separation=4.0)
+    fitted = fit_head(TrainConfig(dataset="d", featureset="f", cv=3, n_jobs=1), X, y)
+    grid = fitted.cv["logreg"]["grid"]
+    assert fitted.chosen["C"] > min(float(c) for c in grid) and fitted.cv["logreg"]["chosen_by"] == "log_loss"
+    assert all({"accuracy", "log_loss"} <= set(v) for v in grid.values())
+    smallest = fit_head(TrainConfig(dataset="d", featureset="f", cv=3, n_jobs=1, c_grid=(1e-4,)), X, y)
+    old, new = (_confidence_when_right(f.estimator, X_test, y_test) for f in (smallest, fitted))
+    assert old < 0.45 and new > 0.75, (old, new)
+    assert (fitted.estimator.predict(X_test) == y_test).mean() >= 0.8
+
+
+def test_the_c_grid_grows_past_the_edge_its_best_value_sits_on_a_bounded_number_of_times():
+    from imgfeat.heads import fit
+    from imgfeat.heads.estimators import LOGREG_C_GRID
+    from imgfeat.heads.train import TrainConfig
+
+    assert fit.extend_grid([1.0, 10.0], 10.0) == [1.0, 10.0, 100.0]
+    assert fit.extend_grid([1.0, 10.0], 1.0) == [0.1, 1.0, 10.0]
+    assert fit.extend_grid([1.0, 10.0, 100.0], 10.0) is None and fit.extend_grid([1.0], 1.0) is None
+    # Far apart classes: log-loss keeps falling past C = 10, the top of the default grid.
+    X, y, _, _ = _blob_split(separation=8.0, per_class=40)
+    fitted = fit.fit_head(TrainConfig(dataset="d", featureset="f", cv=3, n_jobs=1), X, y)
+    searched = sorted(float(c) for c in fitted.cv["logreg"]["grid"])
+    assert max(searched) > max(LOGREG_C_GRID)
+    assert len(searched) <= len(LOGREG_C_GRID) + fit.MAX_GRID_EXTENSIONS
+    # A grid the user gave is searched as given.
+    mine = fit.fit_head(TrainConfig(dataset="d", featureset="f", cv=3, n_jobs=1, c_grid=(0.01, 0.1)), X, y)
+    assert sorted(mine.cv["logreg"]["grid"]) == ["0.01", "0.1"]
+
+
+def test_choose_c_takes_the_lowest_log_loss_and_the_smaller_c_of_a_near_tie():
+    from imgfeat.heads.fit import choose_c
+
+    tried = {0.1: {"log_loss": 0.30}, 1.0: {"log_loss": 0.205}, 10.0: {"log_loss": 0.20}, 100.0: {"log_loss": 0.21}}
+    assert choose_c(tried) == 10.0
+    # Separable classes: log-loss creeps down as C grows, by amounts no fold tells apart.
+    creeping = {10.0: {"log_loss": 0.0018}, 100.0: {"log_loss": 0.00141}, 1000.0: {"log_loss": 0.001405}}
+    assert choose_c(creeping) == 100.0
+
+
 def test_evaluate_reports_accuracy_per_class_and_confusion():
-    from imgfeat.heads.train import evaluate
+    from imgfeat.heads.fit import evaluate
 
     class Fixed:
         def predict(self, X):
@@ -132,7 +238,7 @@ def test_evaluate_reports_accuracy_per_class_and_confusion():
 
 
 def test_evaluate_without_rows_says_why_there_is_no_accuracy():
-    from imgfeat.heads.train import evaluate
+    from imgfeat.heads.fit import evaluate
 
     m = evaluate(None, np.zeros((0, 2)), np.array([], dtype=object), ["a", "b"])
     assert m["test_accuracy"] is None and m["n_test"] == 0 and "no evaluation rows" in m["note"]

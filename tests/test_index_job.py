@@ -83,6 +83,35 @@ def test_index_and_similar_commands_json(ws, capsys):
     assert "index ix was built on featureset fs" in capsys.readouterr().err
 
 
+@pytest.mark.quick
+def test_similar_takes_a_unique_id_prefix_like_git(ws, capsys):
+    from imgfeat.cli.main import main
+
+    rng = np.random.default_rng(1)
+    twins = ["deadbeef" + "0" * 24, "deadbeef" + "1" * 24]  # two ids that share 8 digits
+    ids = [fake_image_id("fs", k) for k in range(20)] + twins
+    X = rng.standard_normal((len(ids), 8)).astype(np.float32)
+    write_featureset(ws, "fs", ids, X, dtype="float32")
+    assert main(["index", "--featureset", "fs", "--name", "ix"]) == 0
+    capsys.readouterr()
+    assert main(["similar", "--index", "ix", "--image-id", ids[0], "--top", "3", "--json"]) == 0
+    full = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["results"][0]
+    assert main(["similar", "--index", "ix", "--image-id", ids[0][:8].upper(), "--top", "3", "--json"]) == 0
+    short = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["results"][0]
+    assert short["image_id"] == ids[0] and short["neighbours"] == full["neighbours"]
+    # Ambiguous: exit 2 listing the candidates; too short or unknown: exit 2 saying so.
+    assert main(["similar", "--index", "ix", "--image-id", "deadbeef"]) == 2
+    err = capsys.readouterr().err
+    assert "ambiguous" in err and twins[0] in err and twins[1] in err
+    assert main(["similar", "--index", "ix", "--image-id", "deadbeef1"]) == 0
+    assert capsys.readouterr().out.startswith("deadbeef1: ")
+    assert main(["similar", "--index", "ix", "--image-id", ids[0][:7]]) == 2
+    assert "at least 8 of its 32 hex digits" in capsys.readouterr().err
+    missing = next(p for p in ("0123abcd", "fedc9876", "abab1212") if not any(i.startswith(p) for i in ids))
+    assert main(["similar", "--index", "ix", "--image-id", missing]) == 2
+    assert "no image id in featureset fs starts with it" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_run_keeps_the_index_current(tmp_path, keras_home, capsys):
     from imgfeat.cli.main import main

@@ -48,6 +48,8 @@ BAD = [
     ("features.lite0.input_size", '"224"', "an integer"),
     ("heads.photos-logreg.dropout", '"0.5"', "a number"),
     ("features.lite0.datasets", "5", "a name or a list of names"),
+    ("heads.photos-logreg.c_grid", '["0.1"]', "a list of numbers"),
+    ("heads.photos-logreg.c_grid", "0.1", "a list of numbers"),
 ]
 
 
@@ -163,3 +165,16 @@ def test_a_missing_root_or_labels_file_fails_before_any_stage_takes_a_lock(ws, t
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert words in out["error"]
     assert {p.name for p in ws.root.iterdir()} - {"runs"} == set(), "a rejected job took a lock or wrote data"
+
+
+def test_a_job_file_sets_the_c_grid_cross_validation_chooses_from(tmp_path):
+    from imgfeat.run.run import train_config
+
+    path = tmp_path / "job.toml"
+    path.write_text(_with_value("heads.photos-logreg.c_grid", "[2, 0.5, 0.5]"))
+    job = load_job(path)
+    cfg = train_config(job, job.heads[0], featureset="fs")
+    assert cfg.c_grid == (0.5, 2.0) and cfg.params()["c_grid"] == (0.5, 2.0)
+    path.write_text(_with_value("heads.photos-logreg.c_grid", "[0.1, -1]"))
+    with pytest.raises(ConfigError, match=r"c_grid must be a non-empty list of positive numbers, got \[0.1, -1\]"):
+        _check(load_job(path))

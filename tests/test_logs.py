@@ -66,3 +66,25 @@ def test_a_run_that_builds_a_model_writes_only_json_to_stderr(tmp_path):
     assert records and records[0]["msg"].startswith("building efficientnet_lite0")
     assert not any(r["logger"] == "imgfeat.native" for r in records)  # native lines are debug-only
     assert "3 extracted" in proc.stdout
+
+
+def test_the_extract_bar_starts_after_the_build_log(tmp_path):
+    """The bar used to be drawn at 0% before 'building ...' and then sit there for the whole build."""
+    from PIL import Image
+
+    from imgfeat.core.workspace import Workspace
+    from imgfeat.scan.scan import ScanConfig, run_scan
+
+    for k in range(3):
+        (tmp_path / "img" / "a").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (40, 36), (k * 60, 30, 90)).save(tmp_path / "img" / "a" / f"{k}.jpg")
+    ws = Workspace(tmp_path / "ws")
+    run_scan(ws, ScanConfig(root=tmp_path / "img", dataset="toy"), "s1")
+    env = {**os.environ, "IMGFEAT_PROGRESS": "1"}  # bars on, as on a terminal
+    cmd = [sys.executable, "-m", "imgfeat", "extract", "--workspace", str(ws.root), "--dataset", "toy",
+           "--backbone", "mobilenet_v2", "--weights", "none", "--input-size", "32"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    err = proc.stderr
+    assert "building mobilenet_v2" in err and "extract:" in err
+    assert err.index("building mobilenet_v2") < err.index("extract:")

@@ -76,6 +76,7 @@ def two_versions(ws):
 
 def test_a_name_resolves_to_its_latest_version_everywhere(ws, two_versions):
     old, new = two_versions
+    assert old.startswith("nightly-") and new.startswith("nightly-")  # the name leads its versions' ids
     assert resolve_head(ws, "nightly") == new
     assert resolve_head(ws, f"nightly@{old.rsplit('-', 1)[1]}") == old
     assert resolve_featureset(ws, "lite0") == "fs2" and resolve_featureset(ws, "lite0@fs1") == "fs1"
@@ -115,6 +116,14 @@ def test_ls_lists_datasets_featuresets_and_heads(ws, two_versions, capsys):
     assert main(["ls", "--workspace", str(ws.root)]) == 0
     text = capsys.readouterr().out
     assert "nightly" in text and "latest" in text and "recipe lite0" in text
+    # An index reads as a line for people, not as the provenance's raw dicts.
+    assert main(["index", "--workspace", str(ws.root), "--featureset", "fs2", "--name", "ix"]) == 0
+    capsys.readouterr()
+    assert main(["ls", "--workspace", str(ws.root)]) == 0
+    text = capsys.readouterr().out
+    (line,) = [ln for ln in text.splitlines() if ln.startswith("  ix ")]
+    assert "24 rows" in line and "flat" in line and "featureset fs2" in line
+    assert "{" not in text and "params=" not in text and "=" not in line
 
 
 def test_prune_is_a_dry_run_then_removes_only_what_nothing_uses(ws, two_versions, capsys):

@@ -161,6 +161,19 @@ def test_end_to_end_on_real_photos_and_image_files(tmp_path, capsys):
     assert "2 files: 0 predicted, 2 errors" in captured.out
     assert "Traceback" not in captured.err and "could be predicted" in captured.err
 
+    # A path that never existed is said to be missing (not "no longer exists"), and, being no fact
+    # about any image's content, stays out of the shared featureset's error table: ls counts what it holds.
+    never = tmp_path / "never.jpg"
+    assert main([*args[:-1], str(never)]) == 0
+    assert f"{never}: error not_found: {never}: no such file or folder" in capsys.readouterr().out
+    from imgfeat.extract.featureset import read_errors
+
+    errors = read_errors(ws, fs)
+    assert errors.num_rows == 1 and errors.column(S.IMAGE_ID).null_count == 0  # broken.jpg's bytes, once
+    assert main(["ls", "--workspace", str(ws.root), "--json"]) == 0
+    (entry,) = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["featuresets"]
+    assert entry["errors"] == errors.num_rows
+
 
 def test_tables_written_before_the_dataset_column_still_read(ws, headed):
     from imgfeat.core.storage import write_table_atomic

@@ -109,12 +109,58 @@ def test_first_run_rerun_and_growth(ws, job, capsys):
     assert resolve_featureset(ws, "tiny") == ex3["featureset"]
 
 
+def files_outside_runs(ws) -> dict[str, tuple[int, bytes]]:
+    """Every file a run leaves, but run records and lock files (a lock names its last holder)."""
+    return {str(p.relative_to(ws.root)): (p.stat().st_mtime_ns, p.read_bytes())
+            for p in sorted(ws.root.rglob("*"))
+            if p.is_file() and p.relative_to(ws.root).parts[0] not in ("runs", ".locks")}
+
+
+# After the CLI's run: which libraries only model work needs did it import?
+HEAVY_PROBE = """
+import sys
+from imgfeat.cli.main import main
+code = main(sys.argv[1:])
+heavy = sorted({m.split('.')[0] for m in sys.modules} & {'sklearn', 'scipy', 'tensorflow', 'keras', 'matplotlib', 'skops'})
+print('HEAVY', ','.join(heavy))
+raise SystemExit(code)
+"""
+
+
+def test_a_rerun_with_nothing_new_writes_nothing_and_loads_no_model_library(ws, job, capsys):
+    code, first = run(job, capsys=capsys)
+    assert code == 0, first.get("error")
+    before = files_outside_runs(ws)
+    assert any(k.startswith("reports/") for k in before) and any(k.startswith("names/") for k in before)
+
+    env = {**os.environ, "IMGFEAT_WORKSPACE": str(ws.root)}
+    proc = subprocess.run([sys.executable, "-c", HEAVY_PROBE, "run", str(job), "--json"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    again = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
+    assert again["model_work"] is False and list(again["train"].values())[0]["reused"]
+    assert list(again["report"].values())[0]["reused"] is True
+    # No file changed: not the manifest, not names/*.json, not the report page (bytes and mtimes).
+    after = files_outside_runs(ws)
+    assert sorted(after) == sorted(before)
+    assert [k for k in before if before[k] != after[k]] == []
+    # What made a no-op run slow: scikit-learn (3 s with scipy), skops and matplotlib, Keras/TensorFlow.
+    heavy = [ln for ln in proc.stdout.splitlines() if ln.startswith("HEAVY")][-1]
+    assert heavy == "HEAVY ", heavy
+
+
 def test_dry_run_does_nothing(ws, job, capsys):
     code, plan = run(job, "--dry-run", capsys=capsys)
     assert code == 0 and plan["dry_run"]
     assert plan["scan"]["photos"]["new"] == 36
     assert not ws.manifest_path("photos").exists()
     assert not (ws.root / "features").exists()
+    # Without --json: a line per stage for people (it was a 56-line JSON document).
+    assert main(["run", str(job), "--dry-run"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert not any(ln.lstrip().startswith(("{", "}", '"')) for ln in lines) and len(lines) <= 6
+    assert [ln.split()[0] for ln in lines[1:]] == ["scan", "extract", "train"]
+    assert "36 new" in lines[1] and "photos-logreg" in lines[3]
 
 
 def test_too_many_bad_images_exit_3_after_writing_everything(ws, job, capsys):

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib.abc
+import importlib.util
 import json
 import logging
 import os
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from typing import Any
 
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -104,3 +109,95 @@ def _pump(read_fd: int) -> None:
 def _fatal(line: str) -> bool:
     """absl's ``F0000 ...`` lines and Python's own fatal errors still reach the user."""
     return (line[:1] == "F" and line[1:5].isdigit()) or line.startswith("Fatal Python error")
+
+
+# --- the Python API: no fd-2 pipe for the whole process (that is the command's), only Keras's start ---
+
+FRAMEWORKS = ("keras", "tensorflow")
+
+
+@contextlib.contextmanager
+def quiet_framework_start() -> Iterator[None]:
+    """During the block, a first import of Keras or TensorFlow logs its native lines at debug.
+
+    TensorFlow writes its start-up lines (absl's "All log messages before absl::InitializeLog()",
+    oneDNN, cudart_stub, cpu_feature_guard, and "failed call to cuInit" on the first device query)
+    straight to file descriptor 2 while it is imported, whatever TF_CPP_MIN_LOG_LEVEL says once
+    the process runs. The command pipes fd 2 for its whole life; a library must not, so this
+    only wraps that import (fd 2 points at a temporary file while it runs, no Python of ours
+    runs then) and leaves sys.meta_path as it found it when the block ends.
+    """
+    if any(name in sys.modules for name in FRAMEWORKS):
+        yield
+        return
+    finder = _QuietImport()
+    sys.meta_path.insert(0, finder)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.meta_path.remove(finder)
+
+
+class _QuietImport(importlib.abc.MetaPathFinder):
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        if name not in FRAMEWORKS:
+            return None
+        with contextlib.suppress(ValueError):
+            sys.meta_path.remove(self)  # once: the framework imports the other one itself
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _QuietLoader(spec.loader)
+        return spec
+
+
+class _QuietLoader(importlib.abc.Loader):
+    def __init__(self, inner: importlib.abc.Loader) -> None:
+        self.inner = inner
+
+    def create_module(self, spec: Any) -> Any:
+        return self.inner.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        with native_stderr_to_debug():
+            self.inner.exec_module(module)
+            tf = sys.modules.get("tensorflow")
+            if tf is not None and hasattr(tf, "config"):
+                tf.config.list_physical_devices()  # cuInit's error line comes with the first device query
+
+
+@contextlib.contextmanager
+def native_stderr_to_debug() -> Iterator[None]:
+    """Point fd 2 at a temporary file during the block; then log each line it got at debug (fatal at error)."""
+    log = logging.getLogger(NATIVE_LOGGER)
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            for line in tmp.read().decode("utf-8", "replace").splitlines():
+                if line.strip():
+                    log.log(logging.ERROR if _fatal(line) else logging.DEBUG, "%s", line.rstrip())
+
+
+_SAID: set[tuple[str, str]] = set()  # (logger, message) already warned in this process
+
+
+def warn_once(log: logging.Logger, msg: str, *args: Any) -> None:
+    """A warning about a lasting state (a stray file, a flag), said once per process, not at every read.
+
+    Readers run many times in one run (plan, extract, train, predict, report, error rate each
+    list a featureset's shards): the same warning six times buries the rest of the log.
+    """
+    key = (log.name, msg % args if args else msg)
+    if key not in _SAID:
+        _SAID.add(key)
+        log.warning(msg, *args)

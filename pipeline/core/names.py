@@ -88,12 +88,15 @@ def record(ws: Workspace, kind: str, name: str, version: str) -> None:
     """Make ``version`` the latest of ``name`` (moved to the end if it was there already).
 
     Written under a lock with the commit protocol, so two runs never lose each other's entry
-    and a crash leaves the old or the new index, never half of one.
+    and a crash leaves the old or the new index, never half of one. When ``version`` already
+    is the latest, nothing is written: a rerun with nothing new changes no file.
     """
     check_name(_singular(kind), name)
     check_name(_singular(kind), version)
     with _lock(ws, kind):
         index = read_index(ws, kind)
+        if index.get(name) and index[name][-1][ID] == version:
+            return
         entries = [e for e in index.get(name, []) if e[ID] != version]
         now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         index[name] = [*entries, {ID: version, RECORDED_AT: now}]

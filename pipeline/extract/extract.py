@@ -6,6 +6,7 @@ import collections
 import contextlib
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +44,8 @@ from imgfeat.extract.shards import FeaturesetDirs, ShardSink, ShardWriter, error
 from imgfeat.scan.manifest import dataset_root, manifest_file
 
 log = logging.getLogger(__name__)
+
+NOT_FOUND = "not_found"  # a file given to extract_files that does not exist (its error code)
 
 __all__ = ["ExtractConfig", "ExtractSummary", "FileResult", "run_extract", "extract_files", "plan_extract",
            "featureset_name", "check_error_rate", "open_featureset", "walk_manifest", "build_model", "PRECISIONS"]
@@ -460,10 +463,16 @@ def _committing(sink: ShardSink) -> Iterator[None]:
 def _run_executor(ex: Executor, job: ExtractJob, items: Iterable[Item], total: int, sink: ShardSink,
                   stats: LoopStats) -> None:
     t0 = time.perf_counter()
-    with progress(total=total, desc=f"extract ({ex.name})" if ex.name != "local" else "extract") as bar:
+    bar = None  # made at the first batch: the model's build log comes first, not a bar stuck at 0%
+    try:
         for report in ex.run(job, items, sink):
+            if bar is None:
+                bar = progress(total=total, desc=f"extract ({ex.name})" if ex.name != "local" else "extract")
             stats.add(report)
             bar.update(report.extracted + len(report.errors))
+    finally:
+        if bar is not None:
+            bar.close()
     stats.loop_seconds = max(0.0, time.perf_counter() - t0 - stats.build_seconds)
 
 
@@ -536,6 +545,8 @@ def _probe(path: str | Path):
     from imgfeat.extract.decode import ReadError, open_regular_file
     from imgfeat.scan.probe import Probe, probe_file
 
+    if not os.path.lexists(path):  # given, never scanned: it may never have existed ("vanished" is for scanned files)
+        return Probe(None, NOT_FOUND, f"{path}: no such file or folder")
     try:  # a FIFO or device given as a file must not hang the probe's plain open()
         open_regular_file(path).close()
     except ReadError as exc:
@@ -550,11 +561,13 @@ def _file_todo(probes, done: DoneSets, run_id: str):
         if key in seen or key in done.features or key in done.errors:
             continue
         seen.add(key)
-        if pr.status != S.STATUS_OK:
+        if pr.status == S.STATUS_OK:
+            items.append(Item(pr.image_id, Path(path).absolute().as_posix()))
+        elif pr.image_id is not None:  # the bytes were read: a fact about this content, kept for every user
             errors.append(error_row(pr.image_id, Path(path).absolute().as_posix(), STAGE_SCAN, pr.status,
                                     pr.error, run_id))
-        else:
-            items.append(Item(pr.image_id, Path(path).absolute().as_posix()))
+        # A given file that could not be read at all is the caller's to report (predict prints it):
+        # it says nothing about any image's content, so the shared featureset does not keep it.
     return items, errors
 
 

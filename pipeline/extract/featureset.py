@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ImgfeatError, unknown_value
+from imgfeat.core.logs import warn_once
 from imgfeat.core.storage import column_values, list_shards, read_shards, remove_file, remove_tree
 from imgfeat.core.workspace import Workspace
 from imgfeat.extract.recipe import Provenance
@@ -74,8 +75,8 @@ def feature_shards(ws: Workspace, featureset: str) -> list[Path]:
     ok = [p for p in shards if _shard_identity(p) == want]
     if len(ok) < len(shards):
         foreign = sorted(set(shards) - set(ok))
-        log.warning("ignoring %d shard(s) in %s that do not carry its provenance (first: %s)",
-                    len(foreign), ws.featureset_dir(featureset), foreign[0].name)
+        warn_once(log, "ignoring %d shard(s) in %s that do not carry its provenance (first: %s)",
+                  len(foreign), ws.featureset_dir(featureset), foreign[0].name)
     return ok
 
 

@@ -24,7 +24,7 @@ from imgfeat.finetune.warm import head_init, warm_recipe
 from imgfeat.heads.artifacts import library_versions
 from imgfeat.heads.data import describe
 from imgfeat.heads.plots import training_curves_png
-from imgfeat.heads.train import evaluate
+from imgfeat.heads.fit import evaluate
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ class Session:
 
 
 class _Predicted:
-    """heads.train.evaluate takes an estimator; here the predictions come from a streamed pass."""
+    """heads.fit.evaluate takes an estimator; here the predictions come from a streamed pass."""
 
     def __init__(self, labels: np.ndarray) -> None:
         self.labels = labels

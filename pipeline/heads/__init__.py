@@ -12,7 +12,7 @@ from typing import Any
 _HOMES = {
     "LoadedHead": "artifacts",
     "load_head": "artifacts",
-    "HEAD_KINDS": "estimators",
+    "HEAD_KINDS": "train",
     "KerasMLPClassifier": "estimators",
     "PredictConfig": "predict",
     "run_predict": "predict",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import io
 from importlib import metadata
@@ -11,7 +12,8 @@ import logging
 import os
 import platform
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,6 @@ import pyarrow.parquet as pq
 from imgfeat import __version__
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError, ImgfeatError, unknown_value
-from imgfeat.heads.estimators import KerasMLPClassifier
 from imgfeat.core.storage import remove_stale_tmp, write_bytes_atomic, write_json_atomic, write_table_atomic
 from imgfeat.core.workspace import Workspace
 
@@ -51,10 +52,18 @@ ROLE, ROWS_SCHEMA = S.ROLE, S.HEAD_ROWS_SCHEMA  # the schema lives in core/schem
 
 @dataclass(frozen=True)
 class LoadedHead:
-    """A verified, loaded head: its head.json and the fitted estimator."""
+    """A head: its head.json, and the fitted estimator, verified and deserialised on first use.
+
+    ``load_head(..., lazy=True)`` defers the model file: a predict with nothing new never reads
+    it (nor imports scikit-learn to unpack it).
+    """
 
     meta: dict[str, Any]
-    estimator: Any
+    load: Callable[[], Any] = field(repr=False, compare=False)
+
+    @functools.cached_property
+    def estimator(self) -> Any:
+        return self.load()
 
     @property
     def head_id(self) -> str:
@@ -121,6 +130,8 @@ def model_bytes(estimator: Any) -> tuple[str, bytes]:
     """Serialise a fitted head without pickles: ``.keras`` for the dense net, skops for scikit-learn."""
     import skops.io
 
+    from imgfeat.heads.estimators import KerasMLPClassifier  # scikit-learn: only where a model is handled
+
     if isinstance(estimator, KerasMLPClassifier):
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / MODEL_FILES["keras"]
@@ -148,10 +159,11 @@ def write_head(ws: Workspace, head_id: str, estimator: Any, meta: dict[str, Any]
     return folder
 
 
-def load_head(ws: Workspace, head_id: str, trust_pickle: bool = False) -> LoadedHead:
+def load_head(ws: Workspace, head_id: str, trust_pickle: bool = False, lazy: bool = False) -> LoadedHead:
     """Read head.json, check the model file's sha256 against it, then (only then) deserialise.
 
     Old heads saved as joblib pickles load only with ``trust_pickle`` (a pickle can run code).
+    ``lazy``: the model file is read, checked and deserialised when the estimator is first used.
     """
     meta = read_head_meta(ws, head_id)
     if meta["model_format"] == "joblib" and not trust_pickle:
@@ -162,6 +174,14 @@ def load_head(ws: Workspace, head_id: str, trust_pickle: bool = False) -> Loaded
             f"{folder} and run 'imgfeat train' again), or pass --trust-pickle (trust_pickle=True in "
             "Python) if you trust the file"
         )
+    head = LoadedHead(meta, functools.partial(_load_model, ws, meta))
+    if not lazy:
+        head.estimator  # noqa: B018  (verify and deserialise now)
+    return head
+
+
+def _load_model(ws: Workspace, meta: dict[str, Any]) -> Any:
+    head_id = meta["head_id"]
     path = ws.head_dir(head_id) / meta["model_file"]
     try:
         blob = path.read_bytes()
@@ -174,7 +194,7 @@ def load_head(ws: Workspace, head_id: str, trust_pickle: bool = False) -> Loaded
             f"{meta['model_sha256'][:16]}...; the file was modified or corrupted. Delete "
             f"{ws.head_dir(head_id)} and run 'imgfeat train' again"
         )
-    return LoadedHead(meta, _deserialise(meta, blob))
+    return _deserialise(meta, blob)
 
 
 def _deserialise(meta: dict[str, Any], blob: bytes) -> Any:
@@ -192,6 +212,8 @@ def _deserialise(meta: dict[str, Any], blob: bytes) -> Any:
 
 
 def _load_keras(meta: dict[str, Any], blob: bytes) -> Any:
+    from imgfeat.heads.estimators import KerasMLPClassifier  # scikit-learn: only where a model is handled
+
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / MODEL_FILES["keras"]
         path.write_bytes(blob)

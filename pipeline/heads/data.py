@@ -11,11 +11,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-from sklearn.model_selection import train_test_split
 
 from imgfeat.core import schemas as S
 from imgfeat.core.hashing import canonical_json  # noqa: F401  (heads.train imports it from here)
 from imgfeat.core.errors import ConfigError
+from imgfeat.core.logs import warn_once
 from imgfeat.extract.featureset import committed_ids
 from imgfeat.scan.manifest import read_manifest
 from imgfeat.core.workspace import Workspace
@@ -61,7 +61,7 @@ def read_labelled(ws: Workspace, dataset: str, featureset: str, test_fraction: f
                   random_state: int) -> LabelledRows:
     """Reader + mapper: manifest rows with a label and a feature row, split for training."""
     manifest = read_manifest(ws, dataset, columns=MANIFEST_COLUMNS)
-    return labelled_rows(manifest, committed_ids(ws, featureset), test_fraction, random_state, dataset)
+    return labelled_rows(manifest, committed_ids(ws, featureset), test_fraction, random_state, dataset, featureset)
 
 
 def unique_images(manifest: pa.Table) -> tuple[pd.DataFrame, dict[str, int], pd.DataFrame]:
@@ -84,8 +84,8 @@ def unique_images(manifest: pa.Table) -> tuple[pd.DataFrame, dict[str, int], pd.
     files = left_out_files(ok, first, conflicting)
     if conflicting:
         shown = files[files[S.REASON] == S.REASON_CONFLICT]
-        log.warning("%d images appear under several labels; the first path's label is used: %s",
-                    len(conflicting), _listing(shown))
+        warn_once(log, "%d images appear under several labels; the first path's label is used: %s",
+                  len(conflicting), _listing(shown))
     return first.reset_index(drop=True), counts, files
 
 
@@ -115,7 +115,7 @@ def left_out_table(files: pd.DataFrame) -> pa.Table:
 
 
 def labelled_rows(manifest: pa.Table, feature_ids: set[str], test_fraction: float,
-                  random_state: int, dataset: str = "dataset") -> LabelledRows:
+                  random_state: int, dataset: str = "dataset", featureset: str | None = None) -> LabelledRows:
     """Pure mapper: dedupe, keep labelled rows that have features, split train/evaluation."""
     df, left_out, files = unique_images(manifest)
     labels = df[S.LABEL].astype("string")
@@ -127,16 +127,32 @@ def labelled_rows(manifest: pa.Table, feature_ids: set[str], test_fraction: floa
         )
     has_feature = df[S.IMAGE_ID].isin(feature_ids)
     left_out["unlabelled"] = int((~has_label).sum())
-    left_out["missing_features"] = int((has_label & ~has_feature).sum())
-    if left_out["missing_features"]:
-        log.warning("%d labelled images have no features yet (run 'imgfeat extract' first); left out",
-                    left_out["missing_features"])
+    missing = left_out["missing_features"] = int((has_label & ~has_feature).sum())
     rows = df[has_label & has_feature].sort_values(S.IMAGE_ID, kind="stable")
-    if rows.empty:
-        raise ConfigError(f"no labelled image of dataset {dataset!r} has features in this featureset; "
-                          "run 'imgfeat extract' for it first")
-    _check_classes(rows[S.LABEL], dataset, "")
-    return _split(rows, test_fraction, random_state, dataset, left_out, files)
+    try:
+        if rows.empty:
+            raise ConfigError("none has features")
+        _check_classes(rows[S.LABEL], dataset, "")
+        out = _split(rows, test_fraction, random_state, dataset, left_out, files)
+    except ConfigError as exc:
+        if not missing:
+            raise
+        # The dataset may be fine: what is wrong is that its features are not extracted (yet).
+        why = _missing_features(dataset, featureset, missing, int(has_label.sum()), len(rows), exc)
+        raise ConfigError(why) from None
+    if missing:
+        log.warning("%d of %d labelled images of dataset %s have no features yet (run 'imgfeat extract "
+                    "--dataset %s' first); left out", missing, int(has_label.sum()), dataset, dataset)
+    return out
+
+
+def _missing_features(dataset: str, featureset: str | None, missing: int, labelled: int, have: int,
+                      then: ConfigError) -> str:
+    where = f"featureset {featureset}" if featureset else "this featureset"
+    text = (f"{missing} of the {labelled} labelled images of dataset {dataset!r} have no features in {where}: "
+            f"extract them first ('imgfeat extract --dataset {dataset}' with the featureset's recipe, or list "
+            f"{dataset!r} in the datasets of its [features] section)")
+    return text if not have else f"{text}; the {have} that have features are not enough: {then}"
 
 
 def _split(rows: pd.DataFrame, test_fraction: float, random_state: int, dataset: str,
@@ -174,6 +190,8 @@ def _hold_out(rows: pd.DataFrame, fraction: float, random_state: int, dataset: s
             f"dataset {dataset!r} is too small to hold out --test-fraction {fraction:g}: {len(rows)} "
             f"labelled images in {n_classes} classes; add images, or give it a train/test split"
         )
+    from sklearn.model_selection import train_test_split  # only datasets without a split pay for it
+
     train, test = train_test_split(rows, test_size=n_test, stratify=rows[S.LABEL], random_state=random_state)
     return train.sort_values(S.IMAGE_ID), test.sort_values(S.IMAGE_ID)
 

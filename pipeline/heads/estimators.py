@@ -18,8 +18,6 @@ from sklearn.svm import SVC, LinearSVC
 from sklearn.utils.class_weight import compute_class_weight
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-HEAD_KINDS = ("logreg", "svm", "mlp", "auto")
-SVM_KERNELS = ("linear", "rbf")
 # Regularisation grids searched by cross-validation (features are standardised first).
 LOGREG_C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 SVM_C_GRID = (1e-3, 1e-2, 1e-1, 1.0)

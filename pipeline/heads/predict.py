@@ -185,7 +185,7 @@ def run_predict(ws: Workspace, cfg: PredictConfig, run_id: str) -> PredictSummar
     """Predict what is new for this head: dataset rows to ``predictions/<head_id>/``, files to ``file_predictions/``."""
     t0 = time.perf_counter()
     head_id = resolve_head(ws, cfg.head_id)
-    head = load_head(ws, head_id, trust_pickle=cfg.trust_pickle)
+    head = load_head(ws, head_id, trust_pickle=cfg.trust_pickle, lazy=True)  # read only if there is work
     t_load = time.perf_counter()
     folder = ws.predictions_dir(head_id) if cfg.dataset is not None else ws.file_predictions_dir(head_id)
     with FileLock(ws.locks_dir / f"predictions-{head_id}.lock", f"predictions of head {head_id}",

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io
+import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +17,12 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
+from imgfeat import __version__
 from imgfeat.core import schemas as S
+from imgfeat.core.hashing import canonical_json
 from imgfeat.core.errors import ConfigError, unknown_value
 from imgfeat.extract.featureset import load_features
 from imgfeat.heads import artifacts as A
-from imgfeat.heads import plots
 from imgfeat.heads.artifacts import LoadedHead, load_head
 from imgfeat.heads.versions import default_head_name, resolve_head
 from imgfeat.core import names as N
@@ -68,17 +71,65 @@ class Mistake:
 
 
 def run_report(ws: Workspace, cfg: ReportConfig, run_id: str) -> dict[str, Any]:
-    """Write ``reports/<head_id>/index.html``, every image inline; returns the page path and counts."""
+    """Write ``reports/<head_id>/index.html``, every image inline; returns the page path and counts.
+
+    A page made from the same inputs (``report_inputs``) is kept as it is: nothing is loaded or written.
+    """
     t0 = time.perf_counter()
     head_id = resolve_head(ws, cfg.head_id)
-    head = load_head(ws, head_id, trust_pickle=cfg.trust_pickle)
+    head = load_head(ws, head_id, trust_pickle=cfg.trust_pickle, lazy=True)
+    inputs = report_inputs(ws, cfg, head)
     with FileLock(ws.locks_dir / f"report-{head_id}.lock", f"the report of head {head_id}",
                   cfg.wait, hint=WAIT_HINT):
-        return _write_report(ws, cfg, head, head_id, run_id, t0)
+        current = _current_page(ws.report_dir(head_id) / "index.html", inputs)
+        if current is not None:
+            name = head_name(head, cfg.head_id)
+            log.info("report for %s (%s) is up to date: %s", name, head_id, ws.report_dir(head_id) / "index.html")
+            return {"head_id": head_id, "name": name, "report": str(ws.report_dir(head_id) / "index.html"),
+                    **current, "reused": True, "seconds": round(time.perf_counter() - t0, 3), "run_id": run_id}
+        return _write_report(ws, cfg, head, head_id, run_id, t0, inputs)
+
+
+def report_inputs(ws: Workspace, cfg: ReportConfig, head: LoadedHead) -> str:
+    """A digest of everything the page is made of: the head, the options, the manifest, the predictions."""
+    manifest = ws.manifest_path(head.meta["dataset"])
+    try:
+        st = manifest.stat()
+        manifest_id = [st.st_size, st.st_mtime_ns]
+    except OSError:
+        manifest_id = None
+    options = {k: v for k, v in asdict(cfg).items() if k not in ("wait", "trust_pickle")}
+    key = {"head": head.meta.get("model_sha256"), "head_id": head.head_id, "options": options,
+           "manifest": manifest_id, "predictions": [p.name for p in list_shards(ws.predictions_dir(head.head_id))],
+           "imgfeat": __version__}
+    return hashlib.sha256(canonical_json(key).encode()).hexdigest()[:16]
+
+
+_STAMP = "imgfeat-report"  # <meta name=...> near the top of the page: its inputs and what it shows
+
+
+def _current_page(page: Path, inputs: str) -> dict[str, Any] | None:
+    """What the existing page shows (plots, mistakes_shown) when it was made from ``inputs``; else None."""
+    try:
+        with page.open("rb") as f:
+            top = f.read(4096).decode("utf-8", "replace")
+    except OSError:
+        return None
+    start = top.find(f"<meta name='{_STAMP}' content='")
+    if start < 0:
+        return None
+    raw = top[start:].split("content='", 1)[1].split("'", 1)[0]
+    try:
+        stamp = json.loads(html.unescape(raw))
+    except ValueError:
+        return None
+    if not isinstance(stamp, dict) or stamp.get("inputs") != inputs:
+        return None
+    return {"plots": stamp.get("plots", []), "mistakes_shown": stamp.get("mistakes_shown", 0)}
 
 
 def _write_report(ws: Workspace, cfg: ReportConfig, head: LoadedHead, head_id: str, run_id: str,
-                  t0: float) -> dict[str, Any]:
+                  t0: float, inputs: str = "") -> dict[str, Any]:
     folder = ws.report_dir(head_id)
     folder.mkdir(parents=True, exist_ok=True)
     remove_stale_tmp(folder)
@@ -87,13 +138,16 @@ def _write_report(ws: Workspace, cfg: ReportConfig, head: LoadedHead, head_id: s
     mistakes, eval_role = _mistakes(ws, head, rows, paths, cfg.max_mistakes)
     plots_png = _plots(ws, head, rows, cfg)
     name = head_name(head, cfg.head_id)
-    page = render_page(head, name, eval_role, mistakes, plots_png, _prediction_rows(ws, head_id), cfg.thumb_size)
+    stamp = {"inputs": inputs, "plots": sorted(plots_png), "mistakes_shown": len(mistakes)}
+    page = render_page(head, name, eval_role, mistakes, plots_png, _prediction_rows(ws, head_id), cfg.thumb_size,
+                       stamp)
     index = write_bytes_atomic(page.encode("utf-8"), folder / "index.html")
     for stale in (CONFUSION_PNG, PROJECTION_PNG, A.CURVES_FILE):  # beside pages of older versions
         remove_file(folder / stale, ws.root)
     log.info("report for %s (%s): %s", name, head_id, index)
     return {"head_id": head_id, "name": name, "report": str(index), "plots": sorted(plots_png),
-            "mistakes_shown": len(mistakes), "seconds": round(time.perf_counter() - t0, 3), "run_id": run_id}
+            "mistakes_shown": len(mistakes), "reused": False, "seconds": round(time.perf_counter() - t0, 3),
+            "run_id": run_id}
 
 
 def head_name(head: LoadedHead, ref: str) -> str:
@@ -139,6 +193,8 @@ def _mistakes(ws: Workspace, head: LoadedHead, rows, paths: dict[str, Path], lim
 
 def _plots(ws: Workspace, head: LoadedHead, rows, cfg: ReportConfig) -> dict[str, bytes]:
     """The page's PNGs by name: confusion matrix, 2-D projection, training curves (what applies)."""
+    from imgfeat.heads import plots  # matplotlib: only when a page is drawn
+
     out: dict[str, bytes] = {}
     confusion = head.meta["metrics"].get("confusion")
     if confusion:
@@ -215,11 +271,12 @@ tr.win td { background: #eef7ee; }
 
 
 def render_page(head: LoadedHead, name: str, eval_role: str, mistakes: list[Mistake], pngs: dict[str, bytes],
-                n_predictions: int, thumb_size: int) -> str:
+                n_predictions: int, thumb_size: int, stamp: dict[str, Any] | None = None) -> str:
     """The whole page as one string: every image a data URI, so the file alone is the report."""
     m = head.meta
     parts = [
         "<!doctype html>\n<html lang='en'><head><meta charset='utf-8'>",
+        f"<meta name='{_STAMP}' content='{_e(json.dumps(stamp or {}, sort_keys=True))}'>",
         f"<title>{_e(name)} · imgfeat report</title><style>{CSS}</style></head><body>",
         f"<h1>{_e(name)}</h1>",
         f"<p class='sub'>{_e(_kind(m))} head on <b>{_e(m['dataset'])}</b> · version "

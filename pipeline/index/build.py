@@ -14,7 +14,7 @@ from typing import Any
 import pyarrow as pa
 
 from imgfeat.core import schemas as S
-from imgfeat.core.errors import ConfigError, ImgfeatError, unknown_value
+from imgfeat.core.errors import ConfigError, ImgfeatError
 from imgfeat.core.storage import (
     WAIT_HINT,
     FileLock,

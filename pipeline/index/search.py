@@ -15,7 +15,7 @@ from imgfeat.core.runs import new_run_id
 from imgfeat.core.workspace import Workspace
 from imgfeat.index.files import IndexInfo, migrate_if_free, read_faiss, read_ids, read_info
 from imgfeat.index.kinds import knn, set_search_params
-from imgfeat.index.vectors import normalise, read_vectors
+from imgfeat.index.vectors import normalise, read_vectors, resolve_id_prefixes
 from imgfeat.scan.manifest import dataset_root
 
 
@@ -114,14 +114,16 @@ class Index:
                 for q, qid, s, r in zip(labels, query_ids, sims, rows)]
 
     def search_ids(self, image_ids: Sequence[str], k: int = 10) -> list[QueryResult]:
-        """Neighbours of images already in the featureset, by image id."""
+        """Neighbours of images already in the featureset, by image id or a unique prefix (8+ hex digits)."""
+        asked = list(image_ids)
+        image_ids = resolve_id_prefixes(self.ws, self.featureset, asked)
         ids, X = read_vectors(self.ws, self.featureset, image_ids)
         unknown = [i for i in image_ids if i not in set(ids)]
         if unknown:
             raise ConfigError(f"image id {unknown[0]!r} has no feature row in featureset {self.featureset}")
         pos = {i: n for n, i in enumerate(ids)}
         X = X[[pos[i] for i in image_ids]]
-        return self.search_vectors(X, k, labels=list(image_ids), query_ids=list(image_ids))
+        return self.search_vectors(X, k, labels=asked, query_ids=list(image_ids))
 
     def search_files(self, paths: Sequence[Path], k: int = 10, run_id: str | None = None) -> list[QueryResult]:
         """Neighbours of image files: extracted through the featureset cache (a cached file costs a hash)."""

@@ -1,7 +1,9 @@
-"""Featureset rows as L2-normalised float32 vectors, and the manifest paths of image ids."""
+"""Featureset rows as L2-normalised float32 vectors, the manifest paths of image ids, id prefixes."""
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -11,8 +13,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from imgfeat.core import schemas as S
+from imgfeat.core.errors import ConfigError
 from imgfeat.core.workspace import Workspace
-from imgfeat.extract.featureset import feature_matrix, feature_shards, featureset_info
+from imgfeat.extract.featureset import committed_ids, feature_matrix, feature_shards, featureset_info
 from imgfeat.scan.manifest import read_manifest
 
 READ_BATCH_ROWS = 8192
@@ -104,3 +107,35 @@ def first_paths(ws: Workspace, datasets: Sequence[str]) -> dict[str, tuple[str, 
 def scanned_datasets(ws: Workspace) -> list[str]:
     """Every dataset of the workspace that has a manifest."""
     return [d for d in ws.list_names("datasets") if ws.manifest_path(d).is_file()]
+
+
+MIN_ID_PREFIX = 8  # hex digits: 16^8 ids make a clash between two random images rare below ~10k images
+ID_HEX = 32  # an image id is the BLAKE2b-128 of the file's bytes, as 32 hex digits
+
+
+def resolve_id_prefixes(ws: Workspace, featureset: str, refs: Sequence[str]) -> list[str]:
+    """Full image ids for ids or unique prefixes (8+ hex digits) of ids in the featureset, as git does.
+
+    A prefix that matches no id, or several, is a ConfigError naming it (and the candidates).
+    """
+    refs = [r.strip().lower() for r in refs]
+    for ref in refs:
+        if not (MIN_ID_PREFIX <= len(ref) <= ID_HEX and all(c in "0123456789abcdef" for c in ref)):
+            raise ConfigError(f"image id {ref!r}: give the full id or at least {MIN_ID_PREFIX} of its "
+                              f"{ID_HEX} hex digits")
+    if all(len(r) == ID_HEX for r in refs):
+        return refs
+    ids = sorted(committed_ids(ws, featureset))
+    return [ref if len(ref) == ID_HEX else _one_match(ref, ids, featureset) for ref in refs]
+
+
+def _one_match(prefix: str, ids: list[str], featureset: str) -> str:
+    start = bisect.bisect_left(ids, prefix)
+    matches = list(itertools.takewhile(lambda i: i.startswith(prefix), ids[start:start + 6]))
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise ConfigError(f"image id {prefix!r}: no image id in featureset {featureset} starts with it")
+    more = " ..." if len(matches) > 5 else ""
+    raise ConfigError(f"image id {prefix!r} is ambiguous in featureset {featureset}: it starts "
+                      f"{', '.join(matches[:5])}{more}; give more digits")

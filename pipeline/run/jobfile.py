@@ -44,11 +44,13 @@ NUMBER = KeyType("a number", lambda v: _is_int(v) or isinstance(v, float))
 SECONDS = KeyType("a number of seconds", NUMBER.accepts)  # its range: core/ranges.py "wait"
 TEXT = KeyType("a string", lambda v: isinstance(v, str))
 PATH = KeyType("a path (a string)", lambda v: isinstance(v, (str, os.PathLike)))
+NUMBERS = KeyType("a list of numbers", lambda v: isinstance(v, list) and all(NUMBER.accepts(x) for x in v))
 NAMES = KeyType("a name or a list of names",
                 lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v)))
 
 # Config field annotations -> the KeyType a job-file value for that field must pass.
-FIELD_TYPES: dict[Any, KeyType] = {bool: BOOL, int: INT, float: NUMBER, str: TEXT, os.PathLike: PATH}
+FIELD_TYPES: dict[Any, KeyType] = {bool: BOOL, int: INT, float: NUMBER, str: TEXT, os.PathLike: PATH,
+                                   tuple[float, ...]: NUMBERS}
 
 # Keys that are not fields of a stage config, per section (extend here for new sections/keys).
 JOB_KEY_TYPES: dict[str, dict[str, KeyType]] = {
@@ -325,7 +327,7 @@ def field_types(cls: type) -> dict[str, KeyType]:
 
 def _key_type(hint: Any) -> KeyType | None:
     parts = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-    kinds = {FIELD_TYPES.get(typing.get_origin(p) or p) for p in parts if p is not type(None)}
+    kinds = {FIELD_TYPES.get(p) or FIELD_TYPES.get(typing.get_origin(p)) for p in parts if p is not type(None)}
     if len(kinds) == 2 and kinds == {TEXT, PATH}:  # ``str | os.PathLike``
         return PATH
     return kinds.pop() if len(kinds) == 1 else None

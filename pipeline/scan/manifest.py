@@ -121,15 +121,43 @@ def manifest_writer(path: Path, info: Mapping[str, Any]) -> Iterator[pq.ParquetW
     """Stream row groups into ``<path>.tmp``; on a clean exit it replaces ``path`` atomically.
 
     Call ``writer.write_table(table)`` with tables of MANIFEST_SCHEMA (any metadata). If the
-    block raises, the old manifest stays as it was and no temporary file is left behind.
+    block raises, the old manifest stays as it was and no temporary file is left behind. When
+    the new manifest holds the same rows, root and options as the old one, the old file stays
+    (its footer names the scan that last changed it): a rescan that found nothing new writes nothing.
     """
     schema = manifest_schema(info)
-    with atomic_path(Path(path)) as tmp:
+    with contextlib.suppress(_Unchanged), atomic_path(Path(path)) as tmp:
         writer = pq.ParquetWriter(tmp, schema, compression="zstd")
         try:
             yield _SchemaWriter(writer, schema)
         finally:
             writer.close()
+        if _same_manifest(tmp, Path(path), info):
+            raise _Unchanged  # atomic_path removes the temporary file and leaves the old one
+
+
+class _Unchanged(Exception):
+    """The manifest just written equals the committed one: keep the committed file."""
+
+
+# Footer keys that describe the scan rather than the dataset (they differ on every rescan).
+_SCAN_KEYS = ("created_at", "run_id")
+
+
+def _same_manifest(new: Path, old: Path, info: Mapping[str, Any]) -> bool:
+    if not old.is_file():
+        return False
+    try:
+        before = pq.read_table(old)
+        old_info = json.loads(before.schema.metadata[S.META_MANIFEST])
+    except (OSError, pa.ArrowException, KeyError, TypeError, ValueError):
+        return False  # a damaged manifest is always replaced
+    new_info = json.loads(json.dumps(dict(info), sort_keys=True))  # as the footer stores it
+    if {k: v for k, v in old_info.items() if k not in _SCAN_KEYS} != {
+            k: v for k, v in new_info.items() if k not in _SCAN_KEYS}:
+        return False
+    after = pq.read_table(new)
+    return before.num_rows == after.num_rows and before.equals(after)
 
 
 class _SchemaWriter:

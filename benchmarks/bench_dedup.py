@@ -1,0 +1,133 @@
+"""Benchmark of dedup's quality on real photos: planted near-copies found, distinct photos left alone.
+
+Not a test: run it by hand, e.g.
+
+    .venv/bin/python benchmarks/bench_dedup.py                       # ~570 photos, 57 copies
+    .venv/bin/python benchmarks/bench_dedup.py --work /tmp/bd --json  # keep the workspace (features cached)
+
+The photos are the real ones installed packages ship (scikit-image, scikit-learn, matplotlib),
+each whole and cut into non-overlapping tiles at several scales, so the set holds hundreds of
+distinct images of a few dozen similar scenes. A quarter goes to the test split; copies of
+``--copy-fraction`` of the images (training photos, made with the nine transforms of
+``imgfeat.tools.nearcopies``, in turn) are planted in the test split, under the original's
+label. EfficientNet-Lite0 features (ImageNet weights). For each criterion it reports, per
+transform and overall, the share of copies grouped with their original *and* reported as a
+leak of it (recall), and the share of all images grouped with an image of another photo
+(false grouping).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from imgfeat.tools.nearcopies import TRANSFORMS, distinct_photos, near_copy, pick
+
+DATASET = "photos"
+
+
+def build_photo_set(root: Path, copy_fraction: float, seed: int, grids: tuple[int, ...]) -> dict[str, tuple[str, str | None]]:
+    """Write the set under ``root``; returns {relative path: (the distinct photo it shows, transform or None)}."""
+    photos = distinct_photos(grids)
+    test = set(pick(len(photos), len(photos) // 4, seed).tolist())
+    truth: dict[str, tuple[str, str | None]] = {}
+    for k, p in enumerate(photos):
+        rel = f"{'test' if k in test else 'train'}/{p.label}/{p.name}.jpg"
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        p.image.save(root / rel, quality=90)
+        truth[rel] = (p.name, None)
+    train = [rel for rel in truth if rel.startswith("train/")]
+    n_copies = round(copy_fraction * len(photos))
+    names = list(TRANSFORMS)
+    for j, k in enumerate(pick(len(train), n_copies, seed + 1).tolist()):
+        rel = train[k]
+        from PIL import Image
+
+        with Image.open(root / rel) as im:  # a copy is made from the file, as a person would
+            data, suffix = near_copy(im, names[j % len(names)])
+        label = rel.split("/")[1]
+        copy_rel = f"test/{label}/copy-{names[j % len(names)]}-{j:03d}{suffix}"
+        (root / copy_rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / copy_rel).write_bytes(data)
+        truth[copy_rel] = (truth[rel][0], names[j % len(names)])
+    return truth
+
+
+def score(truth: dict[str, tuple[str, str | None]], groups_dir: str, leaks_dir: str) -> dict:
+    """Recall per transform and overall; false grouping: images grouped with another photo's image."""
+    groups = pq.read_table(groups_dir).to_pylist()
+    leaks = {r["path"]: r["nearest_path"] for r in pq.read_table(leaks_dir).to_pylist()}
+    members: dict[str, set[str]] = defaultdict(set)
+    group_of = {}
+    for r in groups:
+        members[r["group_id"]].add(truth[r["path"]][0])
+        group_of[r["path"]] = r["group_id"]
+    original = {name: rel for rel, (name, t) in truth.items() if t is None}
+    found: dict[str, list[bool]] = defaultdict(list)
+    for rel, (name, t) in truth.items():
+        if t is None:
+            continue
+        g = group_of.get(rel)
+        ok = g is not None and g == group_of.get(original[name]) and truth.get(leaks.get(rel, ""), ("",))[0] == name
+        found[t].append(ok)
+        found["all"].append(ok)
+    false = sum(1 for rel in truth if rel in group_of and len(members[group_of[rel]]) > 1)
+    return {"recall": {t: round(sum(v) / len(v), 3) for t, v in found.items()},
+            "found": f"{sum(found['all'])}/{len(found['all'])}",
+            "false_grouped": false, "false_grouping_rate": round(false / len(truth), 4), "images": len(truth)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=None, help="workspace + photos folder (kept; features cached)")
+    ap.add_argument("--copy-fraction", type=float, default=0.1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--grids", default="1,2,3,4", help="tile grids per photo (1: the whole photo)")
+    ap.add_argument("--input-size", type=int, default=None, help="backbone input size (default: its own, 224)")
+    ap.add_argument("--thresholds", default="0.9,0.8,0.75", help="cosine thresholds to compare (0.9: the default)")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench-dedup-"))
+    from imgfeat.core.workspace import Workspace
+    from imgfeat.extract.extract import ExtractConfig, run_extract
+    from imgfeat.index.dedup import DedupConfig, run_dedup
+    from imgfeat.scan.scan import ScanConfig, run_scan
+
+    root = work / "photos"
+    truth_file = work / "truth.json"
+    if truth_file.is_file():
+        truth = {k: tuple(v) for k, v in json.loads(truth_file.read_text()).items()}
+    else:
+        truth = build_photo_set(root, args.copy_fraction, args.seed, tuple(int(g) for g in args.grids.split(",")))
+        truth_file.write_text(json.dumps(truth))
+    ws = Workspace.resolve(work / "ws")
+    run_scan(ws, ScanConfig(root=root, dataset=DATASET), "scan")
+    fs = run_extract(ws, ExtractConfig(dataset=DATASET, backbone="efficientnet_lite0", weights="imagenet",
+                                       input_size=args.input_size), "extract")["featureset"]
+    out = {"images": len(truth), "copies": sum(1 for _, t in truth.values() if t), "featureset": fs, "criteria": {}}
+    for threshold in (float(t) for t in args.thresholds.split(",")):
+        label = f"threshold {threshold:g}"
+        s = run_dedup(ws, DedupConfig(featureset=fs, dataset=DATASET, threshold=threshold,
+                                      name=f"t{threshold:g}"), "dedup").to_json()
+        out["criteria"][label] = {**score(truth, s["groups_table"], s["leaks_table"]),
+                                  "criterion": s.get("criterion"), "seconds": s["seconds"]}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        for label, r in out["criteria"].items():
+            print(f"{label}: found {r['found']} copies, {r['false_grouped']} of {r['images']} images falsely "
+                  f"grouped ({r['false_grouping_rate']:.1%})")
+            print("  " + ", ".join(f"{t} {v:.0%}" for t, v in r["recall"].items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

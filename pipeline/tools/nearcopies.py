@@ -1,0 +1,114 @@
+"""Near-copies people make of a photo (nine transforms) and a set of distinct real photos to plant them in."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageEnhance, ImageOps
+
+
+def _crop(im: Image.Image) -> Image.Image:
+    w, h = im.size
+    dx, dy = round(w * 0.015), round(h * 0.015)  # 3% of each side in all
+    return im.crop((dx, dy, w - dx, h - dy)).resize((w, h), Image.BILINEAR)
+
+
+def _letterbox(im: Image.Image) -> Image.Image:
+    w, h = im.size
+    pad = round(h * 0.05)  # bars adding 10% to the height
+    out = Image.new("RGB", (w, h + 2 * pad))
+    out.paste(im, (0, pad))
+    return out
+
+
+# name -> (transform, format, save options). The copies a collection really holds: re-encodes,
+# small edits, thumbnails and grey renditions of the same photo.
+TRANSFORMS: dict[str, tuple[Callable[[Image.Image], Image.Image], str, dict]] = {
+    "png": (lambda im: im, "PNG", {}),
+    "brightness": (lambda im: ImageEnhance.Brightness(im).enhance(1.15), "PNG", {}),
+    "width96": (lambda im: im.resize((96, max(1, round(im.height * 96 / im.width))), Image.BILINEAR), "PNG", {}),
+    "crop_q75": (_crop, "JPEG", {"quality": 75}),
+    "jpeg_q30": (lambda im: im, "JPEG", {"quality": 30}),
+    "rotate3": (lambda im: im.rotate(3, resample=Image.BILINEAR), "PNG", {}),
+    "letterbox": (_letterbox, "PNG", {}),
+    "half": (lambda im: im.resize((max(1, im.width // 2), max(1, im.height // 2)), Image.BILINEAR), "PNG", {}),
+    "grayscale": (ImageOps.grayscale, "PNG", {}),
+}
+SUFFIX = {"PNG": ".png", "JPEG": ".jpg"}
+
+
+def near_copy(im: Image.Image, transform: str) -> tuple[bytes, str]:
+    """``(file bytes, suffix)`` of ``im`` under one of TRANSFORMS."""
+    fn, fmt, options = TRANSFORMS[transform]
+    buf = io.BytesIO()
+    fn(im.convert("RGB")).save(buf, fmt, **options)
+    return buf.getvalue(), SUFFIX[fmt]
+
+
+# Real photos shipped inside installed packages (nothing is downloaded): (package, file in it).
+PHOTO_FILES: tuple[tuple[str, str], ...] = (
+    ("skimage", "data/chelsea.png"), ("skimage", "data/coffee.png"), ("skimage", "data/astronaut.png"),
+    ("skimage", "data/rocket.jpg"), ("skimage", "data/hubble_deep_field.jpg"), ("skimage", "data/retina.jpg"),
+    ("skimage", "data/motorcycle_left.png"), ("skimage", "data/motorcycle_right.png"), ("skimage", "data/camera.png"),
+    ("skimage", "data/coins.png"), ("skimage", "data/moon.png"), ("skimage", "data/brick.png"),
+    ("skimage", "data/grass.png"), ("skimage", "data/gravel.png"), ("skimage", "data/color.png"),
+    ("skimage", "data/ihc.png"), ("skimage", "data/cell.png"), ("skimage", "data/page.png"),
+    ("skimage", "data/text.png"), ("skimage", "data/clock_motion.png"),
+    ("sklearn", "datasets/images/china.jpg"), ("sklearn", "datasets/images/flower.jpg"),
+    ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"),
+)
+
+
+def shipped_photos() -> dict[str, Image.Image]:
+    """name -> RGB image of each photo in PHOTO_FILES that its installed package ships."""
+    out = {}
+    for package, rel in PHOTO_FILES:
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        path = Path(list(spec.submodule_search_locations)[0]) / rel
+        if path.is_file():
+            with Image.open(path) as im:
+                out[Path(rel).stem] = im.convert("RGB")
+    return out
+
+
+@dataclass(frozen=True)
+class Distinct:
+    """One distinct photo of the set: the source photo's name (its label) and the pixels."""
+
+    label: str
+    name: str
+    image: Image.Image
+
+
+def distinct_photos(grids: tuple[int, ...] = (1, 2, 3, 4), min_side: int = 96, max_side: int = 320) -> list[Distinct]:
+    """Each shipped photo whole and cut into non-overlapping g x g tiles for each g in ``grids``.
+
+    Tiles of one grid never overlap, so no two images of a grid are copies; tiles of different
+    grids of a photo show the same scene at other scales (similar, not copies). Tiles under
+    ``min_side`` pixels are skipped; each image is shrunk to at most ``max_side``.
+    """
+    out = []
+    for label, photo in sorted(shipped_photos().items()):
+        w, h = photo.size
+        for g in grids:
+            tw, th = w // g, h // g
+            if min(tw, th) < min_side:
+                continue
+            for r in range(g):
+                for c in range(g):
+                    tile = photo.crop((c * tw, r * th, (c + 1) * tw, (r + 1) * th))
+                    tile.thumbnail((max_side, max_side))
+                    out.append(Distinct(label, f"{label}-g{g}-{r}{c}", tile))
+    return out
+
+
+def pick(n: int, k: int, seed: int) -> np.ndarray:
+    """``k`` of ``n`` positions, sorted, the same for the same seed."""
+    return np.sort(np.random.default_rng(seed).choice(n, size=min(k, n), replace=False))

@@ -91,7 +91,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--grids", default="1,2,3,4", help="tile grids per photo (1: the whole photo)")
     ap.add_argument("--input-size", type=int, default=None, help="backbone input size (default: its own, 224)")
-    ap.add_argument("--thresholds", default="0.9,0.8,0.75", help="cosine thresholds to compare (0.9: the default)")
+    ap.add_argument("--thresholds", default="0.9,0.75", help="fixed cosines to compare with the default (0.9: the old default)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -113,10 +113,10 @@ def main() -> int:
     fs = run_extract(ws, ExtractConfig(dataset=DATASET, backbone="efficientnet_lite0", weights="imagenet",
                                        input_size=args.input_size), "extract")["featureset"]
     out = {"images": len(truth), "copies": sum(1 for _, t in truth.values() if t), "featureset": fs, "criteria": {}}
-    for threshold in (float(t) for t in args.thresholds.split(",")):
-        label = f"threshold {threshold:g}"
+    for threshold in [None, *(float(t) for t in args.thresholds.split(",") if t)]:
+        label = "default" if threshold is None else f"--threshold {threshold:g}"
         s = run_dedup(ws, DedupConfig(featureset=fs, dataset=DATASET, threshold=threshold,
-                                      name=f"t{threshold:g}"), "dedup").to_json()
+                                      name="default" if threshold is None else f"t{threshold:g}"), "dedup").to_json()
         out["criteria"][label] = {**score(truth, s["groups_table"], s["leaks_table"]),
                                   "criterion": s.get("criterion"), "seconds": s["seconds"]}
     if args.json:

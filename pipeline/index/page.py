@@ -1,4 +1,4 @@
-"""The dedup HTML page: near-duplicate groups and split leaks as inline thumbnails, one self-contained file."""
+"""The dedup and similar HTML pages: groups, leaks, label conflicts and neighbours as inline thumbnails, one file."""
 
 from __future__ import annotations
 
@@ -27,7 +27,11 @@ h1{font-size:22px;margin:0 0 4px} h2{font-size:18px;margin:28px 0 8px}
 .row{display:flex;flex-wrap:wrap;gap:10px}
 figure{margin:0;width:136px;font-size:11px;color:#444}
 figure img{width:128px;height:128px;object-fit:contain;background:#eee;border:1px solid #ccc;display:block}
-figcaption{word-break:break-all;margin-top:3px}
+figcaption{margin-top:3px;line-height:1.3}
+.path{display:block;white-space:nowrap;overflow:hidden;text-overflow:ellipsis;direction:rtl;text-align:left}
+.label{display:inline-block;background:#eef;border-radius:3px;padding:0 4px;margin-right:3px}
+.conflict{border-color:#d33;border-width:2px} .conflict h3{color:#b00}
+.flag{background:#d33;color:#fff;border-radius:3px;padding:1px 6px;font-size:12px;margin-left:6px}
 .sim{font-weight:600;color:#0a5}
 .missing{width:128px;height:128px;display:flex;align-items:center;justify-content:center;background:#eee;color:#999}
 .leak{display:flex;gap:10px;align-items:center}
@@ -50,10 +54,17 @@ def thumbnail(path: Path) -> str | None:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _figure(root: Path, rel: str, caption: str) -> str:
-    uri = thumbnail(root / rel)
+def _figure(root: Path | None, rel: str, caption: str) -> str:
+    """A thumbnail with its caption; the path on one line, cut at the left (its end shows), whole on hover."""
+    uri = thumbnail(root / rel if root is not None else Path(rel))
     img = f'<img src="{uri}" alt="{html.escape(rel)}">' if uri else '<div class="missing">unreadable</div>'
-    return f"<figure>{img}<figcaption>{caption}<br>{html.escape(rel)}</figcaption></figure>"
+    # direction:rtl cuts the start; the bidi marks keep the path's own characters in order
+    path = f'<span class="path" title="{html.escape(rel)}">&lrm;{html.escape(rel)}&lrm;</span>'
+    return f"<figure>{img}<figcaption>{caption}{path}</figcaption></figure>"
+
+
+def _label(label: str | None) -> str:
+    return f'<span class="label">{html.escape(label)}</span>' if label is not None else ""
 
 
 def _groups_html(groups: pa.Table, root: Path, limit: int) -> str:
@@ -63,13 +74,15 @@ def _groups_html(groups: pa.Table, root: Path, limit: int) -> str:
     parts = []
     for n, (gid, rows) in enumerate(by_group.items()):
         if n >= limit:
-            parts.append(f"<p>{len(by_group) - limit} more groups are in groups.parquet.</p>")
+            parts.append(f"<p>{len(by_group) - limit} more groups are in the groups table.</p>")
             break
-        figs = "".join(_figure(root, r[S.PATH], f'<span class="sim">{r[S.SIMILARITY]:.3f}</span>')
-                       for r in rows[:PATHS_PER_GROUP])
+        figs = "".join(_figure(root, r[S.PATH], f'{_label(r[S.LABEL])}<span class="sim">{r[S.SIMILARITY]:.3f}</span>'
+                                     f' {html.escape(r[S.SPLIT] or "")}') for r in rows[:PATHS_PER_GROUP])
         more = f"<p>and {len(rows) - PATHS_PER_GROUP} more</p>" if len(rows) > PATHS_PER_GROUP else ""
-        parts.append(f'<div class="group"><h3>group {n + 1}: {len(rows)} files '
-                     f'<small>({html.escape(gid[:12])}…)</small></h3><div class="row">{figs}</div>{more}</div>')
+        conflict = rows[0][S.LABEL_CONFLICT]
+        flag = '<span class="flag">label conflict</span>' if conflict else ""
+        parts.append(f'<div class="group{" conflict" if conflict else ""}"><h3>group {n + 1}: {len(rows)} files '
+                     f'<small>({html.escape(gid[:12])}…)</small>{flag}</h3><div class="row">{figs}</div>{more}</div>')
     return "".join(parts) or "<p>No near-duplicate groups.</p>"
 
 
@@ -77,7 +90,7 @@ def _leaks_html(leaks: pa.Table, root: Path, limit: int) -> str:
     parts = []
     for n, r in enumerate(leaks.to_pylist()):
         if n >= limit:
-            parts.append(f"<p>{leaks.num_rows - limit} more leaks are in leaks.parquet.</p>")
+            parts.append(f"<p>{leaks.num_rows - limit} more leaks are in the leaks table.</p>")
             break
         parts.append('<div class="group leak">'
                      + _figure(root, r[S.PATH], f"{html.escape(r[S.SPLIT])}")
@@ -86,16 +99,19 @@ def _leaks_html(leaks: pa.Table, root: Path, limit: int) -> str:
     return "".join(parts) or "<p>No held-out image is that close to a training image.</p>"
 
 
-def render_page(groups: pa.Table, leaks: pa.Table, root: Path, cfg, run_id: str) -> str:
-    """The whole page as one string (thumbnails inline, no external files)."""
+def render_page(groups: pa.Table, leaks: pa.Table, root: Path, cfg, run_id: str, criterion: str) -> str:
+    """The whole page as one string (thumbnails inline, no external files); label conflicts come first."""
     n_groups = len(set(groups[S.GROUP_ID].to_pylist()))
+    n_conflicts = len({g for g, c in zip(groups[S.GROUP_ID].to_pylist(), groups[S.LABEL_CONFLICT].to_pylist()) if c})
     title = f"Near-duplicates in {cfg.dataset}"
-    meta = (f"featureset {html.escape(cfg.featureset)} · cosine similarity ≥ {cfg.threshold:g} · "
-            f"{n_groups} groups ({groups.num_rows} files) · {leaks.num_rows} split leaks · run {html.escape(run_id)}")
+    meta = (f"featureset {html.escape(cfg.featureset)} · {html.escape(criterion)} · "
+            f"{n_groups} groups ({groups.num_rows} files) · {n_conflicts} with conflicting labels · "
+            f"{leaks.num_rows} split leaks · run {html.escape(run_id)}")
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1><div class=\"meta\">{meta}</div>"
             "<h2>Split leaks: held-out images close to a training image</h2>"
             f"{_leaks_html(leaks, root, cfg.page_groups)}"
-            f"<h2>Groups</h2><p class=\"meta\">Each group is a set of files whose features are this similar "
-            f"(exact copies show 1.000); the number under a file is its similarity to its nearest in the group.</p>"
+            f"<h2>Groups</h2><p class=\"meta\">Each group is a set of copies of one picture (exact copies show "
+            f"1.000); under a file: its label, the cosine of its features to its nearest in the group, its split. "
+            f"Groups whose files carry different labels come first, flagged.</p>"
             f"{_groups_html(groups, root, cfg.page_groups)}</body></html>")

@@ -112,6 +112,7 @@ def calibrate(paths: Sequence[Path], threshold: float = LOOK_THRESHOLD) -> dict:
             with Image.open(path) as im:
                 im.draft("RGB", (DECODE_SIDE, DECODE_SIDE))
                 im = im.convert("RGB")
+                im.thumbnail((DECODE_SIDE, DECODE_SIDE))  # copies of a big photo look the same at this size
         except (OSError, ValueError, Image.DecompressionBombError):
             continue
         orig = looks_of_image(im)

@@ -1,9 +1,10 @@
-"""Near-copies people make of a photo (nine transforms) and a set of distinct real photos to plant them in."""
+"""Near-copies people make of a photo (nine transforms), distinct real photos to plant them in, and the scoring."""
 
 from __future__ import annotations
 
 import importlib.util
 import io
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,3 +113,60 @@ def distinct_photos(grids: tuple[int, ...] = (1, 2, 3, 4), min_side: int = 96, m
 def pick(n: int, k: int, seed: int) -> np.ndarray:
     """``k`` of ``n`` positions, sorted, the same for the same seed."""
     return np.sort(np.random.default_rng(seed).choice(n, size=min(k, n), replace=False))
+
+
+def build_photo_set(root: Path, copy_fraction: float, seed: int, grids: tuple[int, ...] = (1, 2, 3, 4),
+                    max_side: int = 320) -> dict[str, tuple[str, str | None]]:
+    """Distinct photos in train/ and test/ (a quarter) by label, and near-copies of training photos in test/.
+
+    ``copy_fraction`` of the number of photos are copies, made from the saved files with each of
+    TRANSFORMS in turn, under the original's label. Returns {relative path: (the distinct photo
+    it shows, the transform or None)}.
+    """
+    photos = distinct_photos(grids, max_side=max_side)
+    test = set(pick(len(photos), len(photos) // 4, seed).tolist())
+    truth: dict[str, tuple[str, str | None]] = {}
+    for k, p in enumerate(photos):
+        rel = f"{'test' if k in test else 'train'}/{p.label}/{p.name}.jpg"
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        p.image.save(root / rel, quality=90)
+        truth[rel] = (p.name, None)
+    train = [rel for rel in truth if rel.startswith("train/")]
+    n_copies = round(copy_fraction * len(photos))
+    names = list(TRANSFORMS)
+    for j, k in enumerate(pick(len(train), n_copies, seed + 1).tolist()):
+        rel = train[k]
+        with Image.open(root / rel) as im:  # a copy is made from the file, as a person would
+            data, suffix = near_copy(im, names[j % len(names)])
+        label = rel.split("/")[1]
+        copy_rel = f"test/{label}/copy-{names[j % len(names)]}-{j:03d}{suffix}"
+        (root / copy_rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / copy_rel).write_bytes(data)
+        truth[copy_rel] = (truth[rel][0], names[j % len(names)])
+    return truth
+
+
+def score(truth: dict[str, tuple[str, str | None]], groups_dir: str, leaks_dir: str) -> dict:
+    """Recall per transform and overall; false grouping: images grouped with another photo's image."""
+    import pyarrow.parquet as pq
+
+    groups = pq.read_table(groups_dir).to_pylist()
+    leaks = {r["path"]: r["nearest_path"] for r in pq.read_table(leaks_dir).to_pylist()}
+    members: dict[str, set[str]] = defaultdict(set)
+    group_of = {}
+    for r in groups:
+        members[r["group_id"]].add(truth[r["path"]][0])
+        group_of[r["path"]] = r["group_id"]
+    original = {name: rel for rel, (name, t) in truth.items() if t is None}
+    found: dict[str, list[bool]] = defaultdict(list)
+    for rel, (name, t) in truth.items():
+        if t is None:
+            continue
+        g = group_of.get(rel)
+        ok = g is not None and g == group_of.get(original[name]) and truth.get(leaks.get(rel, ""), ("",))[0] == name
+        found[t].append(ok)
+        found["all"].append(ok)
+    false = sum(1 for rel in truth if rel in group_of and len(members[group_of[rel]]) > 1)
+    return {"recall": {t: round(sum(v) / len(v), 3) for t, v in found.items()},
+            "found": f"{sum(found['all'])}/{len(found['all'])}",
+            "false_grouped": false, "false_grouping_rate": round(false / len(truth), 4), "images": len(truth)}

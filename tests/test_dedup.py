@@ -293,6 +293,7 @@ def _tiny_dataset(ws, root: Path, files: list[tuple[str, str, str | None, str | 
     else:
         write_featureset(ws, "fs", [fake_image_id("x", 0)], np.ones((1, 32), np.float32), dtype="float32")
     write_manifest(ws, "d", rows, root)
+    return rows
 
 
 @pytest.mark.quick
@@ -378,3 +379,38 @@ def test_planted_copies_are_found_and_distinct_photos_left_alone(planted_photos)
     assert out["criterion"]["name"] == "neighbours+look" and out["criterion"]["calibration"]["images"] > 0
     old = run_dedup(ws, DedupConfig(featureset=fs, dataset="photos", threshold=0.9, name="old"), "d2").to_json()
     assert score(truth, old["groups_table"], old["leaks_table"])["recall"]["all"] < got["recall"]["all"]
+
+
+@pytest.mark.quick
+def test_a_rerun_looks_only_at_new_arrivals_and_writes_nothing_when_nothing_changed(ws, tmp_path):
+    """Issue 24 item 4: looks are cached by content, the calibration reused, an unchanged rerun is a no-op."""
+    from PIL import Image
+
+    from imgfeat.core.hashing import content_id
+    from imgfeat.index.dedup import DedupConfig, run_dedup
+
+    root = tmp_path / "photos"
+    rows = _tiny_dataset(ws, root, [("train/a.png", "chelsea", "train", "cat"), ("train/b.png", "coffee", "train", "cup"),
+                                    ("train/c.png", "astronaut", "train", "person")])
+    cfg = DedupConfig(featureset="fs", dataset="d")
+    first = run_dedup(ws, cfg, "r1").to_json()
+    assert first["criterion"]["looks_computed"] == 3 and first["criterion"]["calibration"]["reused"] is False
+    assert (first["groups"], first["leaks"], first["written"]) == (0, 0, True)
+    folder = Path(first["page"]).parent
+    stamps = {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+    again = run_dedup(ws, cfg, "r2").to_json()
+    assert again["written"] is False and again["inputs_digest"] == first["inputs_digest"]
+    assert {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()} == stamps
+
+    (root / "test").mkdir()
+    with Image.open(root / "train/b.png") as im:
+        im.convert("L").save(root / "test/b-grey.png")  # a grey copy arrives in the test split
+    grey = content_id((root / "test/b-grey.png").read_bytes())
+    write_featureset(ws, "fs", [grey], np.random.default_rng(5).standard_normal((1, 32)).astype(np.float32),
+                     dtype="float32", run_id="more")
+    write_manifest(ws, "d", [*rows, {"image_id": grey, "path": "test/b-grey.png", "split": "test", "label": "cup",
+                                     "status": "ok"}], root)
+    third = run_dedup(ws, cfg, "r3").to_json()
+    assert third["criterion"]["looks_computed"] == 1 and third["criterion"]["calibration"]["reused"] is True
+    leaks = pq.read_table(third["leaks_table"]).to_pylist()
+    assert [(r[S.PATH], r[S.NEAREST_PATH]) for r in leaks] == [("test/b-grey.png", "train/b.png")]

@@ -11,6 +11,8 @@ fixed cosine of the features (the criterion before looks).
 from __future__ import annotations
 
 import logging
+import hashlib
+import json
 import math
 import os
 import time
@@ -19,15 +21,16 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from imgfeat.core import schemas as S
-from imgfeat.core.errors import ConfigError
+from imgfeat.core.errors import ConfigError, ImgfeatError
 from imgfeat.core.storage import FileLock, remove_stale_tmp, write_bytes_atomic, write_json_atomic, write_table_atomic
 from imgfeat.core.workspace import Workspace, check_name
 from imgfeat.extract.featureset import featureset_info
 from imgfeat.index.kinds import (MIN_POINTS_PER_LIST, IndexParams, build_in_memory, knn, reduce_dims, rescore,
                                   resolve_params)
-from imgfeat.index.looks import LOOK_THRESHOLD, calibrate, look_similarity, looks_of_files
+from imgfeat.index.looks import LOOK_THRESHOLD, SIDE, VARIANTS, calibrate, look_similarity, looks_of_files
 from imgfeat.index.vectors import manifest_rows, read_vectors
 from imgfeat.scan.manifest import dataset_root
 
@@ -41,6 +44,8 @@ CALIBRATION_IMAGES = 32  # images of the dataset whose synthetic copies check th
 GROUPS_DIR, LEAKS_DIR, TABLE_FILE = "groups", "leaks", "part-0.parquet"
 PAGE_FILE, SUMMARY_FILE = "index.html", "_dedup.json"
 OLD_FILES = ("groups.parquet", "leaks.parquet")  # the layout before one table per folder: removed on rerun
+LOOKS_FILE = "_cache/looks.parquet"  # image_id -> look: a rerun decodes only images it has not seen
+RECALIBRATE_GROWTH = 2  # the calibration is redone once the dataset holds this many times the images it had
 EXACT_MAX = 20_000  # above this many images the neighbour search is approximate (IVF)
 DEDUP_NPROBE = 8  # near-copies sit in the same or a neighbouring list: a few lists find them
 CANDIDATE_DIMS = 256  # approximate search finds candidates on this many principal components
@@ -106,6 +111,8 @@ class DedupSummary:
     label_conflict_paths: int
     page: str
     seconds: float
+    written: bool = True  # False: nothing changed since the last run, whose results stand
+    inputs_digest: str = ""  # the rows, featureset and criterion the results were computed from
     timings: dict[str, float] = field(default_factory=dict)  # read, neighbours, tables, page, write
 
     def to_json(self) -> dict[str, Any]:
@@ -363,50 +370,157 @@ def nearest_train(X: np.ndarray, nb: Neighbours, is_train: np.ndarray, nodes: np
 
 
 def run_dedup(ws: Workspace, cfg: DedupConfig, run_id: str) -> DedupSummary:
-    """Find groups, leaks and label conflicts; write groups/, leaks/ (one table each), index.html, _dedup.json."""
+    """Find groups, leaks and label conflicts; write groups/, leaks/ (one table each), index.html, _dedup.json.
+
+    Incremental: looks are cached by image id, so a rerun decodes only new images; the
+    calibration is reused until the dataset has grown RECALIBRATE_GROWTH-fold; a rerun over the
+    very same rows, featureset and criterion writes nothing and returns the last summary.
+    """
     from imgfeat.index.page import render_page
 
     clock = _Clock()
     featureset_info(ws, cfg.featureset)  # exit 2 for an unknown featureset
     im = clock.lap("read", load_images(ws, cfg))
+    folder = ws.dedup_dir(cfg.out_name)
+    digest = inputs_digest(cfg, im)
+    previous = _previous(folder)
+    if previous is not None and previous.get("inputs_digest") == digest and _tables_present(folder):
+        log.info("dedup %s is current: nothing changed since run %s", cfg.out_name, previous.get("run_id"))
+        return _unchanged(previous)
     root = dataset_root(ws, cfg.dataset)
     nb = clock.lap("neighbours", nearest_neighbours(im.X, cfg.neighbours, cfg.exact_max))
+    looks = None
     if cfg.threshold is not None:
         graph = similar_pairs(nb, cfg.threshold)
         criterion = {"name": "cosine", "threshold": float(cfg.threshold), "neighbours": cfg.neighbours}
     else:
-        L, ok = looks_of_files([root / p for p in im.first_paths()], workers=os.cpu_count() or 1)
+        looks = cached_looks(folder, im, root)
+        L, ok = looks.matrix(im.ids)
         clock.lap("looks", None)
         graph, stats = looked_pairs(similar_pairs(nb, -1.0), L, ok)
-        criterion = criterion_summary(cfg, ok, stats, _calibration(cfg, root, im, ok))
+        criterion = criterion_summary(cfg, ok, {**stats, "looks_computed": looks.computed},
+                                      _calibration(cfg, root, im, ok, previous))
         clock.lap("calibration", None)
     comp = components(len(im.ids), graph)
     groups = groups_table(im, graph, comp)
     leaks = leaks_table(im, nb, cfg.threshold) if cfg.threshold is not None else group_leaks_table(im, comp)
     clock.lap("tables", None)
-    folder = ws.dedup_dir(cfg.out_name)
     page = clock.lap("page", render_page(groups, leaks, root, cfg, run_id, criterion_text(criterion)))
     with FileLock(ws.locks_dir / f"dedup-{cfg.out_name}.lock", f"dedup results {cfg.out_name}", cfg.wait):
         remove_stale_tmp(folder)
+        if looks is not None and looks.computed:
+            write_table_atomic(looks.table(), folder / LOOKS_FILE)
         write_table_atomic(groups, folder / GROUPS_DIR / TABLE_FILE)
         write_table_atomic(leaks, folder / LEAKS_DIR / TABLE_FILE)
         write_bytes_atomic(page.encode("utf-8"), folder / PAGE_FILE)
         for old in OLD_FILES:  # an older layout kept both tables side by side in this folder
             (folder / old).unlink(missing_ok=True)
         clock.lap("write", None)
-        summary = _summary(cfg, im, nb.kind, criterion, groups, leaks, folder, clock)
+        summary = _summary(cfg, im, nb.kind, criterion, groups, leaks, folder, clock, digest)
         write_json_atomic({**summary.to_json(), "run_id": run_id}, folder / SUMMARY_FILE)
     return summary
 
 
-def _calibration(cfg: DedupConfig, root, im: Images, ok: np.ndarray) -> dict:
-    """The look's check on synthetic copies of a seeded sample of the dataset's own readable images."""
+def inputs_digest(cfg: DedupConfig, im: Images) -> str:
+    """What the results depend on: every row (id, path, split, label), the featureset and the criterion."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr((cfg.featureset, cfg.threshold, cfg.neighbours, cfg.exact_max, cfg.calibration_images,
+                   cfg.page_groups, LOOK_THRESHOLD, im.missing)).encode())
+    for row in sorted(zip(im.row_ids, im.row_paths, [s or "" for s in im.row_splits], [x or "" for x in im.labels()])):
+        h.update("\x1f".join(row).encode() + b"\x1e")
+    return h.hexdigest()
+
+
+def _previous(folder) -> dict[str, Any] | None:
+    """The last run's summary, or None (none, or unreadable: then everything is recomputed)."""
+    try:
+        obj = json.loads((folder / SUMMARY_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _tables_present(folder) -> bool:
+    return all((folder / d / TABLE_FILE).is_file() for d in (GROUPS_DIR, LEAKS_DIR)) and (folder / PAGE_FILE).is_file()
+
+
+def _unchanged(previous: dict[str, Any]) -> DedupSummary:
+    fields = {k: v for k, v in previous.items() if k in DedupSummary.__dataclass_fields__}
+    fields.update(written=False, seconds=0.0, timings={})
+    try:
+        return DedupSummary(**fields)
+    except TypeError as exc:  # a summary from another version: treat as changed next time
+        raise ImgfeatError(f"dedup summary {SUMMARY_FILE} is not readable ({exc}); delete it to recompute") from exc
+
+
+@dataclass
+class Looks:
+    """Looks by image id: those cached by the last run plus the ones computed now (``computed``)."""
+
+    ids: list[str]
+    L: np.ndarray  # (len(ids), VARIANTS, SIDE * SIDE) float16
+    computed: int = 0
+
+    def matrix(self, ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """``(L, ok)`` in the order of ``ids`` (zeros and False for an image without a look)."""
+        pos = {i: k for k, i in enumerate(self.ids)}
+        out = np.zeros((len(ids), VARIANTS, SIDE * SIDE), np.float32)
+        ok = np.array([i in pos for i in ids], bool)
+        rows = [pos[i] for i in ids if i in pos]
+        out[ok] = self.L[rows]
+        return out, ok
+
+    def table(self) -> pa.Table:
+        flat = pa.array(self.L.reshape(-1), pa.float16())
+        col = pa.FixedSizeListArray.from_arrays(flat, VARIANTS * SIDE * SIDE)
+        return pa.table({S.IMAGE_ID: pa.array(self.ids, pa.string()), "look": col})
+
+
+def cached_looks(folder, im: Images, root) -> Looks:
+    """The looks of every image of ``im``: read from the cache, computed (one decode each) for the rest."""
+    cached = _read_looks(folder / LOOKS_FILE)
+    have = set(cached.ids)
+    todo = [k for k, i in enumerate(im.ids) if i not in have]
+    if not todo:
+        return cached
+    paths = im.first_paths()
+    L, ok = looks_of_files([root / paths[k] for k in todo], workers=os.cpu_count() or 1)
+    new_ids = [im.ids[k] for k, good in zip(todo, ok) if good]
+    return Looks(cached.ids + new_ids, np.concatenate([cached.L, L[ok].astype(np.float16)]), len(new_ids))
+
+
+def _read_looks(path) -> Looks:
+    empty = Looks([], np.zeros((0, VARIANTS, SIDE * SIDE), np.float16))
+    if not path.is_file():
+        return empty
+    try:
+        table = pq.read_table(path)
+        col = table.column("look").combine_chunks()
+        L = col.flatten().to_numpy(zero_copy_only=False).astype(np.float16).reshape(-1, VARIANTS, SIDE * SIDE)
+        return Looks(table.column(S.IMAGE_ID).to_pylist(), L)
+    except (OSError, ValueError, KeyError, pa.ArrowException) as exc:  # a damaged cache is recomputed
+        log.warning("dedup looks cache %s is unreadable (%s): computing the looks again", path, exc)
+        return empty
+
+
+def _calibration(cfg: DedupConfig, root, im: Images, ok: np.ndarray, previous: dict[str, Any] | None) -> dict:
+    """The look's check on synthetic copies of a seeded sample of the dataset's own readable images.
+
+    The last run's calibration stands while the dataset holds under RECALIBRATE_GROWTH times
+    the images it was made on (and the same sample size).
+    """
+    old = ((previous or {}).get("criterion") or {}).get("calibration") or {}
+    made_on = old.get("dataset_images")
+    if (old.get("sample") == cfg.calibration_images and made_on and old.get("threshold") == LOOK_THRESHOLD
+            and len(im.ids) < RECALIBRATE_GROWTH * made_on):
+        return {**old, "reused": True}
     readable = np.flatnonzero(ok)
     if not cfg.calibration_images or not len(readable):
         return {"images": 0}
     pick = np.random.default_rng(0).choice(readable, size=min(cfg.calibration_images, len(readable)), replace=False)
     paths = im.first_paths()
-    out = calibrate([root / paths[k] for k in sorted(pick.tolist())])
+    out = {**calibrate([root / paths[k] for k in sorted(pick.tolist())]), "sample": cfg.calibration_images,
+           "dataset_images": len(im.ids), "reused": False}
     if out.get("found") is not None and out["found"] < 0.98:
         log.warning("only %.0f%% of synthetic copies of %s's own images look alike to their original "
                     "(see criterion.calibration in the summary); dedup may miss copies here",
@@ -447,7 +561,7 @@ class _Clock:
 
 
 def _summary(cfg: DedupConfig, im: Images, kind: str, criterion: dict[str, Any], groups: pa.Table,
-             leaks: pa.Table, folder, clock: _Clock) -> DedupSummary:
+             leaks: pa.Table, folder, clock: _Clock, digest: str) -> DedupSummary:
     group_ids = groups[S.GROUP_ID].to_pylist()
     exact = sum(1 for i, n in zip(groups[S.IMAGE_ID].to_pylist(), groups[S.NEAREST_ID].to_pylist()) if i == n)
     conflict = [g for g, c in zip(group_ids, groups[S.LABEL_CONFLICT].to_pylist()) if c]
@@ -458,4 +572,5 @@ def _summary(cfg: DedupConfig, im: Images, kind: str, criterion: dict[str, Any],
                         groups_table=str(folder / GROUPS_DIR), leaks=leaks.num_rows,
                         leaks_table=str(folder / LEAKS_DIR), label_conflicts=len(set(conflict)),
                         label_conflict_paths=len(conflict), page=str(folder / PAGE_FILE),
-                        seconds=round(time.perf_counter() - clock.t0, 3), timings=clock.timings)
+                        seconds=round(time.perf_counter() - clock.t0, 3), timings=clock.timings,
+                        inputs_digest=digest)

@@ -414,3 +414,23 @@ def test_a_rerun_looks_only_at_new_arrivals_and_writes_nothing_when_nothing_chan
     assert third["criterion"]["looks_computed"] == 1 and third["criterion"]["calibration"]["reused"] is True
     leaks = pq.read_table(third["leaks_table"]).to_pylist()
     assert [(r[S.PATH], r[S.NEAREST_PATH]) for r in leaks] == [("test/b-grey.png", "train/b.png")]
+
+
+@pytest.mark.quick
+def test_similar_html_page_shows_each_query_and_its_neighbours(ws, tmp_path, capsys):
+    """Issue 24 item 4: `similar --html PATH` writes a page like dedup's; a bad PATH writes nothing."""
+    from imgfeat.cli.main import main
+
+    rows = _tiny_dataset(ws, tmp_path / "photos", [("a.png", "chelsea", None, None), ("b.png", "coffee", None, None),
+                                                   ("c.png", "astronaut", None, None)])
+    assert main(["index", "--featureset", "fs", "--dataset", "d", "--name", "ix", "--json"]) == 0
+    capsys.readouterr()
+    page = tmp_path / "out" / "similar.html"
+    assert main(["similar", "--index", "ix", "--image-id", rows[0]["image_id"], "--top", "2", "--html", str(page),
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    text = page.read_text()
+    assert out["page"] == str(page) and "Similar images in ix" in text
+    assert text.count("data:image/jpeg;base64,") == 3 and "a.png" in text and "b.png" in text and "c.png" in text
+    assert main(["similar", "--index", "ix", "--image-id", rows[0]["image_id"], "--html", str(tmp_path / "x.txt")]) == 2
+    assert "--html needs a .html file name" in capsys.readouterr().err and not (tmp_path / "x.txt").exists()

@@ -115,3 +115,26 @@ def render_page(groups: pa.Table, leaks: pa.Table, root: Path, cfg, run_id: str,
             f"1.000); under a file: its label, the cosine of its features to its nearest in the group, its split. "
             f"Groups whose files carry different labels come first, flagged.</p>"
             f"{_groups_html(groups, root, cfg.page_groups)}</body></html>")
+
+
+def render_similar_page(index_name: str, featureset: str, results, path_of, run_id: str) -> str:
+    """The `similar --html` page: each query's thumbnail, then its neighbours with their similarity.
+
+    ``results`` are ``QueryResult``s; ``path_of(image_id)`` gives an indexed image's file (or None).
+    """
+    parts = []
+    for r in results:
+        query_path = path_of(r.image_id) if r.image_id and not Path(r.query).is_file() else r.query
+        head = _figure(None, query_path or r.query, "query")
+        if r.error:
+            body = f"<p>error: {html.escape(r.error)}</p>"
+        else:
+            body = "".join(_figure(None, n.path or n.image_id, f'<span class="sim">{n.similarity:.3f}</span>')
+                           for n in r.neighbours) or "<p>no neighbours</p>"
+        parts.append(f'<div class="group leak">{head}<span class="sim">&rarr;</span><div class="row">{body}</div></div>')
+    title = f"Similar images in {index_name}"
+    meta = (f"index {html.escape(index_name)} · featureset {html.escape(featureset)} · {len(results)} queries · "
+            f"cosine similarity of the features · run {html.escape(run_id)}")
+    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1><div class=\"meta\">{meta}</div>"
+            f"{''.join(parts) or '<p>No queries.</p>'}</body></html>")

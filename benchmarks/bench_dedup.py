@@ -10,7 +10,8 @@ each whole and cut into non-overlapping tiles at several scales, so the set hold
 distinct images of a few dozen similar scenes. A quarter goes to the test split; copies of
 ``--copy-fraction`` of the images (training photos, made with the nine transforms of
 ``imgfeat.tools.nearcopies``, in turn) are planted in the test split, under the original's
-label. EfficientNet-Lite0 features (ImageNet weights). For each criterion it reports, per
+label, and one training photo's very bytes under another label (a label conflict).
+EfficientNet-Lite0 features (ImageNet weights). For each criterion it reports, per
 transform and overall, the share of copies grouped with their original *and* reported as a
 leak of it (recall), and the share of all images grouped with an image of another photo
 (false grouping).
@@ -70,7 +71,7 @@ def main() -> int:
     else:
         for label, r in out["criteria"].items():
             print(f"{label}: found {r['found']} copies, {r['false_grouped']} of {r['images']} images falsely "
-                  f"grouped ({r['false_grouping_rate']:.1%})")
+                  f"grouped ({r['false_grouping_rate']:.1%}), label conflict found {r['label_conflicts_found']}")
             print("  " + ", ".join(f"{t} {v:.0%}" for t, v in r["recall"].items()))
     return 0
 

@@ -522,8 +522,8 @@ def _calibration(cfg: DedupConfig, root, im: Images, ok: np.ndarray, previous: d
     out = {**calibrate([root / paths[k] for k in sorted(pick.tolist())]), "sample": cfg.calibration_images,
            "dataset_images": len(im.ids), "reused": False}
     if out.get("found") is not None and out["found"] < 0.98:
-        log.warning("only %.0f%% of synthetic copies of %s's own images look alike to their original "
-                    "(see criterion.calibration in the summary); dedup may miss copies here",
+        log.warning("%.1f%% of synthetic copies of images of %s look alike to their original, under 98%% "
+                    "(see criterion.calibration in the summary): dedup may miss copies here",
                     100 * out["found"], cfg.dataset)
     return out
 

@@ -35,6 +35,7 @@ figcaption{margin-top:3px;line-height:1.3}
 .sim{font-weight:600;color:#0a5}
 .missing{width:128px;height:128px;display:flex;align-items:center;justify-content:center;background:#eee;color:#999}
 .leak{display:flex;gap:10px;align-items:center}
+.leaks{display:flex;flex-wrap:wrap;gap:0 12px}
 """
 
 
@@ -67,14 +68,16 @@ def _label(label: str | None) -> str:
     return f'<span class="label">{html.escape(label)}</span>' if label is not None else ""
 
 
-def _groups_html(groups: pa.Table, root: Path, limit: int) -> str:
+def _groups_html(groups: pa.Table, root: Path, limit: int, conflicts: bool) -> str:
+    """The groups whose labels conflict (``conflicts``) or the others, numbered as in the table's order."""
     by_group: dict[str, list[dict]] = {}
     for row in groups.to_pylist():
         by_group.setdefault(row[S.GROUP_ID], []).append(row)
+    chosen = [(n, g, rows) for n, (g, rows) in enumerate(by_group.items()) if rows[0][S.LABEL_CONFLICT] == conflicts]
     parts = []
-    for n, (gid, rows) in enumerate(by_group.items()):
-        if n >= limit:
-            parts.append(f"<p>{len(by_group) - limit} more groups are in the groups table.</p>")
+    for shown, (n, gid, rows) in enumerate(chosen):
+        if shown >= limit:
+            parts.append(f"<p>{len(chosen) - limit} more groups are in the groups table.</p>")
             break
         figs = "".join(_figure(root, r[S.PATH], f'{_label(r[S.LABEL])}<span class="sim">{r[S.SIMILARITY]:.3f}</span>'
                                      f' {html.escape(r[S.SPLIT] or "")}') for r in rows[:PATHS_PER_GROUP])
@@ -83,38 +86,46 @@ def _groups_html(groups: pa.Table, root: Path, limit: int) -> str:
         flag = '<span class="flag">label conflict</span>' if conflict else ""
         parts.append(f'<div class="group{" conflict" if conflict else ""}"><h3>group {n + 1}: {len(rows)} files '
                      f'<small>({html.escape(gid[:12])}…)</small>{flag}</h3><div class="row">{figs}</div>{more}</div>')
+    if conflicts:
+        return "".join(parts) or "<p>No copies carry different labels.</p>"
     return "".join(parts) or "<p>No near-duplicate groups.</p>"
 
 
-def _leaks_html(leaks: pa.Table, root: Path, limit: int) -> str:
+def _leaks_html(leaks: pa.Table, root: Path, limit: int, label_of: dict[str, str | None]) -> str:
     parts = []
     for n, r in enumerate(leaks.to_pylist()):
         if n >= limit:
             parts.append(f"<p>{leaks.num_rows - limit} more leaks are in the leaks table.</p>")
             break
         parts.append('<div class="group leak">'
-                     + _figure(root, r[S.PATH], f"{html.escape(r[S.SPLIT])}")
+                     + _figure(root, r[S.PATH], f"{_label(label_of.get(r[S.PATH]))}{html.escape(r[S.SPLIT])}")
                      + f'<span class="sim">{r[S.SIMILARITY]:.3f} &harr;</span>'
-                     + _figure(root, r[S.NEAREST_PATH], f"{html.escape(r[S.NEAREST_SPLIT])}") + "</div>")
-    return "".join(parts) or "<p>No held-out image is that close to a training image.</p>"
+                     + _figure(root, r[S.NEAREST_PATH], f"{_label(label_of.get(r[S.NEAREST_PATH]))}"
+                                                        f"{html.escape(r[S.NEAREST_SPLIT])}") + "</div>")
+    body = "".join(parts) or "<p>No held-out image is that close to a training image.</p>"
+    return f'<div class="leaks">{body}</div>'
+
 
 
 def render_page(groups: pa.Table, leaks: pa.Table, root: Path, cfg, run_id: str, criterion: str) -> str:
     """The whole page as one string (thumbnails inline, no external files); label conflicts come first."""
     n_groups = len(set(groups[S.GROUP_ID].to_pylist()))
     n_conflicts = len({g for g, c in zip(groups[S.GROUP_ID].to_pylist(), groups[S.LABEL_CONFLICT].to_pylist()) if c})
+    label_of = dict(zip(groups[S.PATH].to_pylist(), groups[S.LABEL].to_pylist()))
     title = f"Near-duplicates in {cfg.dataset}"
     meta = (f"featureset {html.escape(cfg.featureset)} · {html.escape(criterion)} · "
             f"{n_groups} groups ({groups.num_rows} files) · {n_conflicts} with conflicting labels · "
             f"{leaks.num_rows} split leaks · run {html.escape(run_id)}")
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1><div class=\"meta\">{meta}</div>"
-            "<h2>Split leaks: held-out images close to a training image</h2>"
-            f"{_leaks_html(leaks, root, cfg.page_groups)}"
+            f"<h2>Label conflicts: copies carrying different labels ({n_conflicts})</h2>"
+            f"{_groups_html(groups, root, cfg.page_groups, conflicts=True)}"
+            f"<h2>Split leaks: held-out images that are copies of a training image ({leaks.num_rows})</h2>"
+            f"{_leaks_html(leaks, root, cfg.page_groups, label_of)}"
             f"<h2>Groups</h2><p class=\"meta\">Each group is a set of copies of one picture (exact copies show "
             f"1.000); under a file: its label, the cosine of its features to its nearest in the group, its split. "
-            f"Groups whose files carry different labels come first, flagged.</p>"
-            f"{_groups_html(groups, root, cfg.page_groups)}</body></html>")
+            f"Groups whose files carry different labels are shown above.</p>"
+            f"{_groups_html(groups, root, cfg.page_groups, conflicts=False)}</body></html>")
 
 
 def render_similar_page(index_name: str, featureset: str, results, path_of, run_id: str) -> str:

@@ -115,13 +115,17 @@ def pick(n: int, k: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=min(k, n), replace=False))
 
 
+LABEL_CONFLICT = "label_conflict"  # the truth tag of the same bytes under another label
+
+
 def build_photo_set(root: Path, copy_fraction: float, seed: int, grids: tuple[int, ...] = (1, 2, 3, 4),
-                    max_side: int = 320) -> dict[str, tuple[str, str | None]]:
+                    max_side: int = 320, label_conflict: bool = True) -> dict[str, tuple[str, str | None]]:
     """Distinct photos in train/ and test/ (a quarter) by label, and near-copies of training photos in test/.
 
     ``copy_fraction`` of the number of photos are copies, made from the saved files with each of
-    TRANSFORMS in turn, under the original's label. Returns {relative path: (the distinct photo
-    it shows, the transform or None)}.
+    TRANSFORMS in turn, under the original's label; with ``label_conflict``, one training photo's
+    bytes are also held out under another label. Returns {relative path: (the distinct photo it
+    shows, the transform, LABEL_CONFLICT or None)}.
     """
     photos = distinct_photos(grids, max_side=max_side)
     test = set(pick(len(photos), len(photos) // 4, seed).tolist())
@@ -143,24 +147,39 @@ def build_photo_set(root: Path, copy_fraction: float, seed: int, grids: tuple[in
         (root / copy_rel).parent.mkdir(parents=True, exist_ok=True)
         (root / copy_rel).write_bytes(data)
         truth[copy_rel] = (truth[rel][0], names[j % len(names)])
+    if label_conflict and len(train) > 1:  # the very same bytes held out under another label
+        rel, other = train[0], next(r for r in train if r.split("/")[1] != train[0].split("/")[1])
+        conflict_rel = f"test/{other.split('/')[1]}/same-bytes-as-{Path(rel).name}"
+        (root / conflict_rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / conflict_rel).write_bytes((root / rel).read_bytes())
+        truth[conflict_rel] = (truth[rel][0], LABEL_CONFLICT)
     return truth
 
 
 def score(truth: dict[str, tuple[str, str | None]], groups_dir: str, leaks_dir: str) -> dict:
-    """Recall per transform and overall; false grouping: images grouped with another photo's image."""
+    """Recall per transform and overall; false grouping: images grouped with another photo's image.
+
+    A copy is found when it is grouped with its original and reported as a leak of it; the
+    label conflict is found when it is grouped with its original and the group is flagged.
+    """
     import pyarrow.parquet as pq
 
     groups = pq.read_table(groups_dir).to_pylist()
     leaks = {r["path"]: r["nearest_path"] for r in pq.read_table(leaks_dir).to_pylist()}
     members: dict[str, set[str]] = defaultdict(set)
-    group_of = {}
+    group_of, flagged = {}, {}
     for r in groups:
         members[r["group_id"]].add(truth[r["path"]][0])
         group_of[r["path"]] = r["group_id"]
+        flagged[r["path"]] = r.get("label_conflict", False)
     original = {name: rel for rel, (name, t) in truth.items() if t is None}
     found: dict[str, list[bool]] = defaultdict(list)
+    conflicts = []
     for rel, (name, t) in truth.items():
-        if t is None:
+        if t == LABEL_CONFLICT:
+            conflicts.append(group_of.get(rel) is not None and group_of.get(rel) == group_of.get(original[name])
+                             and flagged[rel])
+        if t is None or t == LABEL_CONFLICT:
             continue
         g = group_of.get(rel)
         ok = g is not None and g == group_of.get(original[name]) and truth.get(leaks.get(rel, ""), ("",))[0] == name
@@ -169,4 +188,5 @@ def score(truth: dict[str, tuple[str, str | None]], groups_dir: str, leaks_dir: 
     false = sum(1 for rel in truth if rel in group_of and len(members[group_of[rel]]) > 1)
     return {"recall": {t: round(sum(v) / len(v), 3) for t, v in found.items()},
             "found": f"{sum(found['all'])}/{len(found['all'])}",
-            "false_grouped": false, "false_grouping_rate": round(false / len(truth), 4), "images": len(truth)}
+            "false_grouped": false, "false_grouping_rate": round(false / len(truth), 4), "images": len(truth),
+            "label_conflicts_found": f"{sum(conflicts)}/{len(conflicts)}"}

@@ -25,7 +25,7 @@ h1{font-size:22px;margin:0 0 4px} h2{font-size:18px;margin:28px 0 8px}
 .group{background:#fff;border:1px solid #ddd;border-radius:6px;padding:10px;margin:0 0 12px}
 .group h3{font-size:14px;margin:0 0 8px;font-weight:600}
 .row{display:flex;flex-wrap:wrap;gap:10px}
-figure{margin:0;width:136px;font-size:11px;color:#444}
+figure{margin:0;width:168px;font-size:11px;color:#444}
 figure img{width:128px;height:128px;object-fit:contain;background:#eee;border:1px solid #ccc;display:block}
 figcaption{margin-top:3px;line-height:1.3}
 .path{display:block;white-space:nowrap;overflow:hidden;text-overflow:ellipsis;direction:rtl;text-align:left}

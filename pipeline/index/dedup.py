@@ -10,9 +10,9 @@ fixed cosine of the features (the criterion before looks).
 
 from __future__ import annotations
 
-import logging
 import hashlib
 import json
+import logging
 import math
 import os
 import time
@@ -462,9 +462,9 @@ class Looks:
     computed: int = 0
 
     def matrix(self, ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """``(L, ok)`` in the order of ``ids`` (zeros and False for an image without a look)."""
+        """``(L, ok)`` in the order of ``ids`` (zeros and False for an image without a look); float16."""
         pos = {i: k for k, i in enumerate(self.ids)}
-        out = np.zeros((len(ids), VARIANTS, SIDE * SIDE), np.float32)
+        out = np.zeros((len(ids), VARIANTS, SIDE * SIDE), np.float16)
         ok = np.array([i in pos for i in ids], bool)
         rows = [pos[i] for i in ids if i in pos]
         out[ok] = self.L[rows]
@@ -486,7 +486,7 @@ def cached_looks(folder, im: Images, root) -> Looks:
     paths = im.first_paths()
     L, ok = looks_of_files([root / paths[k] for k in todo], workers=os.cpu_count() or 1)
     new_ids = [im.ids[k] for k, good in zip(todo, ok) if good]
-    return Looks(cached.ids + new_ids, np.concatenate([cached.L, L[ok].astype(np.float16)]), len(new_ids))
+    return Looks(cached.ids + new_ids, np.concatenate([cached.L, L[ok]]), len(new_ids))
 
 
 def _read_looks(path) -> Looks:

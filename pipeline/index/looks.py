@@ -76,8 +76,8 @@ def looks_of_file(path: Path) -> np.ndarray | None:
 
 
 def looks_of_files(paths: Sequence[Path | None], workers: int = 4) -> tuple[np.ndarray, np.ndarray]:
-    """``(L, ok)``: looks of each path (``L[k]`` zeros and ``ok[k]`` False where unreadable or None)."""
-    L = np.zeros((len(paths), VARIANTS, SIDE * SIDE), np.float32)
+    """``(L, ok)``: float16 looks of each path (``L[k]`` zeros and ``ok[k]`` False where unreadable or None)."""
+    L = np.zeros((len(paths), VARIANTS, SIDE * SIDE), np.float16)
     ok = np.zeros(len(paths), bool)
     with ThreadPoolExecutor(max(1, workers)) as pool:  # decoding and resizing release the GIL
         for k, v in enumerate(pool.map(lambda p: None if p is None else looks_of_file(p), paths)):
@@ -86,14 +86,22 @@ def looks_of_files(paths: Sequence[Path | None], workers: int = 4) -> tuple[np.n
     return L, ok
 
 
+PAIRS_PER_CHUNK = 4096  # pairs compared at a time (bounded float32 copies of float16 looks)
+
+
 def look_similarity(L: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(straight, mirrored)`` look cosines of pairs ``a[k]``, ``b[k]``; straight allows a turn of either."""
-    A, B = L[a], L[b]
-    straight = np.einsum("nd,nd->n", A[:, 0], B[:, 0])
-    for t in range(2, VARIANTS):  # one side turned against the other as is
-        straight = np.maximum(straight, np.einsum("nd,nd->n", A[:, t], B[:, 0]))
-        straight = np.maximum(straight, np.einsum("nd,nd->n", A[:, 0], B[:, t]))
-    return straight, np.einsum("nd,nd->n", A[:, 1], B[:, 0])
+    straight, mirrored = np.zeros(len(a), np.float32), np.zeros(len(a), np.float32)
+    for lo in range(0, len(a), PAIRS_PER_CHUNK):
+        A = L[a[lo : lo + PAIRS_PER_CHUNK]].astype(np.float32)
+        B = L[b[lo : lo + PAIRS_PER_CHUNK]].astype(np.float32)
+        s = np.einsum("nd,nd->n", A[:, 0], B[:, 0])
+        for t in range(2, VARIANTS):  # one side turned against the other as is
+            s = np.maximum(s, np.einsum("nd,nd->n", A[:, t], B[:, 0]))
+            s = np.maximum(s, np.einsum("nd,nd->n", A[:, 0], B[:, t]))
+        straight[lo : lo + len(s)] = s
+        mirrored[lo : lo + len(s)] = np.einsum("nd,nd->n", A[:, 1], B[:, 0])
+    return straight, mirrored
 
 
 def calibrate(paths: Sequence[Path], threshold: float = LOOK_THRESHOLD) -> dict:

@@ -64,5 +64,7 @@ def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
         print(f"{out.groups} near-duplicate groups ({out.grouped_paths} files, {out.exact_duplicate_paths} exact "
               f"copies) among {out.paths} files ({criterion_text(out.criterion)}); {out.leaks} split leaks; "
               f"{out.label_conflicts} groups with conflicting labels ({out.label_conflict_paths} files)")
+        if not out.written:
+            print("nothing changed since the last run: its results stand")
         print(f"groups: {out.groups_table}\nleaks:  {out.leaks_table}\npage:   {out.page}")
     return out.to_json()

@@ -412,8 +412,12 @@ def test_a_rerun_looks_only_at_new_arrivals_and_writes_nothing_when_nothing_chan
                                      "status": "ok"}], root)
     third = run_dedup(ws, cfg, "r3").to_json()
     assert third["criterion"]["looks_computed"] == 1 and third["criterion"]["calibration"]["reused"] is True
+    assert third["criterion"]["images_searched"] == 1 and third["search"].startswith("exact, new images")
     leaks = pq.read_table(third["leaks_table"]).to_pylist()
     assert [(r[S.PATH], r[S.NEAREST_PATH]) for r in leaks] == [("test/b-grey.png", "train/b.png")]
+    fresh = run_dedup(ws, DedupConfig(featureset="fs", dataset="d", name="fresh"), "r4").to_json()
+    assert fresh["criterion"]["images_searched"] == 4 and fresh["search"] == "exact"
+    assert group_sets(pq.read_table(fresh["groups_table"])) == group_sets(pq.read_table(third["groups_table"]))
 
 
 @pytest.mark.quick

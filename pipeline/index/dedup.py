@@ -46,6 +46,9 @@ PAGE_FILE, SUMMARY_FILE = "index.html", "_dedup.json"
 OLD_FILES = ("groups.parquet", "leaks.parquet")  # the layout before one table per folder: removed on rerun
 LOOKS_FILE = "_cache/looks.parquet"  # image_id -> look: a rerun decodes only images it has not seen
 RECALIBRATE_GROWTH = 2  # the calibration is redone once the dataset holds this many times the images it had
+PAIRS_FILE, SEARCHED_FILE = "_cache/pairs.parquet", "_cache/searched.parquet"  # last run's candidates, its images
+RESEARCH_NEW_FRACTION = 0.5  # more new images than this share of all: every image is searched again
+SEARCH_CHUNK = 1024  # new images compared with all at a time
 EXACT_MAX = 20_000  # above this many images the neighbour search is approximate (IVF)
 DEDUP_NPROBE = 8  # near-copies sit in the same or a neighbouring list: a few lists find them
 CANDIDATE_DIMS = 256  # approximate search finds candidates on this many principal components
@@ -388,17 +391,18 @@ def run_dedup(ws: Workspace, cfg: DedupConfig, run_id: str) -> DedupSummary:
         log.info("dedup %s is current: nothing changed since run %s", cfg.out_name, previous.get("run_id"))
         return _unchanged(previous)
     root = dataset_root(ws, cfg.dataset)
-    nb = clock.lap("neighbours", nearest_neighbours(im.X, cfg.neighbours, cfg.exact_max))
-    looks = None
+    looks = cands = None
     if cfg.threshold is not None:
-        graph = similar_pairs(nb, cfg.threshold)
+        nb = clock.lap("neighbours", nearest_neighbours(im.X, cfg.neighbours, cfg.exact_max))
+        graph, kind = similar_pairs(nb, cfg.threshold), nb.kind
         criterion = {"name": "cosine", "threshold": float(cfg.threshold), "neighbours": cfg.neighbours}
     else:
+        cands, kind, searched = clock.lap("neighbours", candidate_pairs(folder, cfg, im, previous))
         looks = cached_looks(folder, im, root)
         L, ok = looks.matrix(im.ids)
         clock.lap("looks", None)
-        graph, stats = looked_pairs(similar_pairs(nb, -1.0), L, ok)
-        criterion = criterion_summary(cfg, ok, {**stats, "looks_computed": looks.computed},
+        graph, stats = looked_pairs(cands, L, ok)
+        criterion = criterion_summary(cfg, ok, {**stats, "images_searched": searched, "looks_computed": looks.computed},
                                       _calibration(cfg, root, im, ok, previous))
         clock.lap("calibration", None)
     comp = components(len(im.ids), graph)
@@ -410,15 +414,85 @@ def run_dedup(ws: Workspace, cfg: DedupConfig, run_id: str) -> DedupSummary:
         remove_stale_tmp(folder)
         if looks is not None and looks.computed:
             write_table_atomic(looks.table(), folder / LOOKS_FILE)
+        if cands is not None:
+            _write_pairs(folder, im, cands)
         write_table_atomic(groups, folder / GROUPS_DIR / TABLE_FILE)
         write_table_atomic(leaks, folder / LEAKS_DIR / TABLE_FILE)
         write_bytes_atomic(page.encode("utf-8"), folder / PAGE_FILE)
         for old in OLD_FILES:  # an older layout kept both tables side by side in this folder
             (folder / old).unlink(missing_ok=True)
         clock.lap("write", None)
-        summary = _summary(cfg, im, nb.kind, criterion, groups, leaks, folder, clock, digest)
+        summary = _summary(cfg, im, kind, criterion, groups, leaks, folder, clock, digest)
         write_json_atomic({**summary.to_json(), "run_id": run_id}, folder / SUMMARY_FILE)
     return summary
+
+
+SEARCH_KINDS = {"flat": "exact", "new": "exact, new images against all (the others' candidates from the last run)"}
+
+
+def candidate_pairs(folder, cfg: DedupConfig, im: Images, previous: dict[str, Any] | None) -> tuple[Graph, str, int]:
+    """``(pairs, search kind, images searched)``: each image's ``cfg.neighbours`` nearest, as pairs.
+
+    When the last run searched with the same settings and few images are new, its pairs are
+    kept (those between images still here) and only the new images are searched, against all.
+    """
+    last = (previous or {}).get("criterion") or {}
+    cached = _read_pairs(folder) if last.get("name") == "neighbours+look" and last.get("neighbours") == cfg.neighbours \
+        and (previous or {}).get("featureset") == cfg.featureset else None
+    if cached is not None:
+        searched, old = cached
+        node = {i: k for k, i in enumerate(im.ids)}
+        new = np.array([k for k, i in enumerate(im.ids) if i not in searched], np.int64)
+        if len(new) <= RESEARCH_NEW_FRACTION * len(im.ids):
+            kept = [(node[a], node[b], s) for a, b, s in old if a in node and b in node]
+            a, b, sim = (np.array(c) for c in zip(*kept)) if kept else (np.zeros(0, np.int64),) * 2 + (np.zeros(0),)
+            fresh = new_image_pairs(im.X, new, cfg.neighbours)
+            return _unique_pairs(len(im.ids), np.concatenate([a, fresh.a]), np.concatenate([b, fresh.b]),
+                                 np.concatenate([sim, fresh.sim]).astype(np.float32)), "new", len(new)
+    nb = nearest_neighbours(im.X, cfg.neighbours, cfg.exact_max)
+    return similar_pairs(nb, -1.0), nb.kind, len(im.ids)
+
+
+def new_image_pairs(X: np.ndarray, new: np.ndarray, k: int) -> Graph:
+    """Each of ``new`` rows with its ``k`` nearest other rows of ``X`` (exact), as pairs."""
+    a, b, sim = [], [], []
+    k = min(k, len(X) - 1)
+    for lo in range(0, len(new) if k > 0 else 0, SEARCH_CHUNK):
+        rows = new[lo : lo + SEARCH_CHUNK]
+        S = X[rows] @ X.T
+        S[np.arange(len(rows)), rows] = -np.inf  # an image is not its own neighbour
+        top = np.argpartition(-S, k - 1, axis=1)[:, :k]
+        a.append(np.repeat(rows, k))
+        b.append(top.ravel())
+        sim.append(np.take_along_axis(S, top, axis=1).ravel())
+    if not a:
+        return Graph(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
+    return _unique_pairs(len(X), np.concatenate(a), np.concatenate(b), np.concatenate(sim).astype(np.float32))
+
+
+def _unique_pairs(n: int, a: np.ndarray, b: np.ndarray, sim: np.ndarray) -> Graph:
+    lo, hi = np.minimum(a, b).astype(np.int64), np.maximum(a, b).astype(np.int64)
+    _, first = np.unique(lo * n + hi, return_index=True)
+    return Graph(lo[first], hi[first], sim[first])
+
+
+def _read_pairs(folder) -> tuple[set[str], list[tuple[str, str, float]]] | None:
+    """The last run's searched images and candidate pairs (by image id); None when absent or unreadable."""
+    try:
+        searched = set(pq.read_table(folder / SEARCHED_FILE).column(S.IMAGE_ID).to_pylist())
+        t = pq.read_table(folder / PAIRS_FILE)
+        pairs = list(zip(t.column("a").to_pylist(), t.column("b").to_pylist(), t.column(S.SIMILARITY).to_pylist()))
+    except (OSError, KeyError, pa.ArrowException):
+        return None
+    return searched, pairs
+
+
+def _write_pairs(folder, im: Images, cands: Graph) -> None:
+    ids = np.asarray(im.ids, dtype=object)
+    write_table_atomic(pa.table({"a": pa.array(ids[cands.a].tolist(), pa.string()),
+                                 "b": pa.array(ids[cands.b].tolist(), pa.string()),
+                                 S.SIMILARITY: pa.array(cands.sim, pa.float32())}), folder / PAIRS_FILE)
+    write_table_atomic(pa.table({S.IMAGE_ID: pa.array(im.ids, pa.string())}), folder / SEARCHED_FILE)
 
 
 def inputs_digest(cfg: DedupConfig, im: Images) -> str:
@@ -567,7 +641,7 @@ def _summary(cfg: DedupConfig, im: Images, kind: str, criterion: dict[str, Any],
     conflict = [g for g, c in zip(group_ids, groups[S.LABEL_CONFLICT].to_pylist()) if c]
     return DedupSummary(dataset=cfg.dataset, featureset=cfg.featureset, threshold=cfg.threshold, criterion=criterion,
                         images=len(im.ids), paths=len(im.row_ids), missing_features=im.missing,
-                        search="exact" if kind == "flat" else f"approximate ({kind})", groups=len(set(group_ids)),
+                        search=SEARCH_KINDS.get(kind, f"approximate ({kind})"), groups=len(set(group_ids)),
                         grouped_paths=len(group_ids), exact_duplicate_paths=exact,
                         groups_table=str(folder / GROUPS_DIR), leaks=leaks.num_rows,
                         leaks_table=str(folder / LEAKS_DIR), label_conflicts=len(set(conflict)),

@@ -70,7 +70,7 @@ def looks_of_file(path: Path) -> np.ndarray | None:
         with Image.open(path) as im:
             im.draft("L", (DECODE_SIDE, DECODE_SIDE))  # JPEG: decode at a reduced scale (fast)
             return looks_of_image(im)
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+    except Exception as exc:  # noqa: BLE001 - any unreadable file just has no look (features judge it)
         log.debug("no look for %s: %s", path, exc)
         return None
 
@@ -121,7 +121,7 @@ def calibrate(paths: Sequence[Path], threshold: float = LOOK_THRESHOLD) -> dict:
                 im.draft("RGB", (DECODE_SIDE, DECODE_SIDE))
                 im = im.convert("RGB")
                 im.thumbnail((DECODE_SIDE, DECODE_SIDE))  # copies of a big photo look the same at this size
-        except (OSError, ValueError, Image.DecompressionBombError):
+        except Exception:  # noqa: BLE001 - an unreadable image is left out of the calibration
             continue
         orig = looks_of_image(im)
         if not np.any(orig[0]):

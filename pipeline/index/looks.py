@@ -6,7 +6,7 @@ as re-encoded copies. The look decides. It is the image's detail at 32 x 32 in l
 is blind to colour (a grayscale copy looks the same), brightness and contrast (it is
 normalised), size and re-encoding (it is tiny), letterbox bars (near-constant border rows and
 columns are trimmed first) and slight crops and rotations (the central part is compared, and
-each image also has a look turned by +-3 degrees). It keeps only the detail (a high-pass:
+each image also has a look turned by +-3 degrees and one cropped by 3% a side). It keeps only the detail (a high-pass:
 the 32 x 32 image minus its blur), so smooth gradients, vignetting and dark skies that many
 different photos share count for nothing. Two looks are compared by their cosine.
 """
@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 SIDE = 32  # the look's side in pixels
 TURNS = (3.0, -3.0)  # degrees: a copy may be turned slightly
-VARIANTS = 2 + len(TURNS)  # as is, mirrored, then each turn
+ZOOM = 0.03  # of each side: a copy may be cropped slightly and scaled back
+VARIANTS = 3 + len(TURNS)  # as is, mirrored, each turn, then zoomed in
 MARGIN = 0.06  # of each side left out: turned copies' corners and slight crops
 FLAT_STD = 1.5  # a border row or column varying less than this (0-255) is a bar, trimmed
 HIGH_PASS_SIGMA = 6.0  # pixels of the 32 x 32 image: detail finer than this is kept
@@ -57,10 +58,13 @@ def _detail(g: Image.Image) -> np.ndarray:
 
 
 def looks_of_image(im: Image.Image) -> np.ndarray:
-    """``(VARIANTS, SIDE * SIDE)``: the look as is, mirrored, and turned by each of TURNS."""
+    """``(VARIANTS, SIDE * SIDE)``: the look as is, mirrored, turned by each of TURNS, and zoomed in by ZOOM."""
     g = _trim(im.convert("L"))
     out = [_detail(g), _detail(g.transpose(Image.FLIP_LEFT_RIGHT))]
     out += [_detail(g.rotate(t, resample=Image.BILINEAR)) for t in TURNS]
+    w, h = g.size
+    dx, dy = round(w * ZOOM), round(h * ZOOM)
+    out.append(_detail(g.crop((dx, dy, max(dx + 1, w - dx), max(dy + 1, h - dy)))))
     return np.stack(out)
 
 
@@ -90,13 +94,13 @@ PAIRS_PER_CHUNK = 4096  # pairs compared at a time (bounded float32 copies of fl
 
 
 def look_similarity(L: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(straight, mirrored)`` look cosines of pairs ``a[k]``, ``b[k]``; straight allows a turn of either."""
+    """``(straight, mirrored)`` look cosines of pairs ``a[k]``, ``b[k]``; straight allows a turn or zoom of either."""
     straight, mirrored = np.zeros(len(a), np.float32), np.zeros(len(a), np.float32)
     for lo in range(0, len(a), PAIRS_PER_CHUNK):
         A = L[a[lo : lo + PAIRS_PER_CHUNK]].astype(np.float32)
         B = L[b[lo : lo + PAIRS_PER_CHUNK]].astype(np.float32)
         s = np.einsum("nd,nd->n", A[:, 0], B[:, 0])
-        for t in range(2, VARIANTS):  # one side turned against the other as is
+        for t in range(2, VARIANTS):  # one side turned or zoomed against the other as is
             s = np.maximum(s, np.einsum("nd,nd->n", A[:, t], B[:, 0]))
             s = np.maximum(s, np.einsum("nd,nd->n", A[:, 0], B[:, t]))
         straight[lo : lo + len(s)] = s

@@ -418,6 +418,11 @@ def test_a_rerun_looks_only_at_new_arrivals_and_writes_nothing_when_nothing_chan
     fresh = run_dedup(ws, DedupConfig(featureset="fs", dataset="d", name="fresh"), "r4").to_json()
     assert fresh["criterion"]["images_searched"] == 4 and fresh["search"] == "exact"
     assert group_sets(pq.read_table(fresh["groups_table"])) == group_sets(pq.read_table(third["groups_table"]))
+    for damaged in (folder / "_cache").iterdir():  # a damaged cache is computed again, not trusted
+        damaged.write_bytes(b"PAR1 not really")
+    redone = run_dedup(ws, DedupConfig(featureset="fs", dataset="d", page_groups=50), "r5").to_json()
+    assert (redone["criterion"]["looks_computed"], redone["criterion"]["images_searched"]) == (4, 4)
+    assert group_sets(pq.read_table(redone["groups_table"])) == group_sets(pq.read_table(third["groups_table"]))
 
 
 @pytest.mark.quick

@@ -30,7 +30,8 @@ from imgfeat.core.workspace import Workspace, check_name
 from imgfeat.extract.featureset import featureset_info
 from imgfeat.index.kinds import (MIN_POINTS_PER_LIST, IndexParams, build_in_memory, knn, reduce_dims, rescore,
                                   resolve_params)
-from imgfeat.index.looks import LOOK_THRESHOLD, SIDE, VARIANTS, calibrate, look_similarity, looks_of_files
+from imgfeat.index.looks import (LOOK_THRESHOLD, LOOK_VERSION, SIDE, VARIANTS, calibrate, look_similarity,
+                                  looks_of_files)
 from imgfeat.index.vectors import manifest_rows, read_vectors
 from imgfeat.scan.manifest import dataset_root
 
@@ -499,7 +500,7 @@ def inputs_digest(cfg: DedupConfig, im: Images) -> str:
     """What the results depend on: every row (id, path, split, label), the featureset and the criterion."""
     h = hashlib.blake2b(digest_size=16)
     h.update(repr((cfg.featureset, cfg.threshold, cfg.neighbours, cfg.exact_max, cfg.calibration_images,
-                   cfg.page_groups, LOOK_THRESHOLD, im.missing)).encode())
+                   cfg.page_groups, LOOK_THRESHOLD, LOOK_VERSION, im.missing)).encode())
     for row in sorted(zip(im.row_ids, im.row_paths, [s or "" for s in im.row_splits], [x or "" for x in im.labels()])):
         h.update("\x1f".join(row).encode() + b"\x1e")
     return h.hexdigest()
@@ -547,7 +548,8 @@ class Looks:
     def table(self) -> pa.Table:
         flat = pa.array(self.L.reshape(-1), pa.float16())
         col = pa.FixedSizeListArray.from_arrays(flat, VARIANTS * SIDE * SIDE)
-        return pa.table({S.IMAGE_ID: pa.array(self.ids, pa.string()), "look": col})
+        return pa.table({S.IMAGE_ID: pa.array(self.ids, pa.string()), "look": col},
+                        metadata={"look_version": LOOK_VERSION})
 
 
 def cached_looks(folder, im: Images, root) -> Looks:
@@ -569,6 +571,9 @@ def _read_looks(path) -> Looks:
         return empty
     try:
         table = pq.read_table(path)
+        if (table.schema.metadata or {}).get(b"look_version") != LOOK_VERSION.encode():
+            log.info("dedup looks cache %s is of another look version: computing the looks again", path)
+            return empty
         col = table.column("look").combine_chunks()
         L = col.flatten().to_numpy(zero_copy_only=False).astype(np.float16).reshape(-1, VARIANTS, SIDE * SIDE)
         return Looks(table.column(S.IMAGE_ID).to_pylist(), L)

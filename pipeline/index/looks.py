@@ -32,6 +32,7 @@ FLAT_STD = 1.5  # a border row or column varying less than this (0-255) is a bar
 HIGH_PASS_SIGMA = 6.0  # pixels of the 32 x 32 image: detail finer than this is kept
 DECODE_SIDE = 256  # JPEGs are decoded at a reduced scale, never below this many pixels a side
 LOOK_THRESHOLD = 0.8  # looks at least this alike are copies (see the README's dedup section)
+LOOK_VERSION = "1"  # bumped whenever a look is computed differently: cached looks of another version are redone
 
 
 def _trim(g: Image.Image) -> Image.Image:

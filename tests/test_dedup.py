@@ -249,6 +249,9 @@ def test_a_photo_looks_like_its_nine_copies_and_not_like_its_own_tiles(photo_til
             with Image.open(io.BytesIO(near_copy(im, t)[0])) as copy:
                 s, _ = look_similarity(np.stack([orig, looks_of_image(copy)]), np.array([0]), np.array([1]))
             assert s[0] >= LOOK_THRESHOLD, (name, t, s[0])
+        for turned in (im.rotate(3, resample=Image.BILINEAR, expand=True), im.rotate(-3, fillcolor=(255, 255, 255))):
+            s, _ = look_similarity(np.stack([orig, looks_of_image(turned)]), np.array([0]), np.array([1]))
+            assert s[0] >= LOOK_THRESHOLD, (name, "turned", s[0])  # on a larger canvas, or with white corners
         s, m = look_similarity(np.stack([orig, looks_of_image(tile)]), np.array([0]), np.array([1]))
         assert max(s[0], m[0]) < 0.5, (name, s[0], m[0])
 

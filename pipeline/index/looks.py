@@ -6,7 +6,8 @@ as re-encoded copies. The look decides. It is the image's detail at 32 x 32 in l
 is blind to colour (a grayscale copy looks the same), brightness and contrast (it is
 normalised), size and re-encoding (it is tiny), letterbox bars (near-constant border rows and
 columns are trimmed first) and slight crops and rotations (the central part is compared, and
-each image also has a look turned by +-3 degrees and one cropped by 3% a side). It keeps only the detail (a high-pass:
+each image also has looks turned by +-3 degrees and one cropped by 3% a side; two images are
+compared at their best pair of these). It keeps only the detail (a high-pass:
 the 32 x 32 image minus its blur), so smooth gradients, vignetting and dark skies that many
 different photos share count for nothing. Two looks are compared by their cosine.
 """
@@ -27,12 +28,13 @@ SIDE = 32  # the look's side in pixels
 TURNS = (3.0, -3.0)  # degrees: a copy may be turned slightly
 ZOOM = 0.03  # of each side: a copy may be cropped slightly and scaled back
 VARIANTS = 3 + len(TURNS)  # as is, mirrored, each turn, then zoomed in
+MIRRORED = 1  # the variant that is mirrored
 MARGIN = 0.06  # of each side left out: turned copies' corners and slight crops
 FLAT_STD = 1.5  # a border row or column varying less than this (0-255) is a bar, trimmed
 HIGH_PASS_SIGMA = 6.0  # pixels of the 32 x 32 image: detail finer than this is kept
 DECODE_SIDE = 256  # JPEGs are decoded at a reduced scale, never below this many pixels a side
 LOOK_THRESHOLD = 0.8  # looks at least this alike are copies (see the README's dedup section)
-LOOK_VERSION = "1"  # bumped whenever a look is computed differently: cached looks of another version are redone
+LOOK_VERSION = "2"  # bumped whenever a look is computed differently: cached looks of another version are redone
 
 
 def _trim(g: Image.Image) -> Image.Image:
@@ -95,17 +97,18 @@ PAIRS_PER_CHUNK = 4096  # pairs compared at a time (bounded float32 copies of fl
 
 
 def look_similarity(L: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(straight, mirrored)`` look cosines of pairs ``a[k]``, ``b[k]``; straight allows a turn or zoom of either."""
+    """``(straight, mirrored)`` look cosines of pairs ``a[k]``, ``b[k]``.
+
+    Straight is the best over every variant of one against every variant of the other, mirror
+    aside: a turn of one against a zoom of the other matches a copy turned on a larger canvas.
+    """
+    keep = [v for v in range(VARIANTS) if v != MIRRORED]
     straight, mirrored = np.zeros(len(a), np.float32), np.zeros(len(a), np.float32)
     for lo in range(0, len(a), PAIRS_PER_CHUNK):
         A = L[a[lo : lo + PAIRS_PER_CHUNK]].astype(np.float32)
         B = L[b[lo : lo + PAIRS_PER_CHUNK]].astype(np.float32)
-        s = np.einsum("nd,nd->n", A[:, 0], B[:, 0])
-        for t in range(2, VARIANTS):  # one side turned or zoomed against the other as is
-            s = np.maximum(s, np.einsum("nd,nd->n", A[:, t], B[:, 0]))
-            s = np.maximum(s, np.einsum("nd,nd->n", A[:, 0], B[:, t]))
-        straight[lo : lo + len(s)] = s
-        mirrored[lo : lo + len(s)] = np.einsum("nd,nd->n", A[:, 1], B[:, 0])
+        straight[lo : lo + len(A)] = np.einsum("npd,nqd->npq", A[:, keep], B[:, keep]).max(axis=(1, 2))
+        mirrored[lo : lo + len(A)] = np.einsum("nd,nd->n", A[:, MIRRORED], B[:, 0])
     return straight, mirrored
 
 

@@ -7,40 +7,46 @@ import argparse
 from imgfeat.cli.common import JobContext, add_command, ranged
 
 DESCRIPTION = """\
-Find near-duplicates in a dataset by the cosine similarity of its features, and held-out
-images that leak from the training split. Writes under dedup/<name>/ (name: --name, else
-the dataset):
+Find near-duplicates in a dataset, held-out images that leak from the training split, and
+copies carrying different labels. Writes under dedup/<name>/ (name: --name, else the
+dataset), one table per folder:
 
-  groups.parquet  image_id, group_id, nearest_id, similarity, path
-                  one row per file in a group of two or more files; exact copies (one
-                  image_id under several paths) are groups too, with similarity 1
-  leaks.parquet   image_id, path, split, nearest_id, nearest_path, nearest_split, similarity
-                  held-out files (split other than train) whose nearest training image is
-                  at or above the threshold
-  index.html      the groups and leaks as thumbnails, one self-contained file
+  groups/     image_id, group_id, nearest_id, similarity, path, label, split, label_conflict
+              one row per file in a group of two or more files; exact copies (one image_id
+              under several paths) are groups too, with similarity 1; label_conflict: the
+              group's files carry two or more labels
+  leaks/      image_id, path, split, nearest_id, nearest_path, nearest_split, similarity
+              held-out files (split other than train) grouped with a training image
+  index.html  the groups (label conflicts first) and leaks as thumbnails, one file
+  _dedup.json the run's summary, with the criterion and its calibration
 
-Groups are connected components of 'similarity >= threshold' among each image's nearest
-neighbours (exact search up to 20,000 images, IVF beyond).
+By default each image's --neighbours nearest by features are candidates, and a candidate
+is a copy when the two images look alike: their luminance detail at 32 x 32 (blind to
+colour, size, brightness, re-encoding, letterbox bars and slight turns) has a cosine of at
+least 0.8. The look is checked on synthetic copies of the dataset's own images (the
+summary's criterion.calibration). --threshold T uses a fixed cosine of the features instead.
 """
 
 EPILOG = """\
 examples:
   imgfeat dedup --featureset efficientnet_lite0-224-avg-float16-1a2b3c4d --dataset photos
-  imgfeat dedup --featureset FS --dataset photos --threshold 0.9 --json
+  imgfeat dedup --featureset FS --dataset photos --json
+  imgfeat dedup --featureset FS --dataset photos --threshold 0.9      # features only
 """
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from imgfeat.index.dedup import DEFAULT_THRESHOLD
+    from imgfeat.index.dedup import DEFAULT_NEIGHBOURS
 
     p = add_command(sub, "dedup", handle, help="near-duplicate groups and train/test leaks of a dataset",
                     description=DESCRIPTION, epilog=EPILOG)
     p.add_argument("--featureset", required=True, metavar="FS", help="the featureset to compare images by: its name, a recipe name or RECIPE@ID")
     p.add_argument("--dataset", required=True, metavar="NAME", help="the dataset to look into")
-    p.add_argument("--threshold", type=ranged("threshold"), default=DEFAULT_THRESHOLD, metavar="T",
-                   help="cosine similarity at or above which two images are near-duplicates")
-    p.add_argument("--neighbours", type=ranged("neighbours"), default=10, metavar="K",
-                   help="candidate neighbours looked at per image")
+    p.add_argument("--threshold", type=ranged("threshold"), default=None, metavar="T",
+                   help="instead of the default criterion: a cosine similarity of the features, in (0, 1], "
+                        "at or above which two images are near-duplicates")
+    p.add_argument("--neighbours", type=ranged("neighbours"), default=DEFAULT_NEIGHBOURS, metavar="K",
+                   help=f"candidate neighbours looked at per image (default {DEFAULT_NEIGHBOURS})")
     p.add_argument("--name", default=None, metavar="NAME",
                    help="output folder name under dedup/ (default: the dataset)")
 
@@ -53,7 +59,12 @@ def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
                       neighbours=args.neighbours, name=args.name)
     out = run_dedup(ctx.ws, cfg, ctx.run_id)
     if not args.json:
+        from imgfeat.index.dedup import criterion_text
+
         print(f"{out.groups} near-duplicate groups ({out.grouped_paths} files, {out.exact_duplicate_paths} exact "
-              f"copies) among {out.paths} files at similarity >= {out.threshold:g}; {out.leaks} split leaks")
+              f"copies) among {out.paths} files ({criterion_text(out.criterion)}); {out.leaks} split leaks; "
+              f"{out.label_conflicts} groups with conflicting labels ({out.label_conflict_paths} files)")
+        if not out.written:
+            print("nothing changed since the last run: its results stand")
         print(f"groups: {out.groups_table}\nleaks:  {out.leaks_table}\npage:   {out.page}")
     return out.to_json()

@@ -13,13 +13,15 @@ Print the most similar images in an index ('imgfeat index') for each query: imag
 never lists itself. One line per query: 'query.jpg: 0.982 a.jpg, 0.951 b.jpg, ...'.
 
 With --json the summary holds 'results': [{query, image_id, neighbours: [{image_id, path,
-similarity}]}], similarity being the cosine of the two feature vectors.
+similarity}]}], similarity being the cosine of the two feature vectors. --html PATH also
+writes the results as a page: each query's thumbnail and its neighbours', one file.
 """
 
 EPILOG = """\
 examples:
   imgfeat similar --index photos query.jpg other.png --top 5
   imgfeat similar --index photos --image-id 3fa9c2... --json
+  imgfeat similar --index photos query.jpg --html similar.html
 """
 
 
@@ -34,22 +36,46 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top", type=ranged("top"), default=10, metavar="K", help="neighbours per query")
     p.add_argument("--featureset", default=None, metavar="FS",
                    help="fail unless the index was built on this featureset")
+    p.add_argument("--html", default=None, metavar="PATH",
+                   help="also write the results as an HTML page with thumbnails (one self-contained file)")
 
 
 def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
     from imgfeat.index import Index
 
     require(bool(args.images) != bool(args.image_ids), "give image files or --image-id IDs (one of the two)")
+    html_target = _html_target(args.html) if args.html else None  # checked before any work
     index = Index.open(ctx.ws, args.index)
     if args.featureset:
         index.check_featureset(args.featureset)
     results = (index.search_ids(args.image_ids, args.top) if args.image_ids
                else index.search_files(args.images, args.top, run_id=ctx.run_id))
+    page = _write_page(html_target, index, results, ctx.run_id) if html_target else None
     if not args.json:
         for r in results:
             print(format_result(r))
+        if page:
+            print(f"page: {page}")
     return {"index": index.name, "featureset": index.featureset, "top": args.top,
-            "results": [r.to_json() for r in results]}
+            "results": [r.to_json() for r in results], **({"page": page} if page else {})}
+
+
+def _html_target(path: str):
+    from pathlib import Path
+
+    target = Path(path).absolute()
+    require(target.suffix.lower() in (".html", ".htm"), f"--html needs a .html file name, got {path!r}")
+    require(not target.is_dir(), f"--html {path} is a folder; give a file name such as similar.html")
+    return target
+
+
+def _write_page(target, index, results, run_id: str) -> str:
+    from imgfeat.core.storage import write_bytes_atomic
+    from imgfeat.index.page import render_similar_page
+
+    page = render_similar_page(index.name, index.featureset, results, index.path_of, run_id)
+    write_bytes_atomic(page.encode("utf-8"), target)
+    return str(target)
 
 
 def format_result(result) -> str:

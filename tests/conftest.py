@@ -46,9 +46,8 @@ LONGEST_GROUPS = (
     "test_finetune_checkpoint",
     "test_fidelity", "test_forward", "test_finetune_blocks", "test_readers", "test_extract_trust",
     "test_extract", "test_extract_gpu_path", "test_gpudecode", "test_train", "test_shard_tags", "test_lite",
-    "test_bench", "test_examples", "test_classify", "test_index_job", "test_report", "test_heads",
-    "test_run_no_accuracy", "test_api", "test_dedup", "test_decodepool",
-    "test_damaged_names",
+    "test_bench", "test_examples", "test_classify", "test_index_job", "test_dedup", "test_dedup_job", "test_report",
+    "test_heads", "test_run_no_accuracy", "test_api", "test_decodepool", "test_damaged_names",
 )
 
 

@@ -216,3 +216,233 @@ def test_dedup_bad_input_is_a_clear_error(ws):
         run_dedup(ws, DedupConfig(featureset="fs", dataset="other"), "run1")
     with pytest.raises(ConfigError, match="threshold must be a cosine similarity in \\(0, 1\\], got 1.5"):
         DedupConfig(featureset="fs", dataset="other", threshold=1.5)
+
+
+@pytest.fixture(scope="module")
+def photo_tiles():
+    """Three shipped photos and a tile of each (another picture of the same scene)."""
+    from imgfeat.tools.nearcopies import shipped_photos
+
+    photos = shipped_photos()
+    out = {}
+    for name in ("chelsea", "coffee", "astronaut"):
+        im = photos[name]
+        im.thumbnail((320, 320))
+        w, h = im.size
+        out[name] = (im, im.crop((0, 0, w // 2, h // 2)).resize((w, h)))
+    return out
+
+
+@pytest.mark.quick
+def test_a_photo_looks_like_its_nine_copies_and_not_like_its_own_tiles(photo_tiles):
+    """The look is blind to what copies change (colour, size, bars, slight turns) and sees another crop."""
+    import io
+
+    from PIL import Image
+
+    from imgfeat.index.looks import LOOK_THRESHOLD, look_similarity, looks_of_image
+    from imgfeat.tools.nearcopies import TRANSFORMS, near_copy
+
+    for name, (im, tile) in photo_tiles.items():
+        orig = looks_of_image(im)
+        for t in TRANSFORMS:
+            with Image.open(io.BytesIO(near_copy(im, t)[0])) as copy:
+                s, _ = look_similarity(np.stack([orig, looks_of_image(copy)]), np.array([0]), np.array([1]))
+            assert s[0] >= LOOK_THRESHOLD, (name, t, s[0])
+        for turned in (im.rotate(3, resample=Image.BILINEAR, expand=True), im.rotate(-3, fillcolor=(255, 255, 255))):
+            s, _ = look_similarity(np.stack([orig, looks_of_image(turned)]), np.array([0]), np.array([1]))
+            assert s[0] >= LOOK_THRESHOLD, (name, "turned", s[0])  # on a larger canvas, or with white corners
+        s, m = look_similarity(np.stack([orig, looks_of_image(tile)]), np.array([0]), np.array([1]))
+        assert max(s[0], m[0]) < 0.5, (name, s[0], m[0])
+
+
+@pytest.mark.quick
+def test_calibration_reports_how_synthetic_copies_of_own_images_fare(tmp_path, photo_tiles):
+    from imgfeat.index.looks import calibrate
+    from imgfeat.tools.nearcopies import TRANSFORMS
+
+    paths = []
+    for name, (im, _) in photo_tiles.items():
+        im.save(tmp_path / f"{name}.jpg", quality=90)
+        paths.append(tmp_path / f"{name}.jpg")
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    out = calibrate([*paths, tmp_path / "bad.jpg"])
+    assert out["images"] == 3 and out["found"] == 1.0 and set(out["transforms"]) == set(TRANSFORMS)
+    assert all(v["min"] >= out["threshold"] for v in out["transforms"].values())
+
+
+def _tiny_dataset(ws, root: Path, files: list[tuple[str, str, str | None, str | None]]):
+    """Write ``files`` (relative path, picture name, split, label) as photos and the featureset of their content.
+
+    Each picture is a distinct shipped photo; features are random unit vectors per picture (equal
+    for equal bytes), so only the looks and exact bytes can group them.
+    """
+    from imgfeat.core.hashing import content_id
+    from imgfeat.tools.nearcopies import shipped_photos
+
+    photos = shipped_photos()
+    rows, seen = [], {}
+    for rel, name, split, label in files:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        im = photos[name].copy()
+        im.thumbnail((128, 128))
+        im.save(root / rel)
+        image_id = content_id((root / rel).read_bytes())
+        seen.setdefault(image_id, len(seen))
+        rows.append({"image_id": image_id, "path": rel, "split": split, "label": label, "status": "ok"})
+    rng = np.random.default_rng(0)
+    if seen:
+        write_featureset(ws, "fs", list(seen), rng.standard_normal((len(seen), 32)).astype(np.float32), dtype="float32")
+    else:
+        write_featureset(ws, "fs", [fake_image_id("x", 0)], np.ones((1, 32), np.float32), dtype="float32")
+    write_manifest(ws, "d", rows, root)
+    return rows
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("threshold", [None, 0.9])
+@pytest.mark.parametrize("case, files, want", [
+    # F17: the only image, one file copied into train and test: a leak
+    ("one image in train and test", [("train/a.png", "chelsea", "train", "cat"), ("test/a.png", "chelsea", "test", "cat")],
+     {"groups": 1, "grouped_paths": 2, "leaks": 1, "label_conflicts": 0}),
+    ("no images", [], {"groups": 0, "grouped_paths": 0, "leaks": 0, "label_conflicts": 0}),
+    ("one image", [("a.png", "chelsea", None, None)], {"groups": 0, "grouped_paths": 0, "leaks": 0}),
+    ("two distinct images", [("a.png", "chelsea", "train", "x"), ("b.png", "coffee", "test", "x")],
+     {"groups": 0, "grouped_paths": 0, "leaks": 0}),
+    ("all identical, no labels or splits", [(f"{k}.png", "coffee", None, None) for k in range(4)],
+     {"groups": 1, "grouped_paths": 4, "leaks": 0, "label_conflicts": 0}),
+])
+def test_small_and_degenerate_datasets(ws, tmp_path, threshold, case, files, want):
+    from imgfeat.index.dedup import DedupConfig, run_dedup
+
+    _tiny_dataset(ws, tmp_path / "photos", files)
+    out = run_dedup(ws, DedupConfig(featureset="fs", dataset="d", threshold=threshold), "run1").to_json()
+    assert {k: out[k] for k in want} == want, case
+    assert pq.read_table(out["groups_table"]).num_rows == out["grouped_paths"]
+    leaks = pq.read_table(out["leaks_table"]).to_pylist()
+    if want["leaks"]:
+        assert [(r[S.PATH], r[S.NEAREST_PATH], r[S.SIMILARITY]) for r in leaks] == [("test/a.png", "train/a.png", 1.0)]
+
+
+@pytest.mark.quick
+def test_the_same_picture_under_two_labels_is_a_label_conflict_apart_from_leaks(ws, tmp_path):
+    """Issue 24 item 2: copies carrying different labels are flagged, counted and shown."""
+    from imgfeat.index.dedup import DedupConfig, run_dedup
+
+    root = tmp_path / "photos"
+    _tiny_dataset(ws, root, [("train/cat/a.png", "chelsea", "train", "cat"),
+                             ("train/dog/a.png", "chelsea", "train", "dog"),  # the same bytes, another label
+                             ("train/cup/b.png", "coffee", "train", "cup"),
+                             ("train/cup/c.png", "astronaut", "train", "cup")])
+    out = run_dedup(ws, DedupConfig(featureset="fs", dataset="d"), "run1").to_json()
+    assert (out["label_conflicts"], out["label_conflict_paths"], out["leaks"]) == (1, 2, 0)
+    rows = pq.read_table(out["groups_table"]).to_pylist()
+    assert {(r[S.PATH], r[S.LABEL], r[S.SPLIT], r[S.LABEL_CONFLICT]) for r in rows} == {
+        ("train/cat/a.png", "cat", "train", True), ("train/dog/a.png", "dog", "train", True)}
+    page = Path(out["page"]).read_text()
+    assert 'class="flag">label conflict' in page and '<span class="label">dog</span>' in page
+    assert "word-break:break-all" not in page and "text-overflow:ellipsis" in page  # paths stay on one line
+    assert json.loads((Path(out["page"]).parent / "_dedup.json").read_text())["label_conflicts"] == 1
+
+
+@pytest.fixture(scope="module")
+def planted_photos(tmp_path_factory, keras_home):
+    """Distinct shipped photos and their halves' tiles, with 10% planted copies (nine transforms) in test/.
+
+    ImageNet Lite0 features at input 96, extracted once for the module.
+    """
+    from imgfeat.core.workspace import Workspace
+    from imgfeat.extract.extract import ExtractConfig, run_extract
+    from imgfeat.scan.scan import ScanConfig, run_scan
+    from imgfeat.tools.nearcopies import build_photo_set
+
+    base = tmp_path_factory.mktemp("planted")
+    truth = build_photo_set(base / "photos", copy_fraction=0.1, seed=1, grids=(1, 2), max_side=160)
+    ws = Workspace(base / "ws")
+    run_scan(ws, ScanConfig(root=base / "photos", dataset="photos"), "scan1")
+    cfg = ExtractConfig(dataset="photos", backbone="efficientnet_lite0", weights="imagenet", input_size=96)
+    return ws, run_extract(ws, cfg, "ext1")["featureset"], truth
+
+
+@pytest.mark.slow
+def test_planted_copies_are_found_and_distinct_photos_left_alone(planted_photos):
+    """Issue 24 item 1 on real photos: >= 98% of copies grouped with their original and reported as
+    leaks, <= 2% of images falsely grouped; the fixed cosine 0.9 misses copies here."""
+    from imgfeat.index.dedup import DedupConfig, run_dedup
+    from imgfeat.index.vectors import read_vectors
+    from imgfeat.tools.nearcopies import score
+
+    ws, fs, truth = planted_photos
+    assert sum(1 for _, t in truth.values() if t) >= 9 and len(truth) >= 90
+    _, X = read_vectors(ws, fs)
+    assert X.std(axis=0).mean() > 1e-3  # the features carry signal
+    out = run_dedup(ws, DedupConfig(featureset=fs, dataset="photos"), "d1").to_json()
+    got = score(truth, out["groups_table"], out["leaks_table"])
+    assert got["recall"]["all"] >= 0.98 and got["false_grouping_rate"] <= 0.02, got
+    assert out["criterion"]["name"] == "neighbours+look" and out["criterion"]["calibration"]["images"] > 0
+    old = run_dedup(ws, DedupConfig(featureset=fs, dataset="photos", threshold=0.9, name="old"), "d2").to_json()
+    assert score(truth, old["groups_table"], old["leaks_table"])["recall"]["all"] < got["recall"]["all"]
+
+
+@pytest.mark.quick
+def test_a_rerun_looks_only_at_new_arrivals_and_writes_nothing_when_nothing_changed(ws, tmp_path):
+    """Issue 24 item 4: looks are cached by content, the calibration reused, an unchanged rerun is a no-op."""
+    from PIL import Image
+
+    from imgfeat.core.hashing import content_id
+    from imgfeat.index.dedup import DedupConfig, run_dedup
+
+    root = tmp_path / "photos"
+    rows = _tiny_dataset(ws, root, [("train/a.png", "chelsea", "train", "cat"), ("train/b.png", "coffee", "train", "cup"),
+                                    ("train/c.png", "astronaut", "train", "person")])
+    cfg = DedupConfig(featureset="fs", dataset="d")
+    first = run_dedup(ws, cfg, "r1").to_json()
+    assert first["criterion"]["looks_computed"] == 3 and first["criterion"]["calibration"]["reused"] is False
+    assert (first["groups"], first["leaks"], first["written"]) == (0, 0, True)
+    folder = Path(first["page"]).parent
+    stamps = {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+    again = run_dedup(ws, cfg, "r2").to_json()
+    assert again["written"] is False and again["inputs_digest"] == first["inputs_digest"]
+    assert {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()} == stamps
+
+    (root / "test").mkdir()
+    with Image.open(root / "train/b.png") as im:
+        im.convert("L").save(root / "test/b-grey.png")  # a grey copy arrives in the test split
+    grey = content_id((root / "test/b-grey.png").read_bytes())
+    write_featureset(ws, "fs", [grey], np.random.default_rng(5).standard_normal((1, 32)).astype(np.float32),
+                     dtype="float32", run_id="more")
+    write_manifest(ws, "d", [*rows, {"image_id": grey, "path": "test/b-grey.png", "split": "test", "label": "cup",
+                                     "status": "ok"}], root)
+    third = run_dedup(ws, cfg, "r3").to_json()
+    assert third["criterion"]["looks_computed"] == 1 and third["criterion"]["calibration"]["reused"] is True
+    assert third["criterion"]["images_searched"] == 1 and third["search"].startswith("exact, new images")
+    leaks = pq.read_table(third["leaks_table"]).to_pylist()
+    assert [(r[S.PATH], r[S.NEAREST_PATH]) for r in leaks] == [("test/b-grey.png", "train/b.png")]
+    fresh = run_dedup(ws, DedupConfig(featureset="fs", dataset="d", name="fresh"), "r4").to_json()
+    assert fresh["criterion"]["images_searched"] == 4 and fresh["search"] == "exact"
+    assert group_sets(pq.read_table(fresh["groups_table"])) == group_sets(pq.read_table(third["groups_table"]))
+    for damaged in (folder / "_cache").iterdir():  # a damaged cache is computed again, not trusted
+        damaged.write_bytes(b"PAR1 not really")
+    redone = run_dedup(ws, DedupConfig(featureset="fs", dataset="d", page_groups=50), "r5").to_json()
+    assert (redone["criterion"]["looks_computed"], redone["criterion"]["images_searched"]) == (4, 4)
+    assert group_sets(pq.read_table(redone["groups_table"])) == group_sets(pq.read_table(third["groups_table"]))
+
+
+@pytest.mark.quick
+def test_similar_html_page_shows_each_query_and_its_neighbours(ws, tmp_path, capsys):
+    """Issue 24 item 4: `similar --html PATH` writes a page like dedup's; a bad PATH writes nothing."""
+    from imgfeat.cli.main import main
+
+    rows = _tiny_dataset(ws, tmp_path / "photos", [("a.png", "chelsea", None, None), ("b.png", "coffee", None, None),
+                                                   ("c.png", "astronaut", None, None)])
+    assert main(["index", "--featureset", "fs", "--dataset", "d", "--name", "ix", "--json"]) == 0
+    capsys.readouterr()
+    page = tmp_path / "out" / "similar.html"
+    assert main(["similar", "--index", "ix", "--image-id", rows[0]["image_id"], "--top", "2", "--html", str(page),
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    text = page.read_text()
+    assert out["page"] == str(page) and "Similar images in ix" in text
+    assert text.count("data:image/jpeg;base64,") == 3 and "a.png" in text and "b.png" in text and "c.png" in text
+    assert main(["similar", "--index", "ix", "--image-id", rows[0]["image_id"], "--html", str(tmp_path / "x.txt")]) == 2
+    assert "--html needs a .html file name" in capsys.readouterr().err and not (tmp_path / "x.txt").exists()

@@ -297,3 +297,38 @@ def test_spark_cannot_read_float16_features(spark, tmp_path):
     assert pq.read_table(ws.featureset_dir("half")).schema.field(S.FEATURE).type.value_type == "halffloat"
     with pytest.raises(Exception, match="FLOAT16"):
         spark.read.parquet(str(ws.featureset_dir("half"))).collect()
+
+
+def _dedup_tables(ws: Workspace) -> dict[str, Expected]:
+    """A dedup run over generated vectors: a group of exact copies, near-copies and one leak."""
+    from imgfeat.index.dedup import DedupConfig, run_dedup
+    from imgfeat.scan.manifest import write_manifest
+    from synthetic import fake_image_id
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((12, 16)).astype(np.float32)
+    X = np.concatenate([X, X[:2] + 0.01 * rng.standard_normal((2, 16)).astype(np.float32)])
+    ids = [fake_image_id("d", k) for k in range(len(X))]
+    write_featureset(ws, "fs", ids, X, dtype="float32")
+    rows = [{"image_id": i, "path": f"train/{k:02d}.png", "split": "train", "status": "ok"} for k, i in enumerate(ids)]
+    rows[-1].update(path="test/13.png", split="test")
+    rows.append({"image_id": ids[5], "path": "train/again-05.png", "split": "train", "status": "ok"})
+    write_manifest(ws, "d", rows, ws.root / "images")
+    out = run_dedup(ws, DedupConfig(featureset="fs", dataset="d"), "run1").to_json()
+    groups = _rows_of([Path(out["groups_table"]) / f for f in sorted(os.listdir(out["groups_table"]))])
+    leaks = _rows_of([Path(out["leaks_table"]) / f for f in sorted(os.listdir(out["leaks_table"]))])
+    assert (len(groups), len(leaks)) == (out["grouped_paths"], out["leaks"]) == (6, 1)
+    return {"groups": Expected(out["groups_table"], groups, S.PATH, S.GROUP_ID),
+            "leaks": Expected(out["leaks_table"], leaks, S.PATH, S.NEAREST_PATH)}
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("reader", [*READERS, "polars.read_parquet glob"])
+def test_dedup_tables_are_one_folder_each_that_opens_as_exactly_its_rows(ws, reader):
+    """Issue 24 item 3: groups and leaks each in a folder holding only Parquet (page and summary elsewhere)."""
+    import polars as pl
+
+    read = READERS.get(reader) or (lambda folder: pl.read_parquet(f"{folder}/**/*.parquet").to_pandas())
+    for want in _dedup_tables(ws).values():
+        assert {p.suffix for p in Path(want.folder).iterdir()} == {".parquet"}
+        assert_exact_rows(read(want.folder), want, reader)

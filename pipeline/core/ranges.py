@@ -100,6 +100,7 @@ RANGES: dict[str, Range] = {
     "top": _ints(1, 10_000),
     "neighbours": _ints(1, 1000),
     "threshold": FRACTION,
+    "calibration_images": _ints(0, 10_000),
     # tools
     "per_class": _ints(1, 100_000),
     "repeat": _ints(1, 1000),

@@ -47,6 +47,7 @@ NEAREST_ID = "nearest_id"
 NEAREST_PATH = "nearest_path"
 NEAREST_SPLIT = "nearest_split"
 SIMILARITY = "similarity"
+LABEL_CONFLICT = "label_conflict"
 
 # --- manifest status codes ---
 STATUS_OK = "ok"
@@ -166,7 +167,7 @@ INDEX_IDS_SCHEMA = pa.schema(
     ]
 )
 
-# Near-duplicate groups: one row per manifest path in a group of two or more paths.
+# Near-duplicate groups: one row per manifest path in a group of two or more paths, with its label and split.
 DEDUP_GROUPS_SCHEMA = pa.schema(
     [
         pa.field(IMAGE_ID, pa.string(), nullable=False),
@@ -174,6 +175,9 @@ DEDUP_GROUPS_SCHEMA = pa.schema(
         pa.field(NEAREST_ID, pa.string(), nullable=False),
         pa.field(SIMILARITY, pa.float32(), nullable=False),
         pa.field(PATH, pa.string(), nullable=False),
+        pa.field(LABEL, pa.string()),
+        pa.field(SPLIT, pa.string()),
+        pa.field(LABEL_CONFLICT, pa.bool_(), nullable=False),  # the group holds two or more labels
     ]
 )
 

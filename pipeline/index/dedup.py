@@ -1,30 +1,55 @@
-"""Near-duplicate groups and train/test leaks of a dataset over a featureset: tables, summary, HTML page."""
+"""Near-duplicate groups, train/test leaks and label conflicts of a dataset over a featureset: tables, summary, page.
+
+The default criterion: each image's nearest neighbours by features are the candidates, and a
+candidate pair is a copy when the two images look alike (``imgfeat.index.looks``: luminance
+detail, blind to colour, size, brightness, re-encoding, letterboxing and slight turns). Images
+whose file cannot be read are judged by features alone (cosine >= FALLBACK_COSINE). The very
+same bytes under two paths are always duplicates. ``threshold`` replaces all of this with a
+fixed cosine of the features (the criterion before looks).
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from imgfeat.core import schemas as S
-from imgfeat.core.errors import ConfigError
+from imgfeat.core.errors import ConfigError, ImgfeatError
 from imgfeat.core.storage import FileLock, remove_stale_tmp, write_bytes_atomic, write_json_atomic, write_table_atomic
 from imgfeat.core.workspace import Workspace, check_name
 from imgfeat.extract.featureset import featureset_info
 from imgfeat.index.kinds import (MIN_POINTS_PER_LIST, IndexParams, build_in_memory, knn, reduce_dims, rescore,
                                   resolve_params)
+from imgfeat.index.looks import (LOOK_THRESHOLD, LOOK_VERSION, SIDE, VARIANTS, calibrate, look_similarity,
+                                  looks_of_files)
 from imgfeat.index.vectors import manifest_rows, read_vectors
 from imgfeat.scan.manifest import dataset_root
 
 log = logging.getLogger(__name__)
 
-DEFAULT_THRESHOLD = 0.9  # lite0 features: copies >= 0.91, distinct photos <= 0.53 (tests/test_dedup.py)
-GROUPS_FILE, LEAKS_FILE, PAGE_FILE, SUMMARY_FILE = "groups.parquet", "leaks.parquet", "index.html", "_dedup.json"
+FALLBACK_COSINE = 0.9  # pairs without a look (unreadable files): copies of real photos mostly score above
+MIRROR_COSINE = 0.9  # a mirrored look counts only when the features agree this much (symmetric scenes)
+DEFAULT_NEIGHBOURS = 20  # candidates per image: copies rank within the first 15 on real photos (bench_dedup)
+CALIBRATION_IMAGES = 32  # images of the dataset whose synthetic copies check the look (0: none)
+# One table per folder (every reader opens a folder as exactly its rows); the page and summary beside.
+GROUPS_DIR, LEAKS_DIR, TABLE_FILE = "groups", "leaks", "part-0.parquet"
+PAGE_FILE, SUMMARY_FILE = "index.html", "_dedup.json"
+OLD_FILES = ("groups.parquet", "leaks.parquet")  # the layout before one table per folder: removed on rerun
+LOOKS_FILE = "_cache/looks.parquet"  # image_id -> look: a rerun decodes only images it has not seen
+RECALIBRATE_GROWTH = 2  # the calibration is redone once the dataset holds this many times the images it had
+PAIRS_FILE, SEARCHED_FILE = "_cache/pairs.parquet", "_cache/searched.parquet"  # last run's candidates, its images
+RESEARCH_NEW_FRACTION = 0.5  # more new images than this share of all: every image is searched again
+SEARCH_CHUNK = 1024  # new images compared with all at a time
 EXACT_MAX = 20_000  # above this many images the neighbour search is approximate (IVF)
 DEDUP_NPROBE = 8  # near-copies sit in the same or a neighbouring list: a few lists find them
 CANDIDATE_DIMS = 256  # approximate search finds candidates on this many principal components
@@ -32,26 +57,36 @@ CANDIDATE_DIMS = 256  # approximate search finds candidates on this many princip
 
 @dataclass(frozen=True)
 class DedupConfig:
-    """Which dataset and featureset, the cosine threshold, and where the results go (dedup/<name>/)."""
+    """Which dataset and featureset, the criterion, and where the results go (dedup/<name>/).
+
+    ``threshold`` None: the default criterion (feature neighbours checked by their looks); a
+    number: a fixed cosine of the features instead.
+    """
 
     featureset: str
     dataset: str
-    threshold: float = DEFAULT_THRESHOLD
-    neighbours: int = 10  # candidates per image; groups still chain through neighbours of neighbours
+    threshold: float | None = None
+    neighbours: int = DEFAULT_NEIGHBOURS  # candidates per image; groups still chain through neighbours of neighbours
     name: str | None = None
     page_groups: int = 200  # groups drawn on the HTML page (all of them are in the table)
     exact_max: int = EXACT_MAX
+    calibration_images: int = CALIBRATION_IMAGES
     wait: float | None = None
 
     def __post_init__(self) -> None:
         check_name("featureset", self.featureset)
         check_name("dataset", self.dataset)
         check_name("dedup", self.out_name)
-        if not isinstance(self.threshold, (int, float)) or not 0 < self.threshold <= 1:
-            raise ConfigError(f"dedup threshold must be a cosine similarity in (0, 1], got {self.threshold!r}")
+        t = self.threshold
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 1):
+            raise ConfigError(f"dedup threshold must be a cosine similarity in (0, 1], got {t!r}")
         for key in ("neighbours", "page_groups", "exact_max"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
-                raise ConfigError(f"dedup {key} must be a positive integer, got {getattr(self, key)!r}")
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"dedup {key} must be a positive integer, got {value!r}")
+        c = self.calibration_images
+        if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c <= 10_000:
+            raise ConfigError(f"dedup calibration_images must be an integer from 0 to 10000, got {c!r}")
 
     @property
     def out_name(self) -> str:
@@ -64,7 +99,8 @@ class DedupSummary:
 
     dataset: str
     featureset: str
-    threshold: float
+    threshold: float | None  # the fixed cosine given, None under the default criterion
+    criterion: dict[str, Any]  # its name, parameters and calibration (see ``criterion_summary``)
     images: int
     paths: int
     missing_features: int
@@ -75,8 +111,12 @@ class DedupSummary:
     groups_table: str
     leaks: int
     leaks_table: str
+    label_conflicts: int  # groups holding two or more labels
+    label_conflict_paths: int
     page: str
     seconds: float
+    written: bool = True  # False: nothing changed since the last run, whose results stand
+    inputs_digest: str = ""  # the rows, featureset and criterion the results were computed from
     timings: dict[str, float] = field(default_factory=dict)  # read, neighbours, tables, page, write
 
     def to_json(self) -> dict[str, Any]:
@@ -146,6 +186,8 @@ def components(n: int, graph: Graph) -> np.ndarray:
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
+    if n == 0:
+        return np.zeros(0, np.int64)
     m = coo_matrix((np.ones(len(graph.a)), (graph.a, graph.b)), shape=(n, n))
     return connected_components(m, directed=False)[1]
 
@@ -161,6 +203,19 @@ def best_partner(n: int, graph: Graph) -> tuple[np.ndarray, np.ndarray]:
     return partner, best
 
 
+def looked_pairs(cands: Graph, L: np.ndarray, ok: np.ndarray) -> tuple[Graph, dict[str, int]]:
+    """The candidate pairs that are copies: looks alike, or (no look) features at FALLBACK_COSINE."""
+    a, b, sim = cands.a, cands.b, cands.sim
+    both = ok[a] & ok[b]
+    straight, mirrored = look_similarity(L, a[both], b[both])
+    alike = np.zeros(len(a), bool)
+    alike[both] = (straight >= LOOK_THRESHOLD) | ((mirrored >= LOOK_THRESHOLD) & (sim[both] >= MIRROR_COSINE))
+    keep = np.where(both, alike, sim >= FALLBACK_COSINE)
+    stats = {"candidate_pairs": int(len(a)), "looked_pairs": int(both.sum()), "copy_pairs": int(keep.sum()),
+             "copy_pairs_without_look": int((keep & ~both).sum())}
+    return Graph(a[keep], b[keep], sim[keep]), stats
+
+
 @dataclass(frozen=True)
 class Images:
     """A dataset's readable manifest rows joined to the unique images that have features."""
@@ -171,11 +226,24 @@ class Images:
     row_paths: list[str]
     row_splits: list[str | None]
     missing: int  # unique images without a feature row
+    row_labels: list[str | None] | None = None  # None: the dataset has no labels
+
+    def labels(self) -> list[str | None]:
+        return self.row_labels if self.row_labels is not None else [None] * len(self.row_ids)
+
+    def first_paths(self) -> list[str]:
+        """The first manifest path of each node (whose file the look is read from)."""
+        first: dict[str, str] = {}
+        for i, p in zip(self.row_ids, self.row_paths):
+            first.setdefault(i, p)
+        return [first[i] for i in self.ids]
 
 
 def load_images(ws: Workspace, cfg: DedupConfig) -> Images:
     table = manifest_rows(ws, cfg.dataset)
     row_ids = table[S.IMAGE_ID].to_pylist()
+    if not row_ids:  # nothing readable to compare: an empty result, not an error
+        return Images([], np.zeros((0, 0), np.float32), [], [], [], 0, [])
     ids, X = read_vectors(ws, cfg.featureset, row_ids)
     missing = len(set(row_ids)) - len(ids)
     if not ids:
@@ -183,35 +251,47 @@ def load_images(ws: Workspace, cfg: DedupConfig) -> Images:
                           f"run 'imgfeat extract --dataset {cfg.dataset}' first")
     if missing:
         log.warning("%d images of %s have no features in %s: they are left out", missing, cfg.dataset, cfg.featureset)
-    return Images(ids, X, row_ids, table[S.PATH].to_pylist(), table[S.SPLIT].to_pylist(), missing)
+    return Images(ids, X, row_ids, table[S.PATH].to_pylist(), table[S.SPLIT].to_pylist(), missing,
+                  table[S.LABEL].to_pylist())
 
 
-def groups_table(im: Images, graph: Graph) -> pa.Table:
-    """One row per manifest path in a group of two or more paths (exact copies: nearest is itself)."""
+def groups_table(im: Images, graph: Graph, comp: np.ndarray | None = None) -> pa.Table:
+    """One row per manifest path in a group of two or more paths (exact copies: nearest is itself).
+
+    Each row carries its label and split; ``label_conflict`` marks every row of a group whose
+    paths carry two or more labels (the same picture taught as two classes).
+    """
     n = len(im.ids)
     node = {i: k for k, i in enumerate(im.ids)}
-    rows = [(node[i], p) for i, p in zip(im.row_ids, im.row_paths) if i in node]
-    paths_per_node = np.bincount([u for u, _ in rows], minlength=n)
-    comp = components(n, graph)
-    paths_per_comp = np.bincount(comp, weights=paths_per_node)
+    rows = [(node[i], p, lab, sp) for i, p, lab, sp in zip(im.row_ids, im.row_paths, im.labels(), im.row_splits)
+            if i in node]
+    paths_per_node = np.bincount([r[0] for r in rows], minlength=n)
+    comp = components(n, graph) if comp is None else comp
+    paths_per_comp = np.bincount(comp, weights=paths_per_node, minlength=1)
     partner, best = best_partner(n, graph)
     group_id: dict[int, str] = {}
     for k in np.argsort(np.asarray(im.ids, dtype=object), kind="stable"):
         group_id.setdefault(int(comp[k]), im.ids[k])  # the smallest image id names the group
+    labels_of: dict[int, set[str]] = {}
+    for u, _, lab, _ in rows:
+        if lab is not None:
+            labels_of.setdefault(int(comp[u]), set()).add(lab)
     out = []
-    for u, p in rows:
-        if paths_per_comp[comp[u]] < 2:
+    for u, p, lab, sp in rows:
+        c = int(comp[u])
+        if paths_per_comp[c] < 2:
             continue
         exact = paths_per_node[u] > 1
         nearest = im.ids[u] if exact else im.ids[partner[u]]
-        out.append((im.ids[u], group_id[int(comp[u])], nearest, 1.0 if exact else float(best[u]), p))
-    out.sort(key=lambda r: (r[1], -r[3], r[4]))
-    cols = list(zip(*out)) if out else [[]] * 5
+        out.append((im.ids[u], group_id[c], nearest, 1.0 if exact else float(best[u]), p, lab, sp,
+                    len(labels_of.get(c, ())) > 1))
+    out.sort(key=lambda r: (not r[7], r[1], -r[3], r[4]))  # label conflicts first
+    cols = list(zip(*out)) if out else [[]] * len(S.DEDUP_GROUPS_SCHEMA)
     return pa.table(dict(zip(S.DEDUP_GROUPS_SCHEMA.names, cols)), schema=S.DEDUP_GROUPS_SCHEMA)
 
 
-def leaks_table(im: Images, nb: Neighbours, threshold: float) -> pa.Table:
-    """Held-out rows (split neither train nor empty) whose nearest training image is at or above threshold."""
+def _held_out(im: Images) -> tuple[dict[str, str], list[tuple[str, str, str]]]:
+    """(first training path of each training image, held-out rows ``(image_id, path, split)``)."""
     node = {i: k for k, i in enumerate(im.ids)}
     train_path: dict[str, str] = {}
     held = []
@@ -221,6 +301,19 @@ def leaks_table(im: Images, nb: Neighbours, threshold: float) -> pa.Table:
                 train_path.setdefault(i, p)
             else:
                 held.append((i, p, s))
+    return train_path, held
+
+
+def _leaks(rows: list[tuple]) -> pa.Table:
+    rows.sort(key=lambda r: (-r[6], r[1]))
+    cols = list(zip(*rows)) if rows else [[]] * 7
+    return pa.table(dict(zip(S.DEDUP_LEAKS_SCHEMA.names, cols)), schema=S.DEDUP_LEAKS_SCHEMA)
+
+
+def leaks_table(im: Images, nb: Neighbours, threshold: float) -> pa.Table:
+    """Held-out rows (split neither train nor empty) whose nearest training image is at or above threshold."""
+    node = {i: k for k, i in enumerate(im.ids)}
+    train_path, held = _held_out(im)
     if not train_path or not held:
         return S.DEDUP_LEAKS_SCHEMA.empty_table()
     is_train = np.zeros(len(im.ids), bool)
@@ -232,9 +325,28 @@ def leaks_table(im: Images, nb: Neighbours, threshold: float) -> pa.Table:
             out.append((i, p, s, i, train_path[i], S.SPLIT_TRAIN, 1.0))  # the very same content is in train
         elif r >= 0 and sim >= threshold:
             out.append((i, p, s, im.ids[r], train_path[im.ids[r]], S.SPLIT_TRAIN, sim))
-    out.sort(key=lambda r: (-r[6], r[1]))
-    cols = list(zip(*out)) if out else [[]] * 7
-    return pa.table(dict(zip(S.DEDUP_LEAKS_SCHEMA.names, cols)), schema=S.DEDUP_LEAKS_SCHEMA)
+    return _leaks(out)
+
+
+def group_leaks_table(im: Images, comp: np.ndarray) -> pa.Table:
+    """Held-out rows grouped with a training image; the nearest (by features) training member is named."""
+    node = {i: k for k, i in enumerate(im.ids)}
+    train_path, held = _held_out(im)
+    train_nodes: dict[int, list[int]] = {}
+    for i in train_path:
+        train_nodes.setdefault(int(comp[node[i]]), []).append(node[i])
+    out = []
+    for i, p, s in held:
+        if i in train_path:
+            out.append((i, p, s, i, train_path[i], S.SPLIT_TRAIN, 1.0))  # the very same content is in train
+            continue
+        members = train_nodes.get(int(comp[node[i]]))
+        if members:
+            sims = im.X[members] @ im.X[node[i]]
+            best = int(np.argmax(sims))
+            r = im.ids[members[best]]
+            out.append((i, p, s, r, train_path[r], S.SPLIT_TRAIN, float(sims[best])))
+    return _leaks(out)
 
 
 def nearest_train(X: np.ndarray, nb: Neighbours, is_train: np.ndarray, nodes: np.ndarray,
@@ -246,6 +358,8 @@ def nearest_train(X: np.ndarray, nb: Neighbours, is_train: np.ndarray, nodes: np
     nodes are compared with every training image exactly.
     """
     rows, sims = nb.rows[nodes], nb.sims[nodes]
+    if rows.shape[1] == 0:  # a single image: nobody to be near
+        return np.full(len(nodes), -np.inf, np.float32), np.full(len(nodes), -1, np.int64)
     mask = (rows >= 0) & is_train[np.maximum(rows, 0)]
     first = mask.argmax(axis=1)
     found = mask.any(axis=1)
@@ -260,26 +374,255 @@ def nearest_train(X: np.ndarray, nb: Neighbours, is_train: np.ndarray, nodes: np
 
 
 def run_dedup(ws: Workspace, cfg: DedupConfig, run_id: str) -> DedupSummary:
-    """Find groups and leaks; write groups.parquet, leaks.parquet, index.html under dedup/<name>/."""
+    """Find groups, leaks and label conflicts; write groups/, leaks/ (one table each), index.html, _dedup.json.
+
+    Incremental: looks are cached by image id, so a rerun decodes only new images; the
+    calibration is reused until the dataset has grown RECALIBRATE_GROWTH-fold; a rerun over the
+    very same rows, featureset and criterion writes nothing and returns the last summary.
+    """
     from imgfeat.index.page import render_page
 
     clock = _Clock()
     featureset_info(ws, cfg.featureset)  # exit 2 for an unknown featureset
     im = clock.lap("read", load_images(ws, cfg))
-    nb = clock.lap("neighbours", nearest_neighbours(im.X, cfg.neighbours, cfg.exact_max))
-    groups = groups_table(im, similar_pairs(nb, cfg.threshold))
-    leaks = clock.lap("tables", leaks_table(im, nb, cfg.threshold))
     folder = ws.dedup_dir(cfg.out_name)
-    page = clock.lap("page", render_page(groups, leaks, dataset_root(ws, cfg.dataset), cfg, run_id))
+    digest = inputs_digest(cfg, im)
+    previous = _previous(folder)
+    if previous is not None and previous.get("inputs_digest") == digest and _tables_present(folder):
+        log.info("dedup %s is current: nothing changed since run %s", cfg.out_name, previous.get("run_id"))
+        return _unchanged(previous)
+    root = dataset_root(ws, cfg.dataset)
+    looks = cands = None
+    if cfg.threshold is not None:
+        nb = clock.lap("neighbours", nearest_neighbours(im.X, cfg.neighbours, cfg.exact_max))
+        graph, kind = similar_pairs(nb, cfg.threshold), nb.kind
+        criterion = {"name": "cosine", "threshold": float(cfg.threshold), "neighbours": cfg.neighbours}
+    else:
+        cands, kind, searched = clock.lap("neighbours", candidate_pairs(folder, cfg, im, previous))
+        looks = cached_looks(folder, im, root)
+        L, ok = looks.matrix(im.ids)
+        clock.lap("looks", None)
+        graph, stats = looked_pairs(cands, L, ok)
+        criterion = criterion_summary(cfg, ok, {**stats, "images_searched": searched, "looks_computed": looks.computed},
+                                      _calibration(cfg, root, im, ok, previous))
+        clock.lap("calibration", None)
+    comp = components(len(im.ids), graph)
+    groups = groups_table(im, graph, comp)
+    leaks = leaks_table(im, nb, cfg.threshold) if cfg.threshold is not None else group_leaks_table(im, comp)
+    clock.lap("tables", None)
+    page = clock.lap("page", render_page(groups, leaks, root, cfg, run_id, criterion_text(criterion)))
     with FileLock(ws.locks_dir / f"dedup-{cfg.out_name}.lock", f"dedup results {cfg.out_name}", cfg.wait):
         remove_stale_tmp(folder)
-        write_table_atomic(groups, folder / GROUPS_FILE)
-        write_table_atomic(leaks, folder / LEAKS_FILE)
+        if looks is not None and looks.computed:
+            write_table_atomic(looks.table(), folder / LOOKS_FILE)
+        if cands is not None:
+            _write_pairs(folder, im, cands)
+        write_table_atomic(groups, folder / GROUPS_DIR / TABLE_FILE)
+        write_table_atomic(leaks, folder / LEAKS_DIR / TABLE_FILE)
         write_bytes_atomic(page.encode("utf-8"), folder / PAGE_FILE)
+        for old in OLD_FILES:  # an older layout kept both tables side by side in this folder
+            (folder / old).unlink(missing_ok=True)
         clock.lap("write", None)
-        summary = _summary(cfg, im, nb.kind, groups, leaks, folder, clock)
+        summary = _summary(cfg, im, kind, criterion, groups, leaks, folder, clock, digest)
         write_json_atomic({**summary.to_json(), "run_id": run_id}, folder / SUMMARY_FILE)
     return summary
+
+
+SEARCH_KINDS = {"flat": "exact", "new": "exact, new images against all (the others' candidates from the last run)"}
+
+
+def candidate_pairs(folder, cfg: DedupConfig, im: Images, previous: dict[str, Any] | None) -> tuple[Graph, str, int]:
+    """``(pairs, search kind, images searched)``: each image's ``cfg.neighbours`` nearest, as pairs.
+
+    When the last run searched with the same settings and few images are new, its pairs are
+    kept (those between images still here) and only the new images are searched, against all.
+    """
+    last = (previous or {}).get("criterion") or {}
+    cached = _read_pairs(folder) if last.get("name") == "neighbours+look" and last.get("neighbours") == cfg.neighbours \
+        and (previous or {}).get("featureset") == cfg.featureset else None
+    if cached is not None:
+        searched, old = cached
+        node = {i: k for k, i in enumerate(im.ids)}
+        new = np.array([k for k, i in enumerate(im.ids) if i not in searched], np.int64)
+        if len(new) <= RESEARCH_NEW_FRACTION * len(im.ids):
+            kept = [(node[a], node[b], s) for a, b, s in old if a in node and b in node]
+            a, b, sim = (np.array(c) for c in zip(*kept)) if kept else (np.zeros(0, np.int64),) * 2 + (np.zeros(0),)
+            fresh = new_image_pairs(im.X, new, cfg.neighbours)
+            return _unique_pairs(len(im.ids), np.concatenate([a, fresh.a]), np.concatenate([b, fresh.b]),
+                                 np.concatenate([sim, fresh.sim]).astype(np.float32)), "new", len(new)
+    nb = nearest_neighbours(im.X, cfg.neighbours, cfg.exact_max)
+    return similar_pairs(nb, -1.0), nb.kind, len(im.ids)
+
+
+def new_image_pairs(X: np.ndarray, new: np.ndarray, k: int) -> Graph:
+    """Each of ``new`` rows with its ``k`` nearest other rows of ``X`` (exact), as pairs."""
+    a, b, sim = [], [], []
+    k = min(k, len(X) - 1)
+    for lo in range(0, len(new) if k > 0 else 0, SEARCH_CHUNK):
+        rows = new[lo : lo + SEARCH_CHUNK]
+        S = X[rows] @ X.T
+        S[np.arange(len(rows)), rows] = -np.inf  # an image is not its own neighbour
+        top = np.argpartition(-S, k - 1, axis=1)[:, :k]
+        a.append(np.repeat(rows, k))
+        b.append(top.ravel())
+        sim.append(np.take_along_axis(S, top, axis=1).ravel())
+    if not a:
+        return Graph(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
+    return _unique_pairs(len(X), np.concatenate(a), np.concatenate(b), np.concatenate(sim).astype(np.float32))
+
+
+def _unique_pairs(n: int, a: np.ndarray, b: np.ndarray, sim: np.ndarray) -> Graph:
+    lo, hi = np.minimum(a, b).astype(np.int64), np.maximum(a, b).astype(np.int64)
+    _, first = np.unique(lo * n + hi, return_index=True)
+    return Graph(lo[first], hi[first], sim[first])
+
+
+def _read_pairs(folder) -> tuple[set[str], list[tuple[str, str, float]]] | None:
+    """The last run's searched images and candidate pairs (by image id); None when absent or unreadable."""
+    try:
+        searched = set(pq.read_table(folder / SEARCHED_FILE).column(S.IMAGE_ID).to_pylist())
+        t = pq.read_table(folder / PAIRS_FILE)
+        pairs = list(zip(t.column("a").to_pylist(), t.column("b").to_pylist(), t.column(S.SIMILARITY).to_pylist()))
+    except (OSError, KeyError, pa.ArrowException):
+        return None
+    return searched, pairs
+
+
+def _write_pairs(folder, im: Images, cands: Graph) -> None:
+    ids = np.asarray(im.ids, dtype=object)
+    write_table_atomic(pa.table({"a": pa.array(ids[cands.a].tolist(), pa.string()),
+                                 "b": pa.array(ids[cands.b].tolist(), pa.string()),
+                                 S.SIMILARITY: pa.array(cands.sim, pa.float32())}), folder / PAIRS_FILE)
+    write_table_atomic(pa.table({S.IMAGE_ID: pa.array(im.ids, pa.string())}), folder / SEARCHED_FILE)
+
+
+def inputs_digest(cfg: DedupConfig, im: Images) -> str:
+    """What the results depend on: every row (id, path, split, label), the featureset and the criterion."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr((cfg.featureset, cfg.threshold, cfg.neighbours, cfg.exact_max, cfg.calibration_images,
+                   cfg.page_groups, LOOK_THRESHOLD, LOOK_VERSION, im.missing)).encode())
+    for row in sorted(zip(im.row_ids, im.row_paths, [s or "" for s in im.row_splits], [x or "" for x in im.labels()])):
+        h.update("\x1f".join(row).encode() + b"\x1e")
+    return h.hexdigest()
+
+
+def _previous(folder) -> dict[str, Any] | None:
+    """The last run's summary, or None (none, or unreadable: then everything is recomputed)."""
+    try:
+        obj = json.loads((folder / SUMMARY_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _tables_present(folder) -> bool:
+    return all((folder / d / TABLE_FILE).is_file() for d in (GROUPS_DIR, LEAKS_DIR)) and (folder / PAGE_FILE).is_file()
+
+
+def _unchanged(previous: dict[str, Any]) -> DedupSummary:
+    fields = {k: v for k, v in previous.items() if k in DedupSummary.__dataclass_fields__}
+    fields.update(written=False, seconds=0.0, timings={})
+    try:
+        return DedupSummary(**fields)
+    except TypeError as exc:  # a summary from another version: treat as changed next time
+        raise ImgfeatError(f"dedup summary {SUMMARY_FILE} is not readable ({exc}); delete it to recompute") from exc
+
+
+@dataclass
+class Looks:
+    """Looks by image id: those cached by the last run plus the ones computed now (``computed``)."""
+
+    ids: list[str]
+    L: np.ndarray  # (len(ids), VARIANTS, SIDE * SIDE) float16
+    computed: int = 0
+
+    def matrix(self, ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """``(L, ok)`` in the order of ``ids`` (zeros and False for an image without a look); float16."""
+        pos = {i: k for k, i in enumerate(self.ids)}
+        out = np.zeros((len(ids), VARIANTS, SIDE * SIDE), np.float16)
+        ok = np.array([i in pos for i in ids], bool)
+        rows = [pos[i] for i in ids if i in pos]
+        out[ok] = self.L[rows]
+        return out, ok
+
+    def table(self) -> pa.Table:
+        flat = pa.array(self.L.reshape(-1), pa.float16())
+        col = pa.FixedSizeListArray.from_arrays(flat, VARIANTS * SIDE * SIDE)
+        return pa.table({S.IMAGE_ID: pa.array(self.ids, pa.string()), "look": col},
+                        metadata={"look_version": LOOK_VERSION})
+
+
+def cached_looks(folder, im: Images, root) -> Looks:
+    """The looks of every image of ``im``: read from the cache, computed (one decode each) for the rest."""
+    cached = _read_looks(folder / LOOKS_FILE)
+    have = set(cached.ids)
+    todo = [k for k, i in enumerate(im.ids) if i not in have]
+    if not todo:
+        return cached
+    paths = im.first_paths()
+    L, ok = looks_of_files([root / paths[k] for k in todo], workers=os.cpu_count() or 1)
+    new_ids = [im.ids[k] for k, good in zip(todo, ok) if good]
+    return Looks(cached.ids + new_ids, np.concatenate([cached.L, L[ok]]), len(new_ids))
+
+
+def _read_looks(path) -> Looks:
+    empty = Looks([], np.zeros((0, VARIANTS, SIDE * SIDE), np.float16))
+    if not path.is_file():
+        return empty
+    try:
+        table = pq.read_table(path)
+        if (table.schema.metadata or {}).get(b"look_version") != LOOK_VERSION.encode():
+            log.info("dedup looks cache %s is of another look version: computing the looks again", path)
+            return empty
+        col = table.column("look").combine_chunks()
+        L = col.flatten().to_numpy(zero_copy_only=False).astype(np.float16).reshape(-1, VARIANTS, SIDE * SIDE)
+        return Looks(table.column(S.IMAGE_ID).to_pylist(), L)
+    except (OSError, ValueError, KeyError, pa.ArrowException) as exc:  # a damaged cache is recomputed
+        log.warning("dedup looks cache %s is unreadable (%s): computing the looks again", path, exc)
+        return empty
+
+
+def _calibration(cfg: DedupConfig, root, im: Images, ok: np.ndarray, previous: dict[str, Any] | None) -> dict:
+    """The look's check on synthetic copies of a seeded sample of the dataset's own readable images.
+
+    The last run's calibration stands while the dataset holds under RECALIBRATE_GROWTH times
+    the images it was made on (and the same sample size).
+    """
+    old = ((previous or {}).get("criterion") or {}).get("calibration") or {}
+    made_on = old.get("dataset_images")
+    if (old.get("sample") == cfg.calibration_images and made_on and old.get("threshold") == LOOK_THRESHOLD
+            and len(im.ids) < RECALIBRATE_GROWTH * made_on):
+        return {**old, "reused": True}
+    readable = np.flatnonzero(ok)
+    if not cfg.calibration_images or not len(readable):
+        return {"images": 0}
+    pick = np.random.default_rng(0).choice(readable, size=min(cfg.calibration_images, len(readable)), replace=False)
+    paths = im.first_paths()
+    out = {**calibrate([root / paths[k] for k in sorted(pick.tolist())]), "sample": cfg.calibration_images,
+           "dataset_images": len(im.ids), "reused": False}
+    if out.get("found") is not None and out["found"] < 0.98:
+        log.warning("%.1f%% of synthetic copies of images of %s look alike to their original, under 98%% "
+                    "(see criterion.calibration in the summary): dedup may miss copies here",
+                    100 * out["found"], cfg.dataset)
+    return out
+
+
+def criterion_summary(cfg: DedupConfig, ok: np.ndarray, stats: dict[str, int], calibration: dict) -> dict[str, Any]:
+    """The default criterion's parameters, what it looked at, and its calibration: the run summary's ``criterion``."""
+    return {"name": "neighbours+look", "neighbours": cfg.neighbours, "look_threshold": LOOK_THRESHOLD,
+            "mirror_min_cosine": MIRROR_COSINE, "fallback_cosine": FALLBACK_COSINE,
+            "images_looked": int(ok.sum()), "images_without_look": int((~ok).sum()), **stats,
+            "calibration": calibration}
+
+
+def criterion_text(criterion: dict[str, Any]) -> str:
+    """One line for people: how pairs were judged."""
+    if criterion["name"] == "cosine":
+        return f"cosine similarity ≥ {criterion['threshold']:g}"
+    cal = criterion.get("calibration") or {}
+    found = f"; {cal['found']:.0%} of synthetic copies of {cal['images']} own images pass" if cal.get("found") is not None else ""
+    return (f"{criterion['neighbours']} nearest by features, copies when their looks are ≥ "
+            f"{criterion['look_threshold']:g} alike{found}")
 
 
 class _Clock:
@@ -296,14 +639,17 @@ class _Clock:
         return value
 
 
-def _summary(cfg: DedupConfig, im: Images, kind: str, groups: pa.Table, leaks: pa.Table, folder,
-             clock: _Clock) -> DedupSummary:
+def _summary(cfg: DedupConfig, im: Images, kind: str, criterion: dict[str, Any], groups: pa.Table,
+             leaks: pa.Table, folder, clock: _Clock, digest: str) -> DedupSummary:
     group_ids = groups[S.GROUP_ID].to_pylist()
     exact = sum(1 for i, n in zip(groups[S.IMAGE_ID].to_pylist(), groups[S.NEAREST_ID].to_pylist()) if i == n)
-    return DedupSummary(dataset=cfg.dataset, featureset=cfg.featureset, threshold=float(cfg.threshold),
+    conflict = [g for g, c in zip(group_ids, groups[S.LABEL_CONFLICT].to_pylist()) if c]
+    return DedupSummary(dataset=cfg.dataset, featureset=cfg.featureset, threshold=cfg.threshold, criterion=criterion,
                         images=len(im.ids), paths=len(im.row_ids), missing_features=im.missing,
-                        search="exact" if kind == "flat" else f"approximate ({kind})", groups=len(set(group_ids)),
+                        search=SEARCH_KINDS.get(kind, f"approximate ({kind})"), groups=len(set(group_ids)),
                         grouped_paths=len(group_ids), exact_duplicate_paths=exact,
-                        groups_table=str(folder / GROUPS_FILE), leaks=leaks.num_rows,
-                        leaks_table=str(folder / LEAKS_FILE), page=str(folder / PAGE_FILE),
-                        seconds=round(time.perf_counter() - clock.t0, 3), timings=clock.timings)
+                        groups_table=str(folder / GROUPS_DIR), leaks=leaks.num_rows,
+                        leaks_table=str(folder / LEAKS_DIR), label_conflicts=len(set(conflict)),
+                        label_conflict_paths=len(conflict), page=str(folder / PAGE_FILE),
+                        seconds=round(time.perf_counter() - clock.t0, 3), timings=clock.timings,
+                        inputs_digest=digest)

@@ -81,6 +81,13 @@ class Index:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def path_of(self, image_id: str | None) -> str | None:
+        """The file of an indexed image (absolute where its dataset's root is known), None if not indexed."""
+        if not hasattr(self, "_pos"):
+            self._pos = {i: k for k, i in enumerate(self.ids)}
+        k = self._pos.get(image_id) if image_id is not None else None
+        return self._paths[k] if k is not None else None
+
     def search(self, queries: np.ndarray | Sequence[str | Path], k: int = 10, featureset: str | None = None,
                run_id: str | None = None) -> list[QueryResult]:
         """Neighbours of each query: vectors of this index's featureset, or image files to extract.

@@ -88,10 +88,10 @@ def _fill(path: Path, keep: list[int], out: np.ndarray) -> None:
 
 
 def manifest_rows(ws: Workspace, dataset: str) -> pa.Table:
-    """The readable rows of a dataset's manifest: ``image_id, path, split`` (status ok)."""
-    table = read_manifest(ws, dataset, columns=[S.IMAGE_ID, S.PATH, S.SPLIT, S.STATUS])
+    """The readable rows of a dataset's manifest: ``image_id, path, split, label`` (status ok)."""
+    table = read_manifest(ws, dataset, columns=[S.IMAGE_ID, S.PATH, S.SPLIT, S.LABEL, S.STATUS])
     ok = pc.and_(pc.equal(table[S.STATUS], S.STATUS_OK), pc.is_valid(table[S.IMAGE_ID]))
-    return table.filter(pc.fill_null(ok, False)).select([S.IMAGE_ID, S.PATH, S.SPLIT])
+    return table.filter(pc.fill_null(ok, False)).select([S.IMAGE_ID, S.PATH, S.SPLIT, S.LABEL])
 
 
 def first_paths(ws: Workspace, datasets: Sequence[str]) -> dict[str, tuple[str, str]]:

@@ -18,7 +18,7 @@ from imgfeat.core.ranges import RANGES
 from imgfeat.core.workspace import check_name
 
 EXECUTORS = ("local", "ray")
-SECTIONS = ("run", "datasets", "finetune", "features", "heads", "indexes")
+SECTIONS = ("run", "datasets", "finetune", "features", "heads", "indexes", "dedup")
 # [run] keys that configure the extract executor (ExecutorConfig fields, after EXECUTOR_FIELDS).
 EXECUTOR_KEYS = ("workers", "ray_actors", "ray_address", "gpus_per_worker", "in_flight")
 EXECUTOR_FIELDS = {"ray_actors": "actors", "ray_address": "address"}
@@ -61,6 +61,7 @@ JOB_KEY_TYPES: dict[str, dict[str, KeyType]] = {
     "finetune": {"dataset": TEXT},
     "heads": {"dataset": TEXT, "features": TEXT, "predict": NAMES, "report": BOOL},
     "indexes": {"features": TEXT, "datasets": NAMES},
+    "dedup": {"features": TEXT, "dataset": TEXT},
 }
 
 
@@ -106,6 +107,16 @@ class IndexJob:
 
 
 @dataclass(frozen=True)
+class DedupJob:
+    """Near-duplicates, leaks and label conflicts of one dataset by one featureset recipe, kept current."""
+
+    name: str
+    features: str
+    dataset: str
+    options: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class JobSpec:
     """A whole job file, checked: every name it refers to exists."""
 
@@ -122,6 +133,7 @@ class JobSpec:
     trust_pickle: bool = False  # --trust-pickle: old joblib heads may be loaded (never from the file)
     executor_options: dict[str, Any] = field(default_factory=dict)  # ExecutorConfig fields from [run]
     finetunes: tuple[FinetuneJob, ...] = ()
+    dedups: tuple[DedupJob, ...] = ()
 
 
 def load_job(path: Path, overrides: tuple[str, ...] = (), workspace: Path | None = None) -> JobSpec:
@@ -192,9 +204,10 @@ def parse_job(doc: dict[str, Any], base: Path, source: str, workspace: Path | No
     if rate is not None and not (isinstance(rate, (int, float)) and 0 <= rate <= 1):
         raise ConfigError(f"[run] max_error_rate must be a number from 0 to 1, got {rate!r}")
     indexes = tuple(_index_job(n, o, features) for n, o in _tables(doc, "indexes").items())
+    dedups = tuple(_dedup_job(n, o, features) for n, o in _tables(doc, "dedup").items())
     options = {EXECUTOR_FIELDS.get(k, k): run[k] for k in EXECUTOR_KEYS if k in run}
     return JobSpec(source, datasets, features, heads, rate, executor, run.get("wait"), ws_text, indexes=indexes,
-                   executor_options=options, finetunes=finetunes)
+                   executor_options=options, finetunes=finetunes, dedups=dedups)
 
 
 def _tables(doc: dict[str, Any], section: str) -> dict[str, dict[str, Any]]:
@@ -294,6 +307,22 @@ def _index_job(name: str, opts: dict[str, Any], features: tuple) -> IndexJob:
         if key in opts:
             raise ConfigError(f"{where}: {key!r} is set by the job file (the table name and 'features')")
     return IndexJob(check_name("index", name), feats, chosen, opts)
+
+
+def _dedup_job(name: str, opts: dict[str, Any], features: tuple) -> DedupJob:
+    opts = dict(opts)
+    where = f"[dedup.{name}]"
+    check_types(opts, JOB_KEY_TYPES["dedup"], f"dedup.{name}")
+    feats = _pop_required(opts, "features", where, "a [features.NAME] of this job file")
+    fjob = _features_named(feats, features, where)
+    if "dataset" not in opts and len(fjob.datasets) != 1:
+        raise ConfigError(f"{where} needs 'dataset = ...' (features {feats!r} run on {', '.join(fjob.datasets)})")
+    dataset = opts.pop("dataset", fjob.datasets[0])
+    _must_exist((dataset,), list(fjob.datasets), "dataset", f"{where} dataset (features {feats!r})")
+    for key in ("name", "featureset"):
+        if key in opts:
+            raise ConfigError(f"{where}: {key!r} is set by the job file (the table name and 'features')")
+    return DedupJob(check_name("dedup", name), feats, dataset, opts)
 
 
 def build_config(cls: type, values: dict[str, Any], where: str, **fixed: Any) -> Any:

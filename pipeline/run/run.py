@@ -15,14 +15,14 @@ import pyarrow.compute as pc
 from imgfeat.core import names
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError
-from imgfeat.run.jobfile import FeatureJob, FinetuneJob, HeadJob, IndexJob, JobSpec, build_config
+from imgfeat.run.jobfile import DedupJob, FeatureJob, FinetuneJob, HeadJob, IndexJob, JobSpec, build_config
 from imgfeat.run.summary import ErrorRate, RunSummary, stage_json, stage_value
 from imgfeat.core.storage import WAIT_HINT, FileLock
 from imgfeat.core.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
-STAGES = ("scan", "finetune", "extract", "train", "predict", "report", "index")
+STAGES = ("scan", "finetune", "extract", "train", "predict", "report", "index", "dedup")
 TUNED_PLACEHOLDER = "<tuned weights of finetune.{}>"
 
 
@@ -82,6 +82,13 @@ def index_config(job: JobSpec, ijob: IndexJob, featureset: str):
                         datasets=ijob.datasets, name=ijob.name, wait=job.wait, rebuild=False)
 
 
+def dedup_config(djob: DedupJob, featureset: str):
+    from imgfeat.index.dedup import DedupConfig
+
+    return build_config(DedupConfig, djob.options, f"dedup.{djob.name}", featureset=featureset,
+                        dataset=djob.dataset, name=djob.name)
+
+
 def check_job(job: JobSpec) -> None:
     """Build every stage config up front, so a typo fails before any work is done."""
     for name in job.datasets:
@@ -96,6 +103,8 @@ def check_job(job: JobSpec) -> None:
         train_config(job, hjob, featureset="placeholder")
     for ijob in job.indexes:
         index_config(job, ijob, featureset="placeholder")
+    for djob in job.dedups:
+        dedup_config(djob, featureset="placeholder")
 
 
 def check_inputs(job: JobSpec) -> None:
@@ -143,6 +152,9 @@ def plan_job(ws: Workspace, job: JobSpec) -> dict[str, Any]:
     plan["indexes"] = {i.name: {"features": i.features, "datasets": list(i.datasets),
                                 "note": "extended with the rows extract adds; nothing new writes nothing"}
                        for i in job.indexes}
+    plan["dedup"] = {d.name: {"features": d.features, "dataset": d.dataset,
+                              "note": "new images' looks are computed, the rest cached; nothing new writes nothing"}
+                     for d in job.dedups}
     return plan
 
 
@@ -160,6 +172,8 @@ def run_job_spec(ws: Workspace, job: JobSpec, run_id: str, summary: RunSummary |
     _timed(timings, "report", lambda: _report_all(ws, job, heads, run_id, summary))
     if job.indexes:
         _timed(timings, "index", lambda: _index_all(ws, job, featuresets, run_id, summary))
+    if job.dedups:
+        _timed(timings, "dedup", lambda: _dedup_all(ws, job, featuresets, run_id, summary))
     _check_error_rate(ws, job, featuresets, summary)
     return summary
 
@@ -266,6 +280,14 @@ def _index_all(ws: Workspace, job: JobSpec, featuresets: dict, run_id: str, summ
     for ijob in job.indexes:
         fs = featuresets[(ijob.features, ijob.datasets[0])]  # one recipe: the same featureset for every dataset
         summary.index[ijob.name] = build_index(ws, index_config(job, ijob, fs), run_id)
+
+
+def _dedup_all(ws: Workspace, job: JobSpec, featuresets: dict, run_id: str, summary: RunSummary) -> None:
+    from imgfeat.index.dedup import run_dedup
+
+    for djob in job.dedups:
+        fs = featuresets[(djob.features, djob.dataset)]
+        summary.dedup[djob.name] = run_dedup(ws, dedup_config(djob, fs), run_id)
 
 
 def error_rate(ws: Workspace, dataset: str, featureset: str) -> tuple[int, int]:

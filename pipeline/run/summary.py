@@ -52,6 +52,7 @@ class RunSummary:
     predict: dict[str, Any] = field(default_factory=dict)  # "<head>/<dataset>"
     report: dict[str, Any] = field(default_factory=dict)  # head name
     index: dict[str, Any] = field(default_factory=dict)  # index name (only when the job declares indexes)
+    dedup: dict[str, Any] = field(default_factory=dict)  # dedup name (only when the job declares [dedup.NAME])
     no_accuracy: dict[str, str] = field(default_factory=dict)  # head name -> why it has no accuracy
     timings: dict[str, float] = field(default_factory=dict)
     error_rates: dict[str, ErrorRate] = field(default_factory=dict)  # "<features>/<dataset>"
@@ -75,6 +76,7 @@ class RunSummary:
             "predict": {k: stage_json(v) for k, v in self.predict.items()},
             "report": {k: stage_json(v) for k, v in self.report.items()},
             **({"index": {k: stage_json(v) for k, v in self.index.items()}} if self.index else {}),
+            **({"dedup": {k: stage_json(v) for k, v in self.dedup.items()}} if self.dedup else {}),
             "timings": dict(self.timings),
             "model_work": self.model_work,
             "error_rates": {k: v.to_json() for k, v in self.error_rates.items()},

@@ -74,6 +74,9 @@ def print_catalog(out: dict) -> None:
     if out["indexes"]:
         print("\nindexes")
         for i in out["indexes"]:
+            if "error" in i:  # damaged: its name and what is wrong
+                print(f"  {i.get('name', '-'):<24} damaged: {i['error']}")
+                continue
             print(f"  {i.get('name', '-'):<24} {i.get('rows', 0):>8,} rows  {_index_kind(i):<28} "
                   f"featureset {i.get('featureset', '-')}  ({', '.join(i.get('datasets') or []) or 'no dataset'})")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from imgfeat.cli.common import JobContext, add_command, add_wait, ranged
+from imgfeat.core.errors import ConfigError
 
 DESCRIPTION = """\
 Train a light classifier ("head") on bottleneck features: the dataset's manifest gives
@@ -89,14 +90,14 @@ def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
 
 
 def c_grid(text: str) -> tuple[float, ...]:
-    """``0.01,0.1,1`` -> (0.01, 0.1, 1.0); argparse turns a ValueError into a usage error (exit 2)."""
+    """``0.01,0.1,1`` -> (0.01, 0.1, 1.0), checked as a job file's c_grid is (argparse: exit 2)."""
+    from imgfeat.heads.train import check_c_grid
+
     try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive numbers, got {text!r}") from None
-    if not values or any(not 0 < v < float("inf") for v in values):
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive numbers, got {text!r}")
-    return tuple(values)
+        return check_c_grid([float(v) for v in text.split(",") if v.strip()])
+    except (ValueError, ConfigError) as exc:
+        why = str(exc).split(", got")[0] if isinstance(exc, ConfigError) else "expected comma-separated numbers"
+        raise argparse.ArgumentTypeError(f"{why}, got {text!r}") from None
 
 
 def print_train(out: dict) -> None:

@@ -49,9 +49,9 @@ def test_dedup_section_names_a_recipe_and_its_dataset():
     ("neighbours = 5", r"\[dedup.near\] needs 'features = ...'"),
     ('features = "big"', "names features 'big', which the job file does not define"),
     ('features = "tiny"\ndataset = "other"', "names dataset 'other'"),
-    ('features = "tiny"\nthreshold = 1.5', r"threshold must be a cosine similarity in \(0, 1\], got 1.5"),
-    ('features = "tiny"\nneighbours = 0', "neighbours must be a positive integer, got 0"),
-    ('features = "tiny"\ncalibration_images = -1', "calibration_images must be an integer from 0 to 10000"),
+    ('features = "tiny"\nthreshold = 1.5', "dedup.near.threshold = 1.5: expected a number from 0 to 1"),
+    ('features = "tiny"\nneighbours = 0', "dedup.near.neighbours = 0: expected an integer from 1 to 1000"),
+    ('features = "tiny"\ncalibration_images = -1', "dedup.near.calibration_images = -1: expected an integer from 0 to 10000"),
     ('features = "tiny"\nmetric = "l2"', r"\[dedup.near\]: unknown key 'metric'"),
     ('features = "tiny"\nname = "x"', "'name' is set by the job file"),
 ])

@@ -16,7 +16,7 @@ from imgfeat.run import jobfile as J
 HUGE = 4611686018427387904  # 2**62: the value of the report
 
 
-NOT_NUMERIC = {"augment_list"}  # flag types that parse words, not numbers
+NOT_NUMERIC = {"augment_list", "c_grid"}  # flag types that parse words or lists (c_grid: test below)
 
 
 def _numeric_flags() -> list[tuple[str, argparse.Action]]:
@@ -143,3 +143,13 @@ def test_the_api_configs_refuse_out_of_range_values_too(case):
     cls(**base, **{key: int(RANGES[key].hi)})
     with pytest.raises(ConfigError, match=f"{key} = {HUGE}: expected an integer from"):
         cls(**base, **{key: HUGE})
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("text", ["0", "-1", "nan", "inf", "1e13", "0.1,x", "", ",".join(["1"] * 101)])
+def test_a_c_grid_flag_refuses_values_outside_the_range_of_c(text):
+    from imgfeat.cli.train import c_grid
+
+    with pytest.raises(argparse.ArgumentTypeError, match="got"):
+        c_grid(text)
+    assert c_grid("1e-12,1,1e12") == (1e-12, 1.0, 1e12)

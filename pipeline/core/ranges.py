@@ -72,6 +72,7 @@ RANGES: dict[str, Range] = {
     "max_error_rate": FRACTION,
     # train, predict, report
     "cv": _ints(2, 100),
+    "c": _floats(1e-12, 1e12),  # each value of a logreg/svm C grid (c_grid: at most C_GRID_MAX of them)
     "random_state": _ints(0, SEED_MAX),
     "cv_max_rows": _ints(1, 100_000_000),
     "max_iter": _ints(1, 10_000_000),
@@ -108,6 +109,8 @@ RANGES: dict[str, Range] = {
     # every lock wait: 0 (fail fast) to a week; never nan, inf or negative
     "wait": _floats(0.0, WEEK_S),
 }
+
+C_GRID_MAX = 100
 
 
 def range_of(key: str) -> Range:

@@ -14,7 +14,7 @@ from imgfeat.heads import artifacts as A
 from imgfeat.core import names as N
 from imgfeat.heads.data import LEFT_OUT_JSON_MAX, LabelledRows, canonical_json, read_labelled
 from imgfeat.heads.versions import default_head_name, resolve_featureset
-from imgfeat.core.ranges import check_fields
+from imgfeat.core.ranges import C_GRID_MAX, RANGES, check_fields
 from imgfeat.core.storage import WAIT_HINT, FileLock
 from imgfeat.core.workspace import Workspace, check_name
 
@@ -98,11 +98,14 @@ class TrainConfig:
 
 
 def check_c_grid(values: Any) -> tuple[float, ...]:
-    """A C grid as sorted unique floats; a ConfigError naming the value unless all are positive numbers."""
-    ok = isinstance(values, (list, tuple)) and len(values) > 0 and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and v != float("inf") for v in values)
+    """A C grid as sorted unique floats; a ConfigError naming the value unless it holds 1 to C_GRID_MAX
+    numbers, each in range "c"."""
+    rng = RANGES["c"]
+    ok = isinstance(values, (list, tuple)) and 0 < len(values) <= C_GRID_MAX and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and rng.allows(v) for v in values)
     if not ok:
-        raise ConfigError(f"c_grid must be a non-empty list of positive numbers, got {values!r}")
+        raise ConfigError(f"c_grid must be a list of 1 to {C_GRID_MAX} numbers, each {rng.text()[2:]}, "
+                          f"got {values!r}")
     return tuple(sorted({float(v) for v in values}))
 
 

@@ -1,0 +1,46 @@
+"""The recipe of a keras-hub backbone: its embedding, input size, crop and interpolation come from the preset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from imgfeat.backbones.hub import HubSpec, hub_weights_kind
+from imgfeat.backbones.weights import WeightsRef
+from imgfeat.core.errors import ConfigError
+from imgfeat.extract.recipe import Recipe, Resolved, WeightsId, WeightsSource
+
+
+def resolve_hub_recipe(cfg: Any, spec: HubSpec) -> Resolved:
+    """ExtractConfig + HubSpec -> Resolved. The preset's content digest is the weights identity, so
+    a directory re-saved with other weights (or another converter) is another featureset; the
+    input transform is the converter's (``--interpolation`` does not apply)."""
+    if cfg.layer is not None:
+        raise ConfigError(f"--layer does not apply to keras-hub backbone {spec.name}: its feature is the "
+                          f"{spec.family} {spec.embedding} embedding")
+    if cfg.pooling not in ("avg", spec.embedding):
+        raise ConfigError(f"--pooling {cfg.pooling} does not apply to keras-hub backbone {spec.name}: its "
+                          f"feature is the {spec.family} {spec.embedding} embedding")
+    size = spec.check_input_size(cfg.input_size)
+    kind = hub_weights_kind(cfg.weights)
+    conv = spec.converter
+    crop, interp = (conv.crop, conv.interpolation) if conv else ("none", "bilinear")
+    from imgfeat.extract.batches import decoder_of
+
+    decoder = decoder_of(getattr(cfg, "decode", "auto"))
+    if decoder != "pillow":
+        raise ConfigError(f"keras-hub backbones decode with Pillow (the converter's crop rule); "
+                          f"--decode {cfg.decode} is for keras.applications backbones")
+    ref = WeightsRef("preset", Path(spec.preset_dir), spec.content_sha256) if kind == "preset" else WeightsRef("none", None, None)
+    # Random init: the preset's config (what it builds) still belongs to the identity.
+    weights = WeightsId(spec.content_sha256) if kind == "preset" else WeightsId(None, cfg.seed, _backend())
+    recipe = Recipe(spec.name, weights, size, spec.embedding, None, interp, bool(cfg.fast_decode), cfg.exif,
+                    cfg.precision, cfg.dtype, decoder, crop)
+    source = WeightsSource(kind, spec.preset_dir, cfg.seed)
+    return Resolved(recipe, source, spec, ref)
+
+
+def _backend() -> str:
+    from imgfeat.extract.recipe import keras_backend
+
+    return keras_backend()

@@ -16,6 +16,11 @@ $KERAS_HOME/models, or shipped by a pip package). Listing imports no TensorFlow.
 --layers NAME prints the layer names of one backbone, to pick an --layer for extract
 (builds the model with random weights; takes a few seconds).
 
+keras-hub presets (DINOv2, CLIP, SigLIP/SigLIP2; pip install 'imgfeat[hub]') are backbones too:
+pass a preset name (e.g. dinov2_with_registers_small, clip_vit_base_patch32,
+siglip2_base_patch16_224) or a preset directory as --backbone. Names load offline from the
+kagglehub cache ($KAGGLEHUB_CACHE, default ~/.cache/kagglehub); the cached ones are listed here.
+
 --blocks NAME prints the blocks of one backbone, top last, with the layer each starts at:
 'imgfeat finetune --unfreeze-blocks N' trains the last N of them (and the layers after them).
 """
@@ -48,9 +53,11 @@ def backbone_rows(family: str | None = None) -> list[dict[str, Any]]:
     from imgfeat.core.errors import unknown_value
     from imgfeat.backbones.weights import is_cached
 
+    from imgfeat.backbones.hub import FAMILY_NOTES
+
     specs = list_backbones()
-    if family is not None and family not in {s.family for s in specs}:
-        raise unknown_value("backbone family", family, {s.family for s in specs})
+    if family is not None and family not in {s.family for s in specs} | set(FAMILY_NOTES):
+        raise unknown_value("backbone family", family, {s.family for s in specs} | set(FAMILY_NOTES))
     return [
         {"name": s.name, "family": s.family, "input_size": s.input_size, "dim": s.dims["avg"],
          "dims": dict(s.dims), "imagenet_top": s.imagenet_top, "weights_mb": s.weights_mb,
@@ -105,9 +112,32 @@ def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
             print(format_table(rows, (("layer", "layer"), ("type", "type"), ("output", "output_shape"))))
         return {"backbone": args.layers, "layers": rows}
     rows = backbone_rows(args.family)
+    hub_rows = hub_backbone_rows(args.family)
     if not args.json:
-        print(format_table(rows, COLUMNS))
+        print(format_table(rows + hub_rows, COLUMNS))
         cached = sum(r["cached"] for r in rows)
         print(f"\n{len(rows)} backbones, {cached} with ImageNet weights available offline "
               f"(imgfeat weights list shows the files)")
-    return {"count": len(rows), "backbones": rows}
+        print(hub_note(hub_rows))
+    return {"count": len(rows) + len(hub_rows), "backbones": rows + hub_rows, "hub_families": hub_families()}
+
+
+def hub_families() -> dict[str, str]:
+    from imgfeat.backbones.hub import FAMILY_NOTES
+
+    return dict(FAMILY_NOTES)
+
+
+def hub_backbone_rows(family: str | None = None) -> list[dict[str, Any]]:
+    """keras-hub presets in the local kagglehub cache (no keras-hub import)."""
+    from imgfeat.backbones.hub import cached_hub_rows
+
+    return [r for r in cached_hub_rows() if family in (None, r["family"])]
+
+
+def hub_note(hub_rows: list[dict[str, Any]]) -> str:
+    from imgfeat.backbones.hub import kagglehub_cache
+
+    families = "; ".join(f"{k}: {v}" for k, v in hub_families().items())
+    return (f"keras-hub families ({families}). {len(hub_rows)} preset(s) cached in {kagglehub_cache()}; "
+            f"any preset name or preset directory works as --backbone")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -104,3 +105,50 @@ def test_dinov2_input_size_override(presets, ws, tmp_path):
         api.extract("d", str(presets["dinov2"]), workspace=ws, input_size=30)
     with pytest.raises(ConfigError, match="built for 32 px only"):
         api.extract("d", str(presets["clip"]), workspace=ws, input_size=64)
+
+
+def cli(argv: list[str], capsys) -> tuple[int, dict, str]:
+    from imgfeat.cli.main import main
+
+    code = main(argv + ["--json"])
+    out = capsys.readouterr()
+    return code, json.loads(out.out.strip().splitlines()[-1]), out.err
+
+
+def test_cached_preset_name_works_offline(presets, ws, tmp_path, tmp_path_factory, monkeypatch, capsys):
+    """A name resolves to its folder in the kagglehub cache (staged with weights import), no network;
+    its features are the directory's; a name not cached is one line saying how to stage it."""
+    monkeypatch.setenv("KAGGLEHUB_CACHE", str(tmp_path_factory.mktemp("kagglehub")))
+    name = "dinov2_with_registers_small"
+    images = image_folder(tmp_path, H.DINO_SIZE)
+    api.scan(tmp_path, "d", workspace=ws)
+    code, out, err = cli(["extract", "--dataset", "d", "--backbone", name], capsys)
+    assert code == 2 and f"keras-hub preset {name} is not cached" in err and len(err.splitlines()) == 1
+    assert "imgfeat weights import DIR --backbone" in err and not list(ws.root.rglob("*dinov2*"))
+    code, out, _ = cli(["weights", "import", str(presets["dinov2"]), "--backbone", name], capsys)
+    assert code == 0 and out["path"].endswith("models/keras/dinov2/keras/dinov2_with_registers_small/1")
+    fs, X = extracted(ws, tmp_path, "d", name, images)
+    assert fs.startswith(f"{name}-{H.DINO_SIZE}-cls-float32-")
+    assert np.abs(X[:4] - H.reference_features(presets["dinov2"], images[:4])).max() < TOLERANCE
+    code, out, _ = cli(["backbones"], capsys)
+    listed = {r["name"]: r for r in out["backbones"]}
+    assert listed[name]["family"] == "dinov2" and listed[name]["dim"] == 32 and listed[name]["cached"]
+    assert set(out["hub_families"]) == {"dinov2", "clip", "siglip"}
+    # the featureset extends from its provenance (predict IMAGE path): the name resolves again
+    from imgfeat.extract.extract import extract_files
+
+    extra = tmp_path / "extra.png"
+    smooth_image((70, 60), 11).save(extra)
+    assert extract_files(ws, fs, [extra], "r1")[0].error_code is None
+
+
+@pytest.mark.quick
+def test_backbone_listing_and_unknown_names_import_no_keras_hub():
+    import subprocess
+    import sys
+
+    code = ("import sys; from imgfeat.cli.backbones import backbone_rows, hub_backbone_rows; "
+            "from imgfeat.backbones import get_backbone; backbone_rows(); hub_backbone_rows(); "
+            "get_backbone('resnet50'); print('keras_hub' in sys.modules, 'keras' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]

@@ -401,3 +401,35 @@ def fetch_preset(name: str) -> Path:
     except Exception as exc:  # network, auth, missing package: all mean "not fetched"
         raise ImgfeatError(f"could not download {name}: {type(exc).__name__}: {exc}. This machine may be "
                            f"offline: fetch it elsewhere and run 'imgfeat weights import DIR --backbone {name}'") from None
+
+
+def cached_hub_rows() -> list[dict[str, Any]]:
+    """The supported presets found in the kagglehub cache, as ``imgfeat backbones`` rows: read from
+    each folder's config.json (models/OWNER/MODEL/keras/NAME/VERSION), without importing keras-hub."""
+    rows: dict[str, dict[str, Any]] = {}
+    for config in sorted(kagglehub_cache().glob("models/*/*/keras/*/*/config.json")):
+        folder = config.parent
+        if not folder.name.isdigit():
+            continue
+        try:
+            spec = _light_spec(folder)
+        except ConfigError:
+            continue  # another model family, or a half-copied folder
+        name = folder.parent.name
+        if name in rows and int(rows[name]["version"]) > int(folder.name):
+            continue
+        rows[name] = {"name": name, "family": spec[0], "input_size": spec[1], "dim": spec[2],
+                      "dims": {spec[3]: spec[2]}, "imagenet_top": False, "weights_mb": spec[4],
+                      "min_size": spec[1], "cached": True, "version": folder.name, "path": str(folder)}
+    return list(rows.values())
+
+
+def _light_spec(folder: Path) -> tuple[str, int, int, str, float]:
+    """(family, input size, dim, embedding, weights MB) from config.json alone (no content hash)."""
+    config = _read_json(folder / "config.json")
+    cls = str(config.get("class_name", ""))
+    if cls not in FAMILIES:
+        raise ConfigError(f"{folder} holds a {cls} backbone")
+    size, dim = _size_and_dim(cls, config.get("config", {}))
+    mb = round(sum(p.stat().st_size for p in folder.glob("*.weights.h5")) / 1e6, 1)
+    return FAMILIES[cls][0], size, dim, FAMILIES[cls][1], mb

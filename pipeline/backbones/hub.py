@@ -199,19 +199,13 @@ def load_text(preset_dir: str, backbone_class: str) -> tuple[Any, Any]:
 
 
 def text_embeddings(backbone: Any, preprocessor: Any, texts: list[str]):
-    """(n, dim) float32 text embeddings, as keras-hub computes them."""
+    """(n, dim) float32 text embeddings as keras-hub computes them: the preprocessor's lower-casing
+    (and SigLIP's canonicalisation), tokenizer and packing at its default sequence length, then
+    ``get_text_embeddings``."""
     import numpy as np
 
-    x = preprocessor.generate_preprocess(texts) if hasattr(preprocessor, "generate_preprocess") else None
-    token_ids = _token_ids(preprocessor, texts) if x is None else x["token_ids"]
+    token_ids = preprocessor({"prompts": list(texts), "images": None})["token_ids"]
     return np.asarray(backbone.get_text_embeddings(token_ids), dtype=np.float32)
-
-
-def _token_ids(preprocessor: Any, texts: list[str]):
-    import numpy as np
-
-    out = preprocessor({"prompts": texts, "images": np.zeros((len(texts), 1, 1, 3), "float32")})
-    return out["token_ids"]
 
 
 # ------------------------------------------------------------------------------ resolve

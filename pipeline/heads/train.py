@@ -23,6 +23,7 @@ from imgfeat.heads import artifacts as A
 from imgfeat.core import names as N
 from imgfeat.heads.data import LEFT_OUT_JSON_MAX, LabelledRows, canonical_json, describe, left_out_table, read_labelled
 from imgfeat.heads.estimators import HEAD_KINDS, SVM_KERNELS, KerasMLPClassifier, sklearn_head
+from imgfeat.heads.zeroshot import DEFAULT_PROMPT, ZERO_SHOT, check_prompt, zero_shot_head
 from imgfeat.heads.plots import training_curves_png
 from imgfeat.heads.versions import default_head_name, resolve_featureset
 from imgfeat.core.storage import WAIT_HINT, FileLock
@@ -43,6 +44,7 @@ _KIND_PARAMS = {
     "mlp": ("epochs", "hidden", "dropout", "batch_size", "learning_rate", "patience"),
 }
 _KIND_PARAMS["auto"] = tuple(dict.fromkeys(p for ps in _KIND_PARAMS.values() for p in ps))
+_KIND_PARAMS[ZERO_SHOT] = ("prompt",)  # after "auto": an auto head's id must not change
 
 
 @dataclass(frozen=True)
@@ -68,14 +70,17 @@ class TrainConfig:
     patience: int = 5
     n_jobs: int | None = None  # parallel CV fits for logreg/svm; None: by data size and cores
     wait: float | None = None  # seconds to wait for another trainer of the same head (not a param)
+    prompt: str = DEFAULT_PROMPT  # zero-shot only: each class's text, "{label}" standing for its name
 
     def __post_init__(self) -> None:
         check_name("dataset", self.dataset)
         N.check_ref(N.FEATURESETS, self.featureset)
         if self.name is not None:
             check_name("head", self.name)
-        if self.head not in HEAD_KINDS:
-            raise unknown_value("head", self.head, HEAD_KINDS)
+        if self.head not in (*HEAD_KINDS, ZERO_SHOT):
+            raise unknown_value("head", self.head, (*HEAD_KINDS, ZERO_SHOT))
+        if self.head == ZERO_SHOT:
+            check_prompt(self.prompt)
         if self.kernel not in SVM_KERNELS:
             raise unknown_value("kernel", self.kernel, SVM_KERNELS)
         if self.class_weight not in (None, *CLASS_WEIGHTS):
@@ -154,7 +159,8 @@ def _train_and_write(ws: Workspace, cfg: TrainConfig, rows: LabelledRows, head_i
     # One BLAS thread: these products are thin (n x dim times dim x classes), and on 2 cores two
     # OpenBLAS threads made a 80,000 x 1,280 logreg fit 2-4x slower (8-23 s against 4-6 s).
     with threadpool_limits(limits=1, user_api="blas"):
-        fitted = fit_head(cfg, X_train, rows.train_labels)
+        fitted = (fit_zero_shot(ws, cfg, rows.classes, X_train, rows.train_labels) if cfg.head == ZERO_SHOT
+                  else fit_head(cfg, X_train, rows.train_labels))
     t_fit = time.perf_counter()
     metrics = evaluate(fitted.estimator, X_test, rows.test_labels, rows.classes)
     metrics["cv"] = fitted.cv
@@ -225,6 +231,16 @@ def fit_head(cfg: TrainConfig, X: np.ndarray, y: np.ndarray) -> FitResult:
     estimator = _make(cfg, winner, y_cv, folds.n_splits).set_params(**best[winner]).fit(X, y)
     chosen = {k.rsplit("__", 1)[-1]: v for k, v in best[winner].items()}
     return FitResult(winner, estimator, cv, chosen)
+
+
+def fit_zero_shot(ws: Workspace, cfg: TrainConfig, classes: list[str], X: np.ndarray, y: np.ndarray) -> FitResult:
+    """No fitting: the prompts' embeddings are the head. Its accuracy on the training rows stands in
+    for the cross-validation score the other heads report (nothing was learned from them)."""
+    est = zero_shot_head(ws, cfg.featureset, classes, cfg.prompt)
+    acc = float(np.mean(est.predict(X) == np.asarray(y, dtype=object))) if len(y) else 0.0
+    cv = {ZERO_SHOT: {"mean": acc, "std": 0.0, "folds": [], "rows": int(len(y)),
+                      "note": "no fitting: accuracy on the training rows"}}
+    return FitResult(ZERO_SHOT, est, cv, {"prompt": cfg.prompt})
 
 
 def _cross_validate(cfg: TrainConfig, kind: str, X: np.ndarray, y: np.ndarray, folds: StratifiedKFold):

@@ -248,3 +248,27 @@ def test_zero_shot_head_trains_predicts_and_reports(presets, ws, tmp_path, capsy
     code, _, err = cli(["train", "--dataset", "pets", "--featureset", fs, "--head", "zero-shot",
                         "--prompt", "no label"], capsys)
     assert code == 2 and "must hold '{label}'" in err
+
+
+def test_without_keras_hub_a_hub_backbone_names_the_extra(presets, monkeypatch):
+    import sys
+
+    from imgfeat.backbones import get_backbone
+
+    monkeypatch.setitem(sys.modules, "keras_hub", None)  # import keras_hub now raises ImportError
+    with pytest.raises(ConfigError, match=r"pip install 'imgfeat\[hub\]'"):
+        get_backbone("dinov2_small")
+    with pytest.raises(ConfigError, match=r"pip install 'imgfeat\[hub\]'"):
+        get_backbone(str(presets["clip"])).build()
+
+
+def test_bench_times_a_hub_backbone(presets, tmp_path, capsys):
+    """The same compiled uint8 path as the CNNs: bench's forward and extract processes run a preset."""
+    from tiny_images import write_noise_images
+
+    write_noise_images(tmp_path / "imgs", 6, size=(40, 30), classes=("b", "a"))
+    code, out, _ = cli(["bench", "--workspace", str(tmp_path / "ws"), "--backbone", str(presets["dinov2"]),
+                        "--images", str(tmp_path / "imgs"), "--batch-size", "4", "--skip", "input"], capsys)
+    assert code == 0 and set(out["images_per_s"]) == {"forward", "extract"}
+    assert out["extract_inner"]["extracted"] == 6
+    assert out["extract_inner"]["featureset"].startswith("preset_dinov2-56-cls-")

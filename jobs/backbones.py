@@ -71,6 +71,11 @@ def layer_rows(name: str) -> list[dict[str, Any]]:
     from imgfeat.backbones import get_backbone
 
     spec = get_backbone(name)
+    if getattr(spec, "preset_dir", None):
+        from imgfeat.core.errors import ConfigError
+
+        raise ConfigError(f"{name} is a keras-hub preset: its feature is the {spec.family} {spec.embedding} "
+                          f"embedding, with no --layer taps")
     model = spec.constructor_fn()(include_top=False, weights=None,
                                   input_shape=(spec.input_size, spec.input_size, 3))
     return [{"layer": lyr.name, "type": type(lyr).__name__, "output_shape": list(lyr.output.shape[1:])}

@@ -275,3 +275,20 @@ def test_bench_times_a_hub_backbone(presets, tmp_path, capsys):
     assert code == 0 and set(out["images_per_s"]) == {"forward", "extract"}
     assert out["extract_inner"]["extracted"] == 6
     assert out["extract_inner"]["featureset"].startswith("preset_dinov2-56-cls-")
+
+
+def test_hub_backbones_refuse_what_they_cannot_do(presets, ws, tmp_path, capsys):
+    """Layer taps, fine-tuning, other weights files: one clear line each, nothing written."""
+    assert cli(["backbones", "--layers", str(presets["dinov2"])], capsys)[0] == 2
+    write = tmp_path / "im"
+    write.mkdir()
+    smooth_image((40, 30), 0).save(write / "a.png")
+    api.scan(write, "d", workspace=ws)
+    with pytest.raises(ConfigError, match="--layer does not apply"):
+        api.extract("d", str(presets["clip"]), workspace=ws, layer="x")
+    with pytest.raises(ConfigError, match="save a preset"):
+        api.extract("d", str(presets["clip"]), workspace=ws, weights=str(presets["clip"] / "model.weights.h5"))
+    with pytest.raises(ConfigError, match="keras-hub preset"):
+        from imgfeat.finetune.train import FinetuneConfig, run_finetune
+
+        run_finetune(ws, FinetuneConfig(dataset="d", backbone=str(presets["dinov2"])), "r")

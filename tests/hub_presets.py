@@ -56,8 +56,8 @@ def clip_tokenizer():
     return CLIPTokenizer(vocabulary=vocab, merges=list(dict.fromkeys(merges)))
 
 
-def clip_preset(folder: Path, seed: int = 0) -> Path:
-    """CLIP: vision patch 8 at 32 px, text 2 layers, projection 16; centre crop, bicubic + antialias."""
+def clip_preset(folder: Path, seed: int = 0, antialias: bool = True) -> Path:
+    """CLIP: vision patch 8 at 32 px, text 2 layers, projection 16; centre crop, bicubic (+ antialias)."""
     import keras
     from keras_hub.layers import CLIPImageConverter
     from keras_hub.models import CLIPBackbone
@@ -75,7 +75,7 @@ def clip_preset(folder: Path, seed: int = 0) -> Path:
     tokenizer.save_to_preset(str(folder))
     mean, std = (0.481, 0.458, 0.408), (0.269, 0.261, 0.276)
     CLIPImageConverter(image_size=(CLIP_SIZE, CLIP_SIZE), crop_to_aspect_ratio=True, interpolation="bicubic",
-                       antialias=True,
+                       antialias=antialias,
                        scale=[1 / (255 * s) for s in std], offset=[-m / s for m, s in zip(mean, std)],
                        ).save_to_preset(str(folder))
     return folder

@@ -21,7 +21,9 @@ pytestmark = pytest.mark.slow
 TOLERANCE = 1e-4  # float32 on CPU, max abs, at the preset's own input size
 MIN_COSINE = 0.999  # other sizes: our Pillow resize against keras-hub's converter on the same pixels
 KINDS = {"dinov2": (H.dinov2_preset, H.DINO_SIZE), "clip": (H.clip_preset, H.CLIP_SIZE),
-         "siglip2": (H.siglip2_preset, H.SIGLIP_SIZE)}
+         "siglip2": (H.siglip2_preset, H.SIGLIP_SIZE),
+         # a converter that resizes without antialiasing (keras' default): decode follows it
+         "clip_aliasing": (lambda folder: H.clip_preset(folder, antialias=False), H.CLIP_SIZE)}
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +72,23 @@ def extracted(ws, tmp_path, dataset, backbone, images):
     return result.featureset, X[order]
 
 
+@pytest.mark.quick
+@pytest.mark.parametrize("method", ["bilinear", "bicubic"])
+def test_resize_without_antialias_follows_keras(method):
+    """Shrinking 9x and enlarging: extract/resample.py against keras.ops.image.resize(antialias=False)."""
+    import keras
+
+    from imgfeat.extract.resample import resize_no_antialias
+
+    rng = np.random.default_rng(0)
+    for shape, size in (((300, 451, 3), (32, 32)), ((20, 30, 3), (56, 56)), ((37, 41, 3), (32, 28))):
+        img = rng.integers(0, 256, shape, dtype=np.uint8)
+        want = np.asarray(keras.ops.image.resize(img[None].astype("float32"), size, interpolation=method,
+                                                 antialias=False))[0]
+        got = resize_no_antialias(img, size, method)
+        assert got.dtype == np.uint8 and np.abs(got - np.clip(want, 0, 255)).max() <= 0.51
+
+
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_features_equal_keras_hub(kind, presets, ws, tmp_path):
     images = image_folder(tmp_path, KINDS[kind][1])
@@ -81,7 +100,7 @@ def test_features_equal_keras_hub(kind, presets, ws, tmp_path):
     assert np.abs(X[:exact] - want[:exact]).max() < TOLERANCE
     cos = (X[exact:] * want[exact:]).sum(1) / np.linalg.norm(X[exact:], axis=1) / np.linalg.norm(want[exact:], axis=1)
     assert cos.min() >= MIN_COSINE, cos
-    family = {"dinov2": "cls", "clip": "proj", "siglip2": "pool"}[kind]
+    family = {"dinov2": "cls", "clip": "proj", "siglip2": "pool", "clip_aliasing": "proj"}[kind]
     assert fs.startswith(f"preset_{kind}-{KINDS[kind][1]}-{family}-float32-")
 
 

@@ -20,7 +20,7 @@ CHANGES = {
     "backbone": "resnet50", "weights": WeightsId("cd" * 32), "input_size": 225, "pooling": "max",
     "layer": "block_1_expand", "interpolation": "nearest", "fast_decode": True, "exif": "ignore",
     "precision": "bfloat16", "dtype": "float32", "decoder": "nvimgcodec",
-    "crop": "centre",
+    "crop": "centre", "antialias": False,
 }
 WEIGHT_CHANGES = {"sha256": "ef" * 32, "seed": 4, "backend": "jax"}
 

@@ -13,7 +13,8 @@ The feature is the family's canonical image embedding, stored raw (not normalise
 * ``siglip`` (SigLIP and SigLIP2): the attention-pooled vision output, ``pool``.
 
 Input: files are decoded on the host into uint8 at the input size (Pillow, with the converter's
-crop rule and interpolation; Pillow always antialiases when it shrinks), and the converter's
+crop rule and interpolation; Pillow antialiases when it shrinks, and a converter that does not
+is followed by extract/resample.py instead), and the converter's
 ``x * scale + offset`` runs inside the compiled model call, as the CNNs' preprocess_input does.
 At the preset's exact size there is no resize, so features equal keras-hub's own path.
 
@@ -71,6 +72,7 @@ class Converter:
     size: int
     crop: str  # "centre" (crop_to_aspect_ratio) or "none" (squash)
     interpolation: str  # a Pillow interpolation name
+    antialias: bool  # False: decode resizes as keras does without antialiasing (extract/resample.py)
     scale: tuple[float, ...] | None
     offset: tuple[float, ...] | None
 
@@ -84,7 +86,8 @@ class Converter:
         if cfg.get("pad_to_aspect_ratio"):
             raise ConfigError("image converters that pad to the aspect ratio are not supported")
         return cls(size, "centre" if cfg.get("crop_to_aspect_ratio", True) else "none",
-                   PIL_INTERPOLATIONS[interp], _floats(cfg.get("scale")), _floats(cfg.get("offset")))
+                   PIL_INTERPOLATIONS[interp], bool(cfg.get("antialias", False)), _floats(cfg.get("scale")),
+                   _floats(cfg.get("offset")))
 
 
 def _floats(value: Any) -> tuple[float, ...] | None:

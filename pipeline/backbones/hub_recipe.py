@@ -24,7 +24,7 @@ def resolve_hub_recipe(cfg: Any, spec: HubSpec) -> Resolved:
     size = spec.check_input_size(cfg.input_size)
     kind = hub_weights_kind(cfg.weights)
     conv = spec.converter
-    crop, interp = (conv.crop, conv.interpolation) if conv else ("none", "bilinear")
+    crop, interp, antialias = (conv.crop, conv.interpolation, conv.antialias) if conv else ("none", "bilinear", True)
     from imgfeat.extract.batches import decoder_of
 
     decoder = decoder_of(getattr(cfg, "decode", "auto"))
@@ -35,7 +35,7 @@ def resolve_hub_recipe(cfg: Any, spec: HubSpec) -> Resolved:
     # Random init: the preset's config (what it builds) still belongs to the identity.
     weights = WeightsId(spec.content_sha256) if kind == "preset" else WeightsId(None, cfg.seed, _backend())
     recipe = Recipe(spec.name, weights, size, spec.embedding, None, interp, bool(cfg.fast_decode), cfg.exif,
-                    cfg.precision, cfg.dtype, decoder, crop)
+                    cfg.precision, cfg.dtype, decoder, crop, antialias)
     source = WeightsSource(kind, spec.preset_dir, cfg.seed)
     return Resolved(recipe, source, spec, ref)
 

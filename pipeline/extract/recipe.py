@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 DEFAULT_DECODER = "pillow"
 DEFAULT_CROP = "none"
 # Fields added after featuresets existed: left out of the hash at their default, so old names hold.
-OPTIONAL_FIELDS = {"decoder": DEFAULT_DECODER, "crop": DEFAULT_CROP}
+OPTIONAL_FIELDS = {"decoder": DEFAULT_DECODER, "crop": DEFAULT_CROP, "antialias": True}
 _UNSAFE = re.compile(r"[^A-Za-z0-9._]+")
 SHA_PREFIX = "sha256:"
 NONE_PREFIX = "none:"
@@ -81,6 +81,7 @@ class Recipe:
     dtype: str  # storage dtype
     decoder: str = DEFAULT_DECODER  # what decodes and resizes: Pillow, or nvImageCodec + a device resize
     crop: str = DEFAULT_CROP  # "centre" for keras-hub converters that crop to the aspect ratio
+    antialias: bool = True  # False: resized as keras' antialias=False resize (keras-hub converters)
 
     def canonical(self) -> dict[str, Any]:
         """The hashed form: every field, the weights as their identity string. A later field at its
@@ -102,7 +103,8 @@ class Recipe:
 
     def decode_config(self) -> DecodeConfig:
         size = self.input_size
-        return DecodeConfig((size, size), self.interpolation, self.fast_decode, self.exif, self.crop)
+        return DecodeConfig((size, size), self.interpolation, self.fast_decode, self.exif, self.crop,
+                            self.antialias)
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> "Recipe":

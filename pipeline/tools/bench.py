@@ -210,8 +210,9 @@ def input_main(spec: dict[str, Any]) -> None:
     size = backbone.check_input_size(spec["input_size"])
     # a keras-hub preset's converter decides the crop and the interpolation, as in extract
     conv = getattr(backbone, "converter", None)
-    crop, interp = (conv.crop, conv.interpolation) if conv else ("none", "bilinear")
-    inputs = InputSpec(DecodeConfig((size, size), interp, spec["fast_decode"], crop=crop), spec["batch_size"],
+    crop, interp, aa = (conv.crop, conv.interpolation, conv.antialias) if conv else ("none", "bilinear", True)
+    inputs = InputSpec(DecodeConfig((size, size), interp, spec["fast_decode"], crop=crop, antialias=aa),
+                       spec["batch_size"],
                        decode=spec["decode"])
     items = walk_manifest(Workspace(Path(spec["workspace"])), BENCH_DATASET, DoneSets(set(), set(), set()),
                           Tally(), "bench")

@@ -311,3 +311,15 @@ def test_hub_backbones_refuse_what_they_cannot_do(presets, ws, tmp_path, capsys)
         from imgfeat.finetune.train import FinetuneConfig, run_finetune
 
         run_finetune(ws, FinetuneConfig(dataset="d", backbone=str(presets["dinov2"])), "r")
+
+
+def test_random_init_is_named_by_the_architecture(presets, ws, tmp_path, tmp_path_factory):
+    """--weights none builds the preset's architecture at random (seeded): another architecture in a
+    folder of the same name, or another seed, is another featureset."""
+    image_folder(tmp_path, H.DINO_SIZE)
+    api.scan(tmp_path, "d", workspace=ws)
+    fs = api.extract("d", str(presets["dinov2"]), workspace=ws, weights="none").featureset
+    other = H.dinov2_preset(tmp_path_factory.mktemp("other") / "dinov2", registers=0)
+    assert api.extract("d", str(other), workspace=ws, weights="none").featureset != fs
+    assert api.extract("d", str(presets["dinov2"]), workspace=ws, weights="none", seed=1).featureset != fs
+    assert api.extract("d", str(presets["dinov2"]), workspace=ws, weights="none").featureset == fs

@@ -32,15 +32,17 @@ def resolve_hub_recipe(cfg: Any, spec: HubSpec) -> Resolved:
         raise ConfigError(f"keras-hub backbones decode with Pillow (the converter's crop rule); "
                           f"--decode {cfg.decode} is for keras.applications backbones")
     ref = WeightsRef("preset", Path(spec.preset_dir), spec.content_sha256) if kind == "preset" else WeightsRef("none", None, None)
-    # Random init: the preset's config (what it builds) still belongs to the identity.
-    weights = WeightsId(spec.content_sha256) if kind == "preset" else WeightsId(None, cfg.seed, _backend())
+    weights = WeightsId(spec.content_sha256) if kind == "preset" else _random_init_id(spec, cfg.seed)
     recipe = Recipe(spec.name, weights, size, spec.embedding, None, interp, bool(cfg.fast_decode), cfg.exif,
                     cfg.precision, cfg.dtype, decoder, crop, antialias)
     source = WeightsSource(kind, spec.preset_dir, cfg.seed)
     return Resolved(recipe, source, spec, ref)
 
 
-def _backend() -> str:
+def _random_init_id(spec: HubSpec, seed: int) -> WeightsId:
+    """A seeded random init of the preset's architecture: what it builds (the preset's content,
+    its converter's scale and offset included), the seed and the backend (each draws its own numbers)."""
+    from imgfeat.core.hashing import sha256_text
     from imgfeat.extract.recipe import keras_backend
 
-    return keras_backend()
+    return WeightsId(sha256_text(f"random-init:{spec.content_sha256}:seed={seed}:backend={keras_backend()}"))

@@ -323,3 +323,38 @@ def test_random_init_is_named_by_the_architecture(presets, ws, tmp_path, tmp_pat
     assert api.extract("d", str(other), workspace=ws, weights="none").featureset != fs
     assert api.extract("d", str(presets["dinov2"]), workspace=ws, weights="none", seed=1).featureset != fs
     assert api.extract("d", str(presets["dinov2"]), workspace=ws, weights="none").featureset == fs
+
+
+def test_job_file_runs_a_hub_backbone_and_a_zero_shot_head(presets, ws, tmp_path, capsys):
+    root = tmp_path / "photos"
+    for c, label in enumerate(["car", "dog"]):
+        (root / label).mkdir(parents=True)
+        for k in range(4):
+            smooth_image((H.SIGLIP_SIZE, H.SIGLIP_SIZE), 10 * c + k).save(root / label / f"{k}.png")
+    job = tmp_path / "job.toml"
+    job.write_text(f"""
+[datasets.pets]
+root = "{root}"
+
+[features.sig]
+backbone = "{presets['siglip2']}"
+dtype = "float32"
+
+[heads.pets-zs]
+dataset = "pets"
+features = "sig"
+head = "zero-shot"
+prompt = "{{label}}"
+
+[indexes.pets]
+features = "sig"
+""")
+    code, out, err = cli(["run", str(job)], capsys)
+    assert code == 0, err
+    from imgfeat.heads.artifacts import load_head
+    from imgfeat.heads.versions import resolve_head
+
+    head = load_head(ws, resolve_head(ws, "pets-zs"))
+    assert head.meta["model_kind"] == "zero-shot" and head.meta["params"]["prompt"] == "{label}"
+    code, out, _ = cli(["similar", "--index", "pets", "--text", "car", "--top", "3"], capsys)
+    assert code == 0 and len(out["results"][0]["neighbours"]) == 3

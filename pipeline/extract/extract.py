@@ -85,7 +85,8 @@ class ExtractConfig:
 
         get_backbone(self.backbone)
         for kind, value, allowed in (
-            ("pooling", self.pooling, POOLINGS + EMBEDDINGS),  # a keras-hub backbone's embedding
+            # a keras-hub backbone's embedding (cls, proj, pool) passes; the message names avg and max
+            ("pooling", self.pooling, EMBEDDINGS if self.pooling in EMBEDDINGS else POOLINGS),
             ("precision", self.precision, PRECISIONS),
             ("storage dtype", self.dtype, S.STORAGE_DTYPES),
             ("interpolation", self.interpolation, INTERPOLATIONS),

@@ -20,6 +20,7 @@ keras-hub presets (DINOv2, CLIP, SigLIP/SigLIP2; pip install 'imgfeat[hub]') are
 pass a preset name (e.g. dinov2_with_registers_small, clip_vit_base_patch32,
 siglip2_base_patch16_224) or a preset directory as --backbone. Names load offline from the
 kagglehub cache ($KAGGLEHUB_CACHE, default ~/.cache/kagglehub); the cached ones are listed here.
+--hub lists every keras-hub preset name of those families and whether it is cached (imports keras-hub).
 
 --blocks NAME prints the blocks of one backbone, top last, with the layer each starts at:
 'imgfeat finetune --unfreeze-blocks N' trains the last N of them (and the layers after them).
@@ -32,6 +33,7 @@ examples:
   imgfeat backbones --json | tail -1 | jq '.backbones[] | select(.cached) | .name'
   imgfeat backbones --layers resnet50
   imgfeat backbones --blocks efficientnet_lite0
+  imgfeat backbones --hub
 """
 
 COLUMNS = (("name", "name"), ("family", "family"), ("size", "input_size"), ("dim", "dim"),
@@ -43,6 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     description=DESCRIPTION, epilog=EPILOG, record_run=False)
     p.add_argument("--family", default=None, metavar="F", help="only this family (e.g. resnet, efficientnet)")
     p.add_argument("--layers", default=None, metavar="NAME", help="print the layer names of backbone NAME")
+    p.add_argument("--hub", action="store_true",
+                   help="list keras-hub's DINOv2, CLIP and SigLIP preset names and which are cached")
     p.add_argument("--blocks", default=None, metavar="NAME",
                    help="print the blocks of backbone NAME (for finetune --unfreeze-blocks)")
 
@@ -105,6 +109,14 @@ def format_table(rows: list[dict[str, Any]], columns: tuple[tuple[str, str], ...
 
 
 def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
+    if args.hub:
+        from imgfeat.backbones.hub import cached_presets, kagglehub_cache
+
+        rows = cached_presets()
+        if not args.json:
+            print(format_table(rows, (("preset", "name"), ("cached", "cached"), ("path", "path"))))
+            print(f"\n{sum(r['cached'] for r in rows)} of {len(rows)} cached in {kagglehub_cache()}")
+        return {"cache": str(kagglehub_cache()), "presets": rows}
     if args.blocks:
         rows = block_rows(args.blocks)
         if not args.json:

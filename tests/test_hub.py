@@ -156,6 +156,9 @@ def test_cached_preset_name_works_offline(presets, ws, tmp_path, tmp_path_factor
     listed = {r["name"]: r for r in out["backbones"]}
     assert listed[name]["family"] == "dinov2" and listed[name]["dim"] == 32 and listed[name]["cached"]
     assert set(out["hub_families"]) == {"dinov2", "clip", "siglip"}
+    code, out, _ = cli(["backbones", "--hub"], capsys)
+    listed = {r["name"]: r["cached"] for r in out["presets"]}
+    assert listed[name] is True and listed["clip_vit_base_patch32"] is False
     # the featureset extends from its provenance (predict IMAGE path): the name resolves again
     from imgfeat.extract.extract import extract_files
 

@@ -114,6 +114,12 @@ def test_recipe_pins_the_preset_content(presets, ws, tmp_path, tmp_path_factory)
     other = H.clip_preset(tmp_path_factory.mktemp("resaved") / "clip", seed=1)
     fs2, X2 = extracted(ws, tmp_path, "d", str(other), images)
     assert fs2 != fs and np.abs(X2 - X).max() > 1e-3
+    # a directory's featureset extends from its provenance (predict IMAGE): the folder by its path
+    from imgfeat.extract.extract import extract_files
+
+    extra = tmp_path_factory.mktemp("extra") / "x.png"
+    smooth_image((50, 40), 12).save(extra)
+    assert extract_files(ws, fs2, [extra], "r1")[0].error_code is None
 
 
 def test_dinov2_input_size_override(presets, ws, tmp_path):

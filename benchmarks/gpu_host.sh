@@ -4,7 +4,8 @@
 # For a GPU host with JAX (CUDA) and no TensorFlow and no network (see the kit's README in the
 # workplace's shared/gpu/). Before the run, on a machine with the registry, download into an ignored
 # folder of the checkout (.whl/, listed in .git/info/exclude) the wheels that host lacks for Python
-# 3.12: keras, namex, optree, nvidia-nvimgcodec-cu13, nvidia-nvjpeg; and copy the kit's
+# 3.12: keras, namex, optree, nvidia-nvimgcodec-cu13, nvidia-nvjpeg (and, for the keras-hub cases,
+# keras-hub, kagglehub, regex, packaging, absl-py, rich, ml-dtypes, h5py); and copy the kit's
 # gen_images.py into the checkout (only the checkout travels). Then, on the host:
 #
 #   OUT=/tmp/out bash benchmarks/gpu_host.sh          # N=40000 images of 500x375 by default
@@ -14,6 +15,9 @@
 # fidelity to the CPU path per image). Targets (issue 12): resnet50 bf16 batch 256 on 40,000
 # 500x375 JPEGs, extract >= 3,300 img/s with CPU decode and >= 10,000 img/s with --decode gpu,
 # end_to_end_over_limit >= 0.85 for both, GPU decode cosine >= 0.999 per image.
+# The keras-hub cases (bench_dinov2.json, bench_clip.json: DINOv2-B/14 with registers and CLIP
+# ViT-B/32 at 224 px, random-init presets written by benchmarks/hub_presets.py, bf16) time the
+# same compiled uint8 path; HUB=0 leaves them out.
 set -euo pipefail
 OUT=${OUT:-/tmp/out}
 N=${N:-40000}
@@ -39,4 +43,13 @@ python3 -m imgfeat "${common[@]}" --decode processes > "$OUT/bench_cpu_decode.js
 python3 -m imgfeat "${common[@]}" --decode gpu > "$OUT/bench_gpu_decode.json" 2> "$OUT/bench_gpu_decode.err" || true
 python3 benchmarks/bench_gpu_decode.py "$IMAGES" --limit "$N" --out "$OUT/gpu_decode.json" \
   > "$OUT/gpu_decode.log" 2>&1 || true
+if [ "${HUB:-1}" = 1 ]; then
+  python3 benchmarks/hub_presets.py /tmp/presets > "$OUT/hub_presets.log" 2>&1 || true
+  hub=(bench --images "$IMAGES" --limit "$N" --precision bfloat16 --batch-size 256 --skip tutorial
+       --workspace /tmp/bench-ws-hub --json)
+  python3 -m imgfeat "${hub[@]}" --backbone /tmp/presets/dinov2_with_registers_base \
+    > "$OUT/bench_dinov2.json" 2> "$OUT/bench_dinov2.err" || true
+  python3 -m imgfeat "${hub[@]}" --backbone /tmp/presets/clip_vit_base_patch32 \
+    > "$OUT/bench_clip.json" 2> "$OUT/bench_clip.err" || true
+fi
 tail -n 3 "$OUT"/*.json "$OUT"/*.log

@@ -16,6 +16,12 @@ $KERAS_HOME/models, or shipped by a pip package). Listing imports no TensorFlow.
 --layers NAME prints the layer names of one backbone, to pick an --layer for extract
 (builds the model with random weights; takes a few seconds).
 
+keras-hub presets (DINOv2, CLIP, SigLIP/SigLIP2; pip install 'imgfeat[hub]') are backbones too:
+pass a preset name (e.g. dinov2_with_registers_small, clip_vit_base_patch32,
+siglip2_base_patch16_224) or a preset directory as --backbone. Names load offline from the
+kagglehub cache ($KAGGLEHUB_CACHE, default ~/.cache/kagglehub); the cached ones are listed here.
+--hub lists every keras-hub preset name of those families and whether it is cached (imports keras-hub).
+
 --blocks NAME prints the blocks of one backbone, top last, with the layer each starts at:
 'imgfeat finetune --unfreeze-blocks N' trains the last N of them (and the layers after them).
 """
@@ -27,6 +33,7 @@ examples:
   imgfeat backbones --json | tail -1 | jq '.backbones[] | select(.cached) | .name'
   imgfeat backbones --layers resnet50
   imgfeat backbones --blocks efficientnet_lite0
+  imgfeat backbones --hub
 """
 
 COLUMNS = (("name", "name"), ("family", "family"), ("size", "input_size"), ("dim", "dim"),
@@ -38,6 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     description=DESCRIPTION, epilog=EPILOG, record_run=False)
     p.add_argument("--family", default=None, metavar="F", help="only this family (e.g. resnet, efficientnet)")
     p.add_argument("--layers", default=None, metavar="NAME", help="print the layer names of backbone NAME")
+    p.add_argument("--hub", action="store_true",
+                   help="list keras-hub's DINOv2, CLIP and SigLIP preset names and which are cached")
     p.add_argument("--blocks", default=None, metavar="NAME",
                    help="print the blocks of backbone NAME (for finetune --unfreeze-blocks)")
 
@@ -48,9 +57,11 @@ def backbone_rows(family: str | None = None) -> list[dict[str, Any]]:
     from imgfeat.core.errors import unknown_value
     from imgfeat.backbones.weights import is_cached
 
+    from imgfeat.backbones.hub import FAMILY_NOTES
+
     specs = list_backbones()
-    if family is not None and family not in {s.family for s in specs}:
-        raise unknown_value("backbone family", family, {s.family for s in specs})
+    if family is not None and family not in {s.family for s in specs} | set(FAMILY_NOTES):
+        raise unknown_value("backbone family", family, {s.family for s in specs} | set(FAMILY_NOTES))
     return [
         {"name": s.name, "family": s.family, "input_size": s.input_size, "dim": s.dims["avg"],
          "dims": dict(s.dims), "imagenet_top": s.imagenet_top, "weights_mb": s.weights_mb,
@@ -64,6 +75,11 @@ def layer_rows(name: str) -> list[dict[str, Any]]:
     from imgfeat.backbones import get_backbone
 
     spec = get_backbone(name)
+    if getattr(spec, "preset_dir", None):
+        from imgfeat.core.errors import ConfigError
+
+        raise ConfigError(f"{name} is a keras-hub preset: its feature is the {spec.family} {spec.embedding} "
+                          f"embedding, with no --layer taps")
     model = spec.constructor_fn()(include_top=False, weights=None,
                                   input_shape=(spec.input_size, spec.input_size, 3))
     return [{"layer": lyr.name, "type": type(lyr).__name__, "output_shape": list(lyr.output.shape[1:])}
@@ -93,6 +109,14 @@ def format_table(rows: list[dict[str, Any]], columns: tuple[tuple[str, str], ...
 
 
 def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
+    if args.hub:
+        from imgfeat.backbones.hub import cached_presets, kagglehub_cache
+
+        rows = cached_presets()
+        if not args.json:
+            print(format_table(rows, (("preset", "name"), ("cached", "cached"), ("path", "path"))))
+            print(f"\n{sum(r['cached'] for r in rows)} of {len(rows)} cached in {kagglehub_cache()}")
+        return {"cache": str(kagglehub_cache()), "presets": rows}
     if args.blocks:
         rows = block_rows(args.blocks)
         if not args.json:
@@ -105,9 +129,32 @@ def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
             print(format_table(rows, (("layer", "layer"), ("type", "type"), ("output", "output_shape"))))
         return {"backbone": args.layers, "layers": rows}
     rows = backbone_rows(args.family)
+    hub_rows = hub_backbone_rows(args.family)
     if not args.json:
-        print(format_table(rows, COLUMNS))
+        print(format_table(rows + hub_rows, COLUMNS))
         cached = sum(r["cached"] for r in rows)
         print(f"\n{len(rows)} backbones, {cached} with ImageNet weights available offline "
               f"(imgfeat weights list shows the files)")
-    return {"count": len(rows), "backbones": rows}
+        print(hub_note(hub_rows))
+    return {"count": len(rows) + len(hub_rows), "backbones": rows + hub_rows, "hub_families": hub_families()}
+
+
+def hub_families() -> dict[str, str]:
+    from imgfeat.backbones.hub import FAMILY_NOTES
+
+    return dict(FAMILY_NOTES)
+
+
+def hub_backbone_rows(family: str | None = None) -> list[dict[str, Any]]:
+    """keras-hub presets in the local kagglehub cache (no keras-hub import)."""
+    from imgfeat.backbones.hub import cached_hub_rows
+
+    return [r for r in cached_hub_rows() if family in (None, r["family"])]
+
+
+def hub_note(hub_rows: list[dict[str, Any]]) -> str:
+    from imgfeat.backbones.hub import kagglehub_cache
+
+    families = "; ".join(f"{k}: {v}" for k, v in hub_families().items())
+    return (f"keras-hub families ({families}). {len(hub_rows)} preset(s) cached in {kagglehub_cache()}; "
+            f"any preset name or preset directory works as --backbone")

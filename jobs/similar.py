@@ -1,4 +1,4 @@
-"""`imgfeat similar (IMAGE... | --image-id ID...) --index N`: the nearest images in an index."""
+"""`imgfeat similar (IMAGE... | --image-id ID... | --text T...) --index N`: the nearest images in an index."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ DESCRIPTION = """\
 Print the most similar images in an index ('imgfeat index') for each query: image files
 (their features are extracted into the index's featureset, cached by content, as
 'imgfeat predict FILE' does) or images already in the featureset (--image-id). A query
-never lists itself. One line per query: 'query.jpg: 0.982 a.jpg, 0.951 b.jpg, ...'.
+never lists itself. --text "a red car" ranks the images by the cosine to the text's embedding,
+for an index on a CLIP or SigLIP keras-hub featureset (the preset's tokenizer and text tower,
+at its default sequence length). One line per query: 'query.jpg: 0.982 a.jpg, 0.951 b.jpg, ...'.
 
 With --json the summary holds 'results': [{query, image_id, neighbours: [{image_id, path,
 similarity}]}], similarity being the cosine of the two feature vectors. --html PATH also
@@ -22,6 +24,7 @@ examples:
   imgfeat similar --index photos query.jpg other.png --top 5
   imgfeat similar --index photos --image-id 3fa9c2... --json
   imgfeat similar --index photos query.jpg --html similar.html
+  imgfeat similar --index photos --text "a red car" --top 20
 """
 
 
@@ -32,6 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-id", dest="image_ids", action="append", default=[], metavar="ID",
                    help="query an image already in the featureset by its image_id, or a unique prefix of "
                         "8+ hex digits (repeatable)")
+    p.add_argument("--text", dest="texts", action="append", default=[], metavar="T",
+                   help="query by words (CLIP / SigLIP featuresets; repeatable)")
     p.add_argument("--index", required=True, metavar="NAME", help="an index from 'imgfeat index'")
     p.add_argument("--top", type=ranged("top"), default=10, metavar="K", help="neighbours per query")
     p.add_argument("--featureset", default=None, metavar="FS",
@@ -43,13 +48,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
     from imgfeat.index import Index
 
-    require(bool(args.images) != bool(args.image_ids), "give image files or --image-id IDs (one of the two)")
+    require(sum(map(bool, (args.images, args.image_ids, args.texts))) == 1,
+            "give image files, --image-id IDs or --text T (one of the three)")
     html_target = _html_target(args.html) if args.html else None  # checked before any work
     index = Index.open(ctx.ws, args.index)
     if args.featureset:
         index.check_featureset(args.featureset)
-    results = (index.search_ids(args.image_ids, args.top) if args.image_ids
-               else index.search_files(args.images, args.top, run_id=ctx.run_id))
+    if args.texts:
+        results = index.search_text(args.texts, args.top)
+    else:
+        results = (index.search_ids(args.image_ids, args.top) if args.image_ids
+                   else index.search_files(args.images, args.top, run_id=ctx.run_id))
     page = _write_page(html_target, index, results, ctx.run_id) if html_target else None
     if not args.json:
         for r in results:

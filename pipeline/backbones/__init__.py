@@ -201,11 +201,17 @@ def list_backbones() -> list[BackboneSpec]:
 
 
 def get_backbone(name: str) -> BackboneSpec:
-    """The spec for ``name`` (or an alias); ConfigError with a did-you-mean otherwise."""
+    """The spec for ``name`` (or an alias), a keras-hub preset name or a preset directory
+    (imgfeat.backbones.hub); ConfigError with a did-you-mean otherwise."""
     from imgfeat.backbones.registry import by_name
 
     table = by_name()
     key = name.strip().lower() if isinstance(name, str) else name
+    if key not in table and isinstance(name, str):
+        from imgfeat.backbones.hub import hub_spec, looks_like_hub
+
+        if looks_like_hub(name):  # a keras-hub preset name or directory (imports keras-hub only here)
+            return hub_spec(name)
     if key not in table:
         raise unknown_value("backbone", str(name), table, hint="imgfeat backbones lists them")
     return table[key]

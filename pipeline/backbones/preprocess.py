@@ -35,6 +35,10 @@ MODES: dict[str, str] = {
     "efficientnet_v2": "none",
     "convnext": "none",
     "efficientnet_lite": "lite",  # (x - 127) / 128, what the Lite weights were trained with
+    # keras-hub presets (imgfeat.backbones.hub): the converter's scale and offset are in the model
+    "dinov2": "none",
+    "clip": "none",
+    "siglip": "none",
 }
 
 

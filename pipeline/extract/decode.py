@@ -59,6 +59,8 @@ INTERPOLATIONS: dict[str, Image.Resampling] = {
     "lanczos": Image.Resampling.LANCZOS,
 }
 EXIF_MODES = ("rotate", "ignore")
+CROPS = ("none", "centre")
+NO_ANTIALIAS_METHODS = ("bilinear", "bicubic")  # imgfeat.extract.resample.METHODS  # "centre": crop to the target's aspect ratio first, as keras' Resizing does
 ERROR_CODES = S.DECODE_ERROR_CODES  # the vocabulary lives in core/schemas.py; old name kept
 # Failures to read a file (not its content): transient, so the next run tries the file again.
 READ_ERROR_CODES = ("unreadable", "vanished", "not_a_file", "file_too_large")
@@ -92,6 +94,8 @@ class DecodeConfig:
     interpolation: str = "bilinear"
     fast_decode: bool = False
     exif: str = "rotate"
+    crop: str = "none"  # keras-hub converters with crop_to_aspect_ratio: "centre"
+    antialias: bool = True  # False: keras' antialias=False resize (extract/resample.py), not Pillow's
 
     def __post_init__(self) -> None:
         if len(self.size) != 2 or any(int(v) != v or v < 1 for v in self.size):
@@ -100,6 +104,8 @@ class DecodeConfig:
             raise unknown_value("interpolation", self.interpolation, INTERPOLATIONS)
         if self.exif not in EXIF_MODES:
             raise unknown_value("exif mode", self.exif, EXIF_MODES)
+        if self.crop not in CROPS:
+            raise unknown_value("crop", self.crop, CROPS)
 
 
 def decode_image(path: str | os.PathLike, cfg: DecodeConfig,
@@ -195,12 +201,35 @@ def _decode(data: bytes, cfg: DecodeConfig) -> np.ndarray:
             img = ImageOps.exif_transpose(img)
         if img.mode != "RGB":
             img = _to_rgb(img)
+        if cfg.crop == "centre":
+            img = _centre_crop(img, h, w)
+        if not cfg.antialias and img.size != (w, h) and cfg.interpolation in NO_ANTIALIAS_METHODS:
+            return _resized_no_antialias(img, (h, w), cfg.interpolation)
         if img.size != (w, h):
             img = img.resize((w, h), INTERPOLATIONS[cfg.interpolation])
         arr = np.asarray(img, dtype=np.uint8)
     if arr.shape != (h, w, 3):  # never hand back a silently wrong array
         raise DecodeError("unsupported_mode", f"decoded to shape {arr.shape}, expected {(h, w, 3)}")
     return arr
+
+
+def _resized_no_antialias(img: Image.Image, size: tuple[int, int], method: str) -> np.ndarray:
+    from imgfeat.extract.resample import resize_no_antialias
+
+    return resize_no_antialias(np.asarray(img, dtype=np.uint8), size, method)
+
+
+def _centre_crop(img: Image.Image, h: int, w: int) -> Image.Image:
+    """The largest centred box of the target's aspect ratio, computed as keras.ops.image.resize's
+    crop_to_aspect_ratio does (float32 products, truncated), so the same pixels are kept."""
+    width, height = img.size
+    crop_h = max(min(height, int(np.float32(width * h) / np.float32(w))), 1)
+    crop_w = max(min(width, int(np.float32(height * w) / np.float32(h))), 1)
+    top = int(np.float32(height - crop_h) / np.float32(2))
+    left = int(np.float32(width - crop_w) / np.float32(2))
+    if (crop_w, crop_h) == (width, height):
+        return img
+    return img.crop((left, top, left + crop_w, top + crop_h))
 
 
 def _check_pixels(img: Image.Image) -> None:

@@ -84,11 +84,13 @@ class ExtractConfig:
 
     def __post_init__(self) -> None:
         from imgfeat.backbones import POOLINGS, get_backbone
+        from imgfeat.backbones.hub import EMBEDDINGS
 
         get_backbone(self.backbone)
         check_fields(self)  # batch, shard and file sizes, workers, seed: the ranges of their flags and keys
         for kind, value, allowed in (
-            ("pooling", self.pooling, POOLINGS),
+            # a keras-hub backbone's embedding (cls, proj, pool) passes; the message names avg and max
+            ("pooling", self.pooling, EMBEDDINGS if self.pooling in EMBEDDINGS else POOLINGS),
             ("precision", self.precision, PRECISIONS),
             ("storage dtype", self.dtype, S.STORAGE_DTYPES),
             ("interpolation", self.interpolation, INTERPOLATIONS),
@@ -113,7 +115,9 @@ class ExtractConfig:
     def from_provenance(cls, prov: Provenance, dataset: str = "files") -> "ExtractConfig":
         """The config that made a featureset, rebuilt from its provenance (``imgfeat predict IMAGE``)."""
         r, src = prov.recipe, prov.source
-        return cls(dataset=dataset, backbone=r.backbone, weights=src.build_arg(), pooling=r.pooling,
+        # A preset directory is found again by its path; a preset name through the cache.
+        backbone = src.path if src.kind == "preset" and r.backbone.startswith("preset_") else r.backbone
+        return cls(dataset=dataset, backbone=backbone, weights=src.build_arg(), pooling=r.pooling,
                    layer=r.layer, input_size=r.input_size, precision=r.precision, dtype=r.dtype,
                    interpolation=r.interpolation, fast_decode=r.fast_decode, exif=r.exif, seed=src.seed,
                    decode=decode_mode_of(r.decoder))

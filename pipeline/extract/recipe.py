@@ -21,6 +21,9 @@ if TYPE_CHECKING:
     from imgfeat.backbones.weights import WeightsRef
 
 DEFAULT_DECODER = "pillow"
+DEFAULT_CROP = "none"
+# Fields added after featuresets existed: left out of the hash at their default, so old names hold.
+OPTIONAL_FIELDS = {"decoder": DEFAULT_DECODER, "crop": DEFAULT_CROP, "antialias": True}
 _UNSAFE = re.compile(r"[^A-Za-z0-9._]+")
 SHA_PREFIX = "sha256:"
 NONE_PREFIX = "none:"
@@ -77,14 +80,17 @@ class Recipe:
     precision: str
     dtype: str  # storage dtype
     decoder: str = DEFAULT_DECODER  # what decodes and resizes: Pillow, or nvImageCodec + a device resize
+    crop: str = DEFAULT_CROP  # "centre" for keras-hub converters that crop to the aspect ratio
+    antialias: bool = True  # False: resized as keras' antialias=False resize (keras-hub converters)
 
     def canonical(self) -> dict[str, Any]:
-        """The hashed form: every field, the weights as their identity string. The default decoder
-        is left out, so every featureset made before the field existed keeps its name."""
+        """The hashed form: every field, the weights as their identity string. A later field at its
+        default (OPTIONAL_FIELDS) is left out, so every featureset made before it existed keeps its name."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["weights"] = self.weights.identity()
-        if out["decoder"] == DEFAULT_DECODER:
-            del out["decoder"]
+        for key, default in OPTIONAL_FIELDS.items():
+            if out[key] == default:
+                del out[key]
         return out
 
     def fingerprint(self) -> str:
@@ -97,12 +103,13 @@ class Recipe:
 
     def decode_config(self) -> DecodeConfig:
         size = self.input_size
-        return DecodeConfig((size, size), self.interpolation, self.fast_decode, self.exif)
+        return DecodeConfig((size, size), self.interpolation, self.fast_decode, self.exif, self.crop,
+                            self.antialias)
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> "Recipe":
-        kw = {f.name: obj[f.name] for f in dataclasses.fields(cls) if f.name != "decoder"}
-        kw["decoder"] = obj.get("decoder", DEFAULT_DECODER)
+        kw = {f.name: obj[f.name] for f in dataclasses.fields(cls) if f.name not in OPTIONAL_FIELDS}
+        kw.update({key: obj.get(key, default) for key, default in OPTIONAL_FIELDS.items()})
         kw["weights"] = WeightsId.parse(str(obj["weights"]))
         return cls(**kw)
 
@@ -111,7 +118,7 @@ class Recipe:
 class WeightsSource:
     """How to build the weights (not their identity): imagenet, none (seeded) or a file path."""
 
-    kind: str  # "imagenet" | "none" | "file"
+    kind: str  # "imagenet" | "none" | "file" | "preset" (a keras-hub preset's own; path: its directory)
     path: str | None
     seed: int
 
@@ -174,7 +181,7 @@ class Provenance:
         try:
             recipe = Recipe.from_json(obj)
             kind = obj.get("weights_kind") or ("none" if recipe.weights.sha256 is None else "file")
-            path = obj.get("weights_source") if kind == "file" else None
+            path = obj.get("weights_source") if kind in ("file", "preset") else None
             source = WeightsSource(kind, path, int(obj.get("seed", 0)))
             return cls(recipe, source, int(obj["dim"]), obj.get("keras_version"), obj.get("backend"),
                        obj.get("created_at"), str(obj["featureset"]))
@@ -194,6 +201,10 @@ def resolve_recipe(cfg: Any) -> Resolved:
     from imgfeat.extract.batches import decoder_of
 
     spec = get_backbone(cfg.backbone)
+    if getattr(spec, "preset_dir", None):
+        from imgfeat.backbones.hub_recipe import resolve_hub_recipe
+
+        return resolve_hub_recipe(cfg, spec)
     size = spec.check_input_size(cfg.input_size)
     ref = resolve_weights(spec, cfg.weights, size)
     weights = WeightsId.of(ref, cfg.seed)

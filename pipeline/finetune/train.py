@@ -156,6 +156,9 @@ def run_finetune(ws: Workspace, cfg: FinetuneConfig, run_id: str) -> FinetuneSum
     if cfg.warm_start_head is not None:  # the version, not the name, is part of the fine-tune's identity
         cfg = replace(cfg, warm_start_head=resolve_head(ws, cfg.warm_start_head))
     spec = get_backbone(cfg.backbone)
+    if getattr(spec, "preset_dir", None):
+        raise ConfigError(f"finetune takes keras.applications backbones; {spec.name} is a keras-hub preset "
+                          f"(extract its features and train a head on them instead)")
     if cfg.unfreeze_from is None:
         family_pattern(spec)  # a family without named blocks fails here, before any work
     size = spec.check_input_size(cfg.input_size)

@@ -34,7 +34,8 @@ METRICS_FILE = "metrics.json"
 ROWS_FILE = "rows.parquet"  # the exact train/test ids and labels the head saw
 CURVES_FILE = "training_curves.png"
 # skops for scikit-learn heads, .keras (safe_mode) for the dense net; joblib only in old heads.
-MODEL_FILES = {"skops": "model.skops", "keras": "model.keras", "joblib": "model.joblib"}
+MODEL_FILES = {"skops": "model.skops", "keras": "model.keras", "joblib": "model.joblib",
+               "npz": "model.npz"}  # npz: a zero-shot head's prompt embeddings (heads/zeroshot.py)
 # The types a skops head may hold beyond skops' own default-trusted ones (numpy, scikit-learn's
 # public estimators): the calibrated SVM's private pieces. Anything else in a file is refused.
 SKOPS_TRUSTED = (
@@ -131,7 +132,10 @@ def model_bytes(estimator: Any) -> tuple[str, bytes]:
     import skops.io
 
     from imgfeat.heads.estimators import KerasMLPClassifier  # scikit-learn: only where a model is handled
+    from imgfeat.heads.zeroshot import ZeroShotClassifier
 
+    if isinstance(estimator, ZeroShotClassifier):
+        return "npz", estimator.to_bytes()
     if isinstance(estimator, KerasMLPClassifier):
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / MODEL_FILES["keras"]
@@ -206,6 +210,8 @@ def _deserialise(meta: dict[str, Any], blob: bytes) -> Any:
         log.warning("loading head %s from a joblib pickle (--trust-pickle): loading a pickle can run code",
                     meta["head_id"])
         return joblib.load(io.BytesIO(blob))
+    if fmt == "npz":
+        return _load_npz(meta, blob)
     if fmt != "keras":
         raise ImgfeatError(f"head {meta['head_id']}: unknown model format {fmt!r} in head.json")
     return _load_keras(meta, blob)
@@ -224,6 +230,16 @@ def _load_keras(meta: dict[str, Any], blob: bytes) -> Any:
                 f"refusing to load head {meta['head_id']}: its model.keras cannot be loaded in safe mode "
                 f"({type(exc).__name__}: {str(exc)[:200]}); delete the head and run 'imgfeat train' again"
             ) from exc
+
+
+def _load_npz(meta: dict[str, Any], blob: bytes) -> Any:
+    from imgfeat.heads.zeroshot import ZeroShotClassifier
+
+    try:
+        return ZeroShotClassifier.from_bytes(blob, meta["classes"])  # allow_pickle=False: plain arrays only
+    except Exception as exc:
+        raise ImgfeatError(f"head {meta['head_id']}: cannot read its model.npz: {type(exc).__name__}: {exc}; "
+                           "delete the head and run 'imgfeat train' again") from exc
 
 
 def _load_skops(meta: dict[str, Any], blob: bytes) -> Any:

@@ -13,6 +13,7 @@ from imgfeat.extract.featureset import featureset_info
 from imgfeat.heads import artifacts as A
 from imgfeat.core import names as N
 from imgfeat.heads.data import LEFT_OUT_JSON_MAX, LabelledRows, canonical_json, read_labelled
+from imgfeat.heads.zeroshot import DEFAULT_PROMPT, ZERO_SHOT, check_prompt
 from imgfeat.heads.versions import default_head_name, resolve_featureset
 from imgfeat.core.ranges import C_GRID_MAX, RANGES, check_fields
 from imgfeat.core.storage import WAIT_HINT, FileLock
@@ -34,6 +35,7 @@ _KIND_PARAMS = {
     "mlp": ("epochs", "hidden", "dropout", "batch_size", "learning_rate", "patience"),
 }
 _KIND_PARAMS["auto"] = tuple(dict.fromkeys(p for ps in _KIND_PARAMS.values() for p in ps))
+_KIND_PARAMS[ZERO_SHOT] = ("prompt",)  # after "auto": an auto head's id must not change
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class TrainConfig:
     patience: int = 5
     n_jobs: int | None = None  # parallel CV fits for logreg/svm; None: by data size and cores
     wait: float | None = None  # seconds to wait for another trainer of the same head (not a param)
+    prompt: str = DEFAULT_PROMPT  # zero-shot only: each class's text, "{label}" standing for its name
 
     def __post_init__(self) -> None:
         check_name("dataset", self.dataset)
@@ -68,8 +71,10 @@ class TrainConfig:
             check_name("head", self.name)
         if self.c_grid is not None:
             object.__setattr__(self, "c_grid", check_c_grid(self.c_grid))
-        if self.head not in HEAD_KINDS:
-            raise unknown_value("head", self.head, HEAD_KINDS)
+        if self.head not in (*HEAD_KINDS, ZERO_SHOT):
+            raise unknown_value("head", self.head, (*HEAD_KINDS, ZERO_SHOT))
+        if self.head == ZERO_SHOT:
+            check_prompt(self.prompt)
         if self.kernel not in SVM_KERNELS:
             raise unknown_value("kernel", self.kernel, SVM_KERNELS)
         if self.class_weight not in (None, *CLASS_WEIGHTS):

@@ -120,6 +120,14 @@ class Index:
         return [QueryResult(q, qid, self._neighbours(s, r, qid, k))
                 for q, qid, s, r in zip(labels, query_ids, sims, rows)]
 
+    def search_text(self, texts: Sequence[str], k: int = 10) -> list[QueryResult]:
+        """Images ranked by cosine to each text, embedded by the featureset's preset text tower
+        (CLIP, SigLIP); ConfigError on a featureset without one."""
+        from imgfeat.index.text import embed_texts
+
+        self._check_k(k)
+        return self.search_vectors(embed_texts(self.ws, self.featureset, texts), k, labels=list(texts))
+
     def search_ids(self, image_ids: Sequence[str], k: int = 10) -> list[QueryResult]:
         """Neighbours of images already in the featureset, by image id or a unique prefix (8+ hex digits)."""
         asked = list(image_ids)

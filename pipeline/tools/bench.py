@@ -44,7 +44,10 @@ class BenchConfig:
     def __post_init__(self) -> None:
         from imgfeat.backbones import get_backbone
 
-        get_backbone(self.backbone)
+        spec = get_backbone(self.backbone)
+        if getattr(spec, "preset_dir", None) and "tutorial" in self.paths:
+            # keras.applications' tutorial path has no keras-hub counterpart to time
+            object.__setattr__(self, "paths", tuple(p for p in self.paths if p != "tutorial"))
         if not Path(self.images).is_dir():
             raise ConfigError(f"--images {str(self.images)!r} is not a folder")
         from imgfeat.extract.batches import DECODE_MODES
@@ -203,8 +206,13 @@ def input_main(spec: dict[str, Any]) -> None:
     from imgfeat.extract.executors.local import decoded_batches, default_workers
     from imgfeat.extract.extract import DoneSets, Tally, walk_manifest
 
-    size = spec["input_size"] or get_backbone(spec["backbone"]).input_size
-    inputs = InputSpec(DecodeConfig((size, size), fast_decode=spec["fast_decode"]), spec["batch_size"],
+    backbone = get_backbone(spec["backbone"])
+    size = backbone.check_input_size(spec["input_size"])
+    # a keras-hub preset's converter decides the crop and the interpolation, as in extract
+    conv = getattr(backbone, "converter", None)
+    crop, interp, aa = (conv.crop, conv.interpolation, conv.antialias) if conv else ("none", "bilinear", True)
+    inputs = InputSpec(DecodeConfig((size, size), interp, spec["fast_decode"], crop=crop, antialias=aa),
+                       spec["batch_size"],
                        decode=spec["decode"])
     items = walk_manifest(Workspace(Path(spec["workspace"])), BENCH_DATASET, DoneSets(set(), set(), set()),
                           Tally(), "bench")

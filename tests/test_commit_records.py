@@ -120,6 +120,7 @@ def test_an_edited_shard_is_left_out_then_set_aside_and_extracted_again(copy, ca
 
     out = run_extract(ws, cfg(), "r2")
     assert out["extracted"] == len(lost) and out["reused"] == N - len(lost)
+    assert out["commit_records"] == {"recorded": 0, "adopted": 0, "set_aside": 1}
     assert (rejected_dir(ws.featureset_dir(fs)) / first.name).is_file()  # moved aside, not deleted
     raw = pd.read_parquet(ws.featureset_dir(fs))  # a raw reader: exactly the featureset's rows
     assert sorted(raw.image_id) == sorted(genuine)
@@ -142,6 +143,7 @@ def test_a_shard_left_unrecorded_by_a_crash_is_adopted_and_a_planted_copy_set_as
 
     out = run_extract(ws, cfg(), "r2")
     assert out["extracted"] == 0 and out["reused"] == N  # adopted: nothing extracted again
+    assert out["commit_records"] == {"recorded": 0, "adopted": 1, "set_aside": 1}
     assert record_path(shards[1]).is_file() and not plant.exists()
     assert (rejected_dir(ws.featureset_dir(fs)) / plant.name).is_file()
     assert sorted(pd.read_parquet(ws.featureset_dir(fs)).image_id) == sorted(genuine)
@@ -160,7 +162,7 @@ def test_a_featureset_written_before_records_reads_with_a_warning_and_is_recorde
     assert "written before commit records existed" in warnings_of(caplog)
 
     out = run_extract(ws, cfg(), "r2")
-    assert out["extracted"] == 0
+    assert out["extracted"] == 0 and out["commit_records"] == {"recorded": 3, "adopted": 0, "set_aside": 0}
     shards = list_shards(ws.featureset_dir(fs))
     assert len(shards) == 3 and all(record_path(p).is_file() for p in shards)
     rec = json.loads(record_path(shards[0]).read_text())

@@ -182,14 +182,15 @@ def errored_ids(ws: Workspace, featureset: str) -> set[str]:
     return set(column_values(error_shards(ws, featureset), S.IMAGE_ID)) - committed_ids(ws, featureset)
 
 
-def migrate_layout(ws: Workspace, featureset: str) -> None:
+def migrate_layout(ws: Workspace, featureset: str) -> dict[str, int]:
     """Bring a featureset of an older layout up to date (call with its lock held): provenance from
     ``<fs>/_featureset.json``, error shards from ``<fs>/errors/`` and sidecars from ``<fs>/`` to their
-    places beside the folder, the old lock file out; and drop sidecars whose shard is gone (a
+    places beside the folder, the old lock file out; every shard recorded, adopted or set aside
+    (``reconcile_commits``; returns how many of each); and drop sidecars whose shard is gone (a
     sidecar never survives without its shard)."""
     dirs = FeaturesetDirs.of(ws, featureset)
     if not dirs.features.is_dir():
-        return
+        return {}
     moved = _move_provenance(ws, featureset)
     old = dirs.features / OLD_ERRORS_DIR
     moved += _move_all(list(old.iterdir()) if old.is_dir() else [], dirs.errors)
@@ -199,13 +200,14 @@ def migrate_layout(ws: Workspace, featureset: str) -> None:
     (dirs.features / OLD_LOCK).unlink(missing_ok=True)
     if moved:
         log.info("moved %d side file(s) of featureset %s out of its folder", moved, featureset)
-    reconcile_commits(ws, featureset)
+    repaired = reconcile_commits(ws, featureset)
     if dirs.npy.is_dir():
         shards = {sidecar_name(p.name) for p in list_shards(dirs.features)}
         for p in dirs.npy.glob("part-*.npy"):
             if p.name not in shards:
                 log.warning("removing %s: its shard was never committed", p)
                 p.unlink()
+    return {k: sum(len(getattr(r, k)) for r in repaired) for k in ("recorded", "adopted", "set_aside")}
 
 
 def reconcile_commits(ws: Workspace, featureset: str) -> tuple[Reconciled, Reconciled]:

@@ -267,3 +267,20 @@ def test_non_finite_rows_already_in_a_shard_are_left_out_by_every_reader(copy, c
     ids, X = load_features(ws, fs)
     assert set(ids) == set(genuine) and np.isfinite(X).all()
     assert committed_ids(ws, fs) == set(genuine)
+
+
+@pytest.mark.quick
+def test_finite_rows_finds_nan_and_inf_and_keeps_huge_finite_values():
+    """The one vectorised check every reader and the writer use (a float64 row sum)."""
+    from imgfeat.extract.featureset import finite_rows
+    from imgfeat.extract.shards import refuse_non_finite
+
+    X = np.ones((5, 1280), dtype=np.float32)
+    X[0] = np.finfo(np.float32).max  # finite: the float64 sum must not overflow into inf
+    X[1, 5], X[2, 0], X[3, -1] = np.nan, np.inf, -np.inf
+    feature = pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1)), 1280)
+    assert finite_rows(feature).tolist() == [True, False, False, False, True]
+    ids, kept, errors = refuse_non_finite(list("abcde"), X, "r1")
+    assert ids == ["a", "e"] and kept.shape == (2, 1280)
+    assert [(e[S.IMAGE_ID], e[S.STAGE], e[S.ERROR_CODE]) for e in errors] == [
+        (i, S.STAGE_MODEL, S.ERROR_NON_FINITE) for i in "bcd"]

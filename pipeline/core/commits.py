@@ -1,5 +1,5 @@
 """Commit records: which shards of a table folder count. Each committed shard has a record (its name,
-rows, bytes, a checksum of its footer and of its whole file) written after the shard, under a hidden
+rows, bytes, sha256 of its footer and of its whole file) written after the shard, under a hidden
 side folder that raw readers never see; our readers trust only recorded shards that still match.
 
 Layout: the record of ``<table>/<folder>/part-X.parquet`` is ``<table>/.commits/<folder>/part-X.parquet.json``
@@ -26,7 +26,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from imgfeat.core.hashing import content_id
+from imgfeat.core.hashing import sha256_bytes
 from imgfeat.core.storage import TMP_SUFFIX, atomic_path, list_shards, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -54,15 +54,15 @@ def record_path(shard: Path) -> Path:
 
 @dataclass(frozen=True)
 class ShardRecord:
-    """What a committed shard was: ``footer`` and ``checksum`` are BLAKE2b-128 of its Parquet footer and
-    of the whole file; ``nonfinite`` counts feature rows holding NaN or inf (only shards written
+    """What a committed shard was: ``footer_sha256`` and ``sha256`` digest its Parquet footer and the
+    whole file; ``nonfinite`` counts feature rows holding NaN or inf (only shards written
     before extract refused them can have any)."""
 
     name: str
     rows: int
     bytes: int
-    footer: str
-    checksum: str
+    footer_sha256: str
+    sha256: str
     nonfinite: int = 0
     format: int = field(default=RECORD_FORMAT)
 
@@ -74,7 +74,7 @@ class ShardRecord:
         """None for anything that is not a record of this format (a damaged record trusts nothing)."""
         if not isinstance(obj, dict) or obj.get("format") != RECORD_FORMAT:
             return None
-        types = {"name": str, "rows": int, "bytes": int, "footer": str, "checksum": str, "nonfinite": int}
+        types = {"name": str, "rows": int, "bytes": int, "footer_sha256": str, "sha256": str, "nonfinite": int}
         if set(obj) != set(types) | {"format"} or not all(
                 type(obj[k]) is t for k, t in types.items()):  # noqa: E721 (bool is not an int here)
             return None
@@ -83,7 +83,7 @@ class ShardRecord:
 
 def describe(data: memoryview | bytes, name: str, rows: int, nonfinite: int = 0) -> ShardRecord:
     """The record of a shard whose bytes are ``data``."""
-    return ShardRecord(name, rows, len(data), content_id(footer_bytes(data)), content_id(data), nonfinite)
+    return ShardRecord(name, rows, len(data), sha256_bytes(footer_bytes(data)), sha256_bytes(data), nonfinite)
 
 
 def footer_bytes(data: memoryview | bytes) -> bytes:
@@ -170,7 +170,7 @@ def matches(shard: Path, record: ShardRecord | None) -> bool:
         size, footer = _file_footer(shard)
     except (OSError, ValueError):
         return False
-    return size == record.bytes and content_id(footer) == record.footer
+    return size == record.bytes and sha256_bytes(footer) == record.footer_sha256
 
 
 def list_committed(folder: Path, what: str = "") -> Committed:
@@ -201,7 +201,7 @@ def open_verified(shard: Path, what: str = "") -> pq.ParquetFile | None:
     data = shard.read_bytes()
     if commits_dir(shard.parent).is_dir():
         rec = read_record(shard)
-        if rec is None or len(data) != rec.bytes or content_id(data) != rec.checksum:
+        if rec is None or len(data) != rec.bytes or sha256_bytes(data) != rec.sha256:
             warn_once(f"ignoring {shard.name} of {what or shard.parent}: its data no longer matches its "
                       "commit record (changed after it was committed)", str(shard), "data")
             return None

@@ -49,7 +49,7 @@ def refuse_non_finite(ids: Sequence[str], X: np.ndarray, run_id: str,
     """Split a batch's features into finite rows and error rows (``non_finite_feature``): a NaN or
     inf feature is the model's failure on that image, never a row readers would have to guess about."""
     X = np.asarray(X)
-    ok = np.isfinite(X).all(axis=1) if X.ndim == 2 and len(X) else np.ones(len(ids), dtype=bool)
+    ok = np.isfinite(X.sum(axis=1, dtype=np.float64)) if X.ndim == 2 and len(X) else np.ones(len(ids), dtype=bool)
     if ok.all():
         return list(ids), X, []
     bad = np.flatnonzero(~ok)

@@ -104,9 +104,12 @@ def open_shard(featureset: str, shard: Path) -> pq.ParquetFile | None:
 
 def finite_rows(feature: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """A boolean mask of the rows whose feature is all finite (vectorised, no Python loop)."""
-    arr = feature.combine_chunks() if isinstance(feature, pa.ChunkedArray) else feature
-    if len(arr) == 0:
-        return np.ones(0, dtype=bool)
+    chunks = feature.chunks if isinstance(feature, pa.ChunkedArray) else [feature]
+    masks = [_finite_chunk(c) for c in chunks if len(c)]  # per chunk: no copy of the values
+    return np.concatenate(masks) if masks else np.ones(0, dtype=bool)
+
+
+def _finite_chunk(arr: pa.FixedSizeListArray) -> np.ndarray:
     values = arr.flatten().to_numpy(zero_copy_only=False).reshape(len(arr), -1)
     # A row's float64 sum is finite exactly when every value is (NaN and inf propagate; float16/32
     # values cannot overflow a float64 sum): 2.4x faster than isfinite().all() and no n x dim mask.

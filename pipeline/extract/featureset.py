@@ -220,6 +220,8 @@ def reconcile_commits(ws: Workspace, featureset: str) -> tuple[Reconciled, Recon
     that carry the provenance are recorded, a dead run's unrecorded shards adopted when they verify,
     anything else moved to ``.rejected/`` (``core/commits.reconcile``)."""
     dirs = FeaturesetDirs.of(ws, featureset)
+    if not provenance_path(ws, featureset).is_file():  # nothing can verify against it: the writer
+        return Reconciled(), Reconciled()              # writes it first, then records as it goes
     info = featureset_info(ws, featureset)
     want = (info.get("featureset"), info.get("fingerprint"))
 

@@ -122,11 +122,12 @@ def commit_shard(table: pa.Table, final: Path, nonfinite: int = 0, after: Callab
     next writer adopts or sets aside (``reconcile``). Every shard writer goes through here."""
     final = Path(final)
     parquet_options.setdefault("compression", "zstd")
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, **parquet_options)
-    data = memoryview(sink.getvalue())
-    with atomic_path(final) as tmp, open(tmp, "wb") as fh:  # hashed from memory: no read-back
-        fh.write(data)
+    with atomic_path(final) as tmp:  # any OSError on the way is a clear error naming the shard
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, **parquet_options)
+        data = memoryview(sink.getvalue())  # hashed from memory below: no read-back
+        with open(tmp, "wb") as fh:
+            fh.write(data)
     if after is not None:
         after()
     record = describe(data, final.name, table.num_rows, nonfinite)

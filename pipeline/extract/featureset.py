@@ -1,4 +1,4 @@
-"""Reading featuresets: provenance, shards that carry it, committed ids, feature matrices; the layout migration."""
+"""Reading featuresets: provenance, the shards readers trust, committed ids, feature matrices; the layout migration."""
 
 from __future__ import annotations
 

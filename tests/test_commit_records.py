@@ -23,6 +23,7 @@ from imgfeat.core.workspace import Workspace
 from imgfeat.extract.featureset import committed_ids, load_features, read_errors
 from imgfeat.scan.scan import ScanConfig, run_scan
 
+from test_decode import hang_guard
 from tiny_images import write_noise_images
 
 BACKBONE, SIZE, N = "mobilenet_v2", 32, 18
@@ -85,7 +86,6 @@ def warnings_of(caplog) -> str:
     return "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
 
 
-@pytest.mark.quick
 def test_a_planted_copy_of_a_shard_is_left_out_and_named_by_every_reader(copy, caplog):
     """F24: before, the copy (sorted first) replaced 6 genuine rows with 0.5s, with no warning."""
     import imgfeat
@@ -287,3 +287,24 @@ def test_finite_rows_finds_nan_and_inf_and_keeps_huge_finite_values():
     assert ids == ["a", "e"] and kept.shape == (2, 1280)
     assert [(e[S.IMAGE_ID], e[S.STAGE], e[S.ERROR_CODE]) for e in errors] == [
         (i, S.STAGE_MODEL, S.ERROR_NON_FINITE) for i in "bcd"]
+
+
+def test_a_fifo_or_a_link_named_like_a_shard_never_blocks_or_is_followed(copy, tmp_path, caplog):
+    """Listing opens shards without following links and without blocking: a FIFO named like a shard
+    is left out at once (before, reading its footer would wait for a writer for ever)."""
+    import os
+
+    from imgfeat.extract.featureset import reconcile_commits
+
+    ws, fs, genuine = copy
+    folder = ws.featureset_dir(fs)
+    os.mkfifo(folder / "part-0000.parquet")
+    (folder / "part-0001.parquet").symlink_to(list_shards(folder)[-1])
+    caplog.set_level(logging.WARNING)
+    with hang_guard(60):
+        same_as_genuine(*load_features(ws, fs), genuine)
+        assert "part-0000.parquet" in warnings_of(caplog) and "part-0001.parquet" in warnings_of(caplog)
+        features, _ = reconcile_commits(ws, fs)  # what the next writer does under the lock
+    assert sorted(features.set_aside) == ["part-0000.parquet", "part-0001.parquet"]
+    assert sorted(os.listdir(rejected_dir(folder))) == ["part-0000.parquet", "part-0001.parquet"]
+    same_as_genuine(*load_features(ws, fs), genuine)

@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import os
+import stat
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -99,8 +100,13 @@ def footer_bytes(data: memoryview | bytes) -> bytes:
 
 
 def _file_footer(path: Path) -> tuple[int, bytes]:
-    with open(path, "rb") as fh:
-        size = os.fstat(fh.fileno()).st_size
+    # Never through a link, never blocking: a FIFO or a link named like a shard is not one of ours.
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError("not a regular file")
+        size = st.st_size
         fh.seek(max(0, size - 8))
         tail = fh.read(8)
         if len(tail) < 8 or tail[4:] != _PARQUET_MAGIC:
@@ -268,7 +274,7 @@ def reconcile(folder: Path, inspect: Callable[[Path], Adoptable | str],
         pending.append(p)
     known: set | None = None
     for p in pending:
-        found = _inspect(p, inspect)
+        found = _inspect(p, inspect) if _regular(p) else "it is not a regular file"
         if isinstance(found, str):
             _set_aside(p, out, what, found)
             continue
@@ -295,6 +301,13 @@ def reconcile(folder: Path, inspect: Callable[[Path], Adoptable | str],
         log.info("adopted %d complete shard(s) of %s that an interrupted run left unrecorded: %s",
                  len(out.adopted), what or folder, ", ".join(out.adopted))
     return out
+
+
+def _regular(p: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(p).st_mode)
+    except OSError:
+        return False
 
 
 def _inspect(p: Path, inspect: Callable[[Path], Adoptable | str]) -> Adoptable | str:

@@ -163,11 +163,11 @@ class Featureset:
         return load_features(self.workspace, self.name, ids, dtype)
 
     def to_arrow(self) -> pa.Table:
-        """``image_id``, ``feature`` (fixed-size list) as stored, every committed shard."""
-        from imgfeat.core.storage import read_shards
-        from imgfeat.extract.featureset import feature_shards
+        """``image_id``, ``feature`` (fixed-size list) as stored, every committed shard (rows holding
+        NaN or inf left out, with a warning)."""
+        from imgfeat.extract.featureset import read_feature_table
 
-        table = read_shards(feature_shards(self.workspace, self.name), [S.IMAGE_ID, S.FEATURE])
+        table = read_feature_table(self.workspace, self.name)
         if table is None:
             dim = int(self.info.get("dim", 0))
             return S.features_schema(dim, self.info.get("dtype", "float16")).empty_table()

@@ -50,7 +50,10 @@ def test_a_corrupt_manifest_exits_1_naming_it_from_the_cli(ws, tmp_path, capsys)
     assert code == 1 and str(ws.manifest_path("d")) in out["error"] and "Traceback" not in captured.err
 
 
-def test_a_corrupt_shard_or_provenance_names_the_file(ws):
+def test_a_corrupt_shard_or_provenance_names_the_file(ws, caplog):
+    import shutil
+
+    from imgfeat.core.commits import commits_dir
     from imgfeat.extract.featureset import committed_ids, featureset_info
     from synthetic import BlobSpec, write_blob_dataset
 
@@ -58,6 +61,9 @@ def test_a_corrupt_shard_or_provenance_names_the_file(ws):
     folder = ws.featureset_dir("fs")
     shard = sorted(folder.glob("part-*.parquet"))[0]
     shard.write_bytes(GARBAGE)
+    # It no longer matches its commit record: left out, and named (the next extract sets it aside).
+    assert len(committed_ids(ws, "fs")) == 0 and shard.name in caplog.text
+    shutil.rmtree(commits_dir(folder))  # a featureset written before records: read unchecked
     with pytest.raises(ImgfeatError) as err:
         committed_ids(ws, "fs")
     assert str(shard) in str(err.value) and "delete it" in str(err.value)

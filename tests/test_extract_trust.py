@@ -175,13 +175,14 @@ KILL_BEFORE_SHARD = textwrap.dedent("""
     import numpy as np
     sys.path.insert(0, {tests!r})
     from synthetic import synthetic_provenance
+    from imgfeat.core import commits
     from imgfeat.extract import shards
-    real = shards.write_table_atomic
-    def killed(table, final, **kw):
-        if {after}:
-            real(table, final, **kw)
+    def killed(*args, **kw):
         os._exit(9)  # SIGKILL-like: no except, no finally
-    shards.write_table_atomic = killed
+    if {after}:  # killed after the shard (and its sidecar), before its commit record
+        commits.write_record = killed
+    else:  # killed before the shard is written
+        commits.pq.write_table = killed
     prov = synthetic_provenance("fs", 4, "float32")
     base = __import__("pathlib").Path({folder!r})
     dirs = shards.FeaturesetDirs(base / "features", base / "errors", base / "npy")

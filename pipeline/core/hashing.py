@@ -1,4 +1,4 @@
-"""Hashing in one place: file digests (sha256, md5), the BLAKE2b-128 content id, canonical JSON."""
+"""Hashing in one place: file and byte digests (sha256, md5), the BLAKE2b-128 content id, canonical JSON."""
 
 from __future__ import annotations
 
@@ -45,6 +45,11 @@ def file_sha256(path: str | Path) -> str:
 def canonical_json(obj: Any, separators: tuple[str, str] = COMPACT) -> str:
     """JSON with sorted keys and fixed separators: the same object always gives the same text."""
     return json.dumps(obj, sort_keys=True, separators=separators, default=str)
+
+
+def sha256_bytes(data: bytes | memoryview) -> str:
+    """sha256 hex of bytes in memory (the fastest digest here: ~2.5x BLAKE2b on CPUs with SHA extensions)."""
+    return hashlib.sha256(data).hexdigest()
 
 
 def sha256_text(text: str) -> str:

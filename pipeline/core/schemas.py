@@ -81,6 +81,10 @@ DECODE_ERROR_CODES = (
 # --- the errors table's stage column: where an image failed ---
 STAGE_SCAN = "scan"
 STAGE_DECODE = "decode"
+STAGE_MODEL = "model"  # the model ran but its output cannot be stored (final, like decode)
+
+# --- per-image error codes of the model stage ---
+ERROR_NON_FINITE = "non_finite_feature"  # a NaN or inf in the image's feature: refused at extract
 
 # --- split names ---
 SPLIT_TRAIN = "train"

@@ -198,6 +198,9 @@ class ExtractSummary:
     seconds: float
     executor: str = "local"
     executor_info: dict[str, Any] = field(default_factory=dict)
+    # Shards this run's writer set right before planning: legacy ones recorded, a dead run's adopted,
+    # strays or changed ones set aside (see core/commits.py).
+    commit_records: dict[str, int] = field(default_factory=dict)
 
     @property
     def error_rate(self) -> float:
@@ -226,6 +229,7 @@ class ExtractSummary:
             "loop_seconds": round(s.loop_seconds, 3), "shards": self.shards, "batch_size": self.batch_size,
             "seconds": self.seconds, "images_per_s": self.images_per_s,
             "images_per_s_loop": self.images_per_s_loop,
+            "commit_records": {k: self.commit_records.get(k, 0) for k in ("recorded", "adopted", "set_aside")},
         }
         if self.executor != "local":
             out.update(self.executor_info, executor=self.executor)
@@ -262,6 +266,7 @@ class DoneSets:
     features: set[str]
     errors: set[str]
     error_paths: set[str]
+    repaired: dict[str, int] = field(default_factory=dict)  # shards the opening writer recorded, adopted, set aside
 
     @classmethod
     def read(cls, ws: Workspace, fs: str) -> "DoneSets":
@@ -281,11 +286,13 @@ def open_featureset(ws: Workspace, fs: str, wait: float | None) -> Iterator[Done
     """Hold the featureset's writer lock (under the workspace's ``.locks/``), bring an old layout
     up to date, clear a crashed writer's ``.tmp`` files, and yield what is already done."""
     with FileLock(ws.featureset_lock(fs), what=f"featureset {fs}", wait=wait, hint=WAIT_HINT):
-        migrate_layout(ws, fs)
+        repaired = migrate_layout(ws, fs)
         stale = sum(remove_stale_tmp(d) for d in FeaturesetDirs.of(ws, fs).all())
         if stale:
             log.info("removed %d temporary file(s) left by an interrupted run", stale)
-        yield DoneSets.read(ws, fs)
+        done = DoneSets.read(ws, fs)
+        done.repaired = repaired
+        yield done
 
 
 def walk_manifest(ws: Workspace, dataset: str, done: DoneSets, tally: Tally, run_id: str,
@@ -445,7 +452,7 @@ def extract_dataset(ws: Workspace, cfg: ExtractConfig, run_id: str,
                 log.info("featureset %s already holds every image of %s: no model work", fs, cfg.dataset)
                 for _ in items:  # write the scan-error rows, if any are new
                     pass
-    return _summary(cfg, fs, tally, stats, sink, ex, bool(plan.todo), time.perf_counter() - t0)
+    return _summary(cfg, fs, tally, stats, sink, ex, bool(plan.todo), time.perf_counter() - t0, done.repaired)
 
 
 def _sink(job: ExtractJob) -> ShardSink:
@@ -495,7 +502,7 @@ def _retry_other_paths(ex: Executor, job: ExtractJob, tally: Tally, sink: ShardS
 
 
 def _summary(cfg: ExtractConfig, fs: str, tally: Tally, stats: LoopStats, sink: ShardSink, ex: Executor,
-             model_built: bool, seconds: float) -> ExtractSummary:
+             model_built: bool, seconds: float, repaired: dict[str, int]) -> ExtractSummary:
     codes = collections.Counter(tally.scan_errors)
     codes.update(stats.errors)
     failed_rows = sum(tally.todo_rows[i] for i in stats.failed)
@@ -506,6 +513,7 @@ def _summary(cfg: ExtractConfig, fs: str, tally: Tally, stats: LoopStats, sink: 
         error_rows=sum(tally.scan_errors.values()) + tally.known_error_rows + failed_rows,
         model_built=model_built, stats=stats, shards=len(sink.writer.feature_shards) + len(stats.shards),
         batch_size=cfg.batch_size, seconds=round(seconds, 3), executor=ex.name, executor_info=ex.info(),
+        commit_records=dict(repaired),
     )
 
 

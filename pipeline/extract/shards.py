@@ -15,7 +15,8 @@ import numpy as np
 import pyarrow as pa
 
 from imgfeat.core import schemas as S
-from imgfeat.core.storage import SHARD_PREFIX, atomic_path, shard_name, write_table_atomic
+from imgfeat.core.commits import commit_shard, commits_dir
+from imgfeat.core.storage import SHARD_PREFIX, atomic_path, shard_name
 from imgfeat.core.workspace import Workspace
 from imgfeat.extract.recipe import Provenance
 
@@ -41,6 +42,21 @@ def error_row(image_id: str | None, path: str | None, stage: str, code: str, mes
               run_id: str) -> dict[str, Any]:
     return {S.IMAGE_ID: image_id, S.PATH: path, S.STAGE: stage, S.ERROR_CODE: code,
             S.ERROR_MESSAGE: message, S.RUN_ID: run_id}
+
+
+def refuse_non_finite(ids: Sequence[str], X: np.ndarray, run_id: str,
+                      paths: Sequence[str | None] | None = None) -> tuple[list[str], np.ndarray, list[dict[str, Any]]]:
+    """Split a batch's features into finite rows and error rows (``non_finite_feature``): a NaN or
+    inf feature is the model's failure on that image, never a row readers would have to guess about."""
+    X = np.asarray(X)
+    ok = np.isfinite(X.sum(axis=1, dtype=np.float64)) if X.ndim == 2 and len(X) else np.ones(len(ids), dtype=bool)
+    if ok.all():
+        return list(ids), X, []
+    bad = np.flatnonzero(~ok)
+    errors = [error_row(ids[k], paths[k] if paths else None, S.STAGE_MODEL, S.ERROR_NON_FINITE,
+                        "the model's feature holds NaN or inf for this image (damaged weights, or an "
+                        "overflow at this precision)", run_id) for k in bad]
+    return [ids[k] for k in np.flatnonzero(ok)], X[ok], errors
 
 
 ERRORS_TAG = "errors"  # how ShardWriter.written names an error shard
@@ -98,6 +114,13 @@ class ShardWriter:
         self._errors: list[dict[str, Any]] = []
         self._seq = self._err_seq = start_seq
         self.written: list[str] = []
+        for folder in (dirs.features, dirs.errors):  # from the first write on, only recorded shards count
+            commits_dir(folder).mkdir(parents=True, exist_ok=True)
+
+    @property
+    def run_id(self) -> str:
+        """The run id in this writer's tag (``<run>-c<k>[-ray]``), for the error rows it makes itself."""
+        return re.sub(rf"-{CALL_MARK}\d+(-.*)?$", "", self.tag)
 
     @property
     def dtype(self) -> str:
@@ -108,6 +131,11 @@ class ShardWriter:
         return [n for n in self.written if not n.startswith(ERRORS_TAG + "/")]
 
     def add_features(self, ids: Sequence[str], X: np.ndarray) -> None:
+        """Buffer feature rows; a non-finite row becomes an error row here too (executors split them
+        first, for their counts), so no shard is ever committed with one."""
+        ids, X, refused = refuse_non_finite(ids, X, self.run_id)
+        if refused:
+            self.add_errors(refused)
         self._ids.extend(ids)
         self._rows.extend(np.asarray(X, dtype=np.float32))
         while len(self._ids) >= self.shard_size:
@@ -129,22 +157,26 @@ class ShardWriter:
         del self._ids[:n], self._rows[:n]
         name = shard_name(self.tag, self._seq)
         self._seq += 1
-        write_table_atomic(features_table(ids, X, self.dtype, self._footer), self.folder / name)
-        if self.npy:  # after its shard: a crash in between leaves a shard without sidecar, never the reverse
-            with atomic_path(self.dirs.npy / sidecar_name(name)) as tmp:
-                with open(tmp, "wb") as fh:
-                    np.save(fh, X.astype(np.dtype(self.dtype)))
+        # Shard, then sidecar, then the commit record: a crash in between leaves a shard without
+        # sidecar or record (set right by the next writer), never a sidecar without its shard.
+        commit_shard(features_table(ids, X, self.dtype, self._footer), self.folder / name,
+                     after=(lambda: self._commit_sidecar(name, X)) if self.npy else None)
         self.written.append(name)
         log.debug("committed %s (%d rows)", name, n)
         # Error rows seen so far go out with each feature shard, so a crash loses little of either.
         self._commit_errors()
+
+    def _commit_sidecar(self, name: str, X: np.ndarray) -> None:
+        with atomic_path(self.dirs.npy / sidecar_name(name)) as tmp:
+            with open(tmp, "wb") as fh:
+                np.save(fh, X.astype(np.dtype(self.dtype)))
 
     def _commit_errors(self) -> None:
         if not self._errors:
             return
         name = shard_name(self.tag, self._err_seq)
         self._err_seq += 1
-        write_table_atomic(errors_table(self._errors), self.dirs.errors / name)
+        commit_shard(errors_table(self._errors), self.dirs.errors / name)
         self._errors = []
         self.written.append(f"{ERRORS_TAG}/{name}")
 

@@ -19,7 +19,14 @@ import pyarrow.parquet as pq
 from imgfeat.core import names as N
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError
-from imgfeat.extract.featureset import feature_matrix, feature_shards, load_features
+from imgfeat.extract.featureset import (
+    feature_matrix,
+    feature_shards,
+    finite_rows,
+    load_features,
+    open_shard,
+    warn_non_finite,
+)
 from imgfeat.heads.artifacts import LoadedHead, load_head
 from imgfeat.heads.data import LEFT_OUT_JSON_MAX, unique_images
 from imgfeat.heads.versions import resolve_head
@@ -232,12 +239,13 @@ def _predict_dataset(ws: Workspace, cfg: PredictConfig, head: LoadedHead, writer
             "duplicates": dropped["duplicates"], "left_out_files": files.head(LEFT_OUT_JSON_MAX).to_dict("records")}
 
 
-def _first_new(ids: list[str], remaining: set[str]) -> list[int]:
-    """Positions of ids still to predict, first occurrence only (concurrent runs may duplicate rows)."""
+def _first_new(ids: list[str], remaining: set[str], finite: np.ndarray | None = None) -> list[int]:
+    """Positions of ids still to predict, first occurrence only (concurrent runs may duplicate rows),
+    among the ``finite`` rows when given (a NaN or inf feature is left out)."""
     seen: set[str] = set()
     keep = []
     for k, i in enumerate(ids):
-        if i in remaining and i not in seen:
+        if i in remaining and i not in seen and (finite is None or finite[k]):
             seen.add(i)
             keep.append(k)
     return keep
@@ -254,20 +262,24 @@ def _stream_features(ws: Workspace, featureset: str, wanted: set[str],
     A shard's ids are read first (cheap): a shard with nothing wanted is never decoded, which
     keeps an incremental run over a large featureset fast.
     """
+    dropped = [0]
     for path in feature_shards(ws, featureset):
         if not wanted:
-            return
+            break
         with pq.ParquetFile(path) as pf:
             ids = pf.read(columns=[S.IMAGE_ID]).column(S.IMAGE_ID).to_pylist()
-            if any(i in wanted for i in ids):
-                yield from _matching_batches(pf, wanted, chunk_rows)
+        if any(i in wanted for i in ids) and (verified := open_shard(featureset, path)) is not None:
+            yield from _matching_batches(verified, wanted, chunk_rows, dropped)
+    warn_non_finite(featureset, dropped[0])
 
 
-def _matching_batches(pf: pq.ParquetFile, wanted: set[str],
-                      chunk_rows: int) -> Iterator[tuple[list[str], np.ndarray]]:
+def _matching_batches(pf: pq.ParquetFile, wanted: set[str], chunk_rows: int,
+                      dropped: list[int]) -> Iterator[tuple[list[str], np.ndarray]]:
     for batch in pf.iter_batches(batch_size=chunk_rows, columns=[S.IMAGE_ID, S.FEATURE]):
         ids = batch.column(S.IMAGE_ID).to_pylist()
-        keep = _first_new(ids, wanted)
+        finite = finite_rows(batch.column(S.FEATURE))
+        dropped[0] += len(ids) - int(finite.sum())
+        keep = _first_new(ids, wanted, finite)
         if keep:
             features = batch.column(S.FEATURE).take(pa.array(keep, pa.int32()))
             yield [ids[k] for k in keep], feature_matrix(pa.chunked_array([features]), np.float32)

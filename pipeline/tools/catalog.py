@@ -250,7 +250,10 @@ def _head_folders(ws: Workspace, head_id: str) -> list[Path]:
 
 
 def _featureset_folders(ws: Workspace, featureset: str) -> list[Path]:
-    return [ws.featureset_dir(featureset), ws.featureset_errors_dir(featureset), ws.featureset_npy_dir(featureset)]
+    from imgfeat.core.commits import commits_dir, rejected_dir
+
+    tables = [ws.featureset_dir(featureset), ws.featureset_errors_dir(featureset)]
+    return tables + [ws.featureset_npy_dir(featureset)] + [f(d) for d in tables for f in (commits_dir, rejected_dir)]
 
 
 def _size(path: Path) -> int:

@@ -13,6 +13,7 @@ from typing import Any
 from imgfeat.extract.batches import Batch, InputSpec, Item, chunked, make_batch, resolve_decode
 from imgfeat.extract.executors import BatchReport, ExecutorConfig, ExtractJob, timed_build
 from imgfeat.extract.forward import DEFAULT_DEPTH, Forward, in_flight
+from imgfeat.extract.shards import refuse_non_finite
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +91,10 @@ class LocalExecutor:
         batches = decoded_batches(items, job.inputs, job.run_id, self.workers, self.depth)
         for landed in in_flight(forward, batches, self.depth):
             batch = landed.batch
-            sink.put(batch.ids, landed.features, batch.errors)
-            yield BatchReport(len(batch.ids), batch.errors, model_seconds=landed.model_seconds,
+            ids, X, refused = refuse_non_finite(batch.ids, landed.features, job.run_id)
+            errors = batch.errors + refused
+            sink.put(ids, X, errors)
+            yield BatchReport(len(ids), errors, model_seconds=landed.model_seconds,
                               decode_seconds=batch.decode_seconds,
                               input_wait_seconds=landed.input_wait_seconds, build_seconds=build)
             build = 0.0

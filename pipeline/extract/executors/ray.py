@@ -42,7 +42,7 @@ from imgfeat.extract.batches import Batch, InputSpec, Item, decode_error_row, de
 from imgfeat.extract.decode import DecodeError
 from imgfeat.extract.executors import BatchReport, ExecutorConfig, ExtractJob, timed_build
 from imgfeat.extract.featureset import committed_ids, errored_ids
-from imgfeat.extract.shards import FeaturesetDirs, ShardWriter
+from imgfeat.extract.shards import FeaturesetDirs, ShardWriter, refuse_non_finite
 from imgfeat.extract.forward import DEFAULT_DEPTH, Forward, in_flight
 
 log = logging.getLogger(__name__)
@@ -170,15 +170,16 @@ class ShardActor:
         ok = batch[ERROR_ROW] == ""
         t0 = time.perf_counter()
         X = self.forward(batch[PIXELS][ok])
-        errors = [json.loads(e) for e in batch[ERROR_ROW][~ok]]
-        report = BatchReport(int(ok.sum()), errors, model_seconds=time.perf_counter() - t0,
+        ids, X, refused = refuse_non_finite(list(batch[S.IMAGE_ID][ok]), X, self.job.run_id)
+        errors = [json.loads(e) for e in batch[ERROR_ROW][~ok]] + refused
+        report = BatchReport(len(ids), errors, model_seconds=time.perf_counter() - t0,
                              decode_seconds=float(batch[DECODE_SECONDS].sum()),
                              input_wait_seconds=t0 - self.idle_since, build_seconds=self.build_seconds,
                              shard=shard_name(ray_tag(self.job), first))
         self.build_seconds = 0.0
         if self.fault:
             self.fault.strike("before_commit")
-        self.commit(first, list(batch[S.IMAGE_ID][ok]), X, errors)
+        self.commit(first, ids, X, errors)
         if self.fault:
             self.fault.strike("after_commit")
         self.idle_since = time.perf_counter()

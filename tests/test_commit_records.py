@@ -61,9 +61,9 @@ def copy(built, tmp_path, monkeypatch):
     ws, fs, genuine = built
     shutil.copytree(ws.root, tmp_path / "ws")
     monkeypatch.setenv("IMGFEAT_WORKSPACE", str(tmp_path / "ws"))
-    import imgfeat.core.commits as commits
+    import imgfeat.core.logs as logs
 
-    monkeypatch.setattr(commits, "_warned", set())  # one warning per run: each test is a run
+    monkeypatch.setattr(logs, "_SAID", set())  # one warning per run: each test is a run
     return Workspace(tmp_path / "ws"), fs, genuine
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -35,7 +36,6 @@ class Session:
     def __init__(self, ws: Workspace, cfg: T.FinetuneConfig, spec: BackboneSpec, size: int, rows: FinetuneRows,
                  out: Path, fid: str):
         self.cfg, self.spec, self.rows, self.out, self.fid = cfg, spec, rows, out, fid
-        self.root = ws.root
         self.ckpt = out / "checkpoint"
         for scratch in [*out.glob(".scratch-*"), *self.ckpt.glob(".scratch-*")]:
             remove_tree(scratch, ws.root)  # left by a run killed while saving
@@ -123,7 +123,10 @@ class Session:
         """Remove the checkpoint folder (never following a link) and start from epoch 0."""
         if why:
             log.warning("ignoring the fine-tune checkpoint (%s): starting from epoch 0", why)
-        remove_tree(self.ckpt, self.root)
+        if self.ckpt.is_symlink() or not self.ckpt.is_dir():
+            self.ckpt.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(self.ckpt)
         return 0
 
     def check_best(self) -> None:
@@ -135,7 +138,10 @@ class Session:
             return
         log.warning("ignoring %s (missing, damaged or not the checkpoint's): the best epoch is tracked again "
                     "from here", best)
-        remove_tree(best, self.root)
+        if best.is_dir() and not best.is_symlink():
+            shutil.rmtree(best)
+        else:
+            best.unlink(missing_ok=True)
         self.state.update(best_val_loss=None, bad_epochs=0, best_epoch=None, best_sha256=None, stopped=False)
 
     def checkpoint(self, epoch: int) -> None:

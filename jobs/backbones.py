@@ -155,6 +155,6 @@ def hub_backbone_rows(family: str | None = None) -> list[dict[str, Any]]:
 def hub_note(hub_rows: list[dict[str, Any]]) -> str:
     from imgfeat.backbones.hub import kagglehub_cache
 
-    families = "; ".join(f"{k}: {v}" for k, v in hub_families().items())
-    return (f"keras-hub families ({families}). {len(hub_rows)} preset(s) cached in {kagglehub_cache()}; "
-            f"any preset name or preset directory works as --backbone")
+    families = "".join(f"\n  {k:<8} {v}" for k, v in hub_families().items())
+    return (f"keras-hub families (any preset name or preset directory works as --backbone):{families}\n"
+            f"{len(hub_rows)} preset(s) cached in {kagglehub_cache()}")

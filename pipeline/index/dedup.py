@@ -620,7 +620,7 @@ def criterion_text(criterion: dict[str, Any]) -> str:
     if criterion["name"] == "cosine":
         return f"cosine similarity ≥ {criterion['threshold']:g}"
     cal = criterion.get("calibration") or {}
-    found = f"; {cal['found']:.0%} of synthetic copies of {cal['images']} own images pass" if cal.get("found") is not None else ""
+    found = f"; {cal['found']:.1%} of synthetic copies of {cal['images']} own images pass" if cal.get("found") is not None else ""
     return (f"{criterion['neighbours']} nearest by features, copies when their looks are ≥ "
             f"{criterion['look_threshold']:g} alike{found}")
 

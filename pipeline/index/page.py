@@ -144,7 +144,7 @@ def render_similar_page(index_name: str, featureset: str, results, path_of, run_
                            for n in r.neighbours) or "<p>no neighbours</p>"
         parts.append(f'<div class="group leak">{head}<span class="sim">&rarr;</span><div class="row">{body}</div></div>')
     title = f"Similar images in {index_name}"
-    meta = (f"index {html.escape(index_name)} · featureset {html.escape(featureset)} · {len(results)} queries · "
+    meta = (f"index {html.escape(index_name)} · featureset {html.escape(featureset)} · {len(results)} quer{'y' if len(results) == 1 else 'ies'} · "
             f"cosine similarity of the features · run {html.escape(run_id)}")
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1><div class=\"meta\">{meta}</div>"

@@ -78,12 +78,13 @@ def print_catalog(out: dict) -> None:
                 print(f"  {i.get('name', '-'):<24} damaged: {i['error']}")
                 continue
             print(f"  {i.get('name', '-'):<24} {i.get('rows', 0):>8,} rows  {_index_kind(i):<28} "
-                  f"featureset {i.get('featureset', '-')}  ({', '.join(i.get('datasets') or []) or 'no dataset'})")
+                  f"featureset {i.get('featureset', '-')}  ({', '.join(i.get('datasets') or []) or 'the whole featureset'})")
 
 
 def _index_kind(info: dict) -> str:
     """``ivf (nlist 1025, nprobe 64)``: the kind and the parameters it has, not a raw dict."""
     params = info.get("params") or {}
     kind = info.get("kind") or params.get("kind") or "-"
-    said = [f"{k} {v}" for k, v in params.items() if k != "kind" and v not in (None, "", [], {})]
+    # a flat index's training fields are all 0: only what tells something is said
+    said = [f"{k} {v}" for k, v in params.items() if k != "kind" and v not in (None, "", [], {}, 0)]
     return f"{kind} ({', '.join(said)})" if said else kind

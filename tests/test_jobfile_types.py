@@ -176,5 +176,5 @@ def test_a_job_file_sets_the_c_grid_cross_validation_chooses_from(tmp_path):
     cfg = train_config(job, job.heads[0], featureset="fs")
     assert cfg.c_grid == (0.5, 2.0) and cfg.params()["c_grid"] == (0.5, 2.0)
     path.write_text(_with_value("heads.photos-logreg.c_grid", "[0.1, -1]"))
-    with pytest.raises(ConfigError, match=r"c_grid must be a list of 1 to 100 numbers, each number from 1e-12 to \d+, got \[0.1, -1\]"):
+    with pytest.raises(ConfigError, match=r"^\[heads.photos-logreg\]: c_grid must be a list of 1 to 100 numbers, each number from 1e-12 to \d+, got \[0.1, -1\]"):
         _check(load_job(path))

@@ -340,8 +340,11 @@ def build_config(cls: type, values: dict[str, Any], where: str, **fixed: Any) ->
     check_types(values, field_types(cls), where)
     try:
         return cls(**{**values, **fixed})
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"[{where}]: {exc}") from None
+    except (TypeError, ValueError, ConfigError) as exc:
+        said = str(exc)
+        if said.startswith((f"[{where}]", f"{where}.")):  # it names the table already
+            raise
+        raise ConfigError(f"[{where}]: {said}") from None
 
 
 def field_types(cls: type) -> dict[str, KeyType]:

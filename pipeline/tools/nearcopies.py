@@ -174,6 +174,7 @@ def score(truth: dict[str, tuple[str, str | None]], groups_dir: str, leaks_dir: 
         flagged[r["path"]] = r.get("label_conflict", False)
     original = {name: rel for rel, (name, t) in truth.items() if t is None}
     found: dict[str, list[bool]] = defaultdict(list)
+    found["all"] = []  # first in the report, then each transform
     conflicts = []
     for rel, (name, t) in truth.items():
         if t == LABEL_CONFLICT:

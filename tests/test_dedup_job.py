@@ -3,36 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from imgfeat.core.errors import ConfigError
-
-BASE = """
-[datasets.photos]
-root = "images"
-
-[datasets.other]
-root = "other"
-
-[features.tiny]
-backbone = "efficientnet_lite0"
-weights = "imagenet"
-input_size = 64
-datasets = ["photos"]
-"""
-
-
-def parse(text: str):
-    import tomllib
-
-    from imgfeat.run.jobfile import parse_job
-    from imgfeat.run.run import check_job
-
-    job = parse_job(tomllib.loads(text), base=Path("/jobs"), source="job.toml", workspace=None)
-    check_job(job)
-    return job
+from jobtext import BASE, parse
 
 
 @pytest.mark.quick

@@ -3,39 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from imgfeat.core.errors import ConfigError
+from jobtext import BASE, parse
 from synthetic import fake_image_id, write_featureset
-
-BASE = """
-[datasets.photos]
-root = "images"
-
-[datasets.other]
-root = "other"
-
-[features.tiny]
-backbone = "efficientnet_lite0"
-weights = "imagenet"
-input_size = 64
-datasets = ["photos"]
-"""
-
-
-def parse(text: str):
-    import tomllib
-
-    from imgfeat.run.jobfile import parse_job
-    from imgfeat.run.run import check_job
-
-    job = parse_job(tomllib.loads(text), base=Path("/jobs"), source="job.toml", workspace=None)
-    check_job(job)
-    return job
-
 
 @pytest.mark.quick
 def test_indexes_section_names_a_recipe_and_its_datasets():

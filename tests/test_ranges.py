@@ -123,7 +123,10 @@ def test_the_reported_in_flight_is_refused_by_flag_and_job_file_before_any_work(
 def _api_cases():
     from imgfeat.extract.executors import ExecutorConfig
     from imgfeat.extract.extract import ExtractConfig
+    from imgfeat.finetune.train import FinetuneConfig
     from imgfeat.heads import PredictConfig, ReportConfig, TrainConfig
+    from imgfeat.index.build import IndexConfig
+    from imgfeat.index.dedup import DedupConfig
     from imgfeat.scan.scan import ScanConfig
 
     return [
@@ -133,11 +136,14 @@ def _api_cases():
         (TrainConfig, dict(dataset="d", featureset="f"), "epochs"),
         (PredictConfig, dict(head_id="h", dataset="d"), "top_k"),
         (ReportConfig, dict(head_id="h"), "thumb_size"),
+        (FinetuneConfig, dict(dataset="d", backbone="mobilenet_v2"), "epochs"),
+        (IndexConfig, dict(featureset="f"), "nlist"),
+        (DedupConfig, dict(featureset="f", dataset="d"), "neighbours"),
     ]
 
 
 @pytest.mark.quick
-@pytest.mark.parametrize("case", range(6))
+@pytest.mark.parametrize("case", range(9))
 def test_the_api_configs_refuse_out_of_range_values_too(case):
     cls, base, key = _api_cases()[case]
     cls(**base, **{key: int(RANGES[key].hi)})

@@ -16,6 +16,7 @@ from imgfeat.backbones import get_backbone
 from imgfeat.backbones.weights import resolve_weights
 from imgfeat.core.errors import ConfigError, unknown_value
 from imgfeat.core.names import HEADS, check_ref
+from imgfeat.core.ranges import check_fields
 from imgfeat.core.storage import WAIT_HINT, FileLock, write_bytes_atomic
 from imgfeat.core.workspace import Workspace, check_name
 from imgfeat.extract.decode import DecodeConfig
@@ -65,6 +66,7 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         check_name("dataset", self.dataset)
+        check_fields(self)  # epochs, batch size, rates, seed: the ranges of their flags and keys
         if self.warm_start_head is not None:
             check_ref(HEADS, self.warm_start_head)
         if isinstance(self.augment, str) or not all(isinstance(a, str) for a in self.augment):

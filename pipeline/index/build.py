@@ -15,6 +15,7 @@ import pyarrow as pa
 
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError, ImgfeatError
+from imgfeat.core.ranges import check_fields
 from imgfeat.core.storage import (
     WAIT_HINT,
     FileLock,
@@ -56,6 +57,7 @@ class IndexConfig:
 
     def __post_init__(self) -> None:
         check_wait(self.wait, "index wait")
+        check_fields(self)  # nlist, nprobe: the ranges of their flags and keys
         check_name("featureset", self.featureset)
         for d in self.datasets:
             check_name("dataset", d)

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError, ImgfeatError
+from imgfeat.core.ranges import check_fields
 from imgfeat.core.storage import FileLock, remove_stale_tmp, write_bytes_atomic, write_json_atomic, write_table_atomic
 from imgfeat.core.workspace import Workspace, check_name
 from imgfeat.extract.featureset import featureset_info
@@ -87,6 +88,7 @@ class DedupConfig:
         c = self.calibration_images
         if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c <= 10_000:
             raise ConfigError(f"dedup calibration_images must be an integer from 0 to 10000, got {c!r}")
+        check_fields(self)  # and the upper bounds their flags and keys have (neighbours up to 1000)
 
     @property
     def out_name(self) -> str:

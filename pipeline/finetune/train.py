@@ -14,6 +14,7 @@ from typing import Any
 
 from imgfeat.backbones import get_backbone
 from imgfeat.backbones.weights import resolve_weights
+from imgfeat.core.hashing import sha256_bytes
 from imgfeat.core.errors import ConfigError, unknown_value
 from imgfeat.core.names import HEADS, check_ref
 from imgfeat.core.ranges import check_fields
@@ -242,7 +243,7 @@ def save_keras_atomic(save, final: Path) -> str:
         save(str(tmp))
         data = tmp.read_bytes()
     write_bytes_atomic(data, final)
-    return hashlib.sha256(data).hexdigest()
+    return sha256_bytes(data)
 
 
 def decode_config(cfg: FinetuneConfig, size: int) -> DecodeConfig:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from imgfeat.core.hashing import sha256_text
 from imgfeat.core.errors import ConfigError, unknown_value
 from imgfeat.extract.featureset import featureset_info
 from imgfeat.heads import artifacts as A
@@ -128,7 +128,7 @@ def make_head_id(cfg: TrainConfig, rows: LabelledRows) -> str:
     key = {"featureset": cfg.featureset, "head": cfg.head, "params": cfg.params(), "rows": rows.digest()}
     if cfg.head != "mlp":
         key["c_chosen_by"] = C_CHOSEN_BY  # heads whose C accuracy chose are not reused
-    return f"{cfg.head_name}-{hashlib.sha256(canonical_json(key).encode()).hexdigest()[:8]}"
+    return f"{cfg.head_name}-{sha256_text(canonical_json(key))[:8]}"
 
 
 def run_train(ws: Workspace, cfg: TrainConfig, run_id: str) -> "TrainSummary":

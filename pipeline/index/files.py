@@ -10,7 +10,6 @@ error naming the file and ``index --rebuild``, which builds the index again from
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -22,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from imgfeat.core import schemas as S
+from imgfeat.core.hashing import content_id
 from imgfeat.core.errors import ConfigError, ImgfeatError, unknown_value
 from imgfeat.core.storage import FileLock, recorded_file
 from imgfeat.core.workspace import Workspace, check_name
@@ -124,7 +124,7 @@ def _check_keys(obj: Any, keys: dict[str, tuple[tuple[type, ...], bool]], prefix
 
 def ids_digest(ids: list[str]) -> str:
     """Fingerprint of the id order: the provenance's check that ids.parquet matches the index file."""
-    return hashlib.blake2b("\n".join(ids).encode(), digest_size=16).hexdigest()
+    return content_id("\n".join(ids).encode())
 
 
 def index_lock(ws: Workspace, name: str) -> Path:

@@ -6,13 +6,14 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import MISSING, dataclass
 from typing import Any
 
 from imgfeat.core.errors import ConfigError, ImgfeatError
 from imgfeat.core.logs import LOG_FORMATS, setup_logging
-from imgfeat.core.ranges import range_of
+from imgfeat.core.options import Option, options
+from imgfeat.core.ranges import RANGES, range_of
 from imgfeat.core.runs import RunRecord
 from imgfeat.core.workspace import ENV_WORKSPACE, Workspace
 
@@ -201,3 +202,40 @@ def require(condition: bool, message: str) -> None:
     """Raise a usage error (exit 2) unless ``condition`` holds."""
     if not condition:
         raise ConfigError(message)
+
+
+# A parser or an argument group: what add_config_flags adds to.
+Adder = argparse.ArgumentParser | argparse._ArgumentGroup
+
+
+def add_config_flags(p: Adder, config: type, names: Sequence[str] | None = None,
+                     types: dict[str, Callable[[str], Any]] | None = None) -> None:
+    """Add the flags of a stage config's ``opt`` fields (``names``, in that order; default: all of
+    them in field order): flag, short alias, default from the dataclass, help, metavar, choices;
+    a numeric field's type is ``ranged(field)``, a False default a switch; ``types`` overrides a
+    field's type (a list flag's parser)."""
+    opts = options(config)
+    for name in names if names is not None else list(opts):
+        _add_option(p, opts[name], (types or {}).get(name))
+
+
+def _add_option(p: Adder, o: Option, parse: Callable[[str], Any] | None) -> None:
+    flags = [o.short, o.flag] if o.short else [o.flag]
+    if o.is_bool:
+        p.add_argument(*flags, action="store_true", help=o.help)
+        return
+    kw: dict[str, Any] = {"required": True} if o.default is MISSING else {"default": o.default}
+    if parse is None and o.name in RANGES:
+        parse = ranged(o.name)
+    if parse is not None:
+        kw["type"] = parse
+    if o.choices:
+        kw["choices"] = o.choices
+    if o.metavar:
+        kw["metavar"] = o.metavar
+    p.add_argument(*flags, help=o.help, **kw)
+
+
+def config_values(config: type, args: argparse.Namespace) -> dict[str, Any]:
+    """The parsed values of ``config``'s flags that this command has, by field name."""
+    return {name: getattr(args, o.dest) for name, o in options(config).items() if hasattr(args, o.dest)}

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from imgfeat.cli.common import JobContext, add_command, ranged, seconds
-
-PROCESS_DECODE_MIN_WORKERS = 8  # imgfeat.extract.batches' auto rule, here so --help imports nothing heavy
-MAX_FILE_MIB = 1024  # the default of --max-file-bytes, in MiB (kept here so --help imports no Pillow)
+from imgfeat.cli.common import JobContext, add_command, add_config_flags, config_values, ranged
+from imgfeat.extract.executors import ExecutorConfig
+from imgfeat.extract.extract import (
+    ExtractConfig,
+    check_extract_error_rate,
+    check_recipe_name,
+    record_recipe_name,
+    run_extract,
+)
 
 DESCRIPTION = """\
 Run a Keras backbone (include_top=False, pooled) over every image of a scanned dataset
@@ -63,99 +68,33 @@ exit codes: 0 done (bad images are error rows), 2 bad flag or unknown dataset/ba
 def register(sub: argparse._SubParsersAction) -> None:
     p = add_command(sub, "extract", handle, help="extract backbone features of a dataset into a featureset",
                     description=DESCRIPTION, epilog=EPILOG)
-    p.add_argument("--dataset", required=True, metavar="NAME", help="a dataset made by 'imgfeat scan'")
-    p.add_argument("--name", default=None, metavar="RECIPE",
+    add_config_flags(p, ExtractConfig, ["dataset"])
+    p.add_argument("--name", metavar="RECIPE",
                    help="a recipe name for this featureset (as a job file's [features.NAME]); "
                         "'train --featureset RECIPE' then means its latest featureset")
-    p.add_argument("--backbone", required=True, metavar="NAME", help="e.g. mobilenet_v2, resnet50 "
-                   "('imgfeat backbones' lists them)")
-    p.add_argument("--weights", default="imagenet", metavar="imagenet|none|PATH",
-                   help="ImageNet weights from the Keras cache, 'none' (seeded random, for tests), "
-                        "or a .weights.h5 file")
-    p.add_argument("--seed", type=ranged("seed"), default=0, metavar="N",
-                   help="seed of the random init with --weights none")
-    p.add_argument("--pooling", default="avg", metavar="avg|max", help="global pooling of the last feature map")
-    p.add_argument("--layer", default=None, metavar="NAME",
-                   help="tap this inner layer (pooled with --pooling) instead of the last one")
-    p.add_argument("--input-size", type=ranged("input_size"), default=None, metavar="N",
-                   help="square input side (default: the backbone's, e.g. 224)")
-    p.add_argument("--batch-size", type=ranged("batch_size"), default=32, metavar="N", help="images per model call")
-    p.add_argument("--precision", default="float32", metavar="float32|bfloat16|float16",
-                   help="compute precision (mixed policy); bfloat16 can help on recent CPUs, "
-                        "float16 is for GPUs")
-    p.add_argument("--dtype", default="float32", metavar="float32|float16",
-                   help="storage dtype of the features (default float32; float16 halves the disk but "
-                        "Spark cannot read it: 'Illegal Parquet type: FIXED_LEN_BYTE_ARRAY (FLOAT16)')")
-    p.add_argument("--shard-size", type=ranged("shard_size"), default=1024, metavar="N", help="rows per shard")
-    p.add_argument("--npy", action="store_true", help="also write part-*.npy sidecars (same row order)")
-    p.add_argument("--interpolation", default="bilinear", metavar="NAME",
-                   help="resize filter: bilinear, nearest, bicubic, lanczos, box, hamming")
-    p.add_argument("--fast-decode", action="store_true",
-                   help="decode large JPEGs at 1/2, 1/4 or 1/8 scale before resizing (much faster, "
-                        "close to but not equal to a full decode; part of the fingerprint)")
-    p.add_argument("--exif", default="rotate", metavar="rotate|ignore",
-                   help="apply the EXIF orientation tag (rotate) or not, like keras.utils.load_img (ignore)")
-    p.add_argument("--workers", type=ranged("workers"), default=None, metavar="N",
-                   help="decoders: threads or processes here (default: the CPU count), concurrent "
-                        "decode tasks with --executor ray (default: as many as the cluster fits)")
-    p.add_argument("--decode", default="auto", metavar="auto|threads|processes|gpu",
-                   help="where images are decoded: Pillow in threads, or in worker processes writing "
-                        "into shared batch buffers (auto: processes from %d workers up, where threads "
-                        "stop scaling); gpu: JPEGs decoded and resized in batches on the GPU, other "
-                        "files on the CPU (pip install 'imgfeat[gpu]', KERAS_BACKEND=jax; its numbers "
-                        "differ slightly from Pillow's, so it is part of the fingerprint)"
-                   % PROCESS_DECODE_MIN_WORKERS)
-    p.add_argument("--in-flight", type=ranged("in_flight"), default=2, metavar="N",
-                   help="batches submitted to the model before the oldest result is fetched "
-                        "(default 2; changes no numbers)")
-    p.add_argument("--max-file-bytes", type=ranged("max_file_bytes"), default=MAX_FILE_MIB << 20, metavar="N",
-                   help="a file larger than this is an error row (file_too_large), never read whole "
-                        f"(default {MAX_FILE_MIB} MiB; changes no numbers)")
-    p.add_argument("--wait", type=seconds, default=None, metavar="SECONDS",
-                   help="wait this long for another writer of the same featureset instead of failing")
-    p.add_argument("--max-error-rate", type=ranged("max_error_rate"), default=None, metavar="F",
+    add_config_flags(p, ExtractConfig, ["backbone", "weights", "seed", "pooling", "layer", "input_size",
+                                        "batch_size", "precision", "dtype", "shard_size", "npy", "interpolation",
+                                        "fast_decode", "exif", "workers", "decode"])
+    add_config_flags(p, ExecutorConfig, ["in_flight"])
+    add_config_flags(p, ExtractConfig, ["max_file_bytes", "wait"])
+    p.add_argument("--max-error-rate", type=ranged("max_error_rate"), metavar="F",
                    help="exit 3 when more than this fraction of the dataset's images are error rows")
     r = p.add_argument_group("scaling out (pip install 'imgfeat[ray]')")
-    r.add_argument("--executor", choices=("local", "ray"), default="local",
-                   help="run here, or on Ray Data: decode as CPU tasks, the backbone in an actor pool")
-    r.add_argument("--ray-address", default=None, metavar="ADDR",
-                   help="'auto' (an existing cluster), 'local', 'ray://HOST:PORT' or HOST:PORT "
-                        "(default: $RAY_ADDRESS, a cluster on this machine, else a private one)")
-    r.add_argument("--ray-actors", type=ranged("ray_actors"), default=None, metavar="N",
-                   help="backbone actors (default: one per GPU, or one per node without GPUs)")
-    r.add_argument("--gpus-per-worker", type=ranged("gpus_per_worker"), default=None, metavar="G",
-                   help="GPUs per backbone actor (default: 1 when the cluster has GPUs, else 0)")
+    add_config_flags(r, ExecutorConfig, ["name", "address", "actors", "gpus_per_worker"])
 
 
 def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
-    from imgfeat.core.workspace import check_name
-    from imgfeat.extract.executors import ExecutorConfig
-    from imgfeat.extract.extract import ExtractConfig, check_error_rate, run_extract
-
     if args.name:
-        check_name("featureset recipe", args.name)  # before any work, not after it
-    cfg = ExtractConfig(
-        dataset=args.dataset, backbone=args.backbone, weights=args.weights, pooling=args.pooling,
-        layer=args.layer, input_size=args.input_size, batch_size=args.batch_size,
-        precision=args.precision, dtype=args.dtype, shard_size=args.shard_size, npy=args.npy,
-        interpolation=args.interpolation, fast_decode=args.fast_decode, exif=args.exif,
-        seed=args.seed, workers=args.workers, wait=args.wait, max_file_bytes=args.max_file_bytes,
-        decode=args.decode,
-    )
-    executor = ExecutorConfig(name=args.executor, workers=args.workers, actors=args.ray_actors,
-                              address=args.ray_address, gpus_per_worker=args.gpus_per_worker,
-                              in_flight=args.in_flight)
+        check_recipe_name(args.name)  # before any work, not after it
+    cfg = ExtractConfig(**config_values(ExtractConfig, args))
+    executor = ExecutorConfig(**config_values(ExecutorConfig, args), workers=args.workers)
     summary = run_extract(ctx.ws, cfg, ctx.run_id, executor)
     ctx.record.summary.update(summary)
     if args.name:
-        from imgfeat.core import names
-
-        names.record(ctx.ws, names.FEATURESETS, args.name, summary["featureset"])
+        record_recipe_name(ctx.ws, args.name, summary["featureset"])
     if not args.json:
         print(_human(summary))
-    check_error_rate({f"{summary['dataset']} -> {summary['featureset']}": (summary["error_rows"],
-                                                                           summary["manifest_rows"])},
-                     args.max_error_rate)
+    check_extract_error_rate(summary, args.max_error_rate)
     return summary
 
 

@@ -13,7 +13,6 @@ import numpy as np
 import pyarrow as pa
 from sklearn.base import BaseEstimator, TransformerMixin
 
-from imgfeat.core import names as N
 from imgfeat.core import schemas as S
 from imgfeat.core.logs import ensure_notebook_logging, quiet_framework_start, quiet_native_logs
 from imgfeat.core.runs import new_run_id
@@ -93,12 +92,14 @@ def scan(root: str | os.PathLike, dataset: str, *, workspace: WorkspaceLike = No
 def extract(dataset: str, backbone: str = "efficientnet_lite0", *, name: str | None = None,
             workspace: WorkspaceLike = None, **options: Any) -> ExtractResult:
     """``imgfeat extract``: features of a dataset's new images; ``name`` records a recipe name for it."""
-    from imgfeat.extract.extract import ExtractConfig, run_extract
+    from imgfeat.extract.extract import ExtractConfig, check_recipe_name, record_recipe_name, run_extract
 
+    if name:
+        check_recipe_name(name)  # before any work, as the command line does
     ws = _ws(workspace)
     out = _as_dict(run_extract(ws, ExtractConfig(dataset=dataset, backbone=backbone, **options), new_run_id()))
     if name:
-        N.record(ws, N.FEATURESETS, name, out["featureset"])
+        record_recipe_name(ws, name, out["featureset"])
     return ExtractResult(out["featureset"], out, ws)
 
 

@@ -8,20 +8,22 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 
+from imgfeat.core import names
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError, ErrorRateExceeded, unknown_value
+from imgfeat.core.options import opt
 from imgfeat.core.progress import progress
 from imgfeat.core.ranges import check_fields
 from imgfeat.core.storage import WAIT_HINT, FileLock, read_shards, remove_stale_tmp, write_json_atomic
-from imgfeat.core.workspace import Workspace
-from imgfeat.extract.batches import DECODE_MODES, InputSpec, Item, decode_mode_of, is_final
+from imgfeat.core.workspace import Workspace, check_name
+from imgfeat.extract.batches import DECODE_MODES, PROCESS_DECODE_MIN_WORKERS, InputSpec, Item, decode_mode_of, is_final
 from imgfeat.extract.decode import DEFAULT_MAX_FILE_BYTES, EXIF_MODES, INTERPOLATIONS, DecodeConfig
 from imgfeat.extract.executors import (
     PRECISIONS,
@@ -48,7 +50,8 @@ log = logging.getLogger(__name__)
 NOT_FOUND = "not_found"  # a file given to extract_files that does not exist (its error code)
 
 __all__ = ["ExtractConfig", "ExtractSummary", "FileResult", "run_extract", "extract_files", "plan_extract",
-           "featureset_name", "check_error_rate", "open_featureset", "walk_manifest", "build_model", "PRECISIONS"]
+           "featureset_name", "check_error_rate", "check_extract_error_rate", "check_recipe_name",
+           "record_recipe_name", "open_featureset", "walk_manifest", "build_model", "PRECISIONS"]
 
 STAGE_SCAN = "scan"
 MANIFEST_BATCH_ROWS = 8192  # the manifest is streamed in record batches of this many rows
@@ -62,25 +65,47 @@ class ExtractConfig:
     ``resolve_recipe``) and run options (dataset, batch_size, shard_size, npy, workers, wait,
     max_file_bytes, and decode unless it is "gpu") that never change the numbers."""
 
-    dataset: str
-    backbone: str
-    weights: str | None = "imagenet"
-    pooling: str = "avg"
-    layer: str | None = None
-    input_size: int | None = None
-    batch_size: int = 32
-    precision: str = "float32"
-    dtype: str = "float32"
-    shard_size: int = 1024
-    npy: bool = False
-    interpolation: str = "bilinear"
-    fast_decode: bool = False
-    exif: str = "rotate"
-    seed: int = 0
-    workers: int | None = None
-    wait: float | None = None
-    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
-    decode: str = "auto"  # where files are decoded (DECODE_MODES); "gpu" also changes the numbers
+    dataset: str = opt(metavar="NAME", help="a dataset made by 'imgfeat scan'")
+    backbone: str = opt(metavar="NAME", help="e.g. mobilenet_v2, resnet50 ('imgfeat backbones' lists them)")
+    weights: str | None = opt("imagenet", metavar="imagenet|none|PATH",
+                              help="ImageNet weights from the Keras cache, 'none' (seeded random, for tests), "
+                                   "or a .weights.h5 file")
+    pooling: str = opt("avg", metavar="avg|max", help="global pooling of the last feature map")
+    layer: str | None = opt(None, metavar="NAME",
+                            help="tap this inner layer (pooled with --pooling) instead of the last one")
+    input_size: int | None = opt(None, metavar="N", help="square input side (default: the backbone's, e.g. 224)")
+    batch_size: int = opt(32, metavar="N", help="images per model call")
+    precision: str = opt("float32", metavar="float32|bfloat16|float16",
+                         help="compute precision (mixed policy); bfloat16 can help on recent CPUs, "
+                              "float16 is for GPUs")
+    dtype: str = opt("float32", metavar="float32|float16",
+                     help="storage dtype of the features (default float32; float16 halves the disk but "
+                          "Spark cannot read it: 'Illegal Parquet type: FIXED_LEN_BYTE_ARRAY (FLOAT16)')")
+    shard_size: int = opt(1024, metavar="N", help="rows per shard")
+    npy: bool = opt(False, help="also write part-*.npy sidecars (same row order)")
+    interpolation: str = opt("bilinear", metavar="NAME",
+                             help="resize filter: bilinear, nearest, bicubic, lanczos, box, hamming")
+    fast_decode: bool = opt(False, help="decode large JPEGs at 1/2, 1/4 or 1/8 scale before resizing (much "
+                                        "faster, close to but not equal to a full decode; part of the fingerprint)")
+    exif: str = opt("rotate", metavar="rotate|ignore",
+                    help="apply the EXIF orientation tag (rotate) or not, like keras.utils.load_img (ignore)")
+    seed: int = opt(0, metavar="N", help="seed of the random init with --weights none")
+    workers: int | None = opt(None, metavar="N",
+                              help="decoders: threads or processes here (default: the CPU count), concurrent "
+                                   "decode tasks with --executor ray (default: as many as the cluster fits)")
+    wait: float | None = opt(None, metavar="SECONDS",
+                             help="wait this long for another writer of the same featureset instead of failing")
+    max_file_bytes: int = opt(DEFAULT_MAX_FILE_BYTES, metavar="N",
+                              help="a file larger than this is an error row (file_too_large), never read whole "
+                                   f"(default {DEFAULT_MAX_FILE_BYTES >> 20} MiB; changes no numbers)")
+    # where files are decoded (DECODE_MODES); "gpu" also changes the numbers
+    decode: str = opt("auto", metavar="auto|threads|processes|gpu",
+                      help="where images are decoded: Pillow in threads, or in worker processes writing "
+                           "into shared batch buffers (auto: processes from %d workers up, where threads "
+                           "stop scaling); gpu: JPEGs decoded and resized in batches on the GPU, other "
+                           "files on the CPU (pip install 'imgfeat[gpu]', KERAS_BACKEND=jax; its numbers "
+                           "differ slightly from Pillow's, so it is part of the fingerprint)"
+                           % PROCESS_DECODE_MIN_WORKERS)
 
     def __post_init__(self) -> None:
         from imgfeat.backbones import POOLINGS, get_backbone
@@ -251,6 +276,26 @@ def check_error_rate(rates: dict[str, tuple[int, int]], limit: float | None) -> 
             f"{bad} of {total} images ({bad / total:.1%}) in {what} ended as error rows, over "
             f"--max-error-rate {limit:g}; everything was committed (see the errors table)"
         )
+
+
+def check_extract_error_rate(summary: Mapping[str, Any], limit: float | None) -> None:
+    """The error-rate policy for one extract run's summary (``imgfeat extract --max-error-rate``)."""
+    what = f"{summary['dataset']} -> {summary['featureset']}"
+    check_error_rate({what: (summary["error_rows"], summary["manifest_rows"])}, limit)
+
+
+# ------------------------------------------------------------------------------- recipe names
+
+
+def check_recipe_name(name: str) -> None:
+    """A recipe name is checked before any work, so a bad one never costs an extract."""
+    check_name("featureset recipe", name)
+
+
+def record_recipe_name(ws: Workspace, name: str, featureset: str) -> None:
+    """Make ``featureset`` the latest of recipe ``name`` (``train --featureset NAME`` then means it):
+    what ``extract --name``, a job file's ``[features.NAME]`` and ``imgfeat.extract(name=)`` record."""
+    names.record(ws, names.FEATURESETS, name, featureset)
 
 
 # ------------------------------------------------------------------------------- the reader side

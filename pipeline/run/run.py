@@ -12,7 +12,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from imgfeat.core import names
+from imgfeat.extract.extract import record_recipe_name
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError
 from imgfeat.run.jobfile import DedupJob, FeatureJob, FinetuneJob, HeadJob, IndexJob, JobSpec, build_config
@@ -216,7 +216,7 @@ def _extract_all(ws: Workspace, job: JobSpec, run_id: str, summary: RunSummary,
                 out = _extract_one(ws, job, extract_config(job, fjob, dataset, tuned), run_id)
                 summary.extract[f"{fjob.name}/{dataset}"] = out
                 featuresets[(fjob.name, dataset)] = stage_value(out, "featureset")
-                names.record(ws, names.FEATURESETS, fjob.name, stage_value(out, "featureset"))  # the recipe's latest
+                record_recipe_name(ws, fjob.name, stage_value(out, "featureset"))  # the recipe's latest
     return featuresets
 
 

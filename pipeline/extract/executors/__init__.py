@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from imgfeat.core.errors import ConfigError, unknown_value
+from imgfeat.core.options import opt
 from imgfeat.core.ranges import check_fields
 from imgfeat.core.workspace import Workspace
 from imgfeat.extract.batches import InputSpec, Item
@@ -28,13 +29,20 @@ class ExecutorConfig:
     ``actors`` backbone actors (default one per GPU, or one per node without GPUs), ``address``,
     ``gpus_per_worker`` and ``cpus_per_worker`` (per backbone actor)."""
 
-    name: str = "local"
-    workers: int | None = None
-    actors: int | None = None
-    address: str | None = None
-    gpus_per_worker: float | None = None
+    name: str = opt("local", flag="--executor", choices=EXECUTORS,
+                    help="run here, or on Ray Data: decode as CPU tasks, the backbone in an actor pool")
+    workers: int | None = None  # the flag is extract's (ExtractConfig.workers), handed on here
+    actors: int | None = opt(None, flag="--ray-actors", metavar="N",
+                             help="backbone actors (default: one per GPU, or one per node without GPUs)")
+    address: str | None = opt(None, flag="--ray-address", metavar="ADDR",
+                              help="'auto' (an existing cluster), 'local', 'ray://HOST:PORT' or HOST:PORT "
+                                   "(default: $RAY_ADDRESS, a cluster on this machine, else a private one)")
+    gpus_per_worker: float | None = opt(None, metavar="G",
+                                        help="GPUs per backbone actor (default: 1 when the cluster has GPUs, else 0)")
     cpus_per_worker: float = 1.0
-    in_flight: int = 2  # batches submitted to the model and not yet fetched (imgfeat.extract.forward)
+    # batches submitted to the model and not yet fetched (imgfeat.extract.forward)
+    in_flight: int = opt(2, metavar="N", help="batches submitted to the model before the oldest result is "
+                                              "fetched (default 2; changes no numbers)")
 
     def __post_init__(self) -> None:
         if self.name not in EXECUTORS:

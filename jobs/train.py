@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from imgfeat.cli.common import JobContext, add_command, add_wait, ranged
+from imgfeat.cli.common import JobContext, add_command, add_config_flags, config_values
 from imgfeat.core.errors import ConfigError
+from imgfeat.heads.train import TrainConfig, check_c_grid, run_train
 
 DESCRIPTION = """\
 Train a light classifier ("head") on bottleneck features: the dataset's manifest gives
@@ -51,42 +52,13 @@ classifier cannot learn from (one class, a class with a single image, no labels)
 def register(sub: argparse._SubParsersAction) -> None:
     p = add_command(sub, "train", handle, help="train a classifier head on a featureset",
                     description=DESCRIPTION, epilog=EPILOG)
-    p.add_argument("--dataset", required=True, metavar="NAME", help="dataset whose labels to learn")
-    p.add_argument("--featureset", required=True, metavar="FS",
-                   help="featureset made by 'imgfeat extract': its full name, or a recipe name (its latest)")
-    p.add_argument("--name", default=None, metavar="NAME",
-                   help="the head's stable name (default: <dataset>-<head>); it resolves to the latest version")
-    p.add_argument("--head", default="logreg", choices=("logreg", "svm", "mlp", "auto", "zero-shot"),
-                   help="kind of head (zero-shot: CLIP/SigLIP featuresets, class prompts, no fitting)")
-    p.add_argument("--prompt", default="a photo of a {label}", metavar="TEXT",
-                   help="zero-shot: each class's prompt, {label} standing for its name")
-    p.add_argument("--kernel", default="linear", choices=("linear", "rbf"), help="svm kernel (rbf: small sets)")
-    p.add_argument("--cv", type=ranged("cv"), default=5, metavar="K",
-                   help="cross-validation folds (fewer when the smallest class is smaller)")
-    p.add_argument("--class-weight", default=None, choices=("balanced",),
-                   help="weight classes inversely to their frequency (default: unweighted)")
-    p.add_argument("--random-state", type=ranged("random_state"), default=0, metavar="N",
-                   help="seed for folds, splits and the net")
-    p.add_argument("--test-fraction", type=ranged("test_fraction"), default=0.2, metavar="F",
-                   help="held-out fraction when the dataset has no test/val split")
-    p.add_argument("--cv-max-rows", type=ranged("cv_max_rows"), default=10_000, metavar="N",
-                   help="choose hyper-parameters on a stratified subsample of at most N rows")
-    p.add_argument("--c-grid", type=c_grid, default=None, metavar="C,C,...",
-                   help="logreg/svm: the C values cross-validation chooses from, by log-loss "
-                        "(default: 1e-4 to 10 in decades, extended past an edge the best value sits on)")
-    p.add_argument("--epochs", type=ranged("epochs"), default=50, metavar="N", help="mlp: most epochs")
-    p.add_argument("--hidden", type=ranged("hidden"), default=256, metavar="N", help="mlp: hidden units")
-    add_wait(p, "the same head")
+    add_config_flags(p, TrainConfig, ["dataset", "featureset", "name", "head", "prompt", "kernel", "cv",
+                                      "class_weight", "random_state", "test_fraction", "cv_max_rows", "c_grid",
+                                      "epochs", "hidden", "wait"], types={"c_grid": c_grid})
 
 
 def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
-    from imgfeat.heads import TrainConfig, run_train
-
-    cfg = TrainConfig(dataset=args.dataset, featureset=args.featureset, head=args.head, name=args.name,
-                      kernel=args.kernel,
-                      cv=args.cv, class_weight=args.class_weight, random_state=args.random_state,
-                      test_fraction=args.test_fraction, cv_max_rows=args.cv_max_rows, epochs=args.epochs,
-                      hidden=args.hidden, c_grid=args.c_grid, wait=args.wait, prompt=args.prompt)
+    cfg = TrainConfig(**config_values(TrainConfig, args))
     out = run_train(ctx.ws, cfg, ctx.run_id).to_json()
     if not args.json:
         print_train(out)
@@ -95,8 +67,6 @@ def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
 
 def c_grid(text: str) -> tuple[float, ...]:
     """``0.01,0.1,1`` -> (0.01, 0.1, 1.0), checked as a job file's c_grid is (argparse: exit 2)."""
-    from imgfeat.heads.train import check_c_grid
-
     try:
         return check_c_grid([float(v) for v in text.split(",") if v.strip()])
     except (ValueError, ConfigError) as exc:

@@ -17,6 +17,7 @@ from imgfeat.backbones.weights import resolve_weights
 from imgfeat.core.hashing import sha256_bytes
 from imgfeat.core.errors import ConfigError, unknown_value
 from imgfeat.core.names import HEADS, check_ref
+from imgfeat.core.options import opt
 from imgfeat.core.ranges import check_fields
 from imgfeat.core.storage import WAIT_HINT, FileLock, write_bytes_atomic
 from imgfeat.core.workspace import Workspace, check_name
@@ -39,31 +40,41 @@ _NOT_PARAMS = ("name", "tensorboard", "wait", "precision", "workers")
 class FinetuneConfig:
     """What to fine-tune: a backbone's top blocks plus a new head, on one dataset's labelled images."""
 
-    dataset: str
-    backbone: str
-    weights: str = "imagenet"  # the starting point: imagenet, none, or a .weights.h5 path
-    input_size: int | None = None
-    unfreeze_blocks: int | None = 2
-    unfreeze_from: str | None = None  # a layer name; wins over unfreeze_blocks
-    epochs: int = 3  # fine-tune epochs, after the warm-start epochs
-    warmup_epochs: int = 1  # head only, backbone frozen: the warm start
-    warm_start_head: str | None = None  # a logreg head (ID, NAME or NAME@ID) on this recipe's frozen features
-    learning_rate: float = 1e-4
-    warmup_learning_rate: float = 1e-3
-    batch_size: int = 16
-    augment: tuple[str, ...] = ("flip", "rotate", "zoom", "contrast")
+    dataset: str = opt(metavar="NAME", help="dataset whose labels to learn")
+    backbone: str = opt(metavar="NAME", help="backbone to tune (imgfeat backbones)")
+    weights: str = opt("imagenet", metavar="W", help="starting weights: imagenet, none or PATH")
+    input_size: int | None = opt(None, metavar="N", help="input side (default: the backbone's); extract the tuned "
+                                                         "features at the same size")
+    unfreeze_blocks: int | None = opt(2, metavar="N", help="top blocks to train")
+    unfreeze_from: str | None = opt(None, metavar="LAYER",  # wins over unfreeze_blocks
+                                    help="train every layer from LAYER on")
+    epochs: int = opt(3, metavar="N", help="fine-tune epochs (most)")  # after the warm-start epochs
+    warmup_epochs: int = opt(1, metavar="N", help="head-only epochs first")  # backbone frozen: the warm start
+    # a logreg head (ID, NAME or NAME@ID) on this recipe's frozen features
+    warm_start_head: str | None = opt(
+        None, flag="--warm-start", metavar="HEAD",
+        help="start the head from this logreg head (a name, its latest; NAME@ID or an id), trained on features "
+             "of the same backbone, weights and input size; then --warmup-epochs 0 skips the head-only epochs")
+    learning_rate: float = opt(1e-4, metavar="LR", help="fine-tune learning rate")
+    warmup_learning_rate: float = opt(1e-3, metavar="LR", help="warm-start learning rate")
+    batch_size: int = opt(16, metavar="N", help="images per step")
+    augment: tuple[str, ...] = opt(AUGMENT_NAMES, metavar="LIST",
+                                   help="comma-separated: flip,rotate,zoom,contrast, or none (default: all four)")
     dropout: float = 0.2
-    patience: int = 2  # early stopping on validation loss, in fine-tune epochs
-    val_fraction: float = 0.15
-    test_fraction: float = 0.2
-    random_state: int = 0
+    patience: int = opt(2, metavar="N",  # early stopping on validation loss
+                        help="stop after N fine-tune epochs without a better validation loss")
+    val_fraction: float = opt(0.15, metavar="F", help="share of the training images held out for early stopping")
+    test_fraction: float = opt(0.2, metavar="F", help="held-out fraction when the dataset has no test/val split")
+    random_state: int = opt(0, metavar="N", help="seed for splits, order and init")
     interpolation: str = "bilinear"
     exif: str = "rotate"
-    precision: str = "auto"  # auto: mixed_float16 on a GPU, float32 elsewhere
-    name: str | None = None
-    tensorboard: str | None = None
-    workers: int = 2  # threads decoding training batches ahead of the model
-    wait: float | None = None
+    precision: str = opt("auto", choices=PRECISIONS, help="auto: mixed_float16 on a GPU, else float32")
+    name: str | None = opt(None, metavar="NAME", help="name of the result (default: the dataset)")
+    tensorboard: str | None = opt(None, metavar="DIR",
+                                  help="also write TensorBoard logs to DIR (needs the tensorboard package)")
+    workers: int = opt(2, metavar="N", help="threads decoding training batches ahead of the model")
+    wait: float | None = opt(None, metavar="SECONDS", help="wait up to this long for another process writing the "
+                                                           "same fine-tune, instead of exiting at once")
 
     def __post_init__(self) -> None:
         check_name("dataset", self.dataset)

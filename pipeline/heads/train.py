@@ -9,6 +9,7 @@ from typing import Any
 
 from imgfeat.core.hashing import sha256_text
 from imgfeat.core.errors import ConfigError, unknown_value
+from imgfeat.core.options import opt
 from imgfeat.extract.featureset import featureset_info
 from imgfeat.heads import artifacts as A
 from imgfeat.core import names as N
@@ -42,27 +43,36 @@ _KIND_PARAMS[ZERO_SHOT] = ("prompt",)  # after "auto": an auto head's id must no
 class TrainConfig:
     """What to train: a head kind on one dataset's labels and one featureset (a name or a full name)."""
 
-    dataset: str
-    featureset: str
-    head: str = "logreg"
-    name: str | None = None  # the head's stable name; default <dataset>-<head>
-    kernel: str = "linear"  # svm only; "rbf" suits small sets
-    cv: int = 5
-    class_weight: str | None = None
-    random_state: int = 0
-    test_fraction: float = 0.2  # only when the manifest has no split
-    cv_max_rows: int = 10_000  # choose C on a stratified subsample this big, then fit on all rows
+    dataset: str = opt(metavar="NAME", help="dataset whose labels to learn")
+    featureset: str = opt(metavar="FS", help="featureset made by 'imgfeat extract': its full name, or a recipe "
+                                             "name (its latest)")
+    head: str = opt("logreg", choices=(*HEAD_KINDS, ZERO_SHOT),
+                    help="kind of head (zero-shot: CLIP/SigLIP featuresets, class prompts, no fitting)")
+    name: str | None = opt(None, metavar="NAME", help="the head's stable name (default: <dataset>-<head>); it "
+                                                      "resolves to the latest version")
+    kernel: str = opt("linear", choices=SVM_KERNELS, help="svm kernel (rbf: small sets)")
+    cv: int = opt(5, metavar="K", help="cross-validation folds (fewer when the smallest class is smaller)")
+    class_weight: str | None = opt(None, choices=CLASS_WEIGHTS,
+                                   help="weight classes inversely to their frequency (default: unweighted)")
+    random_state: int = opt(0, metavar="N", help="seed for folds, splits and the net")
+    test_fraction: float = opt(0.2, metavar="F", help="held-out fraction when the dataset has no test/val split")
+    cv_max_rows: int = opt(10_000, metavar="N",  # choose C on a stratified subsample, then fit on all rows
+                           help="choose hyper-parameters on a stratified subsample of at most N rows")
     max_iter: int = 1000
-    c_grid: tuple[float, ...] | None = None  # logreg/svm C values to cross-validate; None: a default grid
-    epochs: int = 50
-    hidden: int = 256
+    c_grid: tuple[float, ...] | None = opt(  # None: a default grid
+        None, metavar="C,C,...", help="logreg/svm: the C values cross-validation chooses from, by log-loss "
+                                      "(default: 1e-4 to 10 in decades, extended past an edge the best value sits on)")
+    epochs: int = opt(50, metavar="N", help="mlp: most epochs")
+    hidden: int = opt(256, metavar="N", help="mlp: hidden units")
     dropout: float = 0.5
     batch_size: int = 32
     learning_rate: float = 1e-3
     patience: int = 5
     n_jobs: int | None = None  # parallel CV fits for logreg/svm; None: by data size and cores
-    wait: float | None = None  # seconds to wait for another trainer of the same head (not a param)
-    prompt: str = DEFAULT_PROMPT  # zero-shot only: each class's text, "{label}" standing for its name
+    wait: float | None = opt(None, metavar="SECONDS", help="wait up to this long for another process writing the "
+                                                           "same head, instead of exiting at once")
+    prompt: str = opt(DEFAULT_PROMPT, metavar="TEXT",
+                      help="zero-shot: each class's prompt, {label} standing for its name")
 
     def __post_init__(self) -> None:
         check_name("dataset", self.dataset)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from imgfeat.cli.common import JobContext, add_command, ranged
+from imgfeat.cli.common import JobContext, add_command, add_config_flags, config_values
+from imgfeat.tools.bench import PATHS, BenchConfig, run_bench
 
 DESCRIPTION = """\
 Measure, in one run and on this machine, four whole processes (start-up included) over
@@ -39,35 +40,16 @@ exit codes: 0 measured, 2 bad flag or no images, 1 a measured process failed
 def register(sub: argparse._SubParsersAction) -> None:
     p = add_command(sub, "bench", handle, help="throughput of extract vs the input and forward limits and the tutorial path",
                     description=DESCRIPTION, epilog=EPILOG)
-    p.add_argument("--backbone", required=True, metavar="NAME", help="e.g. mobilenet_v2, resnet50")
-    p.add_argument("--images", required=True, metavar="DIR", help="a folder of image files (searched recursively)")
-    p.add_argument("--batch-size", type=ranged("batch_size"), default=32, metavar="N", help="images per model call")
-    p.add_argument("--limit", type=ranged("limit"), default=None, metavar="N",
-                   help="use the first N images (sorted by path)")
-    p.add_argument("--weights", default="none", metavar="imagenet|none|PATH", help="weights to build with")
-    p.add_argument("--input-size", type=ranged("input_size"), default=None, metavar="N", help="square input side")
-    p.add_argument("--precision", default="float32", metavar="float32|bfloat16|float16", help="compute precision")
-    p.add_argument("--fast-decode", action="store_true", help="pass --fast-decode to extract")
-    p.add_argument("--workers", type=ranged("workers"), default=None, metavar="N",
-                   help="decoders of extract and of the input path (default: the CPU count)")
-    p.add_argument("--decode", default="auto", metavar="auto|threads|processes|gpu",
-                   help="extract's --decode, also used by the input path")
-    p.add_argument("--repeat", type=ranged("repeat"), default=1, metavar="N",
-                   help="rounds of all paths, interleaved; each path's fastest round counts "
-                        "(use 3+ on a shared machine)")
+    add_config_flags(p, BenchConfig, ["backbone", "images", "batch_size", "limit", "weights", "input_size",
+                                      "precision", "fast_decode", "workers", "decode", "repeat"])
     p.add_argument("--skip", action="append", default=[], choices=("input", "forward", "extract", "tutorial"),
                    help="leave out a path (repeatable)")
 
 
 def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
-    from imgfeat.tools.bench import PATHS, BenchConfig, run_bench
-
-    cfg = BenchConfig(
-        backbone=args.backbone, images=Path(args.images).expanduser(), batch_size=args.batch_size,
-        limit=args.limit, weights=args.weights, input_size=args.input_size, fast_decode=args.fast_decode,
-        precision=args.precision, workers=args.workers, decode=args.decode, repeat=args.repeat,
-        paths=tuple(p for p in PATHS if p not in args.skip),
-    )
+    values = config_values(BenchConfig, args)
+    cfg = BenchConfig(**{**values, "images": Path(args.images).expanduser()},
+                      paths=tuple(p for p in PATHS if p not in args.skip))
     summary = run_bench(cfg, ctx.run_id)
     if not args.json:
         print(_human(summary))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from imgfeat.cli.common import JobContext, add_command, ranged
+from imgfeat.cli.common import JobContext, add_command, add_config_flags, config_values
+from imgfeat.tools.classify import ClassifyConfig, format_result, run_classify
 
 DESCRIPTION = """\
 Print the most likely ImageNet classes of each image, with probabilities.
@@ -26,15 +27,7 @@ examples:
 
 
 def handle(args: argparse.Namespace, ctx: JobContext) -> dict[str, Any]:
-    from imgfeat.tools.classify import ClassifyConfig, format_result, run_classify
-
-    cfg = ClassifyConfig(
-        paths=tuple(args.images),
-        backbone=args.backbone,
-        weights=args.weights,
-        top=args.top,
-        batch_size=args.batch_size,
-    )
+    cfg = ClassifyConfig(paths=tuple(args.images), **config_values(ClassifyConfig, args))
     summary = run_classify(cfg)
     for result in summary["results"]:
         print(format_result(result), flush=True)
@@ -42,8 +35,6 @@ def handle(args: argparse.Namespace, ctx: JobContext) -> dict[str, Any]:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from imgfeat.tools.classify import DEFAULT_BACKBONE
-
     p = add_command(
         sub,
         "classify",
@@ -54,11 +45,4 @@ def register(sub: argparse._SubParsersAction) -> None:
         record_run=False,  # a quick look at a few files: leave no run record in the workspace
     )
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files to classify")
-    p.add_argument("--backbone", default=DEFAULT_BACKBONE, help="a backbone with an ImageNet top")
-    p.add_argument(
-        "--weights",
-        default="imagenet",
-        help="'imagenet', a .weights.h5 file with the classification top, or 'none' (random)",
-    )
-    p.add_argument("--top", type=ranged("top"), default=5, help="classes to show per image")
-    p.add_argument("--batch-size", type=ranged("batch_size"), default=16, help="images per forward pass")
+    add_config_flags(p, ClassifyConfig)

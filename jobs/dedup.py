@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from imgfeat.cli.common import JobContext, add_command, ranged
+from imgfeat.cli.common import JobContext, add_command, add_config_flags, config_values
+from imgfeat.heads.versions import resolve_featureset
+from imgfeat.index.dedup import DedupConfig, criterion_text, run_dedup
 
 DESCRIPTION = """\
 Find near-duplicates in a dataset, held-out images that leak from the training split, and
@@ -36,31 +38,16 @@ examples:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from imgfeat.index.dedup import DEFAULT_NEIGHBOURS
-
     p = add_command(sub, "dedup", handle, help="near-duplicate groups and train/test leaks of a dataset",
                     description=DESCRIPTION, epilog=EPILOG)
-    p.add_argument("--featureset", required=True, metavar="FS", help="the featureset to compare images by: its name, a recipe name or RECIPE@ID")
-    p.add_argument("--dataset", required=True, metavar="NAME", help="the dataset to look into")
-    p.add_argument("--threshold", type=ranged("threshold"), default=None, metavar="T",
-                   help="instead of the default criterion: a cosine similarity of the features, in (0, 1], "
-                        "at or above which two images are near-duplicates")
-    p.add_argument("--neighbours", type=ranged("neighbours"), default=DEFAULT_NEIGHBOURS, metavar="K",
-                   help=f"candidate neighbours looked at per image (default {DEFAULT_NEIGHBOURS})")
-    p.add_argument("--name", default=None, metavar="NAME",
-                   help="output folder name under dedup/ (default: the dataset)")
+    add_config_flags(p, DedupConfig)
 
 
 def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
-    from imgfeat.heads.versions import resolve_featureset
-    from imgfeat.index.dedup import DedupConfig, run_dedup
-
-    cfg = DedupConfig(featureset=resolve_featureset(ctx.ws, args.featureset), dataset=args.dataset, threshold=args.threshold,
-                      neighbours=args.neighbours, name=args.name)
+    values = config_values(DedupConfig, args)
+    cfg = DedupConfig(**{**values, "featureset": resolve_featureset(ctx.ws, args.featureset)})
     out = run_dedup(ctx.ws, cfg, ctx.run_id)
     if not args.json:
-        from imgfeat.index.dedup import criterion_text
-
         print(f"{out.groups} near-duplicate groups ({out.grouped_paths} files, {out.exact_duplicate_paths} exact "
               f"copies) among {out.paths} files ({criterion_text(out.criterion)}); {out.leaks} split leaks; "
               f"{out.label_conflicts} groups with conflicting labels ({out.label_conflict_paths} files)")

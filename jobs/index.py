@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from imgfeat.cli.common import JobContext, add_command, add_wait, ranged
+from imgfeat.cli.common import JobContext, add_command, add_config_flags, config_values
+from imgfeat.heads.versions import resolve_featureset
+from imgfeat.index.build import IndexConfig, build_index
 
 DESCRIPTION = """\
 Build a FAISS nearest-neighbour index over a featureset's L2-normalised features (cosine
@@ -30,27 +32,16 @@ examples:
 def register(sub: argparse._SubParsersAction) -> None:
     p = add_command(sub, "index", handle, help="build or extend a similarity index over a featureset",
                     description=DESCRIPTION, epilog=EPILOG)
-    p.add_argument("--featureset", required=True, metavar="FS", help="the featureset to index: its name, a recipe name (its latest) or RECIPE@ID")
+    add_config_flags(p, IndexConfig, ["featureset"])
     p.add_argument("--dataset", dest="datasets", action="append", default=[], metavar="NAME",
                    help="index only this dataset's images (repeatable; default: the whole featureset)")
-    p.add_argument("--name", default=None, metavar="NAME",
-                   help="index name (default: the datasets and the featureset, joined by '-')")
-    p.add_argument("--kind", choices=("auto", "flat", "ivf", "hnsw"), default="auto",
-                   help="flat: exact; ivf, hnsw: approximate; auto: flat up to 50,000 rows, else ivf")
-    p.add_argument("--nlist", type=ranged("nlist"), default=None, metavar="N", help="IVF lists (default ~4 sqrt(rows))")
-    p.add_argument("--nprobe", type=ranged("nprobe"), default=None, metavar="N",
-                   help="IVF lists searched per query (default max(8, nlist/16))")
-    p.add_argument("--rebuild", action="store_true",
-                   help="build the index again from its featureset, replacing its files (damaged or not)")
-    add_wait(p, "the same index")
+    add_config_flags(p, IndexConfig, ["name", "kind", "nlist", "nprobe", "rebuild", "wait"])
 
 
 def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
-    from imgfeat.heads.versions import resolve_featureset
-    from imgfeat.index import IndexConfig, build_index
-
-    cfg = IndexConfig(featureset=resolve_featureset(ctx.ws, args.featureset), datasets=tuple(args.datasets), name=args.name, kind=args.kind,
-                      nlist=args.nlist, nprobe=args.nprobe, wait=args.wait, rebuild=args.rebuild)
+    values = config_values(IndexConfig, args)
+    cfg = IndexConfig(**{**values, "featureset": resolve_featureset(ctx.ws, args.featureset)},
+                      datasets=tuple(args.datasets))
     out = build_index(ctx.ws, cfg, ctx.run_id)
     if not args.json:
         if out.written:

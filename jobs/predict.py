@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from imgfeat.cli.common import JobContext, add_command, add_trust_pickle, add_wait, ranged, require
+from imgfeat.cli.common import JobContext, add_command, add_config_flags, add_trust_pickle, config_values, require
+from imgfeat.heads.predict import PredictConfig, run_predict
 
 DESCRIPTION = """\
 Apply a trained head to a dataset's features, or to image files, folders and glob patterns.
@@ -38,21 +39,17 @@ exit codes: 0 done (unreadable files are lines, not failures), 2 unknown head or
 def register(sub: argparse._SubParsersAction) -> None:
     p = add_command(sub, "predict", handle, help="predict with a trained head (dataset, files, folders)",
                     description=DESCRIPTION, epilog=EPILOG)
-    p.add_argument("--head", required=True, metavar="HEAD", help="a head name (its latest version), NAME@ID, or id")
-    p.add_argument("--dataset", default=None, metavar="NAME", help="predict every image of this dataset")
+    add_config_flags(p, PredictConfig, ["head_id", "dataset"])
     p.add_argument("images", nargs="*", metavar="IMAGE",
                    help="image files, folders or glob patterns to predict (instead of --dataset)")
-    p.add_argument("--top-k", type=ranged("top_k"), default=5, metavar="K", help="labels kept per image")
-    add_wait(p, "this head's predictions (or its featureset, for image files)")
+    add_config_flags(p, PredictConfig, ["top_k", "wait"])
     add_trust_pickle(p)
 
 
 def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
-    from imgfeat.heads import PredictConfig, run_predict
-
     require(bool(args.dataset) != bool(args.images), "give either --dataset NAME or image files, not both")
-    cfg = PredictConfig(head_id=args.head, dataset=args.dataset, paths=tuple(args.images), top_k=args.top_k,
-                        wait=args.wait, trust_pickle=args.trust_pickle)
+    cfg = PredictConfig(**config_values(PredictConfig, args), paths=tuple(args.images),
+                        trust_pickle=args.trust_pickle)
     out = run_predict(ctx.ws, cfg, ctx.run_id).to_json()
     if not args.json:
         print_predict(out)

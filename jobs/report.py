@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from imgfeat.cli.common import JobContext, add_command, add_trust_pickle, add_wait, ranged
+from imgfeat.cli.common import JobContext, add_command, add_config_flags, add_trust_pickle, config_values
+from imgfeat.heads.report import ReportConfig, run_report
 
 DESCRIPTION = """\
 Write reports/<head_id>/index.html for a trained head, titled by the head's name: its metrics,
@@ -26,20 +27,12 @@ examples:
 def register(sub: argparse._SubParsersAction) -> None:
     p = add_command(sub, "report", handle, help="write an HTML report for a trained head",
                     description=DESCRIPTION, epilog=EPILOG)
-    p.add_argument("--head", required=True, metavar="HEAD", help="a head name (its latest version), NAME@ID, or a head id")
-    p.add_argument("--mistakes", type=ranged("max_mistakes"), default=24, metavar="N",
-                   help="most confident mistakes to show")
-    p.add_argument("--projection", default="auto", choices=("auto", "pca", "tsne"), help="2-D projection")
-    p.add_argument("--max-points", type=ranged("max_points"), default=2000, metavar="N", help="points in the projection")
-    add_wait(p, "this head's report")
+    add_config_flags(p, ReportConfig, ["head_id", "max_mistakes", "projection", "max_points", "wait"])
     add_trust_pickle(p)
 
 
 def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
-    from imgfeat.heads import ReportConfig, run_report
-
-    cfg = ReportConfig(head_id=args.head, max_mistakes=args.mistakes, projection=args.projection,
-                       max_points=args.max_points, wait=args.wait, trust_pickle=args.trust_pickle)
+    cfg = ReportConfig(**config_values(ReportConfig, args), trust_pickle=args.trust_pickle)
     out = run_report(ctx.ws, cfg, ctx.run_id)
     if not args.json:
         print(out["report"])

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from imgfeat.cli.common import JobContext, add_command, ranged, seconds
+from imgfeat.cli.common import JobContext, add_command, add_config_flags, config_values
+from imgfeat.scan.scan import ScanConfig, plan_scan, run_scan
 
 DESCRIPTION = """\
 Walk ROOT and write datasets/NAME/manifest.parquet: one row per image file with its
@@ -44,44 +45,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = add_command(sub, "scan", handle, help="scan an image folder into a dataset manifest",
                     description=DESCRIPTION, epilog=EPILOG)
     p.add_argument("root", metavar="ROOT", help="the image folder")
-    p.add_argument("--dataset", required=True, metavar="NAME",
-                   help="dataset name (letters, digits, '.', '_', '-')")
-    p.add_argument("--labels", dest="labels_csv", metavar="FILE.csv", default=None,
-                   help="CSV with columns path,label that overrides folder labels")
-    p.add_argument("--test-fraction", type=ranged("test_fraction"), metavar="F", default=None,
-                   help="without split folders: put this fraction (0..1) of images in 'test', "
-                        "the rest in 'train', chosen by content hash")
-    p.add_argument("--follow-links", action="store_true",
-                   help="follow symlinks whose target is outside ROOT (loops are always cut)")
-    p.add_argument("--keep-non-images", action="store_true",
-                   help="probe files without an image extension too; unidentified ones become "
-                        "not_an_image rows instead of being skipped")
-    p.add_argument("--max-pixels", type=ranged("max_pixels"), metavar="N", default=None,
-                   help="width*height above this is status too_large (default: Pillow's "
-                        "decompression-bomb limit, 89478485; Pillow itself refuses twice that)")
-    p.add_argument("--workers", type=ranged("workers"), metavar="N", default=None,
-                   help="reader threads (default: CPU count + 4, at most 16)")
-    p.add_argument("--wait", type=seconds, metavar="SECONDS", default=None,
-                   help="wait this long for another scan of the same dataset instead of failing")
+    add_config_flags(p, ScanConfig)
     p.add_argument("--dry-run", action="store_true",
                    help="only stat the files and print new/changed/removed/unchanged counts")
 
 
 def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
-    from imgfeat.scan.scan import ScanConfig, plan_scan, run_scan
-
-    options = {"max_pixels": args.max_pixels} if args.max_pixels is not None else {}
-    cfg = ScanConfig(
-        root=args.root,
-        dataset=args.dataset,
-        labels_csv=Path(args.labels_csv) if args.labels_csv else None,
-        test_fraction=args.test_fraction,
-        follow_links=args.follow_links,
-        keep_non_images=args.keep_non_images,
-        workers=args.workers,
-        wait=args.wait,
-        **options,
-    )
+    values = config_values(ScanConfig, args)
+    if values["labels_csv"]:
+        values["labels_csv"] = Path(values["labels_csv"])
+    cfg = ScanConfig(root=args.root, **values)
     summary = (plan_scan(ctx.ws, cfg) if args.dry_run else run_scan(ctx.ws, cfg, ctx.run_id)).to_json()
     if not args.json:
         print(_human(summary, args.dry_run))

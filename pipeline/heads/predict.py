@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from imgfeat.core import names as N
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError
+from imgfeat.core.options import opt
 from imgfeat.extract.featureset import (
     feature_matrix,
     feature_shards,
@@ -52,13 +53,13 @@ class PredictConfig:
     ``paths`` may hold files, folders (walked like ``imgfeat scan``) and glob patterns.
     """
 
-    head_id: str
-    dataset: str | None = None
+    head_id: str = opt(flag="--head", metavar="HEAD", help="a head name (its latest version), NAME@ID, or id")
+    dataset: str | None = opt(None, metavar="NAME", help="predict every image of this dataset")
     paths: tuple[str, ...] = ()
-    top_k: int = 5
+    top_k: int = opt(5, metavar="K", help="labels kept per image")
     chunk_rows: int = 8192  # feature rows read and scored at a time: memory stays flat
     shard_rows: int = 262_144  # rows per output shard
-    wait: float | None = None  # seconds to wait for another writer of this head's predictions
+    wait: float | None = opt(None, metavar="SECONDS", help="wait up to this long for another process writing this head's predictions (or its featureset, for image files), instead of exiting at once")
     trust_pickle: bool = False  # load an old joblib (pickle) head; only for files you trust
 
     def __post_init__(self) -> None:

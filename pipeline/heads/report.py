@@ -20,6 +20,7 @@ from imgfeat import __version__
 from imgfeat.core import schemas as S
 from imgfeat.core.hashing import canonical_json, sha256_text
 from imgfeat.core.errors import ConfigError, unknown_value
+from imgfeat.core.options import opt
 from imgfeat.extract.featureset import load_features
 from imgfeat.heads import artifacts as A
 from imgfeat.heads.artifacts import LoadedHead, load_head
@@ -40,12 +41,13 @@ CONFUSION_PNG, PROJECTION_PNG = "confusion.png", "projection.png"
 class ReportConfig:
     """Which head to report on (id, name or name@id), and how much to show."""
 
-    head_id: str
-    max_mistakes: int = 24
-    max_points: int = 2000  # projection sample size
-    projection: str = "auto"  # t-SNE up to TSNE_MAX_POINTS points, PCA above
+    head_id: str = opt(flag="--head", metavar="HEAD", help="a head name (its latest version), NAME@ID, or a head id")
+    max_mistakes: int = opt(24, flag="--mistakes", metavar="N", help="most confident mistakes to show")
+    max_points: int = opt(2000, metavar="N", help="points in the projection")  # projection sample size
+    # t-SNE up to TSNE_MAX_POINTS points, PCA above
+    projection: str = opt("auto", choices=PROJECTIONS, help="2-D projection")
     thumb_size: int = 128
-    wait: float | None = None  # seconds to wait for another writer of this head's report
+    wait: float | None = opt(None, metavar="SECONDS", help="wait up to this long for another process writing this head's report, instead of exiting at once")
     trust_pickle: bool = False  # load an old joblib (pickle) head; only for files you trust
 
     def __post_init__(self) -> None:

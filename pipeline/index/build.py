@@ -15,6 +15,7 @@ import pyarrow as pa
 
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError, ImgfeatError
+from imgfeat.core.options import opt
 from imgfeat.core.ranges import check_fields
 from imgfeat.core.storage import (
     WAIT_HINT,
@@ -31,7 +32,7 @@ from imgfeat.extract.featureset import committed_ids, featureset_info
 from imgfeat.index.files import (IDS_FILE, INDEX_PREFIX, INDEX_SUFFIX, PROVENANCE_FILE, IndexInfo, checked_index_file,
                                  ids_digest, index_lock, migrate_layout, provenance_path, read_faiss, read_ids,
                                  read_info, refuse_links)
-from imgfeat.index.kinds import IndexParams, add_in_chunks, check_kind, import_faiss, make_index, resolve_params, train
+from imgfeat.index.kinds import KINDS, IndexParams, add_in_chunks, check_kind, import_faiss, make_index, resolve_params, train
 from imgfeat.index.vectors import first_paths, manifest_rows, read_vectors, scanned_datasets
 
 log = logging.getLogger(__name__)
@@ -43,17 +44,21 @@ RETRAIN_GROWTH = 4  # an IVF index is retrained once it holds this many times th
 class IndexConfig:
     """What `imgfeat index` builds: the featureset rows of some datasets (all rows when none), named."""
 
-    featureset: str
-    datasets: tuple[str, ...] = ()
-    name: str | None = None
-    kind: str = "auto"
-    nlist: int | None = None
-    nprobe: int | None = None
+    featureset: str = opt(metavar="FS", help="the featureset to index: its name, a recipe name (its latest) "
+                                             "or RECIPE@ID")
+    datasets: tuple[str, ...] = ()  # the flag is the repeatable --dataset
+    name: str | None = opt(None, metavar="NAME",
+                           help="index name (default: the datasets and the featureset, joined by '-')")
+    kind: str = opt("auto", choices=KINDS,
+                    help="flat: exact; ivf, hnsw: approximate; auto: flat up to 50,000 rows, else ivf")
+    nlist: int | None = opt(None, metavar="N", help="IVF lists (default ~4 sqrt(rows))")
+    nprobe: int | None = opt(None, metavar="N", help="IVF lists searched per query (default max(8, nlist/16))")
     hnsw_m: int = 32
     ef_search: int = 128
     seed: int = 0
-    wait: float | None = None
-    rebuild: bool = False  # build again from the featureset, whatever the old files hold (a damaged index)
+    wait: float | None = opt(None, metavar="SECONDS", help="wait up to this long for another process writing the same index, instead of exiting at once")
+    # build again from the featureset, whatever the old files hold (a damaged index)
+    rebuild: bool = opt(False, help="build the index again from its featureset, replacing its files (damaged or not)")
 
     def __post_init__(self) -> None:
         check_wait(self.wait, "index wait")

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError, ImgfeatError
+from imgfeat.core.options import opt
 from imgfeat.core.ranges import check_fields
 from imgfeat.core.storage import FileLock, remove_stale_tmp, write_bytes_atomic, write_json_atomic, write_table_atomic
 from imgfeat.core.workspace import Workspace, check_name
@@ -64,11 +65,16 @@ class DedupConfig:
     number: a fixed cosine of the features instead.
     """
 
-    featureset: str
-    dataset: str
-    threshold: float | None = None
-    neighbours: int = DEFAULT_NEIGHBOURS  # candidates per image; groups still chain through neighbours of neighbours
-    name: str | None = None
+    featureset: str = opt(metavar="FS", help="the featureset to compare images by: its name, a recipe name or "
+                                             "RECIPE@ID")
+    dataset: str = opt(metavar="NAME", help="the dataset to look into")
+    threshold: float | None = opt(None, metavar="T",
+                                  help="instead of the default criterion: a cosine similarity of the features, in "
+                                       "(0, 1], at or above which two images are near-duplicates")
+    # candidates per image; groups still chain through neighbours of neighbours
+    neighbours: int = opt(DEFAULT_NEIGHBOURS, metavar="K",
+                          help=f"candidate neighbours looked at per image (default {DEFAULT_NEIGHBOURS})")
+    name: str | None = opt(None, metavar="NAME", help="output folder name under dedup/ (default: the dataset)")
     page_groups: int = 200  # groups drawn on the HTML page (all of them are in the table)
     exact_max: int = EXACT_MAX
     calibration_images: int = CALIBRATION_IMAGES

@@ -22,6 +22,7 @@ from PIL import Image
 
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError
+from imgfeat.core.options import opt
 from imgfeat.scan.manifest import ROW_GROUP_ROWS, make_info, manifest_writer, rows_to_table
 from imgfeat.scan.probe import Probe, over_limit_message, probe_file
 from imgfeat.core.progress import progress
@@ -49,14 +50,21 @@ class ScanConfig:
     """What to scan and how; see ``imgfeat scan --help`` for each option."""
 
     root: str | os.PathLike
-    dataset: str
-    labels_csv: str | os.PathLike | None = None
-    test_fraction: float | None = None
-    follow_links: bool = False
-    keep_non_images: bool = False
-    max_pixels: int = Image.MAX_IMAGE_PIXELS
-    workers: int | None = None
-    wait: float | None = None
+    dataset: str = opt(metavar="NAME", help="dataset name (letters, digits, '.', '_', '-')")
+    labels_csv: str | os.PathLike | None = opt(None, flag="--labels", metavar="FILE.csv",
+                                               help="CSV with columns path,label that overrides folder labels")
+    test_fraction: float | None = opt(None, metavar="F",
+                                      help="without split folders: put this fraction (0..1) of images in 'test', "
+                                           "the rest in 'train', chosen by content hash")
+    follow_links: bool = opt(False, help="follow symlinks whose target is outside ROOT (loops are always cut)")
+    keep_non_images: bool = opt(False, help="probe files without an image extension too; unidentified ones "
+                                            "become not_an_image rows instead of being skipped")
+    max_pixels: int = opt(Image.MAX_IMAGE_PIXELS, metavar="N",
+                          help="width*height above this is status too_large (default: Pillow's "
+                               f"decompression-bomb limit, {Image.MAX_IMAGE_PIXELS}; Pillow itself refuses twice that)")
+    workers: int | None = opt(None, metavar="N", help="reader threads (default: CPU count + 4, at most 16)")
+    wait: float | None = opt(None, metavar="SECONDS",
+                             help="wait this long for another scan of the same dataset instead of failing")
 
     def __post_init__(self) -> None:
         check_name("dataset", self.dataset)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from imgfeat.core.errors import ConfigError, ImgfeatError
+from imgfeat.core.options import opt
 from imgfeat.scan.probe import has_image_extension
 
 log = logging.getLogger(__name__)
@@ -28,18 +29,22 @@ PATHS = ("input", "forward", "extract", "tutorial")
 class BenchConfig:
     """What to measure: one backbone on the images under ``images`` (the first ``limit`` of them)."""
 
-    backbone: str
-    images: Path
-    batch_size: int = 32
-    limit: int | None = None
-    weights: str = "none"  # weights do not change speed; 'none' keeps the bench offline
-    input_size: int | None = None
-    fast_decode: bool = False
-    precision: str = "float32"
-    workers: int | None = None
-    decode: str = "auto"  # extract's --decode; the input path decodes the same way
-    paths: tuple[str, ...] = PATHS
-    repeat: int = 1  # rounds of all paths, interleaved; each path's fastest round counts
+    backbone: str = opt(metavar="NAME", help="e.g. mobilenet_v2, resnet50")
+    images: Path = opt(metavar="DIR", help="a folder of image files (searched recursively)")
+    batch_size: int = opt(32, metavar="N", help="images per model call")
+    limit: int | None = opt(None, metavar="N", help="use the first N images (sorted by path)")
+    # weights do not change speed; 'none' keeps the bench offline
+    weights: str = opt("none", metavar="imagenet|none|PATH", help="weights to build with")
+    input_size: int | None = opt(None, metavar="N", help="square input side")
+    fast_decode: bool = opt(False, help="pass --fast-decode to extract")
+    precision: str = opt("float32", metavar="float32|bfloat16|float16", help="compute precision")
+    workers: int | None = opt(None, metavar="N",
+                              help="decoders of extract and of the input path (default: the CPU count)")
+    # the input path decodes the same way
+    decode: str = opt("auto", metavar="auto|threads|processes|gpu", help="extract's --decode, also used by the input path")
+    paths: tuple[str, ...] = PATHS  # the flag is --skip
+    repeat: int = opt(1, metavar="N", help="rounds of all paths, interleaved; each path's fastest round counts "
+                                           "(use 3+ on a shared machine)")
 
     def __post_init__(self) -> None:
         from imgfeat.backbones import get_backbone

@@ -12,6 +12,7 @@ import numpy as np
 
 from imgfeat.extract.decode import DecodeConfig, DecodeError, decode_batch
 from imgfeat.core.errors import ConfigError
+from imgfeat.core.options import opt
 from imgfeat.tools.imagenet import NUM_CLASSES, decode_predictions
 
 if TYPE_CHECKING:
@@ -27,10 +28,11 @@ class ClassifyConfig:
     """Which images, which backbone and weights, and how many classes to report per image."""
 
     paths: tuple[str, ...]
-    backbone: str = DEFAULT_BACKBONE
-    weights: str = "imagenet"
-    top: int = 5
-    batch_size: int = 16
+    backbone: str = opt(DEFAULT_BACKBONE, help="a backbone with an ImageNet top")
+    weights: str = opt("imagenet", help="'imagenet', a .weights.h5 file with the classification top, or 'none' "
+                                        "(random)")
+    top: int = opt(5, help="classes to show per image")
+    batch_size: int = opt(16, help="images per forward pass")
     interpolation: str = "bilinear"
     exif: str = "rotate"
 

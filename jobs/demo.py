@@ -7,14 +7,13 @@ import importlib.resources
 import json
 import logging
 import shlex
-import shutil
 import sys
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from imgfeat.cli.common import JobContext, add_command, ranged
 from imgfeat.cli.report_lines import _rel, print_run_summary
+from imgfeat.tools.samples import demo_photo_set
 
 if TYPE_CHECKING:
     from imgfeat.run.summary import RunSummary
@@ -46,32 +45,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", default=None, metavar="W", help="imagenet, none, or a weights file")
 
 
-def demo_images(root: Path, per_class: int) -> tuple[Path, int]:
-    """Generate the photo set once (atomically: a half-made set is never scanned)."""
-    from imgfeat.tools.samples import PhotoSetSpec, make_photo_set
-
-    # Small crops with strong jitter: colour statistics alone score ~86% here, ImageNet
-    # features ~98%, random features ~73% (benchmarks/lite_probe.py), so the head has work to do.
-    spec = PhotoSetSpec(per_class=per_class, crop_area=(0.05, 0.2), jitter=0.5)
-    stamp = root / ".imgfeat-demo"
-    if stamp.is_file() and stamp.read_text() == repr(spec):
-        return root, sum(1 for _ in root.rglob("*.jpg"))
-    tmp = root.with_name(root.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    paths = make_photo_set(tmp, spec)
-    (tmp / ".imgfeat-demo").write_text(repr(spec))
-    shutil.rmtree(root, ignore_errors=True)
-    tmp.rename(root)
-    return root, len(paths)
-
-
 def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
     from imgfeat.run.jobfile import load_job
     from imgfeat.run.run import run_job_spec
     from imgfeat.run.summary import RunSummary
 
     t0 = time.perf_counter()
-    images, n = demo_images(ctx.ws.root / "demo_images", args.per_class)
+    images, n = demo_photo_set(ctx.ws.root / "demo_images", args.per_class)
     log.info("demo photo set: %d images in %s", n, images)
     overrides = [f"features.lite0.{k}={json.dumps(v)}"
                  for k, v in (("backbone", args.backbone), ("weights", args.weights)) if v]

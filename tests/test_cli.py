@@ -68,3 +68,43 @@ def test_help_does_not_import_tensorflow_or_keras():
             "print(sorted(m for m in ('tensorflow', 'keras', 'jax', 'torch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def _stage_configs():
+    from imgfeat.extract.executors import ExecutorConfig
+    from imgfeat.extract.extract import ExtractConfig
+    from imgfeat.finetune.train import FinetuneConfig
+    from imgfeat.heads import PredictConfig, ReportConfig, TrainConfig
+    from imgfeat.index.build import IndexConfig
+    from imgfeat.index.dedup import DedupConfig
+    from imgfeat.scan.scan import ScanConfig
+    from imgfeat.tools.bench import BenchConfig
+    from imgfeat.tools.classify import ClassifyConfig
+
+    return [("scan", ScanConfig), ("extract", ExtractConfig), ("extract", ExecutorConfig), ("train", TrainConfig),
+            ("predict", PredictConfig), ("report", ReportConfig), ("finetune", FinetuneConfig),
+            ("index", IndexConfig), ("dedup", DedupConfig), ("classify", ClassifyConfig), ("bench", BenchConfig)]
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("command, config", _stage_configs(), ids=lambda v: getattr(v, "__name__", v))
+def test_stage_flags_take_name_help_and_default_from_the_config(command, config):
+    """One default per option: the flag's is the config field's, so --help and the API agree."""
+    import argparse
+    import dataclasses
+
+    from imgfeat.cli.main import build_parser
+    from imgfeat.core.options import options
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    actions = {a.option_strings[-1]: a for a in sub.choices[command]._actions if a.option_strings}
+    opts = options(config)
+    assert opts, f"{config.__name__} declares no flags"
+    for name, o in opts.items():
+        action = actions[o.flag]
+        assert action.help == o.help and action.dest == o.dest
+        field = next(f for f in dataclasses.fields(config) if f.name == name)
+        if field.default is dataclasses.MISSING:
+            assert action.required, o.flag
+        else:
+            assert action.default == field.default, o.flag

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from imgfeat.cli.common import JobContext, add_command, ranged
+from imgfeat.cli.common import JobContext, Summary, add_command, ranged
 
 DESCRIPTION = """\
 Measure, in one run and on this machine, four whole processes (start-up included) over
@@ -59,7 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="leave out a path (repeatable)")
 
 
-def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
+def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:
     from imgfeat.tools.bench import PATHS, BenchConfig, run_bench
 
     cfg = BenchConfig(

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
-from imgfeat.cli.common import JobContext, add_command, ranged
+from imgfeat.cli.common import JobContext, Summary, add_command, ranged
 
 DESCRIPTION = """\
 Print the most likely ImageNet classes of each image, with probabilities.
@@ -25,7 +24,7 @@ examples:
 """
 
 
-def handle(args: argparse.Namespace, ctx: JobContext) -> dict[str, Any]:
+def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:
     from imgfeat.tools.classify import ClassifyConfig, format_result, run_classify
 
     cfg = ClassifyConfig(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from imgfeat.cli.common import JobContext, add_command, ranged
+from imgfeat.cli.common import JobContext, Summary, add_command, ranged
 
 DESCRIPTION = """\
 Find near-duplicates in a dataset, held-out images that leak from the training split, and
@@ -51,7 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="output folder name under dedup/ (default: the dataset)")
 
 
-def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
+def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:
     from imgfeat.heads.versions import resolve_featureset
     from imgfeat.index.dedup import DedupConfig, run_dedup
 

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from imgfeat.cli.common import JobContext, add_command, ranged
+from imgfeat.cli.common import JobContext, Summary, add_command, ranged
 from imgfeat.cli.report_lines import _rel, print_run_summary
 
 if TYPE_CHECKING:
@@ -65,7 +65,7 @@ def demo_images(root: Path, per_class: int) -> tuple[Path, int]:
     return root, len(paths)
 
 
-def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
+def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:
     from imgfeat.run.jobfile import load_job
     from imgfeat.run.run import run_job_spec
     from imgfeat.run.summary import RunSummary

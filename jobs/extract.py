@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-from imgfeat.cli.common import JobContext, add_command, ranged, seconds
+from imgfeat.cli.common import JobContext, Summary, add_command, ranged, seconds
+
+if TYPE_CHECKING:  # a type only: --help imports nothing heavy
+    from imgfeat.extract.extract import ExtractSummary
 
 PROCESS_DECODE_MIN_WORKERS = 8  # imgfeat.extract.batches' auto rule, here so --help imports nothing heavy
 MAX_FILE_MIB = 1024  # the default of --max-file-bytes, in MiB (kept here so --help imports no Pillow)
@@ -127,7 +131,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="GPUs per backbone actor (default: 1 when the cluster has GPUs, else 0)")
 
 
-def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
+def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:
     from imgfeat.core.workspace import check_name
     from imgfeat.extract.executors import ExecutorConfig
     from imgfeat.extract.extract import ExtractConfig, check_error_rate, run_extract
@@ -146,25 +150,24 @@ def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
                               address=args.ray_address, gpus_per_worker=args.gpus_per_worker,
                               in_flight=args.in_flight)
     summary = run_extract(ctx.ws, cfg, ctx.run_id, executor)
-    ctx.record.summary.update(summary)
+    ctx.record.summary.update(summary.to_json())
     if args.name:
         from imgfeat.core import names
 
-        names.record(ctx.ws, names.FEATURESETS, args.name, summary["featureset"])
+        names.record(ctx.ws, names.FEATURESETS, args.name, summary.featureset)
     if not args.json:
         print(_human(summary))
-    check_error_rate({f"{summary['dataset']} -> {summary['featureset']}": (summary["error_rows"],
-                                                                           summary["manifest_rows"])},
+    check_error_rate({f"{summary.dataset} -> {summary.featureset}": (summary.error_rows, summary.manifest_rows)},
                      args.max_error_rate)
     return summary
 
 
-def _human(s: dict) -> str:
-    codes = ", ".join(f"{k} {v}" for k, v in s["errors"]["by_code"].items())
-    work = (f"{s['extracted']} extracted, {s['images_per_s_loop']} img/s over the model loop and "
-            f"{s['images_per_s']} img/s over the whole run (model build {s['build_seconds']} s, model "
-            f"{s['model_seconds']} s, decode {s['decode_seconds']} s)" if s["model_built"]
+def _human(s: ExtractSummary) -> str:
+    codes = ", ".join(f"{k} {v}" for k, v in s.errors_by_code.items())
+    work = (f"{s.extracted} extracted, {s.images_per_s_loop} img/s over the model loop and "
+            f"{s.images_per_s} img/s over the whole run (model build {s.build_seconds} s, model "
+            f"{s.model_seconds} s, decode {s.decode_seconds} s)" if s.model_built
             else "nothing new: no model work")
-    return (f"{s['dataset']} -> {s['featureset']}: {work}; {s['reused']} reused, "
-            f"{s['duplicates']} duplicates, {s['errors']['new']} new error rows"
-            + (f" ({codes})" if codes else "") + f", {s['shards']} shards written")
+    return (f"{s.dataset} -> {s.featureset}: {work}; {s.reused} reused, "
+            f"{s.duplicates} duplicates, {s.errors_new} new error rows"
+            + (f" ({codes})" if codes else "") + f", {s.shards} shards written")

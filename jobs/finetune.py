@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from imgfeat.cli.common import JobContext, add_command, add_wait, ranged
+from imgfeat.cli.common import JobContext, Summary, add_command, add_wait, ranged
 
 DESCRIPTION = """\
 Fine-tune a backbone on a labelled dataset, for when a head on frozen features is not enough:
@@ -92,7 +92,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_wait(p, "the same fine-tune")
 
 
-def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
+def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:
     from imgfeat.finetune import FinetuneConfig, run_finetune
 
     cfg = FinetuneConfig(

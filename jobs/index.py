@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from imgfeat.cli.common import JobContext, add_command, add_wait, ranged
+from imgfeat.cli.common import JobContext, Summary, add_command, add_wait, ranged
 
 DESCRIPTION = """\
 Build a FAISS nearest-neighbour index over a featureset's L2-normalised features (cosine
@@ -45,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_wait(p, "the same index")
 
 
-def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
+def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:
     from imgfeat.heads.versions import resolve_featureset
     from imgfeat.index import IndexConfig, build_index
 

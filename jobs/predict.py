@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from imgfeat.cli.common import JobContext, add_command, add_trust_pickle, add_wait, ranged, require
+from imgfeat.cli.common import JobContext, Summary, add_command, add_trust_pickle, add_wait, ranged, require
 
 DESCRIPTION = """\
 Apply a trained head to a dataset's features, or to image files, folders and glob patterns.
@@ -47,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_trust_pickle(p)
 
 
-def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
+def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:
     from imgfeat.heads import PredictConfig, run_predict
 
     require(bool(args.dataset) != bool(args.images), "give either --dataset NAME or image files, not both")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from imgfeat.cli.common import JobContext, add_command, add_trust_pickle, add_wait, ranged
+from imgfeat.cli.common import JobContext, Summary, add_command, add_trust_pickle, add_wait, ranged
 
 DESCRIPTION = """\
 Write reports/<head_id>/index.html for a trained head, titled by the head's name: its metrics,
@@ -35,12 +35,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_trust_pickle(p)
 
 
-def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
+def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:
     from imgfeat.heads import ReportConfig, run_report
 
     cfg = ReportConfig(head_id=args.head, max_mistakes=args.mistakes, projection=args.projection,
                        max_points=args.max_points, wait=args.wait, trust_pickle=args.trust_pickle)
     out = run_report(ctx.ws, cfg, ctx.run_id)
     if not args.json:
-        print(out["report"])
+        print(out.report)
     return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from imgfeat.cli.common import JobContext, add_command, ranged, seconds
+from imgfeat.cli.common import JobContext, Summary, add_command, ranged, seconds
 
 DESCRIPTION = """\
 Walk ROOT and write datasets/NAME/manifest.parquet: one row per image file with its
@@ -67,7 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="only stat the files and print new/changed/removed/unchanged counts")
 
 
-def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
+def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:
     from imgfeat.scan.scan import ScanConfig, plan_scan, run_scan
 
     options = {"max_pixels": args.max_pixels} if args.max_pixels is not None else {}

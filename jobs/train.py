@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from imgfeat.cli.common import JobContext, add_command, add_wait, ranged
+from imgfeat.cli.common import JobContext, Summary, add_command, add_wait, ranged
 from imgfeat.core.errors import ConfigError
 
 DESCRIPTION = """\
@@ -79,7 +79,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_wait(p, "the same head")
 
 
-def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
+def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:
     from imgfeat.heads import TrainConfig, run_train
 
     cfg = TrainConfig(dataset=args.dataset, featureset=args.featureset, head=args.head, name=args.name,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,10 +16,15 @@ PACKAGES = ("pipeline", "jobs")
 LANDING = "until the other helpers of issue 25 land"
 
 
+@functools.cache
+def _parsed(folder: str) -> tuple[tuple[Path, ast.Module], ...]:
+    return tuple((path, ast.parse(path.read_text(encoding="utf-8"), filename=str(path)))
+                 for path in sorted((ROOT / folder).rglob("*.py")))
+
+
 def _modules(*folders: str) -> Iterator[tuple[Path, ast.Module]]:
     for folder in folders:
-        for path in sorted((ROOT / folder).rglob("*.py")):
-            yield path, ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        yield from _parsed(folder)
 
 
 def _functions(tree: ast.AST) -> Iterator[ast.FunctionDef | ast.AsyncFunctionDef]:

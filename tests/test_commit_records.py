@@ -285,7 +285,7 @@ def test_finite_rows_finds_nan_and_inf_and_keeps_huge_finite_values():
     assert finite_rows(feature).tolist() == [True, False, False, False, True]
     ids, kept, errors = refuse_non_finite(list("abcde"), X, "r1")
     assert ids == ["a", "e"] and kept.shape == (2, 1280)
-    assert [(e[S.IMAGE_ID], e[S.STAGE], e[S.ERROR_CODE]) for e in errors] == [
+    assert [(e.image_id, e.stage, e.error_code) for e in errors] == [
         (i, S.STAGE_MODEL, S.ERROR_NON_FINITE) for i in "bcd"]
 
 

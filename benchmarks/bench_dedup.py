@@ -58,7 +58,7 @@ def main() -> int:
     ws = Workspace.resolve(work / "ws")
     run_scan(ws, ScanConfig(root=root, dataset=DATASET), "scan")
     fs = run_extract(ws, ExtractConfig(dataset=DATASET, backbone="efficientnet_lite0", weights="imagenet",
-                                       input_size=args.input_size), "extract")["featureset"]
+                                       input_size=args.input_size), "extract").featureset
     out = {"images": len(truth), "copies": sum(1 for _, t in truth.values() if t), "featureset": fs, "criteria": {}}
     for threshold in [None, *(float(t) for t in args.thresholds.split(",") if t)]:
         label = "default" if threshold is None else f"--threshold {threshold:g}"

@@ -58,7 +58,7 @@ def run(root: Path, args: argparse.Namespace) -> dict:
                   "size": args.size, "unfreeze_blocks": args.unfreeze_blocks}
     extract = dict(dataset="photos", backbone="efficientnet_lite0", input_size=args.size, batch_size=32)
     t0 = time.perf_counter()
-    frozen = run_extract(ws, ExtractConfig(weights="imagenet", **extract), "x-frozen")["featureset"]
+    frozen = run_extract(ws, ExtractConfig(weights="imagenet", **extract), "x-frozen").featureset
     rows["extract_s"] = round(time.perf_counter() - t0, 1)
     head = logreg(ws, frozen, "t-frozen")
     rows["frozen_logreg"] = head["metrics"]["test_accuracy"]
@@ -74,7 +74,7 @@ def run(root: Path, args: argparse.Namespace) -> dict:
     rows["n_train"], rows["n_val"], rows["n_test"] = ft.n_train, ft.n_val, ft.n_test
     rows["warm_start_head"] = ft.metrics["warm_start_test_accuracy"]
     rows["finetuned_model"] = ft.metrics["test_accuracy"]
-    tuned = run_extract(ws, ExtractConfig(weights=ft.weights, **extract), "x-tuned")["featureset"]
+    tuned = run_extract(ws, ExtractConfig(weights=ft.weights, **extract), "x-tuned").featureset
     rows["tuned_logreg"] = logreg(ws, tuned, "t-tuned")["metrics"]["test_accuracy"]
     return rows
 

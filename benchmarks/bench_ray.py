@@ -58,11 +58,11 @@ def run_one(args: argparse.Namespace) -> dict:
     cfg = ExtractConfig(dataset=DATASET, backbone=args.backbone, weights="none", input_size=args.input_size,
                         batch_size=args.batch_size)
     if args.one == "local":
-        return run_extract(ws, cfg, f"bench-{args.one}")
+        return run_extract(ws, cfg, f"bench-{args.one}").to_json()
     from imgfeat.extract.executors import ExecutorConfig
 
     return run_extract(ws, cfg, f"bench-{args.one}",
-                       ExecutorConfig(name="ray", address="local", actors=args.ray_workers))
+                       ExecutorConfig(name="ray", address="local", actors=args.ray_workers)).to_json()
 
 
 def timed_run(executor: str, base: Path, folder: Path, args: argparse.Namespace) -> dict:

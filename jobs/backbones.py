@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from imgfeat.cli.common import JobContext, add_command
+from imgfeat.cli.common import JobContext, Summary, add_command
 
 DESCRIPTION = """\
 List every registered backbone: its family, default input size, pooled feature dim,
@@ -108,7 +108,7 @@ def format_table(rows: list[dict[str, Any]], columns: tuple[tuple[str, str], ...
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
 
 
-def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
+def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:
     if args.hub:
         from imgfeat.backbones.hub import cached_presets, kagglehub_cache
 

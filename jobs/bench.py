@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from imgfeat.cli.common import JobContext, add_command, add_config_flags, config_values
+from imgfeat.cli.common import JobContext, Summary, add_command, add_config_flags, config_values
 from imgfeat.tools.bench import PATHS, BenchConfig, run_bench
 
 DESCRIPTION = """\
@@ -46,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="leave out a path (repeatable)")
 
 
-def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
+def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:
     values = config_values(BenchConfig, args)
     cfg = BenchConfig(**{**values, "images": Path(args.images).expanduser()},
                       paths=tuple(p for p in PATHS if p not in args.skip))

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
-from imgfeat.cli.common import JobContext, add_command, add_config_flags, config_values
+from imgfeat.cli.common import JobContext, Summary, add_command, add_config_flags, config_values
 from imgfeat.tools.classify import ClassifyConfig, format_result, run_classify
 
 DESCRIPTION = """\
@@ -26,7 +25,7 @@ examples:
 """
 
 
-def handle(args: argparse.Namespace, ctx: JobContext) -> dict[str, Any]:
+def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:
     cfg = ClassifyConfig(paths=tuple(args.images), **config_values(ClassifyConfig, args))
     summary = run_classify(cfg)
     for result in summary["results"]:

@@ -8,12 +8,13 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import MISSING, dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 from imgfeat.core.errors import ConfigError, ImgfeatError
 from imgfeat.core.logs import LOG_FORMATS, setup_logging
 from imgfeat.core.options import Option, options
 from imgfeat.core.ranges import RANGES, range_of
+from imgfeat.core.results import JsonObject, Result
 from imgfeat.core.runs import RunRecord
 from imgfeat.core.workspace import ENV_WORKSPACE, Workspace
 
@@ -34,8 +35,9 @@ class JobContext:
         return self.record.run_id
 
 
-# A handler returns its summary: a dict, or a typed summary with to_json() (what --json prints).
-Handler = Callable[[argparse.Namespace, JobContext], Any]
+# A handler returns its summary: a typed stage result, or a JSON object (to_json() of it is what --json prints).
+Summary: TypeAlias = "Result | JsonObject"
+Handler = Callable[[argparse.Namespace, JobContext], "Summary | None"]
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from imgfeat.cli.common import JobContext, add_command, add_config_flags, config_values
+from imgfeat.cli.common import JobContext, Summary, add_command, add_config_flags, config_values
 from imgfeat.heads.versions import resolve_featureset
 from imgfeat.index.dedup import DedupConfig, criterion_text, run_dedup
 
@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_config_flags(p, DedupConfig)
 
 
-def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
+def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:
     values = config_values(DedupConfig, args)
     cfg = DedupConfig(**{**values, "featureset": resolve_featureset(ctx.ws, args.featureset)})
     out = run_dedup(ctx.ws, cfg, ctx.run_id)

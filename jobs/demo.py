@@ -11,7 +11,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from imgfeat.cli.common import JobContext, add_command, ranged
+from imgfeat.cli.common import JobContext, Summary, add_command, ranged
 from imgfeat.cli.report_lines import _rel, print_run_summary
 from imgfeat.tools.samples import demo_photo_set
 
@@ -45,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", default=None, metavar="W", help="imagenet, none, or a weights file")
 
 
-def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
+def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:
     from imgfeat.run.jobfile import load_job
     from imgfeat.run.run import run_job_spec
     from imgfeat.run.summary import RunSummary

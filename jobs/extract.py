@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from imgfeat.cli.common import JobContext, add_command, add_config_flags, config_values, ranged
+from imgfeat.cli.common import JobContext, Summary, add_command, add_config_flags, config_values, ranged
 from imgfeat.extract.executors import ExecutorConfig
 from imgfeat.extract.extract import (
     ExtractConfig,
+    ExtractSummary,
     check_extract_error_rate,
     check_recipe_name,
     record_recipe_name,
@@ -83,27 +84,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_config_flags(r, ExecutorConfig, ["name", "address", "actors", "gpus_per_worker"])
 
 
-def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
+def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:
     if args.name:
         check_recipe_name(args.name)  # before any work, not after it
     cfg = ExtractConfig(**config_values(ExtractConfig, args))
     executor = ExecutorConfig(**config_values(ExecutorConfig, args), workers=args.workers)
     summary = run_extract(ctx.ws, cfg, ctx.run_id, executor)
-    ctx.record.summary.update(summary)
+    ctx.record.summary.update(summary.to_json())
     if args.name:
-        record_recipe_name(ctx.ws, args.name, summary["featureset"])
+        record_recipe_name(ctx.ws, args.name, summary.featureset)
     if not args.json:
         print(_human(summary))
     check_extract_error_rate(summary, args.max_error_rate)
     return summary
 
 
-def _human(s: dict) -> str:
-    codes = ", ".join(f"{k} {v}" for k, v in s["errors"]["by_code"].items())
-    work = (f"{s['extracted']} extracted, {s['images_per_s_loop']} img/s over the model loop and "
-            f"{s['images_per_s']} img/s over the whole run (model build {s['build_seconds']} s, model "
-            f"{s['model_seconds']} s, decode {s['decode_seconds']} s)" if s["model_built"]
+def _human(s: ExtractSummary) -> str:
+    codes = ", ".join(f"{k} {v}" for k, v in s.errors_by_code.items())
+    work = (f"{s.extracted} extracted, {s.images_per_s_loop} img/s over the model loop and "
+            f"{s.images_per_s} img/s over the whole run (model build {s.build_seconds} s, model "
+            f"{s.model_seconds} s, decode {s.decode_seconds} s)" if s.model_built
             else "nothing new: no model work")
-    return (f"{s['dataset']} -> {s['featureset']}: {work}; {s['reused']} reused, "
-            f"{s['duplicates']} duplicates, {s['errors']['new']} new error rows"
-            + (f" ({codes})" if codes else "") + f", {s['shards']} shards written")
+    return (f"{s.dataset} -> {s.featureset}: {work}; {s.reused} reused, "
+            f"{s.duplicates} duplicates, {s.errors_new} new error rows"
+            + (f" ({codes})" if codes else "") + f", {s.shards} shards written")

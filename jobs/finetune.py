@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from imgfeat.cli.common import JobContext, add_command, add_config_flags, config_values
+from imgfeat.cli.common import JobContext, Summary, add_command, add_config_flags, config_values
 from imgfeat.finetune.train import AUGMENT_NAMES, FinetuneConfig, run_finetune
 
 DESCRIPTION = """\
@@ -57,7 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                          "workers", "wait"], types={"augment": augment_list})
 
 
-def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
+def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:
     values = config_values(FinetuneConfig, args)
     if args.unfreeze_from:  # the flags are exclusive; the config's default of blocks gives way to a layer
         values["unfreeze_blocks"] = None

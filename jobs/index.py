@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from imgfeat.cli.common import JobContext, add_command, add_config_flags, config_values
+from imgfeat.cli.common import JobContext, Summary, add_command, add_config_flags, config_values
 from imgfeat.heads.versions import resolve_featureset
 from imgfeat.index.build import IndexConfig, build_index
 
@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_config_flags(p, IndexConfig, ["name", "kind", "nlist", "nprobe", "rebuild", "wait"])
 
 
-def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
+def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:
     values = config_values(IndexConfig, args)
     cfg = IndexConfig(**{**values, "featureset": resolve_featureset(ctx.ws, args.featureset)},
                       datasets=tuple(args.datasets))

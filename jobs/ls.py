@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from imgfeat.cli.common import JobContext, add_command
+from imgfeat.cli.common import JobContext, Summary, add_command
 
 DESCRIPTION = """\
 List what the workspace holds, newest first:
@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                 description=DESCRIPTION, epilog=EPILOG, record_run=False)
 
 
-def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
+def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:
     from imgfeat.tools.catalog import list_workspace
 
     out = list_workspace(ctx.ws).to_json()

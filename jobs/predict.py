@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from imgfeat.cli.common import JobContext, add_command, add_config_flags, add_trust_pickle, config_values, require
+from imgfeat.cli.common import JobContext, Summary, add_command, add_config_flags, add_trust_pickle, config_values, require
 from imgfeat.heads.predict import PredictConfig, run_predict
 
 DESCRIPTION = """\
@@ -46,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_trust_pickle(p)
 
 
-def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
+def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:
     require(bool(args.dataset) != bool(args.images), "give either --dataset NAME or image files, not both")
     cfg = PredictConfig(**config_values(PredictConfig, args), paths=tuple(args.images),
                         trust_pickle=args.trust_pickle)

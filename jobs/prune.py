@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from imgfeat.cli.common import JobContext, add_command
+from imgfeat.cli.common import JobContext, Summary, add_command
 
 DESCRIPTION = """\
 Remove what nothing points to any more:
@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--yes", action="store_true", help="delete (default: only list what would be deleted)")
 
 
-def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
+def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:
     from imgfeat.tools.catalog import run_prune
 
     out = run_prune(ctx.ws, yes=args.yes).to_json()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from imgfeat.cli.common import JobContext, add_command, add_config_flags, add_trust_pickle, config_values
+from imgfeat.cli.common import JobContext, Summary, add_command, add_config_flags, add_trust_pickle, config_values
 from imgfeat.heads.report import ReportConfig, run_report
 
 DESCRIPTION = """\
@@ -31,9 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_trust_pickle(p)
 
 
-def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
+def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:
     cfg = ReportConfig(**config_values(ReportConfig, args), trust_pickle=args.trust_pickle)
     out = run_report(ctx.ws, cfg, ctx.run_id)
     if not args.json:
-        print(out["report"])
+        print(out.report)
     return out

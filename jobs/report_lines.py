@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from imgfeat.core.workspace import Workspace
-from imgfeat.run.summary import RunSummary, stage_value
+from imgfeat.run.summary import RunSummary
 
 
 def _rel(path: Path | str) -> str:
@@ -17,7 +17,7 @@ def _rel(path: Path | str) -> str:
 
 
 def _accuracy(summary: RunSummary, head: str) -> str:
-    accuracy = stage_value(stage_value(summary.train[head], "metrics"), "test_accuracy")
+    accuracy = summary.train[head].metrics.get("test_accuracy")
     if accuracy is not None:
         return f"test accuracy {accuracy:.1%}"
     reason = summary.no_accuracy.get(head)
@@ -28,18 +28,16 @@ def print_run_summary(ws: Workspace, summary: RunSummary) -> None:
     for name, s in summary.scan.items():
         print(f"scan     {name:<24} {s.files} files ({s.added} added, {s.changed} changed, {s.removed} removed)")
     for key, s in summary.extract.items():
-        extracted = stage_value(s, "extracted")
-        speed = f" at {stage_value(s, 'images_per_s'):.1f} img/s" if extracted else ""
-        print(f"extract  {key:<24} {extracted} extracted{speed}, {stage_value(s, 'reused')} reused, "
-              f"{stage_value(stage_value(s, 'errors'), 'new')} new errors "
-              f"-> {_rel(ws.featureset_dir(stage_value(s, 'featureset')))}")
+        speed = f" at {s.images_per_s:.1f} img/s" if s.extracted else ""
+        print(f"extract  {key:<24} {s.extracted} extracted{speed}, {s.reused} reused, {s.errors_new} new errors "
+              f"-> {_rel(ws.featureset_dir(s.featureset))}")
     for name, s in summary.train.items():
         print(f"train    {name:<24} {_accuracy(summary, name)}"
-              f"{' (reused)' if stage_value(s, 'reused') else ''} -> {_rel(ws.head_dir(stage_value(s, 'head_id')))}")
+              f"{' (reused)' if s.reused else ''} -> {_rel(ws.head_dir(s.head_id))}")
     for key, s in summary.predict.items():
-        print(f"predict  {key:<24} {stage_value(s, 'written')} new rows")
+        print(f"predict  {key:<24} {s.written} new rows")
     for name, s in summary.report.items():
-        print(f"report   {name:<24} {_rel(stage_value(s, 'report'))}")
+        print(f"report   {name:<24} {_rel(s.report)}")
     for name, s in summary.index.items():
         print(f"index    {name:<24} {s.rows} images ({s.added} added, kind {s.kind})")
     for key, r in summary.error_rates.items():

@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from imgfeat.cli.common import JobContext, add_command, add_trust_pickle, ranged, seconds
+from imgfeat.cli.common import JobContext, Summary, add_command, add_trust_pickle, ranged, seconds
 from imgfeat.cli.report_lines import print_plan, print_run_summary
 
 DESCRIPTION = """\
@@ -55,7 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="override a job-file value, e.g. features.lite0.batch_size=64 (repeatable)")
 
 
-def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
+def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:
     from imgfeat.run.jobfile import load_job
     from imgfeat.run.run import plan_job, run_job_spec
     from imgfeat.run.summary import RunSummary
@@ -76,4 +76,4 @@ def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
         ctx.record.summary.update(summary.to_json())
     if not args.json:
         print_run_summary(ctx.ws, summary)
-    return summary.to_json()
+    return summary

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from imgfeat.cli.common import JobContext, add_command, add_config_flags, config_values
+from imgfeat.cli.common import JobContext, Summary, add_command, add_config_flags, config_values
 from imgfeat.scan.scan import ScanConfig, plan_scan, run_scan
 
 DESCRIPTION = """\
@@ -50,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="only stat the files and print new/changed/removed/unchanged counts")
 
 
-def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
+def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:
     values = config_values(ScanConfig, args)
     if values["labels_csv"]:
         values["labels_csv"] = Path(values["labels_csv"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from imgfeat.cli.common import JobContext, add_command, ranged, require
+from imgfeat.cli.common import JobContext, Summary, add_command, ranged, require
 
 DESCRIPTION = """\
 Print the most similar images in an index ('imgfeat index') for each query: image files
@@ -45,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also write the results as an HTML page with thumbnails (one self-contained file)")
 
 
-def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
+def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:
     from imgfeat.index import Index
 
     require(sum(map(bool, (args.images, args.image_ids, args.texts))) == 1,

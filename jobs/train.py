@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from imgfeat.cli.common import JobContext, add_command, add_config_flags, config_values
+from imgfeat.cli.common import JobContext, Summary, add_command, add_config_flags, config_values
 from imgfeat.core.errors import ConfigError
 from imgfeat.heads.train import TrainConfig, check_c_grid, run_train
 
@@ -57,7 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                       "epochs", "hidden", "wait"], types={"c_grid": c_grid})
 
 
-def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
+def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:
     cfg = TrainConfig(**config_values(TrainConfig, args))
     out = run_train(ctx.ws, cfg, ctx.run_id).to_json()
     if not args.json:

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from imgfeat.cli.backbones import format_table
-from imgfeat.cli.common import JobContext, add_command, require
+from imgfeat.cli.common import JobContext, Summary, add_command, require
 
 ACTIONS = ("list", "fetch", "import")
 
@@ -48,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backbone", default=None, metavar="NAME", help="import: the backbone FILE belongs to")
 
 
-def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
+def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:
     from imgfeat.backbones import get_backbone
     from imgfeat.backbones.weights import fetch_weights, import_weights, keras_cache_dir, weights_table
 

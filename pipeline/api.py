@@ -7,7 +7,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -15,8 +15,12 @@ from sklearn.base import BaseEstimator, TransformerMixin
 
 from imgfeat.core import schemas as S
 from imgfeat.core.logs import ensure_notebook_logging, quiet_framework_start, quiet_native_logs
+from imgfeat.core.results import JsonObject
 from imgfeat.core.runs import new_run_id
 from imgfeat.core.workspace import Workspace
+
+if TYPE_CHECKING:  # only a type here: `import imgfeat` stays fast, the stages load on first use
+    from imgfeat.heads.report import ReportSummary
 
 log = logging.getLogger(__name__)
 
@@ -48,19 +52,15 @@ def _ws(workspace: WorkspaceLike) -> Workspace:
     return workspace if isinstance(workspace, Workspace) else Workspace.resolve(workspace)
 
 
-def _as_dict(out: Any) -> dict[str, Any]:
-    return out.to_json() if hasattr(out, "to_json") else dict(out)
-
-
 @dataclass(frozen=True)
 class ScanResult:
     """A scanned dataset: its name, manifest path and the scan's summary."""
 
     dataset: str
     manifest: str
-    summary: dict[str, Any]
+    summary: JsonObject  # the scan's --json object
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JsonObject:
         return self.summary
 
 
@@ -69,10 +69,10 @@ class ExtractResult:
     """A featureset after extract: its full name and the run's summary; ``open()`` reads it."""
 
     featureset: str
-    summary: dict[str, Any]
+    summary: JsonObject  # the extract run's --json object
     workspace: Workspace
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JsonObject:
         return self.summary
 
     def open(self) -> "Featureset":
@@ -84,8 +84,8 @@ def scan(root: str | os.PathLike, dataset: str, *, workspace: WorkspaceLike = No
     from imgfeat.scan.scan import ScanConfig, run_scan
 
     ws = _ws(workspace)
-    out = _as_dict(run_scan(ws, ScanConfig(root=root, dataset=dataset, **options), new_run_id()))
-    return ScanResult(dataset, str(ws.manifest_path(dataset)), out)
+    out = run_scan(ws, ScanConfig(root=root, dataset=dataset, **options), new_run_id())
+    return ScanResult(dataset, str(ws.manifest_path(dataset)), out.to_json())
 
 
 @_quiet
@@ -97,10 +97,10 @@ def extract(dataset: str, backbone: str = "efficientnet_lite0", *, name: str | N
     if name:
         check_recipe_name(name)  # before any work, as the command line does
     ws = _ws(workspace)
-    out = _as_dict(run_extract(ws, ExtractConfig(dataset=dataset, backbone=backbone, **options), new_run_id()))
+    out = run_extract(ws, ExtractConfig(dataset=dataset, backbone=backbone, **options), new_run_id())
     if name:
-        record_recipe_name(ws, name, out["featureset"])
-    return ExtractResult(out["featureset"], out, ws)
+        record_recipe_name(ws, name, out.featureset)
+    return ExtractResult(out.featureset, out.to_json(), ws)
 
 
 @_quiet
@@ -124,8 +124,8 @@ def predict(head: str, dataset: str | None = None, paths: tuple[str, ...] | list
 
 
 @_quiet
-def report(head: str, *, workspace: WorkspaceLike = None, **options: Any) -> dict[str, Any]:
-    """``imgfeat report``: the head's self-contained HTML page; returns its path and counts."""
+def report(head: str, *, workspace: WorkspaceLike = None, **options: Any) -> ReportSummary:
+    """``imgfeat report``: the head's self-contained HTML page; returns its path and counts (a ``ReportSummary``)."""
     from imgfeat.heads.report import ReportConfig, run_report
 
     return run_report(_ws(workspace), ReportConfig(head_id=head, **options), new_run_id())
@@ -151,7 +151,7 @@ class Featureset:
         return f"Featureset({self.name!r}, workspace={str(self.workspace.root)!r})"
 
     @property
-    def info(self) -> dict[str, Any]:
+    def info(self) -> JsonObject:
         """Its provenance: backbone, weights, input size, pooling, dim, dtype, ..."""
         from imgfeat.extract.featureset import featureset_info
 

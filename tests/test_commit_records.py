@@ -48,7 +48,7 @@ def built(tmp_path_factory, keras_home):
     write_noise_images(images / "train", 12, size=(32, 32), fmt="PNG", classes=("a", "b"))
     write_noise_images(images / "test", 6, seed=100, size=(32, 32), fmt="PNG", classes=("a", "b"))
     run_scan(ws, ScanConfig(root=images, dataset="d"), "scan")
-    out = run_extract(ws, cfg(), "r1")
+    out = run_extract(ws, cfg(), "r1").to_json()
     assert out["extracted"] == N
     ids, X = load_features(ws, out["featureset"])
     assert len(ids) == N and np.ptp(X, axis=0).max() > 0  # the features carry signal
@@ -118,7 +118,7 @@ def test_an_edited_shard_is_left_out_then_set_aside_and_extracted_again(copy, ca
     assert set(ids) == set(genuine) - lost and first.name in warnings_of(caplog)
     assert committed_ids(ws, fs) == set(genuine) - lost  # the plan reads ids only: the footer check
 
-    out = run_extract(ws, cfg(), "r2")
+    out = run_extract(ws, cfg(), "r2").to_json()
     assert out["extracted"] == len(lost) and out["reused"] == N - len(lost)
     assert out["commit_records"] == {"recorded": 0, "adopted": 0, "set_aside": 1}
     assert (rejected_dir(ws.featureset_dir(fs)) / first.name).is_file()  # moved aside, not deleted
@@ -141,7 +141,7 @@ def test_a_shard_left_unrecorded_by_a_crash_is_adopted_and_a_planted_copy_set_as
     caplog.set_level(logging.WARNING)
     assert len(load_features(ws, fs)[0]) == N - 6 and shards[1].name in warnings_of(caplog)
 
-    out = run_extract(ws, cfg(), "r2")
+    out = run_extract(ws, cfg(), "r2").to_json()
     assert out["extracted"] == 0 and out["reused"] == N  # adopted: nothing extracted again
     assert out["commit_records"] == {"recorded": 0, "adopted": 1, "set_aside": 1}
     assert record_path(shards[1]).is_file() and not plant.exists()
@@ -161,7 +161,7 @@ def test_a_featureset_written_before_records_reads_with_a_warning_and_is_recorde
     same_as_genuine(*load_features(ws, fs), genuine)
     assert "written before commit records existed" in warnings_of(caplog)
 
-    out = run_extract(ws, cfg(), "r2")
+    out = run_extract(ws, cfg(), "r2").to_json()
     assert out["extracted"] == 0 and out["commit_records"] == {"recorded": 3, "adopted": 0, "set_aside": 0}
     shards = list_shards(ws.featureset_dir(fs))
     assert len(shards) == 3 and all(record_path(p).is_file() for p in shards)
@@ -211,7 +211,7 @@ def test_non_finite_features_are_refused_at_extract_as_error_rows(copy, tmp_path
     from imgfeat.extract.extract import run_extract
 
     ws, _, genuine = copy
-    out = run_extract(ws, cfg(weights=str(nan_weights(tmp_path / "nan.weights.h5"))), "r2")
+    out = run_extract(ws, cfg(weights=str(nan_weights(tmp_path / "nan.weights.h5"))), "r2").to_json()
     fs = out["featureset"]
     assert out["extracted"] == 0 and out["errors"]["by_code"] == {S.ERROR_NON_FINITE: N}
     errors = read_errors(ws, fs)
@@ -219,7 +219,7 @@ def test_non_finite_features_are_refused_at_extract_as_error_rows(copy, tmp_path
     assert set(errors.column(S.STAGE).to_pylist()) == {S.STAGE_MODEL}
     assert sorted(errors.column(S.IMAGE_ID).to_pylist()) == sorted(genuine)
     assert load_features(ws, fs)[0].size == 0
-    again = run_extract(ws, cfg(weights=str(tmp_path / "nan.weights.h5")), "r3")
+    again = run_extract(ws, cfg(weights=str(tmp_path / "nan.weights.h5")), "r3").to_json()
     assert again["extracted"] == 0 and again["errors"]["known"] == N  # final, like a decode error
 
 
@@ -264,7 +264,7 @@ def test_non_finite_rows_already_in_a_shard_are_left_out_by_every_reader(copy, c
     dedup = run_dedup(ws, DedupConfig(fs, "d", threshold=0.99), "r2")
     assert dedup.images == N - 4 and dedup.missing_features == 4
 
-    out = run_extract(ws, cfg(), "r3")  # records the legacy shards, then writes the 4 images again
+    out = run_extract(ws, cfg(), "r3").to_json()  # records the legacy shards, then writes the 4 images again
     assert out["extracted"] == 4
     assert json.loads(record_path(shard).read_text())["nonfinite"] == 4
     ids, X = load_features(ws, fs)
@@ -285,7 +285,7 @@ def test_finite_rows_finds_nan_and_inf_and_keeps_huge_finite_values():
     assert finite_rows(feature).tolist() == [True, False, False, False, True]
     ids, kept, errors = refuse_non_finite(list("abcde"), X, "r1")
     assert ids == ["a", "e"] and kept.shape == (2, 1280)
-    assert [(e[S.IMAGE_ID], e[S.STAGE], e[S.ERROR_CODE]) for e in errors] == [
+    assert [(e.image_id, e.stage, e.error_code) for e in errors] == [
         (i, S.STAGE_MODEL, S.ERROR_NON_FINITE) for i in "bcd"]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -35,6 +36,19 @@ def test_every_schema_uses_the_column_constants():
     names = {v for k, v in vars(S).items() if k.isupper() and isinstance(v, str)}
     for schema in (S.MANIFEST_SCHEMA, S.ERRORS_SCHEMA, S.PREDICTIONS_SCHEMA, S.features_schema(4)):
         assert set(schema.names) <= names, schema.names
+
+
+def test_an_error_row_has_exactly_the_errors_tables_columns():
+    assert [f.name for f in dataclasses.fields(S.ErrorRow)] == S.ERRORS_SCHEMA.names
+
+
+def test_error_rows_round_trip_through_json_and_become_the_errors_table():
+    rows = [S.ErrorRow("a" * 32, "/img/a.jpg", S.STAGE_DECODE, "truncated", "cut short", "run-1"),
+            S.ErrorRow(None, "/img/b.jpg", "read", "unreadable", None, "run-1")]
+    assert [S.ErrorRow.from_json(json.loads(json.dumps(r.to_json()))) for r in rows] == rows
+    table = S.errors_table(rows)
+    assert table.schema == S.ERRORS_SCHEMA
+    assert [S.ErrorRow(**r) for r in table.to_pylist()] == rows
 
 
 @pytest.mark.parametrize("dtype, arrow", [("float16", pa.float16()), ("float32", pa.float32())])

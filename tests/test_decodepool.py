@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError, ImgfeatError
 from imgfeat.core.hashing import content_id
 from imgfeat.extract.batches import InputSpec, Item, chunked, make_batch
@@ -157,7 +156,7 @@ def test_batches_equal_the_thread_path(tmp_path, workers, ahead):
         got.append((_same(batch, refs[len(got)]), batch.decode_seconds))
         batch.release()
     assert [ok for ok, _ in got] == [True] * len(refs) and all(s > 0 for _, s in got)
-    codes = {e[S.ERROR_CODE] for r in refs for e in r.errors}
+    codes = {e.error_code for r in refs for e in r.errors}
     assert {"changed_since_scan", "vanished", "truncated"} <= codes  # the mix really has failures
     assert sum(len(r.ids) for r in refs) > 10
 

@@ -177,7 +177,7 @@ def test_real_photos_dedup_similar_and_page(ws, tmp_path, keras_home, capsys):
     shows = _photo_set(root)
     run_scan(ws, ScanConfig(root=root, dataset="photos"), "scan1")
     cfg = ExtractConfig(dataset="photos", backbone="efficientnet_lite0", weights="imagenet", input_size=96)
-    fs = run_extract(ws, cfg, "ext1")["featureset"]
+    fs = run_extract(ws, cfg, "ext1").featureset
 
     assert main(["dedup", "--featureset", fs, "--dataset", "photos", "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -361,7 +361,7 @@ def planted_photos(tmp_path_factory, keras_home):
     ws = Workspace(base / "ws")
     run_scan(ws, ScanConfig(root=base / "photos", dataset="photos"), "scan1")
     cfg = ExtractConfig(dataset="photos", backbone="efficientnet_lite0", weights="imagenet", input_size=96)
-    return ws, run_extract(ws, cfg, "ext1")["featureset"], truth
+    return ws, run_extract(ws, cfg, "ext1").featureset, truth
 
 
 @pytest.mark.slow

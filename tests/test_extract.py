@@ -60,7 +60,7 @@ def mod_ws(tmp_path_factory) -> Workspace:
 def first(mod_ws):
     """One extract of dataset d with npy sidecars, float16 storage, 5-row shards."""
     c = cfg(npy=True)
-    return c, run_extract(mod_ws, c, "run1")
+    return c, run_extract(mod_ws, c, "run1").to_json()
 
 
 def test_plan_is_the_todo_list_without_model_work(mod_ws, monkeypatch):
@@ -140,7 +140,7 @@ def test_new_images_in_another_dataset_extract_only_those(mod_ws, first, tmp_pat
     for i in range(3):
         noise_image(100 + i, (40, 30)).save(root / f"new{i}.jpg")
     run_scan(mod_ws, ScanConfig(root=root, dataset="more"), "scan2")
-    out = run_extract(mod_ws, cfg("more", npy=True), "run2")
+    out = run_extract(mod_ws, cfg("more", npy=True), "run2").to_json()
     assert out["featureset"] == summary["featureset"]
     assert (out["extracted"], out["reused"]) == (3, 1)
     ids, _ = load_features(mod_ws, summary["featureset"])
@@ -158,7 +158,7 @@ def test_npy_sidecar_equals_the_parquet_rows(mod_ws, first):
 
 
 def test_float32_storage_equals_the_model_on_the_same_input(mod_ws):
-    out = run_extract(mod_ws, cfg(dtype="float32", exif="ignore"), "run3")
+    out = run_extract(mod_ws, cfg(dtype="float32", exif="ignore"), "run3").to_json()
     ids, X = load_features(mod_ws, out["featureset"])
     manifest = {r[S.IMAGE_ID]: r[S.PATH] for r in read_manifest(mod_ws, "d").to_pylist()}
     root = Path(mod_ws.root).parent / "imgs"

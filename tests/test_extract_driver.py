@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError, ErrorRateExceeded
 from imgfeat.core.hashing import content_id
 from imgfeat.extract.batches import InputSpec, Item, make_batch
 from imgfeat.extract.decode import DecodeConfig
 from imgfeat.extract.executors import ExecutorConfig
-from imgfeat.extract.extract import ExtractSummary, LoopStats, check_error_rate
+from imgfeat.extract.extract import ExtractSummary, check_error_rate
 from imgfeat.run.jobfile import load_job
 
 # The keys `--json` and runs/<id>.json had before the summary was typed; they must all stay.
@@ -37,8 +37,7 @@ def test_make_batch_pads_verifies_content_and_sorts_failures_by_stage(tmp_path):
     batch = make_batch([good, changed, gone], InputSpec(DecodeConfig((8, 8)), batch_size=4), "r")
     assert batch.raw.shape == (4, 8, 8, 3) and batch.raw.dtype == np.uint8
     assert batch.ids == [good.image_id] and batch.raw[0].any() and not batch.raw[1:].any()
-    assert [(e[S.STAGE], e[S.ERROR_CODE]) for e in batch.errors] == [("read", "changed_since_scan"),
-                                                                     ("read", "vanished")]
+    assert [(e.stage, e.error_code) for e in batch.errors] == [("read", "changed_since_scan"), ("read", "vanished")]
 
 
 @pytest.mark.quick
@@ -53,12 +52,22 @@ def test_one_error_rate_policy():
 
 @pytest.mark.quick
 def test_the_typed_summary_keeps_todays_keys_and_labels_both_rates():
-    stats = LoopStats(extracted=40, loop_seconds=2.0, build_seconds=3.0)
-    s = ExtractSummary("fs", "d", 42, 40, 0, 1, 1, {"empty": 1}, 0, 2, True, stats, 2, 32, 10.0)
+    s = ExtractSummary("fs", "d", 42, 40, 0, 1, 1, {"empty": 1}, 0, 2, True, 2, 32, 10.0,
+                       loop_seconds=2.0, build_seconds=3.0)
     out = s.to_json()
     assert TODAYS_KEYS <= set(out) and out["errors"] == {"new": 1, "by_code": {"empty": 1}, "known": 0}
     assert (out["images_per_s"], out["images_per_s_loop"]) == (4.0, 20.0)
     assert out["error_rate"] == round(2 / 42, 6) and "executor" not in out
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("executor, info", [("local", {}), ("ray", {"actors": 2, "batches_per_actor": 3})])
+def test_the_extract_summary_comes_back_from_its_json(executor, info):
+    s = ExtractSummary("fs", "d", 42, 40, 0, 1, 1, {"empty": 1}, 0, 2, True, 2, 32, 10.0, model_seconds=1.5,
+                       loop_seconds=2.0, executor=executor, executor_info=info,
+                       commit_records={"recorded": 1, "adopted": 0, "set_aside": 0})
+    out = json.loads(json.dumps(s.to_json()))
+    assert ExtractSummary.from_json(out) == s and ExtractSummary.from_json(out).to_json() == out
 
 
 @pytest.mark.quick

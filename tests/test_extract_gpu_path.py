@@ -58,8 +58,8 @@ def test_gpu_decode_extracts_every_row_like_the_pillow_path(tmp_path, gpu_as_fak
     ws = Workspace(tmp_path / "ws")
     run_scan(ws, ScanConfig(root=tmp_path / "imgs", dataset="d"), "scan")
     opts = dict(dataset="d", backbone="efficientnet_lite0", weights="none", input_size=48, batch_size=4)
-    cpu = run_extract(ws, ExtractConfig(**opts, decode="threads"), "r1")
-    gpu = run_extract(ws, ExtractConfig(**opts, decode="gpu"), "r2")
+    cpu = run_extract(ws, ExtractConfig(**opts, decode="threads"), "r1").to_json()
+    gpu = run_extract(ws, ExtractConfig(**opts, decode="gpu"), "r2").to_json()
     assert gpu["featureset"] != cpu["featureset"], "GPU-decoded numbers are another featureset"
     assert gpu["extracted"] == cpu["extracted"] == 7 and gpu["error_rows"] == cpu["error_rows"] == 2
     assert _errors(ws, gpu["featureset"]) == _errors(ws, cpu["featureset"])
@@ -72,7 +72,7 @@ def test_gpu_decode_extracts_every_row_like_the_pillow_path(tmp_path, gpu_as_fak
     from imgfeat.extract.featureset import read_provenance
 
     assert read_provenance(ws, gpu["featureset"]).recipe.decoder == "nvimgcodec"
-    again = run_extract(ws, ExtractConfig(**opts, decode="gpu"), "r3")
+    again = run_extract(ws, ExtractConfig(**opts, decode="gpu"), "r3").to_json()
     assert again["extracted"] == 0 and not again["model_built"]
 
 
@@ -96,11 +96,11 @@ def test_decode_gpu_without_the_pieces_exits_2_and_writes_nothing(tmp_path, caps
 
 def test_ray_takes_only_its_own_decode_modes(tmp_path):
     from imgfeat.extract.executors import ExecutorConfig
-    from imgfeat.extract.extract import ExtractConfig, extract_dataset
+    from imgfeat.extract.extract import ExtractConfig, run_extract
 
     _photos(tmp_path / "imgs")
     ws = Workspace(tmp_path / "ws")
     run_scan(ws, ScanConfig(root=tmp_path / "imgs", dataset="d"), "scan")
     with pytest.raises(ConfigError, match="decode = 'threads' is for the local executor"):
-        extract_dataset(ws, ExtractConfig(dataset="d", backbone="efficientnet_lite0", weights="none",
-                                          decode="threads"), "r", ExecutorConfig(name="ray"))
+        run_extract(ws, ExtractConfig(dataset="d", backbone="efficientnet_lite0", weights="none",
+                                      decode="threads"), "r", ExecutorConfig(name="ray"))

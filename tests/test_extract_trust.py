@@ -68,7 +68,7 @@ def test_a_file_changed_since_the_scan_is_an_error_row_not_a_mislabelled_feature
 
     scanned(ws, tmp_path / "imgs", 3, "d")
     noise(tmp_path / "imgs" / "img0.jpg", 1000)  # overwritten after the scan
-    out = run_extract(ws, cfg("d"), "r1")
+    out = run_extract(ws, cfg("d"), "r1").to_json()
     assert out["extracted"] == 2 and out["errors"]["by_code"] == {"changed_since_scan": 1}
     assert errors_by_path(ws, out["featureset"])["img0.jpg"] == [("read", "changed_since_scan")]
     ids, _ = load_features(ws, out["featureset"])
@@ -82,10 +82,10 @@ def test_read_failures_are_retried_by_the_next_run_and_keep_their_history(ws, tm
     scanned(ws, tmp_path / "imgs", 3, "d")
     aside = tmp_path / "aside.jpg"
     (tmp_path / "imgs" / "img1.jpg").rename(aside)  # a folder renamed, a file restored later...
-    first = run_extract(ws, cfg("d"), "r1")
+    first = run_extract(ws, cfg("d"), "r1").to_json()
     assert first["errors"]["by_code"] == {"vanished": 1} and first["extracted"] == 2
     aside.rename(tmp_path / "imgs" / "img1.jpg")
-    again = run_extract(ws, cfg("d"), "r2")
+    again = run_extract(ws, cfg("d"), "r2").to_json()
     assert (again["extracted"], again["reused"], again["errors"]["known"]) == (1, 2, 0)
     assert again["error_rows"] == 0
     fs = again["featureset"]
@@ -94,8 +94,8 @@ def test_read_failures_are_retried_by_the_next_run_and_keep_their_history(ws, tm
     # a decode failure of the same bytes stays final: no retry, no model build
     (tmp_path / "imgs" / "bad.png").write_bytes(_broken_png())
     run_scan(ws, ScanConfig(root=tmp_path / "imgs", dataset="d"), "scan2")
-    assert run_extract(ws, cfg("d"), "r3")["errors"]["new"] == 1
-    final = run_extract(ws, cfg("d"), "r4")
+    assert run_extract(ws, cfg("d"), "r3").to_json()["errors"]["new"] == 1
+    final = run_extract(ws, cfg("d"), "r4").to_json()
     assert (final["errors"]["new"], final["errors"]["known"], final["model_built"]) == (0, 1, False)
 
 
@@ -118,7 +118,7 @@ def test_a_fifo_swapped_in_after_the_scan_is_an_error_row_not_a_hang(ws, tmp_pat
     (tmp_path / "imgs" / "img1.jpg").unlink()
     os.mkfifo(tmp_path / "imgs" / "img1.jpg")
     with hang_guard(120):
-        out = run_extract(ws, cfg("d"), "r1")
+        out = run_extract(ws, cfg("d"), "r1").to_json()
     assert out["errors"]["by_code"] == {"not_a_file": 1} and out["extracted"] == 1
 
 
@@ -128,10 +128,10 @@ def test_files_over_max_file_bytes_are_error_rows(ws, tmp_path):
 
     scanned(ws, tmp_path / "imgs", 2, "d")
     limit = min(p.stat().st_size for p in (tmp_path / "imgs").iterdir()) - 1
-    out = run_extract(ws, cfg("d", max_file_bytes=limit), "r1")
+    out = run_extract(ws, cfg("d", max_file_bytes=limit), "r1").to_json()
     assert out["errors"]["by_code"] == {"file_too_large": 2}
     # the limit changes no numbers: the same featureset, and the next run (default limit) retries
-    again = run_extract(ws, cfg("d"), "r2")
+    again = run_extract(ws, cfg("d"), "r2").to_json()
     assert again["featureset"] == out["featureset"] and again["extracted"] == 2
 
 
@@ -141,7 +141,7 @@ def test_a_foreign_shard_never_overrides_features(ws, tmp_path):
     from imgfeat.extract.shards import features_table
 
     scanned(ws, tmp_path / "imgs", 3, "d")
-    out = run_extract(ws, cfg("d"), "r1")
+    out = run_extract(ws, cfg("d"), "r1").to_json()
     fs = out["featureset"]
     ids, X = load_features(ws, fs)
     fake = features_table(list(ids), np.zeros_like(X), "float32", json.dumps({"featureset": "other"}))
@@ -159,7 +159,7 @@ def test_extract_refuses_an_edited_provenance(ws, tmp_path):
     from imgfeat.extract.extract import run_extract
 
     scanned(ws, tmp_path / "imgs", 2, "d")
-    out = run_extract(ws, cfg("d", dtype="float16"), "r1")
+    out = run_extract(ws, cfg("d", dtype="float16"), "r1").to_json()
     path = ws.featureset_provenance(out["featureset"])
     prov = json.loads(path.read_text())
     path.write_text(json.dumps({**prov, "dtype": "float32"}))
@@ -247,7 +247,7 @@ def test_an_old_layout_is_migrated_on_open(ws, tmp_path):
     scanned(ws, tmp_path / "imgs", 5, "d")
     (tmp_path / "imgs" / "bad.jpg").write_bytes(b"not an image")
     run_scan(ws, ScanConfig(root=tmp_path / "imgs", dataset="d"), "scan2")
-    out = run_extract(ws, cfg("d", npy=True), "r1")
+    out = run_extract(ws, cfg("d", npy=True), "r1").to_json()
     fs = out["featureset"]
     folder, errors, npy = ws.featureset_dir(fs), ws.featureset_errors_dir(fs), ws.featureset_npy_dir(fs)
     # put it back the way the first layout kept it
@@ -259,7 +259,7 @@ def test_an_old_layout_is_migrated_on_open(ws, tmp_path):
     (folder / "part-gone-00000.npy").write_bytes(b"orphan")
     assert len(read_errors(ws, fs)) == 1  # readable before the migration too
     assert featureset_info(ws, fs)["featureset"] == fs and len(load_features(ws, fs)[0]) == 5
-    again = run_extract(ws, cfg("d", npy=True), "r2")
+    again = run_extract(ws, cfg("d", npy=True), "r2").to_json()
     assert (again["reused"], again["errors"]["known"], again["model_built"]) == (5, 1, False)
     shards = sorted(p.name for p in list_shards(folder))
     assert sorted(p.name for p in folder.iterdir()) == shards
@@ -277,11 +277,11 @@ def test_a_file_changed_then_restored_is_extracted_after_a_rescan(ws, tmp_path):
     path = tmp_path / "imgs" / "img0.jpg"
     original = path.read_bytes()
     noise(path, 1000)
-    first = run_extract(ws, cfg("d"), "r1")
+    first = run_extract(ws, cfg("d"), "r1").to_json()
     assert first["errors"]["by_code"] == {"changed_since_scan": 1}
     path.write_bytes(original)
     run_scan(ws, ScanConfig(root=tmp_path / "imgs", dataset="d"), "scan2")
-    again = run_extract(ws, cfg("d"), "r2")
+    again = run_extract(ws, cfg("d"), "r2").to_json()
     assert (again["extracted"], again["errors"]["known"], again["error_rows"]) == (1, 0, 0)
     assert len(load_features(ws, again["featureset"])[0]) == 3
 
@@ -298,11 +298,11 @@ def test_an_unchanged_copy_gets_the_feature_its_changed_twin_could_not_give(ws, 
     run_scan(ws, ScanConfig(root=root, dataset="d"), "scan2")
     shared = content_id((root / "img0.jpg").read_bytes())
     noise(root / "img0.jpg", 1000)
-    out = run_extract(ws, cfg("d"), "r1")
+    out = run_extract(ws, cfg("d"), "r1").to_json()
     assert (out["extracted"], out["duplicates"], out["error_rows"]) == (2, 1, 0)
     ids, X = load_features(ws, out["featureset"])
     assert shared in set(ids) and len(ids) == 2
     assert np.abs(X).sum() > 0  # the features carry signal
     assert errors_by_path(ws, out["featureset"]) == {"img0.jpg": [("read", "changed_since_scan")]}
-    again = run_extract(ws, cfg("d"), "r2")  # done: nothing to retry, nothing known as an error
+    again = run_extract(ws, cfg("d"), "r2").to_json()  # done: nothing to retry, nothing known as an error
     assert (again["extracted"], again["reused"], again["errors"]["known"], again["model_built"]) == (0, 2, 0, False)

@@ -122,7 +122,7 @@ def test_tuned_weights_make_a_different_featureset(tuned):
     runs = {w: run_extract(ws, ExtractConfig(dataset="d", backbone=BACKBONE, weights=w, input_size=SIZE,
                                              batch_size=8, workers=1), f"x-{i}")
             for i, w in enumerate(("none", s.weights))}
-    names = [r["featureset"] for r in runs.values()]
+    names = [r.featureset for r in runs.values()]
     assert names[0] != names[1]
     (ids0, X0), (ids1, X1) = (load_features(ws, n) for n in names)
     assert list(ids0) == list(ids1) and len(ids0) >= 20
@@ -232,7 +232,7 @@ def test_warm_start_from_a_logreg_head_on_the_same_recipe(tuned):
 
     def logreg_on(weights: str, run_id: str) -> dict:
         fs = run_extract(ws, ExtractConfig(dataset="d", backbone=BACKBONE, weights=weights, input_size=SIZE,
-                                           batch_size=8, workers=1), run_id)["featureset"]
+                                           batch_size=8, workers=1), run_id).featureset
         return run_train(ws, TrainConfig(dataset="d", featureset=fs, head="logreg", cv=2), run_id)
 
     head = logreg_on("none", "w1")
@@ -262,7 +262,7 @@ def test_warm_start_by_name_from_the_cli(tuned, capsys):
 
     ws, _ = tuned
     fs = run_extract(ws, ExtractConfig(dataset="d", backbone=BACKBONE, weights="none", input_size=SIZE,
-                                       batch_size=8, workers=1), "cli-x")["featureset"]
+                                       batch_size=8, workers=1), "cli-x").featureset
     head = run_train(ws, TrainConfig(dataset="d", featureset=fs, head="logreg", cv=2, name="warm"), "cli-t")
     argv = ["finetune", "--workspace", str(ws.root), "--dataset", "d", "--backbone", BACKBONE, "--weights", "none",
             "--input-size", str(SIZE), "--epochs", "1", "--batch-size", "4", "--warmup-epochs", "0",

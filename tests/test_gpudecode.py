@@ -225,7 +225,7 @@ def test_fallbacks_give_the_cpu_paths_rows_and_error_rows(tmp_path):
     [batch] = run_gpu(items, spec, codec, counts=counts)
     assert_same_as_cpu(items, spec, [batch])
     want = make_batch(items, spec, RUN)
-    codes = {r["path"].rsplit("/", 1)[1]: r["error_code"] for r in batch.errors}
+    codes = {r.path.rsplit("/", 1)[1]: r.error_code for r in batch.errors}
     assert codes["changed.jpg"] == "changed_since_scan" and codes["vanished.jpg"] == "vanished"
     assert codes["empty.jpg"] == "empty" and codes["text.jpg"] == "not_an_image"
     assert codes["truncated.jpg"] == "truncated"

@@ -158,7 +158,7 @@ def test_predicting_image_files_waits_for_the_featureset_lock(ws, tmp_path, kera
     for i in range(3):
         Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / "cat" / f"{i}.png")
     run_scan(ws, ScanConfig(root, "d"), "r1")
-    fs = run_extract(ws, ExtractConfig("d", "efficientnet_lite0", weights="none", input_size=32), "r1")["featureset"]
+    fs = run_extract(ws, ExtractConfig("d", "efficientnet_lite0", weights="none", input_size=32), "r1").featureset
     new = tmp_path / "new.png"
     Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(new)
     holder = FileLock(ws.featureset_lock(fs), "test holder").acquire()

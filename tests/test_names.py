@@ -81,7 +81,7 @@ def test_a_name_resolves_to_its_latest_version_everywhere(ws, two_versions):
     assert resolve_head(ws, f"nightly@{old.rsplit('-', 1)[1]}") == old
     assert resolve_featureset(ws, "lite0") == "fs2" and resolve_featureset(ws, "lite0@fs1") == "fs1"
     assert run_predict(ws, PredictConfig("nightly", dataset="toy"), "p9").head_id == new
-    assert run_report(ws, ReportConfig("nightly", projection="pca"), "r1")["head_id"] == new
+    assert run_report(ws, ReportConfig("nightly", projection="pca"), "r1").head_id == new
     # Retraining the first version's data makes it the latest again (reused, not retrained).
     again = run_train(ws, TrainConfig("toy", "fs1", cv=2, name="nightly"), "t3")
     assert again.reused and resolve_head(ws, "nightly") == old

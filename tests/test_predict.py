@@ -119,7 +119,7 @@ def test_end_to_end_on_real_photos_and_image_files(tmp_path, capsys):
     make_photo_set(tmp_path / "photos", spec)
     run_scan(ws, ScanConfig(root=tmp_path / "photos", dataset="photos"), "s1")
     ecfg = ExtractConfig(dataset="photos", backbone="mobilenet_v2", weights="none", input_size=32, batch_size=8)
-    fs = run_extract(ws, ecfg, "e1")["featureset"]
+    fs = run_extract(ws, ecfg, "e1").featureset
     head_id = run_train(ws, TrainConfig("photos", fs, cv=2), "t1").head_id
     assert run_predict(ws, PredictConfig(head_id, dataset="photos"), "p1").written == 24
 

@@ -41,7 +41,7 @@ def RayConfig(**kwargs) -> ExecutorConfig:
 
 def run_extract_ray(ws: Workspace, cfg: ExtractConfig, executor: ExecutorConfig, run_id: str) -> dict:
     """The one extract driver, over the Ray executor."""
-    return run_extract(ws, cfg, run_id, executor)
+    return run_extract(ws, cfg, run_id, executor).to_json()
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def _workspace(tmp: Path, images: Path) -> Workspace:
 def reference(tmp_path_factory, images):
     """The local executor's featureset: ids, features and error rows every Ray run must match."""
     ws = _workspace(tmp_path_factory.mktemp("ref"), images)
-    summary = run_extract(ws, CFG, "local")
+    summary = run_extract(ws, CFG, "local").to_json()
     ids, X = load_features(ws, summary["featureset"])
     order = np.argsort(ids.astype(str))
     return {"summary": summary, "ids": ids[order], "X": X[order], "errors": _error_codes(ws, summary["featureset"]),
@@ -241,7 +241,7 @@ def test_ray_run_interrupted_after_a_shard_is_finished_locally(ray_cluster, imag
     first = len(_feature_rows(ws, featureset_name(CFG)))
     assert 0 < first < N_IMAGES
 
-    out = run_extract(ws, CFG, "local")
+    out = run_extract(ws, CFG, "local").to_json()
     assert (out["reused"], out["extracted"]) == (first, N_IMAGES - first)
     _assert_matches_reference(ws, reference)
 

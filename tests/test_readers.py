@@ -51,7 +51,7 @@ def _extracted(ws: Workspace, images: Path) -> str:
     run_scan(ws, ScanConfig(root=images, dataset="photos"), "scan1")
     cfg = ExtractConfig(dataset="photos", backbone="efficientnet_lite0", weights="none", input_size=32,
                         batch_size=4, shard_size=3, workers=1, dtype="float32", npy=True)
-    return run_extract(ws, cfg, "run1")["featureset"]
+    return run_extract(ws, cfg, "run1").featureset
 
 
 @pytest.fixture(scope="module")

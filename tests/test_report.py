@@ -40,20 +40,20 @@ def reported(tmp_path_factory):
 def test_report_page_is_one_file_with_every_plot_inline(reported):
     ws, head_id, out = reported
     index = ws.report_dir(head_id) / "index.html"
-    assert out["report"] == str(index) and index.is_file()
+    assert out.report == str(index) and index.is_file()
     assert sorted(p.name for p in index.parent.iterdir()) == ["index.html"]  # nothing beside it
     page = index.read_text()
     srcs = re.findall(r"<img[^>]* src='([^']+)'", page)
     assert all(s.startswith("data:image/") for s in srcs)
     pngs = [base64.b64decode(s.split(",", 1)[1]) for s in srcs if s.startswith("data:image/png;base64,")]
     assert len(pngs) == 3 and all(p.startswith(b"\x89PNG") and len(p) > 5000 for p in pngs)
-    assert out["plots"] == ["confusion.png", "projection.png", "training_curves.png"]
+    assert out.plots == ["confusion.png", "projection.png", "training_curves.png"]
 
 
 def test_report_is_titled_by_the_head_name_and_found_by_it(reported, capsys):
     ws, head_id, out = reported
     page = (ws.report_dir(head_id) / "index.html").read_text()
-    assert out["name"] == "toy-mlp" and head_id.startswith("toy-mlp-")
+    assert out.name == "toy-mlp" and head_id.startswith("toy-mlp-")
     assert "<title>toy-mlp · imgfeat report</title>" in page and "<h1>toy-mlp</h1>" in page
     assert main(["report", "--workspace", str(ws.root), "--head", "toy-mlp", "--projection", "pca"]) == 0
     assert capsys.readouterr().out.strip().endswith(f"{head_id}/index.html")
@@ -73,7 +73,7 @@ def test_report_shows_confident_mistakes_as_inline_thumbnails(reported):
     ws, head_id, out = reported
     page = (ws.report_dir(head_id) / "index.html").read_text()
     thumbs = re.findall(r"src='data:image/jpeg;base64,", page)
-    assert out["mistakes_shown"] >= 1 and len(thumbs) == out["mistakes_shown"]
+    assert out.mistakes_shown >= 1 and len(thumbs) == out.mistakes_shown
     scores = [float(s) for s in re.findall(r"</span> \((\d+\.\d)%\)<br>true:", page)]
     assert scores == sorted(scores, reverse=True)
 

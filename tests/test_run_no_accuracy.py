@@ -10,6 +10,7 @@ import pytest
 from imgfeat.cli.main import main
 from imgfeat.cli.report_lines import print_run_summary
 from imgfeat.core.workspace import Workspace
+from imgfeat.heads.train import TrainSummary
 from imgfeat.run.summary import RunSummary
 from tiny_images import write_noise_images
 
@@ -77,9 +78,10 @@ def test_heads_without_evaluation_rows_exit_0_and_say_why(ws, job, capsys):
     assert "flat-logreg" in text and "no test accuracy: no evaluation rows" in text
 
 
-def train_summary(accuracy, unseen: int = 0) -> dict:
-    return {"head_id": "d-logreg-00000000", "reused": False, "metrics": {"test_accuracy": accuracy},
-            "left_out": {"unseen_test_labels": unseen}}
+def train_summary(accuracy, unseen: int = 0) -> TrainSummary:
+    return TrainSummary(head_id="d-logreg-00000000", name="h", reused=False, head="logreg", model_kind="sklearn",
+                        dataset="d", featureset="fs", classes=["a", "b"], metrics={"test_accuracy": accuracy},
+                        chosen=None, n_train=4, n_test=0, eval_split=None, left_out={"unseen_test_labels": unseen})
 
 
 @pytest.mark.quick

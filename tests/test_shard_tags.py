@@ -10,8 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from imgfeat.core import schemas as S
+from imgfeat.core.schemas import ErrorRow
 from imgfeat.core.workspace import Workspace
-from imgfeat.extract.shards import FeaturesetDirs, ShardWriter, error_row, next_shard_tag
+from imgfeat.extract.shards import FeaturesetDirs, ShardWriter, next_shard_tag
 from tiny_images import noise_image
 from synthetic import synthetic_provenance
 
@@ -29,7 +30,7 @@ def _ids(folder: Path) -> list[str]:
 def _write_call(dirs: FeaturesetDirs, prov, ids: list[str], bad: list[str]) -> ShardWriter:
     """One extract call's writes, under the tag the driver would pick for it."""
     w = ShardWriter(dirs, next_shard_tag(dirs, RUN), prov, shard_size=2, npy=True)
-    w.add_errors([error_row(b, f"/img/{b}", "decode", "truncated", "cut short", RUN) for b in bad])
+    w.add_errors([ErrorRow(b, f"/img/{b}", "decode", "truncated", "cut short", RUN) for b in bad])
     w.add_features(ids, np.arange(len(ids) * 4, dtype=np.float32).reshape(len(ids), 4) + 1)
     w.flush()
     return w
@@ -85,7 +86,7 @@ def test_extract_twice_in_one_run_then_files_keeps_every_row(ws, tmp_path):
 
     ids = _two_datasets(tmp_path, ws)
     base = dict(backbone="efficientnet_lite0", weights="none", input_size=32, batch_size=4, shard_size=3)
-    out = [run_extract(ws, ExtractConfig(dataset=d, **base), RUN) for d in ("one", "two")]
+    out = [run_extract(ws, ExtractConfig(dataset=d, **base), RUN).to_json() for d in ("one", "two")]
     fs = out[0]["featureset"]
     assert out[1]["featureset"] == fs and out[1]["extracted"] == 5
     extra = tmp_path / "extra.jpg"

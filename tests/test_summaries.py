@@ -1,4 +1,4 @@
-"""Typed summaries keep the JSON keys that --json and runs/<id>.json had as dicts."""
+"""Typed stage results keep the JSON keys --json and runs/<id>.json had as dicts, and come back from them."""
 
 from __future__ import annotations
 
@@ -7,7 +7,14 @@ import json
 
 import pytest
 
-from imgfeat.run.summary import ErrorRate, RunSummary, stage_json, stage_value
+from imgfeat.extract.extract import ExtractSummary
+from imgfeat.finetune.train import FinetuneSummary
+from imgfeat.heads.predict import PredictSummary
+from imgfeat.heads.report import ReportSummary
+from imgfeat.heads.train import TrainSummary
+from imgfeat.index.build import IndexSummary
+from imgfeat.index.dedup import DedupSummary
+from imgfeat.run.summary import ErrorRate, RunSummary
 from imgfeat.scan.scan import ScanConfig, ScanPlan, ScanSummary, plan_scan, run_scan
 from tiny_images import write_noise_images
 
@@ -32,34 +39,66 @@ def test_scan_summary_and_plan_are_frozen_with_todays_keys(ws, tmp_path):
         summary.files = 4
 
 
-def test_run_summary_json_has_todays_keys_and_reads_typed_or_dict_results():
-    class Typed:
-        extracted, reused = 0, True
+VALUES = {"str": "x", "int": 3, "float": 1.5, "bool": True, "list[str]": ["a", "b"], "list[float]": [0.5]}
 
-        def to_json(self):
-            return {"extracted": 0}
 
-    summary = RunSummary("job.toml", extract={"a/d": Typed(), "b/d": {"extracted": 5}},
-                         train={"h": {"reused": True, "metrics": {"test_accuracy": None}}})
+def _value(annotation: str) -> object:
+    kind = annotation.split(" | ")[0]  # never None: a round trip must carry the value
+    if kind in VALUES:
+        return VALUES[kind]
+    return [{"k": 1}] if kind.startswith("list[dict") else {"k": 1}
+
+
+def sample(cls: type) -> object:
+    """An instance with every field set, so a round trip carries each one."""
+    return cls(**{f.name: _value(f.type) for f in dataclasses.fields(cls)})
+
+
+RESULTS = [ScanSummary, ScanPlan, TrainSummary, PredictSummary, FinetuneSummary, DedupSummary, IndexSummary,
+           ReportSummary]
+
+
+@pytest.mark.parametrize("cls", RESULTS, ids=lambda c: c.__name__)
+def test_every_stage_result_comes_back_from_its_json(cls):
+    result = sample(cls)
+    out = json.loads(json.dumps(result.to_json()))
+    assert cls.from_json(out) == result and cls.from_json(out).to_json() == out
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(result, dataclasses.fields(cls)[0].name, None)
+
+
+def _run_summary() -> RunSummary:
+    extract = ExtractSummary("fs", "d", 4, 3, 1, 0, 1, {"empty": 1}, 0, 1, True, 1, 32, 2.0, loop_seconds=1.0,
+                             commit_records={"recorded": 0, "adopted": 0, "set_aside": 0})
+    train = dataclasses.replace(sample(TrainSummary), metrics={"test_accuracy": None}, reused=True)
+    summary = RunSummary("job.toml", scan={"d": sample(ScanSummary)}, extract={"lite0/d": extract},
+                         train={"h": train}, predict={"h/d": sample(PredictSummary)},
+                         report={"h": sample(ReportSummary)}, timings={"scan": 0.5})
     summary.no_accuracy["h"] = "no evaluation rows: why"
-    summary.error_rates["a/d"] = ErrorRate(errors=1, images=4)
-    out = summary.to_json()
+    summary.error_rates["lite0/d"] = ErrorRate(errors=1, images=4)
+    return summary
+
+
+def test_run_summary_json_has_todays_keys():
+    out = _run_summary().to_json()
     assert list(out) == RUN_KEYS and out["job"] == "job.toml"
-    assert out["extract"] == {"a/d": {"extracted": 0}, "b/d": {"extracted": 5}}
+    assert out["extract"]["lite0/d"]["errors"] == {"new": 1, "by_code": {"empty": 1}, "known": 0}
     assert out["train"]["h"]["no_accuracy"] == "no evaluation rows: why"
-    assert out["error_rates"]["a/d"] == {"errors": 1, "images": 4, "rate": 0.25}
-    assert out["model_work"] is True  # b/d extracted 5 images
-    assert RunSummary("j", train={"h": {"reused": True}}).model_work is False
+    assert out["error_rates"]["lite0/d"] == {"errors": 1, "images": 4, "rate": 0.25}
+    assert out["model_work"] is True  # lite0/d extracted 3 images
 
 
-def test_the_adapter_reads_attributes_and_keys_alike():
-    @dataclasses.dataclass
-    class Typed:
-        head_id: str
+def test_run_summary_comes_back_from_its_json_typed():
+    summary = _run_summary()
+    out = json.loads(json.dumps(summary.to_json()))
+    back = RunSummary.from_json(out)
+    assert back == summary and back.to_json() == out
+    assert isinstance(back.extract["lite0/d"], ExtractSummary) and back.train["h"].metrics["test_accuracy"] is None
+    assert back.no_accuracy == {"h": "no evaluation rows: why"}
 
-        def to_json(self):
-            return {"head_id": self.head_id}
 
-    assert stage_value(Typed("h1"), "head_id") == stage_value({"head_id": "h1"}, "head_id") == "h1"
-    assert stage_json(Typed("h1")) == stage_json({"head_id": "h1"}) == {"head_id": "h1"}
+def test_model_work_reads_the_typed_results():
+    train = dataclasses.replace(sample(TrainSummary), reused=True)
+    assert RunSummary("j", train={"h": train}).model_work is False
+    assert RunSummary("j", train={"h": dataclasses.replace(train, reused=False)}).model_work is True
     assert ErrorRate(0, 0).rate == 0.0

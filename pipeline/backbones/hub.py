@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from imgfeat.backbones import BackboneSpec
 from imgfeat.core import hashing
 from imgfeat.core.errors import ConfigError
+from imgfeat.core.results import JsonObject
 
 if TYPE_CHECKING:
     import keras
@@ -267,7 +268,7 @@ def _size_and_dim(cls: str, cfg: dict[str, Any]) -> tuple[int, int]:
     return int(vision["image_shape"][0]), int(vision["hidden_dim"])
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _read_json(path: Path) -> JsonObject:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from imgfeat.core import logs
 from imgfeat.core.hashing import sha256_bytes
+from imgfeat.core.results import JsonObject
 from imgfeat.core.storage import TMP_SUFFIX, atomic_path, list_shards, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ class ShardRecord:
     nonfinite: int = 0
     format: int = field(default=RECORD_FORMAT)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JsonObject:
         return asdict(self)
 
     @classmethod

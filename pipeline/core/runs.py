@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from imgfeat import __version__
+from imgfeat.core.results import JsonObject
 from imgfeat.core.storage import write_json_atomic
 from imgfeat.core.workspace import Workspace
 
@@ -30,7 +31,7 @@ class RunRecord:
     started_at: float = field(default_factory=time.time)
     summary: dict[str, Any] = field(default_factory=dict)
 
-    def finish(self, ws: Workspace, exit_code: int, error: str | None = None) -> dict[str, Any]:
+    def finish(self, ws: Workspace, exit_code: int, error: str | None = None) -> JsonObject:
         """Stamp the outcome and write ``runs/<run_id>.json`` atomically; return the object."""
         finished = time.time()
         obj = {

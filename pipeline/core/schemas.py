@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+
 import pyarrow as pa
 
 # --- column names (use these constants, never string literals elsewhere) ---
@@ -122,6 +125,34 @@ ERRORS_SCHEMA = pa.schema(
         pa.field(RUN_ID, pa.string(), nullable=False),
     ]
 )
+
+
+@dataclass(frozen=True)
+class ErrorRow:
+    """One row of the errors table (``ERRORS_SCHEMA``, field for column): an image that gave no feature, and why.
+
+    ``image_id`` is None when the file could not be read at all; ``stage`` says whether the outcome is
+    final for the content id (decode, model) or about a path at a moment (read, scan).
+    """
+
+    image_id: str | None
+    path: str | None
+    stage: str
+    error_code: str
+    error_message: str | None
+    run_id: str
+
+    def to_json(self) -> dict[str, str | None]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, str | None]) -> ErrorRow:
+        return cls(**{f.name: obj[f.name] for f in fields(cls)})
+
+
+def errors_table(rows: Sequence[ErrorRow]) -> pa.Table:
+    """Error rows -> the errors table: the one place they become Arrow."""
+    return pa.Table.from_pylist([asdict(r) for r in rows], schema=ERRORS_SCHEMA)
 
 PREDICTIONS_SCHEMA = pa.schema(
     [

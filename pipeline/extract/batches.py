@@ -5,11 +5,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
-from imgfeat.core import schemas as S
+from imgfeat.core.schemas import ErrorRow
 from imgfeat.core.errors import unknown_value
 from imgfeat.core.hashing import content_id
 from imgfeat.extract.decode import (
@@ -20,7 +19,6 @@ from imgfeat.extract.decode import (
     decode_bytes,
     read_file_bytes,
 )
-from imgfeat.extract.shards import error_row
 
 STAGE_DECODE = "decode"
 # The file could not be read, or its bytes were not the scanned ones: an outcome about a path at a
@@ -89,7 +87,7 @@ class Batch:
 
     ids: list[str]
     raw: np.ndarray
-    errors: list[dict[str, Any]]
+    errors: list[ErrorRow]
     decode_seconds: float
     release: Callable[[], None] | None = None  # hands a pooled buffer back, once the model is done with raw
 
@@ -115,9 +113,9 @@ def is_final(stage: str, code: str) -> bool:
     return stage != STAGE_READ and code != CHANGED_SINCE_SCAN
 
 
-def decode_error_row(item: Item, exc: DecodeError, run_id: str) -> dict[str, Any]:
+def decode_error_row(item: Item, exc: DecodeError, run_id: str) -> ErrorRow:
     stage = STAGE_READ if exc.transient else STAGE_DECODE
-    return error_row(item.image_id, item.path, stage, exc.code, exc.message, run_id)
+    return ErrorRow(item.image_id, item.path, stage, exc.code, exc.message, run_id)
 
 
 def make_batch(items: list[Item], spec: InputSpec, run_id: str) -> Batch:
@@ -126,7 +124,7 @@ def make_batch(items: list[Item], spec: InputSpec, run_id: str) -> Batch:
     h, w = spec.dcfg.size
     raw = np.zeros((spec.batch_size, h, w, 3), dtype=np.uint8)
     ids: list[str] = []
-    errors: list[dict[str, Any]] = []
+    errors: list[ErrorRow] = []
     for item in items:
         try:
             raw[len(ids)] = decode_item(item, spec)
@@ -155,7 +153,3 @@ def chunked(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
     if chunk:
         yield chunk
 
-
-def failed_of(errors: Iterable[dict[str, Any]]) -> dict[str, tuple[str, str]]:
-    """image_id -> (code, message) of error rows."""
-    return {r[S.IMAGE_ID]: (r[S.ERROR_CODE], r[S.ERROR_MESSAGE]) for r in errors}

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from imgfeat.core.errors import ConfigError, ImgfeatError
+from imgfeat.core.schemas import ErrorRow
 from imgfeat.extract.batches import Batch, InputSpec, Item, chunked, decode_error_row, decode_item
 from imgfeat.extract.decode import DecodeError
 
@@ -211,11 +212,11 @@ def _serve(ring: np.ndarray, spec: InputSpec, run_id: str, tasks: connection.Con
 
 
 def _decode_part(rows: np.ndarray, row0: int, pairs: list[tuple[str, str]], spec: InputSpec,
-                 run_id: str) -> tuple[list[int], list[dict[str, Any]], float]:
+                 run_id: str) -> tuple[list[int], list[ErrorRow], float]:
     """Decode files into rows row0.. of one buffer: the rows that got an image, error rows, seconds."""
     t0 = time.perf_counter()
     ok: list[int] = []
-    errors: list[dict[str, Any]] = []
+    errors: list[ErrorRow] = []
     for row, (image_id, path) in enumerate(pairs, start=row0):
         item = Item(image_id, path)
         try:
@@ -248,7 +249,7 @@ class _Pending:
     slot: int
     items: list[Item]
     parts: int
-    answers: dict[int, tuple[list[int], list[dict[str, Any]], float]] = field(default_factory=dict)
+    answers: dict[int, tuple[list[int], list[ErrorRow], float]] = field(default_factory=dict)
 
     @property
     def done(self) -> bool:
@@ -378,7 +379,7 @@ class DecodePool:
         del self._pending[pending.seq]
         raw = self._buffers[pending.slot]
         ok_rows: list[int] = []
-        errors: list[dict[str, Any]] = []
+        errors: list[ErrorRow] = []
         seconds = 0.0
         for part in range(pending.parts):  # parts in order: rows and errors in item order
             ok, errs, secs = pending.answers[part]

@@ -21,6 +21,8 @@ from imgfeat.core.errors import ConfigError, ErrorRateExceeded, unknown_value
 from imgfeat.core.options import opt
 from imgfeat.core.progress import progress
 from imgfeat.core.ranges import check_fields
+from imgfeat.core.results import JsonObject
+from imgfeat.core.schemas import ErrorRow
 from imgfeat.core.storage import WAIT_HINT, FileLock, read_shards, remove_stale_tmp, write_json_atomic
 from imgfeat.core.workspace import Workspace, check_name
 from imgfeat.extract.batches import DECODE_MODES, PROCESS_DECODE_MIN_WORKERS, InputSpec, Item, decode_mode_of, is_final
@@ -42,7 +44,7 @@ from imgfeat.extract.featureset import (
     read_provenance,
 )
 from imgfeat.extract.recipe import Provenance, Resolved, resolve_recipe
-from imgfeat.extract.shards import FeaturesetDirs, ShardSink, ShardWriter, error_row, next_shard_tag
+from imgfeat.extract.shards import FeaturesetDirs, ShardSink, ShardWriter, next_shard_tag
 from imgfeat.scan.manifest import dataset_root, manifest_file
 
 log = logging.getLogger(__name__)
@@ -197,14 +199,16 @@ class LoopStats:
         if report.shard and report.extracted:
             self.shards.add(report.shard)
         for row in report.errors:
-            self.errors[row[S.ERROR_CODE]] += 1
-            self.failed[row[S.IMAGE_ID]] = (row[S.ERROR_CODE], row[S.ERROR_MESSAGE],
-                                            is_final(row[S.STAGE], row[S.ERROR_CODE]))
+            self.errors[row.error_code] += 1
+            self.failed[row.image_id] = (row.error_code, row.error_message, is_final(row.stage, row.error_code))
 
 
 @dataclass(frozen=True)
 class ExtractSummary:
-    """One extract run's outcome; ``to_json()`` is the ``--json`` object and ``runs/<id>.json``."""
+    """One extract run's outcome; ``to_json()`` is the ``--json`` object and ``runs/<id>.json``.
+
+    Timings are seconds rounded to the millisecond, as they are shown; the rates derive from them.
+    """
 
     featureset: str
     dataset: str
@@ -217,10 +221,14 @@ class ExtractSummary:
     errors_known: int
     error_rows: int
     model_built: bool
-    stats: LoopStats
     shards: int
     batch_size: int
     seconds: float
+    model_seconds: float = 0.0
+    decode_seconds: float = 0.0  # summed over decode workers
+    input_wait_seconds: float = 0.0
+    build_seconds: float = 0.0
+    loop_seconds: float = 0.0  # the model loop's wall time, model builds excluded
     executor: str = "local"
     executor_info: dict[str, Any] = field(default_factory=dict)
     # Shards this run's writer set right before planning: legacy ones recorded, a dead run's adopted,
@@ -239,19 +247,18 @@ class ExtractSummary:
     @property
     def images_per_s_loop(self) -> float:
         """Over the model loop only (the model build and the manifest walk left out)."""
-        loop = self.stats.loop_seconds
+        loop = self.loop_seconds
         return round(self.extracted / loop, 2) if loop else 0.0
 
-    def to_json(self) -> dict[str, Any]:
-        s = self.stats
-        out = {
+    def to_json(self) -> JsonObject:
+        out: JsonObject = {
             "featureset": self.featureset, "dataset": self.dataset, "manifest_rows": self.manifest_rows,
             "extracted": self.extracted, "reused": self.reused, "duplicates": self.duplicates,
             "errors": {"new": self.errors_new, "by_code": dict(self.errors_by_code), "known": self.errors_known},
             "error_rows": self.error_rows, "error_rate": self.error_rate, "model_built": self.model_built,
-            "model_seconds": round(s.model_seconds, 3), "decode_seconds": round(s.decode_seconds, 3),
-            "input_wait_seconds": round(s.input_wait_seconds, 3), "build_seconds": round(s.build_seconds, 3),
-            "loop_seconds": round(s.loop_seconds, 3), "shards": self.shards, "batch_size": self.batch_size,
+            "model_seconds": self.model_seconds, "decode_seconds": self.decode_seconds,
+            "input_wait_seconds": self.input_wait_seconds, "build_seconds": self.build_seconds,
+            "loop_seconds": self.loop_seconds, "shards": self.shards, "batch_size": self.batch_size,
             "seconds": self.seconds, "images_per_s": self.images_per_s,
             "images_per_s_loop": self.images_per_s_loop,
             "commit_records": {k: self.commit_records.get(k, 0) for k in ("recorded", "adopted", "set_aside")},
@@ -259,6 +266,16 @@ class ExtractSummary:
         if self.executor != "local":
             out.update(self.executor_info, executor=self.executor)
         return out
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> ExtractSummary:
+        derived = {"errors", "error_rate", "images_per_s", "images_per_s_loop", "executor"}
+        own = {f.name for f in dataclasses.fields(cls)} | derived
+        errors = obj["errors"]
+        return cls(**{f.name: obj[f.name] for f in dataclasses.fields(cls) if f.name in obj and f.name not in derived},
+                   errors_new=errors["new"], errors_by_code=dict(errors["by_code"]), errors_known=errors["known"],
+                   executor=obj.get("executor", "local"),
+                   executor_info={k: v for k, v in obj.items() if k not in own})
 
 
 # ------------------------------------------------------------------------------- the error-rate policy
@@ -278,10 +295,10 @@ def check_error_rate(rates: dict[str, tuple[int, int]], limit: float | None) -> 
         )
 
 
-def check_extract_error_rate(summary: Mapping[str, Any], limit: float | None) -> None:
+def check_extract_error_rate(summary: ExtractSummary, limit: float | None) -> None:
     """The error-rate policy for one extract run's summary (``imgfeat extract --max-error-rate``)."""
-    what = f"{summary['dataset']} -> {summary['featureset']}"
-    check_error_rate({what: (summary["error_rows"], summary["manifest_rows"])}, limit)
+    what = f"{summary.dataset} -> {summary.featureset}"
+    check_error_rate({what: (summary.error_rows, summary.manifest_rows)}, limit)
 
 
 # ------------------------------------------------------------------------------- recipe names
@@ -372,7 +389,7 @@ def walk_manifest(ws: Workspace, dataset: str, done: DoneSets, tally: Tally, run
                 else:
                     tally.scan_errors[status] += 1
                     if on_error is not None:
-                        on_error(error_row(image_id, path, STAGE_SCAN, status, message, run_id))
+                        on_error(ErrorRow(image_id, path, STAGE_SCAN, status, message, run_id))
             elif image_id in done.features:
                 tally.reused += 1
             elif image_id in done.errors:
@@ -388,7 +405,7 @@ def featureset_name(cfg: ExtractConfig) -> str:
     return resolve_recipe(cfg).recipe.name()
 
 
-def plan_extract(ws: Workspace, cfg: ExtractConfig) -> dict[str, Any]:
+def plan_extract(ws: Workspace, cfg: ExtractConfig) -> JsonObject:
     """What a run would do: featureset name, images to extract, rows already done (no model work)."""
     fs = featureset_name(cfg)
     tally = Tally()
@@ -459,14 +476,9 @@ def _layer_model(resolved: Resolved):
 
 
 def run_extract(ws: Workspace, cfg: ExtractConfig, run_id: str,
-                executor: ExecutorConfig | None = None) -> dict[str, Any]:
-    """Extract every manifest image not yet in the featureset; returns the run's summary (JSON)."""
-    return extract_dataset(ws, cfg, run_id, executor).to_json()
-
-
-def extract_dataset(ws: Workspace, cfg: ExtractConfig, run_id: str,
-                    executor: ExecutorConfig | None = None) -> ExtractSummary:
-    """The driver: resolve once, lock, provenance, plan, executor, error rows, typed summary."""
+                executor: ExecutorConfig | None = None) -> ExtractSummary:
+    """Extract every manifest image not yet in the featureset: the driver (resolve once, lock,
+    provenance, plan, executor, error rows); returns the run's typed summary."""
     t0 = time.perf_counter()
     manifest_file(ws, cfg.dataset)  # an unknown dataset fails before a featureset folder appears
     resolved = resolve_recipe(cfg)
@@ -556,8 +568,11 @@ def _summary(cfg: ExtractConfig, fs: str, tally: Tally, stats: LoopStats, sink: 
         reused=tally.reused, duplicates=tally.duplicates, errors_new=sum(codes.values()),
         errors_by_code=dict(sorted(codes.items())), errors_known=tally.known_error_rows,
         error_rows=sum(tally.scan_errors.values()) + tally.known_error_rows + failed_rows,
-        model_built=model_built, stats=stats, shards=len(sink.writer.feature_shards) + len(stats.shards),
-        batch_size=cfg.batch_size, seconds=round(seconds, 3), executor=ex.name, executor_info=ex.info(),
+        model_built=model_built, shards=len(sink.writer.feature_shards) + len(stats.shards),
+        batch_size=cfg.batch_size, seconds=round(seconds, 3), model_seconds=round(stats.model_seconds, 3),
+        decode_seconds=round(stats.decode_seconds, 3), input_wait_seconds=round(stats.input_wait_seconds, 3),
+        build_seconds=round(stats.build_seconds, 3), loop_seconds=round(stats.loop_seconds, 3),
+        executor=ex.name, executor_info=ex.info(),
         commit_records=dict(repaired),
     )
 
@@ -621,8 +636,8 @@ def _file_todo(probes, done: DoneSets, run_id: str):
         if pr.status == S.STATUS_OK:
             items.append(Item(pr.image_id, Path(path).absolute().as_posix()))
         elif pr.image_id is not None:  # the bytes were read: a fact about this content, kept for every user
-            errors.append(error_row(pr.image_id, Path(path).absolute().as_posix(), STAGE_SCAN, pr.status,
-                                    pr.error, run_id))
+            errors.append(ErrorRow(pr.image_id, Path(path).absolute().as_posix(), STAGE_SCAN, pr.status,
+                                   pr.error, run_id))
         # A given file that could not be read at all is the caller's to report (predict prints it):
         # it says nothing about any image's content, so the shared featureset does not keep it.
     return items, errors

@@ -6,7 +6,6 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -24,6 +23,7 @@ from imgfeat.core.commits import (
     reconcile,
     warn_once,
 )
+from imgfeat.core.results import JsonObject
 from imgfeat.core.storage import column_values, list_shards, read_shards, remove_file, remove_tree
 from imgfeat.core.workspace import Workspace
 from imgfeat.extract.recipe import Provenance
@@ -44,7 +44,7 @@ def provenance_path(ws: Workspace, featureset: str) -> Path:
     return old if not path.is_file() and old.is_file() else path
 
 
-def featureset_info(ws: Workspace, featureset: str) -> dict[str, Any]:
+def featureset_info(ws: Workspace, featureset: str) -> JsonObject:
     """The provenance written when the featureset was created; exit 2 if it does not exist."""
     path = provenance_path(ws, featureset)
     if not path.is_file():

@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from imgfeat.core.errors import ConfigError
+from imgfeat.core.schemas import ErrorRow
 from imgfeat.extract.batches import Batch, InputSpec, Item, chunked, decode_error_row, read_verified
 from imgfeat.extract.decode import (
     TRANSPOSED_ORIENTATIONS,
@@ -361,7 +362,7 @@ class GpuBatcher:
         t0 = time.perf_counter()
         outcomes = self._decoded(items, reads)
         ids: list[str] = []
-        errors: list[dict[str, Any]] = []
+        errors: list[ErrorRow] = []
         device_rows: list[tuple[int, Any]] = []
         host_rows: dict[int, np.ndarray] = {}
         for item, (kind, value) in zip(items, outcomes):

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from imgfeat.core.errors import ConfigError
 from imgfeat.core.hashing import DEFAULT_SEPARATORS, canonical_json, sha256_text
+from imgfeat.core.results import JsonObject
 from imgfeat.extract.decode import DecodeConfig
 
 if TYPE_CHECKING:
@@ -83,7 +84,7 @@ class Recipe:
     crop: str = DEFAULT_CROP  # "centre" for keras-hub converters that crop to the aspect ratio
     antialias: bool = True  # False: resized as keras' antialias=False resize (keras-hub converters)
 
-    def canonical(self) -> dict[str, Any]:
+    def canonical(self) -> JsonObject:
         """The hashed form: every field, the weights as their identity string. A later field at its
         default (OPTIONAL_FIELDS) is left out, so every featureset made before it existed keeps its name."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -168,7 +169,7 @@ class Provenance:
         """Whether the recipe hashes to the featureset's name (an edited file does not)."""
         return self.recipe.name() == self.featureset
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JsonObject:
         out = self.recipe.canonical()
         out.update(weights_kind=self.source.kind, weights_source=self.source.path or self.source.kind,
                    seed=self.source.seed, dim=self.dim, keras_version=self.keras_version,

@@ -9,12 +9,12 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from imgfeat.core import schemas as S
+from imgfeat.core.schemas import ErrorRow, errors_table
 from imgfeat.core.commits import commit_shard, commits_dir
 from imgfeat.core.storage import SHARD_PREFIX, atomic_path, shard_name
 from imgfeat.core.workspace import Workspace
@@ -34,18 +34,8 @@ def features_table(ids: Sequence[str], X: np.ndarray, dtype: str, footer: str) -
     return pa.Table.from_arrays([pa.array(list(ids), pa.string()), feature], schema=schema)
 
 
-def errors_table(rows: Sequence[dict[str, Any]]) -> pa.Table:
-    return pa.Table.from_pylist(list(rows), schema=S.ERRORS_SCHEMA)
-
-
-def error_row(image_id: str | None, path: str | None, stage: str, code: str, message: str | None,
-              run_id: str) -> dict[str, Any]:
-    return {S.IMAGE_ID: image_id, S.PATH: path, S.STAGE: stage, S.ERROR_CODE: code,
-            S.ERROR_MESSAGE: message, S.RUN_ID: run_id}
-
-
 def refuse_non_finite(ids: Sequence[str], X: np.ndarray, run_id: str,
-                      paths: Sequence[str | None] | None = None) -> tuple[list[str], np.ndarray, list[dict[str, Any]]]:
+                      paths: Sequence[str | None] | None = None) -> tuple[list[str], np.ndarray, list[ErrorRow]]:
     """Split a batch's features into finite rows and error rows (``non_finite_feature``): a NaN or
     inf feature is the model's failure on that image, never a row readers would have to guess about."""
     X = np.asarray(X)
@@ -53,7 +43,7 @@ def refuse_non_finite(ids: Sequence[str], X: np.ndarray, run_id: str,
     if ok.all():
         return list(ids), X, []
     bad = np.flatnonzero(~ok)
-    errors = [error_row(ids[k], paths[k] if paths else None, S.STAGE_MODEL, S.ERROR_NON_FINITE,
+    errors = [ErrorRow(ids[k], paths[k] if paths else None, S.STAGE_MODEL, S.ERROR_NON_FINITE,
                         "the model's feature holds NaN or inf for this image (damaged weights, or an "
                         "overflow at this precision)", run_id) for k in bad]
     return [ids[k] for k in np.flatnonzero(ok)], X[ok], errors
@@ -111,7 +101,7 @@ class ShardWriter:
         self._footer = provenance.footer()
         self._ids: list[str] = []
         self._rows: list[np.ndarray] = []
-        self._errors: list[dict[str, Any]] = []
+        self._errors: list[ErrorRow] = []
         self._seq = self._err_seq = start_seq
         self.written: list[str] = []
         for folder in (dirs.features, dirs.errors):  # from the first write on, only recorded shards count
@@ -141,7 +131,7 @@ class ShardWriter:
         while len(self._ids) >= self.shard_size:
             self._commit_features(self.shard_size)
 
-    def add_errors(self, rows: Sequence[dict[str, Any]]) -> None:
+    def add_errors(self, rows: Sequence[ErrorRow]) -> None:
         self._errors.extend(rows)
         if len(self._errors) >= self.shard_size:
             self._commit_errors()
@@ -208,11 +198,11 @@ class ShardSink:
             except BaseException as exc:  # re-raised on the model thread
                 self._exc = exc
 
-    def put(self, ids: list[str], X: np.ndarray | None, errors: list[dict[str, Any]]) -> None:
+    def put(self, ids: list[str], X: np.ndarray | None, errors: list[ErrorRow]) -> None:
         self._raise()
         self._q.put((ids, X, errors))
 
-    def add_error(self, row: dict[str, Any]) -> None:
+    def add_error(self, row: ErrorRow) -> None:
         self.put([], None, [row])
 
     def close(self, commit: bool = True) -> None:

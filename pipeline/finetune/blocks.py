@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from imgfeat.core.errors import ConfigError, unknown_value
+from imgfeat.core.results import JsonObject
 
 if TYPE_CHECKING:
     import keras
@@ -47,7 +48,7 @@ class Block:
     start: int
     n_layers: int
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JsonObject:
         return {"block": self.name, "start": self.start, "layers": self.n_layers}
 
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from imgfeat.backbones import BackboneSpec
 from imgfeat.core.hashing import canonical_json, file_sha256
+from imgfeat.core.results import JsonObject
 from imgfeat.core.storage import remove_tree, write_bytes_atomic, write_json_atomic
 from imgfeat.core.workspace import Workspace
 from imgfeat.finetune import train as T
@@ -85,7 +86,7 @@ class Session:
         self.phase = phase
 
     # --- checkpoints ---
-    def identity(self) -> dict[str, Any]:
+    def identity(self) -> JsonObject:
         """What a checkpoint must name to continue this run: its fine-tune id and parameters (as JSON)."""
         return {"finetune_id": self.fid, "params": json.loads(canonical_json(self.cfg.params()))}
 
@@ -190,7 +191,7 @@ class Session:
             return np.zeros(0, np.int32), np.zeros(0, np.int32)
         return np.concatenate(ys), np.concatenate(preds)
 
-    def test_metrics(self) -> dict[str, Any]:
+    def test_metrics(self) -> JsonObject:
         y, pred = self.predict_labels(self.test)
         names = np.array(self.rows.classes, dtype=object)
         return evaluate(_Predicted(names[pred]), None, names[y], self.rows.classes)

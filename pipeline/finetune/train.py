@@ -19,6 +19,7 @@ from imgfeat.core.errors import ConfigError, unknown_value
 from imgfeat.core.names import HEADS, check_ref
 from imgfeat.core.options import opt
 from imgfeat.core.ranges import check_fields
+from imgfeat.core.results import JsonObject, JsonResult
 from imgfeat.core.storage import WAIT_HINT, FileLock, write_bytes_atomic
 from imgfeat.core.workspace import Workspace, check_name
 from imgfeat.extract.decode import DecodeConfig
@@ -108,7 +109,7 @@ class FinetuneConfig:
         if self.precision not in PRECISIONS:
             raise unknown_value("precision", self.precision, PRECISIONS)
 
-    def params(self) -> dict[str, Any]:
+    def params(self) -> JsonObject:
         values = asdict(self)
         return {k: v for k, v in values.items() if k not in _NOT_PARAMS}
 
@@ -118,7 +119,7 @@ class FinetuneConfig:
 
 
 @dataclass(frozen=True)
-class FinetuneSummary:
+class FinetuneSummary(JsonResult):
     """What `imgfeat finetune --json` prints: name, metrics (test_accuracy), weights, and counts."""
 
     name: str
@@ -138,9 +139,6 @@ class FinetuneSummary:
     n_test: int
     seconds: float
     seconds_per_epoch: list[float] = field(default_factory=list)
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def finetune_dir(ws: Workspace, finetune_id: str) -> Path:
@@ -191,7 +189,7 @@ def run_finetune(ws: Workspace, cfg: FinetuneConfig, run_id: str) -> FinetuneSum
     return summary(ws, fid, reused=False, seconds=time.perf_counter() - t0)
 
 
-def read_meta(ws: Workspace, finetune_id: str) -> dict[str, Any]:
+def read_meta(ws: Workspace, finetune_id: str) -> JsonObject:
     return json.loads((finetune_dir(ws, finetune_id) / META_FILE).read_text())
 
 

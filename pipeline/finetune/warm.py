@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from imgfeat.core.errors import ConfigError
+from imgfeat.core.results import JsonObject
 from imgfeat.core.workspace import Workspace
 
 # Provenance keys that must match between the head's featureset and the fine-tune's backbone.
@@ -14,7 +15,7 @@ RECIPE_KEYS = ("backbone", "weights", "input_size", "pooling", "layer", "interpo
 
 
 def warm_recipe(backbone: str, weights_identity: str, input_size: int, interpolation: str,
-                exif: str) -> dict[str, Any]:
+                exif: str) -> JsonObject:
     """The featureset provenance a head must have been trained on to warm-start this fine-tune."""
     return {"backbone": backbone, "weights": weights_identity, "input_size": input_size, "pooling": "avg",
             "layer": None, "interpolation": interpolation, "exif": exif}

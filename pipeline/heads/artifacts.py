@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from imgfeat import __version__
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError, ImgfeatError, unknown_value
+from imgfeat.core.results import JsonObject
 from imgfeat.core.storage import remove_stale_tmp, write_bytes_atomic, write_json_atomic, write_table_atomic
 from imgfeat.core.workspace import Workspace
 
@@ -82,7 +83,7 @@ def head_exists(ws: Workspace, head_id: str) -> bool:
     return path.exists() or path.is_symlink()
 
 
-def read_head_meta(ws: Workspace, head_id: str) -> dict[str, Any]:
+def read_head_meta(ws: Workspace, head_id: str) -> JsonObject:
     if not head_exists(ws, head_id):
         done = [h for h in ws.list_names("heads") if head_exists(ws, h)]
         hint = "" if done else f"none under {ws.root / 'heads'}; run 'imgfeat train' first"

@@ -6,7 +6,6 @@ import hashlib
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -16,6 +15,7 @@ from imgfeat.core import schemas as S
 from imgfeat.core.hashing import canonical_json  # noqa: F401  (heads.train imports it from here)
 from imgfeat.core.errors import ConfigError
 from imgfeat.core.logs import warn_once
+from imgfeat.core.results import JsonObject
 from imgfeat.extract.featureset import committed_ids
 from imgfeat.scan.manifest import read_manifest
 from imgfeat.core.workspace import Workspace
@@ -215,7 +215,7 @@ def _check_classes(labels: pd.Series, dataset: str, where: str) -> None:
         )
 
 
-def describe(rows: LabelledRows) -> dict[str, Any]:
+def describe(rows: LabelledRows) -> JsonObject:
     """Counts for the summary."""
     return {
         "n_train": int(len(rows.train_ids)),

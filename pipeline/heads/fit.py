@@ -21,6 +21,7 @@ from sklearn.model_selection import GridSearchCV, StratifiedKFold, cross_val_sco
 from threadpoolctl import threadpool_limits
 
 from imgfeat.core.errors import ConfigError, ImgfeatError
+from imgfeat.core.results import JsonObject
 from imgfeat.core.workspace import Workspace
 from imgfeat.extract.featureset import load_features
 from imgfeat.heads import artifacts as A
@@ -84,7 +85,7 @@ def train_and_write(ws: Workspace, cfg: TrainConfig, rows: LabelledRows, head_id
 
 
 def _head_meta(cfg: TrainConfig, rows: LabelledRows, head_id: str, info: dict[str, Any], fitted: FitResult,
-               metrics: dict[str, Any], run_id: str, dim: int) -> dict[str, Any]:
+               metrics: dict[str, Any], run_id: str, dim: int) -> JsonObject:
     """head.json, less what write_head adds (model file, sha256, versions, created_at)."""
     return {
         "head_id": head_id, "name": cfg.head_name, "dataset": cfg.dataset, "featureset": cfg.featureset, "head": cfg.head,
@@ -227,7 +228,7 @@ def _cv_jobs(wanted: int | None, X: np.ndarray) -> int:
     return min(os.cpu_count() or 1, 4) if X.size >= PARALLEL_CV_VALUES else 1
 
 
-def _scores(scores: np.ndarray, extra: dict[str, Any], n: int) -> dict[str, Any]:
+def _scores(scores: np.ndarray, extra: dict[str, Any], n: int) -> JsonObject:
     return {"mean": float(np.mean(scores)), "std": float(np.std(scores)),
             "folds": [round(float(s), 4) for s in scores], "rows": n, **extra}
 
@@ -279,7 +280,7 @@ def _cv_sample(X: np.ndarray, y: np.ndarray, max_rows: int, seed: int) -> tuple[
     return X[idx], y[idx]
 
 
-def evaluate(estimator: Any, X: np.ndarray, y: np.ndarray, classes: list[str]) -> dict[str, Any]:
+def evaluate(estimator: Any, X: np.ndarray, y: np.ndarray, classes: list[str]) -> JsonObject:
     """Test metrics: accuracy, macro F1, per-class precision/recall/F1/support, confusion matrix."""
     if len(y) == 0:
         return {"test_accuracy": None, "macro_f1": None, "per_class": {}, "confusion": None,

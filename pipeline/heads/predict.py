@@ -34,6 +34,7 @@ from imgfeat.heads.versions import resolve_head
 from imgfeat.scan.manifest import read_manifest
 from imgfeat.core.progress import progress
 from imgfeat.core.ranges import check_fields
+from imgfeat.core.results import JsonObject, JsonResult
 from imgfeat.core.storage import (
     WAIT_HINT,
     FileLock,
@@ -160,7 +161,7 @@ def _read(paths: list[Path], columns: list[str] | None = None) -> pa.Table:
 
 
 @dataclass(frozen=True)
-class PredictSummary:
+class PredictSummary(JsonResult):
     """What predict did: rows written and skipped, and why any image got no prediction."""
 
     head_id: str
@@ -183,7 +184,7 @@ class PredictSummary:
     errors_by_code: dict[str, int] | None = None
     predictions: list[dict[str, Any]] | None = None
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JsonObject:
         """Only the keys of this kind of run (a dataset run has no ``files``), as before."""
         return {k: getattr(self, k) for k in self.__dataclass_fields__ if getattr(self, k) is not None
                 or k in ("rows_per_s",)}
@@ -343,7 +344,7 @@ def _predict_files(ws: Workspace, cfg: PredictConfig, head: LoadedHead, writer: 
             "predictions": lines}
 
 
-def _file_line(result, k: int | None, scored: Scored | None) -> dict[str, Any]:
+def _file_line(result, k: int | None, scored: Scored | None) -> JsonObject:
     """What a person reads for one file: its best label and score, or why there is none."""
     if k is None or scored is None:
         return {"path": str(result.path), "error_code": result.error_code or "no_features",

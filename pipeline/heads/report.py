@@ -27,6 +27,7 @@ from imgfeat.heads.artifacts import LoadedHead, load_head
 from imgfeat.heads.versions import default_head_name, resolve_head
 from imgfeat.core import names as N
 from imgfeat.core.ranges import check_fields
+from imgfeat.core.results import JsonResult
 from imgfeat.core.storage import WAIT_HINT, FileLock, list_shards, remove_file, remove_stale_tmp, write_bytes_atomic
 from imgfeat.core.workspace import Workspace
 
@@ -71,7 +72,21 @@ class Mistake:
     score: float
 
 
-def run_report(ws: Workspace, cfg: ReportConfig, run_id: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ReportSummary(JsonResult):
+    """What one `imgfeat report` did: the page, the plots and mistakes it shows, whether it was kept as it was."""
+
+    head_id: str
+    name: str
+    report: str  # the page's path
+    plots: list[str]
+    mistakes_shown: int
+    reused: bool
+    seconds: float
+    run_id: str
+
+
+def run_report(ws: Workspace, cfg: ReportConfig, run_id: str) -> ReportSummary:
     """Write ``reports/<head_id>/index.html``, every image inline; returns the page path and counts.
 
     A page made from the same inputs (``report_inputs``) is kept as it is: nothing is loaded or written.
@@ -86,8 +101,9 @@ def run_report(ws: Workspace, cfg: ReportConfig, run_id: str) -> dict[str, Any]:
         if current is not None:
             name = head_name(head, cfg.head_id)
             log.info("report for %s (%s) is up to date: %s", name, head_id, ws.report_dir(head_id) / "index.html")
-            return {"head_id": head_id, "name": name, "report": str(ws.report_dir(head_id) / "index.html"),
-                    **current, "reused": True, "seconds": round(time.perf_counter() - t0, 3), "run_id": run_id}
+            return ReportSummary(head_id, name, str(ws.report_dir(head_id) / "index.html"), current.plots,
+                                 current.mistakes_shown, reused=True, seconds=round(time.perf_counter() - t0, 3),
+                                 run_id=run_id)
         return _write_report(ws, cfg, head, head_id, run_id, t0, inputs)
 
 
@@ -109,7 +125,13 @@ def report_inputs(ws: Workspace, cfg: ReportConfig, head: LoadedHead) -> str:
 _STAMP = "imgfeat-report"  # <meta name=...> near the top of the page: its inputs and what it shows
 
 
-def _current_page(page: Path, inputs: str) -> dict[str, Any] | None:
+@dataclass(frozen=True)
+class _Shown:
+    plots: list[str]
+    mistakes_shown: int
+
+
+def _current_page(page: Path, inputs: str) -> _Shown | None:
     """What the existing page shows (plots, mistakes_shown) when it was made from ``inputs``; else None."""
     try:
         with page.open("rb") as f:
@@ -126,11 +148,11 @@ def _current_page(page: Path, inputs: str) -> dict[str, Any] | None:
         return None
     if not isinstance(stamp, dict) or stamp.get("inputs") != inputs:
         return None
-    return {"plots": stamp.get("plots", []), "mistakes_shown": stamp.get("mistakes_shown", 0)}
+    return _Shown(stamp.get("plots", []), stamp.get("mistakes_shown", 0))
 
 
 def _write_report(ws: Workspace, cfg: ReportConfig, head: LoadedHead, head_id: str, run_id: str,
-                  t0: float, inputs: str = "") -> dict[str, Any]:
+                  t0: float, inputs: str = "") -> ReportSummary:
     folder = ws.report_dir(head_id)
     folder.mkdir(parents=True, exist_ok=True)
     remove_stale_tmp(folder)
@@ -146,9 +168,8 @@ def _write_report(ws: Workspace, cfg: ReportConfig, head: LoadedHead, head_id: s
     for stale in (CONFUSION_PNG, PROJECTION_PNG, A.CURVES_FILE):  # beside pages of older versions
         remove_file(folder / stale, ws.root)
     log.info("report for %s (%s): %s", name, head_id, index)
-    return {"head_id": head_id, "name": name, "report": str(index), "plots": sorted(plots_png),
-            "mistakes_shown": len(mistakes), "reused": False, "seconds": round(time.perf_counter() - t0, 3),
-            "run_id": run_id}
+    return ReportSummary(head_id, name, str(index), sorted(plots_png), len(mistakes), reused=False,
+                         seconds=round(time.perf_counter() - t0, 3), run_id=run_id)
 
 
 def head_name(head: LoadedHead, ref: str) -> str:

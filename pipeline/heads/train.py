@@ -17,6 +17,7 @@ from imgfeat.heads.data import LEFT_OUT_JSON_MAX, LabelledRows, canonical_json, 
 from imgfeat.heads.zeroshot import DEFAULT_PROMPT, ZERO_SHOT, check_prompt
 from imgfeat.heads.versions import default_head_name, resolve_featureset
 from imgfeat.core.ranges import C_GRID_MAX, RANGES, check_fields
+from imgfeat.core.results import JsonObject, JsonResult
 from imgfeat.core.storage import WAIT_HINT, FileLock
 from imgfeat.core.workspace import Workspace, check_name
 
@@ -106,7 +107,7 @@ class TrainConfig:
     def head_name(self) -> str:
         return self.name or default_head_name(self.dataset, self.head)
 
-    def params(self) -> dict[str, Any]:
+    def params(self) -> JsonObject:
         """The parameters that shape this kind of head (recorded and hashed into the head id)."""
         values = asdict(self)
         return {k: values[k] for k in (*_COMMON, *_KIND_PARAMS[self.head])}
@@ -124,7 +125,7 @@ def check_c_grid(values: Any) -> tuple[float, ...]:
     return tuple(sorted({float(v) for v in values}))
 
 
-def params_for(kind: str, params: dict[str, Any]) -> dict[str, Any]:
+def params_for(kind: str, params: dict[str, Any]) -> JsonObject:
     """The recorded parameters that shape one kind of head (an auto head records every kind's)."""
     return {k: v for k, v in params.items() if k in (*_COMMON, *_KIND_PARAMS.get(kind, ()))}
 
@@ -163,7 +164,7 @@ def run_train(ws: Workspace, cfg: TrainConfig, run_id: str) -> "TrainSummary":
 
 
 @dataclass(frozen=True)
-class TrainSummary:
+class TrainSummary(JsonResult):
     """What train did: the head (id, name, kind), its metrics, the rows it saw and left out."""
 
     head_id: str
@@ -185,7 +186,7 @@ class TrainSummary:
     seconds: float = 0.0
     timings: dict[str, float] | None = None
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JsonObject:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -17,6 +17,7 @@ from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError, ImgfeatError
 from imgfeat.core.options import opt
 from imgfeat.core.ranges import check_fields
+from imgfeat.core.results import JsonResult
 from imgfeat.core.storage import (
     WAIT_HINT,
     FileLock,
@@ -79,7 +80,7 @@ class IndexConfig:
         return self.name or "-".join((*self.datasets, self.featureset))
 
 @dataclass(frozen=True)
-class IndexSummary:
+class IndexSummary(JsonResult):
     """What one `imgfeat index` did (``added`` 0 and ``written`` False: nothing was new)."""
 
     index: str
@@ -93,9 +94,6 @@ class IndexSummary:
     index_dir: str
     seconds: float
     params: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 def build_index(ws: Workspace, cfg: IndexConfig, run_id: str) -> IndexSummary:
     """Create or extend ``indexes/<name>/``: only rows not in it yet are added; nothing new writes nothing."""

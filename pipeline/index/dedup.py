@@ -16,7 +16,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -27,6 +27,7 @@ from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError, ImgfeatError
 from imgfeat.core.options import opt
 from imgfeat.core.ranges import check_fields
+from imgfeat.core.results import JsonObject, JsonResult
 from imgfeat.core.storage import FileLock, remove_stale_tmp, write_bytes_atomic, write_json_atomic, write_table_atomic
 from imgfeat.core.workspace import Workspace, check_name
 from imgfeat.extract.featureset import featureset_info
@@ -102,7 +103,7 @@ class DedupConfig:
 
 
 @dataclass(frozen=True)
-class DedupSummary:
+class DedupSummary(JsonResult):
     """What `imgfeat dedup` found; ``to_json`` is its --json object."""
 
     dataset: str
@@ -126,9 +127,6 @@ class DedupSummary:
     written: bool = True  # False: nothing changed since the last run, whose results stand
     inputs_digest: str = ""  # the rows, featureset and criterion the results were computed from
     timings: dict[str, float] = field(default_factory=dict)  # read, neighbours, tables, page, write
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -514,7 +512,7 @@ def inputs_digest(cfg: DedupConfig, im: Images) -> str:
     return h.hexdigest()
 
 
-def _previous(folder) -> dict[str, Any] | None:
+def _previous(folder) -> JsonObject | None:
     """The last run's summary, or None (none, or unreadable: then everything is recomputed)."""
     try:
         obj = json.loads((folder / SUMMARY_FILE).read_text())
@@ -590,7 +588,7 @@ def _read_looks(path) -> Looks:
         return empty
 
 
-def _calibration(cfg: DedupConfig, root, im: Images, ok: np.ndarray, previous: dict[str, Any] | None) -> dict:
+def _calibration(cfg: DedupConfig, root, im: Images, ok: np.ndarray, previous: dict[str, Any] | None) -> JsonObject:
     """The look's check on synthetic copies of a seeded sample of the dataset's own readable images.
 
     The last run's calibration stands while the dataset holds under RECALIBRATE_GROWTH times
@@ -615,7 +613,7 @@ def _calibration(cfg: DedupConfig, root, im: Images, ok: np.ndarray, previous: d
     return out
 
 
-def criterion_summary(cfg: DedupConfig, ok: np.ndarray, stats: dict[str, int], calibration: dict) -> dict[str, Any]:
+def criterion_summary(cfg: DedupConfig, ok: np.ndarray, stats: dict[str, int], calibration: dict) -> JsonObject:
     """The default criterion's parameters, what it looked at, and its calibration: the run summary's ``criterion``."""
     return {"name": "neighbours+look", "neighbours": cfg.neighbours, "look_threshold": LOOK_THRESHOLD,
             "mirror_min_cosine": MIRROR_COSINE, "fallback_cosine": FALLBACK_COSINE,

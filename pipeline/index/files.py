@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from imgfeat.core import schemas as S
 from imgfeat.core.hashing import content_id
 from imgfeat.core.errors import ConfigError, ImgfeatError, unknown_value
+from imgfeat.core.results import JsonObject
 from imgfeat.core.storage import FileLock, recorded_file
 from imgfeat.core.workspace import Workspace, check_name
 from imgfeat.index.kinds import KINDS, IndexParams, import_faiss
@@ -58,7 +59,7 @@ class IndexInfo:
     def kind(self) -> str:
         return self.params.kind
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JsonObject:
         obj = asdict(self)
         obj.update(datasets=list(self.datasets), params=self.params.to_json(), kind=self.kind)
         return obj

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from imgfeat.core.errors import ConfigError, unknown_value
+from imgfeat.core.results import JsonObject
 
 KINDS = ("auto", "flat", "ivf", "hnsw")
 # Up to this many rows `auto` is exact: a flat search over 50,000 x 1,280 floats is ~0.25 GB
@@ -43,7 +44,7 @@ class IndexParams:
     train_iterations: int | None = None  # k-means rounds of the IVF quantizer
     seed: int = 0
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JsonObject:
         return asdict(self)
 
     @classmethod

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
+from imgfeat.core.results import JsonObject
+
 log = logging.getLogger(__name__)
 
 SIDE = 32  # the look's side in pixels
@@ -112,7 +114,7 @@ def look_similarity(L: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[np.nda
     return straight, mirrored
 
 
-def calibrate(paths: Sequence[Path], threshold: float = LOOK_THRESHOLD) -> dict:
+def calibrate(paths: Sequence[Path], threshold: float = LOOK_THRESHOLD) -> JsonObject:
     """How the look treats copies of these images: each made with the nine near-copy transforms.
 
     Returns per transform the share of copies whose look is at least ``threshold`` alike to

@@ -11,6 +11,7 @@ import numpy as np
 
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError, ImgfeatError
+from imgfeat.core.results import JsonObject
 from imgfeat.core.runs import new_run_id
 from imgfeat.core.workspace import Workspace
 from imgfeat.index.files import IndexInfo, migrate_if_free, read_faiss, read_ids, read_info
@@ -25,7 +26,7 @@ class Neighbour:
     path: str | None
     similarity: float
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JsonObject:
         return {"image_id": self.image_id, "path": self.path, "similarity": round(self.similarity, 6)}
 
 
@@ -38,7 +39,7 @@ class QueryResult:
     neighbours: tuple[Neighbour, ...] = ()
     error: str | None = None
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JsonObject:
         obj: dict[str, Any] = {"query": self.query, "image_id": self.image_id,
                                "neighbours": [n.to_json() for n in self.neighbours]}
         if self.error:

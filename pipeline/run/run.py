@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -15,10 +15,15 @@ import pyarrow.compute as pc
 from imgfeat.extract.extract import record_recipe_name
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError
+from imgfeat.core.results import JsonObject
 from imgfeat.run.jobfile import DedupJob, FeatureJob, FinetuneJob, HeadJob, IndexJob, JobSpec, build_config
-from imgfeat.run.summary import ErrorRate, RunSummary, stage_json, stage_value
+from imgfeat.run.summary import ErrorRate, RunSummary
 from imgfeat.core.storage import WAIT_HINT, FileLock
 from imgfeat.core.workspace import Workspace
+
+if TYPE_CHECKING:  # only types here: each stage is imported when the job first needs it
+    from imgfeat.extract.extract import ExtractSummary
+    from imgfeat.heads.train import TrainSummary
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +123,7 @@ def check_inputs(job: JobSpec) -> None:
             raise ConfigError(f"datasets.{name}.labels_csv: {cfg.labels_csv} is not a file")
 
 
-def plan_job(ws: Workspace, job: JobSpec) -> dict[str, Any]:
+def plan_job(ws: Workspace, job: JobSpec) -> JsonObject:
     """What a run would do, without hashing images or building models (``--dry-run``)."""
     from imgfeat.extract.extract import plan_extract
     from imgfeat.scan.scan import plan_scan
@@ -136,7 +141,7 @@ def plan_job(ws: Workspace, job: JobSpec) -> dict[str, Any]:
             if fjob.finetune is not None:
                 p = {"todo": None, "note": f"extracted with the tuned weights of finetune.{fjob.finetune}"}
             elif ws.manifest_path(dataset).exists():
-                p = stage_json(plan_extract(ws, extract_config(job, fjob, dataset)))
+                p = plan_extract(ws, extract_config(job, fjob, dataset)).to_json()
             else:
                 p = {"todo": None, "note": "dataset not scanned yet"}
             p["new_or_changed_files"] = scans[dataset].new + scans[dataset].changed
@@ -202,7 +207,7 @@ def _finetune_all(ws: Workspace, job: JobSpec, run_id: str, summary: RunSummary)
         for ftjob in job.finetunes:
             out = run_finetune(ws, finetune_config(job, ftjob), run_id)
             summary.finetune[ftjob.name] = out
-            tuned[ftjob.name] = stage_value(out, "weights")
+            tuned[ftjob.name] = out.weights
     return tuned
 
 
@@ -215,12 +220,12 @@ def _extract_all(ws: Workspace, job: JobSpec, run_id: str, summary: RunSummary,
             for dataset in fjob.datasets:
                 out = _extract_one(ws, job, extract_config(job, fjob, dataset, tuned), run_id)
                 summary.extract[f"{fjob.name}/{dataset}"] = out
-                featuresets[(fjob.name, dataset)] = stage_value(out, "featureset")
-                record_recipe_name(ws, fjob.name, stage_value(out, "featureset"))  # the recipe's latest
+                featuresets[(fjob.name, dataset)] = out.featureset
+                record_recipe_name(ws, fjob.name, out.featureset)  # the recipe's latest
     return featuresets
 
 
-def _extract_one(ws: Workspace, job: JobSpec, cfg, run_id: str) -> Any:
+def _extract_one(ws: Workspace, job: JobSpec, cfg, run_id: str) -> ExtractSummary:
     from imgfeat.extract.extract import run_extract
 
     return run_extract(ws, cfg, run_id, executor_config(job))
@@ -238,15 +243,15 @@ def _train_all(ws: Workspace, job: JobSpec, featuresets: dict, run_id: str, summ
             reason = no_accuracy_reason(out)
             if reason is not None:
                 summary.no_accuracy[hjob.name] = reason
-            heads[hjob.name] = stage_value(out, "head_id")
+            heads[hjob.name] = out.head_id
     return heads
 
 
-def no_accuracy_reason(train: Any) -> str | None:
+def no_accuracy_reason(train: TrainSummary) -> str | None:
     """Why a trained head has no test accuracy; None when it has one."""
-    if stage_value(stage_value(train, "metrics"), "test_accuracy") is not None:
+    if train.metrics.get("test_accuracy") is not None:
         return None
-    unseen = (stage_value(train, "left_out") or {}).get("unseen_test_labels", 0)
+    unseen = (train.left_out or {}).get("unseen_test_labels", 0)
     if unseen:
         return (f"no evaluation rows: the {unseen} test rows all have labels the training rows do not "
                 "have, so none can be scored")

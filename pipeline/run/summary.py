@@ -1,23 +1,24 @@
-"""The typed summary of `imgfeat run`, and the one adapter that reads other stages' results."""
+"""The typed summary of `imgfeat run`: each stage's typed result by job-file name, and its JSON both ways."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-if TYPE_CHECKING:  # only a type here: importing the scan stage would slow `imgfeat --help`
+from imgfeat.core.results import JsonObject
+
+if TYPE_CHECKING:  # only types here: importing the stages would slow `imgfeat --help`
+    from imgfeat.extract.extract import ExtractSummary
+    from imgfeat.finetune.train import FinetuneSummary
+    from imgfeat.heads.predict import PredictSummary
+    from imgfeat.heads.report import ReportSummary
+    from imgfeat.heads.train import TrainSummary
+    from imgfeat.index.build import IndexSummary
+    from imgfeat.index.dedup import DedupSummary
     from imgfeat.scan.scan import ScanSummary
 
-
-def stage_json(result: Any) -> dict[str, Any]:
-    """A stage's result as its JSON object: ``to_json()`` of a typed summary, else the dict itself."""
-    return result.to_json() if hasattr(result, "to_json") else dict(result)
-
-
-def stage_value(result: Any, name: str) -> Any:
-    """One field of a stage's result, typed (an attribute) or not yet typed (a dict key)."""
-    return result[name] if isinstance(result, Mapping) else getattr(result, name)
+NO_ACCURACY = "no_accuracy"  # the key a head's train entry carries when it has no test accuracy
 
 
 @dataclass(frozen=True)
@@ -31,28 +32,29 @@ class ErrorRate:
     def rate(self) -> float:
         return self.errors / self.images if self.images else 0.0
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JsonObject:
         return {"errors": self.errors, "images": self.images, "rate": self.rate}
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> ErrorRate:
+        return cls(obj["errors"], obj["images"])
 
 
 @dataclass(frozen=True)
 class RunSummary:
     """What one `imgfeat run` did, stage by stage; filled as the stages finish, so a failed run
-    still reports the stages it completed.
-
-    ``extract``, ``train``, ``predict`` and ``report`` hold each stage's own result (typed or a
-    dict; read them through ``stage_value``), keyed as in the job file.
+    still reports the stages it completed. Each stage's typed result, keyed as in the job file.
     """
 
     job: str
     scan: dict[str, ScanSummary] = field(default_factory=dict)
-    finetune: dict[str, Any] = field(default_factory=dict)  # finetune name (only when the job has some)
-    extract: dict[str, Any] = field(default_factory=dict)  # "<features>/<dataset>"
-    train: dict[str, Any] = field(default_factory=dict)  # head name
-    predict: dict[str, Any] = field(default_factory=dict)  # "<head>/<dataset>"
-    report: dict[str, Any] = field(default_factory=dict)  # head name
-    index: dict[str, Any] = field(default_factory=dict)  # index name (only when the job declares indexes)
-    dedup: dict[str, Any] = field(default_factory=dict)  # dedup name (only when the job declares [dedup.NAME])
+    finetune: dict[str, FinetuneSummary] = field(default_factory=dict)  # only when the job has some
+    extract: dict[str, ExtractSummary] = field(default_factory=dict)  # "<features>/<dataset>"
+    train: dict[str, TrainSummary] = field(default_factory=dict)  # head name
+    predict: dict[str, PredictSummary] = field(default_factory=dict)  # "<head>/<dataset>"
+    report: dict[str, ReportSummary] = field(default_factory=dict)  # head name
+    index: dict[str, IndexSummary] = field(default_factory=dict)  # only when the job declares indexes
+    dedup: dict[str, DedupSummary] = field(default_factory=dict)  # only when the job declares [dedup.NAME]
     no_accuracy: dict[str, str] = field(default_factory=dict)  # head name -> why it has no accuracy
     timings: dict[str, float] = field(default_factory=dict)
     error_rates: dict[str, ErrorRate] = field(default_factory=dict)  # "<features>/<dataset>"
@@ -60,24 +62,56 @@ class RunSummary:
     @property
     def model_work(self) -> bool:
         """Whether any backbone ran or any head was trained (False for a run with nothing new)."""
-        return any(stage_value(s, "extracted") for s in self.extract.values()) or any(
-            not stage_value(s, "reused") for s in [*self.train.values(), *self.finetune.values()]
+        return any(s.extracted for s in self.extract.values()) or any(
+            not s.reused for s in [*self.train.values(), *self.finetune.values()]
         )
 
-    def to_json(self) -> dict[str, Any]:
-        train = {name: {**stage_json(s), **({"no_accuracy": self.no_accuracy[name]} if name in self.no_accuracy
-                                            else {})} for name, s in self.train.items()}
+    def to_json(self) -> JsonObject:
+        train = {name: {**s.to_json(), **({NO_ACCURACY: self.no_accuracy[name]} if name in self.no_accuracy
+                                          else {})} for name, s in self.train.items()}
         return {
             "job": self.job,
             "scan": {k: v.to_json() for k, v in self.scan.items()},
-            **({"finetune": {k: stage_json(v) for k, v in self.finetune.items()}} if self.finetune else {}),
-            "extract": {k: stage_json(v) for k, v in self.extract.items()},
+            **({"finetune": {k: v.to_json() for k, v in self.finetune.items()}} if self.finetune else {}),
+            "extract": {k: v.to_json() for k, v in self.extract.items()},
             "train": train,
-            "predict": {k: stage_json(v) for k, v in self.predict.items()},
-            "report": {k: stage_json(v) for k, v in self.report.items()},
-            **({"index": {k: stage_json(v) for k, v in self.index.items()}} if self.index else {}),
-            **({"dedup": {k: stage_json(v) for k, v in self.dedup.items()}} if self.dedup else {}),
+            "predict": {k: v.to_json() for k, v in self.predict.items()},
+            "report": {k: v.to_json() for k, v in self.report.items()},
+            **({"index": {k: v.to_json() for k, v in self.index.items()}} if self.index else {}),
+            **({"dedup": {k: v.to_json() for k, v in self.dedup.items()}} if self.dedup else {}),
             "timings": dict(self.timings),
             "model_work": self.model_work,
             "error_rates": {k: v.to_json() for k, v in self.error_rates.items()},
         }
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> RunSummary:
+        """The summary back from its JSON object (runs/<run_id>.json holds it)."""
+        # The stages load here, not at import: `imgfeat --help` imports this module.
+        from imgfeat.extract.extract import ExtractSummary
+        from imgfeat.finetune.train import FinetuneSummary
+        from imgfeat.heads.predict import PredictSummary
+        from imgfeat.heads.report import ReportSummary
+        from imgfeat.heads.train import TrainSummary
+        from imgfeat.index.build import IndexSummary
+        from imgfeat.index.dedup import DedupSummary
+        from imgfeat.scan.scan import ScanSummary
+
+        return cls(
+            job=obj["job"], scan=_each(obj, "scan", ScanSummary.from_json),
+            finetune=_each(obj, "finetune", FinetuneSummary.from_json),
+            extract=_each(obj, "extract", ExtractSummary.from_json), train=_each(obj, "train", TrainSummary.from_json),
+            predict=_each(obj, "predict", PredictSummary.from_json),
+            report=_each(obj, "report", ReportSummary.from_json), index=_each(obj, "index", IndexSummary.from_json),
+            dedup=_each(obj, "dedup", DedupSummary.from_json),
+            no_accuracy={k: v[NO_ACCURACY] for k, v in obj.get("train", {}).items() if NO_ACCURACY in v},
+            timings=dict(obj.get("timings", {})), error_rates=_each(obj, "error_rates", ErrorRate.from_json),
+        )
+
+
+R = TypeVar("R")
+
+
+def _each(obj: Mapping[str, Any], key: str, from_json: Callable[[Mapping[str, Any]], R]) -> dict[str, R]:
+    """One stage's results by name, back from their JSON objects (a stage the run did not have: none)."""
+    return {name: from_json(value) for name, value in obj.get(key, {}).items()}

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 from imgfeat import __version__
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError, ImgfeatError, unknown_value
+from imgfeat.core.results import JsonObject
 from imgfeat.core.storage import atomic_path
 from imgfeat.core.workspace import Workspace
 
@@ -57,7 +58,7 @@ def read_table(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
         return f.read(columns=list(columns) if columns is not None else None)
 
 
-def manifest_info(ws: Workspace, dataset: str) -> dict[str, Any]:
+def manifest_info(ws: Workspace, dataset: str) -> JsonObject:
     """The footer's JSON metadata: ``root``, ``dataset``, ``options``, ``created_at``, ``run_id``, ..."""
     path = manifest_file(ws, dataset)
     try:
@@ -78,7 +79,7 @@ def file_schema(path: Path) -> pa.Schema:
         return f.schema_arrow
 
 
-def read_info(path: Path) -> dict[str, Any]:
+def read_info(path: Path) -> JsonObject:
     """Footer metadata of a manifest file (reads only the footer)."""
     meta = file_schema(path).metadata or {}
     raw = meta.get(S.META_MANIFEST)
@@ -95,7 +96,7 @@ def dataset_root(ws: Workspace, dataset: str) -> Path:
     return Path(manifest_info(ws, dataset)["root"])
 
 
-def make_info(root: Path, dataset: str, options: Mapping[str, Any], run_id: str | None) -> dict[str, Any]:
+def make_info(root: Path, dataset: str, options: Mapping[str, Any], run_id: str | None) -> JsonObject:
     """The metadata object stored in the footer (root as an absolute POSIX path)."""
     return {
         "root": Path(os.path.abspath(root)).as_posix(),

@@ -28,6 +28,7 @@ from imgfeat.scan.probe import Probe, over_limit_message, probe_file
 from imgfeat.core.progress import progress
 from imgfeat.scan.rescan import SETTLED, OldRows, Previous, classify, load_previous
 from imgfeat.core.ranges import check_fields
+from imgfeat.core.results import JsonObject, JsonResult
 from imgfeat.core.storage import WAIT_HINT, FileLock, remove_stale_tmp
 from imgfeat.scan.walk import FileEntry, WalkOptions, WalkStats, walk, walk_segments
 from imgfeat.core.workspace import Workspace, check_name
@@ -137,7 +138,7 @@ class ScanTally:
 
 
 @dataclass(frozen=True)
-class ScanSummary:
+class ScanSummary(JsonResult):
     """What a scan did: counts by kind of change and by status, skips, timing, the manifest path."""
 
     dataset: str
@@ -161,12 +162,9 @@ class ScanSummary:
     seconds: float
     files_per_s: float | None
 
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 @dataclass(frozen=True)
-class ScanPlan:
+class ScanPlan(JsonResult):
     """What a scan would do (``--dry-run``): files new, changed, unchanged, removed; skips."""
 
     dataset: str
@@ -176,9 +174,6 @@ class ScanPlan:
     unchanged: int
     removed: int
     skipped: dict[str, int]
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 # ---------------------------------------------------------------- checks at the edge
@@ -224,7 +219,7 @@ def read_labels_csv(path: str | os.PathLike) -> dict[str, str | None]:
 LABEL_OPTIONS = ("labels_csv", "labels_csv_sha256", "test_fraction")
 
 
-def scan_options(cfg: ScanConfig) -> dict[str, Any]:
+def scan_options(cfg: ScanConfig) -> JsonObject:
     """The options stored in the manifest's metadata (paths absolute, the CSV's content hash)."""
     opts = {k: v for k, v in asdict(cfg).items() if k not in ("root", "dataset", "workers", "wait")}
     opts["labels_csv_sha256"] = None

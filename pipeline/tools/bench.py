@@ -17,6 +17,7 @@ from typing import Any
 
 from imgfeat.core.errors import ConfigError, ImgfeatError
 from imgfeat.core.options import opt
+from imgfeat.core.results import JsonObject
 from imgfeat.scan.probe import has_image_extension
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ def stage_images(files: list[Path], dest: Path) -> Path:
     return dest
 
 
-def run_bench(cfg: BenchConfig, run_id: str) -> dict[str, Any]:
+def run_bench(cfg: BenchConfig, run_id: str) -> JsonObject:
     """Time each path as a whole process (start-up included) on the same files; return rates and ratios."""
     files = list_images(cfg.images, cfg.limit)
     if not files:
@@ -127,7 +128,7 @@ def _command(path: str, cfg: BenchConfig, images: Path, ws_root: Path) -> list[s
     return [sys.executable, "-c", code, json.dumps(spec)]
 
 
-def _time_process(cmd: list[str]) -> dict[str, Any]:
+def _time_process(cmd: list[str]) -> JsonObject:
     env = {**os.environ, "IMGFEAT_PROGRESS": "0", "TF_CPP_MIN_LOG_LEVEL": "2"}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -139,7 +140,7 @@ def _time_process(cmd: list[str]) -> dict[str, Any]:
     return {"seconds": round(seconds, 3), "inner": json.loads(last)}
 
 
-def _report(cfg: BenchConfig, n: int, runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+def _report(cfg: BenchConfig, n: int, runs: dict[str, list[dict[str, Any]]]) -> JsonObject:
     # On a shared machine other load only ever slows a round down, so the fastest round is the measure.
     timings = {p: min(rs, key=lambda r: r["seconds"]) for p, rs in runs.items()}
     rate = {p: round(n / t["seconds"], 2) for p, t in timings.items()}

@@ -12,6 +12,7 @@ from typing import Any
 from imgfeat.core import names as N
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError, ImgfeatError
+from imgfeat.core.results import JsonObject
 from imgfeat.core.storage import FileLock, column_values, linked_folder, remove_file, remove_tree
 from imgfeat.core.workspace import Workspace
 from imgfeat.heads.artifacts import HEAD_FILE, read_head_meta
@@ -65,7 +66,7 @@ class Catalog:
     indexes: list[dict[str, Any]] = field(default_factory=list)
     damaged: list[str] = field(default_factory=list)  # one line per unreadable file, naming it; listed without it
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JsonObject:
         return asdict(self)
 
 
@@ -196,7 +197,7 @@ class PrunePlan:
     kept_featuresets: list[str]
     deleted: bool = False
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JsonObject:
         return asdict(self)
 
 

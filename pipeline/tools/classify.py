@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from imgfeat.core.results import JsonObject
 from imgfeat.extract.decode import DecodeConfig, DecodeError, decode_batch
 from imgfeat.core.errors import ConfigError
 from imgfeat.core.options import opt
@@ -56,7 +57,7 @@ class ImageResult:
     error_code: str | None = None
     error_message: str | None = None
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JsonObject:
         out = asdict(self)
         return out if self.error_code else {k: out[k] for k in ("path", "labels", "scores", "wnids")}
 
@@ -164,7 +165,7 @@ def classify_images(cfg: ClassifyConfig) -> list[ImageResult]:
     return results
 
 
-def run_classify(cfg: ClassifyConfig) -> dict[str, Any]:
+def run_classify(cfg: ClassifyConfig) -> JsonObject:
     """Classify and summarise: the dict the job prints with --json."""
     t0 = time.perf_counter()
     results = classify_images(cfg)

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
+from imgfeat.core.results import JsonObject
+
 
 def _crop(im: Image.Image) -> Image.Image:
     w, h = im.size
@@ -156,7 +158,7 @@ def build_photo_set(root: Path, copy_fraction: float, seed: int, grids: tuple[in
     return truth
 
 
-def score(truth: dict[str, tuple[str, str | None]], groups_dir: str, leaks_dir: str) -> dict:
+def score(truth: dict[str, tuple[str, str | None]], groups_dir: str, leaks_dir: str) -> JsonObject:
     """Recall per transform and overall; false grouping: images grouped with another photo's image.
 
     A copy is found when it is grouped with its original and reported as a leak of it; the

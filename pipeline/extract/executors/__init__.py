@@ -10,6 +10,8 @@ from typing import Any, Protocol
 
 from imgfeat.core.errors import ConfigError, unknown_value
 from imgfeat.core.options import opt
+from imgfeat.core.results import JsonObject
+from imgfeat.core.schemas import ErrorRow
 from imgfeat.core.ranges import check_fields
 from imgfeat.core.workspace import Workspace
 from imgfeat.extract.batches import InputSpec, Item
@@ -95,15 +97,19 @@ class BatchReport:
     """What one unit of executor work committed or handed to the writer."""
 
     extracted: int
-    errors: list[dict[str, Any]] = field(default_factory=list)  # decode / read error rows
+    errors: list[ErrorRow] = field(default_factory=list)  # decode / read error rows
     model_seconds: float = 0.0
     decode_seconds: float = 0.0
     input_wait_seconds: float = 0.0  # the model idle before this batch: the pipeline's stall time
     build_seconds: float = 0.0  # a model build paid before this batch
     shard: str | None = None  # a shard the executor committed itself (Ray)
 
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+    def to_json(self) -> JsonObject:
+        return {**asdict(self), "errors": [r.to_json() for r in self.errors]}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> BatchReport:
+        return cls(**{**obj, "errors": [ErrorRow.from_json(r) for r in obj["errors"]]})
 
 
 class Executor(Protocol):
@@ -115,7 +121,7 @@ class Executor(Protocol):
         """Yield one report per batch; ``sink.put(ids, X, errors)`` commits rows in order (local)."""
         ...
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> JsonObject:
         """Executor-specific figures for the summary (e.g. the Ray pool plan)."""
         ...
 

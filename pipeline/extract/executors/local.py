@@ -10,6 +10,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from imgfeat.core.results import JsonObject
 from imgfeat.extract.batches import Batch, InputSpec, Item, chunked, make_batch, resolve_decode
 from imgfeat.extract.executors import BatchReport, ExecutorConfig, ExtractJob, timed_build
 from imgfeat.extract.forward import DEFAULT_DEPTH, Forward, in_flight
@@ -99,5 +100,5 @@ class LocalExecutor:
                               input_wait_seconds=landed.input_wait_seconds, build_seconds=build)
             build = 0.0
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> JsonObject:
         return {}

@@ -36,6 +36,8 @@ import pyarrow as pa
 
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError, ImgfeatError
+from imgfeat.core.results import JsonObject
+from imgfeat.core.schemas import ErrorRow
 from imgfeat.core.storage import SHARD_PREFIX, column_values, list_shards, remove_tree, shard_name
 from imgfeat.core.workspace import Workspace
 from imgfeat.extract.batches import Batch, InputSpec, Item, decode_error_row, decode_item, pad_rows
@@ -146,7 +148,7 @@ def decode_rows(batch: dict[str, np.ndarray], inputs: InputSpec, run_id: str) ->
             pixels[k] = decode_item(item, inputs)
             errors.append("")
         except DecodeError as exc:
-            errors.append(json.dumps(decode_error_row(item, exc, run_id)))
+            errors.append(json.dumps(decode_error_row(item, exc, run_id).to_json()))
     seconds = (time.perf_counter() - t0) / max(1, len(errors))
     return {ROW: batch[ROW], S.IMAGE_ID: batch[S.IMAGE_ID], PIXELS: pixels,
             ERROR_ROW: np.array(errors, dtype=object), DECODE_SECONDS: np.full(len(errors), seconds)}
@@ -171,7 +173,7 @@ class ShardActor:
         t0 = time.perf_counter()
         X = self.forward(batch[PIXELS][ok])
         ids, X, refused = refuse_non_finite(list(batch[S.IMAGE_ID][ok]), X, self.job.run_id)
-        errors = [json.loads(e) for e in batch[ERROR_ROW][~ok]] + refused
+        errors = [ErrorRow.from_json(json.loads(e)) for e in batch[ERROR_ROW][~ok]] + refused
         report = BatchReport(len(ids), errors, model_seconds=time.perf_counter() - t0,
                              decode_seconds=float(batch[DECODE_SECONDS].sum()),
                              input_wait_seconds=t0 - self.idle_since, build_seconds=self.build_seconds,
@@ -199,7 +201,7 @@ class ShardActor:
             start += rows
         return out
 
-    def commit(self, first: int, ids: list[str], X: np.ndarray, errors: list[dict[str, Any]]) -> None:
+    def commit(self, first: int, ids: list[str], X: np.ndarray, errors: list[ErrorRow]) -> None:
         """Features then errors, each under the same deterministic name (so a retry overwrites)."""
         job = self.job
         writer = ShardWriter(FeaturesetDirs.of(job.ws, job.featureset), ray_tag(job), job.provenance,
@@ -238,7 +240,7 @@ class RayExecutor:
             remove_tree(attempts_dir(job.ws, job.run_id), job.ws.root)
         self.plan["duplicate_rows"] = _audit(job, todo)
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> JsonObject:
         # Timings are summed over actors (a restarted actor's build counts again: it was paid again).
         return {**self.plan, "ray_address": self.cfg.address or "default"}
 
@@ -281,7 +283,7 @@ class _connected:
             self.ray.shutdown()
 
 
-def plan_pool(ray, ray_cfg: ExecutorConfig, todo: int, batch_size: int, shard_size: int) -> dict[str, Any]:
+def plan_pool(ray, ray_cfg: ExecutorConfig, todo: int, batch_size: int, shard_size: int) -> JsonObject:
     """Actor count, GPUs per actor and rows per shard for this cluster; fail fast where Ray would hang."""
     res = ray.cluster_resources()
     gpus, cpus = float(res.get("GPU", 0)), float(res.get("CPU", 0))
@@ -351,7 +353,7 @@ def _reports(ds) -> Iterator[BatchReport]:
     rows = ds.iter_rows()
     try:
         for row in rows:
-            yield BatchReport(**json.loads(row[REPORT]))
+            yield BatchReport.from_json(json.loads(row[REPORT]))
     finally:
         # Stop the streaming executor (and its actors) now, not whenever the generator is collected,
         # so an interrupted driver leaves no actor writing behind it.

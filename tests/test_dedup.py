@@ -65,6 +65,40 @@ def test_groups_are_the_planted_copies_and_exact_duplicates(exact_max, dim):
 
 
 @pytest.mark.quick
+def test_a_small_memory_budget_makes_the_search_approximate_and_finds_the_same_groups():
+    """A budget a copy of the vectors does not fit: ivfpq candidates, rescored exactly, give the
+    groups exact search gives."""
+    from imgfeat.index.dedup import groups_table, nearest_neighbours, similar_pairs
+    from imgfeat.index.kinds import flat_bytes
+
+    X, _ = planted(n=3000, dim=64)
+    im = images(X)
+    exact = nearest_neighbours(im.X, 10)
+    approx = nearest_neighbours(im.X, 10, memory_budget=flat_bytes(len(X), 64) // 2)
+    assert (exact.kind, approx.kind) == ("flat", "ivfpq")
+    np.testing.assert_allclose(approx.sims[:, 1], np.einsum("nd,nd->n", X, X[approx.rows[:, 1]]), atol=1e-5)
+    want = group_sets(groups_table(im, similar_pairs(exact, 0.9)))
+    assert len(want) == 3 and group_sets(groups_table(im, similar_pairs(approx, 0.9))) == want
+
+
+@pytest.mark.quick
+def test_new_images_are_searched_against_all_a_block_at_a_time(monkeypatch):
+    """The blocked search of new images returns each one's exact k nearest others, whatever the block size."""
+    from imgfeat.index import dedup
+
+    X, _ = planted(n=300, dim=32)
+    new = np.array([0, 7, 150, 303], np.int64)
+    S = X[new] @ X.T
+    S[np.arange(len(new)), new] = -np.inf
+    want = {(int(a), int(b)) for a, row in zip(new, np.argsort(-S, axis=1)[:, :5]) for b in row}
+    monkeypatch.setattr(dedup, "BLOCK_ROWS", 64)
+    g = dedup.new_image_pairs(X, new, 5)
+    got = {(int(a), int(b)) for a, b in zip(g.a, g.b)}
+    assert got == {(min(a, b), max(a, b)) for a, b in want}
+    np.testing.assert_allclose(g.sim, np.einsum("nd,nd->n", X[g.a], X[g.b]), atol=1e-5)
+
+
+@pytest.mark.quick
 def test_no_groups_among_distinct_vectors():
     from imgfeat.index.dedup import groups_table, nearest_neighbours, similar_pairs
 

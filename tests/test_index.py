@@ -220,3 +220,47 @@ def test_a_second_writer_of_the_same_index_fails_fast(ws):
         with pytest.raises(LockBusyError, match="index ix is being written by another process"):
             build(ws, "fs", name="ix")
     assert build(ws, "fs", name="ix").rows == 20
+
+
+def test_small_memory_budget_builds_ivfpq_with_recall_against_exact(ws):
+    """A budget the full vectors do not fit: auto is ivfpq (codes sized to it, rows streamed from the
+    shards), recorded with its parameters; search rescored on stored features keeps recall@10 >= 0.9,
+    by vectors and by image id, and a rerun adds new rows to it."""
+    from imgfeat.index import Index
+    from imgfeat.index.kinds import flat_bytes, ivfpq_bytes
+
+    X = clustered(3000, dim=32, clusters=40)
+    ids = make_fs(ws, "fs", X)
+    budget = int(0.7 * flat_bytes(3000, 32))
+    out = build(ws, "fs", name="ix", memory_budget=budget)
+    p = out.params
+    assert out.kind == "ivfpq" and out.rows == 3000 and p["pq_bits"] == 8 and 32 % p["pq_m"] == 0
+    assert ivfpq_bytes(3000, 32, p["nlist"], p["pq_m"]) <= budget // 2 and 0 < p["trained_on"] < 3000
+    recorded = json.loads((ws.index_files_dir("ix") / "_index.json").read_text())["params"]
+    assert (recorded["kind"], recorded["pq_m"], recorded["nprobe"]) == ("ivfpq", p["pq_m"], p["nprobe"])
+    Q = clustered(100, dim=32, clusters=40, seed=1)
+    exact = np.argsort(-(unit(Q) @ unit(X).T), axis=1)[:, :10]
+    approx = Index.open(ws, "ix").search(Q, k=10)
+    hits = [len({n.image_id for n in r.neighbours} & {ids[j] for j in row}) for r, row in zip(approx, exact)]
+    assert np.mean(hits) / 10 >= 0.9
+    res = Index.open(ws, "ix", nprobe=p["nlist"]).search_ids([ids[5]], k=5)[0]
+    assert len(res.neighbours) == 5 and ids[5] not in [n.image_id for n in res.neighbours]
+    assert res.neighbours[0].similarity >= res.neighbours[-1].similarity > 0.5
+    more = make_fs(ws, "fs", clustered(200, dim=32, clusters=40, seed=2), start=3000)
+    again = build(ws, "fs", run_id="run2", name="ix", memory_budget=budget)
+    assert (again.kind, again.rows, again.added, again.rebuilt) == ("ivfpq", 3200, 200, False)
+    hit = Index.open(ws, "ix").search_ids([more[0]], k=1)[0].neighbours[0]
+    assert hit.image_id in more or hit.similarity > 0.5
+
+
+@pytest.mark.quick
+def test_memory_budget_picks_the_kind_and_refuses_what_cannot_fit():
+    from imgfeat.index.kinds import flat_bytes, resolve_params
+
+    assert resolve_params("auto", 1000, dim=64, memory_budget=flat_bytes(1000, 64)).kind == "flat"
+    assert resolve_params("auto", 60_000, dim=64, memory_budget=flat_bytes(60_000, 64)).kind == "ivf"
+    small = resolve_params("auto", 60_000, dim=64, memory_budget=flat_bytes(60_000, 64) // 4)
+    assert small.kind == "ivfpq" and small.pq_m * 60_000 <= flat_bytes(60_000, 64) // 8
+    assert resolve_params("auto", 60_000).kind == "ivf"  # no budget: as before
+    with pytest.raises(ConfigError, match="memory budget 1000 bytes is too small"):
+        resolve_params("auto", 60_000, dim=64, memory_budget=1000)

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from imgfeat.core import names
@@ -335,12 +337,23 @@ class DoneSets:
         if not ws.featureset_dir(fs).is_dir():
             return cls(set(), set(), set())
         errors = read_shards(error_shards(ws, fs), [S.IMAGE_ID, S.PATH, S.STAGE, S.ERROR_CODE])  # one pass
-        rows = [] if errors is None else [r for r in errors.to_pylist() if is_final(r[S.STAGE], r[S.ERROR_CODE])]
+        if errors is None:
+            return cls(committed_ids(ws, fs), set(), set())
+        final = errors.filter(_final_mask(errors))  # Arrow columns, never a dict per error row
+        no_id = pc.is_null(final[S.IMAGE_ID])
         return cls(
             committed_ids(ws, fs),
-            {r[S.IMAGE_ID] for r in rows if r[S.IMAGE_ID] is not None},
-            {r[S.PATH] for r in rows if r[S.IMAGE_ID] is None and r[S.PATH] is not None},
+            set(final[S.IMAGE_ID].drop_null().to_pylist()),
+            set(final.filter(no_id)[S.PATH].drop_null().to_pylist()),
         )
+
+
+def _final_mask(errors: pa.Table) -> pa.ChunkedArray:
+    """Which error rows are final (``is_final``), asked once per distinct (stage, code) pair."""
+    keys = pc.binary_join_element_wise(pc.fill_null(errors[S.STAGE], ""), pc.fill_null(errors[S.ERROR_CODE], ""),
+                                       "\x1f")
+    final = [k for k in pc.unique(keys).to_pylist() if is_final(*(part or None for part in k.split("\x1f")))]
+    return pc.is_in(keys, value_set=pa.array(final, pa.string()))
 
 
 @contextlib.contextmanager

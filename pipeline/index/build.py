@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from imgfeat.core import schemas as S
@@ -33,8 +34,9 @@ from imgfeat.extract.featureset import committed_ids, featureset_info
 from imgfeat.index.files import (IDS_FILE, INDEX_PREFIX, INDEX_SUFFIX, PROVENANCE_FILE, IndexInfo, checked_index_file,
                                  ids_digest, index_lock, migrate_layout, provenance_path, read_faiss, read_ids,
                                  read_info, refuse_links)
-from imgfeat.index.kinds import KINDS, IndexParams, add_in_chunks, check_kind, import_faiss, make_index, resolve_params, train
-from imgfeat.index.vectors import first_paths, manifest_rows, read_vectors, scanned_datasets
+from imgfeat.index.kinds import (KINDS, IndexParams, add_in_chunks, check_kind, fill_batch_rows, import_faiss,
+                                  make_index, resolve_params, sample_rows, sample_size, train, train_on_sample)
+from imgfeat.index.vectors import featureset_dim, first_paths, iter_vectors, manifest_rows, read_vectors, scanned_datasets
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,10 @@ class IndexConfig:
     wait: float | None = opt(None, metavar="SECONDS", help="wait up to this long for another process writing the same index, instead of exiting at once")
     # build again from the featureset, whatever the old files hold (a damaged index)
     rebuild: bool = opt(False, help="build the index again from its featureset, replacing its files (damaged or not)")
+    # Bytes the index may use (its rows, the training sample, the batch being added): ``auto`` is
+    # then ivfpq, sized to fit, when the full vectors do not fit, and the rows are streamed from the
+    # shards; None: no budget (the whole featureset is read at once, as before).
+    memory_budget: int | None = None
 
     def __post_init__(self) -> None:
         check_wait(self.wait, "index wait")
@@ -69,7 +75,7 @@ class IndexConfig:
             check_name("dataset", d)
         check_name("index", self.index_name)
         check_kind(self.kind)
-        for key in ("nlist", "nprobe", "hnsw_m", "ef_search"):
+        for key in ("nlist", "nprobe", "hnsw_m", "ef_search", "memory_budget"):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ConfigError(f"index {key} must be a positive integer, got {value!r}")
@@ -116,7 +122,7 @@ def build_index(ws: Workspace, cfg: IndexConfig, run_id: str) -> IndexSummary:
             raise ConfigError(f"featureset {cfg.featureset} has no feature rows"
                               + (f" for dataset(s) {', '.join(cfg.datasets)}" if cfg.datasets else "")
                               + "; run 'imgfeat extract' first")
-        wanted = _wanted_params(cfg, before, total)
+        wanted = _wanted_params(cfg, before, total, featureset_dim(ws, cfg.featureset))
         rebuild = cfg.rebuild or (prev is not None and _needs_rebuild(prev.params, wanted, cfg, total))
         if prev is not None and not new and not rebuild:
             checked_index_file(ws, prev)
@@ -165,17 +171,24 @@ def _covered_ids(ws: Workspace, cfg: IndexConfig) -> tuple[set[str], int]:
     return ids & have, missing
 
 
-def _wanted_params(cfg: IndexConfig, prev: IndexInfo | None, total: int) -> IndexParams:
-    """``auto`` keeps an existing approximate index's kind; a flat one turns approximate when it outgrows flat."""
-    kind = prev.kind if cfg.kind == "auto" and prev is not None and prev.kind != "flat" else cfg.kind
-    return resolve_params(kind, total, cfg.nlist, cfg.nprobe, cfg.hnsw_m, cfg.ef_search, cfg.seed)
+def _wanted_params(cfg: IndexConfig, prev: IndexInfo | None, total: int, dim: int) -> IndexParams:
+    """``auto`` keeps an existing approximate index's kind, unless the budget now needs ivfpq; a flat
+    one turns approximate when it outgrows flat (or the budget)."""
+    def resolve(kind: str) -> IndexParams:
+        return resolve_params(kind, total, cfg.nlist, cfg.nprobe, cfg.hnsw_m, cfg.ef_search, cfg.seed, dim,
+                              cfg.memory_budget)
+
+    auto = resolve(cfg.kind)
+    if cfg.kind == "auto" and prev is not None and prev.kind not in ("flat", auto.kind) and auto.kind != "ivfpq":
+        return resolve(prev.kind)
+    return auto
 
 
 def _needs_rebuild(prev: IndexParams, wanted: IndexParams, cfg: IndexConfig, total: int) -> bool:
     """A kind or parameter change, or an IVF index that outgrew the sample it was trained on."""
     if wanted.kind != prev.kind:
         return True
-    if prev.kind == "ivf":
+    if prev.kind in ("ivf", "ivfpq"):
         outgrown = total > RETRAIN_GROWTH * prev.rows_at_training
         return outgrown or cfg.nlist not in (None, prev.nlist) or cfg.nprobe not in (None, prev.nprobe)
     if prev.kind == "hnsw":
@@ -185,6 +198,8 @@ def _needs_rebuild(prev: IndexParams, wanted: IndexParams, cfg: IndexConfig, tot
 
 def _fresh(ws: Workspace, cfg: IndexConfig, params: IndexParams, old: pa.Table, new: set[str]):
     """Every row, old ones first in their committed order (so the old ids file stays a prefix)."""
+    if cfg.memory_budget is not None and params.kind in ("ivf", "ivfpq"):
+        return _fresh_streamed(ws, cfg, params, old, new)
     old_ids = old[S.IMAGE_ID].to_pylist()
     ids, X = read_vectors(ws, cfg.featureset, new.union(old_ids))
     pos = {i: k for k, i in enumerate(ids)}
@@ -202,11 +217,52 @@ def _fresh(ws: Workspace, cfg: IndexConfig, params: IndexParams, old: pa.Table, 
     return index, params, pa.concat_tables([old, _id_rows(ws, cfg, ids[len(old_ids):])])
 
 
+def _fresh_streamed(ws: Workspace, cfg: IndexConfig, params: IndexParams, old: pa.Table, new: set[str]):
+    """An IVF index trained on a seeded sample and filled a batch at a time from the shards: memory
+    holds the index, the sample and one batch, never the featureset. Rows keep ``_fresh``'s order
+    (old ones at their committed positions, new ones after in shard order) through FAISS ids."""
+    old_ids = old[S.IMAGE_ID].to_pylist()
+    everything = new.union(old_ids)
+    dim = featureset_dim(ws, cfg.featureset)
+    size = sample_size(params, len(everything), dim, cfg.memory_budget)
+    pool = sorted(everything)  # a seeded sample of ids: the same sample whatever the shard order
+    _, sample = read_vectors(ws, cfg.featureset, [pool[k] for k in sample_rows(len(pool), size, params.seed)])
+    del pool
+    index = make_index(params, dim)
+    params = train_on_sample(index, params, sample, len(everything))
+    del sample
+    added = _add_streamed(ws, cfg, index, everything, old_ids)
+    return index, params, pa.concat_tables([old, _id_rows(ws, cfg, added)])
+
+
+def _add_streamed(ws: Workspace, cfg: IndexConfig, index, wanted: set[str], old_ids: list[str]) -> list[str]:
+    """Add the rows of ``wanted`` from the shards, a batch at a time; ``old_ids`` take their positions
+    (FAISS ids of an IVF index), the others follow in shard order. Returns those others' ids."""
+    old_pos = {i: k for k, i in enumerate(old_ids)}
+    added: list[str] = []
+    before = index.ntotal
+    batch = fill_batch_rows(index.d, cfg.memory_budget)
+    for ids, X in iter_vectors(ws, cfg.featureset, wanted, batch):
+        labels = np.empty(len(ids), dtype=np.int64)
+        for k, i in enumerate(ids):
+            labels[k] = old_pos[i] if i in old_pos else len(old_ids) + len(added)
+            if i not in old_pos:
+                added.append(i)
+        if old_pos:
+            index.add_with_ids(X, labels)
+        else:  # rows in order: plain add works for every kind
+            index.add(X)
+    if index.ntotal != before + len(old_ids) + len(added):
+        raise ImgfeatError(f"index {cfg.index_name}: {before + len(old_ids) + len(added) - index.ntotal} of its images no "
+                           f"longer have a feature row in {cfg.featureset}; build a new index under another --name")
+    return added
+
+
 def _extended(ws: Workspace, cfg: IndexConfig, prev: IndexInfo, old: pa.Table, new: set[str]):
-    ids, X = read_vectors(ws, cfg.featureset, new)
+    """The committed index with the new rows added after its own, streamed from the shards."""
     index = read_faiss(ws, prev)
-    add_in_chunks(index, X)
-    return index, prev.params, pa.concat_tables([old, _id_rows(ws, cfg, ids)])
+    added = _add_streamed(ws, cfg, index, new, [])
+    return index, prev.params, pa.concat_tables([old, _id_rows(ws, cfg, added)])
 
 
 def _id_rows(ws: Workspace, cfg: IndexConfig, ids: list[str]) -> pa.Table:

@@ -31,8 +31,8 @@ from imgfeat.core.results import JsonObject, JsonResult
 from imgfeat.core.storage import FileLock, remove_stale_tmp, write_bytes_atomic, write_json_atomic, write_table_atomic
 from imgfeat.core.workspace import Workspace, check_name
 from imgfeat.extract.featureset import featureset_info
-from imgfeat.index.kinds import (MIN_POINTS_PER_LIST, IndexParams, build_in_memory, knn, reduce_dims, rescore,
-                                  resolve_params)
+from imgfeat.index.kinds import (MIN_POINTS_PER_LIST, IndexParams, build_in_memory, flat_bytes, knn, reduce_dims,
+                                  rescore, resolve_params)
 from imgfeat.index.looks import (LOOK_THRESHOLD, LOOK_VERSION, SIDE, VARIANTS, calibrate, look_similarity,
                                   looks_of_files)
 from imgfeat.index.vectors import manifest_rows, read_vectors
@@ -52,7 +52,8 @@ LOOKS_FILE = "_cache/looks.parquet"  # image_id -> look: a rerun decodes only im
 RECALIBRATE_GROWTH = 2  # the calibration is redone once the dataset holds this many times the images it had
 PAIRS_FILE, SEARCHED_FILE = "_cache/pairs.parquet", "_cache/searched.parquet"  # last run's candidates, its images
 RESEARCH_NEW_FRACTION = 0.5  # more new images than this share of all: every image is searched again
-SEARCH_CHUNK = 1024  # new images compared with all at a time
+SEARCH_CHUNK = 1024  # new images compared with all at a time ...
+BLOCK_ROWS = 16_384  # ... a block of all at a time: a 1024 x 16384 float32 working set (64 MiB)
 EXACT_MAX = 20_000  # above this many images the neighbour search is approximate (IVF)
 DEDUP_NPROBE = 8  # near-copies sit in the same or a neighbouring list: a few lists find them
 CANDIDATE_DIMS = 256  # approximate search finds candidates on this many principal components
@@ -80,6 +81,9 @@ class DedupConfig:
     exact_max: int = EXACT_MAX
     calibration_images: int = CALIBRATION_IMAGES
     wait: float | None = None
+    # Bytes the neighbour search's index may use: exact while a copy of the vectors fits it, else
+    # approximate (ivf, or ivfpq when even that does not fit). None: exact up to exact_max.
+    memory_budget: int | None = None
 
     def __post_init__(self) -> None:
         check_name("featureset", self.featureset)
@@ -88,8 +92,10 @@ class DedupConfig:
         t = self.threshold
         if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 1):
             raise ConfigError(f"dedup threshold must be a cosine similarity in (0, 1], got {t!r}")
-        for key in ("neighbours", "page_groups", "exact_max"):
+        for key in ("neighbours", "page_groups", "exact_max", "memory_budget"):
             value = getattr(self, key)
+            if key == "memory_budget" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"dedup {key} must be a positive integer, got {value!r}")
         c = self.calibration_images
@@ -147,29 +153,36 @@ class Graph:
     sim: np.ndarray
 
 
-def dedup_params(n: int, exact_max: int) -> IndexParams:
-    """Exact up to ``exact_max``; beyond, a coarse IVF (2 sqrt(n) lists, 8 probed): near-copies share a list."""
-    if n <= exact_max:
+def dedup_params(n: int, exact_max: int, dim: int | None = None, memory_budget: int | None = None) -> IndexParams:
+    """Exact up to ``exact_max`` while a copy of the vectors fits the budget; beyond, a coarse IVF
+    (2 sqrt(n) lists, 8 probed: near-copies share a list) on at most CANDIDATE_DIMS dimensions,
+    ivfpq when those vectors do not fit the budget either."""
+    if n <= exact_max and (memory_budget is None or dim is None or flat_bytes(n, dim) <= memory_budget):
         return resolve_params("flat", n)
     nlist = max(1, min(int(2 * math.sqrt(n)), n // MIN_POINTS_PER_LIST))
+    cdim = min(dim, CANDIDATE_DIMS) if dim else None
+    if memory_budget is not None and cdim and flat_bytes(n, cdim) > memory_budget:
+        return resolve_params("ivfpq", n, nlist=nlist, nprobe=DEDUP_NPROBE, dim=cdim, memory_budget=memory_budget)
     return resolve_params("ivf", n, nlist=nlist, nprobe=DEDUP_NPROBE)
 
 
-def nearest_neighbours(X: np.ndarray, k: int, exact_max: int = EXACT_MAX) -> Neighbours:
+def nearest_neighbours(X: np.ndarray, k: int, exact_max: int = EXACT_MAX,
+                       memory_budget: int | None = None) -> Neighbours:
     """The ``k`` nearest other rows of every row of unit vectors ``X``, with exact similarities.
 
-    Up to ``exact_max`` rows the search is exact. Beyond, candidates come from an IVF index over
-    the vectors' first CANDIDATE_DIMS principal components and are rescored on the full vectors.
+    Up to ``exact_max`` rows (and while a copy fits ``memory_budget``) the search is exact. Beyond,
+    candidates come from an IVF (or IVF-PQ) index over the vectors' first CANDIDATE_DIMS principal
+    components and are rescored on the full vectors. Queries go a chunk at a time (``knn``).
     """
     n = len(X)
     if n < 2:
         return Neighbours(np.zeros((n, 0), np.float32), np.zeros((n, 0), np.int64), "flat")
-    params = dedup_params(n, exact_max)
+    params = dedup_params(n, exact_max, X.shape[1], memory_budget)
     Y = reduce_dims(X, CANDIDATE_DIMS) if params.kind != "flat" and X.shape[1] > CANDIDATE_DIMS else X
     index, params = build_in_memory(Y, params)
     sims, rows = knn(index, Y, min(k + 1, n))
     del index
-    if Y is not X:
+    if Y is not X or params.kind == "ivfpq":  # codes and components only propose: exact cosines decide
         sims, rows = rescore(X, rows)
     rows[rows == np.arange(n)[:, None]] = -1  # an image is not its own neighbour
     return Neighbours(sims, rows, params.kind)
@@ -400,7 +413,7 @@ def run_dedup(ws: Workspace, cfg: DedupConfig, run_id: str) -> DedupSummary:
     root = dataset_root(ws, cfg.dataset)
     looks = cands = None
     if cfg.threshold is not None:
-        nb = clock.lap("neighbours", nearest_neighbours(im.X, cfg.neighbours, cfg.exact_max))
+        nb = clock.lap("neighbours", nearest_neighbours(im.X, cfg.neighbours, cfg.exact_max, cfg.memory_budget))
         graph, kind = similar_pairs(nb, cfg.threshold), nb.kind
         criterion = {"name": "cosine", "threshold": float(cfg.threshold), "neighbours": cfg.neighbours}
     else:
@@ -456,7 +469,7 @@ def candidate_pairs(folder, cfg: DedupConfig, im: Images, previous: dict[str, An
             fresh = new_image_pairs(im.X, new, cfg.neighbours)
             return _unique_pairs(len(im.ids), np.concatenate([a, fresh.a]), np.concatenate([b, fresh.b]),
                                  np.concatenate([sim, fresh.sim]).astype(np.float32)), "new", len(new)
-    nb = nearest_neighbours(im.X, cfg.neighbours, cfg.exact_max)
+    nb = nearest_neighbours(im.X, cfg.neighbours, cfg.exact_max, cfg.memory_budget)
     return similar_pairs(nb, -1.0), nb.kind, len(im.ids)
 
 
@@ -466,15 +479,30 @@ def new_image_pairs(X: np.ndarray, new: np.ndarray, k: int) -> Graph:
     k = min(k, len(X) - 1)
     for lo in range(0, len(new) if k > 0 else 0, SEARCH_CHUNK):
         rows = new[lo : lo + SEARCH_CHUNK]
-        S = X[rows] @ X.T
-        S[np.arange(len(rows)), rows] = -np.inf  # an image is not its own neighbour
-        top = np.argpartition(-S, k - 1, axis=1)[:, :k]
+        top, best = _top_k_blocked(X, rows, k)
         a.append(np.repeat(rows, k))
         b.append(top.ravel())
-        sim.append(np.take_along_axis(S, top, axis=1).ravel())
+        sim.append(best.ravel())
     if not a:
         return Graph(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
     return _unique_pairs(len(X), np.concatenate(a), np.concatenate(b), np.concatenate(sim).astype(np.float32))
+
+
+def _top_k_blocked(X: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` most similar other rows of ``X`` to each of ``rows`` (and their similarities),
+    scanning ``X`` a block of BLOCK_ROWS at a time: the working set never grows with ``len(X)``."""
+    Q = X[rows]
+    top = np.zeros((len(rows), 0), np.int64)
+    best = np.zeros((len(rows), 0), np.float32)
+    for start in range(0, len(X), BLOCK_ROWS):
+        S = Q @ X[start : start + BLOCK_ROWS].T
+        mine = (rows >= start) & (rows < start + S.shape[1])
+        S[np.flatnonzero(mine), rows[mine] - start] = -np.inf  # an image is not its own neighbour
+        cand = np.concatenate([top, np.broadcast_to(np.arange(start, start + S.shape[1]), S.shape)], axis=1)
+        sims = np.concatenate([best, S], axis=1)
+        keep = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        top, best = np.take_along_axis(cand, keep, axis=1), np.take_along_axis(sims, keep, axis=1)
+    return top, best
 
 
 def _unique_pairs(n: int, a: np.ndarray, b: np.ndarray, sim: np.ndarray) -> Graph:
@@ -507,6 +535,8 @@ def inputs_digest(cfg: DedupConfig, im: Images) -> str:
     h = hashlib.blake2b(digest_size=16)
     h.update(repr((cfg.featureset, cfg.threshold, cfg.neighbours, cfg.exact_max, cfg.calibration_images,
                    cfg.page_groups, LOOK_THRESHOLD, LOOK_VERSION, im.missing)).encode())
+    if cfg.memory_budget is not None:  # it may change the search (approximate): results from another
+        h.update(f"memory_budget={cfg.memory_budget}".encode())
     for row in sorted(zip(im.row_ids, im.row_paths, [s or "" for s in im.row_splits], [x or "" for x in im.labels()])):
         h.update("\x1f".join(row).encode() + b"\x1e")
     return h.hexdigest()

@@ -97,6 +97,7 @@ _PARAM_KEYS: dict[str, tuple[tuple[type, ...], bool]] = {
     "kind": (_STR, True), "nlist": (_OPT_INT, False), "nprobe": (_OPT_INT, False), "hnsw_m": (_OPT_INT, False),
     "ef_search": (_OPT_INT, False), "ef_construction": (_OPT_INT, False), "trained_on": (_INT, False),
     "rows_at_training": (_INT, False), "train_iterations": (_OPT_INT, False), "seed": (_INT, False),
+    "pq_m": (_OPT_INT, False), "pq_bits": (_OPT_INT, False),
 }
 
 

@@ -12,13 +12,18 @@ import numpy as np
 from imgfeat.core.errors import ConfigError, unknown_value
 from imgfeat.core.results import JsonObject
 
-KINDS = ("auto", "flat", "ivf", "hnsw")
+KINDS = ("auto", "flat", "ivf", "hnsw", "ivfpq")
 # Up to this many rows `auto` is exact: a flat search over 50,000 x 1,280 floats is ~0.25 GB
 # scanned per query batch, still well under a second; beyond it an IVF index is much faster.
 AUTO_FLAT_MAX = 50_000
 TRAIN_SAMPLE = 40_000  # rows an IVF quantizer is trained on (k-means cost grows with it)
 MIN_POINTS_PER_LIST = 39  # FAISS wants at least this many training points per IVF list
 TRAIN_ITERATIONS = 10  # k-means rounds (FAISS' default, 25, costs 2.5x for little recall)
+PQ_BITS = 8  # bits per product-quantizer code: 256 centroids per sub-vector, one byte each
+PQ_CENTROIDS = 1 << PQ_BITS
+PQ_MIN_ROWS = PQ_CENTROIDS  # k-means of 256 centroids needs at least that many training rows
+ID_BYTES = 8  # FAISS keeps an int64 id per row in each inverted list
+FILL_BATCH_ROWS = 8192  # rows read and added at a time when an index is filled from its shards
 
 
 def import_faiss():
@@ -43,6 +48,8 @@ class IndexParams:
     rows_at_training: int = 0  # rows the index had when it was trained
     train_iterations: int | None = None  # k-means rounds of the IVF quantizer
     seed: int = 0
+    pq_m: int | None = None  # ivfpq: sub-vectors per row, one PQ_BITS code each (bytes per row)
+    pq_bits: int | None = None
 
     def to_json(self) -> JsonObject:
         return asdict(self)
@@ -59,19 +66,80 @@ def check_kind(kind: str) -> str:
 
 
 def resolve_params(kind: str, n: int, nlist: int | None = None, nprobe: int | None = None,
-                   hnsw_m: int = 32, ef_search: int = 128, seed: int = 0) -> IndexParams:
-    """Turn ``auto`` into a kind for ``n`` rows and fill the kind's parameters."""
+                   hnsw_m: int = 32, ef_search: int = 128, seed: int = 0, dim: int | None = None,
+                   memory_budget: int | None = None) -> IndexParams:
+    """Turn ``auto`` into a kind for ``n`` rows and fill the kind's parameters.
+
+    Without a ``memory_budget`` (bytes), ``auto`` is flat up to AUTO_FLAT_MAX rows and ivf beyond.
+    With one (and ``dim``), ``auto`` keeps that rule while the full vectors fit it, else ivfpq,
+    whose codes are sized to fit (``pq_m``).
+    """
     kind = check_kind(kind)
+    fits = memory_budget is None or dim is None or flat_bytes(n, dim) <= memory_budget
     if kind == "auto":
-        kind = "flat" if n <= AUTO_FLAT_MAX else "ivf"
+        kind = ("flat" if n <= AUTO_FLAT_MAX else "ivf") if fits else "ivfpq"
     if kind == "flat":
         return IndexParams("flat", seed=seed)
     if kind == "hnsw":
         return IndexParams("hnsw", hnsw_m=hnsw_m, ef_search=ef_search, ef_construction=max(40, 2 * hnsw_m),
                            seed=seed)
-    nlist = nlist or default_nlist(n)
-    return IndexParams("ivf", nlist=nlist, nprobe=min(nlist, nprobe or default_nprobe(nlist)),
-                       train_iterations=TRAIN_ITERATIONS, seed=seed)
+    params = IndexParams(kind, nlist=nlist or default_nlist(n), train_iterations=TRAIN_ITERATIONS, seed=seed)
+    if kind == "ivfpq":
+        if dim is None:
+            raise ConfigError("an ivfpq index needs the vectors' dimension to size its codes")
+        if nlist is None:  # no fewer training points per list than FAISS wants, from a sample the budget holds
+            params = replace(params, nlist=max(1, min(params.nlist, sample_size(params, n, dim, memory_budget)
+                                                      // MIN_POINTS_PER_LIST)))
+        params = replace(params, pq_m=choose_pq_m(params, n, dim, memory_budget), pq_bits=PQ_BITS)
+    return replace(params, nprobe=min(params.nlist, nprobe or default_nprobe(params.nlist)))
+
+
+def flat_bytes(n: int, dim: int) -> int:
+    """Memory of the full float32 vectors of ``n`` rows: what a flat (or ivf) index holds."""
+    return n * dim * 4
+
+
+def working_rows(dim: int, memory_budget: int | None) -> int | None:
+    """Float32 rows that half the budget holds: the training sample and the batch being added
+    (the other half is the index itself). None: no budget."""
+    return None if memory_budget is None else max(1, memory_budget // 2 // (dim * 4))
+
+
+def fill_batch_rows(dim: int, memory_budget: int | None) -> int:
+    """Rows read from the shards and added at a time."""
+    rows = working_rows(dim, memory_budget)
+    return FILL_BATCH_ROWS if rows is None else max(64, min(FILL_BATCH_ROWS, rows // 4))
+
+
+def sample_size(params: IndexParams, n: int, dim: int, memory_budget: int | None = None) -> int:
+    """Rows the quantizers are trained on: FAISS wants >= 39 per list (more buys little), a product
+    quantizer 40 per centroid; within the budget's working half."""
+    size = min(TRAIN_SAMPLE, 50 * params.nlist)
+    if params.kind == "ivfpq":
+        size = min(TRAIN_SAMPLE, max(size, 40 * PQ_CENTROIDS))
+    rows = working_rows(dim, memory_budget)
+    if rows is not None:
+        size = min(size, rows - fill_batch_rows(dim, memory_budget))
+    return max(1, min(n, size))
+
+
+def ivfpq_bytes(n: int, dim: int, nlist: int, m: int) -> int:
+    """Memory of an ivfpq index: codes and ids, coarse centroids and PQ codebooks (256 x dim in all)."""
+    return n * (m + ID_BYTES) + (nlist + PQ_CENTROIDS) * dim * 4
+
+
+def choose_pq_m(params: IndexParams, n: int, dim: int, memory_budget: int | None) -> int:
+    """The most bytes per row (a divisor of ``dim``, at least 2 dimensions per sub-vector) whose
+    index fits the budget's half for the index: more bytes, better recall. A ConfigError when
+    even one byte per row does not fit."""
+    candidates = [m for m in range(1, dim // 2 + 1) if dim % m == 0] or [1]
+    room = None if memory_budget is None else memory_budget - memory_budget // 2
+    fitting = [m for m in candidates if room is None or ivfpq_bytes(n, dim, params.nlist, m) <= room]
+    if not fitting:
+        need = 2 * ivfpq_bytes(n, dim, params.nlist, candidates[0])
+        raise ConfigError(f"memory budget {memory_budget} bytes is too small for an index of {n} rows of "
+                          f"{dim} dimensions: the smallest (ivfpq, 1 byte per row) needs about {need} bytes")
+    return fitting[-1]
 
 
 def default_nlist(n: int) -> int:
@@ -96,27 +164,49 @@ def make_index(params: IndexParams, dim: int):
         return index
     if params.kind == "ivf":
         return faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, params.nlist, faiss.METRIC_INNER_PRODUCT)
-    raise ConfigError(f"cannot make an index of kind {params.kind!r} (allowed: flat, ivf, hnsw)")
+    if params.kind == "ivfpq":
+        return faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, params.nlist, params.pq_m, params.pq_bits or PQ_BITS,
+                                faiss.METRIC_INNER_PRODUCT)
+    raise ConfigError(f"cannot make an index of kind {params.kind!r} (allowed: {', '.join(KINDS[1:])})")
 
 
 def train(index, params: IndexParams, X: np.ndarray) -> IndexParams:
     """Train an IVF quantizer on a seeded sample of ``X``; returns the params with ``trained_on``."""
-    if params.kind != "ivf" or index.is_trained:
+    if params.kind not in ("ivf", "ivfpq") or index.is_trained:
         return params
-    if len(X) < params.nlist:
-        raise ConfigError(f"an ivf index with nlist={params.nlist} needs at least {params.nlist} rows, got {len(X)}")
-    size = min(TRAIN_SAMPLE, 50 * params.nlist)  # FAISS wants >= 39 points per list; more buys little
-    rows = np.random.default_rng(params.seed).permutation(len(X))[:size]
+    rows = sample_rows(len(X), sample_size(params, len(X), X.shape[1]), params.seed)
+    return train_on_sample(index, params, X[rows], len(X))
+
+
+def sample_rows(n: int, size: int, seed: int) -> np.ndarray:
+    """``size`` of ``n`` row numbers, seeded, ascending."""
+    rows = np.random.default_rng(seed).permutation(n)[:size]
     rows.sort()
+    return rows
+
+
+def train_on_sample(index, params: IndexParams, sample: np.ndarray, total: int) -> IndexParams:
+    """Train an IVF (or IVF-PQ) index on ``sample``, rows of an index that will hold ``total``."""
+    if params.kind not in ("ivf", "ivfpq") or index.is_trained:
+        return params
+    need = max(params.nlist, PQ_MIN_ROWS if params.kind == "ivfpq" else 0)
+    if len(sample) < need:
+        raise ConfigError(f"an {params.kind} index with nlist={params.nlist} needs at least {need} rows, "
+                          f"got {len(sample)}")
     index.cp.seed = params.seed
     index.cp.niter = params.train_iterations or TRAIN_ITERATIONS
-    index.train(np.ascontiguousarray(X[rows]))
-    return replace(params, trained_on=len(rows), rows_at_training=len(X))
+    index.cp.min_points_per_centroid = 1  # a sample the budget shrank is known to be small: FAISS need not warn
+    if params.kind == "ivfpq":
+        index.pq.cp.seed = params.seed
+        index.pq.cp.niter = params.train_iterations or TRAIN_ITERATIONS
+        index.pq.cp.min_points_per_centroid = 1
+    index.train(np.ascontiguousarray(sample, dtype=np.float32))
+    return replace(params, trained_on=len(sample), rows_at_training=total)
 
 
 def set_search_params(index, params: IndexParams, nprobe: int | None = None) -> None:
-    """Apply the search-time parameters a saved index does not carry."""
-    if params.kind == "ivf":
+    """Apply the search-time parameters a saved index does not carry (``nprobe`` overrides the recorded one)."""
+    if params.kind in ("ivf", "ivfpq"):
         index.nprobe = nprobe or params.nprobe
     elif params.kind == "hnsw":
         index.hnsw.efSearch = params.ef_search

@@ -20,6 +20,10 @@ from imgfeat.index.vectors import normalise, read_vectors, resolve_id_prefixes
 from imgfeat.scan.manifest import dataset_root
 
 
+RERANK_FACTOR = 4  # an ivfpq search rescores this many times the neighbours asked for
+RERANK_CHUNK = 256  # queries rescored at a time (their candidates' features in memory)
+
+
 @dataclass(frozen=True)
 class Neighbour:
     image_id: str
@@ -57,19 +61,24 @@ def extract_queries(ws: Workspace, featureset: str, paths: Sequence[Path], run_i
 class Index:
     """A committed index, opened for search: ``Index.open(ws, name).search(vectors_or_files, k)``."""
 
-    def __init__(self, ws: Workspace, info: IndexInfo) -> None:
+    def __init__(self, ws: Workspace, info: IndexInfo, nprobe: int | None = None) -> None:
         self.ws, self.info = ws, info
         self.faiss = read_faiss(ws, info)
-        set_search_params(self.faiss, info.params)
+        set_search_params(self.faiss, info.params, nprobe)
         table = read_ids(ws, info)
         self.ids: list[str] = table[S.IMAGE_ID].to_pylist()
         self._paths = _absolute_paths(ws, table[S.DATASET].to_pylist(), table[S.PATH].to_pylist())
 
     @classmethod
-    def open(cls, ws: Workspace, name: str) -> "Index":
-        """A committed index; an older layout's side files are moved first when no writer holds it."""
+    def open(cls, ws: Workspace, name: str, nprobe: int | None = None) -> "Index":
+        """A committed index; an older layout's side files are moved first when no writer holds it.
+
+        ``nprobe``: IVF lists searched per query instead of the recorded one (more: better recall, slower).
+        """
+        if nprobe is not None and (not isinstance(nprobe, int) or isinstance(nprobe, bool) or nprobe < 1):
+            raise ConfigError(f"nprobe must be a positive integer, got {nprobe!r}")
         migrate_if_free(ws, name)
-        return cls(ws, read_info(ws, name))
+        return cls(ws, read_info(ws, name), nprobe)
 
     @property
     def name(self) -> str:
@@ -117,9 +126,34 @@ class Index:
                               f"(featureset {self.featureset}) has {self.info.dim}")
         labels = list(labels) if labels is not None else [str(r) for r in range(len(X))]
         query_ids = list(query_ids) if query_ids is not None else [None] * len(X)
-        sims, rows = knn(self.faiss, normalise(X.copy()), min(k + 1, len(self)))
+        Q = normalise(X.copy())
+        if self.info.kind == "ivfpq":
+            sims, rows = self._reranked(Q, min(RERANK_FACTOR * (k + 1), len(self)))
+        else:
+            sims, rows = knn(self.faiss, Q, min(k + 1, len(self)))
         return [QueryResult(q, qid, self._neighbours(s, r, qid, k))
                 for q, qid, s, r in zip(labels, query_ids, sims, rows)]
+
+    def _reranked(self, Q: np.ndarray, candidates: int) -> tuple[np.ndarray, np.ndarray]:
+        """An ivfpq index's codes only rank candidates: the best ``candidates`` of each query are
+        rescored on their stored features (exact cosines), a chunk of queries at a time."""
+        sims = np.full((len(Q), candidates), -np.inf, dtype=np.float32)
+        rows = np.full((len(Q), candidates), -1, dtype=np.int64)
+        for lo in range(0, len(Q), RERANK_CHUNK):
+            q = Q[lo : lo + RERANK_CHUNK]
+            _, r = knn(self.faiss, q, candidates)
+            wanted = np.unique(r[r >= 0])
+            ids, V = read_vectors(self.ws, self.featureset, [self.ids[j] for j in wanted])
+            where = {i: n for n, i in enumerate(ids)}
+            slot = np.array([where.get(self.ids[j], -1) for j in wanted], dtype=np.int64)  # row -> V row
+            v = np.where(r >= 0, slot[np.searchsorted(wanted, np.maximum(r, 0))], -1)
+            s = np.einsum("qd,qcd->qc", q, V[np.maximum(v, 0)]) if len(V) else np.zeros(r.shape, np.float32)
+            s[v < 0] = -np.inf  # no stored feature (or no candidate): never a neighbour
+            order = np.argsort(-s, axis=1, kind="stable")
+            sims[lo : lo + len(q)] = np.take_along_axis(s, order, axis=1)
+            rows[lo : lo + len(q)] = np.where(np.take_along_axis(v, order, axis=1) >= 0,
+                                              np.take_along_axis(r, order, axis=1), -1)
+        return sims, rows
 
     def search_text(self, texts: Sequence[str], k: int = 10) -> list[QueryResult]:
         """Images ranked by cosine to each text, embedded by the featureset's preset text tower

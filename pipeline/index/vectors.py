@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +89,34 @@ def read_vectors(ws: Workspace, featureset: str, wanted: Iterable[str] | None = 
     return ids, normalise(X)
 
 
+def iter_vectors(ws: Workspace, featureset: str, wanted: set[str] | None = None,
+                 batch_rows: int = READ_BATCH_ROWS) -> Iterator[tuple[list[str], np.ndarray]]:
+    """``(ids, X)`` batches of at most ``batch_rows`` rows: each wanted id once (all when None), in
+    the shard order ``read_vectors`` gives, normalised float32; one shard's rows in memory at a time.
+
+    (Private to the index until the featureset's own streaming reader takes its place.)
+    """
+    seen: set[str] = set()
+    dropped, dim = 0, featureset_dim(ws, featureset)
+    for path, record in trusted_shards(ws, featureset):
+        shard_ids, finite = _ids(path, record)
+        dropped += len(shard_ids) - int(finite.sum())
+        keep = []
+        for r, i in enumerate(shard_ids):
+            if finite[r] and i not in seen and (wanted is None or i in wanted):
+                seen.add(i)
+                keep.append(r)
+        pf = open_shard(featureset, path) if keep else None
+        if pf is None:  # nothing wanted here, or its data changed since its commit (warned)
+            continue
+        for lo in range(0, len(keep), batch_rows):
+            part = keep[lo : lo + batch_rows]
+            X = np.zeros((len(part), dim), dtype=np.float32)
+            _copy_rows(pf, part, X)
+            yield [shard_ids[r] for r in part], normalise(X)
+    warn_non_finite(featureset, dropped)
+
+
 def _ids(path: Path, record: ShardRecord | None) -> tuple[list[str], np.ndarray]:
     """A shard's ids and which rows are finite: the id column alone unless its record says it holds
     NaN or inf rows (or it has no record: a legacy featureset)."""
@@ -104,11 +132,17 @@ def _ids(path: Path, record: ShardRecord | None) -> tuple[list[str], np.ndarray]
 def _fill(featureset: str, path: Path, keep: list[int], out: np.ndarray) -> bool:
     """Copy rows ``keep`` (ascending positions) of one shard's features into ``out``; False when the
     shard's data no longer matches its commit record (nothing copied)."""
-    positions = np.asarray(keep, dtype=np.int64)
-    done, offset = 0, 0
     pf = open_shard(featureset, path)
     if pf is None:
         return False
+    _copy_rows(pf, keep, out)
+    return True
+
+
+def _copy_rows(pf: pq.ParquetFile, keep: list[int], out: np.ndarray) -> None:
+    """Copy rows ``keep`` (ascending positions) of an opened shard's features into ``out``."""
+    positions = np.asarray(keep, dtype=np.int64)
+    done, offset = 0, 0
     for batch in pf.iter_batches(batch_size=READ_BATCH_ROWS, columns=[S.FEATURE]):
         lo, hi = np.searchsorted(positions, [offset, offset + batch.num_rows])
         if hi > lo:
@@ -116,7 +150,6 @@ def _fill(featureset: str, path: Path, keep: list[int], out: np.ndarray) -> bool
             out[done : done + hi - lo] = feature_matrix(pa.chunked_array([col]), np.float32)
             done += hi - lo
         offset += batch.num_rows
-    return True
 
 
 def manifest_rows(ws: Workspace, dataset: str) -> pa.Table:

@@ -40,7 +40,7 @@ from imgfeat.extract.featureset import (
     read_provenance,
 )
 from imgfeat.extract.recipe import Provenance, Resolved, resolve_recipe
-from imgfeat.extract.shards import FeaturesetDirs, ShardSink, ShardWriter, error_row, next_shard_tag
+from imgfeat.extract.shards import FeaturesetDirs, ShardSink, FeaturesetWriter, error_row, next_shard_tag
 from imgfeat.scan.manifest import dataset_root, manifest_file
 
 log = logging.getLogger(__name__)
@@ -457,7 +457,7 @@ def extract_dataset(ws: Workspace, cfg: ExtractConfig, run_id: str,
 
 def _sink(job: ExtractJob) -> ShardSink:
     dirs = FeaturesetDirs.of(job.ws, job.featureset)
-    return ShardSink(ShardWriter(dirs, job.shard_tag, job.provenance, job.shard_size, job.npy))
+    return ShardSink(FeaturesetWriter(dirs, job.shard_tag, job.provenance, job.shard_size, job.npy))
 
 
 @contextlib.contextmanager

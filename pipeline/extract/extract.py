@@ -32,6 +32,7 @@ from imgfeat.extract.executors import (
     build_model,
     make_executor,
 )
+from imgfeat.extract.executors.local import ShardSeam
 from imgfeat.extract.featureset import (
     committed_ids,
     error_shards,
@@ -160,7 +161,7 @@ class LoopStats:
     build_seconds: float = 0.0
     loop_seconds: float = 0.0  # wall time of the model loop, model builds excluded
     batches: int = 0
-    shards: set[str] = field(default_factory=set)  # shards the executor committed itself
+    shards: set[str] = field(default_factory=set)  # feature shards the shard tasks committed
 
     def add(self, report: BatchReport) -> None:
         self.extracted += report.extracted
@@ -169,8 +170,7 @@ class LoopStats:
         self.input_wait_seconds += report.input_wait_seconds
         self.build_seconds += report.build_seconds
         self.batches += 1
-        if report.shard and report.extracted:
-            self.shards.add(report.shard)
+        self.shards.update(report.shards)
         for row in report.errors:
             self.errors[row[S.ERROR_CODE]] += 1
             self.failed[row[S.IMAGE_ID]] = (row[S.ERROR_CODE], row[S.ERROR_MESSAGE],
@@ -414,14 +414,15 @@ def _layer_model(resolved: Resolved):
 
 
 def run_extract(ws: Workspace, cfg: ExtractConfig, run_id: str,
-                executor: ExecutorConfig | None = None) -> dict[str, Any]:
+                executor: ExecutorConfig | None = None, seam: ShardSeam | None = None) -> dict[str, Any]:
     """Extract every manifest image not yet in the featureset; returns the run's summary (JSON)."""
-    return extract_dataset(ws, cfg, run_id, executor).to_json()
+    return extract_dataset(ws, cfg, run_id, executor, seam).to_json()
 
 
 def extract_dataset(ws: Workspace, cfg: ExtractConfig, run_id: str,
-                    executor: ExecutorConfig | None = None) -> ExtractSummary:
-    """The driver: resolve once, lock, provenance, plan, executor, error rows, typed summary."""
+                    executor: ExecutorConfig | None = None, seam: ShardSeam | None = None) -> ExtractSummary:
+    """The driver: resolve once, lock, provenance, plan, executor, error rows, typed summary.
+    ``seam``: the shard task's test seam (``executors.local.Fault``), for tests only."""
     t0 = time.perf_counter()
     manifest_file(ws, cfg.dataset)  # an unknown dataset fails before a featureset folder appears
     resolved = resolve_recipe(cfg)
@@ -432,7 +433,7 @@ def extract_dataset(ws: Workspace, cfg: ExtractConfig, run_id: str,
     if ex_cfg.name == "ray" and cfg.decode not in ("auto", "processes"):
         raise ConfigError(f"decode = {cfg.decode!r} is for the local executor; on Ray, decode tasks are "
                           "worker processes already (allowed there: auto, processes)")
-    ex = make_executor(ex_cfg)
+    ex = make_executor(ex_cfg, seam)
     fs = resolved.recipe.name()
     dim = check_new_featureset(ws, resolved)  # nothing is written before this has passed
     with open_featureset(ws, fs, cfg.wait) as done:
@@ -511,7 +512,7 @@ def _summary(cfg: ExtractConfig, fs: str, tally: Tally, stats: LoopStats, sink: 
         reused=tally.reused, duplicates=tally.duplicates, errors_new=sum(codes.values()),
         errors_by_code=dict(sorted(codes.items())), errors_known=tally.known_error_rows,
         error_rows=sum(tally.scan_errors.values()) + tally.known_error_rows + failed_rows,
-        model_built=model_built, stats=stats, shards=len(sink.writer.feature_shards) + len(stats.shards),
+        model_built=model_built, stats=stats, shards=len(stats.shards),
         batch_size=cfg.batch_size, seconds=round(seconds, 3), executor=ex.name, executor_info=ex.info(),
         commit_records=dict(repaired),
     )

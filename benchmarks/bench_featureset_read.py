@@ -5,7 +5,7 @@ Not a test: run it by hand, e.g.
     .venv/bin/python benchmarks/bench_featureset_read.py                  # 100,000 x 1,280 float32
     .venv/bin/python benchmarks/bench_featureset_read.py --rows 20000 --legacy
 
-Writes the featureset once through extract's own ShardWriter (1,024-row shards, so each shard has
+Writes the featureset once through extract's own FeaturesetWriter (1,024-row shards, so each shard has
 its commit record), then times, each in a fresh process, with the files in the page cache (a
 warm-up read first): the ids a resume plan reads (``committed_ids``: id columns and footers only),
 the whole matrix (``load_features``: every shard read once and its checksum compared), the

@@ -14,7 +14,7 @@ from imgfeat.core.storage import write_json_atomic
 from imgfeat.core.workspace import Workspace
 from imgfeat.extract.featureset import feature_shards
 from imgfeat.extract.recipe import Provenance, Recipe, WeightsId, WeightsSource
-from imgfeat.extract.shards import FeaturesetDirs, ShardWriter
+from imgfeat.extract.shards import FeaturesetDirs, FeaturesetWriter
 from imgfeat.scan.manifest import write_manifest
 
 SYNTHETIC = "synthetic"  # the backbone name of a synthetic featureset
@@ -77,10 +77,10 @@ def synthetic_provenance(featureset: str, dim: int, dtype: str = "float16") -> P
 
 def write_featureset(ws: Workspace, featureset: str, ids: Sequence[str], X: np.ndarray,
                      dtype: str = "float16", shard_rows: int = 1024, run_id: str = "synthetic") -> None:
-    """Provenance first, then ``part-<run>-<seq>.parquet`` shards, through extract's own ShardWriter."""
+    """Provenance first, then ``part-<run>-<seq>.parquet`` shards, through extract's own FeaturesetWriter."""
     prov = synthetic_provenance(featureset, int(X.shape[1]), dtype)
     write_json_atomic(prov.to_json(), ws.featureset_provenance(featureset))
-    writer = ShardWriter(FeaturesetDirs.of(ws, featureset), run_id, prov, shard_rows,
+    writer = FeaturesetWriter(FeaturesetDirs.of(ws, featureset), run_id, prov, shard_rows,
                          start_seq=len(feature_shards(ws, featureset)))
     writer.add_features(list(ids), X)
     writer.flush()

@@ -188,3 +188,45 @@ def test_one_vocabulary_other_modules_alias_it():
     assert set(S.DECODE_ERROR_CODES) - set(S.STATUS_CODES) == {S.ERROR_UNSUPPORTED_MODE}
     assert artifacts.ROWS_SCHEMA is S.HEAD_ROWS_SCHEMA and artifacts.ROLE == S.ROLE
     assert set(S.HEAD_ROWS_SCHEMA.names) == {S.IMAGE_ID, S.LABEL, S.ROLE}
+
+
+# ---------------------------------------------------------------- the one shard writer
+
+
+def test_the_shard_writer_never_replaces_a_shard_and_records_each_one(tmp_path):
+    """Two writers under one tag (two calls of a run, a stray shard of the same name): each shard
+    gets the next free name and a record; nothing already there is replaced."""
+    from imgfeat.core.commits import ShardWriter, list_committed, read_record
+
+    folder = tmp_path / "table"
+    folder.mkdir()
+    write_table_atomic(pa.table({S.IMAGE_ID: ["stray"]}), folder / shard_name("r", 0))
+    first, second = ShardWriter(folder, "r", shard_rows=2), ShardWriter(folder, "r", shard_rows=2)
+    first.add(pa.table({S.IMAGE_ID: ["a", "b", "c"]}))  # one full shard now, one at flush
+    second.add(pa.table({S.IMAGE_ID: ["d"]}))
+    second.flush()
+    first.flush()
+    assert column_values([folder / shard_name("r", 0)], S.IMAGE_ID) == ["stray"]  # kept as it was
+    names = [p.name for p in first.shards + second.shards]
+    assert len(set(names)) == len(names) == 3 and shard_name("r", 0) not in names
+    assert (first.written, second.written) == (3, 1)
+    committed = list_committed(folder)
+    assert sorted(p.name for p in committed.paths) == sorted(names)  # the stray is not recorded
+    assert sorted(column_values(committed.paths, S.IMAGE_ID)) == ["a", "b", "c", "d"]
+    assert all(read_record(p).rows == len(column_values([p], S.IMAGE_ID)) for p in committed.paths)
+
+
+def test_an_idempotent_writer_finds_its_committed_shard_instead_of_writing_it_twice(tmp_path):
+    """A unit of work retried after its shard was committed (Ray) names the same shard: it is not
+    written again, and a retry that died before the record writes a new name, never over it."""
+    from imgfeat.core.commits import ShardWriter, list_committed
+
+    folder = tmp_path / "table"
+    done = ShardWriter(folder, "r-ray", start_seq=32, idempotent=True)
+    done.commit(pa.table({S.IMAGE_ID: ["a"]}))
+    again = ShardWriter(folder, "r-ray", start_seq=32, idempotent=True)
+    assert again.commit(pa.table({S.IMAGE_ID: ["a"]})) == done.shards[0] and again.written == 1
+    assert list_shards(folder) == done.shards
+    plain = ShardWriter(folder, "r-ray", start_seq=32)  # the default: a taken name is never reused
+    assert plain.commit(pa.table({S.IMAGE_ID: ["b"]})).name == shard_name("r-ray", 33)
+    assert len(list_committed(folder).paths) == 2

@@ -186,7 +186,7 @@ KILL_BEFORE_SHARD = textwrap.dedent("""
     prov = synthetic_provenance("fs", 4, "float32")
     base = __import__("pathlib").Path({folder!r})
     dirs = shards.FeaturesetDirs(base / "features", base / "errors", base / "npy")
-    w = shards.ShardWriter(dirs, "run", prov, 2, npy=True)
+    w = shards.FeaturesetWriter(dirs, "run", prov, 2, npy=True)
     w.add_features(["a", "b"], np.ones((2, 4), np.float32))
 """)
 

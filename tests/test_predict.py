@@ -176,15 +176,59 @@ def test_end_to_end_on_real_photos_and_image_files(tmp_path, capsys):
 
 
 def test_tables_written_before_the_dataset_column_still_read(ws, headed):
+    from imgfeat.core.commits import commits_dir
     from imgfeat.core.storage import write_table_atomic
 
     run_predict(ws, PredictConfig(headed, dataset="toy"), "p1")
     folder = ws.predictions_dir(headed)
     (shard,) = list_shards(folder)
-    old = pq.read_table(shard).drop_columns([S.DATASET])  # as an older imgfeat wrote it
+    old = pq.read_table(shard).drop_columns([S.DATASET])  # as an older imgfeat wrote it: no commit records
     shard.unlink()
+    shutil.rmtree(commits_dir(folder))
     write_table_atomic(old, folder / shard.name)
     t = read_predictions(ws, headed)
     assert t.schema.equals(S.PREDICTIONS_SCHEMA) and t.num_rows == N and t.column(S.DATASET).null_count == N
     again = run_predict(ws, PredictConfig(headed, dataset="toy"), "p2")
     assert again.written == 0 and again.skipped == N  # old rows still count as predicted
+
+
+def test_a_predictions_shard_a_dead_run_left_unrecorded_is_left_out_then_adopted(ws, headed, caplog):
+    """Predictions are committed as features are: shard, then record. A shard whose writer died
+    before its record is no prediction yet (readers leave it out, saying so); the next predict
+    verifies it and adopts it rather than predicting its rows again."""
+    import logging
+
+    import pandas as pd
+
+    from imgfeat.core.commits import record_path
+
+    run_predict(ws, PredictConfig(headed, dataset="toy", shard_rows=40), "p1")
+    shards = list_shards(ws.predictions_dir(headed))
+    assert len(shards) == 3 and all(record_path(p).is_file() for p in shards)
+    record_path(shards[1]).unlink()  # as if killed between the shard and its record
+    caplog.set_level(logging.WARNING)
+    assert read_predictions(ws, headed).num_rows == N - 40
+    assert shards[1].name in caplog.text
+
+    again = run_predict(ws, PredictConfig(headed, dataset="toy", shard_rows=40), "p2")
+    assert again.written == 0 and again.skipped == N  # adopted, not predicted twice
+    assert record_path(shards[1]).is_file()
+    assert read_predictions(ws, headed).num_rows == N
+    assert len(pd.read_parquet(ws.predictions_dir(headed))) == N  # a raw reader: exactly the rows
+
+
+def test_a_planted_copy_of_a_predictions_shard_is_ignored_then_set_aside(ws, headed):
+    """Before, a copy dropped into the folder doubled its rows for every reader."""
+    import pandas as pd
+
+    from imgfeat.core.commits import rejected_dir
+
+    run_predict(ws, PredictConfig(headed, dataset="toy", shard_rows=40), "p1")
+    folder = ws.predictions_dir(headed)
+    first = list_shards(folder)[0]
+    shutil.copy(first, folder / "part-0000.parquet")
+    t = read_predictions(ws, headed)
+    assert t.num_rows == N and len(set(t.column(S.IMAGE_ID).to_pylist())) == N
+    run_predict(ws, PredictConfig(headed, dataset="toy"), "p2")
+    assert (rejected_dir(folder) / "part-0000.parquet").is_file()  # moved out, never deleted
+    assert len(pd.read_parquet(folder)) == N

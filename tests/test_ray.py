@@ -13,8 +13,8 @@ import pytest
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError
 from imgfeat.extract.executors import ExecutorConfig
+from imgfeat.extract.executors.local import Fault
 from imgfeat.extract.executors.ray import (
-    ENV_FAULT,
     MAX_BATCH_ATTEMPTS,
     NEEDS_RAY,
     attempts_dir,
@@ -39,9 +39,10 @@ def RayConfig(**kwargs) -> ExecutorConfig:
     return ExecutorConfig(name="ray", **kwargs)
 
 
-def run_extract_ray(ws: Workspace, cfg: ExtractConfig, executor: ExecutorConfig, run_id: str) -> dict:
-    """The one extract driver, over the Ray executor."""
-    return run_extract(ws, cfg, run_id, executor).to_json()
+def run_extract_ray(ws: Workspace, cfg: ExtractConfig, executor: ExecutorConfig, run_id: str,
+                    fault: Fault | None = None) -> dict:
+    """The one extract driver, over the Ray executor (``fault``: the shard task's test seam)."""
+    return run_extract(ws, cfg, run_id, executor, seam=fault).to_json()
 
 
 @pytest.fixture(scope="module")
@@ -179,12 +180,11 @@ def test_ray_data_reads_the_folder_as_exactly_its_feature_rows(ray_cluster, refe
 @pytest.mark.ray
 @pytest.mark.slow
 def test_actor_killed_after_committing_is_restarted_without_duplicate_rows(ray_cluster, images, reference,
-                                                                           tmp_path, monkeypatch):
+                                                                           tmp_path):
     # After its commit is the worst moment: the retried batch must overwrite its own shard, not add one.
     ws = _workspace(tmp_path / "ws", images)
     marker = tmp_path / "fault-struck"
-    monkeypatch.setenv(ENV_FAULT, f"exit_after_commit:{marker}")
-    out = run_extract_ray(ws, replace(CFG, npy=True), RayConfig(), "crash")
+    out = run_extract_ray(ws, replace(CFG, npy=True), RayConfig(), "crash", Fault("exit_after_commit", str(marker)))
     assert marker.exists(), "the actor never died: the test hook did not fire"
     _assert_matches_reference(ws, reference)
     assert out["extracted"] == reference["summary"]["extracted"] and out["duplicate_rows"] == 0
@@ -195,35 +195,19 @@ def test_actor_killed_after_committing_is_restarted_without_duplicate_rows(ray_c
         np.testing.assert_array_equal(np.load(sidecar_of(ws, out["featureset"], shard)), rows)
 
 
-class Interrupted(Exception):
-    pass
-
-
 @pytest.mark.ray
 @pytest.mark.slow
 def test_local_run_interrupted_after_a_shard_is_finished_on_ray_despite_a_killed_actor(
-        ray_cluster, images, reference, tmp_path, monkeypatch):
-    from imgfeat.extract.shards import ShardWriter
-
+        ray_cluster, images, reference, tmp_path):
     ws = _workspace(tmp_path / "ws", images)
-    commit = ShardWriter._commit_features
-
-    def commit_once_then_die(self, n):
-        if self._seq > 0:
-            raise Interrupted("killed after the first shard")
-        commit(self, n)
-
-    monkeypatch.setattr(ShardWriter, "_commit_features", commit_once_then_die)
-    with pytest.raises(Interrupted):
-        run_extract(ws, CFG, "local")
-    monkeypatch.undo()
+    with pytest.raises(Exception, match="the run stops after one shard"):  # the local shard task's seam
+        run_extract(ws, CFG, "local", seam=Fault("stop_after_one_shard", str(tmp_path / "local-struck")))
     first = len(_feature_rows(ws, featureset_name(CFG)))
     assert 0 < first < N_IMAGES
 
     # The Ray run resumes it; one actor dies with computed but uncommitted rows: none may go missing.
     marker = tmp_path / "fault-struck"
-    monkeypatch.setenv(ENV_FAULT, f"exit_before_commit:{marker}")
-    out = run_extract_ray(ws, CFG, RayConfig(), "ray")
+    out = run_extract_ray(ws, CFG, RayConfig(), "ray", Fault("exit_before_commit", str(marker)))
     assert marker.exists()
     assert (out["reused"], out["extracted"]) == (first, N_IMAGES - first)
     _assert_matches_reference(ws, reference)
@@ -231,13 +215,10 @@ def test_local_run_interrupted_after_a_shard_is_finished_on_ray_despite_a_killed
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_ray_run_interrupted_after_a_shard_is_finished_locally(ray_cluster, images, reference, tmp_path,
-                                                               monkeypatch):
+def test_ray_run_interrupted_after_a_shard_is_finished_locally(ray_cluster, images, reference, tmp_path):
     ws = _workspace(tmp_path / "ws", images)
-    monkeypatch.setenv(ENV_FAULT, f"stop_after_one_shard:{tmp_path / 'fault-struck'}")
     with pytest.raises(Exception, match="the run stops after one shard"):
-        run_extract_ray(ws, CFG, RayConfig(), "ray")
-    monkeypatch.delenv(ENV_FAULT)
+        run_extract_ray(ws, CFG, RayConfig(), "ray", Fault("stop_after_one_shard", str(tmp_path / "fault-struck")))
     first = len(_feature_rows(ws, featureset_name(CFG)))
     assert 0 < first < N_IMAGES
 

@@ -12,7 +12,7 @@ import pytest
 from imgfeat.core import schemas as S
 from imgfeat.core.schemas import ErrorRow
 from imgfeat.core.workspace import Workspace
-from imgfeat.extract.shards import FeaturesetDirs, ShardWriter, next_shard_tag
+from imgfeat.extract.shards import FeaturesetDirs, FeaturesetWriter, next_shard_tag
 from tiny_images import noise_image
 from synthetic import synthetic_provenance
 
@@ -27,9 +27,9 @@ def _ids(folder: Path) -> list[str]:
     return [i for p in sorted(folder.glob("part-*.parquet")) for i in pq.read_table(p)[S.IMAGE_ID].to_pylist()]
 
 
-def _write_call(dirs: FeaturesetDirs, prov, ids: list[str], bad: list[str]) -> ShardWriter:
+def _write_call(dirs: FeaturesetDirs, prov, ids: list[str], bad: list[str]) -> FeaturesetWriter:
     """One extract call's writes, under the tag the driver would pick for it."""
-    w = ShardWriter(dirs, next_shard_tag(dirs, RUN), prov, shard_size=2, npy=True)
+    w = FeaturesetWriter(dirs, next_shard_tag(dirs, RUN), prov, shard_size=2, npy=True)
     w.add_errors([ErrorRow(b, f"/img/{b}", "decode", "truncated", "cut short", RUN) for b in bad])
     w.add_features(ids, np.arange(len(ids) * 4, dtype=np.float32).reshape(len(ids), 4) + 1)
     w.flush()

@@ -15,10 +15,12 @@ so a reader of features pays the hash, not a second read.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
 import stat
+import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,7 +32,16 @@ import pyarrow.parquet as pq
 from imgfeat.core import logs
 from imgfeat.core.hashing import sha256_bytes
 from imgfeat.core.results import JsonObject
-from imgfeat.core.storage import TMP_SUFFIX, atomic_path, list_shards, write_json_atomic
+from imgfeat.core.storage import (
+    SHARD_PREFIX,
+    TMP_SUFFIX,
+    disk_error,
+    list_shards,
+    publish_new,
+    shard_name,
+    staging_dir,
+    write_json_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -122,24 +133,95 @@ def _file_footer(path: Path) -> tuple[int, bytes]:
 # ------------------------------------------------------------------------------- writing
 
 
-def commit_shard(table: pa.Table, final: Path, nonfinite: int = 0, after: Callable[[], None] | None = None,
-                 **parquet_options) -> ShardRecord:
-    """Commit one shard: the Parquet file (atomic, fsynced), then ``after`` (e.g. its sidecar), then its
-    record, last. A crash before the record leaves an unrecorded shard, which readers ignore and the
-    next writer adopts or sets aside (``reconcile``). Every shard writer goes through here."""
-    final = Path(final)
-    parquet_options.setdefault("compression", "zstd")
-    with atomic_path(final) as tmp:  # any OSError on the way is a clear error naming the shard
+class ShardWriter:
+    """The one writer of sharded tables (features, error rows, predictions): commits
+    ``part-<tag>-<seq>.parquet`` shards of one folder, each followed by its commit record.
+
+    One overwrite rule: a committed shard is never replaced. A name already taken (another call's
+    shard, a dead writer's unrecorded one) moves on to the next ``seq``; the file is published with
+    a hard link, so not even a concurrent writer that chose the same name can replace it. With
+    ``idempotent`` a name whose shard is already recorded counts as this shard, written before:
+    an executor that names a unit of work's shard by the work (Ray's retried batches) writes it once.
+
+    ``add`` buffers tables and commits shards of ``shard_rows`` rows (the last one by ``flush``);
+    ``commit`` writes one shard now.
+    """
+
+    def __init__(self, folder: Path, tag: str, shard_rows: int | None = None, start_seq: int = 0,
+                 idempotent: bool = False, **parquet_options: Any) -> None:
+        self.folder, self.tag, self.shard_rows = Path(folder), tag, shard_rows
+        self.idempotent = idempotent
+        self._seq = start_seq
+        self._buf: list[pa.Table] = []
+        self._rows = 0
+        self.written = 0  # rows in the shards this writer committed (or found committed, idempotent)
+        self.shards: list[Path] = []
+        parquet_options.setdefault("compression", "zstd")
+        self._options = parquet_options
+
+    def add(self, table: pa.Table) -> None:
+        self._buf.append(table)
+        self._rows += table.num_rows
+        while self.shard_rows and self._rows >= self.shard_rows:
+            self._commit_buffered(self.shard_rows)
+
+    def flush(self) -> None:
+        """Commit whatever is buffered."""
+        if self._rows:
+            self._commit_buffered(self._rows)
+
+    def _commit_buffered(self, n: int) -> None:
+        table = pa.concat_tables(self._buf)
+        rest = table.slice(n)
+        self._buf, self._rows = ([rest] if rest.num_rows else []), rest.num_rows
+        self.commit(table.slice(0, n))
+
+    def commit(self, table: pa.Table, nonfinite: int = 0, after: Callable[[Path], None] | None = None) -> Path:
+        """One shard: the Parquet file (staged, fsynced, published under a free name), then
+        ``after(shard)`` (e.g. its sidecar), then its record, last. A crash before the record leaves
+        an unrecorded shard, which readers ignore and the next writer adopts or sets aside (``reconcile``)."""
+        first = self.folder / shard_name(self.tag, self._seq)
+        if self.idempotent and matches(first, read_record(first)):
+            self._seq += 1
+            return self._done(first, table.num_rows, "found committed already")
         sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, **parquet_options)
+        pq.write_table(table, sink, **self._options)
         data = memoryview(sink.getvalue())  # hashed from memory below: no read-back
-        with open(tmp, "wb") as fh:
+        commits_dir(self.folder).mkdir(parents=True, exist_ok=True)  # from the first shard on, only recorded ones count
+        names = (shard_name(self.tag, seq) for seq in itertools.count(self._seq))
+        final = publish_new(_staged(data, first), self.folder, names)
+        self._seq = _seq_of(final.name, self.tag) + 1
+        if after is not None:
+            after(final)
+        write_record(final, describe(data, final.name, table.num_rows, nonfinite))
+        return self._done(final, table.num_rows, "committed")
+
+    def _done(self, shard: Path, rows: int, how: str) -> Path:
+        self.shards.append(shard)
+        self.written += rows
+        log.debug("%s %s (%d rows)", how, shard.name, rows)
+        return shard
+
+
+def _staged(data: memoryview, first: Path) -> Path:
+    """``data`` written and fsynced under the folder's staging folder, under a name no other writer
+    uses (two writers may aim at the same shard name; only one publishes it)."""
+    tmp = staging_dir(first.parent) / f"{first.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}{TMP_SUFFIX}"
+    try:
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "xb") as fh:
             fh.write(data)
-    if after is not None:
-        after()
-    record = describe(data, final.name, table.num_rows, nonfinite)
-    write_record(final, record)
-    return record
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise disk_error(first, exc) from exc
+    return tmp
+
+
+def _seq_of(name: str, tag: str) -> int:
+    return int(name[len(SHARD_PREFIX) + len(tag) + 1:].split(".", 1)[0])
 
 
 def write_record(shard: Path, record: ShardRecord) -> None:

@@ -44,7 +44,7 @@ def _fsync_file(path: Path) -> None:
         os.fsync(fh.fileno())
 
 
-def _disk_error(path: Path, exc: OSError) -> ImgfeatError:
+def disk_error(path: Path, exc: OSError) -> ImgfeatError:
     reason = {
         errno.ENOSPC: "the disk is full",
         errno.EDQUOT: "the disk quota is exceeded",
@@ -88,7 +88,7 @@ def atomic_path(final: Path) -> Iterator[Path]:
     except OSError as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        raise _disk_error(final, exc) from exc
+        raise disk_error(final, exc) from exc
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
@@ -112,6 +112,35 @@ def write_table_atomic(table: pa.Table, final: Path, **parquet_options) -> Path:
     with atomic_path(final) as tmp:
         pq.write_table(table, tmp, **parquet_options)
     return Path(final)
+
+
+def publish_new(tmp: Path, folder: Path, names: Iterable[str]) -> Path:
+    """Move a complete, fsynced temporary file into ``folder`` under the first of ``names`` that is not
+    taken, and return its path: a hard link, which fails where ``os.replace`` would overwrite, so a
+    committed file is never replaced, even by a concurrent writer choosing the same name."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            final = folder / name
+            try:
+                os.link(tmp, final)
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV):
+                    raise
+                if final.exists() or final.is_symlink():  # no hard links here: check, then rename
+                    continue
+                os.replace(tmp, final)
+            tmp.unlink(missing_ok=True)
+            _fsync_dir(folder)
+            return final
+        raise ImgfeatError(f"no free shard name left in {folder}")
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise disk_error(folder, exc) from exc
 
 
 def shard_name(tag: str, seq: int, suffix: str = ".parquet") -> str:
@@ -150,36 +179,6 @@ def recorded_file(folder: Path, name: object, record: Path) -> Path:
         what = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file"
         raise ImgfeatError(f"{record} names {path}, which is {what}")
     return path
-
-
-class TableShardWriter:
-    """Buffers tables of one schema and commits ``part-<run>-<seq>.parquet`` shards of bounded size,
-    never replacing a committed shard (prediction tables; feature shards have their own writer in
-    ``extract/shards.py``, which adds sidecars, error rows and the provenance footer)."""
-
-    def __init__(self, folder: Path, run_id: str, shard_rows: int) -> None:
-        self.folder, self.run_id, self.shard_rows = Path(folder), run_id, shard_rows
-        self._buf: list[pa.Table] = []
-        self._rows = 0
-        self.written = 0
-        self.shards: list[Path] = []
-
-    def add(self, table: pa.Table) -> None:
-        self._buf.append(table)
-        self._rows += table.num_rows
-        if self._rows >= self.shard_rows:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self._rows:
-            return
-        table = pa.concat_tables(self._buf)
-        seq = len(list_shards(self.folder))
-        while (self.folder / shard_name(self.run_id, seq)).exists():
-            seq += 1
-        self.shards.append(write_table_atomic(table, self.folder / shard_name(self.run_id, seq)))
-        self.written += table.num_rows
-        self._buf, self._rows = [], 0
 
 
 def read_shards(paths: Iterable[Path], columns: list[str] | None = None,
@@ -386,7 +385,7 @@ class FileLock:
 
 
 def _lock_error(path: Path, exc: OSError) -> ImgfeatError:
-    err = _disk_error(path, exc)
+    err = disk_error(path, exc)
     return ImgfeatError(f"cannot take the lock: {err}" + (
         "; free some space and run again" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else
         "; the workspace must be writable" if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM) else ""))

@@ -38,6 +38,7 @@ from imgfeat.extract.executors import (
     build_model,
     make_executor,
 )
+from imgfeat.extract.executors.local import ShardSeam
 from imgfeat.extract.featureset import (
     committed_ids,
     error_shards,
@@ -46,7 +47,7 @@ from imgfeat.extract.featureset import (
     read_provenance,
 )
 from imgfeat.extract.recipe import Provenance, Resolved, resolve_recipe
-from imgfeat.extract.shards import FeaturesetDirs, ShardSink, ShardWriter, next_shard_tag
+from imgfeat.extract.shards import FeaturesetDirs, FeaturesetWriter, ShardSink, next_shard_tag
 from imgfeat.scan.manifest import dataset_root, manifest_file
 
 log = logging.getLogger(__name__)
@@ -189,7 +190,7 @@ class LoopStats:
     build_seconds: float = 0.0
     loop_seconds: float = 0.0  # wall time of the model loop, model builds excluded
     batches: int = 0
-    shards: set[str] = field(default_factory=set)  # shards the executor committed itself
+    shards: set[str] = field(default_factory=set)  # feature shards the shard tasks committed
 
     def add(self, report: BatchReport) -> None:
         self.extracted += report.extracted
@@ -198,8 +199,7 @@ class LoopStats:
         self.input_wait_seconds += report.input_wait_seconds
         self.build_seconds += report.build_seconds
         self.batches += 1
-        if report.shard and report.extracted:
-            self.shards.add(report.shard)
+        self.shards.update(report.shards)
         for row in report.errors:
             self.errors[row.error_code] += 1
             self.failed[row.image_id] = (row.error_code, row.error_message, is_final(row.stage, row.error_code))
@@ -489,9 +489,10 @@ def _layer_model(resolved: Resolved):
 
 
 def run_extract(ws: Workspace, cfg: ExtractConfig, run_id: str,
-                executor: ExecutorConfig | None = None) -> ExtractSummary:
+                executor: ExecutorConfig | None = None, seam: ShardSeam | None = None) -> ExtractSummary:
     """Extract every manifest image not yet in the featureset: the driver (resolve once, lock,
-    provenance, plan, executor, error rows); returns the run's typed summary."""
+    provenance, plan, executor, error rows); returns the run's typed summary. ``seam``: the shard
+    task's test seam (``executors.local.Fault``), for tests only."""
     t0 = time.perf_counter()
     manifest_file(ws, cfg.dataset)  # an unknown dataset fails before a featureset folder appears
     resolved = resolve_recipe(cfg)
@@ -502,7 +503,7 @@ def run_extract(ws: Workspace, cfg: ExtractConfig, run_id: str,
     if ex_cfg.name == "ray" and cfg.decode not in ("auto", "processes"):
         raise ConfigError(f"decode = {cfg.decode!r} is for the local executor; on Ray, decode tasks are "
                           "worker processes already (allowed there: auto, processes)")
-    ex = make_executor(ex_cfg)
+    ex = make_executor(ex_cfg, seam)
     fs = resolved.recipe.name()
     dim = check_new_featureset(ws, resolved)  # nothing is written before this has passed
     with open_featureset(ws, fs, cfg.wait) as done:
@@ -527,7 +528,7 @@ def run_extract(ws: Workspace, cfg: ExtractConfig, run_id: str,
 
 def _sink(job: ExtractJob) -> ShardSink:
     dirs = FeaturesetDirs.of(job.ws, job.featureset)
-    return ShardSink(ShardWriter(dirs, job.shard_tag, job.provenance, job.shard_size, job.npy))
+    return ShardSink(FeaturesetWriter(dirs, job.shard_tag, job.provenance, job.shard_size, job.npy))
 
 
 @contextlib.contextmanager
@@ -581,7 +582,7 @@ def _summary(cfg: ExtractConfig, fs: str, tally: Tally, stats: LoopStats, sink: 
         reused=tally.reused, duplicates=tally.duplicates, errors_new=sum(codes.values()),
         errors_by_code=dict(sorted(codes.items())), errors_known=tally.known_error_rows,
         error_rows=sum(tally.scan_errors.values()) + tally.known_error_rows + failed_rows,
-        model_built=model_built, shards=len(sink.writer.feature_shards) + len(stats.shards),
+        model_built=model_built, shards=len(stats.shards),
         batch_size=cfg.batch_size, seconds=round(seconds, 3), model_seconds=round(stats.model_seconds, 3),
         decode_seconds=round(stats.decode_seconds, 3), input_wait_seconds=round(stats.input_wait_seconds, 3),
         build_seconds=round(stats.build_seconds, 3), loop_seconds=round(stats.loop_seconds, 3),

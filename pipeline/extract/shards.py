@@ -14,9 +14,9 @@ import numpy as np
 import pyarrow as pa
 
 from imgfeat.core import schemas as S
+from imgfeat.core.commits import ShardWriter
 from imgfeat.core.schemas import ErrorRow, errors_table
-from imgfeat.core.commits import commit_shard, commits_dir
-from imgfeat.core.storage import SHARD_PREFIX, atomic_path, shard_name
+from imgfeat.core.storage import SHARD_PREFIX, atomic_path
 from imgfeat.core.workspace import Workspace
 from imgfeat.extract.recipe import Provenance
 
@@ -49,7 +49,7 @@ def refuse_non_finite(ids: Sequence[str], X: np.ndarray, run_id: str,
     return [ids[k] for k in np.flatnonzero(ok)], X[ok], errors
 
 
-ERRORS_TAG = "errors"  # how ShardWriter.written names an error shard
+ERRORS_TAG = "errors"  # how FeaturesetWriter.written names an error shard
 CALL_MARK = "c"  # part-<run>-c<call>-...: the extract call's number within the run, per featureset
 
 
@@ -83,29 +83,27 @@ def next_shard_tag(dirs: FeaturesetDirs, run_id: str) -> str:
     return f"{run_id}-{CALL_MARK}{max(calls, default=-1) + 1:03d}"
 
 
-class ShardWriter:
-    """Buffers rows and commits ``part-<tag>-<seq>`` shards of ``shard_size`` rows.
+class FeaturesetWriter:
+    """A featureset's three tables written together: feature rows buffered into shards of
+    ``shard_size`` rows (the provenance in each footer, an NPY sidecar with ``npy``), and error rows,
+    each table through the one ``ShardWriter`` (``core/commits.py``: unique names, never a committed
+    shard replaced, a commit record per shard).
 
-    ``tag`` must be unique to this writer's extract call within the featureset
-    (``next_shard_tag``): a writer numbers from ``start_seq`` and replaces any shard of the same name.
-
-    A feature shard is committed Parquet first, then its NPY sidecar, so a sidecar never exists
-    without its shard. ``start_seq`` numbers the first shard (an executor that names shards by
-    position uses it to make retries idempotent).
+    ``tag`` names this extract call's shards (``next_shard_tag``); ``start_seq`` numbers the first
+    shard and ``idempotent`` lets a unit of work that names its shards by position find them
+    committed already (Ray's retried batches).
     """
 
     def __init__(self, dirs: FeaturesetDirs, tag: str, provenance: Provenance, shard_size: int,
-                 npy: bool = False, start_seq: int = 0) -> None:
+                 npy: bool = False, start_seq: int = 0, idempotent: bool = False) -> None:
         self.dirs, self.folder, self.tag, self.provenance = dirs, dirs.features, tag, provenance
         self.shard_size, self.npy = shard_size, npy
         self._footer = provenance.footer()
         self._ids: list[str] = []
         self._rows: list[np.ndarray] = []
         self._errors: list[ErrorRow] = []
-        self._seq = self._err_seq = start_seq
-        self.written: list[str] = []
-        for folder in (dirs.features, dirs.errors):  # from the first write on, only recorded shards count
-            commits_dir(folder).mkdir(parents=True, exist_ok=True)
+        self.features = ShardWriter(dirs.features, tag, start_seq=start_seq, idempotent=idempotent)
+        self.errors = ShardWriter(dirs.errors, tag, start_seq=start_seq, idempotent=idempotent)
 
     @property
     def run_id(self) -> str:
@@ -117,8 +115,13 @@ class ShardWriter:
         return self.provenance.recipe.dtype
 
     @property
+    def written(self) -> list[str]:
+        """Names of the shards committed so far, error shards as ``errors/<name>``."""
+        return self.feature_shards + [f"{ERRORS_TAG}/{p.name}" for p in self.errors.shards]
+
+    @property
     def feature_shards(self) -> list[str]:
-        return [n for n in self.written if not n.startswith(ERRORS_TAG + "/")]
+        return [p.name for p in self.features.shards]
 
     def add_features(self, ids: Sequence[str], X: np.ndarray) -> None:
         """Buffer feature rows; a non-finite row becomes an error row here too (executors split them
@@ -137,7 +140,7 @@ class ShardWriter:
             self._commit_errors()
 
     def flush(self) -> None:
-        """Commit whatever is buffered (end of run)."""
+        """Commit whatever is buffered (end of a shard's work, end of run)."""
         if self._ids:
             self._commit_features(len(self._ids))
         self._commit_errors()
@@ -145,14 +148,10 @@ class ShardWriter:
     def _commit_features(self, n: int) -> None:
         ids, X = self._ids[:n], np.stack(self._rows[:n])
         del self._ids[:n], self._rows[:n]
-        name = shard_name(self.tag, self._seq)
-        self._seq += 1
         # Shard, then sidecar, then the commit record: a crash in between leaves a shard without
         # sidecar or record (set right by the next writer), never a sidecar without its shard.
-        commit_shard(features_table(ids, X, self.dtype, self._footer), self.folder / name,
-                     after=(lambda: self._commit_sidecar(name, X)) if self.npy else None)
-        self.written.append(name)
-        log.debug("committed %s (%d rows)", name, n)
+        self.features.commit(features_table(ids, X, self.dtype, self._footer),
+                             after=(lambda shard: self._commit_sidecar(shard.name, X)) if self.npy else None)
         # Error rows seen so far go out with each feature shard, so a crash loses little of either.
         self._commit_errors()
 
@@ -162,13 +161,9 @@ class ShardWriter:
                 np.save(fh, X.astype(np.dtype(self.dtype)))
 
     def _commit_errors(self) -> None:
-        if not self._errors:
-            return
-        name = shard_name(self.tag, self._err_seq)
-        self._err_seq += 1
-        commit_shard(errors_table(self._errors), self.dirs.errors / name)
-        self._errors = []
-        self.written.append(f"{ERRORS_TAG}/{name}")
+        if self._errors:
+            rows, self._errors = self._errors, []
+            self.errors.commit(errors_table(rows))
 
 
 def sidecar_name(shard: str) -> str:
@@ -176,9 +171,9 @@ def sidecar_name(shard: str) -> str:
 
 
 class ShardSink:
-    """Runs a ShardWriter off the model's thread; errors surface in the caller on put/close."""
+    """Runs a FeaturesetWriter off the model's thread; errors surface in the caller on put/close."""
 
-    def __init__(self, writer: ShardWriter) -> None:
+    def __init__(self, writer: FeaturesetWriter) -> None:
         self.writer = writer
         self._q: queue.Queue = queue.Queue(maxsize=WRITE_QUEUE_BATCHES)
         self._exc: BaseException | None = None

@@ -35,13 +35,8 @@ from imgfeat.scan.manifest import read_manifest
 from imgfeat.core.progress import progress
 from imgfeat.core.ranges import check_fields
 from imgfeat.core.results import JsonObject, JsonResult
-from imgfeat.core.storage import (
-    WAIT_HINT,
-    FileLock,
-    TableShardWriter,
-    list_shards,
-    remove_stale_tmp,
-)
+from imgfeat.core.commits import Adoptable, ShardWriter, list_committed, reconcile
+from imgfeat.core.storage import WAIT_HINT, FileLock, remove_stale_tmp
 from imgfeat.core.workspace import Workspace, check_name
 
 log = logging.getLogger(__name__)
@@ -132,7 +127,7 @@ def predicted_ids(ws: Workspace, head_id: str, dataset: str | None = None) -> se
     Rows of tables written before the ``dataset`` column existed count for every dataset.
     """
     folder = ws.predictions_dir(head_id) if dataset else ws.file_predictions_dir(head_id)
-    table = _read(list_shards(folder), [S.IMAGE_ID, S.DATASET])
+    table = _read(prediction_shards(folder), [S.IMAGE_ID, S.DATASET])
     if dataset:
         keep = [d is None or d == dataset for d in table.column(S.DATASET).to_pylist()]
         table = table.filter(pa.array(keep, pa.bool_()))
@@ -142,7 +137,43 @@ def predicted_ids(ws: Workspace, head_id: str, dataset: str | None = None) -> se
 def read_predictions(ws: Workspace, head_id: str, files: bool = False) -> pa.Table:
     """A head's dataset predictions (or, ``files=True``, its image-file predictions), old tables included."""
     folder = ws.file_predictions_dir(head_id) if files else ws.predictions_dir(head_id)
-    return _read(list_shards(folder))
+    return _read(prediction_shards(folder))
+
+
+def prediction_shards(folder: Path) -> list[Path]:
+    """The shards of a predictions folder that count: committed (recorded and still matching,
+    ``core/commits.py``); a folder written before records existed reads as before, with a warning."""
+    return list_committed(folder, f"the predictions in {folder}").paths
+
+
+def reconcile_predictions(folder: Path) -> dict[str, int]:
+    """Set a predictions folder right before writing to it (its lock held), as extract does a
+    featureset: a dead run's complete but unrecorded shard is adopted when its rows parse as
+    predictions and repeat none already committed; any other is moved to ``.rejected/``; a folder
+    of an older version has its shards recorded. Returns how many of each."""
+    if not Path(folder).is_dir():
+        return {}
+    done = reconcile(folder, _inspect_predictions, lambda p, _: _prediction_keys(_read([p], _KEY_COLUMNS)),
+                     f"the predictions in {folder}")
+    return {k: len(getattr(done, k)) for k in ("recorded", "adopted", "set_aside")}
+
+
+_KEY_COLUMNS = [S.IMAGE_ID, S.DATASET]
+
+
+def _inspect_predictions(shard: Path) -> Adoptable | str:
+    with pq.ParquetFile(shard) as pf:
+        names = pf.schema_arrow.names
+        if S.IMAGE_ID not in names or not set(names) <= set(S.PREDICTIONS_SCHEMA.names):
+            return "its columns are not a predictions table's"
+        rows = pf.metadata.num_rows
+    return Adoptable(_prediction_keys(_read([shard], _KEY_COLUMNS)), rows)
+
+
+def _prediction_keys(t: pa.Table) -> pa.Array:
+    """One key per row: the image and the dataset it was predicted for (a row is that pair's prediction)."""
+    ids = [f"{i}\x1f{d or ''}" for i, d in zip(t.column(S.IMAGE_ID).to_pylist(), t.column(S.DATASET).to_pylist())]
+    return pa.array(ids, pa.string())
 
 
 def _read(paths: list[Path], columns: list[str] | None = None) -> pa.Table:
@@ -200,7 +231,8 @@ def run_predict(ws: Workspace, cfg: PredictConfig, run_id: str) -> PredictSummar
     with FileLock(ws.locks_dir / f"predictions-{head_id}.lock", f"predictions of head {head_id}",
                   cfg.wait, hint=WAIT_HINT):
         remove_stale_tmp(folder)
-        writer = TableShardWriter(folder, run_id, cfg.shard_rows)
+        reconcile_predictions(folder)
+        writer = ShardWriter(folder, run_id, cfg.shard_rows)
         if cfg.dataset is not None:
             out = _predict_dataset(ws, cfg, head, writer, run_id)
         else:
@@ -218,7 +250,7 @@ def run_predict(ws: Workspace, cfg: PredictConfig, run_id: str) -> PredictSummar
                           **out)
 
 
-def _predict_dataset(ws: Workspace, cfg: PredictConfig, head: LoadedHead, writer: TableShardWriter,
+def _predict_dataset(ws: Workspace, cfg: PredictConfig, head: LoadedHead, writer: ShardWriter,
                      run_id: str) -> dict[str, Any]:
     images, dropped, files = unique_images(read_manifest(ws, cfg.dataset))
     done = predicted_ids(ws, head.head_id, cfg.dataset)
@@ -311,7 +343,7 @@ def expand_paths(items: Sequence[str]) -> tuple[list[Path], list[str]]:
     return [p.absolute() for p in found], unmatched
 
 
-def _predict_files(ws: Workspace, cfg: PredictConfig, head: LoadedHead, writer: TableShardWriter,
+def _predict_files(ws: Workspace, cfg: PredictConfig, head: LoadedHead, writer: ShardWriter,
                    run_id: str) -> dict[str, Any]:
     from imgfeat.extract.extract import extract_files
 

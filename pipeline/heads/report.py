@@ -24,11 +24,12 @@ from imgfeat.core.options import opt
 from imgfeat.extract.featureset import load_features
 from imgfeat.heads import artifacts as A
 from imgfeat.heads.artifacts import LoadedHead, load_head
+from imgfeat.heads.predict import prediction_shards
 from imgfeat.heads.versions import default_head_name, resolve_head
 from imgfeat.core import names as N
 from imgfeat.core.ranges import check_fields
 from imgfeat.core.results import JsonResult
-from imgfeat.core.storage import WAIT_HINT, FileLock, list_shards, remove_file, remove_stale_tmp, write_bytes_atomic
+from imgfeat.core.storage import WAIT_HINT, FileLock, remove_file, remove_stale_tmp, write_bytes_atomic
 from imgfeat.core.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,7 @@ def report_inputs(ws: Workspace, cfg: ReportConfig, head: LoadedHead) -> str:
         manifest_id = None
     options = {k: v for k, v in asdict(cfg).items() if k not in ("wait", "trust_pickle")}
     key = {"head": head.meta.get("model_sha256"), "head_id": head.head_id, "options": options,
-           "manifest": manifest_id, "predictions": [p.name for p in list_shards(ws.predictions_dir(head.head_id))],
+           "manifest": manifest_id, "predictions": [p.name for p in prediction_shards(ws.predictions_dir(head.head_id))],
            "imgfeat": __version__}
     return sha256_text(canonical_json(key))[:16]
 
@@ -263,7 +264,7 @@ def _embed(X: np.ndarray, how: str) -> tuple[np.ndarray, str]:
 
 
 def _prediction_rows(ws: Workspace, head_id: str) -> int:
-    return sum(pq.ParquetFile(p).metadata.num_rows for p in list_shards(ws.predictions_dir(head_id)))
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in prediction_shards(ws.predictions_dir(head_id)))
 
 
 # --- the page: plain HTML and CSS, every image inlined, no JavaScript ---

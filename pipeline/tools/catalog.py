@@ -11,6 +11,7 @@ from typing import Any
 
 from imgfeat.core import names as N
 from imgfeat.core import schemas as S
+from imgfeat.core.commits import commits_dir, rejected_dir
 from imgfeat.core.errors import ConfigError, ImgfeatError
 from imgfeat.core.results import JsonObject
 from imgfeat.core.storage import FileLock, column_values, linked_folder, remove_file, remove_tree
@@ -246,13 +247,12 @@ def run_prune(ws: Workspace, yes: bool = False) -> PrunePlan:
 
 
 def _head_folders(ws: Workspace, head_id: str) -> list[Path]:
-    return [ws.head_dir(head_id), ws.predictions_dir(head_id), ws.file_predictions_dir(head_id),
-            ws.report_dir(head_id)]
+    tables = [ws.predictions_dir(head_id), ws.file_predictions_dir(head_id)]
+    return ([ws.head_dir(head_id)] + tables + [f(d) for d in tables for f in (commits_dir, rejected_dir)]
+            + [ws.report_dir(head_id)])
 
 
 def _featureset_folders(ws: Workspace, featureset: str) -> list[Path]:
-    from imgfeat.core.commits import commits_dir, rejected_dir
-
     tables = [ws.featureset_dir(featureset), ws.featureset_errors_dir(featureset)]
     return tables + [ws.featureset_npy_dir(featureset)] + [f(d) for d in tables for f in (commits_dir, rejected_dir)]
 

@@ -94,7 +94,8 @@ class ExtractJob:
 
 @dataclass
 class BatchReport:
-    """What one unit of executor work committed or handed to the writer."""
+    """What a batch of the shard task computed (rows, error rows, timings), or, in a shard's last
+    report, the feature shards it committed; Ray sends one per shard (``local.shard_report``)."""
 
     extracted: int
     errors: list[ErrorRow] = field(default_factory=list)  # decode / read error rows
@@ -102,7 +103,7 @@ class BatchReport:
     decode_seconds: float = 0.0
     input_wait_seconds: float = 0.0  # the model idle before this batch: the pipeline's stall time
     build_seconds: float = 0.0  # a model build paid before this batch
-    shard: str | None = None  # a shard the executor committed itself (Ray)
+    shards: list[str] = field(default_factory=list)  # feature shards the shard task committed
 
     def to_json(self) -> JsonObject:
         return {**asdict(self), "errors": [r.to_json() for r in self.errors]}
@@ -126,14 +127,15 @@ class Executor(Protocol):
         ...
 
 
-def make_executor(cfg: ExecutorConfig) -> Executor:
+def make_executor(cfg: ExecutorConfig, seam: Any = None) -> Executor:
+    """The executor ``cfg`` names; ``seam`` (a ``local.ShardSeam``, tests only) reaches its shard tasks."""
     if cfg.name == "ray":
         from imgfeat.extract.executors.ray import RayExecutor
 
-        return RayExecutor(cfg)
+        return RayExecutor(cfg, seam) if seam is not None else RayExecutor(cfg)
     from imgfeat.extract.executors.local import LocalExecutor
 
-    return LocalExecutor(cfg)
+    return LocalExecutor(cfg, seam) if seam is not None else LocalExecutor(cfg)
 
 
 def build_model(resolved: Resolved, precision: str):

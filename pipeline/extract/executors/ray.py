@@ -1,33 +1,34 @@
-"""The Ray executor: todo rows -> CPU decode tasks -> backbone actors that commit their own shards.
+"""The Ray executor: the driver plans and records; Ray maps the shard task over backbone actors.
 
 The extract driver does what it does for every executor before and after the model: it holds
 the featureset lock for the whole run, writes the provenance, walks the manifest against the
-committed ids (resume) and writes the scan-error rows. Only the todo list goes to Ray:
+committed ids (resume) and writes the scan-error rows. Only the todo list goes to Ray, cut into
+shards of todo rows:
 
-    todo rows --map_batches(decode_rows, CPU tasks)--> uint8 pixels + decode errors
-              --map_batches(ShardActor, actor pool, one per GPU)--> one committed shard per batch
+    todo rows --map_batches(ShardActor, actor pool, one per GPU)--> typed shard reports
 
-Why retries cannot duplicate or lose rows: every todo row carries its position in the
-todo list, and an actor names the shard it writes after the first position of its batch
-(``part-<run>-c<call>-ray-<first>.parquet``; ``c<call>`` keeps another extract call of the same
-run into this featureset apart). Batches partition the rows, so names never collide;
-a batch retried after an actor dies is the same batch (Ray re-runs the task on the same
-input blocks), so it rewrites the same name with the same rows through ``os.replace``.
-A shard is committed only after all its rows are computed, so a crash leaves either the
-whole shard or nothing. The driver still audits the outcome (every todo id ends as a
-feature or an error row, no id twice in this call's shards) and fails the run otherwise.
+Each actor builds the model once, then runs the shard task (``executors/local.run_shard``: decode,
+forward, commit through the one FeaturesetWriter) on each shard it is given, writing the shard
+straight into the workspace, and returns the shard's report (a ``BatchReport``) to the driver.
+
+Why retries cannot duplicate or lose rows: every todo row carries its position in the todo list,
+and a shard is named after its first position (``part-<run>-c<call>-ray-<first>.parquet``;
+``c<call>`` keeps another extract call of the same run into this featureset apart), so names
+never collide. A shard retried after its actor died is the same shard (Ray re-runs the task on the
+same input block) and its writer is idempotent: a table whose shard is recorded already is not
+written again, and one left unrecorded by the dead actor is never replaced (the retry takes the
+next name; readers ignore the unrecorded one and the next writer sets it aside). The driver still
+audits the outcome (every todo id ends as a feature or an error row, no id twice in this call's
+committed shards) and fails the run otherwise.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
-import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,24 +38,19 @@ import pyarrow as pa
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError, ImgfeatError
 from imgfeat.core.results import JsonObject
-from imgfeat.core.schemas import ErrorRow
-from imgfeat.core.storage import SHARD_PREFIX, column_values, list_shards, remove_tree, shard_name
+from imgfeat.core.storage import SHARD_PREFIX, column_values, remove_tree
 from imgfeat.core.workspace import Workspace
-from imgfeat.extract.batches import Batch, InputSpec, Item, decode_error_row, decode_item, pad_rows
-from imgfeat.extract.decode import DecodeError
+from imgfeat.extract.batches import Item
 from imgfeat.extract.executors import BatchReport, ExecutorConfig, ExtractJob, timed_build
-from imgfeat.extract.featureset import committed_ids, errored_ids
-from imgfeat.extract.shards import FeaturesetDirs, ShardWriter, refuse_non_finite
-from imgfeat.extract.forward import DEFAULT_DEPTH, Forward, in_flight
+from imgfeat.extract.executors.local import NO_SEAM, Shard, ShardSeam, default_workers, run_shard, shard_report
+from imgfeat.extract.featureset import committed_ids, errored_ids, feature_shards
+from imgfeat.extract.forward import DEFAULT_DEPTH, Forward
 
 log = logging.getLogger(__name__)
 
 NEEDS_RAY = "--executor ray needs Ray: pip install 'imgfeat[ray]'"
 SHARD_TAG = "ray"  # part-<run>-c<call>-ray-<first todo position>.parquet
-ENV_FAULT = "IMGFEAT_RAY_FAULT"  # test hook, see Fault
-FAULT_ACTIONS = ("exit_before_commit", "exit_after_commit", "stop_after_one_shard")
-FAULT_EXIT_CODE = 17
-MAX_BATCH_ATTEMPTS = 3  # starts of one batch (a worker killed mid-batch restarts it) before the run fails
+MAX_BATCH_ATTEMPTS = 3  # starts of one shard (a worker killed mid-shard restarts it) before the run fails
 SHARDS_PER_WORKER = 4  # small todo lists are cut finer so decode overlaps the model
 # Environment the workers must share with the driver so they build the same model.
 # (Not CUDA_VISIBLE_DEVICES: Ray sets it per actor from the GPUs it assigns.)
@@ -62,50 +58,7 @@ FORWARDED_ENV = ("KERAS_BACKEND", "TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS
 
 # Columns of the rows flowing through Ray (the shared ones come from schemas).
 ROW = "row"  # position in the todo list: names the shard, keeps retries idempotent
-PIXELS = "pixels"
-ERROR_ROW = "error_row"  # the row's error row as JSON, "" when it decoded
-DECODE_SECONDS = "decode_seconds"
-REPORT = "report"
-
-
-@dataclass(frozen=True)
-class Fault:
-    """Test-only, from ``$IMGFEAT_RAY_FAULT=<action>:<marker file>``; the marker makes it strike once.
-
-    ``exit_before_commit`` / ``exit_after_commit``: the first batch to claim the marker kills its
-    actor process there (Ray restarts the actor and retries the batch). ``stop_after_one_shard``:
-    the first batch claims the marker and commits, every later batch raises before committing,
-    so the run fails with exactly one shard written (an interrupted run, for resume tests).
-    """
-
-    action: str
-    marker: str
-
-    @classmethod
-    def from_env(cls) -> "Fault | None":
-        value = os.environ.get(ENV_FAULT)
-        if not value:
-            return None
-        action, _, marker = value.partition(":")
-        if action not in FAULT_ACTIONS or not marker:
-            raise ConfigError(f"{ENV_FAULT}={value!r}: expected '<{'|'.join(FAULT_ACTIONS)}>:<marker file>'")
-        return cls(action, marker)
-
-    def strike(self, point: str) -> None:
-        """Called at ``before_commit`` and ``after_commit`` of every batch."""
-        if self.action == "stop_after_one_shard" and point == "before_commit":
-            if not self._claim():
-                raise ImgfeatError("test fault: the run stops after one shard")
-        elif self.action == f"exit_{point}" and self._claim():
-            log.warning("test fault %s: worker %d exits now", self.action, os.getpid())
-            os._exit(FAULT_EXIT_CODE)
-
-    def _claim(self) -> bool:
-        try:
-            os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-            return True
-        except FileExistsError:
-            return False
+REPORT = "report"  # the shard's BatchReport, as a Python object
 
 
 def ray_tag(job: ExtractJob) -> str:
@@ -132,84 +85,32 @@ def count_attempt(folder: Path, first: int) -> int:
         os.close(fd)
 
 
-# ------------------------------------------------------------------------------- mappers (run on Ray)
-
-
-def decode_rows(batch: dict[str, np.ndarray], inputs: InputSpec, run_id: str) -> dict[str, np.ndarray]:
-    """CPU task: todo rows -> uint8 pixels at the model's size (verified against the image_id),
-    plus the error row (JSON, empty when decoded) per row."""
-    t0 = time.perf_counter()
-    h, w = inputs.dcfg.size
-    pixels = np.zeros((len(batch[ROW]), h, w, 3), dtype=np.uint8)
-    errors = []
-    for k, (image_id, path) in enumerate(zip(batch[S.IMAGE_ID], batch[S.PATH])):
-        item = Item(str(image_id), str(path))
-        try:
-            pixels[k] = decode_item(item, inputs)
-            errors.append("")
-        except DecodeError as exc:
-            errors.append(json.dumps(decode_error_row(item, exc, run_id).to_json()))
-    seconds = (time.perf_counter() - t0) / max(1, len(errors))
-    return {ROW: batch[ROW], S.IMAGE_ID: batch[S.IMAGE_ID], PIXELS: pixels,
-            ERROR_ROW: np.array(errors, dtype=object), DECODE_SECONDS: np.full(len(errors), seconds)}
+# ------------------------------------------------------------------------------- the actor (runs on Ray)
 
 
 class ShardActor:
-    """A backbone actor: built once from the job, then one committed shard per batch."""
+    """A backbone actor: built once from the job, then the shard task on each shard of todo rows."""
 
-    def __init__(self, job: ExtractJob, fault: "Fault | None", depth: int = DEFAULT_DEPTH) -> None:
+    def __init__(self, job: ExtractJob, seam: ShardSeam, workers: int | None, depth: int = DEFAULT_DEPTH) -> None:
         model, self.build_seconds = timed_build(job.resolved, job.resolved.recipe.precision)
         self.model = Forward(model, job.resolved.spec.family, job.inputs.batch_shape)
-        self.job, self.fault, self.depth = job, fault, depth
-        self.idle_since = time.perf_counter()
+        # Decode threads in the actor (Pillow releases the GIL): every core of its node unless told.
+        self.job, self.seam, self.workers, self.depth = job, seam, workers or default_workers(), depth
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         first = int(batch[ROW].min())
         if count_attempt(attempts_dir(self.job.ws, self.job.run_id), first) > MAX_BATCH_ATTEMPTS:
             # Ray retries a dead actor's batch for ever; a batch that keeps killing it must end the run.
             raise ImgfeatError(f"the batch of todo rows {first}..{int(batch[ROW].max())} killed its worker "
                                f"{MAX_BATCH_ATTEMPTS} times (first image: {batch[S.IMAGE_ID][0]})")
-        ok = batch[ERROR_ROW] == ""
-        t0 = time.perf_counter()
-        X = self.forward(batch[PIXELS][ok])
-        ids, X, refused = refuse_non_finite(list(batch[S.IMAGE_ID][ok]), X, self.job.run_id)
-        errors = [ErrorRow.from_json(json.loads(e)) for e in batch[ERROR_ROW][~ok]] + refused
-        report = BatchReport(len(ids), errors, model_seconds=time.perf_counter() - t0,
-                             decode_seconds=float(batch[DECODE_SECONDS].sum()),
-                             input_wait_seconds=t0 - self.idle_since, build_seconds=self.build_seconds,
-                             shard=shard_name(ray_tag(self.job), first))
+        items = [Item(str(i), str(p)) for i, p in zip(batch[S.IMAGE_ID], batch[S.PATH])]
+        shard = Shard(first, items, ray_tag(self.job), seq=first, idempotent=True)
+        report = shard_report(run_shard(self.job, shard, self.model, self.workers, self.depth, self.seam),
+                              self.build_seconds)
         self.build_seconds = 0.0
-        if self.fault:
-            self.fault.strike("before_commit")
-        self.commit(first, ids, X, errors)
-        if self.fault:
-            self.fault.strike("after_commit")
-        self.idle_since = time.perf_counter()
-        return {REPORT: [json.dumps(report.to_json())]}
-
-    def forward(self, pixels: np.ndarray) -> np.ndarray:
-        """The local executor's model function (uint8 in, preprocessing on the device) over fixed-shape
-        padded batches of ``batch_size``, ``depth`` of them in flight."""
-        n, bs = len(pixels), self.job.inputs.batch_size
-        out = np.zeros((n, self.job.provenance.dim), dtype=np.float32)
-        chunks = (Batch([""] * len(pixels[s:s + bs]), pad_rows(pixels[s:s + bs], bs), [], 0.0)
-                  for s in range(0, n, bs))
-        start = 0
-        for landed in in_flight(self.model, chunks, self.depth):
-            rows = len(landed.batch.ids)
-            out[start:start + rows] = landed.features
-            start += rows
-        return out
-
-    def commit(self, first: int, ids: list[str], X: np.ndarray, errors: list[ErrorRow]) -> None:
-        """Features then errors, each under the same deterministic name (so a retry overwrites)."""
-        job = self.job
-        writer = ShardWriter(FeaturesetDirs.of(job.ws, job.featureset), ray_tag(job), job.provenance,
-                             shard_size=max(1, len(ids) + 1), npy=job.npy, start_seq=first)
-        writer.add_errors(errors)
-        if ids:
-            writer.add_features(ids, X)
-        writer.flush()
+        out = np.empty(1, dtype=object)
+        out[0] = report
+        return {REPORT: out}
 
 
 # ------------------------------------------------------------------------------- the executor
@@ -220,8 +121,8 @@ class RayExecutor:
 
     name = "ray"
 
-    def __init__(self, cfg: ExecutorConfig) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: ExecutorConfig, seam: ShardSeam = NO_SEAM) -> None:
+        self.cfg, self.seam = cfg, seam
         self.ray = import_ray()
         self.plan: dict[str, Any] = {}
 
@@ -233,7 +134,7 @@ class RayExecutor:
                 log.info("ray: %d image(s) in shards of %d on %d worker(s) (%s GPU, %s CPU each)", len(todo),
                          self.plan["rows_per_shard"], self.plan["workers"], self.plan["gpus_per_worker"],
                          self.cfg.cpus_per_worker)
-                ds = _dataset(self.ray, job, self.cfg, todo, self.plan)
+                ds = _dataset(self.ray, job, self.cfg, todo, self.plan, self.seam)
                 with contextlib.closing(_reports(ds)) as reports:
                     yield from reports
         finally:
@@ -306,19 +207,15 @@ def _alive_nodes(ray) -> int:
     return max(1, sum(1 for n in ray.nodes() if n.get("Alive")))
 
 
-def _dataset(ray, job: ExtractJob, ray_cfg: ExecutorConfig, todo: list[Item], plan: dict[str, Any]):
-    """The lazy Ray Dataset: todo blocks -> decode tasks -> a fixed pool of backbone actors."""
+def _dataset(ray, job: ExtractJob, ray_cfg: ExecutorConfig, todo: list[Item], plan: dict[str, Any],
+             seam: ShardSeam):
+    """The lazy Ray Dataset: todo blocks of one shard each -> a fixed pool of backbone actors."""
     _quiet_ray_data(ray)
-    bs, size = job.inputs.batch_size, job.provenance.recipe.input_size
-    ds = ray.data.from_arrow(_todo_blocks(todo, bs))
-    # The memory reservation is real (a batch of pixels plus the worker), and also keeps Ray from
-    # fusing decode into the actor, which would serialise decoding and the model in one process.
-    decode_mem = 256 * 2**20 + 2 * bs * size * size * 3
-    ds = ds.map_batches(decode_rows, batch_size=bs, fn_args=(job.inputs, job.run_id), num_cpus=1,
-                        memory=decode_mem, runtime_env=_worker_env(0), concurrency=ray_cfg.workers)
+    rows = plan["rows_per_shard"]
+    ds = ray.data.from_arrow(_todo_blocks(todo, rows))
     return ds.map_batches(
-        ShardActor, batch_size=plan["rows_per_shard"],
-        fn_constructor_args=(job, Fault.from_env(), ray_cfg.in_flight),
+        ShardActor, batch_size=rows,
+        fn_constructor_args=(job, seam, ray_cfg.workers, ray_cfg.in_flight),
         compute=ray.data.ActorPoolStrategy(size=plan["workers"]), num_cpus=ray_cfg.cpus_per_worker,
         num_gpus=plan["gpus_per_worker"], runtime_env=_worker_env(plan["gpus_per_worker"]),
     )
@@ -353,7 +250,7 @@ def _reports(ds) -> Iterator[BatchReport]:
     rows = ds.iter_rows()
     try:
         for row in rows:
-            yield BatchReport.from_json(json.loads(row[REPORT]))
+            yield row[REPORT]
     finally:
         # Stop the streaming executor (and its actors) now, not whenever the generator is collected,
         # so an interrupted driver leaves no actor writing behind it.
@@ -367,7 +264,7 @@ def _audit(job: ExtractJob, todo: list[Item]) -> int:
     this call's shards hold twice."""
     ws, fs = job.ws, job.featureset
     prefix = f"{SHARD_PREFIX}{ray_tag(job)}-"
-    mine = [p for p in list_shards(ws.featureset_dir(fs)) if p.name.startswith(prefix)]
+    mine = [p for p in feature_shards(ws, fs) if p.name.startswith(prefix)]
     ids = column_values(mine, S.IMAGE_ID)
     ended = committed_ids(ws, fs) | errored_ids(ws, fs)
     missing = [i.image_id for i in todo if i.image_id not in ended]

@@ -186,10 +186,25 @@ def test_a_second_writer_fails_fast(mod_ws):
 
 
 def test_full_disk_is_a_clear_error_and_leaves_no_partial_shard(mod_ws, monkeypatch, capsys):
-    def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    import builtins
 
-    monkeypatch.setattr(pq, "write_table", full)  # what a full disk does to the shard writer
+    from imgfeat.core import commits
+
+    class FullDisk:  # what a full disk does to the shard writer: half the bytes land, then ENOSPC
+        def __init__(self, fh):
+            self.fh = fh
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+        def write(self, data):
+            self.fh.write(bytes(data[: len(data) // 2]))
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(commits, "open", lambda *a, **k: FullDisk(builtins.open(*a, **k)), raising=False)
     code = main(["extract", "--workspace", str(mod_ws.root), "--dataset", "d", "--backbone", BACKBONE,
                  "--weights", "none", "--seed", "4", "--input-size", str(SIZE), "--dtype", "float16", "--npy",
                  "--shard-size", "4"])

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from imgfeat.core.errors import ConfigError
-from imgfeat.core.hashing import DEFAULT_SEPARATORS, canonical_json, sha256_text
+from imgfeat.core.hashing import DEFAULT_SEPARATORS, canonical_digest
 from imgfeat.extract.decode import DecodeConfig
 
 if TYPE_CHECKING:
@@ -94,7 +94,7 @@ class Recipe:
         return out
 
     def fingerprint(self) -> str:
-        return sha256_text(canonical_json(self.canonical(), DEFAULT_SEPARATORS))
+        return canonical_digest(self.canonical(), separators=DEFAULT_SEPARATORS)
 
     def name(self) -> str:
         """``<backbone>-<size>-<pooling or layer>-<dtype>-<fingerprint8>``."""

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from imgfeat.backbones import get_backbone
+from imgfeat.backbones import build_model, get_backbone
 from imgfeat.core.errors import ConfigError
 from imgfeat.finetune.blocks import FAMILY_BLOCKS, family_pattern, list_blocks
 
@@ -54,7 +54,7 @@ def test_unfreeze_blocks_trains_exactly_the_top(name, n, first, n_blocks):
     from imgfeat.finetune.blocks import apply_unfreeze, backbone_blocks, unfreeze_start
 
     spec = get_backbone(name)
-    model = spec.build(weights="none", input_size=32)
+    model = build_model(spec, weights="none", input_size=32)
     blocks = backbone_blocks(model, spec)
     if n_blocks is not None:
         assert len(blocks) == n_blocks
@@ -79,7 +79,7 @@ def test_unfreeze_from_a_layer_and_a_wrong_layer_name():
     from imgfeat.finetune.blocks import apply_unfreeze, unfreeze_start
 
     spec = get_backbone("efficientnet_lite0")
-    model = spec.build(weights="none", input_size=32)
+    model = build_model(spec, weights="none", input_size=32)
     start = unfreeze_start(model, spec, None, "top_conv")
     assert apply_unfreeze(model, start) == ["top_conv"]  # top_bn stays frozen
     with pytest.raises(ConfigError, match="did you mean 'top_conv'"):

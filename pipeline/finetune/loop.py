@@ -13,7 +13,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from imgfeat.backbones import BackboneSpec
+from imgfeat.backbones import BackboneSpec, build_model
 from imgfeat.core.hashing import canonical_json, file_sha256
 from imgfeat.core.storage import remove_tree, write_bytes_atomic, write_json_atomic
 from imgfeat.core.workspace import Workspace
@@ -40,7 +40,7 @@ class Session:
         for scratch in [*out.glob(".scratch-*"), *self.ckpt.glob(".scratch-*")]:
             remove_tree(scratch, ws.root)  # left by a run killed while saving
         _set_precision(cfg.precision)
-        self.backbone = spec.build(weights=cfg.weights, input_size=size, pooling="avg", seed=cfg.random_state)
+        self.backbone = build_model(spec, weights=cfg.weights, input_size=size, pooling="avg", seed=cfg.random_state)
         self.start = unfreeze_start(self.backbone, spec, cfg.unfreeze_blocks, cfg.unfreeze_from)
         self.model = build_finetune_model(spec, self.backbone, len(rows.classes), cfg.augment, cfg.dropout,
                                           cfg.random_state)

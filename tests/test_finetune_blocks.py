@@ -132,3 +132,21 @@ def test_a_logreg_head_folds_into_one_dense_softmax(n_classes):
     p /= p.sum(1, keepdims=True)
     assert kernel.shape == (5, n_classes)
     np.testing.assert_allclose(p, pipe.predict_proba(X), atol=1e-5)
+
+
+@pytest.mark.quick
+def test_a_warm_start_names_what_differs_from_the_heads_featureset():
+    """Weights, size, pooling, tap and decode must match; storage dtype and precision need not."""
+    import dataclasses
+
+    from imgfeat.extract.recipe import Recipe, WeightsId
+    from imgfeat.finetune.warm import WarmRecipe
+
+    trained = Recipe("mobilenet_v2", WeightsId("ab" * 32), 224, "avg", "block_1_expand", "bilinear", False,
+                     "rotate", "float32", "float16")
+    tuned = WarmRecipe("mobilenet_v2", WeightsId(None, 0, "tensorflow").identity(), 224, "bilinear", "rotate")
+    assert tuned.differences(WarmRecipe.of(trained)) == {
+        "weights": ("sha256:" + "ab" * 32, "none:seed=0:backend=tensorflow"), "layer": ("block_1_expand", None)}
+    same = dataclasses.replace(trained, weights=WeightsId(None, 0, "tensorflow"), layer=None, precision="bfloat16",
+                               dtype="float32")
+    assert tuned.differences(WarmRecipe.of(same)) == {}

@@ -21,7 +21,7 @@ from imgfeat.finetune import train as T
 from imgfeat.finetune.blocks import apply_unfreeze, unfreeze_start
 from imgfeat.finetune.data import FinetuneRows, ImageBatches, SkipLog
 from imgfeat.finetune.model import build_finetune_model
-from imgfeat.finetune.warm import head_init, warm_recipe
+from imgfeat.finetune.warm import WarmRecipe, head_init
 from imgfeat.heads.artifacts import library_versions
 from imgfeat.heads.data import describe
 from imgfeat.heads.plots import training_curves_png
@@ -63,8 +63,8 @@ class Session:
         from imgfeat.extract.recipe import WeightsId
 
         ref = resolve_weights(self.spec, self.cfg.weights, size)
-        recipe = warm_recipe(self.spec.name, WeightsId.of(ref, self.cfg.random_state).identity(), size,
-                             self.cfg.interpolation, self.cfg.exif)
+        recipe = WarmRecipe(self.spec.name, WeightsId.of(ref, self.cfg.random_state).identity(), size,
+                            self.cfg.interpolation, self.cfg.exif)
         return head_init(ws, self.cfg.warm_start_head, recipe, self.rows.classes)
 
     # --- phases ---

@@ -88,12 +88,12 @@ def layer_rows(name: str) -> list[dict[str, Any]]:
 
 def block_rows(name: str) -> list[dict[str, Any]]:
     """The backbone's blocks, top last: name, first layer, layer count, and N to unfreeze from it."""
-    from imgfeat.backbones import get_backbone
+    from imgfeat.backbones import build_model, get_backbone
     from imgfeat.finetune.blocks import backbone_blocks, family_pattern
 
     spec = get_backbone(name)
     family_pattern(spec)  # a family without named blocks says so before building anything
-    model = spec.build(weights="none", input_size=spec.min_size)
+    model = build_model(spec, weights="none", input_size=spec.min_size)
     blocks = backbone_blocks(model, spec)
     return [{**b.to_json(), "first_layer": model.layers[b.start].name, "unfreeze_blocks": len(blocks) - i}
             for i, b in enumerate(blocks)]

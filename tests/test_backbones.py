@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from imgfeat.backbones import NAME_RE, get_backbone, list_backbones
+from imgfeat.backbones import NAME_RE, build_model, get_backbone, list_backbones
 from imgfeat.backbones.lite import VARIANTS
 from imgfeat.core.errors import ConfigError
 from imgfeat.backbones.weights import resolve_weights
@@ -43,7 +43,7 @@ def _forward(model, size: int, seed: int = 0) -> np.ndarray:
 
 
 def _build_uninitialised(spec, **kwargs):
-    """spec.build with the variables' random fill deferred and skipped (keras.StatelessScope).
+    """build_model with the variables' random fill deferred and skipped (keras.StatelessScope).
 
     The constructor runs whole (every layer built, every shape computed); only drawing the random
     initial values, most of the cost for the large models and irrelevant to shapes, is left out.
@@ -52,7 +52,7 @@ def _build_uninitialised(spec, **kwargs):
     import keras
 
     with keras.StatelessScope(initialize_variables=False):
-        return spec.build(**kwargs)
+        return build_model(spec, **kwargs)
 
 
 # ----------------------------------------------------------------------------- the table
@@ -165,32 +165,51 @@ def test_unknown_name_suggests_the_closest():
 ])
 def test_bad_build_options_are_config_errors(kwargs, words):
     with pytest.raises(ConfigError) as info:
-        get_backbone("mobilenet_v2").build(weights="none", **kwargs)
+        build_model(get_backbone("mobilenet_v2"), weights="none", **kwargs)
     assert all(w in str(info.value) for w in words)
 
 
 def test_inception_refuses_inputs_below_75():
     with pytest.raises(ConfigError, match="75"):
-        get_backbone("inception_v3").build(weights="none", input_size=64)
+        build_model(get_backbone("inception_v3"), weights="none", input_size=64)
 
 
 def test_layer_taps_an_inner_layer_and_pools_it():
     spec = get_backbone("mobilenet_v2")
-    avg = spec.build(weights="none", input_size=64, layer="block_6_expand_relu", pooling="avg")
-    mx = spec.build(weights="none", input_size=64, layer="block_6_expand_relu", pooling="max")
+    avg = build_model(spec, weights="none", input_size=64, layer="block_6_expand_relu", pooling="avg")
+    mx = build_model(spec, weights="none", input_size=64, layer="block_6_expand_relu", pooling="max")
     assert tuple(avg.output.shape) == (None, 192) == tuple(mx.output.shape)
     # Same seed, same weights: avg and max are two poolings of the same feature map.
     a, m = _forward(avg, 64), _forward(mx, 64)
     assert (m >= a - 1e-6).all() and not np.allclose(a, m)
     with pytest.raises(ConfigError, match="did you mean 'block_6_expand_relu'"):
-        spec.build(weights="none", input_size=64, layer="block_6_expand_rel")
+        build_model(spec, weights="none", input_size=64, layer="block_6_expand_rel")
+
+
+def test_build_model_builds_under_a_precision_policy_and_restores_the_one_in_force():
+    """extract's --precision reaches the model through build_model's dtype_policy, and only that model."""
+    import keras
+
+    spec = get_backbone("mobilenet_v3_small")
+    before = keras.config.dtype_policy().name
+    mixed = build_model(spec, weights="none", input_size=32, dtype_policy="mixed_bfloat16")
+    assert keras.config.dtype_policy().name == before
+    assert mixed.layers[-1].compute_dtype == "bfloat16" and mixed.layers[-1].variable_dtype == "float32"
+    assert build_model(spec, weights="none", input_size=32).layers[-1].compute_dtype == before
+
+
+def test_spec_build_still_builds_with_a_deprecation_warning():
+    spec = get_backbone("mobilenet_v3_small")
+    with pytest.warns(DeprecationWarning, match="build_model"):
+        old = spec.build(weights="none", input_size=32, seed=7)
+    np.testing.assert_array_equal(_forward(old, 32), _forward(build_model(spec, "none", 32, seed=7), 32))
 
 
 def test_seeded_random_weights_are_deterministic():
     spec = get_backbone("mobilenet_v3_small")
-    first = _forward(spec.build(weights="none", input_size=64, seed=7), 64)
-    again = _forward(spec.build(weights="none", input_size=64, seed=7), 64)
-    other = _forward(spec.build(weights=None, input_size=64, seed=8), 64)
+    first = _forward(build_model(spec, weights="none", input_size=64, seed=7), 64)
+    again = _forward(build_model(spec, weights="none", input_size=64, seed=7), 64)
+    other = _forward(build_model(spec, weights=None, input_size=64, seed=8), 64)
     np.testing.assert_array_equal(first, again)
     assert not np.allclose(first, other, rtol=1e-3, atol=0)  # random-init outputs are tiny: compare relatively
 
@@ -198,24 +217,24 @@ def test_seeded_random_weights_are_deterministic():
 def test_weights_file_round_trip_and_mismatch(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))  # where the digest cache goes
     spec = get_backbone("mobilenet_v2")
-    saved = spec.build(weights="none", input_size=48, seed=3)
+    saved = build_model(spec, weights="none", input_size=48, seed=3)
     path = tmp_path / "mine.weights.h5"
     saved.save_weights(path)
-    loaded = spec.build(weights=str(path), input_size=48, seed=99)  # the seed must not matter now
+    loaded = build_model(spec, weights=str(path), input_size=48, seed=99)  # the seed must not matter now
     np.testing.assert_array_equal(_forward(saved, 48), _forward(loaded, 48))
     ref = resolve_weights(spec, str(path))
     assert ref.kind == "file" and ref.path == path.resolve() and len(ref.sha256) == 64
     # The same file also feeds a tapped layer (weights load into the whole no-top model first).
-    tapped = spec.build(weights=str(path), input_size=48, layer="out_relu")
+    tapped = build_model(spec, weights=str(path), input_size=48, layer="out_relu")
     np.testing.assert_allclose(_forward(tapped, 48), _forward(saved, 48), atol=1e-6)
     with pytest.raises(ConfigError, match="does not fit mobilenet_v3_small"):
-        get_backbone("mobilenet_v3_small").build(weights=str(path), input_size=48)
+        build_model(get_backbone("mobilenet_v3_small"), weights=str(path), input_size=48)
     junk = tmp_path / "junk.weights.h5"
     junk.write_text("not hdf5")
     with pytest.raises(ConfigError, match="does not fit"):
-        spec.build(weights=str(junk), input_size=48)
+        build_model(spec, weights=str(junk), input_size=48)
     with pytest.raises(ConfigError, match="'imagenet', 'none' or an existing file"):
-        spec.build(weights=str(tmp_path / "missing.weights.h5"))
+        build_model(spec, weights=str(tmp_path / "missing.weights.h5"))
 
 
 def test_offline_imagenet_without_cached_file_fails_fast_naming_the_file(tmp_path, monkeypatch):
@@ -223,7 +242,7 @@ def test_offline_imagenet_without_cached_file_fails_fast_naming_the_file(tmp_pat
     spec = get_backbone("resnet50")
     t0 = time.perf_counter()
     with pytest.raises(ConfigError) as info:
-        spec.build(weights="imagenet")
+        build_model(spec, weights="imagenet")
     assert time.perf_counter() - t0 < 5
     msg = str(info.value)
     for part in ("resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5", "https://storage.googleapis.com/",
@@ -238,12 +257,12 @@ def test_imagenet_loads_the_cached_file_without_the_network(tmp_path, monkeypatc
 
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
     spec = get_backbone("mobilenet")
-    donor = spec.build(weights="none", input_size=128, seed=5, pooling="avg")
+    donor = build_model(spec, weights="none", input_size=128, seed=5, pooling="avg")
     target, _ = spec.keras_weights.for_size(128)
     (tmp_path / "models").mkdir()
     with h5py.File(tmp_path / "models" / target, "w") as f:  # Keras' legacy .h5 layout, as it ships
         save_weights_to_hdf5_group(f, donor)
-    built = spec.build(weights="imagenet", input_size=128, seed=123)
+    built = build_model(spec, weights="imagenet", input_size=128, seed=123)
     np.testing.assert_array_equal(_forward(donor, 128), _forward(built, 128))
     assert resolve_weights(spec, "imagenet", 128).path == (tmp_path / "models" / target).resolve()
 
@@ -254,7 +273,7 @@ def test_cached_file_with_the_wrong_hash_is_refused(tmp_path, monkeypatch):
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / spec.keras_weights.file_name).write_bytes(b"damaged download")
     with pytest.raises(ConfigError, match="does not match the hash Keras pins"):
-        spec.build(weights="imagenet")
+        build_model(spec, weights="imagenet")
 
 
 def test_preprocess_input_leaves_its_input_alone_and_matches_keras():
@@ -273,7 +292,7 @@ def test_preprocess_input_leaves_its_input_alone_and_matches_keras():
 
 def test_include_top_gives_the_imagenet_classifier(fresh_keras):
     spec = get_backbone("mobilenet_v3_small")
-    model = spec.build(weights="none", include_top=True)
+    model = build_model(spec, weights="none", include_top=True)
     assert tuple(model.input.shape) == (None, spec.input_size, spec.input_size, 3)
     assert tuple(model.output.shape) == (None, 1000)
     probs = _forward(model, spec.input_size)

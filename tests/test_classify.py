@@ -73,6 +73,29 @@ def test_unknown_backbone_and_bad_top_are_usage_errors(keras_home):
         ClassifyConfig(paths=("a.jpg",), top=0)
 
 
+def test_classify_sees_what_extract_sees(keras_home):
+    """classify's probabilities are extract's model function over extract's decoded, padded batch."""
+    from imgfeat.core.hashing import content_id
+    from imgfeat.extract.batches import InputSpec, Item, make_batch
+    from imgfeat.extract.decode import DecodeConfig
+    from imgfeat.extract.forward import Forward
+    from imgfeat.tools.classify import build_classifier, classify_images, input_hw
+
+    paths = [photo_path("chelsea"), photo_path("coffee"), photo_path("china")]
+    results = classify_images(ClassifyConfig(tuple(map(str, paths)), top=1000, batch_size=2))
+    spec, model = build_classifier("efficientnet_lite0", "imagenet")
+    inputs = InputSpec(DecodeConfig(size=input_hw(spec), interpolation="bilinear", exif="rotate"), batch_size=2)
+    forward = Forward(model, spec.family, inputs.batch_shape)
+    items = [Item(content_id(Path(p).read_bytes()), str(p)) for p in paths]
+    probs = np.concatenate([forward(make_batch(items[i:i + 2], inputs, "r").raw) for i in (0, 2)])[:3]
+    assert probs.max(axis=1).min() > 0.2, "pretrained weights must give confident classes (random: ~0.001)"
+    wnids = imagenet_classes().wnids
+    for result, p in zip(results, probs):
+        assert result.labels[0] == imagenet_classes().names[int(np.argmax(p))]
+        got = dict(zip(result.wnids, result.scores))
+        assert [got[w] for w in wnids] == [round(float(v), 6) for v in p]
+
+
 @pytest.mark.quick
 def test_decoding_and_the_line_a_person_reads():
     classes = imagenet_classes()

@@ -197,9 +197,9 @@ def test_every_writer_records_its_shards_feature_and_error_shards_alike(copy, tm
 
 def nan_weights(path: Path) -> Path:
     """mobilenet_v2's weights (32 px, random init) with its last convolution's kernel all NaN."""
-    from imgfeat.backbones import get_backbone
+    from imgfeat.backbones import build_model, get_backbone
 
-    model = get_backbone(BACKBONE).build("none", SIZE, "avg")
+    model = build_model(get_backbone(BACKBONE), "none", SIZE, "avg")
     layer = model.get_layer("Conv_1")  # the last convolution, before its BatchNorm and the pooling
     layer.set_weights([np.full_like(w, np.nan) for w in layer.get_weights()])
     model.save_weights(str(path))

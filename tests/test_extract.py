@@ -13,7 +13,7 @@ import pytest
 
 from imgfeat.cli.main import main
 from imgfeat.core import schemas as S
-from imgfeat.backbones import BackboneSpec, get_backbone
+from imgfeat.backbones import BackboneSpec, build_model, get_backbone
 from imgfeat.core.errors import LockBusyError
 from imgfeat.extract.extract import ExtractConfig, extract_files, featureset_name, plan_extract, run_extract
 from imgfeat.extract.featureset import sidecar_of, featureset_info, load_features, read_errors
@@ -64,7 +64,7 @@ def first(mod_ws):
 
 
 def test_plan_is_the_todo_list_without_model_work(mod_ws, monkeypatch):
-    monkeypatch.setattr(BackboneSpec, "build", _no_build)
+    monkeypatch.setattr(BackboneSpec, "construct", _no_build)
     plan = plan_extract(mod_ws, cfg(npy=True, seed=5))
     assert plan["featureset"] == featureset_name(cfg(seed=5))
     assert (plan["todo"], plan["done"], plan["duplicates"], plan["scan_errors"]) == (N_GOOD + 1, 0, 1, 2)
@@ -121,7 +121,7 @@ def _no_build(*args, **kwargs):
 
 def test_rerun_does_no_model_work(mod_ws, first, monkeypatch, capsys):
     c, summary = first
-    monkeypatch.setattr(BackboneSpec, "build", _no_build)
+    monkeypatch.setattr(BackboneSpec, "construct", _no_build)
     before = sorted(p.name for p in mod_ws.featureset_dir(summary["featureset"]).rglob("*"))
     code = main(["extract", "--workspace", str(mod_ws.root), "--dataset", "d", "--backbone", BACKBONE,
                  "--weights", "none", "--input-size", str(SIZE), "--dtype", "float16", "--npy", "--json"])
@@ -163,7 +163,7 @@ def test_float32_storage_equals_the_model_on_the_same_input(mod_ws):
     manifest = {r[S.IMAGE_ID]: r[S.PATH] for r in read_manifest(mod_ws, "d").to_pylist()}
     root = Path(mod_ws.root).parent / "imgs"
     spec = get_backbone(BACKBONE)
-    model = spec.build("none", SIZE, "avg", None, 0)
+    model = build_model(spec, "none", SIZE, "avg", None, 0)
     import keras  # the reference path of DESIGN "Fidelity": load_img -> img_to_array -> preprocess -> predict
 
     batch = np.stack([

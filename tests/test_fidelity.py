@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgfeat.backbones import get_backbone
+from imgfeat.backbones import build_model, get_backbone
 from imgfeat.extract.decode import INTERPOLATIONS, DecodeConfig, decode_image
 from imgfeat.tools.samples import load_photo, photo_path
 
@@ -89,7 +89,7 @@ def test_pipeline_features_match_the_keras_tutorial_path(images, name, construct
 
     module = getattr(keras.applications, module)
     spec = get_backbone(name)
-    model = spec.build(weights="none", input_size=size, pooling="avg", seed=0)
+    model = build_model(spec, weights="none", input_size=size, pooling="avg", seed=0)
     tutorial = tutorial_inputs(images, size, module)
     ours = pipeline_inputs(images, size, spec)
     np.testing.assert_array_equal(ours, tutorial)  # the model sees bit-identical inputs
@@ -104,11 +104,11 @@ def test_pipeline_features_match_the_keras_tutorial_path(images, name, construct
 
 @pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet_b0"])
 def test_seeded_build_is_the_keras_constructor_with_that_seed(name):
-    """spec.build(weights='none', seed=s) is keras.applications.X(weights=None) after set_random_seed(s)."""
+    """build_model(spec, weights='none', seed=s) is keras.applications.X(weights=None) after set_random_seed(s)."""
     import keras
 
     spec = get_backbone(name)
-    ours = spec.build(weights="none", input_size=64, seed=3)
+    ours = build_model(spec, weights="none", input_size=64, seed=3)
     keras.utils.set_random_seed(3)
     theirs = spec.constructor_fn()(include_top=False, weights=None, input_shape=(64, 64, 3), pooling="avg")
     for a, b in zip(ours.get_weights(), theirs.get_weights(), strict=True):
@@ -129,7 +129,7 @@ def test_every_interpolation_decodes_exactly_like_load_img(images, interpolation
 @pytest.fixture(scope="module")
 def small_model():
     spec = get_backbone("mobilenet_v2")
-    return spec, spec.build(weights="none", input_size=96, seed=0)
+    return spec, build_model(spec, weights="none", input_size=96, seed=0)
 
 
 @pytest.mark.parametrize("interpolation", ["nearest", "bicubic"])

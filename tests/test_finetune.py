@@ -97,12 +97,12 @@ def test_model_loads_in_safe_mode_and_scores_as_reported(tuned):
 
 
 def test_batchnorm_and_lower_layers_keep_the_base_weights(tuned):
-    from imgfeat.backbones import get_backbone
+    from imgfeat.backbones import build_model, get_backbone
 
     _, s = tuned
     spec = get_backbone(BACKBONE)
-    base = spec.build(weights="none", input_size=SIZE)
-    tuned_model = spec.build(weights=s.weights, input_size=SIZE)
+    base = build_model(spec, weights="none", input_size=SIZE)
+    tuned_model = build_model(spec, weights=s.weights, input_size=SIZE)
     start = [lyr.name for lyr in base.layers].index("block6d_expand_conv")
     changed = []
     for i, (a, b) in enumerate(zip(base.layers, tuned_model.layers)):

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from imgfeat.backbones import get_backbone
+from imgfeat.backbones import build_model, get_backbone
 from imgfeat.core.errors import ConfigError
 from imgfeat.finetune.blocks import FAMILY_BLOCKS, family_pattern, list_blocks
 
@@ -54,7 +54,7 @@ def test_unfreeze_blocks_trains_exactly_the_top(name, n, first, n_blocks):
     from imgfeat.finetune.blocks import apply_unfreeze, backbone_blocks, unfreeze_start
 
     spec = get_backbone(name)
-    model = spec.build(weights="none", input_size=32)
+    model = build_model(spec, weights="none", input_size=32)
     blocks = backbone_blocks(model, spec)
     if n_blocks is not None:
         assert len(blocks) == n_blocks
@@ -79,7 +79,7 @@ def test_unfreeze_from_a_layer_and_a_wrong_layer_name():
     from imgfeat.finetune.blocks import apply_unfreeze, unfreeze_start
 
     spec = get_backbone("efficientnet_lite0")
-    model = spec.build(weights="none", input_size=32)
+    model = build_model(spec, weights="none", input_size=32)
     start = unfreeze_start(model, spec, None, "top_conv")
     assert apply_unfreeze(model, start) == ["top_conv"]  # top_bn stays frozen
     with pytest.raises(ConfigError, match="did you mean 'top_conv'"):
@@ -132,3 +132,21 @@ def test_a_logreg_head_folds_into_one_dense_softmax(n_classes):
     p /= p.sum(1, keepdims=True)
     assert kernel.shape == (5, n_classes)
     np.testing.assert_allclose(p, pipe.predict_proba(X), atol=1e-5)
+
+
+@pytest.mark.quick
+def test_a_warm_start_names_what_differs_from_the_heads_featureset():
+    """Weights, size, pooling, tap and decode must match; storage dtype and precision need not."""
+    import dataclasses
+
+    from imgfeat.extract.recipe import Recipe, WeightsId
+    from imgfeat.finetune.warm import WarmRecipe
+
+    trained = Recipe("mobilenet_v2", WeightsId("ab" * 32), 224, "avg", "block_1_expand", "bilinear", False,
+                     "rotate", "float32", "float16")
+    tuned = WarmRecipe("mobilenet_v2", WeightsId(None, 0, "tensorflow").identity(), 224, "bilinear", "rotate")
+    assert tuned.differences(WarmRecipe.of(trained)) == {
+        "weights": ("sha256:" + "ab" * 32, "none:seed=0:backend=tensorflow"), "layer": ("block_1_expand", None)}
+    same = dataclasses.replace(trained, weights=WeightsId(None, 0, "tensorflow"), layer=None, precision="bfloat16",
+                               dtype="float32")
+    assert tuned.differences(WarmRecipe.of(same)) == {}

@@ -12,7 +12,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from imgfeat.backbones import list_backbones
+from imgfeat.backbones import build_model, list_backbones
 from imgfeat.backbones.preprocess import MODES, mode_of, ops_preprocess
 from imgfeat.extract.batches import Batch
 from imgfeat.extract.forward import in_flight
@@ -124,7 +124,7 @@ def test_uint8_forward_equals_the_float32_tutorial_call_on_tensorflow():
     raw = np.random.default_rng(3).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
     for name in ("efficientnet_lite0", "vgg16"):
         spec = get_backbone(name)
-        model = spec.build("none", 64, "avg", seed=1)
+        model = build_model(spec, "none", 64, "avg", seed=1)
         want = np.asarray(model.predict_on_batch(spec.preprocess_input(raw.astype(np.float32))))
         got = Forward(model, spec.family, raw.shape)(raw)
         assert np.abs(want).max() > 1e-3 and np.std(want, axis=0).max() > 1e-4, "features must carry signal"
@@ -135,14 +135,14 @@ def test_uint8_forward_equals_the_float32_tutorial_call_on_tensorflow():
 
 JAX_SCRIPT = textwrap.dedent("""
     import json, numpy as np, jax
-    from imgfeat.backbones import get_backbone
+    from imgfeat.backbones import build_model, get_backbone
     from imgfeat.extract.batches import Batch
     from imgfeat.extract.forward import Forward, in_flight
     raw = np.random.default_rng(3).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
     out = {}
     for name in ("efficientnet_lite0",):  # random Lite0 carries signal; every mode's ops are checked above
         spec = get_backbone(name)
-        m = spec.build("none", 32, "avg", seed=1)
+        m = build_model(spec, "none", 32, "avg", seed=1)
         tv, ntv = [v.value for v in m.trainable_variables], [v.value for v in m.non_trainable_variables]
         call = jax.jit(lambda tv, ntv, x: m.stateless_call(tv, ntv, x, training=False)[0])
         want = np.asarray(call(tv, ntv, spec.preprocess_input(raw.astype(np.float32))))

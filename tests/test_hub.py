@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from imgfeat import api
+from imgfeat.backbones import build_model
 from imgfeat.core.errors import ConfigError
 from imgfeat.core.hashing import content_id
 from imgfeat.core.workspace import Workspace
@@ -290,7 +291,7 @@ def test_without_keras_hub_a_hub_backbone_names_the_extra(presets, monkeypatch):
     with pytest.raises(ConfigError, match=r"pip install 'imgfeat\[hub\]'"):
         get_backbone("dinov2_small")
     with pytest.raises(ConfigError, match=r"pip install 'imgfeat\[hub\]'"):
-        get_backbone(str(presets["clip"])).build()
+        build_model(get_backbone(str(presets["clip"])))
 
 
 def test_bench_times_a_hub_backbone(presets, tmp_path, capsys):

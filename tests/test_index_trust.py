@@ -306,3 +306,33 @@ def test_a_writer_never_writes_through_a_linked_index_folder(ws, tmp_path, which
     with pytest.raises(ImgfeatError, match=f"{link} is a symbolic link"):
         build_index(ws, IndexConfig("fs", name="ix"), "r1")
     assert not any(outside.iterdir())
+
+
+# --- one reader: the index's vectors are the featureset's rows ---
+
+
+def test_the_index_reads_the_rows_the_featureset_reader_trusts(ws):
+    """read_vectors and load_features take the same rows: a duplicate id's first row (in shard
+    order), and nothing of a shard rewritten since its commit."""
+    from imgfeat.core.storage import list_shards
+    from imgfeat.extract.featureset import load_features
+    from imgfeat.index.vectors import normalise, read_vectors
+
+    rng = np.random.default_rng(9)
+    X = rng.standard_normal((3, 10, 16)).astype(np.float32)
+    first = [fake_image_id("first", k) for k in range(10)]
+    later = first[:5] + [fake_image_id("later", k) for k in range(5)]  # 5 duplicates, then 5 new
+    lost = [fake_image_id("lost", k) for k in range(10)]
+    for run, ids, x in (("a1", first, X[0]), ("b2", later, X[1]), ("c3", lost, X[2])):
+        write_featureset(ws, "fs", ids, x, dtype="float32", run_id=run)
+    edited = list_shards(ws.featureset_dir("fs"))[-1]  # c3's
+    pq.write_table(pq.read_table(edited).slice(1), edited)
+    expected = {**dict(zip(later, X[1])), **dict(zip(first, X[0]))}  # a1's row of a duplicate wins
+    for wanted in (None, first[::3] + later[-2:] + lost[:2]):
+        want_ids, want_X = load_features(ws, "fs", wanted)
+        got_ids, got_X = read_vectors(ws, "fs", wanted)
+        keys = list(expected) if wanted is None else [i for i in wanted if i in expected]
+        assert sorted(got_ids) == sorted(want_ids.tolist()) == sorted(keys)
+        np.testing.assert_allclose(got_X, normalise(np.stack([expected[i] for i in got_ids])), rtol=1e-6)
+        np.testing.assert_allclose(normalise(want_X), normalise(np.stack([expected[i] for i in want_ids])),
+                                   rtol=1e-6)

@@ -6,6 +6,7 @@ import contextlib
 import importlib
 import logging
 import re
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Callable
@@ -69,24 +70,17 @@ class BackboneSpec:
             )
         return input_size
 
-    def build(
-        self,
-        weights: str | None = "imagenet",
-        input_size: int | None = None,
-        pooling: str = "avg",
-        layer: str | None = None,
-        seed: int = 0,
-        include_top: bool = False,
-        resolved_weights: "WeightsRef | None" = None,
-    ) -> "keras.Model":
-        """A Keras model mapping (batch, s, s, 3) preprocessed images to (batch, dim) features.
+    def build(self, *args: Any, **kwargs: Any) -> "keras.Model":
+        """Deprecated: ``build_model(spec, ...)``, the one model builder, takes the same arguments."""
+        warnings.warn("BackboneSpec.build is deprecated; use imgfeat.backbones.build_model(spec, ...)",
+                      DeprecationWarning, stacklevel=2)
+        return build_model(self, *args, **kwargs)
 
-        ``weights``: "imagenet", "none"/None (random, seeded by ``seed``) or a ``.weights.h5``
-        path saved from the same constructor. ``layer`` taps an inner layer and pools it.
-        ``include_top=True`` returns the ImageNet classifier (batch, 1000) instead.
-        ``resolved_weights``: ``weights`` already resolved (and hashed) by the caller.
-        """
-        return build_model(self, weights, input_size, pooling, layer, seed, include_top, resolved_weights)
+    def construct(self, weights: str | None, input_size: int | None, pooling: str, layer: str | None, seed: int,
+                  include_top: bool, resolved_weights: "WeightsRef | None") -> "keras.Model":
+        """This family's construction (a keras.applications constructor); build_model is its only caller."""
+        return _construct_application(self, weights, input_size, pooling, layer, seed, include_top,
+                                      resolved_weights)
 
     def preprocess_input(self, x: np.ndarray) -> np.ndarray:
         """float32 NHWC RGB 0..255 in, the family's preprocess_input applied, float32 out; x untouched."""
@@ -113,15 +107,48 @@ def resolve(dotted: str) -> Any:
 
 def build_model(
     spec: BackboneSpec,
+    weights: str | None = "imagenet",
+    input_size: int | None = None,
+    pooling: str = "avg",
+    layer: str | None = None,
+    seed: int = 0,
+    include_top: bool = False,
+    resolved_weights: "WeightsRef | None" = None,
+    dtype_policy: str | None = None,
+) -> "keras.Model":
+    """The one model builder: (batch, s, s, 3) images to (batch, dim) features, for every backbone kind.
+
+    ``weights``: "imagenet", "none"/None (random, seeded by ``seed``) or a ``.weights.h5``
+    path saved from the same constructor. ``layer`` taps an inner layer and pools it.
+    ``include_top=True`` returns the ImageNet classifier (batch, 1000) instead.
+    ``resolved_weights``: ``weights`` already resolved (and hashed) by the caller.
+    ``dtype_policy``: a Keras policy ("float32", "mixed_bfloat16", ...) to build under; the policy
+    in force is restored afterwards (None: build under it).
+    """
+    args = (weights, input_size, pooling, layer, seed, include_top, resolved_weights)
+    if dtype_policy is None:
+        return spec.construct(*args)
+    import keras
+
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(dtype_policy)
+    try:
+        return spec.construct(*args)
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def _construct_application(
+    spec: BackboneSpec,
     weights: str | None,
     input_size: int | None,
     pooling: str,
     layer: str | None,
     seed: int,
     include_top: bool,
-    resolved_weights: "WeightsRef | None" = None,
+    resolved_weights: "WeightsRef | None",
 ) -> "keras.Model":
-    """BackboneSpec.build: check every option first, then construct, load weights, cut and pool."""
+    """Check every option first, then construct, load weights, cut and pool."""
     import keras
 
     from imgfeat.backbones.weights import keras_offline, resolve_weights

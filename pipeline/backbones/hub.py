@@ -123,11 +123,11 @@ class HubSpec(BackboneSpec):
                               f"its patch size {patch} (default {self.input_size})")
         return input_size
 
-    def build(self, weights: str | None = "preset", input_size: int | None = None, pooling: str = "",
-              layer: str | None = None, seed: int = 0, include_top: bool = False,
-              resolved_weights: "WeightsRef | None" = None) -> "keras.Model":
+    def construct(self, weights: str | None, input_size: int | None, pooling: str, layer: str | None, seed: int,
+                  include_top: bool, resolved_weights: "WeightsRef | None") -> "keras.Model":
         """(batch, s, s, 3) float32 0..255 pixels -> (batch, dim) embeddings, the converter's
-        scale and offset inside. ``weights``: "preset" (its own) or "none" (seeded random init)."""
+        scale and offset inside; build_model is its only caller. ``weights``: the preset's own
+        ("imagenet" or "preset") or "none" (seeded random init); ``pooling`` is not used."""
         if layer is not None or include_top:
             raise ConfigError(f"{self.name} is a keras-hub backbone: no --layer taps or ImageNet classifier")
         kind = resolved_weights.kind if resolved_weights is not None else hub_weights_kind(weights)

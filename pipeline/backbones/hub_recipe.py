@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from imgfeat.backbones.hub import HubSpec, hub_weights_kind
 from imgfeat.backbones.weights import WeightsRef
 from imgfeat.core.errors import ConfigError
 from imgfeat.extract.recipe import Recipe, Resolved, WeightsId, WeightsSource
 
+if TYPE_CHECKING:
+    from imgfeat.extract.extract import ExtractConfig
 
-def resolve_hub_recipe(cfg: Any, spec: HubSpec) -> Resolved:
+
+def resolve_hub_recipe(cfg: "ExtractConfig", spec: HubSpec) -> Resolved:
     """ExtractConfig + HubSpec -> Resolved. The preset's content digest is the weights identity, so
     a directory re-saved with other weights (or another converter) is another featureset; the
     input transform is the converter's (``--interpolation`` does not apply)."""
@@ -27,7 +30,7 @@ def resolve_hub_recipe(cfg: Any, spec: HubSpec) -> Resolved:
     crop, interp, antialias = (conv.crop, conv.interpolation, conv.antialias) if conv else ("none", "bilinear", True)
     from imgfeat.extract.batches import decoder_of
 
-    decoder = decoder_of(getattr(cfg, "decode", "auto"))
+    decoder = decoder_of(cfg.decode)
     if decoder != "pillow":
         raise ConfigError(f"keras-hub backbones decode with Pillow (the converter's crop rule); "
                           f"--decode {cfg.decode} is for keras.applications backbones")

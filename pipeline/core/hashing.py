@@ -1,4 +1,8 @@
-"""Hashing in one place: file and byte digests (sha256, md5), the BLAKE2b-128 content id, canonical JSON."""
+"""Hashing in one place: file and byte digests (sha256, md5), the BLAKE2b-128 content id, canonical JSON.
+
+The only module that imports ``hashlib`` (tests/test_recipe.py checks it): every id, name suffix and
+integrity digest of imgfeat is one of the named helpers below, so changing how one is computed is one edit.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from typing import Any
 
 CHUNK_BYTES = 1 << 20
 CONTENT_ID_BYTES = 16  # image_id = BLAKE2b-128 of the file's bytes, as hex
+CONTENT_ID_ALGORITHM = "blake2b-128"  # the name digest_chunks knows the content id's hash by
 COMPACT = (",", ":")
 # json.dumps' own separators: the featureset fingerprint was first computed with them, and
 # existing featureset names (workspaces on disk) must keep hashing to the same value.
@@ -28,6 +33,19 @@ def content_id(data: bytes) -> str:
     return h.hexdigest()
 
 
+def digest_chunks(chunks: Iterable[bytes], algorithm: str = "sha256") -> str:
+    """Hex digest of byte chunks fed in order: "sha256", "md5" or CONTENT_ID_ALGORITHM (BLAKE2b-128)."""
+    h = content_hasher() if algorithm == CONTENT_ID_ALGORITHM else hashlib.new(algorithm, usedforsecurity=False)
+    for chunk in chunks:
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_lines(lines: Iterable[str]) -> str:
+    """sha256 of text lines, each UTF-8 with a newline after it: the identity of a list of rows, streamed."""
+    return digest_chunks(f"{line}\n".encode() for line in lines)
+
+
 def file_digests(path: str | Path, algorithms: Iterable[str] = ("sha256",)) -> dict[str, str]:
     """Hex digests of one file, read once in chunks, e.g. ``{"md5": ..., "sha256": ...}``."""
     hashers = {name: hashlib.new(name, usedforsecurity=False) for name in algorithms}
@@ -39,6 +57,7 @@ def file_digests(path: str | Path, algorithms: Iterable[str] = ("sha256",)) -> d
 
 
 def file_sha256(path: str | Path) -> str:
+    """sha256 hex of a file's bytes, read in chunks."""
     return file_digests(path)["sha256"]
 
 
@@ -53,4 +72,10 @@ def sha256_bytes(data: bytes | memoryview) -> str:
 
 
 def sha256_text(text: str) -> str:
+    """sha256 hex of a string's UTF-8 bytes."""
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def canonical_digest(obj: Any, length: int | None = None, separators: tuple[str, str] = COMPACT) -> str:
+    """sha256 hex of ``canonical_json(obj)``; ``length`` cuts it to a short digest for a name (head ids)."""
+    return sha256_text(canonical_json(obj, separators))[:length]

@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from imgfeat.core import names
+from imgfeat.backbones import build_model
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError, ErrorRateExceeded, unknown_value
 from imgfeat.core.options import opt
@@ -35,7 +36,6 @@ from imgfeat.extract.executors import (
     Executor,
     ExecutorConfig,
     ExtractJob,
-    build_model,
     make_executor,
 )
 from imgfeat.extract.executors.local import ShardSeam
@@ -56,7 +56,7 @@ NOT_FOUND = "not_found"  # a file given to extract_files that does not exist (it
 
 __all__ = ["ExtractConfig", "ExtractSummary", "FileResult", "run_extract", "extract_files", "plan_extract",
            "featureset_name", "check_error_rate", "check_extract_error_rate", "check_recipe_name",
-           "record_recipe_name", "open_featureset", "walk_manifest", "build_model", "PRECISIONS"]
+           "record_recipe_name", "open_featureset", "walk_manifest", "PRECISIONS"]
 
 STAGE_SCAN = "scan"
 MANIFEST_BATCH_ROWS = 8192  # the manifest is streamed in record batches of this many rows
@@ -450,8 +450,8 @@ def check_new_featureset(ws: Workspace, resolved: Resolved) -> int | None:
         return resolved.spec_dim()
     if resolved.source.kind != "file":
         return int(_layer_model(resolved).outputs[0].shape[-1])
-    model = resolved.spec.build(resolved.source.build_arg(), r.input_size, r.pooling, r.layer,
-                                resolved_weights=resolved.ref)
+    model = build_model(resolved.spec, resolved.source.build_arg(), r.input_size, r.pooling, r.layer,
+                        resolved_weights=resolved.ref)
     return int(model.outputs[0].shape[-1])
 
 
@@ -482,7 +482,7 @@ def ensure_provenance(ws: Workspace, resolved: Resolved, dim: int | None = None)
 
 def _layer_model(resolved: Resolved):
     r = resolved.recipe
-    return resolved.spec.build("none", r.input_size, r.pooling, r.layer)
+    return build_model(resolved.spec, "none", r.input_size, r.pooling, r.layer)
 
 
 # ------------------------------------------------------------------------------- the driver

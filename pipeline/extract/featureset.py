@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -122,13 +123,100 @@ def warn_non_finite(featureset: str, n: int) -> None:
                     "extract refused them; the next extract into it tries those images again)", n, featureset)
 
 
-def shard_ids(shard: Path, record: ShardRecord | None) -> pa.Array:
-    """The image ids of a trusted shard's finite rows: only the id column unless its record says it
-    holds non-finite rows (or it has no record yet)."""
+def shard_rows(shard: Path, record: ShardRecord | None) -> tuple[pa.Array, np.ndarray]:
+    """A trusted shard's image ids and which of its rows are finite: only the id column unless its
+    record says it holds non-finite rows (or it has no record yet)."""
     if record is not None and record.nonfinite == 0:
-        return read_shards([shard], [S.IMAGE_ID]).column(0).combine_chunks()
+        ids = read_shards([shard], [S.IMAGE_ID]).column(0).combine_chunks()
+        return ids, np.ones(len(ids), dtype=bool)
     t = read_shards([shard], [S.IMAGE_ID, S.FEATURE])
-    return t.column(0).combine_chunks().filter(pa.array(finite_rows(t.column(S.FEATURE))))
+    return t.column(0).combine_chunks(), finite_rows(t.column(S.FEATURE))
+
+
+def shard_ids(shard: Path, record: ShardRecord | None) -> pa.Array:
+    """The image ids of a trusted shard's finite rows (``shard_rows``)."""
+    ids, finite = shard_rows(shard, record)
+    return ids if finite.all() else ids.filter(pa.array(finite))
+
+
+READ_BATCH_ROWS = 8192  # feature rows decoded at a time when picked rows are copied out
+
+
+@dataclass(frozen=True)
+class RowPicks:
+    """The rows a reader takes: each wanted id once, its first finite row in trusted-shard order."""
+
+    ids: list[str]
+    shards: list[tuple[Path, list[int]]]  # per trusted shard: the row positions taken, ascending
+
+
+def pick_rows(ws: Workspace, featureset: str, wanted: Iterable[str] | None = None) -> RowPicks:
+    """Which rows of which trusted shards hold the wanted ids (all when None), from the id columns
+    alone (``shard_rows``); rows holding NaN or inf are left out, with the one warning."""
+    wanted_set = None if wanted is None else set(wanted)
+    ids: list[str] = []
+    seen: set[str] = set()
+    shards: list[tuple[Path, list[int]]] = []
+    dropped = 0
+    for path, record in trusted_shards(ws, featureset):
+        row_ids, finite = shard_rows(path, record)
+        dropped += len(row_ids) - int(finite.sum())
+        keep = []
+        for r, i in enumerate(row_ids.to_pylist()):
+            if finite[r] and i not in seen and (wanted_set is None or i in wanted_set):
+                seen.add(i)
+                ids.append(i)
+                keep.append(r)
+        shards.append((path, keep))
+    warn_non_finite(featureset, dropped)
+    return RowPicks(ids, shards)
+
+
+def read_picked(ws: Workspace, featureset: str, picks: RowPicks,
+                dtype: np.dtype | type = np.float32) -> tuple[list[str], np.ndarray]:
+    """``(ids, X)`` of picked rows, features streamed into one preallocated array: a shard with no
+    picked row is never decoded, and the rows of a shard whose data changed since its commit
+    (``open_shard``) are left out."""
+    X = np.zeros((len(picks.ids), featureset_dim(ws, featureset)), dtype=dtype)
+    good = np.ones(len(picks.ids), dtype=bool)
+    start = 0
+    for path, keep in picks.shards:
+        if keep:
+            if not _copy_rows(featureset, path, keep, X[start : start + len(keep)]):
+                good[start : start + len(keep)] = False
+            start += len(keep)
+    if good.all():
+        return picks.ids, X
+    return [i for i, g in zip(picks.ids, good) if g], X[good]
+
+
+def _copy_rows(featureset: str, path: Path, keep: list[int], out: np.ndarray) -> bool:
+    """Copy rows ``keep`` (ascending positions) of one shard's features into ``out``; False when the
+    shard's data no longer matches its commit record (nothing copied)."""
+    positions = np.asarray(keep, dtype=np.int64)
+    done, offset = 0, 0
+    pf = open_shard(featureset, path)
+    if pf is None:
+        return False
+    for batch in pf.iter_batches(batch_size=READ_BATCH_ROWS, columns=[S.FEATURE]):
+        lo, hi = np.searchsorted(positions, [offset, offset + batch.num_rows])
+        if hi > lo:
+            col = batch.column(0).take(pa.array(positions[lo:hi] - offset, pa.int64()))
+            out[done : done + hi - lo] = feature_matrix(pa.chunked_array([col]), out.dtype)
+            done += hi - lo
+        offset += batch.num_rows
+    return True
+
+
+def featureset_dim(ws: Workspace, featureset: str) -> int:
+    """The vector length a featureset stores (from its provenance, else its first trusted shard)."""
+    dim = featureset_info(ws, featureset).get("dim")
+    if dim:
+        return int(dim)
+    shards = feature_shards(ws, featureset)
+    if not shards:
+        return 0
+    return int(pq.ParquetFile(shards[0]).schema_arrow.field(S.FEATURE).type.list_size)
 
 
 def read_feature_table(ws: Workspace, featureset: str) -> pa.Table | None:

@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from imgfeat.core.errors import ConfigError
-from imgfeat.core.hashing import DEFAULT_SEPARATORS, canonical_json, sha256_text
+from imgfeat.core.hashing import DEFAULT_SEPARATORS, canonical_digest
 from imgfeat.core.results import JsonObject
 from imgfeat.extract.decode import DecodeConfig
 
 if TYPE_CHECKING:
     from imgfeat.backbones import BackboneSpec
     from imgfeat.backbones.weights import WeightsRef
+    from imgfeat.extract.extract import ExtractConfig
 
 DEFAULT_DECODER = "pillow"
 DEFAULT_CROP = "none"
@@ -95,7 +96,7 @@ class Recipe:
         return out
 
     def fingerprint(self) -> str:
-        return sha256_text(canonical_json(self.canonical(), DEFAULT_SEPARATORS))
+        return canonical_digest(self.canonical(), separators=DEFAULT_SEPARATORS)
 
     def name(self) -> str:
         """``<backbone>-<size>-<pooling or layer>-<dtype>-<fingerprint8>``."""
@@ -124,7 +125,7 @@ class WeightsSource:
     seed: int
 
     def build_arg(self) -> str:
-        """The ``weights`` argument of BackboneSpec.build."""
+        """The ``weights`` argument of build_model."""
         return self.path if self.kind == "file" and self.path else self.kind
 
 
@@ -195,7 +196,7 @@ class Provenance:
         return json.dumps(self.to_json(), sort_keys=True)
 
 
-def resolve_recipe(cfg: Any) -> Resolved:
+def resolve_recipe(cfg: "ExtractConfig") -> Resolved:
     """ExtractConfig -> Resolved: the backbone and the weights are looked up and hashed once, here."""
     from imgfeat.backbones import get_backbone
     from imgfeat.backbones.weights import resolve_weights
@@ -210,7 +211,7 @@ def resolve_recipe(cfg: Any) -> Resolved:
     ref = resolve_weights(spec, cfg.weights, size)
     weights = WeightsId.of(ref, cfg.seed)
     recipe = Recipe(spec.name, weights, size, cfg.pooling, cfg.layer, cfg.interpolation,
-                    bool(cfg.fast_decode), cfg.exif, cfg.precision, cfg.dtype, decoder_of(getattr(cfg, "decode", "auto")))
+                    bool(cfg.fast_decode), cfg.exif, cfg.precision, cfg.dtype, decoder_of(cfg.decode))
     source = WeightsSource(ref.kind, str(ref.path) if ref.kind == "file" else None, cfg.seed)
     return Resolved(recipe, source, spec, ref)
 

@@ -13,7 +13,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from imgfeat.backbones import BackboneSpec
+from imgfeat.backbones import BackboneSpec, build_model
 from imgfeat.core.hashing import canonical_json, file_sha256
 from imgfeat.core.results import JsonObject
 from imgfeat.core.storage import remove_tree, write_bytes_atomic, write_json_atomic
@@ -22,7 +22,7 @@ from imgfeat.finetune import train as T
 from imgfeat.finetune.blocks import apply_unfreeze, unfreeze_start
 from imgfeat.finetune.data import FinetuneRows, ImageBatches, SkipLog
 from imgfeat.finetune.model import build_finetune_model
-from imgfeat.finetune.warm import head_init, warm_recipe
+from imgfeat.finetune.warm import WarmRecipe, head_init
 from imgfeat.heads.artifacts import library_versions
 from imgfeat.heads.data import describe
 from imgfeat.heads.plots import training_curves_png
@@ -41,7 +41,7 @@ class Session:
         for scratch in [*out.glob(".scratch-*"), *self.ckpt.glob(".scratch-*")]:
             remove_tree(scratch, ws.root)  # left by a run killed while saving
         _set_precision(cfg.precision)
-        self.backbone = spec.build(weights=cfg.weights, input_size=size, pooling="avg", seed=cfg.random_state)
+        self.backbone = build_model(spec, weights=cfg.weights, input_size=size, pooling="avg", seed=cfg.random_state)
         self.start = unfreeze_start(self.backbone, spec, cfg.unfreeze_blocks, cfg.unfreeze_from)
         self.model = build_finetune_model(spec, self.backbone, len(rows.classes), cfg.augment, cfg.dropout,
                                           cfg.random_state)
@@ -64,8 +64,8 @@ class Session:
         from imgfeat.extract.recipe import WeightsId
 
         ref = resolve_weights(self.spec, self.cfg.weights, size)
-        recipe = warm_recipe(self.spec.name, WeightsId.of(ref, self.cfg.random_state).identity(), size,
-                             self.cfg.interpolation, self.cfg.exif)
+        recipe = WarmRecipe(self.spec.name, WeightsId.of(ref, self.cfg.random_state).identity(), size,
+                            self.cfg.interpolation, self.cfg.exif)
         return head_init(ws, self.cfg.warm_start_head, recipe, self.rows.classes)
 
     # --- phases ---

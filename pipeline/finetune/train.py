@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -14,7 +13,7 @@ from typing import Any
 
 from imgfeat.backbones import get_backbone
 from imgfeat.backbones.weights import resolve_weights
-from imgfeat.core.hashing import sha256_bytes
+from imgfeat.core.hashing import canonical_digest, sha256_bytes, sha256_lines
 from imgfeat.core.errors import ConfigError, unknown_value
 from imgfeat.core.names import HEADS, check_ref
 from imgfeat.core.options import opt
@@ -24,7 +23,6 @@ from imgfeat.core.storage import WAIT_HINT, FileLock, write_bytes_atomic
 from imgfeat.core.workspace import Workspace, check_name
 from imgfeat.extract.decode import DecodeConfig
 from imgfeat.finetune.blocks import family_pattern
-from imgfeat.heads.data import canonical_json
 from imgfeat.heads.versions import resolve_head
 
 log = logging.getLogger(__name__)
@@ -147,17 +145,15 @@ def finetune_dir(ws: Workspace, finetune_id: str) -> Path:
 
 
 def make_finetune_id(cfg: FinetuneConfig, base_identity: str, data_hash: str) -> str:
-    key = canonical_json({"params": cfg.params(), "base": base_identity, "data": data_hash})
-    return f"{cfg.name or cfg.dataset}-{cfg.backbone}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+    key = {"params": cfg.params(), "base": base_identity, "data": data_hash}
+    return f"{cfg.name or cfg.dataset}-{cfg.backbone}-{canonical_digest(key, 8)}"
 
 
 def data_hash(rows) -> str:
     """sha256 of every (role, id, label) of train, val and test: the data's identity."""
-    h = hashlib.sha256()
-    for role, split in (("train", rows.train), ("val", rows.val), ("test", rows.test)):
-        for i, y in zip(split.ids.tolist(), split.y.tolist()):
-            h.update(f"{role}\t{i}\t{rows.classes[y]}\n".encode())
-    return h.hexdigest()
+    return sha256_lines(f"{role}\t{i}\t{rows.classes[y]}"
+                        for role, split in (("train", rows.train), ("val", rows.val), ("test", rows.test))
+                        for i, y in zip(split.ids.tolist(), split.y.tolist()))
 
 
 def run_finetune(ws: Workspace, cfg: FinetuneConfig, run_id: str) -> FinetuneSummary:

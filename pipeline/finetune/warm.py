@@ -2,33 +2,48 @@
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from imgfeat.core.errors import ConfigError
-from imgfeat.core.results import JsonObject
 from imgfeat.core.workspace import Workspace
-
-# Provenance keys that must match between the head's featureset and the fine-tune's backbone.
-RECIPE_KEYS = ("backbone", "weights", "input_size", "pooling", "layer", "interpolation", "exif")
+from imgfeat.extract.recipe import Recipe
 
 
-def warm_recipe(backbone: str, weights_identity: str, input_size: int, interpolation: str,
-                exif: str) -> JsonObject:
-    """The featureset provenance a head must have been trained on to warm-start this fine-tune."""
-    return {"backbone": backbone, "weights": weights_identity, "input_size": input_size, "pooling": "avg",
-            "layer": None, "interpolation": interpolation, "exif": exif}
+@dataclass(frozen=True)
+class WarmRecipe:
+    """What of a featureset's recipe a head must share with a fine-tune to warm-start it: the
+    fine-tune's backbone gives avg-pooled, untapped features of images decoded the same way."""
+
+    backbone: str
+    weights: str  # the weights' identity (WeightsId.identity())
+    input_size: int
+    interpolation: str
+    exif: str
+    pooling: str = "avg"
+    layer: str | None = None
+
+    @classmethod
+    def of(cls, recipe: Recipe) -> "WarmRecipe":
+        return cls(recipe.backbone, recipe.weights.identity(), recipe.input_size, recipe.interpolation,
+                   recipe.exif, recipe.pooling, recipe.layer)
+
+    def differences(self, trained: "WarmRecipe") -> dict[str, tuple[Any, Any]]:
+        """field -> (the head's value, this fine-tune's) for every field that differs."""
+        return {f.name: (getattr(trained, f.name), getattr(self, f.name)) for f in dataclasses.fields(self)
+                if getattr(trained, f.name) != getattr(self, f.name)}
 
 
-def head_init(ws: Workspace, head_id: str, recipe: dict[str, Any], classes: list[str]) -> list[np.ndarray]:
+def head_init(ws: Workspace, head_id: str, recipe: WarmRecipe, classes: list[str]) -> list[np.ndarray]:
     """[kernel (dim, classes), bias] of a Dense softmax head equal to the logreg head ``head_id``."""
-    from imgfeat.extract.featureset import featureset_info
+    from imgfeat.extract.featureset import read_provenance
     from imgfeat.heads import load_head
 
     head = load_head(ws, head_id)
-    info = featureset_info(ws, head.featureset)
-    wrong = {k: (info.get(k), v) for k, v in recipe.items() if info.get(k) != v}
+    wrong = recipe.differences(WarmRecipe.of(read_provenance(ws, head.featureset).recipe))
     if wrong:
         detail = ", ".join(f"{k} {a!r} (fine-tune: {b!r})" for k, (a, b) in sorted(wrong.items()))
         raise ConfigError(f"head {head_id} was trained on featureset {head.featureset}, whose recipe differs: "

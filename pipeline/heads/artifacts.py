@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
-import hashlib
 import io
 from importlib import metadata
 import json
@@ -24,6 +23,7 @@ import pyarrow.parquet as pq
 from imgfeat import __version__
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError, ImgfeatError, unknown_value
+from imgfeat.core.hashing import sha256_bytes
 from imgfeat.core.results import JsonObject
 from imgfeat.core.storage import remove_stale_tmp, write_bytes_atomic, write_json_atomic, write_table_atomic
 from imgfeat.core.workspace import Workspace
@@ -158,7 +158,7 @@ def write_head(ws: Workspace, head_id: str, estimator: Any, meta: dict[str, Any]
         write_bytes_atomic(data, folder / name)
     write_json_atomic(metrics, folder / METRICS_FILE)
     full = {**meta, "model_file": MODEL_FILES[fmt], "model_format": fmt,
-            "model_sha256": hashlib.sha256(blob).hexdigest(), "versions": library_versions(),
+            "model_sha256": sha256_bytes(blob), "versions": library_versions(),
             "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     write_json_atomic(full, folder / HEAD_FILE)
     return folder
@@ -192,7 +192,7 @@ def _load_model(ws: Workspace, meta: dict[str, Any]) -> Any:
         blob = path.read_bytes()
     except OSError as exc:
         raise ImgfeatError(f"cannot read head model {path}: {exc.strerror}; retrain the head") from exc
-    got = hashlib.sha256(blob).hexdigest()
+    got = sha256_bytes(blob)
     if got != meta["model_sha256"]:
         raise ImgfeatError(
             f"refusing to load {path}: its sha256 is {got[:16]}..., but head.json recorded "

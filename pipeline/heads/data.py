@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -12,7 +11,7 @@ import pandas as pd
 import pyarrow as pa
 
 from imgfeat.core import schemas as S
-from imgfeat.core.hashing import canonical_json  # noqa: F401  (heads.train imports it from here)
+from imgfeat.core.hashing import sha256_lines
 from imgfeat.core.errors import ConfigError
 from imgfeat.core.logs import warn_once
 from imgfeat.core.results import JsonObject
@@ -46,12 +45,10 @@ class LabelledRows:
 
     def digest(self) -> str:
         """sha256 of every (role, id, label): the training data's identity for the head id."""
-        h = hashlib.sha256()
-        for role, ids, labels in (("train", self.train_ids, self.train_labels),
-                                  ("test", self.test_ids, self.test_labels)):
-            for i, lab in zip(ids.tolist(), labels.tolist()):
-                h.update(f"{role}\t{i}\t{lab}\n".encode())
-        return h.hexdigest()
+        return sha256_lines(f"{role}\t{i}\t{lab}"
+                            for role, ids, labels in (("train", self.train_ids, self.train_labels),
+                                                      ("test", self.test_ids, self.test_labels))
+                            for i, lab in zip(ids.tolist(), labels.tolist()))
 
 
 MANIFEST_COLUMNS = [S.IMAGE_ID, S.PATH, S.LABEL, S.SPLIT, S.STATUS]

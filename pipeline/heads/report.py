@@ -18,7 +18,7 @@ from PIL import Image, ImageOps
 
 from imgfeat import __version__
 from imgfeat.core import schemas as S
-from imgfeat.core.hashing import canonical_json, sha256_text
+from imgfeat.core.hashing import canonical_digest
 from imgfeat.core.errors import ConfigError, unknown_value
 from imgfeat.core.options import opt
 from imgfeat.extract.featureset import load_features
@@ -120,7 +120,7 @@ def report_inputs(ws: Workspace, cfg: ReportConfig, head: LoadedHead) -> str:
     key = {"head": head.meta.get("model_sha256"), "head_id": head.head_id, "options": options,
            "manifest": manifest_id, "predictions": [p.name for p in prediction_shards(ws.predictions_dir(head.head_id))],
            "imgfeat": __version__}
-    return sha256_text(canonical_json(key))[:16]
+    return canonical_digest(key, 16)
 
 
 _STAMP = "imgfeat-report"  # <meta name=...> near the top of the page: its inputs and what it shows

@@ -7,13 +7,13 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from imgfeat.core.hashing import sha256_text
+from imgfeat.core.hashing import canonical_digest
 from imgfeat.core.errors import ConfigError, unknown_value
 from imgfeat.core.options import opt
 from imgfeat.extract.featureset import featureset_info
 from imgfeat.heads import artifacts as A
 from imgfeat.core import names as N
-from imgfeat.heads.data import LEFT_OUT_JSON_MAX, LabelledRows, canonical_json, read_labelled
+from imgfeat.heads.data import LEFT_OUT_JSON_MAX, LabelledRows, read_labelled
 from imgfeat.heads.zeroshot import DEFAULT_PROMPT, ZERO_SHOT, check_prompt
 from imgfeat.heads.versions import default_head_name, resolve_featureset
 from imgfeat.core.ranges import C_GRID_MAX, RANGES, check_fields
@@ -139,7 +139,7 @@ def make_head_id(cfg: TrainConfig, rows: LabelledRows) -> str:
     key = {"featureset": cfg.featureset, "head": cfg.head, "params": cfg.params(), "rows": rows.digest()}
     if cfg.head != "mlp":
         key["c_chosen_by"] = C_CHOSEN_BY  # heads whose C accuracy chose are not reused
-    return f"{cfg.head_name}-{sha256_text(canonical_json(key))[:8]}"
+    return f"{cfg.head_name}-{canonical_digest(key, 8)}"
 
 
 def run_train(ws: Workspace, cfg: TrainConfig, run_id: str) -> "TrainSummary":

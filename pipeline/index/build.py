@@ -30,13 +30,13 @@ from imgfeat.core.storage import (
     write_table_atomic,
 )
 from imgfeat.core.workspace import Workspace, check_name
-from imgfeat.extract.featureset import committed_ids, featureset_info
+from imgfeat.extract.featureset import committed_ids, featureset_dim, featureset_info
 from imgfeat.index.files import (IDS_FILE, INDEX_PREFIX, INDEX_SUFFIX, PROVENANCE_FILE, IndexInfo, checked_index_file,
                                  ids_digest, index_lock, migrate_layout, provenance_path, read_faiss, read_ids,
                                  read_info, refuse_links)
 from imgfeat.index.kinds import (KINDS, IndexParams, add_in_chunks, check_kind, fill_batch_rows, import_faiss,
                                   make_index, resolve_params, sample_rows, sample_size, train, train_on_sample)
-from imgfeat.index.vectors import featureset_dim, first_paths, iter_vectors, manifest_rows, read_vectors, scanned_datasets
+from imgfeat.index.vectors import first_paths, iter_vectors, manifest_rows, read_vectors, scanned_datasets
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ fixed cosine of the features (the criterion before looks).
 
 from __future__ import annotations
 
-import hashlib
+import itertools
 import json
 import logging
 import math
@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError, ImgfeatError
+from imgfeat.core.hashing import CONTENT_ID_ALGORITHM, digest_chunks
 from imgfeat.core.options import opt
 from imgfeat.core.ranges import check_fields
 from imgfeat.core.results import JsonObject, JsonResult
@@ -532,14 +533,13 @@ def _write_pairs(folder, im: Images, cands: Graph) -> None:
 
 def inputs_digest(cfg: DedupConfig, im: Images) -> str:
     """What the results depend on: every row (id, path, split, label), the featureset and the criterion."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(repr((cfg.featureset, cfg.threshold, cfg.neighbours, cfg.exact_max, cfg.calibration_images,
-                   cfg.page_groups, LOOK_THRESHOLD, LOOK_VERSION, im.missing)).encode())
-    if cfg.memory_budget is not None:  # it may change the search (approximate): results from another
-        h.update(f"memory_budget={cfg.memory_budget}".encode())
-    for row in sorted(zip(im.row_ids, im.row_paths, [s or "" for s in im.row_splits], [x or "" for x in im.labels()])):
-        h.update("\x1f".join(row).encode() + b"\x1e")
-    return h.hexdigest()
+    head = repr((cfg.featureset, cfg.threshold, cfg.neighbours, cfg.exact_max, cfg.calibration_images,
+                 cfg.page_groups, LOOK_THRESHOLD, LOOK_VERSION, im.missing)).encode()
+    # a budget may change the search (approximate): results from another budget are not reused
+    budget = [] if cfg.memory_budget is None else [f"memory_budget={cfg.memory_budget}".encode()]
+    rows = sorted(zip(im.row_ids, im.row_paths, [s or "" for s in im.row_splits], [x or "" for x in im.labels()]))
+    return digest_chunks(itertools.chain([head], budget, ("\x1f".join(row).encode() + b"\x1e" for row in rows)),
+                         CONTENT_ID_ALGORITHM)
 
 
 def _previous(folder) -> JsonObject | None:

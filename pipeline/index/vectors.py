@@ -5,30 +5,16 @@ from __future__ import annotations
 import bisect
 import itertools
 from collections.abc import Iterable, Iterator, Sequence
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError
 from imgfeat.core.workspace import Workspace
-from imgfeat.core.commits import ShardRecord
-from imgfeat.extract.featureset import (
-    committed_ids,
-    feature_matrix,
-    feature_shards,
-    featureset_info,
-    finite_rows,
-    open_shard,
-    trusted_shards,
-    warn_non_finite,
-)
+from imgfeat.extract.featureset import READ_BATCH_ROWS, RowPicks, committed_ids, pick_rows, read_picked
 from imgfeat.scan.manifest import read_manifest
-
-READ_BATCH_ROWS = 8192
 
 
 def normalise(X: np.ndarray) -> np.ndarray:
@@ -42,114 +28,29 @@ def normalise(X: np.ndarray) -> np.ndarray:
     return X
 
 
-def featureset_dim(ws: Workspace, featureset: str) -> int:
-    """The vector length a featureset stores (from its provenance, else its first shard)."""
-    dim = featureset_info(ws, featureset).get("dim")
-    if dim:
-        return int(dim)
-    shards = feature_shards(ws, featureset)
-    if not shards:
-        return 0
-    return int(pq.ParquetFile(shards[0]).schema_arrow.field(S.FEATURE).type.list_size)
-
-
 def read_vectors(ws: Workspace, featureset: str, wanted: Iterable[str] | None = None) -> tuple[list[str], np.ndarray]:
     """``(ids, X)``: each wanted id once (all when None), in shard order, normalised float32.
 
-    Ids are read first (cheap); features are then streamed into one preallocated array, and a
-    shard holding nothing wanted is never decoded.
+    The featureset's reader decides the rows (``pick_rows``: ids first, cheap) and streams their
+    features into one preallocated array (``read_picked``: a shard holding nothing wanted is never
+    decoded).
     """
-    wanted_set = None if wanted is None else set(wanted)
-    shards = trusted_shards(ws, featureset)
-    ids: list[str] = []
-    seen: set[str] = set()
-    picks: list[list[int]] = []  # per shard: the row positions kept, in order
-    dropped = 0
-    for path, record in shards:
-        shard_ids, finite = _ids(path, record)
-        dropped += len(shard_ids) - int(finite.sum())
-        keep = []
-        for r, i in enumerate(shard_ids):
-            if finite[r] and i not in seen and (wanted_set is None or i in wanted_set):
-                seen.add(i)
-                ids.append(i)
-                keep.append(r)
-        picks.append(keep)
-    warn_non_finite(featureset, dropped)
-    X = np.zeros((len(ids), featureset_dim(ws, featureset)), dtype=np.float32)
-    good = np.ones(len(ids), dtype=bool)  # rows of a shard whose data changed since its commit: out
-    start = 0
-    for (path, _), keep in zip(shards, picks):
-        if keep:
-            if not _fill(featureset, path, keep, X[start : start + len(keep)]):
-                good[start : start + len(keep)] = False
-            start += len(keep)
-    if not good.all():
-        ids, X = [i for i, g in zip(ids, good) if g], X[good]
+    ids, X = read_picked(ws, featureset, pick_rows(ws, featureset, wanted))
     return ids, normalise(X)
 
 
 def iter_vectors(ws: Workspace, featureset: str, wanted: set[str] | None = None,
                  batch_rows: int = READ_BATCH_ROWS) -> Iterator[tuple[list[str], np.ndarray]]:
-    """``(ids, X)`` batches of at most ``batch_rows`` rows: each wanted id once (all when None), in
-    the shard order ``read_vectors`` gives, normalised float32; one shard's rows in memory at a time.
-
-    (Private to the index until the featureset's own streaming reader takes its place.)
-    """
-    seen: set[str] = set()
-    dropped, dim = 0, featureset_dim(ws, featureset)
-    for path, record in trusted_shards(ws, featureset):
-        shard_ids, finite = _ids(path, record)
-        dropped += len(shard_ids) - int(finite.sum())
-        keep = []
-        for r, i in enumerate(shard_ids):
-            if finite[r] and i not in seen and (wanted is None or i in wanted):
-                seen.add(i)
-                keep.append(r)
-        pf = open_shard(featureset, path) if keep else None
-        if pf is None:  # nothing wanted here, or its data changed since its commit (warned)
-            continue
+    """``(ids, X)`` batches of at most ``batch_rows`` rows: the rows ``read_vectors`` gives, in its
+    order, normalised float32; one batch of one shard in memory at a time."""
+    picks = pick_rows(ws, featureset, wanted)
+    start = 0
+    for path, keep in picks.shards:
         for lo in range(0, len(keep), batch_rows):
             part = keep[lo : lo + batch_rows]
-            X = np.zeros((len(part), dim), dtype=np.float32)
-            _copy_rows(pf, part, X)
-            yield [shard_ids[r] for r in part], normalise(X)
-    warn_non_finite(featureset, dropped)
-
-
-def _ids(path: Path, record: ShardRecord | None) -> tuple[list[str], np.ndarray]:
-    """A shard's ids and which rows are finite: the id column alone unless its record says it holds
-    NaN or inf rows (or it has no record: a legacy featureset)."""
-    if record is not None and record.nonfinite == 0:
-        with pq.ParquetFile(path) as pf:
-            ids = pf.read(columns=[S.IMAGE_ID]).column(0).to_pylist()
-        return ids, np.ones(len(ids), dtype=bool)
-    with pq.ParquetFile(path) as pf:
-        t = pf.read(columns=[S.IMAGE_ID, S.FEATURE])
-    return t.column(0).to_pylist(), finite_rows(t.column(S.FEATURE))
-
-
-def _fill(featureset: str, path: Path, keep: list[int], out: np.ndarray) -> bool:
-    """Copy rows ``keep`` (ascending positions) of one shard's features into ``out``; False when the
-    shard's data no longer matches its commit record (nothing copied)."""
-    pf = open_shard(featureset, path)
-    if pf is None:
-        return False
-    _copy_rows(pf, keep, out)
-    return True
-
-
-def _copy_rows(pf: pq.ParquetFile, keep: list[int], out: np.ndarray) -> None:
-    """Copy rows ``keep`` (ascending positions) of an opened shard's features into ``out``."""
-    positions = np.asarray(keep, dtype=np.int64)
-    done, offset = 0, 0
-    for batch in pf.iter_batches(batch_size=READ_BATCH_ROWS, columns=[S.FEATURE]):
-        lo, hi = np.searchsorted(positions, [offset, offset + batch.num_rows])
-        if hi > lo:
-            col = batch.column(0).take(pa.array(positions[lo:hi] - offset, pa.int64()))
-            out[done : done + hi - lo] = feature_matrix(pa.chunked_array([col]), np.float32)
-            done += hi - lo
-        offset += batch.num_rows
+            ids, X = read_picked(ws, featureset, RowPicks(picks.ids[start + lo : start + lo + len(part)], [(path, part)]))
+            yield ids, normalise(X)
+        start += len(keep)
 
 
 def manifest_rows(ws: Workspace, dataset: str) -> pa.Table:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import hashlib
 import logging
 import os
 import posixpath
@@ -22,6 +21,7 @@ from PIL import Image
 
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError
+from imgfeat.core.hashing import file_sha256
 from imgfeat.core.options import opt
 from imgfeat.scan.manifest import ROW_GROUP_ROWS, make_info, manifest_writer, rows_to_table
 from imgfeat.scan.probe import Probe, over_limit_message, probe_file
@@ -226,7 +226,7 @@ def scan_options(cfg: ScanConfig) -> JsonObject:
     if cfg.labels_csv is not None:
         opts["labels_csv"] = os.path.abspath(os.fspath(cfg.labels_csv))
         with contextlib.suppress(OSError):  # a missing CSV is reported when it is read
-            opts["labels_csv_sha256"] = hashlib.sha256(Path(cfg.labels_csv).read_bytes()).hexdigest()
+            opts["labels_csv_sha256"] = file_sha256(cfg.labels_csv)
     return opts
 
 

@@ -174,13 +174,14 @@ def _report(cfg: BenchConfig, n: int, runs: dict[str, list[dict[str, Any]]]) -> 
 
 
 def _build(spec: dict[str, Any]):
-    from imgfeat.extract.extract import ExtractConfig, build_model
+    from imgfeat.extract.executors import timed_build
+    from imgfeat.extract.extract import ExtractConfig
     from imgfeat.extract.recipe import resolve_recipe
 
     cfg = ExtractConfig(dataset=BENCH_DATASET, backbone=spec["backbone"], weights=spec["weights"],
                         input_size=spec["input_size"], precision=spec["precision"])
     resolved = resolve_recipe(cfg)
-    return resolved.spec, build_model(resolved, cfg.precision), resolved.recipe.input_size
+    return resolved.spec, timed_build(resolved, cfg.precision)[0], resolved.recipe.input_size
 
 
 def forward_main(spec: dict[str, Any]) -> None:

@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from imgfeat.core.results import JsonObject
+from imgfeat.extract.batches import pad_rows
 from imgfeat.extract.decode import DecodeConfig, DecodeError, decode_batch
+from imgfeat.extract.forward import Forward
 from imgfeat.core.errors import ConfigError
 from imgfeat.core.options import opt
 from imgfeat.tools.imagenet import NUM_CLASSES, decode_predictions
@@ -104,7 +106,7 @@ def _unavailable(name: str, why: str) -> ConfigError:
 
 def build_classifier(backbone: str, weights: str) -> tuple[Any, "keras.Model"]:
     """The backbone's spec and its model with the 1000-class softmax top."""
-    from imgfeat.backbones import get_backbone
+    from imgfeat.backbones import build_model, get_backbone
 
     spec = get_backbone(backbone)
     if not spec.imagenet_top:
@@ -112,7 +114,7 @@ def build_classifier(backbone: str, weights: str) -> tuple[Any, "keras.Model"]:
     if weights in (None, "none"):
         log.warning("classifying with random weights (--weights none): the labels mean nothing")
     try:
-        model = spec.build(weights, include_top=True)
+        model = build_model(spec, weights, include_top=True)
     except ConfigError as exc:
         if weights != "imagenet":
             raise
@@ -130,10 +132,14 @@ def input_hw(spec: Any) -> tuple[int, int]:
 # ------------------------------------------------------------------- reader, mapper, writer
 
 
-def predict_probs(model: "keras.Model", spec: Any, images: np.ndarray) -> np.ndarray:
-    """The pure mapper: uint8 NHWC RGB in, (n, 1000) ImageNet probabilities out."""
-    x = spec.preprocess_input(images.astype(np.float32))
-    return np.asarray(model.predict(x, batch_size=len(x), verbose=0), dtype=np.float64)
+def predict_probs(forward: Forward, images: np.ndarray) -> np.ndarray:
+    """The pure mapper: (n, H, W, 3) uint8 RGB in, (n, 1000) ImageNet probabilities out.
+
+    Through extract's model function (imgfeat.extract.forward): the batch is zero-padded to its one
+    shape and preprocessed inside the compiled call, so a classifier sees what extract's model sees.
+    """
+    n = len(images)
+    return forward(pad_rows(images, forward.batch_shape[0]))[:n].astype(np.float64)
 
 
 def _results(paths: list[str], probs: np.ndarray | None, errors: list[DecodeError | None], top: int):
@@ -153,14 +159,17 @@ def _results(paths: list[str], probs: np.ndarray | None, errors: list[DecodeErro
 def classify_images(cfg: ClassifyConfig) -> list[ImageResult]:
     """Decode each file, run the classifier in batches, and return one result per path, in order."""
     spec, model = build_classifier(cfg.backbone, cfg.weights)
-    dcfg = DecodeConfig(size=input_hw(spec), interpolation=cfg.interpolation, exif=cfg.exif)
+    h, w = input_hw(spec)
+    dcfg = DecodeConfig(size=(h, w), interpolation=cfg.interpolation, exif=cfg.exif)
     results: list[ImageResult] = []
     paths = [str(p) for p in cfg.paths]
-    for start in range(0, len(paths), cfg.batch_size):
-        chunk = paths[start : start + cfg.batch_size]
-        images, errors = decode_batch([Path(p) for p in chunk], dcfg)
+    rows = min(cfg.batch_size, len(paths))  # one image is one model row, not a padded batch
+    forward = Forward(model, spec.family, (rows, h, w, 3))
+    for start in range(0, len(paths), rows):
+        chunk = paths[start : start + rows]
+        images, errors = decode_batch([Path(p) for p in chunk], dcfg)  # zeros where a file failed
         good = np.array([e is None for e in errors])
-        probs = predict_probs(model, spec, images[good]) if good.any() else None
+        probs = predict_probs(forward, images)[good] if good.any() else None
         results.extend(_results(chunk, probs, errors, cfg.top))
     return results
 

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
+from imgfeat.backbones import build_model
 from imgfeat.core.errors import ConfigError, unknown_value
 from imgfeat.core.options import opt
 from imgfeat.core.results import JsonObject
@@ -138,24 +139,12 @@ def make_executor(cfg: ExecutorConfig, seam: Any = None) -> Executor:
     return LocalExecutor(cfg, seam) if seam is not None else LocalExecutor(cfg)
 
 
-def build_model(resolved: Resolved, precision: str):
-    """Build the backbone once, under the requested precision policy (restored afterwards)."""
-    import keras
-
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(PRECISIONS[precision])
-    try:
-        r = resolved.recipe
-        return resolved.spec.build(resolved.source.build_arg(), r.input_size, r.pooling, r.layer,
-                                   resolved.source.seed, resolved_weights=resolved.ref)
-    finally:
-        keras.config.set_dtype_policy(previous)
-
-
-def timed_build(resolved: Resolved, precision: str):
+def timed_build(resolved: Resolved, precision: str) -> tuple[Any, float]:
+    """The recipe's model, built once under the precision's policy, and the seconds it took."""
     # Said before Keras loads (seconds of silence otherwise): the first line a user sees is ours.
     r = resolved.recipe
     log.info("building %s at %d px (%s weights) ...", r.backbone, r.input_size, resolved.source.kind)
     t0 = time.perf_counter()
-    model = build_model(resolved, precision)
+    model = build_model(resolved.spec, resolved.source.build_arg(), r.input_size, r.pooling, r.layer,
+                        resolved.source.seed, resolved_weights=resolved.ref, dtype_policy=PRECISIONS[precision])
     return model, time.perf_counter() - t0

@@ -166,6 +166,20 @@ def add_wait(p: argparse.ArgumentParser, what: str) -> None:
                    help=f"wait up to this long for another process writing {what}, instead of exiting at once")
 
 
+def add_memory_budget(p: argparse.ArgumentParser) -> None:
+    """``--memory-budget SIZE`` (``256MB``, ``2GiB``): bytes of features a stage holds at once."""
+    from imgfeat.core.sizes import parse_size
+
+    def size(text: str) -> int:  # the name tests/test_ranges.py knows it by
+        try:
+            return parse_size(text, "--memory-budget")
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(f"{str(exc).split(': ', 1)[1]}, got {text!r}") from None
+
+    p.add_argument("--memory-budget", type=size, default=None, metavar="SIZE",
+                   help="memory for features held at once, e.g. 256MB or 2GiB (default: a quarter of RAM)")
+
+
 def add_trust_pickle(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-pickle", action="store_true",
                    help="load a head saved by an older imgfeat as a joblib pickle (loading a pickle can "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from imgfeat.cli.common import JobContext, add_command, add_trust_pickle, add_wait, ranged, require
+from imgfeat.cli.common import JobContext, add_command, add_memory_budget, add_trust_pickle, add_wait, ranged, require
 
 DESCRIPTION = """\
 Apply a trained head to a dataset's features, or to image files, folders and glob patterns.
@@ -43,6 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("images", nargs="*", metavar="IMAGE",
                    help="image files, folders or glob patterns to predict (instead of --dataset)")
     p.add_argument("--top-k", type=ranged("top_k"), default=5, metavar="K", help="labels kept per image")
+    add_memory_budget(p)
     add_wait(p, "this head's predictions (or its featureset, for image files)")
     add_trust_pickle(p)
 
@@ -52,7 +53,7 @@ def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
 
     require(bool(args.dataset) != bool(args.images), "give either --dataset NAME or image files, not both")
     cfg = PredictConfig(head_id=args.head, dataset=args.dataset, paths=tuple(args.images), top_k=args.top_k,
-                        wait=args.wait, trust_pickle=args.trust_pickle)
+                        wait=args.wait, trust_pickle=args.trust_pickle, memory_budget=args.memory_budget)
     out = run_predict(ctx.ws, cfg, ctx.run_id).to_json()
     if not args.json:
         print_predict(out)

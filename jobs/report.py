@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from imgfeat.cli.common import JobContext, add_command, add_trust_pickle, add_wait, ranged
+from imgfeat.cli.common import JobContext, add_command, add_memory_budget, add_trust_pickle, add_wait, ranged
 
 DESCRIPTION = """\
 Write reports/<head_id>/index.html for a trained head, titled by the head's name: its metrics,
@@ -31,6 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="most confident mistakes to show")
     p.add_argument("--projection", default="auto", choices=("auto", "pca", "tsne"), help="2-D projection")
     p.add_argument("--max-points", type=ranged("max_points"), default=2000, metavar="N", help="points in the projection")
+    add_memory_budget(p)
     add_wait(p, "this head's report")
     add_trust_pickle(p)
 
@@ -39,7 +40,7 @@ def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
     from imgfeat.heads import ReportConfig, run_report
 
     cfg = ReportConfig(head_id=args.head, max_mistakes=args.mistakes, projection=args.projection,
-                       max_points=args.max_points, wait=args.wait, trust_pickle=args.trust_pickle)
+                       max_points=args.max_points, wait=args.wait, trust_pickle=args.trust_pickle, memory_budget=args.memory_budget)
     out = run_report(ctx.ws, cfg, ctx.run_id)
     if not args.json:
         print(out["report"])

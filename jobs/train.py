@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from imgfeat.cli.common import JobContext, add_command, add_wait, ranged
+from imgfeat.cli.common import JobContext, add_command, add_memory_budget, add_wait, ranged
 from imgfeat.core.errors import ConfigError
 
 DESCRIPTION = """\
@@ -76,6 +76,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(default: 1e-4 to 10 in decades, extended past an edge the best value sits on)")
     p.add_argument("--epochs", type=ranged("epochs"), default=50, metavar="N", help="mlp: most epochs")
     p.add_argument("--hidden", type=ranged("hidden"), default=256, metavar="N", help="mlp: hidden units")
+    add_memory_budget(p)
     add_wait(p, "the same head")
 
 
@@ -86,7 +87,7 @@ def handle(args: argparse.Namespace, ctx: JobContext) -> dict:
                       kernel=args.kernel,
                       cv=args.cv, class_weight=args.class_weight, random_state=args.random_state,
                       test_fraction=args.test_fraction, cv_max_rows=args.cv_max_rows, epochs=args.epochs,
-                      hidden=args.hidden, c_grid=args.c_grid, wait=args.wait, prompt=args.prompt)
+                      hidden=args.hidden, c_grid=args.c_grid, wait=args.wait, prompt=args.prompt, memory_budget=args.memory_budget)
     out = run_train(ctx.ws, cfg, ctx.run_id).to_json()
     if not args.json:
         print_train(out)

@@ -60,6 +60,7 @@ class PredictConfig:
     shard_rows: int = 262_144  # rows per output shard
     wait: float | None = None  # seconds to wait for another writer of this head's predictions
     trust_pickle: bool = False  # load an old joblib (pickle) head; only for files you trust
+    memory_budget: int | None = None  # bytes of features held at once ("256MB" too); None: a quarter of RAM
 
     def __post_init__(self) -> None:
         N.check_ref(N.HEADS, self.head_id)

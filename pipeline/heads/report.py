@@ -47,6 +47,7 @@ class ReportConfig:
     thumb_size: int = 128
     wait: float | None = None  # seconds to wait for another writer of this head's report
     trust_pickle: bool = False  # load an old joblib (pickle) head; only for files you trust
+    memory_budget: int | None = None  # bytes of features held at once ("256MB" too); None: a quarter of RAM
 
     def __post_init__(self) -> None:
         N.check_ref(N.HEADS, self.head_id)

@@ -63,6 +63,7 @@ class TrainConfig:
     n_jobs: int | None = None  # parallel CV fits for logreg/svm; None: by data size and cores
     wait: float | None = None  # seconds to wait for another trainer of the same head (not a param)
     prompt: str = DEFAULT_PROMPT  # zero-shot only: each class's text, "{label}" standing for its name
+    memory_budget: int | None = None  # bytes of features held at once ("256MB" too); None: a quarter of RAM
 
     def __post_init__(self) -> None:
         check_name("dataset", self.dataset)

@@ -54,6 +54,7 @@ class IndexConfig:
     seed: int = 0
     wait: float | None = None
     rebuild: bool = False  # build again from the featureset, whatever the old files hold (a damaged index)
+    memory_budget: int | None = None  # bytes of features held at once ("256MB" too); None: a quarter of RAM
 
     def __post_init__(self) -> None:
         check_wait(self.wait, "index wait")

@@ -73,6 +73,7 @@ class DedupConfig:
     exact_max: int = EXACT_MAX
     calibration_images: int = CALIBRATION_IMAGES
     wait: float | None = None
+    memory_budget: int | None = None  # bytes of features held at once ("256MB" too); None: a quarter of RAM
 
     def __post_init__(self) -> None:
         check_name("featureset", self.featureset)

@@ -307,6 +307,7 @@ def iter_features(
     ids: Sequence[str] | None = None,
     batch_rows: int = ITER_BATCH_ROWS,
     dtype: np.dtype | type = np.float32,
+    shuffle: np.random.Generator | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """``(image_ids, X)`` batches of at most ``batch_rows`` rows, the featureset streamed one row
     group at a time: memory holds one row group and one batch, whatever the featureset's size.
@@ -314,20 +315,23 @@ def iter_features(
     The rows are ``load_features``' (trusted shards, checksums checked, non-finite rows left out
     with a warning, each id once: the first row wins), in shard order, not in the order of ``ids``;
     with ``ids`` only those rows, and a shard none of them is in is never decoded (its id column
-    tells).
+    tells). ``shuffle`` visits the shards, and the row groups of each, in a random order (an SGD
+    epoch over shards written in scan order, class by class).
     """
     if batch_rows < 1:
         raise ValueError(f"batch_rows must be at least 1, got {batch_rows!r}")
     wanted = set(ids) if ids is not None else None
     seen: set[str] = set()  # ids already yielded: a duplicate row from concurrent runs is dropped
     dropped = [0]
-    for path in feature_shards(ws, featureset):
+    shards = feature_shards(ws, featureset)
+    for path in shards if shuffle is None else [shards[k] for k in shuffle.permutation(len(shards))]:
         if wanted is not None and not _holds_any(path, wanted, seen):
             continue
         pf = open_shard(featureset, path)
         if pf is None:
             continue
-        for group in range(pf.num_row_groups):
+        groups = range(pf.num_row_groups)
+        for group in groups if shuffle is None else shuffle.permutation(len(groups)).tolist():
             t = pf.read_row_group(group, columns=[S.IMAGE_ID, S.FEATURE])
             yield from _batches(_new_rows(t, wanted, seen, dropped), batch_rows, np.dtype(dtype))
     warn_non_finite(featureset, dropped[0])

@@ -101,6 +101,9 @@ def fit_streamed(ws: Workspace, cfg: TrainConfig, rows: LabelledRows, dim: int,
         est = _mlp(cfg).fit_stream(stream, rows.classes, mean, var, X_val, y_val, _class_weights(cfg, stream))
         epochs = est.n_epochs_
     else:
+        if winner == "svm" and cfg.kernel == "rbf":
+            log.warning("an rbf SVM cannot train from a stream (its kernel matrix grows with rows squared): "
+                        "training a linear SVM with the C chosen for it; raise --memory-budget for the rbf one")
         C = float(next(iter(best.values())))
         est = fit_linear(winner, C, stream, rows.classes, n, mean, var, cfg, LINEAR_EPOCHS)
         if winner == "svm":  # margins -> probabilities, as the in-memory SVM's sigmoid calibration

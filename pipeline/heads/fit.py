@@ -71,7 +71,7 @@ def train_and_write(ws: Workspace, cfg: TrainConfig, rows: LabelledRows, head_id
             trained_by["why"] = (f"the labelled features ({human(need)}) exceed the memory budget "
                                  f"({human(budget)})")
         else:
-            fitted, metrics, timings = _fit_in_memory(ws, cfg, rows)
+            fitted, metrics, timings, dim = _fit_in_memory(ws, cfg, rows)
             trained_by = {"path": IN_MEMORY, "why": f"the labelled features ({human(need)}) fit the memory "
                                                    f"budget ({human(budget)})"}
     metrics["cv"] = fitted.cv
@@ -85,8 +85,8 @@ def train_and_write(ws: Workspace, cfg: TrainConfig, rows: LabelledRows, head_id
     A.write_head(ws, head_id, fitted.estimator, meta, metrics, _rows_table(rows), extra)
 
 
-def _fit_in_memory(ws: Workspace, cfg: TrainConfig, rows: LabelledRows) -> tuple[FitResult, dict, dict]:
-    """The whole labelled matrix in memory: CV, a fit on every row, test metrics (and the timings)."""
+def _fit_in_memory(ws: Workspace, cfg: TrainConfig, rows: LabelledRows) -> tuple[FitResult, dict, dict, int]:
+    """The whole labelled matrix in memory: CV, a fit on every row, test metrics, the timings, the dim."""
     t0 = time.perf_counter()
     # One pass over the shards for both sets: decoding float16 Parquet is most of the load time.
     X_all = _features(ws, cfg.featureset, np.concatenate([rows.train_ids, rows.test_ids]))
@@ -99,7 +99,7 @@ def _fit_in_memory(ws: Workspace, cfg: TrainConfig, rows: LabelledRows) -> tuple
     t_fit = time.perf_counter()
     metrics = evaluate(fitted.estimator, X_test, rows.test_labels, rows.classes)
     timings = {"load_features": t_load - t0, "cv_and_fit": t_fit - t_load, "evaluate": time.perf_counter() - t_fit}
-    return fitted, metrics, timings
+    return fitted, metrics, timings, int(X_train.shape[1])
 
 
 def _head_meta(cfg: TrainConfig, rows: LabelledRows, head_id: str, info: dict[str, Any], fitted: FitResult,

@@ -15,6 +15,7 @@ from imgfeat.core.logs import LOG_FORMATS, setup_logging
 from imgfeat.core.options import Option, options
 from imgfeat.core.ranges import RANGES, range_of
 from imgfeat.core.results import JsonObject, Result
+from imgfeat.core.sizes import parse_size
 from imgfeat.core.runs import RunRecord
 from imgfeat.core.workspace import ENV_WORKSPACE, Workspace
 
@@ -169,6 +170,17 @@ def add_wait(p: argparse.ArgumentParser, what: str) -> None:
                    help=f"wait up to this long for another process writing {what}, instead of exiting at once")
 
 
+def size(text: str) -> int:
+    """``--memory-budget SIZE`` (``256MB``, ``2GiB``) in bytes (tests/test_ranges.py knows the name)."""
+    try:
+        return parse_size(text, "--memory-budget")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(f"{str(exc).split(': ', 1)[1]}, got {text!r}") from None
+
+
+SIZE_FIELDS = {"memory_budget": size}  # config fields whose flag reads a size, not a plain number
+
+
 def add_trust_pickle(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-pickle", action="store_true",
                    help="load a head saved by an older imgfeat as a joblib pickle (loading a pickle can "
@@ -227,8 +239,8 @@ def _add_option(p: Adder, o: Option, parse: Callable[[str], Any] | None) -> None
         p.add_argument(*flags, action="store_true", help=o.help)
         return
     kw: dict[str, Any] = {"required": True} if o.default is MISSING else {"default": o.default}
-    if parse is None and o.name in RANGES:
-        parse = ranged(o.name)
+    if parse is None:
+        parse = SIZE_FIELDS.get(o.name) or (ranged(o.name) if o.name in RANGES else None)
     if parse is not None:
         kw["type"] = parse
     if o.choices:

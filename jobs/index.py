@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_config_flags(p, IndexConfig, ["featureset"])
     p.add_argument("--dataset", dest="datasets", action="append", default=[], metavar="NAME",
                    help="index only this dataset's images (repeatable; default: the whole featureset)")
-    add_config_flags(p, IndexConfig, ["name", "kind", "nlist", "nprobe", "rebuild", "wait"])
+    add_config_flags(p, IndexConfig, ["name", "kind", "nlist", "nprobe", "memory_budget", "rebuild", "wait"])
 
 
 def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:

@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_config_flags(p, PredictConfig, ["head_id", "dataset"])
     p.add_argument("images", nargs="*", metavar="IMAGE",
                    help="image files, folders or glob patterns to predict (instead of --dataset)")
-    add_config_flags(p, PredictConfig, ["top_k", "wait"])
+    add_config_flags(p, PredictConfig, ["top_k", "memory_budget", "wait"])
     add_trust_pickle(p)
 
 

@@ -54,7 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     description=DESCRIPTION, epilog=EPILOG)
     add_config_flags(p, TrainConfig, ["dataset", "featureset", "name", "head", "prompt", "kernel", "cv",
                                       "class_weight", "random_state", "test_fraction", "cv_max_rows", "c_grid",
-                                      "epochs", "hidden", "wait"], types={"c_grid": c_grid})
+                                      "epochs", "hidden", "memory_budget", "wait"], types={"c_grid": c_grid})
 
 
 def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:

@@ -16,7 +16,8 @@ from imgfeat.run import jobfile as J
 HUGE = 4611686018427387904  # 2**62: the value of the report
 
 
-NOT_NUMERIC = {"augment_list", "c_grid"}  # flag types that parse words or lists (c_grid: test below)
+NOT_NUMERIC = {"augment_list", "c_grid", "size"}  # flag types that parse words or lists (c_grid: test below;
+# size: tests/test_memory_budget.py)
 
 
 def _numeric_flags() -> list[tuple[str, argparse.Action]]:

@@ -88,6 +88,8 @@ RANGES: dict[str, Range] = {
     "max_mistakes": _ints(0, 10_000),
     "max_points": _ints(2, 1_000_000),
     "thumb_size": _ints(8, 1024),
+    # train, predict, report, index, dedup: bytes of features held at once (core/sizes.py parses "256MB")
+    "memory_budget": _ints(1 << 20, 1 << 50),
     # finetune
     "unfreeze_blocks": _ints(1, 1000),
     "warmup_epochs": _ints(0, 100_000),
@@ -127,7 +129,12 @@ def check_range(key: str, value: Any, where: str = "") -> None:
 
 
 def check_fields(config: Any, where: str = "") -> None:
-    """Check every field of a config dataclass that has a range (call from ``__post_init__``)."""
+    """Check every field of a config dataclass that has a range (call from ``__post_init__``); a
+    ``memory_budget`` given as a size text (``256MB``) is first set to its bytes."""
+    if getattr(config, "memory_budget", None) is not None:
+        from imgfeat.core.sizes import parse_size  # it imports RANGES from here
+
+        object.__setattr__(config, "memory_budget", parse_size(config.memory_budget, f"{where}memory_budget"))
     for key in RANGES:
         if hasattr(config, key):
             check_range(key, getattr(config, key), f"{where}{key}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -385,6 +385,72 @@ def feature_matrix(column: pa.ChunkedArray, dtype: np.dtype) -> np.ndarray:
     return arr.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(dtype, copy=False)
 
 
+ITER_BATCH_ROWS = 8192  # rows per batch of iter_features: 40 MiB of 1,280-d float32
+
+
+def iter_features(
+    ws: Workspace,
+    featureset: str,
+    *,
+    ids: Sequence[str] | None = None,
+    batch_rows: int = ITER_BATCH_ROWS,
+    dtype: np.dtype | type = np.float32,
+    shuffle: np.random.Generator | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(image_ids, X)`` batches of at most ``batch_rows`` rows, the featureset streamed one row
+    group at a time: memory holds one row group and one batch, whatever the featureset's size.
+
+    The rows are ``load_features``' (trusted shards, checksums checked, non-finite rows left out
+    with a warning, each id once: the first row wins), in shard order, not in the order of ``ids``;
+    with ``ids`` only those rows, and a shard none of them is in is never decoded (its id column
+    tells). ``shuffle`` visits the shards, and the row groups of each, in a random order (an SGD
+    epoch over shards written in scan order, class by class).
+    """
+    if batch_rows < 1:
+        raise ValueError(f"batch_rows must be at least 1, got {batch_rows!r}")
+    wanted = set(ids) if ids is not None else None
+    seen: set[str] = set()  # ids already yielded: a duplicate row from concurrent runs is dropped
+    dropped = [0]
+    shards = feature_shards(ws, featureset)
+    for path in shards if shuffle is None else [shards[k] for k in shuffle.permutation(len(shards))]:
+        if wanted is not None and not _holds_any(path, wanted, seen):
+            continue
+        pf = open_shard(featureset, path)
+        if pf is None:
+            continue
+        groups = range(pf.num_row_groups)
+        for group in groups if shuffle is None else shuffle.permutation(len(groups)).tolist():
+            t = pf.read_row_group(group, columns=[S.IMAGE_ID, S.FEATURE])
+            yield from _batches(_new_rows(t, wanted, seen, dropped), batch_rows, np.dtype(dtype))
+    warn_non_finite(featureset, dropped[0])
+
+
+def _holds_any(shard: Path, wanted: set[str], seen: set[str]) -> bool:
+    """Whether a shard holds a wanted id not yet yielded (its id column only: cheap next to its features)."""
+    if len(seen) >= len(wanted):
+        return False
+    return any(i in wanted and i not in seen for i in read_shards([shard], [S.IMAGE_ID]).column(0).to_pylist())
+
+
+def _new_rows(t: pa.Table, wanted: set[str] | None, seen: set[str], dropped: list[int]) -> pa.Table:
+    """A row group's rows to yield: wanted, finite, not yet seen (``seen`` is updated)."""
+    ok = finite_rows(t.column(S.FEATURE))
+    dropped[0] += int((~ok).sum())
+    keep = []
+    for k, i in enumerate(t.column(S.IMAGE_ID).to_pylist()):
+        if ok[k] and i not in seen and (wanted is None or i in wanted):
+            seen.add(i)
+            keep.append(k)
+    return t if len(keep) == t.num_rows else t.take(pa.array(keep, pa.int64()))
+
+
+def _batches(t: pa.Table, batch_rows: int, dtype: np.dtype) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    for start in range(0, t.num_rows, batch_rows):
+        part = t.slice(start, batch_rows)
+        yield (np.asarray(part.column(S.IMAGE_ID).to_pylist(), dtype=object),
+               feature_matrix(part.column(S.FEATURE), dtype))
+
+
 def load_features(
     ws: Workspace,
     featureset: str,
@@ -396,31 +462,15 @@ def load_features(
     Each id appears once (a duplicate row from concurrent runs is dropped); rows come back in
     the order of ``ids`` when given, ids without a feature row are simply absent.
     """
-    wanted = pa.array(list(dict.fromkeys(ids)), pa.string()) if ids is not None else None
-    got_ids, mats, dropped = [], [], 0
-    for p in feature_shards(ws, featureset):
-        pf = open_shard(featureset, p)
-        if pf is None:
-            continue
-        t = pf.read(columns=[S.IMAGE_ID, S.FEATURE])
-        if wanted is not None:
-            t = t.filter(pc.is_in(t.column(S.IMAGE_ID), value_set=wanted))
-        ok = finite_rows(t.column(S.FEATURE))
-        if not ok.all():
-            dropped += int((~ok).sum())
-            t = t.filter(pa.array(ok))
-        if t.num_rows:
-            got_ids.append(np.asarray(t.column(S.IMAGE_ID).to_pylist(), dtype=object))
-            mats.append(feature_matrix(t.column(S.FEATURE), np.dtype(dtype)))
-    warn_non_finite(featureset, dropped)
+    got_ids, mats = [], []
+    for batch_ids, X in iter_features(ws, featureset, ids=ids, batch_rows=1 << 62, dtype=dtype):  # a row group each
+        got_ids.append(batch_ids)
+        mats.append(X)
     if not mats:
         info = featureset_info(ws, featureset)
         return np.array([], dtype=object), np.zeros((0, int(info.get("dim", 0))), dtype=dtype)
     all_ids = np.concatenate(got_ids)
     X = np.concatenate(mats)
-    _, first = np.unique(all_ids.astype(str), return_index=True)
-    first.sort()
-    all_ids, X = all_ids[first], X[first]
     if ids is not None:
         pos = {k: i for i, k in enumerate(all_ids)}
         order = [pos[k] for k in dict.fromkeys(ids) if k in pos]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,51 @@ class KerasMLPClassifier(ClassifierMixin, BaseEstimator):
         self.n_epochs_ = len(self.history_.get("loss", []))
         return self
 
+    def fit_stream(self, batches: Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]], classes: list[str],
+                   mean: np.ndarray, var: np.ndarray, X_val: np.ndarray, y_val: np.ndarray,
+                   class_weight: dict[str, float] | None = None) -> "KerasMLPClassifier":
+        """``fit`` for rows that do not fit in memory: ``batches()`` yields (X, labels) for one pass
+        over the training rows (called once per epoch); standardisation from the streamed ``mean`` and
+        ``var``; early stopping on (``X_val``, ``y_val``), rows kept out of the batches. Each batch is
+        one short Keras ``fit`` (one pass, shuffled), so the net sees every row once an epoch."""
+        import keras
+
+        from imgfeat.core.progress import progress
+
+        self.classes_ = np.asarray(sorted(classes), dtype=object)
+        code = {c: k for k, c in enumerate(self.classes_)}
+        self.n_features_in_ = len(mean)
+        if self.random_state is not None:
+            keras.utils.set_random_seed(int(self.random_state))
+        self.model_ = self._build_from(mean, var, len(self.classes_))
+        weights = None if class_weight is None else {code[c]: w for c, w in class_weight.items()}
+        val = (X_val.astype(np.float32), np.asarray([code[c] for c in y_val])) if len(y_val) else None
+        history: dict[str, list[float]] = {}
+        best, best_weights, since = np.inf, None, 0
+        with progress(total=self.epochs, desc="train mlp (streamed)", unit="epoch") as bar:
+            for _ in range(self.epochs):
+                seen = loss = hits = 0.0
+                for X, y in batches():
+                    codes = np.asarray([code[c] for c in y])
+                    out = self.model_.fit(X, codes, epochs=1, batch_size=self.batch_size, shuffle=True,
+                                          class_weight=weights, verbose=0).history
+                    seen, loss, hits = seen + len(y), loss + out["loss"][-1] * len(y), hits + out["accuracy"][-1] * len(y)
+                _append(history, loss=loss / max(seen, 1), accuracy=hits / max(seen, 1))
+                bar.update(1)
+                if val is None:
+                    continue
+                v = self.model_.evaluate(*val, batch_size=8192, verbose=0, return_dict=True)
+                _append(history, val_loss=v["loss"], val_accuracy=v["accuracy"])
+                if v["loss"] < best:
+                    best, best_weights, since = v["loss"], self.model_.get_weights(), 0
+                elif (since := since + 1) >= self.patience:
+                    break
+        if best_weights is not None:
+            self.model_.set_weights(best_weights)  # as EarlyStopping(restore_best_weights=True)
+        self.history_ = history
+        self.n_epochs_ = len(history.get("loss", []))
+        return self
+
     def _validation_split(self, X: np.ndarray, codes: np.ndarray):
         n_val = int(round(len(X) * self.validation_fraction))
         counts = np.bincount(codes)
@@ -107,14 +153,15 @@ class KerasMLPClassifier(ClassifierMixin, BaseEstimator):
         return {int(c): float(w) for c, w in zip(present, weights)}
 
     def _build(self, X: np.ndarray, n_classes: int):
+        return self._build_from(X.mean(axis=0), X.var(axis=0), n_classes)
+
+    def _build_from(self, mean: np.ndarray, var: np.ndarray, n_classes: int):
         import keras
 
-        norm = keras.layers.Normalization(
-            axis=-1, mean=X.mean(axis=0), variance=np.maximum(X.var(axis=0), 1e-12)
-        )
+        norm = keras.layers.Normalization(axis=-1, mean=mean, variance=np.maximum(var, 1e-12))
         model = keras.Sequential(
             [
-                keras.Input(shape=(X.shape[1],)),
+                keras.Input(shape=(len(mean),)),
                 norm,
                 keras.layers.Dense(self.hidden, activation="relu"),
                 keras.layers.Dropout(self.dropout),
@@ -173,6 +220,11 @@ class KerasMLPClassifier(ClassifierMixin, BaseEstimator):
         self.__dict__.update(state)
         if blob is not None:
             self.model_ = _model_from_bytes(blob)
+
+
+def _append(history: dict[str, list[float]], **values: float) -> None:
+    for k, v in values.items():
+        history.setdefault(k, []).append(float(v))
 
 
 def _model_to_bytes(model) -> bytes:

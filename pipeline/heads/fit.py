@@ -22,6 +22,7 @@ from threadpoolctl import threadpool_limits
 
 from imgfeat.core.errors import ConfigError, ImgfeatError
 from imgfeat.core.results import JsonObject
+from imgfeat.core.sizes import human, memory_budget
 from imgfeat.core.workspace import Workspace
 from imgfeat.extract.featureset import load_features
 from imgfeat.heads import artifacts as A
@@ -34,6 +35,7 @@ from imgfeat.heads.zeroshot import ZERO_SHOT, zero_shot_head
 log = logging.getLogger(__name__)
 
 RBF_WARN_ROWS = 20_000
+IN_MEMORY, STREAMED = "in_memory", "streamed"  # head.json trained_by.path: how the head was fitted
 PARALLEL_CV_VALUES = 4_000_000  # feature values in the CV data above which CV fits run in parallel
 # When the best C sits at an edge of the default grid, the grid grows by one value past that
 # edge (a factor GRID_STEP), at most MAX_GRID_EXTENSIONS times: C is a scale, so the search
@@ -58,6 +60,34 @@ class FitResult:
 def train_and_write(ws: Workspace, cfg: TrainConfig, rows: LabelledRows, head_id: str,
                     info: dict[str, Any], run_id: str) -> None:
     """Load the rows' features, fit and evaluate the head, commit it as ``heads/<head_id>/``."""
+    dim, budget = int(info.get("dim") or 0), memory_budget(cfg.memory_budget)
+    need = (len(rows.train_ids) + len(rows.test_ids)) * dim * np.dtype(np.float32).itemsize
+    # One BLAS thread: these products are thin (n x dim times dim x classes), and on 2 cores two
+    # OpenBLAS threads made a 80,000 x 1,280 logreg fit 2-4x slower (8-23 s against 4-6 s).
+    with threadpool_limits(limits=1, user_api="blas"):
+        if cfg.head != ZERO_SHOT and need > budget:
+            from imgfeat.heads.stream import fit_streamed
+
+            fitted, metrics, timings, trained_by = fit_streamed(ws, cfg, rows, dim, budget)
+            trained_by["why"] = (f"the labelled features ({human(need)}) exceed the memory budget "
+                                 f"({human(budget)})")
+        else:
+            fitted, metrics, timings, dim = _fit_in_memory(ws, cfg, rows)
+            trained_by = {"path": IN_MEMORY, "why": f"the labelled features ({human(need)}) fit the memory "
+                                                   f"budget ({human(budget)})"}
+    metrics["cv"] = fitted.cv
+    extra = {}
+    if isinstance(fitted.estimator, KerasMLPClassifier):
+        extra[A.CURVES_FILE] = training_curves_png(fitted.estimator.history_)
+    extra[LEFT_OUT_FILE] = _parquet_bytes(left_out_table(rows.left_out_files))
+    meta = _head_meta(cfg, rows, head_id, info, fitted, metrics, run_id, dim)
+    meta["timings"] = {k: round(v, 3) for k, v in timings.items()}
+    meta["trained_by"] = trained_by
+    A.write_head(ws, head_id, fitted.estimator, meta, metrics, _rows_table(rows), extra)
+
+
+def _fit_in_memory(ws: Workspace, cfg: TrainConfig, rows: LabelledRows) -> tuple[FitResult, dict, dict, int]:
+    """The whole labelled matrix in memory: CV, a fit on every row, test metrics, the timings, the dim."""
     t0 = time.perf_counter()
     # One pass over the shards for both sets: decoding float16 Parquet is most of the load time.
     X_all = _features(ws, cfg.featureset, np.concatenate([rows.train_ids, rows.test_ids]))
@@ -65,23 +95,12 @@ def train_and_write(ws: Workspace, cfg: TrainConfig, rows: LabelledRows, head_id
     t_load = time.perf_counter()
     log.info("training %s head on %d x %d features (%d classes), evaluating on %d",
              cfg.head, *X_train.shape, len(rows.classes), len(X_test))
-    # One BLAS thread: these products are thin (n x dim times dim x classes), and on 2 cores two
-    # OpenBLAS threads made a 80,000 x 1,280 logreg fit 2-4x slower (8-23 s against 4-6 s).
-    with threadpool_limits(limits=1, user_api="blas"):
-        fitted = (fit_zero_shot(ws, cfg, rows.classes, X_train, rows.train_labels) if cfg.head == ZERO_SHOT
-                  else fit_head(cfg, X_train, rows.train_labels))
+    fitted = (fit_zero_shot(ws, cfg, rows.classes, X_train, rows.train_labels) if cfg.head == ZERO_SHOT
+              else fit_head(cfg, X_train, rows.train_labels))
     t_fit = time.perf_counter()
     metrics = evaluate(fitted.estimator, X_test, rows.test_labels, rows.classes)
-    metrics["cv"] = fitted.cv
-    extra = {}
-    if isinstance(fitted.estimator, KerasMLPClassifier):
-        extra[A.CURVES_FILE] = training_curves_png(fitted.estimator.history_)
-    extra[LEFT_OUT_FILE] = _parquet_bytes(left_out_table(rows.left_out_files))
-    timings = {"load_features": t_load - t0, "cv_and_fit": t_fit - t_load,
-               "evaluate": time.perf_counter() - t_fit}
-    meta = _head_meta(cfg, rows, head_id, info, fitted, metrics, run_id, int(X_train.shape[1]))
-    meta["timings"] = {k: round(v, 3) for k, v in timings.items()}
-    A.write_head(ws, head_id, fitted.estimator, meta, metrics, _rows_table(rows), extra)
+    timings = {"load_features": t_load - t0, "cv_and_fit": t_fit - t_load, "evaluate": time.perf_counter() - t_fit}
+    return fitted, metrics, timings, int(X_train.shape[1])
 
 
 def _head_meta(cfg: TrainConfig, rows: LabelledRows, head_id: str, info: dict[str, Any], fitted: FitResult,
@@ -141,6 +160,14 @@ def fit_head(cfg: TrainConfig, X: np.ndarray, y: np.ndarray) -> FitResult:
         log.warning("an rbf SVM grows quadratically with rows; %d rows may take very long "
                     "(--kernel linear or --head logreg scale)", len(y))
     X_cv, y_cv = _cv_sample(X, y, cfg.cv_max_rows, cfg.random_state)
+    winner, cv, best, n_folds = choose_kind(cfg, X_cv, y_cv)
+    estimator = _make(cfg, winner, y_cv, n_folds).set_params(**best).fit(X, y)
+    return FitResult(winner, estimator, cv, chosen_params(best))
+
+
+def choose_kind(cfg: TrainConfig, X_cv: np.ndarray, y_cv: np.ndarray) -> tuple[str, dict, dict[str, Any], int]:
+    """Cross-validate the wanted kind(s) on the same folds: (winner, every kind's CV scores, the winner's
+    parameters as its estimator names them, the number of folds)."""
     folds = StratifiedKFold(_n_folds(cfg.cv, y_cv), shuffle=True, random_state=cfg.random_state)
     kinds = ("logreg", "svm", "mlp") if cfg.head == "auto" else (cfg.head,)
     cv, best = {}, {}
@@ -148,9 +175,12 @@ def fit_head(cfg: TrainConfig, X: np.ndarray, y: np.ndarray) -> FitResult:
         cv[kind], best[kind] = _cross_validate(cfg, kind, X_cv, y_cv, folds)
         log.info("%s: cv accuracy %.4f +- %.4f", kind, cv[kind]["mean"], cv[kind]["std"])
     winner = max(kinds, key=lambda k: cv[k]["mean"])
-    estimator = _make(cfg, winner, y_cv, folds.n_splits).set_params(**best[winner]).fit(X, y)
-    chosen = {k.rsplit("__", 1)[-1]: v for k, v in best[winner].items()}
-    return FitResult(winner, estimator, cv, chosen)
+    return winner, cv, best[winner], folds.n_splits
+
+
+def chosen_params(best: dict[str, Any]) -> dict[str, Any]:
+    """``{"clf__C": 0.1}`` -> ``{"C": 0.1}`` (head.json's ``chosen``)."""
+    return {k.rsplit("__", 1)[-1]: v for k, v in best.items()}
 
 
 def _cross_validate(cfg: TrainConfig, kind: str, X: np.ndarray, y: np.ndarray, folds: StratifiedKFold):
@@ -282,10 +312,14 @@ def _cv_sample(X: np.ndarray, y: np.ndarray, max_rows: int, seed: int) -> tuple[
 
 def evaluate(estimator: Any, X: np.ndarray, y: np.ndarray, classes: list[str]) -> JsonObject:
     """Test metrics: accuracy, macro F1, per-class precision/recall/F1/support, confusion matrix."""
+    return scores_of(y, estimator.predict(X) if len(y) else y, classes)
+
+
+def scores_of(y: np.ndarray, pred: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """``evaluate``'s metrics from the true and predicted labels (a streamed evaluation gathers these)."""
     if len(y) == 0:
         return {"test_accuracy": None, "macro_f1": None, "per_class": {}, "confusion": None,
                 "n_test": 0, "note": "no evaluation rows (no test/val split and --test-fraction 0)"}
-    pred = estimator.predict(X)
     p, r, f, s = precision_recall_fscore_support(y, pred, labels=classes, zero_division=0)
     per_class = {c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
                  for i, c in enumerate(classes)}

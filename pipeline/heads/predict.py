@@ -20,14 +20,8 @@ from imgfeat.core import names as N
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError
 from imgfeat.core.options import opt
-from imgfeat.extract.featureset import (
-    feature_matrix,
-    feature_shards,
-    finite_rows,
-    load_features,
-    open_shard,
-    warn_non_finite,
-)
+from imgfeat.core.sizes import memory_budget
+from imgfeat.extract.featureset import iter_features, load_features
 from imgfeat.heads.artifacts import LoadedHead, load_head
 from imgfeat.heads.data import LEFT_OUT_JSON_MAX, unique_images
 from imgfeat.heads.versions import resolve_head
@@ -57,6 +51,7 @@ class PredictConfig:
     shard_rows: int = 262_144  # rows per output shard
     wait: float | None = opt(None, metavar="SECONDS", help="wait up to this long for another process writing this head's predictions (or its featureset, for image files), instead of exiting at once")
     trust_pickle: bool = False  # load an old joblib (pickle) head; only for files you trust
+    memory_budget: int | None = opt(None, metavar="SIZE", help="memory for features held at once, e.g. 256MB or 2GiB (default: a quarter of RAM)")
 
     def __post_init__(self) -> None:
         N.check_ref(N.HEADS, self.head_id)
@@ -257,7 +252,7 @@ def _predict_dataset(ws: Workspace, cfg: PredictConfig, head: LoadedHead, writer
     todo = images[~images[S.IMAGE_ID].isin(done)].set_index(S.IMAGE_ID)
     remaining = set(todo.index)  # shrinks as rows are predicted, so a duplicate row is skipped
     with progress(total=len(todo), desc=f"predict {cfg.dataset}") as bar:
-        for ids, X in _stream_features(ws, head.featureset, remaining, cfg.chunk_rows):
+        for ids, X in _stream_features(ws, head.featureset, remaining, _chunk_rows(cfg, head)):
             meta = todo.loc[ids]
             writer.add(predictions_table(ids, meta[S.PATH].tolist(), _nullable(meta[S.LABEL]),
                                          _nullable(meta[S.SPLIT]), score(head, X, cfg.top_k), head, run_id,
@@ -273,16 +268,10 @@ def _predict_dataset(ws: Workspace, cfg: PredictConfig, head: LoadedHead, writer
             "duplicates": dropped["duplicates"], "left_out_files": files.head(LEFT_OUT_JSON_MAX).to_dict("records")}
 
 
-def _first_new(ids: list[str], remaining: set[str], finite: np.ndarray | None = None) -> list[int]:
-    """Positions of ids still to predict, first occurrence only (concurrent runs may duplicate rows),
-    among the ``finite`` rows when given (a NaN or inf feature is left out)."""
-    seen: set[str] = set()
-    keep = []
-    for k, i in enumerate(ids):
-        if i in remaining and i not in seen and (finite is None or finite[k]):
-            seen.add(i)
-            keep.append(k)
-    return keep
+def _chunk_rows(cfg: PredictConfig, head: LoadedHead) -> int:
+    """``chunk_rows``, fewer when a chunk of the head's features would pass a sixteenth of the budget."""
+    dim = max(1, int(head.meta.get("dim") or 1))
+    return int(max(1, min(cfg.chunk_rows, memory_budget(cfg.memory_budget) // (16 * 4 * dim))))
 
 
 def _nullable(col) -> list[str | None]:
@@ -291,32 +280,11 @@ def _nullable(col) -> list[str | None]:
 
 def _stream_features(ws: Workspace, featureset: str, wanted: set[str],
                      chunk_rows: int) -> Iterator[tuple[list[str], np.ndarray]]:
-    """Feature rows whose id is in ``wanted`` (once each), ``chunk_rows`` at a time, shard by shard.
-
-    A shard's ids are read first (cheap): a shard with nothing wanted is never decoded, which
-    keeps an incremental run over a large featureset fast.
-    """
-    dropped = [0]
-    for path in feature_shards(ws, featureset):
-        if not wanted:
-            break
-        with pq.ParquetFile(path) as pf:
-            ids = pf.read(columns=[S.IMAGE_ID]).column(S.IMAGE_ID).to_pylist()
-        if any(i in wanted for i in ids) and (verified := open_shard(featureset, path)) is not None:
-            yield from _matching_batches(verified, wanted, chunk_rows, dropped)
-    warn_non_finite(featureset, dropped[0])
-
-
-def _matching_batches(pf: pq.ParquetFile, wanted: set[str], chunk_rows: int,
-                      dropped: list[int]) -> Iterator[tuple[list[str], np.ndarray]]:
-    for batch in pf.iter_batches(batch_size=chunk_rows, columns=[S.IMAGE_ID, S.FEATURE]):
-        ids = batch.column(S.IMAGE_ID).to_pylist()
-        finite = finite_rows(batch.column(S.FEATURE))
-        dropped[0] += len(ids) - int(finite.sum())
-        keep = _first_new(ids, wanted, finite)
-        if keep:
-            features = batch.column(S.FEATURE).take(pa.array(keep, pa.int32()))
-            yield [ids[k] for k in keep], feature_matrix(pa.chunked_array([features]), np.float32)
+    """Feature rows whose id is in ``wanted`` (once each), ``chunk_rows`` at a time, a row group at a
+    time (``featureset.iter_features``: a shard with nothing wanted is never decoded)."""
+    if wanted:
+        for ids, X in iter_features(ws, featureset, ids=list(wanted), batch_rows=chunk_rows):
+            yield ids.tolist(), X
 
 
 def expand_paths(items: Sequence[str]) -> tuple[list[Path], list[str]]:

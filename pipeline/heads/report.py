@@ -21,7 +21,8 @@ from imgfeat.core import schemas as S
 from imgfeat.core.hashing import canonical_digest
 from imgfeat.core.errors import ConfigError, unknown_value
 from imgfeat.core.options import opt
-from imgfeat.extract.featureset import load_features
+from imgfeat.core.sizes import memory_budget
+from imgfeat.extract.featureset import iter_features, load_features
 from imgfeat.heads import artifacts as A
 from imgfeat.heads.artifacts import LoadedHead, load_head
 from imgfeat.heads.predict import prediction_shards
@@ -51,6 +52,7 @@ class ReportConfig:
     thumb_size: int = 128
     wait: float | None = opt(None, metavar="SECONDS", help="wait up to this long for another process writing this head's report, instead of exiting at once")
     trust_pickle: bool = False  # load an old joblib (pickle) head; only for files you trust
+    memory_budget: int | None = opt(None, metavar="SIZE", help="memory for features held at once, e.g. 256MB or 2GiB (default: a quarter of RAM)")
 
     def __post_init__(self) -> None:
         N.check_ref(N.HEADS, self.head_id)
@@ -159,7 +161,7 @@ def _write_report(ws: Workspace, cfg: ReportConfig, head: LoadedHead, head_id: s
     remove_stale_tmp(folder)
     rows = A.read_rows(ws, head_id).to_pandas()
     paths = _image_paths(ws, head.meta["dataset"])
-    mistakes, eval_role = _mistakes(ws, head, rows, paths, cfg.max_mistakes)
+    mistakes, eval_role = _mistakes(ws, head, rows, paths, cfg.max_mistakes, memory_budget(cfg.memory_budget))
     plots_png = _plots(ws, head, rows, cfg)
     name = head_name(head, cfg.head_id)
     stamp = {"inputs": inputs, "plots": sorted(plots_png), "mistakes_shown": len(mistakes)}
@@ -198,20 +200,25 @@ def _image_paths(ws: Workspace, dataset: str) -> dict[str, Path]:
     return out
 
 
-def _mistakes(ws: Workspace, head: LoadedHead, rows, paths: dict[str, Path], limit: int):
-    """The evaluation images the head got wrong, most confident first (train images if no test set)."""
+def _mistakes(ws: Workspace, head: LoadedHead, rows, paths: dict[str, Path], limit: int, budget: int):
+    """The evaluation images the head got wrong, most confident first (train images if no test set);
+    the features are streamed, and only the ``limit`` most confident mistakes so far are kept."""
     role = "test" if (rows[A.ROLE] == "test").any() else "train"
     sub = rows[rows[A.ROLE] == role]
-    ids, X = load_features(ws, head.featureset, sub[S.IMAGE_ID].tolist())
-    if not len(ids):
-        return [], role
-    proba = head.estimator.predict_proba(X)
-    classes = np.asarray(head.estimator.classes_, dtype=object)
-    pred, conf = classes[proba.argmax(axis=1)], proba.max(axis=1)
-    truth = sub.set_index(S.IMAGE_ID).loc[ids.tolist(), S.LABEL].to_numpy(dtype=object)
-    wrong = np.flatnonzero(pred != truth)
-    wrong = wrong[np.argsort(-conf[wrong], kind="stable")][:limit]
-    return [Mistake(ids[k], paths.get(ids[k]), truth[k], pred[k], float(conf[k])) for k in wrong], role
+    truth_of = dict(zip(sub[S.IMAGE_ID].tolist(), sub[S.LABEL].tolist()))
+    order = {i: k for k, i in enumerate(truth_of)}
+    kept: list[Mistake] = []
+    dim = max(1, int(head.meta.get("dim") or 1))
+    batch_rows = int(min(65_536, max(64, budget // (16 * 4 * dim))))  # as heads/stream.py's batches
+    for ids, X in iter_features(ws, head.featureset, ids=list(truth_of), batch_rows=batch_rows):
+        proba = head.estimator.predict_proba(X)
+        classes = np.asarray(head.estimator.classes_, dtype=object)
+        pred, conf = classes[proba.argmax(axis=1)], proba.max(axis=1)
+        kept += [Mistake(i, paths.get(i), truth_of[i], p, float(c)) for i, p, c in zip(ids.tolist(), pred, conf)
+                 if p != truth_of[i]]
+        # most confident first, equal scores in the head's row order: the page the whole matrix made
+        kept = sorted(kept, key=lambda m: (-m.score, order[m.image_id]))[:limit]
+    return kept, role
 
 
 def _plots(ws: Workspace, head: LoadedHead, rows, cfg: ReportConfig) -> dict[str, bytes]:
@@ -364,11 +371,20 @@ def _details(m: dict[str, Any]) -> str:
         ("backbone", m.get("backbone")), ("chosen", m.get("chosen") or "fixed parameters"),
         ("parameters", params_for(m["model_kind"], m.get("params") or {})),
         ("left out", {k: v for k, v in (m.get("left_out") or {}).items() if v} or "nothing"),
+        ("trained by", _trained_by(m.get("trained_by"))),
         ("created", m.get("created_at")), ("model file", f"{m['model_file']} sha256 {m['model_sha256'][:16]}…"),
         ("versions", ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items() if v)),
     ]
     rows = "".join(f"<dt>{_e(k)}</dt><dd>{_e(_plain(v))}</dd>" for k, v in items if v)
     return f"<h2>Head</h2><dl>{rows}</dl>"
+
+
+def _trained_by(t: Any) -> str:
+    """``streamed (15 epochs): the labelled features (5 GiB) exceed the memory budget (2 GiB)``."""
+    if not isinstance(t, dict):
+        return ""
+    epochs = f" ({t['epochs']} epochs)" if t.get("epochs") else ""
+    return f"{str(t.get('path', '')).replace('_', ' ')}{epochs}: {t.get('why', '')}"
 
 
 def _plain(value: Any) -> str:

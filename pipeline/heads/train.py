@@ -74,6 +74,7 @@ class TrainConfig:
                                                            "same head, instead of exiting at once")
     prompt: str = opt(DEFAULT_PROMPT, metavar="TEXT",
                       help="zero-shot: each class's prompt, {label} standing for its name")
+    memory_budget: int | None = opt(None, metavar="SIZE", help="memory for features held at once, e.g. 256MB or 2GiB (default: a quarter of RAM)")
 
     def __post_init__(self) -> None:
         check_name("dataset", self.dataset)

@@ -19,6 +19,7 @@ from imgfeat.core.errors import ConfigError, ImgfeatError
 from imgfeat.core.options import opt
 from imgfeat.core.ranges import check_fields
 from imgfeat.core.results import JsonResult
+from imgfeat.core.sizes import memory_budget
 from imgfeat.core.storage import (
     WAIT_HINT,
     FileLock,
@@ -53,7 +54,7 @@ class IndexConfig:
     name: str | None = opt(None, metavar="NAME",
                            help="index name (default: the datasets and the featureset, joined by '-')")
     kind: str = opt("auto", choices=KINDS,
-                    help="flat: exact; ivf, hnsw: approximate; auto: flat up to 50,000 rows, else ivf")
+                    help="flat: exact; ivf, hnsw, ivfpq: approximate; auto: flat up to 50,000 rows, else ivf, or ivfpq when the vectors do not fit --memory-budget")
     nlist: int | None = opt(None, metavar="N", help="IVF lists (default ~4 sqrt(rows))")
     nprobe: int | None = opt(None, metavar="N", help="IVF lists searched per query (default max(8, nlist/16))")
     hnsw_m: int = 32
@@ -65,7 +66,12 @@ class IndexConfig:
     # Bytes the index may use (its rows, the training sample, the batch being added): ``auto`` is
     # then ivfpq, sized to fit, when the full vectors do not fit, and the rows are streamed from the
     # shards; None: no budget (the whole featureset is read at once, as before).
-    memory_budget: int | None = None
+    memory_budget: int | None = opt(None, metavar="SIZE", help="memory the index may use (its rows, the training sample, the batch being added), e.g. 256MB or 2GiB; auto builds ivfpq, sized to fit, when the full vectors do not fit (default: a quarter of RAM)")
+
+    @property
+    def budget(self) -> int:
+        """The memory budget in bytes: the one given, else a quarter of physical RAM."""
+        return memory_budget(self.memory_budget)
 
     def __post_init__(self) -> None:
         check_wait(self.wait, "index wait")
@@ -176,7 +182,7 @@ def _wanted_params(cfg: IndexConfig, prev: IndexInfo | None, total: int, dim: in
     one turns approximate when it outgrows flat (or the budget)."""
     def resolve(kind: str) -> IndexParams:
         return resolve_params(kind, total, cfg.nlist, cfg.nprobe, cfg.hnsw_m, cfg.ef_search, cfg.seed, dim,
-                              cfg.memory_budget)
+                              cfg.budget)
 
     auto = resolve(cfg.kind)
     if cfg.kind == "auto" and prev is not None and prev.kind not in ("flat", auto.kind) and auto.kind != "ivfpq":
@@ -198,7 +204,7 @@ def _needs_rebuild(prev: IndexParams, wanted: IndexParams, cfg: IndexConfig, tot
 
 def _fresh(ws: Workspace, cfg: IndexConfig, params: IndexParams, old: pa.Table, new: set[str]):
     """Every row, old ones first in their committed order (so the old ids file stays a prefix)."""
-    if cfg.memory_budget is not None and params.kind in ("ivf", "ivfpq"):
+    if params.kind in ("ivf", "ivfpq"):
         return _fresh_streamed(ws, cfg, params, old, new)
     old_ids = old[S.IMAGE_ID].to_pylist()
     ids, X = read_vectors(ws, cfg.featureset, new.union(old_ids))
@@ -224,7 +230,7 @@ def _fresh_streamed(ws: Workspace, cfg: IndexConfig, params: IndexParams, old: p
     old_ids = old[S.IMAGE_ID].to_pylist()
     everything = new.union(old_ids)
     dim = featureset_dim(ws, cfg.featureset)
-    size = sample_size(params, len(everything), dim, cfg.memory_budget)
+    size = sample_size(params, len(everything), dim, cfg.budget)
     pool = sorted(everything)  # a seeded sample of ids: the same sample whatever the shard order
     _, sample = read_vectors(ws, cfg.featureset, [pool[k] for k in sample_rows(len(pool), size, params.seed)])
     del pool
@@ -241,7 +247,7 @@ def _add_streamed(ws: Workspace, cfg: IndexConfig, index, wanted: set[str], old_
     old_pos = {i: k for k, i in enumerate(old_ids)}
     added: list[str] = []
     before = index.ntotal
-    batch = fill_batch_rows(index.d, cfg.memory_budget)
+    batch = fill_batch_rows(index.d, cfg.budget)
     for ids, X in iter_vectors(ws, cfg.featureset, wanted, batch):
         labels = np.empty(len(ids), dtype=np.int64)
         for k, i in enumerate(ids):

@@ -29,6 +29,7 @@ from imgfeat.core.hashing import CONTENT_ID_ALGORITHM, digest_chunks
 from imgfeat.core.options import opt
 from imgfeat.core.ranges import check_fields
 from imgfeat.core.results import JsonObject, JsonResult
+from imgfeat.core.sizes import memory_budget
 from imgfeat.core.storage import FileLock, remove_stale_tmp, write_bytes_atomic, write_json_atomic, write_table_atomic
 from imgfeat.core.workspace import Workspace, check_name
 from imgfeat.extract.featureset import featureset_info
@@ -84,7 +85,12 @@ class DedupConfig:
     wait: float | None = None
     # Bytes the neighbour search's index may use: exact while a copy of the vectors fits it, else
     # approximate (ivf, or ivfpq when even that does not fit). None: exact up to exact_max.
-    memory_budget: int | None = None
+    memory_budget: int | None = opt(None, metavar="SIZE", help="memory the neighbour search may use, e.g. 256MB or 2GiB: exact while a copy of the vectors fits, else approximate and rescored exactly (default: a quarter of RAM)")
+
+    @property
+    def budget(self) -> int:
+        """The memory budget in bytes: the one given, else a quarter of physical RAM."""
+        return memory_budget(self.memory_budget)
 
     def __post_init__(self) -> None:
         check_name("featureset", self.featureset)
@@ -414,7 +420,7 @@ def run_dedup(ws: Workspace, cfg: DedupConfig, run_id: str) -> DedupSummary:
     root = dataset_root(ws, cfg.dataset)
     looks = cands = None
     if cfg.threshold is not None:
-        nb = clock.lap("neighbours", nearest_neighbours(im.X, cfg.neighbours, cfg.exact_max, cfg.memory_budget))
+        nb = clock.lap("neighbours", nearest_neighbours(im.X, cfg.neighbours, cfg.exact_max, cfg.budget))
         graph, kind = similar_pairs(nb, cfg.threshold), nb.kind
         criterion = {"name": "cosine", "threshold": float(cfg.threshold), "neighbours": cfg.neighbours}
     else:
@@ -470,7 +476,7 @@ def candidate_pairs(folder, cfg: DedupConfig, im: Images, previous: dict[str, An
             fresh = new_image_pairs(im.X, new, cfg.neighbours)
             return _unique_pairs(len(im.ids), np.concatenate([a, fresh.a]), np.concatenate([b, fresh.b]),
                                  np.concatenate([sim, fresh.sim]).astype(np.float32)), "new", len(new)
-    nb = nearest_neighbours(im.X, cfg.neighbours, cfg.exact_max, cfg.memory_budget)
+    nb = nearest_neighbours(im.X, cfg.neighbours, cfg.exact_max, cfg.budget)
     return similar_pairs(nb, -1.0), nb.kind, len(im.ids)
 
 

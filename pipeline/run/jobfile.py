@@ -15,6 +15,7 @@ from typing import Any
 
 from imgfeat.core.errors import ConfigError
 from imgfeat.core.ranges import RANGES
+from imgfeat.core.sizes import parse_size
 from imgfeat.core.workspace import check_name
 
 EXECUTORS = ("local", "ray")
@@ -45,6 +46,9 @@ SECONDS = KeyType("a number of seconds", NUMBER.accepts)  # its range: core/rang
 TEXT = KeyType("a string", lambda v: isinstance(v, str))
 PATH = KeyType("a path (a string)", lambda v: isinstance(v, (str, os.PathLike)))
 NUMBERS = KeyType("a list of numbers", lambda v: isinstance(v, list) and all(NUMBER.accepts(x) for x in v))
+SIZE = KeyType("a size such as \"256MB\" or a number of bytes",
+               lambda v: _is_int(v) or isinstance(v, str))  # its units and range: core/sizes.py
+SIZE_KEYS = ("memory_budget",)
 NAMES = KeyType("a name or a list of names",
                 lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v)))
 
@@ -56,7 +60,7 @@ FIELD_TYPES: dict[Any, KeyType] = {bool: BOOL, int: INT, float: NUMBER, str: TEX
 JOB_KEY_TYPES: dict[str, dict[str, KeyType]] = {
     "run": {"max_error_rate": NUMBER, "executor": TEXT, "wait": SECONDS, "workspace": PATH,
             "workers": INT, "ray_actors": INT, "ray_address": TEXT, "gpus_per_worker": NUMBER,
-            "in_flight": INT},
+            "in_flight": INT, "memory_budget": SIZE},
     "features": {"datasets": NAMES, "finetune": TEXT},
     "finetune": {"dataset": TEXT},
     "heads": {"dataset": TEXT, "features": TEXT, "predict": NAMES, "report": BOOL},
@@ -134,6 +138,7 @@ class JobSpec:
     executor_options: dict[str, Any] = field(default_factory=dict)  # ExecutorConfig fields from [run]
     finetunes: tuple[FinetuneJob, ...] = ()
     dedups: tuple[DedupJob, ...] = ()
+    memory_budget: int | None = None  # [run] memory_budget: every stage's unless its own table sets one
 
 
 def load_job(path: Path, overrides: tuple[str, ...] = (), workspace: Path | None = None) -> JobSpec:
@@ -207,7 +212,9 @@ def parse_job(doc: dict[str, Any], base: Path, source: str, workspace: Path | No
     dedups = tuple(_dedup_job(n, o, features) for n, o in _tables(doc, "dedup").items())
     options = {EXECUTOR_FIELDS.get(k, k): run[k] for k in EXECUTOR_KEYS if k in run}
     return JobSpec(source, datasets, features, heads, rate, executor, run.get("wait"), ws_text, indexes=indexes,
-                   executor_options=options, finetunes=finetunes, dedups=dedups)
+                   executor_options=options, finetunes=finetunes, dedups=dedups,
+                   memory_budget=None if "memory_budget" not in run else parse_size(run["memory_budget"],
+                                                                                    "run.memory_budget"))
 
 
 def _tables(doc: dict[str, Any], section: str) -> dict[str, dict[str, Any]]:
@@ -351,7 +358,7 @@ def field_types(cls: type) -> dict[str, KeyType]:
     """The KeyType of each field of a config dataclass whose annotation FIELD_TYPES knows."""
     out = {}
     for name, hint in typing.get_type_hints(cls).items():
-        kind = _key_type(hint)
+        kind = SIZE if name in SIZE_KEYS else _key_type(hint)
         if kind is not None:
             out[name] = kind
     return out
@@ -373,6 +380,9 @@ def check_types(values: dict[str, Any], expected: dict[str, KeyType], where: str
         if kind is not None and not kind.accepts(value):
             raise ConfigError(f"{where}.{key} = {toml_text(value)}: expected {kind.name}, "
                               f"got {_toml_type(value)}")
+        if kind is SIZE:
+            parse_size(value, f"{where}.{key}", key)
+            continue
         rng = RANGES.get(key)
         if kind is not None and rng is not None and not rng.allows(value):
             raise ConfigError(f"{where}.{key} = {toml_text(value)}: expected {rng.text()}")

@@ -66,6 +66,16 @@ def finetune_config(job: JobSpec, ftjob: FinetuneJob):
                         name=ftjob.name, wait=job.wait)
 
 
+def budgeted(job: JobSpec, options: dict) -> dict:
+    """A stage table's options with [run] memory_budget as its default."""
+    return options if job.memory_budget is None else {"memory_budget": job.memory_budget, **options}
+
+
+def stage_budget(job: JobSpec, hjob: HeadJob) -> int | str | None:
+    """The memory budget of a head's predict and report: its table's, else [run]'s."""
+    return hjob.options.get("memory_budget", job.memory_budget)
+
+
 def executor_config(job: JobSpec):
     """[run] executor and its options (workers, ray_actors, ray_address, gpus_per_worker)."""
     from imgfeat.extract.executors import ExecutorConfig
@@ -76,21 +86,21 @@ def executor_config(job: JobSpec):
 def train_config(job: JobSpec, hjob: HeadJob, featureset: str):
     from imgfeat.heads import TrainConfig
 
-    return build_config(TrainConfig, hjob.options, f"heads.{hjob.name}", dataset=hjob.dataset,
+    return build_config(TrainConfig, budgeted(job, hjob.options), f"heads.{hjob.name}", dataset=hjob.dataset,
                         featureset=featureset, name=hjob.name, wait=job.wait)
 
 
 def index_config(job: JobSpec, ijob: IndexJob, featureset: str):
     from imgfeat.index import IndexConfig
 
-    return build_config(IndexConfig, ijob.options, f"indexes.{ijob.name}", featureset=featureset,
+    return build_config(IndexConfig, budgeted(job, ijob.options), f"indexes.{ijob.name}", featureset=featureset,
                         datasets=ijob.datasets, name=ijob.name, wait=job.wait, rebuild=False)
 
 
-def dedup_config(djob: DedupJob, featureset: str):
+def dedup_config(djob: DedupJob, featureset: str, job: JobSpec | None = None):
     from imgfeat.index.dedup import DedupConfig
 
-    return build_config(DedupConfig, djob.options, f"dedup.{djob.name}", featureset=featureset,
+    return build_config(DedupConfig, djob.options if job is None else budgeted(job, djob.options), f"dedup.{djob.name}", featureset=featureset,
                         dataset=djob.dataset, name=djob.name)
 
 
@@ -109,7 +119,7 @@ def check_job(job: JobSpec) -> None:
     for ijob in job.indexes:
         index_config(job, ijob, featureset="placeholder")
     for djob in job.dedups:
-        dedup_config(djob, featureset="placeholder")
+        dedup_config(djob, featureset="placeholder", job=job)
 
 
 def check_inputs(job: JobSpec) -> None:
@@ -265,7 +275,7 @@ def _predict_all(ws: Workspace, job: JobSpec, heads: dict[str, str], run_id: str
         for hjob in job.heads:
             for dataset in hjob.predict:
                 cfg = PredictConfig(head_id=heads[hjob.name], dataset=dataset, wait=job.wait,
-                                    trust_pickle=job.trust_pickle)
+                                    trust_pickle=job.trust_pickle, memory_budget=stage_budget(job, hjob))
                 summary.predict[f"{hjob.name}/{dataset}"] = run_predict(ws, cfg, run_id)
 
 
@@ -275,7 +285,8 @@ def _report_all(ws: Workspace, job: JobSpec, heads: dict[str, str], run_id: str,
     with stage_lock(ws, "report", job.wait):
         for hjob in job.heads:
             if hjob.report:
-                cfg = ReportConfig(head_id=heads[hjob.name], wait=job.wait, trust_pickle=job.trust_pickle)
+                cfg = ReportConfig(head_id=heads[hjob.name], wait=job.wait, trust_pickle=job.trust_pickle,
+                                   memory_budget=stage_budget(job, hjob))
                 summary.report[hjob.name] = run_report(ws, cfg, run_id)
 
 
@@ -292,7 +303,7 @@ def _dedup_all(ws: Workspace, job: JobSpec, featuresets: dict, run_id: str, summ
 
     for djob in job.dedups:
         fs = featuresets[(djob.features, djob.dataset)]
-        summary.dedup[djob.name] = run_dedup(ws, dedup_config(djob, fs), run_id)
+        summary.dedup[djob.name] = run_dedup(ws, dedup_config(djob, fs, job), run_id)
 
 
 def error_rate(ws: Workspace, dataset: str, featureset: str) -> tuple[int, int]:

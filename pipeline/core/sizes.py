@@ -1,0 +1,57 @@
+"""Sizes of memory: ``--memory-budget 256MB`` parsed into bytes, and the default budget (a share of RAM)."""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+from imgfeat.core.errors import ConfigError
+from imgfeat.core.ranges import RANGES
+
+# Decimal units are powers of 1000, binary ones of 1024, as everywhere else (``ls -h`` aside).
+UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+         "pb": 10**15,
+         "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "pib": 2**50}
+UNITS_TEXT = "B, KB, MB, GB, TB, PB, KiB, MiB, GiB, TiB, PiB"
+DEFAULT_BUDGET_FRACTION = 4  # the default budget is a quarter of physical memory
+FALLBACK_RAM = 8 << 30  # where the OS does not say how much memory there is
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*")
+
+
+def parse_size(value: Any, where: str = "memory_budget", key: str = "memory_budget") -> int:
+    """``256MB``, ``2GiB``, ``1.5 GB`` or a whole number of bytes -> bytes; a ConfigError naming
+    ``where`` (the flag or key as written), the value and what is allowed otherwise (units, and the
+    range of ``key`` in core/ranges.py)."""
+    rng = RANGES[key]
+    allowed = f"a size such as 256MB or 2GiB (units {UNITS_TEXT}), from {human(int(rng.lo))} to {human(int(rng.hi))}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        n = value
+    elif isinstance(value, str) and (m := _SIZE.fullmatch(value)) and m.group(2).lower() in (*UNITS, ""):
+        n = int(float(m.group(1)) * UNITS[m.group(2).lower() or "b"])
+    else:
+        raise ConfigError(f"{where} = {value!r}: expected {allowed}")
+    if not rng.allows(n):
+        raise ConfigError(f"{where} = {value!r}: expected {allowed}")
+    return n
+
+
+def human(n: int) -> str:
+    """Bytes as people read them: ``256 MiB``, ``1.5 GiB``."""
+    for unit, size in (("PiB", 2**50), ("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n} B"
+
+
+def physical_memory() -> int:
+    """Bytes of RAM on this machine (FALLBACK_RAM where the OS does not say)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return FALLBACK_RAM
+
+
+def memory_budget(value: int | None) -> int:
+    """The budget a stage works within: the one given, else a quarter of physical memory."""
+    return int(value) if value is not None else physical_memory() // DEFAULT_BUDGET_FRACTION

@@ -237,7 +237,7 @@ def run_stages(source: str, n: int, ws: Path, stages: Sequence[str], root: Path 
             cmd += ["--memory-budget", args.memory_budget]
         rc, wall, rss, stdout = run_child(cmd, args.out / "logs" / f"{source}-{n}-{stage}.log")
         summary = last_json(stdout)
-        rows.append(Row(source, stage, n, rc, round(wall, 3), round(n / wall, 1), round(rss, 1),
+        rows.append(Row(source, stage, n, rc, round(wall, 3), round(n / wall, 3), round(rss, 1),
                         summary.get("seconds"), summary=summary))
         log.info("%-9s %-8s %10d  rc %d  %8.1f s  %9.1f items/s  %7.0f MiB", source, stage, n, rc, wall, n / wall, rss)
         if rc != 0:
@@ -266,7 +266,7 @@ def run_synthetic(n: int, args: argparse.Namespace, budget_stages: set[str]) -> 
         cmd = [sys.executable, __file__, "--write-synthetic", str(ws), "--rows", str(n), "--dim", str(args.dim),
                "--classes", str(args.classes), "--seed", str(args.seed)]
         rc, wall, rss, stdout = run_child(cmd, args.out / "logs" / f"synthetic-{n}-write.log")
-        write = Row("synthetic", "write", n, rc, round(wall, 3), round(n / wall, 1), round(rss, 1),
+        write = Row("synthetic", "write", n, rc, round(wall, 3), round(n / wall, 3), round(rss, 1),
                     summary=last_json(stdout))
         log.info("synthetic write    %10d  rc %d  %8.1f s", n, rc, wall)
         if rc != 0:

@@ -17,7 +17,8 @@ SCAN_KEYS = ["dataset", "root", "manifest", "files", "added", "changed", "unchan
              "hashed", "ok", "errors", "status", "labels", "splits", "skipped", "skipped_total",
              "labels_csv_missing", "seconds", "files_per_s"]
 PLAN_KEYS = ["dataset", "root", "new", "changed", "unchanged", "removed", "skipped"]
-RUN_KEYS = ["job", "scan", "extract", "train", "predict", "report", "timings", "model_work", "error_rates"]
+RUN_KEYS = ["job", "scan", "extract", "train", "predict", "report", "timings", "model_work", "error_rates",
+            "items_per_s"]
 
 
 def test_scan_summary_and_plan_are_frozen_with_todays_keys(ws, tmp_path):
@@ -50,6 +51,19 @@ def test_run_summary_json_has_todays_keys_and_reads_typed_or_dict_results():
     assert out["error_rates"]["a/d"] == {"errors": 1, "images": 4, "rate": 0.25}
     assert out["model_work"] is True  # b/d extracted 5 images
     assert RunSummary("j", train={"h": {"reused": True}}).model_work is False
+
+
+def test_run_summary_gives_each_timed_stage_its_items_per_second(tmp_path, capsys):
+    from imgfeat.cli.report_lines import print_run_summary
+    from imgfeat.core.workspace import Workspace
+
+    summary = RunSummary("j", extract={"a/d": {"extracted": 30}, "b/d": {"extracted": 10}},
+                         predict={"h/d": {"written": 0}}, train={"h": {"reused": False}},
+                         timings={"extract": 4.0, "predict": 1.0, "train": 2.0})
+    # extract: both featuresets over the stage's time; nothing predicted, and train has no items
+    assert summary.items_per_s == {"extract": 10.0} == summary.to_json()["items_per_s"]
+    print_run_summary(Workspace(tmp_path), RunSummary("j", predict={"h/d": {"written": 30}}, timings={"predict": 4.0}))
+    assert capsys.readouterr().out.splitlines()[-1] == "speed    predict 7.5 rows/s"
 
 
 def test_the_adapter_reads_attributes_and_keys_alike():

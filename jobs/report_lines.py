@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from imgfeat.core.workspace import Workspace
-from imgfeat.run.summary import RunSummary
+from imgfeat.run.summary import STAGE_ITEMS, RunSummary
 
 
 def _rel(path: Path | str) -> str:
@@ -43,6 +43,9 @@ def print_run_summary(ws: Workspace, summary: RunSummary) -> None:
     for key, r in summary.error_rates.items():
         if r.errors:
             print(f"errors   {key:<24} {r.errors} of {r.images} images ({r.rate:.1%})")
+    if rates := summary.items_per_s:
+        print("speed    " + ", ".join(f"{stage} {rate:,.1f} {STAGE_ITEMS[stage][1]}/s"
+                                      for stage, rate in rates.items()))
 
 
 def print_plan(plan: dict) -> None:

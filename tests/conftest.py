@@ -42,8 +42,8 @@ def pytest_ignore_collect(collection_path, config):
 # after, so neither worker is left alone with a long file at the end. A new file that takes more
 # than ~20 s belongs here by its cost; a name that no longer exists is harmless.
 LONGEST_GROUPS = (
-    "ray", "test_finetune", "test_run", "test_extract_crash", "test_backbones", "test_finetune_job",
-    "test_finetune_checkpoint",
+    "ray", "test_finetune", "test_run", "test_scale_bench", "test_extract_crash", "test_backbones",
+    "test_finetune_job", "test_finetune_checkpoint",
     "test_fidelity", "test_forward", "test_finetune_blocks", "test_readers", "test_extract_trust",
     "test_extract", "test_extract_gpu_path", "test_gpudecode", "test_train", "test_shard_tags", "test_lite",
     "test_bench", "test_examples", "test_classify", "test_index_job", "test_dedup", "test_dedup_job", "test_report",

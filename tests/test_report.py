@@ -107,3 +107,18 @@ def test_an_auto_head_shows_every_kinds_score_and_only_the_winners_parameters():
     assert kinds_compared({"head": "svm", "model_kind": "svm", "cv": {"svm": cv["svm"]}}) == ""
     params = {"cv": 5, "kernel": "linear", "max_iter": 1000, "epochs": 50, "hidden": 256}
     assert params_for("svm", params) == {"cv": 5, "kernel": "linear", "max_iter": 1000}
+
+
+def test_report_shows_its_steps_as_a_bar_on_a_terminal_only(reported, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    ws, head_id, _ = reported
+    copy = Workspace(tmp_path / "ws")  # a copy: the module's page stays as the other tests expect it
+    shutil.copytree(ws.root, copy.root)
+    capsys.readouterr()
+    monkeypatch.setenv("IMGFEAT_PROGRESS", "1")
+    run_report(copy, ReportConfig(head_id, max_mistakes=3), "r-bar")
+    assert re.search(r"report toy-mlp: 100%.*4/4", capsys.readouterr().err)
+    monkeypatch.setenv("IMGFEAT_PROGRESS", "0")
+    run_report(copy, ReportConfig(head_id, max_mistakes=4), "r-quiet")
+    assert "report toy-mlp:" not in capsys.readouterr().err

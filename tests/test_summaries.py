@@ -24,7 +24,8 @@ SCAN_KEYS = ["dataset", "root", "manifest", "files", "added", "changed", "unchan
              "hashed", "ok", "errors", "status", "labels", "splits", "skipped", "skipped_total",
              "labels_csv_missing", "seconds", "files_per_s"]
 PLAN_KEYS = ["dataset", "root", "new", "changed", "unchanged", "removed", "skipped"]
-RUN_KEYS = ["job", "scan", "extract", "train", "predict", "report", "timings", "model_work", "error_rates"]
+RUN_KEYS = ["job", "scan", "extract", "train", "predict", "report", "timings", "model_work", "error_rates",
+            "items_per_s"]
 
 
 def test_scan_summary_and_plan_are_frozen_with_todays_keys(ws, tmp_path):
@@ -95,6 +96,24 @@ def test_run_summary_comes_back_from_its_json_typed():
     assert back == summary and back.to_json() == out
     assert isinstance(back.extract["lite0/d"], ExtractSummary) and back.train["h"].metrics["test_accuracy"] is None
     assert back.no_accuracy == {"h": "no evaluation rows: why"}
+
+
+def test_run_summary_gives_each_timed_stage_its_items_per_second(tmp_path, capsys):
+    from imgfeat.cli.report_lines import print_run_summary
+    from imgfeat.core.workspace import Workspace
+
+    extract = _run_summary().extract["lite0/d"]
+    predicted = sample(PredictSummary)
+    summary = RunSummary("j", extract={"a/d": dataclasses.replace(extract, extracted=30),
+                                       "b/d": dataclasses.replace(extract, extracted=10)},
+                         predict={"h/d": dataclasses.replace(predicted, written=0)},
+                         train={"h": sample(TrainSummary)},
+                         timings={"extract": 4.0, "predict": 1.0, "train": 2.0})
+    # extract: both featuresets over the stage's time; nothing predicted, and train has no items
+    assert summary.items_per_s == {"extract": 10.0} == summary.to_json()["items_per_s"]
+    print_run_summary(Workspace(tmp_path), RunSummary("j", predict={"h/d": dataclasses.replace(predicted, written=30)},
+                                                       timings={"predict": 4.0}))
+    assert capsys.readouterr().out.splitlines()[-1] == "speed    predict 7.5 rows/s"
 
 
 def test_model_work_reads_the_typed_results():

@@ -28,6 +28,7 @@ from imgfeat.heads.artifacts import LoadedHead, load_head
 from imgfeat.heads.predict import prediction_shards
 from imgfeat.heads.versions import default_head_name, resolve_head
 from imgfeat.core import names as N
+from imgfeat.core.progress import progress
 from imgfeat.core.ranges import check_fields
 from imgfeat.core.results import JsonResult
 from imgfeat.core.storage import WAIT_HINT, FileLock, remove_file, remove_stale_tmp, write_bytes_atomic
@@ -159,15 +160,21 @@ def _write_report(ws: Workspace, cfg: ReportConfig, head: LoadedHead, head_id: s
     folder = ws.report_dir(head_id)
     folder.mkdir(parents=True, exist_ok=True)
     remove_stale_tmp(folder)
-    rows = A.read_rows(ws, head_id).to_pandas()
-    paths = _image_paths(ws, head.meta["dataset"])
-    mistakes, eval_role = _mistakes(ws, head, rows, paths, cfg.max_mistakes, memory_budget(cfg.memory_budget))
-    plots_png = _plots(ws, head, rows, cfg)
     name = head_name(head, cfg.head_id)
-    stamp = {"inputs": inputs, "plots": sorted(plots_png), "mistakes_shown": len(mistakes)}
-    page = render_page(head, name, eval_role, mistakes, plots_png, _prediction_rows(ws, head_id), cfg.thumb_size,
-                       stamp)
-    index = write_bytes_atomic(page.encode("utf-8"), folder / "index.html")
+    # a bar by step (rows, mistakes, plots, page): at a million rows each takes a while
+    with progress(total=4, desc=f"report {name}", unit="step") as bar:
+        rows = A.read_rows(ws, head_id).to_pandas()
+        paths = _image_paths(ws, head.meta["dataset"])
+        bar.update()
+        mistakes, eval_role = _mistakes(ws, head, rows, paths, cfg.max_mistakes, memory_budget(cfg.memory_budget))
+        bar.update()
+        plots_png = _plots(ws, head, rows, cfg)
+        bar.update()
+        stamp = {"inputs": inputs, "plots": sorted(plots_png), "mistakes_shown": len(mistakes)}
+        page = render_page(head, name, eval_role, mistakes, plots_png, _prediction_rows(ws, head_id),
+                           cfg.thumb_size, stamp)
+        index = write_bytes_atomic(page.encode("utf-8"), folder / "index.html")
+        bar.update()
     for stale in (CONFUSION_PNG, PROJECTION_PNG, A.CURVES_FILE):  # beside pages of older versions
         remove_file(folder / stale, ws.root)
     log.info("report for %s (%s): %s", name, head_id, index)

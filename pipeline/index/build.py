@@ -81,7 +81,7 @@ class IndexConfig:
             check_name("dataset", d)
         check_name("index", self.index_name)
         check_kind(self.kind)
-        for key in ("nlist", "nprobe", "hnsw_m", "ef_search", "memory_budget"):
+        for key in ("nlist", "nprobe", "hnsw_m", "ef_search"):  # memory_budget: check_fields (a size)
             value = getattr(self, key)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ConfigError(f"index {key} must be a positive integer, got {value!r}")

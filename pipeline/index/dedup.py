@@ -99,10 +99,8 @@ class DedupConfig:
         t = self.threshold
         if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 1):
             raise ConfigError(f"dedup threshold must be a cosine similarity in (0, 1], got {t!r}")
-        for key in ("neighbours", "page_groups", "exact_max", "memory_budget"):
+        for key in ("neighbours", "page_groups", "exact_max"):  # memory_budget: check_fields (a size)
             value = getattr(self, key)
-            if key == "memory_budget" and value is None:
-                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"dedup {key} must be a positive integer, got {value!r}")
         c = self.calibration_images

@@ -40,6 +40,13 @@ class ErrorRate:
         return cls(obj["errors"], obj["images"])
 
 
+# What a stage's items are, as its results name them (summed over the stage's results) and as a
+# person reads them; train and report are left out: their time is not per item.
+STAGE_ITEMS: dict[str, tuple[str, str]] = {"scan": ("files", "files"), "extract": ("extracted", "img"),
+                                           "predict": ("written", "rows"), "index": ("added", "rows"),
+                                           "dedup": ("images", "img")}
+
+
 @dataclass(frozen=True)
 class RunSummary:
     """What one `imgfeat run` did, stage by stage; filled as the stages finish, so a failed run
@@ -66,6 +73,17 @@ class RunSummary:
             not s.reused for s in [*self.train.values(), *self.finetune.values()]
         )
 
+    @property
+    def items_per_s(self) -> dict[str, float]:
+        """Items per second of each timed stage that did some (``STAGE_ITEMS``), over the stage's whole time."""
+        out: dict[str, float] = {}
+        for stage, (key, _) in STAGE_ITEMS.items():
+            items = sum(getattr(r, key) or 0 for r in getattr(self, stage).values())
+            seconds = self.timings.get(stage)
+            if items and seconds:
+                out[stage] = round(items / seconds, 1)
+        return out
+
     def to_json(self) -> JsonObject:
         train = {name: {**s.to_json(), **({NO_ACCURACY: self.no_accuracy[name]} if name in self.no_accuracy
                                           else {})} for name, s in self.train.items()}
@@ -82,6 +100,7 @@ class RunSummary:
             "timings": dict(self.timings),
             "model_work": self.model_work,
             "error_rates": {k: v.to_json() for k, v in self.error_rates.items()},
+            "items_per_s": self.items_per_s,
         }
 
     @classmethod

@@ -25,11 +25,12 @@ from imgfeat.core.hashing import file_sha256
 from imgfeat.core.options import opt
 from imgfeat.scan.manifest import ROW_GROUP_ROWS, make_info, manifest_writer, rows_to_table
 from imgfeat.scan.probe import Probe, over_limit_message, probe_file
-from imgfeat.core.progress import progress
+from imgfeat.core.progress import bars_enabled, progress
 from imgfeat.scan.rescan import SETTLED, OldRows, Previous, classify, load_previous
 from imgfeat.core.ranges import check_fields
 from imgfeat.core.results import JsonObject, JsonResult
 from imgfeat.core.storage import WAIT_HINT, FileLock, remove_stale_tmp
+from imgfeat.scan import walk as walk_module
 from imgfeat.scan.walk import FileEntry, WalkOptions, WalkStats, walk, walk_segments
 from imgfeat.core.workspace import Workspace, check_name
 
@@ -417,7 +418,8 @@ def _write_manifest(
     workers = cfg.workers or min(16, (os.cpu_count() or 1) + 4)
     with manifest_writer(ws.manifest_path(cfg.dataset), info) as writer, ThreadPoolExecutor(
         workers, thread_name_prefix="scan"
-    ) as pool, progress(desc=f"scan {cfg.dataset}", unit="file") as bar, warnings.catch_warnings():
+    ) as pool, progress(total=_expected_files(cfg, root, prev), desc=f"scan {cfg.dataset}",
+                        unit="file") as bar, warnings.catch_warnings():
         # Pillow warns between its limit and twice it; the scan records too_large itself.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         reader = _BatchReader(cfg, prev, labeller, options, pool, tally)
@@ -435,6 +437,24 @@ def _write_manifest(
     if tally.csv_missing:
         log.warning("%d rows of the labels CSV name files that are not in the scan", tally.csv_missing)
     return stats
+
+
+def _expected_files(cfg: ScanConfig, root: Path, prev: Previous | None) -> int | None:
+    """The progress bar's total, so that it shows an ETA; None (no count) when no bar is shown.
+
+    A rescan expects the previous manifest's rows; a first scan counts the files by the same walk
+    first (stat only: about a twentieth of a first scan's time), quietly: the walk itself warns.
+    """
+    if not bars_enabled():
+        return None
+    if prev is not None:
+        return prev.rows
+    walk_log = logging.getLogger(walk_module.__name__)
+    was, walk_log.disabled = walk_log.disabled, True
+    try:
+        return sum(len(seg) for seg in walk_segments(str(root), _walk_options(cfg), WalkStats()))
+    finally:
+        walk_log.disabled = was
 
 
 def run_scan(ws: Workspace, cfg: ScanConfig, run_id: str) -> ScanSummary:

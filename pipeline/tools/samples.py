@@ -68,7 +68,8 @@ class PhotoSetSpec:
     jitter: float = 0.25
 
 
-def _augment(photo: Image.Image, rng: np.random.Generator, spec: PhotoSetSpec) -> Image.Image:
+def augment(photo: Image.Image, rng: np.random.Generator, spec: PhotoSetSpec) -> Image.Image:
+    """One random crop, flip, scale (longest side in ``min_side..max_side``) and colour jitter of ``photo``."""
     w, h = photo.size
     area = rng.uniform(*spec.crop_area) * w * h
     aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
@@ -103,7 +104,7 @@ def make_photo_set(out_dir: Path, spec: PhotoSetSpec = PhotoSetSpec()) -> list[P
             split = "test" if i < n_test else "train"
             path = out_dir / split / label / f"{label}_{i:04d}.jpg"
             path.parent.mkdir(parents=True, exist_ok=True)
-            im = _augment(photo, rng, spec)
+            im = augment(photo, rng, spec)
             im.save(path, "JPEG", quality=int(rng.integers(75, 96)))
             written.append(path)
     return written

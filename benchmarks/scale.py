@@ -136,13 +136,13 @@ def write_synthetic(ws_root: Path, n: int, dim: int, classes: int, seed: int, dt
     from imgfeat.core import schemas as S
     from imgfeat.core.storage import write_json_atomic
     from imgfeat.core.workspace import Workspace
-    from imgfeat.extract.shards import FeaturesetDirs, ShardWriter
+    from imgfeat.extract.shards import FeaturesetDirs, FeaturesetWriter
     from imgfeat.scan.manifest import make_info, manifest_writer, rows_to_table
 
     ws = Workspace(ws_root)
     prov = synthetic_provenance(dim, dtype)
     write_json_atomic(prov.to_json(), ws.featureset_provenance(prov.featureset))
-    writer = ShardWriter(FeaturesetDirs.of(ws, prov.featureset), "synthetic", prov, shard_rows)
+    writer = FeaturesetWriter(FeaturesetDirs.of(ws, prov.featureset), "synthetic", prov, shard_rows)
     labels = np.array([f"class{c:02d}" for c in range(classes)])
     # paths under a folder that does not exist: stages that open files find none and say so
     info = make_info(ws_root / "no-images", DATASET, {"synthetic": SYNTHETIC_BACKBONE}, "synthetic")

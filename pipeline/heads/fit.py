@@ -178,7 +178,7 @@ def choose_kind(cfg: TrainConfig, X_cv: np.ndarray, y_cv: np.ndarray) -> tuple[s
     return winner, cv, best[winner], folds.n_splits
 
 
-def chosen_params(best: dict[str, Any]) -> dict[str, Any]:
+def chosen_params(best: dict[str, Any]) -> JsonObject:
     """``{"clf__C": 0.1}`` -> ``{"C": 0.1}`` (head.json's ``chosen``)."""
     return {k.rsplit("__", 1)[-1]: v for k, v in best.items()}
 
@@ -315,7 +315,7 @@ def evaluate(estimator: Any, X: np.ndarray, y: np.ndarray, classes: list[str]) -
     return scores_of(y, estimator.predict(X) if len(y) else y, classes)
 
 
-def scores_of(y: np.ndarray, pred: np.ndarray, classes: list[str]) -> dict[str, Any]:
+def scores_of(y: np.ndarray, pred: np.ndarray, classes: list[str]) -> JsonObject:
     """``evaluate``'s metrics from the true and predicted labels (a streamed evaluation gathers these)."""
     if len(y) == 0:
         return {"test_accuracy": None, "macro_f1": None, "per_class": {}, "confusion": None,

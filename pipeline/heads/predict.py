@@ -10,7 +10,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import pyarrow as pa
@@ -216,6 +216,29 @@ class PredictSummary(JsonResult):
                 or k in ("rows_per_s",)}
 
 
+class DatasetOutcome(TypedDict):
+    """The fields of ``PredictSummary`` a dataset run fills."""
+
+    dataset: str
+    images: int
+    skipped: int
+    missing_features: int
+    not_readable: int
+    duplicates: int
+    left_out_files: list[dict[str, Any]]
+
+
+class FilesOutcome(TypedDict):
+    """The fields of ``PredictSummary`` an image-file run fills."""
+
+    files: int
+    errors: int
+    errors_by_code: dict[str, int]
+    skipped: int
+    missing_features: int
+    predictions: list[dict[str, Any]]
+
+
 def run_predict(ws: Workspace, cfg: PredictConfig, run_id: str) -> PredictSummary:
     """Predict what is new for this head: dataset rows to ``predictions/<head_id>/``, files to ``file_predictions/``."""
     t0 = time.perf_counter()
@@ -228,6 +251,7 @@ def run_predict(ws: Workspace, cfg: PredictConfig, run_id: str) -> PredictSummar
         remove_stale_tmp(folder)
         reconcile_predictions(folder)
         writer = ShardWriter(folder, run_id, cfg.shard_rows)
+        out: DatasetOutcome | FilesOutcome
         if cfg.dataset is not None:
             out = _predict_dataset(ws, cfg, head, writer, run_id)
         else:
@@ -246,7 +270,7 @@ def run_predict(ws: Workspace, cfg: PredictConfig, run_id: str) -> PredictSummar
 
 
 def _predict_dataset(ws: Workspace, cfg: PredictConfig, head: LoadedHead, writer: ShardWriter,
-                     run_id: str) -> dict[str, Any]:
+                     run_id: str) -> DatasetOutcome:
     images, dropped, files = unique_images(read_manifest(ws, cfg.dataset))
     done = predicted_ids(ws, head.head_id, cfg.dataset)
     todo = images[~images[S.IMAGE_ID].isin(done)].set_index(S.IMAGE_ID)
@@ -312,7 +336,7 @@ def expand_paths(items: Sequence[str]) -> tuple[list[Path], list[str]]:
 
 
 def _predict_files(ws: Workspace, cfg: PredictConfig, head: LoadedHead, writer: ShardWriter,
-                   run_id: str) -> dict[str, Any]:
+                   run_id: str) -> FilesOutcome:
     from imgfeat.extract.extract import extract_files
 
     paths, unmatched = expand_paths(cfg.paths)

@@ -26,7 +26,7 @@ def test_a_bad_size_names_the_key_the_value_and_what_is_allowed(bad):
         parse_size(bad, "heads.h.memory_budget")
     said = str(info.value)
     assert said.startswith(f"heads.h.memory_budget = {bad!r}: expected a size")
-    assert "GiB" in said and "from 1 MiB to 1 PiB" in said
+    assert "GiB" in said and "from 64 KiB to 1 PiB" in said
 
 
 @pytest.mark.quick

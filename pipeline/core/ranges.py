@@ -89,7 +89,7 @@ RANGES: dict[str, Range] = {
     "max_points": _ints(2, 1_000_000),
     "thumb_size": _ints(8, 1024),
     # train, predict, report, index, dedup: bytes of features held at once (core/sizes.py parses "256MB")
-    "memory_budget": _ints(1 << 20, 1 << 50),
+    "memory_budget": _ints(64 << 10, 1 << 50),  # 64 KiB: tests force the streamed paths on small data
     # finetune
     "unfreeze_blocks": _ints(1, 1000),
     "warmup_epochs": _ints(0, 100_000),

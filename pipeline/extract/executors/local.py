@@ -15,7 +15,7 @@ from typing import Any
 from imgfeat.core.errors import ImgfeatError
 from imgfeat.core.results import JsonObject
 from imgfeat.extract.batches import Batch, InputSpec, Item, chunked, make_batch, resolve_decode
-from imgfeat.extract.executors import BatchReport, ExecutorConfig, ExtractJob, timed_build
+from imgfeat.extract.executors.base import BatchReport, ExecutorConfig, ExtractJob, timed_build
 from imgfeat.extract.forward import DEFAULT_DEPTH, Forward, in_flight
 from imgfeat.extract.shards import FeaturesetDirs, FeaturesetWriter, refuse_non_finite
 

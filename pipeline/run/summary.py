@@ -7,6 +7,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from imgfeat.core.results import JsonObject
+from imgfeat.extract.extract import ExtractSummary
+from imgfeat.finetune.train import FinetuneSummary
+from imgfeat.heads.predict import PredictSummary
+from imgfeat.heads.report import ReportSummary
+from imgfeat.heads.train import TrainSummary
+from imgfeat.index.build import IndexSummary
+from imgfeat.index.dedup import DedupSummary
+from imgfeat.scan.scan import ScanSummary
 
 if TYPE_CHECKING:  # only types here: importing the stages would slow `imgfeat --help`
     from imgfeat.extract.extract import ExtractSummary
@@ -107,14 +115,6 @@ class RunSummary:
     def from_json(cls, obj: Mapping[str, Any]) -> RunSummary:
         """The summary back from its JSON object (runs/<run_id>.json holds it)."""
         # The stages load here, not at import: `imgfeat --help` imports this module.
-        from imgfeat.extract.extract import ExtractSummary
-        from imgfeat.finetune.train import FinetuneSummary
-        from imgfeat.heads.predict import PredictSummary
-        from imgfeat.heads.report import ReportSummary
-        from imgfeat.heads.train import TrainSummary
-        from imgfeat.index.build import IndexSummary
-        from imgfeat.index.dedup import DedupSummary
-        from imgfeat.scan.scan import ScanSummary
 
         return cls(
             job=obj["job"], scan=_each(obj, "scan", ScanSummary.from_json),

@@ -9,7 +9,6 @@ import logging
 import shlex
 import sys
 import time
-from typing import TYPE_CHECKING
 
 from imgfeat.cli.common import JobContext, Summary, add_command, ranged
 from imgfeat.cli.report_lines import _rel, print_run_summary
@@ -17,9 +16,6 @@ from imgfeat.tools.samples import demo_photo_set
 from imgfeat.run.jobfile import load_job
 from imgfeat.run.run import run_job_spec
 from imgfeat.run.summary import RunSummary
-
-if TYPE_CHECKING:
-    from imgfeat.run.summary import RunSummary
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -22,14 +22,11 @@ from imgfeat.core.errors import ImgfeatError, unknown_value
 from imgfeat.extract.extract import ExtractConfig, check_recipe_name, extract_files, record_recipe_name, run_extract
 from imgfeat.extract.featureset import featureset_info, load_features, read_feature_table
 from imgfeat.heads.predict import PredictConfig, run_predict
-from imgfeat.heads.report import ReportConfig, run_report
+from imgfeat.heads.report import ReportConfig, ReportSummary, run_report
 from imgfeat.heads.train import TrainConfig, run_train
 from imgfeat.heads.versions import resolve_featureset
 from imgfeat.scan.scan import ScanConfig, run_scan
 from imgfeat.tools.catalog import list_workspace
-
-if TYPE_CHECKING:  # only a type here: `import imgfeat` stays fast, the stages load on first use
-    from imgfeat.heads.report import ReportSummary
 
 log = logging.getLogger(__name__)
 

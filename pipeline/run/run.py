@@ -7,12 +7,19 @@ import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from imgfeat.extract.extract import ExtractConfig, check_error_rate, plan_extract, record_recipe_name, run_extract
+from imgfeat.extract.extract import (
+    ExtractConfig,
+    ExtractSummary,
+    check_error_rate,
+    plan_extract,
+    record_recipe_name,
+    run_extract,
+)
 from imgfeat import heads as H  # H.run_predict, ...: looked up when called (tests patch them)
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError
@@ -24,15 +31,11 @@ from imgfeat.core.workspace import Workspace
 from imgfeat.extract.executors import ExecutorConfig
 from imgfeat.extract.featureset import errored_ids
 from imgfeat.finetune import FinetuneConfig, run_finetune
-from imgfeat.heads.train import TrainConfig
+from imgfeat.heads.train import TrainConfig, TrainSummary
 from imgfeat.index import IndexConfig, build_index
 from imgfeat.index.dedup import DedupConfig, run_dedup
 from imgfeat.scan.manifest import read_manifest
 from imgfeat.scan.scan import ScanConfig, plan_scan, resolve_root, run_scan
-
-if TYPE_CHECKING:  # only types here: each stage is imported when the job first needs it
-    from imgfeat.extract.extract import ExtractSummary
-    from imgfeat.heads.train import TrainSummary
 
 log = logging.getLogger(__name__)
 

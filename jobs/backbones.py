@@ -6,6 +6,11 @@ import argparse
 from typing import Any
 
 from imgfeat.cli.common import JobContext, Summary, add_command
+from imgfeat.backbones import build_model, get_backbone, list_backbones
+from imgfeat.backbones.hub import FAMILY_NOTES, cached_hub_rows, cached_presets, kagglehub_cache
+from imgfeat.backbones.weights import is_cached
+from imgfeat.core.errors import ConfigError, unknown_value
+from imgfeat.finetune.blocks import backbone_blocks, family_pattern
 
 DESCRIPTION = """\
 List every registered backbone: its family, default input size, pooled feature dim,
@@ -53,12 +58,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def backbone_rows(family: str | None = None) -> list[dict[str, Any]]:
     """One plain dict per backbone, as --json shows it."""
-    from imgfeat.backbones import list_backbones
-    from imgfeat.core.errors import unknown_value
-    from imgfeat.backbones.weights import is_cached
-
-    from imgfeat.backbones.hub import FAMILY_NOTES
-
     specs = list_backbones()
     if family is not None and family not in {s.family for s in specs} | set(FAMILY_NOTES):
         raise unknown_value("backbone family", family, {s.family for s in specs} | set(FAMILY_NOTES))
@@ -72,12 +71,8 @@ def backbone_rows(family: str | None = None) -> list[dict[str, Any]]:
 
 def layer_rows(name: str) -> list[dict[str, Any]]:
     """Layer name, type and output shape of a backbone built with random weights at its default size."""
-    from imgfeat.backbones import get_backbone
-
     spec = get_backbone(name)
     if getattr(spec, "preset_dir", None):
-        from imgfeat.core.errors import ConfigError
-
         raise ConfigError(f"{name} is a keras-hub preset: its feature is the {spec.family} {spec.embedding} "
                           f"embedding, with no --layer taps")
     model = spec.constructor_fn()(include_top=False, weights=None,
@@ -88,9 +83,6 @@ def layer_rows(name: str) -> list[dict[str, Any]]:
 
 def block_rows(name: str) -> list[dict[str, Any]]:
     """The backbone's blocks, top last: name, first layer, layer count, and N to unfreeze from it."""
-    from imgfeat.backbones import build_model, get_backbone
-    from imgfeat.finetune.blocks import backbone_blocks, family_pattern
-
     spec = get_backbone(name)
     family_pattern(spec)  # a family without named blocks says so before building anything
     model = build_model(spec, weights="none", input_size=spec.min_size)
@@ -110,8 +102,6 @@ def format_table(rows: list[dict[str, Any]], columns: tuple[tuple[str, str], ...
 
 def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:
     if args.hub:
-        from imgfeat.backbones.hub import cached_presets, kagglehub_cache
-
         rows = cached_presets()
         if not args.json:
             print(format_table(rows, (("preset", "name"), ("cached", "cached"), ("path", "path"))))
@@ -140,21 +130,15 @@ def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:
 
 
 def hub_families() -> dict[str, str]:
-    from imgfeat.backbones.hub import FAMILY_NOTES
-
     return dict(FAMILY_NOTES)
 
 
 def hub_backbone_rows(family: str | None = None) -> list[dict[str, Any]]:
     """keras-hub presets in the local kagglehub cache (no keras-hub import)."""
-    from imgfeat.backbones.hub import cached_hub_rows
-
     return [r for r in cached_hub_rows() if family in (None, r["family"])]
 
 
 def hub_note(hub_rows: list[dict[str, Any]]) -> str:
-    from imgfeat.backbones.hub import kagglehub_cache
-
     families = "".join(f"\n  {k:<8} {v}" for k, v in hub_families().items())
     return (f"keras-hub families (any preset name or preset directory works as --backbone):{families}\n"
             f"{len(hub_rows)} preset(s) cached in {kagglehub_cache()}")

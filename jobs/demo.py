@@ -9,14 +9,13 @@ import logging
 import shlex
 import sys
 import time
-from typing import TYPE_CHECKING
 
 from imgfeat.cli.common import JobContext, Summary, add_command, ranged
 from imgfeat.cli.report_lines import _rel, print_run_summary
 from imgfeat.tools.samples import demo_photo_set
-
-if TYPE_CHECKING:
-    from imgfeat.run.summary import RunSummary
+from imgfeat.run.jobfile import load_job
+from imgfeat.run.run import run_job_spec
+from imgfeat.run.summary import RunSummary
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +45,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:
-    from imgfeat.run.jobfile import load_job
-    from imgfeat.run.run import run_job_spec
-    from imgfeat.run.summary import RunSummary
-
     t0 = time.perf_counter()
     images, n = demo_photo_set(ctx.ws.root / "demo_images", args.per_class)
     log.info("demo photo set: %d images in %s", n, images)

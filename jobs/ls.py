@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from imgfeat.cli.common import JobContext, Summary, add_command
+from imgfeat.tools.catalog import list_workspace
 
 DESCRIPTION = """\
 List what the workspace holds, newest first:
@@ -33,8 +34,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:
-    from imgfeat.tools.catalog import list_workspace
-
     out = list_workspace(ctx.ws).to_json()
     if not args.json:
         print_catalog(out)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from imgfeat.cli.common import JobContext, Summary, add_command
+from imgfeat.tools.catalog import run_prune
 
 DESCRIPTION = """\
 Remove what nothing points to any more:
@@ -34,8 +35,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:
-    from imgfeat.tools.catalog import run_prune
-
     out = run_prune(ctx.ws, yes=args.yes).to_json()
     if not args.json:
         print_prune(out)

@@ -8,6 +8,9 @@ from pathlib import Path
 
 from imgfeat.cli.common import JobContext, Summary, add_command, add_trust_pickle, ranged, seconds
 from imgfeat.cli.report_lines import print_plan, print_run_summary
+from imgfeat.run.jobfile import load_job
+from imgfeat.run.run import plan_job, run_job_spec
+from imgfeat.run.summary import RunSummary
 
 DESCRIPTION = """\
 Run scan -> extract -> train -> predict -> report for the datasets, featuresets and heads
@@ -56,10 +59,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:
-    from imgfeat.run.jobfile import load_job
-    from imgfeat.run.run import plan_job, run_job_spec
-    from imgfeat.run.summary import RunSummary
-
     job = load_job(args.job, tuple(args.overrides), workspace=ctx.ws.root)
     flags = {"max_error_rate": args.max_error_rate, "executor": args.executor, "wait": args.wait,
              "trust_pickle": args.trust_pickle or None}

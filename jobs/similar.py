@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 
 from imgfeat.cli.common import JobContext, Summary, add_command, ranged, require
+from imgfeat.core.storage import write_bytes_atomic
+from imgfeat.index import Index
+from imgfeat.index.page import render_similar_page
 
 DESCRIPTION = """\
 Print the most similar images in an index ('imgfeat index') for each query: image files
@@ -46,8 +49,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:
-    from imgfeat.index import Index
-
     require(sum(map(bool, (args.images, args.image_ids, args.texts))) == 1,
             "give image files, --image-id IDs or --text T (one of the three)")
     html_target = _html_target(args.html) if args.html else None  # checked before any work
@@ -79,9 +80,6 @@ def _html_target(path: str):
 
 
 def _write_page(target, index, results, run_id: str) -> str:
-    from imgfeat.core.storage import write_bytes_atomic
-    from imgfeat.index.page import render_similar_page
-
     page = render_similar_page(index.name, index.featureset, results, index.path_of, run_id)
     write_bytes_atomic(page.encode("utf-8"), target)
     return str(target)

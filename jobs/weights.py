@@ -7,6 +7,10 @@ from pathlib import Path
 
 from imgfeat.cli.backbones import format_table
 from imgfeat.cli.common import JobContext, Summary, add_command, require
+from imgfeat.backbones import get_backbone
+from imgfeat.backbones.hub import fetch_preset, import_preset, looks_like_hub
+from imgfeat.backbones.cache import import_weights, weights_table
+from imgfeat.backbones.weights import fetch_weights, keras_cache_dir
 
 ACTIONS = ("list", "fetch", "import")
 
@@ -49,9 +53,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:
-    from imgfeat.backbones import get_backbone
-    from imgfeat.backbones.weights import fetch_weights, import_weights, keras_cache_dir, weights_table
-
     if args.action == "list":
         rows = weights_table()
         if not args.json:
@@ -60,7 +61,6 @@ def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:
         return {"cache": str(keras_cache_dir()), "weights": rows}
     require(args.target is not None, f"imgfeat weights {args.action} needs a "
             f"{'backbone NAME' if args.action == 'fetch' else 'FILE'}")
-    from imgfeat.backbones.hub import fetch_preset, import_preset, looks_like_hub
 
     if args.action == "fetch" and looks_like_hub(args.target):
         summary = {"backbone": args.target, "path": str(fetch_preset(args.target.strip().lower()))}

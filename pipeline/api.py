@@ -7,7 +7,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -18,9 +18,15 @@ from imgfeat.core.logs import ensure_notebook_logging, quiet_framework_start, qu
 from imgfeat.core.results import JsonObject
 from imgfeat.core.runs import new_run_id
 from imgfeat.core.workspace import Workspace
-
-if TYPE_CHECKING:  # only a type here: `import imgfeat` stays fast, the stages load on first use
-    from imgfeat.heads.report import ReportSummary
+from imgfeat.core.errors import ImgfeatError, unknown_value
+from imgfeat.extract.extract import ExtractConfig, check_recipe_name, extract_files, record_recipe_name, run_extract
+from imgfeat.extract.featureset import featureset_info, load_features, read_feature_table
+from imgfeat.heads.predict import PredictConfig, run_predict
+from imgfeat.heads.report import ReportConfig, ReportSummary, run_report
+from imgfeat.heads.train import TrainConfig, run_train
+from imgfeat.heads.versions import resolve_featureset
+from imgfeat.scan.scan import ScanConfig, run_scan
+from imgfeat.tools.catalog import list_workspace
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +87,6 @@ class ExtractResult:
 
 def scan(root: str | os.PathLike, dataset: str, *, workspace: WorkspaceLike = None, **options: Any) -> ScanResult:
     """``imgfeat scan``: a folder into the dataset's manifest; ``options`` are ScanConfig fields."""
-    from imgfeat.scan.scan import ScanConfig, run_scan
-
     ws = _ws(workspace)
     out = run_scan(ws, ScanConfig(root=root, dataset=dataset, **options), new_run_id())
     return ScanResult(dataset, str(ws.manifest_path(dataset)), out.to_json())
@@ -92,8 +96,6 @@ def scan(root: str | os.PathLike, dataset: str, *, workspace: WorkspaceLike = No
 def extract(dataset: str, backbone: str = "efficientnet_lite0", *, name: str | None = None,
             workspace: WorkspaceLike = None, **options: Any) -> ExtractResult:
     """``imgfeat extract``: features of a dataset's new images; ``name`` records a recipe name for it."""
-    from imgfeat.extract.extract import ExtractConfig, check_recipe_name, record_recipe_name, run_extract
-
     if name:
         check_recipe_name(name)  # before any work, as the command line does
     ws = _ws(workspace)
@@ -107,8 +109,6 @@ def extract(dataset: str, backbone: str = "efficientnet_lite0", *, name: str | N
 def train(dataset: str, featureset: str, head: str = "logreg", *, name: str | None = None,
           workspace: WorkspaceLike = None, **options: Any):
     """``imgfeat train``: a head on a featureset (full or recipe name); returns a ``TrainSummary``."""
-    from imgfeat.heads.train import TrainConfig, run_train
-
     cfg = TrainConfig(dataset=dataset, featureset=featureset, head=head, name=name, **options)
     return run_train(_ws(workspace), cfg, new_run_id())
 
@@ -117,8 +117,6 @@ def train(dataset: str, featureset: str, head: str = "logreg", *, name: str | No
 def predict(head: str, dataset: str | None = None, paths: tuple[str, ...] | list[str] = (), *,
             workspace: WorkspaceLike = None, **options: Any):
     """``imgfeat predict``: a head (name, NAME@ID or id) on a dataset or on files/folders/globs."""
-    from imgfeat.heads.predict import PredictConfig, run_predict
-
     cfg = PredictConfig(head_id=head, dataset=dataset, paths=tuple(str(p) for p in paths), **options)
     return run_predict(_ws(workspace), cfg, new_run_id())
 
@@ -126,15 +124,11 @@ def predict(head: str, dataset: str | None = None, paths: tuple[str, ...] | list
 @_quiet
 def report(head: str, *, workspace: WorkspaceLike = None, **options: Any) -> ReportSummary:
     """``imgfeat report``: the head's self-contained HTML page; returns its path and counts (a ``ReportSummary``)."""
-    from imgfeat.heads.report import ReportConfig, run_report
-
     return run_report(_ws(workspace), ReportConfig(head_id=head, **options), new_run_id())
 
 
 def ls(*, workspace: WorkspaceLike = None):
     """``imgfeat ls``: datasets, featuresets, heads (a ``Catalog``)."""
-    from imgfeat.tools.catalog import list_workspace
-
     return list_workspace(_ws(workspace))
 
 
@@ -142,8 +136,6 @@ class Featureset:
     """One featureset, by full name or recipe name (its latest): ids and feature matrices."""
 
     def __init__(self, name: str, workspace: WorkspaceLike = None) -> None:
-        from imgfeat.heads.versions import resolve_featureset
-
         self.workspace = _ws(workspace)
         self.name = resolve_featureset(self.workspace, name)
 
@@ -153,21 +145,15 @@ class Featureset:
     @property
     def info(self) -> JsonObject:
         """Its provenance: backbone, weights, input size, pooling, dim, dtype, ..."""
-        from imgfeat.extract.featureset import featureset_info
-
         return featureset_info(self.workspace, self.name)
 
     def to_numpy(self, ids: list[str] | None = None, dtype: Any = np.float32) -> tuple[np.ndarray, np.ndarray]:
         """``(image_ids, X)``: every feature row (or the ``ids`` that have one), X as ``dtype``."""
-        from imgfeat.extract.featureset import load_features
-
         return load_features(self.workspace, self.name, ids, dtype)
 
     def to_arrow(self) -> pa.Table:
         """``image_id``, ``feature`` (fixed-size list) as stored, every committed shard (rows holding
         NaN or inf left out, with a warning)."""
-        from imgfeat.extract.featureset import read_feature_table
-
         table = read_feature_table(self.workspace, self.name)
         if table is None:
             dim = int(self.info.get("dim", 0))
@@ -218,10 +204,6 @@ class FeatureTransformer(TransformerMixin, BaseEstimator):
     @_quiet
     def _features(self, given: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(a row per path, NaN where there is no feature; which rows have one), after on_error's check."""
-        from imgfeat.core.errors import ImgfeatError
-        from imgfeat.extract.extract import extract_files
-        from imgfeat.extract.featureset import load_features
-
         self._check_on_error()
         ws = _ws(self.workspace)
         fs = getattr(self, "featureset_", None) or Featureset(self.featureset, ws).name
@@ -255,8 +237,6 @@ class FeatureTransformer(TransformerMixin, BaseEstimator):
 
     def _check_on_error(self) -> None:
         if self.on_error not in ON_ERROR:
-            from imgfeat.core.errors import unknown_value
-
             raise unknown_value("on_error", str(self.on_error), ON_ERROR)
 
     def _paths(self, X: Any) -> list[str]:

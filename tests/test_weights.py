@@ -15,7 +15,8 @@ from imgfeat.cli.main import main
 from imgfeat.backbones import weights as weights_mod
 from imgfeat.backbones import get_backbone, list_backbones
 from imgfeat.core.errors import ConfigError, ImgfeatError
-from imgfeat.backbones.weights import file_digests, import_weights, is_cached, keras_cache_dir, resolve_weights
+from imgfeat.backbones.cache import import_weights
+from imgfeat.backbones.weights import file_digests, is_cached, keras_cache_dir, resolve_weights
 
 
 @pytest.fixture(autouse=True)

@@ -32,15 +32,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from imgfeat.backbones import BackboneSpec
+from imgfeat.backbones.spec import BackboneSpec
+from imgfeat.backbones.weights import WeightsRef, file_digests
 from imgfeat.core import hashing
-from imgfeat.core.errors import ConfigError
+from imgfeat.core.errors import ConfigError, ImgfeatError, unknown_value
 from imgfeat.core.results import JsonObject
 
 if TYPE_CHECKING:
     import keras
-
-    from imgfeat.backbones.weights import WeightsRef
 
 log = logging.getLogger(__name__)
 
@@ -280,8 +279,6 @@ def _read_json(path: Path) -> JsonObject:
 def preset_digest(path: Path) -> str:
     """sha256 over every file of the preset (relative path + content hash), metadata.json aside:
     the same weights, config and converter give the same digest wherever the folder lives."""
-    from imgfeat.backbones.weights import file_digests
-
     lines = []
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
         rel = f.relative_to(path).as_posix()
@@ -324,8 +321,6 @@ def cached_preset_dir(name: str) -> Path:
     """The cached directory of a preset name, or a ConfigError saying how to stage it."""
     handles = preset_handles()
     if name not in handles:
-        from imgfeat.core.errors import unknown_value
-
         raise unknown_value("keras-hub preset", name, sorted(handles), hint="imgfeat backbones --hub lists them")
     base, version = handle_dir(handles[name])
     found = _version_dir(base, version)
@@ -364,8 +359,6 @@ def import_preset(source: Path, name: str) -> Path:
     spec_from_dir(source, name)  # a folder that is no supported preset fails before anything is copied
     handles = preset_handles()
     if name not in handles:
-        from imgfeat.core.errors import unknown_value
-
         raise unknown_value("keras-hub preset", name, sorted(handles))
     base, version = handle_dir(handles[name])
     dest = base / (version or "1")
@@ -381,12 +374,8 @@ def import_preset(source: Path, name: str) -> Path:
 
 def fetch_preset(name: str) -> Path:
     """Download a preset through kagglehub into its cache (machines with internet only)."""
-    from imgfeat.core.errors import ImgfeatError
-
     handles = preset_handles()
     if name not in handles:
-        from imgfeat.core.errors import unknown_value
-
         raise unknown_value("keras-hub preset", name, sorted(handles))
     base, version = handle_dir(handles[name])
     found = _version_dir(base, version)

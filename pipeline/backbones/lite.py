@@ -18,6 +18,7 @@ from imgfeat.core import hashing
 from imgfeat.core.errors import ConfigError, ImgfeatError
 from imgfeat.core.storage import FileLock, atomic_path
 from imgfeat.backbones.weights import keras_cache_dir
+from imgfeat.backbones.torchfile import read_state_dict
 
 if TYPE_CHECKING:
     import keras
@@ -314,8 +315,6 @@ def converted_weights(variant: LiteVariant) -> Path:
 
 
 def _convert(variant: LiteVariant, source: Path, target: Path) -> None:
-    from imgfeat.backbones.torchfile import read_state_dict
-
     log.info("converting %s ImageNet weights from %s (once) into %s", variant.name, source, target)
     model = build_lite(variant, include_top=True)
     load_torch_weights(model, variant, read_state_dict(source))

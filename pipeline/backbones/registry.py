@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from imgfeat.backbones import BackboneSpec, KerasWeightsFile
+from imgfeat.backbones.spec import BackboneSpec, KerasWeightsFile
 
 # One row per keras.applications constructor (Keras 3.15 has 40). "dim" is the pooled feature dim
 # with include_top=False (avg and max agree); "top" says the ImageNet classifier is a function of

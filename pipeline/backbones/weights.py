@@ -1,4 +1,5 @@
-"""Weights identity and the offline Keras weights cache: resolve, hash, list, fetch, import."""
+"""Weights identity and the offline Keras weights cache: resolve, hash, fetch (listing the cache and
+importing a file into it, which need the backbone table, are cache.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import socket
 import threading
 from collections.abc import Iterator
@@ -14,12 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from imgfeat.backbones.dotted import resolve
 from imgfeat.core import hashing
 from imgfeat.core.errors import ConfigError, ImgfeatError
-from imgfeat.core.storage import atomic_path, write_json_atomic
+from imgfeat.core.storage import write_json_atomic
 
 if TYPE_CHECKING:
-    from imgfeat.backbones import BackboneSpec, KerasWeightsFile
+    from imgfeat.backbones.spec import BackboneSpec, KerasWeightsFile
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +87,6 @@ def _pip_weights_available(spec: "BackboneSpec") -> bool:
     """Whether a spec whose weights come from its own function can produce them offline."""
     if not spec.imagenet_available:
         return True  # the spec gives no cheap check; resolving will say what is missing
-    from imgfeat.backbones import resolve
-
     return bool(resolve(spec.imagenet_available)(spec.name))
 
 
@@ -113,8 +112,6 @@ def resolve_weights(
 
 
 def _resolve_imagenet(spec: "BackboneSpec", input_size: int | None, include_top: bool) -> WeightsRef:
-    from imgfeat.backbones import resolve
-
     if spec.imagenet_weights:
         path = Path(resolve(spec.imagenet_weights)())
         return WeightsRef("imagenet", path, file_digests(path)["sha256"])
@@ -208,28 +205,6 @@ def keras_offline(path: Path) -> Iterator[None]:
 # ------------------------------------------------------------------------------- list, fetch, import
 
 
-def weights_table() -> list[dict[str, Any]]:
-    """One row per backbone: the ImageNet file it needs, whether it is cached, and where."""
-    from imgfeat.backbones import list_backbones
-
-    rows = []
-    for spec in list_backbones():
-        if spec.keras_weights is not None:
-            path, url, file_hash = expected_file(spec)
-            source = url
-        else:
-            path, file_hash, source = None, None, spec.imagenet_weights
-        rows.append({
-            "backbone": spec.name,
-            "file": path.name if path else "(from a pip package)",
-            "cached": is_cached(spec),
-            "path": str(path) if path else None,
-            "source": source,
-            "file_hash": file_hash,
-        })
-    return rows
-
-
 def fetch_weights(spec: "BackboneSpec", timeout_s: float = FETCH_TIMEOUT_S) -> Path:
     """Download the ImageNet no-top file into the Keras cache (machines with internet only)."""
     if spec.imagenet_weights:
@@ -252,40 +227,3 @@ def fetch_weights(spec: "BackboneSpec", timeout_s: float = FETCH_TIMEOUT_S) -> P
     finally:
         socket.setdefaulttimeout(previous)
     return Path(got)
-
-
-def import_weights(source: Path, spec: "BackboneSpec | None" = None) -> tuple["BackboneSpec", Path]:
-    """Copy a weights file brought from elsewhere into the Keras cache under its Keras name."""
-    source = Path(source).expanduser()
-    if not source.is_file():
-        raise ConfigError(f"no such weights file: {source}")
-    digests = _hash_file(source)
-    spec = spec or _identify(source, digests)
-    path, _, file_hash = expected_file(spec)
-    if file_hash and file_hash not in digests.values():
-        raise ConfigError(
-            f"{source} is not {spec.name}'s ImageNet no-top file: its hash is {digests['md5']} (md5), "
-            f"Keras pins {file_hash} for {path.name}"
-        )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        shutil.copyfile(source, tmp)
-    log.info("imported %s as %s", source, path)
-    return spec, path
-
-
-def _identify(source: Path, digests: dict[str, str]) -> "BackboneSpec":
-    """Which backbone a file belongs to: by its Keras hash, else by its Keras file name."""
-    from imgfeat.backbones import list_backbones
-
-    keras_specs = [s for s in list_backbones() if s.keras_weights is not None]
-    for spec in keras_specs:
-        if spec.keras_weights.file_hash in digests.values():
-            return spec
-    for spec in keras_specs:
-        if expected_file(spec)[0].name == source.name:
-            return spec
-    raise ConfigError(
-        f"cannot tell which backbone {source.name} belongs to (neither its hash nor its name is a "
-        f"Keras ImageNet no-top file); pass --backbone NAME"
-    )

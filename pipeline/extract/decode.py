@@ -46,6 +46,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError, ImgfeatError, unknown_value
+from imgfeat.extract.resample import resize_no_antialias
 
 log = logging.getLogger(__name__)
 
@@ -214,8 +215,6 @@ def _decode(data: bytes, cfg: DecodeConfig) -> np.ndarray:
 
 
 def _resized_no_antialias(img: Image.Image, size: tuple[int, int], method: str) -> np.ndarray:
-    from imgfeat.extract.resample import resize_no_antialias
-
     return resize_no_antialias(np.asarray(img, dtype=np.uint8), size, method)
 
 

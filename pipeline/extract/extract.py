@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from imgfeat.core import names
-from imgfeat.backbones import build_model
+from imgfeat.backbones import POOLINGS, build_model, get_backbone
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError, ErrorRateExceeded, unknown_value
 from imgfeat.core.options import opt
@@ -28,8 +28,9 @@ from imgfeat.core.results import JsonObject
 from imgfeat.core.schemas import ErrorRow
 from imgfeat.core.storage import WAIT_HINT, FileLock, read_shards, remove_stale_tmp, write_json_atomic
 from imgfeat.core.workspace import Workspace, check_name
+from imgfeat.extract import gpudecode  # gpudecode.check_gpu_decode: looked up when called (tests patch it)
 from imgfeat.extract.batches import DECODE_MODES, PROCESS_DECODE_MIN_WORKERS, InputSpec, Item, decode_mode_of, is_final
-from imgfeat.extract.decode import DEFAULT_MAX_FILE_BYTES, EXIF_MODES, INTERPOLATIONS, DecodeConfig
+from imgfeat.extract.decode import DEFAULT_MAX_FILE_BYTES, DecodeConfig, EXIF_MODES, INTERPOLATIONS, ReadError, open_regular_file
 from imgfeat.extract.executors import (
     PRECISIONS,
     BatchReport,
@@ -39,16 +40,12 @@ from imgfeat.extract.executors import (
     make_executor,
 )
 from imgfeat.extract.executors.local import ShardSeam
-from imgfeat.extract.featureset import (
-    committed_ids,
-    error_shards,
-    migrate_layout,
-    provenance_path,
-    read_provenance,
-)
+from imgfeat.extract.featureset import committed_ids, error_shards, migrate_layout, provenance_path, read_errors, read_provenance
 from imgfeat.extract.recipe import Provenance, Resolved, resolve_recipe
 from imgfeat.extract.shards import FeaturesetDirs, FeaturesetWriter, ShardSink, next_shard_tag
 from imgfeat.scan.manifest import dataset_root, manifest_file
+from imgfeat.backbones.hub import EMBEDDINGS
+from imgfeat.scan.probe import Probe, probe_file
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +110,6 @@ class ExtractConfig:
                            % PROCESS_DECODE_MIN_WORKERS)
 
     def __post_init__(self) -> None:
-        from imgfeat.backbones import POOLINGS, get_backbone
-        from imgfeat.backbones.hub import EMBEDDINGS
-
         get_backbone(self.backbone)
         check_fields(self)  # batch, shard and file sizes, workers, seed: the ranges of their flags and keys
         for kind, value, allowed in (
@@ -130,9 +124,7 @@ class ExtractConfig:
             if value not in allowed:
                 raise unknown_value(kind, str(value), allowed)
         if self.decode == "gpu":  # before anything is written: the extra, the backend, a GPU
-            from imgfeat.extract.gpudecode import check_gpu_decode
-
-            check_gpu_decode(DecodeConfig((32, 32), self.interpolation, self.fast_decode, self.exif))
+            gpudecode.check_gpu_decode(DecodeConfig((32, 32), self.interpolation, self.fast_decode, self.exif))
 
     def input_spec(self, resolved: Resolved) -> InputSpec:
         size = resolved.recipe.input_size
@@ -628,9 +620,6 @@ def extract_files(ws: Workspace, featureset: str, paths: Sequence[str | Path], r
 def _probe(path: str | Path):
     from PIL import Image
 
-    from imgfeat.extract.decode import ReadError, open_regular_file
-    from imgfeat.scan.probe import Probe, probe_file
-
     if not os.path.lexists(path):  # given, never scanned: it may never have existed ("vanished" is for scanned files)
         return Probe(None, NOT_FOUND, f"{path}: no such file or folder")
     try:  # a FIFO or device given as a file must not hang the probe's plain open()
@@ -658,8 +647,6 @@ def _file_todo(probes, done: DoneSets, run_id: str):
 
 
 def _file_results(ws: Workspace, fs: str, probes, failed: dict[str, tuple[str, str, bool]]) -> list[FileResult]:
-    from imgfeat.extract.featureset import read_errors
-
     have = committed_ids(ws, fs)
     known = {r[S.IMAGE_ID]: (r[S.ERROR_CODE], r[S.ERROR_MESSAGE]) for r in read_errors(ws, fs).to_pylist()
              if r[S.IMAGE_ID] is not None}

@@ -18,7 +18,7 @@ from imgfeat.core.hashing import canonical_json, file_sha256
 from imgfeat.core.results import JsonObject
 from imgfeat.core.storage import remove_tree, write_bytes_atomic, write_json_atomic
 from imgfeat.core.workspace import Workspace
-from imgfeat.finetune import train as T
+from imgfeat.finetune import config as T
 from imgfeat.finetune.blocks import apply_unfreeze, unfreeze_start
 from imgfeat.finetune.data import FinetuneRows, ImageBatches, SkipLog
 from imgfeat.finetune.model import build_finetune_model
@@ -27,6 +27,8 @@ from imgfeat.heads.artifacts import library_versions
 from imgfeat.heads.data import describe
 from imgfeat.heads.plots import training_curves_png
 from imgfeat.heads.fit import evaluate
+from imgfeat.backbones.weights import resolve_weights
+from imgfeat.extract.recipe import WeightsId
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +62,6 @@ class Session:
         self.trained_layers: list[str] = []
 
     def warm_head(self, ws: Workspace, size: int) -> list[np.ndarray]:
-        from imgfeat.backbones.weights import resolve_weights
-        from imgfeat.extract.recipe import WeightsId
-
         ref = resolve_weights(self.spec, self.cfg.weights, size)
         recipe = WarmRecipe(self.spec.name, WeightsId.of(ref, self.cfg.random_state).identity(), size,
                             self.cfg.interpolation, self.cfg.exif)

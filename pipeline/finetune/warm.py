@@ -11,6 +11,8 @@ import numpy as np
 from imgfeat.core.errors import ConfigError
 from imgfeat.core.workspace import Workspace
 from imgfeat.extract.recipe import Recipe
+from imgfeat.extract.featureset import read_provenance
+from imgfeat.heads import load_head
 
 
 @dataclass(frozen=True)
@@ -39,9 +41,6 @@ class WarmRecipe:
 
 def head_init(ws: Workspace, head_id: str, recipe: WarmRecipe, classes: list[str]) -> list[np.ndarray]:
     """[kernel (dim, classes), bias] of a Dense softmax head equal to the logreg head ``head_id``."""
-    from imgfeat.extract.featureset import read_provenance
-    from imgfeat.heads import load_head
-
     head = load_head(ws, head_id)
     wrong = recipe.differences(WarmRecipe.of(read_provenance(ws, head.featureset).recipe))
     if wrong:

@@ -27,6 +27,7 @@ from imgfeat.core.hashing import sha256_bytes
 from imgfeat.core.results import JsonObject
 from imgfeat.core.storage import remove_stale_tmp, write_bytes_atomic, write_json_atomic, write_table_atomic
 from imgfeat.core.workspace import Workspace
+from imgfeat.heads.zeroshot import ZeroShotClassifier
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +134,6 @@ def model_bytes(estimator: Any) -> tuple[str, bytes]:
     import skops.io
 
     from imgfeat.heads.estimators import KerasMLPClassifier  # scikit-learn: only where a model is handled
-    from imgfeat.heads.zeroshot import ZeroShotClassifier
 
     if isinstance(estimator, ZeroShotClassifier):
         return "npz", estimator.to_bytes()
@@ -234,8 +234,6 @@ def _load_keras(meta: dict[str, Any], blob: bytes) -> Any:
 
 
 def _load_npz(meta: dict[str, Any], blob: bytes) -> Any:
-    from imgfeat.heads.zeroshot import ZeroShotClassifier
-
     try:
         return ZeroShotClassifier.from_bytes(blob, meta["classes"])  # allow_pickle=False: plain arrays only
     except Exception as exc:

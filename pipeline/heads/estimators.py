@@ -18,6 +18,7 @@ from sklearn.preprocessing import LabelEncoder, StandardScaler
 from sklearn.svm import SVC, LinearSVC
 from sklearn.utils.class_weight import compute_class_weight
 from sklearn.utils.validation import check_is_fitted, validate_data
+from imgfeat.core.progress import progress
 
 # Regularisation grids searched by cross-validation (features are standardised first).
 LOGREG_C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
@@ -98,8 +99,6 @@ class KerasMLPClassifier(ClassifierMixin, BaseEstimator):
         ``var``; early stopping on (``X_val``, ``y_val``), rows kept out of the batches. Each batch is
         one short Keras ``fit`` (one pass, shuffled), so the net sees every row once an epoch."""
         import keras
-
-        from imgfeat.core.progress import progress
 
         self.classes_ = np.asarray(sorted(classes), dtype=object)
         code = {c: k for k, c in enumerate(self.classes_)}

@@ -66,7 +66,7 @@ def train_and_write(ws: Workspace, cfg: TrainConfig, rows: LabelledRows, head_id
     # OpenBLAS threads made a 80,000 x 1,280 logreg fit 2-4x slower (8-23 s against 4-6 s).
     with threadpool_limits(limits=1, user_api="blas"):
         if cfg.head != ZERO_SHOT and need > budget:
-            from imgfeat.heads.stream import fit_streamed
+            from imgfeat.heads.stream import fit_streamed  # stream.py builds on this module: a cycle left to break
 
             fitted, metrics, timings, trained_by = fit_streamed(ws, cfg, rows, dim, budget)
             trained_by["why"] = (f"the labelled features ({human(need)}) exceed the memory budget "

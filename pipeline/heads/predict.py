@@ -32,6 +32,8 @@ from imgfeat.core.results import JsonObject, JsonResult
 from imgfeat.core.commits import Adoptable, ShardWriter, list_committed, reconcile
 from imgfeat.core.storage import WAIT_HINT, FileLock, remove_stale_tmp
 from imgfeat.core.workspace import Workspace, check_name
+from imgfeat.extract.extract import extract_files
+from imgfeat.scan.walk import WalkOptions, WalkStats, walk
 
 log = logging.getLogger(__name__)
 
@@ -316,8 +318,6 @@ def expand_paths(items: Sequence[str]) -> tuple[list[Path], list[str]]:
 
     Returns the image files and the items that matched nothing.
     """
-    from imgfeat.scan.walk import WalkOptions, WalkStats, walk
-
     found: list[Path] = []
     unmatched: list[str] = []
     for item in items:
@@ -337,8 +337,6 @@ def expand_paths(items: Sequence[str]) -> tuple[list[Path], list[str]]:
 
 def _predict_files(ws: Workspace, cfg: PredictConfig, head: LoadedHead, writer: ShardWriter,
                    run_id: str) -> FilesOutcome:
-    from imgfeat.extract.extract import extract_files
-
     paths, unmatched = expand_paths(cfg.paths)
     results = extract_files(ws, head.featureset, paths, run_id, wait=cfg.wait) if paths else []
     ids, X = load_features(ws, head.featureset, [r.image_id for r in results if r.image_id and not r.error_code])

@@ -33,6 +33,8 @@ from imgfeat.core.ranges import check_fields
 from imgfeat.core.results import JsonResult
 from imgfeat.core.storage import WAIT_HINT, FileLock, remove_file, remove_stale_tmp, write_bytes_atomic
 from imgfeat.core.workspace import Workspace
+from imgfeat.heads.train import params_for
+from imgfeat.scan.manifest import dataset_root, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -192,8 +194,6 @@ def head_name(head: LoadedHead, ref: str) -> str:
 
 def _image_paths(ws: Workspace, dataset: str) -> dict[str, Path]:
     """image_id -> absolute file path (first path per id), or {} when the dataset is gone."""
-    from imgfeat.scan.manifest import dataset_root, read_manifest
-
     try:
         root = dataset_root(ws, dataset)
         table = read_manifest(ws, dataset, columns=[S.IMAGE_ID, S.PATH])
@@ -372,8 +372,6 @@ def _cards(m: dict[str, Any], n_predictions: int) -> str:
 
 
 def _details(m: dict[str, Any]) -> str:
-    from imgfeat.heads.train import params_for
-
     items = [
         ("backbone", m.get("backbone")), ("chosen", m.get("chosen") or "fixed parameters"),
         ("parameters", params_for(m["model_kind"], m.get("params") or {})),

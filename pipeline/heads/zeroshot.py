@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from imgfeat.core.errors import ConfigError
+from imgfeat.index.text import embed_texts
 
 ZERO_SHOT = "zero-shot"
 DEFAULT_PROMPT = "a photo of a {label}"
@@ -86,7 +87,5 @@ def prompts_for(classes: list[str], prompt: str) -> list[str]:
 
 def zero_shot_head(ws: Any, featureset: str, classes: list[str], prompt: str) -> ZeroShotClassifier:
     """The head for these classes: their prompts through the featureset's preset text tower."""
-    from imgfeat.index.text import embed_texts
-
     check_prompt(prompt)
     return ZeroShotClassifier().set_prompts(classes, embed_texts(ws, featureset, prompts_for(classes, prompt)))

@@ -39,6 +39,7 @@ from imgfeat.index.looks import (LOOK_THRESHOLD, LOOK_VERSION, SIDE, VARIANTS, c
                                   looks_of_files)
 from imgfeat.index.vectors import manifest_rows, read_vectors
 from imgfeat.scan.manifest import dataset_root
+from imgfeat.index.page import render_page
 
 log = logging.getLogger(__name__)
 
@@ -404,8 +405,6 @@ def run_dedup(ws: Workspace, cfg: DedupConfig, run_id: str) -> DedupSummary:
     calibration is reused until the dataset has grown RECALIBRATE_GROWTH-fold; a rerun over the
     very same rows, featureset and criterion writes nothing and returns the last summary.
     """
-    from imgfeat.index.page import render_page
-
     clock = _Clock()
     featureset_info(ws, cfg.featureset)  # exit 2 for an unknown featureset
     im = clock.lap("read", load_images(ws, cfg))

@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from imgfeat.core.results import JsonObject
+from imgfeat.tools.nearcopies import TRANSFORMS, near_copy
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +122,6 @@ def calibrate(paths: Sequence[Path], threshold: float = LOOK_THRESHOLD) -> JsonO
     their original's, with the minimum and median look similarity, and the share over all.
     """
     import io
-
-    from imgfeat.tools.nearcopies import TRANSFORMS, near_copy
 
     sims: dict[str, list[float]] = {t: [] for t in TRANSFORMS}
     for path in paths:

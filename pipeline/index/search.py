@@ -18,6 +18,8 @@ from imgfeat.index.files import IndexInfo, migrate_if_free, read_faiss, read_ids
 from imgfeat.index.kinds import knn, set_search_params
 from imgfeat.index.vectors import normalise, read_vectors, resolve_id_prefixes
 from imgfeat.scan.manifest import dataset_root
+from imgfeat.extract.extract import extract_files
+from imgfeat.index.text import embed_texts
 
 
 RERANK_FACTOR = 4  # an ivfpq search rescores this many times the neighbours asked for
@@ -53,8 +55,6 @@ class QueryResult:
 
 def extract_queries(ws: Workspace, featureset: str, paths: Sequence[Path], run_id: str) -> list:
     """Features of query files, cached into the featureset the way `imgfeat predict FILE` does."""
-    from imgfeat.extract.extract import extract_files
-
     return extract_files(ws, featureset, list(paths), run_id)
 
 
@@ -158,8 +158,6 @@ class Index:
     def search_text(self, texts: Sequence[str], k: int = 10) -> list[QueryResult]:
         """Images ranked by cosine to each text, embedded by the featureset's preset text tower
         (CLIP, SigLIP); ConfigError on a featureset without one."""
-        from imgfeat.index.text import embed_texts
-
         self._check_k(k)
         return self.search_vectors(embed_texts(self.ws, self.featureset, texts), k, labels=list(texts))
 

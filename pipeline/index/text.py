@@ -8,15 +8,15 @@ import numpy as np
 
 from imgfeat.core.errors import ConfigError
 from imgfeat.core.workspace import Workspace
+from imgfeat.backbones.hub import text_embeddings
+from imgfeat.extract.extract import ExtractConfig
+from imgfeat.extract.featureset import read_provenance
+from imgfeat.extract.recipe import resolve_recipe
 
 
 def text_tower(ws: Workspace, featureset: str):
     """(spec, backbone, preprocessor) of the keras-hub preset that made ``featureset``, found from
     its provenance and checked to still hold the same content; ConfigError (exit 2) without one."""
-    from imgfeat.extract.extract import ExtractConfig
-    from imgfeat.extract.featureset import read_provenance
-    from imgfeat.extract.recipe import resolve_recipe
-
     prov = read_provenance(ws, featureset)
     if prov.source.kind != "preset":
         raise ConfigError(f"featureset {featureset} ({prov.recipe.backbone}) has no text tower: text queries "
@@ -35,8 +35,6 @@ def text_tower(ws: Workspace, featureset: str):
 
 def embed_texts(ws: Workspace, featureset: str, texts: Sequence[str]) -> np.ndarray:
     """(len(texts), dim) float32: each text through the featureset's preset text tower."""
-    from imgfeat.backbones.hub import text_embeddings
-
     texts = [str(t) for t in texts]
     if not texts or any(not t.strip() for t in texts):
         raise ConfigError("a text query must be a non-empty string")

@@ -7,12 +7,20 @@ import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from imgfeat.extract.extract import record_recipe_name
+from imgfeat.extract.extract import (
+    ExtractConfig,
+    ExtractSummary,
+    check_error_rate,
+    plan_extract,
+    record_recipe_name,
+    run_extract,
+)
+from imgfeat import heads as H  # H.run_predict, ...: looked up when called (tests patch them)
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError
 from imgfeat.core.results import JsonObject
@@ -20,10 +28,14 @@ from imgfeat.run.jobfile import DedupJob, FeatureJob, FinetuneJob, HeadJob, Inde
 from imgfeat.run.summary import ErrorRate, RunSummary
 from imgfeat.core.storage import WAIT_HINT, FileLock
 from imgfeat.core.workspace import Workspace
-
-if TYPE_CHECKING:  # only types here: each stage is imported when the job first needs it
-    from imgfeat.extract.extract import ExtractSummary
-    from imgfeat.heads.train import TrainSummary
+from imgfeat.extract.executors import ExecutorConfig
+from imgfeat.extract.featureset import errored_ids
+from imgfeat.finetune import FinetuneConfig, run_finetune
+from imgfeat.heads.train import TrainConfig, TrainSummary
+from imgfeat.index import IndexConfig, build_index
+from imgfeat.index.dedup import DedupConfig, run_dedup
+from imgfeat.scan.manifest import read_manifest
+from imgfeat.scan.scan import ScanConfig, plan_scan, resolve_root, run_scan
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +52,11 @@ def stage_lock(ws: Workspace, stage: str, wait: float | None) -> Iterator[None]:
 
 
 def scan_config(job: JobSpec, dataset: str):
-    from imgfeat.scan.scan import ScanConfig
-
     where = f"datasets.{dataset}"
     return build_config(ScanConfig, job.datasets[dataset], where, dataset=dataset, wait=job.wait)
 
 
 def extract_config(job: JobSpec, fjob: FeatureJob, dataset: str, tuned: dict[str, str] | None = None):
-    from imgfeat.extract.extract import ExtractConfig
-
     where = f"features.{fjob.name}"
     if fjob.finetune is None:
         return build_config(ExtractConfig, fjob.options, where, dataset=dataset, wait=job.wait)
@@ -60,8 +68,6 @@ def extract_config(job: JobSpec, fjob: FeatureJob, dataset: str, tuned: dict[str
 
 
 def finetune_config(job: JobSpec, ftjob: FinetuneJob):
-    from imgfeat.finetune import FinetuneConfig
-
     return build_config(FinetuneConfig, ftjob.options, f"finetune.{ftjob.name}", dataset=ftjob.dataset,
                         name=ftjob.name, wait=job.wait)
 
@@ -78,28 +84,20 @@ def stage_budget(job: JobSpec, hjob: HeadJob) -> int | str | None:
 
 def executor_config(job: JobSpec):
     """[run] executor and its options (workers, ray_actors, ray_address, gpus_per_worker)."""
-    from imgfeat.extract.executors import ExecutorConfig
-
     return ExecutorConfig(name=job.executor, **job.executor_options)
 
 
 def train_config(job: JobSpec, hjob: HeadJob, featureset: str):
-    from imgfeat.heads import TrainConfig
-
     return build_config(TrainConfig, budgeted(job, hjob.options), f"heads.{hjob.name}", dataset=hjob.dataset,
                         featureset=featureset, name=hjob.name, wait=job.wait)
 
 
 def index_config(job: JobSpec, ijob: IndexJob, featureset: str):
-    from imgfeat.index import IndexConfig
-
     return build_config(IndexConfig, budgeted(job, ijob.options), f"indexes.{ijob.name}", featureset=featureset,
                         datasets=ijob.datasets, name=ijob.name, wait=job.wait, rebuild=False)
 
 
 def dedup_config(djob: DedupJob, featureset: str, job: JobSpec | None = None):
-    from imgfeat.index.dedup import DedupConfig
-
     return build_config(DedupConfig, djob.options if job is None else budgeted(job, djob.options), f"dedup.{djob.name}", featureset=featureset,
                         dataset=djob.dataset, name=djob.name)
 
@@ -124,8 +122,6 @@ def check_job(job: JobSpec) -> None:
 
 def check_inputs(job: JobSpec) -> None:
     """Every dataset folder and labels CSV exists: a run must not fail there after taking locks."""
-    from imgfeat.scan.scan import resolve_root
-
     for name in job.datasets:
         cfg = scan_config(job, name)
         resolve_root(cfg.root)
@@ -135,9 +131,6 @@ def check_inputs(job: JobSpec) -> None:
 
 def plan_job(ws: Workspace, job: JobSpec) -> JsonObject:
     """What a run would do, without hashing images or building models (``--dry-run``)."""
-    from imgfeat.extract.extract import plan_extract
-    from imgfeat.scan.scan import plan_scan
-
     check_job(job)
     plan: dict[str, Any] = {"dry_run": True, "scan": {}, "finetune": {}, "extract": {}, "heads": {}}
     for ftjob in job.finetunes:
@@ -201,8 +194,6 @@ def _timed(timings: dict[str, float], stage: str, fn):
 
 
 def _scan_all(ws: Workspace, job: JobSpec, run_id: str, summary: RunSummary) -> None:
-    from imgfeat.scan.scan import run_scan
-
     with stage_lock(ws, "scan", job.wait):
         for name in job.datasets:
             summary.scan[name] = run_scan(ws, scan_config(job, name), run_id)
@@ -210,8 +201,6 @@ def _scan_all(ws: Workspace, job: JobSpec, run_id: str, summary: RunSummary) -> 
 
 def _finetune_all(ws: Workspace, job: JobSpec, run_id: str, summary: RunSummary) -> dict[str, str]:
     """Returns {finetune name: path of its tuned backbone weights}."""
-    from imgfeat.finetune import run_finetune
-
     tuned = {}
     with stage_lock(ws, "finetune", job.wait):
         for ftjob in job.finetunes:
@@ -236,19 +225,15 @@ def _extract_all(ws: Workspace, job: JobSpec, run_id: str, summary: RunSummary,
 
 
 def _extract_one(ws: Workspace, job: JobSpec, cfg, run_id: str) -> ExtractSummary:
-    from imgfeat.extract.extract import run_extract
-
     return run_extract(ws, cfg, run_id, executor_config(job))
 
 
 def _train_all(ws: Workspace, job: JobSpec, featuresets: dict, run_id: str, summary: RunSummary) -> dict[str, str]:
-    from imgfeat.heads import run_train
-
     heads: dict[str, str] = {}
     with stage_lock(ws, "train", job.wait):
         for hjob in job.heads:
             fs = featuresets[(hjob.features, hjob.dataset)]
-            out = run_train(ws, train_config(job, hjob, fs), run_id)
+            out = H.run_train(ws, train_config(job, hjob, fs), run_id)
             summary.train[hjob.name] = out
             reason = no_accuracy_reason(out)
             if reason is not None:
@@ -269,38 +254,30 @@ def no_accuracy_reason(train: TrainSummary) -> str | None:
 
 
 def _predict_all(ws: Workspace, job: JobSpec, heads: dict[str, str], run_id: str, summary: RunSummary) -> None:
-    from imgfeat.heads import PredictConfig, run_predict
-
     with stage_lock(ws, "predict", job.wait):
         for hjob in job.heads:
             for dataset in hjob.predict:
-                cfg = PredictConfig(head_id=heads[hjob.name], dataset=dataset, wait=job.wait,
+                cfg = H.PredictConfig(head_id=heads[hjob.name], dataset=dataset, wait=job.wait,
                                     trust_pickle=job.trust_pickle, memory_budget=stage_budget(job, hjob))
-                summary.predict[f"{hjob.name}/{dataset}"] = run_predict(ws, cfg, run_id)
+                summary.predict[f"{hjob.name}/{dataset}"] = H.run_predict(ws, cfg, run_id)
 
 
 def _report_all(ws: Workspace, job: JobSpec, heads: dict[str, str], run_id: str, summary: RunSummary) -> None:
-    from imgfeat.heads import ReportConfig, run_report
-
     with stage_lock(ws, "report", job.wait):
         for hjob in job.heads:
             if hjob.report:
-                cfg = ReportConfig(head_id=heads[hjob.name], wait=job.wait, trust_pickle=job.trust_pickle,
+                cfg = H.ReportConfig(head_id=heads[hjob.name], wait=job.wait, trust_pickle=job.trust_pickle,
                                    memory_budget=stage_budget(job, hjob))
-                summary.report[hjob.name] = run_report(ws, cfg, run_id)
+                summary.report[hjob.name] = H.run_report(ws, cfg, run_id)
 
 
 def _index_all(ws: Workspace, job: JobSpec, featuresets: dict, run_id: str, summary: RunSummary) -> None:
-    from imgfeat.index import build_index
-
     for ijob in job.indexes:
         fs = featuresets[(ijob.features, ijob.datasets[0])]  # one recipe: the same featureset for every dataset
         summary.index[ijob.name] = build_index(ws, index_config(job, ijob, fs), run_id)
 
 
 def _dedup_all(ws: Workspace, job: JobSpec, featuresets: dict, run_id: str, summary: RunSummary) -> None:
-    from imgfeat.index.dedup import run_dedup
-
     for djob in job.dedups:
         fs = featuresets[(djob.features, djob.dataset)]
         summary.dedup[djob.name] = run_dedup(ws, dedup_config(djob, fs, job), run_id)
@@ -308,9 +285,6 @@ def _dedup_all(ws: Workspace, job: JobSpec, featuresets: dict, run_id: str, summ
 
 def error_rate(ws: Workspace, dataset: str, featureset: str) -> tuple[int, int]:
     """(images that ended as error rows, images in the manifest) for one dataset x featureset."""
-    from imgfeat.extract.featureset import errored_ids
-    from imgfeat.scan.manifest import read_manifest
-
     table = read_manifest(ws, dataset, columns=[S.IMAGE_ID, S.STATUS])
     errored = pa.array(sorted(errored_ids(ws, featureset)), pa.string())
     bad = pc.or_(pc.not_equal(table[S.STATUS], S.STATUS_OK), pc.is_in(table[S.IMAGE_ID], value_set=errored))
@@ -321,6 +295,5 @@ def _check_error_rate(ws: Workspace, job: JobSpec, featuresets: dict, summary: R
     rates = summary.error_rates
     for (fname, dataset), fs in featuresets.items():
         rates[f"{fname}/{dataset}"] = ErrorRate(*error_rate(ws, dataset, fs))
-    from imgfeat.extract.extract import check_error_rate
 
     check_error_rate({k: (v.errors, v.images) for k, v in rates.items()}, job.max_error_rate)

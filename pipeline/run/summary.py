@@ -4,19 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from imgfeat.core.results import JsonObject
-
-if TYPE_CHECKING:  # only types here: importing the stages would slow `imgfeat --help`
-    from imgfeat.extract.extract import ExtractSummary
-    from imgfeat.finetune.train import FinetuneSummary
-    from imgfeat.heads.predict import PredictSummary
-    from imgfeat.heads.report import ReportSummary
-    from imgfeat.heads.train import TrainSummary
-    from imgfeat.index.build import IndexSummary
-    from imgfeat.index.dedup import DedupSummary
-    from imgfeat.scan.scan import ScanSummary
+from imgfeat.extract.extract import ExtractSummary
+from imgfeat.finetune.train import FinetuneSummary
+from imgfeat.heads.predict import PredictSummary
+from imgfeat.heads.report import ReportSummary
+from imgfeat.heads.train import TrainSummary
+from imgfeat.index.build import IndexSummary
+from imgfeat.index.dedup import DedupSummary
+from imgfeat.scan.scan import ScanSummary
 
 NO_ACCURACY = "no_accuracy"  # the key a head's train entry carries when it has no test accuracy
 
@@ -107,14 +105,6 @@ class RunSummary:
     def from_json(cls, obj: Mapping[str, Any]) -> RunSummary:
         """The summary back from its JSON object (runs/<run_id>.json holds it)."""
         # The stages load here, not at import: `imgfeat --help` imports this module.
-        from imgfeat.extract.extract import ExtractSummary
-        from imgfeat.finetune.train import FinetuneSummary
-        from imgfeat.heads.predict import PredictSummary
-        from imgfeat.heads.report import ReportSummary
-        from imgfeat.heads.train import TrainSummary
-        from imgfeat.index.build import IndexSummary
-        from imgfeat.index.dedup import DedupSummary
-        from imgfeat.scan.scan import ScanSummary
 
         return cls(
             job=obj["job"], scan=_each(obj, "scan", ScanSummary.from_json),

@@ -19,6 +19,16 @@ from imgfeat.core.errors import ConfigError, ImgfeatError
 from imgfeat.core.options import opt
 from imgfeat.core.results import JsonObject
 from imgfeat.scan.probe import has_image_extension
+from imgfeat.backbones import get_backbone
+from imgfeat.core.workspace import Workspace
+from imgfeat.extract.batches import Batch, DECODE_MODES, InputSpec
+from imgfeat.extract.decode import DecodeConfig
+from imgfeat.extract.executors import timed_build
+from imgfeat.extract.executors.local import decoded_batches, default_workers
+from imgfeat.extract.extract import DoneSets, ExtractConfig, Tally, walk_manifest
+from imgfeat.extract.forward import Forward, in_flight
+from imgfeat.extract.recipe import resolve_recipe
+from imgfeat.scan.scan import ScanConfig, run_scan
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +58,12 @@ class BenchConfig:
                                            "(use 3+ on a shared machine)")
 
     def __post_init__(self) -> None:
-        from imgfeat.backbones import get_backbone
-
         spec = get_backbone(self.backbone)
         if getattr(spec, "preset_dir", None) and "tutorial" in self.paths:
             # keras.applications' tutorial path has no keras-hub counterpart to time
             object.__setattr__(self, "paths", tuple(p for p in self.paths if p != "tutorial"))
         if not Path(self.images).is_dir():
             raise ConfigError(f"--images {str(self.images)!r} is not a folder")
-        from imgfeat.extract.batches import DECODE_MODES
 
         if self.decode not in DECODE_MODES:
             raise ConfigError(f"--decode {self.decode!r}: allowed are {', '.join(DECODE_MODES)}")
@@ -104,9 +111,6 @@ def run_bench(cfg: BenchConfig, run_id: str) -> JsonObject:
 
 def _scan(ws_root: Path, images: Path, run_id: str) -> None:
     """Scanning is its own stage and not part of extract's time: do it before the clock starts."""
-    from imgfeat.scan.scan import ScanConfig, run_scan
-    from imgfeat.core.workspace import Workspace
-
     run_scan(Workspace(ws_root), ScanConfig(root=images, dataset=BENCH_DATASET), run_id)
 
 
@@ -174,10 +178,6 @@ def _report(cfg: BenchConfig, n: int, runs: dict[str, list[dict[str, Any]]]) -> 
 
 
 def _build(spec: dict[str, Any]):
-    from imgfeat.extract.executors import timed_build
-    from imgfeat.extract.extract import ExtractConfig
-    from imgfeat.extract.recipe import resolve_recipe
-
     cfg = ExtractConfig(dataset=BENCH_DATASET, backbone=spec["backbone"], weights=spec["weights"],
                         input_size=spec["input_size"], precision=spec["precision"])
     resolved = resolve_recipe(cfg)
@@ -188,9 +188,6 @@ def forward_main(spec: dict[str, Any]) -> None:
     """The forward limit: extract's model function (uint8 in, preprocessing on the device, batches in
     flight) on one in-memory batch, as many calls as extract makes."""
     import numpy as np
-
-    from imgfeat.extract.batches import Batch
-    from imgfeat.extract.forward import Forward, in_flight
 
     backbone, model, size = _build(spec)
     bs = spec["batch_size"]
@@ -206,13 +203,6 @@ def forward_main(spec: dict[str, Any]) -> None:
 def input_main(spec: dict[str, Any]) -> None:
     """The input limit: extract's decode (read, content check, decode, resize into uint8 batches) on
     every core, the same decode mode, no model."""
-    from imgfeat.backbones import get_backbone
-    from imgfeat.core.workspace import Workspace
-    from imgfeat.extract.batches import InputSpec
-    from imgfeat.extract.decode import DecodeConfig
-    from imgfeat.extract.executors.local import decoded_batches, default_workers
-    from imgfeat.extract.extract import DoneSets, Tally, walk_manifest
-
     backbone = get_backbone(spec["backbone"])
     size = backbone.check_input_size(spec["input_size"])
     # a keras-hub preset's converter decides the crop and the interpolation, as in extract

@@ -18,6 +18,10 @@ from imgfeat.core.storage import FileLock, column_values, linked_folder, remove_
 from imgfeat.core.workspace import Workspace
 from imgfeat.heads.artifacts import HEAD_FILE, read_head_meta
 from imgfeat.heads.versions import committed_heads, featureset_index, head_index, names_of
+from imgfeat.extract.featureset import committed_ids, errored_ids, featureset_info
+from imgfeat.index import list_indexes as lister
+from imgfeat.index.files import read_indexes
+from imgfeat.scan.manifest import manifest_info, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +91,6 @@ def list_workspace(ws: Workspace) -> Catalog:
 def list_indexes(ws: Workspace) -> list[dict[str, Any]]:
     """Nearest-neighbour indexes (``imgfeat index``), as their provenance says; a damaged one is
     ``{name, error}`` (and a warning), so the rest are still listed."""
-    from imgfeat.index.files import read_indexes
-
     infos, broken = read_indexes(ws)
     for message in broken.values():
         log.warning("%s", message)
@@ -97,8 +99,6 @@ def list_indexes(ws: Workspace) -> list[dict[str, Any]]:
 
 
 def _strict_indexes(ws: Workspace) -> list:
-    from imgfeat.index import list_indexes as lister
-
     return lister(ws)
 
 
@@ -112,8 +112,6 @@ def _manifest_ids(ws: Workspace) -> dict[str, set[str]]:
 
 
 def _datasets(ws: Workspace, damaged: list[str]) -> list[DatasetEntry]:
-    from imgfeat.scan.manifest import manifest_info, read_manifest
-
     out = []
     for d in ws.list_names("datasets"):
         if not ws.manifest_path(d).is_file():
@@ -137,8 +135,6 @@ def _featuresets(ws: Workspace, manifests: dict[str, set[str]], damaged: list[st
 
 def _featureset(ws: Workspace, fs: str, index: N.Versions, manifests: dict[str, set[str]],
                 damaged: list[str]) -> FeaturesetEntry | None:
-    from imgfeat.extract.featureset import committed_ids, errored_ids, featureset_info
-
     try:
         info = featureset_info(ws, fs)
         ids, errors = committed_ids(ws, fs), len(errored_ids(ws, fs))

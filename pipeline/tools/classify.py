@@ -17,6 +17,8 @@ from imgfeat.extract.forward import Forward
 from imgfeat.core.errors import ConfigError
 from imgfeat.core.options import opt
 from imgfeat.tools.imagenet import NUM_CLASSES, decode_predictions
+from imgfeat.backbones import build_model, get_backbone, list_backbones, lite
+from imgfeat.backbones.weights import expected_file
 
 if TYPE_CHECKING:
     import keras
@@ -79,17 +81,12 @@ def format_result(result: dict[str, Any]) -> str:
 
 def classifier_backbones() -> list[str]:
     """Backbones whose ImageNet top can be built here, now: offline, its weights must be local."""
-    from imgfeat.backbones import list_backbones
-
     return [spec.name for spec in list_backbones() if spec.imagenet_top and _top_weights_local(spec)]
 
 
 def _top_weights_local(spec: Any) -> bool:
     """A cheap check (no conversion, no hashing) that the with-top ImageNet weights are on disk."""
-    from imgfeat.backbones.weights import expected_file
-
     if spec.imagenet_weights:  # shipped in a pip package: is that package installed?
-        from imgfeat.backbones import lite
 
         return spec.name not in lite.VARIANTS or lite.weights_installed(spec.name)
     try:
@@ -106,8 +103,6 @@ def _unavailable(name: str, why: str) -> ConfigError:
 
 def build_classifier(backbone: str, weights: str) -> tuple[Any, "keras.Model"]:
     """The backbone's spec and its model with the 1000-class softmax top."""
-    from imgfeat.backbones import build_model, get_backbone
-
     spec = get_backbone(backbone)
     if not spec.imagenet_top:
         raise _unavailable(backbone, "it has no ImageNet classification top")

@@ -15,9 +15,11 @@ from typing import Any
 from imgfeat.core.errors import ImgfeatError
 from imgfeat.core.results import JsonObject
 from imgfeat.extract.batches import Batch, InputSpec, Item, chunked, make_batch, resolve_decode
-from imgfeat.extract.executors import BatchReport, ExecutorConfig, ExtractJob, timed_build
+from imgfeat.extract.executors.base import BatchReport, ExecutorConfig, ExtractJob, timed_build
 from imgfeat.extract.forward import DEFAULT_DEPTH, Forward, in_flight
 from imgfeat.extract.shards import FeaturesetDirs, FeaturesetWriter, refuse_non_finite
+from imgfeat.extract.decodepool import prestart, process_batches
+from imgfeat.extract.gpudecode import gpu_batches
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +68,8 @@ def decoded_batches(items: Iterable[Item], spec: InputSpec, run_id: str, workers
     if mode == "threads":
         return thread_batches(items, spec, run_id, workers)
     if mode == "processes":
-        from imgfeat.extract.decodepool import process_batches
-
         # Every worker decodes a part of each batch, so a few batches ahead keep them all busy.
         return process_batches(items, spec, run_id, workers, ahead=PROCESS_AHEAD, held=depth + 1)
-    from imgfeat.extract.gpudecode import gpu_batches
 
     return gpu_batches(items, spec, run_id, workers, ahead=depth + 1)
 
@@ -193,8 +192,6 @@ class LocalExecutor:
 
     def run(self, job: ExtractJob, items: Iterable[Item], sink: Any) -> Iterator[BatchReport]:
         if resolve_decode(job.inputs.decode, self.workers) == "processes":
-            from imgfeat.extract.decodepool import prestart
-
             prestart()  # the decode processes' server starts while the model builds
         model, build = timed_build(job.resolved, job.resolved.recipe.precision)
         forward = Forward(model, job.resolved.spec.family, job.inputs.batch_shape)

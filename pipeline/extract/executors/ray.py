@@ -41,7 +41,7 @@ from imgfeat.core.results import JsonObject
 from imgfeat.core.storage import SHARD_PREFIX, column_values, remove_tree
 from imgfeat.core.workspace import Workspace
 from imgfeat.extract.batches import Item
-from imgfeat.extract.executors import BatchReport, ExecutorConfig, ExtractJob, timed_build
+from imgfeat.extract.executors.base import BatchReport, ExecutorConfig, ExtractJob, timed_build
 from imgfeat.extract.executors.local import NO_SEAM, Shard, ShardSeam, default_workers, run_shard, shard_report
 from imgfeat.extract.featureset import committed_ids, errored_ids, feature_shards
 from imgfeat.extract.forward import DEFAULT_DEPTH, Forward

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from imgfeat.extract.extract import ExtractConfig
 
 
-def resolve_hub_recipe(cfg: "ExtractConfig", spec: HubSpec) -> Resolved:
+def resolve_hub_recipe(cfg: ExtractConfig, spec: HubSpec) -> Resolved:
     """ExtractConfig + HubSpec -> Resolved. The preset's content digest is the weights identity, so
     a directory re-saved with other weights (or another converter) is another featureset; the
     input transform is the converter's (``--interpolation`` does not apply)."""

@@ -58,7 +58,7 @@ def keras_cache_dir() -> Path:
     return Path(home).expanduser() / "models"
 
 
-def keras_file(spec: "BackboneSpec", include_top: bool = False) -> "KerasWeightsFile":
+def keras_file(spec: BackboneSpec, include_top: bool = False) -> KerasWeightsFile:
     """The Keras-pinned file entry for this backbone, or ConfigError if Keras does not download it."""
     entry = spec.keras_top_weights if include_top else spec.keras_weights
     if entry is None:
@@ -66,14 +66,14 @@ def keras_file(spec: "BackboneSpec", include_top: bool = False) -> "KerasWeights
     return entry
 
 
-def expected_file(spec: "BackboneSpec", input_size: int | None = None, include_top: bool = False) -> tuple[Path, str, str | None]:
+def expected_file(spec: BackboneSpec, input_size: int | None = None, include_top: bool = False) -> tuple[Path, str, str | None]:
     """(cache path, URL, Keras hash) of the ImageNet file Keras would load for this build."""
     entry = keras_file(spec, include_top)
     name, url = entry.for_size(input_size or spec.input_size)
     return keras_cache_dir() / name, url, entry.file_hash
 
 
-def is_cached(spec: "BackboneSpec", input_size: int | None = None) -> bool:
+def is_cached(spec: BackboneSpec, input_size: int | None = None) -> bool:
     """Whether ImageNet weights for this backbone are on disk (no network, no hashing)."""
     if spec.imagenet_weights:
         return _pip_weights_available(spec)
@@ -82,7 +82,7 @@ def is_cached(spec: "BackboneSpec", input_size: int | None = None) -> bool:
     return expected_file(spec, input_size)[0].is_file()
 
 
-def _pip_weights_available(spec: "BackboneSpec") -> bool:
+def _pip_weights_available(spec: BackboneSpec) -> bool:
     """Whether a spec whose weights come from its own function can produce them offline."""
     if not spec.imagenet_available:
         return True  # the spec gives no cheap check; resolving will say what is missing
@@ -95,7 +95,7 @@ def _pip_weights_available(spec: "BackboneSpec") -> bool:
 
 
 def resolve_weights(
-    spec: "BackboneSpec", weights: str | os.PathLike | None, input_size: int | None = None,
+    spec: BackboneSpec, weights: str | os.PathLike | None, input_size: int | None = None,
     include_top: bool = False,
 ) -> WeightsRef:
     """Map a ``--weights`` value to a WeightsRef; never touches the network."""
@@ -112,7 +112,7 @@ def resolve_weights(
     return WeightsRef("file", path.resolve(), file_digests(path)["sha256"])
 
 
-def _resolve_imagenet(spec: "BackboneSpec", input_size: int | None, include_top: bool) -> WeightsRef:
+def _resolve_imagenet(spec: BackboneSpec, input_size: int | None, include_top: bool) -> WeightsRef:
     from imgfeat.backbones import resolve
 
     if spec.imagenet_weights:
@@ -131,7 +131,7 @@ def _resolve_imagenet(spec: "BackboneSpec", input_size: int | None, include_top:
     return WeightsRef("imagenet", path, digests["sha256"])
 
 
-def missing_message(spec: "BackboneSpec", path: Path, url: str) -> str:
+def missing_message(spec: BackboneSpec, path: Path, url: str) -> str:
     return (
         f"ImageNet weights for {spec.name} are not cached: {path} is missing "
         f"(Keras downloads it from {url}). On a machine with internet run "
@@ -230,7 +230,7 @@ def weights_table() -> list[dict[str, Any]]:
     return rows
 
 
-def fetch_weights(spec: "BackboneSpec", timeout_s: float = FETCH_TIMEOUT_S) -> Path:
+def fetch_weights(spec: BackboneSpec, timeout_s: float = FETCH_TIMEOUT_S) -> Path:
     """Download the ImageNet no-top file into the Keras cache (machines with internet only)."""
     if spec.imagenet_weights:
         return resolve_weights(spec, "imagenet").path  # the pip package provides it
@@ -254,7 +254,7 @@ def fetch_weights(spec: "BackboneSpec", timeout_s: float = FETCH_TIMEOUT_S) -> P
     return Path(got)
 
 
-def import_weights(source: Path, spec: "BackboneSpec | None" = None) -> tuple["BackboneSpec", Path]:
+def import_weights(source: Path, spec: BackboneSpec | None = None) -> tuple[BackboneSpec, Path]:
     """Copy a weights file brought from elsewhere into the Keras cache under its Keras name."""
     source = Path(source).expanduser()
     if not source.is_file():
@@ -274,7 +274,7 @@ def import_weights(source: Path, spec: "BackboneSpec | None" = None) -> tuple["B
     return spec, path
 
 
-def _identify(source: Path, digests: dict[str, str]) -> "BackboneSpec":
+def _identify(source: Path, digests: dict[str, str]) -> BackboneSpec:
     """Which backbone a file belongs to: by its Keras hash, else by its Keras file name."""
     from imgfeat.backbones import list_backbones
 

@@ -7,7 +7,7 @@ from dataclasses import asdict, fields
 from typing import Any, Protocol, Self, TypeAlias
 
 # A value `json.dumps` writes and `json.loads` gives back: what `--json` and runs/<id>.json hold.
-JsonValue: TypeAlias = "str | int | float | bool | None | list[JsonValue] | dict[str, JsonValue]"
+JsonValue: TypeAlias = "str | int | float | bool | list[JsonValue] | dict[str, JsonValue] | None"
 JsonObject: TypeAlias = "dict[str, JsonValue]"
 
 

@@ -306,7 +306,7 @@ class FileLock:
         self._fd: int | None = None
         self.created = False
 
-    def acquire(self) -> "FileLock":
+    def acquire(self) -> FileLock:
         while True:
             fd, created = self._open()
             try:
@@ -376,7 +376,7 @@ class FileLock:
             os.close(self._fd)
             self._fd = None
 
-    def __enter__(self) -> "FileLock":
+    def __enter__(self) -> FileLock:
         return self.acquire()
 
     def __exit__(self, exc_type, *exc) -> None:

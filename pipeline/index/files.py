@@ -65,7 +65,7 @@ class IndexInfo:
         return obj
 
     @classmethod
-    def from_json(cls, obj: dict[str, Any], path: str = "") -> "IndexInfo":
+    def from_json(cls, obj: dict[str, Any], path: str = "") -> IndexInfo:
         """The provenance as written; a ValueError naming the first missing or mistyped key."""
         if not isinstance(obj, dict):
             raise ValueError(f"not a JSON object but {type(obj).__name__}")

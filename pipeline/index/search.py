@@ -70,7 +70,7 @@ class Index:
         self._paths = _absolute_paths(ws, table[S.DATASET].to_pylist(), table[S.PATH].to_pylist())
 
     @classmethod
-    def open(cls, ws: Workspace, name: str, nprobe: int | None = None) -> "Index":
+    def open(cls, ws: Workspace, name: str, nprobe: int | None = None) -> Index:
         """A committed index; an older layout's side files are moved first when no writer holds it.
 
         ``nprobe``: IVF lists searched per query instead of the recorded one (more: better recall, slower).

@@ -354,7 +354,7 @@ def reconcile(folder: Path, inspect: Callable[[Path], Adoptable | str],
             _set_aside(p, out, what, "it no longer matches its commit record")
             continue
         pending.append(p)
-    known: set | None = None
+    known: set[str] | None = None
     for p in pending:
         found = _inspect(p, inspect) if _regular(p) else "it is not a regular file"
         if isinstance(found, str):

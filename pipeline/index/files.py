@@ -182,7 +182,7 @@ def read_info(ws: Workspace, name: str) -> IndexInfo:
 def index_names(ws: Workspace) -> list[str]:
     """Names of the indexes that have a provenance, damaged or not (either layout)."""
     root = ws.root / "indexes"
-    names = set()
+    names: set[str] = set()
     for folder, pick in ((root / "_files", lambda p: True), (root, lambda p: p.name[0] not in "_.")):
         if folder.is_dir():
             names.update(p.name for p in folder.iterdir() if pick(p) and (p / PROVENANCE_FILE).is_file())

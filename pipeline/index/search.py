@@ -198,7 +198,7 @@ class Index:
             raise ConfigError(f"top {k} is more than the {len(self)} images in index {self.name}")
 
     def _neighbours(self, sims: np.ndarray, rows: np.ndarray, self_id: str | None, k: int) -> tuple[Neighbour, ...]:
-        out = []
+        out: list[Neighbour] = []
         for s, r in zip(sims.tolist(), rows.tolist()):
             if r >= 0 and self.ids[r] != self_id and len(out) < k:
                 out.append(Neighbour(self.ids[r], self._paths[r], float(s)))

@@ -109,8 +109,8 @@ def measure(items: list[Item], spec: InputSpec, workers: list[int], ahead: int, 
     best: dict[tuple[str, int], float] = {}
     for _ in range(repeat):  # interleaved rounds; the best counts
         for w in workers:
-            for mode, rate in (("threads", lambda: thread_rate(items, spec, w)),
-                               ("processes", lambda: process_rate(items, spec, w, ahead))):
+            for mode, rate in (("threads", lambda w=w: thread_rate(items, spec, w)),
+                               ("processes", lambda w=w: process_rate(items, spec, w, ahead))):
                 best[mode, w] = max(best.get((mode, w), 0.0), rate())
     return [{"workers": w, "threads": round(best["threads", w], 1), "processes": round(best["processes", w], 1),
              "processes_over_threads": round(best["processes", w] / best["threads", w], 2)} for w in workers]

@@ -81,7 +81,7 @@ class ExtractResult:
     def to_json(self) -> JsonObject:
         return self.summary
 
-    def open(self) -> "Featureset":
+    def open(self) -> Featureset:
         return Featureset(self.featureset, self.workspace)
 
 
@@ -190,7 +190,7 @@ class FeatureTransformer(TransformerMixin, BaseEstimator):
         self.path_column = path_column
         self.on_error = on_error
 
-    def fit(self, X: Any = None, y: Any = None) -> "FeatureTransformer":
+    def fit(self, X: Any = None, y: Any = None) -> FeatureTransformer:
         """Nothing to learn: resolve the featureset once (a recipe name's latest) and return self."""
         self._check_on_error()
         self.featureset_ = Featureset(self.featureset, self.workspace).name

@@ -11,13 +11,13 @@ os.environ.setdefault("IMGFEAT_PROGRESS", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-import ipaddress  # noqa: E402
-import logging  # noqa: E402
-import socket  # noqa: E402
+import ipaddress
+import logging
+import socket
 
-import pytest  # noqa: E402
+import pytest
 
-from imgfeat.core.workspace import Workspace  # noqa: E402
+from imgfeat.core.workspace import Workspace
 
 QUICK = "quick"
 

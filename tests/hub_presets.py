@@ -115,7 +115,7 @@ def siglip2_preset(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-def reference_features(preset: Path, images) -> "object":
+def reference_features(preset: Path, images) -> object:
     """keras-hub's own path: its converter on the decoded images, the backbone, the canonical embedding."""
     import numpy as np
     from keras_hub.layers import ImageConverter

@@ -114,7 +114,7 @@ def test_an_edited_shard_is_left_out_then_set_aside_and_extracted_again(copy, ca
     pq.write_table(forged(first), first)
     caplog.set_level(logging.WARNING)
 
-    ids, X = load_features(ws, fs)
+    ids, _X = load_features(ws, fs)
     assert set(ids) == set(genuine) - lost and first.name in warnings_of(caplog)
     assert committed_ids(ws, fs) == set(genuine) - lost  # the plan reads ids only: the footer check
 
@@ -177,7 +177,7 @@ def test_every_writer_records_its_shards_feature_and_error_shards_alike(copy, tm
     from imgfeat.core.commits import matches, read_record
     from imgfeat.extract.extract import extract_files
 
-    ws, fs, genuine = copy
+    ws, fs, _genuine = copy
     new = write_noise_images(tmp_path / "new", 2, seed=500, size=(32, 32), fmt="PNG")
     (tmp_path / "new" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     results = extract_files(ws, fs, [*map(str, new), str(tmp_path / "new" / "bad.png")], "r3")

@@ -248,7 +248,7 @@ def test_dedup_bad_input_is_a_clear_error(ws):
         run_dedup(ws, DedupConfig(featureset="nope", dataset="other"), "run1")
     with pytest.raises(ConfigError, match="featureset fs has no features for dataset other"):
         run_dedup(ws, DedupConfig(featureset="fs", dataset="other"), "run1")
-    with pytest.raises(ConfigError, match="threshold must be a cosine similarity in \\(0, 1\\], got 1.5"):
+    with pytest.raises(ConfigError, match=r"threshold must be a cosine similarity in \(0, 1\], got 1\.5"):
         DedupConfig(featureset="fs", dataset="other", threshold=1.5)
 
 

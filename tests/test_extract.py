@@ -81,7 +81,7 @@ def test_featureset_name_follows_the_numbers():
 
 
 def test_shards_have_the_schema_and_provenance(mod_ws, first):
-    c, summary = first
+    _c, summary = first
     fs = summary["featureset"]
     info = featureset_info(mod_ws, fs)
     dim = get_backbone(BACKBONE).dims["avg"]
@@ -120,7 +120,7 @@ def _no_build(*args, **kwargs):
 
 
 def test_rerun_does_no_model_work(mod_ws, first, monkeypatch, capsys):
-    c, summary = first
+    _c, summary = first
     monkeypatch.setattr(BackboneSpec, "construct", _no_build)
     before = sorted(p.name for p in mod_ws.featureset_dir(summary["featureset"]).rglob("*"))
     code = main(["extract", "--workspace", str(mod_ws.root), "--dataset", "d", "--backbone", BACKBONE,
@@ -204,7 +204,8 @@ def test_full_disk_is_a_clear_error_and_leaves_no_partial_shard(mod_ws, monkeypa
             self.fh.write(bytes(data[: len(data) // 2]))
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(commits, "open", lambda *a, **k: FullDisk(builtins.open(*a, **k)), raising=False)
+    monkeypatch.setattr(commits, "open", lambda *a, **k: FullDisk(builtins.open(*a, **k)),  # noqa: SIM115 (a stand-in for open)
+                        raising=False)
     code = main(["extract", "--workspace", str(mod_ws.root), "--dataset", "d", "--backbone", BACKBONE,
                  "--weights", "none", "--seed", "4", "--input-size", str(SIZE), "--dtype", "float16", "--npy",
                  "--shard-size", "4"])

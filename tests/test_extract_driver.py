@@ -107,7 +107,7 @@ def test_decode_modes_auto_rule_and_bad_values():
     assert resolve_decode("auto", PROCESS_DECODE_MIN_WORKERS) == "processes"
     assert resolve_decode("threads", 64) == "threads" and resolve_decode("processes", 1) == "processes"
     assert decoder_of("gpu") == "nvimgcodec" and decoder_of("processes") == decoder_of("auto") == "pillow"
-    with pytest.raises(ConfigError, match="unknown decode .cuda.*allowed: auto, gpu, processes, threads"):
+    with pytest.raises(ConfigError, match=r"unknown decode .cuda.*allowed: auto, gpu, processes, threads"):
         ExtractConfig(dataset="d", backbone="mobilenet_v2", decode="cuda")
     with pytest.raises(ConfigError, match="in flight must be a positive integer, got 0"):
         ExecutorConfig(in_flight=0)

@@ -14,6 +14,7 @@ import json
 import sys
 import types
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -45,7 +46,7 @@ class FakeParams:
 class PillowDecoder:
     """nvimgcodec.Decoder's shape: decode(list of bytes, params) -> arrays, None where it cannot decode."""
 
-    refuse: set[bytes] = set()  # files this "GPU" declines, like a progressive JPEG nvJPEG refuses
+    refuse: ClassVar[set[bytes]] = set()  # files this "GPU" declines, like a progressive JPEG nvJPEG refuses
 
     def __init__(self, options: str = "") -> None:
         self.options = options

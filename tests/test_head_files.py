@@ -120,7 +120,7 @@ def test_a_skops_file_naming_other_types_is_refused(ws):
     write_json_atomic({"head_id": HEAD, "featureset": "fs", "classes": ["a"], "model_file": "model.skops",
                        "model_format": "skops", "model_sha256": hashlib.sha256(blob).hexdigest()},
                       folder / "head.json")
-    with pytest.raises(ImgfeatError, match="refusing to load head .*system"):
+    with pytest.raises(ImgfeatError, match=r"refusing to load head .*system"):
         load_head(ws, HEAD)
 
 

@@ -56,7 +56,8 @@ def test_predict_and_report_use_a_streamed_head_like_any_other(blobs):
     head = load_head(blobs, out.head_id)
     assert (table.loc[ids, "pred_label"].to_numpy() == head.estimator.predict(X)).all()
     page = run_report(blobs, ReportConfig(out.head_id, memory_budget=TINY), "rep")
-    html = open(page.report, encoding="utf-8").read()
+    with open(page.report, encoding="utf-8") as fh:
+        html = fh.read()
     assert page.mistakes_shown > 0 and "trained by" in html and "streamed" in html
 
 

@@ -139,7 +139,7 @@ def test_dinov2_input_size_override(presets, ws, tmp_path):
 def cli(argv: list[str], capsys) -> tuple[int, dict, str]:
     from imgfeat.cli.main import main
 
-    code = main(argv + ["--json"])
+    code = main([*argv, "--json"])
     out = capsys.readouterr()
     return code, json.loads(out.out.strip().splitlines()[-1]), out.err
 
@@ -232,7 +232,7 @@ def test_text_search_without_a_text_tower_is_one_line(presets, ws, tmp_path, cap
     images = image_folder(tmp_path, H.DINO_SIZE)
     fs, _ = extracted(ws, tmp_path, "d", str(presets["dinov2"]), images)
     assert cli(["index", "--featureset", fs, "--name", "dino", "--kind", "flat"], capsys)[0] == 0
-    code, out, err = cli(["similar", "--index", "dino", "--text", "a red car", "--top", "3"], capsys)
+    code, _out, err = cli(["similar", "--index", "dino", "--text", "a red car", "--top", "3"], capsys)
     assert code == 2 and "has no text tower" in err and len(err.strip().splitlines()) == 1
 
 
@@ -271,7 +271,7 @@ def test_zero_shot_head_trains_predicts_and_reports(presets, ws, tmp_path, capsy
     got = [by_id[content_id(f.read_bytes())] for f in files]
     assert [label for label, _ in got] == want.tolist()
     assert np.abs(np.array([score for _, score in got]) - proba.max(1)).max() < 1e-3
-    code, rep, _ = cli(["report", "--head", out["head_id"]], capsys)
+    code, _rep, _ = cli(["report", "--head", out["head_id"]], capsys)
     assert code == 0
     # another prompt is another head
     code, other, _ = cli(["train", "--dataset", "pets", "--featureset", fs, "--head", "zero-shot",

@@ -149,7 +149,7 @@ def test_imgfeat_run_rejects_a_bad_type_with_exit_2_before_any_stage(ws, tmp_pat
 def test_a_seed_numpy_cannot_take_fails_before_any_stage(tmp_path, value):
     path = tmp_path / "job.toml"
     path.write_text(GOOD)
-    with pytest.raises(ConfigError, match="random_state = -?[0-9]+: expected an integer from 0 to 4294967295"):
+    with pytest.raises(ConfigError, match=r"random_state = -?[0-9]+: expected an integer from 0 to 4294967295"):
         _check(load_job(path, (f"heads.photos-logreg.random_state={value}",)))
 
 

@@ -141,7 +141,7 @@ def test_end_to_end_on_real_photos_and_image_files(tmp_path, capsys):
     t = read_predictions(ws, head_id, files=True).to_pandas()
     row = t[t[S.PATH] == new_photo.as_posix()]
     assert len(row) == 1 and row[S.LABEL].isna().all()
-    ids, X = load_features(ws, fs, row[S.IMAGE_ID].tolist())
+    _ids, X = load_features(ws, fs, row[S.IMAGE_ID].tolist())
     assert row[S.PRED_LABEL].iloc[0] == head.estimator.predict(X)[0]
     assert len(t) == 2 and set(t[S.DATASET]) == {S.FILES_DATASET}  # the broken file has no row
     dataset_rows = read_predictions(ws, head_id).to_pandas()

@@ -75,7 +75,7 @@ def test_every_numeric_flag_has_a_range_and_refuses_values_outside_it(command, a
     if action.default is not None:
         assert rng.allows(action.default), f"the default {action.default!r} is outside {rng.text()}"
     for bad in [*_outside(rng), "x"]:
-        with pytest.raises(argparse.ArgumentTypeError, match="expected an? (integer|number) from"):
+        with pytest.raises(argparse.ArgumentTypeError, match=r"expected an? (integer|number) from"):
             action.type(str(bad))
 
 

@@ -184,7 +184,7 @@ def test_an_old_layout_index_is_migrated_to_a_folder_polars_reads(ws):
         for p in files.iterdir():
             p.rename(folder / p.name)
         files.rmdir()
-        with pytest.raises(Exception, match="different file extensions|parquet"):
+        with pytest.raises(Exception, match=r"different file extensions|parquet"):
             pl.read_parquet(folder)
 
     old_layout()

@@ -195,7 +195,7 @@ def test_two_concurrent_runs_with_wait_both_finish_cleanly(ws, job):
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (_out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-2000:]
     summaries = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
     extracted = sorted(list(s["extract"].values())[0]["extracted"] for s in summaries)

@@ -20,9 +20,9 @@ def get_backbone(name: str) -> BackboneSpec:
     (imgfeat.backbones.hub); ConfigError with a did-you-mean otherwise."""
     table = by_name()
     key = name.strip().lower() if isinstance(name, str) else name
-    if key not in table and isinstance(name, str):
-        if looks_like_hub(name):  # a keras-hub preset name or directory (imports keras-hub only here)
-            return hub_spec(name)
+    # a keras-hub preset name or directory (imports keras-hub only here)
+    if key not in table and isinstance(name, str) and looks_like_hub(name):
+        return hub_spec(name)
     if key not in table:
         raise unknown_value("backbone", str(name), table, hint="imgfeat backbones lists them")
     return table[key]

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import importlib
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 from imgfeat.core.errors import ConfigError
 
 
-@lru_cache(maxsize=None)
+@cache
 def resolve(dotted: str) -> Any:
     """Import ``package.module.attr`` on first use, so listing backbones never imports Keras."""
     module, _, attr = dotted.rpartition(".")

@@ -77,7 +77,7 @@ class Converter:
     offset: tuple[float, ...] | None
 
     @classmethod
-    def from_json(cls, obj: dict[str, Any], size: int) -> "Converter":
+    def from_json(cls, obj: dict[str, Any], size: int) -> Converter:
         cfg = obj.get("config", {})
         interp = str(cfg.get("interpolation", "bilinear"))
         if interp not in PIL_INTERPOLATIONS:
@@ -123,7 +123,7 @@ class HubSpec(BackboneSpec):
         return input_size
 
     def construct(self, weights: str | None, input_size: int | None, pooling: str, layer: str | None, seed: int,
-                  include_top: bool, resolved_weights: "WeightsRef | None") -> "keras.Model":
+                  include_top: bool, resolved_weights: WeightsRef | None) -> keras.Model:
         """(batch, s, s, 3) float32 0..255 pixels -> (batch, dim) embeddings, the converter's
         scale and offset inside; build_model is its only caller. ``weights``: the preset's own
         ("imagenet" or "preset") or "none" (seeded random init); ``pooling`` is not used."""
@@ -170,7 +170,7 @@ def import_hub() -> tuple[Any, Any]:
     return keras, keras_hub
 
 
-def embedding_model(backbone: Any, spec: HubSpec, size: int) -> "keras.Model":
+def embedding_model(backbone: Any, spec: HubSpec, size: int) -> keras.Model:
     """A functional model: pixels -> converter scale/offset -> the family's canonical embedding."""
     import keras
     from keras import ops
@@ -299,7 +299,7 @@ def kagglehub_cache() -> Path:
 
 def preset_handles() -> dict[str, str]:
     """keras-hub's preset name -> Kaggle handle, for the supported families."""
-    _, keras_hub = import_hub()
+    import_hub()  # keras-hub installed, or the ConfigError that says how
     from keras_hub.src.utils.preset_utils import BUILTIN_PRESETS_FOR_BACKBONE
 
     out = {}

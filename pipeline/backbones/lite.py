@@ -196,7 +196,7 @@ def build_lite(
     pooling: str | None = None,
     classes: int = NUM_CLASSES,
     classifier_activation: Any = "softmax",
-) -> "keras.Model":
+) -> keras.Model:
     """The EfficientNet-Lite graph with random weights (ReLU6, no squeeze-excite)."""
     import keras
     from keras import layers
@@ -250,7 +250,7 @@ def weight_map(variant: LiteVariant, sd: dict[str, np.ndarray]) -> dict[str, lis
     return out
 
 
-def load_torch_weights(model: "keras.Model", variant: LiteVariant, sd: dict[str, np.ndarray]) -> None:
+def load_torch_weights(model: keras.Model, variant: LiteVariant, sd: dict[str, np.ndarray]) -> None:
     """Copy a state_dict into a full (include_top) model; every tensor must be used exactly once."""
     try:
         mapping = weight_map(variant, sd)
@@ -351,7 +351,7 @@ def efficientnet_lite(
     pooling: str | None = None,
     classes: int = NUM_CLASSES,
     classifier_activation: Any = "softmax",
-) -> "keras.Model":
+) -> keras.Model:
     """Like ``keras.applications.EfficientNetB0(...)``: weights 'imagenet', None, or a .weights.h5.
 
     Weights always load into the full graph (the file holds the top), then the feature model is
@@ -381,14 +381,14 @@ def efficientnet_lite(
     return keras.Model(full.inputs, x, name=variant.name)
 
 
-def EfficientNetLite0(**kwargs: Any) -> "keras.Model":  # noqa: N802 (Keras naming)
+def EfficientNetLite0(**kwargs: Any) -> keras.Model:  # noqa: N802 (Keras naming)
     return efficientnet_lite("efficientnet_lite0", **kwargs)
 
 
-def EfficientNetLite1(**kwargs: Any) -> "keras.Model":  # noqa: N802
+def EfficientNetLite1(**kwargs: Any) -> keras.Model:  # noqa: N802
     return efficientnet_lite("efficientnet_lite1", **kwargs)
 
 
-def EfficientNetLite2(**kwargs: Any) -> "keras.Model":  # noqa: N802
+def EfficientNetLite2(**kwargs: Any) -> keras.Model:  # noqa: N802
     return efficientnet_lite("efficientnet_lite2", **kwargs)
 

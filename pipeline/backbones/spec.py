@@ -8,7 +8,8 @@ import logging
 import re
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
 
 import numpy as np
 
@@ -69,14 +70,14 @@ class BackboneSpec:
             )
         return input_size
 
-    def build(self, *args: Any, **kwargs: Any) -> "keras.Model":
+    def build(self, *args: Any, **kwargs: Any) -> keras.Model:
         """Deprecated: ``build_model(spec, ...)``, the one model builder, takes the same arguments."""
         warnings.warn("BackboneSpec.build is deprecated; use imgfeat.backbones.build_model(spec, ...)",
                       DeprecationWarning, stacklevel=2)
         return build_model(self, *args, **kwargs)
 
     def construct(self, weights: str | None, input_size: int | None, pooling: str, layer: str | None, seed: int,
-                  include_top: bool, resolved_weights: "WeightsRef | None") -> "keras.Model":
+                  include_top: bool, resolved_weights: WeightsRef | None) -> keras.Model:
         """This family's construction (a keras.applications constructor); build_model is its only caller."""
         return _construct_application(self, weights, input_size, pooling, layer, seed, include_top,
                                       resolved_weights)
@@ -90,7 +91,7 @@ class BackboneSpec:
     def preprocess_fn(self) -> Callable[[np.ndarray], Any]:
         return resolve(self.preprocess)
 
-    def constructor_fn(self) -> Callable[..., "keras.Model"]:
+    def constructor_fn(self) -> Callable[..., keras.Model]:
         return resolve(self.constructor)
 
 
@@ -102,9 +103,9 @@ def build_model(
     layer: str | None = None,
     seed: int = 0,
     include_top: bool = False,
-    resolved_weights: "WeightsRef | None" = None,
+    resolved_weights: WeightsRef | None = None,
     dtype_policy: str | None = None,
-) -> "keras.Model":
+) -> keras.Model:
     """The one model builder: (batch, s, s, 3) images to (batch, dim) features, for every backbone kind.
 
     ``weights``: "imagenet", "none"/None (random, seeded by ``seed``) or a ``.weights.h5``
@@ -135,8 +136,8 @@ def _construct_application(
     layer: str | None,
     seed: int,
     include_top: bool,
-    resolved_weights: "WeightsRef | None",
-) -> "keras.Model":
+    resolved_weights: WeightsRef | None,
+) -> keras.Model:
     """Check every option first, then construct, load weights, cut and pool."""
     import keras
 
@@ -172,7 +173,7 @@ def _constructor_kwargs(spec: BackboneSpec, ref, size: int, pooling: str | None,
     return kwargs
 
 
-def load_weights_file(model: "keras.Model", path, spec: BackboneSpec) -> None:
+def load_weights_file(model: keras.Model, path, spec: BackboneSpec) -> None:
     """Load a .weights.h5 saved from the same constructor; a mismatch is a ConfigError, not a traceback."""
     import warnings
 
@@ -190,7 +191,7 @@ def load_weights_file(model: "keras.Model", path, spec: BackboneSpec) -> None:
         ) from None
 
 
-def tap_layer(model: "keras.Model", layer: str, pooling: str, spec: BackboneSpec) -> "keras.Model":
+def tap_layer(model: keras.Model, layer: str, pooling: str, spec: BackboneSpec) -> keras.Model:
     """A model from the same inputs to ``layer``'s output, globally pooled to (batch, channels)."""
     import keras
 

@@ -262,7 +262,7 @@ def read_state_dict(source: str | Path | IO[bytes]) -> dict[str, np.ndarray]:
     """
     path = Path(getattr(source, "name", source)) if not isinstance(source, io.BytesIO) else Path("<bytes>")
     try:
-        fh = open(source, "rb") if isinstance(source, (str, Path)) else source
+        fh = open(source, "rb") if isinstance(source, (str, Path)) else source  # noqa: SIM115 (closed in finally)
     except OSError as exc:
         raise TorchFileError(f"cannot read {path}: {exc.strerror or exc}") from exc
     try:

@@ -59,7 +59,7 @@ def keras_cache_dir() -> Path:
     return Path(home).expanduser() / "models"
 
 
-def keras_file(spec: "BackboneSpec", include_top: bool = False) -> "KerasWeightsFile":
+def keras_file(spec: BackboneSpec, include_top: bool = False) -> KerasWeightsFile:
     """The Keras-pinned file entry for this backbone, or ConfigError if Keras does not download it."""
     entry = spec.keras_top_weights if include_top else spec.keras_weights
     if entry is None:
@@ -67,14 +67,14 @@ def keras_file(spec: "BackboneSpec", include_top: bool = False) -> "KerasWeights
     return entry
 
 
-def expected_file(spec: "BackboneSpec", input_size: int | None = None, include_top: bool = False) -> tuple[Path, str, str | None]:
+def expected_file(spec: BackboneSpec, input_size: int | None = None, include_top: bool = False) -> tuple[Path, str, str | None]:
     """(cache path, URL, Keras hash) of the ImageNet file Keras would load for this build."""
     entry = keras_file(spec, include_top)
     name, url = entry.for_size(input_size or spec.input_size)
     return keras_cache_dir() / name, url, entry.file_hash
 
 
-def is_cached(spec: "BackboneSpec", input_size: int | None = None) -> bool:
+def is_cached(spec: BackboneSpec, input_size: int | None = None) -> bool:
     """Whether ImageNet weights for this backbone are on disk (no network, no hashing)."""
     if spec.imagenet_weights:
         return _pip_weights_available(spec)
@@ -83,7 +83,7 @@ def is_cached(spec: "BackboneSpec", input_size: int | None = None) -> bool:
     return expected_file(spec, input_size)[0].is_file()
 
 
-def _pip_weights_available(spec: "BackboneSpec") -> bool:
+def _pip_weights_available(spec: BackboneSpec) -> bool:
     """Whether a spec whose weights come from its own function can produce them offline."""
     if not spec.imagenet_available:
         return True  # the spec gives no cheap check; resolving will say what is missing
@@ -94,7 +94,7 @@ def _pip_weights_available(spec: "BackboneSpec") -> bool:
 
 
 def resolve_weights(
-    spec: "BackboneSpec", weights: str | os.PathLike | None, input_size: int | None = None,
+    spec: BackboneSpec, weights: str | os.PathLike | None, input_size: int | None = None,
     include_top: bool = False,
 ) -> WeightsRef:
     """Map a ``--weights`` value to a WeightsRef; never touches the network."""
@@ -111,7 +111,7 @@ def resolve_weights(
     return WeightsRef("file", path.resolve(), file_digests(path)["sha256"])
 
 
-def _resolve_imagenet(spec: "BackboneSpec", input_size: int | None, include_top: bool) -> WeightsRef:
+def _resolve_imagenet(spec: BackboneSpec, input_size: int | None, include_top: bool) -> WeightsRef:
     if spec.imagenet_weights:
         path = Path(resolve(spec.imagenet_weights)())
         return WeightsRef("imagenet", path, file_digests(path)["sha256"])
@@ -128,7 +128,7 @@ def _resolve_imagenet(spec: "BackboneSpec", input_size: int | None, include_top:
     return WeightsRef("imagenet", path, digests["sha256"])
 
 
-def missing_message(spec: "BackboneSpec", path: Path, url: str) -> str:
+def missing_message(spec: BackboneSpec, path: Path, url: str) -> str:
     return (
         f"ImageNet weights for {spec.name} are not cached: {path} is missing "
         f"(Keras downloads it from {url}). On a machine with internet run "
@@ -205,7 +205,7 @@ def keras_offline(path: Path) -> Iterator[None]:
 # ------------------------------------------------------------------------------- list, fetch, import
 
 
-def fetch_weights(spec: "BackboneSpec", timeout_s: float = FETCH_TIMEOUT_S) -> Path:
+def fetch_weights(spec: BackboneSpec, timeout_s: float = FETCH_TIMEOUT_S) -> Path:
     """Download the ImageNet no-top file into the Keras cache (machines with internet only)."""
     if spec.imagenet_weights:
         return resolve_weights(spec, "imagenet").path  # the pip package provides it

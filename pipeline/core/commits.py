@@ -83,13 +83,13 @@ class ShardRecord:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, obj: Any) -> "ShardRecord | None":
+    def from_json(cls, obj: Any) -> ShardRecord | None:
         """None for anything that is not a record of this format (a damaged record trusts nothing)."""
         if not isinstance(obj, dict) or obj.get("format") != RECORD_FORMAT:
             return None
         types = {"name": str, "rows": int, "bytes": int, "footer_sha256": str, "sha256": str, "nonfinite": int}
         if set(obj) != set(types) | {"format"} or not all(
-                type(obj[k]) is t for k, t in types.items()):  # noqa: E721 (bool is not an int here)
+                type(obj[k]) is t for k, t in types.items()):  # type(), not isinstance: bool is not an int here
             return None
         return cls(**obj)
 
@@ -354,7 +354,7 @@ def reconcile(folder: Path, inspect: Callable[[Path], Adoptable | str],
             _set_aside(p, out, what, "it no longer matches its commit record")
             continue
         pending.append(p)
-    known: set | None = None
+    known: set[str] | None = None
     for p in pending:
         found = _inspect(p, inspect) if _regular(p) else "it is not a regular file"
         if isinstance(found, str):

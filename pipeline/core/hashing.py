@@ -21,7 +21,7 @@ COMPACT = (",", ":")
 DEFAULT_SEPARATORS = (", ", ": ")
 
 
-def content_hasher() -> "hashlib._Hash":
+def content_hasher() -> hashlib.blake2b:
     """An incremental hasher whose hexdigest is an image_id (feed it the file's bytes)."""
     return hashlib.blake2b(digest_size=CONTENT_ID_BYTES)
 

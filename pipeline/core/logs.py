@@ -14,7 +14,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TextIO
 
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -50,7 +50,7 @@ def quiet_native_logs(level: str = "info") -> None:
     os.environ.setdefault("GRPC_VERBOSITY", "DEBUG" if level == "debug" else "ERROR")
 
 
-def setup_logging(level: str = "info", fmt: str = "text", stream=None) -> None:
+def setup_logging(level: str = "info", fmt: str = "text", stream: TextIO | None = None) -> None:
     """One handler on the root logger, as text or JSON lines, at ``level``."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT, "%H:%M:%S"))

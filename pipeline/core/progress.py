@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -17,7 +18,7 @@ def bars_enabled() -> bool:
     return sys.stderr.isatty()
 
 
-def progress(total: int | None = None, desc: str = "", unit: str = "img", **kwargs) -> tqdm:
+def progress(total: int | None = None, desc: str = "", unit: str = "img", **kwargs: Any) -> tqdm:
     """A tqdm bar on stderr that is disabled (a no-op) when stderr is not a TTY."""
     return tqdm(
         total=total,

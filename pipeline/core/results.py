@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, fields
-from typing import Any, Protocol, Self, TypeAlias
+from typing import TYPE_CHECKING, Any, Protocol, Self, TypeAlias, cast
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 # A value `json.dumps` writes and `json.loads` gives back: what `--json` and runs/<id>.json hold.
-JsonValue: TypeAlias = "str | int | float | bool | None | list[JsonValue] | dict[str, JsonValue]"
+JsonValue: TypeAlias = "str | int | float | bool | list[JsonValue] | dict[str, JsonValue] | None"
 JsonObject: TypeAlias = "dict[str, JsonValue]"
 
 
@@ -26,8 +29,9 @@ class JsonResult:
     """
 
     def to_json(self) -> JsonObject:
-        return asdict(self)  # type: ignore[call-overload]
+        return asdict(cast("DataclassInstance", self))  # the mixin's self is the dataclass that inherits it
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> Self:
-        return cls(**{f.name: obj[f.name] for f in fields(cls) if f.init and f.name in obj})  # type: ignore[arg-type]
+        names = [f.name for f in fields(cast("type[DataclassInstance]", cls)) if f.init]
+        return cls(**{name: obj[name] for name in names if name in obj})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import pyarrow as pa
 
@@ -146,7 +147,7 @@ class ErrorRow:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, obj: Mapping[str, str | None]) -> ErrorRow:
+    def from_json(cls, obj: Mapping[str, Any]) -> ErrorRow:
         return cls(**{f.name: obj[f.name] for f in fields(cls)})
 
 

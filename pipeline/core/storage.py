@@ -15,6 +15,7 @@ import stat
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -51,7 +52,7 @@ def disk_error(path: Path, exc: OSError) -> ImgfeatError:
         errno.EROFS: "the file system is read-only",
         errno.EACCES: "permission denied",
         errno.EPERM: "permission denied",
-    }.get(exc.errno, exc.strerror or str(exc))
+    }.get(exc.errno or 0, exc.strerror or str(exc))  # an OSError without an errno: none of these
     return ImgfeatError(f"cannot write {path}: {reason}")
 
 
@@ -106,7 +107,7 @@ def write_json_atomic(obj: object, final: Path) -> Path:
     return write_bytes_atomic(text.encode("utf-8"), final)
 
 
-def write_table_atomic(table: pa.Table, final: Path, **parquet_options) -> Path:
+def write_table_atomic(table: pa.Table, final: Path, **parquet_options: Any) -> Path:
     """Write a Parquet file under the commit protocol (zstd unless told otherwise)."""
     parquet_options.setdefault("compression", "zstd")
     with atomic_path(final) as tmp:
@@ -163,8 +164,7 @@ def recorded_file(folder: Path, name: object, record: Path) -> Path:
     """``folder/name`` for a file name that ``record`` (a JSON file we wrote) names: a plain name
     inside the folder (no separator, no '..'), a regular file and not a symbolic link; else an
     ImgfeatError naming the record. Never follows the record out of its folder, or into a FIFO."""
-    plain = isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
-    if not plain:
+    if not (isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")):
         raise ImgfeatError(f"{record} names the file {name!r}, which is not a plain file name in {folder}")
     if Path(folder).is_symlink():
         raise ImgfeatError(f"{folder} (where {record} names its files) is a symbolic link, not a folder")
@@ -204,7 +204,7 @@ def _read_shard(path: Path, columns: list[str] | None) -> pa.Table:
         ) from None
 
 
-def column_values(paths: Iterable[Path], column: str) -> list:
+def column_values(paths: Iterable[Path], column: str) -> list[Any]:
     """One column of every shard, nulls left out (e.g. the ids a folder already holds)."""
     table = read_shards(paths, [column])
     return [] if table is None else [v for v in table.column(column).to_pylist() if v is not None]
@@ -306,7 +306,7 @@ class FileLock:
         self._fd: int | None = None
         self.created = False
 
-    def acquire(self) -> "FileLock":
+    def acquire(self) -> FileLock:
         while True:
             fd, created = self._open()
             try:
@@ -376,10 +376,10 @@ class FileLock:
             os.close(self._fd)
             self._fd = None
 
-    def __enter__(self) -> "FileLock":
+    def __enter__(self) -> FileLock:
         return self.acquire()
 
-    def __exit__(self, exc_type, *exc) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         # A run refused under a lock it created leaves no lock file behind: the workspace as it was.
         self.release(remove=self.created and exc_type is not None and issubclass(exc_type, ConfigError))
 

@@ -32,7 +32,7 @@ class Workspace:
     root: Path
 
     @classmethod
-    def resolve(cls, value: str | os.PathLike | None = None) -> "Workspace":
+    def resolve(cls, value: str | os.PathLike[str] | None = None) -> Workspace:
         """``--workspace`` beats ``$IMGFEAT_WORKSPACE`` beats ``./data``."""
         chosen = value or os.environ.get(ENV_WORKSPACE) or DEFAULT_WORKSPACE
         return cls(Path(chosen).expanduser().absolute())

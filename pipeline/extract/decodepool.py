@@ -84,7 +84,7 @@ def split_rows(n: int, workers: int, min_part: int = MIN_PART) -> list[tuple[int
     bounds = [0]
     for p in range(parts):
         bounds.append(bounds[-1] + base + (p < extra))
-    return list(zip(bounds, bounds[1:]))
+    return list(itertools.pairwise(bounds))
 
 
 def compact_rows(raw: np.ndarray, ok_rows: list[int]) -> None:

@@ -134,7 +134,7 @@ class ExtractConfig:
         return InputSpec(resolved.recipe.decode_config(), self.batch_size, self.max_file_bytes, self.decode)
 
     @classmethod
-    def from_provenance(cls, prov: Provenance, dataset: str = "files") -> "ExtractConfig":
+    def from_provenance(cls, prov: Provenance, dataset: str = "files") -> ExtractConfig:
         """The config that made a featureset, rebuilt from its provenance (``imgfeat predict IMAGE``)."""
         r, src = prov.recipe, prov.source
         # A preset directory is found again by its path; a preset name through the cache.
@@ -325,7 +325,7 @@ class DoneSets:
     repaired: dict[str, int] = field(default_factory=dict)  # shards the opening writer recorded, adopted, set aside
 
     @classmethod
-    def read(cls, ws: Workspace, fs: str) -> "DoneSets":
+    def read(cls, ws: Workspace, fs: str) -> DoneSets:
         if not ws.featureset_dir(fs).is_dir():
             return cls(set(), set(), set())
         errors = read_shards(error_shards(ws, fs), [S.IMAGE_ID, S.PATH, S.STAGE, S.ERROR_CODE])  # one pass

@@ -233,7 +233,7 @@ class DeviceKernels:
         return traced
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def device_kernels(interpolation: str, size: tuple[int, int]) -> DeviceKernels:
     return DeviceKernels(interpolation, size)
 

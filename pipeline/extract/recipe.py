@@ -53,12 +53,12 @@ class WeightsId:
         return f"{NONE_PREFIX}seed={self.seed}:backend={self.backend}"
 
     @classmethod
-    def of(cls, ref: "WeightsRef", seed: int) -> "WeightsId":
+    def of(cls, ref: WeightsRef, seed: int) -> WeightsId:
         """The identity of resolved weights: the file's sha256, else the seed and this backend."""
         return cls(ref.sha256) if ref.sha256 else cls(None, seed, keras_backend())
 
     @classmethod
-    def parse(cls, identity: str) -> "WeightsId":
+    def parse(cls, identity: str) -> WeightsId:
         if identity.startswith(SHA_PREFIX):
             return cls(identity[len(SHA_PREFIX):])
         fields = dict(part.split("=", 1) for part in identity[len(NONE_PREFIX):].split(":") if "=" in part)
@@ -112,7 +112,7 @@ class Recipe:
                             self.antialias)
 
     @classmethod
-    def from_json(cls, obj: dict[str, Any]) -> "Recipe":
+    def from_json(cls, obj: dict[str, Any]) -> Recipe:
         kw = {f.name: obj[f.name] for f in dataclasses.fields(cls) if f.name not in OPTIONAL_FIELDS}
         kw.update({key: obj.get(key, default) for key, default in OPTIONAL_FIELDS.items()})
         kw["weights"] = WeightsId.parse(str(obj["weights"]))
@@ -138,8 +138,8 @@ class Resolved:
 
     recipe: Recipe
     source: WeightsSource
-    spec: "BackboneSpec"
-    ref: "WeightsRef"
+    spec: BackboneSpec
+    ref: WeightsRef
 
     def spec_dim(self) -> int:
         """The feature width the registry knows (0 for a layer tap: only the built graph knows)."""
@@ -159,7 +159,7 @@ class Provenance:
     featureset: str
 
     @classmethod
-    def create(cls, resolved: Resolved, dim: int) -> "Provenance":
+    def create(cls, resolved: Resolved, dim: int) -> Provenance:
         import keras
 
         return cls(resolved.recipe, resolved.source, int(dim), keras.__version__, keras.backend.backend(),
@@ -182,7 +182,7 @@ class Provenance:
         return out
 
     @classmethod
-    def from_json(cls, obj: dict[str, Any]) -> "Provenance":
+    def from_json(cls, obj: dict[str, Any]) -> Provenance:
         try:
             recipe = Recipe.from_json(obj)
             kind = obj.get("weights_kind") or ("none" if recipe.weights.sha256 is None else "file")
@@ -199,7 +199,7 @@ class Provenance:
         return json.dumps(self.to_json(), sort_keys=True)
 
 
-def resolve_recipe(cfg: "ExtractConfig") -> Resolved:
+def resolve_recipe(cfg: ExtractConfig) -> Resolved:
     """ExtractConfig -> Resolved: the backbone and the weights are looked up and hashed once, here."""
     spec = get_backbone(cfg.backbone)
     if getattr(spec, "preset_dir", None):
@@ -229,7 +229,7 @@ def keras_backend() -> str:
 # ------------------------------------------------------------------- a keras-hub backbone's recipe
 
 
-def resolve_hub_recipe(cfg: "ExtractConfig", spec: HubSpec) -> Resolved:
+def resolve_hub_recipe(cfg: ExtractConfig, spec: HubSpec) -> Resolved:
     """ExtractConfig + HubSpec -> Resolved. The preset's content digest is the weights identity, so
     a directory re-saved with other weights (or another converter) is another featureset; the
     input transform is the converter's (``--interpolation`` does not apply)."""

@@ -62,7 +62,7 @@ class FeaturesetDirs:
     npy: Path
 
     @classmethod
-    def of(cls, ws: Workspace, featureset: str) -> "FeaturesetDirs":
+    def of(cls, ws: Workspace, featureset: str) -> FeaturesetDirs:
         return cls(ws.featureset_dir(featureset), ws.featureset_errors_dir(featureset),
                    ws.featureset_npy_dir(featureset))
 

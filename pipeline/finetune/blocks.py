@@ -52,7 +52,7 @@ class Block:
         return {"block": self.name, "start": self.start, "layers": self.n_layers}
 
 
-def family_pattern(spec: "BackboneSpec") -> re.Pattern[str]:
+def family_pattern(spec: BackboneSpec) -> re.Pattern[str]:
     """The block pattern of the spec's family; ConfigError for a family without named blocks."""
     pattern = FAMILY_BLOCKS.get(spec.family)
     if pattern is None:
@@ -80,11 +80,11 @@ def list_blocks(layer_names: list[str], pattern: re.Pattern[str]) -> list[Block]
     return [Block(k, s, e - s) for (k, s), e in zip(ordered, ends)]
 
 
-def backbone_blocks(model: "keras.Model", spec: "BackboneSpec") -> list[Block]:
+def backbone_blocks(model: keras.Model, spec: BackboneSpec) -> list[Block]:
     return list_blocks([lyr.name for lyr in model.layers], family_pattern(spec))
 
 
-def unfreeze_start(model: "keras.Model", spec: "BackboneSpec", blocks: int | None,
+def unfreeze_start(model: keras.Model, spec: BackboneSpec, blocks: int | None,
                    from_layer: str | None) -> int:
     """Index of the first layer to train: the start of the N-th block from the top, or a named layer."""
     names = [lyr.name for lyr in model.layers]
@@ -102,7 +102,7 @@ def unfreeze_start(model: "keras.Model", spec: "BackboneSpec", blocks: int | Non
     return found[-blocks].start
 
 
-def apply_unfreeze(model: "keras.Model", start: int) -> list[str]:
+def apply_unfreeze(model: keras.Model, start: int) -> list[str]:
     """Train layers[start:] except normalisation layers; freeze the rest. Returns the trained layers."""
     model.trainable = True
     trained = []

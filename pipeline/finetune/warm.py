@@ -29,11 +29,11 @@ class WarmRecipe:
     layer: str | None = None
 
     @classmethod
-    def of(cls, recipe: Recipe) -> "WarmRecipe":
+    def of(cls, recipe: Recipe) -> WarmRecipe:
         return cls(recipe.backbone, recipe.weights.identity(), recipe.input_size, recipe.interpolation,
                    recipe.exif, recipe.pooling, recipe.layer)
 
-    def differences(self, trained: "WarmRecipe") -> dict[str, tuple[Any, Any]]:
+    def differences(self, trained: WarmRecipe) -> dict[str, tuple[Any, Any]]:
         """field -> (the head's value, this fine-tune's) for every field that differs."""
         return {f.name: (getattr(trained, f.name), getattr(self, f.name)) for f in dataclasses.fields(self)
                 if getattr(trained, f.name) != getattr(self, f.name)}

@@ -60,7 +60,7 @@ class KerasMLPClassifier(ClassifierMixin, BaseEstimator):
         self.class_weight = class_weight
         self.random_state = random_state
 
-    def fit(self, X: np.ndarray, y: np.ndarray) -> "KerasMLPClassifier":
+    def fit(self, X: np.ndarray, y: np.ndarray) -> KerasMLPClassifier:
         import keras
 
         X, y = validate_data(self, X, y, dtype=np.float32)
@@ -93,7 +93,7 @@ class KerasMLPClassifier(ClassifierMixin, BaseEstimator):
 
     def fit_stream(self, batches: Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]], classes: list[str],
                    mean: np.ndarray, var: np.ndarray, X_val: np.ndarray, y_val: np.ndarray,
-                   class_weight: dict[str, float] | None = None) -> "KerasMLPClassifier":
+                   class_weight: dict[str, float] | None = None) -> KerasMLPClassifier:
         """``fit`` for rows that do not fit in memory: ``batches()`` yields (X, labels) for one pass
         over the training rows (called once per epoch); standardisation from the streamed ``mean`` and
         ``var``; early stopping on (``X_val``, ``y_val``), rows kept out of the batches. Each batch is
@@ -197,7 +197,7 @@ class KerasMLPClassifier(ClassifierMixin, BaseEstimator):
         self.model_.save(str(path))
 
     @classmethod
-    def load(cls, path: Path, classes: list[str], params: dict[str, Any] | None = None) -> "KerasMLPClassifier":
+    def load(cls, path: Path, classes: list[str], params: dict[str, Any] | None = None) -> KerasMLPClassifier:
         """Rebuild a fitted classifier from a ``.keras`` file (``safe_mode``: no code runs)."""
         import keras
 

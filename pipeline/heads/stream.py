@@ -84,7 +84,7 @@ def fit_streamed(ws: Workspace, cfg: TrainConfig, rows: LabelledRows, dim: int,
     """Choose on a subsample, fit on every training row streamed, score the test rows streamed."""
     t0 = time.perf_counter()
     ids_cv, X_cv, y_cv = _subsample(ws, cfg, rows, dim, budget)
-    winner, cv, best, n_folds = choose_kind(cfg, X_cv, y_cv)
+    winner, cv, best, _n_folds = choose_kind(cfg, X_cv, y_cv)
     t_cv = time.perf_counter()
     labels = dict(zip(rows.train_ids.tolist(), rows.train_labels.tolist()))
     if winner == "mlp":  # its early stopping watches a part of the subsample the stream leaves out

@@ -143,7 +143,7 @@ def make_head_id(cfg: TrainConfig, rows: LabelledRows) -> str:
     return f"{cfg.head_name}-{canonical_digest(key, 8)}"
 
 
-def run_train(ws: Workspace, cfg: TrainConfig, run_id: str) -> "TrainSummary":
+def run_train(ws: Workspace, cfg: TrainConfig, run_id: str) -> TrainSummary:
     """Train (or reuse) the head and make it the latest of its name."""
     t0 = time.perf_counter()
     cfg = replace(cfg, featureset=resolve_featureset(ws, cfg.featureset))

@@ -32,14 +32,14 @@ class ZeroShotClassifier:
     def __init__(self, logit_scale: float = LOGIT_SCALE) -> None:
         self.logit_scale = logit_scale
 
-    def set_prompts(self, classes: list[str], embeddings: np.ndarray) -> "ZeroShotClassifier":
+    def set_prompts(self, classes: list[str], embeddings: np.ndarray) -> ZeroShotClassifier:
         E = np.asarray(embeddings, dtype=np.float32)
         self.classes_ = np.asarray(classes, dtype=object)
         self.prompts_ = E / np.maximum(np.linalg.norm(E, axis=1, keepdims=True), 1e-12)
         self.n_features_in_ = int(E.shape[1])
         return self
 
-    def fit(self, X: Any = None, y: Any = None) -> "ZeroShotClassifier":
+    def fit(self, X: Any = None, y: Any = None) -> ZeroShotClassifier:
         return self  # nothing to learn: the prompts are the head
 
     def cosines(self, X: np.ndarray) -> np.ndarray:
@@ -62,7 +62,7 @@ class ZeroShotClassifier:
         return buf.getvalue()
 
     @classmethod
-    def from_bytes(cls, blob: bytes, classes: list[str]) -> "ZeroShotClassifier":
+    def from_bytes(cls, blob: bytes, classes: list[str]) -> ZeroShotClassifier:
         with np.load(io.BytesIO(blob), allow_pickle=False) as data:
             est = cls(float(data["logit_scale"]))
             prompts = np.asarray(data["prompts"], dtype=np.float32)

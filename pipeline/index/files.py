@@ -65,7 +65,7 @@ class IndexInfo:
         return obj
 
     @classmethod
-    def from_json(cls, obj: dict[str, Any], path: str = "") -> "IndexInfo":
+    def from_json(cls, obj: dict[str, Any], path: str = "") -> IndexInfo:
         """The provenance as written; a ValueError naming the first missing or mistyped key."""
         if not isinstance(obj, dict):
             raise ValueError(f"not a JSON object but {type(obj).__name__}")
@@ -182,7 +182,7 @@ def read_info(ws: Workspace, name: str) -> IndexInfo:
 def index_names(ws: Workspace) -> list[str]:
     """Names of the indexes that have a provenance, damaged or not (either layout)."""
     root = ws.root / "indexes"
-    names = set()
+    names: set[str] = set()
     for folder, pick in ((root / "_files", lambda p: True), (root, lambda p: p.name[0] not in "_.")):
         if folder.is_dir():
             names.update(p.name for p in folder.iterdir() if pick(p) and (p / PROVENANCE_FILE).is_file())

@@ -55,7 +55,7 @@ class IndexParams:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, obj: dict[str, Any]) -> "IndexParams":
+    def from_json(cls, obj: dict[str, Any]) -> IndexParams:
         return cls(**obj)
 
 

@@ -70,7 +70,7 @@ class Index:
         self._paths = _absolute_paths(ws, table[S.DATASET].to_pylist(), table[S.PATH].to_pylist())
 
     @classmethod
-    def open(cls, ws: Workspace, name: str, nprobe: int | None = None) -> "Index":
+    def open(cls, ws: Workspace, name: str, nprobe: int | None = None) -> Index:
         """A committed index; an older layout's side files are moved first when no writer holds it.
 
         ``nprobe``: IVF lists searched per query instead of the recorded one (more: better recall, slower).
@@ -196,7 +196,7 @@ class Index:
             raise ConfigError(f"top {k} is more than the {len(self)} images in index {self.name}")
 
     def _neighbours(self, sims: np.ndarray, rows: np.ndarray, self_id: str | None, k: int) -> tuple[Neighbour, ...]:
-        out = []
+        out: list[Neighbour] = []
         for s, r in zip(sims.tolist(), rows.tolist()):
             if r >= 0 and self.ids[r] != self_id and len(out) < k:
                 out.append(Neighbour(self.ids[r], self._paths[r], float(s)))

@@ -67,9 +67,8 @@ class RunSummary:
     @property
     def model_work(self) -> bool:
         """Whether any backbone ran or any head was trained (False for a run with nothing new)."""
-        return any(s.extracted for s in self.extract.values()) or any(
-            not s.reused for s in [*self.train.values(), *self.finetune.values()]
-        )
+        return (any(s.extracted for s in self.extract.values()) or any(not s.reused for s in self.train.values())
+                or any(not s.reused for s in self.finetune.values()))
 
     @property
     def items_per_s(self) -> dict[str, float]:
@@ -83,7 +82,7 @@ class RunSummary:
         return out
 
     def to_json(self) -> JsonObject:
-        train = {name: {**s.to_json(), **({NO_ACCURACY: self.no_accuracy[name]} if name in self.no_accuracy
+        train: JsonObject = {name: {**s.to_json(), **({NO_ACCURACY: self.no_accuracy[name]} if name in self.no_accuracy
                                           else {})} for name, s in self.train.items()}
         return {
             "job": self.job,
@@ -98,7 +97,7 @@ class RunSummary:
             "timings": dict(self.timings),
             "model_work": self.model_work,
             "error_rates": {k: v.to_json() for k, v in self.error_rates.items()},
-            "items_per_s": self.items_per_s,
+            "items_per_s": dict(self.items_per_s),
         }
 
     @classmethod

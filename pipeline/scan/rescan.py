@@ -55,7 +55,7 @@ class Previous:
     def max_pixels(self) -> int | None:
         return self.options.get("max_pixels")
 
-    def cursor(self, keep: bool = True) -> "OldRows":
+    def cursor(self, keep: bool = True) -> OldRows:
         return OldRows(self.path, keep)
 
 

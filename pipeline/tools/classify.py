@@ -101,7 +101,7 @@ def _unavailable(name: str, why: str) -> ConfigError:
     return ConfigError(f"backbone {name!r} cannot classify: {why}. Backbones that can: {listed}")
 
 
-def build_classifier(backbone: str, weights: str) -> tuple[Any, "keras.Model"]:
+def build_classifier(backbone: str, weights: str) -> tuple[Any, keras.Model]:
     """The backbone's spec and its model with the 1000-class softmax top."""
     spec = get_backbone(backbone)
     if not spec.imagenet_top:

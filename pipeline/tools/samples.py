@@ -82,7 +82,7 @@ def augment(photo: Image.Image, rng: np.random.Generator, spec: PhotoSetSpec) ->
         im = ImageOps.mirror(im)
     side = int(rng.integers(spec.min_side, spec.max_side + 1))
     scale = side / max(im.size)
-    im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.BILINEAR)
+    im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.Resampling.BILINEAR)
     for enhancer in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
         im = enhancer(im).enhance(float(rng.uniform(1.0 - spec.jitter, 1.0 + spec.jitter)))
     return im

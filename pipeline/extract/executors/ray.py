@@ -150,7 +150,7 @@ def import_ray():
     """Ray is an optional extra: without it, a usage error (exit 2) that says how to install it."""
     try:
         import ray
-        import ray.data  # noqa: F401
+        import ray.data
     except ImportError:
         raise ConfigError(NEEDS_RAY) from None
     return ray

@@ -6,7 +6,7 @@
 The photo set (real photos seen through random crops and jitter, 128-320 px JPEGs) and its
 manifest are made once under --dir. Each executor then extracts into its own cold
 workspace in a subprocess, so both sides pay interpreter, TensorFlow and (for Ray) cluster
-start-up, as DESIGN.md's throughput rules ask. Weights are random and seeded: the compute is
+start-up (a throughput figure counts the whole process). Weights are random and seeded: the compute is
 the same as ImageNet weights and nothing is downloaded. The figure that matters is the ratio
 ray / local in one run; absolute img/s on a shared machine are noisy. "model s" is the time
 spent in the backbone calls (summed over actors on Ray): wall minus model is what each executor

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Issue 12's GPU-host checks in one prepared run: extract at accelerator speed, CPU decode and GPU decode.
 #
-# For a GPU host with JAX (CUDA) and no TensorFlow and no network (see the kit's README in the
-# workplace's shared/gpu/). Before the run, on a machine with the registry, download into an ignored
-# folder of the checkout (.whl/, listed in .git/info/exclude) the wheels that host lacks for Python
-# 3.12: keras, namex, optree, nvidia-nvimgcodec-cu13, nvidia-nvjpeg (and, for the keras-hub cases,
-# keras-hub, kagglehub, regex, packaging, absl-py, rich, ml-dtypes, h5py); and copy the kit's
-# gen_images.py into the checkout (only the checkout travels). Then, on the host:
+# For a GPU host with JAX (CUDA) and no TensorFlow and no network. Before the run, on a machine with
+# the registry, download into an ignored folder of the checkout (.whl/, listed in .git/info/exclude)
+# the wheels that host lacks for Python 3.12: keras, namex, optree, nvidia-nvimgcodec-cu13,
+# nvidia-nvjpeg (and, for the keras-hub cases, keras-hub, kagglehub, regex, packaging, absl-py, rich,
+# ml-dtypes, h5py). Images: $IMAGES if it exists, else N JPEGs of 500x375 made below from crops of
+# the photos scikit-image and scikit-learn ship (imgfeat.tools.samples). Then, on the host:
 #
 #   OUT=/tmp/out bash benchmarks/gpu_host.sh          # N=40000 images of 500x375 by default
 #
@@ -34,7 +34,24 @@ export PYTHONPATH="$SITE" KERAS_BACKEND=jax IMGFEAT_PROGRESS=0
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/gpu.txt" 2>&1 || true
 
 if [ ! -d "$IMAGES" ]; then
-  python3 gen_images.py "$IMAGES" "$N" 500 375
+  python3 - "$IMAGES" "$N" 500 375 <<'PY'
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from imgfeat.tools.samples import DEMO_CLASSES, load_photo
+
+out, n, w, h = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+out.mkdir(parents=True, exist_ok=True)
+photos = [load_photo(name) for name in DEMO_CLASSES.values()]
+rng = np.random.default_rng(0)
+for i in range(n):
+    im = photos[i % len(photos)]
+    cw, ch = (int(s * rng.uniform(0.5, 1.0)) for s in im.size)
+    x, y = int(rng.integers(0, im.size[0] - cw + 1)), int(rng.integers(0, im.size[1] - ch + 1))
+    im.crop((x, y, x + cw, y + ch)).resize((w, h)).save(out / f"{i:06d}.jpg", quality=90)
+PY
 fi
 
 common=(bench --backbone resnet50 --images "$IMAGES" --limit "$N" --precision bfloat16 --batch-size 256

@@ -164,7 +164,7 @@ def test_float32_storage_equals_the_model_on_the_same_input(mod_ws):
     root = Path(mod_ws.root).parent / "imgs"
     spec = get_backbone(BACKBONE)
     model = build_model(spec, "none", SIZE, "avg", None, 0)
-    import keras  # the reference path of DESIGN "Fidelity": load_img -> img_to_array -> preprocess -> predict
+    import keras  # the reference path of the README's "Fidelity": load_img -> img_to_array -> preprocess -> predict
 
     batch = np.stack([
         keras.utils.img_to_array(

@@ -12,7 +12,7 @@ from imgfeat.backbones import build_model, get_backbone
 from imgfeat.extract.decode import INTERPOLATIONS, DecodeConfig, decode_image
 from imgfeat.tools.samples import load_photo, photo_path
 
-TOLERANCE = 1e-4  # DESIGN.md: float32 on CPU, max abs
+TOLERANCE = 1e-4  # float32 on CPU, max abs: the fidelity the README promises
 
 # One backbone per family: (name, the Keras constructor, the Keras preprocess module, input size),
 # by name in keras.applications, so that collecting this file does not import Keras.
@@ -72,7 +72,7 @@ def assert_same_features(got: np.ndarray, want: np.ndarray) -> None:
     """Max abs difference within TOLERANCE of the features' scale.
 
     Randomly initialised networks output features anywhere from 1e-12 to 1e3, so an absolute 1e-4
-    would pass anything on some families; relative to the largest feature it means what DESIGN.md
+    would pass anything on some families; relative to the largest feature it means what the README's 1e-4
     means for ImageNet features, which are of order 1.
     """
     scale = float(np.abs(want).max())

@@ -15,7 +15,7 @@ from imgfeat.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures" / "lite_reference"
-TOLERANCE = 1e-4  # max abs, as DESIGN.md asks of every backbone in float32 on CPU
+TOLERANCE = 1e-4  # max abs, the fidelity the README promises every backbone in float32 on CPU
 
 
 def _reference_script():

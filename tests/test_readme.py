@@ -1,4 +1,4 @@
-"""The README's two commands, CI's test command and the architecture table stay true."""
+"""The README's two commands, CI's test command, and ARCHITECTURE.md's module tables stay true."""
 
 from __future__ import annotations
 
@@ -31,11 +31,28 @@ def test_ci_runs_the_readme_test_command():
     assert two_commands()[1] in ci
 
 
-def test_architecture_table_names_every_module_and_only_real_ones():
-    table = README.split("## Architecture", 1)[1].split("\n## ", 1)[0]
-    named = set(re.findall(r"`((?:pipeline|jobs)/[\w/]+\.py)`", table))
+ARCHITECTURE = (ROOT / "ARCHITECTURE.md").read_text()
+
+
+def test_readme_architecture_section_points_to_architecture_md():
+    section = README.split("## Architecture", 1)[1].split("\n## ", 1)[0]
+    assert "(ARCHITECTURE.md)" in section
+
+
+def test_architecture_tables_name_every_module_and_only_real_ones():
+    tables = ARCHITECTURE.split("## What each module owns", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`((?:pipeline|jobs)/[\w/]+\.py)`", tables))
     for path in named:
-        assert (ROOT / path).is_file(), f"README names {path}, which does not exist"
+        assert (ROOT / path).is_file(), f"ARCHITECTURE.md names {path}, which does not exist"
     modules = {str(p.relative_to(ROOT)) for p in (ROOT / "pipeline").rglob("*.py")}
     missing = {m for m in modules if m not in named and not m.endswith("__init__.py")}
-    assert not missing, f"modules missing from the README's architecture table: {sorted(missing)}"
+    assert not missing, f"modules missing from ARCHITECTURE.md's tables: {sorted(missing)}"
+
+
+@pytest.mark.parametrize("doc", ["README.md", "ARCHITECTURE.md"])
+def test_every_file_the_docs_name_is_in_the_repository(doc):
+    text = (ROOT / doc).read_text()
+    named = set(re.findall(r"`((?:pipeline|jobs|tests|benchmarks|scripts)/[\w/.-]+\.(?:py|sh|toml))`", text))
+    assert named, f"{doc} names no file: the pattern is wrong"
+    absent = sorted(p for p in named if not (ROOT / p).is_file())
+    assert not absent, f"{doc} names files that are not in the repository: {absent}"

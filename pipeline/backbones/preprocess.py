@@ -3,7 +3,7 @@
 Keras' ``preprocess_input`` functions work on host float32 arrays: extract used to cast every
 batch to float32 on the host (4x the bytes of uint8) and send that to the device. Here the same
 arithmetic is written with ``keras.ops`` so the model function can take the decoded uint8 batch
-and do the cast and the normalisation on the device. ``tests/test_preprocess_ops.py`` checks
+and do the cast and the normalisation on the device. ``tests/test_forward.py`` checks
 every family against Keras' own numpy ``preprocess_input`` on the same pixels.
 """
 

@@ -1,4 +1,4 @@
-"""Exception types that map a failed run to the DESIGN's exit codes."""
+"""Exception types that map a failed run to the exit codes the README names (2 usage, 3 error rate, 1 other)."""
 
 from __future__ import annotations
 

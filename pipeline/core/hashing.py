@@ -1,6 +1,6 @@
 """Hashing in one place: file and byte digests (sha256, md5), the BLAKE2b-128 content id, canonical JSON.
 
-The only module that imports ``hashlib`` (tests/test_recipe.py checks it): every id, name suffix and
+The only module that imports ``hashlib`` (tests/test_hashing.py checks it): every id, name suffix and
 integrity digest of imgfeat is one of the named helpers below, so changing how one is computed is one edit.
 """
 

@@ -1,4 +1,4 @@
-"""Where every table lives: the workspace layout of DESIGN.md, and name checks."""
+"""Where every table lives: the workspace layout (README, "Tables"), and name checks."""
 
 from __future__ import annotations
 

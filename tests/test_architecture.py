@@ -13,7 +13,6 @@ pytestmark = pytest.mark.quick
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipeline", "jobs")
-LANDING = "until the other helpers of issue 25 land"
 
 
 @functools.cache
@@ -226,7 +225,6 @@ def test_at_most_ten_functions_return_a_loose_dict():
     assert len(found) <= 10, "\n".join(found)
 
 
-@pytest.mark.xfail(strict=False, reason=f"hashing in one module {LANDING}")
 def test_only_one_module_imports_hashlib():
     found = hashlib_importers()
     assert found == ["pipeline/core/hashing.py"], found
@@ -255,18 +253,15 @@ def test_the_import_graph_of_the_library_has_no_cycles():
     assert cycles(import_graph("pipeline", "jobs")) == []
 
 
-@pytest.mark.xfail(strict=False, reason=f"the CLI derives defaults from the configs {LANDING}")
 def test_at_most_twenty_five_defaults_in_the_cli():
     assert cli_defaults() <= 25, cli_defaults()
 
 
-@pytest.mark.xfail(strict=False, reason=f"one model builder {LANDING}")
 def test_exactly_one_build_model():
     found = defined(ast.FunctionDef, "build_model")
     assert len(found) == 1, found
 
 
-@pytest.mark.xfail(strict=False, reason=f"one shard writer {LANDING}")
 def test_exactly_one_shard_writer_class():
     assert len(defined(ast.ClassDef, "ShardWriter")) == 1
     assert defined(ast.ClassDef, "TableShardWriter") == []

@@ -109,11 +109,20 @@ def measure(items: list[Item], spec: InputSpec, workers: list[int], ahead: int, 
     best: dict[tuple[str, int], float] = {}
     for _ in range(repeat):  # interleaved rounds; the best counts
         for w in workers:
-            for mode, rate in (("threads", lambda w=w: thread_rate(items, spec, w)),
-                               ("processes", lambda w=w: process_rate(items, spec, w, ahead))):
+            for mode, rate in (
+                ("threads", lambda w=w: thread_rate(items, spec, w)),
+                ("processes", lambda w=w: process_rate(items, spec, w, ahead)),
+            ):
                 best[mode, w] = max(best.get((mode, w), 0.0), rate())
-    return [{"workers": w, "threads": round(best["threads", w], 1), "processes": round(best["processes", w], 1),
-             "processes_over_threads": round(best["processes", w] / best["threads", w], 2)} for w in workers]
+    return [
+        {
+            "workers": w,
+            "threads": round(best["threads", w], 1),
+            "processes": round(best["processes", w], 1),
+            "processes_over_threads": round(best["processes", w] / best["threads", w], 2),
+        }
+        for w in workers
+    ]
 
 
 def main() -> None:
@@ -131,8 +140,14 @@ def main() -> None:
     if args.cold_start:
         return cold_start(args.cold_start, args.size)
     spec = InputSpec(DecodeConfig((args.size, args.size)), batch_size=args.batch_size)
-    report: dict = {"cpu_count": os.cpu_count(), "load_before": os.getloadavg()[0], "size": args.size,
-                    "batch_size": args.batch_size, "ahead": args.ahead, "images": {}}
+    report: dict = {
+        "cpu_count": os.cpu_count(),
+        "load_before": os.getloadavg()[0],
+        "size": args.size,
+        "batch_size": args.batch_size,
+        "ahead": args.ahead,
+        "images": {},
+    }
     small: list[Path] = []
     for shape, n in zip(args.shape, args.files * len(args.shape)):
         w, h = map(int, shape.split("x"))
@@ -142,9 +157,11 @@ def main() -> None:
         report["images"][shape] = {"files": n, "img_per_s": measure(items, spec, args.workers, args.ahead, args.repeat)}
     few = [Item(content_id(p.read_bytes()), str(p)) for p in small]
     one = InputSpec(spec.dcfg, batch_size=len(few))
-    report["startup_s"] = {"threads": round(min(first_batch_seconds(few, one, "threads") for _ in range(3)), 3),
-                           "processes_warm": round(min(first_batch_seconds(few, one, "processes") for _ in range(3)), 3),
-                           "processes_cold": round(cold_start_seconds(small, args.size), 3)}
+    report["startup_s"] = {
+        "threads": round(min(first_batch_seconds(few, one, "threads") for _ in range(3)), 3),
+        "processes_warm": round(min(first_batch_seconds(few, one, "processes") for _ in range(3)), 3),
+        "processes_cold": round(cold_start_seconds(small, args.size), 3),
+    }
     report["load_after"] = os.getloadavg()[0]
     print(json.dumps(report))
 

@@ -38,7 +38,9 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--grids", default="1,2,3,4", help="tile grids per photo (1: the whole photo)")
     ap.add_argument("--input-size", type=int, default=None, help="backbone input size (default: its own, 224)")
-    ap.add_argument("--thresholds", default="0.9,0.75", help="fixed cosines to compare with the default (0.9: the old default)")
+    ap.add_argument(
+        "--thresholds", default="0.9,0.75", help="fixed cosines to compare with the default (0.9: the old default)"
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -57,21 +59,37 @@ def main() -> int:
         truth_file.write_text(json.dumps(truth))
     ws = Workspace.resolve(work / "ws")
     run_scan(ws, ScanConfig(root=root, dataset=DATASET), "scan")
-    fs = run_extract(ws, ExtractConfig(dataset=DATASET, backbone="efficientnet_lite0", weights="imagenet",
-                                       input_size=args.input_size), "extract").featureset
+    fs = run_extract(
+        ws,
+        ExtractConfig(dataset=DATASET, backbone="efficientnet_lite0", weights="imagenet", input_size=args.input_size),
+        "extract",
+    ).featureset
     out = {"images": len(truth), "copies": sum(1 for _, t in truth.values() if t), "featureset": fs, "criteria": {}}
     for threshold in [None, *(float(t) for t in args.thresholds.split(",") if t)]:
         label = "default" if threshold is None else f"--threshold {threshold:g}"
-        s = run_dedup(ws, DedupConfig(featureset=fs, dataset=DATASET, threshold=threshold,
-                                      name="default" if threshold is None else f"t{threshold:g}"), "dedup").to_json()
-        out["criteria"][label] = {**score(truth, s["groups_table"], s["leaks_table"]),
-                                  "criterion": s.get("criterion"), "seconds": s["seconds"]}
+        s = run_dedup(
+            ws,
+            DedupConfig(
+                featureset=fs,
+                dataset=DATASET,
+                threshold=threshold,
+                name="default" if threshold is None else f"t{threshold:g}",
+            ),
+            "dedup",
+        ).to_json()
+        out["criteria"][label] = {
+            **score(truth, s["groups_table"], s["leaks_table"]),
+            "criterion": s.get("criterion"),
+            "seconds": s["seconds"],
+        }
     if args.json:
         print(json.dumps(out))
     else:
         for label, r in out["criteria"].items():
-            print(f"{label}: found {r['found']} copies, {r['false_grouped']} of {r['images']} images falsely "
-                  f"grouped ({r['false_grouping_rate']:.1%}), label conflict found {r['label_conflicts_found']}")
+            print(
+                f"{label}: found {r['found']} copies, {r['false_grouped']} of {r['images']} images falsely "
+                f"grouped ({r['false_grouping_rate']:.1%}), label conflict found {r['label_conflicts_found']}"
+            )
             print("  " + ", ".join(f"{t} {v:.0%}" for t, v in r["recall"].items()))
     return 0
 

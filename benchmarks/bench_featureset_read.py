@@ -87,13 +87,13 @@ def main() -> None:
         shutil.rmtree(root / "features" / ".commits", ignore_errors=True)
     results = {}
     for what in READS:
-        out = subprocess.run([*me, "--phase", what, "--repeat", str(args.repeat)], check=True,
-                             capture_output=True, text=True).stdout
+        out = subprocess.run(
+            [*me, "--phase", what, "--repeat", str(args.repeat)], check=True, capture_output=True, text=True
+        ).stdout
         runs = json.loads(out.strip().splitlines()[-1])
         wall, cpu = (round(statistics.median(r[k] for r in runs), 3) for k in (0, 1))
         results[what] = {"wall": wall, "cpu": cpu}
-        print(f"{what:14s} median wall {wall:.3f} s, CPU {cpu:.3f} s  "
-              f"(wall: {', '.join(f'{r[0]:.3f}' for r in runs)})")
+        print(f"{what:14s} median wall {wall:.3f} s, CPU {cpu:.3f} s  (wall: {', '.join(f'{r[0]:.3f}' for r in runs)})")
     print(json.dumps({"rows": args.rows, "dim": args.dim, "legacy": args.legacy, "seconds": results}))
 
 

@@ -54,8 +54,13 @@ def run(root: Path, args: argparse.Namespace) -> dict:
     make_photo_set(root / "imgs", spec)
     ws = Workspace(root / "ws")
     run_scan(ws, ScanConfig(root=root / "imgs", dataset="photos"), "scan")
-    rows: dict = {"per_class": args.per_class, "crop_area": list(spec.crop_area), "jitter": spec.jitter,
-                  "size": args.size, "unfreeze_blocks": args.unfreeze_blocks}
+    rows: dict = {
+        "per_class": args.per_class,
+        "crop_area": list(spec.crop_area),
+        "jitter": spec.jitter,
+        "size": args.size,
+        "unfreeze_blocks": args.unfreeze_blocks,
+    }
     extract = dict(dataset="photos", backbone="efficientnet_lite0", input_size=args.size, batch_size=32)
     t0 = time.perf_counter()
     frozen = run_extract(ws, ExtractConfig(weights="imagenet", **extract), "x-frozen").featureset
@@ -64,9 +69,16 @@ def run(root: Path, args: argparse.Namespace) -> dict:
     rows["frozen_logreg"] = head["metrics"]["test_accuracy"]
     warm = {"warm_start_head": head["head_id"], "warmup_epochs": 0} if args.warm_start else {}
     rows["warm_start"] = "logreg head" if args.warm_start else "1 head-only epoch"
-    cfg = FinetuneConfig(dataset="photos", backbone="efficientnet_lite0", input_size=args.size,
-                         epochs=args.epochs, unfreeze_blocks=args.unfreeze_blocks, batch_size=16,
-                         learning_rate=args.learning_rate, **warm)
+    cfg = FinetuneConfig(
+        dataset="photos",
+        backbone="efficientnet_lite0",
+        input_size=args.size,
+        epochs=args.epochs,
+        unfreeze_blocks=args.unfreeze_blocks,
+        batch_size=16,
+        learning_rate=args.learning_rate,
+        **warm,
+    )
     t0 = time.perf_counter()
     ft = run_finetune(ws, cfg, "ft")
     rows["finetune_s"] = round(time.perf_counter() - t0, 1)
@@ -88,8 +100,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--unfreeze-blocks", type=int, default=2)
     parser.add_argument("--learning-rate", type=float, default=1e-4)
-    parser.add_argument("--warm-start", action="store_true",
-                        help="start from the frozen-feature logreg head instead of a head-only epoch")
+    parser.add_argument(
+        "--warm-start",
+        action="store_true",
+        help="start from the frozen-feature logreg head instead of a head-only epoch",
+    )
     parser.add_argument("--out", type=Path, default=None, help="keep the photo set and workspace here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

@@ -37,7 +37,8 @@ def import_imgfeat() -> None:
         import imgfeat  # noqa: F401
     except ImportError:
         spec = importlib.util.spec_from_file_location(
-            "imgfeat", ROOT / "pipeline" / "__init__.py", submodule_search_locations=[str(ROOT / "pipeline")])
+            "imgfeat", ROOT / "pipeline" / "__init__.py", submodule_search_locations=[str(ROOT / "pipeline")]
+        )
         module = importlib.util.module_from_spec(spec)
         sys.modules["imgfeat"] = module
         spec.loader.exec_module(module)
@@ -78,8 +79,14 @@ def timed_pass(items, spec, args, codec) -> dict:
         jax.block_until_ready(batch.raw)
         rows += len(batch.ids)
     seconds = time.perf_counter() - t0
-    return {"seconds": round(seconds, 3), "images_per_s": round(len(items) / seconds, 1), "rows": rows,
-            "decoded_on_gpu": counts["gpu"], "decoded_on_cpu": counts["cpu"], "errors": counts["error"]}
+    return {
+        "seconds": round(seconds, 3),
+        "images_per_s": round(len(items) / seconds, 1),
+        "rows": rows,
+        "decoded_on_gpu": counts["gpu"],
+        "decoded_on_cpu": counts["cpu"],
+        "errors": counts["error"],
+    }
 
 
 def decode_only(items, args, codec) -> float:
@@ -89,7 +96,7 @@ def decode_only(items, args, codec) -> float:
     datas = [Path(it.path).read_bytes() for it in items]
     t0 = time.perf_counter()
     for start in range(0, len(datas), args.batch_size):
-        jax.block_until_ready([x for x in codec.decode(datas[start:start + args.batch_size]) if x is not None])
+        jax.block_until_ready([x for x in codec.decode(datas[start : start + args.batch_size]) if x is not None])
     return round(len(datas) / (time.perf_counter() - t0), 1)
 
 
@@ -101,7 +108,7 @@ def compare(items, spec, args, codec) -> dict:
     cosines, max_abs, counts = [], 0, collections.Counter()
     batches = gpu_batches(items, spec, "bench", args.workers, args.ahead, codec=codec, counts=counts)
     for start, got in zip(range(0, len(items), spec.batch_size), batches):
-        want = make_batch(items[start:start + spec.batch_size], spec, "bench")
+        want = make_batch(items[start : start + spec.batch_size], spec, "bench")
         raw = np.asarray(got.raw)
         for row in range(len(want.ids)):
             a, b = raw[row].astype(np.float64).ravel(), want.raw[row].astype(np.float64).ravel()
@@ -109,9 +116,14 @@ def compare(items, spec, args, codec) -> dict:
             max_abs = max(max_abs, int(np.abs(a - b).max()))
     worst = min(cosines, default=1.0)
     # "ok" needs the GPU to have decoded every JPEG: a fallback to the CPU would match trivially
-    return {"compared": len(cosines), "decoded_on_gpu": counts["gpu"], "min_cosine": worst,
-            "max_abs_diff": max_abs, "ok": worst >= MIN_COSINE and counts["gpu"] == len(cosines),
-            "cosines": cosines}
+    return {
+        "compared": len(cosines),
+        "decoded_on_gpu": counts["gpu"],
+        "min_cosine": worst,
+        "max_abs_diff": max_abs,
+        "ok": worst >= MIN_COSINE and counts["gpu"] == len(cosines),
+        "cosines": cosines,
+    }
 
 
 def exif_check(args) -> dict:
@@ -165,12 +177,18 @@ def main(argv=None) -> int:
     spec = InputSpec(dcfg, args.batch_size)
     codec = NvImageCodec(dcfg)
     result = {
-        "files": len(items), "batch_size": args.batch_size, "size": args.size, "workers": args.workers,
-        "ahead": args.ahead, "interpolation": args.interpolation, "exif": args.exif,
-        "device": str(jax.devices()[0]), "jax": jax.__version__,
+        "files": len(items),
+        "batch_size": args.batch_size,
+        "size": args.size,
+        "workers": args.workers,
+        "ahead": args.ahead,
+        "interpolation": args.interpolation,
+        "exif": args.exif,
+        "device": str(jax.devices()[0]),
+        "jax": jax.__version__,
         "passes": [timed_pass(items, spec, args, codec) for _ in range(args.passes)],
         "decode_only_images_per_s": decode_only(items, args, codec),
-        "fidelity": compare(items[:args.compare], spec, args, codec),
+        "fidelity": compare(items[: args.compare], spec, args, codec),
         "exif_orientations": exif_check(args),
         "compiles": len(device_kernels(dcfg.interpolation, dcfg.size).compiles),
     }

@@ -35,9 +35,15 @@ def phase_write(ws, args) -> dict:
     from synthetic import BlobSpec, write_blob_dataset
 
     per_class = args.rows // args.classes
-    spec = BlobSpec(classes=tuple(f"class{k:02d}" for k in range(args.classes)), per_class=per_class,
-                    dim=args.dim, separation=args.separation, test_fraction=0.2, dtype="float16",
-                    shard_rows=args.shard_rows)
+    spec = BlobSpec(
+        classes=tuple(f"class{k:02d}" for k in range(args.classes)),
+        per_class=per_class,
+        dim=args.dim,
+        separation=args.separation,
+        test_fraction=0.2,
+        dtype="float16",
+        shard_rows=args.shard_rows,
+    )
     t0 = time.perf_counter()
     write_blob_dataset(ws, DATASET, FEATURESET, spec)
     return {"rows": per_class * args.classes, "dim": args.dim, "seconds": time.perf_counter() - t0}
@@ -46,14 +52,22 @@ def phase_write(ws, args) -> dict:
 def phase_train(ws, args) -> dict:
     from imgfeat.heads import TrainConfig, run_train
 
-    cfg = TrainConfig(DATASET, FEATURESET, head="logreg", cv=args.cv, cv_max_rows=args.cv_max_rows,
-                      random_state=args.seed)
+    cfg = TrainConfig(
+        DATASET, FEATURESET, head="logreg", cv=args.cv, cv_max_rows=args.cv_max_rows, random_state=args.seed
+    )
     t0 = time.perf_counter()
     out = run_train(ws, cfg, "bench-train")
-    return {"seconds": time.perf_counter() - t0, "head_id": out.head_id, "reused": out.reused,
-            "test_accuracy": out.metrics["test_accuracy"], "cv": out.metrics["cv"]["logreg"]["mean"],
-            "chosen": out.chosen, "n_train": out.n_train, "n_test": out.n_test,
-            "timings": out.timings}
+    return {
+        "seconds": time.perf_counter() - t0,
+        "head_id": out.head_id,
+        "reused": out.reused,
+        "test_accuracy": out.metrics["test_accuracy"],
+        "cv": out.metrics["cv"]["logreg"]["mean"],
+        "chosen": out.chosen,
+        "n_train": out.n_train,
+        "n_test": out.n_test,
+        "timings": out.timings,
+    }
 
 
 def phase_predict(ws, args) -> dict:
@@ -71,8 +85,12 @@ def phase_rerun(ws, args) -> dict:
     train = phase_train(ws, args)
     t1 = time.perf_counter()
     predict = phase_predict(ws, args)
-    return {"train_seconds": t1 - t0, "train_reused": train["reused"],
-            "predict_seconds": time.perf_counter() - t1, "predict_written": predict["written"]}
+    return {
+        "train_seconds": t1 - t0,
+        "train_reused": train["reused"],
+        "predict_seconds": time.perf_counter() - t1,
+        "predict_written": predict["written"],
+    }
 
 
 PHASES = {"write": phase_write, "train": phase_train, "predict": phase_predict, "rerun": phase_rerun}
@@ -88,9 +106,19 @@ def run_phase(args) -> None:
 
 
 def child(args, phase: str, **extra) -> dict:
-    cmd = [sys.executable, __file__, "--phase", phase, "--workspace", args.workspace,
-           *[f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-             if k not in ("phase", "workspace", "head_id") and v is not None]]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--phase",
+        phase,
+        "--workspace",
+        args.workspace,
+        *[
+            f"--{k.replace('_', '-')}={v}"
+            for k, v in vars(args).items()
+            if k not in ("phase", "workspace", "head_id") and v is not None
+        ],
+    ]
     cmd += [f"--{k.replace('_', '-')}={v}" for k, v in extra.items()]
     res = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
     return json.loads(res.stdout.strip().splitlines()[-1])

@@ -51,6 +51,7 @@ def vectors(args, n: int, seed: int) -> np.ndarray:
 
 def phase_write(ws, args) -> dict:
     from synthetic import fake_image_id, write_featureset  # test-only code, in tests/
+
     from imgfeat.scan.manifest import write_manifest
 
     t0 = time.perf_counter()
@@ -62,12 +63,18 @@ def phase_write(ws, args) -> dict:
     ids = [fake_image_id(DATASET, k) for k in range(args.rows)]
     write_featureset(ws, FEATURESET, ids, X, dtype="float16", shard_rows=args.shard_rows)
     split = np.where(rng.random(args.rows) < 0.2, "test", "train")
-    rows = [{"image_id": i, "path": f"img/{k:06d}.jpg", "split": str(split[k]), "status": "ok"}
-            for k, i in enumerate(ids)]
+    rows = [
+        {"image_id": i, "path": f"img/{k:06d}.jpg", "split": str(split[k]), "status": "ok"} for k, i in enumerate(ids)
+    ]
     write_manifest(ws, DATASET, rows, ws.root / "images")
     leaks = int(sum(split[n + j] != split[o] for j, o in enumerate(originals)))
-    return {"rows": args.rows, "dim": args.dim, "planted_copies": args.copies,
-            "planted_cross_split_pairs": leaks, "seconds": round(time.perf_counter() - t0, 1)}
+    return {
+        "rows": args.rows,
+        "dim": args.dim,
+        "planted_copies": args.copies,
+        "planted_cross_split_pairs": leaks,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
 
 
 def phase_build(ws, args) -> dict:
@@ -77,8 +84,12 @@ def phase_build(ws, args) -> dict:
     for name, kind in (("auto", "auto"), ("flat", "flat")):
         t0 = time.perf_counter()
         s = build_index(ws, IndexConfig(FEATURESET, name=name, kind=kind), f"bench-{name}")
-        out[name] = {"kind": s.kind, "rows": s.rows, "seconds": round(time.perf_counter() - t0, 1),
-                     "params": {k: v for k, v in s.params.items() if v}}
+        out[name] = {
+            "kind": s.kind,
+            "rows": s.rows,
+            "seconds": round(time.perf_counter() - t0, 1),
+            "params": {k: v for k, v in s.params.items() if v},
+        }
     return out
 
 
@@ -96,8 +107,11 @@ def phase_query(ws, args) -> dict:
         for q in Q[: args.single_queries]:
             index.search(q[None, :], k=10)
         single = time.perf_counter() - t0
-        out[name] = {"kind": index.info.kind, f"batch_of_{args.queries}_queries_per_s": round(args.queries / batch, 1),
-                     "one_at_a_time_queries_per_s": round(args.single_queries / single, 1)}
+        out[name] = {
+            "kind": index.info.kind,
+            f"batch_of_{args.queries}_queries_per_s": round(args.queries / batch, 1),
+            "one_at_a_time_queries_per_s": round(args.single_queries / single, 1),
+        }
     hits = [len(set(a) & set(b)) for a, b in zip(got["auto"], got["flat"])]
     out["auto_recall_at_10_vs_flat"] = round(float(np.mean(hits)) / 10, 4)
     return out
@@ -105,6 +119,7 @@ def phase_query(ws, args) -> dict:
 
 def phase_add(ws, args) -> dict:
     from synthetic import fake_image_id, write_featureset  # test-only code, in tests/
+
     from imgfeat.index import IndexConfig, build_index
 
     X = vectors(args, args.add_rows, args.seed + 4)
@@ -114,8 +129,13 @@ def phase_add(ws, args) -> dict:
     s = build_index(ws, IndexConfig(FEATURESET, name="auto"), "bench-add")
     t1 = time.perf_counter()
     again = build_index(ws, IndexConfig(FEATURESET, name="auto"), "bench-noop")
-    return {"added": s.added, "rows": s.rows, "add_seconds": round(t1 - t0, 2),
-            "noop_written": again.written, "noop_seconds": round(time.perf_counter() - t1, 2)}
+    return {
+        "added": s.added,
+        "rows": s.rows,
+        "add_seconds": round(t1 - t0, 2),
+        "noop_written": again.written,
+        "noop_seconds": round(time.perf_counter() - t1, 2),
+    }
 
 
 def phase_dedup(ws, args) -> dict:
@@ -123,8 +143,15 @@ def phase_dedup(ws, args) -> dict:
 
     t0 = time.perf_counter()
     s = run_dedup(ws, DedupConfig(FEATURESET, DATASET, page_groups=20), "bench-dedup")
-    return {"seconds": round(time.perf_counter() - t0, 1), "search": s.search, "groups": s.groups,
-            "grouped_paths": s.grouped_paths, "leaks": s.leaks, "images": s.images, "timings": s.timings}
+    return {
+        "seconds": round(time.perf_counter() - t0, 1),
+        "search": s.search,
+        "groups": s.groups,
+        "grouped_paths": s.grouped_paths,
+        "leaks": s.leaks,
+        "images": s.images,
+        "timings": s.timings,
+    }
 
 
 PHASES = {"write": phase_write, "build": phase_build, "query": phase_query, "dedup": phase_dedup, "add": phase_add}
@@ -141,8 +168,13 @@ def run_phase(args) -> None:
 
 
 def child(args, phase: str) -> dict:
-    cmd = [sys.executable, __file__, "--phase", phase,
-           *[f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k != "phase" and v is not None]]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--phase",
+        phase,
+        *[f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k != "phase" and v is not None],
+    ]
     t0 = time.perf_counter()
     res = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
     out = json.loads(res.stdout.strip().splitlines()[-1])

@@ -31,9 +31,9 @@ EXECUTORS = ("local", "ray")
 
 def make_dataset(folder: Path, images: int) -> Path:
     """Write ``images`` labelled JPEGs and scan them into a manifest, once; return the workspace."""
-    from imgfeat.tools.samples import DEMO_CLASSES, PhotoSetSpec, make_photo_set
-    from imgfeat.scan.scan import ScanConfig, run_scan
     from imgfeat.core.workspace import Workspace
+    from imgfeat.scan.scan import ScanConfig, run_scan
+    from imgfeat.tools.samples import DEMO_CLASSES, PhotoSetSpec, make_photo_set
 
     base, marker = folder / "base", folder / f"complete-{images}"
     if marker.exists():
@@ -51,26 +51,40 @@ def make_dataset(folder: Path, images: int) -> Path:
 
 def run_one(args: argparse.Namespace) -> dict:
     """In a fresh process: extract the dataset with one executor into a copy of the base workspace."""
-    from imgfeat.extract.extract import ExtractConfig, run_extract
     from imgfeat.core.workspace import Workspace
+    from imgfeat.extract.extract import ExtractConfig, run_extract
 
     ws = Workspace(Path(args.workspace))
-    cfg = ExtractConfig(dataset=DATASET, backbone=args.backbone, weights="none", input_size=args.input_size,
-                        batch_size=args.batch_size)
+    cfg = ExtractConfig(
+        dataset=DATASET, backbone=args.backbone, weights="none", input_size=args.input_size, batch_size=args.batch_size
+    )
     if args.one == "local":
         return run_extract(ws, cfg, f"bench-{args.one}").to_json()
     from imgfeat.extract.executors import ExecutorConfig
 
-    return run_extract(ws, cfg, f"bench-{args.one}",
-                       ExecutorConfig(name="ray", address="local", actors=args.ray_workers)).to_json()
+    return run_extract(
+        ws, cfg, f"bench-{args.one}", ExecutorConfig(name="ray", address="local", actors=args.ray_workers)
+    ).to_json()
 
 
 def timed_run(executor: str, base: Path, folder: Path, args: argparse.Namespace) -> dict:
     ws = folder / f"ws-{executor}"
     shutil.rmtree(ws, ignore_errors=True)
     shutil.copytree(base, ws)  # the manifest only: a cold featureset every time
-    cmd = [sys.executable, __file__, "--one", executor, "--workspace", str(ws), "--backbone", args.backbone,
-           "--input-size", str(args.input_size), "--batch-size", str(args.batch_size)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--one",
+        executor,
+        "--workspace",
+        str(ws),
+        "--backbone",
+        args.backbone,
+        "--input-size",
+        str(args.input_size),
+        "--batch-size",
+        str(args.batch_size),
+    ]
     if args.ray_workers:
         cmd += ["--ray-workers", str(args.ray_workers)]
     t0 = time.perf_counter()
@@ -80,9 +94,15 @@ def timed_run(executor: str, base: Path, folder: Path, args: argparse.Namespace)
         sys.stderr.write(proc.stderr[-4000:])
         raise SystemExit(f"{executor} run failed with exit code {proc.returncode}")
     summary = _last_json(proc.stdout)
-    return {"executor": executor, "images": summary["extracted"], "wall_s": round(wall, 2),
-            "img_per_s": round(summary["extracted"] / wall, 2), "stage_img_per_s": summary["images_per_s"],
-            "model_s": summary["model_seconds"], "shards": summary["shards"]}
+    return {
+        "executor": executor,
+        "images": summary["extracted"],
+        "wall_s": round(wall, 2),
+        "img_per_s": round(summary["extracted"] / wall, 2),
+        "stage_img_per_s": summary["images_per_s"],
+        "model_s": summary["model_seconds"],
+        "shards": summary["shards"],
+    }
 
 
 def _last_json(stdout: str) -> dict:
@@ -114,16 +134,24 @@ def main(argv: list[str] | None = None) -> int:
     rows = [timed_run(e, base, folder, args) for e in EXECUTORS]
     ratio = rows[1]["img_per_s"] / rows[0]["img_per_s"]
     stage_ratio = rows[1]["stage_img_per_s"] / rows[0]["stage_img_per_s"]
-    result = {"cpus": os.cpu_count(), "backbone": args.backbone, "input_size": args.input_size,
-              "runs": rows, "ray_over_local": round(ratio, 3), "ray_over_local_stage": round(stage_ratio, 3)}
+    result = {
+        "cpus": os.cpu_count(),
+        "backbone": args.backbone,
+        "input_size": args.input_size,
+        "runs": rows,
+        "ray_over_local": round(ratio, 3),
+        "ray_over_local_stage": round(stage_ratio, 3),
+    }
     if args.json:
         print(json.dumps(result))
         return 0
     print(f"{args.images} images, {args.backbone} at {args.input_size}, {os.cpu_count()} CPUs (noisy if shared)")
     print(f"{'executor':<9}{'img/s':>9}{'wall s':>9}{'stage img/s':>13}{'model s':>9}{'shards':>8}")
     for r in rows:
-        print(f"{r['executor']:<9}{r['img_per_s']:>9.2f}{r['wall_s']:>9.2f}{r['stage_img_per_s']:>13.2f}"
-              f"{r['model_s']:>9.2f}{r['shards']:>8}")
+        print(
+            f"{r['executor']:<9}{r['img_per_s']:>9.2f}{r['wall_s']:>9.2f}{r['stage_img_per_s']:>13.2f}"
+            f"{r['model_s']:>9.2f}{r['shards']:>8}"
+        )
     print(f"ray / local: {ratio:.3f} (whole process), {stage_ratio:.3f} (inside the stage)")
     return 0
 

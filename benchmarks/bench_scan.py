@@ -79,8 +79,8 @@ def child(root: str, workspace: str, dataset: str, workers: int | None) -> None:
     """One scan in this process; print its summary plus peak RSS as JSON."""
     t0 = time.perf_counter()
     from imgfeat.core.runs import new_run_id
-    from imgfeat.scan.scan import ScanConfig, run_scan
     from imgfeat.core.workspace import Workspace
+    from imgfeat.scan.scan import ScanConfig, run_scan
 
     before = _cpu(resource.getrusage(resource.RUSAGE_SELF))
     summary = run_scan(Workspace(Path(workspace)), ScanConfig(root, dataset, workers=workers), new_run_id()).to_json()
@@ -124,24 +124,38 @@ def measure(folder: Path, files: int, workers: int | None, repeat: int) -> list[
         ("unchanged rescan", images, "bench", False),
     ):
         s = best_of(repeat, root, workspace, dataset, workers, fresh)
-        rows.append({"phase": phase, "files": s["files"], "hashed": s["hashed"], "scan_s": s["seconds"],
-                     "files_per_s": s["files_per_s"], "cpu_s": s["cpu_seconds"],
-                     "process_s": s["process_seconds"], "maxrss_mib": s["maxrss_mib"]})
+        rows.append(
+            {
+                "phase": phase,
+                "files": s["files"],
+                "hashed": s["hashed"],
+                "scan_s": s["seconds"],
+                "files_per_s": s["files_per_s"],
+                "cpu_s": s["cpu_seconds"],
+                "process_s": s["process_seconds"],
+                "maxrss_mib": s["maxrss_mib"],
+            }
+        )
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
-    head = (f"{'phase':<28}{'files':>8}{'hashed':>8}{'scan s':>9}{'files/s':>10}{'cpu s':>8}"
-            f"{'proc s':>8}{'peak MiB':>10}")
+    head = (
+        f"{'phase':<28}{'files':>8}{'hashed':>8}{'scan s':>9}{'files/s':>10}{'cpu s':>8}{'proc s':>8}{'peak MiB':>10}"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['phase']:<28}{r['files']:>8}{r['hashed']:>8}{r['scan_s']:>9.2f}{r['files_per_s']:>10.0f}"
-              f"{r['cpu_s']:>8.2f}{r['process_s']:>8.2f}{r['maxrss_mib']:>10.1f}")
+        print(
+            f"{r['phase']:<28}{r['files']:>8}{r['hashed']:>8}{r['scan_s']:>9.2f}{r['files_per_s']:>10.0f}"
+            f"{r['cpu_s']:>8.2f}{r['process_s']:>8.2f}{r['maxrss_mib']:>10.1f}"
+        )
     first, again = rows[1], rows[2]
-    print(f"\nrescan speed-up: {again['files_per_s'] / first['files_per_s']:.1f}x files/s, "
-          f"{first['cpu_s'] / again['cpu_s']:.1f}x CPU time, "
-          f"{first['process_s'] / again['process_s']:.1f}x whole process (start-up included)")
+    print(
+        f"\nrescan speed-up: {again['files_per_s'] / first['files_per_s']:.1f}x files/s, "
+        f"{first['cpu_s'] / again['cpu_s']:.1f}x CPU time, "
+        f"{first['process_s'] / again['process_s']:.1f}x whole process (start-up included)"
+    )
     print(f"load average while measuring: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
 
 

@@ -56,12 +56,19 @@ def main() -> None:
         datas = [read_file_bytes(p) for p in sorted(folder.rglob("*.jpg"))[: args.n]]
     cfg = DecodeConfig((args.size, args.size))
     hash_s, decode_s = fastest(content_id, datas), fastest(lambda d: decode_bytes(d, cfg), datas)
-    out = {"images": len(datas), "mean_bytes": sum(map(len, datas)) // len(datas),
-           "hash_ms": round(hash_s * 1e3, 4), "decode_ms": round(decode_s * 1e3, 4),
-           "hash_over_decode": round(hash_s / decode_s, 4)}
-    print(json.dumps(out) if args.json else
-          f"{out['images']} JPEGs of {out['mean_bytes']} bytes: hash {out['hash_ms']} ms, decode "
-          f"{out['decode_ms']} ms per image; the check costs {out['hash_over_decode']:.2%} of the decode")
+    out = {
+        "images": len(datas),
+        "mean_bytes": sum(map(len, datas)) // len(datas),
+        "hash_ms": round(hash_s * 1e3, 4),
+        "decode_ms": round(decode_s * 1e3, 4),
+        "hash_over_decode": round(hash_s / decode_s, 4),
+    }
+    print(
+        json.dumps(out)
+        if args.json
+        else f"{out['images']} JPEGs of {out['mean_bytes']} bytes: hash {out['hash_ms']} ms, decode "
+        f"{out['decode_ms']} ms per image; the check costs {out['hash_over_decode']:.2%} of the decode"
+    )
 
 
 if __name__ == "__main__":

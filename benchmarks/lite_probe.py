@@ -78,13 +78,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="keep the photo set here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    spec = PhotoSetSpec(
-        per_class=args.per_class, crop_area=tuple(args.crop_area), jitter=args.jitter, seed=7
-    )
+    spec = PhotoSetSpec(per_class=args.per_class, crop_area=tuple(args.crop_area), jitter=args.jitter, seed=7)
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_photo_set(args.out or Path(tmp), spec)
         images, labels, test = load_set(paths, 224)
-    rows = {"crop_area": list(spec.crop_area), "jitter": spec.jitter, "n_train": int((~test).sum()), "n_test": int(test.sum()), "classes": len(set(labels))}
+    rows = {
+        "crop_area": list(spec.crop_area),
+        "jitter": spec.jitter,
+        "n_train": int((~test).sum()),
+        "n_test": int(test.sum()),
+        "classes": len(set(labels)),
+    }
     for name, fn in (
         ("colour_stats", lambda: colour_features(images)),
         ("lite0_imagenet", lambda: lite0_features(images, "imagenet")),

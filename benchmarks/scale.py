@@ -63,6 +63,7 @@ TEST_EVERY = 5  # every fifth image is held out: a fifth in split 'test'
 
 # ---------------------------------------------------------------- images
 
+
 def _chunk_files(root: Path, start: int, stop: int, seed: int, classes: Sequence[tuple[str, str]]) -> int:
     """Write images ``start..stop-1`` (one pool task): ``root/<split>/<label>/c<chunk>/<i>.jpg``."""
     import numpy as np
@@ -94,8 +95,7 @@ def make_images(folder: Path, n: int, seed: int, workers: int) -> Path:
     shutil.rmtree(root, ignore_errors=True)
     t0, classes = time.perf_counter(), tuple(DEMO_CLASSES.items())
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        done = pool.map(_chunk_files, *zip(*[(root, s, min(n, s + CHUNK), seed, classes)
-                                               for s in range(0, n, CHUNK)]))
+        done = pool.map(_chunk_files, *zip(*[(root, s, min(n, s + CHUNK), seed, classes) for s in range(0, n, CHUNK)]))
         made = sum(done)
     marker.write_text(str(made))
     log.info("made %d images in %.1f s under %s", made, time.perf_counter() - t0, root)
@@ -104,12 +104,14 @@ def make_images(folder: Path, n: int, seed: int, workers: int) -> Path:
 
 # ---------------------------------------------------------------- synthetic featureset
 
+
 def synthetic_provenance(dim: int, dtype: str) -> Any:
     """A provenance whose backbone no registry knows: the featureset says what it is in its name."""
     from imgfeat.extract.recipe import Provenance, Recipe, WeightsId, WeightsSource
 
-    recipe = Recipe(SYNTHETIC_BACKBONE, WeightsId(None, 0, "none"), 0, "avg", None, "bilinear", False, "rotate",
-                    "float32", dtype)
+    recipe = Recipe(
+        SYNTHETIC_BACKBONE, WeightsId(None, 0, "none"), 0, "avg", None, "bilinear", False, "rotate", "float32", dtype
+    )
     return Provenance(recipe, WeightsSource("none", None, 0), dim, None, None, None, recipe.name())
 
 
@@ -128,8 +130,7 @@ def _synthetic_chunks(n: int, dim: int, classes: int, seed: int, chunk: int) -> 
         yield [content_id(f"{SYNTHETIC_BACKBONE}/{seed}/{i}".encode()) for i in k], y, X
 
 
-def write_synthetic(ws_root: Path, n: int, dim: int, classes: int, seed: int, dtype: str,
-                    shard_rows: int) -> str:
+def write_synthetic(ws_root: Path, n: int, dim: int, classes: int, seed: int, dtype: str, shard_rows: int) -> str:
     """Stream a manifest and a featureset of ``n`` rows into ``ws_root``; return the featureset's name."""
     import numpy as np
 
@@ -149,8 +150,16 @@ def write_synthetic(ws_root: Path, n: int, dim: int, classes: int, seed: int, dt
     with manifest_writer(ws.manifest_path(DATASET), info) as manifest:
         for ids, y, X in _synthetic_chunks(n, dim, classes, seed, 65536):
             split = np.where((np.arange(len(ids)) // classes) % TEST_EVERY == 0, "test", "train")
-            rows = [{S.IMAGE_ID: i, S.PATH: f"{labels[c]}/{i[:16]}.jpg", S.LABEL: labels[c], S.SPLIT: s,
-                     S.STATUS: S.STATUS_OK} for i, c, s in zip(ids, y, split)]
+            rows = [
+                {
+                    S.IMAGE_ID: i,
+                    S.PATH: f"{labels[c]}/{i[:16]}.jpg",
+                    S.LABEL: labels[c],
+                    S.SPLIT: s,
+                    S.STATUS: S.STATUS_OK,
+                }
+                for i, c, s in zip(ids, y, split)
+            ]
             manifest.write_table(rows_to_table(rows))
             writer.add_features(ids, X.astype(dtype))
     writer.flush()
@@ -158,6 +167,7 @@ def write_synthetic(ws_root: Path, n: int, dim: int, classes: int, seed: int, dt
 
 
 # ---------------------------------------------------------------- running stages
+
 
 @dataclass
 class Row:
@@ -213,12 +223,36 @@ def stage_args(stage: str, root: Path | None, featureset: str | None, args: argp
     if stage == "scan":
         return [str(root), "--dataset", DATASET]
     if stage == "extract":
-        return ["--dataset", DATASET, "--backbone", args.backbone, "--weights", "none", "--seed", str(args.seed),
-                "--input-size", str(args.input_size), "--batch-size", str(args.batch_size), "--fast-decode",
-                "--name", DATASET]
+        return [
+            "--dataset",
+            DATASET,
+            "--backbone",
+            args.backbone,
+            "--weights",
+            "none",
+            "--seed",
+            str(args.seed),
+            "--input-size",
+            str(args.input_size),
+            "--batch-size",
+            str(args.batch_size),
+            "--fast-decode",
+            "--name",
+            DATASET,
+        ]
     if stage == "train":
-        return ["--dataset", DATASET, "--featureset", featureset, "--head", "logreg", "--name", HEAD,
-                "--random-state", str(args.seed)]
+        return [
+            "--dataset",
+            DATASET,
+            "--featureset",
+            featureset,
+            "--head",
+            "logreg",
+            "--name",
+            HEAD,
+            "--random-state",
+            str(args.seed),
+        ]
     if stage == "predict":
         return ["--head", HEAD, "--dataset", DATASET]
     if stage == "index":
@@ -230,8 +264,16 @@ def stage_args(stage: str, root: Path | None, featureset: str | None, args: argp
     raise ValueError(stage)
 
 
-def run_stages(source: str, n: int, ws: Path, stages: Sequence[str], root: Path | None, featureset: str | None,
-               args: argparse.Namespace, budget_stages: set[str]) -> list[Row]:
+def run_stages(
+    source: str,
+    n: int,
+    ws: Path,
+    stages: Sequence[str],
+    root: Path | None,
+    featureset: str | None,
+    args: argparse.Namespace,
+    budget_stages: set[str],
+) -> list[Row]:
     """Each stage as ``imgfeat STAGE ... --json`` in a subprocess; stop at the first failure."""
     rows: list[Row] = []
     for stage in stages:
@@ -240,8 +282,19 @@ def run_stages(source: str, n: int, ws: Path, stages: Sequence[str], root: Path 
             cmd += ["--memory-budget", args.memory_budget]
         rc, wall, rss, stdout = run_child(cmd, args.out / "logs" / f"{source}-{n}-{stage}.log")
         summary = last_json(stdout)
-        rows.append(Row(source, stage, n, rc, round(wall, 3), round(n / wall, 3), round(rss, 1),
-                        summary.get("seconds"), summary=summary))
+        rows.append(
+            Row(
+                source,
+                stage,
+                n,
+                rc,
+                round(wall, 3),
+                round(n / wall, 3),
+                round(rss, 1),
+                summary.get("seconds"),
+                summary=summary,
+            )
+        )
         log.info("%-9s %-8s %10d  rc %d  %8.1f s  %9.1f items/s  %7.0f MiB", source, stage, n, rc, wall, n / wall, rss)
         if rc != 0:
             log.error("%s failed at N=%d (exit %d): see %s", stage, n, rc, args.out / "logs")
@@ -266,11 +319,24 @@ def run_synthetic(n: int, args: argparse.Namespace, budget_stages: set[str]) -> 
     ws = args.work / f"synthetic-{n}"
     shutil.rmtree(ws, ignore_errors=True)
     try:
-        cmd = [sys.executable, __file__, "--write-synthetic", str(ws), "--rows", str(n), "--dim", str(args.dim),
-               "--classes", str(args.classes), "--seed", str(args.seed)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--write-synthetic",
+            str(ws),
+            "--rows",
+            str(n),
+            "--dim",
+            str(args.dim),
+            "--classes",
+            str(args.classes),
+            "--seed",
+            str(args.seed),
+        ]
         rc, wall, rss, stdout = run_child(cmd, args.out / "logs" / f"synthetic-{n}-write.log")
-        write = Row("synthetic", "write", n, rc, round(wall, 3), round(n / wall, 3), round(rss, 1),
-                    summary=last_json(stdout))
+        write = Row(
+            "synthetic", "write", n, rc, round(wall, 3), round(n / wall, 3), round(rss, 1), summary=last_json(stdout)
+        )
         log.info("synthetic write    %10d  rc %d  %8.1f s", n, rc, wall)
         if rc != 0:
             return [write]
@@ -282,6 +348,7 @@ def run_synthetic(n: int, args: argparse.Namespace, budget_stages: set[str]) -> 
 
 
 # ---------------------------------------------------------------- figures
+
 
 def add_ratios(rows: list[Row]) -> None:
     """Growth from each N to the next of the same source and stage (successful runs only)."""
@@ -296,15 +363,19 @@ def add_ratios(rows: list[Row]) -> None:
 
 
 def table_text(rows: list[Row]) -> str:
-    head = f"{'source':<10}{'stage':<9}{'N':>11}{'rc':>4}{'wall s':>10}{'stage s':>10}{'items/s':>11}" \
-           f"{'peak MiB':>10}{'per-item x':>12}{'RSS x':>8}"
+    head = (
+        f"{'source':<10}{'stage':<9}{'N':>11}{'rc':>4}{'wall s':>10}{'stage s':>10}{'items/s':>11}"
+        f"{'peak MiB':>10}{'per-item x':>12}{'RSS x':>8}"
+    )
     lines = [head]
     for r in rows:
         ratio = "" if r.per_item_ratio is None else f"{r.per_item_ratio:.2f}"
         rss = "" if r.rss_ratio is None else f"{r.rss_ratio:.2f}"
         own = "" if r.stage_s is None else f"{r.stage_s:.1f}"
-        lines.append(f"{r.source:<10}{r.stage:<9}{r.n:>11,}{r.rc:>4}{r.wall_s:>10.1f}{own:>10}{r.items_per_s:>11,.1f}"
-                     f"{r.peak_rss_mib:>10.0f}{ratio:>12}{rss:>8}")
+        lines.append(
+            f"{r.source:<10}{r.stage:<9}{r.n:>11,}{r.rc:>4}{r.wall_s:>10.1f}{own:>10}{r.items_per_s:>11,.1f}"
+            f"{r.peak_rss_mib:>10.0f}{ratio:>12}{rss:>8}"
+        )
     return "\n".join(lines)
 
 
@@ -334,8 +405,12 @@ def plot(rows: list[Row], path: Path) -> None:
     colours = {stage: f"C{k}" for k, stage in enumerate(("write", *IMAGE_STAGES))}  # one colour per stage
     for (source, stage), rs in sorted(series.items()):
         rs.sort(key=lambda r: r.n)
-        style = dict(color=colours[stage], marker="o" if source == "images" else "s",
-                     linestyle="-" if source == "images" else "--", label=f"{stage} ({source})")
+        style = dict(
+            color=colours[stage],
+            marker="o" if source == "images" else "s",
+            linestyle="-" if source == "images" else "--",
+            label=f"{stage} ({source})",
+        )
         ns = [r.n for r in rs]
         ax_t.plot(ns, [1e3 * r.wall_s / r.n for r in rs], **style)
         ax_m.plot(ns, [r.peak_rss_mib for r in rs], **style)
@@ -353,6 +428,7 @@ def plot(rows: list[Row], path: Path) -> None:
 
 # ---------------------------------------------------------------- command line
 
+
 def sizes(text: str) -> list[int]:
     try:
         out = sorted({int(float(s)) for s in text.split(",") if s.strip()})
@@ -366,9 +442,12 @@ def sizes(text: str) -> list[int]:
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=sizes, default=sizes("10000,100000,1000000"), help="image counts (all stages)")
-    p.add_argument("--feature-sizes", type=sizes, default=None,
-                   help="synthetic featureset rows (stages after extract; default: --sizes and 10x the largest; "
-                        "'0' for none)")
+    p.add_argument(
+        "--feature-sizes",
+        type=sizes,
+        default=None,
+        help="synthetic featureset rows (stages after extract; default: --sizes and 10x the largest; '0' for none)",
+    )
     p.add_argument("--out", type=Path, default=Path("scale-out"), help="where the table, plot and logs go")
     p.add_argument("--work", type=Path, default=None, help="workspaces (default: OUT/work)")
     p.add_argument("--images-dir", type=Path, default=Path("/tmp/imgfeat-scale"), help="generated images, kept")
@@ -400,16 +479,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     budget_stages = {s for s in BUDGET_STAGES if args.memory_budget and takes_budget(args.imgfeat, s)}
     if args.memory_budget and budget_stages != set(BUDGET_STAGES):
-        log.warning("--memory-budget is not offered by %s: not passed there",
-                    ", ".join(sorted(set(BUDGET_STAGES) - budget_stages)))
+        log.warning(
+            "--memory-budget is not offered by %s: not passed there",
+            ", ".join(sorted(set(BUDGET_STAGES) - budget_stages)),
+        )
     rows: list[Row] = []
     for n in args.sizes:
         rows += run_images(n, args, budget_stages)
     for n in args.feature_sizes:
         rows += run_synthetic(n, args, budget_stages)
     add_ratios(rows)
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-              if k not in ("write_synthetic", "rows")}
+    config = {
+        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("write_synthetic", "rows")
+    }
     config.update(cpus=os.cpu_count(), load_average=os.getloadavg(), budget_stages=sorted(budget_stages))
     write_figures(rows, args.out, config)
     print(table_text(rows))

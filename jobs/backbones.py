@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from imgfeat.cli.common import JobContext, Summary, add_command
 from imgfeat.backbones import build_model, get_backbone, list_backbones
 from imgfeat.backbones.hub import FAMILY_NOTES, cached_hub_rows, cached_presets, kagglehub_cache
 from imgfeat.backbones.weights import is_cached
+from imgfeat.cli.common import JobContext, Summary, add_command
 from imgfeat.core.errors import ConfigError, unknown_value
 from imgfeat.finetune.blocks import backbone_blocks, family_pattern
 
@@ -41,19 +41,38 @@ examples:
   imgfeat backbones --hub
 """
 
-COLUMNS = (("name", "name"), ("family", "family"), ("size", "input_size"), ("dim", "dim"),
-           ("imagenet top", "imagenet_top"), ("weights MB", "weights_mb"), ("cached", "cached"))
+COLUMNS = (
+    ("name", "name"),
+    ("family", "family"),
+    ("size", "input_size"),
+    ("dim", "dim"),
+    ("imagenet top", "imagenet_top"),
+    ("weights MB", "weights_mb"),
+    ("cached", "cached"),
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = add_command(sub, "backbones", handle, help="list backbones, feature dims, cached weights",
-                    description=DESCRIPTION, epilog=EPILOG, record_run=False)
+    p = add_command(
+        sub,
+        "backbones",
+        handle,
+        help="list backbones, feature dims, cached weights",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        record_run=False,
+    )
     p.add_argument("--family", default=None, metavar="F", help="only this family (e.g. resnet, efficientnet)")
     p.add_argument("--layers", default=None, metavar="NAME", help="print the layer names of backbone NAME")
-    p.add_argument("--hub", action="store_true",
-                   help="list keras-hub's DINOv2, CLIP and SigLIP preset names and which are cached")
-    p.add_argument("--blocks", default=None, metavar="NAME",
-                   help="print the blocks of backbone NAME (for finetune --unfreeze-blocks)")
+    p.add_argument(
+        "--hub", action="store_true", help="list keras-hub's DINOv2, CLIP and SigLIP preset names and which are cached"
+    )
+    p.add_argument(
+        "--blocks",
+        default=None,
+        metavar="NAME",
+        help="print the blocks of backbone NAME (for finetune --unfreeze-blocks)",
+    )
 
 
 def backbone_rows(family: str | None = None) -> list[dict[str, Any]]:
@@ -62,10 +81,19 @@ def backbone_rows(family: str | None = None) -> list[dict[str, Any]]:
     if family is not None and family not in {s.family for s in specs} | set(FAMILY_NOTES):
         raise unknown_value("backbone family", family, {s.family for s in specs} | set(FAMILY_NOTES))
     return [
-        {"name": s.name, "family": s.family, "input_size": s.input_size, "dim": s.dims["avg"],
-         "dims": dict(s.dims), "imagenet_top": s.imagenet_top, "weights_mb": s.weights_mb,
-         "min_size": s.min_size, "cached": is_cached(s)}
-        for s in specs if family in (None, s.family)
+        {
+            "name": s.name,
+            "family": s.family,
+            "input_size": s.input_size,
+            "dim": s.dims["avg"],
+            "dims": dict(s.dims),
+            "imagenet_top": s.imagenet_top,
+            "weights_mb": s.weights_mb,
+            "min_size": s.min_size,
+            "cached": is_cached(s),
+        }
+        for s in specs
+        if family in (None, s.family)
     ]
 
 
@@ -73,12 +101,15 @@ def layer_rows(name: str) -> list[dict[str, Any]]:
     """Layer name, type and output shape of a backbone built with random weights at its default size."""
     spec = get_backbone(name)
     if getattr(spec, "preset_dir", None):
-        raise ConfigError(f"{name} is a keras-hub preset: its feature is the {spec.family} {spec.embedding} "
-                          f"embedding, with no --layer taps")
-    model = spec.constructor_fn()(include_top=False, weights=None,
-                                  input_shape=(spec.input_size, spec.input_size, 3))
-    return [{"layer": lyr.name, "type": type(lyr).__name__, "output_shape": list(lyr.output.shape[1:])}
-            for lyr in model.layers]
+        raise ConfigError(
+            f"{name} is a keras-hub preset: its feature is the {spec.family} {spec.embedding} "
+            f"embedding, with no --layer taps"
+        )
+    model = spec.constructor_fn()(include_top=False, weights=None, input_shape=(spec.input_size, spec.input_size, 3))
+    return [
+        {"layer": lyr.name, "type": type(lyr).__name__, "output_shape": list(lyr.output.shape[1:])}
+        for lyr in model.layers
+    ]
 
 
 def block_rows(name: str) -> list[dict[str, Any]]:
@@ -87,8 +118,10 @@ def block_rows(name: str) -> list[dict[str, Any]]:
     family_pattern(spec)  # a family without named blocks says so before building anything
     model = build_model(spec, weights="none", input_size=spec.min_size)
     blocks = backbone_blocks(model, spec)
-    return [{**b.to_json(), "first_layer": model.layers[b.start].name, "unfreeze_blocks": len(blocks) - i}
-            for i, b in enumerate(blocks)]
+    return [
+        {**b.to_json(), "first_layer": model.layers[b.start].name, "unfreeze_blocks": len(blocks) - i}
+        for i, b in enumerate(blocks)
+    ]
 
 
 def format_table(rows: list[dict[str, Any]], columns: tuple[tuple[str, str], ...]) -> str:
@@ -110,8 +143,17 @@ def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:
     if args.blocks:
         rows = block_rows(args.blocks)
         if not args.json:
-            print(format_table(rows, (("block", "block"), ("first layer", "first_layer"),
-                                      ("layers", "layers"), ("--unfreeze-blocks", "unfreeze_blocks"))))
+            print(
+                format_table(
+                    rows,
+                    (
+                        ("block", "block"),
+                        ("first layer", "first_layer"),
+                        ("layers", "layers"),
+                        ("--unfreeze-blocks", "unfreeze_blocks"),
+                    ),
+                )
+            )
         return {"backbone": args.blocks, "blocks": rows}
     if args.layers:
         rows = layer_rows(args.layers)
@@ -123,8 +165,10 @@ def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:
     if not args.json:
         print(format_table(rows + hub_rows, COLUMNS))
         cached = sum(r["cached"] for r in rows)
-        print(f"\n{len(rows)} backbones, {cached} with ImageNet weights available offline "
-              f"(imgfeat weights list shows the files)")
+        print(
+            f"\n{len(rows)} backbones, {cached} with ImageNet weights available offline "
+            f"(imgfeat weights list shows the files)"
+        )
         print(hub_note(hub_rows))
     return {"count": len(rows) + len(hub_rows), "backbones": rows + hub_rows, "hub_families": hub_families()}
 
@@ -140,5 +184,7 @@ def hub_backbone_rows(family: str | None = None) -> list[dict[str, Any]]:
 
 def hub_note(hub_rows: list[dict[str, Any]]) -> str:
     families = "".join(f"\n  {k:<8} {v}" for k, v in hub_families().items())
-    return (f"keras-hub families (any preset name or preset directory works as --backbone):{families}\n"
-            f"{len(hub_rows)} preset(s) cached in {kagglehub_cache()}")
+    return (
+        f"keras-hub families (any preset name or preset directory works as --backbone):{families}\n"
+        f"{len(hub_rows)} preset(s) cached in {kagglehub_cache()}"
+    )

@@ -38,18 +38,45 @@ exit codes: 0 measured, 2 bad flag or no images, 1 a measured process failed
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = add_command(sub, "bench", handle, help="throughput of extract vs the input and forward limits and the tutorial path",
-                    description=DESCRIPTION, epilog=EPILOG)
-    add_config_flags(p, BenchConfig, ["backbone", "images", "batch_size", "limit", "weights", "input_size",
-                                      "precision", "fast_decode", "workers", "decode", "repeat"])
-    p.add_argument("--skip", action="append", default=[], choices=("input", "forward", "extract", "tutorial"),
-                   help="leave out a path (repeatable)")
+    p = add_command(
+        sub,
+        "bench",
+        handle,
+        help="throughput of extract vs the input and forward limits and the tutorial path",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+    )
+    add_config_flags(
+        p,
+        BenchConfig,
+        [
+            "backbone",
+            "images",
+            "batch_size",
+            "limit",
+            "weights",
+            "input_size",
+            "precision",
+            "fast_decode",
+            "workers",
+            "decode",
+            "repeat",
+        ],
+    )
+    p.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        choices=("input", "forward", "extract", "tutorial"),
+        help="leave out a path (repeatable)",
+    )
 
 
 def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:
     values = config_values(BenchConfig, args)
-    cfg = BenchConfig(**{**values, "images": Path(args.images).expanduser()},
-                      paths=tuple(p for p in PATHS if p not in args.skip))
+    cfg = BenchConfig(
+        **{**values, "images": Path(args.images).expanduser()}, paths=tuple(p for p in PATHS if p not in args.skip)
+    )
     summary = run_bench(cfg, ctx.run_id)
     if not args.json:
         print(_human(summary))
@@ -61,8 +88,9 @@ def _human(s: dict) -> str:
     for path, rate in s["images_per_s"].items():
         lines.append(f"  {path:<9} {rate:>9.1f} img/s  ({s['process_seconds'][path]:.1f} s, whole process)")
     if "end_to_end_over_limit" in s:
-        lines.append(f"  extract / min(forward, input) = {s['end_to_end_over_limit']:.2f}x "
-                     f"(limited by {s['limited_by']})")
+        lines.append(
+            f"  extract / min(forward, input) = {s['end_to_end_over_limit']:.2f}x (limited by {s['limited_by']})"
+        )
     if "end_to_end_over_forward" in s:
         lines.append(f"  extract / forward  = {s['end_to_end_over_forward']:.2f}x")
     if "end_to_end_over_tutorial" in s:

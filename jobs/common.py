@@ -15,8 +15,8 @@ from imgfeat.core.logs import LOG_FORMATS, setup_logging
 from imgfeat.core.options import Option, options
 from imgfeat.core.ranges import RANGES, range_of
 from imgfeat.core.results import JsonObject, Result
-from imgfeat.core.sizes import parse_size
 from imgfeat.core.runs import RunRecord
+from imgfeat.core.sizes import parse_size
 from imgfeat.core.workspace import ENV_WORKSPACE, Workspace
 
 log = logging.getLogger("imgfeat")
@@ -166,8 +166,13 @@ def fraction(text: str) -> float:
 
 def add_wait(p: argparse.ArgumentParser, what: str) -> None:
     """``--wait SECONDS``: wait for a lock another process holds on ``what`` instead of exiting 1."""
-    p.add_argument("--wait", type=seconds, metavar="SECONDS", default=None,
-                   help=f"wait up to this long for another process writing {what}, instead of exiting at once")
+    p.add_argument(
+        "--wait",
+        type=seconds,
+        metavar="SECONDS",
+        default=None,
+        help=f"wait up to this long for another process writing {what}, instead of exiting at once",
+    )
 
 
 def size(text: str) -> int:
@@ -182,9 +187,12 @@ SIZE_FIELDS = {"memory_budget": size}  # config fields whose flag reads a size, 
 
 
 def add_trust_pickle(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="load a head saved by an older imgfeat as a joblib pickle (loading a pickle can "
-                        "run code: only for head files you trust; retraining saves it without pickles)")
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="load a head saved by an older imgfeat as a joblib pickle (loading a pickle can "
+        "run code: only for head files you trust; retraining saves it without pickles)",
+    )
 
 
 def ranged(key: str) -> Callable[[str], int | float]:
@@ -222,8 +230,9 @@ def require(condition: bool, message: str) -> None:
 Adder = argparse.ArgumentParser | argparse._ArgumentGroup
 
 
-def add_config_flags(p: Adder, config: type, names: Sequence[str] | None = None,
-                     types: dict[str, Callable[[str], Any]] | None = None) -> None:
+def add_config_flags(
+    p: Adder, config: type, names: Sequence[str] | None = None, types: dict[str, Callable[[str], Any]] | None = None
+) -> None:
     """Add the flags of a stage config's ``opt`` fields (``names``, in that order; default: all of
     them in field order): flag, short alias, default from the dataclass, help, metavar, choices;
     a numeric field's type is ``ranged(field)``, a False default a switch; ``types`` overrides a

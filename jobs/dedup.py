@@ -38,8 +38,14 @@ examples:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = add_command(sub, "dedup", handle, help="near-duplicate groups and train/test leaks of a dataset",
-                    description=DESCRIPTION, epilog=EPILOG)
+    p = add_command(
+        sub,
+        "dedup",
+        handle,
+        help="near-duplicate groups and train/test leaks of a dataset",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+    )
     add_config_flags(p, DedupConfig)
 
 
@@ -48,9 +54,11 @@ def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:
     cfg = DedupConfig(**{**values, "featureset": resolve_featureset(ctx.ws, args.featureset)})
     out = run_dedup(ctx.ws, cfg, ctx.run_id)
     if not args.json:
-        print(f"{out.groups} near-duplicate groups ({out.grouped_paths} files, {out.exact_duplicate_paths} exact "
-              f"copies) among {out.paths} files ({criterion_text(out.criterion)}); {out.leaks} split leaks; "
-              f"{out.label_conflicts} groups with conflicting labels ({out.label_conflict_paths} files)")
+        print(
+            f"{out.groups} near-duplicate groups ({out.grouped_paths} files, {out.exact_duplicate_paths} exact "
+            f"copies) among {out.paths} files ({criterion_text(out.criterion)}); {out.leaks} split leaks; "
+            f"{out.label_conflicts} groups with conflicting labels ({out.label_conflict_paths} files)"
+        )
         if not out.written:
             print("nothing changed since the last run: its results stand")
         print(f"groups: {out.groups_table}\nleaks:  {out.leaks_table}\npage:   {out.page}")

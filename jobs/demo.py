@@ -12,10 +12,10 @@ import time
 
 from imgfeat.cli.common import JobContext, Summary, add_command, ranged
 from imgfeat.cli.report_lines import _rel, print_run_summary
-from imgfeat.tools.samples import demo_photo_set
 from imgfeat.run.jobfile import load_job
 from imgfeat.run.run import run_job_spec
 from imgfeat.run.summary import RunSummary
+from imgfeat.tools.samples import demo_photo_set
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +36,21 @@ examples:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = add_command(sub, "demo", handle, help="run the whole pipeline on a generated photo set (offline)",
-                    description=DESCRIPTION, epilog=EPILOG)
-    p.add_argument("--per-class", type=ranged("per_class"), default=60, metavar="N",
-                   help="images per class (6 classes, a quarter held out for test)")
+    p = add_command(
+        sub,
+        "demo",
+        handle,
+        help="run the whole pipeline on a generated photo set (offline)",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+    )
+    p.add_argument(
+        "--per-class",
+        type=ranged("per_class"),
+        default=60,
+        metavar="N",
+        help="images per class (6 classes, a quarter held out for test)",
+    )
     p.add_argument("--backbone", default=None, metavar="NAME", help="backbone (default: efficientnet_lite0)")
     p.add_argument("--weights", default=None, metavar="W", help="imagenet, none, or a weights file")
 
@@ -48,8 +59,9 @@ def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:
     t0 = time.perf_counter()
     images, n = demo_photo_set(ctx.ws.root / "demo_images", args.per_class)
     log.info("demo photo set: %d images in %s", n, images)
-    overrides = [f"features.lite0.{k}={json.dumps(v)}"
-                 for k, v in (("backbone", args.backbone), ("weights", args.weights)) if v]
+    overrides = [
+        f"features.lite0.{k}={json.dumps(v)}" for k, v in (("backbone", args.backbone), ("weights", args.weights)) if v
+    ]
     job_file = importlib.resources.files("imgfeat.cli") / "examples" / "demo.toml"
     with importlib.resources.as_file(job_file) as path:
         job = load_job(path, tuple(overrides), workspace=ctx.ws.root)
@@ -73,7 +85,7 @@ def print_demo(ctx: JobContext, summary: dict, n_images: int, run: RunSummary) -
     print("\nQuery the tables (the lines run as they are; pandas, pyarrow, Polars and DuckDB read them):")
     for line in query_lines(ws, summary):
         print(f"  {line}")
-    (head_name, _), = list(summary["train"].items())[:1]
+    ((head_name, _),) = list(summary["train"].items())[:1]
     report = summary.get("report", {}).get(head_name, {})
     if report:
         print(f"\nOpen the report: {_rel(report['report'])}")
@@ -87,13 +99,13 @@ def query_lines(ws, summary: dict) -> list[str]:
     """
     python = shlex.quote(sys.executable)
     workspace = _rel(ws.root)
-    (fs_key, _), = list(summary["extract"].items())[:1]
-    (_, tr), = list(summary["train"].items())[:1]
+    ((fs_key, _),) = list(summary["extract"].items())[:1]
+    ((_, tr),) = list(summary["train"].items())[:1]
     recipe = fs_key.split("/", 1)[0]
     predictions = _rel(ws.predictions_dir(tr["head_id"]))
     return [
         f"{python} -c \"import imgfeat; ids, X = imgfeat.Featureset('{recipe}', workspace='{workspace}')"
         f".to_numpy(); print(len(ids), 'features of dim', X.shape[1])\"",
         f"{python} -c \"import pandas as pd; p = pd.read_parquet('{predictions}'); "
-        f"print(pd.crosstab(p.label, p.pred_label))\"",
+        f'print(pd.crosstab(p.label, p.pred_label))"',
     ]

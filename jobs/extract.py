@@ -67,19 +67,51 @@ exit codes: 0 done (bad images are error rows), 2 bad flag or unknown dataset/ba
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = add_command(sub, "extract", handle, help="extract backbone features of a dataset into a featureset",
-                    description=DESCRIPTION, epilog=EPILOG)
+    p = add_command(
+        sub,
+        "extract",
+        handle,
+        help="extract backbone features of a dataset into a featureset",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+    )
     add_config_flags(p, ExtractConfig, ["dataset"])
-    p.add_argument("--name", metavar="RECIPE",
-                   help="a recipe name for this featureset (as a job file's [features.NAME]); "
-                        "'train --featureset RECIPE' then means its latest featureset")
-    add_config_flags(p, ExtractConfig, ["backbone", "weights", "seed", "pooling", "layer", "input_size",
-                                        "batch_size", "precision", "dtype", "shard_size", "npy", "interpolation",
-                                        "fast_decode", "exif", "workers", "decode"])
+    p.add_argument(
+        "--name",
+        metavar="RECIPE",
+        help="a recipe name for this featureset (as a job file's [features.NAME]); "
+        "'train --featureset RECIPE' then means its latest featureset",
+    )
+    add_config_flags(
+        p,
+        ExtractConfig,
+        [
+            "backbone",
+            "weights",
+            "seed",
+            "pooling",
+            "layer",
+            "input_size",
+            "batch_size",
+            "precision",
+            "dtype",
+            "shard_size",
+            "npy",
+            "interpolation",
+            "fast_decode",
+            "exif",
+            "workers",
+            "decode",
+        ],
+    )
     add_config_flags(p, ExecutorConfig, ["in_flight"])
     add_config_flags(p, ExtractConfig, ["max_file_bytes", "wait"])
-    p.add_argument("--max-error-rate", type=ranged("max_error_rate"), metavar="F",
-                   help="exit 3 when more than this fraction of the dataset's images are error rows")
+    p.add_argument(
+        "--max-error-rate",
+        type=ranged("max_error_rate"),
+        metavar="F",
+        help="exit 3 when more than this fraction of the dataset's images are error rows",
+    )
     r = p.add_argument_group("scaling out (pip install 'imgfeat[ray]')")
     add_config_flags(r, ExecutorConfig, ["name", "address", "actors", "gpus_per_worker"])
 
@@ -101,10 +133,16 @@ def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:
 
 def _human(s: ExtractSummary) -> str:
     codes = ", ".join(f"{k} {v}" for k, v in s.errors_by_code.items())
-    work = (f"{s.extracted} extracted, {s.images_per_s_loop} img/s over the model loop and "
-            f"{s.images_per_s} img/s over the whole run (model build {s.build_seconds} s, model "
-            f"{s.model_seconds} s, decode {s.decode_seconds} s)" if s.model_built
-            else "nothing new: no model work")
-    return (f"{s.dataset} -> {s.featureset}: {work}; {s.reused} reused, "
-            f"{s.duplicates} duplicates, {s.errors_new} new error rows"
-            + (f" ({codes})" if codes else "") + f", {s.shards} shards written")
+    work = (
+        f"{s.extracted} extracted, {s.images_per_s_loop} img/s over the model loop and "
+        f"{s.images_per_s} img/s over the whole run (model build {s.build_seconds} s, model "
+        f"{s.model_seconds} s, decode {s.decode_seconds} s)"
+        if s.model_built
+        else "nothing new: no model work"
+    )
+    return (
+        f"{s.dataset} -> {s.featureset}: {work}; {s.reused} reused, "
+        f"{s.duplicates} duplicates, {s.errors_new} new error rows"
+        + (f" ({codes})" if codes else "")
+        + f", {s.shards} shards written"
+    )

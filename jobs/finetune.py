@@ -42,19 +42,46 @@ def augment_list(text: str) -> tuple[str, ...]:
     names = tuple(n.strip() for n in text.split(",") if n.strip()) if text.strip().lower() != "none" else ()
     bad = [n for n in names if n not in AUGMENT_NAMES]
     if bad:
-        raise argparse.ArgumentTypeError(f"unknown augmentation {bad[0]!r} (allowed: {', '.join(AUGMENT_NAMES)}, or none)")
+        raise argparse.ArgumentTypeError(
+            f"unknown augmentation {bad[0]!r} (allowed: {', '.join(AUGMENT_NAMES)}, or none)"
+        )
     return names
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = add_command(sub, "finetune", handle, help="fine-tune a backbone's top blocks; a tuned weights file",
-                    description=DESCRIPTION, epilog=EPILOG)
+    p = add_command(
+        sub,
+        "finetune",
+        handle,
+        help="fine-tune a backbone's top blocks; a tuned weights file",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+    )
     add_config_flags(p, FinetuneConfig, ["dataset", "backbone", "weights", "input_size"])
     add_config_flags(p.add_mutually_exclusive_group(), FinetuneConfig, ["unfreeze_blocks", "unfreeze_from"])
-    add_config_flags(p, FinetuneConfig, ["epochs", "warmup_epochs", "warm_start_head", "augment", "learning_rate",
-                                         "warmup_learning_rate", "batch_size", "patience", "val_fraction",
-                                         "test_fraction", "random_state", "precision", "name", "tensorboard",
-                                         "workers", "wait"], types={"augment": augment_list})
+    add_config_flags(
+        p,
+        FinetuneConfig,
+        [
+            "epochs",
+            "warmup_epochs",
+            "warm_start_head",
+            "augment",
+            "learning_rate",
+            "warmup_learning_rate",
+            "batch_size",
+            "patience",
+            "val_fraction",
+            "test_fraction",
+            "random_state",
+            "precision",
+            "name",
+            "tensorboard",
+            "workers",
+            "wait",
+        ],
+        types={"augment": augment_list},
+    )
 
 
 def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:
@@ -70,8 +97,10 @@ def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:
 def print_finetune(out: dict) -> None:
     m = out["metrics"]
     state = "reused" if out["reused"] else "fine-tuned"
-    print(f"{state} {out['finetune_id']} ({out['backbone']}, {out['n_train']} train / {out['n_val']} val / "
-          f"{out['n_test']} test images, {out['epochs_run']} epochs)")
+    print(
+        f"{state} {out['finetune_id']} ({out['backbone']}, {out['n_train']} train / {out['n_val']} val / "
+        f"{out['n_test']} test images, {out['epochs_run']} epochs)"
+    )
     if m.get("test_accuracy") is not None:
         warm = m.get("warm_start_test_accuracy")
         extra = f" (frozen-backbone head: {warm:.1%})" if warm is not None else ""

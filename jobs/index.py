@@ -30,18 +30,31 @@ examples:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = add_command(sub, "index", handle, help="build or extend a similarity index over a featureset",
-                    description=DESCRIPTION, epilog=EPILOG)
+    p = add_command(
+        sub,
+        "index",
+        handle,
+        help="build or extend a similarity index over a featureset",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+    )
     add_config_flags(p, IndexConfig, ["featureset"])
-    p.add_argument("--dataset", dest="datasets", action="append", default=[], metavar="NAME",
-                   help="index only this dataset's images (repeatable; default: the whole featureset)")
+    p.add_argument(
+        "--dataset",
+        dest="datasets",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="index only this dataset's images (repeatable; default: the whole featureset)",
+    )
     add_config_flags(p, IndexConfig, ["name", "kind", "nlist", "nprobe", "memory_budget", "rebuild", "wait"])
 
 
 def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:
     values = config_values(IndexConfig, args)
-    cfg = IndexConfig(**{**values, "featureset": resolve_featureset(ctx.ws, args.featureset)},
-                      datasets=tuple(args.datasets))
+    cfg = IndexConfig(
+        **{**values, "featureset": resolve_featureset(ctx.ws, args.featureset)}, datasets=tuple(args.datasets)
+    )
     out = build_index(ctx.ws, cfg, ctx.run_id)
     if not args.json:
         if out.written:

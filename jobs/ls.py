@@ -29,8 +29,15 @@ examples:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    add_command(sub, "ls", handle, help="list datasets, featuresets, heads and indexes",
-                description=DESCRIPTION, epilog=EPILOG, record_run=False)
+    add_command(
+        sub,
+        "ls",
+        handle,
+        help="list datasets, featuresets, heads and indexes",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        record_run=False,
+    )
 
 
 def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:
@@ -52,20 +59,23 @@ def print_catalog(out: dict) -> None:
     print(f"workspace {out['root']}")
     print("\ndatasets" if out["datasets"] else "\ndatasets: none ('imgfeat scan' makes one)")
     for d in out["datasets"]:
-        print(f"  {d['name']:<24} {d['rows']:>8,} rows {d['ok']:>8,} readable {d['labels']:>4} labels  "
-              f"{_day(d['created'])}")
+        print(
+            f"  {d['name']:<24} {d['rows']:>8,} rows {d['ok']:>8,} readable {d['labels']:>4} labels  "
+            f"{_day(d['created'])}"
+        )
     print("\nfeaturesets" if out["featuresets"] else "\nfeaturesets: none ('imgfeat extract' makes one)")
     for f in out["featuresets"]:
         recipe = ",".join(f["recipes"]) or "-"
         covered = ", ".join(f"{d} {n:,}" for d, n in f["datasets"].items()) or "no dataset"
-        print(f"  {f['featureset']:<48} recipe {recipe:<12} {f['rows']:>8,} rows {f['errors']:>5,} errors  "
-              f"{_day(f['created'])}  ({covered})")
+        print(
+            f"  {f['featureset']:<48} recipe {recipe:<12} {f['rows']:>8,} rows {f['errors']:>5,} errors  "
+            f"{_day(f['created'])}  ({covered})"
+        )
     print("\nheads" if out["heads"] else "\nheads: none ('imgfeat train' makes one)")
     for h in out["heads"]:
         mark = "latest" if h["latest"] else "      "
         kind = h["model_kind"] if h["kind"] == h["model_kind"] else f"{h['kind']}->{h['model_kind']}"
-        print(f"  {h['name']:<24} {mark} {h['head_id']:<36} {kind:<12} {_pct(h['accuracy']):>6}  "
-              f"{_day(h['created'])}")
+        print(f"  {h['name']:<24} {mark} {h['head_id']:<36} {kind:<12} {_pct(h['accuracy']):>6}  {_day(h['created'])}")
     if out.get("damaged"):
         print("\ndamaged files (what each describes is left out above, or listed by id)")
         for line in out["damaged"]:
@@ -76,8 +86,10 @@ def print_catalog(out: dict) -> None:
             if "error" in i:  # damaged: its name and what is wrong
                 print(f"  {i.get('name', '-'):<24} damaged: {i['error']}")
                 continue
-            print(f"  {i.get('name', '-'):<24} {i.get('rows', 0):>8,} rows  {_index_kind(i):<28} "
-                  f"featureset {i.get('featureset', '-')}  ({', '.join(i.get('datasets') or []) or 'the whole featureset'})")
+            print(
+                f"  {i.get('name', '-'):<24} {i.get('rows', 0):>8,} rows  {_index_kind(i):<28} "
+                f"featureset {i.get('featureset', '-')}  ({', '.join(i.get('datasets') or []) or 'the whole featureset'})"
+            )
 
 
 def _index_kind(info: dict) -> str:

@@ -8,7 +8,6 @@ import importlib.util
 import sys
 
 from imgfeat import __version__
-
 from imgfeat.cli.common import HelpFormatter, run_job
 from imgfeat.core.logs import capture_native_stderr, quiet_native_logs
 

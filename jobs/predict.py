@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from imgfeat.cli.common import JobContext, Summary, add_command, add_config_flags, add_trust_pickle, config_values, require
+from imgfeat.cli.common import (
+    JobContext,
+    Summary,
+    add_command,
+    add_config_flags,
+    add_trust_pickle,
+    config_values,
+    require,
+)
 from imgfeat.heads.predict import PredictConfig, run_predict
 
 DESCRIPTION = """\
@@ -37,19 +45,28 @@ exit codes: 0 done (unreadable files are lines, not failures), 2 unknown head or
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = add_command(sub, "predict", handle, help="predict with a trained head (dataset, files, folders)",
-                    description=DESCRIPTION, epilog=EPILOG)
+    p = add_command(
+        sub,
+        "predict",
+        handle,
+        help="predict with a trained head (dataset, files, folders)",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+    )
     add_config_flags(p, PredictConfig, ["head_id", "dataset"])
-    p.add_argument("images", nargs="*", metavar="IMAGE",
-                   help="image files, folders or glob patterns to predict (instead of --dataset)")
+    p.add_argument(
+        "images",
+        nargs="*",
+        metavar="IMAGE",
+        help="image files, folders or glob patterns to predict (instead of --dataset)",
+    )
     add_config_flags(p, PredictConfig, ["top_k", "memory_budget", "wait"])
     add_trust_pickle(p)
 
 
 def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:
     require(bool(args.dataset) != bool(args.images), "give either --dataset NAME or image files, not both")
-    cfg = PredictConfig(**config_values(PredictConfig, args), paths=tuple(args.images),
-                        trust_pickle=args.trust_pickle)
+    cfg = PredictConfig(**config_values(PredictConfig, args), paths=tuple(args.images), trust_pickle=args.trust_pickle)
     out = run_predict(ctx.ws, cfg, ctx.run_id).to_json()
     if not args.json:
         print_predict(out)
@@ -64,15 +81,20 @@ def print_predict(out: dict) -> None:
             print(f"{line['path']}: {line['pred_label']} ({line['pred_score']:.1%})")
     rate = f" at {out['rows_per_s']:.0f} rows/s" if out["written"] and out.get("rows_per_s") else ""
     if "dataset" in out:
-        print(f"{out['written']} rows written{rate}, {out['skipped']} already predicted, "
-              f"{out['missing_features']} without features"
-              + (" (run 'imgfeat extract' first)" if out["missing_features"] else ""))
+        print(
+            f"{out['written']} rows written{rate}, {out['skipped']} already predicted, "
+            f"{out['missing_features']} without features"
+            + (" (run 'imgfeat extract' first)" if out["missing_features"] else "")
+        )
         if out.get("duplicates"):
             print(f"{out['duplicates']} duplicate files predicted once, under their first path")
     else:
         codes = ", ".join(f"{c} {n}" for c, n in sorted((out.get("errors_by_code") or {}).items()))
         ok = out["files"] - out["errors"]
-        print(f"{out['files']} files: {ok} predicted, {out['errors']} errors" + (f" ({codes})" if codes else "")
-              + f"; {out['written']} new rows{rate} -> {out['predictions_dir']}")
+        print(
+            f"{out['files']} files: {ok} predicted, {out['errors']} errors"
+            + (f" ({codes})" if codes else "")
+            + f"; {out['written']} new rows{rate} -> {out['predictions_dir']}"
+        )
     if not out["written"] and "dataset" in out:
         print("nothing new to predict")

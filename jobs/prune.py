@@ -29,8 +29,14 @@ examples:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = add_command(sub, "prune", handle, help="remove superseded heads and unused featuresets (dry run)",
-                    description=DESCRIPTION, epilog=EPILOG)
+    p = add_command(
+        sub,
+        "prune",
+        handle,
+        help="remove superseded heads and unused featuresets (dry run)",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+    )
     p.add_argument("--yes", action="store_true", help="delete (default: only list what would be deleted)")
 
 
@@ -50,5 +56,7 @@ def print_prune(out: dict) -> None:
         print(f"{verb} head {h} (and its predictions and report)")
     for f in out["featuresets"]:
         print(f"{verb} featureset {f}")
-    print(f"{len(out['folders'])} folders, {out['bytes'] / 2**20:.1f} MiB"
-          + ("" if out["deleted"] else "; run 'imgfeat prune --yes' to delete"))
+    print(
+        f"{len(out['folders'])} folders, {out['bytes'] / 2**20:.1f} MiB"
+        + ("" if out["deleted"] else "; run 'imgfeat prune --yes' to delete")
+    )

@@ -25,8 +25,9 @@ examples:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = add_command(sub, "report", handle, help="write an HTML report for a trained head",
-                    description=DESCRIPTION, epilog=EPILOG)
+    p = add_command(
+        sub, "report", handle, help="write an HTML report for a trained head", description=DESCRIPTION, epilog=EPILOG
+    )
     add_config_flags(p, ReportConfig, ["head_id", "max_mistakes", "projection", "max_points", "memory_budget", "wait"])
     add_trust_pickle(p)
 

@@ -29,11 +29,15 @@ def print_run_summary(ws: Workspace, summary: RunSummary) -> None:
         print(f"scan     {name:<24} {s.files} files ({s.added} added, {s.changed} changed, {s.removed} removed)")
     for key, s in summary.extract.items():
         speed = f" at {s.images_per_s:.1f} img/s" if s.extracted else ""
-        print(f"extract  {key:<24} {s.extracted} extracted{speed}, {s.reused} reused, {s.errors_new} new errors "
-              f"-> {_rel(ws.featureset_dir(s.featureset))}")
+        print(
+            f"extract  {key:<24} {s.extracted} extracted{speed}, {s.reused} reused, {s.errors_new} new errors "
+            f"-> {_rel(ws.featureset_dir(s.featureset))}"
+        )
     for name, s in summary.train.items():
-        print(f"train    {name:<24} {_accuracy(summary, name)}"
-              f"{' (reused)' if s.reused else ''} -> {_rel(ws.head_dir(s.head_id))}")
+        print(
+            f"train    {name:<24} {_accuracy(summary, name)}"
+            f"{' (reused)' if s.reused else ''} -> {_rel(ws.head_dir(s.head_id))}"
+        )
     for key, s in summary.predict.items():
         print(f"predict  {key:<24} {s.written} new rows")
     for name, s in summary.report.items():
@@ -44,8 +48,9 @@ def print_run_summary(ws: Workspace, summary: RunSummary) -> None:
         if r.errors:
             print(f"errors   {key:<24} {r.errors} of {r.images} images ({r.rate:.1%})")
     if rates := summary.items_per_s:
-        print("speed    " + ", ".join(f"{stage} {rate:,.1f} {STAGE_ITEMS[stage][1]}/s"
-                                      for stage, rate in rates.items()))
+        print(
+            "speed    " + ", ".join(f"{stage} {rate:,.1f} {STAGE_ITEMS[stage][1]}/s" for stage, rate in rates.items())
+        )
 
 
 def print_plan(plan: dict) -> None:
@@ -53,21 +58,27 @@ def print_plan(plan: dict) -> None:
     print("dry run: nothing was read beyond file stats, nothing written")
     for name, s in plan["scan"].items():
         skipped = sum((s.get("skipped") or {}).values())
-        print(f"scan     {name:<24} {s['new']} new, {s['changed']} changed, {s['unchanged']} unchanged, "
-              f"{s['removed']} removed files{f' ({skipped} skipped)' if skipped else ''} in {_rel(s['root'])}")
+        print(
+            f"scan     {name:<24} {s['new']} new, {s['changed']} changed, {s['unchanged']} unchanged, "
+            f"{s['removed']} removed files{f' ({skipped} skipped)' if skipped else ''} in {_rel(s['root'])}"
+        )
     for name, s in plan["finetune"].items():
         print(f"finetune {name:<24} on {s['dataset']}: {s['note']}")
     for key, s in plan["extract"].items():
         if s.get("todo") is None:
             print(f"extract  {key:<24} {s.get('new_or_changed_files', 0)} new or changed files; {s['note']}")
         else:
-            print(f"extract  {key:<24} {s['todo']} to extract, {s['done']} done "
-                  f"(+{s.get('new_or_changed_files', 0)} new or changed files) -> {s['featureset']}")
+            print(
+                f"extract  {key:<24} {s['todo']} to extract, {s['done']} done "
+                f"(+{s.get('new_or_changed_files', 0)} new or changed files) -> {s['featureset']}"
+            )
     for name, s in plan["heads"].items():
         then = [f"predict {', '.join(s['predict'])}"] if s["predict"] else []
         then += ["report"] if s["report"] else []
         then = ", ".join(then)
-        print(f"train    {name:<24} {s['features']} on {s['dataset']}, then {then or 'nothing'}; "
-              "reused when the features, labels and parameters are the same")
+        print(
+            f"train    {name:<24} {s['features']} on {s['dataset']}, then {then or 'nothing'}; "
+            "reused when the features, labels and parameters are the same"
+        )
     for name, s in plan.get("indexes", {}).items():
         print(f"index    {name:<24} {s['features']} over {', '.join(s['datasets'])}: new rows only")

@@ -40,28 +40,57 @@ exit codes: 0 done, 2 bad job file or flag, 3 finished but over --max-error-rate
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = add_command(sub, "run", handle, help="run a TOML job file: all stages, only new work",
-                    description=DESCRIPTION, epilog=EPILOG)
+    p = add_command(
+        sub,
+        "run",
+        handle,
+        help="run a TOML job file: all stages, only new work",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+    )
     p.add_argument("job", metavar="JOB.toml", type=Path, help="the job file")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print what would be done (files to scan, images to extract, heads) and exit")
-    p.add_argument("--max-error-rate", type=ranged("max_error_rate"), metavar="F", default=None,
-                   help="exit 3 when more than this fraction of images ended as error rows "
-                        "(overrides [run] max_error_rate)")
-    p.add_argument("--executor", choices=("local", "ray"), default=None,
-                   help="where extract runs (overrides [run] executor)")
-    p.add_argument("--wait", type=seconds, metavar="SECONDS", default=None,
-                   help="wait up to this long for a stage, head, predictions or report another process "
-                        "is writing, instead of exiting at once")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print what would be done (files to scan, images to extract, heads) and exit",
+    )
+    p.add_argument(
+        "--max-error-rate",
+        type=ranged("max_error_rate"),
+        metavar="F",
+        default=None,
+        help="exit 3 when more than this fraction of images ended as error rows (overrides [run] max_error_rate)",
+    )
+    p.add_argument(
+        "--executor", choices=("local", "ray"), default=None, help="where extract runs (overrides [run] executor)"
+    )
+    p.add_argument(
+        "--wait",
+        type=seconds,
+        metavar="SECONDS",
+        default=None,
+        help="wait up to this long for a stage, head, predictions or report another process "
+        "is writing, instead of exiting at once",
+    )
     add_trust_pickle(p)
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a job-file value, e.g. features.lite0.batch_size=64 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a job-file value, e.g. features.lite0.batch_size=64 (repeatable)",
+    )
 
 
 def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:
     job = load_job(args.job, tuple(args.overrides), workspace=ctx.ws.root)
-    flags = {"max_error_rate": args.max_error_rate, "executor": args.executor, "wait": args.wait,
-             "trust_pickle": args.trust_pickle or None}
+    flags = {
+        "max_error_rate": args.max_error_rate,
+        "executor": args.executor,
+        "wait": args.wait,
+        "trust_pickle": args.trust_pickle or None,
+    }
     job = dataclasses.replace(job, **{k: v for k, v in flags.items() if v is not None})
     if args.dry_run:
         plan = plan_job(ctx.ws, job)

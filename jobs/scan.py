@@ -42,12 +42,14 @@ exit codes: 0 done (bad images are rows), 2 bad ROOT or flag, 1 other failure
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = add_command(sub, "scan", handle, help="scan an image folder into a dataset manifest",
-                    description=DESCRIPTION, epilog=EPILOG)
+    p = add_command(
+        sub, "scan", handle, help="scan an image folder into a dataset manifest", description=DESCRIPTION, epilog=EPILOG
+    )
     p.add_argument("root", metavar="ROOT", help="the image folder")
     add_config_flags(p, ScanConfig)
-    p.add_argument("--dry-run", action="store_true",
-                   help="only stat the files and print new/changed/removed/unchanged counts")
+    p.add_argument(
+        "--dry-run", action="store_true", help="only stat the files and print new/changed/removed/unchanged counts"
+    )
 
 
 def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:
@@ -63,9 +65,13 @@ def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:
 
 def _human(s: dict, dry_run: bool) -> str:
     if dry_run:
-        return (f"{s['dataset']}: {s['new']} new, {s['changed']} changed, {s['removed']} removed, "
-                f"{s['unchanged']} unchanged (dry run: nothing written)")
+        return (
+            f"{s['dataset']}: {s['new']} new, {s['changed']} changed, {s['removed']} removed, "
+            f"{s['unchanged']} unchanged (dry run: nothing written)"
+        )
     statuses = ", ".join(f"{k} {v}" for k, v in s["status"].items()) or "no files"
-    return (f"{s['dataset']}: {s['files']} files ({statuses}); {s['added']} added, "
-            f"{s['changed']} changed, {s['removed']} removed, {s['unchanged']} unchanged; "
-            f"{s['skipped_total']} skipped; {s['files_per_s']} files/s\nmanifest: {s['manifest']}")
+    return (
+        f"{s['dataset']}: {s['files']} files ({statuses}); {s['added']} added, "
+        f"{s['changed']} changed, {s['removed']} removed, {s['unchanged']} unchanged; "
+        f"{s['skipped_total']} skipped; {s['files_per_s']} files/s\nmanifest: {s['manifest']}"
+    )

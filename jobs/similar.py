@@ -32,25 +32,45 @@ examples:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = add_command(sub, "similar", handle, help="find the most similar images in an index",
-                    description=DESCRIPTION, epilog=EPILOG)
+    p = add_command(
+        sub, "similar", handle, help="find the most similar images in an index", description=DESCRIPTION, epilog=EPILOG
+    )
     p.add_argument("images", nargs="*", metavar="IMAGE", help="query image files")
-    p.add_argument("--image-id", dest="image_ids", action="append", default=[], metavar="ID",
-                   help="query an image already in the featureset by its image_id, or a unique prefix of "
-                        "8+ hex digits (repeatable)")
-    p.add_argument("--text", dest="texts", action="append", default=[], metavar="T",
-                   help="query by words (CLIP / SigLIP featuresets; repeatable)")
+    p.add_argument(
+        "--image-id",
+        dest="image_ids",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="query an image already in the featureset by its image_id, or a unique prefix of "
+        "8+ hex digits (repeatable)",
+    )
+    p.add_argument(
+        "--text",
+        dest="texts",
+        action="append",
+        default=[],
+        metavar="T",
+        help="query by words (CLIP / SigLIP featuresets; repeatable)",
+    )
     p.add_argument("--index", required=True, metavar="NAME", help="an index from 'imgfeat index'")
     p.add_argument("--top", type=ranged("top"), default=10, metavar="K", help="neighbours per query")
-    p.add_argument("--featureset", default=None, metavar="FS",
-                   help="fail unless the index was built on this featureset")
-    p.add_argument("--html", default=None, metavar="PATH",
-                   help="also write the results as an HTML page with thumbnails (one self-contained file)")
+    p.add_argument(
+        "--featureset", default=None, metavar="FS", help="fail unless the index was built on this featureset"
+    )
+    p.add_argument(
+        "--html",
+        default=None,
+        metavar="PATH",
+        help="also write the results as an HTML page with thumbnails (one self-contained file)",
+    )
 
 
 def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:
-    require(sum(map(bool, (args.images, args.image_ids, args.texts))) == 1,
-            "give image files, --image-id IDs or --text T (one of the three)")
+    require(
+        sum(map(bool, (args.images, args.image_ids, args.texts))) == 1,
+        "give image files, --image-id IDs or --text T (one of the three)",
+    )
     html_target = _html_target(args.html) if args.html else None  # checked before any work
     index = Index.open(ctx.ws, args.index)
     if args.featureset:
@@ -58,16 +78,24 @@ def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:
     if args.texts:
         results = index.search_text(args.texts, args.top)
     else:
-        results = (index.search_ids(args.image_ids, args.top) if args.image_ids
-                   else index.search_files(args.images, args.top, run_id=ctx.run_id))
+        results = (
+            index.search_ids(args.image_ids, args.top)
+            if args.image_ids
+            else index.search_files(args.images, args.top, run_id=ctx.run_id)
+        )
     page = _write_page(html_target, index, results, ctx.run_id) if html_target else None
     if not args.json:
         for r in results:
             print(format_result(r))
         if page:
             print(f"page: {page}")
-    return {"index": index.name, "featureset": index.featureset, "top": args.top,
-            "results": [r.to_json() for r in results], **({"page": page} if page else {})}
+    return {
+        "index": index.name,
+        "featureset": index.featureset,
+        "top": args.top,
+        "results": [r.to_json() for r in results],
+        **({"page": page} if page else {}),
+    }
 
 
 def _html_target(path: str):

@@ -50,11 +50,32 @@ classifier cannot learn from (one class, a class with a single image, no labels)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = add_command(sub, "train", handle, help="train a classifier head on a featureset",
-                    description=DESCRIPTION, epilog=EPILOG)
-    add_config_flags(p, TrainConfig, ["dataset", "featureset", "name", "head", "prompt", "kernel", "cv",
-                                      "class_weight", "random_state", "test_fraction", "cv_max_rows", "c_grid",
-                                      "epochs", "hidden", "memory_budget", "wait"], types={"c_grid": c_grid})
+    p = add_command(
+        sub, "train", handle, help="train a classifier head on a featureset", description=DESCRIPTION, epilog=EPILOG
+    )
+    add_config_flags(
+        p,
+        TrainConfig,
+        [
+            "dataset",
+            "featureset",
+            "name",
+            "head",
+            "prompt",
+            "kernel",
+            "cv",
+            "class_weight",
+            "random_state",
+            "test_fraction",
+            "cv_max_rows",
+            "c_grid",
+            "epochs",
+            "hidden",
+            "memory_budget",
+            "wait",
+        ],
+        types={"c_grid": c_grid},
+    )
 
 
 def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:
@@ -78,8 +99,10 @@ def print_train(out: dict) -> None:
     m = out["metrics"]
     acc = m.get("test_accuracy")
     state = "reused" if out["reused"] else "trained"
-    print(f"{state} {out['name']} = {out['head_id']} ({out['model_kind']}, "
-          f"{out['n_train']} train / {out['n_test']} test images)")
+    print(
+        f"{state} {out['name']} = {out['head_id']} ({out['model_kind']}, "
+        f"{out['n_train']} train / {out['n_test']} test images)"
+    )
     if acc is not None:
         print(f"test accuracy {acc:.1%}, macro F1 {m['macro_f1']:.3f}")
     for kind, cv in (m.get("cv") or {}).items():

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from imgfeat.backbones import get_backbone
+from imgfeat.backbones.cache import import_weights, weights_table
+from imgfeat.backbones.hub import fetch_preset, import_preset, looks_like_hub
+from imgfeat.backbones.weights import fetch_weights, keras_cache_dir
 from imgfeat.cli.backbones import format_table
 from imgfeat.cli.common import JobContext, Summary, add_command, require
-from imgfeat.backbones import get_backbone
-from imgfeat.backbones.hub import fetch_preset, import_preset, looks_like_hub
-from imgfeat.backbones.cache import import_weights, weights_table
-from imgfeat.backbones.weights import fetch_weights, keras_cache_dir
 
 ACTIONS = ("list", "fetch", "import")
 
@@ -44,11 +44,19 @@ examples:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = add_command(sub, "weights", handle, help="list, fetch or import ImageNet weights files",
-                    description=DESCRIPTION, epilog=EPILOG, record_run=False)
+    p = add_command(
+        sub,
+        "weights",
+        handle,
+        help="list, fetch or import ImageNet weights files",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        record_run=False,
+    )
     p.add_argument("action", choices=ACTIONS, help="list | fetch NAME | import FILE")
-    p.add_argument("target", nargs="?", default=None, metavar="NAME|FILE",
-                   help="backbone name (fetch) or weights file (import)")
+    p.add_argument(
+        "target", nargs="?", default=None, metavar="NAME|FILE", help="backbone name (fetch) or weights file (import)"
+    )
     p.add_argument("--backbone", default=None, metavar="NAME", help="import: the backbone FILE belongs to")
 
 
@@ -59,8 +67,10 @@ def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:
             print(format_table(rows, (("backbone", "backbone"), ("file", "file"), ("cached", "cached"))))
             print(f"\ncache: {keras_cache_dir()}")
         return {"cache": str(keras_cache_dir()), "weights": rows}
-    require(args.target is not None, f"imgfeat weights {args.action} needs a "
-            f"{'backbone NAME' if args.action == 'fetch' else 'FILE'}")
+    require(
+        args.target is not None,
+        f"imgfeat weights {args.action} needs a {'backbone NAME' if args.action == 'fetch' else 'FILE'}",
+    )
 
     if args.action == "fetch" and looks_like_hub(args.target):
         summary = {"backbone": args.target, "path": str(fetch_preset(args.target.strip().lower()))}
@@ -68,8 +78,10 @@ def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:
         path = fetch_weights(get_backbone(args.target))
         summary = {"backbone": args.target, "path": str(path)}
     elif Path(args.target).expanduser().is_dir():  # a keras-hub preset directory
-        require(args.backbone is not None, "imgfeat weights import DIR needs --backbone NAME "
-                "(the keras-hub preset name to stage it under)")
+        require(
+            args.backbone is not None,
+            "imgfeat weights import DIR needs --backbone NAME (the keras-hub preset name to stage it under)",
+        )
         summary = {"backbone": args.backbone, "path": str(import_preset(Path(args.target), args.backbone))}
     else:
         spec = get_backbone(args.backbone) if args.backbone else None

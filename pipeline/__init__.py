@@ -9,8 +9,18 @@ import types
 __version__ = "0.1.0"
 
 # The API's names, each imported from imgfeat.api on first use, so `import imgfeat` stays fast.
-API = ("scan", "extract", "train", "predict", "report", "ls", "Featureset", "FeatureTransformer",
-       "ScanResult", "ExtractResult")
+API = (
+    "scan",
+    "extract",
+    "train",
+    "predict",
+    "report",
+    "ls",
+    "Featureset",
+    "FeatureTransformer",
+    "ScanResult",
+    "ExtractResult",
+)
 # Stage subpackages that share their name with an API function: the subpackage is made callable.
 CALLABLE_PACKAGES = ("scan", "extract")
 __all__ = [*API, "__version__"]

@@ -14,11 +14,11 @@ import pyarrow as pa
 from sklearn.base import BaseEstimator, TransformerMixin
 
 from imgfeat.core import schemas as S
+from imgfeat.core.errors import ImgfeatError, unknown_value
 from imgfeat.core.logs import ensure_notebook_logging, quiet_framework_start, quiet_native_logs
 from imgfeat.core.results import JsonObject
 from imgfeat.core.runs import new_run_id
 from imgfeat.core.workspace import Workspace
-from imgfeat.core.errors import ImgfeatError, unknown_value
 from imgfeat.extract.extract import ExtractConfig, check_recipe_name, extract_files, record_recipe_name, run_extract
 from imgfeat.extract.featureset import featureset_info, load_features, read_feature_table
 from imgfeat.heads.predict import PredictConfig, run_predict
@@ -49,6 +49,7 @@ def _quiet(fn):
             return fn(*args, **kwargs)
 
     return wrapper
+
 
 WorkspaceLike = Workspace | str | os.PathLike | None
 
@@ -93,8 +94,14 @@ def scan(root: str | os.PathLike, dataset: str, *, workspace: WorkspaceLike = No
 
 
 @_quiet
-def extract(dataset: str, backbone: str = "efficientnet_lite0", *, name: str | None = None,
-            workspace: WorkspaceLike = None, **options: Any) -> ExtractResult:
+def extract(
+    dataset: str,
+    backbone: str = "efficientnet_lite0",
+    *,
+    name: str | None = None,
+    workspace: WorkspaceLike = None,
+    **options: Any,
+) -> ExtractResult:
     """``imgfeat extract``: features of a dataset's new images; ``name`` records a recipe name for it."""
     if name:
         check_recipe_name(name)  # before any work, as the command line does
@@ -106,16 +113,29 @@ def extract(dataset: str, backbone: str = "efficientnet_lite0", *, name: str | N
 
 
 @_quiet
-def train(dataset: str, featureset: str, head: str = "logreg", *, name: str | None = None,
-          workspace: WorkspaceLike = None, **options: Any):
+def train(
+    dataset: str,
+    featureset: str,
+    head: str = "logreg",
+    *,
+    name: str | None = None,
+    workspace: WorkspaceLike = None,
+    **options: Any,
+):
     """``imgfeat train``: a head on a featureset (full or recipe name); returns a ``TrainSummary``."""
     cfg = TrainConfig(dataset=dataset, featureset=featureset, head=head, name=name, **options)
     return run_train(_ws(workspace), cfg, new_run_id())
 
 
 @_quiet
-def predict(head: str, dataset: str | None = None, paths: tuple[str, ...] | list[str] = (), *,
-            workspace: WorkspaceLike = None, **options: Any):
+def predict(
+    head: str,
+    dataset: str | None = None,
+    paths: tuple[str, ...] | list[str] = (),
+    *,
+    workspace: WorkspaceLike = None,
+    **options: Any,
+):
     """``imgfeat predict``: a head (name, NAME@ID or id) on a dataset or on files/folders/globs."""
     cfg = PredictConfig(head_id=head, dataset=dataset, paths=tuple(str(p) for p in paths), **options)
     return run_predict(_ws(workspace), cfg, new_run_id())
@@ -183,8 +203,9 @@ class FeatureTransformer(TransformerMixin, BaseEstimator):
     ``path`` column (with ``"drop"``, the batch loses the bad rows in every column).
     """
 
-    def __init__(self, featureset: str, workspace: str | None = None, path_column: str = "path",
-                 on_error: str = "raise") -> None:
+    def __init__(
+        self, featureset: str, workspace: str | None = None, path_column: str = "path", on_error: str = "raise"
+    ) -> None:
         self.featureset = featureset
         self.workspace = workspace
         self.path_column = path_column
@@ -220,10 +241,18 @@ class FeatureTransformer(TransformerMixin, BaseEstimator):
             listing = ", ".join(f"{r.path} ({r.error_code or 'no feature'})" for r in bad[:5])
             more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
             if self.on_error == "raise":
-                raise ImgfeatError(f"{len(bad)} of {len(paths)} images have no features: {listing}{more} "
-                                   "(FeatureTransformer(on_error='drop' or 'nan') to go on without them)")
-            log.warning("%d of %d images have no features (%s): %s%s", len(bad), len(paths),
-                        "left out" if self.on_error == "drop" else "NaN rows", listing, more)
+                raise ImgfeatError(
+                    f"{len(bad)} of {len(paths)} images have no features: {listing}{more} "
+                    "(FeatureTransformer(on_error='drop' or 'nan') to go on without them)"
+                )
+            log.warning(
+                "%d of %d images have no features (%s): %s%s",
+                len(bad),
+                len(paths),
+                "left out" if self.on_error == "drop" else "NaN rows",
+                listing,
+                more,
+            )
         return out, np.array([r.image_id in row for r in results], dtype=bool)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

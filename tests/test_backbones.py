@@ -11,8 +11,8 @@ import pytest
 
 from imgfeat.backbones import NAME_RE, build_model, get_backbone, list_backbones
 from imgfeat.backbones.lite import VARIANTS
-from imgfeat.core.errors import ConfigError
 from imgfeat.backbones.weights import resolve_weights
+from imgfeat.core.errors import ConfigError
 
 SPECS = list_backbones()
 KERAS_SPECS = [s for s in SPECS if s.keras_weights is not None]
@@ -120,8 +120,16 @@ def test_weights_hashes_are_the_ones_keras_pins():
 
 # Families whose file names Keras computes (the others are literals, covered above): the cheapest
 # member of each, checked against the get_file call the Keras constructor itself makes.
-COMPUTED_NAMES = ["resnet50", "resnet50_v2", "mobilenet", "mobilenet_v2", "mobilenet_v3_small",
-                  "efficientnet_b0", "efficientnet_v2_b0", "convnext_tiny"]
+COMPUTED_NAMES = [
+    "resnet50",
+    "resnet50_v2",
+    "mobilenet",
+    "mobilenet_v2",
+    "mobilenet_v3_small",
+    "efficientnet_b0",
+    "efficientnet_v2_b0",
+    "convnext_tiny",
+]
 
 
 class _Asked(Exception):
@@ -159,10 +167,13 @@ def test_unknown_name_suggests_the_closest():
     assert get_backbone("ResNet50").name == "resnet50"
 
 
-@pytest.mark.parametrize("kwargs, words", [
-    ({"pooling": "mean"}, ["pooling", "avg", "max"]),
-    ({"input_size": 20}, ["20", "32"]),
-])
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"pooling": "mean"}, ["pooling", "avg", "max"]),
+        ({"input_size": 20}, ["20", "32"]),
+    ],
+)
 def test_bad_build_options_are_config_errors(kwargs, words):
     with pytest.raises(ConfigError) as info:
         build_model(get_backbone("mobilenet_v2"), weights="none", **kwargs)
@@ -245,8 +256,14 @@ def test_offline_imagenet_without_cached_file_fails_fast_naming_the_file(tmp_pat
         build_model(spec, weights="imagenet")
     assert time.perf_counter() - t0 < 5
     msg = str(info.value)
-    for part in ("resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5", "https://storage.googleapis.com/",
-                 "imgfeat weights fetch resnet50", "imgfeat weights import", "KERAS_HOME", str(tmp_path)):
+    for part in (
+        "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        "https://storage.googleapis.com/",
+        "imgfeat weights fetch resnet50",
+        "imgfeat weights import",
+        "KERAS_HOME",
+        str(tmp_path),
+    ):
         assert part in msg
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from tiny_images import write_noise_images
 
 from imgfeat.cli.main import main
-from imgfeat.tools.bench import BenchConfig, _report, list_images, stage_images
 from imgfeat.core.errors import ConfigError
-from tiny_images import write_noise_images
+from imgfeat.tools.bench import BenchConfig, _report, list_images, stage_images
 
 
 @pytest.mark.quick
@@ -26,10 +26,12 @@ def test_list_and_stage_take_the_same_first_files(tmp_path):
 def test_report_uses_each_paths_fastest_round(tmp_path):
     write_noise_images(tmp_path, 1, size=(28, 20), classes=("b",))
     cfg = BenchConfig(backbone="mobilenet_v2", images=tmp_path, repeat=2)
-    runs = {"input": [{"seconds": 4.0, "inner": {}}, {"seconds": 5.0, "inner": {}}],
-            "forward": [{"seconds": 12.0, "inner": {}}, {"seconds": 10.0, "inner": {}}],
-            "extract": [{"seconds": 11.0, "inner": {"extracted": 100}}, {"seconds": 20.0, "inner": {}}],
-            "tutorial": [{"seconds": 25.0, "inner": {}}, {"seconds": 22.0, "inner": {}}]}
+    runs = {
+        "input": [{"seconds": 4.0, "inner": {}}, {"seconds": 5.0, "inner": {}}],
+        "forward": [{"seconds": 12.0, "inner": {}}, {"seconds": 10.0, "inner": {}}],
+        "extract": [{"seconds": 11.0, "inner": {"extracted": 100}}, {"seconds": 20.0, "inner": {}}],
+        "tutorial": [{"seconds": 25.0, "inner": {}}, {"seconds": 22.0, "inner": {}}],
+    }
     out = _report(cfg, 100, runs)
     assert out["images_per_s"] == {"input": 25.0, "forward": 10.0, "extract": 9.09, "tutorial": 4.55}
     assert out["end_to_end_over_forward"] == pytest.approx(0.909, abs=1e-3)
@@ -55,8 +57,24 @@ def test_bad_bench_config_is_a_config_error(tmp_path):
 def test_bench_runs_the_measured_processes(tmp_path, capsys):
     # The tutorial process is left out to keep the suite short: it costs another TensorFlow start-up.
     write_noise_images(tmp_path / "imgs", 6, size=(28, 20), classes=("b", "a"))
-    code = main(["bench", "--workspace", str(tmp_path / "ws"), "--backbone", "mobilenet_v2",
-                 "--images", str(tmp_path / "imgs"), "--input-size", "32", "--batch-size", "4", "--skip", "tutorial", "--json"])
+    code = main(
+        [
+            "bench",
+            "--workspace",
+            str(tmp_path / "ws"),
+            "--backbone",
+            "mobilenet_v2",
+            "--images",
+            str(tmp_path / "imgs"),
+            "--input-size",
+            "32",
+            "--batch-size",
+            "4",
+            "--skip",
+            "tutorial",
+            "--json",
+        ]
+    )
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert code == 0
     assert set(out["images_per_s"]) == {"input", "forward", "extract"}

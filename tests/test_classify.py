@@ -12,14 +12,13 @@ import numpy as np
 import pytest
 
 from imgfeat.cli.main import main
-from imgfeat.tools.classify import ClassifyConfig, format_result
 from imgfeat.core.errors import ConfigError
+from imgfeat.tools.classify import ClassifyConfig, format_result
 from imgfeat.tools.imagenet import decode_predictions, format_topk, imagenet_classes
 from imgfeat.tools.samples import photo_path
 
 ROOT = Path(__file__).resolve().parent.parent
 CAT_CLASSES = {"tabby", "tiger cat", "Egyptian cat", "Persian cat", "Siamese cat", "lynx"}
-
 
 
 def _last_json(stdout: str) -> dict:
@@ -31,8 +30,18 @@ def test_cli_subprocess_cat_and_espresso_and_a_bad_file(keras_home, tmp_path):
     bad = tmp_path / "notes.jpg"
     bad.write_text("this is not a picture")
     env = {**os.environ, "KERAS_HOME": str(keras_home), "IMGFEAT_WORKSPACE": str(tmp_path / "ws")}
-    cmd = [sys.executable, "-m", "imgfeat", "classify", str(photo_path("chelsea")), str(photo_path("coffee")),
-           str(bad), "--top", "3", "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "imgfeat",
+        "classify",
+        str(photo_path("chelsea")),
+        str(photo_path("coffee")),
+        str(bad),
+        "--top",
+        "3",
+        "--json",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]  # a bad image is a row, not a failed run
     summary = _last_json(proc.stdout)
@@ -87,7 +96,7 @@ def test_classify_sees_what_extract_sees(keras_home):
     inputs = InputSpec(DecodeConfig(size=input_hw(spec), interpolation="bilinear", exif="rotate"), batch_size=2)
     forward = Forward(model, spec.family, inputs.batch_shape)
     items = [Item(content_id(Path(p).read_bytes()), str(p)) for p in paths]
-    probs = np.concatenate([forward(make_batch(items[i:i + 2], inputs, "r").raw) for i in (0, 2)])[:3]
+    probs = np.concatenate([forward(make_batch(items[i : i + 2], inputs, "r").raw) for i in (0, 2)])[:3]
     assert probs.max(axis=1).min() > 0.2, "pretrained weights must give confident classes (random: ~0.001)"
     wnids = imagenet_classes().wnids
     for result, p in zip(results, probs):

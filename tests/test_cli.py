@@ -64,8 +64,10 @@ def test_help_does_not_import_tensorflow_or_keras():
     import subprocess
     import sys
 
-    code = ("import sys; from imgfeat.cli.main import build_parser; build_parser(); "
-            "print(sorted(m for m in ('tensorflow', 'keras', 'jax', 'torch') if m in sys.modules))")
+    code = (
+        "import sys; from imgfeat.cli.main import build_parser; build_parser(); "
+        "print(sorted(m for m in ('tensorflow', 'keras', 'jax', 'torch') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -81,9 +83,19 @@ def _stage_configs():
     from imgfeat.tools.bench import BenchConfig
     from imgfeat.tools.classify import ClassifyConfig
 
-    return [("scan", ScanConfig), ("extract", ExtractConfig), ("extract", ExecutorConfig), ("train", TrainConfig),
-            ("predict", PredictConfig), ("report", ReportConfig), ("finetune", FinetuneConfig),
-            ("index", IndexConfig), ("dedup", DedupConfig), ("classify", ClassifyConfig), ("bench", BenchConfig)]
+    return [
+        ("scan", ScanConfig),
+        ("extract", ExtractConfig),
+        ("extract", ExecutorConfig),
+        ("train", TrainConfig),
+        ("predict", PredictConfig),
+        ("report", ReportConfig),
+        ("finetune", FinetuneConfig),
+        ("index", IndexConfig),
+        ("dedup", DedupConfig),
+        ("classify", ClassifyConfig),
+        ("bench", BenchConfig),
+    ]
 
 
 @pytest.mark.quick

@@ -15,6 +15,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from test_decode import hang_guard
+from tiny_images import write_noise_images
 
 from imgfeat.core import schemas as S
 from imgfeat.core.commits import commits_dir, record_path, rejected_dir
@@ -23,17 +25,13 @@ from imgfeat.core.workspace import Workspace
 from imgfeat.extract.featureset import committed_ids, load_features, read_errors
 from imgfeat.scan.scan import ScanConfig, run_scan
 
-from test_decode import hang_guard
-from tiny_images import write_noise_images
-
 BACKBONE, SIZE, N = "mobilenet_v2", 32, 18
 
 
 def cfg(**kw):
     from imgfeat.extract.extract import ExtractConfig
 
-    base = dict(dataset="d", backbone=BACKBONE, weights="none", input_size=SIZE, batch_size=6, shard_size=6,
-                workers=1)
+    base = dict(dataset="d", backbone=BACKBONE, weights="none", input_size=SIZE, batch_size=6, shard_size=6, workers=1)
     return ExtractConfig(**{**base, **kw})
 
 
@@ -150,8 +148,7 @@ def test_a_shard_left_unrecorded_by_a_crash_is_adopted_and_a_planted_copy_set_as
     same_as_genuine(*load_features(ws, fs), genuine)
 
 
-def test_a_featureset_written_before_records_reads_with_a_warning_and_is_recorded_by_the_next_writer(
-        copy, caplog):
+def test_a_featureset_written_before_records_reads_with_a_warning_and_is_recorded_by_the_next_writer(copy, caplog):
     from imgfeat.extract.extract import run_extract
 
     ws, fs, genuine = copy
@@ -286,7 +283,8 @@ def test_finite_rows_finds_nan_and_inf_and_keeps_huge_finite_values():
     ids, kept, errors = refuse_non_finite(list("abcde"), X, "r1")
     assert ids == ["a", "e"] and kept.shape == (2, 1280)
     assert [(e.image_id, e.stage, e.error_code) for e in errors] == [
-        (i, S.STAGE_MODEL, S.ERROR_NON_FINITE) for i in "bcd"]
+        (i, S.STAGE_MODEL, S.ERROR_NON_FINITE) for i in "bcd"
+    ]
 
 
 def test_a_fifo_or_a_link_named_like_a_shard_never_blocks_or_is_followed(copy, tmp_path, caplog):

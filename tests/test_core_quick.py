@@ -43,8 +43,10 @@ def test_an_error_row_has_exactly_the_errors_tables_columns():
 
 
 def test_error_rows_round_trip_through_json_and_become_the_errors_table():
-    rows = [S.ErrorRow("a" * 32, "/img/a.jpg", S.STAGE_DECODE, "truncated", "cut short", "run-1"),
-            S.ErrorRow(None, "/img/b.jpg", "read", "unreadable", None, "run-1")]
+    rows = [
+        S.ErrorRow("a" * 32, "/img/a.jpg", S.STAGE_DECODE, "truncated", "cut short", "run-1"),
+        S.ErrorRow(None, "/img/b.jpg", "read", "unreadable", None, "run-1"),
+    ]
     assert [S.ErrorRow.from_json(json.loads(json.dumps(r.to_json()))) for r in rows] == rows
     table = S.errors_table(rows)
     assert table.schema == S.ERRORS_SCHEMA

@@ -43,8 +43,20 @@ def test_a_corrupt_manifest_names_the_file_and_a_rescan_rebuilds_it(ws, tmp_path
 def test_a_corrupt_manifest_exits_1_naming_it_from_the_cli(ws, tmp_path, capsys):
     _scanned(ws, tmp_path)
     ws.manifest_path("d").write_bytes(GARBAGE)
-    code = main(["extract", "--dataset", "d", "--backbone", "efficientnet_lite0", "--weights", "none",
-                 "--input-size", "32", "--json"])
+    code = main(
+        [
+            "extract",
+            "--dataset",
+            "d",
+            "--backbone",
+            "efficientnet_lite0",
+            "--weights",
+            "none",
+            "--input-size",
+            "32",
+            "--json",
+        ]
+    )
     captured = capsys.readouterr()
     out = json.loads(captured.out.strip().splitlines()[-1])
     assert code == 1 and str(ws.manifest_path("d")) in out["error"] and "Traceback" not in captured.err
@@ -53,9 +65,10 @@ def test_a_corrupt_manifest_exits_1_naming_it_from_the_cli(ws, tmp_path, capsys)
 def test_a_corrupt_shard_or_provenance_names_the_file(ws, caplog):
     import shutil
 
+    from synthetic import BlobSpec, write_blob_dataset
+
     from imgfeat.core.commits import commits_dir
     from imgfeat.extract.featureset import committed_ids, featureset_info
-    from synthetic import BlobSpec, write_blob_dataset
 
     write_blob_dataset(ws, "toy", "fs", BlobSpec(classes=("a", "b"), per_class=4, dim=4))
     folder = ws.featureset_dir("fs")

@@ -6,12 +6,12 @@ import json
 import shutil
 
 import pytest
+from synthetic import BlobSpec, blob_features, fake_image_id, write_blob_dataset, write_featureset
 
 from imgfeat.cli.main import main
 from imgfeat.core import names as N
 from imgfeat.core.workspace import Workspace
 from imgfeat.heads import PredictConfig, TrainConfig, run_predict, run_train
-from synthetic import BlobSpec, blob_features, fake_image_id, write_blob_dataset, write_featureset
 
 SPEC = BlobSpec(classes=("cat", "dog"), per_class=12, dim=8, separation=6.0)
 
@@ -94,8 +94,11 @@ def test_a_damaged_head_name_index(copy, capsys, damage):
     assert {h["name"] for h in listing["heads"]} == {"nightly", "other"}
     assert {f["featureset"] for f in listing["featuresets"]} == {"fs1", "fs2"} and listing["datasets"]
     assert len(listing["damaged"]) == 1 and str(path) in listing["damaged"][0]
-    for argv in (["prune", "--yes"], ["predict", "--head", "nightly", "--dataset", "toy"],
-                 ["train", "--dataset", "toy", "--featureset", "fs1", "--head", "svm", "--cv", "2"]):
+    for argv in (
+        ["prune", "--yes"],
+        ["predict", "--head", "nightly", "--dataset", "toy"],
+        ["train", "--dataset", "toy", "--featureset", "fs1", "--head", "svm", "--cv", "2"],
+    ):
         code, _, err = _cli(capsys, *argv)
         assert code == 1, argv
         _one_clear_line(err, path)
@@ -117,8 +120,12 @@ def test_a_damaged_featureset_name_index(copy, capsys, damage):
     assert {f["featureset"] for f in listing["featuresets"]} == {"fs1", "fs2"}  # by id, without recipe names
     assert {h["head_id"] for h in listing["heads"]} == set(heads.values())
     assert len(listing["damaged"]) == 1 and str(path) in listing["damaged"][0]
-    for argv in (["prune", "--yes"], ["index", "--featureset", "lite0"], ["index", "--featureset", "fs2"],
-                 ["train", "--dataset", "toy", "--featureset", "lite0", "--head", "svm", "--cv", "2"]):
+    for argv in (
+        ["prune", "--yes"],
+        ["index", "--featureset", "lite0"],
+        ["index", "--featureset", "fs2"],
+        ["train", "--dataset", "toy", "--featureset", "lite0", "--head", "svm", "--cv", "2"],
+    ):
         code, _, err = _cli(capsys, *argv)
         assert code == 1, argv
         _one_clear_line(err, path)
@@ -145,8 +152,11 @@ def test_the_latest_heads_damaged_head_json(copy, capsys, damage):
     code, out, err = _cli(capsys, "ls")
     assert code == 0 and str(path) in out and heads["other"] in out
     # The name still means the damaged version: never silently the one before.
-    for argv in (["prune", "--yes"], ["predict", "--head", "nightly", "--dataset", "toy"],
-                 ["report", "--head", "nightly"]):
+    for argv in (
+        ["prune", "--yes"],
+        ["predict", "--head", "nightly", "--dataset", "toy"],
+        ["report", "--head", "nightly"],
+    ):
         code, _, err = _cli(capsys, *argv)
         assert code == 1, argv
         _one_clear_line(err, path)
@@ -191,14 +201,17 @@ def test_ls_lists_around_a_damaged_manifest_provenance_and_shard(copy, capsys):
 
 
 @pytest.mark.quick
-@pytest.mark.parametrize("index,message", [
-    ([], "expected a JSON object"),
-    ({"a": {"id": "x"}}, "expected a list of versions"),
-    ({"a": [{"id": "x", "recorded_at": 3}]}, "expected versions like"),
-    ({"a": [{"recorded_at": ""}]}, "expected versions like"),
-    ({"a b": [{"id": "x"}]}, "invalid head name 'a b'"),
-    ({"a": [{"id": "x/../y"}]}, "invalid head name 'x/../y'"),
-])
+@pytest.mark.parametrize(
+    "index,message",
+    [
+        ([], "expected a JSON object"),
+        ({"a": {"id": "x"}}, "expected a list of versions"),
+        ({"a": [{"id": "x", "recorded_at": 3}]}, "expected versions like"),
+        ({"a": [{"recorded_at": ""}]}, "expected versions like"),
+        ({"a b": [{"id": "x"}]}, "invalid head name 'a b'"),
+        ({"a": [{"id": "x/../y"}]}, "invalid head name 'x/../y'"),
+    ],
+)
 def test_index_problem_names_what_is_wrong(index, message):
     assert message in N.index_problem(index, N.HEADS)
     assert N.index_problem({"a": [{"id": "x", "recorded_at": "2026"}], "b": []}, N.HEADS) is None

@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from tiny_images import noise_pixels
 
+from imgfeat.core.errors import ConfigError
 from imgfeat.extract.decode import (
     ERROR_CODES,
     READ_ERROR_CODES,
@@ -25,9 +27,7 @@ from imgfeat.extract.decode import (
     decode_image,
     read_file_bytes,
 )
-from imgfeat.core.errors import ConfigError
 from imgfeat.tools.samples import photo_path
-from tiny_images import noise_pixels
 
 pytestmark = pytest.mark.quick
 
@@ -64,7 +64,9 @@ GOOD = {
     "png16.png": lambda p: _save(Image.fromarray((np.arange(1200).reshape(30, 40) * 50).astype(np.uint16)), p),
     "cmyk.jpg": lambda p: _save(Image.fromarray(noise_pixels(40, 30)).convert("CMYK"), p, quality=95),
     "palette_transparent.png": lambda p: _save(Image.fromarray(noise_pixels(40, 30)).convert("P"), p, transparency=3),
-    "rgba.png": lambda p: _save(Image.fromarray(np.dstack([noise_pixels(40, 30), noise_pixels(40, 30, seed=1)[..., :1]])), p),
+    "rgba.png": lambda p: _save(
+        Image.fromarray(np.dstack([noise_pixels(40, 30), noise_pixels(40, 30, seed=1)[..., :1]])), p
+    ),
     "la.png": lambda p: _save(Image.fromarray(noise_pixels(40, 30)[..., 0]).convert("LA"), p),
     "animated.gif": _animated_gif,
     "one_pixel.png": lambda p: _save(Image.new("RGB", (1, 1), (250, 10, 128)), p),
@@ -136,6 +138,7 @@ def test_missing_file_and_directory_are_transient_read_errors(tmp_path):
 @contextlib.contextmanager
 def hang_guard(seconds: int):
     """Fail the test instead of hanging it (no pytest-timeout here): SIGALRM interrupts a blocked open."""
+
     def timeout(*_):
         raise TimeoutError(f"hung for {seconds} s")
 
@@ -215,8 +218,9 @@ def test_fast_decode_is_close_to_the_full_decode_on_a_large_jpeg():
     assert 0 < diff.mean() < 4  # a different, slightly softer resampling of the same picture
     # PNGs have no reduced decode: fast_decode changes nothing there.
     png = photo_path("chelsea")
-    np.testing.assert_array_equal(decode_image(png, DecodeConfig((96, 96), fast_decode=True)),
-                                  decode_image(png, DecodeConfig((96, 96))))
+    np.testing.assert_array_equal(
+        decode_image(png, DecodeConfig((96, 96), fast_decode=True)), decode_image(png, DecodeConfig((96, 96)))
+    )
 
 
 def test_fast_decode_never_goes_below_the_target_size(tmp_path):
@@ -229,12 +233,15 @@ def test_fast_decode_never_goes_below_the_target_size(tmp_path):
     assert arr.shape == (90, 140, 3)
 
 
-@pytest.mark.parametrize("kwargs, word", [
-    ({"size": (0, 10)}, "size"),
-    ({"size": (10,)}, "size"),
-    ({"size": (10, 10), "interpolation": "bilinar"}, "bilinear"),
-    ({"size": (10, 10), "exif": "rotated"}, "rotate"),
-])
+@pytest.mark.parametrize(
+    "kwargs, word",
+    [
+        ({"size": (0, 10)}, "size"),
+        ({"size": (10,)}, "size"),
+        ({"size": (10, 10), "interpolation": "bilinar"}, "bilinear"),
+        ({"size": (10, 10), "exif": "rotated"}, "rotate"),
+    ],
+)
 def test_bad_decode_config_is_a_config_error_naming_the_choices(kwargs, word):
     with pytest.raises(ConfigError, match=word):
         DecodeConfig(**kwargs)

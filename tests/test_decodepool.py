@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_images import corrupt_png, jpeg_bytes, png_bytes
 
 from imgfeat.core.errors import ConfigError, ImgfeatError
 from imgfeat.core.hashing import content_id
@@ -30,7 +31,6 @@ from imgfeat.extract.decodepool import (
     process_batches,
     split_rows,
 )
-from tiny_images import corrupt_png, jpeg_bytes, png_bytes
 
 SPEC = InputSpec(DecodeConfig((12, 16)), batch_size=5)  # (h, w) not square: a swapped axis shows
 
@@ -82,14 +82,18 @@ def _decode_workers() -> list:
 
 # ---------------------------------------------------------------- pure parts
 
+
 @pytest.mark.quick
-@pytest.mark.parametrize("n, workers, expected", [
-    (32, 4, [(0, 8), (8, 16), (16, 24), (24, 32)]),
-    (10, 4, [(0, 10)]),  # under two parts' worth of MIN_PART: one part
-    (17, 2, [(0, 9), (9, 17)]),
-    (3, 8, [(0, 3)]),
-    (0, 2, [(0, 0)]),
-])
+@pytest.mark.parametrize(
+    "n, workers, expected",
+    [
+        (32, 4, [(0, 8), (8, 16), (16, 24), (24, 32)]),
+        (10, 4, [(0, 10)]),  # under two parts' worth of MIN_PART: one part
+        (17, 2, [(0, 9), (9, 17)]),
+        (3, 8, [(0, 3)]),
+        (0, 2, [(0, 0)]),
+    ],
+)
 def test_split_rows_covers_every_row_in_balanced_parts(n, workers, expected):
     assert split_rows(n, workers) == expected
 
@@ -143,6 +147,7 @@ def test_a_ring_larger_than_free_shared_memory_is_refused_before_any_worker_star
 
 
 # ---------------------------------------------------------------- worker processes
+
 
 @pytest.mark.parametrize("workers, ahead", [(3, 2), (1, 1)])
 def test_batches_equal_the_thread_path(tmp_path, workers, ahead):
@@ -227,8 +232,10 @@ def test_a_consumer_exception_stops_workers_and_unlinks_the_segment(tmp_path):
     assert seen and not any(os.path.exists(p) for p in seen) and not _decode_workers()
 
 
-@pytest.mark.parametrize("sig, why", [(signal.SIGKILL, "the kernel's out-of-memory killer"),
-                                      (signal.SIGSEGV, "a crash in a native image decoder")])
+@pytest.mark.parametrize(
+    "sig, why",
+    [(signal.SIGKILL, "the kernel's out-of-memory killer"), (signal.SIGSEGV, "a crash in a native image decoder")],
+)
 def test_a_killed_worker_raises_a_clear_error_not_a_hang(tmp_path, sig, why):
     items = _mixed_items(tmp_path, 60)
     before, seen = _our_segments(), set()
@@ -238,8 +245,11 @@ def test_a_killed_worker_raises_a_clear_error_not_a_hang(tmp_path, sig, why):
     victim = _decode_workers()[0]
     os.kill(victim.pid, sig)
     t0 = time.perf_counter()
-    with pytest.raises(ImgfeatError, match=rf"decode worker imgfeat-decode-\d \(pid {victim.pid}\) was killed by "
-                                           rf"{sig.name} \({why}"):
+    with pytest.raises(
+        ImgfeatError,
+        match=rf"decode worker imgfeat-decode-\d \(pid {victim.pid}\) was killed by "
+        rf"{sig.name} \({why}",
+    ):
         for _ in gen:
             pass
     assert time.perf_counter() - t0 < 10
@@ -274,9 +284,14 @@ def test_ctrl_c_stops_the_workers_and_unlinks_the_segment(tmp_path):
     import subprocess
 
     pairs = [(it.image_id, it.path) for it in _mixed_items(tmp_path, 20)]
-    proc = subprocess.Popen([sys.executable, "-c", CTRL_C_CONSUMER, json.dumps(pairs)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CTRL_C_CONSUMER, json.dumps(pairs)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     segments, pids = json.loads(proc.stdout.readline())
     assert len(segments) == 1 and len(pids) == 2 and os.path.exists(segments[0])
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from synthetic import fake_image_id, write_featureset
 
 from imgfeat.core import schemas as S
-from synthetic import fake_image_id, write_featureset
 from imgfeat.scan.manifest import write_manifest
 
 
@@ -56,8 +56,9 @@ def test_groups_are_the_planted_copies_and_exact_duplicates(exact_max, dim):
     table = groups_table(im, similar_pairs(nb, 0.9))
     assert table.schema.equals(S.DEDUP_GROUPS_SCHEMA)
     p = lambda k: f"img/{k:03d}.png"  # noqa: E731
-    assert group_sets(table) == sorted([{p(0), p(n)}, {p(1), p(n + 1), p(n + 2)}, {p(2), p(n + 3)},
-                                        {p(5), "elsewhere/005.png"}], key=sorted)
+    assert group_sets(table) == sorted(
+        [{p(0), p(n)}, {p(1), p(n + 1), p(n + 2)}, {p(2), p(n + 3)}, {p(5), "elsewhere/005.png"}], key=sorted
+    )
     rows = {r[S.PATH]: r for r in table.to_pylist()}
     assert rows["elsewhere/005.png"][S.NEAREST_ID] == im.ids[5] and rows["elsewhere/005.png"][S.SIMILARITY] == 1.0
     assert rows[p(0)][S.NEAREST_ID] == im.ids[n] and 0.9 <= rows[p(0)][S.SIMILARITY] < 1.0
@@ -121,9 +122,11 @@ def test_leaks_are_test_images_close_to_a_training_image(k):
     assert table.schema.equals(S.DEDUP_LEAKS_SCHEMA)
     got = {r[S.PATH]: (r[S.NEAREST_PATH], r[S.SPLIT], r[S.NEAREST_SPLIT]) for r in table.to_pylist()}
     assert got.pop(f"img/{n + 2:03d}.png") in {(p, "val", "train") for p in ("img/001.png", f"img/{n + 1:03d}.png")}
-    assert got == {f"img/{n:03d}.png": ("img/000.png", "test", "train"),
-                   f"img/{n + 3:03d}.png": ("img/002.png", "test", "train"),
-                   "test/009.png": ("img/009.png", "test", "train")}
+    assert got == {
+        f"img/{n:03d}.png": ("img/000.png", "test", "train"),
+        f"img/{n + 3:03d}.png": ("img/002.png", "test", "train"),
+        "test/009.png": ("img/009.png", "test", "train"),
+    }
     assert table[S.SIMILARITY].to_pylist()[0] == 1.0  # the exact copy first
 
 
@@ -152,8 +155,15 @@ def test_dedup_stage_writes_tables_page_and_summary(ws):
     ids = [fake_image_id("d", k) for k in range(len(X))]
     write_featureset(ws, "fs", ids, X, dtype="float32")
     n = len(X) - len(copies)
-    rows = [{"image_id": i, "path": f"{'test' if k == n else 'train'}/{k:03d}.png",
-             "split": "test" if k == n else "train", "status": "ok"} for k, i in enumerate(ids)]
+    rows = [
+        {
+            "image_id": i,
+            "path": f"{'test' if k == n else 'train'}/{k:03d}.png",
+            "split": "test" if k == n else "train",
+            "status": "ok",
+        }
+        for k, i in enumerate(ids)
+    ]
     rows.append({"image_id": ids[3], "path": "train/copy-of-003.png", "split": "train", "status": "ok"})
     write_manifest(ws, "d", rows, ws.root / "images")
     out = run_dedup(ws, DedupConfig(featureset="fs", dataset="d"), "run1").to_json()
@@ -221,9 +231,11 @@ def test_real_photos_dedup_similar_and_page(ws, tmp_path, keras_home, capsys):
     assert found == [(["astronaut"], 5), (["chelsea"], 5), (["coffee"], 3), (["flower"], 5), (["rocket"], 2)]
     leaks = pq.read_table(out["leaks_table"]).to_pylist()
     assert sorted((r[S.PATH], r[S.NEAREST_PATH]) for r in leaks) == [
-        ("test/coffee/orig.png", "train/coffee/again.png"), ("test/rocket/small.jpg", "train/rocket/orig.png")]
+        ("test/coffee/orig.png", "train/coffee/again.png"),
+        ("test/rocket/small.jpg", "train/rocket/orig.png"),
+    ]
     page = Path(out["page"]).read_text()
-    assert page.count("data:image/jpeg;base64,") == 20 + 4 and "src=\"http" not in page
+    assert page.count("data:image/jpeg;base64,") == 20 + 4 and 'src="http' not in page
 
     assert main(["index", "--featureset", fs, "--dataset", "photos", "--name", "photos", "--json"]) == 0
     capsys.readouterr()
@@ -335,17 +347,29 @@ def _tiny_dataset(ws, root: Path, files: list[tuple[str, str, str | None, str | 
 
 @pytest.mark.quick
 @pytest.mark.parametrize("threshold", [None, 0.9])
-@pytest.mark.parametrize("case, files, want", [
-    # F17: the only image, one file copied into train and test: a leak
-    ("one image in train and test", [("train/a.png", "chelsea", "train", "cat"), ("test/a.png", "chelsea", "test", "cat")],
-     {"groups": 1, "grouped_paths": 2, "leaks": 1, "label_conflicts": 0}),
-    ("no images", [], {"groups": 0, "grouped_paths": 0, "leaks": 0, "label_conflicts": 0}),
-    ("one image", [("a.png", "chelsea", None, None)], {"groups": 0, "grouped_paths": 0, "leaks": 0}),
-    ("two distinct images", [("a.png", "chelsea", "train", "x"), ("b.png", "coffee", "test", "x")],
-     {"groups": 0, "grouped_paths": 0, "leaks": 0}),
-    ("all identical, no labels or splits", [(f"{k}.png", "coffee", None, None) for k in range(4)],
-     {"groups": 1, "grouped_paths": 4, "leaks": 0, "label_conflicts": 0}),
-])
+@pytest.mark.parametrize(
+    "case, files, want",
+    [
+        # F17: the only image, one file copied into train and test: a leak
+        (
+            "one image in train and test",
+            [("train/a.png", "chelsea", "train", "cat"), ("test/a.png", "chelsea", "test", "cat")],
+            {"groups": 1, "grouped_paths": 2, "leaks": 1, "label_conflicts": 0},
+        ),
+        ("no images", [], {"groups": 0, "grouped_paths": 0, "leaks": 0, "label_conflicts": 0}),
+        ("one image", [("a.png", "chelsea", None, None)], {"groups": 0, "grouped_paths": 0, "leaks": 0}),
+        (
+            "two distinct images",
+            [("a.png", "chelsea", "train", "x"), ("b.png", "coffee", "test", "x")],
+            {"groups": 0, "grouped_paths": 0, "leaks": 0},
+        ),
+        (
+            "all identical, no labels or splits",
+            [(f"{k}.png", "coffee", None, None) for k in range(4)],
+            {"groups": 1, "grouped_paths": 4, "leaks": 0, "label_conflicts": 0},
+        ),
+    ],
+)
 def test_small_and_degenerate_datasets(ws, tmp_path, threshold, case, files, want):
     from imgfeat.index.dedup import DedupConfig, run_dedup
 
@@ -364,15 +388,23 @@ def test_the_same_picture_under_two_labels_is_a_label_conflict_apart_from_leaks(
     from imgfeat.index.dedup import DedupConfig, run_dedup
 
     root = tmp_path / "photos"
-    _tiny_dataset(ws, root, [("train/cat/a.png", "chelsea", "train", "cat"),
-                             ("train/dog/a.png", "chelsea", "train", "dog"),  # the same bytes, another label
-                             ("train/cup/b.png", "coffee", "train", "cup"),
-                             ("train/cup/c.png", "astronaut", "train", "cup")])
+    _tiny_dataset(
+        ws,
+        root,
+        [
+            ("train/cat/a.png", "chelsea", "train", "cat"),
+            ("train/dog/a.png", "chelsea", "train", "dog"),  # the same bytes, another label
+            ("train/cup/b.png", "coffee", "train", "cup"),
+            ("train/cup/c.png", "astronaut", "train", "cup"),
+        ],
+    )
     out = run_dedup(ws, DedupConfig(featureset="fs", dataset="d"), "run1").to_json()
     assert (out["label_conflicts"], out["label_conflict_paths"], out["leaks"]) == (1, 2, 0)
     rows = pq.read_table(out["groups_table"]).to_pylist()
     assert {(r[S.PATH], r[S.LABEL], r[S.SPLIT], r[S.LABEL_CONFLICT]) for r in rows} == {
-        ("train/cat/a.png", "cat", "train", True), ("train/dog/a.png", "dog", "train", True)}
+        ("train/cat/a.png", "cat", "train", True),
+        ("train/dog/a.png", "dog", "train", True),
+    }
     page = Path(out["page"]).read_text()
     assert 'class="flag">label conflict' in page and '<span class="label">dog</span>' in page
     assert "word-break:break-all" not in page and "text-overflow:ellipsis" in page  # paths stay on one line
@@ -427,8 +459,15 @@ def test_a_rerun_looks_only_at_new_arrivals_and_writes_nothing_when_nothing_chan
     from imgfeat.index.dedup import DedupConfig, run_dedup
 
     root = tmp_path / "photos"
-    rows = _tiny_dataset(ws, root, [("train/a.png", "chelsea", "train", "cat"), ("train/b.png", "coffee", "train", "cup"),
-                                    ("train/c.png", "astronaut", "train", "person")])
+    rows = _tiny_dataset(
+        ws,
+        root,
+        [
+            ("train/a.png", "chelsea", "train", "cat"),
+            ("train/b.png", "coffee", "train", "cup"),
+            ("train/c.png", "astronaut", "train", "person"),
+        ],
+    )
     cfg = DedupConfig(featureset="fs", dataset="d")
     first = run_dedup(ws, cfg, "r1").to_json()
     assert first["criterion"]["looks_computed"] == 3 and first["criterion"]["calibration"]["reused"] is False
@@ -443,10 +482,20 @@ def test_a_rerun_looks_only_at_new_arrivals_and_writes_nothing_when_nothing_chan
     with Image.open(root / "train/b.png") as im:
         im.convert("L").save(root / "test/b-grey.png")  # a grey copy arrives in the test split
     grey = content_id((root / "test/b-grey.png").read_bytes())
-    write_featureset(ws, "fs", [grey], np.random.default_rng(5).standard_normal((1, 32)).astype(np.float32),
-                     dtype="float32", run_id="more")
-    write_manifest(ws, "d", [*rows, {"image_id": grey, "path": "test/b-grey.png", "split": "test", "label": "cup",
-                                     "status": "ok"}], root)
+    write_featureset(
+        ws,
+        "fs",
+        [grey],
+        np.random.default_rng(5).standard_normal((1, 32)).astype(np.float32),
+        dtype="float32",
+        run_id="more",
+    )
+    write_manifest(
+        ws,
+        "d",
+        [*rows, {"image_id": grey, "path": "test/b-grey.png", "split": "test", "label": "cup", "status": "ok"}],
+        root,
+    )
     third = run_dedup(ws, cfg, "r3").to_json()
     assert third["criterion"]["looks_computed"] == 1 and third["criterion"]["calibration"]["reused"] is True
     assert third["criterion"]["images_searched"] == 1 and third["search"].startswith("exact, new images")
@@ -467,13 +516,20 @@ def test_similar_html_page_shows_each_query_and_its_neighbours(ws, tmp_path, cap
     """Issue 24 item 4: `similar --html PATH` writes a page like dedup's; a bad PATH writes nothing."""
     from imgfeat.cli.main import main
 
-    rows = _tiny_dataset(ws, tmp_path / "photos", [("a.png", "chelsea", None, None), ("b.png", "coffee", None, None),
-                                                   ("c.png", "astronaut", None, None)])
+    rows = _tiny_dataset(
+        ws,
+        tmp_path / "photos",
+        [("a.png", "chelsea", None, None), ("b.png", "coffee", None, None), ("c.png", "astronaut", None, None)],
+    )
     assert main(["index", "--featureset", "fs", "--dataset", "d", "--name", "ix", "--json"]) == 0
     capsys.readouterr()
     page = tmp_path / "out" / "similar.html"
-    assert main(["similar", "--index", "ix", "--image-id", rows[0]["image_id"], "--top", "2", "--html", str(page),
-                 "--json"]) == 0
+    assert (
+        main(
+            ["similar", "--index", "ix", "--image-id", rows[0]["image_id"], "--top", "2", "--html", str(page), "--json"]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     text = page.read_text()
     assert out["page"] == str(page) and "Similar images in ix" in text

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from jobtext import BASE, parse
 
 from imgfeat.core.errors import ConfigError
-from jobtext import BASE, parse
 
 
 @pytest.mark.quick
@@ -20,16 +20,22 @@ def test_dedup_section_names_a_recipe_and_its_dataset():
 
 
 @pytest.mark.quick
-@pytest.mark.parametrize("table, message", [
-    ("neighbours = 5", r"\[dedup.near\] needs 'features = ...'"),
-    ('features = "big"', "names features 'big', which the job file does not define"),
-    ('features = "tiny"\ndataset = "other"', "names dataset 'other'"),
-    ('features = "tiny"\nthreshold = 1.5', "dedup.near.threshold = 1.5: expected a number from 0 to 1"),
-    ('features = "tiny"\nneighbours = 0', "dedup.near.neighbours = 0: expected an integer from 1 to 1000"),
-    ('features = "tiny"\ncalibration_images = -1', "dedup.near.calibration_images = -1: expected an integer from 0 to 10000"),
-    ('features = "tiny"\nmetric = "l2"', r"\[dedup.near\]: unknown key 'metric'"),
-    ('features = "tiny"\nname = "x"', "'name' is set by the job file"),
-])
+@pytest.mark.parametrize(
+    "table, message",
+    [
+        ("neighbours = 5", r"\[dedup.near\] needs 'features = ...'"),
+        ('features = "big"', "names features 'big', which the job file does not define"),
+        ('features = "tiny"\ndataset = "other"', "names dataset 'other'"),
+        ('features = "tiny"\nthreshold = 1.5', "dedup.near.threshold = 1.5: expected a number from 0 to 1"),
+        ('features = "tiny"\nneighbours = 0', "dedup.near.neighbours = 0: expected an integer from 1 to 1000"),
+        (
+            'features = "tiny"\ncalibration_images = -1',
+            "dedup.near.calibration_images = -1: expected an integer from 0 to 10000",
+        ),
+        ('features = "tiny"\nmetric = "l2"', r"\[dedup.near\]: unknown key 'metric'"),
+        ('features = "tiny"\nname = "x"', "'name' is set by the job file"),
+    ],
+)
 def test_bad_dedup_tables_name_the_key(table, message):
     with pytest.raises(ConfigError, match=message):
         parse(BASE + "[dedup.near]\n" + table + "\n")

@@ -10,18 +10,18 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from tiny_images import corrupt_png, noise_image
 
+from imgfeat.backbones import BackboneSpec, build_model, get_backbone
 from imgfeat.cli.main import main
 from imgfeat.core import schemas as S
-from imgfeat.backbones import BackboneSpec, build_model, get_backbone
 from imgfeat.core.errors import LockBusyError
-from imgfeat.extract.extract import ExtractConfig, extract_files, featureset_name, plan_extract, run_extract
-from imgfeat.extract.featureset import sidecar_of, featureset_info, load_features, read_errors
-from imgfeat.scan.manifest import read_manifest
-from imgfeat.scan.scan import ScanConfig, run_scan
 from imgfeat.core.storage import FileLock, list_shards
 from imgfeat.core.workspace import Workspace
-from tiny_images import corrupt_png, noise_image
+from imgfeat.extract.extract import ExtractConfig, extract_files, featureset_name, plan_extract, run_extract
+from imgfeat.extract.featureset import featureset_info, load_features, read_errors, sidecar_of
+from imgfeat.scan.manifest import read_manifest
+from imgfeat.scan.scan import ScanConfig, run_scan
 
 # Lite0 with seeded random weights: its features at 32 px are O(0.1-1) and differ per image.
 # (A random-init MobileNetV2 gives ~1e-12, which float16 stores as zeros: every equality check
@@ -41,8 +41,9 @@ def make_tree(root: Path) -> None:
 
 
 def cfg(dataset: str = "d", **kw) -> ExtractConfig:
-    base = dict(backbone=BACKBONE, weights="none", input_size=SIZE, batch_size=4, shard_size=5, workers=2,
-                dtype="float16")
+    base = dict(
+        backbone=BACKBONE, weights="none", input_size=SIZE, batch_size=4, shard_size=5, workers=2, dtype="float16"
+    )
     return ExtractConfig(dataset=dataset, **{**base, **kw})
 
 
@@ -74,8 +75,15 @@ def test_featureset_name_follows_the_numbers():
     name = featureset_name(cfg())
     assert name.startswith(f"{BACKBONE}-{SIZE}-avg-float16-")
     assert featureset_name(cfg(batch_size=7, shard_size=3, workers=1)) == name  # speed knobs only
-    for change in ({"seed": 1}, {"pooling": "max"}, {"interpolation": "nearest"}, {"fast_decode": True},
-                   {"exif": "ignore"}, {"precision": "bfloat16"}, {"input_size": 48}):
+    for change in (
+        {"seed": 1},
+        {"pooling": "max"},
+        {"interpolation": "nearest"},
+        {"fast_decode": True},
+        {"exif": "ignore"},
+        {"precision": "bfloat16"},
+        {"input_size": 48},
+    ):
         assert featureset_name(cfg(**change)) != name, change
     assert featureset_name(cfg(dtype="float32")).startswith(f"{BACKBONE}-{SIZE}-avg-float32-")
 
@@ -85,7 +93,12 @@ def test_shards_have_the_schema_and_provenance(mod_ws, first):
     fs = summary["featureset"]
     info = featureset_info(mod_ws, fs)
     dim = get_backbone(BACKBONE).dims["avg"]
-    assert (info["featureset"], info["dim"], info["backbone"], info["weights"]) == (fs, dim, BACKBONE, "none:seed=0:backend=tensorflow")
+    assert (info["featureset"], info["dim"], info["backbone"], info["weights"]) == (
+        fs,
+        dim,
+        BACKBONE,
+        "none:seed=0:backend=tensorflow",
+    )
     shards = list_shards(mod_ws.featureset_dir(fs))
     assert len(shards) == summary["shards"] == 3  # 12 rows in 5-row shards
     for shard in shards:
@@ -123,8 +136,25 @@ def test_rerun_does_no_model_work(mod_ws, first, monkeypatch, capsys):
     _c, summary = first
     monkeypatch.setattr(BackboneSpec, "construct", _no_build)
     before = sorted(p.name for p in mod_ws.featureset_dir(summary["featureset"]).rglob("*"))
-    code = main(["extract", "--workspace", str(mod_ws.root), "--dataset", "d", "--backbone", BACKBONE,
-                 "--weights", "none", "--input-size", str(SIZE), "--dtype", "float16", "--npy", "--json"])
+    code = main(
+        [
+            "extract",
+            "--workspace",
+            str(mod_ws.root),
+            "--dataset",
+            "d",
+            "--backbone",
+            BACKBONE,
+            "--weights",
+            "none",
+            "--input-size",
+            str(SIZE),
+            "--dtype",
+            "float16",
+            "--npy",
+            "--json",
+        ]
+    )
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert code == 0
     assert (out["extracted"], out["reused"], out["model_built"], out["shards"]) == (0, N_GOOD, False, 0)
@@ -166,11 +196,14 @@ def test_float32_storage_equals_the_model_on_the_same_input(mod_ws):
     model = build_model(spec, "none", SIZE, "avg", None, 0)
     import keras  # the reference path of the README's "Fidelity": load_img -> img_to_array -> preprocess -> predict
 
-    batch = np.stack([
-        keras.utils.img_to_array(
-            keras.utils.load_img(root / manifest[i], target_size=(SIZE, SIZE), interpolation="bilinear"))
-        for i in ids
-    ])
+    batch = np.stack(
+        [
+            keras.utils.img_to_array(
+                keras.utils.load_img(root / manifest[i], target_size=(SIZE, SIZE), interpolation="bilinear")
+            )
+            for i in ids
+        ]
+    )
     ref = model.predict(spec.preprocess_input(batch), verbose=0)
     assert ref.std(axis=0).mean() > 1e-3  # real signal, so the 1e-4 tolerance means something
     assert X.dtype == np.float32 and np.abs(X - ref).max() < 1e-4
@@ -204,11 +237,34 @@ def test_full_disk_is_a_clear_error_and_leaves_no_partial_shard(mod_ws, monkeypa
             self.fh.write(bytes(data[: len(data) // 2]))
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(commits, "open", lambda *a, **k: FullDisk(builtins.open(*a, **k)),  # noqa: SIM115 (a stand-in for open)
-                        raising=False)
-    code = main(["extract", "--workspace", str(mod_ws.root), "--dataset", "d", "--backbone", BACKBONE,
-                 "--weights", "none", "--seed", "4", "--input-size", str(SIZE), "--dtype", "float16", "--npy",
-                 "--shard-size", "4"])
+    monkeypatch.setattr(
+        commits,
+        "open",
+        lambda *a, **k: FullDisk(builtins.open(*a, **k)),  # noqa: SIM115 (a stand-in for open)
+        raising=False,
+    )
+    code = main(
+        [
+            "extract",
+            "--workspace",
+            str(mod_ws.root),
+            "--dataset",
+            "d",
+            "--backbone",
+            BACKBONE,
+            "--weights",
+            "none",
+            "--seed",
+            "4",
+            "--input-size",
+            str(SIZE),
+            "--dtype",
+            "float16",
+            "--npy",
+            "--shard-size",
+            "4",
+        ]
+    )
     assert code == 1
     assert "the disk is full" in capsys.readouterr().err
     folder = mod_ws.featureset_dir(featureset_name(cfg(seed=4)))
@@ -223,12 +279,15 @@ def test_default_storage_is_float32_which_spark_reads():
     assert c.dtype == "float32"
 
 
-@pytest.mark.parametrize("flag, value, expect", [
-    ("--backbone", "mobilenetv2", "did you mean 'mobilenet_v2'"),
-    ("--pooling", "foo", "allowed: avg, max"),
-    ("--dtype", "int8", "allowed: float16, float32"),
-    ("--precision", "int4", "allowed: bfloat16, float16, float32"),
-])
+@pytest.mark.parametrize(
+    "flag, value, expect",
+    [
+        ("--backbone", "mobilenetv2", "did you mean 'mobilenet_v2'"),
+        ("--pooling", "foo", "allowed: avg, max"),
+        ("--dtype", "int8", "allowed: float16, float32"),
+        ("--precision", "int4", "allowed: bfloat16, float16, float32"),
+    ],
+)
 def test_bad_flags_exit_2_naming_the_value(mod_ws, capsys, flag, value, expect):
     args = {"--backbone": BACKBONE, "--pooling": "avg", "--dtype": "float16", "--precision": "float32"}
     args[flag] = value

@@ -11,19 +11,34 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_images import write_noise_images
 
 from imgfeat.core import schemas as S
-from imgfeat.extract.featureset import load_features
-from imgfeat.scan.scan import ScanConfig, run_scan
 from imgfeat.core.storage import list_shards
 from imgfeat.core.workspace import Workspace
-from tiny_images import write_noise_images
+from imgfeat.extract.featureset import load_features
+from imgfeat.scan.scan import ScanConfig, run_scan
 
 N_IMAGES = 200
 # Lite0 random weights give O(1) features that differ per image (random-init MobileNetV2 gives
 # ~1e-12, all zeros in float16, and "bit-identical" would hold for any bug).
-ARGS = ["--dataset", "d", "--backbone", "efficientnet_lite0", "--weights", "none", "--input-size", "64",
-        "--batch-size", "4", "--shard-size", "8", "--npy", "--workers", "1"]
+ARGS = [
+    "--dataset",
+    "d",
+    "--backbone",
+    "efficientnet_lite0",
+    "--weights",
+    "none",
+    "--input-size",
+    "64",
+    "--batch-size",
+    "4",
+    "--shard-size",
+    "8",
+    "--npy",
+    "--workers",
+    "1",
+]
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -71,8 +86,10 @@ def test_killed_run_resumes_to_the_same_features(images, tmp_path, decode):
 
     clean = scanned_workspace(tmp_path / "clean", images)
     # The resumed run and the uninterrupted one write different workspaces: run them side by side.
-    procs = [subprocess.Popen(extract_cmd(w, d), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-             for w, d in ((crashed, decode), (clean, "threads"))]
+    procs = [
+        subprocess.Popen(extract_cmd(w, d), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        for w, d in ((crashed, decode), (clean, "threads"))
+    ]
     for proc in procs:
         assert proc.wait() == 0, proc.stderr.read()[-2000:]
 

@@ -18,9 +18,26 @@ from imgfeat.extract.extract import ExtractSummary, check_error_rate
 from imgfeat.run.jobfile import load_job
 
 # The keys `--json` and runs/<id>.json had before the summary was typed; they must all stay.
-TODAYS_KEYS = {"featureset", "dataset", "manifest_rows", "extracted", "reused", "duplicates", "errors", "error_rows",
-               "error_rate", "model_built", "model_seconds", "decode_seconds", "input_wait_seconds",
-               "build_seconds", "shards", "batch_size", "seconds", "images_per_s"}
+TODAYS_KEYS = {
+    "featureset",
+    "dataset",
+    "manifest_rows",
+    "extracted",
+    "reused",
+    "duplicates",
+    "errors",
+    "error_rows",
+    "error_rate",
+    "model_built",
+    "model_seconds",
+    "decode_seconds",
+    "input_wait_seconds",
+    "build_seconds",
+    "shards",
+    "batch_size",
+    "seconds",
+    "images_per_s",
+}
 
 
 def _jpeg(path: Path, seed: int) -> Item:
@@ -52,8 +69,9 @@ def test_one_error_rate_policy():
 
 @pytest.mark.quick
 def test_the_typed_summary_keeps_todays_keys_and_labels_both_rates():
-    s = ExtractSummary("fs", "d", 42, 40, 0, 1, 1, {"empty": 1}, 0, 2, True, 2, 32, 10.0,
-                       loop_seconds=2.0, build_seconds=3.0)
+    s = ExtractSummary(
+        "fs", "d", 42, 40, 0, 1, 1, {"empty": 1}, 0, 2, True, 2, 32, 10.0, loop_seconds=2.0, build_seconds=3.0
+    )
     out = s.to_json()
     assert TODAYS_KEYS <= set(out) and out["errors"] == {"new": 1, "by_code": {"empty": 1}, "known": 0}
     assert (out["images_per_s"], out["images_per_s_loop"]) == (4.0, 20.0)
@@ -63,21 +81,42 @@ def test_the_typed_summary_keeps_todays_keys_and_labels_both_rates():
 @pytest.mark.quick
 @pytest.mark.parametrize("executor, info", [("local", {}), ("ray", {"actors": 2, "batches_per_actor": 3})])
 def test_the_extract_summary_comes_back_from_its_json(executor, info):
-    s = ExtractSummary("fs", "d", 42, 40, 0, 1, 1, {"empty": 1}, 0, 2, True, 2, 32, 10.0, model_seconds=1.5,
-                       loop_seconds=2.0, executor=executor, executor_info=info,
-                       commit_records={"recorded": 1, "adopted": 0, "set_aside": 0})
+    s = ExtractSummary(
+        "fs",
+        "d",
+        42,
+        40,
+        0,
+        1,
+        1,
+        {"empty": 1},
+        0,
+        2,
+        True,
+        2,
+        32,
+        10.0,
+        model_seconds=1.5,
+        loop_seconds=2.0,
+        executor=executor,
+        executor_info=info,
+        commit_records={"recorded": 1, "adopted": 0, "set_aside": 0},
+    )
     out = json.loads(json.dumps(s.to_json()))
     assert ExtractSummary.from_json(out) == s and ExtractSummary.from_json(out).to_json() == out
 
 
 @pytest.mark.quick
-@pytest.mark.parametrize("kwargs, message", [
-    ({"name": "spark"}, "unknown executor 'spark'"),
-    ({"workers": 0}, "workers must be a positive integer"),
-    ({"actors": True}, "actors must be a positive integer"),
-    ({"address": 5}, "invalid Ray address 5"),
-    ({"gpus_per_worker": "1"}, "gpus per worker"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"name": "spark"}, "unknown executor 'spark'"),
+        ({"workers": 0}, "workers must be a positive integer"),
+        ({"actors": True}, "actors must be a positive integer"),
+        ({"address": 5}, "invalid Ray address 5"),
+        ({"gpus_per_worker": "1"}, "gpus per worker"),
+    ],
+)
 def test_executor_options_are_checked_at_the_edge(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         ExecutorConfig(**kwargs)
@@ -88,8 +127,10 @@ def test_a_job_file_reaches_the_executor_options(tmp_path):
     from imgfeat.run.run import executor_config
 
     job_file = tmp_path / "job.toml"
-    job_file.write_text('[run]\nexecutor = "ray"\nworkers = 3\nray_actors = 2\nray_address = "auto"\n'
-                        'gpus_per_worker = 0.5\nin_flight = 3\n[datasets.d]\nroot = "x"\n')
+    job_file.write_text(
+        '[run]\nexecutor = "ray"\nworkers = 3\nray_actors = 2\nray_address = "auto"\n'
+        'gpus_per_worker = 0.5\nin_flight = 3\n[datasets.d]\nroot = "x"\n'
+    )
     cfg = executor_config(load_job(job_file, workspace=tmp_path))
     assert cfg == ExecutorConfig(name="ray", workers=3, actors=2, address="auto", gpus_per_worker=0.5, in_flight=3)
 

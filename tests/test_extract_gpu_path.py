@@ -9,6 +9,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from test_gpudecode import fake_module, jpeg
+from tiny_images import corrupt_png, png_bytes
 
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError
@@ -16,16 +18,22 @@ from imgfeat.core.workspace import Workspace
 from imgfeat.extract import gpudecode as G
 from imgfeat.scan.scan import ScanConfig, run_scan
 from imgfeat.tools.samples import load_photo
-from test_gpudecode import fake_module, jpeg
-from tiny_images import corrupt_png, png_bytes
 
 MIN_COSINE = 0.999
 
 
 def _photos(folder):
     folder.mkdir(parents=True)
-    for i, (name, size) in enumerate([("astronaut", (120, 90)), ("coffee", (200, 150)), ("chelsea", (90, 160)),
-                                      ("rocket", (300, 200)), ("astronaut", (64, 64)), ("coffee", (70, 40))]):
+    for i, (name, size) in enumerate(
+        [
+            ("astronaut", (120, 90)),
+            ("coffee", (200, 150)),
+            ("chelsea", (90, 160)),
+            ("rocket", (300, 200)),
+            ("astronaut", (64, 64)),
+            ("coffee", (70, 40)),
+        ]
+    ):
         (folder / f"p{i}.jpg").write_bytes(jpeg(load_photo(name).resize(size, Image.Resampling.BICUBIC)))
     (folder / "flat.png").write_bytes(png_bytes(3, (50, 40)))  # the CPU fallback
     (folder / "broken.png").write_bytes(corrupt_png())  # an error row either way
@@ -81,14 +89,27 @@ def test_decode_gpu_without_the_pieces_exits_2_and_writes_nothing(tmp_path, caps
     from imgfeat.cli.main import main
 
     _photos(tmp_path / "imgs")
-    assert main(["scan", "--workspace", str(tmp_path / "ws"), str(tmp_path / "imgs"),
-                 "--dataset", "d"]) == 0
+    assert main(["scan", "--workspace", str(tmp_path / "ws"), str(tmp_path / "imgs"), "--dataset", "d"]) == 0
+
     def data():  # runs/<id>.json records every attempt, a rejected one too: everything else must stay
         return sorted(p.relative_to(tmp_path) for p in (tmp_path / "ws").rglob("*") if "runs" not in p.parts)
 
     before = data()
-    code = main(["extract", "--workspace", str(tmp_path / "ws"), "--dataset", "d", "--backbone",
-                 "efficientnet_lite0", "--weights", "none", "--decode", "gpu"])
+    code = main(
+        [
+            "extract",
+            "--workspace",
+            str(tmp_path / "ws"),
+            "--dataset",
+            "d",
+            "--backbone",
+            "efficientnet_lite0",
+            "--weights",
+            "none",
+            "--decode",
+            "gpu",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "imgfeat[gpu]" in err and "jax" in err.lower()
     assert data() == before
@@ -102,5 +123,9 @@ def test_ray_takes_only_its_own_decode_modes(tmp_path):
     ws = Workspace(tmp_path / "ws")
     run_scan(ws, ScanConfig(root=tmp_path / "imgs", dataset="d"), "scan")
     with pytest.raises(ConfigError, match="decode = 'threads' is for the local executor"):
-        run_extract(ws, ExtractConfig(dataset="d", backbone="efficientnet_lite0", weights="none",
-                                      decode="threads"), "r", ExecutorConfig(name="ray"))
+        run_extract(
+            ws,
+            ExtractConfig(dataset="d", backbone="efficientnet_lite0", weights="none", decode="threads"),
+            "r",
+            ExecutorConfig(name="ray"),
+        )

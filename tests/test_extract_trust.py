@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from test_decode import hang_guard
 
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError
@@ -27,8 +28,6 @@ from imgfeat.extract.featureset import (
     read_errors,
 )
 from imgfeat.scan.scan import ScanConfig, run_scan
-
-from test_decode import hang_guard
 
 BACKBONE, SIZE = "efficientnet_lite0", 32  # random-init Lite0: O(0.1-1) features that differ per image
 REPO = Path(__file__).resolve().parents[1]
@@ -106,7 +105,7 @@ def _broken_png() -> bytes:
     Image.fromarray(np.random.default_rng(5).integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(buf, "PNG")
     data = bytearray(buf.getvalue())
     start = data.index(b"IDAT") + 4
-    data[start + 2:start + 40] = b"\x00" * 38
+    data[start + 2 : start + 40] = b"\x00" * 38
     return bytes(data)
 
 
@@ -204,15 +203,18 @@ def test_no_npy_sidecar_survives_without_its_shard(tmp_path, after):
     assert bool(shards) == after
 
 
-@pytest.mark.parametrize("argv, expect", [
-    (["--seed", "-1"], "expected an integer from 0 to 4294967295"),
-    (["--batch-size", "100000"], "expected an integer from 1 to 8192"),
-    (["--batch-size", "4000", "--input-size", "512"], "GiB per batch"),
-    (["--layer", "no_such_layer"], "no_such_layer"),
-    (["--weights", "/etc/passwd"], "does not fit"),  # issue 23 F27
-    (["--weights", "{junk}"], "does not fit"),  # a .pth for a Lite backbone: issue 23 F27
-    (["--weights", "{junk}", "--layer", "no_such_layer"], "does not fit"),
-])
+@pytest.mark.parametrize(
+    "argv, expect",
+    [
+        (["--seed", "-1"], "expected an integer from 0 to 4294967295"),
+        (["--batch-size", "100000"], "expected an integer from 1 to 8192"),
+        (["--batch-size", "4000", "--input-size", "512"], "GiB per batch"),
+        (["--layer", "no_such_layer"], "no_such_layer"),
+        (["--weights", "/etc/passwd"], "does not fit"),  # issue 23 F27
+        (["--weights", "{junk}"], "does not fit"),  # a .pth for a Lite backbone: issue 23 F27
+        (["--weights", "{junk}", "--layer", "no_such_layer"], "does not fit"),
+    ],
+)
 def test_bad_values_exit_2_before_anything_is_written(ws, tmp_path, capsys, argv, expect):
     """Items 10/13: before, these exited 1 with a traceback and left a featureset folder behind.
     Issue 23 F27: a weights file that does not fit left a lock, a provenance and an empty folder;
@@ -224,8 +226,20 @@ def test_bad_values_exit_2_before_anything_is_written(ws, tmp_path, capsys, argv
     junk.write_bytes(b"not a weights file")
     before = _tree(ws)
     try:
-        code = main(["extract", "--dataset", "d", "--backbone", BACKBONE, "--weights", "none",
-                     "--input-size", str(SIZE), *[a.format(junk=junk) for a in argv]])
+        code = main(
+            [
+                "extract",
+                "--dataset",
+                "d",
+                "--backbone",
+                BACKBONE,
+                "--weights",
+                "none",
+                "--input-size",
+                str(SIZE),
+                *[a.format(junk=junk) for a in argv],
+            ]
+        )
     except SystemExit as exc:  # refused by the flag's own range
         code = exc.code
     assert code == 2 and expect in capsys.readouterr().err
@@ -234,8 +248,9 @@ def test_bad_values_exit_2_before_anything_is_written(ws, tmp_path, capsys, argv
 
 def _tree(ws: Workspace) -> list[str]:
     """Every path of the workspace but the run records."""
-    return sorted(p.relative_to(ws.root).as_posix() for p in ws.root.rglob("*")
-                  if p.relative_to(ws.root).parts[0] != "runs")
+    return sorted(
+        p.relative_to(ws.root).as_posix() for p in ws.root.rglob("*") if p.relative_to(ws.root).parts[0] != "runs"
+    )
 
 
 def test_an_old_layout_is_migrated_on_open(ws, tmp_path):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from synthetic import write_featureset
 
 from imgfeat.extract.featureset import iter_features, load_features
-from synthetic import write_featureset
 
 
 def _ids(n: int, start: int = 0) -> list[str]:
@@ -20,7 +20,9 @@ def fs(ws):
     X = rng.standard_normal((250, 16)).astype(np.float32)
     X[7, 3], X[100, 0] = np.nan, np.inf
     write_featureset(ws, "fs", _ids(250), X, "float32", 64)
-    write_featureset(ws, "fs", _ids(10, 240) + _ids(0), X[240:250] + 100, "float32", 64, run_id="zlater")  # its shards sort after the first
+    write_featureset(
+        ws, "fs", _ids(10, 240) + _ids(0), X[240:250] + 100, "float32", 64, run_id="zlater"
+    )  # its shards sort after the first
     return X
 
 
@@ -39,8 +41,9 @@ def test_batches_are_bounded_and_hold_every_finite_row_once(ws, fs):
 @pytest.mark.quick
 def test_ids_choose_rows_and_load_features_gives_the_same_rows_in_their_order(ws, fs):
     wanted = _ids(3, 245) + _ids(2, 5) + _ids(1, 7) + ["f" * 32]
-    got = {i: x for ids, X in iter_features(ws, "fs", ids=wanted, batch_rows=2, dtype=np.float16)
-           for i, x in zip(ids, X)}
+    got = {
+        i: x for ids, X in iter_features(ws, "fs", ids=wanted, batch_rows=2, dtype=np.float16) for i, x in zip(ids, X)
+    }
     assert sorted(got) == sorted(wanted[:5])
     assert got[_ids(1, 246)[0]].dtype == np.float16
     ids, X = load_features(ws, "fs", wanted)

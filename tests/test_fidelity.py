@@ -53,8 +53,10 @@ def tutorial_inputs(paths, size: int, module, interpolation: str = "bilinear") -
     """What the Keras docs teach: load_img -> img_to_array -> the family's preprocess_input."""
     import keras
 
-    arrays = [keras.utils.img_to_array(keras.utils.load_img(p, target_size=(size, size), interpolation=interpolation))
-              for p in paths]
+    arrays = [
+        keras.utils.img_to_array(keras.utils.load_img(p, target_size=(size, size), interpolation=interpolation))
+        for p in paths
+    ]
     return module.preprocess_input(np.stack(arrays))
 
 
@@ -94,7 +96,7 @@ def test_pipeline_features_match_the_keras_tutorial_path(images, name, construct
     ours = pipeline_inputs(images, size, spec)
     np.testing.assert_array_equal(ours, tutorial)  # the model sees bit-identical inputs
     out = features(model, np.concatenate([tutorial, ours]))  # one call for both paths
-    want, got = out[: len(images)], out[len(images):]
+    want, got = out[: len(images)], out[len(images) :]
     assert got.shape == (len(images), spec.dims["avg"]) and got.dtype == np.float32
     assert_same_features(got, want)
     del model
@@ -167,8 +169,9 @@ def test_exif_rotated_photo_rotate_versus_ignore(tmp_path, small_model):
         img.transpose(Image.Transpose.ROTATE_90).save(turned)
     rotated = pipeline_inputs([stored], 96, spec, exif="rotate")
     np.testing.assert_array_equal(rotated, tutorial_inputs([turned], 96, keras.applications.mobilenet_v2))
-    np.testing.assert_array_equal(pipeline_inputs([plain], 96, spec, exif="rotate"),
-                                  pipeline_inputs([plain], 96, spec, exif="ignore"))
+    np.testing.assert_array_equal(
+        pipeline_inputs([plain], 96, spec, exif="rotate"), pipeline_inputs([plain], 96, spec, exif="ignore")
+    )
     f_rot, f_ign = features(model, np.concatenate([rotated, ignored]))
     assert np.abs(f_rot - f_ign).max() > 0.01 * np.abs(f_ign).max()
 

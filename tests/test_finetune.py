@@ -38,8 +38,9 @@ def make_set(root: Path, per_class: dict[str, int], classes=(("red", 0), ("blue"
 def ft_config(**kw):
     from imgfeat.finetune import FinetuneConfig
 
-    base = dict(dataset="d", backbone=BACKBONE, weights="none", input_size=SIZE, epochs=1, warmup_epochs=1,
-                batch_size=4)
+    base = dict(
+        dataset="d", backbone=BACKBONE, weights="none", input_size=SIZE, epochs=1, warmup_epochs=1, batch_size=4
+    )
     return FinetuneConfig(**{**base, **kw})
 
 
@@ -90,8 +91,10 @@ def test_model_loads_in_safe_mode_and_scores_as_reported(tuned):
     pred = np.concatenate([np.argmax(model.predict_on_batch(data[i][0]), 1) for i in range(len(data))])
     assert np.mean(pred == rows.test.y) == pytest.approx(s.metrics["test_accuracy"])
     # In a fresh process too, where nothing of ours was imported before the load.
-    code = ("from imgfeat.finetune.model import load_finetuned_model as load; import sys; "
-            "print(load(sys.argv[1]).output_shape)")
+    code = (
+        "from imgfeat.finetune.model import load_finetuned_model as load; import sys; "
+        "print(load(sys.argv[1]).output_shape)"
+    )
     out = subprocess.run([sys.executable, "-c", code, s.model], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("(None, 2)"), out.stderr[-2000:]
 
@@ -119,9 +122,14 @@ def test_tuned_weights_make_a_different_featureset(tuned):
     from imgfeat.extract.featureset import load_features
 
     ws, s = tuned
-    runs = {w: run_extract(ws, ExtractConfig(dataset="d", backbone=BACKBONE, weights=w, input_size=SIZE,
-                                             batch_size=8, workers=1), f"x-{i}")
-            for i, w in enumerate(("none", s.weights))}
+    runs = {
+        w: run_extract(
+            ws,
+            ExtractConfig(dataset="d", backbone=BACKBONE, weights=w, input_size=SIZE, batch_size=8, workers=1),
+            f"x-{i}",
+        )
+        for i, w in enumerate(("none", s.weights))
+    }
     names = [r.featureset for r in runs.values()]
     assert names[0] != names[1]
     (ids0, X0), (ids1, X1) = (load_features(ws, n) for n in names)
@@ -145,25 +153,56 @@ def test_same_configuration_on_same_data_is_reused(tuned):
 
 def test_cli_json_summary(tuned, capsys):
     ws, s = tuned
-    code = main(["finetune", "--workspace", str(ws.root), "--dataset", "d", "--backbone", BACKBONE,
-                 "--weights", "none", "--input-size", str(SIZE), "--epochs", "1", "--batch-size", "4", "--json"])
+    code = main(
+        [
+            "finetune",
+            "--workspace",
+            str(ws.root),
+            "--dataset",
+            "d",
+            "--backbone",
+            BACKBONE,
+            "--weights",
+            "none",
+            "--input-size",
+            str(SIZE),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--json",
+        ]
+    )
     assert code == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["name"] == s.name and out["weights"] == s.weights and out["reused"] is True
     assert out["metrics"]["test_accuracy"] == s.metrics["test_accuracy"]
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--backbone", "inception_v3"], "has no named blocks"),
-    (["--backbone", BACKBONE, "--unfreeze-blocks", "99"], "has 16 blocks"),
-    (["--backbone", BACKBONE, "--augment", "flip,blur"], "unknown augmentation 'blur'"),
-    (["--backbone", "resnet5"], "did you mean 'resnet50'"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--backbone", "inception_v3"], "has no named blocks"),
+        (["--backbone", BACKBONE, "--unfreeze-blocks", "99"], "has 16 blocks"),
+        (["--backbone", BACKBONE, "--augment", "flip,blur"], "unknown augmentation 'blur'"),
+        (["--backbone", "resnet5"], "did you mean 'resnet50'"),
+    ],
+)
 def test_bad_flags_exit_2_and_write_nothing(tuned, capsys, flags, message):
     ws, _ = tuned
     before = sorted(p.name for p in (ws.root / "finetune").iterdir())
-    argv = ["finetune", "--workspace", str(ws.root), "--dataset", "d", "--weights", "none",
-            "--input-size", str(SIZE), *flags]
+    argv = [
+        "finetune",
+        "--workspace",
+        str(ws.root),
+        "--dataset",
+        "d",
+        "--weights",
+        "none",
+        "--input-size",
+        str(SIZE),
+        *flags,
+    ]
     try:
         code = main(argv)
     except SystemExit as exc:  # argparse rejects a bad --augment itself
@@ -176,8 +215,9 @@ def test_bad_flags_exit_2_and_write_nothing(tuned, capsys, flags, message):
 def test_one_class_dataset_is_a_clear_error(ws, tmp_path, capsys):
     make_set(tmp_path / "one", {"train": 4}, classes=(("red", 0),))
     run_scan(ws, ScanConfig(root=tmp_path / "one", dataset="one"), "scan1")
-    code = main(["finetune", "--dataset", "one", "--backbone", BACKBONE, "--weights", "none",
-                 "--input-size", str(SIZE)])
+    code = main(
+        ["finetune", "--dataset", "one", "--backbone", BACKBONE, "--weights", "none", "--input-size", str(SIZE)]
+    )
     assert code == 2 and "one class only" in capsys.readouterr().err
     assert not (ws.root / "finetune").exists()
 
@@ -196,11 +236,31 @@ def test_killed_finetune_resumes_from_its_last_checkpoint(tmp_path):
     ws = Workspace(tmp_path / "ws")
     run_scan(ws, ScanConfig(root=tmp_path / "imgs", dataset="d"), "scan1")
     cfg = ft_config(epochs=2, patience=10)
-    argv = [sys.executable, "-m", "imgfeat", "finetune", "--workspace", str(ws.root), "--dataset", "d",
-            "--backbone", BACKBONE, "--weights", "none", "--input-size", str(SIZE), "--epochs", "2",
-            "--batch-size", "4", "--patience", "10"]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    argv = [
+        sys.executable,
+        "-m",
+        "imgfeat",
+        "finetune",
+        "--workspace",
+        str(ws.root),
+        "--dataset",
+        "d",
+        "--backbone",
+        BACKBONE,
+        "--weights",
+        "none",
+        "--input-size",
+        str(SIZE),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--patience",
+        "10",
+    ]
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    )
     deadline = time.monotonic() + 300
     try:
         while not list((ws.root / "finetune").glob("*/checkpoint/checkpoint.json")):
@@ -231,8 +291,11 @@ def test_warm_start_from_a_logreg_head_on_the_same_recipe(tuned):
     ws, s = tuned
 
     def logreg_on(weights: str, run_id: str) -> dict:
-        fs = run_extract(ws, ExtractConfig(dataset="d", backbone=BACKBONE, weights=weights, input_size=SIZE,
-                                           batch_size=8, workers=1), run_id).featureset
+        fs = run_extract(
+            ws,
+            ExtractConfig(dataset="d", backbone=BACKBONE, weights=weights, input_size=SIZE, batch_size=8, workers=1),
+            run_id,
+        ).featureset
         return run_train(ws, TrainConfig(dataset="d", featureset=fs, head="logreg", cv=2), run_id)
 
     head = logreg_on("none", "w1")
@@ -261,12 +324,34 @@ def test_warm_start_by_name_from_the_cli(tuned, capsys):
     from imgfeat.heads import TrainConfig, run_train
 
     ws, _ = tuned
-    fs = run_extract(ws, ExtractConfig(dataset="d", backbone=BACKBONE, weights="none", input_size=SIZE,
-                                       batch_size=8, workers=1), "cli-x").featureset
+    fs = run_extract(
+        ws,
+        ExtractConfig(dataset="d", backbone=BACKBONE, weights="none", input_size=SIZE, batch_size=8, workers=1),
+        "cli-x",
+    ).featureset
     head = run_train(ws, TrainConfig(dataset="d", featureset=fs, head="logreg", cv=2, name="warm"), "cli-t")
-    argv = ["finetune", "--workspace", str(ws.root), "--dataset", "d", "--backbone", BACKBONE, "--weights", "none",
-            "--input-size", str(SIZE), "--epochs", "1", "--batch-size", "4", "--warmup-epochs", "0",
-            "--warm-start", "warm", "--json"]
+    argv = [
+        "finetune",
+        "--workspace",
+        str(ws.root),
+        "--dataset",
+        "d",
+        "--backbone",
+        BACKBONE,
+        "--weights",
+        "none",
+        "--input-size",
+        str(SIZE),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--warmup-epochs",
+        "0",
+        "--warm-start",
+        "warm",
+        "--json",
+    ]
     assert main(argv) == 0
     out = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert read_meta(ws, out["finetune_id"])["params"]["warm_start_head"] == head.head_id

@@ -13,11 +13,23 @@ from imgfeat.finetune.blocks import FAMILY_BLOCKS, family_pattern, list_blocks
 
 @pytest.mark.quick
 def test_blocks_start_where_their_name_first_appears():
-    names = ["input", "stem_conv", "block1a_dwconv", "block1a_bn", "block2a_expand_conv", "block2a_add",
-             "block2b_expand_conv", "top_conv", "avg_pool"]
+    names = [
+        "input",
+        "stem_conv",
+        "block1a_dwconv",
+        "block1a_bn",
+        "block2a_expand_conv",
+        "block2a_add",
+        "block2b_expand_conv",
+        "top_conv",
+        "avg_pool",
+    ]
     blocks = list_blocks(names, re.compile(FAMILY_BLOCKS["efficientnet"]))
     assert [(b.name, b.start, b.n_layers) for b in blocks] == [
-        ("block1a", 2, 2), ("block2a", 4, 2), ("block2b", 6, 3)]  # the last block runs to the output
+        ("block1a", 2, 2),
+        ("block2a", 4, 2),
+        ("block2b", 6, 3),
+    ]  # the last block runs to the output
 
 
 @pytest.mark.quick
@@ -91,8 +103,11 @@ def test_backbones_blocks_lists_the_top_last(capsys):
 
     assert main(["backbones", "--blocks", "efficientnet_lite0", "--json"]) == 0
     rows = __import__("json").loads(capsys.readouterr().out.strip().splitlines()[-1])["blocks"]
-    assert (rows[-1]["block"], rows[-1]["first_layer"], rows[-1]["unfreeze_blocks"]) == \
-        ("block7a", "block7a_expand_conv", 1)
+    assert (rows[-1]["block"], rows[-1]["first_layer"], rows[-1]["unfreeze_blocks"]) == (
+        "block7a",
+        "block7a_expand_conv",
+        1,
+    )
     assert [r["unfreeze_blocks"] for r in rows] == list(range(16, 0, -1))
 
 
@@ -142,11 +157,24 @@ def test_a_warm_start_names_what_differs_from_the_heads_featureset():
     from imgfeat.extract.recipe import Recipe, WeightsId
     from imgfeat.finetune.warm import WarmRecipe
 
-    trained = Recipe("mobilenet_v2", WeightsId("ab" * 32), 224, "avg", "block_1_expand", "bilinear", False,
-                     "rotate", "float32", "float16")
+    trained = Recipe(
+        "mobilenet_v2",
+        WeightsId("ab" * 32),
+        224,
+        "avg",
+        "block_1_expand",
+        "bilinear",
+        False,
+        "rotate",
+        "float32",
+        "float16",
+    )
     tuned = WarmRecipe("mobilenet_v2", WeightsId(None, 0, "tensorflow").identity(), 224, "bilinear", "rotate")
     assert tuned.differences(WarmRecipe.of(trained)) == {
-        "weights": ("sha256:" + "ab" * 32, "none:seed=0:backend=tensorflow"), "layer": ("block_1_expand", None)}
-    same = dataclasses.replace(trained, weights=WeightsId(None, 0, "tensorflow"), layer=None, precision="bfloat16",
-                               dtype="float32")
+        "weights": ("sha256:" + "ab" * 32, "none:seed=0:backend=tensorflow"),
+        "layer": ("block_1_expand", None),
+    }
+    same = dataclasses.replace(
+        trained, weights=WeightsId(None, 0, "tensorflow"), layer=None, precision="bfloat16", dtype="float32"
+    )
     assert tuned.differences(WarmRecipe.of(same)) == {}

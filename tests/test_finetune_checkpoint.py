@@ -7,10 +7,10 @@ import logging
 import shutil
 
 import pytest
+from tiny_images import write_noise_images
 
 from imgfeat.core.workspace import Workspace
 from imgfeat.scan.scan import ScanConfig, run_scan
-from tiny_images import write_noise_images
 
 BACKBONE, SIZE = "mobilenet_v2", 32
 
@@ -18,8 +18,18 @@ BACKBONE, SIZE = "mobilenet_v2", 32
 def _config(**kw):
     from imgfeat.finetune import FinetuneConfig
 
-    base = dict(dataset="d", backbone=BACKBONE, weights="none", input_size=SIZE, epochs=1, warmup_epochs=1,
-                batch_size=4, augment=(), patience=5, workers=1)
+    base = dict(
+        dataset="d",
+        backbone=BACKBONE,
+        weights="none",
+        input_size=SIZE,
+        epochs=1,
+        warmup_epochs=1,
+        batch_size=4,
+        augment=(),
+        patience=5,
+        workers=1,
+    )
     return FinetuneConfig(**{**base, **kw})
 
 
@@ -79,15 +89,16 @@ def _cut(path) -> None:
 DAMAGE = {
     "truncated state": (lambda c: _cut(c / "checkpoint.json"), "cannot read"),
     "empty state": (lambda c: (c / "checkpoint.json").write_text(""), "cannot read"),
-    "state is a folder": (lambda c: ((c / "checkpoint.json").unlink(), (c / "checkpoint.json").mkdir()),
-                          "expected a JSON object"),
+    "state is a folder": (
+        lambda c: ((c / "checkpoint.json").unlink(), (c / "checkpoint.json").mkdir()),
+        "expected a JSON object",
+    ),
     "truncated weights": (lambda c: _cut(c / "checkpoint.weights.h5"), "cannot load"),
     "weights not HDF5": (lambda c: (c / "checkpoint.weights.h5").write_bytes(b"garbage" * 100), "cannot load"),
     "weights of another model": (_foreign_weights, "cannot load"),
     "epoch 999 of 2": (lambda c: _edit_state(c, epoch=999), "epoch 999 is not one of this run's epochs 1-2"),
     "another run's id": (lambda c: _edit_state(c, finetune_id="d-mobilenet_v2-00000000"), "another run"),
-    "other parameters": (lambda c: _edit_state(c, params={**_state(c)["params"], "learning_rate": 0.5}),
-                         "another run"),
+    "other parameters": (lambda c: _edit_state(c, params={**_state(c)["params"], "learning_rate": 0.5}), "another run"),
 }
 
 
@@ -164,30 +175,43 @@ def test_damaged_best_weights_restart_the_best_epoch_tracking(unfinished, caplog
     assert len(warnings) == 1 and "best.weights.h5" in warnings[0]
 
 
-GOOD = {"finetune_id": "f", "params": {"epochs": 1}, "epoch": 2, "history": {"loss": [0.5, 0.4]},
-        "seconds_per_epoch": [1.0, 1.2], "best_val_loss": 0.3, "bad_epochs": 0, "best_epoch": 2,
-        "skipped": [], "warm_metrics": None, "stopped": False}
+GOOD = {
+    "finetune_id": "f",
+    "params": {"epochs": 1},
+    "epoch": 2,
+    "history": {"loss": [0.5, 0.4]},
+    "seconds_per_epoch": [1.0, 1.2],
+    "best_val_loss": 0.3,
+    "bad_epochs": 0,
+    "best_epoch": 2,
+    "skipped": [],
+    "warm_metrics": None,
+    "stopped": False,
+}
 
 
 @pytest.mark.quick
-@pytest.mark.parametrize("change,message", [
-    ({"epoch": 999}, "epoch 999 is not one of this run's epochs 1-2"),
-    ({"epoch": 0}, "epoch 0 is not"),
-    ({"epoch": -1}, "epoch -1 is not"),
-    ({"epoch": "2"}, "epoch '2' is not"),
-    ({"epoch": True}, "epoch True is not"),
-    ({"finetune_id": "g"}, "another run (finetune_id 'g'"),
-    ({"params": {"epochs": 9}}, "another run (params"),
-    ({"history": {"loss": [0.5]}}, "history does not hold 2 epochs"),
-    ({"history": {"loss": ["a", "b"]}}, "history does not hold 2 epochs"),
-    ({"seconds_per_epoch": None}, "history does not hold 2 epochs"),
-    ({"best_epoch": 3}, "best-epoch tracking"),
-    ({"bad_epochs": -1}, "best-epoch tracking"),
-    ({"best_val_loss": "low"}, "best-epoch tracking"),
-    ({"skipped": [1]}, "skipped images"),
-    ({"warm_metrics": 5}, "skipped images"),
-    ({"stopped": "no"}, "stop flag"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"epoch": 999}, "epoch 999 is not one of this run's epochs 1-2"),
+        ({"epoch": 0}, "epoch 0 is not"),
+        ({"epoch": -1}, "epoch -1 is not"),
+        ({"epoch": "2"}, "epoch '2' is not"),
+        ({"epoch": True}, "epoch True is not"),
+        ({"finetune_id": "g"}, "another run (finetune_id 'g'"),
+        ({"params": {"epochs": 9}}, "another run (params"),
+        ({"history": {"loss": [0.5]}}, "history does not hold 2 epochs"),
+        ({"history": {"loss": ["a", "b"]}}, "history does not hold 2 epochs"),
+        ({"seconds_per_epoch": None}, "history does not hold 2 epochs"),
+        ({"best_epoch": 3}, "best-epoch tracking"),
+        ({"bad_epochs": -1}, "best-epoch tracking"),
+        ({"best_val_loss": "low"}, "best-epoch tracking"),
+        ({"skipped": [1]}, "skipped images"),
+        ({"warm_metrics": 5}, "skipped images"),
+        ({"stopped": "no"}, "stop flag"),
+    ],
+)
 def test_checkpoint_problem_names_what_does_not_fit_the_run(change, message):
     from imgfeat.finetune.train import checkpoint_problem
 

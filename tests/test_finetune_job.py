@@ -51,23 +51,29 @@ def test_finetune_section_is_parsed_and_features_point_at_it():
 
 
 @pytest.mark.quick
-@pytest.mark.parametrize("edit,message", [
-    (('finetune = "ft"', 'finetune = "nope"'), "names finetune 'nope'"),
-    (('dataset = "d"\nbackbone', 'backbone'), r"\[finetune.ft\] needs 'dataset = ...'"),
-    (('dataset = "d"\nbackbone', 'dataset = "e"\nbackbone'), "names dataset 'e'"),
-    (('finetune = "ft"', 'finetune = 3'), "features.tuned.finetune = 3: expected a string"),
-])
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (('finetune = "ft"', 'finetune = "nope"'), "names finetune 'nope'"),
+        (('dataset = "d"\nbackbone', "backbone"), r"\[finetune.ft\] needs 'dataset = ...'"),
+        (('dataset = "d"\nbackbone', 'dataset = "e"\nbackbone'), "names dataset 'e'"),
+        (('finetune = "ft"', "finetune = 3"), "features.tuned.finetune = 3: expected a string"),
+    ],
+)
 def test_bad_finetune_sections_are_clear_errors(edit, message):
     with pytest.raises(ConfigError, match=message):
         parse(JOB.replace(*edit, 1))
 
 
 @pytest.mark.quick
-@pytest.mark.parametrize("edit,message", [
-    (("epochs = 1", 'epochs = "1"'), "finetune.ft.epochs = \"1\": expected an integer"),
-    (("epochs = 1", "epoch = 1"), r"\[finetune.ft\]: unknown key 'epoch'"),
-    (('augment = ["flip"]', 'augment = ["blur"]'), "unknown augmentation 'blur'"),
-])
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (("epochs = 1", 'epochs = "1"'), 'finetune.ft.epochs = "1": expected an integer'),
+        (("epochs = 1", "epoch = 1"), r"\[finetune.ft\]: unknown key 'epoch'"),
+        (('augment = ["flip"]', 'augment = ["blur"]'), "unknown augmentation 'blur'"),
+    ],
+)
 def test_finetune_options_are_checked_before_any_work(edit, message):
     from imgfeat.run.run import check_job
 
@@ -77,9 +83,9 @@ def test_finetune_options_are_checked_before_any_work(edit, message):
 
 @pytest.mark.slow
 def test_run_chains_finetune_extract_train_predict(ws, tmp_path, capsys):
-    from imgfeat.cli.main import main
-
     from test_finetune import make_set
+
+    from imgfeat.cli.main import main
 
     make_set(tmp_path / "imgs", {"train": 8, "test": 3})
     job = tmp_path / "job.toml"

@@ -19,6 +19,7 @@ from typing import ClassVar
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
+from tiny_images import encode, noise_image
 
 from imgfeat.core.errors import ConfigError
 from imgfeat.core.hashing import content_id
@@ -26,7 +27,6 @@ from imgfeat.extract import gpudecode as G
 from imgfeat.extract.batches import InputSpec, Item, make_batch
 from imgfeat.extract.decode import ORIENTATION_TAG, DecodeConfig
 from imgfeat.tools.samples import load_photo
-from tiny_images import encode, noise_image
 
 SIZE = (36, 48)  # (h, w) of the model input: not square, so a swapped axis shows
 MAX_ABS_DIFF = 1  # measured on the photos below: 0 on most pixels, 1 on at most a few percent
@@ -36,6 +36,7 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 # --- a codec with nvImageCodec's Python interface, decoding with Pillow ---------------------------
+
 
 class FakeParams:
     def __init__(self, apply_exif_orientation: bool = True, color_spec: str = "RGB", allow_any_depth: bool = False):
@@ -89,6 +90,7 @@ class HostCodec:
 
 # --- files --------------------------------------------------------------------------------------
 
+
 def jpeg(im: Image.Image, orientation: int | None = None, **save) -> bytes:
     if orientation is not None:
         exif = Image.Exif()
@@ -130,14 +132,14 @@ def _no_failed_gpu_calls(caplog, request):
 def assert_same_as_cpu(items: list[Item], spec: InputSpec, batches) -> dict[str, float]:
     """Each GPU batch against make_batch on the same chunk; returns worst cosine / diff seen."""
     worst = {"cosine": 1.0, "max_abs": 0}
-    chunks = [items[i:i + spec.batch_size] for i in range(0, len(items), spec.batch_size)]
+    chunks = [items[i : i + spec.batch_size] for i in range(0, len(items), spec.batch_size)]
     assert len(batches) == len(chunks)
     for chunk, got in zip(chunks, batches):
         want = make_batch(chunk, spec, RUN)
         assert got.ids == want.ids and got.errors == want.errors
         raw = np.asarray(got.raw)
         assert raw.shape == want.raw.shape and raw.dtype == np.uint8
-        assert not raw[len(want.ids):].any(), "padding rows must be zero"
+        assert not raw[len(want.ids) :].any(), "padding rows must be zero"
         for row in range(len(want.ids)):
             a, b = raw[row].astype(np.float64).ravel(), want.raw[row].astype(np.float64).ravel()
             cosine = a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
@@ -195,6 +197,7 @@ def test_every_pillow_filter_is_reproduced(interpolation):
 
 
 # --- fallbacks ----------------------------------------------------------------------------------
+
 
 def fallback_files() -> dict[str, bytes]:
     good = jpeg(photo("astronaut", 64, 48))
@@ -263,6 +266,7 @@ def test_a_failing_codec_sends_files_to_the_cpu(tmp_path, broken):
 
 # --- the batch contract -------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("ahead", [0, 2])
 def test_batches_keep_order_boundaries_and_zero_padding(tmp_path, ahead):
     files = {f"{i:02d}.jpg": jpeg(photo(("coffee", "rocket")[i % 2], 140 + 5 * i, 190 - i)) for i in range(9)}
@@ -306,6 +310,7 @@ def test_compiled_shapes_stay_bounded_over_many_source_sizes(tmp_path, monkeypat
 
 # --- routing and checks (no compiles) -----------------------------------------------------------
 
+
 @pytest.mark.quick
 def test_gpu_shape_routes_only_plain_complete_jpegs():
     dcfg = DecodeConfig(SIZE)
@@ -315,9 +320,18 @@ def test_gpu_shape_routes_only_plain_complete_jpegs():
     assert G.gpu_shape(jpeg(im, orientation=6), dcfg) == (40, 30)
     assert G.gpu_shape(jpeg(im, orientation=6), DecodeConfig(SIZE, exif="ignore")) == (30, 40)
     assert G.gpu_shape(jpeg(im, orientation=3), dcfg) == (30, 40)
-    for data in (encode(im, "PNG"), jpeg(im.convert("CMYK")), jpeg(im)[:-10], jpeg(im) + b"trailer",
-                 JPEG_MAGIC + G.JPEG_EOI, b"", with_segment(jpeg(im), ADOBE_RGB), rgb_named(jpeg(im)),
-                 jpeg(im, orientation=9), with_segment(jpeg(im), XMP_ORIENTATION)):
+    for data in (
+        encode(im, "PNG"),
+        jpeg(im.convert("CMYK")),
+        jpeg(im)[:-10],
+        jpeg(im) + b"trailer",
+        JPEG_MAGIC + G.JPEG_EOI,
+        b"",
+        with_segment(jpeg(im), ADOBE_RGB),
+        rgb_named(jpeg(im)),
+        jpeg(im, orientation=9),
+        with_segment(jpeg(im), XMP_ORIENTATION),
+    ):
         assert G.gpu_shape(data, dcfg) is None
     # without EXIF rotation, orientation tags do not matter
     assert G.gpu_shape(with_segment(jpeg(im), XMP_ORIENTATION), DecodeConfig(SIZE, exif="ignore")) == (30, 40)
@@ -325,7 +339,7 @@ def test_gpu_shape_routes_only_plain_complete_jpegs():
 
 ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"  # APP14, colour transform 0: RGB
 # Pillow rotates by an XMP tiff:Orientation when EXIF has none; nvJPEG reads EXIF only
-XMP_BODY = b"http://ns.adobe.com/xap/1.0/\x00<rdf:Description tiff:Orientation=\"6\"/>"
+XMP_BODY = b'http://ns.adobe.com/xap/1.0/\x00<rdf:Description tiff:Orientation="6"/>'
 XMP_ORIENTATION = b"\xff\xe1" + (len(XMP_BODY) + 2).to_bytes(2, "big") + XMP_BODY
 
 
@@ -337,7 +351,7 @@ def rgb_named(data: bytes) -> bytes:
     """The same JPEG with its components named "R", "G", "B" (libjpeg then reads it as RGB)."""
     sof = data.index(b"\xff\xc0") + 4
     out = bytearray(data)
-    out[sof + 6:sof + 15:3] = b"RGB"
+    out[sof + 6 : sof + 15 : 3] = b"RGB"
     return bytes(out)
 
 
@@ -403,8 +417,11 @@ MISSING = {
 def test_check_gpu_decode_names_what_is_missing(gpu_host, missing, named):
     import jax
 
-    dcfg = DecodeConfig(SIZE, fast_decode=missing == "fast_decode",
-                        interpolation="nearest" if missing == "interpolation" else "bilinear")
+    dcfg = DecodeConfig(
+        SIZE,
+        fast_decode=missing == "fast_decode",
+        interpolation="nearest" if missing == "interpolation" else "bilinear",
+    )
     if missing == "extra":
         gpu_host.setitem(sys.modules, G.CODEC_MODULE, None)  # import raises ImportError
     if missing == "backend":
@@ -424,11 +441,14 @@ def test_check_gpu_decode_names_every_missing_piece_at_once(monkeypatch):
     with pytest.raises(ConfigError) as info:
         G.check_gpu_decode(DecodeConfig(SIZE, fast_decode=True))
     text = str(info.value)
-    assert all(s in text for s in ("imgfeat[gpu]", "nvidia-nvimgcodec-cu12", "KERAS_BACKEND=jax",
-                                   "--fast-decode", "JAX sees no GPU"))
+    assert all(
+        s in text
+        for s in ("imgfeat[gpu]", "nvidia-nvimgcodec-cu12", "KERAS_BACKEND=jax", "--fast-decode", "JAX sees no GPU")
+    )
 
 
 # --- the GPU host's benchmark script ------------------------------------------------------------
+
 
 def bench_module():
     import importlib.util

@@ -26,8 +26,12 @@ IMPORTS_HASHLIB = re.compile(r"^\s*(import hashlib|from hashlib import)", re.MUL
 
 
 def test_only_core_hashing_imports_hashlib():
-    found = sorted(str(p.relative_to(REPO)) for d in CODE for p in (REPO / d).rglob("*.py")
-                   if IMPORTS_HASHLIB.search(p.read_text(encoding="utf-8")))
+    found = sorted(
+        str(p.relative_to(REPO))
+        for d in CODE
+        for p in (REPO / d).rglob("*.py")
+        if IMPORTS_HASHLIB.search(p.read_text(encoding="utf-8"))
+    )
     assert found == ["pipeline/core/hashing.py"]
 
 
@@ -40,8 +44,13 @@ def test_the_helpers_give_the_standard_digests():
 
 
 def _rows() -> LabelledRows:
-    return LabelledRows(train_ids=np.array(["a1", "b2"]), train_labels=np.array(["cat", "dög"]),
-                        test_ids=np.array(["c3"]), test_labels=np.array(["cat"]), eval_split="test")
+    return LabelledRows(
+        train_ids=np.array(["a1", "b2"]),
+        train_labels=np.array(["cat", "dög"]),
+        test_ids=np.array(["c3"]),
+        test_labels=np.array(["cat"]),
+        eval_split="test",
+    )
 
 
 def test_head_and_finetune_ids_keep_the_values_workspaces_hold():
@@ -56,8 +65,10 @@ def test_head_and_finetune_ids_keep_the_values_workspaces_hold():
     tuned = FinetuneRows(["cat", "dög"], split(["a1"], [0]), split(["b2"], [1]), split(["c3"], [0]), rows, "test")
     data = data_hash(tuned)
     assert data == "33f21492c744f82b38588077fcff294ac78eda5c7515907236fed756578195c3"
-    assert make_finetune_id(FinetuneConfig(dataset="d", backbone="mobilenet_v2"), "base", data) == \
-        "d-mobilenet_v2-dd63dd3e"
+    assert (
+        make_finetune_id(FinetuneConfig(dataset="d", backbone="mobilenet_v2"), "base", data)
+        == "d-mobilenet_v2-dd63dd3e"
+    )
 
 
 def test_scan_and_dedup_digests_keep_their_values(tmp_path):
@@ -65,6 +76,7 @@ def test_scan_and_dedup_digests_keep_their_values(tmp_path):
     (tmp_path / "l.csv").write_text("path,label\na.jpg,cat\n")
     opts = scan_options(ScanConfig(root=str(tmp_path), dataset="d", labels_csv=str(tmp_path / "l.csv")))
     assert opts["labels_csv_sha256"] == "56d8e3299ea7587deb63a70020f232b5ce85eb088be7f4fa6c69be817b72629f"
-    im = Images(["a1"], np.zeros((1, 2), np.float32), ["a1", "a1"], ["/x/a.jpg", "/x/ä.jpg"], ["train", None], 1,
-                ["cat", None])
+    im = Images(
+        ["a1"], np.zeros((1, 2), np.float32), ["a1", "a1"], ["/x/a.jpg", "/x/ä.jpg"], ["train", None], 1, ["cat", None]
+    )
     assert inputs_digest(DedupConfig(dataset="d", featureset="fs"), im) == "3a013099ecad9e0ce3b78e0371f11ca8"

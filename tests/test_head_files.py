@@ -43,9 +43,17 @@ def _write_old(ws, blob: bytes, recorded_sha: str | None = None) -> None:
     folder = ws.head_dir(HEAD)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "model.joblib").write_bytes(blob)
-    write_json_atomic({"head_id": HEAD, "featureset": "fs", "classes": ["cat", "dog", "fox"],
-                       "model_file": "model.joblib", "model_format": "joblib",
-                       "model_sha256": recorded_sha or hashlib.sha256(blob).hexdigest()}, folder / "head.json")
+    write_json_atomic(
+        {
+            "head_id": HEAD,
+            "featureset": "fs",
+            "classes": ["cat", "dog", "fox"],
+            "model_file": "model.joblib",
+            "model_format": "joblib",
+            "model_sha256": recorded_sha or hashlib.sha256(blob).hexdigest(),
+        },
+        folder / "head.json",
+    )
 
 
 def _joblib_bytes(obj) -> bytes:
@@ -117,9 +125,17 @@ def test_a_skops_file_naming_other_types_is_refused(ws):
     folder = ws.head_dir(HEAD)
     folder.mkdir(parents=True)
     (folder / "model.skops").write_bytes(blob)
-    write_json_atomic({"head_id": HEAD, "featureset": "fs", "classes": ["a"], "model_file": "model.skops",
-                       "model_format": "skops", "model_sha256": hashlib.sha256(blob).hexdigest()},
-                      folder / "head.json")
+    write_json_atomic(
+        {
+            "head_id": HEAD,
+            "featureset": "fs",
+            "classes": ["a"],
+            "model_file": "model.skops",
+            "model_format": "skops",
+            "model_sha256": hashlib.sha256(blob).hexdigest(),
+        },
+        folder / "head.json",
+    )
     with pytest.raises(ImgfeatError, match=r"refusing to load head .*system"):
         load_head(ws, HEAD)
 
@@ -155,17 +171,30 @@ def test_a_keras_head_with_a_lambda_layer_is_refused_without_running_it(ws, tmp_
 
     marker = tmp_path / "pwned"
     code = f"open({str(marker)!r}, 'w').close() or x"
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Lambda(lambda x: eval(code)),  # noqa: S307
-                              keras.layers.Dense(2, activation="softmax")])
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Lambda(lambda x: eval(code)),  # noqa: S307
+            keras.layers.Dense(2, activation="softmax"),
+        ]
+    )
     model.save(tmp_path / "evil.keras")
     blob = (tmp_path / "evil.keras").read_bytes()
     marker.unlink(missing_ok=True)  # building the model ran the lambda once, here, on purpose
     folder = ws.head_dir(HEAD)
     folder.mkdir(parents=True)
     (folder / "model.keras").write_bytes(blob)
-    write_json_atomic({"head_id": HEAD, "featureset": "fs", "classes": ["a", "b"], "model_file": "model.keras",
-                       "model_format": "keras", "model_sha256": hashlib.sha256(blob).hexdigest()},
-                      folder / "head.json")
+    write_json_atomic(
+        {
+            "head_id": HEAD,
+            "featureset": "fs",
+            "classes": ["a", "b"],
+            "model_file": "model.keras",
+            "model_format": "keras",
+            "model_sha256": hashlib.sha256(blob).hexdigest(),
+        },
+        folder / "head.json",
+    )
     with pytest.raises(ImgfeatError, match="safe mode"):
         load_head(ws, HEAD)
     assert not marker.exists(), "loading a .keras head ran its Lambda"

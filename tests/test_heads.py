@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
+from synthetic import BlobSpec, blob_features, write_blob_dataset
 
 from imgfeat.core.errors import ConfigError, ImgfeatError
+from imgfeat.core.workspace import Workspace
 from imgfeat.extract.featureset import load_features
 from imgfeat.heads import TrainConfig, load_head, run_train
 from imgfeat.heads.artifacts import HEAD_FILE, read_rows
 from imgfeat.heads.estimators import KerasMLPClassifier
-from synthetic import BlobSpec, blob_features, write_blob_dataset
-from imgfeat.core.workspace import Workspace
 
 SPEC = BlobSpec(classes=("cat", "dog", "fox"), per_class=30, dim=32, separation=5.0)
 

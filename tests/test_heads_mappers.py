@@ -108,7 +108,9 @@ def test_a_lasting_warning_is_said_once_per_run_not_at_every_read(ws, caplog):
     write_featureset(ws, "fb", [fake_image_id("b", k) for k in range(2)], X)
     stray = next(ws.featureset_dir("fb").glob("part-*.parquet"))
     shutil.copy(stray, ws.featureset_dir("fa") / stray.name.replace("part-", "part-zz"))
-    conflict = manifest([("a" * 32, "x/1.jpg", "cat", None, S.STATUS_OK), ("a" * 32, "y/1.jpg", "dog", None, S.STATUS_OK)])
+    conflict = manifest(
+        [("a" * 32, "x/1.jpg", "cat", None, S.STATUS_OK), ("a" * 32, "y/1.jpg", "dog", None, S.STATUS_OK)]
+    )
     with caplog.at_level("WARNING"):
         for _ in range(6):
             assert len(feature_shards(ws, "fa")) == 1
@@ -119,8 +121,11 @@ def test_a_lasting_warning_is_said_once_per_run_not_at_every_read(ws, caplog):
 
 
 def test_without_splits_a_fraction_is_held_out_stratified_and_seeded():
-    rows = [(f"{c}{i:031d}", f"{lab}/{i}.jpg", lab, None, S.STATUS_OK)
-            for c, lab in enumerate(("cat", "dog")) for i in range(10)]
+    rows = [
+        (f"{c}{i:031d}", f"{lab}/{i}.jpg", lab, None, S.STATUS_OK)
+        for c, lab in enumerate(("cat", "dog"))
+        for i in range(10)
+    ]
     a, b = labelled(rows, test_fraction=0.2), labelled(rows, test_fraction=0.2)
     assert a.eval_split == "held_out" and len(a.test_ids) == 4 and sorted(set(a.test_labels)) == ["cat", "dog"]
     assert a.digest() == b.digest()
@@ -128,18 +133,27 @@ def test_without_splits_a_fraction_is_held_out_stratified_and_seeded():
 
 
 def test_test_fraction_zero_leaves_no_evaluation_rows():
-    rows = [(f"{c}{i:031d}", f"{lab}/{i}.jpg", lab, None, S.STATUS_OK)
-            for c, lab in enumerate(("cat", "dog")) for i in range(3)]
+    rows = [
+        (f"{c}{i:031d}", f"{lab}/{i}.jpg", lab, None, S.STATUS_OK)
+        for c, lab in enumerate(("cat", "dog"))
+        for i in range(3)
+    ]
     out = labelled(rows, test_fraction=0.0)
     assert len(out.test_ids) == 0 and out.eval_split is None and len(out.train_ids) == 6
 
 
-@pytest.mark.parametrize("rows, words", [
-    ([("a" * 32, "x.jpg", None, None, S.STATUS_OK)], "has no labels"),
-    ([(f"{i:032d}", f"cat/{i}.jpg", "cat", None, S.STATUS_OK) for i in range(4)], "one class only"),
-    ([("a" * 32, "cat/1.jpg", "cat", None, S.STATUS_OK)] + [(f"{i:032d}", f"dog/{i}.jpg", "dog", None, S.STATUS_OK)
-                                                           for i in range(3)], "class 'cat' has 1"),
-])
+@pytest.mark.parametrize(
+    "rows, words",
+    [
+        ([("a" * 32, "x.jpg", None, None, S.STATUS_OK)], "has no labels"),
+        ([(f"{i:032d}", f"cat/{i}.jpg", "cat", None, S.STATUS_OK) for i in range(4)], "one class only"),
+        (
+            [("a" * 32, "cat/1.jpg", "cat", None, S.STATUS_OK)]
+            + [(f"{i:032d}", f"dog/{i}.jpg", "dog", None, S.STATUS_OK) for i in range(3)],
+            "class 'cat' has 1",
+        ),
+    ],
+)
 def test_unusable_label_sets_are_config_errors_that_say_why(rows, words):
     with pytest.raises(ConfigError, match=words):
         labelled(rows)

@@ -7,11 +7,11 @@ import json
 
 import numpy as np
 import pytest
+from synthetic import BlobSpec, write_blob_dataset
 
 from imgfeat.extract.featureset import load_features
 from imgfeat.heads import PredictConfig, ReportConfig, TrainConfig, load_head, run_predict, run_report, run_train
 from imgfeat.heads.predict import read_predictions
-from synthetic import BlobSpec, write_blob_dataset
 
 # 4 overlapping classes x 800 of 128-d float32 (1.6 MiB with the test rows): above a 1 MiB budget.
 SPEC = BlobSpec(classes=("a", "b", "c", "d"), per_class=800, dim=128, separation=3.0, dtype="float32")
@@ -28,8 +28,14 @@ def blobs(tmp_path_factory):
 
 
 def _train(ws, head: str, budget: str | None, **kw):
-    cfg = TrainConfig(dataset="blobs", featureset="fs", head=head, memory_budget=budget,
-                      name=f"{head}-{'streamed' if budget else 'in-memory'}", **kw)
+    cfg = TrainConfig(
+        dataset="blobs",
+        featureset="fs",
+        head=head,
+        memory_budget=budget,
+        name=f"{head}-{'streamed' if budget else 'in-memory'}",
+        **kw,
+    )
     out = run_train(ws, cfg, "r")
     return out, json.loads((ws.head_dir(out.head_id) / "head.json").read_text())
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import hub_presets as H
 import numpy as np
 import pytest
 from PIL import Image
@@ -16,15 +17,16 @@ from imgfeat.core.hashing import content_id
 from imgfeat.core.workspace import Workspace
 from imgfeat.tools.samples import load_photo
 
-import hub_presets as H
-
 pytestmark = pytest.mark.slow
 TOLERANCE = 1e-4  # float32 on CPU, max abs, at the preset's own input size
 MIN_COSINE = 0.999  # other sizes: our Pillow resize against keras-hub's converter on the same pixels
-KINDS = {"dinov2": (H.dinov2_preset, H.DINO_SIZE), "clip": (H.clip_preset, H.CLIP_SIZE),
-         "siglip2": (H.siglip2_preset, H.SIGLIP_SIZE),
-         # a converter that resizes without antialiasing (keras' default): decode follows it
-         "clip_aliasing": (lambda folder: H.clip_preset(folder, antialias=False), H.CLIP_SIZE)}
+KINDS = {
+    "dinov2": (H.dinov2_preset, H.DINO_SIZE),
+    "clip": (H.clip_preset, H.CLIP_SIZE),
+    "siglip2": (H.siglip2_preset, H.SIGLIP_SIZE),
+    # a converter that resizes without antialiasing (keras' default): decode follows it
+    "clip_aliasing": (lambda folder: H.clip_preset(folder, antialias=False), H.CLIP_SIZE),
+}
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +47,14 @@ def smooth_image(size: tuple[int, int], seed: int) -> Image.Image:
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:h, 0:w]
     phase = rng.uniform(0, 6.28, 3)
-    a = np.stack([127 + 120 * np.sin(xx / w * 6 + phase[0]), 127 + 120 * np.cos(yy / h * 5 + phase[1]),
-                  127 + 120 * np.sin((xx + yy) / (w + h) * 7 + phase[2])], -1)
+    a = np.stack(
+        [
+            127 + 120 * np.sin(xx / w * 6 + phase[0]),
+            127 + 120 * np.cos(yy / h * 5 + phase[1]),
+            127 + 120 * np.sin((xx + yy) / (w + h) * 7 + phase[2]),
+        ],
+        -1,
+    )
     a += rng.normal(0, 8, a.shape)
     return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
 
@@ -56,8 +64,11 @@ def image_folder(tmp_path, size: int) -> list[Image.Image]:
     exactly size x size: no resize, so the crop box itself is checked to 1e-4); then photos of
     other sizes and aspect ratios."""
     images = [smooth_image((size, size), k) for k in range(4)] + [smooth_image((size + 7, size), 5)]
-    images += [load_photo("chelsea"), load_photo("rocket").resize((3 * size + 5, 2 * size)),
-               smooth_image((size + 13, 2 * size + 3), 7)]
+    images += [
+        load_photo("chelsea"),
+        load_photo("rocket").resize((3 * size + 5, 2 * size)),
+        smooth_image((size + 13, 2 * size + 3), 7),
+    ]
     for i, im in enumerate(images):
         im.convert("RGB").save(tmp_path / f"im{i}.png")
     return [im.convert("RGB") for im in images]
@@ -84,8 +95,9 @@ def test_resize_without_antialias_follows_keras(method):
     rng = np.random.default_rng(0)
     for shape, size in (((300, 451, 3), (32, 32)), ((20, 30, 3), (56, 56)), ((37, 41, 3), (32, 28))):
         img = rng.integers(0, 256, shape, dtype=np.uint8)
-        want = np.asarray(keras.ops.image.resize(img[None].astype("float32"), size, interpolation=method,
-                                                 antialias=False))[0]
+        want = np.asarray(
+            keras.ops.image.resize(img[None].astype("float32"), size, interpolation=method, antialias=False)
+        )[0]
         got = resize_no_antialias(img, size, method)
         assert got.dtype == np.uint8 and np.abs(got - np.clip(want, 0, 255)).max() <= 0.51
 
@@ -179,9 +191,11 @@ def test_backbone_listing_and_unknown_names_import_no_keras_hub():
     import subprocess
     import sys
 
-    code = ("import sys; from imgfeat.cli.backbones import backbone_rows, hub_backbone_rows; "
-            "from imgfeat.backbones import get_backbone; backbone_rows(); hub_backbone_rows(); "
-            "get_backbone('resnet50'); print('keras_hub' in sys.modules, 'keras' in sys.modules)")
+    code = (
+        "import sys; from imgfeat.cli.backbones import backbone_rows, hub_backbone_rows; "
+        "from imgfeat.backbones import get_backbone; backbone_rows(); hub_backbone_rows(); "
+        "get_backbone('resnet50'); print('keras_hub' in sys.modules, 'keras' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
 
@@ -274,11 +288,13 @@ def test_zero_shot_head_trains_predicts_and_reports(presets, ws, tmp_path, capsy
     code, _rep, _ = cli(["report", "--head", out["head_id"]], capsys)
     assert code == 0
     # another prompt is another head
-    code, other, _ = cli(["train", "--dataset", "pets", "--featureset", fs, "--head", "zero-shot",
-                          "--prompt", "{label}"], capsys)
+    code, other, _ = cli(
+        ["train", "--dataset", "pets", "--featureset", fs, "--head", "zero-shot", "--prompt", "{label}"], capsys
+    )
     assert code == 0 and other["head_id"] != out["head_id"]
-    code, _, err = cli(["train", "--dataset", "pets", "--featureset", fs, "--head", "zero-shot",
-                        "--prompt", "no label"], capsys)
+    code, _, err = cli(
+        ["train", "--dataset", "pets", "--featureset", fs, "--head", "zero-shot", "--prompt", "no label"], capsys
+    )
     assert code == 2 and "must hold '{label}'" in err
 
 
@@ -299,8 +315,22 @@ def test_bench_times_a_hub_backbone(presets, tmp_path, capsys):
     from tiny_images import write_noise_images
 
     write_noise_images(tmp_path / "imgs", 6, size=(40, 30), classes=("b", "a"))
-    code, out, _ = cli(["bench", "--workspace", str(tmp_path / "ws"), "--backbone", str(presets["dinov2"]),
-                        "--images", str(tmp_path / "imgs"), "--batch-size", "4", "--skip", "input"], capsys)
+    code, out, _ = cli(
+        [
+            "bench",
+            "--workspace",
+            str(tmp_path / "ws"),
+            "--backbone",
+            str(presets["dinov2"]),
+            "--images",
+            str(tmp_path / "imgs"),
+            "--batch-size",
+            "4",
+            "--skip",
+            "input",
+        ],
+        capsys,
+    )
     assert code == 0 and set(out["images_per_s"]) == {"forward", "extract"}
     assert out["extract_inner"]["extracted"] == 6
     assert out["extract_inner"]["featureset"].startswith("preset_dinov2-56-cls-")
@@ -347,7 +377,7 @@ def test_job_file_runs_a_hub_backbone_and_a_zero_shot_head(presets, ws, tmp_path
 root = "{root}"
 
 [features.sig]
-backbone = "{presets['siglip2']}"
+backbone = "{presets["siglip2"]}"
 dtype = "float32"
 
 [heads.pets-zs]

@@ -7,10 +7,11 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from synthetic import fake_image_id, write_featureset
 
 from imgfeat.core.errors import ConfigError
-from synthetic import fake_image_id, write_featureset
 from imgfeat.scan.manifest import write_manifest
+
 
 def clustered(n: int, dim: int = 32, clusters: int = 20, seed: int = 0) -> np.ndarray:
     """Vectors around random centres, like image features: neighbours mean something."""
@@ -120,6 +121,7 @@ def test_incremental_add_equals_rebuild(ws, tmp_path, kind):
 def test_rerun_with_nothing_new_writes_nothing(ws):
     make_fs(ws, "fs", clustered(100))
     build(ws, "fs", name="ix")
+
     def stamps() -> dict:
         return {p: p.stat().st_mtime_ns for p in [*ws.index_dir("ix").iterdir(), *ws.index_files_dir("ix").iterdir()]}
 
@@ -145,7 +147,8 @@ def test_index_folder_reads_as_its_id_order_and_provenance_names_the_featureset(
 
 @pytest.mark.quick
 def test_crash_mid_write_leaves_the_previous_index_readable(ws, monkeypatch):
-    from imgfeat.index import Index, build as build_mod
+    from imgfeat.index import Index
+    from imgfeat.index import build as build_mod
 
     X = clustered(300)
     make_fs(ws, "fs", X[:200])

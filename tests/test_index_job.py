@@ -6,10 +6,11 @@ import json
 
 import numpy as np
 import pytest
-
-from imgfeat.core.errors import ConfigError
 from jobtext import BASE, parse
 from synthetic import fake_image_id, write_featureset
+
+from imgfeat.core.errors import ConfigError
+
 
 @pytest.mark.quick
 def test_indexes_section_names_a_recipe_and_its_datasets():
@@ -19,15 +20,18 @@ def test_indexes_section_names_a_recipe_and_its_datasets():
 
 
 @pytest.mark.quick
-@pytest.mark.parametrize("table, message", [
-    ('kind = "flat"', r"\[indexes.near\] needs 'features = ...'"),
-    ('features = "big"', "names features 'big', which the job file does not define"),
-    ('features = "tiny"\ndatasets = ["other"]', "names dataset 'other'"),
-    ('features = "tiny"\nkind = "annoy"', "unknown index kind 'annoy'"),
-    ('features = "tiny"\nnprobe = 0', "nprobe = 0: expected an integer from 1 to 1048576"),
-    ('features = "tiny"\nmetric = "l2"', r"\[indexes.near\]: unknown key 'metric'"),
-    ('features = "tiny"\nname = "x"', "'name' is set by the job file"),
-])
+@pytest.mark.parametrize(
+    "table, message",
+    [
+        ('kind = "flat"', r"\[indexes.near\] needs 'features = ...'"),
+        ('features = "big"', "names features 'big', which the job file does not define"),
+        ('features = "tiny"\ndatasets = ["other"]', "names dataset 'other'"),
+        ('features = "tiny"\nkind = "annoy"', "unknown index kind 'annoy'"),
+        ('features = "tiny"\nnprobe = 0', "nprobe = 0: expected an integer from 1 to 1048576"),
+        ('features = "tiny"\nmetric = "l2"', r"\[indexes.near\]: unknown key 'metric'"),
+        ('features = "tiny"\nname = "x"', "'name' is set by the job file"),
+    ],
+)
 def test_bad_indexes_tables_name_the_key(table, message):
     with pytest.raises(ConfigError, match=message):
         parse(BASE + "[indexes.near]\n" + table + "\n")
@@ -104,8 +108,9 @@ def test_run_keeps_the_index_current(tmp_path, keras_home, capsys):
     assert (first["rows"], first["added"], first["written"]) == (12, 12, True)
     second = run()["index"]["near"]
     assert (second["rows"], second["added"], second["written"]) == (12, 0, False)
-    make_photo_set(tmp_path / "more", PhotoSetSpec(classes=(("cat", "chelsea"),), per_class=3, min_side=64,
-                                                   max_side=96, seed=9))
+    make_photo_set(
+        tmp_path / "more", PhotoSetSpec(classes=(("cat", "chelsea"),), per_class=3, min_side=64, max_side=96, seed=9)
+    )
     for p in (tmp_path / "more").rglob("*.*"):
         target = tmp_path / "images" / "new" / p.name
         target.parent.mkdir(parents=True, exist_ok=True)

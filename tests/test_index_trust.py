@@ -12,12 +12,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from synthetic import fake_image_id, write_featureset
+from test_decode import hang_guard
 
 from imgfeat.core.errors import ConfigError, ImgfeatError
 from imgfeat.core.storage import FileLock
-from synthetic import fake_image_id, write_featureset
-
-from test_decode import hang_guard
 
 pytestmark = pytest.mark.quick
 
@@ -47,8 +46,9 @@ def one_error_line(err: str) -> str:
 
 
 def searched(capsys, ws, ids: list[str]) -> list:
-    code, out, err = cli(capsys, "similar", "--workspace", str(ws.root), "--index", "ix", "--image-id", ids[0],
-                         "--top", "5", "--json")
+    code, out, err = cli(
+        capsys, "similar", "--workspace", str(ws.root), "--index", "ix", "--image-id", ids[0], "--top", "5", "--json"
+    )
     assert code == 0, err
     return json.loads(out.strip().splitlines()[-1])["results"]
 
@@ -88,15 +88,23 @@ def test_the_api_and_the_lock_refuse_bad_waits(ws, wait):
         FileLock(ws.locks_dir / "x.lock", "x", wait)
 
 
-@pytest.mark.parametrize("section", ["[run]\nwait = nan\n", "[run]\nwait = inf\n", "[run]\nwait = -5\n",
-                                     '[indexes.near]\nfeatures = "tiny"\nwait = nan\n'])
+@pytest.mark.parametrize(
+    "section",
+    [
+        "[run]\nwait = nan\n",
+        "[run]\nwait = inf\n",
+        "[run]\nwait = -5\n",
+        '[indexes.near]\nfeatures = "tiny"\nwait = nan\n',
+    ],
+)
 def test_job_files_refuse_bad_waits(section):
     """[run] wait is the one wait of a job (every stage's, the index's too); an index table has none."""
     from imgfeat.run.jobfile import parse_job
     from imgfeat.run.run import check_job
 
-    text = ('[datasets.photos]\nroot = "images"\n[features.tiny]\nbackbone = "efficientnet_lite0"\n'
-            'datasets = ["photos"]\n')
+    text = (
+        '[datasets.photos]\nroot = "images"\n[features.tiny]\nbackbone = "efficientnet_lite0"\ndatasets = ["photos"]\n'
+    )
     with pytest.raises(ConfigError, match="wait"):
         check_job(parse_job(tomllib.loads(text + section), base=Path("/jobs"), source="job.toml", workspace=None))
 
@@ -105,8 +113,10 @@ def test_a_job_files_wait_reaches_the_index_stage():
     from imgfeat.run.jobfile import parse_job
     from imgfeat.run.run import index_config
 
-    text = ('[run]\nwait = 30\n[datasets.photos]\nroot = "images"\n[features.tiny]\n'
-            'backbone = "efficientnet_lite0"\ndatasets = ["photos"]\n[indexes.near]\nfeatures = "tiny"\n')
+    text = (
+        '[run]\nwait = 30\n[datasets.photos]\nroot = "images"\n[features.tiny]\n'
+        'backbone = "efficientnet_lite0"\ndatasets = ["photos"]\n[indexes.near]\nfeatures = "tiny"\n'
+    )
     job = parse_job(tomllib.loads(text), base=Path("/jobs"), source="job.toml", workspace=None)
     assert index_config(job, job.indexes[0], "fs").wait == 30
 
@@ -122,8 +132,9 @@ def edit_provenance(ws, name: str = "ix", **changes) -> Path:
     return path
 
 
-@pytest.mark.parametrize("index_file", ["../../../../../../../../etc/passwd", "/etc/passwd", "..", "sub/x.faiss",
-                                        "_index-x.faiss\x00"])
+@pytest.mark.parametrize(
+    "index_file", ["../../../../../../../../etc/passwd", "/etc/passwd", "..", "sub/x.faiss", "_index-x.faiss\x00"]
+)
 def test_the_index_file_named_in_the_provenance_stays_in_its_folder(ws, capsys, index_file):
     """Before, FAISS read (and tried to parse) /etc/passwd."""
     ids = featureset(ws)
@@ -171,19 +182,31 @@ DAMAGE = {
     "faiss truncated": ("_index-*.faiss", truncate),  # F8
     "json not json": ("_index.json", lambda p: p.write_text("{not json")),  # F9
     "json a list": ("_index.json", lambda p: p.write_text("[1, 2]")),  # F9
-    "json missing rows": ("_index.json", lambda p: p.write_text(json.dumps(
-        {k: v for k, v in json.loads(p.read_text()).items() if k != "rows"}))),  # F10
-    "json rows a string": ("_index.json", lambda p: p.write_text(json.dumps(
-        {**json.loads(p.read_text()), "rows": "40"}))),  # F11
-    "json params a list": ("_index.json", lambda p: p.write_text(json.dumps(
-        {**json.loads(p.read_text()), "params": [1]}))),  # F11
-    "json params unknown key": ("_index.json", lambda p: p.write_text(json.dumps(
-        {**json.loads(p.read_text()), "params": {"kind": "flat", "shards": 3}}))),  # F11
+    "json missing rows": (
+        "_index.json",
+        lambda p: p.write_text(json.dumps({k: v for k, v in json.loads(p.read_text()).items() if k != "rows"})),
+    ),  # F10
+    "json rows a string": (
+        "_index.json",
+        lambda p: p.write_text(json.dumps({**json.loads(p.read_text()), "rows": "40"})),
+    ),  # F11
+    "json params a list": (
+        "_index.json",
+        lambda p: p.write_text(json.dumps({**json.loads(p.read_text()), "params": [1]})),
+    ),  # F11
+    "json params unknown key": (
+        "_index.json",
+        lambda p: p.write_text(json.dumps({**json.loads(p.read_text()), "params": {"kind": "flat", "shards": 3}})),
+    ),  # F11
     "ids truncated": ("ids.parquet", truncate),  # F13
     "ids not parquet": ("ids.parquet", lambda p: p.write_text("image_id\n")),  # F13
     "ids without their columns": ("ids.parquet", lambda p: pq.write_table(pa.table({"x": [1]}), p)),
-    "ids as integers": ("ids.parquet", lambda p: pq.write_table(pa.table(
-        {"image_id": list(range(40)), "dataset": [None] * 40, "path": [None] * 40}), p)),
+    "ids as integers": (
+        "ids.parquet",
+        lambda p: pq.write_table(
+            pa.table({"image_id": list(range(40)), "dataset": [None] * 40, "path": [None] * 40}), p
+        ),
+    ),
 }
 
 
@@ -334,5 +357,4 @@ def test_the_index_reads_the_rows_the_featureset_reader_trusts(ws):
         keys = list(expected) if wanted is None else [i for i in wanted if i in expected]
         assert sorted(got_ids) == sorted(want_ids.tolist()) == sorted(keys)
         np.testing.assert_allclose(got_X, normalise(np.stack([expected[i] for i in got_ids])), rtol=1e-6)
-        np.testing.assert_allclose(normalise(want_X), normalise(np.stack([expected[i] for i in want_ids])),
-                                   rtol=1e-6)
+        np.testing.assert_allclose(normalise(want_X), normalise(np.stack([expected[i] for i in want_ids])), rtol=1e-6)

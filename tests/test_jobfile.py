@@ -47,15 +47,15 @@ def test_good_job_resolves_paths_and_defaults(tmp_path):
     (fjob,) = job.features
     assert fjob.datasets == ("photos", "extra")  # default: every dataset
     (head,) = job.heads
-    assert (head.dataset, head.features, head.predict, head.report) == (
-        "photos", "lite0", ("photos", "extra"), True)
+    assert (head.dataset, head.features, head.predict, head.report) == ("photos", "lite0", ("photos", "extra"), True)
     assert head.options == {"head": "logreg"}
     assert job.max_error_rate == 0.1
 
 
 def test_overrides_parse_toml_values(tmp_path):
-    job = load_job(write(tmp_path, GOOD), ("features.lite0.batch_size=64", "run.executor=ray",
-                                           "features.lite0.backbone=resnet50"))
+    job = load_job(
+        write(tmp_path, GOOD), ("features.lite0.batch_size=64", "run.executor=ray", "features.lite0.backbone=resnet50")
+    )
     assert job.features[0].options["batch_size"] == 64
     assert job.features[0].options["backbone"] == "resnet50"  # bare words stay strings
     assert job.executor == "ray"

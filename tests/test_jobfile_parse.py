@@ -55,18 +55,21 @@ def test_run_section_values():
     assert (job.executor, job.max_error_rate, job.wait) == ("ray", 0.05, 60)
 
 
-@pytest.mark.parametrize("sections, words", [
-    ({"jobs": {}}, "unknown key 'jobs'"),
-    ({"run": {"executor": "slurm"}}, "executor 'slurm'"),
-    ({"run": {"max_error_rate": 2}}, "max_error_rate"),
-    ({"features": {"lite0": {"backbone": "b", "datasets": ["nope"]}}}, "dataset 'nope'"),
-    ({"features": {"lite0": {"backbone": "b", "dataset": "photos"}}}, "datasets = [...]"),
-    ({"heads": {"h": {"dataset": "photos", "features": "missing"}}}, "features 'missing'"),
-    ({"heads": {"h": {"features": "lite0"}}}, "needs 'dataset = ...'"),
-    ({"heads": {"h": {"dataset": "photos", "features": "lite0", "predict": ["ghost"]}}}, "dataset 'ghost'"),
-    ({"datasets": {"bad/name": {"root": "x"}}}, "invalid dataset name"),
-    ({"heads": {"h": "not a table"}}, "one table per name"),
-])
+@pytest.mark.parametrize(
+    "sections, words",
+    [
+        ({"jobs": {}}, "unknown key 'jobs'"),
+        ({"run": {"executor": "slurm"}}, "executor 'slurm'"),
+        ({"run": {"max_error_rate": 2}}, "max_error_rate"),
+        ({"features": {"lite0": {"backbone": "b", "datasets": ["nope"]}}}, "dataset 'nope'"),
+        ({"features": {"lite0": {"backbone": "b", "dataset": "photos"}}}, "datasets = [...]"),
+        ({"heads": {"h": {"dataset": "photos", "features": "missing"}}}, "features 'missing'"),
+        ({"heads": {"h": {"features": "lite0"}}}, "needs 'dataset = ...'"),
+        ({"heads": {"h": {"dataset": "photos", "features": "lite0", "predict": ["ghost"]}}}, "dataset 'ghost'"),
+        ({"datasets": {"bad/name": {"root": "x"}}}, "invalid dataset name"),
+        ({"heads": {"h": "not a table"}}, "one table per name"),
+    ],
+)
 def test_bad_documents_name_what_is_wrong(sections, words):
     with pytest.raises(ConfigError, match=re.escape(words)):
         parse(doc(**sections))

@@ -129,8 +129,10 @@ def _images(root: Path) -> None:
         Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(root / "cat" / f"{i}.jpg")
 
 
-@pytest.mark.parametrize("key,value", [("features.lite0.seed", '"abc"'), ("heads.photos-logreg.cv", '"4"'),
-                                       ("datasets.photos.max_pixels", "true")])
+@pytest.mark.parametrize(
+    "key,value",
+    [("features.lite0.seed", '"abc"'), ("heads.photos-logreg.cv", '"4"'), ("datasets.photos.max_pixels", "true")],
+)
 def test_imgfeat_run_rejects_a_bad_type_with_exit_2_before_any_stage(ws, tmp_path, capsys, key, value):
     from imgfeat.cli.main import main
 
@@ -153,8 +155,13 @@ def test_a_seed_numpy_cannot_take_fails_before_any_stage(tmp_path, value):
         _check(load_job(path, (f"heads.photos-logreg.random_state={value}",)))
 
 
-@pytest.mark.parametrize("key,value,words", [("datasets.photos.root", '"missing"', "does not exist"),
-                                             ("datasets.photos.labels_csv", '"nope.csv"', "is not a file")])
+@pytest.mark.parametrize(
+    "key,value,words",
+    [
+        ("datasets.photos.root", '"missing"', "does not exist"),
+        ("datasets.photos.labels_csv", '"nope.csv"', "is not a file"),
+    ],
+)
 def test_a_missing_root_or_labels_file_fails_before_any_stage_takes_a_lock(ws, tmp_path, capsys, key, value, words):
     from imgfeat.cli.main import main
 
@@ -176,5 +183,8 @@ def test_a_job_file_sets_the_c_grid_cross_validation_chooses_from(tmp_path):
     cfg = train_config(job, job.heads[0], featureset="fs")
     assert cfg.c_grid == (0.5, 2.0) and cfg.params()["c_grid"] == (0.5, 2.0)
     path.write_text(_with_value("heads.photos-logreg.c_grid", "[0.1, -1]"))
-    with pytest.raises(ConfigError, match=r"^\[heads.photos-logreg\]: c_grid must be a list of 1 to 100 numbers, each number from 1e-12 to \d+, got \[0.1, -1\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^\[heads.photos-logreg\]: c_grid must be a list of 1 to 100 numbers, each number from 1e-12 to \d+, got \[0.1, -1\]",
+    ):
         _check(load_job(path))

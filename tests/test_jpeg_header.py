@@ -8,10 +8,10 @@ import struct
 import numpy as np
 import pytest
 from PIL import Image
+from tiny_images import encode, noise_image
 
 from imgfeat.extract.decode import ORIENTATION_TAG
 from imgfeat.extract.jpeg_header import XMP_HEADER, exif_orientation, read_jpeg_header
-from tiny_images import encode, noise_image
 
 pytestmark = pytest.mark.quick
 
@@ -66,18 +66,29 @@ def test_xmp_orientation_is_flagged():
 def test_damaged_headers_give_none():
     data = encode(noise_image(1, (20, 10)), "JPEG")
     sof = data.index(b"\xff\xc0")
-    for bad in (b"", b"\xff\xd8", data[:sof + 5], data[:2] + b"\x00" + data[3:],
-                data[:sof + 2] + b"\x00\x01" + data[sof + 4:], encode(noise_image(1), "PNG")):
+    for bad in (
+        b"",
+        b"\xff\xd8",
+        data[: sof + 5],
+        data[:2] + b"\x00" + data[3:],
+        data[: sof + 2] + b"\x00\x01" + data[sof + 4 :],
+        encode(noise_image(1), "PNG"),
+    ):
         assert read_jpeg_header(bad) is None
-    assert read_jpeg_header(data[:sof] + data[sof:sof + 19] + data[sof:]) is None  # two frame headers
+    assert read_jpeg_header(data[:sof] + data[sof : sof + 19] + data[sof:]) is None  # two frame headers
 
 
 def test_many_real_jpegs_agree_with_pillow():
     rng = np.random.default_rng(0)
     for seed in range(20):
         w, h = (int(v) for v in rng.integers(1, 300, 2))
-        data = encode(noise_image(seed, (w, h)), "JPEG", quality=int(rng.integers(30, 100)),
-                      optimize=bool(seed % 2), **with_exif(int(rng.integers(1, 9))))
+        data = encode(
+            noise_image(seed, (w, h)),
+            "JPEG",
+            quality=int(rng.integers(30, 100)),
+            optimize=bool(seed % 2),
+            **with_exif(int(rng.integers(1, 9))),
+        )
         head = read_jpeg_header(data)
         with Image.open(io.BytesIO(data)) as pil:
             assert (head.width, head.height) == pil.size

@@ -25,7 +25,6 @@ def _reference_script():
     return module
 
 
-
 def _needs_package(name: str):
     variant = lite.VARIANTS[name]
     missing = importlib.util.find_spec(variant.module) is None
@@ -36,9 +35,7 @@ def _needs_package(name: str):
     )
 
 
-@pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=_needs_package(n)) for n in lite.VARIANTS]
-)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=_needs_package(n)) for n in lite.VARIANTS])
 def test_matches_the_pytorch_reference(name):
     """The graph and the weight mapping: torch state_dict -> Keras, logits and pooled features."""
     import keras

@@ -34,8 +34,9 @@ def test_the_busy_message_suggests_wait_only_when_asked_to(tmp_path):
 
 
 @pytest.mark.quick
-@pytest.mark.parametrize("code,words", [(errno.ENOSPC, "the disk is full"), (errno.EROFS, "read-only"),
-                                        (errno.EACCES, "permission denied")])
+@pytest.mark.parametrize(
+    "code,words", [(errno.ENOSPC, "the disk is full"), (errno.EROFS, "read-only"), (errno.EACCES, "permission denied")]
+)
 def test_disk_errors_from_the_lock_code_name_the_path(tmp_path, monkeypatch, code, words):
     import os as real_os
 
@@ -70,8 +71,9 @@ def test_a_full_disk_while_writing_the_holder_releases_and_names_the_path(tmp_pa
 
 @pytest.fixture(scope="module")
 def blob_ws(tmp_path_factory):
-    from imgfeat.core.workspace import Workspace
     from synthetic import BlobSpec, write_blob_dataset
+
+    from imgfeat.core.workspace import Workspace
 
     ws = Workspace(tmp_path_factory.mktemp("locks") / "ws")
     write_blob_dataset(ws, "toy", "fs", BlobSpec(classes=("a", "b"), per_class=12, dim=8, separation=6.0))
@@ -102,10 +104,16 @@ def test_predict_and_report_wait_for_their_locks(blob_ws):
     from imgfeat.heads import PredictConfig, ReportConfig, run_predict, run_report
 
     head_id = run_train_once(blob_ws)
-    for lock_name, run in ((f"predictions-{head_id}.lock",
-                            lambda wait: run_predict(blob_ws, PredictConfig(head_id, "toy", wait=wait), "p")),
-                           (f"report-{head_id}.lock",
-                            lambda wait: run_report(blob_ws, ReportConfig(head_id, projection="pca", wait=wait), "p"))):
+    for lock_name, run in (
+        (
+            f"predictions-{head_id}.lock",
+            lambda wait: run_predict(blob_ws, PredictConfig(head_id, "toy", wait=wait), "p"),
+        ),
+        (
+            f"report-{head_id}.lock",
+            lambda wait: run_report(blob_ws, ReportConfig(head_id, projection="pca", wait=wait), "p"),
+        ),
+    ):
         holder = FileLock(blob_ws.locks_dir / lock_name, "test holder").acquire()
         try:
             with pytest.raises(LockBusyError, match="--wait"):
@@ -129,15 +137,24 @@ def test_imgfeat_run_passes_wait_to_the_head_lock(blob_ws, monkeypatch):
     from imgfeat.run.jobfile import FeatureJob, HeadJob, JobSpec
     from imgfeat.run.summary import RunSummary
 
-    job = JobSpec("job.toml", {"toy": {}}, (FeatureJob("f", {"backbone": "efficientnet_lite0"}, ("toy",)),),
-                  (HeadJob("h", "toy", "f", {"head": "logreg"}, ("toy",)),), wait=42.0, trust_pickle=True)
+    job = JobSpec(
+        "job.toml",
+        {"toy": {}},
+        (FeatureJob("f", {"backbone": "efficientnet_lite0"}, ("toy",)),),
+        (HeadJob("h", "toy", "f", {"head": "logreg"}, ("toy",)),),
+        wait=42.0,
+        trust_pickle=True,
+    )
     hjob = job.heads[0]
     assert run_mod.train_config(job, hjob, "fs").wait == 42.0
     seen = {}
-    monkeypatch.setattr("imgfeat.heads.run_predict",
-                        lambda ws, cfg, rid: seen.setdefault("predict", (cfg.wait, cfg.trust_pickle)) and {})
-    monkeypatch.setattr("imgfeat.heads.run_report",
-                        lambda ws, cfg, rid: seen.setdefault("report", (cfg.wait, cfg.trust_pickle)) and {})
+    monkeypatch.setattr(
+        "imgfeat.heads.run_predict",
+        lambda ws, cfg, rid: seen.setdefault("predict", (cfg.wait, cfg.trust_pickle)) and {},
+    )
+    monkeypatch.setattr(
+        "imgfeat.heads.run_report", lambda ws, cfg, rid: seen.setdefault("report", (cfg.wait, cfg.trust_pickle)) and {}
+    )
     summary = RunSummary("job.toml")
     run_mod._predict_all(blob_ws, job, {"h": "toy-logreg-x"}, "r", summary)
     run_mod._report_all(blob_ws, job, {"h": "toy-logreg-x"}, "r", summary)
@@ -175,9 +192,9 @@ def test_predicting_image_files_waits_for_the_featureset_lock(ws, tmp_path, kera
 def test_a_lock_file_replaced_by_a_link_is_an_error_and_nothing_is_written_through_it(ws, tmp_path, capsys):
     """Issue 23 F2a: .locks/dataset-d.lock linked to a file outside: scan wrote its lock record
     into that file. Lock files are opened without following links."""
-    from imgfeat.cli.main import main
-
     from tiny_images import write_noise_images
+
+    from imgfeat.cli.main import main
 
     write_noise_images(tmp_path / "imgs", 2)
     victim = tmp_path / "victim.txt"
@@ -225,16 +242,32 @@ def test_a_lock_created_by_a_refused_run_is_removed_and_a_waiter_locks_the_file_
 
 def test_finetune_refused_under_its_lock_leaves_no_lock_file(ws, tmp_path, capsys):
     """Issue 23 F27: finetune --unfreeze-blocks 999 exited 2 and left .locks/finetune-*.lock."""
+    from tiny_images import write_noise_images
+
     from imgfeat.cli.main import main
     from imgfeat.scan.scan import ScanConfig, run_scan
-
-    from tiny_images import write_noise_images
 
     write_noise_images(tmp_path / "imgs", 18, fmt="PNG", size=(32, 32), classes=("a", "b"))
     run_scan(ws, ScanConfig(root=tmp_path / "imgs", dataset="d"), "scan")
     before = sorted(p.name for p in ws.locks_dir.iterdir())
-    assert main(["finetune", "--dataset", "d", "--backbone", "mobilenet_v2", "--weights", "none",
-                 "--input-size", "32", "--unfreeze-blocks", "999"]) == 2
+    assert (
+        main(
+            [
+                "finetune",
+                "--dataset",
+                "d",
+                "--backbone",
+                "mobilenet_v2",
+                "--weights",
+                "none",
+                "--input-size",
+                "32",
+                "--unfreeze-blocks",
+                "999",
+            ]
+        )
+        == 2
+    )
     assert "999" in capsys.readouterr().err
     assert sorted(p.name for p in ws.locks_dir.iterdir()) == before
     assert not (ws.root / "finetune").exists() or not any((ws.root / "finetune").iterdir())

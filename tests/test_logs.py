@@ -21,12 +21,15 @@ def test_json_formatter_makes_one_parseable_line():
 
 
 @pytest.mark.quick
-@pytest.mark.parametrize("line,fatal", [
-    ("E0000 00:00:1796012390.911461 8645 cuda_platform.cc:52] failed call to cuInit", False),
-    ("I0000 00:00:1796012383.157810 8645 cudart_stub.cc:31] Could not find cuda drivers", False),
-    ("F0000 00:00:1.0 1 x.cc:1] Check failed", True),
-    ("Fatal Python error: Segmentation fault", True),
-])
+@pytest.mark.parametrize(
+    "line,fatal",
+    [
+        ("E0000 00:00:1796012390.911461 8645 cuda_platform.cc:52] failed call to cuInit", False),
+        ("I0000 00:00:1796012383.157810 8645 cudart_stub.cc:31] Could not find cuda drivers", False),
+        ("F0000 00:00:1.0 1 x.cc:1] Check failed", True),
+        ("Fatal Python error: Segmentation fault", True),
+    ],
+)
 def test_only_fatal_native_lines_reach_the_user(line, fatal):
     assert _fatal(line) is fatal
 
@@ -57,8 +60,24 @@ def test_a_run_that_builds_a_model_writes_only_json_to_stderr(tmp_path):
     ws = Workspace(tmp_path / "ws")
     run_scan(ws, ScanConfig(root=tmp_path / "img", dataset="toy"), "s1")
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}  # the command's own default
-    cmd = [sys.executable, "-m", "imgfeat", "extract", "--workspace", str(ws.root), "--dataset", "toy",
-           "--backbone", "efficientnet_lite0", "--weights", "none", "--input-size", "32", "--log-format", "json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "imgfeat",
+        "extract",
+        "--workspace",
+        str(ws.root),
+        "--dataset",
+        "toy",
+        "--backbone",
+        "efficientnet_lite0",
+        "--weights",
+        "none",
+        "--input-size",
+        "32",
+        "--log-format",
+        "json",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stderr.splitlines()
@@ -81,8 +100,22 @@ def test_the_extract_bar_starts_after_the_build_log(tmp_path):
     ws = Workspace(tmp_path / "ws")
     run_scan(ws, ScanConfig(root=tmp_path / "img", dataset="toy"), "s1")
     env = {**os.environ, "IMGFEAT_PROGRESS": "1"}  # bars on, as on a terminal
-    cmd = [sys.executable, "-m", "imgfeat", "extract", "--workspace", str(ws.root), "--dataset", "toy",
-           "--backbone", "mobilenet_v2", "--weights", "none", "--input-size", "32"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "imgfeat",
+        "extract",
+        "--workspace",
+        str(ws.root),
+        "--dataset",
+        "toy",
+        "--backbone",
+        "mobilenet_v2",
+        "--weights",
+        "none",
+        "--input-size",
+        "32",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     err = proc.stderr

@@ -22,8 +22,13 @@ pytestmark = pytest.mark.quick
 
 ROWS = [
     {S.IMAGE_ID: "ab" * 16, S.PATH: "cat/a.jpg", S.LABEL: "cat", S.STATUS: S.STATUS_OK, S.WIDTH: 4, S.HEIGHT: 3},
-    {S.IMAGE_ID: None, S.PATH: "dog/ünï code.jpg", S.LABEL: "dog", S.STATUS: S.STATUS_UNREADABLE,
-     S.ERROR: "cannot read the file: permission denied"},
+    {
+        S.IMAGE_ID: None,
+        S.PATH: "dog/ünï code.jpg",
+        S.LABEL: "dog",
+        S.STATUS: S.STATUS_UNREADABLE,
+        S.ERROR: "cannot read the file: permission denied",
+    },
 ]
 
 

@@ -5,37 +5,43 @@ from __future__ import annotations
 import json
 
 import pytest
+from synthetic import BlobSpec, blob_features, fake_image_id, write_blob_dataset, write_featureset
 
 from imgfeat.cli.main import main
 from imgfeat.core import names as N
 from imgfeat.core.errors import ConfigError
 from imgfeat.core.storage import FileLock
 from imgfeat.heads import PredictConfig, ReportConfig, TrainConfig, run_predict, run_report, run_train
-from synthetic import BlobSpec, write_blob_dataset, write_featureset, blob_features, fake_image_id
 from imgfeat.heads.versions import resolve_featureset, resolve_head
 
 SPEC = BlobSpec(classes=("cat", "dog"), per_class=12, dim=8, separation=6.0)
 
 
 @pytest.mark.quick
-@pytest.mark.parametrize("ref,want", [
-    ("nightly", "toy-logreg-bbbbbbbb"),  # a name: its latest
-    ("nightly@toy-logreg-aaaaaaaa", "toy-logreg-aaaaaaaa"),  # pinned by id
-    ("nightly@aaaaaaaa", "toy-logreg-aaaaaaaa"),  # pinned by the id's hash
-    ("toy-logreg-aaaaaaaa", "toy-logreg-aaaaaaaa"),  # an id is itself
-])
+@pytest.mark.parametrize(
+    "ref,want",
+    [
+        ("nightly", "toy-logreg-bbbbbbbb"),  # a name: its latest
+        ("nightly@toy-logreg-aaaaaaaa", "toy-logreg-aaaaaaaa"),  # pinned by id
+        ("nightly@aaaaaaaa", "toy-logreg-aaaaaaaa"),  # pinned by the id's hash
+        ("toy-logreg-aaaaaaaa", "toy-logreg-aaaaaaaa"),  # an id is itself
+    ],
+)
 def test_resolve_names_ids_and_pins(ref, want):
     index = {"nightly": [{N.ID: "toy-logreg-aaaaaaaa"}, {N.ID: "toy-logreg-bbbbbbbb"}]}
     assert N.resolve(index, N.HEADS, ref, {"toy-logreg-aaaaaaaa", "toy-logreg-bbbbbbbb"}) == want
 
 
 @pytest.mark.quick
-@pytest.mark.parametrize("ref,message", [
-    ("nightlx", "did you mean 'nightly'"),
-    ("nightly@cccccccc", "unknown version of head 'nightly'"),
-    ("nope@aaaaaaaa", "unknown head name 'nope'"),
-    ("bad/name", "invalid head name"),
-])
+@pytest.mark.parametrize(
+    "ref,message",
+    [
+        ("nightlx", "did you mean 'nightly'"),
+        ("nightly@cccccccc", "unknown version of head 'nightly'"),
+        ("nope@aaaaaaaa", "unknown head name 'nope'"),
+        ("bad/name", "invalid head name"),
+    ],
+)
 def test_unknown_references_exit_2_naming_the_choices(ref, message):
     index = {"nightly": [{N.ID: "toy-logreg-aaaaaaaa"}]}
     with pytest.raises(ConfigError, match=message):

@@ -29,8 +29,14 @@ print(json.dumps(found))
 
 
 def pip(*args: str, cwd: Path) -> None:
-    subprocess.run([sys.executable, "-m", "pip", *args, "--no-input", "--disable-pip-version-check", "-q"],
-                   cwd=cwd, check=True, capture_output=True, text=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "pip", *args, "--no-input", "--disable-pip-version-check", "-q"],
+        cwd=cwd,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def source_copy(dest: Path) -> Path:
@@ -68,8 +74,9 @@ def test_the_installed_package_has_one_import_name(installed, tmp_path):
     outside = tmp_path / "elsewhere"  # not the checkout: its pipeline/ and jobs/ must not be found
     outside.mkdir()
     env = {**os.environ, "PYTHONPATH": str(target)}
-    out = subprocess.run([sys.executable, "-c", PROBE], cwd=outside, env=env, capture_output=True, text=True,
-                         check=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE], cwd=outside, env=env, capture_output=True, text=True, check=True, timeout=120
+    )
     found = json.loads(out.stdout.strip().splitlines()[-1])
     assert found["imgfeat"] == str(target / "imgfeat" / "__init__.py")
     assert found["imgfeat.cli.main"] == str(target / "imgfeat" / "cli" / "main.py")
@@ -80,8 +87,12 @@ def test_the_installed_package_has_one_import_name(installed, tmp_path):
 def test_every_source_package_is_in_the_wheel(installed):
     wheel, _ = installed
     names = set(zipfile.ZipFile(wheel).namelist())
-    expected = {installed_name(init) for folder in PACKAGE_DIRS for init in (ROOT / folder).rglob("__init__.py")
-                if "__pycache__" not in init.parts}
+    expected = {
+        installed_name(init)
+        for folder in PACKAGE_DIRS
+        for init in (ROOT / folder).rglob("__init__.py")
+        if "__pycache__" not in init.parts
+    }
     assert {"imgfeat/__init__.py", "imgfeat/cli/__init__.py", "imgfeat/scan/__init__.py"} <= expected
     missing = sorted(expected - names)
     assert not missing, f"packages missing from the wheel (add them to pyproject's packages list): {missing}"

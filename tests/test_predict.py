@@ -8,19 +8,18 @@ import shutil
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from synthetic import BlobSpec, blob_features, fake_image_id, write_blob_dataset, write_featureset
 
 from imgfeat.cli.main import main
 from imgfeat.core import schemas as S
+from imgfeat.core.storage import list_shards
+from imgfeat.core.workspace import Workspace
 from imgfeat.extract.featureset import load_features
 from imgfeat.heads import PredictConfig, TrainConfig, load_head, run_predict, run_train
 from imgfeat.heads.predict import read_predictions
-from synthetic import BlobSpec, blob_features, fake_image_id, write_blob_dataset, write_featureset
-from imgfeat.core.storage import list_shards
-from imgfeat.core.workspace import Workspace
 
 SPEC = BlobSpec(classes=("cat", "dog", "fox", "owl"), per_class=25, dim=32, separation=5.0, shard_rows=30)
 N = 100
-
 
 
 @pytest.fixture(scope="module")
@@ -110,12 +109,13 @@ def test_cli_unknown_head_exits_2_with_did_you_mean(ws, headed, capsys):
 def test_end_to_end_on_real_photos_and_image_files(tmp_path, capsys):
     """scan -> extract (a small random-weights backbone) -> train -> predict a dataset and loose files."""
     from imgfeat.extract.extract import ExtractConfig, run_extract
-    from imgfeat.tools.samples import PhotoSetSpec, make_photo_set
     from imgfeat.scan.scan import ScanConfig, run_scan
+    from imgfeat.tools.samples import PhotoSetSpec, make_photo_set
 
     ws = Workspace(tmp_path / "ws")
-    spec = PhotoSetSpec(classes=(("cat", "chelsea"), ("coffee", "coffee"), ("rocket", "rocket")),
-                        per_class=8, min_side=48, max_side=64)
+    spec = PhotoSetSpec(
+        classes=(("cat", "chelsea"), ("coffee", "coffee"), ("rocket", "rocket")), per_class=8, min_side=48, max_side=64
+    )
     make_photo_set(tmp_path / "photos", spec)
     run_scan(ws, ScanConfig(root=tmp_path / "photos", dataset="photos"), "s1")
     ecfg = ExtractConfig(dataset="photos", backbone="mobilenet_v2", weights="none", input_size=32, batch_size=8)
@@ -124,8 +124,7 @@ def test_end_to_end_on_real_photos_and_image_files(tmp_path, capsys):
     assert run_predict(ws, PredictConfig(head_id, dataset="photos"), "p1").written == 24
 
     loose = tmp_path / "loose"
-    make_photo_set(loose, PhotoSetSpec(classes=(("cat", "chelsea"),), per_class=1, min_side=50, max_side=60,
-                                       seed=7))
+    make_photo_set(loose, PhotoSetSpec(classes=(("cat", "chelsea"),), per_class=1, min_side=50, max_side=60, seed=7))
     new_photo = next(loose.rglob("*.jpg"))
     known = next((tmp_path / "photos").rglob("*.jpg"))
     bad = tmp_path / "broken.jpg"

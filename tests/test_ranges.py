@@ -27,8 +27,12 @@ def _numeric_flags() -> list[tuple[str, argparse.Action]]:
     out = []
     for command, p in sorted(sub.choices.items()):
         for action in p._actions:
-            if action.option_strings and action.type not in (None, str) and action.nargs != 0 \
-                    and getattr(action.type, "__name__", "") not in NOT_NUMERIC:
+            if (
+                action.option_strings
+                and action.type not in (None, str)
+                and action.nargs != 0
+                and getattr(action.type, "__name__", "") not in NOT_NUMERIC
+            ):
                 out.append((command, action))
     return out
 
@@ -44,15 +48,28 @@ def _config_classes() -> dict[str, type]:
     from imgfeat.index.build import IndexConfig
     from imgfeat.scan.scan import ScanConfig
 
-    return {"datasets.d": ScanConfig, "features.f": ExtractConfig, "heads.h": TrainConfig,
-            "finetune.t": FinetuneConfig, "indexes.i": IndexConfig, "predict": PredictConfig,
-            "report": ReportConfig, "executor": ExecutorConfig}
+    return {
+        "datasets.d": ScanConfig,
+        "features.f": ExtractConfig,
+        "heads.h": TrainConfig,
+        "finetune.t": FinetuneConfig,
+        "indexes.i": IndexConfig,
+        "predict": PredictConfig,
+        "report": ReportConfig,
+        "executor": ExecutorConfig,
+    }
 
 
 NUMERIC = (J.INT, J.NUMBER, J.SECONDS)
-JOB_KEYS = sorted({(where, key) for where, cls in _config_classes().items()
-                   for key, kind in J.field_types(cls).items() if kind in NUMERIC}
-                  | {("run", key) for key, kind in J.JOB_KEY_TYPES["run"].items() if kind in NUMERIC})
+JOB_KEYS = sorted(
+    {
+        (where, key)
+        for where, cls in _config_classes().items()
+        for key, kind in J.field_types(cls).items()
+        if kind in NUMERIC
+    }
+    | {("run", key) for key, kind in J.JOB_KEY_TYPES["run"].items() if kind in NUMERIC}
+)
 
 
 def _outside(rng: Range) -> list:
@@ -107,14 +124,31 @@ def test_a_flag_and_its_job_file_key_share_one_range():
 def test_the_reported_in_flight_is_refused_by_flag_and_job_file_before_any_work(ws, tmp_path, capsys):
     code = None
     with pytest.raises(SystemExit) as exit_info:
-        main(["extract", "--dataset", "d", "--backbone", "mobilenet_v2", "--weights", "none",
-              "--input-size", "32", "--decode", "processes", "--in-flight", str(HUGE)])
+        main(
+            [
+                "extract",
+                "--dataset",
+                "d",
+                "--backbone",
+                "mobilenet_v2",
+                "--weights",
+                "none",
+                "--input-size",
+                "32",
+                "--decode",
+                "processes",
+                "--in-flight",
+                str(HUGE),
+            ]
+        )
     code = exit_info.value.code
     err = capsys.readouterr().err
     assert code == 2 and "--in-flight" in err and str(HUGE) in err and "from 1 to 64" in err
     job = tmp_path / "job.toml"
-    job.write_text(f'[run]\nin_flight = {HUGE}\n[datasets.d]\nroot = "imgs"\n'
-                   '[features.f]\nbackbone = "mobilenet_v2"\nweights = "none"\ninput_size = 32\n')
+    job.write_text(
+        f'[run]\nin_flight = {HUGE}\n[datasets.d]\nroot = "imgs"\n'
+        '[features.f]\nbackbone = "mobilenet_v2"\nweights = "none"\ninput_size = 32\n'
+    )
     assert main(["run", str(job), "--dry-run", "--json"]) == 2
     err = capsys.readouterr().err
     assert "run.in_flight" in err and str(HUGE) in err and "from 1 to 64" in err

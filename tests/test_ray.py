@@ -9,9 +9,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from tiny_images import corrupt_png, noise_image
 
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError
+from imgfeat.core.workspace import Workspace
 from imgfeat.extract.executors import ExecutorConfig
 from imgfeat.extract.executors.local import Fault
 from imgfeat.extract.executors.ray import (
@@ -24,23 +26,29 @@ from imgfeat.extract.executors.ray import (
 from imgfeat.extract.extract import ExtractConfig, featureset_name, run_extract
 from imgfeat.extract.featureset import feature_shards, load_features, read_errors, sidecar_of
 from imgfeat.scan.scan import ScanConfig, run_scan
-from imgfeat.core.workspace import Workspace
-from tiny_images import corrupt_png, noise_image
 
 N_IMAGES = 40
 # Tiny and seeded: random weights, 32x32 inputs, 8-image batches, 16-row shards (3 shards).
 # Lite0's random features are O(0.1-1) and differ per image; a random-init MobileNetV2's are
 # ~1e-12, against which a 1e-5 tolerance would accept any bug.
-CFG = ExtractConfig(dataset="tiny", backbone="efficientnet_lite0", weights="none", input_size=32,
-                    batch_size=8, shard_size=16, dtype="float32")
+CFG = ExtractConfig(
+    dataset="tiny",
+    backbone="efficientnet_lite0",
+    weights="none",
+    input_size=32,
+    batch_size=8,
+    shard_size=16,
+    dtype="float32",
+)
 
 
 def RayConfig(**kwargs) -> ExecutorConfig:
     return ExecutorConfig(name="ray", **kwargs)
 
 
-def run_extract_ray(ws: Workspace, cfg: ExtractConfig, executor: ExecutorConfig, run_id: str,
-                    fault: Fault | None = None) -> dict:
+def run_extract_ray(
+    ws: Workspace, cfg: ExtractConfig, executor: ExecutorConfig, run_id: str, fault: Fault | None = None
+) -> dict:
     """The one extract driver, over the Ray executor (``fault``: the shard task's test seam)."""
     return run_extract(ws, cfg, run_id, executor, seam=fault).to_json()
 
@@ -80,8 +88,13 @@ def reference(tmp_path_factory, images):
     summary = run_extract(ws, CFG, "local").to_json()
     ids, X = load_features(ws, summary["featureset"])
     order = np.argsort(ids.astype(str))
-    return {"summary": summary, "ids": ids[order], "X": X[order], "errors": _error_codes(ws, summary["featureset"]),
-            "ws": ws}
+    return {
+        "summary": summary,
+        "ids": ids[order],
+        "X": X[order],
+        "errors": _error_codes(ws, summary["featureset"]),
+        "ws": ws,
+    }
 
 
 def _error_codes(ws: Workspace, fs: str) -> dict[str | None, tuple[str, str]]:
@@ -179,8 +192,7 @@ def test_ray_data_reads_the_folder_as_exactly_its_feature_rows(ray_cluster, refe
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_actor_killed_after_committing_is_restarted_without_duplicate_rows(ray_cluster, images, reference,
-                                                                           tmp_path):
+def test_actor_killed_after_committing_is_restarted_without_duplicate_rows(ray_cluster, images, reference, tmp_path):
     # After its commit is the worst moment: the retried batch must overwrite its own shard, not add one.
     ws = _workspace(tmp_path / "ws", images)
     marker = tmp_path / "fault-struck"
@@ -198,7 +210,8 @@ def test_actor_killed_after_committing_is_restarted_without_duplicate_rows(ray_c
 @pytest.mark.ray
 @pytest.mark.slow
 def test_local_run_interrupted_after_a_shard_is_finished_on_ray_despite_a_killed_actor(
-        ray_cluster, images, reference, tmp_path):
+    ray_cluster, images, reference, tmp_path
+):
     ws = _workspace(tmp_path / "ws", images)
     with pytest.raises(Exception, match="the run stops after one shard"):  # the local shard task's seam
         run_extract(ws, CFG, "local", seam=Fault("stop_after_one_shard", str(tmp_path / "local-struck")))
@@ -296,7 +309,20 @@ def test_cli_routes_executor_ray_to_the_ray_config(ws, capsys):
     """`imgfeat extract --executor ray` reaches the executor config: a bad address is a usage error."""
     from imgfeat.cli.main import main
 
-    code = main(["extract", "--dataset", "d", "--backbone", "efficientnet_lite0", "--weights", "none",
-                 "--executor", "ray", "--ray-address", "not an address"])
+    code = main(
+        [
+            "extract",
+            "--dataset",
+            "d",
+            "--backbone",
+            "efficientnet_lite0",
+            "--weights",
+            "none",
+            "--executor",
+            "ray",
+            "--ray-address",
+            "not an address",
+        ]
+    )
     assert code == 2
     assert "invalid Ray address 'not an address'" in capsys.readouterr().err

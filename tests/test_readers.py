@@ -12,12 +12,12 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from synthetic import BlobSpec, write_blob_dataset, write_featureset
+from tiny_images import noise_image
 
 from imgfeat.core import schemas as S
 from imgfeat.core.storage import list_shards
 from imgfeat.core.workspace import Workspace
-from synthetic import BlobSpec, write_blob_dataset, write_featureset
-from tiny_images import noise_image
 
 N_GOOD = 8  # images with a feature row; two more files become error rows
 TOY = BlobSpec(classes=("cat", "dog"), per_class=12, dim=8, separation=6.0)
@@ -49,8 +49,17 @@ def _extracted(ws: Workspace, images: Path) -> str:
     (images / "cat" / "empty.jpg").write_bytes(b"")
     (images / "dog" / "notes.jpg").write_bytes(b"this is not an image")
     run_scan(ws, ScanConfig(root=images, dataset="photos"), "scan1")
-    cfg = ExtractConfig(dataset="photos", backbone="efficientnet_lite0", weights="none", input_size=32,
-                        batch_size=4, shard_size=3, workers=1, dtype="float32", npy=True)
+    cfg = ExtractConfig(
+        dataset="photos",
+        backbone="efficientnet_lite0",
+        weights="none",
+        input_size=32,
+        batch_size=4,
+        shard_size=3,
+        workers=1,
+        dtype="float32",
+        npy=True,
+    )
     return run_extract(ws, cfg, "run1").featureset
 
 
@@ -94,8 +103,11 @@ def assert_exact_rows(got: pd.DataFrame, want: Expected, reader: str) -> None:
     g, w = got.set_index(want.key), want.rows.set_index(want.key)
     assert sorted(g.index) == sorted(w.index), reader
     if want.check == S.FEATURE:
-        np.testing.assert_array_equal(np.stack([np.asarray(v, np.float32) for v in g.loc[w.index, S.FEATURE]]),
-                                      np.stack(w[S.FEATURE].to_numpy()), err_msg=reader)
+        np.testing.assert_array_equal(
+            np.stack([np.asarray(v, np.float32) for v in g.loc[w.index, S.FEATURE]]),
+            np.stack(w[S.FEATURE].to_numpy()),
+            err_msg=reader,
+        )
     else:
         assert list(g.loc[w.index, want.check]) == list(w[want.check]), reader
 
@@ -216,8 +228,7 @@ def test_a_shard_being_written_is_not_in_the_folder(ws):
         with atomic_path(final) as tmp:
             tmp.write_bytes(b"PAR1 half a shard")
             assert tmp == temp_path(final) and not tmp.is_relative_to(folder)
-            for reader in ("pandas.read_parquet", "polars.read_parquet", "polars.scan_parquet",
-                           "duckdb.read_parquet"):
+            for reader in ("pandas.read_parquet", "polars.read_parquet", "polars.scan_parquet", "duckdb.read_parquet"):
                 assert_exact_rows(READERS[reader](str(folder)), want, reader)
             raise RuntimeError("writer died mid-shard")
     assert not tmp.exists() and not final.exists()
@@ -242,8 +253,7 @@ def test_hugging_face_datasets_loads_the_folder(tables, tmp_path, monkeypatch):
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
     for kind, want in tables.items():
-        got = datasets.load_dataset("parquet", data_dir=want.folder, split="train",
-                                    cache_dir=str(tmp_path / "cache"))
+        got = datasets.load_dataset("parquet", data_dir=want.folder, split="train", cache_dir=str(tmp_path / "cache"))
         assert_exact_rows(got.to_pandas(), want, f"datasets ({kind})")
 
 
@@ -266,10 +276,15 @@ def spark(tmp_path_factory):
     from pyspark.sql import SparkSession
 
     tmp = tmp_path_factory.mktemp("spark")
-    session = (SparkSession.builder.master("local[1]").appName("imgfeat-readers")
-               .config("spark.ui.enabled", "false").config("spark.sql.warehouse.dir", str(tmp / "warehouse"))
-               .config("spark.driver.memory", "512m").config("spark.local.dir", str(tmp / "local"))
-               .getOrCreate())
+    session = (
+        SparkSession.builder.master("local[1]")
+        .appName("imgfeat-readers")
+        .config("spark.ui.enabled", "false")
+        .config("spark.sql.warehouse.dir", str(tmp / "warehouse"))
+        .config("spark.driver.memory", "512m")
+        .config("spark.local.dir", str(tmp / "local"))
+        .getOrCreate()
+    )
     session.sparkContext.setLogLevel("ERROR")
     yield session
     session.stop()
@@ -301,9 +316,10 @@ def test_spark_cannot_read_float16_features(spark, tmp_path):
 
 def _dedup_tables(ws: Workspace) -> dict[str, Expected]:
     """A dedup run over generated vectors: a group of exact copies, near-copies and one leak."""
+    from synthetic import fake_image_id
+
     from imgfeat.index.dedup import DedupConfig, run_dedup
     from imgfeat.scan.manifest import write_manifest
-    from synthetic import fake_image_id
 
     rng = np.random.default_rng(0)
     X = rng.standard_normal((12, 16)).astype(np.float32)
@@ -318,8 +334,10 @@ def _dedup_tables(ws: Workspace) -> dict[str, Expected]:
     groups = _rows_of([Path(out["groups_table"]) / f for f in sorted(os.listdir(out["groups_table"]))])
     leaks = _rows_of([Path(out["leaks_table"]) / f for f in sorted(os.listdir(out["leaks_table"]))])
     assert (len(groups), len(leaks)) == (out["grouped_paths"], out["leaks"]) == (6, 1)
-    return {"groups": Expected(out["groups_table"], groups, S.PATH, S.GROUP_ID),
-            "leaks": Expected(out["leaks_table"], leaks, S.PATH, S.NEAREST_PATH)}
+    return {
+        "groups": Expected(out["groups_table"], groups, S.PATH, S.GROUP_ID),
+        "leaks": Expected(out["leaks_table"], leaks, S.PATH, S.NEAREST_PATH),
+    }
 
 
 @pytest.mark.quick

@@ -13,14 +13,33 @@ from imgfeat.extract.recipe import Provenance, Recipe, WeightsId, WeightsSource
 
 SHA = "ab" * 32
 KNOWN = Recipe("mobilenet_v2", WeightsId(SHA), 224, "avg", None, "bilinear", False, "rotate", "float32", "float16")
-TAP = Recipe("mobilenet_v2", WeightsId(None, 3, "tensorflow"), 96, "max", "block_13_expand_relu", "bicubic", True,
-             "ignore", "bfloat16", "float32")
+TAP = Recipe(
+    "mobilenet_v2",
+    WeightsId(None, 3, "tensorflow"),
+    96,
+    "max",
+    "block_13_expand_relu",
+    "bicubic",
+    True,
+    "ignore",
+    "bfloat16",
+    "float32",
+)
 # A different value for every field of Recipe and of WeightsId (random weights: seed and backend count).
 CHANGES = {
-    "backbone": "resnet50", "weights": WeightsId("cd" * 32), "input_size": 225, "pooling": "max",
-    "layer": "block_1_expand", "interpolation": "nearest", "fast_decode": True, "exif": "ignore",
-    "precision": "bfloat16", "dtype": "float32", "decoder": "nvimgcodec",
-    "crop": "centre", "antialias": False,
+    "backbone": "resnet50",
+    "weights": WeightsId("cd" * 32),
+    "input_size": 225,
+    "pooling": "max",
+    "layer": "block_1_expand",
+    "interpolation": "nearest",
+    "fast_decode": True,
+    "exif": "ignore",
+    "precision": "bfloat16",
+    "dtype": "float32",
+    "decoder": "nvimgcodec",
+    "crop": "centre",
+    "antialias": False,
 }
 WEIGHT_CHANGES = {"sha256": "ef" * 32, "seed": 4, "backend": "jax"}
 
@@ -56,16 +75,20 @@ def test_the_gpu_decoder_is_named_in_the_fingerprint_and_round_trips():
     assert back.recipe.decoder == "nvimgcodec" and back.matches_name()
     assert decode_mode_of("nvimgcodec") == "gpu" and decode_mode_of("pillow") == "auto"
     # a provenance written before the field existed reads as Pillow's
-    old = {k: v for k, v in Provenance(TAP, WeightsSource("none", None, 3), 576, None, None, None,
-                                       TAP.name()).to_json().items() if k != "decoder"}
+    old = {
+        k: v
+        for k, v in Provenance(TAP, WeightsSource("none", None, 3), 576, None, None, None, TAP.name()).to_json().items()
+        if k != "decoder"
+    }
     assert Provenance.from_json(old).recipe.decoder == "pillow"
     assert ExtractConfig(dataset="d", backbone="mobilenet_v2", decode="processes").decode == "processes"
 
 
 @pytest.mark.quick
 def test_provenance_round_trips_through_json():
-    prov = Provenance(TAP, WeightsSource("none", None, 3), 576, "3.15", "tensorflow", "2026-01-01T00:00:00+00:00",
-                      TAP.name())
+    prov = Provenance(
+        TAP, WeightsSource("none", None, 3), 576, "3.15", "tensorflow", "2026-01-01T00:00:00+00:00", TAP.name()
+    )
     obj = json.loads(json.dumps(prov.to_json()))
     assert Provenance.from_json(obj) == prov and prov.matches_name()
     assert obj["fingerprint"] == TAP.fingerprint() and obj["weights"] == "none:seed=3:backend=tensorflow"
@@ -101,6 +124,9 @@ def test_the_crop_rule_is_named_in_the_fingerprint_and_round_trips():
     back = Provenance.from_json(json.loads(json.dumps(prov.to_json())))
     assert back.recipe.crop == "centre" and back.matches_name()
     assert back.recipe.decode_config().crop == "centre"
-    old = {k: v for k, v in Provenance(TAP, WeightsSource("none", None, 3), 576, None, None, None,
-                                       TAP.name()).to_json().items() if k != "crop"}
+    old = {
+        k: v
+        for k, v in Provenance(TAP, WeightsSource("none", None, 3), 576, None, None, None, TAP.name()).to_json().items()
+        if k != "crop"
+    }
     assert Provenance.from_json(old).recipe.crop == "none"

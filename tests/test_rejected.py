@@ -56,9 +56,16 @@ def test_a_rejected_command_does_not_create_a_mistyped_workspace(tmp_path, capsy
 
 
 @pytest.mark.quick
-@pytest.mark.parametrize("command", [["scan", "ROOT", "--dataset", "d"], ["run", "job.toml"],
-                                     ["train", "--dataset", "d", "--featureset", "f"],
-                                     ["predict", "--head", "h", "--dataset", "d"], ["report", "--head", "h"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["scan", "ROOT", "--dataset", "d"],
+        ["run", "job.toml"],
+        ["train", "--dataset", "d", "--featureset", "f"],
+        ["predict", "--head", "h", "--dataset", "d"],
+        ["report", "--head", "h"],
+    ],
+)
 def test_wait_must_be_zero_or_more_seconds(tmp_path, capsys, command):
     with pytest.raises(SystemExit) as exc:
         main([*command, "--wait", "-5", "--workspace", str(tmp_path / "ws")])

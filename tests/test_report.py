@@ -8,16 +8,15 @@ import re
 import numpy as np
 import pytest
 from PIL import Image
+from synthetic import BlobSpec, write_blob_dataset
 
 from imgfeat.cli.main import main
-from imgfeat.heads import PredictConfig, ReportConfig, TrainConfig, run_predict, run_report, run_train
-from synthetic import BlobSpec, write_blob_dataset
 from imgfeat.core.workspace import Workspace
+from imgfeat.heads import PredictConfig, ReportConfig, TrainConfig, run_predict, run_report, run_train
 
 CLASSES = ("cat", "dog", "fox", "owl", "emu")
 # Overlapping classes, so the head makes mistakes for the gallery to show.
 SPEC = BlobSpec(classes=CLASSES, per_class=24, dim=24, separation=2.5)
-
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +61,7 @@ def test_report_is_titled_by_the_head_name_and_found_by_it(reported, capsys):
 def test_report_lists_every_class_and_the_metrics(reported):
     ws, head_id, _ = reported
     page = (ws.report_dir(head_id) / "index.html").read_text()
-    table = page[page.index("<table>"):page.index("</table>")]
+    table = page[page.index("<table>") : page.index("</table>")]
     rows = re.findall(r"<tr><td>([^<]+)</td>", table)
     assert rows == sorted(CLASSES)
     assert head_id in page and "macro avg" in table and "test accuracy" in page
@@ -97,9 +96,11 @@ def test_an_auto_head_shows_every_kinds_score_and_only_the_winners_parameters():
     from imgfeat.heads.report import kinds_compared
     from imgfeat.heads.train import params_for
 
-    cv = {"logreg": {"mean": 0.81, "std": 0.02, "folds": [0.8, 0.82]},
-          "svm": {"mean": 0.86, "std": 0.01, "folds": [0.85, 0.87]},
-          "mlp": {"mean": 0.40, "std": 0.05, "folds": [0.35, 0.45]}}
+    cv = {
+        "logreg": {"mean": 0.81, "std": 0.02, "folds": [0.8, 0.82]},
+        "svm": {"mean": 0.86, "std": 0.01, "folds": [0.85, 0.87]},
+        "mlp": {"mean": 0.40, "std": 0.05, "folds": [0.35, 0.45]},
+    }
     html = kinds_compared({"head": "auto", "model_kind": "svm", "cv": cv})
     assert "svm won" in html and "<b>winner</b>" in html
     kinds = re.findall(r"<tr[^>]*><td>(\w+)", html)

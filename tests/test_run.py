@@ -14,8 +14,8 @@ import pytest
 
 from imgfeat.cli.main import main
 from imgfeat.core import schemas as S
-from imgfeat.tools.samples import PhotoSetSpec, make_photo_set
 from imgfeat.core.storage import FileLock
+from imgfeat.tools.samples import PhotoSetSpec, make_photo_set
 
 pytestmark = pytest.mark.slow
 
@@ -84,8 +84,10 @@ def test_first_run_rerun_and_growth(ws, job, capsys):
 
     # Add 5 images, remove 2: exactly the 5 new ones are extracted.
     images = job.parent / "images"
-    extra = make_photo_set(job.parent / "extra", PhotoSetSpec(classes=CLASSES[:1], per_class=5, seed=7,
-                                                              min_side=64, max_side=96, test_fraction=0.0))
+    extra = make_photo_set(
+        job.parent / "extra",
+        PhotoSetSpec(classes=CLASSES[:1], per_class=5, seed=7, min_side=64, max_side=96, test_fraction=0.0),
+    )
     for p in extra:
         shutil.copy(p, images / "train" / "cat" / f"new_{p.name}")
     removed = sorted((images / "train" / "rocket").iterdir())[:2]
@@ -111,9 +113,11 @@ def test_first_run_rerun_and_growth(ws, job, capsys):
 
 def files_outside_runs(ws) -> dict[str, tuple[int, bytes]]:
     """Every file a run leaves, but run records and lock files (a lock names its last holder)."""
-    return {str(p.relative_to(ws.root)): (p.stat().st_mtime_ns, p.read_bytes())
-            for p in sorted(ws.root.rglob("*"))
-            if p.is_file() and p.relative_to(ws.root).parts[0] not in ("runs", ".locks")}
+    return {
+        str(p.relative_to(ws.root)): (p.stat().st_mtime_ns, p.read_bytes())
+        for p in sorted(ws.root.rglob("*"))
+        if p.is_file() and p.relative_to(ws.root).parts[0] not in ("runs", ".locks")
+    }
 
 
 # After the CLI's run: which libraries only model work needs did it import?
@@ -134,8 +138,13 @@ def test_a_rerun_with_nothing_new_writes_nothing_and_loads_no_model_library(ws, 
     assert any(k.startswith("reports/") for k in before) and any(k.startswith("names/") for k in before)
 
     env = {**os.environ, "IMGFEAT_WORKSPACE": str(ws.root)}
-    proc = subprocess.run([sys.executable, "-c", HEAVY_PROBE, "run", str(job), "--json"], env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", HEAVY_PROBE, "run", str(job), "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     again = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
     assert again["model_work"] is False and list(again["train"].values())[0]["reused"]
@@ -192,8 +201,9 @@ def test_a_held_stage_fails_fast_or_waits(ws, job, capsys):
 def test_two_concurrent_runs_with_wait_both_finish_cleanly(ws, job):
     env = {**os.environ, "IMGFEAT_WORKSPACE": str(ws.root)}
     cmd = [sys.executable, "-m", "imgfeat", "run", str(job), "--json", "--wait", "300"]
-    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
+    ]
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (_out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-2000:]
@@ -203,6 +213,7 @@ def test_two_concurrent_runs_with_wait_both_finish_cleanly(ws, job):
     ids = feature_ids(ws, summaries[0])
     assert len(ids) == len(set(ids)) == 36
     head = list(summaries[0]["train"].values())[0]["head_id"]
-    pred_ids = [i for p in ws.predictions_dir(head).glob("part-*.parquet")
-                for i in pq.read_table(p)[S.IMAGE_ID].to_pylist()]
+    pred_ids = [
+        i for p in ws.predictions_dir(head).glob("part-*.parquet") for i in pq.read_table(p)[S.IMAGE_ID].to_pylist()
+    ]
     assert len(pred_ids) == len(set(pred_ids)) == 36

@@ -6,13 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
+from tiny_images import write_noise_images
 
 from imgfeat.cli.main import main
 from imgfeat.cli.report_lines import print_run_summary
 from imgfeat.core.workspace import Workspace
 from imgfeat.heads.train import TrainSummary
 from imgfeat.run.summary import RunSummary
-from tiny_images import write_noise_images
 
 # 'flat' has no split folders and its head holds out nothing (test_fraction 0); 'split' has a
 # test folder whose only class never appears in train, so no row can be scored. (Two recipes,
@@ -79,18 +79,36 @@ def test_heads_without_evaluation_rows_exit_0_and_say_why(ws, job, capsys):
 
 
 def train_summary(accuracy, unseen: int = 0) -> TrainSummary:
-    return TrainSummary(head_id="d-logreg-00000000", name="h", reused=False, head="logreg", model_kind="sklearn",
-                        dataset="d", featureset="fs", classes=["a", "b"], metrics={"test_accuracy": accuracy},
-                        chosen=None, n_train=4, n_test=0, eval_split=None, left_out={"unseen_test_labels": unseen})
+    return TrainSummary(
+        head_id="d-logreg-00000000",
+        name="h",
+        reused=False,
+        head="logreg",
+        model_kind="sklearn",
+        dataset="d",
+        featureset="fs",
+        classes=["a", "b"],
+        metrics={"test_accuracy": accuracy},
+        chosen=None,
+        n_train=4,
+        n_test=0,
+        eval_split=None,
+        left_out={"unseen_test_labels": unseen},
+    )
 
 
 @pytest.mark.quick
-@pytest.mark.parametrize("entry, words", [
-    (train_summary(0.5), "test accuracy 50.0% -> "),
-    (train_summary(None), "no test accuracy: no evaluation rows: the dataset has no test or val split and "
-                          "test_fraction is 0"),
-    (train_summary(None, unseen=3), "no test accuracy: no evaluation rows: the 3 test rows all have labels"),
-])
+@pytest.mark.parametrize(
+    "entry, words",
+    [
+        (train_summary(0.5), "test accuracy 50.0% -> "),
+        (
+            train_summary(None),
+            "no test accuracy: no evaluation rows: the dataset has no test or val split and test_fraction is 0",
+        ),
+        (train_summary(None, unseen=3), "no test accuracy: no evaluation rows: the 3 test rows all have labels"),
+    ],
+)
 def test_the_text_and_json_summaries_give_an_accuracy_or_why_there_is_none(entry, words, capsys, tmp_path):
     from imgfeat.run.run import no_accuracy_reason
 

@@ -54,8 +54,12 @@ def test_synthetic_featureset_is_readable_labelled_and_never_a_real_backbone(tmp
 def test_ratios_compare_each_n_with_the_previous_successful_one():
     scale = _scale()
     Row = scale.Row
-    rows = [Row("images", "train", 100, 0, 10.0, 10.0, 200.0), Row("images", "train", 1000, 0, 50.0, 20.0, 300.0),
-            Row("images", "train", 10000, 1, 1.0, 1.0, 100.0), Row("images", "scan", 100, 0, 1.0, 100.0, 50.0)]
+    rows = [
+        Row("images", "train", 100, 0, 10.0, 10.0, 200.0),
+        Row("images", "train", 1000, 0, 50.0, 20.0, 300.0),
+        Row("images", "train", 10000, 1, 1.0, 1.0, 100.0),
+        Row("images", "scan", 100, 0, 1.0, 100.0, 50.0),
+    ]
     scale.add_ratios(rows)
     assert rows[0].per_item_ratio is None and rows[3].per_item_ratio is None
     assert rows[1].per_item_ratio == pytest.approx(0.5) and rows[1].rss_ratio == pytest.approx(1.5)
@@ -65,9 +69,24 @@ def test_ratios_compare_each_n_with_the_previous_successful_one():
 @pytest.mark.slow
 def test_tiny_run_measures_every_stage_at_every_size(tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--sizes", "30,60", "--feature-sizes", "60,120",
-                           "--out", str(out), "--images-dir", str(tmp_path / "images"), "--workers", "1"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--sizes",
+            "30,60",
+            "--feature-sizes",
+            "60,120",
+            "--out",
+            str(out),
+            "--images-dir",
+            str(tmp_path / "images"),
+            "--workers",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((out / "scale.json").read_text())["rows"]
     got = {(r["source"], r["stage"], r["n"]) for r in rows}

@@ -14,17 +14,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from tiny_images import encode, noise_image, png_chunk
+from tiny_images import jpeg_bytes as jpeg
 
-from imgfeat.scan import probe as probe_mod
-from imgfeat.scan import scan as scan_mod
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError, LockBusyError
-from imgfeat.core.storage import temp_path
-from imgfeat.scan.manifest import manifest_info, read_manifest
-from imgfeat.scan.scan import ScanConfig, fraction_split, folder_label_split, plan_scan, run_scan
-from imgfeat.core.storage import FileLock
+from imgfeat.core.storage import FileLock, temp_path
 from imgfeat.core.workspace import Workspace
-from tiny_images import encode, jpeg_bytes as jpeg, noise_image, png_chunk
+from imgfeat.scan import probe as probe_mod
+from imgfeat.scan import scan as scan_mod
+from imgfeat.scan.manifest import manifest_info, read_manifest
+from imgfeat.scan.scan import ScanConfig, folder_label_split, fraction_split, plan_scan, run_scan
 
 pytestmark = pytest.mark.quick
 
@@ -34,8 +34,12 @@ pytestmark = pytest.mark.quick
 def png_bomb(width=100_000, height=100_000) -> bytes:
     """A valid-looking PNG of a few dozen bytes that declares a huge size."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr)
-            + png_chunk(b"IDAT", zlib.compress(b"\0" * 16)) + png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", zlib.compress(b"\0" * 16))
+        + png_chunk(b"IEND", b"")
+    )
 
 
 def exif_rotated_jpeg() -> bytes:
@@ -78,7 +82,14 @@ AWKWARD = [
     ("alpha.png", lambda: encode(noise_image(mode="RGBA"), "PNG"), S.STATUS_OK, (32, 24), "PNG", "RGBA"),
     ("deep.png", png16, S.STATUS_OK, (8, 6), "PNG", "I;16"),
     ("gray.jpg", lambda: encode(noise_image(mode="L"), "JPEG"), S.STATUS_OK, (32, 24), "JPEG", "L"),
-    ("cmyk.jpg", lambda: encode(Image.new("CMYK", (9, 7), (0, 50, 100, 0)), "JPEG"), S.STATUS_OK, (9, 7), "JPEG", "CMYK"),
+    (
+        "cmyk.jpg",
+        lambda: encode(Image.new("CMYK", (9, 7), (0, 50, 100, 0)), "JPEG"),
+        S.STATUS_OK,
+        (9, 7),
+        "JPEG",
+        "CMYK",
+    ),
     ("palette.gif", lambda: encode(noise_image().convert("P"), "GIF"), S.STATUS_OK, (32, 24), "GIF", "P"),
     ("animated.gif", animated_gif, S.STATUS_OK, (12, 10), "GIF", "P"),
     ("photo.webp", lambda: encode(noise_image(), "WEBP"), S.STATUS_OK, (32, 24), "WEBP", "RGB"),
@@ -93,8 +104,13 @@ AWKWARD = [
     ("nested/deeper/inner.Png", lambda: encode(noise_image(7), "PNG"), S.STATUS_OK, (32, 24), "PNG", "RGB"),
 ]
 # Entries that must not become rows.
-NOT_ROWS = {".DS_Store": b"\0\0\0\1Bud1", "._photo.jpg": b"\0\5\26\7", ".cache/thumb.jpg": None,
-            "notes.txt": b"a note", "README": b"no extension"}
+NOT_ROWS = {
+    ".DS_Store": b"\0\0\0\1Bud1",
+    "._photo.jpg": b"\0\5\26\7",
+    ".cache/thumb.jpg": None,
+    "notes.txt": b"a note",
+    "README": b"no extension",
+}
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from tiny_images import encode, jpeg_bytes, noise_image, png_bytes
 
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError
@@ -16,7 +17,6 @@ from imgfeat.scan.probe import has_image_extension, probe_file, truncation
 from imgfeat.scan.rescan import OldRow, classify, walk_key
 from imgfeat.scan.scan import Labeller, fraction_split, read_labels_csv, relabel, repixel
 from imgfeat.scan.walk import FileEntry, WalkOptions, WalkStats, walk
-from tiny_images import encode, jpeg_bytes, noise_image, png_bytes
 
 pytestmark = pytest.mark.quick
 
@@ -25,9 +25,15 @@ pytestmark = pytest.mark.quick
 def tree(tmp_path) -> Path:
     """root/{b/2.jpg, b/10.png, a.jpg, .hidden.jpg, .dot/x.jpg, notes.txt, c/d/deep.JPG}."""
     root = tmp_path / "root"
-    for rel, data in [("b/2.jpg", jpeg_bytes(1)), ("b/10.png", png_bytes(2)), ("a.jpg", jpeg_bytes(3)),
-                      (".hidden.jpg", jpeg_bytes(4)), (".dot/x.jpg", jpeg_bytes(5)), ("notes.txt", b"text"),
-                      ("c/d/deep.JPG", jpeg_bytes(6))]:
+    for rel, data in [
+        ("b/2.jpg", jpeg_bytes(1)),
+        ("b/10.png", png_bytes(2)),
+        ("a.jpg", jpeg_bytes(3)),
+        (".hidden.jpg", jpeg_bytes(4)),
+        (".dot/x.jpg", jpeg_bytes(5)),
+        ("notes.txt", b"text"),
+        ("c/d/deep.JPG", jpeg_bytes(6)),
+    ]:
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
@@ -88,8 +94,18 @@ def test_a_broken_link_is_an_entry_with_a_stat_error(tree):
     assert entry.size is None and "broken symbolic link" in entry.stat_error
 
 
-@pytest.mark.parametrize("name, want", [("a.jpg", True), ("A.JPEG", True), ("x.webp", True), ("x.txt", False),
-                                        (".jpg", False), ("jpg", False), ("archive.tar.gz", False)])
+@pytest.mark.parametrize(
+    "name, want",
+    [
+        ("a.jpg", True),
+        ("A.JPEG", True),
+        ("x.webp", True),
+        ("x.txt", False),
+        (".jpg", False),
+        ("jpg", False),
+        ("archive.tar.gz", False),
+    ],
+)
 def test_has_image_extension(name, want):
     assert has_image_extension(name) is want
 
@@ -106,12 +122,15 @@ def test_probe_hashes_the_bytes_and_reads_the_header(tmp_path):
     assert (probe.status, probe.width, probe.height, probe.format, probe.mode) == (S.STATUS_OK, 12, 7, "PNG", "RGB")
 
 
-@pytest.mark.parametrize("data, max_pixels, status", [
-    (b"", 10_000, S.STATUS_EMPTY),
-    (b"plain text, not pixels", 10_000, S.STATUS_NOT_AN_IMAGE),
-    (jpeg_bytes(1, (40, 30))[:-300], 10_000, S.STATUS_TRUNCATED),
-    (png_bytes(1, (40, 30)), 1_000, S.STATUS_TOO_LARGE),
-])
+@pytest.mark.parametrize(
+    "data, max_pixels, status",
+    [
+        (b"", 10_000, S.STATUS_EMPTY),
+        (b"plain text, not pixels", 10_000, S.STATUS_NOT_AN_IMAGE),
+        (jpeg_bytes(1, (40, 30))[:-300], 10_000, S.STATUS_TRUNCATED),
+        (png_bytes(1, (40, 30)), 1_000, S.STATUS_TOO_LARGE),
+    ],
+)
 def test_probe_statuses(tmp_path, data, max_pixels, status):
     path = tmp_path / "f.jpg"
     path.write_bytes(data)
@@ -160,8 +179,18 @@ def test_labels_csv_paths_are_normalised(tmp_path):
 
 
 def test_repixel_and_relabel_rewrite_carried_rows():
-    rows = [{S.IMAGE_ID: "a" * 32, S.PATH: "cat/x.jpg", S.LABEL: "cat", S.SPLIT: None, S.WIDTH: 100,
-             S.HEIGHT: 100, S.STATUS: S.STATUS_OK, S.ERROR: None}]
+    rows = [
+        {
+            S.IMAGE_ID: "a" * 32,
+            S.PATH: "cat/x.jpg",
+            S.LABEL: "cat",
+            S.SPLIT: None,
+            S.WIDTH: 100,
+            S.HEIGHT: 100,
+            S.STATUS: S.STATUS_OK,
+            S.ERROR: None,
+        }
+    ]
     out = repixel(rows, max_pixels=5_000)
     assert out[0][S.STATUS] == S.STATUS_TOO_LARGE and "100x100" in out[0][S.ERROR]
     assert repixel(rows, max_pixels=20_000)[0][S.STATUS] == S.STATUS_OK
@@ -173,15 +202,18 @@ def test_repixel_and_relabel_rewrite_carried_rows():
 # ---------------------------------------------------------------- rescan matching
 
 
-@pytest.mark.parametrize("old, want", [
-    (None, "added"),
-    (OldRow(0, 10, 5, S.STATUS_OK, 4, 4), "unchanged"),
-    (OldRow(0, 11, 5, S.STATUS_OK, 4, 4), "changed"),
-    (OldRow(0, 10, 6, S.STATUS_OK, 4, 4), "changed"),
-    (OldRow(0, 10, 5, S.STATUS_UNREADABLE, None, None), "retried"),
-    (OldRow(0, 10, 5, S.STATUS_TOO_LARGE, 4, 4), "retried"),  # now under the limit
-    (OldRow(0, 10, 5, S.STATUS_TOO_LARGE, 400, 400), "unchanged"),  # still over it
-])
+@pytest.mark.parametrize(
+    "old, want",
+    [
+        (None, "added"),
+        (OldRow(0, 10, 5, S.STATUS_OK, 4, 4), "unchanged"),
+        (OldRow(0, 11, 5, S.STATUS_OK, 4, 4), "changed"),
+        (OldRow(0, 10, 6, S.STATUS_OK, 4, 4), "changed"),
+        (OldRow(0, 10, 5, S.STATUS_UNREADABLE, None, None), "retried"),
+        (OldRow(0, 10, 5, S.STATUS_TOO_LARGE, 4, 4), "retried"),  # now under the limit
+        (OldRow(0, 10, 5, S.STATUS_TOO_LARGE, 400, 400), "unchanged"),  # still over it
+    ],
+)
 def test_classify_a_walked_file_against_its_old_row(old, want):
     entry = FileEntry("a.jpg", "/r/a.jpg", 10, 5)
     assert classify(entry, old, max_pixels=1_000) == want

@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from synthetic import synthetic_provenance
+from tiny_images import noise_image
 
 from imgfeat.core import schemas as S
 from imgfeat.core.schemas import ErrorRow
 from imgfeat.core.workspace import Workspace
 from imgfeat.extract.shards import FeaturesetDirs, FeaturesetWriter, next_shard_tag
-from tiny_images import noise_image
-from synthetic import synthetic_provenance
 
 RUN = "20260101T000000Z-aaaaaa"
 
@@ -75,8 +75,10 @@ def _two_datasets(tmp_path: Path, ws: Workspace) -> dict[str, list[str]]:
             noise_image(100 * k + i, (36, 30)).save(root / f"{i}.jpg", quality=90)
         (root / "junk.jpg").write_bytes(f"not an image {k}".encode())
         run_scan(ws, ScanConfig(root=root, dataset=name), "scan")
-    return {name: [r[S.IMAGE_ID] for r in read_manifest(ws, name).to_pylist() if r[S.STATUS] == S.STATUS_OK]
-            for name in ("one", "two")}
+    return {
+        name: [r[S.IMAGE_ID] for r in read_manifest(ws, name).to_pylist() if r[S.STATUS] == S.STATUS_OK]
+        for name in ("one", "two")
+    }
 
 
 @pytest.mark.slow
@@ -128,10 +130,11 @@ cv = 2
 
 @pytest.mark.slow
 def test_run_with_one_recipe_over_two_datasets_trains_both_heads(ws, tmp_path, capsys):
+    from tiny_images import write_noise_images
+
     from imgfeat.cli.main import main
     from imgfeat.extract.featureset import committed_ids
     from imgfeat.scan.manifest import read_manifest
-    from tiny_images import write_noise_images
 
     write_noise_images(tmp_path / "one", 8, classes=("cat", "dog"))
     write_noise_images(tmp_path / "two", 8, seed=100, classes=("cat", "dog"))

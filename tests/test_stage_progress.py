@@ -5,10 +5,10 @@ from __future__ import annotations
 import re
 
 import pytest
+from tiny_images import write_noise_images
 
 from imgfeat.core.workspace import Workspace
 from imgfeat.scan.scan import ScanConfig, run_scan
-from tiny_images import write_noise_images
 
 
 @pytest.mark.quick

@@ -15,12 +15,12 @@ import pytest
 
 from imgfeat.core.errors import ImgfeatError, LockBusyError
 from imgfeat.core.storage import (
-    remove_file,
-    remove_tree,
     FileLock,
     atomic_path,
     list_shards,
+    remove_file,
     remove_stale_tmp,
+    remove_tree,
     shard_name,
     write_json_atomic,
     write_table_atomic,
@@ -82,8 +82,9 @@ HOLDER = textwrap.dedent(
 
 
 def _hold(lock_path, seconds):
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(lock_path), str(seconds)],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(lock_path), str(seconds)], stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline().strip() == "locked"
     return proc
 
@@ -131,7 +132,11 @@ def test_deletion_never_follows_a_link_out_of_the_root(tmp_path):
     assert remove_tree(root / "real", root)  # a real folder holding a link: the link goes, not its target
     assert not remove_tree(root / "heads" / "h" / "sub", root)  # through a link: nothing is deleted
     assert sorted(p.relative_to(outside).as_posix() for p in outside.rglob("*")) == [
-        "head.json", "sub", "sub/y.tmp", "x.tmp"]
+        "head.json",
+        "sub",
+        "sub/y.tmp",
+        "x.tmp",
+    ]
     assert not (root / "real").exists() and (root / "heads" / "h").is_symlink()
     assert remove_tree(root / "heads" / "h", root)  # the link itself goes, its target stays
     assert not (root / "heads" / "h").is_symlink() and (outside / "head.json").is_file()

@@ -6,6 +6,7 @@ import dataclasses
 import json
 
 import pytest
+from tiny_images import write_noise_images
 
 from imgfeat.extract.extract import ExtractSummary
 from imgfeat.finetune.train import FinetuneSummary
@@ -16,16 +17,44 @@ from imgfeat.index.build import IndexSummary
 from imgfeat.index.dedup import DedupSummary
 from imgfeat.run.summary import ErrorRate, RunSummary
 from imgfeat.scan.scan import ScanConfig, ScanPlan, ScanSummary, plan_scan, run_scan
-from tiny_images import write_noise_images
 
 pytestmark = pytest.mark.quick
 
-SCAN_KEYS = ["dataset", "root", "manifest", "files", "added", "changed", "unchanged", "removed", "retried",
-             "hashed", "ok", "errors", "status", "labels", "splits", "skipped", "skipped_total",
-             "labels_csv_missing", "seconds", "files_per_s"]
+SCAN_KEYS = [
+    "dataset",
+    "root",
+    "manifest",
+    "files",
+    "added",
+    "changed",
+    "unchanged",
+    "removed",
+    "retried",
+    "hashed",
+    "ok",
+    "errors",
+    "status",
+    "labels",
+    "splits",
+    "skipped",
+    "skipped_total",
+    "labels_csv_missing",
+    "seconds",
+    "files_per_s",
+]
 PLAN_KEYS = ["dataset", "root", "new", "changed", "unchanged", "removed", "skipped"]
-RUN_KEYS = ["job", "scan", "extract", "train", "predict", "report", "timings", "model_work", "error_rates",
-            "items_per_s"]
+RUN_KEYS = [
+    "job",
+    "scan",
+    "extract",
+    "train",
+    "predict",
+    "report",
+    "timings",
+    "model_work",
+    "error_rates",
+    "items_per_s",
+]
 
 
 def test_scan_summary_and_plan_are_frozen_with_todays_keys(ws, tmp_path):
@@ -55,8 +84,16 @@ def sample(cls: type) -> object:
     return cls(**{f.name: _value(f.type) for f in dataclasses.fields(cls)})
 
 
-RESULTS = [ScanSummary, ScanPlan, TrainSummary, PredictSummary, FinetuneSummary, DedupSummary, IndexSummary,
-           ReportSummary]
+RESULTS = [
+    ScanSummary,
+    ScanPlan,
+    TrainSummary,
+    PredictSummary,
+    FinetuneSummary,
+    DedupSummary,
+    IndexSummary,
+    ReportSummary,
+]
 
 
 @pytest.mark.parametrize("cls", RESULTS, ids=lambda c: c.__name__)
@@ -69,12 +106,34 @@ def test_every_stage_result_comes_back_from_its_json(cls):
 
 
 def _run_summary() -> RunSummary:
-    extract = ExtractSummary("fs", "d", 4, 3, 1, 0, 1, {"empty": 1}, 0, 1, True, 1, 32, 2.0, loop_seconds=1.0,
-                             commit_records={"recorded": 0, "adopted": 0, "set_aside": 0})
+    extract = ExtractSummary(
+        "fs",
+        "d",
+        4,
+        3,
+        1,
+        0,
+        1,
+        {"empty": 1},
+        0,
+        1,
+        True,
+        1,
+        32,
+        2.0,
+        loop_seconds=1.0,
+        commit_records={"recorded": 0, "adopted": 0, "set_aside": 0},
+    )
     train = dataclasses.replace(sample(TrainSummary), metrics={"test_accuracy": None}, reused=True)
-    summary = RunSummary("job.toml", scan={"d": sample(ScanSummary)}, extract={"lite0/d": extract},
-                         train={"h": train}, predict={"h/d": sample(PredictSummary)},
-                         report={"h": sample(ReportSummary)}, timings={"scan": 0.5})
+    summary = RunSummary(
+        "job.toml",
+        scan={"d": sample(ScanSummary)},
+        extract={"lite0/d": extract},
+        train={"h": train},
+        predict={"h/d": sample(PredictSummary)},
+        report={"h": sample(ReportSummary)},
+        timings={"scan": 0.5},
+    )
     summary.no_accuracy["h"] = "no evaluation rows: why"
     summary.error_rates["lite0/d"] = ErrorRate(errors=1, images=4)
     return summary
@@ -104,15 +163,19 @@ def test_run_summary_gives_each_timed_stage_its_items_per_second(tmp_path, capsy
 
     extract = _run_summary().extract["lite0/d"]
     predicted = sample(PredictSummary)
-    summary = RunSummary("j", extract={"a/d": dataclasses.replace(extract, extracted=30),
-                                       "b/d": dataclasses.replace(extract, extracted=10)},
-                         predict={"h/d": dataclasses.replace(predicted, written=0)},
-                         train={"h": sample(TrainSummary)},
-                         timings={"extract": 4.0, "predict": 1.0, "train": 2.0})
+    summary = RunSummary(
+        "j",
+        extract={"a/d": dataclasses.replace(extract, extracted=30), "b/d": dataclasses.replace(extract, extracted=10)},
+        predict={"h/d": dataclasses.replace(predicted, written=0)},
+        train={"h": sample(TrainSummary)},
+        timings={"extract": 4.0, "predict": 1.0, "train": 2.0},
+    )
     # extract: both featuresets over the stage's time; nothing predicted, and train has no items
     assert summary.items_per_s == {"extract": 10.0} == summary.to_json()["items_per_s"]
-    print_run_summary(Workspace(tmp_path), RunSummary("j", predict={"h/d": dataclasses.replace(predicted, written=30)},
-                                                       timings={"predict": 4.0}))
+    print_run_summary(
+        Workspace(tmp_path),
+        RunSummary("j", predict={"h/d": dataclasses.replace(predicted, written=30)}, timings={"predict": 4.0}),
+    )
     assert capsys.readouterr().out.splitlines()[-1] == "speed    predict 7.5 rows/s"
 
 

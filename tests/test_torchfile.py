@@ -17,8 +17,12 @@ from imgfeat.backbones.torchfile import LEGACY_MAGIC, LEGACY_PROTOCOL, TorchFile
 
 pytestmark = pytest.mark.quick
 
-_TORCH_NAMES = {np.dtype("float32"): "FloatStorage", np.dtype("float16"): "HalfStorage",
-                np.dtype("int64"): "LongStorage", np.dtype("uint8"): "ByteStorage"}
+_TORCH_NAMES = {
+    np.dtype("float32"): "FloatStorage",
+    np.dtype("float16"): "HalfStorage",
+    np.dtype("int64"): "LongStorage",
+    np.dtype("uint8"): "ByteStorage",
+}
 
 
 def _fake_torch(monkeypatch) -> types.SimpleNamespace:
@@ -47,8 +51,17 @@ class _Tensor:
         self.fake, self.key, self.offset, self.shape, self.stride = fake, key, offset, shape, stride
 
     def __reduce__(self):
-        return (self.fake.rebuild, (("storage", self.key), self.offset, self.shape, self.stride, False,
-                                    __import__("collections").OrderedDict()))
+        return (
+            self.fake.rebuild,
+            (
+                ("storage", self.key),
+                self.offset,
+                self.shape,
+                self.stride,
+                False,
+                __import__("collections").OrderedDict(),
+            ),
+        )
 
 
 def legacy_save(fake, tensors: dict[str, tuple[str, int, tuple, tuple]], storages: dict[str, np.ndarray]) -> bytes:
@@ -65,9 +78,7 @@ def legacy_save(fake, tensors: dict[str, tuple[str, int, tuple, tuple]], storage
                 return ("storage", stype, obj[1], "cpu", arr.size, None)
             return None
 
-    state = __import__("collections").OrderedDict(
-        (name, _Tensor(fake, *spec)) for name, spec in tensors.items()
-    )
+    state = __import__("collections").OrderedDict((name, _Tensor(fake, *spec)) for name, spec in tensors.items())
     P(out, protocol=2).dump(state)
     keys = sorted(storages)
     pickle.dump(keys, out, protocol=2)
@@ -159,13 +170,13 @@ def test_reads_the_shipped_lite0_weights():
 def _global_build(target: bytes, attr: str) -> bytes:
     """A pickle that names an allowed global, then a BUILD setting ``attr`` on it (slot state)."""
     name = attr.encode()
-    return (b"\x80\x02c" + target + b"N}X" + len(name).to_bytes(4, "little") + name
-            + b"K\x07\x85s\x86b.")
+    return b"\x80\x02c" + target + b"N}X" + len(name).to_bytes(4, "little") + name + b"K\x07\x85s\x86b."
 
 
 @pytest.mark.quick
-@pytest.mark.parametrize("target", [b"torch._utils\n_rebuild_tensor_v2\n", b"collections\nOrderedDict\n",
-                                    b"torch\nFloatStorage\n"])
+@pytest.mark.parametrize(
+    "target", [b"torch._utils\n_rebuild_tensor_v2\n", b"collections\nOrderedDict\n", b"torch\nFloatStorage\n"]
+)
 def test_a_build_opcode_aimed_at_an_allowed_global_mutates_nothing(tmp_path, target):
     import collections
 
@@ -195,7 +206,7 @@ def test_a_storage_claiming_2_to_the_61_elements_is_one_clear_error(monkeypatch,
     count = np.int64(8).tobytes()
     at = data.rindex(count)  # the storage's element count sits right before its 32 bytes
     path = tmp_path / "huge.pth"
-    path.write_bytes(data[:at] + np.int64(2**61).tobytes() + data[at + 8:])
+    path.write_bytes(data[:at] + np.int64(2**61).tobytes() + data[at + 8 :])
     with pytest.raises(TorchFileError, match="claims 2305843009213693952 elements"):
         read_state_dict(path)
 
@@ -208,15 +219,18 @@ def test_a_tensor_whose_storage_key_is_missing_is_one_clear_error(monkeypatch, t
     keys = pickle.dumps(["0"], protocol=2)
     at = data.rindex(keys)
     path = tmp_path / "nokey.pth"
-    path.write_bytes(data[:at] + pickle.dumps(["9"], protocol=2) + data[at + len(keys):])
+    path.write_bytes(data[:at] + pickle.dumps(["9"], protocol=2) + data[at + len(keys) :])
     with pytest.raises(TorchFileError, match=r"storage '0'.*does not hold"):
         read_state_dict(path)
 
 
 def test_every_truncation_and_random_corruption_is_one_error_type(monkeypatch, tmp_path):
     fake = _fake_torch(monkeypatch)
-    data = legacy_save(fake, {"a": ("0", 0, (2, 4), (4, 1)), "b": ("1", 1, (2,), (1,))},
-                       {"0": np.arange(8, dtype=np.float32), "1": np.arange(3, dtype=np.int64)})
+    data = legacy_save(
+        fake,
+        {"a": ("0", 0, (2, 4), (4, 1)), "b": ("1", 1, (2,), (1,))},
+        {"0": np.arange(8, dtype=np.float32), "1": np.arange(3, dtype=np.int64)},
+    )
     rng = np.random.default_rng(0)
     cases = [data[:n] for n in range(len(data))]
     for _ in range(300):
@@ -254,7 +268,7 @@ def _crafted(monkeypatch, tensors, storages=None, built=None) -> bytes:
         out = io.BytesIO()
         for obj in (LEGACY_MAGIC, LEGACY_PROTOCOL, {"protocol_version": 1001, "little_endian": True}):
             pickle.dump(obj, out, protocol=2)
-        (name, spec), = tensors.items()
+        ((name, spec),) = tensors.items()
 
         class P(pickle.Pickler):
             def persistent_id(self, obj):
@@ -263,7 +277,7 @@ def _crafted(monkeypatch, tensors, storages=None, built=None) -> bytes:
                 return None
 
         P(out, protocol=2).dump({name: _Built(fake, built, *spec)})
-        data = out.getvalue() + data[data.index(pickle.dumps(sorted(storages), protocol=2)):]
+        data = out.getvalue() + data[data.index(pickle.dumps(sorted(storages), protocol=2)) :]
     return data
 
 
@@ -272,7 +286,11 @@ CRAFTED = {
     "BUILD sets the storage to 5": ({"w": ("0", 0, (8,), (1,))}, None, {"storage": 5}, "set attributes"),
     "BUILD sets the size": ({"w": ("0", 0, (8,), (1,))}, None, {"size": (1 << 40,)}, "set attributes"),
     "1 GiB of zero strides over one element": (
-        {"w": ("0", 0, (16384, 16384), (0, 0))}, {"0": np.ones(1, np.float32)}, None, "holds 268435456 elements"),
+        {"w": ("0", 0, (16384, 16384), (0, 0))},
+        {"0": np.ones(1, np.float32)},
+        None,
+        "holds 268435456 elements",
+    ),
     "overlapping strides": ({"w": ("0", 0, (4, 4), (1, 1))}, {"0": np.ones(7, np.float32)}, None, "holds 16"),
     "past the end": ({"w": ("0", 7, (2,), (1,))}, None, None, "reaches element 8"),
     "a negative size": ({"w": ("0", 0, (-2, 4), (4, 1))}, None, None, "negative"),
@@ -284,8 +302,11 @@ CRAFTED = {
     "an offset that is a bool": ({"w": ("0", True, (2,), (1,))}, None, None, "expected integers"),
     "a size of 2**70": ({"w": ("0", 0, (2**70,), (0,))}, None, None, "holds"),
     "a thousand copies of one storage": (
-        {f"w{i}": ("0", 0, (1024,), (1,)) for i in range(1000)}, {"0": np.ones(1024, np.float32)}, None,
-        "would hold"),
+        {f"w{i}": ("0", 0, (1024,), (1,)) for i in range(1000)},
+        {"0": np.ones(1024, np.float32)},
+        None,
+        "would hold",
+    ),
 }
 
 
@@ -305,8 +326,11 @@ def test_the_1_gib_zero_stride_file_is_a_few_hundred_bytes(monkeypatch, tmp_path
 
 def test_tied_weights_and_empty_tensors_still_load(monkeypatch, tmp_path):
     path = tmp_path / "ok.pth"
-    path.write_bytes(_crafted(monkeypatch, {"a": ("0", 0, (8,), (1,)), "b": ("0", 0, (2, 4), (4, 1)),
-                                            "empty": ("0", 9, (0, 3), (0, 0))}))
+    path.write_bytes(
+        _crafted(
+            monkeypatch, {"a": ("0", 0, (8,), (1,)), "b": ("0", 0, (2, 4), (4, 1)), "empty": ("0", 9, (0, 3), (0, 0))}
+        )
+    )
     sd = read_state_dict(path)
     assert sd["a"].tolist() == list(range(8)) and sd["b"].shape == (2, 4) and sd["empty"].shape == (0, 3)
 

@@ -6,13 +6,13 @@ import json
 
 import numpy as np
 import pytest
+from synthetic import BlobSpec, write_blob_dataset, write_featureset
 
 from imgfeat.cli.main import main
 from imgfeat.core.errors import ConfigError
+from imgfeat.core.workspace import Workspace
 from imgfeat.heads import TrainConfig, run_train
 from imgfeat.heads.artifacts import CURVES_FILE, HEAD_FILE, METRICS_FILE, ROWS_FILE
-from synthetic import BlobSpec, write_blob_dataset, write_featureset
-from imgfeat.core.workspace import Workspace
 
 CLASSES = ("cat", "dog", "fox", "owl")
 SPEC = BlobSpec(classes=CLASSES, per_class=40, dim=64, separation=5.0)
@@ -38,8 +38,10 @@ HEADS = [
 
 @pytest.fixture(scope="module")
 def trained(blob_ws):
-    return {(h, k): run_train(blob_ws, TrainConfig("toy", "fs", head=h, kernel=k, **{"cv": 3, **extra}), "r1")
-            for h, k, extra, _ in HEADS}
+    return {
+        (h, k): run_train(blob_ws, TrainConfig("toy", "fs", head=h, kernel=k, **{"cv": 3, **extra}), "r1")
+        for h, k, extra, _ in HEADS
+    }
 
 
 @pytest.mark.parametrize("head,kernel,extra,floor", HEADS, ids=[f"{h}-{k}" for h, k, *_ in HEADS])
@@ -113,8 +115,9 @@ def test_rows_without_label_or_features_are_counted_and_left_out(ws):
 
 
 def test_a_dataset_without_splits_holds_out_a_stratified_fraction(ws, caplog):
-    write_blob_dataset(ws, "flat", "fs", BlobSpec(classes=("a", "b"), per_class=20, dim=16,
-                                                  separation=5.0, test_fraction=None))
+    write_blob_dataset(
+        ws, "flat", "fs", BlobSpec(classes=("a", "b"), per_class=20, dim=16, separation=5.0, test_fraction=None)
+    )
     out = run_train(ws, TrainConfig("flat", "fs", cv=5, test_fraction=0.25), "r1")
     assert out.eval_split == "held_out" and out.n_test == 10 and out.n_train == 30
     assert {v["support"] for v in out.metrics["per_class"].values()} == {5}
@@ -123,12 +126,12 @@ def test_a_dataset_without_splits_holds_out_a_stratified_fraction(ws, caplog):
 
 
 def test_cv_folds_shrink_with_a_warning_for_small_classes(ws, caplog):
-    write_blob_dataset(ws, "few", "fs", BlobSpec(classes=("a", "b"), per_class=4, dim=8, separation=6.0,
-                                                 test_fraction=0.25))
+    write_blob_dataset(
+        ws, "few", "fs", BlobSpec(classes=("a", "b"), per_class=4, dim=8, separation=6.0, test_fraction=0.25)
+    )
     out = run_train(ws, TrainConfig("few", "fs", cv=5), "r1")
     assert len(out.metrics["cv"]["logreg"]["folds"]) == 3
     assert "using 3-fold CV instead of 5" in caplog.text
-
 
 
 def _cli(ws: Workspace, *args: str) -> int:
@@ -156,8 +159,9 @@ def test_bad_label_sets_exit_2_naming_the_problem(ws, capsys, labels, message):
 
 def test_a_class_too_small_to_train_after_the_split_is_named(ws):
     labels = ["cat"] * 6 + ["dog"] * 2
-    write_blob_dataset(ws, "tiny", "fs", BlobSpec(classes=("x",), per_class=8, dim=8, test_fraction=None),
-                       labels=labels)
+    write_blob_dataset(
+        ws, "tiny", "fs", BlobSpec(classes=("x",), per_class=8, dim=8, test_fraction=None), labels=labels
+    )
     with pytest.raises(ConfigError, match="class 'dog' has 1 training image"):
         run_train(ws, TrainConfig("tiny", "fs", test_fraction=0.5), "r1")
 
@@ -199,16 +203,30 @@ def test_duplicates_and_label_conflicts_are_named_by_path():
     from imgfeat.core import schemas as S
     from imgfeat.heads.data import unique_images
 
-    rows = [("a", "cat/1.jpg", "cat"), ("a", "dog/1.jpg", "dog"),  # one image under two labels
-            ("b", "cat/2.jpg", "cat"), ("b", "cat/2 copy.jpg", "cat"),  # a plain duplicate
-            ("c", "cat/3.jpg", "cat")]
-    manifest = pa.table({S.IMAGE_ID: [r[0] for r in rows], S.PATH: [r[1] for r in rows],
-                         S.LABEL: [r[2] for r in rows], S.SPLIT: [None] * 5, S.STATUS: ["ok"] * 5})
+    rows = [
+        ("a", "cat/1.jpg", "cat"),
+        ("a", "dog/1.jpg", "dog"),  # one image under two labels
+        ("b", "cat/2.jpg", "cat"),
+        ("b", "cat/2 copy.jpg", "cat"),  # a plain duplicate
+        ("c", "cat/3.jpg", "cat"),
+    ]
+    manifest = pa.table(
+        {
+            S.IMAGE_ID: [r[0] for r in rows],
+            S.PATH: [r[1] for r in rows],
+            S.LABEL: [r[2] for r in rows],
+            S.SPLIT: [None] * 5,
+            S.STATUS: ["ok"] * 5,
+        }
+    )
     images, counts, files = unique_images(manifest)
     assert len(images) == 3 and counts["duplicates"] == 2 and counts["conflicting_labels"] == 1
     got = sorted(zip(files[S.PATH], files[S.REASON], files[S.KEPT_PATH]))
-    assert got == [("cat/1.jpg", "conflicting_labels", "cat/1.jpg"), ("cat/2.jpg", "duplicate", "cat/2 copy.jpg"),
-                   ("dog/1.jpg", "conflicting_labels", "cat/1.jpg")]
+    assert got == [
+        ("cat/1.jpg", "conflicting_labels", "cat/1.jpg"),
+        ("cat/2.jpg", "duplicate", "cat/2 copy.jpg"),
+        ("dog/1.jpg", "conflicting_labels", "cat/1.jpg"),
+    ]
 
 
 def test_train_names_conflicting_files_in_text_json_and_a_table(ws, capsys):
@@ -226,8 +244,10 @@ def test_train_names_conflicting_files_in_text_json_and_a_table(ws, capsys):
     text = capsys.readouterr().out
     assert "left out: 1 conflicting labels, 1 duplicates" in text
     assert f"one image, several labels: {first[S.PATH]} (cat, used), dog/copy-of-first.jpg (dog)" in text
-    assert main(["train", "--workspace", str(ws.root), "--dataset", "toy", "--featureset", "fs", "--cv", "2",
-                 "--json"]) == 0
+    assert (
+        main(["train", "--workspace", str(ws.root), "--dataset", "toy", "--featureset", "fs", "--cv", "2", "--json"])
+        == 0
+    )
     out = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert {f["path"] for f in out["left_out_files"]} == {first[S.PATH], "dog/copy-of-first.jpg"}
     table = pq.read_table(ws.head_dir(out["head_id"]) / "left_out.parquet")

@@ -123,6 +123,7 @@ def _release_fifo(path: Path):
     def release():
         fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
         os.close(fd)
+
     return release
 
 
@@ -143,13 +144,16 @@ def test_follow_links_to_a_fifo_and_to_proc_pagemap_never_hang(ws, tmp_path):
     (root / "pipe.jpg").symlink_to(outside / "pipe.jpg")
     (root / "pagemap.jpg").symlink_to("/proc/self/pagemap")
     (root / "ok.jpg").write_bytes(jpeg())
-    code = ("import sys, json; from imgfeat.core.workspace import Workspace;"
-            "from imgfeat.scan.scan import ScanConfig, run_scan;"
-            "s = run_scan(Workspace.resolve(sys.argv[1]), ScanConfig(sys.argv[2], 'd', follow_links=True), 'r1');"
-            "print(json.dumps(s.skipped))")
+    code = (
+        "import sys, json; from imgfeat.core.workspace import Workspace;"
+        "from imgfeat.scan.scan import ScanConfig, run_scan;"
+        "s = run_scan(Workspace.resolve(sys.argv[1]), ScanConfig(sys.argv[2], 'd', follow_links=True), 'r1');"
+        "print(json.dumps(s.skipped))"
+    )
     try:
-        done = subprocess.run([sys.executable, "-c", code, str(ws.root), str(root)], capture_output=True,
-                              text=True, timeout=60)
+        done = subprocess.run(
+            [sys.executable, "-c", code, str(ws.root), str(root)], capture_output=True, text=True, timeout=60
+        )
     except subprocess.TimeoutExpired:
         pytest.fail("scan --follow-links hung on a link to a FIFO or /proc/self/pagemap")
     assert done.returncode == 0, done.stderr

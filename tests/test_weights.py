@@ -11,12 +11,12 @@ import time
 
 import pytest
 
-from imgfeat.cli.main import main
-from imgfeat.backbones import weights as weights_mod
 from imgfeat.backbones import get_backbone, list_backbones
-from imgfeat.core.errors import ConfigError, ImgfeatError
+from imgfeat.backbones import weights as weights_mod
 from imgfeat.backbones.cache import import_weights
 from imgfeat.backbones.weights import file_digests, is_cached, keras_cache_dir, resolve_weights
+from imgfeat.cli.main import main
+from imgfeat.core.errors import ConfigError, ImgfeatError
 
 
 @pytest.fixture(autouse=True)
@@ -134,9 +134,11 @@ def test_weights_list_and_import_commands(tmp_path, keras_home, capsys):
 
 def test_backbones_command_lists_everything_without_importing_tensorflow(tmp_path, keras_home):
     # A process of its own: the test process has TensorFlow loaded already.
-    code = ("import sys, json; from imgfeat.cli.main import main; rc = main(['backbones', '--json']);"
-            "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules, 'imported TF';"
-            "sys.exit(rc)")
+    code = (
+        "import sys, json; from imgfeat.cli.main import main; rc = main(['backbones', '--json']);"
+        "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules, 'imported TF';"
+        "sys.exit(rc)"
+    )
     env = {**os.environ, "IMGFEAT_WORKSPACE": str(tmp_path / "ws")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 0, out.stderr

@@ -52,12 +52,18 @@ def corrupt_png(seed: int = 0, size: tuple[int, int] = (40, 30), at: int = 2, le
     """A PNG whose header and IEND are intact (scan says ok) but whose pixel data is garbage."""
     data = bytearray(png_bytes(seed, size))
     start = data.index(b"IDAT") + 4 + at
-    data[start:start + length] = bytes(length)
+    data[start : start + length] = bytes(length)
     return bytes(data)
 
 
-def write_noise_images(folder: Path, n: int, seed: int = 0, size: tuple[int, int] = (28, 20),
-                       fmt: str = "JPEG", classes: tuple[str, ...] = ()) -> list[Path]:
+def write_noise_images(
+    folder: Path,
+    n: int,
+    seed: int = 0,
+    size: tuple[int, int] = (28, 20),
+    fmt: str = "JPEG",
+    classes: tuple[str, ...] = (),
+) -> list[Path]:
     """``n`` distinct noise files in ``folder`` (or ``folder/<class>/`` round-robin); their paths."""
     suffix = {"JPEG": ".jpg", "PNG": ".png"}[fmt]
     paths = []

@@ -26,14 +26,16 @@ def weights_table() -> list[dict[str, Any]]:
             source = url
         else:
             path, file_hash, source = None, None, spec.imagenet_weights
-        rows.append({
-            "backbone": spec.name,
-            "file": path.name if path else "(from a pip package)",
-            "cached": is_cached(spec),
-            "path": str(path) if path else None,
-            "source": source,
-            "file_hash": file_hash,
-        })
+        rows.append(
+            {
+                "backbone": spec.name,
+                "file": path.name if path else "(from a pip package)",
+                "cached": is_cached(spec),
+                "path": str(path) if path else None,
+                "source": source,
+                "file_hash": file_hash,
+            }
+        )
     return rows
 
 

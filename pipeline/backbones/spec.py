@@ -7,9 +7,9 @@ import contextlib
 import logging
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from collections.abc import Callable
 
 import numpy as np
 
@@ -72,15 +72,25 @@ class BackboneSpec:
 
     def build(self, *args: Any, **kwargs: Any) -> keras.Model:
         """Deprecated: ``build_model(spec, ...)``, the one model builder, takes the same arguments."""
-        warnings.warn("BackboneSpec.build is deprecated; use imgfeat.backbones.build_model(spec, ...)",
-                      DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            "BackboneSpec.build is deprecated; use imgfeat.backbones.build_model(spec, ...)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return build_model(self, *args, **kwargs)
 
-    def construct(self, weights: str | None, input_size: int | None, pooling: str, layer: str | None, seed: int,
-                  include_top: bool, resolved_weights: WeightsRef | None) -> keras.Model:
+    def construct(
+        self,
+        weights: str | None,
+        input_size: int | None,
+        pooling: str,
+        layer: str | None,
+        seed: int,
+        include_top: bool,
+        resolved_weights: WeightsRef | None,
+    ) -> keras.Model:
         """This family's construction (a keras.applications constructor); build_model is its only caller."""
-        return _construct_application(self, weights, input_size, pooling, layer, seed, include_top,
-                                      resolved_weights)
+        return _construct_application(self, weights, input_size, pooling, layer, seed, include_top, resolved_weights)
 
     def preprocess_input(self, x: np.ndarray) -> np.ndarray:
         """float32 NHWC RGB 0..255 in, the family's preprocess_input applied, float32 out; x untouched."""
@@ -145,8 +155,9 @@ def _construct_application(
         raise unknown_value("pooling", str(pooling), POOLINGS)
     size = spec.check_input_size(input_size)
     if include_top and size != spec.input_size:
-        raise ConfigError(f"the ImageNet classifier of {spec.name} needs its default input size "
-                          f"{spec.input_size}, not {size}")
+        raise ConfigError(
+            f"the ImageNet classifier of {spec.name} needs its default input size {spec.input_size}, not {size}"
+        )
     ref = resolved_weights or resolve_weights(spec, weights, size, include_top=include_top)
     tap = layer is not None and not include_top
     kwargs = _constructor_kwargs(spec, ref, size, None if tap else pooling, include_top)
@@ -197,12 +208,18 @@ def tap_layer(model: keras.Model, layer: str, pooling: str, spec: BackboneSpec) 
 
     names = [lyr.name for lyr in model.layers]
     if layer not in names:
-        raise unknown_value(f"layer of {spec.name}", layer, names, hint=f"{len(names)} layers; "
-                            "print them with: imgfeat backbones --layers " + spec.name)
+        raise unknown_value(
+            f"layer of {spec.name}",
+            layer,
+            names,
+            hint=f"{len(names)} layers; print them with: imgfeat backbones --layers " + spec.name,
+        )
     out = model.get_layer(layer).output
     if len(out.shape) != 4:
-        raise ConfigError(f"layer {layer!r} of {spec.name} outputs shape {tuple(out.shape)}; "
-                          "pick a convolutional layer with a (batch, h, w, channels) output")
+        raise ConfigError(
+            f"layer {layer!r} of {spec.name} outputs shape {tuple(out.shape)}; "
+            "pick a convolutional layer with a (batch, h, w, channels) output"
+        )
     pool = keras.layers.GlobalAveragePooling2D if pooling == "avg" else keras.layers.GlobalMaxPooling2D
     x = pool(name=f"{layer}_{pooling}_pool")(out)
     return keras.Model(model.inputs, x, name=f"{model.name}_{layer}")

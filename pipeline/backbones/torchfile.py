@@ -83,8 +83,10 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
     if not isinstance(storage, _StorageRef):
         raise TorchFileError("malformed tensor record: its storage is not a persistent id")
     if not (_is_int(storage_offset) and _is_ints(size) and _is_ints(stride)):
-        raise TorchFileError(f"malformed tensor record: offset {storage_offset!r:.40}, size {size!r:.80}, "
-                             f"stride {stride!r:.80} (expected integers)")
+        raise TorchFileError(
+            f"malformed tensor record: offset {storage_offset!r:.40}, size {size!r:.80}, "
+            f"stride {stride!r:.80} (expected integers)"
+        )
     return _TensorRef(storage, storage_offset, tuple(size), tuple(stride))
 
 
@@ -138,8 +140,14 @@ class _SafeUnpickler(pickle.Unpickler):
         if not isinstance(stype, _StorageType):
             raise TorchFileError(f"unsupported storage type {stype!r:.80}")
         if view is not None:
-            if not (isinstance(view, tuple) and len(view) == 3 and _is_int(view[1]) and _is_int(view[2])
-                    and view[1] >= 0 and view[2] >= 0):
+            if not (
+                isinstance(view, tuple)
+                and len(view) == 3
+                and _is_int(view[1])
+                and _is_int(view[2])
+                and view[1] >= 0
+                and view[2] >= 0
+            ):
                 raise TorchFileError(f"malformed storage view in weights file: {view!r:.80}")
             view = (str(view[0]), view[1], view[2])
         if not _is_int(numel) or numel < 0:
@@ -180,8 +188,9 @@ def _read_storages(fh: IO[bytes], keys: list[str], dtypes: dict[str, np.dtype], 
         (numel,) = struct.unpack("<q", count_bytes)
         dtype = dtypes.get(key, np.dtype("u1"))
         if numel < 0 or numel * dtype.itemsize > _bytes_left(fh):
-            raise TorchFileError(f"{path} is truncated (storage {key} claims {numel} elements, "
-                                 "more than the file holds)")
+            raise TorchFileError(
+                f"{path} is truncated (storage {key} claims {numel} elements, more than the file holds)"
+            )
         data = fh.read(numel * dtype.itemsize)
         if len(data) != numel * dtype.itemsize:
             raise TorchFileError(f"{path} is truncated (storage {key} is short)")
@@ -218,8 +227,10 @@ def _fitting(ref: _TensorRef, storages: dict[str, np.ndarray]) -> np.ndarray:
         flat = flat[s.view[1] : s.view[1] + s.view[2]]
     why = tensor_problem(ref.offset, ref.size, ref.stride, flat.size)
     if why:
-        raise TorchFileError(f"tensor of size {ref.size}, stride {ref.stride} at offset {ref.offset} does not "
-                             f"fit its storage {s.key!r} of {flat.size} elements: {why}")
+        raise TorchFileError(
+            f"tensor of size {ref.size}, stride {ref.stride} at offset {ref.offset} does not "
+            f"fit its storage {s.key!r} of {flat.size} elements: {why}"
+        )
     return flat
 
 
@@ -295,5 +306,7 @@ def _check_total(refs: dict[str, _TensorRef], storages: dict[str, np.ndarray], p
     stored = sum(a.nbytes for a in storages.values())
     wanted = sum(math.prod(r.size) * r.storage.dtype.itemsize for r in refs.values())
     if wanted > _MAX_EXPANSION * stored + 2**20:
-        raise TorchFileError(f"{path}: its tensors would hold {wanted:,} bytes from {stored:,} stored: "
-                             "a legitimate state_dict stores each tensor's data")
+        raise TorchFileError(
+            f"{path}: its tensors would hold {wanted:,} bytes from {stored:,} stored: "
+            "a legitimate state_dict stores each tensor's data"
+        )

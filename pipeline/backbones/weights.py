@@ -67,7 +67,9 @@ def keras_file(spec: BackboneSpec, include_top: bool = False) -> KerasWeightsFil
     return entry
 
 
-def expected_file(spec: BackboneSpec, input_size: int | None = None, include_top: bool = False) -> tuple[Path, str, str | None]:
+def expected_file(
+    spec: BackboneSpec, input_size: int | None = None, include_top: bool = False
+) -> tuple[Path, str, str | None]:
     """(cache path, URL, Keras hash) of the ImageNet file Keras would load for this build."""
     entry = keras_file(spec, include_top)
     name, url = entry.for_size(input_size or spec.input_size)
@@ -94,7 +96,9 @@ def _pip_weights_available(spec: BackboneSpec) -> bool:
 
 
 def resolve_weights(
-    spec: BackboneSpec, weights: str | os.PathLike | None, input_size: int | None = None,
+    spec: BackboneSpec,
+    weights: str | os.PathLike | None,
+    input_size: int | None = None,
     include_top: bool = False,
 ) -> WeightsRef:
     """Map a ``--weights`` value to a WeightsRef; never touches the network."""
@@ -217,8 +221,9 @@ def fetch_weights(spec: BackboneSpec, timeout_s: float = FETCH_TIMEOUT_S) -> Pat
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(timeout_s)  # urllib inherits it: an offline machine fails fast
     try:
-        got = keras.utils.get_file(path.name, url, cache_subdir="models", cache_dir=str(path.parent.parent),
-                                   file_hash=file_hash)
+        got = keras.utils.get_file(
+            path.name, url, cache_subdir="models", cache_dir=str(path.parent.parent), file_hash=file_hash
+        )
     except Exception as exc:  # URLError, timeout, hash mismatch: all mean "not fetched"
         raise ImgfeatError(
             f"could not download {url}: {type(exc).__name__}: {exc}. This machine may be offline: "

@@ -89,7 +89,8 @@ class ShardRecord:
             return None
         types = {"name": str, "rows": int, "bytes": int, "footer_sha256": str, "sha256": str, "nonfinite": int}
         if set(obj) != set(types) | {"format"} or not all(
-                type(obj[k]) is t for k, t in types.items()):  # type(), not isinstance: bool is not an int here
+            type(obj[k]) is t for k, t in types.items()
+        ):  # type(), not isinstance: bool is not an int here
             return None
         return cls(**obj)
 
@@ -103,12 +104,12 @@ def footer_bytes(data: memoryview | bytes) -> bytes:
     """A Parquet file's footer (its FileMetaData: schema, row groups, column chunk sizes and
     statistics, key-value metadata); ValueError when ``data`` is not a Parquet file."""
     n = len(data)
-    if n < 12 or bytes(data[n - 4:]) != _PARQUET_MAGIC:
+    if n < 12 or bytes(data[n - 4 :]) != _PARQUET_MAGIC:
         raise ValueError("not a Parquet file")
-    length = int.from_bytes(bytes(data[n - 8:n - 4]), "little")
+    length = int.from_bytes(bytes(data[n - 8 : n - 4]), "little")
     if length + 12 > n:
         raise ValueError("footer length out of range")
-    return bytes(data[n - 8 - length:n - 8])
+    return bytes(data[n - 8 - length : n - 8])
 
 
 def _file_footer(path: Path) -> tuple[int, bytes]:
@@ -147,8 +148,15 @@ class ShardWriter:
     ``commit`` writes one shard now.
     """
 
-    def __init__(self, folder: Path, tag: str, shard_rows: int | None = None, start_seq: int = 0,
-                 idempotent: bool = False, **parquet_options: Any) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        tag: str,
+        shard_rows: int | None = None,
+        start_seq: int = 0,
+        idempotent: bool = False,
+        **parquet_options: Any,
+    ) -> None:
         self.folder, self.tag, self.shard_rows = Path(folder), tag, shard_rows
         self.idempotent = idempotent
         self._seq = start_seq
@@ -221,7 +229,7 @@ def _staged(data: memoryview, first: Path) -> Path:
 
 
 def _seq_of(name: str, tag: str) -> int:
-    return int(name[len(SHARD_PREFIX) + len(tag) + 1:].split(".", 1)[0])
+    return int(name[len(SHARD_PREFIX) + len(tag) + 1 :].split(".", 1)[0])
 
 
 def write_record(shard: Path, record: ShardRecord) -> None:
@@ -270,8 +278,10 @@ def list_committed(folder: Path, what: str = "") -> Committed:
     shards = list_shards(folder)
     if not commits_dir(folder).is_dir():
         if shards:
-            warn_once(f"{what or folder} was written before commit records existed: reading its "
-                      f"{len(shards)} shard(s) unchecked; the next writer records them")
+            warn_once(
+                f"{what or folder} was written before commit records existed: reading its "
+                f"{len(shards)} shard(s) unchecked; the next writer records them"
+            )
         return Committed([(p, None) for p in shards], [], legacy=True)
     trusted, untrusted = [], []
     for p in shards:
@@ -279,8 +289,10 @@ def list_committed(folder: Path, what: str = "") -> Committed:
         (trusted.append((p, rec)) if matches(p, rec) else untrusted.append(p))
     if untrusted:
         names = ", ".join(p.name for p in untrusted)
-        warn_once(f"ignoring {len(untrusted)} shard(s) of {what or folder} that are not recorded as "
-                  f"committed or no longer match their record: {names}")
+        warn_once(
+            f"ignoring {len(untrusted)} shard(s) of {what or folder} that are not recorded as "
+            f"committed or no longer match their record: {names}"
+        )
     return Committed(trusted, untrusted, legacy=False)
 
 
@@ -292,8 +304,10 @@ def open_verified(shard: Path, what: str = "") -> pq.ParquetFile | None:
     if commits_dir(shard.parent).is_dir():
         rec = read_record(shard)
         if rec is None or len(data) != rec.bytes or sha256_bytes(data) != rec.sha256:
-            warn_once(f"ignoring {shard.name} of {what or shard.parent}: its data no longer matches its "
-                      "commit record (changed after it was committed)")
+            warn_once(
+                f"ignoring {shard.name} of {what or shard.parent}: its data no longer matches its "
+                "commit record (changed after it was committed)"
+            )
             return None
     return pq.ParquetFile(pa.BufferReader(pa.py_buffer(data)))
 
@@ -326,8 +340,12 @@ class Reconciled:
         return bool(self.recorded or self.adopted or self.set_aside)
 
 
-def reconcile(folder: Path, inspect: Callable[[Path], Adoptable | str],
-              keys_of: Callable[[Path, ShardRecord], pa.Array], what: str = "") -> Reconciled:
+def reconcile(
+    folder: Path,
+    inspect: Callable[[Path], Adoptable | str],
+    keys_of: Callable[[Path, ShardRecord], pa.Array],
+    what: str = "",
+) -> Reconciled:
     """Make every shard of ``folder`` recorded and matching (call with the folder's lock held).
 
     A legacy folder (no records yet): each shard that ``inspect`` accepts is recorded, as it is.
@@ -377,11 +395,14 @@ def reconcile(folder: Path, inspect: Callable[[Path], Adoptable | str],
         if not (folder / rec_file.name[: -len(RECORD_SUFFIX)]).exists():
             rec_file.unlink(missing_ok=True)
     if out.recorded:
-        log.info("recorded %d shard(s) of %s written before commit records existed", len(out.recorded),
-                 what or folder)
+        log.info("recorded %d shard(s) of %s written before commit records existed", len(out.recorded), what or folder)
     if out.adopted:
-        log.info("adopted %d complete shard(s) of %s that an interrupted run left unrecorded: %s",
-                 len(out.adopted), what or folder, ", ".join(out.adopted))
+        log.info(
+            "adopted %d complete shard(s) of %s that an interrupted run left unrecorded: %s",
+            len(out.adopted),
+            what or folder,
+            ", ".join(out.adopted),
+        )
     return out
 
 

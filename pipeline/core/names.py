@@ -65,8 +65,7 @@ def index_problem(index: object, kind: str) -> str | None:
         if not isinstance(entries, list):
             return f"name {name!r}: expected a list of versions, got {type(entries).__name__}"
         for e in entries:
-            if not (isinstance(e, dict) and isinstance(e.get(ID), str)
-                    and isinstance(e.get(RECORDED_AT, ""), str)):
+            if not (isinstance(e, dict) and isinstance(e.get(ID), str) and isinstance(e.get(RECORDED_AT, ""), str)):
                 return f"name {name!r}: expected versions like {{'id': ..., 'recorded_at': ...}}, got {e!r:.80}"
         try:  # ids become folder names: one that is not a valid name is damage, never a path
             for part in (name, *(e[ID] for e in entries)):
@@ -78,10 +77,14 @@ def index_problem(index: object, kind: str) -> str | None:
 
 def damaged_index(path: Path, kind: str, why: object) -> ImgfeatError:
     """The error for an unreadable name index (exit 1, like every damaged file): what to do about it."""
-    way_out = {HEADS: "each head then goes by the name in its head.json",
-               FEATURESETS: "featuresets then go by their ids until a run names them again"}[kind]
-    return ImgfeatError(f"cannot read {path}: {str(why).rstrip('.')}; the {_singular(kind)} name index is "
-                        f"damaged: delete it ({way_out}; 'imgfeat ls' lists them)")
+    way_out = {
+        HEADS: "each head then goes by the name in its head.json",
+        FEATURESETS: "featuresets then go by their ids until a run names them again",
+    }[kind]
+    return ImgfeatError(
+        f"cannot read {path}: {str(why).rstrip('.')}; the {_singular(kind)} name index is "
+        f"damaged: delete it ({way_out}; 'imgfeat ls' lists them)"
+    )
 
 
 def record(ws: Workspace, kind: str, name: str, version: str) -> None:

@@ -16,8 +16,15 @@ from typing import Any
 HELP, FLAG, METAVAR, CHOICES, SHORT = "help", "flag", "metavar", "choices", "short"
 
 
-def opt(default: Any = MISSING, *, help: str, flag: str | None = None, metavar: str | None = None,
-        choices: Sequence[str] | None = None, short: str | None = None) -> Any:
+def opt(
+    default: Any = MISSING,
+    *,
+    help: str,
+    flag: str | None = None,
+    metavar: str | None = None,
+    choices: Sequence[str] | None = None,
+    short: str | None = None,
+) -> Any:
     """A config field that is also a flag: ``flag`` defaults to ``--<name-with-dashes>``;
     ``choices`` are checked by the parser (exit 2); no ``default``: the flag is required."""
     meta = {HELP: help, FLAG: flag, METAVAR: metavar, CHOICES: tuple(choices) if choices else None, SHORT: short}
@@ -51,8 +58,13 @@ def options(config: type) -> dict[str, Option]:
         if HELP not in meta:
             continue
         out[f.name] = Option(
-            name=f.name, flag=meta[FLAG] or "--" + f.name.replace("_", "-"), default=f.default,
-            help=meta[HELP], metavar=meta[METAVAR], choices=meta[CHOICES], short=meta[SHORT],
+            name=f.name,
+            flag=meta[FLAG] or "--" + f.name.replace("_", "-"),
+            default=f.default,
+            help=meta[HELP],
+            metavar=meta[METAVAR],
+            choices=meta[CHOICES],
+            short=meta[SHORT],
             is_bool=f.default is False,
         )
     return out

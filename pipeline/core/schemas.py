@@ -155,6 +155,7 @@ def errors_table(rows: Sequence[ErrorRow]) -> pa.Table:
     """Error rows -> the errors table: the one place they become Arrow."""
     return pa.Table.from_pylist([asdict(r) for r in rows], schema=ERRORS_SCHEMA)
 
+
 PREDICTIONS_SCHEMA = pa.schema(
     [
         pa.field(IMAGE_ID, pa.string(), nullable=False),

@@ -10,9 +10,19 @@ from imgfeat.core.errors import ConfigError
 from imgfeat.core.ranges import RANGES
 
 # Decimal units are powers of 1000, binary ones of 1024, as everywhere else (``ls -h`` aside).
-UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-         "pb": 10**15,
-         "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "pib": 2**50}
+UNITS = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "pb": 10**15,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+    "pib": 2**50,
+}
 UNITS_TEXT = "B, KB, MB, GB, TB, PB, KiB, MiB, GiB, TiB, PiB"
 DEFAULT_BUDGET_FRACTION = 4  # the default budget is a quarter of physical memory
 FALLBACK_RAM = 8 << 30  # where the OS does not say how much memory there is

@@ -155,9 +155,7 @@ def list_shards(folder: Path, suffix: str = ".parquet") -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    return sorted(
-        p for p in folder.iterdir() if p.name.startswith(SHARD_PREFIX) and p.name.endswith(suffix)
-    )
+    return sorted(p for p in folder.iterdir() if p.name.startswith(SHARD_PREFIX) and p.name.endswith(suffix))
 
 
 def recorded_file(folder: Path, name: object, record: Path) -> Path:
@@ -181,8 +179,9 @@ def recorded_file(folder: Path, name: object, record: Path) -> Path:
     return path
 
 
-def read_shards(paths: Iterable[Path], columns: list[str] | None = None,
-                schema: pa.Schema | None = None) -> pa.Table | None:
+def read_shards(
+    paths: Iterable[Path], columns: list[str] | None = None, schema: pa.Schema | None = None
+) -> pa.Table | None:
     """Concatenate committed shards (only ``columns`` when given); None when there are none.
 
     ``ParquetFile.read`` rather than ``pq.read_table``: the latter imports pyarrow.dataset and
@@ -338,8 +337,10 @@ class FileLock:
             return self._open()  # removed between the two opens: create it again
         except OSError as exc:
             if exc.errno == errno.ELOOP:
-                raise ImgfeatError(f"cannot take the lock: {self.path} is a symbolic link; lock files are "
-                                   "never followed: remove the link and run again") from None
+                raise ImgfeatError(
+                    f"cannot take the lock: {self.path} is a symbolic link; lock files are "
+                    "never followed: remove the link and run again"
+                ) from None
             raise _lock_error(self.path, exc) from exc
 
     def _still_the_file(self, fd: int) -> bool:
@@ -362,8 +363,10 @@ class FileLock:
     def _busy_message(self) -> str:
         waited = f" (waited {self.wait:g} s)" if self.wait else ""
         then = f", {self.hint}" if self.hint and not self.wait else ""
-        return (f"{self.what} is being written by another process{_read_holder(self.path)}{waited}; "
-                f"try again when it has finished{then}. Lock file: {self.path}")
+        return (
+            f"{self.what} is being written by another process{_read_holder(self.path)}{waited}; "
+            f"try again when it has finished{then}. Lock file: {self.path}"
+        )
 
     def release(self, remove: bool = False) -> None:
         """Unlock; ``remove``: delete the lock file first (safe: a waiter checks that the file it
@@ -386,9 +389,16 @@ class FileLock:
 
 def _lock_error(path: Path, exc: OSError) -> ImgfeatError:
     err = disk_error(path, exc)
-    return ImgfeatError(f"cannot take the lock: {err}" + (
-        "; free some space and run again" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else
-        "; the workspace must be writable" if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM) else ""))
+    return ImgfeatError(
+        f"cannot take the lock: {err}"
+        + (
+            "; free some space and run again"
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            else "; the workspace must be writable"
+            if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
+            else ""
+        )
+    )
 
 
 def _read_holder(path: Path) -> str:

@@ -42,8 +42,10 @@ class Workspace:
         path = self.root
         while not path.exists() and path != path.parent:
             if path.is_symlink():
-                raise ConfigError(f"workspace {self.root}: {path} is a broken symbolic link "
-                                  f"(to {os.readlink(path)}); give a folder path (a missing folder is created)")
+                raise ConfigError(
+                    f"workspace {self.root}: {path} is a broken symbolic link "
+                    f"(to {os.readlink(path)}); give a folder path (a missing folder is created)"
+                )
             path = path.parent
         if not path.is_dir():
             what = "it" if path == self.root else f"{path} above it"

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from imgfeat.core.schemas import ErrorRow
 from imgfeat.core.errors import unknown_value
 from imgfeat.core.hashing import content_id
+from imgfeat.core.schemas import ErrorRow
 from imgfeat.extract.decode import (
     DEFAULT_MAX_FILE_BYTES,
     DecodeConfig,
@@ -97,8 +97,10 @@ def read_verified(item: Item, spec: InputSpec) -> bytes:
     do not, nothing is known about the id's bytes: the error is about this path now)."""
     data = read_file_bytes(item.path, spec.max_file_bytes)
     if content_id(data) != item.image_id:
-        raise ReadError(CHANGED_SINCE_SCAN, f"{item.path}: the file's bytes changed since the scan "
-                          "(rescan the dataset to extract its new content)")
+        raise ReadError(
+            CHANGED_SINCE_SCAN,
+            f"{item.path}: the file's bytes changed since the scan (rescan the dataset to extract its new content)",
+        )
     return data
 
 
@@ -139,7 +141,7 @@ def pad_rows(pixels: np.ndarray, batch_size: int) -> np.ndarray:
     if len(pixels) == batch_size:
         return pixels
     out = np.zeros((batch_size, *pixels.shape[1:]), dtype=pixels.dtype)
-    out[:len(pixels)] = pixels
+    out[: len(pixels)] = pixels
     return out
 
 
@@ -152,4 +154,3 @@ def chunked(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
             chunk = []
     if chunk:
         yield chunk
-

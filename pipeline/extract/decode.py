@@ -61,7 +61,10 @@ INTERPOLATIONS: dict[str, Image.Resampling] = {
 }
 EXIF_MODES = ("rotate", "ignore")
 CROPS = ("none", "centre")
-NO_ANTIALIAS_METHODS = ("bilinear", "bicubic")  # imgfeat.extract.resample.METHODS  # "centre": crop to the target's aspect ratio first, as keras' Resizing does
+NO_ANTIALIAS_METHODS = (
+    "bilinear",
+    "bicubic",
+)  # imgfeat.extract.resample.METHODS  # "centre": crop to the target's aspect ratio first, as keras' Resizing does
 ERROR_CODES = S.DECODE_ERROR_CODES  # the vocabulary lives in core/schemas.py; old name kept
 # Failures to read a file (not its content): transient, so the next run tries the file again.
 READ_ERROR_CODES = ("unreadable", "vanished", "not_a_file", "file_too_large")
@@ -109,8 +112,7 @@ class DecodeConfig:
             raise unknown_value("crop", self.crop, CROPS)
 
 
-def decode_image(path: str | os.PathLike, cfg: DecodeConfig,
-                 max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> np.ndarray:
+def decode_image(path: str | os.PathLike, cfg: DecodeConfig, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> np.ndarray:
     """Read one image file into a uint8 (h, w, 3) RGB array, or raise DecodeError."""
     data = read_file_bytes(Path(path), max_bytes)
     return decode_bytes(data, cfg, name=str(path))
@@ -134,9 +136,7 @@ def decode_bytes(data: bytes, cfg: DecodeConfig, name: str = "<bytes>") -> np.nd
         raise DecodeError(_classify(exc), f"{name}: {type(exc).__name__}: {exc}") from None
 
 
-def decode_batch(
-    paths: Sequence[str | os.PathLike], cfg: DecodeConfig
-) -> tuple[np.ndarray, list[DecodeError | None]]:
+def decode_batch(paths: Sequence[str | os.PathLike], cfg: DecodeConfig) -> tuple[np.ndarray, list[DecodeError | None]]:
     """Decode several files: a (n, h, w, 3) uint8 array (zeros where a file failed) and per-file errors."""
     h, w = cfg.size
     out = np.zeros((len(paths), h, w, 3), dtype=np.uint8)

@@ -76,6 +76,7 @@ _UNCLOSED: list[Segment] = []  # unlinked segments whose views a consumer still 
 
 # ---------------------------------------------------------------- pure parts (no processes)
 
+
 def split_rows(n: int, workers: int, min_part: int = MIN_PART) -> list[tuple[int, int]]:
     """Row ranges [start, stop) covering 0..n: at most ``workers`` parts, none under ``min_part`` rows
     unless n itself is smaller, sizes differing by at most one."""
@@ -93,7 +94,7 @@ def compact_rows(raw: np.ndarray, ok_rows: list[int]) -> None:
     for dst, src in enumerate(ok_rows):  # dst <= src: a row is read before anything overwrites it
         if dst != src:
             raw[dst] = raw[src]
-    raw[len(ok_rows):] = 0
+    raw[len(ok_rows) :] = 0
 
 
 def death_message(name: str, pid: int | None, exitcode: int | None, files: list[str]) -> str:
@@ -130,8 +131,10 @@ class SlotRing:
         with self._cond:
             while not self._free:
                 if not self._cond.wait(warn_after):
-                    log.warning("decode is waiting for a batch buffer: every one is held by the consumer "
-                                "(call Batch.release once the model is done with raw)")
+                    log.warning(
+                        "decode is waiting for a batch buffer: every one is held by the consumer "
+                        "(call Batch.release once the model is done with raw)"
+                    )
             return self._free.popleft()
 
     def give(self, slot: int) -> None:
@@ -165,8 +168,16 @@ def shared_array(shm: SharedMemory, shape: tuple[int, ...]) -> np.ndarray:
 
 # ---------------------------------------------------------------- the worker process
 
-def _worker_main(shm_name: str, shape: tuple[int, ...], spec: InputSpec, run_id: str, nice: int,
-                 tasks: connection.Connection, results: connection.Connection) -> None:
+
+def _worker_main(
+    shm_name: str,
+    shape: tuple[int, ...],
+    spec: InputSpec,
+    run_id: str,
+    nice: int,
+    tasks: connection.Connection,
+    results: connection.Connection,
+) -> None:
     """Decode sub-chunks into the shared ring until the parent closes the task pipe."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops us
     if nice:
@@ -200,8 +211,9 @@ def _send_all(outbox: queue.SimpleQueue, results: connection.Connection) -> None
             return
 
 
-def _serve(ring: np.ndarray, spec: InputSpec, run_id: str, tasks: connection.Connection,
-           outbox: queue.SimpleQueue) -> None:
+def _serve(
+    ring: np.ndarray, spec: InputSpec, run_id: str, tasks: connection.Connection, outbox: queue.SimpleQueue
+) -> None:
     while True:
         try:
             task = tasks.recv()
@@ -211,8 +223,9 @@ def _serve(ring: np.ndarray, spec: InputSpec, run_id: str, tasks: connection.Con
         outbox.put(("done", seq, part, *_decode_part(ring[slot], row0, pairs, spec, run_id)))
 
 
-def _decode_part(rows: np.ndarray, row0: int, pairs: list[tuple[str, str]], spec: InputSpec,
-                 run_id: str) -> tuple[list[int], list[ErrorRow], float]:
+def _decode_part(
+    rows: np.ndarray, row0: int, pairs: list[tuple[str, str]], spec: InputSpec, run_id: str
+) -> tuple[list[int], list[ErrorRow], float]:
     """Decode files into rows row0.. of one buffer: the rows that got an image, error rows, seconds."""
     t0 = time.perf_counter()
     ok: list[int] = []
@@ -228,6 +241,7 @@ def _decode_part(rows: np.ndarray, row0: int, pairs: list[tuple[str, str]], spec
 
 
 # ---------------------------------------------------------------- the parent side
+
 
 @dataclass
 class _Worker:
@@ -291,8 +305,12 @@ class DecodePool:
         for i in range(workers):
             task_r, task_w = ctx.Pipe(duplex=False)
             res_r, res_w = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=_worker_main, name=f"imgfeat-decode-{i}", daemon=True,
-                               args=(self._shm.name, self.shape, self.spec, self.run_id, nice, task_r, res_w))
+            proc = ctx.Process(
+                target=_worker_main,
+                name=f"imgfeat-decode-{i}",
+                daemon=True,
+                args=(self._shm.name, self.shape, self.spec, self.run_id, nice, task_r, res_w),
+            )
             proc.start()
             task_r.close()  # the worker's ends: closed here, so a dead worker reads as EOF / EPIPE
             res_w.close()
@@ -306,7 +324,7 @@ class DecodePool:
         chunks = iter(chunks)
         inflight: collections.deque[_Pending] = collections.deque()
         chunk = next(chunks, None)  # the next one to admit: known before waiting for a buffer, so the
-        while True:                 # end of the stream never waits on a consumer that holds them all
+        while True:  # end of the stream never waits on a consumer that holds them all
             while chunk is not None and len(inflight) < ahead:
                 slot = self.ring.try_take() if inflight else self.ring.take()
                 if slot is None:
@@ -365,8 +383,9 @@ class DecodePool:
             self.worker_modules[pid] = frozenset(modules)
             heavy = sorted(HEAVY_MODULES.intersection(modules))
             if heavy and len(self.worker_modules) == 1:  # once per pool: they all come from one server
-                log.warning("decode worker %s loaded %s (imported by the parent's __main__ module?)",
-                            pid, ", ".join(heavy))
+                log.warning(
+                    "decode worker %s loaded %s (imported by the parent's __main__ module?)", pid, ", ".join(heavy)
+                )
         elif kind == "failed":
             raise ImgfeatError(f"decode worker {worker.proc.name} (pid {msg[1]}) failed: {msg[2]}")
 
@@ -435,7 +454,8 @@ def _create_segment(nbytes: int, shape: tuple[int, ...]) -> Segment:
         raise ImgfeatError(
             f"decode processes need {nbytes / 2**20:.0f} MiB of shared memory for {shape[0]} buffers of "
             f"{shape[1]} images at {shape[2]}x{shape[3]}, but {SHM_DIR} has {free / 2**20:.0f} MiB free "
-            "(in Docker raise --shm-size; or use a smaller batch, fewer buffers, or decode threads)")
+            "(in Docker raise --shm-size; or use a smaller batch, fewer buffers, or decode threads)"
+        )
     return Segment(create=True, size=max(1, nbytes))
 
 
@@ -481,8 +501,15 @@ def pool_size(workers: int, chunks: list[list[Item]]) -> int:
     return workers
 
 
-def process_batches(items: Iterable[Item], spec: InputSpec, run_id: str, workers: int, ahead: int,
-                    held: int = DEFAULT_HELD, nice: int = DEFAULT_NICE) -> Iterator[Batch]:
+def process_batches(
+    items: Iterable[Item],
+    spec: InputSpec,
+    run_id: str,
+    workers: int,
+    ahead: int,
+    held: int = DEFAULT_HELD,
+    nice: int = DEFAULT_NICE,
+) -> Iterator[Batch]:
     """The thread path's contract (``make_batch`` per chunk, in todo order) decoded by ``workers``
     processes into ``ahead + held`` shared buffers. Call ``batch.release()`` when done with ``raw``
     (a consumer that holds every buffer and asks for one more waits for a release from another

@@ -17,8 +17,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from imgfeat.core import names
 from imgfeat.backbones import POOLINGS, build_model, get_backbone
+from imgfeat.backbones.hub import EMBEDDINGS
+from imgfeat.core import names
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError, ErrorRateExceeded, unknown_value
 from imgfeat.core.options import opt
@@ -30,7 +31,14 @@ from imgfeat.core.storage import WAIT_HINT, FileLock, read_shards, remove_stale_
 from imgfeat.core.workspace import Workspace, check_name
 from imgfeat.extract import gpudecode  # gpudecode.check_gpu_decode: looked up when called (tests patch it)
 from imgfeat.extract.batches import DECODE_MODES, PROCESS_DECODE_MIN_WORKERS, InputSpec, Item, decode_mode_of, is_final
-from imgfeat.extract.decode import DEFAULT_MAX_FILE_BYTES, DecodeConfig, EXIF_MODES, INTERPOLATIONS, ReadError, open_regular_file
+from imgfeat.extract.decode import (
+    DEFAULT_MAX_FILE_BYTES,
+    EXIF_MODES,
+    INTERPOLATIONS,
+    DecodeConfig,
+    ReadError,
+    open_regular_file,
+)
 from imgfeat.extract.executors import (
     PRECISIONS,
     BatchReport,
@@ -40,20 +48,39 @@ from imgfeat.extract.executors import (
     make_executor,
 )
 from imgfeat.extract.executors.local import ShardSeam
-from imgfeat.extract.featureset import committed_ids, error_shards, migrate_layout, provenance_path, read_errors, read_provenance
+from imgfeat.extract.featureset import (
+    committed_ids,
+    error_shards,
+    migrate_layout,
+    provenance_path,
+    read_errors,
+    read_provenance,
+)
 from imgfeat.extract.recipe import Provenance, Resolved, resolve_recipe
 from imgfeat.extract.shards import FeaturesetDirs, FeaturesetWriter, ShardSink, next_shard_tag
 from imgfeat.scan.manifest import dataset_root, manifest_file
-from imgfeat.backbones.hub import EMBEDDINGS
 from imgfeat.scan.probe import Probe, probe_file
 
 log = logging.getLogger(__name__)
 
 NOT_FOUND = "not_found"  # a file given to extract_files that does not exist (its error code)
 
-__all__ = ["ExtractConfig", "ExtractSummary", "FileResult", "run_extract", "extract_files", "plan_extract",
-           "featureset_name", "check_error_rate", "check_extract_error_rate", "check_recipe_name",
-           "record_recipe_name", "open_featureset", "walk_manifest", "PRECISIONS"]
+__all__ = [
+    "ExtractConfig",
+    "ExtractSummary",
+    "FileResult",
+    "run_extract",
+    "extract_files",
+    "plan_extract",
+    "featureset_name",
+    "check_error_rate",
+    "check_extract_error_rate",
+    "check_recipe_name",
+    "record_recipe_name",
+    "open_featureset",
+    "walk_manifest",
+    "PRECISIONS",
+]
 
 STAGE_SCAN = "scan"
 MANIFEST_BATCH_ROWS = 8192  # the manifest is streamed in record batches of this many rows
@@ -69,45 +96,69 @@ class ExtractConfig:
 
     dataset: str = opt(metavar="NAME", help="a dataset made by 'imgfeat scan'")
     backbone: str = opt(metavar="NAME", help="e.g. mobilenet_v2, resnet50 ('imgfeat backbones' lists them)")
-    weights: str | None = opt("imagenet", metavar="imagenet|none|PATH",
-                              help="ImageNet weights from the Keras cache, 'none' (seeded random, for tests), "
-                                   "or a .weights.h5 file")
+    weights: str | None = opt(
+        "imagenet",
+        metavar="imagenet|none|PATH",
+        help="ImageNet weights from the Keras cache, 'none' (seeded random, for tests), or a .weights.h5 file",
+    )
     pooling: str = opt("avg", metavar="avg|max", help="global pooling of the last feature map")
-    layer: str | None = opt(None, metavar="NAME",
-                            help="tap this inner layer (pooled with --pooling) instead of the last one")
+    layer: str | None = opt(
+        None, metavar="NAME", help="tap this inner layer (pooled with --pooling) instead of the last one"
+    )
     input_size: int | None = opt(None, metavar="N", help="square input side (default: the backbone's, e.g. 224)")
     batch_size: int = opt(32, metavar="N", help="images per model call")
-    precision: str = opt("float32", metavar="float32|bfloat16|float16",
-                         help="compute precision (mixed policy); bfloat16 can help on recent CPUs, "
-                              "float16 is for GPUs")
-    dtype: str = opt("float32", metavar="float32|float16",
-                     help="storage dtype of the features (default float32; float16 halves the disk but "
-                          "Spark cannot read it: 'Illegal Parquet type: FIXED_LEN_BYTE_ARRAY (FLOAT16)')")
+    precision: str = opt(
+        "float32",
+        metavar="float32|bfloat16|float16",
+        help="compute precision (mixed policy); bfloat16 can help on recent CPUs, float16 is for GPUs",
+    )
+    dtype: str = opt(
+        "float32",
+        metavar="float32|float16",
+        help="storage dtype of the features (default float32; float16 halves the disk but "
+        "Spark cannot read it: 'Illegal Parquet type: FIXED_LEN_BYTE_ARRAY (FLOAT16)')",
+    )
     shard_size: int = opt(1024, metavar="N", help="rows per shard")
     npy: bool = opt(False, help="also write part-*.npy sidecars (same row order)")
-    interpolation: str = opt("bilinear", metavar="NAME",
-                             help="resize filter: bilinear, nearest, bicubic, lanczos, box, hamming")
-    fast_decode: bool = opt(False, help="decode large JPEGs at 1/2, 1/4 or 1/8 scale before resizing (much "
-                                        "faster, close to but not equal to a full decode; part of the fingerprint)")
-    exif: str = opt("rotate", metavar="rotate|ignore",
-                    help="apply the EXIF orientation tag (rotate) or not, like keras.utils.load_img (ignore)")
+    interpolation: str = opt(
+        "bilinear", metavar="NAME", help="resize filter: bilinear, nearest, bicubic, lanczos, box, hamming"
+    )
+    fast_decode: bool = opt(
+        False,
+        help="decode large JPEGs at 1/2, 1/4 or 1/8 scale before resizing (much "
+        "faster, close to but not equal to a full decode; part of the fingerprint)",
+    )
+    exif: str = opt(
+        "rotate",
+        metavar="rotate|ignore",
+        help="apply the EXIF orientation tag (rotate) or not, like keras.utils.load_img (ignore)",
+    )
     seed: int = opt(0, metavar="N", help="seed of the random init with --weights none")
-    workers: int | None = opt(None, metavar="N",
-                              help="decoders: threads or processes here (default: the CPU count), concurrent "
-                                   "decode tasks with --executor ray (default: as many as the cluster fits)")
-    wait: float | None = opt(None, metavar="SECONDS",
-                             help="wait this long for another writer of the same featureset instead of failing")
-    max_file_bytes: int = opt(DEFAULT_MAX_FILE_BYTES, metavar="N",
-                              help="a file larger than this is an error row (file_too_large), never read whole "
-                                   f"(default {DEFAULT_MAX_FILE_BYTES >> 20} MiB; changes no numbers)")
+    workers: int | None = opt(
+        None,
+        metavar="N",
+        help="decoders: threads or processes here (default: the CPU count), concurrent "
+        "decode tasks with --executor ray (default: as many as the cluster fits)",
+    )
+    wait: float | None = opt(
+        None, metavar="SECONDS", help="wait this long for another writer of the same featureset instead of failing"
+    )
+    max_file_bytes: int = opt(
+        DEFAULT_MAX_FILE_BYTES,
+        metavar="N",
+        help="a file larger than this is an error row (file_too_large), never read whole "
+        f"(default {DEFAULT_MAX_FILE_BYTES >> 20} MiB; changes no numbers)",
+    )
     # where files are decoded (DECODE_MODES); "gpu" also changes the numbers
-    decode: str = opt("auto", metavar="auto|threads|processes|gpu",
-                      help="where images are decoded: Pillow in threads, or in worker processes writing "
-                           "into shared batch buffers (auto: processes from %d workers up, where threads "
-                           "stop scaling); gpu: JPEGs decoded and resized in batches on the GPU, other "
-                           "files on the CPU (pip install 'imgfeat[gpu]', KERAS_BACKEND=jax; its numbers "
-                           "differ slightly from Pillow's, so it is part of the fingerprint)"
-                           % PROCESS_DECODE_MIN_WORKERS)
+    decode: str = opt(
+        "auto",
+        metavar="auto|threads|processes|gpu",
+        help="where images are decoded: Pillow in threads, or in worker processes writing "
+        "into shared batch buffers (auto: processes from %d workers up, where threads "
+        "stop scaling); gpu: JPEGs decoded and resized in batches on the GPU, other "
+        "files on the CPU (pip install 'imgfeat[gpu]', KERAS_BACKEND=jax; its numbers "
+        "differ slightly from Pillow's, so it is part of the fingerprint)" % PROCESS_DECODE_MIN_WORKERS,
+    )
 
     def __post_init__(self) -> None:
         get_backbone(self.backbone)
@@ -129,8 +180,10 @@ class ExtractConfig:
     def input_spec(self, resolved: Resolved) -> InputSpec:
         size = resolved.recipe.input_size
         if self.batch_size * size * size * 3 * 4 > MAX_BATCH_BYTES:
-            raise ConfigError(f"batch size {self.batch_size} at input size {size} needs more than "
-                              f"{MAX_BATCH_BYTES >> 30} GiB per batch; use a smaller --batch-size")
+            raise ConfigError(
+                f"batch size {self.batch_size} at input size {size} needs more than "
+                f"{MAX_BATCH_BYTES >> 30} GiB per batch; use a smaller --batch-size"
+            )
         return InputSpec(resolved.recipe.decode_config(), self.batch_size, self.max_file_bytes, self.decode)
 
     @classmethod
@@ -139,10 +192,21 @@ class ExtractConfig:
         r, src = prov.recipe, prov.source
         # A preset directory is found again by its path; a preset name through the cache.
         backbone = src.path if src.kind == "preset" and r.backbone.startswith("preset_") else r.backbone
-        return cls(dataset=dataset, backbone=backbone, weights=src.build_arg(), pooling=r.pooling,
-                   layer=r.layer, input_size=r.input_size, precision=r.precision, dtype=r.dtype,
-                   interpolation=r.interpolation, fast_decode=r.fast_decode, exif=r.exif, seed=src.seed,
-                   decode=decode_mode_of(r.decoder))
+        return cls(
+            dataset=dataset,
+            backbone=backbone,
+            weights=src.build_arg(),
+            pooling=r.pooling,
+            layer=r.layer,
+            input_size=r.input_size,
+            precision=r.precision,
+            dtype=r.dtype,
+            interpolation=r.interpolation,
+            fast_decode=r.fast_decode,
+            exif=r.exif,
+            seed=src.seed,
+            decode=decode_mode_of(r.decoder),
+        )
 
 
 @dataclass(frozen=True)
@@ -246,14 +310,25 @@ class ExtractSummary:
 
     def to_json(self) -> JsonObject:
         out: JsonObject = {
-            "featureset": self.featureset, "dataset": self.dataset, "manifest_rows": self.manifest_rows,
-            "extracted": self.extracted, "reused": self.reused, "duplicates": self.duplicates,
+            "featureset": self.featureset,
+            "dataset": self.dataset,
+            "manifest_rows": self.manifest_rows,
+            "extracted": self.extracted,
+            "reused": self.reused,
+            "duplicates": self.duplicates,
             "errors": {"new": self.errors_new, "by_code": dict(self.errors_by_code), "known": self.errors_known},
-            "error_rows": self.error_rows, "error_rate": self.error_rate, "model_built": self.model_built,
-            "model_seconds": self.model_seconds, "decode_seconds": self.decode_seconds,
-            "input_wait_seconds": self.input_wait_seconds, "build_seconds": self.build_seconds,
-            "loop_seconds": self.loop_seconds, "shards": self.shards, "batch_size": self.batch_size,
-            "seconds": self.seconds, "images_per_s": self.images_per_s,
+            "error_rows": self.error_rows,
+            "error_rate": self.error_rate,
+            "model_built": self.model_built,
+            "model_seconds": self.model_seconds,
+            "decode_seconds": self.decode_seconds,
+            "input_wait_seconds": self.input_wait_seconds,
+            "build_seconds": self.build_seconds,
+            "loop_seconds": self.loop_seconds,
+            "shards": self.shards,
+            "batch_size": self.batch_size,
+            "seconds": self.seconds,
+            "images_per_s": self.images_per_s,
             "images_per_s_loop": self.images_per_s_loop,
             "commit_records": {k: self.commit_records.get(k, 0) for k in ("recorded", "adopted", "set_aside")},
         }
@@ -266,10 +341,14 @@ class ExtractSummary:
         derived = {"errors", "error_rate", "images_per_s", "images_per_s_loop", "executor"}
         own = {f.name for f in dataclasses.fields(cls)} | derived
         errors = obj["errors"]
-        return cls(**{f.name: obj[f.name] for f in dataclasses.fields(cls) if f.name in obj and f.name not in derived},
-                   errors_new=errors["new"], errors_by_code=dict(errors["by_code"]), errors_known=errors["known"],
-                   executor=obj.get("executor", "local"),
-                   executor_info={k: v for k, v in obj.items() if k not in own})
+        return cls(
+            **{f.name: obj[f.name] for f in dataclasses.fields(cls) if f.name in obj and f.name not in derived},
+            errors_new=errors["new"],
+            errors_by_code=dict(errors["by_code"]),
+            errors_known=errors["known"],
+            executor=obj.get("executor", "local"),
+            executor_info={k: v for k, v in obj.items() if k not in own},
+        )
 
 
 # ------------------------------------------------------------------------------- the error-rate policy
@@ -342,8 +421,9 @@ class DoneSets:
 
 def _final_mask(errors: pa.Table) -> pa.ChunkedArray:
     """Which error rows are final (``is_final``), asked once per distinct (stage, code) pair."""
-    keys = pc.binary_join_element_wise(pc.fill_null(errors[S.STAGE], ""), pc.fill_null(errors[S.ERROR_CODE], ""),
-                                       "\x1f")
+    keys = pc.binary_join_element_wise(
+        pc.fill_null(errors[S.STAGE], ""), pc.fill_null(errors[S.ERROR_CODE], ""), "\x1f"
+    )
     final = [k for k in pc.unique(keys).to_pylist() if is_final(*(part or None for part in k.split("\x1f")))]
     return pc.is_in(keys, value_set=pa.array(final, pa.string()))
 
@@ -362,8 +442,9 @@ def open_featureset(ws: Workspace, fs: str, wait: float | None) -> Iterator[Done
         yield done
 
 
-def walk_manifest(ws: Workspace, dataset: str, done: DoneSets, tally: Tally, run_id: str,
-                  on_error=None) -> Iterator[Item]:
+def walk_manifest(
+    ws: Workspace, dataset: str, done: DoneSets, tally: Tally, run_id: str, on_error=None
+) -> Iterator[Item]:
     """Stream the manifest; yield an Item per image to extract, hand new scan-error rows to ``on_error``.
 
     Every row is counted exactly once: todo, reused, duplicate, known error or new scan error.
@@ -442,8 +523,9 @@ def check_new_featureset(ws: Workspace, resolved: Resolved) -> int | None:
         return resolved.spec_dim()
     if resolved.source.kind != "file":
         return int(_layer_model(resolved).outputs[0].shape[-1])
-    model = build_model(resolved.spec, resolved.source.build_arg(), r.input_size, r.pooling, r.layer,
-                        resolved_weights=resolved.ref)
+    model = build_model(
+        resolved.spec, resolved.source.build_arg(), r.input_size, r.pooling, r.layer, resolved_weights=resolved.ref
+    )
     return int(model.outputs[0].shape[-1])
 
 
@@ -480,8 +562,13 @@ def _layer_model(resolved: Resolved):
 # ------------------------------------------------------------------------------- the driver
 
 
-def run_extract(ws: Workspace, cfg: ExtractConfig, run_id: str,
-                executor: ExecutorConfig | None = None, seam: ShardSeam | None = None) -> ExtractSummary:
+def run_extract(
+    ws: Workspace,
+    cfg: ExtractConfig,
+    run_id: str,
+    executor: ExecutorConfig | None = None,
+    seam: ShardSeam | None = None,
+) -> ExtractSummary:
     """Extract every manifest image not yet in the featureset: the driver (resolve once, lock,
     provenance, plan, executor, error rows); returns the run's typed summary. ``seam``: the shard
     task's test seam (``executors.local.Fault``), for tests only."""
@@ -493,8 +580,10 @@ def run_extract(ws: Workspace, cfg: ExtractConfig, run_id: str,
     if ex_cfg.workers is None and cfg.workers is not None:  # workers given in the extract options
         ex_cfg = dataclasses.replace(ex_cfg, workers=cfg.workers)
     if ex_cfg.name == "ray" and cfg.decode not in ("auto", "processes"):
-        raise ConfigError(f"decode = {cfg.decode!r} is for the local executor; on Ray, decode tasks are "
-                          "worker processes already (allowed there: auto, processes)")
+        raise ConfigError(
+            f"decode = {cfg.decode!r} is for the local executor; on Ray, decode tasks are "
+            "worker processes already (allowed there: auto, processes)"
+        )
     ex = make_executor(ex_cfg, seam)
     fs = resolved.recipe.name()
     dim = check_new_featureset(ws, resolved)  # nothing is written before this has passed
@@ -503,8 +592,16 @@ def run_extract(ws: Workspace, cfg: ExtractConfig, run_id: str,
         for _ in walk_manifest(ws, cfg.dataset, done, plan, run_id):
             pass
         prov = ensure_provenance(ws, resolved, dim)
-        job = ExtractJob(ws, resolved, prov, inputs, cfg.shard_size, cfg.npy, run_id,
-                         next_shard_tag(FeaturesetDirs.of(ws, fs), run_id))
+        job = ExtractJob(
+            ws,
+            resolved,
+            prov,
+            inputs,
+            cfg.shard_size,
+            cfg.npy,
+            run_id,
+            next_shard_tag(FeaturesetDirs.of(ws, fs), run_id),
+        )
         tally, stats, sink = Tally(), LoopStats(), _sink(job)
         with _committing(sink):
             items = walk_manifest(ws, cfg.dataset, done, tally, run_id, on_error=sink.add_error)
@@ -534,8 +631,9 @@ def _committing(sink: ShardSink) -> Iterator[None]:
     sink.close(commit=True)
 
 
-def _run_executor(ex: Executor, job: ExtractJob, items: Iterable[Item], total: int, sink: ShardSink,
-                  stats: LoopStats) -> None:
+def _run_executor(
+    ex: Executor, job: ExtractJob, items: Iterable[Item], total: int, sink: ShardSink, stats: LoopStats
+) -> None:
     t0 = time.perf_counter()
     bar = None  # made at the first batch: the model's build log comes first, not a bar stuck at 0%
     try:
@@ -554,31 +652,54 @@ def _retry_other_paths(ex: Executor, job: ExtractJob, tally: Tally, sink: ShardS
     """An id whose path failed to read (or no longer holds its bytes) gets its feature from another
     manifest path of the same bytes: one more round per copy left, until each id has a feature,
     a final error, or no path left."""
-    while retry := [Item(i, tally.other_paths[i].pop(0)) for i, (_, _, final) in stats.failed.items()
-                    if not final and tally.other_paths.get(i)]:
+    while retry := [
+        Item(i, tally.other_paths[i].pop(0))
+        for i, (_, _, final) in stats.failed.items()
+        if not final and tally.other_paths.get(i)
+    ]:
         log.info("%d image(s) failed at one path: trying another copy of the same bytes", len(retry))
         for item in retry:
             del stats.failed[item.image_id]
-        job = dataclasses.replace(job, shard_tag=next_shard_tag(FeaturesetDirs.of(job.ws, job.featureset),
-                                                                job.run_id))
+        job = dataclasses.replace(job, shard_tag=next_shard_tag(FeaturesetDirs.of(job.ws, job.featureset), job.run_id))
         _run_executor(ex, job, retry, len(retry), sink, stats)
 
 
-def _summary(cfg: ExtractConfig, fs: str, tally: Tally, stats: LoopStats, sink: ShardSink, ex: Executor,
-             model_built: bool, seconds: float, repaired: dict[str, int]) -> ExtractSummary:
+def _summary(
+    cfg: ExtractConfig,
+    fs: str,
+    tally: Tally,
+    stats: LoopStats,
+    sink: ShardSink,
+    ex: Executor,
+    model_built: bool,
+    seconds: float,
+    repaired: dict[str, int],
+) -> ExtractSummary:
     codes = collections.Counter(tally.scan_errors)
     codes.update(stats.errors)
     failed_rows = sum(tally.todo_rows[i] for i in stats.failed)
     return ExtractSummary(
-        featureset=fs, dataset=cfg.dataset, manifest_rows=tally.rows, extracted=stats.extracted,
-        reused=tally.reused, duplicates=tally.duplicates, errors_new=sum(codes.values()),
-        errors_by_code=dict(sorted(codes.items())), errors_known=tally.known_error_rows,
+        featureset=fs,
+        dataset=cfg.dataset,
+        manifest_rows=tally.rows,
+        extracted=stats.extracted,
+        reused=tally.reused,
+        duplicates=tally.duplicates,
+        errors_new=sum(codes.values()),
+        errors_by_code=dict(sorted(codes.items())),
+        errors_known=tally.known_error_rows,
         error_rows=sum(tally.scan_errors.values()) + tally.known_error_rows + failed_rows,
-        model_built=model_built, shards=len(stats.shards),
-        batch_size=cfg.batch_size, seconds=round(seconds, 3), model_seconds=round(stats.model_seconds, 3),
-        decode_seconds=round(stats.decode_seconds, 3), input_wait_seconds=round(stats.input_wait_seconds, 3),
-        build_seconds=round(stats.build_seconds, 3), loop_seconds=round(stats.loop_seconds, 3),
-        executor=ex.name, executor_info=ex.info(),
+        model_built=model_built,
+        shards=len(stats.shards),
+        batch_size=cfg.batch_size,
+        seconds=round(seconds, 3),
+        model_seconds=round(stats.model_seconds, 3),
+        decode_seconds=round(stats.decode_seconds, 3),
+        input_wait_seconds=round(stats.input_wait_seconds, 3),
+        build_seconds=round(stats.build_seconds, 3),
+        loop_seconds=round(stats.loop_seconds, 3),
+        executor=ex.name,
+        executor_info=ex.info(),
         commit_records=dict(repaired),
     )
 
@@ -586,8 +707,9 @@ def _summary(cfg: ExtractConfig, fs: str, tally: Tally, stats: LoopStats, sink: 
 # ------------------------------------------------------------------------------- single files
 
 
-def extract_files(ws: Workspace, featureset: str, paths: Sequence[str | Path], run_id: str,
-                  wait: float | None = None) -> list[FileResult]:
+def extract_files(
+    ws: Workspace, featureset: str, paths: Sequence[str | Path], run_id: str, wait: float | None = None
+) -> list[FileResult]:
     """Features for arbitrary image files, cached into an existing featureset (``imgfeat predict IMAGE``).
 
     The same driver over a file todo list. Files are keyed by content: one already in the
@@ -606,8 +728,16 @@ def extract_files(ws: Workspace, featureset: str, paths: Sequence[str | Path], r
         items, new_errors = _file_todo(probes, done, run_id)
         if items or new_errors:
             tag = next_shard_tag(FeaturesetDirs.of(ws, featureset), run_id)
-            job = ExtractJob(ws, resolved, ensure_provenance(ws, resolved), cfg.input_spec(resolved),
-                             cfg.shard_size, cfg.npy, run_id, tag)
+            job = ExtractJob(
+                ws,
+                resolved,
+                ensure_provenance(ws, resolved),
+                cfg.input_spec(resolved),
+                cfg.shard_size,
+                cfg.npy,
+                run_id,
+                tag,
+            )
             sink = _sink(job)
             with _committing(sink):
                 for row in new_errors:
@@ -639,8 +769,9 @@ def _file_todo(probes, done: DoneSets, run_id: str):
         if pr.status == S.STATUS_OK:
             items.append(Item(pr.image_id, Path(path).absolute().as_posix()))
         elif pr.image_id is not None:  # the bytes were read: a fact about this content, kept for every user
-            errors.append(ErrorRow(pr.image_id, Path(path).absolute().as_posix(), STAGE_SCAN, pr.status,
-                                   pr.error, run_id))
+            errors.append(
+                ErrorRow(pr.image_id, Path(path).absolute().as_posix(), STAGE_SCAN, pr.status, pr.error, run_id)
+            )
         # A given file that could not be read at all is the caller's to report (predict prints it):
         # it says nothing about any image's content, so the shared featureset does not keep it.
     return items, errors
@@ -648,8 +779,11 @@ def _file_todo(probes, done: DoneSets, run_id: str):
 
 def _file_results(ws: Workspace, fs: str, probes, failed: dict[str, tuple[str, str, bool]]) -> list[FileResult]:
     have = committed_ids(ws, fs)
-    known = {r[S.IMAGE_ID]: (r[S.ERROR_CODE], r[S.ERROR_MESSAGE]) for r in read_errors(ws, fs).to_pylist()
-             if r[S.IMAGE_ID] is not None}
+    known = {
+        r[S.IMAGE_ID]: (r[S.ERROR_CODE], r[S.ERROR_MESSAGE])
+        for r in read_errors(ws, fs).to_pylist()
+        if r[S.IMAGE_ID] is not None
+    }
     results = []
     for path, pr in probes:
         if pr.status != S.STATUS_OK:

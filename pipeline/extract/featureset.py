@@ -14,7 +14,6 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from imgfeat.core import schemas as S
-from imgfeat.core.errors import ImgfeatError, unknown_value
 from imgfeat.core.commits import (
     Adoptable,
     Reconciled,
@@ -24,6 +23,7 @@ from imgfeat.core.commits import (
     reconcile,
     warn_once,
 )
+from imgfeat.core.errors import ImgfeatError, unknown_value
 from imgfeat.core.results import JsonObject
 from imgfeat.core.storage import column_values, list_shards, read_shards, remove_file, remove_tree
 from imgfeat.core.workspace import Workspace
@@ -64,8 +64,10 @@ def featureset_info(ws: Workspace, featureset: str) -> JsonObject:
     else:
         why = "not a JSON object"
     if not isinstance(info, dict):
-        raise ImgfeatError(f"cannot read {path}: {why}; the featureset's provenance is damaged: delete it and "
-                           f"{ws.featureset_dir(featureset)}, and run 'imgfeat extract' again")
+        raise ImgfeatError(
+            f"cannot read {path}: {why}; the featureset's provenance is damaged: delete it and "
+            f"{ws.featureset_dir(featureset)}, and run 'imgfeat extract' again"
+        )
     return info
 
 
@@ -86,8 +88,10 @@ def trusted_shards(ws: Workspace, featureset: str) -> list[tuple[Path, ShardReco
     ok = [(p, r) for p, r in committed.trusted if _shard_identity(p) == want]
     if len(ok) < len(committed.trusted):
         foreign = sorted(set(committed.paths) - {p for p, _ in ok})
-        warn_once(f"ignoring {len(foreign)} shard(s) in {ws.featureset_dir(featureset)} that do not carry "
-                  f"its provenance: {', '.join(p.name for p in foreign)}")
+        warn_once(
+            f"ignoring {len(foreign)} shard(s) in {ws.featureset_dir(featureset)} that do not carry "
+            f"its provenance: {', '.join(p.name for p in foreign)}"
+        )
     return ok
 
 
@@ -119,8 +123,12 @@ def _finite_chunk(arr: pa.FixedSizeListArray) -> np.ndarray:
 def warn_non_finite(featureset: str, n: int) -> None:
     """The one warning for feature rows left out because they hold NaN or inf."""
     if n:
-        log.warning("left out %d feature row(s) of featureset %s that hold NaN or inf (written before "
-                    "extract refused them; the next extract into it tries those images again)", n, featureset)
+        log.warning(
+            "left out %d feature row(s) of featureset %s that hold NaN or inf (written before "
+            "extract refused them; the next extract into it tries those images again)",
+            n,
+            featureset,
+        )
 
 
 def shard_rows(shard: Path, record: ShardRecord | None) -> tuple[pa.Array, np.ndarray]:
@@ -172,8 +180,9 @@ def pick_rows(ws: Workspace, featureset: str, wanted: Iterable[str] | None = Non
     return RowPicks(ids, shards)
 
 
-def read_picked(ws: Workspace, featureset: str, picks: RowPicks,
-                dtype: np.dtype | type = np.float32) -> tuple[list[str], np.ndarray]:
+def read_picked(
+    ws: Workspace, featureset: str, picks: RowPicks, dtype: np.dtype | type = np.float32
+) -> tuple[list[str], np.ndarray]:
     """``(ids, X)`` of picked rows, features streamed into one preallocated array: a shard with no
     picked row is never decoded, and the rows of a shard whose data changed since its commit
     (``open_shard``) are left out."""
@@ -241,8 +250,10 @@ def _shard_identity(path: Path) -> tuple[str | None, str | None]:
         meta = pq.read_metadata(path).metadata or {}
         prov = json.loads(meta.get(S.META_PROVENANCE, b"{}"))
     except (OSError, ValueError, pa.ArrowException) as exc:
-        raise ImgfeatError(f"cannot read the footer of {path} ({exc}): the shard is damaged; delete it (or move "
-                           "it away) and rerun imgfeat extract, which writes its rows again") from None
+        raise ImgfeatError(
+            f"cannot read the footer of {path} ({exc}): the shard is damaged; delete it (or move "
+            "it away) and rerun imgfeat extract, which writes its rows again"
+        ) from None
     return (prov.get("featureset"), prov.get("fingerprint")) if isinstance(prov, dict) else (None, None)
 
 
@@ -308,7 +319,7 @@ def reconcile_commits(ws: Workspace, featureset: str) -> tuple[Reconciled, Recon
     anything else moved to ``.rejected/`` (``core/commits.reconcile``)."""
     dirs = FeaturesetDirs.of(ws, featureset)
     if not provenance_path(ws, featureset).is_file():  # nothing can verify against it: the writer
-        return Reconciled(), Reconciled()              # writes it first, then records as it goes
+        return Reconciled(), Reconciled()  # writes it first, then records as it goes
     info = featureset_info(ws, featureset)
     want = (info.get("featureset"), info.get("fingerprint"))
 
@@ -333,10 +344,18 @@ def reconcile_commits(ws: Workspace, featureset: str) -> tuple[Reconciled, Recon
         return Adoptable(_error_keys(t.select(S.ERRORS_SCHEMA.names).cast(S.ERRORS_SCHEMA)), t.num_rows)
 
     return (
-        reconcile(dirs.features, inspect_features,
-                  lambda p, _: read_shards([p], [S.IMAGE_ID]).column(0).combine_chunks(), f"featureset {featureset}"),
-        reconcile(dirs.errors, inspect_errors, lambda p, _: _error_keys(read_shards([p], schema=S.ERRORS_SCHEMA)),
-                  f"the error rows of featureset {featureset}"),
+        reconcile(
+            dirs.features,
+            inspect_features,
+            lambda p, _: read_shards([p], [S.IMAGE_ID]).column(0).combine_chunks(),
+            f"featureset {featureset}",
+        ),
+        reconcile(
+            dirs.errors,
+            inspect_errors,
+            lambda p, _: _error_keys(read_shards([p], schema=S.ERRORS_SCHEMA)),
+            f"the error rows of featureset {featureset}",
+        ),
     )
 
 
@@ -447,8 +466,10 @@ def _new_rows(t: pa.Table, wanted: set[str] | None, seen: set[str], dropped: lis
 def _batches(t: pa.Table, batch_rows: int, dtype: np.dtype) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     for start in range(0, t.num_rows, batch_rows):
         part = t.slice(start, batch_rows)
-        yield (np.asarray(part.column(S.IMAGE_ID).to_pylist(), dtype=object),
-               feature_matrix(part.column(S.FEATURE), dtype))
+        yield (
+            np.asarray(part.column(S.IMAGE_ID).to_pylist(), dtype=object),
+            feature_matrix(part.column(S.FEATURE), dtype),
+        )
 
 
 def load_features(

@@ -165,7 +165,7 @@ def _land(forward: Forward, flight: _Flight) -> Landed:
     t0 = time.perf_counter()
     features = None
     if flight.handle is not None:
-        features = forward.fetch(flight.handle)[:len(flight.batch.ids)]
+        features = forward.fetch(flight.handle)[: len(flight.batch.ids)]
     seconds = flight.submit_seconds + time.perf_counter() - t0
     _release(flight.batch)
     return Landed(flight.batch, features, seconds, flight.wait)

@@ -88,8 +88,7 @@ def _lanczos(x, xp):
 
 # Not "box" and "nearest": they jump between taps, so float32 and Pillow's float64 pick different
 # pixels at ties (measured: off by 90); the continuous filters stay within 1.
-KERNELS: dict[str, Callable] = {"bilinear": _bilinear, "hamming": _hamming, "bicubic": _bicubic,
-                                "lanczos": _lanczos}
+KERNELS: dict[str, Callable] = {"bilinear": _bilinear, "hamming": _hamming, "bicubic": _bicubic, "lanczos": _lanczos}
 
 
 def filter_weights(kernel: Callable, in_real, in_pad: int, out: int, xp=np):
@@ -170,8 +169,10 @@ def _option_problems(dcfg: DecodeConfig) -> Iterator[str]:
     if dcfg.fast_decode:
         yield "fast_decode is libjpeg's reduced-size decode, which the GPU decoder has not: drop --fast-decode"
     if dcfg.interpolation not in KERNELS:
-        yield (f"interpolation {dcfg.interpolation!r} has no GPU kernel "
-               f"(allowed with decode 'gpu': {', '.join(sorted(KERNELS))})")
+        yield (
+            f"interpolation {dcfg.interpolation!r} has no GPU kernel "
+            f"(allowed with decode 'gpu': {', '.join(sorted(KERNELS))})"
+        )
 
 
 def _gpu_problems() -> list[str]:
@@ -230,6 +231,7 @@ class DeviceKernels:
         def traced(*args):
             self.compiles.append((name, *(getattr(a, "shape", a) for a in args)))
             return fn(*args)
+
         return traced
 
 
@@ -249,8 +251,7 @@ class DeviceResizer:
         self.size = tuple(dcfg.size)
         self.kernels = device_kernels(dcfg.interpolation, self.size)
 
-    def assemble(self, batch_size: int, device_rows: list[tuple[int, Any]],
-                 host_rows: dict[int, np.ndarray]) -> Any:
+    def assemble(self, batch_size: int, device_rows: list[tuple[int, Any]], host_rows: dict[int, np.ndarray]) -> Any:
         """Rows already at (H, W) from the CPU path plus decoded images of any size at their rows."""
         h, w = self.size
         if host_rows:
@@ -263,7 +264,7 @@ class DeviceResizer:
         for bucket, rows in _by_bucket(device_rows).items():
             step = bucket_rows(bucket)
             for start in range(0, len(rows), step):
-                out = self._resize_into(out, bucket, rows[start:start + step], batch_size)
+                out = self._resize_into(out, bucket, rows[start : start + step], batch_size)
         return out
 
     def _resize_into(self, out: Any, bucket: tuple[int, int], rows: list[tuple[int, Any]], batch_size: int) -> Any:
@@ -272,9 +273,9 @@ class DeviceResizer:
         k = self.kernels
         padded += [k.zeros((*bucket, CHANNELS))] * (n - len(rows))
         hw = np.ones((n, 2), np.int32)
-        hw[:len(rows)] = [img.shape[:2] for _, img in rows]
+        hw[: len(rows)] = [img.shape[:2] for _, img in rows]
         idx = np.full(n, batch_size, np.int32)  # filler rows point past the batch: dropped
-        idx[:len(rows)] = [row for row, _ in rows]
+        idx[: len(rows)] = [row for row, _ in rows]
         return k.place(out, k.resize(k.stack(*padded), hw), idx)
 
     def _padded(self, img: Any, bucket: tuple[int, int]) -> Any:
@@ -287,7 +288,7 @@ class DeviceResizer:
                 return self.kernels.pad(img, bucket)
             img = np.asarray(img)  # one more distinct size would mean one more compile: pad on the host
         host = np.zeros((*bucket, CHANNELS), np.uint8)
-        host[:shape[0], :shape[1]] = img
+        host[: shape[0], : shape[1]] = img
         return self.jax.device_put(host)
 
 
@@ -352,8 +353,9 @@ class GpuBatcher:
     """Turns one chunk of items (read by CPU threads) into one Batch: a GPU decode call for the JPEGs,
     the CPU path for the rest, one device resize per size bucket."""
 
-    def __init__(self, spec: InputSpec, codec: Any, pool: ThreadPoolExecutor,
-                 counts: collections.Counter | None = None) -> None:
+    def __init__(
+        self, spec: InputSpec, codec: Any, pool: ThreadPoolExecutor, counts: collections.Counter | None = None
+    ) -> None:
         self.spec, self.codec, self.pool = spec, codec, pool
         self.resizer = DeviceResizer(spec.dcfg)
         self.counts = counts if counts is not None else collections.Counter()  # files by where they went
@@ -387,8 +389,9 @@ class GpuBatcher:
             if img is not None and tuple(img.shape) == (*reads[i].gpu_hw, CHANNELS) and img.dtype == np.uint8:
                 outcomes[i] = ("gpu", img)
         rest = [i for i, o in enumerate(outcomes) if o is None]
-        for i, outcome in zip(rest, self.pool.map(self._cpu_decode, [items[i] for i in rest],
-                                                  [reads[i].data for i in rest])):
+        for i, outcome in zip(
+            rest, self.pool.map(self._cpu_decode, [items[i] for i in rest], [reads[i].data for i in rest])
+        ):
             outcomes[i] = outcome
         return outcomes
 
@@ -398,8 +401,9 @@ class GpuBatcher:
         try:
             images = self.codec.decode(datas)
         except Exception as exc:  # a failed batch call: every file of it takes the CPU path
-            log.warning("GPU decode of %d files failed (%s: %s); decoding them on the CPU",
-                        len(datas), type(exc).__name__, exc)
+            log.warning(
+                "GPU decode of %d files failed (%s: %s); decoding them on the CPU", len(datas), type(exc).__name__, exc
+            )
             return [None] * len(datas)
         return list(images) if len(images) == len(datas) else [None] * len(datas)
 
@@ -410,8 +414,15 @@ class GpuBatcher:
             return "error", exc
 
 
-def gpu_batches(items: Iterable[Item], spec: InputSpec, run_id: str, workers: int, ahead: int,
-                codec: Any = None, counts: collections.Counter | None = None) -> Iterator[Batch]:
+def gpu_batches(
+    items: Iterable[Item],
+    spec: InputSpec,
+    run_id: str,
+    workers: int,
+    ahead: int,
+    codec: Any = None,
+    counts: collections.Counter | None = None,
+) -> Iterator[Batch]:
     """Batches in todo order (the thread path's contract), ``raw`` a uint8 JAX array on the device.
 
     ``workers`` CPU threads read, verify and probe files and decode the CPU fallbacks; one more
@@ -423,8 +434,10 @@ def gpu_batches(items: Iterable[Item], spec: InputSpec, run_id: str, workers: in
     seconds its batch took to make (device work still running is not counted).
     """
     codec = codec if codec is not None else NvImageCodec(spec.dcfg)
-    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="imgfeat-gpu-read") as pool, \
-            ThreadPoolExecutor(1, thread_name_prefix="imgfeat-gpu-decode") as maker:
+    with (
+        ThreadPoolExecutor(max(1, workers), thread_name_prefix="imgfeat-gpu-read") as pool,
+        ThreadPoolExecutor(1, thread_name_prefix="imgfeat-gpu-decode") as maker,
+    ):
         batcher = GpuBatcher(spec, codec, pool, counts)
         pending: collections.deque[Future] = collections.deque()
         try:
@@ -435,8 +448,12 @@ def gpu_batches(items: Iterable[Item], spec: InputSpec, run_id: str, workers: in
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()
-            log.info("GPU decode: %d files decoded on the GPU, %d by the CPU path, %d error rows",
-                     batcher.counts["gpu"], batcher.counts["cpu"], batcher.counts["error"])
+            log.info(
+                "GPU decode: %d files decoded on the GPU, %d by the CPU path, %d error rows",
+                batcher.counts["gpu"],
+                batcher.counts["cpu"],
+                batcher.counts["error"],
+            )
         finally:  # stopped early (or failed): drop the work queued for batches nobody will take
             maker.shutdown(cancel_futures=True)
             pool.shutdown(cancel_futures=True)

@@ -51,13 +51,13 @@ def read_jpeg_header(data: bytes) -> JpegHeader | None:
         if marker == 0xFF or marker in STANDALONE:  # fill byte, or a marker without a length
             pos += 1 if marker == 0xFF else 2
             continue
-        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
         if length < 2 or pos + 2 + length > n:
             return None
         if marker == SOS:
             break
         read = marker in (APP1, APP14) or marker in SOF_MARKERS  # only these bodies are copied
-        if read and not _segment(marker, data[pos + 4:pos + 2 + length], found):
+        if read and not _segment(marker, data[pos + 4 : pos + 2 + length], found):
             return None
         pos += 2 + length
     return JpegHeader(**found) if "height" in found else None
@@ -67,7 +67,7 @@ def _segment(marker: int, body: bytes, found: dict) -> bool:
     """Note what one APP1 / APP14 / SOF segment says in ``found``; False when it is malformed."""
     if marker == APP1 and body.startswith(EXIF_HEADER):
         if found["orientation"] is None:  # Pillow reads the first Exif segment
-            found["orientation"] = exif_orientation(body[len(EXIF_HEADER):])
+            found["orientation"] = exif_orientation(body[len(EXIF_HEADER) :])
     elif marker == APP1 and body.startswith(XMP_HEADER):
         found["xmp_orientation"] = found["xmp_orientation"] or b"tiff:Orientation" in body
     elif marker == APP14 and body.startswith(b"Adobe") and len(body) >= 12:
@@ -75,9 +75,14 @@ def _segment(marker: int, body: bytes, found: dict) -> bool:
     elif marker in SOF_MARKERS:
         if len(body) < 6 or "height" in found:
             return False  # a short frame header, or a second one
-        found.update(height=int.from_bytes(body[1:3], "big"), width=int.from_bytes(body[3:5], "big"),
-                     components=body[5], precision=body[0], sof=marker,
-                     component_ids=tuple(body[6:6 + 3 * body[5]:3]))
+        found.update(
+            height=int.from_bytes(body[1:3], "big"),
+            width=int.from_bytes(body[3:5], "big"),
+            components=body[5],
+            precision=body[0],
+            sof=marker,
+            component_ids=tuple(body[6 : 6 + 3 * body[5] : 3]),
+        )
     return True
 
 
@@ -87,8 +92,8 @@ def exif_orientation(tiff: bytes) -> int | None:
     if order is None or len(tiff) < 8:
         return None
     ifd = int.from_bytes(tiff[4:8], order)
-    count = int.from_bytes(tiff[ifd:ifd + 2], order)
+    count = int.from_bytes(tiff[ifd : ifd + 2], order)
     for entry in range(ifd + 2, min(ifd + 2 + 12 * count, len(tiff) - 11), 12):
-        if int.from_bytes(tiff[entry:entry + 2], order) == ORIENTATION_TAG:
-            return int.from_bytes(tiff[entry + 8:entry + 10], order)
+        if int.from_bytes(tiff[entry : entry + 2], order) == ORIENTATION_TAG:
+            return int.from_bytes(tiff[entry + 8 : entry + 10], order)
     return None

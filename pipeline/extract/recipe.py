@@ -60,8 +60,8 @@ class WeightsId:
     @classmethod
     def parse(cls, identity: str) -> WeightsId:
         if identity.startswith(SHA_PREFIX):
-            return cls(identity[len(SHA_PREFIX):])
-        fields = dict(part.split("=", 1) for part in identity[len(NONE_PREFIX):].split(":") if "=" in part)
+            return cls(identity[len(SHA_PREFIX) :])
+        fields = dict(part.split("=", 1) for part in identity[len(NONE_PREFIX) :].split(":") if "=" in part)
         if not identity.startswith(NONE_PREFIX) or set(fields) != {"seed", "backend"}:
             raise ConfigError(f"unreadable weights identity {identity!r} in a featureset's provenance")
         return cls(None, int(fields["seed"]), fields["backend"])
@@ -108,8 +108,7 @@ class Recipe:
 
     def decode_config(self) -> DecodeConfig:
         size = self.input_size
-        return DecodeConfig((size, size), self.interpolation, self.fast_decode, self.exif, self.crop,
-                            self.antialias)
+        return DecodeConfig((size, size), self.interpolation, self.fast_decode, self.exif, self.crop, self.antialias)
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> Recipe:
@@ -162,8 +161,15 @@ class Provenance:
     def create(cls, resolved: Resolved, dim: int) -> Provenance:
         import keras
 
-        return cls(resolved.recipe, resolved.source, int(dim), keras.__version__, keras.backend.backend(),
-                   _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), resolved.recipe.name())
+        return cls(
+            resolved.recipe,
+            resolved.source,
+            int(dim),
+            keras.__version__,
+            keras.backend.backend(),
+            _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            resolved.recipe.name(),
+        )
 
     @property
     def fingerprint(self) -> str:
@@ -175,10 +181,17 @@ class Provenance:
 
     def to_json(self) -> JsonObject:
         out = self.recipe.canonical()
-        out.update(weights_kind=self.source.kind, weights_source=self.source.path or self.source.kind,
-                   seed=self.source.seed, dim=self.dim, keras_version=self.keras_version,
-                   backend=self.backend, created_at=self.created_at, fingerprint=self.fingerprint,
-                   featureset=self.featureset)
+        out.update(
+            weights_kind=self.source.kind,
+            weights_source=self.source.path or self.source.kind,
+            seed=self.source.seed,
+            dim=self.dim,
+            keras_version=self.keras_version,
+            backend=self.backend,
+            created_at=self.created_at,
+            fingerprint=self.fingerprint,
+            featureset=self.featureset,
+        )
         return out
 
     @classmethod
@@ -188,11 +201,19 @@ class Provenance:
             kind = obj.get("weights_kind") or ("none" if recipe.weights.sha256 is None else "file")
             path = obj.get("weights_source") if kind in ("file", "preset") else None
             source = WeightsSource(kind, path, int(obj.get("seed", 0)))
-            return cls(recipe, source, int(obj["dim"]), obj.get("keras_version"), obj.get("backend"),
-                       obj.get("created_at"), str(obj["featureset"]))
+            return cls(
+                recipe,
+                source,
+                int(obj["dim"]),
+                obj.get("keras_version"),
+                obj.get("backend"),
+                obj.get("created_at"),
+                str(obj["featureset"]),
+            )
         except (KeyError, TypeError, ValueError) as exc:
-            raise ConfigError(f"a featureset provenance is incomplete or malformed ({type(exc).__name__}: "
-                              f"{exc})") from None
+            raise ConfigError(
+                f"a featureset provenance is incomplete or malformed ({type(exc).__name__}: {exc})"
+            ) from None
 
     def footer(self) -> str:
         """The JSON stored in every shard's Parquet metadata."""
@@ -207,8 +228,19 @@ def resolve_recipe(cfg: ExtractConfig) -> Resolved:
     size = spec.check_input_size(cfg.input_size)
     ref = resolve_weights(spec, cfg.weights, size)
     weights = WeightsId.of(ref, cfg.seed)
-    recipe = Recipe(spec.name, weights, size, cfg.pooling, cfg.layer, cfg.interpolation,
-                    bool(cfg.fast_decode), cfg.exif, cfg.precision, cfg.dtype, decoder_of(cfg.decode))
+    recipe = Recipe(
+        spec.name,
+        weights,
+        size,
+        cfg.pooling,
+        cfg.layer,
+        cfg.interpolation,
+        bool(cfg.fast_decode),
+        cfg.exif,
+        cfg.precision,
+        cfg.dtype,
+        decoder_of(cfg.decode),
+    )
     source = WeightsSource(ref.kind, str(ref.path) if ref.kind == "file" else None, cfg.seed)
     return Resolved(recipe, source, spec, ref)
 
@@ -234,23 +266,46 @@ def resolve_hub_recipe(cfg: ExtractConfig, spec: HubSpec) -> Resolved:
     a directory re-saved with other weights (or another converter) is another featureset; the
     input transform is the converter's (``--interpolation`` does not apply)."""
     if cfg.layer is not None:
-        raise ConfigError(f"--layer does not apply to keras-hub backbone {spec.name}: its feature is the "
-                          f"{spec.family} {spec.embedding} embedding")
+        raise ConfigError(
+            f"--layer does not apply to keras-hub backbone {spec.name}: its feature is the "
+            f"{spec.family} {spec.embedding} embedding"
+        )
     if cfg.pooling not in ("avg", spec.embedding):
-        raise ConfigError(f"--pooling {cfg.pooling} does not apply to keras-hub backbone {spec.name}: its "
-                          f"feature is the {spec.family} {spec.embedding} embedding")
+        raise ConfigError(
+            f"--pooling {cfg.pooling} does not apply to keras-hub backbone {spec.name}: its "
+            f"feature is the {spec.family} {spec.embedding} embedding"
+        )
     size = spec.check_input_size(cfg.input_size)
     kind = hub_weights_kind(cfg.weights)
     conv = spec.converter
     crop, interp, antialias = (conv.crop, conv.interpolation, conv.antialias) if conv else ("none", "bilinear", True)
     decoder = decoder_of(cfg.decode)
     if decoder != "pillow":
-        raise ConfigError(f"keras-hub backbones decode with Pillow (the converter's crop rule); "
-                          f"--decode {cfg.decode} is for keras.applications backbones")
-    ref = WeightsRef("preset", Path(spec.preset_dir), spec.content_sha256) if kind == "preset" else WeightsRef("none", None, None)
+        raise ConfigError(
+            f"keras-hub backbones decode with Pillow (the converter's crop rule); "
+            f"--decode {cfg.decode} is for keras.applications backbones"
+        )
+    ref = (
+        WeightsRef("preset", Path(spec.preset_dir), spec.content_sha256)
+        if kind == "preset"
+        else WeightsRef("none", None, None)
+    )
     weights = WeightsId(spec.content_sha256) if kind == "preset" else _random_init_id(spec, cfg.seed)
-    recipe = Recipe(spec.name, weights, size, spec.embedding, None, interp, bool(cfg.fast_decode), cfg.exif,
-                    cfg.precision, cfg.dtype, decoder, crop, antialias)
+    recipe = Recipe(
+        spec.name,
+        weights,
+        size,
+        spec.embedding,
+        None,
+        interp,
+        bool(cfg.fast_decode),
+        cfg.exif,
+        cfg.precision,
+        cfg.dtype,
+        decoder,
+        crop,
+        antialias,
+    )
     source = WeightsSource(kind, spec.preset_dir, cfg.seed)
     return Resolved(recipe, source, spec, ref)
 

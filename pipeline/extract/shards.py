@@ -34,8 +34,9 @@ def features_table(ids: Sequence[str], X: np.ndarray, dtype: str, footer: str) -
     return pa.Table.from_arrays([pa.array(list(ids), pa.string()), feature], schema=schema)
 
 
-def refuse_non_finite(ids: Sequence[str], X: np.ndarray, run_id: str,
-                      paths: Sequence[str | None] | None = None) -> tuple[list[str], np.ndarray, list[ErrorRow]]:
+def refuse_non_finite(
+    ids: Sequence[str], X: np.ndarray, run_id: str, paths: Sequence[str | None] | None = None
+) -> tuple[list[str], np.ndarray, list[ErrorRow]]:
     """Split a batch's features into finite rows and error rows (``non_finite_feature``): a NaN or
     inf feature is the model's failure on that image, never a row readers would have to guess about."""
     X = np.asarray(X)
@@ -43,9 +44,17 @@ def refuse_non_finite(ids: Sequence[str], X: np.ndarray, run_id: str,
     if ok.all():
         return list(ids), X, []
     bad = np.flatnonzero(~ok)
-    errors = [ErrorRow(ids[k], paths[k] if paths else None, S.STAGE_MODEL, S.ERROR_NON_FINITE,
-                        "the model's feature holds NaN or inf for this image (damaged weights, or an "
-                        "overflow at this precision)", run_id) for k in bad]
+    errors = [
+        ErrorRow(
+            ids[k],
+            paths[k] if paths else None,
+            S.STAGE_MODEL,
+            S.ERROR_NON_FINITE,
+            "the model's feature holds NaN or inf for this image (damaged weights, or an overflow at this precision)",
+            run_id,
+        )
+        for k in bad
+    ]
     return [ids[k] for k in np.flatnonzero(ok)], X[ok], errors
 
 
@@ -63,8 +72,9 @@ class FeaturesetDirs:
 
     @classmethod
     def of(cls, ws: Workspace, featureset: str) -> FeaturesetDirs:
-        return cls(ws.featureset_dir(featureset), ws.featureset_errors_dir(featureset),
-                   ws.featureset_npy_dir(featureset))
+        return cls(
+            ws.featureset_dir(featureset), ws.featureset_errors_dir(featureset), ws.featureset_npy_dir(featureset)
+        )
 
     def all(self) -> tuple[Path, Path, Path]:
         return (self.features, self.errors, self.npy)
@@ -78,8 +88,13 @@ def next_shard_tag(dirs: FeaturesetDirs, run_id: str) -> str:
     call's committed shards. Call it while holding the featureset's lock.
     """
     pattern = re.compile(re.escape(f"{SHARD_PREFIX}{run_id}-{CALL_MARK}") + r"(\d+)-")
-    calls = [int(m.group(1)) for d in dirs.all() if d.is_dir()
-             for p in d.rglob(SHARD_PREFIX + "*") if (m := pattern.match(p.name))]
+    calls = [
+        int(m.group(1))
+        for d in dirs.all()
+        if d.is_dir()
+        for p in d.rglob(SHARD_PREFIX + "*")
+        if (m := pattern.match(p.name))
+    ]
     return f"{run_id}-{CALL_MARK}{max(calls, default=-1) + 1:03d}"
 
 
@@ -94,8 +109,16 @@ class FeaturesetWriter:
     committed already (Ray's retried batches).
     """
 
-    def __init__(self, dirs: FeaturesetDirs, tag: str, provenance: Provenance, shard_size: int,
-                 npy: bool = False, start_seq: int = 0, idempotent: bool = False) -> None:
+    def __init__(
+        self,
+        dirs: FeaturesetDirs,
+        tag: str,
+        provenance: Provenance,
+        shard_size: int,
+        npy: bool = False,
+        start_seq: int = 0,
+        idempotent: bool = False,
+    ) -> None:
         self.dirs, self.folder, self.tag, self.provenance = dirs, dirs.features, tag, provenance
         self.shard_size, self.npy = shard_size, npy
         self._footer = provenance.footer()
@@ -150,8 +173,10 @@ class FeaturesetWriter:
         del self._ids[:n], self._rows[:n]
         # Shard, then sidecar, then the commit record: a crash in between leaves a shard without
         # sidecar or record (set right by the next writer), never a sidecar without its shard.
-        self.features.commit(features_table(ids, X, self.dtype, self._footer),
-                             after=(lambda shard: self._commit_sidecar(shard.name, X)) if self.npy else None)
+        self.features.commit(
+            features_table(ids, X, self.dtype, self._footer),
+            after=(lambda shard: self._commit_sidecar(shard.name, X)) if self.npy else None,
+        )
         # Error rows seen so far go out with each feature shard, so a crash loses little of either.
         self._commit_errors()
 

@@ -84,14 +84,14 @@ def backbone_blocks(model: keras.Model, spec: BackboneSpec) -> list[Block]:
     return list_blocks([lyr.name for lyr in model.layers], family_pattern(spec))
 
 
-def unfreeze_start(model: keras.Model, spec: BackboneSpec, blocks: int | None,
-                   from_layer: str | None) -> int:
+def unfreeze_start(model: keras.Model, spec: BackboneSpec, blocks: int | None, from_layer: str | None) -> int:
     """Index of the first layer to train: the start of the N-th block from the top, or a named layer."""
     names = [lyr.name for lyr in model.layers]
     if from_layer is not None:
         if from_layer not in names:
-            raise unknown_value(f"layer of {spec.name}", from_layer, names,
-                                hint=f"imgfeat backbones --layers {spec.name} lists them")
+            raise unknown_value(
+                f"layer of {spec.name}", from_layer, names, hint=f"imgfeat backbones --layers {spec.name} lists them"
+            )
         return names.index(from_layer)
     found = backbone_blocks(model, spec)
     if blocks is None or not 1 <= blocks <= len(found):

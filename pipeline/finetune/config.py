@@ -9,8 +9,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from imgfeat.core.hashing import sha256_bytes, sha256_lines
 from imgfeat.core.errors import ConfigError, unknown_value
+from imgfeat.core.hashing import sha256_bytes, sha256_lines
 from imgfeat.core.names import HEADS, check_ref
 from imgfeat.core.options import opt
 from imgfeat.core.ranges import check_fields
@@ -34,26 +34,37 @@ class FinetuneConfig:
     dataset: str = opt(metavar="NAME", help="dataset whose labels to learn")
     backbone: str = opt(metavar="NAME", help="backbone to tune (imgfeat backbones)")
     weights: str = opt("imagenet", metavar="W", help="starting weights: imagenet, none or PATH")
-    input_size: int | None = opt(None, metavar="N", help="input side (default: the backbone's); extract the tuned "
-                                                         "features at the same size")
+    input_size: int | None = opt(
+        None, metavar="N", help="input side (default: the backbone's); extract the tuned features at the same size"
+    )
     unfreeze_blocks: int | None = opt(2, metavar="N", help="top blocks to train")
-    unfreeze_from: str | None = opt(None, metavar="LAYER",  # wins over unfreeze_blocks
-                                    help="train every layer from LAYER on")
+    unfreeze_from: str | None = opt(
+        None,
+        metavar="LAYER",  # wins over unfreeze_blocks
+        help="train every layer from LAYER on",
+    )
     epochs: int = opt(3, metavar="N", help="fine-tune epochs (most)")  # after the warm-start epochs
     warmup_epochs: int = opt(1, metavar="N", help="head-only epochs first")  # backbone frozen: the warm start
     # a logreg head (ID, NAME or NAME@ID) on this recipe's frozen features
     warm_start_head: str | None = opt(
-        None, flag="--warm-start", metavar="HEAD",
+        None,
+        flag="--warm-start",
+        metavar="HEAD",
         help="start the head from this logreg head (a name, its latest; NAME@ID or an id), trained on features "
-             "of the same backbone, weights and input size; then --warmup-epochs 0 skips the head-only epochs")
+        "of the same backbone, weights and input size; then --warmup-epochs 0 skips the head-only epochs",
+    )
     learning_rate: float = opt(1e-4, metavar="LR", help="fine-tune learning rate")
     warmup_learning_rate: float = opt(1e-3, metavar="LR", help="warm-start learning rate")
     batch_size: int = opt(16, metavar="N", help="images per step")
-    augment: tuple[str, ...] = opt(AUGMENT_NAMES, metavar="LIST",
-                                   help="comma-separated: flip,rotate,zoom,contrast, or none (default: all four)")
+    augment: tuple[str, ...] = opt(
+        AUGMENT_NAMES, metavar="LIST", help="comma-separated: flip,rotate,zoom,contrast, or none (default: all four)"
+    )
     dropout: float = 0.2
-    patience: int = opt(2, metavar="N",  # early stopping on validation loss
-                        help="stop after N fine-tune epochs without a better validation loss")
+    patience: int = opt(
+        2,
+        metavar="N",  # early stopping on validation loss
+        help="stop after N fine-tune epochs without a better validation loss",
+    )
     val_fraction: float = opt(0.15, metavar="F", help="share of the training images held out for early stopping")
     test_fraction: float = opt(0.2, metavar="F", help="held-out fraction when the dataset has no test/val split")
     random_state: int = opt(0, metavar="N", help="seed for splits, order and init")
@@ -61,11 +72,15 @@ class FinetuneConfig:
     exif: str = "rotate"
     precision: str = opt("auto", choices=PRECISIONS, help="auto: mixed_float16 on a GPU, else float32")
     name: str | None = opt(None, metavar="NAME", help="name of the result (default: the dataset)")
-    tensorboard: str | None = opt(None, metavar="DIR",
-                                  help="also write TensorBoard logs to DIR (needs the tensorboard package)")
+    tensorboard: str | None = opt(
+        None, metavar="DIR", help="also write TensorBoard logs to DIR (needs the tensorboard package)"
+    )
     workers: int = opt(2, metavar="N", help="threads decoding training batches ahead of the model")
-    wait: float | None = opt(None, metavar="SECONDS", help="wait up to this long for another process writing the "
-                                                           "same fine-tune, instead of exiting at once")
+    wait: float | None = opt(
+        None,
+        metavar="SECONDS",
+        help="wait up to this long for another process writing the same fine-tune, instead of exiting at once",
+    )
 
     def __post_init__(self) -> None:
         check_name("dataset", self.dataset)
@@ -91,11 +106,15 @@ class FinetuneConfig:
             if not getattr(self, key) > 0:
                 raise ConfigError(f"{key} must be above 0, got {getattr(self, key)!r}")
         if not 0.0 < self.val_fraction < 1.0 or not 0.0 <= self.test_fraction < 1.0:
-            raise ConfigError(f"val_fraction must be in (0, 1) and test_fraction in [0, 1), got "
-                              f"{self.val_fraction!r} and {self.test_fraction!r}")
+            raise ConfigError(
+                f"val_fraction must be in (0, 1) and test_fraction in [0, 1), got "
+                f"{self.val_fraction!r} and {self.test_fraction!r}"
+            )
         if self.tensorboard is not None and importlib.util.find_spec("tensorboard") is None:
-            raise ConfigError(f"tensorboard = {self.tensorboard!r}: TensorBoard logs need the tensorboard "
-                              "package (pip install tensorboard), which is not installed")
+            raise ConfigError(
+                f"tensorboard = {self.tensorboard!r}: TensorBoard logs need the tensorboard "
+                "package (pip install tensorboard), which is not installed"
+            )
         if self.precision not in PRECISIONS:
             raise unknown_value("precision", self.precision, PRECISIONS)
 
@@ -115,9 +134,11 @@ def finetune_dir(ws: Workspace, finetune_id: str) -> Path:
 
 def data_hash(rows) -> str:
     """sha256 of every (role, id, label) of train, val and test: the data's identity."""
-    return sha256_lines(f"{role}\t{i}\t{rows.classes[y]}"
-                        for role, split in (("train", rows.train), ("val", rows.val), ("test", rows.test))
-                        for i, y in zip(split.ids.tolist(), split.y.tolist()))
+    return sha256_lines(
+        f"{role}\t{i}\t{rows.classes[y]}"
+        for role, split in (("train", rows.train), ("val", rows.val), ("test", rows.test))
+        for i, y in zip(split.ids.tolist(), split.y.tolist())
+    )
 
 
 def checkpoint_problem(state: object, identity: dict[str, Any], total_epochs: int) -> str | None:
@@ -131,16 +152,25 @@ def checkpoint_problem(state: object, identity: dict[str, Any], total_epochs: in
     if not (_is_int(epoch) and 1 <= epoch <= total_epochs):
         return f"epoch {epoch!r:.40} is not one of this run's epochs 1-{total_epochs}"
     history, seconds = state.get("history"), state.get("seconds_per_epoch")
-    if not (isinstance(history, dict) and all(_numbers(v, epoch) for v in history.values())
-            and _numbers(seconds, epoch)):
+    if not (
+        isinstance(history, dict) and all(_numbers(v, epoch) for v in history.values()) and _numbers(seconds, epoch)
+    ):
         return f"its history does not hold {epoch} epochs of numbers"
     best, bad, best_epoch = state.get("best_val_loss"), state.get("bad_epochs"), state.get("best_epoch")
-    if not ((best is None or _is_number(best)) and _is_int(bad) and 0 <= bad <= epoch
-            and (best_epoch is None or (_is_int(best_epoch) and 1 <= best_epoch <= epoch))):
+    if not (
+        (best is None or _is_number(best))
+        and _is_int(bad)
+        and 0 <= bad <= epoch
+        and (best_epoch is None or (_is_int(best_epoch) and 1 <= best_epoch <= epoch))
+    ):
         return "its best-epoch tracking is malformed"
     skipped, warm = state.get("skipped"), state.get("warm_metrics")
-    if not (isinstance(skipped, list) and all(isinstance(p, str) for p in skipped)
-            and (warm is None or isinstance(warm, dict)) and isinstance(state.get("stopped", False), bool)):
+    if not (
+        isinstance(skipped, list)
+        and all(isinstance(p, str) for p in skipped)
+        and (warm is None or isinstance(warm, dict))
+        and isinstance(state.get("stopped", False), bool)
+    ):
         return "its skipped images, warm-start metrics or stop flag are malformed"
     return None
 

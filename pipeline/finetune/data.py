@@ -45,19 +45,29 @@ class FinetuneRows:
     eval_split: str | None
 
 
-def read_rows(ws: Workspace, dataset: str, test_fraction: float, val_fraction: float,
-              random_state: int) -> FinetuneRows:
+def read_rows(
+    ws: Workspace, dataset: str, test_fraction: float, val_fraction: float, random_state: int
+) -> FinetuneRows:
     """Reader: the manifest's readable, labelled images split train / val / test (no featureset needed)."""
     manifest = read_manifest(ws, dataset, columns=MANIFEST_COLUMNS)
     root = dataset_root(ws, dataset)
     return split_rows(manifest, str(root), test_fraction, val_fraction, random_state, dataset)
 
 
-def split_rows(manifest: pa.Table, root: str, test_fraction: float, val_fraction: float,
-               random_state: int, dataset: str = "dataset") -> FinetuneRows:
+def split_rows(
+    manifest: pa.Table,
+    root: str,
+    test_fraction: float,
+    val_fraction: float,
+    random_state: int,
+    dataset: str = "dataset",
+) -> FinetuneRows:
     """Pure mapper: the train stage's split (every readable image counts), then a stratified val split."""
-    ok_ids = {i for i, s in zip(manifest.column(S.IMAGE_ID).to_pylist(), manifest.column(S.STATUS).to_pylist())
-              if i is not None and s == S.STATUS_OK}
+    ok_ids = {
+        i
+        for i, s in zip(manifest.column(S.IMAGE_ID).to_pylist(), manifest.column(S.STATUS).to_pylist())
+        if i is not None and s == S.STATUS_OK
+    }
     rows = labelled_rows(manifest, ok_ids, test_fraction, random_state, dataset)
     df, _, _ = unique_images(manifest)
     path_of = dict(zip(df[S.IMAGE_ID], df[S.PATH]))
@@ -68,18 +78,27 @@ def split_rows(manifest: pa.Table, root: str, test_fraction: float, val_fraction
     def split(ids: np.ndarray, labels: np.ndarray) -> Split:
         return Split(ids, [f"{root}/{path_of[i]}" for i in ids], np.array([index[v] for v in labels], np.int32))
 
-    return FinetuneRows(classes, split(tr_ids, tr_lab), split(va_ids, va_lab),
-                        split(rows.test_ids, rows.test_labels), rows, rows.eval_split)
+    return FinetuneRows(
+        classes,
+        split(tr_ids, tr_lab),
+        split(va_ids, va_lab),
+        split(rows.test_ids, rows.test_labels),
+        rows,
+        rows.eval_split,
+    )
 
 
 def _val_split(rows: LabelledRows, fraction: float, seed: int, dataset: str):
     n_classes = len(rows.classes)
     n_val = max(n_classes, int(round(len(rows.train_ids) * fraction)))
     if len(rows.train_ids) - n_val < n_classes:
-        raise ConfigError(f"dataset {dataset!r} has {len(rows.train_ids)} training images in {n_classes} "
-                          f"classes: too few to hold out a validation split of {fraction:g} for early stopping")
-    return train_test_split(rows.train_ids, rows.train_labels, test_size=n_val, stratify=rows.train_labels,
-                            random_state=seed)
+        raise ConfigError(
+            f"dataset {dataset!r} has {len(rows.train_ids)} training images in {n_classes} "
+            f"classes: too few to hold out a validation split of {fraction:g} for early stopping"
+        )
+    return train_test_split(
+        rows.train_ids, rows.train_labels, test_size=n_val, stratify=rows.train_labels, random_state=seed
+    )
 
 
 @dataclass
@@ -102,8 +121,17 @@ class ImageBatches(keras.utils.PyDataset):
     sees a zero image; for evaluation the batch is just one image shorter (possibly empty).
     """
 
-    def __init__(self, split: Split, dcfg: DecodeConfig, batch_size: int, shuffle: bool, seed: int,
-                 skipped: SkipLog | None = None, fill: bool = True, **kwargs) -> None:
+    def __init__(
+        self,
+        split: Split,
+        dcfg: DecodeConfig,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        skipped: SkipLog | None = None,
+        fill: bool = True,
+        **kwargs,
+    ) -> None:
         super().__init__(**kwargs)
         self.split, self.dcfg, self.batch_size, self.fill = split, dcfg, batch_size, fill
         self.shuffle, self.seed, self.epoch = shuffle, seed, 0

@@ -14,10 +14,12 @@ import keras
 import numpy as np
 
 from imgfeat.backbones import BackboneSpec, build_model
+from imgfeat.backbones.weights import resolve_weights
 from imgfeat.core.hashing import canonical_json, file_sha256
 from imgfeat.core.results import JsonObject
 from imgfeat.core.storage import remove_tree, write_bytes_atomic, write_json_atomic
 from imgfeat.core.workspace import Workspace
+from imgfeat.extract.recipe import WeightsId
 from imgfeat.finetune import config as T
 from imgfeat.finetune.blocks import apply_unfreeze, unfreeze_start
 from imgfeat.finetune.data import FinetuneRows, ImageBatches, SkipLog
@@ -25,10 +27,8 @@ from imgfeat.finetune.model import build_finetune_model
 from imgfeat.finetune.warm import WarmRecipe, head_init
 from imgfeat.heads.artifacts import library_versions
 from imgfeat.heads.data import describe
-from imgfeat.heads.plots import training_curves_png
 from imgfeat.heads.fit import evaluate
-from imgfeat.backbones.weights import resolve_weights
-from imgfeat.extract.recipe import WeightsId
+from imgfeat.heads.plots import training_curves_png
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,16 @@ log = logging.getLogger(__name__)
 class Session:
     """One fine-tune in progress: the model, its data, and the checkpoint state it resumes from."""
 
-    def __init__(self, ws: Workspace, cfg: T.FinetuneConfig, spec: BackboneSpec, size: int, rows: FinetuneRows,
-                 out: Path, fid: str):
+    def __init__(
+        self,
+        ws: Workspace,
+        cfg: T.FinetuneConfig,
+        spec: BackboneSpec,
+        size: int,
+        rows: FinetuneRows,
+        out: Path,
+        fid: str,
+    ):
         self.cfg, self.spec, self.rows, self.out, self.fid = cfg, spec, rows, out, fid
         self.ckpt = out / "checkpoint"
         for scratch in [*out.glob(".scratch-*"), *self.ckpt.glob(".scratch-*")]:
@@ -45,26 +53,40 @@ class Session:
         _set_precision(cfg.precision)
         self.backbone = build_model(spec, weights=cfg.weights, input_size=size, pooling="avg", seed=cfg.random_state)
         self.start = unfreeze_start(self.backbone, spec, cfg.unfreeze_blocks, cfg.unfreeze_from)
-        self.model = build_finetune_model(spec, self.backbone, len(rows.classes), cfg.augment, cfg.dropout,
-                                          cfg.random_state)
+        self.model = build_finetune_model(
+            spec, self.backbone, len(rows.classes), cfg.augment, cfg.dropout, cfg.random_state
+        )
         if cfg.warm_start_head:
             self.model.get_layer("head").set_weights(self.warm_head(ws, size))
         dcfg = T.decode_config(cfg, size)
         self.skipped = SkipLog()
-        self.train = ImageBatches(rows.train, dcfg, cfg.batch_size, True, cfg.random_state, self.skipped,
-                                  workers=cfg.workers)
+        self.train = ImageBatches(
+            rows.train, dcfg, cfg.batch_size, True, cfg.random_state, self.skipped, workers=cfg.workers
+        )
         self.val = ImageBatches(rows.val, dcfg, cfg.batch_size, False, 0, self.skipped, fill=False)
         self.test = ImageBatches(rows.test, dcfg, cfg.batch_size, False, 0, self.skipped, fill=False)
-        self.state: dict[str, Any] = {**self.identity(), "epoch": 0, "history": {}, "best_val_loss": None,
-                                      "bad_epochs": 0, "seconds_per_epoch": [], "warm_metrics": None,
-                                      "skipped": []}
+        self.state: dict[str, Any] = {
+            **self.identity(),
+            "epoch": 0,
+            "history": {},
+            "best_val_loss": None,
+            "bad_epochs": 0,
+            "seconds_per_epoch": [],
+            "warm_metrics": None,
+            "skipped": [],
+        }
         self.phase: str | None = None
         self.trained_layers: list[str] = []
 
     def warm_head(self, ws: Workspace, size: int) -> list[np.ndarray]:
         ref = resolve_weights(self.spec, self.cfg.weights, size)
-        recipe = WarmRecipe(self.spec.name, WeightsId.of(ref, self.cfg.random_state).identity(), size,
-                            self.cfg.interpolation, self.cfg.exif)
+        recipe = WarmRecipe(
+            self.spec.name,
+            WeightsId.of(ref, self.cfg.random_state).identity(),
+            size,
+            self.cfg.interpolation,
+            self.cfg.exif,
+        )
         return head_init(ws, self.cfg.warm_start_head, recipe, self.rows.classes)
 
     # --- phases ---
@@ -78,10 +100,14 @@ class Session:
         else:
             self.trained_layers = apply_unfreeze(self.backbone, self.start)
             lr = self.cfg.learning_rate
-            log.info("fine-tuning %d backbone layers from %s on (BatchNormalization stays frozen)",
-                     len(self.trained_layers), self.backbone.layers[self.start].name)
-        self.model.compile(optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy",
-                           metrics=["accuracy"])
+            log.info(
+                "fine-tuning %d backbone layers from %s on (BatchNormalization stays frozen)",
+                len(self.trained_layers),
+                self.backbone.layers[self.start].name,
+            )
+        self.model.compile(
+            optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy", metrics=["accuracy"]
+        )
         self.phase = phase
 
     # --- checkpoints ---
@@ -111,8 +137,9 @@ class Session:
             _load_exactly(self.model, self.ckpt / T.CKPT_WEIGHTS)
         except Exception as exc:  # truncated, not HDF5, another model's layers: h5py and Keras raise many types
             self.model.set_weights(before)  # a load that failed half way leaves no mixed weights
-            return self.discard_checkpoint(f"cannot load {self.ckpt / T.CKPT_WEIGHTS} into this model: "
-                                           f"{type(exc).__name__}: {str(exc)[:200]}")
+            return self.discard_checkpoint(
+                f"cannot load {self.ckpt / T.CKPT_WEIGHTS} into this model: {type(exc).__name__}: {str(exc)[:200]}"
+            )
         self.state = state
         self.check_best()
         self.skipped.paths.update(self.state["skipped"])
@@ -136,8 +163,9 @@ class Session:
             return
         if best.is_file() and sha == file_sha256(best):
             return
-        log.warning("ignoring %s (missing, damaged or not the checkpoint's): the best epoch is tracked again "
-                    "from here", best)
+        log.warning(
+            "ignoring %s (missing, damaged or not the checkpoint's): the best epoch is tracked again from here", best
+        )
         if best.is_dir() and not best.is_symlink():
             shutil.rmtree(best)
         else:
@@ -156,14 +184,20 @@ class Session:
         self.enter_phase(epoch)
         self.train.set_epoch(epoch)
         t0 = time.perf_counter()
-        hist = self.model.fit(self.train, validation_data=self.val, initial_epoch=epoch, epochs=epoch + 1,
-                              verbose=0, callbacks=callbacks).history
+        hist = self.model.fit(
+            self.train, validation_data=self.val, initial_epoch=epoch, epochs=epoch + 1, verbose=0, callbacks=callbacks
+        ).history
         self.state["seconds_per_epoch"].append(round(time.perf_counter() - t0, 2))
         logs = {k: float(v[-1]) for k, v in hist.items()}
         for k, v in logs.items():
             self.state["history"].setdefault(k, []).append(v)
-        log.info("epoch %d/%d (%s): %s", epoch + 1, self.cfg.total_epochs, self.phase,
-                 ", ".join(f"{k} {v:.4f}" for k, v in sorted(logs.items())))
+        log.info(
+            "epoch %d/%d (%s): %s",
+            epoch + 1,
+            self.cfg.total_epochs,
+            self.phase,
+            ", ".join(f"{k} {v:.4f}" for k, v in sorted(logs.items())),
+        )
         return logs
 
     def track_best(self, epoch: int, logs: dict[str, float]) -> bool:
@@ -225,8 +259,17 @@ def _set_precision(precision: str) -> None:
     keras.config.set_dtype_policy(precision)
 
 
-def train_and_write(ws: Workspace, cfg: T.FinetuneConfig, spec: BackboneSpec, size: int, base: str,
-                    rows: FinetuneRows, fid: str, out: Path, run_id: str) -> None:
+def train_and_write(
+    ws: Workspace,
+    cfg: T.FinetuneConfig,
+    spec: BackboneSpec,
+    size: int,
+    base: str,
+    rows: FinetuneRows,
+    fid: str,
+    out: Path,
+    run_id: str,
+) -> None:
     """Train epoch by epoch from the last checkpoint, then commit the artifacts, finetune.json last."""
     policy = keras.config.dtype_policy()
     try:
@@ -258,8 +301,7 @@ def train_epochs(s: Session, first: int) -> None:
             log.info("validation loss has not improved for %d epochs: stopping early", cfg.patience)
 
 
-def write_artifacts(s: Session, cfg: T.FinetuneConfig, base: str, fid: str, out: Path, run_id: str,
-                    first: int) -> None:
+def write_artifacts(s: Session, cfg: T.FinetuneConfig, base: str, fid: str, out: Path, run_id: str, first: int) -> None:
     metrics = s.test_metrics()
     warm = s.state.get("warm_metrics") or {}
     metrics["warm_start_test_accuracy"] = warm.get("test_accuracy")
@@ -267,17 +309,36 @@ def write_artifacts(s: Session, cfg: T.FinetuneConfig, base: str, fid: str, out:
     model_sha = T.save_keras_atomic(s.model.save, out / T.MODEL_FILE)
     write_bytes_atomic(training_curves_png(s.state["history"]), out / T.CURVES_FILE)
     meta = {
-        "finetune_id": fid, "name": cfg.name or fid, "dataset": cfg.dataset, "backbone": cfg.backbone,
-        "base_weights": base, "input_size": s.backbone.input_shape[1], "pooling": "avg",
-        "unfreeze_from_layer": s.backbone.layers[s.start].name, "unfrozen_layers": s.trained_layers,
-        "classes": s.rows.classes, "params": cfg.params(), "data_hash": T.data_hash(s.rows),
-        "epochs_run": len(s.state["history"].get("loss", [])), "best_epoch": s.state.get("best_epoch"),
-        "resumed_from_epoch": first, "history": s.state["history"], "metrics": metrics,
-        "seconds_per_epoch": s.state["seconds_per_epoch"], "skipped": s.state["skipped"],
-        "weights_file": T.WEIGHTS_FILE, "weights_sha256": weights_sha, "model_file": T.MODEL_FILE,
-        "model_sha256": model_sha, "n_train": len(s.rows.train), "n_val": len(s.rows.val),
-        "n_test": len(s.rows.test), "eval_split": s.rows.eval_split, "left_out": describe(s.rows.labelled)["left_out"],
-        "run_id": run_id, "versions": library_versions(),
+        "finetune_id": fid,
+        "name": cfg.name or fid,
+        "dataset": cfg.dataset,
+        "backbone": cfg.backbone,
+        "base_weights": base,
+        "input_size": s.backbone.input_shape[1],
+        "pooling": "avg",
+        "unfreeze_from_layer": s.backbone.layers[s.start].name,
+        "unfrozen_layers": s.trained_layers,
+        "classes": s.rows.classes,
+        "params": cfg.params(),
+        "data_hash": T.data_hash(s.rows),
+        "epochs_run": len(s.state["history"].get("loss", [])),
+        "best_epoch": s.state.get("best_epoch"),
+        "resumed_from_epoch": first,
+        "history": s.state["history"],
+        "metrics": metrics,
+        "seconds_per_epoch": s.state["seconds_per_epoch"],
+        "skipped": s.state["skipped"],
+        "weights_file": T.WEIGHTS_FILE,
+        "weights_sha256": weights_sha,
+        "model_file": T.MODEL_FILE,
+        "model_sha256": model_sha,
+        "n_train": len(s.rows.train),
+        "n_val": len(s.rows.val),
+        "n_test": len(s.rows.test),
+        "eval_split": s.rows.eval_split,
+        "left_out": describe(s.rows.labelled)["left_out"],
+        "run_id": run_id,
+        "versions": library_versions(),
     }
     meta["skipped"] = sorted(s.skipped.paths)
     write_json_atomic(meta, out / T.META_FILE)

@@ -34,8 +34,9 @@ class FamilyPreprocess(keras.layers.Layer):
         return {**super().get_config(), "backbone": self.backbone}
 
 
-def build_finetune_model(spec: BackboneSpec, backbone: keras.Model, n_classes: int, augment: tuple[str, ...],
-                         dropout: float, seed: int) -> keras.Model:
+def build_finetune_model(
+    spec: BackboneSpec, backbone: keras.Model, n_classes: int, augment: tuple[str, ...], dropout: float, seed: int
+) -> keras.Model:
     """RGB 0..255 in, class probabilities out; the backbone runs with training=False (BN stays frozen)."""
     size = backbone.input_shape[1:3]
     inputs = keras.Input((*size, 3), name="image")

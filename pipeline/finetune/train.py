@@ -10,8 +10,8 @@ from typing import Any
 
 from imgfeat.backbones import get_backbone
 from imgfeat.backbones.weights import resolve_weights
-from imgfeat.core.hashing import canonical_digest
 from imgfeat.core.errors import ConfigError
+from imgfeat.core.hashing import canonical_digest
 from imgfeat.core.results import JsonObject, JsonResult
 from imgfeat.core.storage import WAIT_HINT, FileLock
 from imgfeat.core.workspace import Workspace
@@ -60,6 +60,7 @@ __all__ = [
     "summary",
 ]
 
+
 @dataclass(frozen=True)
 class FinetuneSummary(JsonResult):
     """What `imgfeat finetune --json` prints: name, metrics (test_accuracy), weights, and counts."""
@@ -97,8 +98,10 @@ def run_finetune(ws: Workspace, cfg: FinetuneConfig, run_id: str) -> FinetuneSum
         cfg = replace(cfg, warm_start_head=resolve_head(ws, cfg.warm_start_head))
     spec = get_backbone(cfg.backbone)
     if getattr(spec, "preset_dir", None):
-        raise ConfigError(f"finetune takes keras.applications backbones; {spec.name} is a keras-hub preset "
-                          f"(extract its features and train a head on them instead)")
+        raise ConfigError(
+            f"finetune takes keras.applications backbones; {spec.name} is a keras-hub preset "
+            f"(extract its features and train a head on them instead)"
+        )
     if cfg.unfreeze_from is None:
         family_pattern(spec)  # a family without named blocks fails here, before any work
     size = spec.check_input_size(cfg.input_size)
@@ -125,12 +128,21 @@ def summary(ws: Workspace, fid: str, reused: bool, seconds: float) -> FinetuneSu
     meta = read_meta(ws, fid)
     out = finetune_dir(ws, fid)
     return FinetuneSummary(
-        name=meta["name"], finetune_id=fid, reused=reused, backbone=meta["backbone"], metrics=meta["metrics"],
-        weights=str(out / WEIGHTS_FILE), weights_sha256=meta["weights_sha256"], model=str(out / MODEL_FILE),
-        dir=str(out), epochs_run=meta["epochs_run"], resumed_from_epoch=meta["resumed_from_epoch"],
-        skipped_images=len(meta["skipped"]), n_train=meta["n_train"], n_val=meta["n_val"],
-        n_test=meta["n_test"], seconds=round(seconds, 3),
+        name=meta["name"],
+        finetune_id=fid,
+        reused=reused,
+        backbone=meta["backbone"],
+        metrics=meta["metrics"],
+        weights=str(out / WEIGHTS_FILE),
+        weights_sha256=meta["weights_sha256"],
+        model=str(out / MODEL_FILE),
+        dir=str(out),
+        epochs_run=meta["epochs_run"],
+        resumed_from_epoch=meta["resumed_from_epoch"],
+        skipped_images=len(meta["skipped"]),
+        n_train=meta["n_train"],
+        n_val=meta["n_val"],
+        n_test=meta["n_test"],
+        seconds=round(seconds, 3),
         seconds_per_epoch=[] if reused else meta["seconds_per_epoch"],
     )
-
-

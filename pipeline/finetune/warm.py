@@ -10,8 +10,8 @@ import numpy as np
 
 from imgfeat.core.errors import ConfigError
 from imgfeat.core.workspace import Workspace
-from imgfeat.extract.recipe import Recipe
 from imgfeat.extract.featureset import read_provenance
+from imgfeat.extract.recipe import Recipe
 from imgfeat.heads import load_head
 
 
@@ -30,13 +30,23 @@ class WarmRecipe:
 
     @classmethod
     def of(cls, recipe: Recipe) -> WarmRecipe:
-        return cls(recipe.backbone, recipe.weights.identity(), recipe.input_size, recipe.interpolation,
-                   recipe.exif, recipe.pooling, recipe.layer)
+        return cls(
+            recipe.backbone,
+            recipe.weights.identity(),
+            recipe.input_size,
+            recipe.interpolation,
+            recipe.exif,
+            recipe.pooling,
+            recipe.layer,
+        )
 
     def differences(self, trained: WarmRecipe) -> dict[str, tuple[Any, Any]]:
         """field -> (the head's value, this fine-tune's) for every field that differs."""
-        return {f.name: (getattr(trained, f.name), getattr(self, f.name)) for f in dataclasses.fields(self)
-                if getattr(trained, f.name) != getattr(self, f.name)}
+        return {
+            f.name: (getattr(trained, f.name), getattr(self, f.name))
+            for f in dataclasses.fields(self)
+            if getattr(trained, f.name) != getattr(self, f.name)
+        }
 
 
 def head_init(ws: Workspace, head_id: str, recipe: WarmRecipe, classes: list[str]) -> list[np.ndarray]:
@@ -45,11 +55,14 @@ def head_init(ws: Workspace, head_id: str, recipe: WarmRecipe, classes: list[str
     wrong = recipe.differences(WarmRecipe.of(read_provenance(ws, head.featureset).recipe))
     if wrong:
         detail = ", ".join(f"{k} {a!r} (fine-tune: {b!r})" for k, (a, b) in sorted(wrong.items()))
-        raise ConfigError(f"head {head_id} was trained on featureset {head.featureset}, whose recipe differs: "
-                          f"{detail}; train a logreg head on features extracted with the same recipe")
+        raise ConfigError(
+            f"head {head_id} was trained on featureset {head.featureset}, whose recipe differs: "
+            f"{detail}; train a logreg head on features extracted with the same recipe"
+        )
     if head.meta.get("model_kind") != "logreg":
-        raise ConfigError(f"head {head_id} is a {head.meta.get('model_kind')} head; only a logreg head "
-                          "can warm-start a fine-tune")
+        raise ConfigError(
+            f"head {head_id} is a {head.meta.get('model_kind')} head; only a logreg head can warm-start a fine-tune"
+        )
     if list(head.meta["classes"]) != list(classes):
         raise ConfigError(f"head {head_id} knows classes {head.meta['classes']}, the dataset has {classes}")
     return fold_logreg(head.estimator.named_steps["scale"], head.estimator.named_steps["clf"])

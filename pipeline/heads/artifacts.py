@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as _dt
 import functools
 import io
-from importlib import metadata
 import json
 import logging
 import os
@@ -13,6 +12,7 @@ import platform
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +36,12 @@ METRICS_FILE = "metrics.json"
 ROWS_FILE = "rows.parquet"  # the exact train/test ids and labels the head saw
 CURVES_FILE = "training_curves.png"
 # skops for scikit-learn heads, .keras (safe_mode) for the dense net; joblib only in old heads.
-MODEL_FILES = {"skops": "model.skops", "keras": "model.keras", "joblib": "model.joblib",
-               "npz": "model.npz"}  # npz: a zero-shot head's prompt embeddings (heads/zeroshot.py)
+MODEL_FILES = {
+    "skops": "model.skops",
+    "keras": "model.keras",
+    "joblib": "model.joblib",
+    "npz": "model.npz",
+}  # npz: a zero-shot head's prompt embeddings (heads/zeroshot.py)
 # The types a skops head may hold beyond skops' own default-trusted ones (numpy, scikit-learn's
 # public estimators): the calibrated SVM's private pieces. Anything else in a file is refused.
 SKOPS_TRUSTED = (
@@ -47,8 +51,15 @@ SKOPS_TRUSTED = (
 
 # head.json keys every reader relies on (strings), and the types of those that older heads lack.
 HEAD_KEYS = ("head_id", "featureset", "model_file", "model_format", "model_sha256")
-HEAD_OPTIONAL = {"name": str, "dataset": str, "head": str, "model_kind": str, "created_at": str, "classes": list,
-                 "metrics": dict}
+HEAD_OPTIONAL = {
+    "name": str,
+    "dataset": str,
+    "head": str,
+    "model_kind": str,
+    "created_at": str,
+    "classes": list,
+    "metrics": dict,
+}
 
 ROLE, ROWS_SCHEMA = S.ROLE, S.HEAD_ROWS_SCHEMA  # the schema lives in core/schemas.py; old names kept
 
@@ -125,8 +136,9 @@ def head_meta_problem(meta: object, head_id: str) -> str | None:
 
 
 def _corrupt_head(ws: Workspace, head_id: str, path: Path, why: object) -> ImgfeatError:
-    return ImgfeatError(f"cannot read {path}: {why}; the head is damaged: delete {ws.head_dir(head_id)} "
-                        "and run 'imgfeat train' again")
+    return ImgfeatError(
+        f"cannot read {path}: {why}; the head is damaged: delete {ws.head_dir(head_id)} and run 'imgfeat train' again"
+    )
 
 
 def model_bytes(estimator: Any) -> tuple[str, bytes]:
@@ -145,8 +157,15 @@ def model_bytes(estimator: Any) -> tuple[str, bytes]:
     return "skops", skops.io.dumps(estimator)
 
 
-def write_head(ws: Workspace, head_id: str, estimator: Any, meta: dict[str, Any], metrics: dict[str, Any],
-               rows: pa.Table, extra_files: dict[str, bytes]) -> Path:
+def write_head(
+    ws: Workspace,
+    head_id: str,
+    estimator: Any,
+    meta: dict[str, Any],
+    metrics: dict[str, Any],
+    rows: pa.Table,
+    extra_files: dict[str, bytes],
+) -> Path:
     """Commit protocol: model, rows, plots, metrics.json, then head.json (which marks it done)."""
     folder = ws.head_dir(head_id)
     folder.mkdir(parents=True, exist_ok=True)
@@ -157,9 +176,14 @@ def write_head(ws: Workspace, head_id: str, estimator: Any, meta: dict[str, Any]
     for name, data in extra_files.items():
         write_bytes_atomic(data, folder / name)
     write_json_atomic(metrics, folder / METRICS_FILE)
-    full = {**meta, "model_file": MODEL_FILES[fmt], "model_format": fmt,
-            "model_sha256": sha256_bytes(blob), "versions": library_versions(),
-            "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    full = {
+        **meta,
+        "model_file": MODEL_FILES[fmt],
+        "model_format": fmt,
+        "model_sha256": sha256_bytes(blob),
+        "versions": library_versions(),
+        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
     write_json_atomic(full, folder / HEAD_FILE)
     return folder
 
@@ -208,8 +232,9 @@ def _deserialise(meta: dict[str, Any], blob: bytes) -> Any:
     if fmt == "skops":
         return _load_skops(meta, blob)
     if fmt == "joblib":  # load_head let it through only with trust_pickle
-        log.warning("loading head %s from a joblib pickle (--trust-pickle): loading a pickle can run code",
-                    meta["head_id"])
+        log.warning(
+            "loading head %s from a joblib pickle (--trust-pickle): loading a pickle can run code", meta["head_id"]
+        )
         return joblib.load(io.BytesIO(blob))
     if fmt == "npz":
         return _load_npz(meta, blob)
@@ -237,8 +262,10 @@ def _load_npz(meta: dict[str, Any], blob: bytes) -> Any:
     try:
         return ZeroShotClassifier.from_bytes(blob, meta["classes"])  # allow_pickle=False: plain arrays only
     except Exception as exc:
-        raise ImgfeatError(f"head {meta['head_id']}: cannot read its model.npz: {type(exc).__name__}: {exc}; "
-                           "delete the head and run 'imgfeat train' again") from exc
+        raise ImgfeatError(
+            f"head {meta['head_id']}: cannot read its model.npz: {type(exc).__name__}: {exc}; "
+            "delete the head and run 'imgfeat train' again"
+        ) from exc
 
 
 def _load_skops(meta: dict[str, Any], blob: bytes) -> Any:
@@ -255,8 +282,10 @@ def _load_skops(meta: dict[str, Any], blob: bytes) -> Any:
     except ImgfeatError:
         raise
     except Exception as exc:  # a corrupt archive raises zipfile, JSON and skops errors alike
-        raise ImgfeatError(f"head {meta['head_id']}: cannot read its model file: {type(exc).__name__}: {exc}; "
-                           "delete the head and run 'imgfeat train' again") from exc
+        raise ImgfeatError(
+            f"head {meta['head_id']}: cannot read its model file: {type(exc).__name__}: {exc}; "
+            "delete the head and run 'imgfeat train' again"
+        ) from exc
 
 
 def read_rows(ws: Workspace, head_id: str) -> pa.Table:

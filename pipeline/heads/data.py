@@ -11,13 +11,13 @@ import pandas as pd
 import pyarrow as pa
 
 from imgfeat.core import schemas as S
-from imgfeat.core.hashing import sha256_lines
 from imgfeat.core.errors import ConfigError
+from imgfeat.core.hashing import sha256_lines
 from imgfeat.core.logs import warn_once
 from imgfeat.core.results import JsonObject
+from imgfeat.core.workspace import Workspace
 from imgfeat.extract.featureset import committed_ids
 from imgfeat.scan.manifest import read_manifest
-from imgfeat.core.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -45,17 +45,22 @@ class LabelledRows:
 
     def digest(self) -> str:
         """sha256 of every (role, id, label): the training data's identity for the head id."""
-        return sha256_lines(f"{role}\t{i}\t{lab}"
-                            for role, ids, labels in (("train", self.train_ids, self.train_labels),
-                                                      ("test", self.test_ids, self.test_labels))
-                            for i, lab in zip(ids.tolist(), labels.tolist()))
+        return sha256_lines(
+            f"{role}\t{i}\t{lab}"
+            for role, ids, labels in (
+                ("train", self.train_ids, self.train_labels),
+                ("test", self.test_ids, self.test_labels),
+            )
+            for i, lab in zip(ids.tolist(), labels.tolist())
+        )
 
 
 MANIFEST_COLUMNS = [S.IMAGE_ID, S.PATH, S.LABEL, S.SPLIT, S.STATUS]
 
 
-def read_labelled(ws: Workspace, dataset: str, featureset: str, test_fraction: float,
-                  random_state: int) -> LabelledRows:
+def read_labelled(
+    ws: Workspace, dataset: str, featureset: str, test_fraction: float, random_state: int
+) -> LabelledRows:
     """Reader + mapper: manifest rows with a label and a feature row, split for training."""
     manifest = read_manifest(ws, dataset, columns=MANIFEST_COLUMNS)
     return labelled_rows(manifest, committed_ids(ws, featureset), test_fraction, random_state, dataset, featureset)
@@ -81,8 +86,12 @@ def unique_images(manifest: pa.Table) -> tuple[pd.DataFrame, dict[str, int], pd.
     files = left_out_files(ok, first, conflicting)
     if conflicting:
         shown = files[files[S.REASON] == S.REASON_CONFLICT]
-        warn_once(log, "%d images appear under several labels; the first path's label is used: %s",
-                  len(conflicting), _listing(shown))
+        warn_once(
+            log,
+            "%d images appear under several labels; the first path's label is used: %s",
+            len(conflicting),
+            _listing(shown),
+        )
     return first.reset_index(drop=True), counts, files
 
 
@@ -90,13 +99,15 @@ def left_out_files(ok: pd.DataFrame, first: pd.DataFrame, conflicting: set[str])
     """Pure mapper: the duplicate paths left out, and every path of an image with several labels."""
     kept = first.set_index(S.IMAGE_ID)[S.PATH]
     dup = ok[ok[S.IMAGE_ID].duplicated(keep=False)]
-    out = pd.DataFrame({
-        S.IMAGE_ID: dup[S.IMAGE_ID].astype(str),
-        S.PATH: dup[S.PATH].astype(str),
-        S.LABEL: dup[S.LABEL].astype(object).where(dup[S.LABEL].notna(), None),
-        S.REASON: [S.REASON_CONFLICT if i in conflicting else S.REASON_DUPLICATE for i in dup[S.IMAGE_ID]],
-        S.KEPT_PATH: kept.loc[dup[S.IMAGE_ID]].astype(str).to_numpy(),
-    })
+    out = pd.DataFrame(
+        {
+            S.IMAGE_ID: dup[S.IMAGE_ID].astype(str),
+            S.PATH: dup[S.PATH].astype(str),
+            S.LABEL: dup[S.LABEL].astype(object).where(dup[S.LABEL].notna(), None),
+            S.REASON: [S.REASON_CONFLICT if i in conflicting else S.REASON_DUPLICATE for i in dup[S.IMAGE_ID]],
+            S.KEPT_PATH: kept.loc[dup[S.IMAGE_ID]].astype(str).to_numpy(),
+        }
+    )
     # A plain duplicate's kept copy is not "left out"; an image with conflicting labels shows all paths.
     out = out[(out[S.REASON] == S.REASON_CONFLICT) | (out[S.PATH] != out[S.KEPT_PATH])]
     return out.reset_index(drop=True)
@@ -111,8 +122,14 @@ def left_out_table(files: pd.DataFrame) -> pa.Table:
     return pa.Table.from_pandas(files, schema=S.LEFT_OUT_SCHEMA, preserve_index=False)
 
 
-def labelled_rows(manifest: pa.Table, feature_ids: set[str], test_fraction: float,
-                  random_state: int, dataset: str = "dataset", featureset: str | None = None) -> LabelledRows:
+def labelled_rows(
+    manifest: pa.Table,
+    feature_ids: set[str],
+    test_fraction: float,
+    random_state: int,
+    dataset: str = "dataset",
+    featureset: str | None = None,
+) -> LabelledRows:
     """Pure mapper: dedupe, keep labelled rows that have features, split train/evaluation."""
     df, left_out, files = unique_images(manifest)
     labels = df[S.LABEL].astype("string")
@@ -138,22 +155,37 @@ def labelled_rows(manifest: pa.Table, feature_ids: set[str], test_fraction: floa
         why = _missing_features(dataset, featureset, missing, int(has_label.sum()), len(rows), exc)
         raise ConfigError(why) from None
     if missing:
-        log.warning("%d of %d labelled images of dataset %s have no features yet (run 'imgfeat extract "
-                    "--dataset %s' first); left out", missing, int(has_label.sum()), dataset, dataset)
+        log.warning(
+            "%d of %d labelled images of dataset %s have no features yet (run 'imgfeat extract "
+            "--dataset %s' first); left out",
+            missing,
+            int(has_label.sum()),
+            dataset,
+            dataset,
+        )
     return out
 
 
-def _missing_features(dataset: str, featureset: str | None, missing: int, labelled: int, have: int,
-                      then: ConfigError) -> str:
+def _missing_features(
+    dataset: str, featureset: str | None, missing: int, labelled: int, have: int, then: ConfigError
+) -> str:
     where = f"featureset {featureset}" if featureset else "this featureset"
-    text = (f"{missing} of the {labelled} labelled images of dataset {dataset!r} have no features in {where}: "
-            f"extract them first ('imgfeat extract --dataset {dataset}' with the featureset's recipe, or list "
-            f"{dataset!r} in the datasets of its [features] section)")
+    text = (
+        f"{missing} of the {labelled} labelled images of dataset {dataset!r} have no features in {where}: "
+        f"extract them first ('imgfeat extract --dataset {dataset}' with the featureset's recipe, or list "
+        f"{dataset!r} in the datasets of its [features] section)"
+    )
     return text if not have else f"{text}; the {have} that have features are not enough: {then}"
 
 
-def _split(rows: pd.DataFrame, test_fraction: float, random_state: int, dataset: str,
-           left_out: dict[str, int], files: pd.DataFrame) -> LabelledRows:
+def _split(
+    rows: pd.DataFrame,
+    test_fraction: float,
+    random_state: int,
+    dataset: str,
+    left_out: dict[str, int],
+    files: pd.DataFrame,
+) -> LabelledRows:
     split = rows[S.SPLIT].fillna("")
     eval_split = next((s for s in (S.SPLIT_TEST, S.SPLIT_VAL) if (split == s).any()), None)
     if (split == S.SPLIT_TRAIN).any():
@@ -171,8 +203,15 @@ def _split(rows: pd.DataFrame, test_fraction: float, random_state: int, dataset:
     unseen = ~test[S.LABEL].isin(set(train[S.LABEL]))
     left_out["unseen_test_labels"] = int(unseen.sum())
     test = test[~unseen]
-    return LabelledRows(_objects(train[S.IMAGE_ID]), _objects(train[S.LABEL]), _objects(test[S.IMAGE_ID]),
-                        _objects(test[S.LABEL]), eval_split if len(test) else None, left_out, files)
+    return LabelledRows(
+        _objects(train[S.IMAGE_ID]),
+        _objects(train[S.LABEL]),
+        _objects(test[S.IMAGE_ID]),
+        _objects(test[S.LABEL]),
+        eval_split if len(test) else None,
+        left_out,
+        files,
+    )
 
 
 def _objects(column: pd.Series) -> np.ndarray:
@@ -198,7 +237,7 @@ def _check_classes(labels: pd.Series, dataset: str, where: str) -> None:
     counts = Counter(labels.tolist())
     listing = ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
     if len(counts) < 2:
-        (only, n), = counts.items()
+        ((only, n),) = counts.items()
         raise ConfigError(
             f"dataset {dataset!r} has one{where} class only ({only!r}, {n} images); a classifier "
             "needs at least 2 classes: add images of another class"

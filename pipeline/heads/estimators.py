@@ -18,6 +18,7 @@ from sklearn.preprocessing import LabelEncoder, StandardScaler
 from sklearn.svm import SVC, LinearSVC
 from sklearn.utils.class_weight import compute_class_weight
 from sklearn.utils.validation import check_is_fitted, validate_data
+
 from imgfeat.core.progress import progress
 
 # Regularisation grids searched by cross-validation (features are standardised first).
@@ -74,9 +75,7 @@ class KerasMLPClassifier(ClassifierMixin, BaseEstimator):
         self.model_ = self._build(X_fit, len(self.classes_))
         callbacks = []
         if X_val is not None:
-            callbacks.append(
-                keras.callbacks.EarlyStopping(patience=self.patience, restore_best_weights=True)
-            )
+            callbacks.append(keras.callbacks.EarlyStopping(patience=self.patience, restore_best_weights=True))
         history = self.model_.fit(
             X_fit,
             y_fit,
@@ -91,9 +90,16 @@ class KerasMLPClassifier(ClassifierMixin, BaseEstimator):
         self.n_epochs_ = len(self.history_.get("loss", []))
         return self
 
-    def fit_stream(self, batches: Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]], classes: list[str],
-                   mean: np.ndarray, var: np.ndarray, X_val: np.ndarray, y_val: np.ndarray,
-                   class_weight: dict[str, float] | None = None) -> KerasMLPClassifier:
+    def fit_stream(
+        self,
+        batches: Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]],
+        classes: list[str],
+        mean: np.ndarray,
+        var: np.ndarray,
+        X_val: np.ndarray,
+        y_val: np.ndarray,
+        class_weight: dict[str, float] | None = None,
+    ) -> KerasMLPClassifier:
         """``fit`` for rows that do not fit in memory: ``batches()`` yields (X, labels) for one pass
         over the training rows (called once per epoch); standardisation from the streamed ``mean`` and
         ``var``; early stopping on (``X_val``, ``y_val``), rows kept out of the batches. Each batch is
@@ -115,9 +121,14 @@ class KerasMLPClassifier(ClassifierMixin, BaseEstimator):
                 seen = loss = hits = 0.0
                 for X, y in batches():
                     codes = np.asarray([code[c] for c in y])
-                    out = self.model_.fit(X, codes, epochs=1, batch_size=self.batch_size, shuffle=True,
-                                          class_weight=weights, verbose=0).history
-                    seen, loss, hits = seen + len(y), loss + out["loss"][-1] * len(y), hits + out["accuracy"][-1] * len(y)
+                    out = self.model_.fit(
+                        X, codes, epochs=1, batch_size=self.batch_size, shuffle=True, class_weight=weights, verbose=0
+                    ).history
+                    seen, loss, hits = (
+                        seen + len(y),
+                        loss + out["loss"][-1] * len(y),
+                        hits + out["accuracy"][-1] * len(y),
+                    )
                 _append(history, loss=loss / max(seen, 1), accuracy=hits / max(seen, 1))
                 bar.update(1)
                 if val is None:
@@ -242,9 +253,9 @@ def _model_from_bytes(blob: bytes):
         return keras.saving.load_model(path, safe_mode=True, compile=False)
 
 
-
-def sklearn_head(kind: str, kernel: str, class_weight: str | None, random_state: int,
-                 max_iter: int, calibration_cv: int) -> tuple[Pipeline, dict[str, list[float]]]:
+def sklearn_head(
+    kind: str, kernel: str, class_weight: str | None, random_state: int, max_iter: int, calibration_cv: int
+) -> tuple[Pipeline, dict[str, list[float]]]:
     """An unfitted scaler + classifier pipeline and the C grid cross-validation chooses from."""
     if kind == "logreg":
         clf = LogisticRegression(class_weight=class_weight, random_state=random_state, max_iter=max_iter)

@@ -57,8 +57,9 @@ class FitResult:
     chosen: dict[str, Any]
 
 
-def train_and_write(ws: Workspace, cfg: TrainConfig, rows: LabelledRows, head_id: str,
-                    info: dict[str, Any], run_id: str) -> None:
+def train_and_write(
+    ws: Workspace, cfg: TrainConfig, rows: LabelledRows, head_id: str, info: dict[str, Any], run_id: str
+) -> None:
     """Load the rows' features, fit and evaluate the head, commit it as ``heads/<head_id>/``."""
     dim, budget = int(info.get("dim") or 0), memory_budget(cfg.memory_budget)
     need = (len(rows.train_ids) + len(rows.test_ids)) * dim * np.dtype(np.float32).itemsize
@@ -69,12 +70,13 @@ def train_and_write(ws: Workspace, cfg: TrainConfig, rows: LabelledRows, head_id
             from imgfeat.heads.stream import fit_streamed  # stream.py builds on this module: a cycle left to break
 
             fitted, metrics, timings, trained_by = fit_streamed(ws, cfg, rows, dim, budget)
-            trained_by["why"] = (f"the labelled features ({human(need)}) exceed the memory budget "
-                                 f"({human(budget)})")
+            trained_by["why"] = f"the labelled features ({human(need)}) exceed the memory budget ({human(budget)})"
         else:
             fitted, metrics, timings, dim = _fit_in_memory(ws, cfg, rows)
-            trained_by = {"path": IN_MEMORY, "why": f"the labelled features ({human(need)}) fit the memory "
-                                                   f"budget ({human(budget)})"}
+            trained_by = {
+                "path": IN_MEMORY,
+                "why": f"the labelled features ({human(need)}) fit the memory budget ({human(budget)})",
+            }
     metrics["cv"] = fitted.cv
     extra = {}
     if isinstance(fitted.estimator, KerasMLPClassifier):
@@ -93,24 +95,52 @@ def _fit_in_memory(ws: Workspace, cfg: TrainConfig, rows: LabelledRows) -> tuple
     X_all = _features(ws, cfg.featureset, np.concatenate([rows.train_ids, rows.test_ids]))
     X_train, X_test = X_all[: len(rows.train_ids)], X_all[len(rows.train_ids) :]
     t_load = time.perf_counter()
-    log.info("training %s head on %d x %d features (%d classes), evaluating on %d",
-             cfg.head, *X_train.shape, len(rows.classes), len(X_test))
-    fitted = (fit_zero_shot(ws, cfg, rows.classes, X_train, rows.train_labels) if cfg.head == ZERO_SHOT
-              else fit_head(cfg, X_train, rows.train_labels))
+    log.info(
+        "training %s head on %d x %d features (%d classes), evaluating on %d",
+        cfg.head,
+        *X_train.shape,
+        len(rows.classes),
+        len(X_test),
+    )
+    fitted = (
+        fit_zero_shot(ws, cfg, rows.classes, X_train, rows.train_labels)
+        if cfg.head == ZERO_SHOT
+        else fit_head(cfg, X_train, rows.train_labels)
+    )
     t_fit = time.perf_counter()
     metrics = evaluate(fitted.estimator, X_test, rows.test_labels, rows.classes)
     timings = {"load_features": t_load - t0, "cv_and_fit": t_fit - t_load, "evaluate": time.perf_counter() - t_fit}
     return fitted, metrics, timings, int(X_train.shape[1])
 
 
-def _head_meta(cfg: TrainConfig, rows: LabelledRows, head_id: str, info: dict[str, Any], fitted: FitResult,
-               metrics: dict[str, Any], run_id: str, dim: int) -> JsonObject:
+def _head_meta(
+    cfg: TrainConfig,
+    rows: LabelledRows,
+    head_id: str,
+    info: dict[str, Any],
+    fitted: FitResult,
+    metrics: dict[str, Any],
+    run_id: str,
+    dim: int,
+) -> JsonObject:
     """head.json, less what write_head adds (model file, sha256, versions, created_at)."""
     return {
-        "head_id": head_id, "name": cfg.head_name, "dataset": cfg.dataset, "featureset": cfg.featureset, "head": cfg.head,
-        "model_kind": fitted.kind, "backbone": info.get("backbone"), "dim": dim,
-        "classes": rows.classes, "params": cfg.params(), "chosen": fitted.chosen, "cv": fitted.cv,
-        "metrics": metrics, "training_hash": rows.digest(), "run_id": run_id, **describe(rows),
+        "head_id": head_id,
+        "name": cfg.head_name,
+        "dataset": cfg.dataset,
+        "featureset": cfg.featureset,
+        "head": cfg.head,
+        "model_kind": fitted.kind,
+        "backbone": info.get("backbone"),
+        "dim": dim,
+        "classes": rows.classes,
+        "params": cfg.params(),
+        "chosen": fitted.chosen,
+        "cv": fitted.cv,
+        "metrics": metrics,
+        "training_hash": rows.digest(),
+        "run_id": run_id,
+        **describe(rows),
         "mlp_params": _mlp_params(fitted.estimator),
         "history": getattr(fitted.estimator, "history_", None),
     }
@@ -140,25 +170,31 @@ def _mlp_params(est: Any) -> dict[str, Any] | None:
     return est.get_params() if isinstance(est, KerasMLPClassifier) else None
 
 
-
-
-
-
 def fit_zero_shot(ws: Workspace, cfg: TrainConfig, classes: list[str], X: np.ndarray, y: np.ndarray) -> FitResult:
     """No fitting: the prompts' embeddings are the head. Its accuracy on the training rows stands in
     for the cross-validation score the other heads report (nothing was learned from them)."""
     est = zero_shot_head(ws, cfg.featureset, classes, cfg.prompt)
     acc = float(np.mean(est.predict(X) == np.asarray(y, dtype=object))) if len(y) else 0.0
-    cv = {ZERO_SHOT: {"mean": acc, "std": 0.0, "folds": [], "rows": int(len(y)),
-                      "note": "no fitting: accuracy on the training rows"}}
+    cv = {
+        ZERO_SHOT: {
+            "mean": acc,
+            "std": 0.0,
+            "folds": [],
+            "rows": int(len(y)),
+            "note": "no fitting: accuracy on the training rows",
+        }
+    }
     return FitResult(ZERO_SHOT, est, cv, {"prompt": cfg.prompt})
 
 
 def fit_head(cfg: TrainConfig, X: np.ndarray, y: np.ndarray) -> FitResult:
     """Cross-validate the wanted kind(s) on the same folds; refit the best on all rows."""
     if cfg.head == "svm" and cfg.kernel == "rbf" and len(y) > RBF_WARN_ROWS:
-        log.warning("an rbf SVM grows quadratically with rows; %d rows may take very long "
-                    "(--kernel linear or --head logreg scale)", len(y))
+        log.warning(
+            "an rbf SVM grows quadratically with rows; %d rows may take very long "
+            "(--kernel linear or --head logreg scale)",
+            len(y),
+        )
     X_cv, y_cv = _cv_sample(X, y, cfg.cv_max_rows, cfg.random_state)
     winner, cv, best, n_folds = choose_kind(cfg, X_cv, y_cv)
     estimator = _make(cfg, winner, y_cv, n_folds).set_params(**best).fit(X, y)
@@ -189,7 +225,7 @@ def _cross_validate(cfg: TrainConfig, kind: str, X: np.ndarray, y: np.ndarray, f
         scores = cross_val_score(est, X, y, cv=folds, scoring="accuracy")
         return _scores(scores, {}, len(y)), {}
     _, default = sklearn_head(kind, cfg.kernel, cfg.class_weight, cfg.random_state, cfg.max_iter, 2)
-    (name, values), = default.items()
+    ((name, values),) = default.items()
     values = sorted(cfg.c_grid or values)
     tried: dict[float, dict[str, Any]] = {}
     for extension in range(MAX_GRID_EXTENSIONS + 1):
@@ -198,23 +234,42 @@ def _cross_validate(cfg: TrainConfig, kind: str, X: np.ndarray, y: np.ndarray, f
         grown = None if cfg.c_grid or extension == MAX_GRID_EXTENSIONS else extend_grid(values, best)
         if grown is None:
             break
-        log.info("%s: the best C (%g) is at the edge of the grid; extending it to %g", kind, best,
-                 min(grown) if min(grown) < min(values) else max(grown))
+        log.info(
+            "%s: the best C (%g) is at the edge of the grid; extending it to %g",
+            kind,
+            best,
+            min(grown) if min(grown) < min(values) else max(grown),
+        )
         values = grown
     if len(values) > 1 and best in (values[0], values[-1]):
-        log.warning("%s: the best C (%g) is at the edge of the searched grid %s; a value beyond it "
-                    "might score better", kind, best, values)
-    grid = {f"{c:g}": {"accuracy": round(r["accuracy"], 4), "log_loss": round(r["log_loss"], 4)}
-            for c, r in sorted(tried.items())}
+        log.warning(
+            "%s: the best C (%g) is at the edge of the searched grid %s; a value beyond it might score better",
+            kind,
+            best,
+            values,
+        )
+    grid = {
+        f"{c:g}": {"accuracy": round(r["accuracy"], 4), "log_loss": round(r["log_loss"], 4)}
+        for c, r in sorted(tried.items())
+    }
     extra = {"grid": grid, "chosen_by": "log_loss", "log_loss": round(tried[best]["log_loss"], 4)}
     return _scores(np.array(tried[best]["folds"]), extra, len(y)), {name: best}
 
 
-def _search(est: Any, name: str, values: list[float], X: np.ndarray, y: np.ndarray, folds: StratifiedKFold,
-            n_jobs: int | None, into: dict[float, dict[str, Any]]) -> None:
+def _search(
+    est: Any,
+    name: str,
+    values: list[float],
+    X: np.ndarray,
+    y: np.ndarray,
+    folds: StratifiedKFold,
+    n_jobs: int | None,
+    into: dict[float, dict[str, Any]],
+) -> None:
     """Cross-validate each C on the same folds; record its mean accuracy, mean log-loss, fold accuracies."""
-    search = GridSearchCV(est, {name: values}, cv=folds, scoring=CV_SCORING, refit=False,
-                          n_jobs=_cv_jobs(n_jobs, X)).fit(X, y)
+    search = GridSearchCV(
+        est, {name: values}, cv=folds, scoring=CV_SCORING, refit=False, n_jobs=_cv_jobs(n_jobs, X)
+    ).fit(X, y)
     res = search.cv_results_
     for i, params in enumerate(res["params"]):
         into[float(params[name])] = {
@@ -259,18 +314,30 @@ def _cv_jobs(wanted: int | None, X: np.ndarray) -> int:
 
 
 def _scores(scores: np.ndarray, extra: dict[str, Any], n: int) -> JsonObject:
-    return {"mean": float(np.mean(scores)), "std": float(np.std(scores)),
-            "folds": [round(float(s), 4) for s in scores], "rows": n, **extra}
+    return {
+        "mean": float(np.mean(scores)),
+        "std": float(np.std(scores)),
+        "folds": [round(float(s), 4) for s in scores],
+        "rows": n,
+        **extra,
+    }
 
 
 def _make(cfg: TrainConfig, kind: str, y: np.ndarray, n_folds: int):
     if kind == "mlp":
-        return KerasMLPClassifier(hidden=cfg.hidden, dropout=cfg.dropout, epochs=cfg.epochs,
-                                  batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
-                                  patience=cfg.patience, class_weight=cfg.class_weight,
-                                  random_state=cfg.random_state)
-    est, _ = sklearn_head(kind, cfg.kernel, cfg.class_weight, cfg.random_state, cfg.max_iter,
-                          _calibration_folds(kind, y, n_folds))
+        return KerasMLPClassifier(
+            hidden=cfg.hidden,
+            dropout=cfg.dropout,
+            epochs=cfg.epochs,
+            batch_size=cfg.batch_size,
+            learning_rate=cfg.learning_rate,
+            patience=cfg.patience,
+            class_weight=cfg.class_weight,
+            random_state=cfg.random_state,
+        )
+    est, _ = sklearn_head(
+        kind, cfg.kernel, cfg.class_weight, cfg.random_state, cfg.max_iter, _calibration_folds(kind, y, n_folds)
+    )
     return est
 
 
@@ -292,8 +359,7 @@ def _calibration_folds(kind: str, y: np.ndarray, n_folds: int) -> int:
 def _n_folds(wanted: int, y: np.ndarray) -> int:
     smallest = int(min(np.unique(y, return_counts=True)[1]))
     if smallest < wanted:
-        log.warning("smallest class has %d training images: using %d-fold CV instead of %d",
-                    smallest, smallest, wanted)
+        log.warning("smallest class has %d training images: using %d-fold CV instead of %d", smallest, smallest, wanted)
     return max(2, min(wanted, smallest))
 
 
@@ -318,11 +384,19 @@ def evaluate(estimator: Any, X: np.ndarray, y: np.ndarray, classes: list[str]) -
 def scores_of(y: np.ndarray, pred: np.ndarray, classes: list[str]) -> JsonObject:
     """``evaluate``'s metrics from the true and predicted labels (a streamed evaluation gathers these)."""
     if len(y) == 0:
-        return {"test_accuracy": None, "macro_f1": None, "per_class": {}, "confusion": None,
-                "n_test": 0, "note": "no evaluation rows (no test/val split and --test-fraction 0)"}
+        return {
+            "test_accuracy": None,
+            "macro_f1": None,
+            "per_class": {},
+            "confusion": None,
+            "n_test": 0,
+            "note": "no evaluation rows (no test/val split and --test-fraction 0)",
+        }
     p, r, f, s = precision_recall_fscore_support(y, pred, labels=classes, zero_division=0)
-    per_class = {c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
-                 for i, c in enumerate(classes)}
+    per_class = {
+        c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
+        for i, c in enumerate(classes)
+    }
     return {
         "test_accuracy": float(accuracy_score(y, pred)),
         "macro_f1": float(f1_score(y, pred, labels=classes, average="macro", zero_division=0)),
@@ -330,5 +404,3 @@ def scores_of(y: np.ndarray, pred: np.ndarray, classes: list[str]) -> JsonObject
         "confusion": {"labels": classes, "matrix": confusion_matrix(y, pred, labels=classes).tolist()},
         "n_test": int(len(y)),
     }
-
-

@@ -18,21 +18,21 @@ import pyarrow.parquet as pq
 
 from imgfeat.core import names as N
 from imgfeat.core import schemas as S
+from imgfeat.core.commits import Adoptable, ShardWriter, list_committed, reconcile
 from imgfeat.core.errors import ConfigError
 from imgfeat.core.options import opt
+from imgfeat.core.progress import progress
+from imgfeat.core.ranges import check_fields
+from imgfeat.core.results import JsonObject, JsonResult
 from imgfeat.core.sizes import memory_budget
+from imgfeat.core.storage import WAIT_HINT, FileLock, remove_stale_tmp
+from imgfeat.core.workspace import Workspace, check_name
+from imgfeat.extract.extract import extract_files
 from imgfeat.extract.featureset import iter_features, load_features
 from imgfeat.heads.artifacts import LoadedHead, load_head
 from imgfeat.heads.data import LEFT_OUT_JSON_MAX, unique_images
 from imgfeat.heads.versions import resolve_head
 from imgfeat.scan.manifest import read_manifest
-from imgfeat.core.progress import progress
-from imgfeat.core.ranges import check_fields
-from imgfeat.core.results import JsonObject, JsonResult
-from imgfeat.core.commits import Adoptable, ShardWriter, list_committed, reconcile
-from imgfeat.core.storage import WAIT_HINT, FileLock, remove_stale_tmp
-from imgfeat.core.workspace import Workspace, check_name
-from imgfeat.extract.extract import extract_files
 from imgfeat.scan.walk import WalkOptions, WalkStats, walk
 
 log = logging.getLogger(__name__)
@@ -51,9 +51,15 @@ class PredictConfig:
     top_k: int = opt(5, metavar="K", help="labels kept per image")
     chunk_rows: int = 8192  # feature rows read and scored at a time: memory stays flat
     shard_rows: int = 262_144  # rows per output shard
-    wait: float | None = opt(None, metavar="SECONDS", help="wait up to this long for another process writing this head's predictions (or its featureset, for image files), instead of exiting at once")
+    wait: float | None = opt(
+        None,
+        metavar="SECONDS",
+        help="wait up to this long for another process writing this head's predictions (or its featureset, for image files), instead of exiting at once",
+    )
     trust_pickle: bool = False  # load an old joblib (pickle) head; only for files you trust
-    memory_budget: int | None = opt(None, metavar="SIZE", help="memory for features held at once, e.g. 256MB or 2GiB (default: a quarter of RAM)")
+    memory_budget: int | None = opt(
+        None, metavar="SIZE", help="memory for features held at once, e.g. 256MB or 2GiB (default: a quarter of RAM)"
+    )
 
     def __post_init__(self) -> None:
         N.check_ref(N.HEADS, self.head_id)
@@ -94,9 +100,16 @@ def score(head: LoadedHead, X: np.ndarray, top_k: int) -> Scored:
     )
 
 
-def predictions_table(ids: Sequence[str], paths: Sequence[str | None], labels: Sequence[str | None],
-                      splits: Sequence[str | None], scored: Scored, head: LoadedHead, run_id: str,
-                      dataset: str) -> pa.Table:
+def predictions_table(
+    ids: Sequence[str],
+    paths: Sequence[str | None],
+    labels: Sequence[str | None],
+    splits: Sequence[str | None],
+    scored: Scored,
+    head: LoadedHead,
+    run_id: str,
+    dataset: str,
+) -> pa.Table:
     """Pure mapper: scored rows -> the predictions table; ``dataset`` is a dataset or ``files``."""
     n = len(ids)
     return pa.table(
@@ -150,8 +163,12 @@ def reconcile_predictions(folder: Path) -> dict[str, int]:
     of an older version has its shards recorded. Returns how many of each."""
     if not Path(folder).is_dir():
         return {}
-    done = reconcile(folder, _inspect_predictions, lambda p, _: _prediction_keys(_read([p], _KEY_COLUMNS)),
-                     f"the predictions in {folder}")
+    done = reconcile(
+        folder,
+        _inspect_predictions,
+        lambda p, _: _prediction_keys(_read([p], _KEY_COLUMNS)),
+        f"the predictions in {folder}",
+    )
     return {k: len(getattr(done, k)) for k in ("recorded", "adopted", "set_aside")}
 
 
@@ -214,8 +231,11 @@ class PredictSummary(JsonResult):
 
     def to_json(self) -> JsonObject:
         """Only the keys of this kind of run (a dataset run has no ``files``), as before."""
-        return {k: getattr(self, k) for k in self.__dataclass_fields__ if getattr(self, k) is not None
-                or k in ("rows_per_s",)}
+        return {
+            k: getattr(self, k)
+            for k in self.__dataclass_fields__
+            if getattr(self, k) is not None or k in ("rows_per_s",)
+        }
 
 
 class DatasetOutcome(TypedDict):
@@ -248,8 +268,9 @@ def run_predict(ws: Workspace, cfg: PredictConfig, run_id: str) -> PredictSummar
     head = load_head(ws, head_id, trust_pickle=cfg.trust_pickle, lazy=True)  # read only if there is work
     t_load = time.perf_counter()
     folder = ws.predictions_dir(head_id) if cfg.dataset is not None else ws.file_predictions_dir(head_id)
-    with FileLock(ws.locks_dir / f"predictions-{head_id}.lock", f"predictions of head {head_id}",
-                  cfg.wait, hint=WAIT_HINT):
+    with FileLock(
+        ws.locks_dir / f"predictions-{head_id}.lock", f"predictions of head {head_id}", cfg.wait, hint=WAIT_HINT
+    ):
         remove_stale_tmp(folder)
         reconcile_predictions(folder)
         writer = ShardWriter(folder, run_id, cfg.shard_rows)
@@ -264,15 +285,22 @@ def run_predict(ws: Workspace, cfg: PredictConfig, run_id: str) -> PredictSummar
     loop = now - t_load
     if not writer.written:
         log.info("nothing new to predict for head %s", head_id)
-    return PredictSummary(head_id=head_id, featureset=head.featureset, written=writer.written,
-                          shards=[str(p) for p in writer.shards], predictions_dir=str(folder),
-                          seconds=round(now - t0, 3), load_seconds=round(t_load - t0, 3),
-                          rows_per_s=round(writer.written / loop, 1) if loop > 0 and writer.written else None,
-                          **out)
+    return PredictSummary(
+        head_id=head_id,
+        featureset=head.featureset,
+        written=writer.written,
+        shards=[str(p) for p in writer.shards],
+        predictions_dir=str(folder),
+        seconds=round(now - t0, 3),
+        load_seconds=round(t_load - t0, 3),
+        rows_per_s=round(writer.written / loop, 1) if loop > 0 and writer.written else None,
+        **out,
+    )
 
 
-def _predict_dataset(ws: Workspace, cfg: PredictConfig, head: LoadedHead, writer: ShardWriter,
-                     run_id: str) -> DatasetOutcome:
+def _predict_dataset(
+    ws: Workspace, cfg: PredictConfig, head: LoadedHead, writer: ShardWriter, run_id: str
+) -> DatasetOutcome:
     images, dropped, files = unique_images(read_manifest(ws, cfg.dataset))
     done = predicted_ids(ws, head.head_id, cfg.dataset)
     todo = images[~images[S.IMAGE_ID].isin(done)].set_index(S.IMAGE_ID)
@@ -280,18 +308,38 @@ def _predict_dataset(ws: Workspace, cfg: PredictConfig, head: LoadedHead, writer
     with progress(total=len(todo), desc=f"predict {cfg.dataset}") as bar:
         for ids, X in _stream_features(ws, head.featureset, remaining, _chunk_rows(cfg, head)):
             meta = todo.loc[ids]
-            writer.add(predictions_table(ids, meta[S.PATH].tolist(), _nullable(meta[S.LABEL]),
-                                         _nullable(meta[S.SPLIT]), score(head, X, cfg.top_k), head, run_id,
-                                         cfg.dataset))
+            writer.add(
+                predictions_table(
+                    ids,
+                    meta[S.PATH].tolist(),
+                    _nullable(meta[S.LABEL]),
+                    _nullable(meta[S.SPLIT]),
+                    score(head, X, cfg.top_k),
+                    head,
+                    run_id,
+                    cfg.dataset,
+                )
+            )
             remaining.difference_update(ids)
             bar.update(len(ids))
     missing = len(remaining)
     if missing:
-        log.warning("%d images of dataset %s have no features in %s: run 'imgfeat extract --dataset %s' "
-                    "first", missing, cfg.dataset, head.featureset, cfg.dataset)
-    return {"dataset": cfg.dataset, "images": int(len(images)), "skipped": len(done & set(images[S.IMAGE_ID])),
-            "missing_features": missing, "not_readable": dropped["not_readable"],
-            "duplicates": dropped["duplicates"], "left_out_files": files.head(LEFT_OUT_JSON_MAX).to_dict("records")}
+        log.warning(
+            "%d images of dataset %s have no features in %s: run 'imgfeat extract --dataset %s' first",
+            missing,
+            cfg.dataset,
+            head.featureset,
+            cfg.dataset,
+        )
+    return {
+        "dataset": cfg.dataset,
+        "images": int(len(images)),
+        "skipped": len(done & set(images[S.IMAGE_ID])),
+        "missing_features": missing,
+        "not_readable": dropped["not_readable"],
+        "duplicates": dropped["duplicates"],
+        "left_out_files": files.head(LEFT_OUT_JSON_MAX).to_dict("records"),
+    }
 
 
 def _chunk_rows(cfg: PredictConfig, head: LoadedHead) -> int:
@@ -304,8 +352,9 @@ def _nullable(col) -> list[str | None]:
     return [None if v is None or v != v else str(v) for v in col.tolist()]
 
 
-def _stream_features(ws: Workspace, featureset: str, wanted: set[str],
-                     chunk_rows: int) -> Iterator[tuple[list[str], np.ndarray]]:
+def _stream_features(
+    ws: Workspace, featureset: str, wanted: set[str], chunk_rows: int
+) -> Iterator[tuple[list[str], np.ndarray]]:
     """Feature rows whose id is in ``wanted`` (once each), ``chunk_rows`` at a time, a row group at a
     time (``featureset.iter_features``: a shard with nothing wanted is never decoded)."""
     if wanted:
@@ -335,8 +384,9 @@ def expand_paths(items: Sequence[str]) -> tuple[list[Path], list[str]]:
     return [p.absolute() for p in found], unmatched
 
 
-def _predict_files(ws: Workspace, cfg: PredictConfig, head: LoadedHead, writer: ShardWriter,
-                   run_id: str) -> FilesOutcome:
+def _predict_files(
+    ws: Workspace, cfg: PredictConfig, head: LoadedHead, writer: ShardWriter, run_id: str
+) -> FilesOutcome:
     paths, unmatched = expand_paths(cfg.paths)
     results = extract_files(ws, head.featureset, paths, run_id, wait=cfg.wait) if paths else []
     ids, X = load_features(ws, head.featureset, [r.image_id for r in results if r.image_id and not r.error_code])
@@ -344,33 +394,54 @@ def _predict_files(ws: Workspace, cfg: PredictConfig, head: LoadedHead, writer: 
     by_id = {i: k for k, i in enumerate(ids.tolist())}
     done = predicted_ids(ws, head.head_id)
     lines = [_file_line(r, by_id.get(r.image_id), scored) for r in results]
-    lines += [{"path": item, "error_code": "no_match", "error_message": "no file matches this pattern"}
-              for item in unmatched]
+    lines += [
+        {"path": item, "error_code": "no_match", "error_message": "no file matches this pattern"} for item in unmatched
+    ]
     new: dict[str, tuple[int, str]] = {}  # image_id -> (row in scored, path): once per content
     for r in results:
         if r.image_id in by_id and r.image_id not in done:
             new.setdefault(r.image_id, (by_id[r.image_id], Path(r.path).as_posix()))
     if new:
         rows = [k for k, _ in new.values()]
-        sub = Scored(scored.pred_label[rows], scored.pred_score[rows], scored.topk_labels.take(rows),
-                     scored.topk_scores.take(rows))
+        sub = Scored(
+            scored.pred_label[rows],
+            scored.pred_score[rows],
+            scored.topk_labels.take(rows),
+            scored.topk_scores.take(rows),
+        )
         none = [None] * len(rows)
-        writer.add(predictions_table(list(new), [p for _, p in new.values()], none, none, sub, head, run_id,
-                                     S.FILES_DATASET))
+        writer.add(
+            predictions_table(list(new), [p for _, p in new.values()], none, none, sub, head, run_id, S.FILES_DATASET)
+        )
     codes = Counter(x["error_code"] for x in lines if "error_code" in x)
     if not by_id:
-        log.warning("none of the %d file(s) given could be predicted (%s)", len(lines),
-                    ", ".join(f"{c} {n}" for c, n in codes.most_common()) or "no files")
-    return {"files": len(lines), "errors": sum(codes.values()), "errors_by_code": dict(codes),
-            "skipped": sum(1 for x in lines if x.get("image_id") in done), "missing_features": 0,
-            "predictions": lines}
+        log.warning(
+            "none of the %d file(s) given could be predicted (%s)",
+            len(lines),
+            ", ".join(f"{c} {n}" for c, n in codes.most_common()) or "no files",
+        )
+    return {
+        "files": len(lines),
+        "errors": sum(codes.values()),
+        "errors_by_code": dict(codes),
+        "skipped": sum(1 for x in lines if x.get("image_id") in done),
+        "missing_features": 0,
+        "predictions": lines,
+    }
 
 
 def _file_line(result, k: int | None, scored: Scored | None) -> JsonObject:
     """What a person reads for one file: its best label and score, or why there is none."""
     if k is None or scored is None:
-        return {"path": str(result.path), "error_code": result.error_code or "no_features",
-                "error_message": result.error_message or "no feature row was written"}
-    return {"path": str(result.path), "image_id": result.image_id, "pred_label": str(scored.pred_label[k]),
-            "pred_score": float(scored.pred_score[k]),
-            "topk": list(zip(scored.topk_labels[k].as_py(), scored.topk_scores[k].as_py()))}
+        return {
+            "path": str(result.path),
+            "error_code": result.error_code or "no_features",
+            "error_message": result.error_message or "no feature row was written",
+        }
+    return {
+        "path": str(result.path),
+        "image_id": result.image_id,
+        "pred_label": str(scored.pred_label[k]),
+        "pred_score": float(scored.pred_score[k]),
+        "topk": list(zip(scored.topk_labels[k].as_py(), scored.topk_scores[k].as_py())),
+    }

@@ -17,23 +17,23 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
 from imgfeat import __version__
+from imgfeat.core import names as N
 from imgfeat.core import schemas as S
-from imgfeat.core.hashing import canonical_digest
 from imgfeat.core.errors import ConfigError, unknown_value
+from imgfeat.core.hashing import canonical_digest
 from imgfeat.core.options import opt
+from imgfeat.core.progress import progress
+from imgfeat.core.ranges import check_fields
+from imgfeat.core.results import JsonResult
 from imgfeat.core.sizes import memory_budget
+from imgfeat.core.storage import WAIT_HINT, FileLock, remove_file, remove_stale_tmp, write_bytes_atomic
+from imgfeat.core.workspace import Workspace
 from imgfeat.extract.featureset import iter_features, load_features
 from imgfeat.heads import artifacts as A
 from imgfeat.heads.artifacts import LoadedHead, load_head
 from imgfeat.heads.predict import prediction_shards
-from imgfeat.heads.versions import default_head_name, resolve_head
-from imgfeat.core import names as N
-from imgfeat.core.progress import progress
-from imgfeat.core.ranges import check_fields
-from imgfeat.core.results import JsonResult
-from imgfeat.core.storage import WAIT_HINT, FileLock, remove_file, remove_stale_tmp, write_bytes_atomic
-from imgfeat.core.workspace import Workspace
 from imgfeat.heads.train import params_for
+from imgfeat.heads.versions import default_head_name, resolve_head
 from imgfeat.scan.manifest import dataset_root, read_manifest
 
 log = logging.getLogger(__name__)
@@ -53,9 +53,15 @@ class ReportConfig:
     # t-SNE up to TSNE_MAX_POINTS points, PCA above
     projection: str = opt("auto", choices=PROJECTIONS, help="2-D projection")
     thumb_size: int = 128
-    wait: float | None = opt(None, metavar="SECONDS", help="wait up to this long for another process writing this head's report, instead of exiting at once")
+    wait: float | None = opt(
+        None,
+        metavar="SECONDS",
+        help="wait up to this long for another process writing this head's report, instead of exiting at once",
+    )
     trust_pickle: bool = False  # load an old joblib (pickle) head; only for files you trust
-    memory_budget: int | None = opt(None, metavar="SIZE", help="memory for features held at once, e.g. 256MB or 2GiB (default: a quarter of RAM)")
+    memory_budget: int | None = opt(
+        None, metavar="SIZE", help="memory for features held at once, e.g. 256MB or 2GiB (default: a quarter of RAM)"
+    )
 
     def __post_init__(self) -> None:
         N.check_ref(N.HEADS, self.head_id)
@@ -101,15 +107,21 @@ def run_report(ws: Workspace, cfg: ReportConfig, run_id: str) -> ReportSummary:
     head_id = resolve_head(ws, cfg.head_id)
     head = load_head(ws, head_id, trust_pickle=cfg.trust_pickle, lazy=True)
     inputs = report_inputs(ws, cfg, head)
-    with FileLock(ws.locks_dir / f"report-{head_id}.lock", f"the report of head {head_id}",
-                  cfg.wait, hint=WAIT_HINT):
+    with FileLock(ws.locks_dir / f"report-{head_id}.lock", f"the report of head {head_id}", cfg.wait, hint=WAIT_HINT):
         current = _current_page(ws.report_dir(head_id) / "index.html", inputs)
         if current is not None:
             name = head_name(head, cfg.head_id)
             log.info("report for %s (%s) is up to date: %s", name, head_id, ws.report_dir(head_id) / "index.html")
-            return ReportSummary(head_id, name, str(ws.report_dir(head_id) / "index.html"), current.plots,
-                                 current.mistakes_shown, reused=True, seconds=round(time.perf_counter() - t0, 3),
-                                 run_id=run_id)
+            return ReportSummary(
+                head_id,
+                name,
+                str(ws.report_dir(head_id) / "index.html"),
+                current.plots,
+                current.mistakes_shown,
+                reused=True,
+                seconds=round(time.perf_counter() - t0, 3),
+                run_id=run_id,
+            )
         return _write_report(ws, cfg, head, head_id, run_id, t0, inputs)
 
 
@@ -122,9 +134,14 @@ def report_inputs(ws: Workspace, cfg: ReportConfig, head: LoadedHead) -> str:
     except OSError:
         manifest_id = None
     options = {k: v for k, v in asdict(cfg).items() if k not in ("wait", "trust_pickle")}
-    key = {"head": head.meta.get("model_sha256"), "head_id": head.head_id, "options": options,
-           "manifest": manifest_id, "predictions": [p.name for p in prediction_shards(ws.predictions_dir(head.head_id))],
-           "imgfeat": __version__}
+    key = {
+        "head": head.meta.get("model_sha256"),
+        "head_id": head.head_id,
+        "options": options,
+        "manifest": manifest_id,
+        "predictions": [p.name for p in prediction_shards(ws.predictions_dir(head.head_id))],
+        "imgfeat": __version__,
+    }
     return canonical_digest(key, 16)
 
 
@@ -157,8 +174,9 @@ def _current_page(page: Path, inputs: str) -> _Shown | None:
     return _Shown(stamp.get("plots", []), stamp.get("mistakes_shown", 0))
 
 
-def _write_report(ws: Workspace, cfg: ReportConfig, head: LoadedHead, head_id: str, run_id: str,
-                  t0: float, inputs: str = "") -> ReportSummary:
+def _write_report(
+    ws: Workspace, cfg: ReportConfig, head: LoadedHead, head_id: str, run_id: str, t0: float, inputs: str = ""
+) -> ReportSummary:
     folder = ws.report_dir(head_id)
     folder.mkdir(parents=True, exist_ok=True)
     remove_stale_tmp(folder)
@@ -173,15 +191,24 @@ def _write_report(ws: Workspace, cfg: ReportConfig, head: LoadedHead, head_id: s
         plots_png = _plots(ws, head, rows, cfg)
         bar.update()
         stamp = {"inputs": inputs, "plots": sorted(plots_png), "mistakes_shown": len(mistakes)}
-        page = render_page(head, name, eval_role, mistakes, plots_png, _prediction_rows(ws, head_id),
-                           cfg.thumb_size, stamp)
+        page = render_page(
+            head, name, eval_role, mistakes, plots_png, _prediction_rows(ws, head_id), cfg.thumb_size, stamp
+        )
         index = write_bytes_atomic(page.encode("utf-8"), folder / "index.html")
         bar.update()
     for stale in (CONFUSION_PNG, PROJECTION_PNG, A.CURVES_FILE):  # beside pages of older versions
         remove_file(folder / stale, ws.root)
     log.info("report for %s (%s): %s", name, head_id, index)
-    return ReportSummary(head_id, name, str(index), sorted(plots_png), len(mistakes), reused=False,
-                         seconds=round(time.perf_counter() - t0, 3), run_id=run_id)
+    return ReportSummary(
+        head_id,
+        name,
+        str(index),
+        sorted(plots_png),
+        len(mistakes),
+        reused=False,
+        seconds=round(time.perf_counter() - t0, 3),
+        run_id=run_id,
+    )
 
 
 def head_name(head: LoadedHead, ref: str) -> str:
@@ -221,8 +248,11 @@ def _mistakes(ws: Workspace, head: LoadedHead, rows, paths: dict[str, Path], lim
         proba = head.estimator.predict_proba(X)
         classes = np.asarray(head.estimator.classes_, dtype=object)
         pred, conf = classes[proba.argmax(axis=1)], proba.max(axis=1)
-        kept += [Mistake(i, paths.get(i), truth_of[i], p, float(c)) for i, p, c in zip(ids.tolist(), pred, conf)
-                 if p != truth_of[i]]
+        kept += [
+            Mistake(i, paths.get(i), truth_of[i], p, float(c))
+            for i, p, c in zip(ids.tolist(), pred, conf)
+            if p != truth_of[i]
+        ]
         # most confident first, equal scores in the head's row order: the page the whole matrix made
         kept = sorted(kept, key=lambda m: (-m.score, order[m.image_id]))[:limit]
     return kept, role
@@ -307,8 +337,16 @@ tr.win td { background: #eef7ee; }
 """
 
 
-def render_page(head: LoadedHead, name: str, eval_role: str, mistakes: list[Mistake], pngs: dict[str, bytes],
-                n_predictions: int, thumb_size: int, stamp: dict[str, Any] | None = None) -> str:
+def render_page(
+    head: LoadedHead,
+    name: str,
+    eval_role: str,
+    mistakes: list[Mistake],
+    pngs: dict[str, bytes],
+    n_predictions: int,
+    thumb_size: int,
+    stamp: dict[str, Any] | None = None,
+) -> str:
     """The whole page as one string: every image a data URI, so the file alone is the report."""
     m = head.meta
     parts = [
@@ -318,7 +356,10 @@ def render_page(head: LoadedHead, name: str, eval_role: str, mistakes: list[Mist
         f"<h1>{_e(name)}</h1>",
         f"<p class='sub'>{_e(_kind(m))} head on <b>{_e(m['dataset'])}</b> · version "
         f"{_e(m['head_id'])} · featureset {_e(m['featureset'])}</p>",
-        _cards(m, n_predictions), kinds_compared(m), _details(m), _class_table(m),
+        _cards(m, n_predictions),
+        kinds_compared(m),
+        _details(m),
+        _class_table(m),
         _img_section("Confusion matrix", CONFUSION_PNG, pngs),
         _gallery(mistakes, eval_role, thumb_size),
         _img_section("Features in two dimensions", PROJECTION_PNG, pngs),
@@ -345,8 +386,10 @@ def kinds_compared(m: dict[str, Any]) -> str:
         for k, v in sorted(cv.items(), key=lambda kv: -kv[1]["mean"])
     )
     head = "<tr><th>kind</th><th>CV accuracy</th><th>std</th><th>folds</th></tr>"
-    return (f"<h2>Kinds compared ({_e(m['head'])}): {_e(m['model_kind'])} won</h2>"
-            f"<table class='kinds'><thead>{head}</thead><tbody>{rows}</tbody></table>")
+    return (
+        f"<h2>Kinds compared ({_e(m['head'])}): {_e(m['model_kind'])} won</h2>"
+        f"<table class='kinds'><thead>{head}</thead><tbody>{rows}</tbody></table>"
+    )
 
 
 def _e(value: Any) -> str:
@@ -364,8 +407,10 @@ def _cards(m: dict[str, Any], n_predictions: int) -> str:
         (_pct(metrics.get("test_accuracy")), f"test accuracy ({m.get('eval_split') or 'no test set'})"),
         (_pct(metrics.get("macro_f1")), "macro F1"),
         (_pct(cv.get("mean")), f"CV accuracy ({len(cv.get('folds', []))} folds)"),
-        (f"{m['n_train']:,}", "training images"), (f"{m['n_test']:,}", "test images"),
-        (str(len(m["classes"])), "classes"), (f"{n_predictions:,}", "prediction rows"),
+        (f"{m['n_train']:,}", "training images"),
+        (f"{m['n_test']:,}", "test images"),
+        (str(len(m["classes"])), "classes"),
+        (f"{n_predictions:,}", "prediction rows"),
     ]
     cards = "".join(f"<div class='card'><b>{_e(v)}</b><span>{_e(k)}</span></div>" for v, k in items)
     return f"<div class='cards'>{cards}</div>"
@@ -373,11 +418,13 @@ def _cards(m: dict[str, Any], n_predictions: int) -> str:
 
 def _details(m: dict[str, Any]) -> str:
     items = [
-        ("backbone", m.get("backbone")), ("chosen", m.get("chosen") or "fixed parameters"),
+        ("backbone", m.get("backbone")),
+        ("chosen", m.get("chosen") or "fixed parameters"),
         ("parameters", params_for(m["model_kind"], m.get("params") or {})),
         ("left out", {k: v for k, v in (m.get("left_out") or {}).items() if v} or "nothing"),
         ("trained by", _trained_by(m.get("trained_by"))),
-        ("created", m.get("created_at")), ("model file", f"{m['model_file']} sha256 {m['model_sha256'][:16]}…"),
+        ("created", m.get("created_at")),
+        ("model file", f"{m['model_file']} sha256 {m['model_sha256'][:16]}…"),
         ("versions", ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items() if v)),
     ]
     rows = "".join(f"<dt>{_e(k)}</dt><dd>{_e(_plain(v))}</dd>" for k, v in items if v)
@@ -405,7 +452,8 @@ def _class_table(m: dict[str, Any]) -> str:
         return "<h2>Per-class metrics</h2><p class='muted'>No evaluation images.</p>"
     body = "".join(
         f"<tr><td>{_e(c)}</td><td>{v['precision']:.3f}</td><td>{v['recall']:.3f}</td>"
-        f"<td>{v['f1']:.3f}</td><td>{v['support']}</td></tr>" for c, v in per.items()
+        f"<td>{v['f1']:.3f}</td><td>{v['support']}</td></tr>"
+        for c, v in per.items()
     )
     total = sum(v["support"] for v in per.values())
     macro = m["metrics"].get("macro_f1")

@@ -57,8 +57,9 @@ class LabelledStream:
 
     def __call__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         held: list[tuple[np.ndarray, np.ndarray]] = []
-        for ids, X in iter_features(self.ws, self.featureset, ids=list(self.labels), batch_rows=self.batch_rows,
-                                    shuffle=self.shuffle):
+        for ids, X in iter_features(
+            self.ws, self.featureset, ids=list(self.labels), batch_rows=self.batch_rows, shuffle=self.shuffle
+        ):
             held.append((X, np.asarray([self.labels[i] for i in ids], dtype=object)))
             if self.shuffle is None or len(held) == SHUFFLE_BATCHES:
                 yield from self._mixed(held)
@@ -72,15 +73,16 @@ class LabelledStream:
         X, y = np.concatenate([h[0] for h in held]), np.concatenate([h[1] for h in held])
         order = self.shuffle.permutation(len(y)) if self.shuffle is not None else np.arange(len(y))
         for start in range(0, len(y), self.batch_rows):
-            yield X[order[start:start + self.batch_rows]], y[order[start:start + self.batch_rows]]
+            yield X[order[start : start + self.batch_rows]], y[order[start : start + self.batch_rows]]
 
 
 def batch_rows_for(budget: int, dim: int) -> int:
     return int(min(MAX_BATCH_ROWS, max(64, budget // (BATCH_SHARE * FLOAT_BYTES * max(dim, 1)))))
 
 
-def fit_streamed(ws: Workspace, cfg: TrainConfig, rows: LabelledRows, dim: int,
-                 budget: int) -> tuple[FitResult, dict[str, Any], dict[str, float], dict[str, Any]]:
+def fit_streamed(
+    ws: Workspace, cfg: TrainConfig, rows: LabelledRows, dim: int, budget: int
+) -> tuple[FitResult, dict[str, Any], dict[str, float], dict[str, Any]]:
     """Choose on a subsample, fit on every training row streamed, score the test rows streamed."""
     t0 = time.perf_counter()
     ids_cv, X_cv, y_cv = _subsample(ws, cfg, rows, dim, budget)
@@ -91,19 +93,28 @@ def fit_streamed(ws: Workspace, cfg: TrainConfig, rows: LabelledRows, dim: int,
         X_cv, X_val, y_cv, y_val, _, ids_val = _validation_part(X_cv, y_cv, ids_cv, cfg)
         for i in ids_val:
             labels.pop(i)
-    stream = LabelledStream(ws, cfg.featureset, labels, batch_rows_for(budget, dim),
-                            np.random.default_rng(cfg.random_state))
+    stream = LabelledStream(
+        ws, cfg.featureset, labels, batch_rows_for(budget, dim), np.random.default_rng(cfg.random_state)
+    )
     n = len(rows.train_ids)
-    log.info("training %s head from a stream of %d x %d features (%d rows a batch), C chosen on %d rows",
-             winner, n, dim, stream.batch_rows, len(y_cv))
+    log.info(
+        "training %s head from a stream of %d x %d features (%d rows a batch), C chosen on %d rows",
+        winner,
+        n,
+        dim,
+        stream.batch_rows,
+        len(y_cv),
+    )
     mean, var = moments(stream, dim)
     if winner == "mlp":
         est = _mlp(cfg).fit_stream(stream, rows.classes, mean, var, X_val, y_val, _class_weights(cfg, stream))
         epochs = est.n_epochs_
     else:
         if winner == "svm" and cfg.kernel == "rbf":
-            log.warning("an rbf SVM cannot train from a stream (its kernel matrix grows with rows squared): "
-                        "training a linear SVM with the C chosen for it; raise --memory-budget for the rbf one")
+            log.warning(
+                "an rbf SVM cannot train from a stream (its kernel matrix grows with rows squared): "
+                "training a linear SVM with the C chosen for it; raise --memory-budget for the rbf one"
+            )
         C = float(next(iter(best.values())))
         est = fit_linear(winner, C, stream, rows.classes, n, mean, var, cfg, LINEAR_EPOCHS)
         if winner == "svm":  # margins -> probabilities, as the in-memory SVM's sigmoid calibration
@@ -112,8 +123,7 @@ def fit_streamed(ws: Workspace, cfg: TrainConfig, rows: LabelledRows, dim: int,
     t_fit = time.perf_counter()
     metrics = scores_of(*_predict_streamed(ws, cfg.featureset, est, rows, stream.batch_rows), rows.classes)
     timings = {"cv": t_cv - t0, "stream_fit": t_fit - t_cv, "evaluate": time.perf_counter() - t_fit}
-    trained_by = {"path": STREAMED, "epochs": int(epochs), "batch_rows": stream.batch_rows,
-                  "cv_rows": int(len(y_cv))}
+    trained_by = {"path": STREAMED, "epochs": int(epochs), "batch_rows": stream.batch_rows, "cv_rows": int(len(y_cv))}
     return FitResult(winner, est, cv, chosen_params(best)), metrics, timings, trained_by
 
 
@@ -123,8 +133,9 @@ def _validation_part(X: np.ndarray, y: np.ndarray, ids: np.ndarray, cfg: TrainCo
     return train_test_split(X, y, ids, test_size=n_val, stratify=y, random_state=cfg.random_state)
 
 
-def _subsample(ws: Workspace, cfg: TrainConfig, rows: LabelledRows, dim: int,
-               budget: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _subsample(
+    ws: Workspace, cfg: TrainConfig, rows: LabelledRows, dim: int, budget: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A stratified subsample of the training rows that fits the budget (at most ``cv_max_rows``)."""
     y = rows.train_labels
     cap = max(2 * len(rows.classes), min(cfg.cv_max_rows, budget // (SUBSAMPLE_SHARE * FLOAT_BYTES * max(dim, 1))))
@@ -162,8 +173,17 @@ def scaler_of(mean: np.ndarray, var: np.ndarray, n: int) -> StandardScaler:
     return scaler
 
 
-def fit_linear(kind: str, C: float, stream: LabelledStream, classes: list[str], n: int, mean: np.ndarray,
-               var: np.ndarray, cfg: TrainConfig, epochs: int) -> Pipeline:
+def fit_linear(
+    kind: str,
+    C: float,
+    stream: LabelledStream,
+    classes: list[str],
+    n: int,
+    mean: np.ndarray,
+    var: np.ndarray,
+    cfg: TrainConfig,
+    epochs: int,
+) -> Pipeline:
     """Logistic regression (log-loss) or a linear SVM (hinge) by averaged SGD over ``epochs`` passes.
 
     LogisticRegression minimises ``C * sum(loss) + |w|^2 / 2``; SGDClassifier ``mean(loss) + alpha *
@@ -172,9 +192,15 @@ def fit_linear(kind: str, C: float, stream: LabelledStream, classes: list[str], 
     scaler = scaler_of(mean, var, n)
     # A constant step averaged from the second epoch: "optimal" steps start at 1 / alpha, huge for a
     # small alpha, and an average over them never recovers (36% against logreg's 84% on blobs).
-    clf = SGDClassifier(loss="log_loss" if kind == "logreg" else "hinge", alpha=1.0 / (C * n),
-                        learning_rate="constant", eta0=SGD_ETA, average=max(1, n),
-                        random_state=cfg.random_state, class_weight=_class_weights(cfg, stream))
+    clf = SGDClassifier(
+        loss="log_loss" if kind == "logreg" else "hinge",
+        alpha=1.0 / (C * n),
+        learning_rate="constant",
+        eta0=SGD_ETA,
+        average=max(1, n),
+        random_state=cfg.random_state,
+        class_weight=_class_weights(cfg, stream),
+    )
     labels = np.asarray(classes, dtype=object)
     with progress(total=epochs * n, desc=f"train {kind} (streamed, {epochs} epochs)", unit="row") as bar:
         for _ in range(epochs):
@@ -193,13 +219,21 @@ def _class_weights(cfg: TrainConfig, stream: LabelledStream) -> dict[str, float]
 
 
 def _mlp(cfg: TrainConfig) -> KerasMLPClassifier:
-    return KerasMLPClassifier(hidden=cfg.hidden, dropout=cfg.dropout, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                              learning_rate=cfg.learning_rate, patience=cfg.patience,
-                              class_weight=cfg.class_weight, random_state=cfg.random_state)
+    return KerasMLPClassifier(
+        hidden=cfg.hidden,
+        dropout=cfg.dropout,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        patience=cfg.patience,
+        class_weight=cfg.class_weight,
+        random_state=cfg.random_state,
+    )
 
 
-def _predict_streamed(ws: Workspace, featureset: str, est: Any, rows: LabelledRows,
-                      batch_rows: int) -> tuple[np.ndarray, np.ndarray]:
+def _predict_streamed(
+    ws: Workspace, featureset: str, est: Any, rows: LabelledRows, batch_rows: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(true, predicted) labels of the test rows, scored a batch at a time."""
     label = dict(zip(rows.test_ids.tolist(), rows.test_labels.tolist()))
     y, pred = [], []

@@ -7,19 +7,19 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from imgfeat.core.hashing import canonical_digest
-from imgfeat.core.errors import ConfigError, unknown_value
-from imgfeat.core.options import opt
-from imgfeat.extract.featureset import featureset_info
-from imgfeat.heads import artifacts as A
 from imgfeat.core import names as N
-from imgfeat.heads.data import LEFT_OUT_JSON_MAX, LabelledRows, read_labelled
-from imgfeat.heads.zeroshot import DEFAULT_PROMPT, ZERO_SHOT, check_prompt
-from imgfeat.heads.versions import default_head_name, resolve_featureset
+from imgfeat.core.errors import ConfigError, unknown_value
+from imgfeat.core.hashing import canonical_digest
+from imgfeat.core.options import opt
 from imgfeat.core.ranges import C_GRID_MAX, RANGES, check_fields
 from imgfeat.core.results import JsonObject, JsonResult
 from imgfeat.core.storage import WAIT_HINT, FileLock
 from imgfeat.core.workspace import Workspace, check_name
+from imgfeat.extract.featureset import featureset_info
+from imgfeat.heads import artifacts as A
+from imgfeat.heads.data import LEFT_OUT_JSON_MAX, LabelledRows, read_labelled
+from imgfeat.heads.versions import default_head_name, resolve_featureset
+from imgfeat.heads.zeroshot import DEFAULT_PROMPT, ZERO_SHOT, check_prompt
 
 LEFT_OUT_FILE = "left_out.parquet"  # in the head's folder: duplicates and label conflicts, by path
 
@@ -45,24 +45,38 @@ class TrainConfig:
     """What to train: a head kind on one dataset's labels and one featureset (a name or a full name)."""
 
     dataset: str = opt(metavar="NAME", help="dataset whose labels to learn")
-    featureset: str = opt(metavar="FS", help="featureset made by 'imgfeat extract': its full name, or a recipe "
-                                             "name (its latest)")
-    head: str = opt("logreg", choices=(*HEAD_KINDS, ZERO_SHOT),
-                    help="kind of head (zero-shot: CLIP/SigLIP featuresets, class prompts, no fitting)")
-    name: str | None = opt(None, metavar="NAME", help="the head's stable name (default: <dataset>-<head>); it "
-                                                      "resolves to the latest version")
+    featureset: str = opt(
+        metavar="FS", help="featureset made by 'imgfeat extract': its full name, or a recipe name (its latest)"
+    )
+    head: str = opt(
+        "logreg",
+        choices=(*HEAD_KINDS, ZERO_SHOT),
+        help="kind of head (zero-shot: CLIP/SigLIP featuresets, class prompts, no fitting)",
+    )
+    name: str | None = opt(
+        None,
+        metavar="NAME",
+        help="the head's stable name (default: <dataset>-<head>); it resolves to the latest version",
+    )
     kernel: str = opt("linear", choices=SVM_KERNELS, help="svm kernel (rbf: small sets)")
     cv: int = opt(5, metavar="K", help="cross-validation folds (fewer when the smallest class is smaller)")
-    class_weight: str | None = opt(None, choices=CLASS_WEIGHTS,
-                                   help="weight classes inversely to their frequency (default: unweighted)")
+    class_weight: str | None = opt(
+        None, choices=CLASS_WEIGHTS, help="weight classes inversely to their frequency (default: unweighted)"
+    )
     random_state: int = opt(0, metavar="N", help="seed for folds, splits and the net")
     test_fraction: float = opt(0.2, metavar="F", help="held-out fraction when the dataset has no test/val split")
-    cv_max_rows: int = opt(10_000, metavar="N",  # choose C on a stratified subsample, then fit on all rows
-                           help="choose hyper-parameters on a stratified subsample of at most N rows")
+    cv_max_rows: int = opt(
+        10_000,
+        metavar="N",  # choose C on a stratified subsample, then fit on all rows
+        help="choose hyper-parameters on a stratified subsample of at most N rows",
+    )
     max_iter: int = 1000
     c_grid: tuple[float, ...] | None = opt(  # None: a default grid
-        None, metavar="C,C,...", help="logreg/svm: the C values cross-validation chooses from, by log-loss "
-                                      "(default: 1e-4 to 10 in decades, extended past an edge the best value sits on)")
+        None,
+        metavar="C,C,...",
+        help="logreg/svm: the C values cross-validation chooses from, by log-loss "
+        "(default: 1e-4 to 10 in decades, extended past an edge the best value sits on)",
+    )
     epochs: int = opt(50, metavar="N", help="mlp: most epochs")
     hidden: int = opt(256, metavar="N", help="mlp: hidden units")
     dropout: float = 0.5
@@ -70,11 +84,17 @@ class TrainConfig:
     learning_rate: float = 1e-3
     patience: int = 5
     n_jobs: int | None = None  # parallel CV fits for logreg/svm; None: by data size and cores
-    wait: float | None = opt(None, metavar="SECONDS", help="wait up to this long for another process writing the "
-                                                           "same head, instead of exiting at once")
-    prompt: str = opt(DEFAULT_PROMPT, metavar="TEXT",
-                      help="zero-shot: each class's prompt, {label} standing for its name")
-    memory_budget: int | None = opt(None, metavar="SIZE", help="memory for features held at once, e.g. 256MB or 2GiB (default: a quarter of RAM)")
+    wait: float | None = opt(
+        None,
+        metavar="SECONDS",
+        help="wait up to this long for another process writing the same head, instead of exiting at once",
+    )
+    prompt: str = opt(
+        DEFAULT_PROMPT, metavar="TEXT", help="zero-shot: each class's prompt, {label} standing for its name"
+    )
+    memory_budget: int | None = opt(
+        None, metavar="SIZE", help="memory for features held at once, e.g. 256MB or 2GiB (default: a quarter of RAM)"
+    )
 
     def __post_init__(self) -> None:
         check_name("dataset", self.dataset)
@@ -118,11 +138,13 @@ def check_c_grid(values: Any) -> tuple[float, ...]:
     """A C grid as sorted unique floats; a ConfigError naming the value unless it holds 1 to C_GRID_MAX
     numbers, each in range "c"."""
     rng = RANGES["c"]
-    ok = isinstance(values, (list, tuple)) and 0 < len(values) <= C_GRID_MAX and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and rng.allows(v) for v in values)
+    ok = (
+        isinstance(values, (list, tuple))
+        and 0 < len(values) <= C_GRID_MAX
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and rng.allows(v) for v in values)
+    )
     if not ok:
-        raise ConfigError(f"c_grid must be a list of 1 to {C_GRID_MAX} numbers, each {rng.text()[2:]}, "
-                          f"got {values!r}")
+        raise ConfigError(f"c_grid must be a list of 1 to {C_GRID_MAX} numbers, each {rng.text()[2:]}, got {values!r}")
     return tuple(sorted({float(v) for v in values}))
 
 
@@ -191,17 +213,28 @@ class TrainSummary(JsonResult):
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
-def _summary(ws: Workspace, meta: dict[str, Any], name: str, rows: LabelledRows, reused: bool,
-             seconds: float) -> TrainSummary:
+def _summary(
+    ws: Workspace, meta: dict[str, Any], name: str, rows: LabelledRows, reused: bool, seconds: float
+) -> TrainSummary:
     m = meta["metrics"]
     files = rows.left_out_files
     return TrainSummary(
-        head_id=meta["head_id"], name=name, reused=reused, head=meta["head"], model_kind=meta["model_kind"],
-        dataset=meta["dataset"], featureset=meta["featureset"], classes=meta["classes"],
+        head_id=meta["head_id"],
+        name=name,
+        reused=reused,
+        head=meta["head"],
+        model_kind=meta["model_kind"],
+        dataset=meta["dataset"],
+        featureset=meta["featureset"],
+        classes=meta["classes"],
         metrics={k: m.get(k) for k in ("test_accuracy", "macro_f1", "per_class", "cv")},
-        chosen=meta.get("chosen"), n_train=meta["n_train"], n_test=meta["n_test"],
-        eval_split=meta.get("eval_split"), left_out=meta.get("left_out"),
+        chosen=meta.get("chosen"),
+        n_train=meta["n_train"],
+        n_test=meta["n_test"],
+        eval_split=meta.get("eval_split"),
+        left_out=meta.get("left_out"),
         left_out_files=[] if files is None else files.head(LEFT_OUT_JSON_MAX).to_dict("records"),
-        head_dir=str(ws.head_dir(meta["head_id"])), seconds=round(seconds, 3),
+        head_dir=str(ws.head_dir(meta["head_id"])),
+        seconds=round(seconds, 3),
         timings=None if reused else meta.get("timings"),
     )

@@ -21,8 +21,9 @@ def committed_heads(ws: Workspace) -> dict[str, dict[str, Any]]:
     return {h: A.load_head_meta(ws, h)[0] for h in ws.list_names("heads") if A.head_exists(ws, h)}
 
 
-def head_index(ws: Workspace, heads: dict[str, dict[str, Any]] | None = None,
-               named: N.Versions | None = None) -> N.Versions:
+def head_index(
+    ws: Workspace, heads: dict[str, dict[str, Any]] | None = None, named: N.Versions | None = None
+) -> N.Versions:
     """The names index (``named``, default ``names/heads.json``), plus heads trained before names
     existed under their default name.
 

@@ -76,8 +76,9 @@ class ZeroShotClassifier:
 
 def check_prompt(prompt: str) -> None:
     if not isinstance(prompt, str) or "{label}" not in prompt:
-        raise ConfigError(f"prompt {prompt!r} must hold '{{label}}' where each class name goes "
-                          f"(default {DEFAULT_PROMPT!r})")
+        raise ConfigError(
+            f"prompt {prompt!r} must hold '{{label}}' where each class name goes (default {DEFAULT_PROMPT!r})"
+        )
 
 
 def prompts_for(classes: list[str], prompt: str) -> list[str]:

@@ -4,5 +4,13 @@ from imgfeat.index.build import IndexConfig, IndexSummary, build_index
 from imgfeat.index.files import IndexInfo, list_indexes
 from imgfeat.index.search import Index, Neighbour, QueryResult
 
-__all__ = ["Index", "IndexConfig", "IndexInfo", "IndexSummary", "Neighbour", "QueryResult", "build_index",
-           "list_indexes"]
+__all__ = [
+    "Index",
+    "IndexConfig",
+    "IndexInfo",
+    "IndexSummary",
+    "Neighbour",
+    "QueryResult",
+    "build_index",
+    "list_indexes",
+]

@@ -32,11 +32,36 @@ from imgfeat.core.storage import (
 )
 from imgfeat.core.workspace import Workspace, check_name
 from imgfeat.extract.featureset import committed_ids, featureset_dim, featureset_info
-from imgfeat.index.files import (IDS_FILE, INDEX_PREFIX, INDEX_SUFFIX, PROVENANCE_FILE, IndexInfo, checked_index_file,
-                                 ids_digest, index_lock, migrate_layout, provenance_path, read_faiss, read_ids,
-                                 read_info, refuse_links)
-from imgfeat.index.kinds import (KINDS, IndexParams, add_in_chunks, check_kind, fill_batch_rows, import_faiss,
-                                  make_index, resolve_params, sample_rows, sample_size, train, train_on_sample)
+from imgfeat.index.files import (
+    IDS_FILE,
+    INDEX_PREFIX,
+    INDEX_SUFFIX,
+    PROVENANCE_FILE,
+    IndexInfo,
+    checked_index_file,
+    ids_digest,
+    index_lock,
+    migrate_layout,
+    provenance_path,
+    read_faiss,
+    read_ids,
+    read_info,
+    refuse_links,
+)
+from imgfeat.index.kinds import (
+    KINDS,
+    IndexParams,
+    add_in_chunks,
+    check_kind,
+    fill_batch_rows,
+    import_faiss,
+    make_index,
+    resolve_params,
+    sample_rows,
+    sample_size,
+    train,
+    train_on_sample,
+)
 from imgfeat.index.vectors import first_paths, iter_vectors, manifest_rows, read_vectors, scanned_datasets
 
 log = logging.getLogger(__name__)
@@ -48,25 +73,38 @@ RETRAIN_GROWTH = 4  # an IVF index is retrained once it holds this many times th
 class IndexConfig:
     """What `imgfeat index` builds: the featureset rows of some datasets (all rows when none), named."""
 
-    featureset: str = opt(metavar="FS", help="the featureset to index: its name, a recipe name (its latest) "
-                                             "or RECIPE@ID")
+    featureset: str = opt(
+        metavar="FS", help="the featureset to index: its name, a recipe name (its latest) or RECIPE@ID"
+    )
     datasets: tuple[str, ...] = ()  # the flag is the repeatable --dataset
-    name: str | None = opt(None, metavar="NAME",
-                           help="index name (default: the datasets and the featureset, joined by '-')")
-    kind: str = opt("auto", choices=KINDS,
-                    help="flat: exact; ivf, hnsw, ivfpq: approximate; auto: flat up to 50,000 rows, else ivf, or ivfpq when the vectors do not fit --memory-budget")
+    name: str | None = opt(
+        None, metavar="NAME", help="index name (default: the datasets and the featureset, joined by '-')"
+    )
+    kind: str = opt(
+        "auto",
+        choices=KINDS,
+        help="flat: exact; ivf, hnsw, ivfpq: approximate; auto: flat up to 50,000 rows, else ivf, or ivfpq when the vectors do not fit --memory-budget",
+    )
     nlist: int | None = opt(None, metavar="N", help="IVF lists (default ~4 sqrt(rows))")
     nprobe: int | None = opt(None, metavar="N", help="IVF lists searched per query (default max(8, nlist/16))")
     hnsw_m: int = 32
     ef_search: int = 128
     seed: int = 0
-    wait: float | None = opt(None, metavar="SECONDS", help="wait up to this long for another process writing the same index, instead of exiting at once")
+    wait: float | None = opt(
+        None,
+        metavar="SECONDS",
+        help="wait up to this long for another process writing the same index, instead of exiting at once",
+    )
     # build again from the featureset, whatever the old files hold (a damaged index)
     rebuild: bool = opt(False, help="build the index again from its featureset, replacing its files (damaged or not)")
     # Bytes the index may use (its rows, the training sample, the batch being added): ``auto`` is
     # then ivfpq, sized to fit, when the full vectors do not fit, and the rows are streamed from the
     # shards; None: no budget (the whole featureset is read at once, as before).
-    memory_budget: int | None = opt(None, metavar="SIZE", help="memory the index may use (its rows, the training sample, the batch being added), e.g. 256MB or 2GiB; auto builds ivfpq, sized to fit, when the full vectors do not fit (default: a quarter of RAM)")
+    memory_budget: int | None = opt(
+        None,
+        metavar="SIZE",
+        help="memory the index may use (its rows, the training sample, the batch being added), e.g. 256MB or 2GiB; auto builds ivfpq, sized to fit, when the full vectors do not fit (default: a quarter of RAM)",
+    )
 
     @property
     def budget(self) -> int:
@@ -91,6 +129,7 @@ class IndexConfig:
         """``--name``, else the featureset name (prefixed by the datasets when some are chosen)."""
         return self.name or "-".join((*self.datasets, self.featureset))
 
+
 @dataclass(frozen=True)
 class IndexSummary(JsonResult):
     """What one `imgfeat index` did (``added`` 0 and ``written`` False: nothing was new)."""
@@ -106,6 +145,7 @@ class IndexSummary(JsonResult):
     index_dir: str
     seconds: float
     params: dict[str, Any] = field(default_factory=dict)
+
 
 def build_index(ws: Workspace, cfg: IndexConfig, run_id: str) -> IndexSummary:
     """Create or extend ``indexes/<name>/``: only rows not in it yet are added; nothing new writes nothing."""
@@ -125,9 +165,11 @@ def build_index(ws: Workspace, cfg: IndexConfig, run_id: str) -> IndexSummary:
         new = covered.difference(old_ids)
         total = len(old_ids) + len(new)
         if total == 0:
-            raise ConfigError(f"featureset {cfg.featureset} has no feature rows"
-                              + (f" for dataset(s) {', '.join(cfg.datasets)}" if cfg.datasets else "")
-                              + "; run 'imgfeat extract' first")
+            raise ConfigError(
+                f"featureset {cfg.featureset} has no feature rows"
+                + (f" for dataset(s) {', '.join(cfg.datasets)}" if cfg.datasets else "")
+                + "; run 'imgfeat extract' first"
+            )
         wanted = _wanted_params(cfg, before, total, featureset_dim(ws, cfg.featureset))
         rebuild = cfg.rebuild or (prev is not None and _needs_rebuild(prev.params, wanted, cfg, total))
         if prev is not None and not new and not rebuild:
@@ -139,9 +181,11 @@ def build_index(ws: Workspace, cfg: IndexConfig, run_id: str) -> IndexSummary:
         else:
             index, params, table = _extended(ws, cfg, prev, old, new)
         info = _commit(ws, cfg, fs_info, before, index, params, table, run_id)
-    log.info("index %s: %d rows (%d added%s), kind %s", name, info.rows, len(new),
-             ", rebuilt" if rebuild else "", info.kind)
+    log.info(
+        "index %s: %d rows (%d added%s), kind %s", name, info.rows, len(new), ", rebuilt" if rebuild else "", info.kind
+    )
     return _summary(cfg, info, len(new), rebuild, True, missing, t0)
+
 
 def _previous(ws: Workspace, cfg: IndexConfig) -> IndexInfo | None:
     """The committed provenance, if any; with ``--rebuild`` a damaged one is no error (it is replaced)."""
@@ -152,13 +196,16 @@ def _previous(ws: Workspace, cfg: IndexConfig) -> IndexInfo | None:
     except ImgfeatError as exc:
         if not cfg.rebuild:
             raise
-        log.warning("index %s: its provenance is damaged; rebuilding it from featureset %s", cfg.index_name,
-                    cfg.featureset)
+        log.warning(
+            "index %s: its provenance is damaged; rebuilding it from featureset %s", cfg.index_name, cfg.featureset
+        )
         log.debug("%s", exc)
         return None
     if prev.featureset != cfg.featureset:
-        raise ConfigError(f"index {prev.name} was built on featureset {prev.featureset}, not {cfg.featureset}; "
-                          "give this one another --name")
+        raise ConfigError(
+            f"index {prev.name} was built on featureset {prev.featureset}, not {cfg.featureset}; "
+            "give this one another --name"
+        )
     return prev
 
 
@@ -172,17 +219,21 @@ def _covered_ids(ws: Workspace, cfg: IndexConfig) -> tuple[set[str], int]:
         ids.update(manifest_rows(ws, d)[S.IMAGE_ID].to_pylist())
     missing = len(ids - have)
     if missing:
-        log.warning("%d images of %s have no features in %s yet: run 'imgfeat extract' first",
-                    missing, ", ".join(cfg.datasets), cfg.featureset)
+        log.warning(
+            "%d images of %s have no features in %s yet: run 'imgfeat extract' first",
+            missing,
+            ", ".join(cfg.datasets),
+            cfg.featureset,
+        )
     return ids & have, missing
 
 
 def _wanted_params(cfg: IndexConfig, prev: IndexInfo | None, total: int, dim: int) -> IndexParams:
     """``auto`` keeps an existing approximate index's kind, unless the budget now needs ivfpq; a flat
     one turns approximate when it outgrows flat (or the budget)."""
+
     def resolve(kind: str) -> IndexParams:
-        return resolve_params(kind, total, cfg.nlist, cfg.nprobe, cfg.hnsw_m, cfg.ef_search, cfg.seed, dim,
-                              cfg.budget)
+        return resolve_params(kind, total, cfg.nlist, cfg.nprobe, cfg.hnsw_m, cfg.ef_search, cfg.seed, dim, cfg.budget)
 
     auto = resolve(cfg.kind)
     if cfg.kind == "auto" and prev is not None and prev.kind not in ("flat", auto.kind) and auto.kind != "ivfpq":
@@ -211,8 +262,10 @@ def _fresh(ws: Workspace, cfg: IndexConfig, params: IndexParams, old: pa.Table, 
     pos = {i: k for k, i in enumerate(ids)}
     gone = [i for i in old_ids if i not in pos]
     if gone:
-        raise ImgfeatError(f"index {cfg.index_name}: {len(gone)} of its images (e.g. {gone[0]}) no longer have a "
-                           f"feature row in {cfg.featureset}; build a new index under another --name")
+        raise ImgfeatError(
+            f"index {cfg.index_name}: {len(gone)} of its images (e.g. {gone[0]}) no longer have a "
+            f"feature row in {cfg.featureset}; build a new index under another --name"
+        )
     order = [pos[i] for i in old_ids] + [k for k, i in enumerate(ids) if i in new]
     if order != list(range(len(ids))):
         X = X[order]
@@ -220,7 +273,7 @@ def _fresh(ws: Workspace, cfg: IndexConfig, params: IndexParams, old: pa.Table, 
     index = make_index(params, X.shape[1])
     params = train(index, params, X)
     add_in_chunks(index, X)
-    return index, params, pa.concat_tables([old, _id_rows(ws, cfg, ids[len(old_ids):])])
+    return index, params, pa.concat_tables([old, _id_rows(ws, cfg, ids[len(old_ids) :])])
 
 
 def _fresh_streamed(ws: Workspace, cfg: IndexConfig, params: IndexParams, old: pa.Table, new: set[str]):
@@ -259,8 +312,10 @@ def _add_streamed(ws: Workspace, cfg: IndexConfig, index, wanted: set[str], old_
         else:  # rows in order: plain add works for every kind
             index.add(X)
     if index.ntotal != before + len(old_ids) + len(added):
-        raise ImgfeatError(f"index {cfg.index_name}: {before + len(old_ids) + len(added) - index.ntotal} of its images no "
-                           f"longer have a feature row in {cfg.featureset}; build a new index under another --name")
+        raise ImgfeatError(
+            f"index {cfg.index_name}: {before + len(old_ids) + len(added) - index.ntotal} of its images no "
+            f"longer have a feature row in {cfg.featureset}; build a new index under another --name"
+        )
     return added
 
 
@@ -275,13 +330,26 @@ def _id_rows(ws: Workspace, cfg: IndexConfig, ids: list[str]) -> pa.Table:
     """``image_id, dataset, path`` for new rows: the first manifest row of each id (null if none)."""
     where = first_paths(ws, cfg.datasets or scanned_datasets(ws)) if ids else {}
     found = [where.get(i, (None, None)) for i in ids]
-    return pa.table({S.IMAGE_ID: pa.array(ids, pa.string()),
-                     S.DATASET: pa.array([d for d, _ in found], pa.string()),
-                     S.PATH: pa.array([p for _, p in found], pa.string())}, schema=S.INDEX_IDS_SCHEMA)
+    return pa.table(
+        {
+            S.IMAGE_ID: pa.array(ids, pa.string()),
+            S.DATASET: pa.array([d for d, _ in found], pa.string()),
+            S.PATH: pa.array([p for _, p in found], pa.string()),
+        },
+        schema=S.INDEX_IDS_SCHEMA,
+    )
 
 
-def _commit(ws: Workspace, cfg: IndexConfig, fs_info: dict, prev: IndexInfo | None, index,
-            params: IndexParams, table: pa.Table, run_id: str) -> IndexInfo:
+def _commit(
+    ws: Workspace,
+    cfg: IndexConfig,
+    fs_info: dict,
+    prev: IndexInfo | None,
+    index,
+    params: IndexParams,
+    table: pa.Table,
+    run_id: str,
+) -> IndexInfo:
     """Index file (new name), ids.parquet (old rows stay its prefix), then the provenance: the commit.
 
     ``prev`` is the provenance before (its creation time is kept).
@@ -294,12 +362,22 @@ def _commit(ws: Workspace, cfg: IndexConfig, fs_info: dict, prev: IndexInfo | No
         faiss.write_index(index, str(tmp))
     write_table_atomic(table, folder / IDS_FILE)
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    info = IndexInfo(name=cfg.index_name, featureset=cfg.featureset,
-                     featureset_fingerprint=fs_info.get("fingerprint"), dim=int(index.d),
-                     datasets=tuple(cfg.datasets), params=params, rows=int(index.ntotal),
-                     ids_digest=ids_digest(table[S.IMAGE_ID].to_pylist()), index_file=index_file,
-                     created_at=prev.created_at if prev else now, updated_at=now, run_id=run_id,
-                     index_bytes=(files / index_file).stat().st_size, path=str(folder))
+    info = IndexInfo(
+        name=cfg.index_name,
+        featureset=cfg.featureset,
+        featureset_fingerprint=fs_info.get("fingerprint"),
+        dim=int(index.d),
+        datasets=tuple(cfg.datasets),
+        params=params,
+        rows=int(index.ntotal),
+        ids_digest=ids_digest(table[S.IMAGE_ID].to_pylist()),
+        index_file=index_file,
+        created_at=prev.created_at if prev else now,
+        updated_at=now,
+        run_id=run_id,
+        index_bytes=(files / index_file).stat().st_size,
+        path=str(folder),
+    )
     obj = info.to_json()
     obj.pop("path")
     write_json_atomic(obj, files / PROVENANCE_FILE)
@@ -309,8 +387,19 @@ def _commit(ws: Workspace, cfg: IndexConfig, fs_info: dict, prev: IndexInfo | No
     return info
 
 
-def _summary(cfg: IndexConfig, info: IndexInfo, added: int, rebuilt: bool, written: bool, missing: int,
-             t0: float) -> IndexSummary:
-    return IndexSummary(index=info.name, featureset=info.featureset, kind=info.kind, rows=info.rows, added=added,
-                        rebuilt=rebuilt, written=written, missing_features=missing, index_dir=info.path,
-                        seconds=round(time.perf_counter() - t0, 3), params=info.params.to_json())
+def _summary(
+    cfg: IndexConfig, info: IndexInfo, added: int, rebuilt: bool, written: bool, missing: int, t0: float
+) -> IndexSummary:
+    return IndexSummary(
+        index=info.name,
+        featureset=info.featureset,
+        kind=info.kind,
+        rows=info.rows,
+        added=added,
+        rebuilt=rebuilt,
+        written=written,
+        missing_features=missing,
+        index_dir=info.path,
+        seconds=round(time.perf_counter() - t0, 3),
+        params=info.params.to_json(),
+    )

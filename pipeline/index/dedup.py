@@ -33,13 +33,20 @@ from imgfeat.core.sizes import memory_budget
 from imgfeat.core.storage import FileLock, remove_stale_tmp, write_bytes_atomic, write_json_atomic, write_table_atomic
 from imgfeat.core.workspace import Workspace, check_name
 from imgfeat.extract.featureset import featureset_info
-from imgfeat.index.kinds import (MIN_POINTS_PER_LIST, IndexParams, build_in_memory, flat_bytes, knn, reduce_dims,
-                                  rescore, resolve_params)
-from imgfeat.index.looks import (LOOK_THRESHOLD, LOOK_VERSION, SIDE, VARIANTS, calibrate, look_similarity,
-                                  looks_of_files)
+from imgfeat.index.kinds import (
+    MIN_POINTS_PER_LIST,
+    IndexParams,
+    build_in_memory,
+    flat_bytes,
+    knn,
+    reduce_dims,
+    rescore,
+    resolve_params,
+)
+from imgfeat.index.looks import LOOK_THRESHOLD, LOOK_VERSION, SIDE, VARIANTS, calibrate, look_similarity, looks_of_files
+from imgfeat.index.page import render_page
 from imgfeat.index.vectors import manifest_rows, read_vectors
 from imgfeat.scan.manifest import dataset_root
-from imgfeat.index.page import render_page
 
 log = logging.getLogger(__name__)
 
@@ -70,15 +77,20 @@ class DedupConfig:
     number: a fixed cosine of the features instead.
     """
 
-    featureset: str = opt(metavar="FS", help="the featureset to compare images by: its name, a recipe name or "
-                                             "RECIPE@ID")
+    featureset: str = opt(
+        metavar="FS", help="the featureset to compare images by: its name, a recipe name or RECIPE@ID"
+    )
     dataset: str = opt(metavar="NAME", help="the dataset to look into")
-    threshold: float | None = opt(None, metavar="T",
-                                  help="instead of the default criterion: a cosine similarity of the features, in "
-                                       "(0, 1], at or above which two images are near-duplicates")
+    threshold: float | None = opt(
+        None,
+        metavar="T",
+        help="instead of the default criterion: a cosine similarity of the features, in "
+        "(0, 1], at or above which two images are near-duplicates",
+    )
     # candidates per image; groups still chain through neighbours of neighbours
-    neighbours: int = opt(DEFAULT_NEIGHBOURS, metavar="K",
-                          help=f"candidate neighbours looked at per image (default {DEFAULT_NEIGHBOURS})")
+    neighbours: int = opt(
+        DEFAULT_NEIGHBOURS, metavar="K", help=f"candidate neighbours looked at per image (default {DEFAULT_NEIGHBOURS})"
+    )
     name: str | None = opt(None, metavar="NAME", help="output folder name under dedup/ (default: the dataset)")
     page_groups: int = 200  # groups drawn on the HTML page (all of them are in the table)
     exact_max: int = EXACT_MAX
@@ -86,7 +98,11 @@ class DedupConfig:
     wait: float | None = None
     # Bytes the neighbour search's index may use: exact while a copy of the vectors fits it, else
     # approximate (ivf, or ivfpq when even that does not fit). None: exact up to exact_max.
-    memory_budget: int | None = opt(None, metavar="SIZE", help="memory the neighbour search may use, e.g. 256MB or 2GiB: exact while a copy of the vectors fits, else approximate and rescored exactly (default: a quarter of RAM)")
+    memory_budget: int | None = opt(
+        None,
+        metavar="SIZE",
+        help="memory the neighbour search may use, e.g. 256MB or 2GiB: exact while a copy of the vectors fits, else approximate and rescored exactly (default: a quarter of RAM)",
+    )
 
     @property
     def budget(self) -> int:
@@ -172,8 +188,9 @@ def dedup_params(n: int, exact_max: int, dim: int | None = None, memory_budget: 
     return resolve_params("ivf", n, nlist=nlist, nprobe=DEDUP_NPROBE)
 
 
-def nearest_neighbours(X: np.ndarray, k: int, exact_max: int = EXACT_MAX,
-                       memory_budget: int | None = None) -> Neighbours:
+def nearest_neighbours(
+    X: np.ndarray, k: int, exact_max: int = EXACT_MAX, memory_budget: int | None = None
+) -> Neighbours:
     """The ``k`` nearest other rows of every row of unit vectors ``X``, with exact similarities.
 
     Up to ``exact_max`` rows (and while a copy fits ``memory_budget``) the search is exact. Beyond,
@@ -236,8 +253,12 @@ def looked_pairs(cands: Graph, L: np.ndarray, ok: np.ndarray) -> tuple[Graph, di
     alike = np.zeros(len(a), bool)
     alike[both] = (straight >= LOOK_THRESHOLD) | ((mirrored >= LOOK_THRESHOLD) & (sim[both] >= MIRROR_COSINE))
     keep = np.where(both, alike, sim >= FALLBACK_COSINE)
-    stats = {"candidate_pairs": int(len(a)), "looked_pairs": int(both.sum()), "copy_pairs": int(keep.sum()),
-             "copy_pairs_without_look": int((keep & ~both).sum())}
+    stats = {
+        "candidate_pairs": int(len(a)),
+        "looked_pairs": int(both.sum()),
+        "copy_pairs": int(keep.sum()),
+        "copy_pairs_without_look": int((keep & ~both).sum()),
+    }
     return Graph(a[keep], b[keep], sim[keep]), stats
 
 
@@ -272,12 +293,15 @@ def load_images(ws: Workspace, cfg: DedupConfig) -> Images:
     ids, X = read_vectors(ws, cfg.featureset, row_ids)
     missing = len(set(row_ids)) - len(ids)
     if not ids:
-        raise ConfigError(f"featureset {cfg.featureset} has no features for dataset {cfg.dataset}; "
-                          f"run 'imgfeat extract --dataset {cfg.dataset}' first")
+        raise ConfigError(
+            f"featureset {cfg.featureset} has no features for dataset {cfg.dataset}; "
+            f"run 'imgfeat extract --dataset {cfg.dataset}' first"
+        )
     if missing:
         log.warning("%d images of %s have no features in %s: they are left out", missing, cfg.dataset, cfg.featureset)
-    return Images(ids, X, row_ids, table[S.PATH].to_pylist(), table[S.SPLIT].to_pylist(), missing,
-                  table[S.LABEL].to_pylist())
+    return Images(
+        ids, X, row_ids, table[S.PATH].to_pylist(), table[S.SPLIT].to_pylist(), missing, table[S.LABEL].to_pylist()
+    )
 
 
 def groups_table(im: Images, graph: Graph, comp: np.ndarray | None = None) -> pa.Table:
@@ -288,8 +312,11 @@ def groups_table(im: Images, graph: Graph, comp: np.ndarray | None = None) -> pa
     """
     n = len(im.ids)
     node = {i: k for k, i in enumerate(im.ids)}
-    rows = [(node[i], p, lab, sp) for i, p, lab, sp in zip(im.row_ids, im.row_paths, im.labels(), im.row_splits)
-            if i in node]
+    rows = [
+        (node[i], p, lab, sp)
+        for i, p, lab, sp in zip(im.row_ids, im.row_paths, im.labels(), im.row_splits)
+        if i in node
+    ]
     paths_per_node = np.bincount([r[0] for r in rows], minlength=n)
     comp = components(n, graph) if comp is None else comp
     paths_per_comp = np.bincount(comp, weights=paths_per_node, minlength=1)
@@ -308,8 +335,18 @@ def groups_table(im: Images, graph: Graph, comp: np.ndarray | None = None) -> pa
             continue
         exact = paths_per_node[u] > 1
         nearest = im.ids[u] if exact else im.ids[partner[u]]
-        out.append((im.ids[u], group_id[c], nearest, 1.0 if exact else float(best[u]), p, lab, sp,
-                    len(labels_of.get(c, ())) > 1))
+        out.append(
+            (
+                im.ids[u],
+                group_id[c],
+                nearest,
+                1.0 if exact else float(best[u]),
+                p,
+                lab,
+                sp,
+                len(labels_of.get(c, ())) > 1,
+            )
+        )
     out.sort(key=lambda r: (not r[7], r[1], -r[3], r[4]))  # label conflicts first
     cols = list(zip(*out)) if out else [[]] * len(S.DEDUP_GROUPS_SCHEMA)
     return pa.table(dict(zip(S.DEDUP_GROUPS_SCHEMA.names, cols)), schema=S.DEDUP_GROUPS_SCHEMA)
@@ -374,8 +411,9 @@ def group_leaks_table(im: Images, comp: np.ndarray) -> pa.Table:
     return _leaks(out)
 
 
-def nearest_train(X: np.ndarray, nb: Neighbours, is_train: np.ndarray, nodes: np.ndarray,
-                  threshold: float) -> tuple[np.ndarray, np.ndarray]:
+def nearest_train(
+    X: np.ndarray, nb: Neighbours, is_train: np.ndarray, nodes: np.ndarray, threshold: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Similarity and node of the nearest training image of each of ``nodes`` (-1 where none is close).
 
     The first training image in a node's neighbour list is its nearest. A list holding no training
@@ -426,8 +464,12 @@ def run_dedup(ws: Workspace, cfg: DedupConfig, run_id: str) -> DedupSummary:
         L, ok = looks.matrix(im.ids)
         clock.lap("looks", None)
         graph, stats = looked_pairs(cands, L, ok)
-        criterion = criterion_summary(cfg, ok, {**stats, "images_searched": searched, "looks_computed": looks.computed},
-                                      _calibration(cfg, root, im, ok, previous))
+        criterion = criterion_summary(
+            cfg,
+            ok,
+            {**stats, "images_searched": searched, "looks_computed": looks.computed},
+            _calibration(cfg, root, im, ok, previous),
+        )
         clock.lap("calibration", None)
     comp = components(len(im.ids), graph)
     groups = groups_table(im, graph, comp)
@@ -461,8 +503,13 @@ def candidate_pairs(folder, cfg: DedupConfig, im: Images, previous: dict[str, An
     kept (those between images still here) and only the new images are searched, against all.
     """
     last = (previous or {}).get("criterion") or {}
-    cached = _read_pairs(folder) if last.get("name") == "neighbours+look" and last.get("neighbours") == cfg.neighbours \
-        and (previous or {}).get("featureset") == cfg.featureset else None
+    cached = (
+        _read_pairs(folder)
+        if last.get("name") == "neighbours+look"
+        and last.get("neighbours") == cfg.neighbours
+        and (previous or {}).get("featureset") == cfg.featureset
+        else None
+    )
     if cached is not None:
         searched, old = cached
         node = {i: k for k, i in enumerate(im.ids)}
@@ -471,8 +518,16 @@ def candidate_pairs(folder, cfg: DedupConfig, im: Images, previous: dict[str, An
             kept = [(node[a], node[b], s) for a, b, s in old if a in node and b in node]
             a, b, sim = (np.array(c) for c in zip(*kept)) if kept else (np.zeros(0, np.int64),) * 2 + (np.zeros(0),)
             fresh = new_image_pairs(im.X, new, cfg.neighbours)
-            return _unique_pairs(len(im.ids), np.concatenate([a, fresh.a]), np.concatenate([b, fresh.b]),
-                                 np.concatenate([sim, fresh.sim]).astype(np.float32)), "new", len(new)
+            return (
+                _unique_pairs(
+                    len(im.ids),
+                    np.concatenate([a, fresh.a]),
+                    np.concatenate([b, fresh.b]),
+                    np.concatenate([sim, fresh.sim]).astype(np.float32),
+                ),
+                "new",
+                len(new),
+            )
     nb = nearest_neighbours(im.X, cfg.neighbours, cfg.exact_max, cfg.budget)
     return similar_pairs(nb, -1.0), nb.kind, len(im.ids)
 
@@ -528,21 +583,40 @@ def _read_pairs(folder) -> tuple[set[str], list[tuple[str, str, float]]] | None:
 
 def _write_pairs(folder, im: Images, cands: Graph) -> None:
     ids = np.asarray(im.ids, dtype=object)
-    write_table_atomic(pa.table({"a": pa.array(ids[cands.a].tolist(), pa.string()),
-                                 "b": pa.array(ids[cands.b].tolist(), pa.string()),
-                                 S.SIMILARITY: pa.array(cands.sim, pa.float32())}), folder / PAIRS_FILE)
+    write_table_atomic(
+        pa.table(
+            {
+                "a": pa.array(ids[cands.a].tolist(), pa.string()),
+                "b": pa.array(ids[cands.b].tolist(), pa.string()),
+                S.SIMILARITY: pa.array(cands.sim, pa.float32()),
+            }
+        ),
+        folder / PAIRS_FILE,
+    )
     write_table_atomic(pa.table({S.IMAGE_ID: pa.array(im.ids, pa.string())}), folder / SEARCHED_FILE)
 
 
 def inputs_digest(cfg: DedupConfig, im: Images) -> str:
     """What the results depend on: every row (id, path, split, label), the featureset and the criterion."""
-    head = repr((cfg.featureset, cfg.threshold, cfg.neighbours, cfg.exact_max, cfg.calibration_images,
-                 cfg.page_groups, LOOK_THRESHOLD, LOOK_VERSION, im.missing)).encode()
+    head = repr(
+        (
+            cfg.featureset,
+            cfg.threshold,
+            cfg.neighbours,
+            cfg.exact_max,
+            cfg.calibration_images,
+            cfg.page_groups,
+            LOOK_THRESHOLD,
+            LOOK_VERSION,
+            im.missing,
+        )
+    ).encode()
     # a budget may change the search (approximate): results from another budget are not reused
     budget = [] if cfg.memory_budget is None else [f"memory_budget={cfg.memory_budget}".encode()]
     rows = sorted(zip(im.row_ids, im.row_paths, [s or "" for s in im.row_splits], [x or "" for x in im.labels()]))
-    return digest_chunks(itertools.chain([head], budget, ("\x1f".join(row).encode() + b"\x1e" for row in rows)),
-                         CONTENT_ID_ALGORITHM)
+    return digest_chunks(
+        itertools.chain([head], budget, ("\x1f".join(row).encode() + b"\x1e" for row in rows)), CONTENT_ID_ALGORITHM
+    )
 
 
 def _previous(folder) -> JsonObject | None:
@@ -587,8 +661,9 @@ class Looks:
     def table(self) -> pa.Table:
         flat = pa.array(self.L.reshape(-1), pa.float16())
         col = pa.FixedSizeListArray.from_arrays(flat, VARIANTS * SIDE * SIDE)
-        return pa.table({S.IMAGE_ID: pa.array(self.ids, pa.string()), "look": col},
-                        metadata={"look_version": LOOK_VERSION})
+        return pa.table(
+            {S.IMAGE_ID: pa.array(self.ids, pa.string()), "look": col}, metadata={"look_version": LOOK_VERSION}
+        )
 
 
 def cached_looks(folder, im: Images, root) -> Looks:
@@ -629,29 +704,47 @@ def _calibration(cfg: DedupConfig, root, im: Images, ok: np.ndarray, previous: d
     """
     old = ((previous or {}).get("criterion") or {}).get("calibration") or {}
     made_on = old.get("dataset_images")
-    if (old.get("sample") == cfg.calibration_images and made_on and old.get("threshold") == LOOK_THRESHOLD
-            and len(im.ids) < RECALIBRATE_GROWTH * made_on):
+    if (
+        old.get("sample") == cfg.calibration_images
+        and made_on
+        and old.get("threshold") == LOOK_THRESHOLD
+        and len(im.ids) < RECALIBRATE_GROWTH * made_on
+    ):
         return {**old, "reused": True}
     readable = np.flatnonzero(ok)
     if not cfg.calibration_images or not len(readable):
         return {"images": 0}
     pick = np.random.default_rng(0).choice(readable, size=min(cfg.calibration_images, len(readable)), replace=False)
     paths = im.first_paths()
-    out = {**calibrate([root / paths[k] for k in sorted(pick.tolist())]), "sample": cfg.calibration_images,
-           "dataset_images": len(im.ids), "reused": False}
+    out = {
+        **calibrate([root / paths[k] for k in sorted(pick.tolist())]),
+        "sample": cfg.calibration_images,
+        "dataset_images": len(im.ids),
+        "reused": False,
+    }
     if out.get("found") is not None and out["found"] < 0.98:
-        log.warning("%.1f%% of synthetic copies of images of %s look alike to their original, under 98%% "
-                    "(see criterion.calibration in the summary): dedup may miss copies here",
-                    100 * out["found"], cfg.dataset)
+        log.warning(
+            "%.1f%% of synthetic copies of images of %s look alike to their original, under 98%% "
+            "(see criterion.calibration in the summary): dedup may miss copies here",
+            100 * out["found"],
+            cfg.dataset,
+        )
     return out
 
 
 def criterion_summary(cfg: DedupConfig, ok: np.ndarray, stats: dict[str, int], calibration: dict) -> JsonObject:
     """The default criterion's parameters, what it looked at, and its calibration: the run summary's ``criterion``."""
-    return {"name": "neighbours+look", "neighbours": cfg.neighbours, "look_threshold": LOOK_THRESHOLD,
-            "mirror_min_cosine": MIRROR_COSINE, "fallback_cosine": FALLBACK_COSINE,
-            "images_looked": int(ok.sum()), "images_without_look": int((~ok).sum()), **stats,
-            "calibration": calibration}
+    return {
+        "name": "neighbours+look",
+        "neighbours": cfg.neighbours,
+        "look_threshold": LOOK_THRESHOLD,
+        "mirror_min_cosine": MIRROR_COSINE,
+        "fallback_cosine": FALLBACK_COSINE,
+        "images_looked": int(ok.sum()),
+        "images_without_look": int((~ok).sum()),
+        **stats,
+        "calibration": calibration,
+    }
 
 
 def criterion_text(criterion: dict[str, Any]) -> str:
@@ -659,9 +752,15 @@ def criterion_text(criterion: dict[str, Any]) -> str:
     if criterion["name"] == "cosine":
         return f"cosine similarity ≥ {criterion['threshold']:g}"
     cal = criterion.get("calibration") or {}
-    found = f"; {cal['found']:.1%} of synthetic copies of {cal['images']} own images pass" if cal.get("found") is not None else ""
-    return (f"{criterion['neighbours']} nearest by features, copies when their looks are ≥ "
-            f"{criterion['look_threshold']:g} alike{found}")
+    found = (
+        f"; {cal['found']:.1%} of synthetic copies of {cal['images']} own images pass"
+        if cal.get("found") is not None
+        else ""
+    )
+    return (
+        f"{criterion['neighbours']} nearest by features, copies when their looks are ≥ "
+        f"{criterion['look_threshold']:g} alike{found}"
+    )
 
 
 class _Clock:
@@ -678,17 +777,39 @@ class _Clock:
         return value
 
 
-def _summary(cfg: DedupConfig, im: Images, kind: str, criterion: dict[str, Any], groups: pa.Table,
-             leaks: pa.Table, folder, clock: _Clock, digest: str) -> DedupSummary:
+def _summary(
+    cfg: DedupConfig,
+    im: Images,
+    kind: str,
+    criterion: dict[str, Any],
+    groups: pa.Table,
+    leaks: pa.Table,
+    folder,
+    clock: _Clock,
+    digest: str,
+) -> DedupSummary:
     group_ids = groups[S.GROUP_ID].to_pylist()
     exact = sum(1 for i, n in zip(groups[S.IMAGE_ID].to_pylist(), groups[S.NEAREST_ID].to_pylist()) if i == n)
     conflict = [g for g, c in zip(group_ids, groups[S.LABEL_CONFLICT].to_pylist()) if c]
-    return DedupSummary(dataset=cfg.dataset, featureset=cfg.featureset, threshold=cfg.threshold, criterion=criterion,
-                        images=len(im.ids), paths=len(im.row_ids), missing_features=im.missing,
-                        search=SEARCH_KINDS.get(kind, f"approximate ({kind})"), groups=len(set(group_ids)),
-                        grouped_paths=len(group_ids), exact_duplicate_paths=exact,
-                        groups_table=str(folder / GROUPS_DIR), leaks=leaks.num_rows,
-                        leaks_table=str(folder / LEAKS_DIR), label_conflicts=len(set(conflict)),
-                        label_conflict_paths=len(conflict), page=str(folder / PAGE_FILE),
-                        seconds=round(time.perf_counter() - clock.t0, 3), timings=clock.timings,
-                        inputs_digest=digest)
+    return DedupSummary(
+        dataset=cfg.dataset,
+        featureset=cfg.featureset,
+        threshold=cfg.threshold,
+        criterion=criterion,
+        images=len(im.ids),
+        paths=len(im.row_ids),
+        missing_features=im.missing,
+        search=SEARCH_KINDS.get(kind, f"approximate ({kind})"),
+        groups=len(set(group_ids)),
+        grouped_paths=len(group_ids),
+        exact_duplicate_paths=exact,
+        groups_table=str(folder / GROUPS_DIR),
+        leaks=leaks.num_rows,
+        leaks_table=str(folder / LEAKS_DIR),
+        label_conflicts=len(set(conflict)),
+        label_conflict_paths=len(conflict),
+        page=str(folder / PAGE_FILE),
+        seconds=round(time.perf_counter() - clock.t0, 3),
+        timings=clock.timings,
+        inputs_digest=digest,
+    )

@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from imgfeat.core import schemas as S
-from imgfeat.core.hashing import content_id
 from imgfeat.core.errors import ConfigError, ImgfeatError, unknown_value
+from imgfeat.core.hashing import content_id
 from imgfeat.core.results import JsonObject
 from imgfeat.core.storage import FileLock, recorded_file
 from imgfeat.core.workspace import Workspace, check_name
@@ -77,8 +77,9 @@ class IndexInfo:
         for kind, name in (("featureset", obj["featureset"]), *(("dataset", d) for d in obj["datasets"])):
             check_name(kind, name)  # a ConfigError: they become paths
         if not _INDEX_FILE_RE.fullmatch(obj["index_file"]):
-            raise ValueError(f"index_file {obj['index_file']!r} is not a file name of the form "
-                             f"{INDEX_PREFIX}<run>{INDEX_SUFFIX}")
+            raise ValueError(
+                f"index_file {obj['index_file']!r} is not a file name of the form {INDEX_PREFIX}<run>{INDEX_SUFFIX}"
+            )
         obj.update(datasets=tuple(obj["datasets"]), params=IndexParams.from_json(obj["params"]), path=path)
         return cls(**obj)
 
@@ -88,16 +89,34 @@ _INDEX_FILE_RE = re.compile(re.escape(INDEX_PREFIX) + r"[A-Za-z0-9._-]{1,200}" +
 # rather than as a KeyError or TypeError wherever the value is first used.
 _INT, _OPT_INT, _STR = (int,), (int, type(None)), (str,)
 _INFO_KEYS: dict[str, tuple[tuple[type, ...], bool]] = {
-    "name": (_STR, True), "featureset": (_STR, True), "featureset_fingerprint": ((str, type(None)), False),
-    "dim": (_INT, True), "datasets": ((list,), True), "params": ((dict,), True), "rows": (_INT, True),
-    "ids_digest": (_STR, True), "index_file": (_STR, True), "metric": (_STR, False), "created_at": (_STR, False),
-    "updated_at": (_STR, False), "run_id": (_STR, False), "index_bytes": (_OPT_INT, False),
+    "name": (_STR, True),
+    "featureset": (_STR, True),
+    "featureset_fingerprint": ((str, type(None)), False),
+    "dim": (_INT, True),
+    "datasets": ((list,), True),
+    "params": ((dict,), True),
+    "rows": (_INT, True),
+    "ids_digest": (_STR, True),
+    "index_file": (_STR, True),
+    "metric": (_STR, False),
+    "created_at": (_STR, False),
+    "updated_at": (_STR, False),
+    "run_id": (_STR, False),
+    "index_bytes": (_OPT_INT, False),
 }
 _PARAM_KEYS: dict[str, tuple[tuple[type, ...], bool]] = {
-    "kind": (_STR, True), "nlist": (_OPT_INT, False), "nprobe": (_OPT_INT, False), "hnsw_m": (_OPT_INT, False),
-    "ef_search": (_OPT_INT, False), "ef_construction": (_OPT_INT, False), "trained_on": (_INT, False),
-    "rows_at_training": (_INT, False), "train_iterations": (_OPT_INT, False), "seed": (_INT, False),
-    "pq_m": (_OPT_INT, False), "pq_bits": (_OPT_INT, False),
+    "kind": (_STR, True),
+    "nlist": (_OPT_INT, False),
+    "nprobe": (_OPT_INT, False),
+    "hnsw_m": (_OPT_INT, False),
+    "ef_search": (_OPT_INT, False),
+    "ef_construction": (_OPT_INT, False),
+    "trained_on": (_INT, False),
+    "rows_at_training": (_INT, False),
+    "train_iterations": (_OPT_INT, False),
+    "seed": (_INT, False),
+    "pq_m": (_OPT_INT, False),
+    "pq_bits": (_OPT_INT, False),
 }
 
 
@@ -234,8 +253,9 @@ def read_ids(ws: Workspace, info: IndexInfo) -> pa.Table:
     except (OSError, KeyError, ValueError, pa.ArrowException) as exc:  # truncated, not Parquet, columns missing
         raise damaged(info.name, ws.index_dir(info.name) / IDS_FILE, exc, info.featureset) from None
     if table.num_rows != info.rows or ids_digest(ids) != info.ids_digest:
-        raise ImgfeatError(f"index {info.name}: {path} does not match {record}; "
-                           f"{rebuild_hint(info.name, info.featureset)}")
+        raise ImgfeatError(
+            f"index {info.name}: {path} does not match {record}; {rebuild_hint(info.name, info.featureset)}"
+        )
     return table
 
 
@@ -274,8 +294,12 @@ def read_faiss(ws: Workspace, info: IndexInfo):
     except (RuntimeError, MemoryError) as exc:  # FAISS' own check of a file it cannot parse
         raise damaged(info.name, path, exc, info.featureset) from None
     if index.ntotal != info.rows or index.d != info.dim:
-        raise damaged(info.name, path, f"it holds {index.ntotal} rows of {index.d} dimensions, the provenance "
-                      f"says {info.rows} of {info.dim}", info.featureset)
+        raise damaged(
+            info.name,
+            path,
+            f"it holds {index.ntotal} rows of {index.d} dimensions, the provenance says {info.rows} of {info.dim}",
+            info.featureset,
+        )
     return index
 
 
@@ -325,5 +349,7 @@ def refuse_links(ws: Workspace, name: str) -> None:
     files = ws.index_files_dir(name)
     for path in (ws.root / "indexes", ws.index_dir(name), files.parent, files):
         if path.is_symlink():
-            raise ImgfeatError(f"index {name}: {path} is a symbolic link (to {path.readlink()}); an index is "
-                               "written only into folders of the workspace: remove the link and run again")
+            raise ImgfeatError(
+                f"index {name}: {path} is a symbolic link (to {path.readlink()}); an index is "
+                "written only into folders of the workspace: remove the link and run again"
+            )

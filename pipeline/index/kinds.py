@@ -65,9 +65,17 @@ def check_kind(kind: str) -> str:
     return kind
 
 
-def resolve_params(kind: str, n: int, nlist: int | None = None, nprobe: int | None = None,
-                   hnsw_m: int = 32, ef_search: int = 128, seed: int = 0, dim: int | None = None,
-                   memory_budget: int | None = None) -> IndexParams:
+def resolve_params(
+    kind: str,
+    n: int,
+    nlist: int | None = None,
+    nprobe: int | None = None,
+    hnsw_m: int = 32,
+    ef_search: int = 128,
+    seed: int = 0,
+    dim: int | None = None,
+    memory_budget: int | None = None,
+) -> IndexParams:
     """Turn ``auto`` into a kind for ``n`` rows and fill the kind's parameters.
 
     Without a ``memory_budget`` (bytes), ``auto`` is flat up to AUTO_FLAT_MAX rows and ivf beyond.
@@ -81,15 +89,16 @@ def resolve_params(kind: str, n: int, nlist: int | None = None, nprobe: int | No
     if kind == "flat":
         return IndexParams("flat", seed=seed)
     if kind == "hnsw":
-        return IndexParams("hnsw", hnsw_m=hnsw_m, ef_search=ef_search, ef_construction=max(40, 2 * hnsw_m),
-                           seed=seed)
+        return IndexParams("hnsw", hnsw_m=hnsw_m, ef_search=ef_search, ef_construction=max(40, 2 * hnsw_m), seed=seed)
     params = IndexParams(kind, nlist=nlist or default_nlist(n), train_iterations=TRAIN_ITERATIONS, seed=seed)
     if kind == "ivfpq":
         if dim is None:
             raise ConfigError("an ivfpq index needs the vectors' dimension to size its codes")
         if nlist is None:  # no fewer training points per list than FAISS wants, from a sample the budget holds
-            params = replace(params, nlist=max(1, min(params.nlist, sample_size(params, n, dim, memory_budget)
-                                                      // MIN_POINTS_PER_LIST)))
+            params = replace(
+                params,
+                nlist=max(1, min(params.nlist, sample_size(params, n, dim, memory_budget) // MIN_POINTS_PER_LIST)),
+            )
         params = replace(params, pq_m=choose_pq_m(params, n, dim, memory_budget), pq_bits=PQ_BITS)
     return replace(params, nprobe=min(params.nlist, nprobe or default_nprobe(params.nlist)))
 
@@ -137,8 +146,10 @@ def choose_pq_m(params: IndexParams, n: int, dim: int, memory_budget: int | None
     fitting = [m for m in candidates if room is None or ivfpq_bytes(n, dim, params.nlist, m) <= room]
     if not fitting:
         need = 2 * ivfpq_bytes(n, dim, params.nlist, candidates[0])
-        raise ConfigError(f"memory budget {memory_budget} bytes is too small for an index of {n} rows of "
-                          f"{dim} dimensions: the smallest (ivfpq, 1 byte per row) needs about {need} bytes")
+        raise ConfigError(
+            f"memory budget {memory_budget} bytes is too small for an index of {n} rows of "
+            f"{dim} dimensions: the smallest (ivfpq, 1 byte per row) needs about {need} bytes"
+        )
     return fitting[-1]
 
 
@@ -165,8 +176,14 @@ def make_index(params: IndexParams, dim: int):
     if params.kind == "ivf":
         return faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, params.nlist, faiss.METRIC_INNER_PRODUCT)
     if params.kind == "ivfpq":
-        return faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, params.nlist, params.pq_m, params.pq_bits or PQ_BITS,
-                                faiss.METRIC_INNER_PRODUCT)
+        return faiss.IndexIVFPQ(
+            faiss.IndexFlatIP(dim),
+            dim,
+            params.nlist,
+            params.pq_m,
+            params.pq_bits or PQ_BITS,
+            faiss.METRIC_INNER_PRODUCT,
+        )
     raise ConfigError(f"cannot make an index of kind {params.kind!r} (allowed: {', '.join(KINDS[1:])})")
 
 
@@ -191,8 +208,9 @@ def train_on_sample(index, params: IndexParams, sample: np.ndarray, total: int) 
         return params
     need = max(params.nlist, PQ_MIN_ROWS if params.kind == "ivfpq" else 0)
     if len(sample) < need:
-        raise ConfigError(f"an {params.kind} index with nlist={params.nlist} needs at least {need} rows, "
-                          f"got {len(sample)}")
+        raise ConfigError(
+            f"an {params.kind} index with nlist={params.nlist} needs at least {need} rows, got {len(sample)}"
+        )
     index.cp.seed = params.seed
     index.cp.niter = params.train_iterations or TRAIN_ITERATIONS
     index.cp.min_points_per_centroid = 1  # a sample the budget shrank is known to be small: FAISS need not warn
@@ -227,8 +245,9 @@ def knn(index, Q: np.ndarray, k: int, chunk_rows: int = 8192) -> tuple[np.ndarra
     return sims, rows
 
 
-def reduce_dims(X: np.ndarray, dim: int, seed: int = 0, sample: int = TRAIN_SAMPLE,
-                chunk_rows: int = 65_536) -> np.ndarray:
+def reduce_dims(
+    X: np.ndarray, dim: int, seed: int = 0, sample: int = TRAIN_SAMPLE, chunk_rows: int = 65_536
+) -> np.ndarray:
     """Unit vectors projected on their ``dim`` principal components (PCA fitted on a seeded sample), renormalised.
 
     Cosines there rank candidates nearly as the full vectors do, at a fraction of the cost.

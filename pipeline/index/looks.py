@@ -141,8 +141,18 @@ def calibrate(paths: Sequence[Path], threshold: float = LOOK_THRESHOLD) -> JsonO
                 s, _ = look_similarity(np.stack([orig, looks_of_image(copy)]), np.array([0]), np.array([1]))
             sims[t].append(float(s[0]))
     every = [s for v in sims.values() for s in v]
-    per = {t: {"found": round(float(np.mean(np.array(v) >= threshold)), 3), "min": round(min(v), 3),
-               "median": round(float(np.median(v)), 3)} for t, v in sims.items() if v}
-    return {"images": len(every) // max(1, len(TRANSFORMS)), "threshold": threshold,
-            "found": round(float(np.mean(np.array(every) >= threshold)), 3) if every else None,
-            "transforms": per}
+    per = {
+        t: {
+            "found": round(float(np.mean(np.array(v) >= threshold)), 3),
+            "min": round(min(v), 3),
+            "median": round(float(np.median(v)), 3),
+        }
+        for t, v in sims.items()
+        if v
+    }
+    return {
+        "images": len(every) // max(1, len(TRANSFORMS)),
+        "threshold": threshold,
+        "found": round(float(np.mean(np.array(every) >= threshold)), 3) if every else None,
+        "transforms": per,
+    }

@@ -79,13 +79,21 @@ def _groups_html(groups: pa.Table, root: Path, limit: int, conflicts: bool) -> s
         if shown >= limit:
             parts.append(f"<p>{len(chosen) - limit} more groups are in the groups table.</p>")
             break
-        figs = "".join(_figure(root, r[S.PATH], f'{_label(r[S.LABEL])}<span class="sim">{r[S.SIMILARITY]:.3f}</span>'
-                                     f' {html.escape(r[S.SPLIT] or "")}') for r in rows[:PATHS_PER_GROUP])
+        figs = "".join(
+            _figure(
+                root,
+                r[S.PATH],
+                f'{_label(r[S.LABEL])}<span class="sim">{r[S.SIMILARITY]:.3f}</span> {html.escape(r[S.SPLIT] or "")}',
+            )
+            for r in rows[:PATHS_PER_GROUP]
+        )
         more = f"<p>and {len(rows) - PATHS_PER_GROUP} more</p>" if len(rows) > PATHS_PER_GROUP else ""
         conflict = rows[0][S.LABEL_CONFLICT]
         flag = '<span class="flag">label conflict</span>' if conflict else ""
-        parts.append(f'<div class="group{" conflict" if conflict else ""}"><h3>group {n + 1}: {len(rows)} files '
-                     f'<small>({html.escape(gid[:12])}…)</small>{flag}</h3><div class="row">{figs}</div>{more}</div>')
+        parts.append(
+            f'<div class="group{" conflict" if conflict else ""}"><h3>group {n + 1}: {len(rows)} files '
+            f'<small>({html.escape(gid[:12])}…)</small>{flag}</h3><div class="row">{figs}</div>{more}</div>'
+        )
     if conflicts:
         return "".join(parts) or "<p>No copies carry different labels.</p>"
     return "".join(parts) or "<p>No near-duplicate groups.</p>"
@@ -97,14 +105,17 @@ def _leaks_html(leaks: pa.Table, root: Path, limit: int, label_of: dict[str, str
         if n >= limit:
             parts.append(f"<p>{leaks.num_rows - limit} more leaks are in the leaks table.</p>")
             break
-        parts.append('<div class="group leak">'
-                     + _figure(root, r[S.PATH], f"{_label(label_of.get(r[S.PATH]))}{html.escape(r[S.SPLIT])}")
-                     + f'<span class="sim">{r[S.SIMILARITY]:.3f} &harr;</span>'
-                     + _figure(root, r[S.NEAREST_PATH], f"{_label(label_of.get(r[S.NEAREST_PATH]))}"
-                                                        f"{html.escape(r[S.NEAREST_SPLIT])}") + "</div>")
+        parts.append(
+            '<div class="group leak">'
+            + _figure(root, r[S.PATH], f"{_label(label_of.get(r[S.PATH]))}{html.escape(r[S.SPLIT])}")
+            + f'<span class="sim">{r[S.SIMILARITY]:.3f} &harr;</span>'
+            + _figure(
+                root, r[S.NEAREST_PATH], f"{_label(label_of.get(r[S.NEAREST_PATH]))}{html.escape(r[S.NEAREST_SPLIT])}"
+            )
+            + "</div>"
+        )
     body = "".join(parts) or "<p>No held-out image is that close to a training image.</p>"
     return f'<div class="leaks">{body}</div>'
-
 
 
 def render_page(groups: pa.Table, leaks: pa.Table, root: Path, cfg, run_id: str, criterion: str) -> str:
@@ -113,19 +124,23 @@ def render_page(groups: pa.Table, leaks: pa.Table, root: Path, cfg, run_id: str,
     n_conflicts = len({g for g, c in zip(groups[S.GROUP_ID].to_pylist(), groups[S.LABEL_CONFLICT].to_pylist()) if c})
     label_of = dict(zip(groups[S.PATH].to_pylist(), groups[S.LABEL].to_pylist()))
     title = f"Near-duplicates in {cfg.dataset}"
-    meta = (f"featureset {html.escape(cfg.featureset)} · {html.escape(criterion)} · "
-            f"{n_groups} groups ({groups.num_rows} files) · {n_conflicts} with conflicting labels · "
-            f"{leaks.num_rows} split leaks · run {html.escape(run_id)}")
-    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1><div class=\"meta\">{meta}</div>"
-            f"<h2>Label conflicts: copies carrying different labels ({n_conflicts})</h2>"
-            f"{_groups_html(groups, root, cfg.page_groups, conflicts=True)}"
-            f"<h2>Split leaks: held-out images that are copies of a training image ({leaks.num_rows})</h2>"
-            f"{_leaks_html(leaks, root, cfg.page_groups, label_of)}"
-            f"<h2>Groups</h2><p class=\"meta\">Each group is a set of copies of one picture (exact copies show "
-            f"1.000); under a file: its label, the cosine of its features to its nearest in the group, its split. "
-            f"Groups whose files carry different labels are shown above.</p>"
-            f"{_groups_html(groups, root, cfg.page_groups, conflicts=False)}</body></html>")
+    meta = (
+        f"featureset {html.escape(cfg.featureset)} · {html.escape(criterion)} · "
+        f"{n_groups} groups ({groups.num_rows} files) · {n_conflicts} with conflicting labels · "
+        f"{leaks.num_rows} split leaks · run {html.escape(run_id)}"
+    )
+    return (
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f'<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1><div class="meta">{meta}</div>'
+        f"<h2>Label conflicts: copies carrying different labels ({n_conflicts})</h2>"
+        f"{_groups_html(groups, root, cfg.page_groups, conflicts=True)}"
+        f"<h2>Split leaks: held-out images that are copies of a training image ({leaks.num_rows})</h2>"
+        f"{_leaks_html(leaks, root, cfg.page_groups, label_of)}"
+        f'<h2>Groups</h2><p class="meta">Each group is a set of copies of one picture (exact copies show '
+        f"1.000); under a file: its label, the cosine of its features to its nearest in the group, its split. "
+        f"Groups whose files carry different labels are shown above.</p>"
+        f"{_groups_html(groups, root, cfg.page_groups, conflicts=False)}</body></html>"
+    )
 
 
 def render_similar_page(index_name: str, featureset: str, results, path_of, run_id: str) -> str:
@@ -140,12 +155,23 @@ def render_similar_page(index_name: str, featureset: str, results, path_of, run_
         if r.error:
             body = f"<p>error: {html.escape(r.error)}</p>"
         else:
-            body = "".join(_figure(None, n.path or n.image_id, f'<span class="sim">{n.similarity:.3f}</span>')
-                           for n in r.neighbours) or "<p>no neighbours</p>"
-        parts.append(f'<div class="group leak">{head}<span class="sim">&rarr;</span><div class="row">{body}</div></div>')
+            body = (
+                "".join(
+                    _figure(None, n.path or n.image_id, f'<span class="sim">{n.similarity:.3f}</span>')
+                    for n in r.neighbours
+                )
+                or "<p>no neighbours</p>"
+            )
+        parts.append(
+            f'<div class="group leak">{head}<span class="sim">&rarr;</span><div class="row">{body}</div></div>'
+        )
     title = f"Similar images in {index_name}"
-    meta = (f"index {html.escape(index_name)} · featureset {html.escape(featureset)} · {len(results)} quer{'y' if len(results) == 1 else 'ies'} · "
-            f"cosine similarity of the features · run {html.escape(run_id)}")
-    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1><div class=\"meta\">{meta}</div>"
-            f"{''.join(parts) or '<p>No queries.</p>'}</body></html>")
+    meta = (
+        f"index {html.escape(index_name)} · featureset {html.escape(featureset)} · {len(results)} quer{'y' if len(results) == 1 else 'ies'} · "
+        f"cosine similarity of the features · run {html.escape(run_id)}"
+    )
+    return (
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f'<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1><div class="meta">{meta}</div>'
+        f"{''.join(parts) or '<p>No queries.</p>'}</body></html>"
+    )

@@ -14,13 +14,12 @@ from imgfeat.core.errors import ConfigError, ImgfeatError
 from imgfeat.core.results import JsonObject
 from imgfeat.core.runs import new_run_id
 from imgfeat.core.workspace import Workspace
+from imgfeat.extract.extract import extract_files
 from imgfeat.index.files import IndexInfo, migrate_if_free, read_faiss, read_ids, read_info
 from imgfeat.index.kinds import knn, set_search_params
+from imgfeat.index.text import embed_texts
 from imgfeat.index.vectors import normalise, read_vectors, resolve_id_prefixes
 from imgfeat.scan.manifest import dataset_root
-from imgfeat.extract.extract import extract_files
-from imgfeat.index.text import embed_texts
-
 
 RERANK_FACTOR = 4  # an ivfpq search rescores this many times the neighbours asked for
 RERANK_CHUNK = 256  # queries rescored at a time (their candidates' features in memory)
@@ -46,8 +45,11 @@ class QueryResult:
     error: str | None = None
 
     def to_json(self) -> JsonObject:
-        obj: dict[str, Any] = {"query": self.query, "image_id": self.image_id,
-                               "neighbours": [n.to_json() for n in self.neighbours]}
+        obj: dict[str, Any] = {
+            "query": self.query,
+            "image_id": self.image_id,
+            "neighbours": [n.to_json() for n in self.neighbours],
+        }
         if self.error:
             obj["error"] = self.error
         return obj
@@ -98,8 +100,13 @@ class Index:
         k = self._pos.get(image_id) if image_id is not None else None
         return self._paths[k] if k is not None else None
 
-    def search(self, queries: np.ndarray | Sequence[str | Path], k: int = 10, featureset: str | None = None,
-               run_id: str | None = None) -> list[QueryResult]:
+    def search(
+        self,
+        queries: np.ndarray | Sequence[str | Path],
+        k: int = 10,
+        featureset: str | None = None,
+        run_id: str | None = None,
+    ) -> list[QueryResult]:
         """Neighbours of each query: vectors of this index's featureset, or image files to extract.
 
         ``featureset``, when given, names the queries' featureset and must be the index's.
@@ -113,17 +120,26 @@ class Index:
     def check_featureset(self, featureset: str) -> None:
         """Exit 2 unless queries from ``featureset`` can be searched here (the index's own featureset)."""
         if featureset != self.featureset:
-            raise ConfigError(f"index {self.name} was built on featureset {self.featureset}; "
-                              f"queries from featureset {featureset} cannot be searched in it")
+            raise ConfigError(
+                f"index {self.name} was built on featureset {self.featureset}; "
+                f"queries from featureset {featureset} cannot be searched in it"
+            )
 
-    def search_vectors(self, X: np.ndarray, k: int = 10, labels: Sequence[str] | None = None,
-                       query_ids: Sequence[str | None] | None = None) -> list[QueryResult]:
+    def search_vectors(
+        self,
+        X: np.ndarray,
+        k: int = 10,
+        labels: Sequence[str] | None = None,
+        query_ids: Sequence[str | None] | None = None,
+    ) -> list[QueryResult]:
         """Neighbours of raw vectors (normalised here); a query never lists its own image id."""
         self._check_k(k)
         X = np.atleast_2d(np.asarray(X, dtype=np.float32))
         if X.shape[1] != self.info.dim:
-            raise ConfigError(f"query vectors have {X.shape[1]} dimensions; index {self.name} "
-                              f"(featureset {self.featureset}) has {self.info.dim}")
+            raise ConfigError(
+                f"query vectors have {X.shape[1]} dimensions; index {self.name} "
+                f"(featureset {self.featureset}) has {self.info.dim}"
+            )
         labels = list(labels) if labels is not None else [str(r) for r in range(len(X))]
         query_ids = list(query_ids) if query_ids is not None else [None] * len(X)
         Q = normalise(X.copy())
@@ -131,8 +147,9 @@ class Index:
             sims, rows = self._reranked(Q, min(RERANK_FACTOR * (k + 1), len(self)))
         else:
             sims, rows = knn(self.faiss, Q, min(k + 1, len(self)))
-        return [QueryResult(q, qid, self._neighbours(s, r, qid, k))
-                for q, qid, s, r in zip(labels, query_ids, sims, rows)]
+        return [
+            QueryResult(q, qid, self._neighbours(s, r, qid, k)) for q, qid, s, r in zip(labels, query_ids, sims, rows)
+        ]
 
     def _reranked(self, Q: np.ndarray, candidates: int) -> tuple[np.ndarray, np.ndarray]:
         """An ivfpq index's codes only rank candidates: the best ``candidates`` of each query are
@@ -151,8 +168,9 @@ class Index:
             s[v < 0] = -np.inf  # no stored feature (or no candidate): never a neighbour
             order = np.argsort(-s, axis=1, kind="stable")
             sims[lo : lo + len(q)] = np.take_along_axis(s, order, axis=1)
-            rows[lo : lo + len(q)] = np.where(np.take_along_axis(v, order, axis=1) >= 0,
-                                              np.take_along_axis(r, order, axis=1), -1)
+            rows[lo : lo + len(q)] = np.where(
+                np.take_along_axis(v, order, axis=1) >= 0, np.take_along_axis(r, order, axis=1), -1
+            )
         return sims, rows
 
     def search_text(self, texts: Sequence[str], k: int = 10) -> list[QueryResult]:
@@ -183,8 +201,14 @@ class Index:
         for r in results:
             hit = found.get(r.image_id) if not r.error_code else None
             if hit is None:
-                out.append(QueryResult(str(r.path), r.image_id, (), f"{r.error_code or 'no_features'}: "
-                                       f"{r.error_message or 'no feature row was written'}"))
+                out.append(
+                    QueryResult(
+                        str(r.path),
+                        r.image_id,
+                        (),
+                        f"{r.error_code or 'no_features'}: {r.error_message or 'no feature row was written'}",
+                    )
+                )
             else:
                 out.append(QueryResult(str(r.path), r.image_id, hit.neighbours))
         return out

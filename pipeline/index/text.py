@@ -6,9 +6,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from imgfeat.backbones.hub import text_embeddings
 from imgfeat.core.errors import ConfigError
 from imgfeat.core.workspace import Workspace
-from imgfeat.backbones.hub import text_embeddings
 from imgfeat.extract.extract import ExtractConfig
 from imgfeat.extract.featureset import read_provenance
 from imgfeat.extract.recipe import resolve_recipe
@@ -19,16 +19,22 @@ def text_tower(ws: Workspace, featureset: str):
     its provenance and checked to still hold the same content; ConfigError (exit 2) without one."""
     prov = read_provenance(ws, featureset)
     if prov.source.kind != "preset":
-        raise ConfigError(f"featureset {featureset} ({prov.recipe.backbone}) has no text tower: text queries "
-                          f"need a CLIP or SigLIP keras-hub backbone")
+        raise ConfigError(
+            f"featureset {featureset} ({prov.recipe.backbone}) has no text tower: text queries "
+            f"need a CLIP or SigLIP keras-hub backbone"
+        )
     resolved = resolve_recipe(ExtractConfig.from_provenance(prov))
     spec = resolved.spec
     if not getattr(spec, "has_text", False):
-        raise ConfigError(f"featureset {featureset} ({spec.name}, {spec.family}) has no text tower: text "
-                          f"queries need a CLIP or SigLIP keras-hub backbone")
+        raise ConfigError(
+            f"featureset {featureset} ({spec.name}, {spec.family}) has no text tower: text "
+            f"queries need a CLIP or SigLIP keras-hub backbone"
+        )
     if resolved.recipe.weights != prov.recipe.weights:
-        raise ConfigError(f"the preset of featureset {featureset} ({prov.source.path}) no longer holds the "
-                          f"weights it was made with; its text tower would not match the images")
+        raise ConfigError(
+            f"the preset of featureset {featureset} ({prov.source.path}) no longer holds the "
+            f"weights it was made with; its text tower would not match the images"
+        )
     backbone, preprocessor = spec.load_text()
     return spec, backbone, preprocessor
 

@@ -39,8 +39,9 @@ def read_vectors(ws: Workspace, featureset: str, wanted: Iterable[str] | None = 
     return ids, normalise(X)
 
 
-def iter_vectors(ws: Workspace, featureset: str, wanted: set[str] | None = None,
-                 batch_rows: int = READ_BATCH_ROWS) -> Iterator[tuple[list[str], np.ndarray]]:
+def iter_vectors(
+    ws: Workspace, featureset: str, wanted: set[str] | None = None, batch_rows: int = READ_BATCH_ROWS
+) -> Iterator[tuple[list[str], np.ndarray]]:
     """``(ids, X)`` batches of at most ``batch_rows`` rows: the rows ``read_vectors`` gives, in its
     order, normalised float32; one batch of one shard in memory at a time."""
     picks = pick_rows(ws, featureset, wanted)
@@ -48,7 +49,9 @@ def iter_vectors(ws: Workspace, featureset: str, wanted: set[str] | None = None,
     for path, keep in picks.shards:
         for lo in range(0, len(keep), batch_rows):
             part = keep[lo : lo + batch_rows]
-            ids, X = read_picked(ws, featureset, RowPicks(picks.ids[start + lo : start + lo + len(part)], [(path, part)]))
+            ids, X = read_picked(
+                ws, featureset, RowPicks(picks.ids[start + lo : start + lo + len(part)], [(path, part)])
+            )
             yield ids, normalise(X)
         start += len(keep)
 
@@ -87,8 +90,9 @@ def resolve_id_prefixes(ws: Workspace, featureset: str, refs: Sequence[str]) -> 
     refs = [r.strip().lower() for r in refs]
     for ref in refs:
         if not (MIN_ID_PREFIX <= len(ref) <= ID_HEX and all(c in "0123456789abcdef" for c in ref)):
-            raise ConfigError(f"image id {ref!r}: give the full id or at least {MIN_ID_PREFIX} of its "
-                              f"{ID_HEX} hex digits")
+            raise ConfigError(
+                f"image id {ref!r}: give the full id or at least {MIN_ID_PREFIX} of its {ID_HEX} hex digits"
+            )
     if all(len(r) == ID_HEX for r in refs):
         return refs
     ids = sorted(committed_ids(ws, featureset))
@@ -97,11 +101,13 @@ def resolve_id_prefixes(ws: Workspace, featureset: str, refs: Sequence[str]) -> 
 
 def _one_match(prefix: str, ids: list[str], featureset: str) -> str:
     start = bisect.bisect_left(ids, prefix)
-    matches = list(itertools.takewhile(lambda i: i.startswith(prefix), ids[start:start + 6]))
+    matches = list(itertools.takewhile(lambda i: i.startswith(prefix), ids[start : start + 6]))
     if len(matches) == 1:
         return matches[0]
     if not matches:
         raise ConfigError(f"image id {prefix!r}: no image id in featureset {featureset} starts with it")
     more = " ..." if len(matches) > 5 else ""
-    raise ConfigError(f"image id {prefix!r} is ambiguous in featureset {featureset}: it starts "
-                      f"{', '.join(matches[:5])}{more}; give more digits")
+    raise ConfigError(
+        f"image id {prefix!r} is ambiguous in featureset {featureset}: it starts "
+        f"{', '.join(matches[:5])}{more}; give more digits"
+    )

@@ -46,21 +46,39 @@ SECONDS = KeyType("a number of seconds", NUMBER.accepts)  # its range: core/rang
 TEXT = KeyType("a string", lambda v: isinstance(v, str))
 PATH = KeyType("a path (a string)", lambda v: isinstance(v, (str, os.PathLike)))
 NUMBERS = KeyType("a list of numbers", lambda v: isinstance(v, list) and all(NUMBER.accepts(x) for x in v))
-SIZE = KeyType("a size such as \"256MB\" or a number of bytes",
-               lambda v: _is_int(v) or isinstance(v, str))  # its units and range: core/sizes.py
+SIZE = KeyType(
+    'a size such as "256MB" or a number of bytes', lambda v: _is_int(v) or isinstance(v, str)
+)  # its units and range: core/sizes.py
 SIZE_KEYS = ("memory_budget",)
-NAMES = KeyType("a name or a list of names",
-                lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v)))
+NAMES = KeyType(
+    "a name or a list of names",
+    lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v)),
+)
 
 # Config field annotations -> the KeyType a job-file value for that field must pass.
-FIELD_TYPES: dict[Any, KeyType] = {bool: BOOL, int: INT, float: NUMBER, str: TEXT, os.PathLike: PATH,
-                                   tuple[float, ...]: NUMBERS}
+FIELD_TYPES: dict[Any, KeyType] = {
+    bool: BOOL,
+    int: INT,
+    float: NUMBER,
+    str: TEXT,
+    os.PathLike: PATH,
+    tuple[float, ...]: NUMBERS,
+}
 
 # Keys that are not fields of a stage config, per section (extend here for new sections/keys).
 JOB_KEY_TYPES: dict[str, dict[str, KeyType]] = {
-    "run": {"max_error_rate": NUMBER, "executor": TEXT, "wait": SECONDS, "workspace": PATH,
-            "workers": INT, "ray_actors": INT, "ray_address": TEXT, "gpus_per_worker": NUMBER,
-            "in_flight": INT, "memory_budget": SIZE},
+    "run": {
+        "max_error_rate": NUMBER,
+        "executor": TEXT,
+        "wait": SECONDS,
+        "workspace": PATH,
+        "workers": INT,
+        "ray_actors": INT,
+        "ray_address": TEXT,
+        "gpus_per_worker": NUMBER,
+        "in_flight": INT,
+        "memory_budget": SIZE,
+    },
     "features": {"datasets": NAMES, "finetune": TEXT},
     "finetune": {"dataset": TEXT},
     "heads": {"dataset": TEXT, "features": TEXT, "predict": NAMES, "report": BOOL},
@@ -158,8 +176,9 @@ def _read_toml(path: Path) -> dict[str, Any]:
     except IsADirectoryError:
         raise ConfigError(f"job file {path} is a folder; give the path of a .toml file") from None
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"job file {path} is not UTF-8 text (byte {exc.start}); "
-                          "a job file is a TOML document") from None
+        raise ConfigError(
+            f"job file {path} is not UTF-8 text (byte {exc.start}); a job file is a TOML document"
+        ) from None
     except OSError as exc:
         raise ConfigError(f"cannot read job file {path}: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
@@ -211,10 +230,21 @@ def parse_job(doc: dict[str, Any], base: Path, source: str, workspace: Path | No
     indexes = tuple(_index_job(n, o, features) for n, o in _tables(doc, "indexes").items())
     dedups = tuple(_dedup_job(n, o, features) for n, o in _tables(doc, "dedup").items())
     options = {EXECUTOR_FIELDS.get(k, k): run[k] for k in EXECUTOR_KEYS if k in run}
-    return JobSpec(source, datasets, features, heads, rate, executor, run.get("wait"), ws_text, indexes=indexes,
-                   executor_options=options, finetunes=finetunes, dedups=dedups,
-                   memory_budget=None if "memory_budget" not in run else parse_size(run["memory_budget"],
-                                                                                    "run.memory_budget"))
+    return JobSpec(
+        source,
+        datasets,
+        features,
+        heads,
+        rate,
+        executor,
+        run.get("wait"),
+        ws_text,
+        indexes=indexes,
+        executor_options=options,
+        finetunes=finetunes,
+        dedups=dedups,
+        memory_budget=None if "memory_budget" not in run else parse_size(run["memory_budget"], "run.memory_budget"),
+    )
 
 
 def _tables(doc: dict[str, Any], section: str) -> dict[str, dict[str, Any]]:
@@ -249,8 +279,10 @@ def _names(value: Any, where: str) -> tuple[str, ...]:
 def _must_exist(names: tuple[str, ...], known: list[str], what: str, where: str) -> None:
     for n in names:
         if n not in known:
-            raise ConfigError(f"{where} names {what} {n!r}, which the job file does not define "
-                              f"(defined: {', '.join(known) or 'none'})")
+            raise ConfigError(
+                f"{where} names {what} {n!r}, which the job file does not define "
+                f"(defined: {', '.join(known) or 'none'})"
+            )
 
 
 def _pop_required(opts: dict[str, Any], key: str, where: str, hint: str = "") -> Any:
@@ -341,9 +373,7 @@ def build_config(cls: type, values: dict[str, Any], where: str, **fixed: Any) ->
     allowed = {f.name for f in dataclasses.fields(cls)}
     for key in values:
         if key not in allowed or key in fixed:
-            raise ConfigError(
-                f"[{where}]: unknown key {key!r} (allowed: {', '.join(sorted(allowed - set(fixed)))})"
-            )
+            raise ConfigError(f"[{where}]: unknown key {key!r} (allowed: {', '.join(sorted(allowed - set(fixed)))})")
     check_types(values, field_types(cls), where)
     try:
         return cls(**{**values, **fixed})
@@ -378,8 +408,7 @@ def check_types(values: dict[str, Any], expected: dict[str, KeyType], where: str
     for key, value in values.items():
         kind = expected.get(key)
         if kind is not None and not kind.accepts(value):
-            raise ConfigError(f"{where}.{key} = {toml_text(value)}: expected {kind.name}, "
-                              f"got {_toml_type(value)}")
+            raise ConfigError(f"{where}.{key} = {toml_text(value)}: expected {kind.name}, got {_toml_type(value)}")
         if kind is SIZE:
             parse_size(value, f"{where}.{key}", key)
             continue
@@ -398,8 +427,14 @@ def toml_text(value: Any) -> str:
 
 
 def _toml_type(value: Any) -> str:
-    for kind, name in ((bool, "a boolean"), (int, "an integer"), (float, "a float"), (str, "a string"),
-                       (list, "an array"), (dict, "a table")):
+    for kind, name in (
+        (bool, "a boolean"),
+        (int, "an integer"),
+        (float, "a float"),
+        (str, "a string"),
+        (list, "an array"),
+        (dict, "a table"),
+    ):
         if isinstance(value, kind):
             return name
     return f"a {type(value).__name__}"

@@ -12,6 +12,13 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from imgfeat import heads as H  # H.run_predict, ...: looked up when called (tests patch them)
+from imgfeat.core import schemas as S
+from imgfeat.core.errors import ConfigError
+from imgfeat.core.results import JsonObject
+from imgfeat.core.storage import WAIT_HINT, FileLock
+from imgfeat.core.workspace import Workspace
+from imgfeat.extract.executors import ExecutorConfig
 from imgfeat.extract.extract import (
     ExtractConfig,
     ExtractSummary,
@@ -20,20 +27,13 @@ from imgfeat.extract.extract import (
     record_recipe_name,
     run_extract,
 )
-from imgfeat import heads as H  # H.run_predict, ...: looked up when called (tests patch them)
-from imgfeat.core import schemas as S
-from imgfeat.core.errors import ConfigError
-from imgfeat.core.results import JsonObject
-from imgfeat.run.jobfile import DedupJob, FeatureJob, FinetuneJob, HeadJob, IndexJob, JobSpec, build_config
-from imgfeat.run.summary import ErrorRate, RunSummary
-from imgfeat.core.storage import WAIT_HINT, FileLock
-from imgfeat.core.workspace import Workspace
-from imgfeat.extract.executors import ExecutorConfig
 from imgfeat.extract.featureset import errored_ids
 from imgfeat.finetune import FinetuneConfig, run_finetune
 from imgfeat.heads.train import TrainConfig, TrainSummary
 from imgfeat.index import IndexConfig, build_index
 from imgfeat.index.dedup import DedupConfig, run_dedup
+from imgfeat.run.jobfile import DedupJob, FeatureJob, FinetuneJob, HeadJob, IndexJob, JobSpec, build_config
+from imgfeat.run.summary import ErrorRate, RunSummary
 from imgfeat.scan.manifest import read_manifest
 from imgfeat.scan.scan import ScanConfig, plan_scan, resolve_root, run_scan
 
@@ -46,8 +46,7 @@ TUNED_PLACEHOLDER = "<tuned weights of finetune.{}>"
 @contextlib.contextmanager
 def stage_lock(ws: Workspace, stage: str, wait: float | None) -> Iterator[None]:
     """One lock per workspace stage: overlapping cron runs take turns instead of colliding."""
-    with FileLock(ws.locks_dir / f"{stage}.lock", f"the {stage} stage of workspace {ws.root}", wait,
-                  hint=WAIT_HINT):
+    with FileLock(ws.locks_dir / f"{stage}.lock", f"the {stage} stage of workspace {ws.root}", wait, hint=WAIT_HINT):
         yield
 
 
@@ -68,8 +67,9 @@ def extract_config(job: JobSpec, fjob: FeatureJob, dataset: str, tuned: dict[str
 
 
 def finetune_config(job: JobSpec, ftjob: FinetuneJob):
-    return build_config(FinetuneConfig, ftjob.options, f"finetune.{ftjob.name}", dataset=ftjob.dataset,
-                        name=ftjob.name, wait=job.wait)
+    return build_config(
+        FinetuneConfig, ftjob.options, f"finetune.{ftjob.name}", dataset=ftjob.dataset, name=ftjob.name, wait=job.wait
+    )
 
 
 def budgeted(job: JobSpec, options: dict) -> dict:
@@ -88,18 +88,39 @@ def executor_config(job: JobSpec):
 
 
 def train_config(job: JobSpec, hjob: HeadJob, featureset: str):
-    return build_config(TrainConfig, budgeted(job, hjob.options), f"heads.{hjob.name}", dataset=hjob.dataset,
-                        featureset=featureset, name=hjob.name, wait=job.wait)
+    return build_config(
+        TrainConfig,
+        budgeted(job, hjob.options),
+        f"heads.{hjob.name}",
+        dataset=hjob.dataset,
+        featureset=featureset,
+        name=hjob.name,
+        wait=job.wait,
+    )
 
 
 def index_config(job: JobSpec, ijob: IndexJob, featureset: str):
-    return build_config(IndexConfig, budgeted(job, ijob.options), f"indexes.{ijob.name}", featureset=featureset,
-                        datasets=ijob.datasets, name=ijob.name, wait=job.wait, rebuild=False)
+    return build_config(
+        IndexConfig,
+        budgeted(job, ijob.options),
+        f"indexes.{ijob.name}",
+        featureset=featureset,
+        datasets=ijob.datasets,
+        name=ijob.name,
+        wait=job.wait,
+        rebuild=False,
+    )
 
 
 def dedup_config(djob: DedupJob, featureset: str, job: JobSpec | None = None):
-    return build_config(DedupConfig, djob.options if job is None else budgeted(job, djob.options), f"dedup.{djob.name}", featureset=featureset,
-                        dataset=djob.dataset, name=djob.name)
+    return build_config(
+        DedupConfig,
+        djob.options if job is None else budgeted(job, djob.options),
+        f"dedup.{djob.name}",
+        featureset=featureset,
+        dataset=djob.dataset,
+        name=djob.name,
+    )
 
 
 def check_job(job: JobSpec) -> None:
@@ -134,8 +155,10 @@ def plan_job(ws: Workspace, job: JobSpec) -> JsonObject:
     check_job(job)
     plan: dict[str, Any] = {"dry_run": True, "scan": {}, "finetune": {}, "extract": {}, "heads": {}}
     for ftjob in job.finetunes:
-        plan["finetune"][ftjob.name] = {"dataset": ftjob.dataset, "note": "fine-tuned unless the same "
-                                        "configuration on the same data exists (or resumed from its checkpoint)"}
+        plan["finetune"][ftjob.name] = {
+            "dataset": ftjob.dataset,
+            "note": "fine-tuned unless the same configuration on the same data exists (or resumed from its checkpoint)",
+        }
     scans = {name: plan_scan(ws, scan_config(job, name)) for name in job.datasets}
     plan["scan"] = {name: p.to_json() for name, p in scans.items()}
     for fjob in job.features:
@@ -157,12 +180,22 @@ def plan_job(ws: Workspace, job: JobSpec) -> JsonObject:
             "report": hjob.report,
             "note": "trained unless an identical head (same features, labels, params) exists",
         }
-    plan["indexes"] = {i.name: {"features": i.features, "datasets": list(i.datasets),
-                                "note": "extended with the rows extract adds; nothing new writes nothing"}
-                       for i in job.indexes}
-    plan["dedup"] = {d.name: {"features": d.features, "dataset": d.dataset,
-                              "note": "new images' looks are computed, the rest cached; nothing new writes nothing"}
-                     for d in job.dedups}
+    plan["indexes"] = {
+        i.name: {
+            "features": i.features,
+            "datasets": list(i.datasets),
+            "note": "extended with the rows extract adds; nothing new writes nothing",
+        }
+        for i in job.indexes
+    }
+    plan["dedup"] = {
+        d.name: {
+            "features": d.features,
+            "dataset": d.dataset,
+            "note": "new images' looks are computed, the rest cached; nothing new writes nothing",
+        }
+        for d in job.dedups
+    }
     return plan
 
 
@@ -210,8 +243,9 @@ def _finetune_all(ws: Workspace, job: JobSpec, run_id: str, summary: RunSummary)
     return tuned
 
 
-def _extract_all(ws: Workspace, job: JobSpec, run_id: str, summary: RunSummary,
-                 tuned: dict[str, str] | None = None) -> dict[tuple[str, str], str]:
+def _extract_all(
+    ws: Workspace, job: JobSpec, run_id: str, summary: RunSummary, tuned: dict[str, str] | None = None
+) -> dict[tuple[str, str], str]:
     """Returns {(features name, dataset): featureset}."""
     featuresets: dict[tuple[str, str], str] = {}
     with stage_lock(ws, "extract", job.wait):
@@ -248,8 +282,10 @@ def no_accuracy_reason(train: TrainSummary) -> str | None:
         return None
     unseen = (train.left_out or {}).get("unseen_test_labels", 0)
     if unseen:
-        return (f"no evaluation rows: the {unseen} test rows all have labels the training rows do not "
-                "have, so none can be scored")
+        return (
+            f"no evaluation rows: the {unseen} test rows all have labels the training rows do not "
+            "have, so none can be scored"
+        )
     return "no evaluation rows: the dataset has no test or val split and test_fraction is 0"
 
 
@@ -257,8 +293,13 @@ def _predict_all(ws: Workspace, job: JobSpec, heads: dict[str, str], run_id: str
     with stage_lock(ws, "predict", job.wait):
         for hjob in job.heads:
             for dataset in hjob.predict:
-                cfg = H.PredictConfig(head_id=heads[hjob.name], dataset=dataset, wait=job.wait,
-                                    trust_pickle=job.trust_pickle, memory_budget=stage_budget(job, hjob))
+                cfg = H.PredictConfig(
+                    head_id=heads[hjob.name],
+                    dataset=dataset,
+                    wait=job.wait,
+                    trust_pickle=job.trust_pickle,
+                    memory_budget=stage_budget(job, hjob),
+                )
                 summary.predict[f"{hjob.name}/{dataset}"] = H.run_predict(ws, cfg, run_id)
 
 
@@ -266,8 +307,12 @@ def _report_all(ws: Workspace, job: JobSpec, heads: dict[str, str], run_id: str,
     with stage_lock(ws, "report", job.wait):
         for hjob in job.heads:
             if hjob.report:
-                cfg = H.ReportConfig(head_id=heads[hjob.name], wait=job.wait, trust_pickle=job.trust_pickle,
-                                   memory_budget=stage_budget(job, hjob))
+                cfg = H.ReportConfig(
+                    head_id=heads[hjob.name],
+                    wait=job.wait,
+                    trust_pickle=job.trust_pickle,
+                    memory_budget=stage_budget(job, hjob),
+                )
                 summary.report[hjob.name] = H.run_report(ws, cfg, run_id)
 
 

@@ -40,9 +40,13 @@ class ErrorRate:
 
 # What a stage's items are, as its results name them (summed over the stage's results) and as a
 # person reads them; train and report are left out: their time is not per item.
-STAGE_ITEMS: dict[str, tuple[str, str]] = {"scan": ("files", "files"), "extract": ("extracted", "img"),
-                                           "predict": ("written", "rows"), "index": ("added", "rows"),
-                                           "dedup": ("images", "img")}
+STAGE_ITEMS: dict[str, tuple[str, str]] = {
+    "scan": ("files", "files"),
+    "extract": ("extracted", "img"),
+    "predict": ("written", "rows"),
+    "index": ("added", "rows"),
+    "dedup": ("images", "img"),
+}
 
 
 @dataclass(frozen=True)
@@ -67,8 +71,11 @@ class RunSummary:
     @property
     def model_work(self) -> bool:
         """Whether any backbone ran or any head was trained (False for a run with nothing new)."""
-        return (any(s.extracted for s in self.extract.values()) or any(not s.reused for s in self.train.values())
-                or any(not s.reused for s in self.finetune.values()))
+        return (
+            any(s.extracted for s in self.extract.values())
+            or any(not s.reused for s in self.train.values())
+            or any(not s.reused for s in self.finetune.values())
+        )
 
     @property
     def items_per_s(self) -> dict[str, float]:
@@ -82,8 +89,10 @@ class RunSummary:
         return out
 
     def to_json(self) -> JsonObject:
-        train: JsonObject = {name: {**s.to_json(), **({NO_ACCURACY: self.no_accuracy[name]} if name in self.no_accuracy
-                                          else {})} for name, s in self.train.items()}
+        train: JsonObject = {
+            name: {**s.to_json(), **({NO_ACCURACY: self.no_accuracy[name]} if name in self.no_accuracy else {})}
+            for name, s in self.train.items()
+        }
         return {
             "job": self.job,
             "scan": {k: v.to_json() for k, v in self.scan.items()},
@@ -106,14 +115,18 @@ class RunSummary:
         # The stages load here, not at import: `imgfeat --help` imports this module.
 
         return cls(
-            job=obj["job"], scan=_each(obj, "scan", ScanSummary.from_json),
+            job=obj["job"],
+            scan=_each(obj, "scan", ScanSummary.from_json),
             finetune=_each(obj, "finetune", FinetuneSummary.from_json),
-            extract=_each(obj, "extract", ExtractSummary.from_json), train=_each(obj, "train", TrainSummary.from_json),
+            extract=_each(obj, "extract", ExtractSummary.from_json),
+            train=_each(obj, "train", TrainSummary.from_json),
             predict=_each(obj, "predict", PredictSummary.from_json),
-            report=_each(obj, "report", ReportSummary.from_json), index=_each(obj, "index", IndexSummary.from_json),
+            report=_each(obj, "report", ReportSummary.from_json),
+            index=_each(obj, "index", IndexSummary.from_json),
             dedup=_each(obj, "dedup", DedupSummary.from_json),
             no_accuracy={k: v[NO_ACCURACY] for k, v in obj.get("train", {}).items() if NO_ACCURACY in v},
-            timings=dict(obj.get("timings", {})), error_rates=_each(obj, "error_rates", ErrorRate.from_json),
+            timings=dict(obj.get("timings", {})),
+            error_rates=_each(obj, "error_rates", ErrorRate.from_json),
         )
 
 

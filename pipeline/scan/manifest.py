@@ -69,8 +69,10 @@ def manifest_info(ws: Workspace, dataset: str) -> JsonObject:
 
 def corrupt_manifest(path: Path, dataset: str, exc: object) -> ImgfeatError:
     """The error for an unreadable manifest: a rescan rebuilds it (nothing else is lost)."""
-    return ImgfeatError(f"cannot read the manifest {path}: {str(exc).rstrip('.')}; scanning the folder "
-                        f"again rebuilds it: imgfeat scan ROOT --dataset {dataset}")
+    return ImgfeatError(
+        f"cannot read the manifest {path}: {str(exc).rstrip('.')}; scanning the folder "
+        f"again rebuilds it: imgfeat scan ROOT --dataset {dataset}"
+    )
 
 
 def file_schema(path: Path) -> pa.Schema:
@@ -155,7 +157,8 @@ def _same_manifest(new: Path, old: Path, info: Mapping[str, Any]) -> bool:
         return False  # a damaged manifest is always replaced
     new_info = json.loads(json.dumps(dict(info), sort_keys=True))  # as the footer stores it
     if {k: v for k, v in old_info.items() if k not in _SCAN_KEYS} != {
-            k: v for k, v in new_info.items() if k not in _SCAN_KEYS}:
+        k: v for k, v in new_info.items() if k not in _SCAN_KEYS
+    }:
         return False
     after = pq.read_table(new)
     return before.num_rows == after.num_rows and before.equals(after)

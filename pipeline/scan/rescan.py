@@ -68,8 +68,7 @@ def load_previous(path: Path, root: Path) -> Previous | None:
         schema = file_schema(path)
         rows = pq.ParquetFile(path).metadata.num_rows
     except (OSError, ValueError, ConfigError, pa.ArrowException) as exc:
-        log.warning("the previous manifest %s is unreadable (%s): rebuilding it, every file is read again",
-                    path, exc)
+        log.warning("the previous manifest %s is unreadable (%s): rebuilding it, every file is read again", path, exc)
         return None
     if info.get("root") != root.as_posix():
         log.info("the dataset's root changed; every file is read again")
@@ -132,8 +131,9 @@ class OldRows:
                 self._pos += 1
                 self.matched += 1
                 c = self._cols
-                return OldRow(self._start + i, c[S.BYTES][i], c[S.MTIME_NS][i], c[S.STATUS][i],
-                              c[S.WIDTH][i], c[S.HEIGHT][i])
+                return OldRow(
+                    self._start + i, c[S.BYTES][i], c[S.MTIME_NS][i], c[S.STATUS][i], c[S.WIDTH][i], c[S.HEIGHT][i]
+                )
             if walk_key(old) > walk_key(rel):
                 return None  # a new file: the old row may still match a later one
             self._pos += 1

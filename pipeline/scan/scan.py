@@ -23,16 +23,16 @@ from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError
 from imgfeat.core.hashing import file_sha256
 from imgfeat.core.options import opt
-from imgfeat.scan.manifest import ROW_GROUP_ROWS, make_info, manifest_writer, rows_to_table
-from imgfeat.scan.probe import Probe, over_limit_message, probe_file
 from imgfeat.core.progress import bars_enabled, progress
-from imgfeat.scan.rescan import SETTLED, OldRows, Previous, classify, load_previous
 from imgfeat.core.ranges import check_fields
 from imgfeat.core.results import JsonObject, JsonResult
 from imgfeat.core.storage import WAIT_HINT, FileLock, remove_stale_tmp
-from imgfeat.scan import walk as walk_module
-from imgfeat.scan.walk import FileEntry, WalkOptions, WalkStats, walk, walk_segments
 from imgfeat.core.workspace import Workspace, check_name
+from imgfeat.scan import walk as walk_module
+from imgfeat.scan.manifest import ROW_GROUP_ROWS, make_info, manifest_writer, rows_to_table
+from imgfeat.scan.probe import Probe, over_limit_message, probe_file
+from imgfeat.scan.rescan import SETTLED, OldRows, Previous, classify, load_previous
+from imgfeat.scan.walk import FileEntry, WalkOptions, WalkStats, walk, walk_segments
 
 log = logging.getLogger(__name__)
 
@@ -53,20 +53,31 @@ class ScanConfig:
 
     root: str | os.PathLike
     dataset: str = opt(metavar="NAME", help="dataset name (letters, digits, '.', '_', '-')")
-    labels_csv: str | os.PathLike | None = opt(None, flag="--labels", metavar="FILE.csv",
-                                               help="CSV with columns path,label that overrides folder labels")
-    test_fraction: float | None = opt(None, metavar="F",
-                                      help="without split folders: put this fraction (0..1) of images in 'test', "
-                                           "the rest in 'train', chosen by content hash")
+    labels_csv: str | os.PathLike | None = opt(
+        None, flag="--labels", metavar="FILE.csv", help="CSV with columns path,label that overrides folder labels"
+    )
+    test_fraction: float | None = opt(
+        None,
+        metavar="F",
+        help="without split folders: put this fraction (0..1) of images in 'test', "
+        "the rest in 'train', chosen by content hash",
+    )
     follow_links: bool = opt(False, help="follow symlinks whose target is outside ROOT (loops are always cut)")
-    keep_non_images: bool = opt(False, help="probe files without an image extension too; unidentified ones "
-                                            "become not_an_image rows instead of being skipped")
-    max_pixels: int = opt(Image.MAX_IMAGE_PIXELS, metavar="N",
-                          help="width*height above this is status too_large (default: Pillow's "
-                               f"decompression-bomb limit, {Image.MAX_IMAGE_PIXELS}; Pillow itself refuses twice that)")
+    keep_non_images: bool = opt(
+        False,
+        help="probe files without an image extension too; unidentified ones "
+        "become not_an_image rows instead of being skipped",
+    )
+    max_pixels: int = opt(
+        Image.MAX_IMAGE_PIXELS,
+        metavar="N",
+        help="width*height above this is status too_large (default: Pillow's "
+        f"decompression-bomb limit, {Image.MAX_IMAGE_PIXELS}; Pillow itself refuses twice that)",
+    )
     workers: int | None = opt(None, metavar="N", help="reader threads (default: CPU count + 4, at most 16)")
-    wait: float | None = opt(None, metavar="SECONDS",
-                             help="wait this long for another scan of the same dataset instead of failing")
+    wait: float | None = opt(
+        None, metavar="SECONDS", help="wait this long for another scan of the same dataset instead of failing"
+    )
 
     def __post_init__(self) -> None:
         check_name("dataset", self.dataset)
@@ -201,9 +212,7 @@ def read_labels_csv(path: str | os.PathLike) -> dict[str, str | None]:
         raise ConfigError(f"labels CSV {str(path)!r} cannot be read: {exc}") from None
     header = [h.strip().lower() for h in rows[0]] if rows else []
     if not set(LABEL_CSV_COLUMNS) <= set(header):
-        raise ConfigError(
-            f"labels CSV {str(path)!r} must have a header with columns 'path,label', got {header}"
-        )
+        raise ConfigError(f"labels CSV {str(path)!r} must have a header with columns 'path,label', got {header}")
     ip, il = header.index("path"), header.index("label")
     out: dict[str, str | None] = {}
     for lineno, row in enumerate(rows[1:], start=2):
@@ -313,8 +322,15 @@ def _batches(segments: Iterator[list[FileEntry]], size: int) -> Iterator[list[Fi
 class _BatchReader:
     """Turns walked files into manifest rows: probes changed ones in a pool, carries the rest over."""
 
-    def __init__(self, cfg: ScanConfig, prev: Previous | None, labeller: Labeller, options: dict[str, Any],
-                 pool: ThreadPoolExecutor, tally: ScanTally):
+    def __init__(
+        self,
+        cfg: ScanConfig,
+        prev: Previous | None,
+        labeller: Labeller,
+        options: dict[str, Any],
+        pool: ThreadPoolExecutor,
+        tally: ScanTally,
+    ):
         self.cfg, self.prev, self.labeller, self.pool, self.tally = cfg, prev, labeller, pool, tally
         self.old: OldRows | None = prev.cursor() if prev else None
         self._relabel = prev is not None and any(prev.options.get(k) != options[k] for k in LABEL_OPTIONS)
@@ -409,17 +425,24 @@ def _scan_tables(reader: _BatchReader, root: Path, stats: WalkStats) -> Iterator
 
 
 def _write_manifest(
-    ws: Workspace, cfg: ScanConfig, root: Path, prev: Previous | None, run_id: str, tally: ScanTally,
+    ws: Workspace,
+    cfg: ScanConfig,
+    root: Path,
+    prev: Previous | None,
+    run_id: str,
+    tally: ScanTally,
     labeller: Labeller,
 ) -> WalkStats:
     stats = WalkStats()
     options = scan_options(cfg)
     info = make_info(root, cfg.dataset, options, run_id)
     workers = cfg.workers or min(16, (os.cpu_count() or 1) + 4)
-    with manifest_writer(ws.manifest_path(cfg.dataset), info) as writer, ThreadPoolExecutor(
-        workers, thread_name_prefix="scan"
-    ) as pool, progress(total=_expected_files(cfg, root, prev), desc=f"scan {cfg.dataset}",
-                        unit="file") as bar, warnings.catch_warnings():
+    with (
+        manifest_writer(ws.manifest_path(cfg.dataset), info) as writer,
+        ThreadPoolExecutor(workers, thread_name_prefix="scan") as pool,
+        progress(total=_expected_files(cfg, root, prev), desc=f"scan {cfg.dataset}", unit="file") as bar,
+        warnings.catch_warnings(),
+    ):
         # Pillow warns between its limit and twice it; the scan records too_large itself.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         reader = _BatchReader(cfg, prev, labeller, options, pool, tally)
@@ -463,8 +486,7 @@ def run_scan(ws: Workspace, cfg: ScanConfig, run_id: str) -> ScanSummary:
     root = resolve_root(cfg.root)
     labeller = _labeller(cfg)  # a bad labels CSV fails here, before the lock file exists
     path = ws.manifest_path(cfg.dataset)
-    lock = FileLock(ws.locks_dir / f"dataset-{cfg.dataset}.lock", f"dataset {cfg.dataset!r}", cfg.wait,
-                    hint=WAIT_HINT)
+    lock = FileLock(ws.locks_dir / f"dataset-{cfg.dataset}.lock", f"dataset {cfg.dataset!r}", cfg.wait, hint=WAIT_HINT)
     tally = ScanTally()
     with lock:
         remove_stale_tmp(path.parent)
@@ -473,10 +495,17 @@ def run_scan(ws: Workspace, cfg: ScanConfig, run_id: str) -> ScanSummary:
     removed = (prev.rows if prev else 0) - tally.changed - tally.unchanged - tally.retried
     summary = _summary(cfg, root, path, tally, stats, removed, time.perf_counter() - t0)
     log.info(
-        "scanned %s: %d files (%d added, %d changed, %d unchanged, %d removed), %d ok, %d errors, "
-        "%d skipped in %.1fs",
-        cfg.dataset, summary.files, tally.added, tally.changed, tally.unchanged, removed,
-        summary.ok, summary.errors, summary.skipped_total, summary.seconds,
+        "scanned %s: %d files (%d added, %d changed, %d unchanged, %d removed), %d ok, %d errors, %d skipped in %.1fs",
+        cfg.dataset,
+        summary.files,
+        tally.added,
+        tally.changed,
+        tally.unchanged,
+        removed,
+        summary.ok,
+        summary.errors,
+        summary.skipped_total,
+        summary.seconds,
     )
     return summary
 

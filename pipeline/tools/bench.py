@@ -15,19 +15,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from imgfeat.backbones import get_backbone
 from imgfeat.core.errors import ConfigError, ImgfeatError
 from imgfeat.core.options import opt
 from imgfeat.core.results import JsonObject
-from imgfeat.scan.probe import has_image_extension
-from imgfeat.backbones import get_backbone
 from imgfeat.core.workspace import Workspace
-from imgfeat.extract.batches import Batch, DECODE_MODES, InputSpec
+from imgfeat.extract.batches import DECODE_MODES, Batch, InputSpec
 from imgfeat.extract.decode import DecodeConfig
 from imgfeat.extract.executors import timed_build
 from imgfeat.extract.executors.local import decoded_batches, default_workers
 from imgfeat.extract.extract import DoneSets, ExtractConfig, Tally, walk_manifest
 from imgfeat.extract.forward import Forward, in_flight
 from imgfeat.extract.recipe import resolve_recipe
+from imgfeat.scan.probe import has_image_extension
 from imgfeat.scan.scan import ScanConfig, run_scan
 
 log = logging.getLogger(__name__)
@@ -49,13 +49,19 @@ class BenchConfig:
     input_size: int | None = opt(None, metavar="N", help="square input side")
     fast_decode: bool = opt(False, help="pass --fast-decode to extract")
     precision: str = opt("float32", metavar="float32|bfloat16|float16", help="compute precision")
-    workers: int | None = opt(None, metavar="N",
-                              help="decoders of extract and of the input path (default: the CPU count)")
+    workers: int | None = opt(
+        None, metavar="N", help="decoders of extract and of the input path (default: the CPU count)"
+    )
     # the input path decodes the same way
-    decode: str = opt("auto", metavar="auto|threads|processes|gpu", help="extract's --decode, also used by the input path")
+    decode: str = opt(
+        "auto", metavar="auto|threads|processes|gpu", help="extract's --decode, also used by the input path"
+    )
     paths: tuple[str, ...] = PATHS  # the flag is --skip
-    repeat: int = opt(1, metavar="N", help="rounds of all paths, interleaved; each path's fastest round counts "
-                                           "(use 3+ on a shared machine)")
+    repeat: int = opt(
+        1,
+        metavar="N",
+        help="rounds of all paths, interleaved; each path's fastest round counts (use 3+ on a shared machine)",
+    )
 
     def __post_init__(self) -> None:
         spec = get_backbone(self.backbone)
@@ -116,18 +122,43 @@ def _scan(ws_root: Path, images: Path, run_id: str) -> None:
 
 def _command(path: str, cfg: BenchConfig, images: Path, ws_root: Path) -> list[str]:
     if path == "extract":
-        cmd = [sys.executable, "-m", "imgfeat", "extract", "--workspace", str(ws_root), "--dataset", BENCH_DATASET,
-               "--backbone", cfg.backbone, "--weights", cfg.weights, "--batch-size", str(cfg.batch_size),
-               "--precision", cfg.precision, "--json"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "imgfeat",
+            "extract",
+            "--workspace",
+            str(ws_root),
+            "--dataset",
+            BENCH_DATASET,
+            "--backbone",
+            cfg.backbone,
+            "--weights",
+            cfg.weights,
+            "--batch-size",
+            str(cfg.batch_size),
+            "--precision",
+            cfg.precision,
+            "--json",
+        ]
         cmd += ["--input-size", str(cfg.input_size)] if cfg.input_size else []
         cmd += ["--workers", str(cfg.workers)] if cfg.workers else []
         cmd += ["--decode", cfg.decode]
         return cmd + (["--fast-decode"] if cfg.fast_decode else [])
     n = len(list_images(images, None))
-    spec = {"backbone": cfg.backbone, "weights": cfg.weights, "input_size": cfg.input_size,
-            "batch_size": cfg.batch_size, "precision": cfg.precision, "n": n, "images": str(images),
-            "workspace": str(ws_root), "fast_decode": cfg.fast_decode, "decode": cfg.decode,
-            "workers": cfg.workers}
+    spec = {
+        "backbone": cfg.backbone,
+        "weights": cfg.weights,
+        "input_size": cfg.input_size,
+        "batch_size": cfg.batch_size,
+        "precision": cfg.precision,
+        "n": n,
+        "images": str(images),
+        "workspace": str(ws_root),
+        "fast_decode": cfg.fast_decode,
+        "decode": cfg.decode,
+        "workers": cfg.workers,
+    }
     code = f"import sys, json; from imgfeat.tools.bench import {path}_main; {path}_main(json.loads(sys.argv[1]))"
     return [sys.executable, "-c", code, json.dumps(spec)]
 
@@ -138,8 +169,9 @@ def _time_process(cmd: list[str]) -> JsonObject:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise ImgfeatError(f"bench step failed (exit {proc.returncode}): {' '.join(cmd[:6])} ...\n"
-                           f"{proc.stderr[-2000:]}")
+        raise ImgfeatError(
+            f"bench step failed (exit {proc.returncode}): {' '.join(cmd[:6])} ...\n{proc.stderr[-2000:]}"
+        )
     last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "{}"
     return {"seconds": round(seconds, 3), "inner": json.loads(last)}
 
@@ -149,18 +181,34 @@ def _report(cfg: BenchConfig, n: int, runs: dict[str, list[dict[str, Any]]]) -> 
     timings = {p: min(rs, key=lambda r: r["seconds"]) for p, rs in runs.items()}
     rate = {p: round(n / t["seconds"], 2) for p, t in timings.items()}
     out: dict[str, Any] = {
-        "backbone": cfg.backbone, "images": n, "batch_size": cfg.batch_size, "weights": cfg.weights,
-        "fast_decode": cfg.fast_decode, "precision": cfg.precision, "cpu_count": os.cpu_count(),
-        "repeat": cfg.repeat, "images_per_s": rate,
+        "backbone": cfg.backbone,
+        "images": n,
+        "batch_size": cfg.batch_size,
+        "weights": cfg.weights,
+        "fast_decode": cfg.fast_decode,
+        "precision": cfg.precision,
+        "cpu_count": os.cpu_count(),
+        "repeat": cfg.repeat,
+        "images_per_s": rate,
         "process_seconds": {p: t["seconds"] for p, t in timings.items()},
         "all_rounds_seconds": {p: [r["seconds"] for r in rs] for p, rs in runs.items()},
         "load_average": os.getloadavg(),
     }
     if "extract" in timings:
         inner = timings["extract"]["inner"]
-        out["extract_inner"] = {k: inner.get(k) for k in ("extracted", "seconds", "model_seconds",
-                                                          "decode_seconds", "input_wait_seconds", "build_seconds",
-                                                          "images_per_s", "featureset")}
+        out["extract_inner"] = {
+            k: inner.get(k)
+            for k in (
+                "extracted",
+                "seconds",
+                "model_seconds",
+                "decode_seconds",
+                "input_wait_seconds",
+                "build_seconds",
+                "images_per_s",
+                "featureset",
+            )
+        }
     if "forward" in rate and "extract" in rate:
         out["end_to_end_over_forward"] = round(rate["extract"] / rate["forward"], 3)
     if "input" in rate and "extract" in rate:
@@ -178,8 +226,13 @@ def _report(cfg: BenchConfig, n: int, runs: dict[str, list[dict[str, Any]]]) -> 
 
 
 def _build(spec: dict[str, Any]):
-    cfg = ExtractConfig(dataset=BENCH_DATASET, backbone=spec["backbone"], weights=spec["weights"],
-                        input_size=spec["input_size"], precision=spec["precision"])
+    cfg = ExtractConfig(
+        dataset=BENCH_DATASET,
+        backbone=spec["backbone"],
+        weights=spec["weights"],
+        input_size=spec["input_size"],
+        precision=spec["precision"],
+    )
     resolved = resolve_recipe(cfg)
     return resolved.spec, timed_build(resolved, cfg.precision)[0], resolved.recipe.input_size
 
@@ -208,11 +261,14 @@ def input_main(spec: dict[str, Any]) -> None:
     # a keras-hub preset's converter decides the crop and the interpolation, as in extract
     conv = getattr(backbone, "converter", None)
     crop, interp, aa = (conv.crop, conv.interpolation, conv.antialias) if conv else ("none", "bilinear", True)
-    inputs = InputSpec(DecodeConfig((size, size), interp, spec["fast_decode"], crop=crop, antialias=aa),
-                       spec["batch_size"],
-                       decode=spec["decode"])
-    items = walk_manifest(Workspace(Path(spec["workspace"])), BENCH_DATASET, DoneSets(set(), set(), set()),
-                          Tally(), "bench")
+    inputs = InputSpec(
+        DecodeConfig((size, size), interp, spec["fast_decode"], crop=crop, antialias=aa),
+        spec["batch_size"],
+        decode=spec["decode"],
+    )
+    items = walk_manifest(
+        Workspace(Path(spec["workspace"])), BENCH_DATASET, DoneSets(set(), set(), set()), Tally(), "bench"
+    )
     t0, rows = time.perf_counter(), 0
     for batch in decoded_batches(items, inputs, "bench", spec["workers"] or default_workers()):
         rows += len(batch.ids)
@@ -229,7 +285,8 @@ def tutorial_main(spec: dict[str, Any]) -> None:
 
     backbone, model, size = _build(spec)
     ds = keras.utils.image_dataset_from_directory(
-        spec["images"], labels=None, image_size=(size, size), batch_size=spec["batch_size"], shuffle=False)
+        spec["images"], labels=None, image_size=(size, size), batch_size=spec["batch_size"], shuffle=False
+    )
     preprocess = backbone.preprocess_fn()
     ds = ds.map(lambda x: preprocess(x))
     t0 = time.perf_counter()

@@ -16,9 +16,9 @@ from imgfeat.core.errors import ConfigError, ImgfeatError
 from imgfeat.core.results import JsonObject
 from imgfeat.core.storage import FileLock, column_values, linked_folder, remove_file, remove_tree
 from imgfeat.core.workspace import Workspace
+from imgfeat.extract.featureset import committed_ids, errored_ids, featureset_info
 from imgfeat.heads.artifacts import HEAD_FILE, read_head_meta
 from imgfeat.heads.versions import committed_heads, featureset_index, head_index, names_of
-from imgfeat.extract.featureset import committed_ids, errored_ids, featureset_info
 from imgfeat.index import list_indexes as lister
 from imgfeat.index.files import read_indexes
 from imgfeat.scan.manifest import manifest_info, read_manifest
@@ -122,8 +122,15 @@ def _datasets(ws: Workspace, damaged: list[str]) -> list[DatasetEntry]:
         except ImgfeatError as exc:
             damaged.append(str(exc))
             continue
-        out.append(DatasetEntry(d, len(t), int((t[S.STATUS] == S.STATUS_OK).sum()),
-                                int(t[S.LABEL].dropna().nunique()), created if isinstance(created, str) else None))
+        out.append(
+            DatasetEntry(
+                d,
+                len(t),
+                int((t[S.STATUS] == S.STATUS_OK).sum()),
+                int(t[S.LABEL].dropna().nunique()),
+                created if isinstance(created, str) else None,
+            )
+        )
     return sorted(out, key=lambda e: e.created or "", reverse=True)
 
 
@@ -133,8 +140,9 @@ def _featuresets(ws: Workspace, manifests: dict[str, set[str]], damaged: list[st
     return sorted(out, key=lambda e: e.created or "", reverse=True)
 
 
-def _featureset(ws: Workspace, fs: str, index: N.Versions, manifests: dict[str, set[str]],
-                damaged: list[str]) -> FeaturesetEntry | None:
+def _featureset(
+    ws: Workspace, fs: str, index: N.Versions, manifests: dict[str, set[str]], damaged: list[str]
+) -> FeaturesetEntry | None:
     try:
         info = featureset_info(ws, fs)
         ids, errors = committed_ids(ws, fs), len(errored_ids(ws, fs))
@@ -146,8 +154,16 @@ def _featureset(ws: Workspace, fs: str, index: N.Versions, manifests: dict[str, 
     covered = {d: len(ids & m) for d, m in manifests.items() if ids & m}
     latest = sorted(n for n, v in N.latest(index).items() if v == fs)
     backbone, created = info.get("backbone"), info.get("created_at")
-    return FeaturesetEntry(fs, names_of(index, fs), latest, backbone if isinstance(backbone, str) else None,
-                           len(ids), errors, covered, created if isinstance(created, str) else None)
+    return FeaturesetEntry(
+        fs,
+        names_of(index, fs),
+        latest,
+        backbone if isinstance(backbone, str) else None,
+        len(ids),
+        errors,
+        covered,
+        created if isinstance(created, str) else None,
+    )
 
 
 def _heads(ws: Workspace, damaged: list[str]) -> list[HeadEntry]:
@@ -163,10 +179,19 @@ def _heads(ws: Workspace, damaged: list[str]) -> list[HeadEntry]:
                 _or_none(read_head_meta, ws, damaged, e[N.ID])  # says what is wrong with it
                 continue
             accuracy = (m.get("metrics") or {}).get("test_accuracy")
-            out.append(HeadEntry(e[N.ID], name, m.get("head") or "-", m.get("model_kind") or "-",
-                                 m.get("dataset") or "-", m["featureset"],
-                                 accuracy if isinstance(accuracy, (int, float)) else None, m.get("created_at"),
-                                 e[N.ID] in latest))
+            out.append(
+                HeadEntry(
+                    e[N.ID],
+                    name,
+                    m.get("head") or "-",
+                    m.get("model_kind") or "-",
+                    m.get("dataset") or "-",
+                    m["featureset"],
+                    accuracy if isinstance(accuracy, (int, float)) else None,
+                    m.get("created_at"),
+                    e[N.ID] in latest,
+                )
+            )
     return sorted(out, key=lambda e: (e.name, e.created or ""), reverse=False)
 
 
@@ -217,8 +242,14 @@ def plan_prune(ws: Workspace) -> PrunePlan:
     for kind in ("predictions", "file_predictions", "reports"):
         folders += [ws.root / kind / h for h in ws.list_names(kind) if h not in heads]
     folders = [p for p in dict.fromkeys(folders) if p.exists() or p.is_symlink()]
-    return PrunePlan(drop_heads, drop_fs, [str(p) for p in folders], sum(_size(p) for p in folders),
-                     sorted(keep_heads), sorted(set(all_fs) & used))
+    return PrunePlan(
+        drop_heads,
+        drop_fs,
+        [str(p) for p in folders],
+        sum(_size(p) for p in folders),
+        sorted(keep_heads),
+        sorted(set(all_fs) & used),
+    )
 
 
 def run_prune(ws: Workspace, yes: bool = False) -> PrunePlan:
@@ -230,7 +261,9 @@ def run_prune(ws: Workspace, yes: bool = False) -> PrunePlan:
         plan = plan_prune(ws)  # again, under the locks: nothing changes while we delete
         # Deletion never follows a link out of the workspace: a linked folder goes itself.
         for h in plan.heads:
-            remove_tree(ws.head_dir(h) / HEAD_FILE, ws.root)  # first: a head without head.json does not exist (a damaged
+            remove_tree(
+                ws.head_dir(h) / HEAD_FILE, ws.root
+            )  # first: a head without head.json does not exist (a damaged
             # one, even a folder, goes too)
         for f in plan.featuresets:  # likewise a featureset without its provenance
             remove_file(ws.featureset_provenance(f), ws.root)
@@ -244,8 +277,12 @@ def run_prune(ws: Workspace, yes: bool = False) -> PrunePlan:
 
 def _head_folders(ws: Workspace, head_id: str) -> list[Path]:
     tables = [ws.predictions_dir(head_id), ws.file_predictions_dir(head_id)]
-    return ([ws.head_dir(head_id)] + tables + [f(d) for d in tables for f in (commits_dir, rejected_dir)]
-            + [ws.report_dir(head_id)])
+    return (
+        [ws.head_dir(head_id)]
+        + tables
+        + [f(d) for d in tables for f in (commits_dir, rejected_dir)]
+        + [ws.report_dir(head_id)]
+    )
 
 
 def _featureset_folders(ws: Workspace, featureset: str) -> list[Path]:

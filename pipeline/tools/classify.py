@@ -10,15 +10,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from imgfeat.backbones import build_model, get_backbone, list_backbones, lite
+from imgfeat.backbones.weights import expected_file
+from imgfeat.core.errors import ConfigError
+from imgfeat.core.options import opt
 from imgfeat.core.results import JsonObject
 from imgfeat.extract.batches import pad_rows
 from imgfeat.extract.decode import DecodeConfig, DecodeError, decode_batch
 from imgfeat.extract.forward import Forward
-from imgfeat.core.errors import ConfigError
-from imgfeat.core.options import opt
 from imgfeat.tools.imagenet import NUM_CLASSES, decode_predictions
-from imgfeat.backbones import build_model, get_backbone, list_backbones, lite
-from imgfeat.backbones.weights import expected_file
 
 if TYPE_CHECKING:
     import keras
@@ -34,8 +34,9 @@ class ClassifyConfig:
 
     paths: tuple[str, ...]
     backbone: str = opt(DEFAULT_BACKBONE, help="a backbone with an ImageNet top")
-    weights: str = opt("imagenet", help="'imagenet', a .weights.h5 file with the classification top, or 'none' "
-                                        "(random)")
+    weights: str = opt(
+        "imagenet", help="'imagenet', a .weights.h5 file with the classification top, or 'none' (random)"
+    )
     top: int = opt(5, help="classes to show per image")
     batch_size: int = opt(16, help="images per forward pass")
     interpolation: str = "bilinear"
@@ -87,7 +88,6 @@ def classifier_backbones() -> list[str]:
 def _top_weights_local(spec: Any) -> bool:
     """A cheap check (no conversion, no hashing) that the with-top ImageNet weights are on disk."""
     if spec.imagenet_weights:  # shipped in a pip package: is that package installed?
-
         return spec.name not in lite.VARIANTS or lite.weights_installed(spec.name)
     try:
         return expected_file(spec, include_top=True)[0].is_file()

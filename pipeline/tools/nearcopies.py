@@ -55,14 +55,28 @@ def near_copy(im: Image.Image, transform: str) -> tuple[bytes, str]:
 
 # Real photos shipped inside installed packages (nothing is downloaded): (package, file in it).
 PHOTO_FILES: tuple[tuple[str, str], ...] = (
-    ("skimage", "data/chelsea.png"), ("skimage", "data/coffee.png"), ("skimage", "data/astronaut.png"),
-    ("skimage", "data/rocket.jpg"), ("skimage", "data/hubble_deep_field.jpg"), ("skimage", "data/retina.jpg"),
-    ("skimage", "data/motorcycle_left.png"), ("skimage", "data/motorcycle_right.png"), ("skimage", "data/camera.png"),
-    ("skimage", "data/coins.png"), ("skimage", "data/moon.png"), ("skimage", "data/brick.png"),
-    ("skimage", "data/grass.png"), ("skimage", "data/gravel.png"), ("skimage", "data/color.png"),
-    ("skimage", "data/ihc.png"), ("skimage", "data/cell.png"), ("skimage", "data/page.png"),
-    ("skimage", "data/text.png"), ("skimage", "data/clock_motion.png"),
-    ("sklearn", "datasets/images/china.jpg"), ("sklearn", "datasets/images/flower.jpg"),
+    ("skimage", "data/chelsea.png"),
+    ("skimage", "data/coffee.png"),
+    ("skimage", "data/astronaut.png"),
+    ("skimage", "data/rocket.jpg"),
+    ("skimage", "data/hubble_deep_field.jpg"),
+    ("skimage", "data/retina.jpg"),
+    ("skimage", "data/motorcycle_left.png"),
+    ("skimage", "data/motorcycle_right.png"),
+    ("skimage", "data/camera.png"),
+    ("skimage", "data/coins.png"),
+    ("skimage", "data/moon.png"),
+    ("skimage", "data/brick.png"),
+    ("skimage", "data/grass.png"),
+    ("skimage", "data/gravel.png"),
+    ("skimage", "data/color.png"),
+    ("skimage", "data/ihc.png"),
+    ("skimage", "data/cell.png"),
+    ("skimage", "data/page.png"),
+    ("skimage", "data/text.png"),
+    ("skimage", "data/clock_motion.png"),
+    ("sklearn", "datasets/images/china.jpg"),
+    ("sklearn", "datasets/images/flower.jpg"),
     ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"),
 )
 
@@ -120,8 +134,14 @@ def pick(n: int, k: int, seed: int) -> np.ndarray:
 LABEL_CONFLICT = "label_conflict"  # the truth tag of the same bytes under another label
 
 
-def build_photo_set(root: Path, copy_fraction: float, seed: int, grids: tuple[int, ...] = (1, 2, 3, 4),
-                    max_side: int = 320, label_conflict: bool = True) -> dict[str, tuple[str, str | None]]:
+def build_photo_set(
+    root: Path,
+    copy_fraction: float,
+    seed: int,
+    grids: tuple[int, ...] = (1, 2, 3, 4),
+    max_side: int = 320,
+    label_conflict: bool = True,
+) -> dict[str, tuple[str, str | None]]:
     """Distinct photos in train/ and test/ (a quarter) by label, and near-copies of training photos in test/.
 
     ``copy_fraction`` of the number of photos are copies, made from the saved files with each of
@@ -180,8 +200,9 @@ def score(truth: dict[str, tuple[str, str | None]], groups_dir: str, leaks_dir: 
     conflicts = []
     for rel, (name, t) in truth.items():
         if t == LABEL_CONFLICT:
-            conflicts.append(group_of.get(rel) is not None and group_of.get(rel) == group_of.get(original[name])
-                             and flagged[rel])
+            conflicts.append(
+                group_of.get(rel) is not None and group_of.get(rel) == group_of.get(original[name]) and flagged[rel]
+            )
         if t is None or t == LABEL_CONFLICT:
             continue
         g = group_of.get(rel)
@@ -189,7 +210,11 @@ def score(truth: dict[str, tuple[str, str | None]], groups_dir: str, leaks_dir: 
         found[t].append(ok)
         found["all"].append(ok)
     false = sum(1 for rel in truth if rel in group_of and len(members[group_of[rel]]) > 1)
-    return {"recall": {t: round(sum(v) / len(v), 3) for t, v in found.items()},
-            "found": f"{sum(found['all'])}/{len(found['all'])}",
-            "false_grouped": false, "false_grouping_rate": round(false / len(truth), 4), "images": len(truth),
-            "label_conflicts_found": f"{sum(conflicts)}/{len(conflicts)}"}
+    return {
+        "recall": {t: round(sum(v) / len(v), 3) for t, v in found.items()},
+        "found": f"{sum(found['all'])}/{len(found['all'])}",
+        "false_grouped": false,
+        "false_grouping_rate": round(false / len(truth), 4),
+        "images": len(truth),
+        "label_conflicts_found": f"{sum(conflicts)}/{len(conflicts)}",
+    }

@@ -17,7 +17,16 @@ from imgfeat.extract.executors.base import (
 from imgfeat.extract.executors.local import LocalExecutor
 from imgfeat.extract.executors.ray import RayExecutor
 
-__all__ = ["EXECUTORS", "PRECISIONS", "BatchReport", "Executor", "ExecutorConfig", "ExtractJob", "timed_build", "make_executor"]
+__all__ = [
+    "EXECUTORS",
+    "PRECISIONS",
+    "BatchReport",
+    "Executor",
+    "ExecutorConfig",
+    "ExtractJob",
+    "timed_build",
+    "make_executor",
+]
 
 
 def make_executor(cfg: ExecutorConfig, seam: Any = None) -> Executor:

@@ -12,9 +12,9 @@ from typing import Any, Protocol
 from imgfeat.backbones import build_model
 from imgfeat.core.errors import ConfigError, unknown_value
 from imgfeat.core.options import opt
+from imgfeat.core.ranges import check_fields
 from imgfeat.core.results import JsonObject
 from imgfeat.core.schemas import ErrorRow
-from imgfeat.core.ranges import check_fields
 from imgfeat.core.workspace import Workspace
 from imgfeat.extract.batches import InputSpec, Item
 from imgfeat.extract.recipe import Provenance, Resolved
@@ -33,20 +33,36 @@ class ExecutorConfig:
     ``actors`` backbone actors (default one per GPU, or one per node without GPUs), ``address``,
     ``gpus_per_worker`` and ``cpus_per_worker`` (per backbone actor)."""
 
-    name: str = opt("local", flag="--executor", choices=EXECUTORS,
-                    help="run here, or on Ray Data: decode as CPU tasks, the backbone in an actor pool")
+    name: str = opt(
+        "local",
+        flag="--executor",
+        choices=EXECUTORS,
+        help="run here, or on Ray Data: decode as CPU tasks, the backbone in an actor pool",
+    )
     workers: int | None = None  # the flag is extract's (ExtractConfig.workers), handed on here
-    actors: int | None = opt(None, flag="--ray-actors", metavar="N",
-                             help="backbone actors (default: one per GPU, or one per node without GPUs)")
-    address: str | None = opt(None, flag="--ray-address", metavar="ADDR",
-                              help="'auto' (an existing cluster), 'local', 'ray://HOST:PORT' or HOST:PORT "
-                                   "(default: $RAY_ADDRESS, a cluster on this machine, else a private one)")
-    gpus_per_worker: float | None = opt(None, metavar="G",
-                                        help="GPUs per backbone actor (default: 1 when the cluster has GPUs, else 0)")
+    actors: int | None = opt(
+        None,
+        flag="--ray-actors",
+        metavar="N",
+        help="backbone actors (default: one per GPU, or one per node without GPUs)",
+    )
+    address: str | None = opt(
+        None,
+        flag="--ray-address",
+        metavar="ADDR",
+        help="'auto' (an existing cluster), 'local', 'ray://HOST:PORT' or HOST:PORT "
+        "(default: $RAY_ADDRESS, a cluster on this machine, else a private one)",
+    )
+    gpus_per_worker: float | None = opt(
+        None, metavar="G", help="GPUs per backbone actor (default: 1 when the cluster has GPUs, else 0)"
+    )
     cpus_per_worker: float = 1.0
     # batches submitted to the model and not yet fetched (imgfeat.extract.forward)
-    in_flight: int = opt(2, metavar="N", help="batches submitted to the model before the oldest result is "
-                                              "fetched (default 2; changes no numbers)")
+    in_flight: int = opt(
+        2,
+        metavar="N",
+        help="batches submitted to the model before the oldest result is fetched (default 2; changes no numbers)",
+    )
 
     def __post_init__(self) -> None:
         if self.name not in EXECUTORS:
@@ -56,8 +72,9 @@ class ExecutorConfig:
             if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1):
                 raise ConfigError(f"{key.replace('_', ' ')} must be a positive integer, got {w!r}")
         a = self.address
-        if a is not None and not (isinstance(a, str) and (a in ("auto", "local") or a.startswith("ray://")
-                                                          or _host_port(a))):
+        if a is not None and not (
+            isinstance(a, str) and (a in ("auto", "local") or a.startswith("ray://") or _host_port(a))
+        ):
             raise ConfigError(f"invalid Ray address {a!r}: use 'auto', 'local', 'ray://HOST:PORT' or HOST:PORT")
         g, c = self.gpus_per_worker, self.cpus_per_worker
         if g is not None and not (_is_number(g) and g >= 0):
@@ -135,6 +152,14 @@ def timed_build(resolved: Resolved, precision: str) -> tuple[Any, float]:
     r = resolved.recipe
     log.info("building %s at %d px (%s weights) ...", r.backbone, r.input_size, resolved.source.kind)
     t0 = time.perf_counter()
-    model = build_model(resolved.spec, resolved.source.build_arg(), r.input_size, r.pooling, r.layer,
-                        resolved.source.seed, resolved_weights=resolved.ref, dtype_policy=PRECISIONS[precision])
+    model = build_model(
+        resolved.spec,
+        resolved.source.build_arg(),
+        r.input_size,
+        r.pooling,
+        r.layer,
+        resolved.source.seed,
+        resolved_weights=resolved.ref,
+        dtype_policy=PRECISIONS[precision],
+    )
     return model, time.perf_counter() - t0

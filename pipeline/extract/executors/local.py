@@ -15,11 +15,11 @@ from typing import Any
 from imgfeat.core.errors import ImgfeatError
 from imgfeat.core.results import JsonObject
 from imgfeat.extract.batches import Batch, InputSpec, Item, chunked, make_batch, resolve_decode
+from imgfeat.extract.decodepool import prestart, process_batches
 from imgfeat.extract.executors.base import BatchReport, ExecutorConfig, ExtractJob, timed_build
 from imgfeat.extract.forward import DEFAULT_DEPTH, Forward, in_flight
-from imgfeat.extract.shards import FeaturesetDirs, FeaturesetWriter, refuse_non_finite
-from imgfeat.extract.decodepool import prestart, process_batches
 from imgfeat.extract.gpudecode import gpu_batches
+from imgfeat.extract.shards import FeaturesetDirs, FeaturesetWriter, refuse_non_finite
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +60,9 @@ def thread_batches(items: Iterable[Item], spec: InputSpec, run_id: str, workers:
                 fut.cancel()
 
 
-def decoded_batches(items: Iterable[Item], spec: InputSpec, run_id: str, workers: int,
-                    depth: int = DEFAULT_DEPTH) -> Iterator[Batch]:
+def decoded_batches(
+    items: Iterable[Item], spec: InputSpec, run_id: str, workers: int, depth: int = DEFAULT_DEPTH
+) -> Iterator[Batch]:
     """The decode mode's batch stream: threads, worker processes or the GPU (same contract)."""
     mode = resolve_decode(spec.decode, workers)
     log.debug("decoding with %s (%d workers)", mode, workers)
@@ -137,26 +138,32 @@ class Fault(ShardSeam):
             return False
 
 
-def run_shard(job: ExtractJob, shard: Shard, forward: Forward, workers: int, depth: int = DEFAULT_DEPTH,
-              seam: ShardSeam = NO_SEAM) -> Iterator[BatchReport]:
+def run_shard(
+    job: ExtractJob, shard: Shard, forward: Forward, workers: int, depth: int = DEFAULT_DEPTH, seam: ShardSeam = NO_SEAM
+) -> Iterator[BatchReport]:
     """The one shard task: decode the shard's items (the input mapper, ``decoded_batches``), run the
     model over them (``in_flight``), commit their feature and error rows through one FeaturesetWriter,
     and report. One report per batch as it lands (for progress); the last, after the commit, names
     the feature shards committed. A failure before the commit commits nothing of the shard."""
     dirs = FeaturesetDirs.of(job.ws, job.featureset)
     # One feature shard per task, committed at its end (shard_size above the items: never sooner).
-    writer = FeaturesetWriter(dirs, shard.tag, job.provenance, len(shard.items) + 1, job.npy,
-                              start_seq=shard.seq, idempotent=shard.idempotent)
+    writer = FeaturesetWriter(
+        dirs, shard.tag, job.provenance, len(shard.items) + 1, job.npy, start_seq=shard.seq, idempotent=shard.idempotent
+    )
     for landed in in_flight(forward, decoded_batches(shard.items, job.inputs, job.run_id, workers, depth), depth):
         batch = landed.batch
-        ids, X, refused = (refuse_non_finite(batch.ids, landed.features, job.run_id) if batch.ids
-                           else ([], None, []))
+        ids, X, refused = refuse_non_finite(batch.ids, landed.features, job.run_id) if batch.ids else ([], None, [])
         errors = batch.errors + refused
         writer.add_errors(errors)
         if ids:
             writer.add_features(ids, X)
-        yield BatchReport(len(ids), errors, model_seconds=landed.model_seconds, decode_seconds=batch.decode_seconds,
-                          input_wait_seconds=landed.input_wait_seconds)
+        yield BatchReport(
+            len(ids),
+            errors,
+            model_seconds=landed.model_seconds,
+            decode_seconds=batch.decode_seconds,
+            input_wait_seconds=landed.input_wait_seconds,
+        )
     seam.at("before_commit", shard)
     writer.flush()
     seam.at("after_commit", shard)

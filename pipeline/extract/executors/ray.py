@@ -101,12 +101,15 @@ class ShardActor:
         first = int(batch[ROW].min())
         if count_attempt(attempts_dir(self.job.ws, self.job.run_id), first) > MAX_BATCH_ATTEMPTS:
             # Ray retries a dead actor's batch for ever; a batch that keeps killing it must end the run.
-            raise ImgfeatError(f"the batch of todo rows {first}..{int(batch[ROW].max())} killed its worker "
-                               f"{MAX_BATCH_ATTEMPTS} times (first image: {batch[S.IMAGE_ID][0]})")
+            raise ImgfeatError(
+                f"the batch of todo rows {first}..{int(batch[ROW].max())} killed its worker "
+                f"{MAX_BATCH_ATTEMPTS} times (first image: {batch[S.IMAGE_ID][0]})"
+            )
         items = [Item(str(i), str(p)) for i, p in zip(batch[S.IMAGE_ID], batch[S.PATH])]
         shard = Shard(first, items, ray_tag(self.job), seq=first, idempotent=True)
-        report = shard_report(run_shard(self.job, shard, self.model, self.workers, self.depth, self.seam),
-                              self.build_seconds)
+        report = shard_report(
+            run_shard(self.job, shard, self.model, self.workers, self.depth, self.seam), self.build_seconds
+        )
         self.build_seconds = 0.0
         out = np.empty(1, dtype=object)
         out[0] = report
@@ -131,9 +134,14 @@ class RayExecutor:
         try:
             with _connected(self.ray, self.cfg):
                 self.plan = plan_pool(self.ray, self.cfg, len(todo), job.inputs.batch_size, job.shard_size)
-                log.info("ray: %d image(s) in shards of %d on %d worker(s) (%s GPU, %s CPU each)", len(todo),
-                         self.plan["rows_per_shard"], self.plan["workers"], self.plan["gpus_per_worker"],
-                         self.cfg.cpus_per_worker)
+                log.info(
+                    "ray: %d image(s) in shards of %d on %d worker(s) (%s GPU, %s CPU each)",
+                    len(todo),
+                    self.plan["rows_per_shard"],
+                    self.plan["workers"],
+                    self.plan["gpus_per_worker"],
+                    self.cfg.cpus_per_worker,
+                )
                 ds = _dataset(self.ray, job, self.cfg, todo, self.plan, self.seam)
                 with contextlib.closing(_reports(ds)) as reports:
                     yield from reports
@@ -207,17 +215,19 @@ def _alive_nodes(ray) -> int:
     return max(1, sum(1 for n in ray.nodes() if n.get("Alive")))
 
 
-def _dataset(ray, job: ExtractJob, ray_cfg: ExecutorConfig, todo: list[Item], plan: dict[str, Any],
-             seam: ShardSeam):
+def _dataset(ray, job: ExtractJob, ray_cfg: ExecutorConfig, todo: list[Item], plan: dict[str, Any], seam: ShardSeam):
     """The lazy Ray Dataset: todo blocks of one shard each -> a fixed pool of backbone actors."""
     _quiet_ray_data(ray)
     rows = plan["rows_per_shard"]
     ds = ray.data.from_arrow(_todo_blocks(todo, rows))
     return ds.map_batches(
-        ShardActor, batch_size=rows,
+        ShardActor,
+        batch_size=rows,
         fn_constructor_args=(job, seam, ray_cfg.workers, ray_cfg.in_flight),
-        compute=ray.data.ActorPoolStrategy(size=plan["workers"]), num_cpus=ray_cfg.cpus_per_worker,
-        num_gpus=plan["gpus_per_worker"], runtime_env=_worker_env(plan["gpus_per_worker"]),
+        compute=ray.data.ActorPoolStrategy(size=plan["workers"]),
+        num_cpus=ray_cfg.cpus_per_worker,
+        num_gpus=plan["gpus_per_worker"],
+        runtime_env=_worker_env(plan["gpus_per_worker"]),
     )
 
 
@@ -240,9 +250,13 @@ def _worker_env(gpus: float) -> dict[str, Any]:
 
 
 def _todo_blocks(todo: list[Item], rows: int) -> list[pa.Table]:
-    table = pa.table({ROW: pa.array(range(len(todo)), pa.int64()),
-                      S.IMAGE_ID: pa.array([i.image_id for i in todo], pa.string()),
-                      S.PATH: pa.array([i.path for i in todo], pa.string())})
+    table = pa.table(
+        {
+            ROW: pa.array(range(len(todo)), pa.int64()),
+            S.IMAGE_ID: pa.array([i.image_id for i in todo], pa.string()),
+            S.PATH: pa.array([i.path for i in todo], pa.string()),
+        }
+    )
     return [table.slice(start, rows) for start in range(0, len(todo), rows)]
 
 

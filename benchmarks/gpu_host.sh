@@ -34,23 +34,33 @@ export PYTHONPATH="$SITE" KERAS_BACKEND=jax IMGFEAT_PROGRESS=0
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/gpu.txt" 2>&1 || true
 
 if [ ! -d "$IMAGES" ]; then
+  # In a process pool (every core): one process takes minutes of the device session for 40,000 files.
   python3 - "$IMAGES" "$N" 500 375 <<'PY'
+import os
 import sys
+from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
 
 from imgfeat.tools.samples import DEMO_CLASSES, load_photo
 
-out, n, w, h = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-out.mkdir(parents=True, exist_ok=True)
-photos = [load_photo(name) for name in DEMO_CLASSES.values()]
-rng = np.random.default_rng(0)
-for i in range(n):
-    im = photos[i % len(photos)]
-    cw, ch = (int(s * rng.uniform(0.5, 1.0)) for s in im.size)
-    x, y = int(rng.integers(0, im.size[0] - cw + 1)), int(rng.integers(0, im.size[1] - ch + 1))
-    im.crop((x, y, x + cw, y + ch)).resize((w, h)).save(out / f"{i:06d}.jpg", quality=90)
+OUT, N, W, H = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+PHOTOS = [load_photo(name) for name in DEMO_CLASSES.values()]
+
+
+def make(start: int) -> None:
+    rng = np.random.default_rng(start)
+    for i in range(start, min(start + 500, N)):
+        im = PHOTOS[i % len(PHOTOS)]
+        cw, ch = (int(s * rng.uniform(0.5, 1.0)) for s in im.size)
+        x, y = int(rng.integers(0, im.size[0] - cw + 1)), int(rng.integers(0, im.size[1] - ch + 1))
+        im.crop((x, y, x + cw, y + ch)).resize((W, H)).save(OUT / f"{i:06d}.jpg", quality=90)
+
+
+OUT.mkdir(parents=True, exist_ok=True)
+with Pool(os.cpu_count()) as pool:
+    pool.map(make, range(0, N, 500))
 PY
 fi
 

@@ -483,17 +483,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             "--memory-budget is not offered by %s: not passed there",
             ", ".join(sorted(set(BUDGET_STAGES) - budget_stages)),
         )
-    rows: list[Row] = []
-    for n in args.sizes:
-        rows += run_images(n, args, budget_stages)
-    for n in args.feature_sizes:
-        rows += run_synthetic(n, args, budget_stages)
-    add_ratios(rows)
     config = {
         k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("write_synthetic", "rows")
     }
-    config.update(cpus=os.cpu_count(), load_average=os.getloadavg(), budget_stages=sorted(budget_stages))
-    write_figures(rows, args.out, config)
+    config.update(cpus=os.cpu_count(), budget_stages=sorted(budget_stages))
+    rows: list[Row] = []
+    runs = [(run_images, n) for n in args.sizes] + [(run_synthetic, n) for n in args.feature_sizes]
+    for run, n in runs:
+        rows += run(n, args, budget_stages)
+        add_ratios(rows)  # the figures so far, after each N: a long run that is stopped keeps them
+        write_figures(rows, args.out, {**config, "load_average": os.getloadavg()})
     print(table_text(rows))
     return 0 if all(r.rc == 0 for r in rows) else 1
 

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from imgfeat.backbones import build_model, get_backbone, list_backbones
-from imgfeat.backbones.hub import FAMILY_NOTES, cached_hub_rows, cached_presets, kagglehub_cache
+from imgfeat.backbones.hub import FAMILY_NOTES, HubSpec, cached_hub_rows, cached_presets, kagglehub_cache
 from imgfeat.backbones.weights import is_cached
 from imgfeat.cli.common import JobContext, Summary, add_command
 from imgfeat.core.errors import ConfigError, unknown_value
@@ -100,7 +100,7 @@ def backbone_rows(family: str | None = None) -> list[dict[str, Any]]:
 def layer_rows(name: str) -> list[dict[str, Any]]:
     """Layer name, type and output shape of a backbone built with random weights at its default size."""
     spec = get_backbone(name)
-    if getattr(spec, "preset_dir", None):
+    if isinstance(spec, HubSpec) and spec.preset_dir:
         raise ConfigError(
             f"{name} is a keras-hub preset: its feature is the {spec.family} {spec.embedding} "
             f"embedding, with no --layer taps"
@@ -139,7 +139,7 @@ def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:
         if not args.json:
             print(format_table(rows, (("preset", "name"), ("cached", "cached"), ("path", "path"))))
             print(f"\n{sum(r['cached'] for r in rows)} of {len(rows)} cached in {kagglehub_cache()}")
-        return {"cache": str(kagglehub_cache()), "presets": rows}
+        return {"cache": str(kagglehub_cache()), "presets": list(rows)}
     if args.blocks:
         rows = block_rows(args.blocks)
         if not args.json:
@@ -170,7 +170,7 @@ def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:
             f"(imgfeat weights list shows the files)"
         )
         print(hub_note(hub_rows))
-    return {"count": len(rows) + len(hub_rows), "backbones": rows + hub_rows, "hub_families": hub_families()}
+    return {"count": len(rows) + len(hub_rows), "backbones": [*rows, *hub_rows], "hub_families": dict(hub_families())}
 
 
 def hub_families() -> dict[str, str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from imgfeat.cli.common import JobContext, Summary, add_command, add_config_flags, config_values
+from imgfeat.core.results import json_list
 from imgfeat.tools.classify import ClassifyConfig, format_result, run_classify
 
 DESCRIPTION = """\
@@ -28,8 +29,9 @@ examples:
 def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:
     cfg = ClassifyConfig(paths=tuple(args.images), **config_values(ClassifyConfig, args))
     summary = run_classify(cfg)
-    for result in summary["results"]:
-        print(format_result(result), flush=True)
+    for result in json_list(summary, "results"):
+        if isinstance(result, dict):  # (each is an ImageResult's object)
+            print(format_result(result), flush=True)
     return summary
 
 

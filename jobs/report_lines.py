@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from imgfeat.core.workspace import Workspace
 from imgfeat.run.summary import STAGE_ITEMS, RunSummary
@@ -25,25 +26,25 @@ def _accuracy(summary: RunSummary, head: str) -> str:
 
 
 def print_run_summary(ws: Workspace, summary: RunSummary) -> None:
-    for name, s in summary.scan.items():
-        print(f"scan     {name:<24} {s.files} files ({s.added} added, {s.changed} changed, {s.removed} removed)")
-    for key, s in summary.extract.items():
-        speed = f" at {s.images_per_s:.1f} img/s" if s.extracted else ""
+    for name, sc in summary.scan.items():
+        print(f"scan     {name:<24} {sc.files} files ({sc.added} added, {sc.changed} changed, {sc.removed} removed)")
+    for key, ex in summary.extract.items():
+        speed = f" at {ex.images_per_s:.1f} img/s" if ex.extracted else ""
         print(
-            f"extract  {key:<24} {s.extracted} extracted{speed}, {s.reused} reused, {s.errors_new} new errors "
-            f"-> {_rel(ws.featureset_dir(s.featureset))}"
+            f"extract  {key:<24} {ex.extracted} extracted{speed}, {ex.reused} reused, {ex.errors_new} new errors "
+            f"-> {_rel(ws.featureset_dir(ex.featureset))}"
         )
-    for name, s in summary.train.items():
+    for name, tr in summary.train.items():
         print(
             f"train    {name:<24} {_accuracy(summary, name)}"
-            f"{' (reused)' if s.reused else ''} -> {_rel(ws.head_dir(s.head_id))}"
+            f"{' (reused)' if tr.reused else ''} -> {_rel(ws.head_dir(tr.head_id))}"
         )
-    for key, s in summary.predict.items():
-        print(f"predict  {key:<24} {s.written} new rows")
-    for name, s in summary.report.items():
-        print(f"report   {name:<24} {_rel(s.report)}")
-    for name, s in summary.index.items():
-        print(f"index    {name:<24} {s.rows} images ({s.added} added, kind {s.kind})")
+    for key, pr in summary.predict.items():
+        print(f"predict  {key:<24} {pr.written} new rows")
+    for name, rp in summary.report.items():
+        print(f"report   {name:<24} {_rel(rp.report)}")
+    for name, ix in summary.index.items():
+        print(f"index    {name:<24} {ix.rows} images ({ix.added} added, kind {ix.kind})")
     for key, r in summary.error_rates.items():
         if r.errors:
             print(f"errors   {key:<24} {r.errors} of {r.images} images ({r.rate:.1%})")
@@ -53,7 +54,7 @@ def print_run_summary(ws: Workspace, summary: RunSummary) -> None:
         )
 
 
-def print_plan(plan: dict) -> None:
+def print_plan(plan: dict[str, Any]) -> None:
     """``run --dry-run`` for a person: one aligned line per stage and name (``--json`` has it all)."""
     print("dry run: nothing was read beyond file stats, nothing written")
     for name, s in plan["scan"].items():
@@ -73,9 +74,9 @@ def print_plan(plan: dict) -> None:
                 f"(+{s.get('new_or_changed_files', 0)} new or changed files) -> {s['featureset']}"
             )
     for name, s in plan["heads"].items():
-        then = [f"predict {', '.join(s['predict'])}"] if s["predict"] else []
-        then += ["report"] if s["report"] else []
-        then = ", ".join(then)
+        steps = [f"predict {', '.join(s['predict'])}"] if s["predict"] else []
+        steps += ["report"] if s["report"] else []
+        then = ", ".join(steps)
         print(
             f"train    {name:<24} {s['features']} on {s['dataset']}, then {then or 'nothing'}; "
             "reused when the features, labels and parameters are the same"

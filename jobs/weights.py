@@ -66,7 +66,7 @@ def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:
         if not args.json:
             print(format_table(rows, (("backbone", "backbone"), ("file", "file"), ("cached", "cached"))))
             print(f"\ncache: {keras_cache_dir()}")
-        return {"cache": str(keras_cache_dir()), "weights": rows}
+        return {"cache": str(keras_cache_dir()), "weights": list(rows)}
     require(
         args.target is not None,
         f"imgfeat weights {args.action} needs a {'backbone NAME' if args.action == 'fetch' else 'FILE'}",

@@ -5,9 +5,10 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -21,12 +22,15 @@ from imgfeat.core.runs import new_run_id
 from imgfeat.core.workspace import Workspace
 from imgfeat.extract.extract import ExtractConfig, check_recipe_name, extract_files, record_recipe_name, run_extract
 from imgfeat.extract.featureset import featureset_info, load_features, read_feature_table
-from imgfeat.heads.predict import PredictConfig, run_predict
+from imgfeat.heads.predict import PredictConfig, PredictSummary, run_predict
 from imgfeat.heads.report import ReportConfig, ReportSummary, run_report
-from imgfeat.heads.train import TrainConfig, run_train
+from imgfeat.heads.train import TrainConfig, TrainSummary, run_train
 from imgfeat.heads.versions import resolve_featureset
 from imgfeat.scan.scan import ScanConfig, run_scan
-from imgfeat.tools.catalog import list_workspace
+from imgfeat.tools.catalog import Catalog, list_workspace
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +42,15 @@ _USER_TF_LEVEL = os.environ.get("TF_CPP_MIN_LOG_LEVEL")
 quiet_native_logs()
 
 
-def _quiet(fn):
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _quiet(fn: Callable[_P, _R]) -> Callable[_P, _R]:
     """An API call during which a first Keras/TensorFlow import logs its native lines at debug."""
 
     @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         if _USER_TF_LEVEL is not None:
             return fn(*args, **kwargs)
         with quiet_framework_start():
@@ -51,7 +59,7 @@ def _quiet(fn):
     return wrapper
 
 
-WorkspaceLike = Workspace | str | os.PathLike | None
+WorkspaceLike = Workspace | str | os.PathLike[str] | None
 
 
 def _ws(workspace: WorkspaceLike) -> Workspace:
@@ -86,7 +94,7 @@ class ExtractResult:
         return Featureset(self.featureset, self.workspace)
 
 
-def scan(root: str | os.PathLike, dataset: str, *, workspace: WorkspaceLike = None, **options: Any) -> ScanResult:
+def scan(root: str | os.PathLike[str], dataset: str, *, workspace: WorkspaceLike = None, **options: Any) -> ScanResult:
     """``imgfeat scan``: a folder into the dataset's manifest; ``options`` are ScanConfig fields."""
     ws = _ws(workspace)
     out = run_scan(ws, ScanConfig(root=root, dataset=dataset, **options), new_run_id())
@@ -121,7 +129,7 @@ def train(
     name: str | None = None,
     workspace: WorkspaceLike = None,
     **options: Any,
-):
+) -> TrainSummary:
     """``imgfeat train``: a head on a featureset (full or recipe name); returns a ``TrainSummary``."""
     cfg = TrainConfig(dataset=dataset, featureset=featureset, head=head, name=name, **options)
     return run_train(_ws(workspace), cfg, new_run_id())
@@ -135,7 +143,7 @@ def predict(
     *,
     workspace: WorkspaceLike = None,
     **options: Any,
-):
+) -> PredictSummary:
     """``imgfeat predict``: a head (name, NAME@ID or id) on a dataset or on files/folders/globs."""
     cfg = PredictConfig(head_id=head, dataset=dataset, paths=tuple(str(p) for p in paths), **options)
     return run_predict(_ws(workspace), cfg, new_run_id())
@@ -147,7 +155,7 @@ def report(head: str, *, workspace: WorkspaceLike = None, **options: Any) -> Rep
     return run_report(_ws(workspace), ReportConfig(head_id=head, **options), new_run_id())
 
 
-def ls(*, workspace: WorkspaceLike = None):
+def ls(*, workspace: WorkspaceLike = None) -> Catalog:
     """``imgfeat ls``: datasets, featuresets, heads (a ``Catalog``)."""
     return list_workspace(_ws(workspace))
 
@@ -176,11 +184,14 @@ class Featureset:
         NaN or inf left out, with a warning)."""
         table = read_feature_table(self.workspace, self.name)
         if table is None:
-            dim = int(self.info.get("dim", 0))
-            return S.features_schema(dim, self.info.get("dtype", "float16")).empty_table()
+            info = self.info
+            dim, dtype = info.get("dim", 0), info.get("dtype", "float16")
+            if not (isinstance(dim, int) and isinstance(dtype, str)):  # extract always writes both
+                raise ImgfeatError(f"featureset {self.name}: its provenance holds no dim and dtype")
+            return S.features_schema(dim, dtype).empty_table()
         return table
 
-    def to_pandas(self):
+    def to_pandas(self) -> pd.DataFrame:
         """A DataFrame indexed by ``image_id`` with one float column per feature dimension."""
         import pandas as pd
 
@@ -191,7 +202,8 @@ class Featureset:
 ON_ERROR = ("raise", "drop", "nan")
 
 
-class FeatureTransformer(TransformerMixin, BaseEstimator):
+# scikit-learn has no type stubs here: its bases are Any to mypy
+class FeatureTransformer(TransformerMixin, BaseEstimator):  # type: ignore[misc]
     """A scikit-learn transformer: image paths -> features, through a featureset's cache.
 
     Each image is keyed by its content: one already in the featureset costs a hash, a new one is
@@ -273,7 +285,7 @@ class FeatureTransformer(TransformerMixin, BaseEstimator):
             X = X[self.path_column]
         return [str(p) for p in (X.tolist() if hasattr(X, "tolist") else list(X))]
 
-    def __sklearn_tags__(self):
+    def __sklearn_tags__(self) -> Any:  # sklearn.utils.Tags
         tags = super().__sklearn_tags__()
         tags.input_tags.string = True
         tags.input_tags.two_d_array = False

@@ -15,6 +15,7 @@ import pytest
 from imgfeat.cli.main import main
 from imgfeat.core import schemas as S
 from imgfeat.core.storage import FileLock
+from imgfeat.scan.scan import ScanConfig, run_scan
 from imgfeat.tools.samples import PhotoSetSpec, make_photo_set
 
 pytestmark = pytest.mark.slow
@@ -170,6 +171,13 @@ def test_dry_run_does_nothing(ws, job, capsys):
     assert not any(ln.lstrip().startswith(("{", "}", '"')) for ln in lines) and len(lines) <= 6
     assert [ln.split()[0] for ln in lines[1:]] == ["scan", "extract", "train"]
     assert "36 new" in lines[1] and "photos-logreg" in lines[3]
+    # A scanned dataset: the extract plan counts its todo rows (no model is built).
+    run_scan(ws, ScanConfig(root=job.parent / "images", dataset="photos"), "scan-first")
+    code, plan = run(job, "--dry-run", capsys=capsys)
+    assert code == 0, plan.get("error")
+    (ex,) = plan["extract"].values()
+    assert ex["todo"] == 36 and ex["new_or_changed_files"] == 0
+    assert not (ws.root / "features").exists()
 
 
 def test_too_many_bad_images_exit_3_after_writing_everything(ws, job, capsys):

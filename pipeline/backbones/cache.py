@@ -20,6 +20,9 @@ log = logging.getLogger(__name__)
 def weights_table() -> list[dict[str, Any]]:
     """One row per backbone: the ImageNet file it needs, whether it is cached, and where."""
     rows = []
+    path: Path | None
+    file_hash: str | None
+    source: str | None
     for spec in BACKBONES:
         if spec.keras_weights is not None:
             path, url, file_hash = expected_file(spec)
@@ -63,7 +66,7 @@ def _identify(source: Path, digests: dict[str, str]) -> BackboneSpec:
     """Which backbone a file belongs to: by its Keras hash, else by its Keras file name."""
     keras_specs = [s for s in BACKBONES if s.keras_weights is not None]
     for spec in keras_specs:
-        if spec.keras_weights.file_hash in digests.values():
+        if spec.keras_weights is not None and spec.keras_weights.file_hash in digests.values():  # (always set)
             return spec
     for spec in keras_specs:
         if expected_file(spec)[0].name == source.name:

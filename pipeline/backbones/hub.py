@@ -272,7 +272,7 @@ def spec_from_dir(path: Path, label: str) -> HubSpec:
     if cls not in FAMILIES:
         raise ConfigError(f"preset {path} is a {cls or 'unknown'} backbone; supported: {', '.join(FAMILIES)}")
     family, embedding = FAMILIES[cls]
-    inner = config.get("config", {})
+    inner = _inner_config(config, path / "config.json")
     size, dim = _size_and_dim(cls, inner)
     conv_file = path / "image_converter.json"
     converter = Converter.from_json(_read_json(conv_file), size) if conv_file.is_file() else None
@@ -305,6 +305,14 @@ def _size_and_dim(cls: str, cfg: dict[str, Any]) -> tuple[int, int]:
     if cls == "CLIPBackbone":
         return int(vision["image_shape"][0]), int(cfg["projection_dim"])
     return int(vision["image_shape"][0]), int(vision["hidden_dim"])
+
+
+def _inner_config(config: JsonObject, path: Path) -> JsonObject:
+    """config.json's ``config``: the backbone's arguments (ConfigError if it is not an object)."""
+    inner = config.get("config", {})
+    if not isinstance(inner, dict):
+        raise ConfigError(f"{path} has no 'config' object: not a keras-hub preset's config.json")
+    return inner
 
 
 def _read_json(path: Path) -> JsonObject:
@@ -474,6 +482,6 @@ def _light_spec(folder: Path) -> tuple[str, int, int, str, float]:
     cls = str(config.get("class_name", ""))
     if cls not in FAMILIES:
         raise ConfigError(f"{folder} holds a {cls} backbone")
-    size, dim = _size_and_dim(cls, config.get("config", {}))
+    size, dim = _size_and_dim(cls, _inner_config(config, folder / "config.json"))
     mb = round(sum(p.stat().st_size for p in folder.glob("*.weights.h5")) / 1e6, 1)
     return FAMILIES[cls][0], size, dim, FAMILIES[cls][1], mb

@@ -164,11 +164,11 @@ def _construct_application(
     # Seed even with pretrained weights: a few constructors draw random numbers for unused layers.
     keras.utils.set_random_seed(seed)
     keras_file = ref.kind == "imagenet" and not spec.imagenet_weights
-    with keras_offline(ref.path) if keras_file else contextlib.nullcontext():
+    with keras_offline(ref.file) if keras_file else contextlib.nullcontext():
         model = spec.constructor_fn()(**kwargs)
     if ref.kind == "file":
         load_weights_file(model, ref.path, spec)
-    return tap_layer(model, layer, pooling, spec) if tap else model
+    return tap_layer(model, layer, pooling, spec) if tap and layer is not None else model  # (tap: a layer)
 
 
 def _constructor_kwargs(spec: BackboneSpec, ref, size: int, pooling: str | None, include_top: bool) -> dict:

@@ -271,7 +271,7 @@ def read_state_dict(source: str | Path | IO[bytes]) -> dict[str, np.ndarray]:
     or function (e.g. ``os.system``) is refused before anything in it is called, and every
     malformed file (truncated, random bytes, impossible sizes) is this one error type.
     """
-    path = Path(getattr(source, "name", source)) if not isinstance(source, io.BytesIO) else Path("<bytes>")
+    path = Path(str(getattr(source, "name", source))) if not isinstance(source, io.BytesIO) else Path("<bytes>")
     try:
         fh = open(source, "rb") if isinstance(source, (str, Path)) else source  # noqa: SIM115 (closed in finally)
     except OSError as exc:

@@ -42,6 +42,13 @@ class WeightsRef:
     def identity(self) -> str:
         return self.sha256 or "none"
 
+    @property
+    def file(self) -> Path:
+        """The weights file, which every kind but "none" has."""
+        if self.path is None:
+            raise ValueError(f"{self.kind} weights have no file")
+        return self.path
+
 
 # ------------------------------------------------------------------------------ cache location
 
@@ -212,10 +219,10 @@ def keras_offline(path: Path) -> Iterator[None]:
 def fetch_weights(spec: BackboneSpec, timeout_s: float = FETCH_TIMEOUT_S) -> Path:
     """Download the ImageNet no-top file into the Keras cache (machines with internet only)."""
     if spec.imagenet_weights:
-        return resolve_weights(spec, "imagenet").path  # the pip package provides it
+        return resolve_weights(spec, "imagenet").file  # the pip package provides it
     path, url, file_hash = expected_file(spec)
     if path.is_file():
-        return resolve_weights(spec, "imagenet").path
+        return resolve_weights(spec, "imagenet").file
     import keras
 
     previous = socket.getdefaulttimeout()

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 CHUNK_BYTES = 1 << 20
@@ -46,7 +46,7 @@ def sha256_lines(lines: Iterable[str]) -> str:
     return digest_chunks(f"{line}\n".encode() for line in lines)
 
 
-def file_digests(path: str | Path, algorithms: Iterable[str] = ("sha256",)) -> dict[str, str]:
+def file_digests(path: str | os.PathLike[str], algorithms: Iterable[str] = ("sha256",)) -> dict[str, str]:
     """Hex digests of one file, read once in chunks, e.g. ``{"md5": ..., "sha256": ...}``."""
     hashers = {name: hashlib.new(name, usedforsecurity=False) for name in algorithms}
     with open(path, "rb") as fh:
@@ -56,7 +56,7 @@ def file_digests(path: str | Path, algorithms: Iterable[str] = ("sha256",)) -> d
     return {name: h.hexdigest() for name, h in hashers.items()}
 
 
-def file_sha256(path: str | Path) -> str:
+def file_sha256(path: str | os.PathLike[str]) -> str:
     """sha256 hex of a file's bytes, read in chunks."""
     return file_digests(path)["sha256"]
 

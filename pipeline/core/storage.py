@@ -187,13 +187,14 @@ def read_shards(
     ``ParquetFile.read`` rather than ``pq.read_table``: the latter imports pyarrow.dataset and
     pandas (~0.8 s), a cost every no-op rerun would pay just to list what is done.
     """
-    tables = [_read_shard(p, columns) for p in paths]
+    tables = [read_shard(p, columns) for p in paths]
     if schema is not None:
         tables = [t.cast(schema) for t in tables]
     return pa.concat_tables(tables) if tables else None
 
 
-def _read_shard(path: Path, columns: list[str] | None) -> pa.Table:
+def read_shard(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """One committed shard (only ``columns`` when given); ImgfeatError when it is damaged."""
     try:
         return pq.ParquetFile(path).read(columns=columns)
     except (OSError, pa.ArrowException) as exc:

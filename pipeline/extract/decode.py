@@ -112,7 +112,9 @@ class DecodeConfig:
             raise unknown_value("crop", self.crop, CROPS)
 
 
-def decode_image(path: str | os.PathLike, cfg: DecodeConfig, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> np.ndarray:
+def decode_image(
+    path: str | os.PathLike[str], cfg: DecodeConfig, max_bytes: int = DEFAULT_MAX_FILE_BYTES
+) -> np.ndarray:
     """Read one image file into a uint8 (h, w, 3) RGB array, or raise DecodeError."""
     data = read_file_bytes(Path(path), max_bytes)
     return decode_bytes(data, cfg, name=str(path))
@@ -136,7 +138,9 @@ def decode_bytes(data: bytes, cfg: DecodeConfig, name: str = "<bytes>") -> np.nd
         raise DecodeError(_classify(exc), f"{name}: {type(exc).__name__}: {exc}") from None
 
 
-def decode_batch(paths: Sequence[str | os.PathLike], cfg: DecodeConfig) -> tuple[np.ndarray, list[DecodeError | None]]:
+def decode_batch(
+    paths: Sequence[str | os.PathLike[str]], cfg: DecodeConfig
+) -> tuple[np.ndarray, list[DecodeError | None]]:
     """Decode several files: a (n, h, w, 3) uint8 array (zeros where a file failed) and per-file errors."""
     h, w = cfg.size
     out = np.zeros((len(paths), h, w, 3), dtype=np.uint8)
@@ -150,7 +154,7 @@ def decode_batch(paths: Sequence[str | os.PathLike], cfg: DecodeConfig) -> tuple
     return out, errors
 
 
-def read_file_bytes(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> bytes:
+def read_file_bytes(path: str | os.PathLike[str], max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> bytes:
     """A regular file's bytes, at most ``max_bytes`` of them, or ReadError."""
     # load_img reads the whole file into memory too; reading first keeps OS errors apart from format errors.
     with open_regular_file(path) as fh:
@@ -163,7 +167,7 @@ def read_file_bytes(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_FILE_B
     return data
 
 
-def open_regular_file(path: str | os.PathLike) -> io.FileIO:
+def open_regular_file(path: str | os.PathLike[str]) -> io.FileIO:
     """Open for reading, or ReadError. Opened non-blocking and checked after open (not before: the
     file may be swapped in between), so a FIFO, device or folder where an image was never hangs."""
     try:
@@ -183,8 +187,9 @@ def open_regular_file(path: str | os.PathLike) -> io.FileIO:
     return io.FileIO(fd, "rb", closefd=True)
 
 
-def _read_at_most(fh, limit: int) -> bytes:
-    chunks, left = [], limit
+def _read_at_most(fh: io.FileIO, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    left = limit
     while left > 0 and (chunk := fh.read(min(left, 16 << 20))):
         chunks.append(chunk)
         left -= len(chunk)
@@ -193,7 +198,8 @@ def _read_at_most(fh, limit: int) -> bytes:
 
 def _decode(data: bytes, cfg: DecodeConfig) -> np.ndarray:
     h, w = cfg.size
-    with Image.open(io.BytesIO(data)) as img:
+    with Image.open(io.BytesIO(data)) as opened:  # closes the opened file, whatever img becomes
+        img: Image.Image = opened
         _check_pixels(img)
         if cfg.fast_decode:
             _draft(img, (w, h), cfg.exif)

@@ -8,7 +8,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -191,7 +191,11 @@ class ExtractConfig:
         """The config that made a featureset, rebuilt from its provenance (``imgfeat predict IMAGE``)."""
         r, src = prov.recipe, prov.source
         # A preset directory is found again by its path; a preset name through the cache.
-        backbone = src.path if src.kind == "preset" and r.backbone.startswith("preset_") else r.backbone
+        backbone = (
+            src.path
+            if src.kind == "preset" and src.path is not None and r.backbone.startswith("preset_")
+            else r.backbone
+        )
         return cls(
             dataset=dataset,
             backbone=backbone,
@@ -227,9 +231,9 @@ class Tally:
     todo: int = 0
     reused: int = 0
     duplicates: int = 0
-    scan_errors: collections.Counter = field(default_factory=collections.Counter)
+    scan_errors: collections.Counter[str] = field(default_factory=collections.Counter)
     known_error_rows: int = 0  # rows whose image already has an error row in the featureset
-    todo_rows: collections.Counter = field(default_factory=collections.Counter)  # id -> manifest rows
+    todo_rows: collections.Counter[str] = field(default_factory=collections.Counter)  # id -> manifest rows
     other_paths: dict[str, list[str]] = field(default_factory=dict)  # todo id -> its later ok paths
 
 
@@ -238,8 +242,9 @@ class LoopStats:
     """The executor's reports, added up by the driver."""
 
     extracted: int = 0
-    errors: collections.Counter = field(default_factory=collections.Counter)
-    failed: dict[str, tuple[str, str, bool]] = field(default_factory=dict)  # image_id -> (code, message, final)
+    errors: collections.Counter[str] = field(default_factory=collections.Counter)
+    # image_id -> (code, message, final)
+    failed: dict[str, tuple[str, str | None, bool]] = field(default_factory=dict)  # image_id -> (code, message, final)
     model_seconds: float = 0.0
     decode_seconds: float = 0.0  # summed over decode workers
     input_wait_seconds: float = 0.0  # the model waiting for a batch: the pipeline's stall time
@@ -258,7 +263,8 @@ class LoopStats:
         self.shards.update(report.shards)
         for row in report.errors:
             self.errors[row.error_code] += 1
-            self.failed[row.image_id] = (row.error_code, row.error_message, is_final(row.stage, row.error_code))
+            if row.image_id is not None:  # always: an executor's rows are about items, which have ids
+                self.failed[row.image_id] = (row.error_code, row.error_message, is_final(row.stage, row.error_code))
 
 
 @dataclass(frozen=True)
@@ -424,7 +430,8 @@ def _final_mask(errors: pa.Table) -> pa.ChunkedArray:
     keys = pc.binary_join_element_wise(
         pc.fill_null(errors[S.STAGE], ""), pc.fill_null(errors[S.ERROR_CODE], ""), "\x1f"
     )
-    final = [k for k in pc.unique(keys).to_pylist() if is_final(*(part or None for part in k.split("\x1f")))]
+    # "stage\x1fcode", "" for a null one: is_final compares them with non-empty names only
+    final = [k for k in pc.unique(keys).to_pylist() if is_final(*k.split("\x1f"))]
     return pc.is_in(keys, value_set=pa.array(final, pa.string()))
 
 
@@ -443,7 +450,12 @@ def open_featureset(ws: Workspace, fs: str, wait: float | None) -> Iterator[Done
 
 
 def walk_manifest(
-    ws: Workspace, dataset: str, done: DoneSets, tally: Tally, run_id: str, on_error=None
+    ws: Workspace,
+    dataset: str,
+    done: DoneSets,
+    tally: Tally,
+    run_id: str,
+    on_error: Callable[[ErrorRow], object] | None = None,
 ) -> Iterator[Item]:
     """Stream the manifest; yield an Item per image to extract, hand new scan-error rows to ``on_error``.
 
@@ -554,7 +566,7 @@ def ensure_provenance(ws: Workspace, resolved: Resolved, dim: int | None = None)
     return prov
 
 
-def _layer_model(resolved: Resolved):
+def _layer_model(resolved: Resolved) -> Any:  # a keras.Model
     r = resolved.recipe
     return build_model(resolved.spec, "none", r.input_size, r.pooling, r.layer)
 
@@ -747,7 +759,7 @@ def extract_files(
     return _file_results(ws, featureset, probes, stats.failed)
 
 
-def _probe(path: str | Path):
+def _probe(path: str | Path) -> Probe:
     from PIL import Image
 
     if not os.path.lexists(path):  # given, never scanned: it may never have existed ("vanished" is for scanned files)
@@ -759,14 +771,16 @@ def _probe(path: str | Path):
     return probe_file(str(path), int(Image.MAX_IMAGE_PIXELS or 2**62))
 
 
-def _file_todo(probes, done: DoneSets, run_id: str):
-    items, errors, seen = [], [], set()
+def _file_todo(probes: Sequence[tuple[str, Probe]], done: DoneSets, run_id: str) -> tuple[list[Item], list[ErrorRow]]:
+    items: list[Item] = []
+    errors: list[ErrorRow] = []
+    seen: set[str] = set()
     for path, pr in probes:
         key = pr.image_id or Path(path).absolute().as_posix()
         if key in seen or key in done.features or key in done.errors:
             continue
         seen.add(key)
-        if pr.status == S.STATUS_OK:
+        if pr.status == S.STATUS_OK and pr.image_id is not None:  # (an ok probe always has its id)
             items.append(Item(pr.image_id, Path(path).absolute().as_posix()))
         elif pr.image_id is not None:  # the bytes were read: a fact about this content, kept for every user
             errors.append(
@@ -777,7 +791,12 @@ def _file_todo(probes, done: DoneSets, run_id: str):
     return items, errors
 
 
-def _file_results(ws: Workspace, fs: str, probes, failed: dict[str, tuple[str, str, bool]]) -> list[FileResult]:
+def _file_results(
+    ws: Workspace,
+    fs: str,
+    probes: Sequence[tuple[str, Probe]],
+    failed: Mapping[str, tuple[str, str | None, bool]],
+) -> list[FileResult]:
     have = committed_ids(ws, fs)
     known = {
         r[S.IMAGE_ID]: (r[S.ERROR_CODE], r[S.ERROR_MESSAGE])
@@ -791,6 +810,7 @@ def _file_results(ws: Workspace, fs: str, probes, failed: dict[str, tuple[str, s
         elif pr.image_id in have:
             results.append(FileResult(path, pr.image_id))
         else:
-            code, message = (failed.get(pr.image_id) or known.get(pr.image_id) or ("missing", "no feature row"))[:2]
+            key = pr.image_id or ""  # an ok probe always has its id
+            code, message = (failed.get(key) or known.get(key) or ("missing", "no feature row"))[:2]
             results.append(FileResult(path, pr.image_id, code, message))
     return results

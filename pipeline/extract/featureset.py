@@ -25,7 +25,7 @@ from imgfeat.core.commits import (
 )
 from imgfeat.core.errors import ImgfeatError, unknown_value
 from imgfeat.core.results import JsonObject
-from imgfeat.core.storage import column_values, list_shards, read_shards, remove_file, remove_tree
+from imgfeat.core.storage import column_values, list_shards, read_shard, read_shards, remove_file, remove_tree
 from imgfeat.core.workspace import Workspace
 from imgfeat.extract.recipe import Provenance
 from imgfeat.extract.shards import FeaturesetDirs, sidecar_name
@@ -57,6 +57,7 @@ def featureset_info(ws: Workspace, featureset: str) -> JsonObject:
             if not ws.list_names("features")
             else "",
         )
+    why: Exception | str
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -135,9 +136,9 @@ def shard_rows(shard: Path, record: ShardRecord | None) -> tuple[pa.Array, np.nd
     """A trusted shard's image ids and which of its rows are finite: only the id column unless its
     record says it holds non-finite rows (or it has no record yet)."""
     if record is not None and record.nonfinite == 0:
-        ids = read_shards([shard], [S.IMAGE_ID]).column(0).combine_chunks()
+        ids = read_shard(shard, [S.IMAGE_ID]).column(0).combine_chunks()
         return ids, np.ones(len(ids), dtype=bool)
-    t = read_shards([shard], [S.IMAGE_ID, S.FEATURE])
+    t = read_shard(shard, [S.IMAGE_ID, S.FEATURE])
     return t.column(0).combine_chunks(), finite_rows(t.column(S.FEATURE))
 
 
@@ -217,11 +218,17 @@ def _copy_rows(featureset: str, path: Path, keep: list[int], out: np.ndarray) ->
     return True
 
 
+def provenance_dim(info: JsonObject) -> int:
+    """A provenance's ``dim``: the feature width (0 when it is not known there)."""
+    dim = info.get("dim")
+    return dim if isinstance(dim, int) else 0
+
+
 def featureset_dim(ws: Workspace, featureset: str) -> int:
     """The vector length a featureset stores (from its provenance, else its first trusted shard)."""
-    dim = featureset_info(ws, featureset).get("dim")
+    dim = provenance_dim(featureset_info(ws, featureset))
     if dim:
-        return int(dim)
+        return dim
     shards = feature_shards(ws, featureset)
     if not shards:
         return 0
@@ -332,7 +339,7 @@ def reconcile_commits(ws: Workspace, featureset: str) -> tuple[Reconciled, Recon
         t = pq.ParquetFile(p).read()
         if t.schema.names != [S.IMAGE_ID, S.FEATURE] or not pa.types.is_fixed_size_list(t.schema.field(S.FEATURE).type):
             return "its columns are not a featureset's"
-        if t.schema.field(S.FEATURE).type.list_size != int(info.get("dim") or 0):
+        if t.schema.field(S.FEATURE).type.list_size != provenance_dim(info):
             return "its features have another length"
         ok = finite_rows(t.column(S.FEATURE))
         return Adoptable(t.column(S.IMAGE_ID).combine_chunks(), t.num_rows, int((~ok).sum()))
@@ -347,7 +354,7 @@ def reconcile_commits(ws: Workspace, featureset: str) -> tuple[Reconciled, Recon
         reconcile(
             dirs.features,
             inspect_features,
-            lambda p, _: read_shards([p], [S.IMAGE_ID]).column(0).combine_chunks(),
+            lambda p, _: read_shard(p, [S.IMAGE_ID]).column(0).combine_chunks(),
             f"featureset {featureset}",
         ),
         reconcile(
@@ -448,7 +455,7 @@ def _holds_any(shard: Path, wanted: set[str], seen: set[str]) -> bool:
     """Whether a shard holds a wanted id not yet yielded (its id column only: cheap next to its features)."""
     if len(seen) >= len(wanted):
         return False
-    return any(i in wanted and i not in seen for i in read_shards([shard], [S.IMAGE_ID]).column(0).to_pylist())
+    return any(i in wanted and i not in seen for i in read_shard(shard, [S.IMAGE_ID]).column(0).to_pylist())
 
 
 def _new_rows(t: pa.Table, wanted: set[str] | None, seen: set[str], dropped: list[int]) -> pa.Table:
@@ -489,7 +496,7 @@ def load_features(
         mats.append(X)
     if not mats:
         info = featureset_info(ws, featureset)
-        return np.array([], dtype=object), np.zeros((0, int(info.get("dim", 0))), dtype=dtype)
+        return np.array([], dtype=object), np.zeros((0, provenance_dim(info)), dtype=dtype)
     all_ids = np.concatenate(got_ids)
     X = np.concatenate(mats)
     if ids is not None:

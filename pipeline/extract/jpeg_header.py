@@ -9,6 +9,7 @@ bytes it needs. Anything it does not understand gives None, and the file takes t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 SOI = b"\xff\xd8"
 SOS = 0xDA
@@ -88,7 +89,8 @@ def _segment(marker: int, body: bytes, found: dict) -> bool:
 
 def exif_orientation(tiff: bytes) -> int | None:
     """The Orientation tag of a TIFF-structured EXIF block's first IFD, None when absent or unreadable."""
-    order = {b"II": "little", b"MM": "big"}.get(tiff[:2])
+    orders: dict[bytes, Literal["little", "big"]] = {b"II": "little", b"MM": "big"}
+    order = orders.get(tiff[:2])
     if order is None or len(tiff) < 8:
         return None
     ifd = int.from_bytes(tiff[4:8], order)

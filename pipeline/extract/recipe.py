@@ -223,7 +223,7 @@ class Provenance:
 def resolve_recipe(cfg: ExtractConfig) -> Resolved:
     """ExtractConfig -> Resolved: the backbone and the weights are looked up and hashed once, here."""
     spec = get_backbone(cfg.backbone)
-    if getattr(spec, "preset_dir", None):
+    if isinstance(spec, HubSpec) and spec.preset_dir:
         return resolve_hub_recipe(cfg, spec)
     size = spec.check_input_size(cfg.input_size)
     ref = resolve_weights(spec, cfg.weights, size)

@@ -43,7 +43,7 @@ def refuse_non_finite(
     ok = np.isfinite(X.sum(axis=1, dtype=np.float64)) if X.ndim == 2 and len(X) else np.ones(len(ids), dtype=bool)
     if ok.all():
         return list(ids), X, []
-    bad = np.flatnonzero(~ok)
+    bad = np.flatnonzero(~ok).tolist()  # (Python ints, to index the sequences)
     errors = [
         ErrorRow(
             ids[k],
@@ -55,7 +55,7 @@ def refuse_non_finite(
         )
         for k in bad
     ]
-    return [ids[k] for k in np.flatnonzero(ok)], X[ok], errors
+    return [ids[k] for k in np.flatnonzero(ok).tolist()], X[ok], errors
 
 
 ERRORS_TAG = "errors"  # how FeaturesetWriter.written names an error shard

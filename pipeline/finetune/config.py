@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import importlib.util
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from imgfeat.core.errors import ConfigError, unknown_value
 from imgfeat.core.hashing import sha256_bytes, sha256_lines
@@ -18,6 +19,9 @@ from imgfeat.core.results import JsonObject
 from imgfeat.core.storage import write_bytes_atomic
 from imgfeat.core.workspace import Workspace, check_name
 from imgfeat.extract.decode import DecodeConfig
+
+if TYPE_CHECKING:  # finetune.data imports keras: for the annotation only
+    from imgfeat.finetune.data import FinetuneRows
 
 META_FILE, MODEL_FILE, WEIGHTS_FILE, CURVES_FILE = "finetune.json", "model.keras", "backbone.weights.h5", "curves.png"
 CKPT_WEIGHTS, CKPT_BEST, CKPT_STATE = "checkpoint.weights.h5", "best.weights.h5", "checkpoint.json"
@@ -132,7 +136,7 @@ def finetune_dir(ws: Workspace, finetune_id: str) -> Path:
     return ws.root / "finetune" / check_name("finetune", finetune_id)
 
 
-def data_hash(rows) -> str:
+def data_hash(rows: FinetuneRows) -> str:
     """sha256 of every (role, id, label) of train, val and test: the data's identity."""
     return sha256_lines(
         f"{role}\t{i}\t{rows.classes[y]}"
@@ -175,11 +179,11 @@ def checkpoint_problem(state: object, identity: dict[str, Any], total_epochs: in
     return None
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: object) -> bool:
+def _is_number(value: object) -> TypeGuard[int | float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -187,7 +191,7 @@ def _numbers(values: object, n: int) -> bool:
     return isinstance(values, list) and len(values) == n and all(map(_is_number, values))
 
 
-def save_keras_atomic(save, final: Path) -> str:
+def save_keras_atomic(save: Callable[[str], object], final: Path) -> str:
     """Keras writes only to names ending in .keras/.weights.h5: write to a scratch file, then commit
     its bytes with the commit protocol. Returns the file's sha256."""
     final.parent.mkdir(parents=True, exist_ok=True)

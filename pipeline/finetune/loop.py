@@ -57,7 +57,7 @@ class Session:
             spec, self.backbone, len(rows.classes), cfg.augment, cfg.dropout, cfg.random_state
         )
         if cfg.warm_start_head:
-            self.model.get_layer("head").set_weights(self.warm_head(ws, size))
+            self.model.get_layer("head").set_weights(self.warm_head(ws, size, cfg.warm_start_head))
         dcfg = T.decode_config(cfg, size)
         self.skipped = SkipLog()
         self.train = ImageBatches(
@@ -78,7 +78,7 @@ class Session:
         self.phase: str | None = None
         self.trained_layers: list[str] = []
 
-    def warm_head(self, ws: Workspace, size: int) -> list[np.ndarray]:
+    def warm_head(self, ws: Workspace, size: int, head_id: str) -> list[np.ndarray]:
         ref = resolve_weights(self.spec, self.cfg.weights, size)
         recipe = WarmRecipe(
             self.spec.name,
@@ -87,7 +87,7 @@ class Session:
             self.cfg.interpolation,
             self.cfg.exif,
         )
-        return head_init(ws, self.cfg.warm_start_head, recipe, self.rows.classes)
+        return head_init(ws, head_id, recipe, self.rows.classes)
 
     # --- phases ---
     def enter_phase(self, epoch: int) -> None:
@@ -130,7 +130,7 @@ class Session:
         except (OSError, ValueError) as exc:
             return self.discard_checkpoint(f"cannot read {state_file}: {exc}")
         why = T.checkpoint_problem(state, self.identity(), self.cfg.total_epochs)
-        if why:
+        if why or not isinstance(state, dict):  # (checkpoint_problem names a state that is no dict)
             return self.discard_checkpoint(f"{state_file}: {why}")
         before = self.model.get_weights()
         try:

@@ -12,7 +12,15 @@ from imgfeat.backbones import get_backbone
 from imgfeat.backbones.weights import resolve_weights
 from imgfeat.core.errors import ConfigError
 from imgfeat.core.hashing import canonical_digest
-from imgfeat.core.results import JsonObject, JsonResult
+from imgfeat.core.results import (
+    JsonObject,
+    JsonResult,
+    json_int,
+    json_list,
+    json_numbers,
+    json_object,
+    json_str,
+)
 from imgfeat.core.storage import WAIT_HINT, FileLock
 from imgfeat.core.workspace import Workspace
 from imgfeat.finetune.blocks import family_pattern
@@ -121,28 +129,29 @@ def run_finetune(ws: Workspace, cfg: FinetuneConfig, run_id: str) -> FinetuneSum
 
 
 def read_meta(ws: Workspace, finetune_id: str) -> JsonObject:
-    return json.loads((finetune_dir(ws, finetune_id) / META_FILE).read_text())
+    meta: JsonObject = json.loads((finetune_dir(ws, finetune_id) / META_FILE).read_text())  # loop.py writes an object
+    return meta
 
 
 def summary(ws: Workspace, fid: str, reused: bool, seconds: float) -> FinetuneSummary:
     meta = read_meta(ws, fid)
     out = finetune_dir(ws, fid)
     return FinetuneSummary(
-        name=meta["name"],
+        name=json_str(meta, "name"),
         finetune_id=fid,
         reused=reused,
-        backbone=meta["backbone"],
-        metrics=meta["metrics"],
+        backbone=json_str(meta, "backbone"),
+        metrics=json_object(meta, "metrics"),
         weights=str(out / WEIGHTS_FILE),
-        weights_sha256=meta["weights_sha256"],
+        weights_sha256=json_str(meta, "weights_sha256"),
         model=str(out / MODEL_FILE),
         dir=str(out),
-        epochs_run=meta["epochs_run"],
-        resumed_from_epoch=meta["resumed_from_epoch"],
-        skipped_images=len(meta["skipped"]),
-        n_train=meta["n_train"],
-        n_val=meta["n_val"],
-        n_test=meta["n_test"],
+        epochs_run=json_int(meta, "epochs_run"),
+        resumed_from_epoch=json_int(meta, "resumed_from_epoch"),
+        skipped_images=len(json_list(meta, "skipped")),
+        n_train=json_int(meta, "n_train"),
+        n_val=json_int(meta, "n_val"),
+        n_test=json_int(meta, "n_test"),
         seconds=round(seconds, 3),
-        seconds_per_epoch=[] if reused else meta["seconds_per_epoch"],
+        seconds_per_epoch=[] if reused else json_numbers(meta, "seconds_per_epoch"),
     )

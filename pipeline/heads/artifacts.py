@@ -24,7 +24,7 @@ from imgfeat import __version__
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError, ImgfeatError, unknown_value
 from imgfeat.core.hashing import sha256_bytes
-from imgfeat.core.results import JsonObject
+from imgfeat.core.results import JsonObject, json_str
 from imgfeat.core.storage import remove_stale_tmp, write_bytes_atomic, write_json_atomic, write_table_atomic
 from imgfeat.core.workspace import Workspace
 from imgfeat.heads.zeroshot import ZeroShotClassifier
@@ -198,7 +198,7 @@ def load_head(ws: Workspace, head_id: str, trust_pickle: bool = False, lazy: boo
     if meta["model_format"] == "joblib" and not trust_pickle:
         folder = ws.head_dir(head_id)
         raise ConfigError(
-            f"head {head_id} was saved by an older imgfeat as a pickle ({folder / meta['model_file']}), "
+            f"head {head_id} was saved by an older imgfeat as a pickle ({folder / json_str(meta, 'model_file')}), "
             "and loading a pickle can run any code. Retrain it to save it without pickles (delete "
             f"{folder} and run 'imgfeat train' again), or pass --trust-pickle (trust_pickle=True in "
             "Python) if you trust the file"
@@ -296,9 +296,9 @@ def read_rows(ws: Workspace, head_id: str) -> pa.Table:
         raise _corrupt_head(ws, head_id, path, str(exc).rstrip(".")) from None
 
 
-def library_versions() -> dict[str, str]:
+def library_versions() -> dict[str, str | None]:
     # importlib.metadata, not imports: a logistic-regression head should not pay for loading Keras.
-    out = {"imgfeat": __version__, "python": platform.python_version()}
+    out: dict[str, str | None] = {"imgfeat": __version__, "python": platform.python_version()}
     for dist in ("numpy", "scikit-learn", "joblib", "keras", "tensorflow"):
         try:
             out[dist] = metadata.version(dist)

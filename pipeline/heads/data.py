@@ -197,7 +197,8 @@ def _split(
     else:
         train, test = rows, None
     if test is None and test_fraction > 0:
-        train, test, eval_split = *_hold_out(train, test_fraction, random_state, dataset), EVAL_HELD_OUT
+        train, test = _hold_out(train, test_fraction, random_state, dataset)
+        eval_split = EVAL_HELD_OUT
     test = test if test is not None else rows.iloc[:0]
     _check_classes(train[S.LABEL], dataset, " training")
     unseen = ~test[S.LABEL].isin(set(train[S.LABEL]))
@@ -218,7 +219,9 @@ def _objects(column: pd.Series) -> np.ndarray:
     return column.astype(str).to_numpy(dtype=object)
 
 
-def _hold_out(rows: pd.DataFrame, fraction: float, random_state: int, dataset: str):
+def _hold_out(
+    rows: pd.DataFrame, fraction: float, random_state: int, dataset: str
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     n_classes = rows[S.LABEL].nunique()
     n_test = max(n_classes, int(round(len(rows) * fraction)))
     if len(rows) - n_test < MIN_TRAIN_PER_CLASS * n_classes:
@@ -257,6 +260,6 @@ def describe(rows: LabelledRows) -> JsonObject:
         "n_train": int(len(rows.train_ids)),
         "n_test": int(len(rows.test_ids)),
         "eval_split": rows.eval_split,
-        "classes": rows.classes,
+        "classes": list(rows.classes),
         "left_out": dict(rows.left_out),
     }

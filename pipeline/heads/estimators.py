@@ -260,6 +260,7 @@ def sklearn_head(
     if kind == "logreg":
         clf = LogisticRegression(class_weight=class_weight, random_state=random_state, max_iter=max_iter)
         return _scaled(clf), {"clf__C": list(LOGREG_C_GRID)}
+    grid: tuple[float, ...]
     if kernel == "linear":
         base = LinearSVC(class_weight=class_weight, random_state=random_state, max_iter=max_iter)
         grid = SVM_C_GRID

@@ -88,7 +88,9 @@ def train_and_write(
     A.write_head(ws, head_id, fitted.estimator, meta, metrics, _rows_table(rows), extra)
 
 
-def _fit_in_memory(ws: Workspace, cfg: TrainConfig, rows: LabelledRows) -> tuple[FitResult, dict, dict, int]:
+def _fit_in_memory(
+    ws: Workspace, cfg: TrainConfig, rows: LabelledRows
+) -> tuple[FitResult, JsonObject, dict[str, float], int]:
     """The whole labelled matrix in memory: CV, a fit on every row, test metrics, the timings, the dim."""
     t0 = time.perf_counter()
     # One pass over the shards for both sets: decoding float16 Parquet is most of the load time.
@@ -133,10 +135,10 @@ def _head_meta(
         "model_kind": fitted.kind,
         "backbone": info.get("backbone"),
         "dim": dim,
-        "classes": rows.classes,
+        "classes": list(rows.classes),
         "params": cfg.params(),
         "chosen": fitted.chosen,
-        "cv": fitted.cv,
+        "cv": {kind: scores for kind, scores in fitted.cv.items()},  # (as JSON values)
         "metrics": metrics,
         "training_hash": rows.digest(),
         "run_id": run_id,
@@ -163,7 +165,8 @@ def _rows_table(rows: LabelledRows) -> pa.Table:
 def _parquet_bytes(table: pa.Table) -> bytes:
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
-    return sink.getvalue().to_pybytes()
+    data: bytes = sink.getvalue().to_pybytes()
+    return data
 
 
 def _mlp_params(est: Any) -> dict[str, Any] | None:
@@ -201,7 +204,9 @@ def fit_head(cfg: TrainConfig, X: np.ndarray, y: np.ndarray) -> FitResult:
     return FitResult(winner, estimator, cv, chosen_params(best))
 
 
-def choose_kind(cfg: TrainConfig, X_cv: np.ndarray, y_cv: np.ndarray) -> tuple[str, dict, dict[str, Any], int]:
+def choose_kind(
+    cfg: TrainConfig, X_cv: np.ndarray, y_cv: np.ndarray
+) -> tuple[str, dict[str, dict[str, Any]], dict[str, Any], int]:
     """Cross-validate the wanted kind(s) on the same folds: (winner, every kind's CV scores, the winner's
     parameters as its estimator names them, the number of folds)."""
     folds = StratifiedKFold(_n_folds(cfg.cv, y_cv), shuffle=True, random_state=cfg.random_state)
@@ -219,7 +224,9 @@ def chosen_params(best: dict[str, Any]) -> JsonObject:
     return {k.rsplit("__", 1)[-1]: v for k, v in best.items()}
 
 
-def _cross_validate(cfg: TrainConfig, kind: str, X: np.ndarray, y: np.ndarray, folds: StratifiedKFold):
+def _cross_validate(
+    cfg: TrainConfig, kind: str, X: np.ndarray, y: np.ndarray, folds: StratifiedKFold
+) -> tuple[dict[str, Any], dict[str, Any]]:
     est = _make(cfg, kind, y, folds.n_splits)
     if kind == "mlp":
         scores = cross_val_score(est, X, y, cv=folds, scoring="accuracy")
@@ -323,7 +330,7 @@ def _scores(scores: np.ndarray, extra: dict[str, Any], n: int) -> JsonObject:
     }
 
 
-def _make(cfg: TrainConfig, kind: str, y: np.ndarray, n_folds: int):
+def _make(cfg: TrainConfig, kind: str, y: np.ndarray, n_folds: int) -> Any:  # an unfitted estimator
     if kind == "mlp":
         return KerasMLPClassifier(
             hidden=cfg.hidden,
@@ -376,8 +383,9 @@ def _cv_sample(X: np.ndarray, y: np.ndarray, max_rows: int, seed: int) -> tuple[
     return X[idx], y[idx]
 
 
-def evaluate(estimator: Any, X: np.ndarray, y: np.ndarray, classes: list[str]) -> JsonObject:
-    """Test metrics: accuracy, macro F1, per-class precision/recall/F1/support, confusion matrix."""
+def evaluate(estimator: Any, X: np.ndarray | None, y: np.ndarray, classes: list[str]) -> JsonObject:
+    """Test metrics: accuracy, macro F1, per-class precision/recall/F1/support, confusion matrix.
+    ``X`` is None for an estimator that holds its predictions already (a streamed evaluation)."""
     return scores_of(y, estimator.predict(X) if len(y) else y, classes)
 
 
@@ -393,7 +401,7 @@ def scores_of(y: np.ndarray, pred: np.ndarray, classes: list[str]) -> JsonObject
             "note": "no evaluation rows (no test/val split and --test-fraction 0)",
         }
     p, r, f, s = precision_recall_fscore_support(y, pred, labels=classes, zero_division=0)
-    per_class = {
+    per_class: JsonObject = {
         c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
         for i, c in enumerate(classes)
     }
@@ -401,6 +409,6 @@ def scores_of(y: np.ndarray, pred: np.ndarray, classes: list[str]) -> JsonObject
         "test_accuracy": float(accuracy_score(y, pred)),
         "macro_f1": float(f1_score(y, pred, labels=classes, average="macro", zero_division=0)),
         "per_class": per_class,
-        "confusion": {"labels": classes, "matrix": confusion_matrix(y, pred, labels=classes).tolist()},
+        "confusion": {"labels": list(classes), "matrix": confusion_matrix(y, pred, labels=classes).tolist()},
         "n_test": int(len(y)),
     }

@@ -58,15 +58,15 @@ def confusion_png(cm: np.ndarray, labels: Sequence[str]) -> bytes:
     return _png(fig)
 
 
-def projection_png(xy: np.ndarray, labels: Sequence[str], method: str) -> bytes:
+def projection_png(xy: np.ndarray, labels: Sequence[str] | np.ndarray, method: str) -> bytes:
     """A 2-D scatter of the features, one colour per class, legend outside the axes."""
-    labels = np.asarray(labels, dtype=object)
-    classes = sorted(set(labels.tolist()))
+    names = np.asarray(labels, dtype=object)
+    classes = sorted(set(names.tolist()))
     cmap = _colours(len(classes))
     fig = Figure(figsize=(8, 6))
     ax = fig.subplots()
     for k, name in enumerate(classes):
-        pts = xy[labels == name]
+        pts = xy[names == name]
         ax.scatter(pts[:, 0], pts[:, 1], s=12, alpha=0.75, color=cmap[k], label=f"{name} ({len(pts)})")
     ax.set_title(f"features in 2-D ({method}), coloured by true class")
     ax.set_xticks([])

@@ -10,7 +10,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 import pyarrow as pa
@@ -27,13 +27,16 @@ from imgfeat.core.results import JsonObject, JsonResult
 from imgfeat.core.sizes import memory_budget
 from imgfeat.core.storage import WAIT_HINT, FileLock, remove_stale_tmp
 from imgfeat.core.workspace import Workspace, check_name
-from imgfeat.extract.extract import extract_files
+from imgfeat.extract.extract import FileResult, extract_files
 from imgfeat.extract.featureset import iter_features, load_features
 from imgfeat.heads.artifacts import LoadedHead, load_head
 from imgfeat.heads.data import LEFT_OUT_JSON_MAX, unique_images
 from imgfeat.heads.versions import resolve_head
 from imgfeat.scan.manifest import read_manifest
 from imgfeat.scan.walk import WalkOptions, WalkStats, walk
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +279,7 @@ def run_predict(ws: Workspace, cfg: PredictConfig, run_id: str) -> PredictSummar
         writer = ShardWriter(folder, run_id, cfg.shard_rows)
         out: DatasetOutcome | FilesOutcome
         if cfg.dataset is not None:
-            out = _predict_dataset(ws, cfg, head, writer, run_id)
+            out = _predict_dataset(ws, cfg, cfg.dataset, head, writer, run_id)
         else:
             out = _predict_files(ws, cfg, head, writer, run_id)
         writer.flush()
@@ -299,13 +302,13 @@ def run_predict(ws: Workspace, cfg: PredictConfig, run_id: str) -> PredictSummar
 
 
 def _predict_dataset(
-    ws: Workspace, cfg: PredictConfig, head: LoadedHead, writer: ShardWriter, run_id: str
+    ws: Workspace, cfg: PredictConfig, dataset: str, head: LoadedHead, writer: ShardWriter, run_id: str
 ) -> DatasetOutcome:
-    images, dropped, files = unique_images(read_manifest(ws, cfg.dataset))
-    done = predicted_ids(ws, head.head_id, cfg.dataset)
+    images, dropped, files = unique_images(read_manifest(ws, dataset))
+    done = predicted_ids(ws, head.head_id, dataset)
     todo = images[~images[S.IMAGE_ID].isin(done)].set_index(S.IMAGE_ID)
     remaining = set(todo.index)  # shrinks as rows are predicted, so a duplicate row is skipped
-    with progress(total=len(todo), desc=f"predict {cfg.dataset}") as bar:
+    with progress(total=len(todo), desc=f"predict {dataset}") as bar:
         for ids, X in _stream_features(ws, head.featureset, remaining, _chunk_rows(cfg, head)):
             meta = todo.loc[ids]
             writer.add(
@@ -317,7 +320,7 @@ def _predict_dataset(
                     score(head, X, cfg.top_k),
                     head,
                     run_id,
-                    cfg.dataset,
+                    dataset,
                 )
             )
             remaining.difference_update(ids)
@@ -327,12 +330,12 @@ def _predict_dataset(
         log.warning(
             "%d images of dataset %s have no features in %s: run 'imgfeat extract --dataset %s' first",
             missing,
-            cfg.dataset,
+            dataset,
             head.featureset,
-            cfg.dataset,
+            dataset,
         )
     return {
-        "dataset": cfg.dataset,
+        "dataset": dataset,
         "images": int(len(images)),
         "skipped": len(done & set(images[S.IMAGE_ID])),
         "missing_features": missing,
@@ -348,7 +351,7 @@ def _chunk_rows(cfg: PredictConfig, head: LoadedHead) -> int:
     return int(max(1, min(cfg.chunk_rows, memory_budget(cfg.memory_budget) // (16 * 4 * dim))))
 
 
-def _nullable(col) -> list[str | None]:
+def _nullable(col: pd.Series) -> list[str | None]:
     return [None if v is None or v != v else str(v) for v in col.tolist()]
 
 
@@ -399,9 +402,9 @@ def _predict_files(
     ]
     new: dict[str, tuple[int, str]] = {}  # image_id -> (row in scored, path): once per content
     for r in results:
-        if r.image_id in by_id and r.image_id not in done:
+        if r.image_id is not None and r.image_id in by_id and r.image_id not in done:
             new.setdefault(r.image_id, (by_id[r.image_id], Path(r.path).as_posix()))
-    if new:
+    if new and scored is not None:  # (new ids were scored)
         rows = [k for k, _ in new.values()]
         sub = Scored(
             scored.pred_label[rows],
@@ -413,7 +416,7 @@ def _predict_files(
         writer.add(
             predictions_table(list(new), [p for _, p in new.values()], none, none, sub, head, run_id, S.FILES_DATASET)
         )
-    codes = Counter(x["error_code"] for x in lines if "error_code" in x)
+    codes = Counter(code for x in lines if isinstance(code := x.get("error_code"), str))
     if not by_id:
         log.warning(
             "none of the %d file(s) given could be predicted (%s)",
@@ -430,7 +433,7 @@ def _predict_files(
     }
 
 
-def _file_line(result, k: int | None, scored: Scored | None) -> JsonObject:
+def _file_line(result: FileResult, k: int | None, scored: Scored | None) -> JsonObject:
     """What a person reads for one file: its best label and score, or why there is none."""
     if k is None or scored is None:
         return {
@@ -443,5 +446,6 @@ def _file_line(result, k: int | None, scored: Scored | None) -> JsonObject:
         "image_id": result.image_id,
         "pred_label": str(scored.pred_label[k]),
         "pred_score": float(scored.pred_score[k]),
-        "topk": list(zip(scored.topk_labels[k].as_py(), scored.topk_scores[k].as_py())),
+        # [label, score] pairs, as JSON holds them (lists, as from_json gives them back, not tuples)
+        "topk": [[label, p] for label, p in zip(scored.topk_labels[k].as_py(), scored.topk_scores[k].as_py())],
     }

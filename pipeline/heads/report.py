@@ -10,7 +10,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -35,6 +35,9 @@ from imgfeat.heads.predict import prediction_shards
 from imgfeat.heads.train import params_for
 from imgfeat.heads.versions import default_head_name, resolve_head
 from imgfeat.scan.manifest import dataset_root, read_manifest
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +237,9 @@ def _image_paths(ws: Workspace, dataset: str) -> dict[str, Path]:
     return out
 
 
-def _mistakes(ws: Workspace, head: LoadedHead, rows, paths: dict[str, Path], limit: int, budget: int):
+def _mistakes(
+    ws: Workspace, head: LoadedHead, rows: pd.DataFrame, paths: dict[str, Path], limit: int, budget: int
+) -> tuple[list[Mistake], str]:
     """The evaluation images the head got wrong, most confident first (train images if no test set);
     the features are streamed, and only the ``limit`` most confident mistakes so far are kept."""
     role = "test" if (rows[A.ROLE] == "test").any() else "train"
@@ -258,7 +263,7 @@ def _mistakes(ws: Workspace, head: LoadedHead, rows, paths: dict[str, Path], lim
     return kept, role
 
 
-def _plots(ws: Workspace, head: LoadedHead, rows, cfg: ReportConfig) -> dict[str, bytes]:
+def _plots(ws: Workspace, head: LoadedHead, rows: pd.DataFrame, cfg: ReportConfig) -> dict[str, bytes]:
     """The page's PNGs by name: confusion matrix, 2-D projection, training curves (what applies)."""
     from imgfeat.heads import plots  # matplotlib: only when a page is drawn
 
@@ -274,7 +279,9 @@ def _plots(ws: Workspace, head: LoadedHead, rows, cfg: ReportConfig) -> dict[str
     return out
 
 
-def project(ws: Workspace, head: LoadedHead, rows, cfg: ReportConfig) -> tuple[np.ndarray, np.ndarray, str]:
+def project(
+    ws: Workspace, head: LoadedHead, rows: pd.DataFrame, cfg: ReportConfig
+) -> tuple[np.ndarray, np.ndarray, str]:
     """A seeded sample of the head's images in 2-D: t-SNE for small samples, else PCA."""
     rng = np.random.default_rng(0)
     take = rows if len(rows) <= cfg.max_points else rows.iloc[np.sort(rng.choice(len(rows), cfg.max_points, False))]
@@ -496,8 +503,8 @@ def _thumb_tag(path: Path | None, size: int) -> str:
 def thumbnail_jpeg(path: Path, size: int) -> bytes | None:
     """A small JPEG of the image (EXIF-rotated), or None if it cannot be read any more."""
     try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im).convert("RGB")
+        with Image.open(path) as opened:
+            im = ImageOps.exif_transpose(opened).convert("RGB")
             im.thumbnail((size, size))
             buf = io.BytesIO()
             im.save(buf, "JPEG", quality=82)

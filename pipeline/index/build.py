@@ -18,7 +18,7 @@ from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError, ImgfeatError
 from imgfeat.core.options import opt
 from imgfeat.core.ranges import check_fields
-from imgfeat.core.results import JsonResult
+from imgfeat.core.results import JsonObject, JsonResult
 from imgfeat.core.sizes import memory_budget
 from imgfeat.core.storage import (
     WAIT_HINT,
@@ -253,7 +253,9 @@ def _needs_rebuild(prev: IndexParams, wanted: IndexParams, cfg: IndexConfig, tot
     return False
 
 
-def _fresh(ws: Workspace, cfg: IndexConfig, params: IndexParams, old: pa.Table, new: set[str]):
+def _fresh(
+    ws: Workspace, cfg: IndexConfig, params: IndexParams, old: pa.Table, new: set[str]
+) -> tuple[Any, IndexParams, pa.Table]:  # the FAISS index, its parameters, the ids table
     """Every row, old ones first in their committed order (so the old ids file stays a prefix)."""
     if params.kind in ("ivf", "ivfpq"):
         return _fresh_streamed(ws, cfg, params, old, new)
@@ -276,7 +278,9 @@ def _fresh(ws: Workspace, cfg: IndexConfig, params: IndexParams, old: pa.Table, 
     return index, params, pa.concat_tables([old, _id_rows(ws, cfg, ids[len(old_ids) :])])
 
 
-def _fresh_streamed(ws: Workspace, cfg: IndexConfig, params: IndexParams, old: pa.Table, new: set[str]):
+def _fresh_streamed(
+    ws: Workspace, cfg: IndexConfig, params: IndexParams, old: pa.Table, new: set[str]
+) -> tuple[Any, IndexParams, pa.Table]:  # the FAISS index, its parameters, the ids table
     """An IVF index trained on a seeded sample and filled a batch at a time from the shards: memory
     holds the index, the sample and one batch, never the featureset. Rows keep ``_fresh``'s order
     (old ones at their committed positions, new ones after in shard order) through FAISS ids."""
@@ -294,7 +298,7 @@ def _fresh_streamed(ws: Workspace, cfg: IndexConfig, params: IndexParams, old: p
     return index, params, pa.concat_tables([old, _id_rows(ws, cfg, added)])
 
 
-def _add_streamed(ws: Workspace, cfg: IndexConfig, index, wanted: set[str], old_ids: list[str]) -> list[str]:
+def _add_streamed(ws: Workspace, cfg: IndexConfig, index: Any, wanted: set[str], old_ids: list[str]) -> list[str]:
     """Add the rows of ``wanted`` from the shards, a batch at a time; ``old_ids`` take their positions
     (FAISS ids of an IVF index), the others follow in shard order. Returns those others' ids."""
     old_pos = {i: k for k, i in enumerate(old_ids)}
@@ -319,7 +323,9 @@ def _add_streamed(ws: Workspace, cfg: IndexConfig, index, wanted: set[str], old_
     return added
 
 
-def _extended(ws: Workspace, cfg: IndexConfig, prev: IndexInfo, old: pa.Table, new: set[str]):
+def _extended(
+    ws: Workspace, cfg: IndexConfig, prev: IndexInfo, old: pa.Table, new: set[str]
+) -> tuple[Any, IndexParams, pa.Table]:  # the FAISS index, its parameters, the ids table
     """The committed index with the new rows added after its own, streamed from the shards."""
     index = read_faiss(ws, prev)
     added = _add_streamed(ws, cfg, index, new, [])
@@ -343,9 +349,9 @@ def _id_rows(ws: Workspace, cfg: IndexConfig, ids: list[str]) -> pa.Table:
 def _commit(
     ws: Workspace,
     cfg: IndexConfig,
-    fs_info: dict,
+    fs_info: JsonObject,
     prev: IndexInfo | None,
-    index,
+    index: Any,  # a FAISS index
     params: IndexParams,
     table: pa.Table,
     run_id: str,
@@ -362,10 +368,11 @@ def _commit(
         faiss.write_index(index, str(tmp))
     write_table_atomic(table, folder / IDS_FILE)
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    fingerprint = fs_info.get("fingerprint")  # a string in every provenance extract writes
     info = IndexInfo(
         name=cfg.index_name,
         featureset=cfg.featureset,
-        featureset_fingerprint=fs_info.get("fingerprint"),
+        featureset_fingerprint=fingerprint if isinstance(fingerprint, str) else None,
         dim=int(index.d),
         datasets=tuple(cfg.datasets),
         params=params,

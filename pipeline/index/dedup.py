@@ -16,8 +16,10 @@ import logging
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -49,6 +51,7 @@ from imgfeat.index.vectors import manifest_rows, read_vectors
 from imgfeat.scan.manifest import dataset_root
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 FALLBACK_COSINE = 0.9  # pairs without a look (unreadable files): copies of real photos mostly score above
 MIRROR_COSINE = 0.9  # a mirrored look counts only when the features agree this much (symmetric scenes)
@@ -231,7 +234,8 @@ def components(n: int, graph: Graph) -> np.ndarray:
     if n == 0:
         return np.zeros(0, np.int64)
     m = coo_matrix((np.ones(len(graph.a)), (graph.a, graph.b)), shape=(n, n))
-    return connected_components(m, directed=False)[1]
+    labels: np.ndarray = connected_components(m, directed=False)[1]
+    return labels
 
 
 def best_partner(n: int, graph: Graph) -> tuple[np.ndarray, np.ndarray]:
@@ -366,9 +370,9 @@ def _held_out(im: Images) -> tuple[dict[str, str], list[tuple[str, str, str]]]:
     return train_path, held
 
 
-def _leaks(rows: list[tuple]) -> pa.Table:
+def _leaks(rows: list[tuple[Any, ...]]) -> pa.Table:
     rows.sort(key=lambda r: (-r[6], r[1]))
-    cols = list(zip(*rows)) if rows else [[]] * 7
+    cols: list[Sequence[Any]] = list(zip(*rows)) if rows else [[]] * 7
     return pa.table(dict(zip(S.DEDUP_LEAKS_SCHEMA.names, cols)), schema=S.DEDUP_LEAKS_SCHEMA)
 
 
@@ -454,6 +458,7 @@ def run_dedup(ws: Workspace, cfg: DedupConfig, run_id: str) -> DedupSummary:
         return _unchanged(previous)
     root = dataset_root(ws, cfg.dataset)
     looks = cands = None
+    criterion: JsonObject
     if cfg.threshold is not None:
         nb = clock.lap("neighbours", nearest_neighbours(im.X, cfg.neighbours, cfg.exact_max, cfg.budget))
         graph, kind = similar_pairs(nb, cfg.threshold), nb.kind
@@ -496,7 +501,9 @@ def run_dedup(ws: Workspace, cfg: DedupConfig, run_id: str) -> DedupSummary:
 SEARCH_KINDS = {"flat": "exact", "new": "exact, new images against all (the others' candidates from the last run)"}
 
 
-def candidate_pairs(folder, cfg: DedupConfig, im: Images, previous: dict[str, Any] | None) -> tuple[Graph, str, int]:
+def candidate_pairs(
+    folder: Path, cfg: DedupConfig, im: Images, previous: dict[str, Any] | None
+) -> tuple[Graph, str, int]:
     """``(pairs, search kind, images searched)``: each image's ``cfg.neighbours`` nearest, as pairs.
 
     When the last run searched with the same settings and few images are new, its pairs are
@@ -570,7 +577,7 @@ def _unique_pairs(n: int, a: np.ndarray, b: np.ndarray, sim: np.ndarray) -> Grap
     return Graph(lo[first], hi[first], sim[first])
 
 
-def _read_pairs(folder) -> tuple[set[str], list[tuple[str, str, float]]] | None:
+def _read_pairs(folder: Path) -> tuple[set[str], list[tuple[str, str, float]]] | None:
     """The last run's searched images and candidate pairs (by image id); None when absent or unreadable."""
     try:
         searched = set(pq.read_table(folder / SEARCHED_FILE).column(S.IMAGE_ID).to_pylist())
@@ -581,7 +588,7 @@ def _read_pairs(folder) -> tuple[set[str], list[tuple[str, str, float]]] | None:
     return searched, pairs
 
 
-def _write_pairs(folder, im: Images, cands: Graph) -> None:
+def _write_pairs(folder: Path, im: Images, cands: Graph) -> None:
     ids = np.asarray(im.ids, dtype=object)
     write_table_atomic(
         pa.table(
@@ -619,7 +626,7 @@ def inputs_digest(cfg: DedupConfig, im: Images) -> str:
     )
 
 
-def _previous(folder) -> JsonObject | None:
+def _previous(folder: Path) -> JsonObject | None:
     """The last run's summary, or None (none, or unreadable: then everything is recomputed)."""
     try:
         obj = json.loads((folder / SUMMARY_FILE).read_text())
@@ -628,7 +635,7 @@ def _previous(folder) -> JsonObject | None:
     return obj if isinstance(obj, dict) else None
 
 
-def _tables_present(folder) -> bool:
+def _tables_present(folder: Path) -> bool:
     return all((folder / d / TABLE_FILE).is_file() for d in (GROUPS_DIR, LEAKS_DIR)) and (folder / PAGE_FILE).is_file()
 
 
@@ -666,7 +673,7 @@ class Looks:
         )
 
 
-def cached_looks(folder, im: Images, root) -> Looks:
+def cached_looks(folder: Path, im: Images, root: Path) -> Looks:
     """The looks of every image of ``im``: read from the cache, computed (one decode each) for the rest."""
     cached = _read_looks(folder / LOOKS_FILE)
     have = set(cached.ids)
@@ -679,7 +686,7 @@ def cached_looks(folder, im: Images, root) -> Looks:
     return Looks(cached.ids + new_ids, np.concatenate([cached.L, L[ok]]), len(new_ids))
 
 
-def _read_looks(path) -> Looks:
+def _read_looks(path: Path) -> Looks:
     empty = Looks([], np.zeros((0, VARIANTS, SIDE * SIDE), np.float16))
     if not path.is_file():
         return empty
@@ -696,7 +703,9 @@ def _read_looks(path) -> Looks:
         return empty
 
 
-def _calibration(cfg: DedupConfig, root, im: Images, ok: np.ndarray, previous: dict[str, Any] | None) -> JsonObject:
+def _calibration(
+    cfg: DedupConfig, root: Path, im: Images, ok: np.ndarray, previous: dict[str, Any] | None
+) -> JsonObject:
     """The look's check on synthetic copies of a seeded sample of the dataset's own readable images.
 
     The last run's calibration stands while the dataset holds under RECALIBRATE_GROWTH times
@@ -716,23 +725,24 @@ def _calibration(cfg: DedupConfig, root, im: Images, ok: np.ndarray, previous: d
         return {"images": 0}
     pick = np.random.default_rng(0).choice(readable, size=min(cfg.calibration_images, len(readable)), replace=False)
     paths = im.first_paths()
-    out = {
+    out: JsonObject = {
         **calibrate([root / paths[k] for k in sorted(pick.tolist())]),
         "sample": cfg.calibration_images,
         "dataset_images": len(im.ids),
         "reused": False,
     }
-    if out.get("found") is not None and out["found"] < 0.98:
+    found = out.get("found")  # a float, or None when no copy could be made
+    if isinstance(found, (int, float)) and found < 0.98:
         log.warning(
             "%.1f%% of synthetic copies of images of %s look alike to their original, under 98%% "
             "(see criterion.calibration in the summary): dedup may miss copies here",
-            100 * out["found"],
+            100 * found,
             cfg.dataset,
         )
     return out
 
 
-def criterion_summary(cfg: DedupConfig, ok: np.ndarray, stats: dict[str, int], calibration: dict) -> JsonObject:
+def criterion_summary(cfg: DedupConfig, ok: np.ndarray, stats: dict[str, int], calibration: JsonObject) -> JsonObject:
     """The default criterion's parameters, what it looked at, and its calibration: the run summary's ``criterion``."""
     return {
         "name": "neighbours+look",
@@ -770,7 +780,7 @@ class _Clock:
         self.t0 = self.last = time.perf_counter()
         self.timings: dict[str, float] = {}
 
-    def lap(self, name: str, value):
+    def lap(self, name: str, value: _T) -> _T:
         now = time.perf_counter()
         self.timings[name] = round(now - self.last, 3)
         self.last = now
@@ -784,7 +794,7 @@ def _summary(
     criterion: dict[str, Any],
     groups: pa.Table,
     leaks: pa.Table,
-    folder,
+    folder: Path,
     clock: _Clock,
     digest: str,
 ) -> DedupSummary:

@@ -26,7 +26,7 @@ ID_BYTES = 8  # FAISS keeps an int64 id per row in each inverted list
 FILL_BATCH_ROWS = 8192  # rows read and added at a time when an index is filled from its shards
 
 
-def import_faiss():
+def import_faiss() -> Any:  # the faiss module
     """FAISS, imported on first use; its loader's INFO lines about CPU builds are not for people."""
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     import faiss
@@ -57,6 +57,13 @@ class IndexParams:
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> IndexParams:
         return cls(**obj)
+
+    @property
+    def lists(self) -> int:
+        """``nlist`` of an IVF kind (ivf, ivfpq), which always has one."""
+        if self.nlist is None:
+            raise ValueError(f"a {self.kind} index has no inverted lists")
+        return self.nlist
 
 
 def check_kind(kind: str) -> str:
@@ -90,17 +97,19 @@ def resolve_params(
         return IndexParams("flat", seed=seed)
     if kind == "hnsw":
         return IndexParams("hnsw", hnsw_m=hnsw_m, ef_search=ef_search, ef_construction=max(40, 2 * hnsw_m), seed=seed)
-    params = IndexParams(kind, nlist=nlist or default_nlist(n), train_iterations=TRAIN_ITERATIONS, seed=seed)
+    lists = nlist or default_nlist(n)
+    params = IndexParams(kind, nlist=lists, train_iterations=TRAIN_ITERATIONS, seed=seed)
     if kind == "ivfpq":
         if dim is None:
             raise ConfigError("an ivfpq index needs the vectors' dimension to size its codes")
         if nlist is None:  # no fewer training points per list than FAISS wants, from a sample the budget holds
             params = replace(
                 params,
-                nlist=max(1, min(params.nlist, sample_size(params, n, dim, memory_budget) // MIN_POINTS_PER_LIST)),
+                nlist=max(1, min(lists, sample_size(params, n, dim, memory_budget) // MIN_POINTS_PER_LIST)),
             )
+            lists = params.lists
         params = replace(params, pq_m=choose_pq_m(params, n, dim, memory_budget), pq_bits=PQ_BITS)
-    return replace(params, nprobe=min(params.nlist, nprobe or default_nprobe(params.nlist)))
+    return replace(params, nprobe=min(lists, nprobe or default_nprobe(lists)))
 
 
 def flat_bytes(n: int, dim: int) -> int:
@@ -123,7 +132,7 @@ def fill_batch_rows(dim: int, memory_budget: int | None) -> int:
 def sample_size(params: IndexParams, n: int, dim: int, memory_budget: int | None = None) -> int:
     """Rows the quantizers are trained on: FAISS wants >= 39 per list (more buys little), a product
     quantizer 40 per centroid; within the budget's working half."""
-    size = min(TRAIN_SAMPLE, 50 * params.nlist)
+    size = min(TRAIN_SAMPLE, 50 * params.lists)
     if params.kind == "ivfpq":
         size = min(TRAIN_SAMPLE, max(size, 40 * PQ_CENTROIDS))
     rows = working_rows(dim, memory_budget)
@@ -143,9 +152,9 @@ def choose_pq_m(params: IndexParams, n: int, dim: int, memory_budget: int | None
     even one byte per row does not fit."""
     candidates = [m for m in range(1, dim // 2 + 1) if dim % m == 0] or [1]
     room = None if memory_budget is None else memory_budget - memory_budget // 2
-    fitting = [m for m in candidates if room is None or ivfpq_bytes(n, dim, params.nlist, m) <= room]
+    fitting = [m for m in candidates if room is None or ivfpq_bytes(n, dim, params.lists, m) <= room]
     if not fitting:
-        need = 2 * ivfpq_bytes(n, dim, params.nlist, candidates[0])
+        need = 2 * ivfpq_bytes(n, dim, params.lists, candidates[0])
         raise ConfigError(
             f"memory budget {memory_budget} bytes is too small for an index of {n} rows of "
             f"{dim} dimensions: the smallest (ivfpq, 1 byte per row) needs about {need} bytes"
@@ -206,7 +215,7 @@ def train_on_sample(index, params: IndexParams, sample: np.ndarray, total: int) 
     """Train an IVF (or IVF-PQ) index on ``sample``, rows of an index that will hold ``total``."""
     if params.kind not in ("ivf", "ivfpq") or index.is_trained:
         return params
-    need = max(params.nlist, PQ_MIN_ROWS if params.kind == "ivfpq" else 0)
+    need = max(params.lists, PQ_MIN_ROWS if params.kind == "ivfpq" else 0)
     if len(sample) < need:
         raise ConfigError(
             f"an {params.kind} index with nlist={params.nlist} needs at least {need} rows, got {len(sample)}"

@@ -55,8 +55,8 @@ def _detail(g: Image.Image) -> np.ndarray:
 
     w, h = g.size
     mx, my = round(w * MARGIN), round(h * MARGIN)
-    g = g.crop((mx, my, max(mx + 1, w - mx), max(my + 1, h - my))).resize((2 * SIDE, 2 * SIDE), Image.BOX)
-    v = np.asarray(g.filter(ImageFilter.GaussianBlur(1)).resize((SIDE, SIDE), Image.BOX), np.float32)
+    g = g.crop((mx, my, max(mx + 1, w - mx), max(my + 1, h - my))).resize((2 * SIDE, 2 * SIDE), Image.Resampling.BOX)
+    v = np.asarray(g.filter(ImageFilter.GaussianBlur(1)).resize((SIDE, SIDE), Image.Resampling.BOX), np.float32)
     v = v - gaussian_filter(v, HIGH_PASS_SIGMA, mode="nearest")
     v -= v.mean()
     norm = float(np.linalg.norm(v))
@@ -66,8 +66,8 @@ def _detail(g: Image.Image) -> np.ndarray:
 def looks_of_image(im: Image.Image) -> np.ndarray:
     """``(VARIANTS, SIDE * SIDE)``: the look as is, mirrored, turned by each of TURNS, and zoomed in by ZOOM."""
     g = _trim(im.convert("L"))
-    out = [_detail(g), _detail(g.transpose(Image.FLIP_LEFT_RIGHT))]
-    out += [_detail(g.rotate(t, resample=Image.BILINEAR)) for t in TURNS]
+    out = [_detail(g), _detail(g.transpose(Image.Transpose.FLIP_LEFT_RIGHT))]
+    out += [_detail(g.rotate(t, resample=Image.Resampling.BILINEAR)) for t in TURNS]
     w, h = g.size
     dx, dy = round(w * ZOOM), round(h * ZOOM)
     out.append(_detail(g.crop((dx, dy, max(dx + 1, w - dx), max(dy + 1, h - dy)))))
@@ -126,9 +126,9 @@ def calibrate(paths: Sequence[Path], threshold: float = LOOK_THRESHOLD) -> JsonO
     sims: dict[str, list[float]] = {t: [] for t in TRANSFORMS}
     for path in paths:
         try:
-            with Image.open(path) as im:
-                im.draft("RGB", (DECODE_SIDE, DECODE_SIDE))
-                im = im.convert("RGB")
+            with Image.open(path) as opened:
+                opened.draft("RGB", (DECODE_SIDE, DECODE_SIDE))
+                im = opened.convert("RGB")
                 im.thumbnail((DECODE_SIDE, DECODE_SIDE))  # copies of a big photo look the same at this size
         except Exception:  # noqa: BLE001 - an unreadable image is left out of the calibration
             continue
@@ -141,7 +141,7 @@ def calibrate(paths: Sequence[Path], threshold: float = LOOK_THRESHOLD) -> JsonO
                 s, _ = look_similarity(np.stack([orig, looks_of_image(copy)]), np.array([0]), np.array([1]))
             sims[t].append(float(s[0]))
     every = [s for v in sims.values() for s in v]
-    per = {
+    per: JsonObject = {
         t: {
             "found": round(float(np.mean(np.array(v) >= threshold)), 3),
             "min": round(min(v), 3),

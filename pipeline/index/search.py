@@ -14,7 +14,7 @@ from imgfeat.core.errors import ConfigError, ImgfeatError
 from imgfeat.core.results import JsonObject
 from imgfeat.core.runs import new_run_id
 from imgfeat.core.workspace import Workspace
-from imgfeat.extract.extract import extract_files
+from imgfeat.extract.extract import FileResult, extract_files
 from imgfeat.index.files import IndexInfo, migrate_if_free, read_faiss, read_ids, read_info
 from imgfeat.index.kinds import knn, set_search_params
 from imgfeat.index.text import embed_texts
@@ -55,7 +55,7 @@ class QueryResult:
         return obj
 
 
-def extract_queries(ws: Workspace, featureset: str, paths: Sequence[Path], run_id: str) -> list:
+def extract_queries(ws: Workspace, featureset: str, paths: Sequence[Path], run_id: str) -> list[FileResult]:
     """Features of query files, cached into the featureset the way `imgfeat predict FILE` does."""
     return extract_files(ws, featureset, list(paths), run_id)
 

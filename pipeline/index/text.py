@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from imgfeat.backbones.hub import text_embeddings
+from imgfeat.backbones.hub import HubSpec, text_embeddings
 from imgfeat.core.errors import ConfigError
 from imgfeat.core.workspace import Workspace
 from imgfeat.extract.extract import ExtractConfig
@@ -25,7 +25,7 @@ def text_tower(ws: Workspace, featureset: str):
         )
     resolved = resolve_recipe(ExtractConfig.from_provenance(prov))
     spec = resolved.spec
-    if not getattr(spec, "has_text", False):
+    if not (isinstance(spec, HubSpec) and spec.has_text):
         raise ConfigError(
             f"featureset {featureset} ({spec.name}, {spec.family}) has no text tower: text "
             f"queries need a CLIP or SigLIP keras-hub backbone"

@@ -164,10 +164,11 @@ def plan_job(ws: Workspace, job: JobSpec) -> JsonObject:
     for fjob in job.features:
         for dataset in fjob.datasets:
             key = f"{fjob.name}/{dataset}"
+            p: JsonObject
             if fjob.finetune is not None:
                 p = {"todo": None, "note": f"extracted with the tuned weights of finetune.{fjob.finetune}"}
             elif ws.manifest_path(dataset).exists():
-                p = plan_extract(ws, extract_config(job, fjob, dataset)).to_json()
+                p = plan_extract(ws, extract_config(job, fjob, dataset))  # (a JSON object already)
             else:
                 p = {"todo": None, "note": "dataset not scanned yet"}
             p["new_or_changed_files"] = scans[dataset].new + scans[dataset].changed

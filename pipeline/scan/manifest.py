@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from imgfeat import __version__
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError, ImgfeatError, unknown_value
-from imgfeat.core.results import JsonObject
+from imgfeat.core.results import JsonObject, json_str
 from imgfeat.core.storage import atomic_path
 from imgfeat.core.workspace import Workspace
 
@@ -95,7 +95,7 @@ def read_info(path: Path) -> JsonObject:
 
 def dataset_root(ws: Workspace, dataset: str) -> Path:
     """The absolute root the manifest's relative paths are under."""
-    return Path(manifest_info(ws, dataset)["root"])
+    return Path(json_str(manifest_info(ws, dataset), "root"))
 
 
 def make_info(root: Path, dataset: str, options: Mapping[str, Any], run_id: str | None) -> JsonObject:

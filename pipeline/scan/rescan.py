@@ -24,9 +24,9 @@ _MATCH_COLUMNS = (S.PATH, S.BYTES, S.MTIME_NS, S.STATUS, S.WIDTH, S.HEIGHT)
 
 
 class OldRow(NamedTuple):
-    """What the change check needs of a previous row; ``index`` is its row number in the file."""
+    """What the change check needs of a previous row; ``row`` is its row number in the file."""
 
-    index: int
+    row: int  # (not ``index``: that is tuple.index)
     bytes: int | None
     mtime_ns: int | None
     status: str
@@ -76,7 +76,11 @@ def load_previous(path: Path, root: Path) -> Previous | None:
     if schema.remove_metadata() != S.MANIFEST_SCHEMA:
         log.info("the previous manifest has another schema; every file is read again")
         return None
-    return Previous(path, info.get("options", {}), rows)
+    options = info.get("options", {})
+    if not isinstance(options, dict):  # a footer imgfeat did not write
+        log.info("the previous manifest's options are unreadable; every file is read again")
+        return None
+    return Previous(path, options, rows)
 
 
 def classify(entry: FileEntry, old: OldRow | None, max_pixels: int) -> str:
@@ -88,7 +92,9 @@ def classify(entry: FileEntry, old: OldRow | None, max_pixels: int) -> str:
     if old.status == S.STATUS_UNREADABLE:
         return "retried"
     # A file over the old pixel limit was never checked for truncation: read it if now allowed.
-    if old.status == S.STATUS_TOO_LARGE and (old.width is None or old.width * old.height <= max_pixels):
+    if old.status == S.STATUS_TOO_LARGE and (
+        old.width is None or old.height is None or old.width * old.height <= max_pixels
+    ):
         return "retried"
     return "unchanged"
 

@@ -51,9 +51,9 @@ LABEL_CSV_COLUMNS = ("path", "label")
 class ScanConfig:
     """What to scan and how; see ``imgfeat scan --help`` for each option."""
 
-    root: str | os.PathLike
+    root: str | os.PathLike[str]
     dataset: str = opt(metavar="NAME", help="dataset name (letters, digits, '.', '_', '-')")
-    labels_csv: str | os.PathLike | None = opt(
+    labels_csv: str | os.PathLike[str] | None = opt(
         None, flag="--labels", metavar="FILE.csv", help="CSV with columns path,label that overrides folder labels"
     )
     test_fraction: float | None = opt(
@@ -101,10 +101,11 @@ class Labeller:
         labels, splits = self.assign_many([rel], [image_id])
         return labels[0], splits[0]
 
-    def assign_many(self, paths: list[str], ids: list[str | None]) -> tuple[list, list]:
+    def assign_many(self, paths: list[str], ids: list[str | None]) -> tuple[list[str | None], list[str | None]]:
         """``assign`` over a batch; folder labels are worked out once per folder."""
         folders: dict[str, tuple[str | None, str | None]] = {}
-        labels, splits = [], []
+        labels: list[str | None] = []
+        splits: list[str | None] = []
         for rel, image_id in zip(paths, ids):
             folder = rel.rpartition("/")[0]
             found = folders.get(folder)
@@ -142,9 +143,9 @@ class ScanTally:
     changed: int = 0
     unchanged: int = 0
     retried: int = 0
-    status: Counter = field(default_factory=Counter)
-    splits: Counter = field(default_factory=Counter)
-    labels: set = field(default_factory=set)
+    status: Counter[str] = field(default_factory=Counter)
+    splits: Counter[str] = field(default_factory=Counter)
+    labels: set[str] = field(default_factory=set)
     csv_matched: int = 0
     csv_missing: int = 0
 
@@ -191,7 +192,7 @@ class ScanPlan(JsonResult):
 # ---------------------------------------------------------------- checks at the edge
 
 
-def resolve_root(root: str | os.PathLike) -> Path:
+def resolve_root(root: str | os.PathLike[str]) -> Path:
     """The absolute root (symlinks in it kept as given); ConfigError when it is not a folder."""
     path = Path(os.path.abspath(os.path.expanduser(os.fspath(root))))
     if not path.exists():
@@ -201,7 +202,7 @@ def resolve_root(root: str | os.PathLike) -> Path:
     return path
 
 
-def read_labels_csv(path: str | os.PathLike) -> dict[str, str | None]:
+def read_labels_csv(path: str | os.PathLike[str]) -> dict[str, str | None]:
     """``path,label`` rows (paths relative to the root) -> {POSIX path: label}."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
@@ -339,7 +340,7 @@ class _BatchReader:
     def submit(self, batch: list[FileEntry]) -> tuple[list[FileEntry], list[Any]]:
         """Per file: a Future of its Probe, or the row number of its old row."""
         slots: list[Any] = []
-        counts: Counter = Counter()
+        counts: Counter[str] = Counter()
         find = self.old.find if self.old else lambda rel: None
         for entry in batch:
             old = find(entry.rel)
@@ -348,7 +349,9 @@ class _BatchReader:
                 slots.append(old[0])
                 continue
             kind = classify(entry, old, self.cfg.max_pixels)
-            if kind == "unchanged":  # e.g. still over the pixel limit: nothing to learn by reading it
+            if (
+                kind == "unchanged" and old is not None
+            ):  # e.g. still over the pixel limit: nothing to learn by reading it
                 slots.append(old[0])
                 continue
             counts[kind] += 1
@@ -382,7 +385,7 @@ class _BatchReader:
         return pa.concat_tables(segments) if len(segments) != 1 else segments[0]
 
     def _flush_run(self, run: list[int], segments: list[pa.Table]) -> None:
-        if not run:
+        if not run or self.old is None:  # (a run of carried rows has an old manifest)
             return
         for part in self.old.rows(run[0], run[1]):
             if self._repixel:
@@ -392,7 +395,7 @@ class _BatchReader:
             segments.append(part)
         run.clear()
 
-    def release(self, pending: deque) -> None:
+    def release(self, pending: deque[tuple[list[FileEntry], list[Any]]]) -> None:
         """Let go of old row groups that neither the batches in flight nor later files can use."""
         if self.old is None:
             return
@@ -402,7 +405,7 @@ class _BatchReader:
 
 def _scan_tables(reader: _BatchReader, root: Path, stats: WalkStats) -> Iterator[pa.Table]:
     """Yield the manifest in walk order, a batch at a time, with at most two batches in flight."""
-    pending: deque = deque()
+    pending: deque[tuple[list[FileEntry], list[Any]]] = deque()
     try:
         segments = walk_segments(str(root), _walk_options(reader.cfg), stats)
         for batch in _batches(segments, BATCH_FILES):
@@ -545,7 +548,7 @@ def plan_scan(ws: Workspace, cfg: ScanConfig) -> ScanPlan:
     prev = load_previous(ws.manifest_path(cfg.dataset), root)
     old = prev.cursor(keep=False) if prev else None
     stats = WalkStats()
-    counts: Counter = Counter()
+    counts: Counter[str] = Counter()
     try:
         for entry in walk(str(root), _walk_options(cfg), stats):
             kind = classify(entry, old.find(entry.rel) if old else None, cfg.max_pixels)

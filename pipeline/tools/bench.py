@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from imgfeat.backbones import get_backbone
+from imgfeat.backbones.spec import BackboneSpec
 from imgfeat.core.errors import ConfigError, ImgfeatError
 from imgfeat.core.options import opt
 from imgfeat.core.results import JsonObject
@@ -225,7 +226,7 @@ def _report(cfg: BenchConfig, n: int, runs: dict[str, list[dict[str, Any]]]) -> 
 # ---------------------------------------------------------------- the child processes' bodies
 
 
-def _build(spec: dict[str, Any]):
+def _build(spec: dict[str, Any]) -> tuple[BackboneSpec, Any, int]:  # (spec, the keras model, input size)
     cfg = ExtractConfig(
         dataset=BENCH_DATASET,
         backbone=spec["backbone"],

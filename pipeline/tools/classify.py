@@ -121,7 +121,8 @@ def build_classifier(backbone: str, weights: str) -> tuple[Any, keras.Model]:
 
 def input_hw(spec: Any) -> tuple[int, int]:
     size = spec.input_size
-    return (int(size), int(size)) if np.isscalar(size) else (int(size[0]), int(size[1]))
+    scalar = bool(np.isscalar(size))  # (np.isscalar would narrow size to numpy's scalar types)
+    return (int(size), int(size)) if scalar else (int(size[0]), int(size[1]))
 
 
 # ------------------------------------------------------------------- reader, mapper, writer
@@ -137,10 +138,12 @@ def predict_probs(forward: Forward, images: np.ndarray) -> np.ndarray:
     return forward(pad_rows(images, forward.batch_shape[0]))[:n].astype(np.float64)
 
 
-def _results(paths: list[str], probs: np.ndarray | None, errors: list[DecodeError | None], top: int):
+def _results(
+    paths: list[str], probs: np.ndarray | None, errors: list[DecodeError | None], top: int
+) -> list[ImageResult]:
     ok = [i for i, e in enumerate(errors) if e is None]
-    decoded = dict(zip(ok, decode_predictions(probs, top))) if ok else {}
-    out = []
+    decoded = dict(zip(ok, decode_predictions(probs, top))) if ok and probs is not None else {}  # (ok: probs)
+    out: list[ImageResult] = []
     for i, path in enumerate(paths):
         err = errors[i]
         if err is not None:

@@ -18,7 +18,7 @@ from imgfeat.core.results import JsonObject
 def _crop(im: Image.Image) -> Image.Image:
     w, h = im.size
     dx, dy = round(w * 0.03), round(h * 0.03)  # 3% off each side
-    return im.crop((dx, dy, w - dx, h - dy)).resize((w, h), Image.BILINEAR)
+    return im.crop((dx, dy, w - dx, h - dy)).resize((w, h), Image.Resampling.BILINEAR)
 
 
 def _letterbox(im: Image.Image) -> Image.Image:
@@ -34,12 +34,20 @@ def _letterbox(im: Image.Image) -> Image.Image:
 TRANSFORMS: dict[str, tuple[Callable[[Image.Image], Image.Image], str, dict]] = {
     "png": (lambda im: im, "PNG", {}),
     "brightness": (lambda im: ImageEnhance.Brightness(im).enhance(1.15), "PNG", {}),
-    "width96": (lambda im: im.resize((96, max(1, round(im.height * 96 / im.width))), Image.BILINEAR), "PNG", {}),
+    "width96": (
+        lambda im: im.resize((96, max(1, round(im.height * 96 / im.width))), Image.Resampling.BILINEAR),
+        "PNG",
+        {},
+    ),
     "crop_q75": (_crop, "JPEG", {"quality": 75}),
     "jpeg_q30": (lambda im: im, "JPEG", {"quality": 30}),
-    "rotate3": (lambda im: im.rotate(3, resample=Image.BILINEAR), "PNG", {}),
+    "rotate3": (lambda im: im.rotate(3, resample=Image.Resampling.BILINEAR), "PNG", {}),
     "letterbox": (_letterbox, "PNG", {}),
-    "half": (lambda im: im.resize((max(1, im.width // 2), max(1, im.height // 2)), Image.BILINEAR), "PNG", {}),
+    "half": (
+        lambda im: im.resize((max(1, im.width // 2), max(1, im.height // 2)), Image.Resampling.BILINEAR),
+        "PNG",
+        {},
+    ),
     "grayscale": (ImageOps.grayscale, "PNG", {}),
 }
 SUFFIX = {"PNG": ".png", "JPEG": ".jpg"}

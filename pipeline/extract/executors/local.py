@@ -1,5 +1,7 @@
 """The shard task both executors run (a shard's items -> decode -> forward -> commit -> reports) and the
-local executor, which runs it shard after shard with one model here; Ray maps it (executors/ray.py)."""
+local executor, which runs its halves shard after shard with one model here, over one decode stream
+and one model queue for the whole todo list, each commit overlapping the next shard; Ray maps it
+(executors/ray.py)."""
 
 from __future__ import annotations
 

@@ -249,7 +249,8 @@ class CommitThread:
     """Shard commits off the model's thread, one at a time in shard order (as the old ShardSink
     wrote): a finished shard commits while the next one runs through the model. After a failed
     commit no later shard commits, and the failure is raised on the model's thread (``done``,
-    ``wait``). ``close`` lets a commit under way end (a complete shard, as if committed inline)."""
+    ``wait``). ``close`` lets the commits handed over end (complete shards, which the shard task
+    would have committed before going on), so a failure of a later shard leaves them committed."""
 
     def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="imgfeat-commit")
@@ -274,14 +275,14 @@ class CommitThread:
             if (report := self._pending.popleft().result()) is not None:
                 yield report
 
-    def wait(self) -> Iterator[BatchReport]:
-        """Every commit's report, waiting for each."""
-        while self._pending:
+    def wait(self, keep: int = 0) -> Iterator[BatchReport]:
+        """The commits' reports, waiting for each until at most ``keep`` are left under way."""
+        while len(self._pending) > keep:
             if (report := self._pending.popleft().result()) is not None:
                 yield report
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool.shutdown(wait=True)
 
 
 class LocalExecutor:
@@ -315,6 +316,9 @@ class LocalExecutor:
                         yield report
                         yield from commits.done()
                     commits.submit(writer, shard, self.seam)
+                    # One commit under way while the next shard runs: a slow disk slows the model
+                    # down instead of holding ever more finished shards in memory.
+                    yield from commits.wait(keep=1)
             yield from commits.wait()
         finally:
             commits.close()

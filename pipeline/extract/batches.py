@@ -145,6 +145,26 @@ def pad_rows(pixels: np.ndarray, batch_size: int) -> np.ndarray:
     return out
 
 
+@dataclass(frozen=True)
+class ChunkedItems:
+    """Items already cut into batch chunks (each of at most the batch size), for a decoder to take
+    as they are: one decode stream then serves units of work whose batches must not span two of
+    them (the local executor's shards), where chunking the items itself would join their ends."""
+
+    chunks: Iterable[list[Item]]
+
+
+def batch_chunks(items: Iterable[Item] | ChunkedItems, size: int) -> Iterator[list[Item]]:
+    """The batch chunks a decoder makes: ``items`` in chunks of ``size``, or ChunkedItems' chunks."""
+    if not isinstance(items, ChunkedItems):
+        yield from chunked(items, size)
+        return
+    for chunk in items.chunks:
+        if not 0 < len(chunk) <= size:
+            raise ValueError(f"a batch chunk of {len(chunk)} items, the batch size is {size}")
+        yield chunk
+
+
 def chunked(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
     chunk: list[Item] = []
     for item in items:

@@ -39,7 +39,15 @@ import numpy as np
 
 from imgfeat.core.errors import ConfigError, ImgfeatError
 from imgfeat.core.schemas import ErrorRow
-from imgfeat.extract.batches import Batch, InputSpec, Item, chunked, decode_error_row, decode_item
+from imgfeat.extract.batches import (
+    Batch,
+    ChunkedItems,
+    InputSpec,
+    Item,
+    batch_chunks,
+    decode_error_row,
+    decode_item,
+)
 from imgfeat.extract.decode import DecodeError
 
 log = logging.getLogger(__name__)
@@ -502,7 +510,7 @@ def pool_size(workers: int, chunks: list[list[Item]]) -> int:
 
 
 def process_batches(
-    items: Iterable[Item],
+    items: Iterable[Item] | ChunkedItems,
     spec: InputSpec,
     run_id: str,
     workers: int,
@@ -517,7 +525,7 @@ def process_batches(
     _check_positive(workers=workers, ahead=ahead)
     if isinstance(held, bool) or not isinstance(held, int) or held < 0:
         raise ConfigError(f"decode pool held must be an integer, 0 or more, got {held!r}")
-    chunks = chunked(items, spec.batch_size)
+    chunks = batch_chunks(items, spec.batch_size)
     first = list(itertools.islice(chunks, 2))  # peek: is this a one-batch job?
     if not first:
         return

@@ -32,7 +32,15 @@ from PIL import Image
 
 from imgfeat.core.errors import ConfigError
 from imgfeat.core.schemas import ErrorRow
-from imgfeat.extract.batches import Batch, InputSpec, Item, chunked, decode_error_row, read_verified
+from imgfeat.extract.batches import (
+    Batch,
+    ChunkedItems,
+    InputSpec,
+    Item,
+    batch_chunks,
+    decode_error_row,
+    read_verified,
+)
 from imgfeat.extract.decode import (
     TRANSPOSED_ORIENTATIONS,
     DecodeConfig,
@@ -415,7 +423,7 @@ class GpuBatcher:
 
 
 def gpu_batches(
-    items: Iterable[Item],
+    items: Iterable[Item] | ChunkedItems,
     spec: InputSpec,
     run_id: str,
     workers: int,
@@ -441,7 +449,7 @@ def gpu_batches(
         batcher = GpuBatcher(spec, codec, pool, counts)
         pending: collections.deque[Future] = collections.deque()
         try:
-            for chunk in chunked(items, spec.batch_size):
+            for chunk in batch_chunks(items, spec.batch_size):
                 reads = [pool.submit(read_probe, item, spec) for item in chunk]
                 pending.append(maker.submit(_finish, batcher, chunk, reads, run_id))
                 if len(pending) > ahead:

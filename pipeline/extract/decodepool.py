@@ -79,7 +79,7 @@ class Segment(SharedMemory):
             pass
 
 
-_UNCLOSED: list[Segment] = []  # unlinked segments whose views a consumer still held at shutdown
+_UNCLOSED: list[SharedMemory] = []  # unlinked segments whose views a consumer still held at shutdown
 
 
 # ---------------------------------------------------------------- pure parts (no processes)
@@ -171,7 +171,9 @@ def shared_array(shm: SharedMemory, shape: tuple[int, ...]) -> np.ndarray:
     """A uint8 array on the segment. ``frombuffer`` holds a buffer export for as long as any view of
     it lives, so closing the segment under a live view raises BufferError instead of unmapping it
     (``np.ndarray(buffer=...)`` holds none: its views would point at freed memory)."""
-    return np.frombuffer(shm.buf, dtype=np.uint8, count=int(np.prod(shape))).reshape(shape)
+    buf = shm.buf
+    assert buf is not None, "an open segment has a buffer"
+    return np.frombuffer(buf, dtype=np.uint8, count=int(np.prod(shape))).reshape(shape)
 
 
 # ---------------------------------------------------------------- the worker process

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import collections
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,7 +123,7 @@ class _Flight:
     submit_seconds: float
 
 
-def in_flight(forward: Forward, batches: Iterable[Batch], depth: int = DEFAULT_DEPTH) -> Iterator[Landed]:
+def in_flight(forward: Forward, batches: Iterable[Batch], depth: int = DEFAULT_DEPTH) -> Generator[Landed]:
     """Run ``forward`` over ``batches``, up to ``depth`` submitted before the oldest is fetched.
 
     Results come back in batch order. A batch's ``release`` (a decode buffer going back to its

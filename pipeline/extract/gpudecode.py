@@ -303,7 +303,9 @@ class DeviceResizer:
 def _by_bucket(rows: list[tuple[int, Any]]) -> dict[tuple[int, int], list[tuple[int, Any]]]:
     groups: dict[tuple[int, int], list[tuple[int, Any]]] = collections.defaultdict(list)
     for row, img in rows:
-        groups[(bucket_side(img.shape[0]), bucket_side(img.shape[1]))].append((row, img))
+        h, w = bucket_side(img.shape[0]), bucket_side(img.shape[1])
+        assert h is not None and w is not None, "only images that fit a bucket are routed to the GPU"
+        groups[(h, w)].append((row, img))
     return groups
 
 
@@ -394,14 +396,15 @@ class GpuBatcher:
         outcomes: list[tuple[str, Any] | None] = [None if r.error is None else ("error", r.error) for r in reads]
         jpegs = [i for i, r in enumerate(reads) if r.gpu_hw is not None and r.error is None]
         for i, img in zip(jpegs, self._gpu_decode([reads[i].data for i in jpegs])):
-            if img is not None and tuple(img.shape) == (*reads[i].gpu_hw, CHANNELS) and img.dtype == np.uint8:
+            hw = reads[i].gpu_hw
+            if img is not None and hw is not None and tuple(img.shape) == (*hw, CHANNELS) and img.dtype == np.uint8:
                 outcomes[i] = ("gpu", img)
         rest = [i for i, o in enumerate(outcomes) if o is None]
         for i, outcome in zip(
             rest, self.pool.map(self._cpu_decode, [items[i] for i in rest], [reads[i].data for i in rest])
         ):
             outcomes[i] = outcome
-        return outcomes
+        return [o for o in outcomes if o is not None]  # every item has its outcome by now
 
     def _gpu_decode(self, datas: list[bytes]) -> list[Any]:
         if not datas:

@@ -18,6 +18,7 @@ from typing import Any
 
 from imgfeat.core.errors import ImgfeatError
 from imgfeat.core.results import JsonObject
+from imgfeat.core.schemas import ErrorRow
 from imgfeat.extract.batches import (
     Batch,
     ChunkedItems,
@@ -182,7 +183,11 @@ def shard_rows(job: ExtractJob, writer: FeaturesetWriter, landed: Iterable[Lande
     report per batch."""
     for one in landed:
         batch = one.batch
-        ids, X, refused = refuse_non_finite(batch.ids, one.features, job.run_id) if batch.ids else ([], None, [])
+        ids: list[str] = []
+        refused: list[ErrorRow] = []
+        if batch.ids:
+            assert one.features is not None, "a batch with images comes back with their features"
+            ids, X, refused = refuse_non_finite(batch.ids, one.features, job.run_id)
         errors = batch.errors + refused
         writer.add_errors(errors)
         if ids:

@@ -28,7 +28,7 @@ import contextlib
 import logging
 import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -260,7 +260,7 @@ def _todo_blocks(todo: list[Item], rows: int) -> list[pa.Table]:
     return [table.slice(start, rows) for start in range(0, len(todo), rows)]
 
 
-def _reports(ds) -> Iterator[BatchReport]:
+def _reports(ds: Any) -> Generator[BatchReport]:
     rows = ds.iter_rows()
     try:
         for row in rows:

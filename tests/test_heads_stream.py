@@ -74,3 +74,11 @@ def test_the_dense_net_trains_from_a_stream(blobs):
     assert 1 <= meta["trained_by"]["epochs"] <= 4 and len(meta["history"]["loss"]) == meta["trained_by"]["epochs"]
     assert out.metrics["test_accuracy"] > 0.7  # in memory it scores 0.84 with 50 epochs
     assert np.isfinite(meta["history"]["val_loss"]).all()
+
+
+def test_a_streamed_fit_logs_each_epoch_for_a_log_without_a_terminal(blobs, caplog):
+    with caplog.at_level("INFO", logger="imgfeat.heads.stream"):
+        _, meta = _train(blobs, "svm", TINY, random_state=1)
+    epochs = meta["trained_by"]["epochs"]
+    lines = [r.getMessage() for r in caplog.records if "(streamed): epoch" in r.getMessage()]
+    assert len(lines) == epochs and lines[-1].startswith(f"svm (streamed): epoch {epochs} of {epochs} done")

@@ -202,11 +202,16 @@ def fit_linear(
         class_weight=_class_weights(cfg, stream),
     )
     labels = np.asarray(classes, dtype=object)
+    t0 = time.perf_counter()
     with progress(total=epochs * n, desc=f"train {kind} (streamed, {epochs} epochs)", unit="row") as bar:
-        for _ in range(epochs):
+        for epoch in range(1, epochs + 1):
             for X, y in stream():  # shuffled: a shard holds images in scan order, often class by class
                 clf.partial_fit(scaler.transform(X), y, classes=labels)
                 bar.update(len(y))
+            # a line per epoch: a scheduler's log (no terminal, no bar) sees the work move and its pace
+            log.info(
+                "%s (streamed): epoch %d of %d done in %.0f s so far", kind, epoch, epochs, time.perf_counter() - t0
+            )
     return Pipeline([("scale", scaler), ("clf", clf)])
 
 

@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError
 from imgfeat.core.workspace import Workspace
-from imgfeat.extract.featureset import READ_BATCH_ROWS, RowPicks, committed_ids, pick_rows, read_picked
+from imgfeat.extract.featureset import READ_BATCH_ROWS, committed_ids, iter_features, pick_rows, read_picked
 from imgfeat.scan.manifest import read_manifest
 
 
@@ -23,6 +23,8 @@ def normalise(X: np.ndarray) -> np.ndarray:
     An all-zero row stays zero: it is similar to nothing rather than a NaN that poisons search.
     """
     X = np.ascontiguousarray(X, dtype=np.float32)
+    if not X.flags.writeable:  # a view of Arrow's buffers (a streamed batch): scale a copy
+        X = X.copy()
     norms = np.linalg.norm(X, axis=1, keepdims=True)
     np.divide(X, norms, out=X, where=norms > 0)
     return X
@@ -42,18 +44,11 @@ def read_vectors(ws: Workspace, featureset: str, wanted: Iterable[str] | None = 
 def iter_vectors(
     ws: Workspace, featureset: str, wanted: set[str] | None = None, batch_rows: int = READ_BATCH_ROWS
 ) -> Iterator[tuple[list[str], np.ndarray]]:
-    """``(ids, X)`` batches of at most ``batch_rows`` rows: the rows ``read_vectors`` gives, in its
-    order, normalised float32; one batch of one shard in memory at a time."""
-    picks = pick_rows(ws, featureset, wanted)
-    start = 0
-    for path, keep in picks.shards:
-        for lo in range(0, len(keep), batch_rows):
-            part = keep[lo : lo + batch_rows]
-            ids, X = read_picked(
-                ws, featureset, RowPicks(picks.ids[start + lo : start + lo + len(part)], [(path, part)])
-            )
-            yield ids, normalise(X)
-        start += len(keep)
+    """``(ids, X)`` batches of at most ``batch_rows`` rows, normalised float32: the featureset's one
+    streaming reader (``iter_features``: trusted rows, each id once, in shard order), one row group
+    in memory at a time."""
+    for ids, X in iter_features(ws, featureset, ids=None if wanted is None else list(wanted), batch_rows=batch_rows):
+        yield ids.tolist(), normalise(X)
 
 
 def manifest_rows(ws: Workspace, dataset: str) -> pa.Table:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from imgfeat.core.errors import ConfigError
+from imgfeat.core.sizes import BUDGET_MAX, BUDGET_MIN, parse_size
 
 SEED_MAX = 2**32 - 1  # numpy, Keras and FAISS seeds are 32-bit
 WEEK_S = 7 * 24 * 3600.0
@@ -89,7 +90,7 @@ RANGES: dict[str, Range] = {
     "max_points": _ints(2, 1_000_000),
     "thumb_size": _ints(8, 1024),
     # train, predict, report, index, dedup: bytes of features held at once (core/sizes.py parses "256MB")
-    "memory_budget": _ints(64 << 10, 1 << 50),  # 64 KiB: tests force the streamed paths on small data
+    "memory_budget": _ints(BUDGET_MIN, BUDGET_MAX),  # a size: core/sizes.parse_size reads the text
     # finetune
     "unfreeze_blocks": _ints(1, 1000),
     "warmup_epochs": _ints(0, 100_000),
@@ -132,8 +133,6 @@ def check_fields(config: Any, where: str = "") -> None:
     """Check every field of a config dataclass that has a range (call from ``__post_init__``); a
     ``memory_budget`` given as a size text (``256MB``) is first set to its bytes."""
     if getattr(config, "memory_budget", None) is not None:
-        from imgfeat.core.sizes import parse_size  # it imports RANGES from here
-
         object.__setattr__(config, "memory_budget", parse_size(config.memory_budget, f"{where}memory_budget"))
     for key in RANGES:
         if hasattr(config, key):

@@ -7,7 +7,6 @@ import re
 from typing import Any
 
 from imgfeat.core.errors import ConfigError
-from imgfeat.core.ranges import RANGES
 
 # Decimal units are powers of 1000, binary ones of 1024, as everywhere else (``ls -h`` aside).
 UNITS = {
@@ -25,23 +24,23 @@ UNITS = {
 }
 UNITS_TEXT = "B, KB, MB, GB, TB, PB, KiB, MiB, GiB, TiB, PiB"
 DEFAULT_BUDGET_FRACTION = 4  # the default budget is a quarter of physical memory
+BUDGET_MIN, BUDGET_MAX = 64 << 10, 1 << 50  # memory_budget's range (64 KiB: tests force the streamed paths)
 FALLBACK_RAM = 8 << 30  # where the OS does not say how much memory there is
 _SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*")
 
 
-def parse_size(value: Any, where: str = "memory_budget", key: str = "memory_budget") -> int:
+def parse_size(value: Any, where: str = "memory_budget") -> int:
     """``256MB``, ``2GiB``, ``1.5 GB`` or a whole number of bytes -> bytes; a ConfigError naming
     ``where`` (the flag or key as written), the value and what is allowed otherwise (units, and the
-    range of ``key`` in core/ranges.py)."""
-    rng = RANGES[key]
-    allowed = f"a size such as 256MB or 2GiB (units {UNITS_TEXT}), from {human(int(rng.lo))} to {human(int(rng.hi))}"
+    range BUDGET_MIN..BUDGET_MAX, which core/ranges.py lists as memory_budget's)."""
+    allowed = f"a size such as 256MB or 2GiB (units {UNITS_TEXT}), from {human(BUDGET_MIN)} to {human(BUDGET_MAX)}"
     if isinstance(value, int) and not isinstance(value, bool):
         n = value
     elif isinstance(value, str) and (m := _SIZE.fullmatch(value)) and m.group(2).lower() in (*UNITS, ""):
         n = int(float(m.group(1)) * UNITS[m.group(2).lower() or "b"])
     else:
         raise ConfigError(f"{where} = {value!r}: expected {allowed}")
-    if not rng.allows(n):
+    if not BUDGET_MIN <= n <= BUDGET_MAX:
         raise ConfigError(f"{where} = {value!r}: expected {allowed}")
     return n
 

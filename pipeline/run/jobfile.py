@@ -410,7 +410,7 @@ def check_types(values: dict[str, Any], expected: dict[str, KeyType], where: str
         if kind is not None and not kind.accepts(value):
             raise ConfigError(f"{where}.{key} = {toml_text(value)}: expected {kind.name}, got {_toml_type(value)}")
         if kind is SIZE:
-            parse_size(value, f"{where}.{key}", key)
+            parse_size(value, f"{where}.{key}")
             continue
         rng = RANGES.get(key)
         if kind is not None and rng is not None and not rng.allows(value):

@@ -17,6 +17,7 @@ from imgfeat.core.ranges import RANGES, range_of
 from imgfeat.core.results import JsonObject, Result
 from imgfeat.core.runs import RunRecord
 from imgfeat.core.sizes import parse_size
+from imgfeat.core.stores import parse_storage_options, redact, set_storage_options
 from imgfeat.core.workspace import ENV_WORKSPACE, Workspace
 
 log = logging.getLogger("imgfeat")
@@ -71,6 +72,15 @@ def common_parent() -> argparse.ArgumentParser:
         action="store_true",
         help="print one JSON summary object on the last line of stdout",
     )
+    g.add_argument(
+        "--storage-option",
+        action="append",
+        dest="storage_option",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an object-store option for s3:// gs:// az:// paths, e.g. region=eu-west-1 (repeatable; "
+        "credentials and endpoint come from the store's environment, e.g. AWS_ENDPOINT_URL)",
+    )
     g.add_argument("--log-format", choices=LOG_FORMATS, default="text", help="stderr log format")
     g.add_argument(
         "--log-level",
@@ -110,19 +120,20 @@ def run_job(args: argparse.Namespace) -> int:
     record = RunRecord(command=args.command)
     error = None
     try:
+        set_storage_options(parse_storage_options(getattr(args, "storage_option", None)))
         if args.record_run:  # the commands that read or write the workspace
             ws.check_usable()
         result = args.handler(args, JobContext(ws, record))
         record.summary.update(result.to_json() if hasattr(result, "to_json") else result or {})
         code = EXIT_OK
     except ImgfeatError as exc:
-        code, error = exc.exit_code, str(exc)
-        log.error("%s", exc)
+        code, error = exc.exit_code, redact(str(exc))
+        log.error("%s", error)
     except KeyboardInterrupt:
         code, error = 130, "interrupted"
         log.error("interrupted")
     except Exception as exc:  # a bug or an unexpected environment: say it, exit 1
-        code, error = EXIT_FAILED, f"{type(exc).__name__}: {exc}"
+        code, error = EXIT_FAILED, redact(f"{type(exc).__name__}: {exc}")
         log.exception("failed: %s", error)
     if args.record_run:  # kept in runs/ only when the workspace exists: never creates one
         obj = record.finish(ws, code, error)

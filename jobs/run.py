@@ -8,6 +8,7 @@ from pathlib import Path
 
 from imgfeat.cli.common import JobContext, Summary, add_command, add_trust_pickle, ranged, seconds
 from imgfeat.cli.report_lines import print_plan, print_run_summary
+from imgfeat.core.stores import parse_storage_options, set_storage_options
 from imgfeat.run.jobfile import load_job
 from imgfeat.run.run import plan_job, run_job_spec
 from imgfeat.run.summary import RunSummary
@@ -92,6 +93,8 @@ def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:
         "trust_pickle": args.trust_pickle or None,
     }
     job = dataclasses.replace(job, **{k: v for k, v in flags.items() if v is not None})
+    # [storage] first, --storage-option over it
+    set_storage_options({**job.storage, **parse_storage_options(args.storage_option)})
     if args.dry_run:
         plan = plan_job(ctx.ws, job)
         if not args.json:

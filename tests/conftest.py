@@ -46,6 +46,7 @@ LONGEST_GROUPS = (
     "test_finetune",
     "test_run",
     "test_scale_bench",
+    "test_object_store",
     "test_heads_stream",
     "test_extract_crash",
     "test_backbones",

@@ -16,6 +16,8 @@ import time
 from collections.abc import Iterator
 from typing import Any, TextIO
 
+from imgfeat.core.stores import redact
+
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 NATIVE_LOGGER = "imgfeat.native"  # lines C/C++ libraries (TensorFlow, absl, CUDA) write to fd 2
@@ -49,9 +51,21 @@ def quiet_native_logs(level: str = "info") -> None:
     os.environ.setdefault("GRPC_VERBOSITY", "DEBUG" if level == "debug" else "ERROR")
 
 
+class RedactSecrets(logging.Filter):
+    """No secret of an object store (its key, token or signature) reaches a log line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        clean = redact(text)
+        if clean != text:
+            record.msg, record.args = clean, None
+        return True
+
+
 def setup_logging(level: str = "info", fmt: str = "text", stream: TextIO | None = None) -> None:
     """One handler on the root logger, as text or JSON lines, at ``level``."""
     handler = logging.StreamHandler(stream or sys.stderr)
+    handler.addFilter(RedactSecrets())
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT, "%H:%M:%S"))
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -15,6 +15,7 @@ LABEL = "label"
 SPLIT = "split"
 BYTES = "bytes"
 MTIME_NS = "mtime_ns"
+ETAG = "etag"  # an object's ETag in its store (null for a local file): with size and mtime, the change signal
 WIDTH = "width"
 HEIGHT = "height"
 FORMAT = "format"
@@ -113,8 +114,11 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field(MODE, pa.string()),
         pa.field(STATUS, pa.string(), nullable=False),
         pa.field(ERROR, pa.string()),
+        pa.field(ETAG, pa.string()),  # object stores only; manifests written before it lack the column
     ]
 )
+# The manifest's columns before ETAG: such a manifest reads as MANIFEST_SCHEMA with null ETags.
+MANIFEST_SCHEMA_V1 = pa.schema([f for f in MANIFEST_SCHEMA if f.name != ETAG])
 
 ERRORS_SCHEMA = pa.schema(
     [

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -30,10 +30,13 @@ CHANGED_SINCE_SCAN = "changed_since_scan"
 
 @dataclass(frozen=True)
 class Item:
-    """One image to extract: its content id and the absolute path to read it from."""
+    """One image to extract: its content id and the absolute path (or object URI) to read it from;
+    ``data``/``error``: its bytes, or why they could not be had, when fetched ahead (extract/fetch.py)."""
 
     image_id: str
     path: str
+    data: bytes | None = field(default=None, repr=False, compare=False)
+    error: ReadError | None = field(default=None, repr=False, compare=False)
 
 
 # Where files are decoded. threads: Pillow in a thread pool (Pillow releases the GIL, but threads
@@ -95,7 +98,9 @@ class Batch:
 def read_verified(item: Item, spec: InputSpec) -> bytes:
     """Read one file, or ReadError: its bytes must still hash to the manifest's image_id (if they
     do not, nothing is known about the id's bytes: the error is about this path now)."""
-    data = read_file_bytes(item.path, spec.max_file_bytes)
+    if item.error is not None:
+        raise item.error
+    data = item.data if item.data is not None else read_file_bytes(item.path, spec.max_file_bytes)
     if content_id(data) != item.image_id:
         raise ReadError(
             CHANGED_SINCE_SCAN,

@@ -46,6 +46,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError, ImgfeatError, unknown_value
+from imgfeat.core.stores import ObjectMissing, ObjectRefused, is_uri, read_object
 from imgfeat.extract.resample import resize_no_antialias
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ def decode_image(
     path: str | os.PathLike[str], cfg: DecodeConfig, max_bytes: int = DEFAULT_MAX_FILE_BYTES
 ) -> np.ndarray:
     """Read one image file into a uint8 (h, w, 3) RGB array, or raise DecodeError."""
-    data = read_file_bytes(Path(path), max_bytes)
+    data = read_file_bytes(path if is_uri(path) else Path(path), max_bytes)
     return decode_bytes(data, cfg, name=str(path))
 
 
@@ -155,7 +156,11 @@ def decode_batch(
 
 
 def read_file_bytes(path: str | os.PathLike[str], max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> bytes:
-    """A regular file's bytes, at most ``max_bytes`` of them, or ReadError."""
+    """A regular file's (or an object's, for an ``s3://``/``gs://``/``az://`` URI) bytes, at most
+    ``max_bytes`` of them, or ReadError. A store that cannot be reached after retries raises
+    StorageUnavailable: the run stops there rather than call every image unreadable."""
+    if is_uri(path):
+        return _read_object_bytes(str(path), max_bytes)
     # load_img reads the whole file into memory too; reading first keeps OS errors apart from format errors.
     with open_regular_file(path) as fh:
         try:
@@ -165,6 +170,17 @@ def read_file_bytes(path: str | os.PathLike[str], max_bytes: int = DEFAULT_MAX_F
     if len(data) > max_bytes:
         raise ReadError("file_too_large", f"{path}: larger than the {max_bytes}-byte limit (--max-file-bytes)")
     return data
+
+
+def _read_object_bytes(uri: str, max_bytes: int) -> bytes:
+    try:
+        return read_object(uri, max_bytes)
+    except ObjectMissing as exc:
+        raise ReadError("vanished", f"{exc} (the object no longer exists)") from None
+    except ObjectRefused as exc:
+        raise ReadError("unreadable", str(exc)) from None
+    except ValueError:
+        raise ReadError("file_too_large", f"{uri}: larger than the {max_bytes}-byte limit (--max-file-bytes)") from None
 
 
 def open_regular_file(path: str | os.PathLike[str]) -> io.FileIO:

@@ -27,6 +27,7 @@ from imgfeat.core.ranges import check_fields
 from imgfeat.core.results import JsonResult
 from imgfeat.core.sizes import memory_budget
 from imgfeat.core.storage import WAIT_HINT, FileLock, remove_file, remove_stale_tmp, write_bytes_atomic
+from imgfeat.core.stores import image_source
 from imgfeat.core.workspace import Workspace
 from imgfeat.extract.featureset import iter_features, load_features
 from imgfeat.heads import artifacts as A
@@ -503,7 +504,7 @@ def _thumb_tag(path: Path | None, size: int) -> str:
 def thumbnail_jpeg(path: Path, size: int) -> bytes | None:
     """A small JPEG of the image (EXIF-rotated), or None if it cannot be read any more."""
     try:
-        with Image.open(path) as opened:
+        with Image.open(image_source(path)) as opened:
             im = ImageOps.exif_transpose(opened).convert("RGB")
             im.thumbnail((size, size))
             buf = io.BytesIO()

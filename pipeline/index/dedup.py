@@ -33,6 +33,7 @@ from imgfeat.core.ranges import check_fields
 from imgfeat.core.results import JsonObject, JsonResult
 from imgfeat.core.sizes import memory_budget
 from imgfeat.core.storage import FileLock, remove_stale_tmp, write_bytes_atomic, write_json_atomic, write_table_atomic
+from imgfeat.core.stores import ImageRoot
 from imgfeat.core.workspace import Workspace, check_name
 from imgfeat.extract.featureset import featureset_info
 from imgfeat.index.kinds import (
@@ -673,7 +674,7 @@ class Looks:
         )
 
 
-def cached_looks(folder: Path, im: Images, root: Path) -> Looks:
+def cached_looks(folder: Path, im: Images, root: ImageRoot) -> Looks:
     """The looks of every image of ``im``: read from the cache, computed (one decode each) for the rest."""
     cached = _read_looks(folder / LOOKS_FILE)
     have = set(cached.ids)
@@ -704,7 +705,7 @@ def _read_looks(path: Path) -> Looks:
 
 
 def _calibration(
-    cfg: DedupConfig, root: Path, im: Images, ok: np.ndarray, previous: dict[str, Any] | None
+    cfg: DedupConfig, root: ImageRoot, im: Images, ok: np.ndarray, previous: dict[str, Any] | None
 ) -> JsonObject:
     """The look's check on synthetic copies of a seeded sample of the dataset's own readable images.
 

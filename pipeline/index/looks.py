@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from imgfeat.core.results import JsonObject
+from imgfeat.core.stores import ObjectUri, image_source
 from imgfeat.tools.nearcopies import TRANSFORMS, near_copy
 
 log = logging.getLogger(__name__)
@@ -74,10 +75,10 @@ def looks_of_image(im: Image.Image) -> np.ndarray:
     return np.stack(out)
 
 
-def looks_of_file(path: Path) -> np.ndarray | None:
+def looks_of_file(path: Path | ObjectUri) -> np.ndarray | None:
     """The looks of an image file; None when it cannot be read (the pair is then judged by features)."""
     try:
-        with Image.open(path) as im:
+        with Image.open(image_source(path)) as im:
             im.draft("L", (DECODE_SIDE, DECODE_SIDE))  # JPEG: decode at a reduced scale (fast)
             return looks_of_image(im)
     except Exception as exc:  # noqa: BLE001 - any unreadable file just has no look (features judge it)
@@ -85,7 +86,7 @@ def looks_of_file(path: Path) -> np.ndarray | None:
         return None
 
 
-def looks_of_files(paths: Sequence[Path | None], workers: int = 4) -> tuple[np.ndarray, np.ndarray]:
+def looks_of_files(paths: Sequence[Path | ObjectUri | None], workers: int = 4) -> tuple[np.ndarray, np.ndarray]:
     """``(L, ok)``: float16 looks of each path (``L[k]`` zeros and ``ok[k]`` False where unreadable or None)."""
     L = np.zeros((len(paths), VARIANTS, SIDE * SIDE), np.float16)
     ok = np.zeros(len(paths), bool)
@@ -115,7 +116,7 @@ def look_similarity(L: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[np.nda
     return straight, mirrored
 
 
-def calibrate(paths: Sequence[Path], threshold: float = LOOK_THRESHOLD) -> JsonObject:
+def calibrate(paths: Sequence[Path | ObjectUri], threshold: float = LOOK_THRESHOLD) -> JsonObject:
     """How the look treats copies of these images: each made with the nine near-copy transforms.
 
     Returns per transform the share of copies whose look is at least ``threshold`` alike to
@@ -126,7 +127,7 @@ def calibrate(paths: Sequence[Path], threshold: float = LOOK_THRESHOLD) -> JsonO
     sims: dict[str, list[float]] = {t: [] for t in TRANSFORMS}
     for path in paths:
         try:
-            with Image.open(path) as opened:
+            with Image.open(image_source(path)) as opened:
                 opened.draft("RGB", (DECODE_SIDE, DECODE_SIDE))
                 im = opened.convert("RGB")
                 im.thumbnail((DECODE_SIDE, DECODE_SIDE))  # copies of a big photo look the same at this size

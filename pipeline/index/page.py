@@ -11,6 +11,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from imgfeat.core import schemas as S
+from imgfeat.core.stores import ImageRoot, ObjectUri, image_source
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +40,12 @@ figcaption{margin-top:3px;line-height:1.3}
 """
 
 
-def thumbnail(path: Path) -> str | None:
+def thumbnail(path: Path | ObjectUri) -> str | None:
     """A 128 px JPEG of the image as a data URI; None when it cannot be read any more."""
     from PIL import Image
 
     try:
-        with Image.open(path) as opened:
+        with Image.open(image_source(path)) as opened:
             im = opened.convert("RGB")
             im.thumbnail((THUMB_PX, THUMB_PX))
             buf = io.BytesIO()
@@ -55,7 +56,7 @@ def thumbnail(path: Path) -> str | None:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _figure(root: Path | None, rel: str, caption: str) -> str:
+def _figure(root: ImageRoot | None, rel: str, caption: str) -> str:
     """A thumbnail with its caption; the path on one line, cut at the left (its end shows), whole on hover."""
     uri = thumbnail(root / rel if root is not None else Path(rel))
     img = f'<img src="{uri}" alt="{html.escape(rel)}">' if uri else '<div class="missing">unreadable</div>'
@@ -68,7 +69,7 @@ def _label(label: str | None) -> str:
     return f'<span class="label">{html.escape(label)}</span>' if label is not None else ""
 
 
-def _groups_html(groups: pa.Table, root: Path, limit: int, conflicts: bool) -> str:
+def _groups_html(groups: pa.Table, root: ImageRoot, limit: int, conflicts: bool) -> str:
     """The groups whose labels conflict (``conflicts``) or the others, numbered as in the table's order."""
     by_group: dict[str, list[dict]] = {}
     for row in groups.to_pylist():
@@ -99,7 +100,7 @@ def _groups_html(groups: pa.Table, root: Path, limit: int, conflicts: bool) -> s
     return "".join(parts) or "<p>No near-duplicate groups.</p>"
 
 
-def _leaks_html(leaks: pa.Table, root: Path, limit: int, label_of: dict[str, str | None]) -> str:
+def _leaks_html(leaks: pa.Table, root: ImageRoot, limit: int, label_of: dict[str, str | None]) -> str:
     parts = []
     for n, r in enumerate(leaks.to_pylist()):
         if n >= limit:
@@ -118,7 +119,7 @@ def _leaks_html(leaks: pa.Table, root: Path, limit: int, label_of: dict[str, str
     return f'<div class="leaks">{body}</div>'
 
 
-def render_page(groups: pa.Table, leaks: pa.Table, root: Path, cfg, run_id: str, criterion: str) -> str:
+def render_page(groups: pa.Table, leaks: pa.Table, root: ImageRoot, cfg, run_id: str, criterion: str) -> str:
     """The whole page as one string (thumbnails inline, no external files); label conflicts come first."""
     n_groups = len(set(groups[S.GROUP_ID].to_pylist()))
     n_conflicts = len({g for g, c in zip(groups[S.GROUP_ID].to_pylist(), groups[S.LABEL_CONFLICT].to_pylist()) if c})

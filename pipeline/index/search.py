@@ -13,6 +13,7 @@ from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError, ImgfeatError
 from imgfeat.core.results import JsonObject
 from imgfeat.core.runs import new_run_id
+from imgfeat.core.stores import ImageRoot
 from imgfeat.core.workspace import Workspace
 from imgfeat.extract.extract import FileResult, extract_files
 from imgfeat.index.files import IndexInfo, migrate_if_free, read_faiss, read_ids, read_info
@@ -229,7 +230,7 @@ class Index:
 
 def _absolute_paths(ws: Workspace, datasets: list[str | None], paths: list[str | None]) -> list[str | None]:
     """Manifest paths made absolute with their dataset's root (as stored when the root is unknown)."""
-    roots: dict[str, Path | None] = {}
+    roots: dict[str, ImageRoot | None] = {}
     out = []
     for d, p in zip(datasets, paths):
         if d is not None and d not in roots:

@@ -16,10 +16,11 @@ from typing import Any
 from imgfeat.core.errors import ConfigError
 from imgfeat.core.ranges import RANGES
 from imgfeat.core.sizes import parse_size
+from imgfeat.core.stores import is_uri
 from imgfeat.core.workspace import check_name
 
 EXECUTORS = ("local", "ray")
-SECTIONS = ("run", "datasets", "finetune", "features", "heads", "indexes", "dedup")
+SECTIONS = ("run", "storage", "datasets", "finetune", "features", "heads", "indexes", "dedup")
 # [run] keys that configure the extract executor (ExecutorConfig fields, after EXECUTOR_FIELDS).
 EXECUTOR_KEYS = ("workers", "ray_actors", "ray_address", "gpus_per_worker", "in_flight")
 EXECUTOR_FIELDS = {"ray_actors": "actors", "ray_address": "address"}
@@ -157,6 +158,7 @@ class JobSpec:
     finetunes: tuple[FinetuneJob, ...] = ()
     dedups: tuple[DedupJob, ...] = ()
     memory_budget: int | None = None  # [run] memory_budget: every stage's unless its own table sets one
+    storage: dict[str, str] = field(default_factory=dict, repr=False)  # [storage]: object-store options (secrets)
 
 
 def load_job(path: Path, overrides: tuple[str, ...] = (), workspace: Path | None = None) -> JobSpec:
@@ -244,7 +246,20 @@ def parse_job(doc: dict[str, Any], base: Path, source: str, workspace: Path | No
         finetunes=finetunes,
         dedups=dedups,
         memory_budget=None if "memory_budget" not in run else parse_size(run["memory_budget"], "run.memory_budget"),
+        storage=_storage(doc.get("storage", {})),
     )
+
+
+def _storage(table: Any) -> dict[str, str]:
+    """[storage]: object-store options (``region = "eu-west-1"``), each a string, number or boolean."""
+    if not isinstance(table, dict):
+        raise ConfigError('[storage] must be a table of KEY = VALUE options, e.g. [storage] then region = "eu-west-1"')
+    for key, value in table.items():
+        if not isinstance(value, (str, int, float, bool)):
+            raise ConfigError(
+                f"[storage] {key} = {toml_text(value)}: a storage option must be a string, number or boolean"
+            )
+    return {str(k).lower(): (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in table.items()}
 
 
 def _tables(doc: dict[str, Any], section: str) -> dict[str, dict[str, Any]]:
@@ -262,7 +277,7 @@ def _check_keys(table: dict[str, Any], allowed: tuple[str, ...], where: str) -> 
 
 def _resolve_paths(opts: dict[str, Any], base: Path, workspace: str | None) -> dict[str, Any]:
     for key in PATH_KEYS:
-        if isinstance(opts.get(key), str):
+        if isinstance(opts.get(key), str) and not is_uri(opts[key]):  # s3://... stays as written
             text = opts[key].replace("{workspace}", workspace or "data")
             opts[key] = Path(text).expanduser() if Path(text).expanduser().is_absolute() else base / text
     return opts

@@ -18,6 +18,7 @@ from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError, ImgfeatError, unknown_value
 from imgfeat.core.results import JsonObject, json_str
 from imgfeat.core.storage import atomic_path
+from imgfeat.core.stores import Location, is_uri, parse_location
 from imgfeat.core.workspace import Workspace
 
 # Row groups of this many rows: small enough to stream, big enough to compress well.
@@ -46,15 +47,26 @@ def read_manifest(ws: Workspace, dataset: str, columns: Sequence[str] | None = N
     except (OSError, pa.ArrowException) as exc:
         raise corrupt_manifest(path, dataset, exc) from None
     schema = S.MANIFEST_SCHEMA if columns is None else pa.schema([S.MANIFEST_SCHEMA.field(c) for c in columns])
+    table = with_etag(table, schema)
     if table.schema.equals(schema, check_metadata=False):
         return table  # the usual case; a cast would import pyarrow.compute for nothing
     return table.cast(schema.with_metadata(table.schema.metadata))
 
 
+def with_etag(table: pa.Table, schema: pa.Schema = S.MANIFEST_SCHEMA) -> pa.Table:
+    """A manifest table written before the etag column, with it (all null) where ``schema`` has it."""
+    if S.ETAG in schema.names and S.ETAG not in table.column_names:
+        return table.append_column(S.MANIFEST_SCHEMA.field(S.ETAG), pa.nulls(table.num_rows, pa.string()))
+    return table
+
+
 def read_table(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
-    """A manifest file's table as stored (no schema cast)."""
+    """A manifest file's table as stored (no schema cast; an etag column asked of a manifest
+    written before it is left out)."""
     # ParquetFile.read, not pq.read_table: the latter imports pyarrow.dataset and pandas (~1 s).
     with pq.ParquetFile(path) as f:
+        if columns is not None and S.ETAG in columns and S.ETAG not in f.schema_arrow.names:
+            columns = [c for c in columns if c != S.ETAG]
         return f.read(columns=list(columns) if columns is not None else None)
 
 
@@ -93,15 +105,21 @@ def read_info(path: Path) -> JsonObject:
     return info
 
 
-def dataset_root(ws: Workspace, dataset: str) -> Path:
-    """The absolute root the manifest's relative paths are under."""
-    return Path(json_str(manifest_info(ws, dataset), "root"))
+def dataset_root(ws: Workspace, dataset: str) -> Path | Location:
+    """The absolute root the manifest's relative paths are under: a folder, or a bucket prefix
+    (``root / path`` is then the object's URI)."""
+    return root_of(json_str(manifest_info(ws, dataset), "root"))
 
 
-def make_info(root: Path, dataset: str, options: Mapping[str, Any], run_id: str | None) -> JsonObject:
+def root_of(recorded: str) -> Path | Location:
+    """A root as the manifest records it -> a Path, or a Location for an object-store URI."""
+    return parse_location(recorded) if is_uri(recorded) else Path(recorded)
+
+
+def make_info(root: Path | Location, dataset: str, options: Mapping[str, Any], run_id: str | None) -> JsonObject:
     """The metadata object stored in the footer (root as an absolute POSIX path)."""
     return {
-        "root": Path(os.path.abspath(root)).as_posix(),
+        "root": root.as_posix() if isinstance(root, Location) else Path(os.path.abspath(root)).as_posix(),
         "dataset": dataset,
         "options": dict(options),
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

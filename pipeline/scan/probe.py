@@ -12,6 +12,7 @@ from PIL import Image, UnidentifiedImageError
 
 from imgfeat.core import schemas as S
 from imgfeat.core.hashing import content_hasher
+from imgfeat.core.stores import ObjectMissing, ObjectRefused, is_uri, stream_object
 
 # Extensions probed by default (compared lower-case). Other files are skipped unless the
 # scan keeps non-images; either way Pillow, not the extension, decides what is an image.
@@ -51,7 +52,10 @@ def has_image_extension(name: str) -> bool:
 
 
 def probe_file(path: str, max_pixels: int) -> Probe:
-    """Hash the bytes and read the header of ``path``; every failure is a status, never a raise."""
+    """Hash the bytes and read the header of ``path`` (a file, or an object's URI); every failure
+    is a status, never a raise, but for a store that cannot be reached (StorageUnavailable)."""
+    if is_uri(path):
+        return _probe_object(path, max_pixels)
     try:
         digest, nbytes, data, tail = _read_and_hash(path)
     except OSError as exc:
@@ -59,6 +63,30 @@ def probe_file(path: str, max_pixels: int) -> Probe:
     if nbytes == 0:
         return Probe(digest, S.STATUS_EMPTY, "the file is empty (0 bytes)")
     return _probe_header(path, digest, data, tail, max_pixels)
+
+
+def _probe_object(uri: str, max_pixels: int) -> Probe:
+    """probe_file of an object: one streamed GET (the header is parsed from the first bytes)."""
+    h = content_hasher()
+    head = bytearray()
+    tail = b""
+    nbytes = 0
+    try:
+        for chunk in stream_object(uri, CHUNK_BYTES):
+            h.update(chunk)
+            nbytes += len(chunk)
+            if len(head) <= WHOLE_READ_BYTES:
+                head += chunk
+            tail = (tail + chunk)[-TAIL_BYTES:]
+    except ObjectMissing as exc:
+        return Probe(None, S.STATUS_UNREADABLE, f"cannot read the object: {exc} (it vanished)")
+    except ObjectRefused as exc:
+        return Probe(None, S.STATUS_UNREADABLE, f"cannot read the object: {exc}")
+    digest = h.hexdigest()
+    if nbytes == 0:
+        return Probe(digest, S.STATUS_EMPTY, "the object is empty (0 bytes)")
+    whole = bytes(head) if nbytes <= WHOLE_READ_BYTES else None
+    return _probe_header(uri, digest, whole if whole is not None else bytes(head), tail, max_pixels, whole is not None)
 
 
 def _read_and_hash(path: str) -> tuple[str, int, bytes | None, bytes]:
@@ -100,7 +128,11 @@ def _check_regular(fh) -> None:
             raise OSError(errno.EINVAL, NOT_REGULAR + " (it reports 0 bytes but has content, like /proc files)")
 
 
-def _probe_header(path: str, digest: str, data: bytes | None, tail: bytes, max_pixels: int) -> Probe:
+def _probe_header(
+    path: str, digest: str, data: bytes | None, tail: bytes, max_pixels: int, whole: bool = True
+) -> Probe:
+    """The header facts; ``data`` is the file's bytes (or, when not ``whole``, its first bytes),
+    None to open ``path`` itself."""
     try:
         # Image.open parses the header only; pixel data is decoded lazily and never here.
         with Image.open(io.BytesIO(data) if data is not None else path) as im:
@@ -116,7 +148,7 @@ def _probe_header(path: str, digest: str, data: bytes | None, tail: bytes, max_p
     probe = Probe(digest, S.STATUS_OK, None, width, height, fmt, mode)
     if width * height > max_pixels:
         return _with(probe, S.STATUS_TOO_LARGE, over_limit_message(width, height, max_pixels))
-    missing_end = truncation(fmt, tail, data)
+    missing_end = truncation(fmt, tail, data if whole else None)
     if missing_end:
         return _with(probe, S.STATUS_TRUNCATED, missing_end)
     return probe

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -13,14 +14,15 @@ import pyarrow.parquet as pq
 
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError
-from imgfeat.scan.manifest import file_schema, read_info
+from imgfeat.core.stores import Location
+from imgfeat.scan.manifest import file_schema, read_info, with_etag
 from imgfeat.scan.walk import FileEntry
 
 log = logging.getLogger(__name__)
 
 # Statuses a file keeps while its size and mtime stay the same (too_large depends on the limit).
 SETTLED = frozenset(S.STATUS_CODES) - {S.STATUS_UNREADABLE, S.STATUS_TOO_LARGE}
-_MATCH_COLUMNS = (S.PATH, S.BYTES, S.MTIME_NS, S.STATUS, S.WIDTH, S.HEIGHT)
+_MATCH_COLUMNS = (S.PATH, S.BYTES, S.MTIME_NS, S.STATUS, S.WIDTH, S.HEIGHT, S.ETAG)
 
 
 class OldRow(NamedTuple):
@@ -32,6 +34,7 @@ class OldRow(NamedTuple):
     status: str
     width: int | None
     height: int | None
+    etag: str | None = None
 
 
 def walk_key(rel: str) -> str:
@@ -43,6 +46,11 @@ def walk_key(rel: str) -> str:
     return rel.replace("/", "\x00")
 
 
+def key_order(rel: str) -> str:
+    """A bucket listing's order: keys compared as strings (code points sort as UTF-8 bytes do)."""
+    return rel
+
+
 @dataclass(frozen=True)
 class Previous:
     """The last committed manifest of a dataset (only its footer has been read)."""
@@ -50,16 +58,17 @@ class Previous:
     path: Path
     options: dict[str, Any]  # the scan options its rows were made with
     rows: int
+    in_bucket: bool = False  # listed in key order, not walked
 
     @property
     def max_pixels(self) -> int | None:
         return self.options.get("max_pixels")
 
     def cursor(self, keep: bool = True) -> OldRows:
-        return OldRows(self.path, keep)
+        return OldRows(self.path, keep, key_order if self.in_bucket else walk_key)
 
 
-def load_previous(path: Path, root: Path) -> Previous | None:
+def load_previous(path: Path, root: Path | Location) -> Previous | None:
     """The previous manifest if a rescan can carry rows over from it (same root and schema)."""
     if not path.is_file():
         return None
@@ -73,14 +82,14 @@ def load_previous(path: Path, root: Path) -> Previous | None:
     if info.get("root") != root.as_posix():
         log.info("the dataset's root changed; every file is read again")
         return None
-    if schema.remove_metadata() != S.MANIFEST_SCHEMA:
+    if schema.remove_metadata() not in (S.MANIFEST_SCHEMA, S.MANIFEST_SCHEMA_V1):
         log.info("the previous manifest has another schema; every file is read again")
         return None
     options = info.get("options", {})
     if not isinstance(options, dict):  # a footer imgfeat did not write
         log.info("the previous manifest's options are unreadable; every file is read again")
         return None
-    return Previous(path, options, rows)
+    return Previous(path, options, rows, isinstance(root, Location))
 
 
 def classify(entry: FileEntry, old: OldRow | None, max_pixels: int) -> str:
@@ -88,6 +97,8 @@ def classify(entry: FileEntry, old: OldRow | None, max_pixels: int) -> str:
     if old is None:
         return "added"
     if (old.bytes, old.mtime_ns) != (entry.size, entry.mtime_ns):
+        return "changed"
+    if entry.etag is not None and old.etag != entry.etag:  # an object rewritten within its mtime's second
         return "changed"
     if old.status == S.STATUS_UNREADABLE:
         return "retried"
@@ -108,8 +119,9 @@ class OldRows:
     slower: a file it cannot match in order is read again.
     """
 
-    def __init__(self, path: Path, keep: bool = True) -> None:
+    def __init__(self, path: Path, keep: bool = True, order: Callable[[str], str] = walk_key) -> None:
         self._file = pq.ParquetFile(path)
+        self._order = order
         self._keep = keep
         self._next_group = 0
         self._start = 0  # row number of the current group's first row
@@ -138,9 +150,15 @@ class OldRows:
                 self.matched += 1
                 c = self._cols
                 return OldRow(
-                    self._start + i, c[S.BYTES][i], c[S.MTIME_NS][i], c[S.STATUS][i], c[S.WIDTH][i], c[S.HEIGHT][i]
+                    self._start + i,
+                    c[S.BYTES][i],
+                    c[S.MTIME_NS][i],
+                    c[S.STATUS][i],
+                    c[S.WIDTH][i],
+                    c[S.HEIGHT][i],
+                    c[S.ETAG][i],
                 )
-            if walk_key(old) > walk_key(rel):
+            if self._order(old) > self._order(rel):
                 return None  # a new file: the old row may still match a later one
             self._pos += 1
 
@@ -148,7 +166,7 @@ class OldRows:
         if self._next_group >= self._file.num_row_groups:
             return False
         self._start += len(self._cols[S.PATH])
-        group = self._file.read_row_group(self._next_group)
+        group = with_etag(self._file.read_row_group(self._next_group))
         self._next_group += 1
         self._cols = {c: group.column(c).to_pylist() for c in _MATCH_COLUMNS}
         self._pos = 0

@@ -27,12 +27,14 @@ from imgfeat.core.progress import bars_enabled, progress
 from imgfeat.core.ranges import check_fields
 from imgfeat.core.results import JsonObject, JsonResult
 from imgfeat.core.storage import WAIT_HINT, FileLock, remove_stale_tmp
+from imgfeat.core.stores import Location, check_root, is_uri, parse_location
 from imgfeat.core.workspace import Workspace, check_name
 from imgfeat.scan import walk as walk_module
+from imgfeat.scan.listing import bucket_segments
 from imgfeat.scan.manifest import ROW_GROUP_ROWS, make_info, manifest_writer, rows_to_table
 from imgfeat.scan.probe import Probe, over_limit_message, probe_file
 from imgfeat.scan.rescan import SETTLED, OldRows, Previous, classify, load_previous
-from imgfeat.scan.walk import FileEntry, WalkOptions, WalkStats, walk, walk_segments
+from imgfeat.scan.walk import FileEntry, WalkOptions, WalkStats, walk_segments
 
 log = logging.getLogger(__name__)
 
@@ -192,8 +194,15 @@ class ScanPlan(JsonResult):
 # ---------------------------------------------------------------- checks at the edge
 
 
-def resolve_root(root: str | os.PathLike[str]) -> Path:
-    """The absolute root (symlinks in it kept as given); ConfigError when it is not a folder."""
+def resolve_root(root: str | os.PathLike[str]) -> Path | Location:
+    """The absolute root (symlinks in it kept as given); ConfigError when it is not a folder.
+
+    An object-store URI (``s3://bucket/prefix``) is a Location, checked by listing it once:
+    wrong credentials, a missing bucket or an unreachable endpoint fail here, before any work."""
+    if is_uri(root):
+        loc = parse_location(str(root), "scan root")
+        check_root(loc, "scan root")
+        return loc
     path = Path(os.path.abspath(os.path.expanduser(os.fspath(root))))
     if not path.exists():
         raise ConfigError(f"scan root {str(root)!r} does not exist")
@@ -274,6 +283,7 @@ def probed_row(entry: FileEntry, probe: Probe, labeller: Labeller) -> dict[str, 
         S.MODE: probe.mode,
         S.STATUS: probe.status,
         S.ERROR: probe.error,
+        S.ETAG: entry.etag,
     }
 
 
@@ -403,11 +413,18 @@ class _BatchReader:
         self.old.release_before(min(carried, default=self.old.position))
 
 
-def _scan_tables(reader: _BatchReader, root: Path, stats: WalkStats) -> Iterator[pa.Table]:
+def root_segments(root: Path | Location, opts: WalkOptions, stats: WalkStats) -> Iterator[list[FileEntry]]:
+    """The files under ``root`` in runs: a folder walked, or a bucket prefix listed."""
+    if isinstance(root, Location):
+        return bucket_segments(root, opts, stats)
+    return walk_segments(str(root), opts, stats)
+
+
+def _scan_tables(reader: _BatchReader, root: Path | Location, stats: WalkStats) -> Iterator[pa.Table]:
     """Yield the manifest in walk order, a batch at a time, with at most two batches in flight."""
     pending: deque[tuple[list[FileEntry], list[Any]]] = deque()
     try:
-        segments = walk_segments(str(root), _walk_options(reader.cfg), stats)
+        segments = root_segments(root, _walk_options(reader.cfg), stats)
         for batch in _batches(segments, BATCH_FILES):
             pending.append(reader.submit(batch))
             if len(pending) > 1:
@@ -430,7 +447,7 @@ def _scan_tables(reader: _BatchReader, root: Path, stats: WalkStats) -> Iterator
 def _write_manifest(
     ws: Workspace,
     cfg: ScanConfig,
-    root: Path,
+    root: Path | Location,
     prev: Previous | None,
     run_id: str,
     tally: ScanTally,
@@ -465,7 +482,7 @@ def _write_manifest(
     return stats
 
 
-def _expected_files(cfg: ScanConfig, root: Path, prev: Previous | None) -> int | None:
+def _expected_files(cfg: ScanConfig, root: Path | Location, prev: Previous | None) -> int | None:
     """The progress bar's total, so that it shows an ETA; None (no count) when no bar is shown.
 
     A rescan expects the previous manifest's rows; a first scan counts the files by the same walk
@@ -475,6 +492,8 @@ def _expected_files(cfg: ScanConfig, root: Path, prev: Previous | None) -> int |
         return None
     if prev is not None:
         return prev.rows
+    if isinstance(root, Location):
+        return None  # listing a bucket twice costs as much as the listing itself: a bar without an ETA
     walk_log = logging.getLogger(walk_module.__name__)
     was, walk_log.disabled = walk_log.disabled, True
     try:
@@ -514,7 +533,13 @@ def run_scan(ws: Workspace, cfg: ScanConfig, run_id: str) -> ScanSummary:
 
 
 def _summary(
-    cfg: ScanConfig, root: Path, path: Path, tally: ScanTally, stats: WalkStats, removed: int, seconds: float
+    cfg: ScanConfig,
+    root: Path | Location,
+    path: Path,
+    tally: ScanTally,
+    stats: WalkStats,
+    removed: int,
+    seconds: float,
 ) -> ScanSummary:
     files = sum(tally.status.values())
     skipped = {k: v for k, v in sorted(stats.skipped.items()) if v}
@@ -550,7 +575,7 @@ def plan_scan(ws: Workspace, cfg: ScanConfig) -> ScanPlan:
     stats = WalkStats()
     counts: Counter[str] = Counter()
     try:
-        for entry in walk(str(root), _walk_options(cfg), stats):
+        for entry in (e for seg in root_segments(root, _walk_options(cfg), stats) for e in seg):
             kind = classify(entry, old.find(entry.rel) if old else None, cfg.max_pixels)
             counts[PLAN_KINDS[kind]] += 1
     finally:

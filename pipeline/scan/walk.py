@@ -61,6 +61,7 @@ class FileEntry(NamedTuple):
     size: int | None
     mtime_ns: int | None
     stat_error: str | None = None
+    etag: str | None = None  # an object's ETag (a bucket's listing); None for a local file
 
 
 @dataclass

@@ -31,6 +31,7 @@ from imgfeat.extract.batches import (
 )
 from imgfeat.extract.decodepool import prestart, process_batches
 from imgfeat.extract.executors.base import BatchReport, ExecutorConfig, ExtractJob, timed_build
+from imgfeat.extract.fetch import any_remote, prefetch
 from imgfeat.extract.forward import DEFAULT_DEPTH, Forward, Landed, in_flight
 from imgfeat.extract.gpudecode import gpu_batches
 from imgfeat.extract.shards import FeaturesetDirs, FeaturesetWriter, refuse_non_finite
@@ -80,6 +81,13 @@ def decoded_batches(
     """The decode mode's batch stream: threads, worker processes or the GPU (same contract)."""
     mode = resolve_decode(spec.decode, workers)
     log.debug("decoding with %s (%d workers)", mode, workers)
+    chunks = batch_chunks(items, spec.batch_size)
+    first = next(chunks, None)
+    if first is None:
+        return iter(())
+    chunks = itertools.chain([first], chunks)
+    # objects in a store: fetched ahead by many concurrent GETs; local files: the decoders read them
+    items = prefetch(ChunkedItems(chunks), spec) if any_remote(first) else ChunkedItems(chunks)
     if mode == "threads":
         return thread_batches(items, spec, run_id, workers)
     if mode == "processes":

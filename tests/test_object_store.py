@@ -1,0 +1,362 @@
+"""Images in object storage: scan and extract from s3:// against a real S3 server (SeaweedFS's
+``weed mini``, started here), the same features and predictions as the same files on disk.
+
+The quick tests check the pure pieces (URIs, listing rules, options, secrets); the others start
+one server for the module and drive the real ``imgfeat`` command against it.
+"""
+
+from __future__ import annotations
+
+import http.client
+import http.server
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from s3server import SECRET_KEY, running_server
+
+from imgfeat.core import stores
+from imgfeat.core.errors import ConfigError
+from imgfeat.scan.listing import SKIP_FOLDER_MARKER, skip_reason
+from imgfeat.scan.walk import SKIP_HIDDEN, SKIP_NON_IMAGE, WalkOptions
+
+IMGFEAT = [sys.executable, "-m", "imgfeat.cli"]
+LITE = ["--backbone", "efficientnet_lite0", "--weights", "imagenet", "--input-size", "96"]
+
+
+# ---------------------------------------------------------------- pure pieces (quick)
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize(
+    "uri, parts",
+    [
+        ("s3://photos", ("s3", "photos", "")),
+        ("s3://photos/", ("s3", "photos", "")),
+        ("s3://photos/a/b/", ("s3", "photos", "a/b")),
+        ("gs://bkt//x", ("gs", "bkt", "x")),
+        ("az://container/p", ("az", "container", "p")),
+    ],
+)
+def test_locations_parse_and_join_like_folders(uri, parts):
+    loc = stores.parse_location(uri)
+    assert (loc.scheme, loc.bucket, loc.prefix) == parts
+    child = loc / "train/cat/1.jpg"
+    assert child == f"{loc.uri}/train/cat/1.jpg" and child.name == "1.jpg" and child.suffix == ".jpg"
+    assert child.as_posix() == str(child) and not hasattr(child, "__fspath__")
+    assert stores.is_uri(child) and not stores.is_uri("/data/photos") and not stores.is_uri(Path("s3:/x"))
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("bad", ["ftp://host/x", "s3://", "s3:///prefix", "s3://b/../x", "s3://b/./x"])
+def test_a_bad_uri_names_the_value_and_what_is_allowed(bad):
+    with pytest.raises(ConfigError) as err:
+        stores.parse_location(bad, "scan root")
+    assert bad in str(err.value) and ("s3://" in str(err.value))
+
+
+@pytest.mark.quick
+def test_listing_skips_keys_by_the_walks_rules():
+    opts = WalkOptions()
+    assert skip_reason("train/cat/1.JPG", opts) is None
+    assert skip_reason("train/cat/", opts) == SKIP_FOLDER_MARKER
+    assert skip_reason("train/.cache/1.jpg", opts) == SKIP_HIDDEN
+    assert skip_reason(".1.jpg", opts) == SKIP_HIDDEN
+    assert skip_reason("a//b.jpg", opts) == SKIP_HIDDEN  # an empty part: no folder has that name
+    assert skip_reason("notes.txt", opts) == SKIP_NON_IMAGE
+    assert skip_reason("notes.txt", WalkOptions(keep_non_images=True)) is None
+
+
+@pytest.mark.quick
+def test_storage_options_parse_and_secrets_never_show(monkeypatch):
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        stores.parse_storage_options(["region"])
+    opts = stores.parse_storage_options(["Region=eu-west-1", "aws_secret_access_key=s3cr3t-value"])
+    assert opts == {"region": "eu-west-1", "aws_secret_access_key": "s3cr3t-value"}
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "env-secret-xyz")
+    stores.set_storage_options(opts)
+    try:
+        text = "failed with s3cr3t-value and env-secret-xyz at https://h/x?X-Amz-Signature=abcdef&y=1"
+        clean = stores.redact(text)
+        assert "s3cr3t-value" not in clean and "env-secret-xyz" not in clean and "abcdef" not in clean
+        assert stores.public_options() == {"aws_secret_access_key": "***", "region": "eu-west-1"}
+    finally:
+        stores.set_storage_options({})
+
+
+@pytest.mark.quick
+def test_a_job_files_storage_table_and_bucket_roots(tmp_path):
+    from imgfeat.run.jobfile import load_job
+
+    job = tmp_path / "job.toml"
+    job.write_text(
+        '[storage]\nregion = "eu-west-1"\nallow_http = true\n'
+        '[datasets.photos]\nroot = "s3://bkt/photos"\n'
+        '[features.lite]\nbackbone = "efficientnet_lite0"\n'
+    )
+    spec = load_job(job)
+    assert spec.storage == {"region": "eu-west-1", "allow_http": "true"}
+    assert spec.datasets["photos"]["root"] == "s3://bkt/photos"  # not made relative to the job file
+    job.write_text("[storage]\nregion = [1, 2]\n")
+    with pytest.raises(ConfigError, match=r"\[storage\] region"):
+        load_job(job)
+
+
+# ---------------------------------------------------------------- against a real server
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with running_server(tmp_path_factory.mktemp("s3")) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """A small photo tree (two classes, train/test) plus files a scan must skip or flag."""
+    from imgfeat.tools.samples import PhotoSetSpec, make_photo_set
+
+    base = tmp_path_factory.mktemp("photos") / "photos"
+    spec = PhotoSetSpec(classes=(("cat", "chelsea"), ("rocket", "rocket")), per_class=8, min_side=48, max_side=96)
+    make_photo_set(base, spec)
+    (base / ".hidden.jpg").write_bytes(b"not scanned")
+    (base / "notes.txt").write_text("not an image")
+    (base / "train" / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    return base
+
+
+def _env(server, **extra) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    return {**env, **server.env, "PYTHONWARNINGS": "ignore", **extra}
+
+
+def imgfeat(env, ws, *args, code=0):
+    r = subprocess.run([*IMGFEAT, *args, "--workspace", str(ws), "--json"], capture_output=True, text=True, env=env)
+    assert r.returncode == code, r.stderr[-3000:]
+    assert SECRET_KEY not in r.stdout + r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1]), r.stderr
+
+
+def upload(server, tree: Path, uri: str) -> None:
+    import obstore
+    from obstore.store import from_url
+
+    loc = stores.parse_location(uri)
+    os.environ.update(server.env)
+    store = from_url(f"s3://{loc.bucket}", client_options={"allow_http": True})
+    for path in sorted(tree.rglob("*")):
+        if path.is_file():
+            obstore.put(store, loc.key(path.relative_to(tree).as_posix()), path.read_bytes())
+
+
+def _features(ws: Path) -> tuple[list[str], np.ndarray]:
+    folder = next(p for p in (ws / "features").iterdir() if p.name.startswith("efficientnet"))
+    table = pq.read_table(folder).sort_by("image_id")
+    return table.column("image_id").to_pylist(), np.stack(table.column("feature").to_numpy(zero_copy_only=False))
+
+
+def test_bucket_images_give_the_same_manifest_features_and_predictions_as_the_files(server, photos, tmp_path):
+    upload(server, photos, "s3://photos/set1")
+    env = _env(server)
+    out = {}
+    for name, root in (("disk", str(photos)), ("bucket", "s3://photos/set1")):
+        ws = tmp_path / name
+        scan, _ = imgfeat(env, ws, "scan", root, "--dataset", "d")
+        ext, _ = imgfeat(env, ws, "extract", "--dataset", "d", *LITE)
+        train, _ = imgfeat(env, ws, "train", "--dataset", "d", "--featureset", ext["featureset"], "--head", "logreg")
+        pred, _ = imgfeat(env, ws, "predict", "--head", train["head_id"], "--dataset", "d")
+        out[name] = (ws, scan, ext, train, pred)
+    (dws, dscan, dext, dtrain, _), (bws, bscan, bext, btrain, _) = out["disk"], out["bucket"]
+    for key in ("files", "ok", "errors", "status", "splits", "labels", "skipped"):
+        assert dscan[key] == bscan[key], key
+    assert bscan["root"] == "s3://photos/set1" and bscan["skipped"] == {"hidden": 1, "non_image": 1}
+    assert dext["featureset"] == bext["featureset"] and bext["extracted"] == dext["extracted"] == 16
+    assert bext["errors"]["by_code"] == {"not_an_image": 1}
+    ids_d, fd = _features(dws)
+    ids_b, fb = _features(bws)
+    assert ids_d == ids_b and fd.std(axis=0).mean() > 1e-3  # features that carry signal ...
+    np.testing.assert_array_equal(fd, fb)  # ... and are the same numbers
+    assert dtrain["head_id"] == btrain["head_id"]  # names do not depend on where images live
+    cols = ["image_id", "path", "pred_label", "pred_score"]
+    pd_ = pq.read_table(dws / "predictions" / dtrain["head_id"], columns=cols).sort_by("image_id").to_pylist()
+    pb_ = pq.read_table(bws / "predictions" / btrain["head_id"], columns=cols).sort_by("image_id").to_pylist()
+    assert pd_ == pb_ and len(pd_) == 16
+    manifest = pq.read_table(bws / "datasets" / "d" / "manifest.parquet")
+    assert all(e and e.startswith('"') for e in manifest.column("etag").to_pylist())
+    assert set(manifest.column("path").to_pylist()) == set(
+        pq.read_table(dws / "datasets" / "d" / "manifest.parquet").column("path").to_pylist()
+    )
+
+
+def test_a_bucket_rescan_reads_only_changed_objects_and_an_overwrite_of_the_same_size_counts(server, photos, tmp_path):
+    upload(server, photos, "s3://photos/rescan")
+    env, ws = _env(server), tmp_path / "ws"
+    first, _ = imgfeat(env, ws, "scan", "s3://photos/rescan", "--dataset", "d")
+    again, _ = imgfeat(env, ws, "scan", "s3://photos/rescan", "--dataset", "d")
+    assert again["hashed"] == 0 and again["unchanged"] == first["files"]
+    import obstore
+    from obstore.store import from_url
+
+    store = from_url("s3://photos", client_options={"allow_http": True})
+    cat = sorted(p for p in (photos / "train" / "cat").glob("*.jpg") if p.name != "broken.jpg")
+    victim = "rescan/" + cat[0].relative_to(photos).as_posix()
+    data = bytearray(cat[0].read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, other bytes: only the ETag (and maybe the second) tells
+    obstore.put(store, victim, bytes(data))
+    obstore.delete(store, "rescan/" + cat[1].relative_to(photos).as_posix())
+    third, _ = imgfeat(env, ws, "scan", "s3://photos/rescan", "--dataset", "d")
+    assert third["changed"] == 1 and third["removed"] == 1 and third["hashed"] == 1
+
+
+def test_a_missing_object_is_an_error_row_and_the_next_run_extracts_it_once_back(server, photos, tmp_path):
+    upload(server, photos, "s3://photos/missing")
+    env, ws = _env(server), tmp_path / "ws"
+    imgfeat(env, ws, "scan", "s3://photos/missing", "--dataset", "d")
+    import obstore
+    from obstore.store import from_url
+
+    store = from_url("s3://photos", client_options={"allow_http": True})
+    rel = sorted(p for p in (photos / "train" / "rocket").glob("*.jpg"))[0].relative_to(photos).as_posix()
+    obstore.delete(store, "missing/" + rel)
+    ext, _ = imgfeat(env, ws, "extract", "--dataset", "d", *LITE)
+    assert ext["extracted"] == 15 and ext["errors"]["by_code"] == {"not_an_image": 1, "vanished": 1}
+    obstore.put(store, "missing/" + rel, (photos / rel).read_bytes())
+    again, _ = imgfeat(env, ws, "extract", "--dataset", "d", *LITE)
+    assert again["extracted"] == 1
+    ids, _ = _features(ws)
+    assert len(ids) == len(set(ids)) == 16
+
+
+def test_wrong_credentials_or_a_missing_bucket_is_one_line_exit_2_before_any_work(server, photos, tmp_path):
+    ws = tmp_path / "never"
+    cases = [
+        (_env(server, AWS_SECRET_ACCESS_KEY="wrong-secret-value"), "s3://photos/set1", "secret key was refused"),
+        (_env(server, AWS_ACCESS_KEY_ID="nobody"), "s3://photos/set1", "access key"),
+        (_env(server), "s3://no-such-bucket/x", "bucket does not exist"),
+    ]
+    for env, root, says in cases:
+        r = subprocess.run(
+            [*IMGFEAT, "scan", root, "--dataset", "d", "--workspace", str(ws)], capture_output=True, text=True, env=env
+        )
+        assert r.returncode == 2, r.stderr
+        lines = [line for line in r.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and says in lines[0] and root in lines[0], r.stderr
+        assert "wrong-secret-value" not in r.stderr and SECRET_KEY not in r.stderr
+    assert not ws.exists()  # nothing written
+
+
+def test_a_stopped_server_is_a_clear_error_and_the_rerun_resumes(server, photos, tmp_path):
+    upload(server, photos, "s3://photos/outage")
+    env, ws = _env(server), tmp_path / "ws"
+    imgfeat(env, ws, "scan", "s3://photos/outage", "--dataset", "d")
+    server.stop()
+    try:
+        _, err = imgfeat(env, ws, "extract", "--dataset", "d", *LITE, code=1)
+        assert "cannot be reached" in err and "s3://photos/outage/" in err
+        assert "Traceback" not in err
+    finally:
+        server.start()
+    ext, _ = imgfeat(env, ws, "extract", "--dataset", "d", *LITE)
+    assert ext["extracted"] == 16
+    errors = pq.read_table(ws / "features" / "_errors").column("error_code").to_pylist()
+    assert "vanished" not in errors and "unreadable" not in errors  # the outage left no error rows
+
+
+class _Throttle(http.server.ThreadingHTTPServer):
+    """A proxy in front of the real server that answers every other GET of an object with
+    503 SlowDown, as S3 does under load: the client must retry (with backoff) and get it."""
+
+    daemon_threads = True
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream.removeprefix("http://")
+        self.served_503 = 0
+        self.gets = 0
+        self.lock = threading.Lock()
+        super().__init__(("127.0.0.1", 0), _ThrottleHandler)
+
+
+class _ThrottleHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):  # quiet
+        pass
+
+    def _forward(self) -> None:
+        srv: _Throttle = self.server  # type: ignore[assignment]
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.command == "GET" and "list-type" not in self.path:
+            with srv.lock:
+                srv.gets += 1
+                throttle = srv.gets % 2 == 1
+                srv.served_503 += throttle
+            if throttle:
+                msg = b'<?xml version="1.0"?><Error><Code>SlowDown</Code><Message>Reduce your request rate.</Message></Error>'
+                self.send_response(503)
+                self.send_header("Content-Length", str(len(msg)))
+                self.end_headers()
+                self.wfile.write(msg)
+                return
+        conn = http.client.HTTPConnection(srv.upstream, timeout=30)
+        conn.request(self.command, self.path, body=body or None, headers=dict(self.headers.items()))
+        resp = conn.getresponse()
+        data = resp.read()
+        self.send_response(resp.status)
+        for k, v in resp.getheaders():
+            if k.lower() not in ("content-length", "transfer-encoding", "connection"):
+                self.send_header(k, v)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        conn.close()
+
+    do_GET = do_PUT = do_HEAD = do_POST = do_DELETE = _forward
+
+
+def test_throttling_is_answered_by_retries(server, photos, tmp_path):
+    upload(server, photos, "s3://photos/throttled")
+    proxy = _Throttle(server.endpoint)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        env = _env(server, AWS_ENDPOINT_URL=f"http://127.0.0.1:{proxy.server_address[1]}")
+        ws = tmp_path / "ws"
+        scan, _ = imgfeat(env, ws, "scan", "s3://photos/throttled", "--dataset", "d")
+        ext, _ = imgfeat(env, ws, "extract", "--dataset", "d", *LITE)
+    finally:
+        proxy.shutdown()
+    assert scan["ok"] == 16 and scan["errors"] == 1 and ext["extracted"] == 16
+    assert proxy.served_503 >= 16  # every object was refused once, and fetched on a retry
+
+
+def test_secrets_stay_out_of_the_run_record_and_the_manifest(server, photos, tmp_path):
+    upload(server, photos, "s3://photos/secret")
+    env, ws = _env(server), tmp_path / "ws"
+    del env["AWS_SECRET_ACCESS_KEY"]  # the secret given as a flag instead
+    scan, _ = imgfeat(
+        env,
+        ws,
+        "scan",
+        "s3://photos/secret",
+        "--dataset",
+        "d",
+        "--storage-option",
+        f"aws_secret_access_key={SECRET_KEY}",
+    )
+    assert scan["ok"] == 16
+    written = b"".join(p.read_bytes() for p in ws.rglob("*") if p.is_file())
+    assert SECRET_KEY.encode() not in written
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _cleanup_env():
+    saved = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    yield
+    for k in [k for k in os.environ if k.startswith("AWS_")]:
+        del os.environ[k]
+    os.environ.update(saved)

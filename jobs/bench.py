@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from imgfeat.cli.common import JobContext, Summary, add_command, add_config_flags, config_values
+from imgfeat.core.stores import is_uri
 from imgfeat.tools.bench import PATHS, BenchConfig, run_bench
 
 DESCRIPTION = """\
@@ -32,6 +33,7 @@ examples:
   imgfeat bench --backbone mobilenet_v2 --images ~/photos --limit 1000
   imgfeat bench --backbone resnet50 --images ~/photos --batch-size 64 --json
   imgfeat bench --backbone mobilenet_v2 --images ~/big_jpegs --fast-decode --skip tutorial
+  imgfeat bench --backbone mobilenet_v2 --images s3://photos/sample    # reads the objects where they are
 
 exit codes: 0 measured, 2 bad flag or no images, 1 a measured process failed
 """
@@ -75,7 +77,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:
     values = config_values(BenchConfig, args)
     cfg = BenchConfig(
-        **{**values, "images": Path(args.images).expanduser()}, paths=tuple(p for p in PATHS if p not in args.skip)
+        **{**values, "images": args.images if is_uri(args.images) else Path(args.images).expanduser()},
+        paths=tuple(p for p in PATHS if p not in args.skip),
     )
     summary = run_bench(cfg, ctx.run_id)
     if not args.json:

@@ -360,3 +360,43 @@ def _cleanup_env():
     for k in [k for k in os.environ if k.startswith("AWS_")]:
         del os.environ[k]
     os.environ.update(saved)
+
+
+def test_bench_measures_the_object_store_input_limit(server, photos, tmp_path):
+    upload(server, photos, "s3://photos/bench")
+    env = _env(server)
+    out, _ = imgfeat(
+        env,
+        tmp_path / "ws",
+        "bench",
+        "--backbone",
+        "mobilenet_v3_small",
+        "--input-size",
+        "32",
+        "--images",
+        "s3://photos/bench",
+        "--batch-size",
+        "8",
+    )
+    assert out["images"] == 16  # the objects that scanned ok; the broken one is no image
+    assert set(out["images_per_s"]) == {"input", "forward", "extract"}  # no tutorial: it reads folders only
+    assert out["extract_inner"]["extracted"] == 16 and out["end_to_end_over_limit"] > 0
+
+
+@pytest.mark.ray
+def test_ray_actors_read_bucket_images_with_the_drivers_storage_options(server, photos, tmp_path):
+    pytest.importorskip("ray")  # the optional extra; CI installs it
+    upload(server, photos, "s3://photos/ray")
+    env = _env(server)
+    del env["AWS_SECRET_ACCESS_KEY"]  # only the flag carries it: the actors must get it from the driver
+    secret = ["--storage-option", f"aws_secret_access_key={SECRET_KEY}"]
+    local_ws, ray_ws = tmp_path / "local", tmp_path / "ray"
+    for ws in (local_ws, ray_ws):
+        imgfeat(env, ws, "scan", "s3://photos/ray", "--dataset", "d", *secret)
+    imgfeat(env, local_ws, "extract", "--dataset", "d", *LITE, *secret)
+    out, _ = imgfeat(env, ray_ws, "extract", "--dataset", "d", *LITE, *secret, "--executor", "ray", "--ray-actors", "1")
+    assert out["extracted"] == 16 and out["executor"] == "ray"
+    ids_l, fl = _features(local_ws)
+    ids_r, fr = _features(ray_ws)
+    assert ids_l == ids_r and fl.std(axis=0).mean() > 1e-3
+    np.testing.assert_array_equal(fl, fr)

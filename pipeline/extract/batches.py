@@ -76,6 +76,8 @@ class InputSpec:
     batch_size: int
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
     decode: str = "auto"  # one of DECODE_MODES
+    # object-store options (--storage-option) for workers in other processes (Ray); may hold secrets
+    storage: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
     @property
     def batch_shape(self) -> tuple[int, int, int, int]:

@@ -28,6 +28,7 @@ from imgfeat.core.ranges import check_fields
 from imgfeat.core.results import JsonObject
 from imgfeat.core.schemas import ErrorRow
 from imgfeat.core.storage import WAIT_HINT, FileLock, read_shards, remove_stale_tmp, write_json_atomic
+from imgfeat.core.stores import storage_options
 from imgfeat.core.workspace import Workspace, check_name
 from imgfeat.extract import gpudecode  # gpudecode.check_gpu_decode: looked up when called (tests patch it)
 from imgfeat.extract.batches import DECODE_MODES, PROCESS_DECODE_MIN_WORKERS, InputSpec, Item, decode_mode_of, is_final
@@ -184,7 +185,8 @@ class ExtractConfig:
                 f"batch size {self.batch_size} at input size {size} needs more than "
                 f"{MAX_BATCH_BYTES >> 30} GiB per batch; use a smaller --batch-size"
             )
-        return InputSpec(resolved.recipe.decode_config(), self.batch_size, self.max_file_bytes, self.decode)
+        storage = tuple(sorted(storage_options().items()))  # the workers' own, wherever they run
+        return InputSpec(resolved.recipe.decode_config(), self.batch_size, self.max_file_bytes, self.decode, storage)
 
     @classmethod
     def from_provenance(cls, prov: Provenance, dataset: str = "files") -> ExtractConfig:

@@ -20,6 +20,7 @@ from imgfeat.backbones.spec import BackboneSpec
 from imgfeat.core.errors import ConfigError, ImgfeatError
 from imgfeat.core.options import opt
 from imgfeat.core.results import JsonObject
+from imgfeat.core.stores import is_uri, parse_location
 from imgfeat.core.workspace import Workspace
 from imgfeat.extract.batches import DECODE_MODES, Batch, InputSpec
 from imgfeat.extract.decode import DecodeConfig
@@ -42,7 +43,11 @@ class BenchConfig:
     """What to measure: one backbone on the images under ``images`` (the first ``limit`` of them)."""
 
     backbone: str = opt(metavar="NAME", help="e.g. mobilenet_v2, resnet50")
-    images: Path = opt(metavar="DIR", help="a folder of image files (searched recursively)")
+    images: Path | str = opt(
+        metavar="DIR|URI",
+        help="a folder of image files (searched recursively), or an object-store prefix (s3://BUCKET/PREFIX): "
+        "then input and extract read the objects, and the tutorial path, which reads only folders, is left out",
+    )
     batch_size: int = opt(32, metavar="N", help="images per model call")
     limit: int | None = opt(None, metavar="N", help="use the first N images (sorted by path)")
     # weights do not change speed; 'none' keeps the bench offline
@@ -69,8 +74,13 @@ class BenchConfig:
         if getattr(spec, "preset_dir", None) and "tutorial" in self.paths:
             # keras.applications' tutorial path has no keras-hub counterpart to time
             object.__setattr__(self, "paths", tuple(p for p in self.paths if p != "tutorial"))
-        if not Path(self.images).is_dir():
-            raise ConfigError(f"--images {str(self.images)!r} is not a folder")
+        if is_uri(self.images):
+            parse_location(str(self.images), "--images")
+            object.__setattr__(self, "paths", tuple(p for p in self.paths if p != "tutorial"))
+            if self.limit is not None:
+                raise ConfigError(f"--limit {self.limit}: a bucket prefix is benched whole (give a smaller prefix)")
+        elif not Path(self.images).is_dir():
+            raise ConfigError(f"--images {str(self.images)!r} is not a folder or an s3:// gs:// az:// prefix")
 
         if self.decode not in DECODE_MODES:
             raise ConfigError(f"--decode {self.decode!r}: allowed are {', '.join(DECODE_MODES)}")
@@ -101,27 +111,34 @@ def stage_images(files: list[Path], dest: Path) -> Path:
 
 def run_bench(cfg: BenchConfig, run_id: str) -> JsonObject:
     """Time each path as a whole process (start-up included) on the same files; return rates and ratios."""
-    files = list_images(cfg.images, cfg.limit)
-    if not files:
+    remote = is_uri(cfg.images)
+    files = [] if remote else list_images(Path(cfg.images), cfg.limit)
+    if not remote and not files:
         raise ConfigError(f"no image files under {cfg.images}")
     with tempfile.TemporaryDirectory(prefix="imgfeat-bench-") as tmp:
-        images = stage_images(files, Path(tmp) / "images")
+        # objects are read where they are: the store's latency is part of what is measured
+        images: Path | str = cfg.images if remote else stage_images(files, Path(tmp) / "images")
         runs: dict[str, list[dict[str, Any]]] = {p: [] for p in cfg.paths}
+        n = len(files)
         for round_ in range(cfg.repeat):
             ws_root = Path(tmp) / f"ws{round_}"  # a cold featureset every round
-            _scan(ws_root, images, run_id)
+            scanned_ok = _scan(ws_root, images, run_id)
+            n = scanned_ok if remote else n  # a folder's n: its files, as before
+            if not n:
+                raise ConfigError(f"no readable images under {cfg.images}")
             for p in cfg.paths:
-                runs[p].append(_time_process(_command(p, cfg, images, ws_root)))
+                runs[p].append(_time_process(_command(p, cfg, images, ws_root, n)))
                 log.info("round %d %s: %.1f s", round_ + 1, p, runs[p][-1]["seconds"])
-    return _report(cfg, len(files), runs)
+    return _report(cfg, n, runs)
 
 
-def _scan(ws_root: Path, images: Path, run_id: str) -> None:
-    """Scanning is its own stage and not part of extract's time: do it before the clock starts."""
-    run_scan(Workspace(ws_root), ScanConfig(root=images, dataset=BENCH_DATASET), run_id)
+def _scan(ws_root: Path, images: Path | str, run_id: str) -> int:
+    """Scanning is its own stage and not part of extract's time: do it before the clock starts.
+    Returns how many images scanned ok (what every path reads)."""
+    return run_scan(Workspace(ws_root), ScanConfig(root=images, dataset=BENCH_DATASET), run_id).ok
 
 
-def _command(path: str, cfg: BenchConfig, images: Path, ws_root: Path) -> list[str]:
+def _command(path: str, cfg: BenchConfig, images: Path | str, ws_root: Path, n: int) -> list[str]:
     if path == "extract":
         cmd = [
             sys.executable,
@@ -146,7 +163,6 @@ def _command(path: str, cfg: BenchConfig, images: Path, ws_root: Path) -> list[s
         cmd += ["--workers", str(cfg.workers)] if cfg.workers else []
         cmd += ["--decode", cfg.decode]
         return cmd + (["--fast-decode"] if cfg.fast_decode else [])
-    n = len(list_images(images, None))
     spec = {
         "backbone": cfg.backbone,
         "weights": cfg.weights,

@@ -39,6 +39,7 @@ from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError, ImgfeatError
 from imgfeat.core.results import JsonObject
 from imgfeat.core.storage import SHARD_PREFIX, column_values, remove_tree
+from imgfeat.core.stores import set_storage_options
 from imgfeat.core.workspace import Workspace
 from imgfeat.extract.batches import Item
 from imgfeat.extract.executors.base import BatchReport, ExecutorConfig, ExtractJob, timed_build
@@ -92,6 +93,8 @@ class ShardActor:
     """A backbone actor: built once from the job, then the shard task on each shard of todo rows."""
 
     def __init__(self, job: ExtractJob, seam: ShardSeam, workers: int | None, depth: int = DEFAULT_DEPTH) -> None:
+        if job.inputs.storage:  # --storage-option of the driver: this process reads the same objects
+            set_storage_options(dict(job.inputs.storage))
         model, self.build_seconds = timed_build(job.resolved, job.resolved.recipe.precision)
         self.model = Forward(model, job.resolved.spec.family, job.inputs.batch_shape)
         # Decode threads in the actor (Pillow releases the GIL): every core of its node unless told.

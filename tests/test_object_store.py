@@ -400,3 +400,32 @@ def test_ray_actors_read_bucket_images_with_the_drivers_storage_options(server, 
     ids_r, fr = _features(ray_ws)
     assert ids_l == ids_r and fl.std(axis=0).mean() > 1e-3
     np.testing.assert_array_equal(fl, fr)
+
+
+def test_sigkill_mid_extract_from_a_bucket_and_the_rerun_ends_identical(server, photos, tmp_path):
+    import signal
+    import time
+
+    upload(server, photos, "s3://photos/killed")
+    env = _env(server)
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    for ws in (clean, killed):
+        imgfeat(env, ws, "scan", "s3://photos/killed", "--dataset", "d")
+    imgfeat(env, clean, "extract", "--dataset", "d", *LITE)
+    small = [*LITE, "--shard-size", "2", "--batch-size", "2"]
+    cmd = [*IMGFEAT, "extract", "--dataset", "d", *small, "--workspace", str(killed)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        if len(list((killed / "features").glob("efficientnet*/part-*.parquet"))) >= 2:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "extract ended before it could be killed mid-run"
+    out, _ = imgfeat(env, killed, "extract", "--dataset", "d", *small)
+    assert out["reused"] >= 2 and out["reused"] + out["extracted"] == 16
+    ids_c, fc = _features(clean)
+    ids_k, fk = _features(killed)
+    assert ids_k == ids_c and len(set(ids_k)) == 16  # no duplicates, nothing missing
+    np.testing.assert_array_equal(fc, fk)

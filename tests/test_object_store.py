@@ -429,3 +429,52 @@ def test_sigkill_mid_extract_from_a_bucket_and_the_rerun_ends_identical(server, 
     ids_k, fk = _features(killed)
     assert ids_k == ids_c and len(set(ids_k)) == 16  # no duplicates, nothing missing
     np.testing.assert_array_equal(fc, fk)
+
+
+def test_weights_from_a_bucket_are_the_same_weights_as_the_file(server, photos, tmp_path, monkeypatch):
+    import keras
+
+    upload(server, photos, "s3://photos/weights")
+    keras.utils.set_random_seed(3)
+    model = keras.applications.MobileNetV3Small(
+        include_top=False, weights=None, input_shape=(32, 32, 3), pooling="avg", include_preprocessing=False
+    )
+    path = tmp_path / "mine.weights.h5"
+    model.save_weights(path)
+    import obstore
+    from obstore.store import from_url
+
+    obstore.put(
+        from_url("s3://photos", client_options={"allow_http": True}), "models/mine.weights.h5", path.read_bytes()
+    )
+    env = _env(server, IMGFEAT_CACHE=str(tmp_path / "cache"))
+    outs = []
+    for name, weights in (("file", str(path)), ("bucket", "s3://photos/models/mine.weights.h5")):
+        ws = tmp_path / name
+        imgfeat(env, ws, "scan", "s3://photos/weights", "--dataset", "d")
+        out, _ = imgfeat(
+            env,
+            ws,
+            "extract",
+            "--dataset",
+            "d",
+            "--backbone",
+            "mobilenet_v3_small",
+            "--input-size",
+            "32",
+            "--weights",
+            weights,
+        )
+        outs.append((ws, out))
+    (fws, fout), (bws, bout) = outs
+    assert fout["featureset"] == bout["featureset"]  # the weights are named by their bytes, not their place
+    _, ff = _features_named(fws, fout["featureset"])
+    _, fb = _features_named(bws, bout["featureset"])
+    assert ff.std(axis=0).mean() > 0
+    np.testing.assert_array_equal(ff, fb)
+    assert list((tmp_path / "cache").rglob("mine.weights.h5"))  # downloaded once, into the cache
+
+
+def _features_named(ws: Path, featureset: str) -> tuple[list[str], np.ndarray]:
+    table = pq.read_table(ws / "features" / featureset).sort_by("image_id")
+    return table.column("image_id").to_pylist(), np.stack(table.column("feature").to_numpy(zero_copy_only=False))

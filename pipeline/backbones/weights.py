@@ -18,6 +18,7 @@ from imgfeat.backbones.dotted import resolve
 from imgfeat.core import hashing
 from imgfeat.core.errors import ConfigError, ImgfeatError
 from imgfeat.core.storage import write_json_atomic
+from imgfeat.core.stores import is_uri, local_copy
 
 if TYPE_CHECKING:
     from imgfeat.backbones.spec import BackboneSpec, KerasWeightsFile
@@ -113,7 +114,8 @@ def resolve_weights(
         return WeightsRef("none", None, None)
     if isinstance(weights, str) and weights.strip().lower() == "imagenet":
         return _resolve_imagenet(spec, input_size, include_top)
-    path = Path(weights).expanduser()
+    # an object (s3://.../x.weights.h5): a local copy, cached by ETag; identified by its bytes' hash
+    path = local_copy(str(weights)) if is_uri(weights) else Path(weights).expanduser()
     if not path.is_file():
         raise ConfigError(
             f"weights {str(weights)!r} is not 'imagenet', 'none' or an existing file "

@@ -433,3 +433,43 @@ def image_source(path: Any) -> Any:
         return io.BytesIO(read_object(str(path), IMAGE_READ_LIMIT))
     except (ObjectMissing, ObjectRefused, StorageUnavailable, ValueError) as exc:
         raise OSError(str(exc)) from None
+
+
+def cache_dir() -> Path:
+    """Where objects needed as local files (weights) are kept: $IMGFEAT_CACHE, else ~/.cache/imgfeat."""
+    base = os.environ.get("IMGFEAT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "imgfeat")
+    return Path(base) / "objects"
+
+
+def local_copy(uri: str, max_bytes: int = 1 << 34) -> Path:
+    """A local file with the object's bytes, for what only reads files (Keras weights): downloaded
+    once into ``cache_dir()`` and again only when the object's ETag changes (written to a
+    temporary name and renamed, so a crash never leaves half a file under the final name)."""
+    import obstore
+
+    bucket, key = split_uri(uri)
+    store = open_store(bucket)
+    try:
+        meta = obstore.head(store, key)
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError(explain(exc, uri)) from None
+    etag = re.sub(r"[^A-Za-z0-9]", "", str(meta.get("e_tag") or meta["size"]))[:64]
+    name = key.rpartition("/")[2] or "object"
+    target = cache_dir() / bucket.scheme / bucket.bucket / key.rpartition("/")[0] / etag / name
+    if target.is_file() and target.stat().st_size == int(meta["size"]):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            for chunk in stream_object(uri, 8 << 20):
+                fh.write(chunk)
+                if fh.tell() > max_bytes:
+                    raise ConfigError(f"{uri}: larger than {max_bytes} bytes")
+        os.replace(tmp, target)
+    except (ObjectMissing, ObjectRefused) as exc:
+        raise ConfigError(str(exc)) from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return target

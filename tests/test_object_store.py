@@ -108,6 +108,28 @@ def test_a_job_files_storage_table_and_bucket_roots(tmp_path):
         load_job(job)
 
 
+@pytest.mark.quick
+@pytest.mark.parametrize(
+    "text, says",
+    [
+        ("Error performing PUT http://169.254.169.254/latest/api/token: status code: 403", "no credentials found"),
+        (
+            "Server returned non-2xx status code: 404 Not Found: <Error><Code>NoSuchBucket</Code>",
+            "bucket does not exist",
+        ),
+        ("status code: 403 Forbidden: <Error><Code>SignatureDoesNotMatch</Code>", "secret key was refused"),
+        ("status code: 403 Forbidden: <Error><Code>InvalidAccessKeyId</Code>", "access key is unknown"),
+        ("Error performing GET http://h/b, after 8 retries - HTTP error: error sending request", "cannot be reached"),
+        ("status code: 503 Service Unavailable: <Error><Code>SlowDown</Code>", "HTTP 503 SlowDown"),
+    ],
+)
+def test_a_stores_refusal_is_explained_in_one_line(text, says):
+    from obstore.exceptions import GenericError
+
+    line = stores.explain(GenericError(text + "\n\nDebug source: ..."), "s3://b/p")
+    assert line.startswith("s3://b/p: ") and says in line and "\n" not in line
+
+
 # ---------------------------------------------------------------- against a real server
 
 

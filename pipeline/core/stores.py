@@ -299,7 +299,13 @@ def explain(exc: BaseException, uri: str) -> str:
     from obstore.exceptions import NotFoundError, PermissionDeniedError, UnauthenticatedError
 
     f = failure(exc)
-    if f.code in _ADVICE:
+    if "169.254.169.254" in str(exc) or "metadata.google.internal" in str(exc):
+        # no credentials in the environment: the client asked the cloud's instance metadata
+        reason = (
+            "no credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or the store's own, "
+            "or run where the instance has a role)"
+        )
+    elif f.code in _ADVICE:
         reason = _ADVICE[f.code]
     elif isinstance(exc, UnauthenticatedError) or f.status == 401:
         reason = "no valid credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or the store's own)"

@@ -116,13 +116,16 @@ def add_command(
 def run_job(args: argparse.Namespace) -> int:
     """Call the handler; map the outcome to an exit code; write and print the summary."""
     setup_logging(args.log_level, args.log_format)
-    ws = Workspace.resolve(args.workspace)
     record = RunRecord(command=args.command)
     error = None
+    ws = None
     try:
         set_storage_options(parse_storage_options(getattr(args, "storage_option", None)))
+        ws = Workspace.resolve(args.workspace)
         if args.record_run:  # the commands that read or write the workspace
             ws.check_usable()
+            if ws.mirror is not None:  # a workspace in a bucket: what it holds now (or exit 2 at once)
+                ws.mirror.pull()
         result = args.handler(args, JobContext(ws, record))
         record.summary.update(result.to_json() if hasattr(result, "to_json") else result or {})
         code = EXIT_OK
@@ -135,8 +138,14 @@ def run_job(args: argparse.Namespace) -> int:
     except Exception as exc:  # a bug or an unexpected environment: say it, exit 1
         code, error = EXIT_FAILED, redact(f"{type(exc).__name__}: {exc}")
         log.exception("failed: %s", error)
-    if args.record_run:  # kept in runs/ only when the workspace exists: never creates one
+    if args.record_run and ws is not None:  # kept in runs/ only when the workspace exists: never creates one
         obj = record.finish(ws, code, error)
+        if ws.mirror is not None and ws.root.is_dir():
+            try:
+                ws.mirror.push()  # what the command wrote outside its locks, and its run record
+            except ImgfeatError as exc:
+                log.error("%s", redact(str(exc)))
+                code = obj["exit_code"] = exc.exit_code
     else:
         obj = {**record.summary, "exit_code": code, **({"error": error} if error else {})}
     if args.json:

@@ -136,6 +136,12 @@ def test_a_stores_refusal_is_explained_in_one_line(text, says):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     with running_server(tmp_path_factory.mktemp("s3")) as srv:
+        import obstore
+        from obstore.store import from_url
+
+        os.environ.update(srv.env)
+        # the bucket workspaces live in (a workspace's bucket must exist: imgfeat never creates buckets)
+        obstore.put(from_url("s3://workspaces", client_options={"allow_http": True}), "README", b"test bucket")
         yield srv
 
 
@@ -500,3 +506,169 @@ def test_weights_from_a_bucket_are_the_same_weights_as_the_file(server, photos, 
 def _features_named(ws: Path, featureset: str) -> tuple[list[str], np.ndarray]:
     table = pq.read_table(ws / "features" / featureset).sort_by("image_id")
     return table.column("image_id").to_pylist(), np.stack(table.column("feature").to_numpy(zero_copy_only=False))
+
+
+# ---------------------------------------------------------------- a workspace in a bucket
+
+
+def _bucket_rows(server, uri: str) -> list[str]:
+    """The image ids a plain pyarrow reader finds in a bucket folder (it knows nothing of records)."""
+    import pyarrow.fs as pafs
+
+    os.environ.update(server.env)
+    fs, path = pafs.FileSystem.from_uri(uri)
+    return pq.read_table(path, filesystem=fs).column("image_id").to_pylist()
+
+
+def _bucket_keys(prefix: str) -> list[str]:
+    import obstore
+    from obstore.store import from_url
+
+    loc = stores.parse_location(prefix)
+    store = from_url(f"s3://{loc.bucket}", client_options={"allow_http": True})
+    return sorted(m["path"] for page in obstore.list(store, prefix=loc.prefix + "/") for m in page)
+
+
+def test_a_workspace_in_a_bucket_gives_what_a_folder_gives_and_readers_see_exactly_its_rows(server, photos, tmp_path):
+    upload(server, photos, "s3://photos/wsimages")
+    ws_uri = "s3://workspaces/team"
+    env_a = _env(server, IMGFEAT_CACHE=str(tmp_path / "machine-a"))
+    env_b = _env(server, IMGFEAT_CACHE=str(tmp_path / "machine-b"))
+    local = tmp_path / "local"
+    outs = {}
+    for name, ws in (("bucket", ws_uri), ("local", str(local))):
+        env = env_a
+        imgfeat_at(env, ws, "scan", "s3://photos/wsimages", "--dataset", "d")
+        ext = imgfeat_at(env, ws, "extract", "--dataset", "d", *LITE)
+        train = imgfeat_at(env, ws, "train", "--dataset", "d", "--featureset", ext["featureset"], "--head", "logreg")
+        imgfeat_at(env, ws, "predict", "--head", train["head_id"], "--dataset", "d")
+        outs[name] = (ext, train)
+    (ext, train), (lext, ltrain) = outs["bucket"], outs["local"]
+    assert ext["featureset"] == lext["featureset"] and train["head_id"] == ltrain["head_id"]
+    fs = ext["featureset"]
+    # a plain reader of the bucket folder: exactly the rows, once each, the same numbers
+    ids = _bucket_rows(server, f"{ws_uri}/features/{fs}")
+    assert sorted(ids) == sorted(set(ids)) and len(ids) == 16
+    _, local_feats = _features_named(local, fs)
+    import pyarrow.fs as pafs
+
+    s3, path = pafs.FileSystem.from_uri(f"{ws_uri}/features/{fs}")
+    bucket_table = pq.read_table(path, filesystem=s3).sort_by("image_id")
+    np.testing.assert_array_equal(np.stack(bucket_table.column("feature").to_numpy(zero_copy_only=False)), local_feats)
+    pred_ids = _bucket_rows(server, f"{ws_uri}/predictions/{train['head_id']}")
+    assert len(pred_ids) == len(set(pred_ids)) == 16
+    import polars as pl
+
+    df = pl.read_parquet(
+        f"{ws_uri}/features/{fs}/*.parquet",
+        storage_options={"aws_endpoint_url": server.endpoint, "aws_allow_http": "true", "aws_region": "us-east-1"},
+    )
+    assert df.height == 16
+    keys = _bucket_keys(ws_uri)
+    assert not [k for k in keys if ".staging" in k or k.endswith(".tmp") or "/.mirror/" in k]
+    assert [k for k in keys if f"features/{fs}/" in k] and all(
+        k.rsplit("/", 1)[1].startswith("part-") for k in keys if f"/features/{fs}/" in k
+    )
+    # another machine (its own cache) finds everything there: no model work, the same head
+    again = imgfeat_at(env_b, ws_uri, "extract", "--dataset", "d", *LITE)
+    assert again["extracted"] == 0 and again["reused"] == 16
+    head = imgfeat_at(env_b, ws_uri, "train", "--dataset", "d", "--featureset", fs, "--head", "logreg")
+    assert head["head_id"] == train["head_id"] and head["reused"] is True
+
+
+def imgfeat_at(env, ws: str, *args, code=0):
+    r = subprocess.run([*IMGFEAT, *args, "--workspace", ws, "--json"], capture_output=True, text=True, env=env)
+    assert r.returncode == code, r.stderr[-3000:]
+    assert SECRET_KEY not in r.stdout + r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_sigkill_mid_extract_into_a_bucket_workspace_and_reruns_on_either_machine_end_identical(
+    server, photos, tmp_path
+):
+    import signal
+    import time
+
+    upload(server, photos, "s3://photos/wskill")
+    ws_uri = "s3://workspaces/killed"
+    # a short lease, so that machine B takes over the dead run's lock soon
+    env_a = _env(server, IMGFEAT_CACHE=str(tmp_path / "machine-a"), IMGFEAT_LOCK_LEASE_S="4")
+    env_b = _env(server, IMGFEAT_CACHE=str(tmp_path / "machine-b"), IMGFEAT_LOCK_LEASE_S="4")
+    clean = tmp_path / "clean"
+    imgfeat(env_a, clean, "scan", "s3://photos/wskill", "--dataset", "d")
+    imgfeat(env_a, clean, "extract", "--dataset", "d", *LITE)
+    imgfeat_at(env_a, ws_uri, "scan", "s3://photos/wskill", "--dataset", "d")
+    small = [*LITE, "--shard-size", "2", "--batch-size", "2"]
+    cmd = [*IMGFEAT, "extract", "--dataset", "d", *small, "--workspace", ws_uri]
+    proc = subprocess.Popen(cmd, env=env_a, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        if len([k for k in _bucket_keys(ws_uri) if "/features/efficientnet" in k and k.endswith(".parquet")]) >= 2:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "extract ended before it could be killed mid-run"
+    # the lock object of the dead run is still there: machine B takes it over once its lease ends
+    out = imgfeat_at(env_b, ws_uri, "extract", "--dataset", "d", *small, "--wait", "60")
+    assert out["reused"] >= 2 and out["reused"] + out["extracted"] == 16
+    again = imgfeat_at(env_a, ws_uri, "extract", "--dataset", "d", *small)  # the killed machine, later
+    assert again["extracted"] == 0
+    fs = out["featureset"]
+    ids = _bucket_rows(server, f"{ws_uri}/features/{fs}")
+    ids_clean, feats_clean = _features_named(clean, fs)
+    assert sorted(ids) == ids_clean  # exactly the rows: no duplicates, nothing missing
+    import pyarrow.fs as pafs
+
+    s3, path = pafs.FileSystem.from_uri(f"{ws_uri}/features/{fs}")
+    table = pq.read_table(path, filesystem=s3).sort_by("image_id")
+    np.testing.assert_array_equal(np.stack(table.column("feature").to_numpy(zero_copy_only=False)), feats_clean)
+
+
+def test_a_live_lock_in_the_bucket_is_refused_naming_its_holder(server, photos, tmp_path, monkeypatch):
+    import time
+
+    import obstore
+    from obstore.store import from_url
+
+    upload(server, photos, "s3://photos/wslock")
+    ws_uri = "s3://workspaces/locked"
+    env = _env(server, IMGFEAT_CACHE=str(tmp_path / "machine-a"))
+    imgfeat_at(env, ws_uri, "scan", "s3://photos/wslock", "--dataset", "d")
+    store = from_url("s3://workspaces", client_options={"allow_http": True})
+    holder = {"holder": "other-host:4242:abc", "expires": time.time() + 600, "lease_s": 30}
+    obstore.put(store, "locked/.locks/dataset-d.lock", json.dumps(holder).encode())
+    r = subprocess.run(
+        [*IMGFEAT, "scan", "s3://photos/wslock", "--dataset", "d", "--workspace", ws_uri],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert r.returncode == 1 and "other-host:4242" in r.stderr and "being written" in r.stderr, r.stderr
+    holder["expires"] = time.time() - 1  # its holder died: the lease ran out
+    obstore.put(store, "locked/.locks/dataset-d.lock", json.dumps(holder).encode())
+    out = imgfeat_at(env, ws_uri, "scan", "s3://photos/wslock", "--dataset", "d")
+    assert out["unchanged"] == 16 + 1
+    assert "locked/.locks/dataset-d.lock" not in _bucket_keys("s3://workspaces/locked")  # released
+
+
+@pytest.mark.ray
+def test_ray_workers_write_into_a_bucket_workspace_without_the_drivers_disk(server, photos, tmp_path):
+    pytest.importorskip("ray")
+    upload(server, photos, "s3://photos/wsray")
+    ws_uri = "s3://workspaces/ray"
+    env = _env(server, IMGFEAT_CACHE=str(tmp_path / "driver"))
+    local = tmp_path / "local"
+    imgfeat(env, local, "scan", "s3://photos/wsray", "--dataset", "d")
+    imgfeat(env, local, "extract", "--dataset", "d", *LITE)
+    imgfeat_at(env, ws_uri, "scan", "s3://photos/wsray", "--dataset", "d")
+    out = imgfeat_at(env, ws_uri, "extract", "--dataset", "d", *LITE, "--executor", "ray", "--ray-actors", "1")
+    assert out["executor"] == "ray" and out["extracted"] == 16
+    fs = out["featureset"]
+    shards = [k for k in _bucket_keys(ws_uri) if f"/features/{fs}/" in k]
+    assert shards and all("-ray-" in k for k in shards)  # written by the workers, straight into the bucket
+    driver_mirror = tmp_path / "driver" / "workspaces" / "s3" / "workspaces" / "ray" / "features" / fs
+    assert sorted(p.name for p in driver_mirror.glob("part-*.parquet")) == sorted(k.rsplit("/", 1)[1] for k in shards)
+    ids = _bucket_rows(server, f"{ws_uri}/features/{fs}")
+    ids_local, _ = _features_named(local, fs)
+    assert sorted(ids) == ids_local

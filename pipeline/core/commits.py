@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 
 from imgfeat.core import logs
 from imgfeat.core.hashing import sha256_bytes
+from imgfeat.core.mirror import mirror_of
 from imgfeat.core.results import JsonObject
 from imgfeat.core.storage import (
     SHARD_PREFIX,
@@ -201,7 +202,10 @@ class ShardWriter:
         self._seq = _seq_of(final.name, self.tag) + 1
         if after is not None:
             after(final)
-        write_record(final, describe(data, final.name, table.num_rows, nonfinite))
+        mirror = mirror_of(final)
+        if mirror is not None:  # a workspace in a bucket: the shard is one PUT before any record names it
+            mirror.push([final])
+        write_record(final, describe(data, final.name, table.num_rows, nonfinite))  # pushed as it is written
         return self._done(final, table.num_rows, "committed")
 
     def _done(self, shard: Path, rows: int, how: str) -> Path:

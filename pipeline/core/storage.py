@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from imgfeat.core.errors import ConfigError, ImgfeatError, LockBusyError
+from imgfeat.core.mirror import RemoteLock, mirror_of
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,9 @@ def atomic_path(final: Path) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+    mirror = mirror_of(final)
+    if mirror is not None:  # a workspace in a bucket: a file counts once it is there too
+        mirror.push([final])
 
 
 def write_bytes_atomic(data: bytes, final: Path) -> Path:
@@ -305,6 +309,7 @@ class FileLock:
         self.hint = hint
         self._fd: int | None = None
         self.created = False
+        self._remote: RemoteLock | None = None
 
     def acquire(self) -> FileLock:
         while True:
@@ -322,6 +327,14 @@ class FileLock:
                 raise
             os.close(fd)
         self._fd, self.created = fd, created
+        mirror = mirror_of(self.path)
+        if mirror is not None:  # a workspace in a bucket: its lock object too, then what others committed
+            try:
+                self._remote = mirror.lock(self.path, self.what, self.wait).acquire()
+                mirror.pull()
+            except BaseException:
+                self.release()
+                raise
         return self
 
     def _open(self) -> tuple[int, bool]:
@@ -372,6 +385,12 @@ class FileLock:
     def release(self, remove: bool = False) -> None:
         """Unlock; ``remove``: delete the lock file first (safe: a waiter checks that the file it
         locked is still the one at the path, see ``acquire``)."""
+        if self._remote is not None:
+            remote, self._remote = self._remote, None
+            try:
+                mirror_of(self.path).push()  # type: ignore[union-attr]  # what the stage wrote, before others may
+            finally:
+                remote.release()
         if self._fd is not None:
             if remove:
                 with contextlib.suppress(OSError):

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imgfeat.core.errors import ConfigError
+from imgfeat.core.mirror import Mirror, mirror_of, open_mirror
+from imgfeat.core.stores import is_uri, parse_location
 
 ENV_WORKSPACE = "IMGFEAT_WORKSPACE"
 DEFAULT_WORKSPACE = "data"
@@ -35,7 +37,21 @@ class Workspace:
     def resolve(cls, value: str | os.PathLike[str] | None = None) -> Workspace:
         """``--workspace`` beats ``$IMGFEAT_WORKSPACE`` beats ``./data``."""
         chosen = value or os.environ.get(ENV_WORKSPACE) or DEFAULT_WORKSPACE
+        if is_uri(chosen):  # a workspace in a bucket: this machine's mirror of it (core/mirror.py)
+            return cls(open_mirror(parse_location(str(chosen), "workspace")).root)
         return cls(Path(chosen).expanduser().absolute())
+
+    @property
+    def mirror(self) -> Mirror | None:
+        """The bucket this workspace mirrors, or None for a plain folder."""
+        found = mirror_of(self.root)
+        return found if found is not None and found.root == self.root else None
+
+    @property
+    def where(self) -> str:
+        """The workspace as the user named it: its folder, or its bucket URI."""
+        m = self.mirror
+        return m.remote.uri if m is not None else str(self.root)
 
     def check_usable(self) -> None:
         """Raise a ConfigError when the root (or the nearest existing folder above it) is not a folder."""

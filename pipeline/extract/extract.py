@@ -615,6 +615,7 @@ def run_extract(
             cfg.npy,
             run_id,
             next_shard_tag(FeaturesetDirs.of(ws, fs), run_id),
+            ws.mirror.remote.uri if ws.mirror is not None else None,
         )
         tally, stats, sink = Tally(), LoopStats(), _sink(job)
         with _committing(sink):
@@ -751,6 +752,7 @@ def extract_files(
                 cfg.npy,
                 run_id,
                 tag,
+                ws.mirror.remote.uri if ws.mirror is not None else None,
             )
             sink = _sink(job)
             with _committing(sink):

@@ -105,6 +105,8 @@ class ExtractJob:
     npy: bool
     run_id: str  # what the rows say
     shard_tag: str  # what the shards are named by: unique per extract call in the featureset (next_shard_tag)
+    # a workspace in a bucket: its URI, so a worker on another machine writes its shards there itself
+    workspace_uri: str | None = None
 
     @property
     def featureset(self) -> str:

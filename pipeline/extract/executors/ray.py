@@ -25,9 +25,11 @@ committed shards) and fails the run otherwise.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
+import tempfile
 from collections.abc import Generator, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -37,9 +39,10 @@ import pyarrow as pa
 
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError, ImgfeatError
+from imgfeat.core.mirror import open_mirror
 from imgfeat.core.results import JsonObject
 from imgfeat.core.storage import SHARD_PREFIX, column_values, remove_tree
-from imgfeat.core.stores import set_storage_options
+from imgfeat.core.stores import parse_location, set_storage_options
 from imgfeat.core.workspace import Workspace
 from imgfeat.extract.batches import Item
 from imgfeat.extract.executors.base import BatchReport, ExecutorConfig, ExtractJob, timed_build
@@ -86,6 +89,14 @@ def count_attempt(folder: Path, first: int) -> int:
         os.close(fd)
 
 
+def _attempt(job: ExtractJob, first: int) -> int:
+    """count_attempt on the workspace's disk, or, for a workspace in a bucket, in the bucket."""
+    mirror = job.ws.mirror
+    if mirror is not None:
+        return mirror.count(f".locks/ray-{job.run_id}/batch-{first}")
+    return count_attempt(attempts_dir(job.ws, job.run_id), first)
+
+
 # ------------------------------------------------------------------------------- the actor (runs on Ray)
 
 
@@ -95,6 +106,13 @@ class ShardActor:
     def __init__(self, job: ExtractJob, seam: ShardSeam, workers: int | None, depth: int = DEFAULT_DEPTH) -> None:
         if job.inputs.storage:  # --storage-option of the driver: this process reads the same objects
             set_storage_options(dict(job.inputs.storage))
+        if job.workspace_uri is not None:
+            # A workspace in a bucket: this worker shares no disk with the driver. It writes its
+            # shards into a working folder of its own, each pushed to the bucket as it is committed.
+            loc = parse_location(job.workspace_uri, "workspace")
+            job = dataclasses.replace(
+                job, ws=Workspace(open_mirror(loc, Path(tempfile.mkdtemp(prefix="imgfeat-worker-"))).root)
+            )
         model, self.build_seconds = timed_build(job.resolved, job.resolved.recipe.precision)
         self.model = Forward(model, job.resolved.spec.family, job.inputs.batch_shape)
         # Decode threads in the actor (Pillow releases the GIL): every core of its node unless told.
@@ -102,7 +120,7 @@ class ShardActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         first = int(batch[ROW].min())
-        if count_attempt(attempts_dir(self.job.ws, self.job.run_id), first) > MAX_BATCH_ATTEMPTS:
+        if _attempt(self.job, first) > MAX_BATCH_ATTEMPTS:
             # Ray retries a dead actor's batch for ever; a batch that keeps killing it must end the run.
             raise ImgfeatError(
                 f"the batch of todo rows {first}..{int(batch[ROW].max())} killed its worker "
@@ -150,6 +168,10 @@ class RayExecutor:
                     yield from reports
         finally:
             remove_tree(attempts_dir(job.ws, job.run_id), job.ws.root)
+            if job.ws.mirror is not None:
+                job.ws.mirror.remove_prefix(f".locks/ray-{job.run_id}")
+        if job.ws.mirror is not None:  # the workers' shards are in the bucket: bring them here
+            job.ws.mirror.pull()
         self.plan["duplicate_rows"] = _audit(job, todo)
 
     def info(self) -> JsonObject:

@@ -124,8 +124,8 @@ def run_job(args: argparse.Namespace) -> int:
         ws = Workspace.resolve(args.workspace)
         if args.record_run:  # the commands that read or write the workspace
             ws.check_usable()
-            if ws.mirror is not None:  # a workspace in a bucket: what it holds now (or exit 2 at once)
-                ws.mirror.pull()
+        if getattr(args, "reads_workspace", args.record_run) and ws.mirror is not None:
+            ws.mirror.pull()  # a workspace in a bucket: what it holds now (or exit 2 at once)
         result = args.handler(args, JobContext(ws, record))
         record.summary.update(result.to_json() if hasattr(result, "to_json") else result or {})
         code = EXIT_OK

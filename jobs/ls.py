@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=DESCRIPTION,
         epilog=EPILOG,
         record_run=False,
-    )
+    ).set_defaults(reads_workspace=True)  # no run record, but a bucket workspace is pulled first
 
 
 def handle(args: argparse.Namespace, ctx: JobContext) -> Summary:

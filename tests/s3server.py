@@ -85,12 +85,34 @@ class S3Server:
                 )
             try:
                 urllib.request.urlopen(self.endpoint + "/", timeout=1)
-                return
             except urllib.error.HTTPError:
-                return  # it answers (403 without a signature): the S3 gateway is up
+                pass  # it answers (403 without a signature): the S3 gateway is up
             except OSError:
                 time.sleep(0.2)
+                continue
+            if self._round_trip():  # and its volumes take and give back an object
+                return
+            time.sleep(0.2)
         raise RuntimeError(f"weed mini did not answer on {self.endpoint} within {START_SECONDS}s")
+
+    def _round_trip(self) -> bool:
+        import obstore
+        from obstore.store import S3Store
+
+        store = S3Store(
+            "health",
+            endpoint=self.endpoint,
+            access_key_id=ACCESS_KEY,
+            secret_access_key=SECRET_KEY,
+            region=REGION,
+            client_options={"allow_http": True, "timeout": "5s"},
+            retry_config={"max_retries": 0},
+        )
+        try:
+            obstore.put(store, "probe", b"ok")
+            return bytes(obstore.get(store, "probe").bytes()) == b"ok"
+        except Exception:  # noqa: BLE001 - not ready yet
+            return False
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -355,7 +355,13 @@ class _BatchReader:
         for entry in batch:
             old = find(entry.rel)
             # A rescan's common case, tested inline: same size and mtime, a settled status.
-            if old is not None and old[1] == entry.size and old[2] == entry.mtime_ns and old[3] in SETTLED:
+            if (
+                old is not None
+                and old[1] == entry.size
+                and old[2] == entry.mtime_ns
+                and old[3] in SETTLED
+                and old.etag == entry.etag  # an object rewritten within its last-modified second
+            ):
                 slots.append(old[0])
                 continue
             kind = classify(entry, old, self.cfg.max_pixels)

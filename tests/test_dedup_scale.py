@@ -83,3 +83,22 @@ def test_candidate_pairs_are_written_in_batches_and_read_back_whole(tmp_path: Pa
     searched, pairs = dedup._read_pairs(tmp_path)
     assert searched == set(ids)
     assert pairs == [(ids[x], ids[y], float(s)) for x, y, s in zip(a, b, sim)]
+
+
+def test_nearest_members_by_blocks_equal_the_per_node_search(monkeypatch):
+    monkeypatch.setattr(dedup, "MEMBER_BLOCK", 7)  # a few nodes a product
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((40, 5)).astype(np.float32)
+    comp = rng.integers(0, 4, 40)
+    members = {c: [int(u) for u in np.flatnonzero(comp == c)[::2]] for c in (0, 1, 3)}
+    nodes = [int(u) for u in rng.permutation(40)[:25]] + [5, 5]
+    got = dedup.nearest_members(X, comp, members, nodes)
+    want = {}
+    for u in nodes:
+        m = members.get(int(comp[u]))
+        if m:
+            sims = X[m] @ X[u]
+            want[u] = (m[int(np.argmax(sims))], float(sims.max()))
+    assert got.keys() == want.keys()
+    for u, (b, s) in want.items():
+        assert got[u][0] == b and got[u][1] == pytest.approx(s, abs=1e-5)

@@ -418,18 +418,44 @@ def group_leaks_table(im: Images, comp: np.ndarray) -> pa.Table:
     train_nodes: dict[int, list[int]] = {}
     for i in train_path:
         train_nodes.setdefault(int(comp[node[i]]), []).append(node[i])
+    nearest = nearest_members(im.X, comp, train_nodes, [node[i] for i, _, _ in held if i not in train_path])
     out = []
     for i, p, s in held:
         if i in train_path:
             out.append((i, p, s, i, train_path[i], S.SPLIT_TRAIN, 1.0))  # the very same content is in train
             continue
-        members = train_nodes.get(int(comp[node[i]]))
-        if members:
-            sims = im.X[members] @ im.X[node[i]]
-            best = int(np.argmax(sims))
-            r = im.ids[members[best]]
-            out.append((i, p, s, r, train_path[r], S.SPLIT_TRAIN, float(sims[best])))
+        hit = nearest.get(node[i])
+        if hit is not None:
+            r = im.ids[hit[0]]
+            out.append((i, p, s, r, train_path[r], S.SPLIT_TRAIN, hit[1]))
     return _leaks(out)
+
+
+MEMBER_BLOCK = 1 << 24  # similarities computed at a time when naming nearest group members (64 MiB)
+
+
+def nearest_members(
+    X: np.ndarray, comp: np.ndarray, members: dict[int, list[int]], nodes: Sequence[int]
+) -> dict[int, tuple[int, float]]:
+    """For each of ``nodes`` whose component has ``members``, its most similar member (the first of
+    equals) and their similarity. One product per component and block of nodes: a large group of
+    copies costs a matrix product, not a gathered copy of its members per node."""
+    by_comp: dict[int, list[int]] = {}
+    for u in dict.fromkeys(nodes):  # each node once, in order
+        if int(comp[u]) in members:
+            by_comp.setdefault(int(comp[u]), []).append(u)
+    out: dict[int, tuple[int, float]] = {}
+    for c, us in by_comp.items():
+        m = np.asarray(members[c], np.int64)
+        M = X[m]
+        step = max(1, MEMBER_BLOCK // max(1, len(m)))
+        for lo in range(0, len(us), step):
+            block = us[lo : lo + step]
+            sims = X[block] @ M.T
+            best = sims.argmax(axis=1)
+            for u, b, row in zip(block, best.tolist(), sims):
+                out[u] = (int(m[b]), float(row[b]))
+    return out
 
 
 def nearest_train(

@@ -15,6 +15,7 @@ different photos share count for nothing. Two looks are compared by their cosine
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -142,14 +143,24 @@ class LookStore:
         return self.pos >= 0
 
     def rows(self, rows: np.ndarray) -> np.ndarray:
-        """The looks of scratch rows ``rows``: ``(len(rows), VARIANTS, SIDE * SIDE)`` float16."""
+        """The looks of scratch rows ``rows``: ``(len(rows), VARIANTS, SIDE * SIDE)`` float16.
+
+        Read with one ``pread`` per run of consecutive rows, not through a mapping: the kernel maps
+        pages around each one touched (and the resident set counts them), hundreds of MiB for a
+        block of random rows of a large store.
+        """
+        rows = np.asarray(rows, np.int64)
         if not len(rows) or not self.ids:
             return np.zeros((len(rows), VARIANTS, SIDE * SIDE), np.float16)
         self._file.flush()
-        mm = np.memmap(self._file, np.float16, "r", shape=(len(self.ids), VARIANTS, SIDE * SIDE))
-        out = np.array(mm[rows])  # a copy: the mapping goes with ``mm``, and the pages it read leave the resident set
-        del mm
-        return out
+        fd = self._file.fileno()
+        want, back = np.unique(rows, return_inverse=True)  # each row read once (pairs repeat their first image)
+        got = np.empty((len(want), VARIANTS, SIDE * SIDE), np.float16)
+        flat = got.reshape(len(want), -1).view(np.uint8)
+        breaks = np.flatnonzero(np.diff(want) != 1) + 1  # runs of consecutive rows: one read each
+        for lo, hi in zip(np.r_[0, breaks].tolist(), np.r_[breaks, len(want)].tolist()):
+            os.preadv(fd, [flat[lo:hi]], int(want[lo]) * LOOK_BYTES)
+        return got[back.reshape(-1)]
 
     def __getitem__(self, nodes: np.ndarray) -> np.ndarray:
         """The looks of ``nodes`` (each must have one): what ``look_similarity`` indexes."""

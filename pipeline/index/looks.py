@@ -159,7 +159,7 @@ class LookStore:
         flat = got.reshape(len(want), -1).view(np.uint8)
         breaks = np.flatnonzero(np.diff(want) != 1) + 1  # runs of consecutive rows: one read each
         for lo, hi in zip(np.r_[0, breaks].tolist(), np.r_[breaks, len(want)].tolist()):
-            os.preadv(fd, [flat[lo:hi]], int(want[lo]) * LOOK_BYTES)
+            os.preadv(fd, [flat[lo:hi].data], int(want[lo]) * LOOK_BYTES)
         return got[back.reshape(-1)]
 
     def __getitem__(self, nodes: np.ndarray) -> np.ndarray:

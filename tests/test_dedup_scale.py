@@ -1,5 +1,6 @@
 """Dedup's bounded-memory pieces: the scratch look store, the looks cache written and read a row group
-at a time (and the older float16-list cache still read), candidate pairs written in batches."""
+at a time (and the older float16-list cache still read), candidate pairs written in batches and read
+back as node arrays, nearest group members by blocks."""
 
 from __future__ import annotations
 
@@ -80,9 +81,12 @@ def test_candidate_pairs_are_written_in_batches_and_read_back_whole(tmp_path: Pa
     a, b = np.array([0, 0, 1, 2, 2, 3, 4, 4, 5]), np.array([1, 2, 3, 3, 5, 4, 5, 1, 0])
     sim = np.linspace(0.1, 0.9, len(a)).astype(np.float32)
     dedup._write_pairs(tmp_path, im, dedup.Graph(a, b, sim))
-    searched, pairs = dedup._read_pairs(tmp_path)
+    searched, got_a, got_b, got_sim = dedup._read_pairs(tmp_path, ids)
     assert searched == set(ids)
-    assert pairs == [(ids[x], ids[y], float(s)) for x, y, s in zip(a, b, sim)]
+    assert (got_a.tolist(), got_b.tolist(), got_sim.tolist()) == (a.tolist(), b.tolist(), sim.tolist())
+    gone = ["id9", *ids[1:]]  # id0 has left: its pairs' ends are -1
+    _, got_a, got_b, _ = dedup._read_pairs(tmp_path, gone)
+    assert got_a.tolist() == [-1 if x == 0 else x for x in a] and got_b.tolist() == [-1 if y == 0 else y for y in b]
 
 
 def test_nearest_members_by_blocks_equal_the_per_node_search(monkeypatch):

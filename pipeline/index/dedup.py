@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from imgfeat.core import schemas as S
@@ -557,19 +558,18 @@ def candidate_pairs(
     """
     last = (previous or {}).get("criterion") or {}
     cached = (
-        _read_pairs(folder)
+        _read_pairs(folder, im.ids)
         if last.get("name") == "neighbours+look"
         and last.get("neighbours") == cfg.neighbours
         and (previous or {}).get("featureset") == cfg.featureset
         else None
     )
     if cached is not None:
-        searched, old = cached
-        node = {i: k for k, i in enumerate(im.ids)}
+        searched, a, b, sim = cached
         new = np.array([k for k, i in enumerate(im.ids) if i not in searched], np.int64)
         if len(new) <= RESEARCH_NEW_FRACTION * len(im.ids):
-            kept = [(node[a], node[b], s) for a, b, s in old if a in node and b in node]
-            a, b, sim = (np.array(c) for c in zip(*kept)) if kept else (np.zeros(0, np.int64),) * 2 + (np.zeros(0),)
+            kept = (a >= 0) & (b >= 0)  # pairs between images still here
+            a, b, sim = a[kept], b[kept], sim[kept]
             fresh = new_image_pairs(im.X, new, cfg.neighbours)
             return (
                 _unique_pairs(
@@ -623,15 +623,20 @@ def _unique_pairs(n: int, a: np.ndarray, b: np.ndarray, sim: np.ndarray) -> Grap
     return Graph(lo[first], hi[first], sim[first])
 
 
-def _read_pairs(folder: Path) -> tuple[set[str], list[tuple[str, str, float]]] | None:
-    """The last run's searched images and candidate pairs (by image id); None when absent or unreadable."""
+def _read_pairs(folder: Path, ids: list[str]) -> tuple[set[str], np.ndarray, np.ndarray, np.ndarray] | None:
+    """The last run's searched images and candidate pairs ``(searched, a, b, sim)``, ``a`` and ``b``
+    as nodes of ``ids`` (-1: an image no longer here), mapped by Arrow rather than a Python tuple per
+    pair; None when absent or unreadable."""
     try:
         searched = set(pq.read_table(folder / SEARCHED_FILE).column(S.IMAGE_ID).to_pylist())
-        t = pq.read_table(folder / PAIRS_FILE)
-        pairs = list(zip(t.column("a").to_pylist(), t.column("b").to_pylist(), t.column(S.SIMILARITY).to_pylist()))
-    except (OSError, KeyError, pa.ArrowException):
+        t = pq.read_table(folder / PAIRS_FILE, columns=["a", "b", S.SIMILARITY])
+        known = pa.array(ids, pa.string())
+        a, b = (pc.index_in(t.column(c), value_set=known).fill_null(-1).to_numpy().astype(np.int64) for c in "ab")
+        sim = t.column(S.SIMILARITY).to_numpy().astype(np.float32)
+    except (OSError, KeyError, pa.ArrowException) as exc:
+        log.debug("dedup pairs cache unreadable (%s): every image is searched", exc)
         return None
-    return searched, pairs
+    return searched, a, b, sim
 
 
 PAIRS_BATCH = 262_144  # candidate pairs written at a time (their ids as strings: ~35 MiB)

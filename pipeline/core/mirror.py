@@ -69,6 +69,8 @@ def lease_seconds() -> float:
     if not 2 <= value <= 600:
         raise ConfigError(f"{LEASE_ENV}={text!r}: a lock lease is a number of seconds from 2 to 600")
     return value
+
+
 TRANSFERS = 16  # concurrent PUTs / GETs of one sync
 _NEVER_PUSHED = (".staging", STATE_DIR, ".locks")
 

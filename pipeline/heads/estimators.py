@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -102,8 +103,9 @@ class KerasMLPClassifier(ClassifierMixin, BaseEstimator):
     ) -> KerasMLPClassifier:
         """``fit`` for rows that do not fit in memory: ``batches()`` yields (X, labels) for one pass
         over the training rows (called once per epoch); standardisation from the streamed ``mean`` and
-        ``var``; early stopping on (``X_val``, ``y_val``), rows kept out of the batches. Each batch is
-        one short Keras ``fit`` (one pass, shuffled), so the net sees every row once an epoch."""
+        ``var``; early stopping on (``X_val``, ``y_val``), rows kept out of the batches. An epoch is one
+        Keras ``fit`` over a generator of mini-batches (each stream batch shuffled, class weights as
+        sample weights), so the net sees every row once an epoch, without a ``fit`` call per batch."""
         import keras
 
         self.classes_ = np.asarray(sorted(classes), dtype=object)
@@ -117,19 +119,14 @@ class KerasMLPClassifier(ClassifierMixin, BaseEstimator):
         history: dict[str, list[float]] = {}
         best, best_weights, since = np.inf, None, 0
         with progress(total=self.epochs, desc="train mlp (streamed)", unit="epoch") as bar:
+            rng = np.random.default_rng(self.random_state)
             for _ in range(self.epochs):
-                seen = loss = hits = 0.0
-                for X, y in batches():
-                    codes = np.asarray([code[c] for c in y])
+                with warnings.catch_warnings():  # a generator of unknown length "runs out of data": the epoch's end
+                    warnings.filterwarnings("ignore", message="Your input ran out of data")
                     out = self.model_.fit(
-                        X, codes, epochs=1, batch_size=self.batch_size, shuffle=True, class_weight=weights, verbose=0
+                        self._steps(batches, code, weights, rng), epochs=1, shuffle=False, verbose=0
                     ).history
-                    seen, loss, hits = (
-                        seen + len(y),
-                        loss + out["loss"][-1] * len(y),
-                        hits + out["accuracy"][-1] * len(y),
-                    )
-                _append(history, loss=loss / max(seen, 1), accuracy=hits / max(seen, 1))
+                _append(history, loss=out["loss"][-1], accuracy=out["accuracy"][-1])
                 bar.update(1)
                 if val is None:
                     continue
@@ -144,6 +141,23 @@ class KerasMLPClassifier(ClassifierMixin, BaseEstimator):
         self.history_ = history
         self.n_epochs_ = len(history.get("loss", []))
         return self
+
+    def _steps(
+        self,
+        batches: Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]],
+        code: dict[Any, int],
+        weights: dict[int, float] | None,
+        rng: np.random.Generator,
+    ) -> Iterator[tuple[np.ndarray, ...]]:
+        """One pass of ``batches()`` as Keras steps: ``batch_size`` rows each, in a random order within each batch."""
+        w = None if weights is None else np.asarray([weights.get(k, 1.0) for k in range(len(code))], np.float32)
+        for X, y in batches():
+            codes = np.asarray([code[c] for c in y])
+            order = rng.permutation(len(codes))
+            for lo in range(0, len(order), self.batch_size):
+                pick = order[lo : lo + self.batch_size]
+                step = (np.asarray(X[pick], np.float32), codes[pick])
+                yield step if w is None else (*step, w[codes[pick]])
 
     def _validation_split(self, X: np.ndarray, codes: np.ndarray):
         n_val = int(round(len(X) * self.validation_fraction))

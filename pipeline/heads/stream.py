@@ -12,9 +12,12 @@ pipeline (the SVM's margins calibrated on the subsample) or a ``.keras`` net.
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,7 +30,7 @@ from sklearn.preprocessing import StandardScaler
 
 from imgfeat.core.progress import progress
 from imgfeat.core.workspace import Workspace
-from imgfeat.extract.featureset import iter_features, load_features
+from imgfeat.extract.featureset import featureset_info, iter_features, load_features
 from imgfeat.heads.data import LabelledRows
 from imgfeat.heads.estimators import KerasMLPClassifier
 from imgfeat.heads.fit import STREAMED, FitResult, choose_kind, chosen_params, scores_of
@@ -39,7 +42,10 @@ FLOAT_BYTES = 4  # features are float32 in memory, whatever their storage dtype
 SUBSAMPLE_SHARE = 8  # the CV subsample may take 1/8 of the budget: CV copies it per fold and per job
 BATCH_SHARE = 16  # a streamed batch 1/16 (the reader holds a row group beside it)
 MAX_BATCH_ROWS = 65_536
-LINEAR_EPOCHS = 15  # passes of SGD over the training rows
+LINEAR_EPOCHS = 15  # passes of SGD over the training rows, at most
+MIN_EPOCHS = 3  # passes before the fit may stop early ...
+STOP_TOL = 1e-3  # ... when the mean loss on the in-memory subsample has not fallen by this much below its best
+NO_CHANGE_EPOCHS = 2  # for this many passes in a row
 SGD_ETA = 0.01  # SGD's step on standardised features; the average from the second epoch on smooths it
 SHUFFLE_BATCHES = 4  # batches mixed at a time (within BATCH_SHARE: 4 of 16 shares)
 
@@ -76,6 +82,71 @@ class LabelledStream:
             yield X[order[start : start + self.batch_rows]], y[order[start : start + self.batch_rows]]
 
 
+class ScratchStream:
+    """A ``LabelledStream`` decoded from its featureset once, on the first pass, and read back from an
+    unnamed scratch file of its rows on every later one.
+
+    Parquet decodes float16 lists slowly (about 70 ms a 1,000 x 1,280 row group): reading the
+    featureset again for every SGD epoch cost more than the fit itself. The first pass (the moments
+    pass) writes each batch as it comes, in ``dtype`` (the featureset's own: float16 stays exact);
+    a later pass visits the rows in blocks of ``batch_rows`` in a random order, mixed
+    SHUFFLE_BATCHES blocks at a time, as the shard pass mixes row groups. Memory: those blocks and
+    the labels of every row (one small integer each).
+    """
+
+    def __init__(self, source: LabelledStream, folder: Path, dtype: np.dtype | type = np.float32) -> None:
+        self.source, self.labels, self.batch_rows = source, source.labels, source.batch_rows
+        self.shuffle = source.shuffle
+        self.dtype = np.dtype(dtype)
+        self._folder = folder
+        self._file: Any = None
+        self._classes = np.zeros(0, dtype=object)
+        self._codes: list[np.ndarray] = []
+        self._rows, self._dim, self._done = 0, 0, False
+
+    def __call__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        if self._done:
+            yield from self._again()
+            return
+        self.close()  # a first pass cut short is redone from the start
+        self._file = tempfile.TemporaryFile(dir=self._folder)  # noqa: SIM115 - held open until close()
+        self._classes = np.asarray(sorted(set(self.labels.values())), dtype=object)
+        self._codes, self._rows = [], 0
+        for X, y in self.source():
+            self._file.write(np.ascontiguousarray(X, self.dtype).tobytes())
+            self._codes.append(np.searchsorted(self._classes, y).astype(np.int32))
+            self._rows, self._dim = self._rows + len(y), X.shape[1]
+            yield X, y
+        self._file.flush()
+        self._done = True
+
+    def _again(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        codes = np.concatenate(self._codes) if self._codes else np.zeros(0, np.int32)
+        step = self.batch_rows
+        starts = np.arange(0, self._rows, step)
+        if self.shuffle is not None:
+            starts = starts[self.shuffle.permutation(len(starts))]
+        for k in range(0, len(starts), SHUFFLE_BATCHES):
+            rows = np.concatenate([np.arange(s, min(self._rows, s + step)) for s in starts[k : k + SHUFFLE_BATCHES]])
+            if self.shuffle is not None:
+                rows = self.shuffle.permutation(rows)
+            X = self._read(np.sort(rows)) if self.shuffle is None else self._read(rows)
+            for lo in range(0, len(rows), step):
+                yield X[lo : lo + step], self._classes[codes[rows[lo : lo + step]]]
+
+    def _read(self, rows: np.ndarray) -> np.ndarray:
+        """Rows of the scratch file as float32 (a mapping opened per call: read pages stay out of RSS)."""
+        mm = np.memmap(self._file, self.dtype, "r", shape=(self._rows, self._dim))
+        out = np.asarray(mm[rows], np.float32)
+        del mm
+        return out
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file, self._done = None, False
+
+
 def batch_rows_for(budget: int, dim: int) -> int:
     return int(min(MAX_BATCH_ROWS, max(64, budget // (BATCH_SHARE * FLOAT_BYTES * max(dim, 1)))))
 
@@ -93,9 +164,11 @@ def fit_streamed(
         X_cv, X_val, y_cv, y_val, _, ids_val = _validation_part(X_cv, y_cv, ids_cv, cfg)
         for i in ids_val:
             labels.pop(i)
-    stream = LabelledStream(
+    source = LabelledStream(
         ws, cfg.featureset, labels, batch_rows_for(budget, dim), np.random.default_rng(cfg.random_state)
     )
+    stored = featureset_info(ws, cfg.featureset).get("dtype")
+    stream = ScratchStream(source, ws.root, np.float16 if stored == "float16" else np.float32)
     n = len(rows.train_ids)
     log.info(
         "training %s head from a stream of %d x %d features (%d rows a batch), C chosen on %d rows",
@@ -116,10 +189,11 @@ def fit_streamed(
                 "training a linear SVM with the C chosen for it; raise --memory-budget for the rbf one"
             )
         C = float(next(iter(best.values())))
-        est = fit_linear(winner, C, stream, rows.classes, n, mean, var, cfg, LINEAR_EPOCHS)
+        est = fit_linear(winner, C, stream, rows.classes, n, mean, var, cfg, LINEAR_EPOCHS, (X_cv, y_cv))
+        epochs = est.named_steps["clf"].n_epochs_
         if winner == "svm":  # margins -> probabilities, as the in-memory SVM's sigmoid calibration
             est = CalibratedClassifierCV(FrozenEstimator(est), method="sigmoid").fit(X_cv, y_cv)
-        epochs = LINEAR_EPOCHS
+    stream.close()
     t_fit = time.perf_counter()
     metrics = scores_of(*_predict_streamed(ws, cfg.featureset, est, rows, stream.batch_rows), rows.classes)
     timings = {"cv": t_cv - t0, "stream_fit": t_fit - t_cv, "evaluate": time.perf_counter() - t_fit}
@@ -176,18 +250,21 @@ def scaler_of(mean: np.ndarray, var: np.ndarray, n: int) -> StandardScaler:
 def fit_linear(
     kind: str,
     C: float,
-    stream: LabelledStream,
+    stream: LabelledStream | ScratchStream,
     classes: list[str],
     n: int,
     mean: np.ndarray,
     var: np.ndarray,
     cfg: TrainConfig,
     epochs: int,
+    monitor: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Pipeline:
-    """Logistic regression (log-loss) or a linear SVM (hinge) by averaged SGD over ``epochs`` passes.
+    """Logistic regression (log-loss) or a linear SVM (hinge) by averaged SGD over at most ``epochs`` passes.
 
     LogisticRegression minimises ``C * sum(loss) + |w|^2 / 2``; SGDClassifier ``mean(loss) + alpha *
-    |w|^2 / 2``: the same minimum at ``alpha = 1 / (C n)``.
+    |w|^2 / 2``: the same minimum at ``alpha = 1 / (C n)``. With ``monitor`` (rows in memory), the
+    fit stops once their mean loss has not fallen STOP_TOL below its best for NO_CHANGE_EPOCHS passes
+    (after MIN_EPOCHS): the averaged weights have settled. ``clf.n_epochs_`` says how many ran.
     """
     scaler = scaler_of(mean, var, n)
     # A constant step averaged from the second epoch: "optimal" steps start at 1 / alpha, huge for a
@@ -200,22 +277,52 @@ def fit_linear(
         average=max(1, n),
         random_state=cfg.random_state,
         class_weight=_class_weights(cfg, stream),
+        n_jobs=cfg.n_jobs or os.cpu_count(),  # one-vs-rest classes in threads (the same fit whatever the count)
     )
     labels = np.asarray(classes, dtype=object)
+    watch = None if monitor is None or not len(monitor[1]) else (scaler.transform(monitor[0]), monitor[1])
+    best, since = np.inf, 0
     t0 = time.perf_counter()
     with progress(total=epochs * n, desc=f"train {kind} (streamed, {epochs} epochs)", unit="row") as bar:
         for epoch in range(1, epochs + 1):
             for X, y in stream():  # shuffled: a shard holds images in scan order, often class by class
                 clf.partial_fit(scaler.transform(X), y, classes=labels)
                 bar.update(len(y))
+            clf.n_epochs_ = epoch
+            loss = np.inf if watch is None else _loss(clf, *watch)
+            since = 0 if loss < best - STOP_TOL else since + 1
+            best = min(best, loss)
+            done = watch is not None and epoch >= MIN_EPOCHS and since >= NO_CHANGE_EPOCHS
             # a line per epoch: a scheduler's log (no terminal, no bar) sees the work move and its pace
             log.info(
-                "%s (streamed): epoch %d of %d done in %.0f s so far", kind, epoch, epochs, time.perf_counter() - t0
+                "%s (streamed): epoch %d of %d done in %.0f s so far%s%s",
+                kind,
+                epoch,
+                epoch if done else epochs,
+                time.perf_counter() - t0,
+                "" if watch is None else f", loss {loss:.4f}",
+                f"; settled, no more passes (at most {epochs})" if done else "",
             )
+            if done:
+                break
     return Pipeline([("scale", scaler), ("clf", clf)])
 
 
-def _class_weights(cfg: TrainConfig, stream: LabelledStream) -> dict[str, float] | None:
+def _loss(clf: SGDClassifier, X: np.ndarray, y: np.ndarray) -> float:
+    """The classifier's own mean loss on standardised rows: log-loss, or the hinge of each class one-vs-rest."""
+    if clf.loss == "log_loss":
+        P = clf.predict_proba(X)
+        col = np.searchsorted(clf.classes_, y)
+        return float(-np.mean(np.log(np.clip(P[np.arange(len(y)), col], 1e-12, None))))
+    D = clf.decision_function(X)
+    D = D[:, None] if D.ndim == 1 else D
+    sign = np.where(y[:, None] == clf.classes_[None, : D.shape[1]], 1.0, -1.0)
+    if D.shape[1] == 1:  # two classes: one margin, positive for the second
+        sign = np.where(y[:, None] == clf.classes_[1], 1.0, -1.0)
+    return float(np.mean(np.maximum(0.0, 1.0 - sign * D)))
+
+
+def _class_weights(cfg: TrainConfig, stream: LabelledStream | ScratchStream) -> dict[str, float] | None:
     """``balanced`` as scikit-learn computes it (partial_fit takes only explicit weights)."""
     if cfg.class_weight is None:
         return None

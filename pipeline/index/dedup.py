@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from imgfeat.core import schemas as S
@@ -32,7 +33,14 @@ from imgfeat.core.options import opt
 from imgfeat.core.ranges import check_fields
 from imgfeat.core.results import JsonObject, JsonResult
 from imgfeat.core.sizes import memory_budget
-from imgfeat.core.storage import FileLock, remove_stale_tmp, write_bytes_atomic, write_json_atomic, write_table_atomic
+from imgfeat.core.storage import (
+    FileLock,
+    atomic_path,
+    remove_stale_tmp,
+    write_bytes_atomic,
+    write_json_atomic,
+    write_table_atomic,
+)
 from imgfeat.core.stores import ImageRoot
 from imgfeat.core.workspace import Workspace, check_name
 from imgfeat.extract.featureset import featureset_info
@@ -46,7 +54,17 @@ from imgfeat.index.kinds import (
     rescore,
     resolve_params,
 )
-from imgfeat.index.looks import LOOK_THRESHOLD, LOOK_VERSION, SIDE, VARIANTS, calibrate, look_similarity, looks_of_files
+from imgfeat.index.looks import (
+    LOOK_BYTES,
+    LOOK_THRESHOLD,
+    LOOK_VERSION,
+    SIDE,
+    VARIANTS,
+    LookStore,
+    calibrate,
+    look_similarity,
+    looks_of_files,
+)
 from imgfeat.index.page import render_page
 from imgfeat.index.vectors import manifest_rows, read_vectors
 from imgfeat.scan.manifest import dataset_root
@@ -250,7 +268,7 @@ def best_partner(n: int, graph: Graph) -> tuple[np.ndarray, np.ndarray]:
     return partner, best
 
 
-def looked_pairs(cands: Graph, L: np.ndarray, ok: np.ndarray) -> tuple[Graph, dict[str, int]]:
+def looked_pairs(cands: Graph, L: np.ndarray | LookStore, ok: np.ndarray) -> tuple[Graph, dict[str, int]]:
     """The candidate pairs that are copies: looks alike, or (no look) features at FALLBACK_COSINE."""
     a, b, sim = cands.a, cands.b, cands.sim
     both = ok[a] & ok[b]
@@ -402,18 +420,44 @@ def group_leaks_table(im: Images, comp: np.ndarray) -> pa.Table:
     train_nodes: dict[int, list[int]] = {}
     for i in train_path:
         train_nodes.setdefault(int(comp[node[i]]), []).append(node[i])
+    nearest = nearest_members(im.X, comp, train_nodes, [node[i] for i, _, _ in held if i not in train_path])
     out = []
     for i, p, s in held:
         if i in train_path:
             out.append((i, p, s, i, train_path[i], S.SPLIT_TRAIN, 1.0))  # the very same content is in train
             continue
-        members = train_nodes.get(int(comp[node[i]]))
-        if members:
-            sims = im.X[members] @ im.X[node[i]]
-            best = int(np.argmax(sims))
-            r = im.ids[members[best]]
-            out.append((i, p, s, r, train_path[r], S.SPLIT_TRAIN, float(sims[best])))
+        hit = nearest.get(node[i])
+        if hit is not None:
+            r = im.ids[hit[0]]
+            out.append((i, p, s, r, train_path[r], S.SPLIT_TRAIN, hit[1]))
     return _leaks(out)
+
+
+MEMBER_BLOCK = 1 << 24  # similarities computed at a time when naming nearest group members (64 MiB)
+
+
+def nearest_members(
+    X: np.ndarray, comp: np.ndarray, members: dict[int, list[int]], nodes: Sequence[int]
+) -> dict[int, tuple[int, float]]:
+    """For each of ``nodes`` whose component has ``members``, its most similar member (the first of
+    equals) and their similarity. One product per component and block of nodes: a large group of
+    copies costs a matrix product, not a gathered copy of its members per node."""
+    by_comp: dict[int, list[int]] = {}
+    for u in dict.fromkeys(nodes):  # each node once, in order
+        if int(comp[u]) in members:
+            by_comp.setdefault(int(comp[u]), []).append(u)
+    out: dict[int, tuple[int, float]] = {}
+    for c, us in by_comp.items():
+        m = np.asarray(members[c], np.int64)
+        M = X[m]
+        step = max(1, MEMBER_BLOCK // max(1, len(m)))
+        for lo in range(0, len(us), step):
+            block = us[lo : lo + step]
+            sims = X[block] @ M.T
+            best = sims.argmax(axis=1)
+            for u, b, row in zip(block, best.tolist(), sims):
+                out[u] = (int(m[b]), float(row[b]))
+    return out
 
 
 def nearest_train(
@@ -459,6 +503,7 @@ def run_dedup(ws: Workspace, cfg: DedupConfig, run_id: str) -> DedupSummary:
         return _unchanged(previous)
     root = dataset_root(ws, cfg.dataset)
     looks = cands = None
+    computed = 0
     criterion: JsonObject
     if cfg.threshold is not None:
         nb = clock.lap("neighbours", nearest_neighbours(im.X, cfg.neighbours, cfg.exact_max, cfg.budget))
@@ -466,14 +511,14 @@ def run_dedup(ws: Workspace, cfg: DedupConfig, run_id: str) -> DedupSummary:
         criterion = {"name": "cosine", "threshold": float(cfg.threshold), "neighbours": cfg.neighbours}
     else:
         cands, kind, searched = clock.lap("neighbours", candidate_pairs(folder, cfg, im, previous))
-        looks = cached_looks(folder, im, root)
-        L, ok = looks.matrix(im.ids)
+        looks, computed = cached_looks(folder, im, root)
+        ok = looks.ok
         clock.lap("looks", None)
-        graph, stats = looked_pairs(cands, L, ok)
+        graph, stats = looked_pairs(cands, looks, ok)
         criterion = criterion_summary(
             cfg,
             ok,
-            {**stats, "images_searched": searched, "looks_computed": looks.computed},
+            {**stats, "images_searched": searched, "looks_computed": computed},
             _calibration(cfg, root, im, ok, previous),
         )
         clock.lap("calibration", None)
@@ -484,8 +529,8 @@ def run_dedup(ws: Workspace, cfg: DedupConfig, run_id: str) -> DedupSummary:
     page = clock.lap("page", render_page(groups, leaks, root, cfg, run_id, criterion_text(criterion)))
     with FileLock(ws.locks_dir / f"dedup-{cfg.out_name}.lock", f"dedup results {cfg.out_name}", cfg.wait):
         remove_stale_tmp(folder)
-        if looks is not None and looks.computed:
-            write_table_atomic(looks.table(), folder / LOOKS_FILE)
+        if looks is not None and computed:
+            _write_looks(looks, folder / LOOKS_FILE)
         if cands is not None:
             _write_pairs(folder, im, cands)
         write_table_atomic(groups, folder / GROUPS_DIR / TABLE_FILE)
@@ -496,6 +541,8 @@ def run_dedup(ws: Workspace, cfg: DedupConfig, run_id: str) -> DedupSummary:
         clock.lap("write", None)
         summary = _summary(cfg, im, kind, criterion, groups, leaks, folder, clock, digest)
         write_json_atomic({**summary.to_json(), "run_id": run_id}, folder / SUMMARY_FILE)
+    if looks is not None:
+        looks.close()
     return summary
 
 
@@ -512,19 +559,18 @@ def candidate_pairs(
     """
     last = (previous or {}).get("criterion") or {}
     cached = (
-        _read_pairs(folder)
+        _read_pairs(folder, im.ids)
         if last.get("name") == "neighbours+look"
         and last.get("neighbours") == cfg.neighbours
         and (previous or {}).get("featureset") == cfg.featureset
         else None
     )
     if cached is not None:
-        searched, old = cached
-        node = {i: k for k, i in enumerate(im.ids)}
+        searched, a, b, sim = cached
         new = np.array([k for k, i in enumerate(im.ids) if i not in searched], np.int64)
         if len(new) <= RESEARCH_NEW_FRACTION * len(im.ids):
-            kept = [(node[a], node[b], s) for a, b, s in old if a in node and b in node]
-            a, b, sim = (np.array(c) for c in zip(*kept)) if kept else (np.zeros(0, np.int64),) * 2 + (np.zeros(0),)
+            kept = (a >= 0) & (b >= 0)  # pairs between images still here
+            a, b, sim = a[kept], b[kept], sim[kept]
             fresh = new_image_pairs(im.X, new, cfg.neighbours)
             return (
                 _unique_pairs(
@@ -578,29 +624,41 @@ def _unique_pairs(n: int, a: np.ndarray, b: np.ndarray, sim: np.ndarray) -> Grap
     return Graph(lo[first], hi[first], sim[first])
 
 
-def _read_pairs(folder: Path) -> tuple[set[str], list[tuple[str, str, float]]] | None:
-    """The last run's searched images and candidate pairs (by image id); None when absent or unreadable."""
+def _read_pairs(folder: Path, ids: list[str]) -> tuple[set[str], np.ndarray, np.ndarray, np.ndarray] | None:
+    """The last run's searched images and candidate pairs ``(searched, a, b, sim)``, ``a`` and ``b``
+    as nodes of ``ids`` (-1: an image no longer here), mapped by Arrow rather than a Python tuple per
+    pair; None when absent or unreadable."""
     try:
         searched = set(pq.read_table(folder / SEARCHED_FILE).column(S.IMAGE_ID).to_pylist())
-        t = pq.read_table(folder / PAIRS_FILE)
-        pairs = list(zip(t.column("a").to_pylist(), t.column("b").to_pylist(), t.column(S.SIMILARITY).to_pylist()))
-    except (OSError, KeyError, pa.ArrowException):
+        t = pq.read_table(folder / PAIRS_FILE, columns=["a", "b", S.SIMILARITY])
+        known = pa.array(ids, pa.string())
+        a, b = (pc.index_in(t.column(c), value_set=known).fill_null(-1).to_numpy().astype(np.int64) for c in "ab")
+        sim = t.column(S.SIMILARITY).to_numpy().astype(np.float32)
+    except (OSError, KeyError, pa.ArrowException) as exc:
+        log.debug("dedup pairs cache unreadable (%s): every image is searched", exc)
         return None
-    return searched, pairs
+    return searched, a, b, sim
+
+
+PAIRS_BATCH = 262_144  # candidate pairs written at a time (their ids as strings: ~35 MiB)
 
 
 def _write_pairs(folder: Path, im: Images, cands: Graph) -> None:
     ids = np.asarray(im.ids, dtype=object)
-    write_table_atomic(
-        pa.table(
-            {
-                "a": pa.array(ids[cands.a].tolist(), pa.string()),
-                "b": pa.array(ids[cands.b].tolist(), pa.string()),
-                S.SIMILARITY: pa.array(cands.sim, pa.float32()),
-            }
-        ),
-        folder / PAIRS_FILE,
-    )
+    schema = pa.schema([("a", pa.string()), ("b", pa.string()), (S.SIMILARITY, pa.float32())])
+    with atomic_path(folder / PAIRS_FILE) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+        for lo in range(0, len(cands.a), PAIRS_BATCH):
+            part = slice(lo, lo + PAIRS_BATCH)
+            writer.write_batch(
+                pa.record_batch(
+                    [
+                        pa.array(ids[cands.a[part]].tolist(), pa.string()),
+                        pa.array(ids[cands.b[part]].tolist(), pa.string()),
+                        pa.array(cands.sim[part], pa.float32()),
+                    ],
+                    schema=schema,
+                )
+            )
     write_table_atomic(pa.table({S.IMAGE_ID: pa.array(im.ids, pa.string())}), folder / SEARCHED_FILE)
 
 
@@ -649,59 +707,64 @@ def _unchanged(previous: dict[str, Any]) -> DedupSummary:
         raise ImgfeatError(f"dedup summary {SUMMARY_FILE} is not readable ({exc}); delete it to recompute") from exc
 
 
-@dataclass
-class Looks:
-    """Looks by image id: those cached by the last run plus the ones computed now (``computed``)."""
-
-    ids: list[str]
-    L: np.ndarray  # (len(ids), VARIANTS, SIDE * SIDE) float16
-    computed: int = 0
-
-    def matrix(self, ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """``(L, ok)`` in the order of ``ids`` (zeros and False for an image without a look); float16."""
-        pos = {i: k for k, i in enumerate(self.ids)}
-        out = np.zeros((len(ids), VARIANTS, SIDE * SIDE), np.float16)
-        ok = np.array([i in pos for i in ids], bool)
-        rows = [pos[i] for i in ids if i in pos]
-        out[ok] = self.L[rows]
-        return out, ok
-
-    def table(self) -> pa.Table:
-        flat = pa.array(self.L.reshape(-1), pa.float16())
-        col = pa.FixedSizeListArray.from_arrays(flat, VARIANTS * SIDE * SIDE)
-        return pa.table(
-            {S.IMAGE_ID: pa.array(self.ids, pa.string()), "look": col}, metadata={"look_version": LOOK_VERSION}
-        )
+LOOK_CHUNK = 1024  # images whose looks are computed at a time (then written to the scratch store)
+CACHE_ROWS = 1024  # looks a row group of the cache file holds (10 MiB)
 
 
-def cached_looks(folder: Path, im: Images, root: ImageRoot) -> Looks:
-    """The looks of every image of ``im``: read from the cache, computed (one decode each) for the rest."""
-    cached = _read_looks(folder / LOOKS_FILE)
-    have = set(cached.ids)
-    todo = [k for k, i in enumerate(im.ids) if i not in have]
-    if not todo:
-        return cached
-    paths = im.first_paths()
-    L, ok = looks_of_files([root / paths[k] for k in todo], workers=os.cpu_count() or 1)
-    new_ids = [im.ids[k] for k, good in zip(todo, ok) if good]
-    return Looks(cached.ids + new_ids, np.concatenate([cached.L, L[ok]]), len(new_ids))
+def cached_looks(folder: Path, im: Images, root: ImageRoot) -> tuple[LookStore, int]:
+    """``(store, computed)``: the looks of every image of ``im`` in a scratch store, read from the
+    cache (its rows in its order, those of images gone too, so a rewrite keeps them) and computed
+    (one decode each, LOOK_CHUNK images at a time) for the rest. Memory: a chunk, not the dataset."""
+    store = LookStore(len(im.ids), folder / "_cache")
+    node = {i: k for k, i in enumerate(im.ids)}
+    _read_looks(folder / LOOKS_FILE, store, node)
+    todo = np.flatnonzero(~store.ok)
+    if not len(todo):
+        return store, 0
+    paths, computed, workers = im.first_paths(), 0, os.cpu_count() or 1
+    for lo in range(0, len(todo), LOOK_CHUNK):
+        chunk = todo[lo : lo + LOOK_CHUNK]
+        L, ok = looks_of_files([root / paths[k] for k in chunk], workers=workers)
+        good = chunk[ok]
+        store.append([im.ids[k] for k in good], L[ok], good)
+        computed += len(good)
+    return store, computed
 
 
-def _read_looks(path: Path) -> Looks:
-    empty = Looks([], np.zeros((0, VARIANTS, SIDE * SIDE), np.float16))
+def _read_looks(path: Path, store: LookStore, node: dict[str, int]) -> None:
+    """Append the cache file's looks to ``store`` a row group at a time (nothing when absent, of
+    another look version, or damaged: those looks are computed again). A look is raw float16 bytes,
+    or (caches written before) a list of float16."""
     if not path.is_file():
-        return empty
+        return
     try:
-        table = pq.read_table(path)
-        if (table.schema.metadata or {}).get(b"look_version") != LOOK_VERSION.encode():
+        f = pq.ParquetFile(path)
+        if (f.schema_arrow.metadata or {}).get(b"look_version") != LOOK_VERSION.encode():
             log.info("dedup looks cache %s is of another look version: computing the looks again", path)
-            return empty
-        col = table.column("look").combine_chunks()
-        L = col.flatten().to_numpy(zero_copy_only=False).astype(np.float16).reshape(-1, VARIANTS, SIDE * SIDE)
-        return Looks(table.column(S.IMAGE_ID).to_pylist(), L)
+            return
+        for g in range(f.num_row_groups):  # not iter_batches: its read-ahead holds several groups at once
+            t = f.read_row_group(g, columns=[S.IMAGE_ID, "look"], use_threads=False)
+            ids, col = t.column(S.IMAGE_ID).to_pylist(), t.column("look").combine_chunks()
+            if pa.types.is_fixed_size_binary(col.type):
+                raw = np.frombuffer(col.buffers()[1], np.uint8, len(col) * LOOK_BYTES, col.offset * LOOK_BYTES)
+                L = raw.view(np.float16)
+            else:
+                L = col.flatten().to_numpy(zero_copy_only=False).astype(np.float16)
+            store.append(ids, L.reshape(-1, VARIANTS, SIDE * SIDE), [node.get(i, -1) for i in ids])
     except (OSError, ValueError, KeyError, pa.ArrowException) as exc:  # a damaged cache is recomputed
         log.warning("dedup looks cache %s is unreadable (%s): computing the looks again", path, exc)
-        return empty
+        store.clear()
+
+
+def _write_looks(store: LookStore, path: Path) -> None:
+    """The store's rows as the looks cache (image_id, look as raw float16 bytes), CACHE_ROWS a row group:
+    Parquet's float16 lists cost ten times the memory and three times the time to write and read."""
+    look = pa.binary(LOOK_BYTES)
+    schema = pa.schema([(S.IMAGE_ID, pa.string()), ("look", look)], metadata={"look_version": LOOK_VERSION})
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+        for ids, L in store.blocks(CACHE_ROWS):
+            col = pa.Array.from_buffers(look, len(ids), [None, pa.py_buffer(L)])  # no copy
+            writer.write_batch(pa.record_batch([pa.array(ids, pa.string()), col], schema=schema))
 
 
 def _calibration(

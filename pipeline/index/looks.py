@@ -15,7 +15,9 @@ different photos share count for nothing. Two looks are compared by their cosine
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -97,11 +99,86 @@ def looks_of_files(paths: Sequence[Path | ObjectUri | None], workers: int = 4) -
     return L, ok
 
 
-PAIRS_PER_CHUNK = 4096  # pairs compared at a time (bounded float32 copies of float16 looks)
+PAIRS_PER_CHUNK = 1024  # pairs compared at a time (bounded float32 copies of float16 looks)
+LOOK_BYTES = VARIANTS * SIDE * SIDE * 2  # one image's looks, float16
 
 
-def look_similarity(L: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(straight, mirrored)`` look cosines of pairs ``a[k]``, ``b[k]``.
+class LookStore:
+    """Looks (float16) in an unnamed scratch file, row by row, and the node each row belongs to.
+
+    Holding every image's looks in memory grows with the dataset (10 KiB an image); here only the
+    node -> row map lives in memory, and ``store[nodes]`` reads just those rows (a mapping opened
+    and closed per call, so pages read stay out of the process's resident memory). ``ids`` names
+    each row (the cache file's rows); ``pos[node]`` is its row, -1 for a node without a look.
+    """
+
+    def __init__(self, nodes: int, folder: Path | None = None) -> None:
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+        self._file = tempfile.TemporaryFile(dir=folder)  # noqa: SIM115 - held open until close(); gone even on a crash
+        self.ids: list[str] = []
+        self.pos = np.full(nodes, -1, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def append(self, ids: Sequence[str], L: np.ndarray, nodes: Sequence[int] | np.ndarray | None = None) -> None:
+        """Add rows ``L`` (``(len(ids), VARIANTS, SIDE * SIDE)``) named ``ids``; rows of ``nodes`` >= 0 are their looks."""
+        start = len(self.ids)
+        self._file.seek(start * LOOK_BYTES)
+        self._file.write(np.ascontiguousarray(L, np.float16).tobytes())
+        self.ids.extend(ids)
+        if nodes is not None:
+            nodes = np.asarray(nodes, np.int64)
+            rows = start + np.arange(len(nodes))
+            self.pos[nodes[nodes >= 0]] = rows[nodes >= 0]
+
+    def clear(self) -> None:
+        self._file.seek(0)
+        self._file.truncate()
+        self.ids = []
+        self.pos[:] = -1
+
+    @property
+    def ok(self) -> np.ndarray:
+        return self.pos >= 0
+
+    def rows(self, rows: np.ndarray) -> np.ndarray:
+        """The looks of scratch rows ``rows``: ``(len(rows), VARIANTS, SIDE * SIDE)`` float16.
+
+        Read with one ``pread`` per run of consecutive rows, not through a mapping: the kernel maps
+        pages around each one touched (and the resident set counts them), hundreds of MiB for a
+        block of random rows of a large store.
+        """
+        rows = np.asarray(rows, np.int64)
+        if not len(rows) or not self.ids:
+            return np.zeros((len(rows), VARIANTS, SIDE * SIDE), np.float16)
+        self._file.flush()
+        fd = self._file.fileno()
+        want, back = np.unique(rows, return_inverse=True)  # each row read once (pairs repeat their first image)
+        got = np.empty((len(want), VARIANTS, SIDE * SIDE), np.float16)
+        flat = got.reshape(len(want), -1).view(np.uint8)
+        breaks = np.flatnonzero(np.diff(want) != 1) + 1  # runs of consecutive rows: one read each
+        for lo, hi in zip(np.r_[0, breaks].tolist(), np.r_[breaks, len(want)].tolist()):
+            os.preadv(fd, [flat[lo:hi].data], int(want[lo]) * LOOK_BYTES)
+        return got[back.reshape(-1)]
+
+    def __getitem__(self, nodes: np.ndarray) -> np.ndarray:
+        """The looks of ``nodes`` (each must have one): what ``look_similarity`` indexes."""
+        return self.rows(self.pos[np.asarray(nodes, np.int64)])
+
+    def blocks(self, rows: int = 4096) -> Iterator[tuple[list[str], np.ndarray]]:
+        """``(ids, looks)`` of every row in order, ``rows`` at a time."""
+        for lo in range(0, len(self.ids), rows):
+            hi = min(len(self.ids), lo + rows)
+            yield self.ids[lo:hi], self.rows(np.arange(lo, hi))
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def look_similarity(L: np.ndarray | LookStore, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(straight, mirrored)`` look cosines of pairs ``a[k]``, ``b[k]`` (looks ``L[a]``: an array or a store).
 
     Straight is the best over every variant of one against every variant of the other, mirror
     aside: a turn of one against a zoom of the other matches a copy turned on a larger canvas.

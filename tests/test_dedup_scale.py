@@ -1,0 +1,108 @@
+"""Dedup's bounded-memory pieces: the scratch look store, the looks cache written and read a row group
+at a time (and the older float16-list cache still read), candidate pairs written in batches and read
+back as node arrays, nearest group members by blocks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from imgfeat.core import schemas as S
+from imgfeat.index import dedup
+from imgfeat.index.looks import LOOK_VERSION, SIDE, VARIANTS, LookStore, look_similarity
+
+pytestmark = pytest.mark.quick
+
+
+def _looks(n: int, seed: int = 0) -> np.ndarray:
+    L = np.random.default_rng(seed).standard_normal((n, VARIANTS, SIDE * SIDE)).astype(np.float32)
+    return (L / np.linalg.norm(L, axis=2, keepdims=True)).astype(np.float16)
+
+
+def test_the_store_gives_each_node_its_look_as_a_matrix_would(tmp_path):
+    L = _looks(7)
+    store = LookStore(5, tmp_path)
+    store.append(["x", "y"], L[:2], [3, -1])  # y: a cached image no longer in the dataset
+    store.append(["a", "b", "c"], L[2:5], [0, 4, 1])
+    assert store.ids == ["x", "y", "a", "b", "c"] and store.ok.tolist() == [True, True, False, True, True]
+    M = np.zeros((5, VARIANTS, SIDE * SIDE), np.float16)
+    M[[3, 0, 4, 1]] = L[[0, 2, 3, 4]]
+    nodes = np.array([0, 1, 3, 4, 0])
+    assert np.array_equal(store[nodes], M[nodes])
+    a, b = np.array([0, 1, 3, 0]), np.array([4, 3, 4, 1])
+    for got, want in zip(look_similarity(store, a, b), look_similarity(M, a, b)):
+        assert np.array_equal(got, want)
+    blocks = list(store.blocks(2))
+    assert [ids for ids, _ in blocks] == [["x", "y"], ["a", "b"], ["c"]]
+    assert np.array_equal(np.concatenate([x for _, x in blocks]), L[:5])
+    assert list(tmp_path.iterdir()) == []  # the scratch file has no name: a crash leaves nothing
+    store.clear()
+    assert len(store) == 0 and not store.ok.any() and store[np.zeros(0, np.int64)].shape == (0, VARIANTS, SIDE * SIDE)
+    store.close()
+
+
+def test_the_looks_cache_round_trips_a_row_group_at_a_time_and_old_caches_still_read(tmp_path, monkeypatch):
+    monkeypatch.setattr(dedup, "CACHE_ROWS", 3)
+    L = _looks(8, seed=1)
+    ids = [f"id{k}" for k in range(8)]
+    store = LookStore(8, tmp_path)
+    store.append(ids, L, np.arange(8))
+    path = tmp_path / "looks.parquet"
+    dedup._write_looks(store, path)
+    assert pq.ParquetFile(path).num_row_groups == 3
+    node = {i: k for k, i in enumerate(["id5", "id1", "new"])}
+    again = LookStore(3, tmp_path)
+    dedup._read_looks(path, again, node)
+    assert again.ids == ids and again.ok.tolist() == [True, True, False]
+    assert np.array_equal(again[np.array([0, 1])], L[[5, 1]])
+
+    old = tmp_path / "old.parquet"  # the layout before: each look a list of float16
+    col = pa.FixedSizeListArray.from_arrays(pa.array(L.reshape(-1), pa.float16()), VARIANTS * SIDE * SIDE)
+    pq.write_table(pa.table({S.IMAGE_ID: ids, "look": col}, metadata={"look_version": LOOK_VERSION}), old)
+    was = LookStore(3, tmp_path)
+    dedup._read_looks(old, was, node)
+    assert np.array_equal(was[np.array([0, 1])], L[[5, 1]])
+
+    path.write_bytes(b"PAR1 not really")  # damaged: nothing, and the looks are computed again
+    bad = LookStore(3, tmp_path)
+    bad.append(["id0"], L[:1], [0])
+    dedup._read_looks(path, bad, node)
+    assert len(bad) == 0 and not bad.ok.any()
+
+
+def test_candidate_pairs_are_written_in_batches_and_read_back_whole(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(dedup, "PAIRS_BATCH", 4)
+    ids = [f"id{k}" for k in range(6)]
+    im = dedup.Images(ids, np.zeros((6, 2), np.float32), ids, ids, [None] * 6, 0)
+    a, b = np.array([0, 0, 1, 2, 2, 3, 4, 4, 5]), np.array([1, 2, 3, 3, 5, 4, 5, 1, 0])
+    sim = np.linspace(0.1, 0.9, len(a)).astype(np.float32)
+    dedup._write_pairs(tmp_path, im, dedup.Graph(a, b, sim))
+    searched, got_a, got_b, got_sim = dedup._read_pairs(tmp_path, ids)
+    assert searched == set(ids)
+    assert (got_a.tolist(), got_b.tolist(), got_sim.tolist()) == (a.tolist(), b.tolist(), sim.tolist())
+    gone = ["id9", *ids[1:]]  # id0 has left: its pairs' ends are -1
+    _, got_a, got_b, _ = dedup._read_pairs(tmp_path, gone)
+    assert got_a.tolist() == [-1 if x == 0 else x for x in a] and got_b.tolist() == [-1 if y == 0 else y for y in b]
+
+
+def test_nearest_members_by_blocks_equal_the_per_node_search(monkeypatch):
+    monkeypatch.setattr(dedup, "MEMBER_BLOCK", 7)  # a few nodes a product
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((40, 5)).astype(np.float32)
+    comp = rng.integers(0, 4, 40)
+    members = {c: [int(u) for u in np.flatnonzero(comp == c)[::2]] for c in (0, 1, 3)}
+    nodes = [int(u) for u in rng.permutation(40)[:25]] + [5, 5]
+    got = dedup.nearest_members(X, comp, members, nodes)
+    want = {}
+    for u in nodes:
+        m = members.get(int(comp[u]))
+        if m:
+            sims = X[m] @ X[u]
+            want[u] = (m[int(np.argmax(sims))], float(sims.max()))
+    assert got.keys() == want.keys()
+    for u, (b, s) in want.items():
+        assert got[u][0] == b and got[u][1] == pytest.approx(s, abs=1e-5)

@@ -277,6 +277,9 @@ def run_stages(
     """Each stage as ``imgfeat STAGE ... --json`` in a subprocess; stop at the first failure."""
     rows: list[Row] = []
     for stage in stages:
+        if any(stage == name and n >= at for name, at in args.skip):
+            log.info("%-9s %-8s %10d  skipped (--skip %s:%d)", source, stage, n, stage, n)
+            continue
         cmd = [args.imgfeat, stage, *stage_args(stage, root, featureset, args), "--workspace", str(ws), "--json"]
         if args.memory_budget and stage in budget_stages:
             cmd += ["--memory-budget", args.memory_budget]
@@ -461,6 +464,14 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="image generator processes")
     p.add_argument("--imgfeat", default=str(Path(sys.executable).with_name("imgfeat")), help="the imgfeat command")
+    p.add_argument(
+        "--skip",
+        type=skip_spec,
+        action="append",
+        default=[],
+        metavar="STAGE:N",
+        help="leave STAGE out at N and above, e.g. dedup:1000000 (repeatable; the row is absent, not zero)",
+    )
     p.add_argument("--write-synthetic", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--rows", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -468,6 +479,13 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         args.feature_sizes = sorted({*args.sizes, 10 * args.sizes[-1]}) if args.sizes else []
     args.work = args.work or args.out / "work"
     return args
+
+
+def skip_spec(text: str) -> tuple[str, int]:
+    stage, _, at = text.partition(":")
+    if stage not in IMAGE_STAGES or not at.isdigit():
+        raise argparse.ArgumentTypeError(f"expected STAGE:N with STAGE one of {', '.join(IMAGE_STAGES)}, got {text!r}")
+    return stage, int(at)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -64,7 +64,10 @@ WorkspaceLike = Workspace | str | os.PathLike[str] | None
 
 def _ws(workspace: WorkspaceLike) -> Workspace:
     ensure_notebook_logging()
-    return workspace if isinstance(workspace, Workspace) else Workspace.resolve(workspace)
+    ws = workspace if isinstance(workspace, Workspace) else Workspace.resolve(workspace)
+    if ws.mirror is not None:  # a workspace in a bucket: what it holds now (writes are pushed as committed)
+        ws.mirror.pull()
+    return ws
 
 
 @dataclass(frozen=True)

@@ -569,9 +569,10 @@ def test_a_workspace_in_a_bucket_gives_what_a_folder_gives_and_readers_see_exact
     env_b = _env(server, IMGFEAT_CACHE=str(tmp_path / "machine-b"))
     local = tmp_path / "local"
     outs = {}
-    for name, ws in (("bucket", ws_uri), ("local", str(local))):
+    # bucket images into the bucket workspace; the same photos from disk into a folder
+    for name, ws, root in (("bucket", ws_uri, "s3://photos/wsimages"), ("local", str(local), str(photos))):
         env = env_a
-        imgfeat_at(env, ws, "scan", "s3://photos/wsimages", "--dataset", "d")
+        imgfeat_at(env, ws, "scan", root, "--dataset", "d")
         ext = imgfeat_at(env, ws, "extract", "--dataset", "d", *LITE)
         train = imgfeat_at(env, ws, "train", "--dataset", "d", "--featureset", ext["featureset"], "--head", "logreg")
         imgfeat_at(env, ws, "predict", "--head", train["head_id"], "--dataset", "d")
@@ -590,6 +591,11 @@ def test_a_workspace_in_a_bucket_gives_what_a_folder_gives_and_readers_see_exact
     np.testing.assert_array_equal(np.stack(bucket_table.column("feature").to_numpy(zero_copy_only=False)), local_feats)
     pred_ids = _bucket_rows(server, f"{ws_uri}/predictions/{train['head_id']}")
     assert len(pred_ids) == len(set(pred_ids)) == 16
+    cols = ["image_id", "label", "split", "pred_label", "pred_score"]
+    s3p, ppath = pafs.FileSystem.from_uri(f"{ws_uri}/predictions/{train['head_id']}")
+    in_bucket = pq.read_table(ppath, filesystem=s3p, columns=cols).sort_by("image_id").to_pylist()
+    on_disk = pq.read_table(local / "predictions" / train["head_id"], columns=cols).sort_by("image_id").to_pylist()
+    assert in_bucket == on_disk
     import polars as pl
 
     df = pl.read_parquet(
@@ -701,6 +707,10 @@ def test_ray_workers_write_into_a_bucket_workspace_without_the_drivers_disk(serv
     assert shards and all("-ray-" in k for k in shards)  # written by the workers, straight into the bucket
     driver_mirror = tmp_path / "driver" / "workspaces" / "s3" / "workspaces" / "ray" / "features" / fs
     assert sorted(p.name for p in driver_mirror.glob("part-*.parquet")) == sorted(k.rsplit("/", 1)[1] for k in shards)
-    ids = _bucket_rows(server, f"{ws_uri}/features/{fs}")
-    ids_local, _ = _features_named(local, fs)
-    assert sorted(ids) == ids_local
+    ids_local, feats_local = _features_named(local, fs)
+    import pyarrow.fs as pafs
+
+    s3, path = pafs.FileSystem.from_uri(f"{ws_uri}/features/{fs}")
+    table = pq.read_table(path, filesystem=s3).sort_by("image_id")
+    assert table.column("image_id").to_pylist() == ids_local  # each image once
+    np.testing.assert_array_equal(np.stack(table.column("feature").to_numpy(zero_copy_only=False)), feats_local)

@@ -442,27 +442,6 @@ def test_bench_measures_the_object_store_input_limit(server, photos, tmp_path):
     assert out["extract_inner"]["extracted"] == 16 and out["end_to_end_over_limit"] > 0
 
 
-@pytest.mark.ray
-def test_ray_actors_read_bucket_images_with_the_drivers_storage_options(server, photos, tmp_path):
-    pytest.importorskip("ray")  # the optional extra; CI installs it
-    upload(server, photos, "s3://photos/ray")
-    env = _env(server)
-    del env["AWS_SECRET_ACCESS_KEY"]  # only the flag carries it: the actors must get it from the driver
-    secret = ["--storage-option", f"aws_secret_access_key={SECRET_KEY}"]
-    local_ws, ray_ws = tmp_path / "local", tmp_path / "ray"
-    for ws in (local_ws, ray_ws):
-        imgfeat(env, ws, "scan", "s3://photos/ray", "--dataset", "d", *secret)
-    imgfeat(env, local_ws, "extract", "--dataset", "d", *LITE, *secret)
-    out, _ = imgfeat(
-        env, ray_ws, "extract", "--dataset", "d", *LITE, *secret, "--executor", "ray", "--ray-actors", "1", process=True
-    )
-    assert out["extracted"] == 16 and out["executor"] == "ray"
-    ids_l, fl = _features(local_ws)
-    ids_r, fr = _features(ray_ws)
-    assert ids_l == ids_r and fl.std(axis=0).mean() > 1e-3
-    np.testing.assert_array_equal(fl, fr)
-
-
 def test_sigkill_mid_extract_from_a_bucket_and_the_rerun_ends_identical(server, photos, tmp_path):
     import signal
     import time
@@ -689,17 +668,21 @@ def test_a_live_lock_in_the_bucket_is_refused_naming_its_holder(server, photos, 
 
 
 @pytest.mark.ray
-def test_ray_workers_write_into_a_bucket_workspace_without_the_drivers_disk(server, photos, tmp_path):
+def test_ray_workers_read_bucket_images_and_write_into_a_bucket_workspace_without_the_drivers_disk(
+    server, photos, tmp_path
+):
     pytest.importorskip("ray")
     upload(server, photos, "s3://photos/wsray")
     ws_uri = "s3://workspaces/ray"
     env = _env(server, IMGFEAT_CACHE=str(tmp_path / "driver"))
+    del env["AWS_SECRET_ACCESS_KEY"]  # only the flag carries it: the actors must get it from the driver
+    secret = ["--storage-option", f"aws_secret_access_key={SECRET_KEY}"]
     local = tmp_path / "local"
-    imgfeat(env, local, "scan", "s3://photos/wsray", "--dataset", "d")
-    imgfeat(env, local, "extract", "--dataset", "d", *LITE)
-    imgfeat_at(env, ws_uri, "scan", "s3://photos/wsray", "--dataset", "d")
+    imgfeat(env, local, "scan", str(photos), "--dataset", "d", *secret)
+    imgfeat(env, local, "extract", "--dataset", "d", *LITE, *secret)
+    imgfeat_at(env, ws_uri, "scan", "s3://photos/wsray", "--dataset", "d", *secret)
     out = imgfeat_at(
-        env, ws_uri, "extract", "--dataset", "d", *LITE, "--executor", "ray", "--ray-actors", "1", process=True
+        env, ws_uri, "extract", "--dataset", "d", *LITE, *secret, "--executor", "ray", "--ray-actors", "1", process=True
     )
     assert out["executor"] == "ray" and out["extracted"] == 16
     fs = out["featureset"]

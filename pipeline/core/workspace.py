@@ -47,12 +47,6 @@ class Workspace:
         found = mirror_of(self.root)
         return found if found is not None and found.root == self.root else None
 
-    @property
-    def where(self) -> str:
-        """The workspace as the user named it: its folder, or its bucket URI."""
-        m = self.mirror
-        return m.remote.uri if m is not None else str(self.root)
-
     def check_usable(self) -> None:
         """Raise a ConfigError when the root (or the nearest existing folder above it) is not a folder."""
         path = self.root

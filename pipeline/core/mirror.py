@@ -158,6 +158,10 @@ class Mirror:
         tmp.write_text(json.dumps({k: [e.size, e.mtime_ns, e.etag] for k, e in sorted(state.items())}))
         os.replace(tmp, self.state_file)
 
+    def store(self) -> Any:
+        """The obstore store of the workspace's bucket (keys below are full keys, prefix included)."""
+        return open_store(Location(self.remote.scheme, self.remote.bucket, ""))
+
     # ------------------------------------------------------------------ paths
 
     def rel(self, path: Path) -> str:
@@ -212,7 +216,7 @@ class Mirror:
     def _download(self, rel: str) -> _Entry:
         import obstore
 
-        store = open_store(Location(self.remote.scheme, self.remote.bucket, ""))
+        store = self.store()
         key = self.key(rel)
         local = self.root / rel
         local.parent.mkdir(parents=True, exist_ok=True)
@@ -224,7 +228,7 @@ class Mirror:
                 for chunk in result.stream(min_chunk_size=8 << 20):
                     fh.write(chunk)
             os.replace(tmp, local)
-        except OSError:
+        except OSError:  # the local disk (full, read-only): said as it is
             raise
         except Exception as exc:  # noqa: BLE001 - obstore's errors
             raise StorageUnavailable(f"cannot pull the workspace: {explain(exc, self.remote / rel)}") from None
@@ -267,7 +271,7 @@ class Mirror:
             data = local.read_bytes()
         except FileNotFoundError:
             return None  # removed meanwhile (a later push deletes it)
-        store = open_store(Location(self.remote.scheme, self.remote.bucket, ""))
+        store = self.store()
         try:
             result = obstore.put(store, self.key(rel), data)
         except Exception as exc:  # noqa: BLE001
@@ -277,7 +281,7 @@ class Mirror:
     def _delete(self, rel: str) -> None:
         import obstore
 
-        store = open_store(Location(self.remote.scheme, self.remote.bucket, ""))
+        store = self.store()
         try:
             obstore.delete(store, self.key(rel))
         except Exception as exc:  # noqa: BLE001
@@ -290,7 +294,7 @@ class Mirror:
         between machines); returns how many marks there are now."""
         import obstore
 
-        store = open_store(Location(self.remote.scheme, self.remote.bucket, ""))
+        store = self.store()
         prefix = self.key(rel_prefix.rstrip("/"))
         try:
             obstore.put(store, f"{prefix}/{uuid.uuid4().hex}", b".")
@@ -301,7 +305,7 @@ class Mirror:
     def remove_prefix(self, rel_prefix: str) -> None:
         import obstore
 
-        store = open_store(Location(self.remote.scheme, self.remote.bucket, ""))
+        store = self.store()
         prefix = self.key(rel_prefix.rstrip("/")) + "/"
         with contextlib.suppress(Exception):
             for page in obstore.list(store, prefix=prefix):
@@ -368,7 +372,7 @@ class RemoteLock:
         self.lease = lease_seconds()
 
     def _store(self) -> Any:
-        return open_store(Location(self.mirror.remote.scheme, self.mirror.remote.bucket, ""))
+        return self.mirror.store()
 
     def _body(self) -> bytes:
         return json.dumps(

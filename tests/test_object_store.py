@@ -697,3 +697,12 @@ def test_ray_workers_read_bucket_images_and_write_into_a_bucket_workspace_withou
     table = pq.read_table(path, filesystem=s3).sort_by("image_id")
     assert table.column("image_id").to_pylist() == ids_local  # each image once
     np.testing.assert_array_equal(np.stack(table.column("feature").to_numpy(zero_copy_only=False)), feats_local)
+
+
+def test_an_unusable_mirror_folder_is_one_line_naming_it(server, tmp_path):
+    blocker = tmp_path / "cache-is-a-file"
+    blocker.write_text("not a folder")
+    env = _env(server, IMGFEAT_CACHE=str(blocker))
+    _, err = imgfeat(env, "s3://workspaces/unusable", "ls", code=1)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "IMGFEAT_CACHE" in lines[0] and str(blocker) in lines[0], err

@@ -22,6 +22,7 @@ reads and writes as it does any workspace folder, kept in step with the bucket.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -36,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imgfeat.core.errors import ConfigError, LockBusyError
+from imgfeat.core.errors import ConfigError, ImgfeatError, LockBusyError
 from imgfeat.core.stores import (
     Location,
     StorageUnavailable,
@@ -184,6 +185,29 @@ class Mirror:
             self._checked = True
 
     def pull(self) -> int:
+        """``_pull``; the local disk's failures (full, read-only, missing) said in one line."""
+        with self._local_disk():
+            return self._pull()
+
+    def push(self, paths: Iterable[Path] | None = None) -> int:
+        """``_push``; the local disk's failures said in one line."""
+        with self._local_disk():
+            return self._push(paths)
+
+    @contextlib.contextmanager
+    def _local_disk(self) -> Iterator[None]:
+        try:
+            yield
+        except OSError as exc:
+            reason = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only"}.get(
+                exc.errno or 0, exc.strerror or str(exc)
+            )
+            raise ImgfeatError(
+                f"cannot use this machine's mirror of {self.remote.uri} at {self.root}: {reason} "
+                f"({exc.filename or self.root}); set IMGFEAT_CACHE to a writable folder with room"
+            ) from None
+
+    def _pull(self) -> int:
         """Download what is new or changed in the bucket; delete here what the bucket no longer has
         (unless changed here since). Returns the files downloaded."""
         self.check()
@@ -238,7 +262,7 @@ class Mirror:
         st = local.stat()
         return _Entry(st.st_size, st.st_mtime_ns, etag)
 
-    def push(self, paths: Iterable[Path] | None = None) -> int:
+    def _push(self, paths: Iterable[Path] | None = None) -> int:
         """Upload what changed here since the last sync (``paths``: only those, in order); delete
         from the bucket what this mirror deleted. Returns the files uploaded."""
         if not self.root.is_dir():

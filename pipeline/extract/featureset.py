@@ -24,6 +24,7 @@ from imgfeat.core.commits import (
     warn_once,
 )
 from imgfeat.core.errors import ImgfeatError, unknown_value
+from imgfeat.core.keys import KeyIndex, KeySet, as_keyindex, concat_keys, keys_of
 from imgfeat.core.results import JsonObject
 from imgfeat.core.storage import column_values, list_shards, read_shard, read_shards, remove_file, remove_tree
 from imgfeat.core.workspace import Workspace
@@ -286,6 +287,12 @@ def committed_ids(ws: Workspace, featureset: str) -> set[str]:
     return out
 
 
+def committed_keys(ws: Workspace, featureset: str) -> KeySet:
+    """``committed_ids`` as compact keys (``core/keys.py``), read a shard's id column at a time."""
+    parts = [keys_of(shard_ids(p, rec).drop_null()) for p, rec in trusted_shards(ws, featureset)]
+    return KeySet(concat_keys(parts)) if parts else KeySet()
+
+
 def errored_ids(ws: Workspace, featureset: str) -> set[str]:
     """image_ids that ended as an error row in this featureset and have no feature row (a read
     failure that a later run retried successfully is history, not an error)."""
@@ -418,10 +425,11 @@ def iter_features(
     ws: Workspace,
     featureset: str,
     *,
-    ids: Sequence[str] | None = None,
+    ids: Sequence[str] | KeySet | KeyIndex | pa.Array | pa.ChunkedArray | None = None,
     batch_rows: int = ITER_BATCH_ROWS,
     dtype: np.dtype | type = np.float32,
     shuffle: np.random.Generator | None = None,
+    as_keys: bool = False,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """``(image_ids, X)`` batches of at most ``batch_rows`` rows, the featureset streamed one row
     group at a time: memory holds one row group and one batch, whatever the featureset's size.
@@ -430,12 +438,16 @@ def iter_features(
     with a warning, each id once: the first row wins), in shard order, not in the order of ``ids``;
     with ``ids`` only those rows, and a shard none of them is in is never decoded (its id column
     tells). ``shuffle`` visits the shards, and the row groups of each, in a random order (an SGD
-    epoch over shards written in scan order, class by class).
+    epoch over shards written in scan order, class by class). The wanted and yielded ids are held
+    as compact keys (``core/keys.py``: about 32 bytes an id, not a Python string each);
+    ``as_keys`` yields the ids as such keys too, instead of an array of Python strings.
     """
     if batch_rows < 1:
         raise ValueError(f"batch_rows must be at least 1, got {batch_rows!r}")
-    wanted = set(ids) if ids is not None else None
-    seen: set[str] = set()  # ids already yielded: a duplicate row from concurrent runs is dropped
+    wanted = as_keyindex(ids)
+    # ids already yielded (a duplicate row from concurrent runs is dropped): a bitmap over the
+    # wanted ids' ranks, or a set of keys when every id is wanted
+    seen: KeySet | np.ndarray = KeySet() if wanted is None else np.zeros(len(wanted), dtype=bool)
     dropped = [0]
     shards = feature_shards(ws, featureset)
     for path in shards if shuffle is None else [shards[k] for k in shuffle.permutation(len(shards))]:
@@ -447,34 +459,59 @@ def iter_features(
         groups = range(pf.num_row_groups)
         for group in groups if shuffle is None else shuffle.permutation(len(groups)).tolist():
             t = pf.read_row_group(group, columns=[S.IMAGE_ID, S.FEATURE])
-            yield from _batches(_new_rows(t, wanted, seen, dropped), batch_rows, np.dtype(dtype))
+            yield from _batches(_new_rows(t, wanted, seen, dropped), batch_rows, np.dtype(dtype), as_keys)
     warn_non_finite(featureset, dropped[0])
 
 
-def _holds_any(shard: Path, wanted: set[str], seen: set[str]) -> bool:
+def _holds_any(shard: Path, wanted: KeyIndex, seen: KeySet | np.ndarray) -> bool:
     """Whether a shard holds a wanted id not yet yielded (its id column only: cheap next to its features)."""
-    if len(seen) >= len(wanted):
+    assert isinstance(seen, np.ndarray)
+    if seen.all():
         return False
-    return any(i in wanted and i not in seen for i in read_shard(shard, [S.IMAGE_ID]).column(0).to_pylist())
+    r = wanted.ranks(read_shard(shard, [S.IMAGE_ID]).column(0).drop_null())
+    r = r[r >= 0]
+    return bool(len(r)) and not bool(seen[r].all())
 
 
-def _new_rows(t: pa.Table, wanted: set[str] | None, seen: set[str], dropped: list[int]) -> pa.Table:
-    """A row group's rows to yield: wanted, finite, not yet seen (``seen`` is updated)."""
+def _new_rows(t: pa.Table, wanted: KeyIndex | None, seen: KeySet | np.ndarray, dropped: list[int]) -> pa.Table:
+    """A row group's rows to yield: wanted, finite, not yet seen, each id once (``seen`` is updated).
+
+    Vectorised over compact keys (``core/keys.py``): no Python object per row or per id seen."""
     ok = finite_rows(t.column(S.FEATURE))
     dropped[0] += int((~ok).sum())
-    keep = []
-    for k, i in enumerate(t.column(S.IMAGE_ID).to_pylist()):
-        if ok[k] and i not in seen and (wanted is None or i in wanted):
-            seen.add(i)
-            keep.append(k)
-    return t if len(keep) == t.num_rows else t.take(pa.array(keep, pa.int64()))
+    col = t.column(S.IMAGE_ID)
+    ok &= np.asarray(col.is_valid(), dtype=bool)
+    rows = np.flatnonzero(ok)
+    keys = keys_of(col.take(pa.array(rows, pa.int64()))) if len(rows) else np.zeros(0, "S1")
+    if wanted is None:
+        assert isinstance(seen, KeySet)
+        fresh = ~seen.contains(keys)
+        rows, keys = rows[fresh], keys[fresh]
+        _, first = np.unique(keys, return_index=True)  # an id twice in the group: its first row
+        first.sort()
+        rows = rows[first]
+        seen.add(keys[first])
+    else:
+        assert isinstance(seen, np.ndarray)
+        r = wanted.ranks(keys)
+        fresh = r >= 0
+        fresh[fresh] = ~seen[r[fresh]]
+        rows, r = rows[fresh], r[fresh]
+        _, first = np.unique(r, return_index=True)
+        first.sort()
+        rows = rows[first]
+        seen[r[first]] = True
+    return t if len(rows) == t.num_rows else t.take(pa.array(rows, pa.int64()))
 
 
-def _batches(t: pa.Table, batch_rows: int, dtype: np.dtype) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def _batches(
+    t: pa.Table, batch_rows: int, dtype: np.dtype, as_keys: bool = False
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     for start in range(0, t.num_rows, batch_rows):
         part = t.slice(start, batch_rows)
+        ids = part.column(S.IMAGE_ID)
         yield (
-            np.asarray(part.column(S.IMAGE_ID).to_pylist(), dtype=object),
+            keys_of(ids) if as_keys else np.asarray(ids.to_pylist(), dtype=object),
             feature_matrix(part.column(S.FEATURE), dtype),
         )
 

@@ -1,0 +1,89 @@
+"""Compact id keys (core/keys.py): the same answers as Python sets and dicts, on any ids."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from imgfeat.core.keys import KeyIndex, KeySet, keys_of
+
+pytestmark = pytest.mark.quick
+
+
+def _ids(rng: np.random.Generator, n: int) -> list[str]:
+    return [f"{v:032x}" for v in rng.integers(0, 2**62, size=n)]
+
+
+def test_keys_of_reads_arrow_columns_sliced_chunked_and_uneven() -> None:
+    ids = ["a" * 32, "b" * 32, "c" * 32, "d" * 32]
+    arr = pa.array(ids)
+    assert keys_of(arr).tolist() == [i.encode() for i in ids]
+    assert keys_of(arr.slice(1, 2)).tolist() == [b"b" * 32, b"c" * 32]
+    assert keys_of(pa.chunked_array([arr.slice(0, 1), arr.slice(2)])).tolist() == [
+        ids[0].encode(),
+        *[i.encode() for i in ids[2:]],
+    ]
+    uneven = ["é", "xyz", "ab"]  # not one width: through Python strings, UTF-8 bytes
+    assert keys_of(pa.array(uneven)).tolist() == [u.encode() for u in uneven]
+    assert keys_of(uneven).tolist() == [u.encode() for u in uneven]
+    assert len(keys_of(pa.array([], pa.string()))) == 0
+    with pytest.raises(ValueError):
+        keys_of(pa.array(["a", None]))
+
+
+def test_keyset_matches_a_python_set_when_grown_in_batches() -> None:
+    rng = np.random.default_rng(0)
+    pool = _ids(rng, 5000)
+    members: set[str] = set()
+    ks = KeySet()
+    for _ in range(40):  # batches with repeats within and across them
+        batch = [pool[k] for k in rng.integers(0, len(pool), size=int(rng.integers(1, 300)))]
+        ks.add(pa.array(batch))
+        members.update(batch)
+        assert len(ks) == len(members)
+    assert ks.contains(pool).tolist() == [p in members for p in pool]
+    assert ks.keys().tolist() == sorted(m.encode() for m in members)
+
+
+def test_keyset_compares_ids_of_other_widths_exactly() -> None:
+    ks = KeySet(["abc", "abcd"])
+    assert ks.contains(["ab", "abc", "abcd", "abcde", "abce"]).tolist() == [False, True, True, False, False]
+    assert KeySet(["ab"]).contains(["abc", "ab"]).tolist() == [False, True]
+
+
+def test_keyindex_gives_first_positions_and_minus_one_for_strangers() -> None:
+    rng = np.random.default_rng(1)
+    ids = _ids(rng, 1000)
+    seq = ids + ids[:10]  # repeated ids: their first position
+    index = KeyIndex(pa.array(seq))
+    queries = [*ids[::7], "f" * 32, "short"]
+    want = [ids.index(q) if q in ids else -1 for q in queries]
+    assert index.positions(queries).tolist() == want
+    assert len(index) == len(ids)
+
+
+def test_keyindex_ranks_are_dense_and_contains_agrees() -> None:
+    ids = ["d", "b", "a", "b", "c"]
+    index = KeyIndex(ids)
+    assert len(index) == 4
+    assert index.ranks(["a", "b", "c", "d", "e"]).tolist() == [0, 1, 2, 3, -1]
+    assert index.positions(["b", "c", "zz"]).tolist() == [1, 4, -1]
+    assert index.contains(["c", "x"]).tolist() == [True, False]
+    assert KeyIndex(["a", "b", "c"]).positions(["c", "a"]).tolist() == [2, 0]  # sorted input: its own order
+    assert KeyIndex([]).positions(["a"]).tolist() == [-1]
+
+
+def test_keys_go_back_to_arrow_strings_and_sorted_unique_is_np_unique() -> None:
+    from imgfeat.core.keys import keys_to_arrow, sorted_unique
+
+    rng = np.random.default_rng(2)
+    ids = _ids(rng, 300)
+    keys = keys_of(pa.array(ids))
+    back = keys_to_arrow(keys[::3])
+    assert back.type == pa.string() and back.to_pylist() == ids[::3]
+    assert keys_to_arrow(keys_of(["a", "bcd", "é"])).to_pylist() == ["a", "bcd", "é"]
+    assert keys_to_arrow(keys[:0]).to_pylist() == []
+    repeated = np.concatenate([keys, keys[:50]])
+    assert sorted_unique(repeated).tolist() == np.unique(repeated).tolist()
+    assert len(repeated) == 350  # not sorted in place unless owned

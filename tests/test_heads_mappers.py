@@ -256,3 +256,25 @@ def test_evaluate_without_rows_says_why_there_is_no_accuracy():
 
     m = evaluate(None, np.zeros((0, 2)), np.array([], dtype=object), ["a", "b"])
     assert m["test_accuracy"] is None and m["n_test"] == 0 and "no evaluation rows" in m["note"]
+
+
+def test_unique_table_is_unique_images_in_arrow() -> None:
+    """Predict's Arrow dedupe keeps the same rows, in the same order, with the same counts and files."""
+    from imgfeat.heads.data import unique_images, unique_table
+
+    rng = np.random.default_rng(3)
+    rows = []
+    for k in range(400):
+        image = f"{int(rng.integers(0, 250)):032x}"  # about a third repeated
+        label = str(rng.choice(["cat", "dog", None]))
+        status = "ok" if k % 17 else "unreadable"
+        rows.append((image if k % 23 else None, f"p/{rng.permutation(400)[k]:04d}-{k}.jpg", label, "train", status))
+    table = manifest(rows)
+    want, want_counts, want_files = unique_images(table)
+    got, counts, files = unique_table(table)
+    assert counts == want_counts and counts["duplicates"] > 50 and counts["conflicting_labels"] > 5
+    assert got.to_pandas().reset_index(drop=True).equals(want.reset_index(drop=True))
+    key = [S.PATH, S.REASON]
+    assert files.sort_values(key).reset_index(drop=True).equals(want_files.sort_values(key).reset_index(drop=True))
+    empty, none, no_files = unique_table(manifest([]))
+    assert empty.num_rows == 0 and none["duplicates"] == 0 and no_files.empty

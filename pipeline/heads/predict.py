@@ -7,19 +7,21 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import Any, TypedDict
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from imgfeat.core import names as N
 from imgfeat.core import schemas as S
 from imgfeat.core.commits import Adoptable, ShardWriter, list_committed, reconcile
 from imgfeat.core.errors import ConfigError
+from imgfeat.core.keys import KeyIndex, KeySet, keys_of, keys_to_arrow
 from imgfeat.core.options import opt
 from imgfeat.core.progress import progress
 from imgfeat.core.ranges import check_fields
@@ -30,13 +32,11 @@ from imgfeat.core.workspace import Workspace, check_name
 from imgfeat.extract.extract import FileResult, extract_files
 from imgfeat.extract.featureset import iter_features, load_features
 from imgfeat.heads.artifacts import LoadedHead, load_head
-from imgfeat.heads.data import LEFT_OUT_JSON_MAX, unique_images
+from imgfeat.heads.data import LEFT_OUT_JSON_MAX, MANIFEST_COLUMNS, repeated_files, unique_table
 from imgfeat.heads.versions import resolve_head
-from imgfeat.scan.manifest import read_manifest
+from imgfeat.scan.manifest import corrupt_manifest, manifest_file, read_manifest
+from imgfeat.scan.rows import ManifestRows, unique_positions
 from imgfeat.scan.walk import WalkOptions, WalkStats, walk
-
-if TYPE_CHECKING:
-    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +104,10 @@ def score(head: LoadedHead, X: np.ndarray, top_k: int) -> Scored:
 
 
 def predictions_table(
-    ids: Sequence[str],
-    paths: Sequence[str | None],
-    labels: Sequence[str | None],
-    splits: Sequence[str | None],
+    ids: Sequence[str] | pa.Array | pa.ChunkedArray,
+    paths: Sequence[str | None] | pa.Array | pa.ChunkedArray,
+    labels: Sequence[str | None] | pa.Array | pa.ChunkedArray,
+    splits: Sequence[str | None] | pa.Array | pa.ChunkedArray,
     scored: Scored,
     head: LoadedHead,
     run_id: str,
@@ -117,10 +117,10 @@ def predictions_table(
     n = len(ids)
     return pa.table(
         {
-            S.IMAGE_ID: pa.array(list(ids), pa.string()),
-            S.PATH: pa.array(list(paths), pa.string()),
-            S.LABEL: pa.array(list(labels), pa.string()),
-            S.SPLIT: pa.array(list(splits), pa.string()),
+            S.IMAGE_ID: _strings(ids),
+            S.PATH: _strings(paths),
+            S.LABEL: _strings(labels),
+            S.SPLIT: _strings(splits),
             S.PRED_LABEL: pa.array(scored.pred_label.tolist(), pa.string()),
             S.PRED_SCORE: pa.array(scored.pred_score, pa.float32()),
             S.TOPK_LABELS: scored.topk_labels.cast(pa.list_(pa.string())),
@@ -134,6 +134,12 @@ def predictions_table(
     )
 
 
+def _strings(values: Sequence[str | None] | pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    if isinstance(values, pa.Array | pa.ChunkedArray):
+        return values.cast(pa.string())
+    return pa.array(list(values), pa.string())
+
+
 def predicted_ids(ws: Workspace, head_id: str, dataset: str | None = None) -> set[str]:
     """image_ids this head already predicted (for ``dataset``, or for image files when None).
 
@@ -145,6 +151,18 @@ def predicted_ids(ws: Workspace, head_id: str, dataset: str | None = None) -> se
         keep = [d is None or d == dataset for d in table.column(S.DATASET).to_pylist()]
         table = table.filter(pa.array(keep, pa.bool_()))
     return {i for i in table.column(S.IMAGE_ID).to_pylist() if i is not None}
+
+
+def predicted_keys(ws: Workspace, head_id: str, dataset: str) -> KeySet:
+    """``predicted_ids`` of a dataset as compact keys, read a shard at a time."""
+    done = KeySet()
+    for path in prediction_shards(ws.predictions_dir(head_id)):
+        t = _read([path], [S.IMAGE_ID, S.DATASET])
+        keep = pc.and_kleene(
+            pc.is_valid(t[S.IMAGE_ID]), pc.or_kleene(pc.is_null(t[S.DATASET]), pc.equal(t[S.DATASET], dataset))
+        )
+        done.add(t.filter(pc.fill_null(keep, False))[S.IMAGE_ID])
+    return done
 
 
 def read_predictions(ws: Workspace, head_id: str, files: bool = False) -> pa.Table:
@@ -304,28 +322,47 @@ def run_predict(ws: Workspace, cfg: PredictConfig, run_id: str) -> PredictSummar
 def _predict_dataset(
     ws: Workspace, cfg: PredictConfig, dataset: str, head: LoadedHead, writer: ShardWriter, run_id: str
 ) -> DatasetOutcome:
-    images, dropped, files = unique_images(read_manifest(ws, dataset))
-    done = predicted_ids(ws, head.head_id, dataset)
-    todo = images[~images[S.IMAGE_ID].isin(done)].set_index(S.IMAGE_ID)
-    remaining = set(todo.index)  # shrinks as rows are predicted, so a duplicate row is skipped
-    with progress(total=len(todo), desc=f"predict {dataset}") as bar:
-        for ids, X in _stream_features(ws, head.featureset, remaining, _chunk_rows(cfg, head)):
-            meta = todo.loc[ids]
-            writer.add(
-                predictions_table(
-                    ids,
-                    meta[S.PATH].tolist(),
-                    _nullable(meta[S.LABEL]),
-                    _nullable(meta[S.SPLIT]),
-                    score(head, X, cfg.top_k),
-                    head,
-                    run_id,
-                    dataset,
-                )
-            )
-            remaining.difference_update(ids)
-            bar.update(len(ids))
-    missing = len(remaining)
+    """Every readable image of the dataset this head has not predicted, a feature chunk at a time.
+
+    Memory holds a compact key and a manifest position per image (``scan/rows.py``), not the
+    manifest: each chunk's paths, labels and splits are read from the row groups that hold them."""
+    images = _ManifestImages(ws, dataset)
+    try:
+        done = predicted_keys(ws, head.head_id, dataset)
+        was_done = done.contains(images.keys)
+        del done
+        todo = np.flatnonzero(~was_done)  # positions among images.keys
+        where = KeyIndex(images.keys if len(todo) == len(was_done) else images.keys[todo])
+        images.keys = np.zeros(0, "S1")  # `where` holds what is needed now
+        left = np.ones(len(todo), dtype=bool)  # not predicted yet: a duplicate feature row is skipped
+        with progress(total=len(todo), desc=f"predict {dataset}") as bar:
+            if len(todo):
+                batch_rows = _chunk_rows(cfg, head)
+                for ids, X in iter_features(ws, head.featureset, ids=where, batch_rows=batch_rows, as_keys=True):
+                    at = where.positions(ids)
+                    fresh = (at >= 0) & left[np.maximum(at, 0)]
+                    if not fresh.all():
+                        ids, X, at = ids[fresh], X[fresh], at[fresh]
+                    if not len(at):
+                        continue
+                    meta = images.rows(todo[at])
+                    writer.add(
+                        predictions_table(
+                            keys_to_arrow(ids),
+                            meta[S.PATH],
+                            meta[S.LABEL],
+                            meta[S.SPLIT],
+                            score(head, X, cfg.top_k),
+                            head,
+                            run_id,
+                            dataset,
+                        )
+                    )
+                    left[at] = False
+                    bar.update(len(at))
+    finally:
+        images.close()
+    missing = int(left.sum())
     if missing:
         log.warning(
             "%d images of dataset %s have no features in %s: run 'imgfeat extract --dataset %s' first",
@@ -336,33 +373,55 @@ def _predict_dataset(
         )
     return {
         "dataset": dataset,
-        "images": int(len(images)),
-        "skipped": len(done & set(images[S.IMAGE_ID])),
+        "images": int(len(was_done)),
+        "skipped": int(was_done.sum()),
         "missing_features": missing,
-        "not_readable": dropped["not_readable"],
-        "duplicates": dropped["duplicates"],
-        "left_out_files": files.head(LEFT_OUT_JSON_MAX).to_dict("records"),
+        "not_readable": images.counts["not_readable"],
+        "duplicates": images.counts["duplicates"],
+        "left_out_files": images.files.head(LEFT_OUT_JSON_MAX).to_dict("records"),
     }
+
+
+class _ManifestImages:
+    """A dataset's unique readable images (``unique_images``' rows) as compact keys, and their
+    manifest rows by index among them: read a row group at a time from the manifest file when it is
+    in path order (as scan writes it), else from a table of the sorted rows (``unique_table``)."""
+
+    def __init__(self, ws: Workspace, dataset: str) -> None:
+        path = manifest_file(ws, dataset)
+        self._file: ManifestRows | None = None
+        self._table: pa.Table | None = None
+        try:
+            self._file = ManifestRows(path, MANIFEST_COLUMNS)
+            found = unique_positions(self._file)
+        except (OSError, pa.ArrowException) as exc:
+            raise corrupt_manifest(path, dataset, exc) from None
+        if found is not None:
+            self.keys, self._positions = found.keys, found.positions
+            self.files, conflicting = repeated_files(found.repeated)
+            self.counts = {**found.counts, "conflicting_labels": len(conflicting)}
+        else:
+            self._file.close()
+            self._file = None
+            self._table, self.counts, self.files = unique_table(read_manifest(ws, dataset, columns=MANIFEST_COLUMNS))
+            self.keys = keys_of(self._table[S.IMAGE_ID])
+
+    def rows(self, at: np.ndarray) -> pa.Table:
+        """MANIFEST_COLUMNS of the images at these indices (into ``keys``), in that order."""
+        if self._file is not None:
+            return self._file.take(self._positions[at])
+        assert self._table is not None
+        return self._table.take(pa.array(at, pa.int64()))
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
 
 
 def _chunk_rows(cfg: PredictConfig, head: LoadedHead) -> int:
     """``chunk_rows``, fewer when a chunk of the head's features would pass a sixteenth of the budget."""
     dim = max(1, int(head.meta.get("dim") or 1))
     return int(max(1, min(cfg.chunk_rows, memory_budget(cfg.memory_budget) // (16 * 4 * dim))))
-
-
-def _nullable(col: pd.Series) -> list[str | None]:
-    return [None if v is None or v != v else str(v) for v in col.tolist()]
-
-
-def _stream_features(
-    ws: Workspace, featureset: str, wanted: set[str], chunk_rows: int
-) -> Iterator[tuple[list[str], np.ndarray]]:
-    """Feature rows whose id is in ``wanted`` (once each), ``chunk_rows`` at a time, a row group at a
-    time (``featureset.iter_features``: a shard with nothing wanted is never decoded)."""
-    if wanted:
-        for ids, X in iter_features(ws, featureset, ids=list(wanted), batch_rows=chunk_rows):
-            yield ids.tolist(), X
 
 
 def expand_paths(items: Sequence[str]) -> tuple[list[Path], list[str]]:

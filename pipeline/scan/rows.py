@@ -1,0 +1,138 @@
+"""A manifest read a row group at a time: its unique images and their rows by position, not held.
+
+Predict at millions of images joins feature rows to manifest rows (path, label, split). Holding
+the manifest as a table costs ~200 bytes of memory an image (its strings and the decoder's
+buffers); ``unique_positions`` instead keeps one compact key and one position per image
+(``core/keys.py``), and ``ManifestRows.take`` reads the rows a batch of features needs from the
+row groups that hold them, keeping the last few decoded. Feature rows are written in manifest
+order by extract, so a batch touches one or two row groups; in any other order the answer is the
+same, only slower.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from imgfeat.core import schemas as S
+from imgfeat.core.keys import KeySet, keys_of
+
+CACHED_GROUPS = 4  # decoded row groups kept (a manifest row group is ~8k rows, ~1 MB)
+
+
+class ManifestRows:
+    """Rows of a manifest file by position (0-based, file order), a row group decoded at a time."""
+
+    def __init__(self, path: Path, columns: list[str]) -> None:
+        self._file = pq.ParquetFile(path)
+        meta = self._file.metadata
+        sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+        self.starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+        self.columns = columns
+        self._schema = pa.schema([S.MANIFEST_SCHEMA.field(c) for c in columns])
+        self._cache: OrderedDict[int, pa.Table] = OrderedDict()
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.starts[-1])
+
+    @property
+    def num_row_groups(self) -> int:
+        return len(self.starts) - 1
+
+    def group(self, g: int) -> pa.Table:
+        """Row group ``g``'s columns, decoded once while it stays among the last CACHED_GROUPS used."""
+        t = self._cache.get(g)
+        if t is None:
+            t = self._file.read_row_group(g, columns=self.columns).cast(self._schema)
+            self._cache[g] = t
+            while len(self._cache) > CACHED_GROUPS:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(g)
+        return t
+
+    def take(self, positions: np.ndarray) -> pa.Table:
+        """The rows at ``positions``, in that order."""
+        positions = np.asarray(positions, dtype=np.int64)
+        if not len(positions):
+            return self._schema.empty_table()
+        groups = np.searchsorted(self.starts, positions, side="right") - 1
+        order = np.argsort(groups, kind="stable")
+        parts = []
+        for g in np.unique(groups):
+            rows = positions[order][groups[order] == g] - self.starts[g]
+            parts.append(self.group(int(g)).take(pa.array(rows, pa.int64())))
+        table = pa.concat_tables(parts).combine_chunks()
+        back = np.empty(len(order), dtype=np.int64)
+        back[order] = np.arange(len(order))  # from group order back to the order asked for
+        return table.take(pa.array(back, pa.int64()))
+
+    def close(self) -> None:
+        self._cache.clear()
+        self._file.close()
+
+
+@dataclass(frozen=True)
+class UniquePositions:
+    """Each readable image's first row (by path) as a manifest position, with what was dropped."""
+
+    positions: np.ndarray  # int64, ascending: path order
+    keys: np.ndarray  # their ids as compact keys, aligned with positions
+    counts: dict[str, int]  # not_readable, duplicates, conflicting_labels (as unique_images)
+    repeated: pd.DataFrame  # MANIFEST_COLUMNS of every readable row of a repeated id, in path order
+
+
+def unique_positions(rows: ManifestRows) -> UniquePositions | None:
+    """``heads.data.unique_images``' answer as positions, reading the ids and paths a row group at a
+    time; None when the manifest's readable rows are not in path order (written by hand or by an
+    older version), where the caller sorts a whole table instead."""
+    keys, positions = [], []
+    last_path: str | None = None
+    unreadable = 0
+    for g in range(rows.num_row_groups):
+        t = rows.group(g)
+        ok = pc.fill_null(pc.and_(pc.equal(t[S.STATUS], S.STATUS_OK), pc.is_valid(t[S.IMAGE_ID])), False)
+        at = np.flatnonzero(np.asarray(ok, dtype=bool))
+        unreadable += t.num_rows - len(at)
+        if not len(at):
+            continue
+        paths = t[S.PATH].take(pa.array(at, pa.int64()))
+        if paths.null_count or not _ascending(paths, last_path):
+            return None
+        last_path = paths[-1].as_py()
+        keys.append(keys_of(t[S.IMAGE_ID].take(pa.array(at, pa.int64()))))
+        positions.append(at + rows.starts[g])
+    if not keys:
+        empty = pd.DataFrame(columns=rows.columns)
+        return UniquePositions(np.zeros(0, np.int64), np.zeros(0, "S1"), _counts(unreadable, 0, 0), empty)
+    width = max(k.dtype.itemsize for k in keys)
+    all_keys = np.concatenate([k.astype(f"S{width}", copy=False) for k in keys])
+    all_pos = np.concatenate(positions)
+    del keys, positions
+    unique_keys, first, counts = np.unique(all_keys, return_index=True, return_counts=True)
+    first.sort()
+    repeated = pd.DataFrame(columns=rows.columns)
+    if (counts > 1).any():  # the rows of repeated ids, usually few, for the files table
+        twice = KeySet(unique_keys[counts > 1]).contains(all_keys)
+        repeated = rows.take(all_pos[twice]).to_pandas()
+    dup = len(all_keys) - len(first)
+    return UniquePositions(all_pos[first], all_keys[first], _counts(unreadable, dup, 0), repeated)
+
+
+def _counts(not_readable: int, duplicates: int, conflicting: int) -> dict[str, int]:
+    return {"not_readable": int(not_readable), "duplicates": int(duplicates), "conflicting_labels": int(conflicting)}
+
+
+def _ascending(paths: pa.Array | pa.ChunkedArray, after: str | None) -> bool:
+    n = len(paths)
+    if after is not None and paths[0].as_py() < after:
+        return False
+    return n < 2 or bool(pc.all(pc.less_equal(paths.slice(0, n - 1), paths.slice(1))).as_py())

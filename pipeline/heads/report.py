@@ -8,11 +8,13 @@ import io
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
@@ -21,6 +23,7 @@ from imgfeat.core import names as N
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError, unknown_value
 from imgfeat.core.hashing import canonical_digest
+from imgfeat.core.keys import KeyIndex
 from imgfeat.core.options import opt
 from imgfeat.core.progress import progress
 from imgfeat.core.ranges import check_fields
@@ -35,10 +38,10 @@ from imgfeat.heads.artifacts import LoadedHead, load_head
 from imgfeat.heads.predict import prediction_shards
 from imgfeat.heads.train import params_for
 from imgfeat.heads.versions import default_head_name, resolve_head
-from imgfeat.scan.manifest import dataset_root, read_manifest
+from imgfeat.scan.manifest import corrupt_manifest, dataset_root, manifest_file
 
 if TYPE_CHECKING:
-    import pandas as pd
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -187,10 +190,10 @@ def _write_report(
     name = head_name(head, cfg.head_id)
     # a bar by step (rows, mistakes, plots, page): at a million rows each takes a while
     with progress(total=4, desc=f"report {name}", unit="step") as bar:
-        rows = A.read_rows(ws, head_id).to_pandas()
-        paths = _image_paths(ws, head.meta["dataset"])
+        rows = A.read_rows(ws, head_id).select([S.IMAGE_ID, S.LABEL, A.ROLE])
         bar.update()
-        mistakes, eval_role = _mistakes(ws, head, rows, paths, cfg.max_mistakes, memory_budget(cfg.memory_budget))
+        mistakes, eval_role = _mistakes(ws, head, rows, cfg.max_mistakes, memory_budget(cfg.memory_budget))
+        mistakes = _with_paths(ws, head.meta["dataset"], mistakes)
         bar.update()
         plots_png = _plots(ws, head, rows, cfg)
         bar.update()
@@ -223,48 +226,62 @@ def head_name(head: LoadedHead, ref: str) -> str:
     return head.meta.get("name") or default_head_name(head.meta["dataset"], head.meta["head"])
 
 
-def _image_paths(ws: Workspace, dataset: str) -> dict[str, Path]:
-    """image_id -> absolute file path (first path per id), or {} when the dataset is gone."""
+def _with_paths(ws: Workspace, dataset: str, mistakes: list[Mistake]) -> list[Mistake]:
+    """The mistakes with their image files (an id's first manifest path), read a row group of the
+    manifest at a time for the few ids shown; no paths when the dataset is gone."""
+    if not mistakes:
+        return mistakes
     try:
         root = dataset_root(ws, dataset)
-        table = read_manifest(ws, dataset, columns=[S.IMAGE_ID, S.PATH])
+        path = manifest_file(ws, dataset)
     except ConfigError:
         log.warning("dataset %s is no longer in the workspace: the report has no thumbnails", dataset)
-        return {}
-    out: dict[str, Path] = {}
-    for i, p in zip(table.column(S.IMAGE_ID).to_pylist(), table.column(S.PATH).to_pylist()):
-        if i is not None and i not in out:
-            out[i] = root / p
-    return out
+        return mistakes
+    wanted = pa.array(sorted({m.image_id for m in mistakes}), pa.string())
+    found: dict[str, Path] = {}
+    try:
+        with pq.ParquetFile(path) as pf:
+            for g in range(pf.num_row_groups):
+                t = pf.read_row_group(g, columns=[S.IMAGE_ID, S.PATH])
+                t = t.filter(pc.fill_null(pc.is_in(t[S.IMAGE_ID], value_set=wanted), False))
+                for i, p in zip(t[S.IMAGE_ID].to_pylist(), t[S.PATH].to_pylist()):
+                    if p is not None and i not in found:
+                        found[i] = root / p
+                if len(found) == len(wanted):
+                    break
+    except (OSError, pa.ArrowException) as exc:
+        raise corrupt_manifest(path, dataset, exc) from None
+    return [replace(m, path=found.get(m.image_id)) for m in mistakes]
 
 
-def _mistakes(
-    ws: Workspace, head: LoadedHead, rows: pd.DataFrame, paths: dict[str, Path], limit: int, budget: int
-) -> tuple[list[Mistake], str]:
+def _mistakes(ws: Workspace, head: LoadedHead, rows: pa.Table, limit: int, budget: int) -> tuple[list[Mistake], str]:
     """The evaluation images the head got wrong, most confident first (train images if no test set);
-    the features are streamed, and only the ``limit`` most confident mistakes so far are kept."""
-    role = "test" if (rows[A.ROLE] == "test").any() else "train"
-    sub = rows[rows[A.ROLE] == role]
-    truth_of = dict(zip(sub[S.IMAGE_ID].tolist(), sub[S.LABEL].tolist()))
-    order = {i: k for k, i in enumerate(truth_of)}
+    the features are streamed, and only the ``limit`` most confident mistakes so far are kept.
+
+    The evaluation rows stay Arrow columns, looked up by compact keys (``core/keys.py``)."""
+    role = "test" if pc.any(pc.equal(rows[A.ROLE], "test")).as_py() else "train"
+    sub = rows.filter(pc.fill_null(pc.equal(rows[A.ROLE], role), False))
+    where = KeyIndex(sub[S.IMAGE_ID])  # id -> its row in sub: the head's row order breaks ties
+    labels = sub[S.LABEL]
     kept: list[Mistake] = []
     dim = max(1, int(head.meta.get("dim") or 1))
     batch_rows = int(min(65_536, max(64, budget // (16 * 4 * dim))))  # as heads/stream.py's batches
-    for ids, X in iter_features(ws, head.featureset, ids=list(truth_of), batch_rows=batch_rows):
+    classes = np.asarray(head.estimator.classes_, dtype=object)
+    for ids, X in iter_features(ws, head.featureset, ids=sub[S.IMAGE_ID], batch_rows=batch_rows):
         proba = head.estimator.predict_proba(X)
-        classes = np.asarray(head.estimator.classes_, dtype=object)
         pred, conf = classes[proba.argmax(axis=1)], proba.max(axis=1)
-        kept += [
-            Mistake(i, paths.get(i), truth_of[i], p, float(c))
-            for i, p, c in zip(ids.tolist(), pred, conf)
-            if p != truth_of[i]
-        ]
+        at = where.positions(ids)
+        truth = labels.take(pa.array(at, pa.int64())).to_numpy(zero_copy_only=False)
+        wrong = np.flatnonzero(pred != truth)
+        wrong = wrong[np.lexsort((at[wrong], -conf[wrong]))[:limit]]  # this batch's best candidates
+        kept += [Mistake(ids[k], None, truth[k], pred[k], float(conf[k])) for k in wrong]
         # most confident first, equal scores in the head's row order: the page the whole matrix made
+        order = {m.image_id: int(p) for m, p in zip(kept, where.positions([m.image_id for m in kept]))}
         kept = sorted(kept, key=lambda m: (-m.score, order[m.image_id]))[:limit]
     return kept, role
 
 
-def _plots(ws: Workspace, head: LoadedHead, rows: pd.DataFrame, cfg: ReportConfig) -> dict[str, bytes]:
+def _plots(ws: Workspace, head: LoadedHead, rows: pa.Table, cfg: ReportConfig) -> dict[str, bytes]:
     """The page's PNGs by name: confusion matrix, 2-D projection, training curves (what applies)."""
     from imgfeat.heads import plots  # matplotlib: only when a page is drawn
 
@@ -280,12 +297,12 @@ def _plots(ws: Workspace, head: LoadedHead, rows: pd.DataFrame, cfg: ReportConfi
     return out
 
 
-def project(
-    ws: Workspace, head: LoadedHead, rows: pd.DataFrame, cfg: ReportConfig
-) -> tuple[np.ndarray, np.ndarray, str]:
+def project(ws: Workspace, head: LoadedHead, rows: pa.Table, cfg: ReportConfig) -> tuple[np.ndarray, np.ndarray, str]:
     """A seeded sample of the head's images in 2-D: t-SNE for small samples, else PCA."""
     rng = np.random.default_rng(0)
-    take = rows if len(rows) <= cfg.max_points else rows.iloc[np.sort(rng.choice(len(rows), cfg.max_points, False))]
+    n = rows.num_rows
+    sample = rows if n <= cfg.max_points else rows.take(pa.array(np.sort(rng.choice(n, cfg.max_points, False))))
+    take = sample.select([S.IMAGE_ID, S.LABEL]).to_pandas()
     ids, X = load_features(ws, head.featureset, take[S.IMAGE_ID].tolist())
     labels = take.set_index(S.IMAGE_ID).loc[ids.tolist(), S.LABEL].to_numpy(dtype=object)
     if len(ids) < 3:
@@ -440,7 +457,7 @@ def _details(m: dict[str, Any]) -> str:
 
 
 def _trained_by(t: Any) -> str:
-    """``streamed (15 epochs): the labelled features (5 GiB) exceed the memory budget (2 GiB)``."""
+    """``streamed (15 epochs): training in memory would take about 20 GiB (...): that would exceed ...``."""
     if not isinstance(t, dict):
         return ""
     epochs = f" ({t['epochs']} epochs)" if t.get("epochs") else ""

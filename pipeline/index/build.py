@@ -16,6 +16,7 @@ import pyarrow as pa
 
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError, ImgfeatError
+from imgfeat.core.keys import KeyIndex, KeySet, as_strings, concat_keys, keys_of, keys_to_arrow
 from imgfeat.core.options import opt
 from imgfeat.core.ranges import check_fields
 from imgfeat.core.results import JsonObject, JsonResult
@@ -31,7 +32,7 @@ from imgfeat.core.storage import (
     write_table_atomic,
 )
 from imgfeat.core.workspace import Workspace, check_name
-from imgfeat.extract.featureset import committed_ids, featureset_dim, featureset_info
+from imgfeat.extract.featureset import committed_keys, featureset_dim, featureset_info, iter_features
 from imgfeat.index.files import (
     IDS_FILE,
     INDEX_PREFIX,
@@ -62,7 +63,7 @@ from imgfeat.index.kinds import (
     train,
     train_on_sample,
 )
-from imgfeat.index.vectors import first_paths, iter_vectors, manifest_rows, read_vectors, scanned_datasets
+from imgfeat.index.vectors import manifest_groups, normalise, read_vectors, scanned_datasets
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +146,7 @@ class IndexSummary(JsonResult):
     index_dir: str
     seconds: float
     params: dict[str, Any] = field(default_factory=dict)
+    index_bytes: int | None = None  # the index file's size (what the index itself takes in memory, about)
 
 
 def build_index(ws: Workspace, cfg: IndexConfig, run_id: str) -> IndexSummary:
@@ -161,9 +163,10 @@ def build_index(ws: Workspace, cfg: IndexConfig, run_id: str) -> IndexSummary:
         prev = None if cfg.rebuild else before  # a rebuild reads nothing of the old files but its kind
         old = read_ids(ws, prev) if prev else S.INDEX_IDS_SCHEMA.empty_table()
         covered, missing = _covered_ids(ws, cfg)
-        old_ids = old[S.IMAGE_ID].to_pylist()
-        new = covered.difference(old_ids)
-        total = len(old_ids) + len(new)
+        new = covered.without(old[S.IMAGE_ID])
+        del covered
+        added = len(new)  # (`new` is consumed by the build below)
+        total = old.num_rows + added
         if total == 0:
             raise ConfigError(
                 f"featureset {cfg.featureset} has no feature rows"
@@ -182,9 +185,9 @@ def build_index(ws: Workspace, cfg: IndexConfig, run_id: str) -> IndexSummary:
             index, params, table = _extended(ws, cfg, prev, old, new)
         info = _commit(ws, cfg, fs_info, before, index, params, table, run_id)
     log.info(
-        "index %s: %d rows (%d added%s), kind %s", name, info.rows, len(new), ", rebuilt" if rebuild else "", info.kind
+        "index %s: %d rows (%d added%s), kind %s", name, info.rows, added, ", rebuilt" if rebuild else "", info.kind
     )
-    return _summary(cfg, info, len(new), rebuild, True, missing, t0)
+    return _summary(cfg, info, added, rebuild, True, missing, t0)
 
 
 def _previous(ws: Workspace, cfg: IndexConfig) -> IndexInfo | None:
@@ -209,15 +212,17 @@ def _previous(ws: Workspace, cfg: IndexConfig) -> IndexInfo | None:
     return prev
 
 
-def _covered_ids(ws: Workspace, cfg: IndexConfig) -> tuple[set[str], int]:
-    """(ids the index should hold, ids of the datasets that have no feature row yet)."""
-    have = committed_ids(ws, cfg.featureset)
+def _covered_ids(ws: Workspace, cfg: IndexConfig) -> tuple[KeySet, int]:
+    """(ids the index should hold, ids of the datasets that have no feature row yet), as compact
+    keys (``core/keys.py``): a few tens of bytes an image, at millions of images."""
+    have = committed_keys(ws, cfg.featureset)
     if not cfg.datasets:
         return have, 0
-    ids: set[str] = set()
-    for d in cfg.datasets:
-        ids.update(manifest_rows(ws, d)[S.IMAGE_ID].to_pylist())
-    missing = len(ids - have)
+    listed = KeySet(
+        concat_keys([keys_of(t[S.IMAGE_ID]) for d in cfg.datasets for t in manifest_groups(ws, d, [S.IMAGE_ID])])
+    ).keys()
+    known = have.contains(listed)
+    missing = int((~known).sum())
     if missing:
         log.warning(
             "%d images of %s have no features in %s yet: run 'imgfeat extract' first",
@@ -225,7 +230,7 @@ def _covered_ids(ws: Workspace, cfg: IndexConfig) -> tuple[set[str], int]:
             ", ".join(cfg.datasets),
             cfg.featureset,
         )
-    return ids & have, missing
+    return KeySet(listed[known]), missing
 
 
 def _wanted_params(cfg: IndexConfig, prev: IndexInfo | None, total: int, dim: int) -> IndexParams:
@@ -254,13 +259,15 @@ def _needs_rebuild(prev: IndexParams, wanted: IndexParams, cfg: IndexConfig, tot
 
 
 def _fresh(
-    ws: Workspace, cfg: IndexConfig, params: IndexParams, old: pa.Table, new: set[str]
+    ws: Workspace, cfg: IndexConfig, params: IndexParams, old: pa.Table, new: KeySet
 ) -> tuple[Any, IndexParams, pa.Table]:  # the FAISS index, its parameters, the ids table
     """Every row, old ones first in their committed order (so the old ids file stays a prefix)."""
     if params.kind in ("ivf", "ivfpq"):
         return _fresh_streamed(ws, cfg, params, old, new)
+    # a flat or HNSW index holds every vector in memory anyway: ids as Python strings are small beside them
     old_ids = old[S.IMAGE_ID].to_pylist()
-    ids, X = read_vectors(ws, cfg.featureset, new.union(old_ids))
+    new_ids = set(as_strings(new.keys()))
+    ids, X = read_vectors(ws, cfg.featureset, new_ids.union(old_ids))
     pos = {i: k for k, i in enumerate(ids)}
     gone = [i for i in old_ids if i not in pos]
     if gone:
@@ -268,79 +275,115 @@ def _fresh(
             f"index {cfg.index_name}: {len(gone)} of its images (e.g. {gone[0]}) no longer have a "
             f"feature row in {cfg.featureset}; build a new index under another --name"
         )
-    order = [pos[i] for i in old_ids] + [k for k, i in enumerate(ids) if i in new]
+    order = [pos[i] for i in old_ids] + [k for k, i in enumerate(ids) if i in new_ids]
     if order != list(range(len(ids))):
         X = X[order]
     ids = [ids[k] for k in order]
     index = make_index(params, X.shape[1])
     params = train(index, params, X)
     add_in_chunks(index, X)
-    return index, params, pa.concat_tables([old, _id_rows(ws, cfg, ids[len(old_ids) :])])
+    added = KeyIndex(ids[len(old_ids) :])
+    return index, params, pa.concat_tables([old, _id_rows(ws, cfg, added, added.ranks(ids[len(old_ids) :]))])
 
 
 def _fresh_streamed(
-    ws: Workspace, cfg: IndexConfig, params: IndexParams, old: pa.Table, new: set[str]
+    ws: Workspace, cfg: IndexConfig, params: IndexParams, old: pa.Table, new: KeySet
 ) -> tuple[Any, IndexParams, pa.Table]:  # the FAISS index, its parameters, the ids table
     """An IVF index trained on a seeded sample and filled a batch at a time from the shards: memory
-    holds the index, the sample and one batch, never the featureset. Rows keep ``_fresh``'s order
-    (old ones at their committed positions, new ones after in shard order) through FAISS ids."""
-    old_ids = old[S.IMAGE_ID].to_pylist()
-    everything = new.union(old_ids)
+    holds the index, the sample, one batch and a compact key per id, never the featureset. Rows
+    keep ``_fresh``'s order (old ones at their committed positions, new ones after in shard order)
+    through FAISS ids."""
+    new.add(old[S.IMAGE_ID])  # `new` becomes every id (consumed: one array of keys, not two)
+    everything = KeyIndex(new.keys())  # sorted and distinct: shares that array, ranks in its order
     dim = featureset_dim(ws, cfg.featureset)
     size = sample_size(params, len(everything), dim, cfg.budget)
-    pool = sorted(everything)  # a seeded sample of ids: the same sample whatever the shard order
-    _, sample = read_vectors(ws, cfg.featureset, [pool[k] for k in sample_rows(len(pool), size, params.seed)])
+    pool = everything.keys()  # sorted: a seeded sample of ids, the same whatever the shard order
+    _, sample = read_vectors(ws, cfg.featureset, as_strings(pool[sample_rows(len(pool), size, params.seed)]))
     del pool
     index = make_index(params, dim)
     params = train_on_sample(index, params, sample, len(everything))
     del sample
-    added = _add_streamed(ws, cfg, index, everything, old_ids)
-    return index, params, pa.concat_tables([old, _id_rows(ws, cfg, added)])
+    added = _add_streamed(ws, cfg, index, everything, old[S.IMAGE_ID])
+    return index, params, pa.concat_tables([old, _id_rows(ws, cfg, everything, added)])
 
 
-def _add_streamed(ws: Workspace, cfg: IndexConfig, index: Any, wanted: set[str], old_ids: list[str]) -> list[str]:
+def _add_streamed(
+    ws: Workspace, cfg: IndexConfig, index: Any, wanted: KeyIndex, old_ids: pa.ChunkedArray | pa.Array
+) -> np.ndarray:
     """Add the rows of ``wanted`` from the shards, a batch at a time; ``old_ids`` take their positions
-    (FAISS ids of an IVF index), the others follow in shard order. Returns those others' ids."""
-    old_pos = {i: k for k, i in enumerate(old_ids)}
-    added: list[str] = []
+    (FAISS ids of an IVF index), the others follow in shard order. Returns those others' ranks in
+    ``wanted`` (int64, in the order added): a number an id, not a string."""
+    old_pos = KeyIndex(old_ids) if len(old_ids) else None
+    added: list[np.ndarray] = []
+    n_added = 0
     before = index.ntotal
     batch = fill_batch_rows(index.d, cfg.budget)
-    for ids, X in iter_vectors(ws, cfg.featureset, wanted, batch):
-        labels = np.empty(len(ids), dtype=np.int64)
-        for k, i in enumerate(ids):
-            labels[k] = old_pos[i] if i in old_pos else len(old_ids) + len(added)
-            if i not in old_pos:
-                added.append(i)
-        if old_pos:
+    for keys, X in iter_features(ws, cfg.featureset, ids=wanted, batch_rows=batch, as_keys=True):
+        X = normalise(X)
+        if old_pos is not None:
+            labels = old_pos.positions(keys)
+            fresh = labels < 0
+            labels[fresh] = len(old_ids) + n_added + np.arange(int(fresh.sum()))
             index.add_with_ids(X, labels)
         else:  # rows in order: plain add works for every kind
+            fresh = np.ones(len(keys), dtype=bool)
             index.add(X)
-    if index.ntotal != before + len(old_ids) + len(added):
+        if fresh.any():
+            added.append(wanted.ranks(keys[fresh]))
+            n_added += int(fresh.sum())
+    if index.ntotal != before + len(old_ids) + n_added:
         raise ImgfeatError(
-            f"index {cfg.index_name}: {before + len(old_ids) + len(added) - index.ntotal} of its images no "
+            f"index {cfg.index_name}: {before + len(old_ids) + n_added - index.ntotal} of its images no "
             f"longer have a feature row in {cfg.featureset}; build a new index under another --name"
         )
-    return added
+    return np.concatenate(added) if added else np.zeros(0, np.int64)
 
 
 def _extended(
-    ws: Workspace, cfg: IndexConfig, prev: IndexInfo, old: pa.Table, new: set[str]
+    ws: Workspace, cfg: IndexConfig, prev: IndexInfo, old: pa.Table, new: KeySet
 ) -> tuple[Any, IndexParams, pa.Table]:  # the FAISS index, its parameters, the ids table
     """The committed index with the new rows added after its own, streamed from the shards."""
     index = read_faiss(ws, prev)
-    added = _add_streamed(ws, cfg, index, new, [])
-    return index, prev.params, pa.concat_tables([old, _id_rows(ws, cfg, added)])
+    wanted = KeyIndex(new.keys())
+    added = _add_streamed(ws, cfg, index, wanted, pa.array([], pa.string()))
+    return index, prev.params, pa.concat_tables([old, _id_rows(ws, cfg, wanted, added)])
 
 
-def _id_rows(ws: Workspace, cfg: IndexConfig, ids: list[str]) -> pa.Table:
-    """``image_id, dataset, path`` for new rows: the first manifest row of each id (null if none)."""
-    where = first_paths(ws, cfg.datasets or scanned_datasets(ws)) if ids else {}
-    found = [where.get(i, (None, None)) for i in ids]
+def _id_rows(ws: Workspace, cfg: IndexConfig, ids: KeyIndex, ranks: np.ndarray) -> pa.Table:
+    """``image_id, dataset, path`` for new rows, the ids of these ``ranks`` in ``ids``, in that order:
+    the first manifest row of each id (null if none), over the datasets in order, their manifests
+    read a row group at a time; per id, numbers (its rank), not strings."""
+    n = len(ranks)
+    src = np.full(len(ids), -1, dtype=np.int64)  # by rank: its row in the concatenation of `paths`
+    dataset_of = np.full(len(ids), -1, dtype=np.int32)
+    names = list(cfg.datasets or scanned_datasets(ws)) if n else []
+    paths: list[pa.Array] = []
+    offset = 0
+    for k, d in enumerate(names):
+        for t in manifest_groups(ws, d, [S.IMAGE_ID, S.PATH]):
+            r = ids.ranks(t[S.IMAGE_ID])
+            hit = np.flatnonzero(r >= 0)
+            hit = hit[src[r[hit]] < 0]  # not found in an earlier row or dataset
+            if not len(hit):
+                continue
+            _, first = np.unique(r[hit], return_index=True)  # an id twice in a group: its first row
+            hit = np.sort(hit[first])
+            src[r[hit]] = offset + np.arange(len(hit))
+            dataset_of[r[hit]] = k
+            paths.append(t[S.PATH].take(pa.array(hit, pa.int64())).combine_chunks())
+            offset += len(hit)
+    every = pa.concat_arrays(paths) if paths else pa.array([], pa.string())
+    del paths
+    src, dataset_of = src[ranks], dataset_of[ranks]
+    found = src >= 0
+    dataset = pa.DictionaryArray.from_arrays(
+        pa.array(dataset_of, pa.int32(), mask=~found), pa.array(names, pa.string())
+    )
     return pa.table(
         {
-            S.IMAGE_ID: pa.array(ids, pa.string()),
-            S.DATASET: pa.array([d for d, _ in found], pa.string()),
-            S.PATH: pa.array([p for _, p in found], pa.string()),
+            S.IMAGE_ID: keys_to_arrow(ids.keys()[ranks]),
+            S.DATASET: dataset.cast(pa.string()),
+            S.PATH: every.take(pa.array(src, pa.int64(), mask=~found)),
         },
         schema=S.INDEX_IDS_SCHEMA,
     )
@@ -377,7 +420,7 @@ def _commit(
         datasets=tuple(cfg.datasets),
         params=params,
         rows=int(index.ntotal),
-        ids_digest=ids_digest(table[S.IMAGE_ID].to_pylist()),
+        ids_digest=ids_digest(table[S.IMAGE_ID]),
         index_file=index_file,
         created_at=prev.created_at if prev else now,
         updated_at=now,
@@ -409,4 +452,5 @@ def _summary(
         index_dir=info.path,
         seconds=round(time.perf_counter() - t0, 3),
         params=info.params.to_json(),
+        index_bytes=info.index_bytes,
     )

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError, ImgfeatError, unknown_value
-from imgfeat.core.hashing import content_id
+from imgfeat.core.hashing import content_hasher, content_id
 from imgfeat.core.results import JsonObject
 from imgfeat.core.storage import FileLock, recorded_file
 from imgfeat.core.workspace import Workspace, check_name
@@ -143,9 +143,19 @@ def _check_keys(obj: Any, keys: dict[str, tuple[tuple[type, ...], bool]], prefix
         raise ValueError(f"unknown key {prefix}{unknown[0]!r}")
 
 
-def ids_digest(ids: list[str]) -> str:
-    """Fingerprint of the id order: the provenance's check that ids.parquet matches the index file."""
-    return content_id("\n".join(ids).encode())
+def ids_digest(ids: list[str] | pa.Array | pa.ChunkedArray) -> str:
+    """Fingerprint of the id order: the provenance's check that ids.parquet matches the index file.
+
+    The BLAKE2b-128 of the ids joined by newlines, fed a slice at a time (an Arrow column is never
+    made into one Python list)."""
+    if isinstance(ids, list):
+        return content_id("\n".join(ids).encode())
+    h = content_hasher()
+    step = 65_536
+    for start in range(0, len(ids), step):
+        part = ids.slice(start, step).to_pylist()
+        h.update((("\n" if start else "") + "\n".join(part)).encode())
+    return h.hexdigest()
 
 
 def index_lock(ws: Workspace, name: str) -> Path:
@@ -247,7 +257,9 @@ def read_ids(ws: Workspace, info: IndexInfo) -> pa.Table:
         with pq.ParquetFile(path) as pf:
             table = pf.read().slice(0, info.rows)
         table = table.select(S.INDEX_IDS_SCHEMA.names).cast(S.INDEX_IDS_SCHEMA)  # ids as text, or an error
-        ids = table[S.IMAGE_ID].to_pylist()
+        if table[S.IMAGE_ID].null_count:
+            raise ValueError("an image_id is null")
+        ids = table[S.IMAGE_ID]
     except ImgfeatError as exc:
         raise ImgfeatError(f"index {info.name}: {exc}; {rebuild_hint(info.name, info.featureset)}") from None
     except (OSError, KeyError, ValueError, pa.ArrowException) as exc:  # truncated, not Parquet, columns missing

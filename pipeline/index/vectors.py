@@ -9,12 +9,13 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError
 from imgfeat.core.workspace import Workspace
 from imgfeat.extract.featureset import READ_BATCH_ROWS, committed_ids, iter_features, pick_rows, read_picked
-from imgfeat.scan.manifest import read_manifest
+from imgfeat.scan.manifest import corrupt_manifest, manifest_file, read_manifest
 
 
 def normalise(X: np.ndarray) -> np.ndarray:
@@ -66,6 +67,23 @@ def first_paths(ws: Workspace, datasets: Sequence[str]) -> dict[str, tuple[str, 
         for i, p in zip(t[S.IMAGE_ID].to_pylist(), t[S.PATH].to_pylist()):
             out.setdefault(i, (d, p))
     return out
+
+
+def manifest_groups(ws: Workspace, dataset: str, columns: Sequence[str], ok_only: bool = True) -> Iterator[pa.Table]:
+    """A dataset's manifest a row group at a time (its ``columns``), only readable rows with an id
+    when ``ok_only`` (as ``manifest_rows``): memory holds one row group, not the manifest."""
+    path = manifest_file(ws, dataset)
+    need = list(dict.fromkeys([*columns, S.IMAGE_ID, S.STATUS])) if ok_only else list(columns)
+    try:
+        with pq.ParquetFile(path) as pf:
+            for g in range(pf.num_row_groups):
+                t = pf.read_row_group(g, columns=need)
+                if ok_only:
+                    ok = pc.and_(pc.equal(t[S.STATUS], S.STATUS_OK), pc.is_valid(t[S.IMAGE_ID]))
+                    t = t.filter(pc.fill_null(ok, False))
+                yield t.select(list(columns))
+    except (OSError, pa.ArrowException) as exc:
+        raise corrupt_manifest(path, dataset, exc) from None
 
 
 def scanned_datasets(ws: Workspace) -> list[str]:

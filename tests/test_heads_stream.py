@@ -46,6 +46,7 @@ def test_a_streamed_linear_head_scores_within_a_point_of_the_in_memory_one(blobs
     streamed, meta = _train(blobs, head, TINY)
     assert full_meta["trained_by"]["path"] == "in_memory" and meta["trained_by"]["path"] == "streamed"
     assert "exceed the memory budget (1 MiB)" in meta["trained_by"]["why"]
+    assert "fits the memory budget" in full_meta["trained_by"]["why"]
     assert meta["trained_by"]["cv_rows"] < streamed.n_train  # C chosen on a subsample that fits
     acc, acc_full = streamed.metrics["test_accuracy"], full.metrics["test_accuracy"]
     assert acc_full > 0.6  # the features carry signal: 4 classes, chance is 0.25

@@ -35,6 +35,7 @@ from imgfeat.heads.zeroshot import ZERO_SHOT, zero_shot_head
 log = logging.getLogger(__name__)
 
 RBF_WARN_ROWS = 20_000
+IN_MEMORY_COPIES = 4  # peak memory of an in-memory fit, in copies of the labelled float32 matrix
 IN_MEMORY, STREAMED = "in_memory", "streamed"  # head.json trained_by.path: how the head was fitted
 PARALLEL_CV_VALUES = 4_000_000  # feature values in the CV data above which CV fits run in parallel
 # When the best C sits at an edge of the default grid, the grid grows by one value past that
@@ -62,7 +63,10 @@ def train_and_write(
 ) -> None:
     """Load the rows' features, fit and evaluate the head, commit it as ``heads/<head_id>/``."""
     dim, budget = int(info.get("dim") or 0), memory_budget(cfg.memory_budget)
-    need = (len(rows.train_ids) + len(rows.test_ids)) * dim * np.dtype(np.float32).itemsize
+    matrix = (len(rows.train_ids) + len(rows.test_ids)) * dim * np.dtype(np.float32).itemsize
+    # In memory, the matrix is not alone: the scaled copy, the cross-validation folds and the
+    # solver's work arrays came to 3-3.5x it (1M x 576 and 100k x 1,280 rows on the scale bench).
+    need = IN_MEMORY_COPIES * matrix
     # One BLAS thread: these products are thin (n x dim times dim x classes), and on 2 cores two
     # OpenBLAS threads made a 80,000 x 1,280 logreg fit 2-4x slower (8-23 s against 4-6 s).
     with threadpool_limits(limits=1, user_api="blas"):
@@ -70,12 +74,16 @@ def train_and_write(
             from imgfeat.heads.stream import fit_streamed  # stream.py builds on this module: a cycle left to break
 
             fitted, metrics, timings, trained_by = fit_streamed(ws, cfg, rows, dim, budget)
-            trained_by["why"] = f"the labelled features ({human(need)}) exceed the memory budget ({human(budget)})"
+            trained_by["why"] = (
+                f"training in memory would take about {human(need)} ({IN_MEMORY_COPIES}x the labelled "
+                f"features, {human(matrix)}): that would exceed the memory budget ({human(budget)})"
+            )
         else:
             fitted, metrics, timings, dim = _fit_in_memory(ws, cfg, rows)
             trained_by = {
                 "path": IN_MEMORY,
-                "why": f"the labelled features ({human(need)}) fit the memory budget ({human(budget)})",
+                "why": f"training in memory takes about {human(need)} ({IN_MEMORY_COPIES}x the labelled "
+                f"features, {human(matrix)}): it fits the memory budget ({human(budget)})",
             }
     metrics["cv"] = fitted.cv
     extra = {}

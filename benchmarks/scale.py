@@ -23,7 +23,9 @@ input, ``--fast-decode``, batch 256) is the cheapest backbone at its smallest in
 
 Per stage and N it prints wall time, items/s, peak RSS of the stage's process (``os.wait4``'s
 ``ru_maxrss``: the largest of the process and the workers it reaped) and the growth from each N to
-the next (time per item ratio, peak RSS ratio: 1.0 is flat); it writes ``scale.json``,
+the next (time per item ratio, peak RSS ratio: 1.0 is flat; for ``index`` the RSS ratio leaves
+out the index's own size, its file's bytes, shown as "own MiB": the issue's "the index's own size
+aside", which the budget bounds instead); it writes ``scale.json``,
 ``scale.csv`` and ``scale.png`` under ``--out``, and each stage's stderr under ``--out``/logs.
 A stage that fails is a row with its exit code (its later stages at that N are skipped).
 ``--memory-budget SIZE`` is passed to the stages whose ``--help`` offers the flag.
@@ -148,18 +150,22 @@ def write_synthetic(ws_root: Path, n: int, dim: int, classes: int, seed: int, dt
     # paths under a folder that does not exist: stages that open files find none and say so
     info = make_info(ws_root / "no-images", DATASET, {"synthetic": SYNTHETIC_BACKBONE}, "synthetic")
     with manifest_writer(ws.manifest_path(DATASET), info) as manifest:
+        done = 0
         for ids, y, X in _synthetic_chunks(n, dim, classes, seed, 65536):
             split = np.where((np.arange(len(ids)) // classes) % TEST_EVERY == 0, "test", "train")
+            # paths in the order scan writes them (sorted; folders of 1,000), the features in the
+            # same order, as extract writes them
             rows = [
                 {
                     S.IMAGE_ID: i,
-                    S.PATH: f"{labels[c]}/{i[:16]}.jpg",
+                    S.PATH: f"f{(done + k) // 1000:06d}/{done + k:09d}.jpg",
                     S.LABEL: labels[c],
                     S.SPLIT: s,
                     S.STATUS: S.STATUS_OK,
                 }
-                for i, c, s in zip(ids, y, split)
+                for k, (i, c, s) in enumerate(zip(ids, y, split))
             ]
+            done += len(ids)
             manifest.write_table(rows_to_table(rows))
             writer.add_features(ids, X.astype(dtype))
     writer.flush()
@@ -182,7 +188,8 @@ class Row:
     peak_rss_mib: float
     stage_s: float | None = None  # the stage's own seconds (its --json), without interpreter and imports
     per_item_ratio: float | None = None  # time per item at this N over the previous N's
-    rss_ratio: float | None = None
+    rss_ratio: float | None = None  # peak RSS less own_mib, at this N over the previous N's
+    own_mib: float | None = None  # what the stage's output itself holds (index: its file's size), set aside
     summary: dict[str, Any] = field(default_factory=dict)  # the stage's own --json object
 
 
@@ -296,6 +303,9 @@ def run_stages(
                 round(rss, 1),
                 summary.get("seconds"),
                 summary=summary,
+                own_mib=round(summary["index_bytes"] / 2**20, 1)
+                if isinstance(summary.get("index_bytes"), int)
+                else None,
             )
         )
         log.info("%-9s %-8s %10d  rc %d  %8.1f s  %9.1f items/s  %7.0f MiB", source, stage, n, rc, wall, n / wall, rss)
@@ -360,7 +370,9 @@ def add_ratios(rows: list[Row]) -> None:
         prev = last.get((row.source, row.stage))
         if row.rc == 0 and prev is not None:
             row.per_item_ratio = round((row.wall_s / row.n) / (prev.wall_s / prev.n), 3)
-            row.rss_ratio = round(row.peak_rss_mib / prev.peak_rss_mib, 3)
+            row.rss_ratio = round(
+                (row.peak_rss_mib - (row.own_mib or 0)) / (prev.peak_rss_mib - (prev.own_mib or 0)), 3
+            )
         if row.rc == 0:
             last[(row.source, row.stage)] = row
 
@@ -368,7 +380,7 @@ def add_ratios(rows: list[Row]) -> None:
 def table_text(rows: list[Row]) -> str:
     head = (
         f"{'source':<10}{'stage':<9}{'N':>11}{'rc':>4}{'wall s':>10}{'stage s':>10}{'items/s':>11}"
-        f"{'peak MiB':>10}{'per-item x':>12}{'RSS x':>8}"
+        f"{'peak MiB':>10}{'own MiB':>9}{'per-item x':>12}{'RSS x':>8}"
     )
     lines = [head]
     for r in rows:
@@ -377,7 +389,7 @@ def table_text(rows: list[Row]) -> str:
         own = "" if r.stage_s is None else f"{r.stage_s:.1f}"
         lines.append(
             f"{r.source:<10}{r.stage:<9}{r.n:>11,}{r.rc:>4}{r.wall_s:>10.1f}{own:>10}{r.items_per_s:>11,.1f}"
-            f"{r.peak_rss_mib:>10.0f}{ratio:>12}{rss:>8}"
+            f"{r.peak_rss_mib:>10.0f}{'' if r.own_mib is None else f'{r.own_mib:.0f}':>9}{ratio:>12}{rss:>8}"
         )
     return "\n".join(lines)
 

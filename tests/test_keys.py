@@ -87,3 +87,20 @@ def test_keys_go_back_to_arrow_strings_and_sorted_unique_is_np_unique() -> None:
     repeated = np.concatenate([keys, keys[:50]])
     assert sorted_unique(repeated).tolist() == np.unique(repeated).tolist()
     assert len(repeated) == 350  # not sorted in place unless owned
+
+
+def test_release_freed_memory_hands_pages_back_and_is_safe_to_repeat() -> None:
+    """glibc keeps freed small blocks in its heap; malloc_trim returns them (RSS does not grow)."""
+    from imgfeat.core.sizes import release_freed_memory
+
+    def rss_kib() -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+    junk = [bytearray(4000) for _ in range(50_000)]  # ~200 MB of small heap blocks, then freed
+    del junk[::2]
+    before = rss_kib()
+    del junk
+    release_freed_memory()
+    release_freed_memory()
+    assert rss_kib() < before

@@ -111,11 +111,12 @@ class KeySet:
     does), so adding N ids in batches costs O(N log N) and a lookup searches O(log N) runs.
     """
 
-    def __init__(self, ids: KeyLike | None = None) -> None:
+    def __init__(self, ids: KeyLike | None = None, owned: bool = False) -> None:
+        """``owned``: ``ids`` is a key array no one else uses, sorted in place rather than copied."""
         self._runs: list[np.ndarray] = []
         self._size = 0
         if ids is not None:
-            keys = sorted_unique(keys_of(ids), owned=not isinstance(ids, np.ndarray))
+            keys = sorted_unique(keys_of(ids), owned=owned or not isinstance(ids, np.ndarray))
             if len(keys):
                 self._runs, self._size = [keys], len(keys)
 
@@ -136,9 +137,9 @@ class KeySet:
             self._runs.append(np.sort(np.concatenate([a, b]), kind="stable"))
 
     def without(self, ids: KeyLike) -> KeySet:
-        """A new set: these ids less ``ids``."""
+        """These ids less ``ids`` (a new set, or this one when ``ids`` is empty)."""
         keys = self.keys()
-        return KeySet(keys[~KeySet(ids).contains(keys)]) if len(ids) else KeySet(keys)
+        return KeySet(keys[~KeySet(ids).contains(keys)], owned=True) if len(ids) else self
 
     def contains(self, ids: KeyLike) -> np.ndarray:
         """A bool array: whether each of ``ids`` is in the set."""

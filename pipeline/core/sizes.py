@@ -64,3 +64,26 @@ def physical_memory() -> int:
 def memory_budget(value: int | None) -> int:
     """The budget a stage works within: the one given, else a quarter of physical memory."""
     return int(value) if value is not None else physical_memory() // DEFAULT_BUDGET_FRACTION
+
+
+def release_freed_memory() -> None:
+    """Hand the memory freed so far back to the operating system (glibc's ``malloc_trim``).
+
+    Between the phases of a stage at millions of rows (id sets built, an index filled) glibc keeps
+    the freed arrays' pages as free holes in its heap, counted in the process's resident memory:
+    on a 1M-row IVF build 40-80 MB that later phases do not reuse. A no-op where there is no glibc.
+    """
+    global _libc
+    if _libc is None:
+        try:
+            import ctypes
+
+            _libc = ctypes.CDLL("libc.so.6")
+            _libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc:
+        _libc.malloc_trim(0)
+
+
+_libc: Any = None

@@ -290,7 +290,7 @@ def committed_ids(ws: Workspace, featureset: str) -> set[str]:
 def committed_keys(ws: Workspace, featureset: str) -> KeySet:
     """``committed_ids`` as compact keys (``core/keys.py``), read a shard's id column at a time."""
     parts = [keys_of(shard_ids(p, rec).drop_null()) for p, rec in trusted_shards(ws, featureset)]
-    return KeySet(concat_keys(parts)) if parts else KeySet()
+    return KeySet(concat_keys(parts), owned=True) if parts else KeySet()
 
 
 def errored_ids(ws: Workspace, featureset: str) -> set[str]:

@@ -26,7 +26,7 @@ from imgfeat.core.options import opt
 from imgfeat.core.progress import progress
 from imgfeat.core.ranges import check_fields
 from imgfeat.core.results import JsonObject, JsonResult
-from imgfeat.core.sizes import memory_budget
+from imgfeat.core.sizes import memory_budget, release_freed_memory
 from imgfeat.core.storage import WAIT_HINT, FileLock, remove_stale_tmp
 from imgfeat.core.workspace import Workspace, check_name
 from imgfeat.extract.extract import FileResult, extract_files
@@ -334,6 +334,7 @@ def _predict_dataset(
         todo = np.flatnonzero(~was_done)  # positions among images.keys
         where = KeyIndex(images.keys if len(todo) == len(was_done) else images.keys[todo])
         images.keys = np.zeros(0, "S1")  # `where` holds what is needed now
+        release_freed_memory()  # the dedupe's and the sort's transient copies
         left = np.ones(len(todo), dtype=bool)  # not predicted yet: a duplicate feature row is skipped
         with progress(total=len(todo), desc=f"predict {dataset}") as bar:
             if len(todo):

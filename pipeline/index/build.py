@@ -8,11 +8,13 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError, ImgfeatError
@@ -20,7 +22,7 @@ from imgfeat.core.keys import KeyIndex, KeySet, as_strings, concat_keys, keys_of
 from imgfeat.core.options import opt
 from imgfeat.core.ranges import check_fields
 from imgfeat.core.results import JsonObject, JsonResult
-from imgfeat.core.sizes import memory_budget
+from imgfeat.core.sizes import memory_budget, release_freed_memory
 from imgfeat.core.storage import (
     WAIT_HINT,
     FileLock,
@@ -29,7 +31,6 @@ from imgfeat.core.storage import (
     remove_file,
     remove_stale_tmp,
     write_json_atomic,
-    write_table_atomic,
 )
 from imgfeat.core.workspace import Workspace, check_name
 from imgfeat.extract.featureset import committed_keys, featureset_dim, featureset_info, iter_features
@@ -38,9 +39,9 @@ from imgfeat.index.files import (
     INDEX_PREFIX,
     INDEX_SUFFIX,
     PROVENANCE_FILE,
+    IdsDigest,
     IndexInfo,
     checked_index_file,
-    ids_digest,
     index_lock,
     migrate_layout,
     provenance_path,
@@ -218,10 +219,11 @@ def _covered_ids(ws: Workspace, cfg: IndexConfig) -> tuple[KeySet, int]:
     have = committed_keys(ws, cfg.featureset)
     if not cfg.datasets:
         return have, 0
-    listed = KeySet(
-        concat_keys([keys_of(t[S.IMAGE_ID]) for d in cfg.datasets for t in manifest_groups(ws, d, [S.IMAGE_ID])])
-    ).keys()
+    parts = [keys_of(t[S.IMAGE_ID]) for d in cfg.datasets for t in manifest_groups(ws, d, [S.IMAGE_ID])]
+    listed = KeySet(concat_keys(parts), owned=True).keys()
+    del parts
     known = have.contains(listed)
+    del have
     missing = int((~known).sum())
     if missing:
         log.warning(
@@ -230,7 +232,7 @@ def _covered_ids(ws: Workspace, cfg: IndexConfig) -> tuple[KeySet, int]:
             ", ".join(cfg.datasets),
             cfg.featureset,
         )
-    return KeySet(listed[known]), missing
+    return KeySet(listed[known], owned=True), missing
 
 
 def _wanted_params(cfg: IndexConfig, prev: IndexInfo | None, total: int, dim: int) -> IndexParams:
@@ -260,7 +262,7 @@ def _needs_rebuild(prev: IndexParams, wanted: IndexParams, cfg: IndexConfig, tot
 
 def _fresh(
     ws: Workspace, cfg: IndexConfig, params: IndexParams, old: pa.Table, new: KeySet
-) -> tuple[Any, IndexParams, pa.Table]:  # the FAISS index, its parameters, the ids table
+) -> tuple[Any, IndexParams, IdRows]:  # the FAISS index, its parameters, the ids table
     """Every row, old ones first in their committed order (so the old ids file stays a prefix)."""
     if params.kind in ("ivf", "ivfpq"):
         return _fresh_streamed(ws, cfg, params, old, new)
@@ -283,12 +285,12 @@ def _fresh(
     params = train(index, params, X)
     add_in_chunks(index, X)
     added = KeyIndex(ids[len(old_ids) :])
-    return index, params, pa.concat_tables([old, _id_rows(ws, cfg, added, added.ranks(ids[len(old_ids) :]))])
+    return index, params, _id_rows(ws, cfg, old, added, added.ranks(ids[len(old_ids) :]))
 
 
 def _fresh_streamed(
     ws: Workspace, cfg: IndexConfig, params: IndexParams, old: pa.Table, new: KeySet
-) -> tuple[Any, IndexParams, pa.Table]:  # the FAISS index, its parameters, the ids table
+) -> tuple[Any, IndexParams, IdRows]:  # the FAISS index, its parameters, the ids table
     """An IVF index trained on a seeded sample and filled a batch at a time from the shards: memory
     holds the index, the sample, one batch and a compact key per id, never the featureset. Rows
     keep ``_fresh``'s order (old ones at their committed positions, new ones after in shard order)
@@ -303,8 +305,10 @@ def _fresh_streamed(
     index = make_index(params, dim)
     params = train_on_sample(index, params, sample, len(everything))
     del sample
+    release_freed_memory()  # the id sets' transient copies
     added = _add_streamed(ws, cfg, index, everything, old[S.IMAGE_ID])
-    return index, params, pa.concat_tables([old, _id_rows(ws, cfg, everything, added)])
+    release_freed_memory()  # the batches' and the growing inverted lists' old buffers
+    return index, params, _id_rows(ws, cfg, old, everything, added)
 
 
 def _add_streamed(
@@ -341,22 +345,55 @@ def _add_streamed(
 
 def _extended(
     ws: Workspace, cfg: IndexConfig, prev: IndexInfo, old: pa.Table, new: KeySet
-) -> tuple[Any, IndexParams, pa.Table]:  # the FAISS index, its parameters, the ids table
+) -> tuple[Any, IndexParams, IdRows]:  # the FAISS index, its parameters, the ids table
     """The committed index with the new rows added after its own, streamed from the shards."""
     index = read_faiss(ws, prev)
     wanted = KeyIndex(new.keys())
     added = _add_streamed(ws, cfg, index, wanted, pa.array([], pa.string()))
-    return index, prev.params, pa.concat_tables([old, _id_rows(ws, cfg, wanted, added)])
+    return index, prev.params, _id_rows(ws, cfg, old, wanted, added)
 
 
-def _id_rows(ws: Workspace, cfg: IndexConfig, ids: KeyIndex, ranks: np.ndarray) -> pa.Table:
-    """``image_id, dataset, path`` for new rows, the ids of these ``ranks`` in ``ids``, in that order:
-    the first manifest row of each id (null if none), over the datasets in order, their manifests
-    read a row group at a time; per id, numbers (its rank), not strings."""
-    n = len(ranks)
+@dataclass(frozen=True)
+class IdRows:
+    """The ids table (``image_id, dataset, path``): the committed rows, then the new ones, made a
+    batch at a time as it is written (at a million rows the whole table is ~80 MB of Arrow)."""
+
+    old: pa.Table
+    ids: KeyIndex  # the new rows' ids are ids.keys()[ranks]
+    ranks: np.ndarray
+    src: np.ndarray  # by rank: the row of `paths` holding its path (-1: none)
+    dataset_of: np.ndarray  # by rank: the index of its dataset in `names` (-1: none)
+    names: list[str]
+    paths: pa.Array
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.old.num_rows) + len(self.ranks)
+
+    def batches(self, rows: int = 65_536) -> Iterator[pa.RecordBatch]:
+        yield from self.old.cast(S.INDEX_IDS_SCHEMA).to_batches()
+        names = pa.array(self.names, pa.string())
+        for start in range(0, len(self.ranks), rows):
+            r = self.ranks[start : start + rows]
+            src, dataset_of = self.src[r], self.dataset_of[r]
+            dataset = pa.DictionaryArray.from_arrays(pa.array(dataset_of, pa.int32(), mask=dataset_of < 0), names)
+            yield pa.record_batch(
+                [
+                    keys_to_arrow(self.ids.keys()[r]),
+                    dataset.cast(pa.string()),
+                    self.paths.take(pa.array(src, pa.int64(), mask=src < 0)),
+                ],
+                schema=S.INDEX_IDS_SCHEMA,
+            )
+
+
+def _id_rows(ws: Workspace, cfg: IndexConfig, old: pa.Table, ids: KeyIndex, ranks: np.ndarray) -> IdRows:
+    """The ids table: ``old``, then the new rows, the ids of these ``ranks`` in ``ids`` in that
+    order, each with its first manifest row (dataset and path; null if none) over the datasets in
+    order, their manifests read a row group at a time; per id, numbers (its rank), not strings."""
     src = np.full(len(ids), -1, dtype=np.int64)  # by rank: its row in the concatenation of `paths`
     dataset_of = np.full(len(ids), -1, dtype=np.int32)
-    names = list(cfg.datasets or scanned_datasets(ws)) if n else []
+    names = list(cfg.datasets or scanned_datasets(ws)) if len(ranks) else []
     paths: list[pa.Array] = []
     offset = 0
     for k, d in enumerate(names):
@@ -373,20 +410,7 @@ def _id_rows(ws: Workspace, cfg: IndexConfig, ids: KeyIndex, ranks: np.ndarray) 
             paths.append(t[S.PATH].take(pa.array(hit, pa.int64())).combine_chunks())
             offset += len(hit)
     every = pa.concat_arrays(paths) if paths else pa.array([], pa.string())
-    del paths
-    src, dataset_of = src[ranks], dataset_of[ranks]
-    found = src >= 0
-    dataset = pa.DictionaryArray.from_arrays(
-        pa.array(dataset_of, pa.int32(), mask=~found), pa.array(names, pa.string())
-    )
-    return pa.table(
-        {
-            S.IMAGE_ID: keys_to_arrow(ids.keys()[ranks]),
-            S.DATASET: dataset.cast(pa.string()),
-            S.PATH: every.take(pa.array(src, pa.int64(), mask=~found)),
-        },
-        schema=S.INDEX_IDS_SCHEMA,
-    )
+    return IdRows(old, ids, ranks, src, dataset_of, names, every)
 
 
 def _commit(
@@ -396,7 +420,7 @@ def _commit(
     prev: IndexInfo | None,
     index: Any,  # a FAISS index
     params: IndexParams,
-    table: pa.Table,
+    table: IdRows,
     run_id: str,
 ) -> IndexInfo:
     """Index file (new name), ids.parquet (old rows stay its prefix), then the provenance: the commit.
@@ -409,7 +433,11 @@ def _commit(
     index_file = f"{INDEX_PREFIX}{run_id}{INDEX_SUFFIX}"
     with atomic_path(files / index_file) as tmp:
         faiss.write_index(index, str(tmp))
-    write_table_atomic(table, folder / IDS_FILE)
+    digest = IdsDigest()
+    with atomic_path(folder / IDS_FILE) as tmp, pq.ParquetWriter(tmp, S.INDEX_IDS_SCHEMA, compression="zstd") as out:
+        for batch in table.batches():
+            out.write_batch(batch)
+            digest.update(batch.column(0))
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     fingerprint = fs_info.get("fingerprint")  # a string in every provenance extract writes
     info = IndexInfo(
@@ -420,7 +448,7 @@ def _commit(
         datasets=tuple(cfg.datasets),
         params=params,
         rows=int(index.ntotal),
-        ids_digest=ids_digest(table[S.IMAGE_ID]),
+        ids_digest=digest.hexdigest(),
         index_file=index_file,
         created_at=prev.created_at if prev else now,
         updated_at=now,

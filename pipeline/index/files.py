@@ -146,16 +146,29 @@ def _check_keys(obj: Any, keys: dict[str, tuple[tuple[type, ...], bool]], prefix
 def ids_digest(ids: list[str] | pa.Array | pa.ChunkedArray) -> str:
     """Fingerprint of the id order: the provenance's check that ids.parquet matches the index file.
 
-    The BLAKE2b-128 of the ids joined by newlines, fed a slice at a time (an Arrow column is never
-    made into one Python list)."""
+    The BLAKE2b-128 of the ids joined by newlines (an Arrow column is fed a slice at a time)."""
     if isinstance(ids, list):
         return content_id("\n".join(ids).encode())
-    h = content_hasher()
-    step = 65_536
-    for start in range(0, len(ids), step):
-        part = ids.slice(start, step).to_pylist()
-        h.update((("\n" if start else "") + "\n".join(part)).encode())
-    return h.hexdigest()
+    digest = IdsDigest()
+    digest.update(ids)
+    return digest.hexdigest()
+
+
+class IdsDigest:
+    """``ids_digest`` of ids fed in parts, in order, a slice at a time (never one Python list)."""
+
+    def __init__(self) -> None:
+        self._hash = content_hasher()
+        self._any = False
+
+    def update(self, ids: pa.Array | pa.ChunkedArray, step: int = 65_536) -> None:
+        for start in range(0, len(ids), step):
+            part = ids.slice(start, step).to_pylist()
+            self._hash.update((("\n" if self._any else "") + "\n".join(part)).encode())
+            self._any = True
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
 
 
 def index_lock(ws: Workspace, name: str) -> Path:

@@ -43,16 +43,19 @@ from imgfeat.core.storage import (
 )
 from imgfeat.core.stores import ImageRoot
 from imgfeat.core.workspace import Workspace, check_name
-from imgfeat.extract.featureset import featureset_info
+from imgfeat.extract.featureset import featureset_dim, featureset_info
 from imgfeat.index.kinds import (
     MIN_POINTS_PER_LIST,
     IndexParams,
     build_in_memory,
     flat_bytes,
     knn,
+    make_index,
     reduce_dims,
     rescore,
     resolve_params,
+    set_search_params,
+    train,
 )
 from imgfeat.index.looks import (
     LOOK_BYTES,
@@ -66,7 +69,8 @@ from imgfeat.index.looks import (
     looks_of_files,
 )
 from imgfeat.index.page import render_page
-from imgfeat.index.vectors import manifest_rows, read_vectors
+from imgfeat.index.scratch import VectorStore, block_rows, reduce_store, rescore_block, similarities_to, store_vectors
+from imgfeat.index.vectors import iter_vectors, manifest_rows, read_vectors
 from imgfeat.scan.manifest import dataset_root
 
 log = logging.getLogger(__name__)
@@ -89,6 +93,7 @@ BLOCK_ROWS = 16_384  # ... a block of all at a time: a 1024 x 16384 float32 work
 EXACT_MAX = 20_000  # above this many images the neighbour search is approximate (IVF)
 DEDUP_NPROBE = 8  # near-copies sit in the same or a neighbouring list: a few lists find them
 CANDIDATE_DIMS = 256  # approximate search finds candidates on this many principal components
+IN_MEMORY_SHARE = 0.5  # vectors taking more of the memory budget than this go to a scratch file
 
 
 @dataclass(frozen=True)
@@ -211,7 +216,7 @@ def dedup_params(n: int, exact_max: int, dim: int | None = None, memory_budget: 
 
 
 def nearest_neighbours(
-    X: np.ndarray, k: int, exact_max: int = EXACT_MAX, memory_budget: int | None = None
+    X: np.ndarray | VectorStore, k: int, exact_max: int = EXACT_MAX, memory_budget: int | None = None
 ) -> Neighbours:
     """The ``k`` nearest other rows of every row of unit vectors ``X``, with exact similarities.
 
@@ -223,12 +228,50 @@ def nearest_neighbours(
     if n < 2:
         return Neighbours(np.zeros((n, 0), np.float32), np.zeros((n, 0), np.int64), "flat")
     params = dedup_params(n, exact_max, X.shape[1], memory_budget)
+    if isinstance(X, VectorStore):
+        if params.kind == "flat":  # a copy of the vectors fits the budget: the search in memory
+            return nearest_neighbours(X[:], k, exact_max, memory_budget)
+        return _store_neighbours(X, k, params, memory_budget)
     Y = reduce_dims(X, CANDIDATE_DIMS) if params.kind != "flat" and X.shape[1] > CANDIDATE_DIMS else X
     index, params = build_in_memory(Y, params)
     sims, rows = knn(index, Y, min(k + 1, n))
     del index
     if Y is not X or params.kind == "ivfpq":  # codes and components only propose: exact cosines decide
         sims, rows = rescore(X, rows)
+    rows[rows == np.arange(n)[:, None]] = -1  # an image is not its own neighbour
+    return Neighbours(sims, rows, params.kind)
+
+
+QUERY_ROWS = 8192  # queries searched (and their candidates rescored) at a time from a store
+
+
+def _store_neighbours(X: VectorStore, k: int, params: IndexParams, memory_budget: int | None) -> Neighbours:
+    """``nearest_neighbours``' approximate search over vectors in a scratch store: the principal
+    components computed a block at a time into a second store, the index filled and queried a
+    block at a time, each block's candidates rescored on the rows they name (read from ``X``).
+    Memory: the index, the neighbour lists and a block, not the vectors."""
+    n, dim = X.shape
+    block = block_rows(dim, memory_budget)
+    Y = reduce_store(X, CANDIDATE_DIMS, block) if dim > CANDIDATE_DIMS else X
+    try:
+        index = make_index(params, Y.shape[1])
+        params = train(index, params, Y)
+        for _, B in Y.blocks(block_rows(Y.shape[1], memory_budget)):
+            index.add(np.ascontiguousarray(B))
+        set_search_params(index, params)
+        kk = min(k + 1, n)
+        sims = np.empty((n, kk), np.float32)
+        rows = np.empty((n, kk), np.int64)
+        step = max(1, min(QUERY_ROWS, block // kk))  # a block's candidates are a block of rows
+        for lo, B in Y.blocks(step):
+            s, r = index.search(np.ascontiguousarray(B), kk)
+            if Y is not X or params.kind == "ivfpq":  # codes and components only propose: exact cosines decide
+                s, r = rescore_block(X.block(lo, lo + len(B)), X, r)
+            sims[lo : lo + len(B)], rows[lo : lo + len(B)] = s, r
+        del index
+    finally:
+        if Y is not X:
+            Y.close()
     rows[rows == np.arange(n)[:, None]] = -1  # an image is not its own neighbour
     return Neighbours(sims, rows, params.kind)
 
@@ -290,7 +333,7 @@ class Images:
     """A dataset's readable manifest rows joined to the unique images that have features."""
 
     ids: list[str]  # unique images with a feature row (node k = ids[k])
-    X: np.ndarray  # their unit vectors
+    X: np.ndarray | VectorStore  # their unit vectors: in memory, or a scratch file when they do not fit the budget
     row_ids: list[str]  # per manifest row
     row_paths: list[str]
     row_splits: list[str | None]
@@ -313,9 +356,21 @@ def load_images(ws: Workspace, cfg: DedupConfig) -> Images:
     row_ids = table[S.IMAGE_ID].to_pylist()
     if not row_ids:  # nothing readable to compare: an empty result, not an error
         return Images([], np.zeros((0, 0), np.float32), [], [], [], 0, [])
-    ids, X = read_vectors(ws, cfg.featureset, row_ids)
-    missing = len(set(row_ids)) - len(ids)
+    wanted = set(row_ids)
+    dim = featureset_dim(ws, cfg.featureset)
+    X: np.ndarray | VectorStore
+    if flat_bytes(len(wanted), dim) > cfg.budget * IN_MEMORY_SHARE:  # the vectors to a scratch file, streamed
+        ids, X = store_vectors(
+            iter_vectors(ws, cfg.featureset, wanted, block_rows(dim, cfg.budget)),
+            dim,
+            ws.dedup_dir(cfg.out_name) / "_cache",
+        )
+    else:
+        ids, X = read_vectors(ws, cfg.featureset, row_ids)
+    missing = len(wanted) - len(ids)
     if not ids:
+        if isinstance(X, VectorStore):
+            X.close()
         raise ConfigError(
             f"featureset {cfg.featureset} has no features for dataset {cfg.dataset}; "
             f"run 'imgfeat extract --dataset {cfg.dataset}' first"
@@ -479,7 +534,7 @@ def nearest_train(
     best_sims = np.where(found, sims[np.arange(len(nodes)), first], -np.inf).astype(np.float32)
     cut = ~found & (rows.shape[1] > 0) & (sims[:, -1:].min(axis=1, initial=np.inf) >= threshold)
     for k in np.flatnonzero(cut):
-        s = X @ X[nodes[k]]
+        s = similarities_to(X, X[nodes[k]])
         s[~is_train] = -np.inf
         best_rows[k], best_sims[k] = int(s.argmax()), float(s.max())
     return best_sims, best_rows
@@ -495,6 +550,14 @@ def run_dedup(ws: Workspace, cfg: DedupConfig, run_id: str) -> DedupSummary:
     clock = _Clock()
     featureset_info(ws, cfg.featureset)  # exit 2 for an unknown featureset
     im = clock.lap("read", load_images(ws, cfg))
+    try:
+        return _run_loaded(ws, cfg, run_id, clock, im)
+    finally:
+        if isinstance(im.X, VectorStore):
+            im.X.close()
+
+
+def _run_loaded(ws: Workspace, cfg: DedupConfig, run_id: str, clock: _Clock, im: Images) -> DedupSummary:
     folder = ws.dedup_dir(cfg.out_name)
     digest = inputs_digest(cfg, im)
     previous = _previous(folder)

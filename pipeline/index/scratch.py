@@ -75,11 +75,16 @@ class VectorStore:
             raise IndexError(f"row out of range for a store of {self.n} rows")
         want, back = np.unique(flat, return_inverse=True)
         got = np.empty((len(want), self.dim), np.float32)
-        fd = self._file.fileno()
-        breaks = np.flatnonzero(np.diff(want) != 1) + 1
-        for lo, hi in zip(np.r_[0, breaks].tolist(), np.r_[breaks, len(want)].tolist()):
-            if hi > lo:
-                _read_into(fd, got[lo:hi], int(want[lo]) * self.row_bytes)
+        if not len(want):
+            return got.reshape(*rows.shape, self.dim)
+        fd, size = self._file.fileno(), self.row_bytes
+        breaks = np.flatnonzero(np.diff(want) != 1) + 1  # runs of consecutive rows: one read each
+        starts, stops = np.r_[0, breaks], np.r_[breaks, len(want)]
+        view = memoryview(got).cast("B")
+        preadv = os.preadv
+        for lo, hi, offset in zip((starts * size).tolist(), (stops * size).tolist(), (want[starts] * size).tolist()):
+            if preadv(fd, [view[lo:hi]], offset) != hi - lo:  # a short read: finish it the slow way
+                _read_into(fd, got.reshape(-1).view(np.uint8)[lo:hi], offset)
         if len(want) == len(flat) and np.array_equal(want, flat):  # already sorted and distinct: no copy
             return got.reshape(*rows.shape, self.dim)
         return got[back.reshape(-1)].reshape(*rows.shape, self.dim)

@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -54,8 +54,10 @@ from imgfeat.index.kinds import (
     reduce_dims,
     rescore,
     resolve_params,
+    sample_rows,
+    sample_size,
     set_search_params,
-    train,
+    train_on_sample,
 )
 from imgfeat.index.looks import (
     LOOK_BYTES,
@@ -69,7 +71,15 @@ from imgfeat.index.looks import (
     looks_of_files,
 )
 from imgfeat.index.page import render_page
-from imgfeat.index.scratch import VectorStore, block_rows, reduce_store, rescore_block, similarities_to, store_vectors
+from imgfeat.index.scratch import (
+    Vectors,
+    VectorStore,
+    block_rows,
+    reduce_store,
+    rescore_block,
+    similarities_to,
+    store_vectors,
+)
 from imgfeat.index.vectors import iter_vectors, manifest_rows, read_vectors
 from imgfeat.scan.manifest import dataset_root
 
@@ -215,9 +225,7 @@ def dedup_params(n: int, exact_max: int, dim: int | None = None, memory_budget: 
     return resolve_params("ivf", n, nlist=nlist, nprobe=DEDUP_NPROBE)
 
 
-def nearest_neighbours(
-    X: np.ndarray | VectorStore, k: int, exact_max: int = EXACT_MAX, memory_budget: int | None = None
-) -> Neighbours:
+def nearest_neighbours(X: Vectors, k: int, exact_max: int = EXACT_MAX, memory_budget: int | None = None) -> Neighbours:
     """The ``k`` nearest other rows of every row of unit vectors ``X``, with exact similarities.
 
     Up to ``exact_max`` rows (and while a copy fits ``memory_budget``) the search is exact. Beyond,
@@ -255,7 +263,8 @@ def _store_neighbours(X: VectorStore, k: int, params: IndexParams, memory_budget
     Y = reduce_store(X, CANDIDATE_DIMS, block) if dim > CANDIDATE_DIMS else X
     try:
         index = make_index(params, Y.shape[1])
-        params = train(index, params, Y)
+        sample = sample_rows(n, sample_size(params, n, Y.shape[1]), params.seed)  # as ``kinds.train`` samples
+        params = train_on_sample(index, params, Y[sample], n)
         for _, B in Y.blocks(block_rows(Y.shape[1], memory_budget)):
             index.add(np.ascontiguousarray(B))
         set_search_params(index, params)
@@ -328,7 +337,9 @@ def looked_pairs(cands: Graph, L: np.ndarray | LookStore, ok: np.ndarray) -> tup
     return Graph(a[keep], b[keep], sim[keep]), stats
 
 
-RowColumn = Sequence[Any] | pa.Array | pa.ChunkedArray  # a manifest column: a list, or Arrow's (no Python str per row)
+RowColumn: TypeAlias = (
+    Sequence[Any] | pa.Array | pa.ChunkedArray
+)  # a manifest column: a list, or Arrow's (no Python str per row)
 
 
 def _arrow(values: RowColumn) -> pa.Array | pa.ChunkedArray:
@@ -344,7 +355,7 @@ class Images:
     """
 
     ids: list[str]  # unique images with a feature row (node k = ids[k])
-    X: np.ndarray | VectorStore  # their unit vectors: in memory, or a scratch file when they do not fit the budget
+    X: Vectors  # their unit vectors: in memory, or a scratch file when they do not fit the budget
     row_ids: RowColumn  # per manifest row
     row_paths: RowColumn
     row_splits: RowColumn
@@ -390,7 +401,8 @@ class Rows:
 
     def column(self, name: str, rows: np.ndarray) -> list[Any]:
         """Column ``name`` of rows ``rows`` as Python values (only those rows are materialised)."""
-        return self.table.column(name).take(pa.array(np.asarray(rows, np.int64), pa.int64())).to_pylist()
+        values: list[Any] = self.table.column(name).take(pa.array(np.asarray(rows, np.int64), pa.int64())).to_pylist()
+        return values
 
     def first_train_row(self) -> np.ndarray:
         """Per node, its first row whose split is train (-1: none): the path a leak names."""
@@ -476,7 +488,7 @@ def groups_table(im: Images, graph: Graph, comp: np.ndarray | None = None) -> pa
             )
         )
     out.sort(key=lambda r: (not r[7], r[1], -r[3], r[4]))  # label conflicts first
-    cols = list(zip(*out)) if out else [[]] * len(S.DEDUP_GROUPS_SCHEMA)
+    cols: list[Sequence[Any]] = list(zip(*out)) if out else [[]] * len(S.DEDUP_GROUPS_SCHEMA)
     return pa.table(dict(zip(S.DEDUP_GROUPS_SCHEMA.names, cols)), schema=S.DEDUP_GROUPS_SCHEMA)
 
 
@@ -540,7 +552,7 @@ MEMBER_BLOCK = 1 << 24  # similarities computed at a time when naming nearest gr
 
 
 def nearest_members(
-    X: np.ndarray, comp: np.ndarray, members: dict[int, list[int]], nodes: Sequence[int]
+    X: Vectors, comp: np.ndarray, members: dict[int, list[int]], nodes: Sequence[int]
 ) -> dict[int, tuple[int, float]]:
     """For each of ``nodes`` whose component has ``members``, its most similar member (the first of
     equals) and their similarity. One product per component and block of nodes: a large group of
@@ -564,7 +576,7 @@ def nearest_members(
 
 
 def nearest_train(
-    X: np.ndarray, nb: Neighbours, is_train: np.ndarray, nodes: np.ndarray, threshold: float
+    X: Vectors, nb: Neighbours, is_train: np.ndarray, nodes: np.ndarray, threshold: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """Similarity and node of the nearest training image of each of ``nodes`` (-1 where none is close).
 
@@ -697,7 +709,7 @@ def candidate_pairs(
     return similar_pairs(nb, -1.0), nb.kind, len(im.ids)
 
 
-def new_image_pairs(X: np.ndarray, new: np.ndarray, k: int) -> Graph:
+def new_image_pairs(X: Vectors, new: np.ndarray, k: int) -> Graph:
     """Each of ``new`` rows with its ``k`` nearest other rows of ``X`` (exact), as pairs."""
     a, b, sim = [], [], []
     k = min(k, len(X) - 1)
@@ -712,7 +724,7 @@ def new_image_pairs(X: np.ndarray, new: np.ndarray, k: int) -> Graph:
     return _unique_pairs(len(X), np.concatenate(a), np.concatenate(b), np.concatenate(sim).astype(np.float32))
 
 
-def _top_k_blocked(X: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def _top_k_blocked(X: Vectors, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` most similar other rows of ``X`` to each of ``rows`` (and their similarities),
     scanning ``X`` a block of BLOCK_ROWS at a time: the working set never grows with ``len(X)``."""
     Q = X[rows]

@@ -13,7 +13,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 
@@ -80,7 +80,7 @@ class VectorStore:
         fd, size = self._file.fileno(), self.row_bytes
         breaks = np.flatnonzero(np.diff(want) != 1) + 1  # runs of consecutive rows: one read each
         starts, stops = np.r_[0, breaks], np.r_[breaks, len(want)]
-        view = memoryview(got).cast("B")
+        view = got.data.cast("B")
         preadv = os.preadv
         for lo, hi, offset in zip((starts * size).tolist(), (stops * size).tolist(), (want[starts] * size).tolist()):
             if preadv(fd, [view[lo:hi]], offset) != hi - lo:  # a short read: finish it the slow way
@@ -124,9 +124,12 @@ class VectorStore:
         self.close()
 
 
+Vectors: TypeAlias = "np.ndarray | VectorStore"  # unit rows in memory, or in a scratch file
+
+
 def _read_into(fd: int, out: np.ndarray, offset: int) -> None:
     """Fill contiguous ``out`` from ``fd`` at ``offset`` (reads may come back short: loop)."""
-    view = memoryview(out).cast("B")
+    view = out.data.cast("B")
     done = 0
     while done < len(view):
         got = os.preadv(fd, [view[done:]], offset + done)
@@ -185,7 +188,7 @@ def reduce_store(
     return out
 
 
-def rescore_block(Q: np.ndarray, X: np.ndarray | VectorStore, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def rescore_block(Q: np.ndarray, X: Vectors, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``kinds.rescore`` for queries ``Q`` (unit rows) whose candidates ``rows`` (-1: none) are rows
     of ``X``: exact cosines, re-sorted best first. The candidates' rows are read once each."""
     safe = np.maximum(rows, 0)
@@ -196,7 +199,7 @@ def rescore_block(Q: np.ndarray, X: np.ndarray | VectorStore, rows: np.ndarray) 
     return np.take_along_axis(s, order, axis=1), np.take_along_axis(rows, order, axis=1)
 
 
-def similarities_to(X: np.ndarray | VectorStore, q: np.ndarray, rows_at_a_time: int = 65_536) -> np.ndarray:
+def similarities_to(X: Vectors, q: np.ndarray, rows_at_a_time: int = 65_536) -> np.ndarray:
     """``X @ q`` for a matrix or a store (a block of the store at a time)."""
     if not isinstance(X, VectorStore):
         return X @ q

@@ -89,3 +89,20 @@ def test_a_tiny_memory_budget_stores_the_vectors_and_finds_the_same_groups(ws, m
     assert out["tiny"][2] == out["big"][2] == "approximate (ivf)" and out["big"][3] == 4
     assert out["tiny"][0].equals(out["big"][0]) and out["tiny"][1].equals(out["big"][1])
     assert out["big"][1].num_rows == len(copies)
+
+
+def test_similar_pairs_by_keys_are_each_listed_pair_once_with_its_first_similarity():
+    rng = np.random.default_rng(4)
+    rows = rng.integers(-1, 50, (50, 7))
+    sims = rng.random((50, 7)).astype(np.float32)
+    g = dedup.similar_pairs(dedup.Neighbours(sims, rows, "flat"), 0.3)
+    want: dict[tuple[int, int], float] = {}
+    for a in range(50):
+        for b, s in zip(rows[a].tolist(), sims[a].tolist()):
+            if b >= 0 and s >= 0.3:
+                want.setdefault((min(a, b), max(a, b)), s)
+    got = {(a, b): s for a, b, s in zip(g.a.tolist(), g.b.tolist(), g.sim.tolist())}
+    assert got == want and list(got) == sorted(want)
+    assert g.a.dtype == g.b.dtype == np.int64 and g.sim.dtype == np.float32
+    empty = dedup.similar_pairs(dedup.Neighbours(np.zeros((0, 0), np.float32), np.zeros((0, 0), np.int64), "flat"), 0)
+    assert len(empty.a) == len(empty.b) == len(empty.sim) == 0

@@ -286,15 +286,25 @@ def _store_neighbours(X: VectorStore, k: int, params: IndexParams, memory_budget
 
 
 def similar_pairs(nb: Neighbours, threshold: float) -> Graph:
-    """Each pair of images at or above ``threshold`` (found among the neighbour lists) once."""
-    n = len(nb.rows)
-    a = np.repeat(np.arange(n), nb.rows.shape[1])
+    """Each pair of images at or above ``threshold`` (found among the neighbour lists) once (the
+    similarity of its first listing). One key per listed pair: at 20 neighbours an image, the pairs
+    of a million images are the largest arrays of a run, so no more of them than needed at once."""
+    n, k = nb.rows.shape
     b, s = nb.rows.ravel(), nb.sims.ravel()
-    keep = (b >= 0) & (s >= threshold)
-    a, b, s = a[keep], b[keep], s[keep]
-    lo, hi = np.minimum(a, b), np.maximum(a, b)
-    _, first = np.unique(lo * n + hi, return_index=True)
-    return Graph(lo[first], hi[first], s[first])
+    at = np.flatnonzero((b >= 0) & (s >= threshold))  # listed pairs kept, in list order
+    key = _pair_keys(at // max(k, 1), b[at], n)
+    ukey, first = np.unique(key, return_index=True)
+    del key
+    return Graph(ukey // max(n, 1), ukey % max(n, 1), s[at[first]])
+
+
+def _pair_keys(a: np.ndarray, b: np.ndarray, n: int) -> np.ndarray:
+    """``min(a, b) * n + max(a, b)``: one int64 naming each unordered pair (in place, no temporaries)."""
+    lo = np.minimum(a, b)
+    np.maximum(a, b, out=b)
+    lo *= n
+    lo += b
+    return lo
 
 
 def components(n: int, graph: Graph) -> np.ndarray:

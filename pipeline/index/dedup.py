@@ -347,9 +347,8 @@ def looked_pairs(cands: Graph, L: np.ndarray | LookStore, ok: np.ndarray) -> tup
     return Graph(a[keep], b[keep], sim[keep]), stats
 
 
-RowColumn: TypeAlias = (
-    Sequence[Any] | pa.Array | pa.ChunkedArray
-)  # a manifest column: a list, or Arrow's (no Python str per row)
+# a manifest column: a list, or Arrow's (no Python string per row)
+RowColumn: TypeAlias = Sequence[Any] | pa.Array | pa.ChunkedArray
 
 
 def _arrow(values: RowColumn) -> pa.Array | pa.ChunkedArray:

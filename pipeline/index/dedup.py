@@ -271,11 +271,13 @@ def _store_neighbours(X: VectorStore, k: int, params: IndexParams, memory_budget
         kk = min(k + 1, n)
         sims = np.empty((n, kk), np.float32)
         rows = np.empty((n, kk), np.int64)
-        step = max(1, min(QUERY_ROWS, block // kk))  # a block's candidates are a block of rows
-        for lo, B in Y.blocks(step):
+        step = max(1, min(QUERY_ROWS, block // kk))  # queries rescored at a time: their candidates are a block
+        for lo, B in Y.blocks(QUERY_ROWS):
             s, r = index.search(np.ascontiguousarray(B), kk)
             if Y is not X or params.kind == "ivfpq":  # codes and components only propose: exact cosines decide
-                s, r = rescore_block(X.block(lo, lo + len(B)), X, r)
+                for at in range(0, len(B), step):
+                    part = slice(at, at + step)
+                    s[part], r[part] = rescore_block(X.block(lo + at, lo + at + step), X, r[part])
             sims[lo : lo + len(B)], rows[lo : lo + len(B)] = s, r
         del index
     finally:

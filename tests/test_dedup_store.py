@@ -55,7 +55,8 @@ def test_blocked_rescoring_and_reduction_equal_the_in_memory_ones(tmp_path):
 
 
 @pytest.mark.parametrize("exact_max, dim", [(10, 272), (10, 64)])
-def test_the_search_over_a_store_finds_the_neighbours_the_search_in_memory_finds(tmp_path, exact_max, dim):
+def test_the_search_over_a_store_finds_the_neighbours_the_search_in_memory_finds(tmp_path, monkeypatch, exact_max, dim):
+    monkeypatch.setattr(dedup, "QUERY_ROWS", 100)  # rescoring steps (23 rows) that do not divide a query block
     X, _ = planted(n=400, dim=dim)
     want = dedup.nearest_neighbours(X, 10, exact_max=exact_max)
     with VectorStore(dim, tmp_path) as store:

@@ -276,8 +276,8 @@ def _store_neighbours(X: VectorStore, k: int, params: IndexParams, memory_budget
             s, r = index.search(np.ascontiguousarray(B), kk)
             if Y is not X or params.kind == "ivfpq":  # codes and components only propose: exact cosines decide
                 for at in range(0, len(B), step):
-                    part = slice(at, at + step)
-                    s[part], r[part] = rescore_block(X.block(lo + at, lo + at + step), X, r[part])
+                    end = min(at + step, len(B))
+                    s[at:end], r[at:end] = rescore_block(X.block(lo + at, lo + end), X, r[at:end])
             sims[lo : lo + len(B)], rows[lo : lo + len(B)] = s, r
         del index
     finally:

@@ -302,7 +302,7 @@ def similar_pairs(nb: Neighbours, threshold: float) -> Graph:
 
 def _pair_keys(a: np.ndarray, b: np.ndarray, n: int) -> np.ndarray:
     """``min(a, b) * n + max(a, b)``: one int64 naming each unordered pair (in place, no temporaries)."""
-    lo = np.minimum(a, b)
+    lo: np.ndarray = np.minimum(a, b)
     np.maximum(a, b, out=b)
     lo *= n
     lo += b

@@ -16,10 +16,10 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -43,16 +43,21 @@ from imgfeat.core.storage import (
 )
 from imgfeat.core.stores import ImageRoot
 from imgfeat.core.workspace import Workspace, check_name
-from imgfeat.extract.featureset import featureset_info
+from imgfeat.extract.featureset import featureset_dim, featureset_info
 from imgfeat.index.kinds import (
     MIN_POINTS_PER_LIST,
     IndexParams,
     build_in_memory,
     flat_bytes,
     knn,
+    make_index,
     reduce_dims,
     rescore,
     resolve_params,
+    sample_rows,
+    sample_size,
+    set_search_params,
+    train_on_sample,
 )
 from imgfeat.index.looks import (
     LOOK_BYTES,
@@ -66,7 +71,16 @@ from imgfeat.index.looks import (
     looks_of_files,
 )
 from imgfeat.index.page import render_page
-from imgfeat.index.vectors import manifest_rows, read_vectors
+from imgfeat.index.scratch import (
+    Vectors,
+    VectorStore,
+    block_rows,
+    reduce_store,
+    rescore_block,
+    similarities_to,
+    store_vectors,
+)
+from imgfeat.index.vectors import iter_vectors, manifest_rows, read_vectors
 from imgfeat.scan.manifest import dataset_root
 
 log = logging.getLogger(__name__)
@@ -89,6 +103,7 @@ BLOCK_ROWS = 16_384  # ... a block of all at a time: a 1024 x 16384 float32 work
 EXACT_MAX = 20_000  # above this many images the neighbour search is approximate (IVF)
 DEDUP_NPROBE = 8  # near-copies sit in the same or a neighbouring list: a few lists find them
 CANDIDATE_DIMS = 256  # approximate search finds candidates on this many principal components
+IN_MEMORY_SHARE = 0.5  # vectors taking more of the memory budget than this go to a scratch file
 
 
 @dataclass(frozen=True)
@@ -210,9 +225,7 @@ def dedup_params(n: int, exact_max: int, dim: int | None = None, memory_budget: 
     return resolve_params("ivf", n, nlist=nlist, nprobe=DEDUP_NPROBE)
 
 
-def nearest_neighbours(
-    X: np.ndarray, k: int, exact_max: int = EXACT_MAX, memory_budget: int | None = None
-) -> Neighbours:
+def nearest_neighbours(X: Vectors, k: int, exact_max: int = EXACT_MAX, memory_budget: int | None = None) -> Neighbours:
     """The ``k`` nearest other rows of every row of unit vectors ``X``, with exact similarities.
 
     Up to ``exact_max`` rows (and while a copy fits ``memory_budget``) the search is exact. Beyond,
@@ -223,6 +236,10 @@ def nearest_neighbours(
     if n < 2:
         return Neighbours(np.zeros((n, 0), np.float32), np.zeros((n, 0), np.int64), "flat")
     params = dedup_params(n, exact_max, X.shape[1], memory_budget)
+    if isinstance(X, VectorStore):
+        if params.kind == "flat":  # a copy of the vectors fits the budget: the search in memory
+            return nearest_neighbours(X[:], k, exact_max, memory_budget)
+        return _store_neighbours(X, k, params, memory_budget)
     Y = reduce_dims(X, CANDIDATE_DIMS) if params.kind != "flat" and X.shape[1] > CANDIDATE_DIMS else X
     index, params = build_in_memory(Y, params)
     sims, rows = knn(index, Y, min(k + 1, n))
@@ -233,16 +250,63 @@ def nearest_neighbours(
     return Neighbours(sims, rows, params.kind)
 
 
+QUERY_ROWS = 8192  # queries searched (and their candidates rescored) at a time from a store
+
+
+def _store_neighbours(X: VectorStore, k: int, params: IndexParams, memory_budget: int | None) -> Neighbours:
+    """``nearest_neighbours``' approximate search over vectors in a scratch store: the principal
+    components computed a block at a time into a second store, the index filled and queried a
+    block at a time, each block's candidates rescored on the rows they name (read from ``X``).
+    Memory: the index, the neighbour lists and a block, not the vectors."""
+    n, dim = X.shape
+    block = block_rows(dim, memory_budget)
+    Y = reduce_store(X, CANDIDATE_DIMS, block) if dim > CANDIDATE_DIMS else X
+    try:
+        index = make_index(params, Y.shape[1])
+        sample = sample_rows(n, sample_size(params, n, Y.shape[1]), params.seed)  # as ``kinds.train`` samples
+        params = train_on_sample(index, params, Y[sample], n)
+        for _, B in Y.blocks(block_rows(Y.shape[1], memory_budget)):
+            index.add(np.ascontiguousarray(B))
+        set_search_params(index, params)
+        kk = min(k + 1, n)
+        sims = np.empty((n, kk), np.float32)
+        rows = np.empty((n, kk), np.int64)
+        step = max(1, min(QUERY_ROWS, block // kk))  # queries rescored at a time: their candidates are a block
+        for lo, B in Y.blocks(QUERY_ROWS):
+            s, r = index.search(np.ascontiguousarray(B), kk)
+            if Y is not X or params.kind == "ivfpq":  # codes and components only propose: exact cosines decide
+                for at in range(0, len(B), step):
+                    end = min(at + step, len(B))
+                    s[at:end], r[at:end] = rescore_block(X.block(lo + at, lo + end), X, r[at:end])
+            sims[lo : lo + len(B)], rows[lo : lo + len(B)] = s, r
+        del index
+    finally:
+        if Y is not X:
+            Y.close()
+    rows[rows == np.arange(n)[:, None]] = -1  # an image is not its own neighbour
+    return Neighbours(sims, rows, params.kind)
+
+
 def similar_pairs(nb: Neighbours, threshold: float) -> Graph:
-    """Each pair of images at or above ``threshold`` (found among the neighbour lists) once."""
-    n = len(nb.rows)
-    a = np.repeat(np.arange(n), nb.rows.shape[1])
+    """Each pair of images at or above ``threshold`` (found among the neighbour lists) once (the
+    similarity of its first listing). One key per listed pair: at 20 neighbours an image, the pairs
+    of a million images are the largest arrays of a run, so no more of them than needed at once."""
+    n, k = nb.rows.shape
     b, s = nb.rows.ravel(), nb.sims.ravel()
-    keep = (b >= 0) & (s >= threshold)
-    a, b, s = a[keep], b[keep], s[keep]
-    lo, hi = np.minimum(a, b), np.maximum(a, b)
-    _, first = np.unique(lo * n + hi, return_index=True)
-    return Graph(lo[first], hi[first], s[first])
+    at = np.flatnonzero((b >= 0) & (s >= threshold))  # listed pairs kept, in list order
+    key = _pair_keys(at // max(k, 1), b[at], n)
+    ukey, first = np.unique(key, return_index=True)
+    del key
+    return Graph(ukey // max(n, 1), ukey % max(n, 1), s[at[first]])
+
+
+def _pair_keys(a: np.ndarray, b: np.ndarray, n: int) -> np.ndarray:
+    """``min(a, b) * n + max(a, b)``: one int64 naming each unordered pair (in place, no temporaries)."""
+    lo: np.ndarray = np.minimum(a, b)
+    np.maximum(a, b, out=b)
+    lo *= n
+    lo += b
+    return lo
 
 
 def components(n: int, graph: Graph) -> np.ndarray:
@@ -285,46 +349,115 @@ def looked_pairs(cands: Graph, L: np.ndarray | LookStore, ok: np.ndarray) -> tup
     return Graph(a[keep], b[keep], sim[keep]), stats
 
 
+# a manifest column: a list, or Arrow's (no Python string per row)
+RowColumn: TypeAlias = Sequence[Any] | pa.Array | pa.ChunkedArray
+
+
+def _arrow(values: RowColumn) -> pa.Array | pa.ChunkedArray:
+    return values if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(values, pa.string())
+
+
 @dataclass(frozen=True)
 class Images:
-    """A dataset's readable manifest rows joined to the unique images that have features."""
+    """A dataset's readable manifest rows joined to the unique images that have features.
+
+    The per-row columns are lists or (``load_images``) Arrow columns: a million rows cost Arrow
+    buffers, not four million Python strings; the tables materialise only the rows they write.
+    """
 
     ids: list[str]  # unique images with a feature row (node k = ids[k])
-    X: np.ndarray  # their unit vectors
-    row_ids: list[str]  # per manifest row
-    row_paths: list[str]
-    row_splits: list[str | None]
+    X: Vectors  # their unit vectors: in memory, or a scratch file when they do not fit the budget
+    row_ids: RowColumn  # per manifest row
+    row_paths: RowColumn
+    row_splits: RowColumn
     missing: int  # unique images without a feature row
-    row_labels: list[str | None] | None = None  # None: the dataset has no labels
+    row_labels: RowColumn | None = None  # None: the dataset has no labels
 
     def labels(self) -> list[str | None]:
-        return self.row_labels if self.row_labels is not None else [None] * len(self.row_ids)
+        if self.row_labels is None:
+            return [None] * len(self.row_ids)
+        return _arrow(self.row_labels).to_pylist() if not isinstance(self.row_labels, list) else self.row_labels
 
-    def first_paths(self) -> list[str]:
+    def rows(self) -> Rows:
+        """The manifest rows of images with features, as Arrow columns and their nodes."""
+        labels = pa.nulls(len(self.row_ids), pa.string()) if self.row_labels is None else _arrow(self.row_labels)
+        t = pa.table(
+            {
+                "id": _arrow(self.row_ids),
+                "path": _arrow(self.row_paths),
+                "split": _arrow(self.row_splits).cast(pa.string()),
+                "label": labels.cast(pa.string()),
+            }
+        )
+        node = pc.index_in(t.column("id"), value_set=pa.array(self.ids, pa.string()))
+        keep = pc.is_valid(node)
+        if not pc.all(keep).as_py():
+            t, node = t.filter(keep), node.filter(keep)
+        return Rows(t, np.asarray(node.to_numpy(zero_copy_only=False), np.int64), len(self.ids))
+
+    def first_paths(self) -> pa.Array:
         """The first manifest path of each node (whose file the look is read from)."""
-        first: dict[str, str] = {}
-        for i, p in zip(self.row_ids, self.row_paths):
-            first.setdefault(i, p)
-        return [first[i] for i in self.ids]
+        r = self.rows()
+        _, first = np.unique(r.node, return_index=True)  # node k's first row: every node has one
+        return r.table.column("path").take(pa.array(first, pa.int64())).combine_chunks()
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Manifest rows (``table``: id, path, split, label) of images with features; ``node[r]`` is row r's."""
+
+    table: pa.Table
+    node: np.ndarray
+    nodes: int
+
+    def column(self, name: str, rows: np.ndarray) -> list[Any]:
+        """Column ``name`` of rows ``rows`` as Python values (only those rows are materialised)."""
+        values: list[Any] = self.table.column(name).take(pa.array(np.asarray(rows, np.int64), pa.int64())).to_pylist()
+        return values
+
+    def first_train_row(self) -> np.ndarray:
+        """Per node, its first row whose split is train (-1: none): the path a leak names."""
+        split = self.table.column("split")
+        train = np.flatnonzero(pc.fill_null(pc.equal(split, S.SPLIT_TRAIN), False).to_numpy(zero_copy_only=False))
+        out = np.full(self.nodes, -1, np.int64)
+        nodes, first = np.unique(self.node[train], return_index=True)
+        out[nodes] = train[first]
+        return out
+
+    def held_out(self) -> np.ndarray:
+        """Rows whose split is set and not train, in manifest order."""
+        split = self.table.column("split")
+        held = pc.and_(pc.is_valid(split), pc.not_equal(split, S.SPLIT_TRAIN))
+        return np.flatnonzero(pc.fill_null(held, False).to_numpy(zero_copy_only=False))
 
 
 def load_images(ws: Workspace, cfg: DedupConfig) -> Images:
     table = manifest_rows(ws, cfg.dataset)
-    row_ids = table[S.IMAGE_ID].to_pylist()
-    if not row_ids:  # nothing readable to compare: an empty result, not an error
+    if not table.num_rows:  # nothing readable to compare: an empty result, not an error
         return Images([], np.zeros((0, 0), np.float32), [], [], [], 0, [])
-    ids, X = read_vectors(ws, cfg.featureset, row_ids)
-    missing = len(set(row_ids)) - len(ids)
+    row_ids = pc.unique(table[S.IMAGE_ID]).to_pylist()  # each id once (its features are read once)
+    wanted = set(row_ids)
+    dim = featureset_dim(ws, cfg.featureset)
+    X: np.ndarray | VectorStore
+    if flat_bytes(len(wanted), dim) > cfg.budget * IN_MEMORY_SHARE:  # the vectors to a scratch file, streamed
+        ids, X = store_vectors(
+            iter_vectors(ws, cfg.featureset, wanted, block_rows(dim, cfg.budget)),
+            dim,
+            ws.dedup_dir(cfg.out_name) / "_cache",
+        )
+    else:
+        ids, X = read_vectors(ws, cfg.featureset, row_ids)
+    missing = len(wanted) - len(ids)
     if not ids:
+        if isinstance(X, VectorStore):
+            X.close()
         raise ConfigError(
             f"featureset {cfg.featureset} has no features for dataset {cfg.dataset}; "
             f"run 'imgfeat extract --dataset {cfg.dataset}' first"
         )
     if missing:
         log.warning("%d images of %s have no features in %s: they are left out", missing, cfg.dataset, cfg.featureset)
-    return Images(
-        ids, X, row_ids, table[S.PATH].to_pylist(), table[S.SPLIT].to_pylist(), missing, table[S.LABEL].to_pylist()
-    )
+    return Images(ids, X, table[S.IMAGE_ID], table[S.PATH], table[S.SPLIT], missing, table[S.LABEL])
 
 
 def groups_table(im: Images, graph: Graph, comp: np.ndarray | None = None) -> pa.Table:
@@ -334,28 +467,23 @@ def groups_table(im: Images, graph: Graph, comp: np.ndarray | None = None) -> pa
     paths carry two or more labels (the same picture taught as two classes).
     """
     n = len(im.ids)
-    node = {i: k for k, i in enumerate(im.ids)}
-    rows = [
-        (node[i], p, lab, sp)
-        for i, p, lab, sp in zip(im.row_ids, im.row_paths, im.labels(), im.row_splits)
-        if i in node
-    ]
-    paths_per_node = np.bincount([r[0] for r in rows], minlength=n)
+    r = im.rows()
+    paths_per_node = np.bincount(r.node, minlength=n)
     comp = components(n, graph) if comp is None else comp
     paths_per_comp = np.bincount(comp, weights=paths_per_node, minlength=1)
+    grouped = np.flatnonzero(paths_per_comp[comp[r.node]] >= 2) if n else np.zeros(0, np.int64)  # rows in a group
     partner, best = best_partner(n, graph)
     group_id: dict[int, str] = {}
-    for k in np.argsort(np.asarray(im.ids, dtype=object), kind="stable"):
+    for k in sorted(np.unique(r.node[grouped]).tolist(), key=im.ids.__getitem__):
         group_id.setdefault(int(comp[k]), im.ids[k])  # the smallest image id names the group
+    nodes, paths, labels, splits = r.node[grouped].tolist(), *(r.column(c, grouped) for c in ("path", "label", "split"))
     labels_of: dict[int, set[str]] = {}
-    for u, _, lab, _ in rows:
+    for u, lab in zip(nodes, labels):
         if lab is not None:
             labels_of.setdefault(int(comp[u]), set()).add(lab)
     out = []
-    for u, p, lab, sp in rows:
+    for u, p, lab, sp in zip(nodes, paths, labels, splits):
         c = int(comp[u])
-        if paths_per_comp[c] < 2:
-            continue
         exact = paths_per_node[u] > 1
         nearest = im.ids[u] if exact else im.ids[partner[u]]
         out.append(
@@ -371,22 +499,8 @@ def groups_table(im: Images, graph: Graph, comp: np.ndarray | None = None) -> pa
             )
         )
     out.sort(key=lambda r: (not r[7], r[1], -r[3], r[4]))  # label conflicts first
-    cols = list(zip(*out)) if out else [[]] * len(S.DEDUP_GROUPS_SCHEMA)
+    cols: list[Sequence[Any]] = list(zip(*out)) if out else [[]] * len(S.DEDUP_GROUPS_SCHEMA)
     return pa.table(dict(zip(S.DEDUP_GROUPS_SCHEMA.names, cols)), schema=S.DEDUP_GROUPS_SCHEMA)
-
-
-def _held_out(im: Images) -> tuple[dict[str, str], list[tuple[str, str, str]]]:
-    """(first training path of each training image, held-out rows ``(image_id, path, split)``)."""
-    node = {i: k for k, i in enumerate(im.ids)}
-    train_path: dict[str, str] = {}
-    held = []
-    for i, p, s in zip(im.row_ids, im.row_paths, im.row_splits):
-        if i in node and s is not None:
-            if s == S.SPLIT_TRAIN:
-                train_path.setdefault(i, p)
-            else:
-                held.append((i, p, s))
-    return train_path, held
 
 
 def _leaks(rows: list[tuple[Any, ...]]) -> pa.Table:
@@ -397,47 +511,59 @@ def _leaks(rows: list[tuple[Any, ...]]) -> pa.Table:
 
 def leaks_table(im: Images, nb: Neighbours, threshold: float) -> pa.Table:
     """Held-out rows (split neither train nor empty) whose nearest training image is at or above threshold."""
-    node = {i: k for k, i in enumerate(im.ids)}
-    train_path, held = _held_out(im)
-    if not train_path or not held:
+    r = im.rows()
+    train_row, held = r.first_train_row(), r.held_out()
+    is_train = train_row >= 0
+    if not is_train.any() or not len(held):
         return S.DEDUP_LEAKS_SCHEMA.empty_table()
-    is_train = np.zeros(len(im.ids), bool)
-    is_train[[node[i] for i in train_path]] = True
-    sims, rows = nearest_train(im.X, nb, is_train, np.array([node[i] for i, _, _ in held]), threshold)
-    out = []
-    for (i, p, s), sim, r in zip(held, sims.tolist(), rows.tolist()):
-        if i in train_path:
-            out.append((i, p, s, i, train_path[i], S.SPLIT_TRAIN, 1.0))  # the very same content is in train
-        elif r >= 0 and sim >= threshold:
-            out.append((i, p, s, im.ids[r], train_path[im.ids[r]], S.SPLIT_TRAIN, sim))
+    nodes = r.node[held]
+    sims, rows = nearest_train(im.X, nb, is_train, nodes, threshold)
+    same = is_train[nodes]  # the very same content is in train
+    hit = same | ((rows >= 0) & (sims >= threshold))
+    near = np.where(same, nodes, rows)[hit]
+    sim = [1.0 if s else x for s, x in zip(same[hit].tolist(), sims[hit].tolist())]
+    return _leak_rows(im, r, held[hit], nodes[hit], near, train_row, sim)
+
+
+def _leak_rows(
+    im: Images, r: Rows, held: np.ndarray, nodes: np.ndarray, near: np.ndarray, train_row: np.ndarray, sim: list[float]
+) -> pa.Table:
+    """The leaks table of held-out rows ``held`` (of nodes ``nodes``), each near training node ``near``."""
+    paths, splits = r.column("path", held), r.column("split", held)
+    near_paths = r.column("path", train_row[near])
+    out = [
+        (im.ids[u], p, s, im.ids[v], q, S.SPLIT_TRAIN, x)
+        for u, p, s, v, q, x in zip(nodes.tolist(), paths, splits, near.tolist(), near_paths, sim)
+    ]
     return _leaks(out)
 
 
 def group_leaks_table(im: Images, comp: np.ndarray) -> pa.Table:
     """Held-out rows grouped with a training image; the nearest (by features) training member is named."""
-    node = {i: k for k, i in enumerate(im.ids)}
-    train_path, held = _held_out(im)
+    r = im.rows()
+    train_row, held = r.first_train_row(), r.held_out()
+    is_train = train_row >= 0
+    nodes = r.node[held]
+    same = is_train[nodes]  # the very same content is in train
+    looking = nodes[~same]
+    # the training members of the components those held-out images are in, in manifest order
+    members_at = np.flatnonzero(is_train & np.isin(comp, comp[looking]))
+    members_at = members_at[np.argsort(train_row[members_at], kind="stable")]
     train_nodes: dict[int, list[int]] = {}
-    for i in train_path:
-        train_nodes.setdefault(int(comp[node[i]]), []).append(node[i])
-    nearest = nearest_members(im.X, comp, train_nodes, [node[i] for i, _, _ in held if i not in train_path])
-    out = []
-    for i, p, s in held:
-        if i in train_path:
-            out.append((i, p, s, i, train_path[i], S.SPLIT_TRAIN, 1.0))  # the very same content is in train
-            continue
-        hit = nearest.get(node[i])
-        if hit is not None:
-            r = im.ids[hit[0]]
-            out.append((i, p, s, r, train_path[r], S.SPLIT_TRAIN, hit[1]))
-    return _leaks(out)
+    for u in members_at.tolist():
+        train_nodes.setdefault(int(comp[u]), []).append(u)
+    nearest = nearest_members(im.X, comp, train_nodes, looking.tolist())
+    near = np.array([u if s else nearest.get(u, (-1, 0.0))[0] for u, s in zip(nodes.tolist(), same.tolist())], np.int64)
+    hit = near >= 0
+    sim = [1.0 if s else nearest[u][1] for u, s in zip(nodes[hit].tolist(), same[hit].tolist())]
+    return _leak_rows(im, r, held[hit], nodes[hit], near[hit], train_row, sim)
 
 
 MEMBER_BLOCK = 1 << 24  # similarities computed at a time when naming nearest group members (64 MiB)
 
 
 def nearest_members(
-    X: np.ndarray, comp: np.ndarray, members: dict[int, list[int]], nodes: Sequence[int]
+    X: Vectors, comp: np.ndarray, members: dict[int, list[int]], nodes: Sequence[int]
 ) -> dict[int, tuple[int, float]]:
     """For each of ``nodes`` whose component has ``members``, its most similar member (the first of
     equals) and their similarity. One product per component and block of nodes: a large group of
@@ -461,7 +587,7 @@ def nearest_members(
 
 
 def nearest_train(
-    X: np.ndarray, nb: Neighbours, is_train: np.ndarray, nodes: np.ndarray, threshold: float
+    X: Vectors, nb: Neighbours, is_train: np.ndarray, nodes: np.ndarray, threshold: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """Similarity and node of the nearest training image of each of ``nodes`` (-1 where none is close).
 
@@ -479,7 +605,7 @@ def nearest_train(
     best_sims = np.where(found, sims[np.arange(len(nodes)), first], -np.inf).astype(np.float32)
     cut = ~found & (rows.shape[1] > 0) & (sims[:, -1:].min(axis=1, initial=np.inf) >= threshold)
     for k in np.flatnonzero(cut):
-        s = X @ X[nodes[k]]
+        s = similarities_to(X, X[nodes[k]])
         s[~is_train] = -np.inf
         best_rows[k], best_sims[k] = int(s.argmax()), float(s.max())
     return best_sims, best_rows
@@ -495,6 +621,14 @@ def run_dedup(ws: Workspace, cfg: DedupConfig, run_id: str) -> DedupSummary:
     clock = _Clock()
     featureset_info(ws, cfg.featureset)  # exit 2 for an unknown featureset
     im = clock.lap("read", load_images(ws, cfg))
+    try:
+        return _run_loaded(ws, cfg, run_id, clock, im)
+    finally:
+        if isinstance(im.X, VectorStore):
+            im.X.close()
+
+
+def _run_loaded(ws: Workspace, cfg: DedupConfig, run_id: str, clock: _Clock, im: Images) -> DedupSummary:
     folder = ws.dedup_dir(cfg.out_name)
     digest = inputs_digest(cfg, im)
     previous = _previous(folder)
@@ -586,7 +720,7 @@ def candidate_pairs(
     return similar_pairs(nb, -1.0), nb.kind, len(im.ids)
 
 
-def new_image_pairs(X: np.ndarray, new: np.ndarray, k: int) -> Graph:
+def new_image_pairs(X: Vectors, new: np.ndarray, k: int) -> Graph:
     """Each of ``new`` rows with its ``k`` nearest other rows of ``X`` (exact), as pairs."""
     a, b, sim = [], [], []
     k = min(k, len(X) - 1)
@@ -601,7 +735,7 @@ def new_image_pairs(X: np.ndarray, new: np.ndarray, k: int) -> Graph:
     return _unique_pairs(len(X), np.concatenate(a), np.concatenate(b), np.concatenate(sim).astype(np.float32))
 
 
-def _top_k_blocked(X: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def _top_k_blocked(X: Vectors, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` most similar other rows of ``X`` to each of ``rows`` (and their similarities),
     scanning ``X`` a block of BLOCK_ROWS at a time: the working set never grows with ``len(X)``."""
     Q = X[rows]
@@ -679,10 +813,25 @@ def inputs_digest(cfg: DedupConfig, im: Images) -> str:
     ).encode()
     # a budget may change the search (approximate): results from another budget are not reused
     budget = [] if cfg.memory_budget is None else [f"memory_budget={cfg.memory_budget}".encode()]
-    rows = sorted(zip(im.row_ids, im.row_paths, [s or "" for s in im.row_splits], [x or "" for x in im.labels()]))
-    return digest_chunks(
-        itertools.chain([head], budget, ("\x1f".join(row).encode() + b"\x1e" for row in rows)), CONTENT_ID_ALGORITHM
-    )
+    return digest_chunks(itertools.chain([head], budget, _sorted_rows(im)), CONTENT_ID_ALGORITHM)
+
+
+DIGEST_ROWS = 65_536  # manifest rows joined into one chunk of the digest at a time
+
+
+def _sorted_rows(im: Images) -> Iterator[bytes]:
+    """Every manifest row (id, path, split, label; "" for none) as ``\x1f``-joined UTF-8 ending in
+    ``\x1e``, rows sorted as Python sorts their tuples (UTF-8's byte order is code point order),
+    sorted and joined by Arrow a chunk at a time: no Python tuple per row."""
+    n = len(im.row_ids)
+    labels = pa.nulls(n, pa.string()) if im.row_labels is None else _arrow(im.row_labels).cast(pa.string())
+    cols = [_arrow(im.row_ids), _arrow(im.row_paths), _arrow(im.row_splits).cast(pa.string()), labels]
+    t = pa.table({str(k): pc.fill_null(c, "") for k, c in enumerate(cols)})
+    t = t.take(pc.sort_indices(t, sort_keys=[(str(k), "ascending") for k in range(4)]))
+    for lo in range(0, n, DIGEST_ROWS):
+        part = t.slice(lo, DIGEST_ROWS)
+        joined = pc.binary_join_element_wise(*part.columns, "\x1f")
+        yield ("\x1e".join(joined.to_pylist()) + "\x1e").encode()
 
 
 def _previous(folder: Path) -> JsonObject | None:
@@ -724,7 +873,7 @@ def cached_looks(folder: Path, im: Images, root: ImageRoot) -> tuple[LookStore, 
     paths, computed, workers = im.first_paths(), 0, os.cpu_count() or 1
     for lo in range(0, len(todo), LOOK_CHUNK):
         chunk = todo[lo : lo + LOOK_CHUNK]
-        L, ok = looks_of_files([root / paths[k] for k in chunk], workers=workers)
+        L, ok = looks_of_files([root / p for p in paths.take(pa.array(chunk, pa.int64())).to_pylist()], workers=workers)
         good = chunk[ok]
         store.append([im.ids[k] for k in good], L[ok], good)
         computed += len(good)
@@ -790,7 +939,7 @@ def _calibration(
     pick = np.random.default_rng(0).choice(readable, size=min(cfg.calibration_images, len(readable)), replace=False)
     paths = im.first_paths()
     out: JsonObject = {
-        **calibrate([root / paths[k] for k in sorted(pick.tolist())]),
+        **calibrate([root / p for p in paths.take(pa.array(np.sort(pick), pa.int64())).to_pylist()]),
         "sample": cfg.calibration_images,
         "dataset_images": len(im.ids),
         "reused": False,

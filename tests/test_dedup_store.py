@@ -1,0 +1,109 @@
+"""Dedup over vectors that do not fit the memory budget: the scratch vector store gives back the rows
+written, the blocked reduction and rescoring equal the in-memory ones, the search over a store finds
+what the search in memory finds, and a run under a tiny budget writes the tables a large one does."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from synthetic import fake_image_id, write_featureset
+from test_dedup import planted
+
+from imgfeat.index import dedup
+from imgfeat.index.kinds import reduce_dims, rescore
+from imgfeat.index.scratch import VectorStore, reduce_store, rescore_block, similarities_to, store_vectors
+from imgfeat.scan.manifest import write_manifest
+
+pytestmark = pytest.mark.quick
+
+
+def _rows(n: int, dim: int, seed: int = 0) -> np.ndarray:
+    X = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return X / np.linalg.norm(X, axis=1, keepdims=True)
+
+
+def test_the_store_gives_back_the_rows_written_as_a_matrix_would(tmp_path):
+    X = _rows(50, 6)
+    ids, store = store_vectors(((["a"] * len(X[lo : lo + 7]), X[lo : lo + 7]) for lo in range(0, 50, 7)), 6, tmp_path)
+    with store:
+        assert len(ids) == 50 and len(store) == 50 and store.shape == (50, 6)
+        assert list(tmp_path.iterdir()) == []  # no name: a crash leaves nothing
+        assert np.array_equal(store[:], X) and np.array_equal(store[10:13], X[10:13])
+        assert np.array_equal(store[45:99], X[45:]) and store[60:70].shape == (0, 6)
+        rows = np.array([[3, 4, 5], [49, 0, 3]])  # repeated, unsorted, 2-d
+        assert np.array_equal(store[rows], X[rows]) and np.array_equal(store[[-1, 2]], X[[-1, 2]])
+        assert np.array_equal(store[7], X[7]) and np.array_equal(store[::5], X[::5])
+        assert np.array_equal(np.concatenate([b for _, b in store.blocks(16)]), X)
+        assert [lo for lo, _ in store.blocks(16)] == [0, 16, 32, 48]
+        np.testing.assert_allclose(similarities_to(store, X[4], 8), X @ X[4], atol=1e-6)
+        with pytest.raises(IndexError):
+            store[np.array([50])]
+
+
+def test_blocked_rescoring_and_reduction_equal_the_in_memory_ones(tmp_path):
+    X = _rows(300, 40, seed=1)
+    rows = np.random.default_rng(2).integers(-1, 300, (300, 6))
+    want_s, want_r = rescore(X, rows)
+    with VectorStore(40, tmp_path) as store:
+        store.append(X)
+        for lo in range(0, 300, 64):
+            s, r = rescore_block(X[lo : lo + 64], store, rows[lo : lo + 64])
+            assert np.array_equal(r, want_r[lo : lo + 64]) and np.array_equal(s, want_s[lo : lo + 64])
+        with reduce_store(store, 8, 64, tmp_path) as Y:
+            np.testing.assert_allclose(Y[:], reduce_dims(X, 8), atol=1e-5)
+
+
+@pytest.mark.parametrize("exact_max, dim", [(10, 272), (10, 64)])
+def test_the_search_over_a_store_finds_the_neighbours_the_search_in_memory_finds(tmp_path, monkeypatch, exact_max, dim):
+    monkeypatch.setattr(dedup, "QUERY_ROWS", 100)  # rescoring steps (23 rows) that do not divide a query block
+    X, _ = planted(n=400, dim=dim)
+    want = dedup.nearest_neighbours(X, 10, exact_max=exact_max)
+    with VectorStore(dim, tmp_path) as store:
+        store.append(X)
+        got = dedup.nearest_neighbours(store, 10, exact_max=exact_max, memory_budget=1 << 20)  # ivf, blocks of 256 rows
+    assert got.kind == want.kind == "ivf"
+    assert np.array_equal(got.rows, want.rows)
+    np.testing.assert_allclose(got.sims, want.sims, atol=1e-6)
+
+
+def test_a_tiny_memory_budget_stores_the_vectors_and_finds_the_same_groups(ws, monkeypatch):
+    X, copies = planted(n=400, dim=272)
+    ids = [fake_image_id("d", k) for k in range(len(X))]
+    write_featureset(ws, "fs", ids, X, dtype="float32")
+    n = len(X) - len(copies)
+    rows = [
+        {"image_id": i, "path": f"img/{k:03d}.png", "split": "test" if k >= n else "train", "status": "ok"}
+        for k, i in enumerate(ids)
+    ]
+    rows.append({"image_id": ids[3], "path": "img/copy-of-003.png", "split": "train", "status": "ok"})
+    write_manifest(ws, "d", rows, ws.root / "images")
+    stored = []
+    real = dedup.store_vectors
+    monkeypatch.setattr(dedup, "store_vectors", lambda *a: stored.append(1) or real(*a))
+    out = {}
+    for name, budget in (("big", 1 << 30), ("tiny", 600_000)):
+        cfg = dedup.DedupConfig(featureset="fs", dataset="d", name=name, memory_budget=budget, exact_max=10)
+        s = dedup.run_dedup(ws, cfg, "run").to_json()
+        out[name] = (pq.read_table(s["groups_table"]), pq.read_table(s["leaks_table"]), s["search"], s["groups"])
+    assert stored == [1]  # only the tiny budget wrote a scratch file
+    assert out["tiny"][2] == out["big"][2] == "approximate (ivf)" and out["big"][3] == 4
+    assert out["tiny"][0].equals(out["big"][0]) and out["tiny"][1].equals(out["big"][1])
+    assert out["big"][1].num_rows == len(copies)
+
+
+def test_similar_pairs_by_keys_are_each_listed_pair_once_with_its_first_similarity():
+    rng = np.random.default_rng(4)
+    rows = rng.integers(-1, 50, (50, 7))
+    sims = rng.random((50, 7)).astype(np.float32)
+    g = dedup.similar_pairs(dedup.Neighbours(sims, rows, "flat"), 0.3)
+    want: dict[tuple[int, int], float] = {}
+    for a in range(50):
+        for b, s in zip(rows[a].tolist(), sims[a].tolist()):
+            if b >= 0 and s >= 0.3:
+                want.setdefault((min(a, b), max(a, b)), s)
+    got = {(a, b): s for a, b, s in zip(g.a.tolist(), g.b.tolist(), g.sim.tolist())}
+    assert got == want and list(got) == sorted(want)
+    assert g.a.dtype == g.b.dtype == np.int64 and g.sim.dtype == np.float32
+    empty = dedup.similar_pairs(dedup.Neighbours(np.zeros((0, 0), np.float32), np.zeros((0, 0), np.int64), "flat"), 0)
+    assert len(empty.a) == len(empty.b) == len(empty.sim) == 0

@@ -83,3 +83,35 @@ def test_a_streamed_fit_logs_each_epoch_for_a_log_without_a_terminal(blobs, capl
     epochs = meta["trained_by"]["epochs"]
     lines = [r.getMessage() for r in caplog.records if "(streamed): epoch" in r.getMessage()]
     assert len(lines) == epochs and lines[-1].startswith(f"svm (streamed): epoch {epochs} of {epochs} done")
+
+
+@pytest.mark.parametrize("order", ["path order, as scan writes", "any order"])
+def test_predict_labels_each_row_with_its_own_manifest_row(blobs, order):
+    """Predict joins feature rows to manifest rows a chunk at a time (read from the manifest's row
+    groups when it is in path order, else from a sorted table): every prediction carries its image's
+    first path, label and split, repeated paths are left out, nothing is lost or mixed up."""
+    from imgfeat.core import schemas as S
+    from imgfeat.scan.manifest import read_manifest, write_manifest
+
+    out, _ = _train(blobs, "logreg", None)
+    base = read_manifest(blobs, "blobs").to_pylist()
+    rng = np.random.default_rng(4)
+    rows = [dict(r, **{S.SPLIT: str(rng.choice(["train", "test", "val"]))}) for r in base]
+    copies = [dict(rows[k], **{S.PATH: f"zz-copy/{k:05d}.jpg", S.LABEL: "other"}) for k in range(0, len(rows), 7)]
+    rows += copies  # the same image under a later path: the first path and its label win
+    if order.startswith("path"):
+        rows.sort(key=lambda r: r[S.PATH])
+    else:
+        rng.shuffle(rows)
+    dataset = "blobs-sorted" if order.startswith("path") else "blobs-shuffled"
+    write_manifest(blobs, dataset, rows, blobs.root / "images" / dataset)
+    got = run_predict(blobs, PredictConfig(out.head_id, dataset=dataset, chunk_rows=100, memory_budget=TINY), "p")
+    assert got.written == len(base) and got.duplicates == len(copies) and got.missing_features == 0
+    table = read_predictions(blobs, out.head_id).to_pandas()
+    table = table[table[S.DATASET] == dataset].set_index(S.IMAGE_ID)
+    first = {}
+    for r in sorted(rows, key=lambda r: r[S.PATH]):
+        first.setdefault(r[S.IMAGE_ID], r)
+    assert len(table) == len(first)
+    for i, r in first.items():
+        assert (table.at[i, S.PATH], table.at[i, S.LABEL], table.at[i, S.SPLIT]) == (r[S.PATH], r[S.LABEL], r[S.SPLIT])

@@ -92,7 +92,9 @@ def test_a_tiny_memory_budget_stores_the_vectors_and_finds_the_same_groups(ws, m
     assert out["big"][1].num_rows == len(copies)
 
 
-def test_similar_pairs_by_keys_are_each_listed_pair_once_with_its_first_similarity():
+@pytest.mark.parametrize("chunk", [2_000_000, 17])  # one sort, or many ranges of the smaller node
+def test_similar_pairs_by_keys_are_each_listed_pair_once_with_its_first_similarity(monkeypatch, chunk):
+    monkeypatch.setattr(dedup, "PAIR_CHUNK", chunk)
     rng = np.random.default_rng(4)
     rows = rng.integers(-1, 50, (50, 7))
     sims = rng.random((50, 7)).astype(np.float32)

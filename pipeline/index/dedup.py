@@ -49,6 +49,7 @@ from imgfeat.index.kinds import (
     IndexParams,
     build_in_memory,
     flat_bytes,
+    ivfpq_bytes,
     knn,
     make_index,
     reduce_dims,
@@ -104,6 +105,7 @@ EXACT_MAX = 20_000  # above this many images the neighbour search is approximate
 DEDUP_NPROBE = 8  # near-copies sit in the same or a neighbouring list: a few lists find them
 CANDIDATE_DIMS = 256  # approximate search finds candidates on this many principal components
 IN_MEMORY_SHARE = 0.5  # vectors taking more of the memory budget than this go to a scratch file
+INDEX_SHARE = 4  # the candidate index takes at most 1/INDEX_SHARE of the budget (else IVF-PQ codes sized to it)
 
 
 @dataclass(frozen=True)
@@ -215,13 +217,20 @@ class Graph:
 def dedup_params(n: int, exact_max: int, dim: int | None = None, memory_budget: int | None = None) -> IndexParams:
     """Exact up to ``exact_max`` while a copy of the vectors fits the budget; beyond, a coarse IVF
     (2 sqrt(n) lists, 8 probed: near-copies share a list) on at most CANDIDATE_DIMS dimensions,
-    ivfpq when those vectors do not fit the budget either."""
+    ivfpq when those vectors take more than a quarter of the budget."""
     if n <= exact_max and (memory_budget is None or dim is None or flat_bytes(n, dim) <= memory_budget):
         return resolve_params("flat", n)
     nlist = max(1, min(int(2 * math.sqrt(n)), n // MIN_POINTS_PER_LIST))
     cdim = min(dim, CANDIDATE_DIMS) if dim else None
-    if memory_budget is not None and cdim and flat_bytes(n, cdim) > memory_budget:
-        return resolve_params("ivfpq", n, nlist=nlist, nprobe=DEDUP_NPROBE, dim=cdim, memory_budget=memory_budget)
+    # the index takes a quarter of the budget where IVF-PQ codes can fit in it (the neighbour lists,
+    # the pairs and a block of vectors share the rest), else up to half, as an index built alone
+    if memory_budget is not None and cdim:
+        quarter = memory_budget // INDEX_SHARE
+        if flat_bytes(n, cdim) > quarter and ivfpq_bytes(n, cdim, nlist, 1) <= quarter:
+            # (the codes are sized to half the budget given: a quarter of this one)
+            return resolve_params("ivfpq", n, nlist=nlist, nprobe=DEDUP_NPROBE, dim=cdim, memory_budget=2 * quarter)
+        if flat_bytes(n, cdim) > memory_budget:
+            return resolve_params("ivfpq", n, nlist=nlist, nprobe=DEDUP_NPROBE, dim=cdim, memory_budget=memory_budget)
     return resolve_params("ivf", n, nlist=nlist, nprobe=DEDUP_NPROBE)
 
 
@@ -293,11 +302,26 @@ def similar_pairs(nb: Neighbours, threshold: float) -> Graph:
     of a million images are the largest arrays of a run, so no more of them than needed at once."""
     n, k = nb.rows.shape
     b, s = nb.rows.ravel(), nb.sims.ravel()
-    at = np.flatnonzero((b >= 0) & (s >= threshold))  # listed pairs kept, in list order
-    key = _pair_keys(at // max(k, 1), b[at], n)
-    ukey, first = np.unique(key, return_index=True)
-    del key
-    return Graph(ukey // max(n, 1), ukey % max(n, 1), s[at[first]])
+    valid = (b >= 0) & (s >= threshold)  # listed pairs kept
+    # The pairs go in ranges of their smaller node, in ascending order: each range's keys sorted
+    # on their own give the same pairs in the same order as one sort of all, with a fraction of
+    # its arrays (a sort of 20M keys briefly holds 0.5 GB).
+    lo = np.minimum(np.repeat(np.arange(n, dtype=np.int32), k), np.where(valid, b, n).astype(np.int32))
+    chunks = max(1, int(valid.sum()) // PAIR_CHUNK + 1)
+    bounds = np.linspace(0, n, chunks + 1).astype(np.int64)
+    parts_a, parts_b, parts_s = [], [], []
+    for r0, r1 in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        at = np.flatnonzero(valid & (lo >= r0) & (lo < r1))  # in list order
+        key = _pair_keys(at // max(k, 1), b[at], n)
+        ukey, first = np.unique(key, return_index=True)
+        del key
+        parts_a.append(ukey // max(n, 1))
+        parts_b.append(ukey % max(n, 1))
+        parts_s.append(s[at[first]])
+    return Graph(np.concatenate(parts_a), np.concatenate(parts_b), np.concatenate(parts_s))
+
+
+PAIR_CHUNK = 2_000_000  # listed pairs deduplicated at a time (about 64 MB of keys and their sort)
 
 
 def _pair_keys(a: np.ndarray, b: np.ndarray, n: int) -> np.ndarray:

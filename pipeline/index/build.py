@@ -311,6 +311,9 @@ def _fresh_streamed(
     return index, params, _id_rows(ws, cfg, old, everything, added)
 
 
+TRIM_EVERY = 16  # batches added between two release_freed_memory calls (each costs milliseconds)
+
+
 def _add_streamed(
     ws: Workspace, cfg: IndexConfig, index: Any, wanted: KeyIndex, old_ids: pa.ChunkedArray | pa.Array
 ) -> np.ndarray:
@@ -322,7 +325,8 @@ def _add_streamed(
     n_added = 0
     before = index.ntotal
     batch = fill_batch_rows(index.d, cfg.budget)
-    for keys, X in iter_features(ws, cfg.featureset, ids=wanted, batch_rows=batch, as_keys=True):
+    batches = iter_features(ws, cfg.featureset, ids=wanted, batch_rows=batch, as_keys=True)
+    for done, (keys, X) in enumerate(batches, 1):
         X = normalise(X)
         if old_pos is not None:
             labels = old_pos.positions(keys)
@@ -335,6 +339,8 @@ def _add_streamed(
         if fresh.any():
             added.append(wanted.ranks(keys[fresh]))
             n_added += int(fresh.sum())
+        if done % TRIM_EVERY == 0:  # the inverted lists grow by reallocation: hand their old buffers back
+            release_freed_memory()
     if index.ntotal != before + len(old_ids) + n_added:
         raise ImgfeatError(
             f"index {cfg.index_name}: {before + len(old_ids) + n_added - index.ntotal} of its images no "

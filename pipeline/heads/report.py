@@ -10,7 +10,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -39,9 +39,6 @@ from imgfeat.heads.predict import prediction_shards
 from imgfeat.heads.train import params_for
 from imgfeat.heads.versions import default_head_name, resolve_head
 from imgfeat.scan.manifest import corrupt_manifest, dataset_root, manifest_file
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger(__name__)
 

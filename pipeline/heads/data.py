@@ -20,6 +20,7 @@ from imgfeat.core.results import JsonObject
 from imgfeat.core.workspace import Workspace
 from imgfeat.extract.featureset import committed_ids
 from imgfeat.scan.manifest import read_manifest
+from imgfeat.scan.rows import paths_ascending, readable
 
 log = logging.getLogger(__name__)
 
@@ -107,9 +108,9 @@ def unique_table(manifest: pa.Table) -> tuple[pa.Table, dict[str, int], pd.DataF
     # Each step copies the columns only when it changes something: a manifest is usually all
     # readable, in path order and without repeats, and at a million rows each copy is ~100 MB.
     t = manifest.select(MANIFEST_COLUMNS)
-    ok = pc.fill_null(pc.and_(pc.equal(t[S.STATUS], S.STATUS_OK), pc.is_valid(t[S.IMAGE_ID])), False)
+    ok = readable(t)
     ok_rows = t if pc.all(ok).as_py() is not False else t.filter(ok)
-    if not _path_sorted(ok_rows[S.PATH]):
+    if not paths_ascending(ok_rows[S.PATH]):
         ok_rows = ok_rows.take(pc.sort_indices(ok_rows, sort_keys=[(S.PATH, "ascending")]))
     keys = keys_of(ok_rows[S.IMAGE_ID])
     uniq, first_at, counts_of = np.unique(keys, return_index=True, return_counts=True)
@@ -144,14 +145,6 @@ def repeated_files(dup: pd.DataFrame | None) -> tuple[pd.DataFrame, set[str]]:
             _listing(files[files[S.REASON] == S.REASON_CONFLICT]),
         )
     return files, conflicting
-
-
-def _path_sorted(paths: pa.ChunkedArray | pa.Array) -> bool:
-    """Whether the (non-null) paths are already in ascending order, as a stable sort would leave them."""
-    n = len(paths)
-    if n < 2 or paths.null_count:
-        return n < 2
-    return bool(pc.all(pc.less_equal(paths.slice(0, n - 1), paths.slice(1))).as_py())
 
 
 def left_out_files(ok: pd.DataFrame, first: pd.DataFrame, conflicting: set[str]) -> pd.DataFrame:

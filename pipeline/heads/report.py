@@ -38,7 +38,8 @@ from imgfeat.heads.artifacts import LoadedHead, load_head
 from imgfeat.heads.predict import prediction_shards
 from imgfeat.heads.train import params_for
 from imgfeat.heads.versions import default_head_name, resolve_head
-from imgfeat.scan.manifest import corrupt_manifest, dataset_root, manifest_file
+from imgfeat.scan.manifest import dataset_root, manifest_file
+from imgfeat.scan.rows import manifest_groups
 
 log = logging.getLogger(__name__)
 
@@ -230,24 +231,19 @@ def _with_paths(ws: Workspace, dataset: str, mistakes: list[Mistake]) -> list[Mi
         return mistakes
     try:
         root = dataset_root(ws, dataset)
-        path = manifest_file(ws, dataset)
+        manifest_file(ws, dataset)  # (the dataset is still here)
     except ConfigError:
         log.warning("dataset %s is no longer in the workspace: the report has no thumbnails", dataset)
         return mistakes
     wanted = pa.array(sorted({m.image_id for m in mistakes}), pa.string())
     found: dict[str, Path] = {}
-    try:
-        with pq.ParquetFile(path) as pf:
-            for g in range(pf.num_row_groups):
-                t = pf.read_row_group(g, columns=[S.IMAGE_ID, S.PATH])
-                t = t.filter(pc.fill_null(pc.is_in(t[S.IMAGE_ID], value_set=wanted), False))
-                for i, p in zip(t[S.IMAGE_ID].to_pylist(), t[S.PATH].to_pylist()):
-                    if p is not None and i not in found:
-                        found[i] = root / p
-                if len(found) == len(wanted):
-                    break
-    except (OSError, pa.ArrowException) as exc:
-        raise corrupt_manifest(path, dataset, exc) from None
+    for t in manifest_groups(ws, dataset, [S.IMAGE_ID, S.PATH], ok_only=False):
+        t = t.filter(pc.fill_null(pc.is_in(t[S.IMAGE_ID], value_set=wanted), False))
+        for i, p in zip(t[S.IMAGE_ID].to_pylist(), t[S.PATH].to_pylist()):
+            if p is not None and i not in found:
+                found[i] = root / p
+        if len(found) == len(wanted):
+            break
     return [replace(m, path=found.get(m.image_id)) for m in mistakes]
 
 

@@ -64,7 +64,8 @@ from imgfeat.index.kinds import (
     train,
     train_on_sample,
 )
-from imgfeat.index.vectors import manifest_groups, normalise, read_vectors, scanned_datasets
+from imgfeat.index.vectors import normalise, read_vectors, scanned_datasets
+from imgfeat.scan.rows import manifest_groups
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError, ImgfeatError, unknown_value
-from imgfeat.core.hashing import content_hasher, content_id
+from imgfeat.core.hashing import content_hasher
 from imgfeat.core.results import JsonObject
 from imgfeat.core.storage import FileLock, recorded_file
 from imgfeat.core.workspace import Workspace, check_name
@@ -143,12 +143,10 @@ def _check_keys(obj: Any, keys: dict[str, tuple[tuple[type, ...], bool]], prefix
         raise ValueError(f"unknown key {prefix}{unknown[0]!r}")
 
 
-def ids_digest(ids: list[str] | pa.Array | pa.ChunkedArray) -> str:
+def ids_digest(ids: pa.Array | pa.ChunkedArray) -> str:
     """Fingerprint of the id order: the provenance's check that ids.parquet matches the index file.
 
-    The BLAKE2b-128 of the ids joined by newlines (an Arrow column is fed a slice at a time)."""
-    if isinstance(ids, list):
-        return content_id("\n".join(ids).encode())
+    The BLAKE2b-128 of the ids joined by newlines, fed a slice at a time."""
     digest = IdsDigest()
     digest.update(ids)
     return digest.hexdigest()

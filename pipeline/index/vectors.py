@@ -8,14 +8,13 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError
 from imgfeat.core.workspace import Workspace
 from imgfeat.extract.featureset import READ_BATCH_ROWS, committed_ids, iter_features, pick_rows, read_picked
-from imgfeat.scan.manifest import corrupt_manifest, manifest_file, read_manifest
+from imgfeat.scan.manifest import read_manifest
+from imgfeat.scan.rows import readable
 
 
 def normalise(X: np.ndarray) -> np.ndarray:
@@ -55,35 +54,7 @@ def iter_vectors(
 def manifest_rows(ws: Workspace, dataset: str) -> pa.Table:
     """The readable rows of a dataset's manifest: ``image_id, path, split, label`` (status ok)."""
     table = read_manifest(ws, dataset, columns=[S.IMAGE_ID, S.PATH, S.SPLIT, S.LABEL, S.STATUS])
-    ok = pc.and_(pc.equal(table[S.STATUS], S.STATUS_OK), pc.is_valid(table[S.IMAGE_ID]))
-    return table.filter(pc.fill_null(ok, False)).select([S.IMAGE_ID, S.PATH, S.SPLIT, S.LABEL])
-
-
-def first_paths(ws: Workspace, datasets: Sequence[str]) -> dict[str, tuple[str, str]]:
-    """image_id -> (dataset, path) of its first manifest row, over ``datasets`` in order."""
-    out: dict[str, tuple[str, str]] = {}
-    for d in datasets:
-        t = manifest_rows(ws, d)
-        for i, p in zip(t[S.IMAGE_ID].to_pylist(), t[S.PATH].to_pylist()):
-            out.setdefault(i, (d, p))
-    return out
-
-
-def manifest_groups(ws: Workspace, dataset: str, columns: Sequence[str], ok_only: bool = True) -> Iterator[pa.Table]:
-    """A dataset's manifest a row group at a time (its ``columns``), only readable rows with an id
-    when ``ok_only`` (as ``manifest_rows``): memory holds one row group, not the manifest."""
-    path = manifest_file(ws, dataset)
-    need = list(dict.fromkeys([*columns, S.IMAGE_ID, S.STATUS])) if ok_only else list(columns)
-    try:
-        with pq.ParquetFile(path) as pf:
-            for g in range(pf.num_row_groups):
-                t = pf.read_row_group(g, columns=need)
-                if ok_only:
-                    ok = pc.and_(pc.equal(t[S.STATUS], S.STATUS_OK), pc.is_valid(t[S.IMAGE_ID]))
-                    t = t.filter(pc.fill_null(ok, False))
-                yield t.select(list(columns))
-    except (OSError, pa.ArrowException) as exc:
-        raise corrupt_manifest(path, dataset, exc) from None
+    return table.filter(readable(table)).select([S.IMAGE_ID, S.PATH, S.SPLIT, S.LABEL])
 
 
 def scanned_datasets(ws: Workspace) -> list[str]:

@@ -12,6 +12,7 @@ same, only slower.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,8 @@ import pyarrow.parquet as pq
 
 from imgfeat.core import schemas as S
 from imgfeat.core.keys import KeySet, keys_of
+from imgfeat.core.workspace import Workspace
+from imgfeat.scan.manifest import corrupt_manifest, manifest_file
 
 CACHED_GROUPS = 4  # decoded row groups kept (a manifest row group is ~8k rows, ~1 MB)
 
@@ -99,13 +102,12 @@ def unique_positions(rows: ManifestRows) -> UniquePositions | None:
     unreadable = 0
     for g in range(rows.num_row_groups):
         t = rows.group(g)
-        ok = pc.fill_null(pc.and_(pc.equal(t[S.STATUS], S.STATUS_OK), pc.is_valid(t[S.IMAGE_ID])), False)
-        at = np.flatnonzero(np.asarray(ok, dtype=bool))
+        at = np.flatnonzero(np.asarray(readable(t), dtype=bool))
         unreadable += t.num_rows - len(at)
         if not len(at):
             continue
         paths = t[S.PATH].take(pa.array(at, pa.int64()))
-        if paths.null_count or not _ascending(paths, last_path):
+        if not paths_ascending(paths, last_path):
             return None
         last_path = paths[-1].as_py()
         keys.append(keys_of(t[S.IMAGE_ID].take(pa.array(at, pa.int64()))))
@@ -131,8 +133,35 @@ def _counts(not_readable: int, duplicates: int, conflicting: int) -> dict[str, i
     return {"not_readable": int(not_readable), "duplicates": int(duplicates), "conflicting_labels": int(conflicting)}
 
 
-def _ascending(paths: pa.Array | pa.ChunkedArray, after: str | None) -> bool:
+def readable(t: pa.Table) -> pa.Array | pa.ChunkedArray:
+    """Which manifest rows are readable images: status ok and an id (a null counts as no)."""
+    return pc.fill_null(pc.and_(pc.equal(t[S.STATUS], S.STATUS_OK), pc.is_valid(t[S.IMAGE_ID])), False)
+
+
+def paths_ascending(paths: pa.Array | pa.ChunkedArray, after: str | None = None) -> bool:
+    """Whether the paths (none null) are in ascending order, as a stable sort would leave them, and
+    not before ``after`` (the last path of the row group before)."""
     n = len(paths)
-    if after is not None and paths[0].as_py() < after:
+    if paths.null_count:
+        return False
+    if n and after is not None and paths[0].as_py() < after:
         return False
     return n < 2 or bool(pc.all(pc.less_equal(paths.slice(0, n - 1), paths.slice(1))).as_py())
+
+
+def manifest_groups(ws: Workspace, dataset: str, columns: Sequence[str], ok_only: bool = True) -> Iterator[pa.Table]:
+    """A dataset's manifest a row group at a time (its ``columns``), only readable rows when
+    ``ok_only``: memory holds one row group, not the manifest. A file that cannot be read is
+    ``corrupt_manifest``'s error."""
+    path = manifest_file(ws, dataset)
+    need = list(dict.fromkeys([*columns, S.IMAGE_ID, S.STATUS])) if ok_only else list(columns)
+    try:
+        rows = ManifestRows(path, need)
+        try:
+            for g in range(rows.num_row_groups):
+                t = rows.group(g)
+                yield (t.filter(readable(t)) if ok_only else t).select(list(columns))
+        finally:
+            rows.close()
+    except (OSError, pa.ArrowException) as exc:
+        raise corrupt_manifest(path, dataset, exc) from None

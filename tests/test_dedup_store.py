@@ -109,3 +109,37 @@ def test_similar_pairs_by_keys_are_each_listed_pair_once_with_its_first_similari
     assert g.a.dtype == g.b.dtype == np.int64 and g.sim.dtype == np.float32
     empty = dedup.similar_pairs(dedup.Neighbours(np.zeros((0, 0), np.float32), np.zeros((0, 0), np.int64), "flat"), 0)
     assert len(empty.a) == len(empty.b) == len(empty.sim) == 0
+
+
+def test_a_full_disk_under_the_scratch_stores_is_one_line(tmp_path, monkeypatch):
+    """A scratch store that cannot be written says which folder and why, not a traceback."""
+    import errno
+
+    from imgfeat.core.errors import ImgfeatError
+    from imgfeat.index import scratch
+    from imgfeat.index.looks import LOOK_BYTES, LookStore
+
+    def full(*_args: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with VectorStore(4, tmp_path / "cache") as store:
+        monkeypatch.setattr(scratch.os, "pwrite", full)
+        with pytest.raises(ImgfeatError, match=r"cache/\(scratch file\): the disk is full"):
+            store.append(np.zeros((2, 4), np.float32))
+    looks = LookStore(1, tmp_path / "looks")
+    monkeypatch.setattr(looks, "_file", _FullFile(looks._file))
+    with pytest.raises(ImgfeatError, match="the disk is full"):
+        looks.append(["a"], np.zeros((1, LOOK_BYTES // 2), np.float16))
+
+
+class _FullFile:
+    def __init__(self, inner):
+        self._inner = inner
+
+    def seek(self, *a):
+        return self._inner.seek(*a)
+
+    def write(self, _data):
+        import errno
+
+        raise OSError(errno.ENOSPC, "No space left on device")

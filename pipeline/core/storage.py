@@ -12,10 +12,11 @@ import math
 import os
 import shutil
 import stat
+import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -55,6 +56,25 @@ def disk_error(path: Path, exc: OSError) -> ImgfeatError:
         errno.EPERM: "permission denied",
     }.get(exc.errno or 0, exc.strerror or str(exc))  # an OSError without an errno: none of these
     return ImgfeatError(f"cannot write {path}: {reason}")
+
+
+def scratch_file(folder: Path | None) -> IO[bytes]:
+    """An unnamed temporary file under ``folder`` (the system's temp folder when None), for data
+    too big for memory: it has no name, so it is gone when closed, even after a crash. A disk that
+    cannot hold it is ``disk_error``'s one line, as are the writes inside ``scratch_writes``."""
+    where = Path(folder) if folder is not None else Path(tempfile.gettempdir())
+    with scratch_writes(where):
+        where.mkdir(parents=True, exist_ok=True)
+        return tempfile.TemporaryFile(dir=where)
+
+
+@contextlib.contextmanager
+def scratch_writes(folder: Path) -> Iterator[None]:
+    """Writes to a scratch file under ``folder``: a full or read-only disk becomes ``disk_error``."""
+    try:
+        yield
+    except OSError as exc:
+        raise disk_error(Path(folder) / "(scratch file)", exc) from exc
 
 
 def temp_path(final: Path) -> Path:

@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from imgfeat.core.results import JsonObject
+from imgfeat.core.storage import scratch_file, scratch_writes
 from imgfeat.core.stores import ObjectUri, image_source
 from imgfeat.tools.nearcopies import TRANSFORMS, near_copy
 
@@ -113,9 +114,8 @@ class LookStore:
     """
 
     def __init__(self, nodes: int, folder: Path | None = None) -> None:
-        if folder is not None:
-            folder.mkdir(parents=True, exist_ok=True)
-        self._file = tempfile.TemporaryFile(dir=folder)  # noqa: SIM115 - held open until close(); gone even on a crash
+        self._folder = Path(folder) if folder is not None else Path(tempfile.gettempdir())
+        self._file = scratch_file(folder)  # held open until close()
         self.ids: list[str] = []
         self.pos = np.full(nodes, -1, np.int64)
 
@@ -125,8 +125,9 @@ class LookStore:
     def append(self, ids: Sequence[str], L: np.ndarray, nodes: Sequence[int] | np.ndarray | None = None) -> None:
         """Add rows ``L`` (``(len(ids), VARIANTS, SIDE * SIDE)``) named ``ids``; rows of ``nodes`` >= 0 are their looks."""
         start = len(self.ids)
-        self._file.seek(start * LOOK_BYTES)
-        self._file.write(np.ascontiguousarray(L, np.float16).tobytes())
+        with scratch_writes(self._folder):
+            self._file.seek(start * LOOK_BYTES)
+            self._file.write(np.ascontiguousarray(L, np.float16).tobytes())
         self.ids.extend(ids)
         if nodes is not None:
             nodes = np.asarray(nodes, np.int64)
@@ -153,7 +154,8 @@ class LookStore:
         rows = np.asarray(rows, np.int64)
         if not len(rows) or not self.ids:
             return np.zeros((len(rows), VARIANTS, SIDE * SIDE), np.float16)
-        self._file.flush()
+        with scratch_writes(self._folder):  # the buffered writes land here: a full disk says so
+            self._file.flush()
         fd = self._file.fileno()
         want, back = np.unique(rows, return_inverse=True)  # each row read once (pairs repeat their first image)
         got = np.empty((len(want), VARIANTS, SIDE * SIDE), np.float16)

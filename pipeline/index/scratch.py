@@ -18,6 +18,7 @@ from typing import Any, TypeAlias
 import numpy as np
 
 from imgfeat.core.sizes import memory_budget as resolve_budget
+from imgfeat.core.storage import scratch_file, scratch_writes
 
 STORE_BLOCK_BYTES = 64 << 20  # a block read or written at a time when the budget does not say
 MIN_BLOCK_ROWS = 256
@@ -28,9 +29,8 @@ class VectorStore:
     folder when None), appended in order and read back by row numbers."""
 
     def __init__(self, dim: int, folder: Path | None = None) -> None:
-        if folder is not None:
-            folder.mkdir(parents=True, exist_ok=True)
-        self._file = tempfile.TemporaryFile(dir=folder)  # noqa: SIM115 - held open until close(); gone even on a crash
+        self._folder = Path(folder) if folder is not None else Path(tempfile.gettempdir())
+        self._file = scratch_file(folder)  # held open until close()
         self.dim = int(dim)
         self.n = 0
         self.dtype = np.dtype(np.float32)
@@ -55,7 +55,8 @@ class VectorStore:
         X = np.ascontiguousarray(X, np.float32)
         if X.ndim != 2 or X.shape[1] != self.dim:
             raise ValueError(f"rows of {self.dim} values expected, got shape {X.shape}")
-        os.pwrite(self._file.fileno(), X.data.cast("B"), self.n * self.row_bytes)
+        with scratch_writes(self._folder):
+            os.pwrite(self._file.fileno(), X.data.cast("B"), self.n * self.row_bytes)
         self.n += len(X)
 
     def block(self, lo: int, hi: int) -> np.ndarray:

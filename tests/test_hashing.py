@@ -44,7 +44,7 @@ def test_the_helpers_give_the_standard_digests():
 
 
 def _rows() -> LabelledRows:
-    return LabelledRows(
+    return LabelledRows.of(
         train_ids=np.array(["a1", "b2"]),
         train_labels=np.array(["cat", "dög"]),
         test_ids=np.array(["c3"]),

@@ -115,3 +115,55 @@ def test_predict_labels_each_row_with_its_own_manifest_row(blobs, order):
     assert len(table) == len(first)
     for i, r in first.items():
         assert (table.at[i, S.PATH], table.at[i, S.LABEL], table.at[i, S.SPLIT]) == (r[S.PATH], r[S.LABEL], r[S.SPLIT])
+
+
+@pytest.mark.parametrize("order", ["path order, as scan writes", "any order"])
+def test_train_joins_each_image_to_its_own_first_manifest_row(blobs, order):
+    """Train reads the manifest as keys and codes (a row group at a time when it is in path order,
+    else from a sorted table) and marks the featureset's ids on them: the rows, labels, splits and
+    counts are what a plain join of the rows says, and the digest is the lines' sha256."""
+    from imgfeat.core import schemas as S
+    from imgfeat.core.hashing import sha256_lines
+    from imgfeat.heads.data import read_labelled
+    from imgfeat.scan.manifest import read_manifest, write_manifest
+
+    base = read_manifest(blobs, "blobs").to_pylist()
+    rng = np.random.default_rng(9)
+    rows = [dict(r, **{S.SPLIT: str(rng.choice(["train", "train", "test", "val", "extra"]))}) for r in base]
+    for k in range(0, len(rows), 11):
+        rows[k][S.LABEL] = None if k % 2 else ""  # unlabelled
+    rows += [dict(rows[k], **{S.PATH: f"zz-copy/{k:05d}.jpg", S.LABEL: "other"}) for k in range(0, len(rows), 7)]
+    rows += [dict(rows[k], **{S.IMAGE_ID: f"{k:032x}", S.PATH: f"nf/{k:05d}.jpg"}) for k in range(0, 300, 3)]
+    rows += [dict(rows[k], **{S.STATUS: "unreadable", S.PATH: f"bad/{k:05d}.jpg"}) for k in range(1, 300, 5)]
+    if order.startswith("path"):
+        rows.sort(key=lambda r: r[S.PATH])
+    else:
+        rng.shuffle(rows)
+    dataset = "train-sorted" if order.startswith("path") else "train-shuffled"
+    write_manifest(blobs, dataset, rows, blobs.root / "images" / dataset)
+    got = read_labelled(blobs, dataset, "fs", 0.0, 0)
+
+    featured = {i for i in load_features(blobs, "fs")[0].tolist()}
+    first = {}
+    for r in sorted(rows, key=lambda r: r[S.PATH]):
+        if r[S.STATUS] == S.STATUS_OK and r[S.IMAGE_ID] is not None:
+            first.setdefault(r[S.IMAGE_ID], r)
+    kept = sorted((i, r) for i, r in first.items() if r[S.LABEL] and i in featured)
+    train = [(i, r[S.LABEL]) for i, r in kept if r[S.SPLIT] == "train"]
+    classes = sorted({lab for _, lab in train})
+    test = [(i, r[S.LABEL]) for i, r in kept if r[S.SPLIT] == "test" and r[S.LABEL] in classes]
+    assert list(zip(got.train_ids, got.train_labels)) == train and len(train) > 1000
+    assert list(zip(got.test_ids, got.test_labels)) == test and len(test) > 300
+    assert got.classes == classes == ["a", "b", "c", "d"] and got.eval_split == "test"
+    unlabelled = sum(1 for r in first.values() if not r[S.LABEL])
+    assert got.left_out["unlabelled"] == unlabelled > 0
+    assert got.left_out["missing_features"] == sum(1 for i, r in first.items() if r[S.LABEL] and i not in featured)
+    assert got.left_out["other_split"] == sum(1 for _, r in kept if r[S.SPLIT] not in ("train", "test")) > 0
+    assert got.left_out["duplicates"] > 0 and got.left_out["not_readable"] == len(range(1, 300, 5))
+    lines = [f"train\t{i}\t{lab}" for i, lab in train] + [f"test\t{i}\t{lab}" for i, lab in test]
+    assert got.digest() == sha256_lines(lines)
+    assert got.table().to_pylist() == [
+        {S.IMAGE_ID: i, S.LABEL: lab, S.ROLE: role}
+        for role, part in (("train", train), ("test", test))
+        for i, lab in part
+    ]

@@ -22,8 +22,12 @@ class _Source:
     passes: int = 0
 
     @property
-    def labels(self) -> dict[str, str]:
-        return {f"id{k}": str(c) for k, c in enumerate(self.y)}
+    def classes(self) -> np.ndarray:
+        return np.unique(self.y.astype(str)).astype(object)
+
+    @property
+    def class_counts(self) -> np.ndarray:
+        return np.unique(self.y.astype(str), return_counts=True)[1]
 
     def __call__(self):
         self.passes += 1

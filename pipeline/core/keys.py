@@ -221,6 +221,11 @@ class KeyIndex:
         """The distinct keys, sorted: ``keys()[rank]`` is the key of that rank."""
         return self._keys
 
+    @property
+    def order(self) -> np.ndarray:
+        """Each rank's position (int64): ``order[rank]``, the sequence's ids in key order."""
+        return self._pos
+
 
 def as_keyindex(ids: Iterable[str] | KeySet | KeyIndex | None) -> KeyIndex | None:
     """``ids`` as a KeyIndex (None stays None; a KeyIndex is returned as it is)."""

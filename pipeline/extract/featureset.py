@@ -293,6 +293,16 @@ def committed_keys(ws: Workspace, featureset: str) -> KeySet:
     return KeySet(concat_keys(parts), owned=True) if parts else KeySet()
 
 
+def committed_among(ws: Workspace, featureset: str, index: KeyIndex) -> np.ndarray:
+    """Which of ``index``'s ids (a bool by rank) have a feature row, as ``committed_ids`` tells:
+    a byte an id, read a shard's id column at a time."""
+    have = np.zeros(len(index), dtype=bool)
+    for p, rec in trusted_shards(ws, featureset):
+        ranks = index.ranks(shard_ids(p, rec).drop_null())
+        have[ranks[ranks >= 0]] = True
+    return have
+
+
 def errored_ids(ws: Workspace, featureset: str) -> set[str]:
     """image_ids that ended as an error row in this featureset and have no feature row (a read
     failure that a later run retried successfully is history, not an error)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -13,14 +13,14 @@ import pyarrow.compute as pc
 
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError
-from imgfeat.core.hashing import sha256_lines
-from imgfeat.core.keys import KeySet, keys_of
+from imgfeat.core.hashing import digest_chunks
+from imgfeat.core.keys import KeyIndex, KeySet, as_strings, concat_keys, keys_of, keys_to_arrow
 from imgfeat.core.logs import warn_once
 from imgfeat.core.results import JsonObject
 from imgfeat.core.workspace import Workspace
-from imgfeat.extract.featureset import committed_ids
-from imgfeat.scan.manifest import read_manifest
-from imgfeat.scan.rows import paths_ascending, readable
+from imgfeat.extract.featureset import committed_among
+from imgfeat.scan.manifest import corrupt_manifest, manifest_file, read_manifest
+from imgfeat.scan.rows import ManifestRows, paths_ascending, readable, unique_positions
 
 log = logging.getLogger(__name__)
 
@@ -32,30 +32,129 @@ LEFT_OUT_JSON_MAX = 1000  # left-out files listed in a JSON summary (their table
 
 @dataclass(frozen=True)
 class LabelledRows:
-    """Train and evaluation rows (ids and labels, sorted by id) plus what was left out and why."""
+    """Train and evaluation rows plus what was left out and why.
 
-    train_ids: np.ndarray
-    train_labels: np.ndarray
-    test_ids: np.ndarray
-    test_labels: np.ndarray
+    The ids are compact keys (``core/keys.py``), each role's sorted, and the labels int32 codes
+    into ``names`` (the training classes, sorted): at ten million rows a Python string per id
+    and per label would cost gigabytes, these arrays 36 bytes a row. ``train_ids`` and friends
+    give the Python strings for the small consumers (fine-tuning, tests).
+    """
+
+    train_keys: np.ndarray
+    train_codes: np.ndarray
+    test_keys: np.ndarray
+    test_codes: np.ndarray
+    names: tuple[str, ...]
     eval_split: str | None
     left_out: dict[str, int] = field(default_factory=dict)
     left_out_files: pd.DataFrame | None = None  # duplicates and label conflicts, by path (LEFT_OUT_SCHEMA)
 
+    @classmethod
+    def of(
+        cls,
+        train_ids: Sequence[str] | np.ndarray,
+        train_labels: Sequence[str] | np.ndarray,
+        test_ids: Sequence[str] | np.ndarray,
+        test_labels: Sequence[str] | np.ndarray,
+        eval_split: str | None,
+        left_out: dict[str, int] | None = None,
+        left_out_files: pd.DataFrame | None = None,
+    ) -> LabelledRows:
+        """The rows from ids and label strings, in the order given."""
+        names = tuple(sorted({str(v) for v in [*list(train_labels), *list(test_labels)]}))
+        code = {n: k for k, n in enumerate(names)}
+
+        def codes(labels: Sequence[str] | np.ndarray) -> np.ndarray:
+            return np.array([code[str(v)] for v in labels], dtype=np.int32)
+
+        return cls(
+            keys_of(train_ids),
+            codes(train_labels),
+            keys_of(test_ids),
+            codes(test_labels),
+            names,
+            eval_split,
+            dict(left_out or {}),
+            left_out_files,
+        )
+
     @property
     def classes(self) -> list[str]:
-        return sorted(set(self.train_labels.tolist()))
+        return list(self.names)
+
+    @property
+    def train_ids(self) -> np.ndarray:
+        return np.asarray(as_strings(self.train_keys), dtype=object)
+
+    @property
+    def test_ids(self) -> np.ndarray:
+        return np.asarray(as_strings(self.test_keys), dtype=object)
+
+    @property
+    def train_labels(self) -> np.ndarray:
+        return self.label_names[self.train_codes]
+
+    @property
+    def test_labels(self) -> np.ndarray:
+        return self.label_names[self.test_codes]
+
+    @property
+    def label_names(self) -> np.ndarray:
+        """``names`` as an object array: ``label_names[codes]`` are labels without a string each."""
+        return np.asarray(self.names, dtype=object)
+
+    @property
+    def n_train(self) -> int:
+        return len(self.train_keys)
+
+    @property
+    def n_test(self) -> int:
+        return len(self.test_keys)
 
     def digest(self) -> str:
-        """sha256 of every (role, id, label): the training data's identity for the head id."""
-        return sha256_lines(
-            f"{role}\t{i}\t{lab}"
-            for role, ids, labels in (
-                ("train", self.train_ids, self.train_labels),
-                ("test", self.test_ids, self.test_labels),
-            )
-            for i, lab in zip(ids.tolist(), labels.tolist())
+        """sha256 of every (role, id, label) line: the training data's identity for the head id.
+
+        The lines are made by Arrow a chunk at a time: the same bytes as ``sha256_lines`` over
+        ``f"{role}\t{id}\t{label}"``, without a Python string a row."""
+        return digest_chunks(self._lines())
+
+    def _lines(self) -> Iterator[bytes]:
+        names = pa.array(self.names, pa.string())
+        for role, keys, codes in (
+            ("train", self.train_keys, self.train_codes),
+            ("test", self.test_keys, self.test_codes),
+        ):
+            for lo in range(0, len(keys), DIGEST_ROWS):
+                ids = keys_to_arrow(keys[lo : lo + DIGEST_ROWS])
+                labels = names.take(pa.array(codes[lo : lo + DIGEST_ROWS], pa.int32()))
+                line = pc.binary_join_element_wise(role, ids, labels, "\t")
+                yield _joined(pc.binary_join_element_wise(line, "", "\n"))
+
+    def table(self) -> pa.Table:
+        """Every row as ``(image_id, label, role)`` (``HEAD_ROWS_SCHEMA``): the head's rows file."""
+        keys = concat_keys([self.train_keys, self.test_keys])
+        codes = np.concatenate([self.train_codes, self.test_codes]).astype(np.int32, copy=False)
+        roles = np.repeat(np.array([0, 1], np.int8), [self.n_train, self.n_test])
+        return pa.table(
+            {
+                S.IMAGE_ID: keys_to_arrow(keys),
+                S.LABEL: pa.DictionaryArray.from_arrays(codes, pa.array(self.names, pa.string())).dictionary_decode(),
+                S.ROLE: pa.DictionaryArray.from_arrays(roles, pa.array(["train", "test"])).dictionary_decode(),
+            },
+            schema=S.HEAD_ROWS_SCHEMA,
         )
+
+
+DIGEST_ROWS = 1 << 18  # rows made into digest lines at a time
+
+
+def _joined(lines: pa.Array) -> bytes:
+    """A string array's values back to back (its data buffer between the first and last offset)."""
+    if not len(lines):
+        return b""
+    offsets = np.frombuffer(lines.buffers()[1], np.int32, count=len(lines) + 1, offset=4 * lines.offset)
+    data: bytes = lines.buffers()[2].slice(int(offsets[0]), int(offsets[-1] - offsets[0])).to_pybytes()
+    return data
 
 
 MANIFEST_COLUMNS = [S.IMAGE_ID, S.PATH, S.LABEL, S.SPLIT, S.STATUS]
@@ -64,9 +163,114 @@ MANIFEST_COLUMNS = [S.IMAGE_ID, S.PATH, S.LABEL, S.SPLIT, S.STATUS]
 def read_labelled(
     ws: Workspace, dataset: str, featureset: str, test_fraction: float, random_state: int
 ) -> LabelledRows:
-    """Reader + mapper: manifest rows with a label and a feature row, split for training."""
-    manifest = read_manifest(ws, dataset, columns=MANIFEST_COLUMNS)
-    return labelled_rows(manifest, committed_ids(ws, featureset), test_fraction, random_state, dataset, featureset)
+    """Reader + mapper: manifest rows with a label and a feature row, split for training.
+
+    The manifest is read a row group at a time (``ManifestImages``) into keys and codes, and the
+    featureset's ids mark a bitmap over those keys a shard at a time: tens of bytes an image,
+    where a table of the manifest and a set of the feature ids cost hundreds."""
+    images = ManifestImages(ws, dataset)
+    try:
+        found = coded_images(images.keys, images.chunks(CODE_ROWS), images.counts, images.files)
+    finally:
+        images.close()
+    return _labelled(
+        found, lambda index: committed_among(ws, featureset, index), test_fraction, random_state, dataset, featureset
+    )
+
+
+class ManifestImages:
+    """A dataset's unique readable images (``unique_images``' rows) as compact keys, and their
+    manifest rows by index among them: read a row group at a time from the manifest file when it is
+    in path order (as scan writes it), else from a table of the sorted rows (``unique_table``)."""
+
+    def __init__(self, ws: Workspace, dataset: str) -> None:
+        path = manifest_file(ws, dataset)
+        self._file: ManifestRows | None = None
+        self._table: pa.Table | None = None
+        try:
+            self._file = ManifestRows(path, MANIFEST_COLUMNS)
+            found = unique_positions(self._file)
+        except (OSError, pa.ArrowException) as exc:
+            raise corrupt_manifest(path, dataset, exc) from None
+        if found is not None:
+            self.keys, self._positions = found.keys, found.positions
+            self.files, conflicting = repeated_files(found.repeated)
+            self.counts = {**found.counts, "conflicting_labels": len(conflicting)}
+        else:
+            self._file.close()
+            self._file = None
+            self._table, self.counts, self.files = unique_table(read_manifest(ws, dataset, columns=MANIFEST_COLUMNS))
+            self.keys = keys_of(self._table[S.IMAGE_ID])
+
+    def rows(self, at: np.ndarray) -> pa.Table:
+        """MANIFEST_COLUMNS of the images at these indices (into ``keys``), in that order."""
+        if self._file is not None:
+            return self._file.take(self._positions[at])
+        assert self._table is not None
+        return self._table.take(pa.array(at, pa.int64()))
+
+    def chunks(self, rows: int) -> Iterator[pa.Table]:
+        """Every image's rows in order, ``rows`` at a time."""
+        for lo in range(0, len(self.keys), rows):
+            yield self.rows(np.arange(lo, min(lo + rows, len(self.keys))))
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+CODE_ROWS = 1 << 16  # manifest rows read back for their labels and splits at a time
+# A row's split as a small code: the three names a split may have, anything else (none, "extra") 0.
+SPLIT_CODES = {S.SPLIT_TRAIN: 1, S.SPLIT_TEST: 2, S.SPLIT_VAL: 3}
+
+
+@dataclass(frozen=True)
+class CodedImages:
+    """A dataset's unique readable images, in path order: keys, label codes and split codes."""
+
+    keys: np.ndarray
+    labels: np.ndarray  # int32 into label_names (sorted), -1: no label (null or empty)
+    label_names: list[str]
+    splits: np.ndarray  # int8: SPLIT_CODES, 0 for any other
+    counts: dict[str, int]  # not_readable, duplicates, conflicting_labels
+    files: pd.DataFrame  # the files left out (LEFT_OUT_SCHEMA)
+
+
+def coded_images(
+    keys: np.ndarray, tables: Iterable[pa.Table], counts: dict[str, int], files: pd.DataFrame
+) -> CodedImages:
+    """The images' labels and splits as codes, from ``tables`` (the rows of ``keys``, in order)."""
+    seen: dict[str, int] = {}
+    labels, splits = [], []
+    for t in tables:
+        labels.append(_codes(t[S.LABEL], seen))
+        splits.append(_split_codes(t[S.SPLIT]))
+    names = sorted(seen)
+    # codes in name order, so that a code's order is its label's (stratified splits sort by it)
+    at = {v: k for k, v in enumerate(names)}
+    to_sorted = np.array([*(at[v] for v in seen), -1], np.int32)  # by the insertion code; -1 stays -1
+    coded = to_sorted[np.concatenate(labels)] if labels else np.zeros(0, np.int32)
+    return CodedImages(
+        keys,
+        coded,
+        names,
+        np.concatenate(splits) if splits else np.zeros(0, np.int8),
+        dict(counts),
+        files,
+    )
+
+
+def _codes(values: pa.Array | pa.ChunkedArray, seen: dict[str, int]) -> np.ndarray:
+    """Each value's code in ``seen`` (a new value gets the next), -1 for a null or empty one."""
+    enc = pc.dictionary_encode(values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values)
+    lut = np.array([*(seen.setdefault(v, len(seen)) if v else -1 for v in enc.dictionary.to_pylist()), -1], np.int32)
+    return lut[pc.fill_null(enc.indices, -1).to_numpy(zero_copy_only=False)]
+
+
+def _split_codes(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    enc = pc.dictionary_encode(values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values)
+    lut = np.array([*(SPLIT_CODES.get(v, 0) for v in enc.dictionary.to_pylist()), 0], np.int8)
+    return lut[pc.fill_null(enc.indices, -1).to_numpy(zero_copy_only=False)]
 
 
 def unique_images(manifest: pa.Table) -> tuple[pd.DataFrame, dict[str, int], pd.DataFrame]:
@@ -176,35 +380,56 @@ def left_out_table(files: pd.DataFrame) -> pa.Table:
 
 def labelled_rows(
     manifest: pa.Table,
-    feature_ids: set[str],
+    feature_ids: KeySet | Iterable[str],
     test_fraction: float,
     random_state: int,
     dataset: str = "dataset",
     featureset: str | None = None,
 ) -> LabelledRows:
     """Pure mapper: dedupe, keep labelled rows that have features, split train/evaluation."""
-    df, left_out, files = unique_images(manifest)
-    labels = df[S.LABEL].astype("string")
-    has_label = labels.notna() & (labels.str.len() > 0)
-    if not has_label.any():
+    first, counts, files = unique_table(manifest)
+    found = coded_images(keys_of(first[S.IMAGE_ID]), [first], counts, files)
+    have = feature_ids if isinstance(feature_ids, KeySet) else KeySet(list(feature_ids))
+    return _labelled(found, lambda index: have.contains(index.keys()), test_fraction, random_state, dataset, featureset)
+
+
+def _labelled(
+    found: CodedImages,
+    has_features: Callable[[KeyIndex], np.ndarray],
+    test_fraction: float,
+    random_state: int,
+    dataset: str,
+    featureset: str | None,
+) -> LabelledRows:
+    """Keep the labelled images that have features (``has_features``: a bool for each of the
+    index's ids, by rank), in id order, and split them."""
+    if not (found.labels >= 0).any():
         raise ConfigError(
-            f"dataset {dataset!r} has no labels ({len(df)} images): scan a folder laid out as "
+            f"dataset {dataset!r} has no labels ({len(found.keys)} images): scan a folder laid out as "
             "ROOT/<label>/... (or ROOT/<split>/<label>/...), or pass --labels-csv to 'imgfeat scan'"
         )
-    has_feature = df[S.IMAGE_ID].isin(feature_ids)
+    index = KeyIndex(found.keys)  # the images in id order (ids are unique here)
+    labels, splits = found.labels[index.order], found.splits[index.order]
+    has_label = labels >= 0
+    has_feature = has_features(index)
+    left_out = dict(found.counts)
     left_out["unlabelled"] = int((~has_label).sum())
     missing = left_out["missing_features"] = int((has_label & ~has_feature).sum())
-    rows = df[has_label & has_feature].sort_values(S.IMAGE_ID, kind="stable")
+    keep = np.flatnonzero(has_label & has_feature)
+    keys, labels, splits = index.keys()[keep], labels[keep], splits[keep]
+    del index, has_feature
     try:
-        if rows.empty:
+        if not len(keep):
             raise ConfigError("none has features")
-        _check_classes(rows[S.LABEL], dataset, "")
-        out = _split(rows, test_fraction, random_state, dataset, left_out, files)
+        _check_classes(labels, found.label_names, dataset, "")
+        out = _split(
+            keys, labels, splits, found.label_names, test_fraction, random_state, dataset, left_out, found.files
+        )
     except ConfigError as exc:
         if not missing:
             raise
         # The dataset may be fine: what is wrong is that its features are not extracted (yet).
-        why = _missing_features(dataset, featureset, missing, int(has_label.sum()), len(rows), exc)
+        why = _missing_features(dataset, featureset, missing, int(has_label.sum()), len(keep), exc)
         raise ConfigError(why) from None
     if missing:
         log.warning(
@@ -231,50 +456,60 @@ def _missing_features(
 
 
 def _split(
-    rows: pd.DataFrame,
+    keys: np.ndarray,
+    labels: np.ndarray,
+    splits: np.ndarray,
+    names: list[str],
     test_fraction: float,
     random_state: int,
     dataset: str,
     left_out: dict[str, int],
     files: pd.DataFrame,
 ) -> LabelledRows:
-    split = rows[S.SPLIT].fillna("")
-    eval_split = next((s for s in (S.SPLIT_TEST, S.SPLIT_VAL) if (split == s).any()), None)
-    if (split == S.SPLIT_TRAIN).any():
-        train = rows[split == S.SPLIT_TRAIN]
-        left_out["other_split"] = int((~split.isin([S.SPLIT_TRAIN, eval_split or S.SPLIT_TRAIN])).sum())
-        test = rows[split == eval_split] if eval_split else None
+    """Train and evaluation rows (indices into the id-sorted rows) by split, else a held-out part."""
+    is_train = splits == SPLIT_CODES[S.SPLIT_TRAIN]
+    eval_split = next((s for s in (S.SPLIT_TEST, S.SPLIT_VAL) if (splits == SPLIT_CODES[s]).any()), None)
+    is_eval = splits == SPLIT_CODES[eval_split] if eval_split else np.zeros(len(splits), bool)
+    test: np.ndarray | None
+    if is_train.any():
+        train = np.flatnonzero(is_train)
+        left_out["other_split"] = int((~(is_train | is_eval)).sum())
+        test = np.flatnonzero(is_eval) if eval_split else None
     elif eval_split:
         raise ConfigError(f"dataset {dataset!r} has {eval_split!r} rows but no 'train' rows to fit on")
     else:
-        train, test = rows, None
+        train, test = np.arange(len(keys)), None
     if test is None and test_fraction > 0:
-        train, test = _hold_out(train, test_fraction, random_state, dataset)
+        train, test = _hold_out(train, labels, test_fraction, random_state, dataset)
         eval_split = EVAL_HELD_OUT
-    test = test if test is not None else rows.iloc[:0]
-    _check_classes(train[S.LABEL], dataset, " training")
-    unseen = ~test[S.LABEL].isin(set(train[S.LABEL]))
+    test = test if test is not None else np.zeros(0, np.int64)
+    _check_classes(labels[train], names, dataset, " training")
+    # the classes are the training labels; codes become indices into them
+    used = np.flatnonzero(np.bincount(labels[train], minlength=len(names)))
+    to_class = np.full(len(names), -1, np.int32)
+    to_class[used] = np.arange(len(used), dtype=np.int32)
+    test_codes = to_class[labels[test]]
+    unseen = test_codes < 0
     left_out["unseen_test_labels"] = int(unseen.sum())
-    test = test[~unseen]
+    test, test_codes = test[~unseen], test_codes[~unseen]
     return LabelledRows(
-        _objects(train[S.IMAGE_ID]),
-        _objects(train[S.LABEL]),
-        _objects(test[S.IMAGE_ID]),
-        _objects(test[S.LABEL]),
+        keys[train],
+        to_class[labels[train]],
+        keys[test],
+        test_codes,
+        tuple(names[k] for k in used),
         eval_split if len(test) else None,
         left_out,
         files,
     )
 
 
-def _objects(column: pd.Series) -> np.ndarray:
-    return column.astype(str).to_numpy(dtype=object)
-
-
 def _hold_out(
-    rows: pd.DataFrame, fraction: float, random_state: int, dataset: str
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    n_classes = rows[S.LABEL].nunique()
+    rows: np.ndarray, labels: np.ndarray, fraction: float, random_state: int, dataset: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded stratified hold-out of ``rows``: (train, test), each in id order."""
+    y = labels[rows]
+    n_classes = len(np.unique(y))
     n_test = max(n_classes, int(round(len(rows) * fraction)))
     if len(rows) - n_test < MIN_TRAIN_PER_CLASS * n_classes:
         raise ConfigError(
@@ -283,13 +518,15 @@ def _hold_out(
         )
     from sklearn.model_selection import train_test_split  # only datasets without a split pay for it
 
-    train, test = train_test_split(rows, test_size=n_test, stratify=rows[S.LABEL], random_state=random_state)
-    return train.sort_values(S.IMAGE_ID), test.sort_values(S.IMAGE_ID)
+    # Label codes are in label order, so the classes split as their names did: the same rows.
+    train, test = train_test_split(rows, test_size=n_test, stratify=y, random_state=random_state)
+    return np.sort(train), np.sort(test)
 
 
-def _check_classes(labels: pd.Series, dataset: str, where: str) -> None:
+def _check_classes(labels: np.ndarray, names: list[str], dataset: str, where: str) -> None:
     """A classifier needs two classes and a few images of each: say which class falls short."""
-    counts = Counter(labels.tolist())
+    per_code = np.bincount(labels, minlength=len(names))
+    counts = {names[k]: int(v) for k, v in enumerate(per_code) if v}
     listing = ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
     if len(counts) < 2:
         ((only, n),) = counts.items()
@@ -309,8 +546,8 @@ def _check_classes(labels: pd.Series, dataset: str, where: str) -> None:
 def describe(rows: LabelledRows) -> JsonObject:
     """Counts for the summary."""
     return {
-        "n_train": int(len(rows.train_ids)),
-        "n_test": int(len(rows.test_ids)),
+        "n_train": rows.n_train,
+        "n_test": rows.n_test,
         "eval_split": rows.eval_split,
         "classes": list(rows.classes),
         "left_out": dict(rows.left_out),

@@ -21,10 +21,11 @@ from sklearn.model_selection import GridSearchCV, StratifiedKFold, cross_val_sco
 from threadpoolctl import threadpool_limits
 
 from imgfeat.core.errors import ConfigError, ImgfeatError
+from imgfeat.core.keys import KeyIndex, concat_keys
 from imgfeat.core.results import JsonObject
 from imgfeat.core.sizes import human, memory_budget
 from imgfeat.core.workspace import Workspace
-from imgfeat.extract.featureset import load_features
+from imgfeat.extract.featureset import featureset_dim, iter_features
 from imgfeat.heads import artifacts as A
 from imgfeat.heads.data import LabelledRows, describe, left_out_table
 from imgfeat.heads.estimators import KerasMLPClassifier, sklearn_head
@@ -63,7 +64,7 @@ def train_and_write(
 ) -> None:
     """Load the rows' features, fit and evaluate the head, commit it as ``heads/<head_id>/``."""
     dim, budget = int(info.get("dim") or 0), memory_budget(cfg.memory_budget)
-    matrix = (len(rows.train_ids) + len(rows.test_ids)) * dim * np.dtype(np.float32).itemsize
+    matrix = (rows.n_train + rows.n_test) * dim * np.dtype(np.float32).itemsize
     # In memory, the matrix is not alone: the scaled copy, the cross-validation folds and the
     # solver's work arrays came to 3-3.5x it (1M x 576 and 100k x 1,280 rows on the scale bench).
     need = IN_MEMORY_COPIES * matrix
@@ -93,7 +94,7 @@ def train_and_write(
     meta = _head_meta(cfg, rows, head_id, info, fitted, metrics, run_id, dim)
     meta["timings"] = {k: round(v, 3) for k, v in timings.items()}
     meta["trained_by"] = trained_by
-    A.write_head(ws, head_id, fitted.estimator, meta, metrics, _rows_table(rows), extra)
+    A.write_head(ws, head_id, fitted.estimator, meta, metrics, rows.table(), extra)
 
 
 def _fit_in_memory(
@@ -102,8 +103,8 @@ def _fit_in_memory(
     """The whole labelled matrix in memory: CV, a fit on every row, test metrics, the timings, the dim."""
     t0 = time.perf_counter()
     # One pass over the shards for both sets: decoding float16 Parquet is most of the load time.
-    X_all = _features(ws, cfg.featureset, np.concatenate([rows.train_ids, rows.test_ids]))
-    X_train, X_test = X_all[: len(rows.train_ids)], X_all[len(rows.train_ids) :]
+    X_all = _features(ws, cfg.featureset, concat_keys([rows.train_keys, rows.test_keys]))
+    X_train, X_test = X_all[: rows.n_train], X_all[rows.n_train :]
     t_load = time.perf_counter()
     log.info(
         "training %s head on %d x %d features (%d classes), evaluating on %d",
@@ -156,18 +157,18 @@ def _head_meta(
     }
 
 
-def _features(ws: Workspace, featureset: str, ids: np.ndarray) -> np.ndarray:
-    got, X = load_features(ws, featureset, ids.tolist())
-    if len(got) != len(ids):  # ids came from committed_ids, so this means a shard vanished under us
-        raise ImgfeatError(f"featureset {featureset!r} lost {len(ids) - len(got)} feature rows while training")
+def _features(ws: Workspace, featureset: str, keys: np.ndarray) -> np.ndarray:
+    """The feature rows of ``keys`` (distinct ids), in their order: each batch is put in its place
+    as it streams in, so memory holds the matrix once (not its batches and then a copy)."""
+    index = KeyIndex(keys)
+    X = np.empty((len(keys), featureset_dim(ws, featureset)), np.float32)
+    filled = 0
+    for got, B in iter_features(ws, featureset, ids=index, as_keys=True):
+        X[index.positions(got)] = B
+        filled += len(got)
+    if filled != len(keys):  # the keys had feature rows when the rows were read: a shard vanished under us
+        raise ImgfeatError(f"featureset {featureset!r} lost {len(keys) - filled} feature rows while training")
     return X
-
-
-def _rows_table(rows: LabelledRows) -> pa.Table:
-    ids = np.concatenate([rows.train_ids, rows.test_ids]).tolist()
-    labels = np.concatenate([rows.train_labels, rows.test_labels]).tolist()
-    roles = ["train"] * len(rows.train_ids) + ["test"] * len(rows.test_ids)
-    return pa.table({"image_id": ids, "label": labels, A.ROLE: roles}, schema=A.ROWS_SCHEMA)
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:

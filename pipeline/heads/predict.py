@@ -21,7 +21,7 @@ from imgfeat.core import names as N
 from imgfeat.core import schemas as S
 from imgfeat.core.commits import Adoptable, ShardWriter, list_committed, reconcile
 from imgfeat.core.errors import ConfigError
-from imgfeat.core.keys import KeyIndex, KeySet, keys_of, keys_to_arrow
+from imgfeat.core.keys import KeyIndex, KeySet, keys_to_arrow
 from imgfeat.core.options import opt
 from imgfeat.core.progress import progress
 from imgfeat.core.ranges import check_fields
@@ -32,10 +32,8 @@ from imgfeat.core.workspace import Workspace, check_name
 from imgfeat.extract.extract import FileResult, extract_files
 from imgfeat.extract.featureset import iter_features, load_features
 from imgfeat.heads.artifacts import LoadedHead, load_head
-from imgfeat.heads.data import LEFT_OUT_JSON_MAX, MANIFEST_COLUMNS, repeated_files, unique_table
+from imgfeat.heads.data import LEFT_OUT_JSON_MAX, ManifestImages
 from imgfeat.heads.versions import resolve_head
-from imgfeat.scan.manifest import corrupt_manifest, manifest_file, read_manifest
-from imgfeat.scan.rows import ManifestRows, unique_positions
 from imgfeat.scan.walk import WalkOptions, WalkStats, walk
 
 log = logging.getLogger(__name__)
@@ -326,7 +324,7 @@ def _predict_dataset(
 
     Memory holds a compact key and a manifest position per image (``scan/rows.py``), not the
     manifest: each chunk's paths, labels and splits are read from the row groups that hold them."""
-    images = _ManifestImages(ws, dataset)
+    images = ManifestImages(ws, dataset)
     try:
         done = predicted_keys(ws, head.head_id, dataset)
         was_done = done.contains(images.keys)
@@ -381,42 +379,6 @@ def _predict_dataset(
         "duplicates": images.counts["duplicates"],
         "left_out_files": images.files.head(LEFT_OUT_JSON_MAX).to_dict("records"),
     }
-
-
-class _ManifestImages:
-    """A dataset's unique readable images (``unique_images``' rows) as compact keys, and their
-    manifest rows by index among them: read a row group at a time from the manifest file when it is
-    in path order (as scan writes it), else from a table of the sorted rows (``unique_table``)."""
-
-    def __init__(self, ws: Workspace, dataset: str) -> None:
-        path = manifest_file(ws, dataset)
-        self._file: ManifestRows | None = None
-        self._table: pa.Table | None = None
-        try:
-            self._file = ManifestRows(path, MANIFEST_COLUMNS)
-            found = unique_positions(self._file)
-        except (OSError, pa.ArrowException) as exc:
-            raise corrupt_manifest(path, dataset, exc) from None
-        if found is not None:
-            self.keys, self._positions = found.keys, found.positions
-            self.files, conflicting = repeated_files(found.repeated)
-            self.counts = {**found.counts, "conflicting_labels": len(conflicting)}
-        else:
-            self._file.close()
-            self._file = None
-            self._table, self.counts, self.files = unique_table(read_manifest(ws, dataset, columns=MANIFEST_COLUMNS))
-            self.keys = keys_of(self._table[S.IMAGE_ID])
-
-    def rows(self, at: np.ndarray) -> pa.Table:
-        """MANIFEST_COLUMNS of the images at these indices (into ``keys``), in that order."""
-        if self._file is not None:
-            return self._file.take(self._positions[at])
-        assert self._table is not None
-        return self._table.take(pa.array(at, pa.int64()))
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
 
 
 def _chunk_rows(cfg: PredictConfig, head: LoadedHead) -> int:

@@ -16,7 +16,6 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
+from imgfeat.core.keys import KeyIndex, KeySet, as_strings, keys_of
 from imgfeat.core.progress import progress
 from imgfeat.core.workspace import Workspace
 from imgfeat.extract.featureset import featureset_info, iter_features, load_features
@@ -50,36 +50,58 @@ SGD_ETA = 0.01  # SGD's step on standardised features; the average from the seco
 SHUFFLE_BATCHES = 4  # batches mixed at a time (within BATCH_SHARE: 4 of 16 shares)
 
 
-@dataclass(frozen=True)
 class LabelledStream:
-    """The training rows of a featureset as (X, y) batches, read again for every pass."""
+    """The training rows of a featureset as (X, y) batches, read again for every pass.
 
-    ws: Workspace
-    featureset: str
-    labels: dict[str, str]
-    batch_rows: int
+    The rows are ids as compact keys (sorted and distinct) and their labels as codes into
+    ``classes``: a few tens of bytes a row, where a dict of id -> label cost a few hundred."""
 
-    shuffle: np.random.Generator | None = None  # shards in a random order, rows mixed SHUFFLE_BATCHES at a time
+    def __init__(
+        self,
+        ws: Workspace,
+        featureset: str,
+        keys: np.ndarray,
+        codes: np.ndarray,
+        classes: np.ndarray,
+        batch_rows: int,
+        shuffle: np.random.Generator | None = None,  # shards in a random order, rows mixed SHUFFLE_BATCHES at a time
+        dtype: np.dtype
+        | type = np.float32,  # rows held for mixing in this dtype (the featureset's: float16 halves them)
+    ) -> None:
+        self.ws, self.featureset, self.batch_rows, self.shuffle = ws, featureset, batch_rows, shuffle
+        self.dtype = np.dtype(dtype)
+        self._index, self._codes = KeyIndex(keys), codes
+        self.classes = np.asarray(classes, dtype=object)
+        self.class_counts = np.bincount(codes, minlength=len(self.classes))
 
     def __call__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         held: list[tuple[np.ndarray, np.ndarray]] = []
-        for ids, X in iter_features(
-            self.ws, self.featureset, ids=list(self.labels), batch_rows=self.batch_rows, shuffle=self.shuffle
+        for keys, X in iter_features(
+            self.ws,
+            self.featureset,
+            ids=self._index,
+            batch_rows=self.batch_rows,
+            dtype=self.dtype,
+            shuffle=self.shuffle,
+            as_keys=True,
         ):
-            held.append((X, np.asarray([self.labels[i] for i in ids], dtype=object)))
+            held.append((X, self.classes[self._codes[self._index.positions(keys)]]))
             if self.shuffle is None or len(held) == SHUFFLE_BATCHES:
                 yield from self._mixed(held)
                 held = []
         yield from self._mixed(held)
 
     def _mixed(self, held: list[tuple[np.ndarray, np.ndarray]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """The held batches' rows in a random order, ``batch_rows`` at a time (as they are unshuffled)."""
+        """The held batches' rows in a random order, ``batch_rows`` at a time (as they are unshuffled),
+        as float32."""
         if not held:
             return
         X, y = np.concatenate([h[0] for h in held]), np.concatenate([h[1] for h in held])
+        held.clear()  # copied into X: the batches go before the rows are handed out
         order = self.shuffle.permutation(len(y)) if self.shuffle is not None else np.arange(len(y))
         for start in range(0, len(y), self.batch_rows):
-            yield X[order[start : start + self.batch_rows]], y[order[start : start + self.batch_rows]]
+            at = order[start : start + self.batch_rows]
+            yield np.asarray(X[at], np.float32), y[at]
 
 
 class ScratchStream:
@@ -95,12 +117,11 @@ class ScratchStream:
     """
 
     def __init__(self, source: LabelledStream, folder: Path, dtype: np.dtype | type = np.float32) -> None:
-        self.source, self.labels, self.batch_rows = source, source.labels, source.batch_rows
-        self.shuffle = source.shuffle
+        self.source, self.batch_rows = source, source.batch_rows
+        self.classes, self.class_counts, self.shuffle = source.classes, source.class_counts, source.shuffle
         self.dtype = np.dtype(dtype)
         self._folder = folder
         self._file: Any = None
-        self._classes = np.zeros(0, dtype=object)
         self._codes: list[np.ndarray] = []
         self._rows, self._dim, self._done = 0, 0, False
 
@@ -110,11 +131,10 @@ class ScratchStream:
             return
         self.close()  # a first pass cut short is redone from the start
         self._file = tempfile.TemporaryFile(dir=self._folder)  # noqa: SIM115 - held open until close()
-        self._classes = np.asarray(sorted(set(self.labels.values())), dtype=object)
         self._codes, self._rows = [], 0
         for X, y in self.source():
             self._file.write(np.ascontiguousarray(X, self.dtype).tobytes())
-            self._codes.append(np.searchsorted(self._classes, y).astype(np.int32))
+            self._codes.append(np.searchsorted(self.classes, y).astype(np.int32))
             self._rows, self._dim = self._rows + len(y), X.shape[1]
             yield X, y
         self._file.flush()
@@ -130,9 +150,9 @@ class ScratchStream:
             rows = np.concatenate([np.arange(s, min(self._rows, s + step)) for s in starts[k : k + SHUFFLE_BATCHES]])
             if self.shuffle is not None:
                 rows = self.shuffle.permutation(rows)
-            X = self._read(np.sort(rows)) if self.shuffle is None else self._read(rows)
-            for lo in range(0, len(rows), step):
-                yield X[lo : lo + step], self._classes[codes[rows[lo : lo + step]]]
+            for lo in range(0, len(rows), step):  # read a batch at a time: memory holds one batch
+                part = rows[lo : lo + step]
+                yield self._read(part), self.classes[codes[part]]
 
     def _read(self, rows: np.ndarray) -> np.ndarray:
         """Rows of the scratch file as float32 (a mapping opened per call: read pages stay out of RSS)."""
@@ -159,17 +179,24 @@ def fit_streamed(
     ids_cv, X_cv, y_cv = _subsample(ws, cfg, rows, dim, budget)
     winner, cv, best, _n_folds = choose_kind(cfg, X_cv, y_cv)
     t_cv = time.perf_counter()
-    labels = dict(zip(rows.train_ids.tolist(), rows.train_labels.tolist()))
+    keys, codes = rows.train_keys, rows.train_codes
     if winner == "mlp":  # its early stopping watches a part of the subsample the stream leaves out
         X_cv, X_val, y_cv, y_val, _, ids_val = _validation_part(X_cv, y_cv, ids_cv, cfg)
-        for i in ids_val:
-            labels.pop(i)
+        kept = ~KeySet(ids_val).contains(keys)
+        keys, codes = keys[kept], codes[kept]
+    stored = np.float16 if featureset_info(ws, cfg.featureset).get("dtype") == "float16" else np.float32
     source = LabelledStream(
-        ws, cfg.featureset, labels, batch_rows_for(budget, dim), np.random.default_rng(cfg.random_state)
+        ws,
+        cfg.featureset,
+        keys,
+        codes,
+        rows.label_names,
+        batch_rows_for(budget, dim),
+        np.random.default_rng(cfg.random_state),
+        stored,
     )
-    stored = featureset_info(ws, cfg.featureset).get("dtype")
-    stream = ScratchStream(source, ws.root, np.float16 if stored == "float16" else np.float32)
-    n = len(rows.train_ids)
+    stream = ScratchStream(source, ws.root, stored)
+    n = rows.n_train
     log.info(
         "training %s head from a stream of %d x %d features (%d rows a batch), C chosen on %d rows",
         winner,
@@ -211,15 +238,15 @@ def _subsample(
     ws: Workspace, cfg: TrainConfig, rows: LabelledRows, dim: int, budget: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A stratified subsample of the training rows that fits the budget (at most ``cv_max_rows``)."""
-    y = rows.train_labels
+    y = rows.train_codes  # in label order: a stratified split of them is the split of the labels
     cap = max(2 * len(rows.classes), min(cfg.cv_max_rows, budget // (SUBSAMPLE_SHARE * FLOAT_BYTES * max(dim, 1))))
     idx = np.arange(len(y))
     if cap < len(y):
         idx, _ = train_test_split(idx, train_size=int(cap), stratify=y, random_state=cfg.random_state)
         idx.sort()
-    ids, X = load_features(ws, cfg.featureset, rows.train_ids[idx].tolist())
-    label = dict(zip(rows.train_ids[idx].tolist(), y[idx].tolist()))
-    return ids, X, np.asarray([label[i] for i in ids.tolist()], dtype=object)
+    keys = rows.train_keys[idx]
+    ids, X = load_features(ws, cfg.featureset, as_strings(keys))
+    return ids, X, rows.label_names[y[idx][KeyIndex(keys).positions(keys_of(ids))]]
 
 
 def moments(stream: Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]], dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -326,8 +353,9 @@ def _class_weights(cfg: TrainConfig, stream: LabelledStream | ScratchStream) -> 
     """``balanced`` as scikit-learn computes it (partial_fit takes only explicit weights)."""
     if cfg.class_weight is None:
         return None
-    classes, counts = np.unique(np.asarray(list(stream.labels.values()), dtype=object), return_counts=True)
-    return {c: float(counts.sum() / (len(classes) * k)) for c, k in zip(classes, counts)}
+    present = [(c, int(k)) for c, k in zip(stream.classes.tolist(), stream.class_counts.tolist()) if k]
+    total = sum(k for _, k in present)
+    return {c: float(total / (len(present) * k)) for c, k in present}
 
 
 def _mlp(cfg: TrainConfig) -> KerasMLPClassifier:
@@ -347,9 +375,11 @@ def _predict_streamed(
     ws: Workspace, featureset: str, est: Any, rows: LabelledRows, batch_rows: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """(true, predicted) labels of the test rows, scored a batch at a time."""
-    label = dict(zip(rows.test_ids.tolist(), rows.test_labels.tolist()))
+    index, names = KeyIndex(rows.test_keys), rows.label_names
     y, pred = [], []
-    for ids, X in iter_features(ws, featureset, ids=list(label), batch_rows=batch_rows):
-        y += [label[i] for i in ids.tolist()]
-        pred += est.predict(X).tolist()
-    return np.asarray(y, dtype=object), np.asarray(pred, dtype=object)
+    for keys, X in iter_features(ws, featureset, ids=index, batch_rows=batch_rows, as_keys=True):
+        y.append(names[rows.test_codes[index.positions(keys)]])
+        pred.append(np.asarray(est.predict(X), dtype=object))
+    if not y:
+        return np.zeros(0, dtype=object), np.zeros(0, dtype=object)
+    return np.concatenate(y), np.concatenate(pred)

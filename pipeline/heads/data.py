@@ -179,9 +179,10 @@ def read_labelled(
 
 
 class ManifestImages:
-    """A dataset's unique readable images (``unique_images``' rows) as compact keys, and their
-    manifest rows by index among them: read a row group at a time from the manifest file when it is
-    in path order (as scan writes it), else from a table of the sorted rows (``unique_table``)."""
+    """A dataset's unique readable images (``unique_images``' rows) as compact keys, sorted (the
+    order a join looks them up in), and their manifest rows by index among them: read a row group
+    at a time from the manifest file when it is in path order (as scan writes it), else from a
+    table of the sorted rows (``unique_table``)."""
 
     def __init__(self, ws: Workspace, dataset: str) -> None:
         path = manifest_file(ws, dataset)
@@ -200,19 +201,23 @@ class ManifestImages:
             self._file.close()
             self._file = None
             self._table, self.counts, self.files = unique_table(read_manifest(ws, dataset, columns=MANIFEST_COLUMNS))
-            self.keys = keys_of(self._table[S.IMAGE_ID])
+            index = KeyIndex(self._table[S.IMAGE_ID])
+            self.keys, self._positions = index.keys(), index.order  # positions: rows of the table
 
     def rows(self, at: np.ndarray) -> pa.Table:
         """MANIFEST_COLUMNS of the images at these indices (into ``keys``), in that order."""
         if self._file is not None:
             return self._file.take(self._positions[at])
         assert self._table is not None
-        return self._table.take(pa.array(at, pa.int64()))
+        return self._table.take(pa.array(self._positions[at], pa.int64()))
 
-    def chunks(self, rows: int) -> Iterator[pa.Table]:
-        """Every image's rows in order, ``rows`` at a time."""
-        for lo in range(0, len(self.keys), rows):
-            yield self.rows(np.arange(lo, min(lo + rows, len(self.keys))))
+    def chunks(self, rows: int) -> Iterator[tuple[np.ndarray, pa.Table]]:
+        """Every image's rows, ``rows`` at a time in manifest order (each row group read once), with
+        their indices into ``keys``."""
+        order = np.argsort(self._positions, kind="stable")
+        for lo in range(0, len(order), rows):
+            at = order[lo : lo + rows]
+            yield at, self.rows(at)
 
     def close(self) -> None:
         if self._file is not None:
@@ -226,7 +231,7 @@ SPLIT_CODES = {S.SPLIT_TRAIN: 1, S.SPLIT_TEST: 2, S.SPLIT_VAL: 3}
 
 @dataclass(frozen=True)
 class CodedImages:
-    """A dataset's unique readable images, in path order: keys, label codes and split codes."""
+    """A dataset's unique readable images: keys, label codes and split codes."""
 
     keys: np.ndarray
     labels: np.ndarray  # int32 into label_names (sorted), -1: no label (null or empty)
@@ -237,27 +242,20 @@ class CodedImages:
 
 
 def coded_images(
-    keys: np.ndarray, tables: Iterable[pa.Table], counts: dict[str, int], files: pd.DataFrame
+    keys: np.ndarray, chunks: Iterable[tuple[np.ndarray, pa.Table]], counts: dict[str, int], files: pd.DataFrame
 ) -> CodedImages:
-    """The images' labels and splits as codes, from ``tables`` (the rows of ``keys``, in order)."""
+    """The images' labels and splits as codes, from ``chunks``: (indices into ``keys``, their rows)."""
     seen: dict[str, int] = {}
-    labels, splits = [], []
-    for t in tables:
-        labels.append(_codes(t[S.LABEL], seen))
-        splits.append(_split_codes(t[S.SPLIT]))
+    labels = np.full(len(keys), -1, np.int32)
+    splits = np.zeros(len(keys), np.int8)
+    for at, t in chunks:
+        labels[at] = _codes(t[S.LABEL], seen)
+        splits[at] = _split_codes(t[S.SPLIT])
     names = sorted(seen)
     # codes in name order, so that a code's order is its label's (stratified splits sort by it)
-    at = {v: k for k, v in enumerate(names)}
-    to_sorted = np.array([*(at[v] for v in seen), -1], np.int32)  # by the insertion code; -1 stays -1
-    coded = to_sorted[np.concatenate(labels)] if labels else np.zeros(0, np.int32)
-    return CodedImages(
-        keys,
-        coded,
-        names,
-        np.concatenate(splits) if splits else np.zeros(0, np.int8),
-        dict(counts),
-        files,
-    )
+    rank = {v: k for k, v in enumerate(names)}
+    to_sorted = np.array([*(rank[v] for v in seen), -1], np.int32)  # by the insertion code; -1 stays -1
+    return CodedImages(keys, to_sorted[labels], names, splits, dict(counts), files)
 
 
 def _codes(values: pa.Array | pa.ChunkedArray, seen: dict[str, int]) -> np.ndarray:
@@ -388,7 +386,7 @@ def labelled_rows(
 ) -> LabelledRows:
     """Pure mapper: dedupe, keep labelled rows that have features, split train/evaluation."""
     first, counts, files = unique_table(manifest)
-    found = coded_images(keys_of(first[S.IMAGE_ID]), [first], counts, files)
+    found = coded_images(keys_of(first[S.IMAGE_ID]), [(np.arange(first.num_rows), first)], counts, files)
     have = feature_ids if isinstance(feature_ids, KeySet) else KeySet(list(feature_ids))
     return _labelled(found, lambda index: have.contains(index.keys()), test_fraction, random_state, dataset, featureset)
 

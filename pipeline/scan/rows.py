@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from imgfeat.core import schemas as S
-from imgfeat.core.keys import KeySet, keys_of
+from imgfeat.core.keys import keys_of
 from imgfeat.core.workspace import Workspace
 from imgfeat.scan.manifest import corrupt_manifest, manifest_file
 
@@ -85,10 +85,10 @@ class ManifestRows:
 
 @dataclass(frozen=True)
 class UniquePositions:
-    """Each readable image's first row (by path) as a manifest position, with what was dropped."""
+    """Each readable image's first row (by path) as a manifest position, in id order, with what was dropped."""
 
-    positions: np.ndarray  # int64, ascending: path order
-    keys: np.ndarray  # their ids as compact keys, aligned with positions
+    positions: np.ndarray  # int64, aligned with keys
+    keys: np.ndarray  # the ids as compact keys, sorted and distinct: the order a join looks them up in
     counts: dict[str, int]  # not_readable, duplicates, conflicting_labels (as unique_images)
     repeated: pd.DataFrame  # MANIFEST_COLUMNS of every readable row of a repeated id, in path order
 
@@ -96,10 +96,15 @@ class UniquePositions:
 def unique_positions(rows: ManifestRows) -> UniquePositions | None:
     """``heads.data.unique_images``' answer as positions, reading the ids and paths a row group at a
     time; None when the manifest's readable rows are not in path order (written by hand or by an
-    older version), where the caller sorts a whole table instead."""
-    keys, positions = [], []
+    older version), where the caller sorts a whole table instead.
+
+    Memory at N rows: the keys twice (as read, then sorted) and three int64 arrays, for a moment;
+    then the sorted keys and a position each (~40 bytes an image)."""
+    n = rows.num_rows
+    keys = np.zeros(n, "S1")
+    positions = np.zeros(n, np.int64)
+    filled, unreadable = 0, 0
     last_path: str | None = None
-    unreadable = 0
     for g in range(rows.num_row_groups):
         t = rows.group(g)
         at = np.flatnonzero(np.asarray(readable(t), dtype=bool))
@@ -110,23 +115,26 @@ def unique_positions(rows: ManifestRows) -> UniquePositions | None:
         if not paths_ascending(paths, last_path):
             return None
         last_path = paths[-1].as_py()
-        keys.append(keys_of(t[S.IMAGE_ID].take(pa.array(at, pa.int64()))))
-        positions.append(at + rows.starts[g])
-    if not keys:
-        empty = pd.DataFrame(columns=rows.columns)
-        return UniquePositions(np.zeros(0, np.int64), np.zeros(0, "S1"), _counts(unreadable, 0, 0), empty)
-    width = max(k.dtype.itemsize for k in keys)
-    all_keys = np.concatenate([k.astype(f"S{width}", copy=False) for k in keys])
-    all_pos = np.concatenate(positions)
-    del keys, positions
-    unique_keys, first, counts = np.unique(all_keys, return_index=True, return_counts=True)
-    first.sort()
+        got = keys_of(t[S.IMAGE_ID].take(pa.array(at, pa.int64())))
+        if got.dtype.itemsize > keys.dtype.itemsize:  # filled in place: widened only for a longer id
+            keys = keys.astype(got.dtype)
+        keys[filled : filled + len(got)] = got
+        positions[filled : filled + len(got)] = at + rows.starts[g]
+        filled += len(got)
+    keys, positions = keys[:filled], positions[:filled]
+    order = np.argsort(keys, kind="stable")  # stable: of an id's rows, the first path comes first
+    keys = keys[order]
+    positions = positions[order]
+    del order
+    first = np.ones(len(keys), dtype=bool)
+    np.not_equal(keys[1:], keys[:-1], out=first[1:])
     repeated = pd.DataFrame(columns=rows.columns)
-    if (counts > 1).any():  # the rows of repeated ids, usually few, for the files table
-        twice = KeySet(unique_keys[counts > 1]).contains(all_keys)
-        repeated = rows.take(all_pos[twice]).to_pandas()
-    dup = len(all_keys) - len(first)
-    return UniquePositions(all_pos[first], all_keys[first], _counts(unreadable, dup, 0), repeated)
+    if not first.all():  # the rows of repeated ids, usually few, for the files table
+        twice = ~first
+        twice[:-1] |= ~first[1:]  # the first row of a repeated id too
+        repeated = rows.take(np.sort(positions[twice])).to_pandas()
+        keys, positions = keys[first], positions[first]
+    return UniquePositions(positions, keys, _counts(unreadable, int((~first).sum()), 0), repeated)
 
 
 def _counts(not_readable: int, duplicates: int, conflicting: int) -> dict[str, int]:

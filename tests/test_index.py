@@ -256,6 +256,72 @@ def test_small_memory_budget_builds_ivfpq_with_recall_against_exact(ws):
     assert hit.image_id in more or hit.similarity > 0.5
 
 
+def test_each_indexed_image_gets_its_first_readable_manifest_row_over_the_datasets_in_order(ws):
+    """The ids table names each row's dataset and path from the first readable manifest row holding
+    its id, over the datasets in the order given (their manifests read a row group at a time, the
+    paths read back by position as the table is written); an id with no readable row is left out."""
+    from imgfeat.core import schemas as S
+    from imgfeat.index.kinds import flat_bytes
+
+    X = clustered(3000, dim=32, clusters=40)
+    ids = make_fs(ws, "fs", X)
+    rng = np.random.default_rng(2)
+    manifests = {"a": [], "b": []}
+    for k, i in enumerate(ids):
+        if k % 10 == 9:
+            continue  # in no manifest
+        where = ["a"] if k % 3 == 0 else ["b"] if k % 3 == 1 else ["a", "b"]
+        for d in where:
+            if d == "a" and k % 7 == 0:  # unreadable in a: its row in b counts
+                manifests["a"].append({"image_id": i, "path": f"bad/{k:05d}.jpg", "status": "unreadable"})
+                continue
+            manifests[d].append({"image_id": i, "path": f"{d}/{k:05d}.jpg", "status": "ok"})
+            if rng.random() < 0.1:  # a later copy under another path: the first row wins
+                manifests[d].append({"image_id": i, "path": f"{d}/zz/{k:05d}.jpg", "status": "ok"})
+    for d, rows in manifests.items():
+        write_manifest(ws, d, sorted(rows, key=lambda r: r["path"]), ws.root / "images" / d)
+    out = build(ws, "fs", datasets=("a", "b"), name="ix", memory_budget=int(0.7 * flat_bytes(3000, 32)))
+    want = {}
+    for d in ("a", "b"):
+        for r in sorted(manifests[d], key=lambda r: r["path"]):
+            if r["status"] == "ok":
+                want.setdefault(r["image_id"], (d, r["path"]))
+    assert out.kind == "ivfpq" and out.rows == len(want) and 2000 < len(want) < len(ids)
+    got = pq.read_table(ws.index_dir("ix") / "ids.parquet").to_pylist()
+    assert {r[S.IMAGE_ID]: (r[S.DATASET], r[S.PATH]) for r in got} == want and len(got) == len(want)
+
+
+def test_inverted_lists_sized_before_the_fill_hold_the_same_rows(ws, monkeypatch):
+    """Where the lists are a large share of the budget, a first pass counts each list's rows and
+    gives it that room before the fill: where the memory comes from changes, not the index (the
+    same list sizes as the counts, the same answers as a build that lets the lists grow)."""
+    from imgfeat.index import Index
+    from imgfeat.index import build as B
+    from imgfeat.index.kinds import flat_bytes, import_faiss
+
+    X = clustered(3000, dim=32, clusters=40)
+    make_fs(ws, "fs", X)
+    budget = int(0.7 * flat_bytes(3000, 32))
+    counted = []
+    presize = B.presize_lists
+    monkeypatch.setattr(B, "presize_lists", lambda index, counts: counted.append(counts) or presize(index, counts))
+    monkeypatch.setattr(B, "PRESIZE_SHARE", 10**9)  # every list is "a large share"
+    sized = build(ws, "fs", name="sized", memory_budget=budget)
+    monkeypatch.setattr(B, "PRESIZE_SHARE", 1)  # none is
+    grown = build(ws, "fs", name="grown", memory_budget=budget)
+    assert len(counted) == 1 and counted[0].sum() == 3000 == sized.rows == grown.rows
+    assert sized.kind == grown.kind == "ivfpq" and sized.params == grown.params
+    faiss = import_faiss()
+    index = faiss.read_index(str(next(ws.index_files_dir("sized").glob("*.faiss"))))
+    lists = faiss.extract_index_ivf(index).invlists
+    assert [lists.list_size(k) for k in range(index.nlist)] == counted[0].tolist()
+    Q = clustered(50, dim=32, clusters=40, seed=3)
+    for a, b in zip(Index.open(ws, "sized").search(Q, k=10), Index.open(ws, "grown").search(Q, k=10)):
+        assert [(n.image_id, round(n.similarity, 5)) for n in a.neighbours] == [
+            (n.image_id, round(n.similarity, 5)) for n in b.neighbours
+        ]
+
+
 @pytest.mark.quick
 def test_memory_budget_picks_the_kind_and_refuses_what_cannot_fit():
     from imgfeat.index.kinds import flat_bytes, resolve_params

@@ -231,6 +231,26 @@ def train_on_sample(index, params: IndexParams, sample: np.ndarray, total: int) 
     return replace(params, trained_on=len(sample), rows_at_training=total)
 
 
+def list_of(index, X: np.ndarray) -> np.ndarray:
+    """The inverted list each row of ``X`` (normalised) goes to in an IVF index: its coarse centroid."""
+    _, at = index.quantizer.search(np.ascontiguousarray(X, dtype=np.float32), 1)
+    return np.asarray(at[:, 0])
+
+
+def presize_lists(index, counts: np.ndarray) -> bool:
+    """Give an IVF index's inverted lists room for ``counts`` rows each before it is filled (each
+    list resized to its count and back to empty: the room stays). False where its lists are not
+    FAISS's in-memory arrays, which are left to grow as they are filled."""
+    faiss = import_faiss()
+    lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
+    if not isinstance(lists, faiss.ArrayInvertedLists):
+        return False
+    for at in np.flatnonzero(counts).tolist():
+        lists.resize(at, int(counts[at]))
+        lists.resize(at, 0)
+    return True
+
+
 def set_search_params(index, params: IndexParams, nprobe: int | None = None) -> None:
     """Apply the search-time parameters a saved index does not carry (``nprobe`` overrides the recorded one)."""
     if params.kind in ("ivf", "ivfpq"):

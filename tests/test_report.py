@@ -123,3 +123,45 @@ def test_report_shows_its_steps_as_a_bar_on_a_terminal_only(reported, tmp_path, 
     monkeypatch.setenv("IMGFEAT_PROGRESS", "0")
     run_report(copy, ReportConfig(head_id, max_mistakes=4), "r-quiet")
     assert "report toy-mlp:" not in capsys.readouterr().err
+
+
+def test_the_rows_file_read_a_row_group_at_a_time_gives_the_same_mistakes_and_sample(reported, tmp_path):
+    """Report reads the head's rows a row group at a time (the evaluation rows kept, a seeded sample
+    taken as each group passes): the same mistakes, in the same order, and the same sample as the
+    whole table gives, however the file is cut into groups."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from imgfeat.core import schemas as S
+    from imgfeat.heads import artifacts as A
+    from imgfeat.heads import load_head
+    from imgfeat.heads.report import _evaluation_rows, _mistakes, _sample_rows
+
+    ws, head_id, _ = reported
+    head = load_head(ws, head_id)
+    whole = A.read_rows(ws, head_id)
+    role, sub = _evaluation_rows(ws, head_id)
+    assert (
+        role == "test"
+        and sub.to_pylist() == whole.filter(pc.equal(whole[A.ROLE], "test")).select([S.IMAGE_ID, S.LABEL]).to_pylist()
+    )
+    mistakes = _mistakes(ws, head, sub, 12, 1 << 30)
+    sample = _sample_rows(ws, head_id, 40)
+    keep = np.sort(np.random.default_rng(0).choice(whole.num_rows, 40, False))
+    assert sample.to_pylist() == whole.take(pa.array(keep)).select([S.IMAGE_ID, S.LABEL]).to_pylist()
+    assert len(mistakes) > 3  # overlapping classes: the head gets some wrong
+
+    path = ws.head_dir(head_id) / A.ROWS_FILE
+    shutil.copy(path, tmp_path / "rows.parquet")
+    try:
+        pq.write_table(whole, path, row_group_size=7)
+        assert pq.ParquetFile(path).num_row_groups > 10
+        role2, sub2 = _evaluation_rows(ws, head_id)
+        assert (role2, sub2.to_pylist()) == (role, sub.to_pylist())
+        assert _mistakes(ws, head, sub2, 12, 1 << 30) == mistakes
+        assert _sample_rows(ws, head_id, 40).to_pylist() == sample.to_pylist()
+    finally:
+        shutil.copy(tmp_path / "rows.parquet", path)

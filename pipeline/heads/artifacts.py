@@ -10,7 +10,7 @@ import logging
 import os
 import platform
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -292,6 +292,31 @@ def read_rows(ws: Workspace, head_id: str) -> pa.Table:
     path = ws.head_dir(head_id) / ROWS_FILE
     try:
         return pq.read_table(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise _corrupt_head(ws, head_id, path, str(exc).rstrip(".")) from None
+
+
+def rows_count(ws: Workspace, head_id: str) -> int:
+    """How many training rows the head has (its rows file's footer says)."""
+    path = ws.head_dir(head_id) / ROWS_FILE
+    try:
+        with pq.ParquetFile(path) as f:
+            return int(f.metadata.num_rows)
+    except (OSError, pa.ArrowException) as exc:
+        raise _corrupt_head(ws, head_id, path, str(exc).rstrip(".")) from None
+
+
+def row_groups(ws: Workspace, head_id: str, columns: list[str]) -> Iterator[tuple[int, pa.Table]]:
+    """The training rows a row group at a time, with each group's first row number: at 10M rows
+    the whole table is ~550 MB of Arrow."""
+    path = ws.head_dir(head_id) / ROWS_FILE
+    try:
+        with pq.ParquetFile(path) as f:
+            start = 0
+            for g in range(f.num_row_groups):
+                t = f.read_row_group(g, columns=columns)
+                yield start, t
+                start += t.num_rows
     except (OSError, pa.ArrowException) as exc:
         raise _corrupt_head(ws, head_id, path, str(exc).rstrip(".")) from None
 

@@ -188,12 +188,13 @@ def _write_report(
     name = head_name(head, cfg.head_id)
     # a bar by step (rows, mistakes, plots, page): at a million rows each takes a while
     with progress(total=4, desc=f"report {name}", unit="step") as bar:
-        rows = A.read_rows(ws, head_id).select([S.IMAGE_ID, S.LABEL, A.ROLE])
+        eval_role, sub = _evaluation_rows(ws, head_id)
         bar.update()
-        mistakes, eval_role = _mistakes(ws, head, rows, cfg.max_mistakes, memory_budget(cfg.memory_budget))
+        mistakes = _mistakes(ws, head, sub, cfg.max_mistakes, memory_budget(cfg.memory_budget))
+        del sub
         mistakes = _with_paths(ws, head.meta["dataset"], mistakes)
         bar.update()
-        plots_png = _plots(ws, head, rows, cfg)
+        plots_png = _plots(ws, head, head_id, cfg)
         bar.update()
         stamp = {"inputs": inputs, "plots": sorted(plots_png), "mistakes_shown": len(mistakes)}
         page = render_page(
@@ -247,20 +248,30 @@ def _with_paths(ws: Workspace, dataset: str, mistakes: list[Mistake]) -> list[Mi
     return [replace(m, path=found.get(m.image_id)) for m in mistakes]
 
 
-def _mistakes(ws: Workspace, head: LoadedHead, rows: pa.Table, limit: int, budget: int) -> tuple[list[Mistake], str]:
-    """The evaluation images the head got wrong, most confident first (train images if no test set);
-    the features are streamed, and only the ``limit`` most confident mistakes so far are kept.
+def _evaluation_rows(ws: Workspace, head_id: str) -> tuple[str, pa.Table]:
+    """The head's evaluation role (``test``, or ``train`` when it has no test rows) and those rows'
+    ids and labels, in the head's row order, read a row group at a time: the others never held."""
+    has_test = any(pc.any(pc.equal(t[A.ROLE], "test")).as_py() for _, t in A.row_groups(ws, head_id, [A.ROLE]))
+    role = "test" if has_test else "train"
+    parts = [
+        t.filter(pc.fill_null(pc.equal(t[A.ROLE], role), False)).select([S.IMAGE_ID, S.LABEL])
+        for _, t in A.row_groups(ws, head_id, [S.IMAGE_ID, S.LABEL, A.ROLE])
+    ]
+    return role, pa.concat_tables(parts).combine_chunks() if parts else pa.table({S.IMAGE_ID: [], S.LABEL: []})
+
+
+def _mistakes(ws: Workspace, head: LoadedHead, sub: pa.Table, limit: int, budget: int) -> list[Mistake]:
+    """The evaluation images (``sub``) the head got wrong, most confident first; the features are
+    streamed, and only the ``limit`` most confident mistakes so far are kept.
 
     The evaluation rows stay Arrow columns, looked up by compact keys (``core/keys.py``)."""
-    role = "test" if pc.any(pc.equal(rows[A.ROLE], "test")).as_py() else "train"
-    sub = rows.filter(pc.fill_null(pc.equal(rows[A.ROLE], role), False))
     where = KeyIndex(sub[S.IMAGE_ID])  # id -> its row in sub: the head's row order breaks ties
     labels = sub[S.LABEL]
     kept: list[Mistake] = []
     dim = max(1, int(head.meta.get("dim") or 1))
     batch_rows = int(min(65_536, max(64, budget // (16 * 4 * dim))))  # as heads/stream.py's batches
     classes = np.asarray(head.estimator.classes_, dtype=object)
-    for ids, X in iter_features(ws, head.featureset, ids=sub[S.IMAGE_ID], batch_rows=batch_rows):
+    for ids, X in iter_features(ws, head.featureset, ids=where, batch_rows=batch_rows):
         proba = head.estimator.predict_proba(X)
         pred, conf = classes[proba.argmax(axis=1)], proba.max(axis=1)
         at = where.positions(ids)
@@ -271,10 +282,10 @@ def _mistakes(ws: Workspace, head: LoadedHead, rows: pa.Table, limit: int, budge
         # most confident first, equal scores in the head's row order: the page the whole matrix made
         order = {m.image_id: int(p) for m, p in zip(kept, where.positions([m.image_id for m in kept]))}
         kept = sorted(kept, key=lambda m: (-m.score, order[m.image_id]))[:limit]
-    return kept, role
+    return kept
 
 
-def _plots(ws: Workspace, head: LoadedHead, rows: pa.Table, cfg: ReportConfig) -> dict[str, bytes]:
+def _plots(ws: Workspace, head: LoadedHead, head_id: str, cfg: ReportConfig) -> dict[str, bytes]:
     """The page's PNGs by name: confusion matrix, 2-D projection, training curves (what applies)."""
     from imgfeat.heads import plots  # matplotlib: only when a page is drawn
 
@@ -282,7 +293,7 @@ def _plots(ws: Workspace, head: LoadedHead, rows: pa.Table, cfg: ReportConfig) -
     confusion = head.meta["metrics"].get("confusion")
     if confusion:
         out[CONFUSION_PNG] = plots.confusion_png(np.asarray(confusion["matrix"]), confusion["labels"])
-    xy, labels, method = project(ws, head, rows, cfg)
+    xy, labels, method = project(ws, head, head_id, cfg)
     if len(xy):
         out[PROJECTION_PNG] = plots.projection_png(xy, labels, method)
     if head.meta.get("history"):
@@ -290,18 +301,30 @@ def _plots(ws: Workspace, head: LoadedHead, rows: pa.Table, cfg: ReportConfig) -
     return out
 
 
-def project(ws: Workspace, head: LoadedHead, rows: pa.Table, cfg: ReportConfig) -> tuple[np.ndarray, np.ndarray, str]:
+def project(ws: Workspace, head: LoadedHead, head_id: str, cfg: ReportConfig) -> tuple[np.ndarray, np.ndarray, str]:
     """A seeded sample of the head's images in 2-D: t-SNE for small samples, else PCA."""
-    rng = np.random.default_rng(0)
-    n = rows.num_rows
-    sample = rows if n <= cfg.max_points else rows.take(pa.array(np.sort(rng.choice(n, cfg.max_points, False))))
-    take = sample.select([S.IMAGE_ID, S.LABEL]).to_pandas()
+    sample = _sample_rows(ws, head_id, cfg.max_points)
+    take = sample.to_pandas()
     ids, X = load_features(ws, head.featureset, take[S.IMAGE_ID].tolist())
     labels = take.set_index(S.IMAGE_ID).loc[ids.tolist(), S.LABEL].to_numpy(dtype=object)
     if len(ids) < 3:
         return np.zeros((0, 2)), labels, "none"
     xy, method = _embed(X, cfg.projection)
     return xy, labels, method
+
+
+def _sample_rows(ws: Workspace, head_id: str, size: int) -> pa.Table:
+    """A seeded sample of ``size`` of the head's rows (ids and labels; all when there are no more), in
+    row order, taken from each row group as it is read."""
+    n = A.rows_count(ws, head_id)
+    keep = None if n <= size else np.sort(np.random.default_rng(0).choice(n, size, False))
+    parts = []
+    for start, t in A.row_groups(ws, head_id, [S.IMAGE_ID, S.LABEL]):
+        if keep is not None:
+            mine = keep[(keep >= start) & (keep < start + t.num_rows)] - start
+            t = t.take(pa.array(mine, pa.int64()))
+        parts.append(t)
+    return pa.concat_tables(parts) if parts else pa.table({S.IMAGE_ID: [], S.LABEL: []})
 
 
 def _embed(X: np.ndarray, how: str) -> tuple[np.ndarray, str]:

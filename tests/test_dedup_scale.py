@@ -86,8 +86,9 @@ def test_candidate_pairs_are_written_in_batches_and_read_back_a_row_group_at_a_t
     want = sorted((min(x, y), max(x, y), s) for x, y, s in zip(a.tolist(), b.tolist(), sim.tolist()))
 
     def read(known: list[str]) -> tuple[list[int], list[tuple[int, int, float]]]:
-        new = dedup._new_images(tmp_path, pa.array(known))
-        cached = dedup._cached_pairs(tmp_path, pa.array(known), 0)
+        node = dedup.NodeOf(pa.array(known))
+        new = dedup._new_images(tmp_path, node, len(known))
+        cached = dedup._cached_pairs(tmp_path, node, len(known), 0)
         assert new is not None and cached is not None
         with cached:
             g = cached.graph()
@@ -97,9 +98,9 @@ def test_candidate_pairs_are_written_in_batches_and_read_back_a_row_group_at_a_t
     # id0 has left and id9 arrived: id0's pairs are dropped, id9 is new
     assert read(["id9", *ids[1:]]) == ([0], [p for p in want if 0 not in p[:2]])
     (tmp_path / dedup.PAIRS_FILE).write_bytes(b"PAR1 not really")  # damaged: every image is searched
-    assert dedup._cached_pairs(tmp_path, pa.array(ids), 0) is None
+    assert dedup._cached_pairs(tmp_path, dedup.NodeOf(pa.array(ids)), 6, 0) is None
     (tmp_path / dedup.SEARCHED_FILE).unlink()
-    assert dedup._new_images(tmp_path, pa.array(ids)) is None
+    assert dedup._new_images(tmp_path, dedup.NodeOf(pa.array(ids)), 6) is None
 
 
 @pytest.mark.parametrize("chunk", [1_000_000, 1, 5])  # one range, a range per listing, a few listings a range
@@ -123,6 +124,17 @@ def test_pair_ranges_keep_each_pair_once_with_its_first_listing_in_pair_order(tm
         with pytest.raises(RuntimeError):
             pairs.add(np.array([1]), np.array([2]), np.array([0.5], np.float32))
     assert list(tmp_path.iterdir()) == []  # scratch files have no name
+
+
+@pytest.mark.parametrize("clash", [False, True])
+def test_ids_map_to_their_nodes_as_a_key_index_maps_them(monkeypatch, clash):
+    if clash:  # every id folds alike: the key index answers
+        monkeypatch.setattr(dedup, "_fold", lambda keys: np.zeros(len(keys), np.uint64))
+    ids = ["b", "a2", "c33", "a", "ddd4"]
+    node = dedup.NodeOf(pa.array(ids))
+    asked = ["a", "zz", "ddd4", "b", "a22", "c33", "ddd44", "", "a2"]
+    assert node.positions(pa.array(asked)).tolist() == [3, -1, 4, 0, -1, 2, -1, -1, 1]
+    assert node.positions(pa.chunked_array([["ddd4", "longer-than-all"], ["c33"]])).tolist() == [4, -1, 2]
 
 
 def test_nearest_members_by_blocks_equal_the_per_node_search(monkeypatch):

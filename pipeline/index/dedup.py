@@ -10,6 +10,7 @@ fixed cosine of the features (the criterion before looks).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -30,6 +31,7 @@ import pyarrow.parquet as pq
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError, ImgfeatError
 from imgfeat.core.hashing import CONTENT_ID_ALGORITHM, digest_chunks
+from imgfeat.core.keys import KeyIndex, keys_of
 from imgfeat.core.options import opt
 from imgfeat.core.ranges import check_fields
 from imgfeat.core.results import JsonObject, JsonResult
@@ -286,7 +288,9 @@ def search_neighbours(
 
 KNN_ROWS = 8192  # queries searched at a time in memory (``kinds.knn``'s chunk)
 QUERY_ROWS = 8192  # queries searched (and their candidates rescored) at a time from a store
-RESCORE_SHARE = 32  # of the budget, the candidate rows rescored at a time from a store (read, then gathered: x2)
+# of the budget, the rows read from a store at a time: streamed into it, added to the index, or
+# candidates rescored (FAISS' add, or the gathering of candidates, takes a few times as much)
+STORE_SHARE = 32
 
 
 def _not_self(lo: int, rows: np.ndarray) -> np.ndarray:
@@ -301,18 +305,16 @@ def _store_search(X: VectorStore, k: int, params: IndexParams, memory_budget: in
     block at a time, each block's candidates rescored on the rows they name (read from ``X``).
     Memory: the index and a block, not the vectors."""
     n, dim = X.shape
-    block = block_rows(dim, memory_budget)
-    Y = reduce_store(X, CANDIDATE_DIMS, block) if dim > CANDIDATE_DIMS else X
+    Y = reduce_store(X, CANDIDATE_DIMS, block_rows(dim, memory_budget)) if dim > CANDIDATE_DIMS else X
     try:
         index = make_index(params, Y.shape[1])
         sample = sample_rows(n, sample_size(params, n, Y.shape[1]), params.seed)  # as ``kinds.train`` samples
         params = train_on_sample(index, params, Y[sample], n)
-        for _, B in Y.blocks(block_rows(Y.shape[1], memory_budget)):
+        for _, B in Y.blocks(block_rows(Y.shape[1], memory_budget, STORE_SHARE)):
             index.add(np.ascontiguousarray(B))
         set_search_params(index, params)
         kk = min(k + 1, n)
-        # queries rescored at a time: their candidates' rows, read and gathered, take 1/RESCORE_SHARE of the budget
-        step = max(1, min(QUERY_ROWS, block_rows(dim, memory_budget, RESCORE_SHARE) // kk))
+        step = max(1, min(QUERY_ROWS, block_rows(dim, memory_budget, STORE_SHARE) // kk))  # queries rescored at a time
         for lo, B in Y.blocks(QUERY_ROWS):
             s, r = index.search(np.ascontiguousarray(B), kk)
             if Y is not X or params.kind == "ivfpq":  # codes and components only propose: exact cosines decide
@@ -510,7 +512,12 @@ class Images:
         return _arrow(self.row_labels).to_pylist() if not isinstance(self.row_labels, list) else self.row_labels
 
     def rows(self) -> Rows:
-        """The manifest rows of images with features, as Arrow columns and their nodes."""
+        """The manifest rows of images with features, as Arrow columns and their nodes (made once:
+        mapping a million ids to nodes briefly takes 140 MB)."""
+        return self._rows
+
+    @functools.cached_property
+    def _rows(self) -> Rows:
         labels = pa.nulls(len(self.row_ids), pa.string()) if self.row_labels is None else _arrow(self.row_labels)
         t = pa.table(
             {
@@ -572,7 +579,7 @@ def load_images(ws: Workspace, cfg: DedupConfig) -> Images:
     X: np.ndarray | VectorStore
     if flat_bytes(len(wanted), dim) > cfg.budget * IN_MEMORY_SHARE:  # the vectors to a scratch file, streamed
         ids, X = store_vectors(
-            iter_vectors(ws, cfg.featureset, wanted, block_rows(dim, cfg.budget)),
+            iter_vectors(ws, cfg.featureset, wanted, block_rows(dim, cfg.budget, STORE_SHARE)),
             dim,
             ws.dedup_dir(cfg.out_name) / "_cache",
         )
@@ -845,10 +852,10 @@ def candidate_pairs(
         and last.get("neighbours") == cfg.neighbours
         and (previous or {}).get("featureset") == cfg.featureset
     ):
-        known = pa.array(im.ids, pa.string())
-        new = _new_images(folder, known)
+        node = NodeOf(pa.array(im.ids, pa.string()))
+        new = _new_images(folder, node, n)
         if new is not None and len(new) <= RESEARCH_NEW_FRACTION * n:
-            cached = _cached_pairs(folder, known, len(new) * cfg.neighbours)
+            cached = _cached_pairs(folder, node, n, len(new) * cfg.neighbours)
             if cached is not None:
                 try:
                     search_new_images(im.X, new, cfg.neighbours, cached.add)
@@ -903,36 +910,38 @@ def _top_k_blocked(X: Vectors, rows: np.ndarray, k: int) -> tuple[np.ndarray, np
     return top, best
 
 
-def _new_images(folder: Path, known: pa.Array) -> np.ndarray | None:
-    """The nodes of ``known`` (every image's id) the last run did not search; None when its list
+def _new_images(folder: Path, node: NodeOf, n: int) -> np.ndarray | None:
+    """The nodes (of ``n``; ``node``: id -> node) the last run did not search; None when its list
     of searched images is absent or unreadable."""
+    seen = np.zeros(n, bool)
     try:
         searched = pq.read_table(folder / SEARCHED_FILE, columns=[S.IMAGE_ID]).column(S.IMAGE_ID)
-    except (OSError, KeyError, pa.ArrowException) as exc:
+        for lo in range(0, len(searched), PAIRS_BATCH):
+            found = node.positions(searched.slice(lo, PAIRS_BATCH))
+            seen[found[found >= 0]] = True
+    except (OSError, KeyError, ValueError, pa.ArrowException) as exc:
         log.debug("dedup searched images unreadable (%s): every image is searched", exc)
         return None
-    seen = pc.is_in(known, value_set=searched.combine_chunks()).to_numpy(zero_copy_only=False)
-    return np.flatnonzero(~seen).astype(np.int64)
+    return np.flatnonzero(~seen)
 
 
-def _cached_pairs(folder: Path, known: pa.Array, more: int) -> PairRanges | None:
-    """The last run's candidate pairs between images still here (``known``: every image's id, node
-    k = known[k]) in a new PairRanges sized for ``more`` listings still to come; read a row group
-    at a time, ids mapped to nodes by Arrow (no Python string per pair). None when absent or
-    unreadable."""
+def _cached_pairs(folder: Path, node: NodeOf, n: int, more: int) -> PairRanges | None:
+    """The last run's candidate pairs between images still here (of ``n``; ``node``: id -> node) in
+    a new PairRanges sized for ``more`` listings still to come; read a row group at a time, ids
+    mapped to nodes as compact keys (no Python string per pair). None when absent or unreadable."""
     try:
         f = pq.ParquetFile(folder / PAIRS_FILE)
     except (OSError, pa.ArrowException) as exc:
         log.debug("dedup pairs cache unreadable (%s): every image is searched", exc)
         return None
-    pairs = PairRanges(len(known), f.metadata.num_rows + more, folder / "_cache")
+    pairs = PairRanges(n, f.metadata.num_rows + more, folder / "_cache")
     try:
         for g in range(f.num_row_groups):
             t = f.read_row_group(g, columns=["a", "b", S.SIMILARITY], use_threads=False)
-            a, b = (pc.index_in(t.column(c), value_set=known).fill_null(-1).to_numpy().astype(np.int64) for c in "ab")
+            a, b = (node.positions(t.column(c)) for c in "ab")
             kept = (a >= 0) & (b >= 0)  # pairs between images still here
             pairs.add(a[kept], b[kept], t.column(S.SIMILARITY).to_numpy().astype(np.float32)[kept])
-    except (OSError, KeyError, pa.ArrowException) as exc:
+    except (OSError, KeyError, ValueError, pa.ArrowException) as exc:
         log.debug("dedup pairs cache unreadable (%s): every image is searched", exc)
         pairs.close()
         return None
@@ -940,6 +949,59 @@ def _cached_pairs(folder: Path, known: pa.Array, more: int) -> PairRanges | None
         pairs.close()
         raise
     return pairs
+
+
+class NodeOf:
+    """Image id -> node (its position in ``ids``, -1: none) for the millions of ids of a pairs cache.
+
+    ``KeyIndex`` answers with a binary search over the ids' bytes, slow at this count (a minute
+    for 18M pairs); here each id's key is folded to a 64-bit integer, searched among the sorted
+    integers of ``ids``, and each hit checked against the id itself. Two ids of ``ids`` folding
+    alike (about one chance in 10^7 at a million ids) fall back to ``KeyIndex``.
+    """
+
+    def __init__(self, ids: pa.Array) -> None:
+        self._keys = keys_of(ids)
+        folded = _fold(self._keys)
+        self._order = np.argsort(folded, kind="stable")
+        self._folded = folded[self._order]
+        clash = len(folded) > 1 and bool(np.any(self._folded[1:] == self._folded[:-1]))
+        self._index = KeyIndex(self._keys) if clash else None
+
+    def positions(self, ids: pa.Array | pa.ChunkedArray | np.ndarray) -> np.ndarray:
+        """Each id's node (int64), -1 for an id that is not one of them."""
+        if self._index is not None:
+            return self._index.positions(ids)
+        keys = keys_of(ids)
+        out = np.full(len(keys), -1, np.int64)
+        fits = np.char.str_len(keys) <= self._keys.dtype.itemsize  # a longer id is none of them
+        if not len(self._order) or not fits.any():
+            return out
+        if not fits.all():
+            out[fits] = self.positions(keys[fits])
+            return out
+        keys = keys.astype(self._keys.dtype)
+        folded = _fold(keys)
+        at = np.minimum(np.searchsorted(self._folded, folded), len(self._folded) - 1)
+        node = self._order[at]
+        hit = (self._folded[at] == folded) & (self._keys[node] == keys)
+        out[hit] = node[hit]
+        return out
+
+
+def _fold(keys: np.ndarray) -> np.ndarray:
+    """Each fixed-width key folded to a uint64 (FNV-style over its 8-byte words)."""
+    width = keys.dtype.itemsize
+    if width % 8:  # padded to whole words (a copy); content ids (32 bytes) are read in place
+        raw = np.zeros((len(keys), -(-width // 8) * 8), np.uint8)
+        raw[:, :width] = keys.view(np.uint8).reshape(len(keys), width)
+        keys = raw
+    words = np.ascontiguousarray(keys).view(np.uint64).reshape(len(keys), -1)
+    h = np.full(len(keys), 0xCBF29CE484222325, np.uint64)
+    for j in range(words.shape[1]):
+        h ^= words[:, j]
+        h *= np.uint64(0x100000001B3)
+    return h
 
 
 PAIRS_BATCH = 262_144  # candidate pairs written at a time (their ids as Arrow strings: ~17 MiB)

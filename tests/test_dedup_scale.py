@@ -137,6 +137,19 @@ def test_ids_map_to_their_nodes_as_a_key_index_maps_them(monkeypatch, clash):
     assert node.positions(pa.chunked_array([["ddd4", "longer-than-all"], ["c33"]])).tolist() == [4, -1, 2]
 
 
+def test_new_images_ranked_a_few_at_a_time_get_the_neighbours_ranked_all_at_once(monkeypatch):
+    rng = np.random.default_rng(11)
+    X = rng.standard_normal((300, 8)).astype(np.float32)
+    X[150:200] = X[100:150]  # exact copies: equal similarities, ties to break alike
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    new = np.array([0, 5, 101, 120, 160, 299, 42], np.int64)
+    monkeypatch.setattr(dedup, "BLOCK_ROWS", 64)
+    want = dedup._top_k_blocked(X, new, 6)
+    monkeypatch.setattr(dedup, "SELECT_ROWS", 2)
+    got = dedup._top_k_blocked(X, new, 6)
+    assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+
+
 def test_nearest_members_by_blocks_equal_the_per_node_search(monkeypatch):
     monkeypatch.setattr(dedup, "MEMBER_BLOCK", 7)  # a few nodes a product
     rng = np.random.default_rng(3)

@@ -104,6 +104,7 @@ PAIRS_FILE, SEARCHED_FILE = "_cache/pairs.parquet", "_cache/searched.parquet"  #
 RESEARCH_NEW_FRACTION = 0.5  # more new images than this share of all: every image is searched again
 SEARCH_CHUNK = 1024  # new images compared with all at a time ...
 BLOCK_ROWS = 16_384  # ... a block of all at a time: a 1024 x 16384 float32 working set (64 MiB)
+SELECT_ROWS = 256  # ... whose rows are ranked this many at a time (their candidates' positions: int64)
 EXACT_MAX = 20_000  # above this many images the neighbour search is approximate (IVF)
 DEDUP_NPROBE = 8  # near-copies sit in the same or a neighbouring list: a few lists find them
 CANDIDATE_DIMS = 256  # approximate search finds candidates on this many principal components
@@ -812,6 +813,7 @@ def _run_loaded(ws: Workspace, cfg: DedupConfig, run_id: str, clock: _Clock, im:
         leaks = leaks_table(im, nb, cfg.threshold) if cfg.threshold is not None else group_leaks_table(im, comp)
         clock.lap("tables", None)
         page = clock.lap("page", render_page(groups, leaks, root, cfg, run_id, criterion_text(criterion)))
+        _release()  # the tables' transient copies, before the pairs cache's batches
         with FileLock(ws.locks_dir / f"dedup-{cfg.out_name}.lock", f"dedup results {cfg.out_name}", cfg.wait):
             remove_stale_tmp(folder)
             if looks is not None and computed:
@@ -895,7 +897,9 @@ def search_new_images(
 
 def _top_k_blocked(X: Vectors, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` most similar other rows of ``X`` to each of ``rows`` (and their similarities),
-    scanning ``X`` a block of BLOCK_ROWS at a time: the working set never grows with ``len(X)``."""
+    scanning ``X`` a block of BLOCK_ROWS at a time: the working set never grows with ``len(X)``.
+    Each block's similarities are ranked SELECT_ROWS queries at a time (a row's ranking is its own):
+    the candidates' positions and their partition are int64, twice the block's similarities."""
     Q = X[rows]
     top = np.zeros((len(rows), 0), np.int64)
     best = np.zeros((len(rows), 0), np.float32)
@@ -903,10 +907,18 @@ def _top_k_blocked(X: Vectors, rows: np.ndarray, k: int) -> tuple[np.ndarray, np
         S = Q @ X[start : start + BLOCK_ROWS].T
         mine = (rows >= start) & (rows < start + S.shape[1])
         S[np.flatnonzero(mine), rows[mine] - start] = -np.inf  # an image is not its own neighbour
-        cand = np.concatenate([top, np.broadcast_to(np.arange(start, start + S.shape[1]), S.shape)], axis=1)
-        sims = np.concatenate([best, S], axis=1)
-        keep = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-        top, best = np.take_along_axis(cand, keep, axis=1), np.take_along_axis(sims, keep, axis=1)
+        here = np.arange(start, start + S.shape[1])
+        new_top, new_best = np.empty((len(rows), k), np.int64), np.empty((len(rows), k), np.float32)
+        for lo in range(0, len(rows), SELECT_ROWS):
+            part = slice(lo, lo + SELECT_ROWS)
+            sims = np.concatenate([best[part], S[part]], axis=1)
+            cand = np.concatenate([top[part], np.broadcast_to(here, (len(sims), len(here)))], axis=1)
+            keep = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+            new_top[part], new_best[part] = (
+                np.take_along_axis(cand, keep, axis=1),
+                np.take_along_axis(sims, keep, axis=1),
+            )
+        top, best = new_top, new_best
     return top, best
 
 

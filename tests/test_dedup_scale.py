@@ -1,6 +1,6 @@
 """Dedup's bounded-memory pieces: the scratch look store, the looks cache written and read a row group
-at a time (and the older float16-list cache still read), candidate pairs written in batches and read
-back as node arrays, nearest group members by blocks."""
+at a time (and the older float16-list cache still read), candidate pairs gathered by ranges of scratch files,
+written in batches and read back a row group at a time, nearest group members by blocks."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def test_the_looks_cache_round_trips_a_row_group_at_a_time_and_old_caches_still_
     path = tmp_path / "looks.parquet"
     dedup._write_looks(store, path)
     assert pq.ParquetFile(path).num_row_groups == 3
-    node = {i: k for k, i in enumerate(["id5", "id1", "new"])}
+    node = pa.array(["id5", "id1", "new"])  # every image's id: node k is node[k]
     again = LookStore(3, tmp_path)
     dedup._read_looks(path, again, node)
     assert again.ids == ids and again.ok.tolist() == [True, True, False]
@@ -74,19 +74,80 @@ def test_the_looks_cache_round_trips_a_row_group_at_a_time_and_old_caches_still_
     assert len(bad) == 0 and not bad.ok.any()
 
 
-def test_candidate_pairs_are_written_in_batches_and_read_back_whole(tmp_path: Path, monkeypatch):
+def test_candidate_pairs_are_written_in_batches_and_read_back_a_row_group_at_a_time(tmp_path: Path, monkeypatch):
     monkeypatch.setattr(dedup, "PAIRS_BATCH", 4)
+    monkeypatch.setattr(dedup, "PAIR_CHUNK", 3)  # the pairs read back go to several ranges
     ids = [f"id{k}" for k in range(6)]
     im = dedup.Images(ids, np.zeros((6, 2), np.float32), ids, ids, [None] * 6, 0)
     a, b = np.array([0, 0, 1, 2, 2, 3, 4, 4, 5]), np.array([1, 2, 3, 3, 5, 4, 5, 1, 0])
     sim = np.linspace(0.1, 0.9, len(a)).astype(np.float32)
     dedup._write_pairs(tmp_path, im, dedup.Graph(a, b, sim))
-    searched, got_a, got_b, got_sim = dedup._read_pairs(tmp_path, ids)
-    assert searched == set(ids)
-    assert (got_a.tolist(), got_b.tolist(), got_sim.tolist()) == (a.tolist(), b.tolist(), sim.tolist())
-    gone = ["id9", *ids[1:]]  # id0 has left: its pairs' ends are -1
-    _, got_a, got_b, _ = dedup._read_pairs(tmp_path, gone)
-    assert got_a.tolist() == [-1 if x == 0 else x for x in a] and got_b.tolist() == [-1 if y == 0 else y for y in b]
+    assert pq.ParquetFile(tmp_path / dedup.PAIRS_FILE).num_row_groups == 3
+    want = sorted((min(x, y), max(x, y), s) for x, y, s in zip(a.tolist(), b.tolist(), sim.tolist()))
+
+    def read(known: list[str]) -> tuple[list[int], list[tuple[int, int, float]]]:
+        node = dedup.NodeOf(pa.array(known))
+        new = dedup._new_images(tmp_path, node, len(known))
+        cached = dedup._cached_pairs(tmp_path, node, len(known), 0)
+        assert new is not None and cached is not None
+        with cached:
+            g = cached.graph()
+        return new.tolist(), list(zip(g.a.tolist(), g.b.tolist(), g.sim.tolist()))
+
+    assert read(ids) == ([], want)
+    # id0 has left and id9 arrived: id0's pairs are dropped, id9 is new
+    assert read(["id9", *ids[1:]]) == ([0], [p for p in want if 0 not in p[:2]])
+    (tmp_path / dedup.PAIRS_FILE).write_bytes(b"PAR1 not really")  # damaged: every image is searched
+    assert dedup._cached_pairs(tmp_path, dedup.NodeOf(pa.array(ids)), 6, 0) is None
+    (tmp_path / dedup.SEARCHED_FILE).unlink()
+    assert dedup._new_images(tmp_path, dedup.NodeOf(pa.array(ids)), 6) is None
+
+
+@pytest.mark.parametrize("chunk", [1_000_000, 1, 5])  # one range, a range per listing, a few listings a range
+def test_pair_ranges_keep_each_pair_once_with_its_first_listing_in_pair_order(tmp_path, chunk, monkeypatch):
+    monkeypatch.setattr(dedup, "PAIR_CHUNK", chunk)
+    rng = np.random.default_rng(7)
+    listed = [(rng.integers(0, 30, 40), rng.integers(0, 30, 40), rng.random(40).astype(np.float32)) for _ in range(5)]
+    want: dict[tuple[int, int], float] = {}
+    for a, b, s in listed:
+        for x, y, v in zip(a.tolist(), b.tolist(), s.tolist()):
+            want.setdefault((min(x, y), max(x, y)), v)
+    with dedup.PairRanges(30, 200, tmp_path) as pairs:
+        for a, b, s in listed:
+            pairs.add(a, b, s)
+        for _ in range(2):  # read twice: the second time from the reduced files
+            parts = list(pairs.chunks())
+            g = dedup.concat_graphs(parts)
+            got = {(x, y): v for x, y, v in zip(g.a.tolist(), g.b.tolist(), g.sim.tolist())}
+            assert got == want and list(got) == sorted(want)
+        assert len(parts) == min(30, 200 // chunk + 1)
+        with pytest.raises(RuntimeError):
+            pairs.add(np.array([1]), np.array([2]), np.array([0.5], np.float32))
+    assert list(tmp_path.iterdir()) == []  # scratch files have no name
+
+
+@pytest.mark.parametrize("clash", [False, True])
+def test_ids_map_to_their_nodes_as_a_key_index_maps_them(monkeypatch, clash):
+    if clash:  # every id folds alike: the key index answers
+        monkeypatch.setattr(dedup, "_fold", lambda keys: np.zeros(len(keys), np.uint64))
+    ids = ["b", "a2", "c33", "a", "ddd4"]
+    node = dedup.NodeOf(pa.array(ids))
+    asked = ["a", "zz", "ddd4", "b", "a22", "c33", "ddd44", "", "a2"]
+    assert node.positions(pa.array(asked)).tolist() == [3, -1, 4, 0, -1, 2, -1, -1, 1]
+    assert node.positions(pa.chunked_array([["ddd4", "longer-than-all"], ["c33"]])).tolist() == [4, -1, 2]
+
+
+def test_new_images_ranked_a_few_at_a_time_get_the_neighbours_ranked_all_at_once(monkeypatch):
+    rng = np.random.default_rng(11)
+    X = rng.standard_normal((300, 8)).astype(np.float32)
+    X[150:200] = X[100:150]  # exact copies: equal similarities, ties to break alike
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    new = np.array([0, 5, 101, 120, 160, 299, 42], np.int64)
+    monkeypatch.setattr(dedup, "BLOCK_ROWS", 64)
+    want = dedup._top_k_blocked(X, new, 6)
+    monkeypatch.setattr(dedup, "SELECT_ROWS", 2)
+    got = dedup._top_k_blocked(X, new, 6)
+    assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
 
 
 def test_nearest_members_by_blocks_equal_the_per_node_search(monkeypatch):

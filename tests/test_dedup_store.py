@@ -92,6 +92,50 @@ def test_a_tiny_memory_budget_stores_the_vectors_and_finds_the_same_groups(ws, m
     assert out["big"][1].num_rows == len(copies)
 
 
+def test_candidates_in_many_small_ranges_give_the_same_results_and_cache_first_run_and_rerun(ws, monkeypatch):
+    """Pairs gathered through many small scratch ranges, queries a few at a time, a vector store:
+    the same groups, leaks and pairs cache as one range, on a first run and on an incremental rerun."""
+    X, copies = planted(n=400, dim=272)
+    ids = [fake_image_id("d", k) for k in range(len(X))]
+    n = len(X) - len(copies)
+    rows = [
+        {"image_id": i, "path": f"img/{k:03d}.png", "split": "test" if k >= n else "train", "status": "ok"}
+        for k, i in enumerate(ids)
+    ]
+    write_featureset(ws, "fs", ids[:-30], X[:-30], dtype="float32")
+    write_manifest(ws, "d", rows[:-30], ws.root / "images")
+
+    def run(name: str, budget: int) -> tuple[object, ...]:
+        cfg = dedup.DedupConfig(featureset="fs", dataset="d", name=name, memory_budget=budget, exact_max=10)
+        s = dedup.run_dedup(ws, cfg, "run").to_json()
+        cache = ws.dedup_dir(name) / "_cache"
+        tables = (pq.read_table(s["groups_table"]), pq.read_table(s["leaks_table"]))
+        return (*tables, pq.read_table(cache / "pairs.parquet"), s["criterion"], s["search"])
+
+    def runs(out: dict[tuple[str, int], list[tuple[object, ...]]]) -> None:
+        for name, budget in out:  # vectors in memory, in a store
+            with monkeypatch.context() as m:
+                if name == "many":
+                    m.setattr(dedup, "PAIR_CHUNK", 50)
+                    m.setattr(dedup, "QUERY_ROWS", 37)
+                out[name, budget].append(run(f"{name}-{budget}", budget))
+
+    out: dict[tuple[str, int], list[tuple[object, ...]]] = {
+        (a, b): [] for a in ("one", "many") for b in (1 << 30, 600_000)
+    }
+    runs(out)
+    write_featureset(ws, "fs", ids[-30:], X[-30:], dtype="float32", run_id="more")
+    write_manifest(ws, "d", rows, ws.root / "images")  # 30 new images, the copies among them
+    runs(out)
+    for budget in (1 << 30, 600_000):
+        (first, rerun), (first_many, rerun_many) = out["one", budget], out["many", budget]
+        assert first[4] == "approximate (ivf)"  # rescored on the full vectors
+        assert rerun[4].startswith("exact, new images") and rerun[3]["images_searched"] == 30
+        assert first[1].num_rows == 0 and rerun[1].num_rows == len(copies)
+        for got, want in ((first_many, first), (rerun_many, rerun)):
+            assert all(g.equals(w) for g, w in zip(got[:3], want[:3])) and got[3:] == want[3:]
+
+
 @pytest.mark.parametrize("chunk", [2_000_000, 17])  # one sort, or many ranges of the smaller node
 def test_similar_pairs_by_keys_are_each_listed_pair_once_with_its_first_similarity(monkeypatch, chunk):
     monkeypatch.setattr(dedup, "PAIR_CHUNK", chunk)

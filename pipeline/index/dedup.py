@@ -10,16 +10,18 @@ fixed cosine of the features (the criterion before looks).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
 import math
 import os
+import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeAlias, TypeVar
+from typing import IO, Any, TypeAlias, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -29,14 +31,17 @@ import pyarrow.parquet as pq
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError, ImgfeatError
 from imgfeat.core.hashing import CONTENT_ID_ALGORITHM, digest_chunks
+from imgfeat.core.keys import KeyIndex, keys_of
 from imgfeat.core.options import opt
 from imgfeat.core.ranges import check_fields
 from imgfeat.core.results import JsonObject, JsonResult
-from imgfeat.core.sizes import memory_budget
+from imgfeat.core.sizes import memory_budget, release_freed_memory
 from imgfeat.core.storage import (
     FileLock,
     atomic_path,
     remove_stale_tmp,
+    scratch_file,
+    scratch_writes,
     write_bytes_atomic,
     write_json_atomic,
     write_table_atomic,
@@ -50,10 +55,8 @@ from imgfeat.index.kinds import (
     build_in_memory,
     flat_bytes,
     ivfpq_bytes,
-    knn,
     make_index,
     reduce_dims,
-    rescore,
     resolve_params,
     sample_rows,
     sample_size,
@@ -101,6 +104,7 @@ PAIRS_FILE, SEARCHED_FILE = "_cache/pairs.parquet", "_cache/searched.parquet"  #
 RESEARCH_NEW_FRACTION = 0.5  # more new images than this share of all: every image is searched again
 SEARCH_CHUNK = 1024  # new images compared with all at a time ...
 BLOCK_ROWS = 16_384  # ... a block of all at a time: a 1024 x 16384 float32 working set (64 MiB)
+SELECT_ROWS = 256  # ... whose rows are ranked this many at a time (their candidates' positions: int64)
 EXACT_MAX = 20_000  # above this many images the neighbour search is approximate (IVF)
 DEDUP_NPROBE = 8  # near-copies sit in the same or a neighbouring list: a few lists find them
 CANDIDATE_DIMS = 256  # approximate search finds candidates on this many principal components
@@ -235,102 +239,205 @@ def dedup_params(n: int, exact_max: int, dim: int | None = None, memory_budget: 
 
 
 def nearest_neighbours(X: Vectors, k: int, exact_max: int = EXACT_MAX, memory_budget: int | None = None) -> Neighbours:
-    """The ``k`` nearest other rows of every row of unit vectors ``X``, with exact similarities.
-
-    Up to ``exact_max`` rows (and while a copy fits ``memory_budget``) the search is exact. Beyond,
-    candidates come from an IVF (or IVF-PQ) index over the vectors' first CANDIDATE_DIMS principal
-    components and are rescored on the full vectors. Queries go a chunk at a time (``knn``).
-    """
+    """The ``k`` nearest other rows of every row of unit vectors ``X``, with exact similarities
+    (``search_neighbours``' blocks, kept whole: what the leaks of the cosine criterion read)."""
     n = len(X)
     if n < 2:
         return Neighbours(np.zeros((n, 0), np.float32), np.zeros((n, 0), np.int64), "flat")
+    sims = np.empty((n, min(k + 1, n)), np.float32)
+    rows = np.empty((n, min(k + 1, n)), np.int64)
+
+    def keep(lo: int, s: np.ndarray, r: np.ndarray) -> None:
+        sims[lo : lo + len(s)], rows[lo : lo + len(r)] = s, r
+
+    return Neighbours(sims, rows, search_neighbours(X, k, keep, exact_max, memory_budget))
+
+
+Emit: TypeAlias = Callable[[int, np.ndarray, np.ndarray], None]  # (first query row, sims, rows) of a block
+
+
+def search_neighbours(
+    X: Vectors, k: int, emit: Emit, exact_max: int = EXACT_MAX, memory_budget: int | None = None
+) -> str:
+    """Find the ``k`` nearest other rows of every row of unit vectors ``X`` with exact similarities,
+    handing them to ``emit`` a block of queries at a time, in row order (best first, rows -1 where
+    none, never the row itself); returns the search's kind.
+
+    Up to ``exact_max`` rows (and while a copy fits ``memory_budget``) the search is exact. Beyond,
+    candidates come from an IVF (or IVF-PQ) index over the vectors' first CANDIDATE_DIMS principal
+    components and are rescored on the full vectors. No array grows with the rows times ``k``.
+    """
+    n = len(X)
+    if n < 2:
+        return "flat"
     params = dedup_params(n, exact_max, X.shape[1], memory_budget)
     if isinstance(X, VectorStore):
         if params.kind == "flat":  # a copy of the vectors fits the budget: the search in memory
-            return nearest_neighbours(X[:], k, exact_max, memory_budget)
-        return _store_neighbours(X, k, params, memory_budget)
+            return search_neighbours(X[:], k, emit, exact_max, memory_budget)
+        return _store_search(X, k, params, memory_budget, emit)
     Y = reduce_dims(X, CANDIDATE_DIMS) if params.kind != "flat" and X.shape[1] > CANDIDATE_DIMS else X
-    index, params = build_in_memory(Y, params)
-    sims, rows = knn(index, Y, min(k + 1, n))
-    del index
-    if Y is not X or params.kind == "ivfpq":  # codes and components only propose: exact cosines decide
-        sims, rows = rescore(X, rows)
-    rows[rows == np.arange(n)[:, None]] = -1  # an image is not its own neighbour
-    return Neighbours(sims, rows, params.kind)
+    built: IndexParams  # (kinds.build_in_memory is untyped)
+    index, built = build_in_memory(Y, params)
+    kk = min(k + 1, n)
+    for lo in range(0, n, KNN_ROWS):
+        s, r = index.search(np.ascontiguousarray(Y[lo : lo + KNN_ROWS]), kk)
+        if Y is not X or built.kind == "ivfpq":  # codes and components only propose: exact cosines decide
+            s, r = rescore_block(X[lo : lo + len(r)], X, r)
+        emit(lo, s, _not_self(lo, r))
+    return built.kind
 
 
+KNN_ROWS = 8192  # queries searched at a time in memory (``kinds.knn``'s chunk)
 QUERY_ROWS = 8192  # queries searched (and their candidates rescored) at a time from a store
+# of the budget, the rows read from a store at a time: streamed into it, added to the index, or
+# candidates rescored (FAISS' add, or the gathering of candidates, takes a few times as much)
+STORE_SHARE = 32
 
 
-def _store_neighbours(X: VectorStore, k: int, params: IndexParams, memory_budget: int | None) -> Neighbours:
-    """``nearest_neighbours``' approximate search over vectors in a scratch store: the principal
+def _not_self(lo: int, rows: np.ndarray) -> np.ndarray:
+    """Neighbour rows of queries ``lo, lo + 1, ...`` with each query's own row as -1 (in place)."""
+    rows[rows == np.arange(lo, lo + len(rows))[:, None]] = -1
+    return rows
+
+
+def _store_search(X: VectorStore, k: int, params: IndexParams, memory_budget: int | None, emit: Emit) -> str:
+    """``search_neighbours``' approximate search over vectors in a scratch store: the principal
     components computed a block at a time into a second store, the index filled and queried a
     block at a time, each block's candidates rescored on the rows they name (read from ``X``).
-    Memory: the index, the neighbour lists and a block, not the vectors."""
+    Memory: the index and a block, not the vectors."""
     n, dim = X.shape
-    block = block_rows(dim, memory_budget)
-    Y = reduce_store(X, CANDIDATE_DIMS, block) if dim > CANDIDATE_DIMS else X
+    Y = reduce_store(X, CANDIDATE_DIMS, block_rows(dim, memory_budget)) if dim > CANDIDATE_DIMS else X
     try:
         index = make_index(params, Y.shape[1])
         sample = sample_rows(n, sample_size(params, n, Y.shape[1]), params.seed)  # as ``kinds.train`` samples
         params = train_on_sample(index, params, Y[sample], n)
-        for _, B in Y.blocks(block_rows(Y.shape[1], memory_budget)):
+        for _, B in Y.blocks(block_rows(Y.shape[1], memory_budget, STORE_SHARE)):
             index.add(np.ascontiguousarray(B))
         set_search_params(index, params)
         kk = min(k + 1, n)
-        sims = np.empty((n, kk), np.float32)
-        rows = np.empty((n, kk), np.int64)
-        step = max(1, min(QUERY_ROWS, block // kk))  # queries rescored at a time: their candidates are a block
+        step = max(1, min(QUERY_ROWS, block_rows(dim, memory_budget, STORE_SHARE) // kk))  # queries rescored at a time
         for lo, B in Y.blocks(QUERY_ROWS):
             s, r = index.search(np.ascontiguousarray(B), kk)
             if Y is not X or params.kind == "ivfpq":  # codes and components only propose: exact cosines decide
                 for at in range(0, len(B), step):
                     end = min(at + step, len(B))
                     s[at:end], r[at:end] = rescore_block(X.block(lo + at, lo + end), X, r[at:end])
-            sims[lo : lo + len(B)], rows[lo : lo + len(B)] = s, r
+            emit(lo, s, _not_self(lo, r))
         del index
     finally:
         if Y is not X:
             Y.close()
-    rows[rows == np.arange(n)[:, None]] = -1  # an image is not its own neighbour
-    return Neighbours(sims, rows, params.kind)
+    return params.kind
 
 
 def similar_pairs(nb: Neighbours, threshold: float) -> Graph:
     """Each pair of images at or above ``threshold`` (found among the neighbour lists) once (the
-    similarity of its first listing). One key per listed pair: at 20 neighbours an image, the pairs
-    of a million images are the largest arrays of a run, so no more of them than needed at once."""
-    n, k = nb.rows.shape
-    b, s = nb.rows.ravel(), nb.sims.ravel()
-    valid = (b >= 0) & (s >= threshold)  # listed pairs kept
-    # The pairs go in ranges of their smaller node, in ascending order: each range's keys sorted
-    # on their own give the same pairs in the same order as one sort of all, with a fraction of
-    # its arrays (a sort of 20M keys briefly holds 0.5 GB).
-    lo = np.minimum(np.repeat(np.arange(n, dtype=np.int32), k), np.where(valid, b, n).astype(np.int32))
-    chunks = max(1, int(valid.sum()) // PAIR_CHUNK + 1)
-    bounds = np.linspace(0, n, chunks + 1).astype(np.int64)
-    parts_a, parts_b, parts_s = [], [], []
-    for r0, r1 in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
-        at = np.flatnonzero(valid & (lo >= r0) & (lo < r1))  # in list order
-        key = _pair_keys(at // max(k, 1), b[at], n)
-        ukey, first = np.unique(key, return_index=True)
-        del key
-        parts_a.append(ukey // max(n, 1))
-        parts_b.append(ukey % max(n, 1))
-        parts_s.append(s[at[first]])
-    return Graph(np.concatenate(parts_a), np.concatenate(parts_b), np.concatenate(parts_s))
+    similarity of its first listing), ordered by (a, b)."""
+    with PairRanges(len(nb.rows), int(np.count_nonzero(nb.rows >= 0))) as pairs:
+        for lo in range(0, len(nb.rows), QUERY_ROWS):
+            pairs.add_listed(lo, nb.sims[lo : lo + QUERY_ROWS], nb.rows[lo : lo + QUERY_ROWS], threshold)
+        return pairs.graph()
 
 
-PAIR_CHUNK = 2_000_000  # listed pairs deduplicated at a time (about 64 MB of keys and their sort)
+PAIR_CHUNK = 500_000  # listed pairs a range of PairRanges holds on average (with its sort: about 25 MB)
+PAIR_RECORD = np.dtype([("a", np.int64), ("b", np.int64), ("sim", np.float32)])  # packed: 20 bytes
 
 
-def _pair_keys(a: np.ndarray, b: np.ndarray, n: int) -> np.ndarray:
-    """``min(a, b) * n + max(a, b)``: one int64 naming each unordered pair (in place, no temporaries)."""
-    lo: np.ndarray = np.minimum(a, b)
-    np.maximum(a, b, out=b)
-    lo *= n
-    lo += b
-    return lo
+class PairRanges:
+    """Listed pairs of ``n`` nodes (``a ~ b`` with a similarity), each distinct pair kept once with
+    the similarity of its first listing, without holding them all: at 20 neighbours an image, a
+    million images list 20M pairs, the largest arrays of a run.
+
+    ``add`` sends each listing (smaller node first) to an unnamed scratch file per range of its
+    smaller node, in listing order; ``chunks`` gives each range's distinct pairs sorted by (a, b),
+    ranges in ascending order: together, the pairs in the order one sort of all gives. In memory:
+    one range (``listings`` expected in all sizes the ranges, about PAIR_CHUNK each).
+    """
+
+    def __init__(self, n: int, listings: int, folder: Path | None = None) -> None:
+        ranges = max(1, min(n, listings // PAIR_CHUNK + 1))
+        self.n = n
+        self._bounds = np.linspace(0, n, ranges + 1).astype(np.int64)
+        self._folder = Path(folder) if folder is not None else Path(tempfile.gettempdir())
+        self._files: list[IO[bytes]] = []
+        self._distinct = False
+        try:
+            for _ in range(ranges):
+                self._files.append(scratch_file(folder))
+        except BaseException:
+            self.close()
+            raise
+
+    def add(self, a: np.ndarray, b: np.ndarray, sim: np.ndarray) -> None:
+        """Listings ``a[k] ~ b[k]`` (nodes) of similarity ``sim[k]``, after every one added before."""
+        if self._distinct:
+            raise RuntimeError("pairs added after they were read")
+        rec = np.empty(len(a), PAIR_RECORD)
+        rec["a"], rec["b"], rec["sim"] = np.minimum(a, b), np.maximum(a, b), sim
+        where = np.searchsorted(self._bounds, rec["a"], side="right") - 1
+        order = np.argsort(where, kind="stable")  # listing order within a range
+        rec = rec[order]
+        cuts = np.searchsorted(where[order], np.arange(len(self._files) + 1)).tolist()
+        with scratch_writes(self._folder):
+            for f, lo, hi in zip(self._files, cuts[:-1], cuts[1:]):
+                if hi > lo:
+                    f.write(rec[lo:hi].tobytes())
+
+    def add_listed(self, lo: int, sims: np.ndarray, rows: np.ndarray, threshold: float) -> None:
+        """Neighbour lists of nodes ``lo, lo + 1, ...`` (``search_neighbours``' block), those at or above ``threshold``."""
+        b, s = rows.ravel(), sims.ravel()
+        valid = (b >= 0) & (s >= threshold)
+        a = np.repeat(np.arange(lo, lo + len(rows), dtype=np.int64), rows.shape[1])
+        self.add(a[valid], b[valid], s[valid])
+
+    def _read(self, f: IO[bytes]) -> np.ndarray:
+        with scratch_writes(self._folder):  # the buffered writes land here: a full disk says so
+            f.flush()
+        f.seek(0)
+        return np.frombuffer(f.read(), PAIR_RECORD)
+
+    def chunks(self) -> Iterator[Graph]:
+        """Each range's distinct pairs, sorted by (a, b): the first time, each range is reduced to
+        them in its file."""
+        for f in self._files:
+            rec = self._read(f)
+            if not self._distinct:
+                _, first = np.unique(rec["a"] * self.n + rec["b"], return_index=True)  # stable: the first listing
+                rec = rec[first]
+                with scratch_writes(self._folder):
+                    f.seek(0)
+                    f.truncate()
+                    f.write(rec.tobytes())
+            yield Graph(rec["a"].copy(), rec["b"].copy(), rec["sim"].copy())
+        self._distinct = True
+
+    def graph(self) -> Graph:
+        """Every distinct pair at once."""
+        return concat_graphs(list(self.chunks()))
+
+    def close(self) -> None:
+        for f in self._files:
+            f.close()
+
+    def __enter__(self) -> PairRanges:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def concat_graphs(parts: Sequence[Graph]) -> Graph:
+    if not parts:
+        return Graph(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
+    return Graph(*(np.concatenate([getattr(g, c) for g in parts]) for c in ("a", "b", "sim")))
+
+
+def pair_chunks(pairs: Graph | PairRanges) -> Iterator[Graph]:
+    """The pairs a range at a time (a Graph: itself)."""
+    if isinstance(pairs, Graph):
+        yield pairs
+    else:
+        yield from pairs.chunks()
 
 
 def components(n: int, graph: Graph) -> np.ndarray:
@@ -356,21 +463,24 @@ def best_partner(n: int, graph: Graph) -> tuple[np.ndarray, np.ndarray]:
     return partner, best
 
 
-def looked_pairs(cands: Graph, L: np.ndarray | LookStore, ok: np.ndarray) -> tuple[Graph, dict[str, int]]:
-    """The candidate pairs that are copies: looks alike, or (no look) features at FALLBACK_COSINE."""
-    a, b, sim = cands.a, cands.b, cands.sim
-    both = ok[a] & ok[b]
-    straight, mirrored = look_similarity(L, a[both], b[both])
-    alike = np.zeros(len(a), bool)
-    alike[both] = (straight >= LOOK_THRESHOLD) | ((mirrored >= LOOK_THRESHOLD) & (sim[both] >= MIRROR_COSINE))
-    keep = np.where(both, alike, sim >= FALLBACK_COSINE)
-    stats = {
-        "candidate_pairs": int(len(a)),
-        "looked_pairs": int(both.sum()),
-        "copy_pairs": int(keep.sum()),
-        "copy_pairs_without_look": int((keep & ~both).sum()),
-    }
-    return Graph(a[keep], b[keep], sim[keep]), stats
+def looked_pairs(cands: Graph | PairRanges, L: np.ndarray | LookStore, ok: np.ndarray) -> tuple[Graph, dict[str, int]]:
+    """The candidate pairs that are copies: looks alike, or (no look) features at FALLBACK_COSINE.
+    Candidates are judged a range at a time; only the copies are kept, in the candidates' order."""
+    copies: list[Graph] = []
+    stats = dict.fromkeys(("candidate_pairs", "looked_pairs", "copy_pairs", "copy_pairs_without_look"), 0)
+    for g in pair_chunks(cands):
+        a, b, sim = g.a, g.b, g.sim
+        both = ok[a] & ok[b]
+        straight, mirrored = look_similarity(L, a[both], b[both])
+        alike = np.zeros(len(a), bool)
+        alike[both] = (straight >= LOOK_THRESHOLD) | ((mirrored >= LOOK_THRESHOLD) & (sim[both] >= MIRROR_COSINE))
+        keep = np.where(both, alike, sim >= FALLBACK_COSINE)
+        stats["candidate_pairs"] += int(len(a))
+        stats["looked_pairs"] += int(both.sum())
+        stats["copy_pairs"] += int(keep.sum())
+        stats["copy_pairs_without_look"] += int((keep & ~both).sum())
+        copies.append(Graph(a[keep], b[keep], sim[keep]))
+    return concat_graphs(copies), stats
 
 
 # a manifest column: a list, or Arrow's (no Python string per row)
@@ -403,7 +513,12 @@ class Images:
         return _arrow(self.row_labels).to_pylist() if not isinstance(self.row_labels, list) else self.row_labels
 
     def rows(self) -> Rows:
-        """The manifest rows of images with features, as Arrow columns and their nodes."""
+        """The manifest rows of images with features, as Arrow columns and their nodes (made once:
+        mapping a million ids to nodes briefly takes 140 MB)."""
+        return self._rows
+
+    @functools.cached_property
+    def _rows(self) -> Rows:
         labels = pa.nulls(len(self.row_ids), pa.string()) if self.row_labels is None else _arrow(self.row_labels)
         t = pa.table(
             {
@@ -465,7 +580,7 @@ def load_images(ws: Workspace, cfg: DedupConfig) -> Images:
     X: np.ndarray | VectorStore
     if flat_bytes(len(wanted), dim) > cfg.budget * IN_MEMORY_SHARE:  # the vectors to a scratch file, streamed
         ids, X = store_vectors(
-            iter_vectors(ws, cfg.featureset, wanted, block_rows(dim, cfg.budget)),
+            iter_vectors(ws, cfg.featureset, wanted, block_rows(dim, cfg.budget, STORE_SHARE)),
             dim,
             ws.dedup_dir(cfg.out_name) / "_cache",
         )
@@ -645,6 +760,7 @@ def run_dedup(ws: Workspace, cfg: DedupConfig, run_id: str) -> DedupSummary:
     clock = _Clock()
     featureset_info(ws, cfg.featureset)  # exit 2 for an unknown featureset
     im = clock.lap("read", load_images(ws, cfg))
+    _release()  # the featureset reader's and the id set's buffers
     try:
         return _run_loaded(ws, cfg, run_id, clock, im)
     finally:
@@ -652,55 +768,70 @@ def run_dedup(ws: Workspace, cfg: DedupConfig, run_id: str) -> DedupSummary:
             im.X.close()
 
 
+def _release() -> None:
+    """Hand the memory the last phase freed back to the system: Arrow's pool (mimalloc) keeps freed
+    buffers as glibc keeps its heap's holes, and the resident set counts both (at a million images,
+    a phase's transient copies leave 100 MB or more behind for the next one to add to)."""
+    pa.default_memory_pool().release_unused()
+    release_freed_memory()
+
+
 def _run_loaded(ws: Workspace, cfg: DedupConfig, run_id: str, clock: _Clock, im: Images) -> DedupSummary:
     folder = ws.dedup_dir(cfg.out_name)
     digest = inputs_digest(cfg, im)
+    _release()  # the sorted copy of the manifest
     previous = _previous(folder)
     if previous is not None and previous.get("inputs_digest") == digest and _tables_present(folder):
         log.info("dedup %s is current: nothing changed since run %s", cfg.out_name, previous.get("run_id"))
         return _unchanged(previous)
     root = dataset_root(ws, cfg.dataset)
     looks = cands = None
-    computed = 0
-    criterion: JsonObject
-    if cfg.threshold is not None:
-        nb = clock.lap("neighbours", nearest_neighbours(im.X, cfg.neighbours, cfg.exact_max, cfg.budget))
-        graph, kind = similar_pairs(nb, cfg.threshold), nb.kind
-        criterion = {"name": "cosine", "threshold": float(cfg.threshold), "neighbours": cfg.neighbours}
-    else:
-        cands, kind, searched = clock.lap("neighbours", candidate_pairs(folder, cfg, im, previous))
-        looks, computed = cached_looks(folder, im, root)
-        ok = looks.ok
-        clock.lap("looks", None)
-        graph, stats = looked_pairs(cands, looks, ok)
-        criterion = criterion_summary(
-            cfg,
-            ok,
-            {**stats, "images_searched": searched, "looks_computed": computed},
-            _calibration(cfg, root, im, ok, previous),
-        )
-        clock.lap("calibration", None)
-    comp = components(len(im.ids), graph)
-    groups = groups_table(im, graph, comp)
-    leaks = leaks_table(im, nb, cfg.threshold) if cfg.threshold is not None else group_leaks_table(im, comp)
-    clock.lap("tables", None)
-    page = clock.lap("page", render_page(groups, leaks, root, cfg, run_id, criterion_text(criterion)))
-    with FileLock(ws.locks_dir / f"dedup-{cfg.out_name}.lock", f"dedup results {cfg.out_name}", cfg.wait):
-        remove_stale_tmp(folder)
-        if looks is not None and computed:
-            _write_looks(looks, folder / LOOKS_FILE)
-        if cands is not None:
-            _write_pairs(folder, im, cands)
-        write_table_atomic(groups, folder / GROUPS_DIR / TABLE_FILE)
-        write_table_atomic(leaks, folder / LEAKS_DIR / TABLE_FILE)
-        write_bytes_atomic(page.encode("utf-8"), folder / PAGE_FILE)
-        for old in OLD_FILES:  # an older layout kept both tables side by side in this folder
-            (folder / old).unlink(missing_ok=True)
-        clock.lap("write", None)
-        summary = _summary(cfg, im, kind, criterion, groups, leaks, folder, clock, digest)
-        write_json_atomic({**summary.to_json(), "run_id": run_id}, folder / SUMMARY_FILE)
-    if looks is not None:
-        looks.close()
+    try:
+        computed = 0
+        criterion: JsonObject
+        if cfg.threshold is not None:
+            nb = clock.lap("neighbours", nearest_neighbours(im.X, cfg.neighbours, cfg.exact_max, cfg.budget))
+            graph, kind = similar_pairs(nb, cfg.threshold), nb.kind
+            criterion = {"name": "cosine", "threshold": float(cfg.threshold), "neighbours": cfg.neighbours}
+        else:
+            cands, kind, searched = clock.lap("neighbours", candidate_pairs(folder, cfg, im, previous))
+            _release()  # the index and the search's blocks
+            looks, computed = cached_looks(folder, im, root)
+            _release()  # the paths of the images and their decoded blocks
+            ok = looks.ok
+            clock.lap("looks", None)
+            graph, stats = looked_pairs(cands, looks, ok)
+            criterion = criterion_summary(
+                cfg,
+                ok,
+                {**stats, "images_searched": searched, "looks_computed": computed},
+                _calibration(cfg, root, im, ok, previous),
+            )
+            clock.lap("calibration", None)
+        comp = components(len(im.ids), graph)
+        groups = groups_table(im, graph, comp)
+        leaks = leaks_table(im, nb, cfg.threshold) if cfg.threshold is not None else group_leaks_table(im, comp)
+        clock.lap("tables", None)
+        page = clock.lap("page", render_page(groups, leaks, root, cfg, run_id, criterion_text(criterion)))
+        _release()  # the tables' transient copies, before the pairs cache's batches
+        with FileLock(ws.locks_dir / f"dedup-{cfg.out_name}.lock", f"dedup results {cfg.out_name}", cfg.wait):
+            remove_stale_tmp(folder)
+            if looks is not None and computed:
+                _write_looks(looks, folder / LOOKS_FILE)
+            if cands is not None:
+                _write_pairs(folder, im, cands)
+            write_table_atomic(groups, folder / GROUPS_DIR / TABLE_FILE)
+            write_table_atomic(leaks, folder / LEAKS_DIR / TABLE_FILE)
+            write_bytes_atomic(page.encode("utf-8"), folder / PAGE_FILE)
+            for old in OLD_FILES:  # an older layout kept both tables side by side in this folder
+                (folder / old).unlink(missing_ok=True)
+            clock.lap("write", None)
+            summary = _summary(cfg, im, kind, criterion, groups, leaks, folder, clock, digest)
+            write_json_atomic({**summary.to_json(), "run_id": run_id}, folder / SUMMARY_FILE)
+    finally:  # the scratch files of the candidates and looks
+        for scratch in (cands, looks):
+            if scratch is not None:
+                scratch.close()
     return summary
 
 
@@ -709,59 +840,66 @@ SEARCH_KINDS = {"flat": "exact", "new": "exact, new images against all (the othe
 
 def candidate_pairs(
     folder: Path, cfg: DedupConfig, im: Images, previous: dict[str, Any] | None
-) -> tuple[Graph, str, int]:
-    """``(pairs, search kind, images searched)``: each image's ``cfg.neighbours`` nearest, as pairs.
+) -> tuple[PairRanges, str, int]:
+    """``(pairs, search kind, images searched)``: each image's ``cfg.neighbours`` nearest, as pairs
+    (in scratch files under the run's cache folder: the caller closes them).
 
     When the last run searched with the same settings and few images are new, its pairs are
     kept (those between images still here) and only the new images are searched, against all.
     """
     last = (previous or {}).get("criterion") or {}
-    cached = (
-        _read_pairs(folder, im.ids)
-        if last.get("name") == "neighbours+look"
+    n = len(im.ids)
+    if (
+        last.get("name") == "neighbours+look"
         and last.get("neighbours") == cfg.neighbours
         and (previous or {}).get("featureset") == cfg.featureset
-        else None
-    )
-    if cached is not None:
-        searched, a, b, sim = cached
-        new = np.array([k for k, i in enumerate(im.ids) if i not in searched], np.int64)
-        if len(new) <= RESEARCH_NEW_FRACTION * len(im.ids):
-            kept = (a >= 0) & (b >= 0)  # pairs between images still here
-            a, b, sim = a[kept], b[kept], sim[kept]
-            fresh = new_image_pairs(im.X, new, cfg.neighbours)
-            return (
-                _unique_pairs(
-                    len(im.ids),
-                    np.concatenate([a, fresh.a]),
-                    np.concatenate([b, fresh.b]),
-                    np.concatenate([sim, fresh.sim]).astype(np.float32),
-                ),
-                "new",
-                len(new),
-            )
-    nb = nearest_neighbours(im.X, cfg.neighbours, cfg.exact_max, cfg.budget)
-    return similar_pairs(nb, -1.0), nb.kind, len(im.ids)
+    ):
+        node = NodeOf(pa.array(im.ids, pa.string()))
+        new = _new_images(folder, node, n)
+        if new is not None and len(new) <= RESEARCH_NEW_FRACTION * n:
+            cached = _cached_pairs(folder, node, n, len(new) * cfg.neighbours)
+            if cached is not None:
+                try:
+                    search_new_images(im.X, new, cfg.neighbours, cached.add)
+                except BaseException:
+                    cached.close()
+                    raise
+                return cached, "new", len(new)
+    pairs = PairRanges(n, n * min(cfg.neighbours + 1, n), folder / "_cache")
+    try:
+        kind = search_neighbours(
+            im.X, cfg.neighbours, lambda lo, s, r: pairs.add_listed(lo, s, r, -1.0), cfg.exact_max, cfg.budget
+        )
+    except BaseException:
+        pairs.close()
+        raise
+    return pairs, kind, n
 
 
 def new_image_pairs(X: Vectors, new: np.ndarray, k: int) -> Graph:
     """Each of ``new`` rows with its ``k`` nearest other rows of ``X`` (exact), as pairs."""
-    a, b, sim = [], [], []
+    with PairRanges(len(X), len(new) * k) as pairs:
+        search_new_images(X, new, k, pairs.add)
+        return pairs.graph()
+
+
+def search_new_images(
+    X: Vectors, new: np.ndarray, k: int, add: Callable[[np.ndarray, np.ndarray, np.ndarray], None]
+) -> None:
+    """Each of ``new`` rows with its ``k`` nearest other rows of ``X`` (exact), listed to ``add``
+    (``PairRanges.add``) SEARCH_CHUNK rows at a time."""
     k = min(k, len(X) - 1)
     for lo in range(0, len(new) if k > 0 else 0, SEARCH_CHUNK):
         rows = new[lo : lo + SEARCH_CHUNK]
         top, best = _top_k_blocked(X, rows, k)
-        a.append(np.repeat(rows, k))
-        b.append(top.ravel())
-        sim.append(best.ravel())
-    if not a:
-        return Graph(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
-    return _unique_pairs(len(X), np.concatenate(a), np.concatenate(b), np.concatenate(sim).astype(np.float32))
+        add(np.repeat(rows, k), top.ravel(), best.ravel().astype(np.float32))
 
 
 def _top_k_blocked(X: Vectors, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` most similar other rows of ``X`` to each of ``rows`` (and their similarities),
-    scanning ``X`` a block of BLOCK_ROWS at a time: the working set never grows with ``len(X)``."""
+    scanning ``X`` a block of BLOCK_ROWS at a time: the working set never grows with ``len(X)``.
+    Each block's similarities are ranked SELECT_ROWS queries at a time (a row's ranking is its own):
+    the candidates' positions and their partition are int64, twice the block's similarities."""
     Q = X[rows]
     top = np.zeros((len(rows), 0), np.int64)
     best = np.zeros((len(rows), 0), np.float32)
@@ -769,55 +907,138 @@ def _top_k_blocked(X: Vectors, rows: np.ndarray, k: int) -> tuple[np.ndarray, np
         S = Q @ X[start : start + BLOCK_ROWS].T
         mine = (rows >= start) & (rows < start + S.shape[1])
         S[np.flatnonzero(mine), rows[mine] - start] = -np.inf  # an image is not its own neighbour
-        cand = np.concatenate([top, np.broadcast_to(np.arange(start, start + S.shape[1]), S.shape)], axis=1)
-        sims = np.concatenate([best, S], axis=1)
-        keep = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-        top, best = np.take_along_axis(cand, keep, axis=1), np.take_along_axis(sims, keep, axis=1)
+        here = np.arange(start, start + S.shape[1])
+        new_top, new_best = np.empty((len(rows), k), np.int64), np.empty((len(rows), k), np.float32)
+        for lo in range(0, len(rows), SELECT_ROWS):
+            part = slice(lo, lo + SELECT_ROWS)
+            sims = np.concatenate([best[part], S[part]], axis=1)
+            cand = np.concatenate([top[part], np.broadcast_to(here, (len(sims), len(here)))], axis=1)
+            keep = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+            new_top[part], new_best[part] = (
+                np.take_along_axis(cand, keep, axis=1),
+                np.take_along_axis(sims, keep, axis=1),
+            )
+        top, best = new_top, new_best
     return top, best
 
 
-def _unique_pairs(n: int, a: np.ndarray, b: np.ndarray, sim: np.ndarray) -> Graph:
-    lo, hi = np.minimum(a, b).astype(np.int64), np.maximum(a, b).astype(np.int64)
-    _, first = np.unique(lo * n + hi, return_index=True)
-    return Graph(lo[first], hi[first], sim[first])
-
-
-def _read_pairs(folder: Path, ids: list[str]) -> tuple[set[str], np.ndarray, np.ndarray, np.ndarray] | None:
-    """The last run's searched images and candidate pairs ``(searched, a, b, sim)``, ``a`` and ``b``
-    as nodes of ``ids`` (-1: an image no longer here), mapped by Arrow rather than a Python tuple per
-    pair; None when absent or unreadable."""
+def _new_images(folder: Path, node: NodeOf, n: int) -> np.ndarray | None:
+    """The nodes (of ``n``; ``node``: id -> node) the last run did not search; None when its list
+    of searched images is absent or unreadable."""
+    seen = np.zeros(n, bool)
     try:
-        searched = set(pq.read_table(folder / SEARCHED_FILE).column(S.IMAGE_ID).to_pylist())
-        t = pq.read_table(folder / PAIRS_FILE, columns=["a", "b", S.SIMILARITY])
-        known = pa.array(ids, pa.string())
-        a, b = (pc.index_in(t.column(c), value_set=known).fill_null(-1).to_numpy().astype(np.int64) for c in "ab")
-        sim = t.column(S.SIMILARITY).to_numpy().astype(np.float32)
-    except (OSError, KeyError, pa.ArrowException) as exc:
+        searched = pq.read_table(folder / SEARCHED_FILE, columns=[S.IMAGE_ID]).column(S.IMAGE_ID)
+        for lo in range(0, len(searched), PAIRS_BATCH):
+            found = node.positions(searched.slice(lo, PAIRS_BATCH))
+            seen[found[found >= 0]] = True
+    except (OSError, KeyError, ValueError, pa.ArrowException) as exc:
+        log.debug("dedup searched images unreadable (%s): every image is searched", exc)
+        return None
+    return np.flatnonzero(~seen)
+
+
+def _cached_pairs(folder: Path, node: NodeOf, n: int, more: int) -> PairRanges | None:
+    """The last run's candidate pairs between images still here (of ``n``; ``node``: id -> node) in
+    a new PairRanges sized for ``more`` listings still to come; read a row group at a time, ids
+    mapped to nodes as compact keys (no Python string per pair). None when absent or unreadable."""
+    try:
+        f = pq.ParquetFile(folder / PAIRS_FILE)
+    except (OSError, pa.ArrowException) as exc:
         log.debug("dedup pairs cache unreadable (%s): every image is searched", exc)
         return None
-    return searched, a, b, sim
+    pairs = PairRanges(n, f.metadata.num_rows + more, folder / "_cache")
+    try:
+        for g in range(f.num_row_groups):
+            t = f.read_row_group(g, columns=["a", "b", S.SIMILARITY], use_threads=False)
+            a, b = (node.positions(t.column(c)) for c in "ab")
+            kept = (a >= 0) & (b >= 0)  # pairs between images still here
+            pairs.add(a[kept], b[kept], t.column(S.SIMILARITY).to_numpy().astype(np.float32)[kept])
+    except (OSError, KeyError, ValueError, pa.ArrowException) as exc:
+        log.debug("dedup pairs cache unreadable (%s): every image is searched", exc)
+        pairs.close()
+        return None
+    except BaseException:
+        pairs.close()
+        raise
+    return pairs
 
 
-PAIRS_BATCH = 262_144  # candidate pairs written at a time (their ids as strings: ~35 MiB)
+class NodeOf:
+    """Image id -> node (its position in ``ids``, -1: none) for the millions of ids of a pairs cache.
+
+    ``KeyIndex`` answers with a binary search over the ids' bytes, slow at this count (a minute
+    for 18M pairs); here each id's key is folded to a 64-bit integer, searched among the sorted
+    integers of ``ids``, and each hit checked against the id itself. Two ids of ``ids`` folding
+    alike (about one chance in 10^7 at a million ids) fall back to ``KeyIndex``.
+    """
+
+    def __init__(self, ids: pa.Array) -> None:
+        self._keys = keys_of(ids)
+        folded = _fold(self._keys)
+        self._order = np.argsort(folded, kind="stable")
+        self._folded = folded[self._order]
+        clash = len(folded) > 1 and bool(np.any(self._folded[1:] == self._folded[:-1]))
+        self._index = KeyIndex(self._keys) if clash else None
+
+    def positions(self, ids: pa.Array | pa.ChunkedArray | np.ndarray) -> np.ndarray:
+        """Each id's node (int64), -1 for an id that is not one of them."""
+        if self._index is not None:
+            return self._index.positions(ids)
+        keys = keys_of(ids)
+        out = np.full(len(keys), -1, np.int64)
+        fits = np.char.str_len(keys) <= self._keys.dtype.itemsize  # a longer id is none of them
+        if not len(self._order) or not fits.any():
+            return out
+        if not fits.all():
+            out[fits] = self.positions(keys[fits])
+            return out
+        keys = keys.astype(self._keys.dtype)
+        folded = _fold(keys)
+        at = np.minimum(np.searchsorted(self._folded, folded), len(self._folded) - 1)
+        node = self._order[at]
+        hit = (self._folded[at] == folded) & (self._keys[node] == keys)
+        out[hit] = node[hit]
+        return out
 
 
-def _write_pairs(folder: Path, im: Images, cands: Graph) -> None:
-    ids = np.asarray(im.ids, dtype=object)
+def _fold(keys: np.ndarray) -> np.ndarray:
+    """Each fixed-width key folded to a uint64 (FNV-style over its 8-byte words)."""
+    width = keys.dtype.itemsize
+    if width % 8:  # padded to whole words (a copy); content ids (32 bytes) are read in place
+        raw = np.zeros((len(keys), -(-width // 8) * 8), np.uint8)
+        raw[:, :width] = keys.view(np.uint8).reshape(len(keys), width)
+        keys = raw
+    words = np.ascontiguousarray(keys).view(np.uint64).reshape(len(keys), -1)
+    h = np.full(len(keys), 0xCBF29CE484222325, np.uint64)
+    for j in range(words.shape[1]):
+        h ^= words[:, j]
+        h *= np.uint64(0x100000001B3)
+    return h
+
+
+PAIRS_BATCH = 262_144  # candidate pairs written at a time (their ids as Arrow strings: ~17 MiB)
+
+
+def _write_pairs(folder: Path, im: Images, cands: Graph | PairRanges) -> None:
+    """The candidate pairs as the pairs cache (ids taken by Arrow, no Python string per pair) and
+    the images searched, each written under the commit protocol a batch at a time."""
+    ids = pa.array(im.ids, pa.string())
     schema = pa.schema([("a", pa.string()), ("b", pa.string()), (S.SIMILARITY, pa.float32())])
     with atomic_path(folder / PAIRS_FILE) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-        for lo in range(0, len(cands.a), PAIRS_BATCH):
-            part = slice(lo, lo + PAIRS_BATCH)
-            writer.write_batch(
-                pa.record_batch(
-                    [
-                        pa.array(ids[cands.a[part]].tolist(), pa.string()),
-                        pa.array(ids[cands.b[part]].tolist(), pa.string()),
-                        pa.array(cands.sim[part], pa.float32()),
-                    ],
-                    schema=schema,
+        for g in pair_chunks(cands):
+            for lo in range(0, len(g.a), PAIRS_BATCH):
+                part = slice(lo, lo + PAIRS_BATCH)
+                writer.write_batch(
+                    pa.record_batch(
+                        [
+                            ids.take(pa.array(g.a[part])),
+                            ids.take(pa.array(g.b[part])),
+                            pa.array(g.sim[part], pa.float32()),
+                        ],
+                        schema=schema,
+                    )
                 )
-            )
-    write_table_atomic(pa.table({S.IMAGE_ID: pa.array(im.ids, pa.string())}), folder / SEARCHED_FILE)
+    write_table_atomic(pa.table({S.IMAGE_ID: ids}), folder / SEARCHED_FILE)
 
 
 def inputs_digest(cfg: DedupConfig, im: Images) -> str:
@@ -889,8 +1110,7 @@ def cached_looks(folder: Path, im: Images, root: ImageRoot) -> tuple[LookStore, 
     cache (its rows in its order, those of images gone too, so a rewrite keeps them) and computed
     (one decode each, LOOK_CHUNK images at a time) for the rest. Memory: a chunk, not the dataset."""
     store = LookStore(len(im.ids), folder / "_cache")
-    node = {i: k for k, i in enumerate(im.ids)}
-    _read_looks(folder / LOOKS_FILE, store, node)
+    _read_looks(folder / LOOKS_FILE, store, pa.array(im.ids, pa.string()))
     todo = np.flatnonzero(~store.ok)
     if not len(todo):
         return store, 0
@@ -904,10 +1124,11 @@ def cached_looks(folder: Path, im: Images, root: ImageRoot) -> tuple[LookStore, 
     return store, computed
 
 
-def _read_looks(path: Path, store: LookStore, node: dict[str, int]) -> None:
+def _read_looks(path: Path, store: LookStore, known: pa.Array) -> None:
     """Append the cache file's looks to ``store`` a row group at a time (nothing when absent, of
-    another look version, or damaged: those looks are computed again). A look is raw float16 bytes,
-    or (caches written before) a list of float16."""
+    another look version, or damaged: those looks are computed again), each row the look of its
+    image's node in ``known`` (every image's id; the cache's ids mapped once, by Arrow). A look is
+    raw float16 bytes, or (caches written before) a list of float16."""
     if not path.is_file():
         return
     try:
@@ -915,6 +1136,10 @@ def _read_looks(path: Path, store: LookStore, node: dict[str, int]) -> None:
         if (f.schema_arrow.metadata or {}).get(b"look_version") != LOOK_VERSION.encode():
             log.info("dedup looks cache %s is of another look version: computing the looks again", path)
             return
+        cached = f.read(columns=[S.IMAGE_ID], use_threads=False).column(S.IMAGE_ID)
+        nodes = pc.index_in(cached, value_set=known).fill_null(-1).to_numpy().astype(np.int64)
+        del cached
+        at = 0
         for g in range(f.num_row_groups):  # not iter_batches: its read-ahead holds several groups at once
             t = f.read_row_group(g, columns=[S.IMAGE_ID, "look"], use_threads=False)
             ids, col = t.column(S.IMAGE_ID).to_pylist(), t.column("look").combine_chunks()
@@ -923,7 +1148,8 @@ def _read_looks(path: Path, store: LookStore, node: dict[str, int]) -> None:
                 L = raw.view(np.float16)
             else:
                 L = col.flatten().to_numpy(zero_copy_only=False).astype(np.float16)
-            store.append(ids, L.reshape(-1, VARIANTS, SIDE * SIDE), [node.get(i, -1) for i in ids])
+            store.append(ids, L.reshape(-1, VARIANTS, SIDE * SIDE), nodes[at : at + len(ids)])
+            at += len(ids)
     except (OSError, ValueError, KeyError, pa.ArrowException) as exc:  # a damaged cache is recomputed
         log.warning("dedup looks cache %s is unreadable (%s): computing the looks again", path, exc)
         store.clear()

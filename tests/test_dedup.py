@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -148,7 +149,7 @@ def test_a_leak_hidden_behind_held_out_copies_is_still_found():
 
 
 @pytest.mark.quick
-def test_dedup_stage_writes_tables_page_and_summary(ws):
+def test_dedup_stage_writes_tables_page_and_summary(ws, monkeypatch, capsys):
     from imgfeat.index.dedup import DedupConfig, run_dedup
 
     X, copies = planted()
@@ -166,7 +167,11 @@ def test_dedup_stage_writes_tables_page_and_summary(ws):
     ]
     rows.append({"image_id": ids[3], "path": "train/copy-of-003.png", "split": "train", "status": "ok"})
     write_manifest(ws, "d", rows, ws.root / "images")
+    monkeypatch.setenv("IMGFEAT_PROGRESS", "1")  # its long steps show bars, as on a terminal
     out = run_dedup(ws, DedupConfig(featureset="fs", dataset="d"), "run1").to_json()
+    err = capsys.readouterr().err
+    assert re.search(rf"dedup: neighbours: 100%.*{len(X)}/{len(X)}", err), err
+    assert re.search(rf"dedup: looks: 100%.*{len(X)}/{len(X)}", err), err
     assert (out["groups"], out["grouped_paths"], out["exact_duplicate_paths"], out["leaks"]) == (4, 9, 2, 1)
     assert pq.read_table(out["groups_table"]).num_rows == 9 and pq.read_table(out["leaks_table"]).num_rows == 1
     page = Path(out["page"]).read_text()

@@ -33,6 +33,7 @@ from imgfeat.core.errors import ConfigError, ImgfeatError
 from imgfeat.core.hashing import CONTENT_ID_ALGORITHM, digest_chunks
 from imgfeat.core.keys import KeyIndex, keys_of
 from imgfeat.core.options import opt
+from imgfeat.core.progress import progress
 from imgfeat.core.ranges import check_fields
 from imgfeat.core.results import JsonObject, JsonResult
 from imgfeat.core.sizes import memory_budget, release_freed_memory
@@ -860,16 +861,26 @@ def candidate_pairs(
             cached = _cached_pairs(folder, node, n, len(new) * cfg.neighbours)
             if cached is not None:
                 try:
-                    search_new_images(im.X, new, cfg.neighbours, cached.add)
+                    with progress(total=len(new), desc="dedup: new images' neighbours") as bar:
+
+                        def add(a: np.ndarray, b: np.ndarray, sim: np.ndarray) -> None:
+                            cached.add(a, b, sim)
+                            bar.update(len(a) // max(1, min(cfg.neighbours, n - 1)))
+
+                        search_new_images(im.X, new, cfg.neighbours, add)
                 except BaseException:
                     cached.close()
                     raise
                 return cached, "new", len(new)
     pairs = PairRanges(n, n * min(cfg.neighbours + 1, n), folder / "_cache")
     try:
-        kind = search_neighbours(
-            im.X, cfg.neighbours, lambda lo, s, r: pairs.add_listed(lo, s, r, -1.0), cfg.exact_max, cfg.budget
-        )
+        with progress(total=n, desc="dedup: neighbours") as bar:
+
+            def listed(lo: int, s: np.ndarray, r: np.ndarray) -> None:
+                pairs.add_listed(lo, s, r, -1.0)
+                bar.update(len(r))
+
+            kind = search_neighbours(im.X, cfg.neighbours, listed, cfg.exact_max, cfg.budget)
     except BaseException:
         pairs.close()
         raise
@@ -1115,12 +1126,15 @@ def cached_looks(folder: Path, im: Images, root: ImageRoot) -> tuple[LookStore, 
     if not len(todo):
         return store, 0
     paths, computed, workers = im.first_paths(), 0, os.cpu_count() or 1
-    for lo in range(0, len(todo), LOOK_CHUNK):
-        chunk = todo[lo : lo + LOOK_CHUNK]
-        L, ok = looks_of_files([root / p for p in paths.take(pa.array(chunk, pa.int64())).to_pylist()], workers=workers)
-        good = chunk[ok]
-        store.append([im.ids[k] for k in good], L[ok], good)
-        computed += len(good)
+    with progress(total=len(todo), desc="dedup: looks") as bar:  # a decode an image: the longest step
+        for lo in range(0, len(todo), LOOK_CHUNK):
+            chunk = todo[lo : lo + LOOK_CHUNK]
+            files = [root / p for p in paths.take(pa.array(chunk, pa.int64())).to_pylist()]
+            L, ok = looks_of_files(files, workers=workers)
+            good = chunk[ok]
+            store.append([im.ids[k] for k in good], L[ok], good)
+            computed += len(good)
+            bar.update(len(chunk))
     return store, computed
 
 

@@ -65,8 +65,8 @@ class LabelledStream:
         classes: np.ndarray,
         batch_rows: int,
         shuffle: np.random.Generator | None = None,  # shards in a random order, rows mixed SHUFFLE_BATCHES at a time
-        dtype: np.dtype
-        | type = np.float32,  # rows held for mixing in this dtype (the featureset's: float16 halves them)
+        # rows held for mixing in this dtype (the featureset's: float16 halves them)
+        dtype: np.dtype | type = np.float32,
     ) -> None:
         self.ws, self.featureset, self.batch_rows, self.shuffle = ws, featureset, batch_rows, shuffle
         self.dtype = np.dtype(dtype)

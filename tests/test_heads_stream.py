@@ -85,13 +85,27 @@ def test_a_streamed_fit_logs_each_epoch_for_a_log_without_a_terminal(blobs, capl
     assert len(lines) == epochs and lines[-1].startswith(f"svm (streamed): epoch {epochs} of {epochs} done")
 
 
+def _manifest_in(ws, name: str, rows: list[dict], order: str, rng: np.random.Generator) -> str:
+    """``rows`` written as a dataset's manifest in path order (as scan writes it) or shuffled; its name."""
+    from imgfeat.core import schemas as S
+    from imgfeat.scan.manifest import write_manifest
+
+    if order.startswith("path"):
+        rows.sort(key=lambda r: r[S.PATH])
+    else:
+        rng.shuffle(rows)
+    dataset = f"{name}-sorted" if order.startswith("path") else f"{name}-shuffled"
+    write_manifest(ws, dataset, rows, ws.root / "images" / dataset)
+    return dataset
+
+
 @pytest.mark.parametrize("order", ["path order, as scan writes", "any order"])
 def test_predict_labels_each_row_with_its_own_manifest_row(blobs, order):
     """Predict joins feature rows to manifest rows a chunk at a time (read from the manifest's row
     groups when it is in path order, else from a sorted table): every prediction carries its image's
     first path, label and split, repeated paths are left out, nothing is lost or mixed up."""
     from imgfeat.core import schemas as S
-    from imgfeat.scan.manifest import read_manifest, write_manifest
+    from imgfeat.scan.manifest import read_manifest
 
     out, _ = _train(blobs, "logreg", None)
     base = read_manifest(blobs, "blobs").to_pylist()
@@ -99,12 +113,7 @@ def test_predict_labels_each_row_with_its_own_manifest_row(blobs, order):
     rows = [dict(r, **{S.SPLIT: str(rng.choice(["train", "test", "val"]))}) for r in base]
     copies = [dict(rows[k], **{S.PATH: f"zz-copy/{k:05d}.jpg", S.LABEL: "other"}) for k in range(0, len(rows), 7)]
     rows += copies  # the same image under a later path: the first path and its label win
-    if order.startswith("path"):
-        rows.sort(key=lambda r: r[S.PATH])
-    else:
-        rng.shuffle(rows)
-    dataset = "blobs-sorted" if order.startswith("path") else "blobs-shuffled"
-    write_manifest(blobs, dataset, rows, blobs.root / "images" / dataset)
+    dataset = _manifest_in(blobs, "blobs", rows, order, rng)
     got = run_predict(blobs, PredictConfig(out.head_id, dataset=dataset, chunk_rows=100, memory_budget=TINY), "p")
     assert got.written == len(base) and got.duplicates == len(copies) and got.missing_features == 0
     table = read_predictions(blobs, out.head_id).to_pandas()
@@ -125,7 +134,7 @@ def test_train_joins_each_image_to_its_own_first_manifest_row(blobs, order):
     from imgfeat.core import schemas as S
     from imgfeat.core.hashing import sha256_lines
     from imgfeat.heads.data import read_labelled
-    from imgfeat.scan.manifest import read_manifest, write_manifest
+    from imgfeat.scan.manifest import read_manifest
 
     base = read_manifest(blobs, "blobs").to_pylist()
     rng = np.random.default_rng(9)
@@ -135,12 +144,7 @@ def test_train_joins_each_image_to_its_own_first_manifest_row(blobs, order):
     rows += [dict(rows[k], **{S.PATH: f"zz-copy/{k:05d}.jpg", S.LABEL: "other"}) for k in range(0, len(rows), 7)]
     rows += [dict(rows[k], **{S.IMAGE_ID: f"{k:032x}", S.PATH: f"nf/{k:05d}.jpg"}) for k in range(0, 300, 3)]
     rows += [dict(rows[k], **{S.STATUS: "unreadable", S.PATH: f"bad/{k:05d}.jpg"}) for k in range(1, 300, 5)]
-    if order.startswith("path"):
-        rows.sort(key=lambda r: r[S.PATH])
-    else:
-        rng.shuffle(rows)
-    dataset = "train-sorted" if order.startswith("path") else "train-shuffled"
-    write_manifest(blobs, dataset, rows, blobs.root / "images" / dataset)
+    dataset = _manifest_in(blobs, "train", rows, order, rng)
     got = read_labelled(blobs, dataset, "fs", 0.0, 0)
 
     featured = {i for i in load_features(blobs, "fs")[0].tolist()}

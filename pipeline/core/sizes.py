@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from typing import Any
 
 from imgfeat.core.errors import ConfigError
@@ -67,13 +68,18 @@ def memory_budget(value: int | None) -> int:
 
 
 def release_freed_memory() -> None:
-    """Hand the memory freed so far back to the operating system (glibc's ``malloc_trim``).
+    """Hand the memory freed so far back to the operating system: Arrow's pool's unused buffers, and
+    glibc's heap (``malloc_trim``).
 
     Between the phases of a stage at millions of rows (id sets built, an index filled) glibc keeps
-    the freed arrays' pages as free holes in its heap, counted in the process's resident memory:
-    on a 1M-row IVF build 40-80 MB that later phases do not reuse. A no-op where there is no glibc.
+    the freed arrays' pages as free holes in its heap, and Arrow's pool (mimalloc) its freed
+    buffers, both counted in the process's resident memory: on a 1M-row IVF build 40-80 MB that
+    later phases do not reuse. The glibc part is a no-op where there is no glibc.
     """
     global _libc
+    pa = sys.modules.get("pyarrow")
+    if pa is not None:  # (a stage that never loaded Arrow has no pool to empty)
+        pa.default_memory_pool().release_unused()
     if _libc is None:
         try:
             import ctypes

@@ -248,9 +248,13 @@ def coded_images(
     seen: dict[str, int] = {}
     labels = np.full(len(keys), -1, np.int32)
     splits = np.zeros(len(keys), np.int8)
+
+    def label_code(v: str | None) -> int:  # a new label gets the next code; none or empty, -1
+        return seen.setdefault(v, len(seen)) if v else -1
+
     for at, t in chunks:
-        labels[at] = _codes(t[S.LABEL], seen)
-        splits[at] = _split_codes(t[S.SPLIT])
+        labels[at] = _codes(t[S.LABEL], label_code, np.int32)
+        splits[at] = _codes(t[S.SPLIT], lambda v: SPLIT_CODES.get(v or "", 0), np.int8)
     names = sorted(seen)
     # codes in name order, so that a code's order is its label's (stratified splits sort by it)
     rank = {v: k for k, v in enumerate(names)}
@@ -258,17 +262,11 @@ def coded_images(
     return CodedImages(keys, to_sorted[labels], names, splits, dict(counts), files)
 
 
-def _codes(values: pa.Array | pa.ChunkedArray, seen: dict[str, int]) -> np.ndarray:
-    """Each value's code in ``seen`` (a new value gets the next), -1 for a null or empty one."""
+def _codes(values: pa.Array | pa.ChunkedArray, code_of: Callable[[str | None], int], dtype: type) -> np.ndarray:
+    """Each value's code, ``code_of`` asked once per distinct value (and once for a null)."""
     enc = pc.dictionary_encode(values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values)
-    lut = np.array([*(seen.setdefault(v, len(seen)) if v else -1 for v in enc.dictionary.to_pylist()), -1], np.int32)
-    return lut[pc.fill_null(enc.indices, -1).to_numpy(zero_copy_only=False)]
-
-
-def _split_codes(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    enc = pc.dictionary_encode(values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values)
-    lut = np.array([*(SPLIT_CODES.get(v, 0) for v in enc.dictionary.to_pylist()), 0], np.int8)
-    return lut[pc.fill_null(enc.indices, -1).to_numpy(zero_copy_only=False)]
+    lut: np.ndarray = np.array([*(code_of(v) for v in enc.dictionary.to_pylist()), code_of(None)], dtype)
+    return lut[pc.fill_null(enc.indices, -1).to_numpy(zero_copy_only=False)]  # a null: -1, the last
 
 
 def unique_images(manifest: pa.Table) -> tuple[pd.DataFrame, dict[str, int], pd.DataFrame]:

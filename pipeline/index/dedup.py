@@ -761,7 +761,7 @@ def run_dedup(ws: Workspace, cfg: DedupConfig, run_id: str) -> DedupSummary:
     clock = _Clock()
     featureset_info(ws, cfg.featureset)  # exit 2 for an unknown featureset
     im = clock.lap("read", load_images(ws, cfg))
-    _release()  # the featureset reader's and the id set's buffers
+    release_freed_memory()  # the featureset reader's and the id set's buffers
     try:
         return _run_loaded(ws, cfg, run_id, clock, im)
     finally:
@@ -769,18 +769,10 @@ def run_dedup(ws: Workspace, cfg: DedupConfig, run_id: str) -> DedupSummary:
             im.X.close()
 
 
-def _release() -> None:
-    """Hand the memory the last phase freed back to the system: Arrow's pool (mimalloc) keeps freed
-    buffers as glibc keeps its heap's holes, and the resident set counts both (at a million images,
-    a phase's transient copies leave 100 MB or more behind for the next one to add to)."""
-    pa.default_memory_pool().release_unused()
-    release_freed_memory()
-
-
 def _run_loaded(ws: Workspace, cfg: DedupConfig, run_id: str, clock: _Clock, im: Images) -> DedupSummary:
     folder = ws.dedup_dir(cfg.out_name)
     digest = inputs_digest(cfg, im)
-    _release()  # the sorted copy of the manifest
+    release_freed_memory()  # the sorted copy of the manifest
     previous = _previous(folder)
     if previous is not None and previous.get("inputs_digest") == digest and _tables_present(folder):
         log.info("dedup %s is current: nothing changed since run %s", cfg.out_name, previous.get("run_id"))
@@ -796,9 +788,9 @@ def _run_loaded(ws: Workspace, cfg: DedupConfig, run_id: str, clock: _Clock, im:
             criterion = {"name": "cosine", "threshold": float(cfg.threshold), "neighbours": cfg.neighbours}
         else:
             cands, kind, searched = clock.lap("neighbours", candidate_pairs(folder, cfg, im, previous))
-            _release()  # the index and the search's blocks
+            release_freed_memory()  # the index and the search's blocks
             looks, computed = cached_looks(folder, im, root)
-            _release()  # the paths of the images and their decoded blocks
+            release_freed_memory()  # the paths of the images and their decoded blocks
             ok = looks.ok
             clock.lap("looks", None)
             graph, stats = looked_pairs(cands, looks, ok)
@@ -814,7 +806,7 @@ def _run_loaded(ws: Workspace, cfg: DedupConfig, run_id: str, clock: _Clock, im:
         leaks = leaks_table(im, nb, cfg.threshold) if cfg.threshold is not None else group_leaks_table(im, comp)
         clock.lap("tables", None)
         page = clock.lap("page", render_page(groups, leaks, root, cfg, run_id, criterion_text(criterion)))
-        _release()  # the tables' transient copies, before the pairs cache's batches
+        release_freed_memory()  # the tables' transient copies, before the pairs cache's batches
         with FileLock(ws.locks_dir / f"dedup-{cfg.out_name}.lock", f"dedup results {cfg.out_name}", cfg.wait):
             remove_stale_tmp(folder)
             if looks is not None and computed:

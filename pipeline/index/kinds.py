@@ -237,18 +237,17 @@ def list_of(index, X: np.ndarray) -> np.ndarray:
     return np.asarray(at[:, 0])
 
 
-def presize_lists(index, counts: np.ndarray) -> bool:
+def presize_lists(index, counts: np.ndarray) -> None:
     """Give an IVF index's inverted lists room for ``counts`` rows each before it is filled (each
-    list resized to its count and back to empty: the room stays). False where its lists are not
-    FAISS's in-memory arrays, which are left to grow as they are filled."""
+    list resized to its count and back to empty: the room stays). Lists that are not FAISS's
+    in-memory arrays are left to grow as they are filled."""
     faiss = import_faiss()
     lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
     if not isinstance(lists, faiss.ArrayInvertedLists):
-        return False
+        return
     for at in np.flatnonzero(counts).tolist():
         lists.resize(at, int(counts[at]))
         lists.resize(at, 0)
-    return True
 
 
 def set_search_params(index, params: IndexParams, nprobe: int | None = None) -> None:

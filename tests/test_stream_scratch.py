@@ -77,3 +77,28 @@ def test_a_linear_fit_stops_once_its_loss_settles(tmp_path, caplog):
     lines = [r.getMessage() for r in caplog.records if "(streamed): epoch" in r.getMessage()]
     assert 3 <= epochs < LINEAR_EPOCHS and len(lines) == epochs and "settled" in lines[-1]
     assert (est.predict(X) == y).mean() > 0.98
+
+
+def test_a_full_disk_under_the_scratch_copy_is_one_line(tmp_path, monkeypatch):
+    """The first pass writes each batch to the scratch file: a disk that fills is the stage's one
+    line (ImgfeatError, exit 1), not an OSError's traceback."""
+    import errno
+
+    from imgfeat.core.errors import ImgfeatError
+    from imgfeat.heads import stream as S
+
+    rng = np.random.default_rng(0)
+    source = _Source(rng.standard_normal((50, 4)).astype(np.float32), np.array(["a", "b"] * 25, dtype=object), 10, None)
+
+    class Full:
+        def write(self, _data: bytes) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(S, "scratch_file", lambda folder: Full())
+    stream = S.ScratchStream(source, tmp_path)
+    with pytest.raises(ImgfeatError, match=r"\(scratch file\): the disk is full"):
+        list(stream())
+    stream.close()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,6 +28,7 @@ from sklearn.preprocessing import StandardScaler
 
 from imgfeat.core.keys import KeyIndex, KeySet, as_strings, keys_of
 from imgfeat.core.progress import progress
+from imgfeat.core.storage import scratch_file, scratch_writes
 from imgfeat.core.workspace import Workspace
 from imgfeat.extract.featureset import featureset_info, iter_features, load_features
 from imgfeat.heads.data import LabelledRows
@@ -130,14 +130,16 @@ class ScratchStream:
             yield from self._again()
             return
         self.close()  # a first pass cut short is redone from the start
-        self._file = tempfile.TemporaryFile(dir=self._folder)  # noqa: SIM115 - held open until close()
+        self._file = scratch_file(self._folder)  # unnamed: gone when closed, even after a crash
         self._codes, self._rows = [], 0
         for X, y in self.source():
-            self._file.write(np.ascontiguousarray(X, self.dtype).tobytes())
+            with scratch_writes(self._folder):  # a full or read-only disk: one line, not a traceback
+                self._file.write(np.ascontiguousarray(X, self.dtype).tobytes())
             self._codes.append(np.searchsorted(self.classes, y).astype(np.int32))
             self._rows, self._dim = self._rows + len(y), X.shape[1]
             yield X, y
-        self._file.flush()
+        with scratch_writes(self._folder):
+            self._file.flush()
         self._done = True
 
     def _again(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:

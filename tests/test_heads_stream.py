@@ -166,8 +166,12 @@ def test_train_joins_each_image_to_its_own_first_manifest_row(blobs, order):
     assert got.left_out["duplicates"] > 0 and got.left_out["not_readable"] == len(range(1, 300, 5))
     lines = [f"train\t{i}\t{lab}" for i, lab in train] + [f"test\t{i}\t{lab}" for i, lab in test]
     assert got.digest() == sha256_lines(lines)
-    assert got.table().to_pylist() == [
+    expected = [
         {S.IMAGE_ID: i, S.LABEL: lab, S.ROLE: role}
         for role, part in (("train", train), ("test", test))
         for i, lab in part
     ]
+    assert got.table().to_pylist() == expected
+    # the rows file is written a part at a time: parts of any size make the same rows
+    parts = list(got.parts(rows=97))
+    assert max(p.num_rows for p in parts) == 97 and [r for p in parts for r in p.to_pylist()] == expected

@@ -139,6 +139,15 @@ def write_table_atomic(table: pa.Table, final: Path, **parquet_options: Any) -> 
     return Path(final)
 
 
+def write_parts_atomic(parts: Iterable[pa.Table], schema: pa.Schema, final: Path) -> Path:
+    """``write_table_atomic`` for a table made a part at a time (each part cast to ``schema``, a
+    row group or more each): only one part is in memory at once."""
+    with atomic_path(final) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+        for part in parts:
+            writer.write_table(part.cast(schema))
+    return Path(final)
+
+
 def publish_new(tmp: Path, folder: Path, names: Iterable[str]) -> Path:
     """Move a complete, fsynced temporary file into ``folder`` under the first of ``names`` that is not
     taken, and return its path: a hard link, which fails where ``os.replace`` would overwrite, so a

@@ -10,7 +10,7 @@ import logging
 import os
 import platform
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -25,7 +25,13 @@ from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError, ImgfeatError, unknown_value
 from imgfeat.core.hashing import sha256_bytes
 from imgfeat.core.results import JsonObject, json_str
-from imgfeat.core.storage import remove_stale_tmp, write_bytes_atomic, write_json_atomic, write_table_atomic
+from imgfeat.core.storage import (
+    remove_stale_tmp,
+    write_bytes_atomic,
+    write_json_atomic,
+    write_parts_atomic,
+    write_table_atomic,
+)
 from imgfeat.core.workspace import Workspace
 from imgfeat.heads.zeroshot import ZeroShotClassifier
 
@@ -163,16 +169,21 @@ def write_head(
     estimator: Any,
     meta: dict[str, Any],
     metrics: dict[str, Any],
-    rows: pa.Table,
+    rows: pa.Table | Iterable[pa.Table],
     extra_files: dict[str, bytes],
 ) -> Path:
-    """Commit protocol: model, rows, plots, metrics.json, then head.json (which marks it done)."""
+    """Commit protocol: model, rows, plots, metrics.json, then head.json (which marks it done).
+
+    ``rows``: the rows file's table, or its parts in order (written one at a time)."""
     folder = ws.head_dir(head_id)
     folder.mkdir(parents=True, exist_ok=True)
     remove_stale_tmp(folder)
     fmt, blob = model_bytes(estimator)
     write_bytes_atomic(blob, folder / MODEL_FILES[fmt])
-    write_table_atomic(rows.cast(ROWS_SCHEMA), folder / ROWS_FILE)
+    if isinstance(rows, pa.Table):
+        write_table_atomic(rows.cast(ROWS_SCHEMA), folder / ROWS_FILE)
+    else:
+        write_parts_atomic(rows, ROWS_SCHEMA, folder / ROWS_FILE)
     for name, data in extra_files.items():
         write_bytes_atomic(data, folder / name)
     write_json_atomic(metrics, folder / METRICS_FILE)

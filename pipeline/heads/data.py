@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError
 from imgfeat.core.hashing import digest_chunks
-from imgfeat.core.keys import KeyIndex, KeySet, as_strings, concat_keys, keys_of, keys_to_arrow
+from imgfeat.core.keys import KeyIndex, KeySet, as_strings, keys_of, keys_to_arrow
 from imgfeat.core.logs import warn_once
 from imgfeat.core.results import JsonObject
 from imgfeat.core.workspace import Workspace
@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 EVAL_HELD_OUT = "held_out"
 MIN_TRAIN_PER_CLASS = 2
 LEFT_OUT_JSON_MAX = 1000  # left-out files listed in a JSON summary (their table holds all)
+
+
+ROWS_PART = 1 << 18  # rows of the head's rows file made (and written) at a time
 
 
 @dataclass(frozen=True)
@@ -132,17 +135,26 @@ class LabelledRows:
 
     def table(self) -> pa.Table:
         """Every row as ``(image_id, label, role)`` (``HEAD_ROWS_SCHEMA``): the head's rows file."""
-        keys = concat_keys([self.train_keys, self.test_keys])
-        codes = np.concatenate([self.train_codes, self.test_codes]).astype(np.int32, copy=False)
-        roles = np.repeat(np.array([0, 1], np.int8), [self.n_train, self.n_test])
-        return pa.table(
-            {
-                S.IMAGE_ID: keys_to_arrow(keys),
-                S.LABEL: pa.DictionaryArray.from_arrays(codes, pa.array(self.names, pa.string())).dictionary_decode(),
-                S.ROLE: pa.DictionaryArray.from_arrays(roles, pa.array(["train", "test"])).dictionary_decode(),
-            },
-            schema=S.HEAD_ROWS_SCHEMA,
-        )
+        return pa.concat_tables([S.HEAD_ROWS_SCHEMA.empty_table(), *self.parts()])
+
+    def parts(self, rows: int = ROWS_PART) -> Iterator[pa.Table]:
+        """``table()`` ``rows`` at a time (train rows, then test rows), made as they are asked for:
+        what the head's rows file is written from, without every row's strings at once."""
+        names = pa.array(self.names, pa.string())
+        for role, keys, codes in (
+            ("train", self.train_keys, self.train_codes),
+            ("test", self.test_keys, self.test_codes),
+        ):
+            for lo in range(0, len(keys), rows):
+                ids = keys_to_arrow(keys[lo : lo + rows])
+                yield pa.table(
+                    {
+                        S.IMAGE_ID: ids,
+                        S.LABEL: names.take(pa.array(codes[lo : lo + rows], pa.int32())),
+                        S.ROLE: pa.repeat(pa.scalar(role, pa.string()), len(ids)),
+                    },
+                    schema=S.HEAD_ROWS_SCHEMA,
+                )
 
 
 DIGEST_ROWS = 1 << 18  # rows made into digest lines at a time
@@ -412,7 +424,10 @@ def _labelled(
     left_out["unlabelled"] = int((~has_label).sum())
     missing = left_out["missing_features"] = int((has_label & ~has_feature).sum())
     keep = np.flatnonzero(has_label & has_feature)
-    keys, labels, splits = index.keys()[keep], labels[keep], splits[keep]
+    if len(keep) < len(index):
+        keys, labels, splits = index.keys()[keep], labels[keep], splits[keep]
+    else:  # every image: no copy of the keys
+        keys = index.keys()
     del index, has_feature
     try:
         if not len(keep):

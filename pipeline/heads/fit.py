@@ -94,7 +94,7 @@ def train_and_write(
     meta = _head_meta(cfg, rows, head_id, info, fitted, metrics, run_id, dim)
     meta["timings"] = {k: round(v, 3) for k, v in timings.items()}
     meta["trained_by"] = trained_by
-    A.write_head(ws, head_id, fitted.estimator, meta, metrics, rows.table(), extra)
+    A.write_head(ws, head_id, fitted.estimator, meta, metrics, rows.parts(), extra)
 
 
 def _fit_in_memory(

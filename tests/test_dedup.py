@@ -61,9 +61,10 @@ def test_groups_are_the_planted_copies_and_exact_duplicates(exact_max, dim):
         [{p(0), p(n)}, {p(1), p(n + 1), p(n + 2)}, {p(2), p(n + 3)}, {p(5), "elsewhere/005.png"}], key=sorted
     )
     rows = {r[S.PATH]: r for r in table.to_pylist()}
-    assert rows["elsewhere/005.png"][S.NEAREST_ID] == im.ids[5] and rows["elsewhere/005.png"][S.SIMILARITY] == 1.0
-    assert rows[p(0)][S.NEAREST_ID] == im.ids[n] and 0.9 <= rows[p(0)][S.SIMILARITY] < 1.0
-    assert rows[p(n + 1)][S.GROUP_ID] == min(im.ids[1], im.ids[n + 1], im.ids[n + 2])
+    ids = im.ids.to_pylist()  # node k's image id
+    assert rows["elsewhere/005.png"][S.NEAREST_ID] == ids[5] and rows["elsewhere/005.png"][S.SIMILARITY] == 1.0
+    assert rows[p(0)][S.NEAREST_ID] == ids[n] and 0.9 <= rows[p(0)][S.SIMILARITY] < 1.0
+    assert rows[p(n + 1)][S.GROUP_ID] == min(ids[1], ids[n + 1], ids[n + 2])
 
 
 @pytest.mark.quick

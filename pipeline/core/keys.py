@@ -161,20 +161,26 @@ class KeySet:
 
 
 def _member(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    return _rank_in(sorted_keys, keys) >= 0
+
+
+def _rank_in(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Each key's position in ``sorted_keys`` (distinct, sorted), -1 where absent: one binary search
+    each (the costly part of joining millions of ids)."""
+    out = np.full(len(keys), -1, dtype=np.int64)
     if not len(sorted_keys) or not len(keys):
-        return np.zeros(len(keys), dtype=bool)
+        return out
     if keys.dtype.itemsize > sorted_keys.dtype.itemsize:
         # a query longer than every member is no member; a shorter one compares padded
-        too_long = np.char.str_len(keys) > sorted_keys.dtype.itemsize
-        out = np.zeros(len(keys), dtype=bool)
-        short = ~too_long
-        out[short] = _member(sorted_keys, keys[short].astype(sorted_keys.dtype))
+        short = np.char.str_len(keys) <= sorted_keys.dtype.itemsize
+        out[short] = _rank_in(sorted_keys, keys[short].astype(sorted_keys.dtype))
         return out
     keys = keys.astype(sorted_keys.dtype, copy=False)
     at = np.searchsorted(sorted_keys, keys)
     at[at == len(sorted_keys)] = 0
-    found: np.ndarray = sorted_keys[at] == keys
-    return found
+    found = sorted_keys[at] == keys
+    out[found] = at[found]
+    return out
 
 
 class KeyIndex:
@@ -201,12 +207,7 @@ class KeyIndex:
 
     def ranks(self, ids: KeyLike) -> np.ndarray:
         """Each id's rank among the distinct ids (int64), -1 for an id that is not in it."""
-        keys = keys_of(ids)
-        found = _member(self._keys, keys)
-        out = np.full(len(keys), -1, dtype=np.int64)
-        if found.any():
-            out[found] = np.searchsorted(self._keys, keys[found].astype(self._keys.dtype))
-        return out
+        return _rank_in(self._keys, keys_of(ids))
 
     def positions(self, ids: KeyLike) -> np.ndarray:
         """Each id's position (int64), -1 for an id that is not in it."""

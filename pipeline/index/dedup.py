@@ -19,7 +19,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any, TypeAlias, TypeVar
 
@@ -51,9 +51,10 @@ from imgfeat.core.stores import ImageRoot
 from imgfeat.core.workspace import Workspace, check_name
 from imgfeat.extract.featureset import featureset_dim, featureset_info
 from imgfeat.index.kinds import (
+    FINE_LISTS,
     MIN_POINTS_PER_LIST,
     IndexParams,
-    build_in_memory,
+    add_in_chunks,
     flat_bytes,
     ivfpq_bytes,
     make_index,
@@ -63,6 +64,7 @@ from imgfeat.index.kinds import (
     sample_size,
     set_search_params,
     train_on_sample,
+    two_level_index,
 )
 from imgfeat.index.looks import (
     LOOK_BYTES,
@@ -108,6 +110,12 @@ BLOCK_ROWS = 16_384  # ... a block of all at a time: a 1024 x 16384 float32 work
 SELECT_ROWS = 256  # ... whose rows are ranked this many at a time (their candidates' positions: int64)
 EXACT_MAX = 20_000  # above this many images the neighbour search is approximate (IVF)
 DEDUP_NPROBE = 8  # near-copies sit in the same or a neighbouring list: a few lists find them
+LIST_ROWS = 160  # past 2 sqrt(n) lists, one list per this many rows: a query scans a constant number
+FINE_NPROBE = 12  # lists searched per query once they are that fine (each a smaller part of the space)
+# bytes of IVF-PQ code per row at most: codes only propose candidates (exact cosines decide), and 16
+# find the same near-copies 64 do, scanned in a third of the time (a million synthetic rows)
+DEDUP_PQ_BYTES = 16
+FINE_SAMPLE_SHARE = 8  # the two-level quantizer's training sample takes at most this share of the budget
 CANDIDATE_DIMS = 256  # approximate search finds candidates on this many principal components
 IN_MEMORY_SHARE = 0.5  # vectors taking more of the memory budget than this go to a scratch file
 INDEX_SHARE = 4  # the candidate index takes at most 1/INDEX_SHARE of the budget (else IVF-PQ codes sized to it)
@@ -220,12 +228,21 @@ class Graph:
 
 
 def dedup_params(n: int, exact_max: int, dim: int | None = None, memory_budget: int | None = None) -> IndexParams:
-    """Exact up to ``exact_max`` while a copy of the vectors fits the budget; beyond, a coarse IVF
-    (2 sqrt(n) lists, 8 probed: near-copies share a list) on at most CANDIDATE_DIMS dimensions,
-    ivfpq when those vectors take more than a quarter of the budget."""
+    """Exact up to ``exact_max`` while a copy of the vectors fits the budget; beyond, an IVF on at
+    most CANDIDATE_DIMS dimensions, ivfpq when those vectors take more than a quarter of the budget.
+
+    Lists: 2 sqrt(n), 8 probed (near-copies share a list), or one per LIST_ROWS rows where that is
+    more; from FINE_LISTS lists on (about 330,000 images) FINE_NPROBE are probed, found through a
+    two-level quantizer (``kinds.two_level_index``): a query then scans about the same number of
+    rows at any n, where with sqrt(n) lists it scans sqrt(n) times more. As many lists as the
+    training sample the budget allows can teach. IVF-PQ codes take DEDUP_PQ_BYTES at most."""
     if n <= exact_max and (memory_budget is None or dim is None or flat_bytes(n, dim) <= memory_budget):
         return resolve_params("flat", n)
-    nlist = max(1, min(int(2 * math.sqrt(n)), n // MIN_POINTS_PER_LIST))
+    nlist = max(int(2 * math.sqrt(n)), n // LIST_ROWS)
+    if nlist >= FINE_LISTS:
+        nlist = min(nlist, fine_sample_rows(n, dim, memory_budget) // MIN_POINTS_PER_LIST)
+    nlist = max(1, min(nlist, n // MIN_POINTS_PER_LIST))
+    nprobe = FINE_NPROBE if nlist >= FINE_LISTS else DEDUP_NPROBE
     cdim = min(dim, CANDIDATE_DIMS) if dim else None
     # the index takes a quarter of the budget where IVF-PQ codes can fit in it (the neighbour lists,
     # the pairs and a block of vectors share the rest), else up to half, as an index built alone
@@ -233,10 +250,42 @@ def dedup_params(n: int, exact_max: int, dim: int | None = None, memory_budget: 
         quarter = memory_budget // INDEX_SHARE
         if flat_bytes(n, cdim) > quarter and ivfpq_bytes(n, cdim, nlist, 1) <= quarter:
             # (the codes are sized to half the budget given: a quarter of this one)
-            return resolve_params("ivfpq", n, nlist=nlist, nprobe=DEDUP_NPROBE, dim=cdim, memory_budget=2 * quarter)
+            return _few_code_bytes(
+                resolve_params("ivfpq", n, nlist=nlist, nprobe=nprobe, dim=cdim, memory_budget=2 * quarter), cdim
+            )
         if flat_bytes(n, cdim) > memory_budget:
-            return resolve_params("ivfpq", n, nlist=nlist, nprobe=DEDUP_NPROBE, dim=cdim, memory_budget=memory_budget)
-    return resolve_params("ivf", n, nlist=nlist, nprobe=DEDUP_NPROBE)
+            return _few_code_bytes(
+                resolve_params("ivfpq", n, nlist=nlist, nprobe=nprobe, dim=cdim, memory_budget=memory_budget), cdim
+            )
+    return resolve_params("ivf", n, nlist=nlist, nprobe=nprobe)
+
+
+def _few_code_bytes(params: IndexParams, dim: int) -> IndexParams:
+    """``params`` with at most DEDUP_PQ_BYTES code bytes per row (a divisor of ``dim``, as ``choose_pq_m``'s)."""
+    fitting = [m for m in range(1, min(DEDUP_PQ_BYTES, dim // 2) + 1) if dim % m == 0] or [1]
+    return replace(params, pq_m=min(params.pq_m or fitting[-1], fitting[-1]))
+
+
+def fine_sample_rows(n: int, dim: int | None, memory_budget: int | None) -> int:
+    """Rows a two-level quantizer is trained on: MIN_POINTS_PER_LIST per list of one per LIST_ROWS
+    rows, within FINE_SAMPLE_SHARE of the budget (of CANDIDATE_DIMS float32 dimensions at most)."""
+    size = MIN_POINTS_PER_LIST * (n // LIST_ROWS)
+    if memory_budget is not None and dim:
+        size = min(size, memory_budget // FINE_SAMPLE_SHARE // (4 * min(dim, CANDIDATE_DIMS)))
+    return max(1, min(n, size))
+
+
+def trained_index(Y: Vectors, params: IndexParams, memory_budget: int | None) -> tuple[Any, IndexParams]:
+    """An empty index of ``params`` trained on a seeded sample of ``Y`` (rows in memory or a store):
+    FAISS's own k-means up to FINE_LISTS lists, a two-level quantizer from there."""
+    n, dim = Y.shape
+    if params.kind in ("ivf", "ivfpq") and params.lists >= FINE_LISTS:
+        sample = Y[sample_rows(n, fine_sample_rows(n, dim, memory_budget), params.seed)]
+        return two_level_index(params, sample, n)
+    index = make_index(params, dim)
+    if params.kind in ("ivf", "ivfpq"):
+        params = train_on_sample(index, params, Y[sample_rows(n, sample_size(params, n, dim), params.seed)], n)
+    return index, params
 
 
 def nearest_neighbours(X: Vectors, k: int, exact_max: int = EXACT_MAX, memory_budget: int | None = None) -> Neighbours:
@@ -277,8 +326,9 @@ def search_neighbours(
             return search_neighbours(X[:], k, emit, exact_max, memory_budget)
         return _store_search(X, k, params, memory_budget, emit)
     Y = reduce_dims(X, CANDIDATE_DIMS) if params.kind != "flat" and X.shape[1] > CANDIDATE_DIMS else X
-    built: IndexParams  # (kinds.build_in_memory is untyped)
-    index, built = build_in_memory(Y, params)
+    index, built = trained_index(Y, params, memory_budget)
+    add_in_chunks(index, Y)
+    set_search_params(index, built)
     kk = min(k + 1, n)
     for lo in range(0, n, KNN_ROWS):
         s, r = index.search(np.ascontiguousarray(Y[lo : lo + KNN_ROWS]), kk)
@@ -309,9 +359,7 @@ def _store_search(X: VectorStore, k: int, params: IndexParams, memory_budget: in
     n, dim = X.shape
     Y = reduce_store(X, CANDIDATE_DIMS, block_rows(dim, memory_budget)) if dim > CANDIDATE_DIMS else X
     try:
-        index = make_index(params, Y.shape[1])
-        sample = sample_rows(n, sample_size(params, n, Y.shape[1]), params.seed)  # as ``kinds.train`` samples
-        params = train_on_sample(index, params, Y[sample], n)
+        index, params = trained_index(Y, params, memory_budget)
         for _, B in Y.blocks(block_rows(Y.shape[1], memory_budget, STORE_SHARE)):
             index.add(np.ascontiguousarray(B))
         set_search_params(index, params)
@@ -500,13 +548,20 @@ class Images:
     buffers, not four million Python strings; the tables materialise only the rows they write.
     """
 
-    ids: list[str]  # unique images with a feature row (node k = ids[k])
+    ids: pa.Array  # unique images with a feature row (node k = ids[k]), strings: no Python object each
     X: Vectors  # their unit vectors: in memory, or a scratch file when they do not fit the budget
     row_ids: RowColumn  # per manifest row
     row_paths: RowColumn
     row_splits: RowColumn
     missing: int  # unique images without a feature row
     row_labels: RowColumn | None = None  # None: the dataset has no labels
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.ids, pa.Array):  # a list of ids (or a chunked column): one string array
+            ids = (
+                self.ids.combine_chunks() if isinstance(self.ids, pa.ChunkedArray) else pa.array(self.ids, pa.string())
+            )
+            object.__setattr__(self, "ids", ids)
 
     def labels(self) -> list[str | None]:
         if self.row_labels is None:
@@ -529,7 +584,7 @@ class Images:
                 "label": labels.cast(pa.string()),
             }
         )
-        node = pc.index_in(t.column("id"), value_set=pa.array(self.ids, pa.string()))
+        node = pc.index_in(t.column("id"), value_set=self.ids)
         keep = pc.is_valid(node)
         if not pc.all(keep).as_py():
             t, node = t.filter(keep), node.filter(keep)
@@ -574,9 +629,9 @@ class Rows:
 def load_images(ws: Workspace, cfg: DedupConfig) -> Images:
     table = manifest_rows(ws, cfg.dataset)
     if not table.num_rows:  # nothing readable to compare: an empty result, not an error
-        return Images([], np.zeros((0, 0), np.float32), [], [], [], 0, [])
-    row_ids = pc.unique(table[S.IMAGE_ID]).to_pylist()  # each id once (its features are read once)
-    wanted = set(row_ids)
+        return Images(pa.array([], pa.string()), np.zeros((0, 0), np.float32), [], [], [], 0, [])
+    # each id once (its features are read once), kept as Arrow: a million ids are 40 MB, not 140
+    wanted = pc.unique(table[S.IMAGE_ID])
     dim = featureset_dim(ws, cfg.featureset)
     X: np.ndarray | VectorStore
     if flat_bytes(len(wanted), dim) > cfg.budget * IN_MEMORY_SHARE:  # the vectors to a scratch file, streamed
@@ -586,9 +641,10 @@ def load_images(ws: Workspace, cfg: DedupConfig) -> Images:
             ws.dedup_dir(cfg.out_name) / "_cache",
         )
     else:
-        ids, X = read_vectors(ws, cfg.featureset, row_ids)
+        listed, X = read_vectors(ws, cfg.featureset, wanted.to_pylist())
+        ids = pa.array(listed, pa.string())
     missing = len(wanted) - len(ids)
-    if not ids:
+    if not len(ids):
         if isinstance(X, VectorStore):
             X.close()
         raise ConfigError(
@@ -613,10 +669,11 @@ def groups_table(im: Images, graph: Graph, comp: np.ndarray | None = None) -> pa
     paths_per_comp = np.bincount(comp, weights=paths_per_node, minlength=1)
     grouped = np.flatnonzero(paths_per_comp[comp[r.node]] >= 2) if n else np.zeros(0, np.int64)  # rows in a group
     partner, best = best_partner(n, graph)
-    group_id: dict[int, str] = {}
-    for k in sorted(np.unique(r.node[grouped]).tolist(), key=im.ids.__getitem__):
-        group_id.setdefault(int(comp[k]), im.ids[k])  # the smallest image id names the group
     nodes, paths, labels, splits = r.node[grouped].tolist(), *(r.column(c, grouped) for c in ("path", "label", "split"))
+    id_of = _ids_of(im, np.concatenate([r.node[grouped], partner[r.node[grouped]]]))
+    group_id: dict[int, str] = {}
+    for k in sorted(set(nodes), key=id_of.__getitem__):
+        group_id.setdefault(int(comp[k]), id_of[k])  # the smallest image id names the group
     labels_of: dict[int, set[str]] = {}
     for u, lab in zip(nodes, labels):
         if lab is not None:
@@ -625,10 +682,10 @@ def groups_table(im: Images, graph: Graph, comp: np.ndarray | None = None) -> pa
     for u, p, lab, sp in zip(nodes, paths, labels, splits):
         c = int(comp[u])
         exact = paths_per_node[u] > 1
-        nearest = im.ids[u] if exact else im.ids[partner[u]]
+        nearest = id_of[u] if exact else id_of[int(partner[u])]
         out.append(
             (
-                im.ids[u],
+                id_of[u],
                 group_id[c],
                 nearest,
                 1.0 if exact else float(best[u]),
@@ -641,6 +698,13 @@ def groups_table(im: Images, graph: Graph, comp: np.ndarray | None = None) -> pa
     out.sort(key=lambda r: (not r[7], r[1], -r[3], r[4]))  # label conflicts first
     cols: list[Sequence[Any]] = list(zip(*out)) if out else [[]] * len(S.DEDUP_GROUPS_SCHEMA)
     return pa.table(dict(zip(S.DEDUP_GROUPS_SCHEMA.names, cols)), schema=S.DEDUP_GROUPS_SCHEMA)
+
+
+def _ids_of(im: Images, nodes: np.ndarray) -> dict[int, str]:
+    """Node -> image id of ``nodes`` (the few a table names: only they become Python strings)."""
+    u = np.unique(np.asarray(nodes, np.int64))
+    u = u[u >= 0]
+    return dict(zip(u.tolist(), im.ids.take(pa.array(u, pa.int64())).to_pylist()))
 
 
 def _leaks(rows: list[tuple[Any, ...]]) -> pa.Table:
@@ -671,8 +735,9 @@ def _leak_rows(
     """The leaks table of held-out rows ``held`` (of nodes ``nodes``), each near training node ``near``."""
     paths, splits = r.column("path", held), r.column("split", held)
     near_paths = r.column("path", train_row[near])
+    id_of = _ids_of(im, np.concatenate([nodes, near]))
     out = [
-        (im.ids[u], p, s, im.ids[v], q, S.SPLIT_TRAIN, x)
+        (id_of[u], p, s, id_of[v], q, S.SPLIT_TRAIN, x)
         for u, p, s, v, q, x in zip(nodes.tolist(), paths, splits, near.tolist(), near_paths, sim)
     ]
     return _leaks(out)
@@ -847,7 +912,7 @@ def candidate_pairs(
         and last.get("neighbours") == cfg.neighbours
         and (previous or {}).get("featureset") == cfg.featureset
     ):
-        node = NodeOf(pa.array(im.ids, pa.string()))
+        node = NodeOf(im.ids)
         new = _new_images(folder, node, n)
         if new is not None and len(new) <= RESEARCH_NEW_FRACTION * n:
             cached = _cached_pairs(folder, node, n, len(new) * cfg.neighbours)
@@ -1025,7 +1090,7 @@ PAIRS_BATCH = 262_144  # candidate pairs written at a time (their ids as Arrow s
 def _write_pairs(folder: Path, im: Images, cands: Graph | PairRanges) -> None:
     """The candidate pairs as the pairs cache (ids taken by Arrow, no Python string per pair) and
     the images searched, each written under the commit protocol a batch at a time."""
-    ids = pa.array(im.ids, pa.string())
+    ids = im.ids
     schema = pa.schema([("a", pa.string()), ("b", pa.string()), (S.SIMILARITY, pa.float32())])
     with atomic_path(folder / PAIRS_FILE) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
         for g in pair_chunks(cands):
@@ -1113,7 +1178,7 @@ def cached_looks(folder: Path, im: Images, root: ImageRoot) -> tuple[LookStore, 
     cache (its rows in its order, those of images gone too, so a rewrite keeps them) and computed
     (one decode each, LOOK_CHUNK images at a time) for the rest. Memory: a chunk, not the dataset."""
     store = LookStore(len(im.ids), folder / "_cache")
-    _read_looks(folder / LOOKS_FILE, store, pa.array(im.ids, pa.string()))
+    _read_looks(folder / LOOKS_FILE, store, im.ids)
     todo = np.flatnonzero(~store.ok)
     if not len(todo):
         return store, 0
@@ -1124,7 +1189,7 @@ def cached_looks(folder: Path, im: Images, root: ImageRoot) -> tuple[LookStore, 
             files = [root / p for p in paths.take(pa.array(chunk, pa.int64())).to_pylist()]
             L, ok = looks_of_files(files, workers=workers)
             good = chunk[ok]
-            store.append([im.ids[k] for k in good], L[ok], good)
+            store.append(im.ids.take(pa.array(good, pa.int64())).to_pylist(), L[ok], good)
             computed += len(good)
             bar.update(len(chunk))
     return store, computed

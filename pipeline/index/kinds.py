@@ -231,6 +231,85 @@ def train_on_sample(index, params: IndexParams, sample: np.ndarray, total: int) 
     return replace(params, trained_on=len(sample), rows_at_training=total)
 
 
+FINE_LISTS = 2048  # from this many lists on, the lists' centroids are themselves searched through an IVF
+QUANTIZER_NPROBE = 16  # groups of centroids a two-level quantizer searches (of about sqrt(nlist))
+
+
+def two_level_centroids(sample: np.ndarray, nlist: int, seed: int, iterations: int = TRAIN_ITERATIONS) -> np.ndarray:
+    """About ``nlist`` unit centroids of ``sample`` by two-level k-means: sqrt(nlist) coarse
+    clusters, then each clustered again into a share of the lists proportional to its rows.
+    The cost is that of a k-means of sqrt(nlist) centroids twice, not of nlist: a million lists
+    train in minutes where one k-means would take hours. Seeded; a cluster with fewer rows than
+    its share keeps its rows as centroids (the count may come out a little under ``nlist``)."""
+    faiss = import_faiss()
+    X = np.ascontiguousarray(sample, dtype=np.float32)
+    dim = X.shape[1]
+    nlist = max(1, min(nlist, len(X)))
+    coarse = max(1, int(math.sqrt(nlist)))
+
+    def kmeans(rows: np.ndarray, k: int, at: int) -> np.ndarray:
+        km = faiss.Kmeans(dim, k, niter=iterations, seed=seed + at, spherical=True, min_points_per_centroid=1)
+        km.train(rows)
+        return np.asarray(km.centroids)
+
+    top = faiss.IndexFlatIP(dim)
+    top.add(kmeans(X, coarse, 0))
+    _, at = top.search(X, 1)
+    at = at[:, 0]
+    counts = np.bincount(at, minlength=coarse)
+    share = np.diff(np.r_[0, np.cumsum(counts) * nlist // max(1, len(X))])  # lists per cluster, summing to nlist
+    parts = []
+    for c in np.flatnonzero(counts).tolist():
+        rows = X[at == c]
+        k = int(min(max(1, share[c]), len(rows)))
+        parts.append(rows if k == len(rows) else kmeans(rows, k, c + 1))
+    C = np.ascontiguousarray(np.vstack(parts), dtype=np.float32)
+    norms = np.linalg.norm(C, axis=1, keepdims=True)
+    np.divide(C, norms, out=C, where=norms > 0)
+    return C
+
+
+def two_level_index(params: IndexParams, sample: np.ndarray, total: int) -> tuple[Any, IndexParams]:
+    """An IVF (or IVF-PQ) index of ``params``' kind whose ``nlist`` lists are found through a small
+    IVF over their centroids (``two_level_centroids``), trained on ``sample``, for ``total`` rows.
+
+    A flat quantizer compares each query with every centroid: with lists proportional to the rows
+    (a constant number scanned per query) its cost would grow with the rows. Here a query is
+    compared with sqrt(nlist) groups and the centroids of QUANTIZER_NPROBE of them. IVF-PQ codes
+    encode the vectors themselves, not their residuals: one distance table per query, not one per
+    list probed, so probing more lists stays cheap (recall is the same on near-copies)."""
+    faiss = import_faiss()
+    dim = sample.shape[1]
+    C = two_level_centroids(sample, params.lists, params.seed, params.train_iterations or TRAIN_ITERATIONS)
+    nlist = len(C)
+    groups = max(1, int(math.sqrt(nlist)))
+    quantizer = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, groups, faiss.METRIC_INNER_PRODUCT)
+    quantizer.cp.seed = params.seed
+    quantizer.cp.niter = params.train_iterations or TRAIN_ITERATIONS
+    quantizer.cp.min_points_per_centroid = 1
+    quantizer.train(C)
+    quantizer.add(C)
+    quantizer.make_direct_map()  # FAISS reads centroids back by list number
+    quantizer.nprobe = min(groups, QUANTIZER_NPROBE)
+    if params.kind == "ivfpq":
+        index = faiss.IndexIVFPQ(
+            quantizer, dim, nlist, params.pq_m, params.pq_bits or PQ_BITS, faiss.METRIC_INNER_PRODUCT
+        )
+        index.by_residual = False
+        index.pq.cp.seed = params.seed
+        index.pq.cp.niter = params.train_iterations or TRAIN_ITERATIONS
+        index.pq.cp.min_points_per_centroid = 1
+    elif params.kind == "ivf":
+        index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    else:
+        raise ConfigError(f"a two-level quantizer is for ivf or ivfpq indexes, not {params.kind!r}")
+    # the quantizer is trained and filled: FAISS trains only the codes, on a spread-out part of the sample
+    stride = max(1, -(-len(sample) // TRAIN_SAMPLE))
+    index.train(np.ascontiguousarray(sample[::stride], dtype=np.float32))
+    index.nprobe = min(nlist, params.nprobe or default_nprobe(nlist))
+    return index, replace(params, nlist=nlist, trained_on=len(sample), rows_at_training=total)
+
+
 def list_of(index, X: np.ndarray) -> np.ndarray:
     """The inverted list each row of ``X`` (normalised) goes to in an IVF index: its coarse centroid."""
     _, at = index.quantizer.search(np.ascontiguousarray(X, dtype=np.float32), 1)
@@ -305,12 +384,3 @@ def rescore(X: np.ndarray, rows: np.ndarray, chunk_rows: int = 2048) -> tuple[np
         sims[start : start + chunk_rows] = np.take_along_axis(s, order, axis=1)
         out_rows[start : start + chunk_rows] = np.take_along_axis(r, order, axis=1)
     return sims, out_rows
-
-
-def build_in_memory(X: np.ndarray, params: IndexParams):
-    """Make, train and fill an index from unit vectors; returns ``(index, params)``."""
-    index = make_index(params, X.shape[1])
-    params = train(index, params, X)
-    add_in_chunks(index, X)
-    set_search_params(index, params)
-    return index, params

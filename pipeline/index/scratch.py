@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any, TypeAlias
 
 import numpy as np
+import pyarrow as pa
 
+from imgfeat.core.keys import KeyLike, concat_keys, keys_of, keys_to_arrow
 from imgfeat.core.sizes import memory_budget as resolve_budget
 from imgfeat.core.storage import scratch_file, scratch_writes
 
@@ -150,19 +152,20 @@ def is_store(X: object) -> bool:
 
 
 def store_vectors(
-    batches: Iterator[tuple[list[str], np.ndarray]], dim: int, folder: Path | None = None
-) -> tuple[list[str], VectorStore]:
-    """``(ids, store)``: streamed ``(ids, X)`` batches written to a new store, in order."""
+    batches: Iterator[tuple[KeyLike, np.ndarray]], dim: int, folder: Path | None = None
+) -> tuple[pa.Array, VectorStore]:
+    """``(ids, store)``: streamed ``(ids, X)`` batches written to a new store, in order; the ids
+    (strings or compact keys) come back as one Arrow string column, never a Python string each."""
     store = VectorStore(dim, folder)
-    ids: list[str] = []
+    keys: list[np.ndarray] = []
     try:
         for batch_ids, X in batches:
             store.append(X)
-            ids.extend(batch_ids)
+            keys.append(keys_of(batch_ids))
     except BaseException:
         store.close()
         raise
-    return ids, store
+    return keys_to_arrow(concat_keys(keys)), store
 
 
 def reduce_store(

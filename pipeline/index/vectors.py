@@ -42,13 +42,13 @@ def read_vectors(ws: Workspace, featureset: str, wanted: Iterable[str] | None = 
 
 
 def iter_vectors(
-    ws: Workspace, featureset: str, wanted: set[str] | None = None, batch_rows: int = READ_BATCH_ROWS
-) -> Iterator[tuple[list[str], np.ndarray]]:
-    """``(ids, X)`` batches of at most ``batch_rows`` rows, normalised float32: the featureset's one
-    streaming reader (``iter_features``: trusted rows, each id once, in shard order), one row group
-    in memory at a time."""
-    for ids, X in iter_features(ws, featureset, ids=None if wanted is None else list(wanted), batch_rows=batch_rows):
-        yield ids.tolist(), normalise(X)
+    ws: Workspace, featureset: str, wanted: pa.Array | None = None, batch_rows: int = READ_BATCH_ROWS
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(keys, X)`` batches of at most ``batch_rows`` rows, normalised float32, the ids as compact
+    keys (``core/keys.py``): the featureset's one streaming reader (``iter_features``: trusted rows,
+    each id once, in shard order), one row group in memory at a time, no Python string per id."""
+    for keys, X in iter_features(ws, featureset, ids=wanted, batch_rows=batch_rows, as_keys=True):
+        yield keys, normalise(X)
 
 
 def manifest_rows(ws: Workspace, dataset: str) -> pa.Table:

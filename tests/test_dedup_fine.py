@@ -1,0 +1,76 @@
+"""Dedup's search at millions of images, shrunk: lists proportional to the images, found through a
+two-level quantizer (``kinds.two_level_index``), in memory and over a vector store, find the planted
+near-copies the exact search finds. The thresholds are lowered so that a few thousand rows take
+the path a million would."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from imgfeat.index import dedup
+from imgfeat.index.kinds import IndexParams, two_level_centroids, two_level_index
+from imgfeat.index.scratch import VectorStore
+
+pytestmark = pytest.mark.quick
+
+
+def blobs_with_copies(n: int = 4000, dim: int = 32, copies: int = 200, seed: int = 0):
+    """Unit rows around 40 centres (neighbours share lists, as photos of a kind do) and near-copies
+    (cosine ~0.99) of ``copies`` of them appended; returns ``(X, source of each copy)``."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((40, dim)).astype(np.float32)
+    X = centres[rng.integers(0, 40, n)] + 0.6 * rng.standard_normal((n, dim)).astype(np.float32)
+    src = rng.choice(n, copies, replace=False)
+    X = np.concatenate([X, X[src] + 0.05 * rng.standard_normal((copies, dim)).astype(np.float32)])
+    return X / np.linalg.norm(X, axis=1, keepdims=True), src
+
+
+def test_two_level_centroids_are_seeded_unit_rows_spread_over_the_data():
+    X, _ = blobs_with_copies()
+    C = two_level_centroids(X, 200, seed=3)
+    assert 180 <= len(C) <= 200 and C.shape[1] == X.shape[1]
+    np.testing.assert_allclose(np.linalg.norm(C, axis=1), 1.0, atol=1e-5)
+    assert np.array_equal(C, two_level_centroids(X, 200, seed=3))  # a rerun trains the same lists
+    # every row has a centroid close to it (no region of the data left without a list)
+    assert float((X @ C.T).max(axis=1).min()) > 0.5
+    assert len(two_level_centroids(X[:50], 200, seed=0)) == 50  # fewer rows than lists: the rows
+
+
+@pytest.mark.parametrize("kind", ["ivf", "ivfpq"])
+def test_a_two_level_index_finds_what_a_flat_quantizer_finds(kind):
+    X, src = blobs_with_copies()
+    n = len(X)
+    params = IndexParams(kind, nlist=100, nprobe=8, seed=0, pq_m=16 if kind == "ivfpq" else None, pq_bits=8)
+    index, built = two_level_index(params, X, n)
+    index.add(X)
+    assert built.trained_on == n and 90 <= built.lists <= 100 and index.nprobe == 8 and index.ntotal == n
+    _, rows = index.search(X[n - len(src) :], 5)
+    found = np.mean([s in r for s, r in zip(src, rows)])
+    assert found >= 0.99, found
+
+
+def test_the_fine_search_finds_the_copies_in_memory_and_over_a_store_alike(tmp_path, monkeypatch):
+    X, src = blobs_with_copies()
+    n, dim = X.shape
+    monkeypatch.setattr(dedup, "FINE_LISTS", 16)  # a few thousand rows take the million-row path
+    monkeypatch.setattr(dedup, "LIST_ROWS", 20)
+    built = []
+    real = dedup.two_level_index
+    monkeypatch.setattr(dedup, "two_level_index", lambda *a: built.append(a[0]) or real(*a))
+    exact = dedup.nearest_neighbours(X, 10, exact_max=10**6)
+    for budget in (None, 1 << 20):  # ivf over the vectors; ivfpq codes (the budget's quarter is too small)
+        mine = dedup.nearest_neighbours(X, 10, exact_max=10, memory_budget=budget)
+        with VectorStore(dim, tmp_path) as store:
+            store.append(X)
+            stored = dedup.nearest_neighbours(store, 10, exact_max=10, memory_budget=budget or 1 << 30)
+        assert mine.kind == stored.kind == ("ivf" if budget is None else "ivfpq")
+        assert np.array_equal(mine.rows, stored.rows)
+        np.testing.assert_allclose(mine.sims, stored.sims, atol=1e-6)
+        copies = np.arange(n - len(src), n)
+        assert np.array_equal(mine.rows[copies, 1], exact.rows[copies, 1])  # each copy's nearest: its source
+        assert np.array_equal(mine.rows[copies, 1], src)
+        np.testing.assert_allclose(mine.sims[copies, 1], exact.sims[copies, 1], atol=1e-6)  # exact cosines
+        recall = np.mean([len(set(a) & set(b)) / len(a) for a, b in zip(mine.rows[:, 1:6], exact.rows[:, 1:6])])
+        assert recall >= 0.8, recall  # the other neighbours too, mostly
+    assert len(built) == 4 and all(p.lists >= 16 and p.nprobe == dedup.FINE_NPROBE for p in built)

@@ -56,6 +56,7 @@ from imgfeat.index.kinds import (
     IndexParams,
     add_in_chunks,
     flat_bytes,
+    import_faiss,
     ivfpq_bytes,
     make_index,
     reduce_dims,
@@ -297,21 +298,22 @@ def nearest_neighbours(X: Vectors, k: int, exact_max: int = EXACT_MAX, memory_bu
     sims = np.empty((n, min(k + 1, n)), np.float32)
     rows = np.empty((n, min(k + 1, n)), np.int64)
 
-    def keep(lo: int, s: np.ndarray, r: np.ndarray) -> None:
-        sims[lo : lo + len(s)], rows[lo : lo + len(r)] = s, r
+    def keep(queries: np.ndarray, s: np.ndarray, r: np.ndarray) -> None:
+        sims[queries], rows[queries] = s, r
 
     return Neighbours(sims, rows, search_neighbours(X, k, keep, exact_max, memory_budget))
 
 
-Emit: TypeAlias = Callable[[int, np.ndarray, np.ndarray], None]  # (first query row, sims, rows) of a block
+Emit: TypeAlias = Callable[[np.ndarray, np.ndarray, np.ndarray], None]  # (query rows, sims, rows) of a block
 
 
 def search_neighbours(
     X: Vectors, k: int, emit: Emit, exact_max: int = EXACT_MAX, memory_budget: int | None = None
 ) -> str:
     """Find the ``k`` nearest other rows of every row of unit vectors ``X`` with exact similarities,
-    handing them to ``emit`` a block of queries at a time, in row order (best first, rows -1 where
-    none, never the row itself); returns the search's kind.
+    handing them to ``emit`` a block of queries at a time, each query once (best first, rows -1
+    where none, never the row itself); returns the search's kind. Queries come in row order, but
+    over a store with rescoring in the order of their inverted lists (``_store_search``).
 
     Up to ``exact_max`` rows (and while a copy fits ``memory_budget``) the search is exact. Beyond,
     candidates come from an IVF (or IVF-PQ) index over the vectors' first CANDIDATE_DIMS principal
@@ -334,7 +336,8 @@ def search_neighbours(
         s, r = index.search(np.ascontiguousarray(Y[lo : lo + KNN_ROWS]), kk)
         if Y is not X or built.kind == "ivfpq":  # codes and components only propose: exact cosines decide
             s, r = rescore_block(X[lo : lo + len(r)], X, r)
-        emit(lo, s, _not_self(lo, r))
+        queries = np.arange(lo, lo + len(r))
+        emit(queries, s, _not_self(queries, r))
     return built.kind
 
 
@@ -345,10 +348,26 @@ QUERY_ROWS = 8192  # queries searched (and their candidates rescored) at a time 
 STORE_SHARE = 32
 
 
-def _not_self(lo: int, rows: np.ndarray) -> np.ndarray:
-    """Neighbour rows of queries ``lo, lo + 1, ...`` with each query's own row as -1 (in place)."""
-    rows[rows == np.arange(lo, lo + len(rows))[:, None]] = -1
+def _not_self(queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Neighbour rows of ``queries`` with each query's own row as -1 (in place)."""
+    rows[rows == queries[:, None]] = -1
     return rows
+
+
+def _list_order(index: Any, n: int) -> np.ndarray:
+    """The rows of an IVF index, list after list (``n`` of them, else row order): queries taken in
+    this order share most of their candidates within a block, so rescoring reads far fewer rows."""
+    faiss = import_faiss()
+    ivf = faiss.extract_index_ivf(index)
+    lists, parts = ivf.invlists, []
+    for at in range(ivf.nlist):
+        size = lists.list_size(at)
+        if size:
+            ids = lists.get_ids(at)
+            parts.append(faiss.rev_swig_ptr(ids, size).astype(np.int64))  # a copy
+            lists.release_ids(at, ids)
+    order = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    return order if len(order) == n else np.arange(n, dtype=np.int64)
 
 
 def _store_search(X: VectorStore, k: int, params: IndexParams, memory_budget: int | None, emit: Emit) -> str:
@@ -365,13 +384,18 @@ def _store_search(X: VectorStore, k: int, params: IndexParams, memory_budget: in
         set_search_params(index, params)
         kk = min(k + 1, n)
         step = max(1, min(QUERY_ROWS, block_rows(dim, memory_budget, STORE_SHARE) // kk))  # queries rescored at a time
-        for lo, B in Y.blocks(QUERY_ROWS):
+        rescoring = Y is not X or params.kind == "ivfpq"  # codes and components only propose: exact cosines decide
+        order = _list_order(index, n) if rescoring else None
+        for lo in range(0, n, QUERY_ROWS):
+            queries = np.arange(lo, min(n, lo + QUERY_ROWS)) if order is None else order[lo : lo + QUERY_ROWS]
+            B = Y.block(lo, lo + QUERY_ROWS) if order is None else Y[queries]
             s, r = index.search(np.ascontiguousarray(B), kk)
-            if Y is not X or params.kind == "ivfpq":  # codes and components only propose: exact cosines decide
+            if rescoring:
                 for at in range(0, len(B), step):
                     end = min(at + step, len(B))
-                    s[at:end], r[at:end] = rescore_block(X.block(lo + at, lo + end), X, r[at:end])
-            emit(lo, s, _not_self(lo, r))
+                    Q = B[at:end] if Y is X else X[queries[at:end]]
+                    s[at:end], r[at:end] = rescore_block(Q, X, r[at:end])
+            emit(queries, s, _not_self(queries, r))
         del index
     finally:
         if Y is not X:
@@ -432,11 +456,14 @@ class PairRanges:
                 if hi > lo:
                     f.write(rec[lo:hi].tobytes())
 
-    def add_listed(self, lo: int, sims: np.ndarray, rows: np.ndarray, threshold: float) -> None:
-        """Neighbour lists of nodes ``lo, lo + 1, ...`` (``search_neighbours``' block), those at or above ``threshold``."""
+    def add_listed(self, nodes: int | np.ndarray, sims: np.ndarray, rows: np.ndarray, threshold: float) -> None:
+        """Neighbour lists of ``nodes`` (a first node ``lo``: ``lo, lo + 1, ...``; ``search_neighbours``'
+        block), those at or above ``threshold``."""
         b, s = rows.ravel(), sims.ravel()
         valid = (b >= 0) & (s >= threshold)
-        a = np.repeat(np.arange(lo, lo + len(rows), dtype=np.int64), rows.shape[1])
+        if isinstance(nodes, (int, np.integer)):
+            nodes = np.arange(nodes, nodes + len(rows), dtype=np.int64)
+        a = np.repeat(np.asarray(nodes, np.int64), rows.shape[1])
         self.add(a[valid], b[valid], s[valid])
 
     def _read(self, f: IO[bytes]) -> np.ndarray:
@@ -933,8 +960,8 @@ def candidate_pairs(
     try:
         with progress(total=n, desc="dedup: neighbours") as bar:
 
-            def listed(lo: int, s: np.ndarray, r: np.ndarray) -> None:
-                pairs.add_listed(lo, s, r, -1.0)
+            def listed(queries: np.ndarray, s: np.ndarray, r: np.ndarray) -> None:
+                pairs.add_listed(queries, s, r, -1.0)
                 bar.update(len(r))
 
             kind = search_neighbours(im.X, cfg.neighbours, listed, cfg.exact_max, cfg.budget)

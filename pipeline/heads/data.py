@@ -122,16 +122,10 @@ class LabelledRows:
         return digest_chunks(self._lines())
 
     def _lines(self) -> Iterator[bytes]:
-        names = pa.array(self.names, pa.string())
-        for role, keys, codes in (
-            ("train", self.train_keys, self.train_codes),
-            ("test", self.test_keys, self.test_codes),
-        ):
-            for lo in range(0, len(keys), DIGEST_ROWS):
-                ids = keys_to_arrow(keys[lo : lo + DIGEST_ROWS])
-                labels = names.take(pa.array(codes[lo : lo + DIGEST_ROWS], pa.int32()))
-                line = pc.binary_join_element_wise(role, ids, labels, "\t")
-                yield _joined(pc.binary_join_element_wise(line, "", "\n"))
+        for part in self.parts(DIGEST_ROWS):
+            role, ids, labels = (part.column(c).combine_chunks() for c in (S.ROLE, S.IMAGE_ID, S.LABEL))
+            line = pc.binary_join_element_wise(role, ids, labels, "\t")
+            yield _joined(pc.binary_join_element_wise(line, "", "\n"))
 
     def table(self) -> pa.Table:
         """Every row as ``(image_id, label, role)`` (``HEAD_ROWS_SCHEMA``): the head's rows file."""

@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from imgfeat.core.keys import KeyIndex, KeySet, keys_of
+from imgfeat.core.keys import PACKED, KeyIndex, KeySet, as_strings, keys_of
 
 pytestmark = pytest.mark.quick
 
@@ -18,12 +18,9 @@ def _ids(rng: np.random.Generator, n: int) -> list[str]:
 def test_keys_of_reads_arrow_columns_sliced_chunked_and_uneven() -> None:
     ids = ["a" * 32, "b" * 32, "c" * 32, "d" * 32]
     arr = pa.array(ids)
-    assert keys_of(arr).tolist() == [i.encode() for i in ids]
-    assert keys_of(arr.slice(1, 2)).tolist() == [b"b" * 32, b"c" * 32]
-    assert keys_of(pa.chunked_array([arr.slice(0, 1), arr.slice(2)])).tolist() == [
-        ids[0].encode(),
-        *[i.encode() for i in ids[2:]],
-    ]
+    assert as_strings(keys_of(arr)) == ids
+    assert as_strings(keys_of(arr.slice(1, 2))) == ["b" * 32, "c" * 32]
+    assert as_strings(keys_of(pa.chunked_array([arr.slice(0, 1), arr.slice(2)]))) == [ids[0], *ids[2:]]
     uneven = ["é", "xyz", "ab"]  # not one width: through Python strings, UTF-8 bytes
     assert keys_of(pa.array(uneven)).tolist() == [u.encode() for u in uneven]
     assert keys_of(uneven).tolist() == [u.encode() for u in uneven]
@@ -43,7 +40,7 @@ def test_keyset_matches_a_python_set_when_grown_in_batches() -> None:
         members.update(batch)
         assert len(ks) == len(members)
     assert ks.contains(pool).tolist() == [p in members for p in pool]
-    assert ks.keys().tolist() == sorted(m.encode() for m in members)
+    assert as_strings(ks.keys()) == sorted(members)
 
 
 def test_keyset_compares_ids_of_other_widths_exactly() -> None:
@@ -85,8 +82,32 @@ def test_keys_go_back_to_arrow_strings_and_sorted_unique_is_np_unique() -> None:
     assert keys_to_arrow(keys_of(["a", "bcd", "é"])).to_pylist() == ["a", "bcd", "é"]
     assert keys_to_arrow(keys[:0]).to_pylist() == []
     repeated = np.concatenate([keys, keys[:50]])
-    assert sorted_unique(repeated).tolist() == np.unique(repeated).tolist()
+    assert as_strings(sorted_unique(repeated)) == sorted(set(ids))
     assert len(repeated) == 350  # not sorted in place unless owned
+
+
+def test_content_ids_pack_to_16_bytes_in_their_order_and_mix_with_other_ids() -> None:
+    """Content ids (32 lowercase hex digits) take 16 bytes a key, sort as their strings do, and
+    a set or index of them answers queries of any other ids (and the other way round) exactly."""
+    rng = np.random.default_rng(3)
+    ids = _ids(rng, 2000) + ["0" * 32, "f" * 32, "00" * 15 + "0f", "10" + "0" * 30]  # NUL bytes once packed
+    keys = keys_of(pa.array(ids))
+    assert keys.dtype == PACKED and keys.nbytes == 16 * len(ids)
+    assert keys_of(ids).dtype == PACKED and as_strings(keys_of(ids)) == ids
+    assert as_strings(KeyIndex(keys).keys()) == sorted(ids)  # the packed order is the strings' order
+    not_content = ["F" * 32, "g" * 32, "a" * 31, "a" * 33, "x", "é" * 16]  # upper case, not hex, other lengths
+    for other in not_content:
+        assert keys_of([other, ids[0]]).dtype != PACKED  # one id that is no content id: plain keys
+    index = KeyIndex(keys)
+    assert index.positions([*ids[::-50], *not_content]).tolist() == [*range(len(ids) - 1, -1, -50), *[-1] * 6]
+    plain = KeyIndex([*not_content, *ids])  # the same ids among others: plain keys, queried packed
+    assert plain.keys().dtype != PACKED
+    assert plain.positions(keys[:5]).tolist() == [6, 7, 8, 9, 10]
+    grown = KeySet(ids[:10])
+    grown.add(not_content)
+    grown.add(keys[5:20])
+    assert len(grown) == 26 and grown.contains(keys[:30]).sum() == 20
+    assert set(as_strings(grown.keys())) == {*ids[:20], *not_content}
 
 
 def test_release_freed_memory_hands_pages_back_and_is_safe_to_repeat() -> None:

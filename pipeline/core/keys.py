@@ -8,7 +8,11 @@ stages that join feature rows to manifest rows (predict, report, index, the feat
 hold a few tens of bytes per image, not hundreds.
 
 Keys are the ids' UTF-8 bytes, padded to the longest; two ids are the same key exactly when they
-are the same string (ids hold no NUL bytes, which is what NumPy's padding would blur).
+are the same string (ids hold no NUL bytes, which is what NumPy's padding would blur). Content ids
+(BLAKE2b-128 as 32 lowercase hex digits, every id imgfeat makes) are packed two digits a byte
+into 16-byte keys of their own dtype (``V16``, "packed"): half the memory, and the same order,
+since hex digits sort as their values. An array is packed only when every id in it is a content
+id; the functions here compare packed and plain keys as the strings they stand for.
 """
 
 from __future__ import annotations
@@ -22,6 +26,87 @@ import pyarrow.compute as pc
 
 KeyLike: TypeAlias = "pa.Array | pa.ChunkedArray | np.ndarray | Sequence[str]"
 
+HEX_WIDTH = 32  # a content id: 16 bytes as lowercase hex
+PACKED = np.dtype("V16")  # a content id's key: its 16 bytes
+PACK_ROWS = 1 << 20  # ids packed or unpacked at a time (bounds the uint8 temporaries)
+_HEX_DIGITS = np.frombuffer(b"0123456789abcdef", np.uint8)
+_NIBBLE = np.full(256, 255, np.uint8)  # ASCII -> a lowercase hex digit's value, 255 for anything else
+_NIBBLE[_HEX_DIGITS] = np.arange(16, dtype=np.uint8)
+
+
+def is_packed(keys: np.ndarray) -> bool:
+    """Whether these keys are packed content ids (``PACKED``)."""
+    return keys.dtype.kind == "V"
+
+
+def _cmp(keys: np.ndarray) -> np.ndarray:
+    """Keys as a bytes array NumPy sorts and compares: packed keys viewed as ``S16``. Within one
+    width, ``S`` compares like ``memcmp`` (NUL bytes included) and equal means the same bytes."""
+    return keys.view(f"S{keys.dtype.itemsize}") if is_packed(keys) else keys
+
+
+def keys_equal(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Elementwise: whether two key arrays of one dtype hold the same keys."""
+    return np.asarray(_cmp(a) == _cmp(b), dtype=bool)
+
+
+def _pack(raw: np.ndarray) -> np.ndarray | None:
+    """``(n, 32)`` uint8 digits as packed keys, or None when any is not a lowercase hex digit."""
+    out = np.empty((len(raw), 16), np.uint8)
+    for lo in range(0, len(raw), PACK_ROWS):
+        v = _NIBBLE[raw[lo : lo + PACK_ROWS]]
+        if (v == 255).any():
+            return None
+        np.left_shift(v[:, 0::2], 4, out=out[lo : lo + PACK_ROWS])
+        out[lo : lo + PACK_ROWS] |= v[:, 1::2]
+    return out.view(PACKED).reshape(len(raw))
+
+
+def unpack(keys: np.ndarray) -> np.ndarray:
+    """Packed keys as their ids' plain keys (``S32``); plain keys as they are."""
+    if not is_packed(keys):
+        return keys
+    raw = np.ascontiguousarray(keys).view(np.uint8).reshape(len(keys), 16)
+    out = np.empty((len(keys), HEX_WIDTH), np.uint8)
+    for lo in range(0, len(keys), PACK_ROWS):
+        part = raw[lo : lo + PACK_ROWS]
+        out[lo : lo + PACK_ROWS, 0::2] = _HEX_DIGITS[part >> 4]
+        out[lo : lo + PACK_ROWS, 1::2] = _HEX_DIGITS[part & 15]
+    return out.view(f"S{HEX_WIDTH}").reshape(len(keys))
+
+
+def pack_where_possible(keys: np.ndarray) -> np.ndarray:
+    """Plain keys packed when every one is a content id; anything else as it is."""
+    if is_packed(keys) or keys.dtype.itemsize != HEX_WIDTH or not len(keys):
+        return keys
+    packed = _pack(np.ascontiguousarray(keys).view(np.uint8).reshape(len(keys), HEX_WIDTH))
+    return keys if packed is None else packed
+
+
+def like(keys: np.ndarray, other: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """``keys`` in ``other``'s kind and width, to compare with it, and which of them could be
+    (None: all). A key longer than ``other``'s width, or an id that is no content id against
+    packed keys, is none of ``other``'s."""
+    if is_packed(other):
+        if is_packed(keys):
+            return keys, None
+        width = keys.dtype.itemsize
+        if width < HEX_WIDTH:
+            return np.zeros(len(keys), PACKED), np.zeros(len(keys), bool)
+        raw = np.ascontiguousarray(keys).view(np.uint8).reshape(len(keys), width)
+        ok = (_NIBBLE[raw[:, :HEX_WIDTH]] != 255).all(axis=1)  # 32 hex digits ...
+        if width > HEX_WIDTH:
+            ok &= (raw[:, HEX_WIDTH:] == 0).all(axis=1)  # ... and nothing after them
+        raw = np.where(ok[:, None], raw[:, :HEX_WIDTH], np.uint8(ord("0")))
+        packed = _pack(raw)
+        assert packed is not None
+        return packed, None if ok.all() else ok
+    keys = unpack(keys)
+    if keys.dtype.itemsize > other.dtype.itemsize:
+        fits = np.char.str_len(keys) <= other.dtype.itemsize
+        return keys.astype(other.dtype), None if fits.all() else fits  # a longer id is cut, then ruled out
+    return keys.astype(other.dtype, copy=False), None
+
 
 def keys_of(values: KeyLike) -> np.ndarray:
     """The ids as a 1-D fixed-width bytes array (``S<n>``, n the longest id in bytes, at least 1).
@@ -30,7 +115,7 @@ def keys_of(values: KeyLike) -> np.ndarray:
     from its data buffer; anything else goes through Python strings. Nulls are not ids: an Arrow
     column must have none.
     """
-    if isinstance(values, np.ndarray) and values.dtype.kind == "S":
+    if isinstance(values, np.ndarray) and values.dtype.kind in "SV":
         return values
     if isinstance(values, pa.ChunkedArray):
         values = values.combine_chunks() if values.num_chunks != 1 else values.chunk(0)
@@ -45,7 +130,7 @@ def keys_of(values: KeyLike) -> np.ndarray:
         values = values.to_pylist()
     items = [v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in values]
     width = max((len(b) for b in items), default=1) or 1
-    return np.array(items, dtype=f"S{width}")
+    return pack_where_possible(np.array(items, dtype=f"S{width}"))
 
 
 def _fixed_width(values: pa.Array) -> np.ndarray | None:
@@ -61,41 +146,89 @@ def _fixed_width(values: pa.Array) -> np.ndarray | None:
     _, offsets, data = values.buffers()
     start = np.frombuffer(offsets, dtype=np.int32, count=1, offset=values.offset * 4)[0]
     raw = np.frombuffer(data, dtype=np.uint8, count=n * width, offset=int(start))
+    if width == HEX_WIDTH:
+        packed = _pack(raw.reshape(n, width))
+        if packed is not None:
+            return packed
     return raw.view(f"S{width}").copy()  # a copy: the result must not pin the whole Arrow buffer
 
 
 def _same_width(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    if a.dtype.itemsize == b.dtype.itemsize:
+    if a.dtype == b.dtype:
         return a, b
+    a, b = unpack(a), unpack(b)  # a packed and a plain array: both plain
     width = max(a.dtype.itemsize, b.dtype.itemsize)
-    return a.astype(f"S{width}"), b.astype(f"S{width}")
+    return a.astype(f"S{width}", copy=False), b.astype(f"S{width}", copy=False)
 
 
 def concat_keys(parts: Sequence[np.ndarray]) -> np.ndarray:
-    """Key arrays as one (padded to the widest)."""
+    """Key arrays as one (packed when every part is, else plain and padded to the widest)."""
     if not parts:
         return np.zeros(0, dtype="S1")
+    if all(is_packed(p) for p in parts):
+        return np.concatenate(parts)
+    parts = [unpack(p) for p in parts]
     width = max(p.dtype.itemsize for p in parts)
     return np.concatenate([p.astype(f"S{width}", copy=False) for p in parts])
+
+
+def room_for(dest: np.ndarray, got: np.ndarray) -> np.ndarray:
+    """``dest`` (keys filled in place) in a dtype that holds ``got``'s keys too: as it is when it
+    does, else widened, or unpacked when one is packed and the other not (a copy)."""
+    if dest.dtype == got.dtype:
+        return dest
+    width = max(unpack(dest[:0]).dtype.itemsize, unpack(got[:0]).dtype.itemsize)
+    if not is_packed(dest) and width == dest.dtype.itemsize:
+        return dest
+    return unpack(dest).astype(f"S{width}", copy=False)
 
 
 def sorted_unique(keys: np.ndarray, owned: bool = False) -> np.ndarray:
     """The distinct keys, sorted: ``np.unique`` with one copy at most (none when ``owned``: the
     array is sorted in place), where ``np.unique`` of a million keys briefly holds three or four."""
     a = keys if owned else keys.copy()
-    a.sort()
+    _cmp(a).sort()
     if len(a) < 2:
         return a
     distinct = np.empty(len(a), dtype=bool)
     distinct[0] = True
-    np.not_equal(a[1:], a[:-1], out=distinct[1:])
+    c = _cmp(a)
+    np.not_equal(c[1:], c[:-1], out=distinct[1:])
     return a if distinct.all() else a[distinct]
+
+
+def distinct_ascending(keys: np.ndarray) -> bool:
+    """Whether the keys are sorted and each is there once."""
+    c = _cmp(keys)
+    return len(c) < 2 or bool(np.all(c[1:] > c[:-1]))
+
+
+def argsort_keys(keys: np.ndarray) -> np.ndarray:
+    """The stable order that sorts the keys (int64)."""
+    return np.argsort(_cmp(keys), kind="stable")
+
+
+def first_of_runs(sorted_keys: np.ndarray) -> np.ndarray:
+    """A bool for each of sorted keys: whether it is the first of its run of equal keys."""
+    first = np.ones(len(sorted_keys), dtype=bool)
+    c = _cmp(sorted_keys)
+    if len(c) > 1:
+        np.not_equal(c[1:], c[:-1], out=first[1:])
+    return first
+
+
+def unique_keys(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``np.unique(keys, return_index=True, return_counts=True)`` for keys of either kind: the
+    distinct keys sorted, each one's first index, and how often each occurs."""
+    uniq, first_at, counts = np.unique(_cmp(keys), return_index=True, return_counts=True)
+    return uniq.view(keys.dtype), first_at, counts
 
 
 def keys_to_arrow(keys: np.ndarray) -> pa.Array:
     """Keys back as an Arrow string column, without a Python string each when they share one width."""
     if not len(keys):
         return pa.array([], pa.string())
+    keys = unpack(keys)
     width = keys.dtype.itemsize
     if len(keys) * width < 2**31 and bool(np.all(np.char.str_len(keys) == width)):
         data = pa.py_buffer(np.ascontiguousarray(keys))
@@ -134,7 +267,9 @@ class KeySet:
         self._size += len(keys)
         while len(self._runs) > 1 and len(self._runs[-2]) <= 2 * len(self._runs[-1]):
             b, a = _same_width(self._runs.pop(), self._runs.pop())
-            self._runs.append(np.sort(np.concatenate([a, b]), kind="stable"))
+            merged = np.concatenate([a, b])
+            _cmp(merged).sort(kind="stable")
+            self._runs.append(merged)
 
     def without(self, ids: KeyLike) -> KeySet:
         """These ids less ``ids`` (a new set, or this one when ``ids`` is empty)."""
@@ -156,7 +291,8 @@ class KeySet:
             for run in self._runs[1:]:
                 merged, run = _same_width(merged, run)
                 merged = np.concatenate([merged, run])
-            self._runs = [np.sort(merged, kind="stable")]
+            _cmp(merged).sort(kind="stable")
+            self._runs = [merged]
         return self._runs[0] if self._runs else np.zeros(0, dtype="S1")
 
 
@@ -170,15 +306,13 @@ def _rank_in(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
     out = np.full(len(keys), -1, dtype=np.int64)
     if not len(sorted_keys) or not len(keys):
         return out
-    if keys.dtype.itemsize > sorted_keys.dtype.itemsize:
-        # a query longer than every member is no member; a shorter one compares padded
-        short = np.char.str_len(keys) <= sorted_keys.dtype.itemsize
-        out[short] = _rank_in(sorted_keys, keys[short].astype(sorted_keys.dtype))
-        return out
-    keys = keys.astype(sorted_keys.dtype, copy=False)
-    at = np.searchsorted(sorted_keys, keys)
-    at[at == len(sorted_keys)] = 0
-    found = sorted_keys[at] == keys
+    keys, ok = like(keys, sorted_keys)  # a query that cannot be a member is none
+    s, q = _cmp(sorted_keys), _cmp(keys)
+    at = np.searchsorted(s, q)
+    at[at == len(s)] = 0
+    found = s[at] == q
+    if ok is not None:
+        found &= ok
     out[found] = at[found]
     return out
 
@@ -190,17 +324,16 @@ class KeyIndex:
 
     def __init__(self, ids: KeyLike) -> None:
         keys = keys_of(ids)
-        if len(keys) > 1 and bool(np.all(keys[1:] > keys[:-1])):
-            self._keys, self._pos = keys, np.arange(len(keys), dtype=np.int64)  # sorted and distinct already
+        self._pos: np.ndarray | None
+        if distinct_ascending(keys):
+            self._keys, self._pos = keys, None  # sorted and distinct already: a key's position is its rank
             return
-        order = np.argsort(keys, kind="stable")  # stable: a repeated id's first position comes first
+        order = argsort_keys(keys)  # stable: a repeated id's first position comes first
         self._keys = keys[order]
-        self._pos = order.astype(np.int64)
-        if len(self._keys) > 1:  # keep one entry per key, its first position
-            first = np.ones(len(self._keys), dtype=bool)
-            first[1:] = self._keys[1:] != self._keys[:-1]
-            if not first.all():
-                self._keys, self._pos = self._keys[first], self._pos[first]
+        self._pos = order.astype(np.int64, copy=False)
+        first = first_of_runs(self._keys)  # keep one entry per key, its first position
+        if not first.all():
+            self._keys, self._pos = self._keys[first], self._pos[first]
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -212,7 +345,7 @@ class KeyIndex:
     def positions(self, ids: KeyLike) -> np.ndarray:
         """Each id's position (int64), -1 for an id that is not in it."""
         r = self.ranks(ids)
-        return np.where(r >= 0, self._pos[np.maximum(r, 0)], -1) if len(self._pos) else r
+        return np.where(r >= 0, self._pos[np.maximum(r, 0)], -1) if self._pos is not None and len(self._pos) else r
 
     def contains(self, ids: KeyLike) -> np.ndarray:
         """A bool array: whether each of ``ids`` is in it."""
@@ -225,7 +358,12 @@ class KeyIndex:
     @property
     def order(self) -> np.ndarray:
         """Each rank's position (int64): ``order[rank]``, the sequence's ids in key order."""
-        return self._pos
+        return np.arange(len(self._keys), dtype=np.int64) if self._pos is None else self._pos
+
+    @property
+    def in_order(self) -> bool:
+        """Whether the sequence was sorted and distinct (each position is its rank)."""
+        return self._pos is None
 
 
 def as_keyindex(ids: Iterable[str] | KeySet | KeyIndex | None) -> KeyIndex | None:
@@ -241,4 +379,4 @@ def as_keyindex(ids: Iterable[str] | KeySet | KeyIndex | None) -> KeyIndex | Non
 
 def as_strings(keys: np.ndarray) -> list[str]:
     """Keys back as Python strings (for the few ids a sample or a page needs)."""
-    return [k.decode("utf-8") for k in keys.tolist()]
+    return [k.decode("utf-8") for k in unpack(keys).tolist()]

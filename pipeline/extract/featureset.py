@@ -24,7 +24,7 @@ from imgfeat.core.commits import (
     warn_once,
 )
 from imgfeat.core.errors import ImgfeatError, unknown_value
-from imgfeat.core.keys import KeyIndex, KeySet, as_keyindex, concat_keys, keys_of
+from imgfeat.core.keys import KeyIndex, KeySet, as_keyindex, concat_keys, keys_of, unique_keys
 from imgfeat.core.results import JsonObject
 from imgfeat.core.storage import column_values, list_shards, read_shard, read_shards, remove_file, remove_tree
 from imgfeat.core.workspace import Workspace
@@ -497,7 +497,7 @@ def _new_rows(t: pa.Table, wanted: KeyIndex | None, seen: KeySet | np.ndarray, d
         assert isinstance(seen, KeySet)
         fresh = ~seen.contains(keys)
         rows, keys = rows[fresh], keys[fresh]
-        _, first = np.unique(keys, return_index=True)  # an id twice in the group: its first row
+        _, first, _ = unique_keys(keys)  # an id twice in the group: its first row
         first.sort()
         rows = rows[first]
         seen.add(keys[first])

@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError
 from imgfeat.core.hashing import digest_chunks
-from imgfeat.core.keys import KeyIndex, KeySet, as_strings, keys_of, keys_to_arrow
+from imgfeat.core.keys import KeyIndex, KeySet, as_strings, keys_of, keys_to_arrow, unique_keys
 from imgfeat.core.logs import warn_once
 from imgfeat.core.results import JsonObject
 from imgfeat.core.workspace import Workspace
@@ -319,7 +319,7 @@ def unique_table(manifest: pa.Table) -> tuple[pa.Table, dict[str, int], pd.DataF
     if not paths_ascending(ok_rows[S.PATH]):
         ok_rows = ok_rows.take(pc.sort_indices(ok_rows, sort_keys=[(S.PATH, "ascending")]))
     keys = keys_of(ok_rows[S.IMAGE_ID])
-    uniq, first_at, counts_of = np.unique(keys, return_index=True, return_counts=True)
+    uniq, first_at, counts_of = unique_keys(keys)
     first_at.sort()
     first = ok_rows if len(first_at) == ok_rows.num_rows else ok_rows.take(pa.array(first_at, pa.int64()))
     repeated = np.zeros(len(keys), dtype=bool)
@@ -411,7 +411,9 @@ def _labelled(
             "ROOT/<label>/... (or ROOT/<split>/<label>/...), or pass --labels-csv to 'imgfeat scan'"
         )
     index = KeyIndex(found.keys)  # the images in id order (ids are unique here)
-    labels, splits = found.labels[index.order], found.splits[index.order]
+    labels, splits = (
+        (found.labels, found.splits) if index.in_order else (found.labels[index.order], found.splits[index.order])
+    )
     has_label = labels >= 0
     has_feature = has_features(index)
     left_out = dict(found.counts)

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError, ImgfeatError
 from imgfeat.core.hashing import CONTENT_ID_ALGORITHM, digest_chunks
-from imgfeat.core.keys import KeyIndex, keys_of
+from imgfeat.core.keys import KeyIndex, keys_equal, keys_of, like
 from imgfeat.core.options import opt
 from imgfeat.core.progress import progress
 from imgfeat.core.ranges import check_fields
@@ -1079,19 +1079,16 @@ class NodeOf:
         """Each id's node (int64), -1 for an id that is not one of them."""
         if self._index is not None:
             return self._index.positions(ids)
-        keys = keys_of(ids)
+        keys, ok = like(keys_of(ids), self._keys)  # ok: which could be one of them (None: all)
         out = np.full(len(keys), -1, np.int64)
-        fits = np.char.str_len(keys) <= self._keys.dtype.itemsize  # a longer id is none of them
-        if not len(self._order) or not fits.any():
+        if not len(self._order) or not len(keys):
             return out
-        if not fits.all():
-            out[fits] = self.positions(keys[fits])
-            return out
-        keys = keys.astype(self._keys.dtype)
         folded = _fold(keys)
         at = np.minimum(np.searchsorted(self._folded, folded), len(self._folded) - 1)
         node = self._order[at]
-        hit = (self._folded[at] == folded) & (self._keys[node] == keys)
+        hit = (self._folded[at] == folded) & keys_equal(self._keys[node], keys)
+        if ok is not None:
+            hit &= ok
         out[hit] = node[hit]
         return out
 
@@ -1099,7 +1096,7 @@ class NodeOf:
 def _fold(keys: np.ndarray) -> np.ndarray:
     """Each fixed-width key folded to a uint64 (FNV-style over its 8-byte words)."""
     width = keys.dtype.itemsize
-    if width % 8:  # padded to whole words (a copy); content ids (32 bytes) are read in place
+    if width % 8:  # padded to whole words (a copy); content ids (16 bytes packed) are read in place
         raw = np.zeros((len(keys), -(-width // 8) * 8), np.uint8)
         raw[:, :width] = keys.view(np.uint8).reshape(len(keys), width)
         keys = raw

@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from imgfeat.core import schemas as S
-from imgfeat.core.keys import keys_of
+from imgfeat.core.keys import argsort_keys, first_of_runs, keys_of, room_for, unpack
 from imgfeat.core.workspace import Workspace
 from imgfeat.scan.manifest import corrupt_manifest, manifest_file
 
@@ -98,8 +98,8 @@ def unique_positions(rows: ManifestRows) -> UniquePositions | None:
     time; None when the manifest's readable rows are not in path order (written by hand or by an
     older version), where the caller sorts a whole table instead.
 
-    Memory at N rows: the keys twice (as read, then sorted) and three int64 arrays, for a moment;
-    then the sorted keys and a position each (~40 bytes an image)."""
+    Memory at N rows: the keys twice (as read, then sorted) and two int64 arrays, for a moment;
+    then the sorted keys and a position each (24 bytes an image for content ids)."""
     n = rows.num_rows
     keys = np.zeros(n, "S1")
     positions = np.zeros(n, np.int64)
@@ -116,18 +116,18 @@ def unique_positions(rows: ManifestRows) -> UniquePositions | None:
             return None
         last_path = paths[-1].as_py()
         got = keys_of(t[S.IMAGE_ID].take(pa.array(at, pa.int64())))
-        if got.dtype.itemsize > keys.dtype.itemsize:  # filled in place: widened only for a longer id
-            keys = keys.astype(got.dtype)
-        keys[filled : filled + len(got)] = got
+        if not filled:
+            keys = np.empty(n, got.dtype)
+        keys = room_for(keys, got)  # filled in place: copied only for a longer or a plain id
+        keys[filled : filled + len(got)] = got if got.dtype == keys.dtype else unpack(got)
         positions[filled : filled + len(got)] = at + rows.starts[g]
         filled += len(got)
     keys, positions = keys[:filled], positions[:filled]
-    order = np.argsort(keys, kind="stable")  # stable: of an id's rows, the first path comes first
+    order = argsort_keys(keys)  # stable: of an id's rows, the first path comes first
     keys = keys[order]
     positions = positions[order]
     del order
-    first = np.ones(len(keys), dtype=bool)
-    np.not_equal(keys[1:], keys[:-1], out=first[1:])
+    first = first_of_runs(keys)
     repeated = pd.DataFrame(columns=rows.columns)
     if not first.all():  # the rows of repeated ids, usually few, for the files table
         twice = ~first

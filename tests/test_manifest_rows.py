@@ -16,11 +16,14 @@ from imgfeat.scan.rows import ManifestRows, unique_positions
 pytestmark = pytest.mark.quick
 
 
-def _manifest(tmp_path, n: int, sort: bool = True, group: int = 37):
+def _manifest(tmp_path, n: int, sort: bool = True, group: int = 37, odd_from: int | None = None):
+    """``odd_from``: from that row on, every 11th id is no content id (an id of another shape)."""
     rng = np.random.default_rng(5)
     rows = []
     for k in range(n):
         image = f"{int(rng.integers(0, n * 2 // 3)):032x}"  # repeats
+        if odd_from is not None and k >= odd_from and k % 11 == 0:
+            image = f"legacy-{int(rng.integers(0, n // 20))}"
         label = ["cat", "dog", None][int(rng.integers(0, 3))]
         status = "ok" if k % 13 else "unreadable"
         rows.append(
@@ -40,13 +43,17 @@ def _manifest(tmp_path, n: int, sort: bool = True, group: int = 37):
     return path, table
 
 
-def test_unique_positions_are_unique_table_read_a_group_at_a_time(tmp_path) -> None:
-    path, table = _manifest(tmp_path, 600)
+@pytest.mark.parametrize("odd_from", [None, 0, 300], ids=["content-ids", "mixed", "mixed-midway"])
+def test_unique_positions_are_unique_table_read_a_group_at_a_time(tmp_path, odd_from) -> None:
+    """Content ids are sorted as packed records, other ids apart; an id of another shape halfway
+    through the manifest switches from the one to the other without losing a row."""
+    path, table = _manifest(tmp_path, 600, odd_from=odd_from)
     rows = ManifestRows(path, MANIFEST_COLUMNS)
     assert rows.num_row_groups > 10
     found = unique_positions(rows)
     want, want_counts, want_files = unique_table(table)
     assert found is not None
+    assert found.keys.dtype.itemsize == (16 if odd_from is None else 32)  # packed, or plain
     assert keys_to_arrow(found.keys).to_pylist() == sorted(want[S.IMAGE_ID].to_pylist())  # in id order
     in_path_order = np.argsort(found.positions)
     got = rows.take(found.positions[in_path_order])

@@ -449,7 +449,7 @@ def iter_features(
     with ``ids`` only those rows, and a shard none of them is in is never decoded (its id column
     tells). ``shuffle`` visits the shards, and the row groups of each, in a random order (an SGD
     epoch over shards written in scan order, class by class). The wanted and yielded ids are held
-    as compact keys (``core/keys.py``: about 32 bytes an id, not a Python string each);
+    as compact keys (``core/keys.py``: 16 bytes a content id, not a Python string each);
     ``as_keys`` yields the ids as such keys too, instead of an array of Python strings.
     """
     if batch_rows < 1:

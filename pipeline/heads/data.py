@@ -39,8 +39,8 @@ class LabelledRows:
 
     The ids are compact keys (``core/keys.py``), each role's sorted, and the labels int32 codes
     into ``names`` (the training classes, sorted): at ten million rows a Python string per id
-    and per label would cost gigabytes, these arrays 36 bytes a row. ``train_ids`` and friends
-    give the Python strings for the small consumers (fine-tuning, tests).
+    and per label would cost gigabytes, these arrays 20 bytes a row (a content id's key is 16).
+    ``train_ids`` and friends give the Python strings for the small consumers (fine-tuning, tests).
     """
 
     train_keys: np.ndarray
@@ -179,6 +179,7 @@ def read_labelled(
         found = coded_images(images.keys, images.chunks(CODE_ROWS), images.counts, images.files)
     finally:
         images.close()
+    del images  # its positions (8 bytes an image) are not needed from here on
     return _labelled(
         found, lambda index: committed_among(ws, featureset, index), test_fraction, random_state, dataset, featureset
     )
@@ -219,11 +220,20 @@ class ManifestImages:
 
     def chunks(self, rows: int) -> Iterator[tuple[np.ndarray, pa.Table]]:
         """Every image's rows, ``rows`` at a time in manifest order (each row group read once), with
-        their indices into ``keys``."""
-        order = np.argsort(self._positions, kind="stable")
-        for lo in range(0, len(order), rows):
-            at = order[lo : lo + rows]
-            yield at, self.rows(at)
+        their indices into ``keys``: each manifest row's index found in an int32 array by row
+        (4 bytes a row, where sorting the positions took 8 an image and the sort's time)."""
+        n_rows = (
+            self._file.num_rows if self._file is not None else self._table.num_rows if self._table is not None else 0
+        )
+        of_row = np.full(n_rows, -1, np.int32 if len(self.keys) < 2**31 else np.int64)
+        for lo in range(0, len(self._positions), INVERT_ROWS):
+            part = self._positions[lo : lo + INVERT_ROWS]
+            of_row[part] = np.arange(lo, lo + len(part), dtype=of_row.dtype)
+        for lo in range(0, n_rows, rows):
+            at = of_row[lo : lo + rows]
+            at = at[at >= 0].astype(np.int64)
+            if len(at):
+                yield at, self.rows(at)
 
     def close(self) -> None:
         if self._file is not None:
@@ -231,6 +241,7 @@ class ManifestImages:
 
 
 CODE_ROWS = 1 << 16  # manifest rows read back for their labels and splits at a time
+INVERT_ROWS = 1 << 20  # positions turned into a row -> image index at a time
 # A row's split as a small code: the three names a split may have, anything else (none, "extra") 0.
 SPLIT_CODES = {S.SPLIT_TRAIN: 1, S.SPLIT_TEST: 2, S.SPLIT_VAL: 3}
 
@@ -419,14 +430,15 @@ def _labelled(
     left_out = dict(found.counts)
     left_out["unlabelled"] = int((~has_label).sum())
     missing = left_out["missing_features"] = int((has_label & ~has_feature).sum())
-    keep = np.flatnonzero(has_label & has_feature)
-    if len(keep) < len(index):
+    keep = has_label & has_feature  # a mask: an index of ten million rows is 80 MB
+    n_keep = int(keep.sum())
+    if n_keep < len(index):
         keys, labels, splits = index.keys()[keep], labels[keep], splits[keep]
     else:  # every image: no copy of the keys
         keys = index.keys()
-    del index, has_feature
+    del index, has_feature, keep
     try:
-        if not len(keep):
+        if not n_keep:
             raise ConfigError("none has features")
         _check_classes(labels, found.label_names, dataset, "")
         out = _split(
@@ -436,7 +448,7 @@ def _labelled(
         if not missing:
             raise
         # The dataset may be fine: what is wrong is that its features are not extracted (yet).
-        why = _missing_features(dataset, featureset, missing, int(has_label.sum()), len(keep), exc)
+        why = _missing_features(dataset, featureset, missing, int(has_label.sum()), n_keep, exc)
         raise ConfigError(why) from None
     if missing:
         log.warning(
@@ -474,41 +486,58 @@ def _split(
     files: pd.DataFrame,
 ) -> LabelledRows:
     """Train and evaluation rows (indices into the id-sorted rows) by split, else a held-out part."""
+    # Rows are chosen by masks, not index arrays: at ten million rows an int64 index is 80 MB.
     is_train = splits == SPLIT_CODES[S.SPLIT_TRAIN]
     eval_split = next((s for s in (S.SPLIT_TEST, S.SPLIT_VAL) if (splits == SPLIT_CODES[s]).any()), None)
     is_eval = splits == SPLIT_CODES[eval_split] if eval_split else np.zeros(len(splits), bool)
+    train: np.ndarray
     test: np.ndarray | None
     if is_train.any():
-        train = np.flatnonzero(is_train)
+        train = is_train
         left_out["other_split"] = int((~(is_train | is_eval)).sum())
-        test = np.flatnonzero(is_eval) if eval_split else None
+        test = is_eval if eval_split else None
     elif eval_split:
         raise ConfigError(f"dataset {dataset!r} has {eval_split!r} rows but no 'train' rows to fit on")
     else:
-        train, test = np.arange(len(keys)), None
+        train, test = np.ones(len(keys), bool), None
     if test is None and test_fraction > 0:
-        train, test = _hold_out(train, labels, test_fraction, random_state, dataset)
+        train_at, test_at = _hold_out(np.flatnonzero(train), labels, test_fraction, random_state, dataset)
+        train, test = np.zeros(len(keys), bool), np.zeros(len(keys), bool)
+        train[train_at], test[test_at] = True, True
         eval_split = EVAL_HELD_OUT
-    test = test if test is not None else np.zeros(0, np.int64)
+    test = test if test is not None else np.zeros(len(keys), bool)
     _check_classes(labels[train], names, dataset, " training")
     # the classes are the training labels; codes become indices into them
     used = np.flatnonzero(np.bincount(labels[train], minlength=len(names)))
     to_class = np.full(len(names), -1, np.int32)
     to_class[used] = np.arange(len(used), dtype=np.int32)
-    test_codes = to_class[labels[test]]
-    unseen = test_codes < 0
+    unseen = test & (to_class[labels] < 0)
     left_out["unseen_test_labels"] = int(unseen.sum())
-    test, test_codes = test[~unseen], test_codes[~unseen]
+    if unseen.any():
+        test &= ~unseen
+    test_codes, train_codes = to_class[labels[test]], to_class[labels[train]]
+    test_keys = keys[test]
     return LabelledRows(
-        keys[train],
-        to_class[labels[train]],
-        keys[test],
+        _compacted(keys, train),  # keys is consumed: the training rows' keys move to its front
+        train_codes,
+        test_keys,
         test_codes,
         tuple(names[k] for k in used),
-        eval_split if len(test) else None,
+        eval_split if test.any() else None,
         left_out,
         files,
     )
+
+
+def _compacted(a: np.ndarray, keep: np.ndarray, step: int = 1 << 18) -> np.ndarray:
+    """``a[keep]`` made in ``a``'s own memory (its first rows; ``a`` is overwritten), a part at a
+    time: the training keys without a second copy of every key (160 MB at ten million)."""
+    n = 0
+    for lo in range(0, len(a), step):
+        part = a[lo : lo + step][keep[lo : lo + step]]  # rows at or after n: nothing unread is overwritten
+        a[n : n + len(part)] = part
+        n += len(part)
+    return a[:n]
 
 
 def _hold_out(

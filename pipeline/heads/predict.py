@@ -329,13 +329,15 @@ def _predict_dataset(
         done = predicted_keys(ws, head.head_id, dataset)
         was_done = done.contains(images.keys)
         del done
-        todo = np.flatnonzero(~was_done)  # positions among images.keys
-        where = KeyIndex(images.keys if len(todo) == len(was_done) else images.keys[todo])
+        # positions among images.keys; None: every one (no array of them, 8 bytes an image)
+        todo = np.flatnonzero(~was_done) if was_done.any() else None
+        n_todo = len(was_done) if todo is None else len(todo)
+        where = KeyIndex(images.keys if todo is None else images.keys[todo])
         images.keys = np.zeros(0, "S1")  # `where` holds what is needed now
         release_freed_memory()  # the dedupe's and the sort's transient copies
-        left = np.ones(len(todo), dtype=bool)  # not predicted yet: a duplicate feature row is skipped
-        with progress(total=len(todo), desc=f"predict {dataset}") as bar:
-            if len(todo):
+        left = np.ones(n_todo, dtype=bool)  # not predicted yet: a duplicate feature row is skipped
+        with progress(total=n_todo, desc=f"predict {dataset}") as bar:
+            if n_todo:
                 batch_rows = _chunk_rows(cfg, head)
                 for ids, X in iter_features(ws, head.featureset, ids=where, batch_rows=batch_rows, as_keys=True):
                     at = where.positions(ids)
@@ -344,7 +346,7 @@ def _predict_dataset(
                         ids, X, at = ids[fresh], X[fresh], at[fresh]
                     if not len(at):
                         continue
-                    meta = images.rows(todo[at])
+                    meta = images.rows(at if todo is None else todo[at])
                     writer.add(
                         predictions_table(
                             keys_to_arrow(ids),

@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from imgfeat.core import schemas as S
-from imgfeat.core.keys import argsort_keys, first_of_runs, keys_of, room_for, unpack
+from imgfeat.core.keys import HEX_WIDTH, PACKED, argsort_keys, first_of_runs, is_packed, keys_of, room_for, unpack
 from imgfeat.core.workspace import Workspace
 from imgfeat.scan.manifest import corrupt_manifest, manifest_file
 
@@ -98,12 +98,10 @@ def unique_positions(rows: ManifestRows) -> UniquePositions | None:
     time; None when the manifest's readable rows are not in path order (written by hand or by an
     older version), where the caller sorts a whole table instead.
 
-    Memory at N rows: the keys twice (as read, then sorted) and two int64 arrays, for a moment;
-    then the sorted keys and a position each (24 bytes an image for content ids)."""
-    n = rows.num_rows
-    keys = np.zeros(n, "S1")
-    positions = np.zeros(n, np.int64)
-    filled, unreadable = 0, 0
+    Memory at N rows of content ids: 32 bytes an image for a moment (``KeysAndPositions``), then the
+    sorted keys and a position each (24 bytes an image)."""
+    collected = KeysAndPositions(rows.num_rows)
+    unreadable = 0
     last_path: str | None = None
     for g in range(rows.num_row_groups):
         t = rows.group(g)
@@ -115,18 +113,8 @@ def unique_positions(rows: ManifestRows) -> UniquePositions | None:
         if not paths_ascending(paths, last_path):
             return None
         last_path = paths[-1].as_py()
-        got = keys_of(t[S.IMAGE_ID].take(pa.array(at, pa.int64())))
-        if not filled:
-            keys = np.empty(n, got.dtype)
-        keys = room_for(keys, got)  # filled in place: copied only for a longer or a plain id
-        keys[filled : filled + len(got)] = got if got.dtype == keys.dtype else unpack(got)
-        positions[filled : filled + len(got)] = at + rows.starts[g]
-        filled += len(got)
-    keys, positions = keys[:filled], positions[:filled]
-    order = argsort_keys(keys)  # stable: of an id's rows, the first path comes first
-    keys = keys[order]
-    positions = positions[order]
-    del order
+        collected.add(keys_of(t[S.IMAGE_ID].take(pa.array(at, pa.int64()))), at + rows.starts[g])
+    keys, positions = collected.sorted()  # by key, then position: of an id's rows, the first path first
     first = first_of_runs(keys)
     repeated = pd.DataFrame(columns=rows.columns)
     if not first.all():  # the rows of repeated ids, usually few, for the files table
@@ -135,6 +123,78 @@ def unique_positions(rows: ManifestRows) -> UniquePositions | None:
         repeated = rows.take(np.sort(positions[twice])).to_pandas()
         keys, positions = keys[first], positions[first]
     return UniquePositions(positions, keys, _counts(unreadable, int((~first).sum()), 0), repeated)
+
+
+KEY_BYTES = PACKED.itemsize
+RECORD = KEY_BYTES + 8  # a packed key, then its position as a big-endian int64
+
+
+class KeysAndPositions:
+    """Up to ``n`` (key, position) pairs, added a batch at a time, then sorted by key and position.
+
+    Content ids (packed keys) go into one buffer of 24-byte records, sorted in place (memcmp order
+    is key order, then position order, the position being big-endian) and then split: the
+    positions copied out, the keys moved to the buffer's front and the rest of it handed back,
+    so sorting N pairs holds 32 bytes a pair at most (an argsort and two gathers held 48). Other
+    ids are kept as two arrays and sorted by argsort."""
+
+    def __init__(self, n: int) -> None:
+        self._n, self._filled = n, 0
+        self._buf: np.ndarray | None = None  # records: n x RECORD bytes, flat (it owns its memory)
+        self._keys: np.ndarray | None = None  # or keys and positions apart
+        self._pos: np.ndarray | None = None
+
+    def add(self, keys: np.ndarray, positions: np.ndarray) -> None:
+        k, lo = len(keys), self._filled
+        if self._keys is None and is_packed(keys):
+            if self._buf is None:
+                self._buf = np.empty(self._n * RECORD, np.uint8)
+            rec = self._buf.reshape(self._n, RECORD)[lo : lo + k]
+            rec[:, :KEY_BYTES] = np.ascontiguousarray(keys).view(np.uint8).reshape(k, KEY_BYTES)
+            rec[:, KEY_BYTES:] = np.asarray(positions, ">i8").view(np.uint8).reshape(k, 8)
+        else:
+            if self._keys is None:  # plain keys from here on (those so far unpacked)
+                packed, self._pos = self._split_records(lo, np.empty(self._n, np.int64))
+                self._keys = np.empty(self._n, unpack(keys[:0]).dtype if not lo else f"S{HEX_WIDTH}")
+                self._keys[:lo] = unpack(packed)
+            assert self._pos is not None
+            self._keys = room_for(self._keys, keys)  # filled in place: copied only for a longer or a plain id
+            self._keys[lo : lo + k] = keys if keys.dtype == self._keys.dtype else unpack(keys)
+            self._pos[lo : lo + k] = positions
+        self._filled += k
+
+    def sorted(self) -> tuple[np.ndarray, np.ndarray]:
+        """The keys sorted (ties by position) and their positions (int64); what was added goes."""
+        f = self._filled
+        if self._keys is None:
+            if self._buf is None:
+                return np.zeros(0, PACKED), np.zeros(0, np.int64)
+            self._buf[: f * RECORD].view(f"S{RECORD}").sort()  # in place; no ties
+            return self._split_records(f, np.empty(f, np.int64))
+        assert self._pos is not None
+        keys, pos = self._keys[:f], self._pos[:f]
+        self._keys = self._pos = None
+        order = argsort_keys(keys)  # stable: of an id's rows, the first position comes first
+        keys = keys[order]
+        return keys, pos[order]
+
+    def _split_records(self, f: int, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The first ``f`` records as packed keys (in the buffer's own memory, the rest of it
+        freed) and their positions written into ``pos``."""
+        buf, self._buf = self._buf, None
+        if buf is None:
+            return np.zeros(0, PACKED), pos
+        rec = buf.reshape(self._n, RECORD)[:f]
+        pos.view(np.uint8).reshape(len(pos), 8)[:f] = rec[:, KEY_BYTES:][:, ::-1]  # big- to little-endian
+        if pos.dtype.byteorder == ">":  # pragma: no cover - a big-endian machine
+            pos.byteswap(inplace=True)
+        step = 1 << 16
+        for lo in range(0, f, step):  # each key to the front; a part's target ends before its source
+            hi = min(f, lo + step)
+            buf[lo * KEY_BYTES : hi * KEY_BYTES] = rec[lo:hi, :KEY_BYTES].reshape(-1)
+        del rec
+        buf.resize(f * KEY_BYTES, refcheck=False)  # the records' tails go back to the allocator
+        return buf.view(PACKED), pos
 
 
 def _counts(not_readable: int, duplicates: int, conflicting: int) -> dict[str, int]:
@@ -155,6 +215,16 @@ def paths_ascending(paths: pa.Array | pa.ChunkedArray, after: str | None = None)
     if n and after is not None and paths[0].as_py() < after:
         return False
     return n < 2 or bool(pc.all(pc.less_equal(paths.slice(0, n - 1), paths.slice(1))).as_py())
+
+
+def manifest_rows(ws: Workspace, dataset: str) -> int:
+    """How many rows a dataset's manifest has (its footer's count; no row is read)."""
+    path = manifest_file(ws, dataset)
+    try:
+        with pq.ParquetFile(path) as f:
+            return int(f.metadata.num_rows)
+    except (OSError, pa.ArrowException) as exc:
+        raise corrupt_manifest(path, dataset, exc) from None
 
 
 def manifest_groups(ws: Workspace, dataset: str, columns: Sequence[str], ok_only: bool = True) -> Iterator[pa.Table]:

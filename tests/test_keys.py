@@ -90,7 +90,7 @@ def test_content_ids_pack_to_16_bytes_in_their_order_and_mix_with_other_ids() ->
     """Content ids (32 lowercase hex digits) take 16 bytes a key, sort as their strings do, and
     a set or index of them answers queries of any other ids (and the other way round) exactly."""
     rng = np.random.default_rng(3)
-    ids = _ids(rng, 2000) + ["0" * 32, "f" * 32, "00" * 15 + "0f", "10" + "0" * 30]  # NUL bytes once packed
+    ids = [*_ids(rng, 2000), "0" * 32, "f" * 32, "00" * 15 + "0f", "10" + "0" * 30]  # NUL bytes once packed
     keys = keys_of(pa.array(ids))
     assert keys.dtype == PACKED and keys.nbytes == 16 * len(ids)
     assert keys_of(ids).dtype == PACKED and as_strings(keys_of(ids)) == ids
@@ -125,3 +125,16 @@ def test_release_freed_memory_hands_pages_back_and_is_safe_to_repeat() -> None:
     release_freed_memory()
     release_freed_memory()
     assert rss_kib() < before
+
+
+def test_filled_keys_are_the_batches_in_order_whatever_their_shapes() -> None:
+    from imgfeat.core.keys import filled
+
+    rng = np.random.default_rng(4)
+    ids = _ids(rng, 500)
+    batches = [pa.array(ids[:200]), pa.array(ids[200:300]), ["odd", *ids[300:400]], pa.array(ids[400:])]
+    want = [*ids[:300], "odd", *ids[300:]]
+    assert as_strings(filled(batches, len(want))) == want  # packed, then plain from the odd id on
+    assert as_strings(filled(batches, 10)) == want  # more than promised: grown
+    assert filled([pa.array(ids)], len(ids)).dtype == PACKED
+    assert len(filled([], 5)) == 0

@@ -183,6 +183,23 @@ def room_for(dest: np.ndarray, got: np.ndarray) -> np.ndarray:
     return unpack(dest).astype(f"S{width}", copy=False)
 
 
+def filled(batches: Iterable[KeyLike], total: int) -> np.ndarray:
+    """Batches of ids as one key array, written into one allocation of ``total`` keys (an upper
+    bound on their number) rather than a list of parts and their concatenation (twice the keys)."""
+    out = np.zeros(0, PACKED)
+    n = 0
+    for batch in batches:
+        got = keys_of(batch)
+        if not n:
+            out = np.empty(max(total, len(got)), got.dtype)
+        out = room_for(out, got)
+        if n + len(got) > len(out):  # more than promised: grown (a copy)
+            out = np.concatenate([out[:n], np.empty(n + len(got), out.dtype)])
+        out[n : n + len(got)] = got if got.dtype == out.dtype else unpack(got)
+        n += len(got)
+    return out[:n]
+
+
 def sorted_unique(keys: np.ndarray, owned: bool = False) -> np.ndarray:
     """The distinct keys, sorted: ``np.unique`` with one copy at most (none when ``owned``: the
     array is sorted in place), where ``np.unique`` of a million keys briefly holds three or four."""

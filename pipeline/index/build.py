@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError, ImgfeatError
-from imgfeat.core.keys import KeyIndex, KeySet, as_strings, concat_keys, keys_of, keys_to_arrow
+from imgfeat.core.keys import KeyIndex, KeySet, as_strings, filled, keys_to_arrow, sorted_unique
 from imgfeat.core.options import opt
 from imgfeat.core.progress import progress
 from imgfeat.core.ranges import check_fields
@@ -34,7 +34,7 @@ from imgfeat.core.storage import (
     write_json_atomic,
 )
 from imgfeat.core.workspace import Workspace, check_name
-from imgfeat.extract.featureset import committed_keys, featureset_dim, featureset_info, iter_features
+from imgfeat.extract.featureset import committed_among, committed_keys, featureset_dim, featureset_info, iter_features
 from imgfeat.index.files import (
     IDS_FILE,
     INDEX_PREFIX,
@@ -70,7 +70,7 @@ from imgfeat.index.kinds import (
 )
 from imgfeat.index.vectors import normalise, read_vectors, scanned_datasets
 from imgfeat.scan.manifest import corrupt_manifest, manifest_file
-from imgfeat.scan.rows import ManifestRows, manifest_groups, readable
+from imgfeat.scan.rows import ManifestRows, manifest_groups, manifest_rows, readable
 
 log = logging.getLogger(__name__)
 
@@ -225,14 +225,11 @@ def _previous(ws: Workspace, cfg: IndexConfig) -> IndexInfo | None:
 def _covered_ids(ws: Workspace, cfg: IndexConfig) -> tuple[KeySet, int]:
     """(ids the index should hold, ids of the datasets that have no feature row yet), as compact
     keys (``core/keys.py``): a few tens of bytes an image, at millions of images."""
-    have = committed_keys(ws, cfg.featureset)
     if not cfg.datasets:
-        return have, 0
-    parts = [keys_of(t[S.IMAGE_ID]) for d in cfg.datasets for t in manifest_groups(ws, d, [S.IMAGE_ID])]
-    listed = KeySet(concat_keys(parts), owned=True).keys()
-    del parts
-    known = have.contains(listed)
-    del have
+        return committed_keys(ws, cfg.featureset), 0
+    groups = (t[S.IMAGE_ID] for d in cfg.datasets for t in manifest_groups(ws, d, [S.IMAGE_ID]))
+    listed = sorted_unique(filled(groups, sum(manifest_rows(ws, d) for d in cfg.datasets)), owned=True)
+    known = committed_among(ws, cfg.featureset, KeyIndex(listed))  # a byte an id, not a set of the features' ids
     missing = int((~known).sum())
     if missing:
         log.warning(
@@ -241,7 +238,7 @@ def _covered_ids(ws: Workspace, cfg: IndexConfig) -> tuple[KeySet, int]:
             ", ".join(cfg.datasets),
             cfg.featureset,
         )
-    return KeySet(listed[known], owned=True), missing
+    return KeySet(listed if not missing else listed[known], owned=True), missing
 
 
 def _wanted_params(cfg: IndexConfig, prev: IndexInfo | None, total: int, dim: int) -> IndexParams:
@@ -347,9 +344,9 @@ def _add_streamed(
 ) -> np.ndarray:
     """Add the rows of ``wanted`` from the shards, a batch at a time; ``old_ids`` take their positions
     (FAISS ids of an IVF index), the others follow in shard order. Returns those others' ranks in
-    ``wanted`` (int64, in the order added): a number an id, not a string."""
+    ``wanted`` (int32 below 2**31 ids, in the order added): a number an id, not a string."""
     old_pos = KeyIndex(old_ids) if len(old_ids) else None
-    added: list[np.ndarray] = []
+    added = np.empty(len(wanted), np.int32 if len(wanted) < 2**31 else np.int64)  # filled in order
     n_added = 0
     before = index.ntotal
     batch = fill_batch_rows(index.d, cfg.budget)
@@ -366,8 +363,9 @@ def _add_streamed(
                 fresh = np.ones(len(keys), dtype=bool)
                 index.add(X)
             if fresh.any():
-                added.append(wanted.ranks(keys[fresh]))
-                n_added += int(fresh.sum())
+                r = wanted.ranks(keys[fresh])
+                added[n_added : n_added + len(r)] = r
+                n_added += len(r)
             if done % TRIM_EVERY == 0:  # the inverted lists grow by reallocation: hand their old buffers back
                 release_freed_memory()
             bar.update(len(keys))
@@ -376,7 +374,7 @@ def _add_streamed(
             f"index {cfg.index_name}: {before + len(old_ids) + n_added - index.ntotal} of its images no "
             f"longer have a feature row in {cfg.featureset}; build a new index under another --name"
         )
-    return np.concatenate(added) if added else np.zeros(0, np.int64)
+    return added[:n_added]
 
 
 def _extended(
@@ -443,16 +441,22 @@ def _id_rows(ws: Workspace, cfg: IndexConfig, old: pa.Table, ids: KeyIndex, rank
     """The ids table: ``old``, then the new rows, the ids of these ``ranks`` in ``ids`` in that
     order, each with its first readable manifest row over the datasets in order (dataset and path;
     null if none), the manifests read a row group at a time."""
-    src = np.full(len(ids), -1, dtype=np.int64)  # by rank: its manifest row
-    dataset_of = np.full(len(ids), -1, dtype=np.int32)
     names = list(cfg.datasets or scanned_datasets(ws)) if len(ranks) else []
     manifests: list[ManifestRows] = []
     try:
-        for k, d in enumerate(names):
+        for d in names:
             path = manifest_file(ws, d)
             try:
-                rows = ManifestRows(path, [S.IMAGE_ID, S.PATH, S.STATUS])
-                manifests.append(rows)
+                manifests.append(ManifestRows(path, [S.IMAGE_ID, S.PATH, S.STATUS]))
+            except (OSError, pa.ArrowException) as exc:
+                raise corrupt_manifest(path, d, exc) from None
+        # by rank: its manifest row and dataset, in the narrowest integers that hold them
+        longest = max((rows.num_rows for rows in manifests), default=0)
+        src = np.full(len(ids), -1, dtype=np.int32 if longest < 2**31 else np.int64)
+        dataset_of = np.full(len(ids), -1, dtype=np.int16 if len(names) < 2**15 else np.int32)
+        for k, (d, rows) in enumerate(zip(names, manifests)):
+            path = manifest_file(ws, d)
+            try:
                 for g in range(rows.num_row_groups):
                     t = rows.group(g)
                     at = np.flatnonzero(np.asarray(readable(t), dtype=bool))

@@ -175,3 +175,19 @@ def test_train_joins_each_image_to_its_own_first_manifest_row(blobs, order):
     # the rows file is written a part at a time: parts of any size make the same rows
     parts = list(got.parts(rows=97))
     assert max(p.num_rows for p in parts) == 97 and [r for p in parts for r in p.to_pylist()] == expected
+
+
+@pytest.mark.quick
+def test_the_cv_subsample_keeps_each_class_in_proportion_and_is_seeded():
+    from imgfeat.heads.stream import stratified_rows
+
+    rng = np.random.default_rng(0)
+    codes = rng.choice(4, size=50_000, p=[0.7, 0.2, 0.0999, 0.0001]).astype(np.int32)
+    rows = stratified_rows(codes, 1_000, seed=3)
+    assert len(rows) == len(np.unique(rows)) and (np.diff(rows) > 0).all()  # distinct, sorted
+    got = np.bincount(codes[rows], minlength=4)
+    want = np.bincount(codes, minlength=4) * 1_000 / len(codes)
+    assert np.all(np.abs(got[:3] - want[:3]) <= 1) and got[3] == min(2, int((codes == 3).sum()))  # a rare class: two
+    assert abs(len(rows) - 1_000) <= 2
+    assert (stratified_rows(codes, 1_000, seed=3) == rows).all()
+    assert not (stratified_rows(codes, 1_000, seed=4) == rows).all()

@@ -398,8 +398,10 @@ def evaluate(estimator: Any, X: np.ndarray | None, y: np.ndarray, classes: list[
     return scores_of(y, estimator.predict(X) if len(y) else y, classes)
 
 
-def scores_of(y: np.ndarray, pred: np.ndarray, classes: list[str]) -> JsonObject:
-    """``evaluate``'s metrics from the true and predicted labels (a streamed evaluation gathers these)."""
+def scores_of(y: np.ndarray, pred: np.ndarray, classes: list[str], labels: list[Any] | None = None) -> JsonObject:
+    """``evaluate``'s metrics from the true and predicted labels (a streamed evaluation gathers these);
+    ``labels``: what ``y`` and ``pred`` hold for each of ``classes`` when not the names (e.g. codes)."""
+    labels = list(classes) if labels is None else labels
     if len(y) == 0:
         return {
             "test_accuracy": None,
@@ -409,15 +411,15 @@ def scores_of(y: np.ndarray, pred: np.ndarray, classes: list[str]) -> JsonObject
             "n_test": 0,
             "note": "no evaluation rows (no test/val split and --test-fraction 0)",
         }
-    p, r, f, s = precision_recall_fscore_support(y, pred, labels=classes, zero_division=0)
+    p, r, f, s = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
     per_class: JsonObject = {
         c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
         for i, c in enumerate(classes)
     }
     return {
         "test_accuracy": float(accuracy_score(y, pred)),
-        "macro_f1": float(f1_score(y, pred, labels=classes, average="macro", zero_division=0)),
+        "macro_f1": float(f1_score(y, pred, labels=labels, average="macro", zero_division=0)),
         "per_class": per_class,
-        "confusion": {"labels": list(classes), "matrix": confusion_matrix(y, pred, labels=classes).tolist()},
+        "confusion": {"labels": list(classes), "matrix": confusion_matrix(y, pred, labels=labels).tolist()},
         "n_test": int(len(y)),
     }

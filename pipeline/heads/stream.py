@@ -135,15 +135,21 @@ class ScratchStream:
         for X, y in self.source():
             with scratch_writes(self._folder):  # a full or read-only disk: one line, not a traceback
                 self._file.write(np.ascontiguousarray(X, self.dtype).tobytes())
-            self._codes.append(np.searchsorted(self.classes, y).astype(np.int32))
+            self._codes.append(np.searchsorted(self.classes, y).astype(self._code_type))
             self._rows, self._dim = self._rows + len(y), X.shape[1]
             yield X, y
         with scratch_writes(self._folder):
             self._file.flush()
+        self._codes = [np.concatenate(self._codes)] if self._codes else []  # one array for every later pass
         self._done = True
 
+    @property
+    def _code_type(self) -> type:
+        """The smallest integer that holds a class number: a byte a row for up to 127 classes."""
+        return np.int8 if len(self.classes) < 2**7 else np.int16 if len(self.classes) < 2**15 else np.int32
+
     def _again(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        codes = np.concatenate(self._codes) if self._codes else np.zeros(0, np.int32)
+        codes = self._codes[0] if self._codes else np.zeros(0, np.int32)
         step = self.batch_rows
         starts = np.arange(0, self._rows, step)
         if self.shuffle is not None:
@@ -224,7 +230,8 @@ def fit_streamed(
             est = CalibratedClassifierCV(FrozenEstimator(est), method="sigmoid").fit(X_cv, y_cv)
     stream.close()
     t_fit = time.perf_counter()
-    metrics = scores_of(*_predict_streamed(ws, cfg.featureset, est, rows, stream.batch_rows), rows.classes)
+    y_test, pred = _predict_streamed(ws, cfg.featureset, est, rows, stream.batch_rows)
+    metrics = scores_of(y_test, pred, rows.classes, labels=list(range(len(rows.classes))))
     timings = {"cv": t_cv - t0, "stream_fit": t_fit - t_cv, "evaluate": time.perf_counter() - t_fit}
     trained_by = {"path": STREAMED, "epochs": int(epochs), "batch_rows": stream.batch_rows, "cv_rows": int(len(y_cv))}
     return FitResult(winner, est, cv, chosen_params(best)), metrics, timings, trained_by
@@ -242,13 +249,33 @@ def _subsample(
     """A stratified subsample of the training rows that fits the budget (at most ``cv_max_rows``)."""
     y = rows.train_codes  # in label order: a stratified split of them is the split of the labels
     cap = max(2 * len(rows.classes), min(cfg.cv_max_rows, budget // (SUBSAMPLE_SHARE * FLOAT_BYTES * max(dim, 1))))
-    idx = np.arange(len(y))
-    if cap < len(y):
-        idx, _ = train_test_split(idx, train_size=int(cap), stratify=y, random_state=cfg.random_state)
-        idx.sort()
+    idx = stratified_rows(y, int(cap), cfg.random_state) if cap < len(y) else np.arange(len(y))
     keys = rows.train_keys[idx]
     ids, X = load_features(ws, cfg.featureset, as_strings(keys))
     return ids, X, rows.label_names[y[idx][KeyIndex(keys).positions(keys_of(ids))]]
+
+
+def stratified_rows(codes: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """Sorted row numbers of a seeded stratified sample of ``size`` rows: each class in proportion
+    (largest remainders first), at least two of each class that has two.
+
+    ``train_test_split(stratify=)`` holds several int64 arrays as long as ``codes`` (an inverse,
+    an argsort, permutations): at ten million rows about 250 MB, here 8 bytes a row of the largest
+    class at most."""
+    counts = np.bincount(codes)
+    share = counts * (size / len(codes))
+    take = np.floor(share).astype(np.int64)
+    short = size - int(take.sum())
+    if short > 0:
+        take[np.argsort(take - share, kind="stable")[:short]] += 1
+    take = np.minimum(counts, np.maximum(take, np.minimum(counts, 2)))
+    rng = np.random.default_rng(seed)
+    parts = [
+        np.flatnonzero(codes == c)[rng.choice(n, k, replace=False)] for c, (n, k) in enumerate(zip(counts, take)) if k
+    ]
+    out = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    out.sort()
+    return out
 
 
 def moments(stream: Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]], dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -376,12 +403,13 @@ def _mlp(cfg: TrainConfig) -> KerasMLPClassifier:
 def _predict_streamed(
     ws: Workspace, featureset: str, est: Any, rows: LabelledRows, batch_rows: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(true, predicted) labels of the test rows, scored a batch at a time."""
+    """(true, predicted) classes of the test rows as codes into ``rows.classes`` (int32), scored a
+    batch at a time: 8 bytes a row, where labels as Python objects were 16 and their sort more."""
     index, names = KeyIndex(rows.test_keys), rows.label_names
     y, pred = [], []
     for keys, X in iter_features(ws, featureset, ids=index, batch_rows=batch_rows, as_keys=True):
-        y.append(names[rows.test_codes[index.positions(keys)]])
-        pred.append(np.asarray(est.predict(X), dtype=object))
+        y.append(rows.test_codes[index.positions(keys)])
+        pred.append(np.searchsorted(names, np.asarray(est.predict(X), dtype=object)).astype(np.int32))
     if not y:
-        return np.zeros(0, dtype=object), np.zeros(0, dtype=object)
+        return np.zeros(0, np.int32), np.zeros(0, np.int32)
     return np.concatenate(y), np.concatenate(pred)

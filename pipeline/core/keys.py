@@ -109,7 +109,8 @@ def like(keys: np.ndarray, other: np.ndarray) -> tuple[np.ndarray, np.ndarray | 
 
 
 def keys_of(values: KeyLike) -> np.ndarray:
-    """The ids as a 1-D fixed-width bytes array (``S<n>``, n the longest id in bytes, at least 1).
+    """The ids as a 1-D fixed-width array: packed (``PACKED``) when every id is a content id, else
+    their bytes (``S<n>``, n the longest id in bytes, at least 1).
 
     An Arrow string column whose ids all have one length (content ids always do) is read straight
     from its data buffer; anything else goes through Python strings. Nulls are not ids: an Arrow

@@ -87,7 +87,7 @@ class ManifestRows:
 class UniquePositions:
     """Each readable image's first row (by path) as a manifest position, in id order, with what was dropped."""
 
-    positions: np.ndarray  # int64, aligned with keys
+    positions: np.ndarray  # int32 (int64 past 2**31 rows), aligned with keys
     keys: np.ndarray  # the ids as compact keys, sorted and distinct: the order a join looks them up in
     counts: dict[str, int]  # not_readable, duplicates, conflicting_labels (as unique_images)
     repeated: pd.DataFrame  # MANIFEST_COLUMNS of every readable row of a repeated id, in path order
@@ -98,8 +98,8 @@ def unique_positions(rows: ManifestRows) -> UniquePositions | None:
     time; None when the manifest's readable rows are not in path order (written by hand or by an
     older version), where the caller sorts a whole table instead.
 
-    Memory at N rows of content ids: 32 bytes an image for a moment (``KeysAndPositions``), then the
-    sorted keys and a position each (24 bytes an image)."""
+    Memory at N rows of content ids: 28 bytes an image for a moment (``KeysAndPositions``), then the
+    sorted keys and a position each (20 bytes an image)."""
     collected = KeysAndPositions(rows.num_rows)
     unreadable = 0
     last_path: str | None = None
@@ -135,11 +135,12 @@ class KeysAndPositions:
     Content ids (packed keys) go into one buffer of 24-byte records, sorted in place (memcmp order
     is key order, then position order, the position being big-endian) and then split: the
     positions copied out, the keys moved to the buffer's front and the rest of it handed back,
-    so sorting N pairs holds 32 bytes a pair at most (an argsort and two gathers held 48). Other
+    so sorting N pairs holds 28 bytes a pair at most (an argsort and two gathers held 48). Other
     ids are kept as two arrays and sorted by argsort."""
 
     def __init__(self, n: int) -> None:
         self._n, self._filled = n, 0
+        self._pos_type = np.dtype(np.int32 if n < 2**31 else np.int64)  # positions: 4 bytes where they fit
         self._buf: np.ndarray | None = None  # records: n x RECORD bytes, flat (it owns its memory)
         self._keys: np.ndarray | None = None  # or keys and positions apart
         self._pos: np.ndarray | None = None
@@ -154,7 +155,7 @@ class KeysAndPositions:
             rec[:, KEY_BYTES:] = np.asarray(positions, ">i8").view(np.uint8).reshape(k, 8)
         else:
             if self._keys is None:  # plain keys from here on (those so far unpacked)
-                packed, self._pos = self._split_records(lo, np.empty(self._n, np.int64))
+                packed, self._pos = self._split_records(lo, np.empty(self._n, self._pos_type))
                 self._keys = np.empty(self._n, unpack(keys[:0]).dtype if not lo else f"S{HEX_WIDTH}")
                 self._keys[:lo] = unpack(packed)
             assert self._pos is not None
@@ -164,13 +165,14 @@ class KeysAndPositions:
         self._filled += k
 
     def sorted(self) -> tuple[np.ndarray, np.ndarray]:
-        """The keys sorted (ties by position) and their positions (int64); what was added goes."""
+        """The keys sorted (ties by position) and their positions (int32 below 2**31 rows, else
+        int64); what was added goes."""
         f = self._filled
         if self._keys is None:
             if self._buf is None:
-                return np.zeros(0, PACKED), np.zeros(0, np.int64)
+                return np.zeros(0, PACKED), np.zeros(0, self._pos_type)
             self._buf[: f * RECORD].view(f"S{RECORD}").sort()  # in place; no ties
-            return self._split_records(f, np.empty(f, np.int64))
+            return self._split_records(f, np.empty(f, self._pos_type))
         assert self._pos is not None
         keys, pos = self._keys[:f], self._pos[:f]
         self._keys = self._pos = None
@@ -185,12 +187,13 @@ class KeysAndPositions:
         if buf is None:
             return np.zeros(0, PACKED), pos
         rec = buf.reshape(self._n, RECORD)[:f]
-        pos.view(np.uint8).reshape(len(pos), 8)[:f] = rec[:, KEY_BYTES:][:, ::-1]  # big- to little-endian
-        if pos.dtype.byteorder == ">":  # pragma: no cover - a big-endian machine
-            pos.byteswap(inplace=True)
+        width = pos.dtype.itemsize  # the position's low bytes: it is below 2**31 when pos is int32
         step = 1 << 16
-        for lo in range(0, f, step):  # each key to the front; a part's target ends before its source
+        for lo in range(0, f, step):
             hi = min(f, lo + step)
+            # this part's positions first (big-endian bytes, converted), then each key to the front:
+            # a part's keys land before the records of the parts after it
+            pos[lo:hi] = rec[lo:hi, RECORD - width :].copy().view(f">i{width}").reshape(-1)
             buf[lo * KEY_BYTES : hi * KEY_BYTES] = rec[lo:hi, :KEY_BYTES].reshape(-1)
         del rec
         buf.resize(f * KEY_BYTES, refcheck=False)  # the records' tails go back to the allocator

@@ -51,6 +51,26 @@ def quiet_native_logs(level: str = "info") -> None:
     os.environ.setdefault("GRPC_VERBOSITY", "DEBUG" if level == "debug" else "ERROR")
 
 
+# Warnings of other packages that say nothing to a user of imgfeat, shown only at --log-level debug.
+# scikit-learn's one-vs-rest threads (SGDClassifier n_jobs) intermittently warn that `delayed` ran
+# outside its Parallel (its captured warning filters were empty): hundreds of lines per streamed fit.
+SPURIOUS_WARNINGS = ("`sklearn.utils.parallel.delayed` should be used with",)
+
+
+class DemoteSpurious(logging.Filter):
+    """A Python warning in ``SPURIOUS_WARNINGS`` becomes a debug line (dropped at info)."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name != "py.warnings" or not any(t in record.getMessage() for t in SPURIOUS_WARNINGS):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return self.level <= logging.DEBUG
+
+
 class RedactSecrets(logging.Filter):
     """No secret of an object store (its key, token or signature) reaches a log line."""
 
@@ -70,6 +90,7 @@ def setup_logging(level: str = "info", fmt: str = "text", stream: TextIO | None 
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    handler.addFilter(DemoteSpurious(root.level))
     logging.captureWarnings(True)  # Python warnings become log records (JSON lines with --log-format json)
     for noisy in NOISY:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

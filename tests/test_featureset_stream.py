@@ -60,3 +60,51 @@ def test_a_shard_without_wanted_ids_is_never_decoded(ws, fs, monkeypatch):
     monkeypatch.setattr(F, "open_shard", lambda name, path: opened.append(path) or real(name, path))
     assert [i.tolist() for i, _ in iter_features(ws, "fs", ids=_ids(1, 70))] == [_ids(1, 70)]
     assert len(opened) == 1
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("plain", [False, True])
+def test_a_plan_from_the_id_columns_reads_back_iter_features_rows_without_an_id(ws, fs, plain):
+    """plan_rows decides from the id columns which rows iter_features(ids=...) yields (a duplicate's
+    first row, no NaN/inf row, each id once), and iter_planned reads those rows back in that order
+    with no id at all: each batch says which plan rows it holds."""
+    from imgfeat.core.keys import KeyIndex, as_strings
+    from imgfeat.extract.featureset import iter_planned, plan_rows
+
+    wanted = _ids(20, 235) + _ids(3, 5) + _ids(1, 7) + _ids(2, 99) + ["f" * 32]
+    if plain:  # ids that are not content ids stay plain keys: the same plan
+        write_featureset(ws, "plain", [f"img-{k}" for k in range(250)], fs, "float32", 64)
+        write_featureset(ws, "plain", [f"img-{k}" for k in range(240, 250)], fs[240:] + 100, "float32", 64, "zlater")
+        wanted = [f"img-{int(i, 16)}" for i in wanted[:-1]] + ["nope"]
+    name = "plain" if plain else "fs"
+    index = KeyIndex(wanted)
+    ranks: list[np.ndarray] = []
+    plan = plan_rows(ws, name, index, ranks.append)
+    expected = [(i.tolist(), X) for i, X in iter_features(ws, name, ids=wanted, batch_rows=1000)]
+    want_ids = [i for ids, _ in expected for i in ids]
+    want_X = np.concatenate([X for _, X in expected])
+    order = np.concatenate(ranks)
+    assert plan.rows == len(want_ids) == len(order) == 18  # 7 and 100 hold NaN/inf; 250.. and the last: none
+    assert as_strings(index.keys()[order]) == want_ids
+    got = list(iter_planned(name, plan, batch_rows=5))
+    assert max(len(at) for at, _ in got) <= 5
+    np.testing.assert_array_equal(np.concatenate([at for at, _ in got]), np.arange(plan.rows))
+    np.testing.assert_array_equal(np.concatenate([X for _, X in got]), want_X)
+
+
+@pytest.mark.quick
+def test_planned_rows_of_a_shard_changed_since_its_commit_do_not_come(ws, fs):
+    """A shard rewritten between the plan and the read is left out (open_shard warns): the rows that
+    come say which plan rows they are, so a caller knows what is missing."""
+    import pyarrow.parquet as pq
+
+    from imgfeat.core.keys import KeyIndex
+    from imgfeat.core.storage import list_shards
+    from imgfeat.extract.featureset import iter_planned, plan_rows
+
+    plan = plan_rows(ws, "fs", KeyIndex(_ids(250)))
+    first = list_shards(ws.featureset_dir("fs"))[0]
+    pq.write_table(pq.read_table(first).slice(1), first)
+    at = np.concatenate([a for a, _ in iter_planned("fs", plan)])
+    in_first = int(np.unpackbits(plan.shards[0][1]).sum())
+    np.testing.assert_array_equal(at, np.arange(in_first, plan.rows))

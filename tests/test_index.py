@@ -322,6 +322,52 @@ def test_inverted_lists_sized_before_the_fill_hold_the_same_rows(ws, monkeypatch
         ]
 
 
+def test_streamed_ivf_rows_answer_to_their_own_ids_when_extended_and_retrained(ws, monkeypatch):
+    """An IVF index filled from a plan of feature rows (no ids in memory during the fill): every
+    row's FAISS id is its row in ids.parquet, after a first build, an extension, and a retrain
+    that keeps the old rows at their positions and adds the new ones after. The ids table is
+    made once the index file is written (the index no longer in memory), and an old image that
+    lost its feature row is an error, not a hole."""
+    from imgfeat.core.errors import ImgfeatError
+    from imgfeat.core.storage import list_shards
+    from imgfeat.index import Index
+    from imgfeat.index import build as B
+
+    X = clustered(2600)
+    ids = make_fs(ws, "fs", X[:2000])
+    seen = []
+    real = B._id_rows
+
+    def id_rows(ws_, cfg, *rest):
+        seen.append(sorted(p.name for p in ws_.index_files_dir(cfg.index_name).glob("*.faiss")))
+        return real(ws_, cfg, *rest)
+
+    monkeypatch.setattr(B, "_id_rows", id_rows)
+
+    def check(n: int, nlist: int) -> None:
+        assert pq.read_table(ws.index_dir("ix") / "ids.parquet")["image_id"].to_pylist() == ids[:n]
+        got = Index.open(ws, "ix", nprobe=nlist).search(X[:n], k=1)
+        assert [r.neighbours[0].image_id for r in got] == ids[:n]
+
+    out = build(ws, "fs", name="ix", kind="ivf", nlist=16)
+    assert (out.kind, out.rows, out.rebuilt) == ("ivf", 2000, False) and seen[-1] == ["_index-run1.faiss"]
+    check(2000, 16)
+    ids += make_fs(ws, "fs", X[2000:2300], start=2000)
+    out = build(ws, "fs", "run2", name="ix", kind="ivf", nlist=16)
+    assert (out.added, out.rows, out.rebuilt) == (300, 2300, False)
+    assert seen[-1] == ["_index-run1.faiss", "_index-run2.faiss"]  # the new file written, the old not yet gone
+    check(2300, 16)
+    ids += make_fs(ws, "fs", X[2300:], start=2300)
+    out = build(ws, "fs", "run3", name="ix", kind="ivf", nlist=20)  # another nlist: trained again
+    assert (out.added, out.rows, out.rebuilt, out.params["nlist"]) == (300, 2600, True, 20)
+    check(2600, 20)
+    first = list_shards(ws.featureset_dir("fs"))[0]
+    first.unlink()  # 256 of its images lose their feature rows
+    with pytest.raises(ImgfeatError, match="256 of its images no longer have a feature row"):
+        build(ws, "fs", "run4", name="ix", kind="ivf", nlist=24)
+    check(2600, 20)  # the committed index stays as it was
+
+
 @pytest.mark.quick
 def test_memory_budget_picks_the_kind_and_refuses_what_cannot_fit():
     from imgfeat.index.kinds import flat_bytes, resolve_params

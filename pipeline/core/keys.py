@@ -313,6 +313,13 @@ class KeySet:
             self._runs = [merged]
         return self._runs[0] if self._runs else np.zeros(0, dtype="S1")
 
+    def take(self) -> np.ndarray:
+        """Every key, sorted, and the set left empty: the array is the caller's alone (a set that
+        stays referenced elsewhere holds no copy of it)."""
+        keys = self.keys()
+        self._runs, self._size = [], 0
+        return keys
+
 
 def _member(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
     return _rank_in(sorted_keys, keys) >= 0

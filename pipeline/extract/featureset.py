@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -471,6 +471,87 @@ def iter_features(
             t = pf.read_row_group(group, columns=[S.IMAGE_ID, S.FEATURE])
             yield from _batches(_new_rows(t, wanted, seen, dropped), batch_rows, np.dtype(dtype), as_keys)
     warn_non_finite(featureset, dropped[0])
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """The rows ``iter_features(ids=wanted)`` would yield, decided from the id columns alone and
+    kept as a bit per shard row: reading them back (``iter_planned``) needs no id at all, so a
+    reader that plans first can drop its wanted ids before it reads a feature."""
+
+    shards: list[tuple[Path, np.ndarray]]  # per trusted shard with a row taken: its rows, packed bits
+    rows: int  # rows taken, over all shards
+
+
+def plan_rows(
+    ws: Workspace, featureset: str, wanted: KeyIndex, on_ranks: Callable[[np.ndarray], None] | None = None
+) -> RowPlan:
+    """Plan reading the rows of ``wanted`` as ``iter_features`` reads them (trusted shards in order,
+    finite rows, each id once: its first row), from each shard's id column (``shard_rows``).
+
+    ``on_ranks`` gets each shard's taken rows' ranks in ``wanted`` (int64, in row order): over all
+    calls, the plan's rows in the order ``iter_planned`` reads them."""
+    seen = np.zeros(len(wanted), dtype=bool)
+    shards: list[tuple[Path, np.ndarray]] = []
+    taken = dropped = 0
+    for path, record in trusted_shards(ws, featureset):
+        ids, finite = shard_rows(path, record)
+        dropped += len(ids) - int(finite.sum())
+        rows = np.flatnonzero(finite & np.asarray(ids.is_valid(), dtype=bool))
+        r = wanted.ranks(ids.take(pa.array(rows, pa.int64()))) if len(rows) else np.zeros(0, np.int64)
+        fresh = r >= 0
+        fresh[fresh] = ~seen[r[fresh]]
+        rows, r = rows[fresh], r[fresh]
+        _, first = np.unique(r, return_index=True)  # an id twice in the shard: its first row
+        first.sort()
+        rows, r = rows[first], r[first]
+        if not len(rows):
+            continue
+        seen[r] = True
+        mask = np.zeros(len(ids), dtype=bool)
+        mask[rows] = True
+        shards.append((path, np.packbits(mask)))
+        taken += len(rows)
+        if on_ranks is not None:
+            on_ranks(r)
+    warn_non_finite(featureset, dropped)
+    return RowPlan(shards, taken)
+
+
+def iter_planned(
+    featureset: str, plan: RowPlan, batch_rows: int = ITER_BATCH_ROWS, dtype: np.dtype | type = np.float32
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(rows, X)`` batches of a plan's rows, in its order: ``rows`` (int64) are their numbers in
+    the plan (0 .. plan.rows - 1), one row group in memory at a time. Rows that cannot be read as
+    planned are left out, so the numbers say which came: a shard whose data changed since its
+    commit (``open_shard`` warns) and a row no longer finite."""
+    if batch_rows < 1:
+        raise ValueError(f"batch_rows must be at least 1, got {batch_rows!r}")
+    before = 0  # plan rows in the shards before this one
+    for path, packed in plan.shards:
+        mask = np.unpackbits(packed).astype(bool)  # padded to whole bytes: rows past the shard's are 0
+        planned = int(mask.sum())
+        pf = open_shard(featureset, path)
+        if pf is not None:
+            mask = mask[: pf.metadata.num_rows]
+            start, numbered = 0, before
+            for group in range(pf.num_row_groups):
+                n = pf.metadata.row_group(group).num_rows
+                rows = np.flatnonzero(mask[start : start + n])
+                start += n
+                if not len(rows):
+                    continue
+                col = pf.read_row_group(group, columns=[S.FEATURE]).column(0)
+                if len(rows) < n:
+                    col = col.take(pa.array(rows, pa.int64()))
+                at = numbered + np.arange(len(rows), dtype=np.int64)
+                numbered += len(rows)
+                ok = finite_rows(col)
+                if not ok.all():
+                    col, at = col.filter(pa.array(ok)), at[ok]
+                for lo in range(0, len(at), batch_rows):
+                    yield at[lo : lo + batch_rows], feature_matrix(col.slice(lo, batch_rows), np.dtype(dtype))
+        before += planned
 
 
 def _holds_any(shard: Path, wanted: KeyIndex, seen: KeySet | np.ndarray) -> bool:

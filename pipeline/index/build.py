@@ -8,7 +8,7 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +34,15 @@ from imgfeat.core.storage import (
     write_json_atomic,
 )
 from imgfeat.core.workspace import Workspace, check_name
-from imgfeat.extract.featureset import committed_among, committed_keys, featureset_dim, featureset_info, iter_features
+from imgfeat.extract.featureset import (
+    RowPlan,
+    committed_among,
+    committed_keys,
+    featureset_dim,
+    featureset_info,
+    iter_planned,
+    plan_rows,
+)
 from imgfeat.index.files import (
     IDS_FILE,
     INDEX_PREFIX,
@@ -68,6 +76,7 @@ from imgfeat.index.kinds import (
     train,
     train_on_sample,
 )
+from imgfeat.index.scratch import ScratchArray
 from imgfeat.index.vectors import normalise, read_vectors, scanned_datasets
 from imgfeat.scan.manifest import corrupt_manifest, manifest_file
 from imgfeat.scan.rows import ManifestRows, manifest_groups, manifest_rows, readable
@@ -187,13 +196,10 @@ def build_index(ws: Workspace, cfg: IndexConfig, run_id: str) -> IndexSummary:
             log.info("index %s is current: %d rows, nothing new", name, total)
             return _summary(cfg, prev, 0, False, False, missing, t0)
         if prev is None or rebuild:
-            index, params, table = _fresh(ws, cfg, wanted, old, new)
+            built = _fresh(ws, cfg, wanted, old, new)
         else:
-            index, params, table = _extended(ws, cfg, prev, old, new)
-        try:
-            info = _commit(ws, cfg, fs_info, before, index, params, table, run_id)
-        finally:
-            table.close()
+            built = _extended(ws, cfg, prev, old, new)
+        info = _commit(ws, cfg, fs_info, before, built, run_id)
     log.info(
         "index %s: %d rows (%d added%s), kind %s", name, info.rows, added, ", rebuilt" if rebuild else "", info.kind
     )
@@ -266,9 +272,22 @@ def _needs_rebuild(prev: IndexParams, wanted: IndexParams, cfg: IndexConfig, tot
     return False
 
 
-def _fresh(
-    ws: Workspace, cfg: IndexConfig, params: IndexParams, old: pa.Table, new: KeySet
-) -> tuple[Any, IndexParams, IdRows]:  # the FAISS index, its parameters, the ids table
+@dataclass
+class Built:
+    """A filled FAISS index and how to make its ids table: ``_commit`` writes the index, lets it go,
+    and only then calls ``id_rows``, so the ids' bookkeeping never shares the memory with the index."""
+
+    index: Any  # the FAISS index (None once written)
+    params: IndexParams
+    id_rows: Callable[[], IdRows]
+    scratch: list[ScratchArray] = field(default_factory=list)  # closed once the ids table is written
+
+    def close(self) -> None:
+        for part in self.scratch:
+            part.close()
+
+
+def _fresh(ws: Workspace, cfg: IndexConfig, params: IndexParams, old: pa.Table, new: KeySet) -> Built:
     """Every row, old ones first in their committed order (so the old ids file stays a prefix)."""
     if params.kind in ("ivf", "ivfpq"):
         return _fresh_streamed(ws, cfg, params, old, new)
@@ -290,40 +309,103 @@ def _fresh(
     index = make_index(params, X.shape[1])
     params = train(index, params, X)
     add_in_chunks(index, X)
-    added = KeyIndex(ids[len(old_ids) :])
-    return index, params, _id_rows(ws, cfg, old, added, added.ranks(ids[len(old_ids) :]))
+    del X
+    in_order = ids[len(old_ids) :]
+    added = KeyIndex(in_order)
+    return Built(index, params, lambda: _id_rows(ws, cfg, old, added, added.ranks(in_order)))
 
 
-def _fresh_streamed(
-    ws: Workspace, cfg: IndexConfig, params: IndexParams, old: pa.Table, new: KeySet
-) -> tuple[Any, IndexParams, IdRows]:  # the FAISS index, its parameters, the ids table
-    """An IVF index trained on a seeded sample and filled a batch at a time from the shards: memory
-    holds the index, the sample, one batch and a compact key per id, never the featureset. Rows
-    keep ``_fresh``'s order (old ones at their committed positions, new ones after in shard order)
-    through FAISS ids."""
+def _fresh_streamed(ws: Workspace, cfg: IndexConfig, params: IndexParams, old: pa.Table, new: KeySet) -> Built:
+    """An IVF index trained on a seeded sample and filled a batch at a time from the shards.
+
+    In three phases that never hold their memory at once: the ids (a compact key each) choose the
+    sample and plan the fill (``_plan``), then go to a scratch file; the index is trained and
+    filled from the plan, a bit per feature row; once it is written and let go, the ids come back
+    for its ids table. Rows keep ``_fresh``'s order (old ones at their committed positions, new
+    ones after in shard order) through FAISS ids."""
     new.add(old[S.IMAGE_ID])  # `new` becomes every id (consumed: one array of keys, not two)
-    everything = KeyIndex(new.keys())  # sorted and distinct: shares that array, ranks in its order
+    everything = KeyIndex(new.take())  # sorted and distinct: owns that array, ranks in its order
+    total = len(everything)
     dim = featureset_dim(ws, cfg.featureset)
-    size = sample_size(params, len(everything), dim, cfg.budget)
+    size = sample_size(params, total, dim, cfg.budget)
     pool = everything.keys()  # sorted: a seeded sample of ids, the same whatever the shard order
     _, sample = read_vectors(ws, cfg.featureset, as_strings(pool[sample_rows(len(pool), size, params.seed)]))
     del pool
-    index = make_index(params, dim)
-    params = train_on_sample(index, params, sample, len(everything))
-    del sample
-    release_freed_memory()  # the id sets' transient copies
-    if params.kind in ("ivf", "ivfpq") and len(everything) * (index.code_size + ID_BYTES) > cfg.budget // PRESIZE_SHARE:
-        _presize(ws, cfg, index, everything)
-    added = _add_streamed(ws, cfg, index, everything, old[S.IMAGE_ID])
+    plan = _plan(ws, cfg, everything, old[S.IMAGE_ID])
+    try:
+        keys = plan.set_aside(everything)
+        del everything
+        release_freed_memory()  # the id sets and their transient copies
+        index = make_index(params, dim)
+        params = train_on_sample(index, params, sample, total)
+        del sample
+        if total * (index.code_size + ID_BYTES) > cfg.budget // PRESIZE_SHARE:
+            _presize(cfg, index, plan)
+        came = _fill(cfg, index, plan, old.num_rows)
+    except BaseException:
+        plan.close()
+        raise
     release_freed_memory()  # the batches' and the growing inverted lists' old buffers
-    return index, params, _id_rows(ws, cfg, old, everything, added)
+    return Built(
+        index, params, lambda: _id_rows(ws, cfg, old, KeyIndex(keys.read()), plan.ranks_of(came)), plan.scratch
+    )
 
 
 TRIM_EVERY = 16  # batches added between two release_freed_memory calls (each costs milliseconds)
 PRESIZE_SHARE = 4  # inverted lists over this share of the budget get their room before the fill
 
 
-def _presize(ws: Workspace, cfg: IndexConfig, index: Any, wanted: KeyIndex) -> None:
+@dataclass
+class FillPlan:
+    """The feature rows an index is filled with (``featureset.plan_rows``: a bit a shard row), and,
+    in scratch files, what each of those rows is: its id's rank among the wanted ids and, when the
+    index keeps old rows, its position among them (-1: a new row)."""
+
+    rows: RowPlan
+    ranks: ScratchArray
+    old_at: ScratchArray | None
+    scratch: list[ScratchArray]
+
+    def set_aside(self, wanted: KeyIndex) -> ScratchArray:
+        """The wanted ids' keys, in a scratch file until the ids table needs them."""
+        keys = ScratchArray(wanted.keys().dtype)
+        self.scratch.append(keys)
+        keys.append(wanted.keys())
+        return keys
+
+    def ranks_of(self, rows: np.ndarray) -> np.ndarray:
+        """The ranks of the plan rows marked in ``rows`` (a bool by plan row), in plan order."""
+        ranks: np.ndarray = self.ranks.read()[rows]
+        return ranks
+
+    def close(self) -> None:
+        for part in self.scratch:
+            part.close()
+
+
+def _plan(ws: Workspace, cfg: IndexConfig, wanted: KeyIndex, old_ids: pa.ChunkedArray | pa.Array) -> FillPlan:
+    """Plan the fill with the rows of ``wanted`` (``featureset.plan_rows``); ``old_ids``, the rows
+    an index keeps, take their positions."""
+    ranks = ScratchArray(np.int32 if len(wanted) < 2**31 else np.int64)
+    old_pos = KeyIndex(old_ids) if len(old_ids) else None
+    old_at = ScratchArray(np.int64) if old_pos is not None else None
+    plan = FillPlan(RowPlan([], 0), ranks, old_at, [ranks] + ([old_at] if old_at is not None else []))
+    keys = wanted.keys()
+
+    def each(r: np.ndarray) -> None:
+        ranks.append(r)
+        if old_pos is not None and old_at is not None:
+            old_at.append(old_pos.positions(keys[r]))
+
+    try:
+        plan.rows = plan_rows(ws, cfg.featureset, wanted, each)
+    except BaseException:
+        plan.close()
+        raise
+    return plan
+
+
+def _presize(cfg: IndexConfig, index: Any, plan: FillPlan) -> None:
     """Count the rows of each inverted list in a first pass, and give every list that room.
 
     Filled a batch at a time, a list grows by reallocation: a doubling leaves up to half of it
@@ -332,59 +414,62 @@ def _presize(ws: Workspace, cfg: IndexConfig, index: Any, wanted: KeyIndex) -> N
     runs only where the lists are a large share of the budget."""
     counts = np.zeros(index.nlist, np.int64)
     batch = fill_batch_rows(index.d, cfg.budget)
-    with progress(total=len(wanted), desc=f"index {cfg.index_name}: list sizes", unit="row") as bar:
-        for keys, X in iter_features(ws, cfg.featureset, ids=wanted, batch_rows=batch, as_keys=True):
+    with progress(total=plan.rows.rows, desc=f"index {cfg.index_name}: list sizes", unit="row") as bar:
+        for at, X in iter_planned(cfg.featureset, plan.rows, batch):
             counts += np.bincount(list_of(index, normalise(X)), minlength=index.nlist)
-            bar.update(len(keys))
+            bar.update(len(at))
     presize_lists(index, counts)
 
 
-def _add_streamed(
-    ws: Workspace, cfg: IndexConfig, index: Any, wanted: KeyIndex, old_ids: pa.ChunkedArray | pa.Array
-) -> np.ndarray:
-    """Add the rows of ``wanted`` from the shards, a batch at a time; ``old_ids`` take their positions
-    (FAISS ids of an IVF index), the others follow in shard order. Returns those others' ranks in
-    ``wanted`` (int32 below 2**31 ids, in the order added): a number an id, not a string."""
-    old_pos = KeyIndex(old_ids) if len(old_ids) else None
-    added = np.empty(len(wanted), np.int32 if len(wanted) < 2**31 else np.int64)  # filled in order
-    n_added = 0
-    before = index.ntotal
+def _fill(cfg: IndexConfig, index: Any, plan: FillPlan, n_old: int) -> np.ndarray:
+    """Add the plan's rows, a batch at a time: old rows at their positions (FAISS ids of an IVF
+    index), new ones after, in plan order. Returns which plan rows were added as new rows (a bool
+    each); an old row that did not come is an error (its position would be a hole)."""
+    came = np.zeros(plan.rows.rows, dtype=bool)
+    n_new = old_came = 0
     batch = fill_batch_rows(index.d, cfg.budget)
-    batches = iter_features(ws, cfg.featureset, ids=wanted, batch_rows=batch, as_keys=True)
-    with progress(total=len(wanted), desc=f"index {cfg.index_name}", unit="row") as bar:
-        for done, (keys, X) in enumerate(batches, 1):
+    with progress(total=plan.rows.rows, desc=f"index {cfg.index_name}", unit="row") as bar:
+        for done, (at, X) in enumerate(iter_planned(cfg.featureset, plan.rows, batch), 1):
             X = normalise(X)
-            if old_pos is not None:
-                labels = old_pos.positions(keys)
+            if plan.old_at is not None:
+                labels = plan.old_at.read(int(at[0]), int(at[-1]) + 1)[at - at[0]]
                 fresh = labels < 0
-                labels[fresh] = len(old_ids) + n_added + np.arange(int(fresh.sum()))
+                old_came += len(labels) - int(fresh.sum())
+                labels[fresh] = n_old + n_new + np.arange(int(fresh.sum()))
                 index.add_with_ids(X, labels)
+                came[at[fresh]] = True
+                n_new += int(fresh.sum())
             else:  # rows in order: plain add works for every kind
-                fresh = np.ones(len(keys), dtype=bool)
                 index.add(X)
-            if fresh.any():
-                r = wanted.ranks(keys[fresh])
-                added[n_added : n_added + len(r)] = r
-                n_added += len(r)
+                came[at] = True
             if done % TRIM_EVERY == 0:  # the inverted lists grow by reallocation: hand their old buffers back
                 release_freed_memory()
-            bar.update(len(keys))
-    if index.ntotal != before + len(old_ids) + n_added:
+            bar.update(len(at))
+    if old_came != n_old:
         raise ImgfeatError(
-            f"index {cfg.index_name}: {before + len(old_ids) + n_added - index.ntotal} of its images no "
-            f"longer have a feature row in {cfg.featureset}; build a new index under another --name"
+            f"index {cfg.index_name}: {n_old - old_came} of its images no longer have a feature row "
+            f"in {cfg.featureset}; build a new index under another --name"
         )
-    return added[:n_added]
+    return came
 
 
-def _extended(
-    ws: Workspace, cfg: IndexConfig, prev: IndexInfo, old: pa.Table, new: KeySet
-) -> tuple[Any, IndexParams, IdRows]:  # the FAISS index, its parameters, the ids table
-    """The committed index with the new rows added after its own, streamed from the shards."""
-    index = read_faiss(ws, prev)
-    wanted = KeyIndex(new.keys())
-    added = _add_streamed(ws, cfg, index, wanted, pa.array([], pa.string()))
-    return index, prev.params, _id_rows(ws, cfg, old, wanted, added)
+def _extended(ws: Workspace, cfg: IndexConfig, prev: IndexInfo, old: pa.Table, new: KeySet) -> Built:
+    """The committed index with the new rows added after its own, streamed from the shards (planned
+    before the index is read: ``_fresh_streamed``)."""
+    wanted = KeyIndex(new.take())  # (`new` is left empty)
+    plan = _plan(ws, cfg, wanted, pa.array([], pa.string()))
+    try:
+        keys = plan.set_aside(wanted)
+        del wanted
+        release_freed_memory()
+        index = read_faiss(ws, prev)
+        came = _fill(cfg, index, plan, 0)
+    except BaseException:
+        plan.close()
+        raise
+    return Built(
+        index, prev.params, lambda: _id_rows(ws, cfg, old, KeyIndex(keys.read()), plan.ranks_of(came)), plan.scratch
+    )
 
 
 @dataclass(frozen=True)
@@ -483,36 +568,49 @@ def _commit(
     cfg: IndexConfig,
     fs_info: JsonObject,
     prev: IndexInfo | None,
-    index: Any,  # a FAISS index
-    params: IndexParams,
-    table: IdRows,
+    built: Built,
     run_id: str,
 ) -> IndexInfo:
     """Index file (new name), ids.parquet (old rows stay its prefix), then the provenance: the commit.
 
+    The index is let go once its file is written, before its ids table is made (``Built``).
     ``prev`` is the provenance before (its creation time is kept).
     """
     faiss = import_faiss()
 
     folder, files = ws.index_dir(cfg.index_name), ws.index_files_dir(cfg.index_name)
     index_file = f"{INDEX_PREFIX}{run_id}{INDEX_SUFFIX}"
-    with atomic_path(files / index_file) as tmp:
-        faiss.write_index(index, str(tmp))
-    digest = IdsDigest()
-    with atomic_path(folder / IDS_FILE) as tmp, pq.ParquetWriter(tmp, S.INDEX_IDS_SCHEMA, compression="zstd") as out:
-        for batch in table.batches():
-            out.write_batch(batch)
-            digest.update(batch.column(0))
+    try:
+        index, built.index = built.index, None
+        with atomic_path(files / index_file) as tmp:
+            faiss.write_index(index, str(tmp))
+        rows, dim = int(index.ntotal), int(index.d)
+        del index
+        release_freed_memory()
+        digest = IdsDigest()
+        table = built.id_rows()
+        try:
+            with (
+                atomic_path(folder / IDS_FILE) as tmp,
+                pq.ParquetWriter(tmp, S.INDEX_IDS_SCHEMA, compression="zstd") as out,
+            ):
+                for batch in table.batches():
+                    out.write_batch(batch)
+                    digest.update(batch.column(0))
+        finally:
+            table.close()
+    finally:
+        built.close()
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     fingerprint = fs_info.get("fingerprint")  # a string in every provenance extract writes
     info = IndexInfo(
         name=cfg.index_name,
         featureset=cfg.featureset,
         featureset_fingerprint=fingerprint if isinstance(fingerprint, str) else None,
-        dim=int(index.d),
+        dim=dim,
         datasets=tuple(cfg.datasets),
-        params=params,
-        rows=int(index.ntotal),
+        params=built.params,
+        rows=rows,
         ids_digest=digest.hexdigest(),
         index_file=index_file,
         created_at=prev.created_at if prev else now,

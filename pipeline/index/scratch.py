@@ -127,6 +127,51 @@ class VectorStore:
         self.close()
 
 
+class ScratchArray:
+    """A one-dimensional array of one dtype in an unnamed scratch file: appended in order, read back
+    whole or a range at a time (what a stage sets aside while something bigger holds the memory)."""
+
+    def __init__(self, dtype: np.dtype | type, folder: Path | None = None) -> None:
+        self._folder = Path(folder) if folder is not None else Path(tempfile.gettempdir())
+        self._file = scratch_file(folder)
+        self.dtype = np.dtype(dtype)
+        self.n = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def append(self, a: np.ndarray) -> None:
+        a = np.ascontiguousarray(a, self.dtype).reshape(-1)
+        if len(a):
+            with scratch_writes(self._folder):
+                _write_all(self._file.fileno(), a.view(np.uint8), self.n * self.dtype.itemsize)
+            self.n += len(a)
+
+    def read(self, lo: int = 0, hi: int | None = None) -> np.ndarray:
+        """Items ``lo`` to ``hi`` (clipped; all by default): one read."""
+        lo, hi = max(0, lo), self.n if hi is None else min(self.n, hi)
+        out = np.empty(max(0, hi - lo), self.dtype)
+        if len(out):
+            _read_into(self._file.fileno(), out.view(np.uint8), lo * self.dtype.itemsize)
+        return out
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> ScratchArray:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _write_all(fd: int, a: np.ndarray, offset: int) -> None:
+    view = a.data.cast("B")
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
 Vectors: TypeAlias = "np.ndarray | VectorStore"  # unit rows in memory, or in a scratch file
 
 

@@ -287,6 +287,46 @@ def test_a_copied_index_answers_to_its_folder_name(ws):
     assert Index.open(ws, "copy").name == "copy" and len(Index.open(ws, "copy")) == 40
 
 
+def test_an_index_grows_from_its_committed_rows_read_a_row_group_at_a_time(ws):
+    """An extension copies the committed rows of ids.parquet (the provenance's prefix: rows a
+    crash left after it are not the index's) a row group at a time into the new ids file, and
+    checks them as it copies: a file changed between the read of its ids and the copy commits
+    nothing."""
+    from imgfeat.index import Index, IndexConfig, build_index
+    from imgfeat.index import build as B
+
+    ids = featureset(ws, n=300)
+    build_index(ws, IndexConfig("fs", name="ix", kind="flat"), "r1")
+    path = ws.index_dir("ix") / "ids.parquet"
+    committed = pq.read_table(path)
+    stray = committed.slice(0, 7).set_column(0, committed.schema.field(0), pa.array([f"{k:032x}" for k in range(7)]))
+    pq.write_table(pa.concat_tables([committed, stray]), path, row_group_size=64)  # 5 groups, 7 stray rows
+    assert Index.open(ws, "ix").ids == ids
+    more = [fake_image_id("more", k) for k in range(20)]
+    write_featureset(ws, "fs", more, np.random.default_rng(5).standard_normal((20, 16)), "float32", run_id="r2")
+    out = build_index(ws, IndexConfig("fs", name="ix", kind="flat"), "r2")
+    assert (out.added, out.rows) == (20, 320)
+    assert Index.open(ws, "ix").ids == ids + more
+    assert pq.read_table(path)["image_id"].to_pylist() == ids + more
+
+    real = B._id_rows
+
+    def tampered(*args):  # the committed rows swapped while the new index is being made
+        t = pq.read_table(path)
+        pq.write_table(t.take(pa.array([1, 0, *range(2, t.num_rows)])), path)
+        return real(*args)
+
+    later = [fake_image_id("later", k) for k in range(5)]
+    write_featureset(ws, "fs", later, np.random.default_rng(6).standard_normal((5, 16)), "float32", run_id="r3")
+    B._id_rows = tampered
+    try:
+        with pytest.raises(ImgfeatError, match=r"ids.parquet does not match .*_index.json; rebuild it"):
+            build_index(ws, IndexConfig("fs", name="ix", kind="flat"), "r3")
+    finally:
+        B._id_rows = real
+    assert json.loads((ws.index_files_dir("ix") / "_index.json").read_text())["rows"] == 320  # nothing committed
+
+
 def test_an_ids_file_that_does_not_match_names_both_files_and_rebuild(ws):
     import pyarrow.parquet as pq
 

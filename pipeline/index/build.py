@@ -48,6 +48,7 @@ from imgfeat.index.files import (
     INDEX_PREFIX,
     INDEX_SUFFIX,
     PROVENANCE_FILE,
+    CommittedIds,
     IdsDigest,
     IndexInfo,
     checked_index_file,
@@ -55,7 +56,6 @@ from imgfeat.index.files import (
     migrate_layout,
     provenance_path,
     read_faiss,
-    read_ids,
     read_info,
     refuse_links,
 )
@@ -177,9 +177,9 @@ def build_index(ws: Workspace, cfg: IndexConfig, run_id: str) -> IndexSummary:
         migrate_layout(ws, name)
         before = _previous(ws, cfg)
         prev = None if cfg.rebuild else before  # a rebuild reads nothing of the old files but its kind
-        old = read_ids(ws, prev) if prev else S.INDEX_IDS_SCHEMA.empty_table()
+        old = CommittedIds.of(ws, prev) if prev else CommittedIds(None)
         covered, missing = _covered_ids(ws, cfg)
-        new = covered.without(old[S.IMAGE_ID])
+        new = covered.without(old.keys()) if old.num_rows else covered
         del covered
         added = len(new)  # (`new` is consumed by the build below)
         total = old.num_rows + added
@@ -287,12 +287,12 @@ class Built:
             part.close()
 
 
-def _fresh(ws: Workspace, cfg: IndexConfig, params: IndexParams, old: pa.Table, new: KeySet) -> Built:
+def _fresh(ws: Workspace, cfg: IndexConfig, params: IndexParams, old: CommittedIds, new: KeySet) -> Built:
     """Every row, old ones first in their committed order (so the old ids file stays a prefix)."""
     if params.kind in ("ivf", "ivfpq"):
         return _fresh_streamed(ws, cfg, params, old, new)
     # a flat or HNSW index holds every vector in memory anyway: ids as Python strings are small beside them
-    old_ids = old[S.IMAGE_ID].to_pylist()
+    old_ids = as_strings(old.keys())
     new_ids = set(as_strings(new.keys()))
     ids, X = read_vectors(ws, cfg.featureset, new_ids.union(old_ids))
     pos = {i: k for k, i in enumerate(ids)}
@@ -315,7 +315,7 @@ def _fresh(ws: Workspace, cfg: IndexConfig, params: IndexParams, old: pa.Table, 
     return Built(index, params, lambda: _id_rows(ws, cfg, old, added, added.ranks(in_order)))
 
 
-def _fresh_streamed(ws: Workspace, cfg: IndexConfig, params: IndexParams, old: pa.Table, new: KeySet) -> Built:
+def _fresh_streamed(ws: Workspace, cfg: IndexConfig, params: IndexParams, old: CommittedIds, new: KeySet) -> Built:
     """An IVF index trained on a seeded sample and filled a batch at a time from the shards.
 
     In three phases that never hold their memory at once: the ids (a compact key each) choose the
@@ -323,7 +323,8 @@ def _fresh_streamed(ws: Workspace, cfg: IndexConfig, params: IndexParams, old: p
     filled from the plan, a bit per feature row; once it is written and let go, the ids come back
     for its ids table. Rows keep ``_fresh``'s order (old ones at their committed positions, new
     ones after in shard order) through FAISS ids."""
-    new.add(old[S.IMAGE_ID])  # `new` becomes every id (consumed: one array of keys, not two)
+    old_keys = old.keys()  # in their committed order: each keeps its position
+    new.add(old_keys)  # `new` becomes every id (consumed: one array of keys, not two)
     everything = KeyIndex(new.take())  # sorted and distinct: owns that array, ranks in its order
     total = len(everything)
     dim = featureset_dim(ws, cfg.featureset)
@@ -331,10 +332,10 @@ def _fresh_streamed(ws: Workspace, cfg: IndexConfig, params: IndexParams, old: p
     pool = everything.keys()  # sorted: a seeded sample of ids, the same whatever the shard order
     _, sample = read_vectors(ws, cfg.featureset, as_strings(pool[sample_rows(len(pool), size, params.seed)]))
     del pool
-    plan = _plan(ws, cfg, everything, old[S.IMAGE_ID])
+    plan = _plan(ws, cfg, everything, old_keys)
     try:
         keys = plan.set_aside(everything)
-        del everything
+        del everything, old_keys
         release_freed_memory()  # the id sets and their transient copies
         index = make_index(params, dim)
         params = train_on_sample(index, params, sample, total)
@@ -375,15 +376,20 @@ class FillPlan:
 
     def ranks_of(self, rows: np.ndarray) -> np.ndarray:
         """The ranks of the plan rows marked in ``rows`` (a bool by plan row), in plan order."""
-        ranks: np.ndarray = self.ranks.read()[rows]
-        return ranks
+        out = np.empty(int(rows.sum()), self.ranks.dtype)
+        n, step = 0, 1 << 20
+        for lo in range(0, len(rows), step):
+            part = self.ranks.read(lo, lo + step)[rows[lo : lo + step]]
+            out[n : n + len(part)] = part
+            n += len(part)
+        return out
 
     def close(self) -> None:
         for part in self.scratch:
             part.close()
 
 
-def _plan(ws: Workspace, cfg: IndexConfig, wanted: KeyIndex, old_ids: pa.ChunkedArray | pa.Array) -> FillPlan:
+def _plan(ws: Workspace, cfg: IndexConfig, wanted: KeyIndex, old_ids: np.ndarray) -> FillPlan:
     """Plan the fill with the rows of ``wanted`` (``featureset.plan_rows``); ``old_ids``, the rows
     an index keeps, take their positions."""
     ranks = ScratchArray(np.int32 if len(wanted) < 2**31 else np.int64)
@@ -453,11 +459,11 @@ def _fill(cfg: IndexConfig, index: Any, plan: FillPlan, n_old: int) -> np.ndarra
     return came
 
 
-def _extended(ws: Workspace, cfg: IndexConfig, prev: IndexInfo, old: pa.Table, new: KeySet) -> Built:
+def _extended(ws: Workspace, cfg: IndexConfig, prev: IndexInfo, old: CommittedIds, new: KeySet) -> Built:
     """The committed index with the new rows added after its own, streamed from the shards (planned
     before the index is read: ``_fresh_streamed``)."""
     wanted = KeyIndex(new.take())  # (`new` is left empty)
-    plan = _plan(ws, cfg, wanted, pa.array([], pa.string()))
+    plan = _plan(ws, cfg, wanted, np.zeros(0, "S1"))
     try:
         keys = plan.set_aside(wanted)
         del wanted
@@ -480,7 +486,7 @@ class IdRows:
     open from the moment they were matched (a rescan that replaces a manifest meanwhile replaces
     the file's name, not the file read). At 10M synthetic rows the paths alone were 260 MB."""
 
-    old: pa.Table
+    old: CommittedIds  # read again as it is copied (never held as a table)
     ids: KeyIndex  # the new rows' ids are ids.keys()[ranks]
     ranks: np.ndarray
     src: np.ndarray  # by rank: the manifest row (position in its file) holding its path (-1: none)
@@ -490,10 +496,10 @@ class IdRows:
 
     @property
     def num_rows(self) -> int:
-        return int(self.old.num_rows) + len(self.ranks)
+        return self.old.num_rows + len(self.ranks)
 
     def batches(self, rows: int = 65_536) -> Iterator[pa.RecordBatch]:
-        yield from self.old.cast(S.INDEX_IDS_SCHEMA).to_batches()
+        yield from self.old.batches()
         names = pa.array(self.names, pa.string())
         for start in range(0, len(self.ranks), rows):
             r = self.ranks[start : start + rows]
@@ -522,7 +528,7 @@ class IdRows:
             rows.close()
 
 
-def _id_rows(ws: Workspace, cfg: IndexConfig, old: pa.Table, ids: KeyIndex, ranks: np.ndarray) -> IdRows:
+def _id_rows(ws: Workspace, cfg: IndexConfig, old: CommittedIds, ids: KeyIndex, ranks: np.ndarray) -> IdRows:
     """The ids table: ``old``, then the new rows, the ids of these ``ranks`` in ``ids`` in that
     order, each with its first readable manifest row over the datasets in order (dataset and path;
     null if none), the manifests read a row group at a time."""

@@ -13,16 +13,19 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError, ImgfeatError, unknown_value
 from imgfeat.core.hashing import content_hasher
+from imgfeat.core.keys import filled
 from imgfeat.core.results import JsonObject
 from imgfeat.core.storage import FileLock, recorded_file
 from imgfeat.core.workspace import Workspace, check_name
@@ -262,24 +265,63 @@ def read_ids(ws: Workspace, info: IndexInfo) -> pa.Table:
     A crash after ids.parquet grew but before the provenance was replaced leaves extra rows at
     the end; the provenance's row count and digest say which prefix belongs to the index.
     """
-    record = provenance_path(ws, info.name)
-    try:
-        path = recorded_file(ws.index_dir(info.name), IDS_FILE, record)
-        with pq.ParquetFile(path) as pf:
-            table = pf.read().slice(0, info.rows)
-        table = table.select(S.INDEX_IDS_SCHEMA.names).cast(S.INDEX_IDS_SCHEMA)  # ids as text, or an error
-        if table[S.IMAGE_ID].null_count:
-            raise ValueError("an image_id is null")
-        ids = table[S.IMAGE_ID]
-    except ImgfeatError as exc:
-        raise ImgfeatError(f"index {info.name}: {exc}; {rebuild_hint(info.name, info.featureset)}") from None
-    except (OSError, KeyError, ValueError, pa.ArrowException) as exc:  # truncated, not Parquet, columns missing
-        raise damaged(info.name, ws.index_dir(info.name) / IDS_FILE, exc, info.featureset) from None
-    if table.num_rows != info.rows or ids_digest(ids) != info.ids_digest:
-        raise ImgfeatError(
-            f"index {info.name}: {path} does not match {record}; {rebuild_hint(info.name, info.featureset)}"
-        )
-    return table
+    return pa.Table.from_batches(list(CommittedIds.of(ws, info).batches()), S.INDEX_IDS_SCHEMA)
+
+
+@dataclass(frozen=True)
+class CommittedIds:
+    """An index's committed id order (``read_ids``' rows), read from ids.parquet a row group at a
+    time, never held as one table: a 10M-row ids table is about a gigabyte of strings, where an
+    index that grows by a few images needs only its ids as compact keys and its rows copied once
+    into the new ids file. Each read checks the rows against the provenance's count and digest."""
+
+    info: IndexInfo | None  # None: no index yet (no rows)
+    path: Path | None = None  # ids.parquet
+    record: Path | None = None  # the provenance that names it
+
+    @classmethod
+    def of(cls, ws: Workspace, info: IndexInfo) -> CommittedIds:
+        record = provenance_path(ws, info.name)
+        try:
+            path = recorded_file(ws.index_dir(info.name), IDS_FILE, record)
+        except ImgfeatError as exc:
+            raise ImgfeatError(f"index {info.name}: {exc}; {rebuild_hint(info.name, info.featureset)}") from None
+        return cls(info, path, record)
+
+    @property
+    def num_rows(self) -> int:
+        return 0 if self.info is None else self.info.rows
+
+    def batches(self) -> Iterator[pa.RecordBatch]:
+        """The committed rows, a row group at a time, as ``S.INDEX_IDS_SCHEMA`` (ids as text); an
+        ImgfeatError (naming the files, and how to rebuild) once they turn out not to be what the
+        provenance recorded: a consumer must not commit what it made of them before the end."""
+        info, path = self.info, self.path
+        if info is None or path is None:
+            return
+        digest, left = IdsDigest(), info.rows
+        try:
+            with pq.ParquetFile(path) as pf:
+                for group in range(pf.num_row_groups):
+                    if left <= 0:
+                        break
+                    t = pf.read_row_group(group).slice(0, left)
+                    t = t.select(S.INDEX_IDS_SCHEMA.names).cast(S.INDEX_IDS_SCHEMA)  # ids as text, or an error
+                    if t[S.IMAGE_ID].null_count:
+                        raise ValueError("an image_id is null")
+                    left -= t.num_rows
+                    digest.update(t[S.IMAGE_ID])
+                    yield from t.to_batches()
+        except (OSError, KeyError, ValueError, pa.ArrowException) as exc:  # truncated, not Parquet, columns missing
+            raise damaged(info.name, path, exc, info.featureset) from None
+        if left or digest.hexdigest() != info.ids_digest:
+            raise ImgfeatError(
+                f"index {info.name}: {path} does not match {self.record}; {rebuild_hint(info.name, info.featureset)}"
+            )
+
+    def keys(self) -> np.ndarray:
+        """The committed ids as compact keys (``core/keys.py``), in their order."""
+        return filled((b.column(0) for b in self.batches()), self.num_rows)
 
 
 def index_file_path(ws: Workspace, info: IndexInfo) -> Path:

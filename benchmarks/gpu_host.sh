@@ -4,20 +4,23 @@
 # For a GPU host with JAX (CUDA) and no TensorFlow and no network. Before the run, on a machine with
 # the registry, download into an ignored folder of the checkout (.whl/, listed in .git/info/exclude)
 # the wheels that host lacks for Python 3.12: keras, namex, optree, nvidia-nvimgcodec-cu13,
-# nvidia-nvjpeg (and, for the keras-hub cases, keras-hub, kagglehub, regex, packaging, absl-py, rich,
-# ml-dtypes, h5py). Images: $IMAGES if it exists, else N JPEGs of 500x375 made below from crops of
-# the photos scikit-image and scikit-learn ship (imgfeat.tools.samples). Then, on the host:
+# nvidia-nvjpeg (and, for the keras-hub cases, keras-hub, kagglehub, kagglesdk; the H200 host has
+# the rest: absl-py, rich, regex, packaging, ml-dtypes, h5py). Images: $IMAGES if it exists, else N
+# JPEGs of 500x375 made below from crops of the photos scikit-image and scikit-learn ship
+# (imgfeat.tools.samples). Then, on the host:
 #
 #   OUT=/tmp/out bash benchmarks/gpu_host.sh          # N=40000 images of 500x375 by default
 #
-# Writes under $OUT: bench_cpu_decode.json, bench_gpu_decode.json (imgfeat bench --json: input,
-# forward and extract img/s and end_to_end_over_limit) and gpu_decode.json (decode + resize alone,
-# fidelity to the CPU path per image). Targets (issue 12): resnet50 bf16 batch 256 on 40,000
-# 500x375 JPEGs, extract >= 3,300 img/s with CPU decode and >= 10,000 img/s with --decode gpu,
-# end_to_end_over_limit >= 0.85 for both, GPU decode cosine >= 0.999 per image.
-# The keras-hub cases (bench_dinov2.json, bench_clip.json: DINOv2-B/14 with registers and CLIP
-# ViT-B/32 at 224 px, random-init presets written by benchmarks/hub_presets.py, bf16) time the
-# same compiled uint8 path; HUB=0 leaves them out.
+# Writes under $OUT: gpu_decode.json (decode + resize alone on the first DIAG_N=5000 files, where each
+# file went, fidelity to the CPU path per image), bench_cpu_decode.json, bench_gpu_decode.json
+# (imgfeat bench --json: input, forward and extract img/s and end_to_end_over_limit). Targets
+# (issue 12): resnet50 bf16 batch 256 on 40,000 500x375 JPEGs, extract >= 3,300 img/s with CPU
+# decode and >= 10,000 img/s with --decode gpu, end_to_end_over_limit >= 0.85 for both, GPU decode
+# cosine >= 0.999 per image. The keras-hub cases (bench_dinov2.json, bench_clip.json: DINOv2-B/14
+# with registers and CLIP ViT-B/32 at 224 px, random-init presets written by
+# benchmarks/hub_presets.py, bf16) time the same compiled uint8 path; HUB=0 leaves them out, CPU=0
+# the CPU-decode case. Of the 40,000 crops made below, 3 are the same crop of the same photo:
+# content-addressed, they are 39,997 images (extract_inner.extracted).
 set -euo pipefail
 OUT=${OUT:-/tmp/out}
 N=${N:-40000}
@@ -64,19 +67,27 @@ with Pool(os.cpu_count()) as pool:
 PY
 fi
 
+# Each case under its own time limit (STEP_S seconds), the quick diagnostic first: one that hangs costs
+# only its own share of a short device session. Where GPU decode sent each file (the GPU, the CPU
+# path, an error row) is in gpu_decode.json.
+step() { timeout "${STEP_S:-150}" "$@" || echo "step exited $?: $*" >&2; }
+step python3 benchmarks/bench_gpu_decode.py "$IMAGES" --limit "${DIAG_N:-5000}" --out "$OUT/gpu_decode.json" \
+  > "$OUT/gpu_decode.log" 2>&1
 common=(bench --backbone resnet50 --images "$IMAGES" --limit "$N" --precision bfloat16 --batch-size 256
         --skip tutorial --workspace /tmp/bench-ws --json)
-python3 -m imgfeat "${common[@]}" --decode processes > "$OUT/bench_cpu_decode.json" 2> "$OUT/bench_cpu_decode.err" || true
-python3 -m imgfeat "${common[@]}" --decode gpu > "$OUT/bench_gpu_decode.json" 2> "$OUT/bench_gpu_decode.err" || true
-python3 benchmarks/bench_gpu_decode.py "$IMAGES" --limit "$N" --out "$OUT/gpu_decode.json" \
-  > "$OUT/gpu_decode.log" 2>&1 || true
+if [ "${CPU:-1}" = 1 ]; then
+  step python3 -m imgfeat "${common[@]}" --decode processes \
+    > "$OUT/bench_cpu_decode.json" 2> "$OUT/bench_cpu_decode.err"
+fi
+step python3 -m imgfeat "${common[@]}" --decode gpu > "$OUT/bench_gpu_decode.json" \
+  2> "$OUT/bench_gpu_decode.err"
 if [ "${HUB:-1}" = 1 ]; then
-  python3 benchmarks/hub_presets.py /tmp/presets > "$OUT/hub_presets.log" 2>&1 || true
+  step python3 benchmarks/hub_presets.py /tmp/presets > "$OUT/hub_presets.log" 2>&1
   hub=(bench --images "$IMAGES" --limit "$N" --precision bfloat16 --batch-size 256 --skip tutorial
        --workspace /tmp/bench-ws-hub --json)
-  python3 -m imgfeat "${hub[@]}" --backbone /tmp/presets/dinov2_with_registers_base \
-    > "$OUT/bench_dinov2.json" 2> "$OUT/bench_dinov2.err" || true
-  python3 -m imgfeat "${hub[@]}" --backbone /tmp/presets/clip_vit_base_patch32 \
-    > "$OUT/bench_clip.json" 2> "$OUT/bench_clip.err" || true
+  step python3 -m imgfeat "${hub[@]}" --backbone /tmp/presets/dinov2_with_registers_base \
+    > "$OUT/bench_dinov2.json" 2> "$OUT/bench_dinov2.err"
+  step python3 -m imgfeat "${hub[@]}" --backbone /tmp/presets/clip_vit_base_patch32 \
+    > "$OUT/bench_clip.json" 2> "$OUT/bench_clip.err"
 fi
 tail -n 3 "$OUT"/*.json "$OUT"/*.log

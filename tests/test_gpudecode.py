@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import io
 import json
+import os
 import sys
 import types
 from pathlib import Path
@@ -39,7 +40,7 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 class FakeParams:
-    def __init__(self, apply_exif_orientation: bool = True, color_spec: str = "RGB", allow_any_depth: bool = False):
+    def __init__(self, apply_exif_orientation: bool = True, color_spec: str = "SRGB", allow_any_depth: bool = False):
         self.apply_exif_orientation = apply_exif_orientation
         self.color_spec = color_spec
 
@@ -72,9 +73,11 @@ class PillowDecoder:
             return None
 
 
-def fake_module(refuse=()) -> types.SimpleNamespace:
+def fake_module(refuse=(), color_specs=("SRGB",)) -> types.SimpleNamespace:
+    """nvImageCodec 0.9's names: its ColorSpec has SRGB and no RGB."""
     decoder = type("Decoder", (PillowDecoder,), {"refuse": set(refuse)})
-    return types.SimpleNamespace(Decoder=decoder, DecodeParams=FakeParams, ColorSpec=types.SimpleNamespace(RGB="RGB"))
+    spec = types.SimpleNamespace(**{name: name for name in color_specs})
+    return types.SimpleNamespace(Decoder=decoder, DecodeParams=FakeParams, ColorSpec=spec)
 
 
 class HostCodec:
@@ -445,6 +448,36 @@ def test_check_gpu_decode_names_every_missing_piece_at_once(monkeypatch):
         s in text
         for s in ("imgfeat[gpu]", "nvidia-nvimgcodec-cu12", "KERAS_BACKEND=jax", "--fast-decode", "JAX sees no GPU")
     )
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("names, asked", [(("SRGB", "UNCHANGED"), "SRGB"), (("RGB", "UNCHANGED"), "RGB")])
+def test_the_codec_asks_for_rgb_by_the_name_its_binding_has(names, asked):
+    codec = G.NvImageCodec(DecodeConfig(SIZE), module=fake_module(color_specs=names))
+    assert codec._params.color_spec == asked
+
+
+@pytest.mark.quick
+def test_the_codecs_absent_extension_notices_stay_off_stderr(capfd):
+    """nvImageCodec prints several lines to the C stderr when nvJPEG2000 and nvTIFF are absent, at load:
+    those never reach the user; anything else it prints does, unchanged."""
+    noisy = (
+        b"Failed to load nvjpeg2k library! Please install nvJPEG2000 (see https://docs.nvidia.com/...).\n"
+        b"Note: If using nvImageCodec's Python distribution, it is enough to install the nvJPEG2000 wheel\n"
+        b"\x1b[0;31m[ERROR] \x1b[0m[nvtiff_ext] Failed to load nvTIFF library or retrieve version.\n"
+        b"a warning that matters\n"
+    )
+
+    class Loud(PillowDecoder):
+        def __init__(self, options: str = "") -> None:
+            os.write(2, noisy)
+            super().__init__(options)
+
+    module = fake_module()
+    module.Decoder = Loud
+    G.NvImageCodec(DecodeConfig(SIZE), module=module)
+    print("ours", file=sys.stderr)
+    assert capfd.readouterr().err == "a warning that matters\nours\n"
 
 
 # --- the GPU host's benchmark script ------------------------------------------------------------

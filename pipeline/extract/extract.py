@@ -156,9 +156,10 @@ class ExtractConfig:
         metavar="auto|threads|processes|gpu",
         help="where images are decoded: Pillow in threads, or in worker processes writing "
         "into shared batch buffers (auto: processes from %d workers up, where threads "
-        "stop scaling); gpu: JPEGs decoded and resized in batches on the GPU, other "
-        "files on the CPU (pip install 'imgfeat[gpu]', KERAS_BACKEND=jax; its numbers "
-        "differ slightly from Pillow's, so it is part of the fingerprint)" % PROCESS_DECODE_MIN_WORKERS,
+        "stop scaling); gpu (experimental: slower than processes where last measured, see the "
+        "README): JPEGs decoded and resized in batches on the GPU, other files on the CPU "
+        "(pip install 'imgfeat[gpu]', KERAS_BACKEND=jax; its numbers differ slightly from "
+        "Pillow's, so it is part of the fingerprint)" % PROCESS_DECODE_MIN_WORKERS,
     )
 
     def __post_init__(self) -> None:

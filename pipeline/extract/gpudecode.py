@@ -18,9 +18,14 @@ slightly, so the decoder is part of the featureset fingerprint (the recipe's dec
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import importlib
 import logging
+import os
+import re
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -158,19 +163,61 @@ def _plain_jpeg(head: JpegHeader) -> bool:
     return head.components == 3 and head.adobe_transform != 0 and head.component_ids != RGB_COMPONENT_IDS
 
 
-def check_gpu_decode(dcfg: DecodeConfig) -> None:
-    """ConfigError (exit 2) naming every piece GPU decode lacks here: the extra, the backend, a GPU, an option."""
-    problems = [*_option_problems(dcfg)]
+def check_gpu_decode(dcfg: DecodeConfig | None, probe_devices: bool = True) -> None:
+    """ConfigError (exit 2) naming every piece GPU decode lacks here: the extra, the backend, a GPU, an option.
+
+    ``dcfg`` None leaves the options out; ``probe_devices`` False leaves out asking JAX for its devices,
+    for a parent process that must not take the GPU (JAX claims most of its memory on first use)."""
+    problems = [*_option_problems(dcfg)] if dcfg is not None else []
     try:
-        importlib.import_module(CODEC_MODULE)
+        import_codec()
     except (ImportError, OSError) as exc:
         problems.append(f"{CODEC_MODULE} is not importable ({exc}): {GPU_EXTRA}")
     backend = keras_backend()
     if backend != "jax":
         problems.append(f"the Keras backend is {backend!r}, GPU decode runs on JAX: set KERAS_BACKEND=jax")
-    problems.extend(_gpu_problems())
+    if probe_devices:
+        problems.extend(_gpu_problems())
     if problems:
         raise ConfigError("decode 'gpu' cannot run here: " + "; ".join(problems))
+
+
+# nvImageCodec loads every extension it ships; those whose CUDA library is absent (nvJPEG2000, nvTIFF:
+# JPEG 2000 and TIFF, which never reach the GPU here) print several lines to the C-level stderr.
+_ABSENT_EXTENSION = re.compile(r"nvjpeg2k|nvjpeg2000|nvtiff", re.IGNORECASE)
+
+
+@contextlib.contextmanager
+def _codec_stderr_filtered() -> Iterator[None]:
+    """Hold file descriptor 2 while nvImageCodec loads; pass on every line except the absent-extension
+    notices (logged at debug level), so stderr carries only lines that mean something to a user."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            lines = held.read().decode("utf-8", "replace").splitlines()
+            kept = [line for line in lines if not _ABSENT_EXTENSION.search(line)]
+            if len(kept) < len(lines):
+                log.debug("nvImageCodec: the JPEG 2000 / TIFF extensions are unavailable (their libraries are absent)")
+            if kept:
+                sys.stderr.write("\n".join(kept) + "\n")
+                sys.stderr.flush()
+
+
+def import_codec() -> Any:
+    """nvidia.nvimgcodec, imported with its absent-extension notices kept off stderr."""
+    loaded = sys.modules.get(CODEC_MODULE)
+    if loaded is not None:
+        return loaded
+    with _codec_stderr_filtered():
+        return importlib.import_module(CODEC_MODULE)
 
 
 def _option_problems(dcfg: DecodeConfig) -> Iterator[str]:
@@ -204,14 +251,17 @@ class NvImageCodec:
     def __init__(self, dcfg: DecodeConfig, module: Any = None) -> None:
         import jax
 
-        nv = module if module is not None else importlib.import_module(CODEC_MODULE)
+        nv = module if module is not None else import_codec()
         self._from_dlpack = jax.dlpack.from_dlpack
-        try:
-            self._decoder = nv.Decoder(options=CODEC_OPTIONS)
-        except TypeError:  # a binding without decoder options: nvJPEG's default chroma upsampling
-            log.warning("nvImageCodec takes no decoder options: decoding without %s", CODEC_OPTIONS)
-            self._decoder = nv.Decoder()
-        self._params = nv.DecodeParams(apply_exif_orientation=dcfg.exif == "rotate", color_spec=nv.ColorSpec.RGB)
+        with _codec_stderr_filtered():  # the extensions load with the first decoder
+            try:
+                self._decoder = nv.Decoder(options=CODEC_OPTIONS)
+            except TypeError:  # a binding without decoder options: nvJPEG's default chroma upsampling
+                log.warning("nvImageCodec takes no decoder options: decoding without %s", CODEC_OPTIONS)
+                self._decoder = nv.Decoder()
+        # interleaved 8-bit RGB: ColorSpec.SRGB in nvImageCodec 0.9 (which has no RGB), RGB in older bindings
+        rgb = getattr(nv.ColorSpec, "SRGB", None) or nv.ColorSpec.RGB
+        self._params = nv.DecodeParams(apply_exif_orientation=dcfg.exif == "rotate", color_spec=rgb)
 
     def decode(self, datas: Sequence[bytes]) -> list[Any]:
         images = self._decoder.decode(list(datas), self._params)

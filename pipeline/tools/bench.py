@@ -28,6 +28,7 @@ from imgfeat.extract.executors import timed_build
 from imgfeat.extract.executors.local import decoded_batches, default_workers
 from imgfeat.extract.extract import DoneSets, ExtractConfig, Tally, walk_manifest
 from imgfeat.extract.forward import Forward, in_flight
+from imgfeat.extract.gpudecode import check_gpu_decode
 from imgfeat.extract.recipe import resolve_recipe
 from imgfeat.scan.probe import has_image_extension
 from imgfeat.scan.scan import ScanConfig, run_scan
@@ -84,6 +85,8 @@ class BenchConfig:
 
         if self.decode not in DECODE_MODES:
             raise ConfigError(f"--decode {self.decode!r}: allowed are {', '.join(DECODE_MODES)}")
+        if self.decode == "gpu":  # extract checks the options and the GPU itself; here, before anything runs:
+            check_gpu_decode(None, probe_devices=False)  # this process must leave the GPU to the timed ones
         if not isinstance(self.repeat, int) or self.repeat < 1:
             raise ConfigError(f"--repeat must be a positive integer, got {self.repeat!r}")
         unknown = [p for p in self.paths if p not in PATHS]

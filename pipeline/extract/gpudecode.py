@@ -18,14 +18,10 @@ slightly, so the decoder is part of the featureset fingerprint (the recipe's dec
 from __future__ import annotations
 
 import collections
-import contextlib
 import functools
 import importlib
 import logging
-import os
-import re
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from imgfeat.core.errors import ConfigError
+from imgfeat.core.logs import native_stderr_to_debug
 from imgfeat.core.schemas import ErrorRow
 from imgfeat.extract.batches import (
     Batch,
@@ -183,40 +180,16 @@ def check_gpu_decode(dcfg: DecodeConfig | None, probe_devices: bool = True) -> N
 
 
 # nvImageCodec loads every extension it ships; those whose CUDA library is absent (nvJPEG2000, nvTIFF:
-# JPEG 2000 and TIFF, which never reach the GPU here) print several lines to the C-level stderr.
-_ABSENT_EXTENSION = re.compile(r"nvjpeg2k|nvjpeg2000|nvtiff", re.IGNORECASE)
-
-
-@contextlib.contextmanager
-def _codec_stderr_filtered() -> Iterator[None]:
-    """Hold file descriptor 2 while nvImageCodec loads; pass on every line except the absent-extension
-    notices (logged at debug level), so stderr carries only lines that mean something to a user."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as held:
-        os.dup2(held.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            held.seek(0)
-            lines = held.read().decode("utf-8", "replace").splitlines()
-            kept = [line for line in lines if not _ABSENT_EXTENSION.search(line)]
-            if len(kept) < len(lines):
-                log.debug("nvImageCodec: the JPEG 2000 / TIFF extensions are unavailable (their libraries are absent)")
-            if kept:
-                sys.stderr.write("\n".join(kept) + "\n")
-                sys.stderr.flush()
+# JPEG 2000 and TIFF, which never reach the GPU here) print several lines to the C-level stderr, which
+# go to the native logger at debug level, as TensorFlow's do.
 
 
 def import_codec() -> Any:
-    """nvidia.nvimgcodec, imported with its absent-extension notices kept off stderr."""
+    """nvidia.nvimgcodec, imported with what it prints to fd 2 logged at debug level."""
     loaded = sys.modules.get(CODEC_MODULE)
     if loaded is not None:
         return loaded
-    with _codec_stderr_filtered():
+    with native_stderr_to_debug():
         return importlib.import_module(CODEC_MODULE)
 
 
@@ -253,7 +226,7 @@ class NvImageCodec:
 
         nv = module if module is not None else import_codec()
         self._from_dlpack = jax.dlpack.from_dlpack
-        with _codec_stderr_filtered():  # the extensions load with the first decoder
+        with native_stderr_to_debug():  # the extensions load with the first decoder
             try:
                 self._decoder = nv.Decoder(options=CODEC_OPTIONS)
             except TypeError:  # a binding without decoder options: nvJPEG's default chroma upsampling

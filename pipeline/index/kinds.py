@@ -22,6 +22,10 @@ TRAIN_ITERATIONS = 10  # k-means rounds (FAISS' default, 25, costs 2.5x for litt
 PQ_BITS = 8  # bits per product-quantizer code: 256 centroids per sub-vector, one byte each
 PQ_CENTROIDS = 1 << PQ_BITS
 PQ_MIN_ROWS = PQ_CENTROIDS  # k-means of 256 centroids needs at least that many training rows
+# Rows each sub-quantizer's k-means trains on, per centroid (FAISS's default is 256: 65,536 rows for
+# every one of up to dim/2 sub-quantizers). 64 (16,384 rows) trained a 576-d, 288-code PQ in 15 s
+# instead of 35, with the same recall on its own rows; the coarse quantizer keeps its sample.
+PQ_TRAIN_POINTS_PER_CENTROID = 64
 ID_BYTES = 8  # FAISS keeps an int64 id per row in each inverted list
 FILL_BATCH_ROWS = 8192  # rows read and added at a time when an index is filled from its shards
 
@@ -227,6 +231,7 @@ def train_on_sample(index, params: IndexParams, sample: np.ndarray, total: int) 
         index.pq.cp.seed = params.seed
         index.pq.cp.niter = params.train_iterations or TRAIN_ITERATIONS
         index.pq.cp.min_points_per_centroid = 1
+        index.pq.cp.max_points_per_centroid = PQ_TRAIN_POINTS_PER_CENTROID
     index.train(np.ascontiguousarray(sample, dtype=np.float32))
     return replace(params, trained_on=len(sample), rows_at_training=total)
 
@@ -300,6 +305,7 @@ def two_level_index(params: IndexParams, sample: np.ndarray, total: int) -> tupl
         index.pq.cp.seed = params.seed
         index.pq.cp.niter = params.train_iterations or TRAIN_ITERATIONS
         index.pq.cp.min_points_per_centroid = 1
+        index.pq.cp.max_points_per_centroid = PQ_TRAIN_POINTS_PER_CENTROID
     elif params.kind == "ivf":
         index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
     else:

@@ -302,3 +302,48 @@ def test_ctrl_c_stops_the_workers_and_unlinks_the_segment(tmp_path):
     while any(os.path.exists(f"/proc/{pid}") for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(os.path.exists(f"/proc/{pid}") for pid in pids)
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that says it is width x height gray pixels, with one short IDAT: enough for Image.open."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("decode", ["threads", "processes"])
+def test_an_image_over_the_pixel_limit_is_an_error_row_and_no_warning_line(tmp_path, decode):
+    """Pillow warns (DecompressionBombWarning) for an image between its pixel limit and twice it;
+    extract makes the file a too_large error row, and stderr shows ours, not Pillow's warning.
+    A fresh process with the command line's logging: its decode workers start there too."""
+    import subprocess
+
+    path = tmp_path / "huge.png"
+    path.write_bytes(_png_header(10_000, 10_000))  # 100M pixels: over Pillow's 89.5M, under twice it
+    code = f"""
+import logging, sys
+from imgfeat.core.hashing import content_id
+from imgfeat.core.logs import setup_logging
+from imgfeat.extract.batches import InputSpec, Item, make_batch
+from imgfeat.extract.decode import DecodeConfig
+from imgfeat.extract.decodepool import process_batches
+setup_logging("info")
+data = open({str(path)!r}, "rb").read()
+items = [Item(content_id(data), {str(path)!r})]
+spec = InputSpec(DecodeConfig((12, 16)), batch_size=2)
+if {decode!r} == "threads":
+    batches = [make_batch(items, spec, "run1")]
+else:
+    batches = list(process_batches(items, spec, "run1", workers=1, ahead=1))
+errors = [e for b in batches for e in b.errors]
+logging.getLogger("imgfeat").info("codes %s", [e.error_code for e in errors])
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "codes ['too_large']" in res.stderr
+    assert "DecompressionBomb" not in res.stderr and "exceeds limit" not in res.stderr, res.stderr

@@ -54,7 +54,12 @@ def quiet_native_logs(level: str = "info") -> None:
 # Warnings of other packages that say nothing to a user of imgfeat, shown only at --log-level debug.
 # scikit-learn's one-vs-rest threads (SGDClassifier n_jobs) intermittently warn that `delayed` ran
 # outside its Parallel (its captured warning filters were empty): hundreds of lines per streamed fit.
-SPURIOUS_WARNINGS = ("`sklearn.utils.parallel.delayed` should be used with",)
+SPURIOUS_WARNINGS = (
+    "`sklearn.utils.parallel.delayed` should be used with",
+    # Pillow's, for an image between its pixel limit and twice it: scan and extract make such a
+    # file a too_large error row themselves, so the warning only repeats it
+    "DecompressionBombWarning",
+)
 
 
 class DemoteSpurious(logging.Filter):

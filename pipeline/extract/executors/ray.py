@@ -30,12 +30,14 @@ import logging
 import math
 import os
 import tempfile
+import warnings
 from collections.abc import Generator, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+from PIL import Image
 
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError, ImgfeatError
@@ -104,6 +106,9 @@ class ShardActor:
     """A backbone actor: built once from the job, then the shard task on each shard of todo rows."""
 
     def __init__(self, job: ExtractJob, seam: ShardSeam, workers: int | None, depth: int = DEFAULT_DEPTH) -> None:
+        # this actor's process is ours: a file between Pillow's pixel limit and twice it is a
+        # too_large error row, not also a warning line forwarded to the driver
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
         if job.inputs.storage:  # --storage-option of the driver: this process reads the same objects
             set_storage_options(dict(job.inputs.storage))
         if job.workspace_uri is not None:

@@ -2,14 +2,15 @@
 
     KERAS_BACKEND=jax python3 benchmarks/bench_gpu_decode.py /tmp/imgs --limit 40000 --out gpu_decode.json
 
-Runs ``gpu_batches`` (read + content check on CPU threads, one batched nvJPEG call per batch,
-one compiled resize per size bucket) over the first N files of a folder, blocking on each batch's
-device array, and prints one JSON object: img/s per pass (the first pass includes compiles), the
-codec's decode alone on bytes in memory, and per-image cosine / max abs difference against the
-CPU path (``make_batch``) for the first ``--compare`` files and for JPEGs tagged with each EXIF
-orientation under both exif modes (stderr says so when any is below 0.999, or fell back to the
-CPU). Needs only numpy, Pillow, pyarrow, jax with its CUDA plugin and nvidia-nvimgcodec (no Keras,
-no install of this checkout: it is put on the path).
+Runs ``gpu_batches`` (read + content check on CPU threads, one batched nvJPEG call per batch, one
+compiled resize per size bucket) over the first N files of a folder, blocking on each batch's device
+array, and prints one JSON object: img/s per pass (the first pass includes compiles), the codec's
+decode alone on bytes in memory (as extract asks for it, and with the codec's plain chroma
+upsampling instead of libjpeg's, to show what that costs), and per-image cosine / max abs difference
+against the CPU path (``make_batch``) for the first ``--compare`` files and for JPEGs tagged with
+each EXIF orientation under both exif modes (stderr says so when any is below 0.999, or fell back to
+the CPU). Needs only numpy, Pillow, pyarrow, jax with its CUDA plugin and nvidia-nvimgcodec (no
+Keras, no install of this checkout: it is put on the path).
 Where something is missing (no GPU, no extra) it exits 2 saying what.
 """
 
@@ -186,8 +187,11 @@ def main(argv=None) -> int:
         "exif": args.exif,
         "device": str(jax.devices()[0]),
         "jax": jax.__version__,
-        "passes": [timed_pass(items, spec, args, codec) for _ in range(args.passes)],
+        # the codec alone first (a stalled pass below still leaves these), then with libjpeg's
+        # fancy upsampling off: what asking nvJPEG for libjpeg's chroma upsampling costs
         "decode_only_images_per_s": decode_only(items, args, codec),
+        "decode_only_images_per_s_plain_upsampling": decode_only(items, args, NvImageCodec(dcfg, options="")),
+        "passes": [timed_pass(items, spec, args, codec) for _ in range(args.passes)],
         "fidelity": compare(items[: args.compare], spec, args, codec),
         "exif_orientations": exif_check(args),
         "compiles": len(device_kernels(dcfg.interpolation, dcfg.size).compiles),

@@ -505,7 +505,7 @@ def test_bench_runs_its_passes_with_a_codec(tmp_path, monkeypatch, capsys):
     write_items(tmp_path / "imgs", files)
     monkeypatch.setattr(G, "check_gpu_decode", lambda dcfg: None)
     real = G.NvImageCodec
-    monkeypatch.setattr(G, "NvImageCodec", lambda dcfg: real(dcfg, module=fake_module()))
+    monkeypatch.setattr(G, "NvImageCodec", lambda dcfg, **kw: real(dcfg, module=fake_module(), **kw))
     out = tmp_path / "out.json"
     args = [str(tmp_path / "imgs"), "--size", "36", "--batch-size", "4", "--workers", "2", "--out", str(out)]
     assert bench_module().main(args) == 0
@@ -514,6 +514,7 @@ def test_bench_runs_its_passes_with_a_codec(tmp_path, monkeypatch, capsys):
     assert [p["rows"] for p in result["passes"]] == [len(files)] * 2
     assert result["fidelity"]["compared"] == len(files) and result["fidelity"]["min_cosine"] >= MIN_COSINE
     assert result["fidelity"]["max_abs_diff"] <= MAX_ABS_DIFF and result["decode_only_images_per_s"] > 0
+    assert result["decode_only_images_per_s_plain_upsampling"] > 0
     for mode in ("rotate", "ignore"):
         check = result["exif_orientations"][mode]
         assert check["compared"] == 8 and check["ok"] and check["max_abs_diff"] <= MAX_ABS_DIFF

@@ -219,18 +219,19 @@ def _gpu_problems() -> list[str]:
 
 class NvImageCodec:
     """nvImageCodec's batched decoder, bound to one EXIF mode: JPEG bytes in, uint8 (h, w, 3) JAX arrays
-    on the GPU out (None where it could not decode). ``module`` replaces nvidia.nvimgcodec in tests."""
+    on the GPU out (None where it could not decode). ``module`` replaces nvidia.nvimgcodec in tests;
+    ``options`` "" gives the codec's defaults (nvJPEG's plain chroma upsampling: for measuring only)."""
 
-    def __init__(self, dcfg: DecodeConfig, module: Any = None) -> None:
+    def __init__(self, dcfg: DecodeConfig, module: Any = None, options: str = CODEC_OPTIONS) -> None:
         import jax
 
         nv = module if module is not None else import_codec()
         self._from_dlpack = jax.dlpack.from_dlpack
         with native_stderr_to_debug():  # the extensions load with the first decoder
             try:
-                self._decoder = nv.Decoder(options=CODEC_OPTIONS)
+                self._decoder = nv.Decoder(options=options) if options else nv.Decoder()
             except TypeError:  # a binding without decoder options: nvJPEG's default chroma upsampling
-                log.warning("nvImageCodec takes no decoder options: decoding without %s", CODEC_OPTIONS)
+                log.warning("nvImageCodec takes no decoder options: decoding without %s", options)
                 self._decoder = nv.Decoder()
         # interleaved 8-bit RGB: ColorSpec.SRGB in nvImageCodec 0.9 (which has no RGB), RGB in older bindings
         rgb = getattr(nv.ColorSpec, "SRGB", None) or nv.ColorSpec.RGB

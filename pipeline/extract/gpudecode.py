@@ -182,8 +182,6 @@ def check_gpu_decode(dcfg: DecodeConfig | None, probe_devices: bool = True) -> N
 # nvImageCodec loads every extension it ships; those whose CUDA library is absent (nvJPEG2000, nvTIFF:
 # JPEG 2000 and TIFF, which never reach the GPU here) print several lines to the C-level stderr, which
 # go to the native logger at debug level, as TensorFlow's do.
-
-
 def import_codec() -> Any:
     """nvidia.nvimgcodec, imported with what it prints to fd 2 logged at debug level."""
     loaded = sys.modules.get(CODEC_MODULE)

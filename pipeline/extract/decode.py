@@ -37,6 +37,7 @@ import io
 import logging
 import os
 import stat
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -251,6 +252,14 @@ def _centre_crop(img: Image.Image, h: int, w: int) -> Image.Image:
     if (crop_w, crop_h) == (width, height):
         return img
     return img.crop((left, top, left + crop_w, top + crop_h))
+
+
+def own_pixel_limit_warnings() -> None:
+    """For a process of ours that decodes (a decode worker, a Ray actor): Pillow's warning for an
+    image between its pixel limit and twice it is dropped, ``_check_pixels`` makes the file a
+    too_large error row. Never called in a caller's process (a notebook keeps Pillow's warning);
+    the command line demotes it to a debug line instead (``core/logs.SPURIOUS_WARNINGS``)."""
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 def _check_pixels(img: Image.Image) -> None:

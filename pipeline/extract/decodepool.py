@@ -29,7 +29,6 @@ import sys
 import threading
 import time
 import traceback
-import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing import connection, forkserver
@@ -37,7 +36,6 @@ from multiprocessing.shared_memory import SharedMemory
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from imgfeat.core.errors import ConfigError, ImgfeatError
 from imgfeat.core.schemas import ErrorRow
@@ -50,7 +48,7 @@ from imgfeat.extract.batches import (
     decode_error_row,
     decode_item,
 )
-from imgfeat.extract.decode import DecodeError
+from imgfeat.extract.decode import DecodeError, own_pixel_limit_warnings
 
 log = logging.getLogger(__name__)
 
@@ -192,8 +190,7 @@ def _worker_main(
 ) -> None:
     """Decode sub-chunks into the shared ring until the parent closes the task pipe."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops us
-    # a file between Pillow's pixel limit and twice it is a too_large error row: not a warning too
-    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    own_pixel_limit_warnings()
     if nice:
         try:
             os.nice(nice)

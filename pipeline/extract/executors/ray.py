@@ -30,14 +30,12 @@ import logging
 import math
 import os
 import tempfile
-import warnings
 from collections.abc import Generator, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from PIL import Image
 
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError, ImgfeatError
@@ -47,6 +45,7 @@ from imgfeat.core.storage import SHARD_PREFIX, column_values, remove_tree
 from imgfeat.core.stores import parse_location, set_storage_options
 from imgfeat.core.workspace import Workspace
 from imgfeat.extract.batches import Item
+from imgfeat.extract.decode import own_pixel_limit_warnings
 from imgfeat.extract.executors.base import BatchReport, ExecutorConfig, ExtractJob, timed_build
 from imgfeat.extract.executors.local import NO_SEAM, Shard, ShardSeam, default_workers, run_shard, shard_report
 from imgfeat.extract.featureset import committed_ids, errored_ids, feature_shards
@@ -106,9 +105,7 @@ class ShardActor:
     """A backbone actor: built once from the job, then the shard task on each shard of todo rows."""
 
     def __init__(self, job: ExtractJob, seam: ShardSeam, workers: int | None, depth: int = DEFAULT_DEPTH) -> None:
-        # this actor's process is ours: a file between Pillow's pixel limit and twice it is a
-        # too_large error row, not also a warning line forwarded to the driver
-        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+        own_pixel_limit_warnings()  # this actor's process is ours: no warning line forwarded to the driver
         if job.inputs.storage:  # --storage-option of the driver: this process reads the same objects
             set_storage_options(dict(job.inputs.storage))
         if job.workspace_uri is not None:

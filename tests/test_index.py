@@ -173,6 +173,55 @@ def test_crash_mid_write_leaves_the_previous_index_readable(ws, monkeypatch):
     assert sorted(p.name for p in ws.index_files_dir("ix").iterdir()) == ["_index-run3.faiss", "_index.json"]
 
 
+def test_a_full_disk_while_the_index_file_is_written_is_one_line_and_the_old_index_stays(ws, monkeypatch):
+    """FAISS writes the index through our file: a full disk is the one-line disk error (exit 1 from
+    the command line), no partial file is left, the index before is still whole, a rerun completes."""
+    import builtins
+    import errno
+
+    from imgfeat.core.errors import ImgfeatError
+    from imgfeat.index import Index
+
+    X = clustered(300)
+    make_fs(ws, "fs", X[:200])
+    build(ws, "fs", name="ix")
+    Q = clustered(4, seed=5)
+    before = [r.to_json() for r in Index.open(ws, "ix").search(Q, k=5)]
+    make_fs(ws, "fs", X[200:], start=200)
+
+    real_open = builtins.open
+
+    class FullFile:
+        def __init__(self, fh) -> None:
+            self.fh, self.written = fh, 0
+
+        def write(self, data) -> int:
+            if self.written + len(data) > 1000:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.written += len(data)
+            return self.fh.write(data)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            self.fh.close()
+
+    def opener(path, mode="r", *args, **kwargs):
+        fh = real_open(path, mode, *args, **kwargs)
+        return FullFile(fh) if str(path).endswith(".faiss.tmp") and "w" in mode else fh
+
+    monkeypatch.setattr(builtins, "open", opener)
+    with pytest.raises(ImgfeatError, match=r"cannot write .*_index-run2\.faiss: the disk is full$"):
+        build(ws, "fs", "run2", name="ix")
+    monkeypatch.undo()
+    assert sorted(p.name for p in ws.index_files_dir("ix").iterdir()) == ["_index-run1.faiss", "_index.json"]
+    index = Index.open(ws, "ix")
+    assert len(index) == 200 and [r.to_json() for r in index.search(Q, k=5)] == before
+    out = build(ws, "fs", "run3", name="ix")
+    assert (out.added, out.rows) == (100, 300) and len(Index.open(ws, "ix")) == 300
+
+
 @pytest.mark.quick
 def test_bad_input_is_a_clear_error(ws):
     from imgfeat.index import Index

@@ -58,6 +58,7 @@ from imgfeat.index.files import (
     read_faiss,
     read_info,
     refuse_links,
+    write_faiss,
 )
 from imgfeat.index.kinds import (
     ID_BYTES,
@@ -66,7 +67,6 @@ from imgfeat.index.kinds import (
     add_in_chunks,
     check_kind,
     fill_batch_rows,
-    import_faiss,
     list_of,
     make_index,
     presize_lists,
@@ -582,14 +582,12 @@ def _commit(
     The index is let go once its file is written, before its ids table is made (``Built``).
     ``prev`` is the provenance before (its creation time is kept).
     """
-    faiss = import_faiss()
-
     folder, files = ws.index_dir(cfg.index_name), ws.index_files_dir(cfg.index_name)
     index_file = f"{INDEX_PREFIX}{run_id}{INDEX_SUFFIX}"
     try:
         index, built.index = built.index, None
         with atomic_path(files / index_file) as tmp:
-            faiss.write_index(index, str(tmp))
+            write_faiss(index, tmp)
         rows, dim = int(index.ntotal), int(index.d)
         del index
         release_freed_memory()

@@ -349,6 +349,16 @@ def checked_index_file(ws: Workspace, info: IndexInfo) -> Path:
     return path
 
 
+def write_faiss(index: Any, path: Path) -> None:
+    """FAISS' ``write_index`` into a file of ours: its bytes pass through Python's writes, so a full
+    or read-only disk is an OSError (``atomic_path`` makes it one line naming the file and why),
+    not FAISS' RuntimeError with a C++ location. The index is not copied: FAISS hands over chunks."""
+    faiss = import_faiss()
+
+    with open(path, "wb") as fh:
+        faiss.write_index(index, faiss.PyCallbackIOWriter(fh.write))
+
+
 def read_faiss(ws: Workspace, info: IndexInfo):
     """The committed FAISS index (FAISS' own format: reading it runs no code of ours or pickles)."""
     faiss = import_faiss()

@@ -146,9 +146,9 @@ def test_index_folder_reads_as_its_id_order_and_provenance_names_the_featureset(
 
 
 @pytest.mark.quick
-def test_crash_mid_write_leaves_the_previous_index_readable(ws, monkeypatch):
+def indexed_then_grown(ws):
+    """Index "ix" over 200 rows of featureset "fs", then 100 more rows in "fs": (queries, their answers)."""
     from imgfeat.index import Index
-    from imgfeat.index import build as build_mod
 
     X = clustered(300)
     make_fs(ws, "fs", X[:200])
@@ -156,6 +156,14 @@ def test_crash_mid_write_leaves_the_previous_index_readable(ws, monkeypatch):
     Q = clustered(4, seed=5)
     before = [r.to_json() for r in Index.open(ws, "ix").search(Q, k=5)]
     make_fs(ws, "fs", X[200:], start=200)
+    return Q, before
+
+
+def test_crash_mid_write_leaves_the_previous_index_readable(ws, monkeypatch):
+    from imgfeat.index import Index
+    from imgfeat.index import build as build_mod
+
+    Q, before = indexed_then_grown(ws)
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("killed between ids.parquet and the provenance")
@@ -182,12 +190,7 @@ def test_a_full_disk_while_the_index_file_is_written_is_one_line_and_the_old_ind
     from imgfeat.core.errors import ImgfeatError
     from imgfeat.index import Index
 
-    X = clustered(300)
-    make_fs(ws, "fs", X[:200])
-    build(ws, "fs", name="ix")
-    Q = clustered(4, seed=5)
-    before = [r.to_json() for r in Index.open(ws, "ix").search(Q, k=5)]
-    make_fs(ws, "fs", X[200:], start=200)
+    Q, before = indexed_then_grown(ws)
 
     real_open = builtins.open
 

@@ -46,8 +46,14 @@ class FakeParams:
         self.color_spec = color_spec
 
 
+class FakeCodeStream:
+    def __init__(self, data: bytes) -> None:
+        self.data = bytes(data)
+
+
 class PillowDecoder:
-    """nvimgcodec.Decoder's shape: decode(list of bytes, params) -> arrays, None where it cannot decode."""
+    """nvimgcodec 0.9's Decoder: decode(list of CodeStream, *, params) -> arrays, None where it cannot decode.
+    Anything else is a TypeError quoting the arguments, as its binding's is."""
 
     refuse: ClassVar[set[bytes]] = set()  # files this "GPU" declines, like a progressive JPEG nvJPEG refuses
 
@@ -55,9 +61,11 @@ class PillowDecoder:
         self.options = options
         self.calls: list[int] = []
 
-    def decode(self, srcs, params=None):
+    def decode(self, srcs, *, params=None):
+        if not all(isinstance(s, FakeCodeStream) for s in srcs) or not isinstance(params, (FakeParams, type(None))):
+            raise TypeError(f"decode(): incompatible function arguments. Invoked with: {srcs!r}, {params!r}")
         self.calls.append(len(srcs))
-        return [self._one(bytes(s), params or FakeParams()) for s in srcs]
+        return [self._one(s.data, params or FakeParams()) for s in srcs]
 
     def _one(self, data: bytes, params: FakeParams):
         if data in self.refuse:
@@ -78,7 +86,7 @@ def fake_module(refuse=(), color_specs=("SRGB",)) -> types.SimpleNamespace:
     """nvImageCodec 0.9's names: its ColorSpec has SRGB and no RGB."""
     decoder = type("Decoder", (PillowDecoder,), {"refuse": set(refuse)})
     spec = types.SimpleNamespace(**{name: name for name in color_specs})
-    return types.SimpleNamespace(Decoder=decoder, DecodeParams=FakeParams, ColorSpec=spec)
+    return types.SimpleNamespace(Decoder=decoder, DecodeParams=FakeParams, ColorSpec=spec, CodeStream=FakeCodeStream)
 
 
 class HostCodec:
@@ -89,7 +97,7 @@ class HostCodec:
         self.params = FakeParams(apply_exif_orientation=dcfg.exif == "rotate")
 
     def decode(self, datas):
-        return self.decoder.decode(datas, self.params)
+        return self.decoder.decode([FakeCodeStream(d) for d in datas], params=self.params)
 
 
 # --- files --------------------------------------------------------------------------------------
@@ -248,8 +256,8 @@ def test_fallbacks_give_the_cpu_paths_rows_and_error_rows(tmp_path):
     assert counts["gpu"] in (1, 2)  # ok.jpg, and cut_then_eoi.jpg if Pillow decodes what is left
 
 
-@pytest.mark.parametrize("broken", ["raises", "wrong_shape", "short_list"])
-def test_a_failing_codec_sends_files_to_the_cpu(tmp_path, broken):
+@pytest.mark.parametrize("broken", ["raises", "binding_type_error", "wrong_shape", "short_list"])
+def test_a_failing_codec_sends_files_to_the_cpu(tmp_path, broken, caplog):
     items = write_items(tmp_path, {f"{i}.jpg": jpeg(photo("coffee", 40 + i, 30)) for i in range(3)})
     spec = spec_of(batch_size=4)
 
@@ -257,6 +265,8 @@ def test_a_failing_codec_sends_files_to_the_cpu(tmp_path, broken):
         def decode(self, datas):
             if broken == "raises":
                 raise RuntimeError("nvjpeg exploded")
+            if broken == "binding_type_error":  # a binding of another version: it quotes every argument
+                raise TypeError(f"decode(): incompatible function arguments.\nInvoked with: {list(datas)!r}")
             if broken == "short_list":
                 return [np.zeros((30, 40, 3), np.uint8)]
             return [np.zeros((5, 5, 3), np.uint8) for _ in datas]
@@ -266,6 +276,10 @@ def test_a_failing_codec_sends_files_to_the_cpu(tmp_path, broken):
     want = make_batch(items, spec, RUN)
     assert counts == {"cpu": 3}
     assert batch.ids == want.ids and np.array_equal(np.asarray(batch.raw), want.raw)
+    # the warning is one short line: the reason's first line, never the files' bytes
+    for record in caplog.records:
+        message = record.getMessage()
+        assert "\n" not in message and "\\xff" not in message and len(message) < 400
 
 
 # --- the batch contract -------------------------------------------------------------------------

@@ -234,9 +234,12 @@ class NvImageCodec:
         # interleaved 8-bit RGB: ColorSpec.SRGB in nvImageCodec 0.9 (which has no RGB), RGB in older bindings
         rgb = getattr(nv.ColorSpec, "SRGB", None) or nv.ColorSpec.RGB
         self._params = nv.DecodeParams(apply_exif_orientation=dcfg.exif == "rotate", color_spec=rgb)
+        # nvImageCodec 0.9 decodes CodeStreams (older bindings took bytes) and takes params by keyword only
+        self._stream = getattr(nv, "CodeStream", None)
 
     def decode(self, datas: Sequence[bytes]) -> list[Any]:
-        images = self._decoder.decode(list(datas), self._params)
+        srcs = [self._stream(d) for d in datas] if self._stream is not None else list(datas)
+        images = self._decoder.decode(srcs, params=self._params)
         return [None if img is None else self._from_dlpack(img) for img in images]
 
 
@@ -434,8 +437,13 @@ class GpuBatcher:
         try:
             images = self.codec.decode(datas)
         except Exception as exc:  # a failed batch call: every file of it takes the CPU path
+            # the first line only, cut short: a binding's TypeError quotes every argument, i.e. the files' bytes
+            reason = str(exc).partition("\n")[0][:200]
             log.warning(
-                "GPU decode of %d files failed (%s: %s); decoding them on the CPU", len(datas), type(exc).__name__, exc
+                "GPU decode of %d files failed (%s: %s); decoding them on the CPU",
+                len(datas),
+                type(exc).__name__,
+                reason,
             )
             return [None] * len(datas)
         return list(images) if len(images) == len(datas) else [None] * len(datas)

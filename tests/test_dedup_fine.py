@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 
 from imgfeat.index import dedup
-from imgfeat.index.kinds import IndexParams, two_level_centroids, two_level_index
+from imgfeat.index.kinds import (
+    MIN_POINTS_PER_LIST,
+    IndexParams,
+    streamed_two_level_centroids,
+    two_level_centroids,
+    two_level_index,
+)
 from imgfeat.index.scratch import VectorStore
 
 pytestmark = pytest.mark.quick
@@ -37,6 +43,37 @@ def test_two_level_centroids_are_seeded_unit_rows_spread_over_the_data():
     assert len(two_level_centroids(X[:50], 200, seed=0)) == 50  # fewer rows than lists: the rows
 
 
+def test_streamed_centroids_do_not_depend_on_how_the_sample_is_spilled_or_read(tmp_path):
+    """Past the budget the fine sample goes through scratch stores: the lists are the same whether it
+    stays in one or is spread over dozens, and whether the rows are read in big blocks or small."""
+    X, _ = blobs_with_copies()
+    n, dim = X.shape
+    made = []
+
+    def spill():
+        made.append(VectorStore(dim, tmp_path))
+        return made[-1]
+
+    def streamed(Y, spill_bytes, block):
+        return streamed_two_level_centroids(Y, 60, seed=3, block_rows=block, spill_bytes=spill_bytes, spill=spill)
+
+    C, trained_on = streamed(X, 1 << 30, 10**6)
+    assert len(made) == 1 and trained_on == MIN_POINTS_PER_LIST * 60 < n  # a sample, not every row
+    assert 54 <= len(C) <= 60 and C.shape[1] == dim
+    np.testing.assert_allclose(np.linalg.norm(C, axis=1), 1.0, atol=1e-5)
+    # every row has a list near it, about as near as lists trained in memory on every row put one
+    near, near_in_memory = (X @ C.T).max(axis=1), (X @ two_level_centroids(X, 60, seed=3).T).max(axis=1)
+    assert near.min() > 0.4 and near.mean() >= near_in_memory.mean() - 0.02
+    with VectorStore(dim, tmp_path) as store:
+        store.append(X)
+        for spill_bytes, block in ((1 << 30, 10**6), (50_000, 333), (4096, 1000)):
+            made.clear()
+            again, _ = streamed(store, spill_bytes, block)
+            assert np.array_equal(C, again)
+            assert len(made) == -(-trained_on * dim * 4 // spill_bytes)  # the sample spread over this many
+            assert all(m._file.closed for m in made)  # every scratch store closed (its file had no name)
+
+
 @pytest.mark.parametrize("kind", ["ivf", "ivfpq"])
 def test_a_two_level_index_finds_what_a_flat_quantizer_finds(kind):
     X, src = blobs_with_copies()
@@ -55,9 +92,12 @@ def test_the_fine_search_finds_the_copies_in_memory_and_over_a_store_alike(tmp_p
     n, dim = X.shape
     monkeypatch.setattr(dedup, "FINE_LISTS", 16)  # a few thousand rows take the million-row path
     monkeypatch.setattr(dedup, "LIST_ROWS", 20)
-    built = []
-    real = dedup.two_level_index
+    built, streamed = [], []
+    real, real_streamed = dedup.two_level_index, dedup.streamed_two_level_centroids
     monkeypatch.setattr(dedup, "two_level_index", lambda *a: built.append(a[0]) or real(*a))
+    monkeypatch.setattr(
+        dedup, "streamed_two_level_centroids", lambda *a, **k: streamed.append(1) or real_streamed(*a, **k)
+    )
     exact = dedup.nearest_neighbours(X, 10, exact_max=10**6)
     for budget in (None, 1 << 20):  # ivf over the vectors; ivfpq codes (the budget's quarter is too small)
         mine = dedup.nearest_neighbours(X, 10, exact_max=10, memory_budget=budget)
@@ -74,3 +114,5 @@ def test_the_fine_search_finds_the_copies_in_memory_and_over_a_store_alike(tmp_p
         recall = np.mean([len(set(a) & set(b)) / len(a) for a, b in zip(mine.rows[:, 1:6], exact.rows[:, 1:6])])
         assert recall >= 0.8, recall  # the other neighbours too, mostly
     assert len(built) == 4 and all(p.lists >= 16 and p.nprobe == dedup.FINE_NPROBE for p in built)
+    # under the small budget the training sample (39 rows a list) did not fit its share: streamed, both times
+    assert len(streamed) == 2

@@ -53,6 +53,8 @@ from imgfeat.extract.featureset import featureset_dim, featureset_info
 from imgfeat.index.kinds import (
     FINE_LISTS,
     MIN_POINTS_PER_LIST,
+    TRAIN_ITERATIONS,
+    TRAIN_SAMPLE,
     IndexParams,
     add_in_chunks,
     flat_bytes,
@@ -64,6 +66,7 @@ from imgfeat.index.kinds import (
     sample_rows,
     sample_size,
     set_search_params,
+    streamed_two_level_centroids,
     train_on_sample,
     two_level_index,
 )
@@ -235,13 +238,12 @@ def dedup_params(n: int, exact_max: int, dim: int | None = None, memory_budget: 
     Lists: 2 sqrt(n), 8 probed (near-copies share a list), or one per LIST_ROWS rows where that is
     more; from FINE_LISTS lists on (about 330,000 images) FINE_NPROBE are probed, found through a
     two-level quantizer (``kinds.two_level_index``): a query then scans about the same number of
-    rows at any n, where with sqrt(n) lists it scans sqrt(n) times more. As many lists as the
-    training sample the budget allows can teach. IVF-PQ codes take DEDUP_PQ_BYTES at most."""
+    rows at any n, where with sqrt(n) lists it scans sqrt(n) times more. Their training sample is
+    streamed where the budget cannot hold it (``trained_index``), so the lists keep up with the rows
+    at any budget. IVF-PQ codes take DEDUP_PQ_BYTES at most."""
     if n <= exact_max and (memory_budget is None or dim is None or flat_bytes(n, dim) <= memory_budget):
         return resolve_params("flat", n)
     nlist = max(int(2 * math.sqrt(n)), n // LIST_ROWS)
-    if nlist >= FINE_LISTS:
-        nlist = min(nlist, fine_sample_rows(n, dim, memory_budget) // MIN_POINTS_PER_LIST)
     nlist = max(1, min(nlist, n // MIN_POINTS_PER_LIST))
     nprobe = FINE_NPROBE if nlist >= FINE_LISTS else DEDUP_NPROBE
     cdim = min(dim, CANDIDATE_DIMS) if dim else None
@@ -267,22 +269,34 @@ def _few_code_bytes(params: IndexParams, dim: int) -> IndexParams:
     return replace(params, pq_m=min(params.pq_m or fitting[-1], fitting[-1]))
 
 
-def fine_sample_rows(n: int, dim: int | None, memory_budget: int | None) -> int:
-    """Rows a two-level quantizer is trained on: MIN_POINTS_PER_LIST per list of one per LIST_ROWS
-    rows, within FINE_SAMPLE_SHARE of the budget (of CANDIDATE_DIMS float32 dimensions at most)."""
-    size = MIN_POINTS_PER_LIST * (n // LIST_ROWS)
-    if memory_budget is not None and dim:
-        size = min(size, memory_budget // FINE_SAMPLE_SHARE // (4 * min(dim, CANDIDATE_DIMS)))
-    return max(1, min(n, size))
+def fine_sample_bytes(memory_budget: int | None) -> int | None:
+    """What a two-level quantizer's training sample may take in memory: FINE_SAMPLE_SHARE of the budget."""
+    return None if memory_budget is None else max(1, memory_budget // FINE_SAMPLE_SHARE)
 
 
 def trained_index(Y: Vectors, params: IndexParams, memory_budget: int | None) -> tuple[Any, IndexParams]:
     """An empty index of ``params`` trained on a seeded sample of ``Y`` (rows in memory or a store):
-    FAISS's own k-means up to FINE_LISTS lists, a two-level quantizer from there."""
+    FAISS's own k-means up to FINE_LISTS lists, a two-level quantizer from there, its sample of
+    MIN_POINTS_PER_LIST rows a list taken into memory where FINE_SAMPLE_SHARE of the budget holds
+    it, else streamed through scratch stores beside ``Y`` (``kinds.streamed_two_level_centroids``)."""
     n, dim = Y.shape
     if params.kind in ("ivf", "ivfpq") and params.lists >= FINE_LISTS:
-        sample = Y[sample_rows(n, fine_sample_rows(n, dim, memory_budget), params.seed)]
-        return two_level_index(params, sample, n)
+        size = max(1, min(n, MIN_POINTS_PER_LIST * params.lists))
+        room = fine_sample_bytes(memory_budget)
+        if room is None or size * dim * 4 <= room:
+            return two_level_index(params, Y[sample_rows(n, size, params.seed)], n)
+        folder = Y.folder if isinstance(Y, VectorStore) else None
+        centroids = streamed_two_level_centroids(
+            Y,
+            params.lists,
+            params.seed,
+            params.train_iterations or TRAIN_ITERATIONS,
+            block_rows=block_rows(dim, memory_budget, STORE_SHARE),
+            spill_bytes=room,
+            spill=lambda: VectorStore(dim, folder),
+        )
+        codes_sample = Y[sample_rows(n, min(n, TRAIN_SAMPLE), params.seed)]
+        return two_level_index(params, codes_sample, n, centroids)
     index = make_index(params, dim)
     if params.kind in ("ivf", "ivfpq"):
         params = train_on_sample(index, params, Y[sample_rows(n, sample_size(params, n, dim), params.seed)], n)

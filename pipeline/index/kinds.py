@@ -240,6 +240,31 @@ FINE_LISTS = 2048  # from this many lists on, the lists' centroids are themselve
 QUANTIZER_NPROBE = 16  # groups of centroids a two-level quantizer searches (of about sqrt(nlist))
 
 
+def _spherical_kmeans(rows: np.ndarray, k: int, seed: int, iterations: int) -> np.ndarray:
+    faiss = import_faiss()
+    km = faiss.Kmeans(rows.shape[1], k, niter=iterations, seed=seed, spherical=True, min_points_per_centroid=1)
+    km.train(np.ascontiguousarray(rows, dtype=np.float32))
+    return np.asarray(km.centroids)
+
+
+def _list_shares(counts: np.ndarray, nlist: int) -> np.ndarray:
+    """Lists per coarse cluster, proportional to its rows and summing to ``nlist``."""
+    return np.diff(np.r_[0, np.cumsum(counts) * nlist // max(1, int(counts.sum()))])
+
+
+def _cell_centroids(rows: np.ndarray, share: int, seed: int, iterations: int) -> np.ndarray:
+    """One coarse cluster's lists: its rows themselves where they are no more than its share."""
+    k = int(min(max(1, share), len(rows)))
+    return rows if k == len(rows) else _spherical_kmeans(rows, k, seed, iterations)
+
+
+def _unit_rows(parts: list[np.ndarray]) -> np.ndarray:
+    C = np.ascontiguousarray(np.vstack(parts), dtype=np.float32)
+    norms = np.linalg.norm(C, axis=1, keepdims=True)
+    np.divide(C, norms, out=C, where=norms > 0)
+    return C
+
+
 def two_level_centroids(sample: np.ndarray, nlist: int, seed: int, iterations: int = TRAIN_ITERATIONS) -> np.ndarray:
     """About ``nlist`` unit centroids of ``sample`` by two-level k-means: sqrt(nlist) coarse
     clusters, then each clustered again into a share of the lists proportional to its rows.
@@ -252,32 +277,89 @@ def two_level_centroids(sample: np.ndarray, nlist: int, seed: int, iterations: i
     dim = X.shape[1]
     nlist = max(1, min(nlist, len(X)))
     coarse = max(1, int(math.sqrt(nlist)))
-
-    def kmeans(rows: np.ndarray, k: int, at: int) -> np.ndarray:
-        km = faiss.Kmeans(dim, k, niter=iterations, seed=seed + at, spherical=True, min_points_per_centroid=1)
-        km.train(rows)
-        return np.asarray(km.centroids)
-
     top = faiss.IndexFlatIP(dim)
-    top.add(kmeans(X, coarse, 0))
+    top.add(_spherical_kmeans(X, coarse, seed, iterations))
     _, at = top.search(X, 1)
     at = at[:, 0]
     counts = np.bincount(at, minlength=coarse)
-    share = np.diff(np.r_[0, np.cumsum(counts) * nlist // max(1, len(X))])  # lists per cluster, summing to nlist
-    parts = []
-    for c in np.flatnonzero(counts).tolist():
-        rows = X[at == c]
-        k = int(min(max(1, share[c]), len(rows)))
-        parts.append(rows if k == len(rows) else kmeans(rows, k, c + 1))
-    C = np.ascontiguousarray(np.vstack(parts), dtype=np.float32)
-    norms = np.linalg.norm(C, axis=1, keepdims=True)
-    np.divide(C, norms, out=C, where=norms > 0)
-    return C
+    share = _list_shares(counts, nlist)
+    parts = [_cell_centroids(X[at == c], share[c], seed + c + 1, iterations) for c in np.flatnonzero(counts).tolist()]
+    return _unit_rows(parts)
 
 
-def two_level_index(params: IndexParams, sample: np.ndarray, total: int) -> tuple[Any, IndexParams]:
+TOP_POINTS_PER_CENTROID = 256  # rows a coarse centroid is trained on when the fine sample is streamed
+MAX_SPILLS = 1024  # scratch files the fine sample is spread over at most (each read back whole)
+
+
+def streamed_two_level_centroids(
+    Y: Any,
+    nlist: int,
+    seed: int,
+    iterations: int = TRAIN_ITERATIONS,
+    *,
+    block_rows: int,
+    spill_bytes: int,
+    spill: Any,
+) -> tuple[np.ndarray, int]:
+    """``two_level_centroids`` for rows too many to sample into memory: ``(centroids, rows trained on)``.
+
+    ``Y`` (an array or a vector store, read ``block_rows`` at a time) gives a seeded sample of
+    TOP_POINTS_PER_CENTROID rows per coarse cluster for the coarse k-means, then MIN_POINTS_PER_LIST
+    rows per list, streamed: each assigned to its coarse cluster and set aside in one of several
+    scratch stores (``spill()`` makes one; clusters are spread over them so each holds about
+    ``spill_bytes``). Each store is then read back whole and its clusters trained one at a time.
+    Memory: a block, one store's rows and the centroids, at any number of rows, so the number of
+    lists can grow with the rows (a query scans the same number of rows at any n)."""
+    faiss = import_faiss()
+    n, dim = Y.shape
+    nlist = max(1, min(nlist, n))
+    coarse = max(1, int(math.sqrt(nlist)))
+    top = faiss.IndexFlatIP(dim)
+    top.add(
+        _spherical_kmeans(Y[sample_rows(n, min(n, coarse * TOP_POINTS_PER_CENTROID), seed)], coarse, seed, iterations)
+    )
+    fine = sample_rows(n, min(n, MIN_POINTS_PER_LIST * nlist), seed + 1)
+    groups = int(min(MAX_SPILLS, max(1, -(-len(fine) * dim * 4 // max(1, spill_bytes)))))
+    stores: list[Any] = []
+    cells: list[list[np.ndarray]] = [[] for _ in range(groups)]
+    try:
+        stores.extend(spill() for _ in range(groups))
+        step = max(1, block_rows)
+        for lo in range(0, n, step):  # the whole of Y a block at a time: sequential reads, the sample picked out
+            a, b = np.searchsorted(fine, [lo, lo + step])
+            if a == b:
+                continue
+            B = np.ascontiguousarray(Y[lo : lo + step][fine[a:b] - lo], dtype=np.float32)
+            _, at = top.search(B, 1)
+            at = at[:, 0].astype(np.int64)
+            group = at % groups
+            for g in np.unique(group).tolist():
+                mine = group == g
+                stores[g].append(B[mine])
+                cells[g].append(at[mine].astype(np.int32))
+        labels = [np.concatenate(c) if c else np.zeros(0, np.int32) for c in cells]
+        counts = np.bincount(np.concatenate(labels), minlength=coarse) if len(fine) else np.zeros(coarse, np.int64)
+        share = _list_shares(counts, nlist)
+        found: dict[int, np.ndarray] = {}
+        for g in range(groups):
+            R = stores[g][0 : len(stores[g])]
+            stores[g].close()
+            for c in np.unique(labels[g]).tolist():
+                found[c] = _cell_centroids(R[labels[g] == c], share[c], seed + c + 1, iterations)
+            del R
+    finally:
+        for store in stores:
+            store.close()
+    return _unit_rows([found[c] for c in sorted(found)]), len(fine)
+
+
+def two_level_index(
+    params: IndexParams, sample: np.ndarray, total: int, centroids: tuple[np.ndarray, int] | None = None
+) -> tuple[Any, IndexParams]:
     """An IVF (or IVF-PQ) index of ``params``' kind whose ``nlist`` lists are found through a small
-    IVF over their centroids (``two_level_centroids``), trained on ``sample``, for ``total`` rows.
+    IVF over their centroids (``two_level_centroids``), trained on ``sample``, for ``total`` rows;
+    or over ``centroids`` ``(lists' centroids, rows they were trained on)`` already found
+    (``streamed_two_level_centroids``), ``sample`` then training only the codes.
 
     A flat quantizer compares each query with every centroid: with lists proportional to the rows
     (a constant number scanned per query) its cost would grow with the rows. Here a query is
@@ -286,7 +368,11 @@ def two_level_index(params: IndexParams, sample: np.ndarray, total: int) -> tupl
     list probed, so probing more lists stays cheap (recall is the same on near-copies)."""
     faiss = import_faiss()
     dim = sample.shape[1]
-    C = two_level_centroids(sample, params.lists, params.seed, params.train_iterations or TRAIN_ITERATIONS)
+    if centroids is None:
+        C = two_level_centroids(sample, params.lists, params.seed, params.train_iterations or TRAIN_ITERATIONS)
+        trained_on = len(sample)
+    else:
+        C, trained_on = centroids
     nlist = len(C)
     groups = max(1, int(math.sqrt(nlist)))
     quantizer = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, groups, faiss.METRIC_INNER_PRODUCT)
@@ -314,7 +400,7 @@ def two_level_index(params: IndexParams, sample: np.ndarray, total: int) -> tupl
     stride = max(1, -(-len(sample) // TRAIN_SAMPLE))
     index.train(np.ascontiguousarray(sample[::stride], dtype=np.float32))
     index.nprobe = min(nlist, params.nprobe or default_nprobe(nlist))
-    return index, replace(params, nlist=nlist, trained_on=len(sample), rows_at_training=total)
+    return index, replace(params, nlist=nlist, trained_on=trained_on, rows_at_training=total)
 
 
 def list_of(index, X: np.ndarray) -> np.ndarray:

@@ -38,6 +38,11 @@ class VectorStore:
         self.dtype = np.dtype(np.float32)
 
     @property
+    def folder(self) -> Path:
+        """Where its scratch file is (stores made beside it go there too)."""
+        return self._folder
+
+    @property
     def row_bytes(self) -> int:
         return self.dim * 4
 

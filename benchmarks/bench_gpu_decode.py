@@ -53,6 +53,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=224, help="square model input side (default 224)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="CPU read threads")
     p.add_argument("--ahead", type=int, default=2, help="batches read ahead")
+    p.add_argument("--makers", type=int, help="threads making batches (default: gpu_batches' own)")
+    p.add_argument(
+        "--variants",
+        action="store_true",
+        help="after the passes, one warm pass each with 2 batch makers, 4 and 8 read threads, and no exact-size stacking",
+    )
     p.add_argument("--interpolation", default="bilinear")
     p.add_argument("--exif", default="rotate", choices=("rotate", "ignore"))
     p.add_argument("--passes", type=int, default=2, help="timed passes (the first includes compiles)")
@@ -69,25 +75,74 @@ def list_items(folder: Path, limit: int):
     return [Item(content_id(p.read_bytes()), str(p)) for p in paths]  # also warms the page cache
 
 
-def timed_pass(items, spec, args, codec) -> dict:
+class CompileTimes:
+    """JAX's own compile events while a pass runs: how many XLA compiles, their seconds, cache hits."""
+
+    def __init__(self) -> None:
+        import jax
+
+        self.events: collections.Counter = collections.Counter()
+        jax.monitoring.register_event_duration_secs_listener(self._duration)
+        jax.monitoring.register_event_listener(self._event)
+
+    def _duration(self, name: str, seconds: float, **_) -> None:
+        if name.endswith("backend_compile_duration"):
+            self.events["compiles"] += 1
+            self.events["compile_seconds"] += seconds
+
+    def _event(self, name: str, **_) -> None:
+        if "compilation_cache" in name:
+            self.events[name.rpartition("/")[2]] += 1
+
+    def take(self) -> dict:
+        out = {k: round(v, 3) if isinstance(v, float) else v for k, v in self.events.items()}
+        self.events.clear()
+        return out
+
+
+def timed_pass(items, spec, args, codec, workers=None, makers=None, times=None) -> dict:
     import jax
 
-    from imgfeat.extract.gpudecode import gpu_batches
+    from imgfeat.extract.gpudecode import MAKERS, gpu_batches
 
-    rows, counts = 0, collections.Counter()
+    rows, counts, stats = 0, collections.Counter(), {}
+    workers, makers = workers or args.workers, makers or args.makers or MAKERS
     t0 = time.perf_counter()
-    for batch in gpu_batches(items, spec, "bench", args.workers, args.ahead, codec=codec, counts=counts):
+    batches = gpu_batches(items, spec, "bench", workers, args.ahead, codec, counts, makers, stats)
+    for batch in batches:
         jax.block_until_ready(batch.raw)
         rows += len(batch.ids)
     seconds = time.perf_counter() - t0
     return {
         "seconds": round(seconds, 3),
         "images_per_s": round(len(items) / seconds, 1),
+        "workers": workers,
+        "makers": makers,
         "rows": rows,
         "decoded_on_gpu": counts["gpu"],
         "decoded_on_cpu": counts["cpu"],
         "errors": counts["error"],
+        "phase_seconds": stats,
+        **({"jax": times.take()} if times is not None else {}),
     }
+
+
+def variants(items, spec, args, times) -> dict:
+    """Warm passes that each change one thing; the codecs are made per maker, as extract makes them."""
+    from imgfeat.extract import gpudecode as G
+
+    out = {
+        "two_makers": timed_pass(items, spec, args, None, makers=2, times=times),
+        "four_read_threads": timed_pass(items, spec, args, None, workers=4, times=times),
+        "eight_read_threads": timed_pass(items, spec, args, None, workers=8, times=times),
+    }
+    stack_min, G.STACK_MIN = G.STACK_MIN, 1 << 30
+    try:
+        timed_pass(items, spec, args, None, times=times)  # compiles the per-image path's shapes first
+        out["no_exact_size_stacking"] = timed_pass(items, spec, args, None, times=times)
+    finally:
+        G.STACK_MIN = stack_min
+    return out
 
 
 def decode_only(items, args, codec) -> float:
@@ -179,7 +234,8 @@ def main(argv=None) -> int:
         return 2
     spec = InputSpec(dcfg, args.batch_size)
     codec = NvImageCodec(dcfg)
-    result = {
+    times = CompileTimes()
+    result: dict = {
         "files": len(items),
         "batch_size": args.batch_size,
         "size": args.size,
@@ -189,25 +245,33 @@ def main(argv=None) -> int:
         "exif": args.exif,
         "device": str(jax.devices()[0]),
         "jax": jax.__version__,
-        # the codec alone first (a stalled pass below still leaves these), then with libjpeg's
-        # fancy upsampling off: what asking nvJPEG for libjpeg's chroma upsampling costs
-        "decode_only_images_per_s": decode_only(items, args, codec),
-        "decode_only_images_per_s_plain_upsampling": decode_only(items, args, NvImageCodec(dcfg, options="")),
-        "passes": [timed_pass(items, spec, args, codec) for _ in range(args.passes)],
-        "fidelity": compare(items[: args.compare], spec, args, codec),
-        "exif_orientations": exif_check(args),
-        "compiles": len(device_kernels(dcfg.interpolation, dcfg.size).compiles),
     }
-    result["fidelity"].pop("cosines")
-    text = json.dumps(result, indent=1)
-    print(text)
+
+    def save(key: str, value) -> None:  # each part written as it is measured: a crash leaves the parts before it
+        result[key] = value
+        if args.out:
+            from imgfeat.core.storage import write_bytes_atomic
+
+            write_bytes_atomic(json.dumps(result, indent=1).encode() + b"\n", args.out)
+
+    # the codec alone first, then with libjpeg's fancy upsampling off: what asking nvJPEG for
+    # libjpeg's chroma upsampling costs
+    save("decode_only_images_per_s", decode_only(items, args, codec))
+    save("decode_only_images_per_s_plain_upsampling", decode_only(items, args, NvImageCodec(dcfg, options="")))
+    save("passes", [])
+    for _ in range(args.passes):  # a codec per pass, made as extract makes it
+        save("passes", [*result["passes"], timed_pass(items, spec, args, None, times=times)])
+    if args.variants:
+        save("variants", variants(items, spec, args, times))
+    fidelity = compare(items[: args.compare], spec, args, codec)
+    fidelity.pop("cosines")
+    save("fidelity", fidelity)
+    save("exif_orientations", exif_check(args))
+    save("compiles", len(device_kernels(dcfg.interpolation, dcfg.size).compiles))
+    print(json.dumps(result, indent=1))
     checks = [result["fidelity"], *result["exif_orientations"].values()]
     if not all(c["ok"] for c in checks):
         print(f"bench_gpu_decode: some images are below cosine {MIN_COSINE} against the CPU path", file=sys.stderr)
-    if args.out:
-        from imgfeat.core.storage import write_bytes_atomic
-
-        write_bytes_atomic(text.encode() + b"\n", args.out)
     return 0
 
 

@@ -12,7 +12,8 @@
 #   OUT=/tmp/out bash benchmarks/gpu_host.sh          # N=40000 images of 500x375 by default
 #
 # Writes under $OUT: gpu_decode.json (decode + resize alone on the first DIAG_N=5000 files, where each
-# file went, fidelity to the CPU path per image), bench_cpu_decode.json, bench_gpu_decode.json
+# file went, each phase's seconds, JAX's compiles, warm passes with one thing changed, fidelity to the
+# CPU path per image), bench_cpu_decode.json, bench_gpu_decode.json
 # (imgfeat bench --json: input, forward and extract img/s and end_to_end_over_limit). Targets
 # (issue 12): resnet50 bf16 batch 256 on 40,000 500x375 JPEGs, extract >= 3,300 img/s with CPU
 # decode and >= 10,000 img/s with --decode gpu, end_to_end_over_limit >= 0.85 for both, GPU decode
@@ -71,16 +72,16 @@ fi
 # only its own share of a short device session. Where GPU decode sent each file (the GPU, the CPU
 # path, an error row) is in gpu_decode.json.
 step() { timeout "${STEP_S:-150}" "$@" || echo "step exited $?: $*" >&2; }
-step python3 benchmarks/bench_gpu_decode.py "$IMAGES" --limit "${DIAG_N:-5000}" --out "$OUT/gpu_decode.json" \
-  > "$OUT/gpu_decode.log" 2>&1
+step python3 benchmarks/bench_gpu_decode.py "$IMAGES" --limit "${DIAG_N:-5000}" --variants \
+  --out "$OUT/gpu_decode.json" > "$OUT/gpu_decode.log" 2>&1
 common=(bench --backbone resnet50 --images "$IMAGES" --limit "$N" --precision bfloat16 --batch-size 256
         --skip tutorial --workspace /tmp/bench-ws --json)
 if [ "${CPU:-1}" = 1 ]; then
-  step python3 -m imgfeat "${common[@]}" --decode processes \
+  step python3 -m imgfeat "${common[@]}" --decode processes --logs "$OUT/logs_cpu_decode" \
     > "$OUT/bench_cpu_decode.json" 2> "$OUT/bench_cpu_decode.err"
 fi
-step python3 -m imgfeat "${common[@]}" --decode gpu > "$OUT/bench_gpu_decode.json" \
-  2> "$OUT/bench_gpu_decode.err"
+step python3 -m imgfeat "${common[@]}" --decode gpu --logs "$OUT/logs_gpu_decode" \
+  > "$OUT/bench_gpu_decode.json" 2> "$OUT/bench_gpu_decode.err"
 if [ "${HUB:-1}" = 1 ]; then
   step python3 benchmarks/hub_presets.py /tmp/presets > "$OUT/hub_presets.log" 2>&1
   hub=(bench --images "$IMAGES" --limit "$N" --precision bfloat16 --batch-size 256 --skip tutorial

@@ -63,6 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "workers",
             "decode",
             "repeat",
+            "logs",
         ],
     )
     p.add_argument(

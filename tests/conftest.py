@@ -10,6 +10,7 @@ import os
 os.environ.setdefault("IMGFEAT_PROGRESS", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("IMGFEAT_COMPILE_CACHE", "0")  # JAX's compile cache stays out of ~/.cache; its test turns it on
 
 import ipaddress
 import logging

@@ -75,11 +75,16 @@ def test_bench_runs_the_measured_processes(tmp_path, capsys):
             "4",
             "--skip",
             "tutorial",
+            "--logs",
+            str(tmp_path / "logs"),
             "--json",
         ]
     )
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert code == 0
+    logs = {p.name: p.read_text() for p in (tmp_path / "logs").iterdir()}
+    assert set(logs) == {"input-1.log", "forward-1.log", "extract-1.log"}
+    assert "building mobilenet_v2 at 32 px" in logs["extract-1.log"]  # its own log lines, kept
     assert set(out["images_per_s"]) == {"input", "forward", "extract"}
     assert out["extract_inner"]["extracted"] == 6 and out["images"] == 6
     assert out["end_to_end_over_forward"] > 0 and "end_to_end_over_tutorial" not in out

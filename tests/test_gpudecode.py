@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import sys
+import time
 import types
 from pathlib import Path
 from typing import ClassVar
@@ -298,6 +299,54 @@ def test_batches_keep_order_boundaries_and_zero_padding(tmp_path, ahead):
     assert_same_as_cpu(items, spec, batches)
 
 
+def test_images_of_one_size_are_stacked_by_one_call(tmp_path):
+    """A camera dump: most images share a size. They are stacked and padded by one compiled call per
+    batch (not one per image); the odd sizes beside them still take the per-image path; both match
+    the CPU path row for row."""
+    size = (24, 40)  # kernels of their own, so this test counts only its own compiles
+    files = {f"{i:02d}.jpg": jpeg(photo(("coffee", "rocket", "chelsea")[i % 3], 120, 90)) for i in range(40)}
+    files.update({f"odd{i}.jpg": jpeg(photo("astronaut", 100 + i, 95)) for i in range(3)})
+    items = write_items(tmp_path, files)
+    spec = spec_of(batch_size=32, size=size)
+    batches = run_gpu(items, spec)
+    assert_same_as_cpu(items, spec, batches)
+    compiles = G.device_kernels("bilinear", size).compiles
+    stacked = [c for c in compiles if c[0] == "stack_pad"]
+    pads = [c for c in compiles if c[0] == "pad"]
+    # batch 1: 29 of 90x120 (stacked as 32) + 3 odd; batch 2: 11 of 90x120 (fewer than STACK_MIN: padded one by one)
+    assert [c[2] for c in stacked] == [(90, 120, 3)] and len(stacked[0]) == 2 + 32, stacked
+    assert {c[1] for c in pads} == {(95, 100 + i, 3) for i in range(3)} | {(90, 120, 3)}, pads
+
+
+def test_several_makers_share_the_codec_one_call_at_a_time_and_keep_the_order(tmp_path):
+    files = {f"{i:02d}.jpg": jpeg(photo(("coffee", "rocket")[i % 2], 60 + i, 50)) for i in range(30)}
+    files["07.jpg"] = b"broken"
+    items = write_items(tmp_path, files)
+    spec = spec_of(batch_size=4)
+    codec = G.NvImageCodec(spec.dcfg, module=fake_module())
+    inside, most = [0], [0]
+    decode = codec._decoder.decode
+
+    def counted(srcs, **kw):  # nvImageCodec 0.9 crashes when two decodes overlap: none may
+        inside[0] += 1
+        most[0] = max(most[0], inside[0])
+        try:
+            time.sleep(0.01)
+            return decode(srcs, **kw)
+        finally:
+            inside[0] -= 1
+
+    codec._decoder.decode = counted
+    counts: collections.Counter = collections.Counter()
+    stats: dict[str, float] = {}
+    batches = list(G.gpu_batches(items, spec, RUN, 2, 4, codec=codec, counts=counts, makers=3, stats=stats))
+    assert [i for b in batches for i in b.ids] == [it.image_id for it in items if not it.path.endswith("07.jpg")]
+    assert_same_as_cpu(items, spec, batches)
+    assert counts == {"gpu": 29, "error": 1} and len(codec._decoder.calls) == len(batches) and most[0] == 1
+    assert set(stats) == {"assemble", "codec", "cpu_decode", "gpu_decode", "to_jax"}
+    assert stats["gpu_decode"] >= stats["codec"] > 0 and stats["assemble"] > 0
+
+
 def test_a_batch_of_only_failures_is_all_zero(tmp_path):
     items = write_items(tmp_path, {"a.jpg": b"", "b.jpg": b"junk", "c.png": JPEG_MAGIC})
     items.append(Item("0" * 32, str(tmp_path / "gone.jpg")))
@@ -320,8 +369,9 @@ def test_compiled_shapes_stay_bounded_over_many_source_sizes(tmp_path, monkeypat
     assert_same_as_cpu(items, spec, batches)
     compiles = G.device_kernels("bilinear", size).compiles
     kinds = {name: sum(1 for c in compiles if c[0] == name) for name in ("resize", "pad", "stack", "place")}
-    # one bucket (64, 96); row counts 1, 2, 4, 8: at most 4 resizes, stacks, places; pads capped at 4
-    assert len(dims) > 30 and kinds["resize"] <= 4 and kinds["stack"] <= 4 and kinds["place"] <= 4
+    # two buckets, (48, 96) and (64, 96); batches of 8: every call takes 8 rows whatever the count of
+    # images: one resize and one stack per bucket, one place; pads capped at 4
+    assert len(dims) > 30 and kinds["resize"] == 2 and kinds["stack"] == 2 and kinds["place"] == 1
     assert kinds["pad"] == 4, kinds
     assert len(compiles) <= 18
 
@@ -388,7 +438,8 @@ def test_gpu_shape_leaves_huge_images_to_the_cpu(monkeypatch):
 def test_buckets_and_row_counts():
     assert G.bucket_side(1) == 32 and G.bucket_side(375) == 384 and G.bucket_side(500) == 512
     assert G.bucket_side(16384) == 16384 and G.bucket_side(16385) is None
-    assert [G.padded_rows(n) for n in (1, 2, 3, 5, 200, 256)] == [1, 2, 4, 8, 256, 256]
+    assert [G.padded_rows(n, 256) for n in (1, 2, 16, 17, 64, 65, 200, 256)] == [16, 16, 16, 64, 64, 256, 256, 256]
+    assert [G.padded_rows(n, 8) for n in (1, 5, 8)] == [8, 8, 8] and G.padded_rows(1, 1) == 1
     assert G.bucket_rows((384, 512)) == 256 and G.bucket_rows((16384, 16384)) == 1
 
 
@@ -522,10 +573,15 @@ def test_bench_runs_its_passes_with_a_codec(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(G, "NvImageCodec", lambda dcfg, **kw: real(dcfg, module=fake_module(), **kw))
     out = tmp_path / "out.json"
     args = [str(tmp_path / "imgs"), "--size", "36", "--batch-size", "4", "--workers", "2", "--out", str(out)]
-    assert bench_module().main(args) == 0
+    assert bench_module().main([*args, "--variants"]) == 0
     result = json.loads(out.read_text())
     assert result == json.loads(capsys.readouterr().out)
     assert [p["rows"] for p in result["passes"]] == [len(files)] * 2
+    assert [p["makers"] for p in result["passes"]] == [G.MAKERS] * 2
+    assert result["passes"][0]["jax"]["compile_seconds"] > 0  # the first pass compiles the kernels
+    assert {v["rows"] for v in result["variants"].values()} == {len(files)}
+    assert result["variants"]["two_makers"]["makers"] == 2 and result["variants"]["four_read_threads"]["workers"] == 4
+    assert all(p["phase_seconds"]["gpu_decode"] > 0 for p in [*result["passes"], *result["variants"].values()])
     assert result["fidelity"]["compared"] == len(files) and result["fidelity"]["min_cosine"] >= MIN_COSINE
     assert result["fidelity"]["max_abs_diff"] <= MAX_ABS_DIFF and result["decode_only_images_per_s"] > 0
     assert result["decode_only_images_per_s_plain_upsampling"] > 0

@@ -138,8 +138,8 @@ class ExtractConfig:
     workers: int | None = opt(
         None,
         metavar="N",
-        help="decoders: threads or processes here (default: the CPU count), concurrent "
-        "decode tasks with --executor ray (default: as many as the cluster fits)",
+        help="decoders: threads or processes here (default: the CPU count; with --decode gpu, 4 read "
+        "threads), concurrent decode tasks with --executor ray (default: as many as the cluster fits)",
     )
     wait: float | None = opt(
         None, metavar="SECONDS", help="wait this long for another writer of the same featureset instead of failing"

@@ -22,6 +22,7 @@ import functools
 import importlib
 import logging
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -43,6 +44,7 @@ from imgfeat.extract.batches import (
     decode_error_row,
     read_verified,
 )
+from imgfeat.extract.compilecache import enable_compile_cache
 from imgfeat.extract.decode import (
     TRANSPOSED_ORIENTATIONS,
     DecodeConfig,
@@ -67,6 +69,22 @@ BUCKET_BYTES = 256 << 20  # at most this much padded uint8 input per compiled re
 CHANNELS = 3
 # Distinct source sizes padded by a compiled call on the device; past this many, pad on the host.
 MAX_PAD_SHAPES = 64
+# Images of one exact size, this many or more in a bucket of a batch, are stacked and padded by one
+# compiled call (one more compile per size and row count) instead of one call per image.
+STACK_MIN = 16
+MIN_ROWS = 16  # the fewest rows a compiled resize call takes (see padded_rows)
+# Threads making batches (the codec call, the device dispatch; the codec one call at a time): a second
+# one dispatches a batch while the first waits on the codec (measured on an H200: 3,594 img/s
+# against 3,281 with one).
+MAKERS = 2
+# CPU threads reading and probing files for GPU decode, unless told otherwise: nvJPEG works on CPU
+# threads of its own, and more readers only take cores from it (H200 host, 16 cores: 4,229 img/s
+# with 4 readers, 3,960 with 8, 3,281 with 16).
+READ_THREADS = 4
+# The resize's two matrix products are small and exact (HIGHEST precision); letting XLA autotune
+# them made each cold compile of the resize cost ~13 s on an H200. Unmeasured since (see README).
+RESIZE_COMPILER_OPTIONS = {"xla_gpu_autotune_level": 0}
+CODEC_LOCK = threading.Lock()  # one codec call at a time in this process (see GpuBatcher)
 
 
 # Pillow's resampling filters (src/libImaging/Resample.c) and their supports, on any array module.
@@ -123,9 +141,15 @@ def bucket_rows(bucket: tuple[int, int]) -> int:
     return 1 << (fit.bit_length() - 1)
 
 
-def padded_rows(n: int) -> int:
-    """Row counts are rounded up to a power of two, so a bucket compiles at most log2(batch) shapes."""
-    return 1 << max(0, n - 1).bit_length()
+def padded_rows(n: int, limit: int) -> int:
+    """Rows one compiled call is given for ``n`` images, at most ``limit`` (>= n): 16, 64, 256, ... (powers
+    of 4 from MIN_ROWS), so a bucket compiles at most three shapes for a batch of 256. A cold
+    resize compile costs seconds on a GPU (measured: ~13 s each on an H200, so a 40,000-image run's
+    one odd tail batch cost as much as its decode); a few padded rows cost microseconds."""
+    rows = MIN_ROWS
+    while rows < n:
+        rows *= 4
+    return min(rows, limit)
 
 
 def gpu_shape(data: bytes, dcfg: DecodeConfig) -> tuple[int, int] | None:
@@ -218,7 +242,8 @@ def _gpu_problems() -> list[str]:
 class NvImageCodec:
     """nvImageCodec's batched decoder, bound to one EXIF mode: JPEG bytes in, uint8 (h, w, 3) JAX arrays
     on the GPU out (None where it could not decode). ``module`` replaces nvidia.nvimgcodec in tests;
-    ``options`` "" gives the codec's defaults (nvJPEG's plain chroma upsampling: for measuring only)."""
+    ``options`` "" gives the codec's defaults (nvJPEG's plain chroma upsampling: for measuring only).
+    ``seconds`` adds up the time in the codec's call and in handing its images to JAX."""
 
     def __init__(self, dcfg: DecodeConfig, module: Any = None, options: str = CODEC_OPTIONS) -> None:
         import jax
@@ -236,11 +261,16 @@ class NvImageCodec:
         self._params = nv.DecodeParams(apply_exif_orientation=dcfg.exif == "rotate", color_spec=rgb)
         # nvImageCodec 0.9 decodes CodeStreams (older bindings took bytes) and takes params by keyword only
         self._stream = getattr(nv, "CodeStream", None)
+        self.seconds: collections.Counter[str] = collections.Counter()
 
     def decode(self, datas: Sequence[bytes]) -> list[Any]:
+        t0 = time.perf_counter()
         srcs = [self._stream(d) for d in datas] if self._stream is not None else list(datas)
         images = self._decoder.decode(srcs, params=self._params)
-        return [None if img is None else self._from_dlpack(img) for img in images]
+        t1 = time.perf_counter()
+        out = [None if img is None else self._from_dlpack(img) for img in images]
+        self.seconds.update({"codec": t1 - t0, "to_jax": time.perf_counter() - t1})
+        return out
 
 
 class DeviceKernels:
@@ -251,12 +281,14 @@ class DeviceKernels:
         import jax
         import jax.numpy as jnp
 
+        enable_compile_cache()
         self.compiles: list[tuple] = []
         self.pad_shapes: set[tuple[int, int]] = set()  # source sizes `pad` has compiled for
         resize = functools.partial(_resize_rows, kernel=KERNELS[interpolation], out_hw=size)
-        self.resize = jax.jit(self._counted("resize", resize))
+        self.resize = _jit_with_options(self._counted("resize", resize), RESIZE_COMPILER_OPTIONS)
         self.pad = jax.jit(self._counted("pad", _pad_to), static_argnums=(1,))
         self.stack = jax.jit(self._counted("stack", lambda *rows: jnp.stack(rows)))
+        self.stack_pad = jax.jit(self._counted("stack_pad", _stack_pad), static_argnums=0)
         self.place = jax.jit(self._counted("place", lambda out, rows, idx: out.at[idx].set(rows, mode="drop")))
         self.zeros = jax.jit(self._counted("zeros", lambda shape: jnp.zeros(shape, jnp.uint8)), static_argnums=0)
 
@@ -266,6 +298,15 @@ class DeviceKernels:
             return fn(*args)
 
         return traced
+
+
+def _jit_with_options(fn: Callable, options: dict[str, Any]) -> Callable:
+    import jax
+
+    try:
+        return jax.jit(fn, compiler_options=options)
+    except TypeError:  # a JAX without per-function compiler options
+        return jax.jit(fn)
 
 
 @functools.cache
@@ -295,21 +336,47 @@ class DeviceResizer:
         else:
             out = self.kernels.zeros((batch_size, h, w, CHANNELS))
         for bucket, rows in _by_bucket(device_rows).items():
-            step = bucket_rows(bucket)
-            for start in range(0, len(rows), step):
-                out = self._resize_into(out, bucket, rows[start : start + step], batch_size)
+            step = min(bucket_rows(bucket), 1 << max(0, batch_size - 1).bit_length())
+            for group in self._groups(rows):
+                for start in range(0, len(group), step):
+                    out = self._resize_into(out, bucket, group[start : start + step], batch_size, step)
         return out
 
-    def _resize_into(self, out: Any, bucket: tuple[int, int], rows: list[tuple[int, Any]], batch_size: int) -> Any:
-        n = padded_rows(len(rows))
-        padded = [self._padded(img, bucket) for _, img in rows]
+    def _groups(self, rows: list[tuple[int, Any]]) -> list[list[tuple[int, Any]]]:
+        """A bucket's rows as groups for one resize call each: the images of one exact size, where there
+        are STACK_MIN of them (stacked and padded by one call, not one call per image), and the rest."""
+        by_shape: dict[tuple, list[tuple[int, Any]]] = collections.defaultdict(list)
+        for row in rows:
+            by_shape[tuple(row[1].shape)].append(row)
+        groups, rest = [], []
+        seen = self.kernels.pad_shapes
+        for shape, same in by_shape.items():
+            device = not isinstance(same[0][1], np.ndarray)
+            if device and len(same) >= STACK_MIN and (shape[:2] in seen or len(seen) < MAX_PAD_SHAPES):
+                seen.add(shape[:2])
+                groups.append(same)
+            else:
+                rest.extend(same)
+        return [*groups, rest] if rest else groups
+
+    def _resize_into(
+        self, out: Any, bucket: tuple[int, int], rows: list[tuple[int, Any]], batch_size: int, step: int
+    ) -> Any:
+        n = padded_rows(len(rows), step)
         k = self.kernels
-        padded += [k.zeros((*bucket, CHANNELS))] * (n - len(rows))
+        shapes = {tuple(img.shape) for _, img in rows}
+        if len(rows) >= STACK_MIN and len(shapes) == 1 and not isinstance(rows[0][1], np.ndarray):
+            filler = k.zeros(rows[0][1].shape)  # one exact size: stacked and padded in one call
+            stacked = k.stack_pad(bucket, *[img for _, img in rows], *[filler] * (n - len(rows)))
+        else:
+            padded = [self._padded(img, bucket) for _, img in rows]
+            padded += [k.zeros((*bucket, CHANNELS))] * (n - len(rows))
+            stacked = k.stack(*padded)
         hw = np.ones((n, 2), np.int32)
         hw[: len(rows)] = [img.shape[:2] for _, img in rows]
         idx = np.full(n, batch_size, np.int32)  # filler rows point past the batch: dropped
         idx[: len(rows)] = [row for row, _ in rows]
-        return k.place(out, k.resize(k.stack(*padded), hw), idx)
+        return k.place(out, k.resize(stacked, hw), idx)
 
     def _padded(self, img: Any, bucket: tuple[int, int]) -> Any:
         """One image at the top left of a (Hb, Wb, 3) device array (the padding is never read)."""
@@ -338,6 +405,13 @@ def _pad_to(img, bucket: tuple[int, int]):
     import jax.numpy as jnp
 
     return jnp.pad(img, ((0, bucket[0] - img.shape[0]), (0, bucket[1] - img.shape[1]), (0, 0)))
+
+
+def _stack_pad(bucket: tuple[int, int], *imgs):
+    import jax.numpy as jnp
+
+    h, w = imgs[0].shape[:2]
+    return jnp.pad(jnp.stack(imgs), ((0, 0), (0, bucket[0] - h), (0, bucket[1] - w), (0, 0)))
 
 
 def _round8(x, jnp):
@@ -386,7 +460,15 @@ def read_probe(item: Item, spec: InputSpec) -> FileRead:
 
 class GpuBatcher:
     """Turns one chunk of items (read by CPU threads) into one Batch: a GPU decode call for the JPEGs,
-    the CPU path for the rest, one device resize per size bucket."""
+    the CPU path for the rest, one device resize per size bucket (or per exact size within it).
+
+    Maker threads share the one ``codec`` and every codec in the process is called one call at a
+    time (``CODEC_LOCK``): nvImageCodec 0.9 fails ("Future already retrieved") and then crashes when
+    two decoders decode at once (measured on an H200), so what overlaps is one batch's decode with
+    another's device dispatch. ``counts``
+    counts files by where they went; ``seconds`` adds up each phase's wall time in the makers:
+    "gpu_decode" (the codec call, its images handed to JAX, any wait for the codec), "cpu_decode"
+    (fallbacks, in the read threads) and "assemble" (dispatching the pad, resize and placement)."""
 
     def __init__(
         self, spec: InputSpec, codec: Any, pool: ThreadPoolExecutor, counts: collections.Counter | None = None
@@ -394,16 +476,25 @@ class GpuBatcher:
         self.spec, self.codec, self.pool = spec, codec, pool
         self.resizer = DeviceResizer(spec.dcfg)
         self.counts = counts if counts is not None else collections.Counter()  # files by where they went
+        self.seconds: collections.Counter[str] = collections.Counter()
+        self._lock = threading.Lock()  # counts and seconds
+
+    def _add(self, counts: collections.Counter, seconds: dict[str, float]) -> None:
+        with self._lock:
+            self.counts.update(counts)
+            self.seconds.update(seconds)
 
     def batch(self, items: list[Item], reads: list[FileRead], run_id: str) -> Batch:
         t0 = time.perf_counter()
-        outcomes = self._decoded(items, reads)
+        phases: dict[str, float] = {}
+        outcomes = self._decoded(items, reads, phases)
+        counts: collections.Counter = collections.Counter()
         ids: list[str] = []
         errors: list[ErrorRow] = []
         device_rows: list[tuple[int, Any]] = []
         host_rows: dict[int, np.ndarray] = {}
         for item, (kind, value) in zip(items, outcomes):
-            self.counts[kind] += 1
+            counts[kind] += 1
             if kind == "error":
                 errors.append(decode_error_row(item, value, run_id))
                 continue
@@ -412,30 +503,37 @@ class GpuBatcher:
             else:
                 host_rows[len(ids)] = value
             ids.append(item.image_id)
+        t1 = time.perf_counter()
         raw = self.resizer.assemble(self.spec.batch_size, device_rows, host_rows)
+        phases["assemble"] = time.perf_counter() - t1
+        self._add(counts, phases)
         seconds = time.perf_counter() - t0 + sum(r.seconds for r in reads)
         return Batch(ids, raw, errors, seconds)
 
-    def _decoded(self, items: list[Item], reads: list[FileRead]) -> list[tuple[str, Any]]:
+    def _decoded(self, items: list[Item], reads: list[FileRead], phases: dict[str, float]) -> list[tuple[str, Any]]:
         """Per item ("gpu", image of any size) | ("cpu", (H, W, 3) array) | ("error", DecodeError)."""
         outcomes: list[tuple[str, Any] | None] = [None if r.error is None else ("error", r.error) for r in reads]
         jpegs = [i for i, r in enumerate(reads) if r.gpu_hw is not None and r.error is None]
+        t0 = time.perf_counter()
         for i, img in zip(jpegs, self._gpu_decode([reads[i].data for i in jpegs])):
             hw = reads[i].gpu_hw
             if img is not None and hw is not None and tuple(img.shape) == (*hw, CHANNELS) and img.dtype == np.uint8:
                 outcomes[i] = ("gpu", img)
+        t1 = time.perf_counter()
         rest = [i for i, o in enumerate(outcomes) if o is None]
         for i, outcome in zip(
             rest, self.pool.map(self._cpu_decode, [items[i] for i in rest], [reads[i].data for i in rest])
         ):
             outcomes[i] = outcome
+        phases["gpu_decode"], phases["cpu_decode"] = t1 - t0, time.perf_counter() - t1
         return [o for o in outcomes if o is not None]  # every item has its outcome by now
 
     def _gpu_decode(self, datas: list[bytes]) -> list[Any]:
         if not datas:
             return []
         try:
-            images = self.codec.decode(datas)
+            with CODEC_LOCK:
+                images = self.codec.decode(datas)
         except Exception as exc:  # a failed batch call: every file of it takes the CPU path
             # the first line only, cut short: a binding's TypeError quotes every argument, i.e. the files' bytes
             reason = str(exc).partition("\n")[0][:200]
@@ -463,21 +561,25 @@ def gpu_batches(
     ahead: int,
     codec: Any = None,
     counts: collections.Counter | None = None,
+    makers: int = MAKERS,
+    stats: dict[str, Any] | None = None,
 ) -> Iterator[Batch]:
     """Batches in todo order (the thread path's contract), ``raw`` a uint8 JAX array on the device.
 
-    ``workers`` CPU threads read, verify and probe files and decode the CPU fallbacks; one more
-    thread makes the batches (the codec call, the resize dispatch), up to ``ahead`` batches ahead
-    of the caller, so the model's thread never waits on a decode it could overlap. ``codec`` has
-    ``decode(list of bytes) -> list of (h, w, 3) uint8 arrays or None``; None makes the real one
-    (``NvImageCodec``). ``counts``, when given, counts files by where they went: "gpu", "cpu"
-    (the CPU path decoded them) or "error". A batch's ``decode_seconds`` is its files' read and probe seconds plus the
-    seconds its batch took to make (device work still running is not counted).
+    ``workers`` CPU threads read, verify and probe files and decode the CPU fallbacks; ``makers``
+    more threads make the batches (the codec call, the resize dispatch), up to ``ahead`` batches
+    ahead of the caller, so the model's thread never waits on a decode it could overlap. ``codec``
+    has ``decode(list of bytes) -> list of (h, w, 3) uint8 arrays or None``; None makes the real
+    one (``NvImageCodec``). ``counts``, when given, counts files by where they went: "gpu", "cpu"
+    (the CPU path decoded them) or "error"; ``stats``, when given, receives the makers' phase
+    seconds (``GpuBatcher.seconds``, and the codec's own) when the batches are done. A batch's
+    ``decode_seconds`` is its files' read and probe seconds plus the seconds its batch took to make
+    (device work still running is not counted).
     """
     codec = codec if codec is not None else NvImageCodec(spec.dcfg)
     with (
         ThreadPoolExecutor(max(1, workers), thread_name_prefix="imgfeat-gpu-read") as pool,
-        ThreadPoolExecutor(1, thread_name_prefix="imgfeat-gpu-decode") as maker,
+        ThreadPoolExecutor(max(1, makers), thread_name_prefix="imgfeat-gpu-decode") as maker,
     ):
         batcher = GpuBatcher(spec, codec, pool, counts)
         pending: collections.deque[Future] = collections.deque()
@@ -498,6 +600,15 @@ def gpu_batches(
         finally:  # stopped early (or failed): drop the work queued for batches nobody will take
             maker.shutdown(cancel_futures=True)
             pool.shutdown(cancel_futures=True)
+            if stats is not None:
+                stats.update(phase_seconds(batcher))
+
+
+def phase_seconds(batcher: GpuBatcher) -> dict[str, float]:
+    """The makers' seconds per phase, the codec's own split included (where it keeps one)."""
+    out = collections.Counter(batcher.seconds)
+    out.update(getattr(batcher.codec, "seconds", {}))
+    return {k: round(v, 3) for k, v in sorted(out.items())}
 
 
 def _finish(batcher: GpuBatcher, chunk: list[Item], futures: list[Future], run_id: str) -> Batch:

@@ -64,6 +64,7 @@ class BenchConfig:
         "auto", metavar="auto|threads|processes|gpu", help="extract's --decode, also used by the input path"
     )
     paths: tuple[str, ...] = PATHS  # the flag is --skip
+    logs: Path | None = opt(None, metavar="DIR", help="keep each timed process's stderr in DIR (PATH-ROUND.log)")
     repeat: int = opt(
         1,
         metavar="N",
@@ -130,7 +131,8 @@ def run_bench(cfg: BenchConfig, run_id: str) -> JsonObject:
             if not n:
                 raise ConfigError(f"no readable images under {cfg.images}")
             for p in cfg.paths:
-                runs[p].append(_time_process(_command(p, cfg, images, ws_root, n)))
+                log_file = Path(cfg.logs) / f"{p}-{round_ + 1}.log" if cfg.logs else None
+                runs[p].append(_time_process(_command(p, cfg, images, ws_root, n), log_file))
                 log.info("round %d %s: %.1f s", round_ + 1, p, runs[p][-1]["seconds"])
     return _report(cfg, n, runs)
 
@@ -183,11 +185,14 @@ def _command(path: str, cfg: BenchConfig, images: Path | str, ws_root: Path, n: 
     return [sys.executable, "-c", code, json.dumps(spec)]
 
 
-def _time_process(cmd: list[str]) -> JsonObject:
+def _time_process(cmd: list[str], log_file: Path | None = None) -> JsonObject:
     env = {**os.environ, "IMGFEAT_PROGRESS": "0", "TF_CPP_MIN_LOG_LEVEL": "2"}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - t0
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        log_file.write_text(proc.stderr)
     if proc.returncode != 0:
         raise ImgfeatError(
             f"bench step failed (exit {proc.returncode}): {' '.join(cmd[:6])} ...\n{proc.stderr[-2000:]}"
@@ -290,7 +295,7 @@ def input_main(spec: dict[str, Any]) -> None:
         Workspace(Path(spec["workspace"])), BENCH_DATASET, DoneSets(set(), set(), set()), Tally(), "bench"
     )
     t0, rows = time.perf_counter(), 0
-    for batch in decoded_batches(items, inputs, "bench", spec["workers"] or default_workers()):
+    for batch in decoded_batches(items, inputs, "bench", spec["workers"] or default_workers(spec["decode"])):
         rows += len(batch.ids)
         if hasattr(batch.raw, "block_until_ready"):  # a device batch (--decode gpu): count it when done
             batch.raw.block_until_ready()

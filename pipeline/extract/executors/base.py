@@ -17,7 +17,8 @@ from imgfeat.core.results import JsonObject
 from imgfeat.core.schemas import ErrorRow
 from imgfeat.core.workspace import Workspace
 from imgfeat.extract.batches import InputSpec, Item
-from imgfeat.extract.recipe import Provenance, Resolved
+from imgfeat.extract.compilecache import enable_compile_cache
+from imgfeat.extract.recipe import Provenance, Resolved, keras_backend
 
 EXECUTORS = ("local", "ray")
 PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
@@ -154,6 +155,8 @@ def timed_build(resolved: Resolved, precision: str) -> tuple[Any, float]:
     r = resolved.recipe
     log.info("building %s at %d px (%s weights) ...", r.backbone, r.input_size, resolved.source.kind)
     t0 = time.perf_counter()
+    if keras_backend() == "jax":  # before the first compile: the initialisers are compiles too
+        enable_compile_cache()
     model = build_model(
         resolved.spec,
         resolved.source.build_arg(),

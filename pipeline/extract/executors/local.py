@@ -33,7 +33,7 @@ from imgfeat.extract.decodepool import prestart, process_batches
 from imgfeat.extract.executors.base import BatchReport, ExecutorConfig, ExtractJob, timed_build
 from imgfeat.extract.fetch import any_remote, prefetch
 from imgfeat.extract.forward import DEFAULT_DEPTH, Forward, Landed, in_flight
-from imgfeat.extract.gpudecode import gpu_batches
+from imgfeat.extract.gpudecode import READ_THREADS, gpu_batches
 from imgfeat.extract.shards import FeaturesetDirs, FeaturesetWriter, refuse_non_finite
 
 log = logging.getLogger(__name__)
@@ -52,9 +52,11 @@ def _lower_priority() -> None:
         pass
 
 
-def default_workers() -> int:
-    """Decode threads: every core (Pillow's decode and resize release the GIL)."""
-    return max(1, os.cpu_count() or 1)
+def default_workers(decode: str = "auto") -> int:
+    """Decoders: every core (Pillow's decode and resize release the GIL); for GPU decode, the few read
+    threads that keep nvJPEG fed (gpudecode.READ_THREADS: more only take cores from its own)."""
+    cores = max(1, os.cpu_count() or 1)
+    return min(cores, READ_THREADS) if decode == "gpu" else cores
 
 
 def thread_batches(items: Iterable[Item] | ChunkedItems, spec: InputSpec, run_id: str, workers: int) -> Iterator[Batch]:
@@ -309,16 +311,17 @@ class LocalExecutor:
 
     def __init__(self, cfg: ExecutorConfig = ExecutorConfig(), seam: ShardSeam = NO_SEAM) -> None:
         self.cfg, self.seam = cfg, seam
-        self.workers = cfg.workers or default_workers()
+        self.workers = cfg.workers
         self.depth = cfg.in_flight
 
     def run(self, job: ExtractJob, items: Iterable[Item], sink: Any) -> Iterator[BatchReport]:
-        if resolve_decode(job.inputs.decode, self.workers) == "processes":
+        workers = self.workers or default_workers(job.inputs.decode)
+        if resolve_decode(job.inputs.decode, workers) == "processes":
             prestart()  # the decode processes' server starts while the model builds
         model, build = timed_build(job.resolved, job.resolved.recipe.precision)
         forward = Forward(model, job.resolved.spec.family, job.inputs.batch_shape)
         plan = ShardPlan(items, job.shard_size, job.inputs.batch_size, job.shard_tag)
-        batches = decoded_batches(ChunkedItems(plan.chunks()), job.inputs, job.run_id, self.workers, self.depth)
+        batches = decoded_batches(ChunkedItems(plan.chunks()), job.inputs, job.run_id, workers, self.depth)
         commits = CommitThread()
         try:
             with contextlib.closing(in_flight(forward, batches, self.depth)) as landed:

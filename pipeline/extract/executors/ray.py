@@ -118,7 +118,8 @@ class ShardActor:
         model, self.build_seconds = timed_build(job.resolved, job.resolved.recipe.precision)
         self.model = Forward(model, job.resolved.spec.family, job.inputs.batch_shape)
         # Decode threads in the actor (Pillow releases the GIL): every core of its node unless told.
-        self.job, self.seam, self.workers, self.depth = job, seam, workers or default_workers(), depth
+        self.job, self.seam, self.depth = job, seam, depth
+        self.workers = workers or default_workers(job.inputs.decode)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         first = int(batch[ROW].min())

@@ -10,7 +10,9 @@ them copied with noise (cosine ``~--cosine`` to their source) appended, written 
 vector store as dedup holds vectors past its budget. For each ``--budgets`` value, in a process of
 its own (its peak RSS is its own), ``search_neighbours`` finds each row's neighbours as dedup does;
 printed: the search's kind, whether the two-level quantizer's training sample was streamed, the
-lists, seconds, peak RSS, and recall (the share of copies whose nearest other row is their source).
+lists, the quantizer's levels (``--three-level-from``: from how many lists it has three; a large
+number keeps two), seconds, peak RSS, and recall (the share of copies whose nearest other row is
+their source).
 Under the smaller default budget the lists' training sample does not fit an eighth of it and goes
 through scratch stores; under the larger it is taken into memory: the two recalls should agree.
 """
@@ -49,19 +51,33 @@ def planted(rows: int, dim: int, clusters: int, copies: int, cosine: float, seed
     return X, src
 
 
+def quantizer_levels(index) -> int:
+    """Levels of an IVF index's quantizer: 1 flat, 2 an IVF over a flat one, 3 over a two-level one."""
+    from imgfeat.index.kinds import import_faiss
+
+    faiss = import_faiss()
+    q, levels = faiss.downcast_index(index.quantizer), 1
+    while isinstance(q, faiss.IndexIVF):
+        q, levels = faiss.downcast_index(q.quantizer), levels + 1
+    return levels
+
+
 def child(args: argparse.Namespace, budget: str) -> dict:
     from imgfeat.core.sizes import parse_size
-    from imgfeat.index import dedup
+    from imgfeat.index import dedup, kinds
     from imgfeat.index.scratch import VectorStore
 
+    if args.three_level_from is not None:
+        kinds.THREE_LEVEL_LISTS = args.three_level_from
     X, src = planted(args.rows, args.dim, args.clusters, args.copies, args.cosine, args.seed)
-    streamed, lists = [], []
+    streamed, lists, levels = [], [], []
     real_streamed, real_index = dedup.streamed_two_level_centroids, dedup.two_level_index
     dedup.streamed_two_level_centroids = lambda *a, **k: streamed.append(1) or real_streamed(*a, **k)
 
     def index(*a, **k):
         out = real_index(*a, **k)
         lists.append(out[1].lists)
+        levels.append(quantizer_levels(out[0]))
         return out
 
     dedup.two_level_index = index
@@ -86,6 +102,7 @@ def child(args: argparse.Namespace, budget: str) -> dict:
         "kind": kind,
         "sample_streamed": bool(streamed),
         "lists": lists[0] if lists else None,
+        "quantizer_levels": levels[0] if levels else None,
         "seconds": round(seconds, 1),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "recall": round(float(np.mean(nearest == src)), 5),
@@ -101,6 +118,14 @@ def main() -> int:
     p.add_argument("--cosine", type=float, default=0.97)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--budgets", default="1GB,256MB", help="memory budgets, one search each (default 1GB,256MB)")
+    p.add_argument(
+        "--three-level-from",
+        type=int,
+        default=None,
+        metavar="NLIST",
+        help="lists from which the quantizer has three levels (default kinds.THREE_LEVEL_LISTS; "
+        "a large number keeps it at two)",
+    )
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:

@@ -237,8 +237,9 @@ def dedup_params(n: int, exact_max: int, dim: int | None = None, memory_budget: 
 
     Lists: 2 sqrt(n), 8 probed (near-copies share a list), or one per LIST_ROWS rows where that is
     more; from FINE_LISTS lists on (about 330,000 images) FINE_NPROBE are probed, found through a
-    two-level quantizer (``kinds.two_level_index``): a query then scans about the same number of
-    rows at any n, where with sqrt(n) lists it scans sqrt(n) times more. Their training sample is
+    two-level quantizer (``kinds.two_level_index``; three levels from 4,096 lists, ~655,000 images,
+    ``kinds.THREE_LEVEL_LISTS``): a query then scans about the same number of rows at any n, where
+    with sqrt(n) lists it scans sqrt(n) times more. Their training sample is
     streamed where the budget cannot hold it (``trained_index``), so the lists keep up with the rows
     at any budget. IVF-PQ codes take DEDUP_PQ_BYTES at most."""
     if n <= exact_max and (memory_budget is None or dim is None or flat_bytes(n, dim) <= memory_budget):

@@ -78,6 +78,15 @@ def test_a_link_or_a_file_in_its_place_is_not_used(cache_home, tmp_path):
 
 
 @pytest.mark.quick
+def test_a_parent_others_may_write_to_is_refused_unless_sticky(cache_home):
+    cache_home.parent.mkdir(parents=True)
+    cache_home.parent.chmod(0o777)  # anyone could rename our folder away and put theirs in its place
+    assert C.private_folder(cache_home) == "others may write to its parent folder, and so replace it"
+    cache_home.parent.chmod(0o1777)  # as /tmp: only an entry's owner may rename it
+    assert C.private_folder(cache_home) is None
+
+
+@pytest.mark.quick
 @pytest.mark.parametrize("off", ["0", "off", "False"])
 def test_the_switch_turns_it_off(cache_home, monkeypatch, off):
     monkeypatch.setenv(C.ENV_SWITCH, off)

@@ -137,3 +137,15 @@ def test_one_decode_stream_for_all_shards_and_the_rows_of_one_big_shard(tmp_path
         a = np.asarray(shard.column("feature").combine_chunks().flatten())
         b = np.asarray(part.column("feature").combine_chunks().flatten())
         assert a.tobytes() == b.tobytes()
+
+
+@pytest.mark.quick
+def test_decoders_default_to_every_core_and_gpu_decode_to_a_few_readers(monkeypatch):
+    """nvJPEG keeps CPU threads of its own busy: GPU decode's readers default to a few, not every core."""
+    from imgfeat.extract.gpudecode import READ_THREADS
+
+    monkeypatch.setattr(local.os, "cpu_count", lambda: 16)
+    assert [local.default_workers(mode) for mode in ("auto", "threads", "processes")] == [16, 16, 16]
+    assert local.default_workers("gpu") == READ_THREADS < 16
+    monkeypatch.setattr(local.os, "cpu_count", lambda: 2)
+    assert local.default_workers("gpu") == 2 and local.default_workers() == 2

@@ -7,8 +7,9 @@ changed model or JAX version compiles afresh). Extract (and bench's timed proces
 before anything compiles; it is on only under the JAX backend.
 
 A cached executable is code this process will run, so the folder must be as private as the
-user's own installed packages: created ``0700``, used only while it is owned by this user and
-not writable by group or others. Otherwise the cache stays off, with a warning naming the
+user's own installed packages: created ``0700``, used only while it is a folder (not a link)
+owned by this user and writable by no one else, in a parent that others cannot write to (or a
+sticky one, as /tmp is). Otherwise the cache stays off, with a warning naming the
 folder. ``IMGFEAT_COMPILE_CACHE=0`` turns it off; ``$IMGFEAT_CACHE`` moves it (default
 ``~/.cache/imgfeat/jax``); a cache folder already set in JAX's own configuration
 (``JAX_COMPILATION_CACHE_DIR``) is left as the user set it.
@@ -53,6 +54,12 @@ def private_folder(folder: Path) -> str | None:
         return "it belongs to another user"
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         return "others may write to it (chmod 700 it to use it)"
+    try:
+        parent = folder.parent.stat()
+    except OSError as exc:
+        return f"cannot read its parent folder ({exc.strerror or exc})"
+    if parent.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not parent.st_mode & stat.S_ISVTX:
+        return "others may write to its parent folder, and so replace it"
     return None
 
 

@@ -51,6 +51,9 @@ def test_bad_bench_config_is_a_config_error(tmp_path):
         BenchConfig(backbone="resnet05", images=tmp_path)
     with pytest.raises(ConfigError, match="--decode 'cuda': allowed are auto, threads, processes, gpu"):
         BenchConfig(backbone="mobilenet_v2", images=tmp_path, decode="cuda")
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ConfigError, match=r"--logs '.*a-file' is not a folder"):
+        BenchConfig(backbone="mobilenet_v2", images=tmp_path, logs=tmp_path / "a-file")
     # here (no nvImageCodec, Keras on TensorFlow): named before any timed process starts, not a traceback
     with pytest.raises(ConfigError, match=r"decode .gpu. cannot run here: nvidia\.nvimgcodec is not importable"):
         BenchConfig(backbone="mobilenet_v2", images=tmp_path, decode="gpu")

@@ -144,3 +144,30 @@ warnings.warn("a warning a user should see", UserWarning)
     assert "a warning a user should see" in res.stderr
     assert res.stderr.count("sklearn.utils.parallel.delayed") == (3 if level == "debug" else 0)
     assert ("DEBUG" in res.stderr) == (level == "debug")
+
+
+@pytest.mark.quick
+def test_a_cache_that_cannot_keep_compiles_is_one_line_of_ours():
+    """JAX warns once per compile it cannot keep (a full disk under the compilation cache): a run
+    would print a file path and source line per compile; the command line says it once, its way."""
+    code = """
+import warnings
+from imgfeat.core.logs import setup_logging
+setup_logging("info")
+warnings.simplefilter("always")
+for name in ("jit__uniform", "jit_call", "jit_broadcast_in_dim"):
+    warnings.warn(f"Error writing persistent compilation cache entry for '{name}': "
+                  "OSError: [Errno 28] No space left on device", UserWarning)
+warnings.warn("a warning a user should see", UserWarning)
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    lines = res.stderr.strip().splitlines()
+    cache = [ln for ln in lines if "compilation cache" in ln]
+    assert len(cache) == 1 and "WARNING" in cache[0], res.stderr
+    assert cache[0].endswith(
+        "the JAX compilation cache cannot keep compiles (OSError: [Errno 28] No space left on device); "
+        "this run compiles as if it had none"
+    )
+    assert "warnings.warn" not in res.stderr.split("a warning a user should see")[0]  # no source line of theirs
+    assert "a warning a user should see" in res.stderr

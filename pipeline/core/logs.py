@@ -62,15 +62,37 @@ SPURIOUS_WARNINGS = (
 )
 
 
+# Python warnings said once, in our words ({reason}: the failure the warning names); repeats are dropped.
+ONCE_WARNINGS = {
+    # JAX's, per compile it could not keep (a full disk, a folder gone): the run goes on compiling
+    "Error writing persistent compilation cache entry": "the JAX compilation cache cannot keep compiles "
+    "({reason}); this run compiles as if it had none",
+}
+
+
 class DemoteSpurious(logging.Filter):
-    """A Python warning in ``SPURIOUS_WARNINGS`` becomes a debug line (dropped at info)."""
+    """A Python warning in ``SPURIOUS_WARNINGS`` becomes a debug line (dropped at info); one in
+    ``ONCE_WARNINGS`` becomes its one line of ours, the first time only."""
 
     def __init__(self, level: int) -> None:
         super().__init__()
         self.level = level
+        self.said: set[str] = set()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.name != "py.warnings" or not any(t in record.getMessage() for t in SPURIOUS_WARNINGS):
+        if record.name != "py.warnings":
+            return True
+        text = record.getMessage()
+        for key, line in ONCE_WARNINGS.items():
+            if key in text:
+                if key in self.said:
+                    return False
+                self.said.add(key)
+                first = next((ln for ln in text.splitlines() if key in ln), key)
+                reason = first.partition(key)[2].partition(": ")[2].strip() or "an error"
+                record.msg, record.args = line.format(reason=reason[:200]), None
+                return True
+        if not any(t in text for t in SPURIOUS_WARNINGS):
             return True
         record.levelno, record.levelname = logging.DEBUG, "DEBUG"
         return self.level <= logging.DEBUG

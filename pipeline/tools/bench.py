@@ -57,7 +57,9 @@ class BenchConfig:
     fast_decode: bool = opt(False, help="pass --fast-decode to extract")
     precision: str = opt("float32", metavar="float32|bfloat16|float16", help="compute precision")
     workers: int | None = opt(
-        None, metavar="N", help="decoders of extract and of the input path (default: the CPU count)"
+        None,
+        metavar="N",
+        help="decoders of extract and of the input path (default: the CPU count; with --decode gpu, 4 read threads)",
     )
     # the input path decodes the same way
     decode: str = opt(
@@ -88,6 +90,8 @@ class BenchConfig:
             raise ConfigError(f"--decode {self.decode!r}: allowed are {', '.join(DECODE_MODES)}")
         if self.decode == "gpu":  # extract checks the options and the GPU itself; here, before anything runs:
             check_gpu_decode(None, probe_devices=False)  # this process must leave the GPU to the timed ones
+        if self.logs is not None and Path(self.logs).exists() and not Path(self.logs).is_dir():
+            raise ConfigError(f"--logs {str(self.logs)!r} is not a folder")
         if not isinstance(self.repeat, int) or self.repeat < 1:
             raise ConfigError(f"--repeat must be a positive integer, got {self.repeat!r}")
         unknown = [p for p in self.paths if p not in PATHS]

@@ -52,8 +52,9 @@ def test_a_folder_others_may_write_to_is_not_used(cache_home, mode, caplog):
     config = FakeConfig()
     with caplog.at_level(logging.WARNING):
         assert C.enable_compile_cache(config) is None
+        assert C.enable_compile_cache(config) is None  # asked again (the model, then GPU decode): said once
     assert config.values == {}
-    assert str(cache_home) in caplog.text and "others may write to it" in caplog.text
+    assert str(cache_home) in caplog.text and caplog.text.count("others may write to it") == 1
 
 
 @pytest.mark.quick

@@ -33,6 +33,7 @@ MAX_CACHE_BYTES = 2 << 30  # JAX evicts the least recently used entries past thi
 MIN_COMPILE_SECONDS = 0.0
 
 _enabled: Path | None = None
+_refused: set[Path] = set()  # folders already warned about: one warning a process
 
 
 def cache_folder() -> Path:
@@ -80,7 +81,9 @@ def enable_compile_cache(config: Any = None) -> Path | None:
     folder = cache_folder()
     problem = private_folder(folder)
     if problem is not None:
-        log.warning("JAX compilation cache off: %s: %s", folder, problem)
+        if folder not in _refused:
+            _refused.add(folder)
+            log.warning("JAX compilation cache off: %s: %s", folder, problem)
         return None
     config.update("jax_compilation_cache_dir", str(folder))
     config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)

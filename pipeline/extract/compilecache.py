@@ -23,6 +23,8 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from imgfeat.core.stores import cache_dir
+
 log = logging.getLogger(__name__)
 
 ENV_SWITCH = "IMGFEAT_COMPILE_CACHE"
@@ -32,13 +34,12 @@ MAX_CACHE_BYTES = 2 << 30  # JAX evicts the least recently used entries past thi
 # are dozens of small compiles whose sum is seconds, and reading an entry back costs milliseconds.
 MIN_COMPILE_SECONDS = 0.0
 
-_enabled: Path | None = None
 _refused: set[Path] = set()  # folders already warned about: one warning a process
 
 
 def cache_folder() -> Path:
-    base = os.environ.get("IMGFEAT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "imgfeat")
-    return Path(base) / "jax"
+    """``jax`` beside the objects and workspace mirrors of this user's imgfeat cache."""
+    return cache_dir().parent / "jax"
 
 
 def private_folder(folder: Path) -> str | None:
@@ -69,7 +70,6 @@ def enable_compile_cache(config: Any = None) -> Path | None:
 
     Call it before the first compile of the process (JAX reads the setting once). ``config`` is
     ``jax.config`` (tests pass their own)."""
-    global _enabled
     if os.environ.get(ENV_SWITCH, "").strip().lower() in OFF_VALUES:
         return None
     if config is None:
@@ -88,7 +88,5 @@ def enable_compile_cache(config: Any = None) -> Path | None:
     config.update("jax_compilation_cache_dir", str(folder))
     config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
     config.update("jax_compilation_cache_max_size", MAX_CACHE_BYTES)
-    if _enabled != folder:
-        log.debug("JAX compilation cache: %s", folder)
-    _enabled = folder
+    log.debug("JAX compilation cache: %s", folder)
     return folder

@@ -337,36 +337,38 @@ class DeviceResizer:
             out = self.kernels.zeros((batch_size, h, w, CHANNELS))
         for bucket, rows in _by_bucket(device_rows).items():
             step = min(bucket_rows(bucket), 1 << max(0, batch_size - 1).bit_length())
-            for group in self._groups(rows):
+            for group, stack in self._groups(rows):
                 for start in range(0, len(group), step):
-                    out = self._resize_into(out, bucket, group[start : start + step], batch_size, step)
+                    out = self._resize_into(out, bucket, group[start : start + step], batch_size, step, stack)
         return out
 
-    def _groups(self, rows: list[tuple[int, Any]]) -> list[list[tuple[int, Any]]]:
-        """A bucket's rows as groups for one resize call each: the images of one exact size, where there
-        are STACK_MIN of them (stacked and padded by one call, not one call per image), and the rest."""
+    def _groups(self, rows: list[tuple[int, Any]]) -> list[tuple[list[tuple[int, Any]], bool]]:
+        """A bucket's rows as groups, each with whether it is stacked whole: the device images of one
+        exact size, where there are STACK_MIN of them and the size is within the compile budget
+        (MAX_PAD_SHAPES, shared with ``_padded``), are stacked and padded by one call; the rest are
+        padded one call per image."""
         by_shape: dict[tuple, list[tuple[int, Any]]] = collections.defaultdict(list)
         for row in rows:
             by_shape[tuple(row[1].shape)].append(row)
-        groups, rest = [], []
+        groups: list[tuple[list[tuple[int, Any]], bool]] = []
+        rest: list[tuple[int, Any]] = []
         seen = self.kernels.pad_shapes
         for shape, same in by_shape.items():
             device = not isinstance(same[0][1], np.ndarray)
             if device and len(same) >= STACK_MIN and (shape[:2] in seen or len(seen) < MAX_PAD_SHAPES):
                 seen.add(shape[:2])
-                groups.append(same)
+                groups.append((same, True))
             else:
                 rest.extend(same)
-        return [*groups, rest] if rest else groups
+        return [*groups, (rest, False)] if rest else groups
 
     def _resize_into(
-        self, out: Any, bucket: tuple[int, int], rows: list[tuple[int, Any]], batch_size: int, step: int
+        self, out: Any, bucket: tuple[int, int], rows: list[tuple[int, Any]], batch_size: int, step: int, stack: bool
     ) -> Any:
         n = padded_rows(len(rows), step)
         k = self.kernels
-        shapes = {tuple(img.shape) for _, img in rows}
-        if len(rows) >= STACK_MIN and len(shapes) == 1 and not isinstance(rows[0][1], np.ndarray):
-            filler = k.zeros(rows[0][1].shape)  # one exact size: stacked and padded in one call
+        if stack:  # one exact size: stacked and padded in one call
+            filler = k.zeros(rows[0][1].shape)
             stacked = k.stack_pad(bucket, *[img for _, img in rows], *[filler] * (n - len(rows)))
         else:
             padded = [self._padded(img, bucket) for _, img in rows]

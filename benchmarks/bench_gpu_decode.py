@@ -51,13 +51,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=40_000, help="at most this many files (default 40000)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--size", type=int, default=224, help="square model input side (default 224)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="CPU read threads")
+    p.add_argument("--workers", type=int, help="CPU read threads (default: extract's own for GPU decode)")
     p.add_argument("--ahead", type=int, default=2, help="batches read ahead")
     p.add_argument("--makers", type=int, help="threads making batches (default: gpu_batches' own)")
     p.add_argument(
         "--variants",
         action="store_true",
-        help="after the passes, one warm pass each with 2 batch makers, 4 and 8 read threads, and no exact-size stacking",
+        help="after the passes, one warm pass each with 1, 2 and every core's read threads, and with 1 batch maker",
     )
     p.add_argument("--interpolation", default="bilinear")
     p.add_argument("--exif", default="rotate", choices=("rotate", "ignore"))
@@ -129,20 +129,12 @@ def timed_pass(items, spec, args, codec, workers=None, makers=None, times=None) 
 
 def variants(items, spec, args, times) -> dict:
     """Warm passes that each change one thing; the codecs are made per maker, as extract makes them."""
-    from imgfeat.extract import gpudecode as G
-
-    out = {
-        "two_makers": timed_pass(items, spec, args, None, makers=2, times=times),
-        "four_read_threads": timed_pass(items, spec, args, None, workers=4, times=times),
-        "eight_read_threads": timed_pass(items, spec, args, None, workers=8, times=times),
+    return {
+        "one_read_thread": timed_pass(items, spec, args, None, workers=1, times=times),
+        "two_read_threads": timed_pass(items, spec, args, None, workers=2, times=times),
+        "every_core_read_threads": timed_pass(items, spec, args, None, workers=os.cpu_count() or 1, times=times),
+        "one_maker": timed_pass(items, spec, args, None, makers=1, times=times),
     }
-    stack_min, G.STACK_MIN = G.STACK_MIN, 1 << 30
-    try:
-        timed_pass(items, spec, args, None, times=times)  # compiles the per-image path's shapes first
-        out["no_exact_size_stacking"] = timed_pass(items, spec, args, None, times=times)
-    finally:
-        G.STACK_MIN = stack_min
-    return out
 
 
 def decode_only(items, args, codec) -> float:
@@ -228,6 +220,9 @@ def main(argv=None) -> int:
         return 2
     import jax
 
+    from imgfeat.extract.gpudecode import READ_THREADS
+
+    args.workers = args.workers or min(os.cpu_count() or 1, READ_THREADS)
     items = list_items(args.folder, args.limit)
     if not items:
         print(f"bench_gpu_decode: no files under {args.folder}", file=sys.stderr)

@@ -20,7 +20,8 @@
 # cosine >= 0.999 per image. The keras-hub cases (bench_dinov2.json, bench_clip.json: DINOv2-B/14
 # with registers and CLIP ViT-B/32 at 224 px, random-init presets written by
 # benchmarks/hub_presets.py, bf16) time the same compiled uint8 path; HUB=0 leaves them out, CPU=0
-# the CPU-decode case. Of the 40,000 crops made below, 3 are the same crop of the same photo:
+# the CPU-decode case, GPU=0 the GPU-decode case, DIAG=0 the diagnostic; CODEC=1 adds
+# benchmarks/bench_codec.py (the codec alone per backend and option set) before the diagnostic. Of the 40,000 crops made below, 3 are the same crop of the same photo:
 # content-addressed, they are 39,997 images (extract_inner.extracted).
 set -euo pipefail
 OUT=${OUT:-/tmp/out}
@@ -72,16 +73,24 @@ fi
 # only its own share of a short device session. Where GPU decode sent each file (the GPU, the CPU
 # path, an error row) is in gpu_decode.json.
 step() { timeout "${STEP_S:-150}" "$@" || echo "step exited $?: $*" >&2; }
-step python3 benchmarks/bench_gpu_decode.py "$IMAGES" --limit "${DIAG_N:-5000}" --variants \
-  --out "$OUT/gpu_decode.json" > "$OUT/gpu_decode.log" 2>&1
+if [ "${CODEC:-0}" = 1 ]; then  # nvImageCodec alone per backend and option set (opt-in)
+  step python3 benchmarks/bench_codec.py "$IMAGES" --limit "${DIAG_N:-5000}" --out "$OUT/codec.json" \
+    > "$OUT/codec.log" 2>&1
+fi
+if [ "${DIAG:-1}" = 1 ]; then
+  step python3 benchmarks/bench_gpu_decode.py "$IMAGES" --limit "${DIAG_N:-5000}" --variants \
+    --out "$OUT/gpu_decode.json" > "$OUT/gpu_decode.log" 2>&1
+fi
 common=(bench --backbone resnet50 --images "$IMAGES" --limit "$N" --precision bfloat16 --batch-size 256
         --skip tutorial --workspace /tmp/bench-ws --json)
 if [ "${CPU:-1}" = 1 ]; then
   step python3 -m imgfeat "${common[@]}" --decode processes --logs "$OUT/logs_cpu_decode" \
     > "$OUT/bench_cpu_decode.json" 2> "$OUT/bench_cpu_decode.err"
 fi
-step python3 -m imgfeat "${common[@]}" --decode gpu --logs "$OUT/logs_gpu_decode" \
-  > "$OUT/bench_gpu_decode.json" 2> "$OUT/bench_gpu_decode.err"
+if [ "${GPU:-1}" = 1 ]; then
+  step python3 -m imgfeat "${common[@]}" --decode gpu --logs "$OUT/logs_gpu_decode" \
+    > "$OUT/bench_gpu_decode.json" 2> "$OUT/bench_gpu_decode.err"
+fi
 if [ "${HUB:-1}" = 1 ]; then
   step python3 benchmarks/hub_presets.py /tmp/presets > "$OUT/hub_presets.log" 2>&1
   hub=(bench --images "$IMAGES" --limit "$N" --precision bfloat16 --batch-size 256 --skip tutorial

@@ -45,7 +45,8 @@ def test_two_level_centroids_are_seeded_unit_rows_spread_over_the_data():
 
 def test_streamed_centroids_do_not_depend_on_how_the_sample_is_spilled_or_read(tmp_path):
     """Past the budget the fine sample goes through scratch stores: the lists are the same whether it
-    stays in one or is spread over dozens, and whether the rows are read in big blocks or small."""
+    stays in one or is spread over several, and whether the rows are read in big blocks or small
+    (while no cluster is larger than a store: see the next test)."""
     X, _ = blobs_with_copies()
     n, dim = X.shape
     made = []
@@ -66,12 +67,62 @@ def test_streamed_centroids_do_not_depend_on_how_the_sample_is_spilled_or_read(t
     assert near.min() > 0.4 and near.mean() >= near_in_memory.mean() - 0.02
     with VectorStore(dim, tmp_path) as store:
         store.append(X)
-        for spill_bytes, block in ((1 << 30, 10**6), (50_000, 333), (4096, 1000)):
+        for spill_bytes, block in ((1 << 30, 10**6), (100_000, 333), (100_000, 1000)):
             made.clear()
             again, _ = streamed(store, spill_bytes, block)
             assert np.array_equal(C, again)
             assert len(made) == -(-trained_on * dim * 4 // spill_bytes)  # the sample spread over this many
             assert all(m._file.closed for m in made)  # every scratch store closed (its file had no name)
+
+
+def skewed(n: int = 6000, dim: int = 32, seed: int = 1) -> np.ndarray:
+    """Unit rows of which nine in ten are one kind of picture shot alike (one tight region), the rest spread."""
+    rng = np.random.default_rng(seed)
+    centre = rng.standard_normal(dim).astype(np.float32)
+    big = centre + 0.15 * rng.standard_normal((n * 9 // 10, dim)).astype(np.float32)
+    X = np.concatenate([big, rng.standard_normal((n - len(big), dim)).astype(np.float32)])
+    return X / np.linalg.norm(X, axis=1, keepdims=True)
+
+
+def test_a_dominant_cluster_neither_fills_one_store_nor_takes_one_huge_kmeans(tmp_path, monkeypatch):
+    """A collection where one kind of photo is most of the rows: no scratch store read back holds
+    much over the budget's rows (a cluster larger than that keeps only that many), and the big
+    cluster's many lists are found two-level in turn, no k-means asked for more than
+    CELL_MAX_LISTS centroids, while every row still has a list near it."""
+    from imgfeat.index import kinds
+
+    X = skewed()
+    n, dim = X.shape
+    monkeypatch.setattr(kinds, "CELL_MAX_LISTS", 12)
+    asked: list[int] = []
+    real_kmeans = kinds._spherical_kmeans
+    monkeypatch.setattr(kinds, "_spherical_kmeans", lambda rows, k, *a: asked.append(k) or real_kmeans(rows, k, *a))
+    made: list[VectorStore] = []
+
+    def spill():
+        made.append(VectorStore(dim, tmp_path))
+        return made[-1]
+
+    spill_bytes = 300 * dim * 4  # room for 300 rows a store; the sample is 39 * 100 = 3,900 rows
+    C, trained_on = streamed_two_level_centroids(X, 100, seed=3, block_rows=500, spill_bytes=spill_bytes, spill=spill)
+    held = [len(m) for m in made]
+    assert max(held) <= 2 * 300 and sum(held) == trained_on  # each store about the room, never twice it
+    assert trained_on < MIN_POINTS_PER_LIST * 100  # the big cluster kept only a store's worth of its rows
+    assert 90 <= len(C) <= 100 and max(asked) <= 12  # coarse: 10 clusters; no cell k-means over 12
+    np.testing.assert_allclose(np.linalg.norm(C, axis=1), 1.0, atol=1e-5)
+    # in memory, the same split: the big cluster's share is found two-level, not by one k-means
+    asked.clear()
+    C2 = two_level_centroids(X, 100, seed=3)
+    assert 90 <= len(C2) <= 100 and max(asked) <= 12
+    # rows are about as near a list as with the whole sample in memory, the big cluster's closely
+    near, near_in_memory = (X @ C.T).max(axis=1), (X @ C2.T).max(axis=1)
+    assert near.mean() >= near_in_memory.mean() - 0.02 and near[: n * 9 // 10].mean() > 0.85
+
+
+def test_rows_that_do_not_split_take_one_kmeans_not_endless_levels():
+    X = np.tile(skewed(n=10)[:1], (400, 1))  # 400 copies of one row
+    C = two_level_centroids(X, 100, seed=0)
+    assert 1 <= len(C) <= 100 and np.allclose(C @ X[0], 1.0, atol=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["ivf", "ivfpq"])

@@ -260,10 +260,22 @@ def _list_shares(counts: np.ndarray, nlist: int) -> np.ndarray:
     return np.diff(np.r_[0, np.cumsum(counts) * nlist // max(1, int(counts.sum()))])
 
 
+# A coarse cluster given more lists than this (one that holds far more than its part of the rows,
+# as one kind of photo can in a real collection) is split two-level in turn: a k-means of k
+# centroids costs k times the rows, so one plain k-means of such a cluster's share would cost
+# what the two levels were there to avoid (at 10M rows, one cluster of half the rows: 31,000 lists).
+CELL_MAX_LISTS = 512
+
+
 def _cell_centroids(rows: np.ndarray, share: int, seed: int, iterations: int) -> np.ndarray:
-    """One coarse cluster's lists: its rows themselves where they are no more than its share."""
+    """One coarse cluster's lists: its rows themselves where they are no more than its share, its
+    own two-level centroids where its share is over CELL_MAX_LISTS."""
     k = int(min(max(1, share), len(rows)))
-    return rows if k == len(rows) else _spherical_kmeans(rows, k, seed, iterations)
+    if k == len(rows):
+        return rows
+    if k > CELL_MAX_LISTS:
+        return two_level_centroids(rows, k, seed, iterations)
+    return _spherical_kmeans(rows, k, seed, iterations)
 
 
 def _unit_rows(parts: list[np.ndarray]) -> np.ndarray:
@@ -277,9 +289,10 @@ def two_level_centroids(sample: np.ndarray, nlist: int, seed: int, iterations: i
     """About ``nlist`` unit centroids of ``sample`` by two-level k-means: sqrt(nlist) coarse
     clusters, then each clustered again into a share of the lists proportional to its rows.
     The cost is that of a k-means of sqrt(nlist) centroids twice, not of nlist (6,250 lists on
-    244,000 rows of 128 dimensions: about 2 s on 2 cores). Seeded; a cluster with fewer rows than
-    its share keeps its rows as centroids, one with rows gets a list at least (so the count can
-    come out a little off ``nlist``)."""
+    244,000 rows of 128 dimensions: about 2 s on 2 cores), a cluster with more than CELL_MAX_LISTS
+    lists split the same way in turn. Seeded; a cluster with fewer rows than its share keeps its
+    rows as centroids, one with rows gets a list at least (so the count can come out a little off
+    ``nlist``)."""
     faiss = import_faiss()
     X = np.ascontiguousarray(sample, dtype=np.float32)
     dim = X.shape[1]
@@ -290,6 +303,8 @@ def two_level_centroids(sample: np.ndarray, nlist: int, seed: int, iterations: i
     _, at = top.search(X, 1)
     at = at[:, 0]
     counts = np.bincount(at, minlength=coarse)
+    if counts.max() == len(X):  # the rows would not split (all alike): one k-means, no deeper level
+        return _unit_rows([_spherical_kmeans(X, nlist, seed, iterations)])
     share = _list_shares(counts, nlist)
     parts = [_cell_centroids(X[at == c], share[c], seed + c + 1, iterations) for c in np.flatnonzero(counts).tolist()]
     return _unit_rows(parts)
@@ -314,22 +329,26 @@ def streamed_two_level_centroids(
     ``Y`` (an array or a vector store, read ``block_rows`` at a time) gives a seeded sample of
     TOP_POINTS_PER_CENTROID rows per coarse cluster for the coarse k-means, then MIN_POINTS_PER_LIST
     rows per list, streamed: each assigned to its coarse cluster and set aside in one of several
-    scratch stores (``spill()`` makes one; clusters are spread over them so each holds about
-    ``spill_bytes``). Each store is then read back whole and its clusters trained one at a time.
-    Memory: a block, one store's rows and the centroids, at any number of rows, so the number of
-    lists can grow with the rows (a query scans the same number of rows at any n)."""
+    scratch stores (``spill()`` makes one; ``_spill_plan`` spreads the clusters over them so each
+    holds about ``spill_bytes``, and keeps of a cluster far larger than that only that many rows).
+    Each store is then read back whole and its clusters trained one at a time (a cluster with many
+    lists two-level in turn). Memory: a block, one store's rows and the centroids, at any number of
+    rows and however unevenly they cluster, so the number of lists can grow with the rows (a query
+    scans the same number of rows at any n)."""
     faiss = import_faiss()
     n, dim = Y.shape
     nlist = max(1, min(nlist, n))
     coarse = max(1, int(math.sqrt(nlist)))
     top = faiss.IndexFlatIP(dim)
-    top.add(
-        _spherical_kmeans(Y[sample_rows(n, min(n, coarse * TOP_POINTS_PER_CENTROID), seed)], coarse, seed, iterations)
-    )
+    top_rows = Y[sample_rows(n, min(n, coarse * TOP_POINTS_PER_CENTROID), seed)]
+    top.add(_spherical_kmeans(top_rows, coarse, seed, iterations))
     fine = sample_rows(n, min(n, MIN_POINTS_PER_LIST * nlist), seed + 1)
-    groups = int(min(MAX_SPILLS, max(1, -(-len(fine) * dim * 4 // max(1, spill_bytes)))))
+    room = max(1, spill_bytes // (dim * 4))  # rows a store is meant to hold
+    cap, store_of, groups = _spill_plan(top, top_rows, len(fine), room)
     stores: list[Any] = []
     cells: list[list[np.ndarray]] = [[] for _ in range(groups)]
+    counts = np.zeros(coarse, np.int64)  # every sampled row per cluster: the lists' shares
+    kept = np.zeros(coarse, np.int64)  # those set aside: at most ``cap`` a cluster
     try:
         stores.extend(spill() for _ in range(groups))
         step = max(1, block_rows)
@@ -340,13 +359,17 @@ def streamed_two_level_centroids(
             B = np.ascontiguousarray(Y[lo : lo + step][fine[a:b] - lo], dtype=np.float32)
             _, at = top.search(B, 1)
             at = at[:, 0].astype(np.int64)
-            group = at % groups
+            counts += np.bincount(at, minlength=coarse)
+            rank = _rank_within(at) + kept[at]  # each row's place among its cluster's rows so far
+            keep = rank < cap[at]
+            kept += np.bincount(at[keep], minlength=coarse)
+            B, at = B[keep], at[keep]
+            group = store_of[at]
             for g in np.unique(group).tolist():
                 mine = group == g
                 stores[g].append(B[mine])
                 cells[g].append(at[mine].astype(np.int32))
         labels = [np.concatenate(c) if c else np.zeros(0, np.int32) for c in cells]
-        counts = np.bincount(np.concatenate(labels), minlength=coarse) if len(fine) else np.zeros(coarse, np.int64)
         share = _list_shares(counts, nlist)
         found: dict[int, np.ndarray] = {}
         for g in range(groups):
@@ -358,7 +381,39 @@ def streamed_two_level_centroids(
     finally:
         for store in stores:
             store.close()
-    return _unit_rows([found[c] for c in sorted(found)]), len(fine)
+    return _unit_rows([found[c] for c in sorted(found)]), int(kept.sum())
+
+
+def _spill_plan(top: Any, top_rows: np.ndarray, fine: int, room: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(cap, store_of, stores)`` for spilling a fine sample of ``fine`` rows: each coarse cluster's
+    share of it estimated from the coarse k-means' own rows, a cluster's rows kept up to ``cap``
+    (a fifth over its estimate, never over ``room``: the rest only count towards its lists), and the
+    clusters spread over the stores largest first, each onto the least filled, so that no store
+    holds much over ``room`` rows whatever the clusters' sizes (a store holds at most its share of
+    the caps plus one cluster's)."""
+    coarse = top.ntotal
+    _, at = top.search(np.ascontiguousarray(top_rows, dtype=np.float32), 1)
+    expected = np.bincount(at[:, 0], minlength=coarse) * (fine / max(1, len(top_rows)))
+    cap = np.minimum(room, np.ceil(expected * 1.2).astype(np.int64) + MIN_POINTS_PER_LIST)
+    stores = int(min(MAX_SPILLS, max(1, -(-min(int(cap.sum()), fine) // room))))
+    store_of = np.zeros(coarse, np.int64)
+    load = np.zeros(stores, np.int64)
+    for c in np.argsort(-cap, kind="stable").tolist():
+        g = int(np.argmin(load))
+        store_of[c] = g
+        load[g] += cap[c]
+    return cap, store_of, stores
+
+
+def _rank_within(labels: np.ndarray) -> np.ndarray:
+    """Each element's count of earlier elements with its label (0 for a label's first)."""
+    order = np.argsort(labels, kind="stable")
+    sorted_labels = labels[order]
+    starts = np.r_[0, np.flatnonzero(sorted_labels[1:] != sorted_labels[:-1]) + 1]
+    run_start = np.repeat(starts, np.diff(np.r_[starts, len(labels)]))
+    rank = np.empty(len(labels), np.int64)
+    rank[order] = np.arange(len(labels)) - run_start
+    return rank
 
 
 def two_level_index(

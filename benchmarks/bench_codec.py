@@ -8,9 +8,9 @@ one untimed call), how many files it did not decode, and its fidelity to Pillow'
 what the CPU path gives) on the first ``--compare`` files: largest and mean absolute difference per
 pixel. Then the configurations that decode every file faithfully again, with CPU threads busy
 reading and hashing files beside them (as extract's read threads are), under each Python thread
-switch interval asked for. One JSON object, each part
-written as it is measured. Needs numpy, Pillow, jax with its CUDA plugin, nvidia-nvimgcodec and
-imgfeat on the path (benchmarks/gpu_host.sh puts it there).
+switch interval asked for. One JSON object, each part written as it is measured. Needs numpy,
+Pillow, jax with its CUDA plugin, nvidia-nvimgcodec and imgfeat on the path
+(benchmarks/gpu_host.sh puts it there).
 """
 
 from __future__ import annotations
@@ -122,6 +122,10 @@ class BusyReaders:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    unknown = sorted(set(args.configs.split(",")) - set(CONFIGS))
+    if unknown:
+        print(f"bench_codec: --configs {','.join(unknown)}: not one of {', '.join(CONFIGS)}", file=sys.stderr)
+        return 2
     try:
         import jax
         from nvidia import nvimgcodec as nv

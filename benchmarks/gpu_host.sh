@@ -21,8 +21,9 @@
 # with registers and CLIP ViT-B/32 at 224 px, random-init presets written by
 # benchmarks/hub_presets.py, bf16) time the same compiled uint8 path; HUB=0 leaves them out, CPU=0
 # the CPU-decode case, GPU=0 the GPU-decode case, DIAG=0 the diagnostic; CODEC=1 adds
-# benchmarks/bench_codec.py (the codec alone per backend and option set) before the diagnostic. Of the 40,000 crops made below, 3 are the same crop of the same photo:
-# content-addressed, they are 39,997 images (extract_inner.extracted).
+# benchmarks/bench_codec.py (the codec alone per backend and option set) before the diagnostic.
+# Of the 40,000 crops made below, 3 are the same crop of the same photo: content-addressed, they
+# are 39,997 images (extract_inner.extracted).
 set -euo pipefail
 OUT=${OUT:-/tmp/out}
 N=${N:-40000}

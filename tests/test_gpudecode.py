@@ -597,6 +597,8 @@ def test_codec_bench_exits_2_without_the_codec(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "nvidia", None)  # not installed
     assert bench_module("bench_codec").main([str(tmp_path)]) == 2
     assert "nvidia" in capsys.readouterr().err
+    assert bench_module("bench_codec").main([str(tmp_path), "--configs", "all_fancy,fast"]) == 2
+    assert "--configs fast: not one of all_fancy" in capsys.readouterr().err
 
 
 def test_codec_bench_measures_each_configuration_and_its_fidelity(tmp_path, monkeypatch, capsys):

@@ -26,13 +26,13 @@ def planted(n: int = 60, dim: int = 64, seed: int = 0):
 
 def images(X: np.ndarray, splits=None, extra_paths=()):
     """An Images record: one path per vector, plus ``extra_paths`` (node, path, split) for exact copies."""
-    from imgfeat.index.dedup import Images
+    from imgfeat.index.dedup import images_of
 
     ids = [fake_image_id("d", k) for k in range(len(X))]
     splits = list(splits) if splits is not None else [None] * len(X)
     rows = [(ids[k], f"img/{k:03d}.png", splits[k]) for k in range(len(X))]
     rows += [(ids[k], p, s) for k, p, s in extra_paths]
-    return Images(ids, X, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], 0)
+    return images_of(ids, X, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
 
 
 def group_sets(table) -> list[set[str]]:
@@ -61,7 +61,7 @@ def test_groups_are_the_planted_copies_and_exact_duplicates(exact_max, dim):
         [{p(0), p(n)}, {p(1), p(n + 1), p(n + 2)}, {p(2), p(n + 3)}, {p(5), "elsewhere/005.png"}], key=sorted
     )
     rows = {r[S.PATH]: r for r in table.to_pylist()}
-    ids = im.ids.to_pylist()  # node k's image id
+    ids = im.id_strings(np.arange(len(im.ids)))  # node k's image id
     assert rows["elsewhere/005.png"][S.NEAREST_ID] == ids[5] and rows["elsewhere/005.png"][S.SIMILARITY] == 1.0
     assert rows[p(0)][S.NEAREST_ID] == ids[n] and 0.9 <= rows[p(0)][S.SIMILARITY] < 1.0
     assert rows[p(n + 1)][S.GROUP_ID] == min(ids[1], ids[n + 1], ids[n + 2])

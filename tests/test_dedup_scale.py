@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from imgfeat.core import schemas as S
+from imgfeat.core.keys import as_strings, keys_of
 from imgfeat.index import dedup
 from imgfeat.index.looks import LOOK_VERSION, SIDE, VARIANTS, LookStore, look_similarity
 
@@ -28,7 +29,7 @@ def test_the_store_gives_each_node_its_look_as_a_matrix_would(tmp_path):
     store = LookStore(5, tmp_path)
     store.append(["x", "y"], L[:2], [3, -1])  # y: a cached image no longer in the dataset
     store.append(["a", "b", "c"], L[2:5], [0, 4, 1])
-    assert store.ids == ["x", "y", "a", "b", "c"] and store.ok.tolist() == [True, True, False, True, True]
+    assert as_strings(store.ids()) == ["x", "y", "a", "b", "c"] and store.ok.tolist() == [True, True, False, True, True]
     M = np.zeros((5, VARIANTS, SIDE * SIDE), np.float16)
     M[[3, 0, 4, 1]] = L[[0, 2, 3, 4]]
     nodes = np.array([0, 1, 3, 4, 0])
@@ -37,7 +38,7 @@ def test_the_store_gives_each_node_its_look_as_a_matrix_would(tmp_path):
     for got, want in zip(look_similarity(store, a, b), look_similarity(M, a, b)):
         assert np.array_equal(got, want)
     blocks = list(store.blocks(2))
-    assert [ids for ids, _ in blocks] == [["x", "y"], ["a", "b"], ["c"]]
+    assert [ids.to_pylist() for ids, _ in blocks] == [["x", "y"], ["a", "b"], ["c"]]
     assert np.array_equal(np.concatenate([x for _, x in blocks]), L[:5])
     assert list(tmp_path.iterdir()) == []  # the scratch file has no name: a crash leaves nothing
     store.clear()
@@ -54,10 +55,10 @@ def test_the_looks_cache_round_trips_a_row_group_at_a_time_and_old_caches_still_
     path = tmp_path / "looks.parquet"
     dedup._write_looks(store, path)
     assert pq.ParquetFile(path).num_row_groups == 3
-    node = pa.array(["id5", "id1", "new"])  # every image's id: node k is node[k]
+    node = keys_of(["id5", "id1", "new"])  # every image's id: node k is node[k]
     again = LookStore(3, tmp_path)
     dedup._read_looks(path, again, node)
-    assert again.ids == ids and again.ok.tolist() == [True, True, False]
+    assert as_strings(again.ids()) == ids and again.ok.tolist() == [True, True, False]
     assert np.array_equal(again[np.array([0, 1])], L[[5, 1]])
 
     old = tmp_path / "old.parquet"  # the layout before: each look a list of float16
@@ -78,7 +79,7 @@ def test_candidate_pairs_are_written_in_batches_and_read_back_a_row_group_at_a_t
     monkeypatch.setattr(dedup, "PAIRS_BATCH", 4)
     monkeypatch.setattr(dedup, "PAIR_CHUNK", 3)  # the pairs read back go to several ranges
     ids = [f"id{k}" for k in range(6)]
-    im = dedup.Images(ids, np.zeros((6, 2), np.float32), ids, ids, [None] * 6, 0)
+    im = dedup.images_of(ids, np.zeros((6, 2), np.float32), ids, ids, [None] * 6)
     a, b = np.array([0, 0, 1, 2, 2, 3, 4, 4, 5]), np.array([1, 2, 3, 3, 5, 4, 5, 1, 0])
     sim = np.linspace(0.1, 0.9, len(a)).astype(np.float32)
     dedup._write_pairs(tmp_path, im, dedup.Graph(a, b, sim))

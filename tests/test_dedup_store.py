@@ -10,6 +10,7 @@ import pytest
 from synthetic import fake_image_id, write_featureset
 from test_dedup import planted
 
+from imgfeat.core import schemas as S
 from imgfeat.index import dedup
 from imgfeat.index.kinds import reduce_dims, rescore
 from imgfeat.index.scratch import VectorStore, reduce_store, rescore_block, similarities_to, store_vectors
@@ -25,7 +26,9 @@ def _rows(n: int, dim: int, seed: int = 0) -> np.ndarray:
 
 def test_the_store_gives_back_the_rows_written_as_a_matrix_would(tmp_path):
     X = _rows(50, 6)
-    ids, store = store_vectors(((["a"] * len(X[lo : lo + 7]), X[lo : lo + 7]) for lo in range(0, 50, 7)), 6, tmp_path)
+    ids, store = store_vectors(
+        ((["a"] * len(X[lo : lo + 7]), X[lo : lo + 7]) for lo in range(0, 50, 7)), 6, tmp_path, 60
+    )
     with store:
         assert len(ids) == 50 and len(store) == 50 and store.shape == (50, 6)
         assert list(tmp_path.iterdir()) == []  # no name: a crash leaves nothing
@@ -80,7 +83,7 @@ def test_a_tiny_memory_budget_stores_the_vectors_and_finds_the_same_groups(ws, m
     write_manifest(ws, "d", rows, ws.root / "images")
     stored = []
     real = dedup.store_vectors
-    monkeypatch.setattr(dedup, "store_vectors", lambda *a: stored.append(1) or real(*a))
+    monkeypatch.setattr(dedup, "store_vectors", lambda *a, **k: stored.append(1) or real(*a, **k))
     out = {}
     for name, budget in (("big", 1 << 30), ("tiny", 600_000)):
         cfg = dedup.DedupConfig(featureset="fs", dataset="d", name=name, memory_budget=budget, exact_max=10)
@@ -187,3 +190,128 @@ class _FullFile:
         import errno
 
         raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_the_manifest_read_a_row_group_at_a_time_gives_the_tables_of_the_whole_rows(ws):
+    """Dedup keeps keys and codes, reading paths, splits and labels back from the manifest: over
+    many row groups, with unreadable rows, repeated images and every kind of split between them,
+    its tables are those of the same readable rows held in memory; and a manifest replaced during
+    the run (a rescan) does not change the paths it reads back."""
+    import os
+
+    import pyarrow as pa
+
+    X, copies = planted(n=60, dim=32)
+    ids = [fake_image_id("d", k) for k in range(len(X))]
+    write_featureset(ws, "fs", ids, X, dtype="float32")
+    splits = ["train", "test", None, "val", "extra", ""]
+    rows = []
+    for k, i in enumerate(ids):
+        rows.append({"image_id": i, "path": f"img/{k:03d}a.png", "split": splits[k % 6], "label": f"c{k % 3}"})
+        if k % 7 == 0:  # the same picture at a second path, its own split and label
+            rows.append({"image_id": i, "path": f"img/{k:03d}b.png", "split": splits[(k + 1) % 6], "label": "other"})
+        if k % 5 == 0:  # a file that could not be read, between the others
+            rows.append({"image_id": None, "path": f"img/{k:03d}c.png", "split": "test", "status": "error"})
+    for r in rows:
+        r.setdefault("status", "ok")
+    path = write_manifest(ws, "d", rows, ws.root / "images")
+    table = pq.read_table(path)
+    pq.write_table(table, path, row_group_size=7)  # many row groups (schema and metadata kept)
+    assert pq.ParquetFile(path).num_row_groups > 10
+    cfg = dedup.DedupConfig(featureset="fs", dataset="d", threshold=0.9, exact_max=10_000)
+    im = dedup.load_images(ws, cfg)
+    try:
+        ok = [r for r in rows if r["status"] == "ok"]
+        ref = dedup.images_of(
+            im.id_strings(np.arange(len(im.ids))), X[[ids.index(i) for i in im.id_strings(np.arange(len(im.ids)))]],
+            [r["image_id"] for r in ok], [r["path"] for r in ok], [r["split"] for r in ok], 0, [r["label"] for r in ok],
+        )  # fmt: skip
+        assert im.readable_rows == len(ok) and im.rows_digest == ref.rows_digest
+        nb = dedup.nearest_neighbours(im.X, 10)
+        graph = dedup.similar_pairs(nb, 0.9)
+        groups = dedup.groups_table(im, graph)
+        assert groups.equals(dedup.groups_table(ref, graph)) and groups.num_rows >= 2 * len(copies)
+        assert dedup.leaks_table(im, nb, 0.9).equals(dedup.leaks_table(ref, nb, 0.9))
+        comp = dedup.components(len(im.ids), graph)
+        leaks = dedup.group_leaks_table(im, comp)
+        assert leaks.equals(dedup.group_leaks_table(ref, comp)) and leaks.num_rows > 0
+        first = im.column(S.PATH, im.first_row)
+        other = pa.table({c: table.column(c) for c in table.column_names}).slice(0, 3)
+        pq.write_table(other, str(path) + ".new")
+        os.replace(str(path) + ".new", path)  # a rescan replaces the manifest mid-run
+        assert im.column(S.PATH, im.first_row) == first and all(p.endswith("a.png") for p in first)
+    finally:
+        im.close()
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf", "ivfpq"])
+def test_an_index_filled_with_its_lists_sized_first_holds_what_adding_gives(tmp_path, kind):
+    from imgfeat.index.kinds import IndexParams, make_index, train_on_sample
+
+    X = _rows(600, 16, seed=3)
+    params = IndexParams(kind, nlist=8, nprobe=8, hnsw_m=8, ef_search=32, ef_construction=40, pq_m=4)
+    indexes = [make_index(params, 16) for _ in range(2)]
+    if kind in ("ivf", "ivfpq"):
+        for index in indexes:
+            train_on_sample(index, params, X, len(X))
+    indexes[0].add(X)
+    with VectorStore(16, tmp_path) as store:
+        store.append(X)
+        dedup.fill_presized(indexes[1], store, 64)  # blocks that do not divide the rows
+    assert indexes[1].ntotal == len(X)
+    (want_s, want_r), (got_s, got_r) = (index.search(X[:50], 5) for index in indexes)
+    assert np.array_equal(got_r, want_r) and np.array_equal(got_s, want_s)
+    assert (got_r[:, 0] == np.arange(50)).mean() > 0.9  # each row finds itself: the ids are the store's rows
+
+
+def test_parked_arrays_leave_memory_for_the_search_and_come_back_whole(ws, tmp_path, monkeypatch):
+    scratch = tmp_path / "scratch"
+    X, copies = planted(n=300, dim=16)
+    ids = [fake_image_id("d", k) for k in range(len(X))]
+    paths = [f"img/{k:03d}.png" for k in range(len(X))] + ["img/again.png"]
+    splits = ["train" if k % 3 else "test" for k in range(len(X))] + [None]
+    im = dedup.images_of(ids, X, [*ids, ids[7]], paths, splits)
+    before = {name: getattr(im, name).copy() for name in dedup.PARKED}
+    monkeypatch.setattr(dedup, "PARK_MIN_BYTES", 0)
+    with im.parked(scratch):
+        assert all(getattr(im, name) is None for name in dedup.PARKED) and im.X is X
+        assert list(scratch.iterdir()) == []  # an unnamed scratch file: a crash leaves nothing
+    assert all(np.array_equal(getattr(im, name), before[name]) for name in dedup.PARKED)
+    assert all(getattr(im, name).dtype == before[name].dtype for name in dedup.PARKED)
+    with pytest.raises(KeyError), im.parked(scratch):
+        raise KeyError("the search failed")
+    assert all(np.array_equal(getattr(im, name), before[name]) for name in dedup.PARKED)  # back after an error too
+    monkeypatch.setattr(dedup, "PARK_MIN_BYTES", 1 << 40)
+    with im.parked(scratch):
+        assert im.ids is before["ids"] or np.array_equal(im.ids, before["ids"])  # small: left where it is
+
+    # a whole run with the arrays parked during its search gives what a run without gives
+    n = len(X) - len(copies)
+    rows = [
+        {"image_id": i, "path": p, "split": "test" if k >= n else "train", "status": "ok"}
+        for k, (i, p) in enumerate(zip(ids, paths))
+    ]
+    write_featureset(ws, "fs", ids, X, dtype="float32")
+    write_manifest(ws, "d", rows, ws.root / "images")
+    seen = []
+    search, pairs_of = dedup.search_neighbours, dedup.candidate_pairs
+
+    def spy_pairs(folder, cfg, images, previous):
+        seen.append(images)
+        return pairs_of(folder, cfg, images, previous)
+
+    def spy_search(*a, **k):
+        seen.append(seen[-1].ids is None)
+        return search(*a, **k)
+
+    monkeypatch.setattr(dedup, "candidate_pairs", spy_pairs)
+    monkeypatch.setattr(dedup, "search_neighbours", spy_search)
+    out = {}
+    for name, floor in (("kept", 1 << 40), ("parked", 0)):
+        monkeypatch.setattr(dedup, "PARK_MIN_BYTES", floor)
+        cfg = dedup.DedupConfig(featureset="fs", dataset="d", name=name, memory_budget=600_000, exact_max=10)
+        s = dedup.run_dedup(ws, cfg, "run").to_json()
+        out[name] = [pq.read_table(s[t]) for t in ("groups_table", "leaks_table")]
+    assert seen[1::2] == [False, True]
+    assert out["parked"][0].num_rows == len(copies) + len(set(copies)) and out["parked"][1].num_rows == len(copies)
+    assert all(a.equals(b) for a, b in zip(out["parked"], out["kept"]))

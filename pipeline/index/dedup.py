@@ -10,8 +10,7 @@ fixed cosine of the features (the criterion before looks).
 
 from __future__ import annotations
 
-import functools
-import itertools
+import contextlib
 import json
 import logging
 import math
@@ -21,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import IO, Any, TypeAlias, TypeVar
+from typing import IO, Any, Protocol, TypeAlias, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -31,7 +30,7 @@ import pyarrow.parquet as pq
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError, ImgfeatError
 from imgfeat.core.hashing import CONTENT_ID_ALGORITHM, digest_chunks
-from imgfeat.core.keys import KeyIndex, keys_equal, keys_of, like
+from imgfeat.core.keys import PACKED, KeyIndex, KeySet, as_strings, keys_equal, keys_of, keys_to_arrow, like
 from imgfeat.core.options import opt
 from imgfeat.core.progress import progress
 from imgfeat.core.ranges import check_fields
@@ -60,7 +59,9 @@ from imgfeat.index.kinds import (
     flat_bytes,
     import_faiss,
     ivfpq_bytes,
+    list_of,
     make_index,
+    presize_lists,
     reduce_dims,
     resolve_params,
     sample_rows,
@@ -86,13 +87,16 @@ from imgfeat.index.scratch import (
     Vectors,
     VectorStore,
     block_rows,
+    read_into,
     reduce_store,
     rescore_block,
     similarities_to,
     store_vectors,
+    write_all,
 )
-from imgfeat.index.vectors import iter_vectors, manifest_rows, read_vectors
-from imgfeat.scan.manifest import dataset_root
+from imgfeat.index.vectors import iter_vectors, read_vectors
+from imgfeat.scan.manifest import corrupt_manifest, dataset_root, manifest_file
+from imgfeat.scan.rows import ManifestRows, readable
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -371,18 +375,43 @@ def _not_self(queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
 
 def _list_order(index: Any, n: int) -> np.ndarray:
     """The rows of an IVF index, list after list (``n`` of them, else row order): queries taken in
-    this order share most of their candidates within a block, so rescoring reads far fewer rows."""
+    this order share most of their candidates within a block, so rescoring reads far fewer rows.
+    Written straight into one array of int32 where the rows fit it (40 MB at 10M rows)."""
     faiss = import_faiss()
     ivf = faiss.extract_index_ivf(index)
-    lists, parts = ivf.invlists, []
+    lists, filled = ivf.invlists, 0
+    order = np.empty(n, np.int32 if n < 2**31 else np.int64)
     for at in range(ivf.nlist):
         size = lists.list_size(at)
-        if size:
+        if size and filled + size <= n:
             ids = lists.get_ids(at)
-            parts.append(faiss.rev_swig_ptr(ids, size).astype(np.int64))  # a copy
+            order[filled : filled + size] = faiss.rev_swig_ptr(ids, size)
             lists.release_ids(at, ids)
-    order = np.concatenate(parts) if parts else np.zeros(0, np.int64)
-    return order if len(order) == n else np.arange(n, dtype=np.int64)
+        filled += size
+    return order if filled == n else np.arange(n, dtype=np.int64)
+
+
+def fill_presized(index: Any, Y: VectorStore, rows_at_a_time: int) -> None:
+    """Fill an IVF index from a store a block at a time, every inverted list given its room first.
+
+    Filled a block at a time, a list grows by doubling, up to twice its rows (IVF-PQ at 10M rows:
+    hundreds of MB over its codes). So each row's list is found first (one coarse search a row,
+    kept as 4 bytes a row), the lists sized to their counts (``presize_lists``), and the rows added
+    with their lists (``add_core``): the coarse search is not repeated, the store is read twice."""
+    faiss = import_faiss()
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None or ivf.this != index.this:  # not a bare IVF (flat, HNSW, a transform before it): filled as it grows
+        for _, B in Y.blocks(rows_at_a_time):
+            index.add(np.ascontiguousarray(B))
+        return
+    lists = np.empty(len(Y), np.int32)
+    for lo, B in Y.blocks(rows_at_a_time):
+        lists[lo : lo + len(B)] = list_of(index, B)
+    presize_lists(index, np.bincount(lists, minlength=ivf.nlist))
+    for lo, B in Y.blocks(rows_at_a_time):
+        x = np.ascontiguousarray(B, np.float32)
+        at = lists[lo : lo + len(B)].astype(np.int64)
+        ivf.add_core(len(x), faiss.swig_ptr(x), None, faiss.swig_ptr(at))  # both stay referenced until it returns
 
 
 def _store_search(X: VectorStore, k: int, params: IndexParams, memory_budget: int | None, emit: Emit) -> str:
@@ -394,8 +423,7 @@ def _store_search(X: VectorStore, k: int, params: IndexParams, memory_budget: in
     Y = reduce_store(X, CANDIDATE_DIMS, block_rows(dim, memory_budget)) if dim > CANDIDATE_DIMS else X
     try:
         index, params = trained_index(Y, params, memory_budget)
-        for _, B in Y.blocks(block_rows(Y.shape[1], memory_budget, STORE_SHARE)):
-            index.add(np.ascontiguousarray(B))
+        fill_presized(index, Y, block_rows(Y.shape[1], memory_budget, STORE_SHARE))
         set_search_params(index, params)
         kk = min(k + 1, n)
         step = max(1, min(QUERY_ROWS, block_rows(dim, memory_budget, STORE_SHARE) // kk))  # queries rescored at a time
@@ -574,106 +602,247 @@ def looked_pairs(cands: Graph | PairRanges, L: np.ndarray | LookStore, ok: np.nd
     return concat_graphs(copies), stats
 
 
-# a manifest column: a list, or Arrow's (no Python string per row)
-RowColumn: TypeAlias = Sequence[Any] | pa.Array | pa.ChunkedArray
+# A manifest row's split as a code: none (null), train, or any other (held out)
+SPLIT_NONE, SPLIT_IS_TRAIN, SPLIT_HELD = 0, 1, 2
+ROW_COLUMNS = [S.IMAGE_ID, S.PATH, S.SPLIT, S.LABEL]
 
 
-def _arrow(values: RowColumn) -> pa.Array | pa.ChunkedArray:
-    return values if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(values, pa.string())
+class RowSource(Protocol):
+    """Manifest rows by position (``ROW_COLUMNS``): what ``Images`` reads paths, splits and labels from."""
+
+    def take(self, positions: np.ndarray) -> pa.Table: ...
+
+    def close(self) -> None: ...
+
+
+class TableRows:
+    """An in-memory table as a ``RowSource`` (a dataset built by hand; tests)."""
+
+    def __init__(self, table: pa.Table) -> None:
+        self.table = table
+
+    def take(self, positions: np.ndarray) -> pa.Table:
+        return self.table.take(pa.array(np.asarray(positions, np.int64), pa.int64()))
+
+    def close(self) -> None:
+        pass
 
 
 @dataclass(frozen=True)
 class Images:
     """A dataset's readable manifest rows joined to the unique images that have features.
 
-    The per-row columns are lists or (``load_images``) Arrow columns: a million rows cost Arrow
-    buffers, not four million Python strings; the tables materialise only the rows they write.
+    Held as compact arrays: an image's id as a 16-byte key (``core/keys.py``) and its first row and
+    first training row; a manifest row's node and split code (5 bytes). Paths, splits and labels
+    stay in the manifest and are read back (``column``) only for the rows a look or a table needs:
+    at ten million rows the columns as Arrow strings took over a gigabyte.
     """
 
-    ids: pa.Array  # unique images with a feature row (node k = ids[k]), strings: no Python object each
+    ids: np.ndarray  # node k's image id as a key
     X: Vectors  # their unit vectors: in memory, or a scratch file when they do not fit the budget
-    row_ids: RowColumn  # per manifest row
-    row_paths: RowColumn
-    row_splits: RowColumn
+    row_node: np.ndarray  # per manifest row (by position): its node, -1 unreadable or without features
+    row_split: np.ndarray  # int8 per manifest row: SPLIT_NONE, SPLIT_IS_TRAIN or SPLIT_HELD
+    first_row: np.ndarray  # per node: its first manifest row (whose file the look is read from)
+    first_train: np.ndarray  # per node: its first row whose split is train, -1 none (the path a leak names)
+    source: RowSource  # the rows' ROW_COLUMNS by position
+    readable_rows: int  # readable manifest rows (with or without features)
     missing: int  # unique images without a feature row
-    row_labels: RowColumn | None = None  # None: the dataset has no labels
+    rows_digest: str  # of every readable row (id, path, split, label), in manifest order
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.ids, pa.Array):  # a list of ids (or a chunked column): one string array
-            ids = (
-                self.ids.combine_chunks() if isinstance(self.ids, pa.ChunkedArray) else pa.array(self.ids, pa.string())
-            )
-            object.__setattr__(self, "ids", ids)
+    def id_strings(self, nodes: np.ndarray) -> list[str]:
+        """The image ids of ``nodes`` as Python strings (the few a table names)."""
+        return as_strings(self.ids[np.asarray(nodes, np.int64)])
 
-    def labels(self) -> list[str | None]:
-        if self.row_labels is None:
-            return [None] * len(self.row_ids)
-        return _arrow(self.row_labels).to_pylist() if not isinstance(self.row_labels, list) else self.row_labels
-
-    def rows(self) -> Rows:
-        """The manifest rows of images with features, as Arrow columns and their nodes (made once:
-        mapping a million ids to nodes briefly takes 140 MB)."""
-        return self._rows
-
-    @functools.cached_property
-    def _rows(self) -> Rows:
-        labels = pa.nulls(len(self.row_ids), pa.string()) if self.row_labels is None else _arrow(self.row_labels)
-        t = pa.table(
-            {
-                "id": _arrow(self.row_ids),
-                "path": _arrow(self.row_paths),
-                "split": _arrow(self.row_splits).cast(pa.string()),
-                "label": labels.cast(pa.string()),
-            }
-        )
-        node = pc.index_in(t.column("id"), value_set=self.ids)
-        keep = pc.is_valid(node)
-        if not pc.all(keep).as_py():
-            t, node = t.filter(keep), node.filter(keep)
-        return Rows(t, np.asarray(node.to_numpy(zero_copy_only=False), np.int64), len(self.ids))
-
-    def first_paths(self) -> pa.Array:
-        """The first manifest path of each node (whose file the look is read from)."""
-        r = self.rows()
-        _, first = np.unique(r.node, return_index=True)  # node k's first row: every node has one
-        return r.table.column("path").take(pa.array(first, pa.int64())).combine_chunks()
-
-
-@dataclass(frozen=True)
-class Rows:
-    """Manifest rows (``table``: id, path, split, label) of images with features; ``node[r]`` is row r's."""
-
-    table: pa.Table
-    node: np.ndarray
-    nodes: int
+    def id_array(self, nodes: np.ndarray) -> pa.Array:
+        """The image ids of ``nodes`` as an Arrow string column (no Python string each)."""
+        return keys_to_arrow(self.ids[np.asarray(nodes, np.int64)])
 
     def column(self, name: str, rows: np.ndarray) -> list[Any]:
-        """Column ``name`` of rows ``rows`` as Python values (only those rows are materialised)."""
-        values: list[Any] = self.table.column(name).take(pa.array(np.asarray(rows, np.int64), pa.int64())).to_pylist()
+        """Column ``name`` of manifest rows ``rows`` as Python values (only those rows are read)."""
+        col = self.source.take(np.asarray(rows, np.int64)).column(name)
+        values: list[Any] = (col if name == S.PATH else col.cast(pa.string())).to_pylist()
         return values
 
-    def first_train_row(self) -> np.ndarray:
-        """Per node, its first row whose split is train (-1: none): the path a leak names."""
-        split = self.table.column("split")
-        train = np.flatnonzero(pc.fill_null(pc.equal(split, S.SPLIT_TRAIN), False).to_numpy(zero_copy_only=False))
-        out = np.full(self.nodes, -1, np.int64)
-        nodes, first = np.unique(self.node[train], return_index=True)
-        out[nodes] = train[first]
-        return out
-
     def held_out(self) -> np.ndarray:
-        """Rows whose split is set and not train, in manifest order."""
-        split = self.table.column("split")
-        held = pc.and_(pc.is_valid(split), pc.not_equal(split, S.SPLIT_TRAIN))
-        return np.flatnonzero(pc.fill_null(held, False).to_numpy(zero_copy_only=False))
+        """Rows with features whose split is set and not train, in manifest order."""
+        return np.flatnonzero((self.row_split == SPLIT_HELD) & (self.row_node >= 0))
+
+    @contextlib.contextmanager
+    def parked(self, folder: Path) -> Iterator[None]:
+        """The per-image and per-row arrays (all but ``X``) moved to a scratch file under ``folder``
+        for the block, and read back after it (also when it raises): the neighbour search reads
+        only the vectors, and at ten million images these arrays are ~290 MB beside its index.
+        While parked they are None, so a reader fails at once instead of reading nothing."""
+        arrays = [(name, getattr(self, name)) for name in PARKED]
+        if sum(a.nbytes for _, a in arrays) < PARK_MIN_BYTES:
+            yield
+            return
+        f = scratch_file(folder)
+        try:
+            at = 0
+            with scratch_writes(folder):
+                for _, a in arrays:
+                    write_all(f.fileno(), np.ascontiguousarray(a).view(np.uint8), at)
+                    at += a.nbytes
+            specs = [(name, a.dtype, a.shape) for name, a in arrays]
+            del arrays
+            for name in PARKED:
+                object.__setattr__(self, name, None)  # frozen: only this method swaps them
+            release_freed_memory()
+            try:
+                yield
+            finally:
+                at = 0
+                for name, dtype, shape in specs:
+                    a = np.empty(shape, dtype)
+                    read_into(f.fileno(), a.view(np.uint8), at)
+                    at += a.nbytes
+                    object.__setattr__(self, name, a)
+        finally:
+            f.close()
+
+    def close(self) -> None:
+        """Give back the scratch file of the vectors and the manifest's file."""
+        if isinstance(self.X, VectorStore):
+            self.X.close()
+        self.source.close()
+
+
+PARKED = ("ids", "row_node", "row_split", "first_row", "first_train")  # what ``Images.parked`` moves out
+PARK_MIN_BYTES = 64 << 20  # below this they stay in memory (a million images: ~30 MB)
+
+# (start position, rows of ROW_COLUMNS, which are readable) a row group at a time
+RowChunks: TypeAlias = Callable[[], Iterator[tuple[int, pa.Table, np.ndarray]]]
+
+
+def _digest_lines(t: pa.Table) -> bytes:
+    """Rows (ROW_COLUMNS) as ``\\x1f``-joined UTF-8, each ending in ``\\x1e`` ("" for none), joined by Arrow."""
+    cols = [pc.fill_null(t.column(c).cast(pa.string()), "") for c in ROW_COLUMNS]
+    joined = pc.binary_join_element_wise(*cols, "\x1f")
+    return ("\x1e".join(joined.to_pylist()) + "\x1e").encode()
+
+
+def _wanted(chunks: RowChunks) -> tuple[np.ndarray, str, int]:
+    """``(keys, digest, readable rows)``: the distinct ids of the readable rows (sorted keys), a
+    digest of those rows in manifest order, and their count: one pass, a row group at a time."""
+    wanted = KeySet()
+    count = 0
+
+    def lines() -> Iterator[bytes]:
+        nonlocal count
+        for _, t, ok in chunks():
+            t = t.filter(pa.array(ok))
+            count += t.num_rows
+            if t.num_rows:
+                wanted.add(t.column(S.IMAGE_ID))
+                yield _digest_lines(t)
+
+    digest = digest_chunks(lines(), CONTENT_ID_ALGORITHM)
+    return wanted.take(), digest, count
+
+
+def _first_at(first: np.ndarray, nodes: np.ndarray, rows: np.ndarray) -> None:
+    """``first[node]`` set to the first of ``rows`` (in order) of each node of ``nodes`` not yet set."""
+    if not len(nodes):
+        return
+    u, at = np.unique(nodes, return_index=True)
+    new = first[u] < 0
+    first[u[new]] = rows[at[new]]
+
+
+def _index_rows(
+    chunks: RowChunks, n_rows: int, ids: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(row_node, row_split, first_row, first_train)`` of ``Images``: each readable row's id mapped
+    to its node in ``ids`` (folded keys, ``NodeOf``), a row group at a time."""
+    node_of = NodeOf(ids)
+    pos_type = np.int32 if n_rows < 2**31 else np.int64
+    row_node = np.full(n_rows, -1, np.int32 if len(ids) < 2**31 else np.int64)
+    row_split = np.zeros(n_rows, np.int8)
+    first_row = np.full(len(ids), -1, pos_type)
+    first_train = np.full(len(ids), -1, pos_type)
+    for start, t, ok in chunks():
+        at = np.flatnonzero(ok)
+        if not len(at):
+            continue
+        t = t.take(pa.array(at, pa.int64()))
+        rows = (start + at).astype(pos_type)
+        node = node_of.positions(t.column(S.IMAGE_ID))
+        row_node[rows] = node
+        split = t.column(S.SPLIT).cast(pa.string())
+        train = pc.fill_null(pc.equal(split, S.SPLIT_TRAIN), False).to_numpy(zero_copy_only=False)
+        held = np.asarray(pc.is_valid(split).to_numpy(zero_copy_only=False), bool) & ~train
+        row_split[rows[train]] = SPLIT_IS_TRAIN
+        row_split[rows[held]] = SPLIT_HELD
+        has = node >= 0
+        _first_at(first_row, node[has], rows[has])
+        _first_at(first_train, node[has & train], rows[has & train])
+    return row_node, row_split, first_row, first_train
+
+
+def images_of(
+    ids: Sequence[str] | pa.Array | np.ndarray,
+    X: Vectors,
+    row_ids: Sequence[Any],
+    row_paths: Sequence[Any],
+    row_splits: Sequence[Any],
+    missing: int = 0,
+    row_labels: Sequence[Any] | None = None,
+) -> Images:
+    """``Images`` of rows given in memory (every row readable), node k being ``ids[k]``."""
+    n = len(row_ids)
+    table = pa.table(
+        {
+            S.IMAGE_ID: pa.array(list(row_ids), pa.string()),
+            S.PATH: pa.array(list(row_paths), pa.string()),
+            S.SPLIT: pa.array(list(row_splits), pa.string()),
+            S.LABEL: pa.array([None] * n if row_labels is None else list(row_labels), pa.string()),
+        }
+    )
+
+    def chunks() -> Iterator[tuple[int, pa.Table, np.ndarray]]:
+        yield 0, table, np.ones(n, bool)
+
+    keys = keys_of(ids) if len(ids) else np.zeros(0, PACKED)
+    _, digest, readable_rows = _wanted(chunks)
+    return Images(keys, X, *_index_rows(chunks, n, keys), TableRows(table), readable_rows, missing, digest)
 
 
 def load_images(ws: Workspace, cfg: DedupConfig) -> Images:
-    table = manifest_rows(ws, cfg.dataset)
-    if not table.num_rows:  # nothing readable to compare: an empty result, not an error
-        return Images(pa.array([], pa.string()), np.zeros((0, 0), np.float32), [], [], [], 0, [])
-    # each id once (its features are read once), kept as Arrow: a million ids are 40 MB, not 140
-    wanted = pc.unique(table[S.IMAGE_ID])
+    """The dataset's ``Images``: the manifest read a row group at a time, twice (the distinct ids
+    and the digest; then each row's node once the features' ids are known), its file held open for
+    the paths the looks and tables read back: memory holds keys and codes, not the columns."""
+    path = manifest_file(ws, cfg.dataset)
+    try:
+        source = ManifestRows(path, [*ROW_COLUMNS, S.STATUS])
+    except (OSError, pa.ArrowException) as exc:
+        raise corrupt_manifest(path, cfg.dataset, exc) from None
+
+    def chunks() -> Iterator[tuple[int, pa.Table, np.ndarray]]:
+        try:
+            for g in range(source.num_row_groups):
+                t = source.group(g)
+                ok = np.asarray(readable(t).to_numpy(zero_copy_only=False), bool)  # status ok, an id
+                yield int(source.starts[g]), t, ok
+        except (OSError, pa.ArrowException) as exc:
+            raise corrupt_manifest(path, cfg.dataset, exc) from None
+
+    try:
+        return _load_images(ws, cfg, source, chunks)
+    except BaseException:
+        source.close()
+        raise
+
+
+def _load_images(ws: Workspace, cfg: DedupConfig, source: ManifestRows, chunks: RowChunks) -> Images:
+    wanted, digest, readable_rows = _wanted(chunks)
+    if not len(wanted):  # nothing readable to compare: an empty result, not an error
+        empty = np.zeros(0, np.int32)
+        return Images(
+            np.zeros(0, PACKED), np.zeros((0, 0), np.float32),
+            np.full(source.num_rows, -1, np.int32), np.zeros(source.num_rows, np.int8),
+            empty, empty, source, 0, 0, digest,
+        )  # fmt: skip
     dim = featureset_dim(ws, cfg.featureset)
     X: np.ndarray | VectorStore
     if flat_bytes(len(wanted), dim) > cfg.budget * IN_MEMORY_SHARE:  # the vectors to a scratch file, streamed
@@ -681,11 +850,13 @@ def load_images(ws: Workspace, cfg: DedupConfig) -> Images:
             iter_vectors(ws, cfg.featureset, wanted, block_rows(dim, cfg.budget, STORE_SHARE)),
             dim,
             ws.dedup_dir(cfg.out_name) / "_cache",
+            total=len(wanted),
         )
     else:
-        listed, X = read_vectors(ws, cfg.featureset, wanted.to_pylist())
-        ids = pa.array(listed, pa.string())
+        listed, X = read_vectors(ws, cfg.featureset, as_strings(wanted))
+        ids = keys_of(listed) if listed else np.zeros(0, PACKED)
     missing = len(wanted) - len(ids)
+    del wanted
     if not len(ids):
         if isinstance(X, VectorStore):
             X.close()
@@ -695,7 +866,13 @@ def load_images(ws: Workspace, cfg: DedupConfig) -> Images:
         )
     if missing:
         log.warning("%d images of %s have no features in %s: they are left out", missing, cfg.dataset, cfg.featureset)
-    return Images(ids, X, table[S.IMAGE_ID], table[S.PATH], table[S.SPLIT], missing, table[S.LABEL])
+    try:
+        indexed = _index_rows(chunks, source.num_rows, ids)
+    except BaseException:
+        if isinstance(X, VectorStore):
+            X.close()
+        raise
+    return Images(ids, X, *indexed, source, readable_rows, missing, digest)
 
 
 def groups_table(im: Images, graph: Graph, comp: np.ndarray | None = None) -> pa.Table:
@@ -705,14 +882,21 @@ def groups_table(im: Images, graph: Graph, comp: np.ndarray | None = None) -> pa
     paths carry two or more labels (the same picture taught as two classes).
     """
     n = len(im.ids)
-    r = im.rows()
-    paths_per_node = np.bincount(r.node, minlength=n)
+    has = im.row_node >= 0
+    paths_per_node = np.bincount(im.row_node[has], minlength=n)
     comp = components(n, graph) if comp is None else comp
     paths_per_comp = np.bincount(comp, weights=paths_per_node, minlength=1)
-    grouped = np.flatnonzero(paths_per_comp[comp[r.node]] >= 2) if n else np.zeros(0, np.int64)  # rows in a group
+    grouped = _rows_of(im.row_node, paths_per_comp[comp] >= 2)  # manifest rows in a group of 2+ paths
     partner, best = best_partner(n, graph)
-    nodes, paths, labels, splits = r.node[grouped].tolist(), *(r.column(c, grouped) for c in ("path", "label", "split"))
-    id_of = _ids_of(im, np.concatenate([r.node[grouped], partner[r.node[grouped]]]))
+    node_of_row = im.row_node[grouped].astype(np.int64)
+    rows = im.source.take(grouped)
+    nodes = node_of_row.tolist()
+    paths, labels, splits = (
+        rows.column(S.PATH).to_pylist(),
+        *(rows.column(c).cast(pa.string()).to_pylist() for c in (S.LABEL, S.SPLIT)),
+    )
+    del rows
+    id_of = _ids_of(im, np.concatenate([node_of_row, partner[node_of_row]]))
     group_id: dict[int, str] = {}
     for k in sorted(set(nodes), key=id_of.__getitem__):
         group_id.setdefault(int(comp[k]), id_of[k])  # the smallest image id names the group
@@ -742,11 +926,23 @@ def groups_table(im: Images, graph: Graph, comp: np.ndarray | None = None) -> pa
     return pa.table(dict(zip(S.DEDUP_GROUPS_SCHEMA.names, cols)), schema=S.DEDUP_GROUPS_SCHEMA)
 
 
+GROUP_SCAN = 1 << 20  # manifest rows checked at a time for the nodes a table wants
+
+
+def _rows_of(row_node: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """The manifest rows (int64, in order) whose node is ``wanted`` (a bool per node), a block at a time."""
+    parts = [np.zeros(0, np.int64)]
+    for lo in range(0, len(row_node) if len(wanted) else 0, GROUP_SCAN):
+        part = row_node[lo : lo + GROUP_SCAN]
+        parts.append(lo + np.flatnonzero((part >= 0) & wanted[np.maximum(part, 0)]))
+    return np.concatenate(parts)
+
+
 def _ids_of(im: Images, nodes: np.ndarray) -> dict[int, str]:
     """Node -> image id of ``nodes`` (the few a table names: only they become Python strings)."""
     u = np.unique(np.asarray(nodes, np.int64))
     u = u[u >= 0]
-    return dict(zip(u.tolist(), im.ids.take(pa.array(u, pa.int64())).to_pylist()))
+    return dict(zip(u.tolist(), im.id_strings(u)))
 
 
 def _leaks(rows: list[tuple[Any, ...]]) -> pa.Table:
@@ -757,26 +953,23 @@ def _leaks(rows: list[tuple[Any, ...]]) -> pa.Table:
 
 def leaks_table(im: Images, nb: Neighbours, threshold: float) -> pa.Table:
     """Held-out rows (split neither train nor empty) whose nearest training image is at or above threshold."""
-    r = im.rows()
-    train_row, held = r.first_train_row(), r.held_out()
+    train_row, held = im.first_train, im.held_out()
     is_train = train_row >= 0
     if not is_train.any() or not len(held):
         return S.DEDUP_LEAKS_SCHEMA.empty_table()
-    nodes = r.node[held]
+    nodes = im.row_node[held].astype(np.int64)
     sims, rows = nearest_train(im.X, nb, is_train, nodes, threshold)
     same = is_train[nodes]  # the very same content is in train
     hit = same | ((rows >= 0) & (sims >= threshold))
     near = np.where(same, nodes, rows)[hit]
     sim = [1.0 if s else x for s, x in zip(same[hit].tolist(), sims[hit].tolist())]
-    return _leak_rows(im, r, held[hit], nodes[hit], near, train_row, sim)
+    return _leak_rows(im, held[hit], nodes[hit], near, sim)
 
 
-def _leak_rows(
-    im: Images, r: Rows, held: np.ndarray, nodes: np.ndarray, near: np.ndarray, train_row: np.ndarray, sim: list[float]
-) -> pa.Table:
+def _leak_rows(im: Images, held: np.ndarray, nodes: np.ndarray, near: np.ndarray, sim: list[float]) -> pa.Table:
     """The leaks table of held-out rows ``held`` (of nodes ``nodes``), each near training node ``near``."""
-    paths, splits = r.column("path", held), r.column("split", held)
-    near_paths = r.column("path", train_row[near])
+    paths, splits = im.column(S.PATH, held), im.column(S.SPLIT, held)
+    near_paths = im.column(S.PATH, im.first_train[near])
     id_of = _ids_of(im, np.concatenate([nodes, near]))
     out = [
         (id_of[u], p, s, id_of[v], q, S.SPLIT_TRAIN, x)
@@ -787,10 +980,9 @@ def _leak_rows(
 
 def group_leaks_table(im: Images, comp: np.ndarray) -> pa.Table:
     """Held-out rows grouped with a training image; the nearest (by features) training member is named."""
-    r = im.rows()
-    train_row, held = r.first_train_row(), r.held_out()
+    train_row, held = im.first_train, im.held_out()
     is_train = train_row >= 0
-    nodes = r.node[held]
+    nodes = im.row_node[held].astype(np.int64)
     same = is_train[nodes]  # the very same content is in train
     looking = nodes[~same]
     # the training members of the components those held-out images are in, in manifest order
@@ -803,7 +995,7 @@ def group_leaks_table(im: Images, comp: np.ndarray) -> pa.Table:
     near = np.array([u if s else nearest.get(u, (-1, 0.0))[0] for u, s in zip(nodes.tolist(), same.tolist())], np.int64)
     hit = near >= 0
     sim = [1.0 if s else nearest[u][1] for u, s in zip(nodes[hit].tolist(), same[hit].tolist())]
-    return _leak_rows(im, r, held[hit], nodes[hit], near[hit], train_row, sim)
+    return _leak_rows(im, held[hit], nodes[hit], near[hit], sim)
 
 
 MEMBER_BLOCK = 1 << 24  # similarities computed at a time when naming nearest group members (64 MiB)
@@ -872,8 +1064,7 @@ def run_dedup(ws: Workspace, cfg: DedupConfig, run_id: str) -> DedupSummary:
     try:
         return _run_loaded(ws, cfg, run_id, clock, im)
     finally:
-        if isinstance(im.X, VectorStore):
-            im.X.close()
+        im.close()
 
 
 def _run_loaded(ws: Workspace, cfg: DedupConfig, run_id: str, clock: _Clock, im: Images) -> DedupSummary:
@@ -973,7 +1164,7 @@ def candidate_pairs(
                 return cached, "new", len(new)
     pairs = PairRanges(n, n * min(cfg.neighbours + 1, n), folder / "_cache")
     try:
-        with progress(total=n, desc="dedup: neighbours") as bar:
+        with im.parked(folder / "_cache"), progress(total=n, desc="dedup: neighbours") as bar:
 
             def listed(queries: np.ndarray, s: np.ndarray, r: np.ndarray) -> None:
                 pairs.add_listed(queries, s, r, -1.0)
@@ -1129,7 +1320,6 @@ PAIRS_BATCH = 262_144  # candidate pairs written at a time (their ids as Arrow s
 def _write_pairs(folder: Path, im: Images, cands: Graph | PairRanges) -> None:
     """The candidate pairs as the pairs cache (ids taken by Arrow, no Python string per pair) and
     the images searched, each written under the commit protocol a batch at a time."""
-    ids = im.ids
     schema = pa.schema([("a", pa.string()), ("b", pa.string()), (S.SIMILARITY, pa.float32())])
     with atomic_path(folder / PAIRS_FILE) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
         for g in pair_chunks(cands):
@@ -1138,18 +1328,23 @@ def _write_pairs(folder: Path, im: Images, cands: Graph | PairRanges) -> None:
                 writer.write_batch(
                     pa.record_batch(
                         [
-                            ids.take(pa.array(g.a[part])),
-                            ids.take(pa.array(g.b[part])),
+                            im.id_array(g.a[part]),
+                            im.id_array(g.b[part]),
                             pa.array(g.sim[part], pa.float32()),
                         ],
                         schema=schema,
                     )
                 )
-    write_table_atomic(pa.table({S.IMAGE_ID: ids}), folder / SEARCHED_FILE)
+    searched = pa.schema([(S.IMAGE_ID, pa.string())])
+    with atomic_path(folder / SEARCHED_FILE) as tmp, pq.ParquetWriter(tmp, searched, compression="zstd") as writer:
+        for lo in range(0, len(im.ids), PAIRS_BATCH):
+            nodes = np.arange(lo, min(len(im.ids), lo + PAIRS_BATCH))
+            writer.write_batch(pa.record_batch([im.id_array(nodes)], schema=searched))
 
 
 def inputs_digest(cfg: DedupConfig, im: Images) -> str:
-    """What the results depend on: every row (id, path, split, label), the featureset and the criterion."""
+    """What the results depend on: every readable row (id, path, split, label; in manifest order, as
+    scan writes it: sorted by path), the featureset and the criterion."""
     head = repr(
         (
             cfg.featureset,
@@ -1165,27 +1360,7 @@ def inputs_digest(cfg: DedupConfig, im: Images) -> str:
     ).encode()
     # a budget may change the search (approximate): results from another budget are not reused
     budget = [] if cfg.memory_budget is None else [f"memory_budget={cfg.memory_budget}".encode()]
-    return digest_chunks(itertools.chain([head], budget, _sorted_rows(im)), CONTENT_ID_ALGORITHM)
-
-
-DIGEST_ROWS = 65_536  # manifest rows joined into one chunk of the digest at a time
-
-
-def _sorted_rows(im: Images) -> Iterator[bytes]:
-    """Every manifest row (id, path, split, label; "" for none) as ``\x1f``-joined UTF-8 ending in
-    ``\x1e``, rows sorted as Python sorts their tuples (UTF-8's byte order is code point order),
-    sorted and joined by Arrow a chunk at a time: no Python tuple per row, and no sorted copy of the
-    manifest (a gigabyte at 10M rows): only the order is whole, each chunk taken and joined alone.
-    Sorting by (id, path) is sorting by the row: a manifest has one row per path, and neither is missing."""
-    n = len(im.row_ids)
-    labels = pa.nulls(n, pa.string()) if im.row_labels is None else _arrow(im.row_labels).cast(pa.string())
-    cols = [_arrow(im.row_ids), _arrow(im.row_paths), _arrow(im.row_splits).cast(pa.string()), labels]
-    t = pa.table({str(k): c for k, c in enumerate(cols)})
-    order = pc.sort_indices(t, sort_keys=[("0", "ascending"), ("1", "ascending")])
-    for lo in range(0, n, DIGEST_ROWS):
-        part = t.take(order.slice(lo, DIGEST_ROWS))
-        joined = pc.binary_join_element_wise(*(pc.fill_null(c, "") for c in part.columns), "\x1f")
-        yield ("\x1e".join(joined.to_pylist()) + "\x1e").encode()
+    return digest_chunks([head, *budget, im.rows_digest.encode()], CONTENT_ID_ALGORITHM)
 
 
 def _previous(folder: Path) -> JsonObject | None:
@@ -1223,20 +1398,21 @@ def cached_looks(folder: Path, im: Images, root: ImageRoot) -> tuple[LookStore, 
     todo = np.flatnonzero(~store.ok)
     if not len(todo):
         return store, 0
-    paths, computed, workers = im.first_paths(), 0, os.cpu_count() or 1
+    todo = todo[np.argsort(im.first_row[todo], kind="stable")]  # files in manifest (path) order
+    computed, workers = 0, os.cpu_count() or 1
     with progress(total=len(todo), desc="dedup: looks") as bar:  # a decode an image: the longest step
         for lo in range(0, len(todo), LOOK_CHUNK):
             chunk = todo[lo : lo + LOOK_CHUNK]
-            files = [root / p for p in paths.take(pa.array(chunk, pa.int64())).to_pylist()]
+            files = [root / p for p in im.column(S.PATH, im.first_row[chunk])]
             L, ok = looks_of_files(files, workers=workers)
             good = chunk[ok]
-            store.append(im.ids.take(pa.array(good, pa.int64())).to_pylist(), L[ok], good)
+            store.append(im.ids[good], L[ok], good)
             computed += len(good)
             bar.update(len(chunk))
     return store, computed
 
 
-def _read_looks(path: Path, store: LookStore, known: pa.Array) -> None:
+def _read_looks(path: Path, store: LookStore, known: np.ndarray) -> None:
     """Append the cache file's looks to ``store`` a row group at a time (nothing when absent, of
     another look version, or damaged: those looks are computed again), each row the look of its
     image's node in ``known`` (every image's id; the cache's ids mapped once, by Arrow). A look is
@@ -1248,20 +1424,16 @@ def _read_looks(path: Path, store: LookStore, known: pa.Array) -> None:
         if (f.schema_arrow.metadata or {}).get(b"look_version") != LOOK_VERSION.encode():
             log.info("dedup looks cache %s is of another look version: computing the looks again", path)
             return
-        cached = f.read(columns=[S.IMAGE_ID], use_threads=False).column(S.IMAGE_ID)
-        nodes = pc.index_in(cached, value_set=known).fill_null(-1).to_numpy().astype(np.int64)
-        del cached
-        at = 0
+        node_of = NodeOf(known)
         for g in range(f.num_row_groups):  # not iter_batches: its read-ahead holds several groups at once
             t = f.read_row_group(g, columns=[S.IMAGE_ID, "look"], use_threads=False)
-            ids, col = t.column(S.IMAGE_ID).to_pylist(), t.column("look").combine_chunks()
+            ids, col = t.column(S.IMAGE_ID), t.column("look").combine_chunks()
             if pa.types.is_fixed_size_binary(col.type):
                 raw = np.frombuffer(col.buffers()[1], np.uint8, len(col) * LOOK_BYTES, col.offset * LOOK_BYTES)
                 L = raw.view(np.float16)
             else:
                 L = col.flatten().to_numpy(zero_copy_only=False).astype(np.float16)
-            store.append(ids, L.reshape(-1, VARIANTS, SIDE * SIDE), nodes[at : at + len(ids)])
-            at += len(ids)
+            store.append(ids, L.reshape(-1, VARIANTS, SIDE * SIDE), node_of.positions(ids))
     except (OSError, ValueError, KeyError, pa.ArrowException) as exc:  # a damaged cache is recomputed
         log.warning("dedup looks cache %s is unreadable (%s): computing the looks again", path, exc)
         store.clear()
@@ -1275,7 +1447,7 @@ def _write_looks(store: LookStore, path: Path) -> None:
     with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
         for ids, L in store.blocks(CACHE_ROWS):
             col = pa.Array.from_buffers(look, len(ids), [None, pa.py_buffer(L)])  # no copy
-            writer.write_batch(pa.record_batch([pa.array(ids, pa.string()), col], schema=schema))
+            writer.write_batch(pa.record_batch([ids, col], schema=schema))
 
 
 def _calibration(
@@ -1299,9 +1471,8 @@ def _calibration(
     if not cfg.calibration_images or not len(readable):
         return {"images": 0}
     pick = np.random.default_rng(0).choice(readable, size=min(cfg.calibration_images, len(readable)), replace=False)
-    paths = im.first_paths()
     out: JsonObject = {
-        **calibrate([root / p for p in paths.take(pa.array(np.sort(pick), pa.int64())).to_pylist()]),
+        **calibrate([root / p for p in im.column(S.PATH, im.first_row[np.sort(pick)])]),
         "sample": cfg.calibration_images,
         "dataset_images": len(im.ids),
         "reused": False,
@@ -1382,7 +1553,7 @@ def _summary(
         threshold=cfg.threshold,
         criterion=criterion,
         images=len(im.ids),
-        paths=len(im.row_ids),
+        paths=im.readable_rows,
         missing_features=im.missing,
         search=SEARCH_KINDS.get(kind, f"approximate ({kind})"),
         groups=len(set(group_ids)),

@@ -22,8 +22,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image, ImageFilter
 
+from imgfeat.core.keys import PACKED, KeyLike, concat_keys, keys_of, keys_to_arrow
 from imgfeat.core.results import JsonObject
 from imgfeat.core.storage import scratch_file, scratch_writes
 from imgfeat.core.stores import ObjectUri, image_source
@@ -109,26 +111,31 @@ class LookStore:
 
     Holding every image's looks in memory grows with the dataset (10 KiB an image); here only the
     node -> row map lives in memory, and ``store[nodes]`` reads just those rows (a mapping opened
-    and closed per call, so pages read stay out of the process's resident memory). ``ids`` names
-    each row (the cache file's rows); ``pos[node]`` is its row, -1 for a node without a look.
+    and closed per call, so pages read stay out of the process's resident memory). Each row is
+    named by its image id, kept as a compact key (``core/keys.py``: 16 bytes, not a Python string);
+    ``pos[node]`` is its row, -1 for a node without a look.
     """
 
     def __init__(self, nodes: int, folder: Path | None = None) -> None:
         self._folder = Path(folder) if folder is not None else Path(tempfile.gettempdir())
         self._file = scratch_file(folder)  # held open until close()
-        self.ids: list[str] = []
+        self._keys: list[np.ndarray] = []  # the rows' ids, a key array per append
+        self._rows = 0
         self.pos = np.full(nodes, -1, np.int64)
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return self._rows
 
-    def append(self, ids: Sequence[str], L: np.ndarray, nodes: Sequence[int] | np.ndarray | None = None) -> None:
-        """Add rows ``L`` (``(len(ids), VARIANTS, SIDE * SIDE)``) named ``ids``; rows of ``nodes`` >= 0 are their looks."""
-        start = len(self.ids)
+    def append(self, ids: KeyLike, L: np.ndarray, nodes: Sequence[int] | np.ndarray | None = None) -> None:
+        """Add rows ``L`` (``(len(ids), VARIANTS, SIDE * SIDE)``) named ``ids`` (strings or keys);
+        rows of ``nodes`` >= 0 are their looks."""
+        start = self._rows
+        keys = keys_of(ids) if len(ids) else np.zeros(0, PACKED)
         with scratch_writes(self._folder):
             self._file.seek(start * LOOK_BYTES)
             self._file.write(np.ascontiguousarray(L, np.float16).tobytes())
-        self.ids.extend(ids)
+        self._keys.append(keys)
+        self._rows += len(keys)
         if nodes is not None:
             nodes = np.asarray(nodes, np.int64)
             rows = start + np.arange(len(nodes))
@@ -137,7 +144,7 @@ class LookStore:
     def clear(self) -> None:
         self._file.seek(0)
         self._file.truncate()
-        self.ids = []
+        self._keys, self._rows = [], 0
         self.pos[:] = -1
 
     @property
@@ -152,7 +159,7 @@ class LookStore:
         block of random rows of a large store.
         """
         rows = np.asarray(rows, np.int64)
-        if not len(rows) or not self.ids:
+        if not len(rows) or not self._rows:
             return np.zeros((len(rows), VARIANTS, SIDE * SIDE), np.float16)
         with scratch_writes(self._folder):  # the buffered writes land here: a full disk says so
             self._file.flush()
@@ -169,11 +176,18 @@ class LookStore:
         """The looks of ``nodes`` (each must have one): what ``look_similarity`` indexes."""
         return self.rows(self.pos[np.asarray(nodes, np.int64)])
 
-    def blocks(self, rows: int = 4096) -> Iterator[tuple[list[str], np.ndarray]]:
-        """``(ids, looks)`` of every row in order, ``rows`` at a time."""
-        for lo in range(0, len(self.ids), rows):
-            hi = min(len(self.ids), lo + rows)
-            yield self.ids[lo:hi], self.rows(np.arange(lo, hi))
+    def ids(self) -> np.ndarray:
+        """Every row's id as a key, in row order."""
+        if len(self._keys) > 1:
+            self._keys = [concat_keys(self._keys)]
+        return self._keys[0] if self._keys else np.zeros(0, PACKED)
+
+    def blocks(self, rows: int = 4096) -> Iterator[tuple[pa.Array, np.ndarray]]:
+        """``(ids, looks)`` of every row in order, ``rows`` at a time (the ids as an Arrow string column)."""
+        keys = self.ids()
+        for lo in range(0, self._rows, rows):
+            hi = min(self._rows, lo + rows)
+            yield keys_to_arrow(keys[lo:hi]), self.rows(np.arange(lo, hi))
 
     def close(self) -> None:
         self._file.close()

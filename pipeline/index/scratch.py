@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any, TypeAlias
 
 import numpy as np
-import pyarrow as pa
 
-from imgfeat.core.keys import KeyLike, concat_keys, keys_of, keys_to_arrow
+from imgfeat.core.keys import KeyLike, concat_keys, filled, keys_of
 from imgfeat.core.sizes import memory_budget as resolve_budget
 from imgfeat.core.storage import scratch_file, scratch_writes
 
@@ -71,7 +70,7 @@ class VectorStore:
         lo, hi = max(0, lo), min(self.n, hi)
         out = np.empty((max(0, hi - lo), self.dim), np.float32)
         if len(out):
-            _read_into(self._file.fileno(), out, lo * self.row_bytes)
+            read_into(self._file.fileno(), out, lo * self.row_bytes)
         return out
 
     def rows(self, rows: np.ndarray) -> np.ndarray:
@@ -92,7 +91,7 @@ class VectorStore:
         preadv = os.preadv
         for lo, hi, offset in zip((starts * size).tolist(), (stops * size).tolist(), (want[starts] * size).tolist()):
             if preadv(fd, [view[lo:hi]], offset) != hi - lo:  # a short read: finish it the slow way
-                _read_into(fd, got.reshape(-1).view(np.uint8)[lo:hi], offset)
+                read_into(fd, got.reshape(-1).view(np.uint8)[lo:hi], offset)
         if len(want) == len(flat) and np.array_equal(want, flat):  # already sorted and distinct: no copy
             return got.reshape(*rows.shape, self.dim)
         return got[back.reshape(-1)].reshape(*rows.shape, self.dim)
@@ -149,7 +148,7 @@ class ScratchArray:
         a = np.ascontiguousarray(a, self.dtype).reshape(-1)
         if len(a):
             with scratch_writes(self._folder):
-                _write_all(self._file.fileno(), a.view(np.uint8), self.n * self.dtype.itemsize)
+                write_all(self._file.fileno(), a.view(np.uint8), self.n * self.dtype.itemsize)
             self.n += len(a)
 
     def read(self, lo: int = 0, hi: int | None = None) -> np.ndarray:
@@ -157,7 +156,7 @@ class ScratchArray:
         lo, hi = max(0, lo), self.n if hi is None else min(self.n, hi)
         out = np.empty(max(0, hi - lo), self.dtype)
         if len(out):
-            _read_into(self._file.fileno(), out.view(np.uint8), lo * self.dtype.itemsize)
+            read_into(self._file.fileno(), out.view(np.uint8), lo * self.dtype.itemsize)
         return out
 
     def close(self) -> None:
@@ -170,7 +169,7 @@ class ScratchArray:
         self.close()
 
 
-def _write_all(fd: int, a: np.ndarray, offset: int) -> None:
+def write_all(fd: int, a: np.ndarray, offset: int) -> None:
     view = a.data.cast("B")
     done = 0
     while done < len(view):
@@ -180,7 +179,7 @@ def _write_all(fd: int, a: np.ndarray, offset: int) -> None:
 Vectors: TypeAlias = "np.ndarray | VectorStore"  # unit rows in memory, or in a scratch file
 
 
-def _read_into(fd: int, out: np.ndarray, offset: int) -> None:
+def read_into(fd: int, out: np.ndarray, offset: int) -> None:
     """Fill contiguous ``out`` from ``fd`` at ``offset`` (reads may come back short: loop)."""
     view = out.data.cast("B")
     done = 0
@@ -202,20 +201,25 @@ def is_store(X: object) -> bool:
 
 
 def store_vectors(
-    batches: Iterator[tuple[KeyLike, np.ndarray]], dim: int, folder: Path | None = None
-) -> tuple[pa.Array, VectorStore]:
-    """``(ids, store)``: streamed ``(ids, X)`` batches written to a new store, in order; the ids
-    (strings or compact keys) come back as one Arrow string column, never a Python string each."""
+    batches: Iterator[tuple[KeyLike, np.ndarray]], dim: int, folder: Path | None = None, total: int = 0
+) -> tuple[np.ndarray, VectorStore]:
+    """``(keys, store)``: streamed ``(ids, X)`` batches written to a new store, in order; the ids
+    (strings or compact keys) come back as one key array (``core/keys.py``), written into one
+    allocation of ``total`` keys (an upper bound on the rows; 0: unknown, grown as needed)."""
     store = VectorStore(dim, folder)
-    keys: list[np.ndarray] = []
-    try:
+
+    def ids() -> Iterator[KeyLike]:
         for batch_ids, X in batches:
             store.append(X)
-            keys.append(keys_of(batch_ids))
+            yield batch_ids
+
+    try:
+        if total:
+            return filled(ids(), total), store
+        return concat_keys([keys_of(b) for b in ids()]), store
     except BaseException:
         store.close()
         raise
-    return keys_to_arrow(concat_keys(keys)), store
 
 
 def reduce_store(

@@ -7,14 +7,11 @@ import itertools
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
-import pyarrow as pa
 
-from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError
+from imgfeat.core.keys import KeyLike
 from imgfeat.core.workspace import Workspace
 from imgfeat.extract.featureset import READ_BATCH_ROWS, committed_ids, iter_features, pick_rows, read_picked
-from imgfeat.scan.manifest import read_manifest
-from imgfeat.scan.rows import readable
 
 
 def normalise(X: np.ndarray) -> np.ndarray:
@@ -42,19 +39,13 @@ def read_vectors(ws: Workspace, featureset: str, wanted: Iterable[str] | None = 
 
 
 def iter_vectors(
-    ws: Workspace, featureset: str, wanted: pa.Array | None = None, batch_rows: int = READ_BATCH_ROWS
+    ws: Workspace, featureset: str, wanted: KeyLike | None = None, batch_rows: int = READ_BATCH_ROWS
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """``(keys, X)`` batches of at most ``batch_rows`` rows, normalised float32, the ids as compact
     keys (``core/keys.py``): the featureset's one streaming reader (``iter_features``: trusted rows,
     each id once, in shard order), one row group in memory at a time, no Python string per id."""
     for keys, X in iter_features(ws, featureset, ids=wanted, batch_rows=batch_rows, as_keys=True):
         yield keys, normalise(X)
-
-
-def manifest_rows(ws: Workspace, dataset: str) -> pa.Table:
-    """The readable rows of a dataset's manifest: ``image_id, path, split, label`` (status ok)."""
-    table = read_manifest(ws, dataset, columns=[S.IMAGE_ID, S.PATH, S.SPLIT, S.LABEL, S.STATUS])
-    return table.filter(readable(table)).select([S.IMAGE_ID, S.PATH, S.SPLIT, S.LABEL])
 
 
 def scanned_datasets(ws: Workspace) -> list[str]:

@@ -304,12 +304,10 @@ class KeySet:
 
     def keys(self) -> np.ndarray:
         """Every key, sorted."""
-        if len(self._runs) > 1:
-            merged = self._runs[0]
-            for run in self._runs[1:]:
-                merged, run = _same_width(merged, run)
-                merged = np.concatenate([merged, run])
-            _cmp(merged).sort(kind="stable")
+        if len(self._runs) > 1:  # one copy of them all, the runs let go before it is sorted (merged
+            merged = concat_keys(self._runs)  # one by one, 10M keys took ~3.5x their bytes at once)
+            self._runs = []
+            _cmp(merged).sort(kind="stable")  # a merge of sorted runs (timsort)
             self._runs = [merged]
         return self._runs[0] if self._runs else np.zeros(0, dtype="S1")
 

@@ -17,6 +17,7 @@ import math
 import os
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -577,7 +578,7 @@ def best_partner(n: int, graph: Graph) -> tuple[np.ndarray, np.ndarray]:
     src = np.concatenate([graph.a, graph.b])[order]
     dst = np.concatenate([graph.b, graph.a])[order]
     sim = np.concatenate([graph.sim, graph.sim])[order]
-    partner, best = np.full(n, -1, np.int64), np.zeros(n, np.float32)
+    partner, best = np.full(n, -1, np.int32 if n < 2**31 else np.int64), np.zeros(n, np.float32)
     partner[src], best[src] = dst, sim  # ascending order: the last (best) write wins
     return partner, best
 
@@ -882,11 +883,8 @@ def groups_table(im: Images, graph: Graph, comp: np.ndarray | None = None) -> pa
     paths carry two or more labels (the same picture taught as two classes).
     """
     n = len(im.ids)
-    has = im.row_node >= 0
-    paths_per_node = np.bincount(im.row_node[has], minlength=n)
     comp = components(n, graph) if comp is None else comp
-    paths_per_comp = np.bincount(comp, weights=paths_per_node, minlength=1)
-    grouped = _rows_of(im.row_node, paths_per_comp[comp] >= 2)  # manifest rows in a group of 2+ paths
+    grouped = _rows_of(im.row_node, _in_groups(im, graph, comp))  # manifest rows in a group of 2+ paths
     partner, best = best_partner(n, graph)
     node_of_row = im.row_node[grouped].astype(np.int64)
     rows = im.source.take(grouped)
@@ -904,10 +902,11 @@ def groups_table(im: Images, graph: Graph, comp: np.ndarray | None = None) -> pa
     for u, lab in zip(nodes, labels):
         if lab is not None:
             labels_of.setdefault(int(comp[u]), set()).add(lab)
+    paths_of = Counter(nodes)  # every path of a grouped node is a grouped row
     out = []
     for u, p, lab, sp in zip(nodes, paths, labels, splits):
         c = int(comp[u])
-        exact = paths_per_node[u] > 1
+        exact = paths_of[u] > 1
         nearest = id_of[u] if exact else id_of[int(partner[u])]
         out.append(
             (
@@ -927,6 +926,25 @@ def groups_table(im: Images, graph: Graph, comp: np.ndarray | None = None) -> pa
 
 
 GROUP_SCAN = 1 << 20  # manifest rows checked at a time for the nodes a table wants
+
+
+def _in_groups(im: Images, graph: Graph, comp: np.ndarray) -> np.ndarray:
+    """A bool per node: whether its component holds two or more manifest paths. A node has two
+    when a row of it is not its first row; only the nodes of a pair share a component, so only
+    theirs are summed. A block of rows at a time, no number per node or component (at ten
+    million images each such array was 80 MB)."""
+    n = len(im.ids)
+    grouped = np.zeros(n, bool)
+    for lo in range(0, len(im.row_node) if n else 0, GROUP_SCAN):
+        part = im.row_node[lo : lo + GROUP_SCAN]
+        at = np.flatnonzero(part >= 0)
+        grouped[part[at[im.first_row[part[at]] != lo + at]]] = True  # a second path of one image
+    paired = np.unique(np.concatenate([graph.a, graph.b]))
+    if len(paired):
+        paths = np.where(grouped[paired], 2, im.first_row[paired] >= 0)  # 2: two or more, all the sum needs
+        _, at = np.unique(comp[paired], return_inverse=True)
+        grouped[paired] |= np.bincount(at, weights=paths)[at] >= 2
+    return grouped
 
 
 def _rows_of(row_node: np.ndarray, wanted: np.ndarray) -> np.ndarray:
@@ -986,16 +1004,33 @@ def group_leaks_table(im: Images, comp: np.ndarray) -> pa.Table:
     same = is_train[nodes]  # the very same content is in train
     looking = nodes[~same]
     # the training members of the components those held-out images are in, in manifest order
-    members_at = np.flatnonzero(is_train & np.isin(comp, comp[looking]))
+    wanted = np.zeros(int(comp.max(initial=-1)) + 1, bool)  # a bool per component, not isin's sort of them all
+    wanted[comp[looking]] = True
+    members_at = np.flatnonzero(is_train & wanted[comp])
     members_at = members_at[np.argsort(train_row[members_at], kind="stable")]
     train_nodes: dict[int, list[int]] = {}
     for u in members_at.tolist():
         train_nodes.setdefault(int(comp[u]), []).append(u)
+    # only held-out images in a component with training members are looked up (a few, where the
+    # held-out rows are millions: no Python object per row)
+    with_members = np.zeros(len(wanted), bool)
+    with_members[comp[members_at]] = True
+    looking = looking[with_members[comp[looking]]]
     nearest = nearest_members(im.X, comp, train_nodes, looking.tolist())
-    near = np.array([u if s else nearest.get(u, (-1, 0.0))[0] for u, s in zip(nodes.tolist(), same.tolist())], np.int64)
+    near = np.where(same, nodes, -1)
+    sim = np.where(same, 1.0, 0.0)
+    if nearest:
+        found = np.fromiter(nearest, np.int64, len(nearest))
+        partner = np.fromiter((v[0] for v in nearest.values()), np.int64, len(nearest))
+        score = np.fromiter((v[1] for v in nearest.values()), np.float64, len(nearest))
+        order = np.argsort(found)
+        found, partner, score = found[order], partner[order], score[order]
+        at = np.flatnonzero(~same)
+        k = np.minimum(np.searchsorted(found, nodes[at]), len(found) - 1)
+        hit = found[k] == nodes[at]
+        near[at[hit]], sim[at[hit]] = partner[k[hit]], score[k[hit]]
     hit = near >= 0
-    sim = [1.0 if s else nearest[u][1] for u, s in zip(nodes[hit].tolist(), same[hit].tolist())]
-    return _leak_rows(im, held[hit], nodes[hit], near[hit], sim)
+    return _leak_rows(im, held[hit], nodes[hit], near[hit], sim[hit].tolist())
 
 
 MEMBER_BLOCK = 1 << 24  # similarities computed at a time when naming nearest group members (64 MiB)

@@ -304,8 +304,10 @@ class KeySet:
 
     def keys(self) -> np.ndarray:
         """Every key, sorted."""
-        if len(self._runs) > 1:  # one copy of them all, the runs let go before it is sorted (merged
-            merged = concat_keys(self._runs)  # one by one, 10M keys took ~3.5x their bytes at once)
+        if len(self._runs) > 1:
+            # one copy of all the runs, which are let go before it is sorted (concatenated one by
+            # one, with the runs still held, 10M keys took ~3.5x their bytes at once)
+            merged = concat_keys(self._runs)
             self._runs = []
             _cmp(merged).sort(kind="stable")  # a merge of sorted runs (timsort)
             self._runs = [merged]

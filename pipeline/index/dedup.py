@@ -1105,7 +1105,6 @@ def run_dedup(ws: Workspace, cfg: DedupConfig, run_id: str) -> DedupSummary:
 def _run_loaded(ws: Workspace, cfg: DedupConfig, run_id: str, clock: _Clock, im: Images) -> DedupSummary:
     folder = ws.dedup_dir(cfg.out_name)
     digest = inputs_digest(cfg, im)
-    release_freed_memory()  # the sorted copy of the manifest
     previous = _previous(folder)
     if previous is not None and previous.get("inputs_digest") == digest and _tables_present(folder):
         log.info("dedup %s is current: nothing changed since run %s", cfg.out_name, previous.get("run_id"))
@@ -1123,7 +1122,7 @@ def _run_loaded(ws: Workspace, cfg: DedupConfig, run_id: str, clock: _Clock, im:
             cands, kind, searched = clock.lap("neighbours", candidate_pairs(folder, cfg, im, previous))
             release_freed_memory()  # the index and the search's blocks
             looks, computed = cached_looks(folder, im, root)
-            release_freed_memory()  # the paths of the images and their decoded blocks
+            release_freed_memory()  # the images' decoded blocks
             ok = looks.ok
             clock.lap("looks", None)
             graph, stats = looked_pairs(cands, looks, ok)

@@ -138,3 +138,30 @@ def test_filled_keys_are_the_batches_in_order_whatever_their_shapes() -> None:
     assert as_strings(filled(batches, 10)) == want  # more than promised: grown
     assert filled([pa.array(ids)], len(ids)).dtype == PACKED
     assert len(filled([], 5)) == 0
+
+
+@pytest.mark.parametrize("crowded", [False, True])
+def test_lookups_from_the_ids_first_bits_find_what_a_binary_search_finds(monkeypatch, crowded) -> None:
+    """Millions of content ids are searched within the bucket of their first bits: the same ranks
+    as one binary search over all, for members, strangers, ids before the first and after the last,
+    and buckets far fuller than the average (ids that share their first bytes)."""
+    import imgfeat.core.keys as K
+
+    monkeypatch.setattr(K, "BUCKET_MIN_KEYS", 1000)
+    rng = np.random.default_rng(3)
+    raw = rng.integers(0, 256, (20_000, 16), dtype=np.uint8)
+    if crowded:
+        raw[:3000, :5] = raw[0, :5]  # 3,000 ids in one bucket
+        raw[3000:3010, :16] = raw[3000]  # a repeated id
+    ids = ["".join(f"{b:02x}" for b in row) for row in raw.tolist()]
+    index = KeyIndex(ids[:15_000])
+    starts = K.bucket_starts(index.keys())
+    assert starts is not None and starts[0] == 0 and starts[-1] == len(index) and np.all(np.diff(starts) >= 0)
+    queries = [*ids, "0" * 32, "f" * 32, "not-a-content-id"]
+    want = K._rank_in(index.keys(), keys_of(queries))  # no buckets
+    got = index.ranks(queries)
+    assert np.array_equal(got, want)
+    assert (got[:15_000] >= 0).all() and (got[15_010:20_000] == -1).all()  # members found, strangers not
+    assert np.array_equal(index.positions(ids[:100]), np.arange(100))
+    assert index.contains(queries).tolist() == (want >= 0).tolist()
+    assert K.bucket_starts(index.keys()[:999]) is None  # few ids: one binary search

@@ -106,3 +106,11 @@ def write_featureset(
     )
     writer.add_features(list(ids), X)
     writer.flush()
+
+
+def nearest_other(rows: np.ndarray, sims: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's first listed neighbour (row, similarity) in dedup's neighbour lists: best first,
+    -1 where none, wherever the search left the slot of the row itself."""
+    first = np.argmax(rows >= 0, axis=1)
+    at = np.arange(len(rows))
+    return rows[at, first], sims[at, first]

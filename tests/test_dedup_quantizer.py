@@ -7,6 +7,7 @@ from __future__ import annotations
 import faiss
 import numpy as np
 import pytest
+from synthetic import nearest_other
 from test_dedup_fine import blobs_with_copies
 
 from imgfeat.index import dedup, kinds
@@ -109,4 +110,29 @@ def test_dedup_finds_the_copies_through_three_levels_in_memory_and_over_a_store(
         stored = dedup.nearest_neighbours(store, 10, exact_max=10, memory_budget=1 << 20)  # sample streamed
     assert streamed == [1] and len(built) == 2
     assert all(len(levels(index.quantizer)) == 3 and p.lists >= 64 for index, p in built)
-    assert np.array_equal(mine.rows[copies, 1], src) and np.array_equal(stored.rows[copies, 1], src)
+    assert np.array_equal(nearest_other(mine.rows, mine.sims)[0][copies], src)
+    assert np.array_equal(nearest_other(stored.rows, stored.sims)[0][copies], src)
+
+
+@pytest.mark.parametrize("three", [False, True])
+def test_rows_grouped_by_their_top_centroid_get_the_lists_the_quantizer_gives_them(monkeypatch, three):
+    """The fill asks for each row's 12 nearest lists with the rows grouped by their top-level
+    centroid (for the CPU's cache): each row still gets its own lists, in its own place."""
+    X, _ = blobs_with_copies()
+    C = two_level_centroids(X, LISTS, seed=0)
+    if three:
+        monkeypatch.setattr(kinds, "THREE_LEVEL_LISTS", 64)
+    q = list_quantizer(C, seed=0)
+    index = faiss.IndexIVFFlat(q, X.shape[1], len(C), faiss.METRIC_INNER_PRODUCT)
+    top = dedup._top_level(index.quantizer)
+    assert type(top).__name__ == "IndexFlatIP"
+    assert top.ntotal == levels(q)[-1].ntotal and top.ntotal < len(C)
+    rows = X[np.random.default_rng(0).permutation(len(X))[:3000]]  # unsorted, as a block of the store is
+    got = dedup.nearest_lists(index, rows, 12)
+    want = q.search(rows, 12)[1]
+    assert got.dtype == np.int32 and np.array_equal(got, want)
+    assert len(np.unique(got[:, 0])) > 50  # many lists: the grouping had something to reorder
+    flat = faiss.IndexIVFFlat(faiss.IndexFlatIP(X.shape[1]), X.shape[1], 16, faiss.METRIC_INNER_PRODUCT)
+    flat.train(X)
+    assert dedup._top_level(flat.quantizer) is None  # a flat quantizer: searched as it is
+    assert np.array_equal(dedup.nearest_lists(flat, rows, 4), flat.quantizer.search(rows, 4)[1])

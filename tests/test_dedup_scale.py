@@ -86,11 +86,15 @@ def test_candidate_pairs_are_written_in_batches_and_read_back_a_row_group_at_a_t
     assert pq.ParquetFile(tmp_path / dedup.PAIRS_FILE).num_row_groups == 3
     want = sorted((min(x, y), max(x, y), s) for x, y, s in zip(a.tolist(), b.tolist(), sim.tolist()))
 
+    cache = pq.read_table(tmp_path / dedup.PAIRS_FILE)
+    assert cache.schema.field("a").type == pa.int32()  # node numbers: rows of the searched images' list
+
     def read(known: list[str]) -> tuple[list[int], list[tuple[int, int, float]]]:
-        node = dedup.NodeOf(pa.array(known))
-        new = dedup._new_images(tmp_path, node, len(known))
-        cached = dedup._cached_pairs(tmp_path, node, len(known), 0)
-        assert new is not None and cached is not None
+        found = dedup._last_search(tmp_path, dedup.NodeOf(pa.array(known)), len(known))
+        assert found is not None
+        new, now, token = found
+        cached = dedup._cached_pairs(tmp_path, now, token, len(known), 0)
+        assert cached is not None
         with cached:
             g = cached.graph()
         return new.tolist(), list(zip(g.a.tolist(), g.b.tolist(), g.sim.tolist()))
@@ -98,10 +102,25 @@ def test_candidate_pairs_are_written_in_batches_and_read_back_a_row_group_at_a_t
     assert read(ids) == ([], want)
     # id0 has left and id9 arrived: id0's pairs are dropped, id9 is new
     assert read(["id9", *ids[1:]]) == ([0], [p for p in want if 0 not in p[:2]])
+    # the images in another order (a rescan, features re-extracted): the pairs follow their ids
+    moved = [ids[k] for k in (3, 5, 0, 1, 4, 2)]
+    again = {(min(moved.index(ids[a]), moved.index(ids[b])), max(moved.index(ids[a]), moved.index(ids[b])), s)
+             for a, b, s in want}  # fmt: skip
+    new, got = read(moved)
+    assert new == [] and set(got) == again
+
+    found = dedup._last_search(tmp_path, dedup.NodeOf(pa.array(ids)), 6)
+    assert found is not None
+    searched = pq.read_table(tmp_path / dedup.SEARCHED_FILE)
+    dedup._write_pairs(tmp_path / "other", im, dedup.Graph(a[:2], b[:2], sim[:2]))  # another run's files
+    (tmp_path / dedup.PAIRS_FILE).write_bytes((tmp_path / "other" / dedup.PAIRS_FILE).read_bytes())
+    assert dedup._cached_pairs(tmp_path, found[1], found[2], 6, 0) is None  # not of this list: not joined
     (tmp_path / dedup.PAIRS_FILE).write_bytes(b"PAR1 not really")  # damaged: every image is searched
-    assert dedup._cached_pairs(tmp_path, dedup.NodeOf(pa.array(ids)), 6, 0) is None
+    assert dedup._cached_pairs(tmp_path, found[1], found[2], 6, 0) is None
+    pq.write_table(searched.replace_schema_metadata(None), tmp_path / dedup.SEARCHED_FILE)  # an older run's list
+    assert dedup._last_search(tmp_path, dedup.NodeOf(pa.array(ids)), 6) is None
     (tmp_path / dedup.SEARCHED_FILE).unlink()
-    assert dedup._new_images(tmp_path, dedup.NodeOf(pa.array(ids)), 6) is None
+    assert dedup._last_search(tmp_path, dedup.NodeOf(pa.array(ids)), 6) is None
 
 
 @pytest.mark.parametrize("chunk", [1_000_000, 1, 5])  # one range, a range per listing, a few listings a range
@@ -127,10 +146,20 @@ def test_pair_ranges_keep_each_pair_once_with_its_first_listing_in_pair_order(tm
     assert list(tmp_path.iterdir()) == []  # scratch files have no name
 
 
-@pytest.mark.parametrize("clash", [False, True])
-def test_ids_map_to_their_nodes_as_a_key_index_maps_them(monkeypatch, clash):
+@pytest.mark.parametrize("clash, buckets", [(False, False), (True, False), (False, True)])
+def test_ids_map_to_their_nodes_as_a_key_index_maps_them(monkeypatch, clash, buckets):
+    import imgfeat.core.keys as K
+
     if clash:  # every id folds alike: the key index answers
         monkeypatch.setattr(dedup, "_fold", lambda keys: np.zeros(len(keys), np.uint64))
+    if buckets:  # as for millions of ids: searched within the bucket of their folded first bits
+        monkeypatch.setattr(K, "BUCKET_MIN_KEYS", 2)
+        rng = np.random.default_rng(5)
+        many = [f"{v:032x}" for v in rng.integers(0, 2**62, 5000)]
+        node = dedup.NodeOf(pa.array(many))
+        assert node._starts is not None
+        asked = [*many[::-1], *(f"{v:032x}" for v in rng.integers(0, 2**62, 500)), "not-an-id"]
+        assert node.positions(pa.array(asked)).tolist() == [*range(4999, -1, -1), *[-1] * 501]
     ids = ["b", "a2", "c33", "a", "ddd4"]
     node = dedup.NodeOf(pa.array(ids))
     asked = ["a", "zz", "ddd4", "b", "a22", "c33", "ddd44", "", "a2"]
@@ -168,3 +197,27 @@ def test_nearest_members_by_blocks_equal_the_per_node_search(monkeypatch):
     assert got.keys() == want.keys()
     for u, (b, s) in want.items():
         assert got[u][0] == b and got[u][1] == pytest.approx(s, abs=1e-5)
+
+
+def test_components_label_paired_images_together_and_every_other_image_alone():
+    rng = np.random.default_rng(9)
+    n = 2000
+    a = rng.integers(0, n, 300)
+    b = rng.integers(0, n, 300)
+    comp = dedup.components(n, dedup.Graph(a, b, np.ones(300, np.float32)))
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    _, want = connected_components(coo_matrix((np.ones(300), (a, b)), shape=(n, n)), directed=False)
+    # the same partition: two nodes share a label exactly when scipy over all nodes gives them one
+    pairs = rng.integers(0, n, (20_000, 2))
+    pairs = np.concatenate([pairs, np.stack([a, b], axis=1)])
+    assert np.array_equal(comp[pairs[:, 0]] == comp[pairs[:, 1]], want[pairs[:, 0]] == want[pairs[:, 1]])
+    assert len(np.unique(comp)) == len(np.unique(want)) and comp.dtype == np.int32
+    assert np.array_equal(
+        dedup.components(5, dedup.Graph(*(np.zeros(0, np.int64),) * 2, np.zeros(0, np.float32))), np.arange(5)
+    )
+    assert (
+        len(dedup.components(0, dedup.Graph(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))))
+        == 0
+    )

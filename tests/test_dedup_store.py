@@ -246,7 +246,7 @@ def test_the_manifest_read_a_row_group_at_a_time_gives_the_tables_of_the_whole_r
 
 @pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf", "ivfpq"])
 def test_an_index_filled_with_its_lists_sized_first_holds_what_adding_gives(tmp_path, kind):
-    from imgfeat.index.kinds import IndexParams, make_index, train_on_sample
+    from imgfeat.index.kinds import IndexParams, list_of, make_index, train_on_sample
 
     X = _rows(600, 16, seed=3)
     params = IndexParams(kind, nlist=8, nprobe=8, hnsw_m=8, ef_search=32, ef_construction=40, pq_m=4)
@@ -262,6 +262,24 @@ def test_an_index_filled_with_its_lists_sized_first_holds_what_adding_gives(tmp_
     (want_s, want_r), (got_s, got_r) = (index.search(X[:50], 5) for index in indexes)
     assert np.array_equal(got_r, want_r) and np.array_equal(got_s, want_s)
     assert (got_r[:, 0] == np.arange(50)).mean() > 0.9  # each row finds itself: the ids are the store's rows
+    if not dedup.preassigned(indexes[1]):
+        assert kind in ("flat", "hnsw")
+        return
+    # each row's nearest lists kept as it is added: searching with them is the search that finds them again
+    again = make_index(params, 16)
+    train_on_sample(again, params, X, len(X))
+    again.nprobe = 3
+    with VectorStore(16, tmp_path) as store, VectorStore(again.nprobe, tmp_path, np.int32) as probes:
+        store.append(X)
+        dedup.fill_presized(again, store, 64, probes)
+        assert probes.shape == (len(X), 3)  # a row of lists per row added, in row order
+        near = probes[np.arange(50)]
+    assert near.dtype == np.int32
+    assert np.array_equal(near[:, 0], list_of(again, X[:50]))
+    want_s, want_r = again.search(X[:50], 5)
+    again.parallel_mode = dedup.PARALLEL_OVER_QUERIES
+    got_s, got_r = again.search_preassigned(X[:50], 5, near, None)
+    assert np.array_equal(got_r, want_r) and np.array_equal(got_s, want_s)
 
 
 def test_parked_arrays_leave_memory_for_the_search_and_come_back_whole(ws, tmp_path, monkeypatch):
@@ -315,3 +333,25 @@ def test_parked_arrays_leave_memory_for_the_search_and_come_back_whole(ws, tmp_p
     assert seen[1::2] == [False, True]
     assert out["parked"][0].num_rows == len(copies) + len(set(copies)) and out["parked"][1].num_rows == len(copies)
     assert all(a.equals(b) for a, b in zip(out["parked"], out["kept"]))
+
+
+@pytest.mark.parametrize("scan, size", [(1 << 20, 4), (7, 4), (5, 1000)])  # blocks of manifest rows, nodes a chunk
+def test_images_without_a_look_come_in_the_order_of_their_first_rows_a_chunk_at_a_time(monkeypatch, scan, size):
+    """The looks read the images' files in manifest (path) order: each wanted image once, at its
+    first row, whatever the blocks the manifest is scanned in."""
+    monkeypatch.setattr(dedup, "GROUP_SCAN", scan)
+    X = _rows(30, 4)
+    ids = [fake_image_id("o", k) for k in range(len(X))]
+    order = np.random.default_rng(1).permutation(len(X))  # nodes' first rows out of node order
+    row_ids = [ids[k] for k in order] + [ids[3], ids[0], ids[29]]  # and second rows of three
+    paths = [f"img/{r:03d}.png" for r in range(len(row_ids))]
+    im = dedup.images_of(ids, X, row_ids, paths, ["train"] * len(row_ids))
+    wanted = np.ones(len(X), bool)
+    wanted[[0, 5, 6, int(order[-1])]] = False  # their looks are cached
+    chunks = list(dedup._by_first_row(im, wanted, size))
+    got = np.concatenate(chunks)
+    want = np.flatnonzero(wanted)
+    want = want[np.argsort(im.first_row[want])]
+    assert np.array_equal(got, want) and len(got) == wanted.sum()
+    assert all(len(c) == size for c in chunks[:-1]) and 0 < len(chunks[-1]) <= size
+    assert im.column(S.PATH, im.first_row[got[:2]]) == [paths[r] for r in sorted(im.first_row[want])[:2]]

@@ -31,7 +31,19 @@ import pyarrow.parquet as pq
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError, ImgfeatError
 from imgfeat.core.hashing import CONTENT_ID_ALGORITHM, digest_chunks
-from imgfeat.core.keys import PACKED, KeyIndex, KeySet, as_strings, keys_equal, keys_of, keys_to_arrow, like
+from imgfeat.core.keys import (
+    PACKED,
+    KeyIndex,
+    KeySet,
+    as_strings,
+    keys_equal,
+    keys_of,
+    keys_to_arrow,
+    like,
+    search_buckets,
+    word_bucket_of,
+    word_bucket_starts,
+)
 from imgfeat.core.options import opt
 from imgfeat.core.progress import progress
 from imgfeat.core.ranges import check_fields
@@ -354,10 +366,11 @@ def search_neighbours(
     kk = min(k + 1, n)
     for lo in range(0, n, KNN_ROWS):
         s, r = index.search(np.ascontiguousarray(Y[lo : lo + KNN_ROWS]), kk)
+        queries = np.arange(lo, lo + len(r))
+        r = _not_self(queries, r)  # (before rescoring, as over a store: the same order of rows)
         if Y is not X or built.kind == "ivfpq":  # codes and components only propose: exact cosines decide
             s, r = rescore_block(X[lo : lo + len(r)], X, r)
-        queries = np.arange(lo, lo + len(r))
-        emit(queries, s, _not_self(queries, r))
+        emit(queries, s, r)
     return built.kind
 
 
@@ -392,13 +405,17 @@ def _list_order(index: Any, n: int) -> np.ndarray:
     return order if filled == n else np.arange(n, dtype=np.int64)
 
 
-def fill_presized(index: Any, Y: VectorStore, rows_at_a_time: int) -> None:
+def fill_presized(index: Any, Y: VectorStore, rows_at_a_time: int, probes: VectorStore | None = None) -> None:
     """Fill an IVF index from a store a block at a time, every inverted list given its room first.
 
     Filled a block at a time, a list grows by doubling, up to twice its rows (IVF-PQ at 10M rows:
     hundreds of MB over its codes). So each row's list is found first (one coarse search a row,
     kept as 4 bytes a row), the lists sized to their counts (``presize_lists``), and the rows added
-    with their lists (``add_core``): the coarse search is not repeated, the store is read twice."""
+    with their lists (``add_core``): the coarse search is not repeated, the store is read twice.
+
+    ``probes`` (an int32 store of ``index.nprobe`` columns, IVF only): that coarse search asks for
+    each row's ``index.nprobe`` nearest lists and appends them in row order, the first its own
+    list, so that searching the rows later need not find them again (``search_preassigned``)."""
     faiss = import_faiss()
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is None or ivf.this != index.this:  # not a bare IVF (flat, HNSW, a transform before it): filled as it grows
@@ -407,12 +424,64 @@ def fill_presized(index: Any, Y: VectorStore, rows_at_a_time: int) -> None:
         return
     lists = np.empty(len(Y), np.int32)
     for lo, B in Y.blocks(rows_at_a_time):
-        lists[lo : lo + len(B)] = list_of(index, B)
+        if probes is None:
+            lists[lo : lo + len(B)] = list_of(index, B)
+        else:
+            near = nearest_lists(index, B, probes.dim)
+            lists[lo : lo + len(B)] = near[:, 0]
+            probes.append(near)
     presize_lists(index, np.bincount(lists, minlength=ivf.nlist))
     for lo, B in Y.blocks(rows_at_a_time):
         x = np.ascontiguousarray(B, np.float32)
         at = lists[lo : lo + len(B)].astype(np.int64)
         ivf.add_core(len(x), faiss.swig_ptr(x), None, faiss.swig_ptr(at))  # both stay referenced until it returns
+
+
+def nearest_lists(index: Any, X: np.ndarray, probes: int) -> np.ndarray:
+    """The ``probes`` nearest inverted lists of each row of ``X`` in an IVF index, nearest first
+    (int32; -1 where its quantizer finds fewer): the coarse search ``index.search`` would make.
+
+    Through a quantizer of nested IVFs (``kinds.list_quantizer``) the rows are searched grouped by
+    their nearest top-level centroid (a few dozen, compared flat), so that rows in a row read the
+    same groups of centroids while they are in the CPU's cache: at 62,500 lists (10M rows) 18 us
+    a row became 13 (FAISS gives each row the same lists in any order)."""
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    top = _top_level(index.quantizer)
+    if top is None or len(X) < 2:
+        _, at = index.quantizer.search(X, probes)
+        return np.asarray(at, np.int32)
+    _, group = top.search(X, 1)
+    order = np.argsort(group[:, 0], kind="stable")
+    _, at = index.quantizer.search(X[order], probes)
+    out = np.empty(at.shape, np.int32)
+    out[order] = at
+    return out
+
+
+def _top_level(quantizer: Any) -> Any:
+    """The flat index at the top of a quantizer of nested IVFs (None for a flat quantizer)."""
+    faiss = import_faiss()
+    ivf = faiss.try_extract_index_ivf(quantizer)
+    if ivf is None:
+        return None
+    while True:
+        inner = faiss.downcast_index(ivf.quantizer)
+        nested = faiss.try_extract_index_ivf(inner)
+        if nested is None:
+            return inner
+        ivf = nested
+
+
+def preassigned(index: Any) -> bool:
+    """Whether ``index`` is a bare IVF whose search can be handed its queries' lists."""
+    faiss = import_faiss()
+    ivf = faiss.try_extract_index_ivf(index)
+    return ivf is not None and ivf.this == index.this
+
+
+# FAISS's ``search`` spreads its queries over the threads itself; ``search_preassigned`` does only
+# in this mode (its default, 0, searches the queries one thread after another)
+PARALLEL_OVER_QUERIES = 3
 
 
 def _store_search(X: VectorStore, k: int, params: IndexParams, memory_budget: int | None, emit: Emit) -> str:
@@ -422,26 +491,38 @@ def _store_search(X: VectorStore, k: int, params: IndexParams, memory_budget: in
     Memory: the index and a block, not the vectors."""
     n, dim = X.shape
     Y = reduce_store(X, CANDIDATE_DIMS, block_rows(dim, memory_budget)) if dim > CANDIDATE_DIMS else X
+    probes = None
     try:
         index, params = trained_index(Y, params, memory_budget)
-        fill_presized(index, Y, block_rows(Y.shape[1], memory_budget, STORE_SHARE))
         set_search_params(index, params)
+        if preassigned(index):  # each row's lists found once, as it is added, not again as it is searched
+            index.nprobe = min(index.nprobe, index.nlist)
+            index.parallel_mode = PARALLEL_OVER_QUERIES
+            probes = VectorStore(index.nprobe, Y.folder, np.int32)
+        fill_presized(index, Y, block_rows(Y.shape[1], memory_budget, STORE_SHARE), probes)
         kk = min(k + 1, n)
         step = max(1, min(QUERY_ROWS, block_rows(dim, memory_budget, STORE_SHARE) // kk))  # queries rescored at a time
         rescoring = Y is not X or params.kind == "ivfpq"  # codes and components only propose: exact cosines decide
         order = _list_order(index, n) if rescoring else None
         for lo in range(0, n, QUERY_ROWS):
             queries = np.arange(lo, min(n, lo + QUERY_ROWS)) if order is None else order[lo : lo + QUERY_ROWS]
-            B = Y.block(lo, lo + QUERY_ROWS) if order is None else Y[queries]
-            s, r = index.search(np.ascontiguousarray(B), kk)
+            B = np.ascontiguousarray(Y.block(lo, lo + QUERY_ROWS) if order is None else Y[queries])
+            if probes is None:
+                s, r = index.search(B, kk)
+            else:
+                near = probes.block(lo, lo + QUERY_ROWS) if order is None else probes[queries]
+                s, r = index.search_preassigned(B, kk, near, None)
+            r = _not_self(queries, r)  # (before rescoring: a query's own row is not read again)
             if rescoring:
                 for at in range(0, len(B), step):
                     end = min(at + step, len(B))
                     Q = B[at:end] if Y is X else X[queries[at:end]]
                     s[at:end], r[at:end] = rescore_block(Q, X, r[at:end])
-            emit(queries, s, _not_self(queries, r))
+            emit(queries, s, r)
         del index
     finally:
+        if probes is not None:
+            probes.close()
         if Y is not X:
             Y.close()
     return params.kind
@@ -561,14 +642,22 @@ def pair_chunks(pairs: Graph | PairRanges) -> Iterator[Graph]:
 
 
 def components(n: int, graph: Graph) -> np.ndarray:
-    """Connected-component label of each of ``n`` nodes (union-find over the pairs)."""
+    """Connected-component label of each of ``n`` nodes: the pairs' nodes labelled over the graph
+    they form (0 .. c-1), every other node a component of its own (c + its number). Only the
+    paired nodes go through SciPy: over all ``n`` its sparse matrix and labels took ~200 MB at ten
+    million images with a few thousand pairs. int32 where the labels fit."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    if n == 0:
-        return np.zeros(0, np.int64)
-    m = coo_matrix((np.ones(len(graph.a)), (graph.a, graph.b)), shape=(n, n))
-    labels: np.ndarray = connected_components(m, directed=False)[1]
+    labels: np.ndarray = np.arange(n, dtype=np.int32 if 2 * n < 2**31 else np.int64)
+    if not len(graph.a):
+        return labels
+    paired, at = np.unique(np.concatenate([graph.a, graph.b]), return_inverse=True)
+    m, k = len(paired), len(graph.a)
+    sub = coo_matrix((np.ones(k, np.int8), (at[:k], at[k:])), shape=(m, m))
+    count, found = connected_components(sub, directed=False)
+    np.add(labels, int(count), out=labels)
+    labels[paired] = found
     return labels
 
 
@@ -1179,10 +1268,12 @@ def candidate_pairs(
         and last.get("neighbours") == cfg.neighbours
         and (previous or {}).get("featureset") == cfg.featureset
     ):
-        node = NodeOf(im.ids)
-        new = _new_images(folder, node, n)
-        if new is not None and len(new) <= RESEARCH_NEW_FRACTION * n:
-            cached = _cached_pairs(folder, node, n, len(new) * cfg.neighbours)
+        found = _last_search(folder, NodeOf(im.ids), n)
+        if found is not None and len(found[0]) <= RESEARCH_NEW_FRACTION * n:
+            new, now, token = found
+            del found
+            cached = _cached_pairs(folder, now, token, n, len(new) * cfg.neighbours)
+            del now  # (a number per image the last run searched)
             if cached is not None:
                 try:
                     with progress(total=len(new), desc="dedup: new images' neighbours") as bar:
@@ -1257,35 +1348,50 @@ def _top_k_blocked(X: Vectors, rows: np.ndarray, k: int) -> tuple[np.ndarray, np
     return top, best
 
 
-def _new_images(folder: Path, node: NodeOf, n: int) -> np.ndarray | None:
-    """The nodes (of ``n``; ``node``: id -> node) the last run did not search; None when its list
-    of searched images is absent or unreadable."""
-    seen = np.zeros(n, bool)
+def _last_search(folder: Path, node: NodeOf, n: int) -> tuple[np.ndarray, np.ndarray, bytes] | None:
+    """``(new, now, token)`` of the last run's searched images (the rows of its list of them):
+    the nodes (of ``n``; ``node``: id -> node) it did not search, each of its nodes' node now (-1:
+    gone), and the token its pairs cache must carry; read a row group at a time. None when the
+    list is absent or unreadable."""
     try:
-        searched = pq.read_table(folder / SEARCHED_FILE, columns=[S.IMAGE_ID]).column(S.IMAGE_ID)
-        for lo in range(0, len(searched), PAIRS_BATCH):
-            found = node.positions(searched.slice(lo, PAIRS_BATCH))
-            seen[found[found >= 0]] = True
+        f = pq.ParquetFile(folder / SEARCHED_FILE)
+        token = (f.schema_arrow.metadata or {}).get(PAIRS_TOKEN)
+        if not token:  # written before the pairs were node numbers: nothing to join them with
+            raise ValueError("no pairs token")
+        now = np.empty(f.metadata.num_rows, np.int32 if n < 2**31 else np.int64)
+        at = 0
+        for g in range(f.num_row_groups):
+            ids = f.read_row_group(g, columns=[S.IMAGE_ID], use_threads=False).column(S.IMAGE_ID)
+            now[at : at + len(ids)] = node.positions(ids)
+            at += len(ids)
     except (OSError, KeyError, ValueError, pa.ArrowException) as exc:
         log.debug("dedup searched images unreadable (%s): every image is searched", exc)
         return None
-    return np.flatnonzero(~seen)
+    seen = np.zeros(n, bool)
+    seen[now[now >= 0]] = True
+    return np.flatnonzero(~seen), now, token
 
 
-def _cached_pairs(folder: Path, node: NodeOf, n: int, more: int) -> PairRanges | None:
-    """The last run's candidate pairs between images still here (of ``n``; ``node``: id -> node) in
-    a new PairRanges sized for ``more`` listings still to come; read a row group at a time, ids
-    mapped to nodes as compact keys (no Python string per pair). None when absent or unreadable."""
+def _cached_pairs(folder: Path, now: np.ndarray, token: bytes, n: int, more: int) -> PairRanges | None:
+    """The last run's candidate pairs between images still here (of ``n``; ``now``: its nodes'
+    nodes now, ``_last_search``) in a new PairRanges sized for ``more`` listings still to come;
+    read a row group at a time. None when absent, unreadable, or not written with the list of
+    searched images ``token`` names (a run that stopped between the two files)."""
     try:
         f = pq.ParquetFile(folder / PAIRS_FILE)
-    except (OSError, pa.ArrowException) as exc:
+        if (f.schema_arrow.metadata or {}).get(PAIRS_TOKEN) != token:
+            raise ValueError("the pairs are not of the searched images' list")
+    except (OSError, ValueError, pa.ArrowException) as exc:
         log.debug("dedup pairs cache unreadable (%s): every image is searched", exc)
         return None
     pairs = PairRanges(n, f.metadata.num_rows + more, folder / "_cache")
     try:
         for g in range(f.num_row_groups):
             t = f.read_row_group(g, columns=["a", "b", S.SIMILARITY], use_threads=False)
-            a, b = (node.positions(t.column(c)) for c in "ab")
+            a, b = (t.column(c).to_numpy().astype(np.int64) for c in "ab")
+            if len(a) and (min(a.min(), b.min()) < 0 or max(a.max(), b.max()) >= len(now)):
+                raise ValueError("a pair names an image the list of searched images does not hold")
+            a, b = now[a], now[b]
             kept = (a >= 0) & (b >= 0)  # pairs between images still here
             pairs.add(a[kept], b[kept], t.column(S.SIMILARITY).to_numpy().astype(np.float32)[kept])
     except (OSError, KeyError, ValueError, pa.ArrowException) as exc:
@@ -1314,6 +1420,7 @@ class NodeOf:
         self._folded = folded[self._order]
         clash = len(folded) > 1 and bool(np.any(self._folded[1:] == self._folded[:-1]))
         self._index = KeyIndex(self._keys) if clash else None
+        self._starts = None if clash else word_bucket_starts(self._folded)  # millions: searched by bucket
 
     def positions(self, ids: pa.Array | pa.ChunkedArray | np.ndarray) -> np.ndarray:
         """Each id's node (int64), -1 for an id that is not one of them."""
@@ -1324,7 +1431,11 @@ class NodeOf:
         if not len(self._order) or not len(keys):
             return out
         folded = _fold(keys)
-        at = np.minimum(np.searchsorted(self._folded, folded), len(self._folded) - 1)
+        if self._starts is None:
+            at = np.searchsorted(self._folded, folded)
+        else:
+            at = search_buckets(self._folded, folded, self._starts, word_bucket_of(folded, self._starts))
+        at = np.minimum(at, len(self._folded) - 1)
         node = self._order[at]
         hit = (self._folded[at] == folded) & keys_equal(self._keys[node], keys)
         if ok is not None:
@@ -1348,13 +1459,24 @@ def _fold(keys: np.ndarray) -> np.ndarray:
     return h
 
 
-PAIRS_BATCH = 262_144  # candidate pairs written at a time (their ids as Arrow strings: ~17 MiB)
+PAIRS_BATCH = 262_144  # candidate pairs (or searched ids) written at a time
+PAIRS_TOKEN = b"searched_token"  # both cache files carry it: the pairs' nodes are rows of that list of ids
 
 
 def _write_pairs(folder: Path, im: Images, cands: Graph | PairRanges) -> None:
-    """The candidate pairs as the pairs cache (ids taken by Arrow, no Python string per pair) and
-    the images searched, each written under the commit protocol a batch at a time."""
-    schema = pa.schema([("a", pa.string()), ("b", pa.string()), (S.SIMILARITY, pa.float32())])
+    """The images searched (their ids in node order) and the candidate pairs as rows of that list,
+    each written under the commit protocol a batch at a time, both with one new token: a rerun
+    takes the pairs only with the very list they number (a run stopped between the two files
+    leaves a pair of files it does not join). Node numbers, not ids: at ten million images the
+    pairs as ids took ~7 GB and most of the write's time."""
+    token = os.urandom(16).hex().encode()
+    searched = pa.schema([(S.IMAGE_ID, pa.string())], metadata={PAIRS_TOKEN: token})
+    with atomic_path(folder / SEARCHED_FILE) as tmp, pq.ParquetWriter(tmp, searched, compression="zstd") as writer:
+        for lo in range(0, len(im.ids), PAIRS_BATCH):
+            nodes = np.arange(lo, min(len(im.ids), lo + PAIRS_BATCH))
+            writer.write_batch(pa.record_batch([im.id_array(nodes)], schema=searched))
+    node = pa.int32() if len(im.ids) < 2**31 else pa.int64()
+    schema = pa.schema([("a", node), ("b", node), (S.SIMILARITY, pa.float32())], metadata={PAIRS_TOKEN: token})
     with atomic_path(folder / PAIRS_FILE) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
         for g in pair_chunks(cands):
             for lo in range(0, len(g.a), PAIRS_BATCH):
@@ -1362,18 +1484,13 @@ def _write_pairs(folder: Path, im: Images, cands: Graph | PairRanges) -> None:
                 writer.write_batch(
                     pa.record_batch(
                         [
-                            im.id_array(g.a[part]),
-                            im.id_array(g.b[part]),
+                            pa.array(g.a[part], node),
+                            pa.array(g.b[part], node),
                             pa.array(g.sim[part], pa.float32()),
                         ],
                         schema=schema,
                     )
                 )
-    searched = pa.schema([(S.IMAGE_ID, pa.string())])
-    with atomic_path(folder / SEARCHED_FILE) as tmp, pq.ParquetWriter(tmp, searched, compression="zstd") as writer:
-        for lo in range(0, len(im.ids), PAIRS_BATCH):
-            nodes = np.arange(lo, min(len(im.ids), lo + PAIRS_BATCH))
-            writer.write_batch(pa.record_batch([im.id_array(nodes)], schema=searched))
 
 
 def inputs_digest(cfg: DedupConfig, im: Images) -> str:
@@ -1429,14 +1546,13 @@ def cached_looks(folder: Path, im: Images, root: ImageRoot) -> tuple[LookStore, 
     (one decode each, LOOK_CHUNK images at a time) for the rest. Memory: a chunk, not the dataset."""
     store = LookStore(len(im.ids), folder / "_cache")
     _read_looks(folder / LOOKS_FILE, store, im.ids)
-    todo = np.flatnonzero(~store.ok)
-    if not len(todo):
+    todo = ~store.ok
+    count = int(np.count_nonzero(todo))
+    if not count:
         return store, 0
-    todo = todo[np.argsort(im.first_row[todo], kind="stable")]  # files in manifest (path) order
     computed, workers = 0, os.cpu_count() or 1
-    with progress(total=len(todo), desc="dedup: looks") as bar:  # a decode an image: the longest step
-        for lo in range(0, len(todo), LOOK_CHUNK):
-            chunk = todo[lo : lo + LOOK_CHUNK]
+    with progress(total=count, desc="dedup: looks") as bar:  # a decode an image: the longest step
+        for chunk in _by_first_row(im, todo, LOOK_CHUNK):
             files = [root / p for p in im.column(S.PATH, im.first_row[chunk])]
             L, ok = looks_of_files(files, workers=workers)
             good = chunk[ok]
@@ -1444,6 +1560,25 @@ def cached_looks(folder: Path, im: Images, root: ImageRoot) -> tuple[LookStore, 
             computed += len(good)
             bar.update(len(chunk))
     return store, computed
+
+
+def _by_first_row(im: Images, wanted: np.ndarray, size: int) -> Iterator[np.ndarray]:
+    """The nodes ``wanted`` (a bool per node) in the order of their first manifest rows (their
+    files in path order), ``size`` at a time: the manifest's rows scanned a block at a time, no
+    sort of every node (at ten million images its arrays took ~250 MB)."""
+    pending = np.zeros(0, np.int64)
+    for lo in range(0, len(im.row_node), GROUP_SCAN):
+        part = im.row_node[lo : lo + GROUP_SCAN]
+        at = np.flatnonzero(part >= 0)
+        nodes = part[at]
+        nodes = nodes[(im.first_row[nodes] == lo + at) & wanted[nodes]].astype(np.int64)
+        pending = np.concatenate([pending, nodes])
+        done = len(pending) - len(pending) % size
+        for start in range(0, done, size):
+            yield pending[start : start + size]
+        pending = pending[done:]
+    if len(pending):
+        yield pending
 
 
 def _read_looks(path: Path, store: LookStore, known: np.ndarray) -> None:

@@ -26,15 +26,15 @@ MIN_BLOCK_ROWS = 256
 
 
 class VectorStore:
-    """Rows of ``dim`` float32 values in an unnamed scratch file under ``folder`` (the system's temp
-    folder when None), appended in order and read back by row numbers."""
+    """Rows of ``dim`` values (float32 unless ``dtype`` says) in an unnamed scratch file under
+    ``folder`` (the system's temp folder when None), appended in order and read back by row numbers."""
 
-    def __init__(self, dim: int, folder: Path | None = None) -> None:
+    def __init__(self, dim: int, folder: Path | None = None, dtype: Any = np.float32) -> None:
         self._folder = Path(folder) if folder is not None else Path(tempfile.gettempdir())
         self._file = scratch_file(folder)  # held open until close()
         self.dim = int(dim)
         self.n = 0
-        self.dtype = np.dtype(np.float32)
+        self.dtype = np.dtype(dtype)
 
     @property
     def folder(self) -> Path:
@@ -43,7 +43,7 @@ class VectorStore:
 
     @property
     def row_bytes(self) -> int:
-        return self.dim * 4
+        return self.dim * self.dtype.itemsize
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -57,8 +57,8 @@ class VectorStore:
         return self.n
 
     def append(self, X: np.ndarray) -> None:
-        """Add rows ``X`` (``(rows, dim)``, written as float32) after the last."""
-        X = np.ascontiguousarray(X, np.float32)
+        """Add rows ``X`` (``(rows, dim)``, written as the store's dtype) after the last."""
+        X = np.ascontiguousarray(X, self.dtype)
         if X.ndim != 2 or X.shape[1] != self.dim:
             raise ValueError(f"rows of {self.dim} values expected, got shape {X.shape}")
         with scratch_writes(self._folder):
@@ -68,7 +68,7 @@ class VectorStore:
     def block(self, lo: int, hi: int) -> np.ndarray:
         """Rows ``lo`` to ``hi`` (clipped to the store): one read."""
         lo, hi = max(0, lo), min(self.n, hi)
-        out = np.empty((max(0, hi - lo), self.dim), np.float32)
+        out = np.empty((max(0, hi - lo), self.dim), self.dtype)
         if len(out):
             read_into(self._file.fileno(), out, lo * self.row_bytes)
         return out
@@ -81,7 +81,7 @@ class VectorStore:
         if len(flat) and (flat.min() < 0 or flat.max() >= self.n):
             raise IndexError(f"row out of range for a store of {self.n} rows")
         want, back = np.unique(flat, return_inverse=True)
-        got = np.empty((len(want), self.dim), np.float32)
+        got = np.empty((len(want), self.dim), self.dtype)
         if not len(want):
             return got.reshape(*rows.shape, self.dim)
         fd, size = self._file.fileno(), self.row_bytes

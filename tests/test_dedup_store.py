@@ -245,8 +245,10 @@ def test_the_manifest_read_a_row_group_at_a_time_gives_the_tables_of_the_whole_r
 
 
 @pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf", "ivfpq"])
-def test_an_index_filled_with_its_lists_sized_first_holds_what_adding_gives(tmp_path, kind):
+def test_an_index_filled_with_its_lists_sized_first_holds_what_adding_gives(tmp_path, kind, monkeypatch):
     from imgfeat.index.kinds import IndexParams, list_of, make_index, train_on_sample
+
+    monkeypatch.setattr(dedup, "PQ_TABLE_BYTES", 7 * 256 * 4 * 4)  # IVF-PQ codes made 7 rows at a time
 
     X = _rows(600, 16, seed=3)
     params = IndexParams(kind, nlist=8, nprobe=8, hnsw_m=8, ef_search=32, ef_construction=40, pq_m=4)

@@ -431,10 +431,26 @@ def fill_presized(index: Any, Y: VectorStore, rows_at_a_time: int, probes: Vecto
             lists[lo : lo + len(B)] = near[:, 0]
             probes.append(near)
     presize_lists(index, np.bincount(lists, minlength=ivf.nlist))
+    step = _encode_rows(ivf)
     for lo, B in Y.blocks(rows_at_a_time):
-        x = np.ascontiguousarray(B, np.float32)
-        at = lists[lo : lo + len(B)].astype(np.int64)
-        ivf.add_core(len(x), faiss.swig_ptr(x), None, faiss.swig_ptr(at))  # both stay referenced until it returns
+        for at_row in range(0, len(B), step):
+            x = np.ascontiguousarray(B[at_row : at_row + step], np.float32)
+            at = lists[lo + at_row : lo + at_row + len(x)].astype(np.int64)
+            ivf.add_core(len(x), faiss.swig_ptr(x), None, faiss.swig_ptr(at))  # both stay referenced until it returns
+
+
+PQ_TABLE_BYTES = 32 << 20  # what IVF-PQ's encoder may hold in distance tables for the rows it adds at a time
+
+
+def _encode_rows(ivf: Any) -> int:
+    """Rows to add to ``ivf`` at a time. FAISS encodes PQ codes of 16 or more dimensions a
+    sub-vector by way of a distance table for each row, 256 floats a sub-quantizer, for up to
+    32,768 rows at once: at 8 sub-quantizers of 16 dimensions (10M rows of 128 under a 1GB budget)
+    268 MB for a moment, the 10M dedup's peak. Added a few thousand rows at a time, 32 MB."""
+    pq = getattr(import_faiss().downcast_index(ivf), "pq", None)
+    if pq is None:
+        return 1 << 30
+    return max(1, PQ_TABLE_BYTES // (int(pq.ksub) * int(pq.M) * 4))
 
 
 def nearest_lists(index: Any, X: np.ndarray, probes: int) -> np.ndarray:

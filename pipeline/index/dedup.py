@@ -72,7 +72,6 @@ from imgfeat.index.kinds import (
     flat_bytes,
     import_faiss,
     ivfpq_bytes,
-    list_of,
     make_index,
     presize_lists,
     reduce_dims,
@@ -416,19 +415,17 @@ def fill_presized(index: Any, Y: VectorStore, rows_at_a_time: int, probes: Vecto
     ``probes`` (an int32 store of ``index.nprobe`` columns, IVF only): that coarse search asks for
     each row's ``index.nprobe`` nearest lists and appends them in row order, the first its own
     list, so that searching the rows later need not find them again (``search_preassigned``)."""
-    faiss = import_faiss()
-    ivf = faiss.try_extract_index_ivf(index)
-    if ivf is None or ivf.this != index.this:  # not a bare IVF (flat, HNSW, a transform before it): filled as it grows
+    if not preassigned(index):  # not a bare IVF (flat, HNSW, a transform before it): filled as it grows
         for _, B in Y.blocks(rows_at_a_time):
             index.add(np.ascontiguousarray(B))
         return
+    faiss = import_faiss()
+    ivf = faiss.extract_index_ivf(index)
     lists = np.empty(len(Y), np.int32)
     for lo, B in Y.blocks(rows_at_a_time):
-        if probes is None:
-            lists[lo : lo + len(B)] = list_of(index, B)
-        else:
-            near = nearest_lists(index, B, probes.dim)
-            lists[lo : lo + len(B)] = near[:, 0]
+        near = nearest_lists(index, B, 1 if probes is None else probes.dim)
+        lists[lo : lo + len(B)] = near[:, 0]
+        if probes is not None:
             probes.append(near)
     presize_lists(index, np.bincount(lists, minlength=ivf.nlist))
     step = _encode_rows(ivf)
@@ -522,12 +519,11 @@ def _store_search(X: VectorStore, k: int, params: IndexParams, memory_budget: in
         order = _list_order(index, n) if rescoring else None
         for lo in range(0, n, QUERY_ROWS):
             queries = np.arange(lo, min(n, lo + QUERY_ROWS)) if order is None else order[lo : lo + QUERY_ROWS]
-            B = np.ascontiguousarray(Y.block(lo, lo + QUERY_ROWS) if order is None else Y[queries])
+            B = np.ascontiguousarray(Y[queries])  # (in row order: one read)
             if probes is None:
                 s, r = index.search(B, kk)
             else:
-                near = probes.block(lo, lo + QUERY_ROWS) if order is None else probes[queries]
-                s, r = index.search_preassigned(B, kk, near, None)
+                s, r = index.search_preassigned(B, kk, probes[queries], None)
             r = _not_self(queries, r)  # (before rescoring: a query's own row is not read again)
             if rescoring:
                 for at in range(0, len(B), step):

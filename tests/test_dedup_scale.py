@@ -57,7 +57,7 @@ def test_the_looks_cache_round_trips_a_row_group_at_a_time_and_old_caches_still_
     assert pq.ParquetFile(path).num_row_groups == 3
     node = keys_of(["id5", "id1", "new"])  # every image's id: node k is node[k]
     again = LookStore(3, tmp_path)
-    dedup._read_looks(path, again, node)
+    dedup._read_looks(path, again, dedup.NodeOf(node))
     assert as_strings(again.ids()) == ids and again.ok.tolist() == [True, True, False]
     assert np.array_equal(again[np.array([0, 1])], L[[5, 1]])
 
@@ -65,13 +65,13 @@ def test_the_looks_cache_round_trips_a_row_group_at_a_time_and_old_caches_still_
     col = pa.FixedSizeListArray.from_arrays(pa.array(L.reshape(-1), pa.float16()), VARIANTS * SIDE * SIDE)
     pq.write_table(pa.table({S.IMAGE_ID: ids, "look": col}, metadata={"look_version": LOOK_VERSION}), old)
     was = LookStore(3, tmp_path)
-    dedup._read_looks(old, was, node)
+    dedup._read_looks(old, was, dedup.NodeOf(node))
     assert np.array_equal(was[np.array([0, 1])], L[[5, 1]])
 
     path.write_bytes(b"PAR1 not really")  # damaged: nothing, and the looks are computed again
     bad = LookStore(3, tmp_path)
     bad.append(["id0"], L[:1], [0])
-    dedup._read_looks(path, bad, node)
+    dedup._read_looks(path, bad, dedup.NodeOf(node))
     assert len(bad) == 0 and not bad.ok.any()
 
 
@@ -213,7 +213,8 @@ def test_components_label_paired_images_together_and_every_other_image_alone():
     pairs = rng.integers(0, n, (20_000, 2))
     pairs = np.concatenate([pairs, np.stack([a, b], axis=1)])
     assert np.array_equal(comp[pairs[:, 0]] == comp[pairs[:, 1]], want[pairs[:, 0]] == want[pairs[:, 1]])
-    assert len(np.unique(comp)) == len(np.unique(want)) and comp.dtype == np.int32
+    assert len(np.unique(np.asarray(comp))) == len(np.unique(want))
+    assert np.array_equal(comp.paired, np.unique(np.concatenate([a, b])))  # a label kept for paired nodes only
     assert np.array_equal(
         dedup.components(5, dedup.Graph(*(np.zeros(0, np.int64),) * 2, np.zeros(0, np.float32))), np.arange(5)
     )
@@ -221,3 +222,20 @@ def test_components_label_paired_images_together_and_every_other_image_alone():
         len(dedup.components(0, dedup.Graph(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))))
         == 0
     )
+
+
+@pytest.mark.parametrize("scan", [1, 7, 1 << 20])
+def test_the_nth_readable_image_is_counted_a_block_at_a_time(monkeypatch, scan):
+    monkeypatch.setattr(dedup, "GROUP_SCAN", scan)
+    mask = np.random.default_rng(4).random(500) < 0.3
+    ranks = np.random.default_rng(5).permutation(int(mask.sum()))[:40]
+    assert np.array_equal(dedup._nth_true(mask, ranks), np.flatnonzero(mask)[ranks])
+
+
+def test_a_sample_of_rows_holds_only_its_rows_not_the_permutation_it_was_cut_from():
+    from imgfeat.index.kinds import sample_rows
+
+    rows = sample_rows(100_000, 50, seed=3)
+    assert len(rows) == 50 and np.all(np.diff(rows) > 0) and rows.max() < 100_000
+    assert rows.base is None or rows.base.nbytes == rows.nbytes  # (a view of all 100,000 held 800 KB)
+    assert np.array_equal(rows, sample_rows(100_000, 50, seed=3))

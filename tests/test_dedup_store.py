@@ -5,6 +5,7 @@ what the search in memory finds, and a run under a tiny budget writes the tables
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from synthetic import fake_image_id, write_featureset
@@ -82,14 +83,14 @@ def test_a_tiny_memory_budget_stores_the_vectors_and_finds_the_same_groups(ws, m
     rows.append({"image_id": ids[3], "path": "img/copy-of-003.png", "split": "train", "status": "ok"})
     write_manifest(ws, "d", rows, ws.root / "images")
     stored = []
-    real = dedup.store_vectors
-    monkeypatch.setattr(dedup, "store_vectors", lambda *a, **k: stored.append(1) or real(*a, **k))
+    real = dedup._ids_in_node_order
+    monkeypatch.setattr(dedup, "_ids_in_node_order", lambda *a: stored.append(a[-1] is not None) or real(*a))
     out = {}
     for name, budget in (("big", 1 << 30), ("tiny", 600_000)):
         cfg = dedup.DedupConfig(featureset="fs", dataset="d", name=name, memory_budget=budget, exact_max=10)
         s = dedup.run_dedup(ws, cfg, "run").to_json()
         out[name] = (pq.read_table(s["groups_table"]), pq.read_table(s["leaks_table"]), s["search"], s["groups"])
-    assert stored == [1]  # only the tiny budget wrote a scratch file
+    assert stored == [False, True]  # only the tiny budget wrote scratch files (the vectors, the ids)
     assert out["tiny"][2] == out["big"][2] == "approximate (ivf)" and out["big"][3] == 4
     assert out["tiny"][0].equals(out["big"][0]) and out["tiny"][1].equals(out["big"][1])
     assert out["big"][1].num_rows == len(copies)
@@ -235,11 +236,12 @@ def test_the_manifest_read_a_row_group_at_a_time_gives_the_tables_of_the_whole_r
         comp = dedup.components(len(im.ids), graph)
         leaks = dedup.group_leaks_table(im, comp)
         assert leaks.equals(dedup.group_leaks_table(ref, comp)) and leaks.num_rows > 0
-        first = im.column(S.PATH, im.first_row)
+        first_rows = im.first_rows(np.arange(len(im.ids)))
+        first = im.column(S.PATH, first_rows)
         other = pa.table({c: table.column(c) for c in table.column_names}).slice(0, 3)
         pq.write_table(other, str(path) + ".new")
         os.replace(str(path) + ".new", path)  # a rescan replaces the manifest mid-run
-        assert im.column(S.PATH, im.first_row) == first and all(p.endswith("a.png") for p in first)
+        assert im.column(S.PATH, first_rows) == first and all(p.endswith("a.png") for p in first)
     finally:
         im.close()
 
@@ -321,7 +323,7 @@ def test_parked_arrays_leave_memory_for_the_search_and_come_back_whole(ws, tmp_p
         return pairs_of(folder, cfg, images, previous)
 
     def spy_search(*a, **k):
-        seen.append(seen[-1].ids is None)
+        seen.append(seen[-1].row_node is None)
         return search(*a, **k)
 
     monkeypatch.setattr(dedup, "candidate_pairs", spy_pairs)
@@ -351,9 +353,73 @@ def test_images_without_a_look_come_in_the_order_of_their_first_rows_a_chunk_at_
     wanted = np.ones(len(X), bool)
     wanted[[0, 5, 6, int(order[-1])]] = False  # their looks are cached
     chunks = list(dedup._by_first_row(im, wanted, size))
-    got = np.concatenate(chunks)
+    got = np.concatenate([nodes for nodes, _ in chunks])
+    rows = np.concatenate([rows for _, rows in chunks])
+    first = np.array([row_ids.index(i) for i in ids])  # each image's first row
     want = np.flatnonzero(wanted)
-    want = want[np.argsort(im.first_row[want])]
-    assert np.array_equal(got, want) and len(got) == wanted.sum()
-    assert all(len(c) == size for c in chunks[:-1]) and 0 < len(chunks[-1]) <= size
-    assert im.column(S.PATH, im.first_row[got[:2]]) == [paths[r] for r in sorted(im.first_row[want])[:2]]
+    want = want[np.argsort(first[want])]
+    assert np.array_equal(got, want) and len(got) == wanted.sum() and np.array_equal(rows, first[got])
+    assert np.array_equal(im.first_rows(got), rows)
+    assert all(len(c) == len(r) == size for c, r in chunks[:-1]) and 0 < len(chunks[-1][0]) <= size
+    assert im.column(S.PATH, rows[:2]) == [paths[r] for r in sorted(first[want])[:2]]
+
+
+@pytest.mark.parametrize("size", [1, 7, 64, 1000])
+def test_queries_come_list_after_list_in_blocks_and_in_row_order_when_the_lists_miss_rows(size):
+    """The approximate search takes its queries list by list (shared candidates): every row once,
+    blocks of ``size``, in the lists' order; an index whose lists do not hold the rows: row order."""
+    from imgfeat.index.kinds import IndexParams, list_of, make_index, train_on_sample
+
+    X, _ = planted(n=300, dim=16)
+    params = IndexParams(kind="ivf", nlist=8, nprobe=2)
+    index = make_index(params, 16)
+    train_on_sample(index, params, X, len(X))
+    index.add(X)
+    lists = list_of(index, X)
+    want = np.concatenate([np.flatnonzero(lists == at) for at in range(8)])  # (FAISS keeps a list's rows in order)
+    blocks = list(dedup._list_blocks(index, len(X), size))
+    assert np.array_equal(np.concatenate(blocks), want)
+    assert all(len(b) == size for b in blocks[:-1]) and 0 < len(blocks[-1]) <= size
+    rows = list(dedup._list_blocks(index, len(X) + 1, size))  # a row the lists do not hold
+    assert np.array_equal(np.concatenate(rows), np.arange(len(X) + 1))
+
+
+@pytest.mark.parametrize("block", [7, 1 << 20])  # ids put in node order a block at a time
+def test_ids_in_a_scratch_file_read_back_as_keys_and_join_a_rerun_as_ids_in_memory_do(ws, tmp_path, monkeypatch, block):
+    """Past the budget the images' ids wait in a scratch file: read back by node and by block as
+    the keys in memory would be, and a rerun's id -> node lookup (the sorted ids and each one's
+    node, set aside there too) answers as one over every id in memory."""
+    from imgfeat.core.keys import as_strings, keys_of
+    from imgfeat.index.scratch import KeyStore
+
+    keys = keys_of([fake_image_id("k", k) for k in range(40)])
+    scratch = tmp_path / "scratch"
+    with KeyStore(keys.dtype, scratch) as store:
+        store.append(keys[:25])
+        store.append(keys[25:])
+        assert list(scratch.iterdir()) == [] and len(store) == 40
+        assert as_strings(store[:]) == as_strings(keys) and as_strings(store[[7, 3, 7]]) == as_strings(keys[[7, 3, 7]])
+        assert as_strings(store[30:35]) == as_strings(keys[30:35])
+        with pytest.raises(ValueError):
+            store.append(keys_of(["plain"]))  # another kind of key
+
+    monkeypatch.setattr(dedup, "ID_BLOCK", block)
+    X, _ = planted(n=300, dim=64)
+    ids = [fake_image_id("d", k) for k in range(len(X))]
+    order = np.random.default_rng(2).permutation(len(X))  # the featureset in another order than the manifest
+    write_featureset(ws, "fs", [ids[k] for k in order[:-5]], X[order[:-5]], dtype="float32")
+    rows = [{"image_id": i, "path": f"img/{k:03d}.png", "split": "train", "status": "ok"} for k, i in enumerate(ids)]
+    write_manifest(ws, "d", rows, ws.root / "images")
+    for budget in (1 << 30, 65_536):  # ids in memory; in scratch files
+        im = dedup.load_images(ws, dedup.DedupConfig(featureset="fs", dataset="d", memory_budget=budget))
+        try:
+            assert (im.ranked is None) == (budget > 65_536) and im.missing == 5 and len(im.ids) == len(X) - 5
+            got = im.id_strings(np.arange(len(im.ids)))
+            assert got == [ids[k] for k in order[:-5]]  # node k: the featureset's k-th row
+            np.testing.assert_allclose(im.X[np.arange(len(got))], X[order[:-5]], atol=1e-6)
+            asked = pa.array([ids[k] for k in np.random.default_rng(3).permutation(len(ids))] + ["f" * 32])
+            want = dedup.NodeOf(keys_of(got)).positions(asked)
+            assert np.array_equal(im.node_lookup().positions(asked), want) and (want == -1).sum() == 6
+            assert np.array_equal(im.row_node, dedup.NodeOf(keys_of(got)).positions(pa.array(ids)))
+        finally:
+            im.close()

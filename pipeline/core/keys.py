@@ -369,10 +369,14 @@ def _bucket_bits(n: int) -> int:
 
 
 def _starts(values: np.ndarray, bits: int, top: Callable[[np.ndarray, int], np.ndarray]) -> np.ndarray:
-    buckets = np.empty(len(values), np.uint32)
-    for lo in range(0, len(values), PACK_ROWS):  # (a block at a time: no full-length temporary)
-        buckets[lo : lo + PACK_ROWS] = top(values[lo : lo + PACK_ROWS], bits)
-    return np.searchsorted(buckets, np.arange(2**bits + 1, dtype=np.uint32)).astype(np.int64)
+    """Where each bucket starts among sorted ``values``: the values before it, counted a block at
+    a time (a bucket number per value, all at once, took 40 MB at ten million)."""
+    counts = np.zeros(2**bits, np.int64)
+    for lo in range(0, len(values), PACK_ROWS):
+        counts += np.bincount(top(values[lo : lo + PACK_ROWS], bits).astype(np.int64), minlength=2**bits)
+    starts = np.zeros(2**bits + 1, np.int64)
+    np.cumsum(counts, out=starts[1:])
+    return starts
 
 
 def bucket_of(keys: np.ndarray, starts: np.ndarray) -> np.ndarray:

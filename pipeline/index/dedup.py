@@ -30,17 +30,20 @@ import pyarrow.parquet as pq
 
 from imgfeat.core import schemas as S
 from imgfeat.core.errors import ConfigError, ImgfeatError
-from imgfeat.core.hashing import CONTENT_ID_ALGORITHM, digest_chunks
+from imgfeat.core.hashing import CONTENT_ID_ALGORITHM, content_hasher, digest_chunks
 from imgfeat.core.keys import (
     PACKED,
     KeyIndex,
-    KeySet,
+    KeyLike,
     as_strings,
+    concat_keys,
+    filled,
     keys_equal,
     keys_of,
     keys_to_arrow,
     like,
     search_buckets,
+    sorted_unique,
     word_bucket_of,
     word_bucket_starts,
 )
@@ -96,6 +99,8 @@ from imgfeat.index.looks import (
 )
 from imgfeat.index.page import render_page
 from imgfeat.index.scratch import (
+    KeyStore,
+    ScratchArray,
     Vectors,
     VectorStore,
     block_rows,
@@ -103,7 +108,6 @@ from imgfeat.index.scratch import (
     reduce_store,
     rescore_block,
     similarities_to,
-    store_vectors,
     write_all,
 )
 from imgfeat.index.vectors import iter_vectors, read_vectors
@@ -386,22 +390,34 @@ def _not_self(queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return rows
 
 
-def _list_order(index: Any, n: int) -> np.ndarray:
-    """The rows of an IVF index, list after list (``n`` of them, else row order): queries taken in
-    this order share most of their candidates within a block, so rescoring reads far fewer rows.
-    Written straight into one array of int32 where the rows fit it (40 MB at 10M rows)."""
+def _list_blocks(index: Any, n: int, size: int) -> Iterator[np.ndarray]:
+    """The rows of an IVF index, list after list, ``size`` at a time (the last block fewer; int64),
+    or in row order when its lists do not hold ``n`` rows: queries taken in this order share most
+    of their candidates within a block, so rescoring reads far fewer rows. Read from the lists as
+    the blocks are wanted: no array of every row's place (40 MB at ten million rows)."""
     faiss = import_faiss()
     ivf = faiss.extract_index_ivf(index)
-    lists, filled = ivf.invlists, 0
-    order = np.empty(n, np.int32 if n < 2**31 else np.int64)
+    lists = ivf.invlists
+    if sum(lists.list_size(at) for at in range(ivf.nlist)) != n:
+        yield from _row_blocks(n, size)
+        return
+    pending: list[np.ndarray] = []
+    held = 0
     for at in range(ivf.nlist):
-        size = lists.list_size(at)
-        if size and filled + size <= n:
-            ids = lists.get_ids(at)
-            order[filled : filled + size] = faiss.rev_swig_ptr(ids, size)
-            lists.release_ids(at, ids)
-        filled += size
-    return order if filled == n else np.arange(n, dtype=np.int64)
+        count = lists.list_size(at)
+        if not count:
+            continue
+        ids = lists.get_ids(at)
+        pending.append(faiss.rev_swig_ptr(ids, count).astype(np.int64))  # (a copy: the list's ids are released)
+        lists.release_ids(at, ids)
+        held += count
+        if held >= size:
+            rows = np.concatenate(pending)
+            done = len(rows) - len(rows) % size
+            yield from (rows[lo : lo + size] for lo in range(0, done, size))
+            pending, held = [rows[done:]], len(rows) - done
+    if held:
+        yield np.concatenate(pending)
 
 
 def fill_presized(index: Any, Y: VectorStore, rows_at_a_time: int, probes: VectorStore | None = None) -> None:
@@ -409,8 +425,9 @@ def fill_presized(index: Any, Y: VectorStore, rows_at_a_time: int, probes: Vecto
 
     Filled a block at a time, a list grows by doubling, up to twice its rows (IVF-PQ at 10M rows:
     hundreds of MB over its codes). So each row's list is found first (one coarse search a row,
-    kept as 4 bytes a row), the lists sized to their counts (``presize_lists``), and the rows added
-    with their lists (``add_core``): the coarse search is not repeated, the store is read twice.
+    kept as 4 bytes a row, or with ``probes`` read back from them), the lists sized to their
+    counts (``presize_lists``), and the rows added with their lists (``add_core``): the coarse
+    search is not repeated, the store is read twice.
 
     ``probes`` (an int32 store of ``index.nprobe`` columns, IVF only): that coarse search asks for
     each row's ``index.nprobe`` nearest lists and appends them in row order, the first its own
@@ -421,18 +438,22 @@ def fill_presized(index: Any, Y: VectorStore, rows_at_a_time: int, probes: Vecto
         return
     faiss = import_faiss()
     ivf = faiss.extract_index_ivf(index)
-    lists = np.empty(len(Y), np.int32)
+    counts = np.zeros(ivf.nlist, np.int64)
+    lists = np.empty(len(Y) if probes is None else 0, np.int32)  # (with probes: their first column)
     for lo, B in Y.blocks(rows_at_a_time):
         near = nearest_lists(index, B, 1 if probes is None else probes.dim)
-        lists[lo : lo + len(B)] = near[:, 0]
-        if probes is not None:
+        counts += np.bincount(near[:, 0], minlength=ivf.nlist)
+        if probes is None:
+            lists[lo : lo + len(B)] = near[:, 0]
+        else:
             probes.append(near)
-    presize_lists(index, np.bincount(lists, minlength=ivf.nlist))
+    presize_lists(index, counts)
     step = _encode_rows(ivf)
     for lo, B in Y.blocks(rows_at_a_time):
+        own = lists[lo : lo + len(B)] if probes is None else probes.block(lo, lo + len(B))[:, 0]
         for at_row in range(0, len(B), step):
             x = np.ascontiguousarray(B[at_row : at_row + step], np.float32)
-            at = lists[lo + at_row : lo + at_row + len(x)].astype(np.int64)
+            at = own[at_row : at_row + len(x)].astype(np.int64)
             ivf.add_core(len(x), faiss.swig_ptr(x), None, faiss.swig_ptr(at))  # both stay referenced until it returns
 
 
@@ -516,9 +537,8 @@ def _store_search(X: VectorStore, k: int, params: IndexParams, memory_budget: in
         kk = min(k + 1, n)
         step = max(1, min(QUERY_ROWS, block_rows(dim, memory_budget, STORE_SHARE) // kk))  # queries rescored at a time
         rescoring = Y is not X or params.kind == "ivfpq"  # codes and components only propose: exact cosines decide
-        order = _list_order(index, n) if rescoring else None
-        for lo in range(0, n, QUERY_ROWS):
-            queries = np.arange(lo, min(n, lo + QUERY_ROWS)) if order is None else order[lo : lo + QUERY_ROWS]
+        blocks = _list_blocks(index, n, QUERY_ROWS) if rescoring else _row_blocks(n, QUERY_ROWS)
+        for queries in blocks:
             B = np.ascontiguousarray(Y[queries])  # (in row order: one read)
             if probes is None:
                 s, r = index.search(B, kk)
@@ -538,6 +558,11 @@ def _store_search(X: VectorStore, k: int, params: IndexParams, memory_budget: in
         if Y is not X:
             Y.close()
     return params.kind
+
+
+def _row_blocks(n: int, size: int) -> Iterator[np.ndarray]:
+    for lo in range(0, n, size):
+        yield np.arange(lo, min(n, lo + size))
 
 
 def similar_pairs(nb: Neighbours, threshold: float) -> Graph:
@@ -653,35 +678,58 @@ def pair_chunks(pairs: Graph | PairRanges) -> Iterator[Graph]:
         yield from pairs.chunks()
 
 
-def components(n: int, graph: Graph) -> np.ndarray:
-    """Connected-component label of each of ``n`` nodes: the pairs' nodes labelled over the graph
-    they form (0 .. c-1), every other node a component of its own (c + its number). Only the
-    paired nodes go through SciPy: over all ``n`` its sparse matrix and labels took ~200 MB at ten
-    million images with a few thousand pairs. int32 where the labels fit."""
+@dataclass(frozen=True)
+class Components:
+    """The connected components of ``n`` nodes under a graph's pairs: ``comp[nodes]`` gives each
+    node's label (int64), a paired node its component among the paired ones (0 .. count-1), any
+    other node one of its own (count + node). Held for the paired nodes only: a label for each of
+    ten million images, beside SciPy's work over them all, took ~200 MB for a few thousand pairs."""
+
+    n: int
+    paired: np.ndarray  # the nodes in a pair, sorted
+    label: np.ndarray  # their components' labels
+    count: int  # components among the paired nodes
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, nodes: Any) -> np.ndarray:
+        nodes = np.asarray(nodes, np.int64)
+        out: np.ndarray = nodes + self.count
+        if len(self.paired):
+            at = np.minimum(np.searchsorted(self.paired, nodes), len(self.paired) - 1)
+            out = np.where(self.paired[at] == nodes, self.label[at], out)
+        return out
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        """Every node's label (a number per node: for small graphs and tests)."""
+        labels = self[np.arange(self.n)]
+        return labels if dtype is None else labels.astype(dtype)
+
+
+def components(n: int, graph: Graph) -> Components:
+    """The connected components of ``n`` nodes under ``graph``: only the paired nodes go through
+    SciPy, every other node is a component of its own."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    labels: np.ndarray = np.arange(n, dtype=np.int32 if 2 * n < 2**31 else np.int64)
     if not len(graph.a):
-        return labels
+        return Components(n, np.zeros(0, np.int64), np.zeros(0, np.int64), 0)
     paired, at = np.unique(np.concatenate([graph.a, graph.b]), return_inverse=True)
     m, k = len(paired), len(graph.a)
     sub = coo_matrix((np.ones(k, np.int8), (at[:k], at[k:])), shape=(m, m))
     count, found = connected_components(sub, directed=False)
-    np.add(labels, int(count), out=labels)
-    labels[paired] = found
-    return labels
+    return Components(n, paired.astype(np.int64), found.astype(np.int64), int(count))
 
 
-def best_partner(n: int, graph: Graph) -> tuple[np.ndarray, np.ndarray]:
-    """For each node, its most similar partner in the graph (-1 and 0 where it has none)."""
-    order = np.argsort(np.concatenate([graph.sim, graph.sim]), kind="stable")
+def best_partner(graph: Graph) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(nodes, partner, similarity)``: each paired node (sorted) with its most similar partner
+    in the graph (of equals, the last listed) and their similarity."""
+    sim = np.concatenate([graph.sim, graph.sim])
+    order = np.argsort(sim, kind="stable")[::-1]  # best first; of equals, the last listed first
     src = np.concatenate([graph.a, graph.b])[order]
-    dst = np.concatenate([graph.b, graph.a])[order]
-    sim = np.concatenate([graph.sim, graph.sim])[order]
-    partner, best = np.full(n, -1, np.int32 if n < 2**31 else np.int64), np.zeros(n, np.float32)
-    partner[src], best[src] = dst, sim  # ascending order: the last (best) write wins
-    return partner, best
+    nodes, first = np.unique(src, return_index=True)
+    return nodes.astype(np.int64), np.concatenate([graph.b, graph.a])[order][first], sim[order][first]
 
 
 def looked_pairs(cands: Graph | PairRanges, L: np.ndarray | LookStore, ok: np.ndarray) -> tuple[Graph, dict[str, int]]:
@@ -704,8 +752,11 @@ def looked_pairs(cands: Graph | PairRanges, L: np.ndarray | LookStore, ok: np.nd
     return concat_graphs(copies), stats
 
 
-# A manifest row's split as a code: none (null), train, or any other (held out)
+# A manifest row's flags (``Images.row_flags``): its split as a code in the low bits, none (null),
+# train, or any other (held out); FIRST_ROW on its image's first row (whose file the look is read
+# from); FIRST_TRAIN on its image's first row whose split is train (the path a leak names)
 SPLIT_NONE, SPLIT_IS_TRAIN, SPLIT_HELD = 0, 1, 2
+SPLIT_BITS, FIRST_ROW, FIRST_TRAIN = 3, 4, 8
 ROW_COLUMNS = [S.IMAGE_ID, S.PATH, S.SPLIT, S.LABEL]
 
 
@@ -734,22 +785,25 @@ class TableRows:
 class Images:
     """A dataset's readable manifest rows joined to the unique images that have features.
 
-    Held as compact arrays: an image's id as a 16-byte key (``core/keys.py``) and its first row and
-    first training row; a manifest row's node and split code (5 bytes). Paths, splits and labels
-    stay in the manifest and are read back (``column``) only for the rows a look or a table needs:
-    at ten million rows the columns as Arrow strings took over a gigabyte.
+    Held as compact arrays: a manifest row's node and flags (5 bytes a row: its split, whether it
+    is its image's first row, and its first training row), and each image's id as a 16-byte key,
+    in memory or (vectors in a scratch file) in a scratch file of its own, read back for the few
+    images a table names. Paths, splits and labels stay in the manifest and are read back
+    (``column``) only for the rows a look or a table needs: at ten million rows the columns as
+    Arrow strings took over a gigabyte, and the per-image arrays beside them ~280 MB.
     """
 
-    ids: np.ndarray  # node k's image id as a key
+    ids: np.ndarray | KeyStore  # node k's image id as a key: ``ids[nodes]``, ``len(ids)``
     X: Vectors  # their unit vectors: in memory, or a scratch file when they do not fit the budget
     row_node: np.ndarray  # per manifest row (by position): its node, -1 unreadable or without features
-    row_split: np.ndarray  # int8 per manifest row: SPLIT_NONE, SPLIT_IS_TRAIN or SPLIT_HELD
-    first_row: np.ndarray  # per node: its first manifest row (whose file the look is read from)
-    first_train: np.ndarray  # per node: its first row whose split is train, -1 none (the path a leak names)
+    row_flags: np.ndarray  # uint8 per manifest row: its split code | FIRST_ROW | FIRST_TRAIN
     source: RowSource  # the rows' ROW_COLUMNS by position
     readable_rows: int  # readable manifest rows (with or without features)
     missing: int  # unique images without a feature row
     rows_digest: str  # of every readable row (id, path, split, label), in manifest order
+    # with ids in a scratch file: the distinct ids sorted and each one's node, set aside there
+    # for a rerun's joins (``node_lookup``)
+    ranked: tuple[KeyStore, ScratchArray] | None = None
 
     def id_strings(self, nodes: np.ndarray) -> list[str]:
         """The image ids of ``nodes`` as Python strings (the few a table names)."""
@@ -759,23 +813,64 @@ class Images:
         """The image ids of ``nodes`` as an Arrow string column (no Python string each)."""
         return keys_to_arrow(self.ids[np.asarray(nodes, np.int64)])
 
+    def node_lookup(self) -> NodeOf | RankedNodes:
+        """Image id -> node for the millions of ids of a rerun's caches: over ids in memory a
+        ``NodeOf``; over ids in a scratch file the sorted ids and each one's node read back
+        (20 bytes an id, no sort), where a ``NodeOf`` of them all held ~40."""
+        if self.ranked is None:
+            return NodeOf(self.ids[:])
+        keys, nodes = self.ranked
+        return RankedNodes(KeyIndex(keys[:]), nodes.read())
+
     def column(self, name: str, rows: np.ndarray) -> list[Any]:
         """Column ``name`` of manifest rows ``rows`` as Python values (only those rows are read)."""
         col = self.source.take(np.asarray(rows, np.int64)).column(name)
         values: list[Any] = (col if name == S.PATH else col.cast(pa.string())).to_pylist()
         return values
 
-    def held_out(self) -> np.ndarray:
-        """Rows with features whose split is set and not train, in manifest order."""
-        return np.flatnonzero((self.row_split == SPLIT_HELD) & (self.row_node >= 0))
+    def flagged(self, flag: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``(rows, nodes)`` of the manifest rows carrying ``flag`` (FIRST_ROW, FIRST_TRAIN), in
+        manifest order, a block of GROUP_SCAN rows at a time."""
+        for lo in range(0, len(self.row_node), GROUP_SCAN):
+            at = lo + np.flatnonzero(self.row_flags[lo : lo + GROUP_SCAN] & flag)
+            yield at, self.row_node[at].astype(np.int64)
+
+    def first_rows(self, nodes: np.ndarray, flag: int = FIRST_ROW) -> np.ndarray:
+        """Each of ``nodes``' first manifest row (int64; ``FIRST_TRAIN``: its first training
+        row), -1 where it has none: one scan of the rows' flags, no number kept per image."""
+        nodes = np.asarray(nodes, np.int64)
+        want = np.unique(nodes)
+        found = np.full(len(want), -1, np.int64)
+        if not len(want):
+            return found
+        for rows, got in self.flagged(flag):
+            at = np.minimum(np.searchsorted(want, got), len(want) - 1)
+            hit = want[at] == got
+            found[at[hit]] = rows[hit]
+        return found[np.searchsorted(want, nodes)]
+
+    def train_nodes(self) -> np.ndarray:
+        """A bool per node: whether a row of it is in split train."""
+        out = np.zeros(len(self.ids), bool)
+        for _, nodes in self.flagged(FIRST_TRAIN):
+            out[nodes] = True
+        return out
+
+    def held_rows(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``(rows, nodes)`` of the rows with features whose split is set and not train, in
+        manifest order, a block of GROUP_SCAN rows at a time."""
+        for lo in range(0, len(self.row_node), GROUP_SCAN):
+            node = self.row_node[lo : lo + GROUP_SCAN]
+            at = np.flatnonzero(((self.row_flags[lo : lo + GROUP_SCAN] & SPLIT_BITS) == SPLIT_HELD) & (node >= 0))
+            yield lo + at, node[at].astype(np.int64)
 
     @contextlib.contextmanager
     def parked(self, folder: Path) -> Iterator[None]:
-        """The per-image and per-row arrays (all but ``X``) moved to a scratch file under ``folder``
-        for the block, and read back after it (also when it raises): the neighbour search reads
-        only the vectors, and at ten million images these arrays are ~290 MB beside its index.
-        While parked they are None, so a reader fails at once instead of reading nothing."""
-        arrays = [(name, getattr(self, name)) for name in PARKED]
+        """The per-row arrays (and the ids, where they are in memory) moved to a scratch file under
+        ``folder`` for the block, and read back after it (also when it raises): the neighbour
+        search reads only the vectors. While parked they are None, so a reader fails at once
+        instead of reading nothing."""
+        arrays = [(name, a) for name in PARKED if isinstance(a := getattr(self, name), np.ndarray)]
         if sum(a.nbytes for _, a in arrays) < PARK_MIN_BYTES:
             yield
             return
@@ -788,7 +883,7 @@ class Images:
                     at += a.nbytes
             specs = [(name, a.dtype, a.shape) for name, a in arrays]
             del arrays
-            for name in PARKED:
+            for name, _, _ in specs:
                 object.__setattr__(self, name, None)  # frozen: only this method swaps them
             release_freed_memory()
             try:
@@ -804,17 +899,19 @@ class Images:
             f.close()
 
     def close(self) -> None:
-        """Give back the scratch file of the vectors and the manifest's file."""
-        if isinstance(self.X, VectorStore):
-            self.X.close()
+        """Give back the scratch files of the vectors and ids, and the manifest's file."""
+        for scratch in (self.X, self.ids, *(self.ranked or ())):
+            if isinstance(scratch, (VectorStore, KeyStore, ScratchArray)):
+                scratch.close()
         self.source.close()
 
 
-PARKED = ("ids", "row_node", "row_split", "first_row", "first_train")  # what ``Images.parked`` moves out
-PARK_MIN_BYTES = 64 << 20  # below this they stay in memory (a million images: ~30 MB)
+PARKED = ("ids", "row_node", "row_flags")  # what ``Images.parked`` moves out
+PARK_MIN_BYTES = 16 << 20  # below this they stay in memory (a million images: ~5 MB of rows)
 
 # (start position, rows of ROW_COLUMNS, which are readable) a row group at a time
 RowChunks: TypeAlias = Callable[[], Iterator[tuple[int, pa.Table, np.ndarray]]]
+NodeLookup: TypeAlias = Callable[[pa.ChunkedArray | pa.Array], np.ndarray]  # ids -> nodes (int64, -1: none)
 
 
 def _digest_lines(t: pa.Table) -> bytes:
@@ -824,62 +921,63 @@ def _digest_lines(t: pa.Table) -> bytes:
     return ("\x1e".join(joined.to_pylist()) + "\x1e").encode()
 
 
-def _wanted(chunks: RowChunks) -> tuple[np.ndarray, str, int]:
+def _wanted(chunks: RowChunks, total: int = 0) -> tuple[np.ndarray, str, int]:
     """``(keys, digest, readable rows)``: the distinct ids of the readable rows (sorted keys), a
-    digest of those rows in manifest order, and their count: one pass, a row group at a time."""
-    wanted = KeySet()
+    digest of those rows in manifest order, and their count: one pass, a row group at a time.
+    The ids go into one array of ``total`` keys (the manifest's rows, a bound on them), sorted
+    in place: a set grown by merging sorted runs held twice the keys at its last merge."""
+    hasher = content_hasher()
     count = 0
 
-    def lines() -> Iterator[bytes]:
+    def ids() -> Iterator[pa.ChunkedArray]:
         nonlocal count
         for _, t, ok in chunks():
             t = t.filter(pa.array(ok))
             count += t.num_rows
             if t.num_rows:
-                wanted.add(t.column(S.IMAGE_ID))
-                yield _digest_lines(t)
+                hasher.update(_digest_lines(t))
+                yield t.column(S.IMAGE_ID)
 
-    digest = digest_chunks(lines(), CONTENT_ID_ALGORITHM)
-    return wanted.take(), digest, count
-
-
-def _first_at(first: np.ndarray, nodes: np.ndarray, rows: np.ndarray) -> None:
-    """``first[node]`` set to the first of ``rows`` (in order) of each node of ``nodes`` not yet set."""
-    if not len(nodes):
-        return
-    u, at = np.unique(nodes, return_index=True)
-    new = first[u] < 0
-    first[u[new]] = rows[at[new]]
+    keys = filled(ids(), total)
+    return sorted_unique(keys, owned=True), hasher.hexdigest(), count
 
 
-def _index_rows(
-    chunks: RowChunks, n_rows: int, ids: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """``(row_node, row_split, first_row, first_train)`` of ``Images``: each readable row's id mapped
-    to its node in ``ids`` (folded keys, ``NodeOf``), a row group at a time."""
-    node_of = NodeOf(ids)
-    pos_type = np.int32 if n_rows < 2**31 else np.int64
-    row_node = np.full(n_rows, -1, np.int32 if len(ids) < 2**31 else np.int64)
-    row_split = np.zeros(n_rows, np.int8)
-    first_row = np.full(len(ids), -1, pos_type)
-    first_train = np.full(len(ids), -1, pos_type)
+def _firsts(seen: np.ndarray, nodes: np.ndarray, mask: np.ndarray, flag: int) -> np.ndarray:
+    """``flag`` (uint8 a row) on the first of the rows ``mask`` picks (in order) of each node not
+    yet ``seen`` with it, which it then is."""
+    out = np.zeros(len(nodes), np.uint8)
+    at = np.flatnonzero(mask)
+    if len(at):
+        u, first = np.unique(nodes[at], return_index=True)
+        new = (seen[u] & flag) == 0
+        out[at[first[new]]] = flag
+        seen[u[new]] |= flag
+    return out
+
+
+def _index_rows(chunks: RowChunks, n_rows: int, n_nodes: int, node_of: NodeLookup) -> tuple[np.ndarray, np.ndarray]:
+    """``(row_node, row_flags)`` of ``Images``: each readable row's id mapped to its node (of
+    ``n_nodes``) by ``node_of``, and its flags, a row group at a time."""
+    row_node = np.full(n_rows, -1, np.int32 if n_nodes < 2**31 else np.int64)
+    row_flags = np.zeros(n_rows, np.uint8)
+    seen = np.zeros(n_nodes, np.uint8)  # FIRST_ROW | FIRST_TRAIN: which of its first rows are found
     for start, t, ok in chunks():
         at = np.flatnonzero(ok)
         if not len(at):
             continue
         t = t.take(pa.array(at, pa.int64()))
-        rows = (start + at).astype(pos_type)
-        node = node_of.positions(t.column(S.IMAGE_ID))
+        rows = start + at
+        node = node_of(t.column(S.IMAGE_ID))
         row_node[rows] = node
         split = t.column(S.SPLIT).cast(pa.string())
         train = pc.fill_null(pc.equal(split, S.SPLIT_TRAIN), False).to_numpy(zero_copy_only=False)
         held = np.asarray(pc.is_valid(split).to_numpy(zero_copy_only=False), bool) & ~train
-        row_split[rows[train]] = SPLIT_IS_TRAIN
-        row_split[rows[held]] = SPLIT_HELD
+        flags = np.where(train, SPLIT_IS_TRAIN, np.where(held, SPLIT_HELD, SPLIT_NONE)).astype(np.uint8)
         has = node >= 0
-        _first_at(first_row, node[has], rows[has])
-        _first_at(first_train, node[has & train], rows[has & train])
-    return row_node, row_split, first_row, first_train
+        flags |= _firsts(seen, node, has, FIRST_ROW)
+        flags |= _firsts(seen, node, has & train, FIRST_TRAIN)
+        row_flags[rows] = flags
+    return row_node, row_flags
 
 
 def images_of(
@@ -906,8 +1004,10 @@ def images_of(
         yield 0, table, np.ones(n, bool)
 
     keys = keys_of(ids) if len(ids) else np.zeros(0, PACKED)
-    _, digest, readable_rows = _wanted(chunks)
-    return Images(keys, X, *_index_rows(chunks, n, keys), TableRows(table), readable_rows, missing, digest)
+    _, digest, readable_rows = _wanted(chunks, n)
+    index = KeyIndex(keys)
+    indexed = _index_rows(chunks, n, len(keys), index.positions)
+    return Images(keys, X, *indexed, TableRows(table), readable_rows, missing, digest)
 
 
 def load_images(ws: Workspace, cfg: DedupConfig) -> Images:
@@ -937,47 +1037,117 @@ def load_images(ws: Workspace, cfg: DedupConfig) -> Images:
 
 
 def _load_images(ws: Workspace, cfg: DedupConfig, source: ManifestRows, chunks: RowChunks) -> Images:
-    wanted, digest, readable_rows = _wanted(chunks)
+    """The vectors of the wanted ids (sorted keys, ``_wanted``) read in the featureset's order,
+    which numbers the nodes; each id's node kept by its rank among the wanted (4 bytes an id),
+    so that the manifest's rows find their nodes by a lookup in the sorted ids, and the ids in
+    node order are made once from them (to a scratch file beside a scratch file of vectors)."""
+    wanted, digest, readable_rows = _wanted(chunks, source.num_rows)
     if not len(wanted):  # nothing readable to compare: an empty result, not an error
-        empty = np.zeros(0, np.int32)
         return Images(
-            np.zeros(0, PACKED), np.zeros((0, 0), np.float32),
-            np.full(source.num_rows, -1, np.int32), np.zeros(source.num_rows, np.int8),
-            empty, empty, source, 0, 0, digest,
+            np.zeros(0, PACKED), np.zeros((0, 0), np.float32), np.full(source.num_rows, -1, np.int32),
+            np.zeros(source.num_rows, np.uint8), source, 0, 0, digest,
         )  # fmt: skip
     dim = featureset_dim(ws, cfg.featureset)
+    index = KeyIndex(wanted)  # sorted and distinct: no copy, a rank is a position
+    node_type = np.int32 if len(wanted) < 2**31 else np.int64
+    node_of_rank: np.ndarray = np.full(len(wanted), -1, node_type)
+    folder = ws.dedup_dir(cfg.out_name) / "_cache"
     X: np.ndarray | VectorStore
     if flat_bytes(len(wanted), dim) > cfg.budget * IN_MEMORY_SHARE:  # the vectors to a scratch file, streamed
-        ids, X = store_vectors(
-            iter_vectors(ws, cfg.featureset, wanted, block_rows(dim, cfg.budget, STORE_SHARE)),
-            dim,
-            ws.dedup_dir(cfg.out_name) / "_cache",
-            total=len(wanted),
-        )
+        batches = iter_vectors(ws, cfg.featureset, index, block_rows(dim, cfg.budget, STORE_SHARE))
+        X = _stream_vectors(batches, dim, index, node_of_rank, folder)
     else:
         listed, X = read_vectors(ws, cfg.featureset, as_strings(wanted))
-        ids = keys_of(listed) if listed else np.zeros(0, PACKED)
-    missing = len(wanted) - len(ids)
-    del wanted
-    if not len(ids):
-        if isinstance(X, VectorStore):
-            X.close()
-        raise ConfigError(
-            f"featureset {cfg.featureset} has no features for dataset {cfg.dataset}; "
-            f"run 'imgfeat extract --dataset {cfg.dataset}' first"
-        )
-    if missing:
-        log.warning("%d images of %s have no features in %s: they are left out", missing, cfg.dataset, cfg.featureset)
+        if listed:
+            node_of_rank[_ranks_of_wanted(index, listed)] = np.arange(len(listed))
+    n = len(X)
+    missing = len(wanted) - n
+    stores: list[VectorStore | KeyStore | ScratchArray] = [X] if isinstance(X, VectorStore) else []
     try:
-        indexed = _index_rows(chunks, source.num_rows, ids)
+        if not n:
+            raise ConfigError(
+                f"featureset {cfg.featureset} has no features for dataset {cfg.dataset}; "
+                f"run 'imgfeat extract --dataset {cfg.dataset}' first"
+            )
+        if missing:
+            log.warning(
+                "%d images of %s have no features in %s: they are left out", missing, cfg.dataset, cfg.featureset
+            )
+
+        indexed = _index_rows(chunks, source.num_rows, n, RankedNodes(index, node_of_rank).positions)
+        del index  # (its buckets)
+        ranked = None
+        if stores:  # ids beside vectors in scratch files: sorted, with their nodes, for a rerun's joins
+            ranked = (KeyStore(wanted.dtype, folder), ScratchArray(node_of_rank.dtype, folder))
+            stores.extend(ranked)
+            for lo in range(0, len(wanted), ID_BLOCK):
+                ranked[0].append(wanted[lo : lo + ID_BLOCK])
+            ranked[1].append(node_of_rank)
+        ids = _ids_in_node_order(wanted, node_of_rank, n, folder if stores else None)
+        if isinstance(ids, KeyStore):
+            stores.append(ids)
     except BaseException:
-        if isinstance(X, VectorStore):
-            X.close()
+        for store in stores:
+            store.close()
         raise
-    return Images(ids, X, *indexed, source, readable_rows, missing, digest)
+    return Images(ids, X, *indexed, source, readable_rows, missing, digest, ranked)
 
 
-def groups_table(im: Images, graph: Graph, comp: np.ndarray | None = None) -> pa.Table:
+def _stream_vectors(
+    batches: Iterator[tuple[np.ndarray, np.ndarray]], dim: int, index: KeyIndex, node_of_rank: np.ndarray, folder: Path
+) -> VectorStore:
+    """The featureset reader's batches written to a new store in order, each id's node (its row)
+    kept at its rank among the wanted ids (a function of its own: no batch outlives the loop)."""
+    X = VectorStore(dim, folder)
+    try:
+        for keys, B in batches:
+            node_of_rank[_ranks_of_wanted(index, keys)] = np.arange(len(X), len(X) + len(B))
+            X.append(B)
+    except BaseException:
+        X.close()
+        raise
+    return X
+
+
+def _ranks_of_wanted(index: KeyIndex, ids: Any) -> np.ndarray:
+    """The ranks of ids the featureset's reader gave for the wanted ones (it gives no other)."""
+    ranks = index.ranks(ids)
+    if len(ranks) and ranks.min() < 0:
+        raise RuntimeError("the featureset reader returned an id that was not asked for")
+    return ranks
+
+
+ID_BLOCK = 1 << 20  # ids written to their scratch file at a time
+
+
+def _ids_in_node_order(
+    wanted: np.ndarray, node_of_rank: np.ndarray, n: int, folder: Path | None
+) -> np.ndarray | KeyStore:
+    """The keys of nodes 0 .. n-1 (``wanted[rank]`` is node ``node_of_rank[rank]``'s): an array,
+    or with a ``folder`` a ``KeyStore`` there, made a block of ID_BLOCK nodes at a time from a
+    scan of ``node_of_rank`` each (no inverse of it: 4 more bytes an image at the read's peak)."""
+    store = KeyStore(wanted.dtype, folder) if folder is not None else None
+    parts = []
+    try:
+        for lo in range(0, n, ID_BLOCK):
+            hi = min(n, lo + ID_BLOCK)
+            keys = np.empty(hi - lo, wanted.dtype)
+            for at in range(0, len(node_of_rank), ID_BLOCK):  # (no temporary as long as the ids)
+                nodes = node_of_rank[at : at + ID_BLOCK]
+                ranks = np.flatnonzero((nodes >= lo) & (nodes < hi))
+                keys[nodes[ranks] - lo] = wanted[at + ranks]
+            if store is None:
+                parts.append(keys)
+            else:
+                store.append(keys)
+    except BaseException:
+        if store is not None:
+            store.close()
+        raise
+    return store if store is not None else concat_keys(parts) if parts else wanted[:0]
+
+
+def groups_table(im: Images, graph: Graph, comp: Components | None = None) -> pa.Table:
     """One row per manifest path in a group of two or more paths (exact copies: nearest is itself).
 
     Each row carries its label and split; ``label_conflict`` marks every row of a group whose
@@ -985,9 +1155,13 @@ def groups_table(im: Images, graph: Graph, comp: np.ndarray | None = None) -> pa
     """
     n = len(im.ids)
     comp = components(n, graph) if comp is None else comp
-    grouped = _rows_of(im.row_node, _in_groups(im, graph, comp))  # manifest rows in a group of 2+ paths
-    partner, best = best_partner(n, graph)
+    grouped = _rows_of(im.row_node, _in_groups(im, comp))  # manifest rows in a group of 2+ paths
+    paired, partners, sims = best_partner(graph)
     node_of_row = im.row_node[grouped].astype(np.int64)
+    at = np.minimum(np.searchsorted(paired, node_of_row), max(0, len(paired) - 1))
+    has = paired[at] == node_of_row if len(paired) else np.zeros(len(node_of_row), bool)
+    partner = np.where(has, partners[at] if len(paired) else -1, -1)
+    best = np.where(has, sims[at] if len(paired) else 0.0, 0.0)
     rows = im.source.take(grouped)
     nodes = node_of_row.tolist()
     paths, labels, splits = (
@@ -995,26 +1169,26 @@ def groups_table(im: Images, graph: Graph, comp: np.ndarray | None = None) -> pa
         *(rows.column(c).cast(pa.string()).to_pylist() for c in (S.LABEL, S.SPLIT)),
     )
     del rows
-    id_of = _ids_of(im, np.concatenate([node_of_row, partner[node_of_row]]))
+    id_of = _ids_of(im, np.concatenate([node_of_row, partner]))
+    comp_of = dict(zip(nodes, comp[node_of_row].tolist()))
     group_id: dict[int, str] = {}
     for k in sorted(set(nodes), key=id_of.__getitem__):
-        group_id.setdefault(int(comp[k]), id_of[k])  # the smallest image id names the group
+        group_id.setdefault(comp_of[k], id_of[k])  # the smallest image id names the group
     labels_of: dict[int, set[str]] = {}
     for u, lab in zip(nodes, labels):
         if lab is not None:
-            labels_of.setdefault(int(comp[u]), set()).add(lab)
+            labels_of.setdefault(comp_of[u], set()).add(lab)
     paths_of = Counter(nodes)  # every path of a grouped node is a grouped row
     out = []
-    for u, p, lab, sp in zip(nodes, paths, labels, splits):
-        c = int(comp[u])
+    for u, p, lab, sp, v, x in zip(nodes, paths, labels, splits, partner.tolist(), best.tolist()):
+        c = comp_of[u]
         exact = paths_of[u] > 1
-        nearest = id_of[u] if exact else id_of[int(partner[u])]
         out.append(
             (
                 id_of[u],
                 group_id[c],
-                nearest,
-                1.0 if exact else float(best[u]),
+                id_of[u] if exact else id_of[v],
+                1.0 if exact else float(x),
                 p,
                 lab,
                 sp,
@@ -1029,21 +1203,21 @@ def groups_table(im: Images, graph: Graph, comp: np.ndarray | None = None) -> pa
 GROUP_SCAN = 1 << 20  # manifest rows checked at a time for the nodes a table wants
 
 
-def _in_groups(im: Images, graph: Graph, comp: np.ndarray) -> np.ndarray:
+def _in_groups(im: Images, comp: Components) -> np.ndarray:
     """A bool per node: whether its component holds two or more manifest paths. A node has two
-    when a row of it is not its first row; only the nodes of a pair share a component, so only
-    theirs are summed. A block of rows at a time, no number per node or component (at ten
-    million images each such array was 80 MB)."""
+    when a row of it is not its first row; only paired nodes share a component, so only theirs
+    are summed. A block of rows at a time, no number per node or component (at ten million
+    images each such array was 80 MB)."""
     n = len(im.ids)
     grouped = np.zeros(n, bool)
     for lo in range(0, len(im.row_node) if n else 0, GROUP_SCAN):
         part = im.row_node[lo : lo + GROUP_SCAN]
-        at = np.flatnonzero(part >= 0)
-        grouped[part[at[im.first_row[part[at]] != lo + at]]] = True  # a second path of one image
-    paired = np.unique(np.concatenate([graph.a, graph.b]))
+        at = np.flatnonzero((part >= 0) & ((im.row_flags[lo : lo + GROUP_SCAN] & FIRST_ROW) == 0))
+        grouped[part[at]] = True  # a second path of one image
+    paired = comp.paired
     if len(paired):
-        paths = np.where(grouped[paired], 2, im.first_row[paired] >= 0)  # 2: two or more, all the sum needs
-        _, at = np.unique(comp[paired], return_inverse=True)
+        paths = np.where(grouped[paired], 2, im.first_rows(paired) >= 0)  # 2: two or more, all the sum needs
+        _, at = np.unique(comp.label, return_inverse=True)
         grouped[paired] |= np.bincount(at, weights=paths)[at] >= 2
     return grouped
 
@@ -1072,11 +1246,12 @@ def _leaks(rows: list[tuple[Any, ...]]) -> pa.Table:
 
 def leaks_table(im: Images, nb: Neighbours, threshold: float) -> pa.Table:
     """Held-out rows (split neither train nor empty) whose nearest training image is at or above threshold."""
-    train_row, held = im.first_train, im.held_out()
-    is_train = train_row >= 0
+    is_train = im.train_nodes()
+    parts = list(im.held_rows())
+    held = np.concatenate([np.zeros(0, np.int64), *(rows for rows, _ in parts)])
+    nodes = np.concatenate([np.zeros(0, np.int64), *(nodes for _, nodes in parts)])
     if not is_train.any() or not len(held):
         return S.DEDUP_LEAKS_SCHEMA.empty_table()
-    nodes = im.row_node[held].astype(np.int64)
     sims, rows = nearest_train(im.X, nb, is_train, nodes, threshold)
     same = is_train[nodes]  # the very same content is in train
     hit = same | ((rows >= 0) & (sims >= threshold))
@@ -1088,7 +1263,7 @@ def leaks_table(im: Images, nb: Neighbours, threshold: float) -> pa.Table:
 def _leak_rows(im: Images, held: np.ndarray, nodes: np.ndarray, near: np.ndarray, sim: list[float]) -> pa.Table:
     """The leaks table of held-out rows ``held`` (of nodes ``nodes``), each near training node ``near``."""
     paths, splits = im.column(S.PATH, held), im.column(S.SPLIT, held)
-    near_paths = im.column(S.PATH, im.first_train[near])
+    near_paths = im.column(S.PATH, im.first_rows(near, FIRST_TRAIN))
     id_of = _ids_of(im, np.concatenate([nodes, near]))
     out = [
         (id_of[u], p, s, id_of[v], q, S.SPLIT_TRAIN, x)
@@ -1097,26 +1272,33 @@ def _leak_rows(im: Images, held: np.ndarray, nodes: np.ndarray, near: np.ndarray
     return _leaks(out)
 
 
-def group_leaks_table(im: Images, comp: np.ndarray) -> pa.Table:
-    """Held-out rows grouped with a training image; the nearest (by features) training member is named."""
-    train_row, held = im.first_train, im.held_out()
-    is_train = train_row >= 0
-    nodes = im.row_node[held].astype(np.int64)
+def group_leaks_table(im: Images, comp: Components) -> pa.Table:
+    """Held-out rows grouped with a training image; the nearest (by features) training member is named.
+
+    Only a paired image shares its component, so the held-out rows looked at are those of a
+    training image (the very same content) or of a paired one, kept as the rows are scanned: no
+    number per held-out row (at ten million images, two million of them)."""
+    is_train = im.train_nodes()
+    paired = comp.paired
+    held_parts, node_parts = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for rows, nodes in im.held_rows():
+        at = np.minimum(np.searchsorted(paired, nodes), max(0, len(paired) - 1))
+        keep = is_train[nodes] | (paired[at] == nodes if len(paired) else False)
+        held_parts.append(rows[keep])
+        node_parts.append(nodes[keep])
+    held, nodes = np.concatenate(held_parts), np.concatenate(node_parts)
     same = is_train[nodes]  # the very same content is in train
-    looking = nodes[~same]
-    # the training members of the components those held-out images are in, in manifest order
-    wanted = np.zeros(int(comp.max(initial=-1)) + 1, bool)  # a bool per component, not isin's sort of them all
-    wanted[comp[looking]] = True
-    members_at = np.flatnonzero(is_train & wanted[comp])
-    members_at = members_at[np.argsort(train_row[members_at], kind="stable")]
+    looking = nodes[~same]  # paired, all of them
+    # the training members of the components those held-out images are in, by their first
+    # training rows (manifest order)
+    wanted = np.unique(comp[looking])
+    members = paired[is_train[paired]]
+    members = members[np.isin(comp[members], wanted)]
+    members = members[np.argsort(im.first_rows(members, FIRST_TRAIN), kind="stable")]
     train_nodes: dict[int, list[int]] = {}
-    for u in members_at.tolist():
-        train_nodes.setdefault(int(comp[u]), []).append(u)
-    # only held-out images in a component with training members are looked up (a few, where the
-    # held-out rows are millions: no Python object per row)
-    with_members = np.zeros(len(wanted), bool)
-    with_members[comp[members_at]] = True
-    looking = looking[with_members[comp[looking]]]
+    for u, c in zip(members.tolist(), comp[members].tolist()):
+        train_nodes.setdefault(c, []).append(u)
+    looking = looking[np.isin(comp[looking], np.fromiter(train_nodes, np.int64, len(train_nodes)))]
     nearest = nearest_members(im.X, comp, train_nodes, looking.tolist())
     near = np.where(same, nodes, -1)
     sim = np.where(same, 1.0, 0.0)
@@ -1138,7 +1320,7 @@ MEMBER_BLOCK = 1 << 24  # similarities computed at a time when naming nearest gr
 
 
 def nearest_members(
-    X: Vectors, comp: np.ndarray, members: dict[int, list[int]], nodes: Sequence[int]
+    X: Vectors, comp: np.ndarray | Components, members: dict[int, list[int]], nodes: Sequence[int]
 ) -> dict[int, tuple[int, float]]:
     """For each of ``nodes`` whose component has ``members``, its most similar member (the first of
     equals) and their similarity. One product per component and block of nodes: a large group of
@@ -1280,7 +1462,7 @@ def candidate_pairs(
         and last.get("neighbours") == cfg.neighbours
         and (previous or {}).get("featureset") == cfg.featureset
     ):
-        found = _last_search(folder, NodeOf(im.ids), n)
+        found = _last_search(folder, im.node_lookup(), n)
         if found is not None and len(found[0]) <= RESEARCH_NEW_FRACTION * n:
             new, now, token = found
             del found
@@ -1360,7 +1542,7 @@ def _top_k_blocked(X: Vectors, rows: np.ndarray, k: int) -> tuple[np.ndarray, np
     return top, best
 
 
-def _last_search(folder: Path, node: NodeOf, n: int) -> tuple[np.ndarray, np.ndarray, bytes] | None:
+def _last_search(folder: Path, node: NodeOf | RankedNodes, n: int) -> tuple[np.ndarray, np.ndarray, bytes] | None:
     """``(new, now, token)`` of the last run's searched images (the rows of its list of them):
     the nodes (of ``n``; ``node``: id -> node) it did not search, each of its nodes' node now (-1:
     gone), and the token its pairs cache must carry; read a row group at a time. None when the
@@ -1414,6 +1596,19 @@ def _cached_pairs(folder: Path, now: np.ndarray, token: bytes, n: int, more: int
         pairs.close()
         raise
     return pairs
+
+
+class RankedNodes:
+    """Image id -> node from the distinct ids sorted (a ``KeyIndex``) and each one's node by rank
+    (-1: none): what ``_load_images`` joins the manifest's rows with."""
+
+    def __init__(self, index: KeyIndex, node_of_rank: np.ndarray) -> None:
+        self._index, self._node_of_rank = index, node_of_rank
+
+    def positions(self, ids: KeyLike) -> np.ndarray:
+        """Each id's node (int64), -1 for an id that is not one of them."""
+        r = self._index.ranks(ids)
+        return np.where(r >= 0, self._node_of_rank[np.maximum(r, 0)], -1)
 
 
 class NodeOf:
@@ -1472,6 +1667,9 @@ def _fold(keys: np.ndarray) -> np.ndarray:
 
 
 PAIRS_BATCH = 262_144  # candidate pairs (or searched ids) written at a time
+# The caches' columns are ids, node numbers and looks, nearly all distinct: a dictionary saves
+# nothing, and Parquet's dictionary builders held ~50 MB a file before giving up on them
+CACHE_WRITER: dict[str, Any] = {"compression": "zstd", "use_dictionary": False}
 PAIRS_TOKEN = b"searched_token"  # both cache files carry it: the pairs' nodes are rows of that list of ids
 
 
@@ -1483,13 +1681,13 @@ def _write_pairs(folder: Path, im: Images, cands: Graph | PairRanges) -> None:
     pairs as ids took ~7 GB and most of the write's time."""
     token = os.urandom(16).hex().encode()
     searched = pa.schema([(S.IMAGE_ID, pa.string())], metadata={PAIRS_TOKEN: token})
-    with atomic_path(folder / SEARCHED_FILE) as tmp, pq.ParquetWriter(tmp, searched, compression="zstd") as writer:
+    with atomic_path(folder / SEARCHED_FILE) as tmp, pq.ParquetWriter(tmp, searched, **CACHE_WRITER) as writer:
         for lo in range(0, len(im.ids), PAIRS_BATCH):
             nodes = np.arange(lo, min(len(im.ids), lo + PAIRS_BATCH))
             writer.write_batch(pa.record_batch([im.id_array(nodes)], schema=searched))
     node = pa.int32() if len(im.ids) < 2**31 else pa.int64()
     schema = pa.schema([("a", node), ("b", node), (S.SIMILARITY, pa.float32())], metadata={PAIRS_TOKEN: token})
-    with atomic_path(folder / PAIRS_FILE) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+    with atomic_path(folder / PAIRS_FILE) as tmp, pq.ParquetWriter(tmp, schema, **CACHE_WRITER) as writer:
         for g in pair_chunks(cands):
             for lo in range(0, len(g.a), PAIRS_BATCH):
                 part = slice(lo, lo + PAIRS_BATCH)
@@ -1557,15 +1755,16 @@ def cached_looks(folder: Path, im: Images, root: ImageRoot) -> tuple[LookStore, 
     cache (its rows in its order, those of images gone too, so a rewrite keeps them) and computed
     (one decode each, LOOK_CHUNK images at a time) for the rest. Memory: a chunk, not the dataset."""
     store = LookStore(len(im.ids), folder / "_cache")
-    _read_looks(folder / LOOKS_FILE, store, im.ids)
+    if (folder / LOOKS_FILE).is_file():  # (every id in memory only then)
+        _read_looks(folder / LOOKS_FILE, store, im.node_lookup())
     todo = ~store.ok
     count = int(np.count_nonzero(todo))
     if not count:
         return store, 0
     computed, workers = 0, os.cpu_count() or 1
     with progress(total=count, desc="dedup: looks") as bar:  # a decode an image: the longest step
-        for chunk in _by_first_row(im, todo, LOOK_CHUNK):
-            files = [root / p for p in im.column(S.PATH, im.first_row[chunk])]
+        for chunk, rows in _by_first_row(im, todo, LOOK_CHUNK):
+            files = [root / p for p in im.column(S.PATH, rows)]
             L, ok = looks_of_files(files, workers=workers)
             good = chunk[ok]
             store.append(im.ids[good], L[ok], good)
@@ -1574,29 +1773,26 @@ def cached_looks(folder: Path, im: Images, root: ImageRoot) -> tuple[LookStore, 
     return store, computed
 
 
-def _by_first_row(im: Images, wanted: np.ndarray, size: int) -> Iterator[np.ndarray]:
-    """The nodes ``wanted`` (a bool per node) in the order of their first manifest rows (their
-    files in path order), ``size`` at a time: the manifest's rows scanned a block at a time, no
-    sort of every node (at ten million images its arrays took ~250 MB)."""
-    pending = np.zeros(0, np.int64)
-    for lo in range(0, len(im.row_node), GROUP_SCAN):
-        part = im.row_node[lo : lo + GROUP_SCAN]
-        at = np.flatnonzero(part >= 0)
-        nodes = part[at]
-        nodes = nodes[(im.first_row[nodes] == lo + at) & wanted[nodes]].astype(np.int64)
-        pending = np.concatenate([pending, nodes])
-        done = len(pending) - len(pending) % size
+def _by_first_row(im: Images, wanted: np.ndarray, size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(nodes, rows)``: the nodes ``wanted`` (a bool per node) and their first manifest rows, in
+    the order of those rows (their files in path order), ``size`` at a time: the rows' flags
+    scanned a block at a time, no sort of every node (at ten million images its arrays took ~250 MB)."""
+    nodes, rows = np.zeros(0, np.int64), np.zeros(0, np.int64)
+    for at, got in im.flagged(FIRST_ROW):
+        keep = wanted[got]
+        nodes, rows = np.concatenate([nodes, got[keep]]), np.concatenate([rows, at[keep]])
+        done = len(nodes) - len(nodes) % size
         for start in range(0, done, size):
-            yield pending[start : start + size]
-        pending = pending[done:]
-    if len(pending):
-        yield pending
+            yield nodes[start : start + size], rows[start : start + size]
+        nodes, rows = nodes[done:], rows[done:]
+    if len(nodes):
+        yield nodes, rows
 
 
-def _read_looks(path: Path, store: LookStore, known: np.ndarray) -> None:
+def _read_looks(path: Path, store: LookStore, node_of: NodeOf | RankedNodes) -> None:
     """Append the cache file's looks to ``store`` a row group at a time (nothing when absent, of
     another look version, or damaged: those looks are computed again), each row the look of its
-    image's node in ``known`` (every image's id; the cache's ids mapped once, by Arrow). A look is
+    image's node by ``node_of`` (every image's id -> node; the cache's ids mapped once). A look is
     raw float16 bytes, or (caches written before) a list of float16."""
     if not path.is_file():
         return
@@ -1605,7 +1801,6 @@ def _read_looks(path: Path, store: LookStore, known: np.ndarray) -> None:
         if (f.schema_arrow.metadata or {}).get(b"look_version") != LOOK_VERSION.encode():
             log.info("dedup looks cache %s is of another look version: computing the looks again", path)
             return
-        node_of = NodeOf(known)
         for g in range(f.num_row_groups):  # not iter_batches: its read-ahead holds several groups at once
             t = f.read_row_group(g, columns=[S.IMAGE_ID, "look"], use_threads=False)
             ids, col = t.column(S.IMAGE_ID), t.column("look").combine_chunks()
@@ -1625,7 +1820,7 @@ def _write_looks(store: LookStore, path: Path) -> None:
     Parquet's float16 lists cost ten times the memory and three times the time to write and read."""
     look = pa.binary(LOOK_BYTES)
     schema = pa.schema([(S.IMAGE_ID, pa.string()), ("look", look)], metadata={"look_version": LOOK_VERSION})
-    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema, **CACHE_WRITER) as writer:
         for ids, L in store.blocks(CACHE_ROWS):
             col = pa.Array.from_buffers(look, len(ids), [None, pa.py_buffer(L)])  # no copy
             writer.write_batch(pa.record_batch([ids, col], schema=schema))
@@ -1648,12 +1843,15 @@ def _calibration(
         and len(im.ids) < RECALIBRATE_GROWTH * made_on
     ):
         return {**old, "reused": True}
-    readable = np.flatnonzero(ok)
-    if not cfg.calibration_images or not len(readable):
+    readable = int(np.count_nonzero(ok))
+    if not cfg.calibration_images or not readable:
         return {"images": 0}
-    pick = np.random.default_rng(0).choice(readable, size=min(cfg.calibration_images, len(readable)), replace=False)
+    # (the sample np.flatnonzero(ok) would give ``choice``, without a number per readable image)
+    pick = _nth_true(
+        ok, np.random.default_rng(0).choice(readable, size=min(cfg.calibration_images, readable), replace=False)
+    )
     out: JsonObject = {
-        **calibrate([root / p for p in im.column(S.PATH, im.first_row[np.sort(pick)])]),
+        **calibrate([root / p for p in im.column(S.PATH, im.first_rows(np.sort(pick)))]),
         "sample": cfg.calibration_images,
         "dataset_images": len(im.ids),
         "reused": False,
@@ -1666,6 +1864,19 @@ def _calibration(
             100 * found,
             cfg.dataset,
         )
+    return out
+
+
+def _nth_true(mask: np.ndarray, ranks: np.ndarray) -> np.ndarray:
+    """``np.flatnonzero(mask)[ranks]`` (int64), counted a block of GROUP_SCAN at a time."""
+    ranks = np.asarray(ranks, np.int64)
+    out = np.full(len(ranks), -1, np.int64)
+    seen = 0
+    for lo in range(0, len(mask), GROUP_SCAN):
+        at = np.flatnonzero(mask[lo : lo + GROUP_SCAN])
+        here = (ranks >= seen) & (ranks < seen + len(at))
+        out[here] = lo + at[ranks[here] - seen]
+        seen += len(at)
     return out
 
 

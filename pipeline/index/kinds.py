@@ -209,10 +209,9 @@ def train(index, params: IndexParams, X: np.ndarray) -> IndexParams:
 
 
 def sample_rows(n: int, size: int, seed: int) -> np.ndarray:
-    """``size`` of ``n`` row numbers, seeded, ascending."""
-    rows = np.random.default_rng(seed).permutation(n)[:size]
-    rows.sort()
-    return rows
+    """``size`` of ``n`` row numbers, seeded, ascending: a copy, so that the permutation of all
+    ``n`` is let go (a view of it held 80 MB at ten million rows through a streamed training)."""
+    return np.sort(np.random.default_rng(seed).permutation(n)[:size])
 
 
 def train_on_sample(index, params: IndexParams, sample: np.ndarray, total: int) -> IndexParams:

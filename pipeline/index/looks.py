@@ -121,7 +121,7 @@ class LookStore:
         self._file = scratch_file(folder)  # held open until close()
         self._keys: list[np.ndarray] = []  # the rows' ids, a key array per append
         self._rows = 0
-        self.pos = np.full(nodes, -1, np.int64)
+        self.pos: np.ndarray = np.full(nodes, -1, np.int32 if nodes < 2**31 else np.int64)  # (40 MB at 10M)
 
     def __len__(self) -> int:
         return self._rows

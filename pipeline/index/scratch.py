@@ -169,6 +169,37 @@ class ScratchArray:
         self.close()
 
 
+class KeyStore:
+    """Keys (one fixed-width dtype, ``core/keys.py``) in an unnamed scratch file, one a row: a
+    stage that names millions of images keeps their ids here and reads back the few a table
+    names, or a block at a time. ``keys[nodes]`` and ``keys[lo:hi]`` come back as key arrays."""
+
+    def __init__(self, dtype: np.dtype | str, folder: Path | None = None) -> None:
+        self.dtype = np.dtype(dtype)
+        self._rows = VectorStore(self.dtype.itemsize, folder, np.uint8)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def append(self, keys: np.ndarray) -> None:
+        if keys.dtype != self.dtype:
+            raise ValueError(f"keys of {self.dtype} expected, got {keys.dtype}")
+        self._rows.append(np.ascontiguousarray(keys).view(np.uint8).reshape(len(keys), self.dtype.itemsize))
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        got = self._rows[key]
+        return np.ascontiguousarray(got).view(self.dtype).reshape(got.shape[:-1])
+
+    def close(self) -> None:
+        self._rows.close()
+
+    def __enter__(self) -> KeyStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def write_all(fd: int, a: np.ndarray, offset: int) -> None:
     view = a.data.cast("B")
     done = 0

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 
 from imgfeat.core.errors import ConfigError
-from imgfeat.core.keys import KeyLike
+from imgfeat.core.keys import KeyIndex, KeyLike
 from imgfeat.core.workspace import Workspace
 from imgfeat.extract.featureset import READ_BATCH_ROWS, committed_ids, iter_features, pick_rows, read_picked
 
@@ -39,7 +39,7 @@ def read_vectors(ws: Workspace, featureset: str, wanted: Iterable[str] | None = 
 
 
 def iter_vectors(
-    ws: Workspace, featureset: str, wanted: KeyLike | None = None, batch_rows: int = READ_BATCH_ROWS
+    ws: Workspace, featureset: str, wanted: KeyLike | KeyIndex | None = None, batch_rows: int = READ_BATCH_ROWS
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """``(keys, X)`` batches of at most ``batch_rows`` rows, normalised float32, the ids as compact
     keys (``core/keys.py``): the featureset's one streaming reader (``iter_features``: trusted rows,

@@ -14,7 +14,7 @@ from test_dedup import planted
 from imgfeat.core import schemas as S
 from imgfeat.index import dedup
 from imgfeat.index.kinds import reduce_dims, rescore
-from imgfeat.index.scratch import VectorStore, reduce_store, rescore_block, similarities_to, store_vectors
+from imgfeat.index.scratch import VectorStore, reduce_store, rescore_block, similarities_to
 from imgfeat.scan.manifest import write_manifest
 
 pytestmark = pytest.mark.quick
@@ -27,11 +27,11 @@ def _rows(n: int, dim: int, seed: int = 0) -> np.ndarray:
 
 def test_the_store_gives_back_the_rows_written_as_a_matrix_would(tmp_path):
     X = _rows(50, 6)
-    ids, store = store_vectors(
-        ((["a"] * len(X[lo : lo + 7]), X[lo : lo + 7]) for lo in range(0, 50, 7)), 6, tmp_path, 60
-    )
+    store = VectorStore(6, tmp_path)
+    for lo in range(0, 50, 7):
+        store.append(X[lo : lo + 7])
     with store:
-        assert len(ids) == 50 and len(store) == 50 and store.shape == (50, 6)
+        assert len(store) == 50 and store.shape == (50, 6)
         assert list(tmp_path.iterdir()) == []  # no name: a crash leaves nothing
         assert np.array_equal(store[:], X) and np.array_equal(store[10:13], X[10:13])
         assert np.array_equal(store[45:99], X[45:]) and store[60:70].shape == (0, 6)

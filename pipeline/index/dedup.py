@@ -1080,8 +1080,7 @@ def _load_images(ws: Workspace, cfg: DedupConfig, source: ManifestRows, chunks: 
         if stores:  # ids beside vectors in scratch files: sorted, with their nodes, for a rerun's joins
             ranked = (KeyStore(wanted.dtype, folder), ScratchArray(node_of_rank.dtype, folder))
             stores.extend(ranked)
-            for lo in range(0, len(wanted), ID_BLOCK):
-                ranked[0].append(wanted[lo : lo + ID_BLOCK])
+            ranked[0].append(wanted)  # (one write each: no copy)
             ranked[1].append(node_of_rank)
         ids = _ids_in_node_order(wanted, node_of_rank, n, folder if stores else None)
         if isinstance(ids, KeyStore):

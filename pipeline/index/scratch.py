@@ -17,7 +17,6 @@ from typing import Any, TypeAlias
 
 import numpy as np
 
-from imgfeat.core.keys import KeyLike, concat_keys, filled, keys_of
 from imgfeat.core.sizes import memory_budget as resolve_budget
 from imgfeat.core.storage import scratch_file, scratch_writes
 
@@ -62,7 +61,7 @@ class VectorStore:
         if X.ndim != 2 or X.shape[1] != self.dim:
             raise ValueError(f"rows of {self.dim} values expected, got shape {X.shape}")
         with scratch_writes(self._folder):
-            os.pwrite(self._file.fileno(), X.data.cast("B"), self.n * self.row_bytes)
+            write_all(self._file.fileno(), X, self.n * self.row_bytes)  # (a write may come back short)
         self.n += len(X)
 
     def block(self, lo: int, hi: int) -> np.ndarray:
@@ -229,28 +228,6 @@ def block_rows(dim: int, memory_budget: int | None, share: int = 8) -> int:
 
 def is_store(X: object) -> bool:
     return isinstance(X, VectorStore)
-
-
-def store_vectors(
-    batches: Iterator[tuple[KeyLike, np.ndarray]], dim: int, folder: Path | None = None, total: int = 0
-) -> tuple[np.ndarray, VectorStore]:
-    """``(keys, store)``: streamed ``(ids, X)`` batches written to a new store, in order; the ids
-    (strings or compact keys) come back as one key array (``core/keys.py``), written into one
-    allocation of ``total`` keys (an upper bound on the rows; 0: unknown, grown as needed)."""
-    store = VectorStore(dim, folder)
-
-    def ids() -> Iterator[KeyLike]:
-        for batch_ids, X in batches:
-            store.append(X)
-            yield batch_ids
-
-    try:
-        if total:
-            return filled(ids(), total), store
-        return concat_keys([keys_of(b) for b in ids()]), store
-    except BaseException:
-        store.close()
-        raise
 
 
 def reduce_store(
